@@ -1,0 +1,140 @@
+/* The chip contract: the C ABI every mxn backend implements.
+ *
+ * A backend is a table of plain C functions returned by one entry point,
+ * `mxn_backend_get_api`. Every struct passed across the boundary starts with its own size so
+ * the ABI can grow at the end without breaking plugins built against an older header (as PJRT
+ * does). Functions return 0 on success; on failure a non-zero MXN_STATUS_* and the message
+ * is read with `last_error` (valid until the next call on the same context).
+ */
+#ifndef MXN_BACKEND_ABI_H
+#define MXN_BACKEND_ABI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MXN_ABI_VERSION 1
+#define MXN_MAX_DIMS 4
+#define MXN_MAX_OPERANDS 4
+
+typedef enum mxn_status {
+  MXN_STATUS_OK = 0,
+  MXN_STATUS_INVALID_ARGUMENT = 1,
+  MXN_STATUS_UNSUPPORTED = 2,
+  MXN_STATUS_OUT_OF_MEMORY = 3,
+  MXN_STATUS_INTERNAL = 4,
+} mxn_status;
+
+typedef enum mxn_dtype {
+  MXN_DTYPE_F32 = 0,
+  MXN_DTYPE_BF16 = 1,
+  MXN_DTYPE_F16 = 2,
+  MXN_DTYPE_I32 = 3,
+  MXN_DTYPE_COUNT
+} mxn_dtype;
+
+/* The fixed op set. Forward and backward are separate kernels; matmul's backward is matmul.
+ * Operand order and parameters of each op are documented in docs/backends.md. */
+typedef enum mxn_op {
+  MXN_OP_MATMUL = 0,        /* C = alpha*op(A)op(B) (+C): ip[0]=transA ip[1]=transB ip[2]=accumulate
+                               ip[3]=compute dtype (f32|bf16); fp[0]=alpha; 2-D or batched 3-D */
+  MXN_OP_ADD,               /* out = a + b, same shape */
+  MXN_OP_ADD_BIAS,          /* out[r, c] = a[r, c] + bias[c] */
+  MXN_OP_SUM_ROWS,          /* out[c] = sum_r a[r, c] (+ out[c] when ip[0]) */
+  MXN_OP_SCALE,             /* out = a * fp[0] */
+  MXN_OP_GELU,              /* tanh approximation (GPT-2's gelu_new) */
+  MXN_OP_GELU_BWD,          /* in: dy, x; out: dx */
+  MXN_OP_SOFTMAX,           /* over the last dim */
+  MXN_OP_SOFTMAX_BWD,       /* in: dy, y; out: dx */
+  MXN_OP_LAYERNORM,         /* in: x, w, b; out: y, stats (N,2) = (mean, rstd); fp[0]=eps */
+  MXN_OP_LAYERNORM_BWD,     /* in: dy, x, w, stats; out: dx, dw, db (dw, db overwritten) */
+  MXN_OP_ATTENTION,         /* causal; in: qkv (B*T,3C); out: y (B*T,C), probs (B,H,T,T);
+                               ip[0]=H ip[1]=T */
+  MXN_OP_ATTENTION_BWD,     /* in: dy, qkv, probs; out: dqkv; ip[0]=H ip[1]=T */
+  MXN_OP_EMBEDDING,         /* in: idx (N) i32, table (V,C); out: (N,C) */
+  MXN_OP_EMBEDDING_BWD,     /* in: dy (N,C), idx; out: dtable (V,C), overwritten */
+  MXN_OP_CROSS_ENTROPY,     /* in: logits (N,V), targets (N) i32 (<0 ignored); out: mean loss (1) */
+  MXN_OP_CROSS_ENTROPY_BWD, /* in: dloss (1), logits, targets; out: dlogits */
+  MXN_OP_ADAMW,             /* in: grad; out (in place): param, m, v; fp: lr,b1,b2,eps,wd,gscale;
+                               ip[0]=step (1-based) */
+  MXN_OP_CAST,              /* out = a converted to out's dtype */
+  MXN_OP_COPY,              /* out = a */
+  MXN_OP_FILL,              /* out = fp[0] */
+  MXN_OP_SUM_SQUARES,       /* out (1) = sum a^2 (+ out when ip[0]) */
+  MXN_OP_COUNT
+} mxn_op;
+
+/* A view of device memory: `buffer` is what buffer_alloc returned, `offset` is in bytes. */
+typedef struct mxn_tensor {
+  void* buffer;
+  uint64_t offset;
+  int32_t dtype;
+  int32_t ndim;
+  int64_t shape[MXN_MAX_DIMS]; /* contiguous, row-major */
+} mxn_tensor;
+
+typedef struct mxn_op_call {
+  size_t struct_size;
+  int32_t op;
+  int32_t n_inputs;
+  int32_t n_outputs;
+  mxn_tensor inputs[MXN_MAX_OPERANDS];
+  mxn_tensor outputs[MXN_MAX_OPERANDS];
+  int64_t ip[8];
+  float fp[8];
+} mxn_op_call;
+
+typedef struct mxn_device_props {
+  size_t struct_size;
+  char name[128];
+  char vendor[64];
+  uint64_t memory_bytes;
+  double peak_gflops; /* nominal f32, 0 when unknown */
+  uint32_t dtype_mask; /* bit (1 << mxn_dtype) per dtype the kernels accept */
+  char notes[256];     /* e.g. "bf16 matmul emulated in f32 (no AVX512-BF16/AMX)" */
+} mxn_device_props;
+
+typedef struct mxn_backend_options {
+  size_t struct_size;
+  int32_t threads; /* 0: the machine's choice */
+} mxn_backend_options;
+
+typedef struct mxn_backend_api {
+  size_t struct_size;
+  uint32_t abi_version;
+  const char* name; /* static; e.g. "cpu" */
+
+  int32_t (*device_count)(void);
+  int32_t (*device_props)(int32_t device, mxn_device_props* out);
+
+  /* *ctx lives until shutdown(ctx). */
+  int32_t (*init)(int32_t device, const mxn_backend_options* opts, void** ctx);
+  void (*shutdown)(void* ctx);
+  const char* (*last_error)(void* ctx);
+
+  /* *out lives until buffer_free. */
+  int32_t (*buffer_alloc)(void* ctx, uint64_t bytes, void** out);
+  void (*buffer_free)(void* ctx, void* buffer);
+  int32_t (*copy_to_device)(void* ctx, void* dst, uint64_t dst_offset, const void* src,
+                            uint64_t bytes);
+  int32_t (*copy_to_host)(void* ctx, void* dst, const void* src, uint64_t src_offset,
+                          uint64_t bytes);
+
+  /* 1 when the kernel for `op` accepts tensors of `dtype`. */
+  int32_t (*supports)(void* ctx, int32_t op, int32_t dtype);
+  /* Enqueues one kernel on the device's queue. */
+  int32_t (*run)(void* ctx, const mxn_op_call* call);
+  /* The fence: returns when everything enqueued so far is done. */
+  int32_t (*synchronize)(void* ctx);
+} mxn_backend_api;
+
+/* The one symbol a backend plugin exports. */
+typedef const mxn_backend_api* (*mxn_backend_get_api_fn)(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

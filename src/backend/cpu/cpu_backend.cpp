@@ -1,0 +1,297 @@
+// The CPU reference backend's side of the chip contract: device properties, host buffers and
+// the dispatch from an mxn_op_call to the kernels in kernels.h.
+#include <dnnl.h>
+#include <omp.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <new>
+#include <string>
+
+#include "backend/cpu/kernels.h"
+#include "core/dtype.h"
+#include "mxn/backend_abi.h"
+
+namespace mxn::cpu {
+namespace {
+
+struct Ctx {
+  std::string error;
+  int threads = 1;
+  Scratch scratch;
+};
+
+std::string cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "CPU";
+}
+
+uint64_t mem_available() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  uint64_t kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return uint64_t(sysconf(_SC_PHYS_PAGES)) * uint64_t(sysconf(_SC_PAGE_SIZE));
+}
+
+int32_t device_count() { return 1; }
+
+int32_t device_props(int32_t dev, mxn_device_props* out) {
+  if (dev != 0 || !out) return MXN_STATUS_INVALID_ARGUMENT;
+  std::snprintf(out->name, sizeof(out->name), "%s", cpu_model().c_str());
+  std::snprintf(out->vendor, sizeof(out->vendor), "cpu (oneDNN %d.%d)", dnnl_version()->major,
+                dnnl_version()->minor);
+  out->memory_bytes = uint64_t(sysconf(_SC_PHYS_PAGES)) * uint64_t(sysconf(_SC_PAGE_SIZE));
+  // Nominal peak: cores x 2 FMA units x 8 f32 lanes (AVX2) x 2 flops x ~2.5 GHz.
+  const int cores = omp_get_num_procs();
+  const int lanes = dnnl_get_effective_cpu_isa() >= dnnl_cpu_isa_avx512_core ? 16 : 8;
+  out->peak_gflops = cores * 2.0 * lanes * 2.0 * 2.5;
+  out->dtype_mask = (1u << MXN_DTYPE_F32) | (1u << MXN_DTYPE_BF16) | (1u << MXN_DTYPE_F16) |
+                    (1u << MXN_DTYPE_I32);
+  std::snprintf(out->notes, sizeof(out->notes), "%d threads; bf16 matmul %s", omp_get_max_threads(),
+                native_bf16() ? "native (AVX512-BF16/AMX)"
+                              : "emulated: bf16-rounded operands, f32 GEMM (no AVX512-BF16/AMX)");
+  return 0;
+}
+
+int32_t init(int32_t dev, const mxn_backend_options* opts, void** ctx) {
+  if (dev != 0) return MXN_STATUS_INVALID_ARGUMENT;
+  auto* c = new (std::nothrow) Ctx;
+  if (!c) return MXN_STATUS_OUT_OF_MEMORY;
+  c->threads = (opts && opts->threads > 0) ? opts->threads : omp_get_num_procs();
+  omp_set_num_threads(c->threads);
+  *ctx = c;
+  return 0;
+}
+
+void shutdown(void* ctx) { delete static_cast<Ctx*>(ctx); }
+const char* last_error(void* ctx) { return static_cast<Ctx*>(ctx)->error.c_str(); }
+
+int32_t buffer_alloc(void* ctx, uint64_t bytes, void** out) {
+  auto* c = static_cast<Ctx*>(ctx);
+  void* p = nullptr;
+  if (bytes > mem_available() || posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
+    c->error = "the host has " + std::to_string(mem_available()) + " bytes free";
+    return MXN_STATUS_OUT_OF_MEMORY;
+  }
+  *out = p;
+  return 0;
+}
+
+void buffer_free(void*, void* buffer) { std::free(buffer); }
+
+int32_t copy_to_device(void*, void* dst, uint64_t off, const void* src, uint64_t bytes) {
+  std::memcpy(static_cast<char*>(dst) + off, src, bytes);
+  return 0;
+}
+
+int32_t copy_to_host(void*, void* dst, const void* src, uint64_t off, uint64_t bytes) {
+  std::memcpy(dst, static_cast<const char*>(src) + off, bytes);
+  return 0;
+}
+
+int32_t supports(void*, int32_t op, int32_t dtype) {
+  if (op < 0 || op >= MXN_OP_COUNT) return 0;
+  if (dtype == MXN_DTYPE_F32) return 1;
+  if (op == MXN_OP_CAST || op == MXN_OP_COPY) return 1;
+  return 0;
+}
+
+template <typename T = float>
+T* ptr(const mxn_tensor& t) {
+  return reinterpret_cast<T*>(static_cast<char*>(t.buffer) + t.offset);
+}
+
+int64_t count(const mxn_tensor& t) {
+  int64_t n = 1;
+  for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
+  return n;
+}
+
+int64_t last(const mxn_tensor& t) { return t.shape[t.ndim - 1]; }
+
+size_t elem_size(int32_t dt) { return dt == MXN_DTYPE_F32 || dt == MXN_DTYPE_I32 ? 4 : 2; }
+
+int32_t bad(Ctx* c, const std::string& msg) {
+  c->error = msg;
+  return MXN_STATUS_INVALID_ARGUMENT;
+}
+
+int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &o = k.outputs[0];
+  const bool ta = k.ip[0], tb = k.ip[1];
+  int64_t batch = 1, M, N = last(o), K;
+  int64_t sa = 0, sb = 0, sc = 0;
+  if (a.ndim == 3 && b.ndim == 3) {  // batched
+    batch = a.shape[0];
+    M = ta ? a.shape[2] : a.shape[1];
+    K = ta ? a.shape[1] : a.shape[2];
+    sa = a.shape[1] * a.shape[2];
+    sb = b.shape[1] * b.shape[2];
+    sc = o.shape[1] * o.shape[2];
+    if (b.shape[0] != batch || o.shape[0] != batch) return bad(c, "matmul: batch sizes differ");
+  } else if (b.ndim == 2 && !ta) {  // leading dims of A fold into M
+    K = last(a);
+    M = count(a) / K;
+  } else if (a.ndim == 2 && b.ndim == 2) {
+    M = ta ? a.shape[1] : a.shape[0];
+    K = ta ? a.shape[0] : a.shape[1];
+  } else {
+    return bad(c, "matmul: operands must both be 2-D or both 3-D");
+  }
+  const int64_t bk = tb ? b.shape[b.ndim - 1] : b.shape[b.ndim - 2];
+  const int64_t bn = tb ? b.shape[b.ndim - 2] : b.shape[b.ndim - 1];
+  if (bk != K || bn != N || count(o) != batch * M * N)
+    return bad(c, "matmul: shapes do not agree");
+  matmul(c->scratch, k.ip[3] == MXN_DTYPE_BF16 ? Compute::bf16 : Compute::f32, ta, tb, batch, M, N,
+         K, k.fp[0], ptr(a), sa, ptr(b), sb, k.ip[2] != 0, ptr(o), sc);
+  return 0;
+}
+
+int32_t run_cast(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor &a = k.inputs[0], &o = k.outputs[0];
+  const int64_t n = count(a);
+  if (count(o) != n) return bad(c, "cast: sizes differ");
+  if (a.dtype == o.dtype) {
+    std::memcpy(ptr<char>(o), ptr<char>(a), size_t(n) * elem_size(a.dtype));
+    return 0;
+  }
+  auto to_f32 = [&](int64_t i) -> float {
+    switch (a.dtype) {
+      case MXN_DTYPE_F32: return ptr(a)[i];
+      case MXN_DTYPE_BF16: return bf16_to_f32(ptr<uint16_t>(a)[i]);
+      case MXN_DTYPE_F16: return f16_to_f32(ptr<uint16_t>(a)[i]);
+      default: return float(ptr<int32_t>(a)[i]);
+    }
+  };
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = to_f32(i);
+    switch (o.dtype) {
+      case MXN_DTYPE_F32: ptr(o)[i] = f; break;
+      case MXN_DTYPE_BF16: ptr<uint16_t>(o)[i] = f32_to_bf16(f); break;
+      case MXN_DTYPE_F16: ptr<uint16_t>(o)[i] = f32_to_f16(f); break;
+      default: ptr<int32_t>(o)[i] = int32_t(f); break;
+    }
+  }
+  return 0;
+}
+
+int32_t run(void* ctx, const mxn_op_call* call) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (!call || call->struct_size < sizeof(mxn_op_call)) return bad(c, "op call struct too small");
+  const mxn_op_call& k = *call;
+  const mxn_tensor* in = k.inputs;
+  const mxn_tensor* out = k.outputs;
+  if (k.op != MXN_OP_CAST && k.op != MXN_OP_COPY)
+    for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
+      const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
+      if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32) {
+        c->error = "op " + std::to_string(k.op) + " takes f32 tensors";
+        return MXN_STATUS_UNSUPPORTED;
+      }
+    }
+  switch (k.op) {
+    case MXN_OP_MATMUL: return run_matmul(c, k);
+    case MXN_OP_ADD: add(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0])); return 0;
+    case MXN_OP_ADD_BIAS:
+      add_bias(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]));
+      return 0;
+    case MXN_OP_SUM_ROWS:
+      sum_rows(c->scratch, ptr(in[0]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]),
+               k.ip[0] != 0);
+      return 0;
+    case MXN_OP_SCALE: scale(ptr(in[0]), ptr(out[0]), count(out[0]), k.fp[0]); return 0;
+    case MXN_OP_FILL: fill(ptr(out[0]), count(out[0]), k.fp[0]); return 0;
+    case MXN_OP_COPY:
+      std::memcpy(ptr<char>(out[0]), ptr<char>(in[0]), size_t(count(in[0])) * elem_size(in[0].dtype));
+      return 0;
+    case MXN_OP_CAST: return run_cast(c, k);
+    case MXN_OP_SUM_SQUARES: {
+      const double s = sum_squares(ptr(in[0]), count(in[0]));
+      *ptr(out[0]) = float(s + (k.ip[0] ? double(*ptr(out[0])) : 0.0));
+      return 0;
+    }
+    case MXN_OP_GELU: gelu_fwd(ptr(in[0]), ptr(out[0]), count(out[0])); return 0;
+    case MXN_OP_GELU_BWD: gelu_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0])); return 0;
+    case MXN_OP_SOFTMAX:
+      softmax_fwd(ptr(in[0]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]));
+      return 0;
+    case MXN_OP_SOFTMAX_BWD:
+      softmax_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]));
+      return 0;
+    case MXN_OP_LAYERNORM:
+      layernorm_fwd(ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(out[0]), ptr(out[1]),
+                    count(in[0]) / last(in[0]), last(in[0]), k.fp[0]);
+      return 0;
+    case MXN_OP_LAYERNORM_BWD:
+      layernorm_bwd(c->scratch, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(out[0]),
+                    ptr(out[1]), ptr(out[2]), count(in[0]) / last(in[0]), last(in[0]));
+      return 0;
+    case MXN_OP_ATTENTION: {
+      const int64_t T = k.ip[1], B = T > 0 ? in[0].shape[0] / T : 0, C = in[0].shape[1] / 3, H = k.ip[0];
+      if (H <= 0 || C % H || T <= 0 || B * T != in[0].shape[0])
+        return bad(c, "attention: heads must divide the width and T the rows");
+      attention_fwd(c->scratch, ptr(in[0]), ptr(out[0]), ptr(out[1]), B, T, C, H);
+      return 0;
+    }
+    case MXN_OP_ATTENTION_BWD: {
+      const int64_t T = k.ip[1], B = T > 0 ? in[1].shape[0] / T : 0, C = in[1].shape[1] / 3, H = k.ip[0];
+      if (H <= 0 || C % H || T <= 0 || B * T != in[1].shape[0])
+        return bad(c, "attention: heads must divide the width and T the rows");
+      attention_bwd(c->scratch, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(out[0]), B, T, C, H);
+      return 0;
+    }
+    case MXN_OP_EMBEDDING: {
+      const int64_t V = in[1].shape[0], C = in[1].shape[1];
+      const int64_t badi = embedding_fwd(ptr<int32_t>(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]), V, C);
+      if (badi >= 0)
+        return bad(c, "embedding: token id " + std::to_string(ptr<int32_t>(in[0])[badi]) +
+                          " at position " + std::to_string(badi) + " is outside [0, " +
+                          std::to_string(V) + ")");
+      return 0;
+    }
+    case MXN_OP_EMBEDDING_BWD:
+      embedding_bwd(ptr(in[0]), ptr<int32_t>(in[1]), ptr(out[0]), count(in[1]), out[0].shape[0],
+                    out[0].shape[1]);
+      return 0;
+    case MXN_OP_CROSS_ENTROPY: {
+      const int64_t V = last(in[0]);
+      const int64_t badr = cross_entropy_fwd(c->scratch, ptr(in[0]), ptr<int32_t>(in[1]),
+                                             ptr(out[0]), count(in[0]) / V, V);
+      if (badr >= 0)
+        return bad(c, "cross_entropy: target " + std::to_string(ptr<int32_t>(in[1])[badr]) +
+                          " is outside [0, " + std::to_string(V) + ")");
+      return 0;
+    }
+    case MXN_OP_CROSS_ENTROPY_BWD:
+      cross_entropy_bwd(ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]), ptr(out[0]),
+                        count(in[1]) / last(in[1]), last(in[1]));
+      return 0;
+    case MXN_OP_ADAMW:
+      adamw(ptr(out[0]), ptr(in[0]), ptr(out[1]), ptr(out[2]), count(out[0]), k.fp[0], k.fp[1],
+            k.fp[2], k.fp[3], k.fp[4], k.fp[5], k.ip[0]);
+      return 0;
+    default: c->error = "unknown op " + std::to_string(k.op); return MXN_STATUS_UNSUPPORTED;
+  }
+}
+
+int32_t synchronize(void*) { return 0; }  // kernels run to completion on the calling thread
+
+const mxn_backend_api kApi = {
+    sizeof(mxn_backend_api), MXN_ABI_VERSION, "cpu", device_count, device_props, init, shutdown,
+    last_error, buffer_alloc, buffer_free, copy_to_device, copy_to_host, supports, run, synchronize,
+};
+
+}  // namespace
+}  // namespace mxn::cpu
+
+extern "C" const mxn_backend_api* mxn_cpu_backend_get_api(void) { return &mxn::cpu::kApi; }

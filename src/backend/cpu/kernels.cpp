@@ -1,0 +1,300 @@
+// The CPU reference kernels other than GEMM: plain loops the compiler vectorises, split over
+// OpenMP threads in fixed chunks so that results do not depend on timing.
+#include "backend/cpu/kernels.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace mxn::cpu {
+
+namespace {
+constexpr float kGeluS = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr float kGeluC = 0.044715f;
+
+// [begin, end) of chunk `t` of `n` items split over `nt` threads.
+inline void chunk(int64_t n, int t, int nt, int64_t& b, int64_t& e) {
+  const int64_t per = n / nt, rem = n % nt;
+  b = t * per + std::min<int64_t>(t, rem);
+  e = b + per + (t < rem ? 1 : 0);
+}
+}  // namespace
+
+void add(const float* a, const float* b, float* out, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+void add_bias(const float* a, const float* bias, float* out, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ar = a + r * cols;
+    float* o = out + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) o[c] = ar[c] + bias[c];
+  }
+}
+
+void sum_rows(Scratch& s, const float* a, float* out, int64_t rows, int64_t cols, bool accumulate) {
+  const int nt = omp_get_max_threads();
+  float* part = s.get(s.a, size_t(nt) * cols);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    int64_t b, e;
+    chunk(rows, t, nt, b, e);
+    float* p = part + size_t(t) * cols;
+    std::fill(p, p + cols, 0.f);
+    for (int64_t r = b; r < e; ++r) {
+      const float* ar = a + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) p[c] += ar[c];
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    float acc = accumulate ? out[c] : 0.f;
+    for (int t = 0; t < nt; ++t) acc += part[size_t(t) * cols + c];
+    out[c] = acc;
+  }
+}
+
+void scale(const float* a, float* out, int64_t n, float k) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] * k;
+}
+
+void fill(float* out, int64_t n, float v) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = v;
+}
+
+double sum_squares(const float* a, int64_t n) {
+  const int nt = omp_get_max_threads();
+  double part[256] = {0};
+#pragma omp parallel num_threads(std::min(nt, 256))
+  {
+    const int t = omp_get_thread_num();
+    int64_t b, e;
+    chunk(n, t, omp_get_num_threads(), b, e);
+    double acc = 0;
+    for (int64_t i = b; i < e; ++i) acc += double(a[i]) * a[i];
+    part[t] = acc;
+  }
+  double total = 0;
+  for (int t = 0; t < std::min(nt, 256); ++t) total += part[t];
+  return total;
+}
+
+void gelu_fwd(const float* x, float* y, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    y[i] = 0.5f * v * (1.f + std::tanh(kGeluS * (v + kGeluC * v * v * v)));
+  }
+}
+
+void gelu_bwd(const float* dy, const float* x, float* dx, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float t = std::tanh(kGeluS * (v + kGeluC * v * v * v));
+    const float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluS * (1.f + 3.f * kGeluC * v * v);
+    dx[i] = dy[i] * d;
+  }
+}
+
+void softmax_fwd(const float* x, float* y, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    float* yr = y + r * cols;
+    float mx = -INFINITY;
+    for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, xr[c]);
+    float sum = 0.f;
+    for (int64_t c = 0; c < cols; ++c) {
+      yr[c] = std::exp(xr[c] - mx);
+      sum += yr[c];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t c = 0; c < cols; ++c) yr[c] *= inv;
+  }
+}
+
+void softmax_bwd(const float* dy, const float* y, float* dx, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* d = dy + r * cols;
+    const float* yr = y + r * cols;
+    float dot = 0.f;
+    for (int64_t c = 0; c < cols; ++c) dot += d[c] * yr[c];
+    for (int64_t c = 0; c < cols; ++c) dx[r * cols + c] = yr[c] * (d[c] - dot);
+  }
+}
+
+void layernorm_fwd(const float* x, const float* w, const float* b, float* y, float* stats,
+                   int64_t rows, int64_t cols, float eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
+    for (int64_t c = 0; c < cols; ++c) mean += xr[c];
+    mean /= float(cols);
+    float var = 0.f;
+#pragma omp simd reduction(+ : var)
+    for (int64_t c = 0; c < cols; ++c) var += (xr[c] - mean) * (xr[c] - mean);
+    var /= float(cols);
+    const float rstd = 1.f / std::sqrt(var + eps);
+    float* yr = y + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) yr[c] = (xr[c] - mean) * rstd * w[c] + b[c];
+    stats[2 * r] = mean;
+    stats[2 * r + 1] = rstd;
+  }
+}
+
+void layernorm_bwd(Scratch& s, const float* dy, const float* x, const float* w, const float* stats,
+                   float* dx, float* dw, float* db, int64_t rows, int64_t cols) {
+  const int nt = omp_get_max_threads();
+  float* part = s.get(s.a, size_t(nt) * cols * 2);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    int64_t b, e;
+    chunk(rows, t, nt, b, e);
+    float* pw = part + size_t(t) * cols * 2;
+    float* pb = pw + cols;
+    std::fill(pw, pw + 2 * cols, 0.f);
+    for (int64_t r = b; r < e; ++r) {
+      const float* xr = x + r * cols;
+      const float* d = dy + r * cols;
+      const float mean = stats[2 * r], rstd = stats[2 * r + 1];
+      float m1 = 0.f, m2 = 0.f;  // mean(dxhat), mean(dxhat * xhat)
+#pragma omp simd reduction(+ : m1, m2)
+      for (int64_t c = 0; c < cols; ++c) {
+        const float xh = (xr[c] - mean) * rstd;
+        const float dxh = d[c] * w[c];
+        m1 += dxh;
+        m2 += dxh * xh;
+        pw[c] += d[c] * xh;
+        pb[c] += d[c];
+      }
+      m1 /= float(cols);
+      m2 /= float(cols);
+      float* o = dx + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float xh = (xr[c] - mean) * rstd;
+        o[c] = rstd * (d[c] * w[c] - m1 - xh * m2);
+      }
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    float aw = 0.f, ab = 0.f;
+    for (int t = 0; t < nt; ++t) {
+      aw += part[size_t(t) * cols * 2 + c];
+      ab += part[size_t(t) * cols * 2 + cols + c];
+    }
+    dw[c] = aw;
+    db[c] = ab;
+  }
+}
+
+int64_t embedding_fwd(const int32_t* idx, const float* table, float* out, int64_t n, int64_t V,
+                      int64_t C) {
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i] < 0 || idx[i] >= V) return i;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) std::copy_n(table + int64_t(idx[i]) * C, C, out + i * C);
+  return -1;
+}
+
+void embedding_bwd(const float* dy, const int32_t* idx, float* dtable, int64_t n, int64_t V,
+                   int64_t C) {
+  std::fill(dtable, dtable + V * C, 0.f);
+  // Each thread owns a block of columns and walks the rows in order: deterministic, no atomics.
+#pragma omp parallel
+  {
+    int64_t b, e;
+    chunk(C, omp_get_thread_num(), omp_get_num_threads(), b, e);
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = dtable + int64_t(idx[i]) * C;
+      const float* d = dy + i * C;
+      for (int64_t c = b; c < e; ++c) row[c] += d[c];
+    }
+  }
+}
+
+int64_t cross_entropy_fwd(Scratch& s, const float* logits, const int32_t* targets, float* loss,
+                          int64_t rows, int64_t V) {
+  for (int64_t r = 0; r < rows; ++r)
+    if (targets[r] >= V) return r;
+  float* per_row = s.get(s.a, size_t(rows));
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] < 0) {
+      per_row[r] = 0.f;
+      continue;
+    }
+    const float* l = logits + r * V;
+    float mx = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
+    float sum = 0.f;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(l[v] - mx);
+    per_row[r] = std::log(sum) + mx - l[targets[r]];
+  }
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    total += per_row[r];
+    count += targets[r] >= 0;
+  }
+  *loss = count ? float(total / double(count)) : 0.f;
+  return -1;
+}
+
+void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* targets,
+                       float* dlogits, int64_t rows, int64_t V) {
+  int64_t count = 0;
+  for (int64_t r = 0; r < rows; ++r) count += targets[r] >= 0;
+  const float k = count ? *dloss / float(count) : 0.f;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* l = logits + r * V;
+    float* d = dlogits + r * V;
+    if (targets[r] < 0) {
+      std::fill(d, d + V, 0.f);
+      continue;
+    }
+    float mx = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
+    float sum = 0.f;
+    for (int64_t v = 0; v < V; ++v) {
+      d[v] = std::exp(l[v] - mx);
+      sum += d[v];
+    }
+    const float inv = k / sum;
+    for (int64_t v = 0; v < V; ++v) d[v] *= inv;
+    d[targets[r]] -= k;
+  }
+}
+
+// AdamW exactly as torch.optim.AdamW computes it (decoupled decay, bias-corrected moments).
+void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
+           float eps, float wd, float gscale, int64_t step) {
+  const float bc1 = 1.f - std::pow(b1, float(step));
+  const float bc2_sqrt = std::sqrt(1.f - std::pow(b2, float(step)));
+  const float step_size = lr / bc1;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * gscale;
+    m[i] = b1 * m[i] + (1.f - b1) * gi;
+    v[i] = b2 * v[i] + (1.f - b2) * gi * gi;
+    float pi = p[i] * (1.f - lr * wd);
+    pi -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+    p[i] = pi;
+  }
+}
+
+}  // namespace mxn::cpu

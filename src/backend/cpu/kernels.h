@@ -1,0 +1,60 @@
+#pragma once
+// The CPU reference kernels on raw row-major f32 arrays. Each is deterministic for a fixed
+// thread count: work is split into fixed contiguous chunks and partial sums are combined in order.
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace mxn::cpu {
+
+// Per-context scratch; grows on the first step and is then reused, so steps allocate nothing.
+struct Scratch {
+  std::vector<float> a, b, c;
+  float* get(std::vector<float>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+};
+
+enum class Compute { f32, bf16 };
+
+// C[M,N] = alpha * op(A) op(B) (+ C when accumulate), batched with element strides sa, sb, sc.
+void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M, int64_t N,
+            int64_t K, float alpha, const float* A, int64_t sa, const float* B, int64_t sb,
+            bool accumulate, float* C, int64_t sc);
+bool native_bf16();
+
+void attention_fwd(Scratch& s, const float* qkv, float* y, float* probs, int64_t B, int64_t T,
+                   int64_t C, int64_t H);
+void attention_bwd(Scratch& s, const float* dy, const float* qkv, const float* probs, float* dqkv,
+                   int64_t B, int64_t T, int64_t C, int64_t H);
+
+void add(const float* a, const float* b, float* out, int64_t n);
+void add_bias(const float* a, const float* bias, float* out, int64_t rows, int64_t cols);
+void sum_rows(Scratch& s, const float* a, float* out, int64_t rows, int64_t cols, bool accumulate);
+void scale(const float* a, float* out, int64_t n, float k);
+void fill(float* out, int64_t n, float v);
+double sum_squares(const float* a, int64_t n);
+
+void gelu_fwd(const float* x, float* y, int64_t n);
+void gelu_bwd(const float* dy, const float* x, float* dx, int64_t n);
+void softmax_fwd(const float* x, float* y, int64_t rows, int64_t cols);
+void softmax_bwd(const float* dy, const float* y, float* dx, int64_t rows, int64_t cols);
+void layernorm_fwd(const float* x, const float* w, const float* b, float* y, float* stats,
+                   int64_t rows, int64_t cols, float eps);
+void layernorm_bwd(Scratch& s, const float* dy, const float* x, const float* w, const float* stats,
+                   float* dx, float* dw, float* db, int64_t rows, int64_t cols);
+// Returns the first out-of-range index, or -1.
+int64_t embedding_fwd(const int32_t* idx, const float* table, float* out, int64_t n, int64_t V,
+                      int64_t C);
+void embedding_bwd(const float* dy, const int32_t* idx, float* dtable, int64_t n, int64_t V,
+                   int64_t C);
+// Mean over rows whose target >= 0; returns the first out-of-range target (>= V) or -1.
+int64_t cross_entropy_fwd(Scratch& s, const float* logits, const int32_t* targets, float* loss,
+                          int64_t rows, int64_t V);
+void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* targets,
+                       float* dlogits, int64_t rows, int64_t V);
+void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
+           float eps, float wd, float gscale, int64_t step);
+
+}  // namespace mxn::cpu

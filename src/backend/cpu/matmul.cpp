@@ -1,0 +1,170 @@
+// Matmul and causal attention on the CPU: oneDNN does every GEMM.
+#include <dnnl.h>
+#include <omp.h>
+
+#include <cmath>
+#include <dnnl.hpp>
+#include <map>
+#include <tuple>
+
+#include "backend/cpu/kernels.h"
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace mxn::cpu {
+
+namespace {
+
+void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb,
+                                beta, C, ldc);
+  MXN_CHECK(st == dnnl_success, "dnnl_sgemm failed");
+}
+
+// The native bf16 path: oneDNN's matmul primitive with bf16 sources and f32 destination, which
+// runs on AMX / AVX512-BF16. Primitives are cached by shape so steps after the first reuse them.
+struct Bf16Gemm {
+  dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+  dnnl::stream strm{eng};
+  std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, float, bool>, dnnl::matmul> cache;
+
+  void run(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+           const uint16_t* B, bool accumulate, float* C) {
+    using dt = dnnl::memory::data_type;
+    dnnl::memory::desc a_md({M, K}, dt::bf16, ta ? dnnl::memory::dims{1, M} : dnnl::memory::dims{K, 1});
+    dnnl::memory::desc b_md({K, N}, dt::bf16, tb ? dnnl::memory::dims{1, K} : dnnl::memory::dims{N, 1});
+    dnnl::memory::desc c_md({M, N}, dt::f32, dnnl::memory::dims{N, 1});
+    auto key = std::make_tuple(ta, tb, M, N, K, alpha, accumulate);
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      dnnl::primitive_attr attr;
+      if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
+      if (accumulate) {
+        dnnl::post_ops po;
+        po.append_sum(1.0f);
+        attr.set_post_ops(po);
+      }
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, eng);
+      it = cache.emplace(key, dnnl::matmul(pd)).first;
+    }
+    dnnl::memory a(a_md, eng, const_cast<uint16_t*>(A)), b(b_md, eng, const_cast<uint16_t*>(B)),
+        c(c_md, eng, C);
+    it->second.execute(strm, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+    strm.wait();
+  }
+};
+
+template <typename T, typename F>
+void convert(const float* src, T* dst, int64_t n, F f) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) dst[i] = f(src[i]);
+}
+
+}  // namespace
+
+bool native_bf16() {
+  static const bool yes = dnnl_get_effective_cpu_isa() >= dnnl_cpu_isa_avx512_core_bf16 &&
+                          dnnl_get_effective_cpu_isa() != dnnl_cpu_isa_all;
+  return yes;
+}
+
+void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M, int64_t N,
+            int64_t K, float alpha, const float* A, int64_t sa, const float* B, int64_t sb,
+            bool accumulate, float* C, int64_t sc) {
+  const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+  if (compute == Compute::bf16 && native_bf16()) {
+    static thread_local Bf16Gemm gemm;
+    auto* a16 = reinterpret_cast<uint16_t*>(s.get(s.a, size_t(M * K + 1) / 2));
+    auto* b16 = reinterpret_cast<uint16_t*>(s.get(s.b, size_t(K * N + 1) / 2));
+    for (int64_t i = 0; i < batch; ++i) {
+      convert(A + i * sa, a16, M * K, f32_to_bf16);
+      convert(B + i * sb, b16, K * N, f32_to_bf16);
+      gemm.run(ta, tb, M, N, K, alpha, a16, b16, accumulate, C + i * sc);
+    }
+    return;
+  }
+  if (compute == Compute::bf16) {
+    // No bf16 units: round the operands to bf16 and multiply in f32. The numbers are those of a
+    // bf16 GEMM with f32 accumulation, as on AMX, at f32 speed.
+    float* ar = s.get(s.a, size_t(M * K));
+    float* br = s.get(s.b, size_t(K * N));
+    for (int64_t i = 0; i < batch; ++i) {
+      convert(A + i * sa, ar, M * K, round_bf16);
+      convert(B + i * sb, br, K * N, round_bf16);
+      sgemm(ta, tb, M, N, K, alpha, ar, lda, br, ldb, accumulate ? 1.f : 0.f, C + i * sc, N);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < batch; ++i)
+    sgemm(ta, tb, M, N, K, alpha, A + i * sa, lda, B + i * sb, ldb, accumulate ? 1.f : 0.f,
+          C + i * sc, N);
+}
+
+// Causal self-attention. qkv is (B, T, 3C) as GPT-2's c_attn produces it; head h of q is the
+// column block [h*hd, (h+1)*hd), k follows at +C and v at +2C, so GEMMs read it in place with a
+// leading dimension of 3C and no transposes are materialised. probs (B, H, T, T) is kept for
+// the backward pass.
+void attention_fwd(Scratch&, const float* qkv, float* y, float* probs, int64_t B, int64_t T,
+                   int64_t C, int64_t H) {
+  const int64_t hd = C / H, ld = 3 * C;
+  const float sc = 1.0f / std::sqrt(float(hd));
+#pragma omp parallel for schedule(static)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const float* q = qkv + b * T * ld + h * hd;
+    const float* k = q + C;
+    const float* v = q + 2 * C;
+    float* p = probs + bh * T * T;
+    sgemm(false, true, T, T, hd, sc, q, ld, k, ld, 0.f, p, T);
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = p + t * T;
+      float mx = row[0];
+      for (int64_t j = 1; j <= t; ++j) mx = std::max(mx, row[j]);
+      float sum = 0.f;
+      for (int64_t j = 0; j <= t; ++j) {
+        row[j] = std::exp(row[j] - mx);
+        sum += row[j];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t j = 0; j <= t; ++j) row[j] *= inv;
+      for (int64_t j = t + 1; j < T; ++j) row[j] = 0.f;
+    }
+    sgemm(false, false, T, hd, T, 1.f, p, T, v, ld, 0.f, y + b * T * C + h * hd, C);
+  }
+}
+
+void attention_bwd(Scratch& s, const float* dy, const float* qkv, const float* probs, float* dqkv,
+                   int64_t B, int64_t T, int64_t C, int64_t H) {
+  const int64_t hd = C / H, ld = 3 * C;
+  const float sc = 1.0f / std::sqrt(float(hd));
+  const int nt = omp_get_max_threads();
+  float* scratch = s.get(s.c, size_t(nt) * T * T);
+#pragma omp parallel for schedule(static)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const float* q = qkv + b * T * ld + h * hd;
+    const float* k = q + C;
+    const float* v = q + 2 * C;
+    const float* p = probs + bh * T * T;
+    const float* dyh = dy + b * T * C + h * hd;
+    float* dq = dqkv + b * T * ld + h * hd;
+    float* dk = dq + C;
+    float* dv = dq + 2 * C;
+    float* dp = scratch + size_t(omp_get_thread_num()) * T * T;
+    sgemm(true, false, T, hd, T, 1.f, p, T, dyh, C, 0.f, dv, ld);    // dV = P^T dY
+    sgemm(false, true, T, T, hd, 1.f, dyh, C, v, ld, 0.f, dp, T);    // dP = dY V^T
+    for (int64_t t = 0; t < T; ++t) {                                 // dS = P (dP - <dP, P>)
+      const float* pr = p + t * T;
+      float* dr = dp + t * T;
+      float dot = 0.f;
+      for (int64_t j = 0; j <= t; ++j) dot += pr[j] * dr[j];
+      for (int64_t j = 0; j <= t; ++j) dr[j] = pr[j] * (dr[j] - dot) * sc;
+      for (int64_t j = t + 1; j < T; ++j) dr[j] = 0.f;
+    }
+    sgemm(false, false, T, hd, T, 1.f, dp, T, k, ld, 0.f, dq, ld);  // dQ = dS K
+    sgemm(true, false, T, hd, T, 1.f, dp, T, q, ld, 0.f, dk, ld);   // dK = dS^T Q
+  }
+}
+
+}  // namespace mxn::cpu

@@ -1,0 +1,108 @@
+#include "backend/device.h"
+
+#include <unistd.h>
+
+#include "core/error.h"
+
+extern "C" const mxn_backend_api* mxn_cpu_backend_get_api(void);
+
+namespace mxn {
+
+Buffer::~Buffer() { dev_->free_buffer(handle_); }
+
+Device::Device(const mxn_backend_api* api, int index, int threads) : api_(api), index_(index) {
+  props_.struct_size = sizeof(props_);
+  if (api_->device_props(index, &props_) != 0) throw Error("cannot query device " + name());
+  mxn_backend_options opts{sizeof(mxn_backend_options), threads};
+  int32_t st = api_->init(index, &opts, &ctx_);
+  if (st != 0) throw Error("cannot initialise device " + name());
+}
+
+Device::~Device() {
+  if (ctx_) api_->shutdown(ctx_);
+}
+
+std::string Device::name() const { return std::string(api_->name) + ":" + std::to_string(index_); }
+
+void Device::fail(int32_t status, const char* what) {
+  throw Error(name() + ": " + what + " failed (status " + std::to_string(status) +
+              "): " + api_->last_error(ctx_));
+}
+
+std::unique_ptr<Buffer> Device::alloc(uint64_t bytes) {
+  void* h = nullptr;
+  int32_t st = api_->buffer_alloc(ctx_, bytes, &h);
+  if (st == MXN_STATUS_OUT_OF_MEMORY)
+    throw Error(name() + ": out of memory: asked for " + std::to_string(bytes) + " bytes; " +
+                api_->last_error(ctx_));
+  if (st != 0) fail(st, "buffer_alloc");
+  return std::make_unique<Buffer>(this, h, bytes);
+}
+
+void Device::free_buffer(void* handle) { api_->buffer_free(ctx_, handle); }
+
+void Device::upload(const Tensor& dst, const void* src) {
+  int32_t st = api_->copy_to_device(ctx_, dst.buffer, dst.offset, src, dst.nbytes());
+  if (st != 0) fail(st, "copy_to_device");
+}
+
+void Device::download(void* dst, const Tensor& src) {
+  int32_t st = api_->copy_to_host(ctx_, dst, src.buffer, src.offset, src.nbytes());
+  if (st != 0) fail(st, "copy_to_host");
+}
+
+bool Device::supports(mxn_op op, DType t) const { return api_->supports(ctx_, op, int32_t(t)) == 1; }
+
+void Device::run(const mxn_op_call& call) {
+  int32_t st = api_->run(ctx_, &call);
+  if (st != 0) fail(st, "kernel");
+}
+
+void Device::synchronize() {
+  int32_t st = api_->synchronize(ctx_);
+  if (st != 0) fail(st, "synchronize");
+}
+
+const std::vector<BackendEntry>& backends() {
+  // The CPU reference backend is linked in; other chips arrive as plugins (issue 3).
+  static const std::vector<BackendEntry> list = [] {
+    std::vector<BackendEntry> v;
+    const mxn_backend_api* cpu = mxn_cpu_backend_get_api();
+    v.push_back({cpu->name, cpu, ""});
+    return v;
+  }();
+  return list;
+}
+
+std::vector<std::string> available_devices() {
+  std::vector<std::string> out;
+  for (const auto& b : backends()) {
+    if (!b.api) continue;
+    for (int i = 0; i < b.api->device_count(); ++i) out.push_back(b.name + ":" + std::to_string(i));
+  }
+  return out;
+}
+
+std::unique_ptr<Device> open_device(const std::string& spec, int threads) {
+  std::string kind = spec;
+  int index = 0;
+  auto colon = spec.find(':');
+  bool ok = true;
+  if (colon != std::string::npos) {
+    kind = spec.substr(0, colon);
+    std::string idx = spec.substr(colon + 1);
+    ok = !idx.empty() && idx.find_first_not_of("0123456789") == std::string::npos && idx.size() < 6;
+    if (ok) index = std::stoi(idx);
+  }
+  if (ok) {
+    for (const auto& b : backends()) {
+      if (b.name != kind || !b.api) continue;
+      if (index < b.api->device_count()) return std::make_unique<Device>(b.api, index, threads);
+    }
+  }
+  std::string names;
+  for (const auto& d : available_devices()) names += (names.empty() ? "" : ", ") + d;
+  throw Error("unknown device '" + spec + "' (devices here: " + names + ")");
+}
+
+}  // namespace mxn

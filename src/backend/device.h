@@ -1,0 +1,70 @@
+#pragma once
+// The C++ side of the chip contract: a Device wraps one backend's C table and context, turns
+// status codes into Errors, and owns Buffers. Everything above backend/ talks to this class.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "mxn/backend_abi.h"
+
+namespace mxn {
+
+class Device;
+
+class Buffer {
+ public:
+  Buffer(Device* dev, void* handle, uint64_t bytes) : dev_(dev), handle_(handle), bytes_(bytes) {}
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  void* handle() const { return handle_; }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  Device* dev_;
+  void* handle_;
+  uint64_t bytes_;
+};
+
+class Device {
+ public:
+  Device(const mxn_backend_api* api, int index, int threads);
+  ~Device();
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+
+  std::string name() const;  // "cpu:0"
+  const mxn_device_props& props() const { return props_; }
+  const mxn_backend_api* api() const { return api_; }
+
+  // Throws an Error naming the device, the bytes asked for and the bytes free when it fails.
+  std::unique_ptr<Buffer> alloc(uint64_t bytes);
+  void upload(const Tensor& dst, const void* src);
+  void download(void* dst, const Tensor& src);
+  bool supports(mxn_op op, DType t) const;
+  void run(const mxn_op_call& call);
+  void synchronize();
+  void free_buffer(void* handle);
+
+ private:
+  [[noreturn]] void fail(int32_t status, const char* what);
+  const mxn_backend_api* api_;
+  int index_;
+  void* ctx_ = nullptr;
+  mxn_device_props props_{};
+};
+
+// --- registry ---------------------------------------------------------------------------------
+struct BackendEntry {
+  std::string name;
+  const mxn_backend_api* api = nullptr;  // null when it failed to load
+  std::string error;                     // why it did not load
+};
+
+const std::vector<BackendEntry>& backends();
+// "cpu", "cpu:0", "opencl:1". An unknown or absent device throws an Error listing those that exist.
+std::unique_ptr<Device> open_device(const std::string& spec, int threads = 0);
+std::vector<std::string> available_devices();
+
+}  // namespace mxn

@@ -1,0 +1,86 @@
+// The smaller subcommands: eval, generate, devices, prepare.
+#include <cstdio>
+
+#include "backend/device.h"
+#include "cli/commands.h"
+#include "data/shard.h"
+#include "train/infer.h"
+
+namespace mxn::cli {
+
+std::function<int()> add_eval(CLI::App& app) {
+  auto* sub = app.add_subcommand("eval", "validation loss of a checkpoint on a data file");
+  struct A { std::string ckpt, data, device = "cpu"; int64_t threads = 0, batch = 8; };
+  auto a = std::make_shared<A>();
+  sub->add_option("--checkpoint", a->ckpt, "checkpoint or run folder")->required();
+  sub->add_option("--data", a->data, "token shard or text file")->required();
+  sub->add_option("--device", a->device, "device")->capture_default_str();
+  sub->add_option("--threads", a->threads, "CPU threads (0: all)");
+  sub->add_option("--batch", a->batch, "sequences per forward pass")->check(CLI::PositiveNumber);
+  return [a] {
+    std::printf("loss: %.6f\n", eval_checkpoint(a->ckpt, a->data, a->device, a->threads, a->batch));
+    return 0;
+  };
+}
+
+std::function<int()> add_generate(CLI::App& app) {
+  auto* sub = app.add_subcommand("generate", "sample text from a checkpoint");
+  auto o = std::make_shared<GenerateOptions>();
+  auto ckpt = std::make_shared<std::string>();
+  sub->add_option("--checkpoint", *ckpt, "checkpoint or run folder")->required();
+  sub->add_option("--prompt", o->prompt, "text to continue")->required();
+  sub->add_option("--max-tokens", o->max_tokens, "tokens to sample")->capture_default_str();
+  sub->add_option("--temperature", o->temperature, "0: greedy")->capture_default_str();
+  sub->add_option("--top-k", o->top_k, "sample from the k likeliest (0: all)")->capture_default_str();
+  sub->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
+  sub->add_option("--device", o->device, "device")->capture_default_str();
+  sub->add_option("--threads", o->threads, "CPU threads (0: all)");
+  return [o, ckpt] {
+    std::fputs(o->prompt.c_str(), stdout);
+    generate(*ckpt, *o, [](const std::string& s) {
+      std::fputs(s.c_str(), stdout);
+      std::fflush(stdout);
+    });
+    std::fputs("\n", stdout);
+    return 0;
+  };
+}
+
+std::function<int()> add_devices(CLI::App& app) {
+  app.add_subcommand("devices", "list every device of every backend");
+  return [] {
+    for (const auto& b : backends()) {
+      if (!b.api) {
+        std::printf("%-10s not loaded: %s\n", b.name.c_str(), b.error.c_str());
+        continue;
+      }
+      for (int i = 0; i < b.api->device_count(); ++i) {
+        mxn_device_props p{};
+        p.struct_size = sizeof(p);
+        b.api->device_props(i, &p);
+        std::string dts;
+        for (int t = 0; t < MXN_DTYPE_COUNT; ++t)
+          if (p.dtype_mask & (1u << t)) dts += std::string(dts.empty() ? "" : ",") + dtype_name(DType(t));
+        std::printf("%s:%d  %s | %s | %.1f GiB | %s | nominal %.0f GFLOP/s f32 | %s\n",
+                    b.name.c_str(), i, p.name, p.vendor, double(p.memory_bytes) / (1u << 30),
+                    dts.c_str(), p.peak_gflops, p.notes);
+      }
+    }
+    return 0;
+  };
+}
+
+std::function<int()> add_prepare(CLI::App& app) {
+  auto* sub = app.add_subcommand("prepare", "turn a text file into a token shard");
+  struct A { std::string in, out; double val = 0.1; };
+  auto a = std::make_shared<A>();
+  sub->add_option("input", a->in, "text file")->required();
+  sub->add_option("--out", a->out, "shard to write")->required();
+  sub->add_option("--val-fraction", a->val, "share held out for validation")->capture_default_str();
+  return [a] {
+    std::printf("%s\n", prepare_shard(a->in, a->out, a->val).c_str());
+    return 0;
+  };
+}
+
+}  // namespace mxn::cli

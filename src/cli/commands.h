@@ -1,0 +1,14 @@
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace mxn::cli {
+
+// Each adds its subcommand to `app`; the returned function runs it after parsing.
+std::function<int()> add_train(CLI::App& app);
+std::function<int()> add_eval(CLI::App& app);
+std::function<int()> add_generate(CLI::App& app);
+std::function<int()> add_devices(CLI::App& app);
+std::function<int()> add_prepare(CLI::App& app);
+
+}  // namespace mxn::cli

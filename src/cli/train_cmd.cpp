@@ -1,0 +1,152 @@
+// `mxn train`: the config from defaults, a TOML file and flags (in that order), then the loop with
+// a live progress line, metrics, validation and checkpoints.
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "io/checkpoint.h"
+#include "train/metrics.h"
+#include "train/trainer.h"
+
+namespace mxn::cli {
+namespace {
+
+volatile std::sig_atomic_t g_stop = 0;
+
+void copy_field(TrainConfig& dst, const TrainConfig& src, const std::string& name) {
+  TrainConfig s = src;
+  auto df = config_fields(dst);
+  auto sf = config_fields(s);
+  for (size_t i = 0; i < df.size(); ++i)
+    if (df[i].name == name)
+      std::visit([&](auto* d) { *d = *std::get<std::remove_reference_t<decltype(d)>>(sf[i].ptr); },
+                 df[i].ptr);
+}
+
+std::string fmt_duration(double s) {
+  char b[32];
+  if (s >= 3600) std::snprintf(b, sizeof(b), "%dh%02dm", int(s / 3600), int(s / 60) % 60);
+  else if (s >= 60) std::snprintf(b, sizeof(b), "%dm%02ds", int(s / 60), int(s) % 60);
+  else std::snprintf(b, sizeof(b), "%.0fs", s);
+  return b;
+}
+
+struct TrainArgs {
+  std::string config_file, resume;
+  int64_t stop_at = 0;
+  TrainConfig flags;
+  std::vector<std::pair<std::string, CLI::Option*>> opts;
+};
+
+int run_train(TrainArgs& a) {
+  TrainConfig cfg;
+  std::vector<std::string> set;
+  if (!a.config_file.empty()) {
+    if (!std::filesystem::is_regular_file(a.config_file))
+      throw Error("config file '" + a.config_file + "' does not exist");
+    set = apply_toml(cfg, a.config_file);
+  }
+  for (auto& [name, opt] : a.opts)
+    if (opt->count() > 0) {
+      copy_field(cfg, a.flags, name);
+      set.push_back(name);
+    }
+  if (!a.resume.empty()) {
+    // A resumed run keeps its checkpoint's config; only keys given now override it, and the
+    // model's shape cannot change.
+    Checkpoint ck = load_checkpoint(a.resume, false);
+    TrainConfig saved;
+    from_json(saved, ck.trainer.at("config"));
+    for (const auto& k : set) {
+      TrainConfig probe = saved;
+      copy_field(probe, cfg, k);
+      for (auto& f : config_fields(probe))
+        if (f.name == k && f.model && to_json(probe)[k] != to_json(saved)[k])
+          throw Error("cannot change " + k + " when resuming (the checkpoint has " +
+                      to_json(saved)[k].dump() + ")");
+      saved = probe;
+    }
+    if (std::find(set.begin(), set.end(), "out") == set.end())
+      saved.out = std::filesystem::path(resolve_checkpoint(a.resume)).parent_path().string();
+    cfg = saved;
+  }
+  if (a.stop_at < 0) throw Error("--stop-at must be >= 0");
+  cfg.validate();
+
+  Trainer tr(cfg, a.resume);
+  const TrainConfig& c = tr.config();
+  std::filesystem::create_directories(c.out);
+  const int64_t tokens_per_step = c.batch * c.accum * c.seq_len();
+  std::printf("mxn train: GPT-2 %lld layers, %lld heads, width %lld, context %lld: %.2fM params\n",
+              (long long)c.model.n_layer, (long long)c.model.n_head, (long long)c.model.n_embd,
+              (long long)c.model.n_ctx, double(c.model.param_count()) / 1e6);
+  std::printf("  device %s (%s), dtype %s, %lld tokens/step, data %s, run folder %s\n",
+              tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(),
+              (long long)tokens_per_step, c.data.c_str(), c.out.c_str());
+  if (tr.current_step() > 0) std::printf("  resumed at step %lld\n", (long long)tr.current_step());
+  std::fflush(stdout);
+
+  std::signal(SIGINT, [](int) { g_stop = 1; });
+  std::signal(SIGTERM, [](int) { g_stop = 1; });
+  const bool tty = isatty(STDOUT_FILENO);
+  const int64_t last = a.stop_at > 0 ? std::min(a.stop_at, c.steps) : c.steps;
+  const int64_t first = tr.current_step();
+  auto t0 = std::chrono::steady_clock::now();
+  float loss = 0;
+  while (tr.current_step() < last && !g_stop) {
+    auto ts = std::chrono::steady_clock::now();
+    loss = tr.step();
+    const int64_t s = tr.current_step();
+    auto now = std::chrono::steady_clock::now();
+    const double step_s = std::chrono::duration<double>(now - ts).count();
+    const double elapsed = std::chrono::duration<double>(now - t0).count();
+    const double tps = double(tokens_per_step * (s - first)) / elapsed;
+    const double eta = elapsed / double(s - first) * double(last - s);
+    nlohmann::json row = {{"step", s}, {"loss", loss}, {"lr", tr.lr_at(s)},
+                          {"grad_norm", tr.last_grad_norm()}, {"tokens_per_s", tps},
+                          {"step_s", step_s}};
+    const bool eval_now = (c.eval_every > 0 && s % c.eval_every == 0) || s == last;
+    if (eval_now) row["val_loss"] = tr.eval_loss();
+    append_metrics(c.out, row);
+    char line[256];
+    std::snprintf(line, sizeof(line), "step %5lld/%lld | loss %.4f | lr %.2e | %7.0f tok/s | ETA %s",
+                  (long long)s, (long long)last, loss, tr.lr_at(s), tps, fmt_duration(eta).c_str());
+    if (tty) std::printf("\r%-100s", line);
+    else if (s % c.log_every == 0 || s == last) std::printf("%s\n", line);
+    if (eval_now) std::printf("%sstep %lld: val loss %.4f\n", tty ? "\n" : "", (long long)s,
+                              row["val_loss"].get<double>());
+    std::fflush(stdout);
+    if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();
+  }
+  if (tty) std::printf("\n");
+  const std::string where = tr.save();
+  write_loss_svg(c.out);
+  std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",
+              g_stop ? "stopped" : "done", (long long)tr.current_step(), where.c_str(),
+              c.out.c_str(), c.out.c_str());
+  return g_stop ? 130 : 0;
+}
+
+}  // namespace
+
+std::function<int()> add_train(CLI::App& app) {
+  auto* sub = app.add_subcommand("train", "train a GPT (defaults: a small model on the KJV corpus)");
+  auto a = std::make_shared<TrainArgs>();
+  sub->add_option("config", a->config_file, "TOML file with any of the keys below");
+  sub->add_option("--resume", a->resume, "continue from a checkpoint or run folder");
+  sub->add_option("--stop-at", a->stop_at, "stop (with a checkpoint) after this step");
+  for (auto& f : config_fields(a->flags)) {
+    CLI::Option* o = std::visit(
+        [&](auto* p) { return sub->add_option("--" + f.name, *p, f.help)->capture_default_str(); },
+        f.ptr);
+    a->opts.emplace_back(f.name, o);
+  }
+  return [a] { return run_train(*a); };
+}
+
+}  // namespace mxn::cli

@@ -1,0 +1,28 @@
+#pragma once
+// Files a user would miss are written atomically: a temp file beside the target, fsync, rename,
+// fsync of the folder. A crash at any point leaves either the old file or the new one.
+#include <string>
+#include <string_view>
+
+namespace mxn {
+
+void write_file_atomic(const std::string& path, std::string_view data);
+void fsync_dir(const std::string& dir);
+std::string read_file(const std::string& path, const std::string& what);  // clear Error when missing
+
+// A read-only memory map of a whole file.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path, const std::string& what);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const char* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  const char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace mxn

@@ -1,0 +1,89 @@
+// Autograd: one backward rule per op, all in this file. A rule gets the forward node and the
+// gradient of its first output and returns (input position, gradient value) pairs.
+#include <algorithm>
+#include <map>
+#include <utility>
+
+#include "core/error.h"
+#include "graph/graph.h"
+
+namespace mxn {
+namespace {
+
+using Grads = std::vector<std::pair<size_t, int>>;
+
+Grads matmul_rule(Graph& g, const Node& n, int gy) {
+  const int a = n.in[0], b = n.in[1];
+  const bool ta = n.ip[0], tb = n.ip[1];
+  const float al = n.fp[0];
+  if (!ta && !tb) return {{0, g.matmul(gy, b, false, true, al)}, {1, g.matmul(a, gy, true, false, al)}};
+  if (!ta && tb) return {{0, g.matmul(gy, b, false, false, al)}, {1, g.matmul(gy, a, true, false, al)}};
+  if (ta && !tb) return {{0, g.matmul(b, gy, false, true, al)}, {1, g.matmul(a, gy, false, false, al)}};
+  return {{0, g.matmul(b, gy, true, true, al)}, {1, g.matmul(gy, a, true, true, al)}};
+}
+
+Grads rule(Graph& g, const Node& n, int gy) {
+  auto act = [&](int like) { return g.activation(g.v(like).shape); };
+  switch (n.op) {
+    case MXN_OP_MATMUL: return matmul_rule(g, n, gy);
+    case MXN_OP_ADD: return {{0, gy}, {1, gy}};
+    case MXN_OP_ADD_BIAS:
+      return {{0, gy}, {1, g.emit(MXN_OP_SUM_ROWS, {gy}, {act(n.in[1])})}};
+    case MXN_OP_SCALE: return {{0, g.scale(gy, n.fp[0])}};
+    case MXN_OP_GELU: return {{0, g.emit(MXN_OP_GELU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
+    case MXN_OP_SOFTMAX: return {{0, g.emit(MXN_OP_SOFTMAX_BWD, {gy, n.out[0]}, {act(n.in[0])})}};
+    case MXN_OP_LAYERNORM: {
+      const int dx = act(n.in[0]), dw = act(n.in[1]), db = act(n.in[2]);
+      g.emit(MXN_OP_LAYERNORM_BWD, {gy, n.in[0], n.in[1], n.out[1]}, {dx, dw, db});
+      return {{0, dx}, {1, dw}, {2, db}};
+    }
+    case MXN_OP_ATTENTION:
+      return {{0, g.emit(MXN_OP_ATTENTION_BWD, {gy, n.in[0], n.out[1]}, {act(n.in[0])}, n.ip)}};
+    case MXN_OP_EMBEDDING:
+      return {{1, g.emit(MXN_OP_EMBEDDING_BWD, {gy, n.in[0]}, {act(n.in[1])})}};
+    case MXN_OP_CROSS_ENTROPY:
+      return {{0, g.emit(MXN_OP_CROSS_ENTROPY_BWD, {gy, n.in[0], n.in[1]}, {act(n.in[0])})}};
+    default: MXN_CHECK(false, "no backward rule for op " + std::to_string(n.op));
+  }
+  return {};
+}
+
+}  // namespace
+
+size_t append_backward(Graph& g, int loss) {
+  const size_t n_forward = g.nodes.size();
+  std::map<int, int> grad;  // value -> its gradient so far
+  grad[loss] = g.emit(MXN_OP_FILL, {}, {g.activation(g.v(loss).shape)}, {}, {1.f});
+  // A param's gradient is complete once the backward of its first forward use has run; it is
+  // added into the param's grad buffer right then (so micro-batches accumulate, and a later
+  // communicator can start reducing that layer while the rest of backward runs).
+  std::map<size_t, std::vector<int>> done_at;
+  for (int p : g.params())
+    for (size_t i = 0; i < n_forward; ++i)
+      if (std::find(g.nodes[i].in.begin(), g.nodes[i].in.end(), p) != g.nodes[i].in.end()) {
+        done_at[i].push_back(p);
+        break;
+      }
+  for (size_t i = n_forward; i-- > 0;) {
+    const Node n = g.nodes[i];  // copy: rules append to g.nodes
+    auto it = grad.find(n.out[0]);
+    if (it != grad.end()) {
+      for (auto [pos, gv] : rule(g, n, it->second)) {
+        const int x = n.in[pos];
+        const ValueKind k = g.v(x).kind;
+        if (k != ValueKind::param && k != ValueKind::activation) continue;
+        auto [slot, fresh] = grad.emplace(x, gv);
+        if (!fresh) slot->second = g.add(slot->second, gv);
+      }
+    }
+    for (int p : done_at[i]) {
+      auto gp = grad.find(p);
+      if (gp == grad.end()) continue;
+      const int gb = g.v(p).grad;
+      g.emit(MXN_OP_ADD, {gb, gp->second}, {gb});
+    }
+  }
+  return n_forward;
+}
+
+}  // namespace mxn

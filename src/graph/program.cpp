@@ -1,0 +1,120 @@
+#include "graph/program.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace mxn {
+namespace {
+constexpr uint64_t kAlign = 64;
+uint64_t align_up(uint64_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+uint64_t bytes_of(const Value& v) { return uint64_t(numel(v.shape)) * dtype_size(v.dtype); }
+}  // namespace
+
+uint64_t plan_arena(Graph& g) {
+  const size_t nv = g.values.size();
+  std::vector<int64_t> first(nv, -1), last(nv, -1);
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    auto touch = [&](int id) {
+      if (first[size_t(id)] < 0) first[size_t(id)] = int64_t(i);
+      last[size_t(id)] = int64_t(i);
+    };
+    for (int id : g.nodes[i].out) touch(id);
+    for (int id : g.nodes[i].in) touch(id);
+  }
+  for (size_t i = 0; i < nv; ++i)
+    if (g.values[i].output && first[i] >= 0) last[i] = int64_t(g.nodes.size());
+  std::vector<int> order;
+  for (size_t i = 0; i < nv; ++i)
+    if (g.values[i].kind == ValueKind::activation && first[i] >= 0) order.push_back(int(i));
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return bytes_of(g.values[size_t(a)]) > bytes_of(g.values[size_t(b)]);
+  });
+  struct Placed { uint64_t lo, hi; int64_t first, last; };
+  std::vector<Placed> placed;
+  uint64_t total = 0;
+  for (int id : order) {
+    const uint64_t size = align_up(bytes_of(g.values[size_t(id)]));
+    const int64_t f = first[size_t(id)], l = last[size_t(id)];
+    std::vector<std::pair<uint64_t, uint64_t>> busy;
+    for (const Placed& p : placed)
+      if (p.first <= l && f <= p.last) busy.emplace_back(p.lo, p.hi);
+    std::sort(busy.begin(), busy.end());
+    uint64_t off = 0;
+    for (auto [lo, hi] : busy) {
+      if (off + size <= lo) break;
+      off = std::max(off, hi);
+    }
+    g.values[size_t(id)].offset = off;
+    placed.push_back({off, off + size, f, l});
+    total = std::max(total, off + size);
+  }
+  return total;
+}
+
+Program::Program(Graph g, Device& dev) : g_(std::move(g)), dev_(dev) {
+  uint64_t poff = 0, ioff = 0;
+  for (bool decay : {true, false})
+    for (Value& v : g_.values)
+      if (v.kind == ValueKind::param && v.decay == decay) {
+        v.offset = poff;
+        g_.values[size_t(v.grad)].offset = poff;
+        poff += bytes_of(v);
+        (decay ? n_decay_ : n_nodecay_) += numel(v.shape);
+      }
+  for (Value& v : g_.values)
+    if (v.kind == ValueKind::input) {
+      v.offset = ioff;
+      ioff += align_up(bytes_of(v));
+    }
+  arena_bytes_ = plan_arena(g_);
+  params_ = dev_.alloc(poff);
+  grads_ = dev_.alloc(poff);
+  inputs_ = dev_.alloc(ioff);
+  arena_ = dev_.alloc(arena_bytes_);
+  for (const Node& n : g_.nodes) {
+    MXN_CHECK(n.in.size() <= MXN_MAX_OPERANDS && n.out.size() <= MXN_MAX_OPERANDS, "operands");
+    mxn_op_call c{};
+    c.struct_size = sizeof(c);
+    c.op = n.op;
+    c.n_inputs = int32_t(n.in.size());
+    c.n_outputs = int32_t(n.out.size());
+    for (size_t i = 0; i < n.in.size(); ++i) c.inputs[i] = tensor(n.in[i]).to_abi();
+    for (size_t i = 0; i < n.out.size(); ++i) c.outputs[i] = tensor(n.out[i]).to_abi();
+    std::copy(n.ip.begin(), n.ip.end(), c.ip);
+    std::copy(n.fp.begin(), n.fp.end(), c.fp);
+    calls_.push_back(c);
+  }
+}
+
+Tensor Program::tensor(int id) const {
+  const Value& v = g_.v(id);
+  Buffer* b = nullptr;
+  switch (v.kind) {
+    case ValueKind::param: b = params_.get(); break;
+    case ValueKind::grad: b = grads_.get(); break;
+    case ValueKind::input: b = inputs_.get(); break;
+    case ValueKind::activation: b = arena_.get(); break;
+  }
+  return Tensor(v.shape, v.dtype, b->handle(), v.offset);
+}
+
+Tensor Program::params_flat(bool decay) const {
+  return Tensor({decay ? n_decay_ : n_nodecay_}, DType::f32, params_->handle(),
+                decay ? 0 : uint64_t(n_decay_) * 4);
+}
+
+Tensor Program::grads_flat(bool decay) const {
+  return Tensor({decay ? n_decay_ : n_nodecay_}, DType::f32, grads_->handle(),
+                decay ? 0 : uint64_t(n_decay_) * 4);
+}
+
+Tensor Program::grads_all() const {
+  return Tensor({n_decay_ + n_nodecay_}, DType::f32, grads_->handle(), 0);
+}
+
+void Program::run(size_t begin, size_t end) {
+  for (size_t i = begin; i < end; ++i) dev_.run(calls_[i]);
+}
+
+}  // namespace mxn

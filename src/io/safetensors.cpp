@@ -1,0 +1,93 @@
+#include "io/safetensors.h"
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/fs.h"
+
+namespace mxn {
+namespace {
+
+const char* st_dtype(DType t) {
+  switch (t) {
+    case DType::f32: return "F32";
+    case DType::bf16: return "BF16";
+    case DType::f16: return "F16";
+    case DType::i32: return "I32";
+  }
+  return "?";
+}
+
+}  // namespace
+
+std::string safetensors_serialize(const TensorMap& tensors,
+                                  const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json h = nlohmann::ordered_json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  uint64_t off = 0;
+  for (const auto& [name, t] : tensors) {
+    h[name] = {{"dtype", st_dtype(t.dtype)},
+               {"shape", t.shape},
+               {"data_offsets", {off, off + t.bytes.size()}}};
+    off += t.bytes.size();
+  }
+  std::string header = h.dump();
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::string out(8, '\0');
+  const uint64_t n = header.size();
+  std::memcpy(out.data(), &n, 8);
+  out += header;
+  out.reserve(out.size() + off);
+  for (const auto& [name, t] : tensors) out.append(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
+  return out;
+}
+
+TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
+  auto corrupt = [&](const std::string& why) -> Error {
+    return Error("checkpoint file '" + path + "' is corrupt or truncated: " + why);
+  };
+  if (bytes.size() < 8) throw corrupt("shorter than the 8-byte header length");
+  uint64_t n;
+  std::memcpy(&n, bytes.data(), 8);
+  if (n > bytes.size() - 8) throw corrupt("header length " + std::to_string(n) + " exceeds the file");
+  nlohmann::json h;
+  try {
+    h = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + int64_t(n));
+  } catch (const std::exception& e) {
+    throw corrupt(std::string("header is not valid JSON (") + e.what() + ")");
+  }
+  if (!h.is_object()) throw corrupt("header is not a JSON object");
+  const uint64_t data_start = 8 + n, data_size = bytes.size() - data_start;
+  TensorMap out;
+  for (auto& [name, e] : h.items()) {
+    if (name == "__metadata__") continue;
+    try {
+      const std::string dt = e.at("dtype").get<std::string>();
+      DType t;
+      if (dt == "F32") t = DType::f32;
+      else if (dt == "BF16") t = DType::bf16;
+      else if (dt == "F16") t = DType::f16;
+      else if (dt == "I32") t = DType::i32;
+      else throw corrupt("tensor '" + name + "' has unsupported dtype " + dt);
+      Shape shape = e.at("shape").get<Shape>();
+      for (int64_t d : shape)
+        if (d < 0 || d > (int64_t(1) << 40)) throw corrupt("tensor '" + name + "' has a bad shape");
+      const auto off = e.at("data_offsets").get<std::vector<uint64_t>>();
+      HostTensor ht(shape, t);
+      if (off.size() != 2 || off[0] > off[1] || off[1] > data_size || off[1] - off[0] != ht.bytes.size())
+        throw corrupt("tensor '" + name + "' has data offsets outside the file or of the wrong size");
+      std::memcpy(ht.bytes.data(), bytes.data() + data_start + off[0], ht.bytes.size());
+      out.emplace(name, std::move(ht));
+    } catch (const nlohmann::json::exception& ex) {
+      throw corrupt("tensor '" + name + "': " + ex.what());
+    }
+  }
+  return out;
+}
+
+TensorMap safetensors_load(const std::string& path) {
+  return safetensors_parse(read_file(path, "checkpoint file"), path);
+}
+
+}  // namespace mxn

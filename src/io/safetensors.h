@@ -1,0 +1,19 @@
+#pragma once
+// safetensors (Hugging Face's weight format): an 8-byte little-endian header length, a JSON
+// header naming each tensor's dtype, shape and byte range, then the raw data.
+#include <map>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace mxn {
+
+using TensorMap = std::map<std::string, HostTensor>;
+
+std::string safetensors_serialize(const TensorMap& tensors,
+                                  const std::map<std::string, std::string>& metadata = {});
+// Throws an Error naming the file and what is wrong with it (truncated, bad header, ...).
+TensorMap safetensors_load(const std::string& path);
+TensorMap safetensors_parse(const std::string& bytes, const std::string& path);
+
+}  // namespace mxn

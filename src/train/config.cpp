@@ -1,0 +1,114 @@
+#include "train/config.h"
+
+#include <toml++/toml.h>
+
+#include "core/error.h"
+
+namespace mxn {
+
+std::vector<ConfigField> config_fields(TrainConfig& c) {
+  return {
+      {"n_layer", &c.model.n_layer, "transformer blocks", true},
+      {"n_head", &c.model.n_head, "attention heads (must divide n_embd)", true},
+      {"n_embd", &c.model.n_embd, "model width", true},
+      {"n_ctx", &c.model.n_ctx, "context length", true},
+      {"vocab_size", &c.model.vocab_size, "vocabulary size (256 for the byte tokenizer)", true},
+      {"data", &c.data, "token shard from `mxn prepare`, or a text file"},
+      {"out", &c.out, "run folder: checkpoints, metrics.jsonl, loss.svg"},
+      {"device", &c.device, "device, e.g. cpu or cpu:0 (`mxn devices` lists them)"},
+      {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
+      {"threads", &c.threads, "CPU threads (0: all cores)"},
+      {"steps", &c.steps, "optimizer steps in all"},
+      {"batch", &c.batch, "sequences per micro-batch"},
+      {"seq", &c.seq, "tokens per sequence (0: n_ctx)"},
+      {"accum", &c.accum, "micro-batches per step (gradient accumulation)"},
+      {"lr", &c.lr, "peak learning rate"},
+      {"min_lr", &c.min_lr, "learning rate at the end of the cosine decay"},
+      {"warmup", &c.warmup, "linear warmup steps"},
+      {"weight_decay", &c.weight_decay, "AdamW weight decay (matrices and embeddings only)"},
+      {"beta1", &c.beta1, "AdamW beta1"},
+      {"beta2", &c.beta2, "AdamW beta2"},
+      {"eps", &c.eps, "AdamW epsilon"},
+      {"clip", &c.clip, "gradient clipping by global norm (0: off)"},
+      {"seed", &c.seed, "seed for initialisation and data order"},
+      {"eval_every", &c.eval_every, "steps between validation losses (0: only at the end)"},
+      {"eval_batches", &c.eval_batches, "micro-batches per validation"},
+      {"ckpt_every", &c.ckpt_every, "steps between checkpoints (0: only at the end)"},
+      {"log_every", &c.log_every, "steps between progress lines when not on a terminal"},
+  };
+}
+
+void TrainConfig::validate() const {
+  model.validate();
+  auto need = [](bool ok, const std::string& msg) {
+    if (!ok) throw Error("invalid config: " + msg);
+  };
+  need(steps >= 1, "steps = " + std::to_string(steps) + ", expected >= 1");
+  need(batch >= 1, "batch = " + std::to_string(batch) + ", expected >= 1");
+  need(accum >= 1, "accum = " + std::to_string(accum) + ", expected >= 1");
+  need(seq >= 0 && seq <= model.n_ctx, "seq = " + std::to_string(seq) + ", expected 0..n_ctx (" +
+                                           std::to_string(model.n_ctx) + ")");
+  need(lr > 0 && lr < 10, "lr = " + std::to_string(lr) + ", expected in (0, 10)");
+  need(min_lr >= 0 && min_lr <= lr, "min_lr = " + std::to_string(min_lr) + ", expected 0..lr");
+  need(warmup >= 0, "warmup = " + std::to_string(warmup) + ", expected >= 0");
+  need(weight_decay >= 0, "weight_decay must be >= 0");
+  need(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "beta1 and beta2 must be in [0, 1)");
+  need(eps > 0, "eps must be > 0");
+  need(clip >= 0, "clip must be >= 0");
+  need(dtype == "f32" || dtype == "bf16", "dtype = '" + dtype + "', expected f32 or bf16");
+  need(threads >= 0 && threads <= 4096, "threads = " + std::to_string(threads) + ", expected 0..4096");
+  need(eval_every >= 0 && ckpt_every >= 0 && log_every >= 1 && eval_batches >= 1,
+       "eval_every and ckpt_every must be >= 0, log_every and eval_batches >= 1");
+}
+
+std::vector<std::string> apply_toml(TrainConfig& c, const std::string& path) {
+  toml::table tbl;
+  try {
+    tbl = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    throw Error("config file '" + path + "': " + std::string(e.description()) + " (line " +
+                std::to_string(e.source().begin.line) + ")");
+  }
+  auto fields = config_fields(c);
+  std::vector<std::string> set;
+  for (auto& [key, node] : tbl) {
+    const std::string k(key.str());
+    auto f = std::find_if(fields.begin(), fields.end(), [&](const ConfigField& x) { return x.name == k; });
+    if (f == fields.end()) {
+      std::string names;
+      for (const auto& x : fields) names += (names.empty() ? "" : ", ") + x.name;
+      throw Error("config file '" + path + "': unknown key '" + k + "' (known keys: " + names + ")");
+    }
+    bool ok = true;
+    std::visit(
+        [&](auto* p) {
+          using T = std::remove_pointer_t<decltype(p)>;
+          if constexpr (std::is_same_v<T, std::string>) {
+            if (auto v = node.value<std::string>()) *p = *v; else ok = false;
+          } else if constexpr (std::is_same_v<T, int64_t>) {
+            if (node.is_integer()) *p = *node.value<int64_t>(); else ok = false;
+          } else {
+            if (auto v = node.value<double>()) *p = *v; else ok = false;
+          }
+        },
+        f->ptr);
+    if (!ok) throw Error("config file '" + path + "': key '" + k + "' has the wrong type");
+    set.push_back(k);
+  }
+  return set;
+}
+
+nlohmann::json to_json(const TrainConfig& c0) {
+  TrainConfig c = c0;
+  nlohmann::json j;
+  for (auto& f : config_fields(c)) std::visit([&](auto* p) { j[f.name] = *p; }, f.ptr);
+  return j;
+}
+
+void from_json(TrainConfig& c, const nlohmann::json& j) {
+  for (auto& f : config_fields(c))
+    if (j.contains(f.name))
+      std::visit([&](auto* p) { *p = j.at(f.name).get<std::remove_pointer_t<decltype(p)>>(); }, f.ptr);
+}
+
+}  // namespace mxn

@@ -1,0 +1,49 @@
+#pragma once
+// Everything `mxn train` takes, as one table of named fields: the same names serve as command-line
+// flags (--lr), TOML keys (lr = 3e-4) and the trainer.json of a checkpoint.
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "models/gpt2/gpt2.h"
+
+namespace mxn {
+
+struct TrainConfig {
+  GPT2Config model;
+  std::string data = "data/kjv.bin";
+  std::string out = "runs/default";
+  std::string device = "cpu";
+  std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
+  int64_t threads = 0;        // 0: every core
+  int64_t steps = 600;
+  int64_t batch = 16;         // sequences per micro-batch
+  int64_t seq = 0;            // tokens per sequence; 0: the model's context
+  int64_t accum = 1;          // micro-batches per step
+  double lr = 2e-3, min_lr = 2e-4;
+  int64_t warmup = 40;
+  double weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;
+  int64_t seed = 1337;
+  int64_t eval_every = 100, eval_batches = 8, ckpt_every = 200, log_every = 10;
+
+  int64_t seq_len() const { return seq > 0 ? seq : model.n_ctx; }
+  void validate() const;  // Error naming the field and its allowed values
+};
+
+struct ConfigField {
+  std::string name;
+  std::variant<int64_t*, double*, std::string*> ptr;
+  std::string help;
+  bool model = false;  // part of the model's shape
+};
+std::vector<ConfigField> config_fields(TrainConfig& c);
+
+// Sets fields from a TOML file; an unknown key or a value of the wrong type is an Error.
+// Returns the keys it set.
+std::vector<std::string> apply_toml(TrainConfig& c, const std::string& path);
+nlohmann::json to_json(const TrainConfig& c);
+void from_json(TrainConfig& c, const nlohmann::json& j);
+
+}  // namespace mxn

@@ -1,0 +1,65 @@
+#include "train/metrics.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "core/fs.h"
+
+namespace mxn {
+
+void append_metrics(const std::string& run_dir, const nlohmann::json& row) {
+  std::ofstream f(std::filesystem::path(run_dir) / "metrics.jsonl", std::ios::app);
+  f << row.dump() << "\n";
+}
+
+void write_loss_svg(const std::string& run_dir) {
+  std::ifstream f(std::filesystem::path(run_dir) / "metrics.jsonl");
+  std::vector<std::pair<double, double>> train, val;
+  std::string line;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("step")) continue;
+    if (j.contains("loss")) train.emplace_back(j["step"].get<double>(), j["loss"].get<double>());
+    if (j.contains("val_loss")) val.emplace_back(j["step"].get<double>(), j["val_loss"].get<double>());
+  }
+  if (train.empty()) return;
+  double x1 = 1, y0 = 1e30, y1 = -1e30;
+  for (const auto* s : {&train, &val})
+    for (auto [x, y] : *s) {
+      x1 = std::max(x1, x);
+      y0 = std::min(y0, y);
+      y1 = std::max(y1, y);
+    }
+  if (y1 - y0 < 1e-6) y1 = y0 + 1;
+  const double W = 640, H = 400, L = 60, R = 20, T = 30, B = 40;
+  auto px = [&](double x) { return L + (W - L - R) * x / x1; };
+  auto py = [&](double y) { return T + (H - T - B) * (1 - (y - y0) / (y1 - y0)); };
+  std::ostringstream s;
+  s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H
+    << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n"
+    << "<text x='" << L << "' y='18'>loss by step (blue: train, orange: validation)</text>\n"
+    << "<line x1='" << L << "' y1='" << H - B << "' x2='" << W - R << "' y2='" << H - B << "' stroke='black'/>\n"
+    << "<line x1='" << L << "' y1='" << T << "' x2='" << L << "' y2='" << H - B << "' stroke='black'/>\n";
+  for (int i = 0; i <= 4; ++i) {
+    const double y = y0 + (y1 - y0) * i / 4;
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.3f", y);
+    s << "<text x='4' y='" << py(y) + 4 << "'>" << buf << "</text>\n";
+  }
+  s << "<text x='" << W - R - 60 << "' y='" << H - 10 << "'>step " << x1 << "</text>\n";
+  auto poly = [&](const std::vector<std::pair<double, double>>& pts, const char* color) {
+    s << "<polyline fill='none' stroke='" << color << "' stroke-width='1.5' points='";
+    for (auto [x, y] : pts) s << px(x) << "," << py(y) << " ";
+    s << "'/>\n";
+  };
+  poly(train, "#1f77b4");
+  if (!val.empty()) poly(val, "#ff7f0e");
+  s << "</svg>\n";
+  write_file_atomic((std::filesystem::path(run_dir) / "loss.svg").string(), s.str());
+}
+
+}  // namespace mxn
