@@ -142,7 +142,9 @@ std::function<int()> add_train(CLI::App& app) {
   sub->add_option("--stop-at", a->stop_at, "stop (with a checkpoint) after this step");
   for (auto& f : config_fields(a->flags)) {
     CLI::Option* o = std::visit(
-        [&](auto* p) { return sub->add_option("--" + f.name, *p, f.help)->capture_default_str(); },
+        [&](auto* p) { return sub->add_option("--" + f.name, *p, f.help)
+                     ->capture_default_str()
+                     ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast); },
         f.ptr);
     a->opts.emplace_back(f.name, o);
   }

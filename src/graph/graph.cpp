@@ -67,13 +67,13 @@ int Graph::gelu(int x) { return emit(MXN_OP_GELU, {x}, {activation(v(x).shape)})
 int Graph::softmax(int x) { return emit(MXN_OP_SOFTMAX, {x}, {activation(v(x).shape)}); }
 
 int Graph::layernorm(int x, int w, int b, float eps) {
-  const Shape& s = v(x).shape;
+  const Shape s = v(x).shape;  // a copy: activation() may grow `values`
   const int stats = activation({numel(s) / s.back(), 2});
   return emit(MXN_OP_LAYERNORM, {x, w, b}, {activation(s), stats}, {}, {eps});
 }
 
 int Graph::attention(int qkv, int64_t heads, int64_t T) {
-  const Shape& s = v(qkv).shape;  // (B*T, 3C)
+  const Shape s = v(qkv).shape;  // (B*T, 3C); a copy, as activation() may grow `values`
   const int64_t B = s[0] / T, C = s[1] / 3;
   const int probs = activation({B, heads, T, T});
   return emit(MXN_OP_ATTENTION, {qkv}, {activation({s[0], C}), probs}, {heads, T});

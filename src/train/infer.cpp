@@ -50,6 +50,37 @@ Loaded load_for_inference(const std::string& checkpoint, const std::string& devi
   return l;
 }
 
+// A byte-level model can sample bytes that are not UTF-8; text goes out only in whole valid
+// characters, and an invalid byte becomes U+FFFD, so a terminal never sees broken sequences.
+class Utf8Stream {
+ public:
+  std::string push(uint8_t b) {
+    std::string out;
+    if (need_ == 0) {
+      if (b < 0x80) return std::string(1, char(b));
+      need_ = b >= 0xf0 && b < 0xf5 ? 3 : b >= 0xe0 ? 2 : b >= 0xc2 && b < 0xe0 ? 1 : -1;
+      if (need_ < 0) {
+        need_ = 0;
+        return "\xEF\xBF\xBD";
+      }
+      pending_.assign(1, char(b));
+      return out;
+    }
+    if ((b & 0xc0) != 0x80) {  // broken sequence: replace it and start over with this byte
+      need_ = 0;
+      pending_.clear();
+      return "\xEF\xBF\xBD" + push(b);
+    }
+    pending_.push_back(char(b));
+    if (--need_ == 0) out.swap(pending_);
+    return out;
+  }
+
+ private:
+  int need_ = 0;
+  std::string pending_;
+};
+
 }  // namespace
 
 double eval_checkpoint(const std::string& checkpoint, const std::string& data_path,
@@ -100,6 +131,7 @@ void generate_text(const std::string& checkpoint, const GenerateOptions& o,
   std::vector<float> logits(size_t(T * V));
   std::vector<std::pair<float, int32_t>> cand(static_cast<size_t>(V));
   Rng rng(uint64_t(o.seed));
+  Utf8Stream utf8;
   for (int64_t i = 0; i < o.max_tokens; ++i) {
     // No KV cache yet: each token reruns the forward pass over the last n_ctx tokens.
     const int64_t len = std::min<int64_t>(int64_t(ids.size()), T);
@@ -129,7 +161,8 @@ void generate_text(const std::string& checkpoint, const GenerateOptions& o,
         }
     }
     ids.push_back(next);
-    emit(tokz.decode({next}), user);
+    const std::string piece = utf8.push(uint8_t(next));
+    if (!piece.empty()) emit(piece, user);
   }
 }
 

@@ -1,0 +1,81 @@
+// Exact values for dtypes, shapes and the chip contract's tensor view.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "backend/device.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/tensor.h"
+
+using namespace mxn;
+
+TEST(DType, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(f32_to_bf16(-2.0f), 0xc000);
+  // 1 + 2^-8 is exactly half way between bf16 1.0 and 1.0078125: ties go to even (1.0).
+  EXPECT_EQ(f32_to_bf16(1.00390625f), 0x3f80);
+  // 1 + 3*2^-8 is half way between 1.0078125 (odd) and 1.015625: ties go to even (up).
+  EXPECT_EQ(f32_to_bf16(1.01171875f), 0x3f82);
+  EXPECT_EQ(bf16_to_f32(0x4049), 3.140625f);
+  EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(std::numeric_limits<float>::quiet_NaN()))));
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(INFINITY)), INFINITY);
+}
+
+TEST(DType, F16Conversions) {
+  EXPECT_EQ(f32_to_f16(1.0f), 0x3c00);
+  EXPECT_EQ(f32_to_f16(-2.5f), 0xc100);
+  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);
+  EXPECT_EQ(f32_to_f16(1e6f), 0x7c00);                   // overflow to inf
+  EXPECT_EQ(f32_to_f16(5.9604645e-08f), 0x0001);         // smallest subnormal
+  EXPECT_EQ(f16_to_f32(0x0001), 5.9604645e-08f);
+  EXPECT_EQ(f16_to_f32(0x3555), 0.33325195f);
+  for (uint32_t h = 0; h < 0x7c00; h += 7) EXPECT_EQ(f32_to_f16(f16_to_f32(uint16_t(h))), h);
+}
+
+TEST(DType, Names) {
+  EXPECT_EQ(dtype_from_name("bf16"), DType::bf16);
+  EXPECT_EQ(dtype_size(DType::f16), 2u);
+  EXPECT_THROW(dtype_from_name("f64"), Error);
+}
+
+TEST(Tensor, ShapesAndStrides) {
+  Tensor t({2, 3, 4}, DType::f32);
+  EXPECT_EQ(t.numel(), 24);
+  EXPECT_EQ(t.nbytes(), 96u);
+  EXPECT_EQ(t.strides, (std::vector<int64_t>{12, 4, 1}));
+  EXPECT_EQ(shape_str(t.shape), "[2, 3, 4]");
+  mxn_tensor a = t.to_abi();
+  EXPECT_EQ(a.ndim, 3);
+  EXPECT_EQ(a.shape[2], 4);
+  t.strides = {1, 2, 6};
+  EXPECT_FALSE(t.is_contiguous());
+  EXPECT_THROW(t.to_abi(), Error);
+}
+
+TEST(Registry, UnknownDeviceNamesTheOnesThatExist) {
+  try {
+    open_device("cuda:3");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown device 'cuda:3'"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("cpu:0"), std::string::npos);
+  }
+  EXPECT_THROW(open_device("cpu:1"), Error);
+  EXPECT_THROW(open_device("cpu:x"), Error);
+  EXPECT_EQ(open_device("cpu")->name(), "cpu:0");
+}
+
+TEST(Registry, OutOfMemoryNamesDeviceAndBytes) {
+  auto dev = open_device("cpu");
+  try {
+    dev->alloc(uint64_t(1) << 50);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("cpu:0: out of memory"), std::string::npos) << m;
+    EXPECT_NE(m.find(std::to_string(uint64_t(1) << 50)), std::string::npos) << m;
+    EXPECT_NE(m.find("bytes free"), std::string::npos) << m;
+  }
+}
