@@ -62,6 +62,22 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume) : cfg_(cfg) 
   for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
   dev_->upload(prog_->tensor(m_.positions), pos.data());
 
+  sumsq_ = Tensor({1}, DType::f32, scalar_->handle());
+  loss_ = prog_->tensor(m_.loss);
+  tokens_ = prog_->tensor(m_.tokens);
+  targets_ = prog_->tensor(m_.targets);
+  zero_grads_ = call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f});
+  grad_sumsq_ = call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sumsq_});
+  const Tensor m_all({prog_->param_count()}, DType::f32, opt_m_->handle());
+  const Tensor v_all({prog_->param_count()}, DType::f32, opt_v_->handle());
+  int64_t begin = 0;
+  for (bool decay : {true, false}) {  // decayed params first, as the Program lays them out
+    const Tensor p = prog_->params_flat(decay);
+    const int64_t n = p.numel();
+    adamw_[decay ? 0 : 1] = call(MXN_OP_ADAMW, {prog_->grads_flat(decay)},
+                                 {p, slice(m_all, begin, n), slice(v_all, begin, n)});
+    begin += n;
+  }
   if (!resume.empty()) {
     load(ck);
     return;
@@ -71,10 +87,8 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume) : cfg_(cfg) 
     auto w = gpt2_init_param(v.name, numel(v.shape), cfg_.model, uint64_t(cfg_.seed));
     dev_->upload(prog_->tensor(p), w.data());
   }
-  const Tensor mt(Shape{prog_->param_count()}, DType::f32, opt_m_->handle());
-  const Tensor vt(Shape{prog_->param_count()}, DType::f32, opt_v_->handle());
-  dev_->run(call(MXN_OP_FILL, {}, {mt}, {}, {0.f}));
-  dev_->run(call(MXN_OP_FILL, {}, {vt}, {}, {0.f}));
+  dev_->run(call(MXN_OP_FILL, {}, {m_all}, {}, {0.f}));
+  dev_->run(call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
 }
 
 double Trainer::lr_at(int64_t s) const {
@@ -84,53 +98,49 @@ double Trainer::lr_at(int64_t s) const {
   return cfg_.min_lr + 0.5 * (cfg_.lr - cfg_.min_lr) * (1.0 + std::cos(M_PI * t));
 }
 
-void Trainer::fill_batch(const uint16_t* tokens, int64_t, const std::vector<int64_t>& offsets) {
+void Trainer::fill_batch(const uint16_t* tokens, const std::vector<int64_t>& offsets) {
   const int64_t T = cfg_.seq_len();
   for (size_t b = 0; b < offsets.size(); ++b)
     for (int64_t t = 0; t < T; ++t) {
       tok_host_[b * size_t(T) + size_t(t)] = tokens[offsets[b] + t];
       tgt_host_[b * size_t(T) + size_t(t)] = tokens[offsets[b] + t + 1];
     }
-  dev_->upload(prog_->tensor(m_.tokens), tok_host_.data());
-  dev_->upload(prog_->tensor(m_.targets), tgt_host_.data());
+  dev_->upload(tokens_, tok_host_.data());
+  dev_->upload(targets_, tgt_host_.data());
 }
 
 float Trainer::step() {
   const int64_t s = step_ + 1, T = cfg_.seq_len();
-  dev_->run(call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f}));
+  dev_->run(zero_grads_);
   double loss_sum = 0;
   for (int64_t micro = 0; micro < cfg_.accum; ++micro) {
     // The batch is a pure function of (seed, step, micro): resuming needs no data-loader state.
     const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s) * 1000003u + uint64_t(micro)));
     for (size_t b = 0; b < offsets_.size(); ++b)
       offsets_[b] = int64_t(mix64(key + b) % uint64_t(data_.n_train() - T - 1));
-    fill_batch(data_.train(), data_.n_train(), offsets_);
+    fill_batch(data_.train(), offsets_);
     prog_->run(0, prog_->graph().nodes.size());
     float loss = 0;
-    dev_->download(&loss, prog_->tensor(m_.loss));
+    dev_->download(&loss, loss_);
     loss_sum += loss;
   }
   // Global norm of the mean gradient over micro-batches, then one scale for mean and clipping.
-  const Tensor sq({1}, DType::f32, scalar_->handle());
-  dev_->run(call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sq}));
+  dev_->run(grad_sumsq_);
   float sumsq = 0;
-  dev_->download(&sumsq, sq);
+  dev_->download(&sumsq, sumsq_);
   const float inv_accum = 1.f / float(cfg_.accum);
   grad_norm_ = std::sqrt(sumsq) * inv_accum;
   float gscale = inv_accum;
   if (cfg_.clip > 0 && grad_norm_ > cfg_.clip) gscale *= float(cfg_.clip) / grad_norm_;
   const float lr = float(lr_at(s));
-  int64_t begin = 0;
-  for (bool decay : {true, false}) {
-    const Tensor p = prog_->params_flat(decay), gr = prog_->grads_flat(decay);
-    const int64_t n = p.numel();
-    const Tensor mt = slice(Tensor({prog_->param_count()}, DType::f32, opt_m_->handle()), begin, n);
-    const Tensor vt = slice(Tensor({prog_->param_count()}, DType::f32, opt_v_->handle()), begin, n);
-    if (n > 0)
-      dev_->run(call(MXN_OP_ADAMW, {gr}, {p, mt, vt}, {s},
-                     {lr, float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps),
-                      decay ? float(cfg_.weight_decay) : 0.f, gscale}));
-    begin += n;
+  for (int group = 0; group < 2; ++group) {
+    mxn_op_call& c = adamw_[group];
+    if (c.outputs[0].shape[0] == 0) continue;
+    c.ip[0] = s;
+    const float fp[6] = {lr, float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps),
+                         group == 0 ? float(cfg_.weight_decay) : 0.f, gscale};
+    std::copy(fp, fp + 6, c.fp);
+    dev_->run(c);
   }
   dev_->synchronize();
   step_ = s;
@@ -144,10 +154,10 @@ float Trainer::eval_loss() {
   double sum = 0;
   for (int64_t e = 0; e < cfg_.eval_batches; ++e) {
     for (int64_t b = 0; b < B; ++b) offsets_[size_t(b)] = (e * B + b) * span / std::max<int64_t>(1, windows - 1);
-    fill_batch(data_.val(), data_.n_val(), offsets_);
+    fill_batch(data_.val(), offsets_);
     prog_->run(0, n_forward_);
     float loss = 0;
-    dev_->download(&loss, prog_->tensor(m_.loss));
+    dev_->download(&loss, loss_);
     sum += loss;
   }
   return float(sum / double(cfg_.eval_batches));

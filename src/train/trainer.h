@@ -32,7 +32,7 @@ class Trainer {
   Device& device() { return *dev_; }
 
  private:
-  void fill_batch(const uint16_t* tokens, int64_t n_tokens, const std::vector<int64_t>& offsets);
+  void fill_batch(const uint16_t* tokens, const std::vector<int64_t>& offsets);
   void load(const Checkpoint& ck);
 
   TrainConfig cfg_;
@@ -44,6 +44,9 @@ class Trainer {
   std::unique_ptr<Buffer> opt_m_, opt_v_, scalar_;
   std::vector<int32_t> tok_host_, tgt_host_;
   std::vector<int64_t> offsets_;
+  // The optimizer's op calls, built once: zero the grads, their sum of squares, AdamW per group.
+  mxn_op_call zero_grads_{}, grad_sumsq_{}, adamw_[2]{};
+  Tensor loss_, sumsq_, tokens_, targets_;
   int64_t step_ = 0;
   float grad_norm_ = 0;
 };
