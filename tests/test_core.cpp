@@ -79,3 +79,21 @@ TEST(Registry, OutOfMemoryNamesDeviceAndBytes) {
     EXPECT_NE(m.find("bytes free"), std::string::npos) << m;
   }
 }
+
+#include "backend/cpu/vmath.h"
+
+TEST(CpuMath, ExpAndTanhMatchLibm) {
+  double worst_exp = 0, worst_tanh = 0;
+  for (float x = -87.f; x < 88.f; x += 0.0137f) {
+    const double e = std::exp(double(x));
+    worst_exp = std::max(worst_exp, std::fabs(cpu::vexp(x) - e) / e);
+  }
+  for (float x = -12.f; x < 12.f; x += 0.00071f) {
+    const double t = std::tanh(double(x));
+    worst_tanh = std::max(worst_tanh, std::fabs(cpu::vtanh(x) - t));
+  }
+  EXPECT_LT(worst_exp, 3e-7);   // about 2.5 ulp
+  EXPECT_LT(worst_tanh, 3e-7);  // absolute: tanh is bounded
+  EXPECT_EQ(cpu::vexp(-200.f) < 1e-37f, true);
+  EXPECT_TRUE(std::isfinite(cpu::vexp(100.f)));
+}

@@ -2,6 +2,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+
 #include "core/error.h"
 
 extern "C" const mxn_backend_api* mxn_cpu_backend_get_api(void);
@@ -16,6 +21,36 @@ Device::Device(const mxn_backend_api* api, int index, int threads) : api_(api), 
   mxn_backend_options opts{sizeof(mxn_backend_options), threads};
   int32_t st = api_->init(index, &opts, &ctx_);
   if (st != 0) throw Error("cannot initialise device " + name());
+  const char* prof = std::getenv("MXN_PROFILE");
+  profile_ = prof && *prof && std::string(prof) != "0";
+}
+
+const char* op_name(int32_t op) {
+  static const char* names[MXN_OP_COUNT] = {
+      "matmul", "add", "add_bias", "sum_rows", "scale", "gelu", "gelu_bwd", "softmax",
+      "softmax_bwd", "layernorm", "layernorm_bwd", "attention", "attention_bwd", "embedding",
+      "embedding_bwd", "cross_entropy", "cross_entropy_bwd", "adamw", "cast", "copy", "fill",
+      "sum_squares"};
+  return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
+}
+
+std::string Device::profile_report() const {
+  std::vector<int> order;
+  double total = 0;
+  for (int i = 0; i < MXN_OP_COUNT; ++i)
+    if (op_calls_[i]) {
+      order.push_back(i);
+      total += op_seconds_[i];
+    }
+  std::sort(order.begin(), order.end(), [&](int a, int b) { return op_seconds_[a] > op_seconds_[b]; });
+  std::string out = "kernel time on " + name() + " (MXN_PROFILE):\n";
+  char line[128];
+  for (int i : order) {
+    std::snprintf(line, sizeof(line), "  %-18s %9.3f s  %5.1f%%  %8lld calls\n", op_name(i),
+                  op_seconds_[i], 100.0 * op_seconds_[i] / total, (long long)op_calls_[i]);
+    out += line;
+  }
+  return out;
 }
 
 Device::~Device() {
@@ -54,8 +89,19 @@ void Device::download(void* dst, const Tensor& src) {
 bool Device::supports(mxn_op op, DType t) const { return api_->supports(ctx_, op, int32_t(t)) == 1; }
 
 void Device::run(const mxn_op_call& call) {
+  if (!profile_) {
+    int32_t st = api_->run(ctx_, &call);
+    if (st != 0) fail(st, "kernel");
+    return;
+  }
+  auto t0 = std::chrono::steady_clock::now();
   int32_t st = api_->run(ctx_, &call);
+  if (st == 0) st = api_->synchronize(ctx_);
   if (st != 0) fail(st, "kernel");
+  if (call.op >= 0 && call.op < MXN_OP_COUNT) {
+    op_seconds_[call.op] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ++op_calls_[call.op];
+  }
 }
 
 void Device::synchronize() {

@@ -47,13 +47,23 @@ class Device {
   void synchronize();
   void free_buffer(void* handle);
 
+  // With MXN_PROFILE=1 in the environment each kernel is timed (the queue is synchronised after
+  // each); report() gives a table of time per op, most expensive first.
+  bool profiling() const { return profile_; }
+  std::string profile_report() const;
+
  private:
   [[noreturn]] void fail(int32_t status, const char* what);
   const mxn_backend_api* api_;
   int index_;
   void* ctx_ = nullptr;
   mxn_device_props props_{};
+  bool profile_ = false;
+  double op_seconds_[MXN_OP_COUNT] = {};
+  int64_t op_calls_[MXN_OP_COUNT] = {};
 };
+
+const char* op_name(int32_t op);
 
 // --- registry ---------------------------------------------------------------------------------
 struct BackendEntry {

@@ -124,6 +124,7 @@ int run_train(TrainArgs& a) {
     if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();
   }
   if (tty) std::printf("\n");
+  if (tr.device().profiling()) std::printf("%s", tr.device().profile_report().c_str());
   const std::string where = tr.save();
   write_loss_svg(c.out);
   std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",

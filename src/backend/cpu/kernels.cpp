@@ -1,6 +1,7 @@
 // The CPU reference kernels other than GEMM: plain loops the compiler vectorises, split over
 // OpenMP threads in fixed chunks so that results do not depend on timing.
 #include "backend/cpu/kernels.h"
+#include "backend/cpu/vmath.h"
 
 #include <omp.h>
 
@@ -90,7 +91,7 @@ void gelu_fwd(const float* x, float* y, int64_t n) {
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
-    y[i] = 0.5f * v * (1.f + std::tanh(kGeluS * (v + kGeluC * v * v * v)));
+    y[i] = 0.5f * v * (1.f + vtanh(kGeluS * (v + kGeluC * v * v * v)));
   }
 }
 
@@ -98,7 +99,7 @@ void gelu_bwd(const float* dy, const float* x, float* dx, int64_t n) {
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
-    const float t = std::tanh(kGeluS * (v + kGeluC * v * v * v));
+    const float t = vtanh(kGeluS * (v + kGeluC * v * v * v));
     const float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluS * (1.f + 3.f * kGeluC * v * v);
     dx[i] = dy[i] * d;
   }
@@ -110,10 +111,12 @@ void softmax_fwd(const float* x, float* y, int64_t rows, int64_t cols) {
     const float* xr = x + r * cols;
     float* yr = y + r * cols;
     float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
     for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, xr[c]);
     float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < cols; ++c) {
-      yr[c] = std::exp(xr[c] - mx);
+      yr[c] = vexp(xr[c] - mx);
       sum += yr[c];
     }
     const float inv = 1.f / sum;
@@ -239,9 +242,11 @@ int64_t cross_entropy_fwd(Scratch& s, const float* logits, const int32_t* target
     }
     const float* l = logits + r * V;
     float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
     for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
     float sum = 0.f;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp(l[v] - mx);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t v = 0; v < V; ++v) sum += vexp(l[v] - mx);
     per_row[r] = std::log(sum) + mx - l[targets[r]];
   }
   double total = 0;
@@ -268,10 +273,12 @@ void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* t
       continue;
     }
     float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
     for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
     float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
     for (int64_t v = 0; v < V; ++v) {
-      d[v] = std::exp(l[v] - mx);
+      d[v] = vexp(l[v] - mx);
       sum += d[v];
     }
     const float inv = k / sum;

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "backend/cpu/kernels.h"
+#include "backend/cpu/vmath.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -120,10 +121,12 @@ void attention_fwd(Scratch&, const float* qkv, float* y, float* probs, int64_t B
     for (int64_t t = 0; t < T; ++t) {
       float* row = p + t * T;
       float mx = row[0];
+#pragma omp simd reduction(max : mx)
       for (int64_t j = 1; j <= t; ++j) mx = std::max(mx, row[j]);
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j <= t; ++j) {
-        row[j] = std::exp(row[j] - mx);
+        row[j] = vexp(row[j] - mx);
         sum += row[j];
       }
       const float inv = 1.0f / sum;
@@ -158,6 +161,7 @@ void attention_bwd(Scratch& s, const float* dy, const float* qkv, const float* p
       const float* pr = p + t * T;
       float* dr = dp + t * T;
       float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
       for (int64_t j = 0; j <= t; ++j) dot += pr[j] * dr[j];
       for (int64_t j = 0; j <= t; ++j) dr[j] = pr[j] * (dr[j] - dot) * sc;
       for (int64_t j = t + 1; j < T; ++j) dr[j] = 0.f;
