@@ -27,8 +27,8 @@ TEST(DType, F16Conversions) {
   EXPECT_EQ(f32_to_f16(1.0f), 0x3c00);
   EXPECT_EQ(f32_to_f16(-2.5f), 0xc100);
   EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);
-  EXPECT_EQ(f32_to_f16(1e6f), 0x7c00);                   // overflow to inf
-  EXPECT_EQ(f32_to_f16(5.9604645e-08f), 0x0001);         // smallest subnormal
+  EXPECT_EQ(f32_to_f16(1e6f), 0x7c00);            // overflow to inf
+  EXPECT_EQ(f32_to_f16(5.9604645e-08f), 0x0001);  // smallest subnormal
   EXPECT_EQ(f16_to_f32(0x0001), 5.9604645e-08f);
   EXPECT_EQ(f16_to_f32(0x3555), 0.33325195f);
   for (uint32_t h = 0; h < 0x7c00; h += 7) EXPECT_EQ(f32_to_f16(f16_to_f32(uint16_t(h))), h);

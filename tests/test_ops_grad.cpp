@@ -90,11 +90,13 @@ void check(const std::string& what, const Case& c, double rtol = 2e-2, double at
 TEST(Grad, MatmulAllTransposes) {
   for (int ta = 0; ta < 2; ++ta)
     for (int tb = 0; tb < 2; ++tb)
-      check("matmul ta=" + std::to_string(ta) + " tb=" + std::to_string(tb), {[&](Graph& g) {
-              const int a = g.param("A", ta ? Shape{5, 3} : Shape{3, 5}, true);
-              const int b = g.param("B", tb ? Shape{7, 5} : Shape{5, 7}, true);
-              return g.matmul(a, b, ta, tb, 0.5f);
-            }, 1});
+      check("matmul ta=" + std::to_string(ta) + " tb=" + std::to_string(tb),
+            {[&](Graph& g) {
+               const int a = g.param("A", ta ? Shape{5, 3} : Shape{3, 5}, true);
+               const int b = g.param("B", tb ? Shape{7, 5} : Shape{5, 7}, true);
+               return g.matmul(a, b, ta, tb, 0.5f);
+             },
+             1});
 }
 
 TEST(Grad, MatmulBatched) {
@@ -111,8 +113,14 @@ TEST(Grad, MatmulBatched) {
 }
 
 TEST(Grad, Elementwise) {
-  check("add", {[](Graph& g) { return g.add(g.param("x", {4, 6}, true), g.param("y", {4, 6}, true)); }, 1});
-  check("add_bias", {[](Graph& g) { return g.add_bias(g.param("x", {5, 7}, true), g.param("b", {7}, false)); }, 1});
+  check("add", {[](Graph& g) {
+                  return g.add(g.param("x", {4, 6}, true), g.param("y", {4, 6}, true));
+                },
+                1});
+  check("add_bias", {[](Graph& g) {
+                       return g.add_bias(g.param("x", {5, 7}, true), g.param("b", {7}, false));
+                     },
+                     1});
   check("scale", {[](Graph& g) { return g.scale(g.param("x", {3, 5}, true), -1.5f); }, 1});
   check("gelu", {[](Graph& g) { return g.gelu(g.param("x", {6, 9}, true)); }, 1});
   check("softmax", {[](Graph& g) { return g.softmax(g.param("x", {4, 11}, true)); }, 1});
@@ -120,27 +128,34 @@ TEST(Grad, Elementwise) {
 
 TEST(Grad, LayerNorm) {
   check("layernorm", {[](Graph& g) {
-          return g.layernorm(g.param("x", {5, 13}, true), g.param("w", {13}, false),
-                             g.param("b", {13}, false));
-        }, 1});
+                        return g.layernorm(g.param("x", {5, 13}, true), g.param("w", {13}, false),
+                                           g.param("b", {13}, false));
+                      },
+                      1});
 }
 
 TEST(Grad, Attention) {
   for (int64_t H : {1, 3})
-    check("attention H=" + std::to_string(H), {[H](Graph& g) {
-            const int64_t B = 2, T = 5, C = 6;
-            return g.attention(g.param("qkv", {B * T, 3 * C}, true), H, T);
-          }, 1});
+    check("attention H=" + std::to_string(H),
+          {[H](Graph& g) {
+             const int64_t B = 2, T = 5, C = 6;
+             return g.attention(g.param("qkv", {B * T, 3 * C}, true), H, T);
+           },
+           1});
 }
 
 TEST(Grad, Embedding) {
-  check("embedding", {[](Graph& g) {
-          return g.embedding(g.input("idx", {9}, DType::i32), g.param("table", {5, 7}, true));
-        }, 5});
+  check("embedding",
+        {[](Graph& g) {
+           return g.embedding(g.input("idx", {9}, DType::i32), g.param("table", {5, 7}, true));
+         },
+         5});
 }
 
 TEST(Grad, CrossEntropy) {
-  check("cross_entropy", {[](Graph& g) {
-          return g.cross_entropy(g.param("logits", {6, 9}, true), g.input("t", {6}, DType::i32));
-        }, 9});
+  check("cross_entropy",
+        {[](Graph& g) {
+           return g.cross_entropy(g.param("logits", {6, 9}, true), g.input("t", {6}, DType::i32));
+         },
+         9});
 }

@@ -1,12 +1,11 @@
 // Training end to end on the default corpus: the loss falls, and a resumed run is bit-identical.
-#include <gtest/gtest.h>
-
 #include <dlfcn.h>
 #include <execinfo.h>
+#include <gtest/gtest.h>
 
 #include <atomic>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <new>
 
@@ -133,4 +132,40 @@ TEST(Train, StepsAllocateNothing) {
     g_counting = false;
     EXPECT_EQ(g_allocs.load(), 0) << dt << " (oneDNN-internal: " << g_dnnl_allocs.load() << ")";
   }
+}
+
+TEST(Train, AccumulationEqualsOneLargeBatch) {
+  // 2 micro-batches of 4 see the same rows as one batch of 8: same loss, same update.
+  TrainConfig c = tiny("mxn_test_accum");
+  c.steps = 3;
+  c.batch = 8;
+  Trainer big(c);
+  c.batch = 4;
+  c.accum = 2;
+  Trainer acc(c);
+  for (int s = 0; s < 3; ++s) {
+    const float lb = big.step(), la = acc.step();
+    EXPECT_NEAR(la, lb, 2e-6f * lb);
+    EXPECT_NEAR(acc.last_grad_norm(), big.last_grad_norm(), 1e-5f * big.last_grad_norm());
+  }
+  const TensorMap wb = big.weights(), wa = acc.weights();
+  for (const auto& [name, t] : wb) {
+    const HostTensor& u = wa.at(name);
+    for (int64_t i = 0; i < t.numel(); ++i)
+      ASSERT_NEAR(u.f32()[i], t.f32()[i], 1e-5f) << name << "[" << i << "]";
+  }
+}
+
+TEST(Train, WarmupThenCosine) {
+  TrainConfig c = tiny("mxn_test_lr");
+  c.steps = 110;
+  c.warmup = 10;
+  c.lr = 1e-3;
+  c.min_lr = 1e-4;
+  Trainer tr(c);
+  EXPECT_DOUBLE_EQ(tr.lr_at(1), 1e-4);
+  EXPECT_DOUBLE_EQ(tr.lr_at(5), 5e-4);
+  EXPECT_DOUBLE_EQ(tr.lr_at(10), 1e-3);
+  EXPECT_NEAR(tr.lr_at(60), 5.5e-4, 1e-12);  // half way through the cosine
+  EXPECT_NEAR(tr.lr_at(110), 1e-4, 1e-12);
 }

@@ -92,7 +92,7 @@ typedef struct mxn_device_props {
   char name[128];
   char vendor[64];
   uint64_t memory_bytes;
-  double peak_gflops; /* nominal f32, 0 when unknown */
+  double peak_gflops;  /* nominal f32, 0 when unknown */
   uint32_t dtype_mask; /* bit (1 << mxn_dtype) per dtype the kernels accept */
   char notes[256];     /* e.g. "bf16 matmul emulated in f32 (no AVX512-BF16/AMX)" */
 } mxn_device_props;

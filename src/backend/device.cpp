@@ -26,11 +26,28 @@ Device::Device(const mxn_backend_api* api, int index, int threads) : api_(api), 
 }
 
 const char* op_name(int32_t op) {
-  static const char* names[MXN_OP_COUNT] = {
-      "matmul", "add", "add_bias", "sum_rows", "scale", "gelu", "gelu_bwd", "softmax",
-      "softmax_bwd", "layernorm", "layernorm_bwd", "attention", "attention_bwd", "embedding",
-      "embedding_bwd", "cross_entropy", "cross_entropy_bwd", "adamw", "cast", "copy", "fill",
-      "sum_squares"};
+  static const char* names[MXN_OP_COUNT] = {"matmul",
+                                            "add",
+                                            "add_bias",
+                                            "sum_rows",
+                                            "scale",
+                                            "gelu",
+                                            "gelu_bwd",
+                                            "softmax",
+                                            "softmax_bwd",
+                                            "layernorm",
+                                            "layernorm_bwd",
+                                            "attention",
+                                            "attention_bwd",
+                                            "embedding",
+                                            "embedding_bwd",
+                                            "cross_entropy",
+                                            "cross_entropy_bwd",
+                                            "adamw",
+                                            "cast",
+                                            "copy",
+                                            "fill",
+                                            "sum_squares"};
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 
@@ -42,7 +59,8 @@ std::string Device::profile_report() const {
       order.push_back(i);
       total += op_seconds_[i];
     }
-  std::sort(order.begin(), order.end(), [&](int a, int b) { return op_seconds_[a] > op_seconds_[b]; });
+  std::sort(order.begin(), order.end(),
+            [&](int a, int b) { return op_seconds_[a] > op_seconds_[b]; });
   std::string out = "kernel time on " + name() + " (MXN_PROFILE):\n";
   char line[128];
   for (int i : order) {
@@ -86,7 +104,9 @@ void Device::download(void* dst, const Tensor& src) {
   if (st != 0) fail(st, "copy_to_host");
 }
 
-bool Device::supports(mxn_op op, DType t) const { return api_->supports(ctx_, op, int32_t(t)) == 1; }
+bool Device::supports(mxn_op op, DType t) const {
+  return api_->supports(ctx_, op, int32_t(t)) == 1;
+}
 
 void Device::run(const mxn_op_call& call) {
   if (!profile_) {
@@ -99,7 +119,8 @@ void Device::run(const mxn_op_call& call) {
   if (st == 0) st = api_->synchronize(ctx_);
   if (st != 0) fail(st, "kernel");
   if (call.op >= 0 && call.op < MXN_OP_COUNT) {
-    op_seconds_[call.op] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    op_seconds_[call.op] +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ++op_calls_[call.op];
   }
 }

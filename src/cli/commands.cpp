@@ -1,8 +1,9 @@
 // The smaller subcommands: eval, generate, devices, prepare.
+#include "cli/commands.h"
+
 #include <cstdio>
 
 #include "backend/device.h"
-#include "cli/commands.h"
 #include "data/shard.h"
 #include "train/infer.h"
 
@@ -10,7 +11,10 @@ namespace mxn::cli {
 
 std::function<int()> add_eval(CLI::App& app) {
   auto* sub = app.add_subcommand("eval", "validation loss of a checkpoint on a data file");
-  struct A { std::string ckpt, data, device = "cpu"; int64_t threads = 0, batch = 8; };
+  struct A {
+    std::string ckpt, data, device = "cpu";
+    int64_t threads = 0, batch = 8;
+  };
   auto a = std::make_shared<A>();
   sub->add_option("--checkpoint", a->ckpt, "checkpoint or run folder")->required();
   sub->add_option("--data", a->data, "token shard or text file")->required();
@@ -31,7 +35,8 @@ std::function<int()> add_generate(CLI::App& app) {
   sub->add_option("--prompt", o->prompt, "text to continue")->required();
   sub->add_option("--max-tokens", o->max_tokens, "tokens to sample")->capture_default_str();
   sub->add_option("--temperature", o->temperature, "0: greedy")->capture_default_str();
-  sub->add_option("--top-k", o->top_k, "sample from the k likeliest (0: all)")->capture_default_str();
+  sub->add_option("--top-k", o->top_k, "sample from the k likeliest (0: all)")
+      ->capture_default_str();
   sub->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
   sub->add_option("--device", o->device, "device")->capture_default_str();
   sub->add_option("--threads", o->threads, "CPU threads (0: all)");
@@ -60,7 +65,8 @@ std::function<int()> add_devices(CLI::App& app) {
         b.api->device_props(i, &p);
         std::string dts;
         for (int t = 0; t < MXN_DTYPE_COUNT; ++t)
-          if (p.dtype_mask & (1u << t)) dts += std::string(dts.empty() ? "" : ",") + dtype_name(DType(t));
+          if (p.dtype_mask & (1u << t))
+            dts += std::string(dts.empty() ? "" : ",") + dtype_name(DType(t));
         std::printf("%s:%d  %s | %s | %.1f GiB | %s | nominal %.0f GFLOP/s f32 | %s\n",
                     b.name.c_str(), i, p.name, p.vendor, double(p.memory_bytes) / (1u << 30),
                     dts.c_str(), p.peak_gflops, p.notes);
@@ -72,7 +78,10 @@ std::function<int()> add_devices(CLI::App& app) {
 
 std::function<int()> add_prepare(CLI::App& app) {
   auto* sub = app.add_subcommand("prepare", "turn a text file into a token shard");
-  struct A { std::string in, out; double val = 0.1; };
+  struct A {
+    std::string in, out;
+    double val = 0.1;
+  };
   auto a = std::make_shared<A>();
   sub->add_option("input", a->in, "text file")->required();
   sub->add_option("--out", a->out, "shard to write")->required();

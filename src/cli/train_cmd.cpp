@@ -30,9 +30,12 @@ void copy_field(TrainConfig& dst, const TrainConfig& src, const std::string& nam
 
 std::string fmt_duration(double s) {
   char b[32];
-  if (s >= 3600) std::snprintf(b, sizeof(b), "%dh%02dm", int(s / 3600), int(s / 60) % 60);
-  else if (s >= 60) std::snprintf(b, sizeof(b), "%dm%02ds", int(s / 60), int(s) % 60);
-  else std::snprintf(b, sizeof(b), "%.0fs", s);
+  if (s >= 3600)
+    std::snprintf(b, sizeof(b), "%dh%02dm", int(s / 3600), int(s / 60) % 60);
+  else if (s >= 60)
+    std::snprintf(b, sizeof(b), "%dm%02ds", int(s / 60), int(s) % 60);
+  else
+    std::snprintf(b, sizeof(b), "%.0fs", s);
   return b;
 }
 
@@ -76,6 +79,10 @@ int run_train(TrainArgs& a) {
     cfg = saved;
   }
   if (a.stop_at < 0) throw Error("--stop-at must be >= 0");
+  if (cfg.data == TrainConfig().data && !std::filesystem::exists(cfg.data))
+    throw Error("the default corpus '" + cfg.data +
+                "' is missing: run scripts/setup (it prepares "
+                "it), or pass --data FILE");
   cfg.validate();
 
   Trainer tr(cfg, a.resume);
@@ -107,19 +114,23 @@ int run_train(TrainArgs& a) {
     const double elapsed = std::chrono::duration<double>(now - t0).count();
     const double tps = double(tokens_per_step * (s - first)) / elapsed;
     const double eta = elapsed / double(s - first) * double(last - s);
-    nlohmann::json row = {{"step", s}, {"loss", loss}, {"lr", tr.lr_at(s)},
-                          {"grad_norm", tr.last_grad_norm()}, {"tokens_per_s", tps},
-                          {"step_s", step_s}};
+    nlohmann::json row = {{"step", s},           {"loss", loss},
+                          {"lr", tr.lr_at(s)},   {"grad_norm", tr.last_grad_norm()},
+                          {"tokens_per_s", tps}, {"step_s", step_s}};
     const bool eval_now = (c.eval_every > 0 && s % c.eval_every == 0) || s == last;
     if (eval_now) row["val_loss"] = tr.eval_loss();
     append_metrics(c.out, row);
     char line[256];
-    std::snprintf(line, sizeof(line), "step %5lld/%lld | loss %.4f | lr %.2e | %7.0f tok/s | ETA %s",
-                  (long long)s, (long long)last, loss, tr.lr_at(s), tps, fmt_duration(eta).c_str());
-    if (tty) std::printf("\r%-100s", line);
-    else if (s % c.log_every == 0 || s == last) std::printf("%s\n", line);
-    if (eval_now) std::printf("%sstep %lld: val loss %.4f\n", tty ? "\n" : "", (long long)s,
-                              row["val_loss"].get<double>());
+    std::snprintf(line, sizeof(line),
+                  "step %5lld/%lld | loss %.4f | lr %.2e | %7.0f tok/s | ETA %s", (long long)s,
+                  (long long)last, loss, tr.lr_at(s), tps, fmt_duration(eta).c_str());
+    if (tty)
+      std::printf("\r%-100s", line);
+    else if (s % c.log_every == 0 || s == last)
+      std::printf("%s\n", line);
+    if (eval_now)
+      std::printf("%sstep %lld: val loss %.4f\n", tty ? "\n" : "", (long long)s,
+                  row["val_loss"].get<double>());
     std::fflush(stdout);
     if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();
   }
@@ -136,16 +147,19 @@ int run_train(TrainArgs& a) {
 }  // namespace
 
 std::function<int()> add_train(CLI::App& app) {
-  auto* sub = app.add_subcommand("train", "train a GPT (defaults: a small model on the KJV corpus)");
+  auto* sub =
+      app.add_subcommand("train", "train a GPT (defaults: a small model on the KJV corpus)");
   auto a = std::make_shared<TrainArgs>();
   sub->add_option("config", a->config_file, "TOML file with any of the keys below");
   sub->add_option("--resume", a->resume, "continue from a checkpoint or run folder");
   sub->add_option("--stop-at", a->stop_at, "stop (with a checkpoint) after this step");
   for (auto& f : config_fields(a->flags)) {
     CLI::Option* o = std::visit(
-        [&](auto* p) { return sub->add_option("--" + f.name, *p, f.help)
-                     ->capture_default_str()
-                     ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast); },
+        [&](auto* p) {
+          return sub->add_option("--" + f.name, *p, f.help)
+              ->capture_default_str()
+              ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+        },
         f.ptr);
     a->opts.emplace_back(f.name, o);
   }

@@ -6,20 +6,28 @@ namespace mxn {
 
 size_t dtype_size(DType t) {
   switch (t) {
-    case DType::f32: return 4;
-    case DType::i32: return 4;
-    case DType::bf16: return 2;
-    case DType::f16: return 2;
+    case DType::f32:
+      return 4;
+    case DType::i32:
+      return 4;
+    case DType::bf16:
+      return 2;
+    case DType::f16:
+      return 2;
   }
   return 0;
 }
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::f32: return "f32";
-    case DType::bf16: return "bf16";
-    case DType::f16: return "f16";
-    case DType::i32: return "i32";
+    case DType::f32:
+      return "f32";
+    case DType::bf16:
+      return "bf16";
+    case DType::f16:
+      return "f16";
+    case DType::i32:
+      return "i32";
   }
   return "?";
 }
@@ -38,7 +46,7 @@ uint16_t f32_to_f16(float f) {
   uint32_t mag = x & 0x7fffffffu;
   if (mag > 0x7f800000u) return uint16_t(sign | 0x7e00u);
   if (mag >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to inf
-  if (mag < 0x38800000u) {                                   // subnormal half
+  if (mag < 0x38800000u) {                                  // subnormal half
     float a;
     std::memcpy(&a, &mag, 4);
     // Adding 0.5 shifts the value so the FPU's own rounding gives the subnormal bits.

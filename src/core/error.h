@@ -11,10 +11,11 @@ class Error : public std::runtime_error {
 };
 
 // Programmer errors: a broken invariant, not bad input.
-#define MXN_CHECK(cond, msg)                                                      \
-  do {                                                                            \
-    if (!(cond)) throw ::mxn::Error(std::string("internal error: ") + (msg) +     \
-                                    " (" __FILE__ ":" + std::to_string(__LINE__) + ")"); \
+#define MXN_CHECK(cond, msg)                                                           \
+  do {                                                                                 \
+    if (!(cond))                                                                       \
+      throw ::mxn::Error(std::string("internal error: ") + (msg) + " (" __FILE__ ":" + \
+                         std::to_string(__LINE__) + ")");                              \
   } while (0)
 
 }  // namespace mxn

@@ -8,7 +8,8 @@ namespace mxn {
 
 void write_file_atomic(const std::string& path, std::string_view data);
 void fsync_dir(const std::string& dir);
-std::string read_file(const std::string& path, const std::string& what);  // clear Error when missing
+std::string read_file(const std::string& path,
+                      const std::string& what);  // clear Error when missing
 
 // A read-only memory map of a whole file.
 class MappedFile {

@@ -37,7 +37,8 @@ struct HostTensor {
   std::vector<uint8_t> bytes;
 
   HostTensor() = default;
-  HostTensor(Shape s, DType t) : shape(std::move(s)), dtype(t), bytes(size_t(mxn::numel(shape)) * dtype_size(t)) {}
+  HostTensor(Shape s, DType t)
+      : shape(std::move(s)), dtype(t), bytes(size_t(mxn::numel(shape)) * dtype_size(t)) {}
   int64_t numel() const { return mxn::numel(shape); }
   float* f32() { return reinterpret_cast<float*>(bytes.data()); }
   const float* f32() const { return reinterpret_cast<const float*>(bytes.data()); }

@@ -16,22 +16,30 @@ Grads matmul_rule(Graph& g, const Node& n, int gy) {
   const int a = n.in[0], b = n.in[1];
   const bool ta = n.ip[0], tb = n.ip[1];
   const float al = n.fp[0];
-  if (!ta && !tb) return {{0, g.matmul(gy, b, false, true, al)}, {1, g.matmul(a, gy, true, false, al)}};
-  if (!ta && tb) return {{0, g.matmul(gy, b, false, false, al)}, {1, g.matmul(gy, a, true, false, al)}};
-  if (ta && !tb) return {{0, g.matmul(b, gy, false, true, al)}, {1, g.matmul(a, gy, false, false, al)}};
+  if (!ta && !tb)
+    return {{0, g.matmul(gy, b, false, true, al)}, {1, g.matmul(a, gy, true, false, al)}};
+  if (!ta && tb)
+    return {{0, g.matmul(gy, b, false, false, al)}, {1, g.matmul(gy, a, true, false, al)}};
+  if (ta && !tb)
+    return {{0, g.matmul(b, gy, false, true, al)}, {1, g.matmul(a, gy, false, false, al)}};
   return {{0, g.matmul(b, gy, true, true, al)}, {1, g.matmul(gy, a, true, true, al)}};
 }
 
 Grads rule(Graph& g, const Node& n, int gy) {
   auto act = [&](int like) { return g.activation(g.v(like).shape); };
   switch (n.op) {
-    case MXN_OP_MATMUL: return matmul_rule(g, n, gy);
-    case MXN_OP_ADD: return {{0, gy}, {1, gy}};
+    case MXN_OP_MATMUL:
+      return matmul_rule(g, n, gy);
+    case MXN_OP_ADD:
+      return {{0, gy}, {1, gy}};
     case MXN_OP_ADD_BIAS:
       return {{0, gy}, {1, g.emit(MXN_OP_SUM_ROWS, {gy}, {act(n.in[1])})}};
-    case MXN_OP_SCALE: return {{0, g.scale(gy, n.fp[0])}};
-    case MXN_OP_GELU: return {{0, g.emit(MXN_OP_GELU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
-    case MXN_OP_SOFTMAX: return {{0, g.emit(MXN_OP_SOFTMAX_BWD, {gy, n.out[0]}, {act(n.in[0])})}};
+    case MXN_OP_SCALE:
+      return {{0, g.scale(gy, n.fp[0])}};
+    case MXN_OP_GELU:
+      return {{0, g.emit(MXN_OP_GELU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
+    case MXN_OP_SOFTMAX:
+      return {{0, g.emit(MXN_OP_SOFTMAX_BWD, {gy, n.out[0]}, {act(n.in[0])})}};
     case MXN_OP_LAYERNORM: {
       const int dx = act(n.in[0]), dw = act(n.in[1]), db = act(n.in[2]);
       g.emit(MXN_OP_LAYERNORM_BWD, {gy, n.in[0], n.in[1], n.out[1]}, {dx, dw, db});
@@ -43,7 +51,8 @@ Grads rule(Graph& g, const Node& n, int gy) {
       return {{1, g.emit(MXN_OP_EMBEDDING_BWD, {gy, n.in[0]}, {act(n.in[1])})}};
     case MXN_OP_CROSS_ENTROPY:
       return {{0, g.emit(MXN_OP_CROSS_ENTROPY_BWD, {gy, n.in[0], n.in[1]}, {act(n.in[0])})}};
-    default: MXN_CHECK(false, "no backward rule for op " + std::to_string(n.op));
+    default:
+      MXN_CHECK(false, "no backward rule for op " + std::to_string(n.op));
   }
   return {};
 }

@@ -44,8 +44,8 @@ int Graph::matmul(int a, int b, bool ta, bool tb, float alpha) {
   const int64_t Kb = tb ? sb[r - 1] : sb[r - 2], N = tb ? sb[r - 2] : sb[r - 1];
   MXN_CHECK(K == Kb, "matmul inner dims " + shape_str(sa) + " x " + shape_str(sb));
   Shape s = r == 3 ? Shape{sa[0], M, N} : Shape{M, N};
-  return emit(MXN_OP_MATMUL, {a, b}, {activation(s)},
-              {ta, tb, 0, int64_t(matmul_compute)}, {alpha});
+  return emit(MXN_OP_MATMUL, {a, b}, {activation(s)}, {ta, tb, 0, int64_t(matmul_compute)},
+              {alpha});
 }
 
 int Graph::add(int a, int b) {
@@ -80,7 +80,8 @@ int Graph::attention(int qkv, int64_t heads, int64_t T) {
 }
 
 int Graph::embedding(int idx, int table) {
-  return emit(MXN_OP_EMBEDDING, {idx, table}, {activation({numel(v(idx).shape), v(table).shape[1]})});
+  return emit(MXN_OP_EMBEDDING, {idx, table},
+              {activation({numel(v(idx).shape), v(table).shape[1]})});
 }
 
 int Graph::cross_entropy(int logits, int targets) {

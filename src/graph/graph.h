@@ -23,10 +23,10 @@ struct Value {
   Shape shape;
   DType dtype = DType::f32;
   ValueKind kind = ValueKind::activation;
-  bool decay = false;  // params: AdamW weight decay applies
-  bool output = false; // read by the host after a run: kept alive to the end of the graph
-  int grad = -1;       // params: the grad value
-  uint64_t offset = 0; // bytes into its kind's buffer
+  bool decay = false;   // params: AdamW weight decay applies
+  bool output = false;  // read by the host after a run: kept alive to the end of the graph
+  int grad = -1;        // params: the grad value
+  uint64_t offset = 0;  // bytes into its kind's buffer
 };
 
 struct Node {

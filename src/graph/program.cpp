@@ -30,7 +30,10 @@ uint64_t plan_arena(Graph& g) {
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
     return bytes_of(g.values[size_t(a)]) > bytes_of(g.values[size_t(b)]);
   });
-  struct Placed { uint64_t lo, hi; int64_t first, last; };
+  struct Placed {
+    uint64_t lo, hi;
+    int64_t first, last;
+  };
   std::vector<Placed> placed;
   uint64_t total = 0;
   for (int id : order) {
@@ -91,10 +94,18 @@ Tensor Program::tensor(int id) const {
   const Value& v = g_.v(id);
   Buffer* b = nullptr;
   switch (v.kind) {
-    case ValueKind::param: b = params_.get(); break;
-    case ValueKind::grad: b = grads_.get(); break;
-    case ValueKind::input: b = inputs_.get(); break;
-    case ValueKind::activation: b = arena_.get(); break;
+    case ValueKind::param:
+      b = params_.get();
+      break;
+    case ValueKind::grad:
+      b = grads_.get();
+      break;
+    case ValueKind::input:
+      b = inputs_.get();
+      break;
+    case ValueKind::activation:
+      b = arena_.get();
+      break;
   }
   return Tensor(v.shape, v.dtype, b->handle(), v.offset);
 }

@@ -76,7 +76,8 @@ std::string resolve_checkpoint(const std::string& path) {
         all.push_back(e.path());
     if (!all.empty()) return std::max_element(all.begin(), all.end())->string();
   }
-  throw Error("'" + path + "' is not a checkpoint (expected a folder with model.safetensors and "
+  throw Error("'" + path +
+              "' is not a checkpoint (expected a folder with model.safetensors and "
               "trainer.json, or a run folder holding ckpt-* folders)");
 }
 

@@ -1,8 +1,9 @@
 #pragma once
-// Checkpoints: a folder holding model.safetensors (weights, Hugging Face names), optimizer.safetensors
-// (AdamW moments) and trainer.json (step and configs). A run folder keeps the last few as
-// ckpt-NNNNNNNN/ and names the newest in `latest`. Each is written into a temp folder, flushed,
-// then renamed into place, so a crash at any moment leaves the previous checkpoint loadable.
+// Checkpoints: a folder holding model.safetensors (weights, Hugging Face names),
+// optimizer.safetensors (AdamW moments) and trainer.json (step and configs). A run folder keeps the
+// last few as ckpt-NNNNNNNN/ and names the newest in `latest`. Each is written into a temp folder,
+// flushed, then renamed into place, so a crash at any moment leaves the previous checkpoint
+// loadable.
 #include <nlohmann/json.hpp>
 #include <string>
 

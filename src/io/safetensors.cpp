@@ -11,10 +11,14 @@ namespace {
 
 const char* st_dtype(DType t) {
   switch (t) {
-    case DType::f32: return "F32";
-    case DType::bf16: return "BF16";
-    case DType::f16: return "F16";
-    case DType::i32: return "I32";
+    case DType::f32:
+      return "F32";
+    case DType::bf16:
+      return "BF16";
+    case DType::f16:
+      return "F16";
+    case DType::i32:
+      return "I32";
   }
   return "?";
 }
@@ -39,7 +43,8 @@ std::string safetensors_serialize(const TensorMap& tensors,
   std::memcpy(out.data(), &n, 8);
   out += header;
   out.reserve(out.size() + off);
-  for (const auto& [name, t] : tensors) out.append(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
+  for (const auto& [name, t] : tensors)
+    out.append(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
   return out;
 }
 
@@ -50,7 +55,8 @@ TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
   if (bytes.size() < 8) throw corrupt("shorter than the 8-byte header length");
   uint64_t n;
   std::memcpy(&n, bytes.data(), 8);
-  if (n > bytes.size() - 8) throw corrupt("header length " + std::to_string(n) + " exceeds the file");
+  if (n > bytes.size() - 8)
+    throw corrupt("header length " + std::to_string(n) + " exceeds the file");
   nlohmann::json h;
   try {
     h = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + int64_t(n));
@@ -65,18 +71,25 @@ TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
     try {
       const std::string dt = e.at("dtype").get<std::string>();
       DType t;
-      if (dt == "F32") t = DType::f32;
-      else if (dt == "BF16") t = DType::bf16;
-      else if (dt == "F16") t = DType::f16;
-      else if (dt == "I32") t = DType::i32;
-      else throw corrupt("tensor '" + name + "' has unsupported dtype " + dt);
+      if (dt == "F32")
+        t = DType::f32;
+      else if (dt == "BF16")
+        t = DType::bf16;
+      else if (dt == "F16")
+        t = DType::f16;
+      else if (dt == "I32")
+        t = DType::i32;
+      else
+        throw corrupt("tensor '" + name + "' has unsupported dtype " + dt);
       Shape shape = e.at("shape").get<Shape>();
       for (int64_t d : shape)
         if (d < 0 || d > (int64_t(1) << 40)) throw corrupt("tensor '" + name + "' has a bad shape");
       const auto off = e.at("data_offsets").get<std::vector<uint64_t>>();
       HostTensor ht(shape, t);
-      if (off.size() != 2 || off[0] > off[1] || off[1] > data_size || off[1] - off[0] != ht.bytes.size())
-        throw corrupt("tensor '" + name + "' has data offsets outside the file or of the wrong size");
+      if (off.size() != 2 || off[0] > off[1] || off[1] > data_size ||
+          off[1] - off[0] != ht.bytes.size())
+        throw corrupt("tensor '" + name +
+                      "' has data offsets outside the file or of the wrong size");
       std::memcpy(ht.bytes.data(), bytes.data() + data_start + off[0], ht.bytes.size());
       out.emplace(name, std::move(ht));
     } catch (const nlohmann::json::exception& ex) {

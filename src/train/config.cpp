@@ -56,7 +56,8 @@ void TrainConfig::validate() const {
   need(eps > 0, "eps must be > 0");
   need(clip >= 0, "clip must be >= 0");
   need(dtype == "f32" || dtype == "bf16", "dtype = '" + dtype + "', expected f32 or bf16");
-  need(threads >= 0 && threads <= 4096, "threads = " + std::to_string(threads) + ", expected 0..4096");
+  need(threads >= 0 && threads <= 4096,
+       "threads = " + std::to_string(threads) + ", expected 0..4096");
   need(eval_every >= 0 && ckpt_every >= 0 && log_every >= 1 && eval_batches >= 1,
        "eval_every and ckpt_every must be >= 0, log_every and eval_batches >= 1");
 }
@@ -73,22 +74,33 @@ std::vector<std::string> apply_toml(TrainConfig& c, const std::string& path) {
   std::vector<std::string> set;
   for (auto& [key, node] : tbl) {
     const std::string k(key.str());
-    auto f = std::find_if(fields.begin(), fields.end(), [&](const ConfigField& x) { return x.name == k; });
+    auto f = std::find_if(fields.begin(), fields.end(),
+                          [&](const ConfigField& x) { return x.name == k; });
     if (f == fields.end()) {
       std::string names;
       for (const auto& x : fields) names += (names.empty() ? "" : ", ") + x.name;
-      throw Error("config file '" + path + "': unknown key '" + k + "' (known keys: " + names + ")");
+      throw Error("config file '" + path + "': unknown key '" + k + "' (known keys: " + names +
+                  ")");
     }
     bool ok = true;
     std::visit(
         [&](auto* p) {
           using T = std::remove_pointer_t<decltype(p)>;
           if constexpr (std::is_same_v<T, std::string>) {
-            if (auto v = node.value<std::string>()) *p = *v; else ok = false;
+            if (auto v = node.value<std::string>())
+              *p = *v;
+            else
+              ok = false;
           } else if constexpr (std::is_same_v<T, int64_t>) {
-            if (node.is_integer()) *p = *node.value<int64_t>(); else ok = false;
+            if (node.is_integer())
+              *p = *node.value<int64_t>();
+            else
+              ok = false;
           } else {
-            if (auto v = node.value<double>()) *p = *v; else ok = false;
+            if (auto v = node.value<double>())
+              *p = *v;
+            else
+              ok = false;
           }
         },
         f->ptr);
@@ -108,7 +120,8 @@ nlohmann::json to_json(const TrainConfig& c0) {
 void from_json(TrainConfig& c, const nlohmann::json& j) {
   for (auto& f : config_fields(c))
     if (j.contains(f.name))
-      std::visit([&](auto* p) { *p = j.at(f.name).get<std::remove_pointer_t<decltype(p)>>(); }, f.ptr);
+      std::visit([&](auto* p) { *p = j.at(f.name).get<std::remove_pointer_t<decltype(p)>>(); },
+                 f.ptr);
 }
 
 }  // namespace mxn

@@ -19,9 +19,9 @@ struct TrainConfig {
   std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
   int64_t threads = 0;        // 0: every core
   int64_t steps = 600;
-  int64_t batch = 16;         // sequences per micro-batch
-  int64_t seq = 0;            // tokens per sequence; 0: the model's context
-  int64_t accum = 1;          // micro-batches per step
+  int64_t batch = 16;  // sequences per micro-batch
+  int64_t seq = 0;     // tokens per sequence; 0: the model's context
+  int64_t accum = 1;   // micro-batches per step
   double lr = 2e-3, min_lr = 2e-4;
   int64_t warmup = 40;
   double weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;

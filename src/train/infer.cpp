@@ -24,8 +24,8 @@ struct Loaded {
   std::unique_ptr<Program> prog;
 };
 
-Loaded load_for_inference(const std::string& checkpoint, const std::string& device,
-                          int64_t threads, int64_t B, int64_t T, bool with_loss) {
+Loaded load_for_inference(const std::string& checkpoint, const std::string& device, int64_t threads,
+                          int64_t B, int64_t T, bool with_loss) {
   Checkpoint ck = load_checkpoint(checkpoint, false);
   Loaded l;
   from_json(l.cfg, ck.trainer.at("config"));

@@ -25,7 +25,8 @@ void generate_text(const std::string& checkpoint, const GenerateOptions& o,
 
 template <typename F>
 void generate(const std::string& checkpoint, const GenerateOptions& o, F&& emit) {
-  generate_text(checkpoint, o, [](const std::string& s, void* u) { (*static_cast<F*>(u))(s); }, &emit);
+  generate_text(
+      checkpoint, o, [](const std::string& s, void* u) { (*static_cast<F*>(u))(s); }, &emit);
 }
 
 }  // namespace mxn

@@ -24,7 +24,8 @@ void write_loss_svg(const std::string& run_dir) {
     auto j = nlohmann::json::parse(line, nullptr, false);
     if (j.is_discarded() || !j.contains("step")) continue;
     if (j.contains("loss")) train.emplace_back(j["step"].get<double>(), j["loss"].get<double>());
-    if (j.contains("val_loss")) val.emplace_back(j["step"].get<double>(), j["val_loss"].get<double>());
+    if (j.contains("val_loss"))
+      val.emplace_back(j["step"].get<double>(), j["val_loss"].get<double>());
   }
   if (train.empty()) return;
   double x1 = 1, y0 = 1e30, y1 = -1e30;
@@ -40,10 +41,13 @@ void write_loss_svg(const std::string& run_dir) {
   auto py = [&](double y) { return T + (H - T - B) * (1 - (y - y0) / (y1 - y0)); };
   std::ostringstream s;
   s << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H
-    << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n"
+    << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' "
+       "fill='white'/>\n"
     << "<text x='" << L << "' y='18'>loss by step (blue: train, orange: validation)</text>\n"
-    << "<line x1='" << L << "' y1='" << H - B << "' x2='" << W - R << "' y2='" << H - B << "' stroke='black'/>\n"
-    << "<line x1='" << L << "' y1='" << T << "' x2='" << L << "' y2='" << H - B << "' stroke='black'/>\n";
+    << "<line x1='" << L << "' y1='" << H - B << "' x2='" << W - R << "' y2='" << H - B
+    << "' stroke='black'/>\n"
+    << "<line x1='" << L << "' y1='" << T << "' x2='" << L << "' y2='" << H - B
+    << "' stroke='black'/>\n";
   for (int i = 0; i <= 4; ++i) {
     const double y = y0 + (y1 - y0) * i / 4;
     char buf[32];

@@ -1,8 +1,7 @@
 #pragma once
 // A run's record: metrics.jsonl (one JSON object a line) and loss.svg drawn from it.
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 namespace mxn {
 

@@ -43,8 +43,9 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume) : cfg_(cfg) 
   const int64_t B = cfg_.batch, T = cfg_.seq_len();
   if (data_.n_train() < T + 2 || data_.n_val() < T + 2)
     throw Error("data '" + cfg_.data + "' is too small: " + std::to_string(data_.n_train()) +
-                " train and " + std::to_string(data_.n_val()) + " validation tokens, need more than " +
-                std::to_string(T + 1) + " of each for seq " + std::to_string(T));
+                " train and " + std::to_string(data_.n_val()) +
+                " validation tokens, need more than " + std::to_string(T + 1) +
+                " of each for seq " + std::to_string(T));
   Graph g;
   g.matmul_compute = cfg_.dtype == "bf16" ? DType::bf16 : DType::f32;
   m_ = build_gpt2(g, cfg_.model, B, T, true);
@@ -114,10 +115,13 @@ float Trainer::step() {
   dev_->run(zero_grads_);
   double loss_sum = 0;
   for (int64_t micro = 0; micro < cfg_.accum; ++micro) {
-    // The batch is a pure function of (seed, step, micro): resuming needs no data-loader state.
-    const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s) * 1000003u + uint64_t(micro)));
-    for (size_t b = 0; b < offsets_.size(); ++b)
-      offsets_[b] = int64_t(mix64(key + b) % uint64_t(data_.n_train() - T - 1));
+    // Row r of a step's global batch is a pure function of (seed, step, r): resuming needs no
+    // data-loader state, and accum x batch sees the same rows as one batch of accum * batch.
+    const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));
+    for (size_t b = 0; b < offsets_.size(); ++b) {
+      const uint64_t row = uint64_t(micro) * offsets_.size() + b;
+      offsets_[b] = int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
+    }
     fill_batch(data_.train(), offsets_);
     prog_->run(0, prog_->graph().nodes.size());
     float loss = 0;
@@ -137,8 +141,12 @@ float Trainer::step() {
     mxn_op_call& c = adamw_[group];
     if (c.outputs[0].shape[0] == 0) continue;
     c.ip[0] = s;
-    const float fp[6] = {lr, float(cfg_.beta1), float(cfg_.beta2), float(cfg_.eps),
-                         group == 0 ? float(cfg_.weight_decay) : 0.f, gscale};
+    const float fp[6] = {lr,
+                         float(cfg_.beta1),
+                         float(cfg_.beta2),
+                         float(cfg_.eps),
+                         group == 0 ? float(cfg_.weight_decay) : 0.f,
+                         gscale};
     std::copy(fp, fp + 6, c.fp);
     dev_->run(c);
   }
@@ -153,7 +161,8 @@ float Trainer::eval_loss() {
   const int64_t span = data_.n_val() - T - 1;
   double sum = 0;
   for (int64_t e = 0; e < cfg_.eval_batches; ++e) {
-    for (int64_t b = 0; b < B; ++b) offsets_[size_t(b)] = (e * B + b) * span / std::max<int64_t>(1, windows - 1);
+    for (int64_t b = 0; b < B; ++b)
+      offsets_[size_t(b)] = (e * B + b) * span / std::max<int64_t>(1, windows - 1);
     fill_batch(data_.val(), offsets_);
     prog_->run(0, n_forward_);
     float loss = 0;

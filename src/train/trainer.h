@@ -20,9 +20,9 @@ class Trainer {
   // Starts fresh, or from `resume` (a checkpoint or run folder) when non-empty.
   explicit Trainer(const TrainConfig& cfg, const std::string& resume = "");
 
-  float step();       // one optimizer step; returns the mean training loss of its micro-batches
-  float eval_loss();  // mean loss over the validation split's fixed windows
-  std::string save(); // checkpoint into cfg.out; returns its folder
+  float step();        // one optimizer step; returns the mean training loss of its micro-batches
+  float eval_loss();   // mean loss over the validation split's fixed windows
+  std::string save();  // checkpoint into cfg.out; returns its folder
   double lr_at(int64_t step) const;
 
   int64_t current_step() const { return step_; }

@@ -15,7 +15,8 @@ using namespace mxn;
 
 int main(int argc, char** argv) {
   if (argc != 11) {
-    std::fprintf(stderr, "usage: gpt_dump n_layer n_head n_embd vocab n_ctx batch seq dtype seed out\n");
+    std::fprintf(stderr,
+                 "usage: gpt_dump n_layer n_head n_embd vocab n_ctx batch seq dtype seed out\n");
     return 2;
   }
   GPT2Config cfg{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),

@@ -149,8 +149,7 @@ int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   }
   const int64_t bk = tb ? b.shape[b.ndim - 1] : b.shape[b.ndim - 2];
   const int64_t bn = tb ? b.shape[b.ndim - 2] : b.shape[b.ndim - 1];
-  if (bk != K || bn != N || count(o) != batch * M * N)
-    return bad(c, "matmul: shapes do not agree");
+  if (bk != K || bn != N || count(o) != batch * M * N) return bad(c, "matmul: shapes do not agree");
   matmul(c->scratch, k.ip[3] == MXN_DTYPE_BF16 ? Compute::bf16 : Compute::f32, ta, tb, batch, M, N,
          K, k.fp[0], ptr(a), sa, ptr(b), sb, k.ip[2] != 0, ptr(o), sc);
   return 0;
@@ -166,20 +165,32 @@ int32_t run_cast(Ctx* c, const mxn_op_call& k) {
   }
   auto to_f32 = [&](int64_t i) -> float {
     switch (a.dtype) {
-      case MXN_DTYPE_F32: return ptr(a)[i];
-      case MXN_DTYPE_BF16: return bf16_to_f32(ptr<uint16_t>(a)[i]);
-      case MXN_DTYPE_F16: return f16_to_f32(ptr<uint16_t>(a)[i]);
-      default: return float(ptr<int32_t>(a)[i]);
+      case MXN_DTYPE_F32:
+        return ptr(a)[i];
+      case MXN_DTYPE_BF16:
+        return bf16_to_f32(ptr<uint16_t>(a)[i]);
+      case MXN_DTYPE_F16:
+        return f16_to_f32(ptr<uint16_t>(a)[i]);
+      default:
+        return float(ptr<int32_t>(a)[i]);
     }
   };
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float f = to_f32(i);
     switch (o.dtype) {
-      case MXN_DTYPE_F32: ptr(o)[i] = f; break;
-      case MXN_DTYPE_BF16: ptr<uint16_t>(o)[i] = f32_to_bf16(f); break;
-      case MXN_DTYPE_F16: ptr<uint16_t>(o)[i] = f32_to_f16(f); break;
-      default: ptr<int32_t>(o)[i] = int32_t(f); break;
+      case MXN_DTYPE_F32:
+        ptr(o)[i] = f;
+        break;
+      case MXN_DTYPE_BF16:
+        ptr<uint16_t>(o)[i] = f32_to_bf16(f);
+        break;
+      case MXN_DTYPE_F16:
+        ptr<uint16_t>(o)[i] = f32_to_f16(f);
+        break;
+      default:
+        ptr<int32_t>(o)[i] = int32_t(f);
+        break;
     }
   }
   return 0;
@@ -200,8 +211,11 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       }
     }
   switch (k.op) {
-    case MXN_OP_MATMUL: return run_matmul(c, k);
-    case MXN_OP_ADD: add(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0])); return 0;
+    case MXN_OP_MATMUL:
+      return run_matmul(c, k);
+    case MXN_OP_ADD:
+      add(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0]));
+      return 0;
     case MXN_OP_ADD_BIAS:
       add_bias(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]));
       return 0;
@@ -209,19 +223,29 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       sum_rows(c->scratch, ptr(in[0]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]),
                k.ip[0] != 0);
       return 0;
-    case MXN_OP_SCALE: scale(ptr(in[0]), ptr(out[0]), count(out[0]), k.fp[0]); return 0;
-    case MXN_OP_FILL: fill(ptr(out[0]), count(out[0]), k.fp[0]); return 0;
-    case MXN_OP_COPY:
-      std::memcpy(ptr<char>(out[0]), ptr<char>(in[0]), size_t(count(in[0])) * elem_size(in[0].dtype));
+    case MXN_OP_SCALE:
+      scale(ptr(in[0]), ptr(out[0]), count(out[0]), k.fp[0]);
       return 0;
-    case MXN_OP_CAST: return run_cast(c, k);
+    case MXN_OP_FILL:
+      fill(ptr(out[0]), count(out[0]), k.fp[0]);
+      return 0;
+    case MXN_OP_COPY:
+      std::memcpy(ptr<char>(out[0]), ptr<char>(in[0]),
+                  size_t(count(in[0])) * elem_size(in[0].dtype));
+      return 0;
+    case MXN_OP_CAST:
+      return run_cast(c, k);
     case MXN_OP_SUM_SQUARES: {
       const double s = sum_squares(ptr(in[0]), count(in[0]));
       *ptr(out[0]) = float(s + (k.ip[0] ? double(*ptr(out[0])) : 0.0));
       return 0;
     }
-    case MXN_OP_GELU: gelu_fwd(ptr(in[0]), ptr(out[0]), count(out[0])); return 0;
-    case MXN_OP_GELU_BWD: gelu_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0])); return 0;
+    case MXN_OP_GELU:
+      gelu_fwd(ptr(in[0]), ptr(out[0]), count(out[0]));
+      return 0;
+    case MXN_OP_GELU_BWD:
+      gelu_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0]));
+      return 0;
     case MXN_OP_SOFTMAX:
       softmax_fwd(ptr(in[0]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]));
       return 0;
@@ -237,14 +261,16 @@ int32_t run(void* ctx, const mxn_op_call* call) {
                     ptr(out[1]), ptr(out[2]), count(in[0]) / last(in[0]), last(in[0]));
       return 0;
     case MXN_OP_ATTENTION: {
-      const int64_t T = k.ip[1], B = T > 0 ? in[0].shape[0] / T : 0, C = in[0].shape[1] / 3, H = k.ip[0];
+      const int64_t T = k.ip[1], B = T > 0 ? in[0].shape[0] / T : 0, C = in[0].shape[1] / 3,
+                    H = k.ip[0];
       if (H <= 0 || C % H || T <= 0 || B * T != in[0].shape[0])
         return bad(c, "attention: heads must divide the width and T the rows");
       attention_fwd(c->scratch, ptr(in[0]), ptr(out[0]), ptr(out[1]), B, T, C, H);
       return 0;
     }
     case MXN_OP_ATTENTION_BWD: {
-      const int64_t T = k.ip[1], B = T > 0 ? in[1].shape[0] / T : 0, C = in[1].shape[1] / 3, H = k.ip[0];
+      const int64_t T = k.ip[1], B = T > 0 ? in[1].shape[0] / T : 0, C = in[1].shape[1] / 3,
+                    H = k.ip[0];
       if (H <= 0 || C % H || T <= 0 || B * T != in[1].shape[0])
         return bad(c, "attention: heads must divide the width and T the rows");
       attention_bwd(c->scratch, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(out[0]), B, T, C, H);
@@ -252,7 +278,8 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     }
     case MXN_OP_EMBEDDING: {
       const int64_t V = in[1].shape[0], C = in[1].shape[1];
-      const int64_t badi = embedding_fwd(ptr<int32_t>(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]), V, C);
+      const int64_t badi =
+          embedding_fwd(ptr<int32_t>(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]), V, C);
       if (badi >= 0)
         return bad(c, "embedding: token id " + std::to_string(ptr<int32_t>(in[0])[badi]) +
                           " at position " + std::to_string(badi) + " is outside [0, " +
@@ -280,15 +307,30 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       adamw(ptr(out[0]), ptr(in[0]), ptr(out[1]), ptr(out[2]), count(out[0]), k.fp[0], k.fp[1],
             k.fp[2], k.fp[3], k.fp[4], k.fp[5], k.ip[0]);
       return 0;
-    default: c->error = "unknown op " + std::to_string(k.op); return MXN_STATUS_UNSUPPORTED;
+    default:
+      c->error = "unknown op " + std::to_string(k.op);
+      return MXN_STATUS_UNSUPPORTED;
   }
 }
 
 int32_t synchronize(void*) { return 0; }  // kernels run to completion on the calling thread
 
 const mxn_backend_api kApi = {
-    sizeof(mxn_backend_api), MXN_ABI_VERSION, "cpu", device_count, device_props, init, shutdown,
-    last_error, buffer_alloc, buffer_free, copy_to_device, copy_to_host, supports, run, synchronize,
+    sizeof(mxn_backend_api),
+    MXN_ABI_VERSION,
+    "cpu",
+    device_count,
+    device_props,
+    init,
+    shutdown,
+    last_error,
+    buffer_alloc,
+    buffer_free,
+    copy_to_device,
+    copy_to_host,
+    supports,
+    run,
+    synchronize,
 };
 
 }  // namespace

@@ -1,12 +1,13 @@
 // The CPU reference kernels other than GEMM: plain loops the compiler vectorises, split over
 // OpenMP threads in fixed chunks so that results do not depend on timing.
 #include "backend/cpu/kernels.h"
-#include "backend/cpu/vmath.h"
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+
+#include "backend/cpu/vmath.h"
 
 namespace mxn::cpu {
 
@@ -100,7 +101,8 @@ void gelu_bwd(const float* dy, const float* x, float* dx, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     const float t = vtanh(kGeluS * (v + kGeluC * v * v * v));
-    const float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluS * (1.f + 3.f * kGeluC * v * v);
+    const float d =
+        0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluS * (1.f + 3.f * kGeluC * v * v);
     dx[i] = dy[i] * d;
   }
 }

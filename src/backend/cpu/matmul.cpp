@@ -18,8 +18,8 @@ namespace {
 
 void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb,
-                                beta, C, ldc);
+  dnnl_status_t st =
+      dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   MXN_CHECK(st == dnnl_success, "dnnl_sgemm failed");
 }
 
@@ -33,8 +33,10 @@ struct Bf16Gemm {
   void run(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
            const uint16_t* B, bool accumulate, float* C) {
     using dt = dnnl::memory::data_type;
-    dnnl::memory::desc a_md({M, K}, dt::bf16, ta ? dnnl::memory::dims{1, M} : dnnl::memory::dims{K, 1});
-    dnnl::memory::desc b_md({K, N}, dt::bf16, tb ? dnnl::memory::dims{1, K} : dnnl::memory::dims{N, 1});
+    dnnl::memory::desc a_md({M, K}, dt::bf16,
+                            ta ? dnnl::memory::dims{1, M} : dnnl::memory::dims{K, 1});
+    dnnl::memory::desc b_md({K, N}, dt::bf16,
+                            tb ? dnnl::memory::dims{1, K} : dnnl::memory::dims{N, 1});
     dnnl::memory::desc c_md({M, N}, dt::f32, dnnl::memory::dims{N, 1});
     auto key = std::make_tuple(ta, tb, M, N, K, alpha, accumulate);
     auto it = cache.find(key);
@@ -155,9 +157,9 @@ void attention_bwd(Scratch& s, const float* dy, const float* qkv, const float* p
     float* dk = dq + C;
     float* dv = dq + 2 * C;
     float* dp = scratch + size_t(omp_get_thread_num()) * T * T;
-    sgemm(true, false, T, hd, T, 1.f, p, T, dyh, C, 0.f, dv, ld);    // dV = P^T dY
-    sgemm(false, true, T, T, hd, 1.f, dyh, C, v, ld, 0.f, dp, T);    // dP = dY V^T
-    for (int64_t t = 0; t < T; ++t) {                                 // dS = P (dP - <dP, P>)
+    sgemm(true, false, T, hd, T, 1.f, p, T, dyh, C, 0.f, dv, ld);  // dV = P^T dY
+    sgemm(false, true, T, T, hd, 1.f, dyh, C, v, ld, 0.f, dp, T);  // dP = dY V^T
+    for (int64_t t = 0; t < T; ++t) {                              // dS = P (dP - <dP, P>)
       const float* pr = p + t * T;
       float* dr = dp + t * T;
       float dot = 0.f;

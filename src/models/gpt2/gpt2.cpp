@@ -11,10 +11,13 @@ void GPT2Config::validate() const {
   auto need = [](bool ok, const std::string& msg) {
     if (!ok) throw Error("invalid model config: " + msg);
   };
-  need(n_layer >= 1 && n_layer <= 1024, "n_layer = " + std::to_string(n_layer) + ", expected 1..1024");
-  need(n_embd >= 1 && n_embd <= 65536, "n_embd = " + std::to_string(n_embd) + ", expected 1..65536");
+  need(n_layer >= 1 && n_layer <= 1024,
+       "n_layer = " + std::to_string(n_layer) + ", expected 1..1024");
+  need(n_embd >= 1 && n_embd <= 65536,
+       "n_embd = " + std::to_string(n_embd) + ", expected 1..65536");
   need(n_head >= 1 && n_embd % n_head == 0,
-       "n_head = " + std::to_string(n_head) + " must be >= 1 and divide n_embd = " + std::to_string(n_embd));
+       "n_head = " + std::to_string(n_head) +
+           " must be >= 1 and divide n_embd = " + std::to_string(n_embd));
   need(vocab_size >= 2 && vocab_size <= (1 << 24),
        "vocab_size = " + std::to_string(vocab_size) + ", expected 2..16777216");
   need(n_ctx >= 1 && n_ctx <= 65536, "n_ctx = " + std::to_string(n_ctx) + ", expected 1..65536");
@@ -36,8 +39,8 @@ GPT2Graph build_gpt2(Graph& g, const GPT2Config& cfg, int64_t B, int64_t T, bool
   int x = g.add(g.embedding(m.tokens, wte), g.embedding(m.positions, wpe));
   for (int64_t l = 0; l < cfg.n_layer; ++l) {
     const std::string p = "transformer.h." + std::to_string(l);
-    const int a = nn::causal_self_attention(g, nn::layer_norm(g, x, p + ".ln_1", C), p + ".attn",
-                                            C, cfg.n_head, T);
+    const int a = nn::causal_self_attention(g, nn::layer_norm(g, x, p + ".ln_1", C), p + ".attn", C,
+                                            cfg.n_head, T);
     x = g.add(x, a);
     x = g.add(x, nn::mlp(g, nn::layer_norm(g, x, p + ".ln_2", C), p + ".mlp", C));
   }
