@@ -51,6 +51,21 @@ const char* op_name(int32_t op) {
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 
+mxn_op_call make_op_call(mxn_op op, const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+                         const std::array<int64_t, 8>& ip, const std::array<float, 8>& fp) {
+  MXN_CHECK(in.size() <= MXN_MAX_OPERANDS && out.size() <= MXN_MAX_OPERANDS, "too many operands");
+  mxn_op_call c{};
+  c.struct_size = sizeof(c);
+  c.op = op;
+  c.n_inputs = int32_t(in.size());
+  c.n_outputs = int32_t(out.size());
+  for (size_t i = 0; i < in.size(); ++i) c.inputs[i] = in[i].to_abi();
+  for (size_t i = 0; i < out.size(); ++i) c.outputs[i] = out[i].to_abi();
+  std::copy(ip.begin(), ip.end(), c.ip);
+  std::copy(fp.begin(), fp.end(), c.fp);
+  return c;
+}
+
 std::string Device::profile_report() const {
   std::vector<int> order;
   double total = 0;

@@ -1,6 +1,7 @@
 #pragma once
 // The C++ side of the chip contract: a Device wraps one backend's C table and context, turns
 // status codes into Errors, and owns Buffers. Everything above backend/ talks to this class.
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,6 +65,11 @@ class Device {
 };
 
 const char* op_name(int32_t op);
+
+// One op call of the chip contract, ready for Device::run.
+mxn_op_call make_op_call(mxn_op op, const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+                         const std::array<int64_t, 8>& ip = {},
+                         const std::array<float, 8>& fp = {});
 
 // --- registry ---------------------------------------------------------------------------------
 struct BackendEntry {

@@ -76,17 +76,10 @@ Program::Program(Graph g, Device& dev) : g_(std::move(g)), dev_(dev) {
   inputs_ = dev_.alloc(ioff);
   arena_ = dev_.alloc(arena_bytes_);
   for (const Node& n : g_.nodes) {
-    MXN_CHECK(n.in.size() <= MXN_MAX_OPERANDS && n.out.size() <= MXN_MAX_OPERANDS, "operands");
-    mxn_op_call c{};
-    c.struct_size = sizeof(c);
-    c.op = n.op;
-    c.n_inputs = int32_t(n.in.size());
-    c.n_outputs = int32_t(n.out.size());
-    for (size_t i = 0; i < n.in.size(); ++i) c.inputs[i] = tensor(n.in[i]).to_abi();
-    for (size_t i = 0; i < n.out.size(); ++i) c.outputs[i] = tensor(n.out[i]).to_abi();
-    std::copy(n.ip.begin(), n.ip.end(), c.ip);
-    std::copy(n.fp.begin(), n.fp.end(), c.fp);
-    calls_.push_back(c);
+    std::vector<Tensor> in, out;
+    for (int id : n.in) in.push_back(tensor(id));
+    for (int id : n.out) out.push_back(tensor(id));
+    calls_.push_back(make_op_call(n.op, in, out, n.ip, n.fp));
   }
 }
 

@@ -18,7 +18,7 @@ struct TrainConfig {
   std::string device = "cpu";
   std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
   int64_t threads = 0;        // 0: every core
-  int64_t steps = 600;
+  int64_t steps = 1500;
   int64_t batch = 16;  // sequences per micro-batch
   int64_t seq = 0;     // tokens per sequence; 0: the model's context
   int64_t accum = 1;   // micro-batches per step
@@ -26,7 +26,7 @@ struct TrainConfig {
   int64_t warmup = 40;
   double weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;
   int64_t seed = 1337;
-  int64_t eval_every = 100, eval_batches = 8, ckpt_every = 200, log_every = 10;
+  int64_t eval_every = 250, eval_batches = 8, ckpt_every = 500, log_every = 10;
 
   int64_t seq_len() const { return seq > 0 ? seq : model.n_ctx; }
   void validate() const;  // Error naming the field and its allowed values

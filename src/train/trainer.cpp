@@ -9,20 +9,6 @@
 namespace mxn {
 namespace {
 
-mxn_op_call call(mxn_op op, std::vector<Tensor> in, std::vector<Tensor> out,
-                 std::array<int64_t, 8> ip = {}, std::array<float, 8> fp = {}) {
-  mxn_op_call c{};
-  c.struct_size = sizeof(c);
-  c.op = op;
-  c.n_inputs = int32_t(in.size());
-  c.n_outputs = int32_t(out.size());
-  for (size_t i = 0; i < in.size(); ++i) c.inputs[i] = in[i].to_abi();
-  for (size_t i = 0; i < out.size(); ++i) c.outputs[i] = out[i].to_abi();
-  std::copy(ip.begin(), ip.end(), c.ip);
-  std::copy(fp.begin(), fp.end(), c.fp);
-  return c;
-}
-
 Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
   return Tensor({n}, DType::f32, flat.buffer, flat.offset + uint64_t(begin) * 4);
 }
@@ -67,16 +53,16 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume) : cfg_(cfg) 
   loss_ = prog_->tensor(m_.loss);
   tokens_ = prog_->tensor(m_.tokens);
   targets_ = prog_->tensor(m_.targets);
-  zero_grads_ = call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f});
-  grad_sumsq_ = call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sumsq_});
+  zero_grads_ = make_op_call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f});
+  grad_sumsq_ = make_op_call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sumsq_});
   const Tensor m_all({prog_->param_count()}, DType::f32, opt_m_->handle());
   const Tensor v_all({prog_->param_count()}, DType::f32, opt_v_->handle());
   int64_t begin = 0;
   for (bool decay : {true, false}) {  // decayed params first, as the Program lays them out
     const Tensor p = prog_->params_flat(decay);
     const int64_t n = p.numel();
-    adamw_[decay ? 0 : 1] = call(MXN_OP_ADAMW, {prog_->grads_flat(decay)},
-                                 {p, slice(m_all, begin, n), slice(v_all, begin, n)});
+    adamw_[decay ? 0 : 1] = make_op_call(MXN_OP_ADAMW, {prog_->grads_flat(decay)},
+                                         {p, slice(m_all, begin, n), slice(v_all, begin, n)});
     begin += n;
   }
   if (!resume.empty()) {
@@ -88,8 +74,8 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume) : cfg_(cfg) 
     auto w = gpt2_init_param(v.name, numel(v.shape), cfg_.model, uint64_t(cfg_.seed));
     dev_->upload(prog_->tensor(p), w.data());
   }
-  dev_->run(call(MXN_OP_FILL, {}, {m_all}, {}, {0.f}));
-  dev_->run(call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
+  dev_->run(make_op_call(MXN_OP_FILL, {}, {m_all}, {}, {0.f}));
+  dev_->run(make_op_call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
 }
 
 double Trainer::lr_at(int64_t s) const {
