@@ -112,16 +112,7 @@ void softmax_fwd(const float* x, float* y, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * cols;
     float* yr = y + r * cols;
-    float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, xr[c]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < cols; ++c) {
-      yr[c] = vexp(xr[c] - mx);
-      sum += yr[c];
-    }
-    const float inv = 1.f / sum;
+    const float inv = 1.f / exp_shifted_row(xr, yr, cols);
     for (int64_t c = 0; c < cols; ++c) yr[c] *= inv;
   }
 }
@@ -274,16 +265,7 @@ void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* t
       std::fill(d, d + V, 0.f);
       continue;
     }
-    float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t v = 0; v < V; ++v) {
-      d[v] = vexp(l[v] - mx);
-      sum += d[v];
-    }
-    const float inv = k / sum;
+    const float inv = k / exp_shifted_row(l, d, V);
     for (int64_t v = 0; v < V; ++v) d[v] *= inv;
     d[targets[r]] -= k;
   }

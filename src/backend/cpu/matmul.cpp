@@ -122,16 +122,7 @@ void attention_fwd(Scratch&, const float* qkv, float* y, float* probs, int64_t B
     sgemm(false, true, T, T, hd, sc, q, ld, k, ld, 0.f, p, T);
     for (int64_t t = 0; t < T; ++t) {
       float* row = p + t * T;
-      float mx = row[0];
-#pragma omp simd reduction(max : mx)
-      for (int64_t j = 1; j <= t; ++j) mx = std::max(mx, row[j]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j <= t; ++j) {
-        row[j] = vexp(row[j] - mx);
-        sum += row[j];
-      }
-      const float inv = 1.0f / sum;
+      const float inv = 1.0f / exp_shifted_row(row, row, t + 1);
       for (int64_t j = 0; j <= t; ++j) row[j] *= inv;
       for (int64_t j = t + 1; j < T; ++j) row[j] = 0.f;
     }

@@ -40,4 +40,19 @@ inline float vtanh(float x) {
   return c2 < 0.00390625f ? series : via_exp;
 }
 
+// y = exp(x - max(x)) over a row of n; returns the sum of y (the softmax's normaliser).
+// x and y may be the same row.
+inline float exp_shifted_row(const float* x, float* y, int64_t n) {
+  float mx = x[0];
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 1; i < n; ++i) mx = mx > x[i] ? mx : x[i];
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = vexp(x[i] - mx);
+    sum += y[i];
+  }
+  return sum;
+}
+
 }  // namespace mxn::cpu
