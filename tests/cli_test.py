@@ -11,6 +11,11 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "32", "-
         "--eval_batches", "2", "--log_every", "1000"]
 
 
+def read(path, mode="r"):
+    with open(path, mode) as f:
+        return f.read()
+
+
 def run(*args, env=None, timeout=120):
     e = dict(os.environ)
     e.update(env or {})
@@ -59,6 +64,31 @@ class CliTest(unittest.TestCase):
     def test_unknown_device(self):
         self.expect_error(self.train(self.path("r"), "--device", "cuda:3"), "unknown device 'cuda:3'", "cpu:0")
 
+    def test_other_impossible_values(self):
+        for flag, value, needle in [("--threads", "-1", "threads = -1"), ("--batch", "0", "batch = 0"),
+                                    ("--dtype", "fp8", "dtype = 'fp8'"), ("--lr", "-1", "lr = "),
+                                    ("--seq", "999", "seq = 999"), ("--accum", "0", "accum = 0")]:
+            self.expect_error(self.train(self.path("r"), flag, value), needle)
+        self.expect_error(run("eval", "--checkpoint", self.dir, "--data", self.path("x.bin")), "x.bin")
+        self.expect_error(run("prepare", self.path("none.txt"), "--out", self.path("o.bin")), "none.txt")
+        self.expect_error(self.train(self.path("r"), "--lr", "50"), "lr = 50")
+
+    def test_sigint_saves_and_stops(self):
+        out = self.path("run")
+        p = subprocess.Popen([MXN, "train", "--data", DATA, "--out", out, *TINY, "--steps", "100000",
+                              "--eval_every", "0", "--ckpt_every", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not os.path.exists(os.path.join(out, "metrics.jsonl")):
+            self.assertLess(time.time(), deadline)
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        stdout, _ = p.communicate(timeout=60)
+        self.assertEqual(p.returncode, 130)
+        self.assertIn("stopped at step", stdout)
+        step = int(stdout.split("stopped at step ")[1].split(";")[0])
+        self.assertEqual(read(os.path.join(out, "latest")).strip(), f"ckpt-{step:08d}")
+
     def test_config_unknown_key(self):
         cfg = self.path("c.toml")
         with open(cfg, "w") as f:
@@ -87,7 +117,7 @@ class CliTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         ck = os.path.join(out, "ckpt-00000002")
         model = os.path.join(ck, "model.safetensors")
-        good = open(model, "rb").read()
+        good = read(model, "rb")
         with open(model, "wb") as f:
             f.write(good[: len(good) // 2])
         self.expect_error(run("eval", "--checkpoint", ck, "--data", DATA), "model.safetensors", "truncated")
@@ -140,7 +170,7 @@ class CliTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         loss = float(r.stdout.split("loss:")[1])
         self.assertTrue(0 < loss < 6.0, r.stdout)
-        self.assertEqual(open(os.path.join(out, "latest")).read().strip(), "ckpt-00000005")
+        self.assertEqual(read(os.path.join(out, "latest")).strip(), "ckpt-00000005")
         r = run("train", "--resume", out, "--eval_every", "0")  # and training goes on from there
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("resumed at step 5", r.stdout)
@@ -153,11 +183,11 @@ class CliTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(b, "ckpt-00000040")))
         r = run("train", "--resume", b)
         self.assertEqual(r.returncode, 0, r.stderr)
-        wa = open(os.path.join(a, "ckpt-00000040", "model.safetensors"), "rb").read()
-        wb = open(os.path.join(b, "ckpt-00000040", "model.safetensors"), "rb").read()
+        wa = read(os.path.join(a, "ckpt-00000040", "model.safetensors"), "rb")
+        wb = read(os.path.join(b, "ckpt-00000040", "model.safetensors"), "rb")
         self.assertEqual(wa, wb)
-        oa = open(os.path.join(a, "ckpt-00000040", "optimizer.safetensors"), "rb").read()
-        ob = open(os.path.join(b, "ckpt-00000040", "optimizer.safetensors"), "rb").read()
+        oa = read(os.path.join(a, "ckpt-00000040", "optimizer.safetensors"), "rb")
+        ob = read(os.path.join(b, "ckpt-00000040", "optimizer.safetensors"), "rb")
         self.assertEqual(oa, ob)
 
     # --- outputs ---------------------------------------------------------------------------
@@ -165,10 +195,10 @@ class CliTest(unittest.TestCase):
         out = self.path("run")
         r = self.train(out, "--steps", "3", "--eval_every", "0")
         self.assertEqual(r.returncode, 0, r.stderr)
-        rows = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+        rows = read(os.path.join(out, "metrics.jsonl")).splitlines()
         self.assertEqual(len(rows), 3)
         self.assertIn("val_loss", rows[-1])
-        self.assertTrue(open(os.path.join(out, "loss.svg")).read().startswith("<svg"))
+        self.assertTrue(read(os.path.join(out, "loss.svg")).startswith("<svg"))
         val = float(r.stdout.split("val loss")[1].split()[0])
         r = run("eval", "--checkpoint", out, "--data", DATA)
         self.assertEqual(r.returncode, 0, r.stderr)

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -109,6 +110,10 @@ int run_train(TrainArgs& a) {
     auto ts = std::chrono::steady_clock::now();
     loss = tr.step();
     const int64_t s = tr.current_step();
+    if (!std::isfinite(loss))
+      throw Error("the loss became " + std::to_string(loss) + " at step " + std::to_string(s) +
+                  " (try a lower --lr); no checkpoint was written for it, the last good one is in " +
+                  c.out);
     auto now = std::chrono::steady_clock::now();
     const double step_s = std::chrono::duration<double>(now - ts).count();
     const double elapsed = std::chrono::duration<double>(now - t0).count();
