@@ -4,7 +4,7 @@ crash), a SIGKILL while checkpointing leaves the previous checkpoint loadable, `
 bit-exactly, and eval / generate / devices print what they promise.
 usage: cli_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
-import os, signal, subprocess, sys, tempfile, time, unittest
+import json, os, signal, subprocess, sys, tempfile, time, unittest
 
 MXN = DATA = None
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "32", "--batch", "4",
@@ -174,6 +174,9 @@ class CliTest(unittest.TestCase):
         r = run("train", "--resume", out, "--eval_every", "0")  # and training goes on from there
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("resumed at step 5", r.stdout)
+        # steps 6.. were run twice; metrics.jsonl keeps one row per step
+        steps = [json.loads(l)["step"] for l in read(os.path.join(out, "metrics.jsonl")).splitlines()]
+        self.assertEqual(steps, list(range(1, 21)))
 
     def test_resume_is_bit_exact(self):
         a, b = self.path("a"), self.path("b")

@@ -96,7 +96,10 @@ int run_train(TrainArgs& a) {
   std::printf("  device %s (%s), dtype %s, %lld tokens/step, data %s, run folder %s\n",
               tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(),
               (long long)tokens_per_step, c.data.c_str(), c.out.c_str());
-  if (tr.current_step() > 0) std::printf("  resumed at step %lld\n", (long long)tr.current_step());
+  if (tr.current_step() > 0) {
+    std::printf("  resumed at step %lld\n", (long long)tr.current_step());
+    truncate_metrics(c.out, tr.current_step());
+  }
   std::fflush(stdout);
 
   std::signal(SIGINT, [](int) { g_stop = 1; });
@@ -111,9 +114,10 @@ int run_train(TrainArgs& a) {
     loss = tr.step();
     const int64_t s = tr.current_step();
     if (!std::isfinite(loss))
-      throw Error("the loss became " + std::to_string(loss) + " at step " + std::to_string(s) +
-                  " (try a lower --lr); no checkpoint was written for it, the last good one is in " +
-                  c.out);
+      throw Error(
+          "the loss became " + std::to_string(loss) + " at step " + std::to_string(s) +
+          " (try a lower --lr); no checkpoint was written for it, the last good one is in " +
+          c.out);
     auto now = std::chrono::steady_clock::now();
     const double step_s = std::chrono::duration<double>(now - ts).count();
     const double elapsed = std::chrono::duration<double>(now - t0).count();

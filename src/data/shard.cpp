@@ -45,24 +45,26 @@ std::string prepare_shard(const std::string& text_path, const std::string& out_p
   std::string out(reinterpret_cast<const char*>(&h), sizeof(h));
   out.append(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 2);
   write_file_atomic(out_path, out);
-  return "wrote " + out_path + ": " + std::to_string(cut) + " train and " + std::to_string(n - cut) +
-         " validation tokens (byte-level, vocab 256)";
+  return "wrote " + out_path + ": " + std::to_string(cut) + " train and " +
+         std::to_string(n - cut) + " validation tokens (byte-level, vocab 256)";
 }
 
 TokenData TokenData::open(const std::string& path, double val_fraction) {
   TokenData d;
   d.map_ = std::make_shared<MappedFile>(path, "data file");
   const MappedFile& m = *d.map_;
-  if (m.size() == 0) throw Error("data file '" + path + "' is empty; expected text or a token shard");
+  if (m.size() == 0)
+    throw Error("data file '" + path + "' is empty; expected text or a token shard");
   if (m.size() >= 8 && std::memcmp(m.data(), kMagic, 8) == 0) {
     Header h;
     if (m.size() < sizeof(h)) throw Error("token shard '" + path + "' is truncated (no header)");
     std::memcpy(&h, m.data(), sizeof(h));
-    if (h.version != 1) throw Error("token shard '" + path + "' has unknown version " + std::to_string(h.version));
+    if (h.version != 1)
+      throw Error("token shard '" + path + "' has unknown version " + std::to_string(h.version));
     const uint64_t want = sizeof(h) + 2 * (h.n_train + h.n_val);
     if (h.n_train > (1ull << 40) || h.n_val > (1ull << 40) || m.size() != want)
-      throw Error("token shard '" + path + "' is truncated or corrupt: " + std::to_string(m.size()) +
-                  " bytes, header says " + std::to_string(want));
+      throw Error("token shard '" + path + "' is truncated or corrupt: " +
+                  std::to_string(m.size()) + " bytes, header says " + std::to_string(want));
     d.vocab_ = h.vocab;
     d.train_ = reinterpret_cast<const uint16_t*>(m.data() + sizeof(h));
     d.val_ = d.train_ + h.n_train;
@@ -70,7 +72,9 @@ TokenData TokenData::open(const std::string& path, double val_fraction) {
     d.n_val_ = int64_t(h.n_val);
     return d;
   }
-  if (m.size() < 2) throw Error("data file '" + path + "' has too little text (" + std::to_string(m.size()) + " bytes)");
+  if (m.size() < 2)
+    throw Error("data file '" + path + "' has too little text (" + std::to_string(m.size()) +
+                " bytes)");
   d.owned_ = std::make_shared<std::vector<uint16_t>>(tokenize(m.data(), m.size()));
   const int64_t n = int64_t(d.owned_->size()), cut = split_point(n, val_fraction);
   d.train_ = d.owned_->data();

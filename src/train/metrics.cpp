@@ -16,6 +16,19 @@ void append_metrics(const std::string& run_dir, const nlohmann::json& row) {
   f << row.dump() << "\n";
 }
 
+void truncate_metrics(const std::string& run_dir, int64_t step) {
+  const auto path = std::filesystem::path(run_dir) / "metrics.jsonl";
+  std::ifstream f(path);
+  if (!f) return;
+  std::string line, kept;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() <= step)
+      kept += line + "\n";
+  }
+  write_file_atomic(path.string(), kept);
+}
+
 void write_loss_svg(const std::string& run_dir) {
   std::ifstream f(std::filesystem::path(run_dir) / "metrics.jsonl");
   std::vector<std::pair<double, double>> train, val;
