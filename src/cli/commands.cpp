@@ -3,7 +3,9 @@
 
 #include <cstdio>
 
+#include "backend/conformance.h"
 #include "backend/device.h"
+#include "core/error.h"
 #include "data/shard.h"
 #include "train/infer.h"
 
@@ -89,6 +91,33 @@ std::function<int()> add_prepare(CLI::App& app) {
   return [a] {
     std::printf("%s\n", prepare_shard(a->in, a->out, a->val).c_str());
     return 0;
+  };
+}
+
+std::function<int()> add_conformance(CLI::App& app) {
+  auto* sub = app.add_subcommand("conformance", "check a backend's kernels against the CPU reference");
+  struct A { std::string backend = "cpu", dtype = "f32", op; };
+  auto a = std::make_shared<A>();
+  sub->add_option("--backend", a->backend, "backend or device, e.g. opencl or opencl:1")->capture_default_str();
+  sub->add_option("--dtype", a->dtype, "f32 or bf16")->capture_default_str();
+  sub->add_option("--op", a->op, "only this op (e.g. matmul)");
+  return [a] {
+    const DType dt = dtype_from_name(a->dtype);
+    if (dt != DType::f32 && dt != DType::bf16) throw mxn::Error("--dtype must be f32 or bf16");
+    auto dev = open_device(a->backend);
+    auto ref = open_device("cpu");
+    const auto rows = run_conformance(*dev, *ref, dt, a->op);
+    std::printf("conformance of %s (%s) against cpu:0, tolerance %.0e (max |out - cpu| / max(1, max |cpu|))\n",
+                dev->name().c_str(), dev->props().name, conformance_tolerance(dt));
+    std::printf("%-18s %-5s %-12s %-10s %s\n", "op", "dtype", "status", "max error", "cases");
+    int failed = 0, passed = 0, unsupported = 0;
+    for (const auto& r : rows) {
+      std::printf("%-18s %-5s %-12s %-10.2e %d\n", r.op.c_str(), r.dtype.c_str(), r.status.c_str(),
+                  r.max_err, r.cases);
+      (r.status == "pass" ? passed : r.status == "FAIL" ? failed : unsupported)++;
+    }
+    std::printf("%d passed, %d failed, %d unsupported\n", passed, failed, unsupported);
+    return failed ? 1 : 0;
   };
 }
 

@@ -10,5 +10,6 @@ std::function<int()> add_eval(CLI::App& app);
 std::function<int()> add_generate(CLI::App& app);
 std::function<int()> add_devices(CLI::App& app);
 std::function<int()> add_prepare(CLI::App& app);
+std::function<int()> add_conformance(CLI::App& app);
 
 }  // namespace mxn::cli

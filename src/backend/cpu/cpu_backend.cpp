@@ -102,6 +102,7 @@ int32_t supports(void*, int32_t op, int32_t dtype) {
   if (op < 0 || op >= MXN_OP_COUNT) return 0;
   if (dtype == MXN_DTYPE_F32) return 1;
   if (op == MXN_OP_CAST || op == MXN_OP_COPY) return 1;
+  if (op == MXN_OP_MATMUL && dtype == MXN_DTYPE_BF16) return 1;  // bf16 compute, f32 tensors
   return 0;
 }
 
