@@ -38,30 +38,46 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       for (auto [M, N, K] : {std::array<int64_t, 3>{7, 5, 3}, {64, 48, 32}, {33, 17, 65}})
         for (int ta = 0; ta < 2; ++ta)
           for (int tb = 0; tb < 2; ++tb)
-            c.push_back({op, {f(ta ? Shape{K, M} : Shape{M, K}), f(tb ? Shape{N, K} : Shape{K, N})},
-                         {f({M, N})}, {ta, tb, (M + ta) % 2, compute}, {0.75f}});
+            c.push_back({op,
+                         {f(ta ? Shape{K, M} : Shape{M, K}), f(tb ? Shape{N, K} : Shape{K, N})},
+                         {f({M, N})},
+                         {ta, tb, (M + ta) % 2, compute},
+                         {0.75f}});
       c.push_back({op, {f({3, 9, 5}), f({3, 5, 7})}, {f({3, 9, 7})}, {0, 0, 0, compute}, {1.f}});
       c.push_back({op, {f({2, 6, 9}), f({2, 11, 6})}, {f({2, 9, 11})}, {1, 1, 1, compute}, {1.f}});
       break;
-    case MXN_OP_ADD: c.push_back({op, {f({3, 17}), f({3, 17})}, {f({3, 17})}}); break;
-    case MXN_OP_ADD_BIAS: c.push_back({op, {f({7, 13}), f({13})}, {f({7, 13})}}); break;
+    case MXN_OP_ADD:
+      c.push_back({op, {f({3, 17}), f({3, 17})}, {f({3, 17})}});
+      break;
+    case MXN_OP_ADD_BIAS:
+      c.push_back({op, {f({7, 13}), f({13})}, {f({7, 13})}});
+      break;
     case MXN_OP_SUM_ROWS:
       c.push_back({op, {f({33, 17})}, {f({17})}, {0}});
       c.push_back({op, {f({4, 5})}, {f({5})}, {1}});
       break;
-    case MXN_OP_SCALE: c.push_back({op, {f({1001})}, {f({1001})}, {}, {-0.3f}}); break;
-    case MXN_OP_GELU: c.push_back({op, {f({9, 111})}, {f({9, 111})}}); break;
-    case MXN_OP_GELU_BWD: c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}}); break;
+    case MXN_OP_SCALE:
+      c.push_back({op, {f({1001})}, {f({1001})}, {}, {-0.3f}});
+      break;
+    case MXN_OP_GELU:
+      c.push_back({op, {f({9, 111})}, {f({9, 111})}});
+      break;
+    case MXN_OP_GELU_BWD:
+      c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}});
+      break;
     case MXN_OP_SOFTMAX:
       for (int64_t n : {1, 7, 300}) c.push_back({op, {f({5, n})}, {f({5, n})}});
       break;
-    case MXN_OP_SOFTMAX_BWD: c.push_back({op, {f({5, 37}), pos({5, 37})}, {f({5, 37})}}); break;
+    case MXN_OP_SOFTMAX_BWD:
+      c.push_back({op, {f({5, 37}), pos({5, 37})}, {f({5, 37})}});
+      break;
     case MXN_OP_LAYERNORM:
       for (int64_t n : {13, 384})
         c.push_back({op, {f({6, n}), f({n}), f({n})}, {f({6, n}), f({6, 2})}, {}, {1e-5f}});
       break;
     case MXN_OP_LAYERNORM_BWD:
-      c.push_back({op, {f({6, 13}), f({6, 13}), f({13}), pos({6, 2})}, {f({6, 13}), f({13}), f({13})}});
+      c.push_back(
+          {op, {f({6, 13}), f({6, 13}), f({13}), pos({6, 2})}, {f({6, 13}), f({13}), f({13})}});
       break;
     case MXN_OP_ATTENTION:
       c.push_back({op, {f({10, 18})}, {f({10, 6}), f({2, 3, 5, 5})}, {3, 5}});
@@ -71,8 +87,12 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       c.push_back({op, {f({10, 6}), f({10, 18}), pos({2, 3, 5, 5})}, {f({10, 18})}, {3, 5}});
       c.push_back({op, {f({17, 8}), f({17, 24}), pos({1, 2, 17, 17})}, {f({17, 24})}, {2, 17}});
       break;
-    case MXN_OP_EMBEDDING: c.push_back({op, {idx({11}, 7), f({7, 5})}, {f({11, 5})}}); break;
-    case MXN_OP_EMBEDDING_BWD: c.push_back({op, {f({11, 5}), idx({11}, 7)}, {f({7, 5})}}); break;
+    case MXN_OP_EMBEDDING:
+      c.push_back({op, {idx({11}, 7), f({7, 5})}, {f({11, 5})}});
+      break;
+    case MXN_OP_EMBEDDING_BWD:
+      c.push_back({op, {f({11, 5}), idx({11}, 7)}, {f({7, 5})}});
+      break;
     case MXN_OP_CROSS_ENTROPY:
       for (int64_t V : {3, 101}) c.push_back({op, {f({9, V}), tgt({9}, V)}, {f({1})}});
       break;
@@ -80,7 +100,10 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       c.push_back({op, {f({1}), f({9, 101}), tgt({9}, 101)}, {f({9, 101})}});
       break;
     case MXN_OP_ADAMW:
-      c.push_back({op, {f({513})}, {f({513}), f({513}), pos({513})}, {3},
+      c.push_back({op,
+                   {f({513})},
+                   {f({513}), f({513}), pos({513})},
+                   {3},
                    {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f}});
       break;
     case MXN_OP_CAST:
@@ -91,13 +114,18 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
         c.push_back({op, {f({257})}, {f({257})}});
       }
       break;
-    case MXN_OP_COPY: c.push_back({op, {f({3, 7})}, {f({3, 7})}}); break;
-    case MXN_OP_FILL: c.push_back({op, {}, {f({129})}, {}, {2.5f}}); break;
+    case MXN_OP_COPY:
+      c.push_back({op, {f({3, 7})}, {f({3, 7})}});
+      break;
+    case MXN_OP_FILL:
+      c.push_back({op, {}, {f({129})}, {}, {2.5f}});
+      break;
     case MXN_OP_SUM_SQUARES:
       c.push_back({op, {f({1000})}, {f({1})}, {0}});
       c.push_back({op, {f({77})}, {pos({1})}, {1}});
       break;
-    default: break;
+    default:
+      break;
   }
   return c;
 }
@@ -114,8 +142,10 @@ std::vector<uint8_t> make_data(const Operand& o, Rng& rng) {
     }
     float v = float(rng.normal());
     if (o.gen == Gen::positive) v = 0.5f + float(rng.uniform());
-    if (o.dtype == DType::bf16) reinterpret_cast<uint16_t*>(out.data())[i] = f32_to_bf16(v);
-    else reinterpret_cast<float*>(out.data())[i] = v;
+    if (o.dtype == DType::bf16)
+      reinterpret_cast<uint16_t*>(out.data())[i] = f32_to_bf16(v);
+    else
+      reinterpret_cast<float*>(out.data())[i] = v;
   }
   return out;
 }
@@ -124,10 +154,18 @@ std::vector<double> to_double(const std::vector<uint8_t>& b, DType t) {
   std::vector<double> out(b.size() / dtype_size(t));
   for (size_t i = 0; i < out.size(); ++i) {
     switch (t) {
-      case DType::f32: out[i] = reinterpret_cast<const float*>(b.data())[i]; break;
-      case DType::bf16: out[i] = bf16_to_f32(reinterpret_cast<const uint16_t*>(b.data())[i]); break;
-      case DType::f16: out[i] = f16_to_f32(reinterpret_cast<const uint16_t*>(b.data())[i]); break;
-      case DType::i32: out[i] = reinterpret_cast<const int32_t*>(b.data())[i]; break;
+      case DType::f32:
+        out[i] = reinterpret_cast<const float*>(b.data())[i];
+        break;
+      case DType::bf16:
+        out[i] = bf16_to_f32(reinterpret_cast<const uint16_t*>(b.data())[i]);
+        break;
+      case DType::f16:
+        out[i] = f16_to_f32(reinterpret_cast<const uint16_t*>(b.data())[i]);
+        break;
+      case DType::i32:
+        out[i] = reinterpret_cast<const int32_t*>(b.data())[i];
+        break;
     }
   }
   return out;

@@ -1,11 +1,13 @@
 #include "backend/device.h"
 
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 
 #include "core/error.h"
 
@@ -145,12 +147,90 @@ void Device::synchronize() {
   if (st != 0) fail(st, "synchronize");
 }
 
+namespace {
+
+// "libmxn_backend_opencl.so" -> "opencl"
+std::string plugin_name(const std::filesystem::path& p) {
+  std::string n = p.filename().string();
+  const std::string pre = "libmxn_backend_", suf = ".so";
+  if (n.rfind(pre, 0) == 0) n = n.substr(pre.size());
+  if (n.size() > suf.size() && n.compare(n.size() - suf.size(), suf.size(), suf) == 0)
+    n.resize(n.size() - suf.size());
+  return n;
+}
+
+BackendEntry load_plugin(const std::filesystem::path& path) {
+  BackendEntry e{plugin_name(path), nullptr, ""};
+  // Plugins stay loaded for the life of the process: their tables are used until exit.
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    const char* why = dlerror();
+    e.error = why ? why : "dlopen failed";
+    return e;
+  }
+  auto get = reinterpret_cast<mxn_backend_get_api_fn>(dlsym(lib, "mxn_backend_get_api"));
+  if (!get) {
+    e.error = path.string() + " does not export mxn_backend_get_api";
+    return e;
+  }
+  const mxn_backend_api* api = get();
+  if (!api || api->struct_size < sizeof(mxn_backend_api) || api->abi_version != MXN_ABI_VERSION ||
+      !api->name) {
+    e.error = path.string() + " speaks chip-contract ABI version " +
+              std::to_string(api ? api->abi_version : 0) + ", this mxn needs " +
+              std::to_string(MXN_ABI_VERSION) + " with the full function table";
+    return e;
+  }
+  e.name = api->name;
+  e.api = api;
+  return e;
+}
+
+// Where plugins are looked for: `plugins/` beside the mxn binary, then each folder of
+// MXN_PLUGIN_PATH (colon-separated).
+std::vector<std::filesystem::path> plugin_dirs() {
+  std::vector<std::filesystem::path> dirs;
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) dirs.push_back(exe.parent_path() / "plugins");
+  if (const char* env = std::getenv("MXN_PLUGIN_PATH")) {
+    std::string s = env;
+    for (size_t b = 0; b <= s.size();) {
+      size_t e = s.find(':', b);
+      if (e == std::string::npos) e = s.size();
+      if (e > b) dirs.emplace_back(s.substr(b, e - b));
+      b = e + 1;
+    }
+  }
+  return dirs;
+}
+
+}  // namespace
+
 const std::vector<BackendEntry>& backends() {
-  // The CPU reference backend is linked in; other chips arrive as plugins (issue 3).
+  // The CPU reference backend is linked in; every other chip is a plugin found at start.
   static const std::vector<BackendEntry> list = [] {
     std::vector<BackendEntry> v;
     const mxn_backend_api* cpu = mxn_cpu_backend_get_api();
     v.push_back({cpu->name, cpu, ""});
+    for (const auto& dir : plugin_dirs()) {
+      std::error_code ec;
+      std::vector<std::filesystem::path> files;
+      for (const auto& f : std::filesystem::directory_iterator(dir, ec))
+        if (f.path().filename().string().rfind("libmxn_backend_", 0) == 0)
+          files.push_back(f.path());
+      std::sort(files.begin(), files.end());
+      for (const auto& f : files) {
+        BackendEntry e = load_plugin(f);
+        const bool dup = std::any_of(v.begin(), v.end(), [&](const BackendEntry& x) {
+          return x.api && e.api && x.name == e.name;
+        });
+        if (dup)
+          e = {e.name, nullptr,
+               f.string() + ": a backend named '" + e.name + "' is already loaded"};
+        v.push_back(e);
+      }
+    }
     return v;
   }();
   return list;

@@ -95,10 +95,14 @@ std::function<int()> add_prepare(CLI::App& app) {
 }
 
 std::function<int()> add_conformance(CLI::App& app) {
-  auto* sub = app.add_subcommand("conformance", "check a backend's kernels against the CPU reference");
-  struct A { std::string backend = "cpu", dtype = "f32", op; };
+  auto* sub =
+      app.add_subcommand("conformance", "check a backend's kernels against the CPU reference");
+  struct A {
+    std::string backend = "cpu", dtype = "f32", op;
+  };
   auto a = std::make_shared<A>();
-  sub->add_option("--backend", a->backend, "backend or device, e.g. opencl or opencl:1")->capture_default_str();
+  sub->add_option("--backend", a->backend, "backend or device, e.g. opencl or opencl:1")
+      ->capture_default_str();
   sub->add_option("--dtype", a->dtype, "f32 or bf16")->capture_default_str();
   sub->add_option("--op", a->op, "only this op (e.g. matmul)");
   return [a] {
@@ -107,8 +111,10 @@ std::function<int()> add_conformance(CLI::App& app) {
     auto dev = open_device(a->backend);
     auto ref = open_device("cpu");
     const auto rows = run_conformance(*dev, *ref, dt, a->op);
-    std::printf("conformance of %s (%s) against cpu:0, tolerance %.0e (max |out - cpu| / max(1, max |cpu|))\n",
-                dev->name().c_str(), dev->props().name, conformance_tolerance(dt));
+    std::printf(
+        "conformance of %s (%s) against cpu:0, tolerance %.0e (max |out - cpu| / max(1, max "
+        "|cpu|))\n",
+        dev->name().c_str(), dev->props().name, conformance_tolerance(dt));
     std::printf("%-18s %-5s %-12s %-10s %s\n", "op", "dtype", "status", "max error", "cases");
     int failed = 0, passed = 0, unsupported = 0;
     for (const auto& r : rows) {

@@ -1,0 +1,41 @@
+#!/usr/bin/python3
+"""Backends that cannot load are listed by `mxn devices` with the reason, one line each, and
+mxn keeps working on the devices that did load.
+usage: plugin_test.py PATH/TO/mxn DIR_WITH_BAD_PLUGINS
+"""
+import os, subprocess, sys, tempfile, unittest
+
+MXN = BAD = None
+
+
+class PluginTest(unittest.TestCase):
+    def devices(self, *dirs):
+        env = dict(os.environ, MXN_PLUGIN_PATH=":".join(dirs))
+        r = subprocess.run([MXN, "devices"], capture_output=True, text=True, env=env, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout.splitlines()
+
+    def test_refused_plugins_are_named_with_reasons(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "libmxn_backend_garbage.so"), "w") as f:
+                f.write("not an ELF file\n")
+            lines = self.devices(BAD, tmp, "/nonexistent/dir")
+        self.assertTrue(lines[0].startswith("cpu:0 "), lines)
+        by_name = {l.split()[0]: l for l in lines[1:]}
+        self.assertEqual(set(by_name), {"noentry", "oldabi", "garbage"}, lines)
+        self.assertIn("does not export mxn_backend_get_api", by_name["noentry"])
+        self.assertIn("ABI version 42, this mxn needs 1", by_name["oldabi"])
+        self.assertIn("not loaded:", by_name["garbage"])
+        self.assertEqual(len(lines), 4)
+
+    def test_unknown_device_after_refused_plugin(self):
+        env = dict(os.environ, MXN_PLUGIN_PATH=BAD)
+        r = subprocess.run([MXN, "conformance", "--backend", "oldabi"], capture_output=True,
+                           text=True, env=env, timeout=60)
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr.strip(), "mxn: error: unknown device 'oldabi' (devices here: cpu:0)")
+
+
+if __name__ == "__main__":
+    MXN, BAD = sys.argv[1], sys.argv[2]
+    unittest.main(argv=[sys.argv[0], "-v"])
