@@ -21,19 +21,22 @@ class PluginTest(unittest.TestCase):
                 f.write("not an ELF file\n")
             lines = self.devices(BAD, tmp, "/nonexistent/dir")
         self.assertTrue(lines[0].startswith("cpu:0 "), lines)
-        by_name = {l.split()[0]: l for l in lines[1:]}
+        refused = [l for l in lines if " not loaded: " in l]
+        by_name = {l.split()[0]: l for l in refused}
         self.assertEqual(set(by_name), {"noentry", "oldabi", "garbage"}, lines)
         self.assertIn("does not export mxn_backend_get_api", by_name["noentry"])
         self.assertIn("ABI version 42, this mxn needs 1", by_name["oldabi"])
         self.assertIn("not loaded:", by_name["garbage"])
-        self.assertEqual(len(lines), 4)
+        self.assertEqual(len(refused), 3)
 
     def test_unknown_device_after_refused_plugin(self):
         env = dict(os.environ, MXN_PLUGIN_PATH=BAD)
         r = subprocess.run([MXN, "conformance", "--backend", "oldabi"], capture_output=True,
                            text=True, env=env, timeout=60)
         self.assertEqual(r.returncode, 1)
-        self.assertEqual(r.stderr.strip(), "mxn: error: unknown device 'oldabi' (devices here: cpu:0)")
+        self.assertTrue(r.stderr.startswith("mxn: error: unknown device 'oldabi' (devices here: cpu:0"),
+                        r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,207 @@
+#pragma once
+// The OpenCL C kernels of the OpenCL backend (GEMMs go to CLBlast). Every tensor argument is a
+// buffer plus an element offset. One work-item per element or per row: simple, and
+// deterministic (no atomics, sums in a fixed order).
+namespace mxn::opencl {
+
+inline const char* kKernels = R"CLC(
+#define GELU_S 0.7978845608028654f
+#define GELU_C 0.044715f
+
+__kernel void add(__global const float* a, ulong oa, __global const float* b, ulong ob,
+                  __global float* y, ulong oy) {
+  size_t i = get_global_id(0);
+  y[oy + i] = a[oa + i] + b[ob + i];
+}
+__kernel void add_bias(__global const float* a, ulong oa, __global const float* b, ulong ob,
+                       __global float* y, ulong oy, ulong cols) {
+  size_t i = get_global_id(0);
+  y[oy + i] = a[oa + i] + b[ob + i % cols];
+}
+__kernel void sum_rows(__global const float* a, ulong oa, __global float* y, ulong oy, ulong rows,
+                       ulong cols, int acc) {
+  size_t c = get_global_id(0);
+  float s = acc ? y[oy + c] : 0.f;
+  for (ulong r = 0; r < rows; ++r) s += a[oa + r * cols + c];
+  y[oy + c] = s;
+}
+__kernel void scale(__global const float* a, ulong oa, __global float* y, ulong oy, float k) {
+  size_t i = get_global_id(0);
+  y[oy + i] = a[oa + i] * k;
+}
+__kernel void fill(__global float* y, ulong oy, float v) { y[oy + get_global_id(0)] = v; }
+__kernel void copy(__global const float* a, ulong oa, __global float* y, ulong oy) {
+  size_t i = get_global_id(0);
+  y[oy + i] = a[oa + i];
+}
+__kernel void gelu(__global const float* x, ulong ox, __global float* y, ulong oy) {
+  size_t i = get_global_id(0);
+  float v = x[ox + i];
+  y[oy + i] = 0.5f * v * (1.f + tanh(GELU_S * (v + GELU_C * v * v * v)));
+}
+__kernel void gelu_bwd(__global const float* dy, ulong od, __global const float* x, ulong ox,
+                       __global float* dx, ulong oo) {
+  size_t i = get_global_id(0);
+  float v = x[ox + i];
+  float t = tanh(GELU_S * (v + GELU_C * v * v * v));
+  float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_S * (1.f + 3.f * GELU_C * v * v);
+  dx[oo + i] = dy[od + i] * d;
+}
+// Softmax over the first `len(row)` entries of each row; with causal != 0 row r keeps entries
+// 0..(r % T) and zeroes the rest (attention).
+__kernel void softmax(__global const float* x, ulong ox, __global float* y, ulong oy, ulong cols,
+                      int causal) {
+  size_t r = get_global_id(0);
+  __global const float* xr = x + ox + r * cols;
+  __global float* yr = y + oy + r * cols;
+  ulong n = causal ? (r % cols) + 1 : cols;
+  float mx = xr[0];
+  for (ulong c = 1; c < n; ++c) mx = fmax(mx, xr[c]);
+  float s = 0.f;
+  for (ulong c = 0; c < n; ++c) { float e = exp(xr[c] - mx); yr[c] = e; s += e; }
+  float inv = 1.f / s;
+  for (ulong c = 0; c < n; ++c) yr[c] *= inv;
+  for (ulong c = n; c < cols; ++c) yr[c] = 0.f;
+}
+// dx = y (dy - <dy, y>) * k over a row's first n entries (causal as above), zero beyond.
+__kernel void softmax_bwd(__global const float* dy, ulong od, __global const float* y, ulong oy,
+                          __global float* dx, ulong ox, ulong cols, int causal, float k) {
+  size_t r = get_global_id(0);
+  ulong n = causal ? (r % cols) + 1 : cols;
+  __global const float* d = dy + od + r * cols;
+  __global const float* yr = y + oy + r * cols;
+  __global float* o = dx + ox + r * cols;
+  float dot = 0.f;
+  for (ulong c = 0; c < n; ++c) dot += d[c] * yr[c];
+  for (ulong c = 0; c < n; ++c) o[c] = yr[c] * (d[c] - dot) * k;
+  for (ulong c = n; c < cols; ++c) o[c] = 0.f;
+}
+__kernel void layernorm(__global const float* x, ulong ox, __global const float* w, ulong ow,
+                        __global const float* b, ulong ob, __global float* y, ulong oy,
+                        __global float* st, ulong os, ulong cols, float eps) {
+  size_t r = get_global_id(0);
+  __global const float* xr = x + ox + r * cols;
+  float mean = 0.f;
+  for (ulong c = 0; c < cols; ++c) mean += xr[c];
+  mean /= (float)cols;
+  float var = 0.f;
+  for (ulong c = 0; c < cols; ++c) var += (xr[c] - mean) * (xr[c] - mean);
+  var /= (float)cols;
+  float rstd = 1.f / sqrt(var + eps);
+  for (ulong c = 0; c < cols; ++c) y[oy + r * cols + c] = (xr[c] - mean) * rstd * w[ow + c] + b[ob + c];
+  st[os + 2 * r] = mean;
+  st[os + 2 * r + 1] = rstd;
+}
+__kernel void layernorm_dx(__global const float* dy, ulong od, __global const float* x, ulong ox,
+                           __global const float* w, ulong ow, __global const float* st, ulong os,
+                           __global float* dx, ulong oo, ulong cols) {
+  size_t r = get_global_id(0);
+  float mean = st[os + 2 * r], rstd = st[os + 2 * r + 1];
+  __global const float* xr = x + ox + r * cols;
+  __global const float* d = dy + od + r * cols;
+  float m1 = 0.f, m2 = 0.f;
+  for (ulong c = 0; c < cols; ++c) {
+    float xh = (xr[c] - mean) * rstd, dxh = d[c] * w[ow + c];
+    m1 += dxh;
+    m2 += dxh * xh;
+  }
+  m1 /= (float)cols;
+  m2 /= (float)cols;
+  for (ulong c = 0; c < cols; ++c) {
+    float xh = (xr[c] - mean) * rstd;
+    dx[oo + r * cols + c] = rstd * (d[c] * w[ow + c] - m1 - xh * m2);
+  }
+}
+__kernel void layernorm_dwdb(__global const float* dy, ulong od, __global const float* x, ulong ox,
+                             __global const float* st, ulong os, __global float* dw, ulong ow,
+                             __global float* db, ulong ob, ulong rows, ulong cols) {
+  size_t c = get_global_id(0);
+  float sw = 0.f, sb = 0.f;
+  for (ulong r = 0; r < rows; ++r) {
+    float g = dy[od + r * cols + c];
+    sw += g * (x[ox + r * cols + c] - st[os + 2 * r]) * st[os + 2 * r + 1];
+    sb += g;
+  }
+  dw[ow + c] = sw;
+  db[ob + c] = sb;
+}
+__kernel void embedding(__global const int* idx, ulong oi, __global const float* t, ulong ot,
+                        __global float* y, ulong oy, ulong cols) {
+  size_t i = get_global_id(0);
+  ulong row = i / cols, c = i % cols;
+  y[oy + i] = t[ot + (ulong)idx[oi + row] * cols + c];
+}
+// One work-item per column: rows are added in order, so the result is deterministic.
+__kernel void embedding_bwd(__global const float* dy, ulong od, __global const int* idx, ulong oi,
+                            __global float* dt, ulong ot, ulong n, ulong V, ulong cols) {
+  size_t c = get_global_id(0);
+  for (ulong v = 0; v < V; ++v) dt[ot + v * cols + c] = 0.f;
+  for (ulong i = 0; i < n; ++i) dt[ot + (ulong)idx[oi + i] * cols + c] += dy[od + i * cols + c];
+}
+__kernel void xent_rows(__global const float* l, ulong ol, __global const int* t, ulong ot,
+                        __global float* per_row, ulong V) {
+  size_t r = get_global_id(0);
+  int tr = t[ot + r];
+  if (tr < 0) { per_row[r] = 0.f; return; }
+  __global const float* x = l + ol + r * V;
+  float mx = x[0];
+  for (ulong v = 1; v < V; ++v) mx = fmax(mx, x[v]);
+  float s = 0.f;
+  for (ulong v = 0; v < V; ++v) s += exp(x[v] - mx);
+  per_row[r] = log(s) + mx - x[tr];
+}
+__kernel void xent_mean(__global const float* per_row, __global const int* t, ulong ot, ulong rows,
+                        __global float* loss, ulong olo) {
+  float s = 0.f;
+  ulong n = 0;
+  for (ulong r = 0; r < rows; ++r) if (t[ot + r] >= 0) { s += per_row[r]; ++n; }
+  loss[olo] = n ? s / (float)n : 0.f;
+}
+__kernel void xent_bwd(__global const float* dloss, ulong odl, __global const float* l, ulong ol,
+                       __global const int* t, ulong ot, __global float* d, ulong od, ulong rows,
+                       ulong V) {
+  size_t r = get_global_id(0);
+  ulong n = 0;
+  for (ulong i = 0; i < rows; ++i) n += t[ot + i] >= 0;
+  float k = n ? dloss[odl] / (float)n : 0.f;
+  int tr = t[ot + r];
+  __global const float* x = l + ol + r * V;
+  __global float* o = d + od + r * V;
+  if (tr < 0) { for (ulong v = 0; v < V; ++v) o[v] = 0.f; return; }
+  float mx = x[0];
+  for (ulong v = 1; v < V; ++v) mx = fmax(mx, x[v]);
+  float s = 0.f;
+  for (ulong v = 0; v < V; ++v) { float e = exp(x[v] - mx); o[v] = e; s += e; }
+  float inv = k / s;
+  for (ulong v = 0; v < V; ++v) o[v] *= inv;
+  o[tr] -= k;
+}
+__kernel void adamw(__global float* p, ulong op, __global const float* g, ulong og,
+                    __global float* m, ulong om, __global float* v, ulong ov, float lr, float b1,
+                    float b2, float eps, float wd, float gs, float step_size, float bc2_sqrt) {
+  size_t i = get_global_id(0);
+  float gi = g[og + i] * gs;
+  float mi = b1 * m[om + i] + (1.f - b1) * gi;
+  float vi = b2 * v[ov + i] + (1.f - b2) * gi * gi;
+  m[om + i] = mi;
+  v[ov + i] = vi;
+  float pi = p[op + i] * (1.f - lr * wd);
+  p[op + i] = pi - step_size * mi / (sqrt(vi) / bc2_sqrt + eps);
+}
+// Sum of squares in a fixed order: partial sums per chunk, then one work-item adds them.
+__kernel void sumsq_part(__global const float* a, ulong oa, ulong n, ulong chunk,
+                         __global float* part) {
+  size_t p = get_global_id(0);
+  float s = 0.f;
+  for (ulong i = p * chunk; i < min(n, (p + 1) * chunk); ++i) s += a[oa + i] * a[oa + i];
+  part[p] = s;
+}
+__kernel void sumsq_total(__global const float* part, ulong parts, __global float* y, ulong oy,
+                          int acc) {
+  float s = 0.f;
+  for (ulong p = 0; p < parts; ++p) s += part[p];
+  y[oy] = acc ? y[oy] + s : s;
+}
+)CLC";
+
+}  // namespace mxn::opencl

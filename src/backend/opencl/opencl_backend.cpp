@@ -1,0 +1,602 @@
+// The OpenCL backend: CLBlast for GEMMs, our OpenCL C kernels (kernels_cl.h) for every other op.
+// Runs on PoCL here and on any OpenCL 1.2+ device; a plugin (libmxn_backend_opencl.so).
+#define CL_TARGET_OPENCL_VERSION 120
+#include <CL/cl.h>
+#include <clblast_c.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <new>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backend/opencl/kernels_cl.h"
+#include "mxn/backend_abi.h"
+
+namespace mxn::opencl {
+namespace {
+
+struct DeviceRef {
+  cl_platform_id platform;
+  cl_device_id device;
+};
+
+// Every OpenCL device of every platform; GPU_DEVICE_ORDINAL (as Slurm sets it, "0,2") keeps
+// and orders a subset.
+const std::vector<DeviceRef>& devices() {
+  static const std::vector<DeviceRef> list = [] {
+    std::vector<DeviceRef> all;
+    cl_uint np = 0;
+    if (clGetPlatformIDs(0, nullptr, &np) != CL_SUCCESS || np == 0) return all;
+    std::vector<cl_platform_id> ps(np);
+    clGetPlatformIDs(np, ps.data(), nullptr);
+    for (cl_platform_id p : ps) {
+      cl_uint nd = 0;
+      if (clGetDeviceIDs(p, CL_DEVICE_TYPE_ALL, 0, nullptr, &nd) != CL_SUCCESS || nd == 0) continue;
+      std::vector<cl_device_id> ds(nd);
+      clGetDeviceIDs(p, CL_DEVICE_TYPE_ALL, nd, ds.data(), nullptr);
+      for (cl_device_id d : ds) all.push_back({p, d});
+    }
+    const char* ord = std::getenv("GPU_DEVICE_ORDINAL");
+    if (!ord || !*ord) return all;
+    std::vector<DeviceRef> picked;
+    std::stringstream ss(ord);
+    std::string tok;
+    while (std::getline(ss, tok, ','))
+      if (!tok.empty() && tok.find_first_not_of("0123456789") == std::string::npos &&
+          std::stoul(tok) < all.size())
+        picked.push_back(all[std::stoul(tok)]);
+    return picked;
+  }();
+  return list;
+}
+
+std::string info_str(cl_device_id d, cl_device_info what) {
+  size_t n = 0;
+  clGetDeviceInfo(d, what, 0, nullptr, &n);
+  std::string s(n, '\0');
+  clGetDeviceInfo(d, what, n, s.data(), nullptr);
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
+}
+
+struct Ctx {
+  cl_context context = nullptr;
+  cl_command_queue queue = nullptr;
+  cl_device_id device = nullptr;
+  cl_program program = nullptr;
+  std::map<std::string, cl_kernel> kernels;
+  std::string error;
+  cl_mem scratch = nullptr;  // attention's dP and partial sums; grows, then is reused
+  size_t scratch_bytes = 0;
+  uint64_t free_bytes = 0;
+};
+
+int32_t fail(Ctx* c, int32_t status, const std::string& msg) {
+  c->error = msg;
+  return status;
+}
+
+// Compiled programs are cached on disk by source and device, so a second run does not recompile.
+std::filesystem::path cache_path(cl_device_id d) {
+  const char* home = std::getenv("XDG_CACHE_HOME");
+  std::filesystem::path base =
+      home && *home ? home
+                    : std::string(std::getenv("HOME") ? std::getenv("HOME") : "/tmp") + "/.cache";
+  const size_t h = std::hash<std::string>{}(std::string(kKernels) + info_str(d, CL_DEVICE_NAME) +
+                                            info_str(d, CL_DRIVER_VERSION));
+  return base / "mxn" / "opencl" / (std::to_string(h) + ".bin");
+}
+
+int32_t build_program(Ctx* c) {
+  cl_int err = CL_SUCCESS;
+  const auto cache = cache_path(c->device);
+  std::ifstream in(cache, std::ios::binary);
+  if (in) {
+    std::string bin((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(bin.data());
+    size_t n = bin.size();
+    cl_int st = CL_SUCCESS;
+    c->program = clCreateProgramWithBinary(c->context, 1, &c->device, &n, &p, &st, &err);
+    if (err == CL_SUCCESS && st == CL_SUCCESS &&
+        clBuildProgram(c->program, 1, &c->device, "", nullptr, nullptr) == CL_SUCCESS)
+      return 0;
+    if (c->program) clReleaseProgram(c->program);
+  }
+  const char* src = kKernels;
+  c->program = clCreateProgramWithSource(c->context, 1, &src, nullptr, &err);
+  if (err != CL_SUCCESS) return fail(c, MXN_STATUS_INTERNAL, "clCreateProgramWithSource failed");
+  if (clBuildProgram(c->program, 1, &c->device, "-cl-std=CL1.2", nullptr, nullptr) != CL_SUCCESS) {
+    size_t n = 0;
+    clGetProgramBuildInfo(c->program, c->device, CL_PROGRAM_BUILD_LOG, 0, nullptr, &n);
+    std::string log(n, '\0');
+    clGetProgramBuildInfo(c->program, c->device, CL_PROGRAM_BUILD_LOG, n, log.data(), nullptr);
+    return fail(c, MXN_STATUS_INTERNAL, "OpenCL kernels failed to build: " + log);
+  }
+  size_t n = 0;
+  clGetProgramInfo(c->program, CL_PROGRAM_BINARY_SIZES, sizeof(n), &n, nullptr);
+  std::string bin(n, '\0');
+  unsigned char* p = reinterpret_cast<unsigned char*>(bin.data());
+  if (n &&
+      clGetProgramInfo(c->program, CL_PROGRAM_BINARIES, sizeof(p), &p, nullptr) == CL_SUCCESS) {
+    std::error_code ec;
+    std::filesystem::create_directories(cache.parent_path(), ec);
+    const auto tmp = cache.string() + ".tmp" + std::to_string(reinterpret_cast<uintptr_t>(c));
+    std::ofstream(tmp, std::ios::binary).write(bin.data(), std::streamsize(n));
+    std::filesystem::rename(tmp, cache, ec);  // atomic: a reader sees the old file or the new
+  }
+  return 0;
+}
+
+int32_t device_count() { return int32_t(devices().size()); }
+
+int32_t device_props(int32_t dev, mxn_device_props* out) {
+  if (dev < 0 || dev >= device_count() || !out) return MXN_STATUS_INVALID_ARGUMENT;
+  cl_device_id d = devices()[size_t(dev)].device;
+  std::snprintf(out->name, sizeof(out->name), "%s", info_str(d, CL_DEVICE_NAME).c_str());
+  std::snprintf(out->vendor, sizeof(out->vendor), "%s", info_str(d, CL_DEVICE_VENDOR).c_str());
+  cl_ulong mem = 0;
+  cl_uint cu = 0, mhz = 0;
+  clGetDeviceInfo(d, CL_DEVICE_GLOBAL_MEM_SIZE, sizeof(mem), &mem, nullptr);
+  clGetDeviceInfo(d, CL_DEVICE_MAX_COMPUTE_UNITS, sizeof(cu), &cu, nullptr);
+  clGetDeviceInfo(d, CL_DEVICE_MAX_CLOCK_FREQUENCY, sizeof(mhz), &mhz, nullptr);
+  out->memory_bytes = mem;
+  out->peak_gflops = double(cu) * mhz * 16 / 1000.0;  // nominal: 8-wide FMA per compute unit
+  out->dtype_mask = (1u << MXN_DTYPE_F32) | (1u << MXN_DTYPE_I32);
+  std::snprintf(out->notes, sizeof(out->notes), "%s; %u compute units; GEMM by CLBlast",
+                info_str(d, CL_DEVICE_VERSION).c_str(), cu);
+  return 0;
+}
+
+int32_t init(int32_t dev, const mxn_backend_options*, void** out) {
+  if (dev < 0 || dev >= device_count()) return MXN_STATUS_INVALID_ARGUMENT;
+  auto* c = new (std::nothrow) Ctx;
+  if (!c) return MXN_STATUS_OUT_OF_MEMORY;
+  c->device = devices()[size_t(dev)].device;
+  cl_int err = CL_SUCCESS;
+  c->context = clCreateContext(nullptr, 1, &c->device, nullptr, nullptr, &err);
+  if (err == CL_SUCCESS) c->queue = clCreateCommandQueue(c->context, c->device, 0, &err);
+  cl_ulong mem = 0;
+  clGetDeviceInfo(c->device, CL_DEVICE_GLOBAL_MEM_SIZE, sizeof(mem), &mem, nullptr);
+  c->free_bytes = mem;
+  if (err != CL_SUCCESS || build_program(c) != 0) {
+    *out = c;  // so last_error can be read; shutdown frees it
+    return err != CL_SUCCESS ? fail(c, MXN_STATUS_INTERNAL, "cannot create an OpenCL context")
+                             : MXN_STATUS_INTERNAL;
+  }
+  *out = c;
+  return 0;
+}
+
+void shutdown(void* ctx) {
+  auto* c = static_cast<Ctx*>(ctx);
+  for (auto& [n, k] : c->kernels) clReleaseKernel(k);
+  if (c->scratch) clReleaseMemObject(c->scratch);
+  if (c->program) clReleaseProgram(c->program);
+  if (c->queue) clReleaseCommandQueue(c->queue);
+  if (c->context) clReleaseContext(c->context);
+  delete c;
+}
+
+const char* last_error(void* ctx) { return static_cast<Ctx*>(ctx)->error.c_str(); }
+
+int32_t buffer_alloc(void* ctx, uint64_t bytes, void** out) {
+  auto* c = static_cast<Ctx*>(ctx);
+  cl_int err = CL_SUCCESS;
+  if (bytes > c->free_bytes)
+    return fail(c, MXN_STATUS_OUT_OF_MEMORY,
+                "the device has " + std::to_string(c->free_bytes) + " bytes free");
+  cl_mem m = clCreateBuffer(c->context, CL_MEM_READ_WRITE, bytes ? bytes : 64, nullptr, &err);
+  if (err != CL_SUCCESS)
+    return fail(c, MXN_STATUS_OUT_OF_MEMORY,
+                "clCreateBuffer failed (" + std::to_string(err) + "); the device has " +
+                    std::to_string(c->free_bytes) + " bytes free");
+  c->free_bytes -= bytes;
+  *out = m;
+  return 0;
+}
+
+void buffer_free(void* ctx, void* b) {
+  auto* c = static_cast<Ctx*>(ctx);
+  size_t n = 0;
+  clGetMemObjectInfo(static_cast<cl_mem>(b), CL_MEM_SIZE, sizeof(n), &n, nullptr);
+  c->free_bytes += n;
+  clReleaseMemObject(static_cast<cl_mem>(b));
+}
+
+int32_t copy_to_device(void* ctx, void* dst, uint64_t off, const void* src, uint64_t bytes) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (!bytes) return 0;
+  cl_int e = clEnqueueWriteBuffer(c->queue, static_cast<cl_mem>(dst), CL_TRUE, off, bytes, src, 0,
+                                  nullptr, nullptr);
+  return e == CL_SUCCESS
+             ? 0
+             : fail(c, MXN_STATUS_INTERNAL, "clEnqueueWriteBuffer: " + std::to_string(e));
+}
+
+int32_t copy_to_host(void* ctx, void* dst, const void* src, uint64_t off, uint64_t bytes) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (!bytes) return 0;
+  cl_int e = clEnqueueReadBuffer(c->queue, static_cast<cl_mem>(const_cast<void*>(src)), CL_TRUE,
+                                 off, bytes, dst, 0, nullptr, nullptr);
+  return e == CL_SUCCESS
+             ? 0
+             : fail(c, MXN_STATUS_INTERNAL, "clEnqueueReadBuffer: " + std::to_string(e));
+}
+
+int32_t supports(void*, int32_t op, int32_t dtype) {
+  if (op < 0 || op >= MXN_OP_COUNT) return 0;
+  return dtype == MXN_DTYPE_F32 ? 1 : 0;  // bf16 (matmul compute, casts) is not written yet
+}
+
+int32_t synchronize(void* ctx) {
+  auto* c = static_cast<Ctx*>(ctx);
+  cl_int e = clFinish(c->queue);
+  return e == CL_SUCCESS ? 0 : fail(c, MXN_STATUS_INTERNAL, "clFinish: " + std::to_string(e));
+}
+
+// --- dispatch ----------------------------------------------------------------------------------
+struct Mem {
+  cl_mem m;
+  cl_ulong off;  // in elements
+};
+Mem mem(const mxn_tensor& t) { return {static_cast<cl_mem>(t.buffer), t.offset / 4}; }
+int64_t count(const mxn_tensor& t) {
+  int64_t n = 1;
+  for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
+  return n;
+}
+int64_t last(const mxn_tensor& t) { return t.shape[t.ndim - 1]; }
+
+struct Launch {
+  Ctx* c;
+  cl_kernel k;
+  cl_uint i = 0;
+  cl_int err = CL_SUCCESS;
+  Launch& arg(Mem m) {
+    err |= clSetKernelArg(k, i++, sizeof(cl_mem), &m.m);
+    err |= clSetKernelArg(k, i++, sizeof(cl_ulong), &m.off);
+    return *this;
+  }
+  Launch& arg(cl_mem m) {
+    err |= clSetKernelArg(k, i++, sizeof(cl_mem), &m);
+    return *this;
+  }
+  Launch& u(int64_t v) {
+    cl_ulong x = cl_ulong(v);
+    err |= clSetKernelArg(k, i++, sizeof(x), &x);
+    return *this;
+  }
+  Launch& s(int v) {
+    cl_int x = v;
+    err |= clSetKernelArg(k, i++, sizeof(x), &x);
+    return *this;
+  }
+  Launch& f(float v) {
+    err |= clSetKernelArg(k, i++, sizeof(v), &v);
+    return *this;
+  }
+  int32_t go(int64_t n) {
+    if (err != CL_SUCCESS) return fail(c, MXN_STATUS_INTERNAL, "clSetKernelArg failed");
+    if (n <= 0) return 0;
+    size_t g = size_t(n);
+    cl_int e = clEnqueueNDRangeKernel(c->queue, k, 1, nullptr, &g, nullptr, 0, nullptr, nullptr);
+    return e == CL_SUCCESS
+               ? 0
+               : fail(c, MXN_STATUS_INTERNAL, "clEnqueueNDRangeKernel: " + std::to_string(e));
+  }
+};
+
+Launch kernel(Ctx* c, const char* name) {
+  auto it = c->kernels.find(name);
+  if (it == c->kernels.end()) {
+    cl_int e = CL_SUCCESS;
+    it = c->kernels.emplace(name, clCreateKernel(c->program, name, &e)).first;
+  }
+  return Launch{c, it->second};
+}
+
+cl_mem scratch(Ctx* c, size_t bytes) {
+  if (bytes > c->scratch_bytes) {
+    if (c->scratch) clReleaseMemObject(c->scratch);
+    cl_int e = CL_SUCCESS;
+    c->scratch = clCreateBuffer(c->context, CL_MEM_READ_WRITE, bytes, nullptr, &e);
+    c->scratch_bytes = e == CL_SUCCESS ? bytes : 0;
+    if (e != CL_SUCCESS) c->scratch = nullptr;
+  }
+  return c->scratch;
+}
+
+int32_t gemm(Ctx* c, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, Mem A,
+             int64_t lda, Mem B, int64_t ldb, float beta, Mem C, int64_t ldc) {
+  CLBlastStatusCode st =
+      CLBlastSgemm(CLBlastLayoutRowMajor, ta ? CLBlastTransposeYes : CLBlastTransposeNo,
+                   tb ? CLBlastTransposeYes : CLBlastTransposeNo, size_t(M), size_t(N), size_t(K),
+                   alpha, A.m, A.off, size_t(lda), B.m, B.off, size_t(ldb), beta, C.m, C.off,
+                   size_t(ldc), &c->queue, nullptr);
+  return st == CLBlastSuccess
+             ? 0
+             : fail(c, MXN_STATUS_INTERNAL, "CLBlastSgemm: status " + std::to_string(int(st)));
+}
+
+Mem at(Mem m, int64_t elems) { return {m.m, m.off + cl_ulong(elems)}; }
+
+int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &o = k.outputs[0];
+  const bool ta = k.ip[0], tb = k.ip[1];
+  if (k.ip[3] == MXN_DTYPE_BF16)
+    return fail(c, MXN_STATUS_UNSUPPORTED, "bf16 matmul is not written yet");
+  int64_t batch = 1, M, K, N = last(o), sa = 0, sb = 0, sc = 0;
+  if (a.ndim == 3 && b.ndim == 3) {
+    batch = a.shape[0];
+    M = ta ? a.shape[2] : a.shape[1];
+    K = ta ? a.shape[1] : a.shape[2];
+    sa = a.shape[1] * a.shape[2];
+    sb = b.shape[1] * b.shape[2];
+    sc = o.shape[1] * o.shape[2];
+  } else if (b.ndim == 2 && !ta) {
+    K = last(a);
+    M = count(a) / K;
+  } else {
+    M = ta ? a.shape[1] : a.shape[0];
+    K = ta ? a.shape[0] : a.shape[1];
+  }
+  for (int64_t i = 0; i < batch; ++i)
+    if (int32_t st =
+            gemm(c, ta, tb, M, N, K, k.fp[0], at(mem(a), i * sa), ta ? M : K, at(mem(b), i * sb),
+                 tb ? K : N, k.ip[2] ? 1.f : 0.f, at(mem(o), i * sc), N))
+      return st;
+  return 0;
+}
+
+// Attention as the CPU does it: per (batch, head) GEMMs reading q, k, v in place (ld 3C).
+int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
+  const mxn_tensor& qkv = k.inputs[backward ? 1 : 0];
+  const int64_t H = k.ip[0], T = k.ip[1], C = qkv.shape[1] / 3, B = qkv.shape[0] / T;
+  const int64_t hd = C / H, ld = 3 * C;
+  const float sc = 1.f / std::sqrt(float(hd));
+  const Mem q = mem(qkv);
+  if (!backward) {
+    const Mem y = mem(k.outputs[0]), p = mem(k.outputs[1]);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t qo = b * T * ld + h * hd, bh = b * H + h;
+        if (int32_t st = gemm(c, false, true, T, T, hd, sc, at(q, qo), ld, at(q, qo + C), ld, 0.f,
+                              at(p, bh * T * T), T))
+          return st;
+      }
+    if (int32_t st = kernel(c, "softmax").arg(p).arg(p).u(T).s(1).go(B * H * T)) return st;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t qo = b * T * ld + h * hd, bh = b * H + h;
+        if (int32_t st = gemm(c, false, false, T, hd, T, 1.f, at(p, bh * T * T), T,
+                              at(q, qo + 2 * C), ld, 0.f, at(y, b * T * C + h * hd), C))
+          return st;
+      }
+    return 0;
+  }
+  const Mem dy = mem(k.inputs[0]), p = mem(k.inputs[2]), dq = mem(k.outputs[0]);
+  cl_mem s = scratch(c, size_t(B * H * T * T) * 4);
+  if (!s) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for attention scratch");
+  const Mem dp{s, 0};
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t qo = b * T * ld + h * hd, bh = b * H + h, yo = b * T * C + h * hd;
+      if (int32_t st = gemm(c, true, false, T, hd, T, 1.f, at(p, bh * T * T), T, at(dy, yo), C, 0.f,
+                            at(dq, qo + 2 * C), ld))
+        return st;
+      if (int32_t st = gemm(c, false, true, T, T, hd, 1.f, at(dy, yo), C, at(q, qo + 2 * C), ld,
+                            0.f, at(dp, bh * T * T), T))
+        return st;
+    }
+  if (int32_t st = kernel(c, "softmax_bwd").arg(dp).arg(p).arg(dp).u(T).s(1).f(sc).go(B * H * T))
+    return st;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t qo = b * T * ld + h * hd, bh = b * H + h;
+      if (int32_t st = gemm(c, false, false, T, hd, T, 1.f, at(dp, bh * T * T), T, at(q, qo + C),
+                            ld, 0.f, at(dq, qo), ld))
+        return st;
+      if (int32_t st = gemm(c, true, false, T, hd, T, 1.f, at(dp, bh * T * T), T, at(q, qo), ld,
+                            0.f, at(dq, qo + C), ld))
+        return st;
+    }
+  return 0;
+}
+
+int32_t run(void* ctx, const mxn_op_call* call) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (!call || call->struct_size < sizeof(mxn_op_call))
+    return fail(c, MXN_STATUS_INVALID_ARGUMENT, "op call struct too small");
+  const mxn_op_call& k = *call;
+  const mxn_tensor* in = k.inputs;
+  const mxn_tensor* out = k.outputs;
+  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
+    const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
+    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32)
+      return fail(c, MXN_STATUS_UNSUPPORTED, "the OpenCL backend takes f32 tensors only so far");
+  }
+  switch (k.op) {
+    case MXN_OP_MATMUL:
+      return run_matmul(c, k);
+    case MXN_OP_ADD:
+      return kernel(c, "add").arg(mem(in[0])).arg(mem(in[1])).arg(mem(out[0])).go(count(out[0]));
+    case MXN_OP_ADD_BIAS:
+      return kernel(c, "add_bias")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(out[0]))
+          .u(last(in[0]))
+          .go(count(in[0]));
+    case MXN_OP_SUM_ROWS:
+      return kernel(c, "sum_rows")
+          .arg(mem(in[0]))
+          .arg(mem(out[0]))
+          .u(count(in[0]) / last(in[0]))
+          .u(last(in[0]))
+          .s(int(k.ip[0]))
+          .go(last(in[0]));
+    case MXN_OP_SCALE:
+      return kernel(c, "scale").arg(mem(in[0])).arg(mem(out[0])).f(k.fp[0]).go(count(out[0]));
+    case MXN_OP_FILL:
+      return kernel(c, "fill").arg(mem(out[0])).f(k.fp[0]).go(count(out[0]));
+    case MXN_OP_COPY:
+    case MXN_OP_CAST:
+      return kernel(c, "copy").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
+    case MXN_OP_GELU:
+      return kernel(c, "gelu").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
+    case MXN_OP_GELU_BWD:
+      return kernel(c, "gelu_bwd")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(out[0]))
+          .go(count(out[0]));
+    case MXN_OP_SOFTMAX:
+      return kernel(c, "softmax")
+          .arg(mem(in[0]))
+          .arg(mem(out[0]))
+          .u(last(in[0]))
+          .s(0)
+          .go(count(in[0]) / last(in[0]));
+    case MXN_OP_SOFTMAX_BWD:
+      return kernel(c, "softmax_bwd")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(out[0]))
+          .u(last(in[0]))
+          .s(0)
+          .f(1.f)
+          .go(count(in[0]) / last(in[0]));
+    case MXN_OP_LAYERNORM:
+      return kernel(c, "layernorm")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(in[2]))
+          .arg(mem(out[0]))
+          .arg(mem(out[1]))
+          .u(last(in[0]))
+          .f(k.fp[0])
+          .go(count(in[0]) / last(in[0]));
+    case MXN_OP_LAYERNORM_BWD: {
+      const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
+      if (int32_t st = kernel(c, "layernorm_dx")
+                           .arg(mem(in[0]))
+                           .arg(mem(in[1]))
+                           .arg(mem(in[2]))
+                           .arg(mem(in[3]))
+                           .arg(mem(out[0]))
+                           .u(cols)
+                           .go(rows))
+        return st;
+      return kernel(c, "layernorm_dwdb")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(in[3]))
+          .arg(mem(out[1]))
+          .arg(mem(out[2]))
+          .u(rows)
+          .u(cols)
+          .go(cols);
+    }
+    case MXN_OP_ATTENTION:
+      return run_attention(c, k, false);
+    case MXN_OP_ATTENTION_BWD:
+      return run_attention(c, k, true);
+    case MXN_OP_EMBEDDING:
+      return kernel(c, "embedding")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(out[0]))
+          .u(last(in[1]))
+          .go(count(out[0]));
+    case MXN_OP_EMBEDDING_BWD:
+      return kernel(c, "embedding_bwd")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(out[0]))
+          .u(count(in[1]))
+          .u(out[0].shape[0])
+          .u(out[0].shape[1])
+          .go(out[0].shape[1]);
+    case MXN_OP_CROSS_ENTROPY: {
+      const int64_t V = last(in[0]), rows = count(in[0]) / V;
+      cl_mem s = scratch(c, size_t(rows) * 4);
+      if (!s)
+        return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for cross-entropy scratch");
+      if (int32_t st = kernel(c, "xent_rows").arg(mem(in[0])).arg(mem(in[1])).arg(s).u(V).go(rows))
+        return st;
+      return kernel(c, "xent_mean").arg(s).arg(mem(in[1])).u(rows).arg(mem(out[0])).go(1);
+    }
+    case MXN_OP_CROSS_ENTROPY_BWD: {
+      const int64_t V = last(in[1]), rows = count(in[1]) / V;
+      return kernel(c, "xent_bwd")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(in[2]))
+          .arg(mem(out[0]))
+          .u(rows)
+          .u(V)
+          .go(rows);
+    }
+    case MXN_OP_ADAMW: {
+      const float b1 = k.fp[1], b2 = k.fp[2];
+      const float step_size = k.fp[0] / (1.f - std::pow(b1, float(k.ip[0])));
+      const float bc2 = std::sqrt(1.f - std::pow(b2, float(k.ip[0])));
+      return kernel(c, "adamw")
+          .arg(mem(out[0]))
+          .arg(mem(in[0]))
+          .arg(mem(out[1]))
+          .arg(mem(out[2]))
+          .f(k.fp[0])
+          .f(b1)
+          .f(b2)
+          .f(k.fp[3])
+          .f(k.fp[4])
+          .f(k.fp[5])
+          .f(step_size)
+          .f(bc2)
+          .go(count(out[0]));
+    }
+    case MXN_OP_SUM_SQUARES: {
+      const int64_t n = count(in[0]), chunk = 4096, parts = (n + chunk - 1) / chunk;
+      cl_mem s = scratch(c, size_t(std::max<int64_t>(parts, 1)) * 4);
+      if (!s) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for reduction scratch");
+      if (int32_t st = kernel(c, "sumsq_part").arg(mem(in[0])).u(n).u(chunk).arg(s).go(parts))
+        return st;
+      return kernel(c, "sumsq_total").arg(s).u(parts).arg(mem(out[0])).s(int(k.ip[0])).go(1);
+    }
+    default:
+      return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
+  }
+}
+
+const mxn_backend_api kApi = {
+    sizeof(mxn_backend_api),
+    MXN_ABI_VERSION,
+    "opencl",
+    device_count,
+    device_props,
+    init,
+    shutdown,
+    last_error,
+    buffer_alloc,
+    buffer_free,
+    copy_to_device,
+    copy_to_host,
+    supports,
+    run,
+    synchronize,
+};
+
+}  // namespace
+}  // namespace mxn::opencl
+
+extern "C" __attribute__((visibility("default"))) const mxn_backend_api* mxn_backend_get_api(void) {
+  return &mxn::opencl::kApi;
+}
