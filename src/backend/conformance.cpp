@@ -3,32 +3,14 @@
 #include <algorithm>
 #include <cmath>
 
+#include "backend/op_case.h"
 #include "core/error.h"
 #include "core/rng.h"
 
 namespace mxn {
 namespace {
 
-enum class Gen { normal, positive, index, target };
-
-struct Operand {
-  Shape shape;
-  Gen gen = Gen::normal;
-  int64_t range = 0;  // index: [0, range); target: [-1, range)
-  DType dtype = DType::f32;
-};
-
-struct Case {
-  mxn_op op;
-  std::vector<Operand> in, out;
-  std::array<int64_t, 8> ip{};
-  std::array<float, 8> fp{};
-};
-
-Operand f(Shape s) { return {std::move(s)}; }
-Operand pos(Shape s) { return {std::move(s), Gen::positive}; }
-Operand idx(Shape s, int64_t r) { return {std::move(s), Gen::index, r, DType::i32}; }
-Operand tgt(Shape s, int64_t r) { return {std::move(s), Gen::target, r, DType::i32}; }
+using namespace opcase;
 
 std::vector<Case> cases_for(mxn_op op, DType dt) {
   std::vector<Case> c;
@@ -130,71 +112,6 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
   return c;
 }
 
-std::vector<uint8_t> make_data(const Operand& o, Rng& rng) {
-  const int64_t n = numel(o.shape);
-  std::vector<uint8_t> out(size_t(n) * dtype_size(o.dtype));
-  for (int64_t i = 0; i < n; ++i) {
-    if (o.dtype == DType::i32) {
-      const int64_t lo = o.gen == Gen::target ? -1 : 0;
-      reinterpret_cast<int32_t*>(out.data())[i] =
-          int32_t(lo + int64_t(rng.next() % uint64_t(o.range - lo)));
-      continue;
-    }
-    float v = float(rng.normal());
-    if (o.gen == Gen::positive) v = 0.5f + float(rng.uniform());
-    if (o.dtype == DType::bf16)
-      reinterpret_cast<uint16_t*>(out.data())[i] = f32_to_bf16(v);
-    else
-      reinterpret_cast<float*>(out.data())[i] = v;
-  }
-  return out;
-}
-
-std::vector<double> to_double(const std::vector<uint8_t>& b, DType t) {
-  std::vector<double> out(b.size() / dtype_size(t));
-  for (size_t i = 0; i < out.size(); ++i) {
-    switch (t) {
-      case DType::f32:
-        out[i] = reinterpret_cast<const float*>(b.data())[i];
-        break;
-      case DType::bf16:
-        out[i] = bf16_to_f32(reinterpret_cast<const uint16_t*>(b.data())[i]);
-        break;
-      case DType::f16:
-        out[i] = f16_to_f32(reinterpret_cast<const uint16_t*>(b.data())[i]);
-        break;
-      case DType::i32:
-        out[i] = reinterpret_cast<const int32_t*>(b.data())[i];
-        break;
-    }
-  }
-  return out;
-}
-
-// Runs one case on `dev` with the given operand data; returns the outputs' bytes.
-std::vector<std::vector<uint8_t>> run_case(Device& dev, const Case& c,
-                                           const std::vector<std::vector<uint8_t>>& data) {
-  std::vector<std::unique_ptr<Buffer>> bufs;
-  std::vector<Tensor> in, out;
-  size_t k = 0;
-  for (const auto* ops : {&c.in, &c.out})
-    for (const Operand& o : *ops) {
-      bufs.push_back(dev.alloc(std::max<uint64_t>(64, data[k].size())));
-      Tensor t(o.shape, o.dtype, bufs.back()->handle());
-      dev.upload(t, data[k].data());
-      (ops == &c.in ? in : out).push_back(t);
-      ++k;
-    }
-  dev.run(make_op_call(c.op, in, out, c.ip, c.fp));
-  dev.synchronize();
-  std::vector<std::vector<uint8_t>> result;
-  for (const Tensor& t : out) {
-    result.emplace_back(t.nbytes());
-    dev.download(result.back().data(), t);
-  }
-  return result;
-}
-
 }  // namespace
 
 double conformance_tolerance(DType dtype) { return dtype == DType::bf16 ? 1e-2 : 1e-5; }
@@ -229,7 +146,8 @@ std::vector<ConformanceRow> run_conformance(Device& dev, Device& ref, DType dtyp
       std::vector<std::vector<uint8_t>> data;
       for (const auto* ops : {&c.in, &c.out})
         for (const Operand& o : *ops) data.push_back(make_data(o, rng));
-      const auto got = run_case(dev, c, data), want = run_case(ref, c, data);
+      const auto got = BoundCase(dev, c, data).run().outputs();
+      const auto want = BoundCase(ref, c, data).run().outputs();
       for (size_t i = 0; i < got.size(); ++i) {
         const auto g = to_double(got[i], c.out[i].dtype), w = to_double(want[i], c.out[i].dtype);
         double scale = 1, diff = 0;

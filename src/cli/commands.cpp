@@ -3,6 +3,7 @@
 
 #include <cstdio>
 
+#include "backend/bench_ops.h"
 #include "backend/conformance.h"
 #include "backend/device.h"
 #include "core/error.h"
@@ -124,6 +125,33 @@ std::function<int()> add_conformance(CLI::App& app) {
     }
     std::printf("%d passed, %d failed, %d unsupported\n", passed, failed, unsupported);
     return failed ? 1 : 0;
+  };
+}
+
+std::function<int()> add_bench(CLI::App& app) {
+  auto* sub = app.add_subcommand("bench", "benchmarks (not tests)");
+  auto* ops = sub->add_subcommand("ops", "per-op throughput at the GPT's shapes, beside the CPU's");
+  sub->require_subcommand(1);
+  struct A {
+    std::string backend = "cpu";
+    int reps = 5;
+  };
+  auto a = std::make_shared<A>();
+  ops->add_option("--backend", a->backend, "backend or device")->capture_default_str();
+  ops->add_option("--reps", a->reps, "timed runs per op (median)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  return [a] {
+    auto dev = open_device(a->backend);
+    auto cpu = dev->name() == "cpu:0" ? nullptr : open_device("cpu");
+    Device& ref = cpu ? *cpu : *dev;
+    std::printf("%s (%s) beside cpu:0; median of %d runs\n", dev->name().c_str(), dev->props().name,
+                a->reps);
+    std::printf("%-32s %12s %12s %8s  %s\n", "op", dev->name().c_str(), "cpu:0", "ratio", "unit");
+    for (const auto& r : bench_ops(*dev, ref, a->reps))
+      std::printf("%-32s %12.2f %12.2f %8.2f  %s\n", r.label.c_str(), r.dev, r.cpu, r.dev / r.cpu,
+                  r.unit.c_str());
+    return 0;
   };
 }
 

@@ -11,5 +11,6 @@ std::function<int()> add_generate(CLI::App& app);
 std::function<int()> add_devices(CLI::App& app);
 std::function<int()> add_prepare(CLI::App& app);
 std::function<int()> add_conformance(CLI::App& app);
+std::function<int()> add_bench(CLI::App& app);
 
 }  // namespace mxn::cli

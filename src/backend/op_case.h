@@ -1,0 +1,52 @@
+#pragma once
+// One op call with its operands described (shapes, dtypes, how to fill them), bound to a device:
+// shared by the conformance kit and `mxn bench ops`.
+#include <array>
+#include <memory>
+#include <vector>
+
+#include "backend/device.h"
+#include "core/rng.h"
+
+namespace mxn::opcase {
+
+enum class Gen { normal, positive, index, target };
+
+struct Operand {
+  Shape shape;
+  Gen gen = Gen::normal;
+  int64_t range = 0;  // index: [0, range); target: [-1, range)
+  DType dtype = DType::f32;
+};
+
+struct Case {
+  mxn_op op;
+  std::vector<Operand> in, out;
+  std::array<int64_t, 8> ip{};
+  std::array<float, 8> fp{};
+};
+
+inline Operand f(Shape s) { return {std::move(s)}; }
+inline Operand pos(Shape s) { return {std::move(s), Gen::positive}; }
+inline Operand idx(Shape s, int64_t r) { return {std::move(s), Gen::index, r, DType::i32}; }
+inline Operand tgt(Shape s, int64_t r) { return {std::move(s), Gen::target, r, DType::i32}; }
+
+std::vector<uint8_t> make_data(const Operand& o, Rng& rng);
+std::vector<double> to_double(const std::vector<uint8_t>& b, DType t);
+
+// The case's operands allocated on `dev` and filled with `data` (inputs, then outputs: outputs
+// are pre-filled so accumulating ops are checked too). run() may be called repeatedly.
+class BoundCase {
+ public:
+  BoundCase(Device& dev, const Case& c, const std::vector<std::vector<uint8_t>>& data);
+  BoundCase& run();
+  std::vector<std::vector<uint8_t>> outputs() const;
+
+ private:
+  Device& dev_;
+  std::vector<std::unique_ptr<Buffer>> bufs_;
+  std::vector<Tensor> out_;
+  mxn_op_call call_;
+};
+
+}  // namespace mxn::opcase
