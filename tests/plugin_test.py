@@ -23,11 +23,11 @@ class PluginTest(unittest.TestCase):
         self.assertTrue(lines[0].startswith("cpu:0 "), lines)
         refused = [l for l in lines if " not loaded: " in l]
         by_name = {l.split()[0]: l for l in refused}
-        self.assertEqual(set(by_name), {"noentry", "oldabi", "garbage"}, lines)
+        # (a real backend may be refused too on a machine without its runtime: not checked here)
+        self.assertLessEqual({"noentry", "oldabi", "garbage"}, set(by_name), lines)
         self.assertIn("does not export mxn_backend_get_api", by_name["noentry"])
         self.assertIn("ABI version 42, this mxn needs 1", by_name["oldabi"])
         self.assertIn("not loaded:", by_name["garbage"])
-        self.assertEqual(len(refused), 3)
 
     def test_unknown_device_after_refused_plugin(self):
         env = dict(os.environ, MXN_PLUGIN_PATH=BAD)

@@ -62,6 +62,7 @@ std::function<int()> add_devices(CLI::App& app) {
         std::printf("%-10s not loaded: %s\n", b.name.c_str(), b.error.c_str());
         continue;
       }
+      if (b.api->device_count() == 0) std::printf("%-10s loaded; no devices here\n", b.name.c_str());
       for (int i = 0; i < b.api->device_count(); ++i) {
         mxn_device_props p{};
         p.struct_size = sizeof(p);

@@ -1,0 +1,339 @@
+// The CUDA backend: cuBLASLt for GEMMs (f32, and bf16 operands with f32 accumulation), the
+// kernels in kernels.cuh for every other op. A plugin (libmxn_backend_cuda.so), built wherever
+// nvcc is; with no GPU or driver it loads and reports no devices.
+#include <cublasLt.h>
+
+#include <cmath>
+#include <cstdio>
+#include <new>
+#include <string>
+
+#include "backend/cuda/kernels.cuh"
+#include "mxn/backend_abi.h"
+
+namespace mxn::cuda {
+namespace {
+
+struct Ctx {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 32u << 20;
+  float* scratch = nullptr;  // attention's dP, reductions, bf16 operands; grows, then is reused
+  size_t scratch_floats = 0;
+  std::string error;
+};
+
+int32_t fail(Ctx* c, int32_t st, const std::string& msg) {
+  c->error = msg;
+  return st;
+}
+
+int32_t check(Ctx* c, cudaError_t e, const char* what) {
+  return e == cudaSuccess ? 0 : fail(c, MXN_STATUS_INTERNAL, std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+int32_t device_count() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+int32_t device_props(int32_t dev, mxn_device_props* out) {
+  cudaDeviceProp p{};
+  if (!out || dev < 0 || dev >= device_count() || cudaGetDeviceProperties(&p, dev) != cudaSuccess)
+    return MXN_STATUS_INVALID_ARGUMENT;
+  std::snprintf(out->name, sizeof(out->name), "%s", p.name);
+  std::snprintf(out->vendor, sizeof(out->vendor), "NVIDIA (sm_%d%d)", p.major, p.minor);
+  out->memory_bytes = p.totalGlobalMem;
+  out->peak_gflops = 0;  // not derivable from the properties alone; measured by `mxn bench ops`
+  out->dtype_mask = (1u << MXN_DTYPE_F32) | (1u << MXN_DTYPE_BF16) | (1u << MXN_DTYPE_I32);
+  std::snprintf(out->notes, sizeof(out->notes), "%d SMs; GEMM by cuBLASLt", p.multiProcessorCount);
+  return 0;
+}
+
+int32_t init(int32_t dev, const mxn_backend_options*, void** out) {
+  if (dev < 0 || dev >= device_count()) return MXN_STATUS_INVALID_ARGUMENT;
+  auto* c = new (std::nothrow) Ctx;
+  if (!c) return MXN_STATUS_OUT_OF_MEMORY;
+  *out = c;
+  c->device = dev;
+  if (int32_t st = check(c, cudaSetDevice(dev), "cudaSetDevice")) return st;
+  if (int32_t st = check(c, cudaStreamCreate(&c->stream), "cudaStreamCreate")) return st;
+  if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS) return fail(c, MXN_STATUS_INTERNAL, "cublasLtCreate failed");
+  return check(c, cudaMalloc(&c->workspace, c->workspace_bytes), "cudaMalloc (cuBLASLt workspace)");
+}
+
+void shutdown(void* ctx) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (c->scratch) cudaFree(c->scratch);
+  if (c->workspace) cudaFree(c->workspace);
+  if (c->lt) cublasLtDestroy(c->lt);
+  if (c->stream) cudaStreamDestroy(c->stream);
+  delete c;
+}
+
+const char* last_error(void* ctx) { return static_cast<Ctx*>(ctx)->error.c_str(); }
+
+int32_t buffer_alloc(void* ctx, uint64_t bytes, void** out) {
+  auto* c = static_cast<Ctx*>(ctx);
+  cudaSetDevice(c->device);
+  if (cudaMalloc(out, bytes ? bytes : 64) != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total = 0;
+    cudaMemGetInfo(&free_b, &total);
+    return fail(c, MXN_STATUS_OUT_OF_MEMORY, "the device has " + std::to_string(free_b) + " bytes free");
+  }
+  return 0;
+}
+
+void buffer_free(void*, void* b) { cudaFree(b); }
+
+int32_t copy_to_device(void* ctx, void* dst, uint64_t off, const void* src, uint64_t bytes) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (int32_t st = check(c, cudaMemcpyAsync(static_cast<char*>(dst) + off, src, bytes, cudaMemcpyHostToDevice, c->stream), "cudaMemcpyAsync"))
+    return st;
+  return check(c, cudaStreamSynchronize(c->stream), "cudaStreamSynchronize");  // src may go away
+}
+
+int32_t copy_to_host(void* ctx, void* dst, const void* src, uint64_t off, uint64_t bytes) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (int32_t st = check(c, cudaMemcpyAsync(dst, static_cast<const char*>(src) + off, bytes, cudaMemcpyDeviceToHost, c->stream), "cudaMemcpyAsync"))
+    return st;
+  return check(c, cudaStreamSynchronize(c->stream), "cudaStreamSynchronize");
+}
+
+int32_t supports(void*, int32_t op, int32_t dtype) {
+  if (op < 0 || op >= MXN_OP_COUNT) return 0;
+  return dtype == MXN_DTYPE_F32 || (op == MXN_OP_MATMUL && dtype == MXN_DTYPE_BF16);
+}
+
+int32_t synchronize(void* ctx) {
+  auto* c = static_cast<Ctx*>(ctx);
+  return check(c, cudaStreamSynchronize(c->stream), "cudaStreamSynchronize");
+}
+
+float* F(const mxn_tensor& t) { return reinterpret_cast<float*>(static_cast<char*>(t.buffer) + t.offset); }
+int32_t* I(const mxn_tensor& t) { return reinterpret_cast<int32_t*>(static_cast<char*>(t.buffer) + t.offset); }
+int64_t count(const mxn_tensor& t) {
+  int64_t n = 1;
+  for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
+  return n;
+}
+int64_t last(const mxn_tensor& t) { return t.shape[t.ndim - 1]; }
+unsigned blocks(int64_t n) { return unsigned(std::min<int64_t>((n + 255) / 256, 65535)); }
+
+float* scratch(Ctx* c, size_t floats) {
+  if (floats > c->scratch_floats) {
+    if (c->scratch) cudaFree(c->scratch);
+    c->scratch = nullptr;
+    c->scratch_floats = 0;
+    if (cudaMalloc(&c->scratch, floats * 4) != cudaSuccess) return nullptr;
+    c->scratch_floats = floats;
+  }
+  return c->scratch;
+}
+
+// Row-major C[M,N] = alpha op(A) op(B) + beta C, batched with element strides, as column-major
+// C^T = op(B)^T op(A)^T, which is how cuBLASLt sees row-major memory.
+int32_t gemm(Ctx* c, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+             int64_t lda, int64_t sa, const void* B, int64_t ldb, int64_t sb, float beta, float* C,
+             int64_t ldc, int64_t sc, int64_t batch, bool bf16) {
+  const cudaDataType_t in_t = bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasOperation_t opa = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasStatus_t st = cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa));
+  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb));
+  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&la, in_t, tb ? K : N, tb ? N : K, ldb);
+  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&lb, in_t, ta ? M : K, ta ? K : M, lda);
+  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, N, M, ldc);
+  if (batch > 1) {
+    const int32_t n = int32_t(batch);
+    for (auto [l, stride] : {std::pair{la, sb}, std::pair{lb, sa}, std::pair{lc, sc}}) {
+      if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &n, sizeof(n));
+      if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride));
+    }
+  }
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmul(c->lt, desc, &alpha, B, la, A, lb, &beta, C, lc, C, lc, nullptr, c->workspace,
+                        c->workspace_bytes, c->stream);
+  if (lc) cublasLtMatrixLayoutDestroy(lc);
+  if (lb) cublasLtMatrixLayoutDestroy(lb);
+  if (la) cublasLtMatrixLayoutDestroy(la);
+  if (desc) cublasLtMatmulDescDestroy(desc);
+  return st == CUBLAS_STATUS_SUCCESS ? 0 : fail(c, MXN_STATUS_INTERNAL, "cublasLtMatmul: status " + std::to_string(int(st)));
+}
+
+__global__ void k_to_bf16(const float* a, uint16_t* y, int64_t n) {
+  MXN_LOOP(i, n) {
+    uint32_t u = __float_as_uint(a[i]);
+    y[i] = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &o = k.outputs[0];
+  const bool ta = k.ip[0], tb = k.ip[1], bf16 = k.ip[3] == MXN_DTYPE_BF16;
+  int64_t batch = 1, M, K, N = last(o), sa = 0, sb = 0, sc = 0;
+  if (a.ndim == 3 && b.ndim == 3) {
+    batch = a.shape[0];
+    M = ta ? a.shape[2] : a.shape[1];
+    K = ta ? a.shape[1] : a.shape[2];
+    sa = a.shape[1] * a.shape[2];
+    sb = b.shape[1] * b.shape[2];
+    sc = o.shape[1] * o.shape[2];
+  } else if (b.ndim == 2 && !ta) {
+    K = last(a);
+    M = count(a) / K;
+  } else {
+    M = ta ? a.shape[1] : a.shape[0];
+    K = ta ? a.shape[0] : a.shape[1];
+  }
+  const void *A = F(a), *B = F(b);
+  if (bf16) {  // operands rounded to bf16 into scratch; f32 accumulation and output
+    const int64_t na = count(a), nb = count(b);
+    auto* s = reinterpret_cast<uint16_t*>(scratch(c, size_t(na + nb + 1) / 2 + 1));
+    if (!s) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for bf16 operands");
+    k_to_bf16<<<blocks(na), 256, 0, c->stream>>>(F(a), s, na);
+    k_to_bf16<<<blocks(nb), 256, 0, c->stream>>>(F(b), s + na, nb);
+    A = s;
+    B = s + na;
+  }
+  return gemm(c, ta, tb, M, N, K, k.fp[0], A, ta ? M : K, sa, B, tb ? K : N, sb, k.ip[2] ? 1.f : 0.f, F(o), N, sc, batch, bf16);
+}
+
+// Attention as on the CPU: per (batch, head) GEMMs reading q, k, v in place (ld 3C); for each
+// head the batch dimension is one strided-batched GEMM.
+int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
+  const mxn_tensor& qkv = k.inputs[backward ? 1 : 0];
+  const int64_t H = k.ip[0], T = k.ip[1], C = qkv.shape[1] / 3, B = qkv.shape[0] / T;
+  const int64_t hd = C / H, ld = 3 * C, sq = T * ld, sy = T * C;
+  const float sc = 1.f / std::sqrt(float(hd));
+  const float* q = F(qkv);
+  auto G = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t Kk, float al, const float* A, int64_t lda, int64_t sa,
+               const float* Bm, int64_t ldb, int64_t sb, float* Cm, int64_t ldc, int64_t scs) {
+    return gemm(c, ta, tb, M, N, Kk, al, A, lda, sa, Bm, ldb, sb, 0.f, Cm, ldc, scs, B, false);
+  };
+  if (!backward) {
+    float *y = F(k.outputs[0]), *p = F(k.outputs[1]);
+    for (int64_t h = 0; h < H; ++h)  // P[b,h] at p + (b*H + h)*T*T: batch stride H*T*T
+      if (int32_t st = G(false, true, T, T, hd, sc, q + h * hd, ld, sq, q + C + h * hd, ld, sq, p + h * T * T, T, H * T * T)) return st;
+    k_softmax<<<blocks(B * H * T), 256, 0, c->stream>>>(p, p, B * H * T, T, 1);
+    for (int64_t h = 0; h < H; ++h)
+      if (int32_t st = G(false, false, T, hd, T, 1.f, p + h * T * T, T, H * T * T, q + 2 * C + h * hd, ld, sq, y + h * hd, C, sy)) return st;
+    return 0;
+  }
+  const float *dy = F(k.inputs[0]), *p = F(k.inputs[2]);
+  float* dq = F(k.outputs[0]);
+  float* dp = scratch(c, size_t(B * H * T * T));
+  if (!dp) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for attention scratch");
+  for (int64_t h = 0; h < H; ++h) {
+    if (int32_t st = G(true, false, T, hd, T, 1.f, p + h * T * T, T, H * T * T, dy + h * hd, C, sy, dq + 2 * C + h * hd, ld, sq)) return st;
+    if (int32_t st = G(false, true, T, T, hd, 1.f, dy + h * hd, C, sy, q + 2 * C + h * hd, ld, sq, dp + h * T * T, T, H * T * T)) return st;
+  }
+  k_softmax_bwd<<<blocks(B * H * T), 256, 0, c->stream>>>(dp, p, dp, B * H * T, T, 1, sc);
+  for (int64_t h = 0; h < H; ++h) {
+    if (int32_t st = G(false, false, T, hd, T, 1.f, dp + h * T * T, T, H * T * T, q + C + h * hd, ld, sq, dq + h * hd, ld, sq)) return st;
+    if (int32_t st = G(true, false, T, hd, T, 1.f, dp + h * T * T, T, H * T * T, q + h * hd, ld, sq, dq + C + h * hd, ld, sq)) return st;
+  }
+  return 0;
+}
+
+int32_t run(void* ctx, const mxn_op_call* call) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (!call || call->struct_size < sizeof(mxn_op_call)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, "op call struct too small");
+  const mxn_op_call& k = *call;
+  const mxn_tensor *in = k.inputs, *out = k.outputs;
+  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
+    const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
+    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32)
+      return fail(c, MXN_STATUS_UNSUPPORTED, "the CUDA backend takes f32 tensors (bf16 as a matmul compute type)");
+  }
+  cudaStream_t s = c->stream;
+  const int64_t n0 = k.n_outputs ? count(out[0]) : 0;
+  switch (k.op) {
+    case MXN_OP_MATMUL: return run_matmul(c, k);
+    case MXN_OP_ADD: k_add<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
+    case MXN_OP_ADD_BIAS: k_add_bias<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0, last(in[0])); break;
+    case MXN_OP_SUM_ROWS:
+      k_sum_rows<<<blocks(last(in[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(in[0]) / last(in[0]), last(in[0]), int(k.ip[0]));
+      break;
+    case MXN_OP_SCALE: k_scale<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0, k.fp[0]); break;
+    case MXN_OP_FILL: k_fill<<<blocks(n0), 256, 0, s>>>(F(out[0]), n0, k.fp[0]); break;
+    case MXN_OP_COPY:
+    case MXN_OP_CAST: k_copy<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0); break;
+    case MXN_OP_GELU: k_gelu<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0); break;
+    case MXN_OP_GELU_BWD: k_gelu_bwd<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
+    case MXN_OP_SOFTMAX: {
+      const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
+      k_softmax<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(out[0]), rows, cols, 0);
+      break;
+    }
+    case MXN_OP_SOFTMAX_BWD: {
+      const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
+      k_softmax_bwd<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), rows, cols, 0, 1.f);
+      break;
+    }
+    case MXN_OP_LAYERNORM: {
+      const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
+      k_layernorm<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(out[0]), F(out[1]), rows, cols, k.fp[0]);
+      break;
+    }
+    case MXN_OP_LAYERNORM_BWD: {
+      const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
+      k_layernorm_dx<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(out[0]), rows, cols);
+      k_layernorm_dwdb<<<blocks(cols), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[3]), F(out[1]), F(out[2]), rows, cols);
+      break;
+    }
+    case MXN_OP_ATTENTION: return run_attention(c, k, false);
+    case MXN_OP_ATTENTION_BWD: return run_attention(c, k, true);
+    case MXN_OP_EMBEDDING: k_embedding<<<blocks(n0), 256, 0, s>>>(I(in[0]), F(in[1]), F(out[0]), n0, last(in[1])); break;
+    case MXN_OP_EMBEDDING_BWD:
+      k_embedding_bwd<<<blocks(out[0].shape[1]), 256, 0, s>>>(F(in[0]), I(in[1]), F(out[0]), count(in[1]), out[0].shape[0], out[0].shape[1]);
+      break;
+    case MXN_OP_CROSS_ENTROPY: {
+      const int64_t V = last(in[0]), rows = count(in[0]) / V;
+      float* pr = scratch(c, size_t(rows));
+      if (!pr) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for cross-entropy scratch");
+      k_xent_rows<<<blocks(rows), 256, 0, s>>>(F(in[0]), I(in[1]), pr, rows, V);
+      k_xent_mean<<<1, 1, 0, s>>>(pr, I(in[1]), rows, F(out[0]));
+      break;
+    }
+    case MXN_OP_CROSS_ENTROPY_BWD: {
+      const int64_t V = last(in[1]), rows = count(in[1]) / V;
+      k_xent_bwd<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), I(in[2]), F(out[0]), rows, V);
+      break;
+    }
+    case MXN_OP_ADAMW: {
+      const float b1 = k.fp[1], b2 = k.fp[2];
+      const float step_size = k.fp[0] / (1.f - std::pow(b1, float(k.ip[0])));
+      const float bc2 = std::sqrt(1.f - std::pow(b2, float(k.ip[0])));
+      k_adamw<<<blocks(n0), 256, 0, s>>>(F(out[0]), F(in[0]), F(out[1]), F(out[2]), n0, k.fp[0], b1, b2, k.fp[3], k.fp[4], k.fp[5], step_size, bc2);
+      break;
+    }
+    case MXN_OP_SUM_SQUARES: {
+      const int64_t n = count(in[0]), chunk = 4096, parts = std::max<int64_t>(1, (n + chunk - 1) / chunk);
+      float* part = scratch(c, size_t(parts));
+      if (!part) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for reduction scratch");
+      k_sumsq_part<<<blocks(parts), 256, 0, s>>>(F(in[0]), n, chunk, part, parts);
+      k_sumsq_total<<<1, 1, 0, s>>>(part, parts, F(out[0]), int(k.ip[0]));
+      break;
+    }
+    default: return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
+  }
+  return check(c, cudaGetLastError(), "kernel launch");
+}
+
+const mxn_backend_api kApi = {
+    sizeof(mxn_backend_api), MXN_ABI_VERSION, "cuda", device_count, device_props, init, shutdown,
+    last_error, buffer_alloc, buffer_free, copy_to_device, copy_to_host, supports, run, synchronize,
+};
+
+}  // namespace
+}  // namespace mxn::cuda
+
+extern "C" __attribute__((visibility("default"))) const mxn_backend_api* mxn_backend_get_api(void) {
+  return &mxn::cuda::kApi;
+}
