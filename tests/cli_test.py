@@ -89,6 +89,14 @@ class CliTest(unittest.TestCase):
         step = int(stdout.split("stopped at step ")[1].split(";")[0])
         self.assertEqual(read(os.path.join(out, "latest")).strip(), f"ckpt-{step:08d}")
 
+    def test_bad_devices(self):
+        self.expect_error(self.train(self.path("r"), "--devices", "cpu,cuda:3"),
+                          "unknown device 'cuda:3' in --devices", "cpu:0")
+        self.expect_error(self.train(self.path("r"), "--devices", "cpu,cpu:0"), "'cpu:0' appears twice")
+        if "opencl:0" in run("devices").stdout:
+            self.expect_error(self.train(self.path("r"), "--devices", "cpu,opencl:0", "--batch", "1"),
+                              "global batch (1 sequences) is smaller than the 2 devices")
+
     def test_config_unknown_key(self):
         cfg = self.path("c.toml")
         with open(cfg, "w") as f:

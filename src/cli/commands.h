@@ -12,5 +12,6 @@ std::function<int()> add_devices(CLI::App& app);
 std::function<int()> add_prepare(CLI::App& app);
 std::function<int()> add_conformance(CLI::App& app);
 std::function<int()> add_bench(CLI::App& app);
+void remember_argv(int argc, char** argv);
 
 }  // namespace mxn::cli

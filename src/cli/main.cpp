@@ -6,6 +6,7 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
+  mxn::cli::remember_argv(argc, argv);
   CLI::App app{"mxn: M models on N chips: train, evaluate and sample GPT models on any backend"};
   app.require_subcommand(1);
   std::map<CLI::App*, std::function<int()>> run;

@@ -2,15 +2,20 @@
 // a live progress line, metrics, validation and checkpoints.
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 
+#include "backend/device.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "io/checkpoint.h"
+#include "parallel/comm.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
 
@@ -18,6 +23,43 @@ namespace mxn::cli {
 namespace {
 
 volatile std::sig_atomic_t g_stop = 0;
+std::vector<std::string> g_argv;  // this process's command line, for starting ranks
+
+std::vector<std::string> split_devices(const std::string& s) {
+  std::vector<std::string> out;
+  size_t b = 0;
+  while (b <= s.size() && !s.empty()) {
+    size_t e = s.find(',', b);
+    if (e == std::string::npos) e = s.size();
+    out.push_back(s.substr(b, e - b));
+    b = e + 1;
+  }
+  return out;
+}
+
+// `--devices a,b` on one machine: start one rank per device through mpirun (the same command
+// line; each rank picks its device by rank) and become that job.
+[[noreturn]] void launch_ranks(size_t n, int64_t threads) {
+  std::vector<std::string> args = {"mpirun",          "-np",       std::to_string(n),
+                                   "--oversubscribe", "--bind-to", "none"};
+  if (geteuid() == 0) args.push_back("--allow-run-as-root");
+  args.push_back("/proc/self/exe");
+  char exe[4096];
+  const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (len > 0) args.back() = std::string(exe, size_t(len));
+  args.insert(args.end(), g_argv.begin() + 1, g_argv.end());
+  if (threads == 0) {  // split the cores between the ranks
+    args.push_back("--threads");
+    args.push_back(std::to_string(std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN) / long(n))));
+  }
+  std::vector<char*> cargs;
+  for (auto& a : args) cargs.push_back(a.data());
+  cargs.push_back(nullptr);
+  std::fflush(stdout);
+  execvp("mpirun", cargs.data());
+  throw Error("cannot start mpirun for --devices (" + std::string(std::strerror(errno)) +
+              "); install openmpi-bin, or start the ranks with your own launcher");
+}
 
 void copy_field(TrainConfig& dst, const TrainConfig& src, const std::string& name) {
   TrainConfig s = src;
@@ -85,10 +127,45 @@ int run_train(TrainArgs& a) {
                 "' is missing: run scripts/setup (it prepares "
                 "it), or pass --data FILE");
   cfg.validate();
+  const std::vector<std::string> devs = split_devices(cfg.devices);
+  if (!devs.empty()) {
+    const auto here = available_devices();
+    std::string names;
+    for (const auto& d : here) names += (names.empty() ? "" : ", ") + d;
+    std::vector<std::string> seen;
+    for (std::string d : devs) {
+      if (d.find(':') == std::string::npos) d += ":0";
+      if (std::find(here.begin(), here.end(), d) == here.end())
+        throw Error("unknown device '" + d + "' in --devices (devices here: " + names + ")");
+      if (std::find(seen.begin(), seen.end(), d) != seen.end())
+        throw Error("device '" + d +
+                    "' appears twice in --devices; each rank needs its own device");
+      seen.push_back(d);
+    }
+    if (cfg.batch < int64_t(devs.size()))
+      throw Error("the global batch (" + std::to_string(cfg.batch) +
+                  " sequences) is smaller than the " + std::to_string(devs.size()) +
+                  " devices: each rank needs at least one");
+    const RankInfo ri = rank_from_env();
+    if (ri.world == 1 && devs.size() > 1) launch_ranks(devs.size(), cfg.threads);
+    if (size_t(ri.world) != devs.size())
+      throw Error("--devices names " + std::to_string(devs.size()) +
+                  " devices but the launcher started " + std::to_string(ri.world) + " ranks");
+    cfg.device = seen[size_t(ri.rank)];
+  }
+  Communicator& comm = Communicator::world();
+  const bool lead = comm.rank() == 0;  // rank 0 prints, writes metrics and checkpoints
 
-  Trainer tr(cfg, a.resume);
+  Trainer tr(cfg, a.resume, &comm);
   const TrainConfig& c = tr.config();
-  std::filesystem::create_directories(c.out);
+  if (lead) std::filesystem::create_directories(c.out);
+  if (!lead) {
+    if (std::freopen("/dev/null", "w", stdout) == nullptr) { /* keep stdout */
+    }
+  }
+  if (comm.size() > 1)
+    std::printf("  %d ranks; rank 0: %s, %lld of %lld sequences per micro-batch\n", comm.size(),
+                tr.device().name().c_str(), (long long)tr.local_batch(), (long long)c.batch);
   const int64_t tokens_per_step = c.batch * c.accum * c.seq_len();
   std::printf("mxn train: GPT-2 %lld layers, %lld heads, width %lld, context %lld: %.2fM params\n",
               (long long)c.model.n_layer, (long long)c.model.n_head, (long long)c.model.n_embd,
@@ -98,7 +175,7 @@ int run_train(TrainArgs& a) {
               (long long)tokens_per_step, c.data.c_str(), c.out.c_str());
   if (tr.current_step() > 0) {
     std::printf("  resumed at step %lld\n", (long long)tr.current_step());
-    truncate_metrics(c.out, tr.current_step());
+    if (lead) truncate_metrics(c.out, tr.current_step());
   }
   std::fflush(stdout);
 
@@ -109,7 +186,12 @@ int run_train(TrainArgs& a) {
   const int64_t first = tr.current_step();
   auto t0 = std::chrono::steady_clock::now();
   float loss = 0;
-  while (tr.current_step() < last && !g_stop) {
+  auto stop_requested = [&] {  // every rank must stop at the same step
+    double f = g_stop ? 1 : 0;
+    comm.all_reduce_sum(&f, 1);
+    return f > 0;
+  };
+  while (tr.current_step() < last && !stop_requested()) {
     auto ts = std::chrono::steady_clock::now();
     loss = tr.step();
     const int64_t s = tr.current_step();
@@ -128,7 +210,7 @@ int run_train(TrainArgs& a) {
                           {"tokens_per_s", tps}, {"step_s", step_s}};
     const bool eval_now = (c.eval_every > 0 && s % c.eval_every == 0) || s == last;
     if (eval_now) row["val_loss"] = tr.eval_loss();
-    append_metrics(c.out, row);
+    if (lead) append_metrics(c.out, row);
     char line[256];
     std::snprintf(line, sizeof(line),
                   "step %5lld/%lld | loss %.4f | lr %.2e | %7.0f tok/s | ETA %s", (long long)s,
@@ -141,10 +223,11 @@ int run_train(TrainArgs& a) {
       std::printf("%sstep %lld: val loss %.4f\n", tty ? "\n" : "", (long long)s,
                   row["val_loss"].get<double>());
     std::fflush(stdout);
-    if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();
+    if (lead && c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();
   }
   if (tty) std::printf("\n");
   if (tr.device().profiling()) std::printf("%s", tr.device().profile_report().c_str());
+  if (!lead) return g_stop ? 130 : 0;
   const std::string where = tr.save();
   write_loss_svg(c.out);
   std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",
@@ -154,6 +237,8 @@ int run_train(TrainArgs& a) {
 }
 
 }  // namespace
+
+void remember_argv(int argc, char** argv) { g_argv.assign(argv, argv + argc); }
 
 std::function<int()> add_train(CLI::App& app) {
   auto* sub =

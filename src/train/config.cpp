@@ -16,6 +16,7 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"data", &c.data, "token shard from `mxn prepare`, or a text file"},
       {"out", &c.out, "run folder: checkpoints, metrics.jsonl, loss.svg"},
       {"device", &c.device, "device, e.g. cpu or cpu:0 (`mxn devices` lists them)"},
+      {"devices", &c.devices, "several devices, one rank each: cpu,opencl:0 (started through mpirun)"},
       {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
       {"threads", &c.threads, "CPU threads (0: all cores)"},
       {"steps", &c.steps, "optimizer steps in all"},

@@ -16,6 +16,7 @@ struct TrainConfig {
   std::string data = "data/kjv.bin";
   std::string out = "runs/default";
   std::string device = "cpu";
+  std::string devices;  // "cpu,opencl:0": one rank per device, one job
   std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
   int64_t threads = 0;        // 0: every core
   int64_t steps = 1500;

@@ -15,7 +15,8 @@ Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
 
 }  // namespace
 
-Trainer::Trainer(const TrainConfig& cfg, const std::string& resume) : cfg_(cfg) {
+Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator* comm)
+    : cfg_(cfg), comm_(comm && comm->size() > 1 ? comm : nullptr) {
   Checkpoint ck;
   if (!resume.empty()) {
     ck = load_checkpoint(resume, true);
@@ -26,7 +27,15 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume) : cfg_(cfg) 
   if (data_.vocab() > cfg_.model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +
                 " but the model's vocab_size is " + std::to_string(cfg_.model.vocab_size));
-  const int64_t B = cfg_.batch, T = cfg_.seq_len();
+  const int64_t world = comm_ ? comm_->size() : 1, rank = comm_ ? comm_->rank() : 0;
+  if (cfg_.batch < world)
+    throw Error("the global batch (" + std::to_string(cfg_.batch) +
+                " sequences) is smaller than the " + std::to_string(world) +
+                " ranks: each rank needs at least one");
+  // Even shares for now; the first batch % world ranks take one more sequence.
+  local_batch_ = cfg_.batch / world + (rank < cfg_.batch % world ? 1 : 0);
+  row_begin_ = rank * (cfg_.batch / world) + std::min<int64_t>(rank, cfg_.batch % world);
+  const int64_t B = local_batch_, T = cfg_.seq_len();
   if (data_.n_train() < T + 2 || data_.n_val() < T + 2)
     throw Error("data '" + cfg_.data + "' is too small: " + std::to_string(data_.n_train()) +
                 " train and " + std::to_string(data_.n_val()) +
@@ -49,6 +58,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume) : cfg_(cfg) 
   for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
   dev_->upload(prog_->tensor(m_.positions), pos.data());
 
+  if (comm_) host_grads_.resize(size_t(prog_->param_count()));
   sumsq_ = Tensor({1}, DType::f32, scalar_->handle());
   loss_ = prog_->tensor(m_.loss);
   tokens_ = prog_->tensor(m_.tokens);
@@ -105,7 +115,7 @@ float Trainer::step() {
     // data-loader state, and accum x batch sees the same rows as one batch of accum * batch.
     const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));
     for (size_t b = 0; b < offsets_.size(); ++b) {
-      const uint64_t row = uint64_t(micro) * offsets_.size() + b;
+      const uint64_t row = uint64_t(micro * cfg_.batch + row_begin_) + b;
       offsets_[b] = int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
     }
     fill_batch(data_.train(), offsets_);
@@ -113,6 +123,19 @@ float Trainer::step() {
     float loss = 0;
     dev_->download(&loss, loss_);
     loss_sum += loss;
+  }
+  if (comm_) {
+    // Host-staged all-reduce: each rank's gradient is a mean over its own tokens, so it is
+    // weighted by its share of the global batch before the sum.
+    const float w = float(local_batch_) / float(cfg_.batch);
+    const Tensor g = prog_->grads_all();
+    dev_->download(host_grads_.data(), g);
+    for (float& x : host_grads_) x *= w;
+    comm_->all_reduce_sum(host_grads_.data(), int64_t(host_grads_.size()));
+    dev_->upload(g, host_grads_.data());
+    double l = loss_sum * w;
+    comm_->all_reduce_sum(&l, 1);
+    loss_sum = l;
   }
   // Global norm of the mean gradient over micro-batches, then one scale for mean and clipping.
   dev_->run(grad_sumsq_);
@@ -142,19 +165,22 @@ float Trainer::step() {
 }
 
 float Trainer::eval_loss() {
-  const int64_t T = cfg_.seq_len(), B = cfg_.batch;
-  const int64_t windows = cfg_.eval_batches * B;
+  // The same fixed windows for any number of ranks: each rank takes its rows of every batch,
+  // and the token-weighted losses are summed over ranks (collective: every rank calls this).
+  const int64_t T = cfg_.seq_len(), G = cfg_.batch;
+  const int64_t windows = cfg_.eval_batches * G;
   const int64_t span = data_.n_val() - T - 1;
   double sum = 0;
   for (int64_t e = 0; e < cfg_.eval_batches; ++e) {
-    for (int64_t b = 0; b < B; ++b)
-      offsets_[size_t(b)] = (e * B + b) * span / std::max<int64_t>(1, windows - 1);
+    for (int64_t b = 0; b < local_batch_; ++b)
+      offsets_[size_t(b)] = (e * G + row_begin_ + b) * span / std::max<int64_t>(1, windows - 1);
     fill_batch(data_.val(), offsets_);
     prog_->run(0, n_forward_);
     float loss = 0;
     dev_->download(&loss, loss_);
-    sum += loss;
+    sum += double(loss) * double(local_batch_) / double(G);
   }
+  if (comm_) comm_->all_reduce_sum(&sum, 1);
   return float(sum / double(cfg_.eval_batches));
 }
 

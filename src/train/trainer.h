@@ -11,14 +11,18 @@
 #include "graph/program.h"
 #include "io/checkpoint.h"
 #include "models/gpt2/gpt2.h"
+#include "parallel/comm.h"
 #include "train/config.h"
 
 namespace mxn {
 
 class Trainer {
  public:
-  // Starts fresh, or from `resume` (a checkpoint or run folder) when non-empty.
-  explicit Trainer(const TrainConfig& cfg, const std::string& resume = "");
+  // Starts fresh, or from `resume` (a checkpoint or run folder) when non-empty. With a
+  // communicator of several ranks, each rank takes its share of every step's global batch
+  // (cfg.batch sequences per micro-step) and gradients are summed weighted by tokens.
+  explicit Trainer(const TrainConfig& cfg, const std::string& resume = "",
+                   Communicator* comm = nullptr);
 
   float step();        // one optimizer step; returns the mean training loss of its micro-batches
   float eval_loss();   // mean loss over the validation split's fixed windows
@@ -30,6 +34,7 @@ class Trainer {
   TensorMap weights() const;
   float last_grad_norm() const { return grad_norm_; }
   Device& device() { return *dev_; }
+  int64_t local_batch() const { return local_batch_; }
 
  private:
   void fill_batch(const uint16_t* tokens, const std::vector<int64_t>& offsets);
@@ -48,6 +53,9 @@ class Trainer {
   mxn_op_call zero_grads_{}, grad_sumsq_{}, adamw_[2]{};
   Tensor loss_, sumsq_, tokens_, targets_;
   int64_t step_ = 0;
+  Communicator* comm_ = nullptr;
+  int64_t local_batch_ = 0, row_begin_ = 0;  // this rank's rows of the global batch
+  std::vector<float> host_grads_;            // host staging for the all-reduce
   float grad_norm_ = 0;
 };
 

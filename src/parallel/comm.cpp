@@ -1,0 +1,85 @@
+#include "parallel/comm.h"
+
+#include <mpi.h>
+
+#include <cstdlib>
+
+#include "core/error.h"
+
+namespace mxn {
+namespace {
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : fallback;
+}
+
+}  // namespace
+
+RankInfo rank_from_env() {
+  RankInfo r;
+  if (std::getenv("OMPI_COMM_WORLD_SIZE")) {
+    r = {env_int("OMPI_COMM_WORLD_RANK", 0), env_int("OMPI_COMM_WORLD_SIZE", 1),
+         env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0), "openmpi"};
+  } else if (std::getenv("SLURM_NTASKS") && std::getenv("SLURM_PROCID")) {
+    r = {env_int("SLURM_PROCID", 0), env_int("SLURM_NTASKS", 1), env_int("SLURM_LOCALID", 0),
+         "slurm"};
+  } else if (std::getenv("WORLD_SIZE")) {
+    r = {env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0), "env"};
+  }
+  if (r.world < 1 || r.rank < 0 || r.rank >= r.world)
+    throw Error("bad rank environment: rank " + std::to_string(r.rank) + " of world size " +
+                std::to_string(r.world) + " (from " + r.launcher + ")");
+  return r;
+}
+
+Communicator& Communicator::world() {
+  static Communicator c;
+  return c;
+}
+
+Communicator::Communicator() : info_(rank_from_env()) {
+  if (info_.world <= 1) return;
+  int inited = 0;
+  MPI_Initialized(&inited);
+  if (!inited) {
+    int provided = 0;
+    MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+  }
+  mpi_ = true;
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (rank != info_.rank || size != info_.world)
+    throw Error("MPI says rank " + std::to_string(rank) + " of " + std::to_string(size) +
+                ", the launcher's environment says " + std::to_string(info_.rank) + " of " +
+                std::to_string(info_.world));
+  // A failed rank must end the job, not hang it: MPI errors abort (the default on COMM_WORLD).
+}
+
+Communicator::~Communicator() {
+  if (mpi_) {
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (!fin) MPI_Finalize();
+  }
+}
+
+void Communicator::all_reduce_sum(float* data, int64_t n) {
+  if (!mpi_ || n == 0) return;
+  for (int64_t off = 0; off < n; off += (1 << 30)) {
+    const int cnt = int(std::min<int64_t>(n - off, 1 << 30));
+    MPI_Allreduce(MPI_IN_PLACE, data + off, cnt, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+  }
+}
+
+void Communicator::all_reduce_sum(double* data, int64_t n) {
+  if (!mpi_ || n == 0) return;
+  MPI_Allreduce(MPI_IN_PLACE, data, int(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+}
+
+void Communicator::barrier() {
+  if (mpi_) MPI_Barrier(MPI_COMM_WORLD);
+}
+
+}  // namespace mxn

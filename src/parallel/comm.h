@@ -1,0 +1,38 @@
+#pragma once
+// Ranks and the communicator. One rank (process) per device, started by an existing launcher:
+// OpenMPI's mpirun, Slurm's srun --mpi=pmix, or anything that sets RANK / WORLD_SIZE. Collectives
+// are host-staged through MPI so any mix of chips can join; the interface is NCCL-shaped so a
+// device-direct library can sit behind it later.
+#include <cstdint>
+#include <string>
+
+namespace mxn {
+
+struct RankInfo {
+  int rank = 0, world = 1, local_rank = 0;
+  std::string launcher = "none";  // "openmpi", "slurm", "env" or "none"
+};
+
+// Identity from the launcher's environment, before any communicator exists.
+RankInfo rank_from_env();
+
+class Communicator {
+ public:
+  // Joins the job's ranks (MPI_Init) when the environment says there is more than one.
+  static Communicator& world();
+  int rank() const { return info_.rank; }
+  int size() const { return info_.world; }
+  const RankInfo& info() const { return info_; }
+  // In-place sum over ranks of a host buffer; a no-op on one rank.
+  void all_reduce_sum(float* data, int64_t n);
+  void all_reduce_sum(double* data, int64_t n);
+  void barrier();
+  ~Communicator();
+
+ private:
+  Communicator();
+  RankInfo info_;
+  bool mpi_ = false;
+};
+
+}  // namespace mxn
