@@ -1,5 +1,6 @@
 // `mxn train`: the config from defaults, a TOML file and flags (in that order), then the loop with
 // a live progress line, metrics, validation and checkpoints.
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -38,27 +39,87 @@ std::vector<std::string> split_devices(const std::string& s) {
 }
 
 // `--devices a,b` on one machine: start one rank per device through mpirun (the same command
-// line; each rank picks its device by rank) and become that job.
-[[noreturn]] void launch_ranks(size_t n, int64_t threads) {
-  std::vector<std::string> args = {"mpirun",          "-np",       std::to_string(n),
-                                   "--oversubscribe", "--bind-to", "none"};
+// line; each rank picks its device by rank), each bound to its own cores, and watch the job. If a
+// rank dies, mpirun ends the others at once; we then say which rank, on which device, and where
+// the last checkpoint is. Returns the job's exit code.
+int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const std::string& out) {
+  const size_t n = devs.size();
+  const long cores = std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN));
+  const long per_rank = std::max<long>(1, cores / long(n));
+  std::vector<std::string> args = {"mpirun", "-np", std::to_string(n), "--oversubscribe"};
+  if (long(n) <= cores) {
+    args.insert(args.end(), {"--map-by", "slot:PE=" + std::to_string(per_rank), "--bind-to", "core"});
+  } else {
+    args.insert(args.end(), {"--bind-to", "none"});
+  }
   if (geteuid() == 0) args.push_back("--allow-run-as-root");
-  args.push_back("/proc/self/exe");
   char exe[4096];
   const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  if (len > 0) args.back() = std::string(exe, size_t(len));
+  args.push_back(len > 0 ? std::string(exe, size_t(len)) : g_argv[0]);
   args.insert(args.end(), g_argv.begin() + 1, g_argv.end());
-  if (threads == 0) {  // split the cores between the ranks
+  if (threads == 0) {  // the cores each rank is bound to
     args.push_back("--threads");
-    args.push_back(std::to_string(std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN) / long(n))));
+    args.push_back(std::to_string(per_rank));
   }
   std::vector<char*> cargs;
-  for (auto& a : args) cargs.push_back(a.data());
+  for (auto& arg : args) cargs.push_back(arg.data());
   cargs.push_back(nullptr);
   std::fflush(stdout);
-  execvp("mpirun", cargs.data());
-  throw Error("cannot start mpirun for --devices (" + std::string(std::strerror(errno)) +
-              "); install openmpi-bin, or start the ranks with your own launcher");
+  int fds[2];
+  if (pipe(fds) != 0) throw Error("cannot start mpirun: pipe: " + std::string(std::strerror(errno)));
+  const pid_t pid = fork();
+  if (pid < 0) throw Error("cannot start mpirun: fork: " + std::string(std::strerror(errno)));
+  if (pid == 0) {
+    dup2(fds[1], STDERR_FILENO);
+    close(fds[0]);
+    close(fds[1]);
+    execvp("mpirun", cargs.data());
+    std::fprintf(stderr, "mxn: error: cannot start mpirun for --devices (%s); install openmpi-bin, "
+                 "or start the ranks with your own launcher\n", std::strerror(errno));
+    _exit(127);
+  }
+  close(fds[1]);
+  // Ctrl-C reaches every process of the terminal's group; the ranks stop together, and this
+  // process waits to report how the job ended.
+  std::signal(SIGINT, SIG_IGN);
+  std::signal(SIGTERM, SIG_IGN);
+  FILE* err = fdopen(fds[0], "r");
+  int dead_rank = -1, dead_signal = 0;
+  char line[4096];
+  while (err && std::fgets(line, sizeof(line), err)) {
+    int r = -1, sig = 0;
+    const char* at = std::strstr(line, "process rank ");
+    if (at && std::strstr(at, "exited on signal") &&
+        std::sscanf(at, "process rank %d", &r) == 1 &&
+        std::sscanf(std::strstr(at, "exited on signal"), "exited on signal %d", &sig) == 1 &&
+        dead_rank < 0) {
+      dead_rank = r;
+      dead_signal = sig;
+    }
+    std::fputs(line, stderr);
+  }
+  if (err) std::fclose(err);
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  if (dead_rank < 0 || dead_rank >= int(n)) return code;
+  std::string last = "none was written yet";
+  try {
+    last = resolve_checkpoint(out);
+  } catch (const Error&) {
+  }
+  std::vector<std::string> rest;
+  for (size_t i = 0; i < n; ++i)
+    if (int(i) != dead_rank) rest.push_back(devs[i]);
+  std::string again;
+  for (const auto& d : rest) again += (again.empty() ? "" : ",") + d;
+  std::fprintf(stderr,
+               "mxn: error: rank %d (%s) died (signal %d: %s); the job stopped. Last checkpoint: "
+               "%s. Continue on the remaining devices with: mxn train --resume %s --devices %s\n",
+               dead_rank, devs[size_t(dead_rank)].c_str(), dead_signal, strsignal(dead_signal),
+               last.c_str(), out.c_str(), again.c_str());
+  return code == 0 ? 1 : code;
 }
 
 void copy_field(TrainConfig& dst, const TrainConfig& src, const std::string& name) {
@@ -80,6 +141,32 @@ std::string fmt_duration(double s) {
   else
     std::snprintf(b, sizeof(b), "%.0fs", s);
   return b;
+}
+
+// The device each rank runs on, as rank 0 names them in the plan.
+std::vector<std::string> rank_devices(const TrainConfig& c, int world) {
+  std::vector<std::string> out = split_devices(c.devices);
+  if (int(out.size()) != world) out.assign(size_t(world), c.device);
+  for (auto& d : out)
+    if (d.find(':') == std::string::npos) d += ":0";
+  return out;
+}
+
+void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
+  const Plan& p = tr.plan();
+  const TrainConfig& c = tr.config();
+  const int64_t rows = c.batch * c.accum;
+  std::printf("  plan: %zu ranks share %lld sequences per step (split %s)\n", p.ranks.size(),
+              (long long)rows, c.split.c_str());
+  for (size_t r = 0; r < p.ranks.size(); ++r) {
+    const RankPlan& rp = p.ranks[r];
+    std::printf("    rank %zu %-10s %4lld sequences (%5.1f%%), %lld per pass, measured %.1f ms "
+                "per sequence -> %.3f s\n",
+                r, devs[r].c_str(), (long long)rp.rows, 100.0 * double(rp.rows) / double(rows),
+                (long long)rp.cap, rp.sec_per_row * 1e3, double(rp.rows) * rp.sec_per_row);
+  }
+  std::printf("    predicted step time %.3f s (slowest rank plus all-reduce and optimizer)\n",
+              p.predicted_step_s);
 }
 
 struct TrainArgs {
@@ -147,7 +234,7 @@ int run_train(TrainArgs& a) {
                   " sequences) is smaller than the " + std::to_string(devs.size()) +
                   " devices: each rank needs at least one");
     const RankInfo ri = rank_from_env();
-    if (ri.world == 1 && devs.size() > 1) launch_ranks(devs.size(), cfg.threads);
+    if (ri.world == 1 && devs.size() > 1) return launch_ranks(seen, cfg.threads, cfg.out);
     if (size_t(ri.world) != devs.size())
       throw Error("--devices names " + std::to_string(devs.size()) +
                   " devices but the launcher started " + std::to_string(ri.world) + " ranks");
@@ -163,9 +250,6 @@ int run_train(TrainArgs& a) {
     if (std::freopen("/dev/null", "w", stdout) == nullptr) { /* keep stdout */
     }
   }
-  if (comm.size() > 1)
-    std::printf("  %d ranks; rank 0: %s, %lld of %lld sequences per micro-batch\n", comm.size(),
-                tr.device().name().c_str(), (long long)tr.local_batch(), (long long)c.batch);
   const int64_t tokens_per_step = c.batch * c.accum * c.seq_len();
   std::printf("mxn train: GPT-2 %lld layers, %lld heads, width %lld, context %lld: %.2fM params\n",
               (long long)c.model.n_layer, (long long)c.model.n_head, (long long)c.model.n_embd,
@@ -173,6 +257,7 @@ int run_train(TrainArgs& a) {
   std::printf("  device %s (%s), dtype %s, %lld tokens/step, data %s, run folder %s\n",
               tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(),
               (long long)tokens_per_step, c.data.c_str(), c.out.c_str());
+  if (comm.size() > 1) print_plan(tr, rank_devices(c, comm.size()));
   if (tr.current_step() > 0) {
     std::printf("  resumed at step %lld\n", (long long)tr.current_step());
     if (lead) truncate_metrics(c.out, tr.current_step());
@@ -181,7 +266,8 @@ int run_train(TrainArgs& a) {
 
   std::signal(SIGINT, [](int) { g_stop = 1; });
   std::signal(SIGTERM, [](int) { g_stop = 1; });
-  const bool tty = isatty(STDOUT_FILENO);
+  // Under mpirun stdout is a pseudo-terminal even when mpirun's is not: plain lines there.
+  const bool tty = isatty(STDOUT_FILENO) && comm.size() == 1;
   const int64_t last = a.stop_at > 0 ? std::min(a.stop_at, c.steps) : c.steps;
   const int64_t first = tr.current_step();
   auto t0 = std::chrono::steady_clock::now();
@@ -222,11 +308,19 @@ int run_train(TrainArgs& a) {
     if (eval_now)
       std::printf("%sstep %lld: val loss %.4f\n", tty ? "\n" : "", (long long)s,
                   row["val_loss"].get<double>());
+    if (const std::string change = tr.take_plan_change(); !change.empty())
+      std::printf("%s%s\n", tty ? "\n" : "", change.c_str());
     std::fflush(stdout);
     if (lead && c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();
   }
   if (tty) std::printf("\n");
   if (tr.device().profiling()) std::printf("%s", tr.device().profile_report().c_str());
+  if (comm.size() > 1 && tr.mean_step_seconds() > 0) {
+    const double pred = tr.plan().predicted_step_s, got = tr.mean_step_seconds();
+    std::printf("plan: predicted %.3f s/step, measured %.3f s/step (%+.1f%%); split corrected %d "
+                "times\n",
+                pred, got, 100.0 * (got - pred) / pred, tr.plan().rebalances);
+  }
   if (!lead) return g_stop ? 130 : 0;
   const std::string where = tr.save();
   write_loss_svg(c.out);

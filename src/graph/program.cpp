@@ -75,16 +75,47 @@ Program::Program(Graph g, Device& dev) : g_(std::move(g)), dev_(dev) {
   grads_ = dev_.alloc(poff);
   inputs_ = dev_.alloc(ioff);
   arena_ = dev_.alloc(arena_bytes_);
-  for (const Node& n : g_.nodes) {
-    std::vector<Tensor> in, out;
-    for (int id : n.in) in.push_back(tensor(id));
-    for (int id : n.out) out.push_back(tensor(id));
-    calls_.push_back(make_op_call(n.op, in, out, n.ip, n.fp));
-  }
+  variants_.push_back({Graph{}, build_calls(g_)});
 }
 
-Tensor Program::tensor(int id) const {
+std::vector<mxn_op_call> Program::build_calls(const Graph& shapes) const {
+  std::vector<mxn_op_call> calls;
+  for (const Node& n : shapes.nodes) {
+    std::vector<Tensor> in, out;
+    auto view = [&](int id) {
+      const Value& v = g_.v(id);
+      return Tensor(shapes.v(id).shape, v.dtype, tensor(id).buffer, v.offset);
+    };
+    for (int id : n.in) in.push_back(view(id));
+    for (int id : n.out) out.push_back(view(id));
+    calls.push_back(make_op_call(n.op, in, out, n.ip, n.fp));
+  }
+  return calls;
+}
+
+int Program::add_variant(Graph smaller) {
+  MXN_CHECK(smaller.nodes.size() == g_.nodes.size() && smaller.values.size() == g_.values.size(),
+            "a Program variant must have the same nodes and values as its graph");
+  for (size_t i = 0; i < g_.values.size(); ++i) {
+    const Value &a = g_.values[i], &b = smaller.values[i];
+    MXN_CHECK(a.kind == b.kind && a.dtype == b.dtype && bytes_of(b) <= bytes_of(a) &&
+                  (a.kind != ValueKind::param || a.shape == b.shape),
+              "Program variant value '" + b.name + "' does not fit its slot");
+  }
+  for (size_t i = 0; i < g_.nodes.size(); ++i)
+    MXN_CHECK(g_.nodes[i].op == smaller.nodes[i].op, "Program variant ops differ");
+  std::vector<mxn_op_call> calls = build_calls(smaller);
+  variants_.push_back({std::move(smaller), std::move(calls)});
+  return int(variants_.size()) - 1;
+}
+
+Tensor Program::tensor(int id, int variant) const {
   const Value& v = g_.v(id);
+  if (variant > 0) {
+    Tensor t = tensor(id);
+    t.shape = variants_[size_t(variant)].g.v(id).shape;
+    return Tensor(t.shape, t.dtype, t.buffer, t.offset);
+  }
   Buffer* b = nullptr;
   switch (v.kind) {
     case ValueKind::param:
@@ -117,8 +148,9 @@ Tensor Program::grads_all() const {
   return Tensor({n_decay_ + n_nodecay_}, DType::f32, grads_->handle(), 0);
 }
 
-void Program::run(size_t begin, size_t end) {
-  for (size_t i = begin; i < end; ++i) dev_.run(calls_[i]);
+void Program::run(size_t begin, size_t end, int variant) {
+  const std::vector<mxn_op_call>& calls = variants_[size_t(variant)].calls;
+  for (size_t i = begin; i < end; ++i) dev_.run(calls[i]);
 }
 
 }  // namespace mxn

@@ -14,8 +14,18 @@ class Program {
  public:
   Program(Graph g, Device& dev);
 
-  void run(size_t begin, size_t end);  // nodes [begin, end)
-  Tensor tensor(int value) const;
+  // Nodes [begin, end) of the graph (variant 0) or of a variant with fewer rows.
+  void run(size_t begin, size_t end, int variant = 0);
+  Tensor tensor(int value, int variant = 0) const;
+  // The op call of one node, to change a scalar between runs (e.g. the loss seed's scale).
+  mxn_op_call& call(size_t node, int variant = 0) { return variants_[size_t(variant)].calls[node]; }
+
+  // The same model with fewer rows per run: `smaller` must be this Program's graph built for a
+  // smaller batch (the same nodes and values, no value larger). Its op calls use this Program's
+  // buffers at the same offsets, so a rank can run any share of a batch without new memory.
+  // Returns the variant's index for run().
+  int add_variant(Graph smaller);
+  int variants() const { return int(variants_.size()); }
   // The flat span of params (or grads) with the given decay flag; `all` spans both groups.
   Tensor params_flat(bool decay) const;
   Tensor grads_flat(bool decay) const;
@@ -32,7 +42,12 @@ class Program {
   std::unique_ptr<Buffer> params_, grads_, inputs_, arena_;
   uint64_t arena_bytes_ = 0;
   int64_t n_decay_ = 0, n_nodecay_ = 0;
-  std::vector<mxn_op_call> calls_;
+  struct Variant {
+    Graph g;  // variant 0 is the Program's own graph (g_'s shapes; offsets in g_)
+    std::vector<mxn_op_call> calls;
+  };
+  std::vector<Variant> variants_;
+  std::vector<mxn_op_call> build_calls(const Graph& shapes) const;
 };
 
 // Arena offsets for activations by liveness: values whose lifetimes overlap never share bytes.

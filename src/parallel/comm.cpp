@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -47,6 +48,7 @@ Communicator::Communicator() : info_(rank_from_env()) {
     MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
   }
   mpi_ = true;
+  pending_.reserve(1024);
   int rank = 0, size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
@@ -76,6 +78,37 @@ void Communicator::all_reduce_sum(float* data, int64_t n) {
 void Communicator::all_reduce_sum(double* data, int64_t n) {
   if (!mpi_ || n == 0) return;
   MPI_Allreduce(MPI_IN_PLACE, data, int(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+}
+
+void Communicator::start_all_reduce_sum(float* data, int64_t n) {
+  if (!mpi_ || n == 0) return;
+  MXN_CHECK(n < (int64_t(1) << 31), "one non-blocking all-reduce holds at most 2^31 floats");
+  static_assert(sizeof(MPI_Request) <= sizeof(void*), "MPI_Request must fit a pointer");
+  MPI_Request req;
+  MPI_Iallreduce(MPI_IN_PLACE, data, int(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, &req);
+  void* slot = nullptr;
+  std::memcpy(&slot, &req, sizeof(req));
+  pending_.push_back(slot);
+}
+
+void Communicator::progress() {
+  for (void*& slot : pending_) {
+    MPI_Request req;
+    std::memcpy(&req, &slot, sizeof(req));
+    if (req == MPI_REQUEST_NULL) continue;
+    int done = 0;
+    MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+    std::memcpy(&slot, &req, sizeof(req));
+  }
+}
+
+void Communicator::wait_all() {
+  for (void*& slot : pending_) {
+    MPI_Request req;
+    std::memcpy(&req, &slot, sizeof(req));
+    if (req != MPI_REQUEST_NULL) MPI_Wait(&req, MPI_STATUS_IGNORE);
+  }
+  pending_.clear();
 }
 
 void Communicator::barrier() {

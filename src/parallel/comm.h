@@ -5,6 +5,7 @@
 // device-direct library can sit behind it later.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace mxn {
 
@@ -26,6 +27,11 @@ class Communicator {
   // In-place sum over ranks of a host buffer; a no-op on one rank.
   void all_reduce_sum(float* data, int64_t n);
   void all_reduce_sum(double* data, int64_t n);
+  // Starts an in-place sum and returns at once (NCCL-style: the data must stay put until
+  // wait_all). progress() lets pending ones advance; wait_all() finishes every one.
+  void start_all_reduce_sum(float* data, int64_t n);
+  void progress();
+  void wait_all();
   void barrier();
   ~Communicator();
 
@@ -33,6 +39,7 @@ class Communicator {
   Communicator();
   RankInfo info_;
   bool mpi_ = false;
+  std::vector<void*> pending_;  // MPI_Request handles; capacity kept between steps
 };
 
 }  // namespace mxn

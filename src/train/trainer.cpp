@@ -1,16 +1,32 @@
 #include "train/trainer.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "parallel/balance.h"
 
 namespace mxn {
 namespace {
 
 Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
   return Tensor({n}, DType::f32, flat.buffer, flat.offset + uint64_t(begin) * 4);
+}
+
+Graph gpt2_train_graph(const TrainConfig& c, int64_t rows, GPT2Graph* m, size_t* n_forward) {
+  Graph g;
+  g.matmul_compute = c.dtype == "bf16" ? DType::bf16 : DType::f32;
+  *m = build_gpt2(g, c.model, rows, c.seq_len(), true);
+  *n_forward = append_backward(g, m->loss);
+  return g;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
 }  // namespace
@@ -27,42 +43,50 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   if (data_.vocab() > cfg_.model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +
                 " but the model's vocab_size is " + std::to_string(cfg_.model.vocab_size));
-  const int64_t world = comm_ ? comm_->size() : 1, rank = comm_ ? comm_->rank() : 0;
-  if (cfg_.batch < world)
+  world_ = comm_ ? comm_->size() : 1;
+  rank_ = comm_ ? comm_->rank() : 0;
+  if (cfg_.batch < world_)
     throw Error("the global batch (" + std::to_string(cfg_.batch) +
-                " sequences) is smaller than the " + std::to_string(world) +
+                " sequences) is smaller than the " + std::to_string(world_) +
                 " ranks: each rank needs at least one");
-  // Even shares for now; the first batch % world ranks take one more sequence.
-  local_batch_ = cfg_.batch / world + (rank < cfg_.batch % world ? 1 : 0);
-  row_begin_ = rank * (cfg_.batch / world) + std::min<int64_t>(rank, cfg_.batch % world);
-  const int64_t B = local_batch_, T = cfg_.seq_len();
+  const std::vector<double> weights = parse_split(cfg_.split, int(world_));
+  auto_split_ = weights.empty();
+  const int64_t T = cfg_.seq_len();
   if (data_.n_train() < T + 2 || data_.n_val() < T + 2)
     throw Error("data '" + cfg_.data + "' is too small: " + std::to_string(data_.n_train()) +
                 " train and " + std::to_string(data_.n_val()) +
                 " validation tokens, need more than " + std::to_string(T + 1) +
                 " of each for seq " + std::to_string(T));
-  Graph g;
-  g.matmul_compute = cfg_.dtype == "bf16" ? DType::bf16 : DType::f32;
-  m_ = build_gpt2(g, cfg_.model, B, T, true);
-  n_forward_ = append_backward(g, m_.loss);
+  // Rows per forward pass: the micro-batch, or fewer if the device's memory cannot hold it.
+  cap_ = cfg_.batch;
+  if (comm_) {
+    GPT2Graph m1;
+    size_t nf = 0;
+    Graph g1 = gpt2_train_graph(cfg_, 1, &m1, &nf);
+    const double one = double(plan_arena(g1));
+    const double fixed = double(cfg_.model.param_count()) * 16.0;  // params, grads, m, v
+    const double per_row = one * 1.05;
+    const double room = double(dev_->props().memory_bytes) * 0.9 - fixed;
+    if (dev_->props().memory_bytes > 0 && room > per_row)
+      cap_ = std::clamp<int64_t>(int64_t(room / per_row), 1, cfg_.batch);
+  }
+  Graph g = gpt2_train_graph(cfg_, cap_, &m_, &n_forward_);
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
+  passes_.resize(size_t(cap_) + 1);
+  variant_for(cap_);
 
   const uint64_t pbytes = uint64_t(prog_->param_count()) * 4;
   opt_m_ = dev_->alloc(pbytes);
   opt_v_ = dev_->alloc(pbytes);
   scalar_ = dev_->alloc(64);
-  tok_host_.resize(size_t(B * T));
-  tgt_host_.resize(size_t(B * T));
-  offsets_.resize(size_t(B));
-  std::vector<int32_t> pos(size_t(B * T));
-  for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
+  tok_host_.resize(size_t(cap_ * T));
+  tgt_host_.resize(size_t(cap_ * T));
+  offsets_.resize(size_t(cap_));
+  std::vector<int32_t> pos(size_t(cap_ * T));
+  for (int64_t i = 0; i < cap_ * T; ++i) pos[size_t(i)] = int32_t(i % T);
   dev_->upload(prog_->tensor(m_.positions), pos.data());
 
-  if (comm_) host_grads_.resize(size_t(prog_->param_count()));
   sumsq_ = Tensor({1}, DType::f32, scalar_->handle());
-  loss_ = prog_->tensor(m_.loss);
-  tokens_ = prog_->tensor(m_.tokens);
-  targets_ = prog_->tensor(m_.targets);
   zero_grads_ = make_op_call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f});
   grad_sumsq_ = make_op_call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sumsq_});
   const Tensor m_all({prog_->param_count()}, DType::f32, opt_m_->handle());
@@ -77,15 +101,60 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   }
   if (!resume.empty()) {
     load(ck);
-    return;
+  } else {
+    for (int p : prog_->graph().params()) {
+      const Value& v = prog_->graph().v(p);
+      auto w = gpt2_init_param(v.name, numel(v.shape), cfg_.model, uint64_t(cfg_.seed));
+      dev_->upload(prog_->tensor(p), w.data());
+    }
+    dev_->run(make_op_call(MXN_OP_FILL, {}, {m_all}, {}, {0.f}));
+    dev_->run(make_op_call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
   }
-  for (int p : prog_->graph().params()) {
-    const Value& v = prog_->graph().v(p);
-    auto w = gpt2_init_param(v.name, numel(v.shape), cfg_.model, uint64_t(cfg_.seed));
-    dev_->upload(prog_->tensor(p), w.data());
+  stats_.assign(size_t(1 + 2 * world_), 0.0);
+  plan_.ranks.assign(size_t(world_), {});
+  sec_per_row_ = auto_split_ ? std::vector<double>(size_t(world_), 1.0) : weights;
+  if (comm_) {
+    sync_ = std::make_unique<GradSync>(*prog_, *comm_);
+    profile();
   }
-  dev_->run(make_op_call(MXN_OP_FILL, {}, {m_all}, {}, {0.f}));
-  dev_->run(make_op_call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
+  apply_split(split_rows(cfg_.batch * cfg_.accum, sec_per_row_));
+  for (int64_t r = 0; r < world_; ++r) plan_.ranks[size_t(r)].rows = split_[size_t(r)];
+  double over = 0;
+  for (const RankPlan& r : plan_.ranks) over = std::max(over, r.overhead_s);
+  std::vector<double> measured(static_cast<size_t>(world_));
+  for (int64_t r = 0; r < world_; ++r) measured[size_t(r)] = plan_.ranks[size_t(r)].sec_per_row;
+  plan_.predicted_step_s = slowest_seconds(split_, measured) + over;
+}
+
+int Trainer::variant_for(int64_t rows) {
+  Pass& p = passes_[size_t(rows)];
+  if (p.variant < 0) {
+    GPT2Graph m;
+    size_t nf = 0;
+    p.variant = rows == cap_ ? 0 : prog_->add_variant(gpt2_train_graph(cfg_, rows, &m, &nf));
+    p.tokens = prog_->tensor(m_.tokens, p.variant);
+    p.targets = prog_->tensor(m_.targets, p.variant);
+    p.loss = prog_->tensor(m_.loss, p.variant);
+  }
+  return p.variant;
+}
+
+void Trainer::apply_split(const std::vector<int64_t>& split) {
+  // Ranks take consecutive rows of the global batch; the validation windows are split alike.
+  split_ = split;
+  const int64_t W = cfg_.eval_batches * cfg_.batch;
+  const std::vector<int64_t> eval = split_rows(W, sec_per_row_);
+  row_begin_ = eval_begin_ = 0;
+  for (int64_t r = 0; r < rank_; ++r) {
+    row_begin_ += split_[size_t(r)];
+    eval_begin_ += eval[size_t(r)];
+  }
+  rows_ = split_[size_t(rank_)];
+  eval_rows_ = eval[size_t(rank_)];
+  for (int64_t n : {rows_, eval_rows_}) {  // make every pass size this split needs now
+    variant_for(std::min(n, cap_));
+    if (n % cap_) variant_for(n % cap_);
+  }
 }
 
 double Trainer::lr_at(int64_t s) const {
@@ -95,56 +164,146 @@ double Trainer::lr_at(int64_t s) const {
   return cfg_.min_lr + 0.5 * (cfg_.lr - cfg_.min_lr) * (1.0 + std::cos(M_PI * t));
 }
 
-void Trainer::fill_batch(const uint16_t* tokens, const std::vector<int64_t>& offsets) {
+void Trainer::fill_batch(const uint16_t* tokens, int64_t rows) {
   const int64_t T = cfg_.seq_len();
-  for (size_t b = 0; b < offsets.size(); ++b)
+  for (size_t b = 0; b < size_t(rows); ++b)
     for (int64_t t = 0; t < T; ++t) {
-      tok_host_[b * size_t(T) + size_t(t)] = tokens[offsets[b] + t];
-      tgt_host_[b * size_t(T) + size_t(t)] = tokens[offsets[b] + t + 1];
+      tok_host_[b * size_t(T) + size_t(t)] = tokens[offsets_[b] + t];
+      tgt_host_[b * size_t(T) + size_t(t)] = tokens[offsets_[b] + t + 1];
     }
-  dev_->upload(tokens_, tok_host_.data());
-  dev_->upload(targets_, tgt_host_.data());
+  const Pass& p = passes_[size_t(rows)];
+  dev_->upload(p.tokens, tok_host_.data());
+  dev_->upload(p.targets, tgt_host_.data());
 }
 
-float Trainer::step() {
-  const int64_t s = step_ + 1, T = cfg_.seq_len();
-  dev_->run(zero_grads_);
-  double loss_sum = 0;
-  for (int64_t micro = 0; micro < cfg_.accum; ++micro) {
-    // Row r of a step's global batch is a pure function of (seed, step, r): resuming needs no
-    // data-loader state, and accum x batch sees the same rows as one batch of accum * batch.
-    const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));
-    for (size_t b = 0; b < offsets_.size(); ++b) {
-      const uint64_t row = uint64_t(micro * cfg_.batch + row_begin_) + b;
-      offsets_[b] = int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
-    }
-    fill_batch(data_.train(), offsets_);
-    prog_->run(0, prog_->graph().nodes.size());
-    float loss = 0;
-    dev_->download(&loss, loss_);
-    loss_sum += loss;
+void Trainer::profile() {
+  // Each rank times its device on the real model: one warm-up pass, then one timed forward +
+  // backward of a full pass, and one all-reduce of the gradients (plus the optimizer's passes over
+  // them, estimated as five sums of squares: AdamW streams seven arrays to the sum's one+).
+  const int64_t T = cfg_.seq_len(), span = data_.n_val() - T - 1;
+  for (int64_t b = 0; b < cap_; ++b) offsets_[size_t(b)] = b * span / std::max<int64_t>(1, cap_);
+  const size_t nodes = prog_->graph().nodes.size();
+  double pass_s = 0;
+  for (int rep = 0; rep < 2; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fill_batch(data_.val(), cap_);
+    prog_->run(0, nodes, 0);
+    dev_->synchronize();
+    pass_s = seconds_since(t0);
   }
-  if (comm_) {
-    // Host-staged all-reduce: each rank's gradient is a mean over its own tokens, so it is
-    // weighted by its share of the global batch before the sum.
-    const float w = float(local_batch_) / float(cfg_.batch);
-    const Tensor g = prog_->grads_all();
-    dev_->download(host_grads_.data(), g);
-    for (float& x : host_grads_) x *= w;
-    comm_->all_reduce_sum(host_grads_.data(), int64_t(host_grads_.size()));
-    dev_->upload(g, host_grads_.data());
-    double l = loss_sum * w;
-    comm_->all_reduce_sum(&l, 1);
-    loss_sum = l;
+  double reduce_s = 0;
+  for (int rep = 0; rep < 2; ++rep) {  // the first one also sets up MPI's connections
+    comm_->barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    sync_->run(nodes, nodes, 0);
+    reduce_s = seconds_since(t0);
   }
-  // Global norm of the mean gradient over micro-batches, then one scale for mean and clipping.
+  const auto t0 = std::chrono::steady_clock::now();
   dev_->run(grad_sumsq_);
   float sumsq = 0;
   dev_->download(&sumsq, sumsq_);
-  const float inv_accum = 1.f / float(cfg_.accum);
-  grad_norm_ = std::sqrt(sumsq) * inv_accum;
-  float gscale = inv_accum;
-  if (cfg_.clip > 0 && grad_norm_ > cfg_.clip) gscale *= float(cfg_.clip) / grad_norm_;
+  const double opt_s = 5 * seconds_since(t0);
+  dev_->run(zero_grads_);
+  std::fill(stats_.begin(), stats_.end(), 0.0);
+  stats_[size_t(1 + rank_)] = pass_s / double(cap_);
+  stats_[size_t(1 + world_ + rank_)] = reduce_s + opt_s;
+  comm_->all_reduce_sum(stats_.data(), int64_t(stats_.size()));
+  std::vector<double> caps(size_t(world_), 0.0);
+  caps[size_t(rank_)] = double(cap_);
+  comm_->all_reduce_sum(caps.data(), world_);
+  for (int64_t r = 0; r < world_; ++r) {
+    RankPlan& rp = plan_.ranks[size_t(r)];
+    rp.sec_per_row = stats_[size_t(1 + r)];
+    rp.overhead_s = stats_[size_t(1 + world_ + r)];
+    rp.cap = int64_t(caps[size_t(r)]);
+    if (auto_split_) sec_per_row_[size_t(r)] = rp.sec_per_row;
+  }
+}
+
+void Trainer::follow_drift() {
+  // stats_ came back from the step's all-reduce: [loss, each rank's compute seconds, ...].
+  if (!auto_split_) return;
+  for (int64_t r = 0; r < world_; ++r) {
+    const double seen = stats_[size_t(1 + r)] / double(split_[size_t(r)]);
+    double& est = sec_per_row_[size_t(r)];
+    est = 0.7 * est + 0.3 * seen;
+  }
+  if (++steps_since_change_ < 5) return;
+  const std::vector<int64_t> next = rebalance(split_, sec_per_row_, 0.03);
+  if (next == split_) return;
+  std::string change = "rebalanced after step " + std::to_string(step_) + ": rows";
+  for (int64_t r = 0; r < world_; ++r) {
+    char part[64];
+    std::snprintf(part, sizeof(part), " %lld->%lld", (long long)split_[size_t(r)],
+                  (long long)next[size_t(r)]);
+    change += part;
+  }
+  char pred[96];
+  std::snprintf(pred, sizeof(pred), " (slowest rank %.3f -> %.3f s)",
+                slowest_seconds(split_, sec_per_row_), slowest_seconds(next, sec_per_row_));
+  plan_.last_change = change + pred;
+  ++plan_.rebalances;
+  steps_since_change_ = 0;
+  apply_split(next);
+}
+
+std::string Trainer::take_plan_change() {
+  std::string s;
+  s.swap(plan_.last_change);
+  return s;
+}
+
+double Trainer::mean_step_seconds() const {
+  return steps_timed_ > 0 ? step_seconds_sum_ / double(steps_timed_) : 0.0;
+}
+
+float Trainer::step() {
+  const auto t_start = std::chrono::steady_clock::now();
+  const int64_t s = step_ + 1, T = cfg_.seq_len(), G = cfg_.batch * cfg_.accum;
+  const size_t nodes = prog_->graph().nodes.size();
+  dev_->run(zero_grads_);
+  // Row r of a step's global batch is a pure function of (seed, step, r): resuming needs no
+  // data-loader state, and any split over ranks, passes or micro-batches sees the same rows.
+  const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));
+  double loss_sum = 0;
+  for (int64_t done = 0; done < rows_;) {
+    const int64_t n = std::min(cap_, rows_ - done);
+    for (int64_t b = 0; b < n; ++b) {
+      const uint64_t row = uint64_t(row_begin_ + done + b);
+      offsets_[size_t(b)] = int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
+    }
+    const Pass& p = passes_[size_t(n)];
+    fill_batch(data_.train(), n);
+    // The loss is a mean over this pass's tokens; seeding its backward with n / G makes every
+    // gradient a share of the global mean, so passes and ranks simply add up.
+    prog_->call(n_forward_, p.variant).fp[0] = float(n) / float(G);
+    done += n;
+    if (sync_ && done == rows_) {
+      prog_->run(0, n_forward_, p.variant);
+      sync_->run(n_forward_, nodes, p.variant);  // reduces overlap this last backward
+    } else {
+      prog_->run(0, nodes, p.variant);
+    }
+    float loss = 0;
+    dev_->download(&loss, p.loss);
+    loss_sum += double(loss) * double(n) / double(G);
+  }
+  if (comm_) {
+    const double compute_s =
+        std::chrono::duration<double>(sync_->backward_done() - t_start).count();
+    std::fill(stats_.begin(), stats_.end(), 0.0);
+    stats_[0] = loss_sum;
+    stats_[size_t(1 + rank_)] = compute_s;
+    comm_->all_reduce_sum(stats_.data(), int64_t(stats_.size()));
+    loss_sum = stats_[0];
+  }
+  // Global norm of the mean gradient, then one scale for clipping.
+  dev_->run(grad_sumsq_);
+  float sumsq = 0;
+  dev_->download(&sumsq, sumsq_);
+  grad_norm_ = std::sqrt(sumsq);
+  float gscale = 1.f;
+  if (cfg_.clip > 0 && grad_norm_ > cfg_.clip) gscale = float(cfg_.clip) / grad_norm_;
   const float lr = float(lr_at(s));
   for (int group = 0; group < 2; ++group) {
     mxn_op_call& c = adamw_[group];
@@ -161,27 +320,34 @@ float Trainer::step() {
   }
   dev_->synchronize();
   step_ = s;
-  return float(loss_sum / double(cfg_.accum));
+  if (steps_run_++ > 0) {
+    step_seconds_sum_ += seconds_since(t_start);
+    ++steps_timed_;
+  }
+  if (comm_) follow_drift();
+  return float(loss_sum);
 }
 
 float Trainer::eval_loss() {
-  // The same fixed windows for any number of ranks: each rank takes its rows of every batch,
-  // and the token-weighted losses are summed over ranks (collective: every rank calls this).
-  const int64_t T = cfg_.seq_len(), G = cfg_.batch;
-  const int64_t windows = cfg_.eval_batches * G;
+  // The same fixed windows for any split: each rank takes its windows, and the token-weighted
+  // losses are summed over ranks (collective: every rank calls this).
+  const int64_t T = cfg_.seq_len(), W = cfg_.eval_batches * cfg_.batch;
   const int64_t span = data_.n_val() - T - 1;
   double sum = 0;
-  for (int64_t e = 0; e < cfg_.eval_batches; ++e) {
-    for (int64_t b = 0; b < local_batch_; ++b)
-      offsets_[size_t(b)] = (e * G + row_begin_ + b) * span / std::max<int64_t>(1, windows - 1);
-    fill_batch(data_.val(), offsets_);
-    prog_->run(0, n_forward_);
+  for (int64_t done = 0; done < eval_rows_;) {
+    const int64_t n = std::min(cap_, eval_rows_ - done);
+    for (int64_t b = 0; b < n; ++b)
+      offsets_[size_t(b)] = (eval_begin_ + done + b) * span / std::max<int64_t>(1, W - 1);
+    const Pass& p = passes_[size_t(n)];
+    fill_batch(data_.val(), n);
+    prog_->run(0, n_forward_, p.variant);
     float loss = 0;
-    dev_->download(&loss, loss_);
-    sum += double(loss) * double(local_batch_) / double(G);
+    dev_->download(&loss, p.loss);
+    sum += double(loss) * double(n) / double(W);
+    done += n;
   }
   if (comm_) comm_->all_reduce_sum(&sum, 1);
-  return float(sum / double(cfg_.eval_batches));
+  return float(sum);
 }
 
 TensorMap Trainer::weights() const {

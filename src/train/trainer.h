@@ -12,9 +12,24 @@
 #include "io/checkpoint.h"
 #include "models/gpt2/gpt2.h"
 #include "parallel/comm.h"
+#include "parallel/grad_sync.h"
 #include "train/config.h"
 
 namespace mxn {
+
+// How a step's sequences are shared over the ranks (one entry per rank; one rank: the lot).
+struct RankPlan {
+  int64_t rows = 0;         // sequences of each step's global batch (batch x accum)
+  int64_t cap = 0;          // most sequences per forward pass (memory bound); more go in passes
+  double sec_per_row = 0;   // measured forward+backward seconds per sequence
+  double overhead_s = 0;    // measured all-reduce + optimizer seconds per step
+};
+struct Plan {
+  std::vector<RankPlan> ranks;
+  double predicted_step_s = 0;  // at start, from the measurements
+  int rebalances = 0;           // times the split was corrected for drift
+  std::string last_change;      // the latest correction, for the log ("" if none pending)
+};
 
 class Trainer {
  public:
@@ -34,10 +49,18 @@ class Trainer {
   TensorMap weights() const;
   float last_grad_norm() const { return grad_norm_; }
   Device& device() { return *dev_; }
-  int64_t local_batch() const { return local_batch_; }
+  const Plan& plan() const { return plan_; }
+  // Mean wall seconds of the steps this process ran, the first one left out (warm-up).
+  double mean_step_seconds() const;
+  // Hands over the latest split correction's description, once.
+  std::string take_plan_change();
 
  private:
-  void fill_batch(const uint16_t* tokens, const std::vector<int64_t>& offsets);
+  int variant_for(int64_t rows);  // builds the Program variant on first use
+  void apply_split(const std::vector<int64_t>& split);
+  void fill_batch(const uint16_t* tokens, int64_t rows);  // offsets_[0, rows)
+  void profile();
+  void follow_drift();
   void load(const Checkpoint& ck);
 
   TrainConfig cfg_;
@@ -51,11 +74,25 @@ class Trainer {
   std::vector<int64_t> offsets_;
   // The optimizer's op calls, built once: zero the grads, their sum of squares, AdamW per group.
   mxn_op_call zero_grads_{}, grad_sumsq_{}, adamw_[2]{};
-  Tensor loss_, sumsq_, tokens_, targets_;
+  Tensor sumsq_;
+  struct Pass {  // the Program run with this many rows: its inputs and loss
+    int variant = -1;
+    Tensor tokens, targets, loss;
+  };
+  std::vector<Pass> passes_;  // by row count, 1..cap
   int64_t step_ = 0;
   Communicator* comm_ = nullptr;
-  int64_t local_batch_ = 0, row_begin_ = 0;  // this rank's rows of the global batch
-  std::vector<float> host_grads_;            // host staging for the all-reduce
+  int64_t world_ = 1, rank_ = 0, cap_ = 0;
+  // This rank's rows of a step's global batch and of the validation windows.
+  int64_t row_begin_ = 0, rows_ = 0, eval_begin_ = 0, eval_rows_ = 0;
+  std::vector<int64_t> split_;
+  std::vector<double> sec_per_row_, stats_;  // per rank; stats_: the per-step all-reduce
+  bool auto_split_ = false;
+  int64_t steps_since_change_ = 0;
+  std::unique_ptr<GradSync> sync_;
+  Plan plan_;
+  double step_seconds_sum_ = 0;
+  int64_t steps_timed_ = 0, steps_run_ = 0;
   float grad_norm_ = 0;
 };
 

@@ -1,0 +1,43 @@
+#pragma once
+// Gradient all-reduce that overlaps the backward pass (what PyTorch DDP calls buckets). The
+// autograd adds each param's gradient into its grad buffer as soon as the param's last use has
+// been back-propagated, so the node after which each gradient is final is known. Params are
+// grouped, in that order, into buckets of about `bucket_floats`; when the backward has run past a
+// bucket's last node, the bucket is copied to the host and its all-reduce starts while the
+// backward goes on with the layers below. Host-staged, so any mix of chips can take part.
+#include <chrono>
+#include <vector>
+
+#include "graph/program.h"
+#include "parallel/comm.h"
+
+namespace mxn {
+
+class GradSync {
+ public:
+  GradSync(Program& prog, Communicator& comm, int64_t bucket_floats = int64_t(1) << 18);
+
+  // Runs nodes [begin, end) of `variant` (the backward of a step's last pass) and returns when
+  // every gradient holds the sum over ranks. backward_done() is when this rank's own work ended.
+  void run(size_t begin, size_t end, int variant);
+  std::chrono::steady_clock::time_point backward_done() const { return done_; }
+  size_t buckets() const { return buckets_.size(); }
+
+ private:
+  struct Item {
+    Tensor grad;
+    size_t host;  // float offset into host_
+  };
+  struct Bucket {
+    size_t last_node;  // the bucket can go once this node has run
+    size_t begin = 0, floats = 0;
+    std::vector<Item> items;
+  };
+  Program& prog_;
+  Communicator& comm_;
+  std::vector<Bucket> buckets_;
+  std::vector<float> host_;
+  std::chrono::steady_clock::time_point done_;
+};
+
+}  // namespace mxn
