@@ -96,6 +96,9 @@ class CliTest(unittest.TestCase):
         if "opencl:0" in run("devices").stdout:
             self.expect_error(self.train(self.path("r"), "--devices", "cpu,opencl:0", "--batch", "1"),
                               "global batch (1 sequences) is smaller than the 2 devices")
+            self.expect_error(self.train(self.path("r"), "--devices", "cpu,opencl:0", "--split", "1,2,3"),
+                              "split '1,2,3' gives 3 weights but the job has 2 ranks")
+        self.expect_error(self.train(self.path("r"), "--split", "2,x"), "split = '2,x', expected auto, even")
 
     def test_config_unknown_key(self):
         cfg = self.path("c.toml")

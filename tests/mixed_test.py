@@ -3,11 +3,15 @@
 every step's loss within 1e-3 relative over 50 steps (f32), under real mpirun.
   - 4 CPU ranks (mpirun -np 4) against 1 rank;
   - a deliberately uneven split (global batch 7 over 2 ranks: 4 and 3 sequences);
+  - a split fixed by hand (--split 3,1) and gradient accumulation over 3 ranks (8 rows in passes);
+  - a step-time drift (one rank slowed down from step 10) that the split must follow;
   - CPU + OpenCL through `mxn train --devices cpu,opencl:0` (mxn starts mpirun itself), when the
-    OpenCL backend is built.
+    OpenCL backend is built; then a checkpoint of that job resumed on 3 CPU ranks;
+  - a rank killed with SIGKILL: the job stops within seconds naming the rank, its device and the
+    last checkpoint, and `--resume` on the remaining device continues to the same losses.
 usage: mixed_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
-import json, os, subprocess, sys, tempfile
+import json, os, signal, subprocess, sys, tempfile, time
 
 mxn, data = sys.argv[1], sys.argv[2]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",
@@ -21,10 +25,67 @@ def losses(out):
         return [json.loads(l)["loss"] for l in f]
 
 
-def train(out, *extra, launcher=()):
-    subprocess.run([*launcher, mxn, "train", *base, "--out", out, *extra], check=True,
-                   stdout=subprocess.DEVNULL, timeout=600)
+def train(out, *extra, launcher=(), env=None):
+    r = subprocess.run([*launcher, mxn, "train", *base, "--out", out, *extra], check=True,
+                       stdout=subprocess.PIPE, text=True, timeout=600, env=env)
+    train.log = r.stdout
     return losses(out)
+
+
+def check(name, ok, detail=""):
+    global failed, passed
+    print(f"{'ok' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
+    failed += not ok
+    passed += bool(ok)
+
+
+def rank_pid(out, rank):
+    """The pid of the rank process of the job writing to `out`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if out.encode() in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def kill_rank_and_resume(tmp, ref):
+    """SIGKILL rank 1 (opencl:0) of a cpu+opencl job after its first checkpoint."""
+    out = os.path.join(tmp, "killed")
+    env = dict(os.environ, MXN_TEST_CHECKPOINT_PAUSE_MS="1500")
+    p = subprocess.Popen([mxn, "train", *base, "--batch", "8", "--out", out, "--ckpt_every", "10",
+                          "--devices", "cpu,opencl:0"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "latest")) and time.time() < deadline:
+        time.sleep(0.05)
+    pid = rank_pid(out, 1)
+    if pid is None:
+        p.kill()
+        check("a killed rank stops the job", False, "rank 1 not found")
+        return
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        check("a killed rank stops the job", False, "still running 60 s after the kill")
+        return
+    took = time.time() - t0
+    with open(os.path.join(out, "latest")) as f:
+        latest = f.read().strip()
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    ok = (p.returncode != 0 and took < 10 and "rank 1 (opencl:0) died" in last
+          and latest in last and "--devices cpu:0" in last)
+    check("SIGKILL of rank 1 stops the job", ok, f"{took:.1f} s after the kill, exit {p.returncode}: {last!r}")
+    train(out, "--resume", out, "--devices", "cpu")
+    compare(f"resumed from {latest} on the remaining cpu = cpu", ref, losses(out))
 
 
 def compare(name, ref, got):
@@ -44,9 +105,27 @@ with tempfile.TemporaryDirectory() as tmp:
     one8 = train(p("one8"), "--batch", "8")
     compare("4 CPU ranks = 1 rank (batch 8)", one8, train(p("four"), "--batch", "8", launcher=[*mpirun, "-np", "4"]))
     one7 = train(p("one7"), "--batch", "7")
-    compare("uneven 4+3 over 2 ranks = 1 rank (batch 7)", one7, train(p("uneven"), "--batch", "7", launcher=[*mpirun, "-np", "2"]))
+    compare("uneven 4+3 over 2 ranks = 1 rank (batch 7)", one7, train(p("uneven"), "--batch", "7", "--split", "even", launcher=[*mpirun, "-np", "2"]))
+    compare("split 3,1 (6+2) over 2 ranks = 1 rank (batch 8)", one8, train(p("w31"), "--batch", "8", "--split", "3,1", launcher=[*mpirun, "-np", "2"]))
+    acc = train(p("acc1"), "--batch", "4", "--accum", "2")
+    compare("accum 2 x batch 4 over 3 ranks = 1 rank", acc, train(p("acc3"), "--batch", "4", "--accum", "2", launcher=[*mpirun, "-np", "3"]))
+    slow = dict(os.environ, MXN_TEST_SLOW_RANK="1:10:40")  # rank 1, from step 10, 40 ms a step
+    compare("rank 1 slowed from step 10 (drift) = 1 rank", one8, train(p("drift"), "--batch", "8", launcher=[*mpirun, "-np", "2"], env=slow))
+    # "rebalanced after step S: rows a->b c->d (...)": rank 1 must give rows away after step 10.
+    moved = [l for l in train.log.splitlines() if l.startswith("rebalanced")]
+    def rank1_gives(l):
+        step = int(l.split("step ")[1].split(":")[0])
+        old, new = map(int, l.split("rows ")[1].split()[1].split("->"))
+        return step >= 10 and new < old
+    check("the split follows the drift (rank 1 gives rows away)", any(map(rank1_gives, moved)), "; ".join(moved) or "no rebalance")
     r = subprocess.run([mxn, "devices"], capture_output=True, text=True)
     if "opencl:0" in r.stdout:
         compare("cpu + opencl:0 = cpu (batch 8)", one8, train(p("mixed"), "--batch", "8", "--devices", "cpu,opencl:0"))
+        plan = [l.strip() for l in train.log.splitlines() if "rank " in l and "sequences (" in l or l.startswith("plan:")]
+        check("the plan names each rank's device, share and times", len(plan) == 3 and "cpu:0" in plan[0] and "opencl:0" in plan[1], " | ".join(plan))
+        train(p("moved"), "--batch", "8", "--devices", "cpu,opencl:0", "--stop-at", "20")
+        compare("cpu+opencl to step 20, resumed on 3 CPU ranks = cpu", one8,
+                train(p("moved"), "--resume", p("moved"), "--devices", "", launcher=[*mpirun, "-np", "3"]))
+        kill_rank_and_resume(tmp, one8)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

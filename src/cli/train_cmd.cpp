@@ -16,6 +16,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "io/checkpoint.h"
+#include "parallel/balance.h"
 #include "parallel/comm.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
@@ -48,7 +49,8 @@ int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const st
   const long per_rank = std::max<long>(1, cores / long(n));
   std::vector<std::string> args = {"mpirun", "-np", std::to_string(n), "--oversubscribe"};
   if (long(n) <= cores) {
-    args.insert(args.end(), {"--map-by", "slot:PE=" + std::to_string(per_rank), "--bind-to", "core"});
+    args.insert(args.end(),
+                {"--map-by", "slot:PE=" + std::to_string(per_rank), "--bind-to", "core"});
   } else {
     args.insert(args.end(), {"--bind-to", "none"});
   }
@@ -66,7 +68,8 @@ int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const st
   cargs.push_back(nullptr);
   std::fflush(stdout);
   int fds[2];
-  if (pipe(fds) != 0) throw Error("cannot start mpirun: pipe: " + std::string(std::strerror(errno)));
+  if (pipe(fds) != 0)
+    throw Error("cannot start mpirun: pipe: " + std::string(std::strerror(errno)));
   const pid_t pid = fork();
   if (pid < 0) throw Error("cannot start mpirun: fork: " + std::string(std::strerror(errno)));
   if (pid == 0) {
@@ -74,8 +77,10 @@ int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const st
     close(fds[0]);
     close(fds[1]);
     execvp("mpirun", cargs.data());
-    std::fprintf(stderr, "mxn: error: cannot start mpirun for --devices (%s); install openmpi-bin, "
-                 "or start the ranks with your own launcher\n", std::strerror(errno));
+    std::fprintf(stderr,
+                 "mxn: error: cannot start mpirun for --devices (%s); install openmpi-bin, "
+                 "or start the ranks with your own launcher\n",
+                 std::strerror(errno));
     _exit(127);
   }
   close(fds[1]);
@@ -89,8 +94,7 @@ int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const st
   while (err && std::fgets(line, sizeof(line), err)) {
     int r = -1, sig = 0;
     const char* at = std::strstr(line, "process rank ");
-    if (at && std::strstr(at, "exited on signal") &&
-        std::sscanf(at, "process rank %d", &r) == 1 &&
+    if (at && std::strstr(at, "exited on signal") && std::sscanf(at, "process rank %d", &r) == 1 &&
         std::sscanf(std::strstr(at, "exited on signal"), "exited on signal %d", &sig) == 1 &&
         dead_rank < 0) {
       dead_rank = r;
@@ -160,10 +164,11 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
               (long long)rows, c.split.c_str());
   for (size_t r = 0; r < p.ranks.size(); ++r) {
     const RankPlan& rp = p.ranks[r];
-    std::printf("    rank %zu %-10s %4lld sequences (%5.1f%%), %lld per pass, measured %.1f ms "
-                "per sequence -> %.3f s\n",
-                r, devs[r].c_str(), (long long)rp.rows, 100.0 * double(rp.rows) / double(rows),
-                (long long)rp.cap, rp.sec_per_row * 1e3, double(rp.rows) * rp.sec_per_row);
+    std::printf(
+        "    rank %zu %-10s %4lld sequences (%5.1f%%), %lld per pass, measured %.1f ms "
+        "per sequence -> %.3f s\n",
+        r, devs[r].c_str(), (long long)rp.rows, 100.0 * double(rp.rows) / double(rows),
+        (long long)rp.cap, rp.sec_per_row * 1e3, double(rp.rows) * rp.sec_per_row);
   }
   std::printf("    predicted step time %.3f s (slowest rank plus all-reduce and optimizer)\n",
               p.predicted_step_s);
@@ -233,6 +238,7 @@ int run_train(TrainArgs& a) {
       throw Error("the global batch (" + std::to_string(cfg.batch) +
                   " sequences) is smaller than the " + std::to_string(devs.size()) +
                   " devices: each rank needs at least one");
+    parse_split(cfg.split, int(devs.size()));  // a bad split is one line here, not one per rank
     const RankInfo ri = rank_from_env();
     if (ri.world == 1 && devs.size() > 1) return launch_ranks(seen, cfg.threads, cfg.out);
     if (size_t(ri.world) != devs.size())
@@ -317,9 +323,10 @@ int run_train(TrainArgs& a) {
   if (tr.device().profiling()) std::printf("%s", tr.device().profile_report().c_str());
   if (comm.size() > 1 && tr.mean_step_seconds() > 0) {
     const double pred = tr.plan().predicted_step_s, got = tr.mean_step_seconds();
-    std::printf("plan: predicted %.3f s/step, measured %.3f s/step (%+.1f%%); split corrected %d "
-                "times\n",
-                pred, got, 100.0 * (got - pred) / pred, tr.plan().rebalances);
+    std::printf(
+        "plan: predicted %.3f s/step, measured %.3f s/step (%+.1f%%); split corrected %d "
+        "times\n",
+        pred, got, 100.0 * (got - pred) / pred, tr.plan().rebalances);
   }
   if (!lead) return g_stop ? 130 : 0;
   const std::string where = tr.save();

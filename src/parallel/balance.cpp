@@ -15,8 +15,7 @@ std::vector<int64_t> split_rows(int64_t rows, const std::vector<double>& sec_per
   for (int64_t left = rows - int64_t(n); left > 0; --left) {
     size_t best = 0;
     for (size_t r = 1; r < n; ++r)
-      if (double(out[r] + 1) * sec_per_row[r] < double(out[best] + 1) * sec_per_row[best])
-        best = r;
+      if (double(out[r] + 1) * sec_per_row[r] < double(out[best] + 1) * sec_per_row[best]) best = r;
     ++out[best];
   }
   return out;

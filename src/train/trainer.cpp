@@ -1,10 +1,13 @@
 #include "train/trainer.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <thread>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -110,7 +113,16 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     dev_->run(make_op_call(MXN_OP_FILL, {}, {m_all}, {}, {0.f}));
     dev_->run(make_op_call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
   }
+  // Tests make one rank slow from some step on (a chip that throttles): "rank:step:ms".
+  if (const char* slow = std::getenv("MXN_TEST_SLOW_RANK")) {
+    long long r = -1, from = 0, ms = 0;
+    if (std::sscanf(slow, "%lld:%lld:%lld", &r, &from, &ms) == 3 && r == rank_) {
+      slow_from_ = from;
+      slow_ms_ = ms;
+    }
+  }
   stats_.assign(size_t(1 + 2 * world_), 0.0);
+  drift_.assign(size_t(world_) * kDriftWindow, 0.0);
   plan_.ranks.assign(size_t(world_), {});
   sec_per_row_ = auto_split_ ? std::vector<double>(size_t(world_), 1.0) : weights;
   if (comm_) {
@@ -221,13 +233,21 @@ void Trainer::profile() {
 }
 
 void Trainer::follow_drift() {
-  // stats_ came back from the step's all-reduce: [loss, each rank's compute seconds, ...].
+  // stats_ came back from the step's all-reduce: [loss, each rank's compute seconds, ...]. Each
+  // rank's seconds per sequence is the median of its last five steps, so one hiccup moves nothing
+  // and a lasting change (a throttling chip, a neighbour on it) moves rows within a few steps.
   if (!auto_split_) return;
+  const size_t slot = size_t(steps_run_ % kDriftWindow);
   for (int64_t r = 0; r < world_; ++r) {
-    const double seen = stats_[size_t(1 + r)] / double(split_[size_t(r)]);
-    double& est = sec_per_row_[size_t(r)];
-    est = 0.7 * est + 0.3 * seen;
+    double* h = &drift_[size_t(r) * kDriftWindow];
+    h[slot] = stats_[size_t(1 + r)] / double(split_[size_t(r)]);
+    if (steps_run_ < kDriftWindow) continue;
+    std::array<double, kDriftWindow> m;
+    std::copy(h, h + kDriftWindow, m.begin());
+    std::nth_element(m.begin(), m.begin() + kDriftWindow / 2, m.end());
+    sec_per_row_[size_t(r)] = m[kDriftWindow / 2];
   }
+  if (steps_run_ < kDriftWindow) return;
   if (++steps_since_change_ < 5) return;
   const std::vector<int64_t> next = rebalance(split_, sec_per_row_, 0.03);
   if (next == split_) return;
@@ -262,6 +282,8 @@ float Trainer::step() {
   const int64_t s = step_ + 1, T = cfg_.seq_len(), G = cfg_.batch * cfg_.accum;
   const size_t nodes = prog_->graph().nodes.size();
   dev_->run(zero_grads_);
+  if (slow_ms_ > 0 && s >= slow_from_)
+    std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms_));
   // Row r of a step's global batch is a pure function of (seed, step, r): resuming needs no
   // data-loader state, and any split over ranks, passes or micro-batches sees the same rows.
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));

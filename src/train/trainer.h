@@ -19,10 +19,10 @@ namespace mxn {
 
 // How a step's sequences are shared over the ranks (one entry per rank; one rank: the lot).
 struct RankPlan {
-  int64_t rows = 0;         // sequences of each step's global batch (batch x accum)
-  int64_t cap = 0;          // most sequences per forward pass (memory bound); more go in passes
-  double sec_per_row = 0;   // measured forward+backward seconds per sequence
-  double overhead_s = 0;    // measured all-reduce + optimizer seconds per step
+  int64_t rows = 0;        // sequences of each step's global batch (batch x accum)
+  int64_t cap = 0;         // most sequences per forward pass (memory bound); more go in passes
+  double sec_per_row = 0;  // measured forward+backward seconds per sequence
+  double overhead_s = 0;   // measured all-reduce + optimizer seconds per step
 };
 struct Plan {
   std::vector<RankPlan> ranks;
@@ -88,7 +88,10 @@ class Trainer {
   std::vector<int64_t> split_;
   std::vector<double> sec_per_row_, stats_;  // per rank; stats_: the per-step all-reduce
   bool auto_split_ = false;
+  static constexpr int64_t kDriftWindow = 5;
+  std::vector<double> drift_;  // per rank, the last kDriftWindow seconds per sequence
   int64_t steps_since_change_ = 0;
+  int64_t slow_from_ = 0, slow_ms_ = 0;  // MXN_TEST_SLOW_RANK
   std::unique_ptr<GradSync> sync_;
   Plan plan_;
   double step_seconds_sum_ = 0;

@@ -24,23 +24,27 @@ void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const
 }
 
 // The native bf16 path: oneDNN's matmul primitive with bf16 sources and f32 destination, which
-// runs on AMX / AVX512-BF16. Primitives are cached by shape so steps after the first reuse them.
+// runs on AMX / AVX512-BF16. Primitives and their memory objects are made once per shape; a call
+// only points them at the data and runs through the C API, so a step allocates nothing here.
 struct Bf16Gemm {
+  struct Entry {
+    dnnl::matmul prim;
+    dnnl::memory a, b, c;
+  };
   dnnl::engine eng{dnnl::engine::kind::cpu, 0};
   dnnl::stream strm{eng};
-  std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, float, bool>, dnnl::matmul> cache;
+  std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, float, bool>, Entry> cache;
 
   void run(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
            const uint16_t* B, bool accumulate, float* C) {
-    using dt = dnnl::memory::data_type;
-    dnnl::memory::desc a_md({M, K}, dt::bf16,
-                            ta ? dnnl::memory::dims{1, M} : dnnl::memory::dims{K, 1});
-    dnnl::memory::desc b_md({K, N}, dt::bf16,
-                            tb ? dnnl::memory::dims{1, K} : dnnl::memory::dims{N, 1});
-    dnnl::memory::desc c_md({M, N}, dt::f32, dnnl::memory::dims{N, 1});
-    auto key = std::make_tuple(ta, tb, M, N, K, alpha, accumulate);
-    auto it = cache.find(key);
+    auto it = cache.find(std::make_tuple(ta, tb, M, N, K, alpha, accumulate));
     if (it == cache.end()) {
+      using dt = dnnl::memory::data_type;
+      dnnl::memory::desc a_md({M, K}, dt::bf16,
+                              ta ? dnnl::memory::dims{1, M} : dnnl::memory::dims{K, 1});
+      dnnl::memory::desc b_md({K, N}, dt::bf16,
+                              tb ? dnnl::memory::dims{1, K} : dnnl::memory::dims{N, 1});
+      dnnl::memory::desc c_md({M, N}, dt::f32, dnnl::memory::dims{N, 1});
       dnnl::primitive_attr attr;
       if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
       if (accumulate) {
@@ -49,12 +53,19 @@ struct Bf16Gemm {
         attr.set_post_ops(po);
       }
       dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, eng);
-      it = cache.emplace(key, dnnl::matmul(pd)).first;
+      Entry e{dnnl::matmul(pd), dnnl::memory(a_md, eng, nullptr), dnnl::memory(b_md, eng, nullptr),
+              dnnl::memory(c_md, eng, nullptr)};
+      it = cache.emplace(std::make_tuple(ta, tb, M, N, K, alpha, accumulate), std::move(e)).first;
     }
-    dnnl::memory a(a_md, eng, const_cast<uint16_t*>(A)), b(b_md, eng, const_cast<uint16_t*>(B)),
-        c(c_md, eng, C);
-    it->second.execute(strm, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
-    strm.wait();
+    Entry& e = it->second;
+    dnnl_memory_set_data_handle(e.a.get(), const_cast<uint16_t*>(A));
+    dnnl_memory_set_data_handle(e.b.get(), const_cast<uint16_t*>(B));
+    dnnl_memory_set_data_handle(e.c.get(), C);
+    const dnnl_exec_arg_t args[3] = {
+        {DNNL_ARG_SRC, e.a.get()}, {DNNL_ARG_WEIGHTS, e.b.get()}, {DNNL_ARG_DST, e.c.get()}};
+    MXN_CHECK(dnnl_primitive_execute(e.prim.get(), strm.get(), 3, args) == dnnl_success,
+              "oneDNN bf16 matmul failed");
+    MXN_CHECK(dnnl_stream_wait(strm.get()) == dnnl_success, "oneDNN stream wait failed");
   }
 };
 

@@ -1,0 +1,102 @@
+// Uneven data parallelism without ranks: the split arithmetic, and Program variants (a smaller
+// share of the batch run in the full-size Program's memory) against a Program built for it.
+#include <gtest/gtest.h>
+
+#include "backend/device.h"
+#include "core/error.h"
+#include "graph/program.h"
+#include "models/gpt2/gpt2.h"
+#include "parallel/balance.h"
+
+namespace mxn {
+namespace {
+
+TEST(Balance, SplitFollowsSpeed) {
+  // Equal costs give the even split, extra rows to the lowest ranks.
+  EXPECT_EQ(split_rows(7, {1, 1}), (std::vector<int64_t>{4, 3}));
+  EXPECT_EQ(split_rows(10, {1, 1, 1, 1}), (std::vector<int64_t>{3, 3, 2, 2}));
+  // A device 3x slower per row takes a quarter; integer effects minimise the slowest rank.
+  EXPECT_EQ(split_rows(8, {1.0 / 3, 1.0}), (std::vector<int64_t>{6, 2}));
+  EXPECT_EQ(split_rows(16, {1.0, 7.0}), (std::vector<int64_t>{14, 2}));
+  // Every rank keeps at least one row, however slow.
+  EXPECT_EQ(split_rows(3, {1, 1000, 1000}), (std::vector<int64_t>{1, 1, 1}));
+  EXPECT_DOUBLE_EQ(slowest_seconds({6, 2}, {0.5, 1.0}), 3.0);
+  EXPECT_THROW(split_rows(1, {1, 1}), Error);
+}
+
+TEST(Balance, ParseSplit) {
+  EXPECT_TRUE(parse_split("auto", 3).empty());
+  EXPECT_EQ(parse_split("even", 2), (std::vector<double>{1, 1}));
+  EXPECT_EQ(parse_split("4,1", 2), (std::vector<double>{0.25, 1}));
+  for (const char* bad : {"4,x", "4,,1", "4,0", "-1,1", "1e99,1", ""}) {
+    try {
+      parse_split(bad, 2);
+      ADD_FAILURE() << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("positive number"), std::string::npos) << e.what();
+    }
+  }
+  try {
+    parse_split("1,2,3", 2);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("gives 3 weights but the job has 2 ranks"),
+              std::string::npos);
+  }
+}
+
+TEST(Balance, RebalanceOnlyForARealGain) {
+  // Rank 1 became 3x slower: moving rows shortens the step from 4*3=12 to max(6, 2*3)=6.
+  EXPECT_EQ(rebalance({4, 4}, {1, 3}, 0.03), (std::vector<int64_t>{6, 2}));
+  // A 2% difference is noise: keep the split.
+  EXPECT_EQ(rebalance({4, 4}, {1, 1.02}, 0.03), (std::vector<int64_t>{4, 4}));
+}
+
+TEST(ProgramVariant, SmallerShareEqualsItsOwnProgram) {
+  // A GPT Program built for 4 rows, run as a 3-row variant, gives the loss and gradients of a
+  // Program built for 3 rows (same weights, same tokens), to the last bit.
+  GPT2Config c;
+  c.n_layer = 1, c.n_head = 2, c.n_embd = 16, c.n_ctx = 8, c.vocab_size = 32;
+  const int64_t T = 8;
+  auto dev = open_device("cpu", 1);
+  auto build = [&](int64_t B, GPT2Graph* m) {
+    Graph g;
+    *m = build_gpt2(g, c, B, T, true);
+    append_backward(g, m->loss);
+    return g;
+  };
+  GPT2Graph m4, m3;
+  Program big(build(4, &m4), *dev), small(build(3, &m3), *dev);
+  const int v = big.add_variant(build(3, &m3));
+  std::vector<int32_t> tok(4 * T), pos(4 * T);
+  for (size_t i = 0; i < tok.size(); ++i) {
+    tok[i] = int32_t((i * 7 + 3) % 32);
+    pos[i] = int32_t(i % size_t(T));
+  }
+  for (Program* p : {&big, &small}) {
+    const int var = p == &big ? v : 0;
+    for (int id : p->graph().params()) {
+      std::vector<float> w(size_t(numel(p->graph().v(id).shape)));
+      for (size_t i = 0; i < w.size(); ++i)
+        w[i] = float((i * 37 + size_t(id)) % 101) / 500.f - 0.1f;
+      dev->upload(p->tensor(id), w.data());
+    }
+    dev->upload(p->tensor(m3.tokens, var), tok.data());
+    dev->upload(p->tensor(m3.targets, var), tok.data() + 1);
+    dev->upload(p->tensor(m3.positions, var), pos.data());
+    dev->run(make_op_call(MXN_OP_FILL, {}, {p->grads_all()}, {}, {0.f}));
+    p->run(0, p->graph().nodes.size(), var);
+  }
+  float l_big = 0, l_small = 0;
+  dev->download(&l_big, big.tensor(m3.loss, v));
+  dev->download(&l_small, small.tensor(m3.loss));
+  EXPECT_EQ(l_big, l_small);
+  std::vector<float> g_big(size_t(big.param_count())), g_small(g_big.size());
+  dev->download(g_big.data(), big.grads_all());
+  dev->download(g_small.data(), small.grads_all());
+  EXPECT_EQ(g_big, g_small);
+  EXPECT_GT(l_big, 0.f);
+}
+
+}  // namespace
+}  // namespace mxn
