@@ -19,6 +19,7 @@ extern "C" {
 #define MXN_ABI_VERSION 1
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 4
+#define MXN_COMM_ID_BYTES 128 /* NCCL's unique id size */
 
 typedef enum mxn_status {
   MXN_STATUS_OK = 0,
@@ -127,9 +128,27 @@ typedef struct mxn_backend_api {
   int32_t (*supports)(void* ctx, int32_t op, int32_t dtype);
   /* Enqueues one kernel on the device's queue. */
   int32_t (*run)(void* ctx, const mxn_op_call* call);
-  /* The fence: returns when everything enqueued so far is done. */
+  /* The fence: returns when everything enqueued so far is done (collectives included). */
   int32_t (*synchronize)(void* ctx);
+
+  /* --- optional: device-direct collectives (added after ABI 1's first table) ---------------
+   * Among ranks whose devices all use this backend, e.g. NCCL among CUDA GPUs. A backend
+   * without them sets these to NULL or returns a shorter table (struct_size ends before them);
+   * mxn then reduces through host memory over MPI. mxn carries the id between ranks.
+   *   comm_id(ctx, NULL): 0 if collectives can run here (the library is present), else a status.
+   *   comm_id(ctx, id): rank 0 makes the job's id; every rank then calls comm_init with it
+   *   (collective: it returns when every rank has joined).
+   *   all_reduce_sum: enqueues an in-place sum over ranks of `count` f32 at buffer + offset; it
+   *   may overlap kernels enqueued after it, until comm_wait, which makes everything enqueued
+   *   afterwards wait for every collective so far. */
+  int32_t (*comm_id)(void* ctx, uint8_t* id /* MXN_COMM_ID_BYTES */);
+  int32_t (*comm_init)(void* ctx, const uint8_t* id, int32_t world, int32_t rank);
+  int32_t (*all_reduce_sum)(void* ctx, void* buffer, uint64_t offset, uint64_t count);
+  int32_t (*comm_wait)(void* ctx);
 } mxn_backend_api;
+
+/* The first table of ABI 1, which every backend must fill; the collectives follow it. */
+#define MXN_BACKEND_API_CORE_SIZE offsetof(mxn_backend_api, comm_id)
 
 /* The one symbol a backend plugin exports. */
 typedef const mxn_backend_api* (*mxn_backend_get_api_fn)(void);

@@ -111,6 +111,28 @@ std::unique_ptr<Buffer> Device::alloc(uint64_t bytes) {
 
 void Device::free_buffer(void* handle) { api_->buffer_free(ctx_, handle); }
 
+bool Device::has_collectives() const {
+  return api_->struct_size >= sizeof(mxn_backend_api) && api_->comm_id && api_->comm_init &&
+         api_->all_reduce_sum && api_->comm_wait && api_->comm_id(ctx_, nullptr) == 0;
+}
+
+void Device::comm_id(uint8_t* id) {
+  if (int32_t st = api_->comm_id(ctx_, id)) fail(st, "comm_id");
+}
+
+void Device::comm_init(const uint8_t* id, int world, int rank) {
+  if (int32_t st = api_->comm_init(ctx_, id, world, rank)) fail(st, "comm_init");
+}
+
+void Device::all_reduce_sum(const Tensor& t) {
+  if (int32_t st = api_->all_reduce_sum(ctx_, t.buffer, t.offset, uint64_t(t.numel())))
+    fail(st, "all_reduce_sum");
+}
+
+void Device::comm_wait() {
+  if (int32_t st = api_->comm_wait(ctx_)) fail(st, "comm_wait");
+}
+
 void Device::upload(const Tensor& dst, const void* src) {
   int32_t st = api_->copy_to_device(ctx_, dst.buffer, dst.offset, src, dst.nbytes());
   if (st != 0) fail(st, "copy_to_device");
@@ -174,7 +196,7 @@ BackendEntry load_plugin(const std::filesystem::path& path) {
     return e;
   }
   const mxn_backend_api* api = get();
-  if (!api || api->struct_size < sizeof(mxn_backend_api) || api->abi_version != MXN_ABI_VERSION ||
+  if (!api || api->struct_size < MXN_BACKEND_API_CORE_SIZE || api->abi_version != MXN_ABI_VERSION ||
       !api->name) {
     e.error = path.string() + " speaks chip-contract ABI version " +
               std::to_string(api ? api->abi_version : 0) + ", this mxn needs " +

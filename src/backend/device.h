@@ -48,6 +48,14 @@ class Device {
   void synchronize();
   void free_buffer(void* handle);
 
+  // Device-direct collectives (NCCL among CUDA GPUs), when the backend has them and its library
+  // is present; see mxn_backend_api. The Communicator sets them up; GradSync uses them.
+  bool has_collectives() const;
+  void comm_id(uint8_t* id);
+  void comm_init(const uint8_t* id, int world, int rank);
+  void all_reduce_sum(const Tensor& t);  // f32, in place, enqueued
+  void comm_wait();
+
   // With MXN_PROFILE=1 in the environment each kernel is timed (the queue is synchronised after
   // each); report() gives a table of time per op, most expensive first.
   bool profiling() const { return profile_; }

@@ -111,6 +111,17 @@ void Communicator::wait_all() {
   pending_.clear();
 }
 
+void Communicator::broadcast(void* data, int64_t bytes, int root) {
+  if (mpi_) MPI_Bcast(data, int(bytes), MPI_BYTE, root, MPI_COMM_WORLD);
+}
+
+bool Communicator::all(bool yes) {
+  if (!mpi_) return yes;
+  int v = yes ? 1 : 0, out = 0;
+  MPI_Allreduce(&v, &out, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  return out == 1;
+}
+
 void Communicator::barrier() {
   if (mpi_) MPI_Barrier(MPI_COMM_WORLD);
 }

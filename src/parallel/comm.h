@@ -33,6 +33,10 @@ class Communicator {
   void progress();
   void wait_all();
   void barrier();
+  // Copies `bytes` from rank `root` to every rank.
+  void broadcast(void* data, int64_t bytes, int root);
+  // True on every rank iff `yes` on every rank.
+  bool all(bool yes);
   ~Communicator();
 
  private:

@@ -30,11 +30,40 @@ GradSync::GradSync(Program& prog, Communicator& comm, int64_t bucket_floats)
     host += size_t(t.numel());
   }
   host_.resize(host);
+  // Device-direct only if every rank can: the same backend everywhere, with its collectives.
+  Device& dev = prog.device();
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a of the backend's name
+  for (const char* c = dev.api()->name; *c; ++c) hash = (hash ^ uint8_t(*c)) * 1099511628211ull;
+  std::vector<double> names(size_t(comm.size()), 0.0);
+  names[size_t(comm.rank())] = double(hash >> 12);  // exact in a double
+  comm.all_reduce_sum(names.data(), int64_t(names.size()));
+  const bool same =
+      std::all_of(names.begin(), names.end(), [&](double x) { return x == names[0]; });
+  if (comm.all(same && dev.has_collectives())) {
+    uint8_t id[MXN_COMM_ID_BYTES] = {};
+    if (comm.rank() == 0) dev.comm_id(id);
+    comm.broadcast(id, sizeof(id), 0);
+    dev.comm_init(id, comm.size(), comm.rank());
+    direct_ = true;
+  }
 }
 
 void GradSync::run(size_t begin, size_t end, int variant) {
   Device& dev = prog_.device();
   size_t at = begin;
+  if (direct_) {
+    for (Bucket& b : buckets_) {
+      const size_t upto = std::clamp(b.last_node, at, end);
+      prog_.run(at, upto, variant);
+      at = upto;
+      for (const Item& it : b.items) dev.all_reduce_sum(it.grad);
+    }
+    prog_.run(at, end, variant);
+    dev.comm_wait();
+    dev.synchronize();
+    done_ = std::chrono::steady_clock::now();
+    return;
+  }
   for (Bucket& b : buckets_) {
     const size_t upto = std::clamp(b.last_node, at, end);
     prog_.run(at, upto, variant);

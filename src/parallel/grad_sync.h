@@ -4,7 +4,10 @@
 // been back-propagated, so the node after which each gradient is final is known. Params are
 // grouped, in that order, into buckets of about `bucket_floats`; when the backward has run past a
 // bucket's last node, the bucket is copied to the host and its all-reduce starts while the
-// backward goes on with the layers below. Host-staged, so any mix of chips can take part.
+// backward goes on with the layers below. Host-staged through MPI, so any mix of chips can take
+// part; when every rank's device has the same backend with device-direct collectives (NCCL among
+// CUDA GPUs), each bucket's gradients are summed on the devices instead, on the backend's own
+// communication queue, and nothing goes through the host.
 #include <chrono>
 #include <vector>
 
@@ -22,6 +25,7 @@ class GradSync {
   void run(size_t begin, size_t end, int variant);
   std::chrono::steady_clock::time_point backward_done() const { return done_; }
   size_t buckets() const { return buckets_.size(); }
+  bool device_direct() const { return direct_; }
 
  private:
   struct Item {
@@ -37,6 +41,7 @@ class GradSync {
   Communicator& comm_;
   std::vector<Bucket> buckets_;
   std::vector<float> host_;
+  bool direct_ = false;
   std::chrono::steady_clock::time_point done_;
 };
 

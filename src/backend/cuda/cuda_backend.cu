@@ -5,10 +5,14 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <new>
 #include <string>
 
 #include "backend/cuda/kernels.cuh"
+#ifdef MXN_HAVE_NCCL
+#include "backend/cuda/nccl.cuh"
+#endif
 #include "mxn/backend_abi.h"
 
 namespace mxn::cuda {
@@ -23,6 +27,11 @@ struct Ctx {
   float* scratch = nullptr;  // attention's dP, reductions, bf16 operands; grows, then is reused
   size_t scratch_floats = 0;
   std::string error;
+#ifdef MXN_HAVE_NCCL
+  ncclComm_t comm = nullptr;
+  cudaStream_t comm_stream = nullptr;  // collectives run here, beside the kernels
+  cudaEvent_t compute_done = nullptr, comm_done = nullptr;
+#endif
 };
 
 int32_t fail(Ctx* c, int32_t st, const std::string& msg) {
@@ -66,6 +75,12 @@ int32_t init(int32_t dev, const mxn_backend_options*, void** out) {
 
 void shutdown(void* ctx) {
   auto* c = static_cast<Ctx*>(ctx);
+#ifdef MXN_HAVE_NCCL
+  if (c->comm) Nccl::get().comm_destroy(c->comm);
+  if (c->comm_stream) cudaStreamDestroy(c->comm_stream);
+  if (c->compute_done) cudaEventDestroy(c->compute_done);
+  if (c->comm_done) cudaEventDestroy(c->comm_done);
+#endif
   if (c->scratch) cudaFree(c->scratch);
   if (c->workspace) cudaFree(c->workspace);
   if (c->lt) cublasLtDestroy(c->lt);
@@ -110,8 +125,57 @@ int32_t supports(void*, int32_t op, int32_t dtype) {
 
 int32_t synchronize(void* ctx) {
   auto* c = static_cast<Ctx*>(ctx);
+#ifdef MXN_HAVE_NCCL
+  if (c->comm_stream)
+    if (int32_t st = check(c, cudaStreamSynchronize(c->comm_stream), "cudaStreamSynchronize (collectives)")) return st;
+#endif
   return check(c, cudaStreamSynchronize(c->stream), "cudaStreamSynchronize");
 }
+
+#ifdef MXN_HAVE_NCCL
+// Collectives through NCCL on their own stream: an all-reduce waits for the kernels enqueued
+// before it (an event), and comm_wait makes the kernel stream wait for the collectives.
+int32_t nccl_check(Ctx* c, ncclResult_t r, const char* what) {
+  return r == ncclSuccess ? 0 : fail(c, MXN_STATUS_INTERNAL, std::string(what) + ": " + Nccl::get().error_string(r));
+}
+
+int32_t comm_id(void* ctx, uint8_t* id) {
+  auto* c = static_cast<Ctx*>(ctx);
+  const Nccl& n = Nccl::get();
+  if (!n.ok) return fail(c, MXN_STATUS_UNSUPPORTED, "NCCL (libnccl.so.2) is not installed");
+  if (!id) return 0;
+  return nccl_check(c, n.get_unique_id(reinterpret_cast<ncclUniqueId*>(id)), "ncclGetUniqueId");
+}
+
+int32_t comm_init(void* ctx, const uint8_t* id, int32_t world, int32_t rank) {
+  auto* c = static_cast<Ctx*>(ctx);
+  const Nccl& n = Nccl::get();
+  if (!n.ok) return fail(c, MXN_STATUS_UNSUPPORTED, "NCCL (libnccl.so.2) is not installed");
+  if (int32_t st = check(c, cudaSetDevice(c->device), "cudaSetDevice")) return st;
+  if (int32_t st = check(c, cudaStreamCreateWithFlags(&c->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate")) return st;
+  if (int32_t st = check(c, cudaEventCreateWithFlags(&c->compute_done, cudaEventDisableTiming), "cudaEventCreate")) return st;
+  if (int32_t st = check(c, cudaEventCreateWithFlags(&c->comm_done, cudaEventDisableTiming), "cudaEventCreate")) return st;
+  ncclUniqueId uid;
+  std::memcpy(&uid, id, sizeof(uid));
+  return nccl_check(c, n.comm_init_rank(&c->comm, world, uid, rank), "ncclCommInitRank");
+}
+
+int32_t all_reduce_sum(void* ctx, void* buffer, uint64_t offset, uint64_t count) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (!c->comm) return fail(c, MXN_STATUS_INVALID_ARGUMENT, "all_reduce_sum before comm_init");
+  if (int32_t st = check(c, cudaEventRecord(c->compute_done, c->stream), "cudaEventRecord")) return st;
+  if (int32_t st = check(c, cudaStreamWaitEvent(c->comm_stream, c->compute_done, 0), "cudaStreamWaitEvent")) return st;
+  float* p = reinterpret_cast<float*>(static_cast<char*>(buffer) + offset);
+  return nccl_check(c, Nccl::get().all_reduce(p, p, count, ncclFloat, ncclSum, c->comm, c->comm_stream), "ncclAllReduce");
+}
+
+int32_t comm_wait(void* ctx) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (!c->comm_stream) return 0;
+  if (int32_t st = check(c, cudaEventRecord(c->comm_done, c->comm_stream), "cudaEventRecord")) return st;
+  return check(c, cudaStreamWaitEvent(c->stream, c->comm_done, 0), "cudaStreamWaitEvent");
+}
+#endif
 
 float* F(const mxn_tensor& t) { return reinterpret_cast<float*>(static_cast<char*>(t.buffer) + t.offset); }
 int32_t* I(const mxn_tensor& t) { return reinterpret_cast<int32_t*>(static_cast<char*>(t.buffer) + t.offset); }
@@ -329,6 +393,11 @@ int32_t run(void* ctx, const mxn_op_call* call) {
 const mxn_backend_api kApi = {
     sizeof(mxn_backend_api), MXN_ABI_VERSION, "cuda", device_count, device_props, init, shutdown,
     last_error, buffer_alloc, buffer_free, copy_to_device, copy_to_host, supports, run, synchronize,
+#ifdef MXN_HAVE_NCCL
+    comm_id, comm_init, all_reduce_sum, comm_wait,
+#else
+    nullptr, nullptr, nullptr, nullptr,  // built without nccl.h: ranks reduce through the host
+#endif
 };
 
 }  // namespace
