@@ -12,6 +12,7 @@
 #include <string>
 
 #include "backend/cpu/kernels.h"
+#include "backend/op_shapes.h"
 #include "core/dtype.h"
 #include "mxn/backend_abi.h"
 
@@ -111,14 +112,6 @@ T* ptr(const mxn_tensor& t) {
   return reinterpret_cast<T*>(static_cast<char*>(t.buffer) + t.offset);
 }
 
-int64_t count(const mxn_tensor& t) {
-  int64_t n = 1;
-  for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
-  return n;
-}
-
-int64_t last(const mxn_tensor& t) { return t.shape[t.ndim - 1]; }
-
 size_t elem_size(int32_t dt) { return dt == MXN_DTYPE_F32 || dt == MXN_DTYPE_I32 ? 4 : 2; }
 
 int32_t bad(Ctx* c, const std::string& msg) {
@@ -127,32 +120,11 @@ int32_t bad(Ctx* c, const std::string& msg) {
 }
 
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
-  const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &o = k.outputs[0];
-  const bool ta = k.ip[0], tb = k.ip[1];
-  int64_t batch = 1, M, N = last(o), K;
-  int64_t sa = 0, sb = 0, sc = 0;
-  if (a.ndim == 3 && b.ndim == 3) {  // batched
-    batch = a.shape[0];
-    M = ta ? a.shape[2] : a.shape[1];
-    K = ta ? a.shape[1] : a.shape[2];
-    sa = a.shape[1] * a.shape[2];
-    sb = b.shape[1] * b.shape[2];
-    sc = o.shape[1] * o.shape[2];
-    if (b.shape[0] != batch || o.shape[0] != batch) return bad(c, "matmul: batch sizes differ");
-  } else if (b.ndim == 2 && !ta) {  // leading dims of A fold into M
-    K = last(a);
-    M = count(a) / K;
-  } else if (a.ndim == 2 && b.ndim == 2) {
-    M = ta ? a.shape[1] : a.shape[0];
-    K = ta ? a.shape[0] : a.shape[1];
-  } else {
-    return bad(c, "matmul: operands must both be 2-D or both 3-D");
-  }
-  const int64_t bk = tb ? b.shape[b.ndim - 1] : b.shape[b.ndim - 2];
-  const int64_t bn = tb ? b.shape[b.ndim - 2] : b.shape[b.ndim - 1];
-  if (bk != K || bn != N || count(o) != batch * M * N) return bad(c, "matmul: shapes do not agree");
-  matmul(c->scratch, k.ip[3] == MXN_DTYPE_BF16 ? Compute::bf16 : Compute::f32, ta, tb, batch, M, N,
-         K, k.fp[0], ptr(a), sa, ptr(b), sb, k.ip[2] != 0, ptr(o), sc);
+  const MatmulShape m = matmul_shape(k);
+  if (m.error) return bad(c, m.error);
+  matmul(c->scratch, m.bf16 ? Compute::bf16 : Compute::f32, m.ta, m.tb, m.batch, m.M, m.N, m.K,
+         m.alpha, ptr(k.inputs[0]), m.sa, ptr(k.inputs[1]), m.sb, m.accumulate, ptr(k.outputs[0]),
+         m.sc);
   return 0;
 }
 
@@ -262,19 +234,15 @@ int32_t run(void* ctx, const mxn_op_call* call) {
                     ptr(out[1]), ptr(out[2]), count(in[0]) / last(in[0]), last(in[0]));
       return 0;
     case MXN_OP_ATTENTION: {
-      const int64_t T = k.ip[1], B = T > 0 ? in[0].shape[0] / T : 0, C = in[0].shape[1] / 3,
-                    H = k.ip[0];
-      if (H <= 0 || C % H || T <= 0 || B * T != in[0].shape[0])
-        return bad(c, "attention: heads must divide the width and T the rows");
-      attention_fwd(c->scratch, ptr(in[0]), ptr(out[0]), ptr(out[1]), B, T, C, H);
+      const AttentionShape a = attention_shape(k, false);
+      if (a.error) return bad(c, a.error);
+      attention_fwd(c->scratch, a, ptr(in[0]), ptr(out[0]), ptr(out[1]));
       return 0;
     }
     case MXN_OP_ATTENTION_BWD: {
-      const int64_t T = k.ip[1], B = T > 0 ? in[1].shape[0] / T : 0, C = in[1].shape[1] / 3,
-                    H = k.ip[0];
-      if (H <= 0 || C % H || T <= 0 || B * T != in[1].shape[0])
-        return bad(c, "attention: heads must divide the width and T the rows");
-      attention_bwd(c->scratch, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(out[0]), B, T, C, H);
+      const AttentionShape a = attention_shape(k, true);
+      if (a.error) return bad(c, a.error);
+      attention_bwd(c->scratch, a, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(out[0]));
       return 0;
     }
     case MXN_OP_EMBEDDING: {

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "backend/op_shapes.h"
+
 namespace mxn::cpu {
 
 // Per-context scratch; grows on the first step and is then reused, so steps allocate nothing.
@@ -24,10 +26,9 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
             bool accumulate, float* C, int64_t sc);
 bool native_bf16();
 
-void attention_fwd(Scratch& s, const float* qkv, float* y, float* probs, int64_t B, int64_t T,
-                   int64_t C, int64_t H);
-void attention_bwd(Scratch& s, const float* dy, const float* qkv, const float* probs, float* dqkv,
-                   int64_t B, int64_t T, int64_t C, int64_t H);
+void attention_fwd(Scratch& s, const AttentionShape& a, const float* qkv, float* y, float* probs);
+void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const float* qkv,
+                   const float* probs, float* dqkv);
 
 void add(const float* a, const float* b, float* out, int64_t n);
 void add_bias(const float* a, const float* bias, float* out, int64_t rows, int64_t cols);

@@ -135,45 +135,43 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
 // column block [h*hd, (h+1)*hd), k follows at +C and v at +2C, so GEMMs read it in place with a
 // leading dimension of 3C and no transposes are materialised. probs (B, H, T, T) is kept for
 // the backward pass.
-void attention_fwd(Scratch&, const float* qkv, float* y, float* probs, int64_t B, int64_t T,
-                   int64_t C, int64_t H) {
-  const int64_t hd = C / H, ld = 3 * C;
-  const float sc = 1.0f / std::sqrt(float(hd));
+void attention_fwd(Scratch&, const AttentionShape& a, const float* qkv, float* y, float* probs) {
+  const int64_t T = a.T, hd = a.hd, ld = a.ld, C = a.C, H = a.H;
 #pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < B * H; ++bh) {
+  for (int64_t bh = 0; bh < a.B * H; ++bh) {
     const int64_t b = bh / H, h = bh % H;
-    const float* q = qkv + b * T * ld + h * hd;
-    const float* k = q + C;
-    const float* v = q + 2 * C;
-    float* p = probs + bh * T * T;
-    sgemm(false, true, T, T, hd, sc, q, ld, k, ld, 0.f, p, T);
+    const float* q = qkv + a.q(b, h);
+    const float* k = qkv + a.k(b, h);
+    const float* v = qkv + a.v(b, h);
+    float* p = probs + a.p(b, h);
+    sgemm(false, true, T, T, hd, a.scale, q, ld, k, ld, 0.f, p, T);
     for (int64_t t = 0; t < T; ++t) {
       float* row = p + t * T;
       const float inv = 1.0f / exp_shifted_row(row, row, t + 1);
       for (int64_t j = 0; j <= t; ++j) row[j] *= inv;
       for (int64_t j = t + 1; j < T; ++j) row[j] = 0.f;
     }
-    sgemm(false, false, T, hd, T, 1.f, p, T, v, ld, 0.f, y + b * T * C + h * hd, C);
+    sgemm(false, false, T, hd, T, 1.f, p, T, v, ld, 0.f, y + a.y(b, h), C);
   }
 }
 
-void attention_bwd(Scratch& s, const float* dy, const float* qkv, const float* probs, float* dqkv,
-                   int64_t B, int64_t T, int64_t C, int64_t H) {
-  const int64_t hd = C / H, ld = 3 * C;
-  const float sc = 1.0f / std::sqrt(float(hd));
+void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const float* qkv,
+                   const float* probs, float* dqkv) {
+  const int64_t T = a.T, hd = a.hd, ld = a.ld, C = a.C, H = a.H;
+  const float sc = a.scale;
   const int nt = omp_get_max_threads();
   float* scratch = s.get(s.c, size_t(nt) * T * T);
 #pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < B * H; ++bh) {
+  for (int64_t bh = 0; bh < a.B * H; ++bh) {
     const int64_t b = bh / H, h = bh % H;
-    const float* q = qkv + b * T * ld + h * hd;
-    const float* k = q + C;
-    const float* v = q + 2 * C;
-    const float* p = probs + bh * T * T;
-    const float* dyh = dy + b * T * C + h * hd;
-    float* dq = dqkv + b * T * ld + h * hd;
-    float* dk = dq + C;
-    float* dv = dq + 2 * C;
+    const float* q = qkv + a.q(b, h);
+    const float* k = qkv + a.k(b, h);
+    const float* v = qkv + a.v(b, h);
+    const float* p = probs + a.p(b, h);
+    const float* dyh = dy + a.y(b, h);
+    float* dq = dqkv + a.q(b, h);
+    float* dk = dqkv + a.k(b, h);
+    float* dv = dqkv + a.v(b, h);
     float* dp = scratch + size_t(omp_get_thread_num()) * T * T;
     sgemm(true, false, T, hd, T, 1.f, p, T, dyh, C, 0.f, dv, ld);  // dV = P^T dY
     sgemm(false, true, T, T, hd, 1.f, dyh, C, v, ld, 0.f, dp, T);  // dP = dY V^T

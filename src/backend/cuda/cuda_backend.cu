@@ -10,6 +10,7 @@
 #include <string>
 
 #include "backend/cuda/kernels.cuh"
+#include "backend/op_shapes.h"
 #ifdef MXN_HAVE_NCCL
 #include "backend/cuda/nccl.cuh"
 #endif
@@ -179,12 +180,6 @@ int32_t comm_wait(void* ctx) {
 
 float* F(const mxn_tensor& t) { return reinterpret_cast<float*>(static_cast<char*>(t.buffer) + t.offset); }
 int32_t* I(const mxn_tensor& t) { return reinterpret_cast<int32_t*>(static_cast<char*>(t.buffer) + t.offset); }
-int64_t count(const mxn_tensor& t) {
-  int64_t n = 1;
-  for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
-  return n;
-}
-int64_t last(const mxn_tensor& t) { return t.shape[t.ndim - 1]; }
 unsigned blocks(int64_t n) { return unsigned(std::min<int64_t>((n + 255) / 256, 65535)); }
 
 float* scratch(Ctx* c, size_t floats) {
@@ -239,22 +234,9 @@ __global__ void k_to_bf16(const float* a, uint16_t* y, int64_t n) {
 
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &o = k.outputs[0];
-  const bool ta = k.ip[0], tb = k.ip[1], bf16 = k.ip[3] == MXN_DTYPE_BF16;
-  int64_t batch = 1, M, K, N = last(o), sa = 0, sb = 0, sc = 0;
-  if (a.ndim == 3 && b.ndim == 3) {
-    batch = a.shape[0];
-    M = ta ? a.shape[2] : a.shape[1];
-    K = ta ? a.shape[1] : a.shape[2];
-    sa = a.shape[1] * a.shape[2];
-    sb = b.shape[1] * b.shape[2];
-    sc = o.shape[1] * o.shape[2];
-  } else if (b.ndim == 2 && !ta) {
-    K = last(a);
-    M = count(a) / K;
-  } else {
-    M = ta ? a.shape[1] : a.shape[0];
-    K = ta ? a.shape[0] : a.shape[1];
-  }
+  const MatmulShape m = matmul_shape(k);
+  if (m.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, m.error);
+  const bool bf16 = m.bf16;
   const void *A = F(a), *B = F(b);
   if (bf16) {  // operands rounded to bf16 into scratch; f32 accumulation and output
     const int64_t na = count(a), nb = count(b);
@@ -265,17 +247,17 @@ int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
     A = s;
     B = s + na;
   }
-  return gemm(c, ta, tb, M, N, K, k.fp[0], A, ta ? M : K, sa, B, tb ? K : N, sb, k.ip[2] ? 1.f : 0.f, F(o), N, sc, batch, bf16);
+  return gemm(c, m.ta, m.tb, m.M, m.N, m.K, m.alpha, A, m.lda(), m.sa, B, m.ldb(), m.sb, m.accumulate ? 1.f : 0.f, F(o), m.N, m.sc, m.batch, bf16);
 }
 
 // Attention as on the CPU: per (batch, head) GEMMs reading q, k, v in place (ld 3C); for each
 // head the batch dimension is one strided-batched GEMM.
 int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
-  const mxn_tensor& qkv = k.inputs[backward ? 1 : 0];
-  const int64_t H = k.ip[0], T = k.ip[1], C = qkv.shape[1] / 3, B = qkv.shape[0] / T;
-  const int64_t hd = C / H, ld = 3 * C, sq = T * ld, sy = T * C;
-  const float sc = 1.f / std::sqrt(float(hd));
-  const float* q = F(qkv);
+  const AttentionShape as = attention_shape(k, backward);
+  if (as.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, as.error);
+  const int64_t H = as.H, T = as.T, C = as.C, B = as.B, hd = as.hd, ld = as.ld, sq = T * ld, sy = T * C;
+  const float sc = as.scale;
+  const float* q = F(k.inputs[backward ? 1 : 0]);
   auto G = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t Kk, float al, const float* A, int64_t lda, int64_t sa,
                const float* Bm, int64_t ldb, int64_t sb, float* Cm, int64_t ldc, int64_t scs) {
     return gemm(c, ta, tb, M, N, Kk, al, A, lda, sa, Bm, ldb, sb, 0.f, Cm, ldc, scs, B, false);

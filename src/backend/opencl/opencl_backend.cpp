@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/op_shapes.h"
 #include "backend/opencl/kernels_cl.h"
 #include "mxn/backend_abi.h"
 
@@ -247,12 +248,6 @@ struct Mem {
   cl_ulong off;  // in elements
 };
 Mem mem(const mxn_tensor& t) { return {static_cast<cl_mem>(t.buffer), t.offset / 4}; }
-int64_t count(const mxn_tensor& t) {
-  int64_t n = 1;
-  for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
-  return n;
-}
-int64_t last(const mxn_tensor& t) { return t.shape[t.ndim - 1]; }
 
 struct Launch {
   Ctx* c;
@@ -328,83 +323,60 @@ int32_t gemm(Ctx* c, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float al
 Mem at(Mem m, int64_t elems) { return {m.m, m.off + cl_ulong(elems)}; }
 
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
-  const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &o = k.outputs[0];
-  const bool ta = k.ip[0], tb = k.ip[1];
-  if (k.ip[3] == MXN_DTYPE_BF16)
-    return fail(c, MXN_STATUS_UNSUPPORTED, "bf16 matmul is not written yet");
-  int64_t batch = 1, M, K, N = last(o), sa = 0, sb = 0, sc = 0;
-  if (a.ndim == 3 && b.ndim == 3) {
-    batch = a.shape[0];
-    M = ta ? a.shape[2] : a.shape[1];
-    K = ta ? a.shape[1] : a.shape[2];
-    sa = a.shape[1] * a.shape[2];
-    sb = b.shape[1] * b.shape[2];
-    sc = o.shape[1] * o.shape[2];
-  } else if (b.ndim == 2 && !ta) {
-    K = last(a);
-    M = count(a) / K;
-  } else {
-    M = ta ? a.shape[1] : a.shape[0];
-    K = ta ? a.shape[0] : a.shape[1];
-  }
-  for (int64_t i = 0; i < batch; ++i)
-    if (int32_t st =
-            gemm(c, ta, tb, M, N, K, k.fp[0], at(mem(a), i * sa), ta ? M : K, at(mem(b), i * sb),
-                 tb ? K : N, k.ip[2] ? 1.f : 0.f, at(mem(o), i * sc), N))
+  const MatmulShape m = matmul_shape(k);
+  if (m.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, m.error);
+  if (m.bf16) return fail(c, MXN_STATUS_UNSUPPORTED, "bf16 matmul is not written yet");
+  const Mem a = mem(k.inputs[0]), b = mem(k.inputs[1]), o = mem(k.outputs[0]);
+  for (int64_t i = 0; i < m.batch; ++i)
+    if (int32_t st = gemm(c, m.ta, m.tb, m.M, m.N, m.K, m.alpha, at(a, i * m.sa), m.lda(),
+                          at(b, i * m.sb), m.ldb(), m.accumulate ? 1.f : 0.f, at(o, i * m.sc), m.N))
       return st;
   return 0;
 }
 
 // Attention as the CPU does it: per (batch, head) GEMMs reading q, k, v in place (ld 3C).
 int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
-  const mxn_tensor& qkv = k.inputs[backward ? 1 : 0];
-  const int64_t H = k.ip[0], T = k.ip[1], C = qkv.shape[1] / 3, B = qkv.shape[0] / T;
-  const int64_t hd = C / H, ld = 3 * C;
-  const float sc = 1.f / std::sqrt(float(hd));
-  const Mem q = mem(qkv);
+  const AttentionShape a = attention_shape(k, backward);
+  if (a.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, a.error);
+  const int64_t T = a.T, hd = a.hd, ld = a.ld, C = a.C, rows = a.B * a.H * T;
+  const Mem q = mem(k.inputs[backward ? 1 : 0]);
   if (!backward) {
     const Mem y = mem(k.outputs[0]), p = mem(k.outputs[1]);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t qo = b * T * ld + h * hd, bh = b * H + h;
-        if (int32_t st = gemm(c, false, true, T, T, hd, sc, at(q, qo), ld, at(q, qo + C), ld, 0.f,
-                              at(p, bh * T * T), T))
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t h = 0; h < a.H; ++h)
+        if (int32_t st = gemm(c, false, true, T, T, hd, a.scale, at(q, a.q(b, h)), ld,
+                              at(q, a.k(b, h)), ld, 0.f, at(p, a.p(b, h)), T))
           return st;
-      }
-    if (int32_t st = kernel(c, "softmax").arg(p).arg(p).u(T).s(1).go(B * H * T)) return st;
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t qo = b * T * ld + h * hd, bh = b * H + h;
-        if (int32_t st = gemm(c, false, false, T, hd, T, 1.f, at(p, bh * T * T), T,
-                              at(q, qo + 2 * C), ld, 0.f, at(y, b * T * C + h * hd), C))
+    if (int32_t st = kernel(c, "softmax").arg(p).arg(p).u(T).s(1).go(rows)) return st;
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t h = 0; h < a.H; ++h)
+        if (int32_t st = gemm(c, false, false, T, hd, T, 1.f, at(p, a.p(b, h)), T, at(q, a.v(b, h)),
+                              ld, 0.f, at(y, a.y(b, h)), C))
           return st;
-      }
     return 0;
   }
   const Mem dy = mem(k.inputs[0]), p = mem(k.inputs[2]), dq = mem(k.outputs[0]);
-  cl_mem s = scratch(c, size_t(B * H * T * T) * 4);
+  cl_mem s = scratch(c, size_t(rows * T) * 4);
   if (!s) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for attention scratch");
   const Mem dp{s, 0};
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t qo = b * T * ld + h * hd, bh = b * H + h, yo = b * T * C + h * hd;
-      if (int32_t st = gemm(c, true, false, T, hd, T, 1.f, at(p, bh * T * T), T, at(dy, yo), C, 0.f,
-                            at(dq, qo + 2 * C), ld))
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t h = 0; h < a.H; ++h) {
+      if (int32_t st = gemm(c, true, false, T, hd, T, 1.f, at(p, a.p(b, h)), T, at(dy, a.y(b, h)),
+                            C, 0.f, at(dq, a.v(b, h)), ld))
         return st;
-      if (int32_t st = gemm(c, false, true, T, T, hd, 1.f, at(dy, yo), C, at(q, qo + 2 * C), ld,
-                            0.f, at(dp, bh * T * T), T))
+      if (int32_t st = gemm(c, false, true, T, T, hd, 1.f, at(dy, a.y(b, h)), C, at(q, a.v(b, h)),
+                            ld, 0.f, at(dp, a.p(b, h)), T))
         return st;
     }
-  if (int32_t st = kernel(c, "softmax_bwd").arg(dp).arg(p).arg(dp).u(T).s(1).f(sc).go(B * H * T))
+  if (int32_t st = kernel(c, "softmax_bwd").arg(dp).arg(p).arg(dp).u(T).s(1).f(a.scale).go(rows))
     return st;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t qo = b * T * ld + h * hd, bh = b * H + h;
-      if (int32_t st = gemm(c, false, false, T, hd, T, 1.f, at(dp, bh * T * T), T, at(q, qo + C),
-                            ld, 0.f, at(dq, qo), ld))
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t h = 0; h < a.H; ++h) {
+      if (int32_t st = gemm(c, false, false, T, hd, T, 1.f, at(dp, a.p(b, h)), T, at(q, a.k(b, h)),
+                            ld, 0.f, at(dq, a.q(b, h)), ld))
         return st;
-      if (int32_t st = gemm(c, true, false, T, hd, T, 1.f, at(dp, bh * T * T), T, at(q, qo), ld,
-                            0.f, at(dq, qo + C), ld))
+      if (int32_t st = gemm(c, true, false, T, hd, T, 1.f, at(dp, a.p(b, h)), T, at(q, a.q(b, h)),
+                            ld, 0.f, at(dq, a.k(b, h)), ld))
         return st;
     }
   return 0;
