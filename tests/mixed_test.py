@@ -104,6 +104,9 @@ with tempfile.TemporaryDirectory() as tmp:
     p = lambda n: os.path.join(tmp, n)
     one8 = train(p("one8"), "--batch", "8")
     compare("4 CPU ranks = 1 rank (batch 8)", one8, train(p("four"), "--batch", "8", launcher=[*mpirun, "-np", "4"]))
+    compare("4 CPU ranks, 10 KB gradient buckets = 1 rank", one8, train(p("buckets"), "--batch", "8", "--bucket_mb", "0.01", launcher=[*mpirun, "-np", "4"]))
+    check("small buckets: many all-reduces overlap the backward", "gradients in 1 buckets" not in train.log and " buckets of up to 0.01 MB" in train.log,
+          next((l.strip() for l in train.log.splitlines() if "gradients in" in l), "no bucket line"))
     one7 = train(p("one7"), "--batch", "7")
     compare("uneven 4+3 over 2 ranks = 1 rank (batch 7)", one7, train(p("uneven"), "--batch", "7", "--split", "even", launcher=[*mpirun, "-np", "2"]))
     compare("split 3,1 (6+2) over 2 ranks = 1 rank (batch 8)", one8, train(p("w31"), "--batch", "8", "--split", "3,1", launcher=[*mpirun, "-np", "2"]))

@@ -170,6 +170,12 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
         r, devs[r].c_str(), (long long)rp.rows, 100.0 * double(rp.rows) / double(rows),
         (long long)rp.cap, rp.sec_per_row * 1e3, double(rp.rows) * rp.sec_per_row);
   }
+  std::printf(
+      "    gradients in %zu buckets of up to %g MB, %s, each started as the backward "
+      "reaches it\n",
+      p.buckets, c.bucket_mb,
+      p.device_direct ? "summed by the devices' own collectives (NCCL)"
+                      : "host-staged through MPI");
   std::printf("    predicted step time %.3f s (slowest rank plus all-reduce and optimizer)\n",
               p.predicted_step_s);
 }

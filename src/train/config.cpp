@@ -16,10 +16,13 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"data", &c.data, "token shard from `mxn prepare`, or a text file"},
       {"out", &c.out, "run folder: checkpoints, metrics.jsonl, loss.svg"},
       {"device", &c.device, "device, e.g. cpu or cpu:0 (`mxn devices` lists them)"},
-      {"devices", &c.devices, "several devices, one rank each: cpu,opencl:0 (started through mpirun)"},
+      {"devices", &c.devices,
+       "several devices, one rank each: cpu,opencl:0 (started through mpirun)"},
       {"split", &c.split,
        "how ranks share a step's sequences: auto (by measured speed, corrected as it drifts), "
        "even, or one weight per rank (3,1)"},
+      {"bucket_mb", &c.bucket_mb,
+       "MB of gradients per all-reduce bucket; buckets start as the backward reaches them"},
       {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
       {"threads", &c.threads, "CPU threads (0: all cores)"},
       {"steps", &c.steps, "optimizer steps in all"},
@@ -52,6 +55,8 @@ void TrainConfig::validate() const {
   need(split == "auto" || split == "even" ||
            split.find_first_not_of("0123456789.,") == std::string::npos,
        "split = '" + split + "', expected auto, even, or weights such as 3,1");
+  need(bucket_mb > 0 && bucket_mb <= 4096,
+       "bucket_mb = " + std::to_string(bucket_mb) + ", expected > 0 and <= 4096");
   need(accum >= 1, "accum = " + std::to_string(accum) + ", expected >= 1");
   need(seq >= 0 && seq <= model.n_ctx, "seq = " + std::to_string(seq) + ", expected 0..n_ctx (" +
                                            std::to_string(model.n_ctx) + ")");

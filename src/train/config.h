@@ -16,10 +16,11 @@ struct TrainConfig {
   std::string data = "data/kjv.bin";
   std::string out = "runs/default";
   std::string device = "cpu";
-  std::string devices;  // "cpu,opencl:0": one rank per device, one job
+  std::string devices;         // "cpu,opencl:0": one rank per device, one job
   std::string split = "auto";  // ranks' shares: auto | even | weights "3,1"
-  std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
-  int64_t threads = 0;        // 0: every core
+  double bucket_mb = 1.0;      // gradient all-reduce bucket size (as DDP's bucket_cap_mb)
+  std::string dtype = "f32";   // f32 | bf16 (bf16 matmuls, f32 master weights)
+  int64_t threads = 0;         // 0: every core
   int64_t steps = 1500;
   int64_t batch = 16;  // sequences per micro-batch (the global one, over all ranks)
   int64_t seq = 0;     // tokens per sequence; 0: the model's context

@@ -126,7 +126,10 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   plan_.ranks.assign(size_t(world_), {});
   sec_per_row_ = auto_split_ ? std::vector<double>(size_t(world_), 1.0) : weights;
   if (comm_) {
-    sync_ = std::make_unique<GradSync>(*prog_, *comm_);
+    sync_ = std::make_unique<GradSync>(
+        *prog_, *comm_, std::max<int64_t>(1, int64_t(cfg_.bucket_mb * (1 << 20) / 4)));
+    plan_.buckets = sync_->buckets();
+    plan_.device_direct = sync_->device_direct();
     profile();
   }
   apply_split(split_rows(cfg_.batch * cfg_.accum, sec_per_row_));

@@ -28,6 +28,8 @@ struct Plan {
   std::vector<RankPlan> ranks;
   double predicted_step_s = 0;  // at start, from the measurements
   int rebalances = 0;           // times the split was corrected for drift
+  size_t buckets = 0;           // gradient all-reduce buckets
+  bool device_direct = false;   // reduced by the devices' own collectives (NCCL), not via host
   std::string last_change;      // the latest correction, for the log ("" if none pending)
 };
 
