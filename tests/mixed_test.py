@@ -54,6 +54,28 @@ def rank_pid(out, rank):
     return None
 
 
+def ctrl_c(tmp):
+    """Ctrl-C (SIGINT to the terminal's process group) stops a cpu+opencl job with a checkpoint."""
+    out = os.path.join(tmp, "interrupted")
+    p = subprocess.Popen([mxn, "train", *base, "--batch", "8", "--out", out, "--steps", "100000",
+                          "--devices", "cpu,opencl:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        so, se = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        check("Ctrl-C stops a 2-rank job", False, "still running 60 s after SIGINT")
+        return
+    step = int(so.split("stopped at step ")[1].split(";")[0]) if "stopped at step " in so else -1
+    latest = open(os.path.join(out, "latest")).read().strip() if os.path.exists(os.path.join(out, "latest")) else ""
+    check("Ctrl-C stops a 2-rank job with a checkpoint, exit 130", p.returncode == 130 and latest == f"ckpt-{step:08d}",
+          f"exit {p.returncode}, stopped at step {step}, latest {latest!r} {se.strip()[-300:]}")
+
+
 def kill_rank_and_resume(tmp, ref):
     """SIGKILL rank 1 (opencl:0) of a cpu+opencl job after its first checkpoint."""
     out = os.path.join(tmp, "killed")
@@ -130,5 +152,6 @@ with tempfile.TemporaryDirectory() as tmp:
         compare("cpu+opencl to step 20, resumed on 3 CPU ranks = cpu", one8,
                 train(p("moved"), "--resume", p("moved"), "--devices", "", launcher=[*mpirun, "-np", "3"]))
         kill_rank_and_resume(tmp, one8)
+        ctrl_c(tmp)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

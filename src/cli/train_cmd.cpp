@@ -128,7 +128,7 @@ int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const st
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  if (dead_rank < 0 || dead_rank >= int(n)) return code;
+  if (dead_rank < 0 || dead_rank >= int(n)) return g_stop && code != 0 ? 130 : code;
   std::string last = "none was written yet";
   try {
     last = resolve_checkpoint(out);
