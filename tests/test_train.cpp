@@ -169,3 +169,25 @@ TEST(Train, WarmupThenCosine) {
   EXPECT_NEAR(tr.lr_at(60), 5.5e-4, 1e-12);  // half way through the cosine
   EXPECT_NEAR(tr.lr_at(110), 1e-4, 1e-12);
 }
+
+TEST(Train, RowsPerPassFollowFreeMemory) {
+  // A device with room for the whole micro-batch runs it in one pass; with room for three rows'
+  // activations (after params, grads and moments, and the 10% reserve) it runs three at a time;
+  // with no room at all, one (and the allocation then names what is missing).
+  TrainConfig c = tiny("mxn_test_rows");
+  c.batch = 8;
+  EXPECT_EQ(rows_per_pass(c, uint64_t(1) << 40), 8);
+  const double fixed = double(c.model.param_count()) * 16.0;
+  int64_t lo = 1, hi = int64_t(1) << 32;  // the smallest free memory that fits 3 rows
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (rows_per_pass(c, uint64_t(mid)) >= 3)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  EXPECT_EQ(rows_per_pass(c, uint64_t(lo)), 3);
+  EXPECT_EQ(rows_per_pass(c, uint64_t(lo - 1)), 2);  // one byte less: two rows
+  EXPECT_GT(double(lo) * 0.9, fixed);
+  EXPECT_EQ(rows_per_pass(c, 1000), 1);
+}

@@ -145,6 +145,9 @@ typedef struct mxn_backend_api {
   int32_t (*comm_init)(void* ctx, const uint8_t* id, int32_t world, int32_t rank);
   int32_t (*all_reduce_sum)(void* ctx, void* buffer, uint64_t offset, uint64_t count);
   int32_t (*comm_wait)(void* ctx);
+
+  /* Optional: bytes the device could still allocate now (NULL: mxn assumes memory_bytes). */
+  int32_t (*memory_free)(void* ctx, uint64_t* out);
 } mxn_backend_api;
 
 /* The first table of ABI 1, which every backend must fill; the collectives follow it. */

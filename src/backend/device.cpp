@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -111,9 +112,18 @@ std::unique_ptr<Buffer> Device::alloc(uint64_t bytes) {
 
 void Device::free_buffer(void* handle) { api_->buffer_free(ctx_, handle); }
 
+uint64_t Device::free_memory() const {
+  uint64_t n = 0;
+  if (api_->struct_size >= offsetof(mxn_backend_api, memory_free) + sizeof(void*) &&
+      api_->memory_free && api_->memory_free(ctx_, &n) == 0)
+    return n;
+  return props_.memory_bytes;
+}
+
 bool Device::has_collectives() const {
-  return api_->struct_size >= sizeof(mxn_backend_api) && api_->comm_id && api_->comm_init &&
-         api_->all_reduce_sum && api_->comm_wait && api_->comm_id(ctx_, nullptr) == 0;
+  return api_->struct_size >= offsetof(mxn_backend_api, comm_wait) + sizeof(void*) &&
+         api_->comm_id && api_->comm_init && api_->all_reduce_sum && api_->comm_wait &&
+         api_->comm_id(ctx_, nullptr) == 0;
 }
 
 void Device::comm_id(uint8_t* id) {

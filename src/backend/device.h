@@ -51,6 +51,8 @@ class Device {
   // Device-direct collectives (NCCL among CUDA GPUs), when the backend has them and its library
   // is present; see mxn_backend_api. The Communicator sets them up; GradSync uses them.
   bool has_collectives() const;
+  // Bytes the device could still allocate (the backend's answer, else its total memory).
+  uint64_t free_memory() const;
   void comm_id(uint8_t* id);
   void comm_init(const uint8_t* id, int world, int rank);
   void all_reduce_sum(const Tensor& t);  // f32, in place, enqueued

@@ -186,10 +186,11 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
   for (size_t r = 0; r < p.ranks.size(); ++r) {
     const RankPlan& rp = p.ranks[r];
     std::printf(
-        "    rank %zu %-10s %4lld sequences (%5.1f%%), %lld per pass, measured %.1f ms "
-        "per sequence -> %.3f s\n",
+        "    rank %zu %-10s %4lld sequences (%5.1f%%), %lld per pass (%.1f GiB free), "
+        "measured %.1f ms per sequence -> %.3f s\n",
         r, devs[r].c_str(), (long long)rp.rows, 100.0 * double(rp.rows) / double(rows),
-        (long long)rp.cap, rp.sec_per_row * 1e3, double(rp.rows) * rp.sec_per_row);
+        (long long)rp.cap, double(rp.free_bytes) / double(1 << 30), rp.sec_per_row * 1e3,
+        double(rp.rows) * rp.sec_per_row);
   }
   std::printf(
       "    gradients in %zu buckets of up to %g MB, %s, each started as the backward "

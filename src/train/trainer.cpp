@@ -60,19 +60,11 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
                 " train and " + std::to_string(data_.n_val()) +
                 " validation tokens, need more than " + std::to_string(T + 1) +
                 " of each for seq " + std::to_string(T));
-  // Rows per forward pass: the micro-batch, or fewer if the device's memory cannot hold it.
+  // Rows per forward pass: the micro-batch, or fewer if the device's free memory cannot hold
+  // it (the rest of a rank's share then runs in further passes).
   cap_ = cfg_.batch;
-  if (comm_) {
-    GPT2Graph m1;
-    size_t nf = 0;
-    Graph g1 = gpt2_train_graph(cfg_, 1, &m1, &nf);
-    const double one = double(plan_arena(g1));
-    const double fixed = double(cfg_.model.param_count()) * 16.0;  // params, grads, m, v
-    const double per_row = one * 1.05;
-    const double room = double(dev_->props().memory_bytes) * 0.9 - fixed;
-    if (dev_->props().memory_bytes > 0 && room > per_row)
-      cap_ = std::clamp<int64_t>(int64_t(room / per_row), 1, cfg_.batch);
-  }
+  free_bytes_ = dev_->free_memory();
+  if (comm_) cap_ = rows_per_pass(cfg_, free_bytes_);
   Graph g = gpt2_train_graph(cfg_, cap_, &m_, &n_forward_);
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
   passes_.resize(size_t(cap_) + 1);
@@ -139,6 +131,16 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   std::vector<double> measured(static_cast<size_t>(world_));
   for (int64_t r = 0; r < world_; ++r) measured[size_t(r)] = plan_.ranks[size_t(r)].sec_per_row;
   plan_.predicted_step_s = slowest_seconds(split_, measured) + over;
+}
+
+int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes) {
+  GPT2Graph m;
+  size_t nf = 0;
+  Graph one = gpt2_train_graph(cfg, 1, &m, &nf);
+  const double per_row = double(plan_arena(one)) * 1.05;  // one row's arena, planned, plus 5%
+  const double room = double(free_bytes) * 0.9 - double(cfg.model.param_count()) * 16.0;
+  if (room < per_row) return 1;  // the allocation will then say how much is missing
+  return std::clamp<int64_t>(int64_t(room / per_row), 1, cfg.batch);
 }
 
 int Trainer::variant_for(int64_t rows) {
@@ -223,14 +225,16 @@ void Trainer::profile() {
   stats_[size_t(1 + rank_)] = pass_s / double(cap_);
   stats_[size_t(1 + world_ + rank_)] = reduce_s + opt_s;
   comm_->all_reduce_sum(stats_.data(), int64_t(stats_.size()));
-  std::vector<double> caps(size_t(world_), 0.0);
+  std::vector<double> caps(size_t(2 * world_), 0.0);
   caps[size_t(rank_)] = double(cap_);
-  comm_->all_reduce_sum(caps.data(), world_);
+  caps[size_t(world_ + rank_)] = double(free_bytes_);
+  comm_->all_reduce_sum(caps.data(), int64_t(caps.size()));
   for (int64_t r = 0; r < world_; ++r) {
     RankPlan& rp = plan_.ranks[size_t(r)];
     rp.sec_per_row = stats_[size_t(1 + r)];
     rp.overhead_s = stats_[size_t(1 + world_ + r)];
     rp.cap = int64_t(caps[size_t(r)]);
+    rp.free_bytes = uint64_t(caps[size_t(world_ + r)]);
     if (auto_split_) sec_per_row_[size_t(r)] = rp.sec_per_row;
   }
 }

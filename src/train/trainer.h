@@ -19,10 +19,11 @@ namespace mxn {
 
 // How a step's sequences are shared over the ranks (one entry per rank; one rank: the lot).
 struct RankPlan {
-  int64_t rows = 0;        // sequences of each step's global batch (batch x accum)
-  int64_t cap = 0;         // most sequences per forward pass (memory bound); more go in passes
-  double sec_per_row = 0;  // measured forward+backward seconds per sequence
-  double overhead_s = 0;   // measured all-reduce + optimizer seconds per step
+  int64_t rows = 0;         // sequences of each step's global batch (batch x accum)
+  int64_t cap = 0;          // most sequences per forward pass (memory bound); more go in passes
+  uint64_t free_bytes = 0;  // the device's free memory at start
+  double sec_per_row = 0;   // measured forward+backward seconds per sequence
+  double overhead_s = 0;    // measured all-reduce + optimizer seconds per step
 };
 struct Plan {
   std::vector<RankPlan> ranks;
@@ -32,6 +33,11 @@ struct Plan {
   bool device_direct = false;   // reduced by the devices' own collectives (NCCL), not via host
   std::string last_change;      // the latest correction, for the log ("" if none pending)
 };
+
+// Sequences per forward pass that fit in `free_bytes` (at most cfg.batch, at least 1): params,
+// grads and AdamW's moments are fixed, the activation arena grows with the rows; 10% is kept in
+// reserve.
+int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes);
 
 class Trainer {
  public:
@@ -85,6 +91,7 @@ class Trainer {
   int64_t step_ = 0;
   Communicator* comm_ = nullptr;
   int64_t world_ = 1, rank_ = 0, cap_ = 0;
+  uint64_t free_bytes_ = 0;
   // This rank's rows of a step's global batch and of the validation windows.
   int64_t row_begin_ = 0, rows_ = 0, eval_begin_ = 0, eval_rows_ = 0;
   std::vector<int64_t> split_;

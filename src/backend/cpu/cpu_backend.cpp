@@ -89,6 +89,11 @@ int32_t buffer_alloc(void* ctx, uint64_t bytes, void** out) {
 
 void buffer_free(void*, void* buffer) { std::free(buffer); }
 
+int32_t memory_free(void*, uint64_t* out) {
+  *out = mem_available();
+  return 0;
+}
+
 int32_t copy_to_device(void*, void* dst, uint64_t off, const void* src, uint64_t bytes) {
   std::memcpy(static_cast<char*>(dst) + off, src, bytes);
   return 0;
@@ -304,6 +309,7 @@ const mxn_backend_api kApi = {
     nullptr,
     nullptr,
     nullptr,
+    memory_free,
 };
 
 }  // namespace

@@ -105,6 +105,15 @@ int32_t buffer_alloc(void* ctx, uint64_t bytes, void** out) {
 
 void buffer_free(void*, void* b) { cudaFree(b); }
 
+int32_t memory_free(void* ctx, uint64_t* out) {
+  auto* c = static_cast<Ctx*>(ctx);
+  size_t free_b = 0, total = 0;
+  if (int32_t st = check(c, cudaSetDevice(c->device), "cudaSetDevice")) return st;
+  if (int32_t st = check(c, cudaMemGetInfo(&free_b, &total), "cudaMemGetInfo")) return st;
+  *out = free_b;
+  return 0;
+}
+
 int32_t copy_to_device(void* ctx, void* dst, uint64_t off, const void* src, uint64_t bytes) {
   auto* c = static_cast<Ctx*>(ctx);
   if (int32_t st = check(c, cudaMemcpyAsync(static_cast<char*>(dst) + off, src, bytes, cudaMemcpyHostToDevice, c->stream), "cudaMemcpyAsync"))
@@ -380,6 +389,7 @@ const mxn_backend_api kApi = {
 #else
     nullptr, nullptr, nullptr, nullptr,  // built without nccl.h: ranks reduce through the host
 #endif
+    memory_free,
 };
 
 }  // namespace

@@ -211,6 +211,12 @@ void buffer_free(void* ctx, void* b) {
   clReleaseMemObject(static_cast<cl_mem>(b));
 }
 
+// OpenCL has no query for free memory: the device's total less what mxn holds.
+int32_t memory_free(void* ctx, uint64_t* out) {
+  *out = static_cast<Ctx*>(ctx)->free_bytes;
+  return 0;
+}
+
 int32_t copy_to_device(void* ctx, void* dst, uint64_t off, const void* src, uint64_t bytes) {
   auto* c = static_cast<Ctx*>(ctx);
   if (!bytes) return 0;
@@ -568,6 +574,7 @@ const mxn_backend_api kApi = {
     nullptr,
     nullptr,
     nullptr,
+    memory_free,
 };
 
 }  // namespace
