@@ -105,6 +105,12 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     dev_->run(make_op_call(MXN_OP_FILL, {}, {m_all}, {}, {0.f}));
     dev_->run(make_op_call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
   }
+  plan_ranks(weights);
+}
+
+// Who takes which rows: with several ranks, measure each device (profile), split the global
+// batch by the measured speeds (or the given weights) and predict the step time.
+void Trainer::plan_ranks(const std::vector<double>& weights) {
   // Tests make one rank slow from some step on (a chip that throttles): "rank:step:ms".
   if (const char* slow = std::getenv("MXN_TEST_SLOW_RANK")) {
     long long r = -1, from = 0, ms = 0;
