@@ -352,8 +352,9 @@ int run_train(TrainArgs& a) {
     const double pred = tr.plan().predicted_step_s, got = tr.mean_step_seconds();
     std::printf(
         "plan: predicted %.3f s/step, measured %.3f s/step (%+.1f%%); split corrected %d "
-        "times\n",
-        pred, got, 100.0 * (got - pred) / pred, tr.plan().rebalances);
+        "times; rank 0 waited %.1f ms/step for gradient reduces after its backward\n",
+        pred, got, 100.0 * (got - pred) / pred, tr.plan().rebalances,
+        tr.mean_exposed_reduce_seconds() * 1e3);
   }
   if (!lead) return g_stop ? 130 : 0;
   const std::string where = tr.save();

@@ -24,6 +24,9 @@ class GradSync {
   // every gradient holds the sum over ranks. backward_done() is when this rank's own work ended.
   void run(size_t begin, size_t end, int variant);
   std::chrono::steady_clock::time_point backward_done() const { return done_; }
+  // Seconds spent after this rank's backward waiting for the reduces to finish, summed over runs:
+  // the communication the overlap did not hide.
+  double exposed_seconds() const { return exposed_s_; }
   size_t buckets() const { return buckets_.size(); }
   bool device_direct() const { return direct_; }
 
@@ -43,6 +46,7 @@ class GradSync {
   std::vector<float> host_;
   bool direct_ = false;
   std::chrono::steady_clock::time_point done_;
+  double exposed_s_ = 0;
 };
 
 }  // namespace mxn

@@ -286,6 +286,10 @@ std::string Trainer::take_plan_change() {
   return s;
 }
 
+double Trainer::mean_exposed_reduce_seconds() const {
+  return sync_ && steps_run_ > 0 ? sync_->exposed_seconds() / double(steps_run_) : 0.0;
+}
+
 double Trainer::mean_step_seconds() const {
   return steps_timed_ > 0 ? step_seconds_sum_ / double(steps_timed_) : 0.0;
 }

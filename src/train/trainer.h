@@ -60,6 +60,8 @@ class Trainer {
   const Plan& plan() const { return plan_; }
   // Mean wall seconds of the steps this process ran, the first one left out (warm-up).
   double mean_step_seconds() const;
+  // Mean seconds per step this rank waited for gradient reduces after its own backward.
+  double mean_exposed_reduce_seconds() const;
   // Hands over the latest split correction's description, once.
   std::string take_plan_change();
 
