@@ -202,6 +202,24 @@ __kernel void sumsq_total(__global const float* part, ulong parts, __global floa
   for (ulong p = 0; p < parts; ++p) s += part[p];
   y[oy] = acc ? y[oy] + s : s;
 }
+// bf16: the top half of an f32, rounded to nearest even (NaN stays a quiet NaN), as on the CPU.
+uint bf16_bits(float x) {
+  uint u = as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+__kernel void round_bf16(__global const float* a, ulong oa, __global float* y, ulong oy) {
+  const size_t i = get_global_id(0);
+  y[oy + i] = as_float(bf16_bits(a[oa + i]) << 16);
+}
+__kernel void to_bf16(__global const float* a, ulong oa, __global ushort* y, ulong oy) {
+  const size_t i = get_global_id(0);
+  y[oy + i] = (ushort)bf16_bits(a[oa + i]);
+}
+__kernel void from_bf16(__global const ushort* a, ulong oa, __global float* y, ulong oy) {
+  const size_t i = get_global_id(0);
+  y[oy + i] = as_float((uint)a[oa + i] << 16);
+}
 )CLC";
 
 }  // namespace mxn::opencl

@@ -149,7 +149,7 @@ int32_t device_props(int32_t dev, mxn_device_props* out) {
   clGetDeviceInfo(d, CL_DEVICE_MAX_CLOCK_FREQUENCY, sizeof(mhz), &mhz, nullptr);
   out->memory_bytes = mem;
   out->peak_gflops = double(cu) * mhz * 16 / 1000.0;  // nominal: 8-wide FMA per compute unit
-  out->dtype_mask = (1u << MXN_DTYPE_F32) | (1u << MXN_DTYPE_I32);
+  out->dtype_mask = (1u << MXN_DTYPE_F32) | (1u << MXN_DTYPE_BF16) | (1u << MXN_DTYPE_I32);
   std::snprintf(out->notes, sizeof(out->notes), "%s; %u compute units; GEMM by CLBlast",
                 info_str(d, CL_DEVICE_VERSION).c_str(), cu);
   return 0;
@@ -239,7 +239,9 @@ int32_t copy_to_host(void* ctx, void* dst, const void* src, uint64_t off, uint64
 
 int32_t supports(void*, int32_t op, int32_t dtype) {
   if (op < 0 || op >= MXN_OP_COUNT) return 0;
-  return dtype == MXN_DTYPE_F32 ? 1 : 0;  // bf16 (matmul compute, casts) is not written yet
+  if (dtype == MXN_DTYPE_F32) return 1;
+  // bf16: matmul compute (operands rounded to bf16, f32 accumulation; f32 tensors) and casts.
+  return dtype == MXN_DTYPE_BF16 && (op == MXN_OP_MATMUL || op == MXN_OP_CAST) ? 1 : 0;
 }
 
 int32_t synchronize(void* ctx) {
@@ -253,7 +255,10 @@ struct Mem {
   cl_mem m;
   cl_ulong off;  // in elements
 };
-Mem mem(const mxn_tensor& t) { return {static_cast<cl_mem>(t.buffer), t.offset / 4}; }
+// A tensor as (buffer, offset in its own elements): 2 bytes for bf16, 4 for f32 and i32.
+Mem mem(const mxn_tensor& t) {
+  return {static_cast<cl_mem>(t.buffer), t.offset / (t.dtype == MXN_DTYPE_BF16 ? 2 : 4)};
+}
 
 struct Launch {
   Ctx* c;
@@ -331,8 +336,19 @@ Mem at(Mem m, int64_t elems) { return {m.m, m.off + cl_ulong(elems)}; }
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   const MatmulShape m = matmul_shape(k);
   if (m.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, m.error);
-  if (m.bf16) return fail(c, MXN_STATUS_UNSUPPORTED, "bf16 matmul is not written yet");
-  const Mem a = mem(k.inputs[0]), b = mem(k.inputs[1]), o = mem(k.outputs[0]);
+  Mem a = mem(k.inputs[0]), b = mem(k.inputs[1]);
+  const Mem o = mem(k.outputs[0]);
+  if (m.bf16) {
+    // bf16 compute: the operands rounded to bf16 into scratch, then an f32 GEMM (CLBlast has no
+    // bf16 GEMM). The numbers of a bf16 GEMM with f32 accumulation, as on the CPU.
+    const int64_t na = count(k.inputs[0]), nb = count(k.inputs[1]);
+    cl_mem s = scratch(c, size_t(na + nb) * 4);
+    if (!s) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for bf16 operands");
+    if (int32_t st = kernel(c, "round_bf16").arg(a).arg(Mem{s, 0}).go(na)) return st;
+    if (int32_t st = kernel(c, "round_bf16").arg(b).arg(Mem{s, cl_ulong(na)}).go(nb)) return st;
+    a = Mem{s, 0};
+    b = Mem{s, cl_ulong(na)};
+  }
   for (int64_t i = 0; i < m.batch; ++i)
     if (int32_t st = gemm(c, m.ta, m.tb, m.M, m.N, m.K, m.alpha, at(a, i * m.sa), m.lda(),
                           at(b, i * m.sb), m.ldb(), m.accumulate ? 1.f : 0.f, at(o, i * m.sc), m.N))
@@ -397,8 +413,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
   const mxn_tensor* out = k.outputs;
   for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
     const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
-    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32)
-      return fail(c, MXN_STATUS_UNSUPPORTED, "the OpenCL backend takes f32 tensors only so far");
+    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
+        !(t.dtype == MXN_DTYPE_BF16 && k.op == MXN_OP_CAST))
+      return fail(c, MXN_STATUS_UNSUPPORTED,
+                  "the OpenCL backend takes bf16 tensors in cast only; other ops take f32");
   }
   switch (k.op) {
     case MXN_OP_MATMUL:
@@ -424,8 +442,16 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return kernel(c, "scale").arg(mem(in[0])).arg(mem(out[0])).f(k.fp[0]).go(count(out[0]));
     case MXN_OP_FILL:
       return kernel(c, "fill").arg(mem(out[0])).f(k.fp[0]).go(count(out[0]));
-    case MXN_OP_COPY:
     case MXN_OP_CAST:
+      if (in[0].dtype != out[0].dtype) {
+        if (in[0].dtype == MXN_DTYPE_F32 && out[0].dtype == MXN_DTYPE_BF16)
+          return kernel(c, "to_bf16").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
+        if (in[0].dtype == MXN_DTYPE_BF16 && out[0].dtype == MXN_DTYPE_F32)
+          return kernel(c, "from_bf16").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
+        return fail(c, MXN_STATUS_UNSUPPORTED, "cast: only f32 <-> bf16");
+      }
+      [[fallthrough]];
+    case MXN_OP_COPY:
       return kernel(c, "copy").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
     case MXN_OP_GELU:
       return kernel(c, "gelu").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
