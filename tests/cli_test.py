@@ -96,6 +96,13 @@ class CliTest(unittest.TestCase):
         if "opencl:0" in run("devices").stdout:
             self.expect_error(self.train(self.path("r"), "--devices", "cpu,opencl:0", "--batch", "1"),
                               "global batch (1 sequences) is smaller than the 2 devices")
+            # A rank that fails says so itself, naming its device; mpirun's boxes are not shown.
+            r = self.train(self.path("r"), "--devices", "cpu,opencl:0", "--n_layer", "8", "--n_embd", "8192",
+                           "--n_head", "8", "--batch", "2")
+            self.assertEqual(r.returncode, 1, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            self.assertTrue(lines and all(l.startswith("mxn: error: ") for l in lines), r.stderr)
+            self.assertIn("out of memory", r.stderr)
             self.expect_error(self.train(self.path("r"), "--devices", "cpu,opencl:0", "--split", "1,2,3"),
                               "split '1,2,3' gives 3 weights but the job has 2 ranks")
         self.expect_error(self.train(self.path("r"), "--split", "2,x"), "split = '2,x', expected auto, even")

@@ -112,6 +112,10 @@ int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const st
   FILE* err = fdopen(fds[0], "r");
   int dead_rank = -1, dead_signal = 0;
   char line[4096];
+  // mpirun's boxed notices about a rank that failed or died are replaced by the ranks' own
+  // error lines and by ours below; any other box (e.g. a launch problem) is passed through.
+  std::string box;
+  bool in_box = false;
   while (err && std::fgets(line, sizeof(line), err)) {
     int r = -1, sig = 0;
     const char* at = std::strstr(line, "process rank ");
@@ -121,8 +125,23 @@ int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const st
       dead_rank = r;
       dead_signal = sig;
     }
-    std::fputs(line, stderr);
+    if (std::strncmp(line, "-----", 5) == 0) {
+      box += line;
+      if (in_box) {
+        const bool known = box.find("mpirun noticed that process rank") != std::string::npos ||
+                           box.find("Primary job  terminated normally") != std::string::npos ||
+                           box.find("exited with non-zero status") != std::string::npos;
+        if (!known) std::fputs(box.c_str(), stderr);
+        box.clear();
+      }
+      in_box = !in_box;
+    } else if (in_box) {
+      box += line;
+    } else {
+      std::fputs(line, stderr);
+    }
   }
+  if (!box.empty()) std::fputs(box.c_str(), stderr);
   if (err) std::fclose(err);
   int status = 0;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
