@@ -27,6 +27,7 @@ class GradSync {
   // Seconds spent after this rank's backward waiting for the reduces to finish, summed over runs:
   // the communication the overlap did not hide.
   double exposed_seconds() const { return exposed_s_; }
+  void reset_exposed_seconds() { exposed_s_ = 0; }
   size_t buckets() const { return buckets_.size(); }
   bool device_direct() const { return direct_; }
 
