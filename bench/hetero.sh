@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Heterogeneous efficiency: the same GPT-2 job (4x128, context 256, 64 sequences per step, f32)
-# timed on each device alone, each pinned to its own core with one thread, then on all of them at
-# once as one mixed job (mxn train --devices ..., one rank per device, each bound to its own core,
+# timed on each device alone, each pinned to its own core with one thread (before and after the
+# mixed job, averaged), and on all of them at once as one mixed job (mxn train --devices ..., one rank per device, each bound to its own core,
 # the split chosen by measured speed). Prints each figure, the mixed job's predicted and measured
 # step time, and, last, 'heterogeneous efficiency: X.XX' = mixed tokens/s / sum of standalone.
 # Not a test: timings are noisy. Run scripts/setup first.
@@ -34,16 +34,24 @@ PY
 }
 
 echo "GPT-2 4x128, context 256, $batch sequences/step, f32, 1 thread per device; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-sum=0
-for i in "${!devs[@]}"; do
-  d="${devs[$i]}"
-  taskset -c "$i" "$mxn" train "${job[@]}" --device "$d" --out "$tmp/alone$i" > /dev/null
-  t=$(tps "$tmp/alone$i")
-  printf '  %-10s alone on core %d: %10.1f tokens/s\n' "$d" "$i" "$t"
-  sum=$(/usr/bin/python3 -c "print($sum + $t)")
-done
+alone() {  # device index, run name -> tokens/s of that device alone on its own core
+  taskset -c "$1" "$mxn" train "${job[@]}" --device "${devs[$1]}" --out "$tmp/$2" > /dev/null
+  tps "$tmp/$2"
+}
+# The machine's speed drifts over minutes (a VM, boost clocks), so each device is measured alone
+# before and after the mixed job, and its standalone figure is the mean of the two.
+declare -a before after
+for i in "${!devs[@]}"; do before[$i]=$(alone "$i" "before$i"); done
 "$mxn" train "${job[@]}" --devices "$devices" --out "$tmp/mixed" > "$tmp/mixed.log"
 mixed=$(tps "$tmp/mixed")
+for i in "${!devs[@]}"; do after[$i]=$(alone "$i" "after$i"); done
+sum=0
+for i in "${!devs[@]}"; do
+  t=$(/usr/bin/python3 -c "print(f'{(${before[$i]} + ${after[$i]}) / 2:.1f}')")
+  printf '  %-10s alone on core %d: %10.1f tokens/s (before %.1f, after %.1f)\n' "${devs[$i]}" "$i" \
+    "$t" "${before[$i]}" "${after[$i]}"
+  sum=$(/usr/bin/python3 -c "print($sum + $t)")
+done
 grep -E '^    rank |predicted step time|^plan:' "$tmp/mixed.log" | sed 's/^ */  /'
 printf '  sum of standalone:          %10.1f tokens/s\n' "$sum"
 printf '  mixed job (%s): %10.1f tokens/s\n' "$devices" "$mixed"
