@@ -1,7 +1,9 @@
 #pragma once
 // The training loop: AdamW with f32 master weights, warmup + cosine schedule, clipping by global
-// norm, gradient accumulation, periodic validation and atomic checkpoints. Every buffer is made
-// when the Trainer is built; step() allocates nothing.
+// norm, gradient accumulation, periodic validation and atomic checkpoints, on one rank or as one
+// of several (uneven data parallelism over different chips). Every buffer is made when the
+// Trainer is built; step() allocates nothing, except that a drift correction of the split may
+// build the op calls of a new pass size once (no device memory).
 #include <memory>
 #include <string>
 #include <vector>
@@ -42,8 +44,9 @@ int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes);
 class Trainer {
  public:
   // Starts fresh, or from `resume` (a checkpoint or run folder) when non-empty. With a
-  // communicator of several ranks, each rank takes its share of every step's global batch
-  // (cfg.batch sequences per micro-step) and gradients are summed weighted by tokens.
+  // communicator of several ranks, each rank measures its device, takes its share of every
+  // step's global batch (batch x accum sequences, split by speed or cfg.split) and gradients are
+  // summed weighted by tokens.
   explicit Trainer(const TrainConfig& cfg, const std::string& resume = "",
                    Communicator* comm = nullptr);
 
