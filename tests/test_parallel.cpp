@@ -2,11 +2,14 @@
 // share of the batch run in the full-size Program's memory) against a Program built for it.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include "backend/device.h"
 #include "core/error.h"
 #include "graph/program.h"
 #include "models/gpt2/gpt2.h"
 #include "parallel/balance.h"
+#include "parallel/comm.h"
 
 namespace mxn {
 namespace {
@@ -96,6 +99,51 @@ TEST(ProgramVariant, SmallerShareEqualsItsOwnProgram) {
   dev->download(g_small.data(), small.grads_all());
   EXPECT_EQ(g_big, g_small);
   EXPECT_GT(l_big, 0.f);
+}
+
+TEST(Ranks, IdentityFromEachLauncher) {
+  // What OpenMPI, Slurm and torchrun-style launchers set; OpenMPI first, then Slurm, then RANK.
+  const char* vars[] = {"OMPI_COMM_WORLD_SIZE",
+                        "OMPI_COMM_WORLD_RANK",
+                        "OMPI_COMM_WORLD_LOCAL_RANK",
+                        "SLURM_NTASKS",
+                        "SLURM_PROCID",
+                        "SLURM_LOCALID",
+                        "WORLD_SIZE",
+                        "RANK",
+                        "LOCAL_RANK"};
+  auto clear = [&] {
+    for (const char* v : vars) unsetenv(v);
+  };
+  clear();
+  RankInfo r = rank_from_env();
+  EXPECT_EQ(r.world, 1);
+  EXPECT_EQ(r.launcher, "none");
+  setenv("WORLD_SIZE", "4", 1);
+  setenv("RANK", "3", 1);
+  setenv("LOCAL_RANK", "1", 1);
+  r = rank_from_env();
+  EXPECT_EQ(r.rank, 3);
+  EXPECT_EQ(r.world, 4);
+  EXPECT_EQ(r.local_rank, 1);
+  EXPECT_EQ(r.launcher, "env");
+  setenv("SLURM_NTASKS", "8", 1);
+  setenv("SLURM_PROCID", "5", 1);
+  setenv("SLURM_LOCALID", "2", 1);
+  r = rank_from_env();
+  EXPECT_EQ(r.rank, 5);
+  EXPECT_EQ(r.world, 8);
+  EXPECT_EQ(r.local_rank, 2);
+  EXPECT_EQ(r.launcher, "slurm");
+  setenv("RANK", "9", 1);  // a rank outside the world is an error naming both
+  unsetenv("SLURM_NTASKS");
+  try {
+    rank_from_env();
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rank 9 of world size 4"), std::string::npos) << e.what();
+  }
+  clear();
 }
 
 }  // namespace
