@@ -73,6 +73,12 @@ class CliTest(unittest.TestCase):
         self.expect_error(run("prepare", self.path("none.txt"), "--out", self.path("o.bin")), "none.txt")
         self.expect_error(self.train(self.path("r"), "--lr", "50"), "lr = 50")
 
+    def test_split_weights_on_one_device(self):
+        # A run saved with --split 3,1 over two devices must resume on one: one rank takes all.
+        r = self.train(self.path("one"), "--split", "3,1", "--steps", "2")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("done at step 2", r.stdout)
+
     def test_sigint_saves_and_stops(self):
         out = self.path("run")
         p = subprocess.Popen([MXN, "train", "--data", DATA, "--out", out, *TINY, "--steps", "100000",

@@ -286,7 +286,8 @@ int run_train(TrainArgs& a) {
       throw Error("the global batch (" + std::to_string(cfg.batch) +
                   " sequences) is smaller than the " + std::to_string(devs.size()) +
                   " devices: each rank needs at least one");
-    parse_split(cfg.split, int(devs.size()));  // a bad split is one line here, not one per rank
+    if (devs.size() > 1)  // a bad split is one line here, not one per rank
+      parse_split(cfg.split, int(devs.size()));
     const RankInfo ri = rank_from_env();
     if (ri.world == 1 && devs.size() > 1) return launch_ranks(seen, cfg.threads, cfg.out);
     if (size_t(ri.world) != devs.size())

@@ -52,7 +52,10 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     throw Error("the global batch (" + std::to_string(cfg_.batch) +
                 " sequences) is smaller than the " + std::to_string(world_) +
                 " ranks: each rank needs at least one");
-  const std::vector<double> weights = parse_split(cfg_.split, int(world_));
+  // One rank takes everything, whatever the split says (a run saved with --split 3,1 resumes
+  // on one device as it is).
+  const std::vector<double> weights =
+      world_ > 1 ? parse_split(cfg_.split, int(world_)) : std::vector<double>{1.0};
   auto_split_ = weights.empty();
   const int64_t T = cfg_.seq_len();
   if (data_.n_train() < T + 2 || data_.n_val() < T + 2)
@@ -201,8 +204,8 @@ void Trainer::fill_batch(const uint16_t* tokens, int64_t rows) {
 
 void Trainer::profile() {
   // Each rank times its device on the real model: one warm-up pass, then the faster of two timed
-  // forward + backward passes, and one all-reduce of the gradients (plus the optimizer's passes over
-  // them, estimated as five sums of squares: AdamW streams seven arrays to the sum's one+).
+  // forward + backward passes, and one all-reduce of the gradients (plus the optimizer's passes
+  // over them, estimated as five sums of squares: AdamW streams seven arrays to the sum's one+).
   const int64_t T = cfg_.seq_len(), span = data_.n_val() - T - 1;
   for (int64_t b = 0; b < cap_; ++b) offsets_[size_t(b)] = b * span / std::max<int64_t>(1, cap_);
   const size_t nodes = prog_->graph().nodes.size();
