@@ -152,6 +152,11 @@ with tempfile.TemporaryDirectory() as tmp:
         compare("cpu+opencl to step 20, resumed on 3 CPU ranks = cpu", one8,
                 train(p("moved"), "--resume", p("moved"), "--devices", "", launcher=[*mpirun, "-np", "3"]))
         kill_rank_and_resume(tmp, one8)
+        r = subprocess.run([mxn, "train", *base, "--batch", "8", "--out", p("dry"), "--devices", "all", "--dry-run"],
+                           capture_output=True, text=True, timeout=300)
+        ranks = [l.split()[2] for l in r.stdout.splitlines() if l.strip().startswith("rank ") and "sequences (" in l]
+        check("--devices all --dry-run: a plan over every device, nothing written",
+              r.returncode == 0 and ranks == ["cpu:0", "opencl:0"] and not os.path.exists(p("dry")), f"ranks {ranks}, exit {r.returncode}")
         # bf16 matmuls: the CPU's bf16 GEMM and OpenCL's (rounded operands, f32 GEMM) sum in
         # different orders, so the trajectories part a little more than in f32.
         bf = train(p("bf_one"), "--batch", "8", "--dtype", "bf16")

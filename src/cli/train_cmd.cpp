@@ -224,6 +224,7 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
 struct TrainArgs {
   std::string config_file, resume;
   int64_t stop_at = 0;
+  bool dry_run = false;
   TrainConfig flags;
   std::vector<std::pair<std::string, CLI::Option*>> opts;
 };
@@ -267,6 +268,10 @@ int run_train(TrainArgs& a) {
                 "' is missing: run scripts/setup (it prepares "
                 "it), or pass --data FILE");
   cfg.validate();
+  if (cfg.devices == "all") {  // every device of every backend here, one rank each
+    cfg.devices.clear();
+    for (const auto& d : available_devices()) cfg.devices += (cfg.devices.empty() ? "" : ",") + d;
+  }
   const std::vector<std::string> devs = split_devices(cfg.devices);
   if (!devs.empty()) {
     const auto here = available_devices();
@@ -300,7 +305,7 @@ int run_train(TrainArgs& a) {
 
   Trainer tr(cfg, a.resume, &comm);
   const TrainConfig& c = tr.config();
-  if (lead) std::filesystem::create_directories(c.out);
+  if (lead && !a.dry_run) std::filesystem::create_directories(c.out);
   if (!lead) {
     if (std::freopen("/dev/null", "w", stdout) == nullptr) { /* keep stdout */
     }
@@ -313,6 +318,10 @@ int run_train(TrainArgs& a) {
               tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(),
               (long long)tokens_per_step, c.data.c_str(), c.out.c_str());
   if (comm.size() > 1) print_plan(tr, rank_devices(c, comm.size()));
+  if (a.dry_run) {  // the model is built and every device measured; nothing is trained or written
+    std::printf("dry run: nothing trained, nothing written\n");
+    return 0;
+  }
   if (tr.current_step() > 0) {
     std::printf("  resumed at step %lld\n", (long long)tr.current_step());
     if (lead) truncate_metrics(c.out, tr.current_step());
@@ -396,6 +405,8 @@ std::function<int()> add_train(CLI::App& app) {
   sub->add_option("config", a->config_file, "TOML file with any of the keys below");
   sub->add_option("--resume", a->resume, "continue from a checkpoint or run folder");
   sub->add_option("--stop-at", a->stop_at, "stop (with a checkpoint) after this step");
+  sub->add_flag("--dry-run", a->dry_run,
+                "build the model on every device, measure them and print the plan; train nothing");
   for (auto& f : config_fields(a->flags)) {
     CLI::Option* o = std::visit(
         [&](auto* p) {

@@ -17,7 +17,7 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"out", &c.out, "run folder: checkpoints, metrics.jsonl, loss.svg"},
       {"device", &c.device, "device, e.g. cpu or cpu:0 (`mxn devices` lists them)"},
       {"devices", &c.devices,
-       "several devices, one rank each: cpu,opencl:0 (started through mpirun)"},
+       "several devices, one rank each: cpu,opencl:0, or all (started through mpirun)"},
       {"split", &c.split,
        "how ranks share a step's sequences: auto (by measured speed, corrected as it drifts), "
        "even, or one weight per rank (3,1)"},
