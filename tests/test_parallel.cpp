@@ -103,6 +103,28 @@ TEST(ProgramVariant, SmallerShareEqualsItsOwnProgram) {
 
 TEST(Ranks, IdentityFromEachLauncher) {
   // What OpenMPI, Slurm and torchrun-style launchers set; OpenMPI first, then Slurm, then RANK.
+  struct Case {
+    std::vector<std::pair<const char*, const char*>> env;
+    int rank, world, local;
+    const char* launcher;
+  };
+  const std::vector<Case> cases = {
+      {{}, 0, 1, 0, "none"},
+      {{{"WORLD_SIZE", "4"}, {"RANK", "3"}, {"LOCAL_RANK", "1"}}, 3, 4, 1, "env"},
+      {{{"WORLD_SIZE", "4"}, {"SLURM_NTASKS", "8"}, {"SLURM_PROCID", "5"}, {"SLURM_LOCALID", "2"}},
+       5,
+       8,
+       2,
+       "slurm"},
+      {{{"SLURM_NTASKS", "8"},
+        {"OMPI_COMM_WORLD_SIZE", "2"},
+        {"OMPI_COMM_WORLD_RANK", "1"},
+        {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}},
+       1,
+       2,
+       1,
+       "openmpi"},
+  };
   const char* vars[] = {"OMPI_COMM_WORLD_SIZE",
                         "OMPI_COMM_WORLD_RANK",
                         "OMPI_COMM_WORLD_LOCAL_RANK",
@@ -112,38 +134,26 @@ TEST(Ranks, IdentityFromEachLauncher) {
                         "WORLD_SIZE",
                         "RANK",
                         "LOCAL_RANK"};
-  auto clear = [&] {
+  auto set = [&](const Case& c) {
     for (const char* v : vars) unsetenv(v);
+    for (auto [k, v] : c.env) setenv(k, v, 1);
   };
-  clear();
-  RankInfo r = rank_from_env();
-  EXPECT_EQ(r.world, 1);
-  EXPECT_EQ(r.launcher, "none");
-  setenv("WORLD_SIZE", "4", 1);
-  setenv("RANK", "3", 1);
-  setenv("LOCAL_RANK", "1", 1);
-  r = rank_from_env();
-  EXPECT_EQ(r.rank, 3);
-  EXPECT_EQ(r.world, 4);
-  EXPECT_EQ(r.local_rank, 1);
-  EXPECT_EQ(r.launcher, "env");
-  setenv("SLURM_NTASKS", "8", 1);
-  setenv("SLURM_PROCID", "5", 1);
-  setenv("SLURM_LOCALID", "2", 1);
-  r = rank_from_env();
-  EXPECT_EQ(r.rank, 5);
-  EXPECT_EQ(r.world, 8);
-  EXPECT_EQ(r.local_rank, 2);
-  EXPECT_EQ(r.launcher, "slurm");
-  setenv("RANK", "9", 1);  // a rank outside the world is an error naming both
-  unsetenv("SLURM_NTASKS");
+  for (const Case& c : cases) {
+    set(c);
+    const RankInfo r = rank_from_env();
+    EXPECT_EQ(r.rank, c.rank) << c.launcher;
+    EXPECT_EQ(r.world, c.world) << c.launcher;
+    EXPECT_EQ(r.local_rank, c.local) << c.launcher;
+    EXPECT_EQ(r.launcher, c.launcher);
+  }
+  set({{{"WORLD_SIZE", "4"}, {"RANK", "9"}}, 0, 0, 0, ""});  // outside the world: an error
   try {
     rank_from_env();
     ADD_FAILURE();
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("rank 9 of world size 4"), std::string::npos) << e.what();
   }
-  clear();
+  set({{}, 0, 0, 0, ""});
 }
 
 }  // namespace
