@@ -82,12 +82,8 @@ std::vector<mxn_op_call> Program::build_calls(const Graph& shapes) const {
   std::vector<mxn_op_call> calls;
   for (const Node& n : shapes.nodes) {
     std::vector<Tensor> in, out;
-    auto view = [&](int id) {
-      const Value& v = g_.v(id);
-      return Tensor(shapes.v(id).shape, v.dtype, tensor(id).buffer, v.offset);
-    };
-    for (int id : n.in) in.push_back(view(id));
-    for (int id : n.out) out.push_back(view(id));
+    for (int id : n.in) in.push_back(view(id, shapes.v(id).shape));
+    for (int id : n.out) out.push_back(view(id, shapes.v(id).shape));
     calls.push_back(make_op_call(n.op, in, out, n.ip, n.fp));
   }
   return calls;
@@ -110,12 +106,12 @@ int Program::add_variant(Graph smaller) {
 }
 
 Tensor Program::tensor(int id, int variant) const {
+  const Graph& shapes = variant == 0 ? g_ : variants_[size_t(variant)].g;
+  return view(id, shapes.v(id).shape);
+}
+
+Tensor Program::view(int id, const Shape& shape) const {
   const Value& v = g_.v(id);
-  if (variant > 0) {
-    Tensor t = tensor(id);
-    t.shape = variants_[size_t(variant)].g.v(id).shape;
-    return Tensor(t.shape, t.dtype, t.buffer, t.offset);
-  }
   Buffer* b = nullptr;
   switch (v.kind) {
     case ValueKind::param:
@@ -131,7 +127,7 @@ Tensor Program::tensor(int id, int variant) const {
       b = arena_.get();
       break;
   }
-  return Tensor(v.shape, v.dtype, b->handle(), v.offset);
+  return Tensor(shape, v.dtype, b->handle(), v.offset);
 }
 
 Tensor Program::params_flat(bool decay) const {

@@ -25,7 +25,6 @@ class Program {
   // buffers at the same offsets, so a rank can run any share of a batch without new memory.
   // Returns the variant's index for run().
   int add_variant(Graph smaller);
-  int variants() const { return int(variants_.size()); }
   // The flat span of params (or grads) with the given decay flag; `all` spans both groups.
   Tensor params_flat(bool decay) const;
   Tensor grads_flat(bool decay) const;
@@ -43,11 +42,12 @@ class Program {
   uint64_t arena_bytes_ = 0;
   int64_t n_decay_ = 0, n_nodecay_ = 0;
   struct Variant {
-    Graph g;  // variant 0 is the Program's own graph (g_'s shapes; offsets in g_)
+    Graph g;  // the shapes (variant 0 leaves it empty and uses g_); offsets are always g_'s
     std::vector<mxn_op_call> calls;
   };
   std::vector<Variant> variants_;
   std::vector<mxn_op_call> build_calls(const Graph& shapes) const;
+  Tensor view(int id, const Shape& shape) const;  // value `id`'s place, seen with `shape`
 };
 
 // Arena offsets for activations by liveness: values whose lifetimes overlap never share bytes.
