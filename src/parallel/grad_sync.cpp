@@ -1,6 +1,8 @@
 #include "parallel/grad_sync.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
 
 namespace mxn {
 
@@ -30,15 +32,14 @@ GradSync::GradSync(Program& prog, Communicator& comm, int64_t bucket_floats)
     host += size_t(t.numel());
   }
   host_.resize(host);
-  // Device-direct only if every rank can: the same backend everywhere, with its collectives.
+  // Device-direct only if every rank can: rank 0's backend everywhere, with its collectives.
   Device& dev = prog.device();
-  uint64_t hash = 1469598103934665603ull;  // FNV-1a of the backend's name
-  for (const char* c = dev.api()->name; *c; ++c) hash = (hash ^ uint8_t(*c)) * 1099511628211ull;
-  std::vector<double> names(size_t(comm.size()), 0.0);
-  names[size_t(comm.rank())] = double(hash >> 12);  // exact in a double
-  comm.all_reduce_sum(names.data(), int64_t(names.size()));
-  const bool same =
-      std::all_of(names.begin(), names.end(), [&](double x) { return x == names[0]; });
+  char backend[64] = {};
+  std::snprintf(backend, sizeof(backend), "%s", dev.api()->name);
+  char root[sizeof(backend)];
+  std::memcpy(root, backend, sizeof(root));
+  comm.broadcast(root, sizeof(root), 0);
+  const bool same = std::memcmp(root, backend, sizeof(root)) == 0;
   if (comm.all(same && dev.has_collectives())) {
     uint8_t id[MXN_COMM_ID_BYTES] = {};
     if (comm.rank() == 0) dev.comm_id(id);
@@ -51,30 +52,23 @@ GradSync::GradSync(Program& prog, Communicator& comm, int64_t bucket_floats)
 void GradSync::run(size_t begin, size_t end, int variant) {
   Device& dev = prog_.device();
   size_t at = begin;
-  if (direct_) {
-    for (Bucket& b : buckets_) {
-      const size_t upto = std::clamp(b.last_node, at, end);
-      prog_.run(at, upto, variant);
-      at = upto;
-      for (const Item& it : b.items) dev.all_reduce_sum(it.grad);
-    }
-    prog_.run(at, end, variant);
-    dev.comm_wait();
-    dev.synchronize();
-    done_ = std::chrono::steady_clock::now();  // the collectives ran on the devices' own queue
-    return;
-  }
   for (Bucket& b : buckets_) {
     const size_t upto = std::clamp(b.last_node, at, end);
     prog_.run(at, upto, variant);
     at = upto;
-    for (const Item& it : b.items) dev.download(host_.data() + it.host, it.grad);
-    comm_.start_all_reduce_sum(host_.data() + b.begin, int64_t(b.floats));
-    comm_.progress();
+    if (direct_) {  // on the device's communication queue, beside the rest of the backward
+      for (const Item& it : b.items) dev.all_reduce_sum(it.grad);
+    } else {
+      for (const Item& it : b.items) dev.download(host_.data() + it.host, it.grad);
+      comm_.start_all_reduce_sum(host_.data() + b.begin, int64_t(b.floats));
+      comm_.progress();
+    }
   }
   prog_.run(at, end, variant);
+  if (direct_) dev.comm_wait();
   dev.synchronize();
   done_ = std::chrono::steady_clock::now();
+  if (direct_) return;
   comm_.wait_all();
   for (const Bucket& b : buckets_)
     for (const Item& it : b.items) dev.upload(it.grad, host_.data() + it.host);
