@@ -18,6 +18,7 @@
 #include "backend/device.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "io/checkpoint.h"
 #include "parallel/balance.h"
 #include "parallel/comm.h"
@@ -47,15 +48,12 @@ void watch_stop_signals() {
   }).detach();
 }
 
+// "cpu,opencl" -> {"cpu:0", "opencl:0"}; "" -> {}.
 std::vector<std::string> split_devices(const std::string& s) {
-  std::vector<std::string> out;
-  size_t b = 0;
-  while (b <= s.size() && !s.empty()) {
-    size_t e = s.find(',', b);
-    if (e == std::string::npos) e = s.size();
-    out.push_back(s.substr(b, e - b));
-    b = e + 1;
-  }
+  if (s.empty()) return {};
+  std::vector<std::string> out = split(s, ',');
+  for (auto& d : out)
+    if (d.find(':') == std::string::npos) d += ":0";
   return out;
 }
 
@@ -190,9 +188,7 @@ std::string fmt_duration(double s) {
 // The device each rank runs on, as rank 0 names them in the plan.
 std::vector<std::string> rank_devices(const TrainConfig& c, int world) {
   std::vector<std::string> out = split_devices(c.devices);
-  if (int(out.size()) != world) out.assign(size_t(world), c.device);
-  for (auto& d : out)
-    if (d.find(':') == std::string::npos) d += ":0";
+  if (int(out.size()) != world) out.assign(size_t(world), split_devices(c.device).at(0));
   return out;
 }
 
@@ -278,8 +274,7 @@ int run_train(TrainArgs& a) {
     std::string names;
     for (const auto& d : here) names += (names.empty() ? "" : ", ") + d;
     std::vector<std::string> seen;
-    for (std::string d : devs) {
-      if (d.find(':') == std::string::npos) d += ":0";
+    for (const std::string& d : devs) {
       if (std::find(here.begin(), here.end(), d) == here.end())
         throw Error("unknown device '" + d + "' in --devices (devices here: " + names + ")");
       if (std::find(seen.begin(), seen.end(), d) != seen.end())

@@ -4,6 +4,7 @@
 #include <cstdlib>
 
 #include "core/error.h"
+#include "core/text.h"
 
 namespace mxn {
 
@@ -31,11 +32,7 @@ std::vector<double> parse_split(const std::string& split, int ranks) {
   if (split == "auto") return {};
   if (split == "even") return std::vector<double>(size_t(ranks), 1.0);
   std::vector<double> w;
-  size_t b = 0;
-  while (b <= split.size()) {
-    size_t e = split.find(',', b);
-    if (e == std::string::npos) e = split.size();
-    const std::string item = split.substr(b, e - b);
+  for (const std::string& item : mxn::split(split, ',')) {
     char* end = nullptr;
     const double x = std::strtod(item.c_str(), &end);
     if (item.empty() || *end != '\0' || !(x > 0) || x > 1e9)
@@ -43,7 +40,6 @@ std::vector<double> parse_split(const std::string& split, int ranks) {
                   "' is not a positive number (expected auto, even, or one weight per rank "
                   "such as 3,1)");
     w.push_back(1.0 / x);
-    b = e + 1;
   }
   if (int(w.size()) != ranks)
     throw Error("split '" + split + "' gives " + std::to_string(w.size()) +
