@@ -135,13 +135,76 @@ TEST(Grad, LayerNorm) {
 }
 
 TEST(Grad, Attention) {
+  // GPT-2's fused qkv (one tensor, three windows), then GQA and MQA with separate q, k, v, a head
+  // dim of 5, no mask, and the prefix mask with a prefix length per sequence.
   for (int64_t H : {1, 3})
-    check("attention H=" + std::to_string(H),
+    check("attention fused qkv H=" + std::to_string(H),
           {[H](Graph& g) {
              const int64_t B = 2, T = 5, C = 6;
-             return g.attention(g.param("qkv", {B * T, 3 * C}, true), H, T);
+             const int qkv = g.param("qkv", {B * T, 3 * C}, true);
+             AttentionSpec a;
+             a.heads = a.kv_heads = H;
+             a.head_dim = C / H;
+             a.T = T;
+             a.k_col = C;
+             a.v_col = 2 * C;
+             return g.attention(qkv, qkv, qkv, a);
            },
            1});
+  struct Shape4 {
+    int64_t H, G, hd;
+    int mask;
+  };
+  for (Shape4 s : {Shape4{4, 2, 5, 1}, Shape4{3, 1, 4, 1}, Shape4{2, 2, 3, 0}, Shape4{4, 2, 4, 2}})
+    check("attention H=" + std::to_string(s.H) + " G=" + std::to_string(s.G) +
+              " mask=" + std::to_string(s.mask),
+          {[s](Graph& g) {
+             const int64_t B = 2, T = 6;
+             AttentionSpec a;
+             a.heads = s.H;
+             a.kv_heads = s.G;
+             a.head_dim = s.hd;
+             a.T = T;
+             a.mask = s.mask;
+             const int q = g.param("q", {B * T, s.H * s.hd}, true);
+             const int k = g.param("k", {B * T, s.G * s.hd}, true);
+             const int v = g.param("v", {B * T, s.G * s.hd}, true);
+             const int pre = s.mask == 2 ? g.input("prefix", {B}, DType::i32) : -1;
+             return g.attention(q, k, v, a, pre);
+           },
+           6});
+}
+
+TEST(Grad, RMSNormRopeSwiGLU) {
+  check("rmsnorm",
+        {[](Graph& g) {
+           return g.rmsnorm(g.param("x", {5, 13}, true), g.param("w", {13}, false), 1e-5f);
+         },
+         1});
+  check("silu", {[](Graph& g) { return g.silu(g.param("x", {6, 9}, true)); }, 1});
+  check("swiglu split",
+        {[](Graph& g) {
+           return g.swiglu(g.param("g", {4, 7}, true), g.param("u", {4, 7}, true), 0, 0, 7);
+         },
+         1});
+  check("swiglu fused", {[](Graph& g) {
+                           const int gu = g.param("gu", {4, 14}, true);
+                           return g.swiglu(gu, gu, 0, 7, 7);
+                         },
+                         1});
+  for (bool inter : {false, true})
+    check(std::string("rope ") + (inter ? "interleaved, partial" : "half-split"),
+          {[inter](Graph& g) {
+             RopeSpec r;
+             r.col0 = 2;
+             r.heads = 2;
+             r.head_dim = 6;
+             r.rot = inter ? 4 : 6;
+             r.interleaved = inter;
+             r.theta = 100.f;
+             return g.rope(g.param("x", {5, 16}, true), g.input("pos", {5}, DType::i32), r);
+           },
+           40});
 }
 
 TEST(Grad, Embedding) {

@@ -16,9 +16,11 @@
 extern "C" {
 #endif
 
-#define MXN_ABI_VERSION 1
+#define MXN_ABI_VERSION 2 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
+                             8 operands and 16 integer parameters per call */
 #define MXN_MAX_DIMS 4
-#define MXN_MAX_OPERANDS 4
+#define MXN_MAX_OPERANDS 8
+#define MXN_MAX_IP 16
 #define MXN_COMM_ID_BYTES 128 /* NCCL's unique id size */
 
 typedef enum mxn_status {
@@ -52,9 +54,20 @@ typedef enum mxn_op {
   MXN_OP_SOFTMAX_BWD,       /* in: dy, y; out: dx */
   MXN_OP_LAYERNORM,         /* in: x, w, b; out: y, stats (N,2) = (mean, rstd); fp[0]=eps */
   MXN_OP_LAYERNORM_BWD,     /* in: dy, x, w, stats; out: dx, dw, db (dw, db overwritten) */
-  MXN_OP_ATTENTION,         /* causal; in: qkv (B*T,3C); out: y (B*T,C), probs (B,H,T,T);
-                               ip[0]=H ip[1]=T */
-  MXN_OP_ATTENTION_BWD,     /* in: dy, qkv, probs; out: dqkv; ip[0]=H ip[1]=T */
+  MXN_OP_ATTENTION,         /* softmax(scale q k^T + mask) v, flash-style (no T x S scores kept).
+                               in: q, k, v, [prefix (B) i32]; out: y (B*T, H*hd), [lse (B*T, H)].
+                               q, k, v are column windows of row-major matrices: head h of q is
+                               columns q_col + h*hd of q's rows (ld = q's last dim), and kv head
+                               h / (H/G) likewise in k and v; they may be one tensor (fused qkv).
+                               ip: 0=H 1=G (kv heads) 2=hd 3=T (queries per sequence) 4=S (keys
+                               per sequence) 5=mask (0 none, 1 causal, 2 causal + the first
+                               prefix[b] keys visible to all) 6=q_col 7=k_col 8=v_col 9=kv_rows
+                               (rows per sequence in k and v, >= S: a KV cache's capacity)
+                               10=q_pos0 (key index of the first query: S - T when decoding);
+                               fp[0]=scale. Query i sees key j when j <= q_pos0 + i (causal). */
+  MXN_OP_ATTENTION_BWD,     /* in: dy, q, k, v, y, lse, [prefix]; out: dq, dk, dv (overwritten;
+                               the same column windows as q, k, v, possibly one tensor); ip, fp
+                               as the forward */
   MXN_OP_EMBEDDING,         /* in: idx (N) i32, table (V,C); out: (N,C) */
   MXN_OP_EMBEDDING_BWD,     /* in: dy (N,C), idx; out: dtable (V,C), overwritten */
   MXN_OP_CROSS_ENTROPY,     /* in: logits (N,V), targets (N) i32 (<0 ignored); out: mean loss (1) */
@@ -65,6 +78,24 @@ typedef enum mxn_op {
   MXN_OP_COPY,              /* out = a */
   MXN_OP_FILL,              /* out = fp[0] */
   MXN_OP_SUM_SQUARES,       /* out (1) = sum a^2 (+ out when ip[0]) */
+  /* --- added in ABI 2 ----------------------------------------------------------------------- */
+  MXN_OP_RMSNORM,           /* in: x, w; out: y = x * rstd * w, rstd (rows); fp[0]=eps */
+  MXN_OP_RMSNORM_BWD,       /* in: dy, x, w, rstd; out: dx, dw (dw overwritten) */
+  MXN_OP_ROPE,              /* in: x (N, W), pos (N) i32; out: y (N, W), may be x. Rotates the
+                               first ip[3] dims of each of ip[1] heads of ip[2] dims that start
+                               at column ip[0]; other columns are copied. ip[4]=layout (0: pairs
+                               (i, i + rot/2) as LLaMA stores it, 1: interleaved pairs (2i, 2i+1)
+                               as GLM), ip[5]=scaling (0 none, 1 linear, 2 llama3), ip[6]=1: rotate
+                               backwards (the gradient). fp: 0=theta 1=factor 2=low_freq_factor
+                               3=high_freq_factor 4=original_max_position */
+  MXN_OP_SILU,              /* out = a * sigmoid(a) */
+  MXN_OP_SILU_BWD,          /* in: dy, x; out: dx */
+  MXN_OP_SWIGLU,            /* in: gate, up; out (N, F) = silu(gate[:, ip[0]+c]) * up[:, ip[1]+c];
+                               gate and up may be one tensor ([gate | up] fused) */
+  MXN_OP_SWIGLU_BWD,        /* in: dy, gate, up; out: dgate, dup (the same column windows) */
+  MXN_OP_SET_ROWS,          /* in: src (B*n, >= ip[2] + W); out: dst (B*R, W): rows [ip[0], ip[0]+n)
+                               of each of the B sequences of ip[1] = R rows get columns
+                               [ip[2], ip[2]+W) of src's rows (a KV-cache append) */
   MXN_OP_COUNT
 } mxn_op;
 
@@ -84,7 +115,7 @@ typedef struct mxn_op_call {
   int32_t n_outputs;
   mxn_tensor inputs[MXN_MAX_OPERANDS];
   mxn_tensor outputs[MXN_MAX_OPERANDS];
-  int64_t ip[8];
+  int64_t ip[MXN_MAX_IP];
   float fp[8];
 } mxn_op_call;
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "backend/op_case.h"
 
@@ -30,20 +31,27 @@ std::vector<Item> items() {
                 2.0 * M * K * Nn, true};
   };
   const double att = 4.0 * B * H * T * T * (C / H);  // QK^T and PV, full square
+  const std::array<int64_t, MXN_MAX_IP> attn_ip{H, H, C / H, T, T, 1, 0, 0, 0, T, 0};
+  const float attn_scale = 1.f / std::sqrt(float(C / H));
   return {
       mm("matmul c_attn 2048x384x1152", N, C, 3 * C, false),
       mm("matmul c_fc 2048x384x1536", N, C, 4 * C, false),
       mm("matmul c_proj 2048x1536x384", N, 4 * C, C, false),
       mm("matmul lm_head 2048x384x256^T", N, C, V, true),
       {"attention fwd B8 H6 T256",
-       {MXN_OP_ATTENTION, {f({N, 3 * C})}, {f({N, C}), f({B, H, T, T})}, {H, T}},
+       {MXN_OP_ATTENTION,
+        {f({N, C}), f({N, C}), f({N, C})},
+        {f({N, C}), f({N, H})},
+        attn_ip,
+        {attn_scale}},
        att,
        true},
       {"attention bwd",
        {MXN_OP_ATTENTION_BWD,
-        {f({N, C}), f({N, 3 * C}), pos({B, H, T, T})},
-        {f({N, 3 * C})},
-        {H, T}},
+        {f({N, C}), f({N, C}), f({N, C}), f({N, C}), f({N, C}), pos({N, H})},
+        {f({N, C}), f({N, C}), f({N, C})},
+        attn_ip,
+        {attn_scale}},
        2 * att,
        true},
       {"layernorm 2048x384",

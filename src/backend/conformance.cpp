@@ -12,6 +12,41 @@ namespace {
 
 using namespace opcase;
 
+// Attention shapes: MHA, GQA, MQA; head dims 5, 8 and 64; causal, none, prefix; a fused qkv
+// matrix read through column windows; a KV cache (2 new queries against 9 of 12 cached rows).
+struct AttnCase {
+  int64_t B, T, H, G, hd, S, kv_rows, q_pos0;
+  int mask;
+  bool fused;
+};
+std::vector<AttnCase> attention_cases() {
+  return {{2, 5, 3, 3, 8, 5, 5, 0, 1, true},   {1, 17, 4, 2, 5, 17, 17, 0, 1, false},
+          {2, 9, 4, 1, 8, 9, 9, 0, 2, false},  {2, 7, 2, 2, 64, 7, 7, 0, 0, false},
+          {2, 2, 4, 2, 8, 9, 12, 7, 1, false}, {1, 70, 2, 1, 16, 70, 70, 0, 2, true}};
+}
+Case attention_case(int op, const AttnCase& a) {
+  const int64_t Nq = a.B * a.T, Nk = a.B * a.kv_rows, qw = a.H * a.hd, kw = a.G * a.hd;
+  const std::array<int64_t, MXN_MAX_IP> ip{
+      a.H,       a.G,     a.hd, a.T, a.S, a.mask, 0, a.fused ? qw : 0, a.fused ? qw + kw : 0,
+      a.kv_rows, a.q_pos0};
+  const float scale = 1.f / std::sqrt(float(a.hd));
+  // A fused case passes three separate tensors of the full fused width, so each window is
+  // checked; the backward's outputs then cover only their own windows.
+  const int64_t w = a.fused ? qw + 2 * kw : 0;
+  const Shape qs{Nq, a.fused ? w : qw}, ks{Nk, a.fused ? w : kw};
+  std::vector<Operand> in{f(qs), f(ks), f(ks)};
+  if (op == MXN_OP_ATTENTION_BWD) {
+    in.insert(in.begin(), f({Nq, qw}));
+    in.push_back(f({Nq, qw}));
+    in.push_back(pos({Nq, a.H}));
+  }
+  if (a.mask == 2) in.push_back(idx({a.B}, a.S + 1));
+  std::vector<Operand> out = op == MXN_OP_ATTENTION
+                                 ? std::vector<Operand>{f({Nq, qw}), f({Nq, a.H})}
+                                 : std::vector<Operand>{f(qs), f(ks), f(ks)};
+  return {mxn_op(op), in, out, ip, {scale}};
+}
+
 std::vector<Case> cases_for(mxn_op op, DType dt) {
   std::vector<Case> c;
   const int64_t compute = dt == DType::bf16 ? MXN_DTYPE_BF16 : MXN_DTYPE_F32;
@@ -62,12 +97,8 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
           {op, {f({6, 13}), f({6, 13}), f({13}), pos({6, 2})}, {f({6, 13}), f({13}), f({13})}});
       break;
     case MXN_OP_ATTENTION:
-      c.push_back({op, {f({10, 18})}, {f({10, 6}), f({2, 3, 5, 5})}, {3, 5}});
-      c.push_back({op, {f({17, 24})}, {f({17, 8}), f({1, 2, 17, 17})}, {2, 17}});
-      break;
     case MXN_OP_ATTENTION_BWD:
-      c.push_back({op, {f({10, 6}), f({10, 18}), pos({2, 3, 5, 5})}, {f({10, 18})}, {3, 5}});
-      c.push_back({op, {f({17, 8}), f({17, 24}), pos({1, 2, 17, 17})}, {f({17, 24})}, {2, 17}});
+      for (const AttnCase& a : attention_cases()) c.push_back(attention_case(op, a));
       break;
     case MXN_OP_EMBEDDING:
       c.push_back({op, {idx({11}, 7), f({7, 5})}, {f({11, 5})}});
@@ -105,6 +136,44 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_SUM_SQUARES:
       c.push_back({op, {f({1000})}, {f({1})}, {0}});
       c.push_back({op, {f({77})}, {pos({1})}, {1}});
+      break;
+    case MXN_OP_RMSNORM:
+      for (int64_t n : {13, 384})
+        c.push_back({op, {f({6, n}), f({n})}, {f({6, n}), f({6})}, {}, {1e-5f}});
+      break;
+    case MXN_OP_RMSNORM_BWD:
+      c.push_back({op, {f({6, 13}), f({6, 13}), f({13}), pos({6})}, {f({6, 13}), f({13})}});
+      break;
+    case MXN_OP_ROPE:
+      // LLaMA's half-split layout over whole heads; GLM's interleaved pairs on half of each head
+      // of a fused qkv row (v's columns pass through); llama3 scaling; and backwards.
+      c.push_back({op, {f({7, 24}), idx({7}, 50)}, {f({7, 24})}, {0, 3, 8, 8, 0}, {10000.f}});
+      c.push_back({op, {f({5, 30}), idx({5}, 50)}, {f({5, 30})}, {0, 4, 6, 4, 1, 0, 0}, {500.f}});
+      c.push_back({op,
+                   {f({6, 32}), idx({6}, 9000)},
+                   {f({6, 32})},
+                   {16, 1, 16, 16, 0, 2, 1},
+                   {500000.f, 8.f, 1.f, 4.f, 8192.f}});
+      c.push_back(
+          {op, {f({3, 12}), idx({3}, 20)}, {f({3, 12})}, {2, 2, 5, 2, 1, 1, 1}, {10000.f, 4.f}});
+      break;
+    case MXN_OP_SILU:
+      c.push_back({op, {f({9, 111})}, {f({9, 111})}});
+      break;
+    case MXN_OP_SILU_BWD:
+      c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}});
+      break;
+    case MXN_OP_SWIGLU:
+      c.push_back({op, {f({7, 11}), f({7, 11})}, {f({7, 11})}, {0, 0}});
+      c.push_back({op, {f({5, 26}), f({5, 26})}, {f({5, 13})}, {0, 13}});  // fused [gate | up]
+      break;
+    case MXN_OP_SWIGLU_BWD:
+      c.push_back({op, {f({7, 11}), f({7, 11}), f({7, 11})}, {f({7, 11}), f({7, 11})}, {0, 0}});
+      c.push_back({op, {f({5, 13}), f({5, 26}), f({5, 26})}, {f({5, 26}), f({5, 26})}, {0, 13}});
+      break;
+    case MXN_OP_SET_ROWS:
+      c.push_back({op, {f({2, 6})}, {f({2 * 5, 6})}, {3, 5, 0}});
+      c.push_back({op, {f({3 * 4, 17})}, {f({3 * 9, 7})}, {0, 9, 10}});  // a window of fused kv
       break;
     default:
       break;

@@ -23,7 +23,12 @@ Device::Device(const mxn_backend_api* api, int index, int threads) : api_(api), 
   if (api_->device_props(index, &props_) != 0) throw Error("cannot query device " + name());
   mxn_backend_options opts{sizeof(mxn_backend_options), threads};
   int32_t st = api_->init(index, &opts, &ctx_);
-  if (st != 0) throw Error("cannot initialise device " + name());
+  if (st != 0) {
+    const std::string why = ctx_ ? api_->last_error(ctx_) : "";
+    if (ctx_) api_->shutdown(ctx_);
+    ctx_ = nullptr;
+    throw Error("cannot initialise device " + name() + (why.empty() ? "" : ": " + why));
+  }
   const char* prof = std::getenv("MXN_PROFILE");
   profile_ = prof && *prof && std::string(prof) != "0";
 }
@@ -50,12 +55,21 @@ const char* op_name(int32_t op) {
                                             "cast",
                                             "copy",
                                             "fill",
-                                            "sum_squares"};
+                                            "sum_squares",
+                                            "rmsnorm",
+                                            "rmsnorm_bwd",
+                                            "rope",
+                                            "silu",
+                                            "silu_bwd",
+                                            "swiglu",
+                                            "swiglu_bwd",
+                                            "set_rows"};
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 
 mxn_op_call make_op_call(mxn_op op, const std::vector<Tensor>& in, const std::vector<Tensor>& out,
-                         const std::array<int64_t, 8>& ip, const std::array<float, 8>& fp) {
+                         const std::array<int64_t, MXN_MAX_IP>& ip,
+                         const std::array<float, 8>& fp) {
   MXN_CHECK(in.size() <= MXN_MAX_OPERANDS && out.size() <= MXN_MAX_OPERANDS, "too many operands");
   mxn_op_call c{};
   c.struct_size = sizeof(c);

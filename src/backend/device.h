@@ -78,7 +78,7 @@ const char* op_name(int32_t op);
 
 // One op call of the chip contract, ready for Device::run.
 mxn_op_call make_op_call(mxn_op op, const std::vector<Tensor>& in, const std::vector<Tensor>& out,
-                         const std::array<int64_t, 8>& ip = {},
+                         const std::array<int64_t, MXN_MAX_IP>& ip = {},
                          const std::array<float, 8>& fp = {});
 
 // --- registry ---------------------------------------------------------------------------------

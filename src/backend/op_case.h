@@ -22,7 +22,7 @@ struct Operand {
 struct Case {
   mxn_op op;
   std::vector<Operand> in, out;
-  std::array<int64_t, 8> ip{};
+  std::array<int64_t, MXN_MAX_IP> ip{};
   std::array<float, 8> fp{};
 };
 

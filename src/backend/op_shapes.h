@@ -66,35 +66,136 @@ inline MatmulShape matmul_shape(const mxn_op_call& k) {
   return m;
 }
 
-// ATTENTION / ATTENTION_BWD: qkv is (B*T, 3C), head h of q the column block [h*hd, (h+1)*hd),
-// k at +C, v at +2C (leading dimension ld = 3C); y and dy are (B*T, C); probs (B, H, T, T).
-// The offsets, in elements, of each (batch, head) block.
+// ATTENTION / ATTENTION_BWD (see the op's comment in backend_abi.h). Element offsets of one
+// query row's head, one key or value row's kv head, and the visible keys of each query.
 struct AttentionShape {
-  int64_t B = 0, H = 0, T = 0, C = 0, hd = 0, ld = 0;
-  float scale = 1.f;  // 1 / sqrt(hd)
+  int64_t B = 0, H = 0, G = 0, hd = 0, T = 0, S = 0, kv_rows = 0, q_pos0 = 0;
+  int64_t ldq = 0, ldk = 0, ldv = 0, q_col = 0, k_col = 0, v_col = 0;
+  int mask = 0;
+  bool has_prefix = false;
+  float scale = 1.f;
   const char* error = nullptr;
-  int64_t q(int64_t b, int64_t h) const { return b * T * ld + h * hd; }
-  int64_t k(int64_t b, int64_t h) const { return q(b, h) + C; }
-  int64_t v(int64_t b, int64_t h) const { return q(b, h) + 2 * C; }
-  int64_t y(int64_t b, int64_t h) const { return b * T * C + h * hd; }
-  int64_t p(int64_t b, int64_t h) const { return (b * H + h) * T * T; }
+  int64_t group() const { return H / G; }  // query heads per kv head
+  int64_t q(int64_t b, int64_t t, int64_t h) const { return (b * T + t) * ldq + q_col + h * hd; }
+  int64_t k(int64_t b, int64_t j, int64_t g) const {
+    return (b * kv_rows + j) * ldk + k_col + g * hd;
+  }
+  int64_t v(int64_t b, int64_t j, int64_t g) const {
+    return (b * kv_rows + j) * ldv + v_col + g * hd;
+  }
+  int64_t y(int64_t b, int64_t t, int64_t h) const { return (b * T + t) * H * hd + h * hd; }
+  int64_t lse(int64_t b, int64_t t, int64_t h) const { return (b * T + t) * H + h; }
+  // Keys [0, visible) are seen by query t of sequence b (prefix: that sequence's prefix length).
+  int64_t visible(int64_t t, int64_t prefix = 0) const {
+    if (mask == 0) return S;
+    int64_t n = q_pos0 + t + 1;
+    if (mask == 2 && prefix > n) n = prefix;
+    return n < S ? n : S;
+  }
 };
 
+inline int64_t rows_of(const mxn_tensor& t) { return last(t) > 0 ? count(t) / last(t) : 0; }
+
 inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
-  const mxn_tensor& qkv = k.inputs[backward ? 1 : 0];
+  const int o = backward ? 1 : 0;  // the backward's inputs start with dy
+  const mxn_tensor &q = k.inputs[o], &kk = k.inputs[o + 1], &v = k.inputs[o + 2];
   AttentionShape s;
   s.H = k.ip[0];
-  s.T = k.ip[1];
-  s.C = qkv.ndim == 2 ? qkv.shape[1] / 3 : 0;
-  if (s.H <= 0 || s.T <= 0 || s.C <= 0 || s.C % s.H || qkv.shape[1] != 3 * s.C ||
-      qkv.shape[0] % s.T) {
-    s.error = "attention: heads must divide the width and T the rows";
+  s.G = k.ip[1];
+  s.hd = k.ip[2];
+  s.T = k.ip[3];
+  s.S = k.ip[4];
+  s.mask = int(k.ip[5]);
+  s.q_col = k.ip[6];
+  s.k_col = k.ip[7];
+  s.v_col = k.ip[8];
+  s.kv_rows = k.ip[9] > 0 ? k.ip[9] : s.S;
+  s.q_pos0 = k.ip[10];
+  s.scale = k.fp[0];
+  s.ldq = last(q);
+  s.ldk = last(kk);
+  s.ldv = last(v);
+  s.has_prefix = k.n_inputs == (backward ? 7 : 4);
+  if (s.H <= 0 || s.G <= 0 || s.H % s.G || s.hd <= 0 || s.T <= 0 || s.S <= 0 || s.S > s.kv_rows ||
+      rows_of(q) % s.T) {
+    s.error = "attention: needs H, G, hd, T, S > 0, G dividing H, S <= kv_rows and T the q rows";
     return s;
   }
-  s.B = qkv.shape[0] / s.T;
-  s.hd = s.C / s.H;
-  s.ld = 3 * s.C;
-  s.scale = 1.f / std::sqrt(float(s.hd));
+  s.B = rows_of(q) / s.T;
+  if (rows_of(kk) != s.B * s.kv_rows || rows_of(v) != s.B * s.kv_rows)
+    s.error = "attention: k and v must have kv_rows rows per sequence";
+  else if (s.q_col < 0 || s.q_col + s.H * s.hd > s.ldq || s.k_col < 0 ||
+           s.k_col + s.G * s.hd > s.ldk || s.v_col < 0 || s.v_col + s.G * s.hd > s.ldv)
+    s.error = "attention: a head's columns lie outside q, k or v";
+  else if (s.mask < 0 || s.mask > 2 || (s.mask == 2 && !s.has_prefix))
+    s.error = "attention: mask must be 0 (none), 1 (causal) or 2 (prefix, with its lengths)";
+  else if (s.mask != 0 && (s.q_pos0 < 0 || s.q_pos0 + s.T > s.S))
+    s.error = "attention: causal queries must lie within the keys (q_pos0 + T <= S)";
+  return s;
+}
+
+// ROPE: the rotation frequency of pair i of `rot` rotated dims, in float as Hugging Face computes
+// it (1 / theta^(2i/rot), then the scaling), so every backend rotates by the same angles.
+inline float rope_inv_freq(const mxn_op_call& k, int64_t i) {
+  const int64_t rot = k.ip[3];
+  const float theta = k.fp[0], factor = k.fp[1] > 0 ? k.fp[1] : 1.f;
+  float inv = 1.f / std::pow(theta, float(2 * i) / float(rot));
+  if (k.ip[5] == 1) return inv / factor;
+  if (k.ip[5] == 2) {  // Llama 3: long wavelengths slowed by `factor`, short ones kept, blended
+    const float lo = k.fp[2], hi = k.fp[3], old_ctx = k.fp[4];
+    const float wavelen = 2.f * 3.14159265358979323846f / inv;
+    if (wavelen < old_ctx / hi) return inv;
+    if (wavelen > old_ctx / lo) return inv / factor;
+    const float smooth = (old_ctx / wavelen - lo) / (hi - lo);
+    return (1.f - smooth) * inv / factor + smooth * inv;
+  }
+  return inv;
+}
+
+inline const char* rope_error(const mxn_op_call& k) {
+  const int64_t col0 = k.ip[0], heads = k.ip[1], hd = k.ip[2], rot = k.ip[3];
+  if (heads <= 0 || hd <= 0 || rot <= 0 || rot > hd || rot % 2 || col0 < 0 ||
+      col0 + heads * hd > last(k.inputs[0]) || k.fp[0] <= 0 ||
+      count(k.inputs[1]) != rows_of(k.inputs[0]))
+    return "rope: needs 0 < rot <= hd (even), the heads within the row, theta > 0, one position "
+           "per row";
+  return nullptr;
+}
+
+// SWIGLU / SWIGLU_BWD: both column windows of F = out's (or dy's) width inside their rows.
+inline const char* swiglu_error(const mxn_op_call& k, bool backward) {
+  const int o = backward ? 1 : 0;
+  const mxn_tensor &g = k.inputs[o], &u = k.inputs[o + 1], &y = k.inputs[0];
+  const int64_t F = backward ? last(y) : last(k.outputs[0]);
+  const int64_t rows = backward ? rows_of(y) : rows_of(k.outputs[0]);
+  if (k.ip[0] < 0 || k.ip[1] < 0 || k.ip[0] + F > last(g) || k.ip[1] + F > last(u) ||
+      rows_of(g) != rows || rows_of(u) != rows)
+    return "swiglu: the gate and up windows must lie inside rows matching the output";
+  return nullptr;
+}
+
+// SET_ROWS: n rows of each of B sequences written at row `at` of R rows per sequence, read from
+// columns [col, col + W) of src's rows of ld elements.
+struct SetRowsShape {
+  int64_t B = 0, n = 0, R = 0, at = 0, W = 0, col = 0, ld = 0;
+  const char* error = nullptr;
+};
+inline SetRowsShape set_rows_shape(const mxn_op_call& k) {
+  SetRowsShape s;
+  s.at = k.ip[0];
+  s.R = k.ip[1];
+  s.col = k.ip[2];
+  s.W = last(k.outputs[0]);
+  s.ld = last(k.inputs[0]);
+  const int64_t dst_rows = rows_of(k.outputs[0]), src_rows = rows_of(k.inputs[0]);
+  if (s.R <= 0 || dst_rows % s.R || s.col < 0 || s.col + s.W > s.ld) {
+    s.error = "set_rows: dst must be whole sequences of R rows, its width a window of src's";
+    return s;
+  }
+  s.B = dst_rows / s.R;
+  s.n = s.B > 0 ? src_rows / s.B : 0;
+  if (s.n * s.B != src_rows || s.at < 0 || s.at + s.n > s.R)
+    s.error = "set_rows: the rows written must fit each sequence";
   return s;
 }
 

@@ -25,6 +25,26 @@ Grads matmul_rule(Graph& g, const Node& n, int gy) {
   return {{0, g.matmul(b, gy, true, true, al)}, {1, g.matmul(gy, a, true, true, al)}};
 }
 
+// A backward op whose outputs are the gradients of the forward's first `k` inputs, some of which
+// may be the same value (column windows of one fused tensor): such inputs share one output.
+Grads distinct_grads(Graph& g, mxn_op op, std::vector<int> in, const Node& n, size_t k,
+                     const std::array<int64_t, MXN_MAX_IP>& ip) {
+  std::vector<int> out;
+  Grads grads;
+  for (size_t i = 0; i < k; ++i) {
+    size_t j = 0;
+    while (j < i && n.in[j] != n.in[i]) ++j;
+    if (j < i) {
+      out.push_back(out[j]);
+      continue;
+    }
+    out.push_back(g.activation(g.v(n.in[i]).shape));
+    grads.push_back({i, out.back()});
+  }
+  g.emit(op, std::move(in), out, ip, n.fp);
+  return grads;
+}
+
 Grads rule(Graph& g, const Node& n, int gy) {
   auto act = [&](int like) { return g.activation(g.v(like).shape); };
   switch (n.op) {
@@ -45,8 +65,27 @@ Grads rule(Graph& g, const Node& n, int gy) {
       g.emit(MXN_OP_LAYERNORM_BWD, {gy, n.in[0], n.in[1], n.out[1]}, {dx, dw, db});
       return {{0, dx}, {1, dw}, {2, db}};
     }
-    case MXN_OP_ATTENTION:
-      return {{0, g.emit(MXN_OP_ATTENTION_BWD, {gy, n.in[0], n.out[1]}, {act(n.in[0])}, n.ip)}};
+    case MXN_OP_ATTENTION: {
+      // q, k and v may be one fused tensor: one gradient value per distinct input, which the
+      // kernel fills window by window.
+      std::vector<int> in{gy, n.in[0], n.in[1], n.in[2], n.out[0], n.out[1]};
+      if (n.in.size() > 3) in.push_back(n.in[3]);
+      return distinct_grads(g, MXN_OP_ATTENTION_BWD, in, n, 3, n.ip);
+    }
+    case MXN_OP_RMSNORM: {
+      const int dx = act(n.in[0]), dw = act(n.in[1]);
+      g.emit(MXN_OP_RMSNORM_BWD, {gy, n.in[0], n.in[1], n.out[1]}, {dx, dw});
+      return {{0, dx}, {1, dw}};
+    }
+    case MXN_OP_ROPE: {
+      auto ip = n.ip;
+      ip[6] = 1;  // the rotation's transpose is the rotation backwards
+      return {{0, g.emit(MXN_OP_ROPE, {gy, n.in[1]}, {act(n.in[0])}, ip, n.fp)}};
+    }
+    case MXN_OP_SILU:
+      return {{0, g.emit(MXN_OP_SILU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
+    case MXN_OP_SWIGLU:
+      return distinct_grads(g, MXN_OP_SWIGLU_BWD, {gy, n.in[0], n.in[1]}, n, 2, n.ip);
     case MXN_OP_EMBEDDING:
       return {{1, g.emit(MXN_OP_EMBEDDING_BWD, {gy, n.in[0]}, {act(n.in[1])})}};
     case MXN_OP_CROSS_ENTROPY:

@@ -1,5 +1,7 @@
 #include "graph/graph.h"
 
+#include <cmath>
+
 #include "core/error.h"
 
 namespace mxn {
@@ -23,8 +25,8 @@ int Graph::activation(Shape shape, DType dtype) {
   return int(values.size()) - 1;
 }
 
-int Graph::emit(mxn_op op, std::vector<int> in, std::vector<int> out, std::array<int64_t, 8> ip,
-                std::array<float, 8> fp) {
+int Graph::emit(mxn_op op, std::vector<int> in, std::vector<int> out,
+                std::array<int64_t, MXN_MAX_IP> ip, std::array<float, 8> fp) {
   nodes.push_back(Node{op, std::move(in), out, ip, fp});
   return out.empty() ? -1 : out[0];
 }
@@ -72,11 +74,46 @@ int Graph::layernorm(int x, int w, int b, float eps) {
   return emit(MXN_OP_LAYERNORM, {x, w, b}, {activation(s), stats}, {}, {eps});
 }
 
-int Graph::attention(int qkv, int64_t heads, int64_t T) {
-  const Shape s = v(qkv).shape;  // (B*T, 3C); a copy, as activation() may grow `values`
-  const int64_t B = s[0] / T, C = s[1] / 3;
-  const int probs = activation({B, heads, T, T});
-  return emit(MXN_OP_ATTENTION, {qkv}, {activation({s[0], C}), probs}, {heads, T});
+int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bool with_lse) {
+  const int64_t rows = v_rows(q), S = a.S > 0 ? a.S : a.T;
+  MXN_CHECK(rows % a.T == 0 && (a.mask != 2 || prefix >= 0), "attention rows or prefix");
+  const float scale = a.scale > 0 ? a.scale : 1.f / std::sqrt(float(a.head_dim));
+  std::vector<int> in{q, k, v};
+  if (prefix >= 0) in.push_back(prefix);
+  std::vector<int> out{activation({rows, a.heads * a.head_dim})};
+  if (with_lse) out.push_back(activation({rows, a.heads}));
+  return emit(MXN_OP_ATTENTION, in, out,
+              {a.heads, a.kv_heads, a.head_dim, a.T, S, a.mask, a.q_col, a.k_col, a.v_col,
+               a.kv_rows > 0 ? a.kv_rows : S, a.q_pos0},
+              {scale});
+}
+
+int Graph::rmsnorm(int x, int w, float eps) {
+  const Shape s = v(x).shape;
+  const int rstd = activation({v_rows(x)});
+  return emit(MXN_OP_RMSNORM, {x, w}, {activation(s), rstd}, {}, {eps});
+}
+
+int Graph::rope(int x, int pos, const RopeSpec& r) {
+  return emit(
+      MXN_OP_ROPE, {x, pos}, {activation(v(x).shape)},
+      {r.col0, r.heads, r.head_dim, r.rot > 0 ? r.rot : r.head_dim, r.interleaved, r.scaling, 0},
+      {r.theta, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_position});
+}
+
+int Graph::silu(int x) { return emit(MXN_OP_SILU, {x}, {activation(v(x).shape)}); }
+
+int Graph::swiglu(int gate, int up, int64_t gcol, int64_t ucol, int64_t F) {
+  return emit(MXN_OP_SWIGLU, {gate, up}, {activation({v_rows(gate), F})}, {gcol, ucol});
+}
+
+int Graph::set_rows(int src, int dst, int64_t at, int64_t R, int64_t col) {
+  return emit(MXN_OP_SET_ROWS, {src}, {dst}, {at, R, col});
+}
+
+int64_t Graph::v_rows(int id) const {
+  const Shape& s = v(id).shape;
+  return s.empty() ? 1 : numel(s) / s.back();
 }
 
 int Graph::embedding(int idx, int table) {

@@ -32,8 +32,29 @@ struct Value {
 struct Node {
   mxn_op op;
   std::vector<int> in, out;
-  std::array<int64_t, 8> ip{};
+  std::array<int64_t, MXN_MAX_IP> ip{};
   std::array<float, 8> fp{};
+};
+
+// The general attention's parameters (the ATTENTION op's ip, see backend_abi.h).
+struct AttentionSpec {
+  int64_t heads = 1, kv_heads = 1, head_dim = 1;
+  int64_t T = 1;  // queries per sequence
+  int64_t S = 0;  // keys per sequence (0: T)
+  int mask = 1;   // 0 none, 1 causal, 2 causal + per-sequence prefix (bidirectional)
+  int64_t q_col = 0, k_col = 0, v_col = 0;  // column windows, for fused projections
+  int64_t kv_rows = 0;  // rows per sequence in k and v (0: S), e.g. a KV cache's capacity
+  int64_t q_pos0 = 0;   // key index of the first query (S - T when decoding with a cache)
+  float scale = 0.f;    // 0: 1/sqrt(head_dim)
+};
+
+// ROPE's parameters (the op's ip and fp).
+struct RopeSpec {
+  int64_t col0 = 0, heads = 1, head_dim = 1, rot = 0;  // rot 0: the whole head
+  bool interleaved = false;                            // GLM's (2i, 2i+1) pairs
+  int scaling = 0;                                     // 0 none, 1 linear, 2 llama3
+  float theta = 10000.f, factor = 1.f, low_freq_factor = 1.f, high_freq_factor = 4.f,
+        original_max_position = 8192.f;
 };
 
 class Graph {
@@ -44,8 +65,8 @@ class Graph {
   int param(const std::string& name, Shape shape, bool decay);
   int input(const std::string& name, Shape shape, DType dtype);
   int activation(Shape shape, DType dtype = DType::f32);
-  int emit(mxn_op op, std::vector<int> in, std::vector<int> out, std::array<int64_t, 8> ip = {},
-           std::array<float, 8> fp = {});
+  int emit(mxn_op op, std::vector<int> in, std::vector<int> out,
+           std::array<int64_t, MXN_MAX_IP> ip = {}, std::array<float, 8> fp = {});
 
   // Builders: each appends one node and returns its (first) output.
   int matmul(int a, int b, bool ta = false, bool tb = false, float alpha = 1.f);
@@ -55,12 +76,23 @@ class Graph {
   int gelu(int x);
   int softmax(int x);
   int layernorm(int x, int w, int b, float eps = 1e-5f);
-  int attention(int qkv, int64_t heads, int64_t T);  // qkv (B*T, 3C) -> (B*T, C)
+  // q, k, v (may be one fused tensor) -> (B*T, heads*head_dim); `prefix` an i32 (B) value for
+  // mask 2; with_lse keeps the log-sum-exp the backward needs (training).
+  int attention(int q, int k, int v, const AttentionSpec& a, int prefix = -1, bool with_lse = true);
+  int rmsnorm(int x, int w, float eps);
+  int rope(int x, int pos, const RopeSpec& r);
+  int silu(int x);
+  // silu(gate[:, gcol + c]) * up[:, ucol + c] for c < F; gate and up may be one fused tensor.
+  int swiglu(int gate, int up, int64_t gcol, int64_t ucol, int64_t F);
+  // Writes columns [col, col + dst's width) of src's rows into `dst` (rows [at, at + n) of each
+  // sequence of R rows); returns dst.
+  int set_rows(int src, int dst, int64_t at, int64_t R, int64_t col = 0);
   int embedding(int idx, int table);
   int cross_entropy(int logits, int targets);
 
   void mark_output(int id) { values[size_t(id)].output = true; }
   const Value& v(int id) const { return values[size_t(id)]; }
+  int64_t v_rows(int id) const;  // elements / last dim
   std::vector<int> params() const;
 
   std::vector<Value> values;

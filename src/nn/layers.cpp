@@ -17,7 +17,13 @@ int layer_norm(Graph& g, int x, const std::string& name, int64_t width, float ep
 int causal_self_attention(Graph& g, int x, const std::string& name, int64_t width, int64_t heads,
                           int64_t T) {
   const int qkv = linear(g, x, name + ".c_attn", width, 3 * width);
-  const int y = g.attention(qkv, heads, T);
+  AttentionSpec a;
+  a.heads = a.kv_heads = heads;
+  a.head_dim = width / heads;
+  a.T = T;
+  a.k_col = width;
+  a.v_col = 2 * width;
+  const int y = g.attention(qkv, qkv, qkv, a);
   return linear(g, y, name + ".c_proj", width, width);
 }
 

@@ -241,13 +241,58 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_ATTENTION: {
       const AttentionShape a = attention_shape(k, false);
       if (a.error) return bad(c, a.error);
-      attention_fwd(c->scratch, a, ptr(in[0]), ptr(out[0]), ptr(out[1]));
+      attention_fwd(c->scratch, a, ptr(in[0]), ptr(in[1]), ptr(in[2]),
+                    a.has_prefix ? ptr<int32_t>(in[3]) : nullptr, ptr(out[0]),
+                    k.n_outputs > 1 ? ptr(out[1]) : nullptr);
       return 0;
     }
     case MXN_OP_ATTENTION_BWD: {
       const AttentionShape a = attention_shape(k, true);
       if (a.error) return bad(c, a.error);
-      attention_bwd(c->scratch, a, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(out[0]));
+      attention_bwd(c->scratch, a, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(in[4]),
+                    ptr(in[5]), a.has_prefix ? ptr<int32_t>(in[6]) : nullptr, ptr(out[0]),
+                    ptr(out[1]), ptr(out[2]));
+      return 0;
+    }
+    case MXN_OP_RMSNORM:
+      rmsnorm_fwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), ptr(out[1]), rows_of(in[0]), last(in[0]),
+                  k.fp[0]);
+      return 0;
+    case MXN_OP_RMSNORM_BWD:
+      rmsnorm_bwd(c->scratch, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(out[0]),
+                  ptr(out[1]), rows_of(in[0]), last(in[0]));
+      return 0;
+    case MXN_OP_ROPE: {
+      if (const char* e = rope_error(k)) return bad(c, e);
+      float* inv = c->scratch.get(c->scratch.c, size_t(k.ip[3] / 2));
+      for (int64_t i = 0; i < k.ip[3] / 2; ++i) inv[i] = rope_inv_freq(k, i);
+      rope(ptr(in[0]), ptr<int32_t>(in[1]), ptr(out[0]), rows_of(in[0]), last(in[0]), k.ip[0],
+           k.ip[1], k.ip[2], k.ip[3], k.ip[4] == 1, k.ip[6] == 1, inv);
+      return 0;
+    }
+    case MXN_OP_SILU:
+      silu_fwd(ptr(in[0]), ptr(out[0]), count(out[0]));
+      return 0;
+    case MXN_OP_SILU_BWD:
+      silu_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0]));
+      return 0;
+    case MXN_OP_SWIGLU:
+      if (const char* e = swiglu_error(k, false)) return bad(c, e);
+      swiglu_fwd(ptr(in[0]), last(in[0]), k.ip[0], ptr(in[1]), last(in[1]), k.ip[1], ptr(out[0]),
+                 rows_of(out[0]), last(out[0]));
+      return 0;
+    case MXN_OP_SWIGLU_BWD:
+      if (const char* e = swiglu_error(k, true)) return bad(c, e);
+      swiglu_bwd(ptr(in[0]), ptr(in[1]), last(in[1]), k.ip[0], ptr(in[2]), last(in[2]), k.ip[1],
+                 ptr(out[0]), ptr(out[1]), rows_of(in[0]), last(in[0]));
+      return 0;
+    case MXN_OP_SET_ROWS: {
+      const SetRowsShape r = set_rows_shape(k);
+      if (r.error) return bad(c, r.error);
+      for (int64_t b = 0; b < r.B; ++b)
+        for (int64_t t = 0; t < r.n; ++t)
+          std::memcpy(ptr(out[0]) + (b * r.R + r.at + t) * r.W,
+                      ptr(in[0]) + (b * r.n + t) * r.ld + r.col, size_t(r.W) * 4);
       return 0;
     }
     case MXN_OP_EMBEDDING: {

@@ -271,6 +271,130 @@ void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* t
   }
 }
 
+void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t cols,
+                 float eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * cols;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t c = 0; c < cols; ++c) ss += xr[c] * xr[c];
+    const float rs = 1.f / std::sqrt(ss / float(cols) + eps);
+    float* yr = y + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] * rs * w[c];
+    rstd[r] = rs;
+  }
+}
+
+void rmsnorm_bwd(Scratch& s, const float* dy, const float* x, const float* w, const float* rstd,
+                 float* dx, float* dw, int64_t rows, int64_t cols) {
+  const int nt = omp_get_max_threads();
+  float* part = s.get(s.a, size_t(nt) * cols);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    int64_t b, e;
+    chunk(rows, t, nt, b, e);
+    float* pw = part + size_t(t) * cols;
+    std::fill(pw, pw + cols, 0.f);
+    for (int64_t r = b; r < e; ++r) {
+      const float* xr = x + r * cols;
+      const float* d = dy + r * cols;
+      const float rs = rstd[r];
+      float m = 0.f;  // mean(dy * w * x)
+#pragma omp simd reduction(+ : m)
+      for (int64_t c = 0; c < cols; ++c) {
+        m += d[c] * w[c] * xr[c];
+        pw[c] += d[c] * xr[c] * rs;
+      }
+      m /= float(cols);
+      float* o = dx + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) o[c] = rs * (d[c] * w[c] - xr[c] * rs * rs * m);
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    float acc = 0.f;
+    for (int t = 0; t < nt; ++t) acc += part[size_t(t) * cols + c];
+    dw[c] = acc;
+  }
+}
+
+void rope(const float* x, const int32_t* pos, float* y, int64_t rows, int64_t ld, int64_t col0,
+          int64_t heads, int64_t hd, int64_t rot, bool interleaved, bool inverse,
+          const float* inv_freq) {
+  const int64_t half = rot / 2;
+  const float sign = inverse ? -1.f : 1.f;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ld;
+    float* yr = y + r * ld;
+    if (xr != yr) {
+      std::copy(xr, xr + col0, yr);
+      std::copy(xr + col0 + heads * hd, xr + ld, yr + col0 + heads * hd);
+    }
+    const float p = float(pos[r]);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* xh = xr + col0 + h * hd;
+      float* yh = yr + col0 + h * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float ang = p * inv_freq[i];
+        const float c = std::cos(ang), s = sign * std::sin(ang);
+        const int64_t i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
+        const float a = xh[i1], b = xh[i2];
+        yh[i1] = a * c - b * s;
+        yh[i2] = b * c + a * s;
+      }
+      if (xh != yh) std::copy(xh + rot, xh + hd, yh + rot);
+    }
+  }
+}
+
+void silu_fwd(const float* x, float* y, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] / (1.f + vexp(-x[i]));
+}
+
+void silu_bwd(const float* dy, const float* x, float* dx, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float sg = 1.f / (1.f + vexp(-x[i]));
+    dx[i] = dy[i] * sg * (1.f + x[i] * (1.f - sg));
+  }
+}
+
+void swiglu_fwd(const float* gate, int64_t lg, int64_t gcol, const float* up, int64_t lu,
+                int64_t ucol, float* out, int64_t rows, int64_t F) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gate + r * lg + gcol;
+    const float* u = up + r * lu + ucol;
+    float* o = out + r * F;
+#pragma omp simd
+    for (int64_t c = 0; c < F; ++c) o[c] = g[c] / (1.f + vexp(-g[c])) * u[c];
+  }
+}
+
+void swiglu_bwd(const float* dy, const float* gate, int64_t lg, int64_t gcol, const float* up,
+                int64_t lu, int64_t ucol, float* dgate, float* dup, int64_t rows, int64_t F) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gate + r * lg + gcol;
+    const float* u = up + r * lu + ucol;
+    const float* d = dy + r * F;
+    float* dg = dgate + r * lg + gcol;
+    float* du = dup + r * lu + ucol;
+#pragma omp simd
+    for (int64_t c = 0; c < F; ++c) {
+      const float sg = 1.f / (1.f + vexp(-g[c]));
+      const float gv = g[c], uv = u[c];
+      du[c] = d[c] * gv * sg;
+      dg[c] = d[c] * uv * sg * (1.f + gv * (1.f - sg));
+    }
+  }
+}
+
 // AdamW exactly as torch.optim.AdamW computes it (decoupled decay, bias-corrected moments).
 void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
            float eps, float wd, float gscale, int64_t step) {

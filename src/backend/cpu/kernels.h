@@ -26,9 +26,16 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
             bool accumulate, float* C, int64_t sc);
 bool native_bf16();
 
-void attention_fwd(Scratch& s, const AttentionShape& a, const float* qkv, float* y, float* probs);
-void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const float* qkv,
-                   const float* probs, float* dqkv);
+// Row-major single-precision GEMM through oneDNN (single-threaded inside a parallel region).
+void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// The general attention (attention.cpp); prefix and lse may be null.
+void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const float* k,
+                   const float* v, const int32_t* prefix, float* y, float* lse);
+void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const float* q,
+                   const float* k, const float* v, const float* y, const float* lse,
+                   const int32_t* prefix, float* dq, float* dk, float* dv);
 
 void add(const float* a, const float* b, float* out, int64_t n);
 void add_bias(const float* a, const float* bias, float* out, int64_t rows, int64_t cols);
@@ -55,6 +62,21 @@ int64_t cross_entropy_fwd(Scratch& s, const float* logits, const int32_t* target
                           int64_t rows, int64_t V);
 void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* targets,
                        float* dlogits, int64_t rows, int64_t V);
+void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t cols,
+                 float eps);
+void rmsnorm_bwd(Scratch& s, const float* dy, const float* x, const float* w, const float* rstd,
+                 float* dx, float* dw, int64_t rows, int64_t cols);
+// ROPE over rows of `ld` floats; `inv_freq` has rot/2 entries (rope_inv_freq).
+void rope(const float* x, const int32_t* pos, float* y, int64_t rows, int64_t ld, int64_t col0,
+          int64_t heads, int64_t hd, int64_t rot, bool interleaved, bool inverse,
+          const float* inv_freq);
+void silu_fwd(const float* x, float* y, int64_t n);
+void silu_bwd(const float* dy, const float* x, float* dx, int64_t n);
+// gate and up: column windows (at gcol, ucol) of rows of lg and lu floats; out is (rows, F).
+void swiglu_fwd(const float* gate, int64_t lg, int64_t gcol, const float* up, int64_t lu,
+                int64_t ucol, float* out, int64_t rows, int64_t F);
+void swiglu_bwd(const float* dy, const float* gate, int64_t lg, int64_t gcol, const float* up,
+                int64_t lu, int64_t ucol, float* dgate, float* dup, int64_t rows, int64_t F);
 void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
            float eps, float wd, float gscale, int64_t step);
 

@@ -1,4 +1,4 @@
-// Matmul and causal attention on the CPU: oneDNN does every GEMM.
+// Matmul on the CPU: oneDNN does every GEMM (f32, and bf16 operands with f32 accumulation).
 #include <dnnl.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -15,14 +15,14 @@
 
 namespace mxn::cpu {
 
-namespace {
-
 void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   dnnl_status_t st =
       dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   MXN_CHECK(st == dnnl_success, "dnnl_sgemm failed");
 }
+
+namespace {
 
 // The native bf16 path: oneDNN's matmul primitive with bf16 sources and f32 destination, which
 // runs on AMX / AVX512-BF16. Primitives and their memory objects are made once per shape; a call
@@ -129,64 +129,6 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
   for (int64_t i = 0; i < batch; ++i)
     sgemm(ta, tb, M, N, K, alpha, A + i * sa, lda, B + i * sb, ldb, accumulate ? 1.f : 0.f,
           C + i * sc, N);
-}
-
-// Causal self-attention. qkv is (B, T, 3C) as GPT-2's c_attn produces it; head h of q is the
-// column block [h*hd, (h+1)*hd), k follows at +C and v at +2C, so GEMMs read it in place with a
-// leading dimension of 3C and no transposes are materialised. probs (B, H, T, T) is kept for
-// the backward pass.
-void attention_fwd(Scratch&, const AttentionShape& a, const float* qkv, float* y, float* probs) {
-  const int64_t T = a.T, hd = a.hd, ld = a.ld, C = a.C, H = a.H;
-#pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < a.B * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H;
-    const float* q = qkv + a.q(b, h);
-    const float* k = qkv + a.k(b, h);
-    const float* v = qkv + a.v(b, h);
-    float* p = probs + a.p(b, h);
-    sgemm(false, true, T, T, hd, a.scale, q, ld, k, ld, 0.f, p, T);
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = p + t * T;
-      const float inv = 1.0f / exp_shifted_row(row, row, t + 1);
-      for (int64_t j = 0; j <= t; ++j) row[j] *= inv;
-      for (int64_t j = t + 1; j < T; ++j) row[j] = 0.f;
-    }
-    sgemm(false, false, T, hd, T, 1.f, p, T, v, ld, 0.f, y + a.y(b, h), C);
-  }
-}
-
-void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const float* qkv,
-                   const float* probs, float* dqkv) {
-  const int64_t T = a.T, hd = a.hd, ld = a.ld, C = a.C, H = a.H;
-  const float sc = a.scale;
-  const int nt = omp_get_max_threads();
-  float* scratch = s.get(s.c, size_t(nt) * T * T);
-#pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < a.B * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H;
-    const float* q = qkv + a.q(b, h);
-    const float* k = qkv + a.k(b, h);
-    const float* v = qkv + a.v(b, h);
-    const float* p = probs + a.p(b, h);
-    const float* dyh = dy + a.y(b, h);
-    float* dq = dqkv + a.q(b, h);
-    float* dk = dqkv + a.k(b, h);
-    float* dv = dqkv + a.v(b, h);
-    float* dp = scratch + size_t(omp_get_thread_num()) * T * T;
-    sgemm(true, false, T, hd, T, 1.f, p, T, dyh, C, 0.f, dv, ld);  // dV = P^T dY
-    sgemm(false, true, T, T, hd, 1.f, dyh, C, v, ld, 0.f, dp, T);  // dP = dY V^T
-    for (int64_t t = 0; t < T; ++t) {                              // dS = P (dP - <dP, P>)
-      const float* pr = p + t * T;
-      float* dr = dp + t * T;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j <= t; ++j) dot += pr[j] * dr[j];
-      for (int64_t j = 0; j <= t; ++j) dr[j] = pr[j] * (dr[j] - dot) * sc;
-      for (int64_t j = t + 1; j < T; ++j) dr[j] = 0.f;
-    }
-    sgemm(false, false, T, hd, T, 1.f, dp, T, k, ld, 0.f, dq, ld);  // dQ = dS K
-    sgemm(true, false, T, hd, T, 1.f, dp, T, q, ld, 0.f, dk, ld);   // dK = dS^T Q
-  }
 }
 
 }  // namespace mxn::cpu

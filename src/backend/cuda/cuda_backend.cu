@@ -6,10 +6,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <vector>
 #include <new>
 #include <string>
 
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/kernels_llm.cuh"
 #include "backend/op_shapes.h"
 #ifdef MXN_HAVE_NCCL
 #include "backend/cuda/nccl.cuh"
@@ -25,8 +28,9 @@ struct Ctx {
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 32u << 20;
-  float* scratch = nullptr;  // attention's dP, reductions, bf16 operands; grows, then is reused
+  float* scratch = nullptr;  // reductions, bf16 operands; grows, then is reused
   size_t scratch_floats = 0;
+  std::map<std::vector<float>, float*> rope_tables;  // RoPE frequencies, by their values
   std::string error;
 #ifdef MXN_HAVE_NCCL
   ncclComm_t comm = nullptr;
@@ -83,6 +87,7 @@ void shutdown(void* ctx) {
   if (c->comm_done) cudaEventDestroy(c->comm_done);
 #endif
   if (c->scratch) cudaFree(c->scratch);
+  for (auto& [key, d] : c->rope_tables) cudaFree(d);
   if (c->workspace) cudaFree(c->workspace);
   if (c->lt) cublasLtDestroy(c->lt);
   if (c->stream) cudaStreamDestroy(c->stream);
@@ -259,41 +264,81 @@ int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   return gemm(c, m.ta, m.tb, m.M, m.N, m.K, m.alpha, A, m.lda(), m.sa, B, m.ldb(), m.sb, m.accumulate ? 1.f : 0.f, F(o), m.N, m.sc, m.batch, bf16);
 }
 
-// Attention as on the CPU: per (batch, head) GEMMs reading q, k, v in place (ld 3C); for each
-// head the batch dimension is one strided-batched GEMM.
 int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
   const AttentionShape as = attention_shape(k, backward);
   if (as.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, as.error);
-  const int64_t H = as.H, T = as.T, C = as.C, B = as.B, hd = as.hd, ld = as.ld, sq = T * ld, sy = T * C;
-  const float sc = as.scale;
-  const float* q = F(k.inputs[backward ? 1 : 0]);
-  auto G = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t Kk, float al, const float* A, int64_t lda, int64_t sa,
-               const float* Bm, int64_t ldb, int64_t sb, float* Cm, int64_t ldc, int64_t scs) {
-    return gemm(c, ta, tb, M, N, Kk, al, A, lda, sa, Bm, ldb, sb, 0.f, Cm, ldc, scs, B, false);
-  };
+  const Att a = att_of(as);
+  const mxn_tensor* in = k.inputs;
   if (!backward) {
-    float *y = F(k.outputs[0]), *p = F(k.outputs[1]);
-    for (int64_t h = 0; h < H; ++h)  // P[b,h] at p + (b*H + h)*T*T: batch stride H*T*T
-      if (int32_t st = G(false, true, T, T, hd, sc, q + h * hd, ld, sq, q + C + h * hd, ld, sq, p + h * T * T, T, H * T * T)) return st;
-    k_softmax<<<blocks(B * H * T), 256, 0, c->stream>>>(p, p, B * H * T, T, 1);
-    for (int64_t h = 0; h < H; ++h)
-      if (int32_t st = G(false, false, T, hd, T, 1.f, p + h * T * T, T, H * T * T, q + 2 * C + h * hd, ld, sq, y + h * hd, C, sy)) return st;
+    const int32_t* pre = as.has_prefix ? I(in[3]) : nullptr;
+    float* lse = k.n_outputs > 1 ? F(k.outputs[1]) : nullptr;
+    k_attn_fwd<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), pre, F(k.outputs[0]), lse);
     return 0;
   }
-  const float *dy = F(k.inputs[0]), *p = F(k.inputs[2]);
-  float* dq = F(k.outputs[0]);
-  float* dp = scratch(c, size_t(B * H * T * T));
-  if (!dp) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for attention scratch");
-  for (int64_t h = 0; h < H; ++h) {
-    if (int32_t st = G(true, false, T, hd, T, 1.f, p + h * T * T, T, H * T * T, dy + h * hd, C, sy, dq + 2 * C + h * hd, ld, sq)) return st;
-    if (int32_t st = G(false, true, T, T, hd, 1.f, dy + h * hd, C, sy, q + 2 * C + h * hd, ld, sq, dp + h * T * T, T, H * T * T)) return st;
-  }
-  k_softmax_bwd<<<blocks(B * H * T), 256, 0, c->stream>>>(dp, p, dp, B * H * T, T, 1, sc);
-  for (int64_t h = 0; h < H; ++h) {
-    if (int32_t st = G(false, false, T, hd, T, 1.f, dp + h * T * T, T, H * T * T, q + C + h * hd, ld, sq, dq + h * hd, ld, sq)) return st;
-    if (int32_t st = G(true, false, T, hd, T, 1.f, dp + h * T * T, T, H * T * T, q + h * hd, ld, sq, dq + C + h * hd, ld, sq)) return st;
-  }
+  const int32_t* pre = as.has_prefix ? I(in[6]) : nullptr;
+  k_attn_bwd_dq<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]),
+                                                                F(in[5]), pre, F(k.outputs[0]));
+  k_attn_bwd_dkv<<<blocks(a.B * a.kv_rows * a.G), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]),
+                                                                       F(in[5]), pre, F(k.outputs[1]), F(k.outputs[2]));
   return 0;
+}
+
+// RoPE's frequencies, computed on the host as every backend does, kept on the device by value.
+float* rope_table(Ctx* c, const mxn_op_call& k) {
+  std::vector<float> inv(size_t(k.ip[3] / 2));
+  for (size_t i = 0; i < inv.size(); ++i) inv[i] = rope_inv_freq(k, int64_t(i));
+  auto it = c->rope_tables.find(inv);
+  if (it != c->rope_tables.end()) return it->second;
+  float* d = nullptr;
+  if (cudaMalloc(&d, inv.size() * 4) != cudaSuccess) return nullptr;
+  if (cudaMemcpy(d, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess) {
+    cudaFree(d);
+    return nullptr;
+  }
+  c->rope_tables.emplace(std::move(inv), d);
+  return d;
+}
+
+int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor *in = k.inputs, *out = k.outputs;
+  cudaStream_t s = c->stream;
+  switch (k.op) {
+    case MXN_OP_RMSNORM:
+      k_rmsnorm<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), F(out[1]), rows_of(in[0]), last(in[0]), k.fp[0]);
+      break;
+    case MXN_OP_RMSNORM_BWD:
+      k_rmsnorm_dx<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(out[0]), rows_of(in[0]), last(in[0]));
+      k_rmsnorm_dw<<<blocks(last(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[3]), F(out[1]), rows_of(in[0]), last(in[0]));
+      break;
+    case MXN_OP_ROPE: {
+      if (const char* e = rope_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      const float* table = rope_table(c, k);
+      if (!table) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for RoPE's table");
+      k_rope<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), I(in[1]), F(out[0]), table, rows_of(in[0]), last(in[0]), k.ip[0], k.ip[1],
+                                                    k.ip[2], k.ip[3], int(k.ip[4] == 1), k.ip[6] == 1 ? -1.f : 1.f);
+      break;
+    }
+    case MXN_OP_SILU: k_silu<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(out[0])); break;
+    case MXN_OP_SILU_BWD: k_silu_bwd<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), count(out[0])); break;
+    case MXN_OP_SWIGLU:
+      if (const char* e = swiglu_error(k, false)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      k_swiglu<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]) + k.ip[0], last(in[0]), F(in[1]) + k.ip[1], last(in[1]), F(out[0]),
+                                                     count(out[0]), last(out[0]));
+      break;
+    case MXN_OP_SWIGLU_BWD:
+      if (const char* e = swiglu_error(k, true)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      k_swiglu_bwd<<<blocks(count(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]) + k.ip[0], last(in[1]), F(in[2]) + k.ip[1], last(in[2]),
+                                                        F(out[0]) + k.ip[0], F(out[1]) + k.ip[1], count(in[0]), last(in[0]));
+      break;
+    case MXN_OP_SET_ROWS: {
+      const SetRowsShape r = set_rows_shape(k);
+      if (r.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, r.error);
+      k_set_rows<<<blocks(r.B * r.n * r.W), 256, 0, s>>>(F(in[0]) + r.col, F(out[0]), r.B * r.n * r.W, r.n, r.R, r.at, r.W, r.ld);
+      break;
+    }
+    default: return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
+  }
+  return check(c, cudaGetLastError(), "kernel launch");
 }
 
 int32_t run(void* ctx, const mxn_op_call* call) {
@@ -376,7 +421,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       k_sumsq_total<<<1, 1, 0, s>>>(part, parts, F(out[0]), int(k.ip[0]));
       break;
     }
-    default: return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
+    default: return run_llm_op(c, k);
   }
   return check(c, cudaGetLastError(), "kernel launch");
 }

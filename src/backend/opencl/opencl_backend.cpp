@@ -18,6 +18,7 @@
 
 #include "backend/op_shapes.h"
 #include "backend/opencl/kernels_cl.h"
+#include "backend/opencl/kernels_llm_cl.h"
 #include "mxn/backend_abi.h"
 
 namespace mxn::opencl {
@@ -74,9 +75,10 @@ struct Ctx {
   cl_program program = nullptr;
   std::map<std::string, cl_kernel> kernels;
   std::string error;
-  cl_mem scratch = nullptr;  // attention's dP and partial sums; grows, then is reused
+  cl_mem scratch = nullptr;  // bf16 operands and partial sums; grows, then is reused
   size_t scratch_bytes = 0;
   uint64_t free_bytes = 0;
+  std::map<std::vector<float>, cl_mem> rope_tables;  // RoPE frequencies, by their values
 };
 
 int32_t fail(Ctx* c, int32_t status, const std::string& msg) {
@@ -90,8 +92,9 @@ std::filesystem::path cache_path(cl_device_id d) {
   std::filesystem::path base =
       home && *home ? home
                     : std::string(std::getenv("HOME") ? std::getenv("HOME") : "/tmp") + "/.cache";
-  const size_t h = std::hash<std::string>{}(std::string(kKernels) + info_str(d, CL_DEVICE_NAME) +
-                                            info_str(d, CL_DRIVER_VERSION));
+  const size_t h =
+      std::hash<std::string>{}(std::string(kKernels) + kKernelsLlm + info_str(d, CL_DEVICE_NAME) +
+                               info_str(d, CL_DRIVER_VERSION));
   return base / "mxn" / "opencl" / (std::to_string(h) + ".bin");
 }
 
@@ -110,8 +113,8 @@ int32_t build_program(Ctx* c) {
       return 0;
     if (c->program) clReleaseProgram(c->program);
   }
-  const char* src = kKernels;
-  c->program = clCreateProgramWithSource(c->context, 1, &src, nullptr, &err);
+  const char* src[] = {kKernels, kKernelsLlm};
+  c->program = clCreateProgramWithSource(c->context, 2, src, nullptr, &err);
   if (err != CL_SUCCESS) return fail(c, MXN_STATUS_INTERNAL, "clCreateProgramWithSource failed");
   if (clBuildProgram(c->program, 1, &c->device, "-cl-std=CL1.2", nullptr, nullptr) != CL_SUCCESS) {
     size_t n = 0;
@@ -179,6 +182,7 @@ void shutdown(void* ctx) {
   auto* c = static_cast<Ctx*>(ctx);
   for (auto& [n, k] : c->kernels) clReleaseKernel(k);
   if (c->scratch) clReleaseMemObject(c->scratch);
+  for (auto& [key, m] : c->rope_tables) clReleaseMemObject(m);
   if (c->program) clReleaseProgram(c->program);
   if (c->queue) clReleaseCommandQueue(c->queue);
   if (c->context) clReleaseContext(c->context);
@@ -356,52 +360,161 @@ int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   return 0;
 }
 
-// Attention as the CPU does it: per (batch, head) GEMMs reading q, k, v in place (ld 3C).
+Launch& attention_args(Launch& l, const AttentionShape& a) {
+  return l.u(a.B)
+      .u(a.H)
+      .u(a.G)
+      .u(a.hd)
+      .u(a.T)
+      .u(a.S)
+      .u(a.kv_rows)
+      .u(a.q_pos0)
+      .s(a.mask)
+      .u(a.ldq)
+      .u(a.ldk)
+      .u(a.ldv)
+      .u(a.q_col)
+      .u(a.k_col)
+      .u(a.v_col)
+      .f(a.scale)
+      .s(a.has_prefix);
+}
+
 int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
   const AttentionShape a = attention_shape(k, backward);
   if (a.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, a.error);
-  const int64_t T = a.T, hd = a.hd, ld = a.ld, C = a.C, rows = a.B * a.H * T;
-  const Mem q = mem(k.inputs[backward ? 1 : 0]);
+  const mxn_tensor* in = k.inputs;
   if (!backward) {
-    const Mem y = mem(k.outputs[0]), p = mem(k.outputs[1]);
-    for (int64_t b = 0; b < a.B; ++b)
-      for (int64_t h = 0; h < a.H; ++h)
-        if (int32_t st = gemm(c, false, true, T, T, hd, a.scale, at(q, a.q(b, h)), ld,
-                              at(q, a.k(b, h)), ld, 0.f, at(p, a.p(b, h)), T))
-          return st;
-    if (int32_t st = kernel(c, "softmax").arg(p).arg(p).u(T).s(1).go(rows)) return st;
-    for (int64_t b = 0; b < a.B; ++b)
-      for (int64_t h = 0; h < a.H; ++h)
-        if (int32_t st = gemm(c, false, false, T, hd, T, 1.f, at(p, a.p(b, h)), T, at(q, a.v(b, h)),
-                              ld, 0.f, at(y, a.y(b, h)), C))
-          return st;
-    return 0;
+    const Mem pre = a.has_prefix ? mem(in[3]) : mem(in[0]);
+    const bool want_lse = k.n_outputs > 1;
+    Launch l = kernel(c, "attn_fwd");
+    l.arg(mem(in[0])).arg(mem(in[1])).arg(mem(in[2])).arg(pre).arg(mem(k.outputs[0]));
+    l.arg(want_lse ? mem(k.outputs[1]) : mem(k.outputs[0])).s(want_lse);
+    return attention_args(l, a).go(a.B * a.T * a.H);
   }
-  const Mem dy = mem(k.inputs[0]), p = mem(k.inputs[2]), dq = mem(k.outputs[0]);
-  cl_mem s = scratch(c, size_t(rows * T) * 4);
-  if (!s) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for attention scratch");
-  const Mem dp{s, 0};
-  for (int64_t b = 0; b < a.B; ++b)
-    for (int64_t h = 0; h < a.H; ++h) {
-      if (int32_t st = gemm(c, true, false, T, hd, T, 1.f, at(p, a.p(b, h)), T, at(dy, a.y(b, h)),
-                            C, 0.f, at(dq, a.v(b, h)), ld))
+  const Mem pre = a.has_prefix ? mem(in[6]) : mem(in[0]);
+  Launch l = kernel(c, "attn_bwd_dq");
+  for (int i = 0; i < 6; ++i) l.arg(mem(in[i]));
+  l.arg(pre).arg(mem(k.outputs[0]));
+  if (int32_t st = attention_args(l, a).go(a.B * a.T * a.H)) return st;
+  Launch l2 = kernel(c, "attn_bwd_dkv");
+  for (int i = 0; i < 6; ++i) l2.arg(mem(in[i]));
+  l2.arg(pre).arg(mem(k.outputs[1])).arg(mem(k.outputs[2]));
+  return attention_args(l2, a).go(a.B * a.kv_rows * a.G);
+}
+
+// The table of RoPE frequencies for a call's parameters, made once on the host (as every
+// backend computes them) and kept on the device.
+cl_mem rope_table(Ctx* c, const mxn_op_call& k) {
+  std::vector<float> inv(size_t(k.ip[3] / 2));
+  for (size_t i = 0; i < inv.size(); ++i) inv[i] = rope_inv_freq(k, int64_t(i));
+  auto it = c->rope_tables.find(inv);
+  if (it != c->rope_tables.end()) return it->second;
+  cl_int e = CL_SUCCESS;
+  cl_mem m = clCreateBuffer(c->context, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR, inv.size() * 4,
+                            inv.data(), &e);
+  if (e != CL_SUCCESS) return nullptr;
+  c->rope_tables.emplace(std::move(inv), m);
+  return m;
+}
+
+Mem col(Mem m, int64_t c) { return {m.m, m.off + cl_ulong(c)}; }
+
+int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor* in = k.inputs;
+  const mxn_tensor* out = k.outputs;
+  switch (k.op) {
+    case MXN_OP_RMSNORM:
+      return kernel(c, "rmsnorm")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(out[0]))
+          .arg(mem(out[1]))
+          .u(last(in[0]))
+          .f(k.fp[0])
+          .go(rows_of(in[0]));
+    case MXN_OP_RMSNORM_BWD:
+      if (int32_t st = kernel(c, "rmsnorm_dx")
+                           .arg(mem(in[0]))
+                           .arg(mem(in[1]))
+                           .arg(mem(in[2]))
+                           .arg(mem(in[3]))
+                           .arg(mem(out[0]))
+                           .u(last(in[0]))
+                           .go(rows_of(in[0])))
         return st;
-      if (int32_t st = gemm(c, false, true, T, T, hd, 1.f, at(dy, a.y(b, h)), C, at(q, a.v(b, h)),
-                            ld, 0.f, at(dp, a.p(b, h)), T))
-        return st;
+      return kernel(c, "rmsnorm_dw")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(in[3]))
+          .arg(mem(out[1]))
+          .u(rows_of(in[0]))
+          .u(last(in[0]))
+          .go(last(in[0]));
+    case MXN_OP_ROPE: {
+      if (const char* e = rope_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      cl_mem table = rope_table(c, k);
+      if (!table) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for RoPE's table");
+      return kernel(c, "rope")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(out[0]))
+          .arg(table)
+          .u(last(in[0]))
+          .u(k.ip[0])
+          .u(k.ip[1])
+          .u(k.ip[2])
+          .u(k.ip[3])
+          .s(k.ip[4] == 1)
+          .f(k.ip[6] == 1 ? -1.f : 1.f)
+          .go(rows_of(in[0]));
     }
-  if (int32_t st = kernel(c, "softmax_bwd").arg(dp).arg(p).arg(dp).u(T).s(1).f(a.scale).go(rows))
-    return st;
-  for (int64_t b = 0; b < a.B; ++b)
-    for (int64_t h = 0; h < a.H; ++h) {
-      if (int32_t st = gemm(c, false, false, T, hd, T, 1.f, at(dp, a.p(b, h)), T, at(q, a.k(b, h)),
-                            ld, 0.f, at(dq, a.q(b, h)), ld))
-        return st;
-      if (int32_t st = gemm(c, true, false, T, hd, T, 1.f, at(dp, a.p(b, h)), T, at(q, a.q(b, h)),
-                            ld, 0.f, at(dq, a.k(b, h)), ld))
-        return st;
+    case MXN_OP_SILU:
+      return kernel(c, "silu").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
+    case MXN_OP_SILU_BWD:
+      return kernel(c, "silu_bwd")
+          .arg(mem(in[0]))
+          .arg(mem(in[1]))
+          .arg(mem(out[0]))
+          .go(count(out[0]));
+    case MXN_OP_SWIGLU:
+      if (const char* e = swiglu_error(k, false)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      return kernel(c, "swiglu")
+          .arg(col(mem(in[0]), k.ip[0]))
+          .u(last(in[0]))
+          .arg(col(mem(in[1]), k.ip[1]))
+          .u(last(in[1]))
+          .arg(mem(out[0]))
+          .u(last(out[0]))
+          .go(count(out[0]));
+    case MXN_OP_SWIGLU_BWD:
+      if (const char* e = swiglu_error(k, true)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      return kernel(c, "swiglu_bwd")
+          .arg(mem(in[0]))
+          .arg(col(mem(in[1]), k.ip[0]))
+          .u(last(in[1]))
+          .arg(col(mem(in[2]), k.ip[1]))
+          .u(last(in[2]))
+          .arg(col(mem(out[0]), k.ip[0]))
+          .arg(col(mem(out[1]), k.ip[1]))
+          .u(last(in[0]))
+          .go(count(in[0]));
+    case MXN_OP_SET_ROWS: {
+      const SetRowsShape r = set_rows_shape(k);
+      if (r.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, r.error);
+      return kernel(c, "set_rows")
+          .arg(col(mem(in[0]), r.col))
+          .arg(mem(out[0]))
+          .u(r.n)
+          .u(r.R)
+          .u(r.at)
+          .u(r.W)
+          .u(r.ld)
+          .go(r.B * r.n * r.W);
     }
-  return 0;
+    default:
+      return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
+  }
 }
 
 int32_t run(void* ctx, const mxn_op_call* call) {
@@ -576,7 +689,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return kernel(c, "sumsq_total").arg(s).u(parts).arg(mem(out[0])).s(int(k.ip[0])).go(1);
     }
     default:
-      return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
+      return run_llm_op(c, k);
   }
 }
 

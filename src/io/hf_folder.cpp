@@ -1,0 +1,98 @@
+#include "io/hf_folder.h"
+
+#include <filesystem>
+#include <set>
+
+#include "core/error.h"
+#include "core/fs.h"
+
+namespace mxn {
+namespace fs = std::filesystem;
+
+DecoderConfig load_hf_config(const std::string& dir) {
+  if (!fs::is_directory(dir)) throw Error("model folder '" + dir + "' does not exist");
+  const std::string path = (fs::path(dir) / "config.json").string();
+  if (!fs::exists(path))
+    throw Error("model folder '" + dir +
+                "' has no config.json (expected a Hugging Face model folder)");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_file(path, "model config"));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(path + ": not valid JSON (" + e.what() + ")");
+  }
+  return decoder_config_from_hf(j, path);
+}
+
+TensorMap load_hf_weights(const std::string& dir) {
+  const fs::path d(dir);
+  std::vector<std::string> files;
+  const fs::path index = d / "model.safetensors.index.json";
+  if (fs::exists(index)) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(read_file(index.string(), "weight index"));
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(index.string() + ": not valid JSON (" + e.what() + ")");
+    }
+    if (!j.contains("weight_map") || !j["weight_map"].is_object())
+      throw Error(index.string() + ": no 'weight_map' object");
+    std::set<std::string> shards;
+    for (auto& [name, file] : j["weight_map"].items()) {
+      if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
+        throw Error(index.string() + ": tensor '" + name + "' maps to " + file.dump() +
+                    ", expected a file name in the folder");
+      shards.insert(file.get<std::string>());
+    }
+    for (const std::string& s : shards) {
+      if (!fs::exists(d / s))
+        throw Error(index.string() + " names shard '" + s + "', which is not in the folder");
+      files.push_back((d / s).string());
+    }
+  } else if (fs::exists(d / "model.safetensors")) {
+    files.push_back((d / "model.safetensors").string());
+  } else {
+    throw Error("model folder '" + dir +
+                "' has no model.safetensors or model.safetensors.index.json (only safetensors "
+                "weights are read; convert pytorch_model.bin with transformers first)");
+  }
+  TensorMap out;
+  for (const std::string& f : files)
+    for (auto& [name, t] : safetensors_load(f)) {
+      if (t.dtype == DType::f32 || t.dtype == DType::i32) {
+        out[name] = std::move(t);
+        continue;
+      }
+      HostTensor h(t.shape, DType::f32);
+      const auto* src = reinterpret_cast<const uint16_t*>(t.bytes.data());
+      for (int64_t i = 0; i < t.numel(); ++i)
+        h.f32()[i] = t.dtype == DType::bf16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+      out[name] = std::move(h);
+    }
+  return out;
+}
+
+void upload_weights(Program& prog, const TensorMap& weights, const std::string& source) {
+  for (int p : prog.graph().params()) {
+    const Value& v = prog.graph().v(p);
+    auto it = weights.find(v.name);
+    if (it == weights.end())
+      throw Error(source + " is missing tensor '" + v.name + "' (expected shape " +
+                  shape_str(v.shape) + ")");
+    if (it->second.shape != v.shape || it->second.dtype != DType::f32)
+      throw Error(source + ": tensor '" + v.name + "' has shape " + shape_str(it->second.shape) +
+                  " " + dtype_name(it->second.dtype) + ", expected " + shape_str(v.shape) + " f32");
+    prog.device().upload(prog.tensor(p), it->second.bytes.data());
+  }
+}
+
+void save_hf_folder(const std::string& dir, const DecoderConfig& c, const TensorMap& weights) {
+  fs::create_directories(dir);
+  nlohmann::json j = decoder_config_to_hf(c);
+  j["torch_dtype"] = "float32";
+  write_file_atomic((fs::path(dir) / "model.safetensors").string(),
+                    safetensors_serialize(weights, {{"format", "pt"}}));
+  write_file_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");
+}
+
+}  // namespace mxn

@@ -1,0 +1,338 @@
+#include "models/decoder.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace mxn {
+namespace {
+
+// The names a family's checkpoints give each weight (without ".weight"/".bias").
+struct Names {
+  std::string embed, pos, layers, final_norm, lm_head;
+  std::string ln1, ln2, qkv, q, k, v, o, fc, gate, up, gate_up, down;
+};
+
+Names names_for(Arch a) {
+  switch (a) {
+    case Arch::gpt2:
+      return {"transformer.wte",
+              "transformer.wpe",
+              "transformer.h.",
+              "transformer.ln_f",
+              "",
+              "ln_1",
+              "ln_2",
+              "attn.c_attn",
+              "",
+              "",
+              "",
+              "attn.c_proj",
+              "mlp.c_fc",
+              "",
+              "",
+              "",
+              "mlp.c_proj"};
+    case Arch::chatglm:
+      return {"transformer.embedding.word_embeddings",
+              "",
+              "transformer.encoder.layers.",
+              "transformer.encoder.final_layernorm",
+              "transformer.output_layer",
+              "input_layernorm",
+              "post_attention_layernorm",
+              "self_attention.query_key_value",
+              "",
+              "",
+              "",
+              "self_attention.dense",
+              "",
+              "",
+              "",
+              "mlp.dense_h_to_4h",
+              "mlp.dense_4h_to_h"};
+    default:  // llama, qwen2, glm (transformers' names)
+      return {"model.embed_tokens",
+              "",
+              "model.layers.",
+              "model.norm",
+              "lm_head",
+              "input_layernorm",
+              "post_attention_layernorm",
+              "",
+              "self_attn.q_proj",
+              "self_attn.k_proj",
+              "self_attn.v_proj",
+              "self_attn.o_proj",
+              "",
+              "mlp.gate_proj",
+              "mlp.up_proj",
+              "mlp.gate_up_proj",
+              "mlp.down_proj"};
+  }
+}
+
+struct Builder {
+  Graph& g;
+  const DecoderConfig& c;
+  int64_t B, T;
+
+  // x (N, in) -> (N, out): GPT-2's Conv1D stores (in, out); every other family nn.Linear's
+  // (out, in).
+  int linear(int x, const std::string& name, int64_t in, int64_t out, bool bias) {
+    const int w = g.param(name + ".weight", c.gpt2() ? Shape{in, out} : Shape{out, in}, true);
+    int y = g.matmul(x, w, false, !c.gpt2());
+    if (bias) y = g.add_bias(y, g.param(name + ".bias", {out}, false));
+    return y;
+  }
+  int norm(int x, const std::string& name) {
+    const int w = g.param(name + ".weight", {c.hidden}, false);
+    if (c.rms_norm()) return g.rmsnorm(x, w, c.norm_eps);
+    return g.layernorm(x, w, g.param(name + ".bias", {c.hidden}, false), c.norm_eps);
+  }
+  RopeSpec rope(int64_t col0, int64_t heads) const {
+    RopeSpec r;
+    r.col0 = col0;
+    r.heads = heads;
+    r.head_dim = c.hd();
+    r.rot = c.rope_dims();
+    r.interleaved = c.rope_interleaved();
+    r.scaling = c.rope_scaling;
+    r.theta = c.rope_theta;
+    r.factor = c.rope_factor;
+    r.low_freq_factor = c.rope_low_freq;
+    r.high_freq_factor = c.rope_high_freq;
+    r.original_max_position = c.rope_orig_max_pos;
+    return r;
+  }
+};
+
+}  // namespace
+
+const char* arch_name(Arch a) {
+  switch (a) {
+    case Arch::gpt2:
+      return "gpt2";
+    case Arch::llama:
+      return "llama";
+    case Arch::qwen2:
+      return "qwen2";
+    case Arch::glm:
+      return "glm";
+    case Arch::chatglm:
+      return "chatglm";
+  }
+  return "?";
+}
+
+Arch arch_from_name(const std::string& n) {
+  for (Arch a : {Arch::gpt2, Arch::llama, Arch::qwen2, Arch::glm, Arch::chatglm})
+    if (n == arch_name(a)) return a;
+  throw Error("unknown arch '" + n + "' (expected gpt2, llama, qwen2, glm or chatglm)");
+}
+
+int64_t DecoderConfig::ffn_width() const {
+  if (ffn > 0) return ffn;
+  if (!swiglu()) return 4 * hidden;
+  const int64_t f = 8 * hidden / 3;  // LLaMA's 2/3 of 4h, rounded up to a multiple of 32
+  return (f + 31) / 32 * 32;
+}
+
+int64_t DecoderConfig::rope_dims() const {
+  const int64_t r = int64_t(std::lround(double(hd()) * rope_fraction));
+  return r - r % 2;
+}
+
+int64_t DecoderConfig::param_count() const {
+  const int64_t C = hidden, D = hd(), H = heads, G = n_kv_heads(), F = ffn_width();
+  const int64_t qkv = C * (H + 2 * G) * D + (qkv_bias ? (H + 2 * G) * D : 0);
+  const int64_t o = H * D * C + (o_bias ? C : 0);
+  const int64_t mlp = (swiglu() ? 3 : 2) * C * F + (mlp_bias ? (swiglu() ? 2 * F : F) + C : 0);
+  const int64_t norms = gpt2() ? 4 * C : 2 * C;
+  int64_t n = vocab_size * C + layers * (qkv + o + mlp + norms) + (gpt2() ? 2 * C : C);
+  if (gpt2()) n += max_pos * C;
+  if (!tie_embeddings) n += vocab_size * C;
+  return n;
+}
+
+void DecoderConfig::validate() const {
+  auto need = [](bool ok, const std::string& msg) {
+    if (!ok) throw Error("invalid model config: " + msg);
+  };
+  const std::string s = std::to_string(hidden);
+  need(layers >= 1 && layers <= 1024, "n_layer = " + std::to_string(layers) + ", expected 1..1024");
+  need(hidden >= 1 && hidden <= 65536, "n_embd = " + s + ", expected 1..65536");
+  need(heads >= 1 && (head_dim > 0 || hidden % heads == 0),
+       "n_head = " + std::to_string(heads) + " must be >= 1 and divide n_embd = " + s);
+  need(n_kv_heads() >= 1 && heads % n_kv_heads() == 0,
+       "n_kv_head = " + std::to_string(n_kv_heads()) +
+           " must divide n_head = " + std::to_string(heads));
+  need(vocab_size >= 2 && vocab_size <= (1 << 24),
+       "vocab_size = " + std::to_string(vocab_size) + ", expected 2..16777216");
+  need(max_pos >= 1 && max_pos <= (1 << 20),
+       "n_ctx = " + std::to_string(max_pos) + ", expected 1..1048576");
+  need(gpt2() || rope_dims() >= 2, "the rotary dims per head must be at least 2");
+  need(rope_theta > 0, "rope_theta must be > 0");
+  need(norm_eps > 0, "the norm's epsilon must be > 0");
+}
+
+nlohmann::json DecoderConfig::to_json() const {
+  return {{"arch", arch_name(arch)},
+          {"vocab_size", vocab_size},
+          {"hidden", hidden},
+          {"layers", layers},
+          {"heads", heads},
+          {"kv_heads", kv_heads},
+          {"head_dim", head_dim},
+          {"ffn", ffn},
+          {"max_pos", max_pos},
+          {"norm_eps", norm_eps},
+          {"rope_theta", rope_theta},
+          {"rope_fraction", rope_fraction},
+          {"rope_scaling", rope_scaling},
+          {"rope_factor", rope_factor},
+          {"rope_low_freq", rope_low_freq},
+          {"rope_high_freq", rope_high_freq},
+          {"rope_orig_max_pos", rope_orig_max_pos},
+          {"tie_embeddings", tie_embeddings},
+          {"qkv_bias", qkv_bias},
+          {"o_bias", o_bias},
+          {"mlp_bias", mlp_bias}};
+}
+
+DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
+  DecoderConfig c;
+  c.arch = arch_from_name(j.value("arch", "gpt2"));
+  c.vocab_size = j.value("vocab_size", c.vocab_size);
+  c.hidden = j.value("hidden", c.hidden);
+  c.layers = j.value("layers", c.layers);
+  c.heads = j.value("heads", c.heads);
+  c.kv_heads = j.value("kv_heads", c.kv_heads);
+  c.head_dim = j.value("head_dim", c.head_dim);
+  c.ffn = j.value("ffn", c.ffn);
+  c.max_pos = j.value("max_pos", c.max_pos);
+  c.norm_eps = j.value("norm_eps", c.norm_eps);
+  c.rope_theta = j.value("rope_theta", c.rope_theta);
+  c.rope_fraction = j.value("rope_fraction", c.rope_fraction);
+  c.rope_scaling = j.value("rope_scaling", c.rope_scaling);
+  c.rope_factor = j.value("rope_factor", c.rope_factor);
+  c.rope_low_freq = j.value("rope_low_freq", c.rope_low_freq);
+  c.rope_high_freq = j.value("rope_high_freq", c.rope_high_freq);
+  c.rope_orig_max_pos = j.value("rope_orig_max_pos", c.rope_orig_max_pos);
+  c.tie_embeddings = j.value("tie_embeddings", c.tie_embeddings);
+  c.qkv_bias = j.value("qkv_bias", c.qkv_bias);
+  c.o_bias = j.value("o_bias", c.o_bias);
+  c.mlp_bias = j.value("mlp_bias", c.mlp_bias);
+  return c;
+}
+
+DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
+                           const DecoderOptions& o) {
+  MXN_CHECK(o.kv_cache > 0 || T <= c.max_pos, "sequence longer than the context");
+  const Names nm = names_for(c.arch);
+  Builder b{g, c, B, T};
+  const int64_t C = c.hidden, N = B * T, H = c.heads, G = c.n_kv_heads(), D = c.hd();
+  const int64_t F = c.ffn_width();
+  DecoderGraph m;
+  m.tokens = g.input("tokens", {N}, DType::i32);
+  m.positions = g.input("positions", {N}, DType::i32);
+  if (o.mask == 2) m.prefix = g.input("prefix", {B}, DType::i32);
+  const int wte = g.param(nm.embed + ".weight", {c.vocab_size, C}, true);
+  int x = g.embedding(m.tokens, wte);
+  if (c.gpt2())
+    x = g.add(x, g.embedding(m.positions, g.param(nm.pos + ".weight", {c.max_pos, C}, true)));
+  AttentionSpec at;
+  at.heads = H;
+  at.kv_heads = G;
+  at.head_dim = D;
+  at.T = T;
+  at.mask = o.mask;
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const std::string p = nm.layers + std::to_string(l) + ".";
+    const int h = b.norm(x, p + nm.ln1);
+    int q, k, v;
+    if (c.fused_qkv()) {
+      q = k = v = b.linear(h, p + nm.qkv, C, (H + 2 * G) * D, c.gpt2() || c.qkv_bias);
+      if (!c.gpt2()) q = k = v = g.rope(q, m.positions, b.rope(0, H + G));  // q and k heads
+      at.q_col = 0;
+      at.k_col = H * D;
+      at.v_col = (H + G) * D;
+    } else {
+      q = g.rope(b.linear(h, p + nm.q, C, H * D, c.qkv_bias), m.positions, b.rope(0, H));
+      k = g.rope(b.linear(h, p + nm.k, C, G * D, c.qkv_bias), m.positions, b.rope(0, G));
+      v = b.linear(h, p + nm.v, C, G * D, c.qkv_bias);
+      at.q_col = at.k_col = at.v_col = 0;
+    }
+    if (o.kv_cache > 0) {  // append this step's keys and values; attend over the cache
+      const int kc = g.input(p + "k_cache", {B * o.kv_cache, G * D}, DType::f32);
+      const int vc = g.input(p + "v_cache", {B * o.kv_cache, G * D}, DType::f32);
+      m.caches.insert(m.caches.end(), {kc, vc});
+      for (auto [src, dst, col] : {std::tuple{k, kc, at.k_col}, std::tuple{v, vc, at.v_col}}) {
+        g.set_rows(src, dst, 0, o.kv_cache, col);
+        m.cache_writes.push_back(g.nodes.size() - 1);
+      }
+      k = kc;
+      v = vc;
+      at.k_col = at.v_col = 0;
+      at.kv_rows = o.kv_cache;
+      at.S = T;
+    }
+    const int y = g.attention(q, k, v, at, m.prefix, o.kv_cache == 0 && o.with_loss);
+    if (o.kv_cache > 0) m.cache_reads.push_back(g.nodes.size() - 1);
+    x = g.add(x, b.linear(y, p + nm.o, H * D, C, c.gpt2() || c.o_bias));
+    const int h2 = b.norm(x, p + nm.ln2);
+    int mlp;
+    if (!c.swiglu()) {
+      mlp = b.linear(g.gelu(b.linear(h2, p + nm.fc, C, F, true)), p + nm.down, F, C, true);
+    } else if (c.fused_gate_up()) {
+      const int gu = b.linear(h2, p + nm.gate_up, C, 2 * F, c.mlp_bias);
+      mlp = b.linear(g.swiglu(gu, gu, 0, F, F), p + nm.down, F, C, c.mlp_bias);
+    } else {
+      const int gt = b.linear(h2, p + nm.gate, C, F, c.mlp_bias);
+      const int up = b.linear(h2, p + nm.up, C, F, c.mlp_bias);
+      mlp = b.linear(g.swiglu(gt, up, 0, 0, F), p + nm.down, F, C, c.mlp_bias);
+    }
+    x = g.add(x, mlp);
+  }
+  x = b.norm(x, nm.final_norm);
+  if (o.last_logits) {  // each sequence's last row only: a gather by row index
+    const int rows = g.input("last_rows", {B}, DType::i32);
+    x = g.embedding(rows, x);
+  }
+  const int head =
+      c.tie_embeddings ? wte : g.param(nm.lm_head + ".weight", {c.vocab_size, C}, true);
+  m.logits = g.matmul(x, head, false, true);
+  if (o.with_loss) {
+    m.targets = g.input("targets", {N}, DType::i32);
+    m.loss = g.cross_entropy(m.logits, m.targets);
+    g.mark_output(m.loss);
+  }
+  g.mark_output(m.logits);
+  return m;
+}
+
+std::vector<float> decoder_init_param(const std::string& name, int64_t count,
+                                      const DecoderConfig& c, uint64_t seed) {
+  auto ends_with = [&](const std::string& s) {
+    return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+  };
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  std::vector<float> out(size_t(count), 0.f);
+  if (ends_with(".bias")) return out;
+  if (has(".ln_") || has("norm.") || has("layernorm.") || ends_with("ln_f.weight")) {
+    std::fill(out.begin(), out.end(), 1.f);
+    return out;
+  }
+  uint64_t h = seed;
+  for (char ch : name) h = mix64(h ^ uint64_t(uint8_t(ch)));
+  Rng rng(h);
+  double std = 0.02;
+  if (ends_with("c_proj.weight") || ends_with("o_proj.weight") || ends_with("down_proj.weight") ||
+      ends_with("attention.dense.weight") || ends_with("dense_4h_to_h.weight"))
+    std /= std::sqrt(2.0 * double(c.layers));
+  for (auto& v : out) v = float(rng.normal() * std);
+  return out;
+}
+
+}  // namespace mxn

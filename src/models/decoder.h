@@ -1,0 +1,90 @@
+#pragma once
+// One parametric decoder for every family: GPT-2, LLaMA (Llama 2/3, TinyLlama, Mistral-shaped),
+// Qwen2, GLM as transformers' GlmForCausalLM and GLM as the ChatGLM2/3 and GLM-4 checkpoints
+// store it. A family is a DecoderConfig (norm, positions, attention heads, MLP, biases, tying)
+// plus the names its checkpoints give the weights; the graph is built from the config alone.
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "graph/graph.h"
+
+namespace mxn {
+
+enum class Arch { gpt2, llama, qwen2, glm, chatglm };
+const char* arch_name(Arch a);
+Arch arch_from_name(const std::string& name);  // gpt2|llama|qwen2|glm|chatglm; Error otherwise
+
+struct DecoderConfig {
+  Arch arch = Arch::gpt2;
+  int64_t vocab_size = 256, hidden = 128, layers = 4, heads = 4, kv_heads = 0, head_dim = 0;
+  int64_t ffn = 0;        // MLP width (0: 4 x hidden for GELU, LLaMA's rounding for SwiGLU)
+  int64_t max_pos = 128;  // context: learned positions' rows, or the longest sequence
+  float norm_eps = 1e-5f;
+  float rope_theta = 10000.f;
+  float rope_fraction = 1.f;  // rotated share of each head (GLM: 0.5)
+  int rope_scaling = 0;       // 0 none, 1 linear, 2 llama3
+  float rope_factor = 1.f, rope_low_freq = 1.f, rope_high_freq = 4.f, rope_orig_max_pos = 8192.f;
+  bool tie_embeddings = true;
+  bool qkv_bias = false, o_bias = false, mlp_bias = false;
+
+  // Family traits, all from `arch`.
+  bool gpt2() const { return arch == Arch::gpt2; }
+  bool rms_norm() const { return !gpt2(); }
+  bool swiglu() const { return !gpt2(); }
+  bool fused_gate_up() const { return arch == Arch::glm || arch == Arch::chatglm; }
+  bool fused_qkv() const { return gpt2() || arch == Arch::chatglm; }
+  bool rope_interleaved() const { return arch == Arch::glm || arch == Arch::chatglm; }
+
+  int64_t n_kv_heads() const { return kv_heads > 0 ? kv_heads : heads; }
+  int64_t hd() const { return head_dim > 0 ? head_dim : hidden / heads; }
+  int64_t ffn_width() const;
+  int64_t rope_dims() const;  // rotated dims per head (even)
+  int64_t param_count() const;
+  void validate() const;  // Error naming the bad field and what it must be
+
+  nlohmann::json to_json() const;  // mxn's own form, kept in checkpoints
+  static DecoderConfig from_json(const nlohmann::json& j);
+};
+
+// Reads a Hugging Face config.json (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
+// Qwen2ForCausalLM, GlmForCausalLM, ChatGLMModel / ChatGLMForConditionalGeneration). Errors name
+// the file, the field and what was expected.
+DecoderConfig decoder_config_from_hf(const nlohmann::json& j, const std::string& path);
+nlohmann::json decoder_config_to_hf(const DecoderConfig& c);
+
+struct DecoderOptions {
+  bool with_loss = false;
+  int mask = 1;              // 1 causal; 2 prefix-bidirectional (a per-sequence prefix input)
+  int64_t kv_cache = 0;      // > 0: keys and values go to caches of this many rows per sequence
+  bool last_logits = false;  // logits for each sequence's last row only (generation)
+};
+
+struct DecoderGraph {
+  int tokens = -1, positions = -1, targets = -1, prefix = -1;  // inputs; (B*T) or (B) i32
+  int logits = -1, loss = -1;
+  // With a KV cache: the cache values and the nodes whose position parameters change per run.
+  std::vector<int> caches;
+  std::vector<size_t> cache_writes, cache_reads;  // SET_ROWS and ATTENTION nodes
+};
+
+DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
+                           const DecoderOptions& o = {});
+// With a KV cache: points the graph's op calls at position `pos0` (the cache holds pos0 rows,
+// T new ones follow). `call` is Program::call.
+template <typename CallFn>
+void set_cache_position(const DecoderGraph& m, int64_t pos0, int64_t T, CallFn&& call) {
+  for (size_t n : m.cache_writes) call(n).ip[0] = pos0;
+  for (size_t n : m.cache_reads) {
+    call(n).ip[4] = pos0 + T;  // keys seen
+    call(n).ip[10] = pos0;     // the first query's key index
+  }
+}
+
+// Fresh weights: N(0, 0.02); the projections into the residual stream scaled by
+// 1/sqrt(2 layers) (GPT-2's rule); norms' weights 1; biases 0. Deterministic in seed and name.
+std::vector<float> decoder_init_param(const std::string& name, int64_t count,
+                                      const DecoderConfig& c, uint64_t seed);
+
+}  // namespace mxn

