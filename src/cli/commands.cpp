@@ -1,12 +1,15 @@
 // The smaller subcommands: eval, generate, devices, prepare.
 #include "cli/commands.h"
 
+#include <climits>
 #include <cstdio>
+#include <cstdlib>
 
 #include "backend/bench_ops.h"
 #include "backend/conformance.h"
 #include "backend/device.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "data/shard.h"
 #include "train/infer.h"
 
@@ -31,25 +34,47 @@ std::function<int()> add_eval(CLI::App& app) {
 }
 
 std::function<int()> add_generate(CLI::App& app) {
-  auto* sub = app.add_subcommand("generate", "sample text from a checkpoint");
-  auto o = std::make_shared<GenerateOptions>();
-  auto ckpt = std::make_shared<std::string>();
-  sub->add_option("--checkpoint", *ckpt, "checkpoint or run folder")->required();
-  sub->add_option("--prompt", o->prompt, "text to continue")->required();
-  sub->add_option("--max-tokens", o->max_tokens, "tokens to sample")->capture_default_str();
-  sub->add_option("--temperature", o->temperature, "0: greedy")->capture_default_str();
-  sub->add_option("--top-k", o->top_k, "sample from the k likeliest (0: all)")
+  auto* sub = app.add_subcommand("generate", "continue a prompt with a trained model");
+  struct A {
+    GenerateOptions o;
+    std::string ids;
+    bool print_ids = false;
+  };
+  auto a = std::make_shared<A>();
+  GenerateOptions& o = a->o;
+  auto* src = sub->add_option("--checkpoint", o.checkpoint, "an mxn checkpoint or run folder");
+  sub->add_option("--model", o.model, "a Hugging Face model folder")->excludes(src);
+  auto* text = sub->add_option("--prompt", o.prompt, "text to continue");
+  sub->add_option("--prompt-ids", a->ids, "token ids to continue, comma-separated")->excludes(text);
+  sub->add_option("--max-tokens", o.max_tokens, "tokens to generate")->capture_default_str();
+  sub->add_option("--temperature", o.sampling.temperature, "0: greedy")->capture_default_str();
+  sub->add_option("--top-k", o.sampling.top_k, "sample from the k likeliest (0: all)")
       ->capture_default_str();
-  sub->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
-  sub->add_option("--device", o->device, "device")->capture_default_str();
-  sub->add_option("--threads", o->threads, "CPU threads (0: all)");
-  return [o, ckpt] {
-    std::fputs(o->prompt.c_str(), stdout);
-    generate(*ckpt, *o, [](const std::string& s) {
-      std::fputs(s.c_str(), stdout);
+  sub->add_option("--top-p", o.sampling.top_p, "then from the likeliest reaching this mass")
+      ->capture_default_str();
+  sub->add_option("--seed", o.sampling.seed, "sampling seed")->capture_default_str();
+  sub->add_option("--stop", o.stop, "end before this text (repeatable)");
+  sub->add_flag("--ignore-eos", o.ignore_eos, "go on past the model's end-of-sequence tokens");
+  sub->add_flag("--print-ids", a->print_ids, "print the new token ids instead of text");
+  sub->add_option("--device", o.device, "device")->capture_default_str();
+  sub->add_option("--threads", o.threads, "CPU threads (0: all)");
+  return [a] {
+    GenerateOptions& o = a->o;
+    for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ',')) {
+      char* end = nullptr;
+      const long v = std::strtol(t.c_str(), &end, 10);
+      if (t.empty() || *end || v < 0 || v > INT32_MAX)
+        throw Error("--prompt-ids: '" + t + "' is not a token id (expected 1,2,3)");
+      o.prompt_ids.push_back(int32_t(v));
+    }
+    const bool ids = a->print_ids || !o.model.empty();
+    if (!ids) std::fputs(o.prompt.c_str(), stdout);
+    generate(o, [&](int32_t id, const std::string& s) {
+      if (ids && id >= 0) std::printf("%d\n", id);
+      if (!ids) std::fputs(s.c_str(), stdout);
       std::fflush(stdout);
     });
-    std::fputs("\n", stdout);
+    if (!ids) std::fputs("\n", stdout);
     return 0;
   };
 }
@@ -62,7 +87,8 @@ std::function<int()> add_devices(CLI::App& app) {
         std::printf("%-10s not loaded: %s\n", b.name.c_str(), b.error.c_str());
         continue;
       }
-      if (b.api->device_count() == 0) std::printf("%-10s loaded; no devices here\n", b.name.c_str());
+      if (b.api->device_count() == 0)
+        std::printf("%-10s loaded; no devices here\n", b.name.c_str());
       for (int i = 0; i < b.api->device_count(); ++i) {
         mxn_device_props p{};
         p.struct_size = sizeof(p);

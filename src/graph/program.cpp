@@ -55,7 +55,7 @@ uint64_t plan_arena(Graph& g) {
   return total;
 }
 
-Program::Program(Graph g, Device& dev) : g_(std::move(g)), dev_(dev) {
+Program::Program(Graph g, Device& dev, bool with_grads) : g_(std::move(g)), dev_(dev) {
   uint64_t poff = 0, ioff = 0;
   for (bool decay : {true, false})
     for (Value& v : g_.values)
@@ -72,7 +72,7 @@ Program::Program(Graph g, Device& dev) : g_(std::move(g)), dev_(dev) {
     }
   arena_bytes_ = plan_arena(g_);
   params_ = dev_.alloc(poff);
-  grads_ = dev_.alloc(poff);
+  if (with_grads) grads_ = dev_.alloc(poff);
   inputs_ = dev_.alloc(ioff);
   arena_ = dev_.alloc(arena_bytes_);
   variants_.push_back({Graph{}, build_calls(g_)});
@@ -118,7 +118,7 @@ Tensor Program::view(int id, const Shape& shape) const {
       b = params_.get();
       break;
     case ValueKind::grad:
-      b = grads_.get();
+      b = grads_ ? grads_.get() : params_.get();  // inference: never read, any valid place
       break;
     case ValueKind::input:
       b = inputs_.get();

@@ -12,7 +12,8 @@ namespace mxn {
 
 class Program {
  public:
-  Program(Graph g, Device& dev);
+  // with_grads = false: inference only, no gradient buffer.
+  Program(Graph g, Device& dev, bool with_grads = true);
 
   // Nodes [begin, end) of the graph (variant 0) or of a variant with fewer rows.
   void run(size_t begin, size_t end, int variant = 0);

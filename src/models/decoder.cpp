@@ -198,7 +198,8 @@ nlohmann::json DecoderConfig::to_json() const {
           {"tie_embeddings", tie_embeddings},
           {"qkv_bias", qkv_bias},
           {"o_bias", o_bias},
-          {"mlp_bias", mlp_bias}};
+          {"mlp_bias", mlp_bias},
+          {"eos", eos}};
 }
 
 DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
@@ -224,6 +225,7 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   c.qkv_bias = j.value("qkv_bias", c.qkv_bias);
   c.o_bias = j.value("o_bias", c.o_bias);
   c.mlp_bias = j.value("mlp_bias", c.mlp_bias);
+  c.eos = j.value("eos", c.eos);
   return c;
 }
 
@@ -297,8 +299,8 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   }
   x = b.norm(x, nm.final_norm);
   if (o.last_logits) {  // each sequence's last row only: a gather by row index
-    const int rows = g.input("last_rows", {B}, DType::i32);
-    x = g.embedding(rows, x);
+    m.last_rows = g.input("last_rows", {B}, DType::i32);
+    x = g.embedding(m.last_rows, x);
   }
   const int head =
       c.tie_embeddings ? wte : g.param(nm.lm_head + ".weight", {c.vocab_size, C}, true);

@@ -28,6 +28,7 @@ struct DecoderConfig {
   float rope_factor = 1.f, rope_low_freq = 1.f, rope_high_freq = 4.f, rope_orig_max_pos = 8192.f;
   bool tie_embeddings = true;
   bool qkv_bias = false, o_bias = false, mlp_bias = false;
+  std::vector<int32_t> eos;  // end-of-sequence token ids (generation stops at one)
 
   // Family traits, all from `arch`.
   bool gpt2() const { return arch == Arch::gpt2; }
@@ -62,7 +63,8 @@ struct DecoderOptions {
 };
 
 struct DecoderGraph {
-  int tokens = -1, positions = -1, targets = -1, prefix = -1;  // inputs; (B*T) or (B) i32
+  int tokens = -1, positions = -1, targets = -1;  // inputs, (B*T) i32
+  int prefix = -1, last_rows = -1;                // inputs, (B) i32
   int logits = -1, loss = -1;
   // With a KV cache: the cache values and the nodes whose position parameters change per run.
   std::vector<int> caches;

@@ -132,6 +132,15 @@ DecoderConfig decoder_config_from_hf(const nlohmann::json& j, const std::string&
                 (j.contains("architectures") ? j["architectures"].dump() : std::string("missing")) +
                 " is not supported; supported: " + kSupported);
   }
+  // eos_token_id: one id or a list (Llama 3 lists several).
+  if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
+    const nlohmann::json& e = j["eos_token_id"];
+    for (const nlohmann::json& id : e.is_array() ? e : nlohmann::json::array({e})) {
+      if (!id.is_number_integer()) r.bad("eos_token_id", "an integer or a list of integers");
+      if (id.get<int64_t>() >= 0 && id.get<int64_t>() < c.vocab_size)
+        c.eos.push_back(id.get<int32_t>());
+    }
+  }
   c.validate();
   return c;
 }
@@ -177,6 +186,7 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {
   const char* names[] = {"", "LlamaForCausalLM", "Qwen2ForCausalLM", "GlmForCausalLM"};
   const char* types[] = {"", "llama", "qwen2", "glm"};
   j = {{"architectures", {names[int(c.arch)]}},
+       {"eos_token_id", c.eos.size() == 1 ? nlohmann::json(c.eos[0]) : nlohmann::json(c.eos)},
        {"model_type", types[int(c.arch)]},
        {"vocab_size", c.vocab_size},
        {"hidden_size", c.hidden},

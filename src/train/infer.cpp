@@ -11,6 +11,7 @@
 #include "data/tokenizer.h"
 #include "graph/program.h"
 #include "io/checkpoint.h"
+#include "io/hf_folder.h"
 #include "models/gpt2/gpt2.h"
 #include "train/config.h"
 
@@ -118,52 +119,120 @@ double eval_checkpoint(const std::string& checkpoint, const std::string& data_pa
   return sum / double(n);
 }
 
-void generate_text(const std::string& checkpoint, const GenerateOptions& o,
-                   void (*emit)(const std::string&, void*), void* user) {
-  if (o.temperature < 0) throw Error("temperature must be >= 0");
-  if (o.max_tokens < 0) throw Error("max_tokens must be >= 0");
-  Loaded l = load_for_inference(checkpoint, o.device, o.threads, 1, 0, false);
-  const int64_t T = l.cfg.model.n_ctx, V = l.cfg.model.vocab_size;
-  ByteTokenizer tokz;
-  std::vector<int32_t> ids = tokz.encode(o.prompt);
-  if (ids.empty()) ids.push_back('\n');
-  std::vector<int32_t> window(size_t(T), 0);
-  std::vector<float> logits(size_t(T * V));
-  std::vector<std::pair<float, int32_t>> cand(static_cast<size_t>(V));
-  Rng rng(uint64_t(o.seed));
-  Utf8Stream utf8;
-  for (int64_t i = 0; i < o.max_tokens; ++i) {
-    // No KV cache yet: each token reruns the forward pass over the last n_ctx tokens.
-    const int64_t len = std::min<int64_t>(int64_t(ids.size()), T);
-    std::copy(ids.end() - len, ids.end(), window.begin());
-    l.dev->upload(l.prog->tensor(l.m.tokens), window.data());
-    l.prog->run(0, l.prog->graph().nodes.size());
-    l.dev->download(logits.data(), l.prog->tensor(l.m.logits));
-    const float* row = logits.data() + (len - 1) * V;
-    int32_t next = 0;
-    if (o.temperature == 0) {
-      next = int32_t(std::max_element(row, row + V) - row);
-    } else {
-      for (int64_t v = 0; v < V; ++v) cand[size_t(v)] = {row[v], int32_t(v)};
-      const int64_t k = o.top_k > 0 ? std::min(o.top_k, V) : V;
-      std::partial_sort(cand.begin(), cand.begin() + k, cand.end(),
-                        [](auto a, auto b) { return a.first > b.first; });
-      double total = 0;
-      std::vector<double> p(static_cast<size_t>(k));
-      for (int64_t j = 0; j < k; ++j)
-        total += p[size_t(j)] = std::exp((cand[size_t(j)].first - cand[0].first) / o.temperature);
-      double r = rng.uniform() * total;
-      next = cand[size_t(k - 1)].second;
-      for (int64_t j = 0; j < k; ++j)
-        if ((r -= p[size_t(j)]) <= 0) {
-          next = cand[size_t(j)].second;
-          break;
-        }
+namespace {
+
+// Text held back while it could still become a stop string, so no part of one is ever emitted.
+class StopFilter {
+ public:
+  explicit StopFilter(const std::vector<std::string>& stops) : stops_(stops) {}
+  // Adds a piece; returns the text now safe to emit. `done` becomes true at a stop string.
+  std::string push(const std::string& piece, bool& done) {
+    out_ += piece;
+    size_t cut = std::string::npos;
+    for (const std::string& s : stops_) {
+      const size_t from = sent_ >= s.size() ? sent_ - s.size() : 0;
+      const size_t at = s.empty() ? std::string::npos : out_.find(s, from);
+      if (at != std::string::npos) cut = std::min(cut, at);
     }
-    ids.push_back(next);
-    const std::string piece = utf8.push(uint8_t(next));
-    if (!piece.empty()) emit(piece, user);
+    size_t safe = out_.size();
+    if (cut != std::string::npos) {
+      done = true;
+      safe = std::max(cut, sent_);
+    } else {
+      for (const std::string& s : stops_)  // the longest tail that begins a stop string
+        for (size_t n = std::min(s.size() - (s.empty() ? 0 : 1), out_.size() - sent_); n > 0; --n)
+          if (out_.compare(out_.size() - n, n, s, 0, n) == 0) {
+            safe = std::min(safe, out_.size() - n);
+            break;
+          }
+    }
+    std::string r = out_.substr(sent_, safe - sent_);
+    sent_ = safe;
+    return r;
   }
+  std::string flush() {
+    std::string r = out_.substr(sent_);
+    sent_ = out_.size();
+    return r;
+  }
+
+ private:
+  std::vector<std::string> stops_;
+  std::string out_;
+  size_t sent_ = 0;
+};
+
+}  // namespace
+
+int64_t generate(const GenerateOptions& o,
+                 const std::function<void(int32_t id, const std::string& text)>& on_token) {
+  if (o.sampling.temperature < 0) throw Error("temperature must be >= 0");
+  if (o.sampling.top_p <= 0 || o.sampling.top_p > 1) throw Error("top_p must be in (0, 1]");
+  if (o.max_tokens < 0) throw Error("max_tokens must be >= 0");
+  if (o.checkpoint.empty() == o.model.empty())
+    throw Error("generate needs one of --checkpoint (an mxn run) or --model (a model folder)");
+  DecoderConfig cfg;
+  TensorMap weights;
+  std::string source;
+  const bool bytes = !o.checkpoint.empty();  // mxn's own runs are byte-level
+  if (bytes) {
+    Checkpoint ck = load_checkpoint(o.checkpoint, false);
+    TrainConfig tc;
+    from_json(tc, ck.trainer.at("config"));
+    tc.model.validate();
+    cfg = gpt2_decoder_config(tc.model);
+    weights = std::move(ck.weights);
+    source = "checkpoint '" + o.checkpoint + "'";
+  } else {
+    cfg = load_hf_config(o.model);
+    weights = load_hf_weights(o.model);
+    source = "model folder '" + o.model + "'";
+    if (o.prompt_ids.empty())
+      throw Error(
+          "this model folder's tokenizer is not read by mxn yet: give the prompt as "
+          "--prompt-ids 1,2,3");
+  }
+  std::vector<int32_t> ids = o.prompt_ids.empty() ? ByteTokenizer().encode(o.prompt) : o.prompt_ids;
+  if (ids.empty()) ids.push_back(bytes ? '\n' : 0);
+  for (int32_t id : ids)
+    if (id < 0 || id >= cfg.vocab_size)
+      throw Error("prompt token " + std::to_string(id) + " is outside the vocabulary [0, " +
+                  std::to_string(cfg.vocab_size) + ")");
+  auto dev = open_device(o.device, int(o.threads));
+  const int64_t capacity = std::min<int64_t>(cfg.max_pos, int64_t(ids.size()) + o.max_tokens);
+  Generator gen(cfg, weights, source, *dev, std::max<int64_t>(capacity, 1));
+  weights.clear();
+  Sampler sampler(o.sampling);
+  Utf8Stream utf8;
+  StopFilter stop(o.stop);
+  // A prompt longer than the cache keeps its last tokens.
+  int64_t start = std::max<int64_t>(0, int64_t(ids.size()) - gen.capacity());
+  const std::vector<float>* logits = &gen.feed(ids.data() + start, int64_t(ids.size()) - start);
+  int64_t n = 0;
+  for (; n < o.max_tokens; ++n) {
+    const int32_t next = sampler.next(logits->data(), cfg.vocab_size);
+    if (!o.ignore_eos && std::find(cfg.eos.begin(), cfg.eos.end(), next) != cfg.eos.end()) break;
+    ids.push_back(next);
+    bool done = false;
+    const std::string text = bytes ? stop.push(utf8.push(uint8_t(next)), done) : "";
+    on_token(next, text);
+    if (done || n + 1 == o.max_tokens) {
+      ++n;
+      break;
+    }
+    if (gen.length() == gen.capacity()) {  // full: keep the last half as the new context
+      const int64_t keep = std::max<int64_t>(1, gen.capacity() / 2);
+      gen.reset();
+      logits = &gen.feed(ids.data() + ids.size() - size_t(keep), keep);
+    } else {
+      logits = &gen.feed(&ids.back(), 1);
+    }
+  }
+  if (bytes) {
+    const std::string rest = stop.flush();
+    if (!rest.empty()) on_token(-1, rest);
+  }
+  return n;
 }
 
 }  // namespace mxn

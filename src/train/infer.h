@@ -1,15 +1,22 @@
 #pragma once
-// Forward-only use of a checkpoint: validation loss over a data file, and text generation.
+// Forward-only use of a model: validation loss over a data file, and generation with a KV cache.
+#include <functional>
 #include <string>
+#include <vector>
+
+#include "train/generate.h"
 
 namespace mxn {
 
 struct GenerateOptions {
+  std::string checkpoint;  // an mxn checkpoint or run folder (byte-level text) ...
+  std::string model;       // ... or a Hugging Face model folder
   std::string prompt;
+  std::vector<int32_t> prompt_ids;  // instead of `prompt`: token ids
   int64_t max_tokens = 200;
-  double temperature = 0.8;
-  int64_t top_k = 40;
-  int64_t seed = 1;
+  SamplingOptions sampling;
+  std::vector<std::string> stop;  // generation ends before the first of these in the text
+  bool ignore_eos = false;        // go on past the model's end-of-sequence tokens
   std::string device = "cpu";
   int64_t threads = 0;
 };
@@ -17,16 +24,11 @@ struct GenerateOptions {
 // Mean next-token loss over the validation split of `data` (a shard, or a text file's last 10%).
 double eval_checkpoint(const std::string& checkpoint, const std::string& data,
                        const std::string& device, int64_t threads, int64_t batch = 8);
-// Calls `emit` with each new piece of text as it is sampled.
-template <typename F>
-void generate(const std::string& checkpoint, const GenerateOptions& o, F&& emit);
-void generate_text(const std::string& checkpoint, const GenerateOptions& o,
-                   void (*emit)(const std::string&, void*), void* user);
 
-template <typename F>
-void generate(const std::string& checkpoint, const GenerateOptions& o, F&& emit) {
-  generate_text(
-      checkpoint, o, [](const std::string& s, void* u) { (*static_cast<F*>(u))(s); }, &emit);
-}
+// Calls `on_token` with each new token id and the text it completes (whole UTF-8 characters;
+// empty while a character is incomplete, or when the model's tokenizer is not read here).
+// Returns the number of tokens generated.
+int64_t generate(const GenerateOptions& o,
+                 const std::function<void(int32_t id, const std::string& text)>& on_token);
 
 }  // namespace mxn

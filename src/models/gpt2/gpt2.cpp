@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "models/decoder.h"
 #include "nn/layers.h"
 
 namespace mxn {
@@ -26,6 +27,18 @@ void GPT2Config::validate() const {
 int64_t GPT2Config::param_count() const {
   const int64_t C = n_embd;
   return vocab_size * C + n_ctx * C + n_layer * (12 * C * C + 13 * C) + 2 * C;
+}
+
+DecoderConfig gpt2_decoder_config(const GPT2Config& c) {
+  DecoderConfig d;
+  d.arch = Arch::gpt2;
+  d.vocab_size = c.vocab_size;
+  d.hidden = c.n_embd;
+  d.layers = c.n_layer;
+  d.heads = c.n_head;
+  d.max_pos = c.n_ctx;
+  d.tie_embeddings = true;
+  return d;
 }
 
 GPT2Graph build_gpt2(Graph& g, const GPT2Config& cfg, int64_t B, int64_t T, bool with_loss) {

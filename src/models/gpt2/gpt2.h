@@ -26,6 +26,10 @@ struct GPT2Graph {
   int loss = -1;                                  // (1), when built with targets
 };
 
+// The same model as one configuration of the parametric decoder (models/decoder.h).
+struct DecoderConfig;
+DecoderConfig gpt2_decoder_config(const GPT2Config& c);
+
 GPT2Graph build_gpt2(Graph& g, const GPT2Config& cfg, int64_t B, int64_t T, bool with_loss);
 
 // GPT-2's initialisation: N(0, 0.02); residual projections (c_proj) scaled by 1/sqrt(2 n_layer);
