@@ -6,7 +6,8 @@ every step's loss within 1e-3 relative over 50 steps (f32), under real mpirun.
   - a split fixed by hand (--split 3,1) and gradient accumulation over 3 ranks (8 rows in passes);
   - a step-time drift (one rank slowed down from step 10) that the split must follow;
   - CPU + OpenCL through `mxn train --devices cpu,opencl:0` (mxn starts mpirun itself), when the
-    OpenCL backend is built; then a checkpoint of that job resumed on 3 CPU ranks;
+    OpenCL backend is built; then a checkpoint of that job resumed on 3 CPU ranks; the same for
+    a LLaMA-shaped and a GLM-shaped (ChatGLM layout) model;
   - a rank killed with SIGKILL: the job stops within seconds naming the rank, its device and the
     last checkpoint, and `--resume` on the remaining device continues to the same losses.
 usage: mixed_test.py PATH/TO/mxn PATH/TO/kjv.bin
@@ -161,6 +162,12 @@ with tempfile.TemporaryDirectory() as tmp:
         # different orders, so the trajectories part a little more than in f32.
         bf = train(p("bf_one"), "--batch", "8", "--dtype", "bf16")
         compare("bf16: cpu + opencl:0 = cpu (within 2e-3)", bf, train(p("bf_mixed"), "--batch", "8", "--dtype", "bf16", "--devices", "cpu,opencl:0"), tol=2e-3)
+        # The same machinery for every family: LLaMA-shaped (RMSNorm, RoPE, SwiGLU, GQA) and
+        # GLM-shaped (ChatGLM's fused qkv, interleaved partial RoPE, multi-query groups).
+        for arch in ("llama", "chatglm"):
+            fam = ["--arch", arch, "--n_kv_head", "2", "--batch", "8"]
+            compare(f"{arch}: cpu + opencl:0 = cpu (batch 8)", train(p(arch + "_one"), *fam),
+                    train(p(arch + "_mixed"), *fam, "--devices", "cpu,opencl:0"))
         ctrl_c(tmp)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -7,7 +7,7 @@
 #include "backend/device.h"
 #include "core/error.h"
 #include "graph/program.h"
-#include "models/gpt2/gpt2.h"
+#include "models/decoder.h"
 #include "parallel/balance.h"
 #include "parallel/comm.h"
 
@@ -56,19 +56,22 @@ TEST(Balance, RebalanceOnlyForARealGain) {
 }
 
 TEST(ProgramVariant, SmallerShareEqualsItsOwnProgram) {
-  // A GPT Program built for 4 rows, run as a 3-row variant, gives the loss and gradients of a
-  // Program built for 3 rows (same weights, same tokens), to the last bit.
-  GPT2Config c;
-  c.n_layer = 1, c.n_head = 2, c.n_embd = 16, c.n_ctx = 8, c.vocab_size = 32;
+  // A LLaMA-shaped Program (GQA) built for 4 rows, run as a 3-row variant, gives the loss and
+  // gradients of a Program built for 3 rows (same weights, same tokens), to the last bit.
+  DecoderConfig c;
+  c.arch = Arch::llama;
+  c.layers = 1, c.heads = 2, c.kv_heads = 1, c.hidden = 16, c.max_pos = 8, c.vocab_size = 32;
   const int64_t T = 8;
   auto dev = open_device("cpu", 1);
-  auto build = [&](int64_t B, GPT2Graph* m) {
+  auto build = [&](int64_t B, DecoderGraph* m) {
     Graph g;
-    *m = build_gpt2(g, c, B, T, true);
+    DecoderOptions o;
+    o.with_loss = true;
+    *m = build_decoder(g, c, B, T, o);
     append_backward(g, m->loss);
     return g;
   };
-  GPT2Graph m4, m3;
+  DecoderGraph m4, m3;
   Program big(build(4, &m4), *dev), small(build(3, &m3), *dev);
   const int v = big.add_variant(build(3, &m3));
   std::vector<int32_t> tok(4 * T), pos(4 * T);

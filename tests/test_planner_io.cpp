@@ -10,14 +10,17 @@
 #include "graph/program.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
-#include "models/gpt2/gpt2.h"
+#include "models/decoder.h"
 
 using namespace mxn;
 
 TEST(Planner, LiveActivationsNeverOverlap) {
   Graph g;
-  GPT2Config cfg{3, 2, 32, 50, 16};
-  GPT2Graph m = build_gpt2(g, cfg, 2, 16, true);
+  DecoderConfig cfg;
+  cfg.layers = 3, cfg.heads = 2, cfg.hidden = 32, cfg.vocab_size = 50, cfg.max_pos = 16;
+  DecoderOptions o;
+  o.with_loss = true;
+  DecoderGraph m = build_decoder(g, cfg, 2, 16, o);
   append_backward(g, m.loss);
   const uint64_t arena = plan_arena(g);
   std::vector<int64_t> first(g.values.size(), -1), last(g.values.size(), -1);

@@ -40,7 +40,11 @@ namespace {
 
 TrainConfig tiny(const std::string& out) {
   TrainConfig c;
-  c.model = GPT2Config{2, 4, 64, 256, 64};
+  c.model.n_layer = 2;
+  c.model.n_head = 4;
+  c.model.n_embd = 64;
+  c.model.vocab_size = 256;
+  c.model.n_ctx = 64;
   c.data = std::string(MXN_SOURCE_DIR) + "/data/kjv.bin";
   c.out = (std::filesystem::temp_directory_path() / out).string();
   c.batch = 8;
@@ -177,7 +181,7 @@ TEST(Train, RowsPerPassFollowFreeMemory) {
   TrainConfig c = tiny("mxn_test_rows");
   c.batch = 8;
   EXPECT_EQ(rows_per_pass(c, uint64_t(1) << 40), 8);
-  const double fixed = double(c.model.param_count()) * 16.0;
+  const double fixed = double(c.decoder_config().param_count()) * 16.0;
   int64_t lo = 1, hi = int64_t(1) << 32;  // the smallest free memory that fits 3 rows
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;

@@ -10,8 +10,9 @@ int main(int argc, char** argv) {
   CLI::App app{"mxn: M models on N chips: train, evaluate and sample GPT models on any backend"};
   app.require_subcommand(1);
   std::map<CLI::App*, std::function<int()>> run;
-  for (auto add : {mxn::cli::add_train, mxn::cli::add_eval, mxn::cli::add_generate,
-                   mxn::cli::add_devices, mxn::cli::add_prepare, mxn::cli::add_conformance, mxn::cli::add_bench}) {
+  for (auto add :
+       {mxn::cli::add_train, mxn::cli::add_eval, mxn::cli::add_generate, mxn::cli::add_devices,
+        mxn::cli::add_prepare, mxn::cli::add_conformance, mxn::cli::add_bench}) {
     auto fn = add(app);
     run[app.get_subcommands({}).back()] = fn;
   }

@@ -306,9 +306,13 @@ int run_train(TrainArgs& a) {
     }
   }
   const int64_t tokens_per_step = c.batch * c.accum * c.seq_len();
-  std::printf("mxn train: GPT-2 %lld layers, %lld heads, width %lld, context %lld: %.2fM params\n",
-              (long long)c.model.n_layer, (long long)c.model.n_head, (long long)c.model.n_embd,
-              (long long)c.model.n_ctx, double(c.model.param_count()) / 1e6);
+  const DecoderConfig d = c.decoder_config();
+  std::printf(
+      "mxn train: %s %lld layers, %lld heads (%lld kv), width %lld, context %lld: %.2fM "
+      "params%s%s\n",
+      arch_name(d.arch), (long long)d.layers, (long long)d.heads, (long long)d.n_kv_heads(),
+      (long long)d.hidden, (long long)c.seq_len(), double(d.param_count()) / 1e6,
+      c.model.dir.empty() ? "" : ", from ", c.model.dir.c_str());
   std::printf("  device %s (%s), dtype %s, %lld tokens/step, data %s, run folder %s\n",
               tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(),
               (long long)tokens_per_step, c.data.c_str(), c.out.c_str());

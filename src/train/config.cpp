@@ -3,15 +3,22 @@
 #include <toml++/toml.h>
 
 #include "core/error.h"
+#include "io/hf_folder.h"
 
 namespace mxn {
 
 std::vector<ConfigField> config_fields(TrainConfig& c) {
   return {
+      {"model", &c.model.dir,
+       "a Hugging Face model folder to start from (its config.json and safetensors weights)", true},
+      {"arch", &c.model.arch, "family of a fresh model: gpt2, llama, qwen2, glm or chatglm", true},
       {"n_layer", &c.model.n_layer, "transformer blocks", true},
       {"n_head", &c.model.n_head, "attention heads (must divide n_embd)", true},
+      {"n_kv_head", &c.model.n_kv_head, "key/value heads for GQA/MQA (0: n_head)", true},
       {"n_embd", &c.model.n_embd, "model width", true},
-      {"n_ctx", &c.model.n_ctx, "context length", true},
+      {"ffn", &c.model.ffn, "MLP width (0: 4 x n_embd for GELU, ~8/3 x n_embd for SwiGLU)", true},
+      {"n_ctx", &c.model.n_ctx, "context length (with --model: the training sequence length)",
+       true},
       {"vocab_size", &c.model.vocab_size, "vocabulary size (256 for the byte tokenizer)", true},
       {"data", &c.data, "token shard from `mxn prepare`, or a text file"},
       {"out", &c.out, "run folder: checkpoints, metrics.jsonl, loss.svg"},
@@ -45,8 +52,39 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
   };
 }
 
+DecoderConfig TrainConfig::decoder_config() const {
+  if (!decoder.is_null() && !decoder.empty()) return DecoderConfig::from_json(decoder);
+  DecoderConfig d;
+  d.arch = arch_from_name(model.arch);
+  d.vocab_size = model.vocab_size;
+  d.hidden = model.n_embd;
+  d.layers = model.n_layer;
+  d.heads = model.n_head;
+  d.kv_heads = model.n_kv_head;
+  d.ffn = model.ffn;
+  d.max_pos = model.n_ctx;
+  d.tie_embeddings = d.gpt2();
+  d.qkv_bias = d.arch == Arch::qwen2 || d.arch == Arch::glm || d.arch == Arch::chatglm;
+  if (d.arch == Arch::glm || d.arch == Arch::chatglm) d.rope_fraction = 0.5f;
+  return d;
+}
+
+void TrainConfig::resolve_model() {
+  if (model.dir.empty() || (!decoder.is_null() && !decoder.empty())) return;
+  const DecoderConfig d = load_hf_config(model.dir);
+  decoder = d.to_json();
+  model.arch = arch_name(d.arch);
+  model.n_layer = d.layers;
+  model.n_head = d.heads;
+  model.n_kv_head = d.n_kv_heads();
+  model.n_embd = d.hidden;
+  model.vocab_size = d.vocab_size;
+  model.ffn = d.ffn_width();
+}
+
 void TrainConfig::validate() const {
-  model.validate();
+  const DecoderConfig d = decoder_config();
+  d.validate();
   auto need = [](bool ok, const std::string& msg) {
     if (!ok) throw Error("invalid config: " + msg);
   };
@@ -60,6 +98,9 @@ void TrainConfig::validate() const {
   need(accum >= 1, "accum = " + std::to_string(accum) + ", expected >= 1");
   need(seq >= 0 && seq <= model.n_ctx, "seq = " + std::to_string(seq) + ", expected 0..n_ctx (" +
                                            std::to_string(model.n_ctx) + ")");
+  need(model.n_ctx >= 1 && model.n_ctx <= d.max_pos,
+       "n_ctx = " + std::to_string(model.n_ctx) + ", expected 1.." + std::to_string(d.max_pos) +
+           " (the model's positions)");
   need(lr > 0 && lr < 10, "lr = " + std::to_string(lr) + ", expected in (0, 10)");
   need(min_lr >= 0 && min_lr <= lr, "min_lr = " + std::to_string(min_lr) + ", expected 0..lr");
   need(warmup >= 0, "warmup = " + std::to_string(warmup) + ", expected >= 0");
@@ -126,6 +167,7 @@ nlohmann::json to_json(const TrainConfig& c0) {
   TrainConfig c = c0;
   nlohmann::json j;
   for (auto& f : config_fields(c)) std::visit([&](auto* p) { j[f.name] = *p; }, f.ptr);
+  if (!c.decoder.is_null() && !c.decoder.empty()) j["decoder"] = c.decoder;
   return j;
 }
 
@@ -134,6 +176,7 @@ void from_json(TrainConfig& c, const nlohmann::json& j) {
     if (j.contains(f.name))
       std::visit([&](auto* p) { *p = j.at(f.name).get<std::remove_pointer_t<decltype(p)>>(); },
                  f.ptr);
+  c.decoder = j.contains("decoder") ? j.at("decoder") : nlohmann::json();
 }
 
 }  // namespace mxn

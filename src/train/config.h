@@ -7,12 +7,24 @@
 #include <variant>
 #include <vector>
 
-#include "models/gpt2/gpt2.h"
+#include "models/decoder.h"
 
 namespace mxn {
 
+// The model: a fresh one of a family and size, or a Hugging Face folder to start from.
+struct ModelFlags {
+  std::string arch = "gpt2";  // gpt2 | llama | qwen2 | glm | chatglm
+  std::string dir;            // a Hugging Face model folder: its config and weights
+  int64_t n_layer = 4, n_head = 4, n_kv_head = 0, n_embd = 128, n_ctx = 128, vocab_size = 256;
+  int64_t ffn = 0;  // MLP width (0: the family's rule)
+};
+
 struct TrainConfig {
-  GPT2Config model;
+  ModelFlags model;
+  // The resolved model (DecoderConfig's JSON): set from `model.dir`'s config.json, or from a
+  // checkpoint; empty means "from the flags". Checkpoints keep it, so a run resumes without the
+  // folder.
+  nlohmann::json decoder;
   std::string data = "data/kjv.bin";
   std::string out = "runs/default";
   std::string device = "cpu";
@@ -32,6 +44,9 @@ struct TrainConfig {
   int64_t eval_every = 250, eval_batches = 8, ckpt_every = 500, log_every = 10;
 
   int64_t seq_len() const { return seq > 0 ? seq : model.n_ctx; }
+  DecoderConfig decoder_config() const;
+  // Reads model.dir's config.json into `decoder` (once); a no-op without a folder.
+  void resolve_model();
   void validate() const;  // Error naming the field and its allowed values
 };
 

@@ -12,7 +12,6 @@
 #include "graph/program.h"
 #include "io/checkpoint.h"
 #include "io/hf_folder.h"
-#include "models/gpt2/gpt2.h"
 #include "train/config.h"
 
 namespace mxn {
@@ -21,7 +20,7 @@ namespace {
 struct Loaded {
   TrainConfig cfg;
   std::unique_ptr<Device> dev;
-  GPT2Graph m;
+  DecoderGraph m;
   std::unique_ptr<Program> prog;
 };
 
@@ -30,21 +29,16 @@ Loaded load_for_inference(const std::string& checkpoint, const std::string& devi
   Checkpoint ck = load_checkpoint(checkpoint, false);
   Loaded l;
   from_json(l.cfg, ck.trainer.at("config"));
-  l.cfg.model.validate();
+  const DecoderConfig model = l.cfg.decoder_config();
+  model.validate();
   if (T <= 0 || T > l.cfg.model.n_ctx) T = l.cfg.model.n_ctx;
   l.dev = open_device(device, int(threads));
   Graph g;
-  l.m = build_gpt2(g, l.cfg.model, B, T, with_loss);
-  l.prog = std::make_unique<Program>(std::move(g), *l.dev);
-  for (int p : l.prog->graph().params()) {
-    const Value& v = l.prog->graph().v(p);
-    auto it = ck.weights.find(v.name);
-    if (it == ck.weights.end()) throw Error("checkpoint is missing tensor '" + v.name + "'");
-    if (it->second.shape != v.shape || it->second.dtype != DType::f32)
-      throw Error("checkpoint tensor '" + v.name + "' has shape " + shape_str(it->second.shape) +
-                  ", expected " + shape_str(v.shape));
-    l.dev->upload(l.prog->tensor(p), it->second.bytes.data());
-  }
+  DecoderOptions o;
+  o.with_loss = with_loss;
+  l.m = build_decoder(g, model, B, T, o);
+  l.prog = std::make_unique<Program>(std::move(g), *l.dev, false);
+  upload_weights(*l.prog, ck.weights, "checkpoint '" + checkpoint + "'");
   std::vector<int32_t> pos(size_t(B * T));
   for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
   l.dev->upload(l.prog->tensor(l.m.positions), pos.data());
@@ -92,9 +86,9 @@ double eval_checkpoint(const std::string& checkpoint, const std::string& data_pa
   from_json(cfg, probe.trainer.at("config"));
   const int64_t T = std::min<int64_t>(cfg.seq_len(), data.n_val() - 1);
   if (T < 1) throw Error("data '" + data_path + "' has too few validation tokens to evaluate");
-  if (data.vocab() > cfg.model.vocab_size)
+  if (data.vocab() > cfg.decoder_config().vocab_size)
     throw Error("data '" + data_path + "' has vocab " + std::to_string(data.vocab()) +
-                ", the model's is " + std::to_string(cfg.model.vocab_size));
+                ", the model's is " + std::to_string(cfg.decoder_config().vocab_size));
   const int64_t windows = (data.n_val() - 1) / T;
   const int64_t B = std::max<int64_t>(1, std::min(batch, windows));
   Loaded l = load_for_inference(checkpoint, device, threads, B, T, true);
@@ -179,8 +173,8 @@ int64_t generate(const GenerateOptions& o,
     Checkpoint ck = load_checkpoint(o.checkpoint, false);
     TrainConfig tc;
     from_json(tc, ck.trainer.at("config"));
-    tc.model.validate();
-    cfg = gpt2_decoder_config(tc.model);
+    cfg = tc.decoder_config();
+    cfg.validate();
     weights = std::move(ck.weights);
     source = "checkpoint '" + o.checkpoint + "'";
   } else {

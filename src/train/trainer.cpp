@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "io/hf_folder.h"
 #include "parallel/balance.h"
 
 namespace mxn {
@@ -20,10 +21,12 @@ Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
   return Tensor({n}, DType::f32, flat.buffer, flat.offset + uint64_t(begin) * 4);
 }
 
-Graph gpt2_train_graph(const TrainConfig& c, int64_t rows, GPT2Graph* m, size_t* n_forward) {
+Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward) {
   Graph g;
   g.matmul_compute = c.dtype == "bf16" ? DType::bf16 : DType::f32;
-  *m = build_gpt2(g, c.model, rows, c.seq_len(), true);
+  DecoderOptions o;
+  o.with_loss = true;
+  *m = build_decoder(g, c.decoder_config(), rows, c.seq_len(), o);
   *n_forward = append_backward(g, m->loss);
   return g;
 }
@@ -40,12 +43,14 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   if (!resume.empty()) {
     ck = load_checkpoint(resume, true);
   }
+  cfg_.resolve_model();
   cfg_.validate();
+  const DecoderConfig model = cfg_.decoder_config();
   dev_ = open_device(cfg_.device, int(cfg_.threads));
   data_ = TokenData::open(cfg_.data);
-  if (data_.vocab() > cfg_.model.vocab_size)
+  if (data_.vocab() > model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +
-                " but the model's vocab_size is " + std::to_string(cfg_.model.vocab_size));
+                " but the model's vocab_size is " + std::to_string(model.vocab_size));
   world_ = comm_ ? comm_->size() : 1;
   rank_ = comm_ ? comm_->rank() : 0;
   if (cfg_.batch < world_)
@@ -68,7 +73,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   cap_ = cfg_.batch;
   free_bytes_ = dev_->free_memory();
   if (comm_) cap_ = rows_per_pass(cfg_, free_bytes_);
-  Graph g = gpt2_train_graph(cfg_, cap_, &m_, &n_forward_);
+  Graph g = train_graph(cfg_, cap_, &m_, &n_forward_);
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
   passes_.resize(size_t(cap_) + 1);
   variant_for(cap_);
@@ -100,10 +105,15 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   if (!resume.empty()) {
     load(ck);
   } else {
-    for (int p : prog_->graph().params()) {
-      const Value& v = prog_->graph().v(p);
-      auto w = gpt2_init_param(v.name, numel(v.shape), cfg_.model, uint64_t(cfg_.seed));
-      dev_->upload(prog_->tensor(p), w.data());
+    if (!cfg_.model.dir.empty()) {  // fine-tuning: the folder's weights
+      upload_weights(*prog_, load_hf_weights(cfg_.model.dir),
+                     "model folder '" + cfg_.model.dir + "'");
+    } else {
+      for (int p : prog_->graph().params()) {
+        const Value& v = prog_->graph().v(p);
+        auto w = decoder_init_param(v.name, numel(v.shape), model, uint64_t(cfg_.seed));
+        dev_->upload(prog_->tensor(p), w.data());
+      }
     }
     dev_->run(make_op_call(MXN_OP_FILL, {}, {m_all}, {}, {0.f}));
     dev_->run(make_op_call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
@@ -143,11 +153,11 @@ void Trainer::plan_ranks(const std::vector<double>& weights) {
 }
 
 int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes) {
-  GPT2Graph m;
+  DecoderGraph m;
   size_t nf = 0;
-  Graph one = gpt2_train_graph(cfg, 1, &m, &nf);
+  Graph one = train_graph(cfg, 1, &m, &nf);
   const double per_row = double(plan_arena(one)) * 1.05;  // one row's arena, planned, plus 5%
-  const double room = double(free_bytes) * 0.9 - double(cfg.model.param_count()) * 16.0;
+  const double room = double(free_bytes) * 0.9 - double(cfg.decoder_config().param_count()) * 16.0;
   if (room < per_row) return 1;  // the allocation will then say how much is missing
   return std::clamp<int64_t>(int64_t(room / per_row), 1, cfg.batch);
 }
@@ -155,9 +165,9 @@ int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes) {
 int Trainer::variant_for(int64_t rows) {
   Pass& p = passes_[size_t(rows)];
   if (p.variant < 0) {
-    GPT2Graph m;
+    DecoderGraph m;
     size_t nf = 0;
-    p.variant = rows == cap_ ? 0 : prog_->add_variant(gpt2_train_graph(cfg_, rows, &m, &nf));
+    p.variant = rows == cap_ ? 0 : prog_->add_variant(train_graph(cfg_, rows, &m, &nf));
     p.tokens = prog_->tensor(m_.tokens, p.variant);
     p.targets = prog_->tensor(m_.targets, p.variant);
     p.loss = prog_->tensor(m_.loss, p.variant);
@@ -420,12 +430,7 @@ std::string Trainer::save() {
     }
   }
   ck.trainer = {{"step", step_}, {"config", to_json(cfg_)}, {"format", "mxn-checkpoint-1"}};
-  ck.trainer["model"] = {{"arch", "gpt2"},
-                         {"n_layer", cfg_.model.n_layer},
-                         {"n_head", cfg_.model.n_head},
-                         {"n_embd", cfg_.model.n_embd},
-                         {"n_ctx", cfg_.model.n_ctx},
-                         {"vocab_size", cfg_.model.vocab_size}};
+  ck.trainer["model"] = cfg_.decoder_config().to_json();
   std::filesystem::create_directories(cfg_.out);
   return save_checkpoint(cfg_.out, step_, ck);
 }

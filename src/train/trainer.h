@@ -12,7 +12,7 @@
 #include "data/shard.h"
 #include "graph/program.h"
 #include "io/checkpoint.h"
-#include "models/gpt2/gpt2.h"
+#include "models/decoder.h"
 #include "parallel/comm.h"
 #include "parallel/grad_sync.h"
 #include "train/config.h"
@@ -80,7 +80,7 @@ class Trainer {
   TrainConfig cfg_;
   std::unique_ptr<Device> dev_;
   TokenData data_;
-  GPT2Graph m_;
+  DecoderGraph m_;
   std::unique_ptr<Program> prog_;
   size_t n_forward_ = 0;
   std::unique_ptr<Buffer> opt_m_, opt_v_, scalar_;

@@ -9,7 +9,7 @@
 #include "core/rng.h"
 #include "graph/program.h"
 #include "io/safetensors.h"
-#include "models/gpt2/gpt2.h"
+#include "models/decoder.h"
 
 using namespace mxn;
 
@@ -19,22 +19,28 @@ int main(int argc, char** argv) {
                  "usage: gpt_dump n_layer n_head n_embd vocab n_ctx batch seq dtype seed out\n");
     return 2;
   }
-  GPT2Config cfg{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
-                 std::atoll(argv[5])};
+  DecoderConfig cfg;  // GPT-2
+  cfg.layers = std::atoll(argv[1]);
+  cfg.heads = std::atoll(argv[2]);
+  cfg.hidden = std::atoll(argv[3]);
+  cfg.vocab_size = std::atoll(argv[4]);
+  cfg.max_pos = std::atoll(argv[5]);
   const int64_t B = std::atoll(argv[6]), T = std::atoll(argv[7]);
   const uint64_t seed = std::strtoull(argv[9], nullptr, 10);
   cfg.validate();
   auto dev = open_device("cpu");
   Graph g;
   g.matmul_compute = std::string(argv[8]) == "bf16" ? DType::bf16 : DType::f32;
-  GPT2Graph m = build_gpt2(g, cfg, B, T, true);
+  DecoderOptions o;
+  o.with_loss = true;
+  DecoderGraph m = build_decoder(g, cfg, B, T, o);
   append_backward(g, m.loss);
   Program prog(std::move(g), *dev);
   TensorMap out;
   for (int p : prog.graph().params()) {
     const Value& v = prog.graph().v(p);
     // Larger than GPT-2's 0.02 so every path (LayerNorm affine, biases) carries signal.
-    auto w = gpt2_init_param(v.name, numel(v.shape), cfg, seed);
+    auto w = decoder_init_param(v.name, numel(v.shape), cfg, seed);
     Rng r(seed + uint64_t(p));
     for (auto& x : w) x += float(r.normal() * 0.05);
     dev->upload(prog.tensor(p), w.data());
