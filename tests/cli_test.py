@@ -248,6 +248,16 @@ class CliTest(unittest.TestCase):
         self.assertRegex(r.stdout, r"^cpu:0 ")
         self.assertIn("GiB", r.stdout)
 
+    def test_no_arguments_lists_subcommands_and_version(self):
+        r = run()
+        self.assertEqual(r.returncode, 0, r.stderr)
+        listed = [l.split()[0] for l in r.stdout.splitlines() if l.startswith("  ")]
+        self.assertEqual(listed[:3], ["train", "eval", "generate"])
+        self.assertIn("devices", listed)
+        r = run("--version")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"^mxn \d+\.\d+\.\d+ \(commit \w+, chip-contract ABI \d+\); backends: cpu")
+
     def test_unknown_subcommand_and_flag(self):
         r = run("fly")
         self.assertNotEqual(r.returncode, 0)

@@ -4,16 +4,30 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 
 #include "backend/bench_ops.h"
 #include "backend/conformance.h"
 #include "backend/device.h"
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/text.h"
 #include "data/shard.h"
+#include "data/tokenizer.h"
 #include "train/infer.h"
 
 namespace mxn::cli {
+namespace {
+
+int32_t parse_id(const std::string& t, const char* flag) {
+  char* end = nullptr;
+  const long v = std::strtol(t.c_str(), &end, 10);
+  if (t.empty() || *end || v < 0 || v > INT32_MAX)
+    throw Error(std::string(flag) + ": '" + t + "' is not a token id (expected 1,2,3)");
+  return int32_t(v);
+}
+
+}  // namespace
 
 std::function<int()> add_eval(CLI::App& app) {
   auto* sub = app.add_subcommand("eval", "validation loss of a checkpoint on a data file");
@@ -60,13 +74,8 @@ std::function<int()> add_generate(CLI::App& app) {
   sub->add_option("--threads", o.threads, "CPU threads (0: all)");
   return [a] {
     GenerateOptions& o = a->o;
-    for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ',')) {
-      char* end = nullptr;
-      const long v = std::strtol(t.c_str(), &end, 10);
-      if (t.empty() || *end || v < 0 || v > INT32_MAX)
-        throw Error("--prompt-ids: '" + t + "' is not a token id (expected 1,2,3)");
-      o.prompt_ids.push_back(int32_t(v));
-    }
+    for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ','))
+      o.prompt_ids.push_back(parse_id(t, "--prompt-ids"));
     const bool ids = a->print_ids || !o.model.empty();
     if (!ids) std::fputs(o.prompt.c_str(), stdout);
     generate(o, [&](int32_t id, const std::string& s) {
@@ -109,15 +118,53 @@ std::function<int()> add_devices(CLI::App& app) {
 std::function<int()> add_prepare(CLI::App& app) {
   auto* sub = app.add_subcommand("prepare", "turn a text file into a token shard");
   struct A {
-    std::string in, out;
+    std::string in, out, tokenizer;
     double val = 0.1;
   };
   auto a = std::make_shared<A>();
   sub->add_option("input", a->in, "text file")->required();
   sub->add_option("--out", a->out, "shard to write")->required();
   sub->add_option("--val-fraction", a->val, "share held out for validation")->capture_default_str();
+  sub->add_option("--tokenizer", a->tokenizer,
+                  "a model folder or tokenizer file (default: one token per byte)");
   return [a] {
-    std::printf("%s\n", prepare_shard(a->in, a->out, a->val).c_str());
+    std::printf("%s\n", prepare_shard(a->in, a->out, a->val, a->tokenizer).c_str());
+    return 0;
+  };
+}
+
+std::function<int()> add_tokenize(CLI::App& app) {
+  auto* sub = app.add_subcommand("tokenize", "token ids of a text, or the text of token ids");
+  struct A {
+    std::string tokenizer, text, file, decode, decode_file;
+  };
+  auto a = std::make_shared<A>();
+  sub->add_option("--tokenizer", a->tokenizer, "a model folder or tokenizer file")->required();
+  auto* t = sub->add_option("--text", a->text, "text to encode");
+  auto* f = sub->add_option("--file", a->file, "file to encode")->excludes(t);
+  auto* d = sub->add_option("--decode", a->decode, "comma-separated ids to decode");
+  d->excludes(t)->excludes(f);
+  sub->add_option("--decode-file", a->decode_file, "a file of ids (one per line) to decode")
+      ->excludes(t)
+      ->excludes(f)
+      ->excludes(d);
+  return [a] {
+    auto tok = std::filesystem::is_directory(a->tokenizer) ? load_tokenizer(a->tokenizer)
+                                                           : load_tokenizer_file(a->tokenizer);
+    if (!a->decode.empty() || !a->decode_file.empty()) {
+      std::vector<int32_t> ids;
+      if (!a->decode.empty())
+        for (const std::string& s : split(a->decode, ',')) ids.push_back(parse_id(s, "--decode"));
+      if (!a->decode_file.empty())
+        for (const std::string& s : split(read_file(a->decode_file, "ids file"), '\n'))
+          if (!s.empty()) ids.push_back(parse_id(s, "--decode-file"));
+      std::fputs(tok->decode(ids).c_str(), stdout);
+      return 0;
+    }
+    const std::string text = a->file.empty() ? a->text : read_file(a->file, "text file");
+    std::string out;
+    for (int32_t id : tok->encode(text)) out += std::to_string(id) + "\n";
+    std::fputs(out.c_str(), stdout);
     return 0;
   };
 }

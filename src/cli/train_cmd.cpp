@@ -398,8 +398,8 @@ int run_train(TrainArgs& a) {
 void remember_argv(int argc, char** argv) { g_argv.assign(argv, argv + argc); }
 
 std::function<int()> add_train(CLI::App& app) {
-  auto* sub =
-      app.add_subcommand("train", "train a GPT (defaults: a small model on the KJV corpus)");
+  auto* sub = app.add_subcommand(
+      "train", "train a model: GPT-2, LLaMA, Qwen2, GLM (default: a small GPT-2 on the KJV)");
   auto a = std::make_shared<TrainArgs>();
   sub->add_option("config", a->config_file, "TOML file with any of the keys below");
   sub->add_option("--resume", a->resume, "continue from a checkpoint or run folder");

@@ -1,11 +1,29 @@
 #pragma once
-// The default tokenizer: one token per byte (vocab 256). Any text round-trips exactly.
+// Tokenizers, read from the files a model folder ships: GPT-2's vocab.json + merges.txt, a
+// Hugging Face tokenizer.json (byte-level BPE with its pre-tokenizer regex and added tokens: GPT-2,
+// Llama 3, Qwen2), a SentencePiece tokenizer.model (Llama 2, ChatGLM2/3, through libsentencepiece)
+// and GLM-4's tiktoken-format tokenizer.model. mxn's own runs use one token per byte.
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
 namespace mxn {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  // Special and added tokens written in the text (e.g. "<|im_start|>") become their ids.
+  virtual std::vector<int32_t> encode(std::string_view text) const = 0;
+  // The bytes of one token (a special token's text); decode() is their concatenation.
+  virtual std::string piece(int32_t id) const = 0;
+  virtual int64_t vocab_size() const = 0;
+  // The id of a special or added token by its text, or -1.
+  virtual int32_t token_id(std::string_view text) const = 0;
+  virtual const char* kind() const = 0;
+  virtual std::string decode(const std::vector<int32_t>& ids) const;
+};
 
 struct ByteTokenizer {
   static constexpr int64_t kVocab = 256;
@@ -19,5 +37,12 @@ struct ByteTokenizer {
     return s;
   }
 };
+
+// The tokenizer of a model folder: tokenizer.json, else vocab.json + merges.txt, else
+// tokenizer.model (SentencePiece or tiktoken format). An Error names the folder and the file
+// that is missing or does not parse.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
+// One file: tokenizer.json, tokenizer.model, or vocab.json (merges.txt beside it).
+std::unique_ptr<Tokenizer> load_tokenizer_file(const std::string& path);
 
 }  // namespace mxn

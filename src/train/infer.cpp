@@ -99,8 +99,8 @@ double eval_checkpoint(const std::string& checkpoint, const std::string& data_pa
   for (int64_t w0 = 0; w0 + B <= windows; w0 += B) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < T; ++t) {
-        tok[size_t(b * T + t)] = data.val()[(w0 + b) * T + t];
-        tgt[size_t(b * T + t)] = data.val()[(w0 + b) * T + t + 1];
+        tok[size_t(b * T + t)] = int32_t(data.val()[(w0 + b) * T + t]);
+        tgt[size_t(b * T + t)] = int32_t(data.val()[(w0 + b) * T + t + 1]);
       }
     l.dev->upload(l.prog->tensor(l.m.tokens), tok.data());
     l.dev->upload(l.prog->tensor(l.m.targets), tgt.data());

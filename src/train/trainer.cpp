@@ -200,12 +200,12 @@ double Trainer::lr_at(int64_t s) const {
   return cfg_.min_lr + 0.5 * (cfg_.lr - cfg_.min_lr) * (1.0 + std::cos(M_PI * t));
 }
 
-void Trainer::fill_batch(const uint16_t* tokens, int64_t rows) {
+void Trainer::fill_batch(TokenSpan tokens, int64_t rows) {
   const int64_t T = cfg_.seq_len();
   for (size_t b = 0; b < size_t(rows); ++b)
     for (int64_t t = 0; t < T; ++t) {
-      tok_host_[b * size_t(T) + size_t(t)] = tokens[offsets_[b] + t];
-      tgt_host_[b * size_t(T) + size_t(t)] = tokens[offsets_[b] + t + 1];
+      tok_host_[b * size_t(T) + size_t(t)] = int32_t(tokens[offsets_[b] + t]);
+      tgt_host_[b * size_t(T) + size_t(t)] = int32_t(tokens[offsets_[b] + t + 1]);
     }
   const Pass& p = passes_[size_t(rows)];
   dev_->upload(p.tokens, tok_host_.data());

@@ -71,8 +71,8 @@ class Trainer {
  private:
   int variant_for(int64_t rows);  // builds the Program variant on first use
   void apply_split(const std::vector<int64_t>& split);
-  void fill_batch(const uint16_t* tokens, int64_t rows);  // offsets_[0, rows)
-  void plan_ranks(const std::vector<double>& weights);    // empty weights: by measured speed
+  void fill_batch(TokenSpan tokens, int64_t rows);      // offsets_[0, rows)
+  void plan_ranks(const std::vector<double>& weights);  // empty weights: by measured speed
   void profile();
   void follow_drift();
   void load(const Checkpoint& ck);

@@ -1,0 +1,178 @@
+#!/usr/bin/python3
+"""mxn's tokenizers against the references, on the whole KJV and on Chinese (fortunes-zh):
+  - GPT-2 byte-level BPE (vocab.json + merges.txt, ../shared/data/gpt2-bpe) against
+    transformers' GPT2TokenizerFast; "Hello world" -> [15496, 995];
+  - tokenizer.json byte-level BPE with Qwen2's and Llama 3's split regexes (Llama 3's with
+    ignore_merges) and added tokens, trained here by `tokenizers`, against `tokenizers`;
+  - a SentencePiece tokenizer.model (BPE with byte fallback, as Llama 2's), made by spm_train,
+    against transformers' LlamaTokenizer; ChatGLM's special tokens after its vocabulary;
+  - GLM-4's tiktoken-format tokenizer.model against `tiktoken`, special tokens included.
+For each: identical ids, and decode(encode(x)) == x.
+usage: tokenizer_test.py MXN KJV.txt
+"""
+import base64, json, os, subprocess, sys, tempfile, unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    import tokenizers  # noqa: F401
+except ImportError:
+    py = os.path.join(os.environ.get("MXN_TEST_VENV", "build/test-venv"), "bin", "python")
+    if not os.path.exists(py):
+        sys.exit(f"tokenizers is missing: run scripts/test-venv (looked for {py})")
+    os.execv(py, [py] + sys.argv)
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+MXN, KJV = sys.argv[1], sys.argv[2]
+GPT2 = os.path.join(HERE, "..", "..", "shared", "data", "gpt2-bpe")
+ZH_DIR = "/usr/share/games/fortunes"
+QWEN2 = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3 = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def texts():
+    with open(KJV, encoding="utf-8") as f:
+        kjv = f.read()
+    zh = ""
+    for name in ("chinese.u8", "tang300.u8", "song100.u8"):
+        with open(os.path.join(ZH_DIR, name), encoding="utf-8", errors="strict") as f:
+            zh += f.read()
+    return {"kjv": kjv, "zh": zh,
+            "mixed": "<|im_start|>user\nIn the beginning 起初神创造天地。<|im_end|>\n  x's 12345 \t\n"}
+
+
+def mxn_encode(tok, text, tmp):
+    path = os.path.join(tmp, "in.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    r = subprocess.run([MXN, "tokenize", "--tokenizer", tok, "--file", path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return [int(x) for x in r.stdout.split()]
+
+
+def mxn_decode(tok, ids, tmp):
+    path = os.path.join(tmp, "ids.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(map(str, ids)))
+    r = subprocess.run([MXN, "tokenize", "--tokenizer", tok, "--decode-file", path], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.decode("utf-8")
+
+
+class Tokenizers(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.texts = texts()
+        cls.tmp = tempfile.TemporaryDirectory()
+
+    def same(self, kind, tok, ref_encode, names=("kjv", "zh", "mixed"), roundtrip=True):
+        for name in names:
+            text = self.texts[name]
+            got = mxn_encode(tok, text, self.tmp.name)
+            want = ref_encode(text)
+            self.assertEqual(len(got), len(want), f"{kind} on {name}: token counts differ")
+            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+            self.assertIsNone(first, f"{kind} on {name}: first difference at token {first}")
+            if roundtrip:
+                self.assertEqual(mxn_decode(tok, got, self.tmp.name), text, f"{kind}: decode(encode(x)) on {name}")
+            print(f"{kind:22s} {name:5s} {len(got):8d} tokens identical")
+
+    def test_gpt2_bpe(self):
+        from transformers import GPT2TokenizerFast
+        ref = GPT2TokenizerFast(vocab_file=os.path.join(GPT2, "encoder.json"),
+                                merges_file=os.path.join(GPT2, "vocab.bpe"))
+        tok = os.path.join(GPT2, "encoder.json")
+        self.assertEqual(mxn_encode(tok, "Hello world", self.tmp.name), [15496, 995])
+        self.same("gpt2 vocab+merges", tok, lambda t: ref.encode(t))
+
+    def train_json(self, pattern, ignore_merges, vocab=4000):
+        tk = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tk.decoder = decoders.ByteLevel()
+        tr = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
+                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tk.train_from_iterator([self.texts["kjv"][:1500000], self.texts["zh"]], tr)
+        return tk
+
+    def test_tokenizer_json(self):
+        for name, pattern, ignore in (("qwen2-style", QWEN2, False), ("llama3-style", LLAMA3, True)):
+            tk = self.train_json(pattern, ignore)
+            path = os.path.join(self.tmp.name, name + ".json")
+            tk.save(path)
+            folder = os.path.join(self.tmp.name, name)
+            os.makedirs(folder, exist_ok=True)
+            tk.save(os.path.join(folder, "tokenizer.json"))
+            self.same("tokenizer.json " + name, folder, lambda t: tk.encode(t, add_special_tokens=False).ids)
+
+    def test_sentencepiece(self):
+        from transformers import LlamaTokenizer
+        src = os.path.join(self.tmp.name, "spm_input.txt")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(self.texts["kjv"][:1000000] + self.texts["zh"])
+        prefix = os.path.join(self.tmp.name, "spm")
+        r = subprocess.run(["spm_train", f"--input={src}", f"--model_prefix={prefix}", "--vocab_size=6000",
+                            "--model_type=bpe", "--byte_fallback=true", "--character_coverage=0.995",
+                            # as Llama 2's model: no normalisation, spaces kept, digits split
+                            "--normalization_rule_name=identity", "--remove_extra_whitespaces=false",
+                            "--split_digits=true", "--allow_whitespace_only_pieces=true",
+                            "--input_sentence_size=100000", "--shuffle_input_sentence=true",
+                            "--num_threads=2", "--minloglevel=2"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        folder = os.path.join(self.tmp.name, "llama2-style")
+        os.makedirs(folder, exist_ok=True)
+        os.replace(prefix + ".model", os.path.join(folder, "tokenizer.model"))
+        ref = LlamaTokenizer(os.path.join(folder, "tokenizer.model"), legacy=True, add_bos_token=False)
+        # SentencePiece drops the leading space of its dummy prefix when decoding, so a text that
+        # starts with a space would not round-trip (nor does it in transformers): these do not.
+        self.same("sentencepiece", folder, lambda t: ref.encode(t, add_special_tokens=False),
+                  names=("kjv", "zh"))
+        # ChatGLM2/3: nine special tokens follow the SentencePiece vocabulary, in GLM.md's order.
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "ChatGLMTokenizer"}, f)
+        n = ref.sp_model.get_piece_size()
+        got = mxn_encode(folder, "[gMASK]sop<|user|>", self.tmp.name)
+        self.assertEqual(got, [n + 1, n + 3, n + 6])
+
+    def test_tiktoken_glm4(self):
+        import tiktoken
+        tk = self.train_json(QWEN2, False)
+        vocab = tk.get_vocab()
+        inv = {v: k for k, v in vocab.items()}
+        byte_of = {c: b for b, c in zip(range(256), _bytes_to_unicode())}
+        ranks, r = {}, 0
+        for i in range(len(inv)):
+            if inv[i] in SPECIALS:
+                continue
+            ranks[bytes(byte_of[c] for c in inv[i])] = r
+            r += 1
+        folder = os.path.join(self.tmp.name, "glm4-style")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "tokenizer.model"), "w") as f:
+            for b, rank in ranks.items():
+                f.write(base64.b64encode(b).decode() + " " + str(rank) + "\n")
+        specials = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
+                    "<|user|>", "<|assistant|>", "<|observation|>"]
+        enc = tiktoken.Encoding("glm4-test", pat_str=LLAMA3, mergeable_ranks=ranks,
+                                special_tokens={s: len(ranks) + i for i, s in enumerate(specials)})
+        self.texts["glm"] = "[gMASK]<sop><|user|>\n你好，世界 Hello<|assistant|>"
+        self.same("tiktoken (GLM-4)", folder, lambda t: enc.encode(t, allowed_special="all"),
+                  names=("kjv", "zh", "glm"))
+
+
+def _bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
