@@ -76,7 +76,7 @@ std::function<int()> add_generate(CLI::App& app) {
     GenerateOptions& o = a->o;
     for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ','))
       o.prompt_ids.push_back(parse_id(t, "--prompt-ids"));
-    const bool ids = a->print_ids || !o.model.empty();
+    const bool ids = a->print_ids || !o.prompt_ids.empty();
     if (!ids) std::fputs(o.prompt.c_str(), stdout);
     generate(o, [&](int32_t id, const std::string& s) {
       if (ids && id >= 0) std::printf("%d\n", id);

@@ -169,6 +169,7 @@ int64_t generate(const GenerateOptions& o,
   TensorMap weights;
   std::string source;
   const bool bytes = !o.checkpoint.empty();  // mxn's own runs are byte-level
+  std::unique_ptr<Tokenizer> tok;            // a model folder's, for a text prompt
   if (bytes) {
     Checkpoint ck = load_checkpoint(o.checkpoint, false);
     TrainConfig tc;
@@ -181,12 +182,11 @@ int64_t generate(const GenerateOptions& o,
     cfg = load_hf_config(o.model);
     weights = load_hf_weights(o.model);
     source = "model folder '" + o.model + "'";
-    if (o.prompt_ids.empty())
-      throw Error(
-          "this model folder's tokenizer is not read by mxn yet: give the prompt as "
-          "--prompt-ids 1,2,3");
+    if (o.prompt_ids.empty()) tok = load_tokenizer(o.model);  // Error names what is missing
   }
-  std::vector<int32_t> ids = o.prompt_ids.empty() ? ByteTokenizer().encode(o.prompt) : o.prompt_ids;
+  std::vector<int32_t> ids = !o.prompt_ids.empty() ? o.prompt_ids
+                             : tok                 ? tok->encode(o.prompt)
+                                                   : ByteTokenizer().encode(o.prompt);
   if (ids.empty()) ids.push_back(bytes ? '\n' : 0);
   for (int32_t id : ids)
     if (id < 0 || id >= cfg.vocab_size)
@@ -208,7 +208,10 @@ int64_t generate(const GenerateOptions& o,
     if (!o.ignore_eos && std::find(cfg.eos.begin(), cfg.eos.end(), next) != cfg.eos.end()) break;
     ids.push_back(next);
     bool done = false;
-    const std::string text = bytes ? stop.push(utf8.push(uint8_t(next)), done) : "";
+    std::string text;
+    if (bytes) text = stop.push(utf8.push(uint8_t(next)), done);
+    if (tok)
+      for (char ch : tok->piece(next)) text += stop.push(utf8.push(uint8_t(ch)), done);
     on_token(next, text);
     if (done || n + 1 == o.max_tokens) {
       ++n;
@@ -222,7 +225,7 @@ int64_t generate(const GenerateOptions& o,
       logits = &gen.feed(&ids.back(), 1);
     }
   }
-  if (bytes) {
+  if (bytes || tok) {
     const std::string rest = stop.flush();
     if (!rest.empty()) on_token(-1, rest);
   }
