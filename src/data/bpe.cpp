@@ -140,7 +140,7 @@ class Bpe final : public Tokenizer {
   // Lowest rank first; of equal ranks the leftmost (as GPT-2's and tiktoken's loops do).
   void merge(std::string_view piece, std::vector<int32_t>& out) const {
     if (piece.empty()) return;
-    if (spec_.merges.empty() || ignore_merges_) {
+    if (spec_.merges.empty() || spec_.ignore_merges) {
       auto it = ids_.find(std::string(piece));
       if (it != ids_.end()) {
         out.push_back(it->second);
@@ -178,9 +178,6 @@ class Bpe final : public Tokenizer {
     }
     out.insert(out.end(), parts.begin(), parts.end());
   }
-
- public:
-  bool ignore_merges_ = false;
 
  private:
   BpeSpec spec_;
@@ -221,11 +218,8 @@ std::string bytes_from_gpt2_unicode(const std::string& s, bool* ok) {
   return out;
 }
 
-std::unique_ptr<Tokenizer> make_bpe(BpeSpec spec, const std::string& source, const char* kind,
-                                    bool ignore_merges) {
-  auto t = std::make_unique<Bpe>(std::move(spec), source, kind);
-  t->ignore_merges_ = ignore_merges;
-  return t;
+std::unique_ptr<Tokenizer> make_bpe(BpeSpec spec, const std::string& source, const char* kind) {
+  return std::make_unique<Bpe>(std::move(spec), source, kind);
 }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {

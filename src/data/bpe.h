@@ -18,11 +18,10 @@ struct BpeSpec {
   std::vector<std::pair<int32_t, int32_t>> merges;
   std::string pattern;                                 // the split regex
   std::vector<std::pair<std::string, int32_t>> added;  // special/added tokens, matched first
+  bool ignore_merges = false;  // a piece that is itself a token is emitted whole (Llama 3)
 };
 
-// ignore_merges: a piece that is itself a token is emitted whole (Llama 3's tokenizer.json).
-std::unique_ptr<Tokenizer> make_bpe(BpeSpec spec, const std::string& source, const char* kind,
-                                    bool ignore_merges = false);
+std::unique_ptr<Tokenizer> make_bpe(BpeSpec spec, const std::string& source, const char* kind);
 
 // GPT-2's byte <-> printable-character table, which vocab.json and tokenizer.json keys use.
 std::string bytes_from_gpt2_unicode(const std::string& s, bool* ok);

@@ -137,7 +137,8 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& path) {
       s.vocab[size_t(id)] = text;
       s.added.push_back({text, id});
     }
-  return make_bpe(std::move(s), path, "tokenizer.json", m.value("ignore_merges", false));
+  s.ignore_merges = m.value("ignore_merges", false);
+  return make_bpe(std::move(s), path, "tokenizer.json");
 }
 
 // GLM-4's tokenizer.model: "base64(token) rank" per line, tiktoken's format.

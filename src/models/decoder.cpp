@@ -76,7 +76,6 @@ Names names_for(Arch a) {
 struct Builder {
   Graph& g;
   const DecoderConfig& c;
-  int64_t B, T;
 
   // x (N, in) -> (N, out): GPT-2's Conv1D stores (in, out); every other family nn.Linear's
   // (out, in).
@@ -233,7 +232,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
                            const DecoderOptions& o) {
   MXN_CHECK(o.kv_cache > 0 || T <= c.max_pos, "sequence longer than the context");
   const Names nm = names_for(c.arch);
-  Builder b{g, c, B, T};
+  Builder b{g, c};
   const int64_t C = c.hidden, N = B * T, H = c.heads, G = c.n_kv_heads(), D = c.hd();
   const int64_t F = c.ffn_width();
   DecoderGraph m;

@@ -15,11 +15,7 @@ Generator::Generator(const DecoderConfig& c, const TensorMap& weights, const std
   if (c.gpt2() && capacity_ > c.max_pos)
     throw Error("the model has " + std::to_string(c.max_pos) + " learned positions; " +
                 std::to_string(capacity_) + " tokens do not fit");
-  DecoderOptions o;
-  o.kv_cache = capacity_;
-  o.last_logits = true;
-  Graph g;
-  m_ = build_decoder(g, c, 1, chunk_, o);
+  Graph g = graph(chunk_, &m_);
   prog_ = std::make_unique<Program>(std::move(g), dev_, false);
   upload_weights(*prog_, weights, source);
   variants_.assign(size_t(chunk_), -1);
@@ -28,16 +24,19 @@ Generator::Generator(const DecoderConfig& c, const TensorMap& weights, const std
   logits_.resize(size_t(c.vocab_size));
 }
 
+Graph Generator::graph(int64_t rows, DecoderGraph* m) const {
+  DecoderOptions o;
+  o.kv_cache = capacity_;
+  o.last_logits = true;
+  Graph g;
+  *m = build_decoder(g, cfg_, 1, rows, o);
+  return g;
+}
+
 int Generator::variant_for(int64_t rows) {
   int& v = variants_[size_t(rows - 1)];
-  if (v < 0) {
-    DecoderOptions o;
-    o.kv_cache = capacity_;
-    o.last_logits = true;
-    Graph g;
-    build_decoder(g, cfg_, 1, rows, o);
-    v = prog_->add_variant(std::move(g));
-  }
+  DecoderGraph m;
+  if (v < 0) v = prog_->add_variant(graph(rows, &m));
   return v;
 }
 

@@ -26,6 +26,7 @@ class Generator {
   int64_t capacity() const { return capacity_; }
 
  private:
+  Graph graph(int64_t rows, DecoderGraph* m) const;  // one sequence, `rows` new tokens a run
   int variant_for(int64_t rows);
   DecoderConfig cfg_;
   Device& dev_;

@@ -17,14 +17,7 @@ namespace {
 
 constexpr int64_t kBlock = 64;
 
-int64_t prefix_of(const AttentionShape& a, const int32_t* prefix, int64_t b) {
-  return prefix ? int64_t(prefix[b]) : 0;
-}
-
-// Keys seen by any query of rows [t0, t1) of sequence b.
-int64_t block_keys(const AttentionShape& a, int64_t t1, int64_t prefix) {
-  return a.visible(t1 - 1, prefix);  // visibility grows with t
-}
+int64_t prefix_of(const int32_t* prefix, int64_t b) { return prefix ? int64_t(prefix[b]) : 0; }
 
 }  // namespace
 
@@ -37,7 +30,8 @@ void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const fl
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / (a.H * nblk), h = task / nblk % a.H, t0 = task % nblk * kBlock;
     const int64_t t1 = std::min(a.T, t0 + kBlock), rows = t1 - t0, g = h / a.group();
-    const int64_t pre = prefix_of(a, prefix, b), nk = block_keys(a, t1, pre);
+    const int64_t pre = prefix_of(prefix, b),
+                  nk = a.visible(t1 - 1, pre);  // visibility grows with t
     float* sc = scratch + size_t(omp_get_thread_num()) * kBlock * a.S;
     sgemm(false, true, rows, nk, a.hd, a.scale, q + a.q(b, t0, h), a.ldq, k + a.k(b, 0, g), a.ldk,
           0.f, sc, nk);
@@ -76,7 +70,7 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
 #pragma omp parallel for schedule(dynamic)
   for (int64_t bh = 0; bh < BH; ++bh) {
     const int64_t b = bh / a.H, h = bh % a.H, g = h / a.group();
-    const int64_t pre = prefix_of(a, prefix, b);
+    const int64_t pre = prefix_of(prefix, b);
     float* P = sc + size_t(omp_get_thread_num()) * 2 * kBlock * a.S;
     float* dP = P + kBlock * a.S;
     float *dkh, *dvh;
@@ -97,7 +91,7 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
     }
     for (int64_t t0 = 0; t0 < a.T; t0 += kBlock) {
       const int64_t t1 = std::min(a.T, t0 + kBlock), rows = t1 - t0;
-      const int64_t nk = block_keys(a, t1, pre);
+      const int64_t nk = a.visible(t1 - 1, pre);  // visibility grows with t
       const float* qb = q + a.q(b, t0, h);
       const float* dyb = dy + a.y(b, t0, h);
       sgemm(false, true, rows, nk, hd, a.scale, qb, a.ldq, k + a.k(b, 0, g), a.ldk, 0.f, P, nk);
