@@ -72,26 +72,64 @@ TensorMap load_hf_weights(const std::string& dir) {
   return out;
 }
 
+namespace {
+// The tensor for parameter `v`, or an Error naming it with its expected and found shape.
+const HostTensor& expect_tensor(const TensorMap& weights, const Value& v,
+                                const std::string& source) {
+  auto it = weights.find(v.name);
+  if (it == weights.end())
+    throw Error(source + " is missing tensor '" + v.name + "' (expected shape " +
+                shape_str(v.shape) + ")");
+  if (it->second.shape != v.shape || it->second.dtype != DType::f32)
+    throw Error(source + ": tensor '" + v.name + "' has shape " + shape_str(it->second.shape) +
+                " " + dtype_name(it->second.dtype) + ", expected " + shape_str(v.shape) + " f32");
+  return it->second;
+}
+}  // namespace
+
 void upload_weights(Program& prog, const TensorMap& weights, const std::string& source) {
-  for (int p : prog.graph().params()) {
-    const Value& v = prog.graph().v(p);
-    auto it = weights.find(v.name);
-    if (it == weights.end())
-      throw Error(source + " is missing tensor '" + v.name + "' (expected shape " +
-                  shape_str(v.shape) + ")");
-    if (it->second.shape != v.shape || it->second.dtype != DType::f32)
-      throw Error(source + ": tensor '" + v.name + "' has shape " + shape_str(it->second.shape) +
-                  " " + dtype_name(it->second.dtype) + ", expected " + shape_str(v.shape) + " f32");
-    prog.device().upload(prog.tensor(p), it->second.bytes.data());
-  }
+  for (int p : prog.graph().params())
+    prog.device().upload(prog.tensor(p),
+                         expect_tensor(weights, prog.graph().v(p), source).bytes.data());
 }
 
-void save_hf_folder(const std::string& dir, const DecoderConfig& c, const TensorMap& weights) {
+const char* const kTokenizerFiles[8] = {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt",     "tokenizer.model",       "added_tokens.json",       "generation_config.json"};
+
+TensorMap decoder_weights(const DecoderConfig& c, const TensorMap& weights,
+                          const std::string& source) {
+  Graph g;
+  build_decoder(g, c, 1, 1);
+  TensorMap out;
+  for (int p : g.params()) out[g.v(p).name] = expect_tensor(weights, g.v(p), source);
+  return out;
+}
+
+void save_hf_folder(const std::string& dir, const DecoderConfig& c, const TensorMap& weights,
+                    DType dtype, const std::string& tokenizer_dir) {
   fs::create_directories(dir);
   nlohmann::json j = decoder_config_to_hf(c);
-  j["torch_dtype"] = "float32";
+  j["torch_dtype"] = dtype == DType::f32 ? "float32" : dtype == DType::f16 ? "float16" : "bfloat16";
+  TensorMap out;
+  for (const auto& [name, t] : weights) {
+    if (dtype == DType::f32) {
+      out[name] = t;
+      continue;
+    }
+    HostTensor h(t.shape, dtype);
+    auto* o = reinterpret_cast<uint16_t*>(h.bytes.data());
+    for (int64_t i = 0; i < t.numel(); ++i)
+      o[i] = dtype == DType::bf16 ? f32_to_bf16(t.f32()[i]) : f32_to_f16(t.f32()[i]);
+    out[name] = std::move(h);
+  }
   write_file_atomic((fs::path(dir) / "model.safetensors").string(),
-                    safetensors_serialize(weights, {{"format", "pt"}}));
+                    safetensors_serialize(out, {{"format", "pt"}}));
+  if (!tokenizer_dir.empty() && fs::absolute(tokenizer_dir) != fs::absolute(dir))
+    for (const char* name : kTokenizerFiles)
+      if (fs::exists(fs::path(tokenizer_dir) / name))
+        write_file_atomic((fs::path(dir) / name).string(),
+                          read_file((fs::path(tokenizer_dir) / name).string(), "tokenizer file"));
   write_file_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");
 }
 

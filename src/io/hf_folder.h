@@ -19,7 +19,18 @@ TensorMap load_hf_weights(const std::string& dir);
 // an Error naming it, its expected and its found shape.
 void upload_weights(Program& prog, const TensorMap& weights, const std::string& source);
 
-// config.json and model.safetensors (the Program's params, f32) into `dir`, written atomically.
-void save_hf_folder(const std::string& dir, const DecoderConfig& c, const TensorMap& weights);
+// The decoder's parameters out of `weights` (f32, Hugging Face names): a missing tensor or one of
+// another shape is an Error naming it, its expected and its found shape; extra tensors (GPT-2's
+// attention-mask buffers, a tied head) are dropped.
+TensorMap decoder_weights(const DecoderConfig& c, const TensorMap& weights,
+                          const std::string& source);
+
+// config.json, model.safetensors (f32, f16 or bf16) and, from `tokenizer_dir` when given, the
+// tokenizer files, into `dir`; each file written atomically. transformers loads the folder with
+// from_pretrained (the ChatGLM layout has no transformers class; its folder is mxn's and GGUF's).
+void save_hf_folder(const std::string& dir, const DecoderConfig& c, const TensorMap& weights,
+                    DType dtype = DType::f32, const std::string& tokenizer_dir = "");
+// The tokenizer files a model folder may ship, as save_hf_folder copies them.
+extern const char* const kTokenizerFiles[8];
 
 }  // namespace mxn

@@ -188,6 +188,7 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {
   j = {{"architectures", {names[int(c.arch)]}},
        {"eos_token_id", c.eos.size() == 1 ? nlohmann::json(c.eos[0]) : nlohmann::json(c.eos)},
        {"model_type", types[int(c.arch)]},
+       {"pad_token_id", nullptr},  // transformers' GLM default (151329) lies outside small vocabs
        {"vocab_size", c.vocab_size},
        {"hidden_size", c.hidden},
        {"num_hidden_layers", c.layers},

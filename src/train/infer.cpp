@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <numeric>
 
 #include "backend/device.h"
@@ -11,6 +12,7 @@
 #include "data/tokenizer.h"
 #include "graph/program.h"
 #include "io/checkpoint.h"
+#include "io/gguf_model.h"
 #include "io/hf_folder.h"
 #include "train/config.h"
 
@@ -77,6 +79,41 @@ class Utf8Stream {
 };
 
 }  // namespace
+
+ModelSource load_model(const std::string& path) {
+  namespace fs = std::filesystem;
+  ModelSource m;
+  if (!fs::exists(path))
+    throw Error("model '" + path +
+                "' does not exist (expected a Hugging Face model folder, a "
+                ".gguf file, or an mxn checkpoint or run folder)");
+  if (fs::is_regular_file(path)) {
+    if (!is_gguf_file(path))
+      throw Error("'" + path +
+                  "' is not a GGUF file (expected a Hugging Face model folder, a "
+                  ".gguf file, or an mxn checkpoint or run folder)");
+    m.what = "GGUF file '" + path + "'";
+    m.cfg = decoder_from_gguf(gguf_load(path), m.weights, path);
+  } else if (fs::exists(fs::path(path) / "config.json") ||
+             !(fs::exists(fs::path(path) / "trainer.json") ||
+               fs::exists(fs::path(path) / "latest"))) {
+    m.what = "model folder '" + path + "'";
+    m.cfg = load_hf_config(path);  // names a missing config.json
+    m.weights = load_hf_weights(path);
+    m.tokenizer_dir = path;
+  } else {
+    Checkpoint ck = load_checkpoint(path, false);
+    TrainConfig tc;
+    from_json(tc, ck.trainer.at("config"));
+    m.what = "checkpoint '" + path + "'";
+    m.cfg = tc.decoder_config();
+    m.weights = std::move(ck.weights);
+    if (!tc.model.dir.empty() && fs::is_directory(tc.model.dir)) m.tokenizer_dir = tc.model.dir;
+  }
+  m.cfg.validate();
+  m.weights = decoder_weights(m.cfg, m.weights, m.what);
+  return m;
+}
 
 double eval_checkpoint(const std::string& checkpoint, const std::string& data_path,
                        const std::string& device, int64_t threads, int64_t batch) {
@@ -165,25 +202,14 @@ int64_t generate(const GenerateOptions& o,
   if (o.max_tokens < 0) throw Error("max_tokens must be >= 0");
   if (o.checkpoint.empty() == o.model.empty())
     throw Error("generate needs one of --checkpoint (an mxn run) or --model (a model folder)");
-  DecoderConfig cfg;
-  TensorMap weights;
-  std::string source;
-  const bool bytes = !o.checkpoint.empty();  // mxn's own runs are byte-level
-  std::unique_ptr<Tokenizer> tok;            // a model folder's, for a text prompt
-  if (bytes) {
-    Checkpoint ck = load_checkpoint(o.checkpoint, false);
-    TrainConfig tc;
-    from_json(tc, ck.trainer.at("config"));
-    cfg = tc.decoder_config();
-    cfg.validate();
-    weights = std::move(ck.weights);
-    source = "checkpoint '" + o.checkpoint + "'";
-  } else {
-    cfg = load_hf_config(o.model);
-    weights = load_hf_weights(o.model);
-    source = "model folder '" + o.model + "'";
-    if (o.prompt_ids.empty()) tok = load_tokenizer(o.model);  // Error names what is missing
-  }
+  ModelSource src = load_model(o.checkpoint.empty() ? o.model : o.checkpoint);
+  DecoderConfig& cfg = src.cfg;
+  // mxn's own runs are byte-level; other models read text with their folder's tokenizer.
+  const bool bytes = src.tokenizer_dir.empty() && cfg.vocab_size <= ByteTokenizer::kVocab;
+  std::unique_ptr<Tokenizer> tok;
+  if (!src.tokenizer_dir.empty() && o.prompt_ids.empty()) tok = load_tokenizer(src.tokenizer_dir);
+  if (!bytes && !tok && o.prompt_ids.empty())
+    throw Error(src.what + " comes without tokenizer files: give the prompt as --prompt-ids");
   std::vector<int32_t> ids = !o.prompt_ids.empty() ? o.prompt_ids
                              : tok                 ? tok->encode(o.prompt)
                                                    : ByteTokenizer().encode(o.prompt);
@@ -194,8 +220,8 @@ int64_t generate(const GenerateOptions& o,
                   std::to_string(cfg.vocab_size) + ")");
   auto dev = open_device(o.device, int(o.threads));
   const int64_t capacity = std::min<int64_t>(cfg.max_pos, int64_t(ids.size()) + o.max_tokens);
-  Generator gen(cfg, weights, source, *dev, std::max<int64_t>(capacity, 1));
-  weights.clear();
+  Generator gen(cfg, src.weights, src.what, *dev, std::max<int64_t>(capacity, 1));
+  src.weights.clear();
   Sampler sampler(o.sampling);
   Utf8Stream utf8;
   StopFilter stop(o.stop);

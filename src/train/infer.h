@@ -4,13 +4,24 @@
 #include <string>
 #include <vector>
 
+#include "io/safetensors.h"
 #include "train/generate.h"
 
 namespace mxn {
 
+// A model from wherever it lives: a Hugging Face folder, a GGUF file, or an mxn checkpoint or run
+// folder. Weights are f32 by Hugging Face name.
+struct ModelSource {
+  DecoderConfig cfg;
+  TensorMap weights;
+  std::string what;           // "model folder 'x'", for messages
+  std::string tokenizer_dir;  // a folder with the model's tokenizer files, or empty (byte-level)
+};
+ModelSource load_model(const std::string& path);
+
 struct GenerateOptions {
   std::string checkpoint;  // an mxn checkpoint or run folder (byte-level text) ...
-  std::string model;       // ... or a Hugging Face model folder
+  std::string model;       // ... or a Hugging Face model folder or GGUF file
   std::string prompt;
   std::vector<int32_t> prompt_ids;  // instead of `prompt`: token ids
   int64_t max_tokens = 200;
