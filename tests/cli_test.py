@@ -22,6 +22,48 @@ def run(*args, env=None, timeout=120):
     return subprocess.run([MXN, *args], capture_output=True, text=True, timeout=timeout, env=e)
 
 
+def write_safetensors(path, tensors):
+    """tensors: {name: (shape, values)} as f32; safetensors written by hand (no numpy here)."""
+    import struct
+    header, blobs, off = {}, [], 0
+    for name, (shape, vals) in tensors.items():
+        b = struct.pack(f"<{len(vals)}f", *vals)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def tiny_gpt2(folder, drop=None, reshape=None):
+    """A 1-layer GPT-2 folder (width 8, vocab 16) with deterministic weights."""
+    os.makedirs(folder, exist_ok=True)
+    E, V, P = 8, 16, 8
+    shapes = {"transformer.wte.weight": [V, E], "transformer.wpe.weight": [P, E],
+              "transformer.ln_f.weight": [E], "transformer.ln_f.bias": [E]}
+    for n, shp in {"ln_1.weight": [E], "ln_1.bias": [E], "attn.c_attn.weight": [E, 3 * E],
+                   "attn.c_attn.bias": [3 * E], "attn.c_proj.weight": [E, E], "attn.c_proj.bias": [E],
+                   "ln_2.weight": [E], "ln_2.bias": [E], "mlp.c_fc.weight": [E, 4 * E],
+                   "mlp.c_fc.bias": [4 * E], "mlp.c_proj.weight": [4 * E, E], "mlp.c_proj.bias": [E]}.items():
+        shapes["transformer.h.0." + n] = shp
+    if reshape:
+        shapes[reshape[0]] = reshape[1]
+    tensors = {}
+    for i, (n, shp) in enumerate(sorted(shapes.items())):
+        if n == drop:
+            continue
+        count = 1
+        for d in shp:
+            count *= d
+        tensors[n] = (shp, [((i * 31 + k * 17) % 23 - 11) / 20.0 for k in range(count)])
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"architectures": ["GPT2LMHeadModel"], "n_embd": E, "n_layer": 1, "n_head": 2,
+                   "vocab_size": V, "n_positions": P}, f)
+    return folder
+
+
 class CliTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
@@ -241,6 +283,83 @@ class CliTest(unittest.TestCase):
         r2 = run("generate", "--checkpoint", out, "--prompt", "In the beginning", "--max-tokens", "17",
                  "--seed", "2")
         self.assertEqual(r.stdout, r2.stdout)  # same seed, same text
+
+    # --- model folders, GGUF and tokenizers ---------------------------------------------------
+    def gen(self, model, *extra):
+        return run("generate", "--model", model, "--prompt-ids", "1,2,3", "--max-tokens", "4",
+                   "--temperature", "0", "--ignore-eos", *extra)
+
+    def test_model_folder_bad_input(self):
+        os.makedirs(self.path("empty"))
+        self.expect_error(self.gen(self.path("empty")), "has no config.json")
+        self.expect_error(self.gen(self.path("nowhere")), "does not exist")
+        bert = self.path("bert")
+        os.makedirs(bert)
+        with open(os.path.join(bert, "config.json"), "w") as f:
+            json.dump({"architectures": ["BertModel"], "hidden_size": 8}, f)
+        self.expect_error(self.gen(bert), "BertModel", "GPT2LMHeadModel", "LlamaForCausalLM",
+                          "Qwen2ForCausalLM", "GlmForCausalLM", "ChatGLMModel")
+        m = tiny_gpt2(self.path("missing"), drop="transformer.h.0.ln_1.bias")
+        self.expect_error(self.gen(m), "missing tensor 'transformer.h.0.ln_1.bias'", "[8]")
+        m = tiny_gpt2(self.path("shape"), reshape=("transformer.h.0.attn.c_attn.weight", [8, 23]))
+        self.expect_error(self.gen(m), "'transformer.h.0.attn.c_attn.weight' has shape [8, 23]",
+                          "expected [8, 24]")
+        m = tiny_gpt2(self.path("sharded"))
+        os.rename(os.path.join(m, "model.safetensors"), os.path.join(m, "model-00001-of-00002.safetensors"))
+        with open(os.path.join(m, "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors",
+                                      "transformer.wpe.weight": "model-00002-of-00002.safetensors"}}, f)
+        self.expect_error(self.gen(m), "model-00002-of-00002.safetensors", "not in the folder")
+        m = tiny_gpt2(self.path("truncated"))
+        w = os.path.join(m, "model.safetensors")
+        data = read(w, "rb")
+        with open(w, "wb") as f:
+            f.write(data[:-10])
+        self.expect_error(self.gen(m), "model.safetensors")
+        m = tiny_gpt2(self.path("badconfig"))
+        with open(os.path.join(m, "config.json"), "w") as f:
+            f.write('{"architectures": ["GPT2LMHeadModel"], "n_embd": "eight"')
+        self.expect_error(self.gen(m), "config.json", "not valid JSON")
+
+    def test_tokenizer_that_does_not_parse(self):
+        m = tiny_gpt2(self.path("tok"))
+        for name, text, needle in (("tokenizer.json", '{"model": {"type": "BPE", "vocab": {', "not valid JSON"),
+                                   ("tokenizer.json", '{"model": {"type": "BPE", "vocab": [1, 2]}}', "tokenizer.json"),
+                                   ("tokenizer.model", "\x00\x01 not a model", "tokenizer.model")):
+            for f in ("tokenizer.json", "tokenizer.model"):
+                if os.path.exists(os.path.join(m, f)):
+                    os.remove(os.path.join(m, f))
+            with open(os.path.join(m, name), "w") as f:
+                f.write(text)
+            self.expect_error(run("tokenize", "--tokenizer", m, "--text", "hi"), name, needle)
+            self.expect_error(run("generate", "--model", m, "--prompt", "hi", "--max-tokens", "2"), name)
+
+    def test_convert_round_trip_and_bad_input(self):
+        m = tiny_gpt2(self.path("m"))
+        want = self.gen(m, "--print-ids")
+        self.assertEqual(want.returncode, 0, want.stderr)
+        for t in ("f32", "f16", "bf16", "q8_0"):
+            r = run("convert", m, self.path(f"m-{t}.gguf"), "--type", t)
+            self.assertEqual(r.returncode, 0, r.stderr)
+        got = self.gen(self.path("m-f32.gguf"), "--print-ids")
+        self.assertEqual(got.returncode, 0, got.stderr)
+        self.assertEqual(got.stdout, want.stdout, "GGUF f32 generates as the folder does")
+        r = run("convert", self.path("m-f32.gguf"), self.path("back"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(read(os.path.join(m, "model.safetensors"), "rb")[8:].count(b"F32"),
+                         read(self.path("back/model.safetensors"), "rb")[8:].count(b"F32"))
+        self.assertEqual(self.gen(self.path("back"), "--print-ids").stdout, want.stdout)
+        bad = self.path("bad.gguf")
+        data = read(self.path("m-f32.gguf"), "rb")
+        with open(bad, "wb") as f:
+            f.write(data[: len(data) // 3])
+        self.expect_error(run("convert", bad, self.path("x")), "bad.gguf", "not a valid GGUF file")
+        with open(self.path("notgguf.bin"), "wb") as f:
+            f.write(b"hello")
+        self.expect_error(run("convert", self.path("notgguf.bin"), self.path("x")), "not a GGUF file")
+        self.expect_error(run("convert", m, self.path("y"), "--type", "q8_0"), "q8_0 is a GGUF type")
+        self.expect_error(run("convert", m, self.path("z.gguf"), "--type", "q4"), "unknown weight type 'q4'")
+        self.expect_error(run("convert", self.path("nope"), self.path("z.gguf")), "does not exist")
 
     def test_devices(self):
         r = run("devices")

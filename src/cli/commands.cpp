@@ -52,12 +52,13 @@ std::function<int()> add_generate(CLI::App& app) {
   struct A {
     GenerateOptions o;
     std::string ids;
-    bool print_ids = false;
+    bool print_ids = false, timings = false;
+    GenerateStats stats;
   };
   auto a = std::make_shared<A>();
   GenerateOptions& o = a->o;
   auto* src = sub->add_option("--checkpoint", o.checkpoint, "an mxn checkpoint or run folder");
-  sub->add_option("--model", o.model, "a Hugging Face model folder")->excludes(src);
+  sub->add_option("--model", o.model, "a Hugging Face model folder or a .gguf file")->excludes(src);
   auto* text = sub->add_option("--prompt", o.prompt, "text to continue");
   sub->add_option("--prompt-ids", a->ids, "token ids to continue, comma-separated")->excludes(text);
   sub->add_option("--max-tokens", o.max_tokens, "tokens to generate")->capture_default_str();
@@ -70,6 +71,7 @@ std::function<int()> add_generate(CLI::App& app) {
   sub->add_option("--stop", o.stop, "end before this text (repeatable)");
   sub->add_flag("--ignore-eos", o.ignore_eos, "go on past the model's end-of-sequence tokens");
   sub->add_flag("--print-ids", a->print_ids, "print the new token ids instead of text");
+  sub->add_flag("--timings", a->timings, "print load, prompt and per-token speeds on stderr");
   sub->add_option("--device", o.device, "device")->capture_default_str();
   sub->add_option("--threads", o.threads, "CPU threads (0: all)");
   return [a] {
@@ -77,6 +79,7 @@ std::function<int()> add_generate(CLI::App& app) {
     for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ','))
       o.prompt_ids.push_back(parse_id(t, "--prompt-ids"));
     const bool ids = a->print_ids || !o.prompt_ids.empty();
+    o.stats = &a->stats;
     if (!ids) std::fputs(o.prompt.c_str(), stdout);
     generate(o, [&](int32_t id, const std::string& s) {
       if (ids && id >= 0) std::printf("%d\n", id);
@@ -84,6 +87,16 @@ std::function<int()> add_generate(CLI::App& app) {
       std::fflush(stdout);
     });
     if (!ids) std::fputs("\n", stdout);
+    if (a->timings) {
+      const GenerateStats& t = a->stats;
+      std::fprintf(stderr,
+                   "load %.2f s | prompt %lld tokens in %.3f s (%.1f tokens/s) | decode %lld "
+                   "tokens in %.3f s (%.1f tokens/s)\n",
+                   t.load_s, (long long)t.prompt_tokens, t.prompt_s,
+                   double(t.prompt_tokens) / std::max(t.prompt_s, 1e-9),
+                   (long long)t.decode_tokens, t.decode_s,
+                   double(t.decode_tokens) / std::max(t.decode_s, 1e-9));
+    }
     return 0;
   };
 }

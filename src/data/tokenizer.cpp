@@ -94,8 +94,7 @@ void find_pattern(const nlohmann::json& p, const std::string& path, std::string&
                 "' is not supported (byte-level BPE: Split, ByteLevel, Sequence)");
 }
 
-std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& path) {
-  const nlohmann::json j = parse_json(path, "tokenizer");
+std::unique_ptr<Tokenizer> bpe_from_json(const nlohmann::json& j, const std::string& path) {
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object())
     throw Error(path + ": no 'model' object (expected a Hugging Face tokenizer.json)");
   const nlohmann::json& m = j["model"];
@@ -139,6 +138,10 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& path) {
     }
   s.ignore_merges = m.value("ignore_merges", false);
   return make_bpe(std::move(s), path, "tokenizer.json");
+}
+
+std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& path) {
+  return tokenizer_from_json(read_file(path, "tokenizer"), path);
 }
 
 // GLM-4's tokenizer.model: "base64(token) rank" per line, tiktoken's format.
@@ -317,6 +320,16 @@ std::vector<std::string> chatglm_specials(const std::string& dir) {
 }
 
 }  // namespace
+
+std::unique_ptr<Tokenizer> tokenizer_from_json(const std::string& text, const std::string& path) {
+  try {
+    return bpe_from_json(nlohmann::json::parse(text), path);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw Error(path + ": not valid JSON (" + e.what() + ")");
+  } catch (const nlohmann::json::exception& e) {  // a field of the wrong type
+    throw Error(path + ": not a tokenizer.json mxn can read (" + e.what() + ")");
+  }
+}
 
 std::unique_ptr<Tokenizer> load_tokenizer_file(const std::string& path) {
   if (!fs::exists(path)) throw Error("tokenizer file '" + path + "' does not exist");

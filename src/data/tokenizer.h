@@ -42,6 +42,8 @@ struct ByteTokenizer {
 // tokenizer.model (SentencePiece or tiktoken format). An Error names the folder and the file
 // that is missing or does not parse.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
+// A tokenizer.json's text (`path` names it in errors).
+std::unique_ptr<Tokenizer> tokenizer_from_json(const std::string& text, const std::string& path);
 // One file: tokenizer.json, tokenizer.model, or vocab.json (merges.txt beside it).
 std::unique_ptr<Tokenizer> load_tokenizer_file(const std::string& path);
 

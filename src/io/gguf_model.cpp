@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -347,7 +348,8 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
   return f;
 }
 
-DecoderConfig decoder_from_gguf(const GgufFile& f, TensorMap& weights, const std::string& path) {
+namespace {
+DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string& path) {
   auto key = [&](const std::string& k) -> const nlohmann::json& {
     const GgufKV* e = f.find(k);
     if (!e) throw Error(path + ": GGUF metadata has no '" + k + "'");
@@ -404,6 +406,12 @@ DecoderConfig decoder_from_gguf(const GgufFile& f, TensorMap& weights, const std
   }
   c.validate();
   weights.clear();
+  // The shape each tensor must have in the file, from the decoder's parameters.
+  Graph g;
+  build_decoder(g, c, 1, 1);
+  std::map<std::string, Shape> want;
+  for (int id : g.params()) want[g.v(id).name] = g.v(id).shape;
+  const int64_t qkv_rows = (c.heads + 2 * c.n_kv_heads()) * c.hd();
   for (const NamePair& p : name_pairs(c))
     for (const char* kind : {".weight", ".bias"}) {
       const GgufTensor* t = f.tensor(p.gg + kind);
@@ -413,7 +421,23 @@ DecoderConfig decoder_from_gguf(const GgufFile& f, TensorMap& weights, const std
         continue;
       if (c.arch != Arch::glm && (p.hf.ends_with("qkv_proj") || p.hf.ends_with("gate_up_proj")))
         continue;
+      const std::string hf_name = p.hf + kind;
+      Shape expect;
+      if (c.arch == Arch::glm && p.hf.ends_with("qkv_proj")) {
+        auto q = want.find(p.hf.substr(0, p.hf.size() - 8) + "q_proj" + kind);
+        if (q == want.end()) continue;
+        expect = q->second;
+        expect[0] = qkv_rows;
+      } else if (auto it = want.find(hf_name); it != want.end()) {
+        expect = it->second;
+        if (gpt2_conv1d(c, p.gg + kind)) std::swap(expect[0], expect[1]);
+      } else {
+        continue;  // not a parameter of this config (a tied head's copy, say)
+      }
       Shape s(t->ne.rbegin(), t->ne.rend());
+      if (s != expect)
+        throw Error(path + ": tensor '" + p.gg + kind + "' has shape " + shape_str(s) +
+                    ", expected " + shape_str(expect) + " for this model's config");
       HostTensor h(s, DType::f32);
       const std::vector<float> v = ggml_decode(t->type, t->data, t->numel());
       std::copy(v.begin(), v.end(), h.f32());
@@ -423,10 +447,20 @@ DecoderConfig decoder_from_gguf(const GgufFile& f, TensorMap& weights, const std
         h = permute_rows(h, c.heads, true);
       if (c.arch == Arch::llama && gg.ends_with("attn_k" + std::string(kind)))
         h = permute_rows(h, c.n_kv_heads(), true);
-      weights[p.hf + kind] = std::move(h);
+      weights[hf_name] = std::move(h);
     }
   if (c.arch == Arch::glm) split_glm_qkv(c, weights);
   return c;
+}
+
+}  // namespace
+
+DecoderConfig decoder_from_gguf(const GgufFile& f, TensorMap& weights, const std::string& path) {
+  try {
+    return read_gguf(f, weights, path);
+  } catch (const nlohmann::json::exception& e) {  // a metadata value of the wrong type
+    throw Error(path + ": GGUF metadata mxn cannot read (" + e.what() + ")");
+  }
 }
 
 }  // namespace mxn

@@ -60,9 +60,7 @@ void read_rope_scaling(const Reader& r, DecoderConfig& c) {
   }
 }
 
-}  // namespace
-
-DecoderConfig decoder_config_from_hf(const nlohmann::json& j, const std::string& path) {
+DecoderConfig read_hf(const nlohmann::json& j, const std::string& path) {
   const Reader r{j, path};
   if (!j.is_object()) throw Error(path + ": not a JSON object");
   std::string archs;
@@ -143,6 +141,16 @@ DecoderConfig decoder_config_from_hf(const nlohmann::json& j, const std::string&
   }
   c.validate();
   return c;
+}
+
+}  // namespace
+
+DecoderConfig decoder_config_from_hf(const nlohmann::json& j, const std::string& path) {
+  try {
+    return read_hf(j, path);
+  } catch (const nlohmann::json::exception& e) {  // a nested field of the wrong type
+    throw Error(path + ": not a model config mxn can read (" + e.what() + ")");
+  }
 }
 
 nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {

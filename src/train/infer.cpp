@@ -1,7 +1,9 @@
 #include "train/infer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <numeric>
 
@@ -202,6 +204,12 @@ int64_t generate(const GenerateOptions& o,
   if (o.max_tokens < 0) throw Error("max_tokens must be >= 0");
   if (o.checkpoint.empty() == o.model.empty())
     throw Error("generate needs one of --checkpoint (an mxn run) or --model (a model folder)");
+  using clock = std::chrono::steady_clock;
+  auto since = [](clock::time_point t) {
+    return std::chrono::duration<double>(clock::now() - t).count();
+  };
+  GenerateStats st;
+  auto t0 = clock::now();
   ModelSource src = load_model(o.checkpoint.empty() ? o.model : o.checkpoint);
   DecoderConfig& cfg = src.cfg;
   // mxn's own runs are byte-level; other models read text with their folder's tokenizer.
@@ -227,7 +235,12 @@ int64_t generate(const GenerateOptions& o,
   StopFilter stop(o.stop);
   // A prompt longer than the cache keeps its last tokens.
   int64_t start = std::max<int64_t>(0, int64_t(ids.size()) - gen.capacity());
+  st.load_s = since(t0);
+  t0 = clock::now();
   const std::vector<float>* logits = &gen.feed(ids.data() + start, int64_t(ids.size()) - start);
+  st.prompt_s = since(t0);
+  st.prompt_tokens = int64_t(ids.size()) - start;
+  t0 = clock::now();
   int64_t n = 0;
   for (; n < o.max_tokens; ++n) {
     const int32_t next = sampler.next(logits->data(), cfg.vocab_size);
@@ -249,8 +262,12 @@ int64_t generate(const GenerateOptions& o,
       logits = &gen.feed(ids.data() + ids.size() - size_t(keep), keep);
     } else {
       logits = &gen.feed(&ids.back(), 1);
+      ++st.decode_tokens;
     }
   }
+  st.decode_s = since(t0);
+  if (o.stats) *o.stats = st;
+  if (dev->profiling()) std::fprintf(stderr, "%s", dev->profile_report().c_str());
   if (bytes || tok) {
     const std::string rest = stop.flush();
     if (!rest.empty()) on_token(-1, rest);

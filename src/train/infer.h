@@ -19,6 +19,13 @@ struct ModelSource {
 };
 ModelSource load_model(const std::string& path);
 
+// Wall-clock seconds of each phase: reading and placing the weights, the prompt's prefill, and
+// the one-token steps (each a forward pass reading the KV cache) with their sampling.
+struct GenerateStats {
+  double load_s = 0, prompt_s = 0, decode_s = 0;
+  int64_t prompt_tokens = 0, decode_tokens = 0;
+};
+
 struct GenerateOptions {
   std::string checkpoint;  // an mxn checkpoint or run folder (byte-level text) ...
   std::string model;       // ... or a Hugging Face model folder or GGUF file
@@ -30,6 +37,7 @@ struct GenerateOptions {
   bool ignore_eos = false;        // go on past the model's end-of-sequence tokens
   std::string device = "cpu";
   int64_t threads = 0;
+  GenerateStats* stats = nullptr;  // filled when given
 };
 
 // Mean next-token loss over the validation split of `data` (a shard, or a text file's last 10%).

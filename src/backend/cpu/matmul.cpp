@@ -99,10 +99,72 @@ bool native_bf16() {
   return yes;
 }
 
+namespace {
+
+// One row times a matrix: batch-1 decoding, which reads every weight once per token and is bound
+// by memory bandwidth. oneDNN's sgemm packs B for M = 1 as for any M; this streams it instead,
+// each thread over its own share of the outputs.
+void gemv(bool tb, int64_t N, int64_t K, float alpha, const float* x, const float* B,
+          bool accumulate, float* y) {
+  if (tb) {  // B is N x K: dot products, four rows at once (four accumulator chains, one x load)
+    const int64_t quads = (N + 3) / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t q = 0; q < quads; ++q) {
+      const int64_t n = q * 4;
+      const float* b0 = B + n * K;
+      const float* b1 = n + 1 < N ? b0 + K : b0;
+      const float* b2 = n + 2 < N ? b1 + K : b0;
+      const float* b3 = n + 3 < N ? b2 + K : b0;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < K; ++k) {
+        const float xk = x[k];
+        s0 += b0[k] * xk, s1 += b1[k] * xk, s2 += b2[k] * xk, s3 += b3[k] * xk;
+      }
+      const float sums[4] = {s0, s1, s2, s3};
+      for (int64_t j = 0; j < 4 && n + j < N; ++j)
+        y[n + j] = alpha * sums[j] + (accumulate ? y[n + j] : 0.f);
+    }
+    return;
+  }
+  // B is K x N: each thread takes blocks of columns and walks down the rows, four at a time.
+  constexpr int64_t kMaxBlock = 1024;
+  const int64_t threads = omp_get_max_threads();
+  const int64_t blocks = threads * ((N + threads * kMaxBlock - 1) / (threads * kMaxBlock));
+  const int64_t width = ((N + blocks - 1) / blocks + 15) / 16 * 16;
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t n0 = blk * width, w = std::min(N - n0, width);
+    if (w <= 0) continue;
+    alignas(64) float acc[kMaxBlock + 16];
+    for (int64_t j = 0; j < w; ++j) acc[j] = 0.f;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      const float x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
+      const float *b0 = B + k * N + n0, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) acc[j] += x0 * b0[j] + x1 * b1[j] + x2 * b2[j] + x3 * b3[j];
+    }
+    for (; k < K; ++k) {
+      const float xk = x[k], *b = B + k * N + n0;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) acc[j] += xk * b[j];
+    }
+    for (int64_t j = 0; j < w; ++j)
+      y[n0 + j] = alpha * acc[j] + (accumulate ? y[n0 + j] : 0.f);
+  }
+}
+
+}  // namespace
+
 void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M, int64_t N,
             int64_t K, float alpha, const float* A, int64_t sa, const float* B, int64_t sb,
             bool accumulate, float* C, int64_t sc) {
   const int64_t lda = ta ? M : K, ldb = tb ? K : N;
+  if (M == 1 && compute == Compute::f32) {
+    for (int64_t i = 0; i < batch; ++i) gemv(tb, N, K, alpha, A + i * sa, B + i * sb, accumulate, C + i * sc);
+    return;
+  }
   if (compute == Compute::bf16 && native_bf16()) {
     static thread_local Bf16Gemm gemm;
     auto* a16 = reinterpret_cast<uint16_t*>(s.get(s.a, size_t(M * K + 1) / 2));

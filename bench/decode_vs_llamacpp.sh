@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Batch-1 decoding and prompt processing on the CPU: mxn against llama.cpp on the same GGUF file,
+# which mxn writes (`mxn convert`). Models: GPT-2 124M and a LLaMA-shaped 1.2B (2048 wide, 22
+# layers, 32 heads, 4 KV heads, 5632 FFN; TinyLlama's shape with GPT-2's 50257-token vocabulary),
+# random weights made by transformers in the test venv. llama.cpp is built from the sources in
+# the llama-cpp-python package (bench/llamacpp.sh). Each figure is the median of RUNS runs, the
+# two engines alternating; prints a table row per model and type, then 'mxn/llama.cpp' ratios.
+# Not a test: timings are noisy. Environment: RUNS (3), THREADS (all cores), MODELS ("gpt2
+# llama1b"), TYPES ("f32 bf16"), PROMPT (128), GEN (64), WORK (build/bench).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs="${RUNS:-3}" threads="${THREADS:-$(nproc)}" prompt="${PROMPT:-128}" gen="${GEN:-64}"
+work="${WORK:-build/bench}" mxn="${BUILD_DIR:-build}/mxn"
+mkdir -p "$work"
+bench="$(bench/llamacpp.sh)"
+scripts/test-venv >&2
+py=build/test-venv/bin/python
+make_model() {  # $1: name -> folder with config, weights and the GPT-2 tokenizer
+  local dir="$work/$1"
+  [[ -f "$dir/config.json" ]] && return
+  "$py" - "$1" "$dir" <<'PY' >&2
+import shutil, sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+name, out = sys.argv[1:3]
+torch.manual_seed(0)
+if name == "gpt2":
+    m = GPT2LMHeadModel(GPT2Config())
+else:
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                                     num_key_value_heads=4, intermediate_size=5632, vocab_size=50257,
+                                     max_position_embeddings=2048, tie_word_embeddings=False))
+m.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+shutil.copy("../shared/data/gpt2-bpe/encoder.json", f"{out}/vocab.json")
+shutil.copy("../shared/data/gpt2-bpe/vocab.bpe", f"{out}/merges.txt")
+PY
+}
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ids=$(seq -s, 100 $((99 + prompt)))
+echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; prompt $prompt, generate $gen; median of $runs"
+printf "| model | type | mxn decode tok/s | llama.cpp decode tok/s | ratio | mxn prompt tok/s | llama.cpp prompt tok/s | ratio |\n|---|---|--:|--:|--:|--:|--:|--:|\n"
+for model in ${MODELS:-gpt2 llama1b}; do
+  make_model "$model"
+  for type in ${TYPES:-f32 bf16}; do
+    file="$work/$model-$type.gguf"
+    [[ -f "$file" ]] || "$mxn" convert "$work/$model" "$file" --type "$type" >&2
+    md=() mp=() ld=() lp=()
+    for ((r = 0; r < runs; r++)); do
+      line=$("$mxn" generate --model "$file" --prompt-ids "$ids" --max-tokens "$gen" --temperature 0 \
+             --ignore-eos --timings --threads "$threads" 2>&1 >/dev/null | tail -1)
+      mp+=("$(sed -E 's/.*prompt [0-9]+ tokens in [0-9.]+ s \(([0-9.]+) tokens.*/\1/' <<<"$line")")
+      md+=("$(sed -E 's/.*decode [0-9]+ tokens in [0-9.]+ s \(([0-9.]+) tokens.*/\1/' <<<"$line")")
+      json=$("$bench" -m "$file" -t "$threads" -p "$prompt" -n "$gen" -r 1 -o json 2>/dev/null)
+      lp+=("$("$py" -c 'import json,sys; print([r["avg_ts"] for r in json.load(sys.stdin) if r["n_prompt"]][0])' <<<"$json")")
+      ld+=("$("$py" -c 'import json,sys; print([r["avg_ts"] for r in json.load(sys.stdin) if r["n_gen"]][0])' <<<"$json")")
+    done
+    a=$(printf "%s\n" "${md[@]}" | median) b=$(printf "%s\n" "${ld[@]}" | median)
+    c=$(printf "%s\n" "${mp[@]}" | median) d=$(printf "%s\n" "${lp[@]}" | median)
+    printf "| %s | %s | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f |\n" "$model" "$type" "$a" "$b" \
+      "$(echo "$a / $b" | bc -l)" "$c" "$d" "$(echo "$c / $d" | bc -l)"
+  done
+done
