@@ -10,7 +10,7 @@
 For each: identical ids, and decode(encode(x)) == x.
 usage: tokenizer_test.py MXN KJV.txt
 """
-import base64, json, os, subprocess, sys, tempfile, unittest
+import base64, json, os, shutil, subprocess, sys, tempfile, unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:
@@ -107,8 +107,11 @@ class Tokenizers(unittest.TestCase):
             tk.save(os.path.join(folder, "tokenizer.json"))
             self.same("tokenizer.json " + name, folder, lambda t: tk.encode(t, add_special_tokens=False).ids)
 
-    def test_sentencepiece(self):
-        from transformers import LlamaTokenizer
+    def spm_folder(self):
+        """A Llama 2-style SentencePiece model trained here (once per run)."""
+        folder = os.path.join(self.tmp.name, "llama2-style")
+        if os.path.exists(os.path.join(folder, "tokenizer.model")):
+            return folder
         src = os.path.join(self.tmp.name, "spm_input.txt")
         with open(src, "w", encoding="utf-8") as f:
             f.write(self.texts["kjv"][:1000000] + self.texts["zh"])
@@ -124,6 +127,11 @@ class Tokenizers(unittest.TestCase):
         folder = os.path.join(self.tmp.name, "llama2-style")
         os.makedirs(folder, exist_ok=True)
         os.replace(prefix + ".model", os.path.join(folder, "tokenizer.model"))
+        return folder
+
+    def test_sentencepiece(self):
+        from transformers import LlamaTokenizer
+        folder = self.spm_folder()
         ref = LlamaTokenizer(os.path.join(folder, "tokenizer.model"), legacy=True, add_bos_token=False)
         # SentencePiece drops the leading space of its dummy prefix when decoding, so a text that
         # starts with a space would not round-trip (nor does it in transformers): these do not.
@@ -136,7 +144,7 @@ class Tokenizers(unittest.TestCase):
         got = mxn_encode(folder, "[gMASK]sop<|user|>", self.tmp.name)
         self.assertEqual(got, [n + 1, n + 3, n + 6])
 
-    def test_tiktoken_glm4(self):
+    def glm4_folder(self):
         import tiktoken
         tk = self.train_json(QWEN2, False)
         vocab = tk.get_vocab()
@@ -157,9 +165,114 @@ class Tokenizers(unittest.TestCase):
                     "<|user|>", "<|assistant|>", "<|observation|>"]
         enc = tiktoken.Encoding("glm4-test", pat_str=LLAMA3, mergeable_ranks=ranks,
                                 special_tokens={s: len(ranks) + i for i, s in enumerate(specials)})
+        return folder, enc
+
+    def test_tiktoken_glm4(self):
+        folder, enc = self.glm4_folder()
         self.texts["glm"] = "[gMASK]<sop><|user|>\n你好，世界 Hello<|assistant|>"
         self.same("tiktoken (GLM-4)", folder, lambda t: enc.encode(t, allowed_special="all"),
                   names=("kjv", "zh", "glm"))
+
+
+QWEN2_CHAT = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+              "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+              "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3_CHAT = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
+               "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+               "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+               "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA2_CHAT = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+               "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+               "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+               "{% if loop.index0 == 0 and system_message != false %}"
+               "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+               "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+               "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+               "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+class Chat(unittest.TestCase):
+    """--chat prompts against transformers' apply_chat_template with each family's template
+    (Qwen2, Llama 3, Llama 2), and against GLM.md's formats (ChatGLM3, GLM-4)."""
+    SYSTEM = "You are terse."
+    USER = "In the beginning 起初神创造天地。 What came first?"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.t = Tokenizers()
+        Tokenizers.setUpClass()
+        cls.tmp = Tokenizers.tmp
+
+    def mxn_chat(self, folder, system):
+        args = [MXN, "tokenize", "--tokenizer", folder, "--chat", "--text", self.USER]
+        r = subprocess.run(args + (["--system", system] if system else []), capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return [int(x) for x in r.stdout.split()]
+
+    def check(self, name, folder, ref):
+        for system in (self.SYSTEM, None):
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": self.USER}]
+            want = ref(msgs)
+            self.assertEqual(self.mxn_chat(folder, system), want, f"{name} chat prompt, system={system!r}")
+        print(f"chat {name:9s} identical ({len(want)} tokens)")
+
+    def json_folder(self, name, pattern, ignore, template, specials=(), **kw):
+        from transformers import PreTrainedTokenizerFast
+        tk = self.t.train_json(pattern, ignore, vocab=1500)
+        tk.add_special_tokens(list(specials))
+        folder = os.path.join(self.tmp.name, name)
+        os.makedirs(folder, exist_ok=True)
+        tk.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"chat_template": template, **kw}, f)
+        ref = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), chat_template=template, **kw)
+        return folder, lambda m: ref.apply_chat_template(m, add_generation_prompt=True)
+
+    def test_qwen2_chatml(self):
+        self.check("qwen2", *self.json_folder("qwen2-chat", QWEN2, False, QWEN2_CHAT))
+
+    def test_llama3(self):
+        self.check("llama3", *self.json_folder(
+            "llama3-chat", LLAMA3, True, LLAMA3_CHAT,
+            specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            bos_token="<|begin_of_text|>"))
+
+    def test_llama2(self):
+        from transformers import LlamaTokenizer
+        folder = os.path.join(self.tmp.name, "llama2-chat")
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(os.path.join(self.t.spm_folder(), "tokenizer.model"), os.path.join(folder, "tokenizer.model"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"chat_template": LLAMA2_CHAT}, f)
+        ref = LlamaTokenizer(os.path.join(folder, "tokenizer.model"), legacy=True, add_bos_token=False,
+                             chat_template=LLAMA2_CHAT)
+        self.check("llama2", folder, lambda m: ref.apply_chat_template(m, add_generation_prompt=True))
+
+    def test_chatglm3(self):
+        import sentencepiece as spm
+        folder = os.path.join(self.tmp.name, "chatglm3-chat")
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(os.path.join(self.t.spm_folder(), "tokenizer.model"), os.path.join(folder, "tokenizer.model"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "ChatGLMTokenizer"}, f)
+        sp = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+        n = sp.get_piece_size()
+        role = {"system": n + 5, "user": n + 6, "assistant": n + 7}
+
+        def ref(msgs):  # GLM.md: [gMASK]sop, then <|role|> + encode("\n") + encode(content), then <|assistant|>
+            ids = [n + 1, n + 3]
+            for m in msgs:
+                ids += [role[m["role"]]] + sp.encode("\n") + sp.encode(m["content"])
+            return ids + [role["assistant"]]
+        self.check("chatglm3", folder, ref)
+
+    def test_glm4(self):
+        folder, enc = self.t.glm4_folder()
+        self.check("glm4", folder, lambda msgs: enc.encode(
+            "[gMASK]<sop>" + "".join(f"<|{m['role']}|>\n{m['content']}" for m in msgs) + "<|assistant|>",
+            allowed_special="all"))
 
 
 def _bytes_to_unicode():

@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/text.h"
+#include "data/chat.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "train/infer.h"
@@ -61,6 +62,9 @@ std::function<int()> add_generate(CLI::App& app) {
   sub->add_option("--model", o.model, "a Hugging Face model folder or a .gguf file")->excludes(src);
   auto* text = sub->add_option("--prompt", o.prompt, "text to continue");
   sub->add_option("--prompt-ids", a->ids, "token ids to continue, comma-separated")->excludes(text);
+  sub->add_flag("--chat", o.chat, "the prompt is a user message in the model's chat format")
+      ->excludes("--prompt-ids");
+  sub->add_option("--system", o.system, "with --chat: a system message");
   sub->add_option("--max-tokens", o.max_tokens, "tokens to generate")->capture_default_str();
   sub->add_option("--temperature", o.sampling.temperature, "0: greedy")->capture_default_str();
   sub->add_option("--top-k", o.sampling.top_k, "sample from the k likeliest (0: all)")
@@ -93,9 +97,8 @@ std::function<int()> add_generate(CLI::App& app) {
                    "load %.2f s | prompt %lld tokens in %.3f s (%.1f tokens/s) | decode %lld "
                    "tokens in %.3f s (%.1f tokens/s)\n",
                    t.load_s, (long long)t.prompt_tokens, t.prompt_s,
-                   double(t.prompt_tokens) / std::max(t.prompt_s, 1e-9),
-                   (long long)t.decode_tokens, t.decode_s,
-                   double(t.decode_tokens) / std::max(t.decode_s, 1e-9));
+                   double(t.prompt_tokens) / std::max(t.prompt_s, 1e-9), (long long)t.decode_tokens,
+                   t.decode_s, double(t.decode_tokens) / std::max(t.decode_s, 1e-9));
     }
     return 0;
   };
@@ -149,10 +152,13 @@ std::function<int()> add_prepare(CLI::App& app) {
 std::function<int()> add_tokenize(CLI::App& app) {
   auto* sub = app.add_subcommand("tokenize", "token ids of a text, or the text of token ids");
   struct A {
-    std::string tokenizer, text, file, decode, decode_file;
+    std::string tokenizer, text, file, decode, decode_file, system;
+    bool chat = false;
   };
   auto a = std::make_shared<A>();
   sub->add_option("--tokenizer", a->tokenizer, "a model folder or tokenizer file")->required();
+  sub->add_flag("--chat", a->chat, "encode the text as a user message in the folder's chat format");
+  sub->add_option("--system", a->system, "with --chat: a system message");
   auto* t = sub->add_option("--text", a->text, "text to encode");
   auto* f = sub->add_option("--file", a->file, "file to encode")->excludes(t);
   auto* d = sub->add_option("--decode", a->decode, "comma-separated ids to decode");
@@ -175,8 +181,19 @@ std::function<int()> add_tokenize(CLI::App& app) {
       return 0;
     }
     const std::string text = a->file.empty() ? a->text : read_file(a->file, "text file");
+    std::vector<int32_t> ids;
+    if (a->chat) {
+      if (!std::filesystem::is_directory(a->tokenizer))
+        throw Error("--chat needs a model folder (its tokenizer_config.json names the format)");
+      std::vector<ChatMessage> msgs;
+      if (!a->system.empty()) msgs.push_back({"system", a->system});
+      msgs.push_back({"user", text});
+      ids = chat_prompt(chat_format(a->tokenizer, *tok), msgs, *tok);
+    } else {
+      ids = tok->encode(text);
+    }
     std::string out;
-    for (int32_t id : tok->encode(text)) out += std::to_string(id) + "\n";
+    for (int32_t id : ids) out += std::to_string(id) + "\n";
     std::fputs(out.c_str(), stdout);
     return 0;
   };

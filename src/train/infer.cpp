@@ -10,6 +10,7 @@
 #include "backend/device.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "data/chat.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "graph/program.h"
@@ -218,9 +219,20 @@ int64_t generate(const GenerateOptions& o,
   if (!src.tokenizer_dir.empty() && o.prompt_ids.empty()) tok = load_tokenizer(src.tokenizer_dir);
   if (!bytes && !tok && o.prompt_ids.empty())
     throw Error(src.what + " comes without tokenizer files: give the prompt as --prompt-ids");
-  std::vector<int32_t> ids = !o.prompt_ids.empty() ? o.prompt_ids
-                             : tok                 ? tok->encode(o.prompt)
-                                                   : ByteTokenizer().encode(o.prompt);
+  std::vector<int32_t> ids;
+  if (o.chat) {
+    if (!tok) throw Error("--chat needs a model folder with its tokenizer and a text prompt");
+    const ChatFormat f = chat_format(src.tokenizer_dir, *tok);
+    std::vector<ChatMessage> msgs;
+    if (!o.system.empty()) msgs.push_back({"system", o.system});
+    msgs.push_back({"user", o.prompt});
+    ids = chat_prompt(f, msgs, *tok);
+    for (int32_t id : chat_stop_ids(f, *tok)) cfg.eos.push_back(id);
+  } else {
+    ids = !o.prompt_ids.empty() ? o.prompt_ids
+          : tok                 ? tok->encode(o.prompt)
+                                : ByteTokenizer().encode(o.prompt);
+  }
   if (ids.empty()) ids.push_back(bytes ? '\n' : 0);
   for (int32_t id : ids)
     if (id < 0 || id >= cfg.vocab_size)

@@ -31,6 +31,8 @@ struct GenerateOptions {
   std::string model;       // ... or a Hugging Face model folder or GGUF file
   std::string prompt;
   std::vector<int32_t> prompt_ids;  // instead of `prompt`: token ids
+  bool chat = false;   // `prompt` is a user message in the model's chat format
+  std::string system;  // with `chat`: a system message
   int64_t max_tokens = 200;
   SamplingOptions sampling;
   std::vector<std::string> stop;  // generation ends before the first of these in the text

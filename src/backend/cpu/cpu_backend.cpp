@@ -85,8 +85,8 @@ int32_t buffer_alloc(void* ctx, uint64_t bytes, void** out) {
   constexpr uint64_t kHuge = 2u << 20;
   const bool huge = bytes >= 4 * kHuge;
   if (bytes > mem_available() ||
-      posix_memalign(&p, huge ? kHuge : 64, huge ? (bytes + kHuge - 1) / kHuge * kHuge
-                                               : (bytes ? bytes : 64)) != 0) {
+      posix_memalign(&p, huge ? kHuge : 64,
+                     huge ? (bytes + kHuge - 1) / kHuge * kHuge : (bytes ? bytes : 64)) != 0) {
     c->error = "the host has " + std::to_string(mem_available()) + " bytes free";
     return MXN_STATUS_OUT_OF_MEMORY;
   }

@@ -150,8 +150,7 @@ void gemv(bool tb, int64_t N, int64_t K, float alpha, const float* x, const floa
 #pragma omp simd
       for (int64_t j = 0; j < w; ++j) acc[j] += xk * b[j];
     }
-    for (int64_t j = 0; j < w; ++j)
-      y[n0 + j] = alpha * acc[j] + (accumulate ? y[n0 + j] : 0.f);
+    for (int64_t j = 0; j < w; ++j) y[n0 + j] = alpha * acc[j] + (accumulate ? y[n0 + j] : 0.f);
   }
 }
 
@@ -162,7 +161,8 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
             bool accumulate, float* C, int64_t sc) {
   const int64_t lda = ta ? M : K, ldb = tb ? K : N;
   if (M == 1 && compute == Compute::f32) {
-    for (int64_t i = 0; i < batch; ++i) gemv(tb, N, K, alpha, A + i * sa, B + i * sb, accumulate, C + i * sc);
+    for (int64_t i = 0; i < batch; ++i)
+      gemv(tb, N, K, alpha, A + i * sa, B + i * sb, accumulate, C + i * sc);
     return;
   }
   if (compute == Compute::bf16 && native_bf16()) {

@@ -1,0 +1,37 @@
+#pragma once
+// Chat prompts for the instruction-tuned models of each family, as their tokenizer_config.json
+// chat templates render them (the formats are recognised, not interpreted as Jinja):
+//   chatml   Qwen2:
+//   <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n
+//   llama3   Llama 3: <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>...
+//   llama2   Llama 2:    <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST]
+//   chatglm3 ChatGLM3:   [gMASK]sop<|user|> + encode("\n") + encode(content) ... <|assistant|>
+//   glm4     GLM-4:      [gMASK]<sop><|user|>\n...<|assistant|>
+#include <string>
+#include <vector>
+
+#include "data/tokenizer.h"
+
+namespace mxn {
+
+struct ChatMessage {
+  std::string role;  // system, user or assistant
+  std::string content;
+};
+
+enum class ChatFormat { chatml, llama3, llama2, chatglm3, glm4 };
+const char* chat_format_name(ChatFormat f);
+
+// The format of a model folder: from its tokenizer_config.json chat_template when there is one,
+// else from the special tokens its tokenizer has. An Error says why none applies (GPT-2, a base
+// model's tokenizer without chat tokens).
+ChatFormat chat_format(const std::string& model_dir, const Tokenizer& tok);
+
+// The prompt's token ids, ending where the assistant's answer begins.
+std::vector<int32_t> chat_prompt(ChatFormat f, const std::vector<ChatMessage>& messages,
+                                 const Tokenizer& tok);
+
+// The token ids that end an assistant turn in this format (generation stops at them).
+std::vector<int32_t> chat_stop_ids(ChatFormat f, const Tokenizer& tok);
+
+}  // namespace mxn
