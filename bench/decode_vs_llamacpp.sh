@@ -55,7 +55,7 @@ for model in ${MODELS:-gpt2 llama1b}; do
     done
     a=$(printf "%s\n" "${md[@]}" | median) b=$(printf "%s\n" "${ld[@]}" | median)
     c=$(printf "%s\n" "${mp[@]}" | median) d=$(printf "%s\n" "${lp[@]}" | median)
-    printf "| %s | %s | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f |\n" "$model" "$type" "$a" "$b" \
-      "$(echo "$a / $b" | bc -l)" "$c" "$d" "$(echo "$c / $d" | bc -l)"
+    awk -v m="$model" -v t="$type" -v a="$a" -v b="$b" -v c="$c" -v d="$d" \
+      'BEGIN { printf "| %s | %s | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f |\n", m, t, a, b, a / b, c, d, c / d }'
   done
 done

@@ -1,9 +1,10 @@
 #!/usr/bin/python3
 """The PyTorch peer for bench/train_vs_torch.sh: the same GPT-2 trained with AdamW on random
-tokens, in f32 or with bf16 autocast. Prints one line: 'torch <dtype> tokens/s: X'.
+tokens, in f32 or with bf16 autocast (attention fused where torch has scaled_dot_product_attention).
+Prints its peak resident memory, then last 'torch <dtype> tokens/s: X'.
 usage: torch_gpt.py --dtype f32|bf16 --threads N --steps N [--layers 6 --width 384 --heads 6 --ctx 256 --batch 8 --vocab 256]
 """
-import argparse, math, statistics, time
+import argparse, math, resource, statistics, time
 
 import torch
 import torch.nn as nn
@@ -22,10 +23,14 @@ class Block(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
         q, k, v = (z.view(B, T, self.H, C // self.H).transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.H))
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        if hasattr(F, "scaled_dot_product_attention"):  # torch >= 2: fused, no (B,H,T,T) kept
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.H))
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+            y = att @ v
+        y = y.transpose(1, 2).reshape(B, T, C)
         x = x + self.c_proj(y)
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
@@ -75,6 +80,8 @@ def main():
         opt.step()
         if s >= 2:
             times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"torch {torch.__version__} peak resident memory: {peak:.2f} GiB")
     print(f"torch {a.dtype} tokens/s: {a.batch * a.ctx / statistics.median(times):.1f}")
 
 

@@ -31,19 +31,23 @@ int32_t parse_id(const std::string& t, const char* flag) {
 }  // namespace
 
 std::function<int()> add_eval(CLI::App& app) {
-  auto* sub = app.add_subcommand("eval", "validation loss of a checkpoint on a data file");
+  auto* sub = app.add_subcommand("eval", "validation loss of a model on a data file");
   struct A {
     std::string ckpt, data, device = "cpu";
-    int64_t threads = 0, batch = 8;
+    int64_t threads = 0, batch = 8, ctx = 0;
   };
   auto a = std::make_shared<A>();
-  sub->add_option("--checkpoint", a->ckpt, "checkpoint or run folder")->required();
+  sub->add_option("--checkpoint,--model", a->ckpt,
+                  "an mxn checkpoint or run folder, a Hugging Face model folder, or a .gguf file")
+      ->required();
+  sub->add_option("--ctx", a->ctx, "tokens per window (0: the model's context, at most 1024)");
   sub->add_option("--data", a->data, "token shard or text file")->required();
   sub->add_option("--device", a->device, "device")->capture_default_str();
   sub->add_option("--threads", a->threads, "CPU threads (0: all)");
   sub->add_option("--batch", a->batch, "sequences per forward pass")->check(CLI::PositiveNumber);
   return [a] {
-    std::printf("loss: %.6f\n", eval_checkpoint(a->ckpt, a->data, a->device, a->threads, a->batch));
+    std::printf("loss: %.6f\n",
+                eval_model(a->ckpt, a->data, a->device, a->threads, a->batch, a->ctx));
     return 0;
   };
 }

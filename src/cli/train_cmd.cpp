@@ -1,6 +1,7 @@
 // `mxn train`: the config from defaults, a TOML file and flags (in that order), then the loop with
 // a live progress line, metrics, validation and checkpoints.
 #include <pthread.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -387,6 +388,9 @@ int run_train(TrainArgs& a) {
   if (!lead) return g_stop ? 130 : 0;
   const std::string where = tr.save();
   write_loss_svg(c.out);
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  std::printf("peak resident memory: %.2f GiB\n", double(ru.ru_maxrss) / (1 << 20));
   std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",
               g_stop ? "stopped" : "done", (long long)tr.current_step(), where.c_str(),
               c.out.c_str(), c.out.c_str());

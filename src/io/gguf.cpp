@@ -241,11 +241,11 @@ std::string gguf_serialize(const GgufFile& f) {
     for (int64_t d : t.ne) w.pod<uint64_t>(uint64_t(d));
     w.pod<uint32_t>(uint32_t(t.type));
     w.pod<uint64_t>(offset);
-    offset += (t.data.size() + align - 1) / align * align;
+    offset += (t.view().size() + align - 1) / align * align;
   }
   w.out.resize((w.out.size() + align - 1) / align * align, '\0');
   for (const GgufTensor& t : f.tensors) {
-    w.out += t.data;
+    w.out += t.view();
     w.out.resize((w.out.size() + align - 1) / align * align, '\0');
   }
   return std::move(w.out);
@@ -324,14 +324,16 @@ GgufFile gguf_parse(const char* data, size_t size, const std::string& path) {
     if (base > size || offsets[i] > size - base || bytes > size - base - offsets[i])
       throw Error(path + ": not a valid GGUF file: tensor '" + t.name +
                   "' lies past the end of the file");
-    t.data.assign(data + base + offsets[i], bytes);
+    t.bytes = std::string_view(data + base + offsets[i], bytes);
   }
   return f;
 }
 
 GgufFile gguf_load(const std::string& path) {
-  MappedFile m(path, "GGUF file");
-  return gguf_parse(m.data(), m.size(), path);
+  auto m = std::make_shared<MappedFile>(path, "GGUF file");
+  GgufFile f = gguf_parse(m->data(), m->size(), path);
+  f.mapping = m;
+  return f;
 }
 
 bool is_gguf_file(const std::string& path) {
@@ -370,26 +372,30 @@ std::string ggml_encode(GgmlType t, const float* x, int64_t n) {
   return out;
 }
 
-std::vector<float> ggml_decode(GgmlType t, const std::string& bytes, int64_t n) {
-  std::vector<float> x(static_cast<size_t>(n));
+void ggml_decode(GgmlType t, std::string_view bytes, int64_t n, float* x) {
   const char* p = bytes.data();
-  for (int64_t i = 0; t != GgmlType::q8_0 && i < n; ++i) {
-    if (t == GgmlType::f32) {
-      std::memcpy(&x[size_t(i)], p + 4 * i, 4);
-      continue;
-    }
-    uint16_t h;
-    std::memcpy(&h, p + 2 * i, 2);
-    x[size_t(i)] = t == GgmlType::f16 ? f16_to_f32(h) : bf16_to_f32(h);
+  switch (t) {
+    case GgmlType::f32:
+      std::memcpy(x, p, size_t(n) * 4);
+      return;
+    case GgmlType::f16:
+    case GgmlType::bf16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * i, 2);
+        x[i] = t == GgmlType::f16 ? f16_to_f32(h) : bf16_to_f32(h);
+      }
+      return;
+    case GgmlType::q8_0:
+      for (int64_t b = 0; b < n / kQ8Block; ++b) {
+        uint16_t dh;
+        std::memcpy(&dh, p + b * kQ8Bytes, 2);
+        const float d = f16_to_f32(dh);
+        for (int i = 0; i < kQ8Block; ++i)
+          x[b * kQ8Block + i] = d * float(int8_t(p[b * kQ8Bytes + 2 + i]));
+      }
+      return;
   }
-  for (int64_t b = 0; t == GgmlType::q8_0 && b < n / kQ8Block; ++b) {
-    uint16_t dh;
-    std::memcpy(&dh, p + b * kQ8Bytes, 2);
-    const float d = f16_to_f32(dh);
-    for (int i = 0; i < kQ8Block; ++i)
-      x[size_t(b * kQ8Block + i)] = d * float(int8_t(p[b * kQ8Bytes + 2 + i]));
-  }
-  return x;
 }
 
 }  // namespace mxn

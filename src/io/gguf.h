@@ -4,8 +4,10 @@
 // `ne`, fastest-varying dimension first: a PyTorch (out, in) weight is ne = {in, out}.
 // Read and written here for the types mxn converts: f32, f16, bf16 and Q8_0.
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace mxn {
@@ -44,11 +46,14 @@ struct GgufTensor {
   std::string name;
   std::vector<int64_t> ne;
   GgmlType type = GgmlType::f32;
-  std::string data;  // ggml's bytes for the type
+  std::string data;        // ggml's bytes for the type, when written or copied
+  std::string_view bytes;  // the bytes: `data`, or a view into the file gguf_load mapped
   int64_t numel() const;
+  std::string_view view() const { return data.empty() ? bytes : std::string_view(data); }
 };
 
 struct GgufFile {
+  std::shared_ptr<const void> mapping;  // keeps the tensors' views valid (gguf_load)
   std::vector<GgufKV> kv;
   std::vector<GgufTensor> tensors;
   const GgufKV* find(const std::string& key) const;
@@ -59,6 +64,7 @@ struct GgufFile {
 
 std::string gguf_serialize(const GgufFile& f);
 // Every bound is checked: a truncated or corrupt file is an Error naming `path` and what is wrong.
+// Tensors view `data`, which must outlive the result; gguf_load maps the file and keeps it.
 GgufFile gguf_parse(const char* data, size_t size, const std::string& path);
 GgufFile gguf_load(const std::string& path);
 bool is_gguf_file(const std::string& path);  // starts with the magic "GGUF"
@@ -66,6 +72,6 @@ bool is_gguf_file(const std::string& path);  // starts with the magic "GGUF"
 // f32 values into ggml bytes of `t` (Q8_0 rounds as ggml's reference quantizer: d = amax/127 as
 // f16, q = round-half-away(x / d)), and back.
 std::string ggml_encode(GgmlType t, const float* x, int64_t n);
-std::vector<float> ggml_decode(GgmlType t, const std::string& bytes, int64_t n);
+void ggml_decode(GgmlType t, std::string_view bytes, int64_t n, float* out);
 
 }  // namespace mxn

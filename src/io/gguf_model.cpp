@@ -439,8 +439,7 @@ DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string
         throw Error(path + ": tensor '" + p.gg + kind + "' has shape " + shape_str(s) +
                     ", expected " + shape_str(expect) + " for this model's config");
       HostTensor h(s, DType::f32);
-      const std::vector<float> v = ggml_decode(t->type, t->data, t->numel());
-      std::copy(v.begin(), v.end(), h.f32());
+      ggml_decode(t->type, t->view(), t->numel(), h.f32());
       const std::string gg = p.gg + kind;
       if (gpt2_conv1d(c, gg)) h = transpose2d(h);
       if (c.arch == Arch::llama && gg.ends_with("attn_q" + std::string(kind)))

@@ -97,12 +97,14 @@ const char* const kTokenizerFiles[8] = {
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
     "merges.txt",     "tokenizer.model",       "added_tokens.json",       "generation_config.json"};
 
-TensorMap decoder_weights(const DecoderConfig& c, const TensorMap& weights,
-                          const std::string& source) {
+TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::string& source) {
   Graph g;
   build_decoder(g, c, 1, 1);
   TensorMap out;
-  for (int p : g.params()) out[g.v(p).name] = expect_tensor(weights, g.v(p), source);
+  for (int p : g.params()) {
+    expect_tensor(weights, g.v(p), source);
+    out.insert(weights.extract(g.v(p).name));  // moved, not copied
+  }
   return out;
 }
 

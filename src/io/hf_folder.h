@@ -22,8 +22,7 @@ void upload_weights(Program& prog, const TensorMap& weights, const std::string& 
 // The decoder's parameters out of `weights` (f32, Hugging Face names): a missing tensor or one of
 // another shape is an Error naming it, its expected and its found shape; extra tensors (GPT-2's
 // attention-mask buffers, a tied head) are dropped.
-TensorMap decoder_weights(const DecoderConfig& c, const TensorMap& weights,
-                          const std::string& source);
+TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::string& source);
 
 // config.json, model.safetensors (f32, f16 or bf16) and, from `tokenizer_dir` when given, the
 // tokenizer files, into `dir`; each file written atomically. transformers loads the folder with

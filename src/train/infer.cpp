@@ -22,34 +22,6 @@
 namespace mxn {
 namespace {
 
-struct Loaded {
-  TrainConfig cfg;
-  std::unique_ptr<Device> dev;
-  DecoderGraph m;
-  std::unique_ptr<Program> prog;
-};
-
-Loaded load_for_inference(const std::string& checkpoint, const std::string& device, int64_t threads,
-                          int64_t B, int64_t T, bool with_loss) {
-  Checkpoint ck = load_checkpoint(checkpoint, false);
-  Loaded l;
-  from_json(l.cfg, ck.trainer.at("config"));
-  const DecoderConfig model = l.cfg.decoder_config();
-  model.validate();
-  if (T <= 0 || T > l.cfg.model.n_ctx) T = l.cfg.model.n_ctx;
-  l.dev = open_device(device, int(threads));
-  Graph g;
-  DecoderOptions o;
-  o.with_loss = with_loss;
-  l.m = build_decoder(g, model, B, T, o);
-  l.prog = std::make_unique<Program>(std::move(g), *l.dev, false);
-  upload_weights(*l.prog, ck.weights, "checkpoint '" + checkpoint + "'");
-  std::vector<int32_t> pos(size_t(B * T));
-  for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
-  l.dev->upload(l.prog->tensor(l.m.positions), pos.data());
-  return l;
-}
-
 // A byte-level model can sample bytes that are not UTF-8; text goes out only in whole valid
 // characters, and an invalid byte becomes U+FFFD, so a terminal never sees broken sequences.
 class Utf8Stream {
@@ -97,9 +69,14 @@ ModelSource load_model(const std::string& path) {
                   ".gguf file, or an mxn checkpoint or run folder)");
     m.what = "GGUF file '" + path + "'";
     m.cfg = decoder_from_gguf(gguf_load(path), m.weights, path);
-  } else if (fs::exists(fs::path(path) / "config.json") ||
-             !(fs::exists(fs::path(path) / "trainer.json") ||
-               fs::exists(fs::path(path) / "latest"))) {
+  } else if (!fs::exists(fs::path(path) / "config.json") &&
+             !fs::exists(fs::path(path) / "trainer.json") &&
+             !fs::exists(fs::path(path) / "latest")) {
+    throw Error("'" + path +
+                "' is not a checkpoint, run folder or model folder: it has no config.json (a "
+                "Hugging Face model folder), trainer.json (an mxn checkpoint) or latest (an mxn "
+                "run folder)");
+  } else if (fs::exists(fs::path(path) / "config.json")) {
     m.what = "model folder '" + path + "'";
     m.cfg = load_hf_config(path);  // names a missing config.json
     m.weights = load_hf_weights(path);
@@ -114,25 +91,33 @@ ModelSource load_model(const std::string& path) {
     if (!tc.model.dir.empty() && fs::is_directory(tc.model.dir)) m.tokenizer_dir = tc.model.dir;
   }
   m.cfg.validate();
-  m.weights = decoder_weights(m.cfg, m.weights, m.what);
+  m.weights = decoder_weights(m.cfg, std::move(m.weights), m.what);
   return m;
 }
 
-double eval_checkpoint(const std::string& checkpoint, const std::string& data_path,
-                       const std::string& device, int64_t threads, int64_t batch) {
+double eval_model(const std::string& model, const std::string& data_path, const std::string& device,
+                  int64_t threads, int64_t batch, int64_t ctx) {
   TokenData data = TokenData::open(data_path);
-  Checkpoint probe = load_checkpoint(checkpoint, false);
-  TrainConfig cfg;
-  from_json(cfg, probe.trainer.at("config"));
-  const int64_t T = std::min<int64_t>(cfg.seq_len(), data.n_val() - 1);
+  ModelSource src = load_model(model);
+  const DecoderConfig& cfg = src.cfg;
+  const int64_t T = std::min({cfg.max_pos, ctx > 0 ? ctx : int64_t(1024), data.n_val() - 1});
   if (T < 1) throw Error("data '" + data_path + "' has too few validation tokens to evaluate");
-  if (data.vocab() > cfg.decoder_config().vocab_size)
+  if (data.vocab() > cfg.vocab_size)
     throw Error("data '" + data_path + "' has vocab " + std::to_string(data.vocab()) +
-                ", the model's is " + std::to_string(cfg.decoder_config().vocab_size));
+                ", the model's is " + std::to_string(cfg.vocab_size));
   const int64_t windows = (data.n_val() - 1) / T;
   const int64_t B = std::max<int64_t>(1, std::min(batch, windows));
-  Loaded l = load_for_inference(checkpoint, device, threads, B, T, true);
-  std::vector<int32_t> tok(size_t(B * T)), tgt(size_t(B * T));
+  auto dev = open_device(device, int(threads));
+  Graph g;
+  DecoderOptions o;
+  o.with_loss = true;
+  const DecoderGraph m = build_decoder(g, cfg, B, T, o);
+  Program prog(std::move(g), *dev, false);
+  upload_weights(prog, src.weights, src.what);
+  src.weights.clear();
+  std::vector<int32_t> tok(size_t(B * T)), tgt(size_t(B * T)), pos(size_t(B * T));
+  for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
+  dev->upload(prog.tensor(m.positions), pos.data());
   double sum = 0;
   int64_t n = 0;
   // Non-overlapping windows over the whole split; the last partial batch is dropped.
@@ -142,11 +127,11 @@ double eval_checkpoint(const std::string& checkpoint, const std::string& data_pa
         tok[size_t(b * T + t)] = int32_t(data.val()[(w0 + b) * T + t]);
         tgt[size_t(b * T + t)] = int32_t(data.val()[(w0 + b) * T + t + 1]);
       }
-    l.dev->upload(l.prog->tensor(l.m.tokens), tok.data());
-    l.dev->upload(l.prog->tensor(l.m.targets), tgt.data());
-    l.prog->run(0, l.prog->graph().nodes.size());
+    dev->upload(prog.tensor(m.tokens), tok.data());
+    dev->upload(prog.tensor(m.targets), tgt.data());
+    prog.run(0, prog.graph().nodes.size());
     float loss;
-    l.dev->download(&loss, l.prog->tensor(l.m.loss));
+    dev->download(&loss, prog.tensor(m.loss));
     sum += loss;
     ++n;
   }
@@ -240,7 +225,7 @@ int64_t generate(const GenerateOptions& o,
                   std::to_string(cfg.vocab_size) + ")");
   auto dev = open_device(o.device, int(o.threads));
   const int64_t capacity = std::min<int64_t>(cfg.max_pos, int64_t(ids.size()) + o.max_tokens);
-  Generator gen(cfg, src.weights, src.what, *dev, std::max<int64_t>(capacity, 1));
+  Generator gen(cfg, src.weights, src.what, *dev, std::max<int64_t>(capacity, 1), 256);
   src.weights.clear();
   Sampler sampler(o.sampling);
   Utf8Stream utf8;

@@ -42,9 +42,11 @@ struct GenerateOptions {
   GenerateStats* stats = nullptr;  // filled when given
 };
 
-// Mean next-token loss over the validation split of `data` (a shard, or a text file's last 10%).
-double eval_checkpoint(const std::string& checkpoint, const std::string& data,
-                       const std::string& device, int64_t threads, int64_t batch = 8);
+// Mean next-token loss over the validation split of `data` (a shard, or a text file's last 10%)
+// for any model load_model() reads, in windows of `ctx` tokens (0: the model's context, at most
+// 1024).
+double eval_model(const std::string& model, const std::string& data, const std::string& device,
+                  int64_t threads, int64_t batch = 8, int64_t ctx = 0);
 
 // Calls `on_token` with each new token id and the text it completes (whole UTF-8 characters;
 // empty while a character is incomplete, or when the model's tokenizer is not read here).
