@@ -339,9 +339,13 @@ int run_train(TrainArgs& a) {
     comm.all_reduce_sum(&f, 1);
     return f > 0;
   };
+  rusage ru{};
+  long train_peak_kib = 0;  // the high-water mark after the last step, before its evaluation
   while (tr.current_step() < last && !stop_requested()) {
     auto ts = std::chrono::steady_clock::now();
     loss = tr.step();
+    getrusage(RUSAGE_SELF, &ru);
+    train_peak_kib = ru.ru_maxrss;
     const int64_t s = tr.current_step();
     if (!std::isfinite(loss))
       throw Error(
@@ -388,9 +392,11 @@ int run_train(TrainArgs& a) {
   if (!lead) return g_stop ? 130 : 0;
   const std::string where = tr.save();
   write_loss_svg(c.out);
-  rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
-  std::printf("peak resident memory: %.2f GiB\n", double(ru.ru_maxrss) / (1 << 20));
+  std::printf(
+      "peak resident memory: %.2f GiB in training steps, %.2f GiB with evaluation and "
+      "checkpointing\n",
+      double(train_peak_kib) / (1 << 20), double(ru.ru_maxrss) / (1 << 20));
   std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",
               g_stop ? "stopped" : "done", (long long)tr.current_step(), where.c_str(),
               c.out.c_str(), c.out.c_str());

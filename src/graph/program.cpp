@@ -24,9 +24,28 @@ uint64_t plan_arena(Graph& g) {
   }
   for (size_t i = 0; i < nv; ++i)
     if (g.values[i].output && first[i] >= 0) last[i] = int64_t(g.nodes.size());
+  // An op that may write its output over an input (docs/backends.md, "In place") takes over that
+  // input's bytes when this is the input's last use: the cross-entropy backward writes the
+  // logits' gradient where the logits were (B*T*V floats, the largest activation of an LM).
+  std::vector<int> alias(nv, -1);  // value -> the value whose bytes it reuses
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node& n = g.nodes[i];
+    if (n.op != MXN_OP_CROSS_ENTROPY_BWD) continue;
+    int root = n.in[1];
+    while (alias[size_t(root)] >= 0) root = alias[size_t(root)];
+    const int out = n.out[0];
+    const Value &a = g.values[size_t(root)], &b = g.values[size_t(out)];
+    if (a.kind != ValueKind::activation || b.kind != ValueKind::activation ||
+        last[size_t(root)] != int64_t(i) || first[size_t(out)] != int64_t(i) ||
+        bytes_of(a) != bytes_of(b) || a.output)
+      continue;
+    alias[size_t(out)] = root;
+    last[size_t(root)] = last[size_t(out)];
+  }
   std::vector<int> order;
   for (size_t i = 0; i < nv; ++i)
-    if (g.values[i].kind == ValueKind::activation && first[i] >= 0) order.push_back(int(i));
+    if (g.values[i].kind == ValueKind::activation && first[i] >= 0 && alias[i] < 0)
+      order.push_back(int(i));
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
     return bytes_of(g.values[size_t(a)]) > bytes_of(g.values[size_t(b)]);
   });
@@ -52,6 +71,8 @@ uint64_t plan_arena(Graph& g) {
     placed.push_back({off, off + size, f, l});
     total = std::max(total, off + size);
   }
+  for (size_t i = 0; i < nv; ++i)
+    if (alias[i] >= 0) g.values[i].offset = g.values[size_t(alias[i])].offset;
   return total;
 }
 
