@@ -113,3 +113,28 @@ TEST(Shard, PrepareAndOpen) {
   EXPECT_THROW(TokenData::open((dir / "missing").string()), Error);
   std::filesystem::remove_all(dir);
 }
+
+// A vocabulary past 65536 (an added token with id 70000) makes a 32-bit shard (version 2).
+TEST(Shard, ThirtyTwoBitTokens) {
+  const auto dir = std::filesystem::temp_directory_path() / "mxn_shard32_test";
+  std::filesystem::create_directories(dir);
+  write_file_atomic((dir / "tokenizer.json").string(), R"({
+    "model": {"type": "BPE", "vocab": {"H": 0, "e": 1, "l": 2, "o": 3, "He": 4, "ll": 5,
+                                       "llo": 6, "Hello": 7},
+              "merges": ["H e", "l l", "ll o", "He llo"]},
+    "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false},
+    "added_tokens": [{"id": 70000, "content": "<|big|>", "special": true}]})");
+  const std::string txt = (dir / "a.txt").string(), bin = (dir / "a.bin").string();
+  write_file_atomic(txt, "Hello<|big|>HelloHello<|big|>Hello");
+  prepare_shard(txt, bin, 0.34, dir.string());
+  TokenData d = TokenData::open(bin);
+  EXPECT_EQ(d.vocab(), 70001);
+  ASSERT_EQ(d.n_train(), 4);
+  ASSERT_EQ(d.n_val(), 2);
+  EXPECT_EQ(d.train()[0], 7u);
+  EXPECT_EQ(d.train()[1], 70000u);
+  EXPECT_EQ(d.val()[0], 70000u);
+  EXPECT_EQ(d.val()[1], 7u);
+  EXPECT_EQ(std::filesystem::file_size(bin) % 4, 0u);
+  std::filesystem::remove_all(dir);
+}
