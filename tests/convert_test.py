@@ -157,9 +157,26 @@ class Convert(unittest.TestCase):
                             m2 = AutoModelForCausalLM.from_pretrained(back).eval()
                             with torch.no_grad():
                                 self.assertEqual(rel(m2(ids).logits.numpy(), want), 0.0, "GGUF round trip")
+                if family != "chatglm":  # bf16 weights: as transformers on the rounded weights
+                    self.bf16_weights(model, os.path.join(tmp, "m-bf16.gguf"), ids[0, :5].tolist())
                 if not odd and family != "glm":  # a GGUF written by gguf's own writer, no mxn.config
                     self.foreign_gguf(family, cfg, sd, tmp)
                 print(f"{family:8s} {'odd' if odd else 'even':4s} HF f32/f16/bf16 and GGUF f32/f16/bf16/q8_0 bit-exact")
+
+    def bf16_weights(self, model, path, prompt):
+        """mxn generate keeps a bf16 file's weights in bf16 (arithmetic in f32): its greedy tokens
+        equal transformers' in float64 on the same bf16-rounded weights."""
+        ref = type(model)(model.config)
+        ref.load_state_dict({k: v.to(torch.bfloat16).double() if v.dim() >= 2 else v.double()
+                             for k, v in model.state_dict().items()})  # GGUF keeps 1-D in f32
+        ref = ref.double().eval()
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(32):
+                ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+        out = mxn("generate", "--model", path, "--weights", "bf16", "--prompt-ids", ",".join(map(str, prompt)),
+                  "--max-tokens", "32", "--temperature", "0", "--ignore-eos", "--print-ids")
+        self.assertEqual([int(t) for t in out.split()], ids[len(prompt):], "greedy with bf16 weights")
 
     def foreign_gguf(self, family, cfg, sd, tmp):
         path = os.path.join(tmp, "foreign.gguf")

@@ -82,6 +82,9 @@ std::function<int()> add_generate(CLI::App& app) {
   sub->add_flag("--timings", a->timings, "print load, prompt and per-token speeds on stderr");
   sub->add_option("--device", o.device, "device")->capture_default_str();
   sub->add_option("--threads", o.threads, "CPU threads (0: all)");
+  sub->add_option("--weights", o.weights,
+                  "weights kept as f32, bf16 (f32 arithmetic), or auto: bf16 for 16-bit sources")
+      ->capture_default_str();
   return [a] {
     GenerateOptions& o = a->o;
     for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ','))

@@ -6,8 +6,8 @@
 
 namespace mxn {
 
-int Graph::param(const std::string& name, Shape shape, bool decay) {
-  Value p{name, shape, DType::f32, ValueKind::param, decay};
+int Graph::param(const std::string& name, Shape shape, bool decay, DType dtype) {
+  Value p{name, shape, dtype, ValueKind::param, decay};
   values.push_back(p);
   const int id = int(values.size()) - 1;
   values.push_back(Value{name + ".grad", shape, DType::f32, ValueKind::grad});

@@ -62,7 +62,8 @@ class Graph {
   // Matmuls (forward and backward) run with this compute type: f32, or bf16 mixed precision.
   DType matmul_compute = DType::f32;
 
-  int param(const std::string& name, Shape shape, bool decay);
+  // dtype bf16: stored weights for inference (MATMUL's B, EMBEDDING's table); no training.
+  int param(const std::string& name, Shape shape, bool decay, DType dtype = DType::f32);
   int input(const std::string& name, Shape shape, DType dtype);
   int activation(Shape shape, DType dtype = DType::f32);
   int emit(mxn_op op, std::vector<int> in, std::vector<int> out,

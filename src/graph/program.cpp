@@ -81,9 +81,11 @@ Program::Program(Graph g, Device& dev, bool with_grads) : g_(std::move(g)), dev_
   for (bool decay : {true, false})
     for (Value& v : g_.values)
       if (v.kind == ValueKind::param && v.decay == decay) {
+        if (v.dtype != DType::f32) poff = align_up(poff);  // bf16 weights (inference only)
         v.offset = poff;
         g_.values[size_t(v.grad)].offset = poff;
         poff += bytes_of(v);
+        if (v.dtype != DType::f32) poff = align_up(poff);
         (decay ? n_decay_ : n_nodecay_) += numel(v.shape);
       }
   for (Value& v : g_.values)

@@ -88,9 +88,18 @@ const HostTensor& expect_tensor(const TensorMap& weights, const Value& v,
 }  // namespace
 
 void upload_weights(Program& prog, const TensorMap& weights, const std::string& source) {
-  for (int p : prog.graph().params())
-    prog.device().upload(prog.tensor(p),
-                         expect_tensor(weights, prog.graph().v(p), source).bytes.data());
+  std::vector<uint16_t> half;
+  for (int p : prog.graph().params()) {
+    const Value& v = prog.graph().v(p);
+    const HostTensor& t = expect_tensor(weights, v, source);
+    if (v.dtype == DType::f32) {
+      prog.device().upload(prog.tensor(p), t.bytes.data());
+      continue;
+    }
+    half.resize(size_t(t.numel()));  // bf16 storage for inference
+    for (int64_t i = 0; i < t.numel(); ++i) half[size_t(i)] = f32_to_bf16(t.f32()[i]);
+    prog.device().upload(prog.tensor(p), half.data());
+  }
 }
 
 const char* const kTokenizerFiles[8] = {

@@ -76,11 +76,12 @@ Names names_for(Arch a) {
 struct Builder {
   Graph& g;
   const DecoderConfig& c;
+  DType wdt = DType::f32;  // the 2-D weights' storage type
 
   // x (N, in) -> (N, out): GPT-2's Conv1D stores (in, out); every other family nn.Linear's
   // (out, in).
   int linear(int x, const std::string& name, int64_t in, int64_t out, bool bias) {
-    const int w = g.param(name + ".weight", c.gpt2() ? Shape{in, out} : Shape{out, in}, true);
+    const int w = g.param(name + ".weight", c.gpt2() ? Shape{in, out} : Shape{out, in}, true, wdt);
     int y = g.matmul(x, w, false, !c.gpt2());
     if (bias) y = g.add_bias(y, g.param(name + ".bias", {out}, false));
     return y;
@@ -232,17 +233,18 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
                            const DecoderOptions& o) {
   MXN_CHECK(o.kv_cache > 0 || T <= c.max_pos, "sequence longer than the context");
   const Names nm = names_for(c.arch);
-  Builder b{g, c};
+  Builder b{g, c, o.weights};
   const int64_t C = c.hidden, N = B * T, H = c.heads, G = c.n_kv_heads(), D = c.hd();
   const int64_t F = c.ffn_width();
   DecoderGraph m;
   m.tokens = g.input("tokens", {N}, DType::i32);
   m.positions = g.input("positions", {N}, DType::i32);
   if (o.mask == 2) m.prefix = g.input("prefix", {B}, DType::i32);
-  const int wte = g.param(nm.embed + ".weight", {c.vocab_size, C}, true);
+  const int wte = g.param(nm.embed + ".weight", {c.vocab_size, C}, true, o.weights);
   int x = g.embedding(m.tokens, wte);
   if (c.gpt2())
-    x = g.add(x, g.embedding(m.positions, g.param(nm.pos + ".weight", {c.max_pos, C}, true)));
+    x = g.add(
+        x, g.embedding(m.positions, g.param(nm.pos + ".weight", {c.max_pos, C}, true, o.weights)));
   AttentionSpec at;
   at.heads = H;
   at.kv_heads = G;
@@ -302,7 +304,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     x = g.embedding(m.last_rows, x);
   }
   const int head =
-      c.tie_embeddings ? wte : g.param(nm.lm_head + ".weight", {c.vocab_size, C}, true);
+      c.tie_embeddings ? wte : g.param(nm.lm_head + ".weight", {c.vocab_size, C}, true, o.weights);
   m.logits = g.matmul(x, head, false, true);
   if (o.with_loss) {
     m.targets = g.input("targets", {N}, DType::i32);

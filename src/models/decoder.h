@@ -57,9 +57,10 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c);
 
 struct DecoderOptions {
   bool with_loss = false;
-  int mask = 1;              // 1 causal; 2 prefix-bidirectional (a per-sequence prefix input)
-  int64_t kv_cache = 0;      // > 0: keys and values go to caches of this many rows per sequence
-  bool last_logits = false;  // logits for each sequence's last row only (generation)
+  int mask = 1;                // 1 causal; 2 prefix-bidirectional (a per-sequence prefix input)
+  int64_t kv_cache = 0;        // > 0: keys and values go to caches of this many rows per sequence
+  bool last_logits = false;    // logits for each sequence's last row only (generation)
+  DType weights = DType::f32;  // bf16: 2-D weights stored in bf16, computed in f32 (inference)
 };
 
 struct DecoderGraph {

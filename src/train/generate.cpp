@@ -9,8 +9,12 @@
 namespace mxn {
 
 Generator::Generator(const DecoderConfig& c, const TensorMap& weights, const std::string& source,
-                     Device& dev, int64_t capacity, int64_t chunk)
-    : cfg_(c), dev_(dev), capacity_(capacity), chunk_(std::min(chunk, capacity)) {
+                     Device& dev, int64_t capacity, int64_t chunk, DType weights_dtype)
+    : cfg_(c),
+      wdt_(weights_dtype),
+      dev_(dev),
+      capacity_(capacity),
+      chunk_(std::min(chunk, capacity)) {
   MXN_CHECK(capacity_ >= 1 && chunk_ >= 1, "generator sizes");
   if (c.gpt2() && capacity_ > c.max_pos)
     throw Error("the model has " + std::to_string(c.max_pos) + " learned positions; " +
@@ -28,6 +32,7 @@ Graph Generator::graph(int64_t rows, DecoderGraph* m) const {
   DecoderOptions o;
   o.kv_cache = capacity_;
   o.last_logits = true;
+  o.weights = wdt_;
   Graph g;
   *m = build_decoder(g, cfg_, 1, rows, o);
   return g;

@@ -16,8 +16,10 @@ class Generator {
  public:
   // `capacity`: the most tokens a sequence may hold (prompt and output); `chunk`: the most rows
   // per prefill pass. Weights are checked by name and shape (errors name `source`).
+  // `weights_dtype` bf16 stores the 2-D weights in bf16 (half the bytes read per token); the
+  // arithmetic stays f32.
   Generator(const DecoderConfig& c, const TensorMap& weights, const std::string& source,
-            Device& dev, int64_t capacity, int64_t chunk = 64);
+            Device& dev, int64_t capacity, int64_t chunk = 64, DType weights_dtype = DType::f32);
 
   // Appends tokens to the sequence and returns the logits (vocab) that follow the last one.
   const std::vector<float>& feed(const int32_t* ids, int64_t n);
@@ -29,6 +31,7 @@ class Generator {
   Graph graph(int64_t rows, DecoderGraph* m) const;  // one sequence, `rows` new tokens a run
   int variant_for(int64_t rows);
   DecoderConfig cfg_;
+  DType wdt_;
   Device& dev_;
   int64_t capacity_, chunk_, pos_ = 0;
   DecoderGraph m_;

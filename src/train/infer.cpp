@@ -9,6 +9,7 @@
 
 #include "backend/device.h"
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/rng.h"
 #include "data/chat.h"
 #include "data/shard.h"
@@ -68,7 +69,10 @@ ModelSource load_model(const std::string& path) {
                   "' is not a GGUF file (expected a Hugging Face model folder, a "
                   ".gguf file, or an mxn checkpoint or run folder)");
     m.what = "GGUF file '" + path + "'";
-    m.cfg = decoder_from_gguf(gguf_load(path), m.weights, path);
+    const GgufFile f = gguf_load(path);
+    m.cfg = decoder_from_gguf(f, m.weights, path);
+    if (const GgufTensor* t = f.tensor("token_embd.weight"))
+      m.stored_16bit = t->type != GgmlType::f32;
   } else if (!fs::exists(fs::path(path) / "config.json") &&
              !fs::exists(fs::path(path) / "trainer.json") &&
              !fs::exists(fs::path(path) / "latest")) {
@@ -81,6 +85,10 @@ ModelSource load_model(const std::string& path) {
     m.cfg = load_hf_config(path);  // names a missing config.json
     m.weights = load_hf_weights(path);
     m.tokenizer_dir = path;
+    const nlohmann::json j = nlohmann::json::parse(
+        read_file((fs::path(path) / "config.json").string(), "model config"), nullptr, false);
+    m.stored_16bit = j.is_object() && (j.value("torch_dtype", "") == "bfloat16" ||
+                                       j.value("torch_dtype", "") == "float16");
   } else {
     Checkpoint ck = load_checkpoint(path, false);
     TrainConfig tc;
@@ -225,7 +233,14 @@ int64_t generate(const GenerateOptions& o,
                   std::to_string(cfg.vocab_size) + ")");
   auto dev = open_device(o.device, int(o.threads));
   const int64_t capacity = std::min<int64_t>(cfg.max_pos, int64_t(ids.size()) + o.max_tokens);
-  Generator gen(cfg, src.weights, src.what, *dev, std::max<int64_t>(capacity, 1), 256);
+  if (o.weights != "auto" && o.weights != "f32" && o.weights != "bf16")
+    throw Error("weights '" + o.weights + "': expected auto, f32 or bf16");
+  // bf16 weights are a CPU backend feature so far; other backends refuse them with a message.
+  const bool cpu = dev->name().rfind("cpu", 0) == 0;
+  const DType wdt = o.weights == "bf16" || (o.weights == "auto" && src.stored_16bit && cpu)
+                        ? DType::bf16
+                        : DType::f32;
+  Generator gen(cfg, src.weights, src.what, *dev, std::max<int64_t>(capacity, 1), 256, wdt);
   src.weights.clear();
   Sampler sampler(o.sampling);
   Utf8Stream utf8;

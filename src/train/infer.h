@@ -16,6 +16,7 @@ struct ModelSource {
   TensorMap weights;
   std::string what;           // "model folder 'x'", for messages
   std::string tokenizer_dir;  // a folder with the model's tokenizer files, or empty (byte-level)
+  bool stored_16bit = false;  // the source keeps its weights in 16 bits (or 8: GGUF Q8_0)
 };
 ModelSource load_model(const std::string& path);
 
@@ -31,14 +32,18 @@ struct GenerateOptions {
   std::string model;       // ... or a Hugging Face model folder or GGUF file
   std::string prompt;
   std::vector<int32_t> prompt_ids;  // instead of `prompt`: token ids
-  bool chat = false;   // `prompt` is a user message in the model's chat format
-  std::string system;  // with `chat`: a system message
+  bool chat = false;                // `prompt` is a user message in the model's chat format
+  std::string system;               // with `chat`: a system message
   int64_t max_tokens = 200;
   SamplingOptions sampling;
   std::vector<std::string> stop;  // generation ends before the first of these in the text
   bool ignore_eos = false;        // go on past the model's end-of-sequence tokens
   std::string device = "cpu";
   int64_t threads = 0;
+  // How the weights are kept: f32, bf16 (2-D weights in bf16, arithmetic in f32: half the bytes
+  // read per token; the CPU backend), or auto: bf16 on the CPU when the source stores 16-bit
+  // weights.
+  std::string weights = "auto";
   GenerateStats* stats = nullptr;  // filled when given
 };
 

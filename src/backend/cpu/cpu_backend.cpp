@@ -135,6 +135,12 @@ int32_t bad(Ctx* c, const std::string& msg) {
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   const MatmulShape m = matmul_shape(k);
   if (m.error) return bad(c, m.error);
+  if (k.inputs[1].dtype == MXN_DTYPE_BF16) {  // bf16 weights (inference)
+    matmul_bf16_weights(c->scratch, m.bf16 ? Compute::bf16 : Compute::f32, m.ta, m.tb, m.batch, m.M,
+                        m.N, m.K, m.alpha, ptr(k.inputs[0]), m.sa, ptr<uint16_t>(k.inputs[1]), m.sb,
+                        m.accumulate, ptr(k.outputs[0]), m.sc);
+    return 0;
+  }
   matmul(c->scratch, m.bf16 ? Compute::bf16 : Compute::f32, m.ta, m.tb, m.batch, m.M, m.N, m.K,
          m.alpha, ptr(k.inputs[0]), m.sa, ptr(k.inputs[1]), m.sb, m.accumulate, ptr(k.outputs[0]),
          m.sc);
@@ -191,8 +197,11 @@ int32_t run(void* ctx, const mxn_op_call* call) {
   if (k.op != MXN_OP_CAST && k.op != MXN_OP_COPY)
     for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
       const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
-      if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32) {
-        c->error = "op " + std::to_string(k.op) + " takes f32 tensors";
+      // bf16 weights: MATMUL's B and EMBEDDING's table may be bf16 (inference).
+      const bool weight = i == 1 && (k.op == MXN_OP_MATMUL || k.op == MXN_OP_EMBEDDING);
+      if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
+          !(weight && t.dtype == MXN_DTYPE_BF16)) {
+        c->error = "op " + std::to_string(k.op) + " takes f32 tensors (bf16 only as weights)";
         return MXN_STATUS_UNSUPPORTED;
       }
     }
@@ -306,7 +315,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_EMBEDDING: {
       const int64_t V = in[1].shape[0], C = in[1].shape[1];
       const int64_t badi =
-          embedding_fwd(ptr<int32_t>(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]), V, C);
+          in[1].dtype == MXN_DTYPE_BF16
+              ? embedding_fwd_bf16(ptr<int32_t>(in[0]), ptr<uint16_t>(in[1]), ptr(out[0]),
+                                   count(in[0]), V, C)
+              : embedding_fwd(ptr<int32_t>(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]), V, C);
       if (badi >= 0)
         return bad(c, "embedding: token id " + std::to_string(ptr<int32_t>(in[0])[badi]) +
                           " at position " + std::to_string(badi) + " is outside [0, " +

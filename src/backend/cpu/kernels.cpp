@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "backend/cpu/vmath.h"
+#include "core/dtype.h"
 
 namespace mxn::cpu {
 
@@ -203,6 +204,18 @@ int64_t embedding_fwd(const int32_t* idx, const float* table, float* out, int64_
     if (idx[i] < 0 || idx[i] >= V) return i;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) std::copy_n(table + int64_t(idx[i]) * C, C, out + i * C);
+  return -1;
+}
+
+int64_t embedding_fwd_bf16(const int32_t* idx, const uint16_t* table, float* out, int64_t n,
+                           int64_t V, int64_t C) {
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i] < 0 || idx[i] >= V) return i;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* row = table + int64_t(idx[i]) * C;
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] = bf16_to_f32(row[c]);
+  }
   return -1;
 }
 

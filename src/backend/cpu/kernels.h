@@ -25,6 +25,11 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
             int64_t K, float alpha, const float* A, int64_t sa, const float* B, int64_t sb,
             bool accumulate, float* C, int64_t sc);
 bool native_bf16();
+// The same with B stored in bf16 (inference weights): one row streams B (half the bytes), more
+// rows widen B to f32 in scratch and take the path above. The arithmetic is f32 either way.
+void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M,
+                         int64_t N, int64_t K, float alpha, const float* A, int64_t sa,
+                         const uint16_t* B, int64_t sb, bool accumulate, float* C, int64_t sc);
 
 // Row-major single-precision GEMM through oneDNN (single-threaded inside a parallel region).
 void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
@@ -53,6 +58,8 @@ void layernorm_fwd(const float* x, const float* w, const float* b, float* y, flo
 void layernorm_bwd(Scratch& s, const float* dy, const float* x, const float* w, const float* stats,
                    float* dx, float* dw, float* db, int64_t rows, int64_t cols);
 // Returns the first out-of-range index, or -1.
+int64_t embedding_fwd_bf16(const int32_t* idx, const uint16_t* table, float* out, int64_t n,
+                           int64_t V, int64_t C);
 int64_t embedding_fwd(const int32_t* idx, const float* table, float* out, int64_t n, int64_t V,
                       int64_t C);
 void embedding_bwd(const float* dy, const int32_t* idx, float* dtable, int64_t n, int64_t V,

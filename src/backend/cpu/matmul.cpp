@@ -104,22 +104,27 @@ namespace {
 // One row times a matrix: batch-1 decoding, which reads every weight once per token and is bound
 // by memory bandwidth. oneDNN's sgemm packs B for M = 1 as for any M; this streams it instead,
 // each thread over its own share of the outputs.
-void gemv(bool tb, int64_t N, int64_t K, float alpha, const float* x, const float* B,
-          bool accumulate, float* y) {
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) { return bf16_to_f32(w); }  // bf16 weights: the top half of an f32
+
+template <typename W>
+void gemv(bool tb, int64_t N, int64_t K, float alpha, const float* x, const W* B, bool accumulate,
+          float* y) {
   if (tb) {  // B is N x K: dot products, four rows at once (four accumulator chains, one x load)
     const int64_t quads = (N + 3) / 4;
 #pragma omp parallel for schedule(static)
     for (int64_t q = 0; q < quads; ++q) {
       const int64_t n = q * 4;
-      const float* b0 = B + n * K;
-      const float* b1 = n + 1 < N ? b0 + K : b0;
-      const float* b2 = n + 2 < N ? b1 + K : b0;
-      const float* b3 = n + 3 < N ? b2 + K : b0;
+      const W* b0 = B + n * K;
+      const W* b1 = n + 1 < N ? b0 + K : b0;
+      const W* b2 = n + 2 < N ? b1 + K : b0;
+      const W* b3 = n + 3 < N ? b2 + K : b0;
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
       for (int64_t k = 0; k < K; ++k) {
         const float xk = x[k];
-        s0 += b0[k] * xk, s1 += b1[k] * xk, s2 += b2[k] * xk, s3 += b3[k] * xk;
+        s0 += widen(b0[k]) * xk, s1 += widen(b1[k]) * xk;
+        s2 += widen(b2[k]) * xk, s3 += widen(b3[k]) * xk;
       }
       const float sums[4] = {s0, s1, s2, s3};
       for (int64_t j = 0; j < 4 && n + j < N; ++j)
@@ -141,14 +146,16 @@ void gemv(bool tb, int64_t N, int64_t K, float alpha, const float* x, const floa
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
       const float x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
-      const float *b0 = B + k * N + n0, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
+      const W *b0 = B + k * N + n0, *b1 = b0 + N, *b2 = b1 + N, *b3 = b2 + N;
 #pragma omp simd
-      for (int64_t j = 0; j < w; ++j) acc[j] += x0 * b0[j] + x1 * b1[j] + x2 * b2[j] + x3 * b3[j];
+      for (int64_t j = 0; j < w; ++j)
+        acc[j] += x0 * widen(b0[j]) + x1 * widen(b1[j]) + x2 * widen(b2[j]) + x3 * widen(b3[j]);
     }
     for (; k < K; ++k) {
-      const float xk = x[k], *b = B + k * N + n0;
+      const float xk = x[k];
+      const W* b = B + k * N + n0;
 #pragma omp simd
-      for (int64_t j = 0; j < w; ++j) acc[j] += xk * b[j];
+      for (int64_t j = 0; j < w; ++j) acc[j] += xk * widen(b[j]);
     }
     for (int64_t j = 0; j < w; ++j) y[n0 + j] = alpha * acc[j] + (accumulate ? y[n0 + j] : 0.f);
   }
@@ -191,6 +198,25 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
   for (int64_t i = 0; i < batch; ++i)
     sgemm(ta, tb, M, N, K, alpha, A + i * sa, lda, B + i * sb, ldb, accumulate ? 1.f : 0.f,
           C + i * sc, N);
+}
+
+void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M,
+                         int64_t N, int64_t K, float alpha, const float* A, int64_t sa,
+                         const uint16_t* B, int64_t sb, bool accumulate, float* C, int64_t sc) {
+  if (M == 1) {
+    for (int64_t i = 0; i < batch; ++i)
+      gemv(tb, N, K, alpha, A + i * sa, B + i * sb, accumulate, C + i * sc);
+    return;
+  }
+  // Widened into scratch.c (matmul's bf16 path uses scratch.a and scratch.b for its operands).
+  float* wide = s.get(s.c, size_t(K * N));
+  for (int64_t i = 0; i < batch; ++i) {
+    const uint16_t* b = B + i * sb;
+#pragma omp parallel for simd schedule(static)
+    for (int64_t j = 0; j < K * N; ++j) wide[j] = bf16_to_f32(b[j]);
+    matmul(s, compute, ta, tb, 1, M, N, K, alpha, A + i * sa, 0, wide, 0, accumulate, C + i * sc,
+           0);
+  }
 }
 
 }  // namespace mxn::cpu
