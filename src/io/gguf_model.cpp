@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/json_num.h"
 
 namespace mxn {
 namespace fs = std::filesystem;
@@ -209,8 +210,10 @@ bool add_tokenizer(GgufFile& f, const DecoderConfig& c, const std::string& dir) 
       if (j.value("/model/type"_json_pointer, std::string()) != "BPE") return false;
       vocab = j["model"]["vocab"];
       for (const auto& m : j["model"].value("merges", nlohmann::json::array()))
-        merges.push_back(m.is_array() ? m[0].get<std::string>() + " " + m[1].get<std::string>()
-                                      : m.get<std::string>());
+        if (m.is_array() && m.size() == 2)
+          merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
+        else
+          merges.push_back(m.get<std::string>());  // a type error if neither
       added = j.value("added_tokens", nlohmann::json::array());
     } else {
       vocab = parse_json((d / "vocab.json").string(), "tokenizer vocabulary");
@@ -218,7 +221,8 @@ bool add_tokenizer(GgufFile& f, const DecoderConfig& c, const std::string& dir) 
       for (std::string line; std::getline(in, line);)
         if (!line.empty() && !line.starts_with("#version")) merges.push_back(line);
     }
-    for (auto& [s, id] : vocab.items()) put(id.get<int64_t>(), s, 1);
+    for (auto& [s, id] : vocab.items())
+      put(json_number<int64_t>(id, "token id of '" + s + "'"), s, 1);
     for (const auto& a : added)
       put(a.value("id", int64_t(-1)), a.value("content", ""), a.value("special", false) ? 3 : 4);
     f.set("tokenizer.ggml.model", T::string, "gpt2");
@@ -375,7 +379,12 @@ DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string
     else
       throw Error(path + ": GGUF architecture '" + a +
                   "' is not one mxn runs (expected gpt2, llama, qwen2 or chatglm)");
-    auto u = [&](const std::string& k) { return int64_t(key(a + "." + k).get<uint64_t>()); };
+    auto u = [&](const std::string& k) {
+      return json_number<int64_t>(key(a + "." + k), path + ": GGUF '" + a + "." + k + "'");
+    };
+    auto f32 = [&](const std::string& k) {
+      return json_number<float>(key(a + "." + k), path + ": GGUF '" + a + "." + k + "'");
+    };
     const GgufTensor* emb = f.tensor("token_embd.weight");
     if (!emb || emb->ne.size() != 2) throw Error(path + ": GGUF has no 2-D token_embd.weight");
     c.vocab_size = emb->ne[1];
@@ -386,23 +395,23 @@ DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string
     c.max_pos = u("context_length");
     c.tie_embeddings = f.tensor("output.weight") == nullptr;
     if (c.gpt2()) {
-      c.norm_eps = key(a + ".attention.layer_norm_epsilon").get<float>();
+      c.norm_eps = f32("attention.layer_norm_epsilon");
     } else {
       c.kv_heads = u("attention.head_count_kv");
-      c.norm_eps = key(a + ".attention.layer_norm_rms_epsilon").get<float>();
+      c.norm_eps = f32("attention.layer_norm_rms_epsilon");
       if (f.find(a + ".attention.key_length")) c.head_dim = u("attention.key_length");
-      if (f.find(a + ".rope.freq_base")) c.rope_theta = key(a + ".rope.freq_base").get<float>();
+      if (f.find(a + ".rope.freq_base")) c.rope_theta = f32("rope.freq_base");
       c.rope_fraction = float(u("rope.dimension_count")) / float(c.hd());
       if (f.tensor("rope_freqs.weight"))
         throw Error(path +
                     ": per-dimension rope factors (rope_freqs) are read only from files mxn wrote");
       if (const GgufKV* s = f.find(a + ".rope.scaling.type"); s && s->value == "linear")
-        c.rope_scaling = 1, c.rope_factor = key(a + ".rope.scaling.factor").get<float>();
+        c.rope_scaling = 1, c.rope_factor = f32("rope.scaling.factor");
       c.qkv_bias = f.tensor("blk.0.attn_qkv.bias") || f.tensor("blk.0.attn_q.bias");
       c.o_bias = f.tensor("blk.0.attn_output.bias") != nullptr;
     }
     if (const GgufKV* e = f.find("tokenizer.ggml.eos_token_id"))
-      c.eos = {int32_t(e->value.get<uint32_t>())};
+      c.eos = {json_number<int32_t>(e->value, path + ": GGUF 'tokenizer.ggml.eos_token_id'")};
   }
   c.validate();
   weights.clear();

@@ -81,15 +81,38 @@ TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
         t = DType::i32;
       else
         throw corrupt("tensor '" + name + "' has unsupported dtype " + dt);
-      Shape shape = e.at("shape").get<Shape>();
-      for (int64_t d : shape)
-        if (d < 0 || d > (int64_t(1) << 40)) throw corrupt("tensor '" + name + "' has a bad shape");
-      const auto off = e.at("data_offsets").get<std::vector<uint64_t>>();
-      HostTensor ht(shape, t);
+      // Integers only (a float or a negative number is corrupt, not converted), and a size that
+      // fits in the file before anything is allocated.
+      auto integers = [&corrupt](const nlohmann::json& entry, const std::string& name,
+                                 const char* key) {
+        const nlohmann::json& a = entry.at(key);
+        if (!a.is_array()) throw corrupt("tensor '" + name + "': '" + key + "' is not a list");
+        std::vector<uint64_t> v;
+        for (const auto& x : a) {
+          if (!x.is_number_unsigned())
+            throw corrupt("tensor '" + name + "': '" + key + "' holds " + x.dump() +
+                          ", expected non-negative integers");
+          v.push_back(x.get<uint64_t>());
+        }
+        return v;
+      };
+      Shape shape;
+      uint64_t bytes_needed = dtype_size(t);
+      for (uint64_t d : integers(e, name, "shape")) {
+        if (d > data_size || (d > 0 && bytes_needed > data_size / d))
+          throw corrupt("tensor '" + name +
+                        "' has data offsets outside the file (its shape needs more bytes than the "
+                        "file's " +
+                        std::to_string(data_size) + ")");
+        bytes_needed *= d;
+        shape.push_back(int64_t(d));
+      }
+      const std::vector<uint64_t> off = integers(e, name, "data_offsets");
       if (off.size() != 2 || off[0] > off[1] || off[1] > data_size ||
-          off[1] - off[0] != ht.bytes.size())
+          off[1] - off[0] != bytes_needed)
         throw corrupt("tensor '" + name +
                       "' has data offsets outside the file or of the wrong size");
+      HostTensor ht(shape, t);
       std::memcpy(ht.bytes.data(), bytes.data() + data_start + off[0], ht.bytes.size());
       out.emplace(name, std::move(ht));
     } catch (const nlohmann::json::exception& ex) {

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/json_num.h"
 #include "core/rng.h"
 
 namespace mxn {
@@ -204,28 +205,35 @@ nlohmann::json DecoderConfig::to_json() const {
 
 DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   DecoderConfig c;
+  const std::string where = "model config";
+  if (!j.is_object()) throw Error(where + " is not a JSON object");
+  if (j.contains("arch") && !j["arch"].is_string()) throw Error(where + ": 'arch' is not a string");
   c.arch = arch_from_name(j.value("arch", "gpt2"));
-  c.vocab_size = j.value("vocab_size", c.vocab_size);
-  c.hidden = j.value("hidden", c.hidden);
-  c.layers = j.value("layers", c.layers);
-  c.heads = j.value("heads", c.heads);
-  c.kv_heads = j.value("kv_heads", c.kv_heads);
-  c.head_dim = j.value("head_dim", c.head_dim);
-  c.ffn = j.value("ffn", c.ffn);
-  c.max_pos = j.value("max_pos", c.max_pos);
-  c.norm_eps = j.value("norm_eps", c.norm_eps);
-  c.rope_theta = j.value("rope_theta", c.rope_theta);
-  c.rope_fraction = j.value("rope_fraction", c.rope_fraction);
-  c.rope_scaling = j.value("rope_scaling", c.rope_scaling);
-  c.rope_factor = j.value("rope_factor", c.rope_factor);
-  c.rope_low_freq = j.value("rope_low_freq", c.rope_low_freq);
-  c.rope_high_freq = j.value("rope_high_freq", c.rope_high_freq);
-  c.rope_orig_max_pos = j.value("rope_orig_max_pos", c.rope_orig_max_pos);
-  c.tie_embeddings = j.value("tie_embeddings", c.tie_embeddings);
-  c.qkv_bias = j.value("qkv_bias", c.qkv_bias);
-  c.o_bias = j.value("o_bias", c.o_bias);
-  c.mlp_bias = j.value("mlp_bias", c.mlp_bias);
-  c.eos = j.value("eos", c.eos);
+  c.vocab_size = json_value(j, "vocab_size", c.vocab_size, where);
+  c.hidden = json_value(j, "hidden", c.hidden, where);
+  c.layers = json_value(j, "layers", c.layers, where);
+  c.heads = json_value(j, "heads", c.heads, where);
+  c.kv_heads = json_value(j, "kv_heads", c.kv_heads, where);
+  c.head_dim = json_value(j, "head_dim", c.head_dim, where);
+  c.ffn = json_value(j, "ffn", c.ffn, where);
+  c.max_pos = json_value(j, "max_pos", c.max_pos, where);
+  c.norm_eps = json_value(j, "norm_eps", c.norm_eps, where);
+  c.rope_theta = json_value(j, "rope_theta", c.rope_theta, where);
+  c.rope_fraction = json_value(j, "rope_fraction", c.rope_fraction, where);
+  c.rope_scaling = json_value(j, "rope_scaling", c.rope_scaling, where);
+  c.rope_factor = json_value(j, "rope_factor", c.rope_factor, where);
+  c.rope_low_freq = json_value(j, "rope_low_freq", c.rope_low_freq, where);
+  c.rope_high_freq = json_value(j, "rope_high_freq", c.rope_high_freq, where);
+  c.rope_orig_max_pos = json_value(j, "rope_orig_max_pos", c.rope_orig_max_pos, where);
+  c.tie_embeddings = json_value(j, "tie_embeddings", c.tie_embeddings, where);
+  c.qkv_bias = json_value(j, "qkv_bias", c.qkv_bias, where);
+  c.o_bias = json_value(j, "o_bias", c.o_bias, where);
+  c.mlp_bias = json_value(j, "mlp_bias", c.mlp_bias, where);
+  if (j.contains("eos")) {
+    if (!j["eos"].is_array()) throw Error(where + ": 'eos' is not a list of token ids");
+    c.eos.clear();
+    for (const auto& id : j["eos"]) c.eos.push_back(json_number<int32_t>(id, where + ": 'eos'"));
+  }
   return c;
 }
 

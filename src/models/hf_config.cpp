@@ -29,8 +29,9 @@ struct Reader {
   }
   float f_or(const std::string& key, float dflt) const {
     if (!j.contains(key) || j[key].is_null()) return dflt;
-    if (!j[key].is_number() || !(j[key].get<double>() > 0)) bad(key, "a number > 0");
-    return j[key].get<float>();
+    if (!j[key].is_number() || !(j[key].get<double>() > 0) || j[key].get<double>() > 3e38)
+      bad(key, "a number > 0");
+    return float(j[key].get<double>());
   }
   bool b_or(const std::string& key, bool dflt) const {
     if (!j.contains(key) || j[key].is_null()) return dflt;
