@@ -3,10 +3,13 @@
 // fsync of the folder. A crash at any point leaves either the old file or the new one.
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace mxn {
 
 void write_file_atomic(const std::string& path, std::string_view data);
+// The same with the file's bytes in pieces, written one after another.
+void write_file_atomic(const std::string& path, const std::vector<std::string_view>& parts);
 void fsync_dir(const std::string& dir);
 std::string read_file(const std::string& path,
                       const std::string& what);  // clear Error when missing

@@ -38,9 +38,9 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) throw Error("cannot create checkpoint folder " + tmp.string() + ": " + ec.message());
-  write_file_atomic((tmp / "model.safetensors").string(), safetensors_serialize(ck.weights));
+  safetensors_save((tmp / "model.safetensors").string(), ck.weights);
   test_pause();
-  write_file_atomic((tmp / "optimizer.safetensors").string(), safetensors_serialize(ck.optimizer));
+  safetensors_save((tmp / "optimizer.safetensors").string(), ck.optimizer);
   write_file_atomic((tmp / "trainer.json").string(), ck.trainer.dump(2));
   fsync_dir(tmp.string());
   fs::remove_all(final_dir, ec);

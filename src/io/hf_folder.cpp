@@ -134,8 +134,7 @@ void save_hf_folder(const std::string& dir, const DecoderConfig& c, const Tensor
       o[i] = dtype == DType::bf16 ? f32_to_bf16(t.f32()[i]) : f32_to_f16(t.f32()[i]);
     out[name] = std::move(h);
   }
-  write_file_atomic((fs::path(dir) / "model.safetensors").string(),
-                    safetensors_serialize(out, {{"format", "pt"}}));
+  safetensors_save((fs::path(dir) / "model.safetensors").string(), out, {{"format", "pt"}});
   if (!tokenizer_dir.empty() && fs::absolute(tokenizer_dir) != fs::absolute(dir))
     for (const char* name : kTokenizerFiles)
       if (fs::exists(fs::path(tokenizer_dir) / name))

@@ -25,8 +25,10 @@ const char* st_dtype(DType t) {
 
 }  // namespace
 
-std::string safetensors_serialize(const TensorMap& tensors,
-                                  const std::map<std::string, std::string>& metadata) {
+namespace {
+// The 8-byte length and the JSON header; the tensors' bytes follow in map order.
+std::string safetensors_header(const TensorMap& tensors,
+                               const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json h = nlohmann::ordered_json::object();
   if (!metadata.empty()) h["__metadata__"] = metadata;
   uint64_t off = 0;
@@ -41,11 +43,25 @@ std::string safetensors_serialize(const TensorMap& tensors,
   std::string out(8, '\0');
   const uint64_t n = header.size();
   std::memcpy(out.data(), &n, 8);
-  out += header;
-  out.reserve(out.size() + off);
+  return out + header;
+}
+}  // namespace
+
+std::string safetensors_serialize(const TensorMap& tensors,
+                                  const std::map<std::string, std::string>& metadata) {
+  std::string out = safetensors_header(tensors, metadata);
   for (const auto& [name, t] : tensors)
     out.append(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
   return out;
+}
+
+void safetensors_save(const std::string& path, const TensorMap& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  const std::string header = safetensors_header(tensors, metadata);
+  std::vector<std::string_view> parts{header};
+  for (const auto& [name, t] : tensors)
+    parts.emplace_back(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
+  write_file_atomic(path, parts);  // no second copy of the tensors in memory
 }
 
 TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
