@@ -4,11 +4,15 @@ GLM paper and ../shared/GLM.md, drawing from the same counter-based RNG (splitmi
 identical Part A / Part B layout, targets, both position rows and the prefix length that sets the
 attention mask, for every row; the masked share of the text over 10^4 rows is 15% +- 2%; spans
 never cross the text's end and never touch each other.
-usage: glm_objective_test.py GLM_DUMP
+Then training with --objective glm: a small GLM-shaped model on the KJV starts at the loss of
+a uniform guess over 261 tokens and its Part B loss falls well below it; `mxn generate --infill`
+fills one blanked word in each of 60 held-out verses, and the share filled exactly is printed
+and checked against a floor (the figure is in the issue's note).
+usage: glm_objective_test.py GLM_DUMP MXN KJV_BIN KJV_TXT
 """
-import json, math, subprocess, sys, unittest
+import json, math, os, random, subprocess, sys, tempfile, unittest
 
-DUMP = None
+DUMP = MXN = KJV_BIN = KJV_TXT = None
 M64 = (1 << 64) - 1
 CLS, MASK, GMASK, SOP, EOP = 1, 2, 3, 4, 5
 
@@ -132,6 +136,53 @@ class GlmSampler(unittest.TestCase):
         self.assertTrue(all(t != -1 for g in got for t in g["targets"][g["sep"]:]), "loss on all of Part B")
 
 
+class GlmTraining(unittest.TestCase):
+    def test_train_and_infill(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = os.path.join(tmp, "run")
+            r = subprocess.run([MXN, "train", "--objective", "glm", "--arch", "glm", "--n_layer", "3",
+                                "--n_embd", "128", "--n_head", "4", "--n_kv_head", "2", "--n_ctx", "96",
+                                "--batch", "16", "--steps", "500", "--lr", "3e-3", "--warmup", "20",
+                                "--eval_every", "250", "--ckpt_every", "0", "--log_every", "100",
+                                "--data", KJV_BIN, "--out", run], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            with open(os.path.join(run, "metrics.jsonl")) as f:
+                rows = [json.loads(l) for l in f]
+            first, last = rows[0]["loss"], rows[-1]["val_loss"]
+            print(f"Part B loss: step 1 {first:.3f} (ln 261 = {math.log(261):.3f}), val after 500 steps {last:.3f}")
+            self.assertLess(abs(first - math.log(261)), 0.3)
+            self.assertLess(last, 0.5 * first)
+            share = infill_share(run, 60)
+            print(f"--infill: {share:.2%} of 60 held-out blanked words filled exactly")
+            self.assertGreaterEqual(share, INFILL_FLOOR)
+
+
+# Measured here: 3.3% (2 of 60) for this 3x128 model after 500 steps, 5.2% (3 of 58, verses
+# up to 90 characters) for 4x192 after 2500 steps of 32 x 128 tokens. Small byte-level models:
+# the floor checks that infilling works at all, the loss checks the learning.
+INFILL_FLOOR = 1 / 60
+
+
+def infill_share(run, n):
+    """One word blanked in each of n verses from the held-out end of the KJV; the share of
+    verses that come back exactly (greedy)."""
+    lines = open(KJV_TXT, encoding="utf-8").read().split("\n")
+    verses = [l for l in lines[int(len(lines) * 0.92):] if 50 <= len(l) <= 90 and l.count(" ") >= 6][:n]
+    rng, hit = random.Random(5), 0
+    for v in verses:
+        words = v.split(" ")
+        i = rng.randrange(1, len(words) - 1)
+        w = words[i].strip(",.;:?!")
+        blanked = " ".join(words[:i] + [words[i].replace(w, "[MASK]", 1)] + words[i + 1:])
+        r = subprocess.run([MXN, "generate", "--checkpoint", run, "--infill", blanked, "--temperature", "0",
+                            "--max-tokens", "16"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout.rstrip("\n")
+        assert out.startswith(blanked.split("[MASK]")[0]) and out.endswith(blanked.split("[MASK]")[1])
+        hit += out == v
+    return hit / len(verses)
+
+
 if __name__ == "__main__":
-    DUMP = sys.argv[1]
+    DUMP, MXN, KJV_BIN, KJV_TXT = sys.argv[1:5]
     unittest.main(argv=sys.argv[:1], verbosity=2)

@@ -168,6 +168,11 @@ with tempfile.TemporaryDirectory() as tmp:
             fam = ["--arch", arch, "--n_kv_head", "2", "--batch", "8"]
             compare(f"{arch}: cpu + opencl:0 = cpu (batch 8)", train(p(arch + "_one"), *fam),
                     train(p(arch + "_mixed"), *fam, "--devices", "cpu,opencl:0"))
+        # GLM's blank infilling: rows are sampled from (seed, row) and the loss is weighted by
+        # each pass's Part B tokens, so any split of the rows gives the single-device run.
+        glm = ["--arch", "glm", "--n_kv_head", "2", "--batch", "8", "--objective", "glm", "--gmask", "0.3"]
+        compare("glm objective: cpu + opencl:0 = cpu (batch 8)", train(p("glmobj_one"), *glm),
+                train(p("glmobj_mixed"), *glm, "--devices", "cpu,opencl:0"))
         ctrl_c(tmp)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

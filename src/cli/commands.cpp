@@ -58,6 +58,7 @@ std::function<int()> add_generate(CLI::App& app) {
     GenerateOptions o;
     std::string ids;
     bool print_ids = false, timings = false;
+    std::string infill;
     GenerateStats stats;
   };
   auto a = std::make_shared<A>();
@@ -65,6 +66,9 @@ std::function<int()> add_generate(CLI::App& app) {
   auto* src = sub->add_option("--checkpoint", o.checkpoint, "an mxn checkpoint or run folder");
   sub->add_option("--model", o.model, "a Hugging Face model folder or a .gguf file")->excludes(src);
   auto* text = sub->add_option("--prompt", o.prompt, "text to continue");
+  sub->add_option("--infill", a->infill,
+                  "text whose [MASK]s a GLM-objective checkpoint fills (prints the whole text)")
+      ->excludes(text);
   sub->add_option("--prompt-ids", a->ids, "token ids to continue, comma-separated")->excludes(text);
   sub->add_flag("--chat", o.chat, "the prompt is a user message in the model's chat format")
       ->excludes("--prompt-ids");
@@ -87,6 +91,14 @@ std::function<int()> add_generate(CLI::App& app) {
       ->capture_default_str();
   return [a] {
     GenerateOptions& o = a->o;
+    if (!a->infill.empty()) {
+      if (o.checkpoint.empty())
+        throw Error("--infill needs --checkpoint (a run trained with --objective glm)");
+      std::printf("%s\n", mxn::infill(o.checkpoint, a->infill, o.max_tokens, o.sampling, o.device,
+                                      o.threads)
+                              .c_str());
+      return 0;
+    }
     for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ','))
       o.prompt_ids.push_back(parse_id(t, "--prompt-ids"));
     const bool ids = a->print_ids || !o.prompt_ids.empty();

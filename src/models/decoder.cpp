@@ -237,6 +237,8 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   return c;
 }
 
+const char* const kBlockPositions = "glm.block_position_embeddings.weight";
+
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
                            const DecoderOptions& o) {
   MXN_CHECK(o.kv_cache > 0 || T <= c.max_pos, "sequence longer than the context");
@@ -250,6 +252,11 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   if (o.mask == 2) m.prefix = g.input("prefix", {B}, DType::i32);
   const int wte = g.param(nm.embed + ".weight", {c.vocab_size, C}, true, o.weights);
   int x = g.embedding(m.tokens, wte);
+  if (o.block_positions) {
+    m.block_positions = g.input("block_positions", {N}, DType::i32);
+    const int table = g.param(kBlockPositions, {c.max_pos + 1, C}, true, o.weights);
+    x = g.add(x, g.embedding(m.block_positions, table));
+  }
   if (c.gpt2())
     x = g.add(
         x, g.embedding(m.positions, g.param(nm.pos + ".weight", {c.max_pos, C}, true, o.weights)));

@@ -61,16 +61,23 @@ struct DecoderOptions {
   int64_t kv_cache = 0;        // > 0: keys and values go to caches of this many rows per sequence
   bool last_logits = false;    // logits for each sequence's last row only (generation)
   DType weights = DType::f32;  // bf16: 2-D weights stored in bf16, computed in f32 (inference)
+  // GLM's second position row (a span's token index, 0 in Part A): a learned table, as the
+  // original GLM's block position embeddings, added to the token embedding.
+  bool block_positions = false;
 };
 
 struct DecoderGraph {
   int tokens = -1, positions = -1, targets = -1;  // inputs, (B*T) i32
+  int block_positions = -1;                       // input (B*T) i32, with block_positions
   int prefix = -1, last_rows = -1;                // inputs, (B) i32
   int logits = -1, loss = -1;
   // With a KV cache: the cache values and the nodes whose position parameters change per run.
   std::vector<int> caches;
   std::vector<size_t> cache_writes, cache_reads;  // SET_ROWS and ATTENTION nodes
 };
+
+// The block-position table's name (with DecoderOptions::block_positions).
+extern const char* const kBlockPositions;
 
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
                            const DecoderOptions& o = {});

@@ -31,6 +31,9 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"bucket_mb", &c.bucket_mb,
        "MB of gradients per all-reduce bucket; buckets start as the backward reaches them"},
       {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
+      {"objective", &c.objective,
+       "lm (next token), or glm (GLM's blank infilling: [MASK] spans, loss on the spans)", true},
+      {"gmask", &c.gmask, "with --objective glm: share of rows with one [gMASK] span at the end"},
       {"threads", &c.threads, "CPU threads (0: all cores)"},
       {"steps", &c.steps, "optimizer steps in all"},
       {"batch", &c.batch, "sequences per micro-batch"},
@@ -109,6 +112,10 @@ void TrainConfig::validate() const {
   need(eps > 0, "eps must be > 0");
   need(clip >= 0, "clip must be >= 0");
   need(dtype == "f32" || dtype == "bf16", "dtype = '" + dtype + "', expected f32 or bf16");
+  need(objective == "lm" || objective == "glm",
+       "objective = '" + objective + "', expected lm or glm");
+  need(gmask >= 0 && gmask <= 1, "gmask = " + std::to_string(gmask) + ", expected 0..1");
+  need(objective != "glm" || seq_len() >= 8, "the glm objective needs sequences of >= 8 tokens");
   need(threads >= 0 && threads <= 4096,
        "threads = " + std::to_string(threads) + ", expected 0..4096");
   need(eval_every >= 0 && ckpt_every >= 0 && log_every >= 1 && eval_batches >= 1,

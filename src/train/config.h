@@ -32,7 +32,11 @@ struct TrainConfig {
   std::string split = "auto";  // ranks' shares: auto | even | weights "3,1"
   double bucket_mb = 1.0;      // gradient all-reduce bucket size (as DDP's bucket_cap_mb)
   std::string dtype = "f32";   // f32 | bf16 (bf16 matmuls, f32 master weights)
-  int64_t threads = 0;         // 0: every core
+  // lm: next-token prediction; glm: GLM's blank infilling (data/glm.h), with a learned
+  // block-position table and the prefix-bidirectional mask.
+  std::string objective = "lm";
+  double gmask = 0.0;   // with glm: share of rows in generation mode ([gMASK], one final span)
+  int64_t threads = 0;  // 0: every core
   int64_t steps = 1500;
   int64_t batch = 16;  // sequences per micro-batch (the global one, over all ranks)
   int64_t seq = 0;     // tokens per sequence; 0: the model's context

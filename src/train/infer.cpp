@@ -12,6 +12,7 @@
 #include "core/fs.h"
 #include "core/rng.h"
 #include "data/chat.h"
+#include "data/glm.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "graph/program.h"
@@ -144,6 +145,86 @@ double eval_model(const std::string& model, const std::string& data_path, const 
     ++n;
   }
   return sum / double(n);
+}
+
+std::string infill(const std::string& checkpoint, const std::string& text, int64_t max_tokens,
+                   const SamplingOptions& sampling, const std::string& device, int64_t threads) {
+  Checkpoint ck = load_checkpoint(checkpoint, false);
+  TrainConfig tc;
+  from_json(tc, ck.trainer.at("config"));
+  if (tc.objective != "glm")
+    throw Error("checkpoint '" + checkpoint +
+                "' was not trained with --objective glm; --infill needs a blank-infilling model");
+  const DecoderConfig cfg = tc.decoder_config();
+  cfg.validate();
+  // Byte-level runs: the five specials follow the 256 byte ids, as the trainer placed them.
+  const GlmTokens t{256, 257, 258, 259, 260};
+  // Part A: [CLS], the text's bytes, one mask token per blank.
+  std::vector<int32_t> ids{t.cls};
+  std::vector<int32_t> blanks;  // positions of the mask tokens
+  for (size_t i = 0; i < text.size();) {
+    bool g = text.compare(i, 7, "[gMASK]") == 0;
+    if (g || text.compare(i, 6, "[MASK]") == 0) {
+      blanks.push_back(int32_t(ids.size()));
+      ids.push_back(g ? t.gmask : t.mask);
+      i += g ? 7 : 6;
+    } else {
+      ids.push_back(uint8_t(text[i++]));
+    }
+  }
+  if (blanks.empty()) throw Error("--infill text has no [MASK] or [gMASK] to fill");
+  const int64_t T = cfg.max_pos, sep = int64_t(ids.size());
+  if (sep + 2 > T)
+    throw Error("--infill text takes " + std::to_string(sep) + " tokens; the model's context is " +
+                std::to_string(T));
+  auto dev = open_device(device, int(threads));
+  Graph g;
+  DecoderOptions o;
+  o.mask = 2;
+  o.block_positions = true;
+  o.last_logits = true;
+  const DecoderGraph m = build_decoder(g, cfg, 1, T, o);
+  Program prog(std::move(g), *dev, false);
+  upload_weights(prog, ck.weights, "checkpoint '" + checkpoint + "'");
+  std::vector<int32_t> pos(size_t(T), 0), blk(size_t(T), 0), tok(size_t(T), 0);
+  for (int64_t i = 0; i < sep; ++i) pos[size_t(i)] = int32_t(i), tok[size_t(i)] = ids[size_t(i)];
+  const int32_t prefix = int32_t(sep);
+  dev->upload(prog.tensor(m.prefix), &prefix);
+  Sampler sampler(sampling);
+  std::vector<float> logits(size_t(cfg.vocab_size));
+  std::vector<std::string> fills(blanks.size());
+  int64_t len = sep;
+  for (size_t b = 0; b < blanks.size(); ++b) {  // Part B: [sop] then the span, per blank
+    for (int64_t k = 0; k < max_tokens && len < T; ++k) {
+      tok[size_t(len)] = k == 0 ? t.sop : tok[size_t(len)];
+      pos[size_t(len)] = blanks[b];
+      blk[size_t(len)] = int32_t(k + 1);
+      ++len;
+      const int32_t last = int32_t(len - 1);
+      dev->upload(prog.tensor(m.tokens), tok.data());
+      dev->upload(prog.tensor(m.positions), pos.data());
+      dev->upload(prog.tensor(m.block_positions), blk.data());
+      dev->upload(prog.tensor(m.last_rows), &last);
+      prog.run(0, prog.graph().nodes.size());
+      dev->download(logits.data(), prog.tensor(m.logits));
+      const int32_t next = sampler.next(logits.data(), cfg.vocab_size);
+      if (next == t.eop || next >= 256 || len >= T) break;
+      fills[b].push_back(char(uint8_t(next)));
+      tok[size_t(len)] = next;  // the next row's input
+    }
+  }
+  std::string out;
+  size_t b = 0;
+  for (size_t i = 0; i < text.size();) {
+    const bool g = text.compare(i, 7, "[gMASK]") == 0;
+    if (g || text.compare(i, 6, "[MASK]") == 0) {
+      out += fills[b++];
+      i += g ? 7 : 6;
+    } else {
+      out.push_back(text[i++]);
+    }
+  }
+  return out;
 }
 
 namespace {

@@ -53,6 +53,12 @@ struct GenerateOptions {
 double eval_model(const std::string& model, const std::string& data, const std::string& device,
                   int64_t threads, int64_t batch = 8, int64_t ctx = 0);
 
+// GLM blank infilling with a checkpoint trained with --objective glm: each "[MASK]" (or
+// "[gMASK]") in `text` is filled, left to right, by generating after [sop] until [eop] (at most
+// `max_tokens` per blank; `sampling` as in generate). Returns the text with the blanks filled.
+std::string infill(const std::string& checkpoint, const std::string& text, int64_t max_tokens,
+                   const SamplingOptions& sampling, const std::string& device, int64_t threads);
+
 // Calls `on_token` with each new token id and the text it completes (whole UTF-8 characters;
 // empty while a character is incomplete, or when the model's tokenizer is not read here).
 // Returns the number of tokens generated.

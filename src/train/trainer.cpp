@@ -26,6 +26,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   g.matmul_compute = c.dtype == "bf16" ? DType::bf16 : DType::f32;
   DecoderOptions o;
   o.with_loss = true;
+  if (c.objective == "glm") o.mask = 2, o.block_positions = true;
   *m = build_decoder(g, c.decoder_config(), rows, c.seq_len(), o);
   *n_forward = append_backward(g, m->loss);
   return g;
@@ -44,10 +45,26 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     ck = load_checkpoint(resume, true);
   }
   cfg_.resolve_model();
+  data_ = TokenData::open(cfg_.data);
+  glm_ = cfg_.objective == "glm";
+  if (glm_) {
+    // Five special tokens follow the data's vocabulary: [CLS] [MASK] [gMASK] [sop] [eop].
+    if (!cfg_.model.dir.empty())
+      throw Error(
+          "--objective glm takes a fresh model on byte-level or shard data for now; a "
+          "model folder's own [MASK]/[gMASK]/sop/eop tokens are not looked up yet");
+    const int32_t v = int32_t(data_.vocab());
+    glm_tokens_ = {v, v + 1, v + 2, v + 3, v + 4};
+    if (cfg_.decoder.is_null() || cfg_.decoder.empty())
+      cfg_.model.vocab_size = std::max<int64_t>(cfg_.model.vocab_size, v + 5);
+  }
   cfg_.validate();
   const DecoderConfig model = cfg_.decoder_config();
+  if (glm_ && model.vocab_size < data_.vocab() + 5)
+    throw Error("the glm objective needs vocab_size >= " + std::to_string(data_.vocab() + 5) +
+                " (the data's vocabulary and five special tokens); the model has " +
+                std::to_string(model.vocab_size));
   dev_ = open_device(cfg_.device, int(cfg_.threads));
-  data_ = TokenData::open(cfg_.data);
   if (data_.vocab() > model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +
                 " but the model's vocab_size is " + std::to_string(model.vocab_size));
@@ -84,7 +101,11 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   scalar_ = dev_->alloc(64);
   tok_host_.resize(size_t(cap_ * T));
   tgt_host_.resize(size_t(cap_ * T));
+  pos_host_.resize(size_t(cap_ * T));
+  blk_host_.resize(size_t(cap_ * T));
+  pre_host_.resize(size_t(cap_));
   offsets_.resize(size_t(cap_));
+  row_ids_.resize(size_t(cap_));
   std::vector<int32_t> pos(size_t(cap_ * T));
   for (int64_t i = 0; i < cap_ * T; ++i) pos[size_t(i)] = int32_t(i % T);
   dev_->upload(prog_->tensor(m_.positions), pos.data());
@@ -171,6 +192,11 @@ int Trainer::variant_for(int64_t rows) {
     p.tokens = prog_->tensor(m_.tokens, p.variant);
     p.targets = prog_->tensor(m_.targets, p.variant);
     p.loss = prog_->tensor(m_.loss, p.variant);
+    if (glm_) {
+      p.positions = prog_->tensor(m_.positions, p.variant);
+      p.block_positions = prog_->tensor(m_.block_positions, p.variant);
+      p.prefix = prog_->tensor(m_.prefix, p.variant);
+    }
   }
   return p.variant;
 }
@@ -200,16 +226,52 @@ double Trainer::lr_at(int64_t s) const {
   return cfg_.min_lr + 0.5 * (cfg_.lr - cfg_.min_lr) * (1.0 + std::cos(M_PI * t));
 }
 
-void Trainer::fill_batch(TokenSpan tokens, int64_t rows) {
+int64_t Trainer::fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed) {
   const int64_t T = cfg_.seq_len();
-  for (size_t b = 0; b < size_t(rows); ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      tok_host_[b * size_t(T) + size_t(t)] = int32_t(tokens[offsets_[b] + t]);
-      tgt_host_[b * size_t(T) + size_t(t)] = int32_t(tokens[offsets_[b] + t + 1]);
-    }
   const Pass& p = passes_[size_t(rows)];
+  if (!glm_) {
+    for (size_t b = 0; b < size_t(rows); ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        tok_host_[b * size_t(T) + size_t(t)] = int32_t(tokens[offsets_[b] + t]);
+        tgt_host_[b * size_t(T) + size_t(t)] = int32_t(tokens[offsets_[b] + t + 1]);
+      }
+    dev_->upload(p.tokens, tok_host_.data());
+    dev_->upload(p.targets, tgt_host_.data());
+    return rows * T;
+  }
+  GlmOptions o;
+  o.gmask_share = cfg_.gmask;
+  std::vector<int32_t> text(static_cast<size_t>(T));
+  int64_t counted = 0;
+  for (size_t b = 0; b < size_t(rows); ++b) {
+    for (int64_t t = 0; t < T; ++t) text[size_t(t)] = int32_t(tokens[offsets_[b] + t]);
+    const GlmSample g = glm_sample(text.data(), T, glm_tokens_, o, seed, row_ids_[b]);
+    std::copy(g.tokens.begin(), g.tokens.end(), tok_host_.begin() + int64_t(b) * T);
+    std::copy(g.targets.begin(), g.targets.end(), tgt_host_.begin() + int64_t(b) * T);
+    std::copy(g.pos.begin(), g.pos.end(), pos_host_.begin() + int64_t(b) * T);
+    std::copy(g.block_pos.begin(), g.block_pos.end(), blk_host_.begin() + int64_t(b) * T);
+    pre_host_[b] = g.sep;
+    counted += T - g.sep;
+  }
   dev_->upload(p.tokens, tok_host_.data());
   dev_->upload(p.targets, tgt_host_.data());
+  dev_->upload(p.positions, pos_host_.data());
+  dev_->upload(p.block_positions, blk_host_.data());
+  dev_->upload(p.prefix, pre_host_.data());
+  return counted;
+}
+
+int64_t Trainer::loss_tokens(uint64_t seed, int64_t first, int64_t n) const {
+  const int64_t T = cfg_.seq_len();
+  if (!glm_) return n * T;
+  // The layout of a GLM sample depends on (seed, row) only, not on the text.
+  GlmOptions o;
+  o.gmask_share = cfg_.gmask;
+  const std::vector<int32_t> text(size_t(T), 0);
+  int64_t count = 0;
+  for (int64_t r = first; r < first + n; ++r)
+    count += T - glm_sample(text.data(), T, glm_tokens_, o, seed, uint64_t(r)).sep;
+  return count;
 }
 
 void Trainer::profile() {
@@ -217,12 +279,15 @@ void Trainer::profile() {
   // forward + backward passes, and one all-reduce of the gradients (plus the optimizer's passes
   // over them, estimated as five sums of squares: AdamW streams seven arrays to the sum's one+).
   const int64_t T = cfg_.seq_len(), span = data_.n_val() - T - 1;
-  for (int64_t b = 0; b < cap_; ++b) offsets_[size_t(b)] = b * span / std::max<int64_t>(1, cap_);
+  for (int64_t b = 0; b < cap_; ++b) {
+    offsets_[size_t(b)] = b * span / std::max<int64_t>(1, cap_);
+    row_ids_[size_t(b)] = uint64_t(b);
+  }
   const size_t nodes = prog_->graph().nodes.size();
   double pass_s = 0;
   for (int rep = 0; rep < 3; ++rep) {  // a warm-up, then the faster of two timed passes
     const auto t0 = std::chrono::steady_clock::now();
-    fill_batch(data_.val(), cap_);
+    fill_batch(data_.val(), cap_, 0);
     prog_->run(0, nodes, 0);
     dev_->synchronize();
     const double t = seconds_since(t0);
@@ -322,18 +387,21 @@ float Trainer::step() {
   // Row r of a step's global batch is a pure function of (seed, step, r): resuming needs no
   // data-loader state, and any split over ranks, passes or micro-batches sees the same rows.
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));
+  const double total = double(loss_tokens(key, 0, G));
   double loss_sum = 0;
   for (int64_t done = 0; done < rows_;) {
     const int64_t n = std::min(cap_, rows_ - done);
     for (int64_t b = 0; b < n; ++b) {
       const uint64_t row = uint64_t(row_begin_ + done + b);
       offsets_[size_t(b)] = int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
+      row_ids_[size_t(b)] = row;
     }
     const Pass& p = passes_[size_t(n)];
-    fill_batch(data_.train(), n);
-    // The loss is a mean over this pass's tokens; seeding its backward with n / G makes every
-    // gradient a share of the global mean, so passes and ranks simply add up.
-    prog_->call(n_forward_, p.variant).fp[0] = float(n) / float(G);
+    const double counted = double(fill_batch(data_.train(), n, key));
+    // The loss is a mean over this pass's loss tokens; seeding its backward with their share
+    // of the global batch's makes every gradient a share of the global mean, so passes and
+    // ranks simply add up (rows weigh alike for next-token loss; GLM's rows differ).
+    prog_->call(n_forward_, p.variant).fp[0] = float(counted / total);
     done += n;
     if (sync_ && done == rows_) {
       prog_->run(0, n_forward_, p.variant);
@@ -343,7 +411,7 @@ float Trainer::step() {
     }
     float loss = 0;
     dev_->download(&loss, p.loss);
-    loss_sum += double(loss) * double(n) / double(G);
+    loss_sum += double(loss) * counted / total;
   }
   if (comm_) {
     const double compute_s =
@@ -390,17 +458,21 @@ float Trainer::eval_loss() {
   // losses are summed over ranks (collective: every rank calls this).
   const int64_t T = cfg_.seq_len(), W = cfg_.eval_batches * cfg_.batch;
   const int64_t span = data_.n_val() - T - 1;
+  const uint64_t key = mix64(uint64_t(cfg_.seed) ^ 0x5eed0e7a1ull);
+  const double total = double(loss_tokens(key, 0, W));
   double sum = 0;
   for (int64_t done = 0; done < eval_rows_;) {
     const int64_t n = std::min(cap_, eval_rows_ - done);
-    for (int64_t b = 0; b < n; ++b)
+    for (int64_t b = 0; b < n; ++b) {
       offsets_[size_t(b)] = (eval_begin_ + done + b) * span / std::max<int64_t>(1, W - 1);
+      row_ids_[size_t(b)] = uint64_t(eval_begin_ + done + b);
+    }
     const Pass& p = passes_[size_t(n)];
-    fill_batch(data_.val(), n);
+    const double counted = double(fill_batch(data_.val(), n, key));
     prog_->run(0, n_forward_, p.variant);
     float loss = 0;
     dev_->download(&loss, p.loss);
-    sum += double(loss) * double(n) / double(W);
+    sum += double(loss) * counted / total;
     done += n;
   }
   if (comm_) comm_->all_reduce_sum(&sum, 1);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend/device.h"
+#include "data/glm.h"
 #include "data/shard.h"
 #include "graph/program.h"
 #include "io/checkpoint.h"
@@ -71,7 +72,11 @@ class Trainer {
  private:
   int variant_for(int64_t rows);  // builds the Program variant on first use
   void apply_split(const std::vector<int64_t>& split);
-  void fill_batch(TokenSpan tokens, int64_t rows);      // offsets_[0, rows)
+  // Uploads rows offsets_[0, rows) of `tokens`; with the GLM objective each row is blank-infilled
+  // by glm_sample(seed, row_ids_[b]). Returns the tokens that carry a loss.
+  int64_t fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed);
+  // Tokens with a loss in rows [0, n) of a step's global batch (the GLM objective's vary by row).
+  int64_t loss_tokens(uint64_t seed, int64_t first, int64_t n) const;
   void plan_ranks(const std::vector<double>& weights);  // empty weights: by measured speed
   void profile();
   void follow_drift();
@@ -84,14 +89,17 @@ class Trainer {
   std::unique_ptr<Program> prog_;
   size_t n_forward_ = 0;
   std::unique_ptr<Buffer> opt_m_, opt_v_, scalar_;
-  std::vector<int32_t> tok_host_, tgt_host_;
+  std::vector<int32_t> tok_host_, tgt_host_, pos_host_, blk_host_, pre_host_;
   std::vector<int64_t> offsets_;
+  std::vector<uint64_t> row_ids_;
+  bool glm_ = false;
+  GlmTokens glm_tokens_;
   // The optimizer's op calls, built once: zero the grads, their sum of squares, AdamW per group.
   mxn_op_call zero_grads_{}, grad_sumsq_{}, adamw_[2]{};
   Tensor sumsq_;
   struct Pass {  // the Program run with this many rows: its inputs and loss
     int variant = -1;
-    Tensor tokens, targets, loss;
+    Tensor tokens, targets, loss, positions, block_positions, prefix;
   };
   std::vector<Pass> passes_;  // by row count, 1..cap
   int64_t step_ = 0;
