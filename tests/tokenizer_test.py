@@ -230,6 +230,109 @@ class Chat(unittest.TestCase):
         ref = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), chat_template=template, **kw)
         return folder, lambda m: ref.apply_chat_template(m, add_generation_prompt=True)
 
+    CONV = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "In the beginning?"},
+            {"role": "assistant", "content": "God created the heaven and the earth."},
+            {"role": "user", "content": "起初神创造天地。 And then?"},
+            {"role": "assistant", "content": "And the earth was without form, and void."}]
+
+    def mxn_sft(self, folder, convs):
+        path = os.path.join(self.tmp.name, "sft.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for c in convs:
+                f.write(json.dumps({"messages": c}, ensure_ascii=False) + "\n")
+        r = subprocess.run([MXN, "tokenize", "--tokenizer", folder, "--sft", path], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return [json.loads(l) for l in r.stdout.splitlines()]
+
+    def check_sft_hf(self, name, folder, ref, sep_tokens):
+        """ids equal apply_chat_template(conversation); the loss covers exactly each assistant
+        message's tokens and its end-of-turn token: the tokens between the generation prompt of
+        turn i and the rendering up to turn i, less `sep_tokens` trailing separators."""
+        for conv in (self.CONV, self.CONV[1:]):
+            got = self.mxn_sft(folder, [conv])[0]
+            self.assertEqual(got["ids"], ref.apply_chat_template(conv), f"{name} SFT ids")
+            want = [0] * len(got["ids"])
+            for i, m in enumerate(conv):
+                if m["role"] != "assistant":
+                    continue
+                a = len(ref.apply_chat_template(conv[:i], add_generation_prompt=True))
+                b = len(ref.apply_chat_template(conv[:i + 1])) - sep_tokens
+                want[a:b] = [1] * (b - a)
+            self.assertEqual(got["loss"], want, f"{name} SFT loss mask")
+        print(f"sft  {name:9s} ids and assistant-token mask identical ({sum(want)} of {len(want)} tokens)")
+
+    def test_sft_masks(self):
+        from transformers import PreTrainedTokenizerFast
+        folder, _ = self.json_folder("qwen2-sft", QWEN2, False, QWEN2_CHAT)
+        ref = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), chat_template=QWEN2_CHAT)
+        self.check_sft_hf("qwen2", folder, ref, 1)  # the "\n" after <|im_end|>
+        folder, _ = self.json_folder("llama3-sft", LLAMA3, True, LLAMA3_CHAT,
+                                     specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                                     bos_token="<|begin_of_text|>")
+        ref = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), chat_template=LLAMA3_CHAT,
+                                      bos_token="<|begin_of_text|>")
+        self.check_sft_hf("llama3", folder, ref, 0)
+        # GLM-4 (tiktoken): [gMASK]<sop>, <|role|>\n content per message, <|endoftext|>; the loss on
+        # each assistant message after its role token, and on the final <|endoftext|>.
+        folder, enc = self.t.glm4_folder()
+        got = self.mxn_sft(folder, [self.CONV])[0]
+        text = "[gMASK]<sop>" + "".join(f"<|{m['role']}|>\n{m['content']}" for m in self.CONV) + "<|endoftext|>"
+        ids = enc.encode(text, allowed_special="all")
+        self.assertEqual(got["ids"], ids, "glm4 SFT ids")
+        want, pos = [], 0
+        spans, at = [], len("[gMASK]<sop>".encode())
+        for m in self.CONV:
+            at += len(f"<|{m['role']}|>".encode())
+            n = len(("\n" + m["content"]).encode())
+            if m["role"] == "assistant":
+                spans.append((at, at + n))
+            at += n
+        spans.append((at, at + len("<|endoftext|>")))
+        for t in ids:
+            want.append(int(any(a <= pos < b for a, b in spans)))
+            pos += len(enc.decode_single_token_bytes(t))
+        self.assertEqual(got["loss"], want, "glm4 SFT loss mask")
+        print(f"sft  glm4      ids and assistant-token mask identical ({sum(want)} of {len(want)} tokens)")
+        # ChatGLM3 (SentencePiece + its specials): each part encoded on its own, as its tokenizer
+        # builds messages; the loss on the assistant's "\n" + content and on the final </s>.
+        import sentencepiece as spm
+        folder = os.path.join(self.tmp.name, "chatglm3-sft")
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(os.path.join(self.t.spm_folder(), "tokenizer.model"), os.path.join(folder, "tokenizer.model"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "ChatGLMTokenizer"}, f)
+        sp = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+        n = sp.get_piece_size()
+        role = {"system": n + 5, "user": n + 6, "assistant": n + 7}
+        ids, want = [n + 1, n + 3], [0, 0]
+        for m in self.CONV:
+            part = sp.encode("\n") + sp.encode(m["content"])
+            ids += [role[m["role"]]] + part
+            want += [0] + [int(m["role"] == "assistant")] * len(part)
+        ids.append(sp.eos_id())
+        want.append(1)
+        got = self.mxn_sft(folder, [self.CONV])[0]
+        self.assertEqual(got["ids"], ids, "chatglm3 SFT ids")
+        self.assertEqual(got["loss"], want, "chatglm3 SFT loss mask")
+        print(f"sft  chatglm3  ids and assistant-token mask identical ({sum(want)} of {len(want)} tokens)")
+
+    def test_sft_bad_rows(self):
+        folder, _ = self.json_folder("qwen2-bad", QWEN2, False, QWEN2_CHAT)
+        for row, needle in (('{"text": "hi"}', "no 'messages' list"),
+                            ('{"messages": [{"role": "robot", "content": "x"}]}', "role 'robot'"),
+                            ('{"messages": [{"role": "user"}]}', "needs a 'role' and a 'content'"),
+                            ('{"messages": [', "not valid JSON")):
+            path = os.path.join(self.tmp.name, "bad.jsonl")
+            with open(path, "w") as f:
+                f.write('{"messages": [{"role": "user", "content": "ok"}]}\n' + row + "\n")
+            r = subprocess.run([MXN, "tokenize", "--tokenizer", folder, "--sft", path], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            self.assertEqual(len(lines), 1, r.stderr)
+            self.assertIn("bad.jsonl:2", lines[0])
+            self.assertIn(needle, lines[0])
+
     def test_qwen2_chatml(self):
         self.check("qwen2", *self.json_folder("qwen2-chat", QWEN2, False, QWEN2_CHAT))
 

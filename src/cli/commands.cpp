@@ -171,13 +171,16 @@ std::function<int()> add_prepare(CLI::App& app) {
 std::function<int()> add_tokenize(CLI::App& app) {
   auto* sub = app.add_subcommand("tokenize", "token ids of a text, or the text of token ids");
   struct A {
-    std::string tokenizer, text, file, decode, decode_file, system;
+    std::string tokenizer, text, file, decode, decode_file, system, sft;
     bool chat = false;
   };
   auto a = std::make_shared<A>();
   sub->add_option("--tokenizer", a->tokenizer, "a model folder or tokenizer file")->required();
   sub->add_flag("--chat", a->chat, "encode the text as a user message in the folder's chat format");
   sub->add_option("--system", a->system, "with --chat: a system message");
+  sub->add_option("--sft", a->sft,
+                  "a JSONL file of {\"messages\": [...]} rows: prints each conversation's ids "
+                  "and loss mask (assistant tokens) as a JSON line");
   auto* t = sub->add_option("--text", a->text, "text to encode");
   auto* f = sub->add_option("--file", a->file, "file to encode")->excludes(t);
   auto* d = sub->add_option("--decode", a->decode, "comma-separated ids to decode");
@@ -197,6 +200,19 @@ std::function<int()> add_tokenize(CLI::App& app) {
         for (const std::string& s : split(read_file(a->decode_file, "ids file"), '\n'))
           if (!s.empty()) ids.push_back(parse_id(s, "--decode-file"));
       std::fputs(tok->decode(ids).c_str(), stdout);
+      return 0;
+    }
+    if (!a->sft.empty()) {
+      if (!std::filesystem::is_directory(a->tokenizer))
+        throw Error("--sft needs a model folder (its tokenizer_config.json names the format)");
+      const ChatFormat f = chat_format(a->tokenizer, *tok);
+      const std::vector<std::string> lines = split(read_file(a->sft, "SFT data"), '\n');
+      for (size_t i = 0; i < lines.size(); ++i) {
+        if (lines[i].find_first_not_of(" \t\r") == std::string::npos) continue;
+        const std::string where = a->sft + ":" + std::to_string(i + 1);
+        const ChatTokens c = chat_conversation(f, chat_messages_from_json(lines[i], where), *tok);
+        std::printf("%s\n", nlohmann::json({{"ids", c.ids}, {"loss", c.loss}}).dump().c_str());
+      }
       return 0;
     }
     const std::string text = a->file.empty() ? a->text : read_file(a->file, "text file");

@@ -8,6 +8,30 @@
 
 namespace mxn {
 
+std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
+                                                 const std::string& where) {
+  const nlohmann::json j = nlohmann::json::parse(row_json, nullptr, false);
+  if (j.is_discarded()) throw Error(where + ": not valid JSON");
+  if (!j.is_object() || !j.contains("messages") || !j["messages"].is_array() ||
+      j["messages"].empty())
+    throw Error(where +
+                ": no 'messages' list (expected {\"messages\": [{\"role\": \"user\", "
+                "\"content\": \"...\"}, ...]})");
+  std::vector<ChatMessage> out;
+  for (size_t i = 0; i < j["messages"].size(); ++i) {
+    const nlohmann::json& m = j["messages"][i];
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") ||
+        !m["content"].is_string())
+      throw Error(where + ": message " + std::to_string(i + 1) +
+                  " needs a 'role' and a 'content' string");
+    out.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+    if (out.back().role != "system" && out.back().role != "user" && out.back().role != "assistant")
+      throw Error(where + ": message " + std::to_string(i + 1) + " has role '" + out.back().role +
+                  "' (expected system, user or assistant)");
+  }
+  return out;
+}
+
 const char* chat_format_name(ChatFormat f) {
   switch (f) {
     case ChatFormat::chatml:
@@ -123,6 +147,92 @@ std::vector<int32_t> chat_prompt(ChatFormat f, const std::vector<ChatMessage>& m
       return ids;
   }
   return ids;
+}
+
+namespace {
+
+// Encodes the concatenated segments as one text (as transformers tokenises a rendered
+// template) and marks the tokens that start inside a `loss` segment: byte-level BPE and tiktoken
+// pieces concatenate to the text exactly, so byte offsets place each token.
+ChatTokens encode_segments(const std::vector<std::pair<std::string, bool>>& segs,
+                           const Tokenizer& tok) {
+  std::string text;
+  std::vector<std::pair<size_t, size_t>> loss;
+  for (const auto& [t, l] : segs) {
+    if (l) loss.push_back({text.size(), text.size() + t.size()});
+    text += t;
+  }
+  ChatTokens out;
+  out.ids = tok.encode(text);
+  size_t at = 0;
+  for (int32_t id : out.ids) {
+    bool in = false;
+    for (auto [a, b] : loss) in = in || (at >= a && at < b);
+    out.loss.push_back(in ? 1 : 0);
+    at += tok.piece(id).size();
+  }
+  if (at != text.size())
+    throw Error(std::string("the ") + tok.kind() +
+                " tokenizer's pieces do not spell the conversation back; this format's loss mask "
+                "needs a byte-level tokenizer");
+  return out;
+}
+
+}  // namespace
+
+ChatTokens chat_conversation(ChatFormat f, const std::vector<ChatMessage>& messages,
+                             const Tokenizer& tok) {
+  if (messages.empty()) throw Error("a conversation has no messages");
+  for (const ChatMessage& m : messages)
+    if (m.role != "system" && m.role != "user" && m.role != "assistant")
+      throw Error("chat role '" + m.role + "' is not system, user or assistant");
+  std::vector<std::pair<std::string, bool>> segs;
+  switch (f) {
+    case ChatFormat::chatml:
+      if (messages[0].role != "system")
+        segs.push_back({"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", false});
+      for (const ChatMessage& m : messages) {
+        segs.push_back({"<|im_start|>" + m.role + "\n", false});
+        const bool a = m.role == "assistant";
+        segs.push_back({m.content + "<|im_end|>", a});
+        segs.push_back({"\n", false});
+      }
+      return encode_segments(segs, tok);
+    case ChatFormat::llama3:
+      segs.push_back({"<|begin_of_text|>", false});
+      for (const ChatMessage& m : messages) {
+        segs.push_back({"<|start_header_id|>" + m.role + "<|end_header_id|>\n\n", false});
+        segs.push_back({trim(m.content) + "<|eot_id|>", m.role == "assistant"});
+      }
+      return encode_segments(segs, tok);
+    case ChatFormat::glm4:
+      segs.push_back({"[gMASK]<sop>", false});
+      for (const ChatMessage& m : messages) {
+        segs.push_back({"<|" + m.role + "|>", false});
+        segs.push_back({"\n" + m.content, m.role == "assistant"});
+      }
+      segs.push_back({"<|endoftext|>", true});
+      return encode_segments(segs, tok);
+    case ChatFormat::chatglm3: {
+      ChatTokens out;
+      auto add = [&](const std::vector<int32_t>& ids, bool loss) {
+        out.ids.insert(out.ids.end(), ids.begin(), ids.end());
+        out.loss.insert(out.loss.end(), ids.size(), loss ? 1 : 0);
+      };
+      add({special(tok, "[gMASK]"), special(tok, "sop")}, false);
+      for (const ChatMessage& m : messages) {
+        add({special(tok, ("<|" + m.role + "|>").c_str())}, false);
+        const bool a = m.role == "assistant";
+        add(tok.encode("\n"), a);
+        add(tok.encode(m.content), a);
+      }
+      add({special(tok, "</s>")}, true);
+      return out;
+    }
+    case ChatFormat::llama2:
+      break;
+  }
+  throw Error("supervised fine-tuning with the Llama 2 chat format is not supported yet");
 }
 
 std::vector<int32_t> chat_stop_ids(ChatFormat f, const Tokenizer& tok) {

@@ -19,6 +19,11 @@ struct ChatMessage {
   std::string content;
 };
 
+// The messages of an OpenAI-style row {"messages": [{"role": ..., "content": ...}, ...]}; an
+// Error names `where` and what is missing.
+std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
+                                                 const std::string& where);
+
 enum class ChatFormat { chatml, llama3, llama2, chatglm3, glm4 };
 const char* chat_format_name(ChatFormat f);
 
@@ -30,6 +35,18 @@ ChatFormat chat_format(const std::string& model_dir, const Tokenizer& tok);
 // The prompt's token ids, ending where the assistant's answer begins.
 std::vector<int32_t> chat_prompt(ChatFormat f, const std::vector<ChatMessage>& messages,
                                  const Tokenizer& tok);
+
+// A whole conversation for supervised fine-tuning: its ids as the chat template renders it (no
+// generation prompt), and which of them carry the loss: each assistant message's content and the
+// token that ends its turn (<|im_end|>, <|eot_id|>; GLM's formats end the conversation with their
+// end-of-text token, as ChatGLM's fine-tuning scripts do). An Error names a message without a
+// role or content, or an unknown role. The Llama 2 format is not supported here yet.
+struct ChatTokens {
+  std::vector<int32_t> ids;
+  std::vector<uint8_t> loss;  // 1: an assistant token
+};
+ChatTokens chat_conversation(ChatFormat f, const std::vector<ChatMessage>& messages,
+                             const Tokenizer& tok);
 
 // The token ids that end an assistant turn in this format (generation stops at them).
 std::vector<int32_t> chat_stop_ids(ChatFormat f, const Tokenizer& tok);
