@@ -317,6 +317,55 @@ class Chat(unittest.TestCase):
         self.assertEqual(got["loss"], want, "chatglm3 SFT loss mask")
         print(f"sft  chatglm3  ids and assistant-token mask identical ({sum(want)} of {len(want)} tokens)")
 
+    def test_sft_training_loss(self):
+        """mxn train --model DIR --sft: the first step's loss equals transformers' cross-entropy
+        over the assistant tokens of the same rows (picked by splitmix64 from (seed, step, row),
+        padded to the context)."""
+        from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+        import torch
+        folder, _ = self.json_folder("qwen2-train", QWEN2, False, QWEN2_CHAT)
+        ref_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(ref_tok), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                             max_position_embeddings=128, pad_token_id=None)).eval()
+        model.save_pretrained(folder)
+        convs = [[{"role": "user", "content": f"Verse {i}?"},
+                  {"role": "assistant", "content": self.t.texts["kjv"][i * 97:i * 97 + 40 + 7 * i]}] for i in range(6)]
+        rendered = self.mxn_sft(folder, convs)
+        path = os.path.join(self.tmp.name, "sft.jsonl")  # mxn_sft wrote it
+        run = os.path.join(self.tmp.name, "sft-run")
+        T, B, seed = 48, 4, 7
+        r = subprocess.run([MXN, "train", "--model", folder, "--sft", path, "--steps", "1", "--batch", str(B),
+                            "--n_ctx", str(T), "--seed", str(seed), "--eval_every", "0", "--ckpt_every", "0",
+                            "--out", run], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            got = json.loads(f.readline())["loss"]
+        M = (1 << 64) - 1
+
+        def mix64(x):
+            x = (x + 0x9e3779b97f4a7c15) & M
+            x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & M
+            x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & M
+            return x ^ (x >> 31)
+        train = rendered[:5]  # the last 10% (one row) validates
+        key = mix64(seed ^ mix64(1))
+        ids = torch.zeros(B, T, dtype=torch.long)
+        tgt = torch.full((B, T), -100, dtype=torch.long)
+        for b in range(B):
+            c = train[mix64((key + b) & M) % len(train)]
+            n = min(T, len(c["ids"]))
+            ids[b, :n] = torch.tensor(c["ids"][:n])
+            for t in range(n):
+                if t + 1 < len(c["ids"]) and c["loss"][t + 1]:
+                    tgt[b, t] = c["ids"][t + 1]
+        with torch.no_grad():
+            logits = model.double()(ids).logits
+        want = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)))
+        print(f"sft  training step 1 loss: mxn {got:.6f}, transformers {want:.6f}")
+        self.assertLess(abs(got - want) / want, 1e-4)
+
     def test_sft_bad_rows(self):
         folder, _ = self.json_folder("qwen2-bad", QWEN2, False, QWEN2_CHAT)
         for row, needle in (('{"text": "hi"}', "no 'messages' list"),

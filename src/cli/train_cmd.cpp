@@ -260,7 +260,7 @@ int run_train(TrainArgs& a) {
     cfg = saved;
   }
   if (a.stop_at < 0) throw Error("--stop-at must be >= 0");
-  if (cfg.data == TrainConfig().data && !std::filesystem::exists(cfg.data))
+  if (cfg.sft.empty() && cfg.data == TrainConfig().data && !std::filesystem::exists(cfg.data))
     throw Error("the default corpus '" + cfg.data +
                 "' is missing: run scripts/setup (it prepares "
                 "it), or pass --data FILE");

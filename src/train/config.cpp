@@ -34,6 +34,9 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"objective", &c.objective,
        "lm (next token), or glm (GLM's blank infilling: [MASK] spans, loss on the spans)", true},
       {"gmask", &c.gmask, "with --objective glm: share of rows with one [gMASK] span at the end"},
+      {"sft", &c.sft,
+       "supervised fine-tuning data: JSONL rows {\"messages\": [...]} in --model's chat format, "
+       "loss on the assistant tokens"},
       {"threads", &c.threads, "CPU threads (0: all cores)"},
       {"steps", &c.steps, "optimizer steps in all"},
       {"batch", &c.batch, "sequences per micro-batch"},
@@ -116,6 +119,8 @@ void TrainConfig::validate() const {
        "objective = '" + objective + "', expected lm or glm");
   need(gmask >= 0 && gmask <= 1, "gmask = " + std::to_string(gmask) + ", expected 0..1");
   need(objective != "glm" || seq_len() >= 8, "the glm objective needs sequences of >= 8 tokens");
+  need(sft.empty() || (!model.dir.empty() && objective == "lm"),
+       "--sft needs --model (a folder with a tokenizer and chat format) and --objective lm");
   need(threads >= 0 && threads <= 4096,
        "threads = " + std::to_string(threads) + ", expected 0..4096");
   need(eval_every >= 0 && ckpt_every >= 0 && log_every >= 1 && eval_batches >= 1,

@@ -35,7 +35,10 @@ struct TrainConfig {
   // lm: next-token prediction; glm: GLM's blank infilling (data/glm.h), with a learned
   // block-position table and the prefix-bidirectional mask.
   std::string objective = "lm";
-  double gmask = 0.0;   // with glm: share of rows in generation mode ([gMASK], one final span)
+  double gmask = 0.0;  // with glm: share of rows in generation mode ([gMASK], one final span)
+  // Supervised fine-tuning: a JSONL file of {"messages": [...]} rows, rendered in --model's chat
+  // format, loss on the assistant tokens; the last 10% of rows are the validation set.
+  std::string sft;
   int64_t threads = 0;  // 0: every core
   int64_t steps = 1500;
   int64_t batch = 16;  // sequences per micro-batch (the global one, over all ranks)

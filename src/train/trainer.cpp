@@ -10,7 +10,10 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/rng.h"
+#include "core/text.h"
+#include "data/tokenizer.h"
 #include "io/hf_folder.h"
 #include "parallel/balance.h"
 
@@ -45,7 +48,26 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     ck = load_checkpoint(resume, true);
   }
   cfg_.resolve_model();
-  data_ = TokenData::open(cfg_.data);
+  if (cfg_.sft.empty()) {
+    data_ = TokenData::open(cfg_.data);
+  } else {  // conversations rendered once; the last 10% (at least one) validate
+    cfg_.validate();
+    const auto tok = load_tokenizer(cfg_.model.dir);
+    const ChatFormat f = chat_format(cfg_.model.dir, *tok);
+    const std::vector<std::string> lines = split(read_file(cfg_.sft, "SFT data"), '\n');
+    std::vector<ChatTokens> all;
+    for (size_t i = 0; i < lines.size(); ++i)
+      if (lines[i].find_first_not_of(" \t\r") != std::string::npos)
+        all.push_back(chat_conversation(
+            f, chat_messages_from_json(lines[i], cfg_.sft + ":" + std::to_string(i + 1)), *tok));
+    if (all.size() < 2)
+      throw Error("SFT data '" + cfg_.sft + "' has " + std::to_string(all.size()) +
+                  " conversations; at least 2 are needed (one for validation)");
+    const size_t n_val = std::max<size_t>(1, all.size() / 10);
+    sft_val_.assign(all.end() - int64_t(n_val), all.end());
+    all.resize(all.size() - n_val);
+    sft_train_ = std::move(all);
+  }
   glm_ = cfg_.objective == "glm";
   if (glm_) {
     // Five special tokens follow the data's vocabulary: [CLS] [MASK] [gMASK] [sop] [eop].
@@ -65,7 +87,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
                 " (the data's vocabulary and five special tokens); the model has " +
                 std::to_string(model.vocab_size));
   dev_ = open_device(cfg_.device, int(cfg_.threads));
-  if (data_.vocab() > model.vocab_size)
+  if (cfg_.sft.empty() && data_.vocab() > model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +
                 " but the model's vocab_size is " + std::to_string(model.vocab_size));
   world_ = comm_ ? comm_->size() : 1;
@@ -80,7 +102,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
       world_ > 1 ? parse_split(cfg_.split, int(world_)) : std::vector<double>{1.0};
   auto_split_ = weights.empty();
   const int64_t T = cfg_.seq_len();
-  if (data_.n_train() < T + 2 || data_.n_val() < T + 2)
+  if (cfg_.sft.empty() && (data_.n_train() < T + 2 || data_.n_val() < T + 2))
     throw Error("data '" + cfg_.data + "' is too small: " + std::to_string(data_.n_train()) +
                 " train and " + std::to_string(data_.n_val()) +
                 " validation tokens, need more than " + std::to_string(T + 1) +
@@ -229,6 +251,25 @@ double Trainer::lr_at(int64_t s) const {
 int64_t Trainer::fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed) {
   const int64_t T = cfg_.seq_len();
   const Pass& p = passes_[size_t(rows)];
+  if (sft_set_) {  // a conversation per row, from its start, padded; loss where the mask says
+    int64_t counted = 0;
+    std::fill(tok_host_.begin(), tok_host_.begin() + rows * T, 0);
+    std::fill(tgt_host_.begin(), tgt_host_.begin() + rows * T, -1);
+    for (size_t b = 0; b < size_t(rows); ++b) {
+      const ChatTokens& c = (*sft_set_)[size_t(offsets_[b])];
+      const int64_t n = std::min<int64_t>(T, int64_t(c.ids.size()));
+      for (int64_t t = 0; t < n; ++t) {
+        tok_host_[b * size_t(T) + size_t(t)] = c.ids[size_t(t)];
+        if (t + 1 < int64_t(c.ids.size()) && c.loss[size_t(t + 1)]) {
+          tgt_host_[b * size_t(T) + size_t(t)] = c.ids[size_t(t + 1)];
+          ++counted;
+        }
+      }
+    }
+    dev_->upload(p.tokens, tok_host_.data());
+    dev_->upload(p.targets, tgt_host_.data());
+    return counted;
+  }
   if (!glm_) {
     for (size_t b = 0; b < size_t(rows); ++b)
       for (int64_t t = 0; t < T; ++t) {
@@ -261,8 +302,22 @@ int64_t Trainer::fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed) {
   return counted;
 }
 
-int64_t Trainer::loss_tokens(uint64_t seed, int64_t first, int64_t n) const {
+int64_t Trainer::sft_row(uint64_t seed, int64_t row, bool eval) const {
+  const auto& set = eval ? sft_val_ : sft_train_;
+  return eval ? row % int64_t(set.size()) : int64_t(mix64(seed + uint64_t(row)) % set.size());
+}
+
+int64_t Trainer::loss_tokens(uint64_t seed, int64_t first, int64_t n, bool eval) const {
   const int64_t T = cfg_.seq_len();
+  if (!cfg_.sft.empty()) {
+    int64_t count = 0;
+    for (int64_t r = first; r < first + n; ++r) {
+      const ChatTokens& c = (eval ? sft_val_ : sft_train_)[size_t(sft_row(seed, r, eval))];
+      const int64_t len = std::min<int64_t>(T + 1, int64_t(c.ids.size()));
+      for (int64_t t = 1; t < len; ++t) count += c.loss[size_t(t)];
+    }
+    return std::max<int64_t>(count, 1);
+  }
   if (!glm_) return n * T;
   // The layout of a GLM sample depends on (seed, row) only, not on the text.
   GlmOptions o;
@@ -278,9 +333,11 @@ void Trainer::profile() {
   // Each rank times its device on the real model: one warm-up pass, then the faster of two timed
   // forward + backward passes, and one all-reduce of the gradients (plus the optimizer's passes
   // over them, estimated as five sums of squares: AdamW streams seven arrays to the sum's one+).
-  const int64_t T = cfg_.seq_len(), span = data_.n_val() - T - 1;
+  const int64_t T = cfg_.seq_len(), span = cfg_.sft.empty() ? data_.n_val() - T - 1 : 0;
+  sft_set_ = cfg_.sft.empty() ? nullptr : &sft_val_;
   for (int64_t b = 0; b < cap_; ++b) {
-    offsets_[size_t(b)] = b * span / std::max<int64_t>(1, cap_);
+    offsets_[size_t(b)] =
+        sft_set_ ? b % int64_t(sft_val_.size()) : b * span / std::max<int64_t>(1, cap_);
     row_ids_[size_t(b)] = uint64_t(b);
   }
   const size_t nodes = prog_->graph().nodes.size();
@@ -387,13 +444,16 @@ float Trainer::step() {
   // Row r of a step's global batch is a pure function of (seed, step, r): resuming needs no
   // data-loader state, and any split over ranks, passes or micro-batches sees the same rows.
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));
-  const double total = double(loss_tokens(key, 0, G));
+  const double total = double(loss_tokens(key, 0, G, false));
+  sft_set_ = cfg_.sft.empty() ? nullptr : &sft_train_;
   double loss_sum = 0;
   for (int64_t done = 0; done < rows_;) {
     const int64_t n = std::min(cap_, rows_ - done);
     for (int64_t b = 0; b < n; ++b) {
       const uint64_t row = uint64_t(row_begin_ + done + b);
-      offsets_[size_t(b)] = int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
+      offsets_[size_t(b)] = sft_set_
+                                ? sft_row(key, int64_t(row), false)
+                                : int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
       row_ids_[size_t(b)] = row;
     }
     const Pass& p = passes_[size_t(n)];
@@ -457,14 +517,17 @@ float Trainer::eval_loss() {
   // The same fixed windows for any split: each rank takes its windows, and the token-weighted
   // losses are summed over ranks (collective: every rank calls this).
   const int64_t T = cfg_.seq_len(), W = cfg_.eval_batches * cfg_.batch;
-  const int64_t span = data_.n_val() - T - 1;
+  const int64_t span = cfg_.sft.empty() ? data_.n_val() - T - 1 : 0;
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ 0x5eed0e7a1ull);
-  const double total = double(loss_tokens(key, 0, W));
+  const double total = double(loss_tokens(key, 0, W, true));
+  sft_set_ = cfg_.sft.empty() ? nullptr : &sft_val_;
   double sum = 0;
   for (int64_t done = 0; done < eval_rows_;) {
     const int64_t n = std::min(cap_, eval_rows_ - done);
     for (int64_t b = 0; b < n; ++b) {
-      offsets_[size_t(b)] = (eval_begin_ + done + b) * span / std::max<int64_t>(1, W - 1);
+      offsets_[size_t(b)] = sft_set_
+                                ? sft_row(key, eval_begin_ + done + b, true)
+                                : (eval_begin_ + done + b) * span / std::max<int64_t>(1, W - 1);
       row_ids_[size_t(b)] = uint64_t(eval_begin_ + done + b);
     }
     const Pass& p = passes_[size_t(n)];

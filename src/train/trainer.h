@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend/device.h"
+#include "data/chat.h"
 #include "data/glm.h"
 #include "data/shard.h"
 #include "graph/program.h"
@@ -76,7 +77,9 @@ class Trainer {
   // by glm_sample(seed, row_ids_[b]). Returns the tokens that carry a loss.
   int64_t fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed);
   // Tokens with a loss in rows [0, n) of a step's global batch (the GLM objective's vary by row).
-  int64_t loss_tokens(uint64_t seed, int64_t first, int64_t n) const;
+  int64_t loss_tokens(uint64_t seed, int64_t first, int64_t n, bool eval) const;
+  // SFT: the row -> conversation index of a step (or of the validation set).
+  int64_t sft_row(uint64_t seed, int64_t row, bool eval) const;
   void plan_ranks(const std::vector<double>& weights);  // empty weights: by measured speed
   void profile();
   void follow_drift();
@@ -94,6 +97,8 @@ class Trainer {
   std::vector<uint64_t> row_ids_;
   bool glm_ = false;
   GlmTokens glm_tokens_;
+  std::vector<ChatTokens> sft_train_, sft_val_;       // conversations, when cfg_.sft is set
+  const std::vector<ChatTokens>* sft_set_ = nullptr;  // the set fill_batch reads
   // The optimizer's op calls, built once: zero the grads, their sum of squares, AdamW per group.
   mxn_op_call zero_grads_{}, grad_sumsq_{}, adamw_[2]{};
   Tensor sumsq_;
