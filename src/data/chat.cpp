@@ -8,6 +8,10 @@
 
 namespace mxn {
 
+namespace {
+void check_roles(const std::vector<ChatMessage>& messages);
+}  // namespace
+
 std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
                                                  const std::string& where) {
   const nlohmann::json j = nlohmann::json::parse(row_json, nullptr, false);
@@ -25,9 +29,11 @@ std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
       throw Error(where + ": message " + std::to_string(i + 1) +
                   " needs a 'role' and a 'content' string");
     out.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
-    if (out.back().role != "system" && out.back().role != "user" && out.back().role != "assistant")
-      throw Error(where + ": message " + std::to_string(i + 1) + " has role '" + out.back().role +
-                  "' (expected system, user or assistant)");
+    try {
+      check_roles({out.back()});
+    } catch (const Error& e) {
+      throw Error(where + ": message " + std::to_string(i + 1) + ": " + e.what());
+    }
   }
   return out;
 }
@@ -81,40 +87,54 @@ int32_t special(const Tokenizer& tok, const char* text) {
   return id;
 }
 
-void append(std::vector<int32_t>& out, const std::vector<int32_t>& more) {
-  out.insert(out.end(), more.begin(), more.end());
-}
-
 std::string trim(const std::string& s) {
   const size_t a = s.find_first_not_of(" \t\r\n"), b = s.find_last_not_of(" \t\r\n");
   return a == std::string::npos ? "" : s.substr(a, b - a + 1);
 }
 
-}  // namespace
-
-std::vector<int32_t> chat_prompt(ChatFormat f, const std::vector<ChatMessage>& messages,
-                                 const Tokenizer& tok) {
+void check_roles(const std::vector<ChatMessage>& messages) {
   for (const ChatMessage& m : messages)
     if (m.role != "system" && m.role != "user" && m.role != "assistant")
       throw Error("chat role '" + m.role + "' is not system, user or assistant");
-  std::string text;
-  std::vector<int32_t> ids;
+}
+
+// A text format's rendering, as (text, is the assistant's) segments. `prompt`: end where the
+// assistant's answer begins; else end the conversation (GLM-4: end-of-text, as its fine-tuning
+// scripts do). The assistant segments are each message's content and its end-of-turn token.
+using Segments = std::vector<std::pair<std::string, bool>>;
+Segments render(ChatFormat f, const std::vector<ChatMessage>& messages, bool prompt) {
+  Segments segs;
   switch (f) {
     case ChatFormat::chatml:  // Qwen2's template adds its default system message
       if (messages.empty() || messages[0].role != "system")
-        text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n";
-      for (const ChatMessage& m : messages)
-        text += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
-      text += "<|im_start|>assistant\n";
-      return tok.encode(text);
+        segs.push_back({"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", false});
+      for (const ChatMessage& m : messages) {
+        segs.push_back({"<|im_start|>" + m.role + "\n", false});
+        segs.push_back({m.content + "<|im_end|>", m.role == "assistant"});
+        segs.push_back({"\n", false});
+      }
+      if (prompt) segs.push_back({"<|im_start|>assistant\n", false});
+      break;
     case ChatFormat::llama3:
-      text = "<|begin_of_text|>";
-      for (const ChatMessage& m : messages)
-        text += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + trim(m.content) +
-                "<|eot_id|>";
-      text += "<|start_header_id|>assistant<|end_header_id|>\n\n";
-      return tok.encode(text);
+      segs.push_back({"<|begin_of_text|>", false});
+      for (const ChatMessage& m : messages) {
+        segs.push_back({"<|start_header_id|>" + m.role + "<|end_header_id|>\n\n", false});
+        segs.push_back({trim(m.content) + "<|eot_id|>", m.role == "assistant"});
+      }
+      if (prompt) segs.push_back({"<|start_header_id|>assistant<|end_header_id|>\n\n", false});
+      break;
+    case ChatFormat::glm4:
+      segs.push_back({"[gMASK]<sop>", false});
+      for (const ChatMessage& m : messages) {
+        segs.push_back({"<|" + m.role + "|>", false});
+        segs.push_back({"\n" + m.content, m.role == "assistant"});
+      }
+      segs.push_back(prompt ? std::pair{std::string("<|assistant|>"), false}
+                            : std::pair{std::string("<|endoftext|>"), true});
+      break;
     case ChatFormat::llama2: {
+      if (!prompt)
+        throw Error("supervised fine-tuning with the Llama 2 chat format is not supported yet");
       size_t i = 0;
       std::string system;
       if (!messages.empty() && messages[0].role == "system") system = messages[i++].content;
@@ -124,38 +144,47 @@ std::vector<int32_t> chat_prompt(ChatFormat f, const std::vector<ChatMessage>& m
           const std::string c = first && !system.empty()
                                     ? "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + m.content
                                     : m.content;
-          text += "<s>[INST] " + trim(c) + " [/INST]";
+          segs.push_back({"<s>[INST] " + trim(c) + " [/INST]", false});
         } else {
-          text += " " + trim(m.content) + " </s>";
+          std::string answer(" ");  // built in steps: GCC 12 -Wrestrict misfires on " " + str
+          answer += trim(m.content);
+          answer += " </s>";
+          segs.push_back({answer, true});
         }
       }
-      return tok.encode(text);
+      break;
     }
-    case ChatFormat::glm4:
-      text = "[gMASK]<sop>";
-      for (const ChatMessage& m : messages) text += "<|" + m.role + "|>\n" + m.content;
-      text += "<|assistant|>";
-      return tok.encode(text);
-    case ChatFormat::chatglm3:  // each part encoded on its own, as ChatGLM3's tokenizer does
-      ids = {special(tok, "[gMASK]"), special(tok, "sop")};
-      for (const ChatMessage& m : messages) {
-        ids.push_back(special(tok, ("<|" + m.role + "|>").c_str()));
-        append(ids, tok.encode("\n"));
-        append(ids, tok.encode(m.content));
-      }
-      ids.push_back(special(tok, "<|assistant|>"));
-      return ids;
+    case ChatFormat::chatglm3:
+      MXN_CHECK(false, "chatglm3 is rendered by token");
   }
-  return ids;
+  return segs;
 }
 
-namespace {
+// ChatGLM3 encodes each part on its own, as its tokenizer does: [gMASK] sop, then per message
+// <|role|> + encode("\n") + encode(content); a prompt ends with <|assistant|>, a conversation
+// with </s>.
+ChatTokens chatglm3_tokens(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
+                           bool prompt) {
+  ChatTokens out;
+  auto add = [&](const std::vector<int32_t>& ids, bool loss) {
+    out.ids.insert(out.ids.end(), ids.begin(), ids.end());
+    out.loss.insert(out.loss.end(), ids.size(), loss ? 1 : 0);
+  };
+  add({special(tok, "[gMASK]"), special(tok, "sop")}, false);
+  for (const ChatMessage& m : messages) {
+    add({special(tok, ("<|" + m.role + "|>").c_str())}, false);
+    const bool a = m.role == "assistant";
+    add(tok.encode("\n"), a);
+    add(tok.encode(m.content), a);
+  }
+  add({special(tok, prompt ? "<|assistant|>" : "</s>")}, !prompt);
+  return out;
+}
 
 // Encodes the concatenated segments as one text (as transformers tokenises a rendered
-// template) and marks the tokens that start inside a `loss` segment: byte-level BPE and tiktoken
-// pieces concatenate to the text exactly, so byte offsets place each token.
-ChatTokens encode_segments(const std::vector<std::pair<std::string, bool>>& segs,
-                           const Tokenizer& tok) {
+// template) and marks the tokens that start inside an assistant segment: byte-level BPE and
+// tiktoken pieces concatenate to the text exactly, so byte offsets place each token.
+ChatTokens encode_segments(const Segments& segs, const Tokenizer& tok) {
   std::string text;
   std::vector<std::pair<size_t, size_t>> loss;
   for (const auto& [t, l] : segs) {
@@ -180,59 +209,21 @@ ChatTokens encode_segments(const std::vector<std::pair<std::string, bool>>& segs
 
 }  // namespace
 
+std::vector<int32_t> chat_prompt(ChatFormat f, const std::vector<ChatMessage>& messages,
+                                 const Tokenizer& tok) {
+  check_roles(messages);
+  if (f == ChatFormat::chatglm3) return chatglm3_tokens(messages, tok, true).ids;
+  std::string text;
+  for (const auto& [t, assistant] : render(f, messages, true)) text += t;
+  return tok.encode(text);
+}
+
 ChatTokens chat_conversation(ChatFormat f, const std::vector<ChatMessage>& messages,
                              const Tokenizer& tok) {
   if (messages.empty()) throw Error("a conversation has no messages");
-  for (const ChatMessage& m : messages)
-    if (m.role != "system" && m.role != "user" && m.role != "assistant")
-      throw Error("chat role '" + m.role + "' is not system, user or assistant");
-  std::vector<std::pair<std::string, bool>> segs;
-  switch (f) {
-    case ChatFormat::chatml:
-      if (messages[0].role != "system")
-        segs.push_back({"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", false});
-      for (const ChatMessage& m : messages) {
-        segs.push_back({"<|im_start|>" + m.role + "\n", false});
-        const bool a = m.role == "assistant";
-        segs.push_back({m.content + "<|im_end|>", a});
-        segs.push_back({"\n", false});
-      }
-      return encode_segments(segs, tok);
-    case ChatFormat::llama3:
-      segs.push_back({"<|begin_of_text|>", false});
-      for (const ChatMessage& m : messages) {
-        segs.push_back({"<|start_header_id|>" + m.role + "<|end_header_id|>\n\n", false});
-        segs.push_back({trim(m.content) + "<|eot_id|>", m.role == "assistant"});
-      }
-      return encode_segments(segs, tok);
-    case ChatFormat::glm4:
-      segs.push_back({"[gMASK]<sop>", false});
-      for (const ChatMessage& m : messages) {
-        segs.push_back({"<|" + m.role + "|>", false});
-        segs.push_back({"\n" + m.content, m.role == "assistant"});
-      }
-      segs.push_back({"<|endoftext|>", true});
-      return encode_segments(segs, tok);
-    case ChatFormat::chatglm3: {
-      ChatTokens out;
-      auto add = [&](const std::vector<int32_t>& ids, bool loss) {
-        out.ids.insert(out.ids.end(), ids.begin(), ids.end());
-        out.loss.insert(out.loss.end(), ids.size(), loss ? 1 : 0);
-      };
-      add({special(tok, "[gMASK]"), special(tok, "sop")}, false);
-      for (const ChatMessage& m : messages) {
-        add({special(tok, ("<|" + m.role + "|>").c_str())}, false);
-        const bool a = m.role == "assistant";
-        add(tok.encode("\n"), a);
-        add(tok.encode(m.content), a);
-      }
-      add({special(tok, "</s>")}, true);
-      return out;
-    }
-    case ChatFormat::llama2:
-      break;
-  }
-  throw Error("supervised fine-tuning with the Llama 2 chat format is not supported yet");
+  check_roles(messages);
+  if (f == ChatFormat::chatglm3) return chatglm3_tokens(messages, tok, false);
+  return encode_segments(render(f, messages, false), tok);
 }
 
 std::vector<int32_t> chat_stop_ids(ChatFormat f, const Tokenizer& tok) {
