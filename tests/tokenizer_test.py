@@ -296,15 +296,7 @@ class Chat(unittest.TestCase):
         print(f"sft  glm4      ids and assistant-token mask identical ({sum(want)} of {len(want)} tokens)")
         # ChatGLM3 (SentencePiece + its specials): each part encoded on its own, as its tokenizer
         # builds messages; the loss on the assistant's "\n" + content and on the final </s>.
-        import sentencepiece as spm
-        folder = os.path.join(self.tmp.name, "chatglm3-sft")
-        os.makedirs(folder, exist_ok=True)
-        shutil.copy(os.path.join(self.t.spm_folder(), "tokenizer.model"), os.path.join(folder, "tokenizer.model"))
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "ChatGLMTokenizer"}, f)
-        sp = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
-        n = sp.get_piece_size()
-        role = {"system": n + 5, "user": n + 6, "assistant": n + 7}
+        folder, sp, n, role = self.chatglm3_folder("chatglm3-sft")
         ids, want = [n + 1, n + 3], [0, 0]
         for m in self.CONV:
             part = sp.encode("\n") + sp.encode(m["content"])
@@ -402,16 +394,22 @@ class Chat(unittest.TestCase):
                              chat_template=LLAMA2_CHAT)
         self.check("llama2", folder, lambda m: ref.apply_chat_template(m, add_generation_prompt=True))
 
-    def test_chatglm3(self):
+    def chatglm3_folder(self, name):
+        """A ChatGLM3-style folder: the trained SentencePiece model with ChatGLM's specials after
+        it (GLM.md's order). Returns the folder, the sentencepiece processor, its piece count and
+        the role token ids."""
         import sentencepiece as spm
-        folder = os.path.join(self.tmp.name, "chatglm3-chat")
+        folder = os.path.join(self.tmp.name, name)
         os.makedirs(folder, exist_ok=True)
         shutil.copy(os.path.join(self.t.spm_folder(), "tokenizer.model"), os.path.join(folder, "tokenizer.model"))
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "ChatGLMTokenizer"}, f)
         sp = spm.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
         n = sp.get_piece_size()
-        role = {"system": n + 5, "user": n + 6, "assistant": n + 7}
+        return folder, sp, n, {"system": n + 5, "user": n + 6, "assistant": n + 7}
+
+    def test_chatglm3(self):
+        folder, sp, n, role = self.chatglm3_folder("chatglm3-chat")
 
         def ref(msgs):  # GLM.md: [gMASK]sop, then <|role|> + encode("\n") + encode(content), then <|assistant|>
             ids = [n + 1, n + 3]

@@ -13,6 +13,10 @@ namespace mxn {
 
 struct GlmTokens {
   int32_t cls = -1, mask = -1, gmask = -1, sop = -1, eop = -1;
+  // mxn's own runs: the five follow the data's vocabulary (256 byte ids for text).
+  static GlmTokens after(int32_t vocab) {
+    return {vocab, vocab + 1, vocab + 2, vocab + 3, vocab + 4};
+  }
 };
 
 struct GlmOptions {

@@ -157,18 +157,22 @@ std::string infill(const std::string& checkpoint, const std::string& text, int64
                 "' was not trained with --objective glm; --infill needs a blank-infilling model");
   const DecoderConfig cfg = tc.decoder_config();
   cfg.validate();
-  // Byte-level runs: the five specials follow the 256 byte ids, as the trainer placed them.
-  const GlmTokens t{256, 257, 258, 259, 260};
-  // Part A: [CLS], the text's bytes, one mask token per blank.
+  // Byte-level runs: the specials follow the 256 byte ids, as the trainer placed them.
+  const GlmTokens t = GlmTokens::after(ByteTokenizer::kVocab);
+  // Part A: [CLS], the text's bytes, one mask token per blank; `pieces` keeps the text between
+  // blanks for the answer.
   std::vector<int32_t> ids{t.cls};
   std::vector<int32_t> blanks;  // positions of the mask tokens
+  std::vector<std::string> pieces(1);
   for (size_t i = 0; i < text.size();) {
     bool g = text.compare(i, 7, "[gMASK]") == 0;
     if (g || text.compare(i, 6, "[MASK]") == 0) {
       blanks.push_back(int32_t(ids.size()));
       ids.push_back(g ? t.gmask : t.mask);
+      pieces.emplace_back();
       i += g ? 7 : 6;
     } else {
+      pieces.back().push_back(text[i]);
       ids.push_back(uint8_t(text[i++]));
     }
   }
@@ -213,17 +217,8 @@ std::string infill(const std::string& checkpoint, const std::string& text, int64
       tok[size_t(len)] = next;  // the next row's input
     }
   }
-  std::string out;
-  size_t b = 0;
-  for (size_t i = 0; i < text.size();) {
-    const bool g = text.compare(i, 7, "[gMASK]") == 0;
-    if (g || text.compare(i, 6, "[MASK]") == 0) {
-      out += fills[b++];
-      i += g ? 7 : 6;
-    } else {
-      out.push_back(text[i++]);
-    }
-  }
+  std::string out = pieces[0];
+  for (size_t b = 0; b < blanks.size(); ++b) out += fills[b] + pieces[b + 1];
   return out;
 }
 

@@ -76,7 +76,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
           "--objective glm takes a fresh model on byte-level or shard data for now; a "
           "model folder's own [MASK]/[gMASK]/sop/eop tokens are not looked up yet");
     const int32_t v = int32_t(data_.vocab());
-    glm_tokens_ = {v, v + 1, v + 2, v + 3, v + 4};
+    glm_tokens_ = GlmTokens::after(v);
     if (cfg_.decoder.is_null() || cfg_.decoder.empty())
       cfg_.model.vocab_size = std::max<int64_t>(cfg_.model.vocab_size, v + 5);
   }
