@@ -131,6 +131,28 @@ size_t append_backward(Graph& g, int loss) {
       g.emit(MXN_OP_ADD, {gb, gp->second}, {gb});
     }
   }
+  // Rules emit every input's gradient; keep only the backward nodes whose results are used: a
+  // write into a grad (or any non-activation), a graph output, or an input of a node kept after.
+  std::vector<char> used(g.values.size(), 0);
+  std::vector<char> keep(g.nodes.size(), 1);
+  for (size_t i = g.nodes.size(); i-- > n_forward;) {
+    const Node& n = g.nodes[i];
+    bool live = false;
+    for (int o : n.out) {
+      const Value& v = g.v(o);
+      live = live || used[size_t(o)] || v.output || v.kind != ValueKind::activation;
+    }
+    keep[i] = live;
+    if (live)
+      for (int x : n.in) used[size_t(x)] = 1;
+  }
+  size_t w = n_forward;
+  for (size_t i = n_forward; i < g.nodes.size(); ++i)
+    if (keep[i]) {
+      if (w != i) g.nodes[w] = std::move(g.nodes[i]);
+      ++w;
+    }
+  g.nodes.resize(w);
   return n_forward;
 }
 

@@ -15,6 +15,11 @@ int Graph::param(const std::string& name, Shape shape, bool decay, DType dtype) 
   return id;
 }
 
+int Graph::frozen(const std::string& name, Shape shape, DType dtype) {
+  values.push_back(Value{name, std::move(shape), dtype, ValueKind::frozen});
+  return int(values.size()) - 1;
+}
+
 int Graph::input(const std::string& name, Shape shape, DType dtype) {
   values.push_back(Value{name, std::move(shape), dtype, ValueKind::input});
   return int(values.size()) - 1;
@@ -35,6 +40,14 @@ std::vector<int> Graph::params() const {
   std::vector<int> out;
   for (size_t i = 0; i < values.size(); ++i)
     if (values[i].kind == ValueKind::param) out.push_back(int(i));
+  return out;
+}
+
+std::vector<int> Graph::weights() const {
+  std::vector<int> out;
+  for (size_t i = 0; i < values.size(); ++i)
+    if (values[i].kind == ValueKind::param || values[i].kind == ValueKind::frozen)
+      out.push_back(int(i));
   return out;
 }
 

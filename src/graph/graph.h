@@ -13,6 +13,7 @@ namespace mxn {
 
 enum class ValueKind {
   param,       // trained weights, in one buffer (decayed ones first)
+  frozen,      // weights that stay as loaded (a fine-tuned base): no gradient, no optimizer state
   grad,        // a param's accumulated gradient, same layout as params
   input,       // written by the host before each run (tokens, targets)
   activation,  // lives in the arena, planned by liveness
@@ -64,6 +65,8 @@ class Graph {
 
   // dtype bf16: stored weights for inference (MATMUL's B, EMBEDDING's table); no training.
   int param(const std::string& name, Shape shape, bool decay, DType dtype = DType::f32);
+  // A weight that is read but never trained (bf16 allowed where the chip takes bf16 weights).
+  int frozen(const std::string& name, Shape shape, DType dtype = DType::f32);
   int input(const std::string& name, Shape shape, DType dtype);
   int activation(Shape shape, DType dtype = DType::f32);
   int emit(mxn_op op, std::vector<int> in, std::vector<int> out,
@@ -94,14 +97,17 @@ class Graph {
   void mark_output(int id) { values[size_t(id)].output = true; }
   const Value& v(int id) const { return values[size_t(id)]; }
   int64_t v_rows(int id) const;  // elements / last dim
-  std::vector<int> params() const;
+  std::vector<int> params() const;   // trained weights
+  std::vector<int> weights() const;  // every stored weight: params and frozen ones
 
   std::vector<Value> values;
   std::vector<Node> nodes;
 };
 
 // Appends the backward pass of every node so far (one rule per op, autograd.cpp) with d(loss)=1,
-// and adds each param's gradient into its grad value. Returns the index of the first backward node.
+// and adds each param's gradient into its grad value. Backward nodes whose results reach no
+// param's gradient (a frozen weight's, say) are left out. Returns the index of the first backward
+// node.
 size_t append_backward(Graph& g, int loss);
 
 }  // namespace mxn

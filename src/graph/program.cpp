@@ -88,14 +88,17 @@ Program::Program(Graph g, Device& dev, bool with_grads) : g_(std::move(g)), dev_
         if (v.dtype != DType::f32) poff = align_up(poff);
         (decay ? n_decay_ : n_nodecay_) += numel(v.shape);
       }
+  uint64_t foff = 0;
   for (Value& v : g_.values)
-    if (v.kind == ValueKind::input) {
-      v.offset = ioff;
-      ioff += align_up(bytes_of(v));
+    if (v.kind == ValueKind::input || v.kind == ValueKind::frozen) {
+      uint64_t& off = v.kind == ValueKind::input ? ioff : foff;
+      v.offset = off;
+      off += align_up(bytes_of(v));
     }
   arena_bytes_ = plan_arena(g_);
-  params_ = dev_.alloc(poff);
-  if (with_grads) grads_ = dev_.alloc(poff);
+  params_ = dev_.alloc(std::max<uint64_t>(poff, kAlign));  // frozen-only graphs train nothing
+  if (foff > 0) frozen_ = dev_.alloc(foff);
+  if (with_grads) grads_ = dev_.alloc(std::max<uint64_t>(poff, kAlign));
   inputs_ = dev_.alloc(ioff);
   arena_ = dev_.alloc(arena_bytes_);
   variants_.push_back({Graph{}, build_calls(g_)});
@@ -117,9 +120,10 @@ int Program::add_variant(Graph smaller) {
             "a Program variant must have the same nodes and values as its graph");
   for (size_t i = 0; i < g_.values.size(); ++i) {
     const Value &a = g_.values[i], &b = smaller.values[i];
-    MXN_CHECK(a.kind == b.kind && a.dtype == b.dtype && bytes_of(b) <= bytes_of(a) &&
-                  (a.kind != ValueKind::param || a.shape == b.shape),
-              "Program variant value '" + b.name + "' does not fit its slot");
+    MXN_CHECK(
+        a.kind == b.kind && a.dtype == b.dtype && bytes_of(b) <= bytes_of(a) &&
+            ((a.kind != ValueKind::param && a.kind != ValueKind::frozen) || a.shape == b.shape),
+        "Program variant value '" + b.name + "' does not fit its slot");
   }
   for (size_t i = 0; i < g_.nodes.size(); ++i)
     MXN_CHECK(g_.nodes[i].op == smaller.nodes[i].op, "Program variant ops differ");
@@ -139,6 +143,9 @@ Tensor Program::view(int id, const Shape& shape) const {
   switch (v.kind) {
     case ValueKind::param:
       b = params_.get();
+      break;
+    case ValueKind::frozen:
+      b = frozen_.get();
       break;
     case ValueKind::grad:
       b = grads_ ? grads_.get() : params_.get();  // inference: never read, any valid place

@@ -39,7 +39,7 @@ class Program {
  private:
   Graph g_;
   Device& dev_;
-  std::unique_ptr<Buffer> params_, grads_, inputs_, arena_;
+  std::unique_ptr<Buffer> params_, frozen_, grads_, inputs_, arena_;
   uint64_t arena_bytes_ = 0;
   int64_t n_decay_ = 0, n_nodecay_ = 0;
   struct Variant {

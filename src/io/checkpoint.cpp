@@ -41,6 +41,8 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
   safetensors_save((tmp / "model.safetensors").string(), ck.weights);
   test_pause();
   safetensors_save((tmp / "optimizer.safetensors").string(), ck.optimizer);
+  for (const auto& [name, t] : ck.tensors) safetensors_save((tmp / name).string(), t);
+  for (const auto& [name, text] : ck.files) write_file_atomic((tmp / name).string(), text);
   write_file_atomic((tmp / "trainer.json").string(), ck.trainer.dump(2));
   fsync_dir(tmp.string());
   fs::remove_all(final_dir, ec);

@@ -6,6 +6,8 @@
 // loadable.
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "io/safetensors.h"
 
@@ -15,6 +17,9 @@ struct Checkpoint {
   TensorMap weights;
   TensorMap optimizer;
   nlohmann::json trainer;
+  // Further files of the folder, by name (a LoRA run's PEFT adapter files).
+  std::vector<std::pair<std::string, std::string>> files;
+  std::vector<std::pair<std::string, TensorMap>> tensors;
 };
 
 // Returns the new checkpoint's folder.

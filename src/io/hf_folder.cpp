@@ -58,18 +58,17 @@ TensorMap load_hf_weights(const std::string& dir) {
   }
   TensorMap out;
   for (const std::string& f : files)
-    for (auto& [name, t] : safetensors_load(f)) {
-      if (t.dtype == DType::f32 || t.dtype == DType::i32) {
-        out[name] = std::move(t);
-        continue;
-      }
-      HostTensor h(t.shape, DType::f32);
-      const auto* src = reinterpret_cast<const uint16_t*>(t.bytes.data());
-      for (int64_t i = 0; i < t.numel(); ++i)
-        h.f32()[i] = t.dtype == DType::bf16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
-      out[name] = std::move(h);
-    }
+    for (auto& [name, t] : safetensors_load(f)) out[name] = widen_to_f32(std::move(t));
   return out;
+}
+
+HostTensor widen_to_f32(HostTensor t) {
+  if (t.dtype != DType::bf16 && t.dtype != DType::f16) return t;
+  HostTensor h(t.shape, DType::f32);
+  const auto* src = reinterpret_cast<const uint16_t*>(t.bytes.data());
+  for (int64_t i = 0; i < t.numel(); ++i)
+    h.f32()[i] = t.dtype == DType::bf16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+  return h;
 }
 
 namespace {
@@ -87,10 +86,14 @@ const HostTensor& expect_tensor(const TensorMap& weights, const Value& v,
 }
 }  // namespace
 
-void upload_weights(Program& prog, const TensorMap& weights, const std::string& source) {
+void upload_weights(Program& prog, const TensorMap& weights, const std::string& source,
+                    WeightSet which) {
   std::vector<uint16_t> half;
-  for (int p : prog.graph().params()) {
+  for (int p : prog.graph().weights()) {
     const Value& v = prog.graph().v(p);
+    if ((which == WeightSet::frozen && v.kind != ValueKind::frozen) ||
+        (which == WeightSet::trained && v.kind != ValueKind::param))
+      continue;
     const HostTensor& t = expect_tensor(weights, v, source);
     if (v.dtype == DType::f32) {
       prog.device().upload(prog.tensor(p), t.bytes.data());

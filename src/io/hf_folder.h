@@ -15,9 +15,15 @@ DecoderConfig load_hf_config(const std::string& dir);
 // Every tensor of the folder's safetensors, converted to f32.
 TensorMap load_hf_weights(const std::string& dir);
 
-// Copies `weights` into the Program's params by name. A missing tensor or one of another shape is
-// an Error naming it, its expected and its found shape.
-void upload_weights(Program& prog, const TensorMap& weights, const std::string& source);
+// bf16 and f16 tensors widened to f32 (others as they are).
+HostTensor widen_to_f32(HostTensor t);
+
+// Copies `weights` into the Program's weights by name: all of them, or only the frozen ones (a
+// base model under adapters) or only the trained ones (the adapters). A missing tensor or one of
+// another shape is an Error naming it, its expected and its found shape.
+enum class WeightSet { all, frozen, trained };
+void upload_weights(Program& prog, const TensorMap& weights, const std::string& source,
+                    WeightSet which = WeightSet::all);
 
 // The decoder's parameters out of `weights` (f32, Hugging Face names): a missing tensor or one of
 // another shape is an Error naming it, its expected and its found shape; extra tensors (GPT-2's

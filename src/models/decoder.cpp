@@ -1,5 +1,6 @@
 #include "models/decoder.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -77,20 +78,47 @@ Names names_for(Arch a) {
 struct Builder {
   Graph& g;
   const DecoderConfig& c;
-  DType wdt = DType::f32;  // the 2-D weights' storage type
+  const DecoderOptions& o;
+  std::vector<std::string> modules;  // every linear's last name component, once
+  std::vector<bool> lora_hit;        // per target of o.lora: matched a module
 
+  // A model weight: trained, or frozen under an adapter. 2-D ones are stored as o.weights says.
+  int w(const std::string& name, Shape shape, bool decay) {
+    const DType dt = shape.size() == 2 ? o.weights : DType::f32;
+    return o.freeze ? g.frozen(name, std::move(shape), dt) : g.param(name, shape, decay, dt);
+  }
   // x (N, in) -> (N, out): GPT-2's Conv1D stores (in, out); every other family nn.Linear's
   // (out, in).
   int linear(int x, const std::string& name, int64_t in, int64_t out, bool bias) {
-    const int w = g.param(name + ".weight", c.gpt2() ? Shape{in, out} : Shape{out, in}, true, wdt);
-    int y = g.matmul(x, w, false, !c.gpt2());
-    if (bias) y = g.add_bias(y, g.param(name + ".bias", {out}, false));
+    const int wt = w(name + ".weight", c.gpt2() ? Shape{in, out} : Shape{out, in}, true);
+    int y = g.matmul(x, wt, false, !c.gpt2());
+    if (bias) y = g.add_bias(y, w(name + ".bias", {out}, false));
+    const std::string leaf = name.substr(name.rfind('.') + 1);
+    if (std::find(modules.begin(), modules.end(), leaf) == modules.end()) modules.push_back(leaf);
+    if (o.lora.r > 0 && lora_targets(name)) {
+      const int a = g.param(lora_a_name(name), {o.lora.r, in}, true);
+      const int b = g.param(lora_b_name(name), {out, o.lora.r}, true);
+      const int t = g.matmul(x, a, false, true);
+      y = g.add(y, g.matmul(t, b, false, true, o.lora.alpha / float(o.lora.r)));
+    }
     return y;
   }
+  bool lora_targets(const std::string& name) {
+    bool any = false;
+    for (size_t i = 0; i < o.lora.targets.size(); ++i) {
+      const std::string& t = o.lora.targets[i];
+      const bool hit = name == t || (name.size() > t.size() &&
+                                     name.compare(name.size() - t.size(), t.size(), t) == 0 &&
+                                     name[name.size() - t.size() - 1] == '.');
+      if (hit) lora_hit[i] = true;
+      any = any || hit;
+    }
+    return any;
+  }
   int norm(int x, const std::string& name) {
-    const int w = g.param(name + ".weight", {c.hidden}, false);
-    if (c.rms_norm()) return g.rmsnorm(x, w, c.norm_eps);
-    return g.layernorm(x, w, g.param(name + ".bias", {c.hidden}, false), c.norm_eps);
+    const int wt = w(name + ".weight", {c.hidden}, false);
+    if (c.rms_norm()) return g.rmsnorm(x, wt, c.norm_eps);
+    return g.layernorm(x, wt, w(name + ".bias", {c.hidden}, false), c.norm_eps);
   }
   RopeSpec rope(int64_t col0, int64_t heads) const {
     RopeSpec r;
@@ -239,27 +267,41 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
 
 const char* const kBlockPositions = "glm.block_position_embeddings.weight";
 
+std::vector<std::string> lora_default_targets(Arch a) {
+  switch (a) {
+    case Arch::gpt2:
+      return {"c_attn"};
+    case Arch::chatglm:
+      return {"query_key_value"};
+    default:
+      return {"q_proj", "v_proj"};
+  }
+}
+
+std::string lora_a_name(const std::string& module) { return module + ".lora_A.weight"; }
+std::string lora_b_name(const std::string& module) { return module + ".lora_B.weight"; }
+
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
                            const DecoderOptions& o) {
   MXN_CHECK(o.kv_cache > 0 || T <= c.max_pos, "sequence longer than the context");
   const Names nm = names_for(c.arch);
-  Builder b{g, c, o.weights};
+  Builder b{g, c, o, {}, std::vector<bool>(o.lora.targets.size(), false)};
+  MXN_CHECK(o.lora.r == 0 || !o.lora.targets.empty(), "LoRA without target modules");
   const int64_t C = c.hidden, N = B * T, H = c.heads, G = c.n_kv_heads(), D = c.hd();
   const int64_t F = c.ffn_width();
   DecoderGraph m;
   m.tokens = g.input("tokens", {N}, DType::i32);
   m.positions = g.input("positions", {N}, DType::i32);
   if (o.mask == 2) m.prefix = g.input("prefix", {B}, DType::i32);
-  const int wte = g.param(nm.embed + ".weight", {c.vocab_size, C}, true, o.weights);
+  const int wte = b.w(nm.embed + ".weight", {c.vocab_size, C}, true);
   int x = g.embedding(m.tokens, wte);
   if (o.block_positions) {
     m.block_positions = g.input("block_positions", {N}, DType::i32);
-    const int table = g.param(kBlockPositions, {c.max_pos + 1, C}, true, o.weights);
+    const int table = b.w(kBlockPositions, {c.max_pos + 1, C}, true);
     x = g.add(x, g.embedding(m.block_positions, table));
   }
   if (c.gpt2())
-    x = g.add(
-        x, g.embedding(m.positions, g.param(nm.pos + ".weight", {c.max_pos, C}, true, o.weights)));
+    x = g.add(x, g.embedding(m.positions, b.w(nm.pos + ".weight", {c.max_pos, C}, true)));
   AttentionSpec at;
   at.heads = H;
   at.kv_heads = G;
@@ -318,8 +360,14 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     m.last_rows = g.input("last_rows", {B}, DType::i32);
     x = g.embedding(m.last_rows, x);
   }
-  const int head =
-      c.tie_embeddings ? wte : g.param(nm.lm_head + ".weight", {c.vocab_size, C}, true, o.weights);
+  for (size_t i = 0; i < o.lora.targets.size(); ++i) {
+    if (b.lora_hit[i]) continue;
+    std::string names;
+    for (const std::string& n : b.modules) names += (names.empty() ? "" : ", ") + n;
+    throw Error("LoRA target module '" + o.lora.targets[i] + "' matches no linear layer of this " +
+                arch_name(c.arch) + " model (its linear layers: " + names + ")");
+  }
+  const int head = c.tie_embeddings ? wte : b.w(nm.lm_head + ".weight", {c.vocab_size, C}, true);
   m.logits = g.matmul(x, head, false, true);
   if (o.with_loss) {
     m.targets = g.input("targets", {N}, DType::i32);

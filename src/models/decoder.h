@@ -55,6 +55,21 @@ struct DecoderConfig {
 DecoderConfig decoder_config_from_hf(const nlohmann::json& j, const std::string& path);
 nlohmann::json decoder_config_to_hf(const DecoderConfig& c);
 
+// LoRA (Hu et al.): each targeted linear y = x W^T gains (alpha / r) x A^T B^T, with A (r, in)
+// and B (out, r) trained and W frozen. Targets are module names as PEFT matches them: a linear
+// whose name is the target or ends with "." + target (q_proj, self_attn.v_proj, c_attn).
+struct LoraSpec {
+  int64_t r = 0;  // 0: no LoRA
+  float alpha = 8.f;
+  std::vector<std::string> targets;
+};
+// The modules PEFT targets by default for a family (its q and v projections).
+std::vector<std::string> lora_default_targets(Arch a);
+// The adapter tensors of module `name` (e.g. model.layers.0.self_attn.q_proj) in mxn's graph; a
+// PEFT file prefixes them with "base_model.model.".
+std::string lora_a_name(const std::string& module);
+std::string lora_b_name(const std::string& module);
+
 struct DecoderOptions {
   bool with_loss = false;
   int mask = 1;                // 1 causal; 2 prefix-bidirectional (a per-sequence prefix input)
@@ -64,6 +79,8 @@ struct DecoderOptions {
   // GLM's second position row (a span's token index, 0 in Part A): a learned table, as the
   // original GLM's block position embeddings, added to the token embedding.
   bool block_positions = false;
+  bool freeze = false;  // the model's weights are frozen (fine-tuning trains adapters only)
+  LoraSpec lora;
 };
 
 struct DecoderGraph {

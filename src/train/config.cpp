@@ -3,6 +3,7 @@
 #include <toml++/toml.h>
 
 #include "core/error.h"
+#include "core/text.h"
 #include "io/hf_folder.h"
 
 namespace mxn {
@@ -37,6 +38,14 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"sft", &c.sft,
        "supervised fine-tuning data: JSONL rows {\"messages\": [...]} in --model's chat format, "
        "loss on the assistant tokens"},
+      {"finetune", &c.finetune,
+       "what trains: full, or lora (adapters only; the --model base frozen)", true},
+      {"lora_r", &c.lora_r, "LoRA rank", true},
+      {"lora_alpha", &c.lora_alpha, "LoRA alpha (the update is scaled by alpha / r)", true},
+      {"lora_dropout", &c.lora_dropout, "LoRA dropout on the adapters' input (0 only, for now)"},
+      {"lora_targets", &c.lora_targets,
+       "LoRA target modules, comma-separated (q_proj,v_proj; empty: the family's q and v)", true},
+      {"base_dtype", &c.base_dtype, "with lora: the frozen base's storage, f32 or bf16 (CPU)"},
       {"threads", &c.threads, "CPU threads (0: all cores)"},
       {"steps", &c.steps, "optimizer steps in all"},
       {"batch", &c.batch, "sequences per micro-batch"},
@@ -73,6 +82,18 @@ DecoderConfig TrainConfig::decoder_config() const {
   d.qkv_bias = d.arch == Arch::qwen2 || d.arch == Arch::glm || d.arch == Arch::chatglm;
   if (d.arch == Arch::glm || d.arch == Arch::chatglm) d.rope_fraction = 0.5f;
   return d;
+}
+
+LoraSpec TrainConfig::lora_spec() const {
+  LoraSpec s;
+  if (finetune != "lora") return s;
+  s.r = lora_r;
+  s.alpha = float(lora_alpha);
+  for (std::string t : mxn::split(lora_targets, ','))
+    if (t.erase(0, t.find_first_not_of(" \t")); !t.empty())
+      s.targets.push_back(t.substr(0, t.find_last_not_of(" \t") + 1));
+  if (s.targets.empty()) s.targets = lora_default_targets(decoder_config().arch);
+  return s;
 }
 
 void TrainConfig::resolve_model() {
@@ -121,6 +142,21 @@ void TrainConfig::validate() const {
   need(objective != "glm" || seq_len() >= 8, "the glm objective needs sequences of >= 8 tokens");
   need(sft.empty() || (!model.dir.empty() && objective == "lm"),
        "--sft needs --model (a folder with a tokenizer and chat format) and --objective lm");
+  need(finetune == "full" || finetune == "lora",
+       "finetune = '" + finetune + "', expected full or lora");
+  if (finetune == "lora") {
+    need(lora_r >= 1 && lora_r <= 65536,
+         "lora_r = " + std::to_string(lora_r) + ", expected a rank >= 1");
+    need(lora_alpha > 0, "lora_alpha = " + std::to_string(lora_alpha) + ", expected > 0");
+    need(lora_dropout == 0,
+         "lora_dropout = " + std::to_string(lora_dropout) +
+             ": LoRA dropout is not implemented yet (the chip contract has no dropout op); "
+             "expected 0");
+    need(!model.dir.empty(), "--finetune lora needs --model (the folder whose weights it adapts)");
+    need(objective == "lm", "--finetune lora trains with --objective lm");
+    need(base_dtype == "f32" || base_dtype == "bf16",
+         "base_dtype = '" + base_dtype + "', expected f32 or bf16");
+  }
   need(threads >= 0 && threads <= 4096,
        "threads = " + std::to_string(threads) + ", expected 0..4096");
   need(eval_every >= 0 && ckpt_every >= 0 && log_every >= 1 && eval_batches >= 1,

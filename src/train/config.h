@@ -39,6 +39,14 @@ struct TrainConfig {
   // Supervised fine-tuning: a JSONL file of {"messages": [...]} rows, rendered in --model's chat
   // format, loss on the assistant tokens; the last 10% of rows are the validation set.
   std::string sft;
+  // What trains: full (every weight), or lora (adapters on the target modules; the base frozen,
+  // stored in base_dtype, with no gradients or optimizer state).
+  std::string finetune = "full";
+  int64_t lora_r = 8;
+  double lora_alpha = 8, lora_dropout = 0;
+  std::string lora_targets;       // comma-separated module names; empty: the family's q and v
+  std::string base_dtype = "f32";  // the frozen base's storage: f32, or bf16 (CPU)
+  LoraSpec lora_spec() const;      // r = 0 unless finetune is lora
   int64_t threads = 0;  // 0: every core
   int64_t steps = 1500;
   int64_t batch = 16;  // sequences per micro-batch (the global one, over all ranks)

@@ -16,6 +16,7 @@
 #include "data/tokenizer.h"
 #include "io/hf_folder.h"
 #include "parallel/balance.h"
+#include "train/adapter.h"
 
 namespace mxn {
 namespace {
@@ -30,6 +31,9 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   DecoderOptions o;
   o.with_loss = true;
   if (c.objective == "glm") o.mask = 2, o.block_positions = true;
+  o.lora = c.lora_spec();
+  o.freeze = o.lora.r > 0;
+  if (o.freeze && c.base_dtype == "bf16") o.weights = DType::bf16;
   *m = build_decoder(g, c.decoder_config(), rows, c.seq_len(), o);
   *n_forward = append_backward(g, m->loss);
   return g;
@@ -145,10 +149,16 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
                                          {p, slice(m_all, begin, n), slice(v_all, begin, n)});
     begin += n;
   }
+  const bool adapters = cfg_.finetune != "full";
+  if (adapters)  // the frozen base, from its folder (checkpoints hold the adapters only)
+    upload_weights(*prog_, load_hf_weights(cfg_.model.dir), "model folder '" + cfg_.model.dir + "'",
+                   WeightSet::frozen);
   if (!resume.empty()) {
     load(ck);
   } else {
-    if (!cfg_.model.dir.empty()) {  // fine-tuning: the folder's weights
+    if (adapters) {
+      for (int p : prog_->graph().params()) init_adapter(p);
+    } else if (!cfg_.model.dir.empty()) {  // fine-tuning: the folder's weights
       upload_weights(*prog_, load_hf_weights(cfg_.model.dir),
                      "model folder '" + cfg_.model.dir + "'");
     } else {
@@ -162,6 +172,21 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     dev_->run(make_op_call(MXN_OP_FILL, {}, {v_all}, {}, {0.f}));
   }
   plan_ranks(weights);
+}
+
+// PEFT's LoRA initialisation: A as nn.Linear's default (Kaiming-uniform with a = sqrt(5), i.e.
+// uniform in +-1/sqrt(in)), B zero, so training starts from the base model's outputs.
+void Trainer::init_adapter(int p) {
+  const Value& v = prog_->graph().v(p);
+  std::vector<float> w(size_t(numel(v.shape)), 0.f);
+  if (v.name.size() > 14 && v.name.compare(v.name.size() - 14, 14, ".lora_A.weight") == 0) {
+    uint64_t h = uint64_t(cfg_.seed);
+    for (char ch : v.name) h = mix64(h ^ uint64_t(uint8_t(ch)));
+    Rng rng(h);
+    const double bound = 1.0 / std::sqrt(double(v.shape[1]));
+    for (float& x : w) x = float((2 * rng.uniform() - 1) * bound);
+  }
+  dev_->upload(prog_->tensor(p), w.data());
 }
 
 // Who takes which rows: with several ranks, measure each device (profile), split the global
@@ -200,7 +225,14 @@ int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes) {
   size_t nf = 0;
   Graph one = train_graph(cfg, 1, &m, &nf);
   const double per_row = double(plan_arena(one)) * 1.05;  // one row's arena, planned, plus 5%
-  const double room = double(free_bytes) * 0.9 - double(cfg.decoder_config().param_count()) * 16.0;
+  // Trained weights take 16 bytes each (weight, gradient, two moments); a frozen base 4 or 2.
+  double fixed = 0;
+  for (int w : one.weights()) {
+    const Value& v = one.v(w);
+    fixed +=
+        double(numel(v.shape)) * (v.kind == ValueKind::param ? 16.0 : double(dtype_size(v.dtype)));
+  }
+  const double room = double(free_bytes) * 0.9 - fixed;
   if (room < per_row) return 1;  // the allocation will then say how much is missing
   return std::clamp<int64_t>(int64_t(room / per_row), 1, cfg.batch);
 }
@@ -566,6 +598,14 @@ std::string Trainer::save() {
   }
   ck.trainer = {{"step", step_}, {"config", to_json(cfg_)}, {"format", "mxn-checkpoint-1"}};
   ck.trainer["model"] = cfg_.decoder_config().to_json();
+  if (cfg_.finetune == "lora") {  // every checkpoint is also a PEFT folder
+    LoraAdapter a;
+    a.spec = cfg_.lora_spec();
+    a.dropout = cfg_.lora_dropout;
+    a.base = cfg_.model.dir;
+    ck.files.emplace_back("adapter_config.json", lora_config_json(a, cfg_.decoder_config().gpt2()));
+    ck.tensors.emplace_back("adapter_model.safetensors", lora_peft_tensors(ck.weights));
+  }
   std::filesystem::create_directories(cfg_.out);
   return save_checkpoint(cfg_.out, step_, ck);
 }

@@ -84,6 +84,7 @@ class Trainer {
   void profile();
   void follow_drift();
   void load(const Checkpoint& ck);
+  void init_adapter(int param);
 
   TrainConfig cfg_;
   std::unique_ptr<Device> dev_;

@@ -1,8 +1,9 @@
 // Runs one forward and backward of a Hugging Face model folder through mxn's decoder and writes
 // logits, loss and every parameter gradient to a safetensors file, for tests/hf_models_test.py.
 // The batch is `tokens` (B, T) i32 from IN; targets are the tokens shifted left (the last of each
-// row ignored), as transformers computes a causal LM's loss from labels.
-// usage: decoder_dump MODEL_DIR IN.safetensors OUT.safetensors [device]
+// row ignored), as transformers computes a causal LM's loss from labels. With ADAPTER (a PEFT LoRA
+// folder) the base is frozen and the gradients are the adapter's.
+// usage: decoder_dump MODEL_DIR IN.safetensors OUT.safetensors [device] [ADAPTER]
 #include <cstdio>
 
 #include "backend/device.h"
@@ -10,6 +11,7 @@
 #include "core/fs.h"
 #include "graph/program.h"
 #include "io/hf_folder.h"
+#include "train/adapter.h"
 
 using namespace mxn;
 
@@ -27,10 +29,17 @@ int main(int argc, char** argv) try {
   Graph g;
   DecoderOptions o;
   o.with_loss = true;
+  LoraAdapter adapter;
+  if (argc > 5) {
+    adapter = load_lora_adapter(argv[5]);
+    o.freeze = true;
+    o.lora = adapter.spec;
+  }
   DecoderGraph m = build_decoder(g, cfg, B, T, o);
   append_backward(g, m.loss);
   Program prog(std::move(g), *dev);
-  upload_weights(prog, weights, argv[1]);
+  upload_weights(prog, weights, argv[1], o.freeze ? WeightSet::frozen : WeightSet::all);
+  if (o.freeze) upload_weights(prog, adapter.tensors, argv[5], WeightSet::trained);
   HostTensor tgt({B * T}, DType::i32), pos({B * T}, DType::i32);
   const int32_t* t = reinterpret_cast<const int32_t*>(tok.bytes.data());
   for (int64_t i = 0; i < B * T; ++i) {

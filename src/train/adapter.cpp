@@ -1,0 +1,159 @@
+#include "train/adapter.h"
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/json_num.h"
+#include "io/checkpoint.h"
+#include "io/hf_folder.h"
+
+namespace fs = std::filesystem;
+
+namespace mxn {
+namespace {
+
+const std::string kPeftPrefix = "base_model.model.";
+const std::string kA = ".lora_A.weight", kB = ".lora_B.weight";
+
+bool ends_with(const std::string& s, const std::string& t) {
+  return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
+}
+
+// The folder that holds adapter_config.json: `path` itself, or an mxn run's latest checkpoint.
+fs::path adapter_dir(const std::string& path) {
+  const fs::path p(path);
+  if (!fs::exists(p)) throw Error("adapter '" + path + "' does not exist");
+  if (fs::is_regular_file(p / "adapter_config.json")) return p;
+  if (fs::is_directory(p)) {
+    std::string ck;
+    try {
+      ck = resolve_checkpoint(path);
+    } catch (const Error&) {
+    }
+    if (!ck.empty() && fs::is_regular_file(fs::path(ck) / "adapter_config.json")) return ck;
+  }
+  throw Error("'" + path +
+              "' is not an adapter (expected a PEFT folder with adapter_config.json and "
+              "adapter_model.safetensors, or an mxn LoRA run folder)");
+}
+
+}  // namespace
+
+std::string lora_config_json(const LoraAdapter& a, bool fan_in_fan_out) {
+  // The fields PEFT 0.13 writes, so its LoraConfig reads the file as one of its own.
+  nlohmann::json j = {{"peft_type", "LORA"},
+                      {"task_type", "CAUSAL_LM"},
+                      {"r", a.spec.r},
+                      {"lora_alpha", a.spec.alpha},
+                      {"lora_dropout", a.dropout},
+                      {"target_modules", a.spec.targets},
+                      {"bias", "none"},
+                      {"fan_in_fan_out", fan_in_fan_out},
+                      {"base_model_name_or_path", a.base},
+                      {"inference_mode", true},
+                      {"init_lora_weights", true},
+                      {"modules_to_save", nullptr},
+                      {"layers_to_transform", nullptr},
+                      {"layers_pattern", nullptr},
+                      {"rank_pattern", nlohmann::json::object()},
+                      {"alpha_pattern", nlohmann::json::object()},
+                      {"use_rslora", false},
+                      {"use_dora", false},
+                      {"revision", nullptr}};
+  return j.dump(2) + "\n";
+}
+
+TensorMap lora_peft_tensors(const TensorMap& mxn_named) {
+  TensorMap out;
+  for (const auto& [name, t] : mxn_named) out.emplace(kPeftPrefix + name, t);
+  return out;
+}
+
+LoraAdapter load_lora_adapter(const std::string& path) {
+  const fs::path dir = adapter_dir(path);
+  const std::string cf = (dir / "adapter_config.json").string();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_file(cf, "adapter config"));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error("adapter config '" + cf + "' is not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) throw Error("adapter config '" + cf + "' is not a JSON object");
+  const std::string type = j.value("peft_type", "");
+  if (type != "LORA")
+    throw Error("adapter '" + cf + "' has peft_type '" + type + "'; only LORA adapters are read");
+  LoraAdapter a;
+  a.spec.r = json_value<int64_t>(j, "r", 8, cf);
+  a.spec.alpha = json_value<float>(j, "lora_alpha", 8.f, cf);
+  a.dropout = json_value<double>(j, "lora_dropout", 0.0, cf);
+  if (a.spec.r <= 0)
+    throw Error("adapter config '" + cf + "': r = " + std::to_string(a.spec.r) +
+                ", expected a rank >= 1");
+  if (j.value("use_dora", false) || j.value("use_rslora", false))
+    throw Error("adapter config '" + cf + "': DoRA and rsLoRA adapters are not read yet");
+  if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string())
+    a.base = j["base_model_name_or_path"].get<std::string>();
+  if (j.contains("target_modules") && j["target_modules"].is_array())
+    for (const auto& t : j["target_modules"])
+      if (t.is_string()) a.spec.targets.push_back(t.get<std::string>());
+  const std::string wf = (dir / "adapter_model.safetensors").string();
+  for (auto& [name, t] : safetensors_load(wf)) {
+    std::string n = name;
+    if (n.rfind(kPeftPrefix, 0) == 0) n = n.substr(kPeftPrefix.size());
+    if (!ends_with(n, kA) && !ends_with(n, kB))
+      throw Error("adapter '" + wf + "' holds tensor '" + name +
+                  "', which is not a LoRA A or B matrix (modules_to_save is not read yet)");
+    HostTensor h = widen_to_f32(std::move(t));
+    if (h.dtype != DType::f32 || h.shape.size() != 2)
+      throw Error("adapter tensor '" + name + "' in '" + wf + "' is " + shape_str(h.shape) + " " +
+                  dtype_name(h.dtype) + ", expected a 2-D float matrix");
+    a.tensors.emplace(n, std::move(h));
+  }
+  for (const auto& [n, t] : a.tensors) {
+    if (!ends_with(n, kA)) continue;
+    const std::string module = n.substr(0, n.size() - kA.size());
+    if (!a.tensors.count(lora_b_name(module)))
+      throw Error("adapter '" + wf + "' has " + n + " without its " + lora_b_name(module));
+  }
+  if (a.tensors.empty()) throw Error("adapter '" + wf + "' holds no LoRA tensors");
+  return a;
+}
+
+void merge_lora(const DecoderConfig& c, TensorMap& weights, const LoraAdapter& a,
+                const std::string& source) {
+  const float scale = a.spec.alpha / float(a.spec.r);
+  for (const auto& [n, bt] : a.tensors) {
+    if (!ends_with(n, kB)) continue;
+    const std::string module = n.substr(0, n.size() - kB.size());
+    auto ia = a.tensors.find(lora_a_name(module));
+    if (ia == a.tensors.end())
+      throw Error("adapter tensor " + n + " has no " + lora_a_name(module));
+    const HostTensor& at = ia->second;
+    auto iw = weights.find(module + ".weight");
+    if (iw == weights.end())
+      throw Error("adapter tensor " + n + " adapts " + module + ".weight, which " + source +
+                  " does not have (an adapter for another model?)");
+    HostTensor& w = iw->second;
+    const int64_t r = at.shape[0], in = at.shape[1], out = bt.shape[0];
+    const Shape want = c.gpt2() ? Shape{in, out} : Shape{out, in};
+    if (bt.shape[1] != r || w.shape != want || w.dtype != DType::f32)
+      throw Error("adapter for another base: " + lora_a_name(module) + " is " +
+                  shape_str(at.shape) + " and " + n + " is " + shape_str(bt.shape) + ", but " +
+                  module + ".weight in " + source + " is " + shape_str(w.shape) +
+                  " (expected lora_A (r, in) and lora_B (out, r) for a weight of " +
+                  (c.gpt2() ? "(in, out))" : "(out, in))"));
+    const float* A = at.f32();
+    const float* B = bt.f32();
+    float* W = w.f32();
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) {
+        double s = 0;
+        for (int64_t k = 0; k < r; ++k) s += double(B[o * r + k]) * double(A[k * in + i]);
+        W[c.gpt2() ? i * out + o : o * in + i] += float(s) * scale;
+      }
+  }
+}
+
+}  // namespace mxn
