@@ -48,9 +48,14 @@ class Lora(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
+        rng = np.random.default_rng(0)
+        cls.n_train = 300
+        cls.tokens = rng.integers(0, 101, 400)  # within every test model's vocabulary
+        cls.shard = os.path.join(cls.tmp.name, "data.bin")
+        write_shard(cls.shard, cls.tokens, cls.n_train, 101)
 
     def base(self, family, seed=1):
-        folder = os.path.join(self.tmp.name, f"{family}-base")
+        folder = os.path.join(self.tmp.name, f"{family}-base-{seed}")
         torch.manual_seed(seed)
         model = perturb(make(family, False), seed).eval()
         if not os.path.exists(folder):
@@ -98,6 +103,110 @@ class Lora(unittest.TestCase):
                 self.assertEqual(n, sum(1 for k in got if k.startswith("grad.")), "only the adapter has gradients")
                 print(f"lora {family:6s} logits, loss and {n} adapter gradients against peft: worst {worst:.2e}")
                 pm.float()
+
+    def train(self, base, out, extra, steps=1, B=3, T=16, seed=5):
+        r = subprocess.run([MXN, "train", "--model", base, "--finetune", "lora", "--data", self.shard,
+                            "--steps", str(steps), "--batch", str(B), "--n_ctx", str(T), "--seed", str(seed),
+                            "--lr", "1e-2", "--min_lr", "1e-2", "--warmup", "0", "--clip", "0",
+                            "--weight_decay", "0.1", "--eval_every", "0", "--ckpt_every", "0",
+                            "--out", out] + extra, capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
+        with open(os.path.join(out, "latest")) as f:
+            return os.path.join(out, f.read().strip())
+
+    def rows(self, B, T, seed, step=1):
+        """The rows of a training step: offsets by splitmix64 of (seed, step, row), as the trainer."""
+        key = mix64(seed ^ mix64(step))
+        offs = [mix64((key + b) & M64) % (self.n_train - T - 1) for b in range(B)]
+        x = torch.tensor(np.stack([self.tokens[o:o + T] for o in offs]).astype(np.int64))
+        y = torch.tensor(np.stack([self.tokens[o + 1:o + T + 1] for o in offs]).astype(np.int64))
+        return x, y
+
+    def test_optimizer_step_against_torch(self):
+        """`mxn train --finetune lora --adapter A --steps 1` equals one torch.optim.AdamW step on
+        peft's model from the same adapter over the same rows; the checkpoint's optimizer state
+        is the adapter's two moments and nothing else."""
+        base, model = self.base("llama")
+        afolder, pm = self.adapter("llama", model)
+        ckpt = self.train(base, os.path.join(self.tmp.name, "step-run"), ["--adapter", afolder])
+        x, y = self.rows(3, 16, 5)
+        pm = pm.double()
+        params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+        before = {n: p.detach().clone() for n, p in params.items()}
+        opt = torch.optim.AdamW(params.values(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        logits = pm(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        got = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+        self.assertEqual(sorted(got), sorted(n.replace(".default", "") for n in params))
+        worst = 0.0
+        for n, p in params.items():
+            key = n.replace(".default", "")
+            want = (p.detach() - before[n]).numpy()
+            e = rel(got[key] - before[n].numpy(), want)
+            self.assertLess(e, TOL, key)
+            worst = max(worst, e)
+        with open(os.path.join(self.tmp.name, "step-run", "metrics.jsonl")) as f:
+            mloss = json.loads(f.readline())["loss"]
+        self.assertLess(abs(mloss - loss.item()) / loss.item(), TOL)
+        opt_state = load_file(os.path.join(ckpt, "optimizer.safetensors"))
+        n_adapter = sum(p.numel() for p in params.values())
+        self.assertEqual(sorted(opt_state),  # mxn's names: the PEFT ones without base_model.model.
+                         sorted(f"{m}.{k[len('base_model.model.'):]}" for m in "mv" for k in got))
+        opt_bytes = sum(v.nbytes for v in opt_state.values())
+        self.assertEqual(opt_bytes, 2 * 4 * n_adapter)
+        print(f"lora optimizer step against torch AdamW: worst update error {worst:.2e}; loss "
+              f"{mloss:.6f} vs {loss.item():.6f}; optimizer state {opt_bytes} bytes = 2 moments x "
+              f"{n_adapter} adapter parameters (the base has {sum(p.numel() for p in model.parameters()) - n_adapter})")
+        pm.float()
+
+    def test_peft_loads_mxn_adapter_and_merge(self):
+        """A LoRA run's checkpoint is a PEFT folder: peft loads it onto the base with transformers
+        and its logits equal mxn's; generate --adapter and mxn merge agree with peft."""
+        for family in ("qwen2", "gpt2"):
+            with self.subTest(family=family):
+                base, _ = self.base(family, seed=4)
+                run = os.path.join(self.tmp.name, f"{family}-run")
+                ckpt = self.train(base, run, ["--lora_r", "4", "--lora_alpha", "16"], steps=5, B=4, T=24)
+                with open(os.path.join(ckpt, "adapter_config.json")) as f:
+                    acfg = json.load(f)
+                self.assertEqual((acfg["peft_type"], acfg["r"], acfg["lora_alpha"]), ("LORA", 4, 16))
+                from transformers import AutoModelForCausalLM
+                ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ckpt).double().eval()
+                b_norm = max(float(p.abs().max()) for n, p in ref.named_parameters() if "lora_B" in n)
+                self.assertGreater(b_norm, 1e-3, "the adapter trained (B left zero)")
+                ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(9))
+                got = self.dump(base, ids, run)  # an mxn run folder reads as its latest adapter
+                with torch.no_grad():
+                    want = ref(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
+                e_logits = rel(got["logits"], want)
+                self.assertLess(e_logits, TOL)
+                # generate --adapter: peft's greedy tokens
+                prompt = [5, 17, 33, 2]
+                r = subprocess.run([MXN, "generate", "--model", base, "--adapter", ckpt, "--prompt-ids",
+                                    ",".join(map(str, prompt)), "--max-tokens", "16", "--temperature", "0",
+                                    "--ignore-eos", "--print-ids"], capture_output=True, text=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                mine = [int(t) for t in r.stdout.split()]
+                seq = torch.tensor([prompt])
+                with torch.no_grad():
+                    for _ in range(16):
+                        seq = torch.cat([seq, ref(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+                self.assertEqual(mine, seq[0, len(prompt):].tolist())
+                # mxn merge: the folded folder's logits equal peft's merge_and_unload()
+                merged = os.path.join(self.tmp.name, f"{family}-merged")
+                r = subprocess.run([MXN, "merge", "--model", base, "--adapter", run, merged],
+                                   capture_output=True, text=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                folded = AutoModelForCausalLM.from_pretrained(merged).double().eval()
+                with torch.no_grad():
+                    m_logits = folded(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
+                    p_logits = ref.merge_and_unload()(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
+                e_merge = rel(m_logits, p_logits)
+                self.assertLess(e_merge, 1e-5)
+                print(f"lora {family:6s} mxn's adapter in peft: logits {e_logits:.2e}; generate --adapter: "
+                      f"16 greedy tokens equal peft's; mxn merge vs merge_and_unload: {e_merge:.2e}")
 
 
 if __name__ == "__main__":

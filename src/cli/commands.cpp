@@ -65,6 +65,8 @@ std::function<int()> add_generate(CLI::App& app) {
   GenerateOptions& o = a->o;
   auto* src = sub->add_option("--checkpoint", o.checkpoint, "an mxn checkpoint or run folder");
   sub->add_option("--model", o.model, "a Hugging Face model folder or a .gguf file")->excludes(src);
+  sub->add_option("--adapter", o.adapter,
+                  "a LoRA adapter (PEFT folder or mxn LoRA run) applied to the model");
   auto* text = sub->add_option("--prompt", o.prompt, "text to continue");
   sub->add_option("--infill", a->infill,
                   "text whose [MASK]s a GLM-objective checkpoint fills (prints the whole text)")

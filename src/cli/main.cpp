@@ -36,9 +36,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(0, 1);
   app.set_version_flag("--version", [] { return version_line(); });
   std::map<CLI::App*, std::function<int()>> run;
-  for (auto add : {mxn::cli::add_train, mxn::cli::add_eval, mxn::cli::add_generate,
-                   mxn::cli::add_devices, mxn::cli::add_prepare, mxn::cli::add_tokenize, mxn::cli::add_convert,
-                   mxn::cli::add_conformance, mxn::cli::add_bench}) {
+  for (auto add :
+       {mxn::cli::add_train, mxn::cli::add_eval, mxn::cli::add_generate, mxn::cli::add_devices,
+        mxn::cli::add_prepare, mxn::cli::add_tokenize, mxn::cli::add_convert, mxn::cli::add_merge,
+        mxn::cli::add_conformance, mxn::cli::add_bench}) {
     auto fn = add(app);
     run[app.get_subcommands({}).back()] = fn;
   }

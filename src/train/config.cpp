@@ -45,6 +45,8 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"lora_dropout", &c.lora_dropout, "LoRA dropout on the adapters' input (0 only, for now)"},
       {"lora_targets", &c.lora_targets,
        "LoRA target modules, comma-separated (q_proj,v_proj; empty: the family's q and v)", true},
+      {"adapter", &c.adapter,
+       "with lora: a LoRA adapter to start from (PEFT folder or mxn run; its r, alpha, targets)"},
       {"base_dtype", &c.base_dtype, "with lora: the frozen base's storage, f32 or bf16 (CPU)"},
       {"threads", &c.threads, "CPU threads (0: all cores)"},
       {"steps", &c.steps, "optimizer steps in all"},

@@ -46,6 +46,7 @@ struct TrainConfig {
   double lora_alpha = 8, lora_dropout = 0;
   std::string lora_targets;       // comma-separated module names; empty: the family's q and v
   std::string base_dtype = "f32";  // the frozen base's storage: f32, or bf16 (CPU)
+  std::string adapter;  // with lora: a PEFT folder to start from (its r, alpha and targets)
   LoraSpec lora_spec() const;      // r = 0 unless finetune is lora
   int64_t threads = 0;  // 0: every core
   int64_t steps = 1500;

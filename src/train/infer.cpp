@@ -19,6 +19,7 @@
 #include "io/checkpoint.h"
 #include "io/gguf_model.h"
 #include "io/hf_folder.h"
+#include "train/adapter.h"
 #include "train/config.h"
 
 namespace mxn {
@@ -57,7 +58,7 @@ class Utf8Stream {
 
 }  // namespace
 
-ModelSource load_model(const std::string& path) {
+ModelSource load_model(const std::string& path, const std::string& adapter) {
   namespace fs = std::filesystem;
   ModelSource m;
   if (!fs::exists(path))
@@ -96,10 +97,22 @@ ModelSource load_model(const std::string& path) {
     from_json(tc, ck.trainer.at("config"));
     m.what = "checkpoint '" + path + "'";
     m.cfg = tc.decoder_config();
-    m.weights = std::move(ck.weights);
+    if (tc.finetune == "lora") {  // adapters only: the base from its folder, the update merged
+      if (!fs::is_directory(tc.model.dir))
+        throw Error("checkpoint '" + path + "' holds LoRA adapters of the model folder '" +
+                    tc.model.dir + "', which is not there any more");
+      m.weights = load_hf_weights(tc.model.dir);
+      merge_lora(m.cfg, m.weights, load_lora_adapter(resolve_checkpoint(path)), m.what);
+    } else {
+      m.weights = std::move(ck.weights);
+    }
     if (!tc.model.dir.empty() && fs::is_directory(tc.model.dir)) m.tokenizer_dir = tc.model.dir;
   }
   m.cfg.validate();
+  if (!adapter.empty()) {
+    merge_lora(m.cfg, m.weights, load_lora_adapter(adapter), m.what);
+    m.what += " with adapter '" + adapter + "'";
+  }
   m.weights = decoder_weights(m.cfg, std::move(m.weights), m.what);
   return m;
 }
@@ -280,7 +293,7 @@ int64_t generate(const GenerateOptions& o,
   };
   GenerateStats st;
   auto t0 = clock::now();
-  ModelSource src = load_model(o.checkpoint.empty() ? o.model : o.checkpoint);
+  ModelSource src = load_model(o.checkpoint.empty() ? o.model : o.checkpoint, o.adapter);
   DecoderConfig& cfg = src.cfg;
   // mxn's own runs are byte-level; other models read text with their folder's tokenizer.
   const bool bytes = src.tokenizer_dir.empty() && cfg.vocab_size <= ByteTokenizer::kVocab;

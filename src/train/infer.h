@@ -18,7 +18,9 @@ struct ModelSource {
   std::string tokenizer_dir;  // a folder with the model's tokenizer files, or empty (byte-level)
   bool stored_16bit = false;  // the source keeps its weights in 16 bits (or 8: GGUF Q8_0)
 };
-ModelSource load_model(const std::string& path);
+// With `adapter` (a PEFT LoRA folder or an mxn LoRA run), its update is merged into the weights;
+// an mxn LoRA run's own checkpoint loads as its base with its adapter merged.
+ModelSource load_model(const std::string& path, const std::string& adapter = "");
 
 // Wall-clock seconds of each phase: reading and placing the weights, the prompt's prefill, and
 // the one-token steps (each a forward pass reading the KV cache) with their sampling.
@@ -30,6 +32,7 @@ struct GenerateStats {
 struct GenerateOptions {
   std::string checkpoint;  // an mxn checkpoint or run folder (byte-level text) ...
   std::string model;       // ... or a Hugging Face model folder or GGUF file
+  std::string adapter;     // a LoRA adapter merged into the model's weights at load
   std::string prompt;
   std::vector<int32_t> prompt_ids;  // instead of `prompt`: token ids
   bool chat = false;                // `prompt` is a user message in the model's chat format

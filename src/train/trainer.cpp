@@ -52,6 +52,15 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     ck = load_checkpoint(resume, true);
   }
   cfg_.resolve_model();
+  LoraAdapter start;  // --adapter: the adapter training starts from, and its shape
+  if (cfg_.finetune == "lora" && !cfg_.adapter.empty() && resume.empty()) {
+    start = load_lora_adapter(cfg_.adapter);
+    cfg_.lora_r = start.spec.r;
+    cfg_.lora_alpha = start.spec.alpha;
+    cfg_.lora_targets.clear();
+    for (const std::string& t : start.spec.targets)
+      cfg_.lora_targets += (cfg_.lora_targets.empty() ? "" : ",") + t;
+  }
   if (cfg_.sft.empty()) {
     data_ = TokenData::open(cfg_.data);
   } else {  // conversations rendered once; the last 10% (at least one) validate
@@ -156,7 +165,9 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   if (!resume.empty()) {
     load(ck);
   } else {
-    if (adapters) {
+    if (adapters && !start.tensors.empty()) {
+      upload_weights(*prog_, start.tensors, "adapter '" + cfg_.adapter + "'", WeightSet::trained);
+    } else if (adapters) {
       for (int p : prog_->graph().params()) init_adapter(p);
     } else if (!cfg_.model.dir.empty()) {  // fine-tuning: the folder's weights
       upload_weights(*prog_, load_hf_weights(cfg_.model.dir),
