@@ -596,6 +596,18 @@ TensorMap Trainer::weights() const {
   return out;
 }
 
+TensorMap Trainer::frozen_weights() const {
+  TensorMap out;
+  for (int p : prog_->graph().weights()) {
+    const Value& v = prog_->graph().v(p);
+    if (v.kind != ValueKind::frozen) continue;
+    HostTensor h(v.shape, v.dtype);
+    dev_->download(h.bytes.data(), prog_->tensor(p));
+    out.emplace(v.name, std::move(h));
+  }
+  return out;
+}
+
 std::string Trainer::save() {
   Checkpoint ck;
   ck.weights = weights();

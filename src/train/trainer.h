@@ -59,7 +59,9 @@ class Trainer {
 
   int64_t current_step() const { return step_; }
   const TrainConfig& config() const { return cfg_; }
-  TensorMap weights() const;
+  TensorMap weights() const;         // the trained ones (with LoRA: the adapters)
+  TensorMap frozen_weights() const;  // the frozen base under adapters, as stored (f32 or bf16)
+  uint64_t optimizer_bytes() const { return opt_m_->bytes() + opt_v_->bytes(); }
   float last_grad_norm() const { return grad_norm_; }
   Device& device() { return *dev_; }
   const Plan& plan() const { return plan_; }
