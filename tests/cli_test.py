@@ -361,6 +361,41 @@ class CliTest(unittest.TestCase):
         self.expect_error(run("convert", m, self.path("z.gguf"), "--type", "q4"), "unknown weight type 'q4'")
         self.expect_error(run("convert", self.path("nope"), self.path("z.gguf")), "does not exist")
 
+    def test_lora_bad_input(self):
+        m = tiny_gpt2(self.path("m"))
+        import struct
+        with open(self.path("v16.bin"), "wb") as f:  # a token shard within the model's 16 ids
+            f.write(b"MXNTOK01" + struct.pack("<IIQQ", 1, 16, 300, 100) +
+                    struct.pack("<400H", *[(i * 7) % 16 for i in range(400)]))
+        lora = ("--model", m, "--finetune", "lora", "--steps", "1", "--n_ctx", "8", "--data", self.path("v16.bin"))
+        self.expect_error(self.train(self.path("r"), *lora, "--lora_targets", "q_proj,c_attn"),
+                          "LoRA target module 'q_proj' matches no linear layer", "c_attn, c_proj, c_fc")
+        self.expect_error(self.train(self.path("r"), *lora, "--lora_r", "0"), "lora_r = 0", "rank >= 1")
+        self.expect_error(self.train(self.path("r"), *lora, "--lora_r", "-3"), "lora_r = -3")
+        self.expect_error(self.train(self.path("r"), *lora, "--lora_dropout", "0.1"), "lora_dropout", "not implemented")
+        self.expect_error(self.train(self.path("r"), "--finetune", "lora"), "--finetune lora needs --model")
+        self.expect_error(self.train(self.path("r"), "--finetune", "qlora"), "finetune = 'qlora'", "full or lora")
+        # An adapter for another base: its A is 4 x 16, this model's c_attn takes 8 inputs.
+        a = self.path("adapter")
+        os.makedirs(a)
+        with open(os.path.join(a, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}, f)
+        p = "base_model.model.transformer.h.0.attn.c_attn."
+        write_safetensors(os.path.join(a, "adapter_model.safetensors"),
+                          {p + "lora_A.weight": ([4, 16], [0.0] * 64), p + "lora_B.weight": ([24, 4], [0.0] * 96)})
+        for r in (self.gen(m, "--adapter", a), run("merge", "--model", m, "--adapter", a, self.path("out")),
+                  self.train(self.path("r"), *lora, "--adapter", a)):
+            self.expect_error(r, "transformer.h.0.attn.c_attn.lora_A.weight", "[4, 16]")
+        self.assertFalse(os.path.exists(self.path("out")))
+        with open(os.path.join(a, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": 0, "lora_alpha": 8}, f)
+        self.expect_error(self.gen(m, "--adapter", a), "adapter_config.json", "r = 0")
+        with open(os.path.join(a, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "PREFIX_TUNING"}, f)
+        self.expect_error(self.gen(m, "--adapter", a), "PREFIX_TUNING", "only LORA")
+        self.expect_error(self.gen(m, "--adapter", self.path("nowhere")), "nowhere", "does not exist")
+        self.expect_error(self.gen(m, "--adapter", m), "is not an adapter", "adapter_config.json")
+
     def test_devices(self):
         r = run("devices")
         self.assertEqual(r.returncode, 0)

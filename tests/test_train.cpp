@@ -176,8 +176,8 @@ TEST(Train, LoraTrainsAdaptersOnlyAndLeavesTheBaseBitIdentical) {
       EXPECT_EQ(half, std::string(store) == "bf16" && w.shape.size() == 2) << name;
       for (int64_t i = 0; i < w.numel(); ++i) {
         const float want = half ? round_bf16(w.f32()[i]) : w.f32()[i];
-        const float got = half ? bf16_to_f32(reinterpret_cast<const uint16_t*>(f.bytes.data())[i])
-                               : f.f32()[i];
+        const float got =
+            half ? bf16_to_f32(reinterpret_cast<const uint16_t*>(f.bytes.data())[i]) : f.f32()[i];
         ASSERT_EQ(std::memcmp(&want, &got, 4), 0) << name << "[" << i << "]";
       }
     }

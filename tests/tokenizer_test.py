@@ -373,6 +373,19 @@ class Chat(unittest.TestCase):
             self.assertEqual(len(lines), 1, r.stderr)
             self.assertIn("bad.jsonl:2", lines[0])
             self.assertIn(needle, lines[0])
+        # A tokenizer without any chat format's tokens (a base model's): one line saying so.
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel()
+        tk.train_from_iterator([self.t.texts["kjv"][:20000]], trainers.BpeTrainer(
+            vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        plain = os.path.join(self.tmp.name, "plain-tok")
+        os.makedirs(plain, exist_ok=True)
+        tk.save(os.path.join(plain, "tokenizer.json"))
+        r = subprocess.run([MXN, "tokenize", "--tokenizer", plain, "--sft", path], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertIn("has no chat format", r.stderr)
 
     def test_qwen2_chatml(self):
         self.check("qwen2", *self.json_folder("qwen2-chat", QWEN2, False, QWEN2_CHAT))
