@@ -136,7 +136,8 @@ TEST(Grad, LayerNorm) {
 
 TEST(Grad, Attention) {
   // GPT-2's fused qkv (one tensor, three windows), then GQA and MQA with separate q, k, v, a head
-  // dim of 5, no mask, and the prefix mask with a prefix length per sequence.
+  // dim of 5, no mask, the prefix mask with a prefix length per sequence, and segments (packed
+  // rows: random starts, clamped to each query).
   for (int64_t H : {1, 3})
     check("attention fused qkv H=" + std::to_string(H),
           {[H](Graph& g) {
@@ -155,7 +156,8 @@ TEST(Grad, Attention) {
     int64_t H, G, hd;
     int mask;
   };
-  for (Shape4 s : {Shape4{4, 2, 5, 1}, Shape4{3, 1, 4, 1}, Shape4{2, 2, 3, 0}, Shape4{4, 2, 4, 2}})
+  for (Shape4 s : {Shape4{4, 2, 5, 1}, Shape4{3, 1, 4, 1}, Shape4{2, 2, 3, 0}, Shape4{4, 2, 4, 2},
+                   Shape4{4, 2, 4, 3}})
     check("attention H=" + std::to_string(s.H) + " G=" + std::to_string(s.G) +
               " mask=" + std::to_string(s.mask),
           {[s](Graph& g) {
@@ -169,7 +171,9 @@ TEST(Grad, Attention) {
              const int q = g.param("q", {B * T, s.H * s.hd}, true);
              const int k = g.param("k", {B * T, s.G * s.hd}, true);
              const int v = g.param("v", {B * T, s.G * s.hd}, true);
-             const int pre = s.mask == 2 ? g.input("prefix", {B}, DType::i32) : -1;
+             const int pre = s.mask == 2   ? g.input("prefix", {B}, DType::i32)
+                             : s.mask == 3 ? g.input("segments", {B * T}, DType::i32)
+                                           : -1;
              return g.attention(q, k, v, a, pre);
            },
            6});

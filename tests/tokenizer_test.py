@@ -358,6 +358,66 @@ class Chat(unittest.TestCase):
         print(f"sft  training step 1 loss: mxn {got:.6f}, transformers {want:.6f}")
         self.assertLess(abs(got - want) / want, 1e-4)
 
+    def test_sft_packed_loss(self):
+        """mxn train --sft --pack 1: conversations packed into rows (positions restarting, attention
+        kept within each) give the loss of each conversation run alone through transformers,
+        weighted by their assistant tokens."""
+        from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+        import torch
+        folder, _ = self.json_folder("qwen2-pack", QWEN2, False, QWEN2_CHAT)
+        ref_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
+        torch.manual_seed(1)
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(ref_tok), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                             max_position_embeddings=256, pad_token_id=None)).eval()
+        model.save_pretrained(folder)
+        convs = [[{"role": "user", "content": f"Verse {i}?"},
+                  {"role": "assistant", "content": self.t.texts["kjv"][i * 61:i * 61 + 10 + 9 * (i % 4)]}] for i in range(11)]
+        rendered = self.mxn_sft(folder, convs)
+        path = os.path.join(self.tmp.name, "sft.jsonl")
+        run = os.path.join(self.tmp.name, "pack-run")
+        T, B, seed, K = 96, 3, 11, 64
+        r = subprocess.run([MXN, "train", "--model", folder, "--sft", path, "--pack", "1", "--steps", "1",
+                            "--batch", str(B), "--n_ctx", str(T), "--seed", str(seed), "--eval_every", "0",
+                            "--ckpt_every", "0", "--out", run], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            got = json.loads(f.readline())["loss"]
+        M = (1 << 64) - 1
+
+        def mix64(x):
+            x = (x + 0x9e3779b97f4a7c15) & M
+            x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & M
+            x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & M
+            return x ^ (x >> 31)
+        train = rendered[:10]  # the last 10% (one row) validates
+        key = mix64(seed ^ mix64(1))
+        total, count, per_row = 0.0, 0, []
+        model = model.double()
+        for b in range(B):
+            at, packed = 0, 0
+            for i in range(K):
+                c = train[mix64((key + b * K + i) & M) % len(train)]
+                if at > 0 and at + len(c["ids"]) > T:
+                    break
+                n = min(T - at, len(c["ids"]))
+                ids = torch.tensor([c["ids"][:n]])
+                tgt = torch.tensor([[c["ids"][t + 1] if t + 1 < len(c["ids"]) and c["loss"][t + 1] else -100
+                                     for t in range(n)]])
+                with torch.no_grad():
+                    logits = model(ids).logits
+                total += float(torch.nn.functional.cross_entropy(logits[0], tgt[0], reduction="sum"))
+                count += int((tgt >= 0).sum())
+                at, packed = at + n, packed + 1
+                if at >= T:
+                    break
+            per_row.append(packed)
+        want = total / count
+        print(f"sft  packed rows ({per_row} conversations per row of {T}) step 1 loss: mxn {got:.6f}, "
+              f"each conversation alone in transformers {want:.6f}")
+        self.assertGreater(max(per_row), 1, "rows hold several conversations")
+        self.assertLess(abs(got - want) / want, 1e-4)
+
     def test_sft_bad_rows(self):
         folder, _ = self.json_folder("qwen2-bad", QWEN2, False, QWEN2_CHAT)
         for row, needle in (('{"text": "hi"}', "no 'messages' list"),

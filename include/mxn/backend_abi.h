@@ -61,7 +61,9 @@ typedef enum mxn_op {
                                h / (H/G) likewise in k and v; they may be one tensor (fused qkv).
                                ip: 0=H 1=G (kv heads) 2=hd 3=T (queries per sequence) 4=S (keys
                                per sequence) 5=mask (0 none, 1 causal, 2 causal + the first
-                               prefix[b] keys visible to all) 6=q_col 7=k_col 8=v_col 9=kv_rows
+                               prefix[b] keys visible to all, 3 causal within segments: the i32
+                               input is (B*T), query t of sequence b sees keys from
+                               min(seg[b*T+t], t) on: packed rows) 6=q_col 7=k_col 8=v_col 9=kv_rows
                                (rows per sequence in k and v, >= S: a KV cache's capacity)
                                10=q_pos0 (key index of the first query: S - T when decoding);
                                fp[0]=scale. Query i sees key j when j <= q_pos0 + i (causal). */

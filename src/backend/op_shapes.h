@@ -85,12 +85,21 @@ struct AttentionShape {
   }
   int64_t y(int64_t b, int64_t t, int64_t h) const { return (b * T + t) * H * hd + h * hd; }
   int64_t lse(int64_t b, int64_t t, int64_t h) const { return (b * T + t) * H + h; }
-  // Keys [0, visible) are seen by query t of sequence b (prefix: that sequence's prefix length).
+  // Keys [first, visible) are seen by query t of sequence b. `extra` is the op's optional i32
+  // input: mask 2, each sequence's prefix length; mask 3, each query's segment start.
   int64_t visible(int64_t t, int64_t prefix = 0) const {
     if (mask == 0) return S;
     int64_t n = q_pos0 + t + 1;
     if (mask == 2 && prefix > n) n = prefix;
     return n < S ? n : S;
+  }
+  int64_t prefix_of(const int32_t* extra, int64_t b) const {
+    return mask == 2 && extra ? int64_t(extra[b]) : 0;
+  }
+  int64_t first(const int32_t* extra, int64_t b, int64_t t) const {
+    if (mask != 3) return 0;
+    const int64_t lo = extra[b * T + t], hi = visible(t) - 1;  // a query always sees itself
+    return lo < 0 ? 0 : lo < hi ? lo : hi;
   }
 };
 
@@ -127,8 +136,12 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   else if (s.q_col < 0 || s.q_col + s.H * s.hd > s.ldq || s.k_col < 0 ||
            s.k_col + s.G * s.hd > s.ldk || s.v_col < 0 || s.v_col + s.G * s.hd > s.ldv)
     s.error = "attention: a head's columns lie outside q, k or v";
-  else if (s.mask < 0 || s.mask > 2 || (s.mask == 2 && !s.has_prefix))
-    s.error = "attention: mask must be 0 (none), 1 (causal) or 2 (prefix, with its lengths)";
+  else if (s.mask < 0 || s.mask > 3 || (s.mask >= 2 && !s.has_prefix))
+    s.error =
+        "attention: mask must be 0 (none), 1 (causal), 2 (prefix, with its lengths) or 3 "
+        "(causal within segments, with each query's segment start)";
+  else if (s.has_prefix && count(k.inputs[backward ? 6 : 3]) != (s.mask == 3 ? s.B * s.T : s.B))
+    s.error = "attention: the i32 input holds B prefix lengths (mask 2) or B*T segment starts (3)";
   else if (s.mask != 0 && (s.q_pos0 < 0 || s.q_pos0 + s.T > s.S))
     s.error = "attention: causal queries must lie within the keys (q_pos0 + T <= S)";
   return s;

@@ -293,6 +293,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   m.tokens = g.input("tokens", {N}, DType::i32);
   m.positions = g.input("positions", {N}, DType::i32);
   if (o.mask == 2) m.prefix = g.input("prefix", {B}, DType::i32);
+  if (o.mask == 3) m.prefix = g.input("segments", {N}, DType::i32);
   const int wte = b.w(nm.embed + ".weight", {c.vocab_size, C}, true);
   int x = g.embedding(m.tokens, wte);
   if (o.block_positions) {

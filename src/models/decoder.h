@@ -72,7 +72,9 @@ std::string lora_b_name(const std::string& module);
 
 struct DecoderOptions {
   bool with_loss = false;
-  int mask = 1;                // 1 causal; 2 prefix-bidirectional (a per-sequence prefix input)
+  // 1 causal; 2 prefix-bidirectional (a per-sequence prefix input); 3 causal within segments
+  // (packed rows: a per-token segment-start input, with positions restarting per segment)
+  int mask = 1;
   int64_t kv_cache = 0;        // > 0: keys and values go to caches of this many rows per sequence
   bool last_logits = false;    // logits for each sequence's last row only (generation)
   DType weights = DType::f32;  // bf16: 2-D weights stored in bf16, computed in f32 (inference)
@@ -86,7 +88,7 @@ struct DecoderOptions {
 struct DecoderGraph {
   int tokens = -1, positions = -1, targets = -1;  // inputs, (B*T) i32
   int block_positions = -1;                       // input (B*T) i32, with block_positions
-  int prefix = -1, last_rows = -1;                // inputs, (B) i32
+  int prefix = -1, last_rows = -1;  // inputs, (B) i32 (prefix: (B*T) segment starts for mask 3)
   int logits = -1, loss = -1;
   // With a KV cache: the cache values and the nodes whose position parameters change per run.
   std::vector<int> caches;

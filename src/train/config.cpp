@@ -38,6 +38,8 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"sft", &c.sft,
        "supervised fine-tuning data: JSONL rows {\"messages\": [...]} in --model's chat format, "
        "loss on the assistant tokens"},
+      {"pack", &c.pack,
+       "with --sft: 1 packs short conversations into each row (no attention across them)", true},
       {"finetune", &c.finetune,
        "what trains: full, or lora (adapters only; the --model base frozen)", true},
       {"lora_r", &c.lora_r, "LoRA rank", true},
@@ -144,6 +146,8 @@ void TrainConfig::validate() const {
   need(objective != "glm" || seq_len() >= 8, "the glm objective needs sequences of >= 8 tokens");
   need(sft.empty() || (!model.dir.empty() && objective == "lm"),
        "--sft needs --model (a folder with a tokenizer and chat format) and --objective lm");
+  need(pack == 0 || pack == 1, "pack = " + std::to_string(pack) + ", expected 0 or 1");
+  need(pack == 0 || !sft.empty(), "--pack 1 packs --sft conversations; there is no --sft file");
   need(finetune == "full" || finetune == "lora",
        "finetune = '" + finetune + "', expected full or lora");
   if (finetune == "lora") {

@@ -39,6 +39,7 @@ struct TrainConfig {
   // Supervised fine-tuning: a JSONL file of {"messages": [...]} rows, rendered in --model's chat
   // format, loss on the assistant tokens; the last 10% of rows are the validation set.
   std::string sft;
+  int64_t pack = 0;  // with sft: 1 packs several conversations into a row, attention kept apart
   // What trains: full (every weight), or lora (adapters on the target modules; the base frozen,
   // stored in base_dtype, with no gradients or optimizer state).
   std::string finetune = "full";

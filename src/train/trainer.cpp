@@ -31,6 +31,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   DecoderOptions o;
   o.with_loss = true;
   if (c.objective == "glm") o.mask = 2, o.block_positions = true;
+  if (!c.sft.empty() && c.pack) o.mask = 3;
   o.lora = c.lora_spec();
   o.freeze = o.lora.r > 0;
   if (o.freeze && c.base_dtype == "bf16") o.weights = DType::bf16;
@@ -138,7 +139,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   tgt_host_.resize(size_t(cap_ * T));
   pos_host_.resize(size_t(cap_ * T));
   blk_host_.resize(size_t(cap_ * T));
-  pre_host_.resize(size_t(cap_));
+  pre_host_.resize(size_t(cap_ * T));  // GLM: a prefix per row; packed SFT: a start per token
   offsets_.resize(size_t(cap_));
   row_ids_.resize(size_t(cap_));
   std::vector<int32_t> pos(size_t(cap_ * T));
@@ -257,9 +258,9 @@ int Trainer::variant_for(int64_t rows) {
     p.tokens = prog_->tensor(m_.tokens, p.variant);
     p.targets = prog_->tensor(m_.targets, p.variant);
     p.loss = prog_->tensor(m_.loss, p.variant);
-    if (glm_) {
+    if (glm_ || packed()) {
       p.positions = prog_->tensor(m_.positions, p.variant);
-      p.block_positions = prog_->tensor(m_.block_positions, p.variant);
+      if (glm_) p.block_positions = prog_->tensor(m_.block_positions, p.variant);
       p.prefix = prog_->tensor(m_.prefix, p.variant);
     }
   }
@@ -294,23 +295,46 @@ double Trainer::lr_at(int64_t s) const {
 int64_t Trainer::fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed) {
   const int64_t T = cfg_.seq_len();
   const Pass& p = passes_[size_t(rows)];
-  if (sft_set_) {  // a conversation per row, from its start, padded; loss where the mask says
+  if (sft_set_) {  // conversations from their start, padded; loss where the mask says
     int64_t counted = 0;
     std::fill(tok_host_.begin(), tok_host_.begin() + rows * T, 0);
     std::fill(tgt_host_.begin(), tgt_host_.begin() + rows * T, -1);
+    const bool eval = sft_set_ == &sft_val_;
     for (size_t b = 0; b < size_t(rows); ++b) {
-      const ChatTokens& c = (*sft_set_)[size_t(offsets_[b])];
-      const int64_t n = std::min<int64_t>(T, int64_t(c.ids.size()));
-      for (int64_t t = 0; t < n; ++t) {
-        tok_host_[b * size_t(T) + size_t(t)] = c.ids[size_t(t)];
-        if (t + 1 < int64_t(c.ids.size()) && c.loss[size_t(t + 1)]) {
-          tgt_host_[b * size_t(T) + size_t(t)] = c.ids[size_t(t + 1)];
-          ++counted;
+      int32_t* tok = tok_host_.data() + b * size_t(T);
+      int32_t* tgt = tgt_host_.data() + b * size_t(T);
+      int32_t* pos = pos_host_.data() + b * size_t(T);
+      int32_t* seg = pre_host_.data() + b * size_t(T);
+      int64_t at = 0;  // packed: the next free token of the row
+      for (int64_t i = 0;; ++i) {
+        const int64_t ci = packed() ? sft_pick(seed, int64_t(row_ids_[b]), i, eval) : offsets_[b];
+        const ChatTokens& c = (*sft_set_)[size_t(ci)];
+        const int64_t len = int64_t(c.ids.size());
+        if (at > 0 && at + len > T) break;  // the first one is cut to the row; others must fit
+        const int64_t n = std::min<int64_t>(T - at, len);
+        for (int64_t t = 0; t < n; ++t) {
+          tok[at + t] = c.ids[size_t(t)];
+          pos[at + t] = int32_t(t);
+          seg[at + t] = int32_t(at);
+          if (t + 1 < len && c.loss[size_t(t + 1)]) {
+            tgt[at + t] = c.ids[size_t(t + 1)];
+            ++counted;
+          }
         }
+        at += n;
+        if (!packed() || at >= T || i + 1 >= kMaxPacked) break;
+      }
+      for (int64_t t = at; t < T && packed(); ++t) {  // padding: a segment of its own
+        pos[t] = int32_t(t - at);
+        seg[t] = int32_t(at);
       }
     }
     dev_->upload(p.tokens, tok_host_.data());
     dev_->upload(p.targets, tgt_host_.data());
+    if (packed()) {
+      dev_->upload(p.positions, pos_host_.data());
+      dev_->upload(p.prefix, pre_host_.data());
+    }
     return counted;
   }
   if (!glm_) {
@@ -350,15 +374,28 @@ int64_t Trainer::sft_row(uint64_t seed, int64_t row, bool eval) const {
   return eval ? row % int64_t(set.size()) : int64_t(mix64(seed + uint64_t(row)) % set.size());
 }
 
+int64_t Trainer::sft_pick(uint64_t seed, int64_t row, int64_t i, bool eval) const {
+  const auto& set = eval ? sft_val_ : sft_train_;
+  const uint64_t k = uint64_t(row) * uint64_t(kMaxPacked) + uint64_t(i);
+  return int64_t((eval ? k : mix64(seed + k)) % set.size());
+}
+
 int64_t Trainer::loss_tokens(uint64_t seed, int64_t first, int64_t n, bool eval) const {
   const int64_t T = cfg_.seq_len();
-  if (!cfg_.sft.empty()) {
+  if (!cfg_.sft.empty()) {  // the rows as fill_batch lays them out
     int64_t count = 0;
-    for (int64_t r = first; r < first + n; ++r) {
-      const ChatTokens& c = (eval ? sft_val_ : sft_train_)[size_t(sft_row(seed, r, eval))];
-      const int64_t len = std::min<int64_t>(T + 1, int64_t(c.ids.size()));
-      for (int64_t t = 1; t < len; ++t) count += c.loss[size_t(t)];
-    }
+    const auto& set = eval ? sft_val_ : sft_train_;
+    for (int64_t r = first; r < first + n; ++r)
+      for (int64_t i = 0, at = 0;; ++i) {
+        const ChatTokens& c =
+            set[size_t(packed() ? sft_pick(seed, r, i, eval) : sft_row(seed, r, eval))];
+        const int64_t len = int64_t(c.ids.size());
+        if (at > 0 && at + len > T) break;
+        const int64_t m = std::min<int64_t>(T - at, len);
+        for (int64_t t = 1; t <= m && t < len; ++t) count += c.loss[size_t(t)];
+        at += m;
+        if (!packed() || at >= T || i + 1 >= kMaxPacked) break;
+      }
     return std::max<int64_t>(count, 1);
   }
   if (!glm_) return n * T;

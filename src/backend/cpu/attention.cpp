@@ -17,8 +17,6 @@ namespace {
 
 constexpr int64_t kBlock = 64;
 
-int64_t prefix_of(const int32_t* prefix, int64_t b) { return prefix ? int64_t(prefix[b]) : 0; }
-
 }  // namespace
 
 void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const float* k,
@@ -30,25 +28,26 @@ void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const fl
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / (a.H * nblk), h = task / nblk % a.H, t0 = task % nblk * kBlock;
     const int64_t t1 = std::min(a.T, t0 + kBlock), rows = t1 - t0, g = h / a.group();
-    const int64_t pre = prefix_of(prefix, b),
+    const int64_t pre = a.prefix_of(prefix, b),
                   nk = a.visible(t1 - 1, pre);  // visibility grows with t
     float* sc = scratch + size_t(omp_get_thread_num()) * kBlock * a.S;
     sgemm(false, true, rows, nk, a.hd, a.scale, q + a.q(b, t0, h), a.ldq, k + a.k(b, 0, g), a.ldk,
           0.f, sc, nk);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = sc + r * nk;
-      const int64_t n = a.visible(t0 + r, pre);
-      float mx = row[0];
-      for (int64_t j = 1; j < n; ++j) mx = std::max(mx, row[j]);
+      const int64_t n = a.visible(t0 + r, pre), lo = a.first(prefix, b, t0 + r);
+      float mx = row[lo];
+      for (int64_t j = lo + 1; j < n; ++j) mx = std::max(mx, row[j]);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
+      for (int64_t j = lo; j < n; ++j) {
         row[j] = vexp(row[j] - mx);
         sum += row[j];
       }
       const float inv = 1.f / sum;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+      for (int64_t j = lo; j < n; ++j) row[j] *= inv;
+      std::fill(row, row + lo, 0.f);
       std::fill(row + n, row + nk, 0.f);
       if (lse) lse[a.lse(b, t0 + r, h)] = mx + std::log(sum);
     }
@@ -70,7 +69,7 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
 #pragma omp parallel for schedule(dynamic)
   for (int64_t bh = 0; bh < BH; ++bh) {
     const int64_t b = bh / a.H, h = bh % a.H, g = h / a.group();
-    const int64_t pre = prefix_of(prefix, b);
+    const int64_t pre = a.prefix_of(prefix, b);
     float* P = sc + size_t(omp_get_thread_num()) * 2 * kBlock * a.S;
     float* dP = P + kBlock * a.S;
     float *dkh, *dvh;
@@ -97,7 +96,7 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
       sgemm(false, true, rows, nk, hd, a.scale, qb, a.ldq, k + a.k(b, 0, g), a.ldk, 0.f, P, nk);
       sgemm(false, true, rows, nk, hd, 1.f, dyb, a.H * hd, v + a.v(b, 0, g), a.ldv, 0.f, dP, nk);
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = a.visible(t0 + r, pre);
+        const int64_t n = a.visible(t0 + r, pre), lo = a.first(prefix, b, t0 + r);
         const float m = lse[a.lse(b, t0 + r, h)];
         const float* yr = y + a.y(b, t0 + r, h);
         const float* dyr = dyb + r * a.H * hd;
@@ -107,10 +106,12 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
         float* pr = P + r * nk;
         float* dr = dP + r * nk;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = lo; j < n; ++j) {
           pr[j] = vexp(pr[j] - m);
           dr[j] = pr[j] * (dr[j] - D) * a.scale;
         }
+        std::fill(pr, pr + lo, 0.f);
+        std::fill(dr, dr + lo, 0.f);
         std::fill(pr + n, pr + nk, 0.f);
         std::fill(dr + n, dr + nk, 0.f);
       }

@@ -28,6 +28,15 @@ __device__ inline int64_t att_visible(const Att& a, int64_t t, int64_t prefix) {
   if (a.mask == 2 && prefix > n) n = prefix;
   return n < a.S ? n : a.S;
 }
+// Mask 3 (packed rows): the first key query t sees, its segment's start (at most itself).
+__device__ inline int64_t att_first(const Att& a, const int32_t* pre, int64_t b, int64_t t, int64_t n) {
+  if (a.mask != 3) return 0;
+  const int64_t lo = pre[b * a.T + t];
+  return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
+}
+__device__ inline int64_t att_prefix(const Att& a, const int32_t* pre, int64_t b) {
+  return a.has_prefix && a.mask == 2 ? pre[b] : 0;
+}
 __device__ inline int64_t att_q(const Att& a, int64_t b, int64_t t, int64_t h) { return (b * a.T + t) * a.ldq + a.q_col + h * a.hd; }
 __device__ inline int64_t att_k(const Att& a, int64_t b, int64_t j, int64_t g) { return (b * a.kv_rows + j) * a.ldk + a.k_col + g * a.hd; }
 __device__ inline int64_t att_v(const Att& a, int64_t b, int64_t j, int64_t g) { return (b * a.kv_rows + j) * a.ldv + a.v_col + g * a.hd; }
@@ -37,12 +46,12 @@ __global__ void k_attn_fwd(Att a, const float* q, const float* k, const float* v
                            float* lse) {
   MXN_LOOP(i, a.B * a.T * a.H) {
     const int64_t h = i % a.H, t = i / a.H % a.T, b = i / (a.H * a.T), g = h / (a.H / a.G);
-    const int64_t n = att_visible(a, t, a.has_prefix ? pre[b] : 0);
+    const int64_t n = att_visible(a, t, att_prefix(a, pre, b)), lo = att_first(a, pre, b, t, n);
     const float* qr = q + att_q(a, b, t, h);
     float* yr = y + att_y(a, b, t, h);
     for (int64_t c = 0; c < a.hd; ++c) yr[c] = 0.f;
     float mx = -INFINITY, sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = lo; j < n; ++j) {
       const float* kr = k + att_k(a, b, j, g);
       const float* vr = v + att_v(a, b, j, g);
       float s = 0.f;
@@ -63,14 +72,14 @@ __global__ void k_attn_bwd_dq(Att a, const float* dy, const float* q, const floa
                               const float* lse, const int32_t* pre, float* dq) {
   MXN_LOOP(i, a.B * a.T * a.H) {
     const int64_t h = i % a.H, t = i / a.H % a.T, b = i / (a.H * a.T), g = h / (a.H / a.G);
-    const int64_t n = att_visible(a, t, a.has_prefix ? pre[b] : 0);
+    const int64_t n = att_visible(a, t, att_prefix(a, pre, b)), lo = att_first(a, pre, b, t, n);
     const float *qr = q + att_q(a, b, t, h), *dyr = dy + att_y(a, b, t, h), *yr = y + att_y(a, b, t, h);
     float* dqr = dq + att_q(a, b, t, h);
     const float m = lse[(b * a.T + t) * a.H + h];
     float D = 0.f;
     for (int64_t c = 0; c < a.hd; ++c) D += dyr[c] * yr[c];
     for (int64_t c = 0; c < a.hd; ++c) dqr[c] = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = lo; j < n; ++j) {
       const float *kr = k + att_k(a, b, j, g), *vr = v + att_v(a, b, j, g);
       float s = 0.f, dp = 0.f;
       for (int64_t c = 0; c < a.hd; ++c) {
@@ -91,10 +100,11 @@ __global__ void k_attn_bwd_dkv(Att a, const float* dy, const float* q, const flo
     float *dkr = dk + att_k(a, b, j, g), *dvr = dv + att_v(a, b, j, g);
     for (int64_t c = 0; c < a.hd; ++c) dkr[c] = dvr[c] = 0.f;
     if (j >= a.S) continue;
-    const int64_t prefix = a.has_prefix ? pre[b] : 0, grp = a.H / a.G;
+    const int64_t prefix = att_prefix(a, pre, b), grp = a.H / a.G;
     for (int64_t h = g * grp; h < (g + 1) * grp; ++h)
       for (int64_t t = 0; t < a.T; ++t) {
-        if (att_visible(a, t, prefix) <= j) continue;
+        const int64_t n = att_visible(a, t, prefix);
+        if (n <= j || j < att_first(a, pre, b, t, n)) continue;
         const float *qr = q + att_q(a, b, t, h), *dyr = dy + att_y(a, b, t, h), *yr = y + att_y(a, b, t, h);
         float s = 0.f, dp = 0.f, D = 0.f;
         for (int64_t c = 0; c < a.hd; ++c) {

@@ -19,6 +19,13 @@ long att_visible(long t, long prefix, int mask, long q_pos0, long S) {
   if (mask == 2 && prefix > n) n = prefix;
   return n < S ? n : S;
 }
+// Mask 3 (packed rows): the first key query t sees, its segment's start (at most itself).
+long att_first(__global const int* pre, ulong op, long b, long t, long T, int mask, long n) {
+  if (mask != 3) return 0;
+  const long lo = pre[op + b * T + t];
+  return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
+}
+#define ATT_PREFIX(b) (has_prefix && mask == 2 ? pre[op + (b)] : 0)
 
 // One query row (b, t, h): y = softmax(scale q K^T) V with a running max and sum.
 __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* k, ulong ok,
@@ -26,12 +33,13 @@ __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* 
                        __global float* y, ulong oy, __global float* lse, ulong ol, int want_lse,
                        ATT_PARAMS) {
   const long i = get_global_id(0), h = i % H, t = i / H % T, b = i / (H * T), g = h / (H / G);
-  const long n = att_visible(t, has_prefix ? pre[op + b] : 0, mask, q_pos0, S);
+  const long n = att_visible(t, ATT_PREFIX(b), mask, q_pos0, S);
+  const long lo = att_first(pre, op, b, t, T, mask, n);
   __global const float* qr = q + oq + QOFF(b, t, h);
   __global float* yr = y + oy + YOFF(b, t, h);
   for (long c = 0; c < hd; ++c) yr[c] = 0.f;
   float mx = -INFINITY, sum = 0.f;
-  for (long j = 0; j < n; ++j) {
+  for (long j = lo; j < n; ++j) {
     __global const float* kr = k + ok + KOFF(b, j, g);
     float s = 0.f;
     for (long c = 0; c < hd; ++c) s += qr[c] * kr[c];
@@ -54,7 +62,8 @@ __kernel void attn_bwd_dq(__global const float* dy, ulong ody, __global const fl
                           __global const int* pre, ulong op, __global float* dq, ulong odq,
                           ATT_PARAMS) {
   const long i = get_global_id(0), h = i % H, t = i / H % T, b = i / (H * T), g = h / (H / G);
-  const long n = att_visible(t, has_prefix ? pre[op + b] : 0, mask, q_pos0, S);
+  const long n = att_visible(t, ATT_PREFIX(b), mask, q_pos0, S);
+  const long lo = att_first(pre, op, b, t, T, mask, n);
   __global const float* qr = q + oq + QOFF(b, t, h);
   __global const float* dyr = dy + ody + YOFF(b, t, h);
   __global const float* yr = y + oy + YOFF(b, t, h);
@@ -63,7 +72,7 @@ __kernel void attn_bwd_dq(__global const float* dy, ulong ody, __global const fl
   float D = 0.f;
   for (long c = 0; c < hd; ++c) D += dyr[c] * yr[c];
   for (long c = 0; c < hd; ++c) dqr[c] = 0.f;
-  for (long j = 0; j < n; ++j) {
+  for (long j = lo; j < n; ++j) {
     __global const float* kr = k + ok + KOFF(b, j, g);
     __global const float* vr = v + ov + VOFF(b, j, g);
     float s = 0.f, dp = 0.f;
@@ -93,10 +102,11 @@ __kernel void attn_bwd_dkv(__global const float* dy, ulong ody, __global const f
     dvr[c] = 0.f;
   }
   if (j >= S) return;
-  const long prefix = has_prefix ? pre[op + b] : 0;
+  const long prefix = ATT_PREFIX(b);
   for (long h = g * (H / G); h < (g + 1) * (H / G); ++h)
     for (long t = 0; t < T; ++t) {
-      if (att_visible(t, prefix, mask, q_pos0, S) <= j) continue;
+      const long n = att_visible(t, prefix, mask, q_pos0, S);
+      if (n <= j || j < att_first(pre, op, b, t, T, mask, n)) continue;
       __global const float* qr = q + oq + QOFF(b, t, h);
       __global const float* dyr = dy + ody + YOFF(b, t, h);
       __global const float* yr = y + oy + YOFF(b, t, h);
