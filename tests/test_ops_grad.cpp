@@ -155,11 +155,12 @@ TEST(Grad, Attention) {
   struct Shape4 {
     int64_t H, G, hd;
     int mask;
+    int64_t P = 0;  // prefix keys and values (P-Tuning v2), trained as params here
   };
   for (Shape4 s : {Shape4{4, 2, 5, 1}, Shape4{3, 1, 4, 1}, Shape4{2, 2, 3, 0}, Shape4{4, 2, 4, 2},
-                   Shape4{4, 2, 4, 3}})
+                   Shape4{4, 2, 4, 3}, Shape4{4, 2, 4, 1, 3}, Shape4{3, 1, 5, 3, 2}})
     check("attention H=" + std::to_string(s.H) + " G=" + std::to_string(s.G) +
-              " mask=" + std::to_string(s.mask),
+              " mask=" + std::to_string(s.mask) + " P=" + std::to_string(s.P),
           {[s](Graph& g) {
              const int64_t B = 2, T = 6;
              AttentionSpec a;
@@ -168,13 +169,16 @@ TEST(Grad, Attention) {
              a.head_dim = s.hd;
              a.T = T;
              a.mask = s.mask;
+             a.P = s.P;
              const int q = g.param("q", {B * T, s.H * s.hd}, true);
              const int k = g.param("k", {B * T, s.G * s.hd}, true);
              const int v = g.param("v", {B * T, s.G * s.hd}, true);
              const int pre = s.mask == 2   ? g.input("prefix", {B}, DType::i32)
                              : s.mask == 3 ? g.input("segments", {B * T}, DType::i32)
                                            : -1;
-             return g.attention(q, k, v, a, pre);
+             const int pk = s.P ? g.param("pk", {s.P, s.G * s.hd}, true) : -1;
+             const int pv = s.P ? g.param("pv", {s.P, s.G * s.hd}, true) : -1;
+             return g.attention(q, k, v, a, pre, true, pk, pv);
            },
            6});
 }

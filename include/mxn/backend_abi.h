@@ -16,10 +16,11 @@
 extern "C" {
 #endif
 
-#define MXN_ABI_VERSION 2 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
-                             8 operands and 16 integer parameters per call */
+#define MXN_ABI_VERSION 3 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
+                             3: attention masks over packed rows (mask 3) and shared prefix
+                             keys (P-Tuning v2); 12 operands and 16 integer parameters a call */
 #define MXN_MAX_DIMS 4
-#define MXN_MAX_OPERANDS 8
+#define MXN_MAX_OPERANDS 12
 #define MXN_MAX_IP 16
 #define MXN_COMM_ID_BYTES 128 /* NCCL's unique id size */
 
@@ -55,7 +56,8 @@ typedef enum mxn_op {
   MXN_OP_LAYERNORM,         /* in: x, w, b; out: y, stats (N,2) = (mean, rstd); fp[0]=eps */
   MXN_OP_LAYERNORM_BWD,     /* in: dy, x, w, stats; out: dx, dw, db (dw, db overwritten) */
   MXN_OP_ATTENTION,         /* softmax(scale q k^T + mask) v, flash-style (no T x S scores kept).
-                               in: q, k, v, [prefix (B) i32]; out: y (B*T, H*hd), [lse (B*T, H)].
+                               in: q, k, v, [pk, pv], [prefix (B) i32]; out: y (B*T, H*hd),
+                               [lse (B*T, H)].
                                q, k, v are column windows of row-major matrices: head h of q is
                                columns q_col + h*hd of q's rows (ld = q's last dim), and kv head
                                h / (H/G) likewise in k and v; they may be one tensor (fused qkv).
@@ -65,11 +67,14 @@ typedef enum mxn_op {
                                input is (B*T), query t of sequence b sees keys from
                                min(seg[b*T+t], t) on: packed rows) 6=q_col 7=k_col 8=v_col 9=kv_rows
                                (rows per sequence in k and v, >= S: a KV cache's capacity)
-                               10=q_pos0 (key index of the first query: S - T when decoding);
+                               10=q_pos0 (key index of the first query: S - T when decoding)
+                               11=P (prefix keys: pk and pv (P, G*hd), shared by every sequence,
+                               seen by every query before its own keys: P-Tuning v2);
                                fp[0]=scale. Query i sees key j when j <= q_pos0 + i (causal). */
-  MXN_OP_ATTENTION_BWD,     /* in: dy, q, k, v, y, lse, [prefix]; out: dq, dk, dv (overwritten;
-                               the same column windows as q, k, v, possibly one tensor); ip, fp
-                               as the forward */
+  MXN_OP_ATTENTION_BWD,     /* in: dy, q, k, v, y, lse, [pk, pv], [prefix]; out: dq, dk, dv,
+                               [dpk, dpv] (overwritten; dq, dk, dv the same column windows as q,
+                               k, v, possibly one tensor; dpk, dpv summed over the sequences);
+                               ip, fp as the forward */
   MXN_OP_EMBEDDING,         /* in: idx (N) i32, table (V,C); out: (N,C) */
   MXN_OP_EMBEDDING_BWD,     /* in: dy (N,C), idx; out: dtable (V,C), overwritten */
   MXN_OP_CROSS_ENTROPY,     /* in: logits (N,V), targets (N) i32 (<0 ignored); out: mean loss (1) */

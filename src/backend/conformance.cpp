@@ -13,24 +13,27 @@ namespace {
 using namespace opcase;
 
 // Attention shapes: MHA, GQA, MQA; head dims 5, 8 and 64; causal, none, prefix, segments (packed
-// rows, random starts that the kernels clamp to the query); a fused qkv
+// rows, random starts that the kernels clamp to the query); shared prefix keys (P-Tuning v2);
+// a fused qkv
 // matrix read through column windows; a KV cache (2 new queries against 9 of 12 cached rows).
 struct AttnCase {
   int64_t B, T, H, G, hd, S, kv_rows, q_pos0;
   int mask;
   bool fused;
+  int64_t P = 0;  // shared prefix keys and values
 };
 std::vector<AttnCase> attention_cases() {
-  return {{2, 5, 3, 3, 8, 5, 5, 0, 1, true},   {1, 17, 4, 2, 5, 17, 17, 0, 1, false},
-          {2, 9, 4, 1, 8, 9, 9, 0, 2, false},  {2, 7, 2, 2, 64, 7, 7, 0, 0, false},
-          {2, 2, 4, 2, 8, 9, 12, 7, 1, false}, {1, 70, 2, 1, 16, 70, 70, 0, 2, true},
-          {2, 9, 4, 2, 8, 9, 9, 0, 3, false},  {1, 70, 2, 1, 16, 70, 70, 0, 3, true}};
+  return {{2, 5, 3, 3, 8, 5, 5, 0, 1, true},     {1, 17, 4, 2, 5, 17, 17, 0, 1, false},
+          {2, 9, 4, 1, 8, 9, 9, 0, 2, false},    {2, 7, 2, 2, 64, 7, 7, 0, 0, false},
+          {2, 2, 4, 2, 8, 9, 12, 7, 1, false},   {1, 70, 2, 1, 16, 70, 70, 0, 2, true},
+          {2, 9, 4, 2, 8, 9, 9, 0, 3, false},    {1, 70, 2, 1, 16, 70, 70, 0, 3, true},
+          {2, 7, 4, 2, 8, 7, 7, 0, 1, false, 5}, {2, 70, 2, 1, 16, 70, 70, 0, 3, true, 3}};
 }
 Case attention_case(int op, const AttnCase& a) {
   const int64_t Nq = a.B * a.T, Nk = a.B * a.kv_rows, qw = a.H * a.hd, kw = a.G * a.hd;
   const std::array<int64_t, MXN_MAX_IP> ip{
-      a.H,       a.G,     a.hd, a.T, a.S, a.mask, 0, a.fused ? qw : 0, a.fused ? qw + kw : 0,
-      a.kv_rows, a.q_pos0};
+      a.H,       a.G,      a.hd, a.T, a.S, a.mask, 0, a.fused ? qw : 0, a.fused ? qw + kw : 0,
+      a.kv_rows, a.q_pos0, a.P};
   const float scale = 1.f / std::sqrt(float(a.hd));
   // A fused case passes three separate tensors of the full fused width, so each window is
   // checked; the backward's outputs then cover only their own windows.
@@ -42,11 +45,13 @@ Case attention_case(int op, const AttnCase& a) {
     in.push_back(f({Nq, qw}));
     in.push_back(pos({Nq, a.H}));
   }
+  if (a.P > 0) in.insert(in.end(), {f({a.P, kw}), f({a.P, kw})});
   if (a.mask == 2) in.push_back(idx({a.B}, a.S + 1));
   if (a.mask == 3) in.push_back(idx({a.B * a.T}, a.T));
   std::vector<Operand> out = op == MXN_OP_ATTENTION
                                  ? std::vector<Operand>{f({Nq, qw}), f({Nq, a.H})}
                                  : std::vector<Operand>{f(qs), f(ks), f(ks)};
+  if (op == MXN_OP_ATTENTION_BWD && a.P > 0) out.insert(out.end(), {f({a.P, kw}), f({a.P, kw})});
   return {mxn_op(op), in, out, ip, {scale}};
 }
 

@@ -71,8 +71,11 @@ inline MatmulShape matmul_shape(const mxn_op_call& k) {
 struct AttentionShape {
   int64_t B = 0, H = 0, G = 0, hd = 0, T = 0, S = 0, kv_rows = 0, q_pos0 = 0;
   int64_t ldq = 0, ldk = 0, ldv = 0, q_col = 0, k_col = 0, v_col = 0;
+  int64_t P = 0;  // shared prefix keys and values (P-Tuning v2), seen by every query
   int mask = 0;
-  bool has_prefix = false;
+  bool has_prefix = false;  // the optional i32 input (prefix lengths or segment starts) is there
+  int extra = -1;           // its input index
+  int pkv = -1;             // the input index of the prefix keys (values follow)
   float scale = 1.f;
   const char* error = nullptr;
   int64_t group() const { return H / G; }  // query heads per kv head
@@ -124,7 +127,15 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   s.ldq = last(q);
   s.ldk = last(kk);
   s.ldv = last(v);
-  s.has_prefix = k.n_inputs == (backward ? 7 : 4);
+  s.P = k.ip[11];
+  const int base = (backward ? 6 : 3) + (s.P > 0 ? 2 : 0);
+  if (s.P > 0) s.pkv = backward ? 6 : 3;
+  s.has_prefix = k.n_inputs == base + 1;
+  if (s.has_prefix) s.extra = base;
+  if (s.P < 0 || k.n_inputs < base || k.n_inputs > base + 1) {
+    s.error = "attention: expects q, k, v, [prefix keys, values when ip[11] > 0], [i32 input]";
+    return s;
+  }
   if (s.H <= 0 || s.G <= 0 || s.H % s.G || s.hd <= 0 || s.T <= 0 || s.S <= 0 || s.S > s.kv_rows ||
       rows_of(q) % s.T) {
     s.error = "attention: needs H, G, hd, T, S > 0, G dividing H, S <= kv_rows and T the q rows";
@@ -140,7 +151,10 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
     s.error =
         "attention: mask must be 0 (none), 1 (causal), 2 (prefix, with its lengths) or 3 "
         "(causal within segments, with each query's segment start)";
-  else if (s.has_prefix && count(k.inputs[backward ? 6 : 3]) != (s.mask == 3 ? s.B * s.T : s.B))
+  else if (s.P > 0 && (count(k.inputs[s.pkv]) != s.P * s.G * s.hd ||
+                       count(k.inputs[s.pkv + 1]) != s.P * s.G * s.hd))
+    s.error = "attention: the prefix keys and values must be (P, G*hd)";
+  else if (s.has_prefix && count(k.inputs[s.extra]) != (s.mask == 3 ? s.B * s.T : s.B))
     s.error = "attention: the i32 input holds B prefix lengths (mask 2) or B*T segment starts (3)";
   else if (s.mask != 0 && (s.q_pos0 < 0 || s.q_pos0 + s.T > s.S))
     s.error = "attention: causal queries must lie within the keys (q_pos0 + T <= S)";

@@ -67,10 +67,10 @@ Grads rule(Graph& g, const Node& n, int gy) {
     }
     case MXN_OP_ATTENTION: {
       // q, k and v may be one fused tensor: one gradient value per distinct input, which the
-      // kernel fills window by window.
+      // kernel fills window by window. Prefix keys and values (ip[11] > 0) have theirs too.
       std::vector<int> in{gy, n.in[0], n.in[1], n.in[2], n.out[0], n.out[1]};
-      if (n.in.size() > 3) in.push_back(n.in[3]);
-      return distinct_grads(g, MXN_OP_ATTENTION_BWD, in, n, 3, n.ip);
+      in.insert(in.end(), n.in.begin() + 3, n.in.end());
+      return distinct_grads(g, MXN_OP_ATTENTION_BWD, in, n, n.ip[11] > 0 ? 5 : 3, n.ip);
     }
     case MXN_OP_RMSNORM: {
       const int dx = act(n.in[0]), dw = act(n.in[1]);

@@ -87,17 +87,20 @@ int Graph::layernorm(int x, int w, int b, float eps) {
   return emit(MXN_OP_LAYERNORM, {x, w, b}, {activation(s), stats}, {}, {eps});
 }
 
-int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bool with_lse) {
+int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bool with_lse, int pk,
+                     int pv) {
   const int64_t rows = v_rows(q), S = a.S > 0 ? a.S : a.T;
   MXN_CHECK(rows % a.T == 0 && (a.mask < 2 || prefix >= 0), "attention rows or prefix");
+  MXN_CHECK(a.P == 0 || (pk >= 0 && pv >= 0), "attention prefix keys and values");
   const float scale = a.scale > 0 ? a.scale : 1.f / std::sqrt(float(a.head_dim));
   std::vector<int> in{q, k, v};
+  if (a.P > 0) in.insert(in.end(), {pk, pv});
   if (prefix >= 0) in.push_back(prefix);
   std::vector<int> out{activation({rows, a.heads * a.head_dim})};
   if (with_lse) out.push_back(activation({rows, a.heads}));
   return emit(MXN_OP_ATTENTION, in, out,
               {a.heads, a.kv_heads, a.head_dim, a.T, S, a.mask, a.q_col, a.k_col, a.v_col,
-               a.kv_rows > 0 ? a.kv_rows : S, a.q_pos0},
+               a.kv_rows > 0 ? a.kv_rows : S, a.q_pos0, a.P},
               {scale});
 }
 

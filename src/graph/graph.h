@@ -42,12 +42,13 @@ struct AttentionSpec {
   int64_t heads = 1, kv_heads = 1, head_dim = 1;
   int64_t T = 1;  // queries per sequence
   int64_t S = 0;  // keys per sequence (0: T)
-  int mask = 1;  // 0 none, 1 causal, 2 causal + per-sequence prefix (bidirectional), 3 causal
-                 // within segments (packed rows; the extra input holds each query's segment start)
+  int mask = 1;   // 0 none, 1 causal, 2 causal + per-sequence prefix (bidirectional), 3 causal
+                  // within segments (packed rows; the extra input holds each query's segment start)
   int64_t q_col = 0, k_col = 0, v_col = 0;  // column windows, for fused projections
   int64_t kv_rows = 0;  // rows per sequence in k and v (0: S), e.g. a KV cache's capacity
   int64_t q_pos0 = 0;   // key index of the first query (S - T when decoding with a cache)
   float scale = 0.f;    // 0: 1/sqrt(head_dim)
+  int64_t P = 0;        // shared prefix keys and values seen by every query (P-Tuning v2)
 };
 
 // ROPE's parameters (the op's ip and fp).
@@ -82,8 +83,11 @@ class Graph {
   int softmax(int x);
   int layernorm(int x, int w, int b, float eps = 1e-5f);
   // q, k, v (may be one fused tensor) -> (B*T, heads*head_dim); `prefix` an i32 value: (B)
-  // prefix lengths for mask 2, (B*T) segment starts for mask 3; with_lse keeps the log-sum-exp the backward needs (training).
-  int attention(int q, int k, int v, const AttentionSpec& a, int prefix = -1, bool with_lse = true);
+  // prefix lengths for mask 2, (B*T) segment starts for mask 3; with_lse keeps the log-sum-exp the
+  // backward needs (training). With a.P > 0, pk and pv are the prefix keys and values, (P,
+  // kv_heads*head_dim).
+  int attention(int q, int k, int v, const AttentionSpec& a, int prefix = -1, bool with_lse = true,
+                int pk = -1, int pv = -1);
   int rmsnorm(int x, int w, float eps);
   int rope(int x, int pos, const RopeSpec& r);
   int silu(int x);
@@ -97,7 +101,7 @@ class Graph {
 
   void mark_output(int id) { values[size_t(id)].output = true; }
   const Value& v(int id) const { return values[size_t(id)]; }
-  int64_t v_rows(int id) const;  // elements / last dim
+  int64_t v_rows(int id) const;      // elements / last dim
   std::vector<int> params() const;   // trained weights
   std::vector<int> weights() const;  // every stored weight: params and frozen ones
 

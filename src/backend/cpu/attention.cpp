@@ -20,25 +20,39 @@ constexpr int64_t kBlock = 64;
 }  // namespace
 
 void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const float* k,
-                   const float* v, const int32_t* prefix, float* y, float* lse) {
+                   const float* v, const float* pk, const float* pv, const int32_t* prefix,
+                   float* y, float* lse) {
   const int nt = omp_get_max_threads();
-  const int64_t nblk = (a.T + kBlock - 1) / kBlock, tasks = a.B * a.H * nblk;
-  float* scratch = s.get(s.c, size_t(nt) * kBlock * a.S);
+  const int64_t nblk = (a.T + kBlock - 1) / kBlock, tasks = a.B * a.H * nblk, P = a.P;
+  const int64_t ldp = a.G * a.hd;  // prefix keys and values: (P, G*hd)
+  float* scratch = s.get(s.c, size_t(nt) * kBlock * (a.S + P));
 #pragma omp parallel for schedule(dynamic)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / (a.H * nblk), h = task / nblk % a.H, t0 = task % nblk * kBlock;
     const int64_t t1 = std::min(a.T, t0 + kBlock), rows = t1 - t0, g = h / a.group();
     const int64_t pre = a.prefix_of(prefix, b),
                   nk = a.visible(t1 - 1, pre);  // visibility grows with t
-    float* sc = scratch + size_t(omp_get_thread_num()) * kBlock * a.S;
+    // Scores of a row: the P prefix keys, then the sequence's nk keys (ld = P + nk).
+    const int64_t ld = P + nk;
+    float* sc = scratch + size_t(omp_get_thread_num()) * kBlock * (a.S + P);
+    if (P > 0)
+      sgemm(false, true, rows, P, a.hd, a.scale, q + a.q(b, t0, h), a.ldq, pk + g * a.hd, ldp, 0.f,
+            sc, ld);
     sgemm(false, true, rows, nk, a.hd, a.scale, q + a.q(b, t0, h), a.ldq, k + a.k(b, 0, g), a.ldk,
-          0.f, sc, nk);
+          0.f, sc + P, ld);
     for (int64_t r = 0; r < rows; ++r) {
-      float* row = sc + r * nk;
+      float* pre_row = sc + r * ld;
+      float* row = pre_row + P;
       const int64_t n = a.visible(t0 + r, pre), lo = a.first(prefix, b, t0 + r);
       float mx = row[lo];
+      for (int64_t j = 0; j < P; ++j) mx = std::max(mx, pre_row[j]);
       for (int64_t j = lo + 1; j < n; ++j) mx = std::max(mx, row[j]);
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < P; ++j) {
+        pre_row[j] = vexp(pre_row[j] - mx);
+        sum += pre_row[j];
+      }
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = lo; j < n; ++j) {
         row[j] = vexp(row[j] - mx);
@@ -46,32 +60,43 @@ void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const fl
       }
       const float inv = 1.f / sum;
 #pragma omp simd
+      for (int64_t j = 0; j < P; ++j) pre_row[j] *= inv;
+#pragma omp simd
       for (int64_t j = lo; j < n; ++j) row[j] *= inv;
       std::fill(row, row + lo, 0.f);
       std::fill(row + n, row + nk, 0.f);
       if (lse) lse[a.lse(b, t0 + r, h)] = mx + std::log(sum);
     }
-    sgemm(false, false, rows, a.hd, nk, 1.f, sc, nk, v + a.v(b, 0, g), a.ldv, 0.f,
+    if (P > 0)
+      sgemm(false, false, rows, a.hd, P, 1.f, sc, ld, pv + g * a.hd, ldp, 0.f, y + a.y(b, t0, h),
+            a.H * a.hd);
+    sgemm(false, false, rows, a.hd, nk, 1.f, sc + P, ld, v + a.v(b, 0, g), a.ldv, P > 0 ? 1.f : 0.f,
           y + a.y(b, t0, h), a.H * a.hd);
   }
 }
 
 void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const float* q,
                    const float* k, const float* v, const float* y, const float* lse,
-                   const int32_t* prefix, float* dq, float* dk, float* dv) {
+                   const float* pk, const float* pv, const int32_t* prefix, float* dq, float* dk,
+                   float* dv, float* dpk, float* dpv) {
   const int nt = omp_get_max_threads();
-  const int64_t BH = a.B * a.H, hd = a.hd, rows_kv = a.kv_rows;
+  const int64_t BH = a.B * a.H, hd = a.hd, rows_kv = a.kv_rows, P = a.P, ldp = a.G * a.hd;
   // With grouped heads every query head's dK and dV go to private (kv_rows x hd) slabs first and
-  // are summed over the group in a fixed order afterwards: deterministic, no atomics.
+  // are summed over the group in a fixed order afterwards: deterministic, no atomics. The prefix
+  // keys' and values' gradients (shared by all sequences) likewise, per (sequence, head).
   const bool grouped = a.G != a.H;
-  float* sc = s.get(s.c, size_t(nt) * 2 * kBlock * a.S);
+  float* sc = s.get(s.c, size_t(nt) * 2 * kBlock * (a.S + P));
   float* priv = grouped ? s.get(s.b, size_t(BH) * 2 * rows_kv * hd) : nullptr;
+  float* ppriv = P > 0 ? s.get(s.a, size_t(BH) * 2 * P * hd) : nullptr;
 #pragma omp parallel for schedule(dynamic)
   for (int64_t bh = 0; bh < BH; ++bh) {
     const int64_t b = bh / a.H, h = bh % a.H, g = h / a.group();
     const int64_t pre = a.prefix_of(prefix, b);
-    float* P = sc + size_t(omp_get_thread_num()) * 2 * kBlock * a.S;
-    float* dP = P + kBlock * a.S;
+    float* Pr = sc + size_t(omp_get_thread_num()) * 2 * kBlock * (a.S + P);
+    float* dP = Pr + kBlock * (a.S + P);
+    float* dpkh = ppriv ? ppriv + size_t(bh) * 2 * P * hd : nullptr;
+    float* dpvh = dpkh ? dpkh + P * hd : nullptr;
+    if (dpkh) std::fill_n(dpkh, 2 * P * hd, 0.f);
     float *dkh, *dvh;
     int64_t ldk, ldv;
     if (grouped) {
@@ -91,10 +116,17 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
     for (int64_t t0 = 0; t0 < a.T; t0 += kBlock) {
       const int64_t t1 = std::min(a.T, t0 + kBlock), rows = t1 - t0;
       const int64_t nk = a.visible(t1 - 1, pre);  // visibility grows with t
+      const int64_t ld = P + nk;                  // the prefix's columns first
       const float* qb = q + a.q(b, t0, h);
       const float* dyb = dy + a.y(b, t0, h);
-      sgemm(false, true, rows, nk, hd, a.scale, qb, a.ldq, k + a.k(b, 0, g), a.ldk, 0.f, P, nk);
-      sgemm(false, true, rows, nk, hd, 1.f, dyb, a.H * hd, v + a.v(b, 0, g), a.ldv, 0.f, dP, nk);
+      if (P > 0) {
+        sgemm(false, true, rows, P, hd, a.scale, qb, a.ldq, pk + g * hd, ldp, 0.f, Pr, ld);
+        sgemm(false, true, rows, P, hd, 1.f, dyb, a.H * hd, pv + g * hd, ldp, 0.f, dP, ld);
+      }
+      sgemm(false, true, rows, nk, hd, a.scale, qb, a.ldq, k + a.k(b, 0, g), a.ldk, 0.f, Pr + P,
+            ld);
+      sgemm(false, true, rows, nk, hd, 1.f, dyb, a.H * hd, v + a.v(b, 0, g), a.ldv, 0.f, dP + P,
+            ld);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = a.visible(t0 + r, pre), lo = a.first(prefix, b, t0 + r);
         const float m = lse[a.lse(b, t0 + r, h)];
@@ -103,8 +135,15 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
         float D = 0.f;  // sum_j P dP = <dY, Y> for this row
 #pragma omp simd reduction(+ : D)
         for (int64_t c = 0; c < hd; ++c) D += dyr[c] * yr[c];
-        float* pr = P + r * nk;
-        float* dr = dP + r * nk;
+        float* ppr = Pr + r * ld;
+        float* pdr = dP + r * ld;
+#pragma omp simd
+        for (int64_t j = 0; j < P; ++j) {
+          ppr[j] = vexp(ppr[j] - m);
+          pdr[j] = ppr[j] * (pdr[j] - D) * a.scale;
+        }
+        float* pr = ppr + P;
+        float* dr = pdr + P;
 #pragma omp simd
         for (int64_t j = lo; j < n; ++j) {
           pr[j] = vexp(pr[j] - m);
@@ -115,10 +154,35 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
         std::fill(pr + n, pr + nk, 0.f);
         std::fill(dr + n, dr + nk, 0.f);
       }
-      sgemm(true, false, nk, hd, rows, 1.f, P, nk, dyb, a.H * hd, 1.f, dvh, ldv);   // dV += P^T dY
-      sgemm(false, false, rows, hd, nk, 1.f, dP, nk, k + a.k(b, 0, g), a.ldk, 0.f,  // dQ = dS K
+      sgemm(true, false, nk, hd, rows, 1.f, Pr + P, ld, dyb, a.H * hd, 1.f, dvh,
+            ldv);  // dV += P^T dY
+      sgemm(false, false, rows, hd, nk, 1.f, dP + P, ld, k + a.k(b, 0, g), a.ldk, 0.f,  // dQ = dS K
             dq + a.q(b, t0, h), a.ldq);
-      sgemm(true, false, nk, hd, rows, 1.f, dP, nk, qb, a.ldq, 1.f, dkh, ldk);  // dK += dS^T Q
+      sgemm(true, false, nk, hd, rows, 1.f, dP + P, ld, qb, a.ldq, 1.f, dkh, ldk);  // dK += dS^T Q
+      if (P > 0) {
+        sgemm(false, false, rows, hd, P, 1.f, dP, ld, pk + g * hd, ldp, 1.f, dq + a.q(b, t0, h),
+              a.ldq);  // dQ += dS_p PK
+        sgemm(true, false, P, hd, rows, 1.f, Pr, ld, dyb, a.H * hd, 1.f, dpvh, hd);  // dPV
+        sgemm(true, false, P, hd, rows, 1.f, dP, ld, qb, a.ldq, 1.f, dpkh, hd);      // dPK
+      }
+    }
+  }
+  if (P > 0) {  // the prefix's gradients: each (row, kv head) summed over sequences and heads
+#pragma omp parallel for schedule(static)
+    for (int64_t pg = 0; pg < P * a.G; ++pg) {
+      const int64_t p = pg / a.G, g = pg % a.G;
+      float* dkr = dpk + p * ldp + g * hd;
+      float* dvr = dpv + p * ldp + g * hd;
+      std::fill_n(dkr, hd, 0.f);
+      std::fill_n(dvr, hd, 0.f);
+      for (int64_t b = 0; b < a.B; ++b)
+        for (int64_t i = 0; i < a.group(); ++i) {
+          const float* src = ppriv + size_t(b * a.H + g * a.group() + i) * 2 * P * hd + p * hd;
+          for (int64_t c = 0; c < hd; ++c) {
+            dkr[c] += src[c];
+            dvr[c] += src[P * hd + c];
+          }
+        }
     }
   }
   if (!grouped) return;

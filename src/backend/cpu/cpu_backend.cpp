@@ -259,16 +259,20 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       const AttentionShape a = attention_shape(k, false);
       if (a.error) return bad(c, a.error);
       attention_fwd(c->scratch, a, ptr(in[0]), ptr(in[1]), ptr(in[2]),
-                    a.has_prefix ? ptr<int32_t>(in[3]) : nullptr, ptr(out[0]),
+                    a.P > 0 ? ptr(in[a.pkv]) : nullptr, a.P > 0 ? ptr(in[a.pkv + 1]) : nullptr,
+                    a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr, ptr(out[0]),
                     k.n_outputs > 1 ? ptr(out[1]) : nullptr);
       return 0;
     }
     case MXN_OP_ATTENTION_BWD: {
       const AttentionShape a = attention_shape(k, true);
       if (a.error) return bad(c, a.error);
+      if (a.P > 0 && k.n_outputs < 5) return bad(c, "attention_bwd: dpk and dpv are missing");
       attention_bwd(c->scratch, a, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(in[4]),
-                    ptr(in[5]), a.has_prefix ? ptr<int32_t>(in[6]) : nullptr, ptr(out[0]),
-                    ptr(out[1]), ptr(out[2]));
+                    ptr(in[5]), a.P > 0 ? ptr(in[a.pkv]) : nullptr,
+                    a.P > 0 ? ptr(in[a.pkv + 1]) : nullptr,
+                    a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr, ptr(out[0]), ptr(out[1]),
+                    ptr(out[2]), a.P > 0 ? ptr(out[3]) : nullptr, a.P > 0 ? ptr(out[4]) : nullptr);
       return 0;
     }
     case MXN_OP_RMSNORM:

@@ -35,12 +35,15 @@ void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t 
 void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
-// The general attention (attention.cpp); prefix and lse may be null.
+// The general attention (attention.cpp); pk, pv (prefix keys and values, a.P rows), prefix (the
+// optional i32 input), lse, dpk and dpv may be null.
 void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const float* k,
-                   const float* v, const int32_t* prefix, float* y, float* lse);
+                   const float* v, const float* pk, const float* pv, const int32_t* prefix,
+                   float* y, float* lse);
 void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const float* q,
                    const float* k, const float* v, const float* y, const float* lse,
-                   const int32_t* prefix, float* dq, float* dk, float* dv);
+                   const float* pk, const float* pv, const int32_t* prefix, float* dq, float* dk,
+                   float* dv, float* dpk, float* dpv);
 
 void add(const float* a, const float* b, float* out, int64_t n);
 void add_bias(const float* a, const float* bias, float* out, int64_t rows, int64_t cols);

@@ -269,17 +269,23 @@ int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
   if (as.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, as.error);
   const Att a = att_of(as);
   const mxn_tensor* in = k.inputs;
+  const int32_t* pre = as.has_prefix ? I(in[as.extra]) : nullptr;
+  const float* pk = as.P > 0 ? F(in[as.pkv]) : nullptr;
+  const float* pv = as.P > 0 ? F(in[as.pkv + 1]) : nullptr;
   if (!backward) {
-    const int32_t* pre = as.has_prefix ? I(in[3]) : nullptr;
     float* lse = k.n_outputs > 1 ? F(k.outputs[1]) : nullptr;
-    k_attn_fwd<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), pre, F(k.outputs[0]), lse);
+    k_attn_fwd<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), pk, pv, pre,
+                                                               F(k.outputs[0]), lse);
     return 0;
   }
-  const int32_t* pre = as.has_prefix ? I(in[6]) : nullptr;
+  if (as.P > 0 && k.n_outputs < 5) return fail(c, MXN_STATUS_INVALID_ARGUMENT, "attention_bwd: dpk and dpv are missing");
   k_attn_bwd_dq<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]),
-                                                                F(in[5]), pre, F(k.outputs[0]));
+                                                                F(in[5]), pk, pv, pre, F(k.outputs[0]));
   k_attn_bwd_dkv<<<blocks(a.B * a.kv_rows * a.G), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]),
                                                                        F(in[5]), pre, F(k.outputs[1]), F(k.outputs[2]));
+  if (as.P > 0)
+    k_attn_bwd_dprefix<<<blocks(a.P * a.G), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[4]), F(in[5]), pk, pv,
+                                                                 F(k.outputs[3]), F(k.outputs[4]));
   return 0;
 }
 

@@ -11,15 +11,14 @@
 namespace mxn::cuda {
 
 struct Att {  // AttentionShape's numbers, for device code
-  int64_t B, H, G, hd, T, S, kv_rows, q_pos0, ldq, ldk, ldv, q_col, k_col, v_col;
+  int64_t B, H, G, hd, T, S, kv_rows, q_pos0, ldq, ldk, ldv, q_col, k_col, v_col, P;
   int mask, has_prefix;
   float scale;
 };
 
 inline Att att_of(const AttentionShape& a) {
-  return {a.B,   a.H,   a.G,     a.hd,    a.T,    a.S,    a.kv_rows, a.q_pos0,
-          a.ldq, a.ldk, a.ldv,   a.q_col, a.k_col, a.v_col, a.mask,  a.has_prefix ? 1 : 0,
-          a.scale};
+  return {a.B,     a.H,     a.G,     a.hd, a.T,    a.S,   a.kv_rows,           a.q_pos0, a.ldq,
+          a.ldk,   a.ldv,   a.q_col, a.k_col, a.v_col, a.P, a.mask, a.has_prefix ? 1 : 0, a.scale};
 }
 
 __device__ inline int64_t att_visible(const Att& a, int64_t t, int64_t prefix) {
@@ -42,8 +41,16 @@ __device__ inline int64_t att_k(const Att& a, int64_t b, int64_t j, int64_t g) {
 __device__ inline int64_t att_v(const Att& a, int64_t b, int64_t j, int64_t g) { return (b * a.kv_rows + j) * a.ldv + a.v_col + g * a.hd; }
 __device__ inline int64_t att_y(const Att& a, int64_t b, int64_t t, int64_t h) { return (b * a.T + t) * a.H * a.hd + h * a.hd; }
 
-__global__ void k_attn_fwd(Att a, const float* q, const float* k, const float* v, const int32_t* pre, float* y,
-                           float* lse) {
+// Key jj of a query: jj < 0 is row P + jj of the shared prefix (pk, pv: (P, G*hd)).
+__device__ inline const float* att_key(const Att& a, const float* k, const float* pk, int64_t b, int64_t jj, int64_t g) {
+  return jj < 0 ? pk + (a.P + jj) * a.G * a.hd + g * a.hd : k + att_k(a, b, jj, g);
+}
+__device__ inline const float* att_val(const Att& a, const float* v, const float* pv, int64_t b, int64_t jj, int64_t g) {
+  return jj < 0 ? pv + (a.P + jj) * a.G * a.hd + g * a.hd : v + att_v(a, b, jj, g);
+}
+
+__global__ void k_attn_fwd(Att a, const float* q, const float* k, const float* v, const float* pk, const float* pv,
+                           const int32_t* pre, float* y, float* lse) {
   MXN_LOOP(i, a.B * a.T * a.H) {
     const int64_t h = i % a.H, t = i / a.H % a.T, b = i / (a.H * a.T), g = h / (a.H / a.G);
     const int64_t n = att_visible(a, t, att_prefix(a, pre, b)), lo = att_first(a, pre, b, t, n);
@@ -51,9 +58,11 @@ __global__ void k_attn_fwd(Att a, const float* q, const float* k, const float* v
     float* yr = y + att_y(a, b, t, h);
     for (int64_t c = 0; c < a.hd; ++c) yr[c] = 0.f;
     float mx = -INFINITY, sum = 0.f;
-    for (int64_t j = lo; j < n; ++j) {
-      const float* kr = k + att_k(a, b, j, g);
-      const float* vr = v + att_v(a, b, j, g);
+    for (int64_t j = -a.P; j < n; ++j) {
+      if (j >= 0 && j < lo) j = lo;
+      if (j >= n) break;
+      const float* kr = att_key(a, k, pk, b, j, g);
+      const float* vr = att_val(a, v, pv, b, j, g);
       float s = 0.f;
       for (int64_t c = 0; c < a.hd; ++c) s += qr[c] * kr[c];
       s *= a.scale;
@@ -69,7 +78,7 @@ __global__ void k_attn_fwd(Att a, const float* q, const float* k, const float* v
 }
 
 __global__ void k_attn_bwd_dq(Att a, const float* dy, const float* q, const float* k, const float* v, const float* y,
-                              const float* lse, const int32_t* pre, float* dq) {
+                              const float* lse, const float* pk, const float* pv, const int32_t* pre, float* dq) {
   MXN_LOOP(i, a.B * a.T * a.H) {
     const int64_t h = i % a.H, t = i / a.H % a.T, b = i / (a.H * a.T), g = h / (a.H / a.G);
     const int64_t n = att_visible(a, t, att_prefix(a, pre, b)), lo = att_first(a, pre, b, t, n);
@@ -79,8 +88,10 @@ __global__ void k_attn_bwd_dq(Att a, const float* dy, const float* q, const floa
     float D = 0.f;
     for (int64_t c = 0; c < a.hd; ++c) D += dyr[c] * yr[c];
     for (int64_t c = 0; c < a.hd; ++c) dqr[c] = 0.f;
-    for (int64_t j = lo; j < n; ++j) {
-      const float *kr = k + att_k(a, b, j, g), *vr = v + att_v(a, b, j, g);
+    for (int64_t j = -a.P; j < n; ++j) {
+      if (j >= 0 && j < lo) j = lo;
+      if (j >= n) break;
+      const float *kr = att_key(a, k, pk, b, j, g), *vr = att_val(a, v, pv, b, j, g);
       float s = 0.f, dp = 0.f;
       for (int64_t c = 0; c < a.hd; ++c) {
         s += qr[c] * kr[c];
@@ -118,6 +129,34 @@ __global__ void k_attn_bwd_dkv(Att a, const float* dy, const float* q, const flo
           dvr[c] += p * dyr[c];
         }
       }
+  }
+}
+
+// dPK and dPV for one shared prefix row (p, g), summed over sequences, the group's heads and
+// every query, in a fixed order.
+__global__ void k_attn_bwd_dprefix(Att a, const float* dy, const float* q, const float* y, const float* lse,
+                                   const float* pk, const float* pv, float* dpk, float* dpv) {
+  MXN_LOOP(i, a.P * a.G) {
+    const int64_t g = i % a.G, p = i / a.G, grp = a.H / a.G, off = p * a.G * a.hd + g * a.hd;
+    const float *kr = pk + off, *vr = pv + off;
+    float *dkr = dpk + off, *dvr = dpv + off;
+    for (int64_t c = 0; c < a.hd; ++c) dkr[c] = dvr[c] = 0.f;
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t h = g * grp; h < (g + 1) * grp; ++h)
+        for (int64_t t = 0; t < a.T; ++t) {
+          const float *qr = q + att_q(a, b, t, h), *dyr = dy + att_y(a, b, t, h), *yr = y + att_y(a, b, t, h);
+          float s = 0.f, dp = 0.f, D = 0.f;
+          for (int64_t c = 0; c < a.hd; ++c) {
+            s += qr[c] * kr[c];
+            dp += dyr[c] * vr[c];
+            D += dyr[c] * yr[c];
+          }
+          const float pp = expf(s * a.scale - lse[(b * a.T + t) * a.H + h]), ds = pp * (dp - D) * a.scale;
+          for (int64_t c = 0; c < a.hd; ++c) {
+            dkr[c] += ds * qr[c];
+            dvr[c] += pp * dyr[c];
+          }
+        }
   }
 }
 

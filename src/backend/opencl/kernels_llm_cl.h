@@ -7,7 +7,7 @@ namespace mxn::opencl {
 inline const char* kKernelsLlm = R"CLC(
 #define ATT_PARAMS long B, long H, long G, long hd, long T, long S, long kv_rows, long q_pos0, \
   int mask, long ldq, long ldk, long ldv, long q_col, long k_col, long v_col, float scale, \
-  int has_prefix
+  int has_prefix, long P
 #define QOFF(b, t, h) (((b) * T + (t)) * ldq + q_col + (h) * hd)
 #define KOFF(b, j, g) (((b) * kv_rows + (j)) * ldk + k_col + (g) * hd)
 #define VOFF(b, j, g) (((b) * kv_rows + (j)) * ldv + v_col + (g) * hd)
@@ -29,7 +29,8 @@ long att_first(__global const int* pre, ulong op, long b, long t, long T, int ma
 
 // One query row (b, t, h): y = softmax(scale q K^T) V with a running max and sum.
 __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* k, ulong ok,
-                       __global const float* v, ulong ov, __global const int* pre, ulong op,
+                       __global const float* v, ulong ov, __global const float* pk, ulong opk,
+                       __global const float* pv, ulong opv, __global const int* pre, ulong op,
                        __global float* y, ulong oy, __global float* lse, ulong ol, int want_lse,
                        ATT_PARAMS) {
   const long i = get_global_id(0), h = i % H, t = i / H % T, b = i / (H * T), g = h / (H / G);
@@ -39,14 +40,16 @@ __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* 
   __global float* yr = y + oy + YOFF(b, t, h);
   for (long c = 0; c < hd; ++c) yr[c] = 0.f;
   float mx = -INFINITY, sum = 0.f;
-  for (long j = lo; j < n; ++j) {
-    __global const float* kr = k + ok + KOFF(b, j, g);
+  for (long jj = -P; jj < n; ++jj) {  // the shared prefix's keys first, then the sequence's
+    if (jj >= 0 && jj < lo) jj = lo;
+    if (jj >= n) break;
+    __global const float* kr = jj < 0 ? pk + opk + (P + jj) * G * hd + g * hd : k + ok + KOFF(b, jj, g);
+    __global const float* vr = jj < 0 ? pv + opv + (P + jj) * G * hd + g * hd : v + ov + VOFF(b, jj, g);
     float s = 0.f;
     for (long c = 0; c < hd; ++c) s += qr[c] * kr[c];
     s *= scale;
     const float m2 = fmax(mx, s), corr = exp(mx - m2), p = exp(s - m2);
     sum = sum * corr + p;
-    __global const float* vr = v + ov + VOFF(b, j, g);
     for (long c = 0; c < hd; ++c) yr[c] = yr[c] * corr + p * vr[c];
     mx = m2;
   }
@@ -59,6 +62,7 @@ __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* 
 __kernel void attn_bwd_dq(__global const float* dy, ulong ody, __global const float* q, ulong oq,
                           __global const float* k, ulong ok, __global const float* v, ulong ov,
                           __global const float* y, ulong oy, __global const float* lse, ulong ol,
+                          __global const float* pk, ulong opk, __global const float* pv, ulong opv,
                           __global const int* pre, ulong op, __global float* dq, ulong odq,
                           ATT_PARAMS) {
   const long i = get_global_id(0), h = i % H, t = i / H % T, b = i / (H * T), g = h / (H / G);
@@ -72,9 +76,11 @@ __kernel void attn_bwd_dq(__global const float* dy, ulong ody, __global const fl
   float D = 0.f;
   for (long c = 0; c < hd; ++c) D += dyr[c] * yr[c];
   for (long c = 0; c < hd; ++c) dqr[c] = 0.f;
-  for (long j = lo; j < n; ++j) {
-    __global const float* kr = k + ok + KOFF(b, j, g);
-    __global const float* vr = v + ov + VOFF(b, j, g);
+  for (long jj = -P; jj < n; ++jj) {
+    if (jj >= 0 && jj < lo) jj = lo;
+    if (jj >= n) break;
+    __global const float* kr = jj < 0 ? pk + opk + (P + jj) * G * hd + g * hd : k + ok + KOFF(b, jj, g);
+    __global const float* vr = jj < 0 ? pv + opv + (P + jj) * G * hd + g * hd : v + ov + VOFF(b, jj, g);
     float s = 0.f, dp = 0.f;
     for (long c = 0; c < hd; ++c) {
       s += qr[c] * kr[c];
@@ -92,6 +98,7 @@ __kernel void attn_bwd_dkv(__global const float* dy, ulong ody, __global const f
                            __global const float* y, ulong oy, __global const float* lse, ulong ol,
                            __global const int* pre, ulong op, __global float* dk, ulong odk,
                            __global float* dv, ulong odv, ATT_PARAMS) {
+  // (P-Tuning's prefix keys are attn_bwd_dprefix's.)
   const long i = get_global_id(0), g = i % G, j = i / G % kv_rows, b = i / (G * kv_rows);
   __global const float* kr = k + ok + KOFF(b, j, g);
   __global const float* vr = v + ov + VOFF(b, j, g);
@@ -123,6 +130,44 @@ __kernel void attn_bwd_dkv(__global const float* dy, ulong ody, __global const f
         dvr[c] += p * dyr[c];
       }
     }
+}
+
+// dPK and dPV for one shared prefix row (p, g): sums over every sequence, the group's query
+// heads and every query (each sees the whole prefix), in a fixed order.
+__kernel void attn_bwd_dprefix(__global const float* dy, ulong ody, __global const float* q,
+                               ulong oq, __global const float* y, ulong oy,
+                               __global const float* lse, ulong ol, __global const float* pk,
+                               ulong opk, __global const float* pv, ulong opv,
+                               __global float* dpk, ulong odpk, __global float* dpv, ulong odpv,
+                               ATT_PARAMS) {
+  const long i = get_global_id(0), g = i % G, p = i / G;
+  __global const float* kr = pk + opk + p * G * hd + g * hd;
+  __global const float* vr = pv + opv + p * G * hd + g * hd;
+  __global float* dkr = dpk + odpk + p * G * hd + g * hd;
+  __global float* dvr = dpv + odpv + p * G * hd + g * hd;
+  for (long c = 0; c < hd; ++c) {
+    dkr[c] = 0.f;
+    dvr[c] = 0.f;
+  }
+  for (long b = 0; b < B; ++b)
+    for (long h = g * (H / G); h < (g + 1) * (H / G); ++h)
+      for (long t = 0; t < T; ++t) {
+        __global const float* qr = q + oq + QOFF(b, t, h);
+        __global const float* dyr = dy + ody + YOFF(b, t, h);
+        __global const float* yr = y + oy + YOFF(b, t, h);
+        float s = 0.f, dp = 0.f, D = 0.f;
+        for (long c = 0; c < hd; ++c) {
+          s += qr[c] * kr[c];
+          dp += dyr[c] * vr[c];
+          D += dyr[c] * yr[c];
+        }
+        const float pp = exp(s * scale - lse[ol + (b * T + t) * H + h]);
+        const float ds = pp * (dp - D) * scale;
+        for (long c = 0; c < hd; ++c) {
+          dkr[c] += ds * qr[c];
+          dvr[c] += pp * dyr[c];
+        }
+      }
 }
 
 __kernel void rmsnorm(__global const float* x, ulong ox, __global const float* w, ulong ow,

@@ -377,30 +377,40 @@ Launch& attention_args(Launch& l, const AttentionShape& a) {
       .u(a.k_col)
       .u(a.v_col)
       .f(a.scale)
-      .s(a.has_prefix);
+      .s(a.has_prefix)
+      .u(a.P);
 }
 
 int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
   const AttentionShape a = attention_shape(k, backward);
   if (a.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, a.error);
   const mxn_tensor* in = k.inputs;
+  // Absent optional inputs are bound to q, never read.
+  const Mem pre = a.has_prefix ? mem(in[a.extra]) : mem(in[0]);
+  const Mem pk = a.P > 0 ? mem(in[a.pkv]) : mem(in[0]);
+  const Mem pv = a.P > 0 ? mem(in[a.pkv + 1]) : mem(in[0]);
   if (!backward) {
-    const Mem pre = a.has_prefix ? mem(in[3]) : mem(in[0]);
     const bool want_lse = k.n_outputs > 1;
     Launch l = kernel(c, "attn_fwd");
-    l.arg(mem(in[0])).arg(mem(in[1])).arg(mem(in[2])).arg(pre).arg(mem(k.outputs[0]));
-    l.arg(want_lse ? mem(k.outputs[1]) : mem(k.outputs[0])).s(want_lse);
+    l.arg(mem(in[0])).arg(mem(in[1])).arg(mem(in[2])).arg(pk).arg(pv).arg(pre);
+    l.arg(mem(k.outputs[0])).arg(want_lse ? mem(k.outputs[1]) : mem(k.outputs[0])).s(want_lse);
     return attention_args(l, a).go(a.B * a.T * a.H);
   }
-  const Mem pre = a.has_prefix ? mem(in[6]) : mem(in[0]);
+  if (a.P > 0 && k.n_outputs < 5)
+    return fail(c, MXN_STATUS_INVALID_ARGUMENT, "attention_bwd: dpk and dpv are missing");
   Launch l = kernel(c, "attn_bwd_dq");
   for (int i = 0; i < 6; ++i) l.arg(mem(in[i]));
-  l.arg(pre).arg(mem(k.outputs[0]));
+  l.arg(pk).arg(pv).arg(pre).arg(mem(k.outputs[0]));
   if (int32_t st = attention_args(l, a).go(a.B * a.T * a.H)) return st;
   Launch l2 = kernel(c, "attn_bwd_dkv");
   for (int i = 0; i < 6; ++i) l2.arg(mem(in[i]));
   l2.arg(pre).arg(mem(k.outputs[1])).arg(mem(k.outputs[2]));
-  return attention_args(l2, a).go(a.B * a.kv_rows * a.G);
+  if (int32_t st = attention_args(l2, a).go(a.B * a.kv_rows * a.G)) return st;
+  if (a.P == 0) return 0;
+  Launch l3 = kernel(c, "attn_bwd_dprefix");
+  for (int i : {0, 1, 4, 5}) l3.arg(mem(in[i]));
+  l3.arg(pk).arg(pv).arg(mem(k.outputs[3])).arg(mem(k.outputs[4]));
+  return attention_args(l3, a).go(a.P * a.G);
 }
 
 // The table of RoPE frequencies for a call's parameters, made once on the host (as every
