@@ -374,7 +374,7 @@ class CliTest(unittest.TestCase):
         self.expect_error(self.train(self.path("r"), *lora, "--lora_r", "-3"), "lora_r = -3")
         self.expect_error(self.train(self.path("r"), *lora, "--lora_dropout", "0.1"), "lora_dropout", "not implemented")
         self.expect_error(self.train(self.path("r"), "--finetune", "lora"), "--finetune lora needs --model")
-        self.expect_error(self.train(self.path("r"), "--finetune", "qlora"), "finetune = 'qlora'", "full or lora")
+        self.expect_error(self.train(self.path("r"), "--finetune", "qlora"), "finetune = 'qlora'", "full, lora or ptuning")
         # An adapter for another base: its A is 4 x 16, this model's c_attn takes 8 inputs.
         a = self.path("adapter")
         os.makedirs(a)
@@ -391,8 +391,18 @@ class CliTest(unittest.TestCase):
             json.dump({"peft_type": "LORA", "r": 0, "lora_alpha": 8}, f)
         self.expect_error(self.gen(m, "--adapter", a), "adapter_config.json", "r = 0")
         with open(os.path.join(a, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "PREFIX_TUNING"}, f)
-        self.expect_error(self.gen(m, "--adapter", a), "PREFIX_TUNING", "only LORA")
+            json.dump({"peft_type": "IA3"}, f)
+        self.expect_error(self.gen(m, "--adapter", a), "'IA3'", "LORA and PREFIX_TUNING")
+        # A P-Tuning v2 prefix for a 3-layer model of 8 key/value columns; this one has 1 layer.
+        with open(os.path.join(a, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2, "num_layers": 3, "token_dim": 8}, f)
+        write_safetensors(os.path.join(a, "adapter_model.safetensors"), {"prompt_embeddings": ([2, 48], [0.0] * 96)})
+        for r in (self.gen(m, "--adapter", a), self.train(self.path("r"), *lora[:2], "--finetune", "ptuning",
+                                                          *lora[4:], "--adapter", a)):
+            self.expect_error(r, "adapter for another base", "3 layers", "prompt_embeddings")
+        self.expect_error(run("merge", "--model", m, "--adapter", self.path("m"), self.path("out")), "is not an adapter")
+        self.expect_error(self.train(self.path("r"), *lora[:2], "--finetune", "ptuning", *lora[4:], "--prefix_len", "0"),
+                          "prefix_len = 0", "expected 1..65536")
         self.expect_error(self.gen(m, "--adapter", self.path("nowhere")), "nowhere", "does not exist")
         self.expect_error(self.gen(m, "--adapter", m), "is not an adapter", "adapter_config.json")
 

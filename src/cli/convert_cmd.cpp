@@ -36,6 +36,10 @@ int convert(const Args& a) {
   if (!gguf && std::filesystem::is_regular_file(a.to))
     throw Error("'" + a.to + "' is a file; give a folder, or a name ending in .gguf");
   ModelSource m = load_model(a.from, a.adapter);
+  if (m.cfg.prefix_len > 0)
+    throw Error(
+        "a P-Tuning v2 prefix is not a weight update and cannot be folded into the weights; "
+        "use it with generate --adapter");
   const std::string tok = a.tokenizer.empty() ? m.tokenizer_dir : a.tokenizer;
   if (!a.tokenizer.empty() && !std::filesystem::is_directory(a.tokenizer))
     throw Error("tokenizer folder '" + a.tokenizer + "' does not exist");

@@ -182,7 +182,7 @@ int64_t DecoderConfig::param_count() const {
   int64_t n = vocab_size * C + layers * (qkv + o + mlp + norms) + (gpt2() ? 2 * C : C);
   if (gpt2()) n += max_pos * C;
   if (!tie_embeddings) n += vocab_size * C;
-  return n;
+  return n + 2 * layers * prefix_len * G * D;
 }
 
 void DecoderConfig::validate() const {
@@ -204,6 +204,8 @@ void DecoderConfig::validate() const {
   need(gpt2() || rope_dims() >= 2, "the rotary dims per head must be at least 2");
   need(rope_theta > 0, "rope_theta must be > 0");
   need(norm_eps > 0, "the norm's epsilon must be > 0");
+  need(prefix_len >= 0 && prefix_len <= 65536,
+       "prefix_len = " + std::to_string(prefix_len) + ", expected 0..65536");
 }
 
 nlohmann::json DecoderConfig::to_json() const {
@@ -228,7 +230,8 @@ nlohmann::json DecoderConfig::to_json() const {
           {"qkv_bias", qkv_bias},
           {"o_bias", o_bias},
           {"mlp_bias", mlp_bias},
-          {"eos", eos}};
+          {"eos", eos},
+          {"prefix_len", prefix_len}};
 }
 
 DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
@@ -257,6 +260,7 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   c.qkv_bias = json_value(j, "qkv_bias", c.qkv_bias, where);
   c.o_bias = json_value(j, "o_bias", c.o_bias, where);
   c.mlp_bias = json_value(j, "mlp_bias", c.mlp_bias, where);
+  c.prefix_len = json_value(j, "prefix_len", c.prefix_len, where);
   if (j.contains("eos")) {
     if (!j["eos"].is_array()) throw Error(where + ": 'eos' is not a list of token ids");
     c.eos.clear();
@@ -280,6 +284,8 @@ std::vector<std::string> lora_default_targets(Arch a) {
 
 std::string lora_a_name(const std::string& module) { return module + ".lora_A.weight"; }
 std::string lora_b_name(const std::string& module) { return module + ".lora_B.weight"; }
+std::string prefix_key_name(int64_t l) { return "prefix." + std::to_string(l) + ".key"; }
+std::string prefix_value_name(int64_t l) { return "prefix." + std::to_string(l) + ".value"; }
 
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
                            const DecoderOptions& o) {
@@ -339,7 +345,13 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       at.kv_rows = o.kv_cache;
       at.S = T;
     }
-    const int y = g.attention(q, k, v, at, m.prefix, o.kv_cache == 0 && o.with_loss);
+    int pk = -1, pv = -1;
+    if (c.prefix_len > 0) {  // P-Tuning v2's prefix: always trained when present
+      pk = g.param(prefix_key_name(l), {c.prefix_len, G * D}, true);
+      pv = g.param(prefix_value_name(l), {c.prefix_len, G * D}, true);
+    }
+    at.P = c.prefix_len;
+    const int y = g.attention(q, k, v, at, m.prefix, o.kv_cache == 0 && o.with_loss, pk, pv);
     if (o.kv_cache > 0) m.cache_reads.push_back(g.nodes.size() - 1);
     x = g.add(x, b.linear(y, p + nm.o, H * D, C, c.gpt2() || c.o_bias));
     const int h2 = b.norm(x, p + nm.ln2);

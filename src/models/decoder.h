@@ -29,6 +29,10 @@ struct DecoderConfig {
   bool tie_embeddings = true;
   bool qkv_bias = false, o_bias = false, mlp_bias = false;
   std::vector<int32_t> eos;  // end-of-sequence token ids (generation stops at one)
+  // P-Tuning v2: per layer, prefix_len trained key and value rows (prefix_key/prefix_value,
+  // (prefix_len, kv_heads*head_dim)) that every position attends to before its own keys; the
+  // text's positions still start at 0.
+  int64_t prefix_len = 0;
 
   // Family traits, all from `arch`.
   bool gpt2() const { return arch == Arch::gpt2; }
@@ -68,6 +72,8 @@ std::vector<std::string> lora_default_targets(Arch a);
 // The adapter tensors of module `name` (e.g. model.layers.0.self_attn.q_proj) in mxn's graph; a
 // PEFT file prefixes them with "base_model.model.".
 std::string lora_a_name(const std::string& module);
+std::string prefix_key_name(int64_t layer);    // "prefix.<layer>.key"
+std::string prefix_value_name(int64_t layer);  // "prefix.<layer>.value"
 std::string lora_b_name(const std::string& module);
 
 struct DecoderOptions {

@@ -14,7 +14,7 @@ namespace fs = std::filesystem;
 namespace mxn {
 namespace {
 
-const std::string kPeftPrefix = "base_model.model.";
+const std::string kPeftPrefix = "base_model.model.", kPrompt = "prompt_embeddings";
 const std::string kA = ".lora_A.weight", kB = ".lora_B.weight";
 
 bool ends_with(const std::string& s, const std::string& t) {
@@ -41,7 +41,23 @@ fs::path adapter_dir(const std::string& path) {
 
 }  // namespace
 
-std::string lora_config_json(const LoraAdapter& a, bool fan_in_fan_out) {
+std::string adapter_config_json(const Adapter& a, const DecoderConfig& c) {
+  if (a.prefix) {  // PEFT's PrefixTuningConfig without the projection
+    const nlohmann::json j = {{"peft_type", "PREFIX_TUNING"},
+                              {"task_type", "CAUSAL_LM"},
+                              {"num_virtual_tokens", a.prefix_len},
+                              {"num_layers", c.layers},
+                              {"token_dim", c.n_kv_heads() * c.hd()},
+                              {"num_attention_heads", c.n_kv_heads()},
+                              {"num_transformer_submodules", 1},
+                              {"prefix_projection", false},
+                              {"encoder_hidden_size", c.hidden},
+                              {"base_model_name_or_path", a.base},
+                              {"inference_mode", true},
+                              {"revision", nullptr}};
+    return j.dump(2) + "\n";
+  }
+  const bool fan_in_fan_out = c.gpt2();
   // The fields PEFT 0.13 writes, so its LoraConfig reads the file as one of its own.
   nlohmann::json j = {{"peft_type", "LORA"},
                       {"task_type", "CAUSAL_LM"},
@@ -65,13 +81,64 @@ std::string lora_config_json(const LoraAdapter& a, bool fan_in_fan_out) {
   return j.dump(2) + "\n";
 }
 
-TensorMap lora_peft_tensors(const TensorMap& mxn_named) {
+TensorMap adapter_peft_tensors(const Adapter& a) {
   TensorMap out;
-  for (const auto& [name, t] : mxn_named) out.emplace(kPeftPrefix + name, t);
+  if (!a.prefix) {
+    for (const auto& [name, t] : a.tensors) out.emplace(kPeftPrefix + name, t);
+    return out;
+  }
+  const int64_t P = a.prefix_len, W = a.kv_dim, L = a.layers;
+  HostTensor e({P, L * 2 * W}, DType::f32);
+  for (int64_t l = 0; l < L; ++l)
+    for (int kv = 0; kv < 2; ++kv) {
+      const HostTensor& t = a.tensors.at(kv ? prefix_value_name(l) : prefix_key_name(l));
+      for (int64_t p = 0; p < P; ++p)
+        std::copy_n(t.f32() + p * W, W, e.f32() + p * L * 2 * W + (l * 2 + kv) * W);
+    }
+  out.emplace(kPrompt, std::move(e));
   return out;
 }
 
-LoraAdapter load_lora_adapter(const std::string& path) {
+namespace {
+
+Adapter load_prefix(const nlohmann::json& j, const fs::path& dir, const std::string& cf) {
+  Adapter a;
+  a.prefix = true;
+  a.prefix_len = json_value<int64_t>(j, "num_virtual_tokens", 0, cf);
+  a.layers = json_value<int64_t>(j, "num_layers", 0, cf);
+  a.kv_dim = json_value<int64_t>(j, "token_dim", 0, cf);
+  if (a.prefix_len <= 0 || a.layers <= 0 || a.kv_dim <= 0)
+    throw Error("adapter config '" + cf +
+                "' needs num_virtual_tokens, num_layers and token_dim >= 1 for PREFIX_TUNING");
+  if (j.value("prefix_projection", false))
+    throw Error("adapter config '" + cf +
+                "': prefix_projection is true; save the projected prefix (the trained MLP's "
+                "output) instead, as mxn does");
+  if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string())
+    a.base = j["base_model_name_or_path"].get<std::string>();
+  const std::string wf = (dir / "adapter_model.safetensors").string();
+  TensorMap m = safetensors_load(wf);
+  auto it = m.find(kPrompt);
+  if (it == m.end()) throw Error("adapter '" + wf + "' has no '" + kPrompt + "' tensor");
+  const HostTensor e = widen_to_f32(std::move(it->second));
+  const Shape want{a.prefix_len, a.layers * 2 * a.kv_dim};
+  if (e.shape != want || e.dtype != DType::f32)
+    throw Error("adapter tensor '" + kPrompt + "' in '" + wf + "' is " + shape_str(e.shape) +
+                ", expected " + shape_str(want) + " (num_virtual_tokens x num_layers*2*token_dim)");
+  const int64_t P = a.prefix_len, W = a.kv_dim, L = a.layers;
+  for (int64_t l = 0; l < L; ++l)
+    for (int kv = 0; kv < 2; ++kv) {
+      HostTensor t({P, W}, DType::f32);
+      for (int64_t p = 0; p < P; ++p)
+        std::copy_n(e.f32() + p * L * 2 * W + (l * 2 + kv) * W, W, t.f32() + p * W);
+      a.tensors.emplace(kv ? prefix_value_name(l) : prefix_key_name(l), std::move(t));
+    }
+  return a;
+}
+
+}  // namespace
+
+Adapter load_adapter(const std::string& path) {
   const fs::path dir = adapter_dir(path);
   const std::string cf = (dir / "adapter_config.json").string();
   nlohmann::json j;
@@ -81,10 +148,14 @@ LoraAdapter load_lora_adapter(const std::string& path) {
     throw Error("adapter config '" + cf + "' is not valid JSON: " + e.what());
   }
   if (!j.is_object()) throw Error("adapter config '" + cf + "' is not a JSON object");
-  const std::string type = j.value("peft_type", "");
+  const std::string type = j.contains("peft_type") && j["peft_type"].is_string()
+                               ? j["peft_type"].get<std::string>()
+                               : "";
+  if (type == "PREFIX_TUNING") return load_prefix(j, dir, cf);
   if (type != "LORA")
-    throw Error("adapter '" + cf + "' has peft_type '" + type + "'; only LORA adapters are read");
-  LoraAdapter a;
+    throw Error("adapter '" + cf + "' has peft_type '" + type +
+                "'; mxn reads LORA and PREFIX_TUNING (P-Tuning v2) adapters");
+  Adapter a;
   a.spec.r = json_value<int64_t>(j, "r", 8, cf);
   a.spec.alpha = json_value<float>(j, "lora_alpha", 8.f, cf);
   a.dropout = json_value<double>(j, "lora_dropout", 0.0, cf);
@@ -121,8 +192,19 @@ LoraAdapter load_lora_adapter(const std::string& path) {
   return a;
 }
 
-void merge_lora(const DecoderConfig& c, TensorMap& weights, const LoraAdapter& a,
-                const std::string& source) {
+void apply_adapter(DecoderConfig& c, TensorMap& weights, const Adapter& a,
+                   const std::string& source) {
+  if (a.prefix) {
+    const int64_t W = c.n_kv_heads() * c.hd();
+    if (a.layers != c.layers || a.kv_dim != W)
+      throw Error("adapter for another base: its prefix has " + std::to_string(a.layers) +
+                  " layers of " + std::to_string(a.kv_dim) + " key/value columns (tensor '" +
+                  kPrompt + "'), but " + source + " has " + std::to_string(c.layers) +
+                  " layers of " + std::to_string(W));
+    c.prefix_len = a.prefix_len;
+    for (const auto& [n, t] : a.tensors) weights[n] = t;
+    return;
+  }
   const float scale = a.spec.alpha / float(a.spec.r);
   for (const auto& [n, bt] : a.tensors) {
     if (!ends_with(n, kB)) continue;

@@ -41,15 +41,19 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"pack", &c.pack,
        "with --sft: 1 packs short conversations into each row (no attention across them)", true},
       {"finetune", &c.finetune,
-       "what trains: full, or lora (adapters only; the --model base frozen)", true},
+       "what trains: full, lora, or ptuning (P-Tuning v2 prefixes); adapters leave the --model "
+       "base frozen",
+       true},
+      {"prefix_len", &c.prefix_len, "with ptuning: key/value prefix rows per layer", true},
       {"lora_r", &c.lora_r, "LoRA rank", true},
       {"lora_alpha", &c.lora_alpha, "LoRA alpha (the update is scaled by alpha / r)", true},
       {"lora_dropout", &c.lora_dropout, "LoRA dropout on the adapters' input (0 only, for now)"},
       {"lora_targets", &c.lora_targets,
        "LoRA target modules, comma-separated (q_proj,v_proj; empty: the family's q and v)", true},
       {"adapter", &c.adapter,
-       "with lora: a LoRA adapter to start from (PEFT folder or mxn run; its r, alpha, targets)"},
-      {"base_dtype", &c.base_dtype, "with lora: the frozen base's storage, f32 or bf16 (CPU)"},
+       "with lora or ptuning: an adapter to start from (PEFT folder or mxn run; its shape too)"},
+      {"base_dtype", &c.base_dtype,
+       "with lora or ptuning: the frozen base's storage, f32 or bf16 (CPU)"},
       {"threads", &c.threads, "CPU threads (0: all cores)"},
       {"steps", &c.steps, "optimizer steps in all"},
       {"batch", &c.batch, "sequences per micro-batch"},
@@ -148,8 +152,8 @@ void TrainConfig::validate() const {
        "--sft needs --model (a folder with a tokenizer and chat format) and --objective lm");
   need(pack == 0 || pack == 1, "pack = " + std::to_string(pack) + ", expected 0 or 1");
   need(pack == 0 || !sft.empty(), "--pack 1 packs --sft conversations; there is no --sft file");
-  need(finetune == "full" || finetune == "lora",
-       "finetune = '" + finetune + "', expected full or lora");
+  need(finetune == "full" || finetune == "lora" || finetune == "ptuning",
+       "finetune = '" + finetune + "', expected full, lora or ptuning");
   if (finetune == "lora") {
     need(lora_r >= 1 && lora_r <= 65536,
          "lora_r = " + std::to_string(lora_r) + ", expected a rank >= 1");
@@ -158,8 +162,14 @@ void TrainConfig::validate() const {
          "lora_dropout = " + std::to_string(lora_dropout) +
              ": LoRA dropout is not implemented yet (the chip contract has no dropout op); "
              "expected 0");
-    need(!model.dir.empty(), "--finetune lora needs --model (the folder whose weights it adapts)");
-    need(objective == "lm", "--finetune lora trains with --objective lm");
+  }
+  if (finetune == "ptuning")
+    need(prefix_len >= 1 && prefix_len <= 65536,
+         "prefix_len = " + std::to_string(prefix_len) + ", expected 1..65536");
+  if (finetune != "full") {
+    need(!model.dir.empty(),
+         "--finetune " + finetune + " needs --model (the folder whose weights it adapts)");
+    need(objective == "lm", "--finetune " + finetune + " trains with --objective lm");
     need(base_dtype == "f32" || base_dtype == "bf16",
          "base_dtype = '" + base_dtype + "', expected f32 or bf16");
   }

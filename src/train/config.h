@@ -40,16 +40,18 @@ struct TrainConfig {
   // format, loss on the assistant tokens; the last 10% of rows are the validation set.
   std::string sft;
   int64_t pack = 0;  // with sft: 1 packs several conversations into a row, attention kept apart
-  // What trains: full (every weight), or lora (adapters on the target modules; the base frozen,
-  // stored in base_dtype, with no gradients or optimizer state).
+  // What trains: full (every weight), lora (adapters on the target modules) or ptuning (P-Tuning
+  // v2: prefix_len key/value rows per layer); with an adapter the base is frozen, stored in
+  // base_dtype, with no gradients or optimizer state.
   std::string finetune = "full";
+  int64_t prefix_len = 16;
   int64_t lora_r = 8;
   double lora_alpha = 8, lora_dropout = 0;
-  std::string lora_targets;       // comma-separated module names; empty: the family's q and v
+  std::string lora_targets;        // comma-separated module names; empty: the family's q and v
   std::string base_dtype = "f32";  // the frozen base's storage: f32, or bf16 (CPU)
-  std::string adapter;  // with lora: a PEFT folder to start from (its r, alpha and targets)
-  LoraSpec lora_spec() const;      // r = 0 unless finetune is lora
-  int64_t threads = 0;  // 0: every core
+  std::string adapter;  // lora/ptuning: a PEFT folder to start from (its r, alpha, targets, P)
+  LoraSpec lora_spec() const;  // r = 0 unless finetune is lora
+  int64_t threads = 0;         // 0: every core
   int64_t steps = 1500;
   int64_t batch = 16;  // sequences per micro-batch (the global one, over all ranks)
   int64_t seq = 0;     // tokens per sequence; 0: the model's context

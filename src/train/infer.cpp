@@ -97,12 +97,13 @@ ModelSource load_model(const std::string& path, const std::string& adapter) {
     from_json(tc, ck.trainer.at("config"));
     m.what = "checkpoint '" + path + "'";
     m.cfg = tc.decoder_config();
-    if (tc.finetune == "lora") {  // adapters only: the base from its folder, the update merged
+    if (tc.finetune != "full") {  // adapters only: the base from its folder, the adapter applied
       if (!fs::is_directory(tc.model.dir))
-        throw Error("checkpoint '" + path + "' holds LoRA adapters of the model folder '" +
-                    tc.model.dir + "', which is not there any more");
+        throw Error("checkpoint '" + path + "' holds " + tc.finetune +
+                    " adapters of the model folder '" + tc.model.dir +
+                    "', which is not there any more");
       m.weights = load_hf_weights(tc.model.dir);
-      merge_lora(m.cfg, m.weights, load_lora_adapter(resolve_checkpoint(path)), m.what);
+      apply_adapter(m.cfg, m.weights, load_adapter(resolve_checkpoint(path)), m.what);
     } else {
       m.weights = std::move(ck.weights);
     }
@@ -110,7 +111,7 @@ ModelSource load_model(const std::string& path, const std::string& adapter) {
   }
   m.cfg.validate();
   if (!adapter.empty()) {
-    merge_lora(m.cfg, m.weights, load_lora_adapter(adapter), m.what);
+    apply_adapter(m.cfg, m.weights, load_adapter(adapter), m.what);
     m.what += " with adapter '" + adapter + "'";
   }
   m.weights = decoder_weights(m.cfg, std::move(m.weights), m.what);

@@ -33,9 +33,11 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   if (c.objective == "glm") o.mask = 2, o.block_positions = true;
   if (!c.sft.empty() && c.pack) o.mask = 3;
   o.lora = c.lora_spec();
-  o.freeze = o.lora.r > 0;
+  o.freeze = c.finetune != "full";
   if (o.freeze && c.base_dtype == "bf16") o.weights = DType::bf16;
-  *m = build_decoder(g, c.decoder_config(), rows, c.seq_len(), o);
+  DecoderConfig d = c.decoder_config();
+  if (c.finetune == "ptuning") d.prefix_len = c.prefix_len;
+  *m = build_decoder(g, d, rows, c.seq_len(), o);
   *n_forward = append_backward(g, m->loss);
   return g;
 }
@@ -53,14 +55,27 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     ck = load_checkpoint(resume, true);
   }
   cfg_.resolve_model();
-  LoraAdapter start;  // --adapter: the adapter training starts from, and its shape
-  if (cfg_.finetune == "lora" && !cfg_.adapter.empty() && resume.empty()) {
-    start = load_lora_adapter(cfg_.adapter);
+  Adapter start;  // --adapter: the adapter training starts from, and its shape
+  if (cfg_.finetune != "full" && !cfg_.adapter.empty() && resume.empty()) {
+    start = load_adapter(cfg_.adapter);
+    if (start.prefix != (cfg_.finetune == "ptuning"))
+      throw Error("adapter '" + cfg_.adapter + "' is a " +
+                  (start.prefix ? "P-Tuning v2 prefix" : "LoRA adapter") + "; --finetune " +
+                  cfg_.finetune + " trains " + (start.prefix ? "LoRA adapters" : "prefixes"));
     cfg_.lora_r = start.spec.r;
     cfg_.lora_alpha = start.spec.alpha;
     cfg_.lora_targets.clear();
     for (const std::string& t : start.spec.targets)
       cfg_.lora_targets += (cfg_.lora_targets.empty() ? "" : ",") + t;
+    if (start.prefix) {
+      cfg_.prefix_len = start.prefix_len;
+      const DecoderConfig d = cfg_.decoder_config();
+      if (start.layers != d.layers || start.kv_dim != d.n_kv_heads() * d.hd())
+        throw Error("adapter for another base: the prefix in '" + cfg_.adapter + "' has " +
+                    std::to_string(start.layers) + " layers of " + std::to_string(start.kv_dim) +
+                    " key/value columns (tensor 'prompt_embeddings'); the model has " +
+                    std::to_string(d.layers) + " of " + std::to_string(d.n_kv_heads() * d.hd()));
+    }
   }
   if (cfg_.sft.empty()) {
     data_ = TokenData::open(cfg_.data);
@@ -160,6 +175,9 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     begin += n;
   }
   const bool adapters = cfg_.finetune != "full";
+  if (adapters && cfg_.base_dtype == "bf16" && dev_->name().rfind("cpu", 0) != 0)
+    throw Error("--base_dtype bf16 keeps the frozen base in bf16 on the CPU backend only; " +
+                dev_->name() + " takes f32");
   if (adapters)  // the frozen base, from its folder (checkpoints hold the adapters only)
     upload_weights(*prog_, load_hf_weights(cfg_.model.dir), "model folder '" + cfg_.model.dir + "'",
                    WeightSet::frozen);
@@ -187,16 +205,21 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
 }
 
 // PEFT's LoRA initialisation: A as nn.Linear's default (Kaiming-uniform with a = sqrt(5), i.e.
-// uniform in +-1/sqrt(in)), B zero, so training starts from the base model's outputs.
+// uniform in +-1/sqrt(in)), B zero, so training starts from the base model's outputs. P-Tuning
+// v2's prefix rows: N(0, 0.02), like the model's own weights (small keys: the prefix starts with
+// little attention and earns it).
 void Trainer::init_adapter(int p) {
   const Value& v = prog_->graph().v(p);
   std::vector<float> w(size_t(numel(v.shape)), 0.f);
-  if (v.name.size() > 14 && v.name.compare(v.name.size() - 14, 14, ".lora_A.weight") == 0) {
+  const bool lora_a =
+      v.name.size() > 14 && v.name.compare(v.name.size() - 14, 14, ".lora_A.weight") == 0;
+  const bool prefix = v.name.rfind("prefix.", 0) == 0;
+  if (lora_a || prefix) {
     uint64_t h = uint64_t(cfg_.seed);
     for (char ch : v.name) h = mix64(h ^ uint64_t(uint8_t(ch)));
     Rng rng(h);
     const double bound = 1.0 / std::sqrt(double(v.shape[1]));
-    for (float& x : w) x = float((2 * rng.uniform() - 1) * bound);
+    for (float& x : w) x = float(lora_a ? (2 * rng.uniform() - 1) * bound : 0.02 * rng.normal());
   }
   dev_->upload(prog_->tensor(p), w.data());
 }
@@ -658,13 +681,19 @@ std::string Trainer::save() {
   }
   ck.trainer = {{"step", step_}, {"config", to_json(cfg_)}, {"format", "mxn-checkpoint-1"}};
   ck.trainer["model"] = cfg_.decoder_config().to_json();
-  if (cfg_.finetune == "lora") {  // every checkpoint is also a PEFT folder
-    LoraAdapter a;
+  if (cfg_.finetune != "full") {  // every checkpoint is also a PEFT folder
+    Adapter a;
+    const DecoderConfig d = cfg_.decoder_config();
+    a.prefix = cfg_.finetune == "ptuning";
     a.spec = cfg_.lora_spec();
     a.dropout = cfg_.lora_dropout;
+    a.prefix_len = cfg_.prefix_len;
+    a.layers = d.layers;
+    a.kv_dim = d.n_kv_heads() * d.hd();
     a.base = cfg_.model.dir;
-    ck.files.emplace_back("adapter_config.json", lora_config_json(a, cfg_.decoder_config().gpt2()));
-    ck.tensors.emplace_back("adapter_model.safetensors", lora_peft_tensors(ck.weights));
+    a.tensors = ck.weights;
+    ck.files.emplace_back("adapter_config.json", adapter_config_json(a, d));
+    ck.tensors.emplace_back("adapter_model.safetensors", adapter_peft_tensors(a));
   }
   std::filesystem::create_directories(cfg_.out);
   return save_checkpoint(cfg_.out, step_, ck);

@@ -85,7 +85,7 @@ class Trainer {
   // Packed SFT: the i-th conversation offered to a row (taken while it fits the row).
   int64_t sft_pick(uint64_t seed, int64_t row, int64_t i, bool eval) const;
   bool packed() const { return cfg_.pack != 0 && !cfg_.sft.empty(); }
-  static constexpr int64_t kMaxPacked = 64;  // conversations per packed row, at most
+  static constexpr int64_t kMaxPacked = 64;             // conversations per packed row, at most
   void plan_ranks(const std::vector<double>& weights);  // empty weights: by measured speed
   void profile();
   void follow_drift();

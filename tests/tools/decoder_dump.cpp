@@ -2,7 +2,7 @@
 // logits, loss and every parameter gradient to a safetensors file, for tests/hf_models_test.py.
 // The batch is `tokens` (B, T) i32 from IN; targets are the tokens shifted left (the last of each
 // row ignored), as transformers computes a causal LM's loss from labels. With ADAPTER (a PEFT LoRA
-// folder) the base is frozen and the gradients are the adapter's.
+// or prefix-tuning folder) the base is frozen and the gradients are the adapter's.
 // usage: decoder_dump MODEL_DIR IN.safetensors OUT.safetensors [device] [ADAPTER]
 #include <cstdio>
 
@@ -20,7 +20,7 @@ int main(int argc, char** argv) try {
     std::fprintf(stderr, "usage: decoder_dump MODEL_DIR IN.safetensors OUT.safetensors [device]\n");
     return 2;
   }
-  const DecoderConfig cfg = load_hf_config(argv[1]);
+  DecoderConfig cfg = load_hf_config(argv[1]);
   const TensorMap weights = load_hf_weights(argv[1]);
   TensorMap in = safetensors_load(argv[2]);
   const HostTensor& tok = in.at("tokens");
@@ -29,11 +29,14 @@ int main(int argc, char** argv) try {
   Graph g;
   DecoderOptions o;
   o.with_loss = true;
-  LoraAdapter adapter;
+  Adapter adapter;
   if (argc > 5) {
-    adapter = load_lora_adapter(argv[5]);
+    adapter = load_adapter(argv[5]);
     o.freeze = true;
-    o.lora = adapter.spec;
+    if (adapter.prefix)
+      cfg.prefix_len = adapter.prefix_len;
+    else
+      o.lora = adapter.spec;
   }
   DecoderGraph m = build_decoder(g, cfg, B, T, o);
   append_backward(g, m.loss);
