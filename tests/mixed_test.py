@@ -8,7 +8,7 @@ every step's loss within 1e-3 relative over 50 steps (f32), under real mpirun.
   - CPU + OpenCL through `mxn train --devices cpu,opencl:0` (mxn starts mpirun itself), when the
     OpenCL backend is built; then a checkpoint of that job resumed on 3 CPU ranks; the same for
     a LLaMA-shaped and a GLM-shaped (ChatGLM layout) model, GLM's objective, and LoRA adapters
-    on a frozen LLaMA base (the adapters themselves within 1e-3 too);
+    and P-Tuning v2 prefixes on a frozen LLaMA base (the adapters themselves within 1e-3 too);
   - a rank killed with SIGKILL: the job stops within seconds naming the rank, its device and the
     last checkpoint, and `--resume` on the remaining device continues to the same losses.
 usage: mixed_test.py PATH/TO/mxn PATH/TO/kjv.bin
@@ -195,6 +195,12 @@ with tempfile.TemporaryDirectory() as tmp:
         gap = max(float(abs(a[k] - b[k]).max() / abs(a[k]).max()) for k in a)
         check("lora: the adapter trained on cpu + opencl:0 equals the cpu one within 1e-3",
               sorted(a) == sorted(b) and len(a) == 8 and gap < 1e-3, f"{len(a)} tensors, worst relative gap {gap:.2e}")
+        pt = ["--model", p("lora_base"), "--finetune", "ptuning", "--prefix_len", "4", "--batch", "8", "--lr", "3e-3"]
+        compare("ptuning: cpu + opencl:0 = cpu (batch 8)", train(p("pt_one"), *pt),
+                train(p("pt_mixed"), *pt, "--devices", "cpu,opencl:0"))
+        a, b = (read_f32_safetensors(os.path.join(p(n), "ckpt-00000050", "adapter_model.safetensors")) for n in ("pt_one", "pt_mixed"))
+        gap = float(abs(a["prompt_embeddings"] - b["prompt_embeddings"]).max() / abs(a["prompt_embeddings"]).max())
+        check("ptuning: the prefix trained on cpu + opencl:0 equals the cpu one within 1e-3", gap < 1e-3, f"worst relative gap {gap:.2e}")
         ctrl_c(tmp)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
