@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Fine-tuning a 0.65B LLaMA-shaped model on this CPU: full fine-tuning against LoRA r=8 (q_proj,
-# v_proj, alpha 16), f32, context 256, batch 1, on the KJV in GPT-2 tokens; mxn against PyTorch
-# (+ peft for LoRA) from PyPI in the bench venv (build/bench-torch, made here when missing).
+# Fine-tuning a 0.65B LLaMA-shaped model on this CPU: full fine-tuning, LoRA r=8 (q_proj,
+# v_proj, alpha 16) and P-Tuning v2 (prefix 64), f32, context 256, batch 1, on the KJV in GPT-2
+# tokens; mxn against PyTorch (+ peft for the adapters) from PyPI in the bench venv
+# (build/bench-torch, made here when missing).
 # Prints trainable parameters, peak resident memory and tokens/s (median step after the first)
 # for each, then the ratios. The model (2048 wide, 10 layers, 32 heads, 4 KV heads, MLP 5632,
 # vocab 50257: 0.65B parameters) has random weights made by transformers in the test venv; ~1B
@@ -36,12 +37,13 @@ shard="$work/kjv-gpt2.bin"
 echo "LLaMA 0.65B (2048 x 10), f32, context 256, batch 1, $steps steps; $threads threads; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 printf "| run | trainable | peak resident GiB | tokens/s |\n|---|--:|--:|--:|\n"
 declare -A mem tps
-for mode in full lora lora-bf16base; do
+for mode in full lora lora-bf16base ptuning; do
   args=(--model "$model" --data "$shard" --steps "$steps" --batch 1 --n_ctx 256 --threads "$threads"
         --eval_every 0 --eval_batches 1 --ckpt_every 0 --log_every 1 --lr 1e-4 --min_lr 1e-5 --warmup 0 --out "$tmp/$mode")
   case $mode in
     lora) args+=(--finetune lora --lora_r 8 --lora_alpha 16) ;;
     lora-bf16base) args+=(--finetune lora --lora_r 8 --lora_alpha 16 --base_dtype bf16) ;;
+    ptuning) args+=(--finetune ptuning --prefix_len 64) ;;
   esac
   out=$("$mxn" train "${args[@]}")
   mem[mxn-$mode]=$(grep -o 'peak resident memory: [0-9.]*' <<<"$out" | awk '{print $4}')
@@ -61,7 +63,7 @@ print(n)")
   printf "| mxn %s | %s | %s | %s |\n" "$mode" "$trainable" "${mem[mxn-$mode]}" "${tps[mxn-$mode]}"
   rm -rf "$tmp/$mode"
 done
-for mode in full lora; do
+for mode in full lora ptuning; do
   r=$(build/bench-torch/bin/python bench/torch_finetune.py --model "$model" --data "$shard" --mode "$mode" \
       --steps "$steps" --seq 256 --batch 1 --threads "$threads" --alpha 16)
   line=$(tail -1 <<<"$r")
@@ -72,5 +74,5 @@ for mode in full lora; do
 done
 ratio() { /usr/bin/python3 -c "print(f'{$1/$2:.2f}')"; }
 echo "mxn LoRA / mxn full peak memory: $(ratio "${mem[mxn-lora]}" "${mem[mxn-full]}") (bf16 base: $(ratio "${mem[mxn-lora-bf16base]}" "${mem[mxn-full]}"))"
-echo "mxn/torch tokens/s: full $(ratio "${tps[mxn-full]}" "${tps[torch-full]}"), LoRA $(ratio "${tps[mxn-lora]}" "${tps[torch-lora]}")"
-echo "mxn/torch peak memory: full $(ratio "${mem[mxn-full]}" "${mem[torch-full]}"), LoRA $(ratio "${mem[mxn-lora]}" "${mem[torch-lora]}")"
+echo "mxn/torch tokens/s: full $(ratio "${tps[mxn-full]}" "${tps[torch-full]}"), LoRA $(ratio "${tps[mxn-lora]}" "${tps[torch-lora]}"), P-Tuning v2 $(ratio "${tps[mxn-ptuning]}" "${tps[torch-ptuning]}")"
+echo "mxn/torch peak memory: full $(ratio "${mem[mxn-full]}" "${mem[torch-full]}"), LoRA $(ratio "${mem[mxn-lora]}" "${mem[torch-lora]}"), P-Tuning v2 $(ratio "${mem[mxn-ptuning]}" "${mem[torch-ptuning]}")"

@@ -1,7 +1,9 @@
 """PyTorch's side of bench/finetune.sh: fine-tune a Hugging Face LLaMA folder on an mxn token
-shard, fully (AdamW over every weight) or with peft's LoRA on q_proj and v_proj, in f32, and
-print trainable parameters, peak resident memory and tokens/s (median step after the first).
-usage: torch_finetune.py --model DIR --data SHARD --mode full|lora [--r 8 --alpha 16]
+shard, fully (AdamW over every weight), with peft's LoRA on q_proj and v_proj, or with peft's
+prefix tuning (P-Tuning v2: --prefix rows of keys and values per layer), in f32, and print
+trainable parameters, peak resident memory and tokens/s (median step after the first).
+usage: torch_finetune.py --model DIR --data SHARD --mode full|lora|ptuning [--r 8 --alpha 16]
+       [--prefix 64]
        [--steps 3 --seq 256 --batch 1 --threads N]"""
 import argparse, resource, statistics, time
 
@@ -11,7 +13,8 @@ import torch
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)
 p.add_argument("--data", required=True)
-p.add_argument("--mode", choices=["full", "lora"], required=True)
+p.add_argument("--mode", choices=["full", "lora", "ptuning"], required=True)
+p.add_argument("--prefix", type=int, default=64)
 p.add_argument("--r", type=int, default=8)
 p.add_argument("--alpha", type=float, default=16)
 p.add_argument("--steps", type=int, default=3)
@@ -31,6 +34,9 @@ if a.mode == "lora":
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0,
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+if a.mode == "ptuning":
+    from peft import PrefixTuningConfig, get_peft_model
+    model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=a.prefix, task_type="CAUSAL_LM"))
 model.train()
 params = [q for q in model.parameters() if q.requires_grad]
 new = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)  # fused AdamW on CPU

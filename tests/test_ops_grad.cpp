@@ -213,6 +213,20 @@ TEST(Grad, RMSNormRopeSwiGLU) {
              return g.rope(g.param("x", {5, 16}, true), g.input("pos", {5}, DType::i32), r);
            },
            40});
+  check("rope 2-D (GLM's block positions turn each head's second half)",
+        {[](Graph& g) {
+           RopeSpec r;
+           r.heads = 2;
+           r.head_dim = 8;
+           r.rot = 4;
+           r.interleaved = true;
+           r.theta = 100.f;
+           RopeSpec r2 = r;
+           r2.col0 = 4;  // the last head's rotated dims end at the row's end
+           const int x = g.rope(g.param("x", {5, 16}, true), g.input("pos", {5}, DType::i32), r);
+           return g.rope(x, g.input("block", {5}, DType::i32), r2);
+         },
+         40});
 }
 
 TEST(Grad, Embedding) {

@@ -90,7 +90,8 @@ typedef enum mxn_op {
   MXN_OP_RMSNORM_BWD,       /* in: dy, x, w, rstd; out: dx, dw (dw overwritten) */
   MXN_OP_ROPE,              /* in: x (N, W), pos (N) i32; out: y (N, W), may be x. Rotates the
                                first ip[3] dims of each of ip[1] heads of ip[2] dims that start
-                               at column ip[0]; other columns are copied. ip[4]=layout (0: pairs
+                               at column ip[0] (col0 + (heads-1)*hd + rot <= W: 2-D RoPE turns
+                               each head's second half from col0 = rot); other columns are copied. ip[4]=layout (0: pairs
                                (i, i + rot/2) as LLaMA stores it, 1: interleaved pairs (2i, 2i+1)
                                as GLM), ip[5]=scaling (0 none, 1 linear, 2 llama3), ip[6]=1: rotate
                                backwards (the gradient). fp: 0=theta 1=factor 2=low_freq_factor

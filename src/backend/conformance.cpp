@@ -154,7 +154,7 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       break;
     case MXN_OP_ROPE:
       // LLaMA's half-split layout over whole heads; GLM's interleaved pairs on half of each head
-      // of a fused qkv row (v's columns pass through); llama3 scaling; and backwards.
+      // of a fused qkv row (v's columns pass through); llama3 scaling; backwards; 2-D RoPE.
       c.push_back({op, {f({7, 24}), idx({7}, 50)}, {f({7, 24})}, {0, 3, 8, 8, 0}, {10000.f}});
       c.push_back({op, {f({5, 30}), idx({5}, 50)}, {f({5, 30})}, {0, 4, 6, 4, 1, 0, 0}, {500.f}});
       c.push_back({op,
@@ -164,6 +164,8 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
                    {500000.f, 8.f, 1.f, 4.f, 8192.f}});
       c.push_back(
           {op, {f({3, 12}), idx({3}, 20)}, {f({3, 12})}, {2, 2, 5, 2, 1, 1, 1}, {10000.f, 4.f}});
+      // 2-D RoPE's second half: the last head's rotated dims end at the row's end.
+      c.push_back({op, {f({4, 16}), idx({4}, 30)}, {f({4, 16})}, {4, 2, 8, 4, 1}, {10000.f}});
       break;
     case MXN_OP_SILU:
       c.push_back({op, {f({9, 111})}, {f({9, 111})}});

@@ -182,10 +182,10 @@ inline float rope_inv_freq(const mxn_op_call& k, int64_t i) {
 inline const char* rope_error(const mxn_op_call& k) {
   const int64_t col0 = k.ip[0], heads = k.ip[1], hd = k.ip[2], rot = k.ip[3];
   if (heads <= 0 || hd <= 0 || rot <= 0 || rot > hd || rot % 2 || col0 < 0 ||
-      col0 + heads * hd > last(k.inputs[0]) || k.fp[0] <= 0 ||
+      col0 + (heads - 1) * hd + rot > last(k.inputs[0]) || k.fp[0] <= 0 ||
       count(k.inputs[1]) != rows_of(k.inputs[0]))
-    return "rope: needs 0 < rot <= hd (even), the heads within the row, theta > 0, one position "
-           "per row";
+    return "rope: needs 0 < rot <= hd (even), the rotated dims within the row, theta > 0, one "
+           "position per row";
   return nullptr;
 }
 

@@ -304,9 +304,21 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   int x = g.embedding(m.tokens, wte);
   if (o.block_positions) {
     m.block_positions = g.input("block_positions", {N}, DType::i32);
-    const int table = b.w(kBlockPositions, {c.max_pos + 1, C}, true);
-    x = g.add(x, g.embedding(m.block_positions, table));
+    if (c.gpt2()) {  // learned positions: a second learned table (the original GLM's)
+      const int table = b.w(kBlockPositions, {c.max_pos + 1, C}, true);
+      x = g.add(x, g.embedding(m.block_positions, table));
+    }
   }
+  // RoPE; with block positions, 2-D RoPE (GLM-130B, ChatGLM-6B): the first half of each head's
+  // rotated dims turns by the position, the second half by the block position.
+  auto rotate = [&](int t, int64_t heads) {
+    const RopeSpec r = b.rope(0, heads);
+    if (!o.block_positions) return g.rope(t, m.positions, r);
+    RopeSpec r1 = r, r2 = r;
+    r1.rot = r2.rot = r.rot / 2;
+    r2.col0 = r.rot / 2;
+    return g.rope(g.rope(t, m.positions, r1), m.block_positions, r2);
+  };
   if (c.gpt2())
     x = g.add(x, g.embedding(m.positions, b.w(nm.pos + ".weight", {c.max_pos, C}, true)));
   AttentionSpec at;
@@ -321,13 +333,13 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     int q, k, v;
     if (c.fused_qkv()) {
       q = k = v = b.linear(h, p + nm.qkv, C, (H + 2 * G) * D, c.gpt2() || c.qkv_bias);
-      if (!c.gpt2()) q = k = v = g.rope(q, m.positions, b.rope(0, H + G));  // q and k heads
+      if (!c.gpt2()) q = k = v = rotate(q, H + G);  // q and k heads
       at.q_col = 0;
       at.k_col = H * D;
       at.v_col = (H + G) * D;
     } else {
-      q = g.rope(b.linear(h, p + nm.q, C, H * D, c.qkv_bias), m.positions, b.rope(0, H));
-      k = g.rope(b.linear(h, p + nm.k, C, G * D, c.qkv_bias), m.positions, b.rope(0, G));
+      q = rotate(b.linear(h, p + nm.q, C, H * D, c.qkv_bias), H);
+      k = rotate(b.linear(h, p + nm.k, C, G * D, c.qkv_bias), G);
       v = b.linear(h, p + nm.v, C, G * D, c.qkv_bias);
       at.q_col = at.k_col = at.v_col = 0;
     }

@@ -84,8 +84,9 @@ struct DecoderOptions {
   int64_t kv_cache = 0;        // > 0: keys and values go to caches of this many rows per sequence
   bool last_logits = false;    // logits for each sequence's last row only (generation)
   DType weights = DType::f32;  // bf16: 2-D weights stored in bf16, computed in f32 (inference)
-  // GLM's second position row (a span's token index, 0 in Part A): a learned table, as the
-  // original GLM's block position embeddings, added to the token embedding.
+  // GLM's second position row (a span's token index, 0 in Part A): for RoPE models 2-D RoPE
+  // (half of each head's rotated dims by each position, as GLM-130B); for GPT-2's learned
+  // positions a learned table, as the original GLM's block position embeddings.
   bool block_positions = false;
   bool freeze = false;  // the model's weights are frozen (fine-tuning trains adapters only)
   LoraSpec lora;
@@ -101,7 +102,7 @@ struct DecoderGraph {
   std::vector<size_t> cache_writes, cache_reads;  // SET_ROWS and ATTENTION nodes
 };
 
-// The block-position table's name (with DecoderOptions::block_positions).
+// The block-position table's name (with DecoderOptions::block_positions, learned positions).
 extern const char* const kBlockPositions;
 
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,

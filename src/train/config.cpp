@@ -148,6 +148,9 @@ void TrainConfig::validate() const {
        "objective = '" + objective + "', expected lm or glm");
   need(gmask >= 0 && gmask <= 1, "gmask = " + std::to_string(gmask) + ", expected 0..1");
   need(objective != "glm" || seq_len() >= 8, "the glm objective needs sequences of >= 8 tokens");
+  need(objective != "glm" || d.gpt2() || d.rope_dims() % 4 == 0,
+       "the glm objective's 2-D RoPE splits each head's " + std::to_string(d.rope_dims()) +
+           " rotated dims in two even halves: they must be a multiple of 4");
   need(sft.empty() || (!model.dir.empty() && objective == "lm"),
        "--sft needs --model (a folder with a tokenizer and chat format) and --objective lm");
   need(pack == 0 || pack == 1, "pack = " + std::to_string(pack) + ", expected 0 or 1");

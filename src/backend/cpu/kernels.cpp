@@ -343,10 +343,7 @@ void rope(const float* x, const int32_t* pos, float* y, int64_t rows, int64_t ld
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * ld;
     float* yr = y + r * ld;
-    if (xr != yr) {
-      std::copy(xr, xr + col0, yr);
-      std::copy(xr + col0 + heads * hd, xr + ld, yr + col0 + heads * hd);
-    }
+    if (xr != yr) std::copy(xr, xr + ld, yr);  // the unrotated columns (a row is small)
     const float p = float(pos[r]);
     for (int64_t h = 0; h < heads; ++h) {
       const float* xh = xr + col0 + h * hd;
@@ -359,7 +356,6 @@ void rope(const float* x, const int32_t* pos, float* y, int64_t rows, int64_t ld
         yh[i1] = a * c - b * s;
         yh[i2] = b * c + a * s;
       }
-      if (xh != yh) std::copy(xh + rot, xh + hd, yh + rot);
     }
   }
 }
