@@ -372,7 +372,7 @@ class CliTest(unittest.TestCase):
                           "LoRA target module 'q_proj' matches no linear layer", "c_attn, c_proj, c_fc")
         self.expect_error(self.train(self.path("r"), *lora, "--lora_r", "0"), "lora_r = 0", "rank >= 1")
         self.expect_error(self.train(self.path("r"), *lora, "--lora_r", "-3"), "lora_r = -3")
-        self.expect_error(self.train(self.path("r"), *lora, "--lora_dropout", "0.1"), "lora_dropout", "not implemented")
+        self.expect_error(self.train(self.path("r"), *lora, "--lora_dropout", "1.5"), "lora_dropout = 1.5", "0 <= p < 1")
         self.expect_error(self.train(self.path("r"), "--finetune", "lora"), "--finetune lora needs --model")
         self.expect_error(self.train(self.path("r"), "--finetune", "qlora"), "finetune = 'qlora'", "full, lora or ptuning")
         # An adapter for another base: its A is 4 x 16, this model's c_attn takes 8 inputs.

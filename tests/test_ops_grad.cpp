@@ -124,6 +124,35 @@ TEST(Grad, Elementwise) {
   check("scale", {[](Graph& g) { return g.scale(g.param("x", {3, 5}, true), -1.5f); }, 1});
   check("gelu", {[](Graph& g) { return g.gelu(g.param("x", {6, 9}, true)); }, 1});
   check("softmax", {[](Graph& g) { return g.softmax(g.param("x", {4, 11}, true)); }, 1});
+  check("dropout", {[](Graph& g) { return g.dropout(g.param("x", {6, 9}, true), 0.3f, 2); }, 1});
+}
+
+TEST(Dropout, MaskIsItsProbabilityAndAFunctionOfSeedAndIndex) {
+  // 10^5 ones at p = 0.3: about 70% kept, each kept one exactly 1/0.7; the same (seed, index)
+  // gives the same mask whatever the tensor it sits in (a row's mask does not depend on its pass).
+  auto dev = open_device("cpu");
+  const int64_t n = 100000;
+  auto run = [&](int64_t count, int64_t seed, int64_t first) {
+    std::vector<float> ones(size_t(count), 1.f);
+    std::vector<float> out(static_cast<size_t>(count));
+    auto bx = dev->alloc(uint64_t(count) * 4), by = dev->alloc(uint64_t(count) * 4);
+    const Tensor x({count}, DType::f32, bx->handle()), y({count}, DType::f32, by->handle());
+    dev->upload(x, ones.data());
+    dev->run(make_op_call(MXN_OP_DROPOUT, {x}, {y}, {seed, first}, {0.3f}));
+    dev->download(out.data(), y);
+    return out;
+  };
+  const std::vector<float> all = run(n, 77, 0), tail = run(1000, 77, n - 1000);
+  int64_t kept = 0;
+  for (float v : all) {
+    if (v != 0.f) {
+      EXPECT_FLOAT_EQ(v, 1.f / 0.7f);
+    }
+    kept += v != 0.f;
+  }
+  EXPECT_NEAR(double(kept) / double(n), 0.7, 0.005);
+  for (int64_t i = 0; i < 1000; ++i) ASSERT_EQ(tail[size_t(i)], all[size_t(n - 1000 + i)]);
+  EXPECT_NE(run(1000, 78, 0), std::vector<float>(all.begin(), all.begin() + 1000));
 }
 
 TEST(Grad, LayerNorm) {

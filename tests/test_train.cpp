@@ -57,6 +57,32 @@ TrainConfig tiny(const std::string& out) {
   return c;
 }
 
+// A LLaMA-shaped Hugging Face folder (2 layers, width 64, 4 heads, 2 KV heads, vocab 256) with
+// random weights, for the adapter tests.
+std::string lora_base(const std::string& name) {
+  DecoderConfig d;
+  d.arch = Arch::llama;
+  d.vocab_size = 256;
+  d.hidden = 64;
+  d.layers = 2;
+  d.heads = 4;
+  d.kv_heads = 2;
+  d.max_pos = 64;
+  d.tie_embeddings = false;
+  const std::string dir = (std::filesystem::temp_directory_path() / name).string();
+  TensorMap base;
+  Graph g;
+  build_decoder(g, d, 1, 1);
+  for (int p : g.params()) {
+    HostTensor h(g.v(p).shape, DType::f32);
+    const auto w = decoder_init_param(g.v(p).name, h.numel(), d, 3);
+    std::copy(w.begin(), w.end(), h.f32());
+    base.emplace(g.v(p).name, std::move(h));
+  }
+  save_hf_folder(dir, d, base);
+  return dir;
+}
+
 }  // namespace
 
 TEST(Train, LossFallsWellBelowItsStart) {
@@ -126,28 +152,8 @@ TEST(Train, LoraTrainsAdaptersOnlyAndLeavesTheBaseBitIdentical) {
   // P-Tuning v2 for 30 steps each: the loss falls, the frozen weights on the device are the
   // folder's bit for bit (bf16: its rounding), and the optimizer state is two moments of the
   // adapters alone.
-  DecoderConfig d;
-  d.arch = Arch::llama;
-  d.vocab_size = 256;
-  d.hidden = 64;
-  d.layers = 2;
-  d.heads = 4;
-  d.kv_heads = 2;
-  d.max_pos = 64;
-  d.tie_embeddings = false;
-  const std::string dir = (std::filesystem::temp_directory_path() / "mxn_test_lora_base").string();
-  TensorMap base;
-  {
-    Graph g;
-    build_decoder(g, d, 1, 1);
-    for (int p : g.params()) {
-      HostTensor h(g.v(p).shape, DType::f32);
-      const auto w = decoder_init_param(g.v(p).name, h.numel(), d, 3);
-      std::copy(w.begin(), w.end(), h.f32());
-      base.emplace(g.v(p).name, std::move(h));
-    }
-  }
-  save_hf_folder(dir, d, base);
+  const std::string dir = lora_base("mxn_test_lora_base");
+  const TensorMap base = load_hf_weights(dir);
   for (const char* mode : {"lora:f32", "lora:bf16", "ptuning:f32"}) {
     const std::string finetune = std::string(mode).substr(0, std::string(mode).find(':'));
     const char* store = std::strchr(mode, ':') + 1;
@@ -165,7 +171,8 @@ TEST(Train, LoraTrainsAdaptersOnlyAndLeavesTheBaseBitIdentical) {
     float first = t.step(), last = first;
     for (int s = 1; s < 30; ++s) last = t.step();
     // A prefix steers a random base less than LoRA's q/v updates do: it falls, less far.
-    EXPECT_LT(last, first - (finetune == "lora" ? 0.3f : 0.05f)) << mode << " " << first << " -> " << last;
+    EXPECT_LT(last, first - (finetune == "lora" ? 0.3f : 0.05f))
+        << mode << " " << first << " -> " << last;
     int64_t adapter = 0;
     for (const auto& [name, w] : t.weights()) {
       EXPECT_NE(name.find(finetune == "lora" ? ".lora_" : "prefix."), std::string::npos) << name;
@@ -190,6 +197,22 @@ TEST(Train, LoraTrainsAdaptersOnlyAndLeavesTheBaseBitIdentical) {
       }
     }
   }
+}
+
+TEST(Train, LoraDropoutActsInTrainingOnly) {
+  // Dropout on the adapters' input: with B = 0 at the start the first step cannot see it; the
+  // second does. Validation runs without it (two evaluations agree).
+  TrainConfig c = tiny("mxn_test_lora_dropout");
+  c.model.dir = lora_base("mxn_test_lora_dropout_base");
+  c.finetune = "lora";
+  c.lr = 1e-2;
+  c.warmup = 0;
+  Trainer off(c);
+  c.lora_dropout = 0.5;
+  Trainer on(c);
+  EXPECT_EQ(off.step(), on.step());
+  EXPECT_NE(off.step(), on.step());
+  EXPECT_EQ(on.eval_loss(), on.eval_loss());
 }
 
 TEST(Train, StepsAllocateNothing) {

@@ -104,6 +104,10 @@ typedef enum mxn_op {
   MXN_OP_SET_ROWS,          /* in: src (B*n, >= ip[2] + W); out: dst (B*R, W): rows [ip[0], ip[0]+n)
                                of each of the B sequences of ip[1] = R rows get columns
                                [ip[2], ip[2]+W) of src's rows (a KV-cache append) */
+  MXN_OP_DROPOUT,           /* out (may be a) = a * keep / (1 - fp[0]) (ABI 3): element i is kept
+                               when u >= fp[0], u = (mix64(ip[0] + mix64(ip[1] + i)) >> 40) / 2^24
+                               (splitmix64's mix, as src/core/rng.h): the same mask on every chip
+                               for (seed ip[0], index ip[1] + i). Its gradient is itself. */
   MXN_OP_COUNT
 } mxn_op;
 

@@ -181,6 +181,10 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       c.push_back({op, {f({7, 11}), f({7, 11}), f({7, 11})}, {f({7, 11}), f({7, 11})}, {0, 0}});
       c.push_back({op, {f({5, 13}), f({5, 26}), f({5, 26})}, {f({5, 26}), f({5, 26})}, {0, 13}});
       break;
+    case MXN_OP_DROPOUT:  // the mask is a function of (seed, index): equal on every chip
+      c.push_back({op, {f({7, 33})}, {f({7, 33})}, {123456789, 1000}, {0.3f}});
+      c.push_back({op, {f({4096})}, {f({4096})}, {-42, 0}, {0.1f}});
+      break;
     case MXN_OP_SET_ROWS:
       c.push_back({op, {f({2, 6})}, {f({2 * 5, 6})}, {3, 5, 0}});
       c.push_back({op, {f({3 * 4, 17})}, {f({3 * 9, 7})}, {0, 9, 10}});  // a window of fused kv

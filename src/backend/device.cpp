@@ -63,7 +63,8 @@ const char* op_name(int32_t op) {
                                             "silu_bwd",
                                             "swiglu",
                                             "swiglu_bwd",
-                                            "set_rows"};
+                                            "set_rows",
+                                            "dropout"};
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 

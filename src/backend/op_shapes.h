@@ -179,6 +179,22 @@ inline float rope_inv_freq(const mxn_op_call& k, int64_t i) {
   return inv;
 }
 
+// DROPOUT's mask (backend_abi.h): splitmix64's mix of (seed, index), 24 bits compared in float.
+inline uint64_t dropout_mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+inline bool dropout_keep(uint64_t seed, uint64_t index, float p) {
+  return float(dropout_mix(seed + dropout_mix(index)) >> 40) * (1.f / 16777216.f) >= p;
+}
+inline const char* dropout_error(const mxn_op_call& k) {
+  if (!(k.fp[0] >= 0.f && k.fp[0] < 1.f) || count(k.inputs[0]) != count(k.outputs[0]))
+    return "dropout: needs 0 <= p < 1 and an output the input's size";
+  return nullptr;
+}
+
 inline const char* rope_error(const mxn_op_call& k) {
   const int64_t col0 = k.ip[0], heads = k.ip[1], hd = k.ip[2], rot = k.ip[3];
   if (heads <= 0 || hd <= 0 || rot <= 0 || rot > hd || rot % 2 || col0 < 0 ||

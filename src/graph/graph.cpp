@@ -104,6 +104,10 @@ int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bo
               {scale});
 }
 
+int Graph::dropout(int x, float p, int64_t tag) {
+  return emit(MXN_OP_DROPOUT, {x}, {activation(v(x).shape)}, {0, 0, tag}, {p});
+}
+
 int Graph::rmsnorm(int x, int w, float eps) {
   const Shape s = v(x).shape;
   const int rstd = activation({v_rows(x)});

@@ -97,6 +97,9 @@ class Graph {
   // sequence of R rows); returns dst.
   int set_rows(int src, int dst, int64_t at, int64_t R, int64_t col = 0);
   int embedding(int idx, int table);
+  // Inverted dropout with probability p; `tag` tells the node's mask stream apart (the runner
+  // sets the seed and index offset of every DROPOUT call per run, see backend_abi.h).
+  int dropout(int x, float p, int64_t tag);
   int cross_entropy(int logits, int targets);
 
   void mark_output(int id) { values[size_t(id)].output = true; }

@@ -81,6 +81,7 @@ struct Builder {
   const DecoderOptions& o;
   std::vector<std::string> modules;  // every linear's last name component, once
   std::vector<bool> lora_hit;        // per target of o.lora: matched a module
+  int64_t dropouts = 0;              // DROPOUT nodes so far: each one's mask tag
 
   // A model weight: trained, or frozen under an adapter. 2-D ones are stored as o.weights says.
   int w(const std::string& name, Shape shape, bool decay) {
@@ -98,7 +99,8 @@ struct Builder {
     if (o.lora.r > 0 && lora_targets(name)) {
       const int a = g.param(lora_a_name(name), {o.lora.r, in}, true);
       const int b = g.param(lora_b_name(name), {out, o.lora.r}, true);
-      const int t = g.matmul(x, a, false, true);
+      const int xin = o.lora.dropout > 0 ? g.dropout(x, o.lora.dropout, dropouts++) : x;
+      const int t = g.matmul(xin, a, false, true);
       y = g.add(y, g.matmul(t, b, false, true, o.lora.alpha / float(o.lora.r)));
     }
     return y;
@@ -291,7 +293,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
                            const DecoderOptions& o) {
   MXN_CHECK(o.kv_cache > 0 || T <= c.max_pos, "sequence longer than the context");
   const Names nm = names_for(c.arch);
-  Builder b{g, c, o, {}, std::vector<bool>(o.lora.targets.size(), false)};
+  Builder b{g, c, o, {}, std::vector<bool>(o.lora.targets.size(), false), 0};
   MXN_CHECK(o.lora.r == 0 || !o.lora.targets.empty(), "LoRA without target modules");
   const int64_t C = c.hidden, N = B * T, H = c.heads, G = c.n_kv_heads(), D = c.hd();
   const int64_t F = c.ffn_width();

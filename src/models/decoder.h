@@ -65,6 +65,7 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c);
 struct LoraSpec {
   int64_t r = 0;  // 0: no LoRA
   float alpha = 8.f;
+  float dropout = 0.f;  // on each adapter's input, as PEFT's lora_dropout
   std::vector<std::string> targets;
 };
 // The modules PEFT targets by default for a family (its q and v projections).

@@ -47,7 +47,8 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"prefix_len", &c.prefix_len, "with ptuning: key/value prefix rows per layer", true},
       {"lora_r", &c.lora_r, "LoRA rank", true},
       {"lora_alpha", &c.lora_alpha, "LoRA alpha (the update is scaled by alpha / r)", true},
-      {"lora_dropout", &c.lora_dropout, "LoRA dropout on the adapters' input (0 only, for now)"},
+      {"lora_dropout", &c.lora_dropout,
+       "LoRA dropout on the adapters' input (PEFT's lora_dropout)"},
       {"lora_targets", &c.lora_targets,
        "LoRA target modules, comma-separated (q_proj,v_proj; empty: the family's q and v)", true},
       {"adapter", &c.adapter,
@@ -97,6 +98,7 @@ LoraSpec TrainConfig::lora_spec() const {
   if (finetune != "lora") return s;
   s.r = lora_r;
   s.alpha = float(lora_alpha);
+  s.dropout = float(lora_dropout);
   for (std::string t : mxn::split(lora_targets, ','))
     if (t.erase(0, t.find_first_not_of(" \t")); !t.empty())
       s.targets.push_back(t.substr(0, t.find_last_not_of(" \t") + 1));
@@ -161,10 +163,8 @@ void TrainConfig::validate() const {
     need(lora_r >= 1 && lora_r <= 65536,
          "lora_r = " + std::to_string(lora_r) + ", expected a rank >= 1");
     need(lora_alpha > 0, "lora_alpha = " + std::to_string(lora_alpha) + ", expected > 0");
-    need(lora_dropout == 0,
-         "lora_dropout = " + std::to_string(lora_dropout) +
-             ": LoRA dropout is not implemented yet (the chip contract has no dropout op); "
-             "expected 0");
+    need(lora_dropout >= 0 && lora_dropout < 1,
+         "lora_dropout = " + std::to_string(lora_dropout) + ", expected 0 <= p < 1");
   }
   if (finetune == "ptuning")
     need(prefix_len >= 1 && prefix_len <= 65536,

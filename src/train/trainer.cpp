@@ -64,6 +64,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
                   cfg_.finetune + " trains " + (start.prefix ? "LoRA adapters" : "prefixes"));
     cfg_.lora_r = start.spec.r;
     cfg_.lora_alpha = start.spec.alpha;
+    cfg_.lora_dropout = start.dropout;
     cfg_.lora_targets.clear();
     for (const std::string& t : start.spec.targets)
       cfg_.lora_targets += (cfg_.lora_targets.empty() ? "" : ",") + t;
@@ -143,6 +144,8 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   if (comm_) cap_ = rows_per_pass(cfg_, free_bytes_);
   Graph g = train_graph(cfg_, cap_, &m_, &n_forward_);
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
+  for (size_t n = 0; n < prog_->graph().nodes.size(); ++n)
+    if (prog_->graph().nodes[n].op == MXN_OP_DROPOUT) dropout_nodes_.push_back(n);
   passes_.resize(size_t(cap_) + 1);
   variant_for(cap_);
 
@@ -315,14 +318,22 @@ double Trainer::lr_at(int64_t s) const {
   return cfg_.min_lr + 0.5 * (cfg_.lr - cfg_.min_lr) * (1.0 + std::cos(M_PI * t));
 }
 
-int64_t Trainer::fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed) {
+int64_t Trainer::fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed, bool eval) {
   const int64_t T = cfg_.seq_len();
   const Pass& p = passes_[size_t(rows)];
+  // LoRA dropout: each DROPOUT call's mask from (step key, node tag, global token index), so a
+  // row gets the same mask on any rank, pass or chip; none while validating.
+  for (size_t n : dropout_nodes_) {
+    const Node& node = prog_->graph().nodes[n];
+    mxn_op_call& c = prog_->call(n, p.variant);
+    c.ip[0] = int64_t(mix64(seed + uint64_t(node.ip[2])));
+    c.ip[1] = int64_t(row_ids_[0]) * T * prog_->graph().v(node.in[0]).shape.back();
+    c.fp[0] = eval ? 0.f : float(cfg_.lora_dropout);
+  }
   if (sft_set_) {  // conversations from their start, padded; loss where the mask says
     int64_t counted = 0;
     std::fill(tok_host_.begin(), tok_host_.begin() + rows * T, 0);
     std::fill(tgt_host_.begin(), tgt_host_.begin() + rows * T, -1);
-    const bool eval = sft_set_ == &sft_val_;
     for (size_t b = 0; b < size_t(rows); ++b) {
       int32_t* tok = tok_host_.data() + b * size_t(T);
       int32_t* tgt = tgt_host_.data() + b * size_t(T);
@@ -447,7 +458,7 @@ void Trainer::profile() {
   double pass_s = 0;
   for (int rep = 0; rep < 3; ++rep) {  // a warm-up, then the faster of two timed passes
     const auto t0 = std::chrono::steady_clock::now();
-    fill_batch(data_.val(), cap_, 0);
+    fill_batch(data_.val(), cap_, 0, true);
     prog_->run(0, nodes, 0);
     dev_->synchronize();
     const double t = seconds_since(t0);
@@ -560,7 +571,7 @@ float Trainer::step() {
       row_ids_[size_t(b)] = row;
     }
     const Pass& p = passes_[size_t(n)];
-    const double counted = double(fill_batch(data_.train(), n, key));
+    const double counted = double(fill_batch(data_.train(), n, key, false));
     // The loss is a mean over this pass's loss tokens; seeding its backward with their share
     // of the global batch's makes every gradient a share of the global mean, so passes and
     // ranks simply add up (rows weigh alike for next-token loss; GLM's rows differ).
@@ -634,7 +645,7 @@ float Trainer::eval_loss() {
       row_ids_[size_t(b)] = uint64_t(eval_begin_ + done + b);
     }
     const Pass& p = passes_[size_t(n)];
-    const double counted = double(fill_batch(data_.val(), n, key));
+    const double counted = double(fill_batch(data_.val(), n, key, true));
     prog_->run(0, n_forward_, p.variant);
     float loss = 0;
     dev_->download(&loss, p.loss);

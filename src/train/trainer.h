@@ -77,7 +77,8 @@ class Trainer {
   void apply_split(const std::vector<int64_t>& split);
   // Uploads rows offsets_[0, rows) of `tokens`; with the GLM objective each row is blank-infilled
   // by glm_sample(seed, row_ids_[b]). Returns the tokens that carry a loss.
-  int64_t fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed);
+  // `eval`: the validation windows (no dropout).
+  int64_t fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed, bool eval);
   // Tokens with a loss in rows [0, n) of a step's global batch (the GLM objective's vary by row).
   int64_t loss_tokens(uint64_t seed, int64_t first, int64_t n, bool eval) const;
   // SFT: the row -> conversation index of a step (or of the validation set).
@@ -98,6 +99,7 @@ class Trainer {
   DecoderGraph m_;
   std::unique_ptr<Program> prog_;
   size_t n_forward_ = 0;
+  std::vector<size_t> dropout_nodes_;  // DROPOUT nodes (LoRA dropout), forward and backward
   std::unique_ptr<Buffer> opt_m_, opt_v_, scalar_;
   std::vector<int32_t> tok_host_, tgt_host_, pos_host_, blk_host_, pre_host_;
   std::vector<int64_t> offsets_;

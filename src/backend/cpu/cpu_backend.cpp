@@ -316,6 +316,18 @@ int32_t run(void* ctx, const mxn_op_call* call) {
                       ptr(in[0]) + (b * r.n + t) * r.ld + r.col, size_t(r.W) * 4);
       return 0;
     }
+    case MXN_OP_DROPOUT: {
+      if (const char* e = dropout_error(k)) return bad(c, e);
+      const float p = k.fp[0], scale = 1.f / (1.f - p);
+      const float* x = ptr(in[0]);
+      float* y = ptr(out[0]);
+      const int64_t n = count(in[0]);
+      const uint64_t seed = uint64_t(k.ip[0]), first = uint64_t(k.ip[1]);
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        y[i] = dropout_keep(seed, first + uint64_t(i), p) ? x[i] * scale : 0.f;
+      return 0;
+    }
     case MXN_OP_EMBEDDING: {
       const int64_t V = in[1].shape[0], C = in[1].shape[1];
       const int64_t badi =

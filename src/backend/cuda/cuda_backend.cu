@@ -336,6 +336,11 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
       k_swiglu_bwd<<<blocks(count(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]) + k.ip[0], last(in[1]), F(in[2]) + k.ip[1], last(in[2]),
                                                         F(out[0]) + k.ip[0], F(out[1]) + k.ip[1], count(in[0]), last(in[0]));
       break;
+    case MXN_OP_DROPOUT:
+      if (const char* e = dropout_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      k_dropout<<<blocks(count(in[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(in[0]), uint64_t(k.ip[0]), uint64_t(k.ip[1]),
+                                                     k.fp[0], 1.f / (1.f - k.fp[0]));
+      break;
     case MXN_OP_SET_ROWS: {
       const SetRowsShape r = set_rows_shape(k);
       if (r.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, r.error);

@@ -208,6 +208,18 @@ __global__ void k_rope(const float* x, const int32_t* pos, float* y, const float
       }
   }
 }
+__device__ inline uint64_t dropout_mix_d(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+__global__ void k_dropout(const float* x, float* y, int64_t n, uint64_t seed, uint64_t first, float p, float scale) {
+  MXN_LOOP(i, n) {
+    const float u = float(dropout_mix_d(seed + dropout_mix_d(first + uint64_t(i))) >> 40) * (1.f / 16777216.f);
+    y[i] = u >= p ? x[i] * scale : 0.f;
+  }
+}
 __global__ void k_silu(const float* x, float* y, int64_t n) { MXN_LOOP(i, n) y[i] = x[i] / (1.f + expf(-x[i])); }
 __global__ void k_silu_bwd(const float* dy, const float* x, float* dx, int64_t n) {
   MXN_LOOP(i, n) {

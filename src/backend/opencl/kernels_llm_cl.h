@@ -170,6 +170,19 @@ __kernel void attn_bwd_dprefix(__global const float* dy, ulong ody, __global con
       }
 }
 
+ulong dropout_mix(ulong x) {
+  x += 0x9e3779b97f4a7c15UL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9UL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebUL;
+  return x ^ (x >> 31);
+}
+__kernel void dropout(__global const float* x, ulong ox, __global float* y, ulong oy, ulong seed,
+                      ulong first, float p, float scale) {
+  const size_t i = get_global_id(0);
+  const float u = (float)(dropout_mix(seed + dropout_mix(first + i)) >> 40) * (1.f / 16777216.f);
+  y[oy + i] = u >= p ? x[ox + i] * scale : 0.f;
+}
+
 __kernel void rmsnorm(__global const float* x, ulong ox, __global const float* w, ulong ow,
                       __global float* y, ulong oy, __global float* rstd, ulong orr, ulong cols,
                       float eps) {

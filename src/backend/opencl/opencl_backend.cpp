@@ -509,6 +509,16 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
           .arg(col(mem(out[1]), k.ip[1]))
           .u(last(in[0]))
           .go(count(in[0]));
+    case MXN_OP_DROPOUT:
+      if (const char* e = dropout_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      return kernel(c, "dropout")
+          .arg(mem(in[0]))
+          .arg(mem(out[0]))
+          .u(k.ip[0])
+          .u(k.ip[1])
+          .f(k.fp[0])
+          .f(1.f / (1.f - k.fp[0]))
+          .go(count(in[0]));
     case MXN_OP_SET_ROWS: {
       const SetRowsShape r = set_rows_shape(k);
       if (r.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, r.error);
