@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -85,6 +86,13 @@ MappedFile::MappedFile(const std::string& path, const std::string& what) {
     data_ = static_cast<const char*>(p);
   }
   ::close(fd);
+}
+
+void MappedFile::release(size_t begin, size_t n) const {
+  if (!data_ || n == 0) return;
+  const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  const size_t lo = begin / page * page, hi = std::min(size_, (begin + n + page - 1) / page * page);
+  if (hi > lo) ::madvise(const_cast<char*>(data_) + lo, hi - lo, MADV_DONTNEED);
 }
 
 MappedFile::~MappedFile() {

@@ -23,6 +23,9 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
   const char* data() const { return data_; }
   size_t size() const { return size_; }
+  // Drops the pages of [begin, begin + n) from memory (they are read again from the file if
+  // touched): a map read once does not stay resident.
+  void release(size_t begin, size_t n) const;
 
  private:
   const char* data_ = nullptr;

@@ -1,6 +1,7 @@
 #include "io/hf_folder.h"
 
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include "core/error.h"
@@ -24,7 +25,9 @@ DecoderConfig load_hf_config(const std::string& dir) {
   return decoder_config_from_hf(j, path);
 }
 
-TensorMap load_hf_weights(const std::string& dir) {
+namespace {
+// The folder's safetensors files (one, or the shards its index names).
+std::vector<std::string> hf_weight_files(const std::string& dir) {
   const fs::path d(dir);
   std::vector<std::string> files;
   const fs::path index = d / "model.safetensors.index.json";
@@ -56,10 +59,61 @@ TensorMap load_hf_weights(const std::string& dir) {
                 "' has no model.safetensors or model.safetensors.index.json (only safetensors "
                 "weights are read; convert pytorch_model.bin with transformers first)");
   }
+  return files;
+}
+}  // namespace
+
+TensorMap load_hf_weights(const std::string& dir) {
   TensorMap out;
-  for (const std::string& f : files)
+  for (const std::string& f : hf_weight_files(dir))
     for (auto& [name, t] : safetensors_load(f)) out[name] = widen_to_f32(std::move(t));
   return out;
+}
+
+void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
+  const std::string source = "model folder '" + dir + "'";
+  std::map<std::string, int> want;  // name -> value, for the weights this call places
+  for (int p : prog.graph().weights()) {
+    const Value& v = prog.graph().v(p);
+    if ((which == WeightSet::frozen && v.kind != ValueKind::frozen) ||
+        (which == WeightSet::trained && v.kind != ValueKind::param))
+      continue;
+    want.emplace(v.name, p);
+  }
+  std::vector<uint16_t> half;
+  std::vector<float> wide;
+  for (const std::string& f : hf_weight_files(dir))
+    safetensors_visit(
+        f, [&](const std::string& name, DType dt, const Shape& shape, const char* bytes) {
+          auto it = want.find(name);
+          if (it == want.end()) return;  // not this graph's (or not this call's)
+          const Value& v = prog.graph().v(it->second);
+          if (shape != v.shape || (dt != DType::f32 && dt != DType::bf16 && dt != DType::f16))
+            throw Error(source + ": tensor '" + v.name + "' has shape " + shape_str(shape) + " " +
+                        dtype_name(dt) + ", expected " + shape_str(v.shape) + " f32");
+          const int64_t n = numel(shape);
+          const auto* u16 = reinterpret_cast<const uint16_t*>(bytes);
+          if (v.dtype == dt) {  // as stored: straight from the file's pages
+            prog.device().upload(prog.tensor(it->second), bytes);
+          } else if (v.dtype == DType::f32) {
+            wide.resize(size_t(n));
+            for (int64_t i = 0; i < n; ++i)
+              wide[size_t(i)] = dt == DType::bf16 ? bf16_to_f32(u16[i]) : f16_to_f32(u16[i]);
+            prog.device().upload(prog.tensor(it->second), wide.data());
+          } else {  // bf16 storage from f32 or f16
+            half.resize(size_t(n));
+            for (int64_t i = 0; i < n; ++i)
+              half[size_t(i)] = f32_to_bf16(
+                  dt == DType::f32 ? reinterpret_cast<const float*>(bytes)[i] : f16_to_f32(u16[i]));
+            prog.device().upload(prog.tensor(it->second), half.data());
+          }
+          want.erase(it);
+        });
+  if (!want.empty()) {
+    const Value& v = prog.graph().v(want.begin()->second);
+    throw Error(source + " is missing tensor '" + v.name + "' (expected shape " +
+                shape_str(v.shape) + ")");
+  }
 }
 
 HostTensor widen_to_f32(HostTensor t) {

@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <string_view>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -64,7 +65,17 @@ void safetensors_save(const std::string& path, const TensorMap& tensors,
   write_file_atomic(path, parts);  // no second copy of the tensors in memory
 }
 
-TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
+namespace {
+
+struct Entry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+  uint64_t begin, size;  // bytes from the file's start
+};
+
+// The tensors of a safetensors file in memory, validated (their bytes inside the file).
+std::vector<Entry> safetensors_index(std::string_view bytes, const std::string& path) {
   auto corrupt = [&](const std::string& why) -> Error {
     return Error("checkpoint file '" + path + "' is corrupt or truncated: " + why);
   };
@@ -81,7 +92,7 @@ TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
   }
   if (!h.is_object()) throw corrupt("header is not a JSON object");
   const uint64_t data_start = 8 + n, data_size = bytes.size() - data_start;
-  TensorMap out;
+  std::vector<Entry> out;
   for (auto& [name, e] : h.items()) {
     if (name == "__metadata__") continue;
     try {
@@ -128,9 +139,7 @@ TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
           off[1] - off[0] != bytes_needed)
         throw corrupt("tensor '" + name +
                       "' has data offsets outside the file or of the wrong size");
-      HostTensor ht(shape, t);
-      std::memcpy(ht.bytes.data(), bytes.data() + data_start + off[0], ht.bytes.size());
-      out.emplace(name, std::move(ht));
+      out.push_back({name, t, shape, data_start + off[0], bytes_needed});
     } catch (const nlohmann::json::exception& ex) {
       throw corrupt("tensor '" + name + "': " + ex.what());
     }
@@ -138,8 +147,31 @@ TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
   return out;
 }
 
+}  // namespace
+
+TensorMap safetensors_parse(const std::string& bytes, const std::string& path) {
+  TensorMap out;
+  for (const Entry& e : safetensors_index(bytes, path)) {
+    HostTensor ht(e.shape, e.dtype);
+    std::memcpy(ht.bytes.data(), bytes.data() + e.begin, e.size);
+    out.emplace(e.name, std::move(ht));
+  }
+  return out;
+}
+
 TensorMap safetensors_load(const std::string& path) {
   return safetensors_parse(read_file(path, "checkpoint file"), path);
+}
+
+void safetensors_visit(const std::string& path,
+                       const std::function<void(const std::string& name, DType dtype,
+                                                const Shape& shape, const char* bytes)>& fn) {
+  const MappedFile m(path, "weights file");
+  const std::string_view all(m.data() ? m.data() : "", m.size());
+  for (const Entry& e : safetensors_index(all, path)) {
+    fn(e.name, e.dtype, e.shape, m.data() + e.begin);
+    m.release(e.begin, e.size);  // read once: the pages leave this process's memory
+  }
 }
 
 }  // namespace mxn

@@ -1,6 +1,7 @@
 #pragma once
 // safetensors (Hugging Face's weight format): an 8-byte little-endian header length, a JSON
 // header naming each tensor's dtype, shape and byte range, then the raw data.
+#include <functional>
 #include <map>
 #include <string>
 
@@ -18,5 +19,10 @@ void safetensors_save(const std::string& path, const TensorMap& tensors,
 // Throws an Error naming the file and what is wrong with it (truncated, bad header, ...).
 TensorMap safetensors_load(const std::string& path);
 TensorMap safetensors_parse(const std::string& bytes, const std::string& path);
+// Each tensor of a file in turn, read from a memory map (its bytes valid during the call, then
+// dropped from memory): a model's weights go to a device without a host copy of the file.
+void safetensors_visit(const std::string& path,
+                       const std::function<void(const std::string& name, DType dtype,
+                                                const Shape& shape, const char* bytes)>& fn);
 
 }  // namespace mxn

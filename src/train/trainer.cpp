@@ -182,8 +182,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     throw Error("--base_dtype bf16 keeps the frozen base in bf16 on the CPU backend only; " +
                 dev_->name() + " takes f32");
   if (adapters)  // the frozen base, from its folder (checkpoints hold the adapters only)
-    upload_weights(*prog_, load_hf_weights(cfg_.model.dir), "model folder '" + cfg_.model.dir + "'",
-                   WeightSet::frozen);
+    upload_hf_weights(*prog_, cfg_.model.dir, WeightSet::frozen);
   if (!resume.empty()) {
     load(ck);
   } else {
@@ -192,8 +191,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     } else if (adapters) {
       for (int p : prog_->graph().params()) init_adapter(p);
     } else if (!cfg_.model.dir.empty()) {  // fine-tuning: the folder's weights
-      upload_weights(*prog_, load_hf_weights(cfg_.model.dir),
-                     "model folder '" + cfg_.model.dir + "'");
+      upload_hf_weights(*prog_, cfg_.model.dir);
     } else {
       for (int p : prog_->graph().params()) {
         const Value& v = prog_->graph().v(p);
