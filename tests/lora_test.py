@@ -319,6 +319,45 @@ class Lora(unittest.TestCase):
               f"(the prefix's two moments); generate --adapter: 12 greedy tokens equal the module's")
         model.float()
 
+    def test_ptuning_projection(self):
+        """--prefix_projection: the rows come out of tanh(E W1^T + b1) W2^T + b2 while training.
+        After one step at lr 1e-30 the checkpoint holds the MLP as it started, and the optimizer's
+        first moment is (1 - beta1) x the gradient: both the loss and every MLP gradient equal
+        our PyTorch module's; the adapter keeps the rows the MLP gives (and not the MLP)."""
+        base, model = self.base("llama", seed=10)
+        run = os.path.join(self.tmp.name, "projection-run")
+        ckpt = self.train(base, run, ["--finetune", "ptuning", "--prefix_len", "3", "--prefix_projection", "8",
+                                      "--lr", "1e-30", "--min_lr", "1e-30", "--weight_decay", "0"])
+        w = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+             for k, v in load_file(os.path.join(ckpt, "model.safetensors")).items()}
+        L = model.config.num_hidden_layers
+        e = "prefix_encoder."
+        h = torch.tanh(w[e + "embedding"] @ w[e + "dense.weight"].T + w[e + "dense.bias"])
+        cols = []
+        for l in range(L):
+            for kind in ("key", "value"):
+                cols.append(h @ w[f"{e}{l}.{kind}.weight"].T + w[f"{e}{l}.{kind}.bias"])
+        emb = torch.cat(cols, 1)  # prompt_embeddings' layout: each layer's keys, then values
+        x, y = self.rows(3, 16, 5)
+        model = model.double()
+        logits = self.prefix_forward(model, x, emb)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            mloss = json.loads(f.readline())["loss"]
+        self.assertLess(abs(mloss - loss.item()) / loss.item(), TOL)
+        m = load_file(os.path.join(ckpt, "optimizer.safetensors"))
+        self.assertEqual(sorted(k[2:] for k in m if k.startswith("m.")), sorted(w))
+        worst = max(rel(m["m." + k] / 0.1, t.grad.numpy()) for k, t in w.items())
+        self.assertLess(worst, TOL)
+        rows = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+        self.assertEqual(sorted(rows), ["prompt_embeddings"])
+        e_rows = rel(rows["prompt_embeddings"], emb.detach().numpy())
+        self.assertLess(e_rows, 1e-5)
+        print(f"ptuning MLP reparameterisation: loss {mloss:.6f} vs {loss.item():.6f}; {len(w)} MLP gradients "
+              f"(from the first moment) worst {worst:.2e}; the adapter's rows {e_rows:.2e}")
+        model.float()
+
 
 if __name__ == "__main__":
     unittest.main(argv=sys.argv[:1], verbosity=2)

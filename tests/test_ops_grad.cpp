@@ -124,6 +124,7 @@ TEST(Grad, Elementwise) {
   check("scale", {[](Graph& g) { return g.scale(g.param("x", {3, 5}, true), -1.5f); }, 1});
   check("gelu", {[](Graph& g) { return g.gelu(g.param("x", {6, 9}, true)); }, 1});
   check("softmax", {[](Graph& g) { return g.softmax(g.param("x", {4, 11}, true)); }, 1});
+  check("tanh", {[](Graph& g) { return g.tanh(g.param("x", {6, 9}, true)); }, 1});
   check("dropout", {[](Graph& g) { return g.dropout(g.param("x", {6, 9}, true), 0.3f, 2); }, 1});
 }
 

@@ -108,6 +108,8 @@ typedef enum mxn_op {
                                when u >= fp[0], u = (mix64(ip[0] + mix64(ip[1] + i)) >> 40) / 2^24
                                (splitmix64's mix, as src/core/rng.h): the same mask on every chip
                                for (seed ip[0], index ip[1] + i). Its gradient is itself. */
+  MXN_OP_TANH,              /* out = tanh(a) (ABI 3: P-Tuning v2's prefix MLP) */
+  MXN_OP_TANH_BWD,          /* in: dy, y (the forward's output); out: dx = dy * (1 - y^2) */
   MXN_OP_COUNT
 } mxn_op;
 

@@ -90,6 +90,12 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_GELU_BWD:
       c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}});
       break;
+    case MXN_OP_TANH:
+      c.push_back({op, {f({9, 111})}, {f({9, 111})}});
+      break;
+    case MXN_OP_TANH_BWD:
+      c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}});
+      break;
     case MXN_OP_SOFTMAX:
       for (int64_t n : {1, 7, 300}) c.push_back({op, {f({5, n})}, {f({5, n})}});
       break;

@@ -64,7 +64,9 @@ const char* op_name(int32_t op) {
                                             "swiglu",
                                             "swiglu_bwd",
                                             "set_rows",
-                                            "dropout"};
+                                            "dropout",
+                                            "tanh",
+                                            "tanh_bwd"};
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 

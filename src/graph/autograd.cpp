@@ -84,6 +84,8 @@ Grads rule(Graph& g, const Node& n, int gy) {
     }
     case MXN_OP_SILU:
       return {{0, g.emit(MXN_OP_SILU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
+    case MXN_OP_TANH:  // from the output: dx = dy (1 - y^2)
+      return {{0, g.emit(MXN_OP_TANH_BWD, {gy, n.out[0]}, {act(n.in[0])})}};
     case MXN_OP_DROPOUT:  // the same mask (same seed, index and tag) on the gradient
       return {{0, g.emit(MXN_OP_DROPOUT, {gy}, {act(n.in[0])}, n.ip, n.fp)}};
     case MXN_OP_SWIGLU:

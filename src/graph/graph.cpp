@@ -104,6 +104,8 @@ int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bo
               {scale});
 }
 
+int Graph::tanh(int x) { return emit(MXN_OP_TANH, {x}, {activation(v(x).shape)}); }
+
 int Graph::dropout(int x, float p, int64_t tag) {
   return emit(MXN_OP_DROPOUT, {x}, {activation(v(x).shape)}, {0, 0, tag}, {p});
 }

@@ -286,6 +286,7 @@ std::vector<std::string> lora_default_targets(Arch a) {
 
 std::string lora_a_name(const std::string& module) { return module + ".lora_A.weight"; }
 std::string lora_b_name(const std::string& module) { return module + ".lora_B.weight"; }
+const char* const kPrefixEncoder = "prefix_encoder.";
 std::string prefix_key_name(int64_t l) { return "prefix." + std::to_string(l) + ".key"; }
 std::string prefix_value_name(int64_t l) { return "prefix." + std::to_string(l) + ".value"; }
 
@@ -329,6 +330,14 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   at.head_dim = D;
   at.T = T;
   at.mask = o.mask;
+  int prefix_hidden = -1;  // P-Tuning v2's MLP: its tanh layer, shared by every layer's rows
+  const std::string enc = kPrefixEncoder;
+  if (c.prefix_len > 0 && o.prefix_projection > 0) {
+    const int64_t Hp = o.prefix_projection;
+    const int e = g.param(enc + "embedding", {c.prefix_len, C}, true);
+    const int h = g.matmul(e, g.param(enc + "dense.weight", {Hp, C}, true), false, true);
+    prefix_hidden = g.tanh(g.add_bias(h, g.param(enc + "dense.bias", {Hp}, false)));
+  }
   for (int64_t l = 0; l < c.layers; ++l) {
     const std::string p = nm.layers + std::to_string(l) + ".";
     const int h = b.norm(x, p + nm.ln1);
@@ -360,7 +369,15 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       at.S = T;
     }
     int pk = -1, pv = -1;
-    if (c.prefix_len > 0) {  // P-Tuning v2's prefix: always trained when present
+    if (prefix_hidden >= 0) {  // the rows out of the MLP: one output matrix per layer and kind
+      int* rows[2] = {&pk, &pv};
+      for (int i = 0; i < 2; ++i) {
+        const std::string n = enc + std::to_string(l) + (i ? ".value." : ".key.");
+        const int w = g.param(n + "weight", {G * D, o.prefix_projection}, true);
+        *rows[i] = g.add_bias(g.matmul(prefix_hidden, w, false, true),
+                              g.param(n + "bias", {G * D}, false));
+      }
+    } else if (c.prefix_len > 0) {  // P-Tuning v2's prefix: always trained when present
       pk = g.param(prefix_key_name(l), {c.prefix_len, G * D}, true);
       pv = g.param(prefix_value_name(l), {c.prefix_len, G * D}, true);
     }

@@ -75,6 +75,9 @@ std::vector<std::string> lora_default_targets(Arch a);
 std::string lora_a_name(const std::string& module);
 std::string prefix_key_name(int64_t layer);    // "prefix.<layer>.key"
 std::string prefix_value_name(int64_t layer);  // "prefix.<layer>.value"
+// The prefix MLP's tensors (DecoderOptions::prefix_projection): "prefix_encoder.embedding",
+// "prefix_encoder.dense.{weight,bias}", "prefix_encoder.<layer>.{key,value}.{weight,bias}".
+extern const char* const kPrefixEncoder;
 std::string lora_b_name(const std::string& module);
 
 struct DecoderOptions {
@@ -90,6 +93,10 @@ struct DecoderOptions {
   // positions a learned table, as the original GLM's block position embeddings.
   bool block_positions = false;
   bool freeze = false;  // the model's weights are frozen (fine-tuning trains adapters only)
+  // P-Tuning v2's reparameterisation while training: the prefix rows come out of a small MLP,
+  // tanh(E W1^T + b1) W2^T + b2, from a (prefix_len, hidden) embedding E through this many
+  // units; 0: the rows are trained as they are. Only the rows are kept after training.
+  int64_t prefix_projection = 0;
   LoraSpec lora;
 };
 

@@ -1,5 +1,6 @@
 #include "train/adapter.h"
 
+#include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -96,6 +97,36 @@ TensorMap adapter_peft_tensors(const Adapter& a) {
         std::copy_n(t.f32() + p * W, W, e.f32() + p * L * 2 * W + (l * 2 + kv) * W);
     }
   out.emplace(kPrompt, std::move(e));
+  return out;
+}
+
+TensorMap project_prefix(const TensorMap& enc, int64_t layers) {
+  const std::string e = kPrefixEncoder;
+  const HostTensor &E = enc.at(e + "embedding"), &W1 = enc.at(e + "dense.weight"),
+                   &b1 = enc.at(e + "dense.bias");
+  const int64_t P = E.shape[0], C = E.shape[1], Hp = W1.shape[0];
+  std::vector<double> h(size_t(P * Hp));
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t j = 0; j < Hp; ++j) {
+      double s = b1.f32()[j];
+      for (int64_t c = 0; c < C; ++c) s += double(E.f32()[p * C + c]) * W1.f32()[j * C + c];
+      h[size_t(p * Hp + j)] = double(std::tanh(float(s)));  // as the graph: tanh of an f32
+    }
+  TensorMap out;
+  for (int64_t l = 0; l < layers; ++l)
+    for (int i = 0; i < 2; ++i) {
+      const std::string n = e + std::to_string(l) + (i ? ".value." : ".key.");
+      const HostTensor &W = enc.at(n + "weight"), &b = enc.at(n + "bias");
+      const int64_t Wd = W.shape[0];
+      HostTensor t({P, Wd}, DType::f32);
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t o = 0; o < Wd; ++o) {
+          double s = b.f32()[o];
+          for (int64_t j = 0; j < Hp; ++j) s += h[size_t(p * Hp + j)] * W.f32()[o * Hp + j];
+          t.f32()[p * Wd + o] = float(s);
+        }
+      out.emplace(i ? prefix_value_name(l) : prefix_key_name(l), std::move(t));
+    }
   return out;
 }
 

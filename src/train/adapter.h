@@ -25,6 +25,10 @@ struct Adapter {
 std::string adapter_config_json(const Adapter& a, const DecoderConfig& c);
 TensorMap adapter_peft_tensors(const Adapter& a);
 
+// P-Tuning v2's rows from its reparameterisation MLP's tensors (kPrefixEncoder names), as the
+// graph computes them: the rows are what an adapter keeps.
+TensorMap project_prefix(const TensorMap& encoder, int64_t layers);
+
 // `path`: a PEFT folder, or an mxn adapter run or checkpoint folder (each checkpoint is one).
 // Errors name the file and what is wrong: another adapter type, a missing or malformed field,
 // rank <= 0, a tensor without its pair.

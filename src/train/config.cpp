@@ -45,6 +45,10 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
        "base frozen",
        true},
       {"prefix_len", &c.prefix_len, "with ptuning: key/value prefix rows per layer", true},
+      {"prefix_projection", &c.prefix_projection,
+       "with ptuning: the rows come from an MLP with this many tanh units while training (0: "
+       "trained as they are); only the rows are kept",
+       true},
       {"lora_r", &c.lora_r, "LoRA rank", true},
       {"lora_alpha", &c.lora_alpha, "LoRA alpha (the update is scaled by alpha / r)", true},
       {"lora_dropout", &c.lora_dropout,
@@ -166,9 +170,12 @@ void TrainConfig::validate() const {
     need(lora_dropout >= 0 && lora_dropout < 1,
          "lora_dropout = " + std::to_string(lora_dropout) + ", expected 0 <= p < 1");
   }
-  if (finetune == "ptuning")
+  if (finetune == "ptuning") {
     need(prefix_len >= 1 && prefix_len <= 65536,
          "prefix_len = " + std::to_string(prefix_len) + ", expected 1..65536");
+    need(prefix_projection >= 0 && prefix_projection <= 65536,
+         "prefix_projection = " + std::to_string(prefix_projection) + ", expected 0..65536");
+  }
   if (finetune != "full") {
     need(!model.dir.empty(),
          "--finetune " + finetune + " needs --model (the folder whose weights it adapts)");

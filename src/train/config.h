@@ -45,6 +45,7 @@ struct TrainConfig {
   // base_dtype, with no gradients or optimizer state.
   std::string finetune = "full";
   int64_t prefix_len = 16;
+  int64_t prefix_projection = 0;  // ptuning: hidden units of the prefix MLP (0: rows trained as is)
   int64_t lora_r = 8;
   double lora_alpha = 8, lora_dropout = 0;
   std::string lora_targets;        // comma-separated module names; empty: the family's q and v

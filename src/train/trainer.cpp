@@ -36,7 +36,10 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   o.freeze = c.finetune != "full";
   if (o.freeze && c.base_dtype == "bf16") o.weights = DType::bf16;
   DecoderConfig d = c.decoder_config();
-  if (c.finetune == "ptuning") d.prefix_len = c.prefix_len;
+  if (c.finetune == "ptuning") {
+    d.prefix_len = c.prefix_len;
+    o.prefix_projection = c.prefix_projection;
+  }
   *m = build_decoder(g, d, rows, c.seq_len(), o);
   *n_forward = append_backward(g, m->loss);
   return g;
@@ -69,6 +72,10 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     for (const std::string& t : start.spec.targets)
       cfg_.lora_targets += (cfg_.lora_targets.empty() ? "" : ",") + t;
     if (start.prefix) {
+      if (cfg_.prefix_projection > 0)
+        throw Error("adapter '" + cfg_.adapter +
+                    "' holds prefix rows; --prefix_projection trains an MLP that makes them and "
+                    "cannot start from rows (use --prefix_projection 0)");
       cfg_.prefix_len = start.prefix_len;
       const DecoderConfig d = cfg_.decoder_config();
       if (start.layers != d.layers || start.kv_dim != d.n_kv_heads() * d.hd())
@@ -215,12 +222,19 @@ void Trainer::init_adapter(int p) {
   const bool lora_a =
       v.name.size() > 14 && v.name.compare(v.name.size() - 14, 14, ".lora_A.weight") == 0;
   const bool prefix = v.name.rfind("prefix.", 0) == 0;
-  if (lora_a || prefix) {
+  // The prefix MLP as PyTorch's defaults: the embedding N(0, 1), each matrix uniform in
+  // +-1/sqrt(in); its biases start at 0.
+  const bool enc = v.name.rfind(kPrefixEncoder, 0) == 0 && v.shape.size() == 2;
+  const bool emb = enc && v.name == std::string(kPrefixEncoder) + "embedding";
+  if (lora_a || prefix || enc) {
     uint64_t h = uint64_t(cfg_.seed);
     for (char ch : v.name) h = mix64(h ^ uint64_t(uint8_t(ch)));
     Rng rng(h);
     const double bound = 1.0 / std::sqrt(double(v.shape[1]));
-    for (float& x : w) x = float(lora_a ? (2 * rng.uniform() - 1) * bound : 0.02 * rng.normal());
+    for (float& x : w)
+      x = float(emb      ? rng.normal()
+                : prefix ? 0.02 * rng.normal()
+                         : (2 * rng.uniform() - 1) * bound);
   }
   dev_->upload(prog_->tensor(p), w.data());
 }
@@ -575,7 +589,9 @@ std::string Trainer::save() {
     a.layers = d.layers;
     a.kv_dim = d.n_kv_heads() * d.hd();
     a.base = cfg_.model.dir;
-    a.tensors = ck.weights;
+    // With the prefix MLP, the rows it gives now (the MLP itself stays in the checkpoint).
+    a.tensors =
+        a.prefix && cfg_.prefix_projection > 0 ? project_prefix(ck.weights, d.layers) : ck.weights;
     ck.files.emplace_back("adapter_config.json", adapter_config_json(a, d));
     ck.tensors.emplace_back("adapter_model.safetensors", adapter_peft_tensors(a));
   }

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -238,6 +239,18 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_GELU:
       gelu_fwd(ptr(in[0]), ptr(out[0]), count(out[0]));
       return 0;
+    case MXN_OP_TANH: {
+      const float* x = ptr(in[0]);
+      float* y = ptr(out[0]);
+      for (int64_t i = 0, n = count(out[0]); i < n; ++i) y[i] = std::tanh(x[i]);
+      return 0;
+    }
+    case MXN_OP_TANH_BWD: {
+      const float *dy = ptr(in[0]), *y = ptr(in[1]);
+      float* dx = ptr(out[0]);
+      for (int64_t i = 0, n = count(out[0]); i < n; ++i) dx[i] = dy[i] * (1.f - y[i] * y[i]);
+      return 0;
+    }
     case MXN_OP_GELU_BWD:
       gelu_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0]));
       return 0;

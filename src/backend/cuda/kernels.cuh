@@ -40,6 +40,10 @@ __global__ void k_gelu(const float* x, float* y, int64_t n) {
     y[i] = 0.5f * v * (1.f + tanhf(kGeluS * (v + kGeluC * v * v * v)));
   }
 }
+__global__ void k_tanh(const float* x, float* y, int64_t n) { MXN_LOOP(i, n) y[i] = tanhf(x[i]); }
+__global__ void k_tanh_bwd(const float* dy, const float* y, float* dx, int64_t n) {
+  MXN_LOOP(i, n) dx[i] = dy[i] * (1.f - y[i] * y[i]);
+}
 __global__ void k_gelu_bwd(const float* dy, const float* x, float* dx, int64_t n) {
   MXN_LOOP(i, n) {
     const float v = x[i], t = tanhf(kGeluS * (v + kGeluC * v * v * v));

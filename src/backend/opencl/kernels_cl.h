@@ -39,6 +39,16 @@ __kernel void gelu(__global const float* x, ulong ox, __global float* y, ulong o
   float v = x[ox + i];
   y[oy + i] = 0.5f * v * (1.f + tanh(GELU_S * (v + GELU_C * v * v * v)));
 }
+__kernel void tanh_fwd(__global const float* x, ulong ox, __global float* y, ulong oy) {
+  size_t i = get_global_id(0);
+  y[oy + i] = tanh(x[ox + i]);
+}
+__kernel void tanh_bwd(__global const float* dy, ulong od, __global const float* y, ulong oy,
+                       __global float* dx, ulong oo) {
+  size_t i = get_global_id(0);
+  float t = y[oy + i];
+  dx[oo + i] = dy[od + i] * (1.f - t * t);
+}
 __kernel void gelu_bwd(__global const float* dy, ulong od, __global const float* x, ulong ox,
                        __global float* dx, ulong oo) {
   size_t i = get_global_id(0);
