@@ -3,6 +3,7 @@
 // weighted equally (sum(softmax) would hide a wrong gradient).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 
@@ -126,6 +127,52 @@ TEST(Grad, Elementwise) {
   check("softmax", {[](Graph& g) { return g.softmax(g.param("x", {4, 11}, true)); }, 1});
   check("tanh", {[](Graph& g) { return g.tanh(g.param("x", {6, 9}, true)); }, 1});
   check("dropout", {[](Graph& g) { return g.dropout(g.param("x", {6, 9}, true), 0.3f, 2); }, 1});
+}
+
+TEST(Attention, KeyRangesServeABatchOfCaches) {
+  // Mask 4: two slots of one KV-cache buffer (rows [0, 7) and [10, 15) of 20), one query each, in
+  // one call; each output equals softmax(q k^T / sqrt(hd)) v over its own range, in double.
+  auto dev = open_device("cpu");
+  const int64_t H = 2, G = 1, hd = 8, S = 20, T = 2;
+  Rng rng(5);
+  std::vector<float> q(size_t(T * H * hd)), k(size_t(S * G * hd)), v(size_t(S * G * hd));
+  for (auto* x : {&q, &k, &v})
+    for (float& e : *x) e = float(rng.normal());
+  const std::vector<int32_t> ranges{0, 7, 10, 15};
+  auto buf = [&](uint64_t bytes) { return dev->alloc(bytes); };
+  auto bq = buf(q.size() * 4), bk = buf(k.size() * 4), bv = buf(v.size() * 4), br = buf(16),
+       by = buf(q.size() * 4);
+  const Tensor tq({T, H * hd}, DType::f32, bq->handle()), tk({S, G * hd}, DType::f32, bk->handle()),
+      tv({S, G * hd}, DType::f32, bv->handle()), tr({T, 2}, DType::i32, br->handle()),
+      ty({T, H * hd}, DType::f32, by->handle());
+  dev->upload(tq, q.data());
+  dev->upload(tk, k.data());
+  dev->upload(tv, v.data());
+  dev->upload(tr, ranges.data());
+  const float scale = 1.f / std::sqrt(float(hd));
+  dev->run(make_op_call(MXN_OP_ATTENTION, {tq, tk, tv, tr}, {ty},
+                        {H, G, hd, T, S, 4, 0, 0, 0, S, 0}, {scale}));
+  std::vector<float> y(q.size());
+  dev->download(y.data(), ty);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t lo = ranges[size_t(2 * t)], hi = ranges[size_t(2 * t + 1)];
+      std::vector<double> p;
+      double mx = -1e300, sum = 0;
+      for (int64_t j = lo; j < hi; ++j) {
+        double d = 0;
+        for (int64_t c = 0; c < hd; ++c)
+          d += double(q[size_t((t * H + h) * hd + c)]) * k[size_t(j * hd + c)];
+        p.push_back(d * scale);
+        mx = std::max(mx, p.back());
+      }
+      for (double& e : p) sum += e = std::exp(e - mx);
+      for (int64_t c = 0; c < hd; ++c) {
+        double want = 0;
+        for (int64_t j = lo; j < hi; ++j) want += p[size_t(j - lo)] / sum * v[size_t(j * hd + c)];
+        EXPECT_NEAR(y[size_t((t * H + h) * hd + c)], want, 1e-5) << "query " << t << " head " << h;
+      }
+    }
 }
 
 TEST(Dropout, MaskIsItsProbabilityAndAFunctionOfSeedAndIndex) {

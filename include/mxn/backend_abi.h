@@ -65,7 +65,9 @@ typedef enum mxn_op {
                                per sequence) 5=mask (0 none, 1 causal, 2 causal + the first
                                prefix[b] keys visible to all, 3 causal within segments: the i32
                                input is (B*T), query t of sequence b sees keys from
-                               min(seg[b*T+t], t) on: packed rows) 6=q_col 7=k_col 8=v_col 9=kv_rows
+                               min(seg[b*T+t], t) on: packed rows; 4 each query's own key range:
+                               the i32 input is (B*T, 2) = [first, last) of its sequence's keys,
+                               forward only: a batch of KV caches seen as one sequence) 6=q_col 7=k_col 8=v_col 9=kv_rows
                                (rows per sequence in k and v, >= S: a KV cache's capacity)
                                10=q_pos0 (key index of the first query: S - T when decoding)
                                11=P (prefix keys: pk and pv (P, G*hd), shared by every sequence,
@@ -101,9 +103,10 @@ typedef enum mxn_op {
   MXN_OP_SWIGLU,            /* in: gate, up; out (N, F) = silu(gate[:, ip[0]+c]) * up[:, ip[1]+c];
                                gate and up may be one tensor ([gate | up] fused) */
   MXN_OP_SWIGLU_BWD,        /* in: dy, gate, up; out: dgate, dup (the same column windows) */
-  MXN_OP_SET_ROWS,          /* in: src (B*n, >= ip[2] + W); out: dst (B*R, W): rows [ip[0], ip[0]+n)
-                               of each of the B sequences of ip[1] = R rows get columns
-                               [ip[2], ip[2]+W) of src's rows (a KV-cache append) */
+  MXN_OP_SET_ROWS,          /* in: src (B*n, >= ip[2] + W), [idx (B*n) i32]; out: dst (B*R, W):
+                               rows [ip[0], ip[0]+n) of each of the B sequences of ip[1] = R rows
+                               get columns [ip[2], ip[2]+W) of src's rows (a KV-cache append);
+                               with idx (ABI 3) src row i goes to dst row idx[i] instead */
   MXN_OP_DROPOUT,           /* out (may be a) = a * keep / (1 - fp[0]) (ABI 3): element i is kept
                                when u >= fp[0], u = (mix64(ip[0] + mix64(ip[1] + i)) >> 40) / 2^24
                                (splitmix64's mix, as src/core/rng.h): the same mask on every chip

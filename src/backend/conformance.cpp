@@ -13,7 +13,8 @@ namespace {
 using namespace opcase;
 
 // Attention shapes: MHA, GQA, MQA; head dims 5, 8 and 64; causal, none, prefix, segments (packed
-// rows, random starts that the kernels clamp to the query); shared prefix keys (P-Tuning v2);
+// rows, random starts that the kernels clamp to the query); per-query key ranges (serving, forward
+// only); shared prefix keys (P-Tuning v2);
 // a fused qkv
 // matrix read through column windows; a KV cache (2 new queries against 9 of 12 cached rows).
 struct AttnCase {
@@ -27,7 +28,8 @@ std::vector<AttnCase> attention_cases() {
           {2, 9, 4, 1, 8, 9, 9, 0, 2, false},    {2, 7, 2, 2, 64, 7, 7, 0, 0, false},
           {2, 2, 4, 2, 8, 9, 12, 7, 1, false},   {1, 70, 2, 1, 16, 70, 70, 0, 2, true},
           {2, 9, 4, 2, 8, 9, 9, 0, 3, false},    {1, 70, 2, 1, 16, 70, 70, 0, 3, true},
-          {2, 7, 4, 2, 8, 7, 7, 0, 1, false, 5}, {2, 70, 2, 1, 16, 70, 70, 0, 3, true, 3}};
+          {2, 7, 4, 2, 8, 7, 7, 0, 1, false, 5}, {2, 70, 2, 1, 16, 70, 70, 0, 3, true, 3},
+          {1, 5, 4, 2, 8, 40, 40, 0, 4, false},  {1, 3, 2, 2, 16, 30, 30, 0, 4, false, 2}};
 }
 Case attention_case(int op, const AttnCase& a) {
   const int64_t Nq = a.B * a.T, Nk = a.B * a.kv_rows, qw = a.H * a.hd, kw = a.G * a.hd;
@@ -48,6 +50,7 @@ Case attention_case(int op, const AttnCase& a) {
   if (a.P > 0) in.insert(in.end(), {f({a.P, kw}), f({a.P, kw})});
   if (a.mask == 2) in.push_back(idx({a.B}, a.S + 1));
   if (a.mask == 3) in.push_back(idx({a.B * a.T}, a.T));
+  if (a.mask == 4) in.push_back(idx({a.B * a.T, 2}, a.S + 1));  // key ranges, clamped
   std::vector<Operand> out = op == MXN_OP_ATTENTION
                                  ? std::vector<Operand>{f({Nq, qw}), f({Nq, a.H})}
                                  : std::vector<Operand>{f(qs), f(ks), f(ks)};
@@ -112,7 +115,8 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       break;
     case MXN_OP_ATTENTION:
     case MXN_OP_ATTENTION_BWD:
-      for (const AttnCase& a : attention_cases()) c.push_back(attention_case(op, a));
+      for (const AttnCase& a : attention_cases())  // mask 4 (serving) has no backward
+        if (a.mask != 4 || op == MXN_OP_ATTENTION) c.push_back(attention_case(op, a));
       break;
     case MXN_OP_EMBEDDING:
       c.push_back({op, {idx({11}, 7), f({7, 5})}, {f({11, 5})}});
@@ -194,6 +198,7 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_SET_ROWS:
       c.push_back({op, {f({2, 6})}, {f({2 * 5, 6})}, {3, 5, 0}});
       c.push_back({op, {f({3 * 4, 17})}, {f({3 * 9, 7})}, {0, 9, 10}});  // a window of fused kv
+      c.push_back({op, {f({5, 17}), distinct({5}, 12)}, {f({12, 7})}, {0, 1, 3}});  // to rows idx
       break;
     default:
       break;

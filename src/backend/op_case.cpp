@@ -7,6 +7,14 @@ namespace mxn::opcase {
 std::vector<uint8_t> make_data(const Operand& o, Rng& rng) {
   const int64_t n = numel(o.shape);
   std::vector<uint8_t> out(size_t(n) * dtype_size(o.dtype));
+  if (o.gen == Gen::distinct) {  // a shuffled prefix of 0..range-1
+    std::vector<int32_t> all(size_t(o.range));
+    for (int64_t i = 0; i < o.range; ++i) all[size_t(i)] = int32_t(i);
+    for (int64_t i = o.range - 1; i > 0; --i)
+      std::swap(all[size_t(i)], all[size_t(rng.next() % uint64_t(i + 1))]);
+    std::copy_n(all.begin(), n, reinterpret_cast<int32_t*>(out.data()));
+    return out;
+  }
   for (int64_t i = 0; i < n; ++i) {
     if (o.dtype == DType::i32) {
       const int64_t lo = o.gen == Gen::target ? -1 : 0;

@@ -10,7 +10,7 @@
 
 namespace mxn::opcase {
 
-enum class Gen { normal, positive, index, target };
+enum class Gen { normal, positive, index, target, distinct };
 
 struct Operand {
   Shape shape;
@@ -30,6 +30,8 @@ inline Operand f(Shape s) { return {std::move(s)}; }
 inline Operand pos(Shape s) { return {std::move(s), Gen::positive}; }
 inline Operand idx(Shape s, int64_t r) { return {std::move(s), Gen::index, r, DType::i32}; }
 inline Operand tgt(Shape s, int64_t r) { return {std::move(s), Gen::target, r, DType::i32}; }
+// Distinct indexes in [0, r) (a scatter's destinations, which must not collide): r >= count.
+inline Operand distinct(Shape s, int64_t r) { return {std::move(s), Gen::distinct, r, DType::i32}; }
 
 std::vector<uint8_t> make_data(const Operand& o, Rng& rng);
 std::vector<double> to_double(const std::vector<uint8_t>& b, DType t);

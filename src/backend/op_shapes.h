@@ -99,7 +99,16 @@ struct AttentionShape {
   int64_t prefix_of(const int32_t* extra, int64_t b) const {
     return mask == 2 && extra ? int64_t(extra[b]) : 0;
   }
+  // Mask 4: each query's own key range [first, last) from the (B*T, 2) input (serving).
+  int64_t range_end(const int32_t* extra, int64_t b, int64_t t) const {
+    const int64_t hi = extra[(b * T + t) * 2 + 1];
+    return hi < 1 ? 1 : hi < S ? hi : S;
+  }
   int64_t first(const int32_t* extra, int64_t b, int64_t t) const {
+    if (mask == 4) {
+      const int64_t lo = extra[(b * T + t) * 2], hi = range_end(extra, b, t) - 1;
+      return lo < 0 ? 0 : lo < hi ? lo : hi;
+    }
     if (mask != 3) return 0;
     const int64_t lo = extra[b * T + t], hi = visible(t) - 1;  // a query always sees itself
     return lo < 0 ? 0 : lo < hi ? lo : hi;
@@ -147,15 +156,21 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   else if (s.q_col < 0 || s.q_col + s.H * s.hd > s.ldq || s.k_col < 0 ||
            s.k_col + s.G * s.hd > s.ldk || s.v_col < 0 || s.v_col + s.G * s.hd > s.ldv)
     s.error = "attention: a head's columns lie outside q, k or v";
-  else if (s.mask < 0 || s.mask > 3 || (s.mask >= 2 && !s.has_prefix))
+  else if (s.mask < 0 || s.mask > 4 || (s.mask >= 2 && !s.has_prefix))
     s.error =
-        "attention: mask must be 0 (none), 1 (causal), 2 (prefix, with its lengths) or 3 "
-        "(causal within segments, with each query's segment start)";
+        "attention: mask must be 0 (none), 1 (causal), 2 (prefix, with its lengths), 3 (causal "
+        "within segments, with each query's segment start) or 4 (each query's key range)";
+  else if (s.mask == 4 && backward)
+    s.error = "attention: mask 4 (per-query key ranges) is for inference; it has no backward";
   else if (s.P > 0 && (count(k.inputs[s.pkv]) != s.P * s.G * s.hd ||
                        count(k.inputs[s.pkv + 1]) != s.P * s.G * s.hd))
     s.error = "attention: the prefix keys and values must be (P, G*hd)";
-  else if (s.has_prefix && count(k.inputs[s.extra]) != (s.mask == 3 ? s.B * s.T : s.B))
-    s.error = "attention: the i32 input holds B prefix lengths (mask 2) or B*T segment starts (3)";
+  else if (s.has_prefix && count(k.inputs[s.extra]) != (s.mask == 4   ? 2 * s.B * s.T
+                                                        : s.mask == 3 ? s.B * s.T
+                                                                      : s.B))
+    s.error =
+        "attention: the i32 input holds B prefix lengths (mask 2), B*T segment starts (3) or "
+        "B*T key ranges (4)";
   else if (s.mask != 0 && (s.q_pos0 < 0 || s.q_pos0 + s.T > s.S))
     s.error = "attention: causal queries must lie within the keys (q_pos0 + T <= S)";
   return s;
@@ -221,6 +236,8 @@ inline const char* swiglu_error(const mxn_op_call& k, bool backward) {
 // columns [col, col + W) of src's rows of ld elements.
 struct SetRowsShape {
   int64_t B = 0, n = 0, R = 0, at = 0, W = 0, col = 0, ld = 0;
+  bool has_idx = false;  // an i32 input names each src row's dst row (a batch of KV caches)
+  int64_t dst_rows = 0;
   const char* error = nullptr;
 };
 inline SetRowsShape set_rows_shape(const mxn_op_call& k) {
@@ -231,6 +248,15 @@ inline SetRowsShape set_rows_shape(const mxn_op_call& k) {
   s.W = last(k.outputs[0]);
   s.ld = last(k.inputs[0]);
   const int64_t dst_rows = rows_of(k.outputs[0]), src_rows = rows_of(k.inputs[0]);
+  s.dst_rows = dst_rows;
+  s.has_idx = k.n_inputs > 1;
+  if (s.has_idx) {  // row i of src goes to row idx[i] of dst
+    s.B = 1;
+    s.n = src_rows;
+    if (count(k.inputs[1]) != src_rows || s.col < 0 || s.col + s.W > s.ld)
+      s.error = "set_rows: one destination row per src row, and dst's width a window of src's";
+    return s;
+  }
   if (s.R <= 0 || dst_rows % s.R || s.col < 0 || s.col + s.W > s.ld) {
     s.error = "set_rows: dst must be whole sequences of R rows, its width a window of src's";
     return s;

@@ -19,9 +19,45 @@ constexpr int64_t kBlock = 64;
 
 }  // namespace
 
+namespace {
+
+// Mask 4 (serving): every query has its own key range, e.g. one slot of a batch of KV caches
+// seen as one sequence; one row at a time, reading only its range (and the prefix rows).
+void attention_fwd_ranges(Scratch& s, const AttentionShape& a, const float* q, const float* k,
+                          const float* v, const float* pk, const float* pv, const int32_t* ranges,
+                          float* y, float* lse) {
+  const int nt = omp_get_max_threads();
+  const int64_t P = a.P, ldp = a.G * a.hd, tasks = a.B * a.T * a.H;
+  float* scratch = s.get(s.c, size_t(nt) * size_t(a.S + P));
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t h = task % a.H, t = task / a.H % a.T, b = task / (a.H * a.T), g = h / a.group();
+    const int64_t hi = a.range_end(ranges, b, t), lo = a.first(ranges, b, t), n = hi - lo;
+    float* row = scratch + size_t(omp_get_thread_num()) * size_t(a.S + P);
+    if (P > 0)
+      sgemm(false, true, 1, P, a.hd, a.scale, q + a.q(b, t, h), a.ldq, pk + g * a.hd, ldp, 0.f, row,
+            P);
+    sgemm(false, true, 1, n, a.hd, a.scale, q + a.q(b, t, h), a.ldq, k + a.k(b, lo, g), a.ldk, 0.f,
+          row + P, n);
+    float mx = row[0];
+    for (int64_t j = 1; j < P + n; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < P + n; ++j) sum += row[j] = vexp(row[j] - mx);
+    for (int64_t j = 0; j < P + n; ++j) row[j] /= sum;
+    if (lse) lse[a.lse(b, t, h)] = mx + std::log(sum);
+    float* yr = y + a.y(b, t, h);
+    if (P > 0) sgemm(false, false, 1, a.hd, P, 1.f, row, P, pv + g * a.hd, ldp, 0.f, yr, a.hd);
+    sgemm(false, false, 1, a.hd, n, 1.f, row + P, n, v + a.v(b, lo, g), a.ldv, P > 0 ? 1.f : 0.f,
+          yr, a.hd);
+  }
+}
+
+}  // namespace
+
 void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const float* k,
                    const float* v, const float* pk, const float* pv, const int32_t* prefix,
                    float* y, float* lse) {
+  if (a.mask == 4) return attention_fwd_ranges(s, a, q, k, v, pk, pv, prefix, y, lse);
   const int nt = omp_get_max_threads();
   const int64_t nblk = (a.T + kBlock - 1) / kBlock, tasks = a.B * a.H * nblk, P = a.P;
   const int64_t ldp = a.G * a.hd;  // prefix keys and values: (P, G*hd)

@@ -323,6 +323,16 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_SET_ROWS: {
       const SetRowsShape r = set_rows_shape(k);
       if (r.error) return bad(c, r.error);
+      if (r.has_idx) {
+        const int32_t* idx = ptr<int32_t>(in[1]);
+        for (int64_t i = 0; i < r.n; ++i)
+          if (idx[i] < 0 || idx[i] >= r.dst_rows)
+            return bad(c, "set_rows: a row index is outside dst");
+        for (int64_t i = 0; i < r.n; ++i)
+          std::memcpy(ptr(out[0]) + int64_t(idx[i]) * r.W, ptr(in[0]) + i * r.ld + r.col,
+                      size_t(r.W) * 4);
+        return 0;
+      }
       for (int64_t b = 0; b < r.B; ++b)
         for (int64_t t = 0; t < r.n; ++t)
           std::memcpy(ptr(out[0]) + (b * r.R + r.at + t) * r.W,

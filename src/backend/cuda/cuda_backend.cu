@@ -344,7 +344,8 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
     case MXN_OP_SET_ROWS: {
       const SetRowsShape r = set_rows_shape(k);
       if (r.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, r.error);
-      k_set_rows<<<blocks(r.B * r.n * r.W), 256, 0, s>>>(F(in[0]) + r.col, F(out[0]), r.B * r.n * r.W, r.n, r.R, r.at, r.W, r.ld);
+      k_set_rows<<<blocks(r.B * r.n * r.W), 256, 0, s>>>(F(in[0]) + r.col, F(out[0]), r.has_idx ? I(in[1]) : nullptr,
+                                                         r.B * r.n * r.W, r.n, r.R, r.at, r.W, r.ld);
       break;
     }
     default: return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));

@@ -29,12 +29,22 @@ __device__ inline int64_t att_visible(const Att& a, int64_t t, int64_t prefix) {
 }
 // Mask 3 (packed rows): the first key query t sees, its segment's start (at most itself).
 __device__ inline int64_t att_first(const Att& a, const int32_t* pre, int64_t b, int64_t t, int64_t n) {
+  if (a.mask == 4) {
+    const int64_t lo = pre[(b * a.T + t) * 2];
+    return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
+  }
   if (a.mask != 3) return 0;
   const int64_t lo = pre[b * a.T + t];
   return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
 }
 __device__ inline int64_t att_prefix(const Att& a, const int32_t* pre, int64_t b) {
   return a.has_prefix && a.mask == 2 ? pre[b] : 0;
+}
+// Mask 4: the end of query (b, t)'s own key range; else the usual visibility.
+__device__ inline int64_t att_end(const Att& a, const int32_t* pre, int64_t b, int64_t t, int64_t prefix) {
+  if (a.mask != 4) return att_visible(a, t, prefix);
+  const int64_t hi = pre[(b * a.T + t) * 2 + 1];
+  return hi < 1 ? 1 : hi < a.S ? hi : a.S;
 }
 __device__ inline int64_t att_q(const Att& a, int64_t b, int64_t t, int64_t h) { return (b * a.T + t) * a.ldq + a.q_col + h * a.hd; }
 __device__ inline int64_t att_k(const Att& a, int64_t b, int64_t j, int64_t g) { return (b * a.kv_rows + j) * a.ldk + a.k_col + g * a.hd; }
@@ -53,7 +63,7 @@ __global__ void k_attn_fwd(Att a, const float* q, const float* k, const float* v
                            const int32_t* pre, float* y, float* lse) {
   MXN_LOOP(i, a.B * a.T * a.H) {
     const int64_t h = i % a.H, t = i / a.H % a.T, b = i / (a.H * a.T), g = h / (a.H / a.G);
-    const int64_t n = att_visible(a, t, att_prefix(a, pre, b)), lo = att_first(a, pre, b, t, n);
+    const int64_t n = att_end(a, pre, b, t, att_prefix(a, pre, b)), lo = att_first(a, pre, b, t, n);
     const float* qr = q + att_q(a, b, t, h);
     float* yr = y + att_y(a, b, t, h);
     for (int64_t c = 0; c < a.hd; ++c) yr[c] = 0.f;
@@ -243,11 +253,12 @@ __global__ void k_swiglu_bwd(const float* dy, const float* g, int64_t lg, const 
     dg[r * lg + c] = dy[i] * uv * s * (1.f + gv * (1.f - s));
   }
 }
-__global__ void k_set_rows(const float* src, float* dst, int64_t total, int64_t n, int64_t R, int64_t at, int64_t W,
-                           int64_t ld) {
+__global__ void k_set_rows(const float* src, float* dst, const int32_t* idx, int64_t total, int64_t n, int64_t R,
+                           int64_t at, int64_t W, int64_t ld) {
   MXN_LOOP(i, total) {
     const int64_t c = i % W, row = i / W, b = row / n, t = row % n;
-    dst[(b * R + at + t) * W + c] = src[row * ld + c];
+    const int64_t to = idx ? int64_t(idx[row]) : b * R + at + t;
+    dst[to * W + c] = src[row * ld + c];
   }
 }
 

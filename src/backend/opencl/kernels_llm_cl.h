@@ -21,11 +21,22 @@ long att_visible(long t, long prefix, int mask, long q_pos0, long S) {
 }
 // Mask 3 (packed rows): the first key query t sees, its segment's start (at most itself).
 long att_first(__global const int* pre, ulong op, long b, long t, long T, int mask, long n) {
+  if (mask == 4) {
+    const long lo = pre[op + (b * T + t) * 2];
+    return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
+  }
   if (mask != 3) return 0;
   const long lo = pre[op + b * T + t];
   return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
 }
 #define ATT_PREFIX(b) (has_prefix && mask == 2 ? pre[op + (b)] : 0)
+// Mask 4: the end of query (b, t)'s own key range; else the usual visibility.
+long att_end(__global const int* pre, ulong op, long b, long t, long T, int mask, long prefix,
+             long q_pos0, long S) {
+  if (mask != 4) return att_visible(t, prefix, mask, q_pos0, S);
+  const long hi = pre[op + (b * T + t) * 2 + 1];
+  return hi < 1 ? 1 : hi < S ? hi : S;
+}
 
 // One query row (b, t, h): y = softmax(scale q K^T) V with a running max and sum.
 __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* k, ulong ok,
@@ -34,7 +45,7 @@ __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* 
                        __global float* y, ulong oy, __global float* lse, ulong ol, int want_lse,
                        ATT_PARAMS) {
   const long i = get_global_id(0), h = i % H, t = i / H % T, b = i / (H * T), g = h / (H / G);
-  const long n = att_visible(t, ATT_PREFIX(b), mask, q_pos0, S);
+  const long n = att_end(pre, op, b, t, T, mask, ATT_PREFIX(b), q_pos0, S);
   const long lo = att_first(pre, op, b, t, T, mask, n);
   __global const float* qr = q + oq + QOFF(b, t, h);
   __global float* yr = y + oy + YOFF(b, t, h);
@@ -264,9 +275,11 @@ __kernel void swiglu_bwd(__global const float* dy, ulong od, __global const floa
   dg[odg + r * lg + c] = d * uv * s * (1.f + gv * (1.f - s));
 }
 __kernel void set_rows(__global const float* src, ulong os, __global float* dst, ulong od,
-                       ulong n, ulong R, ulong at, ulong W, ulong ld) {
+                       __global const int* idx, ulong oi, int has_idx, ulong n, ulong R,
+                       ulong at, ulong W, ulong ld) {
   const size_t i = get_global_id(0), c = i % W, row = i / W, b = row / n, t = row % n;
-  dst[od + (b * R + at + t) * W + c] = src[os + row * ld + c];
+  const ulong to = has_idx ? (ulong)idx[oi + row] : b * R + at + t;
+  dst[od + to * W + c] = src[os + row * ld + c];
 }
 )CLC";
 

@@ -525,6 +525,8 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
       return kernel(c, "set_rows")
           .arg(col(mem(in[0]), r.col))
           .arg(mem(out[0]))
+          .arg(r.has_idx ? mem(in[1]) : mem(in[0]))
+          .s(r.has_idx)
           .u(r.n)
           .u(r.R)
           .u(r.at)
