@@ -58,7 +58,8 @@ std::function<int()> add_generate(CLI::App& app) {
     GenerateOptions o;
     std::string ids;
     bool print_ids = false, timings = false;
-    std::string infill;
+    std::string infill, prompts_file;
+    int64_t slots = 8;
     GenerateStats stats;
   };
   auto a = std::make_shared<A>();
@@ -72,6 +73,12 @@ std::function<int()> add_generate(CLI::App& app) {
                   "text whose [MASK]s a GLM-objective checkpoint fills (prints the whole text)")
       ->excludes(text);
   sub->add_option("--prompt-ids", a->ids, "token ids to continue, comma-separated")->excludes(text);
+  sub->add_option("--prompts-file", a->prompts_file,
+                  "one prompt of comma-separated token ids a line, all generated at once with "
+                  "continuous batching; prints each one's new ids on a line")
+      ->excludes(text);
+  sub->add_option("--slots", a->slots, "with --prompts-file: requests decoded together")
+      ->capture_default_str();
   sub->add_flag("--chat", o.chat, "the prompt is a user message in the model's chat format")
       ->excludes("--prompt-ids");
   sub->add_option("--system", o.system, "with --chat: a system message");
@@ -99,6 +106,23 @@ std::function<int()> add_generate(CLI::App& app) {
       std::printf("%s\n", mxn::infill(o.checkpoint, a->infill, o.max_tokens, o.sampling, o.device,
                                       o.threads)
                               .c_str());
+      return 0;
+    }
+    if (!a->prompts_file.empty()) {
+      std::vector<std::vector<int32_t>> prompts;
+      const std::vector<std::string> lines =
+          split(read_file(a->prompts_file, "prompts file"), '\n');
+      for (size_t i = 0; i < lines.size(); ++i) {
+        if (lines[i].find_first_not_of(" \t\r") == std::string::npos) continue;
+        prompts.emplace_back();
+        for (const std::string& t : split(lines[i], ','))
+          prompts.back().push_back(parse_id(t, (a->prompts_file + ":" + std::to_string(i + 1)).c_str()));
+      }
+      if (a->slots < 1) throw Error("--slots must be >= 1");
+      for (const auto& ids : generate_batch(o, prompts, a->slots)) {
+        for (size_t j = 0; j < ids.size(); ++j) std::printf("%s%d", j ? " " : "", ids[j]);
+        std::printf("\n");
+      }
       return 0;
     }
     for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ','))

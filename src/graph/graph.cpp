@@ -129,8 +129,10 @@ int Graph::swiglu(int gate, int up, int64_t gcol, int64_t ucol, int64_t F) {
   return emit(MXN_OP_SWIGLU, {gate, up}, {activation({v_rows(gate), F})}, {gcol, ucol});
 }
 
-int Graph::set_rows(int src, int dst, int64_t at, int64_t R, int64_t col) {
-  return emit(MXN_OP_SET_ROWS, {src}, {dst}, {at, R, col});
+int Graph::set_rows(int src, int dst, int64_t at, int64_t R, int64_t col, int rows) {
+  std::vector<int> in{src};
+  if (rows >= 0) in.push_back(rows);
+  return emit(MXN_OP_SET_ROWS, in, {dst}, {at, R, col});
 }
 
 int64_t Graph::v_rows(int id) const {

@@ -95,8 +95,9 @@ class Graph {
   // silu(gate[:, gcol + c]) * up[:, ucol + c] for c < F; gate and up may be one fused tensor.
   int swiglu(int gate, int up, int64_t gcol, int64_t ucol, int64_t F);
   // Writes columns [col, col + dst's width) of src's rows into `dst` (rows [at, at + n) of each
-  // sequence of R rows); returns dst.
-  int set_rows(int src, int dst, int64_t at, int64_t R, int64_t col = 0);
+  // sequence of R rows, or with `rows` (an i32 value) src row i into dst row rows[i]); returns
+  // dst.
+  int set_rows(int src, int dst, int64_t at, int64_t R, int64_t col = 0, int rows = -1);
   int embedding(int idx, int table);
   // Inverted dropout with probability p; `tag` tells the node's mask stream apart (the runner
   // sets the seed and index offset of every DROPOUT call per run, see backend_abi.h).

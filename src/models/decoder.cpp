@@ -292,7 +292,10 @@ std::string prefix_value_name(int64_t l) { return "prefix." + std::to_string(l) 
 
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
                            const DecoderOptions& o) {
-  MXN_CHECK(o.kv_cache > 0 || T <= c.max_pos, "sequence longer than the context");
+  MXN_CHECK(o.kv_cache > 0 || o.serve_rows > 0 || T <= c.max_pos,
+            "sequence longer than the context");
+  MXN_CHECK(o.serve_rows == 0 || (B == 1 && o.kv_cache == 0),
+            "serving takes B = 1 and no kv_cache");
   const Names nm = names_for(c.arch);
   Builder b{g, c, o, {}, std::vector<bool>(o.lora.targets.size(), false), 0};
   MXN_CHECK(o.lora.r == 0 || !o.lora.targets.empty(), "LoRA without target modules");
@@ -303,6 +306,10 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   m.positions = g.input("positions", {N}, DType::i32);
   if (o.mask == 2) m.prefix = g.input("prefix", {B}, DType::i32);
   if (o.mask == 3) m.prefix = g.input("segments", {N}, DType::i32);
+  if (o.serve_rows > 0) {
+    m.cache_rows = g.input("cache_rows", {N}, DType::i32);
+    m.key_ranges = g.input("key_ranges", {N, 2}, DType::i32);
+  }
   const int wte = b.w(nm.embed + ".weight", {c.vocab_size, C}, true);
   int x = g.embedding(m.tokens, wte);
   if (o.block_positions) {
@@ -354,7 +361,18 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       v = b.linear(h, p + nm.v, C, G * D, c.qkv_bias);
       at.q_col = at.k_col = at.v_col = 0;
     }
-    if (o.kv_cache > 0) {  // append this step's keys and values; attend over the cache
+    if (o.serve_rows > 0) {  // each row's key and value to its cache row; its own key range
+      const int kc = g.input(p + "k_cache", {o.serve_rows, G * D}, DType::f32);
+      const int vc = g.input(p + "v_cache", {o.serve_rows, G * D}, DType::f32);
+      m.caches.insert(m.caches.end(), {kc, vc});
+      g.set_rows(k, kc, 0, o.serve_rows, at.k_col, m.cache_rows);
+      g.set_rows(v, vc, 0, o.serve_rows, at.v_col, m.cache_rows);
+      k = kc;
+      v = vc;
+      at.k_col = at.v_col = 0;
+      at.kv_rows = at.S = o.serve_rows;
+      at.mask = 4;
+    } else if (o.kv_cache > 0) {  // append this step's keys and values; attend over the cache
       const int kc = g.input(p + "k_cache", {B * o.kv_cache, G * D}, DType::f32);
       const int vc = g.input(p + "v_cache", {B * o.kv_cache, G * D}, DType::f32);
       m.caches.insert(m.caches.end(), {kc, vc});
@@ -382,7 +400,8 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       pv = g.param(prefix_value_name(l), {c.prefix_len, G * D}, true);
     }
     at.P = c.prefix_len;
-    const int y = g.attention(q, k, v, at, m.prefix, o.kv_cache == 0 && o.with_loss, pk, pv);
+    const int y = g.attention(q, k, v, at, o.serve_rows > 0 ? m.key_ranges : m.prefix,
+                              o.kv_cache == 0 && o.serve_rows == 0 && o.with_loss, pk, pv);
     if (o.kv_cache > 0) m.cache_reads.push_back(g.nodes.size() - 1);
     x = g.add(x, b.linear(y, p + nm.o, H * D, C, c.gpt2() || c.o_bias));
     const int h2 = b.norm(x, p + nm.ln2);
@@ -400,8 +419,8 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     x = g.add(x, mlp);
   }
   x = b.norm(x, nm.final_norm);
-  if (o.last_logits) {  // each sequence's last row only: a gather by row index
-    m.last_rows = g.input("last_rows", {B}, DType::i32);
+  if (o.last_logits || o.serve_rows > 0) {  // chosen rows only: a gather by row index
+    m.last_rows = g.input("last_rows", {o.serve_rows > 0 ? o.logit_rows : B}, DType::i32);
     x = g.embedding(m.last_rows, x);
   }
   for (size_t i = 0; i < o.lora.targets.size(); ++i) {

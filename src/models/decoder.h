@@ -92,6 +92,10 @@ struct DecoderOptions {
   // (half of each head's rotated dims by each position, as GLM-130B); for GPT-2's learned
   // positions a learned table, as the original GLM's block position embeddings.
   bool block_positions = false;
+  // Serving (src/serve/engine.h): B = 1 and the KV caches are one buffer of this many rows that
+  // many requests share; each of the T rows names its cache row and its key range (inputs
+  // cache_rows and key_ranges), and `logit_rows` rows picked by last_rows get logits.
+  int64_t serve_rows = 0, logit_rows = 0;
   bool freeze = false;  // the model's weights are frozen (fine-tuning trains adapters only)
   // P-Tuning v2's reparameterisation while training: the prefix rows come out of a small MLP,
   // tanh(E W1^T + b1) W2^T + b2, from a (prefix_len, hidden) embedding E through this many
@@ -104,6 +108,7 @@ struct DecoderGraph {
   int tokens = -1, positions = -1, targets = -1;  // inputs, (B*T) i32
   int block_positions = -1;                       // input (B*T) i32, with block_positions
   int prefix = -1, last_rows = -1;  // inputs, (B) i32 (prefix: (B*T) segment starts for mask 3)
+  int cache_rows = -1, key_ranges = -1;  // serving: inputs (T) and (T, 2) i32
   int logits = -1, loss = -1;
   // With a KV cache: the cache values and the nodes whose position parameters change per run.
   std::vector<int> caches;

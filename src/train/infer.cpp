@@ -19,6 +19,7 @@
 #include "io/checkpoint.h"
 #include "io/gguf_model.h"
 #include "io/hf_folder.h"
+#include "serve/engine.h"
 #include "train/adapter.h"
 #include "train/config.h"
 
@@ -375,6 +376,40 @@ int64_t generate(const GenerateOptions& o,
     if (!rest.empty()) on_token(-1, rest);
   }
   return n;
+}
+
+}  // namespace mxn
+
+namespace mxn {
+
+std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
+                                                 const std::vector<std::vector<int32_t>>& prompts,
+                                                 int64_t slots) {
+  if (o.checkpoint.empty() == o.model.empty())
+    throw Error("generate needs one of --checkpoint (an mxn run) or --model (a model folder)");
+  if (prompts.empty()) throw Error("no prompts to generate from");
+  ModelSource src = load_model(o.checkpoint.empty() ? o.model : o.checkpoint, o.adapter);
+  int64_t longest = 0;
+  for (const auto& p : prompts) longest = std::max<int64_t>(longest, int64_t(p.size()));
+  auto dev = open_device(o.device, int(o.threads));
+  const int64_t capacity = std::min<int64_t>(src.cfg.max_pos, longest + o.max_tokens);
+  Engine engine(src.cfg, src.weights, src.what, *dev, slots, capacity);
+  std::vector<int64_t> ids;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EngineRequest r;
+    r.prompt = prompts[i];
+    r.max_tokens = o.max_tokens;
+    r.sampling = o.sampling;
+    r.sampling.seed = o.sampling.seed + i;
+    r.ignore_eos = o.ignore_eos;
+    ids.push_back(engine.submit(std::move(r)));
+  }
+  std::vector<std::vector<int32_t>> out(prompts.size());
+  while (!engine.idle())
+    for (const EngineEvent& e : engine.step())
+      if (e.token >= 0)
+        out[size_t(std::find(ids.begin(), ids.end(), e.id) - ids.begin())].push_back(e.token);
+  return out;
 }
 
 }  // namespace mxn

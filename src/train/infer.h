@@ -62,6 +62,13 @@ double eval_model(const std::string& model, const std::string& data, const std::
 std::string infill(const std::string& checkpoint, const std::string& text, int64_t max_tokens,
                    const SamplingOptions& sampling, const std::string& device, int64_t threads);
 
+// Many prompts (token ids) at once through the serving engine (continuous batching over `slots`
+// KV-cache slots): each prompt's new tokens, in order. Sampling, max_tokens, ignore_eos, model,
+// adapter, device and threads as in `o`; each prompt's seed is o.sampling.seed + its index.
+std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
+                                                 const std::vector<std::vector<int32_t>>& prompts,
+                                                 int64_t slots);
+
 // Calls `on_token` with each new token id and the text it completes (whole UTF-8 characters;
 // empty while a character is incomplete, or when the model's tokenizer is not read here).
 // Returns the number of tokens generated.

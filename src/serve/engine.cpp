@@ -1,0 +1,157 @@
+#include "serve/engine.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "io/hf_folder.h"
+
+namespace mxn {
+
+Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::string& source,
+               Device& dev, int64_t slots, int64_t capacity, int64_t chunk)
+    : cfg_(c), dev_(dev), capacity_(capacity), chunk_(chunk), max_rows_(slots + chunk) {
+  if (slots < 1 || capacity < 2 || chunk < 1)
+    throw Error("the engine needs slots >= 1, a capacity >= 2 and a prefill chunk >= 1");
+  if (c.gpt2() && capacity > c.max_pos)
+    throw Error("the model has " + std::to_string(c.max_pos) + " learned positions; a slot of " +
+                std::to_string(capacity) + " tokens does not fit");
+  slots_.resize(size_t(slots));
+  Graph g = graph(max_rows_, slots, &m_);
+  prog_ = std::make_unique<Program>(std::move(g), dev_, false);
+  upload_weights(*prog_, weights, source);
+  variants_.assign(size_t(max_rows_ * slots), -1);
+  variants_.back() = 0;
+  tokens_.resize(size_t(max_rows_));
+  positions_.resize(size_t(max_rows_));
+  cache_rows_.resize(size_t(max_rows_));
+  ranges_.resize(size_t(2 * max_rows_));
+  last_rows_.resize(size_t(slots));
+  logits_.resize(size_t(slots * c.vocab_size));
+}
+
+Graph Engine::graph(int64_t rows, int64_t logit_rows, DecoderGraph* m) const {
+  DecoderOptions o;
+  o.serve_rows = int64_t(slots_.size()) * capacity_;
+  o.logit_rows = logit_rows;
+  Graph g;
+  *m = build_decoder(g, cfg_, 1, rows, o);
+  return g;
+}
+
+int Engine::variant_for(int64_t rows, int64_t logit_rows) {
+  int& v = variants_[size_t((rows - 1) * int64_t(slots_.size()) + logit_rows - 1)];
+  DecoderGraph m;
+  if (v < 0) v = prog_->add_variant(graph(rows, logit_rows, &m));
+  return v;
+}
+
+int64_t Engine::submit(EngineRequest r) {
+  if (r.prompt.empty()) throw Error("the prompt is empty");
+  if (r.max_tokens < 1) throw Error("max_tokens must be >= 1");
+  if (int64_t(r.prompt.size()) + r.max_tokens > capacity_)
+    throw Error("the prompt (" + std::to_string(r.prompt.size()) + " tokens) and max_tokens (" +
+                std::to_string(r.max_tokens) + ") exceed the context of " +
+                std::to_string(capacity_) + " tokens");
+  for (int32_t t : r.prompt)
+    if (t < 0 || t >= cfg_.vocab_size)
+      throw Error("prompt token " + std::to_string(t) + " is outside the vocabulary [0, " +
+                  std::to_string(cfg_.vocab_size) + ")");
+  const int64_t id = next_id_++;
+  waiting_.emplace_back(id, std::move(r));
+  return id;
+}
+
+void Engine::cancel(int64_t id) {
+  for (Slot& s : slots_)
+    if (s.used && s.id == id) s.cancelled = true;
+  std::erase_if(waiting_, [&](const auto& w) { return w.first == id; });
+}
+
+std::vector<EngineEvent> Engine::step() {
+  std::vector<EngineEvent> events;
+  for (Slot& s : slots_)  // cancelled ones leave first: their slots take new requests now
+    if (s.used && s.cancelled) {
+      events.push_back({s.id, -1, true, "cancel"});
+      s = Slot{};
+      --active_;
+    }
+  for (Slot& s : slots_) {
+    if (s.used || waiting_.empty()) continue;
+    s.used = true;
+    s.id = waiting_.front().first;
+    s.req = std::move(waiting_.front().second);
+    s.sampler = std::make_unique<Sampler>(s.req.sampling);
+    waiting_.pop_front();
+    ++active_;
+  }
+  // The pass: a row per decoding request, then one prefilling request's next chunk.
+  const int64_t cap = capacity_;
+  int64_t rows = 0, lr = 0;
+  std::vector<size_t> logit_slot;
+  auto add_row = [&](size_t si, int32_t token, int64_t pos) {
+    const int64_t base = int64_t(si) * cap;
+    tokens_[size_t(rows)] = token;
+    positions_[size_t(rows)] = int32_t(pos);
+    cache_rows_[size_t(rows)] = int32_t(base + pos);
+    ranges_[size_t(2 * rows)] = int32_t(base);
+    ranges_[size_t(2 * rows + 1)] = int32_t(base + pos + 1);
+    ++rows;
+  };
+  for (size_t si = 0; si < slots_.size(); ++si) {
+    Slot& s = slots_[si];
+    if (!s.used || s.fed < int64_t(s.req.prompt.size())) continue;
+    add_row(si, s.next, s.len);
+    last_rows_[size_t(lr++)] = int32_t(rows - 1);
+    logit_slot.push_back(si);
+    ++s.len;
+  }
+  size_t pre = slots_.size();  // the oldest request still in prefill
+  for (size_t si = 0; si < slots_.size(); ++si) {
+    const Slot& s = slots_[si];
+    if (s.used && s.fed < int64_t(s.req.prompt.size()) &&
+        (pre == slots_.size() || s.id < slots_[pre].id))
+      pre = si;
+  }
+  if (pre < slots_.size()) {
+    Slot& s = slots_[pre];
+    const int64_t n = std::min<int64_t>(chunk_, int64_t(s.req.prompt.size()) - s.fed);
+    for (int64_t t = 0; t < n; ++t) add_row(pre, s.req.prompt[size_t(s.fed + t)], s.fed + t);
+    s.fed += n;
+    s.len += n;
+    if (s.fed == int64_t(s.req.prompt.size())) {
+      last_rows_[size_t(lr++)] = int32_t(rows - 1);
+      logit_slot.push_back(pre);
+    }
+  }
+  if (rows == 0) return events;
+  const int v = lr > 0 ? variant_for(rows, lr) : variant_for(rows, 1);
+  if (lr == 0) last_rows_[0] = 0;  // a prefill chunk with no token yet: any row, unread
+  dev_.upload(prog_->tensor(m_.tokens, v), tokens_.data());
+  dev_.upload(prog_->tensor(m_.positions, v), positions_.data());
+  dev_.upload(prog_->tensor(m_.cache_rows, v), cache_rows_.data());
+  dev_.upload(prog_->tensor(m_.key_ranges, v), ranges_.data());
+  dev_.upload(prog_->tensor(m_.last_rows, v), last_rows_.data());
+  prog_->run(0, prog_->graph().nodes.size(), v);
+  if (lr == 0) return events;
+  dev_.download(logits_.data(), prog_->tensor(m_.logits, v));
+  for (int64_t r = 0; r < lr; ++r) {
+    Slot& s = slots_[logit_slot[size_t(r)]];
+    const int32_t tok = s.sampler->next(logits_.data() + r * cfg_.vocab_size, cfg_.vocab_size);
+    ++s.made;
+    EngineEvent e{s.id, tok, false, ""};
+    const bool eos =
+        !s.req.ignore_eos && std::find(cfg_.eos.begin(), cfg_.eos.end(), tok) != cfg_.eos.end();
+    if (eos || s.made >= s.req.max_tokens) {
+      e.finished = true;
+      e.reason = eos ? "stop" : "length";
+      s = Slot{};
+      --active_;
+    } else {
+      s.next = tok;
+    }
+    events.push_back(std::move(e));
+  }
+  return events;
+}
+
+}  // namespace mxn

@@ -1,0 +1,76 @@
+#pragma once
+// The serving engine's core: continuous batching over one model on one device. Requests take
+// slots of one shared KV-cache buffer (each slot `capacity` rows). Every step() is one forward
+// pass that holds one row for each decoding request plus up to `chunk` prompt rows of one
+// request still in prefill (chunked prefill: a long prompt does not stall the others). Each row
+// names its cache row and sees only its own request's keys (ATTENTION mask 4, SET_ROWS with
+// destination rows), so a request's tokens do not depend on what else is in the batch. New
+// requests join between steps; a finished or cancelled one frees its slot at once.
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/device.h"
+#include "graph/program.h"
+#include "io/safetensors.h"
+#include "models/decoder.h"
+#include "train/generate.h"
+
+namespace mxn {
+
+struct EngineRequest {
+  std::vector<int32_t> prompt;
+  int64_t max_tokens = 16;
+  SamplingOptions sampling;
+  bool ignore_eos = false;
+};
+
+struct EngineEvent {
+  int64_t id = 0;
+  int32_t token = -1;     // -1: none (the request ended without one, e.g. cancelled)
+  bool finished = false;  // the request's last event
+  std::string reason;     // with finished: "length", "stop" (an end-of-sequence token), "cancel"
+};
+
+class Engine {
+ public:
+  Engine(const DecoderConfig& c, const TensorMap& weights, const std::string& source, Device& dev,
+         int64_t slots, int64_t capacity, int64_t chunk = 64);
+
+  // Queues a request; returns its id. An Error when it cannot fit a slot (prompt + max_tokens
+  // over the capacity) or holds a token outside the vocabulary.
+  int64_t submit(EngineRequest r);
+  void cancel(int64_t id);  // leaves at the next step; its slot is free at once
+  // One forward pass (admitting queued requests into free slots first); returns the tokens made.
+  std::vector<EngineEvent> step();
+  bool idle() const { return waiting_.empty() && active_ == 0; }
+  int64_t slots_in_use() const { return active_; }
+  int64_t slots() const { return int64_t(slots_.size()); }
+
+ private:
+  struct Slot {
+    bool used = false;
+    int64_t id = 0, len = 0, fed = 0,
+            made = 0;  // cache rows filled; prompt tokens fed; tokens made
+    EngineRequest req;
+    std::unique_ptr<Sampler> sampler;
+    int32_t next = -1;  // the token to feed next (decoding)
+    bool cancelled = false;
+  };
+  int variant_for(int64_t rows, int64_t logit_rows);
+  Graph graph(int64_t rows, int64_t logit_rows, DecoderGraph* m) const;
+
+  DecoderConfig cfg_;
+  Device& dev_;
+  int64_t capacity_, chunk_, max_rows_, active_ = 0, next_id_ = 1;
+  DecoderGraph m_;
+  std::unique_ptr<Program> prog_;
+  std::vector<int> variants_;  // by (rows - 1) * max_rows_ + logit_rows - 1; -1 until built
+  std::vector<Slot> slots_;
+  std::deque<std::pair<int64_t, EngineRequest>> waiting_;
+  std::vector<int32_t> tokens_, positions_, cache_rows_, ranges_, last_rows_;
+  std::vector<float> logits_;
+};
+
+}  // namespace mxn

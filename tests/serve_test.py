@@ -1,0 +1,48 @@
+#!/usr/bin/python3
+"""The serving engine (src/serve/engine.h) against one request at a time: continuous batching is
+exact. For LLaMA, Qwen2, GLM and GPT-2 tiny random models (transformers), 16 greedy requests with
+prompts of 1 to 75 tokens go through 5 KV-cache slots at once (`mxn generate --prompts-file`):
+requests join as slots free up, long prompts are prefilled in chunks of 64 rows beside the others'
+decoding, and every request's 20 tokens equal `mxn generate --prompt-ids` run alone, on the CPU
+and on OpenCL (PoCL) when present.
+usage: serve_test.py MXN
+"""
+import os, random, subprocess, sys, tempfile, unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_common import make, perturb, torch  # noqa: E402  (may re-exec in the venv)
+
+MXN = sys.argv[1]
+
+
+class Engine(unittest.TestCase):
+    def test_batched_equals_alone(self):
+        devices = ["cpu"] + (["opencl:0"] if "opencl:0" in subprocess.run([MXN, "devices"], capture_output=True,
+                                                                             text=True).stdout else [])
+        with tempfile.TemporaryDirectory() as tmp:
+            for family in ("llama", "qwen2", "glm", "gpt2"):
+                torch.manual_seed(0)
+                folder = os.path.join(tmp, family)
+                perturb(make(family, False), 3).eval().save_pretrained(folder)
+                rng = random.Random(family)
+                prompts = [[rng.randrange(0, 128) for _ in range(rng.randrange(1, 76))] for _ in range(16)]
+                path = os.path.join(tmp, family + ".txt")
+                with open(path, "w") as f:
+                    f.write("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+                gen = ["--max-tokens", "20", "--temperature", "0", "--ignore-eos"]
+                alone = [subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", ",".join(map(str, p)),
+                                         *gen, "--print-ids"], capture_output=True, text=True, check=True).stdout.split()
+                         for p in prompts]
+                for dev in devices:
+                    r = subprocess.run([MXN, "generate", "--model", folder, "--prompts-file", path, "--slots", "5",
+                                        "--device", dev, *gen], capture_output=True, text=True)
+                    self.assertEqual(r.returncode, 0, r.stderr)
+                    batched = [l.split() for l in r.stdout.splitlines()]
+                    same = sum(a == b for a, b in zip(alone, batched))
+                    self.assertEqual(same, 16, f"{family} on {dev}")
+                    print(f"engine {family:6s} {dev:9s}: 16 requests (prompts {min(map(len, prompts))}-"
+                          f"{max(map(len, prompts))} tokens) through 5 slots = each alone, 20 greedy tokens each")
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
