@@ -116,7 +116,8 @@ std::function<int()> add_generate(CLI::App& app) {
         if (lines[i].find_first_not_of(" \t\r") == std::string::npos) continue;
         prompts.emplace_back();
         for (const std::string& t : split(lines[i], ','))
-          prompts.back().push_back(parse_id(t, (a->prompts_file + ":" + std::to_string(i + 1)).c_str()));
+          prompts.back().push_back(
+              parse_id(t, (a->prompts_file + ":" + std::to_string(i + 1)).c_str()));
       }
       if (a->slots < 1) throw Error("--slots must be >= 1");
       for (const auto& ids : generate_batch(o, prompts, a->slots)) {

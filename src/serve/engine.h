@@ -24,6 +24,7 @@ struct EngineRequest {
   int64_t max_tokens = 16;
   SamplingOptions sampling;
   bool ignore_eos = false;
+  std::vector<int32_t> stop_ids;  // ends the request too, like the model's eos (a chat turn's end)
 };
 
 struct EngineEvent {

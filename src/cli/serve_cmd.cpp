@@ -1,0 +1,43 @@
+// mxn serve: the OpenAI-compatible server (src/serve/server.h).
+#include "cli/commands.h"
+#include "core/error.h"
+#include "serve/server.h"
+
+namespace mxn::cli {
+
+std::function<int()> add_serve(CLI::App& app) {
+  auto* sub =
+      app.add_subcommand("serve", "an OpenAI-compatible HTTP server over one or more models");
+  struct Args {
+    ServeOptions o;
+    std::vector<std::string> models;
+  };
+  auto a = std::make_shared<Args>();
+  sub->add_option("--model", a->models,
+                  "NAME=PATH: a Hugging Face folder, .gguf file or mxn run served as NAME "
+                  "(repeatable)")
+      ->required();
+  sub->add_option("--host", a->o.host, "address to listen on")->capture_default_str();
+  sub->add_option("--port", a->o.port, "port")->capture_default_str();
+  sub->add_option("--device", a->o.device, "device")->capture_default_str();
+  sub->add_option("--threads", a->o.threads, "CPU threads (0: all)");
+  sub->add_option("--slots", a->o.slots, "requests decoded together, per model")
+      ->capture_default_str();
+  sub->add_option("--ctx", a->o.context,
+                  "tokens per request, prompt and answer (0: the model's, "
+                  "at most 2048)");
+  sub->add_option("--api-key", a->o.api_key, "require 'Authorization: Bearer KEY'");
+  return [a] {
+    for (const std::string& m : a->models) {
+      const size_t eq = m.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == m.size())
+        throw Error("--model '" + m + "': expected NAME=PATH, e.g. qwen=models/Qwen2-0.5B");
+      a->o.models.emplace_back(m.substr(0, eq), m.substr(eq + 1));
+    }
+    if (a->o.slots < 1) throw Error("--slots must be >= 1");
+    if (a->o.port < 1 || a->o.port > 65535) throw Error("--port must be 1..65535");
+    return serve(a->o);
+  };
+}
+
+}  // namespace mxn::cli

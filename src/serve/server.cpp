@@ -1,0 +1,420 @@
+#include "serve/server.h"
+
+#include <httplib.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "core/error.h"
+#include "data/chat.h"
+#include "data/tokenizer.h"
+#include "serve/engine.h"
+#include "train/infer.h"
+#include "train/text_stream.h"
+
+namespace mxn {
+namespace {
+
+using json = nlohmann::json;
+
+std::atomic<bool> g_stop{false};
+void on_signal(int) { g_stop = true; }
+
+// A request's tokens as the worker makes them.
+struct Channel {
+  std::mutex m;
+  std::condition_variable cv;
+  std::deque<EngineEvent> events;
+  EngineEvent next() {
+    std::unique_lock<std::mutex> l(m);
+    cv.wait(l, [&] { return !events.empty(); });
+    EngineEvent e = events.front();
+    events.pop_front();
+    return e;
+  }
+};
+
+// One model: its engine, run by a worker thread; requests come in from HTTP threads.
+class Model {
+ public:
+  Model(std::string name, const std::string& path, const ServeOptions& o) : name_(std::move(name)) {
+    ModelSource src = load_model(path);
+    cfg_ = src.cfg;
+    if (!src.tokenizer_dir.empty()) {
+      tok_ = load_tokenizer(src.tokenizer_dir);
+      try {
+        chat_ = chat_format(src.tokenizer_dir, *tok_);
+        has_chat_ = true;
+      } catch (const Error&) {  // a base model: completions only
+      }
+    }
+    dev_ = open_device(o.device, int(o.threads));
+    context_ = std::min<int64_t>(cfg_.max_pos, o.context > 0 ? o.context : 2048);
+    engine_ = std::make_unique<Engine>(cfg_, src.weights, src.what, *dev_, o.slots, context_);
+    worker_ = std::thread([this] { run(); });
+  }
+  ~Model() {
+    {
+      std::lock_guard<std::mutex> l(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();
+  }
+  const std::string& name() const { return name_; }
+  const Tokenizer* tokenizer() const { return tok_.get(); }
+  bool has_chat() const { return has_chat_; }
+  ChatFormat chat() const { return chat_; }
+  int64_t context() const { return context_; }
+  int64_t vocab() const { return cfg_.vocab_size; }
+
+  // Throws an Error (a 400) when the engine refuses the request.
+  std::pair<int64_t, std::shared_ptr<Channel>> submit(EngineRequest r) {
+    auto ch = std::make_shared<Channel>();
+    int64_t id;
+    {
+      std::lock_guard<std::mutex> l(m_);
+      id = engine_->submit(std::move(r));
+      live_[id] = ch;
+    }
+    cv_.notify_all();
+    return {id, ch};
+  }
+  void cancel(int64_t id) {
+    std::lock_guard<std::mutex> l(m_);
+    engine_->cancel(id);
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> l(m_);
+    while (true) {
+      cv_.wait(l, [&] { return stop_ || !engine_->idle(); });
+      if (stop_) return;
+      for (const EngineEvent& e : engine_->step()) {
+        auto it = live_.find(e.id);
+        if (it == live_.end()) continue;
+        {
+          std::lock_guard<std::mutex> cl(it->second->m);
+          it->second->events.push_back(e);
+        }
+        it->second->cv.notify_all();
+        if (e.finished) live_.erase(it);
+      }
+    }
+  }
+
+  std::string name_;
+  DecoderConfig cfg_;
+  std::unique_ptr<Tokenizer> tok_;
+  ChatFormat chat_{};
+  bool has_chat_ = false;
+  std::unique_ptr<Device> dev_;
+  int64_t context_ = 0;
+  std::unique_ptr<Engine> engine_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::map<int64_t, std::shared_ptr<Channel>> live_;
+  std::thread worker_;
+};
+
+struct HttpError {
+  int status;
+  std::string message, type, code;
+};
+
+void send_error(httplib::Response& res, int status, const std::string& message,
+                const std::string& type = "invalid_request_error", const std::string& code = "") {
+  res.status = status;
+  json e = {{"message", message}, {"type", type}, {"param", nullptr}};
+  e["code"] = code.empty() ? json(nullptr) : json(code);
+  res.set_content(json{{"error", e}}.dump(), "application/json");
+}
+
+int64_t now_s() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// The text of new tokens, whole UTF-8 characters only, cut at a stop string.
+struct TextOut {
+  const Tokenizer* tok;
+  Utf8Stream utf8;
+  StopFilter stop;
+  bool stopped = false;
+  TextOut(const Tokenizer* t, const std::vector<std::string>& stops) : tok(t), stop(stops) {}
+  std::string push(int32_t id) {
+    std::string text;
+    for (char ch : tok->piece(id)) text += stop.push(utf8.push(uint8_t(ch)), stopped);
+    return text;
+  }
+};
+
+double number(const json& j, const char* key, double dflt) {
+  if (!j.contains(key) || j[key].is_null()) return dflt;
+  if (!j[key].is_number())
+    throw HttpError{400, std::string("'") + key + "' must be a number", "invalid_request_error",
+                    ""};
+  return j[key].get<double>();
+}
+
+}  // namespace
+
+int serve(const ServeOptions& o) {
+  if (o.models.empty()) throw Error("mxn serve needs at least one --model NAME=PATH");
+  std::map<std::string, std::unique_ptr<Model>> models;
+  for (const auto& [name, path] : o.models) {
+    if (models.count(name)) throw Error("model name '" + name + "' is given twice");
+    std::fprintf(stderr, "loading %s from %s\n", name.c_str(), path.c_str());
+    models[name] = std::make_unique<Model>(name, path, o);
+  }
+  std::atomic<int64_t> next_id{1};
+  httplib::Server svr;
+  svr.set_payload_max_length(o.max_body);
+  svr.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response& res) {
+    if (o.api_key.empty() || req.path == "/health")
+      return httplib::Server::HandlerResponse::Unhandled;
+    if (req.get_header_value("Authorization") == "Bearer " + o.api_key)
+      return httplib::Server::HandlerResponse::Unhandled;
+    send_error(res, 401, "invalid API key: send 'Authorization: Bearer <key>'",
+               "invalid_request_error", "invalid_api_key");
+    return httplib::Server::HandlerResponse::Handled;
+  });
+  svr.set_error_handler([](const httplib::Request&, httplib::Response& res) {
+    if (!res.body.empty()) return;
+    if (res.status == 413)
+      send_error(res, 413, "the request body is too large");
+    else if (res.status == 404)
+      send_error(res, 404, "no such endpoint", "invalid_request_error", "not_found");
+    else
+      send_error(res, res.status, "request failed");
+  });
+  svr.Get("/health", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content(R"({"status":"ok"})", "application/json");
+  });
+  svr.Get("/v1/models", [&](const httplib::Request&, httplib::Response& res) {
+    json data = json::array();
+    for (const auto& [name, m] : models)
+      data.push_back({{"id", name}, {"object", "model"}, {"created", 0}, {"owned_by", "mxn"}});
+    res.set_content(json{{"object", "list"}, {"data", data}}.dump(), "application/json");
+  });
+
+  auto handle = [&](const httplib::Request& req, httplib::Response& res, bool chat) {
+    try {
+      json j = json::parse(req.body, nullptr, false);
+      if (j.is_discarded() || !j.is_object())
+        throw HttpError{400, "the body is not a JSON object", "invalid_request_error", ""};
+      if (!j.contains("model") || !j["model"].is_string())
+        throw HttpError{400, "'model' is missing (a string naming one of /v1/models)",
+                        "invalid_request_error", ""};
+      const std::string name = j["model"].get<std::string>();
+      auto mit = models.find(name);
+      if (mit == models.end())
+        throw HttpError{404, "the model '" + name + "' does not exist", "invalid_request_error",
+                        "model_not_found"};
+      Model& model = *mit->second;
+      EngineRequest r;
+      const double max_tokens = number(j, chat ? "max_completion_tokens" : "max_tokens",
+                                       number(j, "max_tokens", chat ? 256 : 16));
+      if (max_tokens < 1)
+        throw HttpError{400, "'max_tokens' must be >= 1", "invalid_request_error", ""};
+      r.max_tokens = int64_t(max_tokens);
+      r.sampling.temperature = number(j, "temperature", 1.0);
+      r.sampling.top_p = number(j, "top_p", 1.0);
+      r.sampling.top_k = 0;
+      r.sampling.seed = uint64_t(number(j, "seed", double(next_id.load())));
+      if (r.sampling.temperature < 0 || r.sampling.top_p <= 0 || r.sampling.top_p > 1)
+        throw HttpError{400, "'temperature' must be >= 0 and 'top_p' in (0, 1]",
+                        "invalid_request_error", ""};
+      std::vector<std::string> stops;
+      if (j.contains("stop") && !j["stop"].is_null()) {
+        const json& s = j["stop"];
+        if (s.is_string())
+          stops.push_back(s.get<std::string>());
+        else if (s.is_array())
+          for (const auto& x : s)
+            if (x.is_string()) stops.push_back(x.get<std::string>());
+      }
+      if (!model.tokenizer())
+        throw HttpError{400, "the model '" + name + "' has no tokenizer files; it cannot take text",
+                        "invalid_request_error", ""};
+      if (chat) {
+        if (!model.has_chat())
+          throw HttpError{400,
+                          "the model '" + name +
+                              "' has no chat format (a base model): use "
+                              "/v1/completions",
+                          "invalid_request_error", ""};
+        if (!j.contains("messages") || !j["messages"].is_array())
+          throw HttpError{400, "'messages' is missing (a list of {role, content})",
+                          "invalid_request_error", ""};
+        std::vector<ChatMessage> msgs;
+        try {
+          msgs = chat_messages_from_json(json{{"messages", j["messages"]}}.dump(), "request");
+        } catch (const Error& e) {
+          throw HttpError{400, e.what(), "invalid_request_error", ""};
+        }
+        r.prompt = chat_prompt(model.chat(), msgs, *model.tokenizer());
+        r.stop_ids = chat_stop_ids(model.chat(), *model.tokenizer());
+      } else {
+        if (!j.contains("prompt"))
+          throw HttpError{400, "'prompt' is missing", "invalid_request_error", ""};
+        const json& p = j["prompt"];
+        if (p.is_string()) {
+          r.prompt = model.tokenizer()->encode(p.get<std::string>());
+        } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
+          for (const auto& x : p) {
+            if (!x.is_number_integer())
+              throw HttpError{400, "'prompt' mixes token ids and other values",
+                              "invalid_request_error", ""};
+            r.prompt.push_back(x.get<int32_t>());
+          }
+        } else {
+          throw HttpError{400, "'prompt' must be a string or a list of token ids",
+                          "invalid_request_error", ""};
+        }
+      }
+      const int64_t n_prompt = int64_t(r.prompt.size());
+      if (n_prompt + r.max_tokens > model.context())
+        throw HttpError{400,
+                        "the prompt (" + std::to_string(n_prompt) + " tokens) and max_tokens (" +
+                            std::to_string(r.max_tokens) + ") exceed the context of " +
+                            std::to_string(model.context()) + " tokens",
+                        "invalid_request_error", "context_length_exceeded"};
+      std::pair<int64_t, std::shared_ptr<Channel>> sub;
+      try {
+        sub = model.submit(std::move(r));
+      } catch (const Error& e) {
+        throw HttpError{400, e.what(), "invalid_request_error", ""};
+      }
+      const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
+      const int64_t created = now_s();
+      const std::string object = chat ? "chat.completion" : "text_completion";
+      auto usage = [n_prompt](int64_t made) {
+        return json{{"prompt_tokens", n_prompt},
+                    {"completion_tokens", made},
+                    {"total_tokens", n_prompt + made}};
+      };
+      auto choice = [chat](const std::string& text, const json& reason, bool delta) {
+        json c = {{"index", 0}, {"finish_reason", reason}, {"logprobs", nullptr}};
+        if (!chat)
+          c["text"] = text;
+        else if (delta)
+          c["delta"] = {{"role", "assistant"}, {"content", text}};
+        else
+          c["message"] = {{"role", "assistant"}, {"content", text}};
+        return c;
+      };
+      const bool stream = j.value("stream", false);
+      auto out = std::make_shared<TextOut>(model.tokenizer(), stops);
+      // One event: its text (empty for an end-of-turn token), and whether the request ended.
+      auto take = [out, &model, id_ = sub.first](const EngineEvent& e, std::string& text,
+                                                 int64_t& made, std::string& reason) {
+        if (e.token >= 0 && e.reason != "stop") {
+          text += out->push(e.token);
+          ++made;
+        }
+        if (out->stopped && !e.finished) {  // a stop string: the engine may let go
+          model.cancel(id_);
+          reason = "stop";
+          return true;
+        }
+        if (e.finished) {
+          reason = e.reason == "length" ? "length" : "stop";
+          return true;
+        }
+        return false;
+      };
+      if (!stream) {
+        std::string text, reason;
+        int64_t made = 0;
+        while (!take(sub.second->next(), text, made, reason)) {
+        }
+        if (!out->stopped) text += out->stop.flush();
+        json body = {{"id", id},
+                     {"object", object},
+                     {"created", created},
+                     {"model", name},
+                     {"choices", json::array({choice(text, reason, false)})},
+                     {"usage", usage(made)}};
+        res.set_content(body.dump(), "application/json");
+        return;
+      }
+      const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
+      auto made = std::make_shared<int64_t>(0);
+      auto ended = std::make_shared<bool>(false);
+      res.set_chunked_content_provider(
+          "text/event-stream",
+          [=, &model](size_t, httplib::DataSink& sink) {
+            auto send = [&](const json& j) {
+              const std::string s = "data: " + j.dump() + "\n\n";
+              return sink.write(s.data(), s.size());
+            };
+            std::string text, reason;
+            const bool done = take(sub.second->next(), text, *made, reason);
+            std::string tail = done && !out->stopped ? out->stop.flush() : "";
+            text += tail;
+            json c = {{"id", id}, {"object", chunk_object}, {"created", created}, {"model", name}};
+            if (!text.empty() || done) {
+              c["choices"] = json::array({choice(text, done ? json(reason) : json(nullptr), true)});
+              if (done) c["usage"] = usage(*made);
+              if (!send(c)) {  // the client went away: its slot is freed at the next pass
+                model.cancel(sub.first);
+                return false;
+              }
+            }
+            if (done) {
+              *ended = true;
+              const std::string last = "data: [DONE]\n\n";
+              sink.write(last.data(), last.size());
+              sink.done();
+            }
+            return true;
+          },
+          [=, &model](bool) {
+            if (!*ended) model.cancel(sub.first);
+          });
+    } catch (const HttpError& e) {
+      send_error(res, e.status, e.message, e.type, e.code);
+    } catch (const std::exception& e) {
+      send_error(res, 500, e.what(), "server_error");
+    }
+  };
+  svr.Post("/v1/completions",
+           [&](const httplib::Request& q, httplib::Response& r) { handle(q, r, false); });
+  svr.Post("/v1/chat/completions",
+           [&](const httplib::Request& q, httplib::Response& r) { handle(q, r, true); });
+
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  std::thread watcher([&] {
+    while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    svr.stop();
+  });
+  if (!svr.bind_to_port(o.host.c_str(), o.port)) {
+    g_stop = true;
+    watcher.join();
+    throw Error("cannot listen on " + o.host + ":" + std::to_string(o.port) +
+                " (in use, or not an address of this machine)");
+  }
+  std::printf("mxn serve: listening on http://%s:%d (%zu model%s)\n", o.host.c_str(), o.port,
+              models.size(), models.size() == 1 ? "" : "s");
+  std::fflush(stdout);
+  svr.listen_after_bind();
+  g_stop = true;
+  watcher.join();
+  return 0;
+}
+
+}  // namespace mxn

@@ -1,0 +1,28 @@
+#pragma once
+// mxn serve: an OpenAI-compatible HTTP server (cpp-httplib) over the serving engine. Each model
+// has its own engine and a worker thread that runs its passes; HTTP threads submit requests and
+// wait on their own channel of tokens. Endpoints: GET /health, GET /v1/models,
+// POST /v1/completions and POST /v1/chat/completions (with "stream": true as server-sent
+// events ending in "data: [DONE]"). Errors have OpenAI's JSON shape and a 4xx status.
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace mxn {
+
+struct ServeOptions {
+  std::vector<std::pair<std::string, std::string>> models;  // name, folder (or .gguf, run)
+  std::string host = "127.0.0.1";
+  int port = 8080;
+  std::string device = "cpu";
+  int64_t threads = 0;
+  int64_t slots = 8;    // requests decoded together, per model
+  int64_t context = 0;  // tokens per request (prompt + output); 0: the model's, at most 2048
+  std::string api_key;  // when set, requests need "Authorization: Bearer <key>"
+  size_t max_body = 1 << 20;
+};
+
+// Loads the models, listens, and serves until SIGINT/SIGTERM. Returns the exit code.
+int serve(const ServeOptions& o);
+
+}  // namespace mxn

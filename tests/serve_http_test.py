@@ -1,0 +1,162 @@
+#!/usr/bin/python3
+"""mxn serve against the official `openai` Python client (1.55, in the test venv), on a real
+loopback port: completions and chat, streaming and not; the text equals `mxn generate` greedy for
+the same model and prompt; `usage` counts equal the tokenizer's (`mxn tokenize`) and the generated
+ids; bad requests get OpenAI-shaped 4xx errors and the server answers the next good one.
+Models: a tiny GPT-2 with GPT-2's BPE files (a base model) and a tiny Qwen2 with a ChatML
+tokenizer trained here (its chat template in tokenizer_config.json).
+usage: serve_http_test.py MXN KJV_TXT GPT2_BPE_DIR
+"""
+import json, os, shutil, socket, subprocess, sys, tempfile, time, unittest, urllib.error, urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_common import torch  # noqa: E402  (may re-exec in the venv)
+import openai  # noqa: E402
+
+MXN, KJV, BPE = sys.argv[1], sys.argv[2], sys.argv[3]
+QWEN2_CHAT = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+              "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+              "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_models(tmp):
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=256))
+    with torch.no_grad():
+        for p in gpt2.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    base = os.path.join(tmp, "gpt2")
+    gpt2.save_pretrained(base)
+    shutil.copy(os.path.join(BPE, "encoder.json"), os.path.join(base, "vocab.json"))
+    shutil.copy(os.path.join(BPE, "vocab.bpe"), os.path.join(base, "merges.txt"))
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    with open(KJV, encoding="utf-8") as f:
+        text = f.read()[:400000]
+    tk.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    chat = os.path.join(tmp, "qwen2")
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=tk.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                        max_position_embeddings=512, pad_token_id=None))
+    with torch.no_grad():
+        for p in qwen.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    qwen.save_pretrained(chat)
+    tk.save(os.path.join(chat, "tokenizer.json"))
+    with open(os.path.join(chat, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": QWEN2_CHAT, "eos_token": "<|im_end|>"}, f)
+    return base, chat
+
+
+class Serve(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.base, cls.chat = make_models(cls.tmp.name)
+        cls.port = free_port()
+        cls.proc = subprocess.Popen([MXN, "serve", "--model", f"tiny={cls.base}", "--model", f"chat={cls.chat}",
+                                     "--port", str(cls.port), "--slots", "4", "--api-key", "sekrit"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{cls.port}"
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        cls.client = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
+        cls.url = url
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proc.terminate()
+        cls.proc.wait(timeout=30)
+        cls.tmp.cleanup()
+
+    def generate(self, folder, *args):
+        r = subprocess.run([MXN, "generate", "--model", folder, "--temperature", "0", *args],
+                           capture_output=True, text=True, check=True)
+        return r.stdout
+
+    def count(self, folder, text):
+        r = subprocess.run([MXN, "tokenize", "--tokenizer", folder, "--text", text], capture_output=True,
+                           text=True, check=True)
+        return len(r.stdout.replace(",", " ").split())
+
+    def test_completions(self):
+        prompt = "In the beginning God created"
+        want = self.generate(self.base, "--prompt", prompt, "--max-tokens", "12")[len(prompt):].rstrip("\n")
+        ids = self.generate(self.base, "--prompt", prompt, "--max-tokens", "12", "--print-ids").split()
+        r = self.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        self.assertEqual(r.choices[0].text, want)
+        self.assertEqual(r.usage.prompt_tokens, self.count(self.base, prompt))
+        self.assertEqual(r.usage.completion_tokens, len(ids))
+        self.assertEqual(r.choices[0].finish_reason, "length")
+        chunks = list(self.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                     stream=True))
+        self.assertEqual("".join(c.choices[0].text for c in chunks), want)
+        self.assertEqual(chunks[-1].usage.completion_tokens, len(ids))
+        print(f"serve completions: {len(ids)} tokens equal mxn generate, streamed in {len(chunks)} chunks; "
+              f"usage {r.usage.prompt_tokens}+{r.usage.completion_tokens}")
+
+    def test_chat(self):
+        q = "Who created the heaven?"
+        want = self.generate(self.chat, "--chat", "--prompt", q, "--max-tokens", "20")[len(q):].rstrip("\n")
+        r = self.client.chat.completions.create(model="chat", messages=[{"role": "user", "content": q}],
+                                                max_tokens=20, temperature=0)
+        self.assertEqual(r.choices[0].message.content, want)
+        self.assertEqual(r.choices[0].message.role, "assistant")
+        parts = list(self.client.chat.completions.create(model="chat", messages=[{"role": "user", "content": q}],
+                                                         max_tokens=20, temperature=0, stream=True))
+        self.assertEqual("".join(p.choices[0].delta.content or "" for p in parts), want)
+        print(f"serve chat: {r.usage.completion_tokens} tokens equal mxn generate --chat, streamed and not")
+
+    def post(self, path, body, key="sekrit", raw=None):
+        data = raw if raw is not None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="POST",
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def test_bad_requests(self):
+        good = {"model": "tiny", "prompt": "In the", "max_tokens": 3, "temperature": 0}
+        cases = [("invalid JSON", 400, None, b"{not json", "JSON"),
+                 ("missing model", 400, {"prompt": "x"}, None, "'model'"),
+                 ("unknown model", 404, {**good, "model": "nope"}, None, "'nope'"),
+                 ("negative max_tokens", 400, {**good, "max_tokens": -5}, None, "max_tokens"),
+                 ("prompt over the context", 400, {**good, "prompt": "the " * 3000}, None, "context"),
+                 ("chat on a base model", 400, None, None, "chat format"),
+                 ("wrong API key", 401, good, None, "API key"),
+                 ("a 10 MB body", 413, None, b"x" * (10 << 20), "too large")]
+        for name, status, body, raw, needle in cases:
+            with self.subTest(name):
+                if name == "chat on a base model":
+                    got, err = self.post("/v1/chat/completions", {"model": "tiny", "messages": [
+                        {"role": "user", "content": "hi"}]})
+                else:
+                    got, err = self.post("/v1/completions", body, key="wrong" if "key" in name else "sekrit", raw=raw)
+                self.assertEqual(got, status, err)
+                self.assertIn(needle, err["error"]["message"])
+                ok, r = self.post("/v1/completions", good)
+                self.assertEqual(ok, 200, r)
+        print(f"serve bad input: {len(cases)} kinds, each its 4xx JSON error, and the next request answered")
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
