@@ -37,6 +37,11 @@ def make_models(tmp):
     gpt2.save_pretrained(base)
     shutil.copy(os.path.join(BPE, "encoder.json"), os.path.join(base, "vocab.json"))
     shutil.copy(os.path.join(BPE, "vocab.bpe"), os.path.join(base, "merges.txt"))
+    # A wider one, slow enough (a few ms a token here) that clients can hang up mid-answer.
+    wide = os.path.join(tmp, "gpt2-wide")
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_embd=256, n_layer=4, n_head=4, n_positions=512)).save_pretrained(wide)
+    shutil.copy(os.path.join(BPE, "encoder.json"), os.path.join(wide, "vocab.json"))
+    shutil.copy(os.path.join(BPE, "vocab.bpe"), os.path.join(wide, "merges.txt"))
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,18 +62,20 @@ def make_models(tmp):
     tk.save(os.path.join(chat, "tokenizer.json"))
     with open(os.path.join(chat, "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": QWEN2_CHAT, "eos_token": "<|im_end|>"}, f)
-    return base, chat
+    return base, chat, wide
 
 
 class Serve(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.base, cls.chat = make_models(cls.tmp.name)
+        cls.base, cls.chat, wide = make_models(cls.tmp.name)
         cls.port = free_port()
         cls.proc = subprocess.Popen([MXN, "serve", "--model", f"tiny={cls.base}", "--model", f"chat={cls.chat}",
-                                     "--port", str(cls.port), "--slots", "4", "--api-key", "sekrit"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     "--model", f"wide={wide}",
+                                     "--port", str(cls.port), "--slots", "8", "--api-key", "sekrit"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=dict(os.environ, MXN_TEST_SERVE_STEP_MS="5"))
         url = f"http://127.0.0.1:{cls.port}"
         for _ in range(300):
             try:
@@ -156,6 +163,46 @@ class Serve(unittest.TestCase):
                 ok, r = self.post("/v1/completions", good)
                 self.assertEqual(ok, 200, r)
         print(f"serve bad input: {len(cases)} kinds, each its 4xx JSON error, and the next request answered")
+
+    def metric(self, name, model="tiny"):
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + "{") and f'model="{model}"' in line:
+                    return float(line.split()[-1])
+        raise AssertionError(f"{name} not in /metrics")
+
+    def test_disconnect_frees_slots(self):
+        """8 streaming clients read two chunks each and hang up: their requests leave the batch and
+        the KV slots in use return to 0 (read from /metrics) while a new request is answered."""
+        import http.client
+        conns = []
+        for i in range(8):
+            c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            c.request("POST", "/v1/completions", json.dumps({"model": "wide", "prompt": f"Verse {i}",
+                                                             "max_tokens": 400, "stream": True}),
+                      {"Authorization": "Bearer sekrit", "Content-Type": "application/json"})
+            r = c.getresponse()
+            self.assertEqual(r.status, 200)
+            r.fp.readline(), r.fp.readline(), r.fp.readline()  # a chunk has arrived
+            conns.append((c, r))
+        busy = self.metric("mxn_kv_slots_used", "wide")
+        for c, r in conns:
+            c.sock.shutdown(socket.SHUT_RDWR)
+            c.close()
+        t0 = time.time()
+        while self.metric("mxn_kv_slots_used", "wide") > 0 and time.time() - t0 < 10:
+            time.sleep(0.02)
+        freed = time.time() - t0
+        self.assertEqual(busy, 8, "every slot was busy when the clients hung up")
+        self.assertEqual(self.metric("mxn_kv_slots_used", "wide"), 0)
+        self.assertEqual(self.metric("mxn_requests_waiting", "wide"), 0)
+        cancelled, made = self.metric("mxn_requests_cancelled_total", "wide"), self.metric("mxn_generated_tokens_total", "wide")
+        self.assertEqual(cancelled, 8, "each request left mid-answer")
+        self.assertLess(made, 8 * 400)
+        ok, r = self.post("/v1/completions", {"model": "tiny", "prompt": "In the", "max_tokens": 3})
+        self.assertEqual(ok, 200, r)
+        print(f"serve disconnect: 8 streams hung up with {busy:.0f} of 8 slots busy; all free after "
+              f"{freed * 1e3:.0f} ms, 8 cancelled after {made:.0f} of 3200 tokens")
 
 
 if __name__ == "__main__":

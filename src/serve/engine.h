@@ -47,6 +47,7 @@ class Engine {
   std::vector<EngineEvent> step();
   bool idle() const { return waiting_.empty() && active_ == 0; }
   int64_t slots_in_use() const { return active_; }
+  int64_t waiting() const { return int64_t(waiting_.size()); }
   int64_t slots() const { return int64_t(slots_.size()); }
 
  private:

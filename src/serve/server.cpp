@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <map>
 #include <memory>
@@ -93,14 +94,37 @@ class Model {
     std::lock_guard<std::mutex> l(m_);
     engine_->cancel(id);
   }
+  // Prometheus lines for this model (the engine's state between passes).
+  std::string metrics(const std::string& device) {
+    std::lock_guard<std::mutex> l(m_);
+    const std::string lbl = "{model=\"" + name_ + "\",device=\"" + device + "\"}";
+    const int64_t used = engine_->slots_in_use();
+    return "mxn_requests_running" + lbl + " " + std::to_string(used) + "\n" +
+           "mxn_requests_waiting" + lbl + " " + std::to_string(engine_->waiting()) + "\n" +
+           "mxn_kv_slots_used" + lbl + " " + std::to_string(used) + "\n" + "mxn_kv_slots_free" +
+           lbl + " " + std::to_string(engine_->slots() - used) + "\n" +
+           "mxn_generated_tokens_total" + lbl + " " + std::to_string(tokens_) + "\n" +
+           "mxn_requests_cancelled_total" + lbl + " " + std::to_string(cancelled_) + "\n";
+  }
+  std::string device_name() const { return dev_->name(); }
 
  private:
   void run() {
+    // Tests slow each pass down (ms) to hang up on requests mid-answer.
+    const char* slow = std::getenv("MXN_TEST_SERVE_STEP_MS");
+    const int slow_ms = slow ? std::atoi(slow) : 0;
     std::unique_lock<std::mutex> l(m_);
     while (true) {
       cv_.wait(l, [&] { return stop_ || !engine_->idle(); });
       if (stop_) return;
+      if (slow_ms > 0) {
+        l.unlock();
+        std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+        l.lock();
+      }
       for (const EngineEvent& e : engine_->step()) {
+        tokens_ += e.token >= 0;
+        cancelled_ += e.reason == "cancel";
         auto it = live_.find(e.id);
         if (it == live_.end()) continue;
         {
@@ -125,6 +149,7 @@ class Model {
   std::condition_variable cv_;
   bool stop_ = false;
   std::map<int64_t, std::shared_ptr<Channel>> live_;
+  int64_t tokens_ = 0, cancelled_ = 0;  // counters for /metrics
   std::thread worker_;
 };
 
@@ -181,9 +206,14 @@ int serve(const ServeOptions& o) {
   }
   std::atomic<int64_t> next_id{1};
   httplib::Server svr;
+  // A streaming answer holds its HTTP thread until it ends: enough threads for every slot of
+  // every model, and some for the requests that wait, /metrics and /health.
+  const size_t http_threads =
+      size_t(std::max<int64_t>(64, 2 * o.slots * int64_t(models.size()) + 16));
+  svr.new_task_queue = [http_threads] { return new httplib::ThreadPool(http_threads); };
   svr.set_payload_max_length(o.max_body);
   svr.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response& res) {
-    if (o.api_key.empty() || req.path == "/health")
+    if (o.api_key.empty() || req.path == "/health" || req.path == "/metrics")
       return httplib::Server::HandlerResponse::Unhandled;
     if (req.get_header_value("Authorization") == "Bearer " + o.api_key)
       return httplib::Server::HandlerResponse::Unhandled;
@@ -202,6 +232,14 @@ int serve(const ServeOptions& o) {
   });
   svr.Get("/health", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(R"({"status":"ok"})", "application/json");
+  });
+  svr.Get("/metrics", [&](const httplib::Request&, httplib::Response& res) {
+    std::string out =
+        "# TYPE mxn_requests_running gauge\n# TYPE mxn_requests_waiting gauge\n"
+        "# TYPE mxn_kv_slots_used gauge\n# TYPE mxn_kv_slots_free gauge\n"
+        "# TYPE mxn_generated_tokens_total counter\n# TYPE mxn_requests_cancelled_total counter\n";
+    for (const auto& [name, m] : models) out += m->metrics(m->device_name());
+    res.set_content(out, "text/plain; version=0.0.4");
   });
   svr.Get("/v1/models", [&](const httplib::Request&, httplib::Response& res) {
     json data = json::array();

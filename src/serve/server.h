@@ -1,7 +1,8 @@
 #pragma once
 // mxn serve: an OpenAI-compatible HTTP server (cpp-httplib) over the serving engine. Each model
 // has its own engine and a worker thread that runs its passes; HTTP threads submit requests and
-// wait on their own channel of tokens. Endpoints: GET /health, GET /v1/models,
+// wait on their own channel of tokens. Endpoints: GET /health, GET /metrics (Prometheus text:
+// requests running and waiting, KV slots used and free, tokens made), GET /v1/models,
 // POST /v1/completions and POST /v1/chat/completions (with "stream": true as server-sent
 // events ending in "data: [DONE]"). Errors have OpenAI's JSON shape and a 4xx status.
 #include <string>
