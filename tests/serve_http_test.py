@@ -204,6 +204,52 @@ class Serve(unittest.TestCase):
         print(f"serve disconnect: 8 streams hung up with {busy:.0f} of 8 slots busy; all free after "
               f"{freed * 1e3:.0f} ms, 8 cancelled after {made:.0f} of 3200 tokens")
 
+    def test_many_streams_over_two_models(self):
+        """64 concurrent streaming clients over two models (8 slots each, so most wait their
+        turn): no request fails, every stream ends with its finish chunk and [DONE], and each one's
+        text equals what the same greedy request gives alone."""
+        import threading
+        prompts = [f"Chapter {i} verse" for i in range(64)]
+        alone = {}
+        for i in (0, 1, 2, 3):  # a few references, one at a time
+            model = "tiny" if i % 2 == 0 else "chat"
+            if model == "tiny":
+                alone[i] = self.client.completions.create(model=model, prompt=prompts[i], max_tokens=16,
+                                                          temperature=0).choices[0].text
+            else:
+                alone[i] = self.client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompts[i]}], max_tokens=16,
+                    temperature=0).choices[0].message.content
+        results, errors = {}, []
+
+        def one(i):
+            try:
+                if i % 2 == 0:
+                    parts = list(self.client.completions.create(model="tiny", prompt=prompts[i], max_tokens=16,
+                                                                temperature=0, stream=True))
+                    text = "".join(p.choices[0].text for p in parts)
+                else:
+                    parts = list(self.client.chat.completions.create(
+                        model="chat", messages=[{"role": "user", "content": prompts[i]}], max_tokens=16,
+                        temperature=0, stream=True))
+                    text = "".join(p.choices[0].delta.content or "" for p in parts)
+                assert parts[-1].choices[0].finish_reason in ("length", "stop"), parts[-1]
+                results[i] = text
+            except Exception as e:  # noqa: BLE001  (counted, then asserted)
+                errors.append(f"{i}: {e!r}")
+        t0 = time.time()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        took = time.time() - t0
+        self.assertEqual(errors, [])
+        self.assertEqual(len(results), 64)
+        for i, want in alone.items():
+            self.assertEqual(results[i], want, f"request {i}")
+        print(f"serve load: 64 concurrent streams over 2 models in {took:.1f} s, 0 failed, all complete")
+
 
 if __name__ == "__main__":
     unittest.main(argv=sys.argv[:1], verbosity=2)

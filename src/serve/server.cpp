@@ -207,7 +207,7 @@ int serve(const ServeOptions& o) {
   std::atomic<int64_t> next_id{1};
   httplib::Server svr;
   // A streaming answer holds its HTTP thread until it ends: enough threads for every slot of
-  // every model, and some for the requests that wait, /metrics and /health.
+  // every model, and some for the requests that wait (128 at least), /metrics and /health.
   const size_t http_threads =
       size_t(std::max<int64_t>(64, 2 * o.slots * int64_t(models.size()) + 16));
   svr.new_task_queue = [http_threads] { return new httplib::ThreadPool(http_threads); };
