@@ -250,6 +250,59 @@ class Serve(unittest.TestCase):
             self.assertEqual(results[i], want, f"request {i}")
         print(f"serve load: 64 concurrent streams over 2 models in {took:.1f} s, 0 failed, all complete")
 
+    def ids_of(self, folder, text):
+        r = subprocess.run([MXN, "tokenize", "--tokenizer", folder, "--text", text], capture_output=True,
+                           text=True, check=True)
+        return [int(t) for t in r.stdout.replace(",", " ").split()]
+
+    def test_logprobs_and_penalties(self):
+        """Log-probabilities equal transformers' log-softmax at each generated position (top 3 too);
+        frequency and presence penalties steer greedy decoding exactly as OpenAI defines them
+        (logit - presence * [count > 0] - frequency * count), checked against a loop over
+        transformers' logits."""
+        from transformers import GPT2LMHeadModel
+        ref = GPT2LMHeadModel.from_pretrained(self.base).double().eval()
+        prompt = "And God said"
+        ids = self.ids_of(self.base, prompt)
+        r = self.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
+        lp = r.choices[0].logprobs
+        seq = list(ids)
+        worst = 0.0
+        gen = []
+        with torch.no_grad():
+            for k in range(8):
+                logp = torch.log_softmax(ref(torch.tensor([seq])).logits[0, -1], -1)
+                tok = int(logp.argmax())
+                gen.append(tok)
+                worst = max(worst, abs(lp.token_logprobs[k] - float(logp[tok])))
+                top = sorted(lp.top_logprobs[k].values(), reverse=True)
+                want = logp.topk(3).values.tolist()
+                worst = max(worst, max(abs(a - b) for a, b in zip(top, want)))
+                seq.append(tok)
+        self.assertLess(worst, 1e-4)
+        for name, pres, freq in (("frequency", 0.0, 1.5), ("presence", 1.0, 0.0)):
+            r = self.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                               frequency_penalty=freq, presence_penalty=pres, logprobs=0)
+            got = [self.ids_of(self.base, t)[0] if len(self.ids_of(self.base, t)) == 1 else None
+                   for t in r.choices[0].logprobs.tokens]
+            seq, want, counts = list(ids), [], {}
+            with torch.no_grad():
+                for _ in range(12):
+                    logits = ref(torch.tensor([seq])).logits[0, -1].clone()
+                    for t, n in counts.items():
+                        logits[t] -= pres + freq * n
+                    tok = int(logits.argmax())
+                    want.append(tok)
+                    counts[tok] = counts.get(tok, 0) + 1
+                    seq.append(tok)
+            want_text = "".join(r.choices[0].logprobs.tokens)
+            self.assertEqual([g for g in got if g is not None], [w for w, g in zip(want, got) if g is not None])
+            plain = self.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+            self.assertEqual(r.choices[0].text, want_text)
+            self.assertNotEqual(r.choices[0].text, plain.choices[0].text, f"the {name} penalty changes the answer")
+        print(f"serve logprobs: 8 tokens and their top 3 within {worst:.1e} of transformers; frequency and "
+              f"presence penalties steer greedy decoding as the reference loop does")
+
 
 if __name__ == "__main__":
     unittest.main(argv=sys.argv[:1], verbosity=2)

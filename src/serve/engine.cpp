@@ -1,6 +1,7 @@
 #include "serve/engine.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/error.h"
 #include "io/hf_folder.h"
@@ -71,7 +72,11 @@ std::vector<EngineEvent> Engine::step() {
   std::vector<EngineEvent> events;
   for (Slot& s : slots_)  // cancelled ones leave first: their slots take new requests now
     if (s.used && s.cancelled) {
-      events.push_back({s.id, -1, true, "cancel"});
+      EngineEvent e;
+      e.id = s.id;
+      e.finished = true;
+      e.reason = "cancel";
+      events.push_back(std::move(e));
       s = Slot{};
       --active_;
     }
@@ -134,11 +139,38 @@ std::vector<EngineEvent> Engine::step() {
   prog_->run(0, prog_->graph().nodes.size(), v);
   if (lr == 0) return events;
   dev_.download(logits_.data(), prog_->tensor(m_.logits, v));
+  const int64_t V = cfg_.vocab_size;
   for (int64_t r = 0; r < lr; ++r) {
     Slot& s = slots_[logit_slot[size_t(r)]];
-    const int32_t tok = s.sampler->next(logits_.data() + r * cfg_.vocab_size, cfg_.vocab_size);
+    float* row = logits_.data() + r * V;
+    for (const auto& [t, n] : s.counts)
+      row[t] -= s.req.presence_penalty + s.req.frequency_penalty * float(n);
+    const int32_t tok = s.sampler->next(row, V);
     ++s.made;
-    EngineEvent e{s.id, tok, false, ""};
+    auto c =
+        std::find_if(s.counts.begin(), s.counts.end(), [&](auto& p) { return p.first == tok; });
+    if (c == s.counts.end())
+      s.counts.emplace_back(tok, 1);
+    else
+      ++c->second;
+    EngineEvent e;
+    e.id = s.id;
+    e.token = tok;
+    if (s.req.logprobs >= 0) {  // log-softmax of the (penalised) logits, in double
+      const float mx = *std::max_element(row, row + V);
+      double sum = 0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v] - mx));
+      const double lse = double(mx) + std::log(sum);
+      e.logprob = float(double(row[tok]) - lse);
+      const int64_t k = std::min<int64_t>(s.req.logprobs, V);
+      std::vector<int32_t> idx(static_cast<size_t>(V));
+      for (int64_t v = 0; v < V; ++v) idx[size_t(v)] = int32_t(v);
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+        return row[a] > row[b] || (row[a] == row[b] && a < b);
+      });
+      for (int64_t j = 0; j < k; ++j)
+        e.top.emplace_back(idx[size_t(j)], float(double(row[idx[size_t(j)]]) - lse));
+    }
     const bool eos =
         !s.req.ignore_eos && std::find(cfg_.eos.begin(), cfg_.eos.end(), tok) != cfg_.eos.end();
     if (eos || s.made >= s.req.max_tokens) {

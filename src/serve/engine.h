@@ -25,6 +25,10 @@ struct EngineRequest {
   SamplingOptions sampling;
   bool ignore_eos = false;
   std::vector<int32_t> stop_ids;  // ends the request too, like the model's eos (a chat turn's end)
+  // OpenAI's penalties on the logits of tokens already generated: presence once a token has
+  // appeared, frequency times its count.
+  float presence_penalty = 0, frequency_penalty = 0;
+  int64_t logprobs = -1;  // >= 0: each token's log-probability and this many alternatives
 };
 
 struct EngineEvent {
@@ -32,6 +36,8 @@ struct EngineEvent {
   int32_t token = -1;     // -1: none (the request ended without one, e.g. cancelled)
   bool finished = false;  // the request's last event
   std::string reason;     // with finished: "length", "stop" (an end-of-sequence token), "cancel"
+  float logprob = 0;      // with EngineRequest::logprobs >= 0: log p(token) under the model
+  std::vector<std::pair<int32_t, float>> top;  // the likeliest tokens and their log-probabilities
 };
 
 class Engine {
@@ -57,7 +63,8 @@ class Engine {
             made = 0;  // cache rows filled; prompt tokens fed; tokens made
     EngineRequest req;
     std::unique_ptr<Sampler> sampler;
-    int32_t next = -1;  // the token to feed next (decoding)
+    int32_t next = -1;                                // the token to feed next (decoding)
+    std::vector<std::pair<int32_t, int32_t>> counts;  // generated token -> times (penalties)
     bool cancelled = false;
   };
   int variant_for(int64_t rows, int64_t logit_rows);

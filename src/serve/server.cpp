@@ -153,6 +153,9 @@ class Model {
   std::thread worker_;
 };
 
+// JSON text with invalid UTF-8 (a byte-level token's piece) replaced, never an exception.
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 struct HttpError {
   int status;
   std::string message, type, code;
@@ -163,7 +166,7 @@ void send_error(httplib::Response& res, int status, const std::string& message,
   res.status = status;
   json e = {{"message", message}, {"type", type}, {"param", nullptr}};
   e["code"] = code.empty() ? json(nullptr) : json(code);
-  res.set_content(json{{"error", e}}.dump(), "application/json");
+  res.set_content(dump(json{{"error", e}}), "application/json");
 }
 
 int64_t now_s() {
@@ -245,7 +248,7 @@ int serve(const ServeOptions& o) {
     json data = json::array();
     for (const auto& [name, m] : models)
       data.push_back({{"id", name}, {"object", "model"}, {"created", 0}, {"owned_by", "mxn"}});
-    res.set_content(json{{"object", "list"}, {"data", data}}.dump(), "application/json");
+    res.set_content(dump(json{{"object", "list"}, {"data", data}}), "application/json");
   });
 
   auto handle = [&](const httplib::Request& req, httplib::Response& res, bool chat) {
@@ -270,7 +273,19 @@ int serve(const ServeOptions& o) {
       r.max_tokens = int64_t(max_tokens);
       r.sampling.temperature = number(j, "temperature", 1.0);
       r.sampling.top_p = number(j, "top_p", 1.0);
-      r.sampling.top_k = 0;
+      r.sampling.top_k = std::max<int64_t>(0, int64_t(number(j, "top_k", 0)));  // vLLM's: -1, 0 all
+      r.presence_penalty = float(number(j, "presence_penalty", 0));
+      r.frequency_penalty = float(number(j, "frequency_penalty", 0));
+      if (std::abs(r.presence_penalty) > 2 || std::abs(r.frequency_penalty) > 2)
+        throw HttpError{400, "'presence_penalty' and 'frequency_penalty' must be in [-2, 2]",
+                        "invalid_request_error", ""};
+      // Log-probabilities: completions take "logprobs": N; chat "logprobs": true with
+      // "top_logprobs": N.
+      if (chat ? j.value("logprobs", false) : (j.contains("logprobs") && !j["logprobs"].is_null()))
+        r.logprobs = int64_t(number(j, chat ? "top_logprobs" : "logprobs", 0));
+      if (r.logprobs > 20)
+        throw HttpError{400, "at most 20 alternatives per token ('logprobs'/'top_logprobs')",
+                        "invalid_request_error", ""};
       r.sampling.seed = uint64_t(number(j, "seed", double(next_id.load())));
       if (r.sampling.temperature < 0 || r.sampling.top_p <= 0 || r.sampling.top_p > 1)
         throw HttpError{400, "'temperature' must be >= 0 and 'top_p' in (0, 1]",
@@ -344,8 +359,11 @@ int serve(const ServeOptions& o) {
                     {"completion_tokens", made},
                     {"total_tokens", n_prompt + made}};
       };
-      auto choice = [chat](const std::string& text, const json& reason, bool delta) {
+      const bool want_lp = r.logprobs >= 0;
+      auto choice = [chat, want_lp](const std::string& text, const json& reason, bool delta,
+                                    const json& lp) {
         json c = {{"index", 0}, {"finish_reason", reason}, {"logprobs", nullptr}};
+        if (want_lp) c["logprobs"] = lp;
         if (!chat)
           c["text"] = text;
         else if (delta)
@@ -356,12 +374,47 @@ int serve(const ServeOptions& o) {
       };
       const bool stream = j.value("stream", false);
       auto out = std::make_shared<TextOut>(model.tokenizer(), stops);
+      // One token's log-probabilities in OpenAI's shape (chat: content entries; completions:
+      // the legacy parallel lists).
+      const Tokenizer* tk = model.tokenizer();
+      auto add_lp = [chat, tk](json& lp, const EngineEvent& e) {
+        auto bytes = [](const std::string& s) {
+          json b = json::array();
+          for (unsigned char ch : s) b.push_back(int(ch));
+          return b;
+        };
+        const std::string piece = tk->piece(e.token);
+        if (chat) {
+          json top = json::array();
+          for (const auto& [t, l] : e.top)
+            top.push_back(
+                {{"token", tk->piece(t)}, {"logprob", l}, {"bytes", bytes(tk->piece(t))}});
+          lp["content"].push_back({{"token", piece},
+                                   {"logprob", e.logprob},
+                                   {"bytes", bytes(piece)},
+                                   {"top_logprobs", top}});
+        } else {
+          json top = json::object();
+          for (const auto& [t, l] : e.top) top[tk->piece(t)] = l;
+          lp["tokens"].push_back(piece);
+          lp["token_logprobs"].push_back(e.logprob);
+          lp["top_logprobs"].push_back(top);
+        }
+      };
+      auto new_lp = [chat] {
+        return chat ? json{{"content", json::array()}}
+                    : json{{"tokens", json::array()},
+                           {"token_logprobs", json::array()},
+                           {"top_logprobs", json::array()}};
+      };
       // One event: its text (empty for an end-of-turn token), and whether the request ended.
-      auto take = [out, &model, id_ = sub.first](const EngineEvent& e, std::string& text,
-                                                 int64_t& made, std::string& reason) {
+      auto take = [out, &model, id_ = sub.first, add_lp, want_lp](const EngineEvent& e,
+                                                                  std::string& text, int64_t& made,
+                                                                  std::string& reason, json& lp) {
         if (e.token >= 0 && e.reason != "stop") {
           text += out->push(e.token);
           ++made;
+          if (want_lp) add_lp(lp, e);
         }
         if (out->stopped && !e.finished) {  // a stop string: the engine may let go
           model.cancel(id_);
@@ -377,16 +430,17 @@ int serve(const ServeOptions& o) {
       if (!stream) {
         std::string text, reason;
         int64_t made = 0;
-        while (!take(sub.second->next(), text, made, reason)) {
+        json lp = new_lp();
+        while (!take(sub.second->next(), text, made, reason, lp)) {
         }
         if (!out->stopped) text += out->stop.flush();
         json body = {{"id", id},
                      {"object", object},
                      {"created", created},
                      {"model", name},
-                     {"choices", json::array({choice(text, reason, false)})},
+                     {"choices", json::array({choice(text, reason, false, lp)})},
                      {"usage", usage(made)}};
-        res.set_content(body.dump(), "application/json");
+        res.set_content(dump(body), "application/json");
         return;
       }
       const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
@@ -396,16 +450,18 @@ int serve(const ServeOptions& o) {
           "text/event-stream",
           [=, &model](size_t, httplib::DataSink& sink) {
             auto send = [&](const json& j) {
-              const std::string s = "data: " + j.dump() + "\n\n";
+              const std::string s = "data: " + dump(j) + "\n\n";
               return sink.write(s.data(), s.size());
             };
             std::string text, reason;
-            const bool done = take(sub.second->next(), text, *made, reason);
+            json lp = new_lp();
+            const bool done = take(sub.second->next(), text, *made, reason, lp);
             std::string tail = done && !out->stopped ? out->stop.flush() : "";
             text += tail;
             json c = {{"id", id}, {"object", chunk_object}, {"created", created}, {"model", name}};
-            if (!text.empty() || done) {
-              c["choices"] = json::array({choice(text, done ? json(reason) : json(nullptr), true)});
+            if (!text.empty() || done || (want_lp && lp.dump() != new_lp().dump())) {
+              c["choices"] =
+                  json::array({choice(text, done ? json(reason) : json(nullptr), true, lp)});
               if (done) c["usage"] = usage(*made);
               if (!send(c)) {  // the client went away: its slot is freed at the next pass
                 model.cancel(sub.first);
