@@ -303,6 +303,39 @@ class Serve(unittest.TestCase):
         print(f"serve logprobs: 8 tokens and their top 3 within {worst:.1e} of transformers; frequency and "
               f"presence penalties steer greedy decoding as the reference loop does")
 
+    def test_memory_budget_evicts_and_reloads(self):
+        """A budget that holds one of two models (two names for the tiny GPT-2, ~7 MB each):
+        alternating requests evict the idle one and load the other, every request is answered
+        with the same text, and /metrics counts the loads."""
+        port = free_port()
+        proc = subprocess.Popen([MXN, "serve", "--model", f"a={self.base}", "--model", f"b={self.base}",
+                                 "--port", str(port), "--memory-budget-mb", "10"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            texts = [client.completions.create(model=m, prompt="In the beginning", max_tokens=6,
+                                               temperature=0).choices[0].text for m in "ababab"]
+            self.assertEqual(len(set(texts)), 1)
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                m = r.read().decode()
+            loads = {n: float(next(l.split()[-1] for l in m.splitlines()
+                                   if l.startswith(f'mxn_model_loads_total{{model="{n}"}}'))) for n in "ab"}
+            loaded = [n for n in "ab" if f'mxn_model_loaded{{model="{n}"}} 1' in m]
+            self.assertEqual(loads, {"a": 3, "b": 3})
+            self.assertEqual(loaded, ["b"])
+            print(f"serve budget: 6 alternating requests over 2 models with room for 1: all answered alike, "
+                  f"loads {loads}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
 
 if __name__ == "__main__":
     unittest.main(argv=sys.argv[:1], verbosity=2)

@@ -11,6 +11,7 @@ std::function<int()> add_serve(CLI::App& app) {
   struct Args {
     ServeOptions o;
     std::vector<std::string> models;
+    double budget_mb = 0;
   };
   auto a = std::make_shared<Args>();
   sub->add_option("--model", a->models,
@@ -27,6 +28,9 @@ std::function<int()> add_serve(CLI::App& app) {
                   "tokens per request, prompt and answer (0: the model's, "
                   "at most 2048)");
   sub->add_option("--api-key", a->o.api_key, "require 'Authorization: Bearer KEY'");
+  sub->add_option("--memory-budget-mb", a->budget_mb,
+                  "MB of weights and KV caches for all models: load on first use, evict the least "
+                  "recently used idle one (0: no limit, all loaded at the start)");
   return [a] {
     for (const std::string& m : a->models) {
       const size_t eq = m.find('=');
@@ -35,6 +39,8 @@ std::function<int()> add_serve(CLI::App& app) {
       a->o.models.emplace_back(m.substr(0, eq), m.substr(eq + 1));
     }
     if (a->o.slots < 1) throw Error("--slots must be >= 1");
+    if (a->budget_mb < 0) throw Error("--memory-budget-mb must be >= 0");
+    a->o.memory_budget = uint64_t(a->budget_mb * 1048576.0);
     if (a->o.port < 1 || a->o.port > 65535) throw Error("--port must be 1..65535");
     return serve(a->o);
   };

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -18,6 +19,7 @@
 #include "core/error.h"
 #include "data/chat.h"
 #include "data/tokenizer.h"
+#include "io/hf_folder.h"
 #include "serve/engine.h"
 #include "train/infer.h"
 #include "train/text_stream.h"
@@ -60,6 +62,7 @@ class Model {
     }
     dev_ = open_device(o.device, int(o.threads));
     context_ = std::min<int64_t>(cfg_.max_pos, o.context > 0 ? o.context : 2048);
+    slots_ = o.slots;
     engine_ = std::make_unique<Engine>(cfg_, src.weights, src.what, *dev_, o.slots, context_);
     worker_ = std::thread([this] { run(); });
   }
@@ -107,6 +110,16 @@ class Model {
            "mxn_requests_cancelled_total" + lbl + " " + std::to_string(cancelled_) + "\n";
   }
   std::string device_name() const { return dev_->name(); }
+  // Device bytes this model holds: its weights (f32) and its KV-cache slots.
+  uint64_t bytes() const { return bytes_of(cfg_, slots_, context_); }
+  static uint64_t bytes_of(const DecoderConfig& c, int64_t slots, int64_t context) {
+    return uint64_t(c.param_count()) * 4 +
+           uint64_t(slots * context * c.layers * 2 * c.n_kv_heads() * c.hd()) * 4;
+  }
+  bool idle() {
+    std::lock_guard<std::mutex> l(m_);
+    return engine_->idle() && live_.empty();
+  }
 
  private:
   void run() {
@@ -143,7 +156,7 @@ class Model {
   ChatFormat chat_{};
   bool has_chat_ = false;
   std::unique_ptr<Device> dev_;
-  int64_t context_ = 0;
+  int64_t context_ = 0, slots_ = 0;
   std::unique_ptr<Engine> engine_;
   std::mutex m_;
   std::condition_variable cv_;
@@ -197,22 +210,107 @@ double number(const json& j, const char* key, double dflt) {
   return j[key].get<double>();
 }
 
+// The served models by name: each loaded on first use; when loading one would pass the memory
+// budget, the least recently used idle ones are let go first (a busy one is never dropped).
+class Registry {
+ public:
+  explicit Registry(const ServeOptions& o) : o_(o) {
+    for (const auto& [name, path] : o.models) {
+      if (entries_.count(name)) throw Error("model name '" + name + "' is given twice");
+      if (!std::filesystem::exists(path))
+        throw Error("model '" + name + "': '" + path + "' does not exist");
+      entries_[name].path = path;
+    }
+  }
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const auto& [n, e] : entries_) out.push_back(n);
+    return out;
+  }
+  // nullptr: no such model. HttpError 503 when the budget cannot make room (all busy).
+  std::shared_ptr<Model> get(const std::string& name) {
+    std::lock_guard<std::mutex> l(m_);
+    auto it = entries_.find(name);
+    if (it == entries_.end()) return nullptr;
+    Entry& e = it->second;
+    e.last = ++clock_;
+    if (e.model) return e.model;
+    const uint64_t need = estimate(e.path);
+    make_room(name, need);
+    std::fprintf(stderr, "loading %s from %s\n", name.c_str(), e.path.c_str());
+    e.model = std::make_shared<Model>(name, e.path, o_);
+    e.bytes = e.model->bytes();
+    ++e.loads;
+    return e.model;
+  }
+  std::string metrics() {
+    std::lock_guard<std::mutex> l(m_);
+    std::string out =
+        "# TYPE mxn_model_loaded gauge\n# TYPE mxn_model_loads_total counter\n"
+        "# TYPE mxn_model_bytes gauge\n";
+    for (const auto& [n, e] : entries_) {
+      const std::string lbl = "{model=\"" + n + "\"}";
+      out += "mxn_model_loaded" + lbl + (e.model ? " 1\n" : " 0\n");
+      out += "mxn_model_loads_total" + lbl + " " + std::to_string(e.loads) + "\n";
+      out += "mxn_model_bytes" + lbl + " " + std::to_string(e.model ? e.bytes : 0) + "\n";
+    }
+    for (const auto& [n, e] : entries_)
+      if (e.model) out += e.model->metrics(e.model->device_name());
+    return out;
+  }
+
+ private:
+  struct Entry {
+    std::string path;
+    std::shared_ptr<Model> model;
+    uint64_t last = 0, bytes = 0;
+    int64_t loads = 0;
+  };
+  // A Hugging Face folder's size before loading it (others are known once loaded).
+  uint64_t estimate(const std::string& path) const {
+    if (!std::filesystem::exists(std::filesystem::path(path) / "config.json")) return 0;
+    const DecoderConfig c = load_hf_config(path);
+    return Model::bytes_of(c, o_.slots,
+                           std::min<int64_t>(c.max_pos, o_.context > 0 ? o_.context : 2048));
+  }
+  void make_room(const std::string& name, uint64_t need) {
+    if (o_.memory_budget == 0) return;
+    while (true) {
+      uint64_t used = 0;
+      for (const auto& [n, e] : entries_) used += e.model ? e.bytes : 0;
+      if (used + need <= o_.memory_budget) return;
+      Entry* lru = nullptr;
+      for (auto& [n, e] : entries_)
+        if (e.model && n != name && e.model.use_count() == 1 && e.model->idle() &&
+            (!lru || e.last < lru->last))
+          lru = &e;
+      if (!lru) {
+        if (used == 0) return;  // alone it does not fit: load it anyway, the budget is a soft one
+        throw HttpError{503, "the model memory budget is full and every loaded model is busy",
+                        "server_error", "overloaded"};
+      }
+      lru->model.reset();
+    }
+  }
+  const ServeOptions& o_;
+  std::mutex m_;
+  std::map<std::string, Entry> entries_;
+  uint64_t clock_ = 0;
+};
+
 }  // namespace
 
 int serve(const ServeOptions& o) {
   if (o.models.empty()) throw Error("mxn serve needs at least one --model NAME=PATH");
-  std::map<std::string, std::unique_ptr<Model>> models;
-  for (const auto& [name, path] : o.models) {
-    if (models.count(name)) throw Error("model name '" + name + "' is given twice");
-    std::fprintf(stderr, "loading %s from %s\n", name.c_str(), path.c_str());
-    models[name] = std::make_unique<Model>(name, path, o);
-  }
+  Registry models(o);
+  if (o.memory_budget == 0)  // no budget: everything now, so a bad folder fails at the start
+    for (const std::string& n : models.names()) models.get(n);
   std::atomic<int64_t> next_id{1};
   httplib::Server svr;
   // A streaming answer holds its HTTP thread until it ends: enough threads for every slot of
   // every model, and some for the requests that wait (128 at least), /metrics and /health.
   const size_t http_threads =
-      size_t(std::max<int64_t>(64, 2 * o.slots * int64_t(models.size()) + 16));
+      size_t(std::max<int64_t>(128, 2 * o.slots * int64_t(o.models.size()) + 16));
   svr.new_task_queue = [http_threads] { return new httplib::ThreadPool(http_threads); };
   svr.set_payload_max_length(o.max_body);
   svr.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response& res) {
@@ -241,12 +339,11 @@ int serve(const ServeOptions& o) {
         "# TYPE mxn_requests_running gauge\n# TYPE mxn_requests_waiting gauge\n"
         "# TYPE mxn_kv_slots_used gauge\n# TYPE mxn_kv_slots_free gauge\n"
         "# TYPE mxn_generated_tokens_total counter\n# TYPE mxn_requests_cancelled_total counter\n";
-    for (const auto& [name, m] : models) out += m->metrics(m->device_name());
-    res.set_content(out, "text/plain; version=0.0.4");
+    res.set_content(out + models.metrics(), "text/plain; version=0.0.4");
   });
   svr.Get("/v1/models", [&](const httplib::Request&, httplib::Response& res) {
     json data = json::array();
-    for (const auto& [name, m] : models)
+    for (const std::string& name : models.names())
       data.push_back({{"id", name}, {"object", "model"}, {"created", 0}, {"owned_by", "mxn"}});
     res.set_content(dump(json{{"object", "list"}, {"data", data}}), "application/json");
   });
@@ -260,11 +357,11 @@ int serve(const ServeOptions& o) {
         throw HttpError{400, "'model' is missing (a string naming one of /v1/models)",
                         "invalid_request_error", ""};
       const std::string name = j["model"].get<std::string>();
-      auto mit = models.find(name);
-      if (mit == models.end())
+      const std::shared_ptr<Model> held = models.get(name);  // kept alive by the request
+      if (!held)
         throw HttpError{404, "the model '" + name + "' does not exist", "invalid_request_error",
                         "model_not_found"};
-      Model& model = *mit->second;
+      Model& model = *held;
       EngineRequest r;
       const double max_tokens = number(j, chat ? "max_completion_tokens" : "max_tokens",
                                        number(j, "max_tokens", chat ? 256 : 16));
@@ -448,7 +545,7 @@ int serve(const ServeOptions& o) {
       auto ended = std::make_shared<bool>(false);
       res.set_chunked_content_provider(
           "text/event-stream",
-          [=, &model](size_t, httplib::DataSink& sink) {
+          [=, &model, keep = held](size_t, httplib::DataSink& sink) {
             auto send = [&](const json& j) {
               const std::string s = "data: " + dump(j) + "\n\n";
               return sink.write(s.data(), s.size());
@@ -476,7 +573,7 @@ int serve(const ServeOptions& o) {
             }
             return true;
           },
-          [=, &model](bool) {
+          [=, &model, keep = held](bool) {
             if (!*ended) model.cancel(sub.first);
           });
     } catch (const HttpError& e) {
@@ -503,7 +600,7 @@ int serve(const ServeOptions& o) {
                 " (in use, or not an address of this machine)");
   }
   std::printf("mxn serve: listening on http://%s:%d (%zu model%s)\n", o.host.c_str(), o.port,
-              models.size(), models.size() == 1 ? "" : "s");
+              o.models.size(), o.models.size() == 1 ? "" : "s");
   std::fflush(stdout);
   svr.listen_after_bind();
   g_stop = true;

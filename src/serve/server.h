@@ -21,6 +21,10 @@ struct ServeOptions {
   int64_t context = 0;  // tokens per request (prompt + output); 0: the model's, at most 2048
   std::string api_key;  // when set, requests need "Authorization: Bearer <key>"
   size_t max_body = 1 << 20;
+  // Device bytes for all loaded models (weights and KV slots); 0: no limit, every model loaded at
+  // the start. With a budget models load on first use and idle ones are evicted, least recently
+  // used first.
+  uint64_t memory_budget = 0;
 };
 
 // Loads the models, listens, and serves until SIGINT/SIGTERM. Returns the exit code.
