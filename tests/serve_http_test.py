@@ -107,8 +107,11 @@ class Serve(unittest.TestCase):
         prompt = "In the beginning God created"
         want = self.generate(self.base, "--prompt", prompt, "--max-tokens", "12")[len(prompt):].rstrip("\n")
         ids = self.generate(self.base, "--prompt", prompt, "--max-tokens", "12", "--print-ids").split()
+        before = {k: self.metric(f"mxn_time_{k}_count") for k in ("to_first_token_seconds", "per_output_token_seconds")}
         r = self.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
         self.assertEqual(r.choices[0].text, want)
+        for k, n in before.items():  # one request: one observation in each latency histogram
+            self.assertEqual(self.metric(f"mxn_time_{k}_count"), n + 1, k)
         self.assertEqual(r.usage.prompt_tokens, self.count(self.base, prompt))
         self.assertEqual(r.usage.completion_tokens, len(ids))
         self.assertEqual(r.choices[0].finish_reason, "length")

@@ -32,6 +32,36 @@ using json = nlohmann::json;
 std::atomic<bool> g_stop{false};
 void on_signal(int) { g_stop = true; }
 
+// A Prometheus histogram of seconds.
+struct Histogram {
+  static constexpr double kBounds[11] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+  int64_t counts[12] = {};  // per bucket (the last: above every bound)
+  double sum = 0;
+  int64_t n = 0;
+  void observe(double s) {
+    size_t b = 0;
+    while (b < 11 && s > kBounds[b]) ++b;
+    ++counts[b];
+    sum += s;
+    ++n;
+  }
+  std::string text(const std::string& name, const std::string& labels) const {
+    std::string out;
+    int64_t acc = 0;
+    char le[32];
+    for (size_t b = 0; b < 12; ++b) {
+      acc += counts[b];
+      if (b < 11)
+        std::snprintf(le, sizeof(le), "%g", kBounds[b]);
+      else
+        std::snprintf(le, sizeof(le), "+Inf");
+      out += name + "_bucket{" + labels + ",le=\"" + le + "\"} " + std::to_string(acc) + "\n";
+    }
+    return out + name + "_sum{" + labels + "} " + std::to_string(sum) + "\n" + name + "_count{" +
+           labels + "} " + std::to_string(n) + "\n";
+  }
+};
+
 // A request's tokens as the worker makes them.
 struct Channel {
   std::mutex m;
@@ -89,6 +119,7 @@ class Model {
       std::lock_guard<std::mutex> l(m_);
       id = engine_->submit(std::move(r));
       live_[id] = ch;
+      timing_[id] = {std::chrono::steady_clock::now(), {}, 0};
     }
     cv_.notify_all();
     return {id, ch};
@@ -107,7 +138,9 @@ class Model {
            "mxn_kv_slots_used" + lbl + " " + std::to_string(used) + "\n" + "mxn_kv_slots_free" +
            lbl + " " + std::to_string(engine_->slots() - used) + "\n" +
            "mxn_generated_tokens_total" + lbl + " " + std::to_string(tokens_) + "\n" +
-           "mxn_requests_cancelled_total" + lbl + " " + std::to_string(cancelled_) + "\n";
+           "mxn_requests_cancelled_total" + lbl + " " + std::to_string(cancelled_) + "\n" +
+           ttft_.text("mxn_time_to_first_token_seconds", lbl.substr(1, lbl.size() - 2)) +
+           tpot_.text("mxn_time_per_output_token_seconds", lbl.substr(1, lbl.size() - 2));
   }
   std::string device_name() const { return dev_->name(); }
   // Device bytes this model holds: its weights (f32) and its KV-cache slots.
@@ -138,6 +171,19 @@ class Model {
       for (const EngineEvent& e : engine_->step()) {
         tokens_ += e.token >= 0;
         cancelled_ += e.reason == "cancel";
+        if (auto t = timing_.find(e.id); t != timing_.end()) {  // time to first token, per token
+          const auto now = std::chrono::steady_clock::now();
+          if (e.token >= 0 && t->second.made++ == 0) {
+            t->second.first = now;
+            ttft_.observe(std::chrono::duration<double>(now - t->second.submitted).count());
+          }
+          if (e.finished) {
+            if (t->second.made > 1)
+              tpot_.observe(std::chrono::duration<double>(now - t->second.first).count() /
+                            double(t->second.made - 1));
+            timing_.erase(t);
+          }
+        }
         auto it = live_.find(e.id);
         if (it == live_.end()) continue;
         {
@@ -163,6 +209,12 @@ class Model {
   bool stop_ = false;
   std::map<int64_t, std::shared_ptr<Channel>> live_;
   int64_t tokens_ = 0, cancelled_ = 0;  // counters for /metrics
+  struct Timing {
+    std::chrono::steady_clock::time_point submitted, first;
+    int64_t made = 0;
+  };
+  std::map<int64_t, Timing> timing_;
+  Histogram ttft_, tpot_;
   std::thread worker_;
 };
 
