@@ -175,6 +175,59 @@ TEST(Attention, KeyRangesServeABatchOfCaches) {
     }
 }
 
+TEST(Attention, PagedKeysFollowTheBlockTable) {
+  // Mask 5: a buffer of 6 blocks of 4 rows. Query 0 sees 10 keys in blocks 5, 1, 3 (the last one
+  // half full); query 1 shares blocks 5 and 1 (a common prompt prefix) and sees 8; query 2 sees
+  // 3 keys of block 2, its unused entries past the buffer never read. Each
+  // output equals softmax(q k^T / sqrt(hd)) v over its keys, gathered in double.
+  auto dev = open_device("cpu");
+  const int64_t H = 4, G = 2, hd = 8, bs = 4, S = 24, T = 3, tw = 4;
+  Rng rng(6);
+  std::vector<float> q(size_t(T * H * hd)), k(size_t(S * G * hd)), v(size_t(S * G * hd));
+  for (auto* x : {&q, &k, &v})
+    for (float& e : *x) e = float(rng.normal());
+  const std::vector<int32_t> table{10, 5, 1, 3, 8, 5, 1, 0, 3, 2, 99, -7};
+  auto buf = [&](uint64_t bytes) { return dev->alloc(bytes); };
+  auto bq = buf(q.size() * 4), bk = buf(k.size() * 4), bv = buf(v.size() * 4),
+       bt = buf(table.size() * 4), by = buf(q.size() * 4);
+  const Tensor tq({T, H * hd}, DType::f32, bq->handle()), tk({S, G * hd}, DType::f32, bk->handle()),
+      tv({S, G * hd}, DType::f32, bv->handle()), tt({T, tw}, DType::i32, bt->handle()),
+      ty({T, H * hd}, DType::f32, by->handle());
+  dev->upload(tq, q.data());
+  dev->upload(tk, k.data());
+  dev->upload(tv, v.data());
+  dev->upload(tt, table.data());
+  const float scale = 1.f / std::sqrt(float(hd));
+  dev->run(make_op_call(MXN_OP_ATTENTION, {tq, tk, tv, tt}, {ty},
+                        {H, G, hd, T, S, 5, 0, 0, 0, S, 0, 0, bs}, {scale}));
+  std::vector<float> y(q.size());
+  dev->download(y.data(), ty);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int64_t> rows;
+    for (int64_t j = 0; j < table[size_t(t * tw)]; ++j)
+      rows.push_back(table[size_t(t * tw + 1 + j / bs)] * bs + j % bs);
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / (H / G);
+      std::vector<double> p;
+      double mx = -1e300, sum = 0;
+      for (int64_t r : rows) {
+        double d = 0;
+        for (int64_t c = 0; c < hd; ++c)
+          d += double(q[size_t((t * H + h) * hd + c)]) * k[size_t((r * G + g) * hd + c)];
+        p.push_back(d * scale);
+        mx = std::max(mx, p.back());
+      }
+      for (double& e : p) sum += e = std::exp(e - mx);
+      for (int64_t c = 0; c < hd; ++c) {
+        double want = 0;
+        for (size_t j = 0; j < rows.size(); ++j)
+          want += p[j] / sum * v[size_t((rows[j] * G + g) * hd + c)];
+        EXPECT_NEAR(y[size_t((t * H + h) * hd + c)], want, 1e-5) << "query " << t << " head " << h;
+      }
+    }
+  }
+}
+
 TEST(Dropout, MaskIsItsProbabilityAndAFunctionOfSeedAndIndex) {
   // 10^5 ones at p = 0.3: about 70% kept, each kept one exactly 1/0.7; the same (seed, index)
   // gives the same mask whatever the tensor it sits in (a row's mask does not depend on its pass).

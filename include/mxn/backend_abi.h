@@ -16,9 +16,10 @@
 extern "C" {
 #endif
 
-#define MXN_ABI_VERSION 3 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
+#define MXN_ABI_VERSION 4 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
                              3: attention masks over packed rows (mask 3) and shared prefix
-                             keys (P-Tuning v2); 12 operands and 16 integer parameters a call */
+                             keys (P-Tuning v2); 12 operands and 16 integer parameters a call;
+                             4: serving's attention masks: key ranges (4), paged keys (5) */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
 #define MXN_MAX_IP 16
@@ -67,12 +68,16 @@ typedef enum mxn_op {
                                input is (B*T), query t of sequence b sees keys from
                                min(seg[b*T+t], t) on: packed rows; 4 each query's own key range:
                                the i32 input is (B*T, 2) = [first, last) of its sequence's keys,
-                               forward only: a batch of KV caches seen as one sequence) 6=q_col 7=k_col 8=v_col 9=kv_rows
+                               forward only: a batch of KV caches seen as one sequence; 5 paged
+                               keys, forward only: the i32 input is (B*T, 1 + nb) = [n, block
+                               0, ..., block nb-1]: query i sees its request's keys 0..n-1, key j
+                               at row block[j / bs] * bs + j % bs of k and v, bs = ip[12]; n is
+                               clamped to [1, nb*bs] and blocks to [0, kv_rows / bs)) 6=q_col 7=k_col 8=v_col 9=kv_rows
                                (rows per sequence in k and v, >= S: a KV cache's capacity)
                                10=q_pos0 (key index of the first query: S - T when decoding)
                                11=P (prefix keys: pk and pv (P, G*hd), shared by every sequence,
                                seen by every query before its own keys: P-Tuning v2);
-                               fp[0]=scale. Query i sees key j when j <= q_pos0 + i (causal). */
+                               12=bs (mask 5's block size); fp[0]=scale. Query i sees key j when j <= q_pos0 + i (causal). */
   MXN_OP_ATTENTION_BWD,     /* in: dy, q, k, v, y, lse, [pk, pv], [prefix]; out: dq, dk, dv,
                                [dpk, dpv] (overwritten; dq, dk, dv the same column windows as q,
                                k, v, possibly one tensor; dpk, dpv summed over the sequences);

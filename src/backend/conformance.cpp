@@ -13,29 +13,32 @@ namespace {
 using namespace opcase;
 
 // Attention shapes: MHA, GQA, MQA; head dims 5, 8 and 64; causal, none, prefix, segments (packed
-// rows, random starts that the kernels clamp to the query); per-query key ranges (serving, forward
-// only); shared prefix keys (P-Tuning v2);
+// rows, random starts that the kernels clamp to the query); per-query key ranges and paged keys
+// (serving, forward only; random tables whose blocks the kernels clamp); shared prefix keys
+// (P-Tuning v2);
 // a fused qkv
 // matrix read through column windows; a KV cache (2 new queries against 9 of 12 cached rows).
 struct AttnCase {
   int64_t B, T, H, G, hd, S, kv_rows, q_pos0;
   int mask;
   bool fused;
-  int64_t P = 0;  // shared prefix keys and values
+  int64_t P = 0;   // shared prefix keys and values
+  int64_t bs = 0;  // mask 5: block size (each query's table: n and 4 blocks)
 };
 std::vector<AttnCase> attention_cases() {
-  return {{2, 5, 3, 3, 8, 5, 5, 0, 1, true},     {1, 17, 4, 2, 5, 17, 17, 0, 1, false},
-          {2, 9, 4, 1, 8, 9, 9, 0, 2, false},    {2, 7, 2, 2, 64, 7, 7, 0, 0, false},
-          {2, 2, 4, 2, 8, 9, 12, 7, 1, false},   {1, 70, 2, 1, 16, 70, 70, 0, 2, true},
-          {2, 9, 4, 2, 8, 9, 9, 0, 3, false},    {1, 70, 2, 1, 16, 70, 70, 0, 3, true},
-          {2, 7, 4, 2, 8, 7, 7, 0, 1, false, 5}, {2, 70, 2, 1, 16, 70, 70, 0, 3, true, 3},
-          {1, 5, 4, 2, 8, 40, 40, 0, 4, false},  {1, 3, 2, 2, 16, 30, 30, 0, 4, false, 2}};
+  return {{2, 5, 3, 3, 8, 5, 5, 0, 1, true},          {1, 17, 4, 2, 5, 17, 17, 0, 1, false},
+          {2, 9, 4, 1, 8, 9, 9, 0, 2, false},         {2, 7, 2, 2, 64, 7, 7, 0, 0, false},
+          {2, 2, 4, 2, 8, 9, 12, 7, 1, false},        {1, 70, 2, 1, 16, 70, 70, 0, 2, true},
+          {2, 9, 4, 2, 8, 9, 9, 0, 3, false},         {1, 70, 2, 1, 16, 70, 70, 0, 3, true},
+          {2, 7, 4, 2, 8, 7, 7, 0, 1, false, 5},      {2, 70, 2, 1, 16, 70, 70, 0, 3, true, 3},
+          {1, 5, 4, 2, 8, 40, 40, 0, 4, false},       {1, 3, 2, 2, 16, 30, 30, 0, 4, false, 2},
+          {1, 6, 4, 2, 8, 48, 48, 0, 5, false, 0, 8}, {1, 3, 2, 2, 16, 32, 32, 0, 5, true, 2, 4}};
 }
 Case attention_case(int op, const AttnCase& a) {
   const int64_t Nq = a.B * a.T, Nk = a.B * a.kv_rows, qw = a.H * a.hd, kw = a.G * a.hd;
   const std::array<int64_t, MXN_MAX_IP> ip{
       a.H,       a.G,      a.hd, a.T, a.S, a.mask, 0, a.fused ? qw : 0, a.fused ? qw + kw : 0,
-      a.kv_rows, a.q_pos0, a.P};
+      a.kv_rows, a.q_pos0, a.P,  a.bs};
   const float scale = 1.f / std::sqrt(float(a.hd));
   // A fused case passes three separate tensors of the full fused width, so each window is
   // checked; the backward's outputs then cover only their own windows.
@@ -51,6 +54,7 @@ Case attention_case(int op, const AttnCase& a) {
   if (a.mask == 2) in.push_back(idx({a.B}, a.S + 1));
   if (a.mask == 3) in.push_back(idx({a.B * a.T}, a.T));
   if (a.mask == 4) in.push_back(idx({a.B * a.T, 2}, a.S + 1));  // key ranges, clamped
+  if (a.mask == 5) in.push_back(idx({a.T, 5}, 4 * a.bs + 1));   // n, then blocks (clamped)
   std::vector<Operand> out = op == MXN_OP_ATTENTION
                                  ? std::vector<Operand>{f({Nq, qw}), f({Nq, a.H})}
                                  : std::vector<Operand>{f(qs), f(ks), f(ks)};
@@ -116,7 +120,7 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_ATTENTION:
     case MXN_OP_ATTENTION_BWD:
       for (const AttnCase& a : attention_cases())  // mask 4 (serving) has no backward
-        if (a.mask != 4 || op == MXN_OP_ATTENTION) c.push_back(attention_case(op, a));
+        if (a.mask < 4 || op == MXN_OP_ATTENTION) c.push_back(attention_case(op, a));
       break;
     case MXN_OP_EMBEDDING:
       c.push_back({op, {idx({11}, 7), f({7, 5})}, {f({11, 5})}});

@@ -71,7 +71,8 @@ inline MatmulShape matmul_shape(const mxn_op_call& k) {
 struct AttentionShape {
   int64_t B = 0, H = 0, G = 0, hd = 0, T = 0, S = 0, kv_rows = 0, q_pos0 = 0;
   int64_t ldq = 0, ldk = 0, ldv = 0, q_col = 0, k_col = 0, v_col = 0;
-  int64_t P = 0;  // shared prefix keys and values (P-Tuning v2), seen by every query
+  int64_t P = 0;           // shared prefix keys and values (P-Tuning v2), seen by every query
+  int64_t bs = 0, tw = 0;  // mask 5: the block size and each query's table width (1 + blocks)
   int mask = 0;
   bool has_prefix = false;  // the optional i32 input (prefix lengths or segment starts) is there
   int extra = -1;           // its input index
@@ -113,6 +114,15 @@ struct AttentionShape {
     const int64_t lo = extra[b * T + t], hi = visible(t) - 1;  // a query always sees itself
     return lo < 0 ? 0 : lo < hi ? lo : hi;
   }
+  // Mask 5: the number of keys query (b, t) sees, and the k/v row of its key j.
+  int64_t paged_n(const int32_t* table, int64_t b, int64_t t) const {
+    const int64_t n = table[(b * T + t) * tw], most = (tw - 1) * bs;
+    return n < 1 ? 1 : n < most ? n : most;
+  }
+  int64_t paged_row(const int32_t* table, int64_t b, int64_t t, int64_t j) const {
+    const int64_t blk = table[(b * T + t) * tw + 1 + j / bs], nblk = kv_rows / bs;
+    return (blk < 0 ? 0 : blk < nblk ? blk : nblk - 1) * bs + j % bs;
+  }
 };
 
 inline int64_t rows_of(const mxn_tensor& t) { return last(t) > 0 ? count(t) / last(t) : 0; }
@@ -137,6 +147,7 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   s.ldk = last(kk);
   s.ldv = last(v);
   s.P = k.ip[11];
+  s.bs = k.ip[12];
   const int base = (backward ? 6 : 3) + (s.P > 0 ? 2 : 0);
   if (s.P > 0) s.pkv = backward ? 6 : 3;
   s.has_prefix = k.n_inputs == base + 1;
@@ -156,23 +167,31 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   else if (s.q_col < 0 || s.q_col + s.H * s.hd > s.ldq || s.k_col < 0 ||
            s.k_col + s.G * s.hd > s.ldk || s.v_col < 0 || s.v_col + s.G * s.hd > s.ldv)
     s.error = "attention: a head's columns lie outside q, k or v";
-  else if (s.mask < 0 || s.mask > 4 || (s.mask >= 2 && !s.has_prefix))
+  else if (s.mask < 0 || s.mask > 5 || (s.mask >= 2 && !s.has_prefix))
     s.error =
         "attention: mask must be 0 (none), 1 (causal), 2 (prefix, with its lengths), 3 (causal "
-        "within segments, with each query's segment start) or 4 (each query's key range)";
-  else if (s.mask == 4 && backward)
-    s.error = "attention: mask 4 (per-query key ranges) is for inference; it has no backward";
+        "within segments, with each query's segment start), 4 (each query's key range) or 5 "
+        "(paged keys, with each query's block table)";
+  else if (s.mask >= 4 && backward)
+    s.error = "attention: masks 4 and 5 (serving) are for inference; they have no backward";
+  else if (s.mask == 5 && (s.bs < 1 || s.kv_rows % s.bs || s.B != 1 ||
+                           count(k.inputs[s.extra]) % s.T || count(k.inputs[s.extra]) / s.T < 2))
+    s.error =
+        "attention: mask 5 needs a block size ip[12] dividing kv_rows, one sequence, and a (T, "
+        "1 + blocks) table";
   else if (s.P > 0 && (count(k.inputs[s.pkv]) != s.P * s.G * s.hd ||
                        count(k.inputs[s.pkv + 1]) != s.P * s.G * s.hd))
     s.error = "attention: the prefix keys and values must be (P, G*hd)";
-  else if (s.has_prefix && count(k.inputs[s.extra]) != (s.mask == 4   ? 2 * s.B * s.T
-                                                        : s.mask == 3 ? s.B * s.T
-                                                                      : s.B))
+  else if (s.has_prefix && s.mask != 5 &&
+           count(k.inputs[s.extra]) != (s.mask == 4   ? 2 * s.B * s.T
+                                        : s.mask == 3 ? s.B * s.T
+                                                      : s.B))
     s.error =
         "attention: the i32 input holds B prefix lengths (mask 2), B*T segment starts (3) or "
         "B*T key ranges (4)";
   else if (s.mask != 0 && (s.q_pos0 < 0 || s.q_pos0 + s.T > s.S))
     s.error = "attention: causal queries must lie within the keys (q_pos0 + T <= S)";
+  if (s.mask == 5 && !s.error) s.tw = count(k.inputs[s.extra]) / s.T;
   return s;
 }
 

@@ -100,7 +100,7 @@ int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bo
   if (with_lse) out.push_back(activation({rows, a.heads}));
   return emit(MXN_OP_ATTENTION, in, out,
               {a.heads, a.kv_heads, a.head_dim, a.T, S, a.mask, a.q_col, a.k_col, a.v_col,
-               a.kv_rows > 0 ? a.kv_rows : S, a.q_pos0, a.P},
+               a.kv_rows > 0 ? a.kv_rows : S, a.q_pos0, a.P, a.block},
               {scale});
 }
 

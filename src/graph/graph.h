@@ -49,6 +49,7 @@ struct AttentionSpec {
   int64_t q_pos0 = 0;   // key index of the first query (S - T when decoding with a cache)
   float scale = 0.f;    // 0: 1/sqrt(head_dim)
   int64_t P = 0;        // shared prefix keys and values seen by every query (P-Tuning v2)
+  int64_t block = 0;    // mask 5 (paged keys): the KV block size
 };
 
 // ROPE's parameters (the op's ip and fp).

@@ -52,12 +52,59 @@ void attention_fwd_ranges(Scratch& s, const AttentionShape& a, const float* q, c
   }
 }
 
+// Mask 5 (serving's paged KV cache): query row (t, h) sees keys 0..n-1 of its own request,
+// key j at row block[j / bs] * bs + j % bs. Rows are gathered block by block with vector dot
+// products (a block is too small for a GEMM call to pay).
+void attention_fwd_paged(Scratch& s, const AttentionShape& a, const float* q, const float* k,
+                         const float* v, const float* pk, const float* pv, const int32_t* table,
+                         float* y, float* lse) {
+  const int nt = omp_get_max_threads();
+  const int64_t P = a.P, ldp = a.G * a.hd, tasks = a.T * a.H, hd = a.hd;
+  const int64_t most = (a.tw - 1) * a.bs;
+  float* scratch = s.get(s.c, size_t(nt) * size_t(most + P));
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t h = task % a.H, t = task / a.H, g = h / a.group();
+    const int64_t n = a.paged_n(table, 0, t);
+    const float* qr = q + a.q(0, t, h);
+    float* row = scratch + size_t(omp_get_thread_num()) * size_t(most + P);
+    auto key = [&](int64_t jj) {  // jj < 0: prefix row P + jj
+      return jj < 0 ? pk + (P + jj) * ldp + g * hd : k + a.k(0, a.paged_row(table, 0, t, jj), g);
+    };
+    auto val = [&](int64_t jj) {
+      return jj < 0 ? pv + (P + jj) * ldp + g * hd : v + a.v(0, a.paged_row(table, 0, t, jj), g);
+    };
+    float mx = -INFINITY;
+    for (int64_t jj = -P; jj < n; ++jj) {
+      const float* kr = key(jj);
+      float d = 0.f;
+#pragma omp simd reduction(+ : d)
+      for (int64_t c = 0; c < hd; ++c) d += qr[c] * kr[c];
+      row[P + jj] = d * a.scale;
+      mx = std::max(mx, row[P + jj]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < P + n; ++j) sum += row[j] = vexp(row[j] - mx);
+    const float inv = 1.f / sum;
+    float* yr = y + a.y(0, t, h);
+    std::fill(yr, yr + hd, 0.f);
+    for (int64_t jj = -P; jj < n; ++jj) {
+      const float* vr = val(jj);
+      const float p = row[P + jj] * inv;
+#pragma omp simd
+      for (int64_t c = 0; c < hd; ++c) yr[c] += p * vr[c];
+    }
+    if (lse) lse[a.lse(0, t, h)] = mx + std::log(sum);
+  }
+}
+
 }  // namespace
 
 void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const float* k,
                    const float* v, const float* pk, const float* pv, const int32_t* prefix,
                    float* y, float* lse) {
   if (a.mask == 4) return attention_fwd_ranges(s, a, q, k, v, pk, pv, prefix, y, lse);
+  if (a.mask == 5) return attention_fwd_paged(s, a, q, k, v, pk, pv, prefix, y, lse);
   const int nt = omp_get_max_threads();
   const int64_t nblk = (a.T + kBlock - 1) / kBlock, tasks = a.B * a.H * nblk, P = a.P;
   const int64_t ldp = a.G * a.hd;  // prefix keys and values: (P, G*hd)

@@ -14,11 +14,12 @@ struct Att {  // AttentionShape's numbers, for device code
   int64_t B, H, G, hd, T, S, kv_rows, q_pos0, ldq, ldk, ldv, q_col, k_col, v_col, P;
   int mask, has_prefix;
   float scale;
+  int64_t bs, tw;  // mask 5: block size, table width
 };
 
 inline Att att_of(const AttentionShape& a) {
   return {a.B,     a.H,     a.G,     a.hd, a.T,    a.S,   a.kv_rows,           a.q_pos0, a.ldq,
-          a.ldk,   a.ldv,   a.q_col, a.k_col, a.v_col, a.P, a.mask, a.has_prefix ? 1 : 0, a.scale};
+          a.ldk,   a.ldv,   a.q_col, a.k_col, a.v_col, a.P, a.mask, a.has_prefix ? 1 : 0, a.scale, a.bs, a.tw};
 }
 
 __device__ inline int64_t att_visible(const Att& a, int64_t t, int64_t prefix) {
@@ -42,6 +43,10 @@ __device__ inline int64_t att_prefix(const Att& a, const int32_t* pre, int64_t b
 }
 // Mask 4: the end of query (b, t)'s own key range; else the usual visibility.
 __device__ inline int64_t att_end(const Att& a, const int32_t* pre, int64_t b, int64_t t, int64_t prefix) {
+  if (a.mask == 5) {  // paged keys: the count heads the query's block table
+    const int64_t n = pre[t * a.tw], most = (a.tw - 1) * a.bs;
+    return n < 1 ? 1 : n < most ? n : most;
+  }
   if (a.mask != 4) return att_visible(a, t, prefix);
   const int64_t hi = pre[(b * a.T + t) * 2 + 1];
   return hi < 1 ? 1 : hi < a.S ? hi : a.S;
@@ -51,6 +56,12 @@ __device__ inline int64_t att_k(const Att& a, int64_t b, int64_t j, int64_t g) {
 __device__ inline int64_t att_v(const Att& a, int64_t b, int64_t j, int64_t g) { return (b * a.kv_rows + j) * a.ldv + a.v_col + g * a.hd; }
 __device__ inline int64_t att_y(const Att& a, int64_t b, int64_t t, int64_t h) { return (b * a.T + t) * a.H * a.hd + h * a.hd; }
 
+// Mask 5: the k/v row of query t's key j (its block table); else j.
+__device__ inline int64_t att_row(const Att& a, const int32_t* pre, int64_t t, int64_t j) {
+  if (a.mask != 5) return j;
+  const int64_t blk = pre[t * a.tw + 1 + j / a.bs], nblk = a.kv_rows / a.bs;
+  return (blk < 0 ? 0 : blk < nblk ? blk : nblk - 1) * a.bs + j % a.bs;
+}
 // Key jj of a query: jj < 0 is row P + jj of the shared prefix (pk, pv: (P, G*hd)).
 __device__ inline const float* att_key(const Att& a, const float* k, const float* pk, int64_t b, int64_t jj, int64_t g) {
   return jj < 0 ? pk + (a.P + jj) * a.G * a.hd + g * a.hd : k + att_k(a, b, jj, g);
@@ -71,8 +82,8 @@ __global__ void k_attn_fwd(Att a, const float* q, const float* k, const float* v
     for (int64_t j = -a.P; j < n; ++j) {
       if (j >= 0 && j < lo) j = lo;
       if (j >= n) break;
-      const float* kr = att_key(a, k, pk, b, j, g);
-      const float* vr = att_val(a, v, pv, b, j, g);
+      const float* kr = att_key(a, k, pk, b, j < 0 ? j : att_row(a, pre, t, j), g);
+      const float* vr = att_val(a, v, pv, b, j < 0 ? j : att_row(a, pre, t, j), g);
       float s = 0.f;
       for (int64_t c = 0; c < a.hd; ++c) s += qr[c] * kr[c];
       s *= a.scale;

@@ -7,7 +7,7 @@ namespace mxn::opencl {
 inline const char* kKernelsLlm = R"CLC(
 #define ATT_PARAMS long B, long H, long G, long hd, long T, long S, long kv_rows, long q_pos0, \
   int mask, long ldq, long ldk, long ldv, long q_col, long k_col, long v_col, float scale, \
-  int has_prefix, long P
+  int has_prefix, long P, long bs, long tw
 #define QOFF(b, t, h) (((b) * T + (t)) * ldq + q_col + (h) * hd)
 #define KOFF(b, j, g) (((b) * kv_rows + (j)) * ldk + k_col + (g) * hd)
 #define VOFF(b, j, g) (((b) * kv_rows + (j)) * ldv + v_col + (g) * hd)
@@ -30,12 +30,24 @@ long att_first(__global const int* pre, ulong op, long b, long t, long T, int ma
   return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
 }
 #define ATT_PREFIX(b) (has_prefix && mask == 2 ? pre[op + (b)] : 0)
-// Mask 4: the end of query (b, t)'s own key range; else the usual visibility.
+// Mask 4: the end of query (b, t)'s own key range; mask 5: its number of paged keys; else
+// the usual visibility.
 long att_end(__global const int* pre, ulong op, long b, long t, long T, int mask, long prefix,
-             long q_pos0, long S) {
+             long q_pos0, long S, long bs, long tw) {
+  if (mask == 5) {
+    const long n = pre[op + t * tw], most = (tw - 1) * bs;
+    return n < 1 ? 1 : n < most ? n : most;
+  }
   if (mask != 4) return att_visible(t, prefix, mask, q_pos0, S);
   const long hi = pre[op + (b * T + t) * 2 + 1];
   return hi < 1 ? 1 : hi < S ? hi : S;
+}
+// Mask 5: the k/v row of query t's key j (its block table); else j.
+long att_row(__global const int* pre, ulong op, long t, long j, int mask, long bs, long tw,
+             long kv_rows) {
+  if (mask != 5) return j;
+  const long blk = pre[op + t * tw + 1 + j / bs], nblk = kv_rows / bs;
+  return (blk < 0 ? 0 : blk < nblk ? blk : nblk - 1) * bs + j % bs;
 }
 
 // One query row (b, t, h): y = softmax(scale q K^T) V with a running max and sum.
@@ -45,7 +57,7 @@ __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* 
                        __global float* y, ulong oy, __global float* lse, ulong ol, int want_lse,
                        ATT_PARAMS) {
   const long i = get_global_id(0), h = i % H, t = i / H % T, b = i / (H * T), g = h / (H / G);
-  const long n = att_end(pre, op, b, t, T, mask, ATT_PREFIX(b), q_pos0, S);
+  const long n = att_end(pre, op, b, t, T, mask, ATT_PREFIX(b), q_pos0, S, bs, tw);
   const long lo = att_first(pre, op, b, t, T, mask, n);
   __global const float* qr = q + oq + QOFF(b, t, h);
   __global float* yr = y + oy + YOFF(b, t, h);
@@ -54,8 +66,9 @@ __kernel void attn_fwd(__global const float* q, ulong oq, __global const float* 
   for (long jj = -P; jj < n; ++jj) {  // the shared prefix's keys first, then the sequence's
     if (jj >= 0 && jj < lo) jj = lo;
     if (jj >= n) break;
-    __global const float* kr = jj < 0 ? pk + opk + (P + jj) * G * hd + g * hd : k + ok + KOFF(b, jj, g);
-    __global const float* vr = jj < 0 ? pv + opv + (P + jj) * G * hd + g * hd : v + ov + VOFF(b, jj, g);
+    const long row = jj < 0 ? 0 : att_row(pre, op, t, jj, mask, bs, tw, kv_rows);
+    __global const float* kr = jj < 0 ? pk + opk + (P + jj) * G * hd + g * hd : k + ok + KOFF(b, row, g);
+    __global const float* vr = jj < 0 ? pv + opv + (P + jj) * G * hd + g * hd : v + ov + VOFF(b, row, g);
     float s = 0.f;
     for (long c = 0; c < hd; ++c) s += qr[c] * kr[c];
     s *= scale;

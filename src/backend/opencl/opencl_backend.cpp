@@ -378,7 +378,9 @@ Launch& attention_args(Launch& l, const AttentionShape& a) {
       .u(a.v_col)
       .f(a.scale)
       .s(a.has_prefix)
-      .u(a.P);
+      .u(a.P)
+      .u(a.bs)
+      .u(a.tw);
 }
 
 int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
