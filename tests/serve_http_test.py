@@ -73,7 +73,7 @@ class Serve(unittest.TestCase):
         cls.port = free_port()
         cls.proc = subprocess.Popen([MXN, "serve", "--model", f"tiny={cls.base}", "--model", f"chat={cls.chat}",
                                      "--model", f"wide={wide}",
-                                     "--port", str(cls.port), "--slots", "8", "--api-key", "sekrit"],
+                                     "--port", str(cls.port), "--slots", "32", "--api-key", "sekrit"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env=dict(os.environ, MXN_TEST_SERVE_STEP_MS="5"))
         url = f"http://127.0.0.1:{cls.port}"
@@ -175,41 +175,52 @@ class Serve(unittest.TestCase):
         raise AssertionError(f"{name} not in /metrics")
 
     def test_disconnect_frees_slots(self):
-        """8 streaming clients read two chunks each and hang up: their requests leave the batch and
-        the KV slots in use return to 0 (read from /metrics) while a new request is answered."""
+        """32 streaming clients read a chunk each and hang up: their requests leave the batch, and the
+        KV blocks and batch slots in use return to the idle figures (read from /metrics) within two
+        engine steps of the last hang-up: the next token's write finds the socket gone and cancels,
+        and the pass after it frees the blocks before it runs. A new request is then answered."""
         import http.client
+        idle_blocks = self.metric("mxn_kv_blocks_used", "wide")
+        cancelled0 = self.metric("mxn_requests_cancelled_total", "wide")
         conns = []
-        for i in range(8):
+        for i in range(32):
             c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            c.request("POST", "/v1/completions", json.dumps({"model": "wide", "prompt": f"Verse {i}",
+            c.request("POST", "/v1/completions", json.dumps({"model": "wide", "prompt": f"Verse {i} of the psalm",
                                                              "max_tokens": 400, "stream": True}),
                       {"Authorization": "Bearer sekrit", "Content-Type": "application/json"})
             r = c.getresponse()
             self.assertEqual(r.status, 200)
             r.fp.readline(), r.fp.readline(), r.fp.readline()  # a chunk has arrived
             conns.append((c, r))
-        busy = self.metric("mxn_kv_slots_used", "wide")
+        busy_slots = self.metric("mxn_batch_slots_used", "wide")
+        busy_blocks = self.metric("mxn_kv_blocks_used", "wide")
         for c, r in conns:
             c.sock.shutdown(socket.SHUT_RDWR)
             c.close()
-        t0 = time.time()
-        while self.metric("mxn_kv_slots_used", "wide") > 0 and time.time() - t0 < 10:
-            time.sleep(0.02)
-        freed = time.time() - t0
-        self.assertEqual(busy, 8, "every slot was busy when the clients hung up")
-        self.assertEqual(self.metric("mxn_kv_slots_used", "wide"), 0)
+        steps0, t0 = self.metric("mxn_engine_steps_total", "wide"), time.time()
+        while self.metric("mxn_kv_blocks_used", "wide") > idle_blocks and time.time() - t0 < 10:
+            time.sleep(0.002)
+        freed, steps = time.time() - t0, self.metric("mxn_engine_steps_total", "wide") - steps0
+        self.assertEqual(idle_blocks, 0)
+        self.assertEqual(busy_slots, 32, "every slot was busy when the clients hung up")
+        self.assertGreaterEqual(busy_blocks, 32 * 26, "each request holds its prompt's and max_tokens' blocks")
+        self.assertEqual(self.metric("mxn_kv_blocks_used", "wide"), idle_blocks)
+        self.assertLessEqual(steps, 2)
+        self.assertEqual(self.metric("mxn_batch_slots_used", "wide"), 0)
         self.assertEqual(self.metric("mxn_requests_waiting", "wide"), 0)
-        cancelled, made = self.metric("mxn_requests_cancelled_total", "wide"), self.metric("mxn_generated_tokens_total", "wide")
-        self.assertEqual(cancelled, 8, "each request left mid-answer")
-        self.assertLess(made, 8 * 400)
+        cancelled = self.metric("mxn_requests_cancelled_total", "wide") - cancelled0
+        made = self.metric("mxn_generated_tokens_total", "wide")
+        self.assertEqual(cancelled, 32, "each request left mid-answer")
+        self.assertLess(made, 32 * 400)
         ok, r = self.post("/v1/completions", {"model": "tiny", "prompt": "In the", "max_tokens": 3})
         self.assertEqual(ok, 200, r)
-        print(f"serve disconnect: 8 streams hung up with {busy:.0f} of 8 slots busy; all free after "
-              f"{freed * 1e3:.0f} ms, 8 cancelled after {made:.0f} of 3200 tokens")
+        print(f"serve disconnect: 32 streams hung up with 32 of 32 slots and {busy_blocks:.0f} KV blocks busy; "
+              f"blocks back to {idle_blocks:.0f} after {steps:.0f} engine steps ({freed * 1e3:.0f} ms), 32 cancelled "
+              f"after {made:.0f} of {32 * 400} tokens")
 
     def test_many_streams_over_two_models(self):
-        """64 concurrent streaming clients over two models (8 slots each, so most wait their
-        turn): no request fails, every stream ends with its finish chunk and [DONE], and each one's
+        """64 concurrent streaming clients over two models (32 slots each, one KV block table per
+        request): no request fails, every stream ends with its finish chunk and [DONE], and each one's
         text equals what the same greedy request gives alone."""
         import threading
         prompts = [f"Chapter {i} verse" for i in range(64)]
@@ -306,22 +317,26 @@ class Serve(unittest.TestCase):
         print(f"serve logprobs: 8 tokens and their top 3 within {worst:.1e} of transformers; frequency and "
               f"presence penalties steer greedy decoding as the reference loop does")
 
+    def start(self, *args, env=None):
+        """Another server on its own port; returns (process, url) once /health answers."""
+        port = free_port()
+        proc = subprocess.Popen([MXN, "serve", "--port", str(port), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        return proc, url
+
     def test_memory_budget_evicts_and_reloads(self):
         """A budget that holds one of two models (two names for the tiny GPT-2, ~7 MB each):
         alternating requests evict the idle one and load the other, every request is answered
         with the same text, and /metrics counts the loads."""
-        port = free_port()
-        proc = subprocess.Popen([MXN, "serve", "--model", f"a={self.base}", "--model", f"b={self.base}",
-                                 "--port", str(port), "--memory-budget-mb", "10"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc, url = self.start("--model", f"a={self.base}", "--model", f"b={self.base}", "--memory-budget-mb", "10")
         try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    urllib.request.urlopen(url + "/health", timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
             texts = [client.completions.create(model=m, prompt="In the beginning", max_tokens=6,
                                                temperature=0).choices[0].text for m in "ababab"]
@@ -335,6 +350,50 @@ class Serve(unittest.TestCase):
             self.assertEqual(loaded, ["b"])
             print(f"serve budget: 6 alternating requests over 2 models with room for 1: all answered alike, "
                   f"loads {loads}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    def test_queue_full_is_429(self):
+        """One slot and --max-queue 1: with one request running and one waiting, a third gets 429
+        in OpenAI's shape (rate_limit_error, queue_full); the first two are still answered whole."""
+        import http.client, threading
+        proc, url = self.start("--model", f"tiny={self.base}", "--slots", "1", "--max-queue", "1",
+                               env={"MXN_TEST_SERVE_STEP_MS": "10"})
+        port = int(url.rsplit(":", 1)[1])
+        try:
+            def metric(name):
+                with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                    return float(next(l.split()[-1] for l in r.read().decode().splitlines() if l.startswith(name + "{")))
+            body = {"model": "tiny", "prompt": "In the beginning", "max_tokens": 30, "temperature": 0}
+            answers = []
+
+            def run():
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+                r = c.getresponse()
+                answers.append((r.status, json.loads(r.read())))
+            first = threading.Thread(target=run)
+            first.start()
+            while metric("mxn_requests_running") < 1:
+                time.sleep(0.005)
+            second = threading.Thread(target=run)
+            second.start()
+            while metric("mxn_requests_waiting") < 1:
+                time.sleep(0.005)
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with self.assertRaises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30)
+            err = json.loads(e.exception.read())["error"]
+            first.join(60)
+            second.join(60)
+            self.assertEqual(e.exception.code, 429)
+            self.assertEqual((err["type"], err["code"]), ("rate_limit_error", "queue_full"))
+            self.assertEqual([a[0] for a in answers], [200, 200])
+            self.assertEqual(answers[0][1]["choices"][0]["text"], answers[1][1]["choices"][0]["text"])
+            self.assertEqual(answers[0][1]["usage"]["completion_tokens"], 30)
+            print(f"serve queue: 1 running + 1 waiting, the third request 429 ({err['message']}); both others whole")
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -4,7 +4,9 @@ exact. For LLaMA, Qwen2, GLM and GPT-2 tiny random models (transformers), 16 gre
 prompts of 1 to 75 tokens go through 5 KV-cache slots at once (`mxn generate --prompts-file`):
 requests join as slots free up, long prompts are prefilled in chunks of 64 rows beside the others'
 decoding, and every request's 20 tokens equal `mxn generate --prompt-ids` run alone, on the CPU
-and on OpenCL (PoCL) when present.
+and on OpenCL (PoCL) when present. The KV cache is paged (blocks of 16 rows): 16 LLaMA prompts that
+share a 40-token prefix read its two whole blocks from the first request's cache once it has
+written them (11 requests x 32 tokens, as the engine reports), and still equal each run alone.
 usage: serve_test.py MXN
 """
 import os, random, subprocess, sys, tempfile, unittest
@@ -42,6 +44,34 @@ class Engine(unittest.TestCase):
                     self.assertEqual(same, 16, f"{family} on {dev}")
                     print(f"engine {family:6s} {dev:9s}: 16 requests (prompts {min(map(len, prompts))}-"
                           f"{max(map(len, prompts))} tokens) through 5 slots = each alone, 20 greedy tokens each")
+
+    def test_shared_prefix_blocks(self):
+        devices = ["cpu"] + (["opencl:0"] if "opencl:0" in subprocess.run([MXN, "devices"], capture_output=True,
+                                                                             text=True).stdout else [])
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(1)
+            folder = os.path.join(tmp, "llama")
+            perturb(make("llama", False), 3).eval().save_pretrained(folder)
+            rng = random.Random(7)
+            system = [rng.randrange(0, 128) for _ in range(40)]
+            prompts = [system + [rng.randrange(0, 128) for _ in range(rng.randrange(1, 21))] for _ in range(16)]
+            path = os.path.join(tmp, "prompts.txt")
+            with open(path, "w") as f:
+                f.write("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+            gen = ["--max-tokens", "12", "--temperature", "0", "--ignore-eos"]
+            alone = [subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", ",".join(map(str, p)),
+                                     *gen, "--print-ids"], capture_output=True, text=True, check=True).stdout.split()
+                     for p in prompts]
+            for dev in devices:
+                r = subprocess.run([MXN, "generate", "--model", folder, "--prompts-file", path, "--slots", "5",
+                                    "--device", dev, *gen], capture_output=True, text=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                self.assertEqual([l.split() for l in r.stdout.splitlines()], alone, dev)
+                # The first 5 start together, before any block is written; the other 11 share 2 blocks.
+                total = sum(map(len, prompts))
+                self.assertIn(f"{total} prompt tokens, {11 * 32} of them from shared prefix blocks", r.stderr)
+                print(f"engine llama  {dev:9s}: 16 prompts with a common 40-token prefix = each alone; "
+                      f"{11 * 32} of {total} prompt tokens read from shared KV blocks")
 
 
 if __name__ == "__main__":

@@ -120,10 +120,17 @@ std::function<int()> add_generate(CLI::App& app) {
               parse_id(t, (a->prompts_file + ":" + std::to_string(i + 1)).c_str()));
       }
       if (a->slots < 1) throw Error("--slots must be >= 1");
+      o.stats = &a->stats;
       for (const auto& ids : generate_batch(o, prompts, a->slots)) {
         for (size_t j = 0; j < ids.size(); ++j) std::printf("%s%d", j ? " " : "", ids[j]);
         std::printf("\n");
       }
+      const GenerateStats& t = a->stats;
+      std::fprintf(stderr,
+                   "%zu requests: %lld prompt tokens, %lld of them from shared prefix blocks; "
+                   "KV blocks in use at most %lld of %lld\n",
+                   prompts.size(), (long long)t.prompt_tokens, (long long)t.reused_tokens,
+                   (long long)t.kv_blocks_peak, (long long)t.kv_blocks);
       return 0;
     }
     for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ','))

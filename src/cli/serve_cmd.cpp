@@ -27,6 +27,12 @@ std::function<int()> add_serve(CLI::App& app) {
   sub->add_option("--ctx", a->o.context,
                   "tokens per request, prompt and answer (0: the model's, "
                   "at most 2048)");
+  sub->add_option("--kv-blocks", a->o.kv_blocks,
+                  "KV-cache blocks of 16 tokens per model, shared by its requests and their common "
+                  "prompt prefixes (0: enough for every slot at the full context)");
+  sub->add_option("--max-queue", a->o.max_queue,
+                  "requests waiting per model; more are refused with 429")
+      ->capture_default_str();
   sub->add_option("--api-key", a->o.api_key, "require 'Authorization: Bearer KEY'");
   sub->add_option("--memory-budget-mb", a->budget_mb,
                   "MB of weights and KV caches for all models: load on first use, evict the least "
@@ -39,6 +45,8 @@ std::function<int()> add_serve(CLI::App& app) {
       a->o.models.emplace_back(m.substr(0, eq), m.substr(eq + 1));
     }
     if (a->o.slots < 1) throw Error("--slots must be >= 1");
+    if (a->o.kv_blocks < 0) throw Error("--kv-blocks must be >= 0");
+    if (a->o.max_queue < 0) throw Error("--max-queue must be >= 0");
     if (a->budget_mb < 0) throw Error("--memory-budget-mb must be >= 0");
     a->o.memory_budget = uint64_t(a->budget_mb * 1048576.0);
     if (a->o.port < 1 || a->o.port > 65535) throw Error("--port must be 1..65535");

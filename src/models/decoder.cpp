@@ -308,7 +308,8 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   if (o.mask == 3) m.prefix = g.input("segments", {N}, DType::i32);
   if (o.serve_rows > 0) {
     m.cache_rows = g.input("cache_rows", {N}, DType::i32);
-    m.key_ranges = g.input("key_ranges", {N, 2}, DType::i32);
+    m.key_ranges =
+        g.input("key_ranges", {N, o.serve_block > 0 ? 1 + o.serve_blocks : 2}, DType::i32);
   }
   const int wte = b.w(nm.embed + ".weight", {c.vocab_size, C}, true);
   int x = g.embedding(m.tokens, wte);
@@ -371,7 +372,8 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       v = vc;
       at.k_col = at.v_col = 0;
       at.kv_rows = at.S = o.serve_rows;
-      at.mask = 4;
+      at.mask = o.serve_block > 0 ? 5 : 4;
+      at.block = o.serve_block;
     } else if (o.kv_cache > 0) {  // append this step's keys and values; attend over the cache
       const int kc = g.input(p + "k_cache", {B * o.kv_cache, G * D}, DType::f32);
       const int vc = g.input(p + "v_cache", {B * o.kv_cache, G * D}, DType::f32);

@@ -94,8 +94,10 @@ struct DecoderOptions {
   bool block_positions = false;
   // Serving (src/serve/engine.h): B = 1 and the KV caches are one buffer of this many rows that
   // many requests share; each of the T rows names its cache row and its key range (inputs
-  // cache_rows and key_ranges), and `logit_rows` rows picked by last_rows get logits.
-  int64_t serve_rows = 0, logit_rows = 0;
+  // cache_rows and key_ranges), and `logit_rows` rows picked by last_rows get logits. With
+  // serve_block > 0 the cache is paged: key_ranges is each row's block table (T, 1 +
+  // serve_blocks) = [keys, blocks...] (ATTENTION mask 5); else its key range (T, 2) (mask 4).
+  int64_t serve_rows = 0, logit_rows = 0, serve_block = 0, serve_blocks = 0;
   bool freeze = false;  // the model's weights are frozen (fine-tuning trains adapters only)
   // P-Tuning v2's reparameterisation while training: the prefix rows come out of a small MLP,
   // tanh(E W1^T + b1) W2^T + b2, from a (prefix_len, hidden) embedding E through this many

@@ -8,9 +8,20 @@
 
 namespace mxn {
 
+namespace {
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+}  // namespace
+
 Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::string& source,
-               Device& dev, int64_t slots, int64_t capacity, int64_t chunk)
-    : cfg_(c), dev_(dev), capacity_(capacity), chunk_(chunk), max_rows_(slots + chunk) {
+               Device& dev, int64_t slots, int64_t capacity, int64_t chunk, int64_t blocks,
+               int64_t block)
+    : cfg_(c),
+      dev_(dev),
+      capacity_(capacity),
+      chunk_(chunk),
+      max_rows_(slots + chunk),
+      table_w_(1 + ceil_div(capacity, std::max<int64_t>(block, 1))),
+      kv_(blocks > 0 ? blocks : slots * ceil_div(capacity, std::max<int64_t>(block, 1)), block) {
   if (slots < 1 || capacity < 2 || chunk < 1)
     throw Error("the engine needs slots >= 1, a capacity >= 2 and a prefill chunk >= 1");
   if (c.gpt2() && capacity > c.max_pos)
@@ -25,14 +36,16 @@ Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::stri
   tokens_.resize(size_t(max_rows_));
   positions_.resize(size_t(max_rows_));
   cache_rows_.resize(size_t(max_rows_));
-  ranges_.resize(size_t(2 * max_rows_));
+  tables_.resize(size_t(max_rows_ * table_w_));
   last_rows_.resize(size_t(slots));
   logits_.resize(size_t(slots * c.vocab_size));
 }
 
 Graph Engine::graph(int64_t rows, int64_t logit_rows, DecoderGraph* m) const {
   DecoderOptions o;
-  o.serve_rows = int64_t(slots_.size()) * capacity_;
+  o.serve_rows = kv_.total() * kv_.block();
+  o.serve_block = kv_.block();
+  o.serve_blocks = table_w_ - 1;
   o.logit_rows = logit_rows;
   Graph g;
   *m = build_decoder(g, cfg_, 1, rows, o);
@@ -49,10 +62,14 @@ int Engine::variant_for(int64_t rows, int64_t logit_rows) {
 int64_t Engine::submit(EngineRequest r) {
   if (r.prompt.empty()) throw Error("the prompt is empty");
   if (r.max_tokens < 1) throw Error("max_tokens must be >= 1");
-  if (int64_t(r.prompt.size()) + r.max_tokens > capacity_)
+  const int64_t n = int64_t(r.prompt.size()) + r.max_tokens;
+  if (n > capacity_)
     throw Error("the prompt (" + std::to_string(r.prompt.size()) + " tokens) and max_tokens (" +
                 std::to_string(r.max_tokens) + ") exceed the context of " +
                 std::to_string(capacity_) + " tokens");
+  if (ceil_div(n, kv_.block()) > kv_.total())
+    throw Error("the prompt and max_tokens need " + std::to_string(ceil_div(n, kv_.block())) +
+                " KV blocks; the cache has " + std::to_string(kv_.total()));
   for (int32_t t : r.prompt)
     if (t < 0 || t >= cfg_.vocab_size)
       throw Error("prompt token " + std::to_string(t) + " is outside the vocabulary [0, " +
@@ -68,6 +85,37 @@ void Engine::cancel(int64_t id) {
   std::erase_if(waiting_, [&](const auto& w) { return w.first == id; });
 }
 
+bool Engine::admit(Slot& s) {
+  const EngineRequest& r = waiting_.front().second;
+  const int64_t P = int64_t(r.prompt.size()), bs = kv_.block();
+  // Shared blocks cover whole prompt blocks and leave at least its last token to compute (its
+  // logits start the answer); the rest, to prompt + max_tokens, is taken now.
+  const int64_t most = (P - 1) / bs;
+  const int64_t shared = int64_t(kv_.match(r.prompt, most, false).size());
+  const int64_t need = ceil_div(P + r.max_tokens, bs) - shared;
+  if (need > kv_.available()) return false;
+  s = Slot{};
+  s.used = true;
+  s.id = waiting_.front().first;
+  s.req = std::move(waiting_.front().second);
+  waiting_.pop_front();
+  s.blocks = kv_.match(s.req.prompt, most);
+  for (int64_t i = 0; i < need; ++i) s.blocks.push_back(kv_.take());
+  s.published = shared;
+  s.fed = s.len = shared * bs;
+  s.sampler = std::make_unique<Sampler>(s.req.sampling);
+  prompt_tokens_ += P;
+  reused_tokens_ += shared * bs;
+  ++active_;
+  return true;
+}
+
+void Engine::release(Slot& s) {
+  for (int32_t b : s.blocks) kv_.release(b);
+  s = Slot{};
+  --active_;
+}
+
 std::vector<EngineEvent> Engine::step() {
   std::vector<EngineEvent> events;
   for (Slot& s : slots_)  // cancelled ones leave first: their slots take new requests now
@@ -77,29 +125,22 @@ std::vector<EngineEvent> Engine::step() {
       e.finished = true;
       e.reason = "cancel";
       events.push_back(std::move(e));
-      s = Slot{};
-      --active_;
+      release(s);
     }
-  for (Slot& s : slots_) {
-    if (s.used || waiting_.empty()) continue;
-    s.used = true;
-    s.id = waiting_.front().first;
-    s.req = std::move(waiting_.front().second);
-    s.sampler = std::make_unique<Sampler>(s.req.sampling);
-    waiting_.pop_front();
-    ++active_;
-  }
+  for (Slot& s : slots_)  // in arrival order, while the front one's blocks are there
+    if (!s.used && (waiting_.empty() || !admit(s))) break;
   // The pass: a row per decoding request, then one prefilling request's next chunk.
-  const int64_t cap = capacity_;
+  const int64_t bs = kv_.block(), tw = table_w_;
   int64_t rows = 0, lr = 0;
   std::vector<size_t> logit_slot;
   auto add_row = [&](size_t si, int32_t token, int64_t pos) {
-    const int64_t base = int64_t(si) * cap;
+    const Slot& s = slots_[si];
     tokens_[size_t(rows)] = token;
     positions_[size_t(rows)] = int32_t(pos);
-    cache_rows_[size_t(rows)] = int32_t(base + pos);
-    ranges_[size_t(2 * rows)] = int32_t(base);
-    ranges_[size_t(2 * rows + 1)] = int32_t(base + pos + 1);
+    cache_rows_[size_t(rows)] = int32_t(s.blocks[size_t(pos / bs)] * bs + pos % bs);
+    int32_t* t = tables_.data() + rows * tw;
+    t[0] = int32_t(pos + 1);
+    std::copy(s.blocks.begin(), s.blocks.end(), t + 1);
     ++rows;
   };
   for (size_t si = 0; si < slots_.size(); ++si) {
@@ -134,9 +175,15 @@ std::vector<EngineEvent> Engine::step() {
   dev_.upload(prog_->tensor(m_.tokens, v), tokens_.data());
   dev_.upload(prog_->tensor(m_.positions, v), positions_.data());
   dev_.upload(prog_->tensor(m_.cache_rows, v), cache_rows_.data());
-  dev_.upload(prog_->tensor(m_.key_ranges, v), ranges_.data());
+  dev_.upload(prog_->tensor(m_.key_ranges, v), tables_.data());
   dev_.upload(prog_->tensor(m_.last_rows, v), last_rows_.data());
   prog_->run(0, prog_->graph().nodes.size(), v);
+  if (pre < slots_.size()) {  // its prompt blocks now written in full: offered to later requests
+    Slot& s = slots_[pre];
+    for (; (s.published + 1) * bs <= std::min<int64_t>(s.fed, int64_t(s.req.prompt.size()));
+         ++s.published)
+      kv_.publish(s.blocks, s.published, s.req.prompt);
+  }
   if (lr == 0) return events;
   dev_.download(logits_.data(), prog_->tensor(m_.logits, v));
   const int64_t V = cfg_.vocab_size;
@@ -176,8 +223,7 @@ std::vector<EngineEvent> Engine::step() {
     if (eos || s.made >= s.req.max_tokens) {
       e.finished = true;
       e.reason = eos ? "stop" : "length";
-      s = Slot{};
-      --active_;
+      release(s);
     } else {
       s.next = tok;
     }

@@ -1,11 +1,14 @@
 #pragma once
-// The serving engine's core: continuous batching over one model on one device. Requests take
-// slots of one shared KV-cache buffer (each slot `capacity` rows). Every step() is one forward
-// pass that holds one row for each decoding request plus up to `chunk` prompt rows of one
-// request still in prefill (chunked prefill: a long prompt does not stall the others). Each row
-// names its cache row and sees only its own request's keys (ATTENTION mask 4, SET_ROWS with
-// destination rows), so a request's tokens do not depend on what else is in the batch. New
-// requests join between steps; a finished or cancelled one frees its slot at once.
+// The serving engine's core: continuous batching over one model on one device. The KV cache is
+// paged (serve/kv_blocks.h): one device buffer of blocks of rows; a request takes a slot (a row
+// of the batch) and a table of blocks, enough for its prompt and max_tokens when it is admitted,
+// the first ones shared with earlier requests that had the same prompt prefix. Every step() is
+// one forward pass that holds one row for each decoding request plus up to `chunk` prompt rows
+// of one request still in prefill (chunked prefill: a long prompt does not stall the others).
+// Each row names its cache row and sees only its own request's keys through its block table
+// (ATTENTION mask 5, SET_ROWS with destination rows), so a request's tokens do not depend on
+// what else is in the batch. New requests join between steps; a finished or cancelled one
+// frees its slot and its blocks at once.
 #include <deque>
 #include <memory>
 #include <string>
@@ -15,6 +18,7 @@
 #include "graph/program.h"
 #include "io/safetensors.h"
 #include "models/decoder.h"
+#include "serve/kv_blocks.h"
 #include "train/generate.h"
 
 namespace mxn {
@@ -42,11 +46,14 @@ struct EngineEvent {
 
 class Engine {
  public:
+  // `slots` requests decode together, each of at most `capacity` tokens (prompt and output);
+  // the cache holds `blocks` blocks of `block` rows (0: enough for every slot at capacity).
   Engine(const DecoderConfig& c, const TensorMap& weights, const std::string& source, Device& dev,
-         int64_t slots, int64_t capacity, int64_t chunk = 64);
+         int64_t slots, int64_t capacity, int64_t chunk = 64, int64_t blocks = 0,
+         int64_t block = 16);
 
-  // Queues a request; returns its id. An Error when it cannot fit a slot (prompt + max_tokens
-  // over the capacity) or holds a token outside the vocabulary.
+  // Queues a request; returns its id. An Error when it can never fit (prompt + max_tokens over
+  // the capacity or over the whole cache) or holds a token outside the vocabulary.
   int64_t submit(EngineRequest r);
   void cancel(int64_t id);  // leaves at the next step; its slot is free at once
   // One forward pass (admitting queued requests into free slots first); returns the tokens made.
@@ -55,6 +62,9 @@ class Engine {
   int64_t slots_in_use() const { return active_; }
   int64_t waiting() const { return int64_t(waiting_.size()); }
   int64_t slots() const { return int64_t(slots_.size()); }
+  const KvBlocks& kv() const { return kv_; }
+  int64_t prompt_tokens() const { return prompt_tokens_; }  // admitted so far
+  int64_t reused_tokens() const { return reused_tokens_; }  // of those, read from shared blocks
 
  private:
   struct Slot {
@@ -66,19 +76,25 @@ class Engine {
     int32_t next = -1;                                // the token to feed next (decoding)
     std::vector<std::pair<int32_t, int32_t>> counts;  // generated token -> times (penalties)
     bool cancelled = false;
+    std::vector<int32_t> blocks;  // the block table
+    int64_t published = 0;        // leading prompt blocks offered to later requests
   };
+  bool admit(Slot& s);  // the front waiting request into s, when its blocks are there
+  void release(Slot& s);
   int variant_for(int64_t rows, int64_t logit_rows);
   Graph graph(int64_t rows, int64_t logit_rows, DecoderGraph* m) const;
 
   DecoderConfig cfg_;
   Device& dev_;
   int64_t capacity_, chunk_, max_rows_, active_ = 0, next_id_ = 1;
+  int64_t table_w_, prompt_tokens_ = 0, reused_tokens_ = 0;
+  KvBlocks kv_;
   DecoderGraph m_;
   std::unique_ptr<Program> prog_;
   std::vector<int> variants_;  // by (rows - 1) * max_rows_ + logit_rows - 1; -1 until built
   std::vector<Slot> slots_;
   std::deque<std::pair<int64_t, EngineRequest>> waiting_;
-  std::vector<int32_t> tokens_, positions_, cache_rows_, ranges_, last_rows_;
+  std::vector<int32_t> tokens_, positions_, cache_rows_, tables_, last_rows_;
   std::vector<float> logits_;
 };
 

@@ -76,6 +76,8 @@ struct Channel {
   }
 };
 
+struct QueueFull {};  // a model's queue of waiting requests is at --max-queue
+
 // One model: its engine, run by a worker thread; requests come in from HTTP threads.
 class Model {
  public:
@@ -93,7 +95,10 @@ class Model {
     dev_ = open_device(o.device, int(o.threads));
     context_ = std::min<int64_t>(cfg_.max_pos, o.context > 0 ? o.context : 2048);
     slots_ = o.slots;
-    engine_ = std::make_unique<Engine>(cfg_, src.weights, src.what, *dev_, o.slots, context_);
+    max_queue_ = o.max_queue;
+    blocks_ = kv_blocks(o, context_);
+    engine_ = std::make_unique<Engine>(cfg_, src.weights, src.what, *dev_, o.slots, context_, 64,
+                                       blocks_, kBlock);
     worker_ = std::thread([this] { run(); });
   }
   ~Model() {
@@ -117,6 +122,7 @@ class Model {
     int64_t id;
     {
       std::lock_guard<std::mutex> l(m_);
+      if (engine_->waiting() >= max_queue_) throw QueueFull{};
       id = engine_->submit(std::move(r));
       live_[id] = ch;
       timing_[id] = {std::chrono::steady_clock::now(), {}, 0};
@@ -133,21 +139,34 @@ class Model {
     std::lock_guard<std::mutex> l(m_);
     const std::string lbl = "{model=\"" + name_ + "\",device=\"" + device + "\"}";
     const int64_t used = engine_->slots_in_use();
-    return "mxn_requests_running" + lbl + " " + std::to_string(used) + "\n" +
-           "mxn_requests_waiting" + lbl + " " + std::to_string(engine_->waiting()) + "\n" +
-           "mxn_kv_slots_used" + lbl + " " + std::to_string(used) + "\n" + "mxn_kv_slots_free" +
-           lbl + " " + std::to_string(engine_->slots() - used) + "\n" +
-           "mxn_generated_tokens_total" + lbl + " " + std::to_string(tokens_) + "\n" +
-           "mxn_requests_cancelled_total" + lbl + " " + std::to_string(cancelled_) + "\n" +
+    const KvBlocks& kv = engine_->kv();
+    auto line = [&](const char* name, int64_t v) {
+      return std::string(name) + lbl + " " + std::to_string(v) + "\n";
+    };
+    return line("mxn_requests_running", used) + line("mxn_requests_waiting", engine_->waiting()) +
+           line("mxn_batch_slots_used", used) +
+           line("mxn_batch_slots_free", engine_->slots() - used) +
+           line("mxn_kv_blocks_used", kv.used()) + line("mxn_kv_blocks_cached", kv.cached()) +
+           line("mxn_kv_blocks_free", kv.free()) +
+           line("mxn_prompt_tokens_total", engine_->prompt_tokens()) +
+           line("mxn_prefix_cache_tokens_total", engine_->reused_tokens()) +
+           line("mxn_engine_steps_total", steps_) + "mxn_generated_tokens_total" + lbl + " " +
+           std::to_string(tokens_) + "\n" + "mxn_requests_cancelled_total" + lbl + " " +
+           std::to_string(cancelled_) + "\n" +
            ttft_.text("mxn_time_to_first_token_seconds", lbl.substr(1, lbl.size() - 2)) +
            tpot_.text("mxn_time_per_output_token_seconds", lbl.substr(1, lbl.size() - 2));
   }
   std::string device_name() const { return dev_->name(); }
-  // Device bytes this model holds: its weights (f32) and its KV-cache slots.
-  uint64_t bytes() const { return bytes_of(cfg_, slots_, context_); }
-  static uint64_t bytes_of(const DecoderConfig& c, int64_t slots, int64_t context) {
+  // Device bytes this model holds: its weights (f32) and its KV-cache blocks.
+  uint64_t bytes() const { return bytes_of(cfg_, blocks_); }
+  static uint64_t bytes_of(const DecoderConfig& c, int64_t blocks) {
     return uint64_t(c.param_count()) * 4 +
-           uint64_t(slots * context * c.layers * 2 * c.n_kv_heads() * c.hd()) * 4;
+           uint64_t(blocks * kBlock * c.layers * 2 * c.n_kv_heads() * c.hd()) * 4;
+  }
+  static constexpr int64_t kBlock = 16;  // KV rows a block
+  // --kv-blocks, or enough for every slot at the full context.
+  static int64_t kv_blocks(const ServeOptions& o, int64_t context) {
+    return o.kv_blocks > 0 ? o.kv_blocks : o.slots * ((context + kBlock - 1) / kBlock);
   }
   bool idle() {
     std::lock_guard<std::mutex> l(m_);
@@ -168,6 +187,7 @@ class Model {
         std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
         l.lock();
       }
+      ++steps_;
       for (const EngineEvent& e : engine_->step()) {
         tokens_ += e.token >= 0;
         cancelled_ += e.reason == "cancel";
@@ -202,13 +222,13 @@ class Model {
   ChatFormat chat_{};
   bool has_chat_ = false;
   std::unique_ptr<Device> dev_;
-  int64_t context_ = 0, slots_ = 0;
+  int64_t context_ = 0, slots_ = 0, blocks_ = 0, max_queue_ = 0;
   std::unique_ptr<Engine> engine_;
   std::mutex m_;
   std::condition_variable cv_;
   bool stop_ = false;
   std::map<int64_t, std::shared_ptr<Channel>> live_;
-  int64_t tokens_ = 0, cancelled_ = 0;  // counters for /metrics
+  int64_t tokens_ = 0, cancelled_ = 0, steps_ = 0;  // counters for /metrics
   struct Timing {
     std::chrono::steady_clock::time_point submitted, first;
     int64_t made = 0;
@@ -322,8 +342,8 @@ class Registry {
   uint64_t estimate(const std::string& path) const {
     if (!std::filesystem::exists(std::filesystem::path(path) / "config.json")) return 0;
     const DecoderConfig c = load_hf_config(path);
-    return Model::bytes_of(c, o_.slots,
-                           std::min<int64_t>(c.max_pos, o_.context > 0 ? o_.context : 2048));
+    return Model::bytes_of(
+        c, Model::kv_blocks(o_, std::min<int64_t>(c.max_pos, o_.context > 0 ? o_.context : 2048)));
   }
   void make_room(const std::string& name, uint64_t need) {
     if (o_.memory_budget == 0) return;
@@ -389,7 +409,10 @@ int serve(const ServeOptions& o) {
   svr.Get("/metrics", [&](const httplib::Request&, httplib::Response& res) {
     std::string out =
         "# TYPE mxn_requests_running gauge\n# TYPE mxn_requests_waiting gauge\n"
-        "# TYPE mxn_kv_slots_used gauge\n# TYPE mxn_kv_slots_free gauge\n"
+        "# TYPE mxn_batch_slots_used gauge\n# TYPE mxn_batch_slots_free gauge\n"
+        "# TYPE mxn_kv_blocks_used gauge\n# TYPE mxn_kv_blocks_cached gauge\n"
+        "# TYPE mxn_kv_blocks_free gauge\n# TYPE mxn_prompt_tokens_total counter\n"
+        "# TYPE mxn_prefix_cache_tokens_total counter\n# TYPE mxn_engine_steps_total counter\n"
         "# TYPE mxn_generated_tokens_total counter\n# TYPE mxn_requests_cancelled_total counter\n";
     res.set_content(out + models.metrics(), "text/plain; version=0.0.4");
   });
@@ -499,6 +522,11 @@ int serve(const ServeOptions& o) {
         sub = model.submit(std::move(r));
       } catch (const Error& e) {
         throw HttpError{400, e.what(), "invalid_request_error", ""};
+      } catch (const QueueFull&) {
+        throw HttpError{429,
+                        "the model '" + name + "' has " + std::to_string(o.max_queue) +
+                            " requests waiting (--max-queue); try again later",
+                        "rate_limit_error", "queue_full"};
       }
       const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
       const int64_t created = now_s();

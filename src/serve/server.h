@@ -2,7 +2,8 @@
 // mxn serve: an OpenAI-compatible HTTP server (cpp-httplib) over the serving engine. Each model
 // has its own engine and a worker thread that runs its passes; HTTP threads submit requests and
 // wait on their own channel of tokens. Endpoints: GET /health, GET /metrics (Prometheus text:
-// requests running and waiting, KV slots used and free, tokens made), GET /v1/models,
+// requests running and waiting, batch slots and KV blocks used, cached and free, prompt tokens
+// and those read from shared prefix blocks, tokens made, latency histograms), GET /v1/models,
 // POST /v1/completions and POST /v1/chat/completions (with "stream": true as server-sent
 // events ending in "data: [DONE]"). Errors have OpenAI's JSON shape and a 4xx status.
 #include <string>
@@ -19,7 +20,10 @@ struct ServeOptions {
   int64_t threads = 0;
   int64_t slots = 8;    // requests decoded together, per model
   int64_t context = 0;  // tokens per request (prompt + output); 0: the model's, at most 2048
-  std::string api_key;  // when set, requests need "Authorization: Bearer <key>"
+  int64_t kv_blocks = 0;
+  int64_t max_queue = 256;  // requests waiting per model beyond which new ones get 429  // KV-cache
+                            // blocks of 16 rows per model; 0: every slot at the context
+  std::string api_key;      // when set, requests need "Authorization: Bearer <key>"
   size_t max_body = 1 << 20;
   // Device bytes for all loaded models (weights and KV slots); 0: no limit, every model loaded at
   // the start. With a budget models load on first use and idle ones are evicted, least recently

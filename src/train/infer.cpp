@@ -25,10 +25,7 @@
 #include "train/text_stream.h"
 
 namespace mxn {
-namespace {
-
-
-}  // namespace
+namespace {}  // namespace
 
 ModelSource load_model(const std::string& path, const std::string& adapter) {
   namespace fs = std::filesystem;
@@ -208,10 +205,7 @@ std::string infill(const std::string& checkpoint, const std::string& text, int64
   return out;
 }
 
-namespace {
-
-
-}  // namespace
+namespace {}  // namespace
 
 int64_t generate(const GenerateOptions& o,
                  const std::function<void(int32_t id, const std::string& text)>& on_token) {
@@ -336,10 +330,19 @@ std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
     ids.push_back(engine.submit(std::move(r)));
   }
   std::vector<std::vector<int32_t>> out(prompts.size());
-  while (!engine.idle())
+  int64_t peak = 0;
+  while (!engine.idle()) {
     for (const EngineEvent& e : engine.step())
       if (e.token >= 0)
         out[size_t(std::find(ids.begin(), ids.end(), e.id) - ids.begin())].push_back(e.token);
+    peak = std::max(peak, engine.kv().used());
+  }
+  if (o.stats) {
+    o.stats->prompt_tokens = engine.prompt_tokens();
+    o.stats->reused_tokens = engine.reused_tokens();
+    o.stats->kv_blocks_peak = peak;
+    o.stats->kv_blocks = engine.kv().total();
+  }
   return out;
 }
 

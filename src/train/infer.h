@@ -27,6 +27,8 @@ ModelSource load_model(const std::string& path, const std::string& adapter = "")
 struct GenerateStats {
   double load_s = 0, prompt_s = 0, decode_s = 0;
   int64_t prompt_tokens = 0, decode_tokens = 0;
+  // generate_batch: prompt tokens read from shared prefix blocks; the most KV blocks in use
+  int64_t reused_tokens = 0, kv_blocks_peak = 0, kv_blocks = 0;
 };
 
 struct GenerateOptions {
