@@ -20,6 +20,7 @@
 #include "data/chat.h"
 #include "data/tokenizer.h"
 #include "io/hf_folder.h"
+#include "serve/chat_page.h"
 #include "serve/engine.h"
 #include "train/infer.h"
 #include "train/text_stream.h"
@@ -386,7 +387,7 @@ int serve(const ServeOptions& o) {
   svr.new_task_queue = [http_threads] { return new httplib::ThreadPool(http_threads); };
   svr.set_payload_max_length(o.max_body);
   svr.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response& res) {
-    if (o.api_key.empty() || req.path == "/health" || req.path == "/metrics")
+    if (o.api_key.empty() || req.path == "/" || req.path == "/health" || req.path == "/metrics")
       return httplib::Server::HandlerResponse::Unhandled;
     if (req.get_header_value("Authorization") == "Bearer " + o.api_key)
       return httplib::Server::HandlerResponse::Unhandled;
@@ -402,6 +403,9 @@ int serve(const ServeOptions& o) {
       send_error(res, 404, "no such endpoint", "invalid_request_error", "not_found");
     else
       send_error(res, res.status, "request failed");
+  });
+  svr.Get("/", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content(kChatPage, "text/html; charset=utf-8");
   });
   svr.Get("/health", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(R"({"status":"ok"})", "application/json");
@@ -615,12 +619,14 @@ int serve(const ServeOptions& o) {
                      {"object", object},
                      {"created", created},
                      {"model", name},
+                     {"system_fingerprint", "mxn:" + model.device_name()},
                      {"choices", json::array({choice(text, reason, false, lp)})},
                      {"usage", usage(made)}};
         res.set_content(dump(body), "application/json");
         return;
       }
       const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
+      const std::string fingerprint = "mxn:" + model.device_name();  // which chip answered
       auto made = std::make_shared<int64_t>(0);
       auto ended = std::make_shared<bool>(false);
       res.set_chunked_content_provider(
@@ -635,7 +641,11 @@ int serve(const ServeOptions& o) {
             const bool done = take(sub.second->next(), text, *made, reason, lp);
             std::string tail = done && !out->stopped ? out->stop.flush() : "";
             text += tail;
-            json c = {{"id", id}, {"object", chunk_object}, {"created", created}, {"model", name}};
+            json c = {{"id", id},
+                      {"object", chunk_object},
+                      {"created", created},
+                      {"model", name},
+                      {"system_fingerprint", fingerprint}};
             if (!text.empty() || done || (want_lp && lp.dump() != new_lp().dump())) {
               c["choices"] =
                   json::array({choice(text, done ? json(reason) : json(nullptr), true, lp)});
