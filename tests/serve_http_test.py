@@ -354,6 +354,52 @@ class Serve(unittest.TestCase):
             proc.terminate()
             proc.wait(timeout=30)
 
+    def test_health_while_loading_and_a_bad_folder(self):
+        """/health answers 503 {"status": "loading"} while the models load (a test hook slows the
+        load by 1.5 s), then 200; a request sent meanwhile waits and is answered. A folder whose
+        config.json is not JSON stops the server with a non-zero exit and a line naming it."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([MXN, "serve", "--port", str(port), "--model", f"tiny={self.base}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, MXN_TEST_SERVE_LOAD_MS="1500"))
+        try:
+            seen, body = [], None
+            for _ in range(600):
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                        seen.append(r.status)
+                        break
+                except urllib.error.HTTPError as e:
+                    seen.append(e.code)
+                    body = json.loads(e.read())
+                    if len(seen) == 1:  # a request while loading: it waits, then is answered
+                        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+                        text = client.completions.create(model="tiny", prompt="In the", max_tokens=4,
+                                                         temperature=0).choices[0].text
+                except OSError:
+                    time.sleep(0.05)
+                    continue
+                time.sleep(0.05)
+            self.assertEqual(seen[0], 503)
+            self.assertEqual(body, {"status": "loading"})
+            self.assertEqual(seen[-1], 200)
+            want = self.client.completions.create(model="tiny", prompt="In the", max_tokens=4, temperature=0)
+            self.assertEqual(text, want.choices[0].text)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        bad = os.path.join(self.tmp.name, "bad")
+        os.makedirs(bad, exist_ok=True)
+        with open(os.path.join(bad, "config.json"), "w") as f:
+            f.write("{not json")
+        r = subprocess.run([MXN, "serve", "--port", str(free_port()), "--model", f"bad={bad}"],
+                           capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("config.json", r.stderr)
+        print(f"serve health: {seen.count(503)} x 503 loading, then 200; the request sent while loading answered; "
+              f"a bad folder: exit {r.returncode}, '{r.stderr.strip().splitlines()[-1]}'")
+
     def test_queue_full_is_429(self):
         """One slot and --max-queue 1: with one request running and one waiting, a third gets 429
         in OpenAI's shape (rate_limit_error, queue_full); the first two are still answered whole."""

@@ -300,21 +300,42 @@ class Registry {
     for (const auto& [n, e] : entries_) out.push_back(n);
     return out;
   }
-  // nullptr: no such model. HttpError 503 when the budget cannot make room (all busy).
+  // nullptr: no such model. HttpError 503 when the budget cannot make room (all busy). A model
+  // loads outside the registry's lock: requests for other models go on meanwhile, and those for
+  // the same one wait for it.
   std::shared_ptr<Model> get(const std::string& name) {
-    std::lock_guard<std::mutex> l(m_);
+    std::unique_lock<std::mutex> l(m_);
     auto it = entries_.find(name);
     if (it == entries_.end()) return nullptr;
     Entry& e = it->second;
     e.last = ++clock_;
+    loaded_.wait(l, [&] { return !e.loading; });
     if (e.model) return e.model;
     const uint64_t need = estimate(e.path);
     make_room(name, need);
-    std::fprintf(stderr, "loading %s from %s\n", name.c_str(), e.path.c_str());
-    e.model = std::make_shared<Model>(name, e.path, o_);
-    e.bytes = e.model->bytes();
+    e.loading = true;
+    e.bytes = need;  // held for it while it loads, so a concurrent load cannot take the room
+    l.unlock();
+    std::shared_ptr<Model> m;
+    try {
+      std::fprintf(stderr, "loading %s from %s\n", name.c_str(), e.path.c_str());
+      if (const char* ms = std::getenv("MXN_TEST_SERVE_LOAD_MS"))  // tests: a slow load
+        std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(ms)));
+      m = std::make_shared<Model>(name, e.path, o_);
+    } catch (...) {
+      l.lock();
+      e.loading = false;
+      e.bytes = 0;
+      loaded_.notify_all();
+      throw;
+    }
+    l.lock();
+    e.model = m;
+    e.bytes = m->bytes();
+    e.loading = false;
     ++e.loads;
-    return e.model;
+    loaded_.notify_all();
+    return m;
   }
   std::string metrics() {
     std::lock_guard<std::mutex> l(m_);
@@ -336,6 +357,7 @@ class Registry {
   struct Entry {
     std::string path;
     std::shared_ptr<Model> model;
+    bool loading = false;
     uint64_t last = 0, bytes = 0;
     int64_t loads = 0;
   };
@@ -350,7 +372,7 @@ class Registry {
     if (o_.memory_budget == 0) return;
     while (true) {
       uint64_t used = 0;
-      for (const auto& [n, e] : entries_) used += e.model ? e.bytes : 0;
+      for (const auto& [n, e] : entries_) used += e.model || e.loading ? e.bytes : 0;
       if (used + need <= o_.memory_budget) return;
       Entry* lru = nullptr;
       for (auto& [n, e] : entries_)
@@ -367,6 +389,7 @@ class Registry {
   }
   const ServeOptions& o_;
   std::mutex m_;
+  std::condition_variable loaded_;
   std::map<std::string, Entry> entries_;
   uint64_t clock_ = 0;
 };
@@ -376,8 +399,10 @@ class Registry {
 int serve(const ServeOptions& o) {
   if (o.models.empty()) throw Error("mxn serve needs at least one --model NAME=PATH");
   Registry models(o);
-  if (o.memory_budget == 0)  // no budget: everything now, so a bad folder fails at the start
-    for (const std::string& n : models.names()) models.get(n);
+  // Without a budget every model loads at the start, after the port is bound: /health says 503
+  // until they are all in, and a folder that fails to load stops the server with its error.
+  std::atomic<bool> ready{o.memory_budget > 0};
+  std::string load_error;
   std::atomic<int64_t> next_id{1};
   httplib::Server svr;
   // A streaming answer holds its HTTP thread until it ends: enough threads for every slot of
@@ -407,8 +432,13 @@ int serve(const ServeOptions& o) {
   svr.Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(kChatPage, "text/html; charset=utf-8");
   });
-  svr.Get("/health", [](const httplib::Request&, httplib::Response& res) {
-    res.set_content(R"({"status":"ok"})", "application/json");
+  svr.Get("/health", [&](const httplib::Request&, httplib::Response& res) {
+    if (ready) {
+      res.set_content(R"({"status":"ok"})", "application/json");
+    } else {
+      res.status = 503;
+      res.set_content(R"({"status":"loading"})", "application/json");
+    }
   });
   svr.Get("/metrics", [&](const httplib::Request&, httplib::Response& res) {
     std::string out =
@@ -692,9 +722,22 @@ int serve(const ServeOptions& o) {
   std::printf("mxn serve: listening on http://%s:%d (%zu model%s)\n", o.host.c_str(), o.port,
               o.models.size(), o.models.size() == 1 ? "" : "s");
   std::fflush(stdout);
+  std::thread loader([&] {
+    if (ready) return;
+    try {
+      for (const std::string& n : models.names()) models.get(n);
+      ready = true;
+      std::fprintf(stderr, "mxn serve: ready\n");
+    } catch (const std::exception& e) {
+      load_error = e.what();
+      g_stop = true;
+    }
+  });
   svr.listen_after_bind();
   g_stop = true;
   watcher.join();
+  loader.join();
+  if (!load_error.empty()) throw Error(load_error);
   return 0;
 }
 
