@@ -1,8 +1,12 @@
 // The serving engine's paged KV cache (src/serve/kv_blocks.h): references, prefix sharing and
-// least-recently-used eviction, block by block.
+// least-recently-used eviction, block by block; the router that spreads requests over replicas.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "serve/kv_blocks.h"
+#include "serve/served_model.h"
 
 using mxn::KvBlocks;
 
@@ -63,4 +67,30 @@ TEST(KvBlocks, CachedBlocksAreEvictedLeastRecentlyUsedFirstAndNeverWhileHeld) {
   EXPECT_EQ(kv.take(), -1);  // all three held
   EXPECT_EQ(kv.used(), 3);
   EXPECT_EQ(kv.available(), 0);
+}
+
+TEST(Router, PicksTheLowestPredictedFinishAndSkipsFailedReplicas) {
+  using mxn::pick_replica;
+  using mxn::ReplicaLoad;
+  // 100 tokens owed at 50 tokens/s (2 s + 0.4 s) against 30 owed at 20 tokens/s (1.5 s + 1 s).
+  EXPECT_EQ(pick_replica({{true, 50, 100}, {true, 20, 30}}, 20), 0u);
+  EXPECT_EQ(pick_replica({{true, 50, 100}, {true, 20, 20}}, 20), 1u);  // 2.4 s against 2.0 s
+  EXPECT_EQ(pick_replica({{false, 50, 0}, {true, 20, 500}}, 20), 1u);
+  EXPECT_EQ(pick_replica({{false, 50, 0}, {false, 20, 0}}, 20), SIZE_MAX);
+  EXPECT_EQ(pick_replica({{true, 10, 0}, {true, 10, 0}}, 5), 0u);  // a tie: the first
+}
+
+TEST(Router, AFasterChipTakesAShareInProportionToItsSpeed) {
+  // 400 requests of 16 tokens arrive 10 ms apart at chips of 300 and 100 tokens/s that work off
+  // what they owe between arrivals: the fast one takes 3/4 of the requests, within 2 points.
+  using mxn::ReplicaLoad;
+  std::vector<ReplicaLoad> loads{{true, 300, 0}, {true, 100, 0}};
+  int64_t taken[2] = {0, 0};
+  for (int i = 0; i < 400; ++i) {
+    const size_t r = mxn::pick_replica(loads, 16);
+    loads[r].owed += 16;
+    ++taken[r];
+    for (auto& l : loads) l.owed = std::max<int64_t>(0, l.owed - int64_t(l.tokens_per_s * 0.01));
+  }
+  EXPECT_NEAR(double(taken[0]) / 400, 0.75, 0.02) << taken[0] << " and " << taken[1];
 }

@@ -1,6 +1,10 @@
 // mxn serve: the OpenAI-compatible server (src/serve/server.h).
+#include <algorithm>
+
+#include "backend/device.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "serve/server.h"
 
 namespace mxn::cli {
@@ -12,6 +16,7 @@ std::function<int()> add_serve(CLI::App& app) {
     ServeOptions o;
     std::vector<std::string> models;
     double budget_mb = 0;
+    std::string devices = "cpu";
   };
   auto a = std::make_shared<Args>();
   sub->add_option("--model", a->models,
@@ -20,7 +25,10 @@ std::function<int()> add_serve(CLI::App& app) {
       ->required();
   sub->add_option("--host", a->o.host, "address to listen on")->capture_default_str();
   sub->add_option("--port", a->o.port, "port")->capture_default_str();
-  sub->add_option("--device", a->o.device, "device")->capture_default_str();
+  sub->add_option("--devices,--device", a->devices,
+                  "devices to serve on, a replica of each model on each (e.g. cpu,opencl:0, or "
+                  "all); each request goes to the one predicted to finish it first")
+      ->capture_default_str();
   sub->add_option("--threads", a->o.threads, "CPU threads (0: all)");
   sub->add_option("--slots", a->o.slots, "requests decoded together, per model")
       ->capture_default_str();
@@ -45,6 +53,20 @@ std::function<int()> add_serve(CLI::App& app) {
       a->o.models.emplace_back(m.substr(0, eq), m.substr(eq + 1));
     }
     if (a->o.slots < 1) throw Error("--slots must be >= 1");
+    const std::vector<std::string> here = available_devices();
+    a->o.devices.clear();
+    for (std::string d : a->devices == "all" ? here : split(a->devices, ',')) {
+      if (d.find(':') == std::string::npos) d += ":0";
+      if (std::find(here.begin(), here.end(), d) == here.end()) {
+        std::string names;
+        for (const auto& h : here) names += (names.empty() ? "" : ", ") + h;
+        throw Error("unknown device '" + d + "' in --devices (devices here: " + names + ")");
+      }
+      if (std::find(a->o.devices.begin(), a->o.devices.end(), d) != a->o.devices.end())
+        throw Error("device '" + d + "' appears twice in --devices");
+      a->o.devices.push_back(d);
+    }
+    if (a->o.devices.empty()) throw Error("--devices names no device");
     if (a->o.kv_blocks < 0) throw Error("--kv-blocks must be >= 0");
     if (a->o.max_queue < 0) throw Error("--max-queue must be >= 0");
     if (a->budget_mb < 0) throw Error("--memory-budget-mb must be >= 0");

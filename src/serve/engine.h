@@ -40,7 +40,9 @@ struct EngineEvent {
   int32_t token = -1;     // -1: none (the request ended without one, e.g. cancelled)
   bool finished = false;  // the request's last event
   std::string reason;     // with finished: "length", "stop" (an end-of-sequence token), "cancel"
-  float logprob = 0;      // with EngineRequest::logprobs >= 0: log p(token) under the model
+                          // (or "error", from a server whose replica failed; `error` says why)
+  std::string error;
+  float logprob = 0;  // with EngineRequest::logprobs >= 0: log p(token) under the model
   std::vector<std::pair<int32_t, float>> top;  // the likeliest tokens and their log-probabilities
 };
 

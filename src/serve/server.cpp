@@ -22,6 +22,7 @@
 #include "io/hf_folder.h"
 #include "serve/chat_page.h"
 #include "serve/engine.h"
+#include "serve/served_model.h"
 #include "train/infer.h"
 #include "train/text_stream.h"
 
@@ -32,212 +33,6 @@ using json = nlohmann::json;
 
 std::atomic<bool> g_stop{false};
 void on_signal(int) { g_stop = true; }
-
-// A Prometheus histogram of seconds.
-struct Histogram {
-  static constexpr double kBounds[11] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
-  int64_t counts[12] = {};  // per bucket (the last: above every bound)
-  double sum = 0;
-  int64_t n = 0;
-  void observe(double s) {
-    size_t b = 0;
-    while (b < 11 && s > kBounds[b]) ++b;
-    ++counts[b];
-    sum += s;
-    ++n;
-  }
-  std::string text(const std::string& name, const std::string& labels) const {
-    std::string out;
-    int64_t acc = 0;
-    char le[32];
-    for (size_t b = 0; b < 12; ++b) {
-      acc += counts[b];
-      if (b < 11)
-        std::snprintf(le, sizeof(le), "%g", kBounds[b]);
-      else
-        std::snprintf(le, sizeof(le), "+Inf");
-      out += name + "_bucket{" + labels + ",le=\"" + le + "\"} " + std::to_string(acc) + "\n";
-    }
-    return out + name + "_sum{" + labels + "} " + std::to_string(sum) + "\n" + name + "_count{" +
-           labels + "} " + std::to_string(n) + "\n";
-  }
-};
-
-// A request's tokens as the worker makes them.
-struct Channel {
-  std::mutex m;
-  std::condition_variable cv;
-  std::deque<EngineEvent> events;
-  EngineEvent next() {
-    std::unique_lock<std::mutex> l(m);
-    cv.wait(l, [&] { return !events.empty(); });
-    EngineEvent e = events.front();
-    events.pop_front();
-    return e;
-  }
-};
-
-struct QueueFull {};  // a model's queue of waiting requests is at --max-queue
-
-// One model: its engine, run by a worker thread; requests come in from HTTP threads.
-class Model {
- public:
-  Model(std::string name, const std::string& path, const ServeOptions& o) : name_(std::move(name)) {
-    ModelSource src = load_model(path);
-    cfg_ = src.cfg;
-    if (!src.tokenizer_dir.empty()) {
-      tok_ = load_tokenizer(src.tokenizer_dir);
-      try {
-        chat_ = chat_format(src.tokenizer_dir, *tok_);
-        has_chat_ = true;
-      } catch (const Error&) {  // a base model: completions only
-      }
-    }
-    dev_ = open_device(o.device, int(o.threads));
-    context_ = std::min<int64_t>(cfg_.max_pos, o.context > 0 ? o.context : 2048);
-    slots_ = o.slots;
-    max_queue_ = o.max_queue;
-    blocks_ = kv_blocks(o, context_);
-    engine_ = std::make_unique<Engine>(cfg_, src.weights, src.what, *dev_, o.slots, context_, 64,
-                                       blocks_, kBlock);
-    worker_ = std::thread([this] { run(); });
-  }
-  ~Model() {
-    {
-      std::lock_guard<std::mutex> l(m_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    worker_.join();
-  }
-  const std::string& name() const { return name_; }
-  const Tokenizer* tokenizer() const { return tok_.get(); }
-  bool has_chat() const { return has_chat_; }
-  ChatFormat chat() const { return chat_; }
-  int64_t context() const { return context_; }
-  int64_t vocab() const { return cfg_.vocab_size; }
-
-  // Throws an Error (a 400) when the engine refuses the request.
-  std::pair<int64_t, std::shared_ptr<Channel>> submit(EngineRequest r) {
-    auto ch = std::make_shared<Channel>();
-    int64_t id;
-    {
-      std::lock_guard<std::mutex> l(m_);
-      if (engine_->waiting() >= max_queue_) throw QueueFull{};
-      id = engine_->submit(std::move(r));
-      live_[id] = ch;
-      timing_[id] = {std::chrono::steady_clock::now(), {}, 0};
-    }
-    cv_.notify_all();
-    return {id, ch};
-  }
-  void cancel(int64_t id) {
-    std::lock_guard<std::mutex> l(m_);
-    engine_->cancel(id);
-  }
-  // Prometheus lines for this model (the engine's state between passes).
-  std::string metrics(const std::string& device) {
-    std::lock_guard<std::mutex> l(m_);
-    const std::string lbl = "{model=\"" + name_ + "\",device=\"" + device + "\"}";
-    const int64_t used = engine_->slots_in_use();
-    const KvBlocks& kv = engine_->kv();
-    auto line = [&](const char* name, int64_t v) {
-      return std::string(name) + lbl + " " + std::to_string(v) + "\n";
-    };
-    return line("mxn_requests_running", used) + line("mxn_requests_waiting", engine_->waiting()) +
-           line("mxn_batch_slots_used", used) +
-           line("mxn_batch_slots_free", engine_->slots() - used) +
-           line("mxn_kv_blocks_used", kv.used()) + line("mxn_kv_blocks_cached", kv.cached()) +
-           line("mxn_kv_blocks_free", kv.free()) +
-           line("mxn_prompt_tokens_total", engine_->prompt_tokens()) +
-           line("mxn_prefix_cache_tokens_total", engine_->reused_tokens()) +
-           line("mxn_engine_steps_total", steps_) + "mxn_generated_tokens_total" + lbl + " " +
-           std::to_string(tokens_) + "\n" + "mxn_requests_cancelled_total" + lbl + " " +
-           std::to_string(cancelled_) + "\n" +
-           ttft_.text("mxn_time_to_first_token_seconds", lbl.substr(1, lbl.size() - 2)) +
-           tpot_.text("mxn_time_per_output_token_seconds", lbl.substr(1, lbl.size() - 2));
-  }
-  std::string device_name() const { return dev_->name(); }
-  // Device bytes this model holds: its weights (f32) and its KV-cache blocks.
-  uint64_t bytes() const { return bytes_of(cfg_, blocks_); }
-  static uint64_t bytes_of(const DecoderConfig& c, int64_t blocks) {
-    return uint64_t(c.param_count()) * 4 +
-           uint64_t(blocks * kBlock * c.layers * 2 * c.n_kv_heads() * c.hd()) * 4;
-  }
-  static constexpr int64_t kBlock = 16;  // KV rows a block
-  // --kv-blocks, or enough for every slot at the full context.
-  static int64_t kv_blocks(const ServeOptions& o, int64_t context) {
-    return o.kv_blocks > 0 ? o.kv_blocks : o.slots * ((context + kBlock - 1) / kBlock);
-  }
-  bool idle() {
-    std::lock_guard<std::mutex> l(m_);
-    return engine_->idle() && live_.empty();
-  }
-
- private:
-  void run() {
-    // Tests slow each pass down (ms) to hang up on requests mid-answer.
-    const char* slow = std::getenv("MXN_TEST_SERVE_STEP_MS");
-    const int slow_ms = slow ? std::atoi(slow) : 0;
-    std::unique_lock<std::mutex> l(m_);
-    while (true) {
-      cv_.wait(l, [&] { return stop_ || !engine_->idle(); });
-      if (stop_) return;
-      if (slow_ms > 0) {
-        l.unlock();
-        std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
-        l.lock();
-      }
-      ++steps_;
-      for (const EngineEvent& e : engine_->step()) {
-        tokens_ += e.token >= 0;
-        cancelled_ += e.reason == "cancel";
-        if (auto t = timing_.find(e.id); t != timing_.end()) {  // time to first token, per token
-          const auto now = std::chrono::steady_clock::now();
-          if (e.token >= 0 && t->second.made++ == 0) {
-            t->second.first = now;
-            ttft_.observe(std::chrono::duration<double>(now - t->second.submitted).count());
-          }
-          if (e.finished) {
-            if (t->second.made > 1)
-              tpot_.observe(std::chrono::duration<double>(now - t->second.first).count() /
-                            double(t->second.made - 1));
-            timing_.erase(t);
-          }
-        }
-        auto it = live_.find(e.id);
-        if (it == live_.end()) continue;
-        {
-          std::lock_guard<std::mutex> cl(it->second->m);
-          it->second->events.push_back(e);
-        }
-        it->second->cv.notify_all();
-        if (e.finished) live_.erase(it);
-      }
-    }
-  }
-
-  std::string name_;
-  DecoderConfig cfg_;
-  std::unique_ptr<Tokenizer> tok_;
-  ChatFormat chat_{};
-  bool has_chat_ = false;
-  std::unique_ptr<Device> dev_;
-  int64_t context_ = 0, slots_ = 0, blocks_ = 0, max_queue_ = 0;
-  std::unique_ptr<Engine> engine_;
-  std::mutex m_;
-  std::condition_variable cv_;
-  bool stop_ = false;
-  std::map<int64_t, std::shared_ptr<Channel>> live_;
-  int64_t tokens_ = 0, cancelled_ = 0, steps_ = 0;  // counters for /metrics
-  struct Timing {
-    std::chrono::steady_clock::time_point submitted, first;
-    int64_t made = 0;
-  };
-  std::map<int64_t, Timing> timing_;
-  Histogram ttft_, tpot_;
-  std::thread worker_;
-};
 
 // JSON text with invalid UTF-8 (a byte-level token's piece) replaced, never an exception.
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
@@ -303,7 +98,7 @@ class Registry {
   // nullptr: no such model. HttpError 503 when the budget cannot make room (all busy). A model
   // loads outside the registry's lock: requests for other models go on meanwhile, and those for
   // the same one wait for it.
-  std::shared_ptr<Model> get(const std::string& name) {
+  std::shared_ptr<ServedModel> get(const std::string& name) {
     std::unique_lock<std::mutex> l(m_);
     auto it = entries_.find(name);
     if (it == entries_.end()) return nullptr;
@@ -316,12 +111,12 @@ class Registry {
     e.loading = true;
     e.bytes = need;  // held for it while it loads, so a concurrent load cannot take the room
     l.unlock();
-    std::shared_ptr<Model> m;
+    std::shared_ptr<ServedModel> m;
     try {
       std::fprintf(stderr, "loading %s from %s\n", name.c_str(), e.path.c_str());
       if (const char* ms = std::getenv("MXN_TEST_SERVE_LOAD_MS"))  // tests: a slow load
         std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(ms)));
-      m = std::make_shared<Model>(name, e.path, o_);
+      m = std::make_shared<ServedModel>(name, e.path, o_);
     } catch (...) {
       l.lock();
       e.loading = false;
@@ -349,14 +144,14 @@ class Registry {
       out += "mxn_model_bytes" + lbl + " " + std::to_string(e.model ? e.bytes : 0) + "\n";
     }
     for (const auto& [n, e] : entries_)
-      if (e.model) out += e.model->metrics(e.model->device_name());
+      if (e.model) out += e.model->metrics();
     return out;
   }
 
  private:
   struct Entry {
     std::string path;
-    std::shared_ptr<Model> model;
+    std::shared_ptr<ServedModel> model;
     bool loading = false;
     uint64_t last = 0, bytes = 0;
     int64_t loads = 0;
@@ -365,8 +160,10 @@ class Registry {
   uint64_t estimate(const std::string& path) const {
     if (!std::filesystem::exists(std::filesystem::path(path) / "config.json")) return 0;
     const DecoderConfig c = load_hf_config(path);
-    return Model::bytes_of(
-        c, Model::kv_blocks(o_, std::min<int64_t>(c.max_pos, o_.context > 0 ? o_.context : 2048)));
+    return ServedModel::bytes_of(
+               c, ServedModel::kv_blocks(
+                      o_, std::min<int64_t>(c.max_pos, o_.context > 0 ? o_.context : 2048))) *
+           o_.devices.size();
   }
   void make_room(const std::string& name, uint64_t need) {
     if (o_.memory_budget == 0) return;
@@ -466,11 +263,11 @@ int serve(const ServeOptions& o) {
         throw HttpError{400, "'model' is missing (a string naming one of /v1/models)",
                         "invalid_request_error", ""};
       const std::string name = j["model"].get<std::string>();
-      const std::shared_ptr<Model> held = models.get(name);  // kept alive by the request
+      const std::shared_ptr<ServedModel> held = models.get(name);  // kept alive by the request
       if (!held)
         throw HttpError{404, "the model '" + name + "' does not exist", "invalid_request_error",
                         "model_not_found"};
-      Model& model = *held;
+      ServedModel& model = *held;
       EngineRequest r;
       const double max_tokens = number(j, chat ? "max_completion_tokens" : "max_tokens",
                                        number(j, "max_tokens", chat ? 256 : 16));
@@ -551,7 +348,7 @@ int serve(const ServeOptions& o) {
                             std::to_string(r.max_tokens) + ") exceed the context of " +
                             std::to_string(model.context()) + " tokens",
                         "invalid_request_error", "context_length_exceeded"};
-      std::pair<int64_t, std::shared_ptr<Channel>> sub;
+      std::pair<Ticket, std::shared_ptr<Channel>> sub;
       try {
         sub = model.submit(std::move(r));
       } catch (const Error& e) {
@@ -561,6 +358,9 @@ int serve(const ServeOptions& o) {
                         "the model '" + name + "' has " + std::to_string(o.max_queue) +
                             " requests waiting (--max-queue); try again later",
                         "rate_limit_error", "queue_full"};
+      } catch (const NoReplica&) {
+        throw HttpError{503, "every replica of the model '" + name + "' has failed", "server_error",
+                        "overloaded"};
       }
       const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
       const int64_t created = now_s();
@@ -619,9 +419,10 @@ int serve(const ServeOptions& o) {
                            {"top_logprobs", json::array()}};
       };
       // One event: its text (empty for an end-of-turn token), and whether the request ended.
-      auto take = [out, &model, id_ = sub.first, add_lp, want_lp](const EngineEvent& e,
-                                                                  std::string& text, int64_t& made,
-                                                                  std::string& reason, json& lp) {
+      // A failed replica's event: reason "error", with its message in `error`.
+      auto take = [out, &model, id_ = sub.first, add_lp, want_lp](
+                      const EngineEvent& e, std::string& text, int64_t& made, std::string& reason,
+                      json& lp, std::string& error) {
         if (e.token >= 0 && e.reason != "stop") {
           text += out->push(e.token);
           ++made;
@@ -633,30 +434,32 @@ int serve(const ServeOptions& o) {
           return true;
         }
         if (e.finished) {
-          reason = e.reason == "length" ? "length" : "stop";
+          reason = e.reason == "length" ? "length" : e.reason == "error" ? "error" : "stop";
+          error = e.error;
           return true;
         }
         return false;
       };
+      const std::string fingerprint = "mxn:" + model.device_of(sub.first);  // the chip answering
       if (!stream) {
-        std::string text, reason;
+        std::string text, reason, error;
         int64_t made = 0;
         json lp = new_lp();
-        while (!take(sub.second->next(), text, made, reason, lp)) {
+        while (!take(sub.second->next(), text, made, reason, lp, error)) {
         }
+        if (reason == "error") throw HttpError{503, error, "server_error", "replica_failed"};
         if (!out->stopped) text += out->stop.flush();
         json body = {{"id", id},
                      {"object", object},
                      {"created", created},
                      {"model", name},
-                     {"system_fingerprint", "mxn:" + model.device_name()},
+                     {"system_fingerprint", fingerprint},
                      {"choices", json::array({choice(text, reason, false, lp)})},
                      {"usage", usage(made)}};
         res.set_content(dump(body), "application/json");
         return;
       }
       const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
-      const std::string fingerprint = "mxn:" + model.device_name();  // which chip answered
       auto made = std::make_shared<int64_t>(0);
       auto ended = std::make_shared<bool>(false);
       res.set_chunked_content_provider(
@@ -666,9 +469,22 @@ int serve(const ServeOptions& o) {
               const std::string s = "data: " + dump(j) + "\n\n";
               return sink.write(s.data(), s.size());
             };
-            std::string text, reason;
+            std::string text, reason, error;
             json lp = new_lp();
-            const bool done = take(sub.second->next(), text, *made, reason, lp);
+            const bool done = take(sub.second->next(), text, *made, reason, lp, error);
+            if (done && reason == "error") {  // an error chunk in OpenAI's shape, then the end
+              *ended = true;
+              const std::string s = "data: " +
+                                    dump(json{{"error",
+                                               {{"message", error},
+                                                {"type", "server_error"},
+                                                {"param", nullptr},
+                                                {"code", "replica_failed"}}}}) +
+                                    "\n\ndata: [DONE]\n\n";
+              sink.write(s.data(), s.size());
+              sink.done();
+              return true;
+            }
             std::string tail = done && !out->stopped ? out->stop.flush() : "";
             text += tail;
             json c = {{"id", id},

@@ -1,7 +1,8 @@
 #pragma once
 // mxn serve: an OpenAI-compatible HTTP server (cpp-httplib) over the serving engine. Each model
-// has its own engine and a worker thread that runs its passes; HTTP threads submit requests and
-// wait on their own channel of tokens. Endpoints: GET /health, GET /metrics (Prometheus text:
+// has a replica on each serving device (serve/served_model.h: an engine and a worker thread that
+// runs its passes, a router between them); HTTP threads submit requests and wait on their own
+// channel of tokens. GET / is a chat page. Endpoints: GET /health, GET /metrics (Prometheus text:
 // requests running and waiting, batch slots and KV blocks used, cached and free, prompt tokens
 // and those read from shared prefix blocks, tokens made, latency histograms), GET /v1/models,
 // POST /v1/completions and POST /v1/chat/completions (with "stream": true as server-sent
@@ -16,7 +17,7 @@ struct ServeOptions {
   std::vector<std::pair<std::string, std::string>> models;  // name, folder (or .gguf, run)
   std::string host = "127.0.0.1";
   int port = 8080;
-  std::string device = "cpu";
+  std::vector<std::string> devices{"cpu"};  // a replica of each model on each
   int64_t threads = 0;
   int64_t slots = 8;    // requests decoded together, per model
   int64_t context = 0;  // tokens per request (prompt + output); 0: the model's, at most 2048

@@ -1,0 +1,317 @@
+#include "serve/served_model.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <thread>
+
+#include "core/error.h"
+#include "io/hf_folder.h"
+#include "train/infer.h"
+
+namespace mxn {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// A Prometheus histogram of seconds.
+struct Histogram {
+  static constexpr double kBounds[11] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+  int64_t counts[12] = {};  // per bucket (the last: above every bound)
+  double sum = 0;
+  int64_t n = 0;
+  void observe(double s) {
+    size_t b = 0;
+    while (b < 11 && s > kBounds[b]) ++b;
+    ++counts[b];
+    sum += s;
+    ++n;
+  }
+  std::string text(const std::string& name, const std::string& labels) const {
+    std::string out;
+    int64_t acc = 0;
+    char le[32];
+    for (size_t b = 0; b < 12; ++b) {
+      acc += counts[b];
+      if (b < 11)
+        std::snprintf(le, sizeof(le), "%g", kBounds[b]);
+      else
+        std::snprintf(le, sizeof(le), "+Inf");
+      out += name + "_bucket{" + labels + ",le=\"" + le + "\"} " + std::to_string(acc) + "\n";
+    }
+    return out + name + "_sum{" + labels + "} " + std::to_string(sum) + "\n" + name + "_count{" +
+           labels + "} " + std::to_string(n) + "\n";
+  }
+};
+
+}  // namespace
+
+size_t pick_replica(const std::vector<ReplicaLoad>& loads, int64_t tokens) {
+  size_t best = SIZE_MAX;
+  double best_t = std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < loads.size(); ++i) {
+    if (!loads[i].up) continue;
+    const double t = double(loads[i].owed + tokens) / std::max(loads[i].tokens_per_s, 1e-9);
+    if (best == SIZE_MAX || t < best_t) {
+      best = i;
+      best_t = t;
+    }
+  }
+  return best;
+}
+
+// One device's copy of the model: an engine and the worker thread that runs its passes.
+struct ServedModel::Replica {
+  std::string model, device;
+  std::unique_ptr<Device> dev;
+  std::unique_ptr<Engine> engine;
+  int64_t max_queue = 0, fail_at = 0;  // fail_at: a test hook's injected fault (a step), 0 none
+  std::mutex m;
+  std::condition_variable cv;
+  bool stop = false, failed = false;
+  double speed = 0;  // output tokens a second while busy, averaged over recent passes
+  int64_t owed = 0;  // output tokens still to make for its requests (max_tokens less those made)
+  std::map<int64_t, std::shared_ptr<Channel>> live;
+  int64_t tokens = 0, cancelled = 0, steps = 0, probe_prompt = 0;  // counters for /metrics
+  struct Timing {
+    Clock::time_point submitted, first;
+    int64_t made = 0, left = 0;
+  };
+  std::map<int64_t, Timing> timing;
+  Histogram ttft, tpot;
+  std::thread worker;
+
+  Replica(const std::string& name, const ModelSource& src, const std::string& spec,
+          const ServeOptions& o, int64_t context, int64_t blocks)
+      : model(name), dev(open_device(spec, int(o.threads))), max_queue(o.max_queue) {
+    device = dev->name();
+    engine = std::make_unique<Engine>(src.cfg, src.weights, src.what, *dev, o.slots, context, 64,
+                                      blocks, kBlock);
+    probe();
+    if (const char* f = std::getenv("MXN_TEST_SERVE_FAIL")) {  // tests: "DEVICE@STEP"
+      const std::string s = f;
+      const size_t at = s.rfind('@');
+      if (at != std::string::npos && s.substr(0, at) == device) fail_at = std::atoll(f + at + 1);
+    }
+    worker = std::thread([this] { run(); });
+  }
+  ~Replica() {
+    {
+      std::lock_guard<std::mutex> l(m);
+      stop = true;
+    }
+    cv.notify_all();
+    worker.join();
+  }
+
+  // The first decode speed, from 8 tokens of a 4-token prompt alone (it also builds the
+  // single-row pass); live traffic refines it.
+  void probe() {
+    EngineRequest r;
+    r.prompt = {0, 1, 2, 3};
+    r.max_tokens = 8;
+    r.ignore_eos = true;
+    r.sampling.temperature = 0;
+    engine->submit(std::move(r));
+    engine->step();  // the prefill and the first token
+    const Clock::time_point t0 = Clock::now();
+    int64_t made = 0;
+    while (!engine->idle()) made += int64_t(engine->step().size());
+    speed = double(made) / std::max(seconds(Clock::now() - t0), 1e-9);
+    probe_prompt = engine->prompt_tokens();
+  }
+
+  ReplicaLoad load() {
+    std::lock_guard<std::mutex> l(m);
+    return {!failed, speed, owed};
+  }
+
+  std::pair<int64_t, std::shared_ptr<Channel>> submit(EngineRequest r) {
+    auto ch = std::make_shared<Channel>();
+    std::lock_guard<std::mutex> l(m);
+    if (failed) throw NoReplica{};
+    if (engine->waiting() >= max_queue) throw QueueFull{};
+    const int64_t left = r.max_tokens;
+    const int64_t id = engine->submit(std::move(r));
+    live[id] = ch;
+    timing[id] = {Clock::now(), {}, 0, left};
+    owed += left;
+    cv.notify_all();
+    return {id, ch};
+  }
+
+  void cancel(int64_t id) {
+    std::lock_guard<std::mutex> l(m);
+    if (!failed) engine->cancel(id);
+  }
+
+  std::string metrics() {
+    std::lock_guard<std::mutex> l(m);
+    const std::string lbl = "model=\"" + model + "\",device=\"" + device + "\"";
+    auto line = [&](const char* name, double v) {
+      char num[64];
+      std::snprintf(num, sizeof(num), "%.10g", v);
+      return std::string(name) + "{" + lbl + "} " + num + "\n";
+    };
+    const int64_t used = engine->slots_in_use();
+    const KvBlocks& kv = engine->kv();
+    return line("mxn_replica_up", failed ? 0 : 1) + line("mxn_decode_tokens_per_second", speed) +
+           line("mxn_requests_running", double(used)) +
+           line("mxn_requests_waiting", double(engine->waiting())) +
+           line("mxn_batch_slots_used", double(used)) +
+           line("mxn_batch_slots_free", double(engine->slots() - used)) +
+           line("mxn_kv_blocks_used", double(kv.used())) +
+           line("mxn_kv_blocks_cached", double(kv.cached())) +
+           line("mxn_kv_blocks_free", double(kv.free())) +
+           line("mxn_prompt_tokens_total", double(engine->prompt_tokens() - probe_prompt)) +
+           line("mxn_prefix_cache_tokens_total", double(engine->reused_tokens())) +
+           line("mxn_engine_steps_total", double(steps)) +
+           line("mxn_generated_tokens_total", double(tokens)) +
+           line("mxn_requests_cancelled_total", double(cancelled)) +
+           ttft.text("mxn_time_to_first_token_seconds", lbl) +
+           tpot.text("mxn_time_per_output_token_seconds", lbl);
+  }
+
+  bool idle() {
+    std::lock_guard<std::mutex> l(m);
+    return failed || (engine->idle() && live.empty());
+  }
+
+  void deliver(const EngineEvent& e) {
+    auto it = live.find(e.id);
+    if (it == live.end()) return;
+    {
+      std::lock_guard<std::mutex> cl(it->second->m);
+      it->second->events.push_back(e);
+    }
+    it->second->cv.notify_all();
+    if (e.finished) live.erase(it);
+  }
+
+  // Out of rotation: every request it holds ends with an error event.
+  void fail(const std::string& why) {
+    std::fprintf(stderr, "mxn serve: model %s on %s failed: %s; taken out of rotation\n",
+                 model.c_str(), device.c_str(), why.c_str());
+    failed = true;
+    owed = 0;
+    timing.clear();
+    for (auto it = live.begin(); it != live.end();) {
+      EngineEvent e;
+      e.id = it->first;
+      e.finished = true;
+      e.reason = "error";
+      e.error = "the replica on " + device + " failed: " + why;
+      ++it;
+      deliver(e);
+    }
+  }
+
+  void run() {
+    // Tests slow each pass down (ms) to hang up on requests mid-answer.
+    const char* slow = std::getenv("MXN_TEST_SERVE_STEP_MS");
+    const int slow_ms = slow ? std::atoi(slow) : 0;
+    std::unique_lock<std::mutex> l(m);
+    while (true) {
+      cv.wait(l, [&] { return stop || (!failed && !engine->idle()); });
+      if (stop) return;
+      const Clock::time_point t0 = Clock::now();  // (a test's slowed pass is a slower chip)
+      if (slow_ms > 0) {
+        l.unlock();
+        std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+        l.lock();
+      }
+      ++steps;
+      std::vector<EngineEvent> events;
+      try {
+        if (fail_at > 0 && steps == fail_at) throw Error("an injected fault (MXN_TEST_SERVE_FAIL)");
+        events = engine->step();
+      } catch (const std::exception& e) {
+        fail(e.what());
+        continue;
+      }
+      const Clock::time_point now = Clock::now();
+      int64_t made = 0;
+      for (const EngineEvent& e : events) {
+        made += e.token >= 0;
+        cancelled += e.reason == "cancel";
+        if (auto t = timing.find(e.id); t != timing.end()) {  // latencies; tokens still owed
+          if (e.token >= 0) {
+            --owed;
+            --t->second.left;
+            if (t->second.made++ == 0) {
+              t->second.first = now;
+              ttft.observe(seconds(now - t->second.submitted));
+            }
+          }
+          if (e.finished) {
+            if (t->second.made > 1)
+              tpot.observe(seconds(now - t->second.first) / double(t->second.made - 1));
+            owed -= t->second.left;
+            timing.erase(t);
+          }
+        }
+        deliver(e);
+      }
+      tokens += made;
+      if (made > 0) speed = 0.7 * speed + 0.3 * double(made) / std::max(seconds(now - t0), 1e-9);
+    }
+  }
+};
+
+ServedModel::ServedModel(std::string name, const std::string& path, const ServeOptions& o)
+    : name_(std::move(name)) {
+  ModelSource src = load_model(path);
+  cfg_ = src.cfg;
+  if (!src.tokenizer_dir.empty()) {
+    tok_ = load_tokenizer(src.tokenizer_dir);
+    try {
+      chat_ = chat_format(src.tokenizer_dir, *tok_);
+      has_chat_ = true;
+    } catch (const Error&) {  // a base model: completions only
+    }
+  }
+  context_ = std::min<int64_t>(cfg_.max_pos, o.context > 0 ? o.context : 2048);
+  blocks_ = kv_blocks(o, context_);
+  for (const std::string& d : o.devices)
+    replicas_.push_back(std::make_unique<Replica>(name_, src, d, o, context_, blocks_));
+}
+
+ServedModel::~ServedModel() = default;
+
+uint64_t ServedModel::bytes_of(const DecoderConfig& c, int64_t blocks) {
+  return uint64_t(c.param_count()) * 4 +
+         uint64_t(blocks * kBlock * c.layers * 2 * c.n_kv_heads() * c.hd()) * 4;
+}
+
+std::pair<Ticket, std::shared_ptr<Channel>> ServedModel::submit(EngineRequest r) {
+  std::lock_guard<std::mutex> l(route_);
+  std::vector<ReplicaLoad> loads;
+  for (auto& rep : replicas_) loads.push_back(rep->load());
+  const size_t i = pick_replica(loads, r.max_tokens);
+  if (i == SIZE_MAX) throw NoReplica{};
+  auto [id, ch] = replicas_[i]->submit(std::move(r));
+  return {Ticket{i, id}, ch};
+}
+
+void ServedModel::cancel(const Ticket& t) { replicas_[t.replica]->cancel(t.id); }
+
+std::string ServedModel::device_of(const Ticket& t) const { return replicas_[t.replica]->device; }
+
+std::string ServedModel::metrics() {
+  std::string out;
+  for (auto& rep : replicas_) out += rep->metrics();
+  return out;
+}
+
+bool ServedModel::idle() {
+  for (auto& rep : replicas_)
+    if (!rep->idle()) return false;
+  return true;
+}
+
+}  // namespace mxn

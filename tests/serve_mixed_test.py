@@ -1,0 +1,130 @@
+#!/usr/bin/python3
+"""mxn serve over mixed chips (`--devices cpu,opencl:0`, OpenCL on PoCL): a replica of each model
+on each device, each request routed to the replica predicted to finish it first. 32 concurrent
+greedy requests are all answered with the text each gives alone, and both chips answer some (the
+chunks' system_fingerprint and /metrics per device agree on which; PoCL decodes many times slower
+than the CPU here, so it takes a request only once the CPU owes that much more). Then a fault injected into the
+OpenCL replica's third pass (MXN_TEST_SERVE_FAIL): it is taken out of rotation with a log line, its
+in-flight streams end with an OpenAI-shaped error chunk, the CPU's streams finish, and the next
+requests are all answered by the CPU.
+usage: serve_mixed_test.py MXN KJV_TXT GPT2_BPE_DIR
+"""
+import os, subprocess, sys, tempfile, threading, time, unittest, urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
+import openai  # noqa: E402
+
+MXN = sys.argv[1]
+from serve_http_test import free_port, make_models  # noqa: E402
+
+HAVE_OPENCL = "opencl:0" in subprocess.run([MXN, "devices"], capture_output=True, text=True).stdout
+
+
+def start(model, env):
+    port = free_port()
+    proc = subprocess.Popen([MXN, "serve", "--model", f"tiny={model}", "--devices", "cpu,opencl:0", "--port",
+                             str(port), "--slots", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, **env))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+def metrics(url):
+    out = {}
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("mxn_") and 'device="' in line and "_bucket" not in line:
+                name, dev = line.split("{")[0], line.split('device="')[1].split('"')[0]
+                out[(name, dev)] = float(line.split()[-1])
+    return out
+
+
+@unittest.skipUnless(HAVE_OPENCL, "no OpenCL device here")
+class Mixed(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.base, _, _ = make_models(cls.tmp.name)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def stream(self, client, prompt, max_tokens, out, i):
+        try:
+            parts = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                                   temperature=0, stream=True))
+            out[i] = ("ok", "".join(p.choices[0].text for p in parts), parts[0].system_fingerprint)
+        except openai.APIError as e:
+            out[i] = ("error", str(e), None)
+
+    def test_routes_over_both_chips_and_survives_a_failed_one(self):
+        prompts = [f"And the {i} day was" for i in range(32)]
+        alone = [subprocess.run([MXN, "generate", "--model", self.base, "--prompt", p, "--max-tokens", "40",
+                                 "--temperature", "0"], capture_output=True, text=True, check=True).stdout[len(p):]
+                 .rstrip("\n") for p in prompts]
+        proc, url, client = start(self.base, {"MXN_TEST_SERVE_STEP_MS": "5"})
+        try:
+            out = {}
+            threads = [threading.Thread(target=self.stream, args=(client, p, 40, out, i)) for i, p in enumerate(prompts)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            m = metrics(url)
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+        self.assertEqual([o[0] for o in out.values()], ["ok"] * 32)
+        self.assertEqual([out[i][1] for i in range(32)], alone)
+        by = {d: sum(1 for o in out.values() if o[2] == f"mxn:{d}") for d in ("cpu:0", "opencl:0")}
+        self.assertEqual(sum(by.values()), 32)
+        for d in by:
+            self.assertGreater(by[d], 0, f"{d} answered none: {by}")
+            self.assertEqual(m[("mxn_generated_tokens_total", d)], 40 * by[d])
+        speed = {d: m[("mxn_decode_tokens_per_second", d)] for d in by}
+        print(f"serve mixed: 32 greedy requests = each alone; cpu:0 answered {by['cpu:0']}, opencl:0 "
+              f"{by['opencl:0']} (measured decode {speed['cpu:0']:.0f} and {speed['opencl:0']:.0f} tokens/s)")
+
+        proc, url, client = start(self.base, {"MXN_TEST_SERVE_STEP_MS": "20", "MXN_TEST_SERVE_FAIL": "opencl:0@3"})
+        try:
+            out = {}
+            threads = [threading.Thread(target=self.stream, args=(client, p, 30, out, i)) for i, p in enumerate(prompts)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            m = metrics(url)
+            after = [client.completions.create(model="tiny", prompt=p, max_tokens=40, temperature=0)
+                     for p in prompts[:6]]
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+        failed = [o for o in out.values() if o[0] == "error"]
+        ok = [o for o in out.values() if o[0] == "ok"]
+        self.assertEqual(len(failed) + len(ok), 32)
+        self.assertGreater(len(failed), 0, "no request was on the OpenCL replica when it failed")
+        self.assertGreater(len(ok), 0)
+        for o in failed:
+            self.assertIn("the replica on opencl:0 failed", o[1])
+        for o in ok:
+            self.assertEqual(o[2], "mxn:cpu:0")
+        self.assertIn("mxn serve: model tiny on opencl:0 failed", err)
+        self.assertIn("taken out of rotation", err)
+        self.assertEqual(m[("mxn_replica_up", "opencl:0")], 0)
+        self.assertEqual(m[("mxn_replica_up", "cpu:0")], 1)
+        self.assertEqual([a.system_fingerprint for a in after], ["mxn:cpu:0"] * 6)
+        self.assertEqual([a.choices[0].text for a in after], alone[:6])
+        print(f"serve mixed: opencl:0 failed at its third pass: {len(failed)} of its streams ended with an error "
+              f"chunk, {len(ok)} on cpu:0 finished; the next 6 requests all answered by cpu:0")
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
