@@ -126,6 +126,10 @@ TEST(Grad, Elementwise) {
   check("gelu", {[](Graph& g) { return g.gelu(g.param("x", {6, 9}, true)); }, 1});
   check("softmax", {[](Graph& g) { return g.softmax(g.param("x", {4, 11}, true)); }, 1});
   check("tanh", {[](Graph& g) { return g.tanh(g.param("x", {6, 9}, true)); }, 1});
+  check("mul", {[](Graph& g) {
+                  return g.mul(g.param("x", {4, 6}, true), g.param("y", {4, 6}, true));
+                },
+                1});
   check("dropout", {[](Graph& g) { return g.dropout(g.param("x", {6, 9}, true), 0.3f, 2); }, 1});
 }
 

@@ -19,7 +19,8 @@ extern "C" {
 #define MXN_ABI_VERSION 4 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
                              3: attention masks over packed rows (mask 3) and shared prefix
                              keys (P-Tuning v2); 12 operands and 16 integer parameters a call;
-                             4: serving's attention masks: key ranges (4), paged keys (5) */
+                             4: serving's attention masks: key ranges (4), paged keys (5);
+                                MUL */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
 #define MXN_MAX_IP 16
@@ -118,6 +119,9 @@ typedef enum mxn_op {
                                for (seed ip[0], index ip[1] + i). Its gradient is itself. */
   MXN_OP_TANH,              /* out = tanh(a) (ABI 3: P-Tuning v2's prefix MLP) */
   MXN_OP_TANH_BWD,          /* in: dy, y (the forward's output); out: dx = dy * (1 - y^2) */
+  /* --- added in ABI 4 ----------------------------------------------------------------------- */
+  MXN_OP_MUL,               /* out = a * b elementwise, same shapes (serving many LoRA adapters in
+                               one batch: each row's mask over the stacked adapters' ranks) */
   MXN_OP_COUNT
 } mxn_op;
 

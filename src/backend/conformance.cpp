@@ -100,6 +100,9 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_TANH:
       c.push_back({op, {f({9, 111})}, {f({9, 111})}});
       break;
+    case MXN_OP_MUL:
+      c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}});
+      break;
     case MXN_OP_TANH_BWD:
       c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}});
       break;

@@ -66,7 +66,8 @@ const char* op_name(int32_t op) {
                                             "set_rows",
                                             "dropout",
                                             "tanh",
-                                            "tanh_bwd"};
+                                            "tanh_bwd",
+                                            "mul"};
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 

@@ -84,6 +84,9 @@ Grads rule(Graph& g, const Node& n, int gy) {
     }
     case MXN_OP_SILU:
       return {{0, g.emit(MXN_OP_SILU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
+    case MXN_OP_MUL:  // da = dy b, db = dy a
+      return {{0, g.emit(MXN_OP_MUL, {gy, n.in[1]}, {act(n.in[0])})},
+              {1, g.emit(MXN_OP_MUL, {gy, n.in[0]}, {act(n.in[1])})}};
     case MXN_OP_TANH:  // from the output: dx = dy (1 - y^2)
       return {{0, g.emit(MXN_OP_TANH_BWD, {gy, n.out[0]}, {act(n.in[0])})}};
     case MXN_OP_DROPOUT:  // the same mask (same seed, index and tag) on the gradient

@@ -106,6 +106,11 @@ int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bo
 
 int Graph::tanh(int x) { return emit(MXN_OP_TANH, {x}, {activation(v(x).shape)}); }
 
+int Graph::mul(int a, int b) {
+  MXN_CHECK(v(a).shape == v(b).shape, "mul: shapes differ");
+  return emit(MXN_OP_MUL, {a, b}, {activation(v(a).shape)});
+}
+
 int Graph::dropout(int x, float p, int64_t tag) {
   return emit(MXN_OP_DROPOUT, {x}, {activation(v(x).shape)}, {0, 0, tag}, {p});
 }

@@ -82,6 +82,7 @@ class Graph {
   int scale(int a, float k);
   int gelu(int x);
   int tanh(int x);
+  int mul(int a, int b);  // elementwise, same shapes
   int softmax(int x);
   int layernorm(int x, int w, int b, float eps = 1e-5f);
   // q, k, v (may be one fused tensor) -> (B*T, heads*head_dim); `prefix` an i32 value: (B)

@@ -245,6 +245,14 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       for (int64_t i = 0, n = count(out[0]); i < n; ++i) y[i] = std::tanh(x[i]);
       return 0;
     }
+    case MXN_OP_MUL: {
+      const float *a = ptr(in[0]), *b = ptr(in[1]);
+      float* y = ptr(out[0]);
+      const int64_t n = count(out[0]);
+#pragma omp parallel for simd if (n > 65536)
+      for (int64_t i = 0; i < n; ++i) y[i] = a[i] * b[i];
+      return 0;
+    }
     case MXN_OP_TANH_BWD: {
       const float *dy = ptr(in[0]), *y = ptr(in[1]);
       float* dx = ptr(out[0]);

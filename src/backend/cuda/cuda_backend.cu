@@ -379,6 +379,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_GELU: k_gelu<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0); break;
     case MXN_OP_GELU_BWD: k_gelu_bwd<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
     case MXN_OP_TANH: k_tanh<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0); break;
+    case MXN_OP_MUL: k_mul<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
     case MXN_OP_TANH_BWD: k_tanh_bwd<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
     case MXN_OP_SOFTMAX: {
       const int64_t cols = last(in[0]), rows = count(in[0]) / cols;

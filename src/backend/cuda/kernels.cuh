@@ -41,6 +41,7 @@ __global__ void k_gelu(const float* x, float* y, int64_t n) {
   }
 }
 __global__ void k_tanh(const float* x, float* y, int64_t n) { MXN_LOOP(i, n) y[i] = tanhf(x[i]); }
+__global__ void k_mul(const float* a, const float* b, float* y, int64_t n) { MXN_LOOP(i, n) y[i] = a[i] * b[i]; }
 __global__ void k_tanh_bwd(const float* dy, const float* y, float* dx, int64_t n) {
   MXN_LOOP(i, n) dx[i] = dy[i] * (1.f - y[i] * y[i]);
 }

@@ -39,6 +39,11 @@ __kernel void gelu(__global const float* x, ulong ox, __global float* y, ulong o
   float v = x[ox + i];
   y[oy + i] = 0.5f * v * (1.f + tanh(GELU_S * (v + GELU_C * v * v * v)));
 }
+__kernel void mul(__global const float* a, ulong oa, __global const float* b, ulong ob,
+                  __global float* y, ulong oy) {
+  size_t i = get_global_id(0);
+  y[oy + i] = a[oa + i] * b[ob + i];
+}
 __kernel void tanh_fwd(__global const float* x, ulong ox, __global float* y, ulong oy) {
   size_t i = get_global_id(0);
   y[oy + i] = tanh(x[ox + i]);

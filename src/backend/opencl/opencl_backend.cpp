@@ -592,6 +592,8 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return kernel(c, "copy").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
     case MXN_OP_GELU:
       return kernel(c, "gelu").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
+    case MXN_OP_MUL:
+      return kernel(c, "mul").arg(mem(in[0])).arg(mem(in[1])).arg(mem(out[0])).go(count(out[0]));
     case MXN_OP_TANH:
       return kernel(c, "tanh_fwd").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
     case MXN_OP_TANH_BWD:
