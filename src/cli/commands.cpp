@@ -137,10 +137,10 @@ std::function<int()> add_generate(CLI::App& app) {
       o.prompt_ids.push_back(parse_id(t, "--prompt-ids"));
     const bool ids = a->print_ids || !o.prompt_ids.empty();
     o.stats = &a->stats;
-    if (!ids) std::fputs(o.prompt.c_str(), stdout);
+    if (!ids) std::fwrite(o.prompt.data(), 1, o.prompt.size(), stdout);
     generate(o, [&](int32_t id, const std::string& s) {
       if (ids && id >= 0) std::printf("%d\n", id);
-      if (!ids) std::fputs(s.c_str(), stdout);
+      if (!ids) std::fwrite(s.data(), 1, s.size(), stdout);  // a piece may hold a NUL byte
       std::fflush(stdout);
     });
     if (!ids) std::fputs("\n", stdout);

@@ -17,12 +17,17 @@ std::function<int()> add_serve(CLI::App& app) {
     std::vector<std::string> models;
     double budget_mb = 0;
     std::string devices = "cpu";
+    std::vector<std::string> adapters;
   };
   auto a = std::make_shared<Args>();
   sub->add_option("--model", a->models,
                   "NAME=PATH: a Hugging Face folder, .gguf file or mxn run served as NAME "
                   "(repeatable)")
       ->required();
+  sub->add_option("--adapter", a->adapters,
+                  "BASE:NAME=DIR: a LoRA or P-Tuning v2 adapter (a PEFT folder or an mxn adapter "
+                  "run) served on model BASE as \"BASE:NAME\", batched with BASE's own requests "
+                  "(repeatable)");
   sub->add_option("--host", a->o.host, "address to listen on")->capture_default_str();
   sub->add_option("--port", a->o.port, "port")->capture_default_str();
   sub->add_option("--devices,--device", a->devices,
@@ -51,6 +56,14 @@ std::function<int()> add_serve(CLI::App& app) {
       if (eq == std::string::npos || eq == 0 || eq + 1 == m.size())
         throw Error("--model '" + m + "': expected NAME=PATH, e.g. qwen=models/Qwen2-0.5B");
       a->o.models.emplace_back(m.substr(0, eq), m.substr(eq + 1));
+    }
+    for (const std::string& s : a->adapters) {
+      const size_t colon = s.find(':'), eq = s.find('=', colon == std::string::npos ? 0 : colon);
+      if (colon == std::string::npos || colon == 0 || eq == std::string::npos || eq == colon + 1 ||
+          eq + 1 == s.size())
+        throw Error("--adapter '" + s + "': expected BASE:NAME=DIR, e.g. qwen:sql=runs/sql-lora");
+      a->o.adapters.push_back(
+          {s.substr(0, colon), s.substr(colon + 1, eq - colon - 1), s.substr(eq + 1)});
     }
     if (a->o.slots < 1) throw Error("--slots must be >= 1");
     const std::vector<std::string> here = available_devices();

@@ -82,6 +82,7 @@ struct Builder {
   std::vector<std::string> modules;  // every linear's last name component, once
   std::vector<bool> lora_hit;        // per target of o.lora: matched a module
   int64_t dropouts = 0;              // DROPOUT nodes so far: each one's mask tag
+  DecoderGraph* m = nullptr;         // serving LoRA: its mask and stacked inputs
 
   // A model weight: trained, or frozen under an adapter. 2-D ones are stored as o.weights says.
   int w(const std::string& name, Shape shape, bool decay) {
@@ -102,6 +103,14 @@ struct Builder {
       const int xin = o.lora.dropout > 0 ? g.dropout(x, o.lora.dropout, dropouts++) : x;
       const int t = g.matmul(xin, a, false, true);
       y = g.add(y, g.matmul(t, b, false, true, o.lora.alpha / float(o.lora.r)));
+    }
+    if (o.serve_lora > 0 && lora_targets(name)) {
+      const int a = g.input(lora_a_name(name), {o.serve_lora, in}, DType::f32);
+      const int b = g.input(lora_b_name(name), {out, o.serve_lora}, DType::f32);
+      m->lora_inputs.emplace_back(lora_a_name(name), a);
+      m->lora_inputs.emplace_back(lora_b_name(name), b);
+      const int t = g.mul(g.matmul(x, a, false, true), m->lora_mask);
+      y = g.add(y, g.matmul(t, b, false, true));
     }
     return y;
   }
@@ -297,12 +306,14 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   MXN_CHECK(o.serve_rows == 0 || (B == 1 && o.kv_cache == 0),
             "serving takes B = 1 and no kv_cache");
   const Names nm = names_for(c.arch);
-  Builder b{g, c, o, {}, std::vector<bool>(o.lora.targets.size(), false), 0};
+  Builder b{g, c, o, {}, std::vector<bool>(o.lora.targets.size(), false), 0, nullptr};
   MXN_CHECK(o.lora.r == 0 || !o.lora.targets.empty(), "LoRA without target modules");
   const int64_t C = c.hidden, N = B * T, H = c.heads, G = c.n_kv_heads(), D = c.hd();
   const int64_t F = c.ffn_width();
   DecoderGraph m;
+  b.m = &m;
   m.tokens = g.input("tokens", {N}, DType::i32);
+  if (o.serve_lora > 0) m.lora_mask = g.input("lora_mask", {N, o.serve_lora}, DType::f32);
   m.positions = g.input("positions", {N}, DType::i32);
   if (o.mask == 2) m.prefix = g.input("prefix", {B}, DType::i32);
   if (o.mask == 3) m.prefix = g.input("segments", {N}, DType::i32);

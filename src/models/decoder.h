@@ -98,6 +98,11 @@ struct DecoderOptions {
   // serve_block > 0 the cache is paged: key_ranges is each row's block table (T, 1 +
   // serve_blocks) = [keys, blocks...] (ATTENTION mask 5); else its key range (T, 2) (mask 4).
   int64_t serve_rows = 0, logit_rows = 0, serve_block = 0, serve_blocks = 0;
+  // Serving many LoRA adapters in one batch: every linear that lora.targets names gains
+  // ((x A^T) * mask) B^T with inputs <module>.lora_A.weight (serve_lora, in) and lora_B
+  // (out, serve_lora), the adapters' ranks stacked, and lora_mask (T, serve_lora): each row's
+  // own adapter's columns hold its scale alpha / r, the others 0 (a base row: all 0).
+  int64_t serve_lora = 0;
   bool freeze = false;  // the model's weights are frozen (fine-tuning trains adapters only)
   // P-Tuning v2's reparameterisation while training: the prefix rows come out of a small MLP,
   // tanh(E W1^T + b1) W2^T + b2, from a (prefix_len, hidden) embedding E through this many
@@ -110,7 +115,9 @@ struct DecoderGraph {
   int tokens = -1, positions = -1, targets = -1;  // inputs, (B*T) i32
   int block_positions = -1;                       // input (B*T) i32, with block_positions
   int prefix = -1, last_rows = -1;  // inputs, (B) i32 (prefix: (B*T) segment starts for mask 3)
-  int cache_rows = -1, key_ranges = -1;  // serving: inputs (T) and (T, 2) i32
+  int cache_rows = -1, key_ranges = -1;                  // serving: inputs (T) and (T, 2) i32
+  int lora_mask = -1;                                    // serving LoRA adapters: its inputs
+  std::vector<std::pair<std::string, int>> lora_inputs;  // stacked A and B, by name
   int logits = -1, loss = -1;
   // With a KV cache: the cache values and the nodes whose position parameters change per run.
   std::vector<int> caches;

@@ -14,7 +14,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::string& source,
                Device& dev, int64_t slots, int64_t capacity, int64_t chunk, int64_t blocks,
-               int64_t block)
+               int64_t block, const std::vector<Adapter>& adapters)
     : cfg_(c),
       dev_(dev),
       capacity_(capacity),
@@ -28,9 +28,18 @@ Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::stri
     throw Error("the model has " + std::to_string(c.max_pos) + " learned positions; a slot of " +
                 std::to_string(capacity) + " tokens does not fit");
   slots_.resize(size_t(slots));
+  for (const Adapter& a : adapters) {
+    if (a.prefix) continue;
+    lora_rank_ += a.spec.r;
+    for (const std::string& t : a.spec.targets)
+      if (std::find(lora_targets_.begin(), lora_targets_.end(), t) == lora_targets_.end())
+        lora_targets_.push_back(t);
+  }
   Graph g = graph(max_rows_, slots, &m_);
   prog_ = std::make_unique<Program>(std::move(g), dev_, false);
   upload_weights(*prog_, weights, source);
+  setup_adapters(adapters);
+  mask_.resize(size_t(max_rows_ * lora_rank_));
   variants_.assign(size_t(max_rows_ * slots), -1);
   variants_.back() = 0;
   tokens_.resize(size_t(max_rows_));
@@ -47,9 +56,82 @@ Graph Engine::graph(int64_t rows, int64_t logit_rows, DecoderGraph* m) const {
   o.serve_block = kv_.block();
   o.serve_blocks = table_w_ - 1;
   o.logit_rows = logit_rows;
+  o.serve_lora = lora_rank_;
+  o.lora.targets = lora_targets_;
   Graph g;
   *m = build_decoder(g, cfg_, 1, rows, o);
   return g;
+}
+
+void Engine::upload_rows(int value, int64_t row0, const float* src, int64_t rows) {
+  const Tensor t = prog_->tensor(value);
+  const int64_t w = t.shape.back();
+  dev_.upload(Tensor({rows, w}, DType::f32, t.buffer, t.offset + uint64_t(row0 * w) * 4), src);
+}
+
+void Engine::setup_adapters(const std::vector<Adapter>& adapters) {
+  const int64_t bs = kv_.block(), kvw = cfg_.n_kv_heads() * cfg_.hd();
+  int64_t off = 0;
+  std::vector<std::vector<float>> stacks(m_.lora_inputs.size());  // zeros: no adapter's update
+  for (size_t i = 0; i < m_.lora_inputs.size(); ++i)
+    stacks[i].assign(size_t(numel(prog_->tensor(m_.lora_inputs[i].second).shape)), 0.f);
+  for (size_t k = 0; k < adapters.size(); ++k) {
+    const Adapter& a = adapters[k];
+    Served s;
+    s.prefix = a.prefix;
+    const std::string which = "adapter " + std::to_string(k + 1);
+    if (a.prefix) {  // the prefix's keys and values into cache blocks, once
+      if (a.layers != cfg_.layers || a.kv_dim != kvw)
+        throw Error(which + ": a P-Tuning prefix for " + std::to_string(a.layers) + " layers of " +
+                    std::to_string(a.kv_dim) + " key columns; the model has " +
+                    std::to_string(cfg_.layers) + " of " + std::to_string(kvw));
+      s.P = a.prefix_len;
+      for (int64_t b = 0; b < s.P / bs; ++b) {
+        const int32_t blk = kv_.take();
+        if (blk < 0) throw Error(which + ": the KV cache has no room for its prefix");
+        s.blocks.push_back(blk);
+      }
+      for (int64_t l = 0; l < cfg_.layers; ++l)
+        for (int kv = 0; kv < 2; ++kv) {
+          const HostTensor& t = a.tensors.at(kv ? prefix_value_name(l) : prefix_key_name(l));
+          const float* rows = reinterpret_cast<const float*>(t.bytes.data());
+          const int value = m_.caches[size_t(2 * l + kv)];
+          for (size_t b = 0; b < s.blocks.size(); ++b)
+            upload_rows(value, s.blocks[b] * bs, rows + int64_t(b) * bs * kvw, bs);
+          const int64_t done = int64_t(s.blocks.size()) * bs;
+          s.tail.emplace_back(rows + done * kvw, rows + s.P * kvw);
+        }
+    } else {  // LoRA: its A rows and B columns into the stacks
+      s.off = off;
+      s.r = a.spec.r;
+      s.scale = a.spec.alpha / float(a.spec.r);
+      off += s.r;
+      for (size_t i = 0; i < m_.lora_inputs.size(); ++i) {
+        const auto& [name, value] = m_.lora_inputs[i];
+        auto it = a.tensors.find(name);
+        if (it == a.tensors.end()) continue;  // a module this adapter leaves alone
+        const Shape want = prog_->tensor(value).shape;
+        const bool is_a = name.ends_with(".lora_A.weight");
+        const Shape has = it->second.shape;
+        const int64_t other = is_a ? want[1] : want[0];
+        if (has.size() != 2 || has[0] != (is_a ? s.r : other) || has[1] != (is_a ? other : s.r))
+          throw Error(which + ": tensor '" + name + "' is " + shape_str(has) + "; expected " +
+                      shape_str(is_a ? Shape{s.r, other} : Shape{other, s.r}));
+        const float* src = reinterpret_cast<const float*>(it->second.bytes.data());
+        float* dst = stacks[i].data();
+        const int64_t R = lora_rank_;
+        for (int64_t x = 0; x < s.r; ++x)
+          for (int64_t y = 0; y < other; ++y)
+            if (is_a)
+              dst[(s.off + x) * other + y] = src[x * other + y];
+            else
+              dst[y * R + s.off + x] = src[y * s.r + x];
+      }
+    }
+    adapters_.push_back(std::move(s));
+  }
+  for (size_t i = 0; i < m_.lora_inputs.size(); ++i)
+    dev_.upload(prog_->tensor(m_.lora_inputs[i].second), stacks[i].data());
 }
 
 int Engine::variant_for(int64_t rows, int64_t logit_rows) {
@@ -62,11 +144,16 @@ int Engine::variant_for(int64_t rows, int64_t logit_rows) {
 int64_t Engine::submit(EngineRequest r) {
   if (r.prompt.empty()) throw Error("the prompt is empty");
   if (r.max_tokens < 1) throw Error("max_tokens must be >= 1");
-  const int64_t n = int64_t(r.prompt.size()) + r.max_tokens;
+  if (r.adapter < 0 || r.adapter > int(adapters_.size()))
+    throw Error("adapter " + std::to_string(r.adapter) + " is not one of the engine's " +
+                std::to_string(adapters_.size()));
+  const int64_t key0 = r.adapter > 0 ? adapters_[size_t(r.adapter - 1)].P : 0;
+  const int64_t n = key0 + int64_t(r.prompt.size()) + r.max_tokens;
   if (n > capacity_)
     throw Error("the prompt (" + std::to_string(r.prompt.size()) + " tokens) and max_tokens (" +
                 std::to_string(r.max_tokens) + ") exceed the context of " +
-                std::to_string(capacity_) + " tokens");
+                std::to_string(capacity_ - key0) + " tokens" +
+                (key0 > 0 ? " (its adapter's prefix takes " + std::to_string(key0) + ")" : ""));
   if (ceil_div(n, kv_.block()) > kv_.total())
     throw Error("the prompt and max_tokens need " + std::to_string(ceil_div(n, kv_.block())) +
                 " KV blocks; the cache has " + std::to_string(kv_.total()));
@@ -88,20 +175,37 @@ void Engine::cancel(int64_t id) {
 bool Engine::admit(Slot& s) {
   const EngineRequest& r = waiting_.front().second;
   const int64_t P = int64_t(r.prompt.size()), bs = kv_.block();
+  const Served* ad = r.adapter > 0 ? &adapters_[size_t(r.adapter - 1)] : nullptr;
+  const bool prefixed = ad && ad->prefix;
+  const int64_t key0 = prefixed ? ad->P : 0, pinned = prefixed ? int64_t(ad->blocks.size()) : 0;
   // Shared blocks cover whole prompt blocks and leave at least its last token to compute (its
-  // logits start the answer); the rest, to prompt + max_tokens, is taken now.
-  const int64_t most = (P - 1) / bs;
-  const int64_t shared = int64_t(kv_.match(r.prompt, most, false).size());
-  const int64_t need = ceil_div(P + r.max_tokens, bs) - shared;
+  // logits start the answer); the rest, to prompt + max_tokens, is taken now. A LoRA adapter's
+  // blocks are its own (salted by its number); a P-Tuning request shares only its prefix's.
+  const int64_t most = prefixed ? 0 : (P - 1) / bs;
+  const uint64_t salt = uint64_t(r.adapter);
+  const int64_t shared = int64_t(kv_.match(r.prompt, most, false, salt).size());
+  const int64_t need = ceil_div(key0 + P + r.max_tokens, bs) - pinned - shared;
   if (need > kv_.available()) return false;
   s = Slot{};
   s.used = true;
   s.id = waiting_.front().first;
   s.req = std::move(waiting_.front().second);
   waiting_.pop_front();
-  s.blocks = kv_.match(s.req.prompt, most);
+  s.key0 = key0;
+  if (prefixed) {
+    for (int32_t b : ad->blocks) kv_.hold(b);
+    s.blocks = ad->blocks;
+  } else {
+    s.blocks = kv_.match(s.req.prompt, most, true, salt);
+  }
   for (int64_t i = 0; i < need; ++i) s.blocks.push_back(kv_.take());
+  if (prefixed && !ad->tail.empty() && !ad->tail[0].empty()) {  // the prefix's last rows: a copy
+    const int64_t rows = key0 % bs, first = s.blocks[size_t(pinned)] * bs;
+    for (size_t c = 0; c < ad->tail.size(); ++c)
+      upload_rows(m_.caches[c], first, ad->tail[c].data(), rows);
+  }
   s.published = shared;
+  s.share = !prefixed;
   s.fed = s.len = shared * bs;
   s.sampler = std::make_unique<Sampler>(s.req.sampling);
   prompt_tokens_ += P;
@@ -137,9 +241,18 @@ std::vector<EngineEvent> Engine::step() {
     const Slot& s = slots_[si];
     tokens_[size_t(rows)] = token;
     positions_[size_t(rows)] = int32_t(pos);
-    cache_rows_[size_t(rows)] = int32_t(s.blocks[size_t(pos / bs)] * bs + pos % bs);
+    const int64_t j = s.key0 + pos;  // its key's index
+    cache_rows_[size_t(rows)] = int32_t(s.blocks[size_t(j / bs)] * bs + j % bs);
     int32_t* t = tables_.data() + rows * tw;
-    t[0] = int32_t(pos + 1);
+    t[0] = int32_t(j + 1);
+    if (lora_rank_ > 0) {  // its adapter's columns of the stacked ranks, scaled; others 0
+      float* mrow = mask_.data() + rows * lora_rank_;
+      std::fill(mrow, mrow + lora_rank_, 0.f);
+      if (s.req.adapter > 0) {
+        const Served& a = adapters_[size_t(s.req.adapter - 1)];
+        if (!a.prefix) std::fill(mrow + a.off, mrow + a.off + a.r, a.scale);
+      }
+    }
     std::copy(s.blocks.begin(), s.blocks.end(), t + 1);
     ++rows;
   };
@@ -177,12 +290,14 @@ std::vector<EngineEvent> Engine::step() {
   dev_.upload(prog_->tensor(m_.cache_rows, v), cache_rows_.data());
   dev_.upload(prog_->tensor(m_.key_ranges, v), tables_.data());
   dev_.upload(prog_->tensor(m_.last_rows, v), last_rows_.data());
+  if (lora_rank_ > 0) dev_.upload(prog_->tensor(m_.lora_mask, v), mask_.data());
   prog_->run(0, prog_->graph().nodes.size(), v);
   if (pre < slots_.size()) {  // its prompt blocks now written in full: offered to later requests
     Slot& s = slots_[pre];
-    for (; (s.published + 1) * bs <= std::min<int64_t>(s.fed, int64_t(s.req.prompt.size()));
+    for (; s.share &&
+           (s.published + 1) * bs <= std::min<int64_t>(s.fed, int64_t(s.req.prompt.size()));
          ++s.published)
-      kv_.publish(s.blocks, s.published, s.req.prompt);
+      kv_.publish(s.blocks, s.published, s.req.prompt, uint64_t(s.req.adapter));
   }
   if (lr == 0) return events;
   dev_.download(logits_.data(), prog_->tensor(m_.logits, v));

@@ -19,6 +19,7 @@
 #include "io/safetensors.h"
 #include "models/decoder.h"
 #include "serve/kv_blocks.h"
+#include "train/adapter.h"
 #include "train/generate.h"
 
 namespace mxn {
@@ -33,6 +34,7 @@ struct EngineRequest {
   // appeared, frequency times its count.
   float presence_penalty = 0, frequency_penalty = 0;
   int64_t logprobs = -1;  // >= 0: each token's log-probability and this many alternatives
+  int adapter = 0;        // 0: the base model; k: the engine's k-th adapter
 };
 
 struct EngineEvent {
@@ -50,9 +52,13 @@ class Engine {
  public:
   // `slots` requests decode together, each of at most `capacity` tokens (prompt and output);
   // the cache holds `blocks` blocks of `block` rows (0: enough for every slot at capacity).
+  // `adapters` (LoRA or P-Tuning v2, numbered from 1) serve requests in the same batches as the
+  // base: LoRA ranks stacked beside the frozen weights, each row masked to its own adapter's;
+  // a P-Tuning prefix's keys and values written once into cache blocks that its requests'
+  // tables start with.
   Engine(const DecoderConfig& c, const TensorMap& weights, const std::string& source, Device& dev,
          int64_t slots, int64_t capacity, int64_t chunk = 64, int64_t blocks = 0,
-         int64_t block = 16);
+         int64_t block = 16, const std::vector<Adapter>& adapters = {});
 
   // Queues a request; returns its id. An Error when it can never fit (prompt + max_tokens over
   // the capacity or over the whole cache) or holds a token outside the vocabulary.
@@ -80,7 +86,19 @@ class Engine {
     bool cancelled = false;
     std::vector<int32_t> blocks;  // the block table
     int64_t published = 0;        // leading prompt blocks offered to later requests
+    int64_t key0 = 0;             // keys before the prompt's (a P-Tuning prefix)
+    bool share = true;            // its prompt blocks may be offered (not behind a prefix)
   };
+  struct Served {  // an adapter as the engine holds it
+    bool prefix = false;
+    int64_t off = 0, r = 0;  // LoRA: its columns of the stacked ranks
+    float scale = 0;
+    int64_t P = 0;                         // P-Tuning: prefix keys, the whole blocks of them pinned
+    std::vector<int32_t> blocks;           // ...
+    std::vector<std::vector<float>> tail;  // ... and each layer's k, v rows past the last one
+  };
+  void setup_adapters(const std::vector<Adapter>& adapters);
+  void upload_rows(int value, int64_t row0, const float* src, int64_t rows);
   bool admit(Slot& s);  // the front waiting request into s, when its blocks are there
   void release(Slot& s);
   int variant_for(int64_t rows, int64_t logit_rows);
@@ -91,6 +109,10 @@ class Engine {
   int64_t capacity_, chunk_, max_rows_, active_ = 0, next_id_ = 1;
   int64_t table_w_, prompt_tokens_ = 0, reused_tokens_ = 0;
   KvBlocks kv_;
+  int64_t lora_rank_ = 0;                  // the adapters' stacked LoRA ranks
+  std::vector<std::string> lora_targets_;  // every module one of them adapts
+  std::vector<Served> adapters_;
+  std::vector<float> mask_;
   DecoderGraph m_;
   std::unique_ptr<Program> prog_;
   std::vector<int> variants_;  // by (rows - 1) * max_rows_ + logit_rows - 1; -1 until built

@@ -27,9 +27,10 @@ uint64_t KvBlocks::key_of(uint64_t parent_key, const int32_t* tokens) const {
   return h;
 }
 
-std::vector<int32_t> KvBlocks::match(const std::vector<int32_t>& prompt, int64_t most, bool take) {
+std::vector<int32_t> KvBlocks::match(const std::vector<int32_t>& prompt, int64_t most, bool take,
+                                     uint64_t salt) {
   std::vector<int32_t> out;
-  uint64_t key = 0;
+  uint64_t key = salt;
   int32_t parent = -1;
   for (int64_t i = 0; i < most && (i + 1) * block_ <= int64_t(prompt.size()); ++i) {
     const int32_t* t = prompt.data() + i * block_;
@@ -82,14 +83,19 @@ int32_t KvBlocks::take() {
   return b;
 }
 
+void KvBlocks::hold(int32_t b) {
+  MXN_CHECK(blocks_[size_t(b)].refs > 0, "holding an unreferenced KV block");
+  ++blocks_[size_t(b)].refs;
+}
+
 void KvBlocks::publish(const std::vector<int32_t>& table, int64_t i,
-                       const std::vector<int32_t>& prompt) {
+                       const std::vector<int32_t>& prompt, uint64_t salt) {
   MXN_CHECK(i < int64_t(table.size()) && (i + 1) * block_ <= int64_t(prompt.size()),
             "publishing a block past the prompt");
   const int32_t b = table[size_t(i)];
   Block& blk = blocks_[size_t(b)];
   if (blk.published) return;  // taken from the cache already
-  uint64_t key = 0;
+  uint64_t key = salt;
   for (int64_t j = 0; j <= i; ++j) key = key_of(key, prompt.data() + j * block_);
   if (by_key_.count(key)) return;  // another request computed the same prefix at the same time
   blk.published = true;

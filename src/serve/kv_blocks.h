@@ -23,12 +23,16 @@ class KvBlocks {
   int64_t available() const { return total() - used_; }  // free, or cached and evictable
 
   // The cached blocks that hold prompt[0, k * block) for the largest k <= most, in order; each
-  // now referenced by the caller. Nothing is taken when `take` is false (a dry run).
-  std::vector<int32_t> match(const std::vector<int32_t>& prompt, int64_t most, bool take = true);
+  // now referenced by the caller. Nothing is taken when `take` is false (a dry run). `salt`
+  // tells apart caches of the same tokens that differ (the LoRA adapter that computed them).
+  std::vector<int32_t> match(const std::vector<int32_t>& prompt, int64_t most, bool take = true,
+                             uint64_t salt = 0);
   int32_t take();  // a block for new rows (evicting the least recently used cached one); -1: none
+  void hold(int32_t blk);  // one more reference to a referenced block (an adapter's prefix)
   // Block `blk` (referenced) now holds tokens [i * block, (i + 1) * block) of `prompt`, whose
   // earlier blocks are `table`[0, i): later requests may share it.
-  void publish(const std::vector<int32_t>& table, int64_t i, const std::vector<int32_t>& prompt);
+  void publish(const std::vector<int32_t>& table, int64_t i, const std::vector<int32_t>& prompt,
+               uint64_t salt = 0);
   void release(int32_t blk);  // the caller's reference ends
 
  private:

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "io/hf_folder.h"
+#include "train/adapter.h"
 #include "train/infer.h"
 
 namespace mxn {
@@ -87,11 +88,12 @@ struct ServedModel::Replica {
   std::thread worker;
 
   Replica(const std::string& name, const ModelSource& src, const std::string& spec,
-          const ServeOptions& o, int64_t context, int64_t blocks)
+          const ServeOptions& o, int64_t context, int64_t blocks,
+          const std::vector<Adapter>& adapters)
       : model(name), dev(open_device(spec, int(o.threads))), max_queue(o.max_queue) {
     device = dev->name();
     engine = std::make_unique<Engine>(src.cfg, src.weights, src.what, *dev, o.slots, context, 64,
-                                      blocks, kBlock);
+                                      blocks, kBlock, adapters);
     probe();
     if (const char* f = std::getenv("MXN_TEST_SERVE_FAIL")) {  // tests: "DEVICE@STEP"
       const std::string s = f;
@@ -277,8 +279,25 @@ ServedModel::ServedModel(std::string name, const std::string& path, const ServeO
   }
   context_ = std::min<int64_t>(cfg_.max_pos, o.context > 0 ? o.context : 2048);
   blocks_ = kv_blocks(o, context_);
+  std::vector<Adapter> adapters;
+  for (const ServeOptions::AdapterSpec& a : o.adapters) {
+    if (a.base != name_) continue;
+    try {
+      adapters.push_back(load_adapter(a.path));
+    } catch (const Error& e) {
+      throw Error("adapter '" + a.base + ":" + a.name + "': " + e.what());
+    }
+    adapter_names_.push_back(a.name);
+  }
   for (const std::string& d : o.devices)
-    replicas_.push_back(std::make_unique<Replica>(name_, src, d, o, context_, blocks_));
+    replicas_.push_back(std::make_unique<Replica>(name_, src, d, o, context_, blocks_, adapters));
+}
+
+int ServedModel::adapter_id(const std::string& name) const {
+  if (name.empty()) return 0;
+  for (size_t i = 0; i < adapter_names_.size(); ++i)
+    if (adapter_names_[i] == name) return int(i + 1);
+  return -1;
 }
 
 ServedModel::~ServedModel() = default;

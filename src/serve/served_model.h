@@ -60,6 +60,8 @@ class ServedModel {
   bool has_chat() const { return has_chat_; }
   ChatFormat chat() const { return chat_; }
   int64_t context() const { return context_; }
+  // The engine's number of the adapter `name` (1..), 0 for "" (the base), -1 for none such.
+  int adapter_id(const std::string& name) const;
 
   // Throws an Error (the engine refuses it: a 400), QueueFull or NoReplica.
   std::pair<Ticket, std::shared_ptr<Channel>> submit(EngineRequest r);
@@ -84,6 +86,7 @@ class ServedModel {
   ChatFormat chat_{};
   bool has_chat_ = false;
   int64_t context_ = 0, blocks_ = 0;
+  std::vector<std::string> adapter_names_;
   std::mutex route_;  // one routing decision at a time
   std::vector<std::unique_ptr<Replica>> replicas_;
 };

@@ -89,6 +89,30 @@ class Registry {
         throw Error("model '" + name + "': '" + path + "' does not exist");
       entries_[name].path = path;
     }
+    for (const ServeOptions::AdapterSpec& a : o.adapters) {
+      const std::string id = a.base + ":" + a.name;
+      if (!entries_.count(a.base))
+        throw Error("adapter '" + id + "': no model named '" + a.base + "' (give it with --model)");
+      if (!std::filesystem::exists(a.path))
+        throw Error("adapter '" + id + "': '" + a.path + "' does not exist");
+      if (std::find(adapters_.begin(), adapters_.end(), id) != adapters_.end())
+        throw Error("adapter '" + id + "' is given twice");
+      adapters_.push_back(id);
+    }
+  }
+  const std::vector<std::string>& adapters() const { return adapters_; }  // "base:name"
+  // A request's model: a served name, or "base:adapter" for an adapter served on base. The
+  // model (nullptr: none such) and the engine's adapter number.
+  std::pair<std::shared_ptr<ServedModel>, int> resolve(const std::string& name) {
+    std::string base = name, adapter;
+    if (!entries_.count(name) && name.rfind(':') != std::string::npos) {
+      base = name.substr(0, name.rfind(':'));
+      adapter = name.substr(name.rfind(':') + 1);
+      if (std::find(adapters_.begin(), adapters_.end(), name) == adapters_.end()) return {};
+    }
+    std::shared_ptr<ServedModel> m = get(base);
+    if (!m) return {};
+    return {m, m->adapter_id(adapter)};
   }
   std::vector<std::string> names() const {
     std::vector<std::string> out;
@@ -188,6 +212,7 @@ class Registry {
   std::mutex m_;
   std::condition_variable loaded_;
   std::map<std::string, Entry> entries_;
+  std::vector<std::string> adapters_;
   uint64_t clock_ = 0;
 };
 
@@ -251,6 +276,15 @@ int serve(const ServeOptions& o) {
     json data = json::array();
     for (const std::string& name : models.names())
       data.push_back({{"id", name}, {"object", "model"}, {"created", 0}, {"owned_by", "mxn"}});
+    for (const std::string& name : models.adapters()) {  // as vLLM lists LoRA modules
+      const std::string base = name.substr(0, name.rfind(':'));
+      data.push_back({{"id", name},
+                      {"object", "model"},
+                      {"created", 0},
+                      {"owned_by", "mxn"},
+                      {"root", base},
+                      {"parent", base}});
+    }
     res.set_content(dump(json{{"object", "list"}, {"data", data}}), "application/json");
   });
 
@@ -263,12 +297,14 @@ int serve(const ServeOptions& o) {
         throw HttpError{400, "'model' is missing (a string naming one of /v1/models)",
                         "invalid_request_error", ""};
       const std::string name = j["model"].get<std::string>();
-      const std::shared_ptr<ServedModel> held = models.get(name);  // kept alive by the request
-      if (!held)
+      // Kept alive by the request; "base:adapter" names an adapter served on base.
+      const auto [held, adapter] = models.resolve(name);
+      if (!held || adapter < 0)
         throw HttpError{404, "the model '" + name + "' does not exist", "invalid_request_error",
                         "model_not_found"};
       ServedModel& model = *held;
       EngineRequest r;
+      r.adapter = adapter;
       const double max_tokens = number(j, chat ? "max_completion_tokens" : "max_tokens",
                                        number(j, "max_tokens", chat ? 256 : 16));
       if (max_tokens < 1)

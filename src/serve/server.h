@@ -15,6 +15,12 @@ namespace mxn {
 
 struct ServeOptions {
   std::vector<std::pair<std::string, std::string>> models;  // name, folder (or .gguf, run)
+  // Adapters served on a model's replicas beside it, asked for as "base:name":
+  // {base, name, PEFT folder or mxn adapter run}.
+  struct AdapterSpec {
+    std::string base, name, path;
+  };
+  std::vector<AdapterSpec> adapters;
   std::string host = "127.0.0.1";
   int port = 8080;
   std::vector<std::string> devices{"cpu"};  // a replica of each model on each
