@@ -134,6 +134,35 @@ class Serve(unittest.TestCase):
         self.assertEqual("".join(p.choices[0].delta.content or "" for p in parts), want)
         print(f"serve chat: {r.usage.completion_tokens} tokens equal mxn generate --chat, streamed and not")
 
+    def test_chat_stops_at_end_of_turn(self):
+        """The chat format's end-of-turn token (<|im_end|>; this model has no eos of its own) ends an
+        answer: a copy of the chat model whose lm_head row for <|im_end|> is 1.5 times that of its
+        4th greedy token stops early with finish_reason "stop", as `mxn generate --chat` does."""
+        from safetensors.torch import load_file, save_file
+        q = "Who created the heaven?"
+        ids = [int(t) for t in self.generate(self.chat, "--chat", "--prompt", q, "--max-tokens", "8",
+                                             "--print-ids").split()]
+        folder = os.path.join(self.tmp.name, "qwen2-eot")
+        shutil.copytree(self.chat, folder, dirs_exist_ok=True)
+        w = load_file(os.path.join(folder, "model.safetensors"))
+        end = self.ids_of(self.chat, "<|im_end|>")[0]
+        w["lm_head.weight"][end] = 1.5 * w["lm_head.weight"][ids[3]]
+        save_file(w, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        want = self.generate(folder, "--chat", "--prompt", q, "--max-tokens", "8")[len(q):].rstrip("\n")
+        proc, url = self.start("--model", f"eot={folder}")
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            r = client.chat.completions.create(model="eot", messages=[{"role": "user", "content": q}], max_tokens=8,
+                                               temperature=0)
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+        self.assertEqual(r.choices[0].message.content, want)
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        self.assertLess(r.usage.completion_tokens, 8)
+        print(f"serve chat: <|im_end|> ends the answer after {r.usage.completion_tokens} of 8 tokens, "
+              f"finish_reason stop, as mxn generate --chat")
+
     def post(self, path, body, key="sekrit", raw=None):
         data = raw if raw is not None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method="POST",

@@ -333,8 +333,10 @@ std::vector<EngineEvent> Engine::step() {
       for (int64_t j = 0; j < k; ++j)
         e.top.emplace_back(idx[size_t(j)], float(double(row[idx[size_t(j)]]) - lse));
     }
+    const auto& stops = s.req.stop_ids;  // a chat turn's end (Llama 3's <|eot_id|>, ...)
     const bool eos =
-        !s.req.ignore_eos && std::find(cfg_.eos.begin(), cfg_.eos.end(), tok) != cfg_.eos.end();
+        !s.req.ignore_eos && (std::find(cfg_.eos.begin(), cfg_.eos.end(), tok) != cfg_.eos.end() ||
+                              std::find(stops.begin(), stops.end(), tok) != stops.end());
     if (eos || s.made >= s.req.max_tokens) {
       e.finished = true;
       e.reason = eos ? "stop" : "length";

@@ -313,6 +313,10 @@ int serve(const ServeOptions& o) {
       r.sampling.temperature = number(j, "temperature", 1.0);
       r.sampling.top_p = number(j, "top_p", 1.0);
       r.sampling.top_k = std::max<int64_t>(0, int64_t(number(j, "top_k", 0)));  // vLLM's: -1, 0 all
+      // vLLM's and llama.cpp's extension: generate max_tokens whatever the model says (benchmarks)
+      if (j.contains("ignore_eos") && !j["ignore_eos"].is_boolean())
+        throw HttpError{400, "'ignore_eos' must be true or false", "invalid_request_error", ""};
+      r.ignore_eos = j.value("ignore_eos", false);
       r.presence_penalty = float(number(j, "presence_penalty", 0));
       r.frequency_penalty = float(number(j, "frequency_penalty", 0));
       if (std::abs(r.presence_penalty) > 2 || std::abs(r.frequency_penalty) > 2)
