@@ -15,25 +15,7 @@ mkdir -p "$work"
 bench="$(bench/llamacpp.sh)"
 scripts/test-venv >&2
 py=build/test-venv/bin/python
-make_model() {  # $1: name -> folder with config, weights and the GPT-2 tokenizer
-  local dir="$work/$1"
-  [[ -f "$dir/config.json" ]] && return
-  "$py" - "$1" "$dir" <<'PY' >&2
-import shutil, sys, torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-name, out = sys.argv[1:3]
-torch.manual_seed(0)
-if name == "gpt2":
-    m = GPT2LMHeadModel(GPT2Config())
-else:
-    m = LlamaForCausalLM(LlamaConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
-                                     num_key_value_heads=4, intermediate_size=5632, vocab_size=50257,
-                                     max_position_embeddings=2048, tie_word_embeddings=False))
-m.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
-shutil.copy("../shared/data/gpt2-bpe/encoder.json", f"{out}/vocab.json")
-shutil.copy("../shared/data/gpt2-bpe/vocab.bpe", f"{out}/merges.txt")
-PY
-}
+make_model() { bench/make_model.sh "$1" "$work/$1"; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ids=$(seq -s, 100 $((99 + prompt)))
 echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; prompt $prompt, generate $gen; median of $runs"

@@ -182,15 +182,16 @@ TEST(Attention, KeyRangesServeABatchOfCaches) {
 TEST(Attention, PagedKeysFollowTheBlockTable) {
   // Mask 5: a buffer of 6 blocks of 4 rows. Query 0 sees 10 keys in blocks 5, 1, 3 (the last one
   // half full); query 1 shares blocks 5 and 1 (a common prompt prefix) and sees 8; query 2 sees
-  // 3 keys of block 2, its unused entries past the buffer never read. Each
-  // output equals softmax(q k^T / sqrt(hd)) v over its keys, gathered in double.
+  // 3 keys of block 2, its unused entries past the buffer never read; queries 3 and 4 have one
+  // table (a prefill chunk: the CPU takes them as one group) and see 6 and 7 keys. Each output
+  // equals softmax(q k^T / sqrt(hd)) v over its keys, gathered in double.
   auto dev = open_device("cpu");
-  const int64_t H = 4, G = 2, hd = 8, bs = 4, S = 24, T = 3, tw = 4;
+  const int64_t H = 4, G = 2, hd = 8, bs = 4, S = 24, T = 5, tw = 4;
   Rng rng(6);
   std::vector<float> q(size_t(T * H * hd)), k(size_t(S * G * hd)), v(size_t(S * G * hd));
   for (auto* x : {&q, &k, &v})
     for (float& e : *x) e = float(rng.normal());
-  const std::vector<int32_t> table{10, 5, 1, 3, 8, 5, 1, 0, 3, 2, 99, -7};
+  const std::vector<int32_t> table{10, 5, 1, 3, 8, 5, 1, 0, 3, 2, 99, -7, 6, 4, 0, 2, 7, 4, 0, 2};
   auto buf = [&](uint64_t bytes) { return dev->alloc(bytes); };
   auto bq = buf(q.size() * 4), bk = buf(k.size() * 4), bv = buf(v.size() * 4),
        bt = buf(table.size() * 4), by = buf(q.size() * 4);

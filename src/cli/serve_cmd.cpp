@@ -43,6 +43,11 @@ std::function<int()> add_serve(CLI::App& app) {
   sub->add_option("--kv-blocks", a->o.kv_blocks,
                   "KV-cache blocks of 16 tokens per model, shared by its requests and their common "
                   "prompt prefixes (0: enough for every slot at the full context)");
+  sub->add_option("--weights", a->o.weights,
+                  "f32 or bf16: bf16 stores 2-D weights in bf16 (CPU): half the memory, slower "
+                  "at many rows a pass")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
   sub->add_option("--max-queue", a->o.max_queue,
                   "requests waiting per model; more are refused with 429")
       ->capture_default_str();

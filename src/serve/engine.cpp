@@ -1,6 +1,7 @@
 #include "serve/engine.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 
 #include "core/error.h"
@@ -14,14 +15,15 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::string& source,
                Device& dev, int64_t slots, int64_t capacity, int64_t chunk, int64_t blocks,
-               int64_t block, const std::vector<Adapter>& adapters)
+               int64_t block, const std::vector<Adapter>& adapters, DType weight_dtype)
     : cfg_(c),
       dev_(dev),
       capacity_(capacity),
       chunk_(chunk),
       max_rows_(slots + chunk),
       table_w_(1 + ceil_div(capacity, std::max<int64_t>(block, 1))),
-      kv_(blocks > 0 ? blocks : slots * ceil_div(capacity, std::max<int64_t>(block, 1)), block) {
+      kv_(blocks > 0 ? blocks : slots * ceil_div(capacity, std::max<int64_t>(block, 1)), block),
+      weights_(weight_dtype) {
   if (slots < 1 || capacity < 2 || chunk < 1)
     throw Error("the engine needs slots >= 1, a capacity >= 2 and a prefill chunk >= 1");
   if (c.gpt2() && capacity > c.max_pos)
@@ -38,6 +40,8 @@ Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::stri
   Graph g = graph(max_rows_, slots, &m_);
   prog_ = std::make_unique<Program>(std::move(g), dev_, false);
   upload_weights(*prog_, weights, source);
+  for (int c : m_.caches)  // touched now, not page by page in the first passes
+    dev_.run(make_op_call(MXN_OP_FILL, {}, {prog_->tensor(c)}, {}, {0.f}));
   setup_adapters(adapters);
   mask_.resize(size_t(max_rows_ * lora_rank_));
   variants_.assign(size_t(max_rows_ * slots), -1);
@@ -52,11 +56,12 @@ Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::stri
 
 Graph Engine::graph(int64_t rows, int64_t logit_rows, DecoderGraph* m) const {
   DecoderOptions o;
-  o.serve_rows = kv_.total() * kv_.block();
+  o.serve_rows = (kv_.total() + 1) * kv_.block();  // and a spare block for padding rows
   o.serve_block = kv_.block();
   o.serve_blocks = table_w_ - 1;
   o.logit_rows = logit_rows;
   o.serve_lora = lora_rank_;
+  o.weights = weights_;
   o.lora.targets = lora_targets_;
   Graph g;
   *m = build_decoder(g, cfg_, 1, rows, o);
@@ -254,6 +259,7 @@ std::vector<EngineEvent> Engine::step() {
       }
     }
     std::copy(s.blocks.begin(), s.blocks.end(), t + 1);
+    std::fill(t + 1 + s.blocks.size(), t + tw, 0);  // so a request's rows have equal tables
     ++rows;
   };
   for (size_t si = 0; si < slots_.size(); ++si) {
@@ -264,27 +270,52 @@ std::vector<EngineEvent> Engine::step() {
     logit_slot.push_back(si);
     ++s.len;
   }
-  size_t pre = slots_.size();  // the oldest request still in prefill
-  for (size_t si = 0; si < slots_.size(); ++si) {
-    const Slot& s = slots_[si];
-    if (s.used && s.fed < int64_t(s.req.prompt.size()) &&
-        (pre == slots_.size() || s.id < slots_[pre].id))
-      pre = si;
-  }
-  if (pre < slots_.size()) {
-    Slot& s = slots_[pre];
-    const int64_t n = std::min<int64_t>(chunk_, int64_t(s.req.prompt.size()) - s.fed);
-    for (int64_t t = 0; t < n; ++t) add_row(pre, s.req.prompt[size_t(s.fed + t)], s.fed + t);
+  // Prompt rows: the oldest requests still in prefill first, `chunk` rows in all (chunked
+  // prefill: a long prompt takes several passes and never stalls the others' decoding).
+  std::vector<size_t> pre;
+  for (size_t si = 0; si < slots_.size(); ++si)
+    if (slots_[si].used && slots_[si].fed < int64_t(slots_[si].req.prompt.size()))
+      pre.push_back(si);
+  std::sort(pre.begin(), pre.end(),
+            [&](size_t x, size_t y) { return slots_[x].id < slots_[y].id; });
+  int64_t budget = chunk_;
+  for (size_t k = 0; k < pre.size(); ++k) {
+    if (budget == 0) {
+      pre.resize(k);
+      break;
+    }
+    Slot& s = slots_[pre[k]];
+    const int64_t n = std::min<int64_t>(budget, int64_t(s.req.prompt.size()) - s.fed);
+    for (int64_t t = 0; t < n; ++t) add_row(pre[k], s.req.prompt[size_t(s.fed + t)], s.fed + t);
     s.fed += n;
     s.len += n;
+    budget -= n;
     if (s.fed == int64_t(s.req.prompt.size())) {
       last_rows_[size_t(lr++)] = int32_t(rows - 1);
-      logit_slot.push_back(pre);
+      logit_slot.push_back(pre[k]);
     }
   }
   if (rows == 0) return events;
-  const int v = lr > 0 ? variant_for(rows, lr) : variant_for(rows, 1);
-  if (lr == 0) last_rows_[0] = 0;  // a prefill chunk with no token yet: any row, unread
+  // Row counts go up to a few sizes (powers of two to 64, then multiples of 64), so few graph
+  // variants are ever built: padding rows write the spare block past the allocator's and see
+  // one key there; padding logit rows repeat row 0 and are not read.
+  const int64_t rows_b = std::min<int64_t>(
+      max_rows_, rows <= 64 ? int64_t(std::bit_ceil(uint64_t(rows))) : ceil_div(rows, 64) * 64);
+  const int64_t lr_b = std::min<int64_t>(
+      int64_t(slots_.size()), int64_t(std::bit_ceil(uint64_t(std::max<int64_t>(lr, 1)))));
+  const int32_t spare = int32_t(kv_.total());
+  for (; rows < rows_b; ++rows) {
+    tokens_[size_t(rows)] = 0;
+    positions_[size_t(rows)] = 0;
+    cache_rows_[size_t(rows)] = int32_t(spare * bs);
+    int32_t* t = tables_.data() + rows * tw;
+    t[0] = 1;
+    std::fill(t + 1, t + tw, spare);
+    if (lora_rank_ > 0)
+      std::fill(mask_.data() + rows * lora_rank_, mask_.data() + (rows + 1) * lora_rank_, 0.f);
+  }
+  for (int64_t r = lr; r < lr_b; ++r) last_rows_[size_t(r)] = 0;
+  const int v = variant_for(rows_b, lr_b);
   dev_.upload(prog_->tensor(m_.tokens, v), tokens_.data());
   dev_.upload(prog_->tensor(m_.positions, v), positions_.data());
   dev_.upload(prog_->tensor(m_.cache_rows, v), cache_rows_.data());
@@ -292,8 +323,8 @@ std::vector<EngineEvent> Engine::step() {
   dev_.upload(prog_->tensor(m_.last_rows, v), last_rows_.data());
   if (lora_rank_ > 0) dev_.upload(prog_->tensor(m_.lora_mask, v), mask_.data());
   prog_->run(0, prog_->graph().nodes.size(), v);
-  if (pre < slots_.size()) {  // its prompt blocks now written in full: offered to later requests
-    Slot& s = slots_[pre];
+  for (size_t si : pre) {  // prompt blocks now written in full: offered to later requests
+    Slot& s = slots_[si];
     for (; s.share &&
            (s.published + 1) * bs <= std::min<int64_t>(s.fed, int64_t(s.req.prompt.size()));
          ++s.published)

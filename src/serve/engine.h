@@ -4,7 +4,8 @@
 // of the batch) and a table of blocks, enough for its prompt and max_tokens when it is admitted,
 // the first ones shared with earlier requests that had the same prompt prefix. Every step() is
 // one forward pass that holds one row for each decoding request plus up to `chunk` prompt rows
-// of one request still in prefill (chunked prefill: a long prompt does not stall the others).
+// of the requests still in prefill, oldest first (chunked prefill: a long prompt takes several
+// passes and does not stall the others).
 // Each row names its cache row and sees only its own request's keys through its block table
 // (ATTENTION mask 5, SET_ROWS with destination rows), so a request's tokens do not depend on
 // what else is in the batch. New requests join between steps; a finished or cancelled one
@@ -57,8 +58,9 @@ class Engine {
   // a P-Tuning prefix's keys and values written once into cache blocks that its requests'
   // tables start with.
   Engine(const DecoderConfig& c, const TensorMap& weights, const std::string& source, Device& dev,
-         int64_t slots, int64_t capacity, int64_t chunk = 64, int64_t blocks = 0,
-         int64_t block = 16, const std::vector<Adapter>& adapters = {});
+         int64_t slots, int64_t capacity, int64_t chunk = 256, int64_t blocks = 0,
+         int64_t block = 16, const std::vector<Adapter>& adapters = {},
+         DType weight_dtype = DType::f32);  // bf16: 2-D weights stored in bf16 (the CPU backend)
 
   // Queues a request; returns its id. An Error when it can never fit (prompt + max_tokens over
   // the capacity or over the whole cache) or holds a token outside the vocabulary.
@@ -109,7 +111,8 @@ class Engine {
   int64_t capacity_, chunk_, max_rows_, active_ = 0, next_id_ = 1;
   int64_t table_w_, prompt_tokens_ = 0, reused_tokens_ = 0;
   KvBlocks kv_;
-  int64_t lora_rank_ = 0;                  // the adapters' stacked LoRA ranks
+  DType weights_;
+  int64_t lora_rank_ = 0;  // the adapters' stacked LoRA ranks
   std::vector<std::string> lora_targets_;  // every module one of them adapts
   std::vector<Served> adapters_;
   std::vector<float> mask_;

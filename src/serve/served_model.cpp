@@ -92,8 +92,12 @@ struct ServedModel::Replica {
           const std::vector<Adapter>& adapters)
       : model(name), dev(open_device(spec, int(o.threads))), max_queue(o.max_queue) {
     device = dev->name();
-    engine = std::make_unique<Engine>(src.cfg, src.weights, src.what, *dev, o.slots, context, 64,
-                                      blocks, kBlock, adapters);
+    const bool cpu = device.rfind("cpu", 0) == 0;
+    if (o.weights == "bf16" && !cpu)
+      throw Error("--weights bf16 is for the CPU backend so far; " + device + " takes f32");
+    const DType wdt = o.weights == "bf16" ? DType::bf16 : DType::f32;
+    engine = std::make_unique<Engine>(src.cfg, src.weights, src.what, *dev, o.slots, context, 256,
+                                      blocks, kBlock, adapters, wdt);
     probe();
     if (const char* f = std::getenv("MXN_TEST_SERVE_FAIL")) {  // tests: "DEVICE@STEP"
       const std::string s = f;

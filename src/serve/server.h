@@ -28,6 +28,9 @@ struct ServeOptions {
   int64_t slots = 8;    // requests decoded together, per model
   int64_t context = 0;  // tokens per request (prompt + output); 0: the model's, at most 2048
   int64_t kv_blocks = 0;
+  // "bf16": 2-D weights stored in bf16 (the CPU backend): half the memory, but a pass of many
+  // rows widens them to f32 GEMM by GEMM, slower than "f32" here (docs/benchmarks.md).
+  std::string weights = "f32";
   int64_t max_queue = 256;  // requests waiting per model beyond which new ones get 429  // KV-cache
                             // blocks of 16 rows per model; 0: every slot at the context
   std::string api_key;      // when set, requests need "Authorization: Bearer <key>"

@@ -318,7 +318,11 @@ std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
   for (const auto& p : prompts) longest = std::max<int64_t>(longest, int64_t(p.size()));
   auto dev = open_device(o.device, int(o.threads));
   const int64_t capacity = std::min<int64_t>(src.cfg.max_pos, longest + o.max_tokens);
-  Engine engine(src.cfg, src.weights, src.what, *dev, slots, capacity);
+  const bool cpu = dev->name().rfind("cpu", 0) == 0;
+  const DType wdt = o.weights == "bf16" || (o.weights == "auto" && src.stored_16bit && cpu)
+                        ? DType::bf16
+                        : DType::f32;
+  Engine engine(src.cfg, src.weights, src.what, *dev, slots, capacity, 256, 0, 16, {}, wdt);
   std::vector<int64_t> ids;
   for (size_t i = 0; i < prompts.size(); ++i) {
     EngineRequest r;
@@ -337,6 +341,7 @@ std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
         out[size_t(std::find(ids.begin(), ids.end(), e.id) - ids.begin())].push_back(e.token);
     peak = std::max(peak, engine.kv().used());
   }
+  if (dev->profiling()) std::fputs(dev->profile_report().c_str(), stderr);
   if (o.stats) {
     o.stats->prompt_tokens = engine.prompt_tokens();
     o.stats->reused_tokens = engine.reused_tokens();

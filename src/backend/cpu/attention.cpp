@@ -52,49 +52,61 @@ void attention_fwd_ranges(Scratch& s, const AttentionShape& a, const float* q, c
   }
 }
 
-// Mask 5 (serving's paged KV cache): query row (t, h) sees keys 0..n-1 of its own request,
-// key j at row block[j / bs] * bs + j % bs. Rows are gathered block by block with vector dot
-// products (a block is too small for a GEMM call to pay).
+// Mask 5 (serving's paged KV cache): query row t sees keys 0..n-1 of its own request, key j at
+// row block[j / bs] * bs + j % bs. Consecutive rows with the same block table (one request's
+// prefill chunk, up to kBlock rows) form a group: per kv head its keys and values are gathered
+// once into contiguous scratch, and each of the group's heads is two GEMMs over them, every row
+// masked to its own n. A decoding request is a group of one row.
 void attention_fwd_paged(Scratch& s, const AttentionShape& a, const float* q, const float* k,
                          const float* v, const float* pk, const float* pv, const int32_t* table,
                          float* y, float* lse) {
   const int nt = omp_get_max_threads();
-  const int64_t P = a.P, ldp = a.G * a.hd, tasks = a.T * a.H, hd = a.hd;
-  const int64_t most = (a.tw - 1) * a.bs;
-  float* scratch = s.get(s.c, size_t(nt) * size_t(most + P));
+  const int64_t P = a.P, ldp = a.G * a.hd, hd = a.hd, tw = a.tw, most = P + (tw - 1) * a.bs;
+  // Group starts, in scratch (no allocation per call): a new group where the table changes.
+  int64_t* starts = reinterpret_cast<int64_t*>(s.get(s.b, size_t(2 * (a.T + 1))));
+  int64_t groups = 0;
+  for (int64_t t = 0; t < a.T; ++t)
+    if (t == 0 || t - starts[groups - 1] == kBlock ||
+        !std::equal(table + t * tw + 1, table + (t + 1) * tw, table + (t - 1) * tw + 1))
+      starts[groups++] = t;
+  starts[groups] = a.T;
+  const size_t per = size_t(2 * most * hd + kBlock * most);
+  float* scratch = s.get(s.c, size_t(nt) * per);
 #pragma omp parallel for schedule(dynamic)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t h = task % a.H, t = task / a.H, g = h / a.group();
-    const int64_t n = a.paged_n(table, 0, t);
-    const float* qr = q + a.q(0, t, h);
-    float* row = scratch + size_t(omp_get_thread_num()) * size_t(most + P);
-    auto key = [&](int64_t jj) {  // jj < 0: prefix row P + jj
-      return jj < 0 ? pk + (P + jj) * ldp + g * hd : k + a.k(0, a.paged_row(table, 0, t, jj), g);
-    };
-    auto val = [&](int64_t jj) {
-      return jj < 0 ? pv + (P + jj) * ldp + g * hd : v + a.v(0, a.paged_row(table, 0, t, jj), g);
-    };
-    float mx = -INFINITY;
-    for (int64_t jj = -P; jj < n; ++jj) {
-      const float* kr = key(jj);
-      float d = 0.f;
-#pragma omp simd reduction(+ : d)
-      for (int64_t c = 0; c < hd; ++c) d += qr[c] * kr[c];
-      row[P + jj] = d * a.scale;
-      mx = std::max(mx, row[P + jj]);
+  for (int64_t task = 0; task < groups * a.G; ++task) {
+    const int64_t gi = task / a.G, g = task % a.G, t0 = starts[gi], m = starts[gi + 1] - t0;
+    int64_t n = 0;
+    for (int64_t t = t0; t < t0 + m; ++t) n = std::max(n, a.paged_n(table, 0, t));
+    const int64_t nk = P + n;
+    float* kc = scratch + size_t(omp_get_thread_num()) * per;
+    float* vc = kc + most * hd;
+    float* sc = vc + most * hd;
+    for (int64_t j = 0; j < P; ++j) {
+      std::memcpy(kc + j * hd, pk + j * ldp + g * hd, size_t(hd) * 4);
+      std::memcpy(vc + j * hd, pv + j * ldp + g * hd, size_t(hd) * 4);
     }
-    float sum = 0.f;
-    for (int64_t j = 0; j < P + n; ++j) sum += row[j] = vexp(row[j] - mx);
-    const float inv = 1.f / sum;
-    float* yr = y + a.y(0, t, h);
-    std::fill(yr, yr + hd, 0.f);
-    for (int64_t jj = -P; jj < n; ++jj) {
-      const float* vr = val(jj);
-      const float p = row[P + jj] * inv;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t row = a.paged_row(table, 0, t0, j);
+      std::memcpy(kc + (P + j) * hd, k + a.k(0, row, g), size_t(hd) * 4);
+      std::memcpy(vc + (P + j) * hd, v + a.v(0, row, g), size_t(hd) * 4);
+    }
+    for (int64_t h = g * a.group(); h < (g + 1) * a.group(); ++h) {
+      sgemm(false, true, m, nk, hd, a.scale, q + a.q(0, t0, h), a.ldq, kc, hd, 0.f, sc, nk);
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = sc + r * nk;
+        const int64_t valid = P + a.paged_n(table, 0, t0 + r);
+        float mx = row[0];
+        for (int64_t j = 1; j < valid; ++j) mx = std::max(mx, row[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < valid; ++j) sum += row[j] = vexp(row[j] - mx);
+        const float inv = 1.f / sum;
 #pragma omp simd
-      for (int64_t c = 0; c < hd; ++c) yr[c] += p * vr[c];
+        for (int64_t j = 0; j < valid; ++j) row[j] *= inv;
+        std::fill(row + valid, row + nk, 0.f);
+        if (lse) lse[a.lse(0, t0 + r, h)] = mx + std::log(sum);
+      }
+      sgemm(false, false, m, hd, nk, 1.f, sc, nk, vc, hd, 0.f, y + a.y(0, t0, h), a.H * hd);
     }
-    if (lse) lse[a.lse(0, t, h)] = mx + std::log(sum);
   }
 }
 
