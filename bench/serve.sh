@@ -6,7 +6,8 @@
 # each, ignore_eos, streamed) at CLIENTS concurrent clients, 2 x clients requests (at least 16),
 # after one warm-up request. Prints a table row per concurrency, then the ratio at 32 clients.
 # Not a test: timings are noisy. Environment: CLIENTS ("1 8 32 64"), THREADS (all cores),
-# GEN (64), TYPE (llama.cpp's GGUF: f32, the same numbers as mxn's; bf16), WORK (build/bench).
+# GEN (64), TYPE (f32: mxn's f32 weights and an f32 GGUF; bf16: `mxn serve --weights bf16`, whose
+# many-row GEMMs run on the bf16 units as llama.cpp's do with a bf16 GGUF), WORK (build/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${THREADS:-$(nproc)}" gen="${GEN:-64}" type="${TYPE:-f32}"
@@ -34,7 +35,7 @@ run() {  # $1: name -> one JSON line per concurrency in $work/serve-$1.jsonl
   local port=$((18000 + RANDOM % 1000)) pid
   if [[ $1 == mxn ]]; then
     "$mxn" serve --model gpt2="$work/gpt2" --port "$port" --slots "$most" --ctx "$ctx" \
-      --threads "$threads" >"$work/serve-$1.log" 2>&1 &
+      --threads "$threads" --weights "$type" >"$work/serve-$1.log" 2>&1 &
   else
     "$server" -m "$gguf" --port "$port" -np "$most" -c $((most * ctx)) -t "$threads" \
       -tb "$threads" >"$work/serve-$1.log" 2>&1 &
@@ -52,7 +53,7 @@ run() {  # $1: name -> one JSON line per concurrency in $work/serve-$1.jsonl
 }
 run mxn
 run llamacpp
-echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; GPT-2 124M, $gen tokens a request; llama.cpp on $type"
+echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; GPT-2 124M, $gen tokens a request; $type weights"
 "$py" - "$work/serve-mxn.jsonl" "$work/serve-llamacpp.jsonl" <<'PY'
 import json, sys
 m = [json.loads(l) for l in open(sys.argv[1])]

@@ -10,8 +10,9 @@ from urllib.parse import urlparse
 url, model, conc, total, max_tokens, corpus = sys.argv[1:7]
 conc, total, max_tokens = int(conc), int(total), int(max_tokens)
 words = open(corpus, encoding="utf-8").read().split()
-rng = random.Random(0)
-# The mix: prompts of 16 to 256 words from the KJV, the same list for every server and run.
+rng = random.Random(conc)
+# The mix: prompts of 16 to 256 words from the KJV, the same list for every server at a given
+# concurrency and new ones at each (a server's prompt cache must not answer from an earlier level).
 prompts = []
 for _ in range(total):
     n, at = rng.choice([16, 32, 64, 128, 256]), rng.randrange(0, len(words) - 300)
@@ -53,7 +54,7 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-one(prompts[0])  # warm up
+one(" ".join(words[:8]))  # warm up
 results, errors, lock = [], [], threading.Lock()
 queue = list(range(total))
 

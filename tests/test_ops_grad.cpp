@@ -233,6 +233,40 @@ TEST(Attention, PagedKeysFollowTheBlockTable) {
   }
 }
 
+TEST(Matmul, Bf16WeightsWithBf16ComputeRoundTheActivationsToo) {
+  // Serving with --weights bf16: a many-row MATMUL against bf16 weights with compute bf16 rounds
+  // A to bf16 and multiplies on the bf16 units (or, without them, in f32 on the rounded values):
+  // either way the products of the rounded operands, summed in f32. One row keeps A in f32.
+  auto dev = open_device("cpu");
+  const int64_t M = 5, N = 7, K = 40;
+  Rng rng(9);
+  std::vector<float> a(size_t(M * K));
+  std::vector<uint16_t> b(size_t(N * K));
+  for (float& e : a) e = float(rng.normal());
+  for (uint16_t& e : b) e = f32_to_bf16(float(rng.normal()));
+  auto ba = dev->alloc(a.size() * 4), bb = dev->alloc(b.size() * 2), bc = dev->alloc(M * N * 4);
+  const Tensor ta({M, K}, DType::f32, ba->handle()), tb({N, K}, DType::bf16, bb->handle()),
+      tc({M, N}, DType::f32, bc->handle());
+  dev->upload(ta, a.data());
+  dev->upload(tb, b.data());
+  for (int64_t rows : {M, int64_t(1)}) {
+    const Tensor tar({rows, K}, DType::f32, ba->handle()), tcr({rows, N}, DType::f32, bc->handle());
+    dev->run(make_op_call(MXN_OP_MATMUL, {tar, tb}, {tcr}, {0, 1, 0, MXN_DTYPE_BF16}, {1.f}));
+    std::vector<float> c(size_t(rows * N));
+    dev->download(c.data(), tcr);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        double want = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const float x = a[size_t(i * K + k)];
+          want += double(rows > 1 ? round_bf16(x) : x) * bf16_to_f32(b[size_t(j * K + k)]);
+        }
+        EXPECT_NEAR(c[size_t(i * N + j)], want, 1e-5 * (1 + std::fabs(want)))
+            << rows << " rows, (" << i << ", " << j << ")";
+      }
+  }
+}
+
 TEST(Dropout, MaskIsItsProbabilityAndAFunctionOfSeedAndIndex) {
   // 10^5 ones at p = 0.3: about 70% kept, each kept one exactly 1/0.7; the same (seed, index)
   // gives the same mask whatever the tensor it sits in (a row's mask does not depend on its pass).

@@ -64,6 +64,9 @@ Graph Engine::graph(int64_t rows, int64_t logit_rows, DecoderGraph* m) const {
   o.weights = weights_;
   o.lora.targets = lora_targets_;
   Graph g;
+  // bf16 weights: many-row GEMMs round the activations to bf16 too and run on the chip's bf16
+  // units (AVX512-BF16, AMX), as llama.cpp does with a bf16 model; one row stays f32 arithmetic.
+  if (weights_ == DType::bf16) g.matmul_compute = DType::bf16;
   *m = build_decoder(g, cfg_, 1, rows, o);
   return g;
 }

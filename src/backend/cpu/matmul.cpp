@@ -208,6 +208,15 @@ void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t 
       gemv(tb, N, K, alpha, A + i * sa, B + i * sb, accumulate, C + i * sc);
     return;
   }
+  if (compute == Compute::bf16 && native_bf16()) {  // B as it is; A rounded to bf16 (serving)
+    static thread_local Bf16Gemm gemm;
+    auto* a16 = reinterpret_cast<uint16_t*>(s.get(s.a, size_t(M * K + 1) / 2));
+    for (int64_t i = 0; i < batch; ++i) {
+      to_bf16(A + i * sa, a16, M * K);
+      gemm.run(ta, tb, M, N, K, alpha, a16, B + i * sb, accumulate, C + i * sc);
+    }
+    return;
+  }
   // Widened into scratch.c (matmul's bf16 path uses scratch.a and scratch.b for its operands).
   float* wide = s.get(s.c, size_t(K * N));
   for (int64_t i = 0; i < batch; ++i) {
