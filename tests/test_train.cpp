@@ -7,9 +7,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <new>
+#include <thread>
 
 #include "core/error.h"
+#include "data/tokenizer.h"
 #include "io/hf_folder.h"
 #include "train/trainer.h"
 
@@ -289,4 +292,30 @@ TEST(Train, RowsPerPassFollowFreeMemory) {
   EXPECT_EQ(rows_per_pass(c, uint64_t(lo - 1)), 2);  // one byte less: two rows
   EXPECT_GT(double(lo) * 0.9, fixed);
   EXPECT_EQ(rows_per_pass(c, 1000), 1);
+}
+
+TEST(Tokenizer, EncodesFromManyThreadsAtOnce) {
+  // mxn serve tokenizes on many HTTP threads with one tokenizer: 8 threads encoding 40 KB of
+  // the KJV 20 times each give what one thread gives (the pre-tokenizer's match data was shared
+  // once, and a request could end in a 500).
+  const auto tok = mxn::load_tokenizer_file(std::string(MXN_SOURCE_DIR) +
+                                            "/../shared/data/gpt2-bpe/encoder.json");
+  std::ifstream f(std::string(MXN_SOURCE_DIR) + "/data/kjv.txt");
+  std::string text(40000, '\0');
+  f.read(text.data(), std::streamsize(text.size()));
+  text.resize(size_t(f.gcount()));
+  while (!text.empty() && (uint8_t(text.back()) & 0xC0) == 0x80) text.pop_back();  // whole chars
+  if (!text.empty() && uint8_t(text.back()) >= 0xC0) text.pop_back();
+  ASSERT_GT(text.size(), 30000u);
+  const std::vector<int32_t> want = tok->encode(text);
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t)
+    threads.emplace_back([&] {
+      for (int i = 0; i < 20; ++i)
+        if (tok->encode(text) != want) ++wrong;
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(want.size(), 8000u);
 }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <memory>
 
 #include "core/error.h"
 
@@ -33,9 +34,7 @@ std::array<int, 256> byte_to_code() {
 
 struct Pcre {
   pcre2_code* code = nullptr;
-  pcre2_match_data* md = nullptr;
   ~Pcre() {
-    if (md) pcre2_match_data_free(md);
     if (code) pcre2_code_free(code);
   }
 };
@@ -75,7 +74,6 @@ class Bpe final : public Tokenizer {
                   std::to_string(off) + ": " + reinterpret_cast<const char*>(msg));
     }
     pcre2_jit_compile(re_.code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter
-    re_.md = pcre2_match_data_create_from_pattern(re_.code, nullptr);
   }
 
   std::vector<int32_t> encode(std::string_view text) const override {
@@ -109,20 +107,24 @@ class Bpe final : public Tokenizer {
   static uint64_t key(int32_t a, int32_t b) { return uint64_t(uint32_t(a)) << 32 | uint32_t(b); }
 
   void split_and_merge(std::string_view s, std::vector<int32_t>& out) const {
+    // Match data per call: a tokenizer encodes for many threads at once (mxn serve).
+    const std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> md(
+        pcre2_match_data_create_from_pattern(re_.code, nullptr), &pcre2_match_data_free);
+    if (!md) throw Error("out of memory for the pre-tokenizer's match data");
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
     size_t pos = 0;
     uint32_t opts = 0;  // PCRE2 checks the whole subject's UTF-8 per call: once is enough
     while (pos < s.size()) {
-      const int rc = pcre2_match(re_.code, subject, s.size(), pos, opts, re_.md, nullptr);
+      const int rc = pcre2_match(re_.code, subject, s.size(), pos, opts, md.get(), nullptr);
       opts = PCRE2_NO_UTF_CHECK;
       if (rc == PCRE2_ERROR_NOMATCH) break;
       if (rc < 0) {
         if (rc <= PCRE2_ERROR_UTF8_ERR1 && rc >= PCRE2_ERROR_UTF8_ERR21)
           throw Error("text is not valid UTF-8 near byte " +
-                      std::to_string(pcre2_get_startchar(re_.md)));
+                      std::to_string(pcre2_get_startchar(md.get())));
         throw Error("the pre-tokenizer regex failed (PCRE2 error " + std::to_string(rc) + ")");
       }
-      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(re_.md);
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.get());
       if (ov[0] > pos) merge(s.substr(pos, ov[0] - pos), out);  // a gap: its own piece
       if (ov[1] == ov[0]) {  // an empty match: step over one character
         size_t next = ov[0] + 1;
