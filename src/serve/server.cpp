@@ -220,6 +220,9 @@ class Registry {
 
 int serve(const ServeOptions& o) {
   if (o.models.empty()) throw Error("mxn serve needs at least one --model NAME=PATH");
+  // The HTTP threads share the cores with the passes: GEMMs split dynamically (matmul.cpp), unless
+  // the environment says otherwise.
+  setenv("MXN_CPU_GEMM_SPLIT", "1", 0);
   Registry models(o);
   // Without a budget every model loads at the start, after the port is bound: /health says 503
   // until they are all in, and a folder that fails to load stops the server with its error.
