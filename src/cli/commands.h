@@ -14,6 +14,7 @@ std::function<int()> add_tokenize(CLI::App& app);
 std::function<int()> add_convert(CLI::App& app);
 std::function<int()> add_merge(CLI::App& app);
 std::function<int()> add_serve(CLI::App& app);
+std::function<int()> add_plan(CLI::App& app);
 std::function<int()> add_conformance(CLI::App& app);
 std::function<int()> add_bench(CLI::App& app);
 void remember_argv(int argc, char** argv);

@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
   for (auto add :
        {mxn::cli::add_train, mxn::cli::add_eval, mxn::cli::add_generate, mxn::cli::add_devices,
         mxn::cli::add_prepare, mxn::cli::add_tokenize, mxn::cli::add_convert, mxn::cli::add_merge,
-        mxn::cli::add_serve, mxn::cli::add_conformance, mxn::cli::add_bench}) {
+        mxn::cli::add_serve, mxn::cli::add_plan, mxn::cli::add_conformance, mxn::cli::add_bench}) {
     auto fn = add(app);
     run[app.get_subcommands({}).back()] = fn;
   }

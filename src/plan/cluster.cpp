@@ -1,0 +1,109 @@
+#include "plan/cluster.h"
+
+#include <toml++/toml.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "core/error.h"
+
+namespace mxn {
+
+int64_t Cluster::chips() const {
+  int64_t n = 0;
+  for (const NodeGroup& g : groups) n += g.count;
+  return n;
+}
+
+double Cluster::bf16_pflops() const {
+  double f = 0;
+  for (const NodeGroup& g : groups) f += double(g.count) * g.chip.bf16_tflops / 1000;
+  return f;
+}
+
+double Cluster::memory_tib() const {
+  double m = 0;
+  for (const NodeGroup& g : groups) m += double(g.count) * g.chip.memory_gib / 1024;
+  return m;
+}
+
+Cluster load_cluster(const std::string& path) {
+  toml::table tbl;
+  try {
+    tbl = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    throw Error(path + ": not a valid TOML file (" + std::string(e.description()) + " at line " +
+                std::to_string(e.source().begin.line) + ")");
+  }
+  for (const auto& [k, v] : tbl)
+    if (k.str() != "group")
+      throw Error(path + ": unknown table or key '" + std::string(k.str()) +
+                  "' (a cluster file holds [[group]] tables)");
+  const toml::array* groups = tbl["group"].as_array();
+  if (!groups || groups->empty())
+    throw Error(path + ": no [[group]] tables (each names a chip type and its count)");
+  Cluster c;
+  for (size_t i = 0; i < groups->size(); ++i) {
+    const toml::table* g = (*groups)[i].as_table();
+    const std::string where = path + ": group " + std::to_string(i + 1);
+    if (!g) throw Error(where + ": expected a table");
+    static const char* const keys[] = {"chip",        "count",      "per_node",
+                                       "intra_gbs",   "inter_gbs",  "price_per_hour",
+                                       "bf16_tflops", "memory_gib", "hbm_gbs"};
+    for (const auto& [k, v] : *g)
+      if (std::find(std::begin(keys), std::end(keys), k.str()) == std::end(keys))
+        throw Error(where + ": unknown key '" + std::string(k.str()) +
+                    "' (expected chip, count, per_node, intra_gbs, inter_gbs, price_per_hour, "
+                    "and for a chip of your own bf16_tflops, memory_gib, hbm_gbs)");
+    auto number = [&](const char* key, bool required, double dflt, const char* what) {
+      const toml::node* n = g->get(key);
+      if (!n) {
+        if (required) throw Error(where + ": " + key + " (" + what + ") is missing");
+        return dflt;
+      }
+      const std::optional<double> d = n->value<double>();
+      if (!d || !(*d > 0))
+        throw Error(where + ": " + key + " (" + what + ") must be a positive number");
+      return *d;
+    };
+    NodeGroup ng;
+    const std::optional<std::string> chip = (*g)["chip"].value<std::string>();
+    if (!chip) throw Error(where + ": chip (the chip type, e.g. \"H100-SXM\") is missing");
+    const bool own =
+        g->contains("bf16_tflops") || g->contains("memory_gib") || g->contains("hbm_gbs");
+    if (const ChipSpec* known = find_chip(*chip); known && !own) {
+      ng.chip = *known;
+    } else if (own) {
+      ng.chip.name = *chip;
+      ng.chip.bf16_tflops = number("bf16_tflops", true, 0, "its bf16 peak, TFLOPS");
+      ng.chip.memory_gib = number("memory_gib", true, 0, "its memory, GiB");
+      ng.chip.hbm_gbs = number("hbm_gbs", true, 0, "its memory bandwidth, GB/s");
+      ng.chip.source = "the cluster file";
+    } else {
+      std::string names;
+      for (const ChipSpec& s : chip_table()) names += (names.empty() ? "" : ", ") + s.name;
+      throw Error(where + ": unknown chip type '" + *chip + "' (known: " + names +
+                  "; or give bf16_tflops, memory_gib and hbm_gbs for a chip of your own)");
+    }
+    const toml::node* count = g->get("count");
+    const std::optional<int64_t> n = count ? count->value_exact<int64_t>() : std::nullopt;
+    if (!n || *n < 1)
+      throw Error(where + " (" + *chip +
+                  "): count must be a positive integer (chips of this type)");
+    ng.count = *n;
+    const toml::node* per = g->get("per_node");
+    const std::optional<int64_t> p = per ? per->value_exact<int64_t>() : std::nullopt;
+    if (per && (!p || *p < 1))
+      throw Error(where + " (" + *chip + "): per_node must be a positive integer");
+    ng.per_node = std::min<int64_t>(p ? *p : 8, ng.count);
+    ng.intra_gbs = number("intra_gbs", true, 0, "GB/s between chips of a node");
+    ng.inter_gbs = number("inter_gbs", true, 0, "GB/s a chip sends across nodes");
+    ng.price_per_hour = g->contains("price_per_hour")
+                            ? number("price_per_hour", false, 0, "a chip-hour's price")
+                            : 0;
+    c.groups.push_back(ng);
+  }
+  return c;
+}
+
+}  // namespace mxn

@@ -1,0 +1,37 @@
+#pragma once
+// A cluster to plan for, as node groups of one chip type each (cluster.toml):
+//
+//   [[group]]
+//   chip = "H100-SXM"     # from plan/chips.h, or any name with bf16_tflops, memory_gib, hbm_gbs
+//   count = 256           # chips
+//   per_node = 8          # chips a node (default: 8, at most count)
+//   intra_gbs = 450       # GB/s a chip sends to another of its node (NVLink, HCCS, PCIe)
+//   inter_gbs = 50        # GB/s a chip sends across nodes (its share of the NICs)
+//   price_per_hour = 2.5  # optional: a chip-hour's price, for cost per million tokens
+//
+// Errors name the file, the group and what was expected, one line each.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "plan/chips.h"
+
+namespace mxn {
+
+struct NodeGroup {
+  ChipSpec chip;
+  int64_t count = 0, per_node = 0;
+  double intra_gbs = 0, inter_gbs = 0, price_per_hour = 0;
+  int64_t nodes() const { return (count + per_node - 1) / per_node; }
+};
+
+struct Cluster {
+  std::vector<NodeGroup> groups;
+  int64_t chips() const;
+  double bf16_pflops() const;  // the sum of the chips' peaks
+  double memory_tib() const;
+};
+
+Cluster load_cluster(const std::string& path);
+
+}  // namespace mxn
