@@ -87,6 +87,18 @@ ModelSource load_model(const std::string& path, const std::string& adapter) {
   return m;
 }
 
+namespace {
+// --weights: bf16 on request, or for a 16-bit source on the CPU (bf16 weights are a CPU backend
+// feature so far; other backends refuse them with a message).
+DType weight_dtype(const GenerateOptions& o, const ModelSource& src, const Device& dev) {
+  if (o.weights != "auto" && o.weights != "f32" && o.weights != "bf16")
+    throw Error("weights '" + o.weights + "': expected auto, f32 or bf16");
+  const bool cpu = dev.name().rfind("cpu", 0) == 0;
+  return o.weights == "bf16" || (o.weights == "auto" && src.stored_16bit && cpu) ? DType::bf16
+                                                                                 : DType::f32;
+}
+}  // namespace
+
 double eval_model(const std::string& model, const std::string& data_path, const std::string& device,
                   int64_t threads, int64_t batch, int64_t ctx) {
   TokenData data = TokenData::open(data_path);
@@ -249,14 +261,8 @@ int64_t generate(const GenerateOptions& o,
                   std::to_string(cfg.vocab_size) + ")");
   auto dev = open_device(o.device, int(o.threads));
   const int64_t capacity = std::min<int64_t>(cfg.max_pos, int64_t(ids.size()) + o.max_tokens);
-  if (o.weights != "auto" && o.weights != "f32" && o.weights != "bf16")
-    throw Error("weights '" + o.weights + "': expected auto, f32 or bf16");
-  // bf16 weights are a CPU backend feature so far; other backends refuse them with a message.
-  const bool cpu = dev->name().rfind("cpu", 0) == 0;
-  const DType wdt = o.weights == "bf16" || (o.weights == "auto" && src.stored_16bit && cpu)
-                        ? DType::bf16
-                        : DType::f32;
-  Generator gen(cfg, src.weights, src.what, *dev, std::max<int64_t>(capacity, 1), 256, wdt);
+  Generator gen(cfg, src.weights, src.what, *dev, std::max<int64_t>(capacity, 1), 256,
+                weight_dtype(o, src, *dev));
   src.weights.clear();
   Sampler sampler(o.sampling);
   Utf8Stream utf8;
@@ -318,11 +324,8 @@ std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
   for (const auto& p : prompts) longest = std::max<int64_t>(longest, int64_t(p.size()));
   auto dev = open_device(o.device, int(o.threads));
   const int64_t capacity = std::min<int64_t>(src.cfg.max_pos, longest + o.max_tokens);
-  const bool cpu = dev->name().rfind("cpu", 0) == 0;
-  const DType wdt = o.weights == "bf16" || (o.weights == "auto" && src.stored_16bit && cpu)
-                        ? DType::bf16
-                        : DType::f32;
-  Engine engine(src.cfg, src.weights, src.what, *dev, slots, capacity, 256, 0, 16, {}, wdt);
+  Engine engine(src.cfg, src.weights, src.what, *dev, slots, capacity, 256, 0, 16, {},
+                weight_dtype(o, src, *dev));
   std::vector<int64_t> ids;
   for (size_t i = 0; i < prompts.size(); ++i) {
     EngineRequest r;
