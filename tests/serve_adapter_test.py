@@ -7,7 +7,7 @@ batches as the base's own requests. 16 concurrent greedy requests, four of each,
 beside them here), /v1/models lists the adapters with their parent, and an unknown adapter is 404.
 usage: serve_adapter_test.py MXN KJV_TXT GPT2_BPE_DIR
 """
-import json, os, subprocess, sys, tempfile, threading, time, unittest, urllib.error, urllib.request
+import json, os, subprocess, sys, tempfile, threading, unittest, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_common import torch  # noqa: E402  (may re-exec in the venv)
@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 MXN = sys.argv[1]
-from serve_http_test import free_port, make_models  # noqa: E402
+from serve_http_test import make_models, start_serve  # noqa: E402
 
 
 def lora(base, folder, r, alpha, targets, seed):
@@ -66,20 +66,11 @@ class Adapters(unittest.TestCase):
                 return r.stdout[len(prompts[i]):].rstrip("\n")
             want = [alone(i) for i in range(16)]
             self.assertGreater(len({want[i] for i in range(4)}), 1, "the adapters change the answer")
-            port = free_port()
-            args = [MXN, "serve", "--model", f"chat={base}", "--port", str(port), "--slots", "16"]
+            args = ["--model", f"chat={base}", "--slots", "16"]
             for k, f in folders.items():
                 args += ["--adapter", f"chat:{k}={f}"]
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=dict(os.environ, MXN_TEST_SERVE_STEP_MS="5"))
-            url = f"http://127.0.0.1:{port}"
+            proc, url = start_serve(*args, env={"MXN_TEST_SERVE_STEP_MS": "5"})
             try:
-                for _ in range(300):
-                    try:
-                        urllib.request.urlopen(url + "/health", timeout=1).close()
-                        break
-                    except OSError:
-                        time.sleep(0.1)
                 client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
                 got = {}
 

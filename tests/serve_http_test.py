@@ -26,6 +26,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_serve(*args, env=None):
+    """`mxn serve ARGS` on a free loopback port; returns (process, url) once /health answers 200."""
+    port = free_port()
+    proc = subprocess.Popen([MXN, "serve", "--port", str(port), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).close()
+            break
+        except OSError:  # not listening yet, or 503 while loading
+            time.sleep(0.1)
+    return proc, url
+
+
 def make_models(tmp):
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
@@ -70,20 +85,10 @@ class Serve(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
         cls.base, cls.chat, wide = make_models(cls.tmp.name)
-        cls.port = free_port()
-        cls.proc = subprocess.Popen([MXN, "serve", "--model", f"tiny={cls.base}", "--model", f"chat={cls.chat}",
-                                     "--model", f"wide={wide}",
-                                     "--port", str(cls.port), "--slots", "32", "--api-key", "sekrit"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=dict(os.environ, MXN_TEST_SERVE_STEP_MS="5"))
-        url = f"http://127.0.0.1:{cls.port}"
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
+        cls.proc, url = start_serve("--model", f"tiny={cls.base}", "--model", f"chat={cls.chat}",
+                                    "--model", f"wide={wide}", "--slots", "32", "--api-key", "sekrit",
+                                    env={"MXN_TEST_SERVE_STEP_MS": "5"})
+        cls.port = int(url.rsplit(":", 1)[1])
         cls.client = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
         cls.url = url
 
@@ -149,7 +154,7 @@ class Serve(unittest.TestCase):
         w["lm_head.weight"][end] = 1.5 * w["lm_head.weight"][ids[3]]
         save_file(w, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         want = self.generate(folder, "--chat", "--prompt", q, "--max-tokens", "8")[len(q):].rstrip("\n")
-        proc, url = self.start("--model", f"eot={folder}")
+        proc, url = start_serve("--model", f"eot={folder}")
         try:
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
             r = client.chat.completions.create(model="eot", messages=[{"role": "user", "content": q}], max_tokens=8,
@@ -346,25 +351,11 @@ class Serve(unittest.TestCase):
         print(f"serve logprobs: 8 tokens and their top 3 within {worst:.1e} of transformers; frequency and "
               f"presence penalties steer greedy decoding as the reference loop does")
 
-    def start(self, *args, env=None):
-        """Another server on its own port; returns (process, url) once /health answers."""
-        port = free_port()
-        proc = subprocess.Popen([MXN, "serve", "--port", str(port), *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        return proc, url
-
     def test_memory_budget_evicts_and_reloads(self):
         """A budget that holds one of two models (two names for the tiny GPT-2, ~7 MB each):
         alternating requests evict the idle one and load the other, every request is answered
         with the same text, and /metrics counts the loads."""
-        proc, url = self.start("--model", f"a={self.base}", "--model", f"b={self.base}", "--memory-budget-mb", "10")
+        proc, url = start_serve("--model", f"a={self.base}", "--model", f"b={self.base}", "--memory-budget-mb", "10")
         try:
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
             texts = [client.completions.create(model=m, prompt="In the beginning", max_tokens=6,
@@ -433,7 +424,7 @@ class Serve(unittest.TestCase):
         """One slot and --max-queue 1: with one request running and one waiting, a third gets 429
         in OpenAI's shape (rate_limit_error, queue_full); the first two are still answered whole."""
         import http.client, threading
-        proc, url = self.start("--model", f"tiny={self.base}", "--slots", "1", "--max-queue", "1",
+        proc, url = start_serve("--model", f"tiny={self.base}", "--slots", "1", "--max-queue", "1",
                                env={"MXN_TEST_SERVE_STEP_MS": "10"})
         port = int(url.rsplit(":", 1)[1])
         try:

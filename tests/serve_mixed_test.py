@@ -9,30 +9,20 @@ in-flight streams end with an OpenAI-shaped error chunk, the CPU's streams finis
 requests are all answered by the CPU.
 usage: serve_mixed_test.py MXN KJV_TXT GPT2_BPE_DIR
 """
-import os, subprocess, sys, tempfile, threading, time, unittest, urllib.request
+import os, subprocess, sys, tempfile, threading, unittest, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
 import openai  # noqa: E402
 
 MXN = sys.argv[1]
-from serve_http_test import free_port, make_models  # noqa: E402
+from serve_http_test import make_models, start_serve  # noqa: E402
 
 HAVE_OPENCL = "opencl:0" in subprocess.run([MXN, "devices"], capture_output=True, text=True).stdout
 
 
 def start(model, env):
-    port = free_port()
-    proc = subprocess.Popen([MXN, "serve", "--model", f"tiny={model}", "--devices", "cpu,opencl:0", "--port",
-                             str(port), "--slots", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, **env))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    proc, url = start_serve("--model", f"tiny={model}", "--devices", "cpu,opencl:0", "--slots", "8", env=env)
     return proc, url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
 
@@ -57,13 +47,24 @@ class Mixed(unittest.TestCase):
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
-    def stream(self, client, prompt, max_tokens, out, i):
-        try:
-            parts = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
-                                                   temperature=0, stream=True))
-            out[i] = ("ok", "".join(p.choices[0].text for p in parts), parts[0].system_fingerprint)
-        except openai.APIError as e:
-            out[i] = ("error", str(e), None)
+    @staticmethod
+    def streams(client, prompts, max_tokens):
+        """Every prompt streamed at once; per prompt ("ok", text, fingerprint) or ("error", why, None)."""
+        out = {}
+
+        def one(i):
+            try:
+                parts = list(client.completions.create(model="tiny", prompt=prompts[i], max_tokens=max_tokens,
+                                                       temperature=0, stream=True))
+                out[i] = ("ok", "".join(p.choices[0].text for p in parts), parts[0].system_fingerprint)
+            except openai.APIError as e:
+                out[i] = ("error", str(e), None)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return out
 
     def test_routes_over_both_chips_and_survives_a_failed_one(self):
         prompts = [f"And the {i} day was" for i in range(32)]
@@ -72,12 +73,7 @@ class Mixed(unittest.TestCase):
                  .rstrip("\n") for p in prompts]
         proc, url, client = start(self.base, {"MXN_TEST_SERVE_STEP_MS": "5"})
         try:
-            out = {}
-            threads = [threading.Thread(target=self.stream, args=(client, p, 40, out, i)) for i, p in enumerate(prompts)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
+            out = self.streams(client, prompts, 40)
             m = metrics(url)
         finally:
             proc.terminate()
@@ -95,12 +91,7 @@ class Mixed(unittest.TestCase):
 
         proc, url, client = start(self.base, {"MXN_TEST_SERVE_STEP_MS": "20", "MXN_TEST_SERVE_FAIL": "opencl:0@3"})
         try:
-            out = {}
-            threads = [threading.Thread(target=self.stream, args=(client, p, 30, out, i)) for i, p in enumerate(prompts)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
+            out = self.streams(client, prompts, 30)
             m = metrics(url)
             after = [client.completions.create(model="tiny", prompt=p, max_tokens=40, temperature=0)
                      for p in prompts[:6]]

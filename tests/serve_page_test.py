@@ -7,7 +7,7 @@ and the server frees its slot and KV blocks (read from /metrics). A screenshot i
 ARTIFACTS/chat_page.png.
 usage: serve_page_test.py MXN KJV_TXT GPT2_BPE_DIR ARTIFACTS
 """
-import os, subprocess, sys, tempfile, time, unittest, urllib.request
+import os, sys, tempfile, time, unittest, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
@@ -19,7 +19,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 MXN, ARTIFACTS = sys.argv[1], sys.argv[4]
 sys.argv = sys.argv[:4]
-from serve_http_test import free_port, make_models  # noqa: E402
+from serve_http_test import make_models, start_serve  # noqa: E402
 
 
 class Page(unittest.TestCase):
@@ -27,18 +27,8 @@ class Page(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
         base, chat, wide = make_models(cls.tmp.name)
-        port = free_port()
-        cls.proc = subprocess.Popen([MXN, "serve", "--model", f"chat={chat}", "--model", f"tiny={base}",
-                                     "--model", f"wide={wide}", "--port", str(port), "--api-key", "sekrit"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=dict(os.environ, MXN_TEST_SERVE_STEP_MS="20"))
-        cls.url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(cls.url + "/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        cls.proc, cls.url = start_serve("--model", f"chat={chat}", "--model", f"tiny={base}", "--model",
+                                        f"wide={wide}", "--api-key", "sekrit", env={"MXN_TEST_SERVE_STEP_MS": "20"})
         cls.client = openai.OpenAI(base_url=cls.url + "/v1", api_key="sekrit", max_retries=0)
         opts = webdriver.ChromeOptions()
         opts.binary_location = "/usr/bin/chromium"

@@ -15,12 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_common import make, perturb, torch  # noqa: E402  (may re-exec in the venv)
 
 MXN = sys.argv[1]
+DEVICES = ["cpu"] + (["opencl:0"] if "opencl:0" in subprocess.run([MXN, "devices"], capture_output=True,
+                                                                 text=True).stdout else [])
 
 
 class Engine(unittest.TestCase):
     def test_batched_equals_alone(self):
-        devices = ["cpu"] + (["opencl:0"] if "opencl:0" in subprocess.run([MXN, "devices"], capture_output=True,
-                                                                             text=True).stdout else [])
+        devices = DEVICES
         with tempfile.TemporaryDirectory() as tmp:
             for family in ("llama", "qwen2", "glm", "gpt2"):
                 torch.manual_seed(0)
@@ -46,8 +47,7 @@ class Engine(unittest.TestCase):
                           f"{max(map(len, prompts))} tokens) through 5 slots = each alone, 20 greedy tokens each")
 
     def test_shared_prefix_blocks(self):
-        devices = ["cpu"] + (["opencl:0"] if "opencl:0" in subprocess.run([MXN, "devices"], capture_output=True,
-                                                                             text=True).stdout else [])
+        devices = DEVICES
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(1)
             folder = os.path.join(tmp, "llama")
