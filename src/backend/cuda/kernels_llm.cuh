@@ -124,6 +124,25 @@ __global__ void k_attn_bwd_dq(Att a, const float* dy, const float* q, const floa
   }
 }
 
+// Query (b, t, h)'s share of one key's dK and dV: p = exp(s - lse), dS = p (dY.V - dY.Y) scale;
+// dK += dS q, dV += p dY. Shared by the sequence's keys and the prefix's.
+__device__ inline void att_dkv_add(const Att& a, const float* dy, const float* q, const float* y, const float* lse,
+                                   int64_t b, int64_t t, int64_t h, const float* kr, const float* vr, float* dkr,
+                                   float* dvr) {
+  const float *qr = q + att_q(a, b, t, h), *dyr = dy + att_y(a, b, t, h), *yr = y + att_y(a, b, t, h);
+  float s = 0.f, dp = 0.f, D = 0.f;
+  for (int64_t c = 0; c < a.hd; ++c) {
+    s += qr[c] * kr[c];
+    dp += dyr[c] * vr[c];
+    D += dyr[c] * yr[c];
+  }
+  const float p = expf(s * a.scale - lse[(b * a.T + t) * a.H + h]), ds = p * (dp - D) * a.scale;
+  for (int64_t c = 0; c < a.hd; ++c) {
+    dkr[c] += ds * qr[c];
+    dvr[c] += p * dyr[c];
+  }
+}
+
 __global__ void k_attn_bwd_dkv(Att a, const float* dy, const float* q, const float* k, const float* v, const float* y,
                                const float* lse, const int32_t* pre, float* dk, float* dv) {
   MXN_LOOP(i, a.B * a.kv_rows * a.G) {
@@ -137,18 +156,7 @@ __global__ void k_attn_bwd_dkv(Att a, const float* dy, const float* q, const flo
       for (int64_t t = 0; t < a.T; ++t) {
         const int64_t n = att_visible(a, t, prefix);
         if (n <= j || j < att_first(a, pre, b, t, n)) continue;
-        const float *qr = q + att_q(a, b, t, h), *dyr = dy + att_y(a, b, t, h), *yr = y + att_y(a, b, t, h);
-        float s = 0.f, dp = 0.f, D = 0.f;
-        for (int64_t c = 0; c < a.hd; ++c) {
-          s += qr[c] * kr[c];
-          dp += dyr[c] * vr[c];
-          D += dyr[c] * yr[c];
-        }
-        const float p = expf(s * a.scale - lse[(b * a.T + t) * a.H + h]), ds = p * (dp - D) * a.scale;
-        for (int64_t c = 0; c < a.hd; ++c) {
-          dkr[c] += ds * qr[c];
-          dvr[c] += p * dyr[c];
-        }
+        att_dkv_add(a, dy, q, y, lse, b, t, h, kr, vr, dkr, dvr);
       }
   }
 }
@@ -165,18 +173,7 @@ __global__ void k_attn_bwd_dprefix(Att a, const float* dy, const float* q, const
     for (int64_t b = 0; b < a.B; ++b)
       for (int64_t h = g * grp; h < (g + 1) * grp; ++h)
         for (int64_t t = 0; t < a.T; ++t) {
-          const float *qr = q + att_q(a, b, t, h), *dyr = dy + att_y(a, b, t, h), *yr = y + att_y(a, b, t, h);
-          float s = 0.f, dp = 0.f, D = 0.f;
-          for (int64_t c = 0; c < a.hd; ++c) {
-            s += qr[c] * kr[c];
-            dp += dyr[c] * vr[c];
-            D += dyr[c] * yr[c];
-          }
-          const float pp = expf(s * a.scale - lse[(b * a.T + t) * a.H + h]), ds = pp * (dp - D) * a.scale;
-          for (int64_t c = 0; c < a.hd; ++c) {
-            dkr[c] += ds * qr[c];
-            dvr[c] += pp * dyr[c];
-          }
+          att_dkv_add(a, dy, q, y, lse, b, t, h, kr, vr, dkr, dvr);
         }
   }
 }

@@ -115,6 +115,24 @@ __kernel void attn_bwd_dq(__global const float* dy, ulong ody, __global const fl
   }
 }
 
+// One query's share of one key's dK and dV: p = exp(s - lse), dS = p (dY.V - dY.Y) scale;
+// dK += dS q, dV += p dY. Shared by the sequence's keys and the prefix's.
+void att_dkv_add(__global const float* qr, __global const float* dyr, __global const float* yr,
+                 float lse, __global const float* kr, __global const float* vr, __global float* dkr,
+                 __global float* dvr, long hd, float scale) {
+  float s = 0.f, dp = 0.f, D = 0.f;
+  for (long c = 0; c < hd; ++c) {
+    s += qr[c] * kr[c];
+    dp += dyr[c] * vr[c];
+    D += dyr[c] * yr[c];
+  }
+  const float p = exp(s * scale - lse), ds = p * (dp - D) * scale;
+  for (long c = 0; c < hd; ++c) {
+    dkr[c] += ds * qr[c];
+    dvr[c] += p * dyr[c];
+  }
+}
+
 // dK and dV for one key row (b, j, g): sums over the group's query heads and the queries that
 // see key j, in a fixed order.
 __kernel void attn_bwd_dkv(__global const float* dy, ulong ody, __global const float* q, ulong oq,
@@ -138,21 +156,8 @@ __kernel void attn_bwd_dkv(__global const float* dy, ulong ody, __global const f
     for (long t = 0; t < T; ++t) {
       const long n = att_visible(t, prefix, mask, q_pos0, S);
       if (n <= j || j < att_first(pre, op, b, t, T, mask, n)) continue;
-      __global const float* qr = q + oq + QOFF(b, t, h);
-      __global const float* dyr = dy + ody + YOFF(b, t, h);
-      __global const float* yr = y + oy + YOFF(b, t, h);
-      float s = 0.f, dp = 0.f, D = 0.f;
-      for (long c = 0; c < hd; ++c) {
-        s += qr[c] * kr[c];
-        dp += dyr[c] * vr[c];
-        D += dyr[c] * yr[c];
-      }
-      const float p = exp(s * scale - lse[ol + (b * T + t) * H + h]);
-      const float ds = p * (dp - D) * scale;
-      for (long c = 0; c < hd; ++c) {
-        dkr[c] += ds * qr[c];
-        dvr[c] += p * dyr[c];
-      }
+      att_dkv_add(q + oq + QOFF(b, t, h), dy + ody + YOFF(b, t, h), y + oy + YOFF(b, t, h),
+                  lse[ol + (b * T + t) * H + h], kr, vr, dkr, dvr, hd, scale);
     }
 }
 
@@ -176,21 +181,8 @@ __kernel void attn_bwd_dprefix(__global const float* dy, ulong ody, __global con
   for (long b = 0; b < B; ++b)
     for (long h = g * (H / G); h < (g + 1) * (H / G); ++h)
       for (long t = 0; t < T; ++t) {
-        __global const float* qr = q + oq + QOFF(b, t, h);
-        __global const float* dyr = dy + ody + YOFF(b, t, h);
-        __global const float* yr = y + oy + YOFF(b, t, h);
-        float s = 0.f, dp = 0.f, D = 0.f;
-        for (long c = 0; c < hd; ++c) {
-          s += qr[c] * kr[c];
-          dp += dyr[c] * vr[c];
-          D += dyr[c] * yr[c];
-        }
-        const float pp = exp(s * scale - lse[ol + (b * T + t) * H + h]);
-        const float ds = pp * (dp - D) * scale;
-        for (long c = 0; c < hd; ++c) {
-          dkr[c] += ds * qr[c];
-          dvr[c] += pp * dyr[c];
-        }
+        att_dkv_add(q + oq + QOFF(b, t, h), dy + ody + YOFF(b, t, h), y + oy + YOFF(b, t, h),
+                    lse[ol + (b * T + t) * H + h], kr, vr, dkr, dvr, hd, scale);
       }
 }
 
