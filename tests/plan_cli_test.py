@@ -1,10 +1,14 @@
 #!/usr/bin/python3
 """`mxn plan --cluster`: a cluster file's chips summed up exactly (examples/cluster-1024.toml: 1,024
 chips of 6 types), and each kind of bad cluster file refused with one clear line naming the file,
-the group and what was expected, and a non-zero exit.
+the group and what was expected, and a non-zero exit. With --model: the 1,024-chip cluster planned
+for a 70B LLaMA (a plan file whose stages cover every layer once, whose micro-batches add up to
+the global batch, whose memory fits every chip; a timeline with a lane per chip type used), this
+machine's CPU + PoCL planned for the default model (PoCL left out: it computes on the CPU's
+cores), and a model no chip can hold refused with the constraint that failed.
 usage: plan_cli_test.py MXN SOURCE_DIR
 """
-import os, subprocess, sys, tempfile, unittest
+import json, os, re, subprocess, sys, tempfile, unittest
 
 MXN, SRC = sys.argv[1], sys.argv[2]
 
@@ -18,10 +22,10 @@ inter_gbs = 50
 
 
 class Plan(unittest.TestCase):
-    def run_plan(self, text):
+    def run_plan(self, text, extra=()):
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
             f.write(text)
-        return subprocess.run([MXN, "plan", "--cluster", f.name], capture_output=True, text=True), f.name
+        return subprocess.run([MXN, "plan", "--cluster", f.name, *extra], capture_output=True, text=True), f.name
 
     def test_example_cluster_sums(self):
         r = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples/cluster-1024.toml")],
@@ -51,6 +55,9 @@ class Plan(unittest.TestCase):
             ("no groups", "title = 'x'\n", "unknown table or key 'title'"),
             ("empty", "", "no [[group]] tables"),
             ("not TOML", "[[group]\nchip=", "not a valid TOML file"),
+            ("an mfu above 1", GOOD.format(chip="H20", count=8) + "mfu = 1.5\n", "group 1: mfu must be at most 1"),
+            ("sharing an unknown chip", GOOD.format(chip="H20", count=8) + "shares_cores_with = 'cpu:9'\n",
+             "group 1: shares_cores_with must name another group's chip (got 'cpu:9')"),
             ("an own chip without memory", GOOD.format(chip="MyCard", count=4) + "bf16_tflops = 100\nhbm_gbs = 900\n",
              "group 1: memory_gib (its memory, GiB) is missing"),
         ]
@@ -66,6 +73,66 @@ class Plan(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("/nonexistent/cluster.toml", r.stderr)
         print(f"plan: the 1,024-chip example sums exactly; {len(cases) + 1} kinds of bad cluster file, one line each")
+
+    def test_plans_a_70b_model_on_1024_chips(self):
+        d = tempfile.mkdtemp()
+        svg, out = os.path.join(d, "step.svg"), os.path.join(d, "plan.json")
+        r = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples/cluster-1024.toml"),
+                            "--model", os.path.join(SRC, "examples/llama-70b"), "--global-batch", "2048",
+                            "--dtype", "bf16", "--svg", svg, "--out", out], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("model " + os.path.join(SRC, "examples/llama-70b") + ": llama, 80 layers, width 8192, 68.98 B", r.stdout)
+        with open(out) as f:
+            plan = json.load(f)
+        chips = {"H100-SXM": 80, "A100-SXM-80GB": 80, "H20": 96, "MI300X": 192, "Ascend-910B": 64, "L40S": 48}
+        used, micro = {}, 0
+        for kind in plan["kinds"]:
+            layers = [s["layers"] for s in kind["stages"]]
+            self.assertEqual(layers[0][0], 0)
+            self.assertEqual(layers[-1][1], 80)
+            for a, b in zip(layers, layers[1:]):
+                self.assertEqual(a[1], b[0])
+            for s in kind["stages"]:
+                self.assertLessEqual(s["predicted_bytes"], 0.9 * chips[s["chip"]] * 2**30, s)
+                used[s["chip"]] = used.get(s["chip"], 0) + kind["replicas"]
+            self.assertEqual(len(kind["micro_batches"]), kind["replicas"])
+            micro += sum(kind["micro_batches"])
+        self.assertEqual(micro * plan["micro_batch"], 2048)
+        for name, n in used.items():
+            self.assertLessEqual(n, {"H100-SXM": 256, "A100-SXM-80GB": 256, "H20": 192, "MI300X": 128,
+                                     "Ascend-910B": 128, "L40S": 64}[name])
+        with open(svg) as f:
+            text = f.read()
+        self.assertTrue(text.startswith("<svg"))
+        self.assertEqual(text.count("<text x='10' y=") - 1, 2 * len(used))  # title, then 2 lines a lane
+        eff = float(re.search(r"heterogeneous efficiency ([0-9.]+)%", r.stdout).group(1))
+        self.assertTrue(0 < eff <= 100, r.stdout)
+        print(f"plan: 70B on 1,024 chips: {sum(used.values())} chips of {len(used)} types used, "
+              f"{plan['predicted_tokens_per_s']:.4g} tokens/s predicted, efficiency {eff}%")
+
+    def test_local_cluster_leaves_out_pocl(self):
+        r = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples/cluster-small.toml"),
+                            "--model", "default"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("chosen: 1 x cpu:0 (4)", r.stdout)
+        self.assertIn("opencl:0 left out: with it the step would take", r.stdout)
+        self.assertIn("(it computes on cores another chip uses, so both slow down); it would not help "
+                      "at any global batch up to 16384 sequences", r.stdout)
+
+    def test_nothing_fits_names_the_constraint(self):
+        r, path = self.run_plan(GOOD.format(chip="MyCard", count=4) + "bf16_tflops = 100\nmemory_gib = 8\nhbm_gbs = 900\n",
+                                ["--model", os.path.join(SRC, "examples/llama-70b"), "--dtype", "bf16"])
+        os.unlink(path)
+        self.assertNotEqual(r.returncode, 0)
+        lines = r.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, r.stderr)
+        self.assertIn("no layout fits: MyCard: layer 0 with the embeddings needs ", lines[0])
+        self.assertIn("as stage 1 of 4; MyCard holds 7.2 GiB (90% of its 8 GiB)", lines[0])
+        r = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples/cluster-small.toml"),
+                            "--model", "/nonexistent/model"], capture_output=True, text=True)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertIn("/nonexistent/model", r.stderr)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,178 @@
-// mxn plan: the cluster a job would run on (src/plan/cluster.h), checked and summed up. The
-// layout search over it (pipeline stages, ZeRO-1 shards, the simulator) is issue 11's next step.
+// mxn plan: the cluster a job would run on (src/plan/cluster.h), checked and summed up; with
+// --model, the best layouts for training that model on it (src/plan/planner.h), the chosen one's
+// stages, the types it leaves out and why, a timeline SVG and a plan file.
+#include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
-#include "plan/cluster.h"
+#include "core/error.h"
+#include "core/fs.h"
+#include "io/hf_folder.h"
+#include "plan/planner.h"
+#include "train/config.h"
 
 namespace mxn::cli {
 
+namespace {
+
+struct PlanArgs {
+  std::string cluster, model, svg, out;
+  int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1;
+  std::string dtype = "f32";
+};
+
+// "default" (mxn train's default model), a Hugging Face folder, or a config.json (Hugging
+// Face's, or mxn's own form as checkpoints keep it).
+DecoderConfig read_model(const std::string& spec) {
+  if (spec == "default") {
+    const TrainConfig defaults;
+    return defaults.decoder_config();
+  }
+  if (std::filesystem::is_directory(spec)) return load_hf_config(spec);
+  const std::string text = read_file(spec, "model config");
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object())
+    throw Error(spec + ": not a JSON object (expected a config.json, a model folder or 'default')");
+  if (j.contains("model_type") || j.contains("architectures"))
+    return decoder_config_from_hf(j, spec);
+  DecoderConfig c = DecoderConfig::from_json(j);
+  c.validate();
+  return c;
+}
+
+void print_cluster(const std::string& path, const Cluster& c) {
+  int64_t nodes = 0;
+  for (const NodeGroup& g : c.groups) nodes += g.nodes();
+  std::printf("cluster %s: %lld chips in %zu groups, %lld nodes; %.4g PFLOPS bf16 peak, %.4g TiB\n",
+              path.c_str(), (long long)c.chips(), c.groups.size(), (long long)nodes,
+              c.bf16_pflops(), c.memory_tib());
+  std::printf(
+      "| chip | chips | nodes | bf16 TFLOPS | memory GiB | memory GB/s | intra GB/s | "
+      "inter GB/s | price/chip-hour | figures from "
+      "|\n|---|--:|--:|--:|--:|--:|--:|--:|--:|---|\n");
+  for (const NodeGroup& g : c.groups)
+    std::printf("| %s | %lld | %lld | %.1f | %.0f | %.0f | %.0f | %.0f | %.2f | %s |\n",
+                g.chip.name.c_str(), (long long)g.count, (long long)g.nodes(), g.chip.bf16_tflops,
+                g.chip.memory_gib, g.chip.hbm_gbs, g.intra_gbs, g.inter_gbs, g.price_per_hour,
+                g.chip.source.c_str());
+}
+
+nlohmann::json plan_json(const Cluster& c, const LayoutPlan& p, const JobSpec& job,
+                         const std::string& model) {
+  nlohmann::json kinds = nlohmann::json::array();
+  for (const ReplicaKind& k : p.kinds) {
+    nlohmann::json stages = nlohmann::json::array();
+    for (const StageCost& s : k.stages)
+      stages.push_back({{"chip", c.groups[size_t(s.group)].chip.name},
+                        {"layers", {s.first, s.last}},
+                        {"recompute", s.recompute},
+                        {"predicted_bytes", s.mem_bytes}});
+    kinds.push_back({{"replicas", k.replicas}, {"micro_batches", k.micro}, {"stages", stages}});
+  }
+  return {{"model", model},
+          {"family", p.family},
+          {"global_batch", job.global_batch},
+          {"seq", job.seq},
+          {"dtype", job.dtype},
+          {"zero1", job.zero1},
+          {"micro_batch", p.micro_batch},
+          {"predicted_step_s", p.step_s},
+          {"predicted_tokens_per_s", p.tokens_per_s},
+          {"kinds", kinds}};
+}
+
+int run_plan(const PlanArgs& a) {
+  const Cluster c = load_cluster(a.cluster);
+  print_cluster(a.cluster, c);
+  if (a.model.empty()) return 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  const DecoderConfig dc = read_model(a.model);
+  JobSpec job;
+  job.global_batch = a.global_batch;
+  job.seq = a.seq > 0 ? a.seq : dc.max_pos;
+  job.dtype = a.dtype;
+  job.zero1 = a.zero != 0;
+  const ModelCost m = model_cost(dc, job);
+  PlanOptions opt;
+  opt.micro_batch = a.micro;
+  opt.top = int(a.top);
+  if (opt.micro_batch < 0 || a.top < 1)
+    throw Error("--micro-batch must be 0 (searched) or positive and --top at least 1");
+  const PlanReport rep = plan_layouts(c, m, job, opt);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf(
+      "\nmodel %s: %s, %lld layers, width %lld, %.4g B parameters; global batch %lld x %lld "
+      "tokens, %s, ZeRO-1 %s\n",
+      a.model.c_str(), arch_name(dc.arch), (long long)dc.layers, (long long)dc.hidden,
+      m.total_params() / 1e9, (long long)job.global_batch, (long long)job.seq, job.dtype.c_str(),
+      job.zero1 ? "on" : "off");
+  std::printf(
+      "\n| # | layout (replicas x stages: layers per stage, r = recomputed) | micro-batch | "
+      "step s | tokens/s | het. efficiency | peak GiB per chip | $/M tokens |\n"
+      "|--:|---|--:|--:|--:|--:|---|--:|\n");
+  for (size_t i = 0; i < rep.best.size(); ++i) {
+    const LayoutPlan& p = rep.best[i];
+    std::string peak;
+    for (size_t g = 0; g < c.groups.size(); ++g)
+      if (p.chips_used[g]) {
+        char s[96];
+        std::snprintf(s, sizeof s, "%s%s %.3g", peak.empty() ? "" : ", ",
+                      c.groups[g].chip.name.c_str(), p.peak_bytes[g] / (1024.0 * 1024 * 1024));
+        peak += s;
+      }
+    char cost[32] = "-";
+    if (p.cost_per_mtok > 0) std::snprintf(cost, sizeof cost, "%.4g", p.cost_per_mtok);
+    std::printf("| %zu | %s: %s | %lld | %.4g | %.4g | %.1f%% | %s | %s |\n", i + 1,
+                p.family.c_str(), p.describe(c).c_str(), (long long)p.micro_batch, p.step_s,
+                p.tokens_per_s, p.efficiency * 100, peak.c_str(), cost);
+  }
+  const LayoutPlan& best = rep.best[0];
+  std::printf("\nchosen: %s, %.4g s a step, %.4g tokens/s\n", best.describe(c).c_str(), best.step_s,
+              best.tokens_per_s);
+  for (const LeftOut& l : rep.left_out) std::printf("%s\n", l.why.c_str());
+  std::printf("standalone (each type alone, its best layout):");
+  for (size_t g = 0; g < c.groups.size(); ++g)
+    std::printf(" %s %.4g tokens/s%s", c.groups[g].chip.name.c_str(), rep.standalone_tps[g],
+                g + 1 < c.groups.size() ? ";" : "\n");
+  std::printf("heterogeneous efficiency %.1f%% (the chosen plan's tokens/s over their sum)\n",
+              best.efficiency * 100);
+  std::printf("planned in %.2f s (%lld layouts priced)\n", secs, (long long)rep.layouts_priced);
+  if (!a.svg.empty()) {
+    write_file_atomic(a.svg, timeline_svg(c, best, m, job));
+    std::printf("timeline: %s\n", a.svg.c_str());
+  }
+  if (!a.out.empty()) {
+    write_file_atomic(a.out, plan_json(c, best, job, a.model).dump(2) + "\n");
+    std::printf("plan: %s\n", a.out.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
 std::function<int()> add_plan(CLI::App& app) {
-  auto* sub = app.add_subcommand("plan", "check a cluster file and sum up its chips");
-  auto path = std::make_shared<std::string>();
-  sub->add_option("--cluster", *path, "cluster.toml: node groups of one chip type each")
+  auto* sub = app.add_subcommand(
+      "plan", "check a cluster file; with --model, plan a training job's layout on it");
+  auto a = std::make_shared<PlanArgs>();
+  sub->add_option("--cluster", a->cluster, "cluster.toml: node groups of one chip type each")
       ->required();
-  return [path] {
-    const Cluster c = load_cluster(*path);
-    int64_t nodes = 0;
-    for (const NodeGroup& g : c.groups) nodes += g.nodes();
-    std::printf(
-        "cluster %s: %lld chips in %zu groups, %lld nodes; %.4g PFLOPS bf16 peak, %.4g TiB\n",
-        path->c_str(), (long long)c.chips(), c.groups.size(), (long long)nodes, c.bf16_pflops(),
-        c.memory_tib());
-    std::printf(
-        "| chip | chips | nodes | bf16 TFLOPS | memory GiB | memory GB/s | intra GB/s | "
-        "inter GB/s | price/chip-hour | figures from "
-        "|\n|---|--:|--:|--:|--:|--:|--:|--:|--:|---|\n");
-    for (const NodeGroup& g : c.groups)
-      std::printf("| %s | %lld | %lld | %.1f | %.0f | %.0f | %.0f | %.0f | %.2f | %s |\n",
-                  g.chip.name.c_str(), (long long)g.count, (long long)g.nodes(), g.chip.bf16_tflops,
-                  g.chip.memory_gib, g.chip.hbm_gbs, g.intra_gbs, g.inter_gbs, g.price_per_hour,
-                  g.chip.source.c_str());
-    return 0;
-  };
+  sub->add_option("--model", a->model,
+                  "a Hugging Face folder, a config.json, or 'default' (mxn train's model)");
+  sub->add_option("--global-batch", a->global_batch, "sequences per optimizer step")
+      ->capture_default_str();
+  sub->add_option("--seq", a->seq, "tokens per sequence (0: the model's context)")
+      ->capture_default_str();
+  sub->add_option("--dtype", a->dtype, "f32 | bf16 (mixed precision)")->capture_default_str();
+  sub->add_option("--micro-batch", a->micro, "sequences per micro-batch (0: searched)")
+      ->capture_default_str();
+  sub->add_option("--zero", a->zero, "1: shard the optimizer state over replicas (ZeRO-1)")
+      ->capture_default_str();
+  sub->add_option("--top", a->top, "plans to list")->capture_default_str();
+  sub->add_option("--svg", a->svg, "draw the chosen plan's step into this SVG file");
+  sub->add_option("--out", a->out, "write the chosen plan as JSON");
+  return [a] { return run_plan(*a); };
 }
 
 }  // namespace mxn::cli

@@ -47,14 +47,15 @@ Cluster load_cluster(const std::string& path) {
     const toml::table* g = (*groups)[i].as_table();
     const std::string where = path + ": group " + std::to_string(i + 1);
     if (!g) throw Error(where + ": expected a table");
-    static const char* const keys[] = {"chip",        "count",      "per_node",
-                                       "intra_gbs",   "inter_gbs",  "price_per_hour",
-                                       "bf16_tflops", "memory_gib", "hbm_gbs"};
+    static const char* const keys[] = {
+        "chip",        "count",      "per_node", "intra_gbs", "inter_gbs",        "price_per_hour",
+        "bf16_tflops", "memory_gib", "hbm_gbs",  "mfu",       "shares_cores_with"};
     for (const auto& [k, v] : *g)
       if (std::find(std::begin(keys), std::end(keys), k.str()) == std::end(keys))
         throw Error(where + ": unknown key '" + std::string(k.str()) +
-                    "' (expected chip, count, per_node, intra_gbs, inter_gbs, price_per_hour, "
-                    "and for a chip of your own bf16_tflops, memory_gib, hbm_gbs)");
+                    "' (expected chip, count, per_node, intra_gbs, inter_gbs, price_per_hour, mfu, "
+                    "shares_cores_with, and for a chip of your own bf16_tflops, memory_gib, "
+                    "hbm_gbs)");
     auto number = [&](const char* key, bool required, double dflt, const char* what) {
       const toml::node* n = g->get(key);
       if (!n) {
@@ -101,7 +102,23 @@ Cluster load_cluster(const std::string& path) {
     ng.price_per_hour = g->contains("price_per_hour")
                             ? number("price_per_hour", false, 0, "a chip-hour's price")
                             : 0;
+    if (g->contains("mfu")) {
+      ng.mfu = number("mfu", false, 0, "the share of the peak a training step reaches");
+      if (ng.mfu > 1) throw Error(where + ": mfu must be at most 1 (a share of the peak)");
+    }
     c.groups.push_back(ng);
+  }
+  // Sharing names a group by its chip, so it is resolved once every group is read.
+  for (size_t i = 0; i < groups->size(); ++i) {
+    const toml::node* share = (*(*groups)[i].as_table())["shares_cores_with"].node();
+    if (!share) continue;
+    const std::string where = path + ": group " + std::to_string(i + 1);
+    const std::optional<std::string> other = share->value<std::string>();
+    for (size_t j = 0; other && j < c.groups.size(); ++j)
+      if (j != i && c.groups[j].chip.name == *other) c.groups[i].shares_cores_with = int(j);
+    if (c.groups[i].shares_cores_with < 0)
+      throw Error(where + ": shares_cores_with must name another group's chip (got " +
+                  (other ? "'" + *other + "'" : std::string("a non-string")) + ")");
   }
   return c;
 }

@@ -8,6 +8,9 @@
 //   intra_gbs = 450       # GB/s a chip sends to another of its node (NVLink, HCCS, PCIe)
 //   inter_gbs = 50        # GB/s a chip sends across nodes (its share of the NICs)
 //   price_per_hour = 2.5  # optional: a chip-hour's price, for cost per million tokens
+//   mfu = 0.5             # optional: the share of the bf16 peak a training step's GEMMs reach
+//   shares_cores_with = "cpu:0"  # optional: this chip computes on another group's cores (PoCL
+//                         # on the host CPU): when both are used they split those cores evenly
 //
 // Errors name the file, the group and what was expected, one line each.
 #include <cstdint>
@@ -22,6 +25,8 @@ struct NodeGroup {
   ChipSpec chip;
   int64_t count = 0, per_node = 0;
   double intra_gbs = 0, inter_gbs = 0, price_per_hour = 0;
+  double mfu = 0.5;
+  int shares_cores_with = -1;  // index of the group whose cores it uses, or -1
   int64_t nodes() const { return (count + per_node - 1) / per_node; }
 };
 

@@ -1,0 +1,47 @@
+#pragma once
+// One pipeline replica's training step, event by event: a 1F1B schedule (each stage warms up
+// with p - s - 1 forwards, then alternates one forward and one backward, then drains), each
+// activation and activation gradient sent over its stage boundary's link (one message at a time
+// per direction), then the gradient reduce of every stage's weights (it may start during the
+// last backward: buckets go as their layers finish), the optimizer on the stage's shard, and
+// with ZeRO-1 the all-gather of the updated weights. The planner prices layouts with it; the
+// timeline SVG draws its events.
+#include <cstdint>
+#include <vector>
+
+namespace mxn {
+
+struct StageCost {
+  int group = 0;                // the cluster group of the stage's chip
+  int64_t first = 0, last = 0;  // its layers, [first, last)
+  bool recompute = false;       // activations recomputed in the backward (only inputs kept)
+  double fwd_s = 0, bwd_s = 0;  // one micro-batch; bwd_s includes the recomputation
+  double send_s = 0;            // one micro-batch's activation to the next stage (and back)
+  double reduce_s = 0;          // gradient all-reduce (ZeRO-1: reduce-scatter)
+  double optim_s = 0;           // AdamW over the stage's (sharded) state
+  double gather_s = 0;          // ZeRO-1: all-gather of the updated weights; 0 otherwise
+  double params = 0;            // weights it holds
+  double mem_bytes = 0;         // its predicted peak
+};
+
+enum class EventKind { forward, backward, send, reduce, optimizer, gather };
+
+struct Event {
+  int stage = 0;
+  EventKind kind = EventKind::forward;
+  int64_t micro = 0;
+  double start = 0, end = 0;
+};
+
+struct PipelineRun {
+  double last_backward_s = 0;  // when the last stage's work of the micro-batches ended
+  double step_s = 0;           // when the slowest stage finished its optimizer (and gather)
+  std::vector<double> busy_s;  // per stage: compute seconds (forward + backward)
+  std::vector<Event> events;   // with keep_events
+};
+
+// `micro` micro-batches through `stages` (at least one); micro 0 is an idle replica (step 0).
+PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro,
+                          bool keep_events = false);
+
+}  // namespace mxn

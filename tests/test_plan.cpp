@@ -1,0 +1,191 @@
+// The layout planner and its simulator: a 1F1B step worked out by hand, the closed form of a
+// uniform pipeline, the cost model's parameter count, the memory prediction as an upper bound
+// of the arena mxn plans for the same step, the constraint named when nothing fits, and chips
+// left out when they would slow the job (with the global batch from which they pay).
+#include <gtest/gtest.h>
+
+#include "core/error.h"
+#include "graph/program.h"
+#include "models/decoder.h"
+#include "plan/planner.h"
+
+using namespace mxn;
+
+namespace {
+
+NodeGroup group(const std::string& name, int64_t count, double tflops, double gib,
+                double inter_gbs = 10) {
+  NodeGroup g;
+  g.chip = {name, tflops, gib, 100, "test"};
+  g.count = count;
+  g.per_node = std::min<int64_t>(8, count);
+  g.intra_gbs = 100;
+  g.inter_gbs = inter_gbs;
+  g.mfu = 1;
+  return g;
+}
+
+DecoderConfig llama(int64_t layers, int64_t hidden, int64_t vocab, int64_t ctx) {
+  DecoderConfig c;
+  c.arch = Arch::llama;
+  c.layers = layers, c.hidden = hidden, c.heads = 4, c.kv_heads = 2, c.vocab_size = vocab;
+  c.max_pos = ctx;
+  c.tie_embeddings = false;
+  return c;
+}
+
+}  // namespace
+
+TEST(Simulate, OneFOneBByHand) {
+  // 2 stages, 2 micro-batches, forward 1 s, backward 2 s, sends 0.5 s. Stage 2 runs F0 1.5-2.5,
+  // B0 -4.5, F1 -5.5, B1 -7.5; stage 1 runs F0 0-1, F1 1-2, B0 5-7 (its gradient arrives at 5),
+  // B1 8-10; then stage 1 reduces from 8 (its last backward's start) for 3 s and steps for 1 s.
+  std::vector<StageCost> st(2);
+  for (StageCost& s : st) s.fwd_s = 1, s.bwd_s = 2, s.send_s = 0.5, s.reduce_s = 3, s.optim_s = 1;
+  const PipelineRun r = simulate_1f1b(st, 2, true);
+  EXPECT_DOUBLE_EQ(r.last_backward_s, 10);
+  EXPECT_DOUBLE_EQ(r.step_s, 12);  // stage 2: reduce 5.5-8.5, optimizer -9.5
+  EXPECT_DOUBLE_EQ(r.busy_s[0], 6);
+  EXPECT_DOUBLE_EQ(r.busy_s[1], 6);
+  std::vector<std::pair<double, double>> b0;
+  for (const Event& e : r.events)
+    if (e.stage == 0 && e.kind == EventKind::backward) b0.push_back({e.start, e.end});
+  ASSERT_EQ(b0.size(), 2u);
+  EXPECT_DOUBLE_EQ(b0[0].first, 5);
+  EXPECT_DOUBLE_EQ(b0[1].first, 8);
+}
+
+TEST(Simulate, UniformPipelineIsTheClosedForm) {
+  // Without sends, 1F1B over p equal stages takes (m + p - 1) (f + b): the bubble is p - 1 slots.
+  for (int64_t p : {1, 2, 3, 5})
+    for (int64_t m : {1, 2, 4, 9}) {
+      std::vector<StageCost> st(static_cast<size_t>(p));
+      for (StageCost& s : st) s.fwd_s = 0.25, s.bwd_s = 0.5;
+      const PipelineRun r = simulate_1f1b(st, m);
+      EXPECT_DOUBLE_EQ(r.last_backward_s, double(m + p - 1) * 0.75) << p << " stages, " << m;
+      EXPECT_DOUBLE_EQ(r.busy_s[size_t(p - 1)], double(m) * 0.75);
+    }
+}
+
+TEST(LayoutPlan, CostModelCountsEveryParameter) {
+  JobSpec job;
+  for (DecoderConfig c : {DecoderConfig{}, llama(6, 96, 300, 64)}) {
+    const ModelCost m = model_cost(c, job);
+    EXPECT_EQ(m.total_params(), double(c.param_count()));
+  }
+  job.dtype = "fp8";
+  EXPECT_THROW(model_cost(DecoderConfig{}, job), Error);
+}
+
+TEST(LayoutPlan, MemoryIsAnUpperBoundOfTheArena) {
+  // One chip, one stage: the prediction covers the arena mxn plans for the same rows plus the
+  // 16 bytes a trained weight takes (weight, gradient, two moments).
+  for (DecoderConfig c : {DecoderConfig{}, llama(3, 64, 200, 32)})
+    for (int64_t rows : {1, 4, 16}) {
+      JobSpec job;
+      job.global_batch = rows;
+      job.seq = c.max_pos;
+      Cluster cl;
+      cl.groups = {group("chip", 1, 1, 64)};
+      PlanOptions opt;
+      opt.micro_batch = rows;
+      const PlanReport rep = plan_layouts(cl, model_cost(c, job), job, opt);
+      Graph g;
+      DecoderOptions o;
+      o.with_loss = true;
+      DecoderGraph dg = build_decoder(g, c, rows, job.seq, o);
+      append_backward(g, dg.loss);
+      const double real = double(plan_arena(g)) + 16.0 * double(c.param_count());
+      EXPECT_GE(rep.best[0].peak_bytes[0], real) << arch_name(c.arch) << " rows " << rows;
+      EXPECT_LE(rep.best[0].peak_bytes[0], 2.5 * real) << arch_name(c.arch) << " rows " << rows;
+    }
+}
+
+TEST(LayoutPlan, UnevenChipsGetUnevenStages) {
+  // One chip three times as fast as the other: a mixed pipeline gives it about three quarters
+  // of the layers (less the LM head's share when it holds the last stage).
+  Cluster cl;
+  cl.groups = {group("fast", 1, 0.3, 64), group("slow", 1, 0.1, 32)};
+  JobSpec job;
+  job.global_batch = 8;
+  job.seq = 128;
+  PlanOptions opt;
+  opt.top = 100;
+  const PlanReport rep = plan_layouts(cl, model_cost(llama(16, 512, 512, 128), job), job, opt);
+  bool seen = false;
+  for (const LayoutPlan& p : rep.best) {
+    if (p.family != "mixed") continue;
+    seen = true;
+    const std::vector<StageCost>& st = p.kinds[0].stages;
+    ASSERT_EQ(st.size(), 2u);
+    EXPECT_EQ(st[0].group, 0);  // the larger memory takes the first stage
+    EXPECT_EQ(st[0].last - st[0].first, 12);
+    EXPECT_EQ(st[1].last, 16);
+    EXPECT_NEAR(st[0].fwd_s / st[1].fwd_s, 1.0, 0.35);
+  }
+  EXPECT_TRUE(seen);
+}
+
+TEST(LayoutPlan, NothingFitsNamesTheConstraint) {
+  Cluster cl;
+  cl.groups = {group("small", 2, 100, 1)};
+  JobSpec job;
+  job.global_batch = 8;
+  job.seq = 4096;
+  DecoderConfig c = llama(2, 4096, 64000, 4096);
+  c.heads = 32, c.kv_heads = 8;
+  try {
+    plan_layouts(cl, model_cost(c, job), job);
+    FAIL() << "a 1 GiB chip cannot hold a 4096-wide layer";
+  } catch (const Error& e) {
+    const std::string w = e.what();
+    EXPECT_NE(w.find("no layout fits: small: layer 0 with the embeddings needs "),
+              std::string::npos)
+        << w;
+    EXPECT_NE(w.find("at micro-batch 1 with recomputation as stage 1 of 2; small holds 0.9 GiB "
+                     "(90% of its 1 GiB)"),
+              std::string::npos)
+        << w;
+  }
+}
+
+TEST(LayoutPlan, AChipOnSharedCoresIsLeftOut) {
+  // PoCL computes on the CPU's own cores: with both in use each runs at half speed, so the
+  // CPU alone is faster at every batch.
+  Cluster cl;
+  cl.groups = {group("cpu:0", 1, 0.32, 23.5), group("opencl:0", 1, 0.02, 21.5)};
+  cl.groups[1].shares_cores_with = 0;
+  JobSpec job;
+  const PlanReport rep = plan_layouts(cl, model_cost(DecoderConfig{}, job), job);
+  EXPECT_EQ(rep.best[0].chips_used[0], 1);
+  EXPECT_EQ(rep.best[0].chips_used[1], 0);
+  ASSERT_EQ(rep.left_out.size(), 1u);
+  EXPECT_EQ(rep.left_out[0].group, 1);
+  EXPECT_EQ(rep.left_out[0].helps_from_batch, 0);
+  EXPECT_GT(rep.left_out[0].step_with_s, 1.5 * rep.best[0].step_s);
+  EXPECT_NE(rep.left_out[0].why.find("would not help at any global batch up to 16384"),
+            std::string::npos)
+      << rep.left_out[0].why;
+}
+
+TEST(LayoutPlan, ASlowChipHelpsFromTheBatchItNames) {
+  // A chip a tenth as fast behind a slow link costs more in the all-reduce than it computes at
+  // a small batch; the planner names the smallest global batch from which it pays, and there
+  // it is used.
+  Cluster cl;
+  cl.groups = {group("fast", 1, 1, 32, 0.05), group("slow", 1, 0.1, 32, 0.05)};
+  JobSpec job;
+  job.global_batch = 4;
+  job.seq = 64;
+  const ModelCost m = model_cost(llama(4, 128, 256, 64), job);
+  PlanOptions opt;
+  opt.micro_batch = 1;
+  const PlanReport rep = plan_layouts(cl, m, job, opt);
+  ASSERT_EQ(rep.left_out.size(), 1u);
+  const int64_t from = rep.left_out[0].helps_from_batch;
+  ASSERT_GT(from, 4);
+  job.global_batch = from;
+  EXPECT_EQ(plan_layouts(cl, m, job, opt).best[0].chips_used[1], 1) << from;
+  job.global_batch = from - 1;
+  EXPECT_EQ(plan_layouts(cl, m, job, opt).best[0].chips_used[1], 0) << from - 1;
+}
