@@ -216,6 +216,13 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
                       : "host-staged through MPI");
   std::printf("    predicted step time %.3f s (slowest rank plus all-reduce and optimizer)\n",
               p.predicted_step_s);
+  if (const std::vector<int64_t>& sh = tr.optimizer_shards(); !sh.empty()) {
+    std::printf("    optimizer state sharded (ZeRO-1, by free memory):");
+    for (size_t r = 0; r + 1 < sh.size(); ++r)
+      std::printf(" rank %zu params [%lld, %lld), %llu bytes of moments%s", r, (long long)sh[r],
+                  (long long)sh[r + 1], (unsigned long long)p.ranks[r].optimizer_bytes,
+                  r + 2 < sh.size() ? ";" : "\n");
+  }
 }
 
 struct TrainArgs {
@@ -377,7 +384,7 @@ int run_train(TrainArgs& a) {
     if (const std::string change = tr.take_plan_change(); !change.empty())
       std::printf("%s%s\n", tty ? "\n" : "", change.c_str());
     std::fflush(stdout);
-    if (lead && c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();
+    if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();  // every rank
   }
   if (tty) std::printf("\n");
   if (tr.device().profiling()) std::printf("%s", tr.device().profile_report().c_str());
@@ -389,8 +396,8 @@ int run_train(TrainArgs& a) {
         pred, got, 100.0 * (got - pred) / pred, tr.plan().rebalances,
         tr.mean_exposed_reduce_seconds() * 1e3);
   }
-  if (!lead) return g_stop ? 130 : 0;
   const std::string where = tr.save();
+  if (!lead) return g_stop ? 130 : 0;
   write_loss_svg(c.out);
   getrusage(RUSAGE_SELF, &ru);
   std::printf(

@@ -170,6 +170,10 @@ Tensor Program::grads_flat(bool decay) const {
                 decay ? 0 : uint64_t(n_decay_) * 4);
 }
 
+Tensor Program::params_all() const {
+  return Tensor({n_decay_ + n_nodecay_}, DType::f32, params_->handle(), 0);
+}
+
 Tensor Program::grads_all() const {
   return Tensor({n_decay_ + n_nodecay_}, DType::f32, grads_->handle(), 0);
 }

@@ -30,6 +30,7 @@ class Program {
   Tensor params_flat(bool decay) const;
   Tensor grads_flat(bool decay) const;
   Tensor grads_all() const;
+  Tensor params_all() const;  // both groups: a param's float index is its offset / 4
   int64_t param_count() const { return n_decay_ + n_nodecay_; }
 
   const Graph& graph() const { return g_; }

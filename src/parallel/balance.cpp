@@ -57,4 +57,20 @@ std::vector<int64_t> rebalance(const std::vector<int64_t>& current,
   return then < now * (1.0 - gain) ? next : current;
 }
 
+std::vector<int64_t> shard_bounds(int64_t n, const std::vector<double>& weights, int64_t align) {
+  MXN_CHECK(!weights.empty() && align > 0, "shard_bounds needs ranks and an alignment");
+  double sum = 0;
+  for (double w : weights) sum += std::max(w, 0.0);
+  std::vector<int64_t> b(weights.size() + 1, 0);
+  double acc = 0;
+  for (size_t r = 0; r + 1 < weights.size(); ++r) {
+    acc += std::max(weights[r], 0.0);
+    const double share = sum > 0 ? acc / sum : double(r + 1) / double(weights.size());
+    const int64_t at = int64_t(double(n) * share) / align * align;
+    b[r + 1] = std::clamp(at, b[r], n);
+  }
+  b.back() = n;
+  return b;
+}
+
 }  // namespace mxn

@@ -25,4 +25,8 @@ std::vector<double> parse_split(const std::string& split, int ranks);
 std::vector<int64_t> rebalance(const std::vector<int64_t>& current,
                                const std::vector<double>& sec_per_row, double gain);
 
+// ZeRO-1: the optimizer state's n floats over ranks in proportion to `weights` (each rank's free
+// memory), as world + 1 offsets; each share a multiple of `align` floats but the last.
+std::vector<int64_t> shard_bounds(int64_t n, const std::vector<double>& weights, int64_t align);
+
 }  // namespace mxn

@@ -111,6 +111,44 @@ void Communicator::wait_all() {
   pending_.clear();
 }
 
+namespace {
+// MPI's counts and displacements are ints: one rank's share must stay below 2^31 floats.
+void counts_of(const std::vector<int64_t>& bounds, std::vector<int>& counts,
+               std::vector<int>& displs) {
+  counts.clear();
+  displs.clear();
+  for (size_t r = 0; r + 1 < bounds.size(); ++r) {
+    MXN_CHECK(bounds[r + 1] >= bounds[r] && bounds[r + 1] < (int64_t(1) << 31),
+              "a gather's shares must be ordered and below 2^31 floats");
+    counts.push_back(int(bounds[r + 1] - bounds[r]));
+    displs.push_back(int(bounds[r]));
+  }
+}
+}  // namespace
+
+void Communicator::all_gather(float* data, const std::vector<int64_t>& bounds) {
+  if (!mpi_) return;
+  MXN_CHECK(int(bounds.size()) == info_.world + 1, "all_gather needs world + 1 bounds");
+  std::vector<int> counts, displs;
+  counts_of(bounds, counts, displs);
+  MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, counts.data(), displs.data(), MPI_FLOAT,
+                 MPI_COMM_WORLD);
+}
+
+void Communicator::gather(float* data, const std::vector<int64_t>& bounds, int root) {
+  if (!mpi_) return;
+  MXN_CHECK(int(bounds.size()) == info_.world + 1, "gather needs world + 1 bounds");
+  std::vector<int> counts, displs;
+  counts_of(bounds, counts, displs);
+  const int r = info_.rank;
+  if (r == root)
+    MPI_Gatherv(MPI_IN_PLACE, counts[size_t(r)], MPI_FLOAT, data, counts.data(), displs.data(),
+                MPI_FLOAT, root, MPI_COMM_WORLD);
+  else
+    MPI_Gatherv(data + bounds[size_t(r)], counts[size_t(r)], MPI_FLOAT, nullptr, nullptr, nullptr,
+                MPI_FLOAT, root, MPI_COMM_WORLD);
+}
+
 void Communicator::broadcast(void* data, int64_t bytes, int root) {
   if (mpi_) MPI_Bcast(data, int(bytes), MPI_BYTE, root, MPI_COMM_WORLD);
 }

@@ -33,6 +33,10 @@ class Communicator {
   void progress();
   void wait_all();
   void barrier();
+  // In place over one array split by `bounds` (world + 1 offsets): rank r's floats
+  // [bounds[r], bounds[r + 1]) reach every rank (all_gather) or only `root` (gather).
+  void all_gather(float* data, const std::vector<int64_t>& bounds);
+  void gather(float* data, const std::vector<int64_t>& bounds, int root);
   // Copies `bytes` from rank `root` to every rank.
   void broadcast(void* data, int64_t bytes, int root);
   // True on every rank iff `yes` on every rank.

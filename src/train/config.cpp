@@ -29,6 +29,9 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"split", &c.split,
        "how ranks share a step's sequences: auto (by measured speed, corrected as it drifts), "
        "even, or one weight per rank (3,1)"},
+      {"zero", &c.zero,
+       "1: shard the optimizer state over the ranks (ZeRO-1), each share in proportion to its "
+       "device's free memory"},
       {"bucket_mb", &c.bucket_mb,
        "MB of gradients per all-reduce bucket; buckets start as the backward reaches them"},
       {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
@@ -136,6 +139,7 @@ void TrainConfig::validate() const {
        "split = '" + split + "', expected auto, even, or weights such as 3,1");
   need(bucket_mb > 0 && bucket_mb <= 4096,
        "bucket_mb = " + std::to_string(bucket_mb) + ", expected > 0 and <= 4096");
+  need(zero == 0 || zero == 1, "zero = " + std::to_string(zero) + ", expected 0 or 1");
   need(accum >= 1, "accum = " + std::to_string(accum) + ", expected >= 1");
   need(seq >= 0 && seq <= model.n_ctx, "seq = " + std::to_string(seq) + ", expected 0..n_ctx (" +
                                            std::to_string(model.n_ctx) + ")");

@@ -31,6 +31,7 @@ struct TrainConfig {
   std::string devices;         // "cpu,opencl:0": one rank per device, one job
   std::string split = "auto";  // ranks' shares: auto | even | weights "3,1"
   double bucket_mb = 1.0;      // gradient all-reduce bucket size (as DDP's bucket_cap_mb)
+  int64_t zero = 0;            // 1: AdamW's moments sharded over the ranks (ZeRO-1), by free memory
   std::string dtype = "f32";   // f32 | bf16 (bf16 matmuls, f32 master weights)
   // lm: next-token prediction; glm: GLM's blank infilling (data/glm.h), with a learned
   // block-position table and the prefix-bidirectional mask.

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -156,7 +157,20 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   passes_.resize(size_t(cap_) + 1);
   variant_for(cap_);
 
-  const uint64_t pbytes = uint64_t(prog_->param_count()) * 4;
+  // ZeRO-1: each rank keeps AdamW's moments for a share of the params, in proportion to its
+  // device's free memory, updates that share and all-gathers the rest.
+  const int64_t P = prog_->param_count();
+  shard_lo_ = 0, shard_hi_ = P;
+  if (cfg_.zero && comm_ && world_ > 1) {
+    std::vector<double> free(static_cast<size_t>(world_), 0.0);
+    free[size_t(rank_)] = double(free_bytes_);
+    comm_->all_reduce_sum(free.data(), world_);
+    shards_ = shard_bounds(P, free, 16);
+    shard_lo_ = shards_[size_t(rank_)], shard_hi_ = shards_[size_t(rank_ + 1)];
+    gather_host_.resize(size_t(P));
+  }
+  const int64_t own = shard_hi_ - shard_lo_;
+  const uint64_t pbytes = uint64_t(std::max<int64_t>(own, 1)) * 4;
   opt_m_ = dev_->alloc(pbytes);
   opt_v_ = dev_->alloc(pbytes);
   scalar_ = dev_->alloc(64);
@@ -174,14 +188,19 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   sumsq_ = Tensor({1}, DType::f32, scalar_->handle());
   zero_grads_ = make_op_call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f});
   grad_sumsq_ = make_op_call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sumsq_});
-  const Tensor m_all({prog_->param_count()}, DType::f32, opt_m_->handle());
-  const Tensor v_all({prog_->param_count()}, DType::f32, opt_v_->handle());
+  const Tensor m_all({own}, DType::f32, opt_m_->handle());
+  const Tensor v_all({own}, DType::f32, opt_v_->handle());
   int64_t begin = 0;
   for (bool decay : {true, false}) {  // decayed params first, as the Program lays them out
-    const Tensor p = prog_->params_flat(decay);
+    const Tensor p = prog_->params_flat(decay), g = prog_->grads_flat(decay);
     const int64_t n = p.numel();
-    adamw_[decay ? 0 : 1] = make_op_call(MXN_OP_ADAMW, {prog_->grads_flat(decay)},
-                                         {p, slice(m_all, begin, n), slice(v_all, begin, n)});
+    // This group's part of the rank's share (all of it unsharded; maybe none).
+    const int64_t a = std::clamp(shard_lo_, begin, begin + n),
+                  b = std::clamp(shard_hi_, begin, begin + n);
+    adamw_[decay ? 0 : 1] =
+        make_op_call(MXN_OP_ADAMW, {slice(g, a - begin, b - a)},
+                     {slice(p, a - begin, b - a), slice(m_all, a - shard_lo_, b - a),
+                      slice(v_all, a - shard_lo_, b - a)});
     begin += n;
   }
   const bool adapters = cfg_.finetune != "full";
@@ -372,9 +391,10 @@ void Trainer::profile() {
   stats_[size_t(1 + rank_)] = pass_s / double(cap_);
   stats_[size_t(1 + world_ + rank_)] = reduce_s + opt_s;
   comm_->all_reduce_sum(stats_.data(), int64_t(stats_.size()));
-  std::vector<double> caps(size_t(2 * world_), 0.0);
+  std::vector<double> caps(size_t(3 * world_), 0.0);
   caps[size_t(rank_)] = double(cap_);
   caps[size_t(world_ + rank_)] = double(free_bytes_);
+  caps[size_t(2 * world_ + rank_)] = double(optimizer_bytes());
   comm_->all_reduce_sum(caps.data(), int64_t(caps.size()));
   for (int64_t r = 0; r < world_; ++r) {
     RankPlan& rp = plan_.ranks[size_t(r)];
@@ -382,6 +402,7 @@ void Trainer::profile() {
     rp.overhead_s = stats_[size_t(1 + world_ + r)];
     rp.cap = int64_t(caps[size_t(r)]);
     rp.free_bytes = uint64_t(caps[size_t(world_ + r)]);
+    rp.optimizer_bytes = uint64_t(caps[size_t(2 * world_ + r)]);
     if (auto_split_) sec_per_row_[size_t(r)] = rp.sec_per_row;
   }
 }
@@ -504,6 +525,7 @@ float Trainer::step() {
     std::copy(fp, fp + 6, c.fp);
     dev_->run(c);
   }
+  if (!shards_.empty()) gather_params();
   dev_->synchronize();
   step_ = s;
   if (steps_run_++ > 0) {
@@ -512,6 +534,13 @@ float Trainer::step() {
   }
   if (comm_) follow_drift();
   return float(loss_sum);
+}
+
+void Trainer::gather_params() {
+  const Tensor all = prog_->params_all();
+  dev_->download(gather_host_.data() + shard_lo_, slice(all, shard_lo_, shard_hi_ - shard_lo_));
+  comm_->all_gather(gather_host_.data(), shards_);
+  dev_->upload(all, gather_host_.data());
 }
 
 float Trainer::eval_loss() {
@@ -568,15 +597,36 @@ TensorMap Trainer::frozen_weights() const {
 
 std::string Trainer::save() {
   Checkpoint ck;
-  ck.weights = weights();
-  for (int p : prog_->graph().params()) {
-    const Value& v = prog_->graph().v(p);
-    for (auto [prefix, buf] : {std::pair{"m.", opt_m_.get()}, std::pair{"v.", opt_v_.get()}}) {
-      HostTensor h(v.shape, DType::f32);
-      dev_->download(h.bytes.data(), Tensor(v.shape, DType::f32, buf->handle(), v.offset));
-      ck.optimizer.emplace(prefix + v.name, std::move(h));
+  if (!shards_.empty()) {  // the lead gathers every rank's moments, by name as unsharded
+    const int64_t own = shard_hi_ - shard_lo_;
+    std::vector<float> full[2];
+    for (int i = 0; i < 2; ++i) {
+      full[i].resize(gather_host_.size());
+      dev_->download(full[i].data() + shard_lo_,
+                     Tensor({own}, DType::f32, (i ? opt_v_ : opt_m_)->handle()));
+      comm_->gather(full[i].data(), shards_, 0);
+    }
+    if (rank_ != 0) return "";
+    for (int p : prog_->graph().params()) {
+      const Value& v = prog_->graph().v(p);
+      for (int i = 0; i < 2; ++i) {
+        HostTensor h(v.shape, DType::f32);
+        std::memcpy(h.bytes.data(), full[i].data() + v.offset / 4, h.bytes.size());
+        ck.optimizer.emplace((i ? "v." : "m.") + v.name, std::move(h));
+      }
+    }
+  } else {
+    if (rank_ != 0) return "";
+    for (int p : prog_->graph().params()) {
+      const Value& v = prog_->graph().v(p);
+      for (auto [prefix, buf] : {std::pair{"m.", opt_m_.get()}, std::pair{"v.", opt_v_.get()}}) {
+        HostTensor h(v.shape, DType::f32);
+        dev_->download(h.bytes.data(), Tensor(v.shape, DType::f32, buf->handle(), v.offset));
+        ck.optimizer.emplace(prefix + v.name, std::move(h));
+      }
     }
   }
+  ck.weights = weights();
   ck.trainer = {{"step", step_}, {"config", to_json(cfg_)}, {"format", "mxn-checkpoint-1"}};
   ck.trainer["model"] = cfg_.decoder_config().to_json();
   if (cfg_.finetune != "full") {  // every checkpoint is also a PEFT folder
@@ -611,8 +661,28 @@ void Trainer::load(const Checkpoint& ck) {
   for (int p : prog_->graph().params()) {
     const Value& v = prog_->graph().v(p);
     put(ck.weights, v.name, prog_->tensor(p));
-    put(ck.optimizer, "m." + v.name, Tensor(v.shape, DType::f32, opt_m_->handle(), v.offset));
-    put(ck.optimizer, "v." + v.name, Tensor(v.shape, DType::f32, opt_v_->handle(), v.offset));
+    if (shards_.empty()) {
+      put(ck.optimizer, "m." + v.name, Tensor(v.shape, DType::f32, opt_m_->handle(), v.offset));
+      put(ck.optimizer, "v." + v.name, Tensor(v.shape, DType::f32, opt_v_->handle(), v.offset));
+      continue;
+    }
+    // ZeRO-1: the part of this param that falls in the rank's share (a checkpoint of any
+    // world size, sharded or not, holds every param's moments whole).
+    const int64_t first = int64_t(v.offset / 4), n = numel(v.shape);
+    const int64_t a = std::clamp(shard_lo_, first, first + n),
+                  b = std::clamp(shard_hi_, first, first + n);
+    for (int i = 0; i < 2; ++i) {
+      const std::string key = (i ? "v." : "m.") + v.name;
+      auto it = ck.optimizer.find(key);
+      if (it == ck.optimizer.end()) throw Error("checkpoint is missing tensor '" + key + "'");
+      if (it->second.shape != v.shape || it->second.dtype != DType::f32)
+        throw Error("checkpoint tensor '" + key + "' has shape " + shape_str(it->second.shape) +
+                    ", expected " + shape_str(v.shape) + " f32");
+      if (b > a)
+        dev_->upload(Tensor({b - a}, DType::f32, (i ? opt_v_ : opt_m_)->handle(),
+                            uint64_t(a - shard_lo_) * 4),
+                     it->second.bytes.data() + (a - first) * 4);
+    }
   }
   step_ = ck.trainer.at("step").get<int64_t>();
 }

@@ -28,6 +28,7 @@ struct RankPlan {
   uint64_t free_bytes = 0;  // the device's free memory at start
   double sec_per_row = 0;   // measured forward+backward seconds per sequence
   double overhead_s = 0;    // measured all-reduce + optimizer seconds per step
+  uint64_t optimizer_bytes = 0;  // AdamW's moments on the device (with ZeRO-1: its share)
 };
 struct Plan {
   std::vector<RankPlan> ranks;
@@ -52,9 +53,11 @@ class Trainer {
   explicit Trainer(const TrainConfig& cfg, const std::string& resume = "",
                    Communicator* comm = nullptr);
 
-  float step();        // one optimizer step; returns the mean training loss of its micro-batches
-  float eval_loss();   // mean loss over the validation split's fixed windows
-  std::string save();  // checkpoint into cfg.out; returns its folder
+  float step();       // one optimizer step; returns the mean training loss of its micro-batches
+  float eval_loss();  // mean loss over the validation split's fixed windows
+  // Checkpoint into cfg.out; returns its folder. Collective: every rank calls it (with ZeRO-1
+  // the lead gathers the optimizer shards); ranks other than 0 write nothing and return "".
+  std::string save();
   double lr_at(int64_t step) const;
 
   int64_t current_step() const { return step_; }
@@ -62,6 +65,9 @@ class Trainer {
   TensorMap weights() const;         // the trained ones (with LoRA: the adapters)
   TensorMap frozen_weights() const;  // the frozen base under adapters, as stored (f32 or bf16)
   uint64_t optimizer_bytes() const { return opt_m_->bytes() + opt_v_->bytes(); }
+  // ZeRO-1: rank r's optimizer state covers params [shards[r], shards[r + 1]) of the flat
+  // layout; empty when every rank holds all of it.
+  const std::vector<int64_t>& optimizer_shards() const { return shards_; }
   float last_grad_norm() const { return grad_norm_; }
   Device& device() { return *dev_; }
   const Plan& plan() const { return plan_; }
@@ -101,6 +107,10 @@ class Trainer {
   size_t n_forward_ = 0;
   std::vector<size_t> dropout_nodes_;  // DROPOUT nodes (LoRA dropout), forward and backward
   std::unique_ptr<Buffer> opt_m_, opt_v_, scalar_;
+  std::vector<int64_t> shards_;          // ZeRO-1's bounds, world + 1 (empty: not sharded)
+  int64_t shard_lo_ = 0, shard_hi_ = 0;  // this rank's share of the flat params
+  std::vector<float> gather_host_;       // ZeRO-1: the params' host copy for the all-gather
+  void gather_params();                  // every rank's updated share to every rank
   std::vector<int32_t> tok_host_, tgt_host_, pos_host_, blk_host_, pre_host_;
   std::vector<int64_t> offsets_;
   std::vector<uint64_t> row_ids_;
