@@ -197,6 +197,16 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
   const Plan& p = tr.plan();
   const TrainConfig& c = tr.config();
   const int64_t rows = c.batch * c.accum;
+  if (!p.pipeline.empty()) {  // --pp: stages and their chips
+    const std::vector<int64_t>& b = tr.stage_bounds();
+    const size_t pp = b.size() - 1;
+    std::printf("  plan: pipeline of %s\n", p.pipeline.c_str());
+    for (size_t r = 0; r < p.ranks.size(); ++r)
+      std::printf("    rank %zu %-10s replica %zu stage %zu: layers %lld-%lld\n", r,
+                  devs[r].c_str(), r / pp + 1, r % pp + 1, (long long)b[r % pp],
+                  (long long)b[r % pp + 1] - 1);
+    return;
+  }
   std::printf("  plan: %zu ranks share %lld sequences per step (split %s)\n", p.ranks.size(),
               (long long)rows, c.split.c_str());
   for (size_t r = 0; r < p.ranks.size(); ++r) {
@@ -285,9 +295,11 @@ int run_train(TrainArgs& a) {
     for (const std::string& d : devs) {
       if (std::find(here.begin(), here.end(), d) == here.end())
         throw Error("unknown device '" + d + "' in --devices (devices here: " + names + ")");
-      if (std::find(seen.begin(), seen.end(), d) != seen.end())
+      // Pipeline replicas may put a stage of each on one chip (memory permitting).
+      if (std::find(seen.begin(), seen.end(), d) != seen.end() && cfg.pp <= 1)
         throw Error("device '" + d +
-                    "' appears twice in --devices; each rank needs its own device");
+                    "' appears twice in --devices; each rank needs its own device (only "
+                    "pipeline stages, --pp, may share one)");
       seen.push_back(d);
     }
     if (cfg.batch < int64_t(devs.size()))
@@ -388,7 +400,7 @@ int run_train(TrainArgs& a) {
   }
   if (tty) std::printf("\n");
   if (tr.device().profiling()) std::printf("%s", tr.device().profile_report().c_str());
-  if (comm.size() > 1 && tr.mean_step_seconds() > 0) {
+  if (comm.size() > 1 && tr.mean_step_seconds() > 0 && tr.plan().pipeline.empty()) {
     const double pred = tr.plan().predicted_step_s, got = tr.mean_step_seconds();
     std::printf(
         "plan: predicted %.3f s/step, measured %.3f s/step (%+.1f%%); split corrected %d "

@@ -105,10 +105,11 @@ Grads rule(Graph& g, const Node& n, int gy) {
 
 }  // namespace
 
-size_t append_backward(Graph& g, int loss) {
+size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
   const size_t n_forward = g.nodes.size();
   std::map<int, int> grad;  // value -> its gradient so far
-  grad[loss] = g.emit(MXN_OP_FILL, {}, {g.activation(g.v(loss).shape)}, {}, {1.f});
+  grad[loss] =
+      seed >= 0 ? seed : g.emit(MXN_OP_FILL, {}, {g.activation(g.v(loss).shape)}, {}, {1.f});
   // A param's gradient is complete once the backward of its first forward use has run; it is
   // added into the param's grad buffer right then (so micro-batches accumulate, and a later
   // communicator can start reducing that layer while the rest of backward runs).
@@ -126,7 +127,7 @@ size_t append_backward(Graph& g, int loss) {
       for (auto [pos, gv] : rule(g, n, it->second)) {
         const int x = n.in[pos];
         const ValueKind k = g.v(x).kind;
-        if (k != ValueKind::param && k != ValueKind::activation) continue;
+        if (k != ValueKind::param && k != ValueKind::activation && x != wrt) continue;
         auto [slot, fresh] = grad.emplace(x, gv);
         if (!fresh) slot->second = g.add(slot->second, gv);
       }
@@ -137,6 +138,12 @@ size_t append_backward(Graph& g, int loss) {
       const int gb = g.v(p).grad;
       g.emit(MXN_OP_ADD, {gb, gp->second}, {gb});
     }
+  }
+  if (wrt >= 0) {
+    auto it = grad.find(wrt);
+    MXN_CHECK(it != grad.end(), "the stage's input has no gradient");
+    g.mark_output(it->second);
+    if (wrt_grad) *wrt_grad = it->second;
   }
   // Rules emit every input's gradient; keep only the backward nodes whose results are used: a
   // write into a grad (or any non-activation), a graph output, or an input of a node kept after.

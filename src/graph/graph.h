@@ -120,6 +120,9 @@ class Graph {
 // and adds each param's gradient into its grad value. Backward nodes whose results reach no
 // param's gradient (a frozen weight's, say) are left out. Returns the index of the first backward
 // node.
-size_t append_backward(Graph& g, int loss);
+// A pipeline stage before the last seeds the backward with `seed` (an input holding d(loss)/d(loss
+// value), the next stage's gradient) instead of 1, and with `wrt` >= 0 (its input activation,
+// an input value) also keeps that value's gradient as a graph output, returned in *wrt_grad.
+size_t append_backward(Graph& g, int loss, int seed = -1, int wrt = -1, int* wrt_grad = nullptr);
 
 }  // namespace mxn

@@ -322,8 +322,20 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     m.key_ranges =
         g.input("key_ranges", {N, o.serve_block > 0 ? 1 + o.serve_blocks : 2}, DType::i32);
   }
-  const int wte = b.w(nm.embed + ".weight", {c.vocab_size, C}, true);
-  int x = g.embedding(m.tokens, wte);
+  const int64_t first_layer = o.first_layer,
+                last_layer = o.last_layer < 0 ? c.layers : o.last_layer;
+  MXN_CHECK(0 <= first_layer && first_layer < last_layer && last_layer <= c.layers,
+            "a stage's layers must be a non-empty range of the model's");
+  const bool first = first_layer == 0, last = last_layer == c.layers;
+  const int wte =
+      first || (last && c.tie_embeddings) ? b.w(nm.embed + ".weight", {c.vocab_size, C}, true) : -1;
+  m.embed_table = wte;
+  int x;
+  if (first) {
+    x = g.embedding(m.tokens, wte);
+  } else {
+    x = m.hidden_in = g.input("hidden_in", {N, C}, DType::f32);
+  }
   if (o.block_positions) {
     m.block_positions = g.input("block_positions", {N}, DType::i32);
     if (c.gpt2()) {  // learned positions: a second learned table (the original GLM's)
@@ -341,7 +353,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     r2.col0 = r.rot / 2;
     return g.rope(g.rope(t, m.positions, r1), m.block_positions, r2);
   };
-  if (c.gpt2())
+  if (c.gpt2() && first)
     x = g.add(x, g.embedding(m.positions, b.w(nm.pos + ".weight", {c.max_pos, C}, true)));
   AttentionSpec at;
   at.heads = H;
@@ -357,7 +369,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     const int h = g.matmul(e, g.param(enc + "dense.weight", {Hp, C}, true), false, true);
     prefix_hidden = g.tanh(g.add_bias(h, g.param(enc + "dense.bias", {Hp}, false)));
   }
-  for (int64_t l = 0; l < c.layers; ++l) {
+  for (int64_t l = first_layer; l < last_layer; ++l) {
     const std::string p = nm.layers + std::to_string(l) + ".";
     const int h = b.norm(x, p + nm.ln1);
     int q, k, v;
@@ -430,6 +442,11 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       mlp = b.linear(g.swiglu(gt, up, 0, 0, F), p + nm.down, F, C, c.mlp_bias);
     }
     x = g.add(x, mlp);
+  }
+  if (!last) {  // a pipeline stage before the last: its residual stream goes to the next
+    m.hidden_out = x;
+    g.mark_output(x);
+    return m;
   }
   x = b.norm(x, nm.final_norm);
   if (o.last_logits || o.serve_rows > 0) {  // chosen rows only: a gather by row index

@@ -109,6 +109,11 @@ struct DecoderOptions {
   // units; 0: the rows are trained as they are. Only the rows are kept after training.
   int64_t prefix_projection = 0;
   LoraSpec lora;
+  // A pipeline stage: layers [first_layer, last_layer) only (last_layer -1: to the end). A
+  // stage after the first reads its input from "hidden_in" (B*T, hidden) instead of the
+  // embeddings; one before the last ends at its residual stream (hidden_out), without the final
+  // norm, the head or the loss.
+  int64_t first_layer = 0, last_layer = -1;
 };
 
 struct DecoderGraph {
@@ -119,6 +124,8 @@ struct DecoderGraph {
   int lora_mask = -1;                                    // serving LoRA adapters: its inputs
   std::vector<std::pair<std::string, int>> lora_inputs;  // stacked A and B, by name
   int logits = -1, loss = -1;
+  int hidden_in = -1, hidden_out = -1;  // pipeline stages (DecoderOptions::first_layer)
+  int embed_table = -1;                 // the token embeddings (the head too when tied)
   // With a KV cache: the cache values and the nodes whose position parameters change per run.
   std::vector<int> caches;
   std::vector<size_t> cache_writes, cache_reads;  // SET_ROWS and ATTENTION nodes

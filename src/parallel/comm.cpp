@@ -10,6 +10,16 @@
 namespace mxn {
 namespace {
 
+static_assert(sizeof(MPI_Comm) <= sizeof(void*), "MPI_Comm must fit a pointer");
+static_assert(sizeof(MPI_Request) <= sizeof(void*), "MPI_Request must fit a pointer");
+
+MPI_Comm as_comm(void* c) {
+  if (!c) return MPI_COMM_WORLD;
+  MPI_Comm m;
+  std::memcpy(&m, &c, sizeof(m));
+  return m;
+}
+
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::atoi(v) : fallback;
@@ -60,7 +70,7 @@ Communicator::Communicator() : info_(rank_from_env()) {
 }
 
 Communicator::~Communicator() {
-  if (mpi_) {
+  if (mpi_ && !comm_) {  // the world's; a split one ends with it
     int fin = 0;
     MPI_Finalized(&fin);
     if (!fin) MPI_Finalize();
@@ -71,21 +81,20 @@ void Communicator::all_reduce_sum(float* data, int64_t n) {
   if (!mpi_ || n == 0) return;
   for (int64_t off = 0; off < n; off += (1 << 30)) {
     const int cnt = int(std::min<int64_t>(n - off, 1 << 30));
-    MPI_Allreduce(MPI_IN_PLACE, data + off, cnt, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, data + off, cnt, MPI_FLOAT, MPI_SUM, as_comm(comm_));
   }
 }
 
 void Communicator::all_reduce_sum(double* data, int64_t n) {
   if (!mpi_ || n == 0) return;
-  MPI_Allreduce(MPI_IN_PLACE, data, int(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, data, int(n), MPI_DOUBLE, MPI_SUM, as_comm(comm_));
 }
 
 void Communicator::start_all_reduce_sum(float* data, int64_t n) {
   if (!mpi_ || n == 0) return;
   MXN_CHECK(n < (int64_t(1) << 31), "one non-blocking all-reduce holds at most 2^31 floats");
-  static_assert(sizeof(MPI_Request) <= sizeof(void*), "MPI_Request must fit a pointer");
   MPI_Request req;
-  MPI_Iallreduce(MPI_IN_PLACE, data, int(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, &req);
+  MPI_Iallreduce(MPI_IN_PLACE, data, int(n), MPI_FLOAT, MPI_SUM, as_comm(comm_), &req);
   void* slot = nullptr;
   std::memcpy(&slot, &req, sizeof(req));
   pending_.push_back(slot);
@@ -132,7 +141,7 @@ void Communicator::all_gather(float* data, const std::vector<int64_t>& bounds) {
   std::vector<int> counts, displs;
   counts_of(bounds, counts, displs);
   MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, counts.data(), displs.data(), MPI_FLOAT,
-                 MPI_COMM_WORLD);
+                 as_comm(comm_));
 }
 
 void Communicator::gather(float* data, const std::vector<int64_t>& bounds, int root) {
@@ -143,25 +152,62 @@ void Communicator::gather(float* data, const std::vector<int64_t>& bounds, int r
   const int r = info_.rank;
   if (r == root)
     MPI_Gatherv(MPI_IN_PLACE, counts[size_t(r)], MPI_FLOAT, data, counts.data(), displs.data(),
-                MPI_FLOAT, root, MPI_COMM_WORLD);
+                MPI_FLOAT, root, as_comm(comm_));
   else
     MPI_Gatherv(data + bounds[size_t(r)], counts[size_t(r)], MPI_FLOAT, nullptr, nullptr, nullptr,
-                MPI_FLOAT, root, MPI_COMM_WORLD);
+                MPI_FLOAT, root, as_comm(comm_));
+}
+
+std::unique_ptr<Communicator> Communicator::split(int color, int key) {
+  std::unique_ptr<Communicator> c(new Communicator(*this));
+  c->pending_.clear();
+  c->sends_.clear();
+  if (!mpi_) return c;
+  MPI_Comm m;
+  MPI_Comm_split(as_comm(comm_), color, key, &m);
+  std::memcpy(&c->comm_, &m, sizeof(m));
+  MPI_Comm_rank(m, &c->info_.rank);
+  MPI_Comm_size(m, &c->info_.world);
+  c->mpi_ = c->info_.world > 1;
+  return c;
+}
+
+void Communicator::send(const float* data, int64_t n, int to, int tag) {
+  MXN_CHECK(mpi_ && n < (int64_t(1) << 31), "send needs MPI and fewer than 2^31 floats");
+  MPI_Request req;
+  MPI_Isend(data, int(n), MPI_FLOAT, to, tag, as_comm(comm_), &req);
+  void* slot = nullptr;
+  std::memcpy(&slot, &req, sizeof(req));
+  sends_.push_back(slot);
+}
+
+void Communicator::recv(float* data, int64_t n, int from, int tag) {
+  MXN_CHECK(mpi_ && n < (int64_t(1) << 31), "recv needs MPI and fewer than 2^31 floats");
+  MPI_Recv(data, int(n), MPI_FLOAT, from, tag, as_comm(comm_), MPI_STATUS_IGNORE);
+}
+
+void Communicator::wait_sends() {
+  for (void*& slot : sends_) {
+    MPI_Request req;
+    std::memcpy(&req, &slot, sizeof(req));
+    if (req != MPI_REQUEST_NULL) MPI_Wait(&req, MPI_STATUS_IGNORE);
+  }
+  sends_.clear();
 }
 
 void Communicator::broadcast(void* data, int64_t bytes, int root) {
-  if (mpi_) MPI_Bcast(data, int(bytes), MPI_BYTE, root, MPI_COMM_WORLD);
+  if (mpi_) MPI_Bcast(data, int(bytes), MPI_BYTE, root, as_comm(comm_));
 }
 
 bool Communicator::all(bool yes) {
   if (!mpi_) return yes;
   int v = yes ? 1 : 0, out = 0;
-  MPI_Allreduce(&v, &out, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  MPI_Allreduce(&v, &out, 1, MPI_INT, MPI_MIN, as_comm(comm_));
   return out == 1;
 }
 
 void Communicator::barrier() {
-  if (mpi_) MPI_Barrier(MPI_COMM_WORLD);
+  if (mpi_) MPI_Barrier(as_comm(comm_));
 }
 
 }  // namespace mxn

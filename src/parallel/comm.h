@@ -4,6 +4,7 @@
 // are host-staged through MPI so any mix of chips can join; the interface is NCCL-shaped so a
 // device-direct library can sit behind it later.
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,15 @@ class Communicator {
   // [bounds[r], bounds[r + 1]) reach every rank (all_gather) or only `root` (gather).
   void all_gather(float* data, const std::vector<int64_t>& bounds);
   void gather(float* data, const std::vector<int64_t>& bounds, int root);
+  // The ranks that give the same `color`, ranked by `key` (MPI_Comm_split): a pipeline's
+  // stages, or one stage's data-parallel replicas. Collective over this communicator.
+  std::unique_ptr<Communicator> split(int color, int key);
+  // Point to point between pipeline stages: send() starts a message and returns (the data must
+  // stay put until wait_sends); recv() blocks until its message is in. Messages between two
+  // ranks with one tag arrive in the order they were sent.
+  void send(const float* data, int64_t n, int to, int tag);
+  void recv(float* data, int64_t n, int from, int tag);
+  void wait_sends();
   // Copies `bytes` from rank `root` to every rank.
   void broadcast(void* data, int64_t bytes, int root);
   // True on every rank iff `yes` on every rank.
@@ -47,7 +57,9 @@ class Communicator {
   Communicator();
   RankInfo info_;
   bool mpi_ = false;
+  void* comm_ = nullptr;        // an MPI_Comm; null: MPI_COMM_WORLD
   std::vector<void*> pending_;  // MPI_Request handles; capacity kept between steps
+  std::vector<void*> sends_;    // send()'s requests
 };
 
 }  // namespace mxn

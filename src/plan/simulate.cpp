@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "parallel/schedule.h"
 
 namespace mxn {
 
@@ -20,14 +21,7 @@ PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro, b
   std::vector<int64_t> next(size_t(p), 0);
   for (int64_t i = 0; i < micro; ++i) f_in[size_t(i)] = 0;  // stage 0 reads its data at once
   auto at = [micro](int64_t s, int64_t i) { return size_t(s * micro + i); };
-  // The k-th op of stage s in 1F1B order: >= 0 a forward of that micro-batch, < 0 a backward.
-  auto op = [p, micro](int64_t s, int64_t k) -> int64_t {
-    const int64_t w = std::min(p - s - 1, micro);
-    if (k < w) return k;
-    const int64_t j = k - w;  // steady state: forward w + j/2, backward j/2
-    if (j < 2 * (micro - w)) return j % 2 == 0 ? w + j / 2 : -(j / 2) - 1;
-    return -(micro - w + (j - 2 * (micro - w))) - 1;  // drain
-  };
+  auto op = [p, micro](int64_t s, int64_t k) { return one_f_one_b(p, s, micro, k); };
   auto event = [&](int s, EventKind k, int64_t i, double a, double b) {
     if (keep_events) run.events.push_back({s, k, i, a, b});
   };

@@ -32,6 +32,12 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"zero", &c.zero,
        "1: shard the optimizer state over the ranks (ZeRO-1), each share in proportion to its "
        "device's free memory"},
+      {"pp", &c.pp,
+       "pipeline stages: the ranks form replicas of this many stages (rank = replica x pp + "
+       "stage), 1F1B over micro-batches"},
+      {"stages", &c.stages, "layers of each pipeline stage (3,1), or even"},
+      {"micro", &c.micro,
+       "sequences per pipeline micro-batch (0: a replica's share over 2 x pp micro-batches)"},
       {"bucket_mb", &c.bucket_mb,
        "MB of gradients per all-reduce bucket; buckets start as the backward reaches them"},
       {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
@@ -140,6 +146,8 @@ void TrainConfig::validate() const {
   need(bucket_mb > 0 && bucket_mb <= 4096,
        "bucket_mb = " + std::to_string(bucket_mb) + ", expected > 0 and <= 4096");
   need(zero == 0 || zero == 1, "zero = " + std::to_string(zero) + ", expected 0 or 1");
+  need(pp >= 1, "pp = " + std::to_string(pp) + ", expected >= 1 (pipeline stages)");
+  need(micro >= 0, "micro = " + std::to_string(micro) + ", expected >= 0 (0: chosen)");
   need(accum >= 1, "accum = " + std::to_string(accum) + ", expected >= 1");
   need(seq >= 0 && seq <= model.n_ctx, "seq = " + std::to_string(seq) + ", expected 0..n_ctx (" +
                                            std::to_string(model.n_ctx) + ")");

@@ -32,7 +32,13 @@ struct TrainConfig {
   std::string split = "auto";  // ranks' shares: auto | even | weights "3,1"
   double bucket_mb = 1.0;      // gradient all-reduce bucket size (as DDP's bucket_cap_mb)
   int64_t zero = 0;            // 1: AdamW's moments sharded over the ranks (ZeRO-1), by free memory
-  std::string dtype = "f32";   // f32 | bf16 (bf16 matmuls, f32 master weights)
+  // Pipeline parallelism: pp stages (ranks r = replica * pp + stage), each with the layer count
+  // `stages` gives ("3,1"; "even": as equal as can be); micro sequences a micro-batch (0: a
+  // replica's rows over 2 x pp micro-batches).
+  int64_t pp = 1;
+  std::string stages = "even";
+  int64_t micro = 0;
+  std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
   // lm: next-token prediction; glm: GLM's blank infilling (data/glm.h), with a learned
   // block-position table and the prefix-bidirectional mask.
   std::string objective = "lm";

@@ -26,7 +26,14 @@ Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
   return Tensor({n}, DType::f32, flat.buffer, flat.offset + uint64_t(begin) * 4);
 }
 
-Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward) {
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+}  // namespace
+
+Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward,
+                  int64_t first, int64_t last, int* seed, int* grad_in) {
   Graph g;
   g.matmul_compute = c.dtype == "bf16" ? DType::bf16 : DType::f32;
   DecoderOptions o;
@@ -41,16 +48,22 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
     d.prefix_len = c.prefix_len;
     o.prefix_projection = c.prefix_projection;
   }
+  o.first_layer = first;
+  o.last_layer = last;
   *m = build_decoder(g, d, rows, c.seq_len(), o);
-  *n_forward = append_backward(g, m->loss);
+  if (m->loss >= 0) {  // the whole model, or the last stage (which also sends d(hidden_in))
+    int gi = -1;
+    *n_forward = append_backward(g, m->loss, -1, m->hidden_in, &gi);
+    if (grad_in) *grad_in = gi;
+  } else {  // a stage before the last: the next stage's gradient seeds the backward
+    const int s = g.input("grad_out", g.v(m->hidden_out).shape, DType::f32);
+    int gi = -1;
+    *n_forward = append_backward(g, m->hidden_out, s, m->hidden_in, &gi);
+    if (seed) *seed = s;
+    if (grad_in) *grad_in = gi;
+  }
   return g;
 }
-
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-}  // namespace
 
 Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator* comm)
     : cfg_(cfg), comm_(comm && comm->size() > 1 ? comm : nullptr) {
@@ -130,14 +143,16 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
                 " but the model's vocab_size is " + std::to_string(model.vocab_size));
   world_ = comm_ ? comm_->size() : 1;
   rank_ = comm_ ? comm_->rank() : 0;
-  if (cfg_.batch < world_)
+  if (comm_ && cfg_.pp > 1) pp_setup();  // one rank: the whole model, whatever pp says
+  const int64_t takers = pp_ > 1 ? replicas_ : world_;
+  if (cfg_.batch < takers)
     throw Error("the global batch (" + std::to_string(cfg_.batch) +
-                " sequences) is smaller than the " + std::to_string(world_) +
-                " ranks: each rank needs at least one");
+                " sequences) is smaller than the " + std::to_string(takers) +
+                (pp_ > 1 ? " pipeline replicas" : " ranks") + ": each needs at least one");
   // One rank takes everything, whatever the split says (a run saved with --split 3,1 resumes
   // on one device as it is).
   const std::vector<double> weights =
-      world_ > 1 ? parse_split(cfg_.split, int(world_)) : std::vector<double>{1.0};
+      world_ > 1 && pp_ == 1 ? parse_split(cfg_.split, int(world_)) : std::vector<double>{1.0};
   auto_split_ = weights.empty();
   const int64_t T = cfg_.seq_len();
   if (cfg_.sft.empty() && (data_.n_train() < T + 2 || data_.n_val() < T + 2))
@@ -149,8 +164,11 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   // it (the rest of a rank's share then runs in further passes).
   cap_ = cfg_.batch;
   free_bytes_ = dev_->free_memory();
-  if (comm_) cap_ = rows_per_pass(cfg_, free_bytes_);
-  Graph g = train_graph(cfg_, cap_, &m_, &n_forward_);
+  if (comm_ && pp_ == 1) cap_ = rows_per_pass(cfg_, free_bytes_);
+  if (pp_ > 1) pp_plan();  // cap_: the micro-batch
+  const int64_t first = pp_ > 1 ? bounds_[size_t(stage_)] : 0;
+  const int64_t last = pp_ > 1 ? bounds_[size_t(stage_ + 1)] : -1;
+  Graph g = train_graph(cfg_, cap_, &m_, &n_forward_, first, last, &seed_value_, &grad_in_value_);
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
   for (size_t n = 0; n < prog_->graph().nodes.size(); ++n)
     if (prog_->graph().nodes[n].op == MXN_OP_DROPOUT) dropout_nodes_.push_back(n);
@@ -273,6 +291,10 @@ void Trainer::plan_ranks(const std::vector<double>& weights) {
   drift_.assign(size_t(world_) * kDriftWindow, 0.0);
   plan_.ranks.assign(size_t(world_), {});
   sec_per_row_ = auto_split_ ? std::vector<double>(size_t(world_), 1.0) : weights;
+  if (pp_ > 1) {  // pp_plan() made the pipeline's split
+    pp_ready();
+    return;
+  }
   if (comm_) {
     sync_ = std::make_unique<GradSync>(
         *prog_, *comm_, std::max<int64_t>(1, int64_t(cfg_.bucket_mb * (1 << 20) / 4)));
@@ -311,10 +333,19 @@ int Trainer::variant_for(int64_t rows) {
   if (p.variant < 0) {
     DecoderGraph m;
     size_t nf = 0;
-    p.variant = rows == cap_ ? 0 : prog_->add_variant(train_graph(cfg_, rows, &m, &nf));
+    const int64_t first = pp_ > 1 ? bounds_[size_t(stage_)] : 0;
+    const int64_t last = pp_ > 1 ? bounds_[size_t(stage_ + 1)] : -1;
+    p.variant =
+        rows == cap_ ? 0 : prog_->add_variant(train_graph(cfg_, rows, &m, &nf, first, last));
     p.tokens = prog_->tensor(m_.tokens, p.variant);
-    p.targets = prog_->tensor(m_.targets, p.variant);
-    p.loss = prog_->tensor(m_.loss, p.variant);
+    if (m_.loss >= 0) {  // the last stage (or the whole model)
+      p.targets = prog_->tensor(m_.targets, p.variant);
+      p.loss = prog_->tensor(m_.loss, p.variant);
+    }
+    if (m_.hidden_in >= 0) p.hidden_in = prog_->tensor(m_.hidden_in, p.variant);
+    if (m_.hidden_out >= 0) p.hidden_out = prog_->tensor(m_.hidden_out, p.variant);
+    if (seed_value_ >= 0) p.grad_out = prog_->tensor(seed_value_, p.variant);
+    if (grad_in_value_ >= 0) p.grad_in = prog_->tensor(grad_in_value_, p.variant);
     if (glm_ || packed()) {
       p.positions = prog_->tensor(m_.positions, p.variant);
       if (glm_) p.block_positions = prog_->tensor(m_.block_positions, p.variant);
@@ -469,7 +500,8 @@ float Trainer::step() {
   const double total = double(loss_tokens(key, 0, G, false));
   sft_set_ = cfg_.sft.empty() ? nullptr : &sft_train_;
   double loss_sum = 0;
-  for (int64_t done = 0; done < rows_;) {
+  if (pp_ > 1) loss_sum = pp_passes(key, total);
+  for (int64_t done = 0; pp_ == 1 && done < rows_;) {
     const int64_t n = std::min(cap_, rows_ - done);
     for (int64_t b = 0; b < n; ++b) {
       const uint64_t row = uint64_t(row_begin_ + done + b);
@@ -495,7 +527,7 @@ float Trainer::step() {
     dev_->download(&loss, p.loss);
     loss_sum += double(loss) * counted / total;
   }
-  if (comm_) {
+  if (comm_ && pp_ == 1) {
     const double compute_s =
         std::chrono::duration<double>(sync_->backward_done() - t_start).count();
     std::fill(stats_.begin(), stats_.end(), 0.0);
@@ -505,9 +537,13 @@ float Trainer::step() {
     loss_sum = stats_[0];
   }
   // Global norm of the mean gradient, then one scale for clipping.
-  dev_->run(grad_sumsq_);
   float sumsq = 0;
-  dev_->download(&sumsq, sumsq_);
+  if (pp_ > 1) {
+    sumsq = float(pp_reduce_norm());
+  } else {
+    dev_->run(grad_sumsq_);
+    dev_->download(&sumsq, sumsq_);
+  }
   grad_norm_ = std::sqrt(sumsq);
   float gscale = 1.f;
   if (cfg_.clip > 0 && grad_norm_ > cfg_.clip) gscale = float(cfg_.clip) / grad_norm_;
@@ -532,7 +568,7 @@ float Trainer::step() {
     step_seconds_sum_ += seconds_since(t_start);
     ++steps_timed_;
   }
-  if (comm_) follow_drift();
+  if (comm_ && pp_ == 1) follow_drift();
   return float(loss_sum);
 }
 
@@ -544,6 +580,7 @@ void Trainer::gather_params() {
 }
 
 float Trainer::eval_loss() {
+  if (pp_ > 1) return float(pp_eval());
   // The same fixed windows for any split: each rank takes its windows, and the token-weighted
   // losses are summed over ranks (collective: every rank calls this).
   const int64_t T = cfg_.seq_len(), W = cfg_.eval_batches * cfg_.batch;
@@ -597,7 +634,11 @@ TensorMap Trainer::frozen_weights() const {
 
 std::string Trainer::save() {
   Checkpoint ck;
-  if (!shards_.empty()) {  // the lead gathers every rank's moments, by name as unsharded
+  if (pp_ > 1) {  // replica 0's stages hand their weights and moments to rank 0
+    if (replica_ != 0) return "";
+    pp_gather(ck);
+    if (stage_ != 0) return "";
+  } else if (!shards_.empty()) {  // the lead gathers every rank's moments, by name as unsharded
     const int64_t own = shard_hi_ - shard_lo_;
     std::vector<float> full[2];
     for (int i = 0; i < 2; ++i) {
@@ -626,7 +667,7 @@ std::string Trainer::save() {
       }
     }
   }
-  ck.weights = weights();
+  if (pp_ == 1) ck.weights = weights();
   ck.trainer = {{"step", step_}, {"config", to_json(cfg_)}, {"format", "mxn-checkpoint-1"}};
   ck.trainer["model"] = cfg_.decoder_config().to_json();
   if (cfg_.finetune != "full") {  // every checkpoint is also a PEFT folder

@@ -37,7 +37,15 @@ struct Plan {
   size_t buckets = 0;           // gradient all-reduce buckets
   bool device_direct = false;   // reduced by the devices' own collectives (NCCL), not via host
   std::string last_change;      // the latest correction, for the log ("" if none pending)
+  std::string pipeline;         // with --pp: the stages, their layers and micro-batches
 };
+
+// The training graph for `rows` sequences: the whole model, or a pipeline stage's layers
+// [first, last) (last -1: to the end); a stage before the last gets the input "grad_out" that
+// seeds its backward (*seed) and keeps its input's gradient (*grad_in).
+Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward,
+                  int64_t first = 0, int64_t last = -1, int* seed = nullptr,
+                  int* grad_in = nullptr);
 
 // Sequences per forward pass that fit in `free_bytes` (at most cfg.batch, at least 1): params,
 // grads and AdamW's moments are fixed, the activation arena grows with the rows; 10% is kept in
@@ -68,6 +76,8 @@ class Trainer {
   // ZeRO-1: rank r's optimizer state covers params [shards[r], shards[r + 1]) of the flat
   // layout; empty when every rank holds all of it.
   const std::vector<int64_t>& optimizer_shards() const { return shards_; }
+  // With --pp: stage s holds layers [bounds[s], bounds[s + 1]); empty otherwise.
+  const std::vector<int64_t>& stage_bounds() const { return bounds_; }
   float last_grad_norm() const { return grad_norm_; }
   Device& device() { return *dev_; }
   const Plan& plan() const { return plan_; }
@@ -124,6 +134,7 @@ class Trainer {
   struct Pass {  // the Program run with this many rows: its inputs and loss
     int variant = -1;
     Tensor tokens, targets, loss, positions, block_positions, prefix;
+    Tensor hidden_in, hidden_out, grad_out, grad_in;  // a pipeline stage's boundary tensors
   };
   std::vector<Pass> passes_;  // by row count, 1..cap
   int64_t step_ = 0;
@@ -141,6 +152,25 @@ class Trainer {
   int64_t slow_from_ = 0, slow_ms_ = 0;  // MXN_TEST_SLOW_RANK
   std::unique_ptr<GradSync> sync_;
   Plan plan_;
+  // Pipeline parallelism (train/pipeline.cpp): this rank is stage stage_ of replica replica_,
+  // holding layers [bounds_[stage_], bounds_[stage_ + 1]). A step runs 1F1B over micro-batches
+  // of cap_ rows; a stage keeps only each micro-batch's input and recomputes its activations in
+  // the backward, so one arena serves every micro-batch in flight.
+  int64_t pp_ = 1, stage_ = 0, replica_ = 0, replicas_ = 1;
+  std::vector<int64_t> bounds_;
+  int seed_value_ = -1, grad_in_value_ = -1;        // graph values: d(hidden_out), d(hidden_in)
+  std::unique_ptr<Communicator> pipe_, dp_, tied_;  // a replica's stages; a stage's replicas;
+                                                    // the first and last stage (tied embeddings)
+  std::vector<float> stash_, send_f_, send_b_, recv_g_, grad_host_, tied_host_;
+  void pp_setup();  // ranks, layer bounds and communicators, before the graph
+  void pp_plan();   // this replica's rows and the micro-batch, before the graph
+  void pp_ready();  // the pass variants, host buffers and the plan's description
+  double pp_passes(uint64_t key, double total);  // a step's 1F1B schedule; its loss share
+  double pp_reduce_norm();         // sums gradients over replicas (and tied copies); global sum of
+                                   // squares
+  double pp_eval();                // validation through the stages
+  void pp_gather(Checkpoint& ck);  // replica 0's state on rank 0, by name
+  void pp_rows(int64_t micro, int64_t n, uint64_t key);  // offsets_ for a micro-batch
   double step_seconds_sum_ = 0;
   int64_t steps_timed_ = 0, steps_run_ = 0;
   float grad_norm_ = 0;

@@ -69,7 +69,7 @@ int64_t Trainer::fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed, bool 
         tgt_host_[b * size_t(T) + size_t(t)] = int32_t(tokens[offsets_[b] + t + 1]);
       }
     dev_->upload(p.tokens, tok_host_.data());
-    dev_->upload(p.targets, tgt_host_.data());
+    if (m_.targets >= 0) dev_->upload(p.targets, tgt_host_.data());  // a pipeline's last stage
     return rows * T;
   }
   GlmOptions o;
