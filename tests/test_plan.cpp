@@ -173,7 +173,7 @@ TEST(LayoutPlan, ASlowChipHelpsFromTheBatchItNames) {
   // a small batch; the planner names the smallest global batch from which it pays, and there
   // it is used.
   Cluster cl;
-  cl.groups = {group("fast", 1, 1, 32, 0.05), group("slow", 1, 0.1, 32, 0.05)};
+  cl.groups = {group("fast", 1, 1, 32, 0.5), group("slow", 1, 0.1, 32, 0.5)};
   JobSpec job;
   job.global_batch = 4;
   job.seq = 64;
@@ -188,4 +188,32 @@ TEST(LayoutPlan, ASlowChipHelpsFromTheBatchItNames) {
   EXPECT_EQ(plan_layouts(cl, m, job, opt).best[0].chips_used[1], 1) << from;
   job.global_batch = from - 1;
   EXPECT_EQ(plan_layouts(cl, m, job, opt).best[0].chips_used[1], 0) << from - 1;
+}
+
+TEST(LayoutPlan, AGivenLayoutKeepsItsStagesAndSharesCores) {
+  // Two pipeline stages on one CPU: each rank gets half its cores, so each stage's forward
+  // takes twice what its layers take on the whole chip.
+  Cluster cl;
+  cl.groups = {group("cpu", 1, 1, 32)};
+  JobSpec job;
+  job.global_batch = 8;
+  job.seq = 64;
+  job.recompute_all = true;
+  const ModelCost m = model_cost(llama(4, 256, 256, 64), job);
+  const LayoutPlan two = price_layout(cl, m, job, {{{0, 3}, {0, 1}}}, 2);
+  ASSERT_EQ(two.kinds.size(), 1u);
+  const std::vector<StageCost>& st = two.kinds[0].stages;
+  ASSERT_EQ(st.size(), 2u);
+  EXPECT_EQ(st[0].last, 3);
+  EXPECT_EQ(st[1].first, 3);
+  EXPECT_TRUE(st[0].recompute && st[1].recompute);
+  // 2 sequences of 64 tokens through 3 layers at half of 1 TFLOPS, plus 20 us a layer a pass.
+  EXPECT_NEAR(st[0].fwd_s, 2 * 2.0 * 64 * 3 * m.layer_flops / 1e12 + 3 * 20e-6, 1e-12);
+  EXPECT_EQ(two.kinds[0].micro, std::vector<int64_t>{4});  // 8 sequences in micro-batches of 2
+  try {
+    price_layout(cl, m, job, {{{0, 3}, {0, 3}}}, 2);
+    FAIL() << "6 layers of a 4-layer model";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "layout: a replica's stages hold 6 layers; the model has 4");
+  }
 }

@@ -9,6 +9,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/text.h"
 #include "io/hf_folder.h"
 #include "plan/planner.h"
 #include "train/config.h"
@@ -18,7 +19,7 @@ namespace mxn::cli {
 namespace {
 
 struct PlanArgs {
-  std::string cluster, model, svg, out;
+  std::string cluster, model, svg, out, layout, recompute = "auto";
   int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1;
   std::string dtype = "f32";
 };
@@ -83,6 +84,40 @@ nlohmann::json plan_json(const Cluster& c, const LayoutPlan& p, const JobSpec& j
           {"kinds", kinds}};
 }
 
+// "cpu:0@3+opencl:0@1,cpu:0@3+opencl:0@1": replicas split by ',', stages by '+', each stage a
+// chip of the cluster and (after '@') its layer count.
+std::vector<std::vector<LayoutStage>> parse_layout(const std::string& text, const Cluster& c) {
+  std::vector<std::vector<LayoutStage>> out;
+  std::string names;
+  for (const NodeGroup& g : c.groups) names += (names.empty() ? "" : ", ") + g.chip.name;
+  for (const std::string& rep : split(text, ',')) {
+    out.emplace_back();
+    for (const std::string& stage : split(rep, '+')) {
+      const size_t at = stage.rfind('@');
+      const std::string chip = stage.substr(0, at);
+      LayoutStage st;
+      st.group = -1;
+      for (size_t g = 0; g < c.groups.size(); ++g)
+        if (c.groups[g].chip.name == chip) st.group = int(g);
+      if (st.group < 0)
+        throw Error("--layout '" + text + "': unknown chip '" + chip +
+                    "' (the cluster's: " + names + ")");
+      if (at != std::string::npos) {
+        char* end = nullptr;
+        st.layers = std::strtoll(stage.c_str() + at + 1, &end, 10);
+        if (*end != '\0' || st.layers < 1)
+          throw Error("--layout '" + text + "': '" + stage +
+                      "' (expected CHIP or CHIP@LAYERS with a positive count)");
+      }
+      out.back().push_back(st);
+    }
+    for (const LayoutStage& st : out.back())
+      if ((st.layers > 0) != (out.back()[0].layers > 0))
+        throw Error("--layout '" + text + "': give every stage of a replica its layers, or none");
+  }
+  return out;
+}
+
 int run_plan(const PlanArgs& a) {
   const Cluster c = load_cluster(a.cluster);
   print_cluster(a.cluster, c);
@@ -94,7 +129,28 @@ int run_plan(const PlanArgs& a) {
   job.seq = a.seq > 0 ? a.seq : dc.max_pos;
   job.dtype = a.dtype;
   job.zero1 = a.zero != 0;
+  if (a.recompute != "auto" && a.recompute != "all")
+    throw Error("--recompute '" + a.recompute + "': expected auto or all");
+  job.recompute_all = a.recompute == "all";
   const ModelCost m = model_cost(dc, job);
+  if (!a.layout.empty()) {  // price the layout given, no search
+    const int64_t micro = a.micro > 0 ? a.micro : 1;
+    const LayoutPlan p = price_layout(c, m, job, parse_layout(a.layout, c), micro);
+    std::printf("\nlayout %s, micro-batch %lld: %s\npredicted step %.4g s, %.4g tokens/s\n",
+                a.layout.c_str(), (long long)micro, p.describe(c).c_str(), p.step_s,
+                p.tokens_per_s);
+    for (const ReplicaKind& k : p.kinds)
+      for (size_t s = 0; s < k.stages.size(); ++s)
+        std::printf(
+            "  stage %zu %s: layers %lld-%lld%s, %.4g s forward + %.4g s backward a "
+            "micro-batch, %.3g GiB\n",
+            s + 1, c.groups[size_t(k.stages[s].group)].chip.name.c_str(),
+            (long long)k.stages[s].first, (long long)k.stages[s].last - 1,
+            k.stages[s].recompute ? " (recomputed)" : "", k.stages[s].fwd_s, k.stages[s].bwd_s,
+            k.stages[s].mem_bytes / (1024.0 * 1024 * 1024));
+    if (!a.svg.empty()) write_file_atomic(a.svg, timeline_svg(c, p, m, job));
+    return 0;
+  }
   PlanOptions opt;
   opt.micro_batch = a.micro;
   opt.top = int(a.top);
@@ -170,6 +226,13 @@ std::function<int()> add_plan(CLI::App& app) {
   sub->add_option("--zero", a->zero, "1: shard the optimizer state over replicas (ZeRO-1)")
       ->capture_default_str();
   sub->add_option("--top", a->top, "plans to list")->capture_default_str();
+  sub->add_option("--layout", a->layout,
+                  "price this layout instead of searching: replicas by ',', stages by '+', "
+                  "CHIP or CHIP@LAYERS (cpu:0@3+opencl:0@1)");
+  sub->add_option("--recompute", a->recompute,
+                  "auto (only stages short of memory) or all (every pipeline stage, as mxn "
+                  "train --pp runs)")
+      ->capture_default_str();
   sub->add_option("--svg", a->svg, "draw the chosen plan's step into this SVG file");
   sub->add_option("--out", a->out, "write the chosen plan as JSON");
   return [a] { return run_plan(*a); };

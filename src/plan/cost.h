@@ -21,6 +21,9 @@ struct JobSpec {
   std::string dtype = "f32";  // f32 | bf16 (see above)
   double bucket_mb = 1.0;     // gradient all-reduce bucket (host-staged copy, sent twice)
   bool zero1 = true;          // shard the optimizer state over the replicas holding a layer
+  // Every stage of a pipeline recomputes its activations (what mxn's trainer does today);
+  // false: only stages whose activations would not fit do.
+  bool recompute_all = false;
 };
 
 struct ModelCost {

@@ -36,12 +36,21 @@ struct Ctx {
     const int s = c.groups[size_t(g)].shares_cores_with;
     return s >= 0 ? s : g;
   }
-  // Groups computing on the same cores split them evenly when all of them are used.
-  double rate(int g, const std::vector<bool>& used) const {
+  // Groups computing on the same cores split them evenly when all of them are used: each
+  // group's rate is divided by the number of used groups on its cores.
+  std::vector<double> divisors(const std::vector<bool>& used) const {
+    std::vector<double> d(c.groups.size(), 1.0);
+    for (size_t g = 0; g < d.size(); ++g) {
+      int sharing = 0;
+      for (size_t h = 0; h < c.groups.size(); ++h)
+        sharing += used[h] && pool(int(h)) == pool(int(g));
+      d[g] = std::max(1, sharing);
+    }
+    return d;
+  }
+  double rate(int g, const std::vector<double>& divisor) const {
     const NodeGroup& n = c.groups[size_t(g)];
-    int sharing = 0;
-    for (size_t h = 0; h < c.groups.size(); ++h) sharing += used[h] && pool(int(h)) == pool(g);
-    return n.chip.bf16_tflops * 1e12 * n.mfu / std::max(1, sharing);
+    return n.chip.bf16_tflops * 1e12 * n.mfu / divisor[size_t(g)];
   }
   double usable(int g) const { return c.groups[size_t(g)].chip.memory_gib * kGiB * kUsable; }
 };
@@ -64,9 +73,14 @@ double stage_params(const ModelCost& m, const StageShape& x) {
 double stage_bytes(const Ctx& x, const StageShape& st, int64_t inflight, double shards) {
   const ModelCost& m = x.m;
   const double params = stage_params(m, st), layers = double(st.last - st.first);
-  const double per_token = st.recompute ? layers * m.input_bytes : layers * m.act_bytes;
   double bytes = params * (m.weight_bytes + m.grad_bytes + m.optim_bytes / shards);
-  bytes += x.tokens() * (double(inflight) * per_token + m.act_bytes);
+  // Recomputation keeps the inputs of the micro-batches in flight and reruns the stage's forward
+  // for one of them at a time (all its layers' activations, as mxn's pipeline does).
+  if (st.recompute)
+    bytes += x.tokens() * (double(inflight) * layers * m.input_bytes + layers * m.act_bytes);
+  else
+    bytes += x.tokens() * double(inflight) * layers * m.act_bytes;
+  bytes += x.tokens() * m.act_bytes;  // the backward's working set
   if (st.s == st.p - 1) bytes += x.tokens() * m.logits_bytes;
   if (st.p > 1) bytes += 4 * x.tokens() * m.boundary_bytes;
   if (shards > 1) bytes += 2 * x.job.bucket_mb * 1024 * 1024;
@@ -76,28 +90,30 @@ double stage_bytes(const Ctx& x, const StageShape& st, int64_t inflight, double 
 double stage_fwd_s(const Ctx& x, const StageShape& st, double rate) {
   double f = double(st.last - st.first) * x.m.layer_flops;
   if (st.s == st.p - 1) f += x.m.head_flops;
-  return x.tokens() * f / rate + double(st.last - st.first) * kPassS;
+  // A replica of one stage runs its micro-batches as one pass: no per-pass cost to split.
+  return x.tokens() * f / rate + (st.p > 1 ? double(st.last - st.first) * kPassS : 0);
 }
 
 double stage_bwd_s(const Ctx& x, const StageShape& st, double rate) {
   const double recompute = st.recompute ? double(st.last - st.first) * x.m.layer_flops : 0;
   return 2 * stage_fwd_s(x, st, rate) + x.tokens() * recompute / rate +
-         (st.recompute ? double(st.last - st.first) * kPassS : 0);
+         (st.recompute && st.p > 1 ? double(st.last - st.first) * kPassS : 0);
 }
 
 // A pipeline over `chips` (a group per stage) with the best stage boundaries: the smallest
 // bottleneck time whose greedy packing (each stage takes as many layers as fit its time and
 // memory, recomputing only when that fits more) places every layer. `shards`: the replicas
 // sharing each stage's optimizer state. Returns false with `why` when no packing fits.
-bool build_pipeline(const Ctx& x, const std::vector<int>& chips, const std::vector<bool>& used,
-                    double shards, std::vector<StageCost>& out, std::string& why) {
+bool build_pipeline(const Ctx& x, const std::vector<int>& chips, const std::vector<double>& divisor,
+                    double shards, std::vector<StageCost>& out, std::string& why,
+                    const std::vector<int64_t>* fixed = nullptr) {
   const int64_t p = int64_t(chips.size()), L = x.m.layers;
   if (p > L) {
     why = std::to_string(p) + " stages for " + std::to_string(L) + " layers";
     return false;
   }
   std::vector<double> rates(static_cast<size_t>(p));
-  for (int64_t s = 0; s < p; ++s) rates[size_t(s)] = x.rate(chips[size_t(s)], used);
+  for (int64_t s = 0; s < p; ++s) rates[size_t(s)] = x.rate(chips[size_t(s)], divisor);
   std::vector<StageShape> shape(static_cast<size_t>(p));
   // Fills `shape` for bottleneck `tau`; false where a stage cannot take its layers.
   auto pack = [&](double tau) {
@@ -108,8 +124,10 @@ bool build_pipeline(const Ctx& x, const std::vector<int>& chips, const std::vect
       int64_t take = 0;
       bool rc = false;
       for (bool r : {false, true}) {
+        if (!r && p > 1 && x.job.recompute_all) continue;  // mxn's pipeline recomputes always
         int64_t n = 0;
         for (int64_t k = 1; k <= most; ++k) {
+          if (fixed && k != (*fixed)[size_t(s)]) continue;
           const StageShape st{layer, layer + k, p, s, r};
           if (stage_bwd_s(x, st, rates[size_t(s)]) + stage_fwd_s(x, st, rates[size_t(s)]) > tau ||
               stage_bytes(x, st, p - s, shards) > x.usable(g))
@@ -127,6 +145,20 @@ bool build_pipeline(const Ctx& x, const std::vector<int>& chips, const std::vect
   double hi = 0;
   for (int64_t s = 0; s < p; ++s)
     hi = std::max(hi, stage_fwd_s(x, {0, L, 1, 0, true}, rates[size_t(s)]) * 4);
+  if (fixed && !pack(hi * 1.01)) {
+    for (int64_t s = 0, layer = 0; s < p; layer += (*fixed)[size_t(s)], ++s) {
+      const int g = chips[size_t(s)];
+      const StageShape st{layer, layer + (*fixed)[size_t(s)], p, s, p > 1};
+      if ((*fixed)[size_t(s)] < 1 || stage_bytes(x, st, p - s, shards) > x.usable(g)) {
+        why = "stage " + std::to_string(s + 1) + " (" + x.c.groups[size_t(g)].chip.name + ", " +
+              std::to_string((*fixed)[size_t(s)]) + " layers) needs " +
+              gib(stage_bytes(x, st, p - s, shards)) + "; the chip holds " + gib(x.usable(g));
+        return false;
+      }
+    }
+    why = "the stages' layer counts do not add up to the model's " + std::to_string(L);
+    return false;
+  }
   if (!pack(hi * 1.01)) {
     // Name what does not fit: the first stage that cannot hold its share at any speed.
     for (int64_t s = 0, layer = 0; s < p; ++s) {
@@ -284,19 +316,17 @@ struct Search {
   const Cluster& c;
   const ModelCost& m;
   const JobSpec& job;
-  std::map<std::tuple<std::vector<int>, int64_t, int64_t, std::vector<bool>>, Candidate> cache;
-  std::map<std::tuple<std::vector<int>, int64_t, int64_t, std::vector<bool>>, std::string> failed;
+  using Key = std::tuple<std::vector<int>, int64_t, int64_t, std::vector<double>>;
+  std::map<Key, Candidate> cache;
+  std::map<Key, std::string> failed;
   int64_t priced = 0;
 
   const Candidate* get(const std::vector<int>& chips, int64_t b, int64_t replicas,
                        const std::vector<bool>& used, std::string* why) {
     // Only a type that shares cores changes speed with the others in use.
-    std::vector<bool> sharing(used.size(), false);
     Ctx x{c, m, job, b};
-    for (size_t g = 0; g < used.size(); ++g)
-      for (size_t h = 0; h < used.size(); ++h)
-        if (h != g && used[g] && used[h] && x.pool(int(g)) == x.pool(int(h))) sharing[g] = true;
-    auto key = std::make_tuple(chips, b, replicas, sharing);
+    const std::vector<double> divisor = x.divisors(used);
+    auto key = std::make_tuple(chips, b, replicas, divisor);
     if (auto it = cache.find(key); it != cache.end()) return &it->second;
     if (auto it = failed.find(key); it != failed.end()) {
       if (why) *why = it->second;
@@ -306,7 +336,7 @@ struct Search {
     cand.replicas = replicas;
     std::string w;
     const double shards = job.zero1 ? double(replicas) : 1.0;
-    if (!build_pipeline(x, chips, used, shards, cand.stages, w)) {
+    if (!build_pipeline(x, chips, divisor, shards, cand.stages, w)) {
       if (why) *why = w;
       failed[key] = w;
       return nullptr;
@@ -333,6 +363,60 @@ std::vector<int64_t> depths(int64_t n, int64_t layers) {
 }
 
 }  // namespace
+
+LayoutPlan price_layout(const Cluster& c, const ModelCost& m, const JobSpec& job,
+                        const std::vector<std::vector<LayoutStage>>& replicas, int64_t micro) {
+  MXN_CHECK(!replicas.empty() && micro > 0, "price_layout needs replicas and a micro-batch");
+  Ctx x{c, m, job, micro};
+  // Ranks beyond a pool's chips share its cores (several ranks on one CPU, PoCL beside it).
+  std::vector<double> ranks(c.groups.size(), 0.0), divisor(c.groups.size(), 1.0);
+  for (const auto& r : replicas)
+    for (const LayoutStage& st : r) ranks[size_t(x.pool(st.group))] += 1;
+  for (size_t g = 0; g < c.groups.size(); ++g)
+    divisor[g] = std::max(
+        1.0, ranks[size_t(x.pool(int(g)))] / double(c.groups[size_t(x.pool(int(g)))].count));
+  std::vector<std::vector<LayoutStage>> kinds;
+  std::vector<Candidate> cands;
+  auto same = [](const std::vector<LayoutStage>& a, const std::vector<LayoutStage>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i)
+      if (a[i].group != b[i].group || a[i].layers != b[i].layers) return false;
+    return true;
+  };
+  for (const auto& r : replicas) {
+    size_t k = 0;
+    while (k < kinds.size() && !same(kinds[k], r)) ++k;
+    if (k == kinds.size()) {
+      kinds.push_back(r);
+      cands.push_back({});
+    }
+    ++cands[k].replicas;
+  }
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    std::vector<int> chips;
+    std::vector<int64_t> layers;
+    int64_t sum = 0;
+    for (const LayoutStage& st : kinds[k]) {
+      chips.push_back(st.group);
+      layers.push_back(st.layers);
+      sum += st.layers;
+    }
+    const bool fixed = layers[0] > 0;
+    if (fixed && sum != m.layers)
+      throw Error("layout: a replica's stages hold " + std::to_string(sum) +
+                  " layers; the model has " + std::to_string(m.layers));
+    std::string why;
+    const double shards = job.zero1 ? double(replicas.size()) : 1.0;
+    if (!build_pipeline(x, chips, divisor, shards, cands[k].stages, why, fixed ? &layers : nullptr))
+      throw Error("layout does not fit: " + why);
+  }
+  std::vector<const Candidate*> ptrs;
+  for (const Candidate& cd : cands) ptrs.push_back(&cd);
+  LayoutPlan lp;
+  price(x, ptrs, lp);
+  lp.family = "given";
+  return lp;
+}
 
 std::string LayoutPlan::describe(const Cluster& c) const {
   std::string s;

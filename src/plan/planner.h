@@ -66,6 +66,16 @@ struct PlanReport {
 PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job,
                         const PlanOptions& opt = {});
 
+// A layout as the user gives it (mxn plan --layout), priced the same way: replicas of stages,
+// each stage a cluster group and its layer count (every count 0: balanced by the planner).
+// Ranks beyond a group's chips share their cores. Error naming what does not fit.
+struct LayoutStage {
+  int group = 0;
+  int64_t layers = 0;
+};
+LayoutPlan price_layout(const Cluster& c, const ModelCost& m, const JobSpec& job,
+                        const std::vector<std::vector<LayoutStage>>& replicas, int64_t micro);
+
 // The chosen plan's step drawn as lanes, one per chip type (its busiest stage): forward,
 // backward, sends, reduce, optimizer; what is left of the step is bubble.
 std::string timeline_svg(const Cluster& c, const LayoutPlan& p, const ModelCost& m,
