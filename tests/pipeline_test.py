@@ -7,6 +7,7 @@ global batch: every step's loss within 1e-3 relative over 50 steps (f32), under 
     OpenCL backend is built;
   - a LLaMA-shaped model (untied, GQA) over 2 even stages;
   - the 2-stage run's checkpoint resumed on the other split (1 and 3 layers) and on one device;
+  - `mxn plan --layout ... --out plan.json` then `mxn train --plan plan.json` runs that layout;
   - bad pipeline settings refused naming what was wrong.
 usage: pipeline_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
@@ -62,6 +63,22 @@ with tempfile.TemporaryDirectory() as tmp:
         same("2 stages x 2 replicas over CPU + OpenCL", ref,
              train(f"{tmp}/ppdp", "--pp", "2", "--devices", "cpu,opencl:0,cpu,opencl:0"))
 
+    # mxn plan --layout ... --out plan.json, then mxn train --plan plan.json runs that layout.
+    with open(f"{tmp}/one/ckpt-00000050/trainer.json") as f:
+        model = json.load(f)["model"]
+    with open(f"{tmp}/model.json", "w") as f:
+        json.dump(model, f)
+    cluster = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "cluster-small.toml")
+    subprocess.run([mxn, "plan", "--cluster", cluster, "--model", f"{tmp}/model.json", "--global-batch", "16",
+                    "--seq", "32", "--layout", "cpu:0@1+cpu:0@3", "--micro-batch", "4", "--out", f"{tmp}/plan.json"],
+                   check=True, stdout=subprocess.PIPE)
+    got = train(f"{tmp}/planned", "--plan", f"{tmp}/plan.json")
+    with open(f"{tmp}/planned/ckpt-00000050/trainer.json") as f:
+        saved = json.load(f)["config"]
+    check("mxn train --plan runs the plan's layout", (saved["pp"], saved["stages"], saved["micro"], saved["devices"])
+          == (2, "1,3", 4, "cpu:0,cpu:0"), str((saved["pp"], saved["stages"], saved["micro"], saved["devices"])))
+    same("... with the single-device losses", ref, got)
+
     llama = ["--arch", "llama", "--n_kv_head", "2"]
     same("LLaMA-shaped, 2 even stages", train(f"{tmp}/llama1", *llama),
          train(f"{tmp}/llama2", *llama, "--pp", "2", launcher=mpirun + ["-np", "2"]))
@@ -73,6 +90,10 @@ with tempfile.TemporaryDirectory() as tmp:
     got = train(f"{tmp}/pp2", "--resume", f"{tmp}/pp2/ckpt-00000030")
     same("resumed on one device", tail, (got[0][30:], got[1][1:]))
 
+    with open(f"{tmp}/bad.json", "w") as f:
+        f.write('{"kinds": []}')
+    refused("a plan file without replicas", ["--out", f"{tmp}/bad", "--plan", f"{tmp}/bad.json"],
+            f"plan '{tmp}/bad.json': no \"kinds\" of replicas (expected a plan written by mxn plan --out)")
     np2 = mpirun + ["-np", "2"]
     refused("--pp 3 on 2 ranks", ["--out", f"{tmp}/bad", "--pp", "3"], "--pp 3 needs a multiple of 3 ranks; the job has 2", np2)
     refused("stages that do not sum to the layers", ["--out", f"{tmp}/bad", "--pp", "2", "--stages", "2,3"],

@@ -149,6 +149,7 @@ int run_plan(const PlanArgs& a) {
             k.stages[s].recompute ? " (recomputed)" : "", k.stages[s].fwd_s, k.stages[s].bwd_s,
             k.stages[s].mem_bytes / (1024.0 * 1024 * 1024));
     if (!a.svg.empty()) write_file_atomic(a.svg, timeline_svg(c, p, m, job));
+    if (!a.out.empty()) write_file_atomic(a.out, plan_json(c, p, job, a.model).dump(2) + "\n");
     return 0;
   }
   PlanOptions opt;

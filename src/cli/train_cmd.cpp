@@ -14,11 +14,13 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "backend/device.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/text.h"
 #include "io/checkpoint.h"
 #include "parallel/balance.h"
@@ -236,12 +238,69 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
 }
 
 struct TrainArgs {
-  std::string config_file, resume;
+  std::string config_file, resume, plan;
   int64_t stop_at = 0;
   bool dry_run = false;
   TrainConfig flags;
   std::vector<std::pair<std::string, CLI::Option*>> opts;
 };
+
+// --plan: the layout `mxn plan --out` chose, as the pipeline and device fields: every replica's
+// stages (their chips in rank order), one stage split for all, the micro-batch and the global
+// batch. Errors name the file and what it lacks.
+void apply_plan(TrainConfig& cfg, const std::string& path, std::vector<std::string>& set) {
+  const nlohmann::json j = nlohmann::json::parse(read_file(path, "plan file"), nullptr, false);
+  auto bad = [&](const std::string& what) {
+    return Error("plan '" + path + "': " + what + " (expected a plan written by mxn plan --out)");
+  };
+  if (j.is_discarded() || !j.is_object() || !j.contains("kinds") || !j["kinds"].is_array() ||
+      j["kinds"].empty())
+    throw bad("no \"kinds\" of replicas");
+  for (const char* k : {"pp", "stages", "devices", "device", "micro", "batch", "accum"})
+    if (std::find(set.begin(), set.end(), k) != set.end())
+      throw Error(std::string("--plan sets ") + k + "; leave out --" + k);
+  std::vector<int64_t> split;
+  std::vector<std::string> chips;
+  try {
+    for (const auto& kind : j["kinds"]) {
+      std::vector<int64_t> counts;
+      std::vector<std::string> stage_chips;
+      for (const auto& st : kind.at("stages")) {
+        const auto range = st.at("layers").get<std::vector<int64_t>>();
+        if (range.size() != 2 || range[1] <= range[0])
+          throw bad("a stage's layers are not [first, last)");
+        counts.push_back(range[1] - range[0]);
+        stage_chips.push_back(st.at("chip").get<std::string>());
+      }
+      if (!split.empty() && counts != split)
+        throw bad(
+            "its replicas split the layers differently; mxn train runs replicas of one split");
+      split = counts;
+      for (int64_t r = 0; r < kind.at("replicas").get<int64_t>(); ++r)
+        chips.insert(chips.end(), stage_chips.begin(), stage_chips.end());
+    }
+    cfg.batch = j.at("global_batch").get<int64_t>();
+    cfg.seq = j.at("seq").get<int64_t>();
+    cfg.dtype = j.at("dtype").get<std::string>();
+    if (split.size() > 1) cfg.micro = j.at("micro_batch").get<int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw bad(std::string("a field is missing or of the wrong type: ") + e.what());
+  }
+  cfg.accum = 1;
+  cfg.pp = int64_t(split.size());
+  cfg.stages.clear();
+  for (int64_t n : split) cfg.stages += (cfg.stages.empty() ? "" : ",") + std::to_string(n);
+  if (chips.size() == 1) {
+    cfg.device = chips[0];
+    cfg.devices.clear();
+  } else {
+    cfg.devices.clear();
+    for (const std::string& c : chips) cfg.devices += (cfg.devices.empty() ? "" : ",") + c;
+  }
+  for (const char* k :
+       {"pp", "stages", "devices", "device", "micro", "batch", "accum", "seq", "dtype"})
+    set.push_back(k);
+}
 
 int run_train(TrainArgs& a) {
   watch_stop_signals();  // first: before any thread exists
@@ -257,6 +316,7 @@ int run_train(TrainArgs& a) {
       copy_field(cfg, a.flags, name);
       set.push_back(name);
     }
+  if (!a.plan.empty()) apply_plan(cfg, a.plan, set);
   if (!a.resume.empty()) {
     // A resumed run keeps its checkpoint's config; only keys given now override it, and the
     // model's shape cannot change.
@@ -433,6 +493,9 @@ std::function<int()> add_train(CLI::App& app) {
   sub->add_option("config", a->config_file, "TOML file with any of the keys below");
   sub->add_option("--resume", a->resume, "continue from a checkpoint or run folder");
   sub->add_option("--stop-at", a->stop_at, "stop (with a checkpoint) after this step");
+  sub->add_option("--plan", a->plan,
+                  "run the layout a plan file holds (mxn plan --out): its devices, stages, "
+                  "micro-batch and global batch");
   sub->add_flag("--dry-run", a->dry_run,
                 "build the model on every device, measure them and print the plan; train nothing");
   for (auto& f : config_fields(a->flags)) {
