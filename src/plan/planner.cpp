@@ -223,7 +223,8 @@ struct Candidate {  // a template with the replica count it was built for
 
 // Prices a layout: gradient reduces among every replica holding a layer, the micro-batches
 // split so that replicas finish together, each kind simulated with its counts.
-bool price(const Ctx& x, const std::vector<const Candidate*>& kinds, LayoutPlan& out) {
+bool price(const Ctx& x, const std::vector<const Candidate*>& kinds, LayoutPlan& out,
+           bool every_replica = false) {
   int64_t R = 0;
   std::vector<bool> used(x.c.groups.size(), false);
   for (const Candidate* k : kinds) {
@@ -267,7 +268,12 @@ bool price(const Ctx& x, const std::vector<const Candidate*>& kinds, LayoutPlan&
   // Each micro-batch goes to the kind that would finish it soonest (its least-loaded replica).
   const int64_t M = (x.job.global_batch + x.b - 1) / x.b;
   std::vector<int64_t> m(kinds.size(), 0);
-  for (int64_t i = 0; i < M; ++i) {
+  int64_t given = 0;
+  if (every_replica) {  // each replica takes at least one micro-batch (to price using a type)
+    for (size_t k = 0; k < kinds.size(); ++k) given += m[k] = kinds[k]->replicas;
+    if (given > M) return false;
+  }
+  for (int64_t i = given; i < M; ++i) {
     size_t best = 0;
     double best_t = 1e300;
     for (size_t k = 0; k < kinds.size(); ++k) {
@@ -456,8 +462,8 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
   std::vector<std::string> reasons;
 
   // choice[g]: a depth for group g's own pipelines, or 0 when the type is left out.
-  auto per_type = [&](int64_t b, const std::vector<int64_t>& choice, int64_t gb,
-                      LayoutPlan* out) -> bool {
+  auto per_type = [&](int64_t b, const std::vector<int64_t>& choice, int64_t gb, LayoutPlan* out,
+                      bool every_replica = false) -> bool {
     std::vector<bool> used(static_cast<size_t>(G));
     for (int g = 0; g < G; ++g) used[size_t(g)] = choice[size_t(g)] > 0;
     std::vector<const Candidate*> kinds;
@@ -472,16 +478,16 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
     j.global_batch = gb;
     Ctx x{c, m, j, b};
     LayoutPlan lp;
-    if (!price(x, kinds, lp)) return false;
+    if (!price(x, kinds, lp, every_replica)) return false;
     ++S.priced;
     lp.family = "per type";
     if (out) *out = std::move(lp);
     return true;
   };
 
-  auto step_of = [&](int64_t b, const std::vector<int64_t>& ch, int64_t gb) {
+  auto step_of = [&](int64_t b, const std::vector<int64_t>& ch, int64_t gb, bool every = false) {
     LayoutPlan lp;
-    return per_type(b, ch, gb, &lp) ? lp.step_s : 1e300;
+    return per_type(b, ch, gb, &lp, every) ? lp.step_s : 1e300;
   };
 
   struct Best {
@@ -621,14 +627,18 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
   // global batch they would pay (the smallest, in micro-batches of the best size).
   if (best.b > 0 && rep.best[0].family == "per type") {
     for (int g = 0; g < G; ++g) {
-      if (best.choice[size_t(g)] != 0) continue;
+      // Left out: not chosen, or chosen and given no micro-batch by the split.
+      if (best.choice[size_t(g)] != 0 && rep.best[0].chips_used[size_t(g)] > 0) continue;
       const NodeGroup& ng = c.groups[size_t(g)];
-      auto with = [&](int64_t gb) {
+      std::vector<int64_t> without_g = best.choice;
+      without_g[size_t(g)] = 0;
+      auto without = [&](int64_t gb) { return step_of(best.b, without_g, gb); };
+      auto with = [&](int64_t gb) {  // every replica of the type at work
         double t = 1e300;
         for (int64_t p : depths(ng.count, m.layers)) {
-          std::vector<int64_t> ch = best.choice;
+          std::vector<int64_t> ch = without_g;
           ch[size_t(g)] = p;
-          t = std::min(t, step_of(best.b, ch, gb));
+          t = std::min(t, step_of(best.b, ch, gb, true));
         }
         return t;
       };
@@ -638,7 +648,7 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
       if (lo.step_with_s >= 1e300) continue;  // cannot hold the model: reported above
       int64_t lo_b = job.global_batch, hi_b = 0;
       for (int64_t gb = job.global_batch * 2; gb <= job.global_batch * 1024; gb *= 2)
-        if (with(gb) < step_of(best.b, best.choice, gb)) {
+        if (with(gb) < without(gb)) {
           hi_b = gb;
           break;
         } else {
@@ -647,7 +657,7 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
       while (hi_b > 0 && hi_b - lo_b > best.b) {  // the smallest batch that pays, to a micro-batch
         const int64_t mid = (lo_b + hi_b) / 2 / best.b * best.b;
         if (mid <= lo_b) break;
-        (with(mid) < step_of(best.b, best.choice, mid) ? hi_b : lo_b) = mid;
+        (with(mid) < without(mid) ? hi_b : lo_b) = mid;
       }
       lo.helps_from_batch = hi_b;
       char line[512];
