@@ -106,7 +106,8 @@ def kill_rank_and_resume(tmp, ref):
         latest = f.read().strip()
     last = err.strip().splitlines()[-1] if err.strip() else ""
     ok = (p.returncode != 0 and took < 10 and "rank 1 (opencl:0) died" in last
-          and latest in last and "--devices cpu:0" in last and "-----" not in err)
+          and latest in last and "--devices cpu:0" in last and "-----" not in err
+          and f"MXN_DEVICES=cpu:0 sbatch --ntasks 1 examples/slurm/train.sbatch --resume {out}" in last)
     check("SIGKILL of rank 1 stops the job", ok, f"{took:.1f} s after the kill, exit {p.returncode}: {last!r}")
     train(out, "--resume", out, "--devices", "cpu")
     compare(f"resumed from {latest} on the remaining cpu = cpu", ref, losses(out))

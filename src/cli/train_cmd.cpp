@@ -161,9 +161,11 @@ int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const st
   for (const auto& d : rest) again += (again.empty() ? "" : ",") + d;
   std::fprintf(stderr,
                "mxn: error: rank %d (%s) died (signal %d: %s); the job stopped. Last checkpoint: "
-               "%s. Continue on the remaining devices with: mxn train --resume %s --devices %s\n",
+               "%s. Continue on the remaining devices with: mxn train --resume %s --devices %s "
+               "(under Slurm: MXN_DEVICES=%s sbatch --ntasks %zu examples/slurm/train.sbatch "
+               "--resume %s)\n",
                dead_rank, devs[size_t(dead_rank)].c_str(), dead_signal, strsignal(dead_signal),
-               last.c_str(), out.c_str(), again.c_str());
+               last.c_str(), out.c_str(), again.c_str(), again.c_str(), rest.size(), out.c_str());
   return code == 0 ? 1 : code;
 }
 
