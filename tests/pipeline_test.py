@@ -13,31 +13,20 @@ usage: pipeline_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
 import json, os, subprocess, sys, tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_common import MPIRUN, check, finish, losses, worst  # noqa: E402
+
 mxn, data = sys.argv[1], sys.argv[2]
 base = ["--data", data, "--n_layer", "4", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",
         "--steps", "50", "--eval_every", "25", "--eval_batches", "2", "--seed", "7", "--threads", "1",
         "--ckpt_every", "30"]
-mpirun = ["mpirun", "--oversubscribe", "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-failed = passed = 0
-
-
-def check(name, ok, detail=""):
-    global failed, passed
-    print(f"{'ok' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
-    failed += not ok
-    passed += bool(ok)
+mpirun = MPIRUN
 
 
 def train(out, *extra, launcher=()):
     subprocess.run([*launcher, mxn, "train", *base, "--out", out, *extra], check=True,
                    stdout=subprocess.PIPE, text=True, timeout=600)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(l) for l in f]
-    return [r["loss"] for r in rows], [r["val_loss"] for r in rows if "val_loss" in r]
-
-
-def worst(ref, got):
-    return max(abs(a - b) / abs(a) for a, b in zip(ref, got)) if len(ref) == len(got) else float("inf")
+    return losses(out), losses(out, "val_loss")
 
 
 def same(name, ref, got, tol=1e-3):
@@ -101,5 +90,4 @@ with tempfile.TemporaryDirectory() as tmp:
     refused("--pp with GLM's objective", ["--out", f"{tmp}/bad", "--pp", "2", "--objective", "glm"],
             "--pp 2 trains every weight on next-token prediction for now", np2)
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

@@ -8,31 +8,15 @@ munged, slurmctld and slurmd on free loopback ports in a temporary folder, then
     the losses go on as the single-device run's.
 usage: slurm_test.py PATH/TO/mxn PATH/TO/kjv.bin SOURCE_DIR
 """
-import json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import os, shutil, signal, socket, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_common import check, finish, losses, worst  # noqa: E402
 
 mxn, data, src = sys.argv[1], sys.argv[2], sys.argv[3]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",
         "--steps", "30", "--eval_every", "0", "--eval_batches", "2", "--seed", "7", "--threads", "1",
         "--ckpt_every", "20"]
-failed = passed = 0
-
-
-def check(name, ok, detail=""):
-    global failed, passed
-    print(f"{'ok' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
-    failed += not ok
-    passed += bool(ok)
-
-
-def losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(l)["loss"] for l in f]
-
-
-def worst(ref, got):
-    return max(abs(a - b) / abs(a) for a, b in zip(ref, got)) if len(ref) == len(got) else float("inf")
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,5 +127,4 @@ finally:
     time.sleep(1)
     shutil.rmtree(tmp, ignore_errors=True)
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

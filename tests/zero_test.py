@@ -11,31 +11,20 @@ usage: zero_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
 import json, os, re, struct, subprocess, sys, tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_common import MPIRUN, check, finish, losses, worst  # noqa: E402
+
 mxn, data = sys.argv[1], sys.argv[2]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",
         "--steps", "50", "--eval_every", "0", "--eval_batches", "2", "--seed", "7", "--threads", "1",
         "--ckpt_every", "30"]
-mpirun = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2"] + \
-    (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-failed = passed = 0
-
-
-def check(name, ok, detail=""):
-    global failed, passed
-    print(f"{'ok' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
-    failed += not ok
-    passed += bool(ok)
+mpirun = MPIRUN + ["-np", "2"]
 
 
 def train(out, *extra, launcher=()):
     r = subprocess.run([*launcher, mxn, "train", *base, "--out", out, *extra], check=True,
                        stdout=subprocess.PIPE, text=True, timeout=600)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(l)["loss"] for l in f], r.stdout
-
-
-def worst(ref, got):
-    return max(abs(a - b) / abs(a) for a, b in zip(ref, got)) if len(ref) == len(got) else float("inf")
+    return losses(out), r.stdout
 
 
 def param_count(ckpt):
@@ -88,5 +77,4 @@ with tempfile.TemporaryDirectory() as tmp:
     check("--zero 2 is refused with one line", r.returncode != 0 and len(lines) == 1
           and "zero = 2, expected 0 or 1" in lines[0], r.stderr.strip())
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()
