@@ -119,6 +119,20 @@ class Plan(unittest.TestCase):
         self.assertIn("(it computes on cores another chip uses, so both slow down); it would not help "
                       "at any global batch up to 16384 sequences", r.stdout)
 
+    def test_this_machine_measured(self):
+        """--cluster here: each device timed on the model; PoCL found to run on the CPU's cores."""
+        r = subprocess.run([MXN, "plan", "--cluster", "here", "--model", "default"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"\| cpu:0 \| 1 \| 1 \| [0-9.]+ \| [0-9]+ \| 50 \| 10 \| 10 \| 0.00 \| "
+                                   r"measured here: [0-9.]+ s a step of 16 x 128 tokens \|")
+        self.assertIn("chosen: 1 x cpu:0 (4)", r.stdout)
+        if "| opencl:0 |" in r.stdout:
+            self.assertIn("opencl:0 left out: with it the step would take", r.stdout)
+            self.assertIn("(it computes on cores another chip uses, so both slow down)", r.stdout)
+        r = subprocess.run([MXN, "plan", "--cluster", "here"], capture_output=True, text=True)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertEqual(r.stderr.strip(), "mxn: error: --cluster here times the devices on a model: give --model")
+
     def test_nothing_fits_names_the_constraint(self):
         r, path = self.run_plan(GOOD.format(chip="MyCard", count=4) + "bf16_tflops = 100\nmemory_gib = 8\nhbm_gbs = 900\n",
                                 ["--model", os.path.join(SRC, "examples/llama-70b"), "--dtype", "bf16"])

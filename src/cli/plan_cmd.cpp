@@ -11,6 +11,7 @@
 #include "core/fs.h"
 #include "core/text.h"
 #include "io/hf_folder.h"
+#include "plan/local.h"
 #include "plan/planner.h"
 #include "train/config.h"
 
@@ -119,7 +120,19 @@ std::vector<std::vector<LayoutStage>> parse_layout(const std::string& text, cons
 }
 
 int run_plan(const PlanArgs& a) {
-  const Cluster c = load_cluster(a.cluster);
+  Cluster c;
+  if (a.cluster == "here") {  // this machine's devices, timed on the model to plan
+    if (a.model.empty()) throw Error("--cluster here times the devices on a model: give --model");
+    TrainConfig t;
+    if (a.model != "default") t.model.dir = a.model;
+    t.batch = std::min<int64_t>(a.global_batch, 16);
+    t.seq = a.seq;
+    t.dtype = a.dtype;
+    t.eval_every = 0;
+    c = local_cluster(t);
+  } else {
+    c = load_cluster(a.cluster);
+  }
   print_cluster(a.cluster, c);
   if (a.model.empty()) return 0;
   const auto t0 = std::chrono::steady_clock::now();
@@ -213,7 +226,9 @@ std::function<int()> add_plan(CLI::App& app) {
   auto* sub = app.add_subcommand(
       "plan", "check a cluster file; with --model, plan a training job's layout on it");
   auto a = std::make_shared<PlanArgs>();
-  sub->add_option("--cluster", a->cluster, "cluster.toml: node groups of one chip type each")
+  sub->add_option("--cluster", a->cluster,
+                  "cluster.toml: node groups of one chip type each; here: this machine's devices, "
+                  "timed on --model")
       ->required();
   sub->add_option("--model", a->model,
                   "a Hugging Face folder, a config.json, or 'default' (mxn train's model)");
