@@ -25,6 +25,7 @@
 #include "io/checkpoint.h"
 #include "parallel/balance.h"
 #include "parallel/comm.h"
+#include "plan/local.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
 
@@ -344,9 +345,28 @@ int run_train(TrainArgs& a) {
                 "' is missing: run scripts/setup (it prepares "
                 "it), or pass --data FILE");
   cfg.validate();
-  if (cfg.devices == "all") {  // every device of every backend here, one rank each
+  if (cfg.devices == "all") {  // every device here that adds speed, one rank each
     cfg.devices.clear();
-    for (const auto& d : available_devices()) cfg.devices += (cfg.devices.empty() ? "" : ",") + d;
+    const std::vector<std::string> here = available_devices();
+    const auto shared = devices_on_shared_cores(here);
+    for (const auto& d : here) {
+      auto on =
+          std::find_if(shared.begin(), shared.end(), [&](const auto& s) { return s.first == d; });
+      if (on != shared.end()) {  // mxn plan's rule: two chips on one set of cores both slow down
+        if (rank_from_env().rank == 0)
+          std::printf(
+              "  %s left out of --devices all: it computes on %s's cores, so the two would split "
+              "them and the job would be slower than on %s alone at any batch (mxn plan --cluster "
+              "here --model ... prices both); name it in --devices to use it anyway\n",
+              d.c_str(), on->second.c_str(), on->second.c_str());
+        continue;
+      }
+      cfg.devices += (cfg.devices.empty() ? "" : ",") + d;
+    }
+    if (cfg.devices.find(',') == std::string::npos) {  // one device: no ranks to start
+      cfg.device = cfg.devices;
+      cfg.devices.clear();
+    }
   }
   const std::vector<std::string> devs = split_devices(cfg.devices);
   if (!devs.empty()) {

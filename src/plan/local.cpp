@@ -9,11 +9,45 @@
 
 namespace mxn {
 
+namespace {
+
+bool props_of(const std::string& name, mxn_device_props& p) {
+  const size_t colon = name.find(':');
+  for (const BackendEntry& b : backends())
+    if (b.api && b.name == name.substr(0, colon)) {
+      p = {};
+      p.struct_size = sizeof p;
+      return b.api->device_props(std::stoi(name.substr(colon + 1)), &p) == 0;
+    }
+  return false;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> devices_on_shared_cores(
+    const std::vector<std::string>& names) {
+  std::vector<std::pair<std::string, std::string>> out;
+  std::string cpu;
+  mxn_device_props cp{};
+  for (const std::string& n : names)
+    if (n.rfind("cpu:", 0) == 0 && cpu.empty() && props_of(n, cp)) cpu = n;
+  if (cpu.empty()) return out;
+  for (const std::string& n : names) {
+    mxn_device_props p{};
+    if (n.rfind("opencl:", 0) != 0 || !props_of(n, p)) continue;
+    const std::string dev = p.name;
+    if (dev.find("pthread") != std::string::npos ||
+        (cp.name[0] && dev.find(cp.name) != std::string::npos))
+      out.push_back({n, cpu});
+  }
+  return out;
+}
+
 Cluster local_cluster(const TrainConfig& cfg) {
   Cluster c;
-  std::string cpu_model;
-  int cpu_group = -1;
-  for (const std::string& name : available_devices()) {
+  const std::vector<std::string> names = available_devices();
+  const auto shared = devices_on_shared_cores(names);
+  for (const std::string& name : names) {
     TrainConfig t = cfg;
     t.device = name;
     t.devices.clear();
@@ -39,15 +73,13 @@ Cluster local_cluster(const TrainConfig& cfg) {
     g.chip.source = src;
     g.count = g.per_node = 1;
     g.intra_gbs = g.inter_gbs = 10;
-    if (name.rfind("cpu", 0) == 0 && cpu_group < 0) {
-      cpu_group = int(c.groups.size());
-      cpu_model = p.name;
-    } else if (cpu_group >= 0 && name.rfind("opencl", 0) == 0 &&
-               (std::string(p.name).find("pthread") != std::string::npos ||
-                (!cpu_model.empty() && std::string(p.name).find(cpu_model) != std::string::npos))) {
-      g.shares_cores_with = cpu_group;  // PoCL: an OpenCL device made of the host's cores
-    }
     c.groups.push_back(g);
+  }
+  for (const auto& [dev, host] : shared) {  // PoCL: an OpenCL device made of the host's cores
+    const auto at = [&](const std::string& n) {
+      return int(std::find(names.begin(), names.end(), n) - names.begin());
+    };
+    c.groups[size_t(at(dev))].shares_cores_with = at(host);
   }
   return c;
 }

@@ -4,6 +4,8 @@
 // (the profiler's figure, not a datasheet's), its memory as the device reports it. An OpenCL
 // device that runs on the host CPU (PoCL) shares the CPU's cores.
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "plan/cluster.h"
 #include "train/config.h"
@@ -13,5 +15,11 @@ namespace mxn {
 // `cfg`: the model and batch to time (its data must exist). Link bandwidths are assumed (host
 // memory through MPI's shared memory), memory bandwidth unknown (50 GB/s).
 Cluster local_cluster(const TrainConfig& cfg);
+
+// Each device of `names` that computes on another listed device's cores (an OpenCL device PoCL
+// makes of the host CPU), with that device: {"opencl:0", "cpu:0"}. From the devices' properties
+// alone; nothing is opened.
+std::vector<std::pair<std::string, std::string>> devices_on_shared_cores(
+    const std::vector<std::string>& names);
 
 }  // namespace mxn
