@@ -634,7 +634,7 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
       without_g[size_t(g)] = 0;
       auto without = [&](int64_t gb) { return step_of(best.b, without_g, gb); };
       auto with = [&](int64_t gb) {  // every replica of the type at work, at its best depth and
-        double t = 1e300;             // micro-batch
+        double t = 1e300;            // micro-batch
         for (int64_t b : micro_sizes(job, opt))
           for (int64_t p : depths(ng.count, m.layers)) {
             std::vector<int64_t> ch = without_g;
