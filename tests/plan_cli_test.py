@@ -121,7 +121,8 @@ class Plan(unittest.TestCase):
 
     def test_this_machine_measured(self):
         """--cluster here: each device timed on the model; PoCL found to run on the CPU's cores."""
-        r = subprocess.run([MXN, "plan", "--cluster", "here", "--model", "default"], capture_output=True, text=True)
+        r = subprocess.run([MXN, "plan", "--cluster", "here", "--model", "default", "--data",
+                            os.path.join(SRC, "data/kjv.bin")], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertRegex(r.stdout, r"\| cpu:0 \| 1 \| 1 \| [0-9.]+ \| [0-9]+ \| 50 \| 10 \| 10 \| 0.00 \| "
                                    r"measured here: [0-9.]+ s a step of 16 x 128 tokens \|")

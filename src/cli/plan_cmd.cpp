@@ -20,7 +20,7 @@ namespace mxn::cli {
 namespace {
 
 struct PlanArgs {
-  std::string cluster, model, svg, out, layout, recompute = "auto";
+  std::string cluster, model, svg, out, layout, recompute = "auto", data = "data/kjv.bin";
   int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1;
   std::string dtype = "f32";
 };
@@ -129,6 +129,7 @@ int run_plan(const PlanArgs& a) {
     t.seq = a.seq;
     t.dtype = a.dtype;
     t.eval_every = 0;
+    t.data = a.data;
     c = local_cluster(t);
   } else {
     c = load_cluster(a.cluster);
@@ -242,6 +243,9 @@ std::function<int()> add_plan(CLI::App& app) {
   sub->add_option("--zero", a->zero, "1: shard the optimizer state over replicas (ZeRO-1)")
       ->capture_default_str();
   sub->add_option("--top", a->top, "plans to list")->capture_default_str();
+  sub->add_option("--data", a->data,
+                  "with --cluster here: the token shard the devices are timed on")
+      ->capture_default_str();
   sub->add_option("--layout", a->layout,
                   "price this layout instead of searching: replicas by ',', stages by '+', "
                   "CHIP or CHIP@LAYERS (cpu:0@3+opencl:0@1)");
