@@ -8,6 +8,7 @@
 #include "graph/program.h"
 #include "models/decoder.h"
 #include "plan/planner.h"
+#include "train/trainer.h"
 
 using namespace mxn;
 
@@ -215,5 +216,32 @@ TEST(LayoutPlan, AGivenLayoutKeepsItsStagesAndSharesCores) {
     FAIL() << "6 layers of a 4-layer model";
   } catch (const Error& e) {
     EXPECT_STREQ(e.what(), "layout: a replica's stages hold 6 layers; the model has 4");
+  }
+}
+
+TEST(LayoutPlan, StageMemoryIsAnUpperBoundOfTheStageArena) {
+  // Each stage of a 3+1 pipeline as mxn train --pp runs it (every stage recomputed): the
+  // prediction covers the arena planned for that stage's graph plus 16 bytes a weight.
+  TrainConfig cfg;
+  cfg.model.n_layer = 4, cfg.model.n_embd = 64, cfg.model.n_ctx = 32;
+  const DecoderConfig d = cfg.decoder_config();
+  JobSpec job;
+  job.global_batch = 16;
+  job.seq = 32;
+  job.recompute_all = true;
+  Cluster cl;
+  cl.groups = {group("chip", 2, 1, 64)};
+  for (int64_t micro : {1, 4}) {
+    const LayoutPlan p = price_layout(cl, model_cost(d, job), job, {{{0, 3}, {0, 1}}}, micro);
+    const std::vector<StageCost>& st = p.kinds[0].stages;
+    for (size_t s = 0; s < st.size(); ++s) {
+      DecoderGraph m;
+      size_t nf = 0;
+      Graph g = train_graph(cfg, micro, &m, &nf, st[s].first, st[s].last);
+      double real = double(plan_arena(g));
+      for (int w : g.params()) real += 16.0 * double(numel(g.v(w).shape));
+      EXPECT_GE(st[s].mem_bytes, real) << "stage " << s << ", micro-batch " << micro;
+      EXPECT_LE(st[s].mem_bytes, 4 * real) << "stage " << s << ", micro-batch " << micro;
+    }
   }
 }

@@ -144,7 +144,8 @@ bool build_pipeline(const Ctx& x, const std::vector<int>& chips, const std::vect
   };
   double hi = 0;
   for (int64_t s = 0; s < p; ++s)
-    hi = std::max(hi, stage_fwd_s(x, {0, L, 1, 0, true}, rates[size_t(s)]) * 4);
+    hi = std::max(hi, 2 * (stage_fwd_s(x, {0, L, p, p - 1, true}, rates[size_t(s)]) +
+                           stage_bwd_s(x, {0, L, p, p - 1, true}, rates[size_t(s)])));
   if (fixed && !pack(hi * 1.01)) {
     for (int64_t s = 0, layer = 0; s < p; layer += (*fixed)[size_t(s)], ++s) {
       const int g = chips[size_t(s)];
