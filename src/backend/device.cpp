@@ -295,26 +295,40 @@ std::vector<std::string> available_devices() {
   return out;
 }
 
-std::unique_ptr<Device> open_device(const std::string& spec, int threads) {
+namespace {
+// "cpu", "cpu:0", "opencl:1" -> its backend and index; null when there is no such device.
+const mxn_backend_api* find_device(const std::string& spec, int& index) {
   std::string kind = spec;
-  int index = 0;
-  auto colon = spec.find(':');
-  bool ok = true;
+  index = 0;
+  const auto colon = spec.find(':');
   if (colon != std::string::npos) {
     kind = spec.substr(0, colon);
-    std::string idx = spec.substr(colon + 1);
-    ok = !idx.empty() && idx.find_first_not_of("0123456789") == std::string::npos && idx.size() < 6;
-    if (ok) index = std::stoi(idx);
+    const std::string idx = spec.substr(colon + 1);
+    if (idx.empty() || idx.find_first_not_of("0123456789") != std::string::npos || idx.size() >= 6)
+      return nullptr;
+    index = std::stoi(idx);
   }
-  if (ok) {
-    for (const auto& b : backends()) {
-      if (b.name != kind || !b.api) continue;
-      if (index < b.api->device_count()) return std::make_unique<Device>(b.api, index, threads);
-    }
-  }
+  for (const auto& b : backends())
+    if (b.name == kind && b.api && index < b.api->device_count()) return b.api;
+  return nullptr;
+}
+}  // namespace
+
+std::unique_ptr<Device> open_device(const std::string& spec, int threads) {
+  int index = 0;
+  if (const mxn_backend_api* api = find_device(spec, index))
+    return std::make_unique<Device>(api, index, threads);
   std::string names;
   for (const auto& d : available_devices()) names += (names.empty() ? "" : ", ") + d;
   throw Error("unknown device '" + spec + "' (devices here: " + names + ")");
+}
+
+bool device_props(const std::string& spec, mxn_device_props& out) {
+  int index = 0;
+  const mxn_backend_api* api = find_device(spec, index);
+  out = {};
+  out.struct_size = sizeof out;
+  return api && api->device_props(index, &out) == 0;
 }
 
 }  // namespace mxn

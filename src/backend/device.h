@@ -92,5 +92,7 @@ const std::vector<BackendEntry>& backends();
 // "cpu", "cpu:0", "opencl:1". An unknown or absent device throws an Error listing those that exist.
 std::unique_ptr<Device> open_device(const std::string& spec, int threads = 0);
 std::vector<std::string> available_devices();
+// A device's properties without opening it (no context, no memory); false when unknown.
+bool device_props(const std::string& spec, mxn_device_props& out);
 
 }  // namespace mxn

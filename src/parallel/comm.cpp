@@ -20,6 +20,22 @@ MPI_Comm as_comm(void* c) {
   return m;
 }
 
+// Requests are kept as pointers so that comm.h needs no mpi.h.
+void* to_slot(MPI_Request req) {
+  void* slot = nullptr;
+  std::memcpy(&slot, &req, sizeof(req));
+  return slot;
+}
+
+void wait_slots(std::vector<void*>& slots) {
+  for (void* slot : slots) {
+    MPI_Request req;
+    std::memcpy(&req, &slot, sizeof(req));
+    if (req != MPI_REQUEST_NULL) MPI_Wait(&req, MPI_STATUS_IGNORE);
+  }
+  slots.clear();
+}
+
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::atoi(v) : fallback;
@@ -95,9 +111,7 @@ void Communicator::start_all_reduce_sum(float* data, int64_t n) {
   MXN_CHECK(n < (int64_t(1) << 31), "one non-blocking all-reduce holds at most 2^31 floats");
   MPI_Request req;
   MPI_Iallreduce(MPI_IN_PLACE, data, int(n), MPI_FLOAT, MPI_SUM, as_comm(comm_), &req);
-  void* slot = nullptr;
-  std::memcpy(&slot, &req, sizeof(req));
-  pending_.push_back(slot);
+  pending_.push_back(to_slot(req));
 }
 
 void Communicator::progress() {
@@ -111,14 +125,7 @@ void Communicator::progress() {
   }
 }
 
-void Communicator::wait_all() {
-  for (void*& slot : pending_) {
-    MPI_Request req;
-    std::memcpy(&req, &slot, sizeof(req));
-    if (req != MPI_REQUEST_NULL) MPI_Wait(&req, MPI_STATUS_IGNORE);
-  }
-  pending_.clear();
-}
+void Communicator::wait_all() { wait_slots(pending_); }
 
 namespace {
 // MPI's counts and displacements are ints: one rank's share must stay below 2^31 floats.
@@ -176,9 +183,7 @@ void Communicator::send(const float* data, int64_t n, int to, int tag) {
   MXN_CHECK(mpi_ && n < (int64_t(1) << 31), "send needs MPI and fewer than 2^31 floats");
   MPI_Request req;
   MPI_Isend(data, int(n), MPI_FLOAT, to, tag, as_comm(comm_), &req);
-  void* slot = nullptr;
-  std::memcpy(&slot, &req, sizeof(req));
-  sends_.push_back(slot);
+  sends_.push_back(to_slot(req));
 }
 
 void Communicator::recv(float* data, int64_t n, int from, int tag) {
@@ -186,14 +191,7 @@ void Communicator::recv(float* data, int64_t n, int from, int tag) {
   MPI_Recv(data, int(n), MPI_FLOAT, from, tag, as_comm(comm_), MPI_STATUS_IGNORE);
 }
 
-void Communicator::wait_sends() {
-  for (void*& slot : sends_) {
-    MPI_Request req;
-    std::memcpy(&req, &slot, sizeof(req));
-    if (req != MPI_REQUEST_NULL) MPI_Wait(&req, MPI_STATUS_IGNORE);
-  }
-  sends_.clear();
-}
+void Communicator::wait_sends() { wait_slots(sends_); }
 
 void Communicator::broadcast(void* data, int64_t bytes, int root) {
   if (mpi_) MPI_Bcast(data, int(bytes), MPI_BYTE, root, as_comm(comm_));

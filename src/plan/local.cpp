@@ -9,32 +9,17 @@
 
 namespace mxn {
 
-namespace {
-
-bool props_of(const std::string& name, mxn_device_props& p) {
-  const size_t colon = name.find(':');
-  for (const BackendEntry& b : backends())
-    if (b.api && b.name == name.substr(0, colon)) {
-      p = {};
-      p.struct_size = sizeof p;
-      return b.api->device_props(std::stoi(name.substr(colon + 1)), &p) == 0;
-    }
-  return false;
-}
-
-}  // namespace
-
 std::vector<std::pair<std::string, std::string>> devices_on_shared_cores(
     const std::vector<std::string>& names) {
   std::vector<std::pair<std::string, std::string>> out;
   std::string cpu;
   mxn_device_props cp{};
   for (const std::string& n : names)
-    if (n.rfind("cpu:", 0) == 0 && cpu.empty() && props_of(n, cp)) cpu = n;
+    if (n.rfind("cpu:", 0) == 0 && cpu.empty() && device_props(n, cp)) cpu = n;
   if (cpu.empty()) return out;
   for (const std::string& n : names) {
     mxn_device_props p{};
-    if (n.rfind("opencl:", 0) != 0 || !props_of(n, p)) continue;
+    if (n.rfind("opencl:", 0) != 0 || !device_props(n, p)) continue;
     const std::string dev = p.name;
     if (dev.find("pthread") != std::string::npos ||
         (cp.name[0] && dev.find(cp.name) != std::string::npos))

@@ -37,6 +37,7 @@ void Trainer::pp_setup() {
                 " trains every weight on next-token prediction for now: not with --finetune "
                 "lora/ptuning, --objective glm, --sft or --zero 1");
   replicas_ = world_ / pp_;
+  hidden_ = d.hidden;
   stage_ = rank_ % pp_;
   replica_ = rank_ / pp_;
   std::vector<int64_t> n;
@@ -84,7 +85,7 @@ void Trainer::pp_plan() {
 }
 
 void Trainer::pp_ready() {
-  const int64_t T = cfg_.seq_len(), C = cfg_.decoder_config().hidden;
+  const int64_t T = cfg_.seq_len(), C = hidden_;
   const int64_t m = (rows_ + cap_ - 1) / cap_, E = cap_ * T * C;
   for (int64_t n : {rows_, eval_rows_}) {
     variant_for(std::min(n, cap_));
@@ -123,7 +124,7 @@ void Trainer::pp_rows(int64_t micro, int64_t n, uint64_t key) {
 }
 
 double Trainer::pp_passes(uint64_t key, double total) {
-  const int64_t T = cfg_.seq_len(), C = cfg_.decoder_config().hidden;
+  const int64_t T = cfg_.seq_len(), C = hidden_;
   const int64_t m = (rows_ + cap_ - 1) / cap_, E = cap_ * T * C;
   const bool first = stage_ == 0, last = stage_ == pp_ - 1;
   const int up = int(stage_ - 1), down = int(stage_ + 1);
@@ -196,7 +197,7 @@ double Trainer::pp_reduce_norm() {
 }
 
 double Trainer::pp_eval() {
-  const int64_t T = cfg_.seq_len(), C = cfg_.decoder_config().hidden;
+  const int64_t T = cfg_.seq_len(), C = hidden_;
   const int64_t W = cfg_.eval_batches * cfg_.batch, span = data_.n_val() - T - 1;
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ 0x5eed0e7a1ull);
   const double total = double(loss_tokens(key, 0, W, true));

@@ -638,14 +638,14 @@ std::string Trainer::save() {
     if (replica_ != 0) return "";
     pp_gather(ck);
     if (stage_ != 0) return "";
-  } else if (!shards_.empty()) {  // the lead gathers every rank's moments, by name as unsharded
-    const int64_t own = shard_hi_ - shard_lo_;
+  } else {  // the moments by name; with ZeRO-1 the lead first gathers every rank's share
+    if (shards_.empty() && rank_ != 0) return "";
     std::vector<float> full[2];
     for (int i = 0; i < 2; ++i) {
-      full[i].resize(gather_host_.size());
+      full[i].resize(size_t(prog_->param_count()));
       dev_->download(full[i].data() + shard_lo_,
-                     Tensor({own}, DType::f32, (i ? opt_v_ : opt_m_)->handle()));
-      comm_->gather(full[i].data(), shards_, 0);
+                     Tensor({shard_hi_ - shard_lo_}, DType::f32, (i ? opt_v_ : opt_m_)->handle()));
+      if (!shards_.empty()) comm_->gather(full[i].data(), shards_, 0);
     }
     if (rank_ != 0) return "";
     for (int p : prog_->graph().params()) {
@@ -654,16 +654,6 @@ std::string Trainer::save() {
         HostTensor h(v.shape, DType::f32);
         std::memcpy(h.bytes.data(), full[i].data() + v.offset / 4, h.bytes.size());
         ck.optimizer.emplace((i ? "v." : "m.") + v.name, std::move(h));
-      }
-    }
-  } else {
-    if (rank_ != 0) return "";
-    for (int p : prog_->graph().params()) {
-      const Value& v = prog_->graph().v(p);
-      for (auto [prefix, buf] : {std::pair{"m.", opt_m_.get()}, std::pair{"v.", opt_v_.get()}}) {
-        HostTensor h(v.shape, DType::f32);
-        dev_->download(h.bytes.data(), Tensor(v.shape, DType::f32, buf->handle(), v.offset));
-        ck.optimizer.emplace(prefix + v.name, std::move(h));
       }
     }
   }

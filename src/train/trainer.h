@@ -156,7 +156,7 @@ class Trainer {
   // holding layers [bounds_[stage_], bounds_[stage_ + 1]). A step runs 1F1B over micro-batches
   // of cap_ rows; a stage keeps only each micro-batch's input and recomputes its activations in
   // the backward, so one arena serves every micro-batch in flight.
-  int64_t pp_ = 1, stage_ = 0, replica_ = 0, replicas_ = 1;
+  int64_t pp_ = 1, stage_ = 0, replica_ = 0, replicas_ = 1, hidden_ = 0;  // hidden_: width
   std::vector<int64_t> bounds_;
   int seed_value_ = -1, grad_in_value_ = -1;        // graph values: d(hidden_out), d(hidden_in)
   std::unique_ptr<Communicator> pipe_, dp_, tied_;  // a replica's stages; a stage's replicas;
