@@ -413,3 +413,81 @@ TEST(Grad, CrossEntropy) {
          },
          9});
 }
+
+TEST(Grad, ClassifierCrossEntropy) {
+  // Three blocks of 4 rows (the last one short); the loss is scaled so that d(loss) != 1 reaches
+  // CLASSIFIER_CE_BWD.
+  check("classifier_ce",
+        {[](Graph& g) {
+           const int x = g.param("x", {10, 13}, true), w = g.param("w", {37, 13}, true);
+           return g.scale(g.classifier_ce(x, w, g.input("t", {10}, DType::i32), 4), 0.7f);
+         },
+         37});
+}
+
+namespace {
+
+// Loss, d/dx and d/dw of the mean cross-entropy of x w^T, fused or as matmul + cross_entropy.
+struct HeadResult {
+  float loss = 0;
+  std::vector<float> dx, dw;
+};
+HeadResult run_head(bool fused, DType compute, int64_t block, const std::vector<float>& x,
+                    const std::vector<float>& w, const std::vector<int32_t>& t, int64_t C) {
+  auto dev = open_device("cpu");
+  const int64_t N = int64_t(t.size()), V = int64_t(w.size()) / C;
+  Graph g;
+  g.matmul_compute = compute;
+  const int xi = g.param("x", {N, C}, true), wi = g.param("w", {V, C}, true);
+  const int ti = g.input("t", {N}, DType::i32);
+  const int loss = fused ? g.classifier_ce(xi, wi, ti, block)
+                         : g.cross_entropy(g.matmul(xi, wi, false, true), ti);
+  g.mark_output(loss);
+  append_backward(g, loss);
+  Program prog(std::move(g), *dev);
+  dev->upload(prog.tensor(xi), x.data());
+  dev->upload(prog.tensor(wi), w.data());
+  dev->upload(prog.tensor(ti), t.data());
+  std::vector<float> zero(size_t(prog.grads_all().numel()), 0.f);
+  dev->upload(prog.grads_all(), zero.data());
+  prog.run(0, prog.graph().nodes.size());
+  HeadResult r;
+  r.dx.resize(x.size());
+  r.dw.resize(w.size());
+  dev->download(&r.loss, prog.tensor(loss));
+  dev->download(r.dx.data(), prog.tensor(prog.graph().v(xi).grad));
+  dev->download(r.dw.data(), prog.tensor(prog.graph().v(wi).grad));
+  return r;
+}
+
+}  // namespace
+
+TEST(ClassifierCE, EqualsMatmulThenCrossEntropyWithoutTheLogits) {
+  // 150 rows (one ignored) over a vocabulary of 300, in blocks of 64 and in one block, f32 and
+  // bf16: the loss and both gradients as the unfused graph computes them.
+  const int64_t N = 150, C = 24, V = 300;
+  Rng rng(3);
+  std::vector<float> x(size_t(N * C)), w(size_t(V * C));
+  for (auto& e : x) e = float(rng.normal());
+  for (auto& e : w) e = float(rng.normal() * 0.5);
+  std::vector<int32_t> t(static_cast<size_t>(N));
+  for (auto& e : t) e = int32_t(rng.next() % uint64_t(V));
+  t[7] = -1;
+  for (DType compute : {DType::f32, DType::bf16}) {
+    const HeadResult ref = run_head(false, compute, 0, x, w, t, C);
+    for (int64_t block : {int64_t(64), int64_t(0)}) {
+      const HeadResult got = run_head(true, compute, block, x, w, t, C);
+      const std::string what =
+          std::string(compute == DType::bf16 ? "bf16" : "f32") + " block " + std::to_string(block);
+      EXPECT_NEAR(got.loss, ref.loss, 1e-6 * std::fabs(ref.loss)) << what;
+      double worst = 0, scale = 0;
+      for (auto [a, b] : {std::pair{&got.dx, &ref.dx}, std::pair{&got.dw, &ref.dw}})
+        for (size_t i = 0; i < a->size(); ++i) {
+          worst = std::max(worst, double(std::fabs((*a)[i] - (*b)[i])));
+          scale = std::max(scale, double(std::fabs((*b)[i])));
+        }
+      EXPECT_LT(worst, 1e-5 * scale) << what << ": worst gradient difference " << worst;
+      for (int64_t c = 0; c < C; ++c) EXPECT_EQ(got.dx[size_t(7 * C + c)], 0.f) << what;
+    }
+  }
+}

@@ -16,11 +16,12 @@
 extern "C" {
 #endif
 
-#define MXN_ABI_VERSION 4 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
+#define MXN_ABI_VERSION 5 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
                              3: attention masks over packed rows (mask 3) and shared prefix
                              keys (P-Tuning v2); 12 operands and 16 integer parameters a call;
                              4: serving's attention masks: key ranges (4), paged keys (5);
-                                MUL */
+                                MUL;
+                             5: the fused classifier and cross-entropy (CLASSIFIER_CE) */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
 #define MXN_MAX_IP 16
@@ -122,6 +123,15 @@ typedef enum mxn_op {
   /* --- added in ABI 4 ----------------------------------------------------------------------- */
   MXN_OP_MUL,               /* out = a * b elementwise, same shapes (serving many LoRA adapters in
                                one batch: each row's mask over the stacked adapters' ranks) */
+  /* --- added in ABI 5 ----------------------------------------------------------------------- */
+  MXN_OP_CLASSIFIER_CE,     /* in: x (N,C), w (V,C), targets (N) i32 (<0 ignored); out: loss (1),
+                               [dx (N,C)], [dw (V,C)]: the mean cross-entropy of softmax(x w^T)
+                               and, with ip[0] = 1 (dx) or 2 (dx and dw), its gradients for
+                               d(loss) = 1, computed block of rows by block of rows so that no
+                               (N,V) logits exist. ip[1]=compute dtype (as MATMUL's ip[3]);
+                               ip[2]=rows a block (0: the backend's choice) */
+  MXN_OP_CLASSIFIER_CE_BWD, /* in: dloss (1), dx1, [dw1]; out: dx, [dw] = dloss * each (may be in
+                               place) */
   MXN_OP_COUNT
 } mxn_op;
 

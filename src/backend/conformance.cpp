@@ -137,6 +137,16 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_CROSS_ENTROPY_BWD:
       c.push_back({op, {f({1}), f({9, 101}), tgt({9}, 101)}, {f({9, 101})}});
       break;
+    case MXN_OP_CLASSIFIER_CE:  // the loss alone, then with both gradients; blocks of 4 rows
+      c.push_back({op, {f({10, 13}), f({37, 13}), tgt({10}, 37)}, {f({1})}, {0, 0, 4}});
+      c.push_back({op,
+                   {f({10, 13}), f({37, 13}), tgt({10}, 37)},
+                   {f({1}), f({10, 13}), f({37, 13})},
+                   {2, 0, 4}});
+      break;
+    case MXN_OP_CLASSIFIER_CE_BWD:
+      c.push_back({op, {f({1}), f({10, 13}), f({37, 13})}, {f({10, 13}), f({37, 13})}});
+      break;
     case MXN_OP_ADAMW:
       c.push_back({op,
                    {f({513})},

@@ -67,7 +67,9 @@ const char* op_name(int32_t op) {
                                             "dropout",
                                             "tanh",
                                             "tanh_bwd",
-                                            "mul"};
+                                            "mul",
+                                            "classifier_ce",
+                                            "classifier_ce_bwd"};
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 

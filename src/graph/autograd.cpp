@@ -97,6 +97,17 @@ Grads rule(Graph& g, const Node& n, int gy) {
       return {{1, g.emit(MXN_OP_EMBEDDING_BWD, {gy, n.in[0]}, {act(n.in[1])})}};
     case MXN_OP_CROSS_ENTROPY:
       return {{0, g.emit(MXN_OP_CROSS_ENTROPY_BWD, {gy, n.in[0], n.in[1]}, {act(n.in[0])})}};
+    case MXN_OP_CLASSIFIER_CE: {  // the forward computed them for d(loss) = 1: scale by gy
+      std::vector<int> in{gy}, out;
+      Grads grads;
+      for (size_t i = 1; i < n.out.size(); ++i) {
+        in.push_back(n.out[i]);
+        out.push_back(act(n.out[i]));
+        grads.push_back({i - 1, out.back()});
+      }
+      g.emit(MXN_OP_CLASSIFIER_CE_BWD, in, out);
+      return grads;
+    }
     default:
       MXN_CHECK(false, "no backward rule for op " + std::to_string(n.op));
   }
@@ -121,8 +132,21 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
         break;
       }
   for (size_t i = n_forward; i-- > 0;) {
+    auto it = grad.find(g.nodes[i].out[0]);
+    if (it != grad.end() && g.nodes[i].op == MXN_OP_CLASSIFIER_CE) {
+      // The fused head computes its gradients in its forward pass: dx, and dw when w is trained.
+      Node& f = g.nodes[i];
+      const bool dw = g.v(f.in[1]).kind == ValueKind::param;
+      const int x = f.in[0], w = f.in[1];
+      f.ip[0] = dw ? 2 : 1;
+      const int dx1 = g.activation(g.v(x).shape);
+      g.nodes[i].out.push_back(dx1);
+      if (dw) {
+        const int dw1 = g.activation(g.v(w).shape);
+        g.nodes[i].out.push_back(dw1);
+      }
+    }
     const Node n = g.nodes[i];  // copy: rules append to g.nodes
-    auto it = grad.find(n.out[0]);
     if (it != grad.end()) {
       for (auto [pos, gv] : rule(g, n, it->second)) {
         const int x = n.in[pos];

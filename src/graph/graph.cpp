@@ -154,4 +154,10 @@ int Graph::cross_entropy(int logits, int targets) {
   return emit(MXN_OP_CROSS_ENTROPY, {logits, targets}, {activation({1})});
 }
 
+int Graph::classifier_ce(int x, int w, int targets, int64_t block) {
+  MXN_CHECK(v(x).shape.back() == v(w).shape.back(), "classifier_ce: x and w widths differ");
+  return emit(MXN_OP_CLASSIFIER_CE, {x, w, targets}, {activation({1})},
+              {0, int64_t(matmul_compute), block});
+}
+
 }  // namespace mxn

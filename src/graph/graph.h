@@ -105,6 +105,10 @@ class Graph {
   // sets the seed and index offset of every DROPOUT call per run, see backend_abi.h).
   int dropout(int x, float p, int64_t tag);
   int cross_entropy(int logits, int targets);
+  // cross_entropy(matmul(x, w, false, true), targets) without the (N, V) logits: one op that
+  // runs block by block (`block` rows, 0: the backend's choice). Backward passes make it
+  // compute the gradients in the same pass (append_backward gives it the outputs).
+  int classifier_ce(int x, int w, int targets, int64_t block = 0);
 
   void mark_output(int id) { values[size_t(id)].output = true; }
   const Value& v(int id) const { return values[size_t(id)]; }

@@ -28,19 +28,25 @@ uint64_t plan_arena(Graph& g) {
   // input's bytes when this is the input's last use: the cross-entropy backward writes the
   // logits' gradient where the logits were (B*T*V floats, the largest activation of an LM).
   std::vector<int> alias(nv, -1);  // value -> the value whose bytes it reuses
+  // CLASSIFIER_CE_BWD scales its gradients in place the same way.
   for (size_t i = 0; i < g.nodes.size(); ++i) {
     const Node& n = g.nodes[i];
-    if (n.op != MXN_OP_CROSS_ENTROPY_BWD) continue;
-    int root = n.in[1];
-    while (alias[size_t(root)] >= 0) root = alias[size_t(root)];
-    const int out = n.out[0];
-    const Value &a = g.values[size_t(root)], &b = g.values[size_t(out)];
-    if (a.kind != ValueKind::activation || b.kind != ValueKind::activation ||
-        last[size_t(root)] != int64_t(i) || first[size_t(out)] != int64_t(i) ||
-        bytes_of(a) != bytes_of(b) || a.output)
-      continue;
-    alias[size_t(out)] = root;
-    last[size_t(root)] = last[size_t(out)];
+    std::vector<std::pair<int, int>> pairs;  // (input, output) that may share bytes
+    if (n.op == MXN_OP_CROSS_ENTROPY_BWD) pairs.push_back({n.in[1], n.out[0]});
+    if (n.op == MXN_OP_CLASSIFIER_CE_BWD)
+      for (size_t j = 0; j < n.out.size() && j + 1 < n.in.size(); ++j)
+        pairs.push_back({n.in[j + 1], n.out[j]});
+    for (auto [in, out] : pairs) {
+      int root = in;
+      while (alias[size_t(root)] >= 0) root = alias[size_t(root)];
+      const Value &a = g.values[size_t(root)], &b = g.values[size_t(out)];
+      if (a.kind != ValueKind::activation || b.kind != ValueKind::activation ||
+          last[size_t(root)] != int64_t(i) || first[size_t(out)] != int64_t(i) ||
+          bytes_of(a) != bytes_of(b) || a.output)
+        continue;
+      alias[size_t(out)] = root;
+      last[size_t(root)] = last[size_t(out)];
+    }
   }
   std::vector<int> order;
   for (size_t i = 0; i < nv; ++i)

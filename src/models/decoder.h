@@ -114,6 +114,9 @@ struct DecoderOptions {
   // embeddings; one before the last ends at its residual stream (hidden_out), without the final
   // norm, the head or the loss.
   int64_t first_layer = 0, last_layer = -1;
+  // with_loss: the head and the loss as one CLASSIFIER_CE (no logits value; where the device has
+  // the op and nothing reads the logits).
+  bool fused_head = false;
 };
 
 struct DecoderGraph {

@@ -216,7 +216,7 @@ double Trainer::pp_eval() {
       pipe_->recv(stash_.data(), len, int(stage_ - 1), kTagEval);
       dev_->upload(p.hidden_in, stash_.data());
     }
-    prog_->run(0, n_forward_, p.variant);
+    run_forward_only(p.variant);
     if (last) {
       float loss = 0;
       dev_->download(&loss, p.loss);

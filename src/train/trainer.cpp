@@ -50,6 +50,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   }
   o.first_layer = first;
   o.last_layer = last;
+  o.fused_head = c.fused_head;
   *m = build_decoder(g, d, rows, c.seq_len(), o);
   if (m->loss >= 0) {  // the whole model, or the last stage (which also sends d(hidden_in))
     int gi = -1;
@@ -138,6 +139,12 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
                 " (the data's vocabulary and five special tokens); the model has " +
                 std::to_string(model.vocab_size));
   dev_ = open_device(cfg_.device, int(cfg_.threads));
+  {
+    const char* e = std::getenv("MXN_FUSED_HEAD");
+    cfg_.fused_head =
+        !(e && std::string(e) == "0") &&
+        dev_->supports(MXN_OP_CLASSIFIER_CE, cfg_.dtype == "bf16" ? DType::bf16 : DType::f32);
+  }
   if (cfg_.sft.empty() && data_.vocab() > model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +
                 " but the model's vocab_size is " + std::to_string(model.vocab_size));
@@ -579,6 +586,18 @@ void Trainer::gather_params() {
   dev_->upload(all, gather_host_.data());
 }
 
+void Trainer::run_forward_only(int variant) {
+  // A fused head computes its gradients in the forward pass; evaluation needs only the loss.
+  const Graph& g = prog_->graph();
+  size_t head = n_forward_;
+  for (size_t i = 0; i < n_forward_; ++i)
+    if (g.nodes[i].op == MXN_OP_CLASSIFIER_CE) head = i;
+  int64_t grads = 0;
+  if (head < n_forward_) std::swap(prog_->call(head, variant).ip[0], grads);
+  prog_->run(0, n_forward_, variant);
+  if (head < n_forward_) prog_->call(head, variant).ip[0] = grads;
+}
+
 float Trainer::eval_loss() {
   if (pp_ > 1) return float(pp_eval());
   // The same fixed windows for any split: each rank takes its windows, and the token-weighted
@@ -599,7 +618,7 @@ float Trainer::eval_loss() {
     }
     const Pass& p = passes_[size_t(n)];
     const double counted = double(fill_batch(data_.val(), n, key, true));
-    prog_->run(0, n_forward_, p.variant);
+    run_forward_only(p.variant);
     float loss = 0;
     dev_->download(&loss, p.loss);
     sum += double(loss) * counted / total;

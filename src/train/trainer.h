@@ -166,10 +166,11 @@ class Trainer {
   void pp_plan();   // this replica's rows and the micro-batch, before the graph
   void pp_ready();  // the pass variants, host buffers and the plan's description
   double pp_passes(uint64_t key, double total);  // a step's 1F1B schedule; its loss share
-  double pp_reduce_norm();         // sums gradients over replicas (and tied copies); global sum of
-                                   // squares
-  double pp_eval();                // validation through the stages
-  void pp_gather(Checkpoint& ck);  // replica 0's state on rank 0, by name
+  double pp_reduce_norm();  // sums gradients over replicas (and tied copies); global sum of
+                            // squares
+  double pp_eval();         // validation through the stages
+  void run_forward_only(int variant);  // evaluation: no gradients from a fused head
+  void pp_gather(Checkpoint& ck);      // replica 0's state on rank 0, by name
   void pp_rows(int64_t micro, int64_t n, uint64_t key);  // offsets_ for a micro-batch
   double step_seconds_sum_ = 0;
   int64_t steps_timed_ = 0, steps_run_ = 0;

@@ -117,7 +117,8 @@ int32_t supports(void*, int32_t op, int32_t dtype) {
   if (op < 0 || op >= MXN_OP_COUNT) return 0;
   if (dtype == MXN_DTYPE_F32) return 1;
   if (op == MXN_OP_CAST || op == MXN_OP_COPY) return 1;
-  if (op == MXN_OP_MATMUL && dtype == MXN_DTYPE_BF16) return 1;  // bf16 compute, f32 tensors
+  // bf16 compute, f32 tensors
+  if ((op == MXN_OP_MATMUL || op == MXN_OP_CLASSIFIER_CE) && dtype == MXN_DTYPE_BF16) return 1;
   return 0;
 }
 
@@ -186,6 +187,26 @@ int32_t run_cast(Ctx* c, const mxn_op_call& k) {
         break;
     }
   }
+  return 0;
+}
+
+int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor &x = k.inputs[0], &w = k.inputs[1], &t = k.inputs[2];
+  const int64_t C = last(x), N = count(x) / C, V = count(w) / last(w);
+  const int grads = int(k.ip[0]);
+  if (k.n_inputs < 3 || last(w) != C || count(t) != N || grads < 0 || grads > 2 ||
+      k.n_outputs < 1 + grads || (grads > 0 && count(k.outputs[1]) != N * C) ||
+      (grads > 1 && count(k.outputs[2]) != V * C))
+    return bad(c,
+               "classifier_ce: expected x (N, C), w (V, C), targets (N), out loss (1) and, "
+               "with ip[0] = 1 or 2, dx (N, C) and dw (V, C)");
+  const int64_t badr = classifier_ce(
+      c->scratch, k.ip[1] == MXN_DTYPE_BF16 ? Compute::bf16 : Compute::f32, grads, k.ip[2], ptr(x),
+      ptr(w), ptr<int32_t>(t), ptr(k.outputs[0]), grads > 0 ? ptr(k.outputs[1]) : nullptr,
+      grads > 1 ? ptr(k.outputs[2]) : nullptr, N, C, V);
+  if (badr >= 0)
+    return bad(c, "classifier_ce: target " + std::to_string(ptr<int32_t>(t)[badr]) +
+                      " is outside [0, " + std::to_string(V) + ")");
   return 0;
 }
 
@@ -389,6 +410,14 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       cross_entropy_bwd(ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]), ptr(out[0]),
                         count(in[1]) / last(in[1]), last(in[1]));
       return 0;
+    case MXN_OP_CLASSIFIER_CE:
+      return run_classifier_ce(c, k);
+    case MXN_OP_CLASSIFIER_CE_BWD: {
+      const float d = *ptr(in[0]);
+      for (int i = 0; i < k.n_outputs && i + 1 < k.n_inputs; ++i)
+        scale(ptr(in[i + 1]), ptr(out[i]), count(out[i]), d);
+      return 0;
+    }
     case MXN_OP_ADAMW:
       adamw(ptr(out[0]), ptr(in[0]), ptr(out[1]), ptr(out[2]), count(out[0]), k.fp[0], k.fp[1],
             k.fp[2], k.fp[3], k.fp[4], k.fp[5], k.ip[0]);

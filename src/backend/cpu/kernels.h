@@ -12,7 +12,10 @@ namespace mxn::cpu {
 // Per-context scratch; grows on the first step and is then reused, so steps allocate nothing.
 struct Scratch {
   std::vector<float> a, b, c;
-  float* get(std::vector<float>& v, size_t n) {
+  std::vector<float> logits, rows;      // the fused classifier's block of logits, per-row losses
+  std::vector<uint16_t> x16, w16, l16;  // ... and its operands in bf16, converted once a call
+  template <typename T>
+  T* get(std::vector<T>& v, size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
   }
@@ -25,6 +28,19 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
             int64_t K, float alpha, const float* A, int64_t sa, const float* B, int64_t sb,
             bool accumulate, float* C, int64_t sc);
 bool native_bf16();
+// The native bf16 path's parts (only where native_bf16()), for a kernel that converts an operand
+// once and reads it in several GEMMs: f32 -> bf16 with the CPU's instruction, and oneDNN's bf16
+// matmul (row-major, f32 C, cached primitives).
+void to_bf16(const float* src, uint16_t* dst, int64_t n);
+void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+               const uint16_t* B, bool accumulate, float* C);
+
+// CLASSIFIER_CE: the mean cross-entropy of softmax(x w^T) over rows whose target >= 0 and, with
+// grads 1 or 2, dx (and dw) for d(loss) = 1, `block` rows of logits at a time (0: about 128 MB of
+// them). Returns the first out-of-range target's row, or -1.
+int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, const float* x,
+                      const float* w, const int32_t* targets, float* loss, float* dx, float* dw,
+                      int64_t N, int64_t C, int64_t V);
 // The same with B stored in bf16 (inference weights): one row streams B (half the bytes), more
 // rows widen B to f32 in scratch and take the path above. The arithmetic is f32 either way.
 void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M,

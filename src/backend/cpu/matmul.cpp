@@ -82,6 +82,8 @@ void convert(const float* src, T* dst, int64_t n, F f) {
 // f32 -> bf16 with the CPU's own instruction (round to nearest even, as f32_to_bf16; denormal
 // inputs become zero), 16 at a time. Only called where native_bf16() holds. Scalar loops with
 // the NaN test did not vectorise and cost as much as the bf16 GEMMs they fed.
+}  // namespace
+
 __attribute__((target("avx512f,avx512bf16"))) void to_bf16(const float* src, uint16_t* dst,
                                                            int64_t n) {
   const int64_t blocks = n / 16;
@@ -94,7 +96,17 @@ __attribute__((target("avx512f,avx512bf16"))) void to_bf16(const float* src, uin
   for (int64_t i = blocks * 16; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
+namespace {
+Bf16Gemm& bf16_gemm() {  // one primitive cache per thread that calls it
+  static thread_local Bf16Gemm gemm;
+  return gemm;
+}
 }  // namespace
+
+void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+               const uint16_t* B, bool accumulate, float* C) {
+  bf16_gemm().run(ta, tb, M, N, K, alpha, A, B, accumulate, C);
+}
 
 bool native_bf16() {
   static const bool yes = dnnl_get_effective_cpu_isa() >= dnnl_cpu_isa_avx512_core_bf16 &&
@@ -176,7 +188,7 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
     return;
   }
   if (compute == Compute::bf16 && native_bf16()) {
-    static thread_local Bf16Gemm gemm;
+    Bf16Gemm& gemm = bf16_gemm();
     auto* a16 = reinterpret_cast<uint16_t*>(s.get(s.a, size_t(M * K + 1) / 2));
     auto* b16 = reinterpret_cast<uint16_t*>(s.get(s.b, size_t(K * N + 1) / 2));
     for (int64_t i = 0; i < batch; ++i) {
@@ -232,7 +244,7 @@ void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t 
     return;
   }
   if (compute == Compute::bf16 && native_bf16()) {  // B as it is; A rounded to bf16 (serving)
-    static thread_local Bf16Gemm gemm;
+    Bf16Gemm& gemm = bf16_gemm();
     auto* a16 = reinterpret_cast<uint16_t*>(s.get(s.a, size_t(M * K + 1) / 2));
     for (int64_t i = 0; i < batch; ++i) {
       to_bf16(A + i * sa, a16, M * K);

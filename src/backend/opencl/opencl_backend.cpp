@@ -243,6 +243,7 @@ int32_t copy_to_host(void* ctx, void* dst, const void* src, uint64_t off, uint64
 
 int32_t supports(void*, int32_t op, int32_t dtype) {
   if (op < 0 || op >= MXN_OP_COUNT) return 0;
+  if (op == MXN_OP_CLASSIFIER_CE || op == MXN_OP_CLASSIFIER_CE_BWD) return 0;  // not yet: unfused
   if (dtype == MXN_DTYPE_F32) return 1;
   // bf16: matmul compute (operands rounded to bf16, f32 accumulation; f32 tensors) and casts.
   return dtype == MXN_DTYPE_BF16 && (op == MXN_OP_MATMUL || op == MXN_OP_CAST) ? 1 : 0;
