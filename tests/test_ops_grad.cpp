@@ -100,6 +100,17 @@ TEST(Grad, MatmulAllTransposes) {
              1});
 }
 
+TEST(Grad, LinearWithBias) {
+  for (int tb = 0; tb < 2; ++tb)
+    check("linear tb=" + std::to_string(tb),
+          {[&](Graph& g) {
+             const int x = g.param("x", {6, 5}, true);
+             const int w = g.param("w", tb ? Shape{7, 5} : Shape{5, 7}, true);
+             return g.linear(x, w, g.param("b", {7}, false), tb);
+           },
+           1});
+}
+
 TEST(Grad, MatmulBatched) {
   // Cross-entropy reads a (2, 3, 5) output as 6 rows of 5 logits: a scalar objective for 3-D.
   for (int ta = 0; ta < 2; ++ta)

@@ -4,7 +4,9 @@
 #include <chrono>
 #include <cmath>
 
+#include "backend/cpu/kernels.h"
 #include "backend/op_case.h"
+#include "core/rng.h"
 
 namespace mxn {
 namespace {
@@ -137,6 +139,37 @@ std::vector<OpBench> bench_ops(Device& dev, Device& cpu, int reps) {
     out.push_back(r);
   }
   return out;
+}
+
+double cpu_gemm_gflops(bool bf16, int64_t M, int64_t N, int64_t K, int reps, int threads) {
+  auto dev = open_device("cpu", threads);  // sets the OpenMP threads as training does
+  Rng rng(9);
+  std::vector<float> a(size_t(M * K)), b(size_t(K * N)), c(size_t(M * N));
+  for (auto& e : a) e = float(rng.normal());
+  for (auto& e : b) e = float(rng.normal());
+  std::vector<uint16_t> a16(a.size()), b16(b.size());
+  const bool native = bf16 && cpu::native_bf16();
+  if (native) {
+    cpu::to_bf16(a.data(), a16.data(), M * K);
+    cpu::to_bf16(b.data(), b16.data(), K * N);
+  }
+  cpu::Scratch s;
+  auto once = [&] {
+    if (native)
+      cpu::gemm_bf16(false, false, M, N, K, 1.f, a16.data(), b16.data(), false, c.data());
+    else
+      cpu::matmul(s, bf16 ? cpu::Compute::bf16 : cpu::Compute::f32, false, false, 1, M, N, K, 1.f,
+                  a.data(), 0, b.data(), 0, false, c.data(), 0);
+  };
+  once();
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    once();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return 2.0 * double(M) * double(N) * double(K) / t[t.size() / 2] / 1e9;
 }
 
 }  // namespace mxn

@@ -77,6 +77,12 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
                          {0.75f}});
       c.push_back({op, {f({3, 9, 5}), f({3, 5, 7})}, {f({3, 9, 7})}, {0, 0, 0, compute}, {1.f}});
       c.push_back({op, {f({2, 6, 9}), f({2, 11, 6})}, {f({2, 9, 11})}, {1, 1, 1, compute}, {1.f}});
+      for (int tb = 0; tb < 2; ++tb)  // ABI 5: a bias on every row (linear layers)
+        c.push_back({op,
+                     {f({33, 65}), f(tb ? Shape{17, 65} : Shape{65, 17}), f({17})},
+                     {f({33, 17})},
+                     {0, tb, 0, compute},
+                     {1.f}});
       break;
     case MXN_OP_ADD:
       c.push_back({op, {f({3, 17}), f({3, 17})}, {f({3, 17})}});

@@ -63,6 +63,8 @@ inline MatmulShape matmul_shape(const mxn_op_call& k) {
   const int64_t bn = m.tb ? b.shape[b.ndim - 2] : b.shape[b.ndim - 1];
   if (bk != m.K || bn != m.N || count(o) != m.batch * m.M * m.N)
     m.error = "matmul: shapes do not agree";
+  else if (k.n_inputs > 2 && (m.batch != 1 || m.accumulate || count(k.inputs[2]) != m.N))
+    m.error = "matmul: a bias needs a 2-D product without accumulate and N values";
   return m;
 }
 

@@ -304,17 +304,43 @@ std::function<int()> add_conformance(CLI::App& app) {
 std::function<int()> add_bench(CLI::App& app) {
   auto* sub = app.add_subcommand("bench", "benchmarks (not tests)");
   auto* ops = sub->add_subcommand("ops", "per-op throughput at the GPT's shapes, beside the CPU's");
+  auto* gemm = sub->add_subcommand("gemm", "oneDNN's GEMM rate on the CPU (bf16 or f32 operands)");
   sub->require_subcommand(1);
   struct A {
-    std::string backend = "cpu";
-    int reps = 5;
+    std::string backend = "cpu", dtype = "bf16";
+    int reps = 5, threads = 0;
+    int64_t m = 4096, n = 3072, k = 768;
   };
   auto a = std::make_shared<A>();
+  gemm->add_option("--dtype", a->dtype, "operands: bf16 | f32")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"bf16", "f32"}));
+  gemm->add_option("--m", a->m, "rows of A and C")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 16));
+  gemm->add_option("--n", a->n, "columns of B and C")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 18));
+  gemm->add_option("--k", a->k, "the inner dimension")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 16));
+  gemm->add_option("--reps", a->reps, "timed runs (median)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  gemm->add_option("--threads", a->threads, "threads (0: every core)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 4096));
   ops->add_option("--backend", a->backend, "backend or device")->capture_default_str();
   ops->add_option("--reps", a->reps, "timed runs per op (median)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000));
-  return [a] {
+  return [a, gemm] {
+    if (gemm->parsed()) {
+      const double r = cpu_gemm_gflops(a->dtype == "bf16", a->m, a->n, a->k, a->reps, a->threads);
+      std::printf("cpu %s gemm %lldx%lldx%lld (M x K x N): %.1f GFLOP/s\n", a->dtype.c_str(),
+                  (long long)a->m, (long long)a->k, (long long)a->n, r);
+      return 0;
+    }
     auto dev = open_device(a->backend);
     auto cpu = dev->name() == "cpu:0" ? nullptr : open_device("cpu");
     Device& ref = cpu ? *cpu : *dev;

@@ -16,6 +16,13 @@ Grads matmul_rule(Graph& g, const Node& n, int gy) {
   const int a = n.in[0], b = n.in[1];
   const bool ta = n.ip[0], tb = n.ip[1];
   const float al = n.fp[0];
+  if (n.in.size() > 2) {  // linear: the bias's gradient sums over rows, the rest as without it
+    Node plain = n;
+    plain.in.resize(2);
+    Grads r = matmul_rule(g, plain, gy);
+    r.push_back({2, g.emit(MXN_OP_SUM_ROWS, {gy}, {g.activation(g.v(n.in[2]).shape)})});
+    return r;
+  }
   if (!ta && !tb)
     return {{0, g.matmul(gy, b, false, true, al)}, {1, g.matmul(a, gy, true, false, al)}};
   if (!ta && tb)

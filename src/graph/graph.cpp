@@ -63,6 +63,14 @@ int Graph::matmul(int a, int b, bool ta, bool tb, float alpha) {
               {alpha});
 }
 
+int Graph::linear(int x, int w, int bias, bool tb) {
+  const int y = matmul(x, w, false, tb);
+  if (bias < 0) return y;
+  MXN_CHECK(v(y).shape.size() == 2 && v(y).shape[1] == v(bias).shape.back(), "linear bias width");
+  nodes.back().in.push_back(bias);
+  return y;
+}
+
 int Graph::add(int a, int b) {
   MXN_CHECK(v(a).shape == v(b).shape, "add shapes");
   return emit(MXN_OP_ADD, {a, b}, {activation(v(a).shape)});

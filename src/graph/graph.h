@@ -77,6 +77,9 @@ class Graph {
 
   // Builders: each appends one node and returns its (first) output.
   int matmul(int a, int b, bool ta = false, bool tb = false, float alpha = 1.f);
+  // x w (w^T with tb) + bias on every row: one MATMUL with the bias as its third input (ABI 5),
+  // added in the GEMM where the chip can. bias -1: none.
+  int linear(int x, int w, int bias, bool tb);
   int add(int a, int b);
   int add_bias(int a, int bias);
   int scale(int a, float k);

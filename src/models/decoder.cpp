@@ -93,8 +93,7 @@ struct Builder {
   // (out, in).
   int linear(int x, const std::string& name, int64_t in, int64_t out, bool bias) {
     const int wt = w(name + ".weight", c.gpt2() ? Shape{in, out} : Shape{out, in}, true);
-    int y = g.matmul(x, wt, false, !c.gpt2());
-    if (bias) y = g.add_bias(y, w(name + ".bias", {out}, false));
+    int y = g.linear(x, wt, bias ? w(name + ".bias", {out}, false) : -1, !c.gpt2());
     const std::string leaf = name.substr(name.rfind('.') + 1);
     if (std::find(modules.begin(), modules.end(), leaf) == modules.end()) modules.push_back(leaf);
     if (o.lora.r > 0 && lora_targets(name)) {

@@ -137,15 +137,16 @@ int32_t bad(Ctx* c, const std::string& msg) {
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   const MatmulShape m = matmul_shape(k);
   if (m.error) return bad(c, m.error);
+  const float* bias = k.n_inputs > 2 ? ptr(k.inputs[2]) : nullptr;
   if (k.inputs[1].dtype == MXN_DTYPE_BF16) {  // bf16 weights (inference)
     matmul_bf16_weights(c->scratch, m.bf16 ? Compute::bf16 : Compute::f32, m.ta, m.tb, m.batch, m.M,
                         m.N, m.K, m.alpha, ptr(k.inputs[0]), m.sa, ptr<uint16_t>(k.inputs[1]), m.sb,
-                        m.accumulate, ptr(k.outputs[0]), m.sc);
+                        m.accumulate, ptr(k.outputs[0]), m.sc, bias);
     return 0;
   }
   matmul(c->scratch, m.bf16 ? Compute::bf16 : Compute::f32, m.ta, m.tb, m.batch, m.M, m.N, m.K,
          m.alpha, ptr(k.inputs[0]), m.sa, ptr(k.inputs[1]), m.sb, m.accumulate, ptr(k.outputs[0]),
-         m.sc);
+         m.sc, bias);
   return 0;
 }
 

@@ -23,10 +23,11 @@ struct Scratch {
 
 enum class Compute { f32, bf16 };
 
-// C[M,N] = alpha * op(A) op(B) (+ C when accumulate), batched with element strides sa, sb, sc.
+// C[M,N] = alpha * op(A) op(B) (+ C when accumulate) (+ bias (N) on every row, 2-D only: in the
+// bf16 GEMM itself, else after it), batched with element strides sa, sb, sc.
 void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M, int64_t N,
             int64_t K, float alpha, const float* A, int64_t sa, const float* B, int64_t sb,
-            bool accumulate, float* C, int64_t sc);
+            bool accumulate, float* C, int64_t sc, const float* bias = nullptr);
 bool native_bf16();
 // The native bf16 path's parts (only where native_bf16()), for a kernel that converts an operand
 // once and reads it in several GEMMs: f32 -> bf16 with the CPU's instruction, and oneDNN's bf16
@@ -45,7 +46,8 @@ int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, con
 // rows widen B to f32 in scratch and take the path above. The arithmetic is f32 either way.
 void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M,
                          int64_t N, int64_t K, float alpha, const float* A, int64_t sa,
-                         const uint16_t* B, int64_t sb, bool accumulate, float* C, int64_t sc);
+                         const uint16_t* B, int64_t sb, bool accumulate, float* C, int64_t sc,
+                         const float* bias = nullptr);
 
 // Row-major single-precision GEMM through oneDNN (single-threaded inside a parallel region).
 void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,

@@ -33,15 +33,17 @@ namespace {
 struct Bf16Gemm {
   struct Entry {
     dnnl::matmul prim;
-    dnnl::memory a, b, c;
+    dnnl::memory a, b, c, bias;
   };
   dnnl::engine eng{dnnl::engine::kind::cpu, 0};
   dnnl::stream strm{eng};
-  std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, float, bool>, Entry> cache;
+  std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, float, bool, bool>, Entry> cache;
 
+  // bias (N), when given, is added to every row of C in the GEMM (oneDNN's bias argument).
   void run(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
-           const uint16_t* B, bool accumulate, float* C) {
-    auto it = cache.find(std::make_tuple(ta, tb, M, N, K, alpha, accumulate));
+           const uint16_t* B, bool accumulate, float* C, const float* bias = nullptr) {
+    const auto key = std::make_tuple(ta, tb, M, N, K, alpha, accumulate, bias != nullptr);
+    auto it = cache.find(key);
     if (it == cache.end()) {
       using dt = dnnl::memory::data_type;
       dnnl::memory::desc a_md({M, K}, dt::bf16,
@@ -56,18 +58,24 @@ struct Bf16Gemm {
         po.append_sum(1.0f);
         attr.set_post_ops(po);
       }
-      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, eng);
+      dnnl::memory::desc bias_md({1, N}, dt::f32, dnnl::memory::dims{N, 1});
+      dnnl::matmul::primitive_desc pd(bias ? dnnl::matmul::desc(a_md, b_md, bias_md, c_md)
+                                           : dnnl::matmul::desc(a_md, b_md, c_md),
+                                      attr, eng);
       Entry e{dnnl::matmul(pd), dnnl::memory(a_md, eng, nullptr), dnnl::memory(b_md, eng, nullptr),
-              dnnl::memory(c_md, eng, nullptr)};
-      it = cache.emplace(std::make_tuple(ta, tb, M, N, K, alpha, accumulate), std::move(e)).first;
+              dnnl::memory(c_md, eng, nullptr), dnnl::memory(bias_md, eng, nullptr)};
+      it = cache.emplace(key, std::move(e)).first;
     }
     Entry& e = it->second;
     dnnl_memory_set_data_handle(e.a.get(), const_cast<uint16_t*>(A));
     dnnl_memory_set_data_handle(e.b.get(), const_cast<uint16_t*>(B));
     dnnl_memory_set_data_handle(e.c.get(), C);
-    const dnnl_exec_arg_t args[3] = {
-        {DNNL_ARG_SRC, e.a.get()}, {DNNL_ARG_WEIGHTS, e.b.get()}, {DNNL_ARG_DST, e.c.get()}};
-    MXN_CHECK(dnnl_primitive_execute(e.prim.get(), strm.get(), 3, args) == dnnl_success,
+    dnnl_memory_set_data_handle(e.bias.get(), const_cast<float*>(bias));
+    const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, e.a.get()},
+                                     {DNNL_ARG_WEIGHTS, e.b.get()},
+                                     {DNNL_ARG_DST, e.c.get()},
+                                     {DNNL_ARG_BIAS, e.bias.get()}};
+    MXN_CHECK(dnnl_primitive_execute(e.prim.get(), strm.get(), bias ? 4 : 3, args) == dnnl_success,
               "oneDNN bf16 matmul failed");
     MXN_CHECK(dnnl_stream_wait(strm.get()) == dnnl_success, "oneDNN stream wait failed");
   }
@@ -178,13 +186,20 @@ void gemv(bool tb, int64_t N, int64_t K, float alpha, const float* x, const W* B
 
 }  // namespace
 
+namespace {
+void add_bias_rows(float* C, const float* bias, int64_t rows, int64_t N) {
+  if (bias) add_bias(C, bias, C, rows, N);
+}
+}  // namespace
+
 void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M, int64_t N,
             int64_t K, float alpha, const float* A, int64_t sa, const float* B, int64_t sb,
-            bool accumulate, float* C, int64_t sc) {
+            bool accumulate, float* C, int64_t sc, const float* bias) {
   const int64_t lda = ta ? M : K, ldb = tb ? K : N;
   if (M == 1 && compute == Compute::f32) {
     for (int64_t i = 0; i < batch; ++i)
       gemv(tb, N, K, alpha, A + i * sa, B + i * sb, accumulate, C + i * sc);
+    add_bias_rows(C, bias, M, N);
     return;
   }
   if (compute == Compute::bf16 && native_bf16()) {
@@ -194,7 +209,7 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
     for (int64_t i = 0; i < batch; ++i) {
       to_bf16(A + i * sa, a16, M * K);
       to_bf16(B + i * sb, b16, K * N);
-      gemm.run(ta, tb, M, N, K, alpha, a16, b16, accumulate, C + i * sc);
+      gemm.run(ta, tb, M, N, K, alpha, a16, b16, accumulate, C + i * sc, bias);
     }
     return;
   }
@@ -208,6 +223,7 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
       convert(B + i * sb, br, K * N, round_bf16);
       sgemm(ta, tb, M, N, K, alpha, ar, lda, br, ldb, accumulate ? 1.f : 0.f, C + i * sc, N);
     }
+    add_bias_rows(C, bias, M, N);
     return;
   }
   // MXN_CPU_GEMM_SPLIT=1 (mxn serve sets it): the columns go out in chunks of 256 that a
@@ -228,19 +244,23 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
       sgemm(ta, tb, M, w, K, alpha, A, lda, tb ? B + n0 * ldb : B + n0, ldb, accumulate ? 1.f : 0.f,
             C + n0, N);
     }
+    add_bias_rows(C, bias, M, N);
     return;
   }
   for (int64_t i = 0; i < batch; ++i)
     sgemm(ta, tb, M, N, K, alpha, A + i * sa, lda, B + i * sb, ldb, accumulate ? 1.f : 0.f,
           C + i * sc, N);
+  add_bias_rows(C, bias, M, N);
 }
 
 void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M,
                          int64_t N, int64_t K, float alpha, const float* A, int64_t sa,
-                         const uint16_t* B, int64_t sb, bool accumulate, float* C, int64_t sc) {
+                         const uint16_t* B, int64_t sb, bool accumulate, float* C, int64_t sc,
+                         const float* bias) {
   if (M == 1) {
     for (int64_t i = 0; i < batch; ++i)
       gemv(tb, N, K, alpha, A + i * sa, B + i * sb, accumulate, C + i * sc);
+    add_bias_rows(C, bias, M, N);
     return;
   }
   if (compute == Compute::bf16 && native_bf16()) {  // B as it is; A rounded to bf16 (serving)
@@ -248,7 +268,7 @@ void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t 
     auto* a16 = reinterpret_cast<uint16_t*>(s.get(s.a, size_t(M * K + 1) / 2));
     for (int64_t i = 0; i < batch; ++i) {
       to_bf16(A + i * sa, a16, M * K);
-      gemm.run(ta, tb, M, N, K, alpha, a16, B + i * sb, accumulate, C + i * sc);
+      gemm.run(ta, tb, M, N, K, alpha, a16, B + i * sb, accumulate, C + i * sc, bias);
     }
     return;
   }
@@ -258,8 +278,8 @@ void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t 
     const uint16_t* b = B + i * sb;
 #pragma omp parallel for simd schedule(static)
     for (int64_t j = 0; j < K * N; ++j) wide[j] = bf16_to_f32(b[j]);
-    matmul(s, compute, ta, tb, 1, M, N, K, alpha, A + i * sa, 0, wide, 0, accumulate, C + i * sc,
-           0);
+    matmul(s, compute, ta, tb, 1, M, N, K, alpha, A + i * sa, 0, wide, 0, accumulate, C + i * sc, 0,
+           bias);
   }
 }
 
