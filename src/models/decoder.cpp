@@ -460,7 +460,9 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
                 arch_name(c.arch) + " model (its linear layers: " + names + ")");
   }
   const int head = c.tie_embeddings ? wte : b.w(nm.lm_head + ".weight", {c.vocab_size, C}, true);
-  if (o.with_loss && o.fused_head && !o.last_logits && o.serve_rows == 0) {
+  // The fused head reads f32 weights: a bf16 base (LoRA on a bf16 model) keeps matmul + loss.
+  if (o.with_loss && o.fused_head && !o.last_logits && o.serve_rows == 0 &&
+      g.v(head).dtype == DType::f32) {
     m.targets = g.input("targets", {N}, DType::i32);
     m.loss = g.classifier_ce(x, head, m.targets);
     g.mark_output(m.loss);
