@@ -1,8 +1,6 @@
 // `mxn train`: the config from defaults, a TOML file and flags (in that order), then the loop with
 // a live progress line, metrics, validation and checkpoints.
-#include <pthread.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,7 +17,9 @@
 
 #include "backend/device.h"
 #include "cli/commands.h"
+#include "cli/supervise.h"
 #include "core/error.h"
+#include "core/faults.h"
 #include "core/fs.h"
 #include "core/text.h"
 #include "io/checkpoint.h"
@@ -32,25 +32,7 @@
 namespace mxn::cli {
 namespace {
 
-std::atomic<bool> g_stop{false};
 std::vector<std::string> g_argv;  // this process's command line, for starting ranks
-
-// SIGINT / SIGTERM stop training after the current step (with a checkpoint). They are blocked
-// in every thread (threads made later inherit the mask) and taken by one thread that waits for
-// them, so a signal never interrupts a kernel. It used to run a handler on whichever thread it
-// hit: on this AVX-512 machine about one run in eight then died of heap corruption inside
-// oneDNN 2.6's sgemm (not with DNNL_MAX_CPU_ISA=AVX2), so kernels must not be interrupted.
-void watch_stop_signals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  std::thread([set] {
-    int sig = 0;
-    while (sigwait(&set, &sig) == 0) g_stop = true;
-  }).detach();
-}
 
 // "cpu,opencl" -> {"cpu:0", "opencl:0"}; "" -> {}.
 std::vector<std::string> split_devices(const std::string& s) {
@@ -59,115 +41,6 @@ std::vector<std::string> split_devices(const std::string& s) {
   for (auto& d : out)
     if (d.find(':') == std::string::npos) d += ":0";
   return out;
-}
-
-// `--devices a,b` on one machine: start one rank per device through mpirun (the same command
-// line; each rank picks its device by rank), each bound to its own cores, and watch the job. If a
-// rank dies, mpirun ends the others at once; we then say which rank, on which device, and where
-// the last checkpoint is. Returns the job's exit code.
-int launch_ranks(const std::vector<std::string>& devs, int64_t threads, const std::string& out) {
-  const size_t n = devs.size();
-  const long cores = std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN));
-  const long per_rank = std::max<long>(1, cores / long(n));
-  std::vector<std::string> args = {"mpirun", "-np", std::to_string(n), "--oversubscribe"};
-  if (long(n) <= cores) {
-    args.insert(args.end(),
-                {"--map-by", "slot:PE=" + std::to_string(per_rank), "--bind-to", "core"});
-  } else {
-    args.insert(args.end(), {"--bind-to", "none"});
-  }
-  if (geteuid() == 0) args.push_back("--allow-run-as-root");
-  char exe[4096];
-  const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  args.push_back(len > 0 ? std::string(exe, size_t(len)) : g_argv[0]);
-  args.insert(args.end(), g_argv.begin() + 1, g_argv.end());
-  if (threads == 0) {  // the cores each rank is bound to
-    args.push_back("--threads");
-    args.push_back(std::to_string(per_rank));
-  }
-  std::vector<char*> cargs;
-  for (auto& arg : args) cargs.push_back(arg.data());
-  cargs.push_back(nullptr);
-  std::fflush(stdout);
-  int fds[2];
-  if (pipe(fds) != 0)
-    throw Error("cannot start mpirun: pipe: " + std::string(std::strerror(errno)));
-  const pid_t pid = fork();
-  if (pid < 0) throw Error("cannot start mpirun: fork: " + std::string(std::strerror(errno)));
-  if (pid == 0) {
-    sigset_t none;  // mpirun and the ranks start with signals as usual
-    sigemptyset(&none);
-    pthread_sigmask(SIG_SETMASK, &none, nullptr);
-    dup2(fds[1], STDERR_FILENO);
-    close(fds[0]);
-    close(fds[1]);
-    execvp("mpirun", cargs.data());
-    std::fprintf(stderr,
-                 "mxn: error: cannot start mpirun for --devices (%s); install openmpi-bin, "
-                 "or start the ranks with your own launcher\n",
-                 std::strerror(errno));
-    _exit(127);
-  }
-  close(fds[1]);
-  // Ctrl-C reaches every process of the terminal's group; the ranks stop together, and this
-  // process (its signals taken by watch_stop_signals) waits to report how the job ended.
-  FILE* err = fdopen(fds[0], "r");
-  int dead_rank = -1, dead_signal = 0;
-  char line[4096];
-  // mpirun's boxed notices about a rank that failed or died are replaced by the ranks' own
-  // error lines and by ours below; any other box (e.g. a launch problem) is passed through.
-  std::string box;
-  bool in_box = false;
-  while (err && std::fgets(line, sizeof(line), err)) {
-    int r = -1, sig = 0;
-    const char* at = std::strstr(line, "process rank ");
-    if (at && std::strstr(at, "exited on signal") && std::sscanf(at, "process rank %d", &r) == 1 &&
-        std::sscanf(std::strstr(at, "exited on signal"), "exited on signal %d", &sig) == 1 &&
-        dead_rank < 0) {
-      dead_rank = r;
-      dead_signal = sig;
-    }
-    if (std::strncmp(line, "-----", 5) == 0) {
-      box += line;
-      if (in_box) {
-        const bool known = box.find("mpirun noticed that process rank") != std::string::npos ||
-                           box.find("Primary job  terminated normally") != std::string::npos ||
-                           box.find("exited with non-zero status") != std::string::npos;
-        if (!known) std::fputs(box.c_str(), stderr);
-        box.clear();
-      }
-      in_box = !in_box;
-    } else if (in_box) {
-      box += line;
-    } else {
-      std::fputs(line, stderr);
-    }
-  }
-  if (!box.empty()) std::fputs(box.c_str(), stderr);
-  if (err) std::fclose(err);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  if (dead_rank < 0 || dead_rank >= int(n)) return g_stop && code != 0 ? 130 : code;
-  std::string last = "none was written yet";
-  try {
-    last = resolve_checkpoint(out);
-  } catch (const Error&) {
-  }
-  std::vector<std::string> rest;
-  for (size_t i = 0; i < n; ++i)
-    if (int(i) != dead_rank) rest.push_back(devs[i]);
-  std::string again;
-  for (const auto& d : rest) again += (again.empty() ? "" : ",") + d;
-  std::fprintf(stderr,
-               "mxn: error: rank %d (%s) died (signal %d: %s); the job stopped. Last checkpoint: "
-               "%s. Continue on the remaining devices with: mxn train --resume %s --devices %s "
-               "(under Slurm: MXN_DEVICES=%s sbatch --ntasks %zu examples/slurm/train.sbatch "
-               "--resume %s)\n",
-               dead_rank, devs[size_t(dead_rank)].c_str(), dead_signal, strsignal(dead_signal),
-               last.c_str(), out.c_str(), again.c_str(), again.c_str(), rest.size(), out.c_str());
-  return code == 0 ? 1 : code;
 }
 
 void copy_field(TrainConfig& dst, const TrainConfig& src, const std::string& name) {
@@ -320,6 +193,24 @@ int run_train(TrainArgs& a) {
       set.push_back(name);
     }
   if (!a.plan.empty()) apply_plan(cfg, a.plan, set);
+  const bool lead_rank = rank_from_env().rank == 0;
+  auto warn = [&](const std::string& w) {
+    if (lead_rank) std::fprintf(stderr, "mxn: warning: %s\n", w.c_str());
+  };
+  const bool auto_resume = a.resume == "auto";
+  if (auto_resume) {  // the run folder's newest good checkpoint; with none yet, a fresh start
+    bool any = true;
+    try {
+      resolve_checkpoint(cfg.out);
+    } catch (const Error&) {
+      any = false;
+    }
+    a.resume = any ? find_good_checkpoint(cfg.out, warn) : "";
+    if (!any && lead_rank)
+      std::printf("  --resume auto: no checkpoint in %s yet, starting fresh\n", cfg.out.c_str());
+  } else if (!a.resume.empty()) {
+    a.resume = find_good_checkpoint(a.resume, warn);
+  }
   if (!a.resume.empty()) {
     // A resumed run keeps its checkpoint's config; only keys given now override it, and the
     // model's shape cannot change.
@@ -338,6 +229,23 @@ int run_train(TrainArgs& a) {
     if (std::find(set.begin(), set.end(), "out") == set.end())
       saved.out = std::filesystem::path(resolve_checkpoint(a.resume)).parent_path().string();
     cfg = saved;
+    // --resume auto on other machines: the saved devices that are here, planned afresh.
+    if (auto_resume && !cfg.devices.empty() &&
+        std::find(set.begin(), set.end(), "devices") == set.end()) {
+      const auto here = available_devices();
+      std::string kept;
+      for (const std::string& d : split_devices(cfg.devices))
+        if (std::find(here.begin(), here.end(), d) != here.end())
+          kept += (kept.empty() ? "" : ",") + d;
+      if (kept != cfg.devices && lead_rank)
+        std::printf("  the saved run used --devices %s; here: %s, planned for these\n",
+                    cfg.devices.c_str(), kept.empty() ? cfg.device.c_str() : kept.c_str());
+      if (kept != cfg.devices) {
+        cfg.devices = kept.find(',') == std::string::npos ? "" : kept;
+        if (!kept.empty() && cfg.devices.empty()) cfg.device = kept;
+        cfg.split = "auto";
+      }
+    }
   }
   if (a.stop_at < 0) throw Error("--stop-at must be >= 0");
   if (cfg.sft.empty() && cfg.data == TrainConfig().data && !std::filesystem::exists(cfg.data))
@@ -377,11 +285,13 @@ int run_train(TrainArgs& a) {
     for (const std::string& d : devs) {
       if (std::find(here.begin(), here.end(), d) == here.end())
         throw Error("unknown device '" + d + "' in --devices (devices here: " + names + ")");
-      // Pipeline replicas may put a stage of each on one chip (memory permitting).
-      if (std::find(seen.begin(), seen.end(), d) != seen.end() && cfg.pp <= 1)
+      // Pipeline replicas may put a stage of each on one chip (memory permitting); CPU ranks
+      // are each bound to their own cores.
+      if (std::find(seen.begin(), seen.end(), d) != seen.end() && cfg.pp <= 1 &&
+          d.rfind("cpu", 0) != 0)
         throw Error("device '" + d +
                     "' appears twice in --devices; each rank needs its own device (only "
-                    "pipeline stages, --pp, may share one)");
+                    "pipeline stages, --pp, and CPU ranks, each on its own cores, may share one)");
       seen.push_back(d);
     }
     if (cfg.batch < int64_t(devs.size()))
@@ -391,13 +301,21 @@ int run_train(TrainArgs& a) {
     if (devs.size() > 1)  // a bad split is one line here, not one per rank
       parse_split(cfg.split, int(devs.size()));
     const RankInfo ri = rank_from_env();
-    if (ri.world == 1 && devs.size() > 1) return launch_ranks(seen, cfg.threads, cfg.out);
+    if (ri.world == 1 && devs.size() > 1 && !std::getenv("MXN_SUPERVISED"))
+      return supervise({seen, g_argv, cfg.out, cfg.threads, cfg.max_restarts, cfg.hang_timeout});
     if (size_t(ri.world) != devs.size())
       throw Error("--devices names " + std::to_string(devs.size()) +
                   " devices but the launcher started " + std::to_string(ri.world) + " ranks");
     cfg.device = seen[size_t(ri.rank)];
   }
+  if (devs.size() <= 1 && cfg.max_restarts > 0 && rank_from_env().world == 1 &&
+      !std::getenv("MXN_SUPERVISED"))  // one device, watched and restarted by this process
+    return supervise(
+        {{cfg.device}, g_argv, cfg.out, cfg.threads, cfg.max_restarts, cfg.hang_timeout});
   Communicator& comm = Communicator::world();
+  fault_set_rank(comm.rank());
+  Heartbeat beat(comm.rank(), 1.0);
+  fault_point("start", 0);
   const bool lead = comm.rank() == 0;  // rank 0 prints, writes metrics and checkpoints
 
   Trainer tr(cfg, a.resume, &comm);
@@ -435,10 +353,32 @@ int run_train(TrainArgs& a) {
   const int64_t first = tr.current_step();
   auto t0 = std::chrono::steady_clock::now();
   float loss = 0;
-  auto stop_requested = [&] {  // every rank must stop at the same step
-    double f = g_stop ? 1 : 0;
-    comm.all_reduce_sum(&f, 1);
-    return f > 0;
+  // Every rank stops at the same step: the signals any rank took, summed (SIGINT, SIGTERM,
+  // SIGUSR1). SIGINT is the user's interrupt (exit 130); the others are a preemption (exit 0).
+  double stops[3] = {0, 0, 0};
+  auto stop_requested = [&] {
+    const int sig = stop_signal();
+    double f[3] = {sig == SIGINT ? 1.0 : 0.0, sig == SIGTERM ? 1.0 : 0.0,
+                   sig == SIGUSR1 ? 1.0 : 0.0};
+    comm.all_reduce_sum(f, 3);
+    std::copy(f, f + 3, stops);
+    return f[0] + f[1] + f[2] > 0;
+  };
+  // A checkpoint that could not be written (a full disk) is said once; training goes on, since
+  // the previous checkpoint is intact and the next interval tries again.
+  CheckpointWriter writer;
+  auto report = [&](const CheckpointWriter::Result& r) {
+    if (r.error.empty() || !lead) return;
+    std::string prev = "none";
+    try {
+      prev = resolve_checkpoint(c.out);
+    } catch (const Error&) {
+    }
+    std::fprintf(stderr,
+                 "mxn: warning: the checkpoint of step %lld was not written: %s. The previous "
+                 "one (%s) is intact; training goes on and tries again in %lld steps\n",
+                 (long long)r.step, r.error.c_str(), prev.c_str(), (long long)c.ckpt_every);
+    append_metrics(c.out, {{"step", r.step}, {"event", "checkpoint_failed"}, {"error", r.error}});
   };
   rusage ru{};
   long train_peak_kib = 0;  // the high-water mark after the last step, before its evaluation
@@ -478,8 +418,24 @@ int run_train(TrainArgs& a) {
     if (const std::string change = tr.take_plan_change(); !change.empty())
       std::printf("%s%s\n", tty ? "\n" : "", change.c_str());
     std::fflush(stdout);
-    if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) tr.save();  // every rank
+    beat.step(s);
+    if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) {  // every rank
+      const auto tc = std::chrono::steady_clock::now();
+      if (c.ckpt_async) {
+        report(tr.save_async(writer));
+      } else {
+        try {
+          tr.save();
+        } catch (const Error& e) {
+          report({s, "", e.what()});
+        }
+      }
+      const double ckpt_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+      if (lead) append_metrics(c.out, {{"step", s}, {"event", "checkpoint"}, {"ckpt_s", ckpt_s}});
+    }
   }
+  const bool stopped = tr.current_step() < last;
   if (tty) std::printf("\n");
   if (tr.device().profiling()) std::printf("%s", tr.device().profile_report().c_str());
   if (comm.size() > 1 && tr.mean_step_seconds() > 0 && tr.plan().pipeline.empty()) {
@@ -490,18 +446,40 @@ int run_train(TrainArgs& a) {
         pred, got, 100.0 * (got - pred) / pred, tr.plan().rebalances,
         tr.mean_exposed_reduce_seconds() * 1e3);
   }
-  const std::string where = tr.save();
-  if (!lead) return g_stop ? 130 : 0;
+  report(writer.wait());
+  std::string where;
+  try {
+    where = tr.save();
+  } catch (const Error& e) {  // the last checkpoint cannot be skipped: stop, and say what is left
+    std::string prev = "none was written";
+    try {
+      prev = resolve_checkpoint(c.out);
+    } catch (const Error&) {
+    }
+    throw Error(std::string(e.what()) + ". Training stopped at step " +
+                std::to_string(tr.current_step()) + "; the newest checkpoint on disk is " + prev +
+                " (free space, then resume from it with: mxn train --resume auto --out " + c.out +
+                ")");
+  }
+  const int code = stopped && stops[0] > 0 ? 130 : 0;
+  if (!lead) return code;
   write_loss_svg(c.out);
   getrusage(RUSAGE_SELF, &ru);
   std::printf(
       "peak resident memory: %.2f GiB in training steps, %.2f GiB with evaluation and "
       "checkpointing\n",
       double(train_peak_kib) / (1 << 20), double(ru.ru_maxrss) / (1 << 20));
-  std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",
-              g_stop ? "stopped" : "done", (long long)tr.current_step(), where.c_str(),
-              c.out.c_str(), c.out.c_str());
-  return g_stop ? 130 : 0;
+  if (stopped && code == 0)
+    std::printf(
+        "preempted (%s) at step %lld; checkpoint %s. Resume with: mxn train --resume "
+        "auto --out %s\n",
+        stops[1] > 0 ? "SIGTERM" : "SIGUSR1", (long long)tr.current_step(), where.c_str(),
+        c.out.c_str());
+  else
+    std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",
+                stopped ? "stopped" : "done", (long long)tr.current_step(), where.c_str(),
+                c.out.c_str(), c.out.c_str());
+  return code;
 }
 
 }  // namespace
@@ -513,7 +491,9 @@ std::function<int()> add_train(CLI::App& app) {
       "train", "train a model: GPT-2, LLaMA, Qwen2, GLM (default: a small GPT-2 on the KJV)");
   auto a = std::make_shared<TrainArgs>();
   sub->add_option("config", a->config_file, "TOML file with any of the keys below");
-  sub->add_option("--resume", a->resume, "continue from a checkpoint or run folder");
+  sub->add_option("--resume", a->resume,
+                  "continue from a checkpoint or run folder; auto: the run folder's (--out) "
+                  "newest good checkpoint, or a fresh start if it has none");
   sub->add_option("--stop-at", a->stop_at, "stop (with a checkpoint) after this step");
   sub->add_option("--plan", a->plan,
                   "run the layout a plan file holds (mxn plan --out): its devices, stages, "
@@ -523,7 +503,10 @@ std::function<int()> add_train(CLI::App& app) {
   for (auto& f : config_fields(a->flags)) {
     CLI::Option* o = std::visit(
         [&](auto* p) {
-          return sub->add_option("--" + f.name, *p, f.help)
+          std::string names = "--" + f.name, dashed = f.name;
+          std::replace(dashed.begin(), dashed.end(), '_', '-');
+          if (dashed != f.name) names += ",--" + dashed;  // --max_restarts or --max-restarts
+          return sub->add_option(names, *p, f.help)
               ->capture_default_str()
               ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
         },

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -25,6 +26,13 @@ void fsync_dir(const std::string& dir) {
   if (fd < 0) return;
   ::fsync(fd);
   ::close(fd);
+}
+
+uint32_t crc32_of(const std::vector<std::string_view>& parts) {
+  uLong crc = crc32_z(0L, Z_NULL, 0);
+  for (std::string_view p : parts)
+    crc = crc32_z(crc, reinterpret_cast<const Bytef*>(p.data()), p.size());
+  return uint32_t(crc);
 }
 
 void write_file_atomic(const std::string& path, std::string_view data) {

@@ -1,6 +1,7 @@
 #pragma once
 // Files a user would miss are written atomically: a temp file beside the target, fsync, rename,
 // fsync of the folder. A crash at any point leaves either the old file or the new one.
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -11,6 +12,8 @@ void write_file_atomic(const std::string& path, std::string_view data);
 // The same with the file's bytes in pieces, written one after another.
 void write_file_atomic(const std::string& path, const std::vector<std::string_view>& parts);
 void fsync_dir(const std::string& dir);
+// zlib's CRC-32 of the bytes, piece after piece (as one file of them).
+uint32_t crc32_of(const std::vector<std::string_view>& parts);
 std::string read_file(const std::string& path,
                       const std::string& what);  // clear Error when missing
 

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/faults.h"
 #include "core/fs.h"
 
 namespace fs = std::filesystem;
@@ -20,10 +21,29 @@ bool is_checkpoint(const fs::path& p) {
   return fs::is_regular_file(p / "model.safetensors") && fs::is_regular_file(p / "trainer.json");
 }
 
-// Tests set this to widen the window in which a checkpoint is half-written.
-void test_pause() {
+// Tests set this to widen the window in which a checkpoint is half-written; a fault plan may
+// kill or stop the process there (core/faults.h).
+void test_pause(int64_t step) {
   if (const char* ms = std::getenv("MXN_TEST_CHECKPOINT_PAUSE_MS"))
     std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(ms)));
+  fault_point("ckpt", step);
+}
+
+std::string crc_hex(uint32_t crc) {
+  char b[16];
+  std::snprintf(b, sizeof(b), "%08x", crc);
+  return b;
+}
+
+// The checkpoint folders of a run folder, oldest first (finished ones: no .tmp).
+std::vector<fs::path> checkpoint_folders(const fs::path& run_dir) {
+  std::vector<fs::path> all;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(run_dir, ec))
+    if (e.path().filename().string().rfind("ckpt-", 0) == 0 && e.path().extension() != ".tmp")
+      all.push_back(e.path());
+  std::sort(all.begin(), all.end());
+  return all;
 }
 
 }  // namespace
@@ -38,12 +58,27 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) throw Error("cannot create checkpoint folder " + tmp.string() + ": " + ec.message());
-  safetensors_save((tmp / "model.safetensors").string(), ck.weights);
-  test_pause();
-  safetensors_save((tmp / "optimizer.safetensors").string(), ck.optimizer);
-  for (const auto& [name, t] : ck.tensors) safetensors_save((tmp / name).string(), t);
-  for (const auto& [name, text] : ck.files) write_file_atomic((tmp / name).string(), text);
-  write_file_atomic((tmp / "trainer.json").string(), ck.trainer.dump(2));
+  nlohmann::json trainer = ck.trainer;
+  nlohmann::json& files = trainer["files"] = nlohmann::json::object();
+  auto record = [&](const std::string& file, uint32_t crc) {
+    files[file] = {{"bytes", fs::file_size(tmp / file)}, {"crc32", crc_hex(crc)}};
+  };
+  try {
+    record("model.safetensors", safetensors_save((tmp / "model.safetensors").string(), ck.weights));
+    test_pause(step);
+    record("optimizer.safetensors",
+           safetensors_save((tmp / "optimizer.safetensors").string(), ck.optimizer));
+    for (const auto& [file, t] : ck.tensors)
+      record(file, safetensors_save((tmp / file).string(), t));
+    for (const auto& [file, text] : ck.files) {
+      write_file_atomic((tmp / file).string(), text);
+      record(file, crc32_of({text}));
+    }
+    write_file_atomic((tmp / "trainer.json").string(), trainer.dump(2));
+  } catch (const std::exception& e) {  // a full disk: free what was written, keep the rest
+    fs::remove_all(tmp, ec);
+    throw Error(std::string(e.what()) + "; checkpoint " + name + " was not written");
+  }
   fsync_dir(tmp.string());
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);
@@ -51,11 +86,7 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
   fsync_dir(run_dir);
   write_file_atomic((fs::path(run_dir) / "latest").string(), std::string(name) + "\n");
   // Keep the newest `keep`.
-  std::vector<fs::path> all;
-  for (const auto& e : fs::directory_iterator(run_dir, ec))
-    if (e.path().filename().string().rfind("ckpt-", 0) == 0 && e.path().extension() != ".tmp")
-      all.push_back(e.path());
-  std::sort(all.begin(), all.end());
+  const std::vector<fs::path> all = checkpoint_folders(run_dir);
   for (size_t i = 0; i + size_t(keep) < all.size(); ++i) fs::remove_all(all[i], ec);
   return final_dir.string();
 }
@@ -83,6 +114,54 @@ std::string resolve_checkpoint(const std::string& path) {
               "trainer.json, or a run folder holding ckpt-* folders)");
 }
 
+void verify_checkpoint(const std::string& dir) {
+  const std::string tj = (fs::path(dir) / "trainer.json").string();
+  const nlohmann::json j = nlohmann::json::parse(read_file(tj, "checkpoint file"), nullptr, false);
+  if (j.is_discarded() || !j.is_object())
+    throw Error("checkpoint file '" + tj + "' is corrupt: not a JSON object");
+  if (!j.contains("files")) return;  // written before checkpoints had checksums
+  for (const auto& [file, want] : j["files"].items()) {
+    const std::string path = (fs::path(dir) / file).string();
+    const MappedFile m(path, "checkpoint file");
+    const uint64_t bytes = want.value("bytes", uint64_t(0));
+    if (m.size() != bytes)
+      throw Error("checkpoint file '" + path + "' is corrupt: " + std::to_string(m.size()) +
+                  " bytes, trainer.json recorded " + std::to_string(bytes));
+    const std::string crc =
+        crc_hex(crc32_of({std::string_view(m.data() ? m.data() : "", m.size())}));
+    if (crc != want.value("crc32", std::string()))
+      throw Error("checkpoint file '" + path + "' is corrupt: CRC-32 " + crc +
+                  ", trainer.json recorded " + want.value("crc32", std::string("none")));
+  }
+}
+
+std::string find_good_checkpoint(const std::string& path,
+                                 const std::function<void(const std::string&)>& warn) {
+  const std::string first = resolve_checkpoint(path);
+  if (first == fs::path(path).string()) {  // a checkpoint folder, named: no other to fall back to
+    verify_checkpoint(first);
+    return first;
+  }
+  std::vector<fs::path> all = checkpoint_folders(path);
+  std::reverse(all.begin(), all.end());
+  // The one `latest` names first, then the rest from the newest down.
+  all.erase(std::remove(all.begin(), all.end(), fs::path(first)), all.end());
+  all.insert(all.begin(), fs::path(first));
+  std::string why;
+  for (const fs::path& c : all) {
+    if (!is_checkpoint(c)) continue;
+    try {
+      verify_checkpoint(c.string());
+      if (!why.empty()) warn(why + "; using the one before it, " + c.string());
+      return c.string();
+    } catch (const Error& e) {
+      if (!why.empty()) warn(why);
+      why = "checkpoint " + c.string() + " is damaged (" + e.what() + ")";
+    }
+  }
+  throw Error("no checkpoint in '" + path + "' passes its checks: " + why);
+}
+
 Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
   const fs::path dir = resolve_checkpoint(path);
   Checkpoint ck;
@@ -97,6 +176,66 @@ Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
   ck.weights = safetensors_load((dir / "model.safetensors").string());
   if (with_optimizer) ck.optimizer = safetensors_load((dir / "optimizer.safetensors").string());
   return ck;
+}
+
+CheckpointWriter::CheckpointWriter() : thread_([this] { loop(); }) {}
+
+CheckpointWriter::~CheckpointWriter() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    quit_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();  // the loop finishes a pending write first
+}
+
+void CheckpointWriter::start(const std::string& run_dir, int64_t step, const Checkpoint* ck,
+                             int keep) {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return !pending_; });
+  dir_ = run_dir;
+  step_ = step;
+  ck_ = ck;
+  keep_ = keep;
+  pending_ = true;
+  cv_.notify_all();
+}
+
+CheckpointWriter::Result CheckpointWriter::wait() {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return !pending_; });
+  Result r = std::move(result_);
+  result_ = {};
+  return r;
+}
+
+bool CheckpointWriter::busy() {
+  std::lock_guard<std::mutex> l(mu_);
+  return pending_;
+}
+
+void CheckpointWriter::loop() {
+  std::unique_lock<std::mutex> l(mu_);
+  for (;;) {
+    cv_.wait(l, [&] { return pending_ || quit_; });
+    if (!pending_) return;
+    const std::string dir = dir_;
+    const int64_t step = step_;
+    const Checkpoint* ck = ck_;
+    const int keep = keep_;
+    l.unlock();
+    Result r;
+    r.step = step;
+    try {
+      r.dir = save_checkpoint(dir, step, *ck, keep);
+    } catch (const std::exception& e) {
+      r.error = e.what();
+    }
+    l.lock();
+    result_ = std::move(r);
+    pending_ = false;
+    cv_.notify_all();
+  }
 }
 
 }  // namespace mxn

@@ -13,9 +13,10 @@ using TensorMap = std::map<std::string, HostTensor>;
 
 std::string safetensors_serialize(const TensorMap& tensors,
                                   const std::map<std::string, std::string>& metadata = {});
-// Written atomically, straight from the tensors (no serialised copy in memory).
-void safetensors_save(const std::string& path, const TensorMap& tensors,
-                      const std::map<std::string, std::string>& metadata = {});
+// Written atomically, straight from the tensors (no serialised copy in memory). Returns the
+// CRC-32 of the file's bytes.
+uint32_t safetensors_save(const std::string& path, const TensorMap& tensors,
+                          const std::map<std::string, std::string>& metadata = {});
 // Throws an Error naming the file and what is wrong with it (truncated, bad header, ...).
 TensorMap safetensors_load(const std::string& path);
 TensorMap safetensors_parse(const std::string& bytes, const std::string& path);

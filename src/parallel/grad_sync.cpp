@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "core/faults.h"
+
 namespace mxn {
 
 GradSync::GradSync(Program& prog, Communicator& comm, int64_t bucket_floats)
@@ -61,6 +63,7 @@ void GradSync::run(size_t begin, size_t end, int variant) {
     } else {
       for (const Item& it : b.items) dev.download(host_.data() + it.host, it.grad);
       comm_.start_all_reduce_sum(host_.data() + b.begin, int64_t(b.floats));
+      fault_point("allreduce");
       comm_.progress();
     }
   }

@@ -85,6 +85,15 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"eval_every", &c.eval_every, "steps between validation losses (0: only at the end)"},
       {"eval_batches", &c.eval_batches, "micro-batches per validation"},
       {"ckpt_every", &c.ckpt_every, "steps between checkpoints (0: only at the end)"},
+      {"ckpt_keep", &c.ckpt_keep, "checkpoints kept in the run folder, the newest ones"},
+      {"ckpt_async", &c.ckpt_async,
+       "1: a checkpoint is copied to host memory and written while training goes on; 0: the "
+       "step waits for the disk"},
+      {"max_restarts", &c.max_restarts,
+       "restarts from the last checkpoint when a rank dies or hangs (a device that fails twice "
+       "without progress between is left out)"},
+      {"hang_timeout", &c.hang_timeout,
+       "seconds without a rank's heartbeat before the job is stopped as hung (0: never)"},
       {"log_every", &c.log_every, "steps between progress lines when not on a terminal"},
   };
 }
@@ -199,6 +208,14 @@ void TrainConfig::validate() const {
        "threads = " + std::to_string(threads) + ", expected 0..4096");
   need(eval_every >= 0 && ckpt_every >= 0 && log_every >= 1 && eval_batches >= 1,
        "eval_every and ckpt_every must be >= 0, log_every and eval_batches >= 1");
+  need(ckpt_keep >= 1 && ckpt_keep <= 1000,
+       "ckpt_keep = " + std::to_string(ckpt_keep) + ", expected 1..1000");
+  need(ckpt_async == 0 || ckpt_async == 1,
+       "ckpt_async = " + std::to_string(ckpt_async) + ", expected 0 or 1");
+  need(max_restarts >= 0 && max_restarts <= 100000,
+       "max_restarts = " + std::to_string(max_restarts) + ", expected 0..100000");
+  need(hang_timeout == 0 || (hang_timeout >= 1 && hang_timeout <= 86400),
+       "hang_timeout = " + std::to_string(hang_timeout) + ", expected 0 (off) or 1..86400 seconds");
 }
 
 std::vector<std::string> apply_toml(TrainConfig& c, const std::string& path) {

@@ -69,6 +69,11 @@ struct TrainConfig {
   double weight_decay = 0.1, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, clip = 1.0;
   int64_t seed = 1337;
   int64_t eval_every = 250, eval_batches = 8, ckpt_every = 500, log_every = 10;
+  int64_t ckpt_keep = 2, ckpt_async = 1;
+  // Surviving faults (src/cli/supervise.cpp): restarts of the job, and how long a rank may go
+  // without a heartbeat before it counts as hung.
+  int64_t max_restarts = 0;
+  double hang_timeout = 300;
   // Not a flag: the trainer sets it where the device has the fused head (CLASSIFIER_CE), unless
   // MXN_FUSED_HEAD=0 is in the environment.
   bool fused_head = false;

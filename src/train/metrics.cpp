@@ -23,7 +23,9 @@ void truncate_metrics(const std::string& run_dir, int64_t step) {
   std::string line, kept;
   while (std::getline(f, line)) {
     auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() <= step)
+    // Restarts stay: they are the run's history, not a step's record.
+    if (!j.is_discarded() && j.contains("step") &&
+        (j["step"].get<int64_t>() <= step || j.value("event", "") == "restart"))
       kept += line + "\n";
   }
   write_file_atomic(path.string(), kept);

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/faults.h"
 #include "core/fs.h"
 #include "core/rng.h"
 #include "core/text.h"
@@ -498,6 +499,7 @@ float Trainer::step() {
   const auto t_start = std::chrono::steady_clock::now();
   const int64_t s = step_ + 1, T = cfg_.seq_len(), G = cfg_.batch * cfg_.accum;
   const size_t nodes = prog_->graph().nodes.size();
+  fault_set_step(s);
   dev_->run(zero_grads_);
   if (slow_ms_ > 0 && s >= slow_from_)
     std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms_));
@@ -543,6 +545,7 @@ float Trainer::step() {
     comm_->all_reduce_sum(stats_.data(), int64_t(stats_.size()));
     loss_sum = stats_[0];
   }
+  fault_point("step");
   // Global norm of the mean gradient, then one scale for clipping.
   float sumsq = 0;
   if (pp_ > 1) {
@@ -651,32 +654,51 @@ TensorMap Trainer::frozen_weights() const {
   return out;
 }
 
-std::string Trainer::save() {
-  Checkpoint ck;
+namespace {
+// m[name], made (or remade) only when it is missing or of another shape: checkpoints after the
+// first reuse the host buffers of the one before.
+HostTensor& slot(TensorMap& m, const std::string& name, const Shape& shape, DType dt) {
+  auto it = m.find(name);
+  if (it == m.end() || it->second.shape != shape || it->second.dtype != dt)
+    it = m.insert_or_assign(name, HostTensor(shape, dt)).first;
+  return it->second;
+}
+}  // namespace
+
+bool Trainer::snapshot(Checkpoint& ck) {
+  ck.files.clear();
+  ck.tensors.clear();
   if (pp_ > 1) {  // replica 0's stages hand their weights and moments to rank 0
-    if (replica_ != 0) return "";
+    ck.weights.clear();
+    ck.optimizer.clear();
+    if (replica_ != 0) return false;
     pp_gather(ck);
-    if (stage_ != 0) return "";
+    if (stage_ != 0) return false;
   } else {  // the moments by name; with ZeRO-1 the lead first gathers every rank's share
-    if (shards_.empty() && rank_ != 0) return "";
-    std::vector<float> full[2];
-    for (int i = 0; i < 2; ++i) {
-      full[i].resize(size_t(prog_->param_count()));
-      dev_->download(full[i].data() + shard_lo_,
-                     Tensor({shard_hi_ - shard_lo_}, DType::f32, (i ? opt_v_ : opt_m_)->handle()));
-      if (!shards_.empty()) comm_->gather(full[i].data(), shards_, 0);
+    if (shards_.empty() && rank_ != 0) return false;
+    if (!shards_.empty()) {
+      for (int i = 0; i < 2; ++i) {
+        std::vector<float>& full = moments_host_[i];
+        full.resize(size_t(prog_->param_count()));
+        dev_->download(full.data() + shard_lo_, Tensor({shard_hi_ - shard_lo_}, DType::f32,
+                                                       (i ? opt_v_ : opt_m_)->handle()));
+        comm_->gather(full.data(), shards_, 0);
+      }
+      if (rank_ != 0) return false;
     }
-    if (rank_ != 0) return "";
     for (int p : prog_->graph().params()) {
       const Value& v = prog_->graph().v(p);
+      dev_->download(slot(ck.weights, v.name, v.shape, DType::f32).bytes.data(), prog_->tensor(p));
       for (int i = 0; i < 2; ++i) {
-        HostTensor h(v.shape, DType::f32);
-        std::memcpy(h.bytes.data(), full[i].data() + v.offset / 4, h.bytes.size());
-        ck.optimizer.emplace((i ? "v." : "m.") + v.name, std::move(h));
+        HostTensor& h = slot(ck.optimizer, (i ? "v." : "m.") + v.name, v.shape, DType::f32);
+        if (shards_.empty())
+          dev_->download(h.bytes.data(),
+                         Tensor(v.shape, DType::f32, (i ? opt_v_ : opt_m_)->handle(), v.offset));
+        else
+          std::memcpy(h.bytes.data(), moments_host_[i].data() + v.offset / 4, h.bytes.size());
       }
     }
   }
-  if (pp_ == 1) ck.weights = weights();
   ck.trainer = {{"step", step_}, {"config", to_json(cfg_)}, {"format", "mxn-checkpoint-1"}};
   ck.trainer["model"] = cfg_.decoder_config().to_json();
   if (cfg_.finetune != "full") {  // every checkpoint is also a PEFT folder
@@ -695,8 +717,23 @@ std::string Trainer::save() {
     ck.files.emplace_back("adapter_config.json", adapter_config_json(a, d));
     ck.tensors.emplace_back("adapter_model.safetensors", adapter_peft_tensors(a));
   }
+  return true;
+}
+
+std::string Trainer::save() {
+  Checkpoint ck;
+  if (!snapshot(ck)) return "";
   std::filesystem::create_directories(cfg_.out);
-  return save_checkpoint(cfg_.out, step_, ck);
+  return save_checkpoint(cfg_.out, step_, ck, int(cfg_.ckpt_keep));
+}
+
+CheckpointWriter::Result Trainer::save_async(CheckpointWriter& w) {
+  CheckpointWriter::Result last = w.wait();  // the host copy is free again
+  if (snapshot(snap_)) {
+    std::filesystem::create_directories(cfg_.out);
+    w.start(cfg_.out, step_, &snap_, int(cfg_.ckpt_keep));
+  }
+  return last;
 }
 
 void Trainer::load(const Checkpoint& ck) {

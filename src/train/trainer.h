@@ -66,6 +66,10 @@ class Trainer {
   // Checkpoint into cfg.out; returns its folder. Collective: every rank calls it (with ZeRO-1
   // the lead gathers the optimizer shards); ranks other than 0 write nothing and return "".
   std::string save();
+  // The same on `w`'s thread while training goes on: the state is copied to host memory (into
+  // buffers kept from one checkpoint to the next) and handed over. First waits for the write in
+  // flight, whose outcome it returns (step -1: none).
+  CheckpointWriter::Result save_async(CheckpointWriter& w);
   double lr_at(int64_t step) const;
 
   int64_t current_step() const { return step_; }
@@ -107,6 +111,9 @@ class Trainer {
   void profile();
   void follow_drift();
   void load(const Checkpoint& ck);
+  bool snapshot(Checkpoint& ck);        // collective; true on the rank that writes it
+  Checkpoint snap_;                     // save_async's host copy
+  std::vector<float> moments_host_[2];  // ZeRO-1: the gathered moments
   void init_adapter(int param);
 
   TrainConfig cfg_;
