@@ -140,8 +140,9 @@ class CliTest(unittest.TestCase):
     def test_bad_devices(self):
         self.expect_error(self.train(self.path("r"), "--devices", "cpu,cuda:3"),
                           "unknown device 'cuda:3' in --devices", "cpu:0")
-        self.expect_error(self.train(self.path("r"), "--devices", "cpu,cpu:0"), "'cpu:0' appears twice")
-        if "opencl:0" in run("devices").stdout:
+        if "opencl:0" in run("devices").stdout:  # (CPU ranks may share the CPU: each gets its cores)
+            self.expect_error(self.train(self.path("r"), "--devices", "opencl,opencl:0"),
+                              "'opencl:0' appears twice")
             self.expect_error(self.train(self.path("r"), "--devices", "cpu,opencl:0", "--batch", "1"),
                               "global batch (1 sequences) is smaller than the 2 devices")
             # A rank that fails says so itself, naming its device; mpirun's boxes are not shown.

@@ -278,7 +278,9 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
   for (;;) {
     const pid_t r = waitpid(pid, &status, WNOHANG);
     if (r == pid || (r < 0 && errno != EINTR)) break;
-    if (stop_signal() && !forwarded) {  // mpirun passes SIGUSR1 on to every rank
+    // SIGTERM or SIGUSR1 sent to this process alone: passed on (mpirun hands SIGUSR1 to every
+    // rank). Ctrl-C's SIGINT reaches the terminal's whole process group, the ranks included.
+    if (stop_signal() && stop_signal() != SIGINT && !forwarded) {
       kill(pid, SIGUSR1);
       forwarded = true;
     }

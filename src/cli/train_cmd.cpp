@@ -367,8 +367,8 @@ int run_train(TrainArgs& a) {
   // A checkpoint that could not be written (a full disk) is said once; training goes on, since
   // the previous checkpoint is intact and the next interval tries again.
   CheckpointWriter writer;
-  auto report = [&](const CheckpointWriter::Result& r) {
-    if (r.error.empty() || !lead) return;
+  auto report = [&](const CheckpointWriter::Result& r) -> std::string {
+    if (r.error.empty() || !lead) return r.error;
     std::string prev = "none";
     try {
       prev = resolve_checkpoint(c.out);
@@ -378,7 +378,7 @@ int run_train(TrainArgs& a) {
                  "mxn: warning: the checkpoint of step %lld was not written: %s. The previous "
                  "one (%s) is intact; training goes on and tries again in %lld steps\n",
                  (long long)r.step, r.error.c_str(), prev.c_str(), (long long)c.ckpt_every);
-    append_metrics(c.out, {{"step", r.step}, {"event", "checkpoint_failed"}, {"error", r.error}});
+    return "step " + std::to_string(r.step) + ": " + r.error;
   };
   rusage ru{};
   long train_peak_kib = 0;  // the high-water mark after the last step, before its evaluation
@@ -403,6 +403,22 @@ int run_train(TrainArgs& a) {
                           {"tokens_per_s", tps}, {"step_s", step_s}};
     const bool eval_now = (c.eval_every > 0 && s % c.eval_every == 0) || s == last;
     if (eval_now) row["val_loss"] = tr.eval_loss();
+    beat.step(s);
+    if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) {  // every rank
+      const auto tc = std::chrono::steady_clock::now();
+      std::string failed;
+      if (c.ckpt_async) {
+        failed = report(tr.save_async(writer));
+      } else {
+        try {
+          tr.save();
+        } catch (const Error& e) {
+          failed = report({s, "", e.what()});
+        }
+      }
+      row["ckpt_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+      if (!failed.empty()) row["ckpt_error"] = failed;
+    }
     if (lead) append_metrics(c.out, row);
     char line[256];
     std::snprintf(line, sizeof(line),
@@ -418,22 +434,6 @@ int run_train(TrainArgs& a) {
     if (const std::string change = tr.take_plan_change(); !change.empty())
       std::printf("%s%s\n", tty ? "\n" : "", change.c_str());
     std::fflush(stdout);
-    beat.step(s);
-    if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) {  // every rank
-      const auto tc = std::chrono::steady_clock::now();
-      if (c.ckpt_async) {
-        report(tr.save_async(writer));
-      } else {
-        try {
-          tr.save();
-        } catch (const Error& e) {
-          report({s, "", e.what()});
-        }
-      }
-      const double ckpt_s =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
-      if (lead) append_metrics(c.out, {{"step", s}, {"event", "checkpoint"}, {"ckpt_s", ckpt_s}});
-    }
   }
   const bool stopped = tr.current_step() < last;
   if (tty) std::printf("\n");
@@ -471,9 +471,9 @@ int run_train(TrainArgs& a) {
       double(train_peak_kib) / (1 << 20), double(ru.ru_maxrss) / (1 << 20));
   if (stopped && code == 0)
     std::printf(
-        "preempted (%s) at step %lld; checkpoint %s. Resume with: mxn train --resume "
-        "auto --out %s\n",
-        stops[1] > 0 ? "SIGTERM" : "SIGUSR1", (long long)tr.current_step(), where.c_str(),
+        "stopped at step %lld; preempted by %s, checkpoint %s. Resume with: mxn train "
+        "--resume auto --out %s\n",
+        (long long)tr.current_step(), stops[1] > 0 ? "SIGTERM" : "SIGUSR1", where.c_str(),
         c.out.c_str());
   else
     std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",

@@ -106,6 +106,7 @@ def many_faults(tmp, ref, steps):
         rank = 0 if where == "ckpt" else rng.randint(0, 1)  # rank 0 writes the checkpoints
         plan.append(f"{k}:{action}:{where}:{at}:{rank}")
     env = {"MXN_FAULTS": ";".join(plan), "MXN_TEST_SLOW_RANK": "0:1:30"}  # steps long enough for a checkpoint
+    t0 = time.time()
     p = subprocess.Popen([MXN, "train", "--out", out, *JOB, "--steps", str(steps),
                           "--max-restarts", str(FAULTS + 2), "--hang_timeout", "3"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -145,7 +146,13 @@ def many_faults(tmp, ref, steps):
     except subprocess.TimeoutExpired:
         p.kill()
         so, se = p.communicate()
+    wall = time.time() - t0
     rs = restarts(out)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        counted = sum(r["step_s"] for r in map(json.loads, f) if "loss" in r)
+    # Goodput: wall time on the steps that count (each once, as the final metrics keep them).
+    print(f"  goodput: {counted:.1f} s of counted steps in {wall:.1f} s of wall time "
+          f"({100 * counted / wall:.1f}%); {wall / max(1, len(rs)):.2f} s per fault")
     check(f"{FAULTS} faults: the job finished", p.returncode == 0 and os.path.exists(final(out, steps)),
           f"exit {p.returncode}, {len(rs)} restarts; stderr tail: {se[-600:]!r}")
     check(f"{FAULTS} faults: as many restarts, each in metrics.jsonl with its cause", len(rs) == FAULTS,
@@ -199,7 +206,7 @@ def preempt(tmp, ref, steps):
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
     so, se = p.communicate(timeout=120)
-    line = [l for l in so.splitlines() if l.startswith("preempted")]
+    line = [l for l in so.splitlines() if "preempted by" in l]
     check("SIGTERM: every rank stops at one step, checkpoints and exits 0 with how to resume",
           p.returncode == 0 and len(line) == 1 and f"--resume auto --out {out}" in line[0],
           f"exit {p.returncode}: {line or se[-300:]}")
