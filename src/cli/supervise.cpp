@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -154,6 +155,14 @@ std::vector<Beat> read_beats(const std::string& dir) {
   return out;
 }
 
+// Whether the process exists and is not a zombie (a stopped one is alive).
+bool alive(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const auto close = all.rfind(')');
+  return close != std::string::npos && close + 2 < all.size() && all[close + 2] != 'Z';
+}
+
 struct Ended {
   int code = 0;
   int rank = -1;  // the rank that died or hung
@@ -274,6 +283,7 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
     });
   }
   bool forwarded = false;
+  double killed_at = 0;
   int status = 0;
   for (;;) {
     const pid_t r = waitpid(pid, &status, WNOHANG);
@@ -286,14 +296,15 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
     }
     if (job.hang_timeout > 0 && !e.hung) {
       for (const Beat& b : read_beats(beats))
-        if (!b.exited && b.age > job.hang_timeout) {
+        if (!b.exited && b.age > job.hang_timeout && alive(b.pid)) {  // a dead one: mpirun says
           e = {0, int(b.rank), 0, true, b.age, b.pid, b.step};
           for (const Beat& o : read_beats(beats))
             if (o.pid > 0) kill(o.pid, SIGKILL);  // a stopped process dies of SIGKILL too
-          if (n > 1) kill(pid, SIGKILL);
+          killed_at = now_s();  // mpirun then ends by itself, its ranks' output passed on
           break;
         }
     }
+    if (killed_at > 0 && now_s() - killed_at > 10) kill(pid, SIGKILL);
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   if (reader.joinable()) reader.join();

@@ -108,7 +108,7 @@ def many_faults(tmp, ref, steps):
     env = {"MXN_FAULTS": ";".join(plan), "MXN_TEST_SLOW_RANK": "0:1:30"}  # steps long enough for a checkpoint
     t0 = time.time()
     p = subprocess.Popen([MXN, "train", "--out", out, *JOB, "--steps", str(steps),
-                          "--max-restarts", str(FAULTS + 2), "--hang_timeout", "3"],
+                          "--max-restarts", str(FAULTS + 2), "--hang_timeout", "4"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, **env})
     deadline = time.time() + 1200
