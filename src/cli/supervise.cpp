@@ -282,8 +282,9 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
       if (err) std::fclose(err);
     });
   }
-  bool forwarded = false;
-  double killed_at = 0;
+  bool forwarded = false, stuck = false;
+  double killed_at = 0, gone_since = 0;
+  int orphan = -1;  // with a stuck mpirun: the first rank that ended without its exit mark
   int status = 0;
   for (;;) {
     const pid_t r = waitpid(pid, &status, WNOHANG);
@@ -305,6 +306,24 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
         }
     }
     if (killed_at > 0 && now_s() - killed_at > 10) kill(pid, SIGKILL);
+    // Every rank gone while mpirun lives on: seen after a SIGKILL, mpirun 4.1 waiting on a
+    // child it never reaps. It is ended after a grace period.
+    if (n > 1 && !e.hung) {
+      const std::vector<Beat> now = read_beats(beats);
+      const bool none_left =
+          std::any_of(now.begin(), now.end(), [](const Beat& b) { return !b.exited; }) &&
+          std::none_of(now.begin(), now.end(), [](const Beat& b) { return alive(b.pid); });
+      if (!none_left) {
+        gone_since = 0;
+      } else if (gone_since == 0) {
+        gone_since = now_s();
+      } else if (now_s() - gone_since > 5 && !stuck) {
+        stuck = true;
+        for (const Beat& b : now)
+          if (!b.exited && orphan < 0) orphan = int(b.rank);
+        kill(pid, SIGKILL);
+      }
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   if (reader.joinable()) reader.join();
@@ -316,6 +335,9 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
   } else if (dead_rank >= 0 && dead_rank < int(n)) {
     e.rank = dead_rank;
     e.sig = dead_signal;
+  } else if (stuck && orphan >= 0) {  // mpirun said nothing before it was ended
+    e.rank = orphan;
+    e.sig = SIGKILL;
   }
   if (e.rank >= 0)
     for (const Beat& b : read_beats(beats))

@@ -233,14 +233,16 @@ int run_train(TrainArgs& a) {
     if (auto_resume && !cfg.devices.empty() &&
         std::find(set.begin(), set.end(), "devices") == set.end()) {
       const auto here = available_devices();
-      std::string kept;
-      for (const std::string& d : split_devices(cfg.devices))
+      std::string kept, saved_devs;
+      for (const std::string& d : split_devices(cfg.devices)) {
+        saved_devs += (saved_devs.empty() ? "" : ",") + d;
         if (std::find(here.begin(), here.end(), d) != here.end())
           kept += (kept.empty() ? "" : ",") + d;
-      if (kept != cfg.devices && lead_rank)
+      }
+      if (kept != saved_devs && lead_rank)
         std::printf("  the saved run used --devices %s; here: %s, planned for these\n",
-                    cfg.devices.c_str(), kept.empty() ? cfg.device.c_str() : kept.c_str());
-      if (kept != cfg.devices) {
+                    saved_devs.c_str(), kept.empty() ? cfg.device.c_str() : kept.c_str());
+      if (kept != saved_devs) {
         cfg.devices = kept.find(',') == std::string::npos ? "" : kept;
         if (!kept.empty() && cfg.devices.empty()) cfg.device = kept;
         cfg.split = "auto";

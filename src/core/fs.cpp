@@ -4,7 +4,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <zlib.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -28,11 +28,13 @@ void fsync_dir(const std::string& dir) {
   ::close(fd);
 }
 
-uint32_t crc32_of(const std::vector<std::string_view>& parts) {
-  uLong crc = crc32_z(0L, Z_NULL, 0);
-  for (std::string_view p : parts)
-    crc = crc32_z(crc, reinterpret_cast<const Bytef*>(p.data()), p.size());
-  return uint32_t(crc);
+uint64_t checksum_of(const std::vector<std::string_view>& parts) {
+  XXH3_state_t* st = XXH3_createState();
+  MXN_CHECK(st != nullptr && XXH3_64bits_reset(st) == XXH_OK, "XXH3: cannot make a state");
+  for (std::string_view p : parts) XXH3_64bits_update(st, p.data(), p.size());
+  const uint64_t sum = XXH3_64bits_digest(st);
+  XXH3_freeState(st);
+  return sum;
 }
 
 void write_file_atomic(const std::string& path, std::string_view data) {

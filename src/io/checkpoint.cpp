@@ -29,9 +29,9 @@ void test_pause(int64_t step) {
   fault_point("ckpt", step);
 }
 
-std::string crc_hex(uint32_t crc) {
-  char b[16];
-  std::snprintf(b, sizeof(b), "%08x", crc);
+std::string sum_hex(uint64_t sum) {
+  char b[24];
+  std::snprintf(b, sizeof(b), "%016llx", static_cast<unsigned long long>(sum));
   return b;
 }
 
@@ -60,8 +60,8 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
   if (ec) throw Error("cannot create checkpoint folder " + tmp.string() + ": " + ec.message());
   nlohmann::json trainer = ck.trainer;
   nlohmann::json& files = trainer["files"] = nlohmann::json::object();
-  auto record = [&](const std::string& file, uint32_t crc) {
-    files[file] = {{"bytes", fs::file_size(tmp / file)}, {"crc32", crc_hex(crc)}};
+  auto record = [&](const std::string& file, uint64_t sum) {
+    files[file] = {{"bytes", fs::file_size(tmp / file)}, {"xxh3", sum_hex(sum)}};
   };
   try {
     record("model.safetensors", safetensors_save((tmp / "model.safetensors").string(), ck.weights));
@@ -72,7 +72,7 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
       record(file, safetensors_save((tmp / file).string(), t));
     for (const auto& [file, text] : ck.files) {
       write_file_atomic((tmp / file).string(), text);
-      record(file, crc32_of({text}));
+      record(file, checksum_of({text}));
     }
     write_file_atomic((tmp / "trainer.json").string(), trainer.dump(2));
   } catch (const std::exception& e) {  // a full disk: free what was written, keep the rest
@@ -127,11 +127,11 @@ void verify_checkpoint(const std::string& dir) {
     if (m.size() != bytes)
       throw Error("checkpoint file '" + path + "' is corrupt: " + std::to_string(m.size()) +
                   " bytes, trainer.json recorded " + std::to_string(bytes));
-    const std::string crc =
-        crc_hex(crc32_of({std::string_view(m.data() ? m.data() : "", m.size())}));
-    if (crc != want.value("crc32", std::string()))
-      throw Error("checkpoint file '" + path + "' is corrupt: CRC-32 " + crc +
-                  ", trainer.json recorded " + want.value("crc32", std::string("none")));
+    const std::string sum =
+        sum_hex(checksum_of({std::string_view(m.data() ? m.data() : "", m.size())}));
+    if (sum != want.value("xxh3", std::string()))
+      throw Error("checkpoint file '" + path + "' is corrupt: checksum " + sum +
+                  ", trainer.json recorded " + want.value("xxh3", std::string("none")));
   }
 }
 

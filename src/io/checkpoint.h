@@ -1,7 +1,7 @@
 #pragma once
 // Checkpoints: a folder holding model.safetensors (weights, Hugging Face names),
 // optimizer.safetensors (AdamW moments) and trainer.json (step, configs, and each file's size and
-// CRC-32). A run folder keeps the last few as ckpt-NNNNNNNN/ and names the newest in `latest`.
+// XXH3-64 checksum). A run folder keeps the last few as ckpt-NNNNNNNN/ and names the newest in `latest`.
 // Each is written into a temp folder, flushed, then renamed into place, so a crash at any moment
 // leaves the previous checkpoint loadable; a write that fails (a full disk) removes its temp
 // folder and leaves the earlier ones as they were.
@@ -34,7 +34,7 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
 // `path` is a checkpoint folder or a run folder (its newest complete checkpoint is used). Cheap:
 // nothing is read but `latest`.
 std::string resolve_checkpoint(const std::string& path);
-// Throws an Error naming the file of checkpoint folder `dir` whose size or CRC-32 differs from
+// Throws an Error naming the file of checkpoint folder `dir` whose size or checksum differs from
 // what trainer.json recorded (checkpoints from before the checksums pass unchecked).
 void verify_checkpoint(const std::string& dir);
 // As resolve_checkpoint, and checked with verify_checkpoint. For a run folder, a damaged newest

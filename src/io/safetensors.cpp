@@ -56,14 +56,14 @@ std::string safetensors_serialize(const TensorMap& tensors,
   return out;
 }
 
-uint32_t safetensors_save(const std::string& path, const TensorMap& tensors,
+uint64_t safetensors_save(const std::string& path, const TensorMap& tensors,
                           const std::map<std::string, std::string>& metadata) {
   const std::string header = safetensors_header(tensors, metadata);
   std::vector<std::string_view> parts{header};
   for (const auto& [name, t] : tensors)
     parts.emplace_back(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
   write_file_atomic(path, parts);  // no second copy of the tensors in memory
-  return crc32_of(parts);
+  return checksum_of(parts);
 }
 
 namespace {

@@ -14,8 +14,8 @@ using TensorMap = std::map<std::string, HostTensor>;
 std::string safetensors_serialize(const TensorMap& tensors,
                                   const std::map<std::string, std::string>& metadata = {});
 // Written atomically, straight from the tensors (no serialised copy in memory). Returns the
-// CRC-32 of the file's bytes.
-uint32_t safetensors_save(const std::string& path, const TensorMap& tensors,
+// XXH3-64 checksum of the file's bytes.
+uint64_t safetensors_save(const std::string& path, const TensorMap& tensors,
                           const std::map<std::string, std::string>& metadata = {});
 // Throws an Error naming the file and what is wrong with it (truncated, bad header, ...).
 TensorMap safetensors_load(const std::string& path);

@@ -11,6 +11,7 @@
     (weights within 1e-6 relative of the uninterrupted run's);
   - preemption: SIGTERM to the job stops every rank at one step with a checkpoint and exit 0,
     and `--resume auto` finishes bit-identically;
+  - `--resume auto` where a saved device is missing plans for the devices that are there;
   - a full disk (a small tmpfs) during a checkpoint: the write fails with one clear line, the
     previous checkpoint stays loadable, training goes on, and a final checkpoint that cannot be
     written stops the job with exit 1 naming what is left.
@@ -170,10 +171,12 @@ def many_faults(tmp, ref, steps):
     check("the corrupted newest checkpoint was named and the one before it used",
           corrupted is not None and len(damaged) == 1 and corrupted in damaged[0]
           and "using the one before it" in damaged[0], f"{corrupted}: {damaged}")
-    resumed = so.count("resumed at step")
-    check("every restart resumed from a checkpoint that loaded (none failed to load)",
-          resumed == FAULTS and "not a checkpoint" not in se and "corrupt or truncated" not in se,
-          f"{resumed} resumes of {FAULTS}")
+    # A checkpoint that fails to load is an error line of a rank (and no restart follows it);
+    # "resumed at step" lines are only counted, since mpirun drops a killed job's last output.
+    bad = [l for l in se.splitlines() if l.startswith("mxn: error") or "not a checkpoint" in l
+           or "corrupt or truncated" in l or "missing tensor" in l]
+    check("no checkpoint failed to load", not bad,
+          f"{so.count('resumed at step')} 'resumed at step' lines for {FAULTS} restarts; {bad[:3]}")
     if os.path.exists(final(out, steps)):
         same = open(final(out, steps), "rb").read() == open(ref, "rb").read()
         check(f"after {FAULTS} faults the weights are bit-identical to the uninterrupted run's", same,
@@ -214,6 +217,22 @@ def preempt(tmp, ref, steps):
     same = r.returncode == 0 and open(final(out, steps), "rb").read() == open(ref, "rb").read()
     check("  --resume auto finishes with the uninterrupted run's weights, bit for bit", same,
           f"exit {r.returncode} {r.stderr[-300:]}")
+
+
+def resume_elsewhere(tmp):
+    """--resume auto where a saved device is missing: this binary copied beside no plugins/ folder
+    sees the CPU only, as a machine without the OpenCL chip would."""
+    out, bare = os.path.join(tmp, "moved"), os.path.join(tmp, "bare")
+    os.makedirs(bare)
+    shutil.copy(MXN, os.path.join(bare, "mxn"))
+    r = train(out, *MIXED, "--steps", "12", "--stop-at", "6")
+    r2 = subprocess.run([os.path.join(bare, "mxn"), "train", "--out", out, *TINY, "--steps", "12",
+                         "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    ok = (r.returncode == 0 and r2.returncode == 0 and "resumed at step 6" in r2.stdout
+          and "the saved run used --devices cpu:0,opencl:0; here: cpu:0" in r2.stdout
+          and os.path.exists(final(out, 12)))
+    check("--resume auto on a machine without a saved device plans for the ones there", ok,
+          f"exit {r.returncode}/{r2.returncode}: {(r2.stdout + r2.stderr)[-400:]!r}")
 
 
 def full_disk(tmp):
@@ -262,6 +281,7 @@ def main():
         train(os.path.join(tmp, "mixed20"), *MIXED, "--steps", "20")
         drop_device(tmp, final(os.path.join(tmp, "mixed20"), 20), 20)
         preempt(tmp, final(os.path.join(tmp, "ref20"), 20), 20)
+        resume_elsewhere(tmp)
         full_disk(tmp)
     finish()
 
