@@ -15,6 +15,8 @@ usage: mixed_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
 import json, os, signal, subprocess, sys, tempfile, time
 
+from train_common import read_f32_safetensors
+
 mxn, data = sys.argv[1], sys.argv[2]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",
         "--steps", "50", "--eval_every", "0", "--eval_batches", "2", "--seed", "7", "--threads", "1"]
@@ -111,16 +113,6 @@ def kill_rank_and_resume(tmp, ref):
     check("SIGKILL of rank 1 stops the job", ok, f"{took:.1f} s after the kill, exit {p.returncode}: {last!r}")
     train(out, "--resume", out, "--devices", "cpu")
     compare(f"resumed from {latest} on the remaining cpu = cpu", ref, losses(out))
-
-
-def read_f32_safetensors(path):
-    """{name: float32 array} of a safetensors file of f32 tensors (no venv needed here)."""
-    import numpy as np
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header, data = json.loads(f.read(n)), f.read()
-    return {k: np.frombuffer(data[v["data_offsets"][0]:v["data_offsets"][1]], np.float32).reshape(v["shape"])
-            for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32"}
 
 
 def compare(name, ref, got, tol=1e-3):

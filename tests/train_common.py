@@ -16,6 +16,16 @@ def losses(out, key="loss"):
         return [r[key] for r in map(json.loads, f) if key in r]
 
 
+def read_f32_safetensors(path):
+    """{name: float32 array} of a safetensors file of f32 tensors (no venv needed here)."""
+    import numpy as np
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header, data = json.loads(f.read(n)), f.read()
+    return {k: np.frombuffer(data[v["data_offsets"][0]:v["data_offsets"][1]], np.float32).reshape(v["shape"])
+            for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32"}
+
+
 def worst(ref, got):
     return max(abs(a - b) / abs(a) for a, b in zip(ref, got)) if len(ref) == len(got) else float("inf")
 

@@ -295,11 +295,12 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
       kill(pid, SIGUSR1);
       forwarded = true;
     }
+    const std::vector<Beat> now = read_beats(beats);  // once a poll
     if (job.hang_timeout > 0 && !e.hung) {
-      for (const Beat& b : read_beats(beats))
+      for (const Beat& b : now)
         if (!b.exited && b.age > job.hang_timeout && alive(b.pid)) {  // a dead one: mpirun says
           e = {0, int(b.rank), 0, true, b.age, b.pid, b.step};
-          for (const Beat& o : read_beats(beats))
+          for (const Beat& o : now)
             if (o.pid > 0) kill(o.pid, SIGKILL);  // a stopped process dies of SIGKILL too
           killed_at = now_s();  // mpirun then ends by itself, its ranks' output passed on
           break;
@@ -309,7 +310,6 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
     // Every rank gone while mpirun lives on: seen after a SIGKILL, mpirun 4.1 waiting on a
     // child it never reaps. It is ended after a grace period.
     if (n > 1 && !e.hung) {
-      const std::vector<Beat> now = read_beats(beats);
       const bool none_left =
           std::any_of(now.begin(), now.end(), [](const Beat& b) { return !b.exited; }) &&
           std::none_of(now.begin(), now.end(), [](const Beat& b) { return alive(b.pid); });
@@ -347,12 +347,8 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
 
 // The step of the run folder's newest checkpoint (0: none yet).
 int64_t checkpoint_step(const std::string& out) {
-  try {
-    const std::string dir = fs::path(resolve_checkpoint(out)).filename().string();
-    return std::atoll(dir.c_str() + 5);  // ckpt-NNNNNNNN
-  } catch (const Error&) {
-    return 0;
-  }
+  const std::string dir = fs::path(newest_checkpoint(out)).filename().string();
+  return dir.size() > 5 ? std::atoll(dir.c_str() + 5) : 0;  // ckpt-NNNNNNNN
 }
 
 std::string join(const std::vector<std::string>& v) {
@@ -415,11 +411,8 @@ int supervise(const Job& job) {
     for (size_t i = 0; i < devs.size(); ++i)
       if (int(i) != e.rank) rest.push_back(devs[i]);
     if (attempt >= job.max_restarts) {
-      std::string last = "none was written yet";
-      try {
-        last = resolve_checkpoint(job.out);
-      } catch (const Error&) {
-      }
+      std::string last = newest_checkpoint(job.out);
+      if (last.empty()) last = "none was written yet";
       if (rest.empty()) rest = devs;  // one device: try it again
       std::fprintf(
           stderr,

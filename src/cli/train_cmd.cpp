@@ -199,12 +199,7 @@ int run_train(TrainArgs& a) {
   };
   const bool auto_resume = a.resume == "auto";
   if (auto_resume) {  // the run folder's newest good checkpoint; with none yet, a fresh start
-    bool any = true;
-    try {
-      resolve_checkpoint(cfg.out);
-    } catch (const Error&) {
-      any = false;
-    }
+    const bool any = !newest_checkpoint(cfg.out).empty();
     a.resume = any ? find_good_checkpoint(cfg.out, warn) : "";
     if (!any && lead_rank)
       std::printf("  --resume auto: no checkpoint in %s yet, starting fresh\n", cfg.out.c_str());
@@ -214,9 +209,8 @@ int run_train(TrainArgs& a) {
   if (!a.resume.empty()) {
     // A resumed run keeps its checkpoint's config; only keys given now override it, and the
     // model's shape cannot change.
-    Checkpoint ck = load_checkpoint(a.resume, false);
-    TrainConfig saved;
-    from_json(saved, ck.trainer.at("config"));
+    TrainConfig saved;  // its trainer.json alone: the Trainer reads the tensors
+    from_json(saved, load_trainer_json(a.resume).at("config"));
     for (const auto& k : set) {
       TrainConfig probe = saved;
       copy_field(probe, cfg, k);
@@ -371,15 +365,12 @@ int run_train(TrainArgs& a) {
   CheckpointWriter writer;
   auto report = [&](const CheckpointWriter::Result& r) -> std::string {
     if (r.error.empty() || !lead) return r.error;
-    std::string prev = "none";
-    try {
-      prev = resolve_checkpoint(c.out);
-    } catch (const Error&) {
-    }
+    const std::string prev = newest_checkpoint(c.out);
     std::fprintf(stderr,
                  "mxn: warning: the checkpoint of step %lld was not written: %s. The previous "
                  "one (%s) is intact; training goes on and tries again in %lld steps\n",
-                 (long long)r.step, r.error.c_str(), prev.c_str(), (long long)c.ckpt_every);
+                 (long long)r.step, r.error.c_str(), prev.empty() ? "none" : prev.c_str(),
+                 (long long)c.ckpt_every);
     return "step " + std::to_string(r.step) + ": " + r.error;
   };
   rusage ru{};
@@ -453,15 +444,11 @@ int run_train(TrainArgs& a) {
   try {
     where = tr.save();
   } catch (const Error& e) {  // the last checkpoint cannot be skipped: stop, and say what is left
-    std::string prev = "none was written";
-    try {
-      prev = resolve_checkpoint(c.out);
-    } catch (const Error&) {
-    }
-    throw Error(std::string(e.what()) + ". Training stopped at step " +
-                std::to_string(tr.current_step()) + "; the newest checkpoint on disk is " + prev +
-                " (free space, then resume from it with: mxn train --resume auto --out " + c.out +
-                ")");
+    const std::string prev = newest_checkpoint(c.out);
+    throw Error(
+        std::string(e.what()) + ". Training stopped at step " + std::to_string(tr.current_step()) +
+        "; the newest checkpoint on disk is " + (prev.empty() ? "none was written" : prev) +
+        " (free space, then resume from it with: mxn train --resume auto --out " + c.out + ")");
   }
   const int code = stopped && stops[0] > 0 ? 130 : 0;
   if (!lead) return code;

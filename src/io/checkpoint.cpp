@@ -162,17 +162,31 @@ std::string find_good_checkpoint(const std::string& path,
   throw Error("no checkpoint in '" + path + "' passes its checks: " + why);
 }
 
-Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
-  const fs::path dir = resolve_checkpoint(path);
-  Checkpoint ck;
-  const std::string tj = (dir / "trainer.json").string();
+std::string newest_checkpoint(const std::string& run_dir) {
   try {
-    ck.trainer = nlohmann::json::parse(read_file(tj, "checkpoint file"));
+    return resolve_checkpoint(run_dir);
+  } catch (const Error&) {
+    return "";
+  }
+}
+
+nlohmann::json load_trainer_json(const std::string& path) {
+  const std::string tj = (fs::path(resolve_checkpoint(path)) / "trainer.json").string();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_file(tj, "checkpoint file"));
   } catch (const nlohmann::json::exception& e) {
     throw Error("checkpoint file '" + tj + "' is corrupt: " + e.what());
   }
-  if (!ck.trainer.is_object() || !ck.trainer.contains("model") || !ck.trainer.contains("step"))
+  if (!j.is_object() || !j.contains("model") || !j.contains("step"))
     throw Error("checkpoint file '" + tj + "' is corrupt: expected an object with model and step");
+  return j;
+}
+
+Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
+  const fs::path dir = resolve_checkpoint(path);
+  Checkpoint ck;
+  ck.trainer = load_trainer_json(dir.string());
   ck.weights = safetensors_load((dir / "model.safetensors").string());
   if (with_optimizer) ck.optimizer = safetensors_load((dir / "optimizer.safetensors").string());
   return ck;

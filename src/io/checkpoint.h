@@ -1,9 +1,9 @@
 #pragma once
 // Checkpoints: a folder holding model.safetensors (weights, Hugging Face names),
 // optimizer.safetensors (AdamW moments) and trainer.json (step, configs, and each file's size and
-// XXH3-64 checksum). A run folder keeps the last few as ckpt-NNNNNNNN/ and names the newest in `latest`.
-// Each is written into a temp folder, flushed, then renamed into place, so a crash at any moment
-// leaves the previous checkpoint loadable; a write that fails (a full disk) removes its temp
+// XXH3-64 checksum). A run folder keeps the last few as ckpt-NNNNNNNN/ and names the newest in
+// `latest`. Each is written into a temp folder, flushed, then renamed into place, so a crash at any
+// moment leaves the previous checkpoint loadable; a write that fails (a full disk) removes its temp
 // folder and leaves the earlier ones as they were.
 #include <condition_variable>
 #include <functional>
@@ -34,6 +34,8 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
 // `path` is a checkpoint folder or a run folder (its newest complete checkpoint is used). Cheap:
 // nothing is read but `latest`.
 std::string resolve_checkpoint(const std::string& path);
+// The run folder's newest complete checkpoint folder; "" when it has none (or does not exist).
+std::string newest_checkpoint(const std::string& run_dir);
 // Throws an Error naming the file of checkpoint folder `dir` whose size or checksum differs from
 // what trainer.json recorded (checkpoints from before the checksums pass unchecked).
 void verify_checkpoint(const std::string& dir);
@@ -43,6 +45,8 @@ void verify_checkpoint(const std::string& dir);
 std::string find_good_checkpoint(const std::string& path,
                                  const std::function<void(const std::string&)>& warn);
 Checkpoint load_checkpoint(const std::string& path, bool with_optimizer);
+// Only its trainer.json (step, configs), checked for the keys every checkpoint has.
+nlohmann::json load_trainer_json(const std::string& path);
 
 // Writes checkpoints on a thread of its own, one at a time, so training goes on while the disk
 // works. The Checkpoint handed to start() must stay untouched until wait() returns.

@@ -17,10 +17,10 @@
     written stops the job with exit 1 naming what is left.
 usage: fault_test.py PATH/TO/mxn PATH/TO/kjv.bin [FAULTS]
 """
-import json, os, random, shutil, signal, struct, subprocess, sys, tempfile, time
+import json, os, random, shutil, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from train_common import check, finish  # noqa: E402
+from train_common import check, finish, read_f32_safetensors  # noqa: E402
 
 MXN, DATA = sys.argv[1], sys.argv[2]
 FAULTS = int(sys.argv[3]) if len(sys.argv) > 3 else 20
@@ -40,33 +40,16 @@ def train(out, *args, env=None, timeout=900):
                           env=e, timeout=timeout)
 
 
-def tensors(path):
-    """A safetensors file's f32 tensors, as {name: tuple of floats}."""
-    with open(path, "rb") as f:
-        b = f.read()
-    n = struct.unpack("<Q", b[:8])[0]
-    h = json.loads(b[8:8 + n])
-    out = {}
-    for k, v in h.items():
-        if k == "__metadata__":
-            continue
-        lo, hi = v["data_offsets"]
-        out[k] = struct.unpack(f"<{(hi - lo) // 4}f", b[8 + n + lo:8 + n + hi])
-    return out
-
-
 def final(out, steps):
     return os.path.join(out, f"ckpt-{steps:08d}", "model.safetensors")
 
 
 def rel_diff(a, b):
-    ta, tb = tensors(a), tensors(b)
-    worst = 0.0
-    for k in ta:
-        num = sum((x - y) ** 2 for x, y in zip(ta[k], tb[k])) ** 0.5
-        den = sum(x * x for x in ta[k]) ** 0.5 or 1.0
-        worst = max(worst, num / den)
-    return worst
+    """The largest tensor-wise relative L2 difference of two weight files."""
+    import numpy as np
+    ta, tb = read_f32_safetensors(a), read_f32_safetensors(b)
+    return max(float(np.linalg.norm(ta[k].astype(np.float64) - tb[k]) / (np.linalg.norm(ta[k]) or 1.0))
+               for k in ta)
 
 
 def restarts(out):
