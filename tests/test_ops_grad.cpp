@@ -278,6 +278,54 @@ TEST(Matmul, Bf16WeightsWithBf16ComputeRoundTheActivationsToo) {
   }
 }
 
+TEST(Gelu, Bf16InputIsItsValueWidened) {
+  // GELU and GELU_BWD reading x in bf16 (bf16 training keeps the MLP's pre-activation so) give
+  // exactly what the f32 kernels give on the same values widened, and GELU's derivative from
+  // central differences of GELU itself.
+  auto dev = open_device("cpu");
+  ASSERT_TRUE(dev->supports(MXN_OP_GELU, DType::bf16) &&
+              dev->supports(MXN_OP_GELU_BWD, DType::bf16));
+  const int64_t n = 1000;
+  Rng rng(4);
+  std::vector<uint16_t> x16(static_cast<size_t>(n));
+  std::vector<float> x(static_cast<size_t>(n)), dy(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    x16[size_t(i)] = f32_to_bf16(float(3 * rng.normal()));
+    x[size_t(i)] = bf16_to_f32(x16[size_t(i)]);
+    dy[size_t(i)] = float(rng.normal());
+  }
+  auto bh = dev->alloc(n * 2), bx = dev->alloc(n * 4), bd = dev->alloc(n * 4);
+  auto b1 = dev->alloc(n * 4), b2 = dev->alloc(n * 4);
+  const Tensor th({n}, DType::bf16, bh->handle()), tx({n}, DType::f32, bx->handle()),
+      td({n}, DType::f32, bd->handle()), t1({n}, DType::f32, b1->handle()),
+      t2({n}, DType::f32, b2->handle());
+  dev->upload(th, x16.data());
+  dev->upload(tx, x.data());
+  dev->upload(td, dy.data());
+  auto get = [&](const Tensor& t) {
+    std::vector<float> v(static_cast<size_t>(n));
+    dev->download(v.data(), t);
+    return v;
+  };
+  for (mxn_op op : {MXN_OP_GELU, MXN_OP_GELU_BWD}) {
+    auto ins = [&](const Tensor& xs) {
+      return op == MXN_OP_GELU ? std::vector<Tensor>{xs} : std::vector<Tensor>{td, xs};
+    };
+    dev->run(make_op_call(op, ins(th), {t1}));
+    dev->run(make_op_call(op, ins(tx), {t2}));
+    const auto half = get(t1), full = get(t2);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(half[size_t(i)], full[size_t(i)]) << op << " " << i;
+  }
+  const auto dx = get(t1);
+  for (int64_t i = 0; i < n; i += 37) {
+    const double v = x[size_t(i)], h = 1e-3;
+    auto gelu = [](double u) {
+      return 0.5 * u * (1 + std::tanh(std::sqrt(2 / M_PI) * (u + 0.044715 * u * u * u)));
+    };
+    EXPECT_NEAR(dx[size_t(i)], dy[size_t(i)] * (gelu(v + h) - gelu(v - h)) / (2 * h), 1e-4) << i;
+  }
+}
+
 TEST(Dropout, MaskIsItsProbabilityAndAFunctionOfSeedAndIndex) {
   // 10^5 ones at p = 0.3: about 70% kept, each kept one exactly 1/0.7; the same (seed, index)
   // gives the same mask whatever the tensor it sits in (a row's mask does not depend on its pass).

@@ -150,6 +150,56 @@ TEST(Train, Bf16TracksF32) {
   EXPECT_NEAR(la, lb, 0.02f * la);
 }
 
+TEST(Train, RecomputeIsBitIdenticalInLessMemory) {
+  // --recompute 1 runs each layer norm and GELU again in the backward instead of keeping its
+  // output: the same weights bit for bit, and the arena (planned at the forward/backward turn,
+  // where every kept value is live) loses those outputs of every layer but the one whose
+  // recomputed copy is live.
+  TrainConfig c = tiny("mxn_test_recompute");
+  c.steps = 8;
+  for (const char* dt : {"f32", "bf16"}) {
+    c.dtype = dt;
+    c.recompute = 0;
+    Trainer keep(c);
+    c.recompute = 1;
+    Trainer again(c);
+    for (int s = 0; s < 8; ++s) EXPECT_EQ(keep.step(), again.step()) << dt << " step " << s;
+    const TensorMap a = keep.weights(), b = again.weights();
+    for (const auto& [name, t] : a) EXPECT_EQ(b.at(name).bytes, t.bytes) << dt << " " << name;
+  }
+  c.dtype = "f32";
+  const int64_t N = c.batch * c.model.n_ctx, C = c.model.n_embd, L = c.model.n_layer;
+  auto arena = [&](int64_t recompute) {
+    c.recompute = recompute;
+    DecoderGraph m;
+    size_t nf = 0;
+    Graph g = train_graph(c, c.batch, &m, &nf);
+    return int64_t(plan_arena(g));
+  };
+  // Per layer: two layer norms' outputs (N x C) and the GELU's (N x 4C), in f32.
+  const int64_t per_layer = (2 * C + 4 * C) * N * 4;
+  EXPECT_GE(arena(0) - arena(1), (L - 1) * per_layer) << arena(0) << " vs " << arena(1);
+}
+
+TEST(Train, Bf16KeepsTheGeluInputInBf16) {
+  // With bf16 matmuls the MLP's pre-activation (N x 4C a layer) is kept in bf16 for GELU's
+  // backward: half its bytes come off the arena of every layer.
+  TrainConfig c = tiny("mxn_test_gelu_bf16");
+  c.dtype = "bf16";
+  const int64_t N = c.batch * c.model.n_ctx, C = c.model.n_embd, L = c.model.n_layer;
+  auto arena = [&](bool half) {
+    c.gelu_bf16 = half;
+    DecoderGraph m;
+    size_t nf = 0;
+    Graph g = train_graph(c, c.batch, &m, &nf);
+    int casts = 0;
+    for (const Node& n : g.nodes) casts += n.op == MXN_OP_CAST;
+    EXPECT_EQ(casts, half ? L : 0);
+    return int64_t(plan_arena(g));
+  };
+  EXPECT_GE(arena(false) - arena(true), (L - 1) * 4 * C * N * 2);
+}
+
 TEST(Train, LoraTrainsAdaptersOnlyAndLeavesTheBaseBitIdentical) {
   // A LLaMA-shaped folder with random weights; LoRA on q and v (base in f32 and in bf16) and
   // P-Tuning v2 for 30 steps each: the loss falls, the frozen weights on the device are the

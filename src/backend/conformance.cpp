@@ -97,11 +97,11 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_SCALE:
       c.push_back({op, {f({1001})}, {f({1001})}, {}, {-0.3f}});
       break;
-    case MXN_OP_GELU:
-      c.push_back({op, {f({9, 111})}, {f({9, 111})}});
+    case MXN_OP_GELU:  // bf16: x stored in bf16 (bf16 training's kept pre-activation)
+      c.push_back({op, {{{9, 111}, Gen::normal, 0, dt}}, {f({9, 111})}});
       break;
     case MXN_OP_GELU_BWD:
-      c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}});
+      c.push_back({op, {f({9, 111}), {{9, 111}, Gen::normal, 0, dt}}, {f({9, 111})}});
       break;
     case MXN_OP_TANH:
       c.push_back({op, {f({9, 111})}, {f({9, 111})}});
@@ -250,10 +250,10 @@ std::vector<ConformanceRow> run_conformance(Device& dev, Device& ref, DType dtyp
     ConformanceRow row{op_name(op), dtype_name(dtype), "pass", 0, 0};
     const std::vector<Case> cases = cases_for(mxn_op(op), dtype);
     // A kernel is unsupported for a dtype if the device says so for any tensor dtype it needs.
-    DType need = dtype;
-    if (op != MXN_OP_CAST && op != MXN_OP_MATMUL) need = DType::f32;
-    if (cases.empty() || (dtype == DType::bf16 && op != MXN_OP_MATMUL && op != MXN_OP_CAST) ||
-        !dev.supports(mxn_op(op), need)) {
+    const bool takes_bf16 =
+        op == MXN_OP_CAST || op == MXN_OP_MATMUL || op == MXN_OP_GELU || op == MXN_OP_GELU_BWD;
+    const DType need = takes_bf16 ? dtype : DType::f32;
+    if (cases.empty() || (dtype == DType::bf16 && !takes_bf16) || !dev.supports(mxn_op(op), need)) {
       row.status = "unsupported";
       rows.push_back(row);
       continue;

@@ -332,6 +332,20 @@ int run_train(TrainArgs& a) {
   std::printf("  device %s (%s), dtype %s, %lld tokens/step, data %s, run folder %s\n",
               tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(),
               (long long)tokens_per_step, c.data.c_str(), c.out.c_str());
+  {
+    const TrainConfig& tc = tr.config();
+    auto size = [](double bytes) {
+      char b[32];
+      std::snprintf(b, sizeof b, bytes < (1 << 30) ? "%.0f MiB" : "%.2f GiB",
+                    bytes / (bytes < (1 << 30) ? 1 << 20 : 1 << 30));
+      return std::string(b);
+    };
+    std::printf("  memory on %s: weights and gradients %s, AdamW %s, activations %s (%s%s)\n",
+                tr.device().name().c_str(), size(double(tr.param_count()) * 8).c_str(),
+                size(double(tr.optimizer_bytes())).c_str(), size(double(tr.arena_bytes())).c_str(),
+                tc.recompute ? "layer norms and GELUs recomputed" : "--recompute 0: all kept",
+                tc.gelu_bf16 ? ", GELU inputs in bf16" : "");
+  }
   if (comm.size() > 1) print_plan(tr, rank_devices(c, comm.size()));
   if (a.dry_run) {  // the model is built and every device measured; nothing is trained or written
     std::printf("dry run: nothing trained, nothing written\n");

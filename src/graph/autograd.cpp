@@ -63,6 +63,8 @@ Grads rule(Graph& g, const Node& n, int gy) {
       return {{0, gy}, {1, g.emit(MXN_OP_SUM_ROWS, {gy}, {act(n.in[1])})}};
     case MXN_OP_SCALE:
       return {{0, g.scale(gy, n.fp[0])}};
+    case MXN_OP_CAST:  // gradients are f32 whatever the values' dtype
+      return {{0, gy}};
     case MXN_OP_GELU:
       return {{0, g.emit(MXN_OP_GELU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
     case MXN_OP_SOFTMAX:
@@ -119,6 +121,34 @@ Grads rule(Graph& g, const Node& n, int gy) {
       MXN_CHECK(false, "no backward rule for op " + std::to_string(n.op));
   }
   return {};
+}
+
+// g.recompute: each LAYERNORM or GELU output that the backward reads (the next matmul's dW
+// operand) is made again by a copy of its node put just before the first backward node reading
+// it, and those nodes read the copy. The forward value then dies with its last forward use.
+void recompute_cheap(Graph& g, size_t n_forward) {
+  std::vector<std::pair<size_t, Node>> copies;  // (insert before node, the copy)
+  for (size_t i = 0; i < n_forward; ++i) {
+    const Node& f = g.nodes[i];
+    if (f.op != MXN_OP_LAYERNORM && f.op != MXN_OP_GELU) continue;
+    const int y = f.out[0];
+    if (g.v(y).output) continue;
+    size_t at = g.nodes.size();
+    for (size_t j = n_forward; j < g.nodes.size() && at == g.nodes.size(); ++j)
+      for (int x : g.nodes[j].in)
+        if (x == y) at = j;
+    if (at == g.nodes.size()) continue;
+    Node copy = f;
+    for (int& o : copy.out) o = g.activation(g.v(o).shape, g.v(o).dtype);
+    for (size_t j = at; j < g.nodes.size(); ++j)
+      for (int& x : g.nodes[j].in)
+        if (x == y) x = copy.out[0];
+    copies.push_back({at, std::move(copy)});
+  }
+  // Insert from the back so earlier positions stay valid (several copies may share a position).
+  std::stable_sort(copies.begin(), copies.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (auto& [at, n] : copies) g.nodes.insert(g.nodes.begin() + int64_t(at), std::move(n));
 }
 
 }  // namespace
@@ -198,6 +228,7 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
       ++w;
     }
   g.nodes.resize(w);
+  if (g.recompute) recompute_cheap(g, n_forward);
   return n_forward;
 }
 

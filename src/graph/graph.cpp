@@ -85,6 +85,10 @@ int Graph::scale(int a, float k) {
   return emit(MXN_OP_SCALE, {a}, {activation(v(a).shape)}, {}, {k});
 }
 
+int Graph::cast(int x, DType dtype) {
+  return emit(MXN_OP_CAST, {x}, {activation(v(x).shape, dtype)});
+}
+
 int Graph::gelu(int x) { return emit(MXN_OP_GELU, {x}, {activation(v(x).shape)}); }
 
 int Graph::softmax(int x) { return emit(MXN_OP_SOFTMAX, {x}, {activation(v(x).shape)}); }

@@ -65,6 +65,12 @@ class Graph {
  public:
   // Matmuls (forward and backward) run with this compute type: f32, or bf16 mixed precision.
   DType matmul_compute = DType::f32;
+  // Training: the outputs of LAYERNORM and GELU are not kept for the backward; append_backward
+  // runs the op again just before the backward first reads its output (they are cheap, their
+  // inputs are kept anyway, and the result is bit for bit the same). Saves two activations a
+  // layer of a transformer's five largest, as llm.c's `recompute` and torch.compile's
+  // rematerialisation do.
+  bool recompute = false;
 
   // dtype bf16: stored weights for inference (MATMUL's B, EMBEDDING's table); no training.
   int param(const std::string& name, Shape shape, bool decay, DType dtype = DType::f32);
@@ -84,6 +90,8 @@ class Graph {
   int add_bias(int a, int bias);
   int scale(int a, float k);
   int gelu(int x);
+  // x in another dtype (the gradient flows back unchanged, in f32).
+  int cast(int x, DType dtype);
   int tanh(int x);
   int mul(int a, int b);  // elementwise, same shapes
   int softmax(int x);
@@ -124,7 +132,8 @@ class Graph {
 };
 
 // Appends the backward pass of every node so far (one rule per op, autograd.cpp) with d(loss)=1,
-// and adds each param's gradient into its grad value. Backward nodes whose results reach no
+// and adds each param's gradient into its grad value (with g.recompute, after recomputing what
+// the backward needs of LAYERNORM and GELU outputs). Backward nodes whose results reach no
 // param's gradient (a frozen weight's, say) are left out. Returns the index of the first backward
 // node.
 // A pipeline stage before the last seeds the backward with `seed` (an input holding d(loss)/d(loss

@@ -431,7 +431,9 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     const int h2 = b.norm(x, p + nm.ln2);
     int mlp;
     if (!c.swiglu()) {
-      mlp = b.linear(g.gelu(b.linear(h2, p + nm.fc, C, F, true)), p + nm.down, F, C, true);
+      int fc = b.linear(h2, p + nm.fc, C, F, true);
+      if (o.gelu_bf16) fc = g.cast(fc, DType::bf16);
+      mlp = b.linear(g.gelu(fc), p + nm.down, F, C, true);
     } else if (c.fused_gate_up()) {
       const int gu = b.linear(h2, p + nm.gate_up, C, 2 * F, c.mlp_bias);
       mlp = b.linear(g.swiglu(gu, gu, 0, F, F), p + nm.down, F, C, c.mlp_bias);

@@ -117,6 +117,9 @@ struct DecoderOptions {
   // with_loss: the head and the loss as one CLASSIFIER_CE (no logits value; where the device has
   // the op and nothing reads the logits).
   bool fused_head = false;
+  // Training in bf16: GELU reads the MLP's pre-activation cast to bf16, so the value kept for its
+  // backward (the widest activation of a GPT layer) is half the size, as under torch's autocast.
+  bool gelu_bf16 = false;
 };
 
 struct DecoderGraph {

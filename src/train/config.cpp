@@ -41,6 +41,9 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"bucket_mb", &c.bucket_mb,
        "MB of gradients per all-reduce bucket; buckets start as the backward reaches them"},
       {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
+      {"recompute", &c.recompute,
+       "1: layer norm and GELU outputs are computed again in the backward instead of kept "
+       "(less memory, the same numbers); 0: kept"},
       {"objective", &c.objective,
        "lm (next token), or glm (GLM's blank infilling: [MASK] spans, loss on the spans)", true},
       {"gmask", &c.gmask, "with --objective glm: share of rows with one [gMASK] span at the end"},
@@ -210,6 +213,8 @@ void TrainConfig::validate() const {
        "eval_every and ckpt_every must be >= 0, log_every and eval_batches >= 1");
   need(ckpt_keep >= 1 && ckpt_keep <= 1000,
        "ckpt_keep = " + std::to_string(ckpt_keep) + ", expected 1..1000");
+  need(recompute == 0 || recompute == 1,
+       "recompute = " + std::to_string(recompute) + ", expected 0 or 1");
   need(ckpt_async == 0 || ckpt_async == 1,
        "ckpt_async = " + std::to_string(ckpt_async) + ", expected 0 or 1");
   need(max_restarts >= 0 && max_restarts <= 100000,

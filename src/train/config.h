@@ -39,6 +39,7 @@ struct TrainConfig {
   std::string stages = "even";
   int64_t micro = 0;
   std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
+  int64_t recompute = 1;      // 1: layer norms and GELUs run again in the backward (Graph)
   // lm: next-token prediction; glm: GLM's blank infilling (data/glm.h), with a learned
   // block-position table and the prefix-bidirectional mask.
   std::string objective = "lm";
@@ -77,6 +78,9 @@ struct TrainConfig {
   // Not a flag: the trainer sets it where the device has the fused head (CLASSIFIER_CE), unless
   // MXN_FUSED_HEAD=0 is in the environment.
   bool fused_head = false;
+  // Not a flag: with dtype bf16, where every rank's device takes GELU's input in bf16 (unless
+  // MXN_BF16_GELU=0): the MLP's pre-activation is kept in bf16 (DecoderOptions::gelu_bf16).
+  bool gelu_bf16 = false;
 
   int64_t seq_len() const { return seq > 0 ? seq : model.n_ctx; }
   DecoderConfig decoder_config() const;

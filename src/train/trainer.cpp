@@ -37,6 +37,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
                   int64_t first, int64_t last, int* seed, int* grad_in) {
   Graph g;
   g.matmul_compute = c.dtype == "bf16" ? DType::bf16 : DType::f32;
+  g.recompute = c.recompute == 1;
   DecoderOptions o;
   o.with_loss = true;
   if (c.objective == "glm") o.mask = 2, o.block_positions = true;
@@ -52,6 +53,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   o.first_layer = first;
   o.last_layer = last;
   o.fused_head = c.fused_head;
+  o.gelu_bf16 = c.gelu_bf16;
   *m = build_decoder(g, d, rows, c.seq_len(), o);
   if (m->loss >= 0) {  // the whole model, or the last stage (which also sends d(hidden_in))
     int gi = -1;
@@ -145,6 +147,20 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
     cfg_.fused_head =
         !(e && std::string(e) == "0") &&
         dev_->supports(MXN_OP_CLASSIFIER_CE, cfg_.dtype == "bf16" ? DType::bf16 : DType::f32);
+  }
+  {
+    // Every rank rounds the same values: bf16 GELU inputs only where all devices take them.
+    const char* e = std::getenv("MXN_BF16_GELU");
+    double able = !(e && std::string(e) == "0") && cfg_.dtype == "bf16" &&
+                  dev_->supports(MXN_OP_CAST, DType::bf16) &&
+                  dev_->supports(MXN_OP_GELU, DType::bf16) &&
+                  dev_->supports(MXN_OP_GELU_BWD, DType::bf16);
+    if (comm_) {
+      double all[2] = {able, 1.0};
+      comm_->all_reduce_sum(all, 2);
+      able = all[0] == all[1];
+    }
+    cfg_.gelu_bf16 = able;
   }
   if (cfg_.sft.empty() && data_.vocab() > model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +

@@ -77,6 +77,8 @@ class Trainer {
   TensorMap weights() const;         // the trained ones (with LoRA: the adapters)
   TensorMap frozen_weights() const;  // the frozen base under adapters, as stored (f32 or bf16)
   uint64_t optimizer_bytes() const { return opt_m_->bytes() + opt_v_->bytes(); }
+  uint64_t arena_bytes() const { return prog_->arena_bytes(); }  // the activations of a pass
+  int64_t param_count() const { return prog_->param_count(); }
   // ZeRO-1: rank r's optimizer state covers params [shards[r], shards[r + 1]) of the flat
   // layout; empty when every rank holds all of it.
   const std::vector<int64_t>& optimizer_shards() const { return shards_; }

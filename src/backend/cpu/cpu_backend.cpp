@@ -119,6 +119,8 @@ int32_t supports(void*, int32_t op, int32_t dtype) {
   if (op == MXN_OP_CAST || op == MXN_OP_COPY) return 1;
   // bf16 compute, f32 tensors
   if ((op == MXN_OP_MATMUL || op == MXN_OP_CLASSIFIER_CE) && dtype == MXN_DTYPE_BF16) return 1;
+  // x in bf16 (the MLP's pre-activation kept at half size for the backward)
+  if ((op == MXN_OP_GELU || op == MXN_OP_GELU_BWD) && dtype == MXN_DTYPE_BF16) return 1;
   return 0;
 }
 
@@ -220,11 +222,15 @@ int32_t run(void* ctx, const mxn_op_call* call) {
   if (k.op != MXN_OP_CAST && k.op != MXN_OP_COPY)
     for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
       const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
-      // bf16 weights: MATMUL's B and EMBEDDING's table may be bf16 (inference).
-      const bool weight = i == 1 && (k.op == MXN_OP_MATMUL || k.op == MXN_OP_EMBEDDING);
+      // bf16 weights: MATMUL's B and EMBEDDING's table may be bf16 (inference); GELU's and
+      // GELU_BWD's x may be bf16.
+      const bool half = (i == 1 && (k.op == MXN_OP_MATMUL || k.op == MXN_OP_EMBEDDING ||
+                                    k.op == MXN_OP_GELU_BWD)) ||
+                        (i == 0 && k.op == MXN_OP_GELU);
       if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
-          !(weight && t.dtype == MXN_DTYPE_BF16)) {
-        c->error = "op " + std::to_string(k.op) + " takes f32 tensors (bf16 only as weights)";
+          !(half && t.dtype == MXN_DTYPE_BF16)) {
+        c->error = "op " + std::to_string(k.op) +
+                   " takes f32 tensors (bf16 only as weights and as GELU's input)";
         return MXN_STATUS_UNSUPPORTED;
       }
     }
@@ -259,7 +265,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return 0;
     }
     case MXN_OP_GELU:
-      gelu_fwd(ptr(in[0]), ptr(out[0]), count(out[0]));
+      if (in[0].dtype == MXN_DTYPE_BF16)
+        gelu_fwd(ptr<uint16_t>(in[0]), ptr(out[0]), count(out[0]));
+      else
+        gelu_fwd(ptr(in[0]), ptr(out[0]), count(out[0]));
       return 0;
     case MXN_OP_TANH: {
       const float* x = ptr(in[0]);
@@ -282,7 +291,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return 0;
     }
     case MXN_OP_GELU_BWD:
-      gelu_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0]));
+      if (in[1].dtype == MXN_DTYPE_BF16)
+        gelu_bwd(ptr(in[0]), ptr<uint16_t>(in[1]), ptr(out[0]), count(out[0]));
+      else
+        gelu_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0]));
       return 0;
     case MXN_OP_SOFTMAX:
       softmax_fwd(ptr(in[0]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]));

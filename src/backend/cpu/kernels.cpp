@@ -89,23 +89,37 @@ double sum_squares(const float* a, int64_t n) {
   return total;
 }
 
-void gelu_fwd(const float* x, float* y, int64_t n) {
+namespace {
+inline float widen(float v) { return v; }
+inline float widen(uint16_t h) { return bf16_to_f32(h); }
+
+template <typename X>
+void gelu_fwd_t(const X* x, float* y, int64_t n) {
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
+    const float v = widen(x[i]);
     y[i] = 0.5f * v * (1.f + vtanh(kGeluS * (v + kGeluC * v * v * v)));
   }
 }
 
-void gelu_bwd(const float* dy, const float* x, float* dx, int64_t n) {
+template <typename X>
+void gelu_bwd_t(const float* dy, const X* x, float* dx, int64_t n) {
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
+    const float v = widen(x[i]);
     const float t = vtanh(kGeluS * (v + kGeluC * v * v * v));
     const float d =
         0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kGeluS * (1.f + 3.f * kGeluC * v * v);
     dx[i] = dy[i] * d;
   }
+}
+}  // namespace
+
+void gelu_fwd(const float* x, float* y, int64_t n) { gelu_fwd_t(x, y, n); }
+void gelu_fwd(const uint16_t* x, float* y, int64_t n) { gelu_fwd_t(x, y, n); }
+void gelu_bwd(const float* dy, const float* x, float* dx, int64_t n) { gelu_bwd_t(dy, x, dx, n); }
+void gelu_bwd(const float* dy, const uint16_t* x, float* dx, int64_t n) {
+  gelu_bwd_t(dy, x, dx, n);
 }
 
 void softmax_fwd(const float* x, float* y, int64_t rows, int64_t cols) {

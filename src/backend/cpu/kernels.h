@@ -70,8 +70,11 @@ void scale(const float* a, float* out, int64_t n, float k);
 void fill(float* out, int64_t n, float v);
 double sum_squares(const float* a, int64_t n);
 
+// x may be bf16 (an activation kept at half size for the backward); the math is f32.
 void gelu_fwd(const float* x, float* y, int64_t n);
+void gelu_fwd(const uint16_t* x, float* y, int64_t n);
 void gelu_bwd(const float* dy, const float* x, float* dx, int64_t n);
+void gelu_bwd(const float* dy, const uint16_t* x, float* dx, int64_t n);
 void softmax_fwd(const float* x, float* y, int64_t rows, int64_t cols);
 void softmax_bwd(const float* dy, const float* y, float* dx, int64_t rows, int64_t cols);
 void layernorm_fwd(const float* x, const float* w, const float* b, float* y, float* stats,

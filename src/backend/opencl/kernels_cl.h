@@ -34,10 +34,19 @@ __kernel void copy(__global const float* a, ulong oa, __global float* y, ulong o
   size_t i = get_global_id(0);
   y[oy + i] = a[oa + i];
 }
+float gelu_of(float v) { return 0.5f * v * (1.f + tanh(GELU_S * (v + GELU_C * v * v * v))); }
+float gelu_grad(float v) {
+  float t = tanh(GELU_S * (v + GELU_C * v * v * v));
+  return 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_S * (1.f + 3.f * GELU_C * v * v);
+}
 __kernel void gelu(__global const float* x, ulong ox, __global float* y, ulong oy) {
   size_t i = get_global_id(0);
-  float v = x[ox + i];
-  y[oy + i] = 0.5f * v * (1.f + tanh(GELU_S * (v + GELU_C * v * v * v)));
+  y[oy + i] = gelu_of(x[ox + i]);
+}
+// x in bf16: bf16 training keeps the MLP's pre-activation at half size.
+__kernel void gelu_h(__global const ushort* x, ulong ox, __global float* y, ulong oy) {
+  size_t i = get_global_id(0);
+  y[oy + i] = gelu_of(as_float((uint)x[ox + i] << 16));
 }
 __kernel void mul(__global const float* a, ulong oa, __global const float* b, ulong ob,
                   __global float* y, ulong oy) {
@@ -57,10 +66,12 @@ __kernel void tanh_bwd(__global const float* dy, ulong od, __global const float*
 __kernel void gelu_bwd(__global const float* dy, ulong od, __global const float* x, ulong ox,
                        __global float* dx, ulong oo) {
   size_t i = get_global_id(0);
-  float v = x[ox + i];
-  float t = tanh(GELU_S * (v + GELU_C * v * v * v));
-  float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_S * (1.f + 3.f * GELU_C * v * v);
-  dx[oo + i] = dy[od + i] * d;
+  dx[oo + i] = dy[od + i] * gelu_grad(x[ox + i]);
+}
+__kernel void gelu_bwd_h(__global const float* dy, ulong od, __global const ushort* x, ulong ox,
+                         __global float* dx, ulong oo) {
+  size_t i = get_global_id(0);
+  dx[oo + i] = dy[od + i] * gelu_grad(as_float((uint)x[ox + i] << 16));
 }
 // Softmax over the first `len(row)` entries of each row; with causal != 0 row r keeps entries
 // 0..(r % T) and zeroes the rest (attention).

@@ -245,8 +245,12 @@ int32_t supports(void*, int32_t op, int32_t dtype) {
   if (op < 0 || op >= MXN_OP_COUNT) return 0;
   if (op == MXN_OP_CLASSIFIER_CE || op == MXN_OP_CLASSIFIER_CE_BWD) return 0;  // not yet: unfused
   if (dtype == MXN_DTYPE_F32) return 1;
-  // bf16: matmul compute (operands rounded to bf16, f32 accumulation; f32 tensors) and casts.
-  return dtype == MXN_DTYPE_BF16 && (op == MXN_OP_MATMUL || op == MXN_OP_CAST) ? 1 : 0;
+  // bf16: matmul compute (operands rounded to bf16, f32 accumulation; f32 tensors), casts, and
+  // GELU's x.
+  return dtype == MXN_DTYPE_BF16 && (op == MXN_OP_MATMUL || op == MXN_OP_CAST ||
+                                     op == MXN_OP_GELU || op == MXN_OP_GELU_BWD)
+             ? 1
+             : 0;
 }
 
 int32_t synchronize(void* ctx) {
@@ -553,10 +557,13 @@ int32_t run(void* ctx, const mxn_op_call* call) {
   const mxn_tensor* out = k.outputs;
   for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
     const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
+    const bool half_ok = k.op == MXN_OP_CAST || (k.op == MXN_OP_GELU && i == 0) ||
+                         (k.op == MXN_OP_GELU_BWD && i == 1);
     if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
-        !(t.dtype == MXN_DTYPE_BF16 && k.op == MXN_OP_CAST))
+        !(t.dtype == MXN_DTYPE_BF16 && half_ok))
       return fail(c, MXN_STATUS_UNSUPPORTED,
-                  "the OpenCL backend takes bf16 tensors in cast only; other ops take f32");
+                  "the OpenCL backend takes bf16 tensors in cast and as GELU's x only; other "
+                  "ops take f32");
   }
   switch (k.op) {
     case MXN_OP_MATMUL:
@@ -594,7 +601,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_COPY:
       return kernel(c, "copy").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
     case MXN_OP_GELU:
-      return kernel(c, "gelu").arg(mem(in[0])).arg(mem(out[0])).go(count(out[0]));
+      return kernel(c, in[0].dtype == MXN_DTYPE_BF16 ? "gelu_h" : "gelu")
+          .arg(mem(in[0]))
+          .arg(mem(out[0]))
+          .go(count(out[0]));
     case MXN_OP_MUL:
       return kernel(c, "mul").arg(mem(in[0])).arg(mem(in[1])).arg(mem(out[0])).go(count(out[0]));
     case MXN_OP_TANH:
@@ -606,7 +616,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
           .arg(mem(out[0]))
           .go(count(out[0]));
     case MXN_OP_GELU_BWD:
-      return kernel(c, "gelu_bwd")
+      return kernel(c, in[1].dtype == MXN_DTYPE_BF16 ? "gelu_bwd_h" : "gelu_bwd")
           .arg(mem(in[0]))
           .arg(mem(in[1]))
           .arg(mem(out[0]))
