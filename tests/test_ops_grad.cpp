@@ -492,7 +492,8 @@ struct HeadResult {
   std::vector<float> dx, dw;
 };
 HeadResult run_head(bool fused, DType compute, int64_t block, const std::vector<float>& x,
-                    const std::vector<float>& w, const std::vector<int32_t>& t, int64_t C) {
+                    const std::vector<float>& w, const std::vector<int32_t>& t, int64_t C,
+                    float dloss = 1.f) {
   auto dev = open_device("cpu");
   const int64_t N = int64_t(t.size()), V = int64_t(w.size()) / C;
   Graph g;
@@ -502,8 +503,14 @@ HeadResult run_head(bool fused, DType compute, int64_t block, const std::vector<
   const int loss = fused ? g.classifier_ce(xi, wi, ti, block)
                          : g.cross_entropy(g.matmul(xi, wi, false, true), ti);
   g.mark_output(loss);
-  append_backward(g, loss);
+  const size_t seed = append_backward(g, loss);  // the FILL of d(loss)
+  size_t head = SIZE_MAX;
+  for (size_t i = 0; i < seed; ++i)
+    if (g.nodes[i].op == MXN_OP_CLASSIFIER_CE && g.nodes[i].ip[3]) head = i;
+  EXPECT_EQ(head == SIZE_MAX, !fused) << "a loss-seeded fused head takes d(loss) itself (ABI 6)";
   Program prog(std::move(g), *dev);
+  prog.call(seed).fp[0] = dloss;  // as the trainer weighs a pass: the seed and the head's copy
+  if (head != SIZE_MAX) prog.call(head).fp[0] = dloss;
   dev->upload(prog.tensor(xi), x.data());
   dev->upload(prog.tensor(wi), w.data());
   dev->upload(prog.tensor(ti), t.data());
@@ -523,7 +530,8 @@ HeadResult run_head(bool fused, DType compute, int64_t block, const std::vector<
 
 TEST(ClassifierCE, EqualsMatmulThenCrossEntropyWithoutTheLogits) {
   // 150 rows (one ignored) over a vocabulary of 300, in blocks of 64 and in one block, f32 and
-  // bf16: the loss and both gradients as the unfused graph computes them.
+  // bf16, for d(loss) = 1 and 0.375: the loss and both gradients as the unfused graph computes
+  // them.
   const int64_t N = 150, C = 24, V = 300;
   Rng rng(3);
   std::vector<float> x(size_t(N * C)), w(size_t(V * C));
@@ -532,21 +540,22 @@ TEST(ClassifierCE, EqualsMatmulThenCrossEntropyWithoutTheLogits) {
   std::vector<int32_t> t(static_cast<size_t>(N));
   for (auto& e : t) e = int32_t(rng.next() % uint64_t(V));
   t[7] = -1;
-  for (DType compute : {DType::f32, DType::bf16}) {
-    const HeadResult ref = run_head(false, compute, 0, x, w, t, C);
-    for (int64_t block : {int64_t(64), int64_t(0)}) {
-      const HeadResult got = run_head(true, compute, block, x, w, t, C);
-      const std::string what =
-          std::string(compute == DType::bf16 ? "bf16" : "f32") + " block " + std::to_string(block);
-      EXPECT_NEAR(got.loss, ref.loss, 1e-6 * std::fabs(ref.loss)) << what;
-      double worst = 0, scale = 0;
-      for (auto [a, b] : {std::pair{&got.dx, &ref.dx}, std::pair{&got.dw, &ref.dw}})
-        for (size_t i = 0; i < a->size(); ++i) {
-          worst = std::max(worst, double(std::fabs((*a)[i] - (*b)[i])));
-          scale = std::max(scale, double(std::fabs((*b)[i])));
-        }
-      EXPECT_LT(worst, 1e-5 * scale) << what << ": worst gradient difference " << worst;
-      for (int64_t c = 0; c < C; ++c) EXPECT_EQ(got.dx[size_t(7 * C + c)], 0.f) << what;
+  for (DType compute : {DType::f32, DType::bf16})
+    for (float dloss : {1.f, 0.375f}) {
+      const HeadResult ref = run_head(false, compute, 0, x, w, t, C, dloss);
+      for (int64_t block : {int64_t(64), int64_t(0)}) {
+        const HeadResult got = run_head(true, compute, block, x, w, t, C, dloss);
+        const std::string what = std::string(compute == DType::bf16 ? "bf16" : "f32") + " block " +
+                                 std::to_string(block) + " dloss " + std::to_string(dloss);
+        EXPECT_NEAR(got.loss, ref.loss, 1e-6 * std::fabs(ref.loss)) << what;
+        double worst = 0, scale = 0;
+        for (auto [a, b] : {std::pair{&got.dx, &ref.dx}, std::pair{&got.dw, &ref.dw}})
+          for (size_t i = 0; i < a->size(); ++i) {
+            worst = std::max(worst, double(std::fabs((*a)[i] - (*b)[i])));
+            scale = std::max(scale, double(std::fabs((*b)[i])));
+          }
+        EXPECT_LT(worst, 1e-5 * scale) << what << ": worst gradient difference " << worst;
+        for (int64_t c = 0; c < C; ++c) EXPECT_EQ(got.dx[size_t(7 * C + c)], 0.f) << what;
+      }
     }
-  }
 }

@@ -16,12 +16,14 @@
 extern "C" {
 #endif
 
-#define MXN_ABI_VERSION 5 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
+#define MXN_ABI_VERSION 6 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
                              3: attention masks over packed rows (mask 3) and shared prefix
                              keys (P-Tuning v2); 12 operands and 16 integer parameters a call;
                              4: serving's attention masks: key ranges (4), paged keys (5);
                                 MUL;
-                             5: the fused classifier and cross-entropy (CLASSIFIER_CE) */
+                             5: the fused classifier and cross-entropy (CLASSIFIER_CE);
+                             6: CLASSIFIER_CE's gradients for a given d(loss), dw added into
+                                the param's gradient (ip[3]); GELU's x may be bf16 */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
 #define MXN_MAX_IP 16
@@ -129,7 +131,9 @@ typedef enum mxn_op {
                                and, with ip[0] = 1 (dx) or 2 (dx and dw), its gradients for
                                d(loss) = 1, computed block of rows by block of rows so that no
                                (N,V) logits exist. ip[1]=compute dtype (as MATMUL's ip[3]);
-                               ip[2]=rows a block (0: the backend's choice) */
+                               ip[2]=rows a block (0: the backend's choice); ABI 6: ip[3] = 1
+                               makes the gradients for d(loss) = fp[0] and adds dw into its
+                               output (a param's gradient) instead of overwriting it */
   MXN_OP_CLASSIFIER_CE_BWD, /* in: dloss (1), dx1, [dw1]; out: dx, [dw] = dloss * each (may be in
                                place) */
   MXN_OP_COUNT

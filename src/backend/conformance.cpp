@@ -149,6 +149,12 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
                    {f({10, 13}), f({37, 13}), tgt({10}, 37)},
                    {f({1}), f({10, 13}), f({37, 13})},
                    {2, 0, 4}});
+      // ABI 6: the gradients for d(loss) = 0.3, dw added into what its output holds
+      c.push_back({op,
+                   {f({10, 13}), f({37, 13}), tgt({10}, 37)},
+                   {f({1}), f({10, 13}), f({37, 13})},
+                   {2, 0, 4, 1},
+                   {0.3f}});
       break;
     case MXN_OP_CLASSIFIER_CE_BWD:
       c.push_back({op, {f({1}), f({10, 13}), f({37, 13})}, {f({10, 13}), f({37, 13})}});

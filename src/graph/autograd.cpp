@@ -106,7 +106,10 @@ Grads rule(Graph& g, const Node& n, int gy) {
       return {{1, g.emit(MXN_OP_EMBEDDING_BWD, {gy, n.in[0]}, {act(n.in[1])})}};
     case MXN_OP_CROSS_ENTROPY:
       return {{0, g.emit(MXN_OP_CROSS_ENTROPY_BWD, {gy, n.in[0], n.in[1]}, {act(n.in[0])})}};
-    case MXN_OP_CLASSIFIER_CE: {  // the forward computed them for d(loss) = 1: scale by gy
+    case MXN_OP_CLASSIFIER_CE: {
+      // ip[3]: the forward made dx for the seed's d(loss) and added dw into the param's grad.
+      if (n.ip[3]) return {{0, n.out[1]}};
+      // Else it computed them for d(loss) = 1: scale by gy.
       std::vector<int> in{gy}, out;
       Grads grads;
       for (size_t i = 1; i < n.out.size(); ++i) {
@@ -172,16 +175,19 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
     auto it = grad.find(g.nodes[i].out[0]);
     if (it != grad.end() && g.nodes[i].op == MXN_OP_CLASSIFIER_CE) {
       // The fused head computes its gradients in its forward pass: dx, and dw when w is trained.
+      // Seeded by the loss's FILL it makes them for that d(loss) (fp[0], which the runner sets
+      // with the FILL's value) and adds dw straight into the param's grad (ABI 6): no (V, C)
+      // value lives through the backward, no CLASSIFIER_CE_BWD.
       Node& f = g.nodes[i];
       const bool dw = g.v(f.in[1]).kind == ValueKind::param;
       const int x = f.in[0], w = f.in[1];
+      const bool direct = seed < 0 && f.out[0] == loss;
       f.ip[0] = dw ? 2 : 1;
+      f.ip[3] = direct;
+      f.fp[0] = 1.f;
       const int dx1 = g.activation(g.v(x).shape);
       g.nodes[i].out.push_back(dx1);
-      if (dw) {
-        const int dw1 = g.activation(g.v(w).shape);
-        g.nodes[i].out.push_back(dw1);
-      }
+      if (dw) g.nodes[i].out.push_back(direct ? g.v(w).grad : g.activation(g.v(w).shape));
     }
     const Node n = g.nodes[i];  // copy: rules append to g.nodes
     if (it != grad.end()) {

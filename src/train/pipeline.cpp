@@ -151,7 +151,7 @@ double Trainer::pp_passes(uint64_t key, double total) {
       continue;
     }
     if (last) {  // the loss's share of the global batch's seeds the backward
-      prog_->call(n_forward_, p.variant).fp[0] = float(counted / total);
+      seed_backward(p.variant, float(counted / total));
       prog_->run(0, nodes, p.variant);
       float loss = 0;
       dev_->download(&loss, p.loss);

@@ -194,8 +194,11 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   const int64_t last = pp_ > 1 ? bounds_[size_t(stage_ + 1)] : -1;
   Graph g = train_graph(cfg_, cap_, &m_, &n_forward_, first, last, &seed_value_, &grad_in_value_);
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
-  for (size_t n = 0; n < prog_->graph().nodes.size(); ++n)
-    if (prog_->graph().nodes[n].op == MXN_OP_DROPOUT) dropout_nodes_.push_back(n);
+  for (size_t n = 0; n < prog_->graph().nodes.size(); ++n) {
+    const Node& node = prog_->graph().nodes[n];
+    if (node.op == MXN_OP_DROPOUT) dropout_nodes_.push_back(n);
+    if (node.op == MXN_OP_CLASSIFIER_CE && node.ip[3]) head_node_ = n;
+  }
   passes_.resize(size_t(cap_) + 1);
   variant_for(cap_);
 
@@ -540,7 +543,7 @@ float Trainer::step() {
     // The loss is a mean over this pass's loss tokens; seeding its backward with their share
     // of the global batch's makes every gradient a share of the global mean, so passes and
     // ranks simply add up (rows weigh alike for next-token loss; GLM's rows differ).
-    prog_->call(n_forward_, p.variant).fp[0] = float(counted / total);
+    seed_backward(p.variant, float(counted / total));
     done += n;
     if (sync_ && done == rows_) {
       prog_->run(0, n_forward_, p.variant);
@@ -603,6 +606,11 @@ void Trainer::gather_params() {
   dev_->download(gather_host_.data() + shard_lo_, slice(all, shard_lo_, shard_hi_ - shard_lo_));
   comm_->all_gather(gather_host_.data(), shards_);
   dev_->upload(all, gather_host_.data());
+}
+
+void Trainer::seed_backward(int variant, float dloss) {
+  prog_->call(n_forward_, variant).fp[0] = dloss;
+  if (head_node_ != SIZE_MAX) prog_->call(head_node_, variant).fp[0] = dloss;
 }
 
 void Trainer::run_forward_only(int variant) {

@@ -125,6 +125,7 @@ class Trainer {
   std::unique_ptr<Program> prog_;
   size_t n_forward_ = 0;
   std::vector<size_t> dropout_nodes_;  // DROPOUT nodes (LoRA dropout), forward and backward
+  size_t head_node_ = SIZE_MAX;        // a fused head that takes the seed's d(loss) (ABI 6)
   std::unique_ptr<Buffer> opt_m_, opt_v_, scalar_;
   std::vector<int64_t> shards_;          // ZeRO-1's bounds, world + 1 (empty: not sharded)
   int64_t shard_lo_ = 0, shard_hi_ = 0;  // this rank's share of the flat params
@@ -179,7 +180,9 @@ class Trainer {
                             // squares
   double pp_eval();         // validation through the stages
   void run_forward_only(int variant);  // evaluation: no gradients from a fused head
-  void pp_gather(Checkpoint& ck);      // replica 0's state on rank 0, by name
+  // The backward's seed, d(loss) = this pass's share of the batch, and the fused head's copy.
+  void seed_backward(int variant, float dloss);
+  void pp_gather(Checkpoint& ck);                        // replica 0's state on rank 0, by name
   void pp_rows(int64_t micro, int64_t n, uint64_t key);  // offsets_ for a micro-batch
   double step_seconds_sum_ = 0;
   int64_t steps_timed_ = 0, steps_run_ = 0;

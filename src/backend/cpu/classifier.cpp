@@ -45,13 +45,13 @@ inline float row_loss(float* l, int64_t V, int32_t t, bool grad, float k) {
 
 int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, const float* x,
                       const float* w, const int32_t* targets, float* loss, float* dx, float* dw,
-                      int64_t N, int64_t C, int64_t V) {
+                      int64_t N, int64_t C, int64_t V, float dloss, bool add_dw) {
   int64_t count = 0;
   for (int64_t r = 0; r < N; ++r) {
     if (targets[r] >= V) return r;
     count += targets[r] >= 0;
   }
-  const float k = count ? 1.f / float(count) : 0.f;
+  const float k = count ? dloss / float(count) : 0.f;
   const int64_t R =
       std::min(N, block > 0 ? block : std::max<int64_t>(64, kBlockFloats / V / 64 * 64));
   float* L = s.get(s.logits, size_t(R * V));
@@ -87,11 +87,12 @@ int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, con
     if (native) {
       to_bf16(L, l16, n * V);
       gemm_bf16(false, false, n, C, V, 1.f, l16, w16, false, dx + r0 * C);
-      if (grads > 1) gemm_bf16(true, false, V, C, n, 1.f, l16, x16 + r0 * C, r0 > 0, dw);
+      if (grads > 1) gemm_bf16(true, false, V, C, n, 1.f, l16, x16 + r0 * C, r0 > 0 || add_dw, dw);
     } else {
       matmul(s, compute, false, false, 1, n, C, V, 1.f, L, 0, w, 0, false, dx + r0 * C, 0);
       if (grads > 1)
-        matmul(s, compute, true, false, 1, V, C, n, 1.f, L, 0, x + r0 * C, 0, r0 > 0, dw, 0);
+        matmul(s, compute, true, false, 1, V, C, n, 1.f, L, 0, x + r0 * C, 0, r0 > 0 || add_dw, dw,
+               0);
     }
   }
   double total = 0;

@@ -206,7 +206,7 @@ int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
   const int64_t badr = classifier_ce(
       c->scratch, k.ip[1] == MXN_DTYPE_BF16 ? Compute::bf16 : Compute::f32, grads, k.ip[2], ptr(x),
       ptr(w), ptr<int32_t>(t), ptr(k.outputs[0]), grads > 0 ? ptr(k.outputs[1]) : nullptr,
-      grads > 1 ? ptr(k.outputs[2]) : nullptr, N, C, V);
+      grads > 1 ? ptr(k.outputs[2]) : nullptr, N, C, V, k.ip[3] ? k.fp[0] : 1.f, k.ip[3] != 0);
   if (badr >= 0)
     return bad(c, "classifier_ce: target " + std::to_string(ptr<int32_t>(t)[badr]) +
                       " is outside [0, " + std::to_string(V) + ")");

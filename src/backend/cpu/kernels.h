@@ -37,11 +37,12 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
                const uint16_t* B, bool accumulate, float* C);
 
 // CLASSIFIER_CE: the mean cross-entropy of softmax(x w^T) over rows whose target >= 0 and, with
-// grads 1 or 2, dx (and dw) for d(loss) = 1, `block` rows of logits at a time (0: about 128 MB of
-// them). Returns the first out-of-range target's row, or -1.
+// grads 1 or 2, dx (and dw) for d(loss) = dloss, `block` rows of logits at a time (0: about 128
+// MB of them); with add_dw, dw is added into (a param's gradient) instead of overwritten.
+// Returns the first out-of-range target's row, or -1.
 int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, const float* x,
                       const float* w, const int32_t* targets, float* loss, float* dx, float* dw,
-                      int64_t N, int64_t C, int64_t V);
+                      int64_t N, int64_t C, int64_t V, float dloss = 1.f, bool add_dw = false);
 // The same with B stored in bf16 (inference weights): one row streams B (half the bytes), more
 // rows widen B to f32 in scratch and take the path above. The arithmetic is f32 either way.
 void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M,
