@@ -326,6 +326,60 @@ TEST(Gelu, Bf16InputIsItsValueWidened) {
   }
 }
 
+TEST(Attention, Bf16QkvIsItsValueWidened) {
+  // bf16 training keeps a fused qkv in bf16 (a CAST after its matmul): the loss and the
+  // gradient through ATTENTION, ATTENTION_BWD and the CAST are exactly those of the f32 graph
+  // run on the same values rounded to bf16. Causal and segment masks, GPT-2's windows.
+  const int64_t B = 2, T = 70, H = 2, D = 16, C = H * D, N = B * T;
+  Rng rng(12);
+  std::vector<float> qkv(size_t(N * 3 * C)), rounded(qkv.size());
+  for (size_t i = 0; i < qkv.size(); ++i) {
+    qkv[i] = float(rng.normal());
+    rounded[i] = round_bf16(qkv[i]);
+  }
+  std::vector<int32_t> targets(static_cast<size_t>(N)), segments(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) {
+    targets[size_t(i)] = int32_t(rng.next() % uint64_t(C));
+    segments[size_t(i)] = int32_t(i % T / 23 * 23);  // rows packed in segments of 23
+  }
+  for (int mask : {1, 3}) {
+    auto run = [&](bool half, std::vector<float>& grad) {
+      auto dev = open_device("cpu");
+      Graph g;
+      const int x = g.param("qkv", {N, 3 * C}, true);
+      const int t = g.input("t", {N}, DType::i32);
+      const int seg = mask == 3 ? g.input("seg", {N}, DType::i32) : -1;
+      const int in = half ? g.cast(x, DType::bf16) : x;
+      AttentionSpec a;
+      a.heads = a.kv_heads = H;
+      a.head_dim = D;
+      a.T = T;
+      a.mask = mask;
+      a.k_col = C;
+      a.v_col = 2 * C;
+      const int loss = g.cross_entropy(g.attention(in, in, in, a, seg), t);
+      g.mark_output(loss);
+      append_backward(g, loss);
+      Program prog(std::move(g), *dev);
+      dev->upload(prog.tensor(x), (half ? qkv : rounded).data());
+      dev->upload(prog.tensor(t), targets.data());
+      if (seg >= 0) dev->upload(prog.tensor(seg), segments.data());
+      std::vector<float> zero(size_t(prog.grads_all().numel()), 0.f);
+      dev->upload(prog.grads_all(), zero.data());
+      prog.run(0, prog.graph().nodes.size());
+      float l = 0;
+      dev->download(&l, prog.tensor(loss));
+      grad.resize(qkv.size());
+      dev->download(grad.data(), prog.tensor(prog.graph().v(x).grad));
+      return l;
+    };
+    std::vector<float> g16, g32;
+    EXPECT_EQ(run(true, g16), run(false, g32)) << "mask " << mask;
+    for (size_t i = 0; i < g16.size(); ++i)
+      ASSERT_EQ(g16[i], g32[i]) << "mask " << mask << " " << i;
+  }
+}
+
 TEST(Dropout, MaskIsItsProbabilityAndAFunctionOfSeedAndIndex) {
   // 10^5 ones at p = 0.3: about 70% kept, each kept one exactly 1/0.7; the same (seed, index)
   // gives the same mask whatever the tensor it sits in (a row's mask does not depend on its pass).

@@ -181,23 +181,29 @@ TEST(Train, RecomputeIsBitIdenticalInLessMemory) {
   EXPECT_GE(arena(0) - arena(1), (L - 1) * per_layer) << arena(0) << " vs " << arena(1);
 }
 
-TEST(Train, Bf16KeepsTheGeluInputInBf16) {
-  // With bf16 matmuls the MLP's pre-activation (N x 4C a layer) is kept in bf16 for GELU's
-  // backward: half its bytes come off the arena of every layer.
-  TrainConfig c = tiny("mxn_test_gelu_bf16");
+TEST(Train, Bf16KeepsWhatTheBackwardReadsInBf16) {
+  // With bf16 matmuls the MLP's pre-activation (N x 4C a layer) and the fused qkv (N x 3C) are
+  // kept in bf16 for the backward, each a CAST after its matmul: half their bytes come off the
+  // arena of every layer. The CPU takes both, so the trainer turns both on.
+  TrainConfig c = tiny("mxn_test_bf16_kept");
   c.dtype = "bf16";
+  c.steps = 1;
+  {
+    Trainer tr(c);
+    EXPECT_TRUE(tr.config().gelu_bf16 && tr.config().attn_bf16);
+  }
   const int64_t N = c.batch * c.model.n_ctx, C = c.model.n_embd, L = c.model.n_layer;
   auto arena = [&](bool half) {
-    c.gelu_bf16 = half;
+    c.gelu_bf16 = c.attn_bf16 = half;
     DecoderGraph m;
     size_t nf = 0;
     Graph g = train_graph(c, c.batch, &m, &nf);
     int casts = 0;
     for (const Node& n : g.nodes) casts += n.op == MXN_OP_CAST;
-    EXPECT_EQ(casts, half ? L : 0);
+    EXPECT_EQ(casts, half ? 2 * L : 0);
     return int64_t(plan_arena(g));
   };
-  EXPECT_GE(arena(false) - arena(true), (L - 1) * 4 * C * N * 2);
+  EXPECT_GE(arena(false) - arena(true), (L - 1) * (4 * C + 3 * C) * N * 2);
 }
 
 TEST(Train, LoraTrainsAdaptersOnlyAndLeavesTheBaseBitIdentical) {

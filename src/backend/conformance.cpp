@@ -34,7 +34,8 @@ std::vector<AttnCase> attention_cases() {
           {1, 5, 4, 2, 8, 40, 40, 0, 4, false},       {1, 3, 2, 2, 16, 30, 30, 0, 4, false, 2},
           {1, 6, 4, 2, 8, 48, 48, 0, 5, false, 0, 8}, {1, 3, 2, 2, 16, 32, 32, 0, 5, true, 2, 4}};
 }
-Case attention_case(int op, const AttnCase& a) {
+// dt bf16: q, k and v stored in bf16 (training keeps them so for the backward).
+Case attention_case(int op, const AttnCase& a, DType dt = DType::f32) {
   const int64_t Nq = a.B * a.T, Nk = a.B * a.kv_rows, qw = a.H * a.hd, kw = a.G * a.hd;
   const std::array<int64_t, MXN_MAX_IP> ip{
       a.H,       a.G,      a.hd, a.T, a.S, a.mask, 0, a.fused ? qw : 0, a.fused ? qw + kw : 0,
@@ -45,6 +46,7 @@ Case attention_case(int op, const AttnCase& a) {
   const int64_t w = a.fused ? qw + 2 * kw : 0;
   const Shape qs{Nq, a.fused ? w : qw}, ks{Nk, a.fused ? w : kw};
   std::vector<Operand> in{f(qs), f(ks), f(ks)};
+  for (Operand& o : in) o.dtype = dt;
   if (op == MXN_OP_ATTENTION_BWD) {
     in.insert(in.begin(), f({Nq, qw}));
     in.push_back(f({Nq, qw}));
@@ -128,8 +130,9 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       break;
     case MXN_OP_ATTENTION:
     case MXN_OP_ATTENTION_BWD:
-      for (const AttnCase& a : attention_cases())  // mask 4 (serving) has no backward
-        if (a.mask < 4 || op == MXN_OP_ATTENTION) c.push_back(attention_case(op, a));
+      for (const AttnCase& a : attention_cases())  // masks 4 and 5 (serving): no backward
+        if (a.mask < 4 || (op == MXN_OP_ATTENTION && dt == DType::f32))
+          c.push_back(attention_case(op, a, dt));
       break;
     case MXN_OP_EMBEDDING:
       c.push_back({op, {idx({11}, 7), f({7, 5})}, {f({11, 5})}});
@@ -256,8 +259,9 @@ std::vector<ConformanceRow> run_conformance(Device& dev, Device& ref, DType dtyp
     ConformanceRow row{op_name(op), dtype_name(dtype), "pass", 0, 0};
     const std::vector<Case> cases = cases_for(mxn_op(op), dtype);
     // A kernel is unsupported for a dtype if the device says so for any tensor dtype it needs.
-    const bool takes_bf16 =
-        op == MXN_OP_CAST || op == MXN_OP_MATMUL || op == MXN_OP_GELU || op == MXN_OP_GELU_BWD;
+    const bool takes_bf16 = op == MXN_OP_CAST || op == MXN_OP_MATMUL || op == MXN_OP_GELU ||
+                            op == MXN_OP_GELU_BWD || op == MXN_OP_ATTENTION ||
+                            op == MXN_OP_ATTENTION_BWD;
     const DType need = takes_bf16 ? dtype : DType::f32;
     if (cases.empty() || (dtype == DType::bf16 && !takes_bf16) || !dev.supports(mxn_op(op), need)) {
       row.status = "unsupported";

@@ -344,7 +344,10 @@ int run_train(TrainArgs& a) {
                 tr.device().name().c_str(), size(double(tr.param_count()) * 8).c_str(),
                 size(double(tr.optimizer_bytes())).c_str(), size(double(tr.arena_bytes())).c_str(),
                 tc.recompute ? "layer norms and GELUs recomputed" : "--recompute 0: all kept",
-                tc.gelu_bf16 ? ", GELU inputs in bf16" : "");
+                tc.gelu_bf16 && tc.attn_bf16 ? ", GELU inputs and q, k, v kept in bf16"
+                : tc.gelu_bf16               ? ", GELU inputs kept in bf16"
+                : tc.attn_bf16               ? ", q, k, v kept in bf16"
+                                             : "");
   }
   if (comm.size() > 1) print_plan(tr, rank_devices(c, comm.size()));
   if (a.dry_run) {  // the model is built and every device measured; nothing is trained or written

@@ -384,6 +384,13 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       v = b.linear(h, p + nm.v, C, G * D, c.qkv_bias);
       at.q_col = at.k_col = at.v_col = 0;
     }
+    if (o.attn_bf16 && o.serve_rows == 0 && o.kv_cache == 0) {  // what the backward keeps
+      const int qh = g.cast(q, DType::bf16);
+      const int kh = k == q ? qh : g.cast(k, DType::bf16);
+      v = v == q ? qh : g.cast(v, DType::bf16);
+      q = qh;
+      k = kh;
+    }
     if (o.serve_rows > 0) {  // each row's key and value to its cache row; its own key range
       const int kc = g.input(p + "k_cache", {o.serve_rows, G * D}, DType::f32);
       const int vc = g.input(p + "v_cache", {o.serve_rows, G * D}, DType::f32);

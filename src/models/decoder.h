@@ -120,6 +120,8 @@ struct DecoderOptions {
   // Training in bf16: GELU reads the MLP's pre-activation cast to bf16, so the value kept for its
   // backward (the widest activation of a GPT layer) is half the size, as under torch's autocast.
   bool gelu_bf16 = false;
+  // ... and attention's q, k and v (training only: no KV cache, not serving).
+  bool attn_bf16 = false;
 };
 
 struct DecoderGraph {

@@ -78,9 +78,10 @@ struct TrainConfig {
   // Not a flag: the trainer sets it where the device has the fused head (CLASSIFIER_CE), unless
   // MXN_FUSED_HEAD=0 is in the environment.
   bool fused_head = false;
-  // Not a flag: with dtype bf16, where every rank's device takes GELU's input in bf16 (unless
-  // MXN_BF16_GELU=0): the MLP's pre-activation is kept in bf16 (DecoderOptions::gelu_bf16).
-  bool gelu_bf16 = false;
+  // Not flags: with dtype bf16, where every rank's device takes the op's input in bf16 (unless
+  // MXN_BF16_ACTS=0), the MLP's pre-activation and attention's q, k, v are kept in bf16 for the
+  // backward (DecoderOptions::gelu_bf16, attn_bf16), as torch's autocast keeps them.
+  bool gelu_bf16 = false, attn_bf16 = false;
 
   int64_t seq_len() const { return seq > 0 ? seq : model.n_ctx; }
   DecoderConfig decoder_config() const;

@@ -54,6 +54,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   o.last_layer = last;
   o.fused_head = c.fused_head;
   o.gelu_bf16 = c.gelu_bf16;
+  o.attn_bf16 = c.attn_bf16;
   *m = build_decoder(g, d, rows, c.seq_len(), o);
   if (m->loss >= 0) {  // the whole model, or the last stage (which also sends d(hidden_in))
     int gi = -1;
@@ -149,18 +150,19 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
         dev_->supports(MXN_OP_CLASSIFIER_CE, cfg_.dtype == "bf16" ? DType::bf16 : DType::f32);
   }
   {
-    // Every rank rounds the same values: bf16 GELU inputs only where all devices take them.
-    const char* e = std::getenv("MXN_BF16_GELU");
-    double able = !(e && std::string(e) == "0") && cfg_.dtype == "bf16" &&
-                  dev_->supports(MXN_OP_CAST, DType::bf16) &&
-                  dev_->supports(MXN_OP_GELU, DType::bf16) &&
-                  dev_->supports(MXN_OP_GELU_BWD, DType::bf16);
-    if (comm_) {
-      double all[2] = {able, 1.0};
-      comm_->all_reduce_sum(all, 2);
-      able = all[0] == all[1];
-    }
-    cfg_.gelu_bf16 = able;
+    // Values kept for the backward in bf16, where every rank's device takes them (so that all
+    // ranks round the same values).
+    const char* e = std::getenv("MXN_BF16_ACTS");
+    const bool on = !(e && std::string(e) == "0") && cfg_.dtype == "bf16" &&
+                    dev_->supports(MXN_OP_CAST, DType::bf16);
+    auto takes = [&](mxn_op fwd, mxn_op bwd) {
+      return on && dev_->supports(fwd, DType::bf16) && dev_->supports(bwd, DType::bf16);
+    };
+    double able[3] = {double(takes(MXN_OP_GELU, MXN_OP_GELU_BWD)),
+                      double(takes(MXN_OP_ATTENTION, MXN_OP_ATTENTION_BWD)), 1.0};
+    if (comm_) comm_->all_reduce_sum(able, 3);
+    cfg_.gelu_bf16 = able[0] == able[2];
+    cfg_.attn_bf16 = able[1] == able[2];
   }
   if (cfg_.sft.empty() && data_.vocab() > model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +

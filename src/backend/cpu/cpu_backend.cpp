@@ -119,8 +119,12 @@ int32_t supports(void*, int32_t op, int32_t dtype) {
   if (op == MXN_OP_CAST || op == MXN_OP_COPY) return 1;
   // bf16 compute, f32 tensors
   if ((op == MXN_OP_MATMUL || op == MXN_OP_CLASSIFIER_CE) && dtype == MXN_DTYPE_BF16) return 1;
-  // x in bf16 (the MLP's pre-activation kept at half size for the backward)
-  if ((op == MXN_OP_GELU || op == MXN_OP_GELU_BWD) && dtype == MXN_DTYPE_BF16) return 1;
+  // bf16 tensors where training keeps a value at half size for the backward: GELU's x (the
+  // MLP's pre-activation) and attention's q, k, v (masks 0-3)
+  if ((op == MXN_OP_GELU || op == MXN_OP_GELU_BWD || op == MXN_OP_ATTENTION ||
+       op == MXN_OP_ATTENTION_BWD) &&
+      dtype == MXN_DTYPE_BF16)
+    return 1;
   return 0;
 }
 
@@ -160,6 +164,18 @@ int32_t run_cast(Ctx* c, const mxn_op_call& k) {
     std::memcpy(ptr<char>(o), ptr<char>(a), size_t(n) * elem_size(a.dtype));
     return 0;
   }
+  // The pair bf16 training casts every layer, in vector loops (the general one below is not).
+  if (a.dtype == MXN_DTYPE_F32 && o.dtype == MXN_DTYPE_BF16 && native_bf16()) {
+    to_bf16(ptr(a), ptr<uint16_t>(o), n);
+    return 0;
+  }
+  if (a.dtype == MXN_DTYPE_BF16 && o.dtype == MXN_DTYPE_F32) {
+    const uint16_t* src = ptr<uint16_t>(a);
+    float* dst = ptr(o);
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+    return 0;
+  }
   auto to_f32 = [&](int64_t i) -> float {
     switch (a.dtype) {
       case MXN_DTYPE_F32:
@@ -191,6 +207,39 @@ int32_t run_cast(Ctx* c, const mxn_op_call& k) {
     }
   }
   return 0;
+}
+
+// Attention's q, k and v as f32: bf16 ones (training keeps them so for the backward) are widened
+// into scratch, once per distinct tensor (a fused qkv is one), in the same layout.
+const char* widen_qkv(Ctx* c, const AttentionShape& a, const mxn_tensor* t, const float* out[3]) {
+  size_t need = 0;
+  for (int i = 0; i < 3; ++i)
+    if (t[i].dtype == MXN_DTYPE_BF16) need += size_t(count(t[i]));
+  if (need == 0) {
+    for (int i = 0; i < 3; ++i) out[i] = ptr(t[i]);
+    return nullptr;
+  }
+  if (a.mask > 3) return "attention: bf16 q, k, v are for training's masks (0-3) only";
+  float* wide = c->scratch.get(c->scratch.wide, need);
+  for (int i = 0; i < 3; ++i) {
+    if (t[i].dtype != MXN_DTYPE_BF16) {
+      out[i] = ptr(t[i]);
+      continue;
+    }
+    int j = 0;
+    while (j < i && !(t[j].buffer == t[i].buffer && t[j].offset == t[i].offset)) ++j;
+    if (j < i) {
+      out[i] = out[j];
+      continue;
+    }
+    const uint16_t* src = ptr<uint16_t>(t[i]);
+    const int64_t n = count(t[i]);
+#pragma omp parallel for simd schedule(static)
+    for (int64_t e = 0; e < n; ++e) wide[e] = bf16_to_f32(src[e]);
+    out[i] = wide;
+    wide += n;
+  }
+  return nullptr;
 }
 
 int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
@@ -226,11 +275,12 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       // GELU_BWD's x may be bf16.
       const bool half = (i == 1 && (k.op == MXN_OP_MATMUL || k.op == MXN_OP_EMBEDDING ||
                                     k.op == MXN_OP_GELU_BWD)) ||
-                        (i == 0 && k.op == MXN_OP_GELU);
+                        (i == 0 && k.op == MXN_OP_GELU) || (i < 3 && k.op == MXN_OP_ATTENTION) ||
+                        (i >= 1 && i < 4 && k.op == MXN_OP_ATTENTION_BWD);
       if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
           !(half && t.dtype == MXN_DTYPE_BF16)) {
         c->error = "op " + std::to_string(k.op) +
-                   " takes f32 tensors (bf16 only as weights and as GELU's input)";
+                   " takes f32 tensors (bf16 only as weights, GELU's x and attention's q, k, v)";
         return MXN_STATUS_UNSUPPORTED;
       }
     }
@@ -313,8 +363,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_ATTENTION: {
       const AttentionShape a = attention_shape(k, false);
       if (a.error) return bad(c, a.error);
-      attention_fwd(c->scratch, a, ptr(in[0]), ptr(in[1]), ptr(in[2]),
-                    a.P > 0 ? ptr(in[a.pkv]) : nullptr, a.P > 0 ? ptr(in[a.pkv + 1]) : nullptr,
+      const float* qkv[3];
+      if (const char* e = widen_qkv(c, a, in, qkv)) return bad(c, e);
+      attention_fwd(c->scratch, a, qkv[0], qkv[1], qkv[2], a.P > 0 ? ptr(in[a.pkv]) : nullptr,
+                    a.P > 0 ? ptr(in[a.pkv + 1]) : nullptr,
                     a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr, ptr(out[0]),
                     k.n_outputs > 1 ? ptr(out[1]) : nullptr);
       return 0;
@@ -323,9 +375,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       const AttentionShape a = attention_shape(k, true);
       if (a.error) return bad(c, a.error);
       if (a.P > 0 && k.n_outputs < 5) return bad(c, "attention_bwd: dpk and dpv are missing");
-      attention_bwd(c->scratch, a, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(in[4]),
-                    ptr(in[5]), a.P > 0 ? ptr(in[a.pkv]) : nullptr,
-                    a.P > 0 ? ptr(in[a.pkv + 1]) : nullptr,
+      const float* qkv[3];
+      if (const char* e = widen_qkv(c, a, in + 1, qkv)) return bad(c, e);
+      attention_bwd(c->scratch, a, ptr(in[0]), qkv[0], qkv[1], qkv[2], ptr(in[4]), ptr(in[5]),
+                    a.P > 0 ? ptr(in[a.pkv]) : nullptr, a.P > 0 ? ptr(in[a.pkv + 1]) : nullptr,
                     a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr, ptr(out[0]), ptr(out[1]),
                     ptr(out[2]), a.P > 0 ? ptr(out[3]) : nullptr, a.P > 0 ? ptr(out[4]) : nullptr);
       return 0;

@@ -14,6 +14,7 @@ struct Scratch {
   std::vector<float> a, b, c;
   std::vector<float> logits, rows;      // the fused classifier's block of logits, per-row losses
   std::vector<uint16_t> x16, w16, l16;  // ... and its operands in bf16, converted once a call
+  std::vector<float> wide;              // attention's bf16 q, k, v widened for its f32 tiles
   template <typename T>
   T* get(std::vector<T>& v, size_t n) {
     if (v.size() < n) v.resize(n);
