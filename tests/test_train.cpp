@@ -157,16 +157,20 @@ TEST(Train, RecomputeIsBitIdenticalInLessMemory) {
   // recomputed copy is live.
   TrainConfig c = tiny("mxn_test_recompute");
   c.steps = 8;
-  for (const char* dt : {"f32", "bf16"}) {
-    c.dtype = dt;
-    c.recompute = 0;
-    Trainer keep(c);
-    c.recompute = 1;
-    Trainer again(c);
-    for (int s = 0; s < 8; ++s) EXPECT_EQ(keep.step(), again.step()) << dt << " step " << s;
-    const TensorMap a = keep.weights(), b = again.weights();
-    for (const auto& [name, t] : a) EXPECT_EQ(b.at(name).bytes, t.bytes) << dt << " " << name;
-  }
+  for (const char* arch : {"gpt2", "llama"})  // layer norm and GELU; RMSNorm and SwiGLU
+    for (const char* dt : {"f32", "bf16"}) {
+      c.model.arch = arch;
+      c.dtype = dt;
+      c.recompute = 0;
+      Trainer keep(c);
+      c.recompute = 1;
+      Trainer again(c);
+      const std::string what = std::string(arch) + " " + dt;
+      for (int s = 0; s < 8; ++s) EXPECT_EQ(keep.step(), again.step()) << what << " step " << s;
+      const TensorMap a = keep.weights(), b = again.weights();
+      for (const auto& [name, t] : a) EXPECT_EQ(b.at(name).bytes, t.bytes) << what << " " << name;
+    }
+  c.model.arch = "gpt2";
   c.dtype = "f32";
   const int64_t N = c.batch * c.model.n_ctx, C = c.model.n_embd, L = c.model.n_layer;
   auto arena = [&](int64_t recompute) {
@@ -179,6 +183,8 @@ TEST(Train, RecomputeIsBitIdenticalInLessMemory) {
   // Per layer: two layer norms' outputs (N x C) and the GELU's (N x 4C), in f32.
   const int64_t per_layer = (2 * C + 4 * C) * N * 4;
   EXPECT_GE(arena(0) - arena(1), (L - 1) * per_layer) << arena(0) << " vs " << arena(1);
+  c.model.arch = "llama";  // two RMSNorms' outputs (N x C) and SwiGLU's (N x F, F > C)
+  EXPECT_GE(arena(0) - arena(1), (L - 1) * 3 * C * N * 4) << arena(0) << " vs " << arena(1);
 }
 
 TEST(Train, Bf16KeepsWhatTheBackwardReadsInBf16) {

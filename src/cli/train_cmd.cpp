@@ -343,7 +343,7 @@ int run_train(TrainArgs& a) {
     std::printf("  memory on %s: weights and gradients %s, AdamW %s, activations %s (%s%s)\n",
                 tr.device().name().c_str(), size(double(tr.param_count()) * 8).c_str(),
                 size(double(tr.optimizer_bytes())).c_str(), size(double(tr.arena_bytes())).c_str(),
-                tc.recompute ? "layer norms and GELUs recomputed" : "--recompute 0: all kept",
+                tc.recompute ? "norms and MLP activations recomputed" : "--recompute 0: all kept",
                 tc.gelu_bf16 && tc.attn_bf16 ? ", GELU inputs and q, k, v kept in bf16"
                 : tc.gelu_bf16               ? ", GELU inputs kept in bf16"
                 : tc.attn_bf16               ? ", q, k, v kept in bf16"

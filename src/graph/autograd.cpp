@@ -126,14 +126,17 @@ Grads rule(Graph& g, const Node& n, int gy) {
   return {};
 }
 
-// g.recompute: each LAYERNORM or GELU output that the backward reads (the next matmul's dW
-// operand) is made again by a copy of its node put just before the first backward node reading
-// it, and those nodes read the copy. The forward value then dies with its last forward use.
+// g.recompute: each LAYERNORM, RMSNORM, GELU or SWIGLU output that the backward reads (the next
+// matmul's dW operand) is made again by a copy of its node put just before the first backward
+// node reading it, and those nodes read the copy. The forward value then dies with its last
+// forward use. (Their inputs are kept anyway: the ops' own backwards read them.)
 void recompute_cheap(Graph& g, size_t n_forward) {
   std::vector<std::pair<size_t, Node>> copies;  // (insert before node, the copy)
   for (size_t i = 0; i < n_forward; ++i) {
     const Node& f = g.nodes[i];
-    if (f.op != MXN_OP_LAYERNORM && f.op != MXN_OP_GELU) continue;
+    if (f.op != MXN_OP_LAYERNORM && f.op != MXN_OP_GELU && f.op != MXN_OP_RMSNORM &&
+        f.op != MXN_OP_SWIGLU)
+      continue;
     const int y = f.out[0];
     if (g.v(y).output) continue;
     size_t at = g.nodes.size();

@@ -65,11 +65,11 @@ class Graph {
  public:
   // Matmuls (forward and backward) run with this compute type: f32, or bf16 mixed precision.
   DType matmul_compute = DType::f32;
-  // Training: the outputs of LAYERNORM and GELU are not kept for the backward; append_backward
-  // runs the op again just before the backward first reads its output (they are cheap, their
-  // inputs are kept anyway, and the result is bit for bit the same). Saves two activations a
-  // layer of a transformer's five largest, as llm.c's `recompute` and torch.compile's
-  // rematerialisation do.
+  // Training: the outputs of LAYERNORM, RMSNORM, GELU and SWIGLU are not kept for the backward;
+  // append_backward runs the op again just before the backward first reads its output (they
+  // are cheap, their inputs are kept anyway, and the result is bit for bit the same). Saves the
+  // norms' and the MLP activation's outputs of every layer, as llm.c's `recompute` and
+  // torch.compile's rematerialisation do.
   bool recompute = false;
 
   // dtype bf16: stored weights for inference (MATMUL's B, EMBEDDING's table); no training.

@@ -42,8 +42,8 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
        "MB of gradients per all-reduce bucket; buckets start as the backward reaches them"},
       {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
       {"recompute", &c.recompute,
-       "1: layer norm and GELU outputs are computed again in the backward instead of kept "
-       "(less memory, the same numbers); 0: kept"},
+       "1: norm and MLP activation (GELU, SwiGLU) outputs are computed again in the backward "
+       "instead of kept (less memory, the same numbers); 0: kept"},
       {"objective", &c.objective,
        "lm (next token), or glm (GLM's blank infilling: [MASK] spans, loss on the spans)", true},
       {"gmask", &c.gmask, "with --objective glm: share of rows with one [gMASK] span at the end"},

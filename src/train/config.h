@@ -39,7 +39,7 @@ struct TrainConfig {
   std::string stages = "even";
   int64_t micro = 0;
   std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
-  int64_t recompute = 1;      // 1: layer norms and GELUs run again in the backward (Graph)
+  int64_t recompute = 1;      // 1: norms and MLP activations run again in the backward (Graph)
   // lm: next-token prediction; glm: GLM's blank infilling (data/glm.h), with a learned
   // block-position table and the prefix-bidirectional mask.
   std::string objective = "lm";
