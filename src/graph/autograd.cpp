@@ -157,6 +157,29 @@ void recompute_cheap(Graph& g, size_t n_forward) {
   for (auto& [at, n] : copies) g.nodes.insert(g.nodes.begin() + int64_t(at), std::move(n));
 }
 
+// A param's whole gradient `gv` made by this rule's dW MATMUL (or its bias's SUM_ROWS) that
+// nothing else reads: that node accumulates into the grad itself (ip accumulate), as torch adds
+// into .grad, instead of writing an activation for an ADD to read. Returns whether it did.
+bool accumulate_into(Graph& g, size_t rule_begin, int gv, int gb) {
+  if (g.v(gv).kind != ValueKind::activation || g.v(gv).dtype != g.v(gb).dtype) return false;
+  Node* maker = nullptr;
+  for (size_t j = rule_begin; j < g.nodes.size(); ++j) {
+    Node& n = g.nodes[j];
+    if (std::find(n.in.begin(), n.in.end(), gv) != n.in.end()) return false;
+    if (n.out.size() == 1 && n.out[0] == gv) maker = &n;
+  }
+  if (!maker) return false;
+  if (maker->op == MXN_OP_MATMUL && maker->in.size() == 2 && maker->ip[2] == 0) {
+    maker->ip[2] = 1;
+  } else if (maker->op == MXN_OP_SUM_ROWS && maker->ip[0] == 0) {
+    maker->ip[0] = 1;
+  } else {
+    return false;
+  }
+  maker->out[0] = gb;
+  return true;
+}
+
 }  // namespace
 
 size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
@@ -193,6 +216,7 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
       if (dw) g.nodes[i].out.push_back(direct ? g.v(w).grad : g.activation(g.v(w).shape));
     }
     const Node n = g.nodes[i];  // copy: rules append to g.nodes
+    const size_t rule_begin = g.nodes.size();
     if (it != grad.end()) {
       for (auto [pos, gv] : rule(g, n, it->second)) {
         const int x = n.in[pos];
@@ -206,7 +230,8 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
       auto gp = grad.find(p);
       if (gp == grad.end()) continue;
       const int gb = g.v(p).grad;
-      g.emit(MXN_OP_ADD, {gb, gp->second}, {gb});
+      if (!accumulate_into(g, rule_begin, gp->second, gb))
+        g.emit(MXN_OP_ADD, {gb, gp->second}, {gb});
     }
   }
   if (wrt >= 0) {
