@@ -133,7 +133,7 @@ class Graph {
 
 // Appends the backward pass of every node so far (one rule per op, autograd.cpp) with d(loss)=1,
 // and adds each param's gradient into its grad value (with g.recompute, after recomputing what
-// the backward needs of LAYERNORM and GELU outputs). Backward nodes whose results reach no
+// the backward needs of norm and MLP activation outputs). Backward nodes whose results reach no
 // param's gradient (a frozen weight's, say) are left out. Returns the index of the first backward
 // node.
 // A pipeline stage before the last seeds the backward with `seed` (an input holding d(loss)/d(loss

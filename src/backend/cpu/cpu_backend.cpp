@@ -113,19 +113,33 @@ int32_t copy_to_host(void*, void* dst, const void* src, uint64_t off, uint64_t b
   return 0;
 }
 
+// The operands (inputs first, then outputs) other ops than CAST and COPY take in bf16: MATMUL's
+// B and EMBEDDING's table (inference weights), and where training keeps a value at half size for
+// the backward, GELU's x (the MLP's pre-activation) and attention's q, k, v (masks 0-3).
+bool bf16_operand(int32_t op, int i) {
+  switch (op) {
+    case MXN_OP_MATMUL:
+    case MXN_OP_EMBEDDING:
+    case MXN_OP_GELU_BWD:
+      return i == 1;
+    case MXN_OP_GELU:
+      return i == 0;
+    case MXN_OP_ATTENTION:
+      return i < 3;
+    case MXN_OP_ATTENTION_BWD:
+      return i >= 1 && i < 4;
+    default:
+      return false;
+  }
+}
+
 int32_t supports(void*, int32_t op, int32_t dtype) {
   if (op < 0 || op >= MXN_OP_COUNT) return 0;
   if (dtype == MXN_DTYPE_F32) return 1;
-  if (op == MXN_OP_CAST || op == MXN_OP_COPY) return 1;
-  // bf16 compute, f32 tensors
-  if ((op == MXN_OP_MATMUL || op == MXN_OP_CLASSIFIER_CE) && dtype == MXN_DTYPE_BF16) return 1;
-  // bf16 tensors where training keeps a value at half size for the backward: GELU's x (the
-  // MLP's pre-activation) and attention's q, k, v (masks 0-3)
-  if ((op == MXN_OP_GELU || op == MXN_OP_GELU_BWD || op == MXN_OP_ATTENTION ||
-       op == MXN_OP_ATTENTION_BWD) &&
-      dtype == MXN_DTYPE_BF16)
-    return 1;
-  return 0;
+  if (dtype != MXN_DTYPE_BF16) return 0;
+  // bf16 compute (MATMUL, CLASSIFIER_CE on f32 tensors), casts, and bf16 operands
+  return op == MXN_OP_CAST || op == MXN_OP_COPY || op == MXN_OP_CLASSIFIER_CE ||
+         bf16_operand(op, 1) || bf16_operand(op, 0);
 }
 
 template <typename T = float>
@@ -170,10 +184,7 @@ int32_t run_cast(Ctx* c, const mxn_op_call& k) {
     return 0;
   }
   if (a.dtype == MXN_DTYPE_BF16 && o.dtype == MXN_DTYPE_F32) {
-    const uint16_t* src = ptr<uint16_t>(a);
-    float* dst = ptr(o);
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+    from_bf16(ptr<uint16_t>(a), ptr(o), n);
     return 0;
   }
   auto to_f32 = [&](int64_t i) -> float {
@@ -232,12 +243,9 @@ const char* widen_qkv(Ctx* c, const AttentionShape& a, const mxn_tensor* t, cons
       out[i] = out[j];
       continue;
     }
-    const uint16_t* src = ptr<uint16_t>(t[i]);
-    const int64_t n = count(t[i]);
-#pragma omp parallel for simd schedule(static)
-    for (int64_t e = 0; e < n; ++e) wide[e] = bf16_to_f32(src[e]);
+    from_bf16(ptr<uint16_t>(t[i]), wide, count(t[i]));
     out[i] = wide;
-    wide += n;
+    wide += count(t[i]);
   }
   return nullptr;
 }
@@ -271,14 +279,8 @@ int32_t run(void* ctx, const mxn_op_call* call) {
   if (k.op != MXN_OP_CAST && k.op != MXN_OP_COPY)
     for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
       const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
-      // bf16 weights: MATMUL's B and EMBEDDING's table may be bf16 (inference); GELU's and
-      // GELU_BWD's x may be bf16.
-      const bool half = (i == 1 && (k.op == MXN_OP_MATMUL || k.op == MXN_OP_EMBEDDING ||
-                                    k.op == MXN_OP_GELU_BWD)) ||
-                        (i == 0 && k.op == MXN_OP_GELU) || (i < 3 && k.op == MXN_OP_ATTENTION) ||
-                        (i >= 1 && i < 4 && k.op == MXN_OP_ATTENTION_BWD);
       if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
-          !(half && t.dtype == MXN_DTYPE_BF16)) {
+          !(bf16_operand(k.op, i) && t.dtype == MXN_DTYPE_BF16)) {
         c->error = "op " + std::to_string(k.op) +
                    " takes f32 tensors (bf16 only as weights, GELU's x and attention's q, k, v)";
         return MXN_STATUS_UNSUPPORTED;

@@ -90,9 +90,6 @@ double sum_squares(const float* a, int64_t n) {
 }
 
 namespace {
-inline float widen(float v) { return v; }
-inline float widen(uint16_t h) { return bf16_to_f32(h); }
-
 template <typename X>
 void gelu_fwd_t(const X* x, float* y, int64_t n) {
 #pragma omp parallel for simd schedule(static)

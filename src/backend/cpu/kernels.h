@@ -6,8 +6,14 @@
 #include <vector>
 
 #include "backend/op_shapes.h"
+#include "core/dtype.h"
 
 namespace mxn::cpu {
+
+// A stored value as f32, for kernels templated on f32 or bf16 storage (bf16: the top half of an
+// f32).
+inline float widen(float v) { return v; }
+inline float widen(uint16_t h) { return bf16_to_f32(h); }
 
 // Per-context scratch; grows on the first step and is then reused, so steps allocate nothing.
 struct Scratch {
@@ -34,6 +40,7 @@ bool native_bf16();
 // once and reads it in several GEMMs: f32 -> bf16 with the CPU's instruction, and oneDNN's bf16
 // matmul (row-major, f32 C, cached primitives).
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
+void from_bf16(const uint16_t* src, float* dst, int64_t n);  // exact; any CPU
 void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
                const uint16_t* B, bool accumulate, float* C);
 

@@ -104,6 +104,11 @@ __attribute__((target("avx512f,avx512bf16"))) void to_bf16(const float* src, uin
   for (int64_t i = blocks * 16; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
+void from_bf16(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
 namespace {
 Bf16Gemm& bf16_gemm() {  // one primitive cache per thread that calls it
   static thread_local Bf16Gemm gemm;
@@ -127,9 +132,6 @@ namespace {
 // One row times a matrix: batch-1 decoding, which reads every weight once per token and is bound
 // by memory bandwidth. oneDNN's sgemm packs B for M = 1 as for any M; this streams it instead,
 // each thread over its own share of the outputs.
-inline float widen(float w) { return w; }
-inline float widen(uint16_t w) { return bf16_to_f32(w); }  // bf16 weights: the top half of an f32
-
 template <typename W>
 void gemv(bool tb, int64_t N, int64_t K, float alpha, const float* x, const W* B, bool accumulate,
           float* y) {
@@ -275,9 +277,7 @@ void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t 
   // Widened into scratch.c (matmul's bf16 path uses scratch.a and scratch.b for its operands).
   float* wide = s.get(s.c, size_t(K * N));
   for (int64_t i = 0; i < batch; ++i) {
-    const uint16_t* b = B + i * sb;
-#pragma omp parallel for simd schedule(static)
-    for (int64_t j = 0; j < K * N; ++j) wide[j] = bf16_to_f32(b[j]);
+    from_bf16(B + i * sb, wide, K * N);
     matmul(s, compute, ta, tb, 1, M, N, K, alpha, A + i * sa, 0, wide, 0, accumulate, C + i * sc, 0,
            bias);
   }
