@@ -326,11 +326,14 @@ TEST(Gelu, Bf16InputIsItsValueWidened) {
   }
 }
 
-TEST(Attention, Bf16QkvIsItsValueWidened) {
+TEST(Attention, Bf16QkvIsTheF32GraphOnRoundedValues) {
   // bf16 training keeps a fused qkv in bf16 (a CAST after its matmul): the loss and the
-  // gradient through ATTENTION, ATTENTION_BWD and the CAST are exactly those of the f32 graph
-  // run on the same values rounded to bf16. Causal and segment masks, GPT-2's windows.
-  const int64_t B = 2, T = 70, H = 2, D = 16, C = H * D, N = B * T;
+  // gradient through ATTENTION, ATTENTION_BWD and the CAST are those of the f32 graph run on
+  // the same values rounded to bf16: exactly where the CPU widens them for f32 tiles, within
+  // bf16's rounding of the probabilities, dY and dS where it has bf16 tiles (AVX512-BF16, AMX).
+  // Causal and segment masks, GPT-2's windows and grouped kv heads (LLaMA's); 70 rows, so a
+  // block and a partial one.
+  const int64_t B = 2, T = 70, H = 4, D = 16, C = H * D, N = B * T;
   Rng rng(12);
   std::vector<float> qkv(size_t(N * 3 * C)), rounded(qkv.size());
   for (size_t i = 0; i < qkv.size(); ++i) {
@@ -342,21 +345,23 @@ TEST(Attention, Bf16QkvIsItsValueWidened) {
     targets[size_t(i)] = int32_t(rng.next() % uint64_t(C));
     segments[size_t(i)] = int32_t(i % T / 23 * 23);  // rows packed in segments of 23
   }
-  for (int mask : {1, 3}) {
+  for (auto [mask, G] : {std::pair{1, H}, {3, H}, {1, H / 2}}) {
+    const int64_t W = C + 2 * G * D;  // q, then k and v of the G kv heads
     auto run = [&](bool half, std::vector<float>& grad) {
       auto dev = open_device("cpu");
       Graph g;
-      const int x = g.param("qkv", {N, 3 * C}, true);
+      const int x = g.param("qkv", {N, W}, true);
       const int t = g.input("t", {N}, DType::i32);
       const int seg = mask == 3 ? g.input("seg", {N}, DType::i32) : -1;
       const int in = half ? g.cast(x, DType::bf16) : x;
       AttentionSpec a;
-      a.heads = a.kv_heads = H;
+      a.heads = H;
+      a.kv_heads = G;
       a.head_dim = D;
       a.T = T;
       a.mask = mask;
       a.k_col = C;
-      a.v_col = 2 * C;
+      a.v_col = C + G * D;
       const int loss = g.cross_entropy(g.attention(in, in, in, a, seg), t);
       g.mark_output(loss);
       append_backward(g, loss);
@@ -369,14 +374,24 @@ TEST(Attention, Bf16QkvIsItsValueWidened) {
       prog.run(0, prog.graph().nodes.size());
       float l = 0;
       dev->download(&l, prog.tensor(loss));
-      grad.resize(qkv.size());
+      grad.assign(size_t(N * W), 0.f);
       dev->download(grad.data(), prog.tensor(prog.graph().v(x).grad));
       return l;
     };
     std::vector<float> g16, g32;
-    EXPECT_EQ(run(true, g16), run(false, g32)) << "mask " << mask;
-    for (size_t i = 0; i < g16.size(); ++i)
-      ASSERT_EQ(g16[i], g32[i]) << "mask " << mask << " " << i;
+    const float l16 = run(true, g16), l32 = run(false, g32);
+    EXPECT_NEAR(l16, l32, 2e-3 * std::fabs(l32)) << "mask " << mask << ", " << G << " kv heads";
+    double top = 0, err = 0, e2 = 0, n2 = 0;
+    for (size_t i = 0; i < g16.size(); ++i) {
+      top = std::max(top, std::fabs(double(g32[i])));
+      err = std::max(err, std::fabs(double(g16[i]) - g32[i]));
+      e2 += (double(g16[i]) - g32[i]) * (double(g16[i]) - g32[i]);
+      n2 += double(g32[i]) * g32[i];
+    }
+    EXPECT_GT(top, 0.0);
+    // bf16 keeps 8 bits of each factor; measured 0.15-0.25% of the largest, and overall
+    EXPECT_LE(err, 2e-2 * top) << "mask " << mask << ", " << G << " kv heads";
+    EXPECT_LE(std::sqrt(e2 / n2), 1e-2) << "mask " << mask << ", " << G << " kv heads";
   }
 }
 

@@ -17,6 +17,35 @@ namespace {
 
 constexpr int64_t kBlock = 64;
 
+// With grouped heads each query head's dK and dV went to a private (kv_rows x hd) slab; each kv
+// head's gradient is their sum, in a fixed order: deterministic, no atomics.
+void sum_groups(const AttentionShape& a, const float* priv, float* dk, float* dv) {
+  const int64_t hd = a.hd, rows_kv = a.kv_rows;
+#pragma omp parallel for schedule(static)
+  for (int64_t bg = 0; bg < a.B * a.G; ++bg) {
+    const int64_t b = bg / a.G, g = bg % a.G;
+    for (int64_t j = 0; j < rows_kv; ++j) {
+      float* dkr = dk + a.k(b, j, g);
+      float* dvr = dv + a.v(b, j, g);
+      std::fill_n(dkr, hd, 0.f);
+      std::fill_n(dvr, hd, 0.f);
+      for (int64_t i = 0; i < a.group(); ++i) {
+        const float* src = priv + size_t(b * a.H + g * a.group() + i) * 2 * rows_kv * hd;
+        for (int64_t c = 0; c < hd; ++c) {
+          dkr[c] += src[j * hd + c];
+          dvr[c] += src[rows_kv * hd + j * hd + c];
+        }
+      }
+    }
+  }
+}
+
+// The bf16 tiles' key count rounded up to whole blocks (the extra keys get probability 0), so
+// the GEMMs take at most S / kBlock shapes whatever the prefix lengths.
+int64_t padded(const AttentionShape& a, int64_t nk) {
+  return std::min(a.S, (nk + kBlock - 1) / kBlock * kBlock);
+}
+
 }  // namespace
 
 namespace {
@@ -280,24 +309,114 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
         }
     }
   }
-  if (!grouped) return;
-#pragma omp parallel for schedule(static)
-  for (int64_t bg = 0; bg < a.B * a.G; ++bg) {
-    const int64_t b = bg / a.G, g = bg % a.G;
-    for (int64_t j = 0; j < rows_kv; ++j) {
-      float* dkr = dk + a.k(b, j, g);
-      float* dvr = dv + a.v(b, j, g);
-      std::fill_n(dkr, hd, 0.f);
-      std::fill_n(dvr, hd, 0.f);
-      for (int64_t i = 0; i < a.group(); ++i) {
-        const float* src = priv + size_t(b * a.H + g * a.group() + i) * 2 * rows_kv * hd;
-        for (int64_t c = 0; c < hd; ++c) {
-          dkr[c] += src[j * hd + c];
-          dvr[c] += src[rows_kv * hd + j * hd + c];
-        }
+  if (grouped) sum_groups(a, priv, dk, dv);
+}
+
+void attention_fwd_bf16(Scratch& s, const AttentionShape& a, const uint16_t* q, const uint16_t* k,
+                        const uint16_t* v, const int32_t* prefix, float* y, float* lse) {
+  const int nt = omp_get_max_threads();
+  const int64_t nblk = (a.T + kBlock - 1) / kBlock, tasks = a.B * a.H * nblk;
+  const size_t per = size_t(kBlock) * size_t(a.S);
+  float* scores = s.get(s.c, size_t(nt) * per);
+  uint16_t* probs = s.get(s.t16, size_t(nt) * per);
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / (a.H * nblk), h = task / nblk % a.H, t0 = task % nblk * kBlock;
+    const int64_t t1 = std::min(a.T, t0 + kBlock), rows = t1 - t0, g = h / a.group();
+    const int64_t pre = a.prefix_of(prefix, b), nk = padded(a, a.visible(t1 - 1, pre));
+    float* sc = scores + size_t(omp_get_thread_num()) * per;
+    uint16_t* p16 = probs + size_t(omp_get_thread_num()) * per;
+    gemm_bf16(false, true, rows, nk, a.hd, a.scale, q + a.q(b, t0, h), a.ldq, k + a.k(b, 0, g),
+              a.ldk, false, sc, nk);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = sc + r * nk;
+      const int64_t n = a.visible(t0 + r, pre), lo = a.first(prefix, b, t0 + r);
+      float mx = row[lo];
+      for (int64_t j = lo + 1; j < n; ++j) mx = std::max(mx, row[j]);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = lo; j < n; ++j) {
+        row[j] = vexp(row[j] - mx);
+        sum += row[j];
       }
+      const float inv = 1.f / sum;
+#pragma omp simd
+      for (int64_t j = lo; j < n; ++j) row[j] *= inv;
+      std::fill(row, row + lo, 0.f);
+      std::fill(row + n, row + nk, 0.f);
+      to_bf16_here(row, p16 + r * nk, nk);
+      if (lse) lse[a.lse(b, t0 + r, h)] = mx + std::log(sum);
+    }
+    gemm_bf16(false, false, rows, a.hd, nk, 1.f, p16, nk, v + a.v(b, 0, g), a.ldv, false,
+              y + a.y(b, t0, h), a.H * a.hd);
+  }
+}
+
+void attention_bwd_bf16(Scratch& s, const AttentionShape& a, const float* dy, const uint16_t* q,
+                        const uint16_t* k, const uint16_t* v, const float* y, const float* lse,
+                        const int32_t* prefix, float* dq, float* dk, float* dv) {
+  const int nt = omp_get_max_threads();
+  const int64_t BH = a.B * a.H, hd = a.hd, rows_kv = a.kv_rows;
+  const bool grouped = a.G != a.H;  // private dK, dV slabs summed afterwards, as attention_bwd
+  const size_t per = size_t(kBlock) * size_t(a.S);
+  float* sc = s.get(s.c, size_t(nt) * 2 * per);
+  uint16_t* sc16 = s.get(s.t16, size_t(nt) * (2 * per + size_t(kBlock * hd)));
+  float* priv = grouped ? s.get(s.b, size_t(BH) * 2 * rows_kv * hd) : nullptr;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t b = bh / a.H, h = bh % a.H, g = h / a.group();
+    const int64_t pre = a.prefix_of(prefix, b);
+    float* Pr = sc + size_t(omp_get_thread_num()) * 2 * per;
+    float* dP = Pr + per;
+    uint16_t* p16 = sc16 + size_t(omp_get_thread_num()) * (2 * per + size_t(kBlock * hd));
+    uint16_t* ds16 = p16 + per;
+    uint16_t* dy16 = ds16 + per;
+    float* dkh = grouped ? priv + size_t(bh) * 2 * rows_kv * hd : dk + a.k(b, 0, g);
+    float* dvh = grouped ? dkh + rows_kv * hd : dv + a.v(b, 0, g);
+    const int64_t ldk = grouped ? hd : a.ldk, ldv = grouped ? hd : a.ldv;
+    for (int64_t j = 0; j < rows_kv; ++j) {
+      std::fill_n(dkh + j * ldk, hd, 0.f);
+      std::fill_n(dvh + j * ldv, hd, 0.f);
+    }
+    for (int64_t t0 = 0; t0 < a.T; t0 += kBlock) {
+      const int64_t t1 = std::min(a.T, t0 + kBlock), rows = t1 - t0;
+      const int64_t nk = padded(a, a.visible(t1 - 1, pre));
+      const uint16_t* qb = q + a.q(b, t0, h);
+      const float* dyb = dy + a.y(b, t0, h);
+      for (int64_t r = 0; r < rows; ++r) to_bf16_here(dyb + r * a.H * hd, dy16 + r * hd, hd);
+      gemm_bf16(false, true, rows, nk, hd, a.scale, qb, a.ldq, k + a.k(b, 0, g), a.ldk, false, Pr,
+                nk);
+      gemm_bf16(false, true, rows, nk, hd, 1.f, dy16, hd, v + a.v(b, 0, g), a.ldv, false, dP, nk);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = a.visible(t0 + r, pre), lo = a.first(prefix, b, t0 + r);
+        const float m = lse[a.lse(b, t0 + r, h)];
+        const float* yr = y + a.y(b, t0 + r, h);
+        const uint16_t* dyr = dy16 + r * hd;  // the dY that dP was made from
+        float D = 0.f;                        // sum_j P dP = <dY, Y> for this row
+#pragma omp simd reduction(+ : D)
+        for (int64_t c = 0; c < hd; ++c) D += widen(dyr[c]) * yr[c];
+        float* pr = Pr + r * nk;
+        float* dr = dP + r * nk;
+#pragma omp simd
+        for (int64_t j = lo; j < n; ++j) {
+          pr[j] = vexp(pr[j] - m);
+          dr[j] = pr[j] * (dr[j] - D) * a.scale;
+        }
+        std::fill(pr, pr + lo, 0.f);
+        std::fill(dr, dr + lo, 0.f);
+        std::fill(pr + n, pr + nk, 0.f);
+        std::fill(dr + n, dr + nk, 0.f);
+        to_bf16_here(pr, p16 + r * nk, nk);
+        to_bf16_here(dr, ds16 + r * nk, nk);
+      }
+      // dV += P^T dY, dQ = dS K, dK += dS^T Q
+      gemm_bf16(true, false, nk, hd, rows, 1.f, p16, nk, dy16, hd, true, dvh, ldv);
+      gemm_bf16(false, false, rows, hd, nk, 1.f, ds16, nk, k + a.k(b, 0, g), a.ldk, false,
+                dq + a.q(b, t0, h), a.ldq);
+      gemm_bf16(true, false, nk, hd, rows, 1.f, ds16, nk, qb, a.ldq, true, dkh, ldk);
     }
   }
+  if (grouped) sum_groups(a, priv, dk, dv);
 }
 
 }  // namespace mxn::cpu

@@ -250,6 +250,17 @@ const char* widen_qkv(Ctx* c, const AttentionShape& a, const mxn_tensor* t, cons
   return nullptr;
 }
 
+// Training's attention on bf16 q, k, v runs on bf16 tiles where the CPU has the instructions
+// (MXN_ATTN_TILES=f32 widens them instead, for the f32 tiles of the general kernel).
+bool bf16_tiles(const AttentionShape& a, const mxn_tensor* t) {
+  static const bool wanted = [] {
+    const char* e = std::getenv("MXN_ATTN_TILES");
+    return !(e && std::string(e) == "f32");
+  }();
+  return wanted && native_bf16() && a.P == 0 && a.mask <= 3 && t[0].dtype == MXN_DTYPE_BF16 &&
+         t[1].dtype == MXN_DTYPE_BF16 && t[2].dtype == MXN_DTYPE_BF16;
+}
+
 int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor &x = k.inputs[0], &w = k.inputs[1], &t = k.inputs[2];
   const int64_t C = last(x), N = count(x) / C, V = count(w) / last(w);
@@ -365,6 +376,12 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_ATTENTION: {
       const AttentionShape a = attention_shape(k, false);
       if (a.error) return bad(c, a.error);
+      if (bf16_tiles(a, in)) {
+        attention_fwd_bf16(c->scratch, a, ptr<uint16_t>(in[0]), ptr<uint16_t>(in[1]),
+                           ptr<uint16_t>(in[2]), a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr,
+                           ptr(out[0]), k.n_outputs > 1 ? ptr(out[1]) : nullptr);
+        return 0;
+      }
       const float* qkv[3];
       if (const char* e = widen_qkv(c, a, in, qkv)) return bad(c, e);
       attention_fwd(c->scratch, a, qkv[0], qkv[1], qkv[2], a.P > 0 ? ptr(in[a.pkv]) : nullptr,
@@ -377,6 +394,13 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       const AttentionShape a = attention_shape(k, true);
       if (a.error) return bad(c, a.error);
       if (a.P > 0 && k.n_outputs < 5) return bad(c, "attention_bwd: dpk and dpv are missing");
+      if (bf16_tiles(a, in + 1)) {
+        attention_bwd_bf16(c->scratch, a, ptr(in[0]), ptr<uint16_t>(in[1]), ptr<uint16_t>(in[2]),
+                           ptr<uint16_t>(in[3]), ptr(in[4]), ptr(in[5]),
+                           a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr, ptr(out[0]),
+                           ptr(out[1]), ptr(out[2]));
+        return 0;
+      }
       const float* qkv[3];
       if (const char* e = widen_qkv(c, a, in + 1, qkv)) return bad(c, e);
       attention_bwd(c->scratch, a, ptr(in[0]), qkv[0], qkv[1], qkv[2], ptr(in[4]), ptr(in[5]),

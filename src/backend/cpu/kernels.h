@@ -21,6 +21,7 @@ struct Scratch {
   std::vector<float> logits, rows;      // the fused classifier's block of logits, per-row losses
   std::vector<uint16_t> x16, w16, l16;  // ... and its operands in bf16, converted once a call
   std::vector<float> wide;              // attention's bf16 q, k, v widened for its f32 tiles
+  std::vector<uint16_t> t16;            // ... or its bf16 tiles (probabilities, dY, dS)
   template <typename T>
   T* get(std::vector<T>& v, size_t n) {
     if (v.size() < n) v.resize(n);
@@ -40,9 +41,13 @@ bool native_bf16();
 // once and reads it in several GEMMs: f32 -> bf16 with the CPU's instruction, and oneDNN's bf16
 // matmul (row-major, f32 C, cached primitives).
 void to_bf16(const float* src, uint16_t* dst, int64_t n);
-void from_bf16(const uint16_t* src, float* dst, int64_t n);  // exact; any CPU
+void from_bf16(const uint16_t* src, float* dst, int64_t n);     // exact; any CPU
+void to_bf16_here(const float* src, uint16_t* dst, int64_t n);  // on the calling thread only
 void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
                const uint16_t* B, bool accumulate, float* C);
+// ... with row strides (single-threaded inside a parallel region, as sgemm)
+void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
 
 // CLASSIFIER_CE: the mean cross-entropy of softmax(x w^T) over rows whose target >= 0 and, with
 // grads 1 or 2, dx (and dw) for d(loss) = dloss, `block` rows of logits at a time (0: about 128
@@ -71,6 +76,14 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
                    const float* k, const float* v, const float* y, const float* lse,
                    const float* pk, const float* pv, const int32_t* prefix, float* dq, float* dk,
                    float* dv, float* dpk, float* dpv);
+// The same on bf16 q, k, v (training: masks 0-3, no prefix keys) with bf16 tiles: the scores'
+// and the backward's GEMMs read bf16 operands (probabilities, dY and dS rounded to bf16, as
+// torch's bf16 attention rounds them) and accumulate in f32. Only where native_bf16().
+void attention_fwd_bf16(Scratch& s, const AttentionShape& a, const uint16_t* q, const uint16_t* k,
+                        const uint16_t* v, const int32_t* prefix, float* y, float* lse);
+void attention_bwd_bf16(Scratch& s, const AttentionShape& a, const float* dy, const uint16_t* q,
+                        const uint16_t* k, const uint16_t* v, const float* y, const float* lse,
+                        const int32_t* prefix, float* dq, float* dk, float* dv);
 
 void add(const float* a, const float* b, float* out, int64_t n);
 void add_bias(const float* a, const float* bias, float* out, int64_t rows, int64_t cols);

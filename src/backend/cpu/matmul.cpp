@@ -37,20 +37,27 @@ struct Bf16Gemm {
   };
   dnnl::engine eng{dnnl::engine::kind::cpu, 0};
   dnnl::stream strm{eng};
-  std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, float, bool, bool>, Entry> cache;
+  using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, float, bool, bool, int64_t, int64_t,
+                         int64_t>;
+  std::map<Key, Entry> cache;
 
   // bias (N), when given, is added to every row of C in the GEMM (oneDNN's bias argument).
+  // lda, ldb, ldc: the row strides of A, B and C as stored (0: dense).
   void run(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
-           const uint16_t* B, bool accumulate, float* C, const float* bias = nullptr) {
-    const auto key = std::make_tuple(ta, tb, M, N, K, alpha, accumulate, bias != nullptr);
+           const uint16_t* B, bool accumulate, float* C, const float* bias = nullptr,
+           int64_t lda = 0, int64_t ldb = 0, int64_t ldc = 0) {
+    if (lda == 0) lda = ta ? M : K;
+    if (ldb == 0) ldb = tb ? K : N;
+    if (ldc == 0) ldc = N;
+    const Key key{ta, tb, M, N, K, alpha, accumulate, bias != nullptr, lda, ldb, ldc};
     auto it = cache.find(key);
     if (it == cache.end()) {
       using dt = dnnl::memory::data_type;
       dnnl::memory::desc a_md({M, K}, dt::bf16,
-                              ta ? dnnl::memory::dims{1, M} : dnnl::memory::dims{K, 1});
+                              ta ? dnnl::memory::dims{1, lda} : dnnl::memory::dims{lda, 1});
       dnnl::memory::desc b_md({K, N}, dt::bf16,
-                              tb ? dnnl::memory::dims{1, K} : dnnl::memory::dims{N, 1});
-      dnnl::memory::desc c_md({M, N}, dt::f32, dnnl::memory::dims{N, 1});
+                              tb ? dnnl::memory::dims{1, ldb} : dnnl::memory::dims{ldb, 1});
+      dnnl::memory::desc c_md({M, N}, dt::f32, dnnl::memory::dims{ldc, 1});
       dnnl::primitive_attr attr;
       if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
       if (accumulate) {
@@ -92,16 +99,20 @@ void convert(const float* src, T* dst, int64_t n, F f) {
 // the NaN test did not vectorise and cost as much as the bf16 GEMMs they fed.
 }  // namespace
 
-__attribute__((target("avx512f,avx512bf16"))) void to_bf16(const float* src, uint16_t* dst,
-                                                           int64_t n) {
-  const int64_t blocks = n / 16;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + b * 16));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + b * 16),
-                        reinterpret_cast<const __m256i&>(h));
+__attribute__((target("avx512f,avx512bf16"))) void to_bf16_here(const float* src, uint16_t* dst,
+                                                                int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<const __m256i&>(h));
   }
-  for (int64_t i = blocks * 16; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  constexpr int64_t kChunk = 4096;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n; c += kChunk) to_bf16_here(src + c, dst + c, std::min(kChunk, n - c));
 }
 
 void from_bf16(const uint16_t* src, float* dst, int64_t n) {
@@ -119,6 +130,12 @@ Bf16Gemm& bf16_gemm() {  // one primitive cache per thread that calls it
 void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
                const uint16_t* B, bool accumulate, float* C) {
   bf16_gemm().run(ta, tb, M, N, K, alpha, A, B, accumulate, C);
+}
+
+void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C,
+               int64_t ldc) {
+  bf16_gemm().run(ta, tb, M, N, K, alpha, A, B, accumulate, C, nullptr, lda, ldb, ldc);
 }
 
 bool native_bf16() {
