@@ -40,6 +40,48 @@ void sum_groups(const AttentionShape& a, const float* priv, float* dk, float* dv
   }
 }
 
+// Softmax of one query's scores in place: P prefix scores (pre) and the sequence's keys
+// [lo, n) of its nk columns (row), the rest of them zero. Returns the row's log-sum-exp.
+float softmax_row(float* pre, int64_t P, float* row, int64_t lo, int64_t n, int64_t nk) {
+  float mx = row[lo];
+  for (int64_t j = 0; j < P; ++j) mx = std::max(mx, pre[j]);
+  for (int64_t j = lo + 1; j < n; ++j) mx = std::max(mx, row[j]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < P; ++j) {
+    pre[j] = vexp(pre[j] - mx);
+    sum += pre[j];
+  }
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = lo; j < n; ++j) {
+    row[j] = vexp(row[j] - mx);
+    sum += row[j];
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < P; ++j) pre[j] *= inv;
+#pragma omp simd
+  for (int64_t j = lo; j < n; ++j) row[j] *= inv;
+  std::fill(row, row + lo, 0.f);
+  std::fill(row + n, row + nk, 0.f);
+  return mx + std::log(sum);
+}
+
+// The backward's row over the sequence's keys: scores pr become probabilities exp(s - m) and
+// dr (dP) becomes dS = P (dP - D) scale on [lo, n); both are zero on the rest of the nk columns.
+void grad_row(float* pr, float* dr, int64_t lo, int64_t n, int64_t nk, float m, float D,
+              float scale) {
+#pragma omp simd
+  for (int64_t j = lo; j < n; ++j) {
+    pr[j] = vexp(pr[j] - m);
+    dr[j] = pr[j] * (dr[j] - D) * scale;
+  }
+  std::fill(pr, pr + lo, 0.f);
+  std::fill(dr, dr + lo, 0.f);
+  std::fill(pr + n, pr + nk, 0.f);
+  std::fill(dr + n, dr + nk, 0.f);
+}
+
 // The bf16 tiles' key count rounded up to whole blocks (the extra keys get probability 0), so
 // the GEMMs take at most S / kBlock shapes whatever the prefix lengths.
 int64_t padded(const AttentionShape& a, int64_t nk) {
@@ -168,28 +210,8 @@ void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const fl
       float* pre_row = sc + r * ld;
       float* row = pre_row + P;
       const int64_t n = a.visible(t0 + r, pre), lo = a.first(prefix, b, t0 + r);
-      float mx = row[lo];
-      for (int64_t j = 0; j < P; ++j) mx = std::max(mx, pre_row[j]);
-      for (int64_t j = lo + 1; j < n; ++j) mx = std::max(mx, row[j]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < P; ++j) {
-        pre_row[j] = vexp(pre_row[j] - mx);
-        sum += pre_row[j];
-      }
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = lo; j < n; ++j) {
-        row[j] = vexp(row[j] - mx);
-        sum += row[j];
-      }
-      const float inv = 1.f / sum;
-#pragma omp simd
-      for (int64_t j = 0; j < P; ++j) pre_row[j] *= inv;
-#pragma omp simd
-      for (int64_t j = lo; j < n; ++j) row[j] *= inv;
-      std::fill(row, row + lo, 0.f);
-      std::fill(row + n, row + nk, 0.f);
-      if (lse) lse[a.lse(b, t0 + r, h)] = mx + std::log(sum);
+      const float l = softmax_row(pre_row, P, row, lo, n, nk);
+      if (lse) lse[a.lse(b, t0 + r, h)] = l;
     }
     if (P > 0)
       sgemm(false, false, rows, a.hd, P, 1.f, sc, ld, pv + g * a.hd, ldp, 0.f, y + a.y(b, t0, h),
@@ -266,17 +288,7 @@ void attention_bwd(Scratch& s, const AttentionShape& a, const float* dy, const f
           ppr[j] = vexp(ppr[j] - m);
           pdr[j] = ppr[j] * (pdr[j] - D) * a.scale;
         }
-        float* pr = ppr + P;
-        float* dr = pdr + P;
-#pragma omp simd
-        for (int64_t j = lo; j < n; ++j) {
-          pr[j] = vexp(pr[j] - m);
-          dr[j] = pr[j] * (dr[j] - D) * a.scale;
-        }
-        std::fill(pr, pr + lo, 0.f);
-        std::fill(dr, dr + lo, 0.f);
-        std::fill(pr + n, pr + nk, 0.f);
-        std::fill(dr + n, dr + nk, 0.f);
+        grad_row(ppr + P, pdr + P, lo, n, nk, m, D, a.scale);
       }
       sgemm(true, false, nk, hd, rows, 1.f, Pr + P, ld, dyb, a.H * hd, 1.f, dvh,
             ldv);  // dV += P^T dY
@@ -331,21 +343,9 @@ void attention_fwd_bf16(Scratch& s, const AttentionShape& a, const uint16_t* q, 
     for (int64_t r = 0; r < rows; ++r) {
       float* row = sc + r * nk;
       const int64_t n = a.visible(t0 + r, pre), lo = a.first(prefix, b, t0 + r);
-      float mx = row[lo];
-      for (int64_t j = lo + 1; j < n; ++j) mx = std::max(mx, row[j]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = lo; j < n; ++j) {
-        row[j] = vexp(row[j] - mx);
-        sum += row[j];
-      }
-      const float inv = 1.f / sum;
-#pragma omp simd
-      for (int64_t j = lo; j < n; ++j) row[j] *= inv;
-      std::fill(row, row + lo, 0.f);
-      std::fill(row + n, row + nk, 0.f);
+      const float l = softmax_row(nullptr, 0, row, lo, n, nk);
       to_bf16_here(row, p16 + r * nk, nk);
-      if (lse) lse[a.lse(b, t0 + r, h)] = mx + std::log(sum);
+      if (lse) lse[a.lse(b, t0 + r, h)] = l;
     }
     gemm_bf16(false, false, rows, a.hd, nk, 1.f, p16, nk, v + a.v(b, 0, g), a.ldv, false,
               y + a.y(b, t0, h), a.H * a.hd);
@@ -395,19 +395,9 @@ void attention_bwd_bf16(Scratch& s, const AttentionShape& a, const float* dy, co
         float D = 0.f;                        // sum_j P dP = <dY, Y> for this row
 #pragma omp simd reduction(+ : D)
         for (int64_t c = 0; c < hd; ++c) D += widen(dyr[c]) * yr[c];
-        float* pr = Pr + r * nk;
-        float* dr = dP + r * nk;
-#pragma omp simd
-        for (int64_t j = lo; j < n; ++j) {
-          pr[j] = vexp(pr[j] - m);
-          dr[j] = pr[j] * (dr[j] - D) * a.scale;
-        }
-        std::fill(pr, pr + lo, 0.f);
-        std::fill(dr, dr + lo, 0.f);
-        std::fill(pr + n, pr + nk, 0.f);
-        std::fill(dr + n, dr + nk, 0.f);
-        to_bf16_here(pr, p16 + r * nk, nk);
-        to_bf16_here(dr, ds16 + r * nk, nk);
+        grad_row(Pr + r * nk, dP + r * nk, lo, n, nk, m, D, a.scale);
+        to_bf16_here(Pr + r * nk, p16 + r * nk, nk);
+        to_bf16_here(dP + r * nk, ds16 + r * nk, nk);
       }
       // dV += P^T dY, dQ = dS K, dK += dS^T Q
       gemm_bf16(true, false, nk, hd, rows, 1.f, p16, nk, dy16, hd, true, dvh, ldv);
