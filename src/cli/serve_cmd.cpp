@@ -1,5 +1,8 @@
 // mxn serve: the OpenAI-compatible server (src/serve/server.h).
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <fstream>
 
 #include "backend/device.h"
 #include "cli/commands.h"
@@ -18,6 +21,7 @@ std::function<int()> add_serve(CLI::App& app) {
     double budget_mb = 0;
     std::string devices = "cpu";
     std::vector<std::string> adapters;
+    std::string api_key_file;
   };
   auto a = std::make_shared<Args>();
   sub->add_option("--model", a->models,
@@ -51,7 +55,13 @@ std::function<int()> add_serve(CLI::App& app) {
   sub->add_option("--max-queue", a->o.max_queue,
                   "requests waiting per model; more are refused with 429")
       ->capture_default_str();
-  sub->add_option("--api-key", a->o.api_key, "require 'Authorization: Bearer KEY'");
+  sub->add_option("--api-key", a->o.api_key,
+                  "require 'Authorization: Bearer KEY' (on /metrics too); visible to ps: prefer "
+                  "--api-key-file or MXN_API_KEY");
+  sub->add_option("--api-key-file", a->api_key_file, "read the API key from this file");
+  sub->add_option("--max-client-connections", a->o.max_client_connections,
+                  "connections open at once from one client address")
+      ->capture_default_str();
   sub->add_option("--memory-budget-mb", a->budget_mb,
                   "MB of weights and KV caches for all models: load on first use, evict the least "
                   "recently used idle one (0: no limit, all loaded at the start)");
@@ -71,6 +81,19 @@ std::function<int()> add_serve(CLI::App& app) {
           {s.substr(0, colon), s.substr(colon + 1, eq - colon - 1), s.substr(eq + 1)});
     }
     if (a->o.slots < 1) throw Error("--slots must be >= 1");
+    if (!a->api_key_file.empty()) {
+      if (!a->o.api_key.empty()) throw Error("give --api-key or --api-key-file, not both");
+      std::ifstream f(a->api_key_file);
+      if (!f) throw Error("--api-key-file '" + a->api_key_file + "' cannot be read");
+      std::getline(f, a->o.api_key);
+      while (!a->o.api_key.empty() && std::isspace(uint8_t(a->o.api_key.back())))
+        a->o.api_key.pop_back();
+      if (a->o.api_key.empty())
+        throw Error("--api-key-file '" + a->api_key_file + "' holds no key on its first line");
+    } else if (const char* k = std::getenv("MXN_API_KEY"); a->o.api_key.empty() && k && *k) {
+      a->o.api_key = k;
+    }
+    if (a->o.max_client_connections < 1) throw Error("--max-client-connections must be >= 1");
     const std::vector<std::string> here = available_devices();
     a->o.devices.clear();
     for (std::string d : a->devices == "all" ? here : split(a->devices, ',')) {

@@ -7,6 +7,7 @@
 #include <array>
 #include <climits>
 #include <memory>
+#include <queue>
 
 #include "core/error.h"
 
@@ -74,12 +75,17 @@ class Bpe final : public Tokenizer {
                   std::to_string(off) + ": " + reinterpret_cast<const char*>(msg));
     }
     pcre2_jit_compile(re_.code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter
+    // Byte-level: every byte of the text lands in some token, so no token covers more than the
+    // longest one's bytes. (A vocabulary without some byte drops it: no bound.)
+    if (std::find(byte_id_.begin(), byte_id_.end(), -1) == byte_id_.end())
+      for (const std::string& v : spec_.vocab) max_token_bytes_ = std::max(max_token_bytes_, v.size());
   }
 
-  std::vector<int32_t> encode(std::string_view text) const override {
+  std::vector<int32_t> encode(std::string_view text,
+                              Specials specials = Specials::parse) const override {
     std::vector<int32_t> out;
     size_t seg = 0;
-    for (size_t i = 0; i < text.size(); ++i) {
+    for (size_t i = 0; specials == Specials::parse && i < text.size(); ++i) {
       if (!first_bytes_[uint8_t(text[i])]) continue;
       for (const auto& [t, id] : spec_.added)  // longest first
         if (text.compare(i, t.size(), t) == 0) {
@@ -102,6 +108,7 @@ class Bpe final : public Tokenizer {
     return it == added_ids_.end() ? -1 : it->second;
   }
   const char* kind() const override { return kind_; }
+  size_t max_token_bytes() const override { return max_token_bytes_; }
 
  private:
   static uint64_t key(int32_t a, int32_t b) { return uint64_t(uint32_t(a)) << 32 | uint32_t(b); }
@@ -139,7 +146,21 @@ class Bpe final : public Tokenizer {
     if (pos < s.size()) merge(s.substr(pos), out);
   }
 
-  // Lowest rank first; of equal ranks the leftmost (as GPT-2's and tiktoken's loops do).
+  // The rank of merging a then b and the token it makes; (INT32_MAX, -1) when there is none.
+  std::pair<int32_t, int32_t> rank_of(int32_t a, int32_t b) const {
+    if (!spec_.merges.empty()) {
+      auto it = ranks_.find(key(a, b));
+      return it == ranks_.end() ? std::pair{INT32_MAX, -1} : it->second;
+    }
+    // tiktoken: a merge's rank is the merged token's rank (its id)
+    auto it = ids_.find(spec_.vocab[size_t(a)] + spec_.vocab[size_t(b)]);
+    return it == ids_.end() ? std::pair{INT32_MAX, -1} : std::pair{it->second, it->second};
+  }
+
+  // Lowest rank first; of equal ranks the leftmost, one merge at a time (as GPT-2's and
+  // tiktoken's loops do). The candidate pairs sit in a heap over a linked list of symbols, as
+  // the tokenizers library does: O(n log n) a word, where rescanning every pair after each merge
+  // made one long word quadratic (a 32 KB word took seconds).
   void merge(std::string_view piece, std::vector<int32_t>& out) const {
     if (piece.empty()) return;
     if (spec_.merges.empty() || spec_.ignore_merges) {
@@ -149,36 +170,48 @@ class Bpe final : public Tokenizer {
         return;
       }
     }
-    std::vector<int32_t> parts;
-    parts.reserve(piece.size());
+    std::vector<int32_t> sym;
+    sym.reserve(piece.size());
     for (char c : piece) {
       const int32_t id = byte_id_[uint8_t(c)];
-      if (id < 0) continue;  // a byte the vocabulary lacks is dropped, as tokenizers does
-      parts.push_back(id);
+      if (id >= 0) sym.push_back(id);  // a byte the vocabulary lacks is dropped, as tokenizers does
     }
-    while (parts.size() > 1) {
-      int32_t best = INT32_MAX, merged = -1;
-      size_t at = 0;
-      for (size_t i = 0; i + 1 < parts.size(); ++i) {
-        int32_t r = INT32_MAX, m = -1;
-        if (!spec_.merges.empty()) {
-          auto it = ranks_.find(key(parts[i], parts[i + 1]));
-          if (it != ranks_.end()) std::tie(r, m) = it->second;
-        } else {  // tiktoken: a merge's rank is the merged token's rank (its id)
-          auto it = ids_.find(spec_.vocab[size_t(parts[i])] + spec_.vocab[size_t(parts[i + 1])]);
-          if (it != ids_.end()) r = m = it->second;
-        }
-        if (r < best) {
-          best = r;
-          merged = m;
-          at = i;
-        }
+    const int32_t n = int32_t(sym.size());
+    if (n > 1) {
+      std::vector<int32_t> next(static_cast<size_t>(n)), prev(static_cast<size_t>(n));
+      for (int32_t i = 0; i < n; ++i) {
+        next[size_t(i)] = i + 1 < n ? i + 1 : -1;
+        prev[size_t(i)] = i - 1;
       }
-      if (merged < 0) break;
-      parts[at] = merged;
-      parts.erase(parts.begin() + long(at) + 1);
+      struct Cand {  // merging the symbols at `at` and `right`, as they were when pushed
+        int32_t rank, at, right, left_id, right_id, merged;
+        bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : at > o.at; }
+      };
+      std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>> heap;
+      auto offer = [&](int32_t at) {
+        if (at < 0 || next[size_t(at)] < 0) return;
+        const int32_t right = next[size_t(at)];
+        const auto [rank, merged] = rank_of(sym[size_t(at)], sym[size_t(right)]);
+        if (merged >= 0) heap.push({rank, at, right, sym[size_t(at)], sym[size_t(right)], merged});
+      };
+      for (int32_t i = 0; i + 1 < n; ++i) offer(i);
+      while (!heap.empty()) {
+        const Cand c = heap.top();
+        heap.pop();
+        // Stale when either symbol has merged since (a merge makes a longer token: a new id).
+        if (sym[size_t(c.at)] != c.left_id || next[size_t(c.at)] != c.right ||
+            sym[size_t(c.right)] != c.right_id)
+          continue;
+        sym[size_t(c.at)] = c.merged;
+        sym[size_t(c.right)] = -1;
+        next[size_t(c.at)] = next[size_t(c.right)];
+        if (next[size_t(c.at)] >= 0) prev[size_t(next[size_t(c.at)])] = c.at;
+        offer(prev[size_t(c.at)]);
+        offer(c.at);
+      }
     }
-    out.insert(out.end(), parts.begin(), parts.end());
+    for (int32_t i = 0; i < n; ++i)
+      if (sym[size_t(i)] >= 0) out.push_back(sym[size_t(i)]);
   }
 
  private:
@@ -188,6 +221,7 @@ class Bpe final : public Tokenizer {
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> ranks_;
   std::array<int32_t, 256> byte_id_{};
   std::array<bool, 256> first_bytes_{};
+  size_t max_token_bytes_ = 0;
   Pcre re_;
 };
 

@@ -1,5 +1,6 @@
 #include "data/chat.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -98,39 +99,49 @@ void check_roles(const std::vector<ChatMessage>& messages) {
       throw Error("chat role '" + m.role + "' is not system, user or assistant");
 }
 
-// A text format's rendering, as (text, is the assistant's) segments. `prompt`: end where the
-// assistant's answer begins; else end the conversation (GLM-4: end-of-text, as its fine-tuning
-// scripts do). The assistant segments are each message's content and its end-of-turn token.
-using Segments = std::vector<std::pair<std::string, bool>>;
+// A text format's rendering, as segments: the template's own text (its turn markers) and each
+// message's content (`content`: text a user wrote, never read as special tokens). `prompt`: end
+// where the assistant's answer begins; else end the conversation (GLM-4: end-of-text, as its
+// fine-tuning scripts do). `assistant`: each assistant message's content and end-of-turn token.
+struct Segment {
+  std::string text;
+  bool assistant = false, content = false;
+};
+using Segments = std::vector<Segment>;
 Segments render(ChatFormat f, const std::vector<ChatMessage>& messages, bool prompt) {
   Segments segs;
   switch (f) {
     case ChatFormat::chatml:  // Qwen2's template adds its default system message
       if (messages.empty() || messages[0].role != "system")
-        segs.push_back({"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", false});
+        segs.push_back({"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"});
       for (const ChatMessage& m : messages) {
-        segs.push_back({"<|im_start|>" + m.role + "\n", false});
-        segs.push_back({m.content + "<|im_end|>", m.role == "assistant"});
-        segs.push_back({"\n", false});
+        const bool a = m.role == "assistant";
+        segs.push_back({"<|im_start|>" + m.role + "\n"});
+        segs.push_back({m.content, a, true});
+        segs.push_back({"<|im_end|>", a});
+        segs.push_back({"\n"});
       }
-      if (prompt) segs.push_back({"<|im_start|>assistant\n", false});
+      if (prompt) segs.push_back({"<|im_start|>assistant\n"});
       break;
     case ChatFormat::llama3:
-      segs.push_back({"<|begin_of_text|>", false});
+      segs.push_back({"<|begin_of_text|>"});
       for (const ChatMessage& m : messages) {
-        segs.push_back({"<|start_header_id|>" + m.role + "<|end_header_id|>\n\n", false});
-        segs.push_back({trim(m.content) + "<|eot_id|>", m.role == "assistant"});
+        const bool a = m.role == "assistant";
+        segs.push_back({"<|start_header_id|>" + m.role + "<|end_header_id|>\n\n"});
+        segs.push_back({trim(m.content), a, true});
+        segs.push_back({"<|eot_id|>", a});
       }
-      if (prompt) segs.push_back({"<|start_header_id|>assistant<|end_header_id|>\n\n", false});
+      if (prompt) segs.push_back({"<|start_header_id|>assistant<|end_header_id|>\n\n"});
       break;
     case ChatFormat::glm4:
-      segs.push_back({"[gMASK]<sop>", false});
+      segs.push_back({"[gMASK]<sop>"});
       for (const ChatMessage& m : messages) {
-        segs.push_back({"<|" + m.role + "|>", false});
-        segs.push_back({"\n" + m.content, m.role == "assistant"});
+        const bool a = m.role == "assistant";
+        segs.push_back({"<|" + m.role + "|>"});
+        segs.push_back({"\n", a});
+        segs.push_back({m.content, a, true});
       }
-      segs.push_back(prompt ? std::pair{std::string("<|assistant|>"), false}
-                            : std::pair{std::string("<|endoftext|>"), true});
+      segs.push_back(prompt ? Segment{"<|assistant|>"} : Segment{"<|endoftext|>", true});
       break;
     case ChatFormat::llama2: {
       if (!prompt)
@@ -144,12 +155,13 @@ Segments render(ChatFormat f, const std::vector<ChatMessage>& messages, bool pro
           const std::string c = first && !system.empty()
                                     ? "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + m.content
                                     : m.content;
-          segs.push_back({"<s>[INST] " + trim(c) + " [/INST]", false});
+          segs.push_back({"<s>[INST] "});
+          segs.push_back({trim(c), false, true});
+          segs.push_back({" [/INST]"});
         } else {
-          std::string answer(" ");  // built in steps: GCC 12 -Wrestrict misfires on " " + str
-          answer += trim(m.content);
-          answer += " </s>";
-          segs.push_back({answer, true});
+          segs.push_back({" ", true});
+          segs.push_back({trim(m.content), true, true});
+          segs.push_back({" </s>", true});
         }
       }
       break;
@@ -158,6 +170,58 @@ Segments render(ChatFormat f, const std::vector<ChatMessage>& messages, bool pro
       MXN_CHECK(false, "chatglm3 is rendered by token");
   }
   return segs;
+}
+
+// The special tokens a format's template writes (the only text of a prompt read as special).
+std::vector<std::string> markers(ChatFormat f) {
+  switch (f) {
+    case ChatFormat::chatml:
+      return {"<|im_start|>", "<|im_end|>"};
+    case ChatFormat::llama3:
+      return {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"};
+    case ChatFormat::glm4:
+      return {"[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"};
+    case ChatFormat::llama2:
+      return {"<s>", "</s>"};
+    case ChatFormat::chatglm3:
+      break;
+  }
+  return {};
+}
+
+// A prompt's ids: the template's markers as their tokens, the text between them (messages'
+// content included) encoded with special tokens as plain text. For content without special
+// tokens' text this equals encoding the rendered text whole, as transformers does; with it, a
+// user's "<|im_start|>system" stays text and cannot open a turn of its own.
+std::vector<int32_t> encode_prompt(const Segments& segs, ChatFormat f, const Tokenizer& tok) {
+  const std::vector<std::string> marks = markers(f);
+  std::vector<int32_t> out;
+  std::string text;
+  auto flush = [&] {
+    const std::vector<int32_t> ids = tok.encode(text, Tokenizer::Specials::as_text);
+    out.insert(out.end(), ids.begin(), ids.end());
+    text.clear();
+  };
+  for (const Segment& s : segs) {
+    if (s.content) {
+      text += s.text;
+      continue;
+    }
+    for (size_t i = 0; i < s.text.size();) {
+      const auto m = std::find_if(marks.begin(), marks.end(), [&](const std::string& k) {
+        return s.text.compare(i, k.size(), k) == 0 && tok.token_id(k) >= 0;
+      });
+      if (m == marks.end()) {
+        text += s.text[i++];
+        continue;
+      }
+      flush();
+      out.push_back(tok.token_id(*m));
+      i += m->size();
+    }
+  }
+  flush();
+  return out;
 }
 
 // ChatGLM3 encodes each part on its own, as its tokenizer does: [gMASK] sop, then per message
@@ -175,7 +239,7 @@ ChatTokens chatglm3_tokens(const std::vector<ChatMessage>& messages, const Token
     add({special(tok, ("<|" + m.role + "|>").c_str())}, false);
     const bool a = m.role == "assistant";
     add(tok.encode("\n"), a);
-    add(tok.encode(m.content), a);
+    add(tok.encode(m.content, Tokenizer::Specials::as_text), a);
   }
   add({special(tok, prompt ? "<|assistant|>" : "</s>")}, !prompt);
   return out;
@@ -187,9 +251,9 @@ ChatTokens chatglm3_tokens(const std::vector<ChatMessage>& messages, const Token
 ChatTokens encode_segments(const Segments& segs, const Tokenizer& tok) {
   std::string text;
   std::vector<std::pair<size_t, size_t>> loss;
-  for (const auto& [t, l] : segs) {
-    if (l) loss.push_back({text.size(), text.size() + t.size()});
-    text += t;
+  for (const Segment& s : segs) {
+    if (s.assistant) loss.push_back({text.size(), text.size() + s.text.size()});
+    text += s.text;
   }
   ChatTokens out;
   out.ids = tok.encode(text);
@@ -213,9 +277,7 @@ std::vector<int32_t> chat_prompt(ChatFormat f, const std::vector<ChatMessage>& m
                                  const Tokenizer& tok) {
   check_roles(messages);
   if (f == ChatFormat::chatglm3) return chatglm3_tokens(messages, tok, true).ids;
-  std::string text;
-  for (const auto& [t, assistant] : render(f, messages, true)) text += t;
-  return tok.encode(text);
+  return encode_prompt(render(f, messages, true), f, tok);
 }
 
 ChatTokens chat_conversation(ChatFormat f, const std::vector<ChatMessage>& messages,

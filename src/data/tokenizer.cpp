@@ -235,7 +235,8 @@ class SentencePiece final : public Tokenizer {
     std::sort(specials_.begin(), specials_.end(),
               [](auto& a, auto& b) { return a.first.size() > b.first.size(); });
   }
-  std::vector<int32_t> encode(std::string_view text) const override {
+  std::vector<int32_t> encode(std::string_view text,
+                              Specials specials = Specials::parse) const override {
     std::vector<int32_t> out;
     size_t seg = 0;
     auto flush = [&](size_t end) {
@@ -245,7 +246,7 @@ class SentencePiece final : public Tokenizer {
         out.insert(out.end(), ids.begin(), ids.end());
       }
     };
-    for (size_t i = 0; i < text.size(); ++i)
+    for (size_t i = 0; specials == Specials::parse && i < text.size(); ++i)
       for (const auto& [t, id] : specials_)
         if (text.compare(i, t.size(), t) == 0) {
           flush(i);

@@ -14,8 +14,12 @@ namespace mxn {
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
-  // Special and added tokens written in the text (e.g. "<|im_start|>") become their ids.
-  virtual std::vector<int32_t> encode(std::string_view text) const = 0;
+  // Special and added tokens written in the text (e.g. "<|im_start|>") become their ids; with
+  // Specials::as_text they are ordinary text (a chat message's content: a user must not be able
+  // to write a turn marker).
+  enum class Specials { parse, as_text };
+  virtual std::vector<int32_t> encode(std::string_view text,
+                                      Specials specials = Specials::parse) const = 0;
   // The bytes of one token (a special token's text); decode() is their concatenation.
   virtual std::string piece(int32_t id) const = 0;
   virtual int64_t vocab_size() const = 0;
@@ -23,6 +27,9 @@ class Tokenizer {
   virtual int32_t token_id(std::string_view text) const = 0;
   virtual const char* kind() const = 0;
   virtual std::string decode(const std::vector<int32_t>& ids) const;
+  // A bound on the bytes of text one token covers (0: none known): text of B bytes is at least
+  // B / max_token_bytes() tokens, so a prompt can be refused before it is tokenized.
+  virtual size_t max_token_bytes() const { return 0; }
 };
 
 struct ByteTokenizer {

@@ -156,12 +156,14 @@ int64_t Engine::submit(EngineRequest r) {
     throw Error("adapter " + std::to_string(r.adapter) + " is not one of the engine's " +
                 std::to_string(adapters_.size()));
   const int64_t key0 = r.adapter > 0 ? adapters_[size_t(r.adapter - 1)].P : 0;
-  const int64_t n = key0 + int64_t(r.prompt.size()) + r.max_tokens;
-  if (n > capacity_)
+  // Compared with the room left, never summed first: max_tokens may come near 2^63.
+  const int64_t room = capacity_ - key0 - int64_t(r.prompt.size());
+  if (room < 1 || r.max_tokens > room)
     throw Error("the prompt (" + std::to_string(r.prompt.size()) + " tokens) and max_tokens (" +
                 std::to_string(r.max_tokens) + ") exceed the context of " +
                 std::to_string(capacity_ - key0) + " tokens" +
                 (key0 > 0 ? " (its adapter's prefix takes " + std::to_string(key0) + ")" : ""));
+  const int64_t n = key0 + int64_t(r.prompt.size()) + r.max_tokens;
   if (ceil_div(n, kv_.block()) > kv_.total())
     throw Error("the prompt and max_tokens need " + std::to_string(ceil_div(n, kv_.block())) +
                 " KV blocks; the cache has " + std::to_string(kv_.total()));
@@ -169,9 +171,24 @@ int64_t Engine::submit(EngineRequest r) {
     if (t < 0 || t >= cfg_.vocab_size)
       throw Error("prompt token " + std::to_string(t) + " is outside the vocabulary [0, " +
                   std::to_string(cfg_.vocab_size) + ")");
+  for (const auto& [t, b] : r.logit_bias)
+    if (t < 0 || t >= cfg_.vocab_size || !std::isfinite(b))
+      throw Error("logit_bias names token " + std::to_string(t) + ", outside the vocabulary");
   const int64_t id = next_id_++;
   waiting_.emplace_back(id, std::move(r));
   return id;
+}
+
+std::vector<int64_t> Engine::reset() {
+  std::vector<int64_t> ids;
+  for (Slot& s : slots_)
+    if (s.used) {
+      ids.push_back(s.id);
+      release(s);
+    }
+  for (const auto& [id, r] : waiting_) ids.push_back(id);
+  waiting_.clear();
+  return ids;
 }
 
 void Engine::cancel(int64_t id) {
@@ -193,6 +210,7 @@ bool Engine::admit(Slot& s) {
   const uint64_t salt = uint64_t(r.adapter);
   const int64_t shared = int64_t(kv_.match(r.prompt, most, false, salt).size());
   const int64_t need = ceil_div(key0 + P + r.max_tokens, bs) - pinned - shared;
+  MXN_CHECK(need >= 0, "a request's block count is negative (submit checks its sizes)");
   if (need > kv_.available()) return false;
   s = Slot{};
   s.used = true;
@@ -341,6 +359,7 @@ std::vector<EngineEvent> Engine::step() {
     float* row = logits_.data() + r * V;
     for (const auto& [t, n] : s.counts)
       row[t] -= s.req.presence_penalty + s.req.frequency_penalty * float(n);
+    for (const auto& [t, b] : s.req.logit_bias) row[t] += b;
     const int32_t tok = s.sampler->next(row, V);
     ++s.made;
     auto c =

@@ -34,6 +34,7 @@ struct EngineRequest {
   // OpenAI's penalties on the logits of tokens already generated: presence once a token has
   // appeared, frequency times its count.
   float presence_penalty = 0, frequency_penalty = 0;
+  std::vector<std::pair<int32_t, float>> logit_bias;  // OpenAI's: added to those tokens' logits
   int64_t logprobs = -1;  // >= 0: each token's log-probability and this many alternatives
   int adapter = 0;        // 0: the base model; k: the engine's k-th adapter
 };
@@ -66,6 +67,9 @@ class Engine {
   // the capacity or over the whole cache) or holds a token outside the vocabulary.
   int64_t submit(EngineRequest r);
   void cancel(int64_t id);  // leaves at the next step; its slot is free at once
+  // Drops every request, running and waiting (their ids, for the caller to end them), and frees
+  // their blocks: after a failed pass, before the engine is tried again.
+  std::vector<int64_t> reset();
   // One forward pass (admitting queued requests into free slots first); returns the tokens made.
   std::vector<EngineEvent> step();
   bool idle() const { return waiting_.empty() && active_ == 0; }

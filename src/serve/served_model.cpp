@@ -1,6 +1,7 @@
 #include "serve/served_model.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -74,7 +75,10 @@ struct ServedModel::Replica {
   int64_t max_queue = 0, fail_at = 0;  // fail_at: a test hook's injected fault (a step), 0 none
   std::mutex m;
   std::condition_variable cv;
-  bool stop = false, failed = false;
+  bool stop = false;
+  std::atomic<bool> failed{false};  // read by /health without the lock (a pass holds it)
+  Clock::duration backoff = std::chrono::seconds(2);  // before the next try of a failed replica
+  Clock::time_point retry_at;
   double speed = 0;  // output tokens a second while busy, averaged over recent passes
   int64_t owed = 0;  // output tokens still to make for its requests (max_tokens less those made)
   std::map<int64_t, std::shared_ptr<Channel>> live;
@@ -123,13 +127,14 @@ struct ServedModel::Replica {
     r.max_tokens = 8;
     r.ignore_eos = true;
     r.sampling.temperature = 0;
+    const int64_t before = engine->prompt_tokens();
     engine->submit(std::move(r));
     engine->step();  // the prefill and the first token
     const Clock::time_point t0 = Clock::now();
     int64_t made = 0;
     while (!engine->idle()) made += int64_t(engine->step().size());
     speed = double(made) / std::max(seconds(Clock::now() - t0), 1e-9);
-    probe_prompt = engine->prompt_tokens();
+    probe_prompt += engine->prompt_tokens() - before;  // not the clients' (for /metrics)
   }
 
   ReplicaLoad load() {
@@ -204,8 +209,10 @@ struct ServedModel::Replica {
     std::fprintf(stderr, "mxn serve: model %s on %s failed: %s; taken out of rotation\n",
                  model.c_str(), device.c_str(), why.c_str());
     failed = true;
+    retry_at = Clock::now() + backoff;
     owed = 0;
     timing.clear();
+    engine->reset();  // its blocks back; the requests end below
     for (auto it = live.begin(); it != live.end();) {
       EngineEvent e;
       e.id = it->first;
@@ -217,14 +224,38 @@ struct ServedModel::Replica {
     }
   }
 
+  // A failed replica's next try: a probe pass on an emptied engine. It rejoins when that passes;
+  // else the wait before the next try doubles, to 60 s.
+  void retry() {
+    try {
+      engine->reset();
+      probe();
+      failed = false;
+      backoff = std::chrono::seconds(2);
+      std::fprintf(stderr, "mxn serve: model %s on %s rejoined\n", model.c_str(), device.c_str());
+    } catch (const std::exception& e) {
+      backoff = std::min<Clock::duration>(2 * backoff, std::chrono::seconds(60));
+      retry_at = Clock::now() + backoff;
+      std::fprintf(stderr, "mxn serve: model %s on %s still fails: %s; next try in %.0f s\n",
+                   model.c_str(), device.c_str(), e.what(), seconds(backoff));
+    }
+  }
+
   void run() {
     // Tests slow each pass down (ms) to hang up on requests mid-answer.
     const char* slow = std::getenv("MXN_TEST_SERVE_STEP_MS");
     const int slow_ms = slow ? std::atoi(slow) : 0;
     std::unique_lock<std::mutex> l(m);
     while (true) {
-      cv.wait(l, [&] { return stop || (!failed && !engine->idle()); });
+      if (failed) {
+        cv.wait_until(l, retry_at, [&] { return stop; });
+        if (stop) return;
+        if (Clock::now() >= retry_at) retry();
+        continue;
+      }
+      cv.wait(l, [&] { return stop || failed || !engine->idle(); });
       if (stop) return;
+      if (failed) continue;
       const Clock::time_point t0 = Clock::now();  // (a test's slowed pass is a slower chip)
       if (slow_ms > 0) {
         l.unlock();
@@ -329,6 +360,12 @@ std::string ServedModel::metrics() {
   std::string out;
   for (auto& rep : replicas_) out += rep->metrics();
   return out;
+}
+
+bool ServedModel::healthy() const {
+  for (const auto& rep : replicas_)
+    if (!rep->failed) return true;
+  return false;
 }
 
 bool ServedModel::idle() {

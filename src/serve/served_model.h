@@ -3,11 +3,14 @@
 // worker thread) on each serving device. A new request goes to the replica with the lowest
 // predicted finish time: the output tokens it still owes plus this request's, over its measured
 // decode speed, so a fast chip takes more. A replica whose pass fails is taken out of rotation
-// with a log line; its requests end with an error event and the others go on.
+// with a log line; its requests end with an error event and the others go on. It is tried again
+// (a probe request) after 2 s, then 4, 8, ... up to 60 s, and rejoins when the probe passes.
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -27,6 +30,14 @@ struct Channel {
   EngineEvent next() {
     std::unique_lock<std::mutex> l(m);
     cv.wait(l, [&] { return !events.empty(); });
+    EngineEvent e = events.front();
+    events.pop_front();
+    return e;
+  }
+  // The next event, or none after `wait` (so a waiting handler can see its client leave).
+  std::optional<EngineEvent> next_for(std::chrono::milliseconds wait) {
+    std::unique_lock<std::mutex> l(m);
+    if (!cv.wait_for(l, wait, [&] { return !events.empty(); })) return std::nullopt;
     EngineEvent e = events.front();
     events.pop_front();
     return e;
@@ -60,6 +71,8 @@ class ServedModel {
   bool has_chat() const { return has_chat_; }
   ChatFormat chat() const { return chat_; }
   int64_t context() const { return context_; }
+  int64_t vocab() const { return cfg_.vocab_size; }
+  bool healthy() const;  // a replica is up (failed ones are retried)
   // The engine's number of the adapter `name` (1..), 0 for "" (the base), -1 for none such.
   int adapter_id(const std::string& name) const;
 

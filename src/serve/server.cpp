@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "core/error.h"
@@ -22,6 +23,8 @@
 #include "io/hf_folder.h"
 #include "serve/chat_page.h"
 #include "serve/engine.h"
+#include "serve/http_guard.h"
+#include "serve/request.h"
 #include "serve/served_model.h"
 #include "train/infer.h"
 #include "train/text_stream.h"
@@ -37,17 +40,49 @@ void on_signal(int) { g_stop = true; }
 // JSON text with invalid UTF-8 (a byte-level token's piece) replaced, never an exception.
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
-struct HttpError {
-  int status;
-  std::string message, type, code;
-};
-
 void send_error(httplib::Response& res, int status, const std::string& message,
                 const std::string& type = "invalid_request_error", const std::string& code = "") {
   res.status = status;
   json e = {{"message", message}, {"type", type}, {"param", nullptr}};
   e["code"] = code.empty() ? json(nullptr) : json(code);
   res.set_content(dump(json{{"error", e}}), "application/json");
+}
+
+// Compares a client's secret with ours in time that does not depend on where they differ.
+bool same_secret(const std::string& given, const std::string& ours) {
+  unsigned char diff = given.size() != ours.size();
+  for (size_t i = 0; i < ours.size(); ++i)
+    diff |= uint8_t(ours[i] ^ (i < given.size() ? given[i] : 0));
+  return diff == 0;
+}
+
+bool is_json(std::string type) {
+  for (char& c : type) c = char(std::tolower(uint8_t(c)));
+  return type.rfind("application/json", 0) == 0 &&
+         (type.size() == 16 || type[16] == ';' || type[16] == ' ');
+}
+
+// A request's body, decoded, at most `max` bytes however it is framed: 413 past that, 400 when
+// its framing or compression is broken or it came too slowly.
+std::string read_body(const httplib::ContentReader& reader, httplib::Response& res, size_t max) {
+  std::string body;
+  bool over = false;
+  const bool ok = reader([&](const char* data, size_t n) {
+    if (n > max - body.size()) return !(over = true);
+    body.append(data, n);
+    return true;
+  });
+  if (over || res.status == 413) {
+    GuardedServer::close_after();  // the rest of it is left unread
+    throw HttpError{413, "the request body is over " + std::to_string(max) +
+                             " bytes (after decompression)"};
+  }
+  if (!ok) {
+    GuardedServer::close_after();
+    throw HttpError{400, "the request body could not be read (broken chunked or compressed "
+                         "framing, or it did not arrive in time)"};
+  }
+  return body;
 }
 
 int64_t now_s() {
@@ -69,14 +104,6 @@ struct TextOut {
     return text;
   }
 };
-
-double number(const json& j, const char* key, double dflt) {
-  if (!j.contains(key) || j[key].is_null()) return dflt;
-  if (!j[key].is_number())
-    throw HttpError{400, std::string("'") + key + "' must be a number", "invalid_request_error",
-                    ""};
-  return j[key].get<double>();
-}
 
 // The served models by name: each loaded on first use; when loading one would pass the memory
 // budget, the least recently used idle ones are let go first (a busy one is never dropped).
@@ -156,6 +183,14 @@ class Registry {
     loaded_.notify_all();
     return m;
   }
+  // The loaded models none of whose replicas is up.
+  std::vector<std::string> down() {
+    std::lock_guard<std::mutex> l(m_);
+    std::vector<std::string> out;
+    for (const auto& [n, e] : entries_)
+      if (e.model && !e.model->healthy()) out.push_back(n);
+    return out;
+  }
   std::string metrics() {
     std::lock_guard<std::mutex> l(m_);
     std::string out =
@@ -229,21 +264,28 @@ int serve(const ServeOptions& o) {
   std::atomic<bool> ready{o.memory_budget > 0};
   std::string load_error;
   std::atomic<int64_t> next_id{1};
-  httplib::Server svr;
-  // A streaming answer holds its HTTP thread until it ends: enough threads for every slot of
-  // every model, and some for the requests that wait (128 at least), /metrics and /health.
-  const size_t http_threads =
-      size_t(std::max<int64_t>(128, 2 * o.slots * int64_t(o.models.size()) + 16));
-  svr.new_task_queue = [http_threads] { return new httplib::ThreadPool(http_threads); };
+  HttpLimits limits;
+  // A streaming answer holds its worker until it ends: enough workers for every slot of every
+  // model, and some for the requests that wait (128 at least), /metrics and /health.
+  limits.threads = size_t(std::max<int64_t>(128, 2 * o.slots * int64_t(o.models.size()) + 16));
+  limits.per_client = o.max_client_connections;
+  GuardedServer svr(limits);
   svr.set_payload_max_length(o.max_body);
   svr.set_pre_routing_handler([&](const httplib::Request& req, httplib::Response& res) {
-    if (o.api_key.empty() || req.path == "/" || req.path == "/health" || req.path == "/metrics")
-      return httplib::Server::HandlerResponse::Unhandled;
-    if (req.get_header_value("Authorization") == "Bearer " + o.api_key)
-      return httplib::Server::HandlerResponse::Unhandled;
-    send_error(res, 401, "invalid API key: send 'Authorization: Bearer <key>'",
-               "invalid_request_error", "invalid_api_key");
-    return httplib::Server::HandlerResponse::Handled;
+    if (!o.api_key.empty() && req.path != "/" && req.path != "/health" &&
+        !same_secret(req.get_header_value("Authorization"), "Bearer " + o.api_key)) {
+      send_error(res, 401, "invalid API key: send 'Authorization: Bearer <key>'",
+                 "invalid_request_error", "invalid_api_key");
+      return httplib::Server::HandlerResponse::Handled;
+    }
+    // A web page may POST text/plain to any address without asking first (no CORS preflight);
+    // JSON it may not, so only JSON is taken.
+    if (req.method == "POST" && !is_json(req.get_header_value("Content-Type"))) {
+      send_error(res, 415, "the body must be JSON, sent with 'Content-Type: application/json'");
+      GuardedServer::close_after();  // its body is left unread
+      return httplib::Server::HandlerResponse::Handled;
+    }
+    return httplib::Server::HandlerResponse::Unhandled;
   });
   svr.set_error_handler([](const httplib::Request&, httplib::Response& res) {
     if (!res.body.empty()) return;
@@ -258,12 +300,16 @@ int serve(const ServeOptions& o) {
     res.set_content(kChatPage, "text/html; charset=utf-8");
   });
   svr.Get("/health", [&](const httplib::Request&, httplib::Response& res) {
-    if (ready) {
-      res.set_content(R"({"status":"ok"})", "application/json");
-    } else {
+    if (!ready) {
       res.status = 503;
       res.set_content(R"({"status":"loading"})", "application/json");
+      return;
     }
+    const std::vector<std::string> down = models.down();
+    if (down.empty()) return res.set_content(R"({"status":"ok"})", "application/json");
+    res.status = 503;  // a model whose every replica failed (each is retried meanwhile)
+    res.set_content(dump(json{{"status", "unhealthy"}, {"models_without_replica", down}}),
+                    "application/json");
   });
   svr.Get("/metrics", [&](const httplib::Request&, httplib::Response& res) {
     std::string out =
@@ -291,106 +337,25 @@ int serve(const ServeOptions& o) {
     res.set_content(dump(json{{"object", "list"}, {"data", data}}), "application/json");
   });
 
-  auto handle = [&](const httplib::Request& req, httplib::Response& res, bool chat) {
+  auto handle = [&](httplib::Response& res, const httplib::ContentReader& reader, bool chat) {
     try {
-      json j = json::parse(req.body, nullptr, false);
-      if (j.is_discarded() || !j.is_object())
-        throw HttpError{400, "the body is not a JSON object", "invalid_request_error", ""};
+      const json j = parse_body(read_body(reader, res, o.max_body));
       if (!j.contains("model") || !j["model"].is_string())
-        throw HttpError{400, "'model' is missing (a string naming one of /v1/models)",
-                        "invalid_request_error", ""};
+        throw HttpError{400, "'model' is missing (a string naming one of /v1/models)"};
       const std::string name = j["model"].get<std::string>();
       // Kept alive by the request; "base:adapter" names an adapter served on base.
       const auto [held, adapter] = models.resolve(name);
       if (!held || adapter < 0)
-        throw HttpError{404, "the model '" + name + "' does not exist", "invalid_request_error",
-                        "model_not_found"};
+        throw HttpError{404, "the model '" + name.substr(0, 256) + "' does not exist",
+                        "invalid_request_error", "model_not_found"};
       ServedModel& model = *held;
-      EngineRequest r;
+      const ModelLimits limits{model.tokenizer(), model.has_chat(), model.chat(), model.context(),
+                               model.vocab()};
+      ApiRequest api = read_request(j, chat, limits, uint64_t(next_id.load()));
+      EngineRequest& r = api.engine;
       r.adapter = adapter;
-      const double max_tokens = number(j, chat ? "max_completion_tokens" : "max_tokens",
-                                       number(j, "max_tokens", chat ? 256 : 16));
-      if (max_tokens < 1)
-        throw HttpError{400, "'max_tokens' must be >= 1", "invalid_request_error", ""};
-      r.max_tokens = int64_t(max_tokens);
-      r.sampling.temperature = number(j, "temperature", 1.0);
-      r.sampling.top_p = number(j, "top_p", 1.0);
-      r.sampling.top_k = std::max<int64_t>(0, int64_t(number(j, "top_k", 0)));  // vLLM's: -1, 0 all
-      // vLLM's and llama.cpp's extension: generate max_tokens whatever the model says (benchmarks)
-      if (j.contains("ignore_eos") && !j["ignore_eos"].is_boolean())
-        throw HttpError{400, "'ignore_eos' must be true or false", "invalid_request_error", ""};
-      r.ignore_eos = j.value("ignore_eos", false);
-      r.presence_penalty = float(number(j, "presence_penalty", 0));
-      r.frequency_penalty = float(number(j, "frequency_penalty", 0));
-      if (std::abs(r.presence_penalty) > 2 || std::abs(r.frequency_penalty) > 2)
-        throw HttpError{400, "'presence_penalty' and 'frequency_penalty' must be in [-2, 2]",
-                        "invalid_request_error", ""};
-      // Log-probabilities: completions take "logprobs": N; chat "logprobs": true with
-      // "top_logprobs": N.
-      if (chat ? j.value("logprobs", false) : (j.contains("logprobs") && !j["logprobs"].is_null()))
-        r.logprobs = int64_t(number(j, chat ? "top_logprobs" : "logprobs", 0));
-      if (r.logprobs > 20)
-        throw HttpError{400, "at most 20 alternatives per token ('logprobs'/'top_logprobs')",
-                        "invalid_request_error", ""};
-      r.sampling.seed = uint64_t(number(j, "seed", double(next_id.load())));
-      if (r.sampling.temperature < 0 || r.sampling.top_p <= 0 || r.sampling.top_p > 1)
-        throw HttpError{400, "'temperature' must be >= 0 and 'top_p' in (0, 1]",
-                        "invalid_request_error", ""};
-      std::vector<std::string> stops;
-      if (j.contains("stop") && !j["stop"].is_null()) {
-        const json& s = j["stop"];
-        if (s.is_string())
-          stops.push_back(s.get<std::string>());
-        else if (s.is_array())
-          for (const auto& x : s)
-            if (x.is_string()) stops.push_back(x.get<std::string>());
-      }
-      if (!model.tokenizer())
-        throw HttpError{400, "the model '" + name + "' has no tokenizer files; it cannot take text",
-                        "invalid_request_error", ""};
-      if (chat) {
-        if (!model.has_chat())
-          throw HttpError{400,
-                          "the model '" + name +
-                              "' has no chat format (a base model): use "
-                              "/v1/completions",
-                          "invalid_request_error", ""};
-        if (!j.contains("messages") || !j["messages"].is_array())
-          throw HttpError{400, "'messages' is missing (a list of {role, content})",
-                          "invalid_request_error", ""};
-        std::vector<ChatMessage> msgs;
-        try {
-          msgs = chat_messages_from_json(json{{"messages", j["messages"]}}.dump(), "request");
-        } catch (const Error& e) {
-          throw HttpError{400, e.what(), "invalid_request_error", ""};
-        }
-        r.prompt = chat_prompt(model.chat(), msgs, *model.tokenizer());
-        r.stop_ids = chat_stop_ids(model.chat(), *model.tokenizer());
-      } else {
-        if (!j.contains("prompt"))
-          throw HttpError{400, "'prompt' is missing", "invalid_request_error", ""};
-        const json& p = j["prompt"];
-        if (p.is_string()) {
-          r.prompt = model.tokenizer()->encode(p.get<std::string>());
-        } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
-          for (const auto& x : p) {
-            if (!x.is_number_integer())
-              throw HttpError{400, "'prompt' mixes token ids and other values",
-                              "invalid_request_error", ""};
-            r.prompt.push_back(x.get<int32_t>());
-          }
-        } else {
-          throw HttpError{400, "'prompt' must be a string or a list of token ids",
-                          "invalid_request_error", ""};
-        }
-      }
+      const std::vector<std::string>& stops = api.stops;
       const int64_t n_prompt = int64_t(r.prompt.size());
-      if (n_prompt + r.max_tokens > model.context())
-        throw HttpError{400,
-                        "the prompt (" + std::to_string(n_prompt) + " tokens) and max_tokens (" +
-                            std::to_string(r.max_tokens) + ") exceed the context of " +
-                            std::to_string(model.context()) + " tokens",
-                        "invalid_request_error", "context_length_exceeded"};
       std::pair<Ticket, std::shared_ptr<Channel>> sub;
       try {
         sub = model.submit(std::move(r));
@@ -426,7 +391,7 @@ int serve(const ServeOptions& o) {
           c["message"] = {{"role", "assistant"}, {"content", text}};
         return c;
       };
-      const bool stream = j.value("stream", false);
+      const bool stream = api.stream;
       auto out = std::make_shared<TextOut>(model.tokenizer(), stops);
       // One token's log-probabilities in OpenAI's shape (chat: content entries; completions:
       // the legacy parallel lists).
@@ -488,7 +453,15 @@ int serve(const ServeOptions& o) {
         std::string text, reason, error;
         int64_t made = 0;
         json lp = new_lp();
-        while (!take(sub.second->next(), text, made, reason, lp, error)) {
+        while (true) {  // a client that hangs up is cancelled, as a streaming one is
+          const std::optional<EngineEvent> e = sub.second->next_for(std::chrono::milliseconds(100));
+          if (!e) {
+            if (!GuardedServer::peer_gone()) continue;
+            model.cancel(sub.first);
+            GuardedServer::close_after();
+            return;
+          }
+          if (take(*e, text, made, reason, lp, error)) break;
         }
         if (reason == "error") throw HttpError{503, error, "server_error", "replica_failed"};
         if (!out->stopped) text += out->stop.flush();
@@ -561,10 +534,19 @@ int serve(const ServeOptions& o) {
       send_error(res, 500, e.what(), "server_error");
     }
   };
+  // Bodies are read through content readers, bounded decoded (chunked, gzip, deflate, br).
   svr.Post("/v1/completions",
-           [&](const httplib::Request& q, httplib::Response& r) { handle(q, r, false); });
+           [&](const httplib::Request&, httplib::Response& r, const httplib::ContentReader& c) {
+             handle(r, c, false);
+           });
   svr.Post("/v1/chat/completions",
-           [&](const httplib::Request& q, httplib::Response& r) { handle(q, r, true); });
+           [&](const httplib::Request&, httplib::Response& r, const httplib::ContentReader& c) {
+             handle(r, c, true);
+           });
+  svr.Post(".*", [](const httplib::Request&, httplib::Response& r, const httplib::ContentReader&) {
+    send_error(r, 404, "no such endpoint", "invalid_request_error", "not_found");
+    GuardedServer::close_after();  // its body is left unread
+  });
 
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
@@ -593,6 +575,7 @@ int serve(const ServeOptions& o) {
     }
   });
   svr.listen_after_bind();
+  svr.shut_down();
   g_stop = true;
   watcher.join();
   loader.join();
