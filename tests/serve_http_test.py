@@ -202,7 +202,8 @@ class Serve(unittest.TestCase):
         print(f"serve bad input: {len(cases)} kinds, each its 4xx JSON error, and the next request answered")
 
     def metric(self, name, model="tiny"):
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+        req = urllib.request.Request(self.url + "/metrics", headers={"Authorization": "Bearer sekrit"})
+        with urllib.request.urlopen(req, timeout=10) as r:  # /metrics needs the key too
             for line in r.read().decode().splitlines():
                 if line.startswith(name + "{") and f'model="{model}"' in line:
                     return float(line.split()[-1])

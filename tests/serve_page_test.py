@@ -51,7 +51,8 @@ class Page(unittest.TestCase):
         cls.tmp.cleanup()
 
     def metric(self, name, model):
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+        req = urllib.request.Request(self.url + "/metrics", headers={"Authorization": "Bearer sekrit"})
+        with urllib.request.urlopen(req, timeout=10) as r:  # /metrics needs the key too
             for line in r.read().decode().splitlines():
                 if line.startswith(name + "{") and f'model="{model}"' in line:
                     return float(line.split()[-1])

@@ -70,7 +70,15 @@ class ConnStream final : public httplib::Stream {
   ConnStream(GuardedServer::Conn& c, Clock::time_point deadline, int write_timeout_ms)
       : c_(c), deadline_(deadline), write_ms_(write_timeout_ms) {}
   bool is_readable() const override { return c_.off < c_.buf.size() || wait(POLLIN, 0); }
-  bool is_writable() const override { return wait(POLLOUT, write_ms_); }
+  // Writable, and not closed by the client (as httplib's own stream: a stream's next chunk is
+  // not made for a client that has gone).
+  bool is_writable() const override {
+    if (!wait(POLLOUT, write_ms_)) return false;
+    pollfd p{c_.fd, POLLIN, 0};
+    if (poll(&p, 1, 0) <= 0) return true;
+    char ch;
+    return recv(c_.fd, &ch, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+  }
   ssize_t read(char* ptr, size_t size) override {
     if (c_.off < c_.buf.size()) {
       const size_t n = std::min(size, c_.buf.size() - c_.off);
@@ -187,7 +195,22 @@ class GuardedServer::Gate {
     }
     wake();
   }
-  void close(std::unique_ptr<Conn> c) {
+  // `linger`: the client may still be sending a body nobody read; the answer goes first, then
+  // what it sends is read and dropped for a while (as nginx's lingering close), so that closing
+  // on unread bytes does not reset the connection before the client has read its answer.
+  void close(std::unique_ptr<Conn> c, bool linger = false) {
+    if (linger) {
+      ::shutdown(c->fd, SHUT_WR);
+      const Clock::time_point end = Clock::now() + std::chrono::seconds(2);
+      char sink[16384];
+      for (size_t got = 0; got < (size_t(16) << 20);) {
+        pollfd p{c->fd, POLLIN, 0};
+        if (poll(&p, 1, ms_until(end)) <= 0) break;
+        const ssize_t n = recv(c->fd, sink, sizeof(sink), MSG_DONTWAIT);
+        if (n <= 0 && !(n < 0 && (errno == EAGAIN || errno == EINTR))) break;
+        got += size_t(std::max<ssize_t>(n, 0));
+      }
+    }
     ::shutdown(c->fd, SHUT_RDWR);
     ::close(c->fd);
     std::lock_guard<std::mutex> l(m_);
@@ -313,8 +336,9 @@ void GuardedServer::serve(std::unique_ptr<Conn> c) {
   bool closed = false;
   const bool ok = process_request(s, last, closed, nullptr);
   const bool again = ok && !closed && !last && !t_close && !gate_->stopping();
+  const bool unread = t_close;
   t_sock = -1;
-  if (!again) return gate_->close(std::move(c));
+  if (!again) return gate_->close(std::move(c), unread);
   c->deadline = Clock::now() + std::chrono::seconds(limits_.keep_alive_s);
   gate_->give(std::move(c));
 }

@@ -74,7 +74,7 @@ std::string read_body(const httplib::ContentReader& reader, httplib::Response& r
   });
   if (over || res.status == 413) {
     GuardedServer::close_after();  // the rest of it is left unread
-    throw HttpError{413, "the request body is over " + std::to_string(max) +
+    throw HttpError{413, "the request body is too large: over " + std::to_string(max) +
                              " bytes (after decompression)"};
   }
   if (!ok) {
@@ -453,15 +453,18 @@ int serve(const ServeOptions& o) {
         std::string text, reason, error;
         int64_t made = 0;
         json lp = new_lp();
-        while (true) {  // a client that hangs up is cancelled, as a streaming one is
+        // A client that hangs up is cancelled, as a streaming one is: looked for every 100 ms.
+        auto look = std::chrono::steady_clock::now();
+        while (true) {
           const std::optional<EngineEvent> e = sub.second->next_for(std::chrono::milliseconds(100));
-          if (!e) {
-            if (!GuardedServer::peer_gone()) continue;
+          if (e && take(*e, text, made, reason, lp, error)) break;
+          if (std::chrono::steady_clock::now() < look) continue;
+          look = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+          if (GuardedServer::peer_gone()) {
             model.cancel(sub.first);
             GuardedServer::close_after();
             return;
           }
-          if (take(*e, text, made, reason, lp, error)) break;
         }
         if (reason == "error") throw HttpError{503, error, "server_error", "replica_failed"};
         if (!out->stopped) text += out->stop.flush();
@@ -487,7 +490,15 @@ int serve(const ServeOptions& o) {
             };
             std::string text, reason, error;
             json lp = new_lp();
-            const bool done = take(sub.second->next(), text, *made, reason, lp, error);
+            // Waiting for the next token, look for the client leaving every 20 ms: a hang-up is
+            // cancelled within the pass it happens in, not after the next token.
+            std::optional<EngineEvent> e;
+            while (!(e = sub.second->next_for(std::chrono::milliseconds(20))))
+              if (GuardedServer::peer_gone()) {
+                model.cancel(sub.first);
+                return false;
+              }
+            const bool done = take(*e, text, *made, reason, lp, error);
             if (done && reason == "error") {  // an error chunk in OpenAI's shape, then the end
               *ended = true;
               const std::string s = "data: " +
