@@ -85,6 +85,14 @@ class Tokenizers(unittest.TestCase):
         tok = os.path.join(GPT2, "encoder.json")
         self.assertEqual(mxn_encode(tok, "Hello world", self.tmp.name), [15496, 995])
         self.same("gpt2 vocab+merges", tok, lambda t: ref.encode(t))
+        # Long words (BPE's worst case, merged through a heap): random letters, a repeated
+        # letter, a repeated syllable, each 20,000 bytes, token for token.
+        import random
+        rng = random.Random(0)
+        for name, word in (("random", "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(20000))),
+                           ("a" * 5, "a" * 20000), ("syllable", "tha" * 6667)):
+            self.assertEqual(mxn_encode(tok, word, self.tmp.name), ref.encode(word), f"a long word: {name}")
+        print("gpt2 vocab+merges      3 words of 20,000 bytes identical")
 
     def train_json(self, pattern, ignore_merges, vocab=4000):
         tk = Tokenizer(models.BPE(ignore_merges=ignore_merges))
