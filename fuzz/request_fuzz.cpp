@@ -44,7 +44,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const mxn::Tokenizer& tok = tokenizer();
   const mxn::ModelLimits m{&tok, true, mxn::ChatFormat::chatml, 64, tok.vocab_size()};
   try {
-    const auto j = mxn::parse_body(std::string_view(reinterpret_cast<const char*>(data) + 1, size - 1));
+    const auto j =
+        mxn::parse_body(std::string_view(reinterpret_cast<const char*>(data) + 1, size - 1));
     const mxn::ApiRequest r = mxn::read_request(j, chat, m, 7);
     const auto& e = r.engine;
     if (e.prompt.empty() || e.max_tokens < 1 || int64_t(e.prompt.size()) >= m.context ||

@@ -78,7 +78,8 @@ class Bpe final : public Tokenizer {
     // Byte-level: every byte of the text lands in some token, so no token covers more than the
     // longest one's bytes. (A vocabulary without some byte drops it: no bound.)
     if (std::find(byte_id_.begin(), byte_id_.end(), -1) == byte_id_.end())
-      for (const std::string& v : spec_.vocab) max_token_bytes_ = std::max(max_token_bytes_, v.size());
+      for (const std::string& v : spec_.vocab)
+        max_token_bytes_ = std::max(max_token_bytes_, v.size());
   }
 
   std::vector<int32_t> encode(std::string_view text,

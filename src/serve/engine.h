@@ -116,7 +116,7 @@ class Engine {
   int64_t table_w_, prompt_tokens_ = 0, reused_tokens_ = 0;
   KvBlocks kv_;
   DType weights_;
-  int64_t lora_rank_ = 0;  // the adapters' stacked LoRA ranks
+  int64_t lora_rank_ = 0;                  // the adapters' stacked LoRA ranks
   std::vector<std::string> lora_targets_;  // every module one of them adapts
   std::vector<Served> adapters_;
   std::vector<float> mask_;

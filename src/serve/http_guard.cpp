@@ -35,9 +35,10 @@ int ms_until(Clock::time_point t) {
 void refuse(int fd, int status, const char* reason, const char* message) {
   const std::string body = std::string(R"({"error":{"message":")") + message +
                            R"(","type":"invalid_request_error","param":null,"code":null}})";
-  const std::string s = "HTTP/1.1 " + std::to_string(status) + " " + reason +
-                        "\r\nContent-Type: application/json\r\nContent-Length: " +
-                        std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+  const std::string s =
+      "HTTP/1.1 " + std::to_string(status) + " " + reason +
+      "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+      "\r\nConnection: close\r\n\r\n" + body;
   (void)!send(fd, s.data(), s.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 

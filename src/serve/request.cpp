@@ -48,7 +48,8 @@ int64_t integer(const json& j, const char* key, int64_t dflt, int64_t lo, int64_
     x = v->get<int64_t>();
   } else if (v->is_number_float()) {
     const double d = v->get<double>();
-    if (!(d >= -9.2e18 && d <= 9.2e18) || d != std::floor(d)) bad(quoted(key) + " must be an integer");
+    if (!(d >= -9.2e18 && d <= 9.2e18) || d != std::floor(d))
+      bad(quoted(key) + " must be an integer");
     x = int64_t(d);
   } else {
     bad(quoted(key) + " must be an integer");
@@ -135,8 +136,7 @@ void check_text_fits(size_t bytes, const ModelLimits& m) {
 
 std::vector<ChatMessage> messages(const json& j) {
   const json* v = field(j, "messages");
-  if (!v || !v->is_array() || v->empty())
-    bad("'messages' is missing (a list of {role, content})");
+  if (!v || !v->is_array() || v->empty()) bad("'messages' is missing (a list of {role, content})");
   std::vector<ChatMessage> out;
   for (size_t i = 0; i < v->size(); ++i) {
     const json& m = (*v)[i];
@@ -238,7 +238,8 @@ ApiRequest read_request(const json& j, bool chat, const ModelLimits& m, uint64_t
   if (const json* s = field(j, "seed"); s && s->is_number_unsigned())
     r.sampling.seed = s->get<uint64_t>();
   else
-    r.sampling.seed = uint64_t(integer(j, "seed", int64_t(seed), std::numeric_limits<int64_t>::min(), kMax));
+    r.sampling.seed =
+        uint64_t(integer(j, "seed", int64_t(seed), std::numeric_limits<int64_t>::min(), kMax));
   // vLLM's and llama.cpp's extension: generate max_tokens whatever the model says (benchmarks)
   r.ignore_eos = boolean(j, "ignore_eos", false);
   r.presence_penalty = float(real(j, "presence_penalty", 0, -2, 2));
@@ -256,8 +257,8 @@ ApiRequest read_request(const json& j, bool chat, const ModelLimits& m, uint64_t
   } else {
     r.logprobs = integer(j, "logprobs", -1, 0, 20);
   }
-  const char* max_key = chat && field(j, "max_completion_tokens") ? "max_completion_tokens"
-                                                                   : "max_tokens";
+  const char* max_key =
+      chat && field(j, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
   const int64_t max_tokens = integer(j, max_key, 0, 1, kMax);  // 0: not given
 
   if (chat) {

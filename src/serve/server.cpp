@@ -79,8 +79,9 @@ std::string read_body(const httplib::ContentReader& reader, httplib::Response& r
   }
   if (!ok) {
     GuardedServer::close_after();
-    throw HttpError{400, "the request body could not be read (broken chunked or compressed "
-                         "framing, or it did not arrive in time)"};
+    throw HttpError{400,
+                    "the request body could not be read (broken chunked or compressed "
+                    "framing, or it did not arrive in time)"};
   }
   return body;
 }
@@ -546,14 +547,10 @@ int serve(const ServeOptions& o) {
     }
   };
   // Bodies are read through content readers, bounded decoded (chunked, gzip, deflate, br).
-  svr.Post("/v1/completions",
-           [&](const httplib::Request&, httplib::Response& r, const httplib::ContentReader& c) {
-             handle(r, c, false);
-           });
-  svr.Post("/v1/chat/completions",
-           [&](const httplib::Request&, httplib::Response& r, const httplib::ContentReader& c) {
-             handle(r, c, true);
-           });
+  svr.Post("/v1/completions", [&](const httplib::Request&, httplib::Response& r,
+                                  const httplib::ContentReader& c) { handle(r, c, false); });
+  svr.Post("/v1/chat/completions", [&](const httplib::Request&, httplib::Response& r,
+                                       const httplib::ContentReader& c) { handle(r, c, true); });
   svr.Post(".*", [](const httplib::Request&, httplib::Response& r, const httplib::ContentReader&) {
     send_error(r, 404, "no such endpoint", "invalid_request_error", "not_found");
     GuardedServer::close_after();  // its body is left unread

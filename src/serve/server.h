@@ -33,7 +33,7 @@ struct ServeOptions {
   std::string weights = "f32";
   int64_t max_queue = 256;  // requests waiting per model beyond which new ones get 429  // KV-cache
                             // blocks of 16 rows per model; 0: every slot at the context
-  std::string api_key;  // when set, requests (and /metrics) need "Authorization: Bearer <key>"
+  std::string api_key;      // when set, requests (and /metrics) need "Authorization: Bearer <key>"
   int max_client_connections = 256;  // open at once from one address
   size_t max_body = 1 << 20;
   // Device bytes for all loaded models (weights and KV slots); 0: no limit, every model loaded at
