@@ -551,10 +551,13 @@ int serve(const ServeOptions& o) {
                                   const httplib::ContentReader& c) { handle(r, c, false); });
   svr.Post("/v1/chat/completions", [&](const httplib::Request&, httplib::Response& r,
                                        const httplib::ContentReader& c) { handle(r, c, true); });
-  svr.Post(".*", [](const httplib::Request&, httplib::Response& r, const httplib::ContentReader&) {
+  // Any other method with a body gets its 404 without httplib reading the body whole first.
+  const auto no_such = [](const httplib::Request&, httplib::Response& r,
+                          const httplib::ContentReader&) {
     send_error(r, 404, "no such endpoint", "invalid_request_error", "not_found");
     GuardedServer::close_after();  // its body is left unread
-  });
+  };
+  svr.Post(".*", no_such).Put(".*", no_such).Patch(".*", no_such).Delete(".*", no_such);
 
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
