@@ -13,30 +13,50 @@ namespace {
 void check_roles(const std::vector<ChatMessage>& messages);
 }  // namespace
 
-std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
-                                                 const std::string& where) {
-  const nlohmann::json j = nlohmann::json::parse(row_json, nullptr, false);
-  if (j.is_discarded()) throw Error(where + ": not valid JSON");
-  if (!j.is_object() || !j.contains("messages") || !j["messages"].is_array() ||
-      j["messages"].empty())
+std::vector<ChatMessage> chat_messages(const nlohmann::json& list, const std::string& where) {
+  if (!list.is_array() || list.empty())
     throw Error(where +
                 ": no 'messages' list (expected {\"messages\": [{\"role\": \"user\", "
                 "\"content\": \"...\"}, ...]})");
   std::vector<ChatMessage> out;
-  for (size_t i = 0; i < j["messages"].size(); ++i) {
-    const nlohmann::json& m = j["messages"][i];
-    if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") ||
-        !m["content"].is_string())
-      throw Error(where + ": message " + std::to_string(i + 1) +
-                  " needs a 'role' and a 'content' string");
-    out.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+  for (size_t i = 0; i < list.size(); ++i) {
+    const nlohmann::json& m = list[i];
+    const std::string which = where + ": message " + std::to_string(i + 1);
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+      throw Error(which + " needs a 'role' and a 'content' string");
+    std::string role = m["role"].get<std::string>();
+    if (role == "developer") role = "system";  // OpenAI's newer name for it
+    const auto c = m.find("content");
+    std::string content;
+    if (c != m.end() && c->is_string()) {
+      content = c->get<std::string>();
+    } else if (c != m.end() && c->is_array()) {  // content parts: text only
+      for (const nlohmann::json& part : *c) {
+        if (!part.is_object() || part.value("type", nlohmann::json()) != "text" ||
+            !part.contains("text") || !part["text"].is_string())
+          throw Error(which +
+                      ": only content parts {\"type\": \"text\", \"text\": ...} are supported");
+        content += part["text"].get<std::string>();
+      }
+    } else if (role != "assistant" || (c != m.end() && !c->is_null())) {
+      throw Error(which + " needs a 'role' and a 'content' string");
+    }
+    out.push_back({std::move(role), std::move(content)});
     try {
       check_roles({out.back()});
     } catch (const Error& e) {
-      throw Error(where + ": message " + std::to_string(i + 1) + ": " + e.what());
+      throw Error(which + ": " + e.what());
     }
   }
   return out;
+}
+
+std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
+                                                 const std::string& where) {
+  const nlohmann::json j = nlohmann::json::parse(row_json, nullptr, false);
+  if (j.is_discarded()) throw Error(where + ": not valid JSON");
+  return chat_messages(j.is_object() ? j.value("messages", nlohmann::json()) : nlohmann::json(),
+                       where);
 }
 
 const char* chat_format_name(ChatFormat f) {

@@ -7,6 +7,7 @@
 //   llama2   Llama 2:    <s>[INST] <<SYS>>\n...\n<</SYS>>\n\n... [/INST]
 //   chatglm3 ChatGLM3:   [gMASK]sop<|user|> + encode("\n") + encode(content) ... <|assistant|>
 //   glm4     GLM-4:      [gMASK]<sop><|user|>\n...<|assistant|>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -19,8 +20,11 @@ struct ChatMessage {
   std::string content;
 };
 
-// The messages of an OpenAI-style row {"messages": [{"role": ..., "content": ...}, ...]}; an
-// Error names `where` and what is missing.
+// OpenAI-style messages [{"role": ..., "content": ...}, ...]: content a string or a list of text
+// parts (an assistant's may be null), "developer" read as "system". An Error names `where`, the
+// message and what is wrong.
+std::vector<ChatMessage> chat_messages(const nlohmann::json& list, const std::string& where);
+// The messages of a row {"messages": [...]} (a JSON line of a fine-tuning set).
 std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
                                                  const std::string& where);
 

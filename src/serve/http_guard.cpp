@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -28,6 +29,17 @@ thread_local bool t_close = false;
 int ms_until(Clock::time_point t) {
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(t - Clock::now()).count();
   return int(std::clamp<int64_t>(ms, 0, 1 << 30));
+}
+
+// The client has closed (or reset) the connection; bytes it sent that are not read yet (a
+// pipelined request) do not count.
+bool peer_closed(int fd) {
+  pollfd p{fd, POLLIN | POLLRDHUP, 0};
+  if (poll(&p, 1, 0) <= 0) return false;
+  if (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) return true;
+  char ch;
+  const ssize_t n = recv(fd, &ch, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR);
 }
 
 // A short answer written straight to a connection that gets no further (the socket is new or
@@ -73,13 +85,7 @@ class ConnStream final : public httplib::Stream {
   bool is_readable() const override { return c_.off < c_.buf.size() || wait(POLLIN, 0); }
   // Writable, and not closed by the client (as httplib's own stream: a stream's next chunk is
   // not made for a client that has gone).
-  bool is_writable() const override {
-    if (!wait(POLLOUT, write_ms_)) return false;
-    pollfd p{c_.fd, POLLIN, 0};
-    if (poll(&p, 1, 0) <= 0) return true;
-    char ch;
-    return recv(c_.fd, &ch, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
-  }
+  bool is_writable() const override { return wait(POLLOUT, write_ms_) && !peer_closed(c_.fd); }
   ssize_t read(char* ptr, size_t size) override {
     if (c_.off < c_.buf.size()) {
       const size_t n = std::min(size, c_.buf.size() - c_.off);
@@ -344,14 +350,7 @@ void GuardedServer::serve(std::unique_ptr<Conn> c) {
   gate_->give(std::move(c));
 }
 
-bool GuardedServer::peer_gone() {
-  if (t_sock < 0) return false;
-  pollfd p{t_sock, POLLIN | POLLRDHUP, 0};
-  if (poll(&p, 1, 0) <= 0) return false;
-  if (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) return true;
-  char ch;
-  return recv(t_sock, &ch, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
-}
+bool GuardedServer::peer_gone() { return t_sock >= 0 && peer_closed(t_sock); }
 
 void GuardedServer::close_after() { t_close = true; }
 

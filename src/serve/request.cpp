@@ -137,33 +137,11 @@ void check_text_fits(size_t bytes, const ModelLimits& m) {
 std::vector<ChatMessage> messages(const json& j) {
   const json* v = field(j, "messages");
   if (!v || !v->is_array() || v->empty()) bad("'messages' is missing (a list of {role, content})");
-  std::vector<ChatMessage> out;
-  for (size_t i = 0; i < v->size(); ++i) {
-    const json& m = (*v)[i];
-    const std::string where = "message " + std::to_string(i + 1);
-    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
-      bad(where + " needs a 'role' string (system, user or assistant)");
-    std::string role = m["role"].get<std::string>();
-    if (role == "developer") role = "system";  // OpenAI's newer name for it
-    if (role != "system" && role != "user" && role != "assistant")
-      bad(where + ": role '" + role.substr(0, 32) + "' is not system, user or assistant");
-    std::string content;
-    const json* c = field(m, "content");
-    if (c && c->is_string()) {
-      content = c->get<std::string>();
-    } else if (c && c->is_array()) {  // content parts: text only
-      for (const json& part : *c) {
-        if (!part.is_object() || part.value("type", json()) != "text" || !part.contains("text") ||
-            !part["text"].is_string())
-          bad(where + ": only content parts {\"type\": \"text\", \"text\": ...} are supported");
-        content += part["text"].get<std::string>();
-      }
-    } else if (c || role != "assistant") {
-      bad(where + " needs a 'content' string");
-    }
-    out.push_back({role, std::move(content)});
+  try {
+    return chat_messages(*v, "'messages'");
+  } catch (const Error& e) {
+    bad(e.what());
   }
-  return out;
 }
 
 std::vector<int32_t> prompt_ids(const json& j, const ModelLimits& m) {

@@ -18,6 +18,7 @@
 #include "data/chat.h"
 #include "data/tokenizer.h"
 #include "serve/engine.h"
+#include "serve/request.h"
 #include "serve/server.h"
 
 namespace mxn {
@@ -71,7 +72,9 @@ class ServedModel {
   bool has_chat() const { return has_chat_; }
   ChatFormat chat() const { return chat_; }
   int64_t context() const { return context_; }
-  int64_t vocab() const { return cfg_.vocab_size; }
+  ModelLimits limits() const {  // what a request is checked against
+    return {tok_.get(), has_chat_, chat_, context_, cfg_.vocab_size};
+  }
   bool healthy() const;  // a replica is up (failed ones are retried)
   // The engine's number of the adapter `name` (1..), 0 for "" (the base), -1 for none such.
   int adapter_id(const std::string& name) const;

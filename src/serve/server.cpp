@@ -14,20 +14,19 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <optional>
 #include <thread>
 
 #include "core/error.h"
 #include "data/chat.h"
 #include "data/tokenizer.h"
 #include "io/hf_folder.h"
+#include "serve/answer.h"
 #include "serve/chat_page.h"
 #include "serve/engine.h"
 #include "serve/http_guard.h"
 #include "serve/request.h"
 #include "serve/served_model.h"
 #include "train/infer.h"
-#include "train/text_stream.h"
 
 namespace mxn {
 namespace {
@@ -91,20 +90,6 @@ int64_t now_s() {
              std::chrono::system_clock::now().time_since_epoch())
       .count();
 }
-
-// The text of new tokens, whole UTF-8 characters only, cut at a stop string.
-struct TextOut {
-  const Tokenizer* tok;
-  Utf8Stream utf8;
-  StopFilter stop;
-  bool stopped = false;
-  TextOut(const Tokenizer* t, const std::vector<std::string>& stops) : tok(t), stop(stops) {}
-  std::string push(int32_t id) {
-    std::string text;
-    for (char ch : tok->piece(id)) text += stop.push(utf8.push(uint8_t(ch)), stopped);
-    return text;
-  }
-};
 
 // The served models by name: each loaded on first use; when loading one would pass the memory
 // budget, the least recently used idle ones are let go first (a busy one is never dropped).
@@ -350,13 +335,15 @@ int serve(const ServeOptions& o) {
         throw HttpError{404, "the model '" + name.substr(0, 256) + "' does not exist",
                         "invalid_request_error", "model_not_found"};
       ServedModel& model = *held;
-      const ModelLimits limits{model.tokenizer(), model.has_chat(), model.chat(), model.context(),
-                               model.vocab()};
-      ApiRequest api = read_request(j, chat, limits, uint64_t(next_id.load()));
+      ApiRequest api = read_request(j, chat, model.limits(), uint64_t(next_id.load()));
       EngineRequest& r = api.engine;
       r.adapter = adapter;
-      const std::vector<std::string>& stops = api.stops;
-      const int64_t n_prompt = int64_t(r.prompt.size());
+      AnswerSpec spec;
+      spec.chat = chat;
+      spec.model = name;
+      spec.n_prompt = int64_t(r.prompt.size());
+      spec.logprobs = r.logprobs >= 0;
+      spec.stops = api.stops;
       std::pair<Ticket, std::shared_ptr<Channel>> sub;
       try {
         sub = model.submit(std::move(r));
@@ -371,175 +358,9 @@ int serve(const ServeOptions& o) {
         throw HttpError{503, "every replica of the model '" + name + "' has failed", "server_error",
                         "overloaded"};
       }
-      const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
-      const int64_t created = now_s();
-      const std::string object = chat ? "chat.completion" : "text_completion";
-      auto usage = [n_prompt](int64_t made) {
-        return json{{"prompt_tokens", n_prompt},
-                    {"completion_tokens", made},
-                    {"total_tokens", n_prompt + made}};
-      };
-      const bool want_lp = r.logprobs >= 0;
-      auto choice = [chat, want_lp](const std::string& text, const json& reason, bool delta,
-                                    const json& lp) {
-        json c = {{"index", 0}, {"finish_reason", reason}, {"logprobs", nullptr}};
-        if (want_lp) c["logprobs"] = lp;
-        if (!chat)
-          c["text"] = text;
-        else if (delta)
-          c["delta"] = {{"role", "assistant"}, {"content", text}};
-        else
-          c["message"] = {{"role", "assistant"}, {"content", text}};
-        return c;
-      };
-      const bool stream = api.stream;
-      auto out = std::make_shared<TextOut>(model.tokenizer(), stops);
-      // One token's log-probabilities in OpenAI's shape (chat: content entries; completions:
-      // the legacy parallel lists).
-      const Tokenizer* tk = model.tokenizer();
-      auto add_lp = [chat, tk](json& lp, const EngineEvent& e) {
-        auto bytes = [](const std::string& s) {
-          json b = json::array();
-          for (unsigned char ch : s) b.push_back(int(ch));
-          return b;
-        };
-        const std::string piece = tk->piece(e.token);
-        if (chat) {
-          json top = json::array();
-          for (const auto& [t, l] : e.top)
-            top.push_back(
-                {{"token", tk->piece(t)}, {"logprob", l}, {"bytes", bytes(tk->piece(t))}});
-          lp["content"].push_back({{"token", piece},
-                                   {"logprob", e.logprob},
-                                   {"bytes", bytes(piece)},
-                                   {"top_logprobs", top}});
-        } else {
-          json top = json::object();
-          for (const auto& [t, l] : e.top) top[tk->piece(t)] = l;
-          lp["tokens"].push_back(piece);
-          lp["token_logprobs"].push_back(e.logprob);
-          lp["top_logprobs"].push_back(top);
-        }
-      };
-      auto new_lp = [chat] {
-        return chat ? json{{"content", json::array()}}
-                    : json{{"tokens", json::array()},
-                           {"token_logprobs", json::array()},
-                           {"top_logprobs", json::array()}};
-      };
-      // One event: its text (empty for an end-of-turn token), and whether the request ended.
-      // A failed replica's event: reason "error", with its message in `error`.
-      auto take = [out, &model, id_ = sub.first, add_lp, want_lp](
-                      const EngineEvent& e, std::string& text, int64_t& made, std::string& reason,
-                      json& lp, std::string& error) {
-        if (e.token >= 0 && e.reason != "stop") {
-          text += out->push(e.token);
-          ++made;
-          if (want_lp) add_lp(lp, e);
-        }
-        if (out->stopped && !e.finished) {  // a stop string: the engine may let go
-          model.cancel(id_);
-          reason = "stop";
-          return true;
-        }
-        if (e.finished) {
-          reason = e.reason == "length" ? "length" : e.reason == "error" ? "error" : "stop";
-          error = e.error;
-          return true;
-        }
-        return false;
-      };
-      const std::string fingerprint = "mxn:" + model.device_of(sub.first);  // the chip answering
-      if (!stream) {
-        std::string text, reason, error;
-        int64_t made = 0;
-        json lp = new_lp();
-        // A client that hangs up is cancelled, as a streaming one is: looked for every 100 ms.
-        auto look = std::chrono::steady_clock::now();
-        while (true) {
-          const std::optional<EngineEvent> e = sub.second->next_for(std::chrono::milliseconds(100));
-          if (e && take(*e, text, made, reason, lp, error)) break;
-          if (std::chrono::steady_clock::now() < look) continue;
-          look = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
-          if (GuardedServer::peer_gone()) {
-            model.cancel(sub.first);
-            GuardedServer::close_after();
-            return;
-          }
-        }
-        if (reason == "error") throw HttpError{503, error, "server_error", "replica_failed"};
-        if (!out->stopped) text += out->stop.flush();
-        json body = {{"id", id},
-                     {"object", object},
-                     {"created", created},
-                     {"model", name},
-                     {"system_fingerprint", fingerprint},
-                     {"choices", json::array({choice(text, reason, false, lp)})},
-                     {"usage", usage(made)}};
-        res.set_content(dump(body), "application/json");
-        return;
-      }
-      const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
-      auto made = std::make_shared<int64_t>(0);
-      auto ended = std::make_shared<bool>(false);
-      res.set_chunked_content_provider(
-          "text/event-stream",
-          [=, &model, keep = held](size_t, httplib::DataSink& sink) {
-            auto send = [&](const json& j) {
-              const std::string s = "data: " + dump(j) + "\n\n";
-              return sink.write(s.data(), s.size());
-            };
-            std::string text, reason, error;
-            json lp = new_lp();
-            // Waiting for the next token, look for the client leaving every 20 ms: a hang-up is
-            // cancelled within the pass it happens in, not after the next token.
-            std::optional<EngineEvent> e;
-            while (!(e = sub.second->next_for(std::chrono::milliseconds(20))))
-              if (GuardedServer::peer_gone()) {
-                model.cancel(sub.first);
-                return false;
-              }
-            const bool done = take(*e, text, *made, reason, lp, error);
-            if (done && reason == "error") {  // an error chunk in OpenAI's shape, then the end
-              *ended = true;
-              const std::string s = "data: " +
-                                    dump(json{{"error",
-                                               {{"message", error},
-                                                {"type", "server_error"},
-                                                {"param", nullptr},
-                                                {"code", "replica_failed"}}}}) +
-                                    "\n\ndata: [DONE]\n\n";
-              sink.write(s.data(), s.size());
-              sink.done();
-              return true;
-            }
-            std::string tail = done && !out->stopped ? out->stop.flush() : "";
-            text += tail;
-            json c = {{"id", id},
-                      {"object", chunk_object},
-                      {"created", created},
-                      {"model", name},
-                      {"system_fingerprint", fingerprint}};
-            if (!text.empty() || done || (want_lp && lp.dump() != new_lp().dump())) {
-              c["choices"] =
-                  json::array({choice(text, done ? json(reason) : json(nullptr), true, lp)});
-              if (done) c["usage"] = usage(*made);
-              if (!send(c)) {  // the client went away: its slot is freed at the next pass
-                model.cancel(sub.first);
-                return false;
-              }
-            }
-            if (done) {
-              *ended = true;
-              const std::string last = "data: [DONE]\n\n";
-              sink.write(last.data(), last.size());
-              sink.done();
-            }
-            return true;
-          },
-          [=, &model, keep = held](bool) {
-            if (!*ended) model.cancel(sub.first);
-          });
+      spec.id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
+      spec.created = now_s();
+      answer(res, api.stream, spec, held, sub.first, sub.second);
     } catch (const HttpError& e) {
       send_error(res, e.status, e.message, e.type, e.code);
     } catch (const std::exception& e) {
