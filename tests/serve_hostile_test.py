@@ -10,10 +10,11 @@ the set and /health's time under the slow headers are printed. A second server, 
 fails at a pass, says so on /health and rejoins.
 usage: serve_hostile_test.py MXN KJV_TXT GPT2_BPE_DIR
 """
-import gzip, http.client, json, os, shutil, socket, subprocess, sys, tempfile, threading, time, unittest
+import gzip, http.client, json, os, socket, subprocess, sys, tempfile, threading, time, unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_common import torch  # noqa: E402  (may re-exec in the venv)
+from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
+from serve_http_test import tiny_gpt2, tiny_qwen2_chat  # noqa: E402
 
 MXN, KJV, BPE = sys.argv[1], sys.argv[2], sys.argv[3]
 KEY = "s3cret-key"
@@ -68,33 +69,8 @@ def rss_mb(pid):
 
 
 def make_models(tmp):
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=2048))
-    with torch.no_grad():
-        for p in gpt2.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    base = os.path.join(tmp, "gpt2")
-    gpt2.save_pretrained(base)
-    shutil.copy(os.path.join(BPE, "encoder.json"), os.path.join(base, "vocab.json"))
-    shutil.copy(os.path.join(BPE, "vocab.bpe"), os.path.join(base, "merges.txt"))
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    with open(KJV, encoding="utf-8") as f:
-        text = f.read()[:100000]
-    tk.train_from_iterator([text], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    chat = os.path.join(tmp, "qwen2")
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=tk.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                 max_position_embeddings=512, pad_token_id=None)).save_pretrained(chat)
-    tk.save(os.path.join(chat, "tokenizer.json"))
-    with open(os.path.join(chat, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                                    "<|im_end|>\n{% endfor %}", "eos_token": "<|im_end|>"}, f)
+    base = tiny_gpt2(os.path.join(tmp, "gpt2"), positions=2048)  # room for a 1,024-token prompt
+    chat, tk = tiny_qwen2_chat(os.path.join(tmp, "qwen2"), text_chars=100000, vocab=400)
     return base, chat, tk
 
 
