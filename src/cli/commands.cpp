@@ -15,7 +15,8 @@
 #include "data/chat.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
-#include "train/infer.h"
+#include "infer/model.h"
+#include "serve/batch.h"
 
 namespace mxn::cli {
 namespace {

@@ -7,9 +7,9 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "infer/model.h"
 #include "io/gguf_model.h"
 #include "io/hf_folder.h"
-#include "train/infer.h"
 
 namespace mxn::cli {
 

@@ -11,9 +11,9 @@
 #include "core/fs.h"
 #include "core/text.h"
 #include "io/hf_folder.h"
+#include "io/train_config.h"
 #include "plan/local.h"
 #include "plan/planner.h"
-#include "train/config.h"
 
 namespace mxn::cli {
 

@@ -17,7 +17,6 @@
 
 #include "backend/device.h"
 #include "cli/commands.h"
-#include "cli/supervise.h"
 #include "core/error.h"
 #include "core/faults.h"
 #include "core/fs.h"
@@ -25,6 +24,7 @@
 #include "io/checkpoint.h"
 #include "parallel/balance.h"
 #include "parallel/comm.h"
+#include "parallel/launch.h"
 #include "plan/local.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
@@ -33,6 +33,13 @@ namespace mxn::cli {
 namespace {
 
 std::vector<std::string> g_argv;  // this process's command line, for starting ranks
+
+// The ranks of this run on `devices`, supervised (restarts recorded in the run's metrics.jsonl).
+Job job(const std::vector<std::string>& devices, const TrainConfig& cfg) {
+  Job j{devices, g_argv, cfg.out, cfg.threads, cfg.max_restarts, cfg.hang_timeout, {}};
+  j.on_restart = [out = cfg.out](const nlohmann::json& row) { append_metrics(out, row); };
+  return j;
+}
 
 // "cpu,opencl" -> {"cpu:0", "opencl:0"}; "" -> {}.
 std::vector<std::string> split_devices(const std::string& s) {
@@ -298,7 +305,7 @@ int run_train(TrainArgs& a) {
       parse_split(cfg.split, int(devs.size()));
     const RankInfo ri = rank_from_env();
     if (ri.world == 1 && devs.size() > 1 && !std::getenv("MXN_SUPERVISED"))
-      return supervise({seen, g_argv, cfg.out, cfg.threads, cfg.max_restarts, cfg.hang_timeout});
+      return supervise(job(seen, cfg));
     if (size_t(ri.world) != devs.size())
       throw Error("--devices names " + std::to_string(devs.size()) +
                   " devices but the launcher started " + std::to_string(ri.world) + " ranks");
@@ -306,8 +313,7 @@ int run_train(TrainArgs& a) {
   }
   if (devs.size() <= 1 && cfg.max_restarts > 0 && rank_from_env().world == 1 &&
       !std::getenv("MXN_SUPERVISED"))  // one device, watched and restarted by this process
-    return supervise(
-        {{cfg.device}, g_argv, cfg.out, cfg.threads, cfg.max_restarts, cfg.hang_timeout});
+    return supervise(job({cfg.device}, cfg));
   Communicator& comm = Communicator::world();
   fault_set_rank(comm.rank());
   Heartbeat beat(comm.rank(), 1.0);

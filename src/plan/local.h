@@ -7,8 +7,8 @@
 #include <utility>
 #include <vector>
 
+#include "io/train_config.h"
 #include "plan/cluster.h"
-#include "train/config.h"
 
 namespace mxn {
 

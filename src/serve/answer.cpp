@@ -4,9 +4,9 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
+#include "infer/text_stream.h"
 #include "serve/http_guard.h"
 #include "serve/request.h"
-#include "train/text_stream.h"
 
 namespace mxn {
 

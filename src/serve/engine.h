@@ -17,11 +17,11 @@
 
 #include "backend/device.h"
 #include "graph/program.h"
+#include "infer/adapter.h"
+#include "infer/generate.h"
 #include "io/safetensors.h"
 #include "models/decoder.h"
 #include "serve/kv_blocks.h"
-#include "train/adapter.h"
-#include "train/generate.h"
 
 namespace mxn {
 

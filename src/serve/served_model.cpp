@@ -10,9 +10,9 @@
 #include <thread>
 
 #include "core/error.h"
+#include "infer/adapter.h"
+#include "infer/model.h"
 #include "io/hf_folder.h"
-#include "train/adapter.h"
-#include "train/infer.h"
 
 namespace mxn {
 

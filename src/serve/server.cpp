@@ -19,6 +19,7 @@
 #include "core/error.h"
 #include "data/chat.h"
 #include "data/tokenizer.h"
+#include "infer/model.h"
 #include "io/hf_folder.h"
 #include "serve/answer.h"
 #include "serve/chat_page.h"
@@ -26,7 +27,6 @@
 #include "serve/http_guard.h"
 #include "serve/request.h"
 #include "serve/served_model.h"
-#include "train/infer.h"
 
 namespace mxn {
 namespace {

@@ -16,9 +16,9 @@
 #include "core/rng.h"
 #include "core/text.h"
 #include "data/tokenizer.h"
+#include "infer/adapter.h"
 #include "io/hf_folder.h"
 #include "parallel/balance.h"
-#include "train/adapter.h"
 
 namespace mxn {
 namespace {

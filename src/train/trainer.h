@@ -14,10 +14,10 @@
 #include "data/shard.h"
 #include "graph/program.h"
 #include "io/checkpoint.h"
+#include "io/train_config.h"
 #include "models/decoder.h"
 #include "parallel/comm.h"
 #include "parallel/grad_sync.h"
-#include "train/config.h"
 
 namespace mxn {
 

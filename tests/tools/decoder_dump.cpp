@@ -10,8 +10,8 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "graph/program.h"
+#include "infer/adapter.h"
 #include "io/hf_folder.h"
-#include "train/adapter.h"
 
 using namespace mxn;
 

@@ -71,7 +71,7 @@ struct TrainConfig {
   int64_t seed = 1337;
   int64_t eval_every = 250, eval_batches = 8, ckpt_every = 500, log_every = 10;
   int64_t ckpt_keep = 2, ckpt_async = 1;
-  // Surviving faults (src/cli/supervise.cpp): restarts of the job, and how long a rank may go
+  // Surviving faults (src/parallel/launch.cpp): restarts of the job, and how long a rank may go
   // without a heartbeat before it counts as hung.
   int64_t max_restarts = 0;
   double hang_timeout = 300;

@@ -1,4 +1,4 @@
-#include "train/config.h"
+#include "io/train_config.h"
 
 #include <toml++/toml.h>
 

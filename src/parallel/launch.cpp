@@ -1,4 +1,4 @@
-#include "cli/supervise.h"
+#include "parallel/launch.h"
 
 #include <pthread.h>
 #include <sys/stat.h>
@@ -23,11 +23,10 @@
 
 #include "core/error.h"
 #include "io/checkpoint.h"
-#include "train/metrics.h"
 
 namespace fs = std::filesystem;
 
-namespace mxn::cli {
+namespace mxn {
 namespace {
 
 std::atomic<int> g_signal{0};
@@ -433,18 +432,19 @@ int supervise(const Job& job) {
     failed_at[key] = at;
     if (drop) failed_at.clear();  // the ranks after it are numbered anew
     if (drop) devs = rest;
-    append_metrics(job.out, {{"step", at},
-                             {"event", "restart"},
-                             {"restart", attempt + 1},
-                             {"cause", cause},
-                             {"rank", e.rank},
-                             {"device", dev},
-                             {"devices", join(devs)},
-                             {"dropped", drop ? dev : ""}});
+    if (job.on_restart)
+      job.on_restart({{"step", at},
+                      {"event", "restart"},
+                      {"restart", attempt + 1},
+                      {"cause", cause},
+                      {"rank", e.rank},
+                      {"device", dev},
+                      {"devices", join(devs)},
+                      {"dropped", drop ? dev : ""}});
     std::fprintf(stderr, "mxn: %s; restart %d of %lld from step %lld on %s%s\n", cause, attempt + 1,
                  (long long)job.max_restarts, (long long)at, join(devs).c_str(),
                  drop ? (" (" + dev + " left out: it failed twice without progress)").c_str() : "");
   }
 }
 
-}  // namespace mxn::cli
+}  // namespace mxn

@@ -4,8 +4,9 @@
 #include <string>
 #include <vector>
 
+#include "backend/device.h"
+#include "infer/generate.h"
 #include "io/safetensors.h"
-#include "train/generate.h"
 
 namespace mxn {
 
@@ -52,6 +53,10 @@ struct GenerateOptions {
   GenerateStats* stats = nullptr;  // filled when given
 };
 
+// How generation keeps the weights (o.weights): bf16 on request, or for a 16-bit source on the
+// CPU (bf16 weights are a CPU backend feature so far); f32 otherwise. Error for another value.
+DType weight_dtype(const GenerateOptions& o, const ModelSource& src, const Device& dev);
+
 // Mean next-token loss over the validation split of `data` (a shard, or a text file's last 10%)
 // for any model load_model() reads, in windows of `ctx` tokens (0: the model's context, at most
 // 1024).
@@ -63,13 +68,6 @@ double eval_model(const std::string& model, const std::string& data, const std::
 // `max_tokens` per blank; `sampling` as in generate). Returns the text with the blanks filled.
 std::string infill(const std::string& checkpoint, const std::string& text, int64_t max_tokens,
                    const SamplingOptions& sampling, const std::string& device, int64_t threads);
-
-// Many prompts (token ids) at once through the serving engine (continuous batching over `slots`
-// KV-cache slots): each prompt's new tokens, in order. Sampling, max_tokens, ignore_eos, model,
-// adapter, device and threads as in `o`; each prompt's seed is o.sampling.seed + its index.
-std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
-                                                 const std::vector<std::vector<int32_t>>& prompts,
-                                                 int64_t slots);
 
 // Calls `on_token` with each new token id and the text it completes (whole UTF-8 characters;
 // empty while a character is incomplete, or when the model's tokenizer is not read here).

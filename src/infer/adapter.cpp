@@ -1,4 +1,4 @@
-#include "train/adapter.h"
+#include "infer/adapter.h"
 
 #include <cmath>
 #include <filesystem>

@@ -3,10 +3,12 @@
 // ranks, watches them and restarts the job from its last checkpoint (`mxn train --devices ...`,
 // `--max-restarts N`).
 #include <cstdint>
+#include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
-namespace mxn::cli {
+namespace mxn {
 
 // SIGINT, SIGTERM and SIGUSR1 (what Slurm's --signal sends) ask training to stop after the
 // current step, with a checkpoint. They are blocked in every thread (threads made later inherit
@@ -40,12 +42,15 @@ struct Job {
   int64_t threads = 0;               // 0: each rank gets its share of the cores
   int64_t max_restarts = 0;
   double hang_timeout = 0;  // seconds without a heartbeat (0: never)
+  // Each restart, as a row for the run's record ({"event": "restart", "step", "cause", ...}).
+  std::function<void(const nlohmann::json& row)> on_restart;
 };
 
 // Runs the job; when a rank dies or hangs, says which (rank, device, signal or silence) and, up
 // to max_restarts times, starts it again from the run folder's newest good checkpoint: on the
 // same devices, or without a device that failed twice with no new checkpoint in between. Each
-// restart is a row of metrics.jsonl ({"event": "restart", ...}). Returns the exit code.
+// restart is passed to job.on_restart (`mxn train` writes it to metrics.jsonl). Returns the exit
+// code.
 int supervise(const Job& job);
 
-}  // namespace mxn::cli
+}  // namespace mxn

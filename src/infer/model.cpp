@@ -1,4 +1,4 @@
-#include "train/infer.h"
+#include "infer/model.h"
 
 #include <algorithm>
 #include <chrono>
@@ -16,16 +16,14 @@
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "graph/program.h"
+#include "infer/adapter.h"
+#include "infer/text_stream.h"
 #include "io/checkpoint.h"
 #include "io/gguf_model.h"
 #include "io/hf_folder.h"
-#include "serve/engine.h"
-#include "train/adapter.h"
-#include "train/config.h"
-#include "train/text_stream.h"
+#include "io/train_config.h"
 
 namespace mxn {
-namespace {}  // namespace
 
 ModelSource load_model(const std::string& path, const std::string& adapter) {
   namespace fs = std::filesystem;
@@ -87,9 +85,6 @@ ModelSource load_model(const std::string& path, const std::string& adapter) {
   return m;
 }
 
-namespace {
-// --weights: bf16 on request, or for a 16-bit source on the CPU (bf16 weights are a CPU backend
-// feature so far; other backends refuse them with a message).
 DType weight_dtype(const GenerateOptions& o, const ModelSource& src, const Device& dev) {
   if (o.weights != "auto" && o.weights != "f32" && o.weights != "bf16")
     throw Error("weights '" + o.weights + "': expected auto, f32 or bf16");
@@ -97,7 +92,6 @@ DType weight_dtype(const GenerateOptions& o, const ModelSource& src, const Devic
   return o.weights == "bf16" || (o.weights == "auto" && src.stored_16bit && cpu) ? DType::bf16
                                                                                  : DType::f32;
 }
-}  // namespace
 
 double eval_model(const std::string& model, const std::string& data_path, const std::string& device,
                   int64_t threads, int64_t batch, int64_t ctx) {
@@ -307,51 +301,6 @@ int64_t generate(const GenerateOptions& o,
     if (!rest.empty()) on_token(-1, rest);
   }
   return n;
-}
-
-}  // namespace mxn
-
-namespace mxn {
-
-std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
-                                                 const std::vector<std::vector<int32_t>>& prompts,
-                                                 int64_t slots) {
-  if (o.checkpoint.empty() == o.model.empty())
-    throw Error("generate needs one of --checkpoint (an mxn run) or --model (a model folder)");
-  if (prompts.empty()) throw Error("no prompts to generate from");
-  ModelSource src = load_model(o.checkpoint.empty() ? o.model : o.checkpoint, o.adapter);
-  int64_t longest = 0;
-  for (const auto& p : prompts) longest = std::max<int64_t>(longest, int64_t(p.size()));
-  auto dev = open_device(o.device, int(o.threads));
-  const int64_t capacity = std::min<int64_t>(src.cfg.max_pos, longest + o.max_tokens);
-  Engine engine(src.cfg, src.weights, src.what, *dev, slots, capacity, 256, 0, 16, {},
-                weight_dtype(o, src, *dev));
-  std::vector<int64_t> ids;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    EngineRequest r;
-    r.prompt = prompts[i];
-    r.max_tokens = o.max_tokens;
-    r.sampling = o.sampling;
-    r.sampling.seed = o.sampling.seed + i;
-    r.ignore_eos = o.ignore_eos;
-    ids.push_back(engine.submit(std::move(r)));
-  }
-  std::vector<std::vector<int32_t>> out(prompts.size());
-  int64_t peak = 0;
-  while (!engine.idle()) {
-    for (const EngineEvent& e : engine.step())
-      if (e.token >= 0)
-        out[size_t(std::find(ids.begin(), ids.end(), e.id) - ids.begin())].push_back(e.token);
-    peak = std::max(peak, engine.kv().used());
-  }
-  if (dev->profiling()) std::fputs(dev->profile_report().c_str(), stderr);
-  if (o.stats) {
-    o.stats->prompt_tokens = engine.prompt_tokens();
-    o.stats->reused_tokens = engine.reused_tokens();
-    o.stats->kv_blocks_peak = peak;
-    o.stats->kv_blocks = engine.kv().total();
-  }
-  return out;
 }
 
 }  // namespace mxn
