@@ -23,6 +23,7 @@ if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q torch numpy
 fi
+mkdir -p build/bench
 shard=build/bench/kjv-gpt2.bin
 [[ -f $shard ]] || "$mxn" prepare data/kjv.txt --out "$shard" \
   --tokenizer ../shared/data/gpt2-bpe/encoder.json > /dev/null

@@ -260,6 +260,46 @@ class CliTest(unittest.TestCase):
         ob = read(os.path.join(b, "ckpt-00000040", "optimizer.safetensors"), "rb")
         self.assertEqual(oa, ob)
 
+    def test_fresh_run_into_a_run_folder(self):
+        """A fresh run into a folder holding one refuses; --overwrite starts again cleanly and
+        leaves files that are not the run's alone; --resume auto continues."""
+        out = self.path("run")
+        args = ["--steps", "5", "--eval_every", "0", "--ckpt_every", "5", "--log_every", "1"]
+        self.assertEqual(self.train(out, *args).returncode, 0)
+        with open(os.path.join(out, "notes.txt"), "w") as f:
+            f.write("mine")
+        self.expect_error(self.train(out, *args), f"'{out}' already holds a run (at step 5)",
+                          "--resume auto", "another --out", "--overwrite")
+        r = self.train(out, *args, "--overwrite")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        rows = [json.loads(l) for l in read(os.path.join(out, "metrics.jsonl")).splitlines()]
+        self.assertEqual([row["step"] for row in rows if "loss" in row], [1, 2, 3, 4, 5])
+        self.assertEqual(sorted(d for d in os.listdir(out) if d.startswith("ckpt-")),
+                         ["ckpt-00000005"])
+        self.assertEqual(read(os.path.join(out, "notes.txt")), "mine")
+        r = self.train(out, "--steps", "7", "--eval_every", "0", "--log_every", "1",
+                       "--resume", "auto")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        rows = [json.loads(l) for l in read(os.path.join(out, "metrics.jsonl")).splitlines()]
+        self.assertEqual([row["step"] for row in rows if "loss" in row], [1, 2, 3, 4, 5, 6, 7])
+        # A folder with metrics but no checkpoint yet holds a run too.
+        part = self.path("part")
+        os.makedirs(part)
+        with open(os.path.join(part, "metrics.jsonl"), "w") as f:
+            f.write('{"step": 3, "loss": 5.0}\n')
+        self.expect_error(self.train(part, *args), "(at step 3)")
+
+    def test_prepare_makes_the_shard_folder(self):
+        text = self.path("t.txt")
+        with open(text, "w") as f:
+            f.write("In the beginning God created the heaven and the earth.\n" * 50)
+        r = run("prepare", text, "--out", self.path("new/sub/t.bin"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertGreater(os.path.getsize(self.path("new/sub/t.bin")), 1000)
+        open(self.path("file"), "w").close()
+        self.expect_error(run("prepare", text, "--out", self.path("file/t.bin")),
+                          "cannot make the folder", "file")
+
     # --- outputs ---------------------------------------------------------------------------
     def test_run_folder_eval_generate(self):
         out = self.path("run")

@@ -123,7 +123,7 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
 struct TrainArgs {
   std::string config_file, resume, plan;
   int64_t stop_at = 0;
-  bool dry_run = false;
+  bool dry_run = false, overwrite = false;
   TrainConfig flags;
   std::vector<std::pair<std::string, CLI::Option*>> opts;
 };
@@ -183,6 +183,19 @@ void apply_plan(TrainConfig& cfg, const std::string& path, std::vector<std::stri
   for (const char* k :
        {"pp", "stages", "devices", "device", "micro", "batch", "accum", "seq", "dtype"})
     set.push_back(k);
+}
+
+// A fresh run's folder: refused when an earlier run is there, unless --overwrite (which removes
+// only what a run writes).
+void check_fresh_out(const std::string& out, bool overwrite) {
+  const int64_t step = run_found(out);
+  if (step < 0) return;
+  if (!overwrite)
+    throw Error("'" + out + "' already holds a run (at step " + std::to_string(step) +
+                "): continue it with --resume auto, or start again with another --out or with "
+                "--overwrite");
+  clear_run(out);
+  std::printf("  --overwrite: removed the run at step %lld in %s\n", (long long)step, out.c_str());
 }
 
 int run_train(TrainArgs& a) {
@@ -250,6 +263,9 @@ int run_train(TrainArgs& a) {
       }
     }
   }
+  // A fresh run into a folder that holds one would mix two loss curves and two runs' checkpoints.
+  if (a.resume.empty() && !auto_resume && !a.dry_run && lead_rank && !std::getenv("MXN_SUPERVISED"))
+    check_fresh_out(cfg.out, a.overwrite);
   if (a.stop_at < 0) throw Error("--stop-at must be >= 0");
   if (cfg.sft.empty() && cfg.data == TrainConfig().data && !std::filesystem::exists(cfg.data))
     throw Error("the default corpus '" + cfg.data +
@@ -510,6 +526,9 @@ std::function<int()> add_train(CLI::App& app) {
   sub->add_option("--plan", a->plan,
                   "run the layout a plan file holds (mxn plan --out): its devices, stages, "
                   "micro-batch and global batch");
+  sub->add_flag("--overwrite", a->overwrite,
+                "start afresh in an --out folder that holds a run: its checkpoints, "
+                "metrics.jsonl and loss.svg are removed first");
   sub->add_flag("--dry-run", a->dry_run,
                 "build the model on every device, measure them and print the plan; train nothing");
   for (auto& f : config_fields(a->flags)) {

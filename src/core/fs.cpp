@@ -44,6 +44,11 @@ void write_file_atomic(const std::string& path, std::string_view data) {
 void write_file_atomic(const std::string& path, const std::vector<std::string_view>& parts) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0 && errno == ENOENT) {
+    const std::string dir = std::filesystem::path(path).parent_path().string();
+    throw Error("cannot write " + path + ": the folder '" + (dir.empty() ? "." : dir) +
+                "' does not exist");
+  }
   if (fd < 0) throw Error("cannot write " + tmp + ": " + sys_err());
   for (std::string_view data : parts) {
     size_t done = 0;

@@ -62,6 +62,13 @@ std::string prepare_shard(const std::string& text_path, const std::string& out_p
   std::string out(reinterpret_cast<const char*>(&h), sizeof(h));
   out.reserve(sizeof(h) + size_t(n) * size_t(width));
   for (uint32_t t : tokens) out.append(reinterpret_cast<const char*>(&t), size_t(width));
+  // The shard's folder is made, as `mxn train --out` makes its run folder.
+  const auto dir = std::filesystem::path(out_path).parent_path();
+  std::error_code ec;
+  if (!dir.empty() && !std::filesystem::is_directory(dir) &&
+      !std::filesystem::create_directories(dir, ec))
+    throw Error("cannot make the folder '" + dir.string() + "' for '" + out_path +
+                "': " + (ec ? ec.message() : "a file of that name is in the way"));
   write_file_atomic(out_path, out);
   return "wrote " + out_path + ": " + std::to_string(cut) + " train and " +
          std::to_string(n - cut) + " validation tokens (" + kind + ", vocab " +

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -79,6 +80,43 @@ void write_loss_svg(const std::string& run_dir) {
   if (!val.empty()) poly(val, "#ff7f0e");
   s << "</svg>\n";
   write_file_atomic((std::filesystem::path(run_dir) / "loss.svg").string(), s.str());
+}
+
+namespace {
+bool is_checkpoint_dir(const std::filesystem::directory_entry& e) {
+  return e.is_directory() && e.path().filename().string().rfind("ckpt-", 0) == 0;
+}
+}  // namespace
+
+int64_t run_found(const std::string& run_dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(run_dir, ec)) return -1;
+  int64_t step = -1;
+  for (const auto& e : fs::directory_iterator(run_dir, ec))
+    if (is_checkpoint_dir(e) && e.path().extension() != ".tmp")
+      step = std::max<int64_t>(step, std::strtoll(e.path().filename().c_str() + 5, nullptr, 10));
+  if (step >= 0) return step;
+  std::ifstream f(fs::path(run_dir) / "metrics.jsonl");
+  if (!f) return -1;
+  step = 0;
+  for (std::string line; std::getline(f, line);) {
+    const auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer())
+      step = std::max<int64_t>(step, j["step"].get<int64_t>());
+  }
+  return step;
+}
+
+void clear_run(const std::string& run_dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<fs::path> doomed;
+  for (const auto& e : fs::directory_iterator(run_dir, ec))
+    if (is_checkpoint_dir(e)) doomed.push_back(e.path());
+  for (const char* f : {"latest", "metrics.jsonl", "loss.svg"})
+    doomed.push_back(fs::path(run_dir) / f);
+  for (const auto& p : doomed) fs::remove_all(p);
 }
 
 }  // namespace mxn
