@@ -19,8 +19,11 @@ std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
   for (const auto& p : prompts) longest = std::max<int64_t>(longest, int64_t(p.size()));
   auto dev = open_device(o.device, int(o.threads));
   const int64_t capacity = std::min<int64_t>(src.cfg.max_pos, longest + o.max_tokens);
-  Engine engine(src.cfg, src.weights, src.what, *dev, slots, capacity, 256, 0, 16, {},
-                weight_dtype(o, src, *dev));
+  EngineOptions eo;
+  eo.slots = slots;
+  eo.capacity = capacity;
+  eo.weights = weight_dtype(o, src, *dev);
+  Engine engine(src.cfg, src.weights, src.what, *dev, eo);
   std::vector<int64_t> ids;
   for (size_t i = 0; i < prompts.size(); ++i) {
     EngineRequest r;

@@ -72,7 +72,7 @@ struct ServedModel::Replica {
   std::string model, device;
   std::unique_ptr<Device> dev;
   std::unique_ptr<Engine> engine;
-  int64_t max_queue = 0, fail_at = 0;  // fail_at: a test hook's injected fault (a step), 0 none
+  int64_t fail_at = 0;  // fail_at: a test hook's injected fault (a step), 0 none
   std::mutex m;
   std::condition_variable cv;
   bool stop = false;
@@ -94,14 +94,21 @@ struct ServedModel::Replica {
   Replica(const std::string& name, const ModelSource& src, const std::string& spec,
           const ServeOptions& o, int64_t context, int64_t blocks,
           const std::vector<Adapter>& adapters)
-      : model(name), dev(open_device(spec, int(o.threads))), max_queue(o.max_queue) {
+      : model(name), dev(open_device(spec, int(o.threads))) {
     device = dev->name();
     const bool cpu = device.rfind("cpu", 0) == 0;
     if (o.weights == "bf16" && !cpu)
       throw Error("--weights bf16 is for the CPU backend so far; " + device + " takes f32");
     const DType wdt = o.weights == "bf16" ? DType::bf16 : DType::f32;
-    engine = std::make_unique<Engine>(src.cfg, src.weights, src.what, *dev, o.slots, context, 256,
-                                      blocks, kBlock, adapters, wdt);
+    EngineOptions eo;
+    eo.slots = o.slots;
+    eo.capacity = context;
+    eo.blocks = blocks;
+    eo.block = kBlock;
+    eo.max_waiting = o.max_queue;
+    eo.adapters = adapters;
+    eo.weights = wdt;
+    engine = std::make_unique<Engine>(src.cfg, src.weights, src.what, *dev, eo);
     probe();
     if (const char* f = std::getenv("MXN_TEST_SERVE_FAIL")) {  // tests: "DEVICE@STEP"
       const std::string s = f;
@@ -146,7 +153,6 @@ struct ServedModel::Replica {
     auto ch = std::make_shared<Channel>();
     std::lock_guard<std::mutex> l(m);
     if (failed) throw NoReplica{};
-    if (engine->waiting() >= max_queue) throw QueueFull{};
     const int64_t left = r.max_tokens;
     const int64_t id = engine->submit(std::move(r));
     live[id] = ch;

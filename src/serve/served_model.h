@@ -45,7 +45,6 @@ struct Channel {
   }
 };
 
-struct QueueFull {};  // the chosen replica's queue of waiting requests is at --max-queue
 struct NoReplica {};  // every replica of the model has failed
 
 struct Ticket {  // a submitted request: its replica and its id there
