@@ -46,7 +46,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     const auto j =
         mxn::parse_body(std::string_view(reinterpret_cast<const char*>(data) + 1, size - 1));
-    const mxn::ApiRequest r = mxn::read_request(j, chat, m, 7);
+    const mxn::ApiRequest r = chat ? mxn::read_chat(j, m, 7) : mxn::read_completion(j, m, 7);
     const auto& e = r.engine;
     if (e.prompt.empty() || e.max_tokens < 1 || int64_t(e.prompt.size()) >= m.context ||
         e.max_tokens > m.context - int64_t(e.prompt.size()))

@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "infer/text_stream.h"
+#include "serve/http.h"
 #include "serve/http_guard.h"
 #include "serve/request.h"
 
@@ -14,9 +15,6 @@ namespace {
 
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
-
-// JSON text with invalid UTF-8 (a byte-level token's piece) replaced, never an exception.
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 json bytes(const std::string& s) {
   json b = json::array();

@@ -203,12 +203,14 @@ json parse_body(std::string_view body) {
   return j;
 }
 
-ApiRequest read_request(const json& j, bool chat, const ModelLimits& m, uint64_t seed) {
+namespace {
+// The fields both endpoints share, sampling and output first: a wrong one is named before any
+// tokenizing is done.
+ApiRequest read_common(const json& j, bool chat, const ModelLimits& m, uint64_t seed) {
   ApiRequest out;
   EngineRequest& r = out.engine;
   refuse_unsupported(j, chat);
   constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
-  // Sampling and output fields first: a wrong one is named before any tokenizing is done.
   r.sampling.temperature = real(j, "temperature", 1.0, 0, 1e6);
   r.sampling.top_p = real(j, "top_p", 1.0, 0, 1);
   if (r.sampling.top_p <= 0) bad("'top_p' must be in (0, 1]");
@@ -225,43 +227,55 @@ ApiRequest read_request(const json& j, bool chat, const ModelLimits& m, uint64_t
   r.logit_bias = logit_bias(j, m.vocab);
   out.stream = boolean(j, "stream", false);
   out.stops = stops(j);
-  // Log-probabilities: completions take "logprobs": N; chat "logprobs": true with
-  // "top_logprobs": N.
-  if (chat) {
-    const bool want = boolean(j, "logprobs", false);
-    const int64_t top = integer(j, "top_logprobs", 0, 0, 20);
-    if (field(j, "top_logprobs") && !want) bad("'top_logprobs' needs \"logprobs\": true");
-    r.logprobs = want ? top : -1;
-  } else {
-    r.logprobs = integer(j, "logprobs", -1, 0, 20);
-  }
-  const char* max_key =
-      chat && field(j, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
-  const int64_t max_tokens = integer(j, max_key, 0, 1, kMax);  // 0: not given
+  return out;
+}
 
-  if (chat) {
-    if (!m.tok) bad("the model has no tokenizer files; it cannot take chat messages");
-    if (!m.has_chat) bad("the model has no chat format (a base model): use /v1/completions");
-    const std::vector<ChatMessage> msgs = messages(j);
-    size_t bytes = 0;
-    for (const ChatMessage& c : msgs) bytes += c.content.size();
-    check_text_fits(bytes, m);
-    r.prompt = chat_prompt(m.chat, msgs, *m.tok);
-    r.stop_ids = chat_stop_ids(m.chat, *m.tok);
-  } else {
-    r.prompt = prompt_ids(j, m);
-  }
+// The prompt's length against the context, and max_tokens (`key` in the body; 0: not given, then
+// as many as fit up to `dflt`).
+void fit_length(EngineRequest& r, int64_t max_tokens, const char* key, int64_t dflt,
+                const ModelLimits& m) {
   const int64_t n = int64_t(r.prompt.size());
   if (n == 0) bad("the prompt is empty");
   // n < context leaves room for one token; max_tokens is compared with what is left, so no sum
   // of a prompt and a count near 2^63 can overflow.
   if (n >= m.context || max_tokens > m.context - n)
-    bad("the prompt (" + std::to_string(n) + " tokens) and " + max_key + " (" +
+    bad("the prompt (" + std::to_string(n) + " tokens) and " + key + " (" +
             std::to_string(max_tokens > 0 ? max_tokens : 1) + ") exceed the context of " +
             std::to_string(m.context) + " tokens",
         "context_length_exceeded");
-  // Not given: as many as fit, up to the usual default (OpenAI's 16 for completions).
-  r.max_tokens = max_tokens > 0 ? max_tokens : std::min<int64_t>(chat ? 256 : 16, m.context - n);
+  r.max_tokens = max_tokens > 0 ? max_tokens : std::min<int64_t>(dflt, m.context - n);
+}
+}  // namespace
+
+ApiRequest read_completion(const json& j, const ModelLimits& m, uint64_t seed) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  ApiRequest out = read_common(j, false, m, seed);
+  out.engine.logprobs = integer(j, "logprobs", -1, 0, 20);  // the legacy shape: N alternatives
+  const int64_t max_tokens = integer(j, "max_tokens", 0, 1, kMax);
+  out.engine.prompt = prompt_ids(j, m);
+  fit_length(out.engine, max_tokens, "max_tokens", 16, m);  // OpenAI's default: 16
+  return out;
+}
+
+ApiRequest read_chat(const json& j, const ModelLimits& m, uint64_t seed) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  ApiRequest out = read_common(j, true, m, seed);
+  EngineRequest& r = out.engine;
+  const bool want = boolean(j, "logprobs", false);  // "logprobs": true, "top_logprobs": N
+  const int64_t top = integer(j, "top_logprobs", 0, 0, 20);
+  if (field(j, "top_logprobs") && !want) bad("'top_logprobs' needs \"logprobs\": true");
+  r.logprobs = want ? top : -1;
+  const char* key = field(j, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+  const int64_t max_tokens = integer(j, key, 0, 1, kMax);
+  if (!m.tok) bad("the model has no tokenizer files; it cannot take chat messages");
+  if (!m.has_chat) bad("the model has no chat format (a base model): use /v1/completions");
+  const std::vector<ChatMessage> msgs = messages(j);
+  size_t bytes = 0;
+  for (const ChatMessage& c : msgs) bytes += c.content.size();
+  check_text_fits(bytes, m);
+  r.prompt = chat_prompt(m.chat, msgs, *m.tok);
+  r.stop_ids = chat_stop_ids(m.chat, *m.tok);
+  fit_length(r, max_tokens, key, 256, m);
   return out;
 }
 

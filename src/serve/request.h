@@ -44,8 +44,10 @@ struct ApiRequest {
   std::vector<std::string> stops;
 };
 
-// The request of a parsed body for /v1/chat/completions (`chat`) or /v1/completions. `seed`: the
-// sampler's seed when the body gives none.
-ApiRequest read_request(const nlohmann::json& j, bool chat, const ModelLimits& m, uint64_t seed);
+// The typed request of a parsed body, one function per endpoint: /v1/completions (a prompt as text
+// or token ids) and /v1/chat/completions (messages in the model's chat format). `seed`: the
+// sampler's seed when the body gives none. HttpError 400 naming the field that is wrong.
+ApiRequest read_completion(const nlohmann::json& j, const ModelLimits& m, uint64_t seed);
+ApiRequest read_chat(const nlohmann::json& j, const ModelLimits& m, uint64_t seed);
 
 }  // namespace mxn
