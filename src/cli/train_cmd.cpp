@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "backend/device.h"
@@ -198,9 +199,9 @@ void check_fresh_out(const std::string& out, bool overwrite) {
   std::printf("  --overwrite: removed the run at step %lld in %s\n", (long long)step, out.c_str());
 }
 
-int run_train(TrainArgs& a) {
-  watch_stop_signals();  // first: before any thread exists
-  TrainConfig cfg;
+// The run's config: the TOML file's keys, then the flags given, then a plan file's layout.
+// Returns the names of the keys set (a resumed run takes only those from now).
+std::vector<std::string> gather_config(const TrainArgs& a, TrainConfig& cfg) {
   std::vector<std::string> set;
   if (!a.config_file.empty()) {
     if (!std::filesystem::is_regular_file(a.config_file))
@@ -213,6 +214,12 @@ int run_train(TrainArgs& a) {
       set.push_back(name);
     }
   if (!a.plan.empty()) apply_plan(cfg, a.plan, set);
+  return set;
+}
+
+// --resume: the checkpoint to continue from (auto: the run folder's newest good one, or none),
+// and its config with the keys given now; the model's shape cannot change.
+void resume_config(TrainArgs& a, TrainConfig& cfg, const std::vector<std::string>& set) {
   const bool lead_rank = rank_from_env().rank == 0;
   auto warn = [&](const std::string& w) {
     if (lead_rank) std::fprintf(stderr, "mxn: warning: %s\n", w.c_str());
@@ -263,8 +270,13 @@ int run_train(TrainArgs& a) {
       }
     }
   }
+}
+
+// What no rank can start without: a fresh run folder, a step to stop at, the default corpus, and
+// values each field allows.
+void check_start(const TrainArgs& a, bool resuming, TrainConfig& cfg) {
   // A fresh run into a folder that holds one would mix two loss curves and two runs' checkpoints.
-  if (a.resume.empty() && !auto_resume && !a.dry_run && lead_rank && !std::getenv("MXN_SUPERVISED"))
+  if (!resuming && !a.dry_run && rank_from_env().rank == 0 && !std::getenv("MXN_SUPERVISED"))
     check_fresh_out(cfg.out, a.overwrite);
   if (a.stop_at < 0) throw Error("--stop-at must be >= 0");
   if (cfg.sft.empty() && cfg.data == TrainConfig().data && !std::filesystem::exists(cfg.data))
@@ -272,29 +284,37 @@ int run_train(TrainArgs& a) {
                 "' is missing: run scripts/setup (it prepares "
                 "it), or pass --data FILE");
   cfg.validate();
-  if (cfg.devices == "all") {  // every device here that adds speed, one rank each
-    cfg.devices.clear();
-    const std::vector<std::string> here = available_devices();
-    const auto shared = devices_on_shared_cores(here);
-    for (const auto& d : here) {
-      auto on =
-          std::find_if(shared.begin(), shared.end(), [&](const auto& s) { return s.first == d; });
-      if (on != shared.end()) {  // mxn plan's rule: two chips on one set of cores both slow down
-        if (rank_from_env().rank == 0)
-          std::printf(
-              "  %s left out of --devices all: it computes on %s's cores, so the two would split "
-              "them and the job would be slower than on %s alone at any batch (mxn plan --cluster "
-              "here --model ... prices both); name it in --devices to use it anyway\n",
-              d.c_str(), on->second.c_str(), on->second.c_str());
-        continue;
-      }
-      cfg.devices += (cfg.devices.empty() ? "" : ",") + d;
+}
+
+// --devices all: every device here that adds speed, one rank each.
+void expand_all_devices(TrainConfig& cfg) {
+  cfg.devices.clear();
+  const std::vector<std::string> here = available_devices();
+  const auto shared = devices_on_shared_cores(here);
+  for (const auto& d : here) {
+    auto on =
+        std::find_if(shared.begin(), shared.end(), [&](const auto& s) { return s.first == d; });
+    if (on != shared.end()) {  // mxn plan's rule: two chips on one set of cores both slow down
+      if (rank_from_env().rank == 0)
+        std::printf(
+            "  %s left out of --devices all: it computes on %s's cores, so the two would split "
+            "them and the job would be slower than on %s alone at any batch (mxn plan --cluster "
+            "here --model ... prices both); name it in --devices to use it anyway\n",
+            d.c_str(), on->second.c_str(), on->second.c_str());
+      continue;
     }
-    if (cfg.devices.find(',') == std::string::npos) {  // one device: no ranks to start
-      cfg.device = cfg.devices;
-      cfg.devices.clear();
-    }
+    cfg.devices += (cfg.devices.empty() ? "" : ",") + d;
   }
+  if (cfg.devices.find(',') == std::string::npos) {  // one device: no ranks to start
+    cfg.device = cfg.devices;
+    cfg.devices.clear();
+  }
+}
+
+// This process's place in the job: with several devices and no launcher, the supervisor that
+// starts a rank for each (its exit code returned); under a launcher, the rank's device. One
+// device with --max-restarts: this process supervises the one rank.
+std::optional<int> place_rank(TrainConfig& cfg) {
   const std::vector<std::string> devs = split_devices(cfg.devices);
   if (!devs.empty()) {
     const auto here = available_devices();
@@ -330,20 +350,12 @@ int run_train(TrainArgs& a) {
   if (devs.size() <= 1 && cfg.max_restarts > 0 && rank_from_env().world == 1 &&
       !std::getenv("MXN_SUPERVISED"))  // one device, watched and restarted by this process
     return supervise(job({cfg.device}, cfg));
-  Communicator& comm = Communicator::world();
-  fault_set_rank(comm.rank());
-  Heartbeat beat(comm.rank(), 1.0);
-  fault_point("start", 0);
-  const bool lead = comm.rank() == 0;  // rank 0 prints, writes metrics and checkpoints
+  return std::nullopt;
+}
 
-  Trainer tr(cfg, a.resume, &comm);
+// The run's first lines: the model, the device, the memory it takes, the ranks' plan.
+void print_start(Trainer& tr, const Communicator& comm) {
   const TrainConfig& c = tr.config();
-  if (lead && !a.dry_run) std::filesystem::create_directories(c.out);
-  if (!lead) {
-    if (std::freopen("/dev/null", "w", stdout) == nullptr) { /* keep stdout */
-    }
-  }
-  const int64_t tokens_per_step = c.batch * c.accum * c.seq_len();
   const DecoderConfig d = c.decoder_config();
   std::printf(
       "mxn train: %s %lld layers, %lld heads (%lld kv), width %lld, context %lld: %.2fM "
@@ -353,161 +365,223 @@ int run_train(TrainArgs& a) {
       c.model.dir.empty() ? "" : ", from ", c.model.dir.c_str());
   std::printf("  device %s (%s), dtype %s, %lld tokens/step, data %s, run folder %s\n",
               tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(),
-              (long long)tokens_per_step, c.data.c_str(), c.out.c_str());
-  {
-    const TrainConfig& tc = tr.config();
-    auto size = [](double bytes) {
-      char b[32];
-      std::snprintf(b, sizeof b, bytes < (1 << 30) ? "%.0f MiB" : "%.2f GiB",
-                    bytes / (bytes < (1 << 30) ? 1 << 20 : 1 << 30));
-      return std::string(b);
-    };
-    std::printf("  memory on %s: weights and gradients %s, AdamW %s, activations %s (%s%s)\n",
-                tr.device().name().c_str(), size(double(tr.param_count()) * 8).c_str(),
-                size(double(tr.optimizer_bytes())).c_str(), size(double(tr.arena_bytes())).c_str(),
-                tc.recompute ? "norms and MLP activations recomputed" : "--recompute 0: all kept",
-                tc.gelu_bf16 && tc.attn_bf16 ? ", GELU inputs and q, k, v kept in bf16"
-                : tc.gelu_bf16               ? ", GELU inputs kept in bf16"
-                : tc.attn_bf16               ? ", q, k, v kept in bf16"
-                                             : "");
-  }
+              (long long)(c.batch * c.accum * c.seq_len()), c.data.c_str(), c.out.c_str());
+  auto size = [](double bytes) {
+    char b[32];
+    std::snprintf(b, sizeof b, bytes < (1 << 30) ? "%.0f MiB" : "%.2f GiB",
+                  bytes / (bytes < (1 << 30) ? 1 << 20 : 1 << 30));
+    return std::string(b);
+  };
+  std::printf("  memory on %s: weights and gradients %s, AdamW %s, activations %s (%s%s)\n",
+              tr.device().name().c_str(), size(double(tr.param_count()) * 8).c_str(),
+              size(double(tr.optimizer_bytes())).c_str(), size(double(tr.arena_bytes())).c_str(),
+              c.recompute ? "norms and MLP activations recomputed" : "--recompute 0: all kept",
+              c.gelu_bf16 && c.attn_bf16 ? ", GELU inputs and q, k, v kept in bf16"
+              : c.gelu_bf16              ? ", GELU inputs kept in bf16"
+              : c.attn_bf16              ? ", q, k, v kept in bf16"
+                                         : "");
   if (comm.size() > 1) print_plan(tr, rank_devices(c, comm.size()));
+}
+
+// The steps to `last`, or to a stop signal any rank took: a metrics row and a progress line each,
+// evaluation and checkpoints at their intervals; then the last checkpoint and the run's summary.
+class StepLoop {
+ public:
+  StepLoop(Trainer& tr, Communicator& comm, Heartbeat& beat, int64_t stop_at)
+      : tr_(tr),
+        c_(tr.config()),
+        comm_(comm),
+        beat_(beat),
+        lead_(comm.rank() == 0),
+        // Under mpirun stdout is a pseudo-terminal even when mpirun's is not: plain lines there.
+        tty_(isatty(STDOUT_FILENO) && comm.size() == 1),
+        last_(stop_at > 0 ? std::min(stop_at, c_.steps) : c_.steps),
+        first_(tr.current_step()) {}
+
+  void run() {
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t tokens_per_step = c_.batch * c_.accum * c_.seq_len();
+    rusage ru{};
+    while (tr_.current_step() < last_ && !stop_requested()) {
+      const auto ts = std::chrono::steady_clock::now();
+      const float loss = tr_.step();
+      getrusage(RUSAGE_SELF, &ru);
+      train_peak_kib_ = ru.ru_maxrss;  // the high-water mark after the step, before evaluation
+      const int64_t s = tr_.current_step();
+      if (!std::isfinite(loss))
+        throw Error("the loss became " + std::to_string(loss) + " at step " + std::to_string(s) +
+                    " (try a lower --lr); no checkpoint was written for it, the last good one "
+                    "is in " +
+                    c_.out);
+      const auto now = std::chrono::steady_clock::now();
+      const double elapsed = std::chrono::duration<double>(now - t0).count();
+      nlohmann::json row = {{"step", s},
+                            {"loss", loss},
+                            {"lr", tr_.lr_at(s)},
+                            {"grad_norm", tr_.last_grad_norm()},
+                            {"tokens_per_s", double(tokens_per_step * (s - first_)) / elapsed},
+                            {"step_s", std::chrono::duration<double>(now - ts).count()}};
+      const bool eval_now = (c_.eval_every > 0 && s % c_.eval_every == 0) || s == last_;
+      if (eval_now) row["val_loss"] = tr_.eval_loss();
+      beat_.step(s);
+      if (c_.ckpt_every > 0 && s % c_.ckpt_every == 0 && s != last_) checkpoint(row);
+      if (lead_) append_metrics(c_.out, row);
+      progress(row, elapsed / double(s - first_) * double(last_ - s), eval_now);
+    }
+  }
+
+  int finish() {
+    const bool stopped = tr_.current_step() < last_;
+    if (tty_) std::printf("\n");
+    if (tr_.device().profiling()) std::printf("%s", tr_.device().profile_report().c_str());
+    if (comm_.size() > 1 && tr_.mean_step_seconds() > 0 && tr_.plan().pipeline.empty()) {
+      const double pred = tr_.plan().predicted_step_s, got = tr_.mean_step_seconds();
+      std::printf(
+          "plan: predicted %.3f s/step, measured %.3f s/step (%+.1f%%); split corrected %d "
+          "times; rank 0 waited %.1f ms/step for gradient reduces after its backward\n",
+          pred, got, 100.0 * (got - pred) / pred, tr_.plan().rebalances,
+          tr_.mean_exposed_reduce_seconds() * 1e3);
+    }
+    report(writer_.wait());
+    const std::string where = last_checkpoint();
+    const int code = stopped && stops_[0] > 0 ? 130 : 0;
+    if (!lead_) return code;
+    write_loss_svg(c_.out);
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    std::printf(
+        "peak resident memory: %.2f GiB in training steps, %.2f GiB with evaluation and "
+        "checkpointing\n",
+        double(train_peak_kib_) / (1 << 20), double(ru.ru_maxrss) / (1 << 20));
+    if (stopped && code == 0)
+      std::printf(
+          "stopped at step %lld; preempted by %s, checkpoint %s. Resume with: mxn train "
+          "--resume auto --out %s\n",
+          (long long)tr_.current_step(), stops_[1] > 0 ? "SIGTERM" : "SIGUSR1", where.c_str(),
+          c_.out.c_str());
+    else
+      std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",
+                  stopped ? "stopped" : "done", (long long)tr_.current_step(), where.c_str(),
+                  c_.out.c_str(), c_.out.c_str());
+    return code;
+  }
+
+ private:
+  // Every rank stops at the same step: the signals any rank took, summed (SIGINT, SIGTERM,
+  // SIGUSR1). SIGINT is the user's interrupt (exit 130); the others are a preemption (exit 0).
+  bool stop_requested() {
+    const int sig = stop_signal();
+    double f[3] = {sig == SIGINT ? 1.0 : 0.0, sig == SIGTERM ? 1.0 : 0.0,
+                   sig == SIGUSR1 ? 1.0 : 0.0};
+    comm_.all_reduce_sum(f, 3);
+    std::copy(f, f + 3, stops_);
+    return f[0] + f[1] + f[2] > 0;
+  }
+
+  // A checkpoint that could not be written (a full disk) is said once; training goes on, since
+  // the previous checkpoint is intact and the next interval tries again.
+  std::string report(const CheckpointWriter::Result& r) {
+    if (r.error.empty() || !lead_) return r.error;
+    const std::string prev = newest_checkpoint(c_.out);
+    std::fprintf(stderr,
+                 "mxn: warning: the checkpoint of step %lld was not written: %s. The previous "
+                 "one (%s) is intact; training goes on and tries again in %lld steps\n",
+                 (long long)r.step, r.error.c_str(), prev.empty() ? "none" : prev.c_str(),
+                 (long long)c_.ckpt_every);
+    return "step " + std::to_string(r.step) + ": " + r.error;
+  }
+
+  void checkpoint(nlohmann::json& row) {  // every rank
+    const auto tc = std::chrono::steady_clock::now();
+    std::string failed;
+    if (c_.ckpt_async) {
+      failed = report(tr_.save_async(writer_));
+    } else {
+      try {
+        tr_.save();
+      } catch (const Error& e) {
+        failed = report({tr_.current_step(), "", e.what()});
+      }
+    }
+    row["ckpt_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+    if (!failed.empty()) row["ckpt_error"] = failed;
+  }
+
+  void progress(const nlohmann::json& row, double eta, bool eval_now) {
+    const int64_t s = row["step"].get<int64_t>();
+    char line[256];
+    std::snprintf(line, sizeof(line),
+                  "step %5lld/%lld | loss %.4f | lr %.2e | %7.0f tok/s | ETA %s", (long long)s,
+                  (long long)last_, row["loss"].get<double>(), tr_.lr_at(s),
+                  row["tokens_per_s"].get<double>(), fmt_duration(eta).c_str());
+    if (tty_)
+      std::printf("\r%-100s", line);
+    else if (s % c_.log_every == 0 || s == last_)
+      std::printf("%s\n", line);
+    if (eval_now)
+      std::printf("%sstep %lld: val loss %.4f\n", tty_ ? "\n" : "", (long long)s,
+                  row["val_loss"].get<double>());
+    if (const std::string change = tr_.take_plan_change(); !change.empty())
+      std::printf("%s%s\n", tty_ ? "\n" : "", change.c_str());
+    std::fflush(stdout);
+  }
+
+  // The last checkpoint cannot be skipped: when it fails, stop and say what is left.
+  std::string last_checkpoint() {
+    try {
+      return tr_.save();
+    } catch (const Error& e) {
+      const std::string prev = newest_checkpoint(c_.out);
+      throw Error(std::string(e.what()) + ". Training stopped at step " +
+                  std::to_string(tr_.current_step()) + "; the newest checkpoint on disk is " +
+                  (prev.empty() ? "none was written" : prev) +
+                  " (free space, then resume from it with: mxn train --resume auto --out " +
+                  c_.out + ")");
+    }
+  }
+
+  Trainer& tr_;
+  const TrainConfig& c_;
+  Communicator& comm_;
+  Heartbeat& beat_;
+  const bool lead_, tty_;
+  const int64_t last_, first_;
+  double stops_[3] = {0, 0, 0};
+  long train_peak_kib_ = 0;
+  CheckpointWriter writer_;
+};
+
+int run_train(TrainArgs& a) {
+  watch_stop_signals();  // first: before any thread exists
+  TrainConfig cfg;
+  const std::vector<std::string> set = gather_config(a, cfg);
+  const bool resuming = !a.resume.empty();  // auto included: a fresh start there is a restart's
+  resume_config(a, cfg, set);
+  check_start(a, resuming, cfg);
+  if (cfg.devices == "all") expand_all_devices(cfg);
+  if (const std::optional<int> code = place_rank(cfg)) return *code;
+  Communicator& comm = Communicator::world();
+  fault_set_rank(comm.rank());
+  Heartbeat beat(comm.rank(), 1.0);
+  fault_point("start", 0);
+  const bool lead = comm.rank() == 0;  // rank 0 prints, writes metrics and checkpoints
+  Trainer tr(cfg, a.resume, &comm);
+  if (lead && !a.dry_run) std::filesystem::create_directories(tr.config().out);
+  if (!lead && std::freopen("/dev/null", "w", stdout) == nullptr) { /* keep stdout */
+  }
+  print_start(tr, comm);
   if (a.dry_run) {  // the model is built and every device measured; nothing is trained or written
     std::printf("dry run: nothing trained, nothing written\n");
     return 0;
   }
   if (tr.current_step() > 0) {
     std::printf("  resumed at step %lld\n", (long long)tr.current_step());
-    if (lead) truncate_metrics(c.out, tr.current_step());
+    if (lead) truncate_metrics(tr.config().out, tr.current_step());
   }
   std::fflush(stdout);
-
-  // Under mpirun stdout is a pseudo-terminal even when mpirun's is not: plain lines there.
-  const bool tty = isatty(STDOUT_FILENO) && comm.size() == 1;
-  const int64_t last = a.stop_at > 0 ? std::min(a.stop_at, c.steps) : c.steps;
-  const int64_t first = tr.current_step();
-  auto t0 = std::chrono::steady_clock::now();
-  float loss = 0;
-  // Every rank stops at the same step: the signals any rank took, summed (SIGINT, SIGTERM,
-  // SIGUSR1). SIGINT is the user's interrupt (exit 130); the others are a preemption (exit 0).
-  double stops[3] = {0, 0, 0};
-  auto stop_requested = [&] {
-    const int sig = stop_signal();
-    double f[3] = {sig == SIGINT ? 1.0 : 0.0, sig == SIGTERM ? 1.0 : 0.0,
-                   sig == SIGUSR1 ? 1.0 : 0.0};
-    comm.all_reduce_sum(f, 3);
-    std::copy(f, f + 3, stops);
-    return f[0] + f[1] + f[2] > 0;
-  };
-  // A checkpoint that could not be written (a full disk) is said once; training goes on, since
-  // the previous checkpoint is intact and the next interval tries again.
-  CheckpointWriter writer;
-  auto report = [&](const CheckpointWriter::Result& r) -> std::string {
-    if (r.error.empty() || !lead) return r.error;
-    const std::string prev = newest_checkpoint(c.out);
-    std::fprintf(stderr,
-                 "mxn: warning: the checkpoint of step %lld was not written: %s. The previous "
-                 "one (%s) is intact; training goes on and tries again in %lld steps\n",
-                 (long long)r.step, r.error.c_str(), prev.empty() ? "none" : prev.c_str(),
-                 (long long)c.ckpt_every);
-    return "step " + std::to_string(r.step) + ": " + r.error;
-  };
-  rusage ru{};
-  long train_peak_kib = 0;  // the high-water mark after the last step, before its evaluation
-  while (tr.current_step() < last && !stop_requested()) {
-    auto ts = std::chrono::steady_clock::now();
-    loss = tr.step();
-    getrusage(RUSAGE_SELF, &ru);
-    train_peak_kib = ru.ru_maxrss;
-    const int64_t s = tr.current_step();
-    if (!std::isfinite(loss))
-      throw Error(
-          "the loss became " + std::to_string(loss) + " at step " + std::to_string(s) +
-          " (try a lower --lr); no checkpoint was written for it, the last good one is in " +
-          c.out);
-    auto now = std::chrono::steady_clock::now();
-    const double step_s = std::chrono::duration<double>(now - ts).count();
-    const double elapsed = std::chrono::duration<double>(now - t0).count();
-    const double tps = double(tokens_per_step * (s - first)) / elapsed;
-    const double eta = elapsed / double(s - first) * double(last - s);
-    nlohmann::json row = {{"step", s},           {"loss", loss},
-                          {"lr", tr.lr_at(s)},   {"grad_norm", tr.last_grad_norm()},
-                          {"tokens_per_s", tps}, {"step_s", step_s}};
-    const bool eval_now = (c.eval_every > 0 && s % c.eval_every == 0) || s == last;
-    if (eval_now) row["val_loss"] = tr.eval_loss();
-    beat.step(s);
-    if (c.ckpt_every > 0 && s % c.ckpt_every == 0 && s != last) {  // every rank
-      const auto tc = std::chrono::steady_clock::now();
-      std::string failed;
-      if (c.ckpt_async) {
-        failed = report(tr.save_async(writer));
-      } else {
-        try {
-          tr.save();
-        } catch (const Error& e) {
-          failed = report({s, "", e.what()});
-        }
-      }
-      row["ckpt_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
-      if (!failed.empty()) row["ckpt_error"] = failed;
-    }
-    if (lead) append_metrics(c.out, row);
-    char line[256];
-    std::snprintf(line, sizeof(line),
-                  "step %5lld/%lld | loss %.4f | lr %.2e | %7.0f tok/s | ETA %s", (long long)s,
-                  (long long)last, loss, tr.lr_at(s), tps, fmt_duration(eta).c_str());
-    if (tty)
-      std::printf("\r%-100s", line);
-    else if (s % c.log_every == 0 || s == last)
-      std::printf("%s\n", line);
-    if (eval_now)
-      std::printf("%sstep %lld: val loss %.4f\n", tty ? "\n" : "", (long long)s,
-                  row["val_loss"].get<double>());
-    if (const std::string change = tr.take_plan_change(); !change.empty())
-      std::printf("%s%s\n", tty ? "\n" : "", change.c_str());
-    std::fflush(stdout);
-  }
-  const bool stopped = tr.current_step() < last;
-  if (tty) std::printf("\n");
-  if (tr.device().profiling()) std::printf("%s", tr.device().profile_report().c_str());
-  if (comm.size() > 1 && tr.mean_step_seconds() > 0 && tr.plan().pipeline.empty()) {
-    const double pred = tr.plan().predicted_step_s, got = tr.mean_step_seconds();
-    std::printf(
-        "plan: predicted %.3f s/step, measured %.3f s/step (%+.1f%%); split corrected %d "
-        "times; rank 0 waited %.1f ms/step for gradient reduces after its backward\n",
-        pred, got, 100.0 * (got - pred) / pred, tr.plan().rebalances,
-        tr.mean_exposed_reduce_seconds() * 1e3);
-  }
-  report(writer.wait());
-  std::string where;
-  try {
-    where = tr.save();
-  } catch (const Error& e) {  // the last checkpoint cannot be skipped: stop, and say what is left
-    const std::string prev = newest_checkpoint(c.out);
-    throw Error(
-        std::string(e.what()) + ". Training stopped at step " + std::to_string(tr.current_step()) +
-        "; the newest checkpoint on disk is " + (prev.empty() ? "none was written" : prev) +
-        " (free space, then resume from it with: mxn train --resume auto --out " + c.out + ")");
-  }
-  const int code = stopped && stops[0] > 0 ? 130 : 0;
-  if (!lead) return code;
-  write_loss_svg(c.out);
-  getrusage(RUSAGE_SELF, &ru);
-  std::printf(
-      "peak resident memory: %.2f GiB in training steps, %.2f GiB with evaluation and "
-      "checkpointing\n",
-      double(train_peak_kib) / (1 << 20), double(ru.ru_maxrss) / (1 << 20));
-  if (stopped && code == 0)
-    std::printf(
-        "stopped at step %lld; preempted by %s, checkpoint %s. Resume with: mxn train "
-        "--resume auto --out %s\n",
-        (long long)tr.current_step(), stops[1] > 0 ? "SIGTERM" : "SIGUSR1", where.c_str(),
-        c.out.c_str());
-  else
-    std::printf("%s at step %lld; checkpoint %s; metrics %s/metrics.jsonl; curve %s/loss.svg\n",
-                stopped ? "stopped" : "done", (long long)tr.current_step(), where.c_str(),
-                c.out.c_str(), c.out.c_str());
-  return code;
+  StepLoop loop(tr, comm, beat, a.stop_at);
+  loop.run();
+  return loop.finish();
 }
 
 }  // namespace
