@@ -13,6 +13,7 @@
 #include "data/glm.h"
 #include "data/shard.h"
 #include "graph/program.h"
+#include "infer/adapter.h"
 #include "io/checkpoint.h"
 #include "io/train_config.h"
 #include "models/decoder.h"
@@ -95,6 +96,17 @@ class Trainer {
   std::string take_plan_change();
 
  private:
+  // Setup (trainer_setup.cpp), in the constructor's order.
+  Adapter start_adapter();
+  void open_data();
+  void setup_glm();
+  void choose_kernels();
+  std::vector<double> setup_ranks(const DecoderConfig& model);
+  void build_program();
+  void setup_optimizer();
+  void alloc_rows();
+  void load_weights(const Checkpoint* ck, const Adapter& start, const DecoderConfig& model);
+
   int variant_for(int64_t rows);  // builds the Program variant on first use
   void apply_split(const std::vector<int64_t>& split);
   // Uploads rows offsets_[0, rows) of `tokens`; with the GLM objective each row is blank-infilled

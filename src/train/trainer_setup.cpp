@@ -1,0 +1,288 @@
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/text.h"
+#include "data/chat.h"
+#include "data/tokenizer.h"
+#include "infer/adapter.h"
+#include "io/hf_folder.h"
+#include "parallel/balance.h"
+#include "train/trainer.h"
+
+// The Trainer's setup, step by step: the adapter it starts from, the data, the devices' kernels,
+// the ranks and their shares, the Program, the optimizer's state, the weights.
+namespace mxn {
+namespace {
+Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
+  return Tensor({n}, DType::f32, flat.buffer, flat.offset + uint64_t(begin) * 4);
+}
+}  // namespace
+
+Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator* comm)
+    : cfg_(cfg), comm_(comm && comm->size() > 1 ? comm : nullptr) {
+  Checkpoint ck;
+  if (!resume.empty()) ck = load_checkpoint(resume, true);
+  cfg_.resolve_model();
+  const Adapter start = resume.empty() ? start_adapter() : Adapter{};
+  open_data();
+  setup_glm();
+  cfg_.validate();
+  const DecoderConfig model = cfg_.decoder_config();
+  if (glm_ && model.vocab_size < data_.vocab() + 5)
+    throw Error("the glm objective needs vocab_size >= " + std::to_string(data_.vocab() + 5) +
+                " (the data's vocabulary and five special tokens); the model has " +
+                std::to_string(model.vocab_size));
+  dev_ = open_device(cfg_.device, int(cfg_.threads));
+  choose_kernels();
+  const std::vector<double> weights = setup_ranks(model);
+  build_program();
+  setup_optimizer();
+  alloc_rows();
+  load_weights(resume.empty() ? nullptr : &ck, start, model);
+  plan_ranks(weights);
+}
+
+// --adapter: the adapter training starts from; its shape becomes the run's.
+Adapter Trainer::start_adapter() {
+  Adapter start;
+  if (cfg_.finetune == "full" || cfg_.adapter.empty()) return start;
+  start = load_adapter(cfg_.adapter);
+  if (start.prefix != (cfg_.finetune == "ptuning"))
+    throw Error("adapter '" + cfg_.adapter + "' is a " +
+                (start.prefix ? "P-Tuning v2 prefix" : "LoRA adapter") + "; --finetune " +
+                cfg_.finetune + " trains " + (start.prefix ? "LoRA adapters" : "prefixes"));
+  cfg_.lora_r = start.spec.r;
+  cfg_.lora_alpha = start.spec.alpha;
+  cfg_.lora_dropout = start.dropout;
+  cfg_.lora_targets.clear();
+  for (const std::string& t : start.spec.targets)
+    cfg_.lora_targets += (cfg_.lora_targets.empty() ? "" : ",") + t;
+  if (start.prefix) {
+    if (cfg_.prefix_projection > 0)
+      throw Error("adapter '" + cfg_.adapter +
+                  "' holds prefix rows; --prefix_projection trains an MLP that makes them and "
+                  "cannot start from rows (use --prefix_projection 0)");
+    cfg_.prefix_len = start.prefix_len;
+    const DecoderConfig d = cfg_.decoder_config();
+    if (start.layers != d.layers || start.kv_dim != d.n_kv_heads() * d.hd())
+      throw Error("adapter for another base: the prefix in '" + cfg_.adapter + "' has " +
+                  std::to_string(start.layers) + " layers of " + std::to_string(start.kv_dim) +
+                  " key/value columns (tensor 'prompt_embeddings'); the model has " +
+                  std::to_string(d.layers) + " of " + std::to_string(d.n_kv_heads() * d.hd()));
+  }
+  return start;
+}
+
+// The token shard or text, or for SFT the conversations rendered once (the last 10%, at least
+// one, validate).
+void Trainer::open_data() {
+  if (cfg_.sft.empty()) {
+    data_ = TokenData::open(cfg_.data);
+  } else {  // conversations rendered once; the last 10% (at least one) validate
+    cfg_.validate();
+    const auto tok = load_tokenizer(cfg_.model.dir);
+    const ChatFormat f = chat_format(cfg_.model.dir, *tok);
+    const std::vector<std::string> lines = split(read_file(cfg_.sft, "SFT data"), '\n');
+    std::vector<ChatTokens> all;
+    for (size_t i = 0; i < lines.size(); ++i)
+      if (lines[i].find_first_not_of(" \t\r") != std::string::npos)
+        all.push_back(chat_conversation(
+            f, chat_messages_from_json(lines[i], cfg_.sft + ":" + std::to_string(i + 1)), *tok));
+    if (all.size() < 2)
+      throw Error("SFT data '" + cfg_.sft + "' has " + std::to_string(all.size()) +
+                  " conversations; at least 2 are needed (one for validation)");
+    const size_t n_val = std::max<size_t>(1, all.size() / 10);
+    sft_val_.assign(all.end() - int64_t(n_val), all.end());
+    all.resize(all.size() - n_val);
+    sft_train_ = std::move(all);
+  }
+}
+
+// GLM's blank infilling: five special tokens follow the data's vocabulary.
+void Trainer::setup_glm() {
+  glm_ = cfg_.objective == "glm";
+  if (glm_) {
+    // Five special tokens follow the data's vocabulary: [CLS] [MASK] [gMASK] [sop] [eop].
+    if (!cfg_.model.dir.empty())
+      throw Error(
+          "--objective glm takes a fresh model on byte-level or shard data for now; a "
+          "model folder's own [MASK]/[gMASK]/sop/eop tokens are not looked up yet");
+    const int32_t v = int32_t(data_.vocab());
+    glm_tokens_ = GlmTokens::after(v);
+    if (cfg_.decoder.is_null() || cfg_.decoder.empty())
+      cfg_.model.vocab_size = std::max<int64_t>(cfg_.model.vocab_size, v + 5);
+  }
+  cfg_.validate();
+  const DecoderConfig model = cfg_.decoder_config();
+  if (glm_ && model.vocab_size < data_.vocab() + 5)
+    throw Error("the glm objective needs vocab_size >= " + std::to_string(data_.vocab() + 5) +
+                " (the data's vocabulary and five special tokens); the model has " +
+                std::to_string(model.vocab_size));
+}
+
+// The fused head + cross-entropy where the device has it; values kept for the backward in bf16
+// where every rank's device takes them (so that all ranks round the same values).
+void Trainer::choose_kernels() {
+  {
+    const char* e = std::getenv("MXN_FUSED_HEAD");
+    cfg_.fused_head =
+        !(e && std::string(e) == "0") &&
+        dev_->supports(MXN_OP_CLASSIFIER_CE, cfg_.dtype == "bf16" ? DType::bf16 : DType::f32);
+  }
+  {
+    // Values kept for the backward in bf16, where every rank's device takes them (so that all
+    // ranks round the same values).
+    const char* e = std::getenv("MXN_BF16_ACTS");
+    const bool on = !(e && std::string(e) == "0") && cfg_.dtype == "bf16" &&
+                    dev_->supports(MXN_OP_CAST, DType::bf16);
+    auto takes = [&](mxn_op fwd, mxn_op bwd) {
+      return on && dev_->supports(fwd, DType::bf16) && dev_->supports(bwd, DType::bf16);
+    };
+    double able[3] = {double(takes(MXN_OP_GELU, MXN_OP_GELU_BWD)),
+                      double(takes(MXN_OP_ATTENTION, MXN_OP_ATTENTION_BWD)), 1.0};
+    if (comm_) comm_->all_reduce_sum(able, 3);
+    cfg_.gelu_bf16 = able[0] == able[2];
+    cfg_.attn_bf16 = able[1] == able[2];
+  }
+}
+
+// This rank's place (pipeline stages and replicas) and the split of the batch: the weights of
+// --split, or empty for the measured speeds.
+std::vector<double> Trainer::setup_ranks(const DecoderConfig& model) {
+  if (cfg_.sft.empty() && data_.vocab() > model.vocab_size)
+    throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +
+                " but the model's vocab_size is " + std::to_string(model.vocab_size));
+  world_ = comm_ ? comm_->size() : 1;
+  rank_ = comm_ ? comm_->rank() : 0;
+  if (comm_ && cfg_.pp > 1) pp_setup();  // one rank: the whole model, whatever pp says
+  const int64_t takers = pp_ > 1 ? replicas_ : world_;
+  if (cfg_.batch < takers)
+    throw Error("the global batch (" + std::to_string(cfg_.batch) +
+                " sequences) is smaller than the " + std::to_string(takers) +
+                (pp_ > 1 ? " pipeline replicas" : " ranks") + ": each needs at least one");
+  // One rank takes everything, whatever the split says (a run saved with --split 3,1 resumes
+  // on one device as it is).
+  const std::vector<double> weights =
+      world_ > 1 && pp_ == 1 ? parse_split(cfg_.split, int(world_)) : std::vector<double>{1.0};
+  auto_split_ = weights.empty();
+  const int64_t T = cfg_.seq_len();
+  if (cfg_.sft.empty() && (data_.n_train() < T + 2 || data_.n_val() < T + 2))
+    throw Error("data '" + cfg_.data + "' is too small: " + std::to_string(data_.n_train()) +
+                " train and " + std::to_string(data_.n_val()) +
+                " validation tokens, need more than " + std::to_string(T + 1) +
+                " of each for seq " + std::to_string(T));
+  return weights;
+}
+
+// Rows per forward pass and the training graph on the device.
+void Trainer::build_program() {
+  // Rows per forward pass: the micro-batch, or fewer if the device's free memory cannot hold
+  // it (the rest of a rank's share then runs in further passes).
+  cap_ = cfg_.batch;
+  free_bytes_ = dev_->free_memory();
+  if (comm_ && pp_ == 1) cap_ = rows_per_pass(cfg_, free_bytes_);
+  if (pp_ > 1) pp_plan();  // cap_: the micro-batch
+  const int64_t first = pp_ > 1 ? bounds_[size_t(stage_)] : 0;
+  const int64_t last = pp_ > 1 ? bounds_[size_t(stage_ + 1)] : -1;
+  Graph g = train_graph(cfg_, cap_, &m_, &n_forward_, first, last, &seed_value_, &grad_in_value_);
+  prog_ = std::make_unique<Program>(std::move(g), *dev_);
+  for (size_t n = 0; n < prog_->graph().nodes.size(); ++n) {
+    const Node& node = prog_->graph().nodes[n];
+    if (node.op == MXN_OP_DROPOUT) dropout_nodes_.push_back(n);
+    if (node.op == MXN_OP_CLASSIFIER_CE && node.ip[3]) head_node_ = n;
+  }
+  passes_.resize(size_t(cap_) + 1);
+  variant_for(cap_);
+}
+
+// AdamW's moments, for this rank's share of the params under ZeRO-1, and the op calls of a step.
+void Trainer::setup_optimizer() {
+  // ZeRO-1: each rank keeps AdamW's moments for a share of the params, in proportion to its
+  // device's free memory, updates that share and all-gathers the rest.
+  const int64_t P = prog_->param_count();
+  shard_lo_ = 0, shard_hi_ = P;
+  if (cfg_.zero && comm_ && world_ > 1) {
+    std::vector<double> free(static_cast<size_t>(world_), 0.0);
+    free[size_t(rank_)] = double(free_bytes_);
+    comm_->all_reduce_sum(free.data(), world_);
+    shards_ = shard_bounds(P, free, 16);
+    shard_lo_ = shards_[size_t(rank_)], shard_hi_ = shards_[size_t(rank_ + 1)];
+    gather_host_.resize(size_t(P));
+  }
+  const int64_t own = shard_hi_ - shard_lo_;
+  const uint64_t pbytes = uint64_t(std::max<int64_t>(own, 1)) * 4;
+  opt_m_ = dev_->alloc(pbytes);
+  opt_v_ = dev_->alloc(pbytes);
+  scalar_ = dev_->alloc(64);
+  sumsq_ = Tensor({1}, DType::f32, scalar_->handle());
+  zero_grads_ = make_op_call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f});
+  grad_sumsq_ = make_op_call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sumsq_});
+  const Tensor m_all({own}, DType::f32, opt_m_->handle());
+  const Tensor v_all({own}, DType::f32, opt_v_->handle());
+  int64_t begin = 0;
+  for (bool decay : {true, false}) {  // decayed params first, as the Program lays them out
+    const Tensor p = prog_->params_flat(decay), g = prog_->grads_flat(decay);
+    const int64_t n = p.numel();
+    // This group's part of the rank's share (all of it unsharded; maybe none).
+    const int64_t a = std::clamp(shard_lo_, begin, begin + n),
+                  b = std::clamp(shard_hi_, begin, begin + n);
+    adamw_[decay ? 0 : 1] =
+        make_op_call(MXN_OP_ADAMW, {slice(g, a - begin, b - a)},
+                     {slice(p, a - begin, b - a), slice(m_all, a - shard_lo_, b - a),
+                      slice(v_all, a - shard_lo_, b - a)});
+    begin += n;
+  }
+}
+
+// The host rows a pass reads: tokens, targets, positions, block positions, prefixes.
+void Trainer::alloc_rows() {
+  const int64_t T = cfg_.seq_len();
+  tok_host_.resize(size_t(cap_ * T));
+  tgt_host_.resize(size_t(cap_ * T));
+  pos_host_.resize(size_t(cap_ * T));
+  blk_host_.resize(size_t(cap_ * T));
+  pre_host_.resize(size_t(cap_ * T));  // GLM: a prefix per row; packed SFT: a start per token
+  offsets_.resize(size_t(cap_));
+  row_ids_.resize(size_t(cap_));
+  std::vector<int32_t> pos(size_t(cap_ * T));
+  for (int64_t i = 0; i < cap_ * T; ++i) pos[size_t(i)] = int32_t(i % T);
+  dev_->upload(prog_->tensor(m_.positions), pos.data());
+}
+
+// The weights: a checkpoint's (resuming), the adapter's, fresh adapters on the folder's frozen
+// base, the folder's (fine-tuning), or a fresh initialisation; moments zero unless resuming.
+void Trainer::load_weights(const Checkpoint* ck, const Adapter& start, const DecoderConfig& model) {
+  const bool adapters = cfg_.finetune != "full";
+  if (adapters && cfg_.base_dtype == "bf16" && dev_->name().rfind("cpu", 0) != 0)
+    throw Error("--base_dtype bf16 keeps the frozen base in bf16 on the CPU backend only; " +
+                dev_->name() + " takes f32");
+  if (adapters)  // the frozen base, from its folder (checkpoints hold the adapters only)
+    upload_hf_weights(*prog_, cfg_.model.dir, WeightSet::frozen);
+  if (ck) {
+    load(*ck);
+  } else {
+    if (adapters && !start.tensors.empty()) {
+      upload_weights(*prog_, start.tensors, "adapter '" + cfg_.adapter + "'", WeightSet::trained);
+    } else if (adapters) {
+      for (int p : prog_->graph().params()) init_adapter(p);
+    } else if (!cfg_.model.dir.empty()) {  // fine-tuning: the folder's weights
+      upload_hf_weights(*prog_, cfg_.model.dir);
+    } else {
+      for (int p : prog_->graph().params()) {
+        const Value& v = prog_->graph().v(p);
+        auto w = decoder_init_param(v.name, numel(v.shape), model, uint64_t(cfg_.seed));
+        dev_->upload(prog_->tensor(p), w.data());
+      }
+    }
+    const int64_t own = shard_hi_ - shard_lo_;
+    dev_->run(
+        make_op_call(MXN_OP_FILL, {}, {Tensor({own}, DType::f32, opt_m_->handle())}, {}, {0.f}));
+    dev_->run(
+        make_op_call(MXN_OP_FILL, {}, {Tensor({own}, DType::f32, opt_v_->handle())}, {}, {0.f}));
+  }
+}
+
+}  // namespace mxn
