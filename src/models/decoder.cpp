@@ -298,6 +298,120 @@ const char* const kPrefixEncoder = "prefix_encoder.";
 std::string prefix_key_name(int64_t l) { return "prefix." + std::to_string(l) + ".key"; }
 std::string prefix_value_name(int64_t l) { return "prefix." + std::to_string(l) + ".value"; }
 
+namespace {
+// Serving and generation: each row's key and value into the cache (serving: to its cache row,
+// with its own key range); attention then reads keys and values from the cache.
+void cache_kv(Builder& b, DecoderGraph& m, const std::string& p, int64_t B, int& k, int& v,
+              AttentionSpec& at) {
+  Graph& g = b.g;
+  const DecoderOptions& o = b.o;
+  const int64_t GD = b.c.n_kv_heads() * b.c.hd();
+  if (o.serve_rows > 0) {
+    const int kc = g.input(p + "k_cache", {o.serve_rows, GD}, DType::f32);
+    const int vc = g.input(p + "v_cache", {o.serve_rows, GD}, DType::f32);
+    m.caches.insert(m.caches.end(), {kc, vc});
+    g.set_rows(k, kc, 0, o.serve_rows, at.k_col, m.cache_rows);
+    g.set_rows(v, vc, 0, o.serve_rows, at.v_col, m.cache_rows);
+    k = kc;
+    v = vc;
+    at.k_col = at.v_col = 0;
+    at.kv_rows = at.S = o.serve_rows;
+    at.mask = o.serve_block > 0 ? 5 : 4;
+    at.block = o.serve_block;
+  } else if (o.kv_cache > 0) {  // append this step's keys and values; attend over the cache
+    const int kc = g.input(p + "k_cache", {B * o.kv_cache, GD}, DType::f32);
+    const int vc = g.input(p + "v_cache", {B * o.kv_cache, GD}, DType::f32);
+    m.caches.insert(m.caches.end(), {kc, vc});
+    for (auto [src, dst, col] : {std::tuple{k, kc, at.k_col}, std::tuple{v, vc, at.v_col}}) {
+      g.set_rows(src, dst, 0, o.kv_cache, col);
+      m.cache_writes.push_back(g.nodes.size() - 1);
+    }
+    k = kc;
+    v = vc;
+    at.k_col = at.v_col = 0;
+    at.kv_rows = o.kv_cache;
+  }
+}
+
+// P-Tuning v2's key and value rows for layer l: out of its MLP (prefix_hidden, shared by every
+// layer), or trained as they are; {-1, -1} without a prefix.
+std::pair<int, int> prefix_rows(Builder& b, int64_t l, int prefix_hidden) {
+  Graph& g = b.g;
+  const int64_t GD = b.c.n_kv_heads() * b.c.hd();
+  const std::string enc = kPrefixEncoder;
+  if (prefix_hidden >= 0) {  // one output matrix per layer and kind
+    int rows[2];
+    for (int i = 0; i < 2; ++i) {
+      const std::string n = enc + std::to_string(l) + (i ? ".value." : ".key.");
+      const int w = g.param(n + "weight", {GD, b.o.prefix_projection}, true);
+      rows[i] =
+          g.add_bias(g.matmul(prefix_hidden, w, false, true), g.param(n + "bias", {GD}, false));
+    }
+    return {rows[0], rows[1]};
+  }
+  if (b.c.prefix_len == 0) return {-1, -1};
+  return {g.param(prefix_key_name(l), {b.c.prefix_len, GD}, true),
+          g.param(prefix_value_name(l), {b.c.prefix_len, GD}, true)};
+}
+
+// The block's MLP on the residual stream x: GELU (GPT-2) or SwiGLU, gate and up fused or not.
+int mlp(Builder& b, const Names& nm, const std::string& p, int x) {
+  Graph& g = b.g;
+  const DecoderConfig& c = b.c;
+  const int64_t C = c.hidden, F = c.ffn_width();
+  const int h2 = b.norm(x, p + nm.ln2);
+  if (!c.swiglu()) {
+    int fc = b.linear(h2, p + nm.fc, C, F, true);
+    if (b.o.gelu_bf16) fc = g.cast(fc, DType::bf16);
+    return b.linear(g.gelu(fc), p + nm.down, F, C, true);
+  }
+  if (c.fused_gate_up()) {
+    const int gu = b.linear(h2, p + nm.gate_up, C, 2 * F, c.mlp_bias);
+    return b.linear(g.swiglu(gu, gu, 0, F, F), p + nm.down, F, C, c.mlp_bias);
+  }
+  const int gt = b.linear(h2, p + nm.gate, C, F, c.mlp_bias);
+  const int up = b.linear(h2, p + nm.up, C, F, c.mlp_bias);
+  return b.linear(g.swiglu(gt, up, 0, 0, F), p + nm.down, F, C, c.mlp_bias);
+}
+
+// The last stage's end: the final norm, the chosen rows, the head and the loss.
+void head(Builder& b, const Names& nm, DecoderGraph& m, int x, int wte, int64_t B, int64_t N) {
+  Graph& g = b.g;
+  const DecoderConfig& c = b.c;
+  const DecoderOptions& o = b.o;
+  const int64_t C = c.hidden;
+  x = b.norm(x, nm.final_norm);
+  if (o.last_logits || o.serve_rows > 0) {  // chosen rows only: a gather by row index
+    m.last_rows = g.input("last_rows", {o.serve_rows > 0 ? o.logit_rows : B}, DType::i32);
+    x = g.embedding(m.last_rows, x);
+  }
+  for (size_t i = 0; i < o.lora.targets.size(); ++i) {
+    if (b.lora_hit[i]) continue;
+    std::string names;
+    for (const std::string& n : b.modules) names += (names.empty() ? "" : ", ") + n;
+    throw Error("LoRA target module '" + o.lora.targets[i] + "' matches no linear layer of this " +
+                arch_name(c.arch) + " model (its linear layers: " + names + ")");
+  }
+  const int head = c.tie_embeddings ? wte : b.w(nm.lm_head + ".weight", {c.vocab_size, C}, true);
+  // The fused head reads f32 weights: a bf16 base (LoRA on a bf16 model) keeps matmul + loss.
+  if (o.with_loss && o.fused_head && !o.last_logits && o.serve_rows == 0 &&
+      g.v(head).dtype == DType::f32) {
+    m.targets = g.input("targets", {N}, DType::i32);
+    m.loss = g.classifier_ce(x, head, m.targets);
+    g.mark_output(m.loss);
+    return;
+  }
+  m.logits = g.matmul(x, head, false, true);
+  if (o.with_loss) {
+    m.targets = g.input("targets", {N}, DType::i32);
+    m.loss = g.cross_entropy(m.logits, m.targets);
+    g.mark_output(m.loss);
+  }
+  g.mark_output(m.logits);
+}
+
+}  // namespace
+
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
                            const DecoderOptions& o) {
   MXN_CHECK(o.kv_cache > 0 || o.serve_rows > 0 || T <= c.max_pos,
@@ -308,7 +422,6 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   Builder b{g, c, o, {}, std::vector<bool>(o.lora.targets.size(), false), 0, nullptr};
   MXN_CHECK(o.lora.r == 0 || !o.lora.targets.empty(), "LoRA without target modules");
   const int64_t C = c.hidden, N = B * T, H = c.heads, G = c.n_kv_heads(), D = c.hd();
-  const int64_t F = c.ffn_width();
   DecoderGraph m;
   b.m = &m;
   m.tokens = g.input("tokens", {N}, DType::i32);
@@ -391,99 +504,22 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       q = qh;
       k = kh;
     }
-    if (o.serve_rows > 0) {  // each row's key and value to its cache row; its own key range
-      const int kc = g.input(p + "k_cache", {o.serve_rows, G * D}, DType::f32);
-      const int vc = g.input(p + "v_cache", {o.serve_rows, G * D}, DType::f32);
-      m.caches.insert(m.caches.end(), {kc, vc});
-      g.set_rows(k, kc, 0, o.serve_rows, at.k_col, m.cache_rows);
-      g.set_rows(v, vc, 0, o.serve_rows, at.v_col, m.cache_rows);
-      k = kc;
-      v = vc;
-      at.k_col = at.v_col = 0;
-      at.kv_rows = at.S = o.serve_rows;
-      at.mask = o.serve_block > 0 ? 5 : 4;
-      at.block = o.serve_block;
-    } else if (o.kv_cache > 0) {  // append this step's keys and values; attend over the cache
-      const int kc = g.input(p + "k_cache", {B * o.kv_cache, G * D}, DType::f32);
-      const int vc = g.input(p + "v_cache", {B * o.kv_cache, G * D}, DType::f32);
-      m.caches.insert(m.caches.end(), {kc, vc});
-      for (auto [src, dst, col] : {std::tuple{k, kc, at.k_col}, std::tuple{v, vc, at.v_col}}) {
-        g.set_rows(src, dst, 0, o.kv_cache, col);
-        m.cache_writes.push_back(g.nodes.size() - 1);
-      }
-      k = kc;
-      v = vc;
-      at.k_col = at.v_col = 0;
-      at.kv_rows = o.kv_cache;
-      at.S = T;
-    }
-    int pk = -1, pv = -1;
-    if (prefix_hidden >= 0) {  // the rows out of the MLP: one output matrix per layer and kind
-      int* rows[2] = {&pk, &pv};
-      for (int i = 0; i < 2; ++i) {
-        const std::string n = enc + std::to_string(l) + (i ? ".value." : ".key.");
-        const int w = g.param(n + "weight", {G * D, o.prefix_projection}, true);
-        *rows[i] = g.add_bias(g.matmul(prefix_hidden, w, false, true),
-                              g.param(n + "bias", {G * D}, false));
-      }
-    } else if (c.prefix_len > 0) {  // P-Tuning v2's prefix: always trained when present
-      pk = g.param(prefix_key_name(l), {c.prefix_len, G * D}, true);
-      pv = g.param(prefix_value_name(l), {c.prefix_len, G * D}, true);
-    }
+    if (o.serve_rows > 0 || o.kv_cache > 0) cache_kv(b, m, p, B, k, v, at);
+    if (o.kv_cache > 0 && o.serve_rows == 0) at.S = T;
+    auto [pk, pv] = prefix_rows(b, l, prefix_hidden);
     at.P = c.prefix_len;
     const int y = g.attention(q, k, v, at, o.serve_rows > 0 ? m.key_ranges : m.prefix,
                               o.kv_cache == 0 && o.serve_rows == 0 && o.with_loss, pk, pv);
     if (o.kv_cache > 0) m.cache_reads.push_back(g.nodes.size() - 1);
     x = g.add(x, b.linear(y, p + nm.o, H * D, C, c.gpt2() || c.o_bias));
-    const int h2 = b.norm(x, p + nm.ln2);
-    int mlp;
-    if (!c.swiglu()) {
-      int fc = b.linear(h2, p + nm.fc, C, F, true);
-      if (o.gelu_bf16) fc = g.cast(fc, DType::bf16);
-      mlp = b.linear(g.gelu(fc), p + nm.down, F, C, true);
-    } else if (c.fused_gate_up()) {
-      const int gu = b.linear(h2, p + nm.gate_up, C, 2 * F, c.mlp_bias);
-      mlp = b.linear(g.swiglu(gu, gu, 0, F, F), p + nm.down, F, C, c.mlp_bias);
-    } else {
-      const int gt = b.linear(h2, p + nm.gate, C, F, c.mlp_bias);
-      const int up = b.linear(h2, p + nm.up, C, F, c.mlp_bias);
-      mlp = b.linear(g.swiglu(gt, up, 0, 0, F), p + nm.down, F, C, c.mlp_bias);
-    }
-    x = g.add(x, mlp);
+    x = g.add(x, mlp(b, nm, p, x));
   }
   if (!last) {  // a pipeline stage before the last: its residual stream goes to the next
     m.hidden_out = x;
     g.mark_output(x);
     return m;
   }
-  x = b.norm(x, nm.final_norm);
-  if (o.last_logits || o.serve_rows > 0) {  // chosen rows only: a gather by row index
-    m.last_rows = g.input("last_rows", {o.serve_rows > 0 ? o.logit_rows : B}, DType::i32);
-    x = g.embedding(m.last_rows, x);
-  }
-  for (size_t i = 0; i < o.lora.targets.size(); ++i) {
-    if (b.lora_hit[i]) continue;
-    std::string names;
-    for (const std::string& n : b.modules) names += (names.empty() ? "" : ", ") + n;
-    throw Error("LoRA target module '" + o.lora.targets[i] + "' matches no linear layer of this " +
-                arch_name(c.arch) + " model (its linear layers: " + names + ")");
-  }
-  const int head = c.tie_embeddings ? wte : b.w(nm.lm_head + ".weight", {c.vocab_size, C}, true);
-  // The fused head reads f32 weights: a bf16 base (LoRA on a bf16 model) keeps matmul + loss.
-  if (o.with_loss && o.fused_head && !o.last_logits && o.serve_rows == 0 &&
-      g.v(head).dtype == DType::f32) {
-    m.targets = g.input("targets", {N}, DType::i32);
-    m.loss = g.classifier_ce(x, head, m.targets);
-    g.mark_output(m.loss);
-    return m;
-  }
-  m.logits = g.matmul(x, head, false, true);
-  if (o.with_loss) {
-    m.targets = g.input("targets", {N}, DType::i32);
-    m.loss = g.cross_entropy(m.logits, m.targets);
-    g.mark_output(m.loss);
-  }
-  g.mark_output(m.logits);
+  head(b, nm, m, x, wte, B, N);
   return m;
 }
 

@@ -213,11 +213,10 @@ void filter_mpirun(FILE* err, int& dead_rank, int& dead_signal) {
   if (!box.empty()) std::fputs(box.c_str(), stderr);
 }
 
-// One run of the job: mpirun with a rank per device (each bound to its share of the cores), or
-// this program alone for one device. Forwards a stop signal, and stops the whole job when a
-// rank's heartbeat goes silent for longer than the timeout.
-Ended run_job(const Job& job, const std::vector<std::string>& devs,
-              const std::vector<std::string>& mxn_args, int attempt, const std::string& beats) {
+// The command line of one run: mpirun with a rank per device, each bound to its share of the
+// cores, or this program alone for one device.
+std::vector<std::string> launch_args(const Job& job, const std::vector<std::string>& devs,
+                                     const std::vector<std::string>& mxn_args) {
   const size_t n = devs.size();
   std::vector<std::string> args;
   const long cores = std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN));
@@ -240,36 +239,50 @@ Ended run_job(const Job& job, const std::vector<std::string>& devs,
     args.push_back("--threads");
     args.push_back(std::to_string(per_rank));
   }
+  return args;
+}
+
+// Starts `args` with the supervisor's environment; with several ranks, its stderr into `fds`.
+pid_t start_job(std::vector<std::string>& args, bool ranks, int attempt, const std::string& beats,
+                double period, int fds[2]) {
   std::vector<char*> cargs;
   for (auto& a : args) cargs.push_back(a.data());
   cargs.push_back(nullptr);
-  const double period = std::clamp(job.hang_timeout / 5, 0.05, 1.0);
   std::fflush(stdout);
-  int fds[2] = {-1, -1};
-  if (n > 1 && pipe(fds) != 0)
+  if (ranks && pipe(fds) != 0)
     throw Error("cannot start mpirun: pipe: " + std::string(std::strerror(errno)));
   const pid_t pid = fork();
   if (pid < 0) throw Error("cannot start the job: fork: " + std::string(std::strerror(errno)));
-  if (pid == 0) {
-    sigset_t none;  // the job starts with signals as usual
-    sigemptyset(&none);
-    pthread_sigmask(SIG_SETMASK, &none, nullptr);
-    setenv("MXN_SUPERVISED", "1", 1);
-    setenv("MXN_ATTEMPT", std::to_string(attempt).c_str(), 1);
-    setenv("MXN_HEARTBEAT_DIR", beats.c_str(), 1);
-    setenv("MXN_HEARTBEAT_PERIOD", std::to_string(period).c_str(), 1);
-    if (n > 1) {
-      dup2(fds[1], STDERR_FILENO);
-      close(fds[0]);
-      close(fds[1]);
-    }
-    execvp(cargs[0], cargs.data());
-    std::fprintf(stderr,
-                 "mxn: error: cannot start %s for --devices (%s); install openmpi-bin, or start "
-                 "the ranks with your own launcher\n",
-                 cargs[0], std::strerror(errno));
-    _exit(127);
+  if (pid != 0) return pid;
+  sigset_t none;  // the job starts with signals as usual
+  sigemptyset(&none);
+  pthread_sigmask(SIG_SETMASK, &none, nullptr);
+  setenv("MXN_SUPERVISED", "1", 1);
+  setenv("MXN_ATTEMPT", std::to_string(attempt).c_str(), 1);
+  setenv("MXN_HEARTBEAT_DIR", beats.c_str(), 1);
+  setenv("MXN_HEARTBEAT_PERIOD", std::to_string(period).c_str(), 1);
+  if (ranks) {
+    dup2(fds[1], STDERR_FILENO);
+    close(fds[0]);
+    close(fds[1]);
   }
+  execvp(cargs[0], cargs.data());
+  std::fprintf(stderr,
+               "mxn: error: cannot start %s for --devices (%s); install openmpi-bin, or start "
+               "the ranks with your own launcher\n",
+               cargs[0], std::strerror(errno));
+  _exit(127);
+}
+
+// One run of the job. Forwards a stop signal, and stops the whole job when a rank's heartbeat
+// goes silent for longer than the timeout.
+Ended run_job(const Job& job, const std::vector<std::string>& devs,
+              const std::vector<std::string>& mxn_args, int attempt, const std::string& beats) {
+  const size_t n = devs.size();
+  std::vector<std::string> args = launch_args(job, devs, mxn_args);
+  const double period = std::clamp(job.hang_timeout / 5, 0.05, 1.0);
+  int fds[2] = {-1, -1};
+  const pid_t pid = start_job(args, n > 1, attempt, beats, period, fds);
   Ended e;
   int dead_rank = -1, dead_signal = 0;
   std::thread reader;
