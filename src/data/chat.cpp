@@ -59,22 +59,6 @@ std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
                        where);
 }
 
-const char* chat_format_name(ChatFormat f) {
-  switch (f) {
-    case ChatFormat::chatml:
-      return "chatml";
-    case ChatFormat::llama3:
-      return "llama3";
-    case ChatFormat::llama2:
-      return "llama2";
-    case ChatFormat::chatglm3:
-      return "chatglm3";
-    case ChatFormat::glm4:
-      return "glm4";
-  }
-  return "?";
-}
-
 ChatFormat chat_format(const std::string& model_dir, const Tokenizer& tok) {
   namespace fs = std::filesystem;
   const fs::path cfg = fs::path(model_dir) / "tokenizer_config.json";

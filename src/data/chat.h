@@ -29,7 +29,6 @@ std::vector<ChatMessage> chat_messages_from_json(const std::string& row_json,
                                                  const std::string& where);
 
 enum class ChatFormat { chatml, llama3, llama2, chatglm3, glm4 };
-const char* chat_format_name(ChatFormat f);
 
 // The format of a model folder: from its tokenizer_config.json chat_template when there is one,
 // else from the special tokens its tokenizer has. An Error says why none applies (GPT-2, a base

@@ -161,20 +161,6 @@ class Reader {
 
 }  // namespace
 
-const char* ggml_type_name(GgmlType t) {
-  switch (t) {
-    case GgmlType::f32:
-      return "f32";
-    case GgmlType::f16:
-      return "f16";
-    case GgmlType::q8_0:
-      return "q8_0";
-    case GgmlType::bf16:
-      return "bf16";
-  }
-  return "?";
-}
-
 GgmlType ggml_type_from_name(const std::string& n) {
   if (n == "f32") return GgmlType::f32;
   if (n == "f16") return GgmlType::f16;

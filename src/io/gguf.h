@@ -13,7 +13,6 @@
 namespace mxn {
 
 enum class GgmlType : uint32_t { f32 = 0, f16 = 1, q8_0 = 8, bf16 = 30 };
-const char* ggml_type_name(GgmlType t);
 GgmlType ggml_type_from_name(const std::string& name);  // f32|f16|bf16|q8_0, Error otherwise
 // Bytes of a row of `n` elements (Q8_0: n a multiple of 32).
 size_t ggml_row_bytes(GgmlType t, int64_t n);

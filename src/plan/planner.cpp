@@ -454,17 +454,25 @@ std::string LayoutPlan::describe(const Cluster& c) const {
   return s;
 }
 
-PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job,
-                        const PlanOptions& opt) {
-  const int G = int(c.groups.size());
-  Search S{c, m, job, {}, {}, 0};
-  PlanReport rep;
-  std::vector<LayoutPlan> found;
-  std::vector<std::string> reasons;
+namespace {
+
+struct Best {  // the fastest per-type choice found: a depth per type (0: left out)
+  double step = 1e300;
+  int64_t b = 0;
+  std::vector<int64_t> choice;
+};
+
+// The search over layouts: per-type pipelines (each chip type its own depth, or left out) by
+// coordinate descent, the runners-up around the best, and the mixed family (R identical pipelines
+// of every type's chips).
+class LayoutSearch {
+ public:
+  LayoutSearch(const Cluster& c, const ModelCost& m, const JobSpec& job, const PlanOptions& opt)
+      : c(c), m(m), job(job), opt(opt), G(int(c.groups.size())), S{c, m, job, {}, {}, 0} {}
 
   // choice[g]: a depth for group g's own pipelines, or 0 when the type is left out.
-  auto per_type = [&](int64_t b, const std::vector<int64_t>& choice, int64_t gb, LayoutPlan* out,
-                      bool every_replica = false) -> bool {
+  bool per_type(int64_t b, const std::vector<int64_t>& choice, int64_t gb, LayoutPlan* out,
+                bool every_replica = false) {
     std::vector<bool> used(static_cast<size_t>(G));
     for (int g = 0; g < G; ++g) used[size_t(g)] = choice[size_t(g)] > 0;
     std::vector<const Candidate*> kinds;
@@ -484,20 +492,15 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
     lp.family = "per type";
     if (out) *out = std::move(lp);
     return true;
-  };
+  }
 
-  auto step_of = [&](int64_t b, const std::vector<int64_t>& ch, int64_t gb, bool every = false) {
+  double step_of(int64_t b, const std::vector<int64_t>& ch, int64_t gb, bool every = false) {
     LayoutPlan lp;
     return per_type(b, ch, gb, &lp, every) ? lp.step_s : 1e300;
-  };
+  }
 
-  struct Best {
-    double step = 1e300;
-    int64_t b = 0;
-    std::vector<int64_t> choice;
-  };
   // Coordinate descent over each type's depth (0 = left out) from several starting points.
-  auto descend = [&](const std::vector<bool>& allowed, int64_t gb) {
+  Best descend(const std::vector<bool>& allowed, int64_t gb) {
     Best best;
     for (int64_t b : micro_sizes(job, opt)) {
       std::vector<std::vector<int64_t>> options(static_cast<size_t>(G));
@@ -542,12 +545,11 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
       }
     }
     return best;
-  };
+  }
 
-  const std::vector<bool> everyone(size_t(G), true);
-  const Best best = descend(everyone, job.global_batch);
   // Every depth of the best micro-batch around the best choice, for the table of runners-up.
-  if (best.b > 0) {
+  void runners_up(const Best& best) {
+    if (best.b <= 0) return;
     LayoutPlan lp;
     per_type(best.b, best.choice, job.global_batch, &lp);
     found.push_back(lp);
@@ -562,125 +564,159 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
       if (b != best.b && per_type(b, best.choice, job.global_batch, &lp)) found.push_back(lp);
   }
 
-  // The mixed family: R identical pipelines, each with count / R chips of every type.
-  int64_t gcd = 0;
-  for (const NodeGroup& g : c.groups) gcd = std::gcd(gcd, g.count);
-  std::vector<int> order(static_cast<size_t>(G));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return c.groups[size_t(a)].chip.memory_gib > c.groups[size_t(b)].chip.memory_gib;
-  });
-  for (int64_t R = 1; G > 1 && R <= gcd; ++R) {
-    if (gcd % R) continue;
-    std::vector<int> chips;
-    for (int g : order)
-      for (int64_t i = 0; i < c.groups[size_t(g)].count / R; ++i) chips.push_back(g);
-    if (int64_t(chips.size()) > m.layers) continue;
-    for (int64_t b : micro_sizes(job, opt)) {
-      std::string why;
-      const Candidate* k = S.get(chips, b, R, everyone, &why);
-      if (!k) {
-        if (b == 1)
-          reasons.push_back("mixed pipelines of " + std::to_string(chips.size()) +
-                            " stages: " + why);
-        continue;
-      }
-      Ctx x{c, m, job, b};
-      LayoutPlan lp;
-      if (price(x, {k}, lp)) {
-        ++S.priced;
-        lp.family = "mixed";
-        found.push_back(lp);
+  void mixed_family() {
+    const std::vector<bool> everyone(size_t(G), true);
+    // The mixed family: R identical pipelines, each with count / R chips of every type.
+    int64_t gcd = 0;
+    for (const NodeGroup& g : c.groups) gcd = std::gcd(gcd, g.count);
+    std::vector<int> order(static_cast<size_t>(G));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+      return c.groups[size_t(a)].chip.memory_gib > c.groups[size_t(b)].chip.memory_gib;
+    });
+    for (int64_t R = 1; G > 1 && R <= gcd; ++R) {
+      if (gcd % R) continue;
+      std::vector<int> chips;
+      for (int g : order)
+        for (int64_t i = 0; i < c.groups[size_t(g)].count / R; ++i) chips.push_back(g);
+      if (int64_t(chips.size()) > m.layers) continue;
+      for (int64_t b : micro_sizes(job, opt)) {
+        std::string why;
+        const Candidate* k = S.get(chips, b, R, everyone, &why);
+        if (!k) {
+          if (b == 1)
+            reasons.push_back("mixed pipelines of " + std::to_string(chips.size()) +
+                              " stages: " + why);
+          continue;
+        }
+        Ctx x{c, m, job, b};
+        LayoutPlan lp;
+        if (price(x, {k}, lp)) {
+          ++S.priced;
+          lp.family = "mixed";
+          found.push_back(lp);
+        }
       }
     }
   }
-  rep.layouts_priced = S.priced;
-  if (found.empty()) {
-    std::string all;
-    for (const std::string& r : reasons)
-      if (all.find(r) == std::string::npos) all += (all.empty() ? "" : "; ") + r;
-    throw Error("no layout fits: " + (all.empty() ? std::string("no chip can hold a stage") : all));
-  }
-  std::stable_sort(found.begin(), found.end(),
-                   [](const LayoutPlan& a, const LayoutPlan& b) { return a.step_s < b.step_s; });
-  std::vector<std::string> seen;
-  for (const LayoutPlan& lp : found) {
-    const std::string d = lp.describe(c);
-    if (std::find(seen.begin(), seen.end(), d) != seen.end()) continue;
-    seen.push_back(d);
-    rep.best.push_back(lp);
-    if (int(rep.best.size()) == opt.top) break;
+
+  // The best layouts, fastest first, one of each description; an Error naming every reason when
+  // none fits.
+  void pick(PlanReport& rep) {
+    rep.layouts_priced = S.priced;
+    if (found.empty()) {
+      std::string all;
+      for (const std::string& r : reasons)
+        if (all.find(r) == std::string::npos) all += (all.empty() ? "" : "; ") + r;
+      throw Error("no layout fits: " +
+                  (all.empty() ? std::string("no chip can hold a stage") : all));
+    }
+    std::stable_sort(found.begin(), found.end(),
+                     [](const LayoutPlan& a, const LayoutPlan& b) { return a.step_s < b.step_s; });
+    std::vector<std::string> seen;
+    for (const LayoutPlan& lp : found) {
+      const std::string d = lp.describe(c);
+      if (std::find(seen.begin(), seen.end(), d) != seen.end()) continue;
+      seen.push_back(d);
+      rep.best.push_back(lp);
+      if (int(rep.best.size()) == opt.top) break;
+    }
   }
 
   // Heterogeneous efficiency: against each type's best alone (its own cores undivided).
-  rep.standalone_tps.assign(size_t(G), 0);
-  double sum = 0;
-  for (int g = 0; g < G; ++g) {
-    std::vector<bool> only(size_t(G), false);
-    only[size_t(g)] = true;
-    const Best b = descend(only, job.global_batch);
-    if (b.b > 0) rep.standalone_tps[size_t(g)] = double(job.global_batch * job.seq) / b.step;
-    sum += rep.standalone_tps[size_t(g)];
-  }
-  for (LayoutPlan& lp : rep.best) lp.efficiency = sum > 0 ? lp.tokens_per_s / sum : 0;
-
-  // Types the best per-type layout leaves out: what using them would cost, and from which
-  // global batch they would pay (the smallest, in micro-batches of the best size).
-  if (best.b > 0 && rep.best[0].family == "per type") {
+  void efficiency(PlanReport& rep) {
+    rep.standalone_tps.assign(size_t(G), 0);
+    double sum = 0;
     for (int g = 0; g < G; ++g) {
-      // Left out: not chosen, or chosen and given no micro-batch by the split.
-      if (best.choice[size_t(g)] != 0 && rep.best[0].chips_used[size_t(g)] > 0) continue;
-      const NodeGroup& ng = c.groups[size_t(g)];
-      std::vector<int64_t> without_g = best.choice;
-      without_g[size_t(g)] = 0;
-      auto without = [&](int64_t gb) { return step_of(best.b, without_g, gb); };
-      auto with = [&](int64_t gb) {  // every replica of the type at work, at its best depth and
-        double t = 1e300;            // micro-batch
-        for (int64_t b : micro_sizes(job, opt))
-          for (int64_t p : depths(ng.count, m.layers)) {
-            std::vector<int64_t> ch = without_g;
-            ch[size_t(g)] = p;
-            t = std::min(t, step_of(b, ch, gb, true));
-          }
-        return t;
-      };
-      LeftOut lo;
-      lo.group = g;
-      lo.step_with_s = with(job.global_batch);
-      if (lo.step_with_s >= 1e300) continue;  // cannot hold the model: reported above
-      int64_t lo_b = job.global_batch, hi_b = 0;
-      for (int64_t gb = job.global_batch * 2; gb <= job.global_batch * 1024; gb *= 2)
-        if (with(gb) < without(gb)) {
-          hi_b = gb;
-          break;
-        } else {
-          lo_b = gb;
-        }
-      while (hi_b > 0 && hi_b - lo_b > best.b) {  // the smallest batch that pays, to a micro-batch
-        const int64_t mid = (lo_b + hi_b) / 2 / best.b * best.b;
-        if (mid <= lo_b) break;
-        (with(mid) < without(mid) ? hi_b : lo_b) = mid;
-      }
-      lo.helps_from_batch = hi_b;
-      char line[512];
-      std::snprintf(line, sizeof line,
-                    "%s left out: with it the step would take %.4g s, without %.4g s",
-                    ng.chip.name.c_str(), lo.step_with_s, rep.best[0].step_s);
-      lo.why = line;
-      if (ng.shares_cores_with >= 0 || [&] {
-            for (const NodeGroup& o : c.groups)
-              if (o.shares_cores_with == g) return true;
-            return false;
-          }())
-        lo.why += " (it computes on cores another chip uses, so both slow down)";
-      if (hi_b > 0)
-        lo.why += "; it would help from a global batch of " + std::to_string(hi_b) + " sequences";
-      else
-        lo.why += "; it would not help at any global batch up to " +
-                  std::to_string(job.global_batch * 1024) + " sequences";
-      rep.left_out.push_back(lo);
+      std::vector<bool> only(size_t(G), false);
+      only[size_t(g)] = true;
+      const Best b = descend(only, job.global_batch);
+      if (b.b > 0) rep.standalone_tps[size_t(g)] = double(job.global_batch * job.seq) / b.step;
+      sum += rep.standalone_tps[size_t(g)];
     }
+    for (LayoutPlan& lp : rep.best) lp.efficiency = sum > 0 ? lp.tokens_per_s / sum : 0;
   }
+
+  // A type the best per-type layout leaves out: what using it would cost, and from which global
+  // batch it would pay (the smallest, in micro-batches of the best size).
+  void left_out(const Best& best, PlanReport& rep, int g) {
+    // Left out: not chosen, or chosen and given no micro-batch by the split.
+    if (best.choice[size_t(g)] != 0 && rep.best[0].chips_used[size_t(g)] > 0) return;
+    const NodeGroup& ng = c.groups[size_t(g)];
+    std::vector<int64_t> without_g = best.choice;
+    without_g[size_t(g)] = 0;
+    auto without = [&](int64_t gb) { return step_of(best.b, without_g, gb); };
+    auto with = [&](int64_t gb) {  // every replica of the type at work, at its best depth and
+      double t = 1e300;            // micro-batch
+      for (int64_t b : micro_sizes(job, opt))
+        for (int64_t p : depths(ng.count, m.layers)) {
+          std::vector<int64_t> ch = without_g;
+          ch[size_t(g)] = p;
+          t = std::min(t, step_of(b, ch, gb, true));
+        }
+      return t;
+    };
+    LeftOut lo;
+    lo.group = g;
+    lo.step_with_s = with(job.global_batch);
+    if (lo.step_with_s >= 1e300) return;  // cannot hold the model: reported above
+    int64_t lo_b = job.global_batch, hi_b = 0;
+    for (int64_t gb = job.global_batch * 2; gb <= job.global_batch * 1024; gb *= 2)
+      if (with(gb) < without(gb)) {
+        hi_b = gb;
+        break;
+      } else {
+        lo_b = gb;
+      }
+    while (hi_b > 0 && hi_b - lo_b > best.b) {  // the smallest batch that pays, to a micro-batch
+      const int64_t mid = (lo_b + hi_b) / 2 / best.b * best.b;
+      if (mid <= lo_b) break;
+      (with(mid) < without(mid) ? hi_b : lo_b) = mid;
+    }
+    lo.helps_from_batch = hi_b;
+    char line[512];
+    std::snprintf(line, sizeof line,
+                  "%s left out: with it the step would take %.4g s, without %.4g s",
+                  ng.chip.name.c_str(), lo.step_with_s, rep.best[0].step_s);
+    lo.why = line;
+    if (ng.shares_cores_with >= 0 || [&] {
+          for (const NodeGroup& o : c.groups)
+            if (o.shares_cores_with == g) return true;
+          return false;
+        }())
+      lo.why += " (it computes on cores another chip uses, so both slow down)";
+    if (hi_b > 0)
+      lo.why += "; it would help from a global batch of " + std::to_string(hi_b) + " sequences";
+    else
+      lo.why += "; it would not help at any global batch up to " +
+                std::to_string(job.global_batch * 1024) + " sequences";
+    rep.left_out.push_back(lo);
+  }
+
+ private:
+  const Cluster& c;
+  const ModelCost& m;
+  const JobSpec& job;
+  const PlanOptions& opt;
+  const int G;
+  Search S;
+  std::vector<LayoutPlan> found;
+  std::vector<std::string> reasons;
+};
+
+}  // namespace
+
+PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job,
+                        const PlanOptions& opt) {
+  LayoutSearch search(c, m, job, opt);
+  const Best best = search.descend(std::vector<bool>(c.groups.size(), true), job.global_batch);
+  search.runners_up(best);
+  search.mixed_family();
+  PlanReport rep;
+  search.pick(rep);
+  search.efficiency(rep);
+  if (best.b > 0 && rep.best[0].family == "per type")
+    for (int g = 0; g < int(c.groups.size()); ++g) search.left_out(best, rep, g);
   return rep;
 }
 

@@ -25,14 +25,13 @@ struct ServeOptions {
   int port = 8080;
   std::vector<std::string> devices{"cpu"};  // a replica of each model on each
   int64_t threads = 0;
-  int64_t slots = 8;    // requests decoded together, per model
-  int64_t context = 0;  // tokens per request (prompt + output); 0: the model's, at most 2048
-  int64_t kv_blocks = 0;
+  int64_t slots = 8;      // requests decoded together, per model
+  int64_t context = 0;    // tokens per request (prompt + output); 0: the model's, at most 2048
+  int64_t kv_blocks = 0;  // KV-cache blocks of 16 rows per model; 0: every slot at the context
   // "bf16": 2-D weights stored in bf16 (the CPU backend): half the memory, but a pass of many
   // rows widens them to f32 GEMM by GEMM, slower than "f32" here (docs/benchmarks.md).
   std::string weights = "f32";
-  int64_t max_queue = 256;  // requests waiting per model beyond which new ones get 429  // KV-cache
-                            // blocks of 16 rows per model; 0: every slot at the context
+  int64_t max_queue = 256;  // requests waiting per model beyond which new ones get 429
   std::string api_key;      // when set, requests (and /metrics) need "Authorization: Bearer <key>"
   int max_client_connections = 256;  // open at once from one address
   size_t max_body = 1 << 20;

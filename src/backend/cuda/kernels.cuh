@@ -27,13 +27,6 @@ __global__ void k_sum_rows(const float* a, float* y, int64_t rows, int64_t cols,
 __global__ void k_scale(const float* a, float* y, int64_t n, float k) { MXN_LOOP(i, n) y[i] = a[i] * k; }
 __global__ void k_fill(float* y, int64_t n, float v) { MXN_LOOP(i, n) y[i] = v; }
 __global__ void k_copy(const float* a, float* y, int64_t n) { MXN_LOOP(i, n) y[i] = a[i]; }
-__global__ void k_round_bf16(const float* a, float* y, int64_t n) {
-  MXN_LOOP(i, n) {
-    uint32_t u = __float_as_uint(a[i]);
-    if ((u & 0x7fffffffu) <= 0x7f800000u) u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    y[i] = __uint_as_float(u);
-  }
-}
 __global__ void k_gelu(const float* x, float* y, int64_t n) {
   MXN_LOOP(i, n) {
     const float v = x[i];

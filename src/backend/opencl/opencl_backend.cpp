@@ -274,6 +274,7 @@ struct Launch {
   cl_kernel k;
   cl_uint i = 0;
   cl_int err = CL_SUCCESS;
+  const char* missing = nullptr;  // a kernel clCreateKernel did not make (its name)
   Launch& arg(Mem m) {
     err |= clSetKernelArg(k, i++, sizeof(cl_mem), &m.m);
     err |= clSetKernelArg(k, i++, sizeof(cl_ulong), &m.off);
@@ -298,6 +299,9 @@ struct Launch {
     return *this;
   }
   int32_t go(int64_t n) {
+    if (missing)
+      return fail(c, MXN_STATUS_INTERNAL,
+                  std::string("clCreateKernel(") + missing + "): " + std::to_string(err));
     if (err != CL_SUCCESS) return fail(c, MXN_STATUS_INTERNAL, "clSetKernelArg failed");
     if (n <= 0) return 0;
     size_t g = size_t(n);
@@ -312,7 +316,14 @@ Launch kernel(Ctx* c, const char* name) {
   auto it = c->kernels.find(name);
   if (it == c->kernels.end()) {
     cl_int e = CL_SUCCESS;
-    it = c->kernels.emplace(name, clCreateKernel(c->program, name, &e)).first;
+    cl_kernel k = clCreateKernel(c->program, name, &e);
+    if (e != CL_SUCCESS || !k) {  // not cached: the launch reports it
+      Launch none{c, nullptr};
+      none.err = e != CL_SUCCESS ? e : CL_INVALID_KERNEL;
+      none.missing = name;
+      return none;
+    }
+    it = c->kernels.emplace(name, k).first;
   }
   return Launch{c, it->second};
 }
