@@ -205,7 +205,7 @@ class CliTest(unittest.TestCase):
     # --- checkpoints -----------------------------------------------------------------------
     def test_sigkill_while_checkpointing_keeps_previous(self):
         out = self.path("run")
-        env = {"MXN_TEST_CHECKPOINT_PAUSE_MS": "60000"}
+        env = {"MXN_FAULTS": "*:sleep=60000:ckpt:*:*"}
         p = subprocess.Popen([MXN, "train", "--data", DATA, "--out", out, *TINY, "--steps", "20",
                               "--ckpt_every", "5", "--eval_every", "0"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -227,7 +227,7 @@ class CliTest(unittest.TestCase):
         p = subprocess.Popen([MXN, "train", "--data", DATA, "--out", out, *TINY, "--steps", "20",
                               "--ckpt_every", "5", "--eval_every", "0"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "MXN_TEST_CHECKPOINT_PAUSE_MS": "1500"})
+                             env={**os.environ, "MXN_FAULTS": "*:sleep=1500:ckpt:*:*"})
         while not os.path.exists(os.path.join(out, "ckpt-00000010.tmp", "model.safetensors")):
             self.assertLess(time.time(), deadline + 60, "second checkpoint never started")
             time.sleep(0.02)

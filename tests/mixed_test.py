@@ -83,7 +83,7 @@ def ctrl_c(tmp):
 def kill_rank_and_resume(tmp, ref):
     """SIGKILL rank 1 (opencl:0) of a cpu+opencl job after its first checkpoint."""
     out = os.path.join(tmp, "killed")
-    env = dict(os.environ, MXN_TEST_CHECKPOINT_PAUSE_MS="1500")
+    env = dict(os.environ, MXN_FAULTS="*:sleep=1500:ckpt:*:*")
     p = subprocess.Popen([mxn, "train", *base, "--batch", "8", "--out", out, "--ckpt_every", "10",
                           "--devices", "cpu,opencl:0"], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, env=env)
@@ -139,7 +139,7 @@ with tempfile.TemporaryDirectory() as tmp:
     compare("split 3,1 (6+2) over 2 ranks = 1 rank (batch 8)", one8, train(p("w31"), "--batch", "8", "--split", "3,1", launcher=[*mpirun, "-np", "2"]))
     acc = train(p("acc1"), "--batch", "4", "--accum", "2")
     compare("accum 2 x batch 4 over 3 ranks = 1 rank", acc, train(p("acc3"), "--batch", "4", "--accum", "2", launcher=[*mpirun, "-np", "3"]))
-    slow = dict(os.environ, MXN_TEST_SLOW_RANK="1:10:40")  # rank 1, from step 10, 40 ms a step
+    slow = dict(os.environ, MXN_FAULTS="*:sleep=40:compute:10+:1")  # rank 1, from step 10, 40 ms a step
     compare("rank 1 slowed from step 10 (drift) = 1 rank", one8, train(p("drift"), "--batch", "8", launcher=[*mpirun, "-np", "2"], env=slow))
     # "rebalanced after step S: rows a->b c->d (...)": rank 1 must give rows away after step 10.
     moved = [l for l in train.log.splitlines() if l.startswith("rebalanced")]

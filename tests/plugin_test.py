@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Backends that cannot load are listed by `mxn devices` with the reason, one line each, and
-mxn keeps working on the devices that did load.
+mxn keeps working on the devices that did load; a plugin of the last ABI loads.
 usage: plugin_test.py PATH/TO/mxn DIR_WITH_BAD_PLUGINS
 """
 import os, re, subprocess, sys, tempfile, unittest
@@ -30,6 +30,9 @@ class PluginTest(unittest.TestCase):
         abi = int(re.search(r"#define MXN_ABI_VERSION (\d+)", open(HEADER).read()).group(1))
         self.assertIn(f"ABI version {abi + 41}, this mxn needs {abi}", by_name["oldabi"])
         self.assertIn("not loaded:", by_name["garbage"])
+        # A plugin built against the last ABI (6, a shorter table) loads and lists its device.
+        self.assertNotIn("abi6", by_name)
+        self.assertTrue(any(l.startswith("abi6:0 ") and "a plugin of ABI 6" in l for l in lines), lines)
 
     def test_unknown_device_after_refused_plugin(self):
         env = dict(os.environ, MXN_PLUGIN_PATH=BAD)

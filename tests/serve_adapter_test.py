@@ -69,7 +69,7 @@ class Adapters(unittest.TestCase):
             args = ["--model", f"chat={base}", "--slots", "16"]
             for k, f in folders.items():
                 args += ["--adapter", f"chat:{k}={f}"]
-            proc, url = start_serve(*args, env={"MXN_TEST_SERVE_STEP_MS": "5"})
+            proc, url = start_serve(*args, env={"MXN_FAULTS": "*:sleep=5:serve_step*:*:*"})
             try:
                 client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
                 got = {}

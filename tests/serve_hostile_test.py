@@ -84,7 +84,7 @@ class Hostile(unittest.TestCase):
             f.write(KEY + "\n")
         cls.proc, cls.port = start("--model", f"tiny={cls.base}", "--model", f"chat={cls.chat}", "--slots", "4",
                                    "--api-key-file", keyfile, "--max-client-connections", "64",
-                                   env={"MXN_TEST_SERVE_STEP_MS": "2"})
+                                   env={"MXN_FAULTS": "*:sleep=2:serve_step*:*:*"})
 
     @classmethod
     def tearDownClass(cls):
@@ -287,7 +287,7 @@ class Replica(unittest.TestCase):
         tmp = tempfile.TemporaryDirectory()
         base, _, _ = make_models(tmp.name)
         proc, port = start("--model", f"tiny={base}",
-                           env={"MXN_TEST_SERVE_FAIL": "cpu:0@2", "MXN_API_KEY": KEY})
+                           env={"MXN_FAULTS": "*:error:serve_step@cpu:0:2:*", "MXN_API_KEY": KEY})
         try:
             good = {"model": "tiny", "prompt": "In the beginning", "max_tokens": 8, "temperature": 0}
             self.assertEqual(request(port, "POST", "/v1/completions", good, key="wrong")[0], 401)

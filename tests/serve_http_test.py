@@ -100,7 +100,7 @@ class Serve(unittest.TestCase):
         cls.base, cls.chat, wide = make_models(cls.tmp.name)
         cls.proc, url = start_serve("--model", f"tiny={cls.base}", "--model", f"chat={cls.chat}",
                                     "--model", f"wide={wide}", "--slots", "32", "--api-key", "sekrit",
-                                    env={"MXN_TEST_SERVE_STEP_MS": "5"})
+                                    env={"MXN_FAULTS": "*:sleep=5:serve_step*:*:*"})
         cls.port = int(url.rsplit(":", 1)[1])
         cls.client = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0)
         cls.url = url
@@ -396,7 +396,7 @@ class Serve(unittest.TestCase):
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen([MXN, "serve", "--port", str(port), "--model", f"tiny={self.base}"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, MXN_TEST_SERVE_LOAD_MS="1500"))
+                                env=dict(os.environ, MXN_FAULTS="*:sleep=1500:serve_load:*:*"))
         try:
             seen, body = [], None
             for _ in range(600):
@@ -439,7 +439,7 @@ class Serve(unittest.TestCase):
         in OpenAI's shape (rate_limit_error, queue_full); the first two are still answered whole."""
         import http.client, threading
         proc, url = start_serve("--model", f"tiny={self.base}", "--slots", "1", "--max-queue", "1",
-                               env={"MXN_TEST_SERVE_STEP_MS": "10"})
+                               env={"MXN_FAULTS": "*:sleep=10:serve_step*:*:*"})
         port = int(url.rsplit(":", 1)[1])
         try:
             def metric(name):

@@ -4,7 +4,7 @@ on each device, each request routed to the replica predicted to finish it first.
 greedy requests are all answered with the text each gives alone, and both chips answer some (the
 chunks' system_fingerprint and /metrics per device agree on which; PoCL decodes many times slower
 than the CPU here, so it takes a request only once the CPU owes that much more). Then a fault injected into the
-OpenCL replica's third pass (MXN_TEST_SERVE_FAIL): it is taken out of rotation with a log line, its
+OpenCL replica's third pass (an injected fault, core/faults.h): it is taken out of rotation with a log line, its
 in-flight streams end with an OpenAI-shaped error chunk, the CPU's streams finish; 2 s later it is
 tried again, rejoins, and the next requests are answered by both chips, each as alone.
 usage: serve_mixed_test.py MXN KJV_TXT GPT2_BPE_DIR
@@ -71,7 +71,7 @@ class Mixed(unittest.TestCase):
         alone = [subprocess.run([MXN, "generate", "--model", self.base, "--prompt", p, "--max-tokens", "40",
                                  "--temperature", "0"], capture_output=True, text=True, check=True).stdout[len(p):]
                  .rstrip("\n") for p in prompts]
-        proc, url, client = start(self.base, {"MXN_TEST_SERVE_STEP_MS": "5"})
+        proc, url, client = start(self.base, {"MXN_FAULTS": "*:sleep=5:serve_step*:*:*"})
         try:
             out = self.streams(client, prompts, 40)
             m = metrics(url)
@@ -89,7 +89,7 @@ class Mixed(unittest.TestCase):
         print(f"serve mixed: 32 greedy requests = each alone; cpu:0 answered {by['cpu:0']}, opencl:0 "
               f"{by['opencl:0']} (measured decode {speed['cpu:0']:.0f} and {speed['opencl:0']:.0f} tokens/s)")
 
-        proc, url, client = start(self.base, {"MXN_TEST_SERVE_STEP_MS": "20", "MXN_TEST_SERVE_FAIL": "opencl:0@3"})
+        proc, url, client = start(self.base, {"MXN_FAULTS": "*:sleep=20:serve_step*:*:*;*:error:serve_step@opencl:0:3:*"})
         try:
             out = self.streams(client, prompts, 30)
             m = metrics(url)

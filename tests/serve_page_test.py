@@ -28,7 +28,7 @@ class Page(unittest.TestCase):
         cls.tmp = tempfile.TemporaryDirectory()
         base, chat, wide = make_models(cls.tmp.name)
         cls.proc, cls.url = start_serve("--model", f"chat={chat}", "--model", f"tiny={base}", "--model",
-                                        f"wide={wide}", "--api-key", "sekrit", env={"MXN_TEST_SERVE_STEP_MS": "20"})
+                                        f"wide={wide}", "--api-key", "sekrit", env={"MXN_FAULTS": "*:sleep=20:serve_step*:*:*"})
         cls.client = openai.OpenAI(base_url=cls.url + "/v1", api_key="sekrit", max_retries=0)
         opts = webdriver.ChromeOptions()
         opts.binary_location = "/usr/bin/chromium"

@@ -21,13 +21,9 @@ bool is_checkpoint(const fs::path& p) {
   return fs::is_regular_file(p / "model.safetensors") && fs::is_regular_file(p / "trainer.json");
 }
 
-// Tests set this to widen the window in which a checkpoint is half-written; a fault plan may
-// kill or stop the process there (core/faults.h).
-void test_pause(int64_t step) {
-  if (const char* ms = std::getenv("MXN_TEST_CHECKPOINT_PAUSE_MS"))
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(ms)));
-  fault_point("ckpt", step);
-}
+// A checkpoint half-written: a fault plan may kill or stop the process here, or widen the window
+// (core/faults.h).
+void half_written(int64_t step) { fault_point("ckpt", step); }
 
 std::string sum_hex(uint64_t sum) {
   char b[24];
@@ -65,7 +61,7 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
   };
   try {
     record("model.safetensors", safetensors_save((tmp / "model.safetensors").string(), ck.weights));
-    test_pause(step);
+    half_written(step);
     record("optimizer.safetensors",
            safetensors_save((tmp / "optimizer.safetensors").string(), ck.optimizer));
     for (const auto& [file, t] : ck.tensors)

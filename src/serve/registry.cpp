@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/faults.h"
 #include "io/hf_folder.h"
 #include "serve/request.h"
 
@@ -66,8 +67,7 @@ std::shared_ptr<ServedModel> Registry::get(const std::string& name) {
   std::shared_ptr<ServedModel> m;
   try {
     std::fprintf(stderr, "loading %s from %s\n", name.c_str(), e.path.c_str());
-    if (const char* ms = std::getenv("MXN_TEST_SERVE_LOAD_MS"))  // tests: a slow load
-      std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(ms)));
+    fault_point("serve_load", 0);  // tests: a slow load
     m = std::make_shared<ServedModel>(name, e.path, o_);
   } catch (...) {
     l.lock();

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "core/faults.h"
 #include "infer/adapter.h"
 #include "infer/model.h"
 #include "io/hf_folder.h"
@@ -72,7 +73,7 @@ struct ServedModel::Replica {
   std::string model, device;
   std::unique_ptr<Device> dev;
   std::unique_ptr<Engine> engine;
-  int64_t fail_at = 0;  // fail_at: a test hook's injected fault (a step), 0 none
+  std::string fault_place;  // "serve_step@DEVICE": where tests slow or fail a pass
   std::mutex m;
   std::condition_variable cv;
   bool stop = false;
@@ -96,6 +97,10 @@ struct ServedModel::Replica {
           const std::vector<Adapter>& adapters)
       : model(name), dev(open_device(spec, int(o.threads))) {
     device = dev->name();
+    // The HTTP threads share the cores with the passes: GEMMs split dynamically (the CPU
+    // backend's option; others have none).
+    dev->set_option("gemm_split", 1);
+    fault_place = "serve_step@" + device;
     const bool cpu = device.rfind("cpu", 0) == 0;
     if (o.weights == "bf16" && !cpu)
       throw Error("--weights bf16 is for the CPU backend so far; " + device + " takes f32");
@@ -110,11 +115,6 @@ struct ServedModel::Replica {
     eo.weights = wdt;
     engine = std::make_unique<Engine>(src.cfg, src.weights, src.what, *dev, eo);
     probe();
-    if (const char* f = std::getenv("MXN_TEST_SERVE_FAIL")) {  // tests: "DEVICE@STEP"
-      const std::string s = f;
-      const size_t at = s.rfind('@');
-      if (at != std::string::npos && s.substr(0, at) == device) fail_at = std::atoll(f + at + 1);
-    }
     worker = std::thread([this] { run(); });
   }
   ~Replica() {
@@ -248,9 +248,6 @@ struct ServedModel::Replica {
   }
 
   void run() {
-    // Tests slow each pass down (ms) to hang up on requests mid-answer.
-    const char* slow = std::getenv("MXN_TEST_SERVE_STEP_MS");
-    const int slow_ms = slow ? std::atoi(slow) : 0;
     std::unique_lock<std::mutex> l(m);
     while (true) {
       if (failed) {
@@ -263,15 +260,18 @@ struct ServedModel::Replica {
       if (stop) return;
       if (failed) continue;
       const Clock::time_point t0 = Clock::now();  // (a test's slowed pass is a slower chip)
-      if (slow_ms > 0) {
-        l.unlock();
-        std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
-        l.lock();
-      }
       ++steps;
+      std::string injected;  // tests slow a pass down, or fail it (core/faults.h)
+      l.unlock();
+      try {
+        fault_point(fault_place.c_str(), steps);
+      } catch (const std::exception& e) {
+        injected = e.what();
+      }
+      l.lock();
       std::vector<EngineEvent> events;
       try {
-        if (fail_at > 0 && steps == fail_at) throw Error("an injected fault (MXN_TEST_SERVE_FAIL)");
+        if (!injected.empty()) throw Error(injected);
         events = engine->step();
       } catch (const std::exception& e) {
         fail(e.what());

@@ -40,8 +40,8 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   g.recompute = c.recompute == 1;
   DecoderOptions o;
   o.with_loss = true;
-  if (c.objective == "glm") o.mask = 2, o.block_positions = true;
-  if (!c.sft.empty() && c.pack) o.mask = 3;
+  if (c.objective == "glm") o.mask = MXN_MASK_PREFIX, o.block_positions = true;
+  if (!c.sft.empty() && c.pack) o.mask = MXN_MASK_SEGMENTS;
   o.lora = c.lora_spec();
   o.freeze = c.finetune != "full";
   if (o.freeze && c.base_dtype == "bf16") o.weights = DType::bf16;
@@ -100,14 +100,6 @@ void Trainer::init_adapter(int p) {
 // Who takes which rows: with several ranks, measure each device (profile), split the global
 // batch by the measured speeds (or the given weights) and predict the step time.
 void Trainer::plan_ranks(const std::vector<double>& weights) {
-  // Tests make one rank slow from some step on (a chip that throttles): "rank:step:ms".
-  if (const char* slow = std::getenv("MXN_TEST_SLOW_RANK")) {
-    long long r = -1, from = 0, ms = 0;
-    if (std::sscanf(slow, "%lld:%lld:%lld", &r, &from, &ms) == 3 && r == rank_) {
-      slow_from_ = from;
-      slow_ms_ = ms;
-    }
-  }
   stats_.assign(size_t(1 + 2 * world_), 0.0);
   drift_.assign(size_t(world_) * kDriftWindow, 0.0);
   plan_.ranks.assign(size_t(world_), {});
@@ -314,8 +306,7 @@ float Trainer::step() {
   const size_t nodes = prog_->graph().nodes.size();
   fault_set_step(s);
   dev_->run(zero_grads_);
-  if (slow_ms_ > 0 && s >= slow_from_)
-    std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms_));
+  fault_point("compute", s);  // tests: a chip that throttles from some step on
   // Row r of a step's global batch is a pure function of (seed, step, r): resuming needs no
   // data-loader state, and any split over ranks, passes or micro-batches sees the same rows.
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));

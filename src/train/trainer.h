@@ -171,7 +171,6 @@ class Trainer {
   static constexpr int64_t kDriftWindow = 5;
   std::vector<double> drift_;  // per rank, the last kDriftWindow seconds per sequence
   int64_t steps_since_change_ = 0;
-  int64_t slow_from_ = 0, slow_ms_ = 0;  // MXN_TEST_SLOW_RANK
   std::unique_ptr<GradSync> sync_;
   Plan plan_;
   // Pipeline parallelism (train/pipeline.cpp): this rank is stage stage_ of replica replica_,

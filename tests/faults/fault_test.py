@@ -89,7 +89,7 @@ def many_faults(tmp, ref, steps):
             at += 1
         rank = 0 if where == "ckpt" else rng.randint(0, 1)  # rank 0 writes the checkpoints
         plan.append(f"{k}:{action}:{where}:{at}:{rank}")
-    env = {"MXN_FAULTS": ";".join(plan), "MXN_TEST_SLOW_RANK": "0:1:30"}  # steps long enough for a checkpoint
+    env = {"MXN_FAULTS": ";".join(plan + ["*:sleep=30:compute:1+:0"])}  # steps long enough for a checkpoint
     t0 = time.time()
     p = subprocess.Popen([MXN, "train", "--out", out, *JOB, "--steps", str(steps),
                           "--max-restarts", str(FAULTS + 2), "--hang_timeout", "4"],
@@ -187,7 +187,7 @@ def preempt(tmp, ref, steps):
     out = os.path.join(tmp, "preempt")
     p = subprocess.Popen([MXN, "train", "--out", out, *JOB, "--steps", str(steps)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "MXN_TEST_SLOW_RANK": "0:1:40"})
+                         env={**os.environ, "MXN_FAULTS": "*:sleep=40:compute:1+:0"})
     while p.poll() is None and max((s for _, s in beats(out).values()), default=0) < 8:
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
