@@ -16,14 +16,17 @@
 extern "C" {
 #endif
 
-#define MXN_ABI_VERSION 6 /* 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
-                             3: attention masks over packed rows (mask 3) and shared prefix
-                             keys (P-Tuning v2); 12 operands and 16 integer parameters a call;
-                             4: serving's attention masks: key ranges (4), paged keys (5);
-                                MUL;
-                             5: the fused classifier and cross-entropy (CLASSIFIER_CE);
-                             6: CLASSIFIER_CE's gradients for a given d(loss), dw added into
-                                the param's gradient (ip[3]); GELU's x may be bf16 */
+/* The ABI's versions: 2: the general attention, RMSNorm, RoPE, SiLU, SwiGLU, SET_ROWS;
+ * 3: attention masks over packed rows (mask 3) and shared prefix keys (P-Tuning v2); 12 operands
+ *    and 16 integer parameters a call;
+ * 4: serving's attention masks: key ranges (4), paged keys (5); MUL;
+ * 5: the fused classifier and cross-entropy (CLASSIFIER_CE);
+ * 6: CLASSIFIER_CE's gradients for a given d(loss), dw added into the param's gradient (ip[3]);
+ *    GELU's x may be bf16;
+ * 7: the attention masks named (mxn_attention_mask, the same numbers); set_option. A plugin built
+ *    against ABI 6 (its table ends before set_option) still loads. */
+#define MXN_ABI_VERSION 7
+#define MXN_ABI_OLDEST 6 /* the oldest ABI whose plugins this header's mxn loads */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
 #define MXN_MAX_IP 16
@@ -67,21 +70,14 @@ typedef enum mxn_op {
                                columns q_col + h*hd of q's rows (ld = q's last dim), and kv head
                                h / (H/G) likewise in k and v; they may be one tensor (fused qkv).
                                ip: 0=H 1=G (kv heads) 2=hd 3=T (queries per sequence) 4=S (keys
-                               per sequence) 5=mask (0 none, 1 causal, 2 causal + the first
-                               prefix[b] keys visible to all, 3 causal within segments: the i32
-                               input is (B*T), query t of sequence b sees keys from
-                               min(seg[b*T+t], t) on: packed rows; 4 each query's own key range:
-                               the i32 input is (B*T, 2) = [first, last) of its sequence's keys,
-                               forward only: a batch of KV caches seen as one sequence; 5 paged
-                               keys, forward only: the i32 input is (B*T, 1 + nb) = [n, block
-                               0, ..., block nb-1]: query i sees its request's keys 0..n-1, key j
-                               at row block[j / bs] * bs + j % bs of k and v, bs = ip[12]; n is
-                               clamped to [1, nb*bs] and blocks to [0, kv_rows / bs)) 6=q_col 7=k_col 8=v_col 9=kv_rows
+                               per sequence) 5=mask (an mxn_attention_mask, below) 6=q_col
+                               7=k_col 8=v_col 9=kv_rows
                                (rows per sequence in k and v, >= S: a KV cache's capacity)
                                10=q_pos0 (key index of the first query: S - T when decoding)
                                11=P (prefix keys: pk and pv (P, G*hd), shared by every sequence,
                                seen by every query before its own keys: P-Tuning v2);
-                               12=bs (mask 5's block size); fp[0]=scale. Query i sees key j when j <= q_pos0 + i (causal). */
+                               12=bs (mask 5's block size); fp[0]=scale. Query i sees key j when j <= q_pos0
+                               + i (causal). */
   MXN_OP_ATTENTION_BWD,     /* in: dy, q, k, v, y, lse, [pk, pv], [prefix]; out: dq, dk, dv,
                                [dpk, dpv] (overwritten; dq, dk, dv the same column windows as q,
                                k, v, possibly one tensor; dpk, dpv summed over the sequences);
@@ -97,34 +93,34 @@ typedef enum mxn_op {
   MXN_OP_FILL,              /* out = fp[0] */
   MXN_OP_SUM_SQUARES,       /* out (1) = sum a^2 (+ out when ip[0]) */
   /* --- added in ABI 2 ----------------------------------------------------------------------- */
-  MXN_OP_RMSNORM,           /* in: x, w; out: y = x * rstd * w, rstd (rows); fp[0]=eps */
-  MXN_OP_RMSNORM_BWD,       /* in: dy, x, w, rstd; out: dx, dw (dw overwritten) */
-  MXN_OP_ROPE,              /* in: x (N, W), pos (N) i32; out: y (N, W), may be x. Rotates the
-                               first ip[3] dims of each of ip[1] heads of ip[2] dims that start
-                               at column ip[0] (col0 + (heads-1)*hd + rot <= W: 2-D RoPE turns
-                               each head's second half from col0 = rot); other columns are copied. ip[4]=layout (0: pairs
-                               (i, i + rot/2) as LLaMA stores it, 1: interleaved pairs (2i, 2i+1)
-                               as GLM), ip[5]=scaling (0 none, 1 linear, 2 llama3), ip[6]=1: rotate
-                               backwards (the gradient). fp: 0=theta 1=factor 2=low_freq_factor
-                               3=high_freq_factor 4=original_max_position */
-  MXN_OP_SILU,              /* out = a * sigmoid(a) */
-  MXN_OP_SILU_BWD,          /* in: dy, x; out: dx */
-  MXN_OP_SWIGLU,            /* in: gate, up; out (N, F) = silu(gate[:, ip[0]+c]) * up[:, ip[1]+c];
-                               gate and up may be one tensor ([gate | up] fused) */
-  MXN_OP_SWIGLU_BWD,        /* in: dy, gate, up; out: dgate, dup (the same column windows) */
-  MXN_OP_SET_ROWS,          /* in: src (B*n, >= ip[2] + W), [idx (B*n) i32]; out: dst (B*R, W):
-                               rows [ip[0], ip[0]+n) of each of the B sequences of ip[1] = R rows
-                               get columns [ip[2], ip[2]+W) of src's rows (a KV-cache append);
-                               with idx (ABI 3) src row i goes to dst row idx[i] instead */
-  MXN_OP_DROPOUT,           /* out (may be a) = a * keep / (1 - fp[0]) (ABI 3): element i is kept
-                               when u >= fp[0], u = (mix64(ip[0] + mix64(ip[1] + i)) >> 40) / 2^24
-                               (splitmix64's mix, as src/core/rng.h): the same mask on every chip
-                               for (seed ip[0], index ip[1] + i). Its gradient is itself. */
-  MXN_OP_TANH,              /* out = tanh(a) (ABI 3: P-Tuning v2's prefix MLP) */
-  MXN_OP_TANH_BWD,          /* in: dy, y (the forward's output); out: dx = dy * (1 - y^2) */
+  MXN_OP_RMSNORM,     /* in: x, w; out: y = x * rstd * w, rstd (rows); fp[0]=eps */
+  MXN_OP_RMSNORM_BWD, /* in: dy, x, w, rstd; out: dx, dw (dw overwritten) */
+  MXN_OP_ROPE,        /* in: x (N, W), pos (N) i32; out: y (N, W), may be x. Rotates the
+                         first ip[3] dims of each of ip[1] heads of ip[2] dims that start
+                         at column ip[0] (col0 + (heads-1)*hd + rot <= W: 2-D RoPE turns
+                         each head's second half from col0 = rot); other columns are copied. ip[4]=layout
+                         (0: pairs        (i, i + rot/2) as LLaMA stores it, 1: interleaved pairs (2i,
+                         2i+1)        as        GLM), ip[5]=scaling (0 none, 1 linear, 2 llama3), ip[6]=1: rotate
+                         backwards (the        gradient). fp: 0=theta 1=factor 2=low_freq_factor
+                         3=high_freq_factor        4=original_max_position */
+  MXN_OP_SILU,        /* out = a * sigmoid(a) */
+  MXN_OP_SILU_BWD,    /* in: dy, x; out: dx */
+  MXN_OP_SWIGLU,      /* in: gate, up; out (N, F) = silu(gate[:, ip[0]+c]) * up[:, ip[1]+c];
+                         gate and up may be one tensor ([gate | up] fused) */
+  MXN_OP_SWIGLU_BWD,  /* in: dy, gate, up; out: dgate, dup (the same column windows) */
+  MXN_OP_SET_ROWS,    /* in: src (B*n, >= ip[2] + W), [idx (B*n) i32]; out: dst (B*R, W):
+                         rows [ip[0], ip[0]+n) of each of the B sequences of ip[1] = R rows
+                         get columns [ip[2], ip[2]+W) of src's rows (a KV-cache append);
+                         with idx (ABI 3) src row i goes to dst row idx[i] instead */
+  MXN_OP_DROPOUT,     /* out (may be a) = a * keep / (1 - fp[0]) (ABI 3): element i is kept
+                         when u >= fp[0], u = (mix64(ip[0] + mix64(ip[1] + i)) >> 40) / 2^24
+                         (splitmix64's mix, as src/core/rng.h): the same mask on every chip
+                         for (seed ip[0], index ip[1] + i). Its gradient is itself. */
+  MXN_OP_TANH,        /* out = tanh(a) (ABI 3: P-Tuning v2's prefix MLP) */
+  MXN_OP_TANH_BWD,    /* in: dy, y (the forward's output); out: dx = dy * (1 - y^2) */
   /* --- added in ABI 4 ----------------------------------------------------------------------- */
-  MXN_OP_MUL,               /* out = a * b elementwise, same shapes (serving many LoRA adapters in
-                               one batch: each row's mask over the stacked adapters' ranks) */
+  MXN_OP_MUL, /* out = a * b elementwise, same shapes (serving many LoRA adapters in
+                 one batch: each row's mask over the stacked adapters' ranks) */
   /* --- added in ABI 5 ----------------------------------------------------------------------- */
   MXN_OP_CLASSIFIER_CE,     /* in: x (N,C), w (V,C), targets (N) i32 (<0 ignored); out: loss (1),
                                [dx (N,C)], [dw (V,C)]: the mean cross-entropy of softmax(x w^T)
@@ -138,6 +134,23 @@ typedef enum mxn_op {
                                place) */
   MXN_OP_COUNT
 } mxn_op;
+
+/* ATTENTION's ip[5]: which keys each query sees. */
+typedef enum mxn_attention_mask {
+  MXN_MASK_NONE = 0,     /* every key */
+  MXN_MASK_CAUSAL = 1,   /* keys up to its own position */
+  MXN_MASK_PREFIX = 2,   /* causal, and the first prefix[b] keys seen by all (GLM's Part A); the
+                            i32 input is (B) */
+  MXN_MASK_SEGMENTS = 3, /* causal within segments (packed rows): the i32 input is (B*T), query t
+                            of sequence b sees keys from min(seg[b*T+t], t) on */
+  MXN_MASK_CACHED = 4,   /* forward only: each query's own key range, the i32 input (B*T, 2) =
+                            [first, last) of its sequence's keys (a batch of KV caches seen as one
+                            sequence) */
+  MXN_MASK_PAGED = 5     /* forward only: paged keys, the i32 input (B*T, 1 + nb) = [n, block 0,
+                            ..., block nb-1]: query i sees its request's keys 0..n-1, key j at row
+                            block[j / bs] * bs + j % bs of k and v, bs = ip[12]; n is clamped to
+                            [1, nb*bs] and blocks to [0, kv_rows / bs) */
+} mxn_attention_mask;
 
 /* A view of device memory: `buffer` is what buffer_alloc returned, `offset` is in bytes. */
 typedef struct mxn_tensor {
@@ -219,6 +232,12 @@ typedef struct mxn_backend_api {
 
   /* Optional: bytes the device could still allocate now (NULL: mxn assumes memory_bytes). */
   int32_t (*memory_free)(void* ctx, uint64_t* out);
+
+  /* Optional (ABI 7): a setting of this device by name; MXN_STATUS_UNSUPPORTED for a key the
+   * backend does not know. The CPU backend's "gemm_split" (1: single GEMMs hand their columns out
+   * in chunks that any thread takes, for when other work shares the cores, as under mxn serve;
+   * 0: oneDNN's static split, the default). */
+  int32_t (*set_option)(void* ctx, const char* key, int64_t value);
 } mxn_backend_api;
 
 /* The first table of ABI 1, which every backend must fill; the collectives follow it. */

@@ -53,10 +53,11 @@ Case attention_case(int op, const AttnCase& a, DType dt = DType::f32) {
     in.push_back(pos({Nq, a.H}));
   }
   if (a.P > 0) in.insert(in.end(), {f({a.P, kw}), f({a.P, kw})});
-  if (a.mask == 2) in.push_back(idx({a.B}, a.S + 1));
-  if (a.mask == 3) in.push_back(idx({a.B * a.T}, a.T));
-  if (a.mask == 4) in.push_back(idx({a.B * a.T, 2}, a.S + 1));  // key ranges, clamped
-  if (a.mask == 5) in.push_back(idx({a.T, 5}, 4 * a.bs + 1));   // n, then blocks (clamped)
+  if (a.mask == MXN_MASK_PREFIX) in.push_back(idx({a.B}, a.S + 1));
+  if (a.mask == MXN_MASK_SEGMENTS) in.push_back(idx({a.B * a.T}, a.T));
+  if (a.mask == MXN_MASK_CACHED) in.push_back(idx({a.B * a.T, 2}, a.S + 1));  // key ranges, clamped
+  if (a.mask == MXN_MASK_PAGED)
+    in.push_back(idx({a.T, 5}, 4 * a.bs + 1));  // n, then blocks (clamped)
   std::vector<Operand> out = op == MXN_OP_ATTENTION
                                  ? std::vector<Operand>{f({Nq, qw}), f({Nq, a.H})}
                                  : std::vector<Operand>{f(qs), f(ks), f(ks)};
@@ -131,7 +132,7 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_ATTENTION:
     case MXN_OP_ATTENTION_BWD:
       for (const AttnCase& a : attention_cases())  // masks 4 and 5 (serving): no backward
-        if (a.mask < 4 || (op == MXN_OP_ATTENTION && dt == DType::f32))
+        if (a.mask < MXN_MASK_CACHED || (op == MXN_OP_ATTENTION && dt == DType::f32))
           c.push_back(attention_case(op, a, dt));
       break;
     case MXN_OP_EMBEDDING:

@@ -140,6 +140,11 @@ uint64_t Device::free_memory() const {
   return props_.memory_bytes;
 }
 
+bool Device::set_option(const std::string& key, int64_t value) {
+  return api_->struct_size >= offsetof(mxn_backend_api, set_option) + sizeof(void*) &&
+         api_->set_option && api_->set_option(ctx_, key.c_str(), value) == 0;
+}
+
 bool Device::has_collectives() const {
   return api_->struct_size >= offsetof(mxn_backend_api, comm_wait) + sizeof(void*) &&
          api_->comm_id && api_->comm_init && api_->all_reduce_sum && api_->comm_wait &&
@@ -226,11 +231,14 @@ BackendEntry load_plugin(const std::filesystem::path& path) {
     return e;
   }
   const mxn_backend_api* api = get();
-  if (!api || api->struct_size < MXN_BACKEND_API_CORE_SIZE || api->abi_version != MXN_ABI_VERSION ||
-      !api->name) {
+  // A plugin of an older ABI down to MXN_ABI_OLDEST loads: its table is shorter (the struct-size
+  // rule), and what it lacks is asked for by size before each use.
+  if (!api || api->struct_size < MXN_BACKEND_API_CORE_SIZE || api->abi_version > MXN_ABI_VERSION ||
+      api->abi_version < MXN_ABI_OLDEST || !api->name) {
     e.error = path.string() + " speaks chip-contract ABI version " +
               std::to_string(api ? api->abi_version : 0) + ", this mxn needs " +
-              std::to_string(MXN_ABI_VERSION) + " with the full function table";
+              std::to_string(MXN_ABI_VERSION) + " (or " + std::to_string(MXN_ABI_OLDEST) +
+              " and later) with the full function table";
     return e;
   }
   e.name = api->name;

@@ -53,6 +53,9 @@ class Device {
   bool has_collectives() const;
   // Bytes the device could still allocate (the backend's answer, else its total memory).
   uint64_t free_memory() const;
+  // A backend's per-device setting (mxn_backend_api::set_option); false when the backend has no
+  // such option (or no options: a plugin of ABI 6).
+  bool set_option(const std::string& key, int64_t value);
   void comm_id(uint8_t* id);
   void comm_init(const uint8_t* id, int world, int rank);
   void all_reduce_sum(const Tensor& t);  // f32, in place, enqueued

@@ -75,7 +75,7 @@ struct AttentionShape {
   int64_t ldq = 0, ldk = 0, ldv = 0, q_col = 0, k_col = 0, v_col = 0;
   int64_t P = 0;           // shared prefix keys and values (P-Tuning v2), seen by every query
   int64_t bs = 0, tw = 0;  // mask 5: the block size and each query's table width (1 + blocks)
-  int mask = 0;
+  int mask = MXN_MASK_NONE;
   bool has_prefix = false;  // the optional i32 input (prefix lengths or segment starts) is there
   int extra = -1;           // its input index
   int pkv = -1;             // the input index of the prefix keys (values follow)
@@ -94,13 +94,13 @@ struct AttentionShape {
   // Keys [first, visible) are seen by query t of sequence b. `extra` is the op's optional i32
   // input: mask 2, each sequence's prefix length; mask 3, each query's segment start.
   int64_t visible(int64_t t, int64_t prefix = 0) const {
-    if (mask == 0) return S;
+    if (mask == MXN_MASK_NONE) return S;
     int64_t n = q_pos0 + t + 1;
-    if (mask == 2 && prefix > n) n = prefix;
+    if (mask == MXN_MASK_PREFIX && prefix > n) n = prefix;
     return n < S ? n : S;
   }
   int64_t prefix_of(const int32_t* extra, int64_t b) const {
-    return mask == 2 && extra ? int64_t(extra[b]) : 0;
+    return mask == MXN_MASK_PREFIX && extra ? int64_t(extra[b]) : 0;
   }
   // Mask 4: each query's own key range [first, last) from the (B*T, 2) input (serving).
   int64_t range_end(const int32_t* extra, int64_t b, int64_t t) const {
@@ -108,11 +108,11 @@ struct AttentionShape {
     return hi < 1 ? 1 : hi < S ? hi : S;
   }
   int64_t first(const int32_t* extra, int64_t b, int64_t t) const {
-    if (mask == 4) {
+    if (mask == MXN_MASK_CACHED) {
       const int64_t lo = extra[(b * T + t) * 2], hi = range_end(extra, b, t) - 1;
       return lo < 0 ? 0 : lo < hi ? lo : hi;
     }
-    if (mask != 3) return 0;
+    if (mask != MXN_MASK_SEGMENTS) return 0;
     const int64_t lo = extra[b * T + t], hi = visible(t) - 1;  // a query always sees itself
     return lo < 0 ? 0 : lo < hi ? lo : hi;
   }
@@ -169,31 +169,33 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   else if (s.q_col < 0 || s.q_col + s.H * s.hd > s.ldq || s.k_col < 0 ||
            s.k_col + s.G * s.hd > s.ldk || s.v_col < 0 || s.v_col + s.G * s.hd > s.ldv)
     s.error = "attention: a head's columns lie outside q, k or v";
-  else if (s.mask < 0 || s.mask > 5 || (s.mask >= 2 && !s.has_prefix))
+  else if (s.mask < MXN_MASK_NONE || s.mask > MXN_MASK_PAGED ||
+           (s.mask >= MXN_MASK_PREFIX && !s.has_prefix))
     s.error =
         "attention: mask must be 0 (none), 1 (causal), 2 (prefix, with its lengths), 3 (causal "
         "within segments, with each query's segment start), 4 (each query's key range) or 5 "
         "(paged keys, with each query's block table)";
-  else if (s.mask >= 4 && backward)
+  else if (s.mask >= MXN_MASK_CACHED && backward)
     s.error = "attention: masks 4 and 5 (serving) are for inference; they have no backward";
-  else if (s.mask == 5 && (s.bs < 1 || s.kv_rows % s.bs || s.B != 1 ||
-                           count(k.inputs[s.extra]) % s.T || count(k.inputs[s.extra]) / s.T < 2))
+  else if (s.mask == MXN_MASK_PAGED &&
+           (s.bs < 1 || s.kv_rows % s.bs || s.B != 1 || count(k.inputs[s.extra]) % s.T ||
+            count(k.inputs[s.extra]) / s.T < 2))
     s.error =
         "attention: mask 5 needs a block size ip[12] dividing kv_rows, one sequence, and a (T, "
         "1 + blocks) table";
   else if (s.P > 0 && (count(k.inputs[s.pkv]) != s.P * s.G * s.hd ||
                        count(k.inputs[s.pkv + 1]) != s.P * s.G * s.hd))
     s.error = "attention: the prefix keys and values must be (P, G*hd)";
-  else if (s.has_prefix && s.mask != 5 &&
-           count(k.inputs[s.extra]) != (s.mask == 4   ? 2 * s.B * s.T
-                                        : s.mask == 3 ? s.B * s.T
-                                                      : s.B))
+  else if (s.has_prefix && s.mask != MXN_MASK_PAGED &&
+           count(k.inputs[s.extra]) != (s.mask == MXN_MASK_CACHED     ? 2 * s.B * s.T
+                                        : s.mask == MXN_MASK_SEGMENTS ? s.B * s.T
+                                                                      : s.B))
     s.error =
         "attention: the i32 input holds B prefix lengths (mask 2), B*T segment starts (3) or "
         "B*T key ranges (4)";
-  else if (s.mask != 0 && (s.q_pos0 < 0 || s.q_pos0 + s.T > s.S))
+  else if (s.mask != MXN_MASK_NONE && (s.q_pos0 < 0 || s.q_pos0 + s.T > s.S))
     s.error = "attention: causal queries must lie within the keys (q_pos0 + T <= S)";
-  if (s.mask == 5 && !s.error) s.tw = count(k.inputs[s.extra]) / s.T;
+  if (s.mask == MXN_MASK_PAGED && !s.error) s.tw = count(k.inputs[s.extra]) / s.T;
   return s;
 }
 

@@ -102,7 +102,8 @@ int Graph::layernorm(int x, int w, int b, float eps) {
 int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bool with_lse, int pk,
                      int pv) {
   const int64_t rows = v_rows(q), S = a.S > 0 ? a.S : a.T;
-  MXN_CHECK(rows % a.T == 0 && (a.mask < 2 || prefix >= 0), "attention rows or prefix");
+  MXN_CHECK(rows % a.T == 0 && (a.mask < MXN_MASK_PREFIX || prefix >= 0),
+            "attention rows or prefix");
   MXN_CHECK(a.P == 0 || (pk >= 0 && pv >= 0), "attention prefix keys and values");
   const float scale = a.scale > 0 ? a.scale : 1.f / std::sqrt(float(a.head_dim));
   std::vector<int> in{q, k, v};

@@ -316,7 +316,7 @@ void cache_kv(Builder& b, DecoderGraph& m, const std::string& p, int64_t B, int&
     v = vc;
     at.k_col = at.v_col = 0;
     at.kv_rows = at.S = o.serve_rows;
-    at.mask = o.serve_block > 0 ? 5 : 4;
+    at.mask = o.serve_block > 0 ? MXN_MASK_PAGED : MXN_MASK_CACHED;
     at.block = o.serve_block;
   } else if (o.kv_cache > 0) {  // append this step's keys and values; attend over the cache
     const int kc = g.input(p + "k_cache", {B * o.kv_cache, GD}, DType::f32);
@@ -427,8 +427,8 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   m.tokens = g.input("tokens", {N}, DType::i32);
   if (o.serve_lora > 0) m.lora_mask = g.input("lora_mask", {N, o.serve_lora}, DType::f32);
   m.positions = g.input("positions", {N}, DType::i32);
-  if (o.mask == 2) m.prefix = g.input("prefix", {B}, DType::i32);
-  if (o.mask == 3) m.prefix = g.input("segments", {N}, DType::i32);
+  if (o.mask == MXN_MASK_PREFIX) m.prefix = g.input("prefix", {B}, DType::i32);
+  if (o.mask == MXN_MASK_SEGMENTS) m.prefix = g.input("segments", {N}, DType::i32);
   if (o.serve_rows > 0) {
     m.cache_rows = g.input("cache_rows", {N}, DType::i32);
     m.key_ranges =

@@ -51,9 +51,6 @@ std::thread load_all(ServeContext& ctx, std::string& error) {
 
 int serve(const ServeOptions& o) {
   if (o.models.empty()) throw Error("mxn serve needs at least one --model NAME=PATH");
-  // The HTTP threads share the cores with the passes: GEMMs split dynamically (matmul.cpp), unless
-  // the environment says otherwise.
-  setenv("MXN_CPU_GEMM_SPLIT", "1", 0);
   Registry models(o);
   ServeContext ctx{o, models};
   ctx.ready = o.memory_budget > 0;  // with a budget, models load on demand

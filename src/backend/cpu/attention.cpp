@@ -186,8 +186,8 @@ void attention_fwd_paged(Scratch& s, const AttentionShape& a, const float* q, co
 void attention_fwd(Scratch& s, const AttentionShape& a, const float* q, const float* k,
                    const float* v, const float* pk, const float* pv, const int32_t* prefix,
                    float* y, float* lse) {
-  if (a.mask == 4) return attention_fwd_ranges(s, a, q, k, v, pk, pv, prefix, y, lse);
-  if (a.mask == 5) return attention_fwd_paged(s, a, q, k, v, pk, pv, prefix, y, lse);
+  if (a.mask == MXN_MASK_CACHED) return attention_fwd_ranges(s, a, q, k, v, pk, pv, prefix, y, lse);
+  if (a.mask == MXN_MASK_PAGED) return attention_fwd_paged(s, a, q, k, v, pk, pv, prefix, y, lse);
   const int nt = omp_get_max_threads();
   const int64_t nblk = (a.T + kBlock - 1) / kBlock, tasks = a.B * a.H * nblk, P = a.P;
   const int64_t ldp = a.G * a.hd;  // prefix keys and values: (P, G*hd)

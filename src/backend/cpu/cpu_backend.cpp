@@ -103,6 +103,12 @@ int32_t memory_free(void*, uint64_t* out) {
   return 0;
 }
 
+int32_t set_option(void*, const char* key, int64_t value) {
+  if (std::string(key) != "gemm_split") return MXN_STATUS_UNSUPPORTED;
+  set_gemm_split(value != 0);
+  return 0;
+}
+
 int32_t copy_to_device(void*, void* dst, uint64_t off, const void* src, uint64_t bytes) {
   std::memcpy(static_cast<char*>(dst) + off, src, bytes);
   return 0;
@@ -230,7 +236,8 @@ const char* widen_qkv(Ctx* c, const AttentionShape& a, const mxn_tensor* t, cons
     for (int i = 0; i < 3; ++i) out[i] = ptr(t[i]);
     return nullptr;
   }
-  if (a.mask > 3) return "attention: bf16 q, k, v are for training's masks (0-3) only";
+  if (a.mask > MXN_MASK_SEGMENTS)
+    return "attention: bf16 q, k, v are for training's masks (none, causal, prefix, segments) only";
   float* wide = c->scratch.get(c->scratch.wide, need);
   for (int i = 0; i < 3; ++i) {
     if (t[i].dtype != MXN_DTYPE_BF16) {
@@ -257,8 +264,9 @@ bool bf16_tiles(const AttentionShape& a, const mxn_tensor* t) {
     const char* e = std::getenv("MXN_ATTN_TILES");
     return !(e && std::string(e) == "f32");
   }();
-  return wanted && native_bf16() && a.P == 0 && a.mask <= 3 && t[0].dtype == MXN_DTYPE_BF16 &&
-         t[1].dtype == MXN_DTYPE_BF16 && t[2].dtype == MXN_DTYPE_BF16;
+  return wanted && native_bf16() && a.P == 0 && a.mask <= MXN_MASK_SEGMENTS &&
+         t[0].dtype == MXN_DTYPE_BF16 && t[1].dtype == MXN_DTYPE_BF16 &&
+         t[2].dtype == MXN_DTYPE_BF16;
 }
 
 int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
@@ -543,6 +551,7 @@ const mxn_backend_api kApi = {
     nullptr,
     nullptr,
     memory_free,
+    set_option,
 };
 
 }  // namespace

@@ -33,6 +33,8 @@ enum class Compute { f32, bf16 };
 
 // C[M,N] = alpha * op(A) op(B) (+ C when accumulate) (+ bias (N) on every row, 2-D only: in the
 // bf16 GEMM itself, else after it), batched with element strides sa, sb, sc.
+// Single GEMMs split their columns dynamically (the backend option "gemm_split"), for the process.
+void set_gemm_split(bool on);
 void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M, int64_t N,
             int64_t K, float alpha, const float* A, int64_t sa, const float* B, int64_t sb,
             bool accumulate, float* C, int64_t sc, const float* bias = nullptr);

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <dnnl.hpp>
@@ -17,6 +18,9 @@
 #include "core/error.h"
 
 namespace mxn::cpu {
+
+std::atomic<bool> g_gemm_split{false};
+void set_gemm_split(bool on) { g_gemm_split.store(on, std::memory_order_relaxed); }
 
 void sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
@@ -245,16 +249,12 @@ void matmul(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_
     add_bias_rows(C, bias, M, N);
     return;
   }
-  // MXN_CPU_GEMM_SPLIT=1 (mxn serve sets it): the columns go out in chunks of 256 that a
+  // The option "gemm_split" (mxn serve sets it): the columns go out in chunks of 256 that a
   // running thread takes when another is descheduled, instead of oneDNN's static split across
   // threads. When other work shares the cores (HTTP threads, a client) a preempted thread no
   // longer stalls the GEMM: +25% serving throughput here (docs/benchmarks.md); alone it is 12%
   // slower, so training keeps oneDNN's split.
-  static const bool split = [] {
-    const char* e = std::getenv("MXN_CPU_GEMM_SPLIT");
-    return e && std::string(e) == "1";
-  }();
-  if (split && batch == 1 && N >= 512) {
+  if (g_gemm_split.load(std::memory_order_relaxed) && batch == 1 && N >= 512) {
     constexpr int64_t kCols = 256;
     const int64_t chunks = (N + kCols - 1) / kCols;
 #pragma omp parallel for schedule(dynamic)

@@ -455,6 +455,7 @@ const mxn_backend_api kApi = {
     nullptr, nullptr, nullptr, nullptr,  // built without nccl.h: ranks reduce through the host
 #endif
     memory_free,
+    nullptr,  // no options
 };
 
 }  // namespace

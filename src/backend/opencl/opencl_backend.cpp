@@ -772,6 +772,7 @@ const mxn_backend_api kApi = {
     nullptr,
     nullptr,
     memory_free,
+    nullptr,  // no options
 };
 
 }  // namespace
