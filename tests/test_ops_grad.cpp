@@ -359,7 +359,7 @@ TEST(Attention, Bf16QkvIsTheF32GraphOnRoundedValues) {
       a.kv_heads = G;
       a.head_dim = D;
       a.T = T;
-      a.mask = mask;
+      a.mask = mxn_attention_mask(mask);
       a.k_col = C;
       a.v_col = C + G * D;
       const int loss = g.cross_entropy(g.attention(in, in, in, a, seg), t);
@@ -465,7 +465,7 @@ TEST(Grad, Attention) {
              a.kv_heads = s.G;
              a.head_dim = s.hd;
              a.T = T;
-             a.mask = s.mask;
+             a.mask = mxn_attention_mask(s.mask);
              a.P = s.P;
              const int q = g.param("q", {B * T, s.H * s.hd}, true);
              const int k = g.param("k", {B * T, s.G * s.hd}, true);

@@ -42,14 +42,15 @@ struct AttentionSpec {
   int64_t heads = 1, kv_heads = 1, head_dim = 1;
   int64_t T = 1;  // queries per sequence
   int64_t S = 0;  // keys per sequence (0: T)
-  int mask = 1;   // 0 none, 1 causal, 2 causal + per-sequence prefix (bidirectional), 3 causal
-                  // within segments (packed rows; the extra input holds each query's segment start)
+  // Which keys each query sees (backend_abi.h's mxn_attention_mask): none, causal, prefix
+  // (GLM's Part A, bidirectional), segments (packed rows), and serving's cached and paged keys.
+  mxn_attention_mask mask = MXN_MASK_CAUSAL;
   int64_t q_col = 0, k_col = 0, v_col = 0;  // column windows, for fused projections
   int64_t kv_rows = 0;  // rows per sequence in k and v (0: S), e.g. a KV cache's capacity
   int64_t q_pos0 = 0;   // key index of the first query (S - T when decoding with a cache)
   float scale = 0.f;    // 0: 1/sqrt(head_dim)
   int64_t P = 0;        // shared prefix keys and values seen by every query (P-Tuning v2)
-  int64_t block = 0;    // mask 5 (paged keys): the KV block size
+  int64_t block = 0;    // paged keys: the KV block size
 };
 
 // ROPE's parameters (the op's ip and fp).

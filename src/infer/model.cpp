@@ -173,7 +173,7 @@ std::string infill(const std::string& checkpoint, const std::string& text, int64
   auto dev = open_device(device, int(threads));
   Graph g;
   DecoderOptions o;
-  o.mask = 2;
+  o.mask = MXN_MASK_PREFIX;
   o.block_positions = true;
   o.last_logits = true;
   const DecoderGraph m = build_decoder(g, cfg, 1, T, o);

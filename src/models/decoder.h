@@ -82,9 +82,9 @@ std::string lora_b_name(const std::string& module);
 
 struct DecoderOptions {
   bool with_loss = false;
-  // 1 causal; 2 prefix-bidirectional (a per-sequence prefix input); 3 causal within segments
-  // (packed rows: a per-token segment-start input, with positions restarting per segment)
-  int mask = 1;
+  // Training's masks: causal; prefix (bidirectional over a per-sequence prefix input, GLM);
+  // segments (packed rows: a per-token segment-start input, positions restarting per segment)
+  mxn_attention_mask mask = MXN_MASK_CAUSAL;
   int64_t kv_cache = 0;        // > 0: keys and values go to caches of this many rows per sequence
   bool last_logits = false;    // logits for each sequence's last row only (generation)
   DType weights = DType::f32;  // bf16: 2-D weights stored in bf16, computed in f32 (inference)

@@ -5,6 +5,13 @@
 namespace mxn::opencl {
 
 inline const char* kKernelsLlm = R"CLC(
+// backend_abi.h's mxn_attention_mask
+#define MXN_MASK_NONE 0
+#define MXN_MASK_CAUSAL 1
+#define MXN_MASK_PREFIX 2
+#define MXN_MASK_SEGMENTS 3
+#define MXN_MASK_CACHED 4
+#define MXN_MASK_PAGED 5
 #define ATT_PARAMS long B, long H, long G, long hd, long T, long S, long kv_rows, long q_pos0, \
   int mask, long ldq, long ldk, long ldv, long q_col, long k_col, long v_col, float scale, \
   int has_prefix, long P, long bs, long tw
@@ -14,38 +21,38 @@ inline const char* kKernelsLlm = R"CLC(
 #define YOFF(b, t, h) (((b) * T + (t)) * H * hd + (h) * hd)
 
 long att_visible(long t, long prefix, int mask, long q_pos0, long S) {
-  if (mask == 0) return S;
+  if (mask == MXN_MASK_NONE) return S;
   long n = q_pos0 + t + 1;
-  if (mask == 2 && prefix > n) n = prefix;
+  if (mask == MXN_MASK_PREFIX && prefix > n) n = prefix;
   return n < S ? n : S;
 }
-// Mask 3 (packed rows): the first key query t sees, its segment's start (at most itself).
+// Segments (packed rows): the first key query t sees, its segment's start (at most itself).
 long att_first(__global const int* pre, ulong op, long b, long t, long T, int mask, long n) {
-  if (mask == 4) {
+  if (mask == MXN_MASK_CACHED) {
     const long lo = pre[op + (b * T + t) * 2];
     return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
   }
-  if (mask != 3) return 0;
+  if (mask != MXN_MASK_SEGMENTS) return 0;
   const long lo = pre[op + b * T + t];
   return lo < 0 ? 0 : lo < n - 1 ? lo : n - 1;
 }
-#define ATT_PREFIX(b) (has_prefix && mask == 2 ? pre[op + (b)] : 0)
-// Mask 4: the end of query (b, t)'s own key range; mask 5: its number of paged keys; else
+#define ATT_PREFIX(b) (has_prefix && mask == MXN_MASK_PREFIX ? pre[op + (b)] : 0)
+// Cached: the end of query (b, t)'s own key range; paged: its number of paged keys; else
 // the usual visibility.
 long att_end(__global const int* pre, ulong op, long b, long t, long T, int mask, long prefix,
              long q_pos0, long S, long bs, long tw) {
-  if (mask == 5) {
+  if (mask == MXN_MASK_PAGED) {
     const long n = pre[op + t * tw], most = (tw - 1) * bs;
     return n < 1 ? 1 : n < most ? n : most;
   }
-  if (mask != 4) return att_visible(t, prefix, mask, q_pos0, S);
+  if (mask != MXN_MASK_CACHED) return att_visible(t, prefix, mask, q_pos0, S);
   const long hi = pre[op + (b * T + t) * 2 + 1];
   return hi < 1 ? 1 : hi < S ? hi : S;
 }
-// Mask 5: the k/v row of query t's key j (its block table); else j.
+// Paged: the k/v row of query t's key j (its block table); else j.
 long att_row(__global const int* pre, ulong op, long t, long j, int mask, long bs, long tw,
              long kv_rows) {
-  if (mask != 5) return j;
+  if (mask != MXN_MASK_PAGED) return j;
   const long blk = pre[op + t * tw + 1 + j / bs], nblk = kv_rows / bs;
   return (blk < 0 ? 0 : blk < nblk ? blk : nblk - 1) * bs + j % bs;
 }
