@@ -50,6 +50,8 @@ typedef enum mxn_dtype {
 
 /* The fixed op set. Forward and backward are separate kernels; matmul's backward is matmul.
  * Operand order and parameters of each op are documented in docs/backends.md. */
+/* The op table keeps its comments laid out by hand. */
+/* clang-format off */
 typedef enum mxn_op {
   MXN_OP_MATMUL = 0,        /* C = alpha*op(A)op(B) (+C): ip[0]=transA ip[1]=transB ip[2]=accumulate
                                ip[3]=compute dtype (f32|bf16); fp[0]=alpha; 2-D or batched 3-D */
@@ -76,8 +78,8 @@ typedef enum mxn_op {
                                10=q_pos0 (key index of the first query: S - T when decoding)
                                11=P (prefix keys: pk and pv (P, G*hd), shared by every sequence,
                                seen by every query before its own keys: P-Tuning v2);
-                               12=bs (mask 5's block size); fp[0]=scale. Query i sees key j when j <= q_pos0
-                               + i (causal). */
+                               12=bs (the paged mask's block size); fp[0]=scale. Query i sees
+                               key j when j <= q_pos0 + i (causal). */
   MXN_OP_ATTENTION_BWD,     /* in: dy, q, k, v, y, lse, [pk, pv], [prefix]; out: dq, dk, dv,
                                [dpk, dpv] (overwritten; dq, dk, dv the same column windows as q,
                                k, v, possibly one tensor; dpk, dpv summed over the sequences);
@@ -93,34 +95,35 @@ typedef enum mxn_op {
   MXN_OP_FILL,              /* out = fp[0] */
   MXN_OP_SUM_SQUARES,       /* out (1) = sum a^2 (+ out when ip[0]) */
   /* --- added in ABI 2 ----------------------------------------------------------------------- */
-  MXN_OP_RMSNORM,     /* in: x, w; out: y = x * rstd * w, rstd (rows); fp[0]=eps */
-  MXN_OP_RMSNORM_BWD, /* in: dy, x, w, rstd; out: dx, dw (dw overwritten) */
-  MXN_OP_ROPE,        /* in: x (N, W), pos (N) i32; out: y (N, W), may be x. Rotates the
-                         first ip[3] dims of each of ip[1] heads of ip[2] dims that start
-                         at column ip[0] (col0 + (heads-1)*hd + rot <= W: 2-D RoPE turns
-                         each head's second half from col0 = rot); other columns are copied. ip[4]=layout
-                         (0: pairs        (i, i + rot/2) as LLaMA stores it, 1: interleaved pairs (2i,
-                         2i+1)        as        GLM), ip[5]=scaling (0 none, 1 linear, 2 llama3), ip[6]=1: rotate
-                         backwards (the        gradient). fp: 0=theta 1=factor 2=low_freq_factor
-                         3=high_freq_factor        4=original_max_position */
-  MXN_OP_SILU,        /* out = a * sigmoid(a) */
-  MXN_OP_SILU_BWD,    /* in: dy, x; out: dx */
-  MXN_OP_SWIGLU,      /* in: gate, up; out (N, F) = silu(gate[:, ip[0]+c]) * up[:, ip[1]+c];
-                         gate and up may be one tensor ([gate | up] fused) */
-  MXN_OP_SWIGLU_BWD,  /* in: dy, gate, up; out: dgate, dup (the same column windows) */
-  MXN_OP_SET_ROWS,    /* in: src (B*n, >= ip[2] + W), [idx (B*n) i32]; out: dst (B*R, W):
-                         rows [ip[0], ip[0]+n) of each of the B sequences of ip[1] = R rows
-                         get columns [ip[2], ip[2]+W) of src's rows (a KV-cache append);
-                         with idx (ABI 3) src row i goes to dst row idx[i] instead */
-  MXN_OP_DROPOUT,     /* out (may be a) = a * keep / (1 - fp[0]) (ABI 3): element i is kept
-                         when u >= fp[0], u = (mix64(ip[0] + mix64(ip[1] + i)) >> 40) / 2^24
-                         (splitmix64's mix, as src/core/rng.h): the same mask on every chip
-                         for (seed ip[0], index ip[1] + i). Its gradient is itself. */
-  MXN_OP_TANH,        /* out = tanh(a) (ABI 3: P-Tuning v2's prefix MLP) */
-  MXN_OP_TANH_BWD,    /* in: dy, y (the forward's output); out: dx = dy * (1 - y^2) */
+  MXN_OP_RMSNORM,           /* in: x, w; out: y = x * rstd * w, rstd (rows); fp[0]=eps */
+  MXN_OP_RMSNORM_BWD,       /* in: dy, x, w, rstd; out: dx, dw (dw overwritten) */
+  MXN_OP_ROPE,              /* in: x (N, W), pos (N) i32; out: y (N, W), may be x. Rotates the
+                               first ip[3] dims of each of ip[1] heads of ip[2] dims that start
+                               at column ip[0] (col0 + (heads-1)*hd + rot <= W: 2-D RoPE turns
+                               each head's second half from col0 = rot); other columns are
+                               copied. ip[4]=layout (0: pairs
+                               (i, i + rot/2) as LLaMA stores it, 1: interleaved pairs (2i, 2i+1)
+                               as GLM), ip[5]=scaling (0 none, 1 linear, 2 llama3), ip[6]=1: rotate
+                               backwards (the gradient). fp: 0=theta 1=factor 2=low_freq_factor
+                               3=high_freq_factor 4=original_max_position */
+  MXN_OP_SILU,              /* out = a * sigmoid(a) */
+  MXN_OP_SILU_BWD,          /* in: dy, x; out: dx */
+  MXN_OP_SWIGLU,            /* in: gate, up; out (N, F) = silu(gate[:, ip[0]+c]) * up[:, ip[1]+c];
+                               gate and up may be one tensor ([gate | up] fused) */
+  MXN_OP_SWIGLU_BWD,        /* in: dy, gate, up; out: dgate, dup (the same column windows) */
+  MXN_OP_SET_ROWS,          /* in: src (B*n, >= ip[2] + W), [idx (B*n) i32]; out: dst (B*R, W):
+                               rows [ip[0], ip[0]+n) of each of the B sequences of ip[1] = R rows
+                               get columns [ip[2], ip[2]+W) of src's rows (a KV-cache append);
+                               with idx (ABI 3) src row i goes to dst row idx[i] instead */
+  MXN_OP_DROPOUT,           /* out (may be a) = a * keep / (1 - fp[0]) (ABI 3): element i is kept
+                               when u >= fp[0], u = (mix64(ip[0] + mix64(ip[1] + i)) >> 40) / 2^24
+                               (splitmix64's mix, as src/core/rng.h): the same mask on every chip
+                               for (seed ip[0], index ip[1] + i). Its gradient is itself. */
+  MXN_OP_TANH,              /* out = tanh(a) (ABI 3: P-Tuning v2's prefix MLP) */
+  MXN_OP_TANH_BWD,          /* in: dy, y (the forward's output); out: dx = dy * (1 - y^2) */
   /* --- added in ABI 4 ----------------------------------------------------------------------- */
-  MXN_OP_MUL, /* out = a * b elementwise, same shapes (serving many LoRA adapters in
-                 one batch: each row's mask over the stacked adapters' ranks) */
+  MXN_OP_MUL,               /* out = a * b elementwise, same shapes (serving many LoRA adapters in
+                               one batch: each row's mask over the stacked adapters' ranks) */
   /* --- added in ABI 5 ----------------------------------------------------------------------- */
   MXN_OP_CLASSIFIER_CE,     /* in: x (N,C), w (V,C), targets (N) i32 (<0 ignored); out: loss (1),
                                [dx (N,C)], [dw (V,C)]: the mean cross-entropy of softmax(x w^T)
@@ -134,6 +137,7 @@ typedef enum mxn_op {
                                place) */
   MXN_OP_COUNT
 } mxn_op;
+/* clang-format on */
 
 /* ATTENTION's ip[5]: which keys each query sees. */
 typedef enum mxn_attention_mask {

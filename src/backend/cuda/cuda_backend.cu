@@ -7,9 +7,9 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
-#include <vector>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/kernels_llm.cuh"
@@ -45,7 +45,9 @@ int32_t fail(Ctx* c, int32_t st, const std::string& msg) {
 }
 
 int32_t check(Ctx* c, cudaError_t e, const char* what) {
-  return e == cudaSuccess ? 0 : fail(c, MXN_STATUS_INTERNAL, std::string(what) + ": " + cudaGetErrorString(e));
+  return e == cudaSuccess
+             ? 0
+             : fail(c, MXN_STATUS_INTERNAL, std::string(what) + ": " + cudaGetErrorString(e));
 }
 
 int32_t device_count() {
@@ -74,7 +76,8 @@ int32_t init(int32_t dev, const mxn_backend_options*, void** out) {
   c->device = dev;
   if (int32_t st = check(c, cudaSetDevice(dev), "cudaSetDevice")) return st;
   if (int32_t st = check(c, cudaStreamCreate(&c->stream), "cudaStreamCreate")) return st;
-  if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS) return fail(c, MXN_STATUS_INTERNAL, "cublasLtCreate failed");
+  if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS)
+    return fail(c, MXN_STATUS_INTERNAL, "cublasLtCreate failed");
   return check(c, cudaMalloc(&c->workspace, c->workspace_bytes), "cudaMalloc (cuBLASLt workspace)");
 }
 
@@ -103,7 +106,8 @@ int32_t buffer_alloc(void* ctx, uint64_t bytes, void** out) {
     cudaGetLastError();
     size_t free_b = 0, total = 0;
     cudaMemGetInfo(&free_b, &total);
-    return fail(c, MXN_STATUS_OUT_OF_MEMORY, "the device has " + std::to_string(free_b) + " bytes free");
+    return fail(c, MXN_STATUS_OUT_OF_MEMORY,
+                "the device has " + std::to_string(free_b) + " bytes free");
   }
   return 0;
 }
@@ -121,14 +125,20 @@ int32_t memory_free(void* ctx, uint64_t* out) {
 
 int32_t copy_to_device(void* ctx, void* dst, uint64_t off, const void* src, uint64_t bytes) {
   auto* c = static_cast<Ctx*>(ctx);
-  if (int32_t st = check(c, cudaMemcpyAsync(static_cast<char*>(dst) + off, src, bytes, cudaMemcpyHostToDevice, c->stream), "cudaMemcpyAsync"))
+  if (int32_t st = check(c,
+                         cudaMemcpyAsync(static_cast<char*>(dst) + off, src, bytes,
+                                         cudaMemcpyHostToDevice, c->stream),
+                         "cudaMemcpyAsync"))
     return st;
   return check(c, cudaStreamSynchronize(c->stream), "cudaStreamSynchronize");  // src may go away
 }
 
 int32_t copy_to_host(void* ctx, void* dst, const void* src, uint64_t off, uint64_t bytes) {
   auto* c = static_cast<Ctx*>(ctx);
-  if (int32_t st = check(c, cudaMemcpyAsync(dst, static_cast<const char*>(src) + off, bytes, cudaMemcpyDeviceToHost, c->stream), "cudaMemcpyAsync"))
+  if (int32_t st = check(c,
+                         cudaMemcpyAsync(dst, static_cast<const char*>(src) + off, bytes,
+                                         cudaMemcpyDeviceToHost, c->stream),
+                         "cudaMemcpyAsync"))
     return st;
   return check(c, cudaStreamSynchronize(c->stream), "cudaStreamSynchronize");
 }
@@ -143,7 +153,9 @@ int32_t synchronize(void* ctx) {
   auto* c = static_cast<Ctx*>(ctx);
 #ifdef MXN_HAVE_NCCL
   if (c->comm_stream)
-    if (int32_t st = check(c, cudaStreamSynchronize(c->comm_stream), "cudaStreamSynchronize (collectives)")) return st;
+    if (int32_t st =
+            check(c, cudaStreamSynchronize(c->comm_stream), "cudaStreamSynchronize (collectives)"))
+      return st;
 #endif
   return check(c, cudaStreamSynchronize(c->stream), "cudaStreamSynchronize");
 }
@@ -152,7 +164,9 @@ int32_t synchronize(void* ctx) {
 // Collectives through NCCL on their own stream: an all-reduce waits for the kernels enqueued
 // before it (an event), and comm_wait makes the kernel stream wait for the collectives.
 int32_t nccl_check(Ctx* c, ncclResult_t r, const char* what) {
-  return r == ncclSuccess ? 0 : fail(c, MXN_STATUS_INTERNAL, std::string(what) + ": " + Nccl::get().error_string(r));
+  return r == ncclSuccess
+             ? 0
+             : fail(c, MXN_STATUS_INTERNAL, std::string(what) + ": " + Nccl::get().error_string(r));
 }
 
 int32_t comm_id(void* ctx, uint8_t* id) {
@@ -168,9 +182,15 @@ int32_t comm_init(void* ctx, const uint8_t* id, int32_t world, int32_t rank) {
   const Nccl& n = Nccl::get();
   if (!n.ok) return fail(c, MXN_STATUS_UNSUPPORTED, "NCCL (libnccl.so.2) is not installed");
   if (int32_t st = check(c, cudaSetDevice(c->device), "cudaSetDevice")) return st;
-  if (int32_t st = check(c, cudaStreamCreateWithFlags(&c->comm_stream, cudaStreamNonBlocking), "cudaStreamCreate")) return st;
-  if (int32_t st = check(c, cudaEventCreateWithFlags(&c->compute_done, cudaEventDisableTiming), "cudaEventCreate")) return st;
-  if (int32_t st = check(c, cudaEventCreateWithFlags(&c->comm_done, cudaEventDisableTiming), "cudaEventCreate")) return st;
+  if (int32_t st = check(c, cudaStreamCreateWithFlags(&c->comm_stream, cudaStreamNonBlocking),
+                         "cudaStreamCreate"))
+    return st;
+  if (int32_t st = check(c, cudaEventCreateWithFlags(&c->compute_done, cudaEventDisableTiming),
+                         "cudaEventCreate"))
+    return st;
+  if (int32_t st = check(c, cudaEventCreateWithFlags(&c->comm_done, cudaEventDisableTiming),
+                         "cudaEventCreate"))
+    return st;
   ncclUniqueId uid;
   std::memcpy(&uid, id, sizeof(uid));
   return nccl_check(c, n.comm_init_rank(&c->comm, world, uid, rank), "ncclCommInitRank");
@@ -179,22 +199,32 @@ int32_t comm_init(void* ctx, const uint8_t* id, int32_t world, int32_t rank) {
 int32_t all_reduce_sum(void* ctx, void* buffer, uint64_t offset, uint64_t count) {
   auto* c = static_cast<Ctx*>(ctx);
   if (!c->comm) return fail(c, MXN_STATUS_INVALID_ARGUMENT, "all_reduce_sum before comm_init");
-  if (int32_t st = check(c, cudaEventRecord(c->compute_done, c->stream), "cudaEventRecord")) return st;
-  if (int32_t st = check(c, cudaStreamWaitEvent(c->comm_stream, c->compute_done, 0), "cudaStreamWaitEvent")) return st;
+  if (int32_t st = check(c, cudaEventRecord(c->compute_done, c->stream), "cudaEventRecord"))
+    return st;
+  if (int32_t st =
+          check(c, cudaStreamWaitEvent(c->comm_stream, c->compute_done, 0), "cudaStreamWaitEvent"))
+    return st;
   float* p = reinterpret_cast<float*>(static_cast<char*>(buffer) + offset);
-  return nccl_check(c, Nccl::get().all_reduce(p, p, count, ncclFloat, ncclSum, c->comm, c->comm_stream), "ncclAllReduce");
+  return nccl_check(
+      c, Nccl::get().all_reduce(p, p, count, ncclFloat, ncclSum, c->comm, c->comm_stream),
+      "ncclAllReduce");
 }
 
 int32_t comm_wait(void* ctx) {
   auto* c = static_cast<Ctx*>(ctx);
   if (!c->comm_stream) return 0;
-  if (int32_t st = check(c, cudaEventRecord(c->comm_done, c->comm_stream), "cudaEventRecord")) return st;
+  if (int32_t st = check(c, cudaEventRecord(c->comm_done, c->comm_stream), "cudaEventRecord"))
+    return st;
   return check(c, cudaStreamWaitEvent(c->stream, c->comm_done, 0), "cudaStreamWaitEvent");
 }
 #endif
 
-float* F(const mxn_tensor& t) { return reinterpret_cast<float*>(static_cast<char*>(t.buffer) + t.offset); }
-int32_t* I(const mxn_tensor& t) { return reinterpret_cast<int32_t*>(static_cast<char*>(t.buffer) + t.offset); }
+float* F(const mxn_tensor& t) {
+  return reinterpret_cast<float*>(static_cast<char*>(t.buffer) + t.offset);
+}
+int32_t* I(const mxn_tensor& t) {
+  return reinterpret_cast<int32_t*>(static_cast<char*>(t.buffer) + t.offset);
+}
 unsigned blocks(int64_t n) { return unsigned(std::min<int64_t>((n + 255) / 256, 65535)); }
 
 float* scratch(Ctx* c, size_t floats) {
@@ -218,32 +248,42 @@ int32_t gemm(Ctx* c, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float al
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasOperation_t opa = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasStatus_t st = cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
-  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa));
-  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb));
-  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&la, in_t, tb ? K : N, tb ? N : K, ldb);
-  if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&lb, in_t, ta ? M : K, ta ? K : M, lda);
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa));
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb));
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatrixLayoutCreate(&la, in_t, tb ? K : N, tb ? N : K, ldb);
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatrixLayoutCreate(&lb, in_t, ta ? M : K, ta ? K : M, lda);
   if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, N, M, ldc);
   if (batch > 1) {
     const int32_t n = int32_t(batch);
     for (auto [l, stride] : {std::pair{la, sb}, std::pair{lb, sa}, std::pair{lc, sc}}) {
-      if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &n, sizeof(n));
-      if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride));
+      if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &n, sizeof(n));
+      if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                              &stride, sizeof(stride));
     }
   }
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmul(c->lt, desc, &alpha, B, la, A, lb, &beta, C, lc, C, lc, nullptr, c->workspace,
-                        c->workspace_bytes, c->stream);
+    st = cublasLtMatmul(c->lt, desc, &alpha, B, la, A, lb, &beta, C, lc, C, lc, nullptr,
+                        c->workspace, c->workspace_bytes, c->stream);
   if (lc) cublasLtMatrixLayoutDestroy(lc);
   if (lb) cublasLtMatrixLayoutDestroy(lb);
   if (la) cublasLtMatrixLayoutDestroy(la);
   if (desc) cublasLtMatmulDescDestroy(desc);
-  return st == CUBLAS_STATUS_SUCCESS ? 0 : fail(c, MXN_STATUS_INTERNAL, "cublasLtMatmul: status " + std::to_string(int(st)));
+  return st == CUBLAS_STATUS_SUCCESS
+             ? 0
+             : fail(c, MXN_STATUS_INTERNAL, "cublasLtMatmul: status " + std::to_string(int(st)));
 }
 
 __global__ void k_to_bf16(const float* a, uint16_t* y, int64_t n) {
   MXN_LOOP(i, n) {
     uint32_t u = __float_as_uint(a[i]);
-    y[i] = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    y[i] = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40)
+                                           : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
 }
 
@@ -262,10 +302,12 @@ int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
     A = s;
     B = s + na;
   }
-  if (int32_t st = gemm(c, m.ta, m.tb, m.M, m.N, m.K, m.alpha, A, m.lda(), m.sa, B, m.ldb(), m.sb, m.accumulate ? 1.f : 0.f, F(o), m.N, m.sc, m.batch, bf16))
+  if (int32_t st = gemm(c, m.ta, m.tb, m.M, m.N, m.K, m.alpha, A, m.lda(), m.sa, B, m.ldb(), m.sb,
+                        m.accumulate ? 1.f : 0.f, F(o), m.N, m.sc, m.batch, bf16))
     return st;
   if (k.n_inputs > 2)  // ABI 5's bias: added in place after the GEMM
-    k_add_bias<<<blocks(m.M * m.N), 256, 0, c->stream>>>(F(o), F(k.inputs[2]), F(o), m.M * m.N, m.N);
+    k_add_bias<<<blocks(m.M * m.N), 256, 0, c->stream>>>(F(o), F(k.inputs[2]), F(o), m.M * m.N,
+                                                         m.N);
   return 0;
 }
 
@@ -279,18 +321,20 @@ int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
   const float* pv = as.P > 0 ? F(in[as.pkv + 1]) : nullptr;
   if (!backward) {
     float* lse = k.n_outputs > 1 ? F(k.outputs[1]) : nullptr;
-    k_attn_fwd<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), pk, pv, pre,
-                                                               F(k.outputs[0]), lse);
+    k_attn_fwd<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), pk,
+                                                               pv, pre, F(k.outputs[0]), lse);
     return 0;
   }
-  if (as.P > 0 && k.n_outputs < 5) return fail(c, MXN_STATUS_INVALID_ARGUMENT, "attention_bwd: dpk and dpv are missing");
-  k_attn_bwd_dq<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]),
-                                                                F(in[5]), pk, pv, pre, F(k.outputs[0]));
-  k_attn_bwd_dkv<<<blocks(a.B * a.kv_rows * a.G), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]),
-                                                                       F(in[5]), pre, F(k.outputs[1]), F(k.outputs[2]));
+  if (as.P > 0 && k.n_outputs < 5)
+    return fail(c, MXN_STATUS_INVALID_ARGUMENT, "attention_bwd: dpk and dpv are missing");
+  k_attn_bwd_dq<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(
+      a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]), F(in[5]), pk, pv, pre, F(k.outputs[0]));
+  k_attn_bwd_dkv<<<blocks(a.B * a.kv_rows * a.G), 256, 0, c->stream>>>(
+      a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]), F(in[5]), pre, F(k.outputs[1]),
+      F(k.outputs[2]));
   if (as.P > 0)
-    k_attn_bwd_dprefix<<<blocks(a.P * a.G), 256, 0, c->stream>>>(a, F(in[0]), F(in[1]), F(in[4]), F(in[5]), pk, pv,
-                                                                 F(k.outputs[3]), F(k.outputs[4]));
+    k_attn_bwd_dprefix<<<blocks(a.P * a.G), 256, 0, c->stream>>>(
+        a, F(in[0]), F(in[1]), F(in[4]), F(in[5]), pk, pv, F(k.outputs[3]), F(k.outputs[4]));
   return 0;
 }
 
@@ -315,77 +359,115 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
   cudaStream_t s = c->stream;
   switch (k.op) {
     case MXN_OP_RMSNORM:
-      k_rmsnorm<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), F(out[1]), rows_of(in[0]), last(in[0]), k.fp[0]);
+      k_rmsnorm<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), F(out[1]),
+                                                       rows_of(in[0]), last(in[0]), k.fp[0]);
       break;
     case MXN_OP_RMSNORM_BWD:
-      k_rmsnorm_dx<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(out[0]), rows_of(in[0]), last(in[0]));
-      k_rmsnorm_dw<<<blocks(last(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[3]), F(out[1]), rows_of(in[0]), last(in[0]));
+      k_rmsnorm_dx<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]),
+                                                          F(out[0]), rows_of(in[0]), last(in[0]));
+      k_rmsnorm_dw<<<blocks(last(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[3]), F(out[1]),
+                                                       rows_of(in[0]), last(in[0]));
       break;
     case MXN_OP_ROPE: {
       if (const char* e = rope_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
       const float* table = rope_table(c, k);
       if (!table) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for RoPE's table");
-      k_rope<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), I(in[1]), F(out[0]), table, rows_of(in[0]), last(in[0]), k.ip[0], k.ip[1],
-                                                    k.ip[2], k.ip[3], int(k.ip[4] == 1), k.ip[6] == 1 ? -1.f : 1.f);
+      k_rope<<<blocks(rows_of(in[0])), 256, 0, s>>>(
+          F(in[0]), I(in[1]), F(out[0]), table, rows_of(in[0]), last(in[0]), k.ip[0], k.ip[1],
+          k.ip[2], k.ip[3], int(k.ip[4] == 1), k.ip[6] == 1 ? -1.f : 1.f);
       break;
     }
-    case MXN_OP_SILU: k_silu<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(out[0])); break;
-    case MXN_OP_SILU_BWD: k_silu_bwd<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), count(out[0])); break;
+    case MXN_OP_SILU:
+      k_silu<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(out[0]));
+      break;
+    case MXN_OP_SILU_BWD:
+      k_silu_bwd<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]),
+                                                       count(out[0]));
+      break;
     case MXN_OP_SWIGLU:
       if (const char* e = swiglu_error(k, false)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
-      k_swiglu<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]) + k.ip[0], last(in[0]), F(in[1]) + k.ip[1], last(in[1]), F(out[0]),
+      k_swiglu<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]) + k.ip[0], last(in[0]),
+                                                     F(in[1]) + k.ip[1], last(in[1]), F(out[0]),
                                                      count(out[0]), last(out[0]));
       break;
     case MXN_OP_SWIGLU_BWD:
       if (const char* e = swiglu_error(k, true)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
-      k_swiglu_bwd<<<blocks(count(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]) + k.ip[0], last(in[1]), F(in[2]) + k.ip[1], last(in[2]),
-                                                        F(out[0]) + k.ip[0], F(out[1]) + k.ip[1], count(in[0]), last(in[0]));
+      k_swiglu_bwd<<<blocks(count(in[0])), 256, 0, s>>>(
+          F(in[0]), F(in[1]) + k.ip[0], last(in[1]), F(in[2]) + k.ip[1], last(in[2]),
+          F(out[0]) + k.ip[0], F(out[1]) + k.ip[1], count(in[0]), last(in[0]));
       break;
     case MXN_OP_DROPOUT:
       if (const char* e = dropout_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
-      k_dropout<<<blocks(count(in[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(in[0]), uint64_t(k.ip[0]), uint64_t(k.ip[1]),
-                                                     k.fp[0], 1.f / (1.f - k.fp[0]));
+      k_dropout<<<blocks(count(in[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(in[0]),
+                                                     uint64_t(k.ip[0]), uint64_t(k.ip[1]), k.fp[0],
+                                                     1.f / (1.f - k.fp[0]));
       break;
     case MXN_OP_SET_ROWS: {
       const SetRowsShape r = set_rows_shape(k);
       if (r.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, r.error);
-      k_set_rows<<<blocks(r.B * r.n * r.W), 256, 0, s>>>(F(in[0]) + r.col, F(out[0]), r.has_idx ? I(in[1]) : nullptr,
-                                                         r.B * r.n * r.W, r.n, r.R, r.at, r.W, r.ld);
+      k_set_rows<<<blocks(r.B * r.n * r.W), 256, 0, s>>>(
+          F(in[0]) + r.col, F(out[0]), r.has_idx ? I(in[1]) : nullptr, r.B * r.n * r.W, r.n, r.R,
+          r.at, r.W, r.ld);
       break;
     }
-    default: return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
+    default:
+      return fail(c, MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
   }
   return check(c, cudaGetLastError(), "kernel launch");
 }
 
 int32_t run(void* ctx, const mxn_op_call* call) {
   auto* c = static_cast<Ctx*>(ctx);
-  if (!call || call->struct_size < sizeof(mxn_op_call)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, "op call struct too small");
+  if (!call || call->struct_size < sizeof(mxn_op_call))
+    return fail(c, MXN_STATUS_INVALID_ARGUMENT, "op call struct too small");
   const mxn_op_call& k = *call;
   const mxn_tensor *in = k.inputs, *out = k.outputs;
   for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
     const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
     if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32)
-      return fail(c, MXN_STATUS_UNSUPPORTED, "the CUDA backend takes f32 tensors (bf16 as a matmul compute type)");
+      return fail(c, MXN_STATUS_UNSUPPORTED,
+                  "the CUDA backend takes f32 tensors (bf16 as a matmul compute type)");
   }
   cudaStream_t s = c->stream;
   const int64_t n0 = k.n_outputs ? count(out[0]) : 0;
   switch (k.op) {
-    case MXN_OP_MATMUL: return run_matmul(c, k);
-    case MXN_OP_ADD: k_add<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
-    case MXN_OP_ADD_BIAS: k_add_bias<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0, last(in[0])); break;
-    case MXN_OP_SUM_ROWS:
-      k_sum_rows<<<blocks(last(in[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(in[0]) / last(in[0]), last(in[0]), int(k.ip[0]));
+    case MXN_OP_MATMUL:
+      return run_matmul(c, k);
+    case MXN_OP_ADD:
+      k_add<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0);
       break;
-    case MXN_OP_SCALE: k_scale<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0, k.fp[0]); break;
-    case MXN_OP_FILL: k_fill<<<blocks(n0), 256, 0, s>>>(F(out[0]), n0, k.fp[0]); break;
+    case MXN_OP_ADD_BIAS:
+      k_add_bias<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0, last(in[0]));
+      break;
+    case MXN_OP_SUM_ROWS:
+      k_sum_rows<<<blocks(last(in[0])), 256, 0, s>>>(
+          F(in[0]), F(out[0]), count(in[0]) / last(in[0]), last(in[0]), int(k.ip[0]));
+      break;
+    case MXN_OP_SCALE:
+      k_scale<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0, k.fp[0]);
+      break;
+    case MXN_OP_FILL:
+      k_fill<<<blocks(n0), 256, 0, s>>>(F(out[0]), n0, k.fp[0]);
+      break;
     case MXN_OP_COPY:
-    case MXN_OP_CAST: k_copy<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0); break;
-    case MXN_OP_GELU: k_gelu<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0); break;
-    case MXN_OP_GELU_BWD: k_gelu_bwd<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
-    case MXN_OP_TANH: k_tanh<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0); break;
-    case MXN_OP_MUL: k_mul<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
-    case MXN_OP_TANH_BWD: k_tanh_bwd<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0); break;
+    case MXN_OP_CAST:
+      k_copy<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0);
+      break;
+    case MXN_OP_GELU:
+      k_gelu<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0);
+      break;
+    case MXN_OP_GELU_BWD:
+      k_gelu_bwd<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0);
+      break;
+    case MXN_OP_TANH:
+      k_tanh<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0);
+      break;
+    case MXN_OP_MUL:
+      k_mul<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0);
+      break;
+    case MXN_OP_TANH_BWD:
+      k_tanh_bwd<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0);
+      break;
     case MXN_OP_SOFTMAX: {
       const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
       k_softmax<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(out[0]), rows, cols, 0);
@@ -398,25 +480,34 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     }
     case MXN_OP_LAYERNORM: {
       const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
-      k_layernorm<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(out[0]), F(out[1]), rows, cols, k.fp[0]);
+      k_layernorm<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(out[0]), F(out[1]),
+                                               rows, cols, k.fp[0]);
       break;
     }
     case MXN_OP_LAYERNORM_BWD: {
       const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
-      k_layernorm_dx<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(out[0]), rows, cols);
-      k_layernorm_dwdb<<<blocks(cols), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[3]), F(out[1]), F(out[2]), rows, cols);
+      k_layernorm_dx<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(out[0]),
+                                                  rows, cols);
+      k_layernorm_dwdb<<<blocks(cols), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[3]), F(out[1]),
+                                                    F(out[2]), rows, cols);
       break;
     }
-    case MXN_OP_ATTENTION: return run_attention(c, k, false);
-    case MXN_OP_ATTENTION_BWD: return run_attention(c, k, true);
-    case MXN_OP_EMBEDDING: k_embedding<<<blocks(n0), 256, 0, s>>>(I(in[0]), F(in[1]), F(out[0]), n0, last(in[1])); break;
+    case MXN_OP_ATTENTION:
+      return run_attention(c, k, false);
+    case MXN_OP_ATTENTION_BWD:
+      return run_attention(c, k, true);
+    case MXN_OP_EMBEDDING:
+      k_embedding<<<blocks(n0), 256, 0, s>>>(I(in[0]), F(in[1]), F(out[0]), n0, last(in[1]));
+      break;
     case MXN_OP_EMBEDDING_BWD:
-      k_embedding_bwd<<<blocks(out[0].shape[1]), 256, 0, s>>>(F(in[0]), I(in[1]), F(out[0]), count(in[1]), out[0].shape[0], out[0].shape[1]);
+      k_embedding_bwd<<<blocks(out[0].shape[1]), 256, 0, s>>>(
+          F(in[0]), I(in[1]), F(out[0]), count(in[1]), out[0].shape[0], out[0].shape[1]);
       break;
     case MXN_OP_CROSS_ENTROPY: {
       const int64_t V = last(in[0]), rows = count(in[0]) / V;
       float* pr = scratch(c, size_t(rows));
-      if (!pr) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for cross-entropy scratch");
+      if (!pr)
+        return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for cross-entropy scratch");
       k_xent_rows<<<blocks(rows), 256, 0, s>>>(F(in[0]), I(in[1]), pr, rows, V);
       k_xent_mean<<<1, 1, 0, s>>>(pr, I(in[1]), rows, F(out[0]));
       break;
@@ -430,29 +521,51 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       const float b1 = k.fp[1], b2 = k.fp[2];
       const float step_size = k.fp[0] / (1.f - std::pow(b1, float(k.ip[0])));
       const float bc2 = std::sqrt(1.f - std::pow(b2, float(k.ip[0])));
-      k_adamw<<<blocks(n0), 256, 0, s>>>(F(out[0]), F(in[0]), F(out[1]), F(out[2]), n0, k.fp[0], b1, b2, k.fp[3], k.fp[4], k.fp[5], step_size, bc2);
+      k_adamw<<<blocks(n0), 256, 0, s>>>(F(out[0]), F(in[0]), F(out[1]), F(out[2]), n0, k.fp[0], b1,
+                                         b2, k.fp[3], k.fp[4], k.fp[5], step_size, bc2);
       break;
     }
     case MXN_OP_SUM_SQUARES: {
-      const int64_t n = count(in[0]), chunk = 4096, parts = std::max<int64_t>(1, (n + chunk - 1) / chunk);
+      const int64_t n = count(in[0]), chunk = 4096,
+                    parts = std::max<int64_t>(1, (n + chunk - 1) / chunk);
       float* part = scratch(c, size_t(parts));
       if (!part) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for reduction scratch");
       k_sumsq_part<<<blocks(parts), 256, 0, s>>>(F(in[0]), n, chunk, part, parts);
       k_sumsq_total<<<1, 1, 0, s>>>(part, parts, F(out[0]), int(k.ip[0]));
       break;
     }
-    default: return run_llm_op(c, k);
+    default:
+      return run_llm_op(c, k);
   }
   return check(c, cudaGetLastError(), "kernel launch");
 }
 
 const mxn_backend_api kApi = {
-    sizeof(mxn_backend_api), MXN_ABI_VERSION, "cuda", device_count, device_props, init, shutdown,
-    last_error, buffer_alloc, buffer_free, copy_to_device, copy_to_host, supports, run, synchronize,
+    sizeof(mxn_backend_api),
+    MXN_ABI_VERSION,
+    "cuda",
+    device_count,
+    device_props,
+    init,
+    shutdown,
+    last_error,
+    buffer_alloc,
+    buffer_free,
+    copy_to_device,
+    copy_to_host,
+    supports,
+    run,
+    synchronize,
 #ifdef MXN_HAVE_NCCL
-    comm_id, comm_init, all_reduce_sum, comm_wait,
+    comm_id,
+    comm_init,
+    all_reduce_sum,
+    comm_wait,
 #else
-    nullptr, nullptr, nullptr, nullptr,  // built without nccl.h: ranks reduce through the host
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,  // built without nccl.h: ranks reduce through the host
 #endif
     memory_free,
     nullptr,  // no options
