@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <thread>
+#include <tuple>
 
 #include "backend/device.h"
 #include "cli/commands.h"
@@ -219,25 +220,28 @@ std::vector<std::string> gather_config(const TrainArgs& a, TrainConfig& cfg) {
 
 // --resume: the checkpoint to continue from (auto: the run folder's newest good one, or none),
 // and its config with the keys given now; the model's shape cannot change.
-void resume_config(TrainArgs& a, TrainConfig& cfg, const std::vector<std::string>& set) {
+std::optional<Checkpoint> resume_config(TrainArgs& a, TrainConfig& cfg,
+                                        const std::vector<std::string>& set) {
   const bool lead_rank = rank_from_env().rank == 0;
   auto warn = [&](const std::string& w) {
     if (lead_rank) std::fprintf(stderr, "mxn: warning: %s\n", w.c_str());
   };
   const bool auto_resume = a.resume == "auto";
+  std::optional<Checkpoint> ck;  // read once: checked and parsed in one pass
   if (auto_resume) {  // the run folder's newest good checkpoint; with none yet, a fresh start
     const bool any = !newest_checkpoint(cfg.out).empty();
-    a.resume = any ? find_good_checkpoint(cfg.out, warn) : "";
+    a.resume.clear();
+    if (any) std::tie(a.resume, ck) = load_good_checkpoint(cfg.out, warn);
     if (!any && lead_rank)
       std::printf("  --resume auto: no checkpoint in %s yet, starting fresh\n", cfg.out.c_str());
   } else if (!a.resume.empty()) {
-    a.resume = find_good_checkpoint(a.resume, warn);
+    std::tie(a.resume, ck) = load_good_checkpoint(a.resume, warn);
   }
-  if (!a.resume.empty()) {
+  if (ck) {
     // A resumed run keeps its checkpoint's config; only keys given now override it, and the
     // model's shape cannot change.
-    TrainConfig saved;  // its trainer.json alone: the Trainer reads the tensors
-    from_json(saved, load_trainer_json(a.resume).at("config"));
+    TrainConfig saved;
+    from_json(saved, ck->trainer.at("config"));
     for (const auto& k : set) {
       TrainConfig probe = saved;
       copy_field(probe, cfg, k);
@@ -270,6 +274,7 @@ void resume_config(TrainArgs& a, TrainConfig& cfg, const std::vector<std::string
       }
     }
   }
+  return ck;
 }
 
 // What no rank can start without: a fresh run folder, a step to stop at, the default corpus, and
@@ -314,7 +319,7 @@ void expand_all_devices(TrainConfig& cfg) {
 // This process's place in the job: with several devices and no launcher, the supervisor that
 // starts a rank for each (its exit code returned); under a launcher, the rank's device. One
 // device with --max-restarts: this process supervises the one rank.
-std::optional<int> place_rank(TrainConfig& cfg) {
+std::optional<int> place_rank(TrainConfig& cfg, std::optional<Checkpoint>& ck) {
   const std::vector<std::string> devs = split_devices(cfg.devices);
   if (!devs.empty()) {
     const auto here = available_devices();
@@ -341,7 +346,7 @@ std::optional<int> place_rank(TrainConfig& cfg) {
       parse_split(cfg.split, int(devs.size()));
     const RankInfo ri = rank_from_env();
     if (ri.world == 1 && devs.size() > 1 && !std::getenv("MXN_SUPERVISED"))
-      return supervise(job(seen, cfg));
+      return ck.reset(), supervise(job(seen, cfg));  // the ranks read the checkpoint
     if (size_t(ri.world) != devs.size())
       throw Error("--devices names " + std::to_string(devs.size()) +
                   " devices but the launcher started " + std::to_string(ri.world) + " ranks");
@@ -349,7 +354,7 @@ std::optional<int> place_rank(TrainConfig& cfg) {
   }
   if (devs.size() <= 1 && cfg.max_restarts > 0 && rank_from_env().world == 1 &&
       !std::getenv("MXN_SUPERVISED"))  // one device, watched and restarted by this process
-    return supervise(job({cfg.device}, cfg));
+    return ck.reset(), supervise(job({cfg.device}, cfg));
   return std::nullopt;
 }
 
@@ -556,16 +561,17 @@ int run_train(TrainArgs& a) {
   TrainConfig cfg;
   const std::vector<std::string> set = gather_config(a, cfg);
   const bool resuming = !a.resume.empty();  // auto included: a fresh start there is a restart's
-  resume_config(a, cfg, set);
+  std::optional<Checkpoint> ck = resume_config(a, cfg, set);
   check_start(a, resuming, cfg);
   if (cfg.devices == "all") expand_all_devices(cfg);
-  if (const std::optional<int> code = place_rank(cfg)) return *code;
+  if (const std::optional<int> code = place_rank(cfg, ck)) return *code;
   Communicator& comm = Communicator::world();
   fault_set_rank(comm.rank());
   Heartbeat beat(comm.rank(), 1.0);
   fault_point("start", 0);
   const bool lead = comm.rank() == 0;  // rank 0 prints, writes metrics and checkpoints
-  Trainer tr(cfg, a.resume, &comm);
+  Trainer tr(cfg, ck ? &*ck : nullptr, &comm);
+  ck.reset();  // on the device now
   if (lead && !a.dry_run) std::filesystem::create_directories(tr.config().out);
   if (!lead && std::freopen("/dev/null", "w", stdout) == nullptr) { /* keep stdout */
   }

@@ -110,64 +110,25 @@ std::string resolve_checkpoint(const std::string& path) {
               "trainer.json, or a run folder holding ckpt-* folders)");
 }
 
-void verify_checkpoint(const std::string& dir) {
-  const std::string tj = (fs::path(dir) / "trainer.json").string();
-  const nlohmann::json j = nlohmann::json::parse(read_file(tj, "checkpoint file"), nullptr, false);
-  if (j.is_discarded() || !j.is_object())
-    throw Error("checkpoint file '" + tj + "' is corrupt: not a JSON object");
-  if (!j.contains("files")) return;  // written before checkpoints had checksums
-  for (const auto& [file, want] : j["files"].items()) {
-    const std::string path = (fs::path(dir) / file).string();
-    const MappedFile m(path, "checkpoint file");
-    const uint64_t bytes = want.value("bytes", uint64_t(0));
-    if (m.size() != bytes)
-      throw Error("checkpoint file '" + path + "' is corrupt: " + std::to_string(m.size()) +
-                  " bytes, trainer.json recorded " + std::to_string(bytes));
-    const std::string sum =
-        sum_hex(checksum_of({std::string_view(m.data() ? m.data() : "", m.size())}));
-    if (sum != want.value("xxh3", std::string()))
-      throw Error("checkpoint file '" + path + "' is corrupt: checksum " + sum +
-                  ", trainer.json recorded " + want.value("xxh3", std::string("none")));
-  }
+namespace {
+// `bytes` of a checkpoint's file against what trainer.json recorded (nothing recorded: a
+// checkpoint from before the checksums, or a file it does not list).
+void check_file(const nlohmann::json& j, const std::string& file, const std::string& path,
+                std::string_view bytes) {
+  if (!j.contains("files") || !j["files"].contains(file)) return;
+  const nlohmann::json& want = j["files"][file];
+  const uint64_t size = want.value("bytes", uint64_t(0));
+  if (bytes.size() != size)
+    throw Error("checkpoint file '" + path + "' is corrupt: " + std::to_string(bytes.size()) +
+                " bytes, trainer.json recorded " + std::to_string(size));
+  const std::string sum = sum_hex(checksum_of({bytes}));
+  if (sum != want.value("xxh3", std::string()))
+    throw Error("checkpoint file '" + path + "' is corrupt: checksum " + sum +
+                ", trainer.json recorded " + want.value("xxh3", std::string("none")));
 }
 
-std::string find_good_checkpoint(const std::string& path,
-                                 const std::function<void(const std::string&)>& warn) {
-  const std::string first = resolve_checkpoint(path);
-  if (first == fs::path(path).string()) {  // a checkpoint folder, named: no other to fall back to
-    verify_checkpoint(first);
-    return first;
-  }
-  std::vector<fs::path> all = checkpoint_folders(path);
-  std::reverse(all.begin(), all.end());
-  // The one `latest` names first, then the rest from the newest down.
-  all.erase(std::remove(all.begin(), all.end(), fs::path(first)), all.end());
-  all.insert(all.begin(), fs::path(first));
-  std::string why;
-  for (const fs::path& c : all) {
-    if (!is_checkpoint(c)) continue;
-    try {
-      verify_checkpoint(c.string());
-      if (!why.empty()) warn(why + "; using the one before it, " + c.string());
-      return c.string();
-    } catch (const Error& e) {
-      if (!why.empty()) warn(why);
-      why = "checkpoint " + c.string() + " is damaged (" + e.what() + ")";
-    }
-  }
-  throw Error("no checkpoint in '" + path + "' passes its checks: " + why);
-}
-
-std::string newest_checkpoint(const std::string& run_dir) {
-  try {
-    return resolve_checkpoint(run_dir);
-  } catch (const Error&) {
-    return "";
-  }
-}
-
-nlohmann::json load_trainer_json(const std::string& path) {
-  const std::string tj = (fs::path(resolve_checkpoint(path)) / "trainer.json").string();
+nlohmann::json read_trainer_json(const fs::path& dir) {
+  const std::string tj = (dir / "trainer.json").string();
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(read_file(tj, "checkpoint file"));
@@ -179,13 +140,98 @@ nlohmann::json load_trainer_json(const std::string& path) {
   return j;
 }
 
-Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
-  const fs::path dir = resolve_checkpoint(path);
+// One pass over a checkpoint folder: trainer.json read once, each file it lists checked as it is
+// read, and the tensors parsed from those same bytes (with `tensors`). `parse_first`: a file's
+// own errors (a truncated tensor) are named before its size and checksum are compared.
+Checkpoint read_checkpoint(const fs::path& dir, bool tensors, bool with_optimizer,
+                           bool parse_first = false) {
   Checkpoint ck;
-  ck.trainer = load_trainer_json(dir.string());
-  ck.weights = safetensors_load((dir / "model.safetensors").string());
-  if (with_optimizer) ck.optimizer = safetensors_load((dir / "optimizer.safetensors").string());
+  ck.trainer = read_trainer_json(dir);
+  std::vector<std::string> files;
+  if (ck.trainer.contains("files"))
+    for (const auto& [file, want] : ck.trainer["files"].items()) files.push_back(file);
+  for (const char* file : {"model.safetensors", "optimizer.safetensors"})
+    if (tensors && std::find(files.begin(), files.end(), file) == files.end())
+      files.push_back(file);  // a checkpoint from before the checksums
+  for (const std::string& file : files) {
+    const std::string path = (dir / file).string();
+    const bool weights = file == "model.safetensors";
+    const bool moments = file == "optimizer.safetensors";
+    if (tensors && moments && !with_optimizer) continue;  // inference: the moments unread
+    if (tensors && (weights || moments)) {
+      const std::string bytes = read_file(path, "checkpoint file");
+      if (!parse_first) check_file(ck.trainer, file, path, bytes);
+      (weights ? ck.weights : ck.optimizer) = safetensors_parse(bytes, path);
+      if (parse_first) check_file(ck.trainer, file, path, bytes);
+    } else {
+      const MappedFile m(path, "checkpoint file");
+      check_file(ck.trainer, file, path, std::string_view(m.data() ? m.data() : "", m.size()));
+    }
+  }
   return ck;
+}
+}  // namespace
+
+void verify_checkpoint(const std::string& dir) { read_checkpoint(dir, false, false); }
+
+namespace {
+// The first checkpoint of `path` that `read` accepts: a named checkpoint folder, or a run
+// folder's `latest` and then the rest from the newest down, each damaged one said to `warn`.
+template <typename Read>
+auto first_good(const std::string& path, const std::function<void(const std::string&)>& warn,
+                Read read) {
+  const std::string first = resolve_checkpoint(path);
+  if (first == fs::path(path).string())  // a checkpoint folder, named: no other to fall back to
+    return read(first);
+  std::vector<fs::path> all = checkpoint_folders(path);
+  std::reverse(all.begin(), all.end());
+  all.erase(std::remove(all.begin(), all.end(), fs::path(first)), all.end());
+  all.insert(all.begin(), fs::path(first));
+  std::string why;
+  for (const fs::path& c : all) {
+    if (!is_checkpoint(c)) continue;
+    try {
+      auto got = read(c.string());
+      if (!why.empty()) warn(why + "; using the one before it, " + c.string());
+      return got;
+    } catch (const Error& e) {
+      if (!why.empty()) warn(why);
+      why = "checkpoint " + c.string() + " is damaged (" + e.what() + ")";
+    }
+  }
+  throw Error("no checkpoint in '" + path + "' passes its checks: " + why);
+}
+}  // namespace
+
+std::string find_good_checkpoint(const std::string& path,
+                                 const std::function<void(const std::string&)>& warn) {
+  return first_good(path, warn, [](const std::string& dir) {
+    verify_checkpoint(dir);
+    return dir;
+  });
+}
+
+std::pair<std::string, Checkpoint> load_good_checkpoint(
+    const std::string& path, const std::function<void(const std::string&)>& warn) {
+  return first_good(path, warn, [](const std::string& dir) {
+    return std::pair<std::string, Checkpoint>{dir, read_checkpoint(dir, true, true)};
+  });
+}
+
+std::string newest_checkpoint(const std::string& run_dir) {
+  try {
+    return resolve_checkpoint(run_dir);
+  } catch (const Error&) {
+    return "";
+  }
+}
+
+nlohmann::json load_trainer_json(const std::string& path) {
+  return read_trainer_json(resolve_checkpoint(path));
+}
+
+Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
+  return read_checkpoint(resolve_checkpoint(path), true, with_optimizer, true);
 }
 
 CheckpointWriter::CheckpointWriter() : thread_([this] { loop(); }) {}

@@ -44,6 +44,10 @@ void verify_checkpoint(const std::string& dir);
 // checkpoint folder that is damaged is an Error.
 std::string find_good_checkpoint(const std::string& path,
                                  const std::function<void(const std::string&)>& warn);
+// As find_good_checkpoint, and its folder and contents read in the same pass (each file read
+// once, its checksum taken from the bytes that are parsed): what resuming needs.
+std::pair<std::string, Checkpoint> load_good_checkpoint(
+    const std::string& path, const std::function<void(const std::string&)>& warn);
 Checkpoint load_checkpoint(const std::string& path, bool with_optimizer);
 // Only its trainer.json (step, configs), checked for the keys every checkpoint has.
 nlohmann::json load_trainer_json(const std::string& path);

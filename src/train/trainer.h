@@ -61,6 +61,8 @@ class Trainer {
   // summed weighted by tokens.
   explicit Trainer(const TrainConfig& cfg, const std::string& resume = "",
                    Communicator* comm = nullptr);
+  // From a checkpoint already read (load_good_checkpoint: each file read once); nullptr: fresh.
+  Trainer(const TrainConfig& cfg, const Checkpoint* resume, Communicator* comm);
 
   float step();       // one optimizer step; returns the mean training loss of its micro-batches
   float eval_loss();  // mean loss over the validation split's fixed windows

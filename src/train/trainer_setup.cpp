@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <string>
 
 #include "core/error.h"
@@ -22,11 +23,15 @@ Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
 }  // namespace
 
 Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator* comm)
+    : Trainer(cfg,
+              resume.empty() ? nullptr
+                             : std::make_unique<Checkpoint>(load_checkpoint(resume, true)).get(),
+              comm) {}
+
+Trainer::Trainer(const TrainConfig& cfg, const Checkpoint* resume, Communicator* comm)
     : cfg_(cfg), comm_(comm && comm->size() > 1 ? comm : nullptr) {
-  Checkpoint ck;
-  if (!resume.empty()) ck = load_checkpoint(resume, true);
   cfg_.resolve_model();
-  const Adapter start = resume.empty() ? start_adapter() : Adapter{};
+  const Adapter start = resume ? Adapter{} : start_adapter();
   open_data();
   setup_glm();
   cfg_.validate();
@@ -41,7 +46,7 @@ Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator
   build_program();
   setup_optimizer();
   alloc_rows();
-  load_weights(resume.empty() ? nullptr : &ck, start, model);
+  load_weights(resume, start, model);
   plan_ranks(weights);
 }
 
