@@ -241,8 +241,8 @@ void Trainer::pp_gather(Checkpoint& ck) {
       const int64_t n = numel(v.shape);
       HostTensor h[3] = {{v.shape, DType::f32}, {v.shape, DType::f32}, {v.shape, DType::f32}};
       dev_->download(h[0].bytes.data(), prog_->tensor(id));
-      dev_->download(h[1].bytes.data(), Tensor(v.shape, DType::f32, opt_m_->handle(), v.offset));
-      dev_->download(h[2].bytes.data(), Tensor(v.shape, DType::f32, opt_v_->handle(), v.offset));
+      dev_->download(h[1].bytes.data(), opt_->moment(0, v));
+      dev_->download(h[2].bytes.data(), opt_->moment(1, v));
       if (blob) {
         for (const HostTensor& t : h) blob->insert(blob->end(), t.f32(), t.f32() + n);
       } else {

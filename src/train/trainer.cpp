@@ -23,10 +23,6 @@
 namespace mxn {
 namespace {
 
-Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
-  return Tensor({n}, DType::f32, flat.buffer, flat.offset + uint64_t(begin) * 4);
-}
-
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
@@ -186,12 +182,7 @@ void Trainer::apply_split(const std::vector<int64_t>& split) {
   }
 }
 
-double Trainer::lr_at(int64_t s) const {
-  if (cfg_.warmup > 0 && s <= cfg_.warmup) return cfg_.lr * double(s) / double(cfg_.warmup);
-  const double span = double(std::max<int64_t>(1, cfg_.steps - cfg_.warmup));
-  const double t = std::min(1.0, double(s - cfg_.warmup) / span);
-  return cfg_.min_lr + 0.5 * (cfg_.lr - cfg_.min_lr) * (1.0 + std::cos(M_PI * t));
-}
+double Trainer::lr_at(int64_t s) const { return opt_->lr_at(s); }
 
 void Trainer::profile() {
   // Each rank times its device on the real model: one warm-up pass, then the faster of two timed
@@ -358,24 +349,7 @@ float Trainer::step() {
     dev_->run(grad_sumsq_);
     dev_->download(&sumsq, sumsq_);
   }
-  grad_norm_ = std::sqrt(sumsq);
-  float gscale = 1.f;
-  if (cfg_.clip > 0 && grad_norm_ > cfg_.clip) gscale = float(cfg_.clip) / grad_norm_;
-  const float lr = float(lr_at(s));
-  for (int group = 0; group < 2; ++group) {
-    mxn_op_call& c = adamw_[group];
-    if (c.outputs[0].shape[0] == 0) continue;
-    c.ip[0] = s;
-    const float fp[6] = {lr,
-                         float(cfg_.beta1),
-                         float(cfg_.beta2),
-                         float(cfg_.eps),
-                         group == 0 ? float(cfg_.weight_decay) : 0.f,
-                         gscale};
-    std::copy(fp, fp + 6, c.fp);
-    dev_->run(c);
-  }
-  if (!shards_.empty()) gather_params();
+  grad_norm_ = opt_->step(s, sumsq);
   dev_->synchronize();
   step_ = s;
   if (steps_run_++ > 0) {
@@ -384,13 +358,6 @@ float Trainer::step() {
   }
   if (comm_ && pp_ == 1) follow_drift();
   return float(loss_sum);
-}
-
-void Trainer::gather_params() {
-  const Tensor all = prog_->params_all();
-  dev_->download(gather_host_.data() + shard_lo_, slice(all, shard_lo_, shard_hi_ - shard_lo_));
-  comm_->all_gather(gather_host_.data(), shards_);
-  dev_->upload(all, gather_host_.data());
 }
 
 void Trainer::seed_backward(int variant, float dloss) {
@@ -483,29 +450,11 @@ bool Trainer::snapshot(Checkpoint& ck) {
     if (replica_ != 0) return false;
     pp_gather(ck);
     if (stage_ != 0) return false;
-  } else {  // the moments by name; with ZeRO-1 the lead first gathers every rank's share
-    if (shards_.empty() && rank_ != 0) return false;
-    if (!shards_.empty()) {
-      for (int i = 0; i < 2; ++i) {
-        std::vector<float>& full = moments_host_[i];
-        full.resize(size_t(prog_->param_count()));
-        dev_->download(full.data() + shard_lo_, Tensor({shard_hi_ - shard_lo_}, DType::f32,
-                                                       (i ? opt_v_ : opt_m_)->handle()));
-        comm_->gather(full.data(), shards_, 0);
-      }
-      if (rank_ != 0) return false;
-    }
+  } else {  // the moments by name (with ZeRO-1 rank 0 first gathers every share), the weights
+    if (!opt_->save(ck.optimizer, 0)) return false;
     for (int p : prog_->graph().params()) {
       const Value& v = prog_->graph().v(p);
       dev_->download(slot(ck.weights, v.name, v.shape, DType::f32).bytes.data(), prog_->tensor(p));
-      for (int i = 0; i < 2; ++i) {
-        HostTensor& h = slot(ck.optimizer, (i ? "v." : "m.") + v.name, v.shape, DType::f32);
-        if (shards_.empty())
-          dev_->download(h.bytes.data(),
-                         Tensor(v.shape, DType::f32, (i ? opt_v_ : opt_m_)->handle(), v.offset));
-        else
-          std::memcpy(h.bytes.data(), moments_host_[i].data() + v.offset / 4, h.bytes.size());
-      }
     }
   }
   ck.trainer = {{"step", step_}, {"config", to_json(cfg_)}, {"format", "mxn-checkpoint-1"}};
@@ -554,32 +503,8 @@ void Trainer::load(const Checkpoint& ck) {
                   ", expected " + shape_str(dst.shape) + " f32");
     dev_->upload(dst, it->second.bytes.data());
   };
-  for (int p : prog_->graph().params()) {
-    const Value& v = prog_->graph().v(p);
-    put(ck.weights, v.name, prog_->tensor(p));
-    if (shards_.empty()) {
-      put(ck.optimizer, "m." + v.name, Tensor(v.shape, DType::f32, opt_m_->handle(), v.offset));
-      put(ck.optimizer, "v." + v.name, Tensor(v.shape, DType::f32, opt_v_->handle(), v.offset));
-      continue;
-    }
-    // ZeRO-1: the part of this param that falls in the rank's share (a checkpoint of any
-    // world size, sharded or not, holds every param's moments whole).
-    const int64_t first = int64_t(v.offset / 4), n = numel(v.shape);
-    const int64_t a = std::clamp(shard_lo_, first, first + n),
-                  b = std::clamp(shard_hi_, first, first + n);
-    for (int i = 0; i < 2; ++i) {
-      const std::string key = (i ? "v." : "m.") + v.name;
-      auto it = ck.optimizer.find(key);
-      if (it == ck.optimizer.end()) throw Error("checkpoint is missing tensor '" + key + "'");
-      if (it->second.shape != v.shape || it->second.dtype != DType::f32)
-        throw Error("checkpoint tensor '" + key + "' has shape " + shape_str(it->second.shape) +
-                    ", expected " + shape_str(v.shape) + " f32");
-      if (b > a)
-        dev_->upload(Tensor({b - a}, DType::f32, (i ? opt_v_ : opt_m_)->handle(),
-                            uint64_t(a - shard_lo_) * 4),
-                     it->second.bytes.data() + (a - first) * 4);
-    }
-  }
+  for (int p : prog_->graph().params()) put(ck.weights, prog_->graph().v(p).name, prog_->tensor(p));
+  opt_->load(ck.optimizer);
   step_ = ck.trainer.at("step").get<int64_t>();
 }
 

@@ -19,6 +19,7 @@
 #include "models/decoder.h"
 #include "parallel/comm.h"
 #include "parallel/grad_sync.h"
+#include "train/optimizer.h"
 
 namespace mxn {
 
@@ -79,12 +80,12 @@ class Trainer {
   const TrainConfig& config() const { return cfg_; }
   TensorMap weights() const;         // the trained ones (with LoRA: the adapters)
   TensorMap frozen_weights() const;  // the frozen base under adapters, as stored (f32 or bf16)
-  uint64_t optimizer_bytes() const { return opt_m_->bytes() + opt_v_->bytes(); }
+  uint64_t optimizer_bytes() const { return opt_->bytes(); }
   uint64_t arena_bytes() const { return prog_->arena_bytes(); }  // the activations of a pass
   int64_t param_count() const { return prog_->param_count(); }
   // ZeRO-1: rank r's optimizer state covers params [shards[r], shards[r + 1]) of the flat
   // layout; empty when every rank holds all of it.
-  const std::vector<int64_t>& optimizer_shards() const { return shards_; }
+  const std::vector<int64_t>& optimizer_shards() const { return opt_->shards(); }
   // With --pp: stage s holds layers [bounds[s], bounds[s + 1]); empty otherwise.
   const std::vector<int64_t>& stage_bounds() const { return bounds_; }
   float last_grad_norm() const { return grad_norm_; }
@@ -127,9 +128,8 @@ class Trainer {
   void profile();
   void follow_drift();
   void load(const Checkpoint& ck);
-  bool snapshot(Checkpoint& ck);        // collective; true on the rank that writes it
-  Checkpoint snap_;                     // save_async's host copy
-  std::vector<float> moments_host_[2];  // ZeRO-1: the gathered moments
+  bool snapshot(Checkpoint& ck);  // collective; true on the rank that writes it
+  Checkpoint snap_;               // save_async's host copy
   void init_adapter(int param);
 
   TrainConfig cfg_;
@@ -140,11 +140,8 @@ class Trainer {
   size_t n_forward_ = 0;
   std::vector<size_t> dropout_nodes_;  // DROPOUT nodes (LoRA dropout), forward and backward
   size_t head_node_ = SIZE_MAX;        // a fused head that takes the seed's d(loss) (ABI 6)
-  std::unique_ptr<Buffer> opt_m_, opt_v_, scalar_;
-  std::vector<int64_t> shards_;          // ZeRO-1's bounds, world + 1 (empty: not sharded)
-  int64_t shard_lo_ = 0, shard_hi_ = 0;  // this rank's share of the flat params
-  std::vector<float> gather_host_;       // ZeRO-1: the params' host copy for the all-gather
-  void gather_params();                  // every rank's updated share to every rank
+  std::unique_ptr<Optimizer> opt_;     // AdamW, its schedule and clipping, ZeRO-1's shards
+  std::unique_ptr<Buffer> scalar_;
   std::vector<int32_t> tok_host_, tgt_host_, pos_host_, blk_host_, pre_host_;
   std::vector<int64_t> offsets_;
   std::vector<uint64_t> row_ids_;
@@ -153,7 +150,7 @@ class Trainer {
   std::vector<ChatTokens> sft_train_, sft_val_;       // conversations, when cfg_.sft is set
   const std::vector<ChatTokens>* sft_set_ = nullptr;  // the set fill_batch reads
   // The optimizer's op calls, built once: zero the grads, their sum of squares, AdamW per group.
-  mxn_op_call zero_grads_{}, grad_sumsq_{}, adamw_[2]{};
+  mxn_op_call zero_grads_{}, grad_sumsq_{};
   Tensor sumsq_;
   struct Pass {  // the Program run with this many rows: its inputs and loss
     int variant = -1;

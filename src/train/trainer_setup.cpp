@@ -16,12 +16,6 @@
 // The Trainer's setup, step by step: the adapter it starts from, the data, the devices' kernels,
 // the ranks and their shares, the Program, the optimizer's state, the weights.
 namespace mxn {
-namespace {
-Tensor slice(const Tensor& flat, int64_t begin, int64_t n) {
-  return Tensor({n}, DType::f32, flat.buffer, flat.offset + uint64_t(begin) * 4);
-}
-}  // namespace
-
 Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator* comm)
     : Trainer(cfg,
               resume.empty() ? nullptr
@@ -203,43 +197,24 @@ void Trainer::build_program() {
   variant_for(cap_);
 }
 
-// AdamW's moments, for this rank's share of the params under ZeRO-1, and the op calls of a step.
+// The optimizer (ZeRO-1: each rank keeps AdamW's moments for a share of the params, in
+// proportion to its device's free memory) and the gradient calls of a step.
 void Trainer::setup_optimizer() {
-  // ZeRO-1: each rank keeps AdamW's moments for a share of the params, in proportion to its
-  // device's free memory, updates that share and all-gathers the rest.
-  const int64_t P = prog_->param_count();
-  shard_lo_ = 0, shard_hi_ = P;
+  std::vector<double> free;
   if (cfg_.zero && comm_ && world_ > 1) {
-    std::vector<double> free(static_cast<size_t>(world_), 0.0);
+    free.assign(static_cast<size_t>(world_), 0.0);
     free[size_t(rank_)] = double(free_bytes_);
     comm_->all_reduce_sum(free.data(), world_);
-    shards_ = shard_bounds(P, free, 16);
-    shard_lo_ = shards_[size_t(rank_)], shard_hi_ = shards_[size_t(rank_ + 1)];
-    gather_host_.resize(size_t(P));
   }
-  const int64_t own = shard_hi_ - shard_lo_;
-  const uint64_t pbytes = uint64_t(std::max<int64_t>(own, 1)) * 4;
-  opt_m_ = dev_->alloc(pbytes);
-  opt_v_ = dev_->alloc(pbytes);
+  OptimizerOptions oo;
+  oo.lr = cfg_.lr, oo.min_lr = cfg_.min_lr, oo.warmup = cfg_.warmup, oo.steps = cfg_.steps;
+  oo.beta1 = cfg_.beta1, oo.beta2 = cfg_.beta2, oo.eps = cfg_.eps;
+  oo.weight_decay = cfg_.weight_decay, oo.clip = cfg_.clip;
+  opt_ = std::make_unique<Optimizer>(*prog_, *dev_, oo, comm_, free);
   scalar_ = dev_->alloc(64);
   sumsq_ = Tensor({1}, DType::f32, scalar_->handle());
   zero_grads_ = make_op_call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f});
   grad_sumsq_ = make_op_call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sumsq_});
-  const Tensor m_all({own}, DType::f32, opt_m_->handle());
-  const Tensor v_all({own}, DType::f32, opt_v_->handle());
-  int64_t begin = 0;
-  for (bool decay : {true, false}) {  // decayed params first, as the Program lays them out
-    const Tensor p = prog_->params_flat(decay), g = prog_->grads_flat(decay);
-    const int64_t n = p.numel();
-    // This group's part of the rank's share (all of it unsharded; maybe none).
-    const int64_t a = std::clamp(shard_lo_, begin, begin + n),
-                  b = std::clamp(shard_hi_, begin, begin + n);
-    adamw_[decay ? 0 : 1] =
-        make_op_call(MXN_OP_ADAMW, {slice(g, a - begin, b - a)},
-                     {slice(p, a - begin, b - a), slice(m_all, a - shard_lo_, b - a),
-                      slice(v_all, a - shard_lo_, b - a)});
-    begin += n;
-  }
 }
 
 // The host rows a pass reads: tokens, targets, positions, block positions, prefixes.
@@ -282,11 +257,7 @@ void Trainer::load_weights(const Checkpoint* ck, const Adapter& start, const Dec
         dev_->upload(prog_->tensor(p), w.data());
       }
     }
-    const int64_t own = shard_hi_ - shard_lo_;
-    dev_->run(
-        make_op_call(MXN_OP_FILL, {}, {Tensor({own}, DType::f32, opt_m_->handle())}, {}, {0.f}));
-    dev_->run(
-        make_op_call(MXN_OP_FILL, {}, {Tensor({own}, DType::f32, opt_v_->handle())}, {}, {0.f}));
+    opt_->zero();
   }
 }
 
