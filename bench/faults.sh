@@ -3,7 +3,7 @@
 # asynchronously (--ckpt_async 1: a host copy, then a thread writes it) and synchronously (the
 # step waits for the disk), on the small bench GPT (6 x 384, context 256, batch 8, vocab 256,
 # 10.8M parameters, 130 MB a checkpoint), every 4th step; (2) the fault harness with 100 injected faults
-# (tests/faults/fault_test.py), its goodput. Environment: STEPS (42), FAULTS (100; 0: only the checkpoint cost).
+# (tests/parallel/fault_test.py), its goodput. Environment: STEPS (42), FAULTS (100; 0: only the checkpoint cost).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mxn="${BUILD_DIR:-build}/mxn" steps="${STEPS:-42}" faults="${FAULTS:-100}"
@@ -30,4 +30,4 @@ PY
 done
 ((faults > 0)) || exit 0  # FAULTS=0: the checkpoint cost alone
 echo "fault harness, $faults faults:"
-/usr/bin/python3 tests/faults/fault_test.py "$mxn" data/kjv.bin "$faults"
+/usr/bin/python3 tests/parallel/fault_test.py "$mxn" data/kjv.bin "$faults"

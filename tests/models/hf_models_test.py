@@ -12,7 +12,8 @@ The reference runs in float64.  usage: hf_models_test.py MXN DECODER_DUMP
 """
 import os, subprocess, sys, tempfile, unittest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from hf_common import make, np, perturb, rel, to_chatglm, torch  # noqa: E402  (may re-exec in the venv)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 

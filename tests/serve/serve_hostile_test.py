@@ -12,7 +12,8 @@ usage: serve_hostile_test.py MXN KJV_TXT GPT2_BPE_DIR
 """
 import gzip, http.client, json, os, socket, subprocess, sys, tempfile, threading, time, unittest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
 from serve_http_test import tiny_gpt2, tiny_qwen2_chat  # noqa: E402
 

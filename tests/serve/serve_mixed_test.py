@@ -11,7 +11,8 @@ usage: serve_mixed_test.py MXN KJV_TXT GPT2_BPE_DIR
 """
 import os, subprocess, sys, tempfile, threading, time, unittest, urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
 import openai  # noqa: E402
 

@@ -24,7 +24,7 @@ except ImportError:
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 MXN, KJV = sys.argv[1], sys.argv[2]
-GPT2 = os.path.join(HERE, "..", "..", "shared", "data", "gpt2-bpe")
+GPT2 = os.path.join(HERE, "..", "..", "..", "shared", "data", "gpt2-bpe")
 ZH_DIR = "/usr/share/games/fortunes"
 QWEN2 = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 LLAMA3 = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""

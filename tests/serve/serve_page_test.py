@@ -9,7 +9,8 @@ usage: serve_page_test.py MXN KJV_TXT GPT2_BPE_DIR ARTIFACTS
 """
 import os, sys, tempfile, time, unittest, urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
 import openai  # noqa: E402
 from selenium import webdriver  # noqa: E402

@@ -19,7 +19,7 @@ usage: fault_test.py PATH/TO/mxn PATH/TO/kjv.bin [FAULTS]
 """
 import json, os, random, shutil, signal, subprocess, sys, tempfile, time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
 from train_common import check, finish, read_f32_safetensors  # noqa: E402
 
 MXN, DATA = sys.argv[1], sys.argv[2]

@@ -13,7 +13,8 @@ usage: pipeline_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
 import json, os, subprocess, sys, tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from train_common import MPIRUN, check, finish, losses, worst  # noqa: E402
 
 mxn, data = sys.argv[1], sys.argv[2]
@@ -57,7 +58,7 @@ with tempfile.TemporaryDirectory() as tmp:
         model = json.load(f)["model"]
     with open(f"{tmp}/model.json", "w") as f:
         json.dump(model, f)
-    cluster = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "cluster-small.toml")
+    cluster = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "cluster-small.toml")
     subprocess.run([mxn, "plan", "--cluster", cluster, "--model", f"{tmp}/model.json", "--global-batch", "16",
                     "--seq", "32", "--layout", "cpu:0@1+cpu:0@3", "--micro-batch", "4", "--out", f"{tmp}/plan.json"],
                    check=True, stdout=subprocess.PIPE)

@@ -11,7 +11,8 @@ usage: serve_test.py MXN
 """
 import os, random, subprocess, sys, tempfile, unittest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from hf_common import make, perturb, torch  # noqa: E402  (may re-exec in the venv)
 
 MXN = sys.argv[1]

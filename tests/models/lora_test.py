@@ -19,7 +19,8 @@ usage: lora_test.py MXN DECODER_DUMP
 """
 import json, os, subprocess, sys, tempfile, unittest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from hf_common import make, np, perturb, rel, torch  # noqa: E402  (may re-exec in the venv)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -10,7 +10,8 @@ usage: slurm_test.py PATH/TO/mxn PATH/TO/kjv.bin SOURCE_DIR
 """
 import os, shutil, signal, socket, subprocess, sys, tempfile, time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from train_common import check, finish, losses, worst  # noqa: E402
 
 mxn, data, src = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -15,7 +15,8 @@ usage: mixed_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
 import json, os, signal, subprocess, sys, tempfile, time
 
-from train_common import read_f32_safetensors
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from train_common import read_f32_safetensors  # noqa: E402
 
 mxn, data = sys.argv[1], sys.argv[2]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",

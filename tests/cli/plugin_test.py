@@ -6,7 +6,7 @@ usage: plugin_test.py PATH/TO/mxn DIR_WITH_BAD_PLUGINS
 import os, re, subprocess, sys, tempfile, unittest
 
 MXN = BAD = None
-HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "include", "mxn", "backend_abi.h")
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "include", "mxn", "backend_abi.h")
 
 
 class PluginTest(unittest.TestCase):

@@ -11,7 +11,8 @@ usage: zero_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
 import json, os, re, struct, subprocess, sys, tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from train_common import MPIRUN, check, finish, losses, worst  # noqa: E402
 
 mxn, data = sys.argv[1], sys.argv[2]

@@ -9,7 +9,8 @@ usage: serve_adapter_test.py MXN KJV_TXT GPT2_BPE_DIR
 """
 import json, os, subprocess, sys, tempfile, threading, unittest, urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from hf_common import torch  # noqa: E402  (may re-exec in the venv)
 import openai  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
