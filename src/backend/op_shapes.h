@@ -199,6 +199,17 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   return s;
 }
 
+// ADAMW's bias corrections for step ip[0], computed once per call on the host and the same on
+// every backend: the step size lr / (1 - b1^t) and sqrt(1 - b2^t).
+struct AdamwStep {
+  float step_size, bc2_sqrt;
+};
+inline AdamwStep adamw_step(const mxn_op_call& k) {
+  const float b1 = k.fp[1], b2 = k.fp[2];
+  return {k.fp[0] / (1.f - std::pow(b1, float(k.ip[0]))),
+          std::sqrt(1.f - std::pow(b2, float(k.ip[0])))};
+}
+
 // ROPE: the rotation frequency of pair i of `rot` rotated dims, in float as Hugging Face computes
 // it (1 / theta^(2i/rot), then the scaling), so every backend rotates by the same angles.
 inline float rope_inv_freq(const mxn_op_call& k, int64_t i) {

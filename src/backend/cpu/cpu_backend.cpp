@@ -518,10 +518,12 @@ int32_t run(void* ctx, const mxn_op_call* call) {
         scale(ptr(in[i + 1]), ptr(out[i]), count(out[i]), d);
       return 0;
     }
-    case MXN_OP_ADAMW:
+    case MXN_OP_ADAMW: {
+      const AdamwStep a = adamw_step(k);
       adamw(ptr(out[0]), ptr(in[0]), ptr(out[1]), ptr(out[2]), count(out[0]), k.fp[0], k.fp[1],
-            k.fp[2], k.fp[3], k.fp[4], k.fp[5], k.ip[0]);
+            k.fp[2], k.fp[3], k.fp[4], k.fp[5], a.step_size, a.bc2_sqrt);
       return 0;
+    }
     default:
       c->error = "unknown op " + std::to_string(k.op);
       return MXN_STATUS_UNSUPPORTED;

@@ -417,10 +417,7 @@ void swiglu_bwd(const float* dy, const float* gate, int64_t lg, int64_t gcol, co
 
 // AdamW exactly as torch.optim.AdamW computes it (decoupled decay, bias-corrected moments).
 void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
-           float eps, float wd, float gscale, int64_t step) {
-  const float bc1 = 1.f - std::pow(b1, float(step));
-  const float bc2_sqrt = std::sqrt(1.f - std::pow(b2, float(step)));
-  const float step_size = lr / bc1;
+           float eps, float wd, float gscale, float step_size, float bc2_sqrt) {
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float gi = g[i] * gscale;

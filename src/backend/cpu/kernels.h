@@ -133,6 +133,6 @@ void swiglu_fwd(const float* gate, int64_t lg, int64_t gcol, const float* up, in
 void swiglu_bwd(const float* dy, const float* gate, int64_t lg, int64_t gcol, const float* up,
                 int64_t lu, int64_t ucol, float* dgate, float* dup, int64_t rows, int64_t F);
 void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
-           float eps, float wd, float gscale, int64_t step);
+           float eps, float wd, float gscale, float step_size, float bc2_sqrt);
 
 }  // namespace mxn::cpu

@@ -518,11 +518,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       break;
     }
     case MXN_OP_ADAMW: {
-      const float b1 = k.fp[1], b2 = k.fp[2];
-      const float step_size = k.fp[0] / (1.f - std::pow(b1, float(k.ip[0])));
-      const float bc2 = std::sqrt(1.f - std::pow(b2, float(k.ip[0])));
-      k_adamw<<<blocks(n0), 256, 0, s>>>(F(out[0]), F(in[0]), F(out[1]), F(out[2]), n0, k.fp[0], b1,
-                                         b2, k.fp[3], k.fp[4], k.fp[5], step_size, bc2);
+      const AdamwStep a = adamw_step(k);
+      k_adamw<<<blocks(n0), 256, 0, s>>>(F(out[0]), F(in[0]), F(out[1]), F(out[2]), n0, k.fp[0],
+                                         k.fp[1], k.fp[2], k.fp[3], k.fp[4], k.fp[5], a.step_size,
+                                         a.bc2_sqrt);
       break;
     }
     case MXN_OP_SUM_SQUARES: {

@@ -721,8 +721,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     }
     case MXN_OP_ADAMW: {
       const float b1 = k.fp[1], b2 = k.fp[2];
-      const float step_size = k.fp[0] / (1.f - std::pow(b1, float(k.ip[0])));
-      const float bc2 = std::sqrt(1.f - std::pow(b2, float(k.ip[0])));
+      const AdamwStep a = adamw_step(k);
       return kernel(c, "adamw")
           .arg(mem(out[0]))
           .arg(mem(in[0]))
@@ -734,8 +733,8 @@ int32_t run(void* ctx, const mxn_op_call* call) {
           .f(k.fp[3])
           .f(k.fp[4])
           .f(k.fp[5])
-          .f(step_size)
-          .f(bc2)
+          .f(a.step_size)
+          .f(a.bc2_sqrt)
           .go(count(out[0]));
     }
     case MXN_OP_SUM_SQUARES: {
