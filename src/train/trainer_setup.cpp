@@ -114,38 +114,26 @@ void Trainer::setup_glm() {
     if (cfg_.decoder.is_null() || cfg_.decoder.empty())
       cfg_.model.vocab_size = std::max<int64_t>(cfg_.model.vocab_size, v + 5);
   }
-  cfg_.validate();
-  const DecoderConfig model = cfg_.decoder_config();
-  if (glm_ && model.vocab_size < data_.vocab() + 5)
-    throw Error("the glm objective needs vocab_size >= " + std::to_string(data_.vocab() + 5) +
-                " (the data's vocabulary and five special tokens); the model has " +
-                std::to_string(model.vocab_size));
 }
 
 // The fused head + cross-entropy where the device has it; values kept for the backward in bf16
 // where every rank's device takes them (so that all ranks round the same values).
 void Trainer::choose_kernels() {
-  {
-    const char* e = std::getenv("MXN_FUSED_HEAD");
-    cfg_.fused_head =
-        !(e && std::string(e) == "0") &&
-        dev_->supports(MXN_OP_CLASSIFIER_CE, cfg_.dtype == "bf16" ? DType::bf16 : DType::f32);
-  }
-  {
-    // Values kept for the backward in bf16, where every rank's device takes them (so that all
-    // ranks round the same values).
-    const char* e = std::getenv("MXN_BF16_ACTS");
-    const bool on = !(e && std::string(e) == "0") && cfg_.dtype == "bf16" &&
-                    dev_->supports(MXN_OP_CAST, DType::bf16);
-    auto takes = [&](mxn_op fwd, mxn_op bwd) {
-      return on && dev_->supports(fwd, DType::bf16) && dev_->supports(bwd, DType::bf16);
-    };
-    double able[3] = {double(takes(MXN_OP_GELU, MXN_OP_GELU_BWD)),
-                      double(takes(MXN_OP_ATTENTION, MXN_OP_ATTENTION_BWD)), 1.0};
-    if (comm_) comm_->all_reduce_sum(able, 3);
-    cfg_.gelu_bf16 = able[0] == able[2];
-    cfg_.attn_bf16 = able[1] == able[2];
-  }
+  const char* fused = std::getenv("MXN_FUSED_HEAD");
+  cfg_.fused_head =
+      !(fused && std::string(fused) == "0") &&
+      dev_->supports(MXN_OP_CLASSIFIER_CE, cfg_.dtype == "bf16" ? DType::bf16 : DType::f32);
+  const char* acts = std::getenv("MXN_BF16_ACTS");
+  const bool on = !(acts && std::string(acts) == "0") && cfg_.dtype == "bf16" &&
+                  dev_->supports(MXN_OP_CAST, DType::bf16);
+  auto takes = [&](mxn_op fwd, mxn_op bwd) {
+    return on && dev_->supports(fwd, DType::bf16) && dev_->supports(bwd, DType::bf16);
+  };
+  double able[3] = {double(takes(MXN_OP_GELU, MXN_OP_GELU_BWD)),
+                    double(takes(MXN_OP_ATTENTION, MXN_OP_ATTENTION_BWD)), 1.0};
+  if (comm_) comm_->all_reduce_sum(able, 3);
+  cfg_.gelu_bf16 = able[0] == able[2];
+  cfg_.attn_bf16 = able[1] == able[2];
 }
 
 // This rank's place (pipeline stages and replicas) and the split of the batch: the weights of
