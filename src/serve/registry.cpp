@@ -1,11 +1,8 @@
 #include "serve/registry.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
-#include <thread>
 
 #include "core/error.h"
 #include "core/faults.h"
