@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 MXN = sys.argv[1]
-from serve_http_test import make_models, start_serve  # noqa: E402
+from serve_common import make_models, start_serve  # noqa: E402
 
 
 def lora(base, folder, r, alpha, targets, seed):

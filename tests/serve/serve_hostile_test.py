@@ -15,7 +15,7 @@ import gzip, http.client, json, os, socket, subprocess, sys, tempfile, threading
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
 from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
-from serve_http_test import tiny_gpt2, tiny_qwen2_chat  # noqa: E402
+from serve_common import tiny_gpt2, tiny_qwen2_chat  # noqa: E402
 
 MXN, KJV, BPE = sys.argv[1], sys.argv[2], sys.argv[3]
 KEY = "s3cret-key"

@@ -17,7 +17,7 @@ from hf_common import torch  # noqa: E402,F401  (may re-exec in the venv)
 import openai  # noqa: E402
 
 MXN = sys.argv[1]
-from serve_http_test import make_models, start_serve  # noqa: E402
+from serve_common import make_models, start_serve  # noqa: E402
 
 HAVE_OPENCL = "opencl:0" in subprocess.run([MXN, "devices"], capture_output=True, text=True).stdout
 

@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 MXN, ARTIFACTS = sys.argv[1], sys.argv[4]
 sys.argv = sys.argv[:4]
-from serve_http_test import make_models, start_serve  # noqa: E402
+from serve_common import make_models, start_serve  # noqa: E402
 
 
 class Page(unittest.TestCase):
