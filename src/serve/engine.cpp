@@ -23,17 +23,9 @@ Engine::Engine(const DecoderConfig& c, const TensorMap& weights, const std::stri
   if (c.gpt2() && o.capacity > c.max_pos)
     throw Error("the model has " + std::to_string(c.max_pos) + " learned positions; a slot of " +
                 std::to_string(o.capacity) + " tokens does not fit");
-  int64_t lora_rank = 0;  // every LoRA adapter's ranks, stacked; every module one adapts
-  std::vector<std::string> targets;
-  for (const Adapter& a : o.adapters) {
-    if (a.prefix) continue;
-    lora_rank += a.spec.r;
-    for (const std::string& t : a.spec.targets)
-      if (std::find(targets.begin(), targets.end(), t) == targets.end()) targets.push_back(t);
-  }
   const int64_t table = 1 + ceil_div(o.capacity, std::max<int64_t>(o.block, 1));
-  runner_ = std::make_unique<Runner>(c, weights, source, dev, kv_, o.slots, o.chunk, table,
-                                     lora_rank, targets, o.weights);
+  runner_ = std::make_unique<Runner>(c, weights, source, dev, kv_,
+                                     RunnerOptions{o.slots, o.chunk, table, o.weights}, o.adapters);
   SchedulerOptions so{o.slots, o.capacity, o.chunk, o.max_waiting};
   sched_ = std::make_unique<Scheduler>(so, kv_, runner_->load_adapters(o.adapters, kv_));
   post_ = std::make_unique<PostProcessor>(o.slots, c.vocab_size, c.eos);

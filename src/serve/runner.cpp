@@ -13,18 +13,25 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 Runner::Runner(const DecoderConfig& c, const TensorMap& weights, const std::string& source,
-               Device& dev, const KvBlocks& kv, int64_t slots, int64_t chunk, int64_t table,
-               int64_t lora_rank, const std::vector<std::string>& lora_targets, DType weights_dtype)
+               Device& dev, const KvBlocks& kv, const RunnerOptions& o,
+               const std::vector<Adapter>& adapters)
     : cfg_(c),
       dev_(dev),
-      slots_(slots),
-      max_rows_(slots + chunk),
-      table_w_(table),
+      slots_(o.slots),
+      max_rows_(o.slots + o.chunk),
+      table_w_(o.table),
       block_(kv.block()),
       pool_blocks_(kv.total()),
-      lora_rank_(lora_rank),
-      lora_targets_(lora_targets),
-      weights_(weights_dtype) {
+      lora_rank_(0),
+      weights_(o.weights) {
+  const int64_t slots = o.slots;
+  for (const Adapter& a : adapters) {  // every LoRA adapter's ranks, stacked; every module adapted
+    if (a.prefix) continue;
+    lora_rank_ += a.spec.r;
+    for (const std::string& t : a.spec.targets)
+      if (std::find(lora_targets_.begin(), lora_targets_.end(), t) == lora_targets_.end())
+        lora_targets_.push_back(t);
+  }
   Graph g = graph(max_rows_, slots, &m_);
   prog_ = std::make_unique<Program>(std::move(g), dev_, false);
   upload_weights(*prog_, weights, source);

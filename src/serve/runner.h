@@ -18,14 +18,18 @@
 
 namespace mxn {
 
+struct RunnerOptions {
+  int64_t slots = 1;           // decode rows a pass, at most
+  int64_t chunk = 256;         // prompt rows a pass, at most
+  int64_t table = 2;           // a block table's width: the key count, then a request's blocks
+  DType weights = DType::f32;  // bf16: the 2-D weights stored in bf16 (the CPU backend)
+};
+
 class Runner {
  public:
-  // `slots` decode rows and `chunk` prompt rows at most a pass; block tables `table` wide (the
-  // blocks of a request at capacity, plus the key count in front). `weights` bf16: the 2-D
-  // weights stored in bf16 (the CPU backend).
+  // The graph has room for `adapters`' LoRA ranks stacked (load_adapters fills them).
   Runner(const DecoderConfig& c, const TensorMap& weights, const std::string& source, Device& dev,
-         const KvBlocks& kv, int64_t slots, int64_t chunk, int64_t table, int64_t lora_rank,
-         const std::vector<std::string>& lora_targets, DType weights_dtype);
+         const KvBlocks& kv, const RunnerOptions& o, const std::vector<Adapter>& adapters);
 
   // The adapters (numbered from 1): LoRA ranks stacked beside the frozen weights; a P-Tuning
   // prefix's keys and values written once into blocks taken from `kv`. Returns what the
