@@ -24,8 +24,10 @@ extern "C" {
  * 6: CLASSIFIER_CE's gradients for a given d(loss), dw added into the param's gradient (ip[3]);
  *    GELU's x may be bf16;
  * 7: the attention masks named (mxn_attention_mask, the same numbers); set_option. A plugin built
- *    against ABI 6 (its table ends before set_option) still loads. */
-#define MXN_ABI_VERSION 7
+ *    against ABI 6 (its table ends before set_option) still loads.
+ * 8: supports_call, which sees the whole call (operands and parameters). Plugins of ABI 6 and 7
+ *    still load; for them mxn asks supports() of each operand's dtype. */
+#define MXN_ABI_VERSION 8
 #define MXN_ABI_OLDEST 6 /* the oldest ABI whose plugins this header's mxn loads */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
@@ -49,7 +51,8 @@ typedef enum mxn_dtype {
 } mxn_dtype;
 
 /* The fixed op set. Forward and backward are separate kernels; matmul's backward is matmul.
- * Operand order and parameters of each op are documented in docs/backends.md. */
+ * Operand order and parameters of each op are documented in docs/backends.md; mxn's
+ * src/backend/op_params.h reads and writes the parameters by name. */
 /* The op table keeps its comments laid out by hand. */
 /* clang-format off */
 typedef enum mxn_op {
@@ -242,6 +245,11 @@ typedef struct mxn_backend_api {
    * in chunks that any thread takes, for when other work shares the cores, as under mxn serve;
    * 0: oneDNN's static split, the default). */
   int32_t (*set_option)(void* ctx, const char* key, int64_t value);
+
+  /* Optional (ABI 8): 1 when run() would accept this call (its operands' dtypes and shapes and
+   * its parameters), else 0 with the reason in last_error. The backend states each rule once, as
+   * ggml's supports_op sees the whole node: run() refuses exactly the calls this refuses. */
+  int32_t (*supports_call)(void* ctx, const mxn_op_call* call);
 } mxn_backend_api;
 
 /* The first table of ABI 1, which every backend must fill; the collectives follow it. */

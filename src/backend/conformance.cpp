@@ -274,7 +274,12 @@ std::vector<ConformanceRow> run_conformance(Device& dev, Device& ref, DType dtyp
       std::vector<std::vector<uint8_t>> data;
       for (const auto* ops : {&c.in, &c.out})
         for (const Operand& o : *ops) data.push_back(make_data(o, rng));
-      const auto got = BoundCase(dev, c, data).run().outputs();
+      BoundCase on_dev(dev, c, data);
+      if (!dev.supports(on_dev.call())) {  // the device refuses this whole call (ABI 8)
+        row.status = "unsupported";
+        break;
+      }
+      const auto got = on_dev.run().outputs();
       const auto want = BoundCase(ref, c, data).run().outputs();
       for (size_t i = 0; i < got.size(); ++i) {
         const auto g = to_double(got[i], c.out[i].dtype), w = to_double(want[i], c.out[i].dtype);
@@ -287,7 +292,7 @@ std::vector<ConformanceRow> run_conformance(Device& dev, Device& ref, DType dtyp
       }
       ++row.cases;
     }
-    if (!(row.max_err <= conformance_tolerance(dtype))) row.status = "FAIL";
+    if (row.status == "pass" && !(row.max_err <= conformance_tolerance(dtype))) row.status = "FAIL";
     rows.push_back(row);
   }
   return rows;

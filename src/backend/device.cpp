@@ -140,6 +140,24 @@ uint64_t Device::free_memory() const {
   return props_.memory_bytes;
 }
 
+bool Device::supports(const mxn_op_call& call, std::string* why) const {
+  if (api_->struct_size >= offsetof(mxn_backend_api, supports_call) + sizeof(void*) &&
+      api_->supports_call) {
+    if (api_->supports_call(ctx_, &call) == 1) return true;
+    if (why) *why = api_->last_error(ctx_);
+    return false;
+  }
+  for (int i = 0; i < call.n_inputs + call.n_outputs; ++i) {
+    const int32_t dt =
+        i < call.n_inputs ? call.inputs[i].dtype : call.outputs[i - call.n_inputs].dtype;
+    if (dt != MXN_DTYPE_I32 && api_->supports(ctx_, call.op, dt) != 1) {
+      if (why) *why = std::string(op_name(call.op)) + " does not take " + dtype_name(DType(dt));
+      return false;
+    }
+  }
+  return true;
+}
+
 bool Device::set_option(const std::string& key, int64_t value) {
   return api_->struct_size >= offsetof(mxn_backend_api, set_option) + sizeof(void*) &&
          api_->set_option && api_->set_option(ctx_, key.c_str(), value) == 0;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/op_params.h"
 #include "core/tensor.h"
 #include "mxn/backend_abi.h"
 
@@ -44,6 +45,9 @@ class Device {
   void upload(const Tensor& dst, const void* src);
   void download(void* dst, const Tensor& src);
   bool supports(mxn_op op, DType t) const;
+  // Whether run() would take this whole call (operands' dtypes and shapes, parameters); when not,
+  // *why (if given) says why. A plugin older than ABI 8 is asked supports(op, dtype) per operand.
+  bool supports(const mxn_op_call& call, std::string* why = nullptr) const;
   void run(const mxn_op_call& call);
   void synchronize();
   void free_buffer(void* handle);
@@ -83,6 +87,14 @@ const char* op_name(int32_t op);
 mxn_op_call make_op_call(mxn_op op, const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                          const std::array<int64_t, MXN_MAX_IP>& ip = {},
                          const std::array<float, 8>& fp = {});
+// The same with the op's parameters by type (op_params.h).
+template <typename P>
+mxn_op_call make_op_call(mxn_op op, const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+                         const P& params) {
+  mxn_op_call c = make_op_call(op, in, out);
+  set_params(c, params);
+  return c;
+}
 
 // --- registry ---------------------------------------------------------------------------------
 struct BackendEntry {

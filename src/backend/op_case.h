@@ -43,6 +43,7 @@ class BoundCase {
   BoundCase(Device& dev, const Case& c, const std::vector<std::vector<uint8_t>>& data);
   BoundCase& run();
   std::vector<std::vector<uint8_t>> outputs() const;
+  const mxn_op_call& call() const { return call_; }
 
  private:
   Device& dev_;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "backend/op_params.h"
 #include "mxn/backend_abi.h"
 
 namespace mxn {
@@ -31,12 +32,13 @@ struct MatmulShape {
 
 inline MatmulShape matmul_shape(const mxn_op_call& k) {
   const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &o = k.outputs[0];
+  const MatmulParams p = params_of<MatmulParams>(k);
   MatmulShape m;
-  m.ta = k.ip[0] != 0;
-  m.tb = k.ip[1] != 0;
-  m.accumulate = k.ip[2] != 0;
-  m.bf16 = k.ip[3] == MXN_DTYPE_BF16;
-  m.alpha = k.fp[0];
+  m.ta = p.ta;
+  m.tb = p.tb;
+  m.accumulate = p.accumulate;
+  m.bf16 = p.compute == MXN_DTYPE_BF16;
+  m.alpha = p.alpha;
   m.N = last(o);
   if (a.ndim == 3 && b.ndim == 3) {
     m.batch = a.shape[0];
@@ -132,30 +134,31 @@ inline int64_t rows_of(const mxn_tensor& t) { return last(t) > 0 ? count(t) / la
 inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   const int o = backward ? 1 : 0;  // the backward's inputs start with dy
   const mxn_tensor &q = k.inputs[o], &kk = k.inputs[o + 1], &v = k.inputs[o + 2];
+  const AttentionParams a = params_of<AttentionParams>(k);
   AttentionShape s;
-  s.H = k.ip[0];
-  s.G = k.ip[1];
-  s.hd = k.ip[2];
-  s.T = k.ip[3];
-  s.S = k.ip[4];
-  s.mask = int(k.ip[5]);
-  s.q_col = k.ip[6];
-  s.k_col = k.ip[7];
-  s.v_col = k.ip[8];
-  s.kv_rows = k.ip[9] > 0 ? k.ip[9] : s.S;
-  s.q_pos0 = k.ip[10];
-  s.scale = k.fp[0];
+  s.H = a.heads;
+  s.G = a.kv_heads;
+  s.hd = a.head_dim;
+  s.T = a.T;
+  s.S = a.S;
+  s.mask = int(a.mask);
+  s.q_col = a.q_col;
+  s.k_col = a.k_col;
+  s.v_col = a.v_col;
+  s.kv_rows = a.kv_rows > 0 ? a.kv_rows : s.S;
+  s.q_pos0 = a.q_pos0;
+  s.scale = a.scale;
   s.ldq = last(q);
   s.ldk = last(kk);
   s.ldv = last(v);
-  s.P = k.ip[11];
-  s.bs = k.ip[12];
+  s.P = a.P;
+  s.bs = a.block;
   const int base = (backward ? 6 : 3) + (s.P > 0 ? 2 : 0);
   if (s.P > 0) s.pkv = backward ? 6 : 3;
   s.has_prefix = k.n_inputs == base + 1;
   if (s.has_prefix) s.extra = base;
   if (s.P < 0 || k.n_inputs < base || k.n_inputs > base + 1) {
-    s.error = "attention: expects q, k, v, [prefix keys, values when ip[11] > 0], [i32 input]";
+    s.error = "attention: expects q, k, v, [prefix keys, values when P > 0], [i32 input]";
     return s;
   }
   if (s.H <= 0 || s.G <= 0 || s.H % s.G || s.hd <= 0 || s.T <= 0 || s.S <= 0 || s.S > s.kv_rows ||
@@ -181,7 +184,7 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
            (s.bs < 1 || s.kv_rows % s.bs || s.B != 1 || count(k.inputs[s.extra]) % s.T ||
             count(k.inputs[s.extra]) / s.T < 2))
     s.error =
-        "attention: mask 5 needs a block size ip[12] dividing kv_rows, one sequence, and a (T, "
+        "attention: mask 5 needs a block size dividing kv_rows, one sequence, and a (T, "
         "1 + blocks) table";
   else if (s.P > 0 && (count(k.inputs[s.pkv]) != s.P * s.G * s.hd ||
                        count(k.inputs[s.pkv + 1]) != s.P * s.G * s.hd))
@@ -199,35 +202,6 @@ inline AttentionShape attention_shape(const mxn_op_call& k, bool backward) {
   return s;
 }
 
-// ADAMW's bias corrections for step ip[0], computed once per call on the host and the same on
-// every backend: the step size lr / (1 - b1^t) and sqrt(1 - b2^t).
-struct AdamwStep {
-  float step_size, bc2_sqrt;
-};
-inline AdamwStep adamw_step(const mxn_op_call& k) {
-  const float b1 = k.fp[1], b2 = k.fp[2];
-  return {k.fp[0] / (1.f - std::pow(b1, float(k.ip[0]))),
-          std::sqrt(1.f - std::pow(b2, float(k.ip[0])))};
-}
-
-// ROPE: the rotation frequency of pair i of `rot` rotated dims, in float as Hugging Face computes
-// it (1 / theta^(2i/rot), then the scaling), so every backend rotates by the same angles.
-inline float rope_inv_freq(const mxn_op_call& k, int64_t i) {
-  const int64_t rot = k.ip[3];
-  const float theta = k.fp[0], factor = k.fp[1] > 0 ? k.fp[1] : 1.f;
-  float inv = 1.f / std::pow(theta, float(2 * i) / float(rot));
-  if (k.ip[5] == 1) return inv / factor;
-  if (k.ip[5] == 2) {  // Llama 3: long wavelengths slowed by `factor`, short ones kept, blended
-    const float lo = k.fp[2], hi = k.fp[3], old_ctx = k.fp[4];
-    const float wavelen = 2.f * 3.14159265358979323846f / inv;
-    if (wavelen < old_ctx / hi) return inv;
-    if (wavelen > old_ctx / lo) return inv / factor;
-    const float smooth = (old_ctx / wavelen - lo) / (hi - lo);
-    return (1.f - smooth) * inv / factor + smooth * inv;
-  }
-  return inv;
-}
-
 // DROPOUT's mask (backend_abi.h): splitmix64's mix of (seed, index), 24 bits compared in float.
 inline uint64_t dropout_mix(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -239,15 +213,17 @@ inline bool dropout_keep(uint64_t seed, uint64_t index, float p) {
   return float(dropout_mix(seed + dropout_mix(index)) >> 40) * (1.f / 16777216.f) >= p;
 }
 inline const char* dropout_error(const mxn_op_call& k) {
-  if (!(k.fp[0] >= 0.f && k.fp[0] < 1.f) || count(k.inputs[0]) != count(k.outputs[0]))
+  const float p = params_of<DropoutParams>(k).p;
+  if (!(p >= 0.f && p < 1.f) || count(k.inputs[0]) != count(k.outputs[0]))
     return "dropout: needs 0 <= p < 1 and an output the input's size";
   return nullptr;
 }
 
 inline const char* rope_error(const mxn_op_call& k) {
-  const int64_t col0 = k.ip[0], heads = k.ip[1], hd = k.ip[2], rot = k.ip[3];
+  const RopeParams r = params_of<RopeParams>(k);
+  const int64_t col0 = r.col0, heads = r.heads, hd = r.head_dim, rot = r.rot;
   if (heads <= 0 || hd <= 0 || rot <= 0 || rot > hd || rot % 2 || col0 < 0 ||
-      col0 + (heads - 1) * hd + rot > last(k.inputs[0]) || k.fp[0] <= 0 ||
+      col0 + (heads - 1) * hd + rot > last(k.inputs[0]) || r.theta <= 0 ||
       count(k.inputs[1]) != rows_of(k.inputs[0]))
     return "rope: needs 0 < rot <= hd (even), the rotated dims within the row, theta > 0, one "
            "position per row";
@@ -260,7 +236,8 @@ inline const char* swiglu_error(const mxn_op_call& k, bool backward) {
   const mxn_tensor &g = k.inputs[o], &u = k.inputs[o + 1], &y = k.inputs[0];
   const int64_t F = backward ? last(y) : last(k.outputs[0]);
   const int64_t rows = backward ? rows_of(y) : rows_of(k.outputs[0]);
-  if (k.ip[0] < 0 || k.ip[1] < 0 || k.ip[0] + F > last(g) || k.ip[1] + F > last(u) ||
+  const SwigluParams p = params_of<SwigluParams>(k);
+  if (p.gate_col < 0 || p.up_col < 0 || p.gate_col + F > last(g) || p.up_col + F > last(u) ||
       rows_of(g) != rows || rows_of(u) != rows)
     return "swiglu: the gate and up windows must lie inside rows matching the output";
   return nullptr;
@@ -275,10 +252,11 @@ struct SetRowsShape {
   const char* error = nullptr;
 };
 inline SetRowsShape set_rows_shape(const mxn_op_call& k) {
+  const SetRowsParams p = params_of<SetRowsParams>(k);
   SetRowsShape s;
-  s.at = k.ip[0];
-  s.R = k.ip[1];
-  s.col = k.ip[2];
+  s.at = p.at;
+  s.R = p.R;
+  s.col = p.col;
   s.W = last(k.outputs[0]);
   s.ld = last(k.inputs[0]);
   const int64_t dst_rows = rows_of(k.outputs[0]), src_rows = rows_of(k.inputs[0]);

@@ -14,8 +14,9 @@ using Grads = std::vector<std::pair<size_t, int>>;
 
 Grads matmul_rule(Graph& g, const Node& n, int gy) {
   const int a = n.in[0], b = n.in[1];
-  const bool ta = n.ip[0], tb = n.ip[1];
-  const float al = n.fp[0];
+  const MatmulParams m = n.params<MatmulParams>();
+  const bool ta = m.ta, tb = m.tb;
+  const float al = m.alpha;
   if (n.in.size() > 2) {  // linear: the bias's gradient sums over rows, the rest as without it
     Node plain = n;
     plain.in.resize(2);
@@ -34,8 +35,8 @@ Grads matmul_rule(Graph& g, const Node& n, int gy) {
 
 // A backward op whose outputs are the gradients of the forward's first `k` inputs, some of which
 // may be the same value (column windows of one fused tensor): such inputs share one output.
-Grads distinct_grads(Graph& g, mxn_op op, std::vector<int> in, const Node& n, size_t k,
-                     const std::array<int64_t, MXN_MAX_IP>& ip) {
+// The backward op takes the forward's parameters.
+Grads distinct_grads(Graph& g, mxn_op op, std::vector<int> in, const Node& n, size_t k) {
   std::vector<int> out;
   Grads grads;
   for (size_t i = 0; i < k; ++i) {
@@ -48,7 +49,7 @@ Grads distinct_grads(Graph& g, mxn_op op, std::vector<int> in, const Node& n, si
     out.push_back(g.activation(g.v(n.in[i]).shape));
     grads.push_back({i, out.back()});
   }
-  g.emit(op, std::move(in), out, ip, n.fp);
+  g.emit_like(n, op, std::move(in), out);
   return grads;
 }
 
@@ -62,7 +63,7 @@ Grads rule(Graph& g, const Node& n, int gy) {
     case MXN_OP_ADD_BIAS:
       return {{0, gy}, {1, g.emit(MXN_OP_SUM_ROWS, {gy}, {act(n.in[1])})}};
     case MXN_OP_SCALE:
-      return {{0, g.scale(gy, n.fp[0])}};
+      return {{0, g.scale(gy, n.params<ScalarParams>().value)}};
     case MXN_OP_CAST:  // gradients are f32 whatever the values' dtype
       return {{0, gy}};
     case MXN_OP_GELU:
@@ -76,10 +77,11 @@ Grads rule(Graph& g, const Node& n, int gy) {
     }
     case MXN_OP_ATTENTION: {
       // q, k and v may be one fused tensor: one gradient value per distinct input, which the
-      // kernel fills window by window. Prefix keys and values (ip[11] > 0) have theirs too.
+      // kernel fills window by window. Prefix keys and values (P > 0) have theirs too.
       std::vector<int> in{gy, n.in[0], n.in[1], n.in[2], n.out[0], n.out[1]};
       in.insert(in.end(), n.in.begin() + 3, n.in.end());
-      return distinct_grads(g, MXN_OP_ATTENTION_BWD, in, n, n.ip[11] > 0 ? 5 : 3, n.ip);
+      return distinct_grads(g, MXN_OP_ATTENTION_BWD, in, n,
+                            n.params<AttentionParams>().P > 0 ? 5 : 3);
     }
     case MXN_OP_RMSNORM: {
       const int dx = act(n.in[0]), dw = act(n.in[1]);
@@ -87,9 +89,9 @@ Grads rule(Graph& g, const Node& n, int gy) {
       return {{0, dx}, {1, dw}};
     }
     case MXN_OP_ROPE: {
-      auto ip = n.ip;
-      ip[6] = 1;  // the rotation's transpose is the rotation backwards
-      return {{0, g.emit(MXN_OP_ROPE, {gy, n.in[1]}, {act(n.in[0])}, ip, n.fp)}};
+      RopeParams r = n.params<RopeParams>();
+      r.backward = true;  // the rotation's transpose is the rotation backwards
+      return {{0, g.emit(MXN_OP_ROPE, {gy, n.in[1]}, {act(n.in[0])}, r)}};
     }
     case MXN_OP_SILU:
       return {{0, g.emit(MXN_OP_SILU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
@@ -99,16 +101,16 @@ Grads rule(Graph& g, const Node& n, int gy) {
     case MXN_OP_TANH:  // from the output: dx = dy (1 - y^2)
       return {{0, g.emit(MXN_OP_TANH_BWD, {gy, n.out[0]}, {act(n.in[0])})}};
     case MXN_OP_DROPOUT:  // the same mask (same seed, index and tag) on the gradient
-      return {{0, g.emit(MXN_OP_DROPOUT, {gy}, {act(n.in[0])}, n.ip, n.fp)}};
+      return {{0, g.emit_like(n, MXN_OP_DROPOUT, {gy}, {act(n.in[0])})}};
     case MXN_OP_SWIGLU:
-      return distinct_grads(g, MXN_OP_SWIGLU_BWD, {gy, n.in[0], n.in[1]}, n, 2, n.ip);
+      return distinct_grads(g, MXN_OP_SWIGLU_BWD, {gy, n.in[0], n.in[1]}, n, 2);
     case MXN_OP_EMBEDDING:
       return {{1, g.emit(MXN_OP_EMBEDDING_BWD, {gy, n.in[0]}, {act(n.in[1])})}};
     case MXN_OP_CROSS_ENTROPY:
       return {{0, g.emit(MXN_OP_CROSS_ENTROPY_BWD, {gy, n.in[0], n.in[1]}, {act(n.in[0])})}};
     case MXN_OP_CLASSIFIER_CE: {
-      // ip[3]: the forward made dx for the seed's d(loss) and added dw into the param's grad.
-      if (n.ip[3]) return {{0, n.out[1]}};
+      // direct: the forward made dx for the seed's d(loss) and added dw into the param's grad.
+      if (n.params<ClassifierParams>().direct) return {{0, n.out[1]}};
       // Else it computed them for d(loss) = 1: scale by gy.
       std::vector<int> in{gy}, out;
       Grads grads;
@@ -158,7 +160,7 @@ void recompute_cheap(Graph& g, size_t n_forward) {
 }
 
 // A param's whole gradient `gv` made by this rule's dW MATMUL (or its bias's SUM_ROWS) that
-// nothing else reads: that node accumulates into the grad itself (ip accumulate), as torch adds
+// nothing else reads: that node accumulates into the grad itself (`accumulate`), as torch adds
 // into .grad, instead of writing an activation for an ADD to read. Returns whether it did.
 bool accumulate_into(Graph& g, size_t rule_begin, int gv, int gb) {
   if (g.v(gv).kind != ValueKind::activation || g.v(gv).dtype != g.v(gb).dtype) return false;
@@ -169,10 +171,11 @@ bool accumulate_into(Graph& g, size_t rule_begin, int gv, int gb) {
     if (n.out.size() == 1 && n.out[0] == gv) maker = &n;
   }
   if (!maker) return false;
-  if (maker->op == MXN_OP_MATMUL && maker->in.size() == 2 && maker->ip[2] == 0) {
-    maker->ip[2] = 1;
-  } else if (maker->op == MXN_OP_SUM_ROWS && maker->ip[0] == 0) {
-    maker->ip[0] = 1;
+  if (maker->op == MXN_OP_MATMUL && maker->in.size() == 2 &&
+      !maker->params<MatmulParams>().accumulate) {
+    with_params<MatmulParams>(*maker, [](MatmulParams& m) { m.accumulate = true; });
+  } else if (maker->op == MXN_OP_SUM_ROWS && !maker->params<SumParams>().accumulate) {
+    maker->set(SumParams{true});
   } else {
     return false;
   }
@@ -185,8 +188,9 @@ bool accumulate_into(Graph& g, size_t rule_begin, int gv, int gb) {
 size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
   const size_t n_forward = g.nodes.size();
   std::map<int, int> grad;  // value -> its gradient so far
-  grad[loss] =
-      seed >= 0 ? seed : g.emit(MXN_OP_FILL, {}, {g.activation(g.v(loss).shape)}, {}, {1.f});
+  grad[loss] = seed >= 0
+                   ? seed
+                   : g.emit(MXN_OP_FILL, {}, {g.activation(g.v(loss).shape)}, ScalarParams{1.f});
   // A param's gradient is complete once the backward of its first forward use has run; it is
   // added into the param's grad buffer right then (so micro-batches accumulate, and a later
   // communicator can start reducing that layer while the rest of backward runs).
@@ -201,16 +205,18 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
     auto it = grad.find(g.nodes[i].out[0]);
     if (it != grad.end() && g.nodes[i].op == MXN_OP_CLASSIFIER_CE) {
       // The fused head computes its gradients in its forward pass: dx, and dw when w is trained.
-      // Seeded by the loss's FILL it makes them for that d(loss) (fp[0], which the runner sets
+      // Seeded by the loss's FILL it makes them for that d(loss) (dloss, which the runner sets
       // with the FILL's value) and adds dw straight into the param's grad (ABI 6): no (V, C)
       // value lives through the backward, no CLASSIFIER_CE_BWD.
       Node& f = g.nodes[i];
       const bool dw = g.v(f.in[1]).kind == ValueKind::param;
       const int x = f.in[0], w = f.in[1];
       const bool direct = seed < 0 && f.out[0] == loss;
-      f.ip[0] = dw ? 2 : 1;
-      f.ip[3] = direct;
-      f.fp[0] = 1.f;
+      with_params<ClassifierParams>(f, [&](ClassifierParams& c) {
+        c.grads = dw ? 2 : 1;
+        c.direct = direct;
+        c.dloss = 1.f;
+      });
       const int dx1 = g.activation(g.v(x).shape);
       g.nodes[i].out.push_back(dx1);
       if (dw) g.nodes[i].out.push_back(direct ? g.v(w).grad : g.activation(g.v(w).shape));

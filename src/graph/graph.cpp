@@ -30,9 +30,13 @@ int Graph::activation(Shape shape, DType dtype) {
   return int(values.size()) - 1;
 }
 
-int Graph::emit(mxn_op op, std::vector<int> in, std::vector<int> out,
-                std::array<int64_t, MXN_MAX_IP> ip, std::array<float, 8> fp) {
-  nodes.push_back(Node{op, std::move(in), out, ip, fp});
+int Graph::emit(mxn_op op, std::vector<int> in, std::vector<int> out) {
+  nodes.push_back(Node{op, std::move(in), out, {}, {}});
+  return out.empty() ? -1 : out[0];
+}
+
+int Graph::emit_like(const Node& like, mxn_op op, std::vector<int> in, std::vector<int> out) {
+  nodes.push_back(Node{op, std::move(in), out, like.ip, like.fp});
   return out.empty() ? -1 : out[0];
 }
 
@@ -59,8 +63,8 @@ int Graph::matmul(int a, int b, bool ta, bool tb, float alpha) {
   const int64_t Kb = tb ? sb[r - 1] : sb[r - 2], N = tb ? sb[r - 2] : sb[r - 1];
   MXN_CHECK(K == Kb, "matmul inner dims " + shape_str(sa) + " x " + shape_str(sb));
   Shape s = r == 3 ? Shape{sa[0], M, N} : Shape{M, N};
-  return emit(MXN_OP_MATMUL, {a, b}, {activation(s)}, {ta, tb, 0, int64_t(matmul_compute)},
-              {alpha});
+  return emit(MXN_OP_MATMUL, {a, b}, {activation(s)},
+              MatmulParams{ta, tb, false, int32_t(matmul_compute), alpha});
 }
 
 int Graph::linear(int x, int w, int bias, bool tb) {
@@ -82,7 +86,7 @@ int Graph::add_bias(int a, int bias) {
 }
 
 int Graph::scale(int a, float k) {
-  return emit(MXN_OP_SCALE, {a}, {activation(v(a).shape)}, {}, {k});
+  return emit(MXN_OP_SCALE, {a}, {activation(v(a).shape)}, ScalarParams{k});
 }
 
 int Graph::cast(int x, DType dtype) {
@@ -96,25 +100,21 @@ int Graph::softmax(int x) { return emit(MXN_OP_SOFTMAX, {x}, {activation(v(x).sh
 int Graph::layernorm(int x, int w, int b, float eps) {
   const Shape s = v(x).shape;  // a copy: activation() may grow `values`
   const int stats = activation({numel(s) / s.back(), 2});
-  return emit(MXN_OP_LAYERNORM, {x, w, b}, {activation(s), stats}, {}, {eps});
+  return emit(MXN_OP_LAYERNORM, {x, w, b}, {activation(s), stats}, NormParams{eps});
 }
 
-int Graph::attention(int q, int k, int v, const AttentionSpec& a, int prefix, bool with_lse, int pk,
-                     int pv) {
-  const int64_t rows = v_rows(q), S = a.S > 0 ? a.S : a.T;
+int Graph::attention(int q, int k, int v, const AttentionParams& a, int prefix, bool with_lse,
+                     int pk, int pv) {
+  const int64_t rows = v_rows(q);
   MXN_CHECK(rows % a.T == 0 && (a.mask < MXN_MASK_PREFIX || prefix >= 0),
             "attention rows or prefix");
   MXN_CHECK(a.P == 0 || (pk >= 0 && pv >= 0), "attention prefix keys and values");
-  const float scale = a.scale > 0 ? a.scale : 1.f / std::sqrt(float(a.head_dim));
   std::vector<int> in{q, k, v};
   if (a.P > 0) in.insert(in.end(), {pk, pv});
   if (prefix >= 0) in.push_back(prefix);
   std::vector<int> out{activation({rows, a.heads * a.head_dim})};
   if (with_lse) out.push_back(activation({rows, a.heads}));
-  return emit(MXN_OP_ATTENTION, in, out,
-              {a.heads, a.kv_heads, a.head_dim, a.T, S, a.mask, a.q_col, a.k_col, a.v_col,
-               a.kv_rows > 0 ? a.kv_rows : S, a.q_pos0, a.P, a.block},
-              {scale});
+  return emit(MXN_OP_ATTENTION, in, out, a);
 }
 
 int Graph::tanh(int x) { return emit(MXN_OP_TANH, {x}, {activation(v(x).shape)}); }
@@ -125,32 +125,29 @@ int Graph::mul(int a, int b) {
 }
 
 int Graph::dropout(int x, float p, int64_t tag) {
-  return emit(MXN_OP_DROPOUT, {x}, {activation(v(x).shape)}, {0, 0, tag}, {p});
+  return emit(MXN_OP_DROPOUT, {x}, {activation(v(x).shape)}, DropoutParams{0, 0, tag, p});
 }
 
 int Graph::rmsnorm(int x, int w, float eps) {
   const Shape s = v(x).shape;
   const int rstd = activation({v_rows(x)});
-  return emit(MXN_OP_RMSNORM, {x, w}, {activation(s), rstd}, {}, {eps});
+  return emit(MXN_OP_RMSNORM, {x, w}, {activation(s), rstd}, NormParams{eps});
 }
 
-int Graph::rope(int x, int pos, const RopeSpec& r) {
-  return emit(
-      MXN_OP_ROPE, {x, pos}, {activation(v(x).shape)},
-      {r.col0, r.heads, r.head_dim, r.rot > 0 ? r.rot : r.head_dim, r.interleaved, r.scaling, 0},
-      {r.theta, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_position});
+int Graph::rope(int x, int pos, const RopeParams& r) {
+  return emit(MXN_OP_ROPE, {x, pos}, {activation(v(x).shape)}, r);
 }
 
 int Graph::silu(int x) { return emit(MXN_OP_SILU, {x}, {activation(v(x).shape)}); }
 
 int Graph::swiglu(int gate, int up, int64_t gcol, int64_t ucol, int64_t F) {
-  return emit(MXN_OP_SWIGLU, {gate, up}, {activation({v_rows(gate), F})}, {gcol, ucol});
+  return emit(MXN_OP_SWIGLU, {gate, up}, {activation({v_rows(gate), F})}, SwigluParams{gcol, ucol});
 }
 
 int Graph::set_rows(int src, int dst, int64_t at, int64_t R, int64_t col, int rows) {
   std::vector<int> in{src};
   if (rows >= 0) in.push_back(rows);
-  return emit(MXN_OP_SET_ROWS, in, {dst}, {at, R, col});
+  return emit(MXN_OP_SET_ROWS, in, {dst}, SetRowsParams{at, R, col});
 }
 
 int64_t Graph::v_rows(int id) const {
@@ -170,7 +167,7 @@ int Graph::cross_entropy(int logits, int targets) {
 int Graph::classifier_ce(int x, int w, int targets, int64_t block) {
   MXN_CHECK(v(x).shape.back() == v(w).shape.back(), "classifier_ce: x and w widths differ");
   return emit(MXN_OP_CLASSIFIER_CE, {x, w, targets}, {activation({1})},
-              {0, int64_t(matmul_compute), block});
+              ClassifierParams{0, int32_t(matmul_compute), block, false, 1.f});
 }
 
 }  // namespace mxn

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/op_params.h"
 #include "core/tensor.h"
 #include "mxn/backend_abi.h"
 
@@ -30,36 +31,21 @@ struct Value {
   uint64_t offset = 0;  // bytes into its kind's buffer
 };
 
+// One op call of the graph. Its parameters are written and read by type (op_params.h):
+// node.params<MatmulParams>(), node.set(MatmulParams{...}); ip and fp hold their encoding.
 struct Node {
   mxn_op op;
   std::vector<int> in, out;
   std::array<int64_t, MXN_MAX_IP> ip{};
   std::array<float, 8> fp{};
-};
-
-// The general attention's parameters (the ATTENTION op's ip, see backend_abi.h).
-struct AttentionSpec {
-  int64_t heads = 1, kv_heads = 1, head_dim = 1;
-  int64_t T = 1;  // queries per sequence
-  int64_t S = 0;  // keys per sequence (0: T)
-  // Which keys each query sees (backend_abi.h's mxn_attention_mask): none, causal, prefix
-  // (GLM's Part A, bidirectional), segments (packed rows), and serving's cached and paged keys.
-  mxn_attention_mask mask = MXN_MASK_CAUSAL;
-  int64_t q_col = 0, k_col = 0, v_col = 0;  // column windows, for fused projections
-  int64_t kv_rows = 0;  // rows per sequence in k and v (0: S), e.g. a KV cache's capacity
-  int64_t q_pos0 = 0;   // key index of the first query (S - T when decoding with a cache)
-  float scale = 0.f;    // 0: 1/sqrt(head_dim)
-  int64_t P = 0;        // shared prefix keys and values seen by every query (P-Tuning v2)
-  int64_t block = 0;    // paged keys: the KV block size
-};
-
-// ROPE's parameters (the op's ip and fp).
-struct RopeSpec {
-  int64_t col0 = 0, heads = 1, head_dim = 1, rot = 0;  // rot 0: the whole head
-  bool interleaved = false;                            // GLM's (2i, 2i+1) pairs
-  int scaling = 0;                                     // 0 none, 1 linear, 2 llama3
-  float theta = 10000.f, factor = 1.f, low_freq_factor = 1.f, high_freq_factor = 4.f,
-        original_max_position = 8192.f;
+  template <typename P>
+  P params() const {
+    return params_of<P>(*this);
+  }
+  template <typename P>
+  void set(const P& p) {
+    set_params(*this, p);
+  }
 };
 
 class Graph {
@@ -79,8 +65,16 @@ class Graph {
   int frozen(const std::string& name, Shape shape, DType dtype = DType::f32);
   int input(const std::string& name, Shape shape, DType dtype);
   int activation(Shape shape, DType dtype = DType::f32);
-  int emit(mxn_op op, std::vector<int> in, std::vector<int> out,
-           std::array<int64_t, MXN_MAX_IP> ip = {}, std::array<float, 8> fp = {});
+  // One node of an op without parameters, with typed ones, or with another node's (a backward
+  // that takes its forward's parameters).
+  int emit(mxn_op op, std::vector<int> in, std::vector<int> out);
+  template <typename P>
+  int emit(mxn_op op, std::vector<int> in, std::vector<int> out, const P& params) {
+    emit(op, std::move(in), out);
+    nodes.back().set(params);
+    return out.empty() ? -1 : out[0];
+  }
+  int emit_like(const Node& like, mxn_op op, std::vector<int> in, std::vector<int> out);
 
   // Builders: each appends one node and returns its (first) output.
   int matmul(int a, int b, bool ta = false, bool tb = false, float alpha = 1.f);
@@ -101,10 +95,10 @@ class Graph {
   // prefix lengths for mask 2, (B*T) segment starts for mask 3; with_lse keeps the log-sum-exp the
   // backward needs (training). With a.P > 0, pk and pv are the prefix keys and values, (P,
   // kv_heads*head_dim).
-  int attention(int q, int k, int v, const AttentionSpec& a, int prefix = -1, bool with_lse = true,
-                int pk = -1, int pv = -1);
+  int attention(int q, int k, int v, const AttentionParams& a, int prefix = -1,
+                bool with_lse = true, int pk = -1, int pv = -1);
   int rmsnorm(int x, int w, float eps);
-  int rope(int x, int pos, const RopeSpec& r);
+  int rope(int x, int pos, const RopeParams& r);
   int silu(int x);
   // silu(gate[:, gcol + c]) * up[:, ucol + c] for c < F; gate and up may be one fused tensor.
   int swiglu(int gate, int up, int64_t gcol, int64_t ucol, int64_t F);

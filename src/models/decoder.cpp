@@ -130,8 +130,8 @@ struct Builder {
     if (c.rms_norm()) return g.rmsnorm(x, wt, c.norm_eps);
     return g.layernorm(x, wt, w(name + ".bias", {c.hidden}, false), c.norm_eps);
   }
-  RopeSpec rope(int64_t col0, int64_t heads) const {
-    RopeSpec r;
+  RopeParams rope(int64_t col0, int64_t heads) const {
+    RopeParams r;
     r.col0 = col0;
     r.heads = heads;
     r.head_dim = c.hd();
@@ -302,7 +302,7 @@ namespace {
 // Serving and generation: each row's key and value into the cache (serving: to its cache row,
 // with its own key range); attention then reads keys and values from the cache.
 void cache_kv(Builder& b, DecoderGraph& m, const std::string& p, int64_t B, int& k, int& v,
-              AttentionSpec& at) {
+              AttentionParams& at) {
   Graph& g = b.g;
   const DecoderOptions& o = b.o;
   const int64_t GD = b.c.n_kv_heads() * b.c.hd();
@@ -458,16 +458,16 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   // RoPE; with block positions, 2-D RoPE (GLM-130B, ChatGLM-6B): the first half of each head's
   // rotated dims turns by the position, the second half by the block position.
   auto rotate = [&](int t, int64_t heads) {
-    const RopeSpec r = b.rope(0, heads);
+    const RopeParams r = b.rope(0, heads);
     if (!o.block_positions) return g.rope(t, m.positions, r);
-    RopeSpec r1 = r, r2 = r;
+    RopeParams r1 = r, r2 = r;
     r1.rot = r2.rot = r.rot / 2;
     r2.col0 = r.rot / 2;
     return g.rope(g.rope(t, m.positions, r1), m.block_positions, r2);
   };
   if (c.gpt2() && first)
     x = g.add(x, g.embedding(m.positions, b.w(nm.pos + ".weight", {c.max_pos, C}, true)));
-  AttentionSpec at;
+  AttentionParams at;
   at.heads = H;
   at.kv_heads = G;
   at.head_dim = D;

@@ -148,11 +148,13 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
 // T new ones follow). `call` is Program::call.
 template <typename CallFn>
 void set_cache_position(const DecoderGraph& m, int64_t pos0, int64_t T, CallFn&& call) {
-  for (size_t n : m.cache_writes) call(n).ip[0] = pos0;
-  for (size_t n : m.cache_reads) {
-    call(n).ip[4] = pos0 + T;  // keys seen
-    call(n).ip[10] = pos0;     // the first query's key index
-  }
+  for (size_t n : m.cache_writes)
+    with_params<SetRowsParams>(call(n), [&](SetRowsParams& s) { s.at = pos0; });
+  for (size_t n : m.cache_reads)
+    with_params<AttentionParams>(call(n), [&](AttentionParams& a) {
+      a.S = pos0 + T;   // keys seen
+      a.q_pos0 = pos0;  // the first query's key index
+    });
 }
 
 // Fresh weights: N(0, 0.02); the projections into the residual stream scaled by

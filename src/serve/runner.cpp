@@ -36,7 +36,7 @@ Runner::Runner(const DecoderConfig& c, const TensorMap& weights, const std::stri
   prog_ = std::make_unique<Program>(std::move(g), dev_, false);
   upload_weights(*prog_, weights, source);
   for (int v : m_.caches)  // touched now, not page by page in the first passes
-    dev_.run(make_op_call(MXN_OP_FILL, {}, {prog_->tensor(v)}, {}, {0.f}));
+    dev_.run(make_op_call(MXN_OP_FILL, {}, {prog_->tensor(v)}, ScalarParams{0.f}));
   mask_.resize(size_t(max_rows_ * lora_rank_));
   variants_.assign(size_t(max_rows_ * slots), -1);
   variants_.back() = 0;

@@ -60,14 +60,8 @@ float Optimizer::step(int64_t s, float sumsq) {
   for (int group = 0; group < 2; ++group) {
     mxn_op_call& c = adamw_[group];
     if (c.outputs[0].shape[0] == 0) continue;
-    c.ip[0] = s;  // the bias corrections' step
-    const float fp[6] = {lr,
-                         float(o_.beta1),
-                         float(o_.beta2),
-                         float(o_.eps),
-                         group == 0 ? float(o_.weight_decay) : 0.f,
-                         gscale};
-    std::copy(fp, fp + 6, c.fp);
+    set_params(c, AdamwParams{s, lr, float(o_.beta1), float(o_.beta2), float(o_.eps),
+                              group == 0 ? float(o_.weight_decay) : 0.f, gscale});
     dev_.run(c);
   }
   if (!shards_.empty()) gather_params();
@@ -77,7 +71,8 @@ float Optimizer::step(int64_t s, float sumsq) {
 void Optimizer::zero() {
   const int64_t own = hi_ - lo_;
   for (Buffer* b : {m_.get(), v_.get()})
-    dev_.run(make_op_call(MXN_OP_FILL, {}, {Tensor({own}, DType::f32, b->handle())}, {}, {0.f}));
+    dev_.run(
+        make_op_call(MXN_OP_FILL, {}, {Tensor({own}, DType::f32, b->handle())}, ScalarParams{0.f}));
 }
 
 void Optimizer::gather_params() {

@@ -361,8 +361,10 @@ float Trainer::step() {
 }
 
 void Trainer::seed_backward(int variant, float dloss) {
-  prog_->call(n_forward_, variant).fp[0] = dloss;
-  if (head_node_ != SIZE_MAX) prog_->call(head_node_, variant).fp[0] = dloss;
+  set_params(prog_->call(n_forward_, variant), ScalarParams{dloss});  // the loss's FILL
+  if (head_node_ != SIZE_MAX)
+    with_params<ClassifierParams>(prog_->call(head_node_, variant),
+                                  [&](ClassifierParams& c) { c.dloss = dloss; });
 }
 
 void Trainer::run_forward_only(int variant) {
@@ -371,10 +373,15 @@ void Trainer::run_forward_only(int variant) {
   size_t head = n_forward_;
   for (size_t i = 0; i < n_forward_; ++i)
     if (g.nodes[i].op == MXN_OP_CLASSIFIER_CE) head = i;
-  int64_t grads = 0;
-  if (head < n_forward_) std::swap(prog_->call(head, variant).ip[0], grads);
+  int grads = 0;
+  auto swap_grads = [&] {
+    if (head < n_forward_)
+      with_params<ClassifierParams>(prog_->call(head, variant),
+                                    [&](ClassifierParams& c) { std::swap(c.grads, grads); });
+  };
+  swap_grads();
   prog_->run(0, n_forward_, variant);
-  if (head < n_forward_) prog_->call(head, variant).ip[0] = grads;
+  swap_grads();
 }
 
 float Trainer::eval_loss() {

@@ -17,9 +17,11 @@ int64_t Trainer::fill_batch(TokenSpan tokens, int64_t rows, uint64_t seed, bool 
   for (size_t n : dropout_nodes_) {
     const Node& node = prog_->graph().nodes[n];
     mxn_op_call& c = prog_->call(n, p.variant);
-    c.ip[0] = int64_t(mix64(seed + uint64_t(node.ip[2])));
-    c.ip[1] = int64_t(row_ids_[0]) * T * prog_->graph().v(node.in[0]).shape.back();
-    c.fp[0] = eval ? 0.f : float(cfg_.lora_dropout);
+    const int64_t tag = node.params<DropoutParams>().tag;
+    set_params(c, DropoutParams{mix64(seed + uint64_t(tag)),
+                                uint64_t(row_ids_[0]) * uint64_t(T) *
+                                    uint64_t(prog_->graph().v(node.in[0]).shape.back()),
+                                tag, eval ? 0.f : float(cfg_.lora_dropout)});
   }
   if (sft_set_) {  // conversations from their start, padded; loss where the mask says
     int64_t counted = 0;

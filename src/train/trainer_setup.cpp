@@ -179,7 +179,7 @@ void Trainer::build_program() {
   for (size_t n = 0; n < prog_->graph().nodes.size(); ++n) {
     const Node& node = prog_->graph().nodes[n];
     if (node.op == MXN_OP_DROPOUT) dropout_nodes_.push_back(n);
-    if (node.op == MXN_OP_CLASSIFIER_CE && node.ip[3]) head_node_ = n;
+    if (node.op == MXN_OP_CLASSIFIER_CE && node.params<ClassifierParams>().direct) head_node_ = n;
   }
   passes_.resize(size_t(cap_) + 1);
   variant_for(cap_);
@@ -201,7 +201,7 @@ void Trainer::setup_optimizer() {
   opt_ = std::make_unique<Optimizer>(*prog_, *dev_, oo, comm_, free);
   scalar_ = dev_->alloc(64);
   sumsq_ = Tensor({1}, DType::f32, scalar_->handle());
-  zero_grads_ = make_op_call(MXN_OP_FILL, {}, {prog_->grads_all()}, {}, {0.f});
+  zero_grads_ = make_op_call(MXN_OP_FILL, {}, {prog_->grads_all()}, ScalarParams{0.f});
   grad_sumsq_ = make_op_call(MXN_OP_SUM_SQUARES, {prog_->grads_all()}, {sumsq_});
 }
 

@@ -30,9 +30,14 @@ class PluginTest(unittest.TestCase):
         abi = int(re.search(r"#define MXN_ABI_VERSION (\d+)", open(HEADER).read()).group(1))
         self.assertIn(f"ABI version {abi + 41}, this mxn needs {abi}", by_name["oldabi"])
         self.assertIn("not loaded:", by_name["garbage"])
-        # A plugin built against the last ABI (6, a shorter table) loads and lists its device.
+        # A plugin built against ABI 6 (a shorter table) loads and lists its device.
         self.assertNotIn("abi6", by_name)
         self.assertTrue(any(l.startswith("abi6:0 ") and "a plugin of ABI 6" in l for l in lines), lines)
+        # It has no supports_call (ABI 8): mxn asks its supports() instead, which refuses every op.
+        r = subprocess.run([MXN, "conformance", "--backend", "abi6"], capture_output=True,
+                           text=True, env=dict(os.environ, MXN_PLUGIN_PATH=BAD), timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"\n0 passed, 0 failed, \d+ unsupported")
 
     def test_unknown_device_after_refused_plugin(self):
         env = dict(os.environ, MXN_PLUGIN_PATH=BAD)

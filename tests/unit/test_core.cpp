@@ -80,6 +80,81 @@ TEST(Registry, OutOfMemoryNamesDeviceAndBytes) {
   }
 }
 
+// ABI 8: supports_call sees the whole call and states the rule run() enforces, once.
+TEST(Registry, SupportsSeesTheWholeCallAndRunRefusesTheSame) {
+  auto dev = open_device("cpu");
+  auto a = dev->alloc(4 * 64), b = dev->alloc(4 * 64), o = dev->alloc(4 * 64);
+  auto t = [](Buffer& buf, Shape s, DType d = DType::f32) { return Tensor(s, d, buf.handle()); };
+  mxn_op_call ok =
+      make_op_call(MXN_OP_MATMUL, {t(*a, {3, 4}), t(*b, {4, 5})}, {t(*o, {3, 5})}, MatmulParams{});
+  std::string why;
+  EXPECT_TRUE(dev->supports(ok, &why)) << why;
+  // The same op and dtypes, but inner dimensions that disagree: refused, with the reason.
+  mxn_op_call bad =
+      make_op_call(MXN_OP_MATMUL, {t(*a, {3, 4}), t(*b, {5, 4})}, {t(*o, {3, 5})}, MatmulParams{});
+  EXPECT_TRUE(dev->supports(MXN_OP_MATMUL, DType::f32));
+  EXPECT_FALSE(dev->supports(bad, &why));
+  EXPECT_EQ(why, "matmul: shapes do not agree");
+  try {
+    dev->run(bad);
+    FAIL() << "ran";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("matmul: shapes do not agree"), std::string::npos);
+  }
+  // A dtype the CPU does not take for that operand, and serving's mask on bf16 q, k, v.
+  mxn_op_call half = make_op_call(MXN_OP_ADD, {t(*a, {8}, DType::bf16), t(*b, {8})}, {t(*o, {8})});
+  EXPECT_FALSE(dev->supports(half, &why));
+  EXPECT_NE(why.find("takes f32 tensors"), std::string::npos) << why;
+  AttentionParams ap;
+  ap.heads = ap.kv_heads = 1;
+  ap.head_dim = 4;
+  ap.T = 2;
+  ap.S = 4;
+  ap.mask = MXN_MASK_CACHED;
+  mxn_op_call att = make_op_call(MXN_OP_ATTENTION,
+                                 {t(*a, {2, 4}, DType::bf16), t(*a, {4, 4}, DType::bf16),
+                                  t(*a, {4, 4}, DType::bf16), t(*b, {2, 2}, DType::i32)},
+                                 {t(*o, {2, 4})}, ap);
+  EXPECT_FALSE(dev->supports(att, &why));
+  EXPECT_NE(why.find("bf16 q, k, v are for training's masks"), std::string::npos) << why;
+}
+
+// Parameters go in by name and come back the same: the encoding is the op table's.
+TEST(OpParams, EncodeAndDecodeAgreeWithTheAbiPositions) {
+  mxn_op_call c{};
+  AttentionParams a;
+  a.heads = 8;
+  a.kv_heads = 2;
+  a.head_dim = 16;
+  a.T = 3;
+  a.S = 0;  // T
+  a.mask = MXN_MASK_PAGED;
+  a.block = 16;
+  set_params(c, a);
+  EXPECT_EQ(c.ip[0], 8);
+  EXPECT_EQ(c.ip[4], 3);  // S resolved
+  EXPECT_EQ(c.ip[5], MXN_MASK_PAGED);
+  EXPECT_EQ(c.ip[9], 3);  // kv_rows resolved
+  EXPECT_EQ(c.ip[12], 16);
+  EXPECT_FLOAT_EQ(c.fp[0], 0.25f);  // 1/sqrt(16)
+  with_params<AttentionParams>(c, [](AttentionParams& p) { p.q_pos0 = 5; });
+  EXPECT_EQ(c.ip[10], 5);
+  EXPECT_EQ(params_of<AttentionParams>(c).block, 16);
+  RopeParams r;
+  r.head_dim = 8;
+  r.interleaved = true;
+  r.backward = true;
+  set_params(c, r);
+  EXPECT_EQ(c.ip[3], 8);  // rot 0: the whole head
+  EXPECT_EQ(c.ip[4], 1);
+  EXPECT_EQ(c.ip[6], 1);
+  AdamwParams w{3, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f};
+  set_params(c, w);
+  EXPECT_EQ(c.ip[0], 3);
+  EXPECT_FLOAT_EQ(c.fp[5], 0.5f);
+  EXPECT_FLOAT_EQ(params_of<AdamwParams>(c).step_size(), 1e-3f / (1.f - 0.9f * 0.9f * 0.9f));
+}
+
 #include "backend/cpu/vmath.h"
 
 TEST(CpuMath, ExpAndTanhMatchLibm) {

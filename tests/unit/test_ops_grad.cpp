@@ -354,7 +354,7 @@ TEST(Attention, Bf16QkvIsTheF32GraphOnRoundedValues) {
       const int t = g.input("t", {N}, DType::i32);
       const int seg = mask == 3 ? g.input("seg", {N}, DType::i32) : -1;
       const int in = half ? g.cast(x, DType::bf16) : x;
-      AttentionSpec a;
+      AttentionParams a;
       a.heads = H;
       a.kv_heads = G;
       a.head_dim = D;
@@ -440,7 +440,7 @@ TEST(Grad, Attention) {
           {[H](Graph& g) {
              const int64_t B = 2, T = 5, C = 6;
              const int qkv = g.param("qkv", {B * T, 3 * C}, true);
-             AttentionSpec a;
+             AttentionParams a;
              a.heads = a.kv_heads = H;
              a.head_dim = C / H;
              a.T = T;
@@ -460,7 +460,7 @@ TEST(Grad, Attention) {
               " mask=" + std::to_string(s.mask) + " P=" + std::to_string(s.P),
           {[s](Graph& g) {
              const int64_t B = 2, T = 6;
-             AttentionSpec a;
+             AttentionParams a;
              a.heads = s.H;
              a.kv_heads = s.G;
              a.head_dim = s.hd;
@@ -500,7 +500,7 @@ TEST(Grad, RMSNormRopeSwiGLU) {
   for (bool inter : {false, true})
     check(std::string("rope ") + (inter ? "interleaved, partial" : "half-split"),
           {[inter](Graph& g) {
-             RopeSpec r;
+             RopeParams r;
              r.col0 = 2;
              r.heads = 2;
              r.head_dim = 6;
@@ -512,13 +512,13 @@ TEST(Grad, RMSNormRopeSwiGLU) {
            40});
   check("rope 2-D (GLM's block positions turn each head's second half)",
         {[](Graph& g) {
-           RopeSpec r;
+           RopeParams r;
            r.heads = 2;
            r.head_dim = 8;
            r.rot = 4;
            r.interleaved = true;
            r.theta = 100.f;
-           RopeSpec r2 = r;
+           RopeParams r2 = r;
            r2.col0 = 4;  // the last head's rotated dims end at the row's end
            const int x = g.rope(g.param("x", {5, 16}, true), g.input("pos", {5}, DType::i32), r);
            return g.rope(x, g.input("block", {5}, DType::i32), r2);
@@ -575,11 +575,14 @@ HeadResult run_head(bool fused, DType compute, int64_t block, const std::vector<
   const size_t seed = append_backward(g, loss);  // the FILL of d(loss)
   size_t head = SIZE_MAX;
   for (size_t i = 0; i < seed; ++i)
-    if (g.nodes[i].op == MXN_OP_CLASSIFIER_CE && g.nodes[i].ip[3]) head = i;
+    if (g.nodes[i].op == MXN_OP_CLASSIFIER_CE && g.nodes[i].params<ClassifierParams>().direct)
+      head = i;
   EXPECT_EQ(head == SIZE_MAX, !fused) << "a loss-seeded fused head takes d(loss) itself (ABI 6)";
   Program prog(std::move(g), *dev);
-  prog.call(seed).fp[0] = dloss;  // as the trainer weighs a pass: the seed and the head's copy
-  if (head != SIZE_MAX) prog.call(head).fp[0] = dloss;
+  // as the trainer weighs a pass: the seed and the head's copy
+  set_params(prog.call(seed), ScalarParams{dloss});
+  if (head != SIZE_MAX)
+    with_params<ClassifierParams>(prog.call(head), [&](ClassifierParams& c) { c.dloss = dloss; });
   dev->upload(prog.tensor(xi), x.data());
   dev->upload(prog.tensor(wi), w.data());
   dev->upload(prog.tensor(ti), t.data());

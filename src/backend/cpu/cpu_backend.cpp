@@ -13,16 +13,15 @@
 #include <new>
 #include <string>
 
+#include "backend/common.h"
 #include "backend/cpu/kernels.h"
-#include "backend/op_shapes.h"
 #include "core/dtype.h"
 #include "mxn/backend_abi.h"
 
 namespace mxn::cpu {
 namespace {
 
-struct Ctx {
-  std::string error;
+struct Ctx : BackendBase {
   int threads = 1;
   Scratch scratch;
 };
@@ -155,14 +154,10 @@ T* ptr(const mxn_tensor& t) {
 
 size_t elem_size(int32_t dt) { return dt == MXN_DTYPE_F32 || dt == MXN_DTYPE_I32 ? 4 : 2; }
 
-int32_t bad(Ctx* c, const std::string& msg) {
-  c->error = msg;
-  return MXN_STATUS_INVALID_ARGUMENT;
-}
+int32_t bad(Ctx* c, const std::string& msg) { return c->fail(MXN_STATUS_INVALID_ARGUMENT, msg); }
 
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
-  const MatmulShape m = matmul_shape(k);
-  if (m.error) return bad(c, m.error);
+  const MatmulShape m = matmul_shape(k);  // check_call has seen its error
   const float* bias = k.n_inputs > 2 ? ptr(k.inputs[2]) : nullptr;
   if (k.inputs[1].dtype == MXN_DTYPE_BF16) {  // bf16 weights (inference)
     matmul_bf16_weights(c->scratch, m.bf16 ? Compute::bf16 : Compute::f32, m.ta, m.tb, m.batch, m.M,
@@ -179,7 +174,6 @@ int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
 int32_t run_cast(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor &a = k.inputs[0], &o = k.outputs[0];
   const int64_t n = count(a);
-  if (count(o) != n) return bad(c, "cast: sizes differ");
   if (a.dtype == o.dtype) {
     std::memcpy(ptr<char>(o), ptr<char>(a), size_t(n) * elem_size(a.dtype));
     return 0;
@@ -228,16 +222,14 @@ int32_t run_cast(Ctx* c, const mxn_op_call& k) {
 
 // Attention's q, k and v as f32: bf16 ones (training keeps them so for the backward) are widened
 // into scratch, once per distinct tensor (a fused qkv is one), in the same layout.
-const char* widen_qkv(Ctx* c, const AttentionShape& a, const mxn_tensor* t, const float* out[3]) {
+void widen_qkv(Ctx* c, const mxn_tensor* t, const float* out[3]) {
   size_t need = 0;
   for (int i = 0; i < 3; ++i)
     if (t[i].dtype == MXN_DTYPE_BF16) need += size_t(count(t[i]));
   if (need == 0) {
     for (int i = 0; i < 3; ++i) out[i] = ptr(t[i]);
-    return nullptr;
+    return;
   }
-  if (a.mask > MXN_MASK_SEGMENTS)
-    return "attention: bf16 q, k, v are for training's masks (none, causal, prefix, segments) only";
   float* wide = c->scratch.get(c->scratch.wide, need);
   for (int i = 0; i < 3; ++i) {
     if (t[i].dtype != MXN_DTYPE_BF16) {
@@ -254,7 +246,6 @@ const char* widen_qkv(Ctx* c, const AttentionShape& a, const mxn_tensor* t, cons
     out[i] = wide;
     wide += count(t[i]);
   }
-  return nullptr;
 }
 
 // Training's attention on bf16 q, k, v runs on bf16 tiles where the CPU has the instructions
@@ -272,39 +263,46 @@ bool bf16_tiles(const AttentionShape& a, const mxn_tensor* t) {
 int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor &x = k.inputs[0], &w = k.inputs[1], &t = k.inputs[2];
   const int64_t C = last(x), N = count(x) / C, V = count(w) / last(w);
-  const int grads = int(k.ip[0]);
-  if (k.n_inputs < 3 || last(w) != C || count(t) != N || grads < 0 || grads > 2 ||
-      k.n_outputs < 1 + grads || (grads > 0 && count(k.outputs[1]) != N * C) ||
-      (grads > 1 && count(k.outputs[2]) != V * C))
-    return bad(c,
-               "classifier_ce: expected x (N, C), w (V, C), targets (N), out loss (1) and, "
-               "with ip[0] = 1 or 2, dx (N, C) and dw (V, C)");
+  const ClassifierParams p = params_of<ClassifierParams>(k);
+  const int grads = p.grads;
   const int64_t badr = classifier_ce(
-      c->scratch, k.ip[1] == MXN_DTYPE_BF16 ? Compute::bf16 : Compute::f32, grads, k.ip[2], ptr(x),
-      ptr(w), ptr<int32_t>(t), ptr(k.outputs[0]), grads > 0 ? ptr(k.outputs[1]) : nullptr,
-      grads > 1 ? ptr(k.outputs[2]) : nullptr, N, C, V, k.ip[3] ? k.fp[0] : 1.f, k.ip[3] != 0);
+      c->scratch, p.compute == MXN_DTYPE_BF16 ? Compute::bf16 : Compute::f32, grads, p.block,
+      ptr(x), ptr(w), ptr<int32_t>(t), ptr(k.outputs[0]), grads > 0 ? ptr(k.outputs[1]) : nullptr,
+      grads > 1 ? ptr(k.outputs[2]) : nullptr, N, C, V, p.scale(), p.direct);
   if (badr >= 0)
     return bad(c, "classifier_ce: target " + std::to_string(ptr<int32_t>(t)[badr]) +
                       " is outside [0, " + std::to_string(V) + ")");
   return 0;
 }
 
+// The CPU's own rules, in front of the contract's (common.h): the dtypes each operand may have.
+const char* cpu_rule(const mxn_op_call& k) {
+  if (k.op == MXN_OP_CAST || k.op == MXN_OP_COPY) return nullptr;
+  bool bf16_qkv = false;
+  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
+    const mxn_tensor& t = i < k.n_inputs ? k.inputs[i] : k.outputs[i - k.n_inputs];
+    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
+        !(bf16_operand(k.op, i) && t.dtype == MXN_DTYPE_BF16))
+      return "the CPU backend takes f32 tensors (bf16 only as weights, GELU's x and attention's "
+             "q, k, v)";
+    bf16_qkv |=
+        t.dtype == MXN_DTYPE_BF16 && (k.op == MXN_OP_ATTENTION || k.op == MXN_OP_ATTENTION_BWD);
+  }
+  if (bf16_qkv && params_of<AttentionParams>(k).mask > MXN_MASK_SEGMENTS)
+    return "attention: bf16 q, k, v are for training's masks (none, causal, prefix, segments) only";
+  return nullptr;
+}
+
+int32_t supports_call(void* ctx, const mxn_op_call* call) {
+  return supports_call_with(*static_cast<Ctx*>(ctx), call, cpu_rule);
+}
+
 int32_t run(void* ctx, const mxn_op_call* call) {
   auto* c = static_cast<Ctx*>(ctx);
-  if (!call || call->struct_size < sizeof(mxn_op_call)) return bad(c, "op call struct too small");
+  if (int32_t st = check_call(*c, call, cpu_rule)) return st;
   const mxn_op_call& k = *call;
   const mxn_tensor* in = k.inputs;
   const mxn_tensor* out = k.outputs;
-  if (k.op != MXN_OP_CAST && k.op != MXN_OP_COPY)
-    for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
-      const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
-      if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
-          !(bf16_operand(k.op, i) && t.dtype == MXN_DTYPE_BF16)) {
-        c->error = "op " + std::to_string(k.op) +
-                   " takes f32 tensors (bf16 only as weights, GELU's x and attention's q, k, v)";
-        return MXN_STATUS_UNSUPPORTED;
-      }
-    }
   switch (k.op) {
     case MXN_OP_MATMUL:
       return run_matmul(c, k);
@@ -316,13 +314,13 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return 0;
     case MXN_OP_SUM_ROWS:
       sum_rows(c->scratch, ptr(in[0]), ptr(out[0]), count(in[0]) / last(in[0]), last(in[0]),
-               k.ip[0] != 0);
+               params_of<SumParams>(k).accumulate);
       return 0;
     case MXN_OP_SCALE:
-      scale(ptr(in[0]), ptr(out[0]), count(out[0]), k.fp[0]);
+      scale(ptr(in[0]), ptr(out[0]), count(out[0]), params_of<ScalarParams>(k).value);
       return 0;
     case MXN_OP_FILL:
-      fill(ptr(out[0]), count(out[0]), k.fp[0]);
+      fill(ptr(out[0]), count(out[0]), params_of<ScalarParams>(k).value);
       return 0;
     case MXN_OP_COPY:
       std::memcpy(ptr<char>(out[0]), ptr<char>(in[0]),
@@ -332,7 +330,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return run_cast(c, k);
     case MXN_OP_SUM_SQUARES: {
       const double s = sum_squares(ptr(in[0]), count(in[0]));
-      *ptr(out[0]) = float(s + (k.ip[0] ? double(*ptr(out[0])) : 0.0));
+      *ptr(out[0]) = float(s + (params_of<SumParams>(k).accumulate ? double(*ptr(out[0])) : 0.0));
       return 0;
     }
     case MXN_OP_GELU:
@@ -375,7 +373,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return 0;
     case MXN_OP_LAYERNORM:
       layernorm_fwd(ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(out[0]), ptr(out[1]),
-                    count(in[0]) / last(in[0]), last(in[0]), k.fp[0]);
+                    count(in[0]) / last(in[0]), last(in[0]), params_of<NormParams>(k).eps);
       return 0;
     case MXN_OP_LAYERNORM_BWD:
       layernorm_bwd(c->scratch, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(out[0]),
@@ -383,7 +381,6 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return 0;
     case MXN_OP_ATTENTION: {
       const AttentionShape a = attention_shape(k, false);
-      if (a.error) return bad(c, a.error);
       if (bf16_tiles(a, in)) {
         attention_fwd_bf16(c->scratch, a, ptr<uint16_t>(in[0]), ptr<uint16_t>(in[1]),
                            ptr<uint16_t>(in[2]), a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr,
@@ -391,7 +388,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
         return 0;
       }
       const float* qkv[3];
-      if (const char* e = widen_qkv(c, a, in, qkv)) return bad(c, e);
+      widen_qkv(c, in, qkv);
       attention_fwd(c->scratch, a, qkv[0], qkv[1], qkv[2], a.P > 0 ? ptr(in[a.pkv]) : nullptr,
                     a.P > 0 ? ptr(in[a.pkv + 1]) : nullptr,
                     a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr, ptr(out[0]),
@@ -400,8 +397,6 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     }
     case MXN_OP_ATTENTION_BWD: {
       const AttentionShape a = attention_shape(k, true);
-      if (a.error) return bad(c, a.error);
-      if (a.P > 0 && k.n_outputs < 5) return bad(c, "attention_bwd: dpk and dpv are missing");
       if (bf16_tiles(a, in + 1)) {
         attention_bwd_bf16(c->scratch, a, ptr(in[0]), ptr<uint16_t>(in[1]), ptr<uint16_t>(in[2]),
                            ptr<uint16_t>(in[3]), ptr(in[4]), ptr(in[5]),
@@ -410,7 +405,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
         return 0;
       }
       const float* qkv[3];
-      if (const char* e = widen_qkv(c, a, in + 1, qkv)) return bad(c, e);
+      widen_qkv(c, in + 1, qkv);
       attention_bwd(c->scratch, a, ptr(in[0]), qkv[0], qkv[1], qkv[2], ptr(in[4]), ptr(in[5]),
                     a.P > 0 ? ptr(in[a.pkv]) : nullptr, a.P > 0 ? ptr(in[a.pkv + 1]) : nullptr,
                     a.has_prefix ? ptr<int32_t>(in[a.extra]) : nullptr, ptr(out[0]), ptr(out[1]),
@@ -419,18 +414,18 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     }
     case MXN_OP_RMSNORM:
       rmsnorm_fwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), ptr(out[1]), rows_of(in[0]), last(in[0]),
-                  k.fp[0]);
+                  params_of<NormParams>(k).eps);
       return 0;
     case MXN_OP_RMSNORM_BWD:
       rmsnorm_bwd(c->scratch, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(out[0]),
                   ptr(out[1]), rows_of(in[0]), last(in[0]));
       return 0;
     case MXN_OP_ROPE: {
-      if (const char* e = rope_error(k)) return bad(c, e);
-      float* inv = c->scratch.get(c->scratch.c, size_t(k.ip[3] / 2));
-      for (int64_t i = 0; i < k.ip[3] / 2; ++i) inv[i] = rope_inv_freq(k, i);
-      rope(ptr(in[0]), ptr<int32_t>(in[1]), ptr(out[0]), rows_of(in[0]), last(in[0]), k.ip[0],
-           k.ip[1], k.ip[2], k.ip[3], k.ip[4] == 1, k.ip[6] == 1, inv);
+      const RopeParams r = params_of<RopeParams>(k);
+      float* inv = c->scratch.get(c->scratch.c, size_t(r.rot / 2));
+      for (int64_t i = 0; i < r.rot / 2; ++i) inv[i] = r.inv_freq(i);
+      rope(ptr(in[0]), ptr<int32_t>(in[1]), ptr(out[0]), rows_of(in[0]), last(in[0]), r.col0,
+           r.heads, r.head_dim, r.rot, r.interleaved, r.backward, inv);
       return 0;
     }
     case MXN_OP_SILU:
@@ -439,19 +434,20 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_SILU_BWD:
       silu_bwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), count(out[0]));
       return 0;
-    case MXN_OP_SWIGLU:
-      if (const char* e = swiglu_error(k, false)) return bad(c, e);
-      swiglu_fwd(ptr(in[0]), last(in[0]), k.ip[0], ptr(in[1]), last(in[1]), k.ip[1], ptr(out[0]),
-                 rows_of(out[0]), last(out[0]));
+    case MXN_OP_SWIGLU: {
+      const SwigluParams p = params_of<SwigluParams>(k);
+      swiglu_fwd(ptr(in[0]), last(in[0]), p.gate_col, ptr(in[1]), last(in[1]), p.up_col,
+                 ptr(out[0]), rows_of(out[0]), last(out[0]));
       return 0;
-    case MXN_OP_SWIGLU_BWD:
-      if (const char* e = swiglu_error(k, true)) return bad(c, e);
-      swiglu_bwd(ptr(in[0]), ptr(in[1]), last(in[1]), k.ip[0], ptr(in[2]), last(in[2]), k.ip[1],
+    }
+    case MXN_OP_SWIGLU_BWD: {
+      const SwigluParams p = params_of<SwigluParams>(k);
+      swiglu_bwd(ptr(in[0]), ptr(in[1]), last(in[1]), p.gate_col, ptr(in[2]), last(in[2]), p.up_col,
                  ptr(out[0]), ptr(out[1]), rows_of(in[0]), last(in[0]));
       return 0;
+    }
     case MXN_OP_SET_ROWS: {
       const SetRowsShape r = set_rows_shape(k);
-      if (r.error) return bad(c, r.error);
       if (r.has_idx) {
         const int32_t* idx = ptr<int32_t>(in[1]);
         for (int64_t i = 0; i < r.n; ++i)
@@ -469,12 +465,12 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return 0;
     }
     case MXN_OP_DROPOUT: {
-      if (const char* e = dropout_error(k)) return bad(c, e);
-      const float p = k.fp[0], scale = 1.f / (1.f - p);
+      const DropoutParams d = params_of<DropoutParams>(k);
+      const float p = d.p, scale = 1.f / (1.f - p);
       const float* x = ptr(in[0]);
       float* y = ptr(out[0]);
       const int64_t n = count(in[0]);
-      const uint64_t seed = uint64_t(k.ip[0]), first = uint64_t(k.ip[1]);
+      const uint64_t seed = d.seed, first = d.index;
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < n; ++i)
         y[i] = dropout_keep(seed, first + uint64_t(i), p) ? x[i] * scale : 0.f;
@@ -519,14 +515,13 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       return 0;
     }
     case MXN_OP_ADAMW: {
-      const AdamwStep a = adamw_step(k);
-      adamw(ptr(out[0]), ptr(in[0]), ptr(out[1]), ptr(out[2]), count(out[0]), k.fp[0], k.fp[1],
-            k.fp[2], k.fp[3], k.fp[4], k.fp[5], a.step_size, a.bc2_sqrt);
+      const AdamwParams a = params_of<AdamwParams>(k);
+      adamw(ptr(out[0]), ptr(in[0]), ptr(out[1]), ptr(out[2]), count(out[0]), a.lr, a.beta1,
+            a.beta2, a.eps, a.weight_decay, a.gscale, a.step_size(), a.bc2_sqrt());
       return 0;
     }
     default:
-      c->error = "unknown op " + std::to_string(k.op);
-      return MXN_STATUS_UNSUPPORTED;
+      return c->fail(MXN_STATUS_UNSUPPORTED, "unknown op " + std::to_string(k.op));
   }
 }
 
@@ -554,6 +549,7 @@ const mxn_backend_api kApi = {
     nullptr,
     memory_free,
     set_option,
+    supports_call,
 };
 
 }  // namespace

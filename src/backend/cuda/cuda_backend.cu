@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "backend/common.h"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/kernels_llm.cuh"
-#include "backend/op_shapes.h"
 #ifdef MXN_HAVE_NCCL
 #include "backend/cuda/nccl.cuh"
 #endif
@@ -22,16 +22,14 @@
 namespace mxn::cuda {
 namespace {
 
-struct Ctx {
+struct Ctx : BackendBase {
   int device = 0;
   cudaStream_t stream = nullptr;
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 32u << 20;
-  float* scratch = nullptr;  // reductions, bf16 operands; grows, then is reused
-  size_t scratch_floats = 0;
-  std::map<std::vector<float>, float*> rope_tables;  // RoPE frequencies, by their values
-  std::string error;
+  GrowingBuffer<float*> scratch;  // reductions, bf16 operands
+  RopeTables<float*> rope_tables;
 #ifdef MXN_HAVE_NCCL
   ncclComm_t comm = nullptr;
   cudaStream_t comm_stream = nullptr;  // collectives run here, beside the kernels
@@ -39,10 +37,7 @@ struct Ctx {
 #endif
 };
 
-int32_t fail(Ctx* c, int32_t st, const std::string& msg) {
-  c->error = msg;
-  return st;
-}
+int32_t fail(Ctx* c, int32_t st, const std::string& msg) { return c->fail(st, msg); }
 
 int32_t check(Ctx* c, cudaError_t e, const char* what) {
   return e == cudaSuccess
@@ -89,8 +84,8 @@ void shutdown(void* ctx) {
   if (c->compute_done) cudaEventDestroy(c->compute_done);
   if (c->comm_done) cudaEventDestroy(c->comm_done);
 #endif
-  if (c->scratch) cudaFree(c->scratch);
-  for (auto& [key, d] : c->rope_tables) cudaFree(d);
+  if (c->scratch.handle) cudaFree(c->scratch.handle);
+  c->rope_tables.clear(cudaFree);
   if (c->workspace) cudaFree(c->workspace);
   if (c->lt) cublasLtDestroy(c->lt);
   if (c->stream) cudaStreamDestroy(c->stream);
@@ -228,14 +223,13 @@ int32_t* I(const mxn_tensor& t) {
 unsigned blocks(int64_t n) { return unsigned(std::min<int64_t>((n + 255) / 256, 65535)); }
 
 float* scratch(Ctx* c, size_t floats) {
-  if (floats > c->scratch_floats) {
-    if (c->scratch) cudaFree(c->scratch);
-    c->scratch = nullptr;
-    c->scratch_floats = 0;
-    if (cudaMalloc(&c->scratch, floats * 4) != cudaSuccess) return nullptr;
-    c->scratch_floats = floats;
-  }
-  return c->scratch;
+  return c->scratch.get(
+      floats * 4,
+      [](size_t bytes) {
+        float* p = nullptr;
+        return cudaMalloc(&p, bytes) == cudaSuccess ? p : nullptr;
+      },
+      cudaFree);
 }
 
 // Row-major C[M,N] = alpha op(A) op(B) + beta C, batched with element strides, as column-major
@@ -289,8 +283,7 @@ __global__ void k_to_bf16(const float* a, uint16_t* y, int64_t n) {
 
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &o = k.outputs[0];
-  const MatmulShape m = matmul_shape(k);
-  if (m.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, m.error);
+  const MatmulShape m = matmul_shape(k);  // check_call has seen its error
   const bool bf16 = m.bf16;
   const void *A = F(a), *B = F(b);
   if (bf16) {  // operands rounded to bf16 into scratch; f32 accumulation and output
@@ -313,7 +306,6 @@ int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
 
 int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
   const AttentionShape as = attention_shape(k, backward);
-  if (as.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, as.error);
   const Att a = att_of(as);
   const mxn_tensor* in = k.inputs;
   const int32_t* pre = as.has_prefix ? I(in[as.extra]) : nullptr;
@@ -325,8 +317,6 @@ int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
                                                                pv, pre, F(k.outputs[0]), lse);
     return 0;
   }
-  if (as.P > 0 && k.n_outputs < 5)
-    return fail(c, MXN_STATUS_INVALID_ARGUMENT, "attention_bwd: dpk and dpv are missing");
   k_attn_bwd_dq<<<blocks(a.B * a.T * a.H), 256, 0, c->stream>>>(
       a, F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(in[4]), F(in[5]), pk, pv, pre, F(k.outputs[0]));
   k_attn_bwd_dkv<<<blocks(a.B * a.kv_rows * a.G), 256, 0, c->stream>>>(
@@ -340,27 +330,26 @@ int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
 
 // RoPE's frequencies, computed on the host as every backend does, kept on the device by value.
 float* rope_table(Ctx* c, const mxn_op_call& k) {
-  std::vector<float> inv(size_t(k.ip[3] / 2));
-  for (size_t i = 0; i < inv.size(); ++i) inv[i] = rope_inv_freq(k, int64_t(i));
-  auto it = c->rope_tables.find(inv);
-  if (it != c->rope_tables.end()) return it->second;
-  float* d = nullptr;
-  if (cudaMalloc(&d, inv.size() * 4) != cudaSuccess) return nullptr;
-  if (cudaMemcpy(d, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess) {
-    cudaFree(d);
-    return nullptr;
-  }
-  c->rope_tables.emplace(std::move(inv), d);
-  return d;
+  return c->rope_tables.get(k, [](const std::vector<float>& inv) -> float* {
+    float* d = nullptr;
+    if (cudaMalloc(&d, inv.size() * 4) != cudaSuccess) return nullptr;
+    if (cudaMemcpy(d, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess) {
+      cudaFree(d);
+      return nullptr;
+    }
+    return d;
+  });
 }
 
 int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor *in = k.inputs, *out = k.outputs;
   cudaStream_t s = c->stream;
+  const SwigluParams sw = params_of<SwigluParams>(k);
   switch (k.op) {
     case MXN_OP_RMSNORM:
       k_rmsnorm<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), F(out[1]),
-                                                       rows_of(in[0]), last(in[0]), k.fp[0]);
+                                                       rows_of(in[0]), last(in[0]),
+                                                       params_of<NormParams>(k).eps);
       break;
     case MXN_OP_RMSNORM_BWD:
       k_rmsnorm_dx<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]),
@@ -369,12 +358,12 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
                                                        rows_of(in[0]), last(in[0]));
       break;
     case MXN_OP_ROPE: {
-      if (const char* e = rope_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      const RopeParams r = params_of<RopeParams>(k);
       const float* table = rope_table(c, k);
       if (!table) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for RoPE's table");
       k_rope<<<blocks(rows_of(in[0])), 256, 0, s>>>(
-          F(in[0]), I(in[1]), F(out[0]), table, rows_of(in[0]), last(in[0]), k.ip[0], k.ip[1],
-          k.ip[2], k.ip[3], int(k.ip[4] == 1), k.ip[6] == 1 ? -1.f : 1.f);
+          F(in[0]), I(in[1]), F(out[0]), table, rows_of(in[0]), last(in[0]), r.col0, r.heads,
+          r.head_dim, r.rot, int(r.interleaved), r.backward ? -1.f : 1.f);
       break;
     }
     case MXN_OP_SILU:
@@ -385,26 +374,23 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
                                                        count(out[0]));
       break;
     case MXN_OP_SWIGLU:
-      if (const char* e = swiglu_error(k, false)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
-      k_swiglu<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]) + k.ip[0], last(in[0]),
-                                                     F(in[1]) + k.ip[1], last(in[1]), F(out[0]),
+      k_swiglu<<<blocks(count(out[0])), 256, 0, s>>>(F(in[0]) + sw.gate_col, last(in[0]),
+                                                     F(in[1]) + sw.up_col, last(in[1]), F(out[0]),
                                                      count(out[0]), last(out[0]));
       break;
     case MXN_OP_SWIGLU_BWD:
-      if (const char* e = swiglu_error(k, true)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
       k_swiglu_bwd<<<blocks(count(in[0])), 256, 0, s>>>(
-          F(in[0]), F(in[1]) + k.ip[0], last(in[1]), F(in[2]) + k.ip[1], last(in[2]),
-          F(out[0]) + k.ip[0], F(out[1]) + k.ip[1], count(in[0]), last(in[0]));
+          F(in[0]), F(in[1]) + sw.gate_col, last(in[1]), F(in[2]) + sw.up_col, last(in[2]),
+          F(out[0]) + sw.gate_col, F(out[1]) + sw.up_col, count(in[0]), last(in[0]));
       break;
-    case MXN_OP_DROPOUT:
-      if (const char* e = dropout_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
-      k_dropout<<<blocks(count(in[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(in[0]),
-                                                     uint64_t(k.ip[0]), uint64_t(k.ip[1]), k.fp[0],
-                                                     1.f / (1.f - k.fp[0]));
+    case MXN_OP_DROPOUT: {
+      const DropoutParams d = params_of<DropoutParams>(k);
+      k_dropout<<<blocks(count(in[0])), 256, 0, s>>>(F(in[0]), F(out[0]), count(in[0]), d.seed,
+                                                     d.index, d.p, 1.f / (1.f - d.p));
       break;
+    }
     case MXN_OP_SET_ROWS: {
       const SetRowsShape r = set_rows_shape(k);
-      if (r.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, r.error);
       k_set_rows<<<blocks(r.B * r.n * r.W), 256, 0, s>>>(
           F(in[0]) + r.col, F(out[0]), r.has_idx ? I(in[1]) : nullptr, r.B * r.n * r.W, r.n, r.R,
           r.at, r.W, r.ld);
@@ -416,18 +402,28 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
   return check(c, cudaGetLastError(), "kernel launch");
 }
 
+// CUDA's own rules, in front of the contract's (common.h): the ops and dtypes it takes.
+const char* cuda_rule(const mxn_op_call& k) {
+  if (k.op == MXN_OP_CLASSIFIER_CE || k.op == MXN_OP_CLASSIFIER_CE_BWD)
+    return "the CUDA backend has no fused classifier yet (mxn runs it unfused)";
+  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
+    const mxn_tensor& t = i < k.n_inputs ? k.inputs[i] : k.outputs[i - k.n_inputs];
+    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32)
+      return "the CUDA backend takes f32 tensors (bf16 as a matmul compute type)";
+  }
+  return nullptr;
+}
+
+int32_t supports_call(void* ctx, const mxn_op_call* call) {
+  return supports_call_with(*static_cast<Ctx*>(ctx), call, cuda_rule);
+}
+
 int32_t run(void* ctx, const mxn_op_call* call) {
   auto* c = static_cast<Ctx*>(ctx);
-  if (!call || call->struct_size < sizeof(mxn_op_call))
-    return fail(c, MXN_STATUS_INVALID_ARGUMENT, "op call struct too small");
+  if (int32_t st = check_call(*c, call, cuda_rule)) return st;
   const mxn_op_call& k = *call;
   const mxn_tensor *in = k.inputs, *out = k.outputs;
-  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
-    const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
-    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32)
-      return fail(c, MXN_STATUS_UNSUPPORTED,
-                  "the CUDA backend takes f32 tensors (bf16 as a matmul compute type)");
-  }
+  const float scalar = params_of<ScalarParams>(k).value;  // SCALE's and FILL's
   cudaStream_t s = c->stream;
   const int64_t n0 = k.n_outputs ? count(out[0]) : 0;
   switch (k.op) {
@@ -440,14 +436,15 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       k_add_bias<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), n0, last(in[0]));
       break;
     case MXN_OP_SUM_ROWS:
-      k_sum_rows<<<blocks(last(in[0])), 256, 0, s>>>(
-          F(in[0]), F(out[0]), count(in[0]) / last(in[0]), last(in[0]), int(k.ip[0]));
+      k_sum_rows<<<blocks(last(in[0])), 256, 0, s>>>(F(in[0]), F(out[0]),
+                                                     count(in[0]) / last(in[0]), last(in[0]),
+                                                     int(params_of<SumParams>(k).accumulate));
       break;
     case MXN_OP_SCALE:
-      k_scale<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0, k.fp[0]);
+      k_scale<<<blocks(n0), 256, 0, s>>>(F(in[0]), F(out[0]), n0, scalar);
       break;
     case MXN_OP_FILL:
-      k_fill<<<blocks(n0), 256, 0, s>>>(F(out[0]), n0, k.fp[0]);
+      k_fill<<<blocks(n0), 256, 0, s>>>(F(out[0]), n0, scalar);
       break;
     case MXN_OP_COPY:
     case MXN_OP_CAST:
@@ -481,7 +478,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_LAYERNORM: {
       const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
       k_layernorm<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(out[0]), F(out[1]),
-                                               rows, cols, k.fp[0]);
+                                               rows, cols, params_of<NormParams>(k).eps);
       break;
     }
     case MXN_OP_LAYERNORM_BWD: {
@@ -518,10 +515,10 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       break;
     }
     case MXN_OP_ADAMW: {
-      const AdamwStep a = adamw_step(k);
-      k_adamw<<<blocks(n0), 256, 0, s>>>(F(out[0]), F(in[0]), F(out[1]), F(out[2]), n0, k.fp[0],
-                                         k.fp[1], k.fp[2], k.fp[3], k.fp[4], k.fp[5], a.step_size,
-                                         a.bc2_sqrt);
+      const AdamwParams a = params_of<AdamwParams>(k);
+      k_adamw<<<blocks(n0), 256, 0, s>>>(F(out[0]), F(in[0]), F(out[1]), F(out[2]), n0, a.lr,
+                                         a.beta1, a.beta2, a.eps, a.weight_decay, a.gscale,
+                                         a.step_size(), a.bc2_sqrt());
       break;
     }
     case MXN_OP_SUM_SQUARES: {
@@ -530,7 +527,8 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       float* part = scratch(c, size_t(parts));
       if (!part) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for reduction scratch");
       k_sumsq_part<<<blocks(parts), 256, 0, s>>>(F(in[0]), n, chunk, part, parts);
-      k_sumsq_total<<<1, 1, 0, s>>>(part, parts, F(out[0]), int(k.ip[0]));
+      k_sumsq_total<<<1, 1, 0, s>>>(part, parts, F(out[0]),
+                                    int(params_of<SumParams>(k).accumulate));
       break;
     }
     default:
@@ -568,6 +566,7 @@ const mxn_backend_api kApi = {
 #endif
     memory_free,
     nullptr,  // no options
+    supports_call,
 };
 
 }  // namespace

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "backend/op_shapes.h"
+#include "backend/common.h"
 #include "backend/opencl/kernels_cl.h"
 #include "backend/opencl/kernels_llm_cl.h"
 #include "mxn/backend_abi.h"
@@ -68,23 +68,18 @@ std::string info_str(cl_device_id d, cl_device_info what) {
   return s;
 }
 
-struct Ctx {
+struct Ctx : BackendBase {
   cl_context context = nullptr;
   cl_command_queue queue = nullptr;
   cl_device_id device = nullptr;
   cl_program program = nullptr;
   std::map<std::string, cl_kernel> kernels;
-  std::string error;
-  cl_mem scratch = nullptr;  // bf16 operands and partial sums; grows, then is reused
-  size_t scratch_bytes = 0;
+  GrowingBuffer<cl_mem> scratch;  // bf16 operands and partial sums
   uint64_t free_bytes = 0;
-  std::map<std::vector<float>, cl_mem> rope_tables;  // RoPE frequencies, by their values
+  RopeTables<cl_mem> rope_tables;
 };
 
-int32_t fail(Ctx* c, int32_t status, const std::string& msg) {
-  c->error = msg;
-  return status;
-}
+int32_t fail(Ctx* c, int32_t status, const std::string& msg) { return c->fail(status, msg); }
 
 // Compiled programs are cached on disk by source and device, so a second run does not recompile.
 std::filesystem::path cache_path(cl_device_id d) {
@@ -181,8 +176,8 @@ int32_t init(int32_t dev, const mxn_backend_options*, void** out) {
 void shutdown(void* ctx) {
   auto* c = static_cast<Ctx*>(ctx);
   for (auto& [n, k] : c->kernels) clReleaseKernel(k);
-  if (c->scratch) clReleaseMemObject(c->scratch);
-  for (auto& [key, m] : c->rope_tables) clReleaseMemObject(m);
+  if (c->scratch.handle) clReleaseMemObject(c->scratch.handle);
+  c->rope_tables.clear(clReleaseMemObject);
   if (c->program) clReleaseProgram(c->program);
   if (c->queue) clReleaseCommandQueue(c->queue);
   if (c->context) clReleaseContext(c->context);
@@ -329,14 +324,14 @@ Launch kernel(Ctx* c, const char* name) {
 }
 
 cl_mem scratch(Ctx* c, size_t bytes) {
-  if (bytes > c->scratch_bytes) {
-    if (c->scratch) clReleaseMemObject(c->scratch);
-    cl_int e = CL_SUCCESS;
-    c->scratch = clCreateBuffer(c->context, CL_MEM_READ_WRITE, bytes, nullptr, &e);
-    c->scratch_bytes = e == CL_SUCCESS ? bytes : 0;
-    if (e != CL_SUCCESS) c->scratch = nullptr;
-  }
-  return c->scratch;
+  return c->scratch.get(
+      bytes,
+      [&](size_t n) {
+        cl_int e = CL_SUCCESS;
+        cl_mem m = clCreateBuffer(c->context, CL_MEM_READ_WRITE, n, nullptr, &e);
+        return e == CL_SUCCESS ? m : nullptr;
+      },
+      clReleaseMemObject);
 }
 
 int32_t gemm(Ctx* c, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, Mem A,
@@ -354,8 +349,7 @@ int32_t gemm(Ctx* c, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float al
 Mem at(Mem m, int64_t elems) { return {m.m, m.off + cl_ulong(elems)}; }
 
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
-  const MatmulShape m = matmul_shape(k);
-  if (m.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, m.error);
+  const MatmulShape m = matmul_shape(k);  // check_call has seen its error
   Mem a = mem(k.inputs[0]), b = mem(k.inputs[1]);
   const Mem o = mem(k.outputs[0]);
   if (m.bf16) {
@@ -403,7 +397,6 @@ Launch& attention_args(Launch& l, const AttentionShape& a) {
 
 int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
   const AttentionShape a = attention_shape(k, backward);
-  if (a.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, a.error);
   const mxn_tensor* in = k.inputs;
   // Absent optional inputs are bound to q, never read.
   const Mem pre = a.has_prefix ? mem(in[a.extra]) : mem(in[0]);
@@ -416,8 +409,6 @@ int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
     l.arg(mem(k.outputs[0])).arg(want_lse ? mem(k.outputs[1]) : mem(k.outputs[0])).s(want_lse);
     return attention_args(l, a).go(a.B * a.T * a.H);
   }
-  if (a.P > 0 && k.n_outputs < 5)
-    return fail(c, MXN_STATUS_INVALID_ARGUMENT, "attention_bwd: dpk and dpv are missing");
   Launch l = kernel(c, "attn_bwd_dq");
   for (int i = 0; i < 6; ++i) l.arg(mem(in[i]));
   l.arg(pk).arg(pv).arg(pre).arg(mem(k.outputs[0]));
@@ -433,19 +424,14 @@ int32_t run_attention(Ctx* c, const mxn_op_call& k, bool backward) {
   return attention_args(l3, a).go(a.P * a.G);
 }
 
-// The table of RoPE frequencies for a call's parameters, made once on the host (as every
-// backend computes them) and kept on the device.
+// The table of RoPE frequencies for a call's parameters, kept on the device.
 cl_mem rope_table(Ctx* c, const mxn_op_call& k) {
-  std::vector<float> inv(size_t(k.ip[3] / 2));
-  for (size_t i = 0; i < inv.size(); ++i) inv[i] = rope_inv_freq(k, int64_t(i));
-  auto it = c->rope_tables.find(inv);
-  if (it != c->rope_tables.end()) return it->second;
-  cl_int e = CL_SUCCESS;
-  cl_mem m = clCreateBuffer(c->context, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR, inv.size() * 4,
-                            inv.data(), &e);
-  if (e != CL_SUCCESS) return nullptr;
-  c->rope_tables.emplace(std::move(inv), m);
-  return m;
+  return c->rope_tables.get(k, [&](std::vector<float>& inv) {
+    cl_int e = CL_SUCCESS;
+    cl_mem m = clCreateBuffer(c->context, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR, inv.size() * 4,
+                              inv.data(), &e);
+    return e == CL_SUCCESS ? m : nullptr;
+  });
 }
 
 Mem col(Mem m, int64_t c) { return {m.m, m.off + cl_ulong(c)}; }
@@ -453,6 +439,7 @@ Mem col(Mem m, int64_t c) { return {m.m, m.off + cl_ulong(c)}; }
 int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor* in = k.inputs;
   const mxn_tensor* out = k.outputs;
+  const SwigluParams sw = params_of<SwigluParams>(k);
   switch (k.op) {
     case MXN_OP_RMSNORM:
       return kernel(c, "rmsnorm")
@@ -461,7 +448,7 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
           .arg(mem(out[0]))
           .arg(mem(out[1]))
           .u(last(in[0]))
-          .f(k.fp[0])
+          .f(params_of<NormParams>(k).eps)
           .go(rows_of(in[0]));
     case MXN_OP_RMSNORM_BWD:
       if (int32_t st = kernel(c, "rmsnorm_dx")
@@ -482,7 +469,7 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
           .u(last(in[0]))
           .go(last(in[0]));
     case MXN_OP_ROPE: {
-      if (const char* e = rope_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+      const RopeParams r = params_of<RopeParams>(k);
       cl_mem table = rope_table(c, k);
       if (!table) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for RoPE's table");
       return kernel(c, "rope")
@@ -491,12 +478,12 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
           .arg(mem(out[0]))
           .arg(table)
           .u(last(in[0]))
-          .u(k.ip[0])
-          .u(k.ip[1])
-          .u(k.ip[2])
-          .u(k.ip[3])
-          .s(k.ip[4] == 1)
-          .f(k.ip[6] == 1 ? -1.f : 1.f)
+          .u(r.col0)
+          .u(r.heads)
+          .u(r.head_dim)
+          .u(r.rot)
+          .s(r.interleaved)
+          .f(r.backward ? -1.f : 1.f)
           .go(rows_of(in[0]));
     }
     case MXN_OP_SILU:
@@ -508,40 +495,38 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
           .arg(mem(out[0]))
           .go(count(out[0]));
     case MXN_OP_SWIGLU:
-      if (const char* e = swiglu_error(k, false)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
       return kernel(c, "swiglu")
-          .arg(col(mem(in[0]), k.ip[0]))
+          .arg(col(mem(in[0]), sw.gate_col))
           .u(last(in[0]))
-          .arg(col(mem(in[1]), k.ip[1]))
+          .arg(col(mem(in[1]), sw.up_col))
           .u(last(in[1]))
           .arg(mem(out[0]))
           .u(last(out[0]))
           .go(count(out[0]));
     case MXN_OP_SWIGLU_BWD:
-      if (const char* e = swiglu_error(k, true)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
       return kernel(c, "swiglu_bwd")
           .arg(mem(in[0]))
-          .arg(col(mem(in[1]), k.ip[0]))
+          .arg(col(mem(in[1]), sw.gate_col))
           .u(last(in[1]))
-          .arg(col(mem(in[2]), k.ip[1]))
+          .arg(col(mem(in[2]), sw.up_col))
           .u(last(in[2]))
-          .arg(col(mem(out[0]), k.ip[0]))
-          .arg(col(mem(out[1]), k.ip[1]))
+          .arg(col(mem(out[0]), sw.gate_col))
+          .arg(col(mem(out[1]), sw.up_col))
           .u(last(in[0]))
           .go(count(in[0]));
-    case MXN_OP_DROPOUT:
-      if (const char* e = dropout_error(k)) return fail(c, MXN_STATUS_INVALID_ARGUMENT, e);
+    case MXN_OP_DROPOUT: {
+      const DropoutParams d = params_of<DropoutParams>(k);
       return kernel(c, "dropout")
           .arg(mem(in[0]))
           .arg(mem(out[0]))
-          .u(k.ip[0])
-          .u(k.ip[1])
-          .f(k.fp[0])
-          .f(1.f / (1.f - k.fp[0]))
+          .u(int64_t(d.seed))
+          .u(int64_t(d.index))
+          .f(d.p)
+          .f(1.f / (1.f - d.p))
           .go(count(in[0]));
+    }
     case MXN_OP_SET_ROWS: {
       const SetRowsShape r = set_rows_shape(k);
-      if (r.error) return fail(c, MXN_STATUS_INVALID_ARGUMENT, r.error);
       return kernel(c, "set_rows")
           .arg(col(mem(in[0]), r.col))
           .arg(mem(out[0]))
@@ -559,23 +544,33 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
   }
 }
 
-int32_t run(void* ctx, const mxn_op_call* call) {
-  auto* c = static_cast<Ctx*>(ctx);
-  if (!call || call->struct_size < sizeof(mxn_op_call))
-    return fail(c, MXN_STATUS_INVALID_ARGUMENT, "op call struct too small");
-  const mxn_op_call& k = *call;
-  const mxn_tensor* in = k.inputs;
-  const mxn_tensor* out = k.outputs;
+// OpenCL's own rules, in front of the contract's (common.h): the ops and dtypes it takes.
+const char* opencl_rule(const mxn_op_call& k) {
+  if (k.op == MXN_OP_CLASSIFIER_CE || k.op == MXN_OP_CLASSIFIER_CE_BWD)
+    return "the OpenCL backend has no fused classifier yet (mxn runs it unfused)";
   for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
-    const mxn_tensor& t = i < k.n_inputs ? in[i] : out[i - k.n_inputs];
+    const mxn_tensor& t = i < k.n_inputs ? k.inputs[i] : k.outputs[i - k.n_inputs];
     const bool half_ok = k.op == MXN_OP_CAST || (k.op == MXN_OP_GELU && i == 0) ||
                          (k.op == MXN_OP_GELU_BWD && i == 1);
     if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
         !(t.dtype == MXN_DTYPE_BF16 && half_ok))
-      return fail(c, MXN_STATUS_UNSUPPORTED,
-                  "the OpenCL backend takes bf16 tensors in cast and as GELU's x only; other "
-                  "ops take f32");
+      return "the OpenCL backend takes bf16 tensors in cast and as GELU's x only; other ops "
+             "take f32";
   }
+  return nullptr;
+}
+
+int32_t supports_call(void* ctx, const mxn_op_call* call) {
+  return supports_call_with(*static_cast<Ctx*>(ctx), call, opencl_rule);
+}
+
+int32_t run(void* ctx, const mxn_op_call* call) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (int32_t st = check_call(*c, call, opencl_rule)) return st;
+  const mxn_op_call& k = *call;
+  const mxn_tensor* in = k.inputs;
+  const mxn_tensor* out = k.outputs;
+  const float scalar = params_of<ScalarParams>(k).value;  // SCALE's and FILL's
   switch (k.op) {
     case MXN_OP_MATMUL:
       return run_matmul(c, k);
@@ -594,12 +589,12 @@ int32_t run(void* ctx, const mxn_op_call* call) {
           .arg(mem(out[0]))
           .u(count(in[0]) / last(in[0]))
           .u(last(in[0]))
-          .s(int(k.ip[0]))
+          .s(params_of<SumParams>(k).accumulate)
           .go(last(in[0]));
     case MXN_OP_SCALE:
-      return kernel(c, "scale").arg(mem(in[0])).arg(mem(out[0])).f(k.fp[0]).go(count(out[0]));
+      return kernel(c, "scale").arg(mem(in[0])).arg(mem(out[0])).f(scalar).go(count(out[0]));
     case MXN_OP_FILL:
-      return kernel(c, "fill").arg(mem(out[0])).f(k.fp[0]).go(count(out[0]));
+      return kernel(c, "fill").arg(mem(out[0])).f(scalar).go(count(out[0]));
     case MXN_OP_CAST:
       if (in[0].dtype != out[0].dtype) {
         if (in[0].dtype == MXN_DTYPE_F32 && out[0].dtype == MXN_DTYPE_BF16)
@@ -656,7 +651,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
           .arg(mem(out[0]))
           .arg(mem(out[1]))
           .u(last(in[0]))
-          .f(k.fp[0])
+          .f(params_of<NormParams>(k).eps)
           .go(count(in[0]) / last(in[0]));
     case MXN_OP_LAYERNORM_BWD: {
       const int64_t cols = last(in[0]), rows = count(in[0]) / cols;
@@ -720,21 +715,20 @@ int32_t run(void* ctx, const mxn_op_call* call) {
           .go(rows);
     }
     case MXN_OP_ADAMW: {
-      const float b1 = k.fp[1], b2 = k.fp[2];
-      const AdamwStep a = adamw_step(k);
+      const AdamwParams a = params_of<AdamwParams>(k);
       return kernel(c, "adamw")
           .arg(mem(out[0]))
           .arg(mem(in[0]))
           .arg(mem(out[1]))
           .arg(mem(out[2]))
-          .f(k.fp[0])
-          .f(b1)
-          .f(b2)
-          .f(k.fp[3])
-          .f(k.fp[4])
-          .f(k.fp[5])
-          .f(a.step_size)
-          .f(a.bc2_sqrt)
+          .f(a.lr)
+          .f(a.beta1)
+          .f(a.beta2)
+          .f(a.eps)
+          .f(a.weight_decay)
+          .f(a.gscale)
+          .f(a.step_size())
+          .f(a.bc2_sqrt())
           .go(count(out[0]));
     }
     case MXN_OP_SUM_SQUARES: {
@@ -743,7 +737,12 @@ int32_t run(void* ctx, const mxn_op_call* call) {
       if (!s) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for reduction scratch");
       if (int32_t st = kernel(c, "sumsq_part").arg(mem(in[0])).u(n).u(chunk).arg(s).go(parts))
         return st;
-      return kernel(c, "sumsq_total").arg(s).u(parts).arg(mem(out[0])).s(int(k.ip[0])).go(1);
+      return kernel(c, "sumsq_total")
+          .arg(s)
+          .u(parts)
+          .arg(mem(out[0]))
+          .s(params_of<SumParams>(k).accumulate)
+          .go(1);
     }
     default:
       return run_llm_op(c, k);
@@ -772,6 +771,7 @@ const mxn_backend_api kApi = {
     nullptr,
     memory_free,
     nullptr,  // no options
+    supports_call,
 };
 
 }  // namespace

@@ -1,0 +1,133 @@
+#pragma once
+// What every backend would otherwise write again: the contract's rules for an op call (checked in
+// one place, for supports_call and before run), the last error of a context, device scratch that
+// grows once and is reused, and RoPE's frequency tables made once per distinct parameters.
+// A backend's context derives from BackendBase. Plain C++17, usable from nvcc.
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "backend/op_shapes.h"
+
+namespace mxn {
+
+// The contract's shape and parameter rules of one call, the same on every chip; null when it
+// holds. A backend adds its own rules (the dtypes it takes) in front of these.
+inline const char* classifier_error(const mxn_op_call& k) {
+  const ClassifierParams p = params_of<ClassifierParams>(k);
+  const mxn_tensor &x = k.inputs[0], &w = k.inputs[1], &t = k.inputs[2];
+  const int64_t C = last(x), N = C > 0 ? count(x) / C : 0, V = last(w) > 0 ? rows_of(w) : 0;
+  if (k.n_inputs < 3 || last(w) != C || count(t) != N || p.grads < 0 || p.grads > 2 ||
+      k.n_outputs < 1 + p.grads || (p.grads > 0 && count(k.outputs[1]) != N * C) ||
+      (p.grads > 1 && count(k.outputs[2]) != V * C))
+    return "classifier_ce: expected x (N, C), w (V, C), targets (N), out loss (1) and, with "
+           "grads 1 or 2, dx (N, C) and dw (V, C)";
+  return nullptr;
+}
+
+inline const char* contract_error(const mxn_op_call& k) {
+  if (k.op < 0 || k.op >= MXN_OP_COUNT) return "unknown op";
+  if (k.n_inputs < 0 || k.n_inputs > MXN_MAX_OPERANDS || k.n_outputs < 0 ||
+      k.n_outputs > MXN_MAX_OPERANDS)
+    return "an op call has 0 to 12 inputs and outputs";
+  switch (k.op) {
+    case MXN_OP_MATMUL:
+      return matmul_shape(k).error;
+    case MXN_OP_ATTENTION:
+      return attention_shape(k, false).error;
+    case MXN_OP_ATTENTION_BWD: {
+      const AttentionShape a = attention_shape(k, true);
+      if (!a.error && a.P > 0 && k.n_outputs < 5) return "attention_bwd: dpk and dpv are missing";
+      return a.error;
+    }
+    case MXN_OP_ROPE:
+      return rope_error(k);
+    case MXN_OP_SWIGLU:
+      return swiglu_error(k, false);
+    case MXN_OP_SWIGLU_BWD:
+      return swiglu_error(k, true);
+    case MXN_OP_SET_ROWS:
+      return set_rows_shape(k).error;
+    case MXN_OP_DROPOUT:
+      return dropout_error(k);
+    case MXN_OP_CLASSIFIER_CE:
+      return classifier_error(k);
+    case MXN_OP_CAST:
+      return count(k.inputs[0]) != count(k.outputs[0]) ? "cast: sizes differ" : nullptr;
+    default:
+      return nullptr;
+  }
+}
+
+// A backend's context: the message of its last failure (what last_error returns).
+struct BackendBase {
+  std::string error;
+  int32_t fail(int32_t status, const std::string& msg) {
+    error = msg;
+    return status;
+  }
+};
+
+// The checks before a call runs, and supports_call's answer, in one: the struct's size, the
+// backend's own rule (`own`: the dtypes it takes, null when they hold) and the contract's.
+template <typename OwnRule>
+int32_t check_call(BackendBase& b, const mxn_op_call* call, OwnRule&& own) {
+  if (!call || call->struct_size < sizeof(mxn_op_call))
+    return b.fail(MXN_STATUS_INVALID_ARGUMENT, "op call struct too small");
+  if (const char* e = contract_error(*call)) return b.fail(MXN_STATUS_INVALID_ARGUMENT, e);
+  if (const char* e = own(*call)) return b.fail(MXN_STATUS_UNSUPPORTED, e);
+  return 0;
+}
+// supports_call's answer from check_call's: 1 when the call can run, else 0 (the reason in
+// last_error).
+template <typename OwnRule>
+int32_t supports_call_with(BackendBase& b, const mxn_op_call* call, OwnRule&& own) {
+  return check_call(b, call, own) == 0 ? 1 : 0;
+}
+
+// Device scratch that grows to the largest request and is then reused (so steps allocate
+// nothing). `alloc(bytes)` returns a handle or null, `release(handle)` frees one.
+template <typename Handle>
+struct GrowingBuffer {
+  Handle handle{};
+  size_t bytes = 0;
+  template <typename Alloc, typename Release>
+  Handle get(size_t need, Alloc&& alloc, Release&& release) {
+    if (need <= bytes && handle) return handle;
+    if (handle) release(handle);
+    handle = alloc(need);
+    bytes = handle ? need : 0;
+    return handle;
+  }
+};
+
+// RoPE's frequencies for a call, as every backend computes them (RopeParams::inv_freq).
+inline void rope_freqs(const RopeParams& r, std::vector<float>& out) {
+  out.resize(size_t(r.rot / 2));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = r.inv_freq(int64_t(i));
+}
+
+// The device copies of those tables, one per distinct table, made on first use and kept: `upload`
+// makes a device copy of a host table (null on failure).
+template <typename Handle>
+struct RopeTables {
+  std::map<std::vector<float>, Handle> tables;
+  std::vector<float> key;  // reused, so a call that finds its table allocates nothing
+  template <typename Upload>
+  Handle get(const mxn_op_call& k, Upload&& upload) {
+    rope_freqs(params_of<RopeParams>(k), key);
+    auto it = tables.find(key);
+    if (it != tables.end()) return it->second;
+    Handle h = upload(key);
+    if (h) tables.emplace(key, h);
+    return h;
+  }
+  template <typename Release>
+  void clear(Release&& release) {
+    for (auto& [t, h] : tables) release(h);
+    tables.clear();
+  }
+};
+
+}  // namespace mxn

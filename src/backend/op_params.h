@@ -1,0 +1,241 @@
+#pragma once
+// Each op's parameters as a named struct: the one place that knows where they sit in an op call's
+// ip[] and fp[] (backend_abi.h documents the positions). Graph builders, autograd and the runners
+// write parameters only through these; the backends read them only through these. encode() writes
+// the positions it owns (others are left as they were); decode() reads them back.
+// Plain C++17 with no allocation, usable from nvcc and hipcc and from a vendor's plugin.
+#include <cmath>
+#include <cstdint>
+
+#include "mxn/backend_abi.h"
+
+namespace mxn {
+
+// MATMUL: C = alpha op(A) op(B) (+ C).
+struct MatmulParams {
+  bool ta = false, tb = false, accumulate = false;
+  int32_t compute = MXN_DTYPE_F32;  // f32, or bf16 operands with f32 accumulation
+  float alpha = 1.f;
+  void encode(int64_t* ip, float* fp) const {
+    ip[0] = ta;
+    ip[1] = tb;
+    ip[2] = accumulate;
+    ip[3] = compute;
+    fp[0] = alpha;
+  }
+  static MatmulParams decode(const int64_t* ip, const float* fp) {
+    return {ip[0] != 0, ip[1] != 0, ip[2] != 0, int32_t(ip[3]), fp[0]};
+  }
+};
+
+// SUM_ROWS and SUM_SQUARES: add into the output instead of overwriting it.
+struct SumParams {
+  bool accumulate = false;
+  void encode(int64_t* ip, float*) const { ip[0] = accumulate; }
+  static SumParams decode(const int64_t* ip, const float*) { return {ip[0] != 0}; }
+};
+
+// SCALE's factor and FILL's value.
+struct ScalarParams {
+  float value = 0.f;
+  void encode(int64_t*, float* fp) const { fp[0] = value; }
+  static ScalarParams decode(const int64_t*, const float* fp) { return {fp[0]}; }
+};
+
+// LAYERNORM and RMSNORM.
+struct NormParams {
+  float eps = 1e-5f;
+  void encode(int64_t*, float* fp) const { fp[0] = eps; }
+  static NormParams decode(const int64_t*, const float* fp) { return {fp[0]}; }
+};
+
+// ATTENTION and ATTENTION_BWD (the backward takes the forward's parameters).
+struct AttentionParams {
+  int64_t heads = 1, kv_heads = 1, head_dim = 1;
+  int64_t T = 1;  // queries per sequence
+  int64_t S = 0;  // keys per sequence (0: T)
+  // Which keys each query sees: none, causal, prefix (GLM's Part A, bidirectional), segments
+  // (packed rows), and serving's cached and paged keys.
+  mxn_attention_mask mask = MXN_MASK_CAUSAL;
+  int64_t q_col = 0, k_col = 0, v_col = 0;  // column windows, for fused projections
+  int64_t kv_rows = 0;  // rows per sequence in k and v (0: S), e.g. a KV cache's capacity
+  int64_t q_pos0 = 0;   // key index of the first query (S - T when decoding with a cache)
+  int64_t P = 0;        // shared prefix keys and values seen by every query (P-Tuning v2)
+  int64_t block = 0;    // paged keys: the KV block size
+  float scale = 0.f;    // 0: 1/sqrt(head_dim)
+
+  int64_t keys() const { return S > 0 ? S : T; }
+  void encode(int64_t* ip, float* fp) const {
+    const int64_t s = keys();
+    const int64_t v[13] = {heads,  kv_heads, head_dim, T,     s,
+                           mask,   q_col,    k_col,    v_col, kv_rows > 0 ? kv_rows : s,
+                           q_pos0, P,        block};
+    for (int i = 0; i < 13; ++i) ip[i] = v[i];
+    fp[0] = scale > 0 ? scale : 1.f / std::sqrt(float(head_dim));
+  }
+  static AttentionParams decode(const int64_t* ip, const float* fp) {
+    AttentionParams a;
+    a.heads = ip[0];
+    a.kv_heads = ip[1];
+    a.head_dim = ip[2];
+    a.T = ip[3];
+    a.S = ip[4];
+    a.mask = mxn_attention_mask(ip[5]);
+    a.q_col = ip[6];
+    a.k_col = ip[7];
+    a.v_col = ip[8];
+    a.kv_rows = ip[9];
+    a.q_pos0 = ip[10];
+    a.P = ip[11];
+    a.block = ip[12];
+    a.scale = fp[0];
+    return a;
+  }
+};
+
+// ROPE.
+struct RopeParams {
+  int64_t col0 = 0, heads = 1, head_dim = 1, rot = 0;  // rot 0: the whole head
+  bool interleaved = false;                            // GLM's (2i, 2i+1) pairs
+  int scaling = 0;                                     // 0 none, 1 linear, 2 llama3
+  bool backward = false;                               // rotate backwards (the gradient)
+  float theta = 10000.f, factor = 1.f, low_freq_factor = 1.f, high_freq_factor = 4.f,
+        original_max_position = 8192.f;
+
+  int64_t rotated() const { return rot > 0 ? rot : head_dim; }
+  void encode(int64_t* ip, float* fp) const {
+    const int64_t v[7] = {col0, heads, head_dim, rotated(), interleaved, scaling, backward};
+    for (int i = 0; i < 7; ++i) ip[i] = v[i];
+    const float f[5] = {theta, factor, low_freq_factor, high_freq_factor, original_max_position};
+    for (int i = 0; i < 5; ++i) fp[i] = f[i];
+  }
+  static RopeParams decode(const int64_t* ip, const float* fp) {
+    RopeParams r;
+    r.col0 = ip[0];
+    r.heads = ip[1];
+    r.head_dim = ip[2];
+    r.rot = ip[3];
+    r.interleaved = ip[4] == 1;
+    r.scaling = int(ip[5]);
+    r.backward = ip[6] == 1;
+    r.theta = fp[0];
+    r.factor = fp[1];
+    r.low_freq_factor = fp[2];
+    r.high_freq_factor = fp[3];
+    r.original_max_position = fp[4];
+    return r;
+  }
+  // The rotation frequency of pair i of the rotated dims, in float as Hugging Face computes it
+  // (1 / theta^(2i/rot), then the scaling), so every backend rotates by the same angles.
+  float inv_freq(int64_t i) const {
+    const float f = factor > 0 ? factor : 1.f;
+    float inv = 1.f / std::pow(theta, float(2 * i) / float(rot));
+    if (scaling == 1) return inv / f;
+    if (scaling == 2) {  // Llama 3: long wavelengths slowed by `factor`, short ones kept, blended
+      const float lo = low_freq_factor, hi = high_freq_factor, old_ctx = original_max_position;
+      const float wavelen = 2.f * 3.14159265358979323846f / inv;
+      if (wavelen < old_ctx / hi) return inv;
+      if (wavelen > old_ctx / lo) return inv / f;
+      const float smooth = (old_ctx / wavelen - lo) / (hi - lo);
+      return (1.f - smooth) * inv / f + smooth * inv;
+    }
+    return inv;
+  }
+};
+
+// SWIGLU and SWIGLU_BWD: the gate's and the up projection's first columns.
+struct SwigluParams {
+  int64_t gate_col = 0, up_col = 0;
+  void encode(int64_t* ip, float*) const {
+    ip[0] = gate_col;
+    ip[1] = up_col;
+  }
+  static SwigluParams decode(const int64_t* ip, const float*) { return {ip[0], ip[1]}; }
+};
+
+// SET_ROWS: rows [at, at + n) of each sequence of R rows get columns [col, col + W) of src.
+struct SetRowsParams {
+  int64_t at = 0, R = 0, col = 0;
+  void encode(int64_t* ip, float*) const {
+    ip[0] = at;
+    ip[1] = R;
+    ip[2] = col;
+  }
+  static SetRowsParams decode(const int64_t* ip, const float*) { return {ip[0], ip[1], ip[2]}; }
+};
+
+// DROPOUT: the mask's seed and first element index (set per run), the node's tag (which tells
+// the graph's dropout nodes apart; the backend ignores it) and the probability.
+struct DropoutParams {
+  uint64_t seed = 0, index = 0;
+  int64_t tag = 0;
+  float p = 0.f;
+  void encode(int64_t* ip, float* fp) const {
+    ip[0] = int64_t(seed);
+    ip[1] = int64_t(index);
+    ip[2] = tag;
+    fp[0] = p;
+  }
+  static DropoutParams decode(const int64_t* ip, const float* fp) {
+    return {uint64_t(ip[0]), uint64_t(ip[1]), ip[2], fp[0]};
+  }
+};
+
+// ADAMW: the 1-based step and the hyperparameters; gscale multiplies the gradient (clipping).
+struct AdamwParams {
+  int64_t step = 1;
+  float lr = 0.f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.f, gscale = 1.f;
+  void encode(int64_t* ip, float* fp) const {
+    ip[0] = step;
+    const float f[6] = {lr, beta1, beta2, eps, weight_decay, gscale};
+    for (int i = 0; i < 6; ++i) fp[i] = f[i];
+  }
+  static AdamwParams decode(const int64_t* ip, const float* fp) {
+    return {ip[0], fp[0], fp[1], fp[2], fp[3], fp[4], fp[5]};
+  }
+  // The bias corrections, computed once per call on the host and the same on every backend: the
+  // step size lr / (1 - b1^t) and sqrt(1 - b2^t).
+  float step_size() const { return lr / (1.f - std::pow(beta1, float(step))); }
+  float bc2_sqrt() const { return std::sqrt(1.f - std::pow(beta2, float(step))); }
+};
+
+// CLASSIFIER_CE: which gradients it makes in the same pass (0 none, 1 dx, 2 dx and dw), the
+// compute dtype, rows a block (0: the backend's choice), and (ABI 6) `direct`: the gradients for
+// d(loss) = dloss, dw added into its output.
+struct ClassifierParams {
+  int grads = 0;
+  int32_t compute = MXN_DTYPE_F32;
+  int64_t block = 0;
+  bool direct = false;
+  float dloss = 1.f;
+  void encode(int64_t* ip, float* fp) const {
+    ip[0] = grads;
+    ip[1] = compute;
+    ip[2] = block;
+    ip[3] = direct;
+    fp[0] = dloss;
+  }
+  static ClassifierParams decode(const int64_t* ip, const float* fp) {
+    return {int(ip[0]), int32_t(ip[1]), ip[2], ip[3] != 0, fp[0]};
+  }
+  float scale() const { return direct ? dloss : 1.f; }  // d(loss) the gradients are made for
+};
+
+// An op call's (or anything with ip and fp arrays') parameters, read and written by type.
+template <typename P, typename Call>
+P params_of(const Call& c) {
+  return P::decode(&c.ip[0], &c.fp[0]);
+}
+template <typename P, typename Call>
+void set_params(Call& c, const P& p) {
+  p.encode(&c.ip[0], &c.fp[0]);
+}
+// Reads, changes and writes back: with_params<AttentionParams>(call, [](auto& a) { a.S = 9; }).
+template <typename P, typename Call, typename Fn>
+void with_params(Call& c, Fn&& change) {
+  P p = params_of<P>(c);
+  change(p);
+  set_params(c, p);
+}
+
+}  // namespace mxn
