@@ -1,7 +1,9 @@
 #pragma once
 // The conformance kit: every op of the chip contract, forward and backward kernels, on random
-// inputs of several shapes (odd sizes included), run on a device and on the CPU reference, and
-// compared with a tolerance per dtype. `mxn conformance` prints the table.
+// inputs of several shapes (odd sizes included), run on a device and on a reference, and
+// compared with a tolerance per dtype. The reference is the CPU backend for other backends, and
+// for the CPU backend itself every op computed in double precision (reference.h), so that the
+// reference is checked too. `mxn conformance` prints the table.
 #include <string>
 #include <vector>
 
@@ -17,8 +19,9 @@ struct ConformanceRow {
   int cases = 0;
 };
 
-// `only_op` empty: every op. Throws an Error naming the ops when `only_op` is not one.
-std::vector<ConformanceRow> run_conformance(Device& dev, Device& ref, DType dtype,
+// `ref` null: the double-precision reference. `only_op` empty: every op. Throws an Error naming
+// the ops when `only_op` is not one.
+std::vector<ConformanceRow> run_conformance(Device& dev, Device* ref, DType dtype,
                                             const std::string& only_op = "");
 double conformance_tolerance(DType dtype);
 

@@ -271,25 +271,34 @@ std::function<int()> add_tokenize(CLI::App& app) {
 
 std::function<int()> add_conformance(CLI::App& app) {
   auto* sub =
-      app.add_subcommand("conformance", "check a backend's kernels against the CPU reference");
+      app.add_subcommand("conformance",
+                         "check a backend's kernels against the CPU backend (the CPU backend "
+                         "against every op in double precision)");
   struct A {
-    std::string backend = "cpu", dtype = "f32", op;
+    std::string backend = "cpu", dtype = "f32", op, reference;
   };
   auto a = std::make_shared<A>();
   sub->add_option("--backend", a->backend, "backend or device, e.g. opencl or opencl:1")
       ->capture_default_str();
   sub->add_option("--dtype", a->dtype, "f32 or bf16")->capture_default_str();
   sub->add_option("--op", a->op, "only this op (e.g. matmul)");
+  sub->add_option("--reference", a->reference,
+                  "cpu or double (default: double for the CPU backend, cpu for the others)")
+      ->check(CLI::IsMember({"cpu", "double"}));
   return [a] {
     const DType dt = dtype_from_name(a->dtype);
     if (dt != DType::f32 && dt != DType::bf16) throw mxn::Error("--dtype must be f32 or bf16");
     auto dev = open_device(a->backend);
-    auto ref = open_device("cpu");
-    const auto rows = run_conformance(*dev, *ref, dt, a->op);
+    const bool exact =
+        a->reference.empty() ? std::string(dev->api()->name) == "cpu" : a->reference == "double";
+    auto ref = exact ? nullptr : open_device("cpu");
+    const auto rows = run_conformance(*dev, ref.get(), dt, a->op);
+    const char* against = exact ? "double precision" : "cpu:0";
+    const char* name = exact ? "ref" : "cpu";
     std::printf(
-        "conformance of %s (%s) against cpu:0, tolerance %.0e (max |out - cpu| / max(1, max "
-        "|cpu|))\n",
-        dev->name().c_str(), dev->props().name, conformance_tolerance(dt));
+        "conformance of %s (%s) against %s, tolerance %.0e (max |out - %s| / max(1, max "
+        "|%s|))\n",
+        dev->name().c_str(), dev->props().name, against, conformance_tolerance(dt), name, name);
     std::printf("%-18s %-5s %-12s %-10s %s\n", "op", "dtype", "status", "max error", "cases");
     int failed = 0, passed = 0, unsupported = 0;
     for (const auto& r : rows) {

@@ -7,6 +7,7 @@
 // clipping norm is summed over stages. Rows are a pure function of (seed, step, row), so the
 // losses equal the single-device run's.
 #include <algorithm>
+#include <array>
 #include <cmath>
 
 #include "core/error.h"
@@ -14,6 +15,7 @@
 #include "core/text.h"
 #include "parallel/balance.h"
 #include "parallel/schedule.h"
+#include "train/strategy.h"
 #include "train/trainer.h"
 
 namespace mxn {
@@ -22,30 +24,35 @@ namespace {
 constexpr int kTagForward = 1, kTagBackward = 2, kTagEval = 3, kTagState = 4;
 }
 
-void Trainer::pp_setup() {
-  pp_ = cfg_.pp;
-  const DecoderConfig d = cfg_.decoder_config();
+Pipeline::Pipeline(Trainer& t) : t_(t) {
+  pp_ = t_.cfg_.pp;
+  const DecoderConfig d = t_.cfg_.decoder_config();
   const std::string pp = std::to_string(pp_);
-  if (world_ % pp_)
+  if (t_.world_ % pp_)
     throw Error("--pp " + pp + " needs a multiple of " + pp + " ranks; the job has " +
-                std::to_string(world_));
+                std::to_string(t_.world_));
   if (pp_ > d.layers)
     throw Error("--pp " + pp + ": more stages than the model's " + std::to_string(d.layers) +
                 " layers");
-  if (cfg_.finetune != "full" || cfg_.objective != "lm" || !cfg_.sft.empty() || cfg_.zero)
+  if (t_.cfg_.finetune != "full" || t_.cfg_.objective != "lm" || !t_.cfg_.sft.empty() ||
+      t_.cfg_.zero)
     throw Error("--pp " + pp +
                 " trains every weight on next-token prediction for now: not with --finetune "
                 "lora/ptuning, --objective glm, --sft or --zero 1");
-  replicas_ = world_ / pp_;
+  replicas_ = t_.world_ / pp_;
+  if (t_.cfg_.batch < replicas_)
+    throw Error("the global batch (" + std::to_string(t_.cfg_.batch) +
+                " sequences) is smaller than the " + std::to_string(replicas_) +
+                " pipeline replicas: each needs at least one");
   hidden_ = d.hidden;
-  stage_ = rank_ % pp_;
-  replica_ = rank_ / pp_;
+  stage_ = t_.rank_ % pp_;
+  replica_ = t_.rank_ / pp_;
   std::vector<int64_t> n;
-  if (cfg_.stages == "even") {
+  if (t_.cfg_.stages == "even") {
     for (int64_t s = 0; s < pp_; ++s) n.push_back(d.layers / pp_ + (s < d.layers % pp_));
   } else {
     int64_t sum = 0;
-    for (const std::string& item : split(cfg_.stages, ',')) {
+    for (const std::string& item : split(t_.cfg_.stages, ',')) {
       char* end = nullptr;
       const long long x = std::strtoll(item.c_str(), &end, 10);
       if (item.empty() || *end != '\0' || x < 1) {
@@ -56,40 +63,45 @@ void Trainer::pp_setup() {
       sum += x;
     }
     if (int64_t(n.size()) != pp_ || sum != d.layers)
-      throw Error("stages '" + cfg_.stages + "': expected " + pp +
+      throw Error("stages '" + t_.cfg_.stages + "': expected " + pp +
                   " positive layer counts (one a stage) that sum to the model's " +
                   std::to_string(d.layers) + " layers, or even");
   }
   bounds_.assign(1, 0);
   for (int64_t x : n) bounds_.push_back(bounds_.back() + x);
-  pipe_ = comm_->split(int(replica_), int(stage_));
-  dp_ = comm_->split(int(stage_), int(replica_));
+  pipe_ = t_.comm_->split(int(replica_), int(stage_));
+  dp_ = t_.comm_->split(int(stage_), int(replica_));
   const bool ends = d.tie_embeddings && (stage_ == 0 || stage_ == pp_ - 1);
-  tied_ = comm_->split(ends ? int(replica_) : int(replicas_ + rank_), int(stage_));
+  tied_ = t_.comm_->split(ends ? int(replica_) : int(replicas_ + t_.rank_), int(stage_));
 }
 
-void Trainer::pp_plan() {
+int64_t Pipeline::pass_rows() {
   // Replicas share a step's rows and the validation windows evenly, in consecutive blocks.
-  const int64_t G = cfg_.batch * cfg_.accum, W = cfg_.eval_batches * cfg_.batch;
+  const int64_t G = t_.cfg_.batch * t_.cfg_.accum, W = t_.cfg_.eval_batches * t_.cfg_.batch;
   const std::vector<double> even(static_cast<size_t>(replicas_), 1.0);
   const std::vector<int64_t> rows = split_rows(G, even), eval = split_rows(W, even);
-  row_begin_ = eval_begin_ = 0;
+  t_.row_begin_ = t_.eval_begin_ = 0;
   for (int64_t r = 0; r < replica_; ++r) {
-    row_begin_ += rows[size_t(r)];
-    eval_begin_ += eval[size_t(r)];
+    t_.row_begin_ += rows[size_t(r)];
+    t_.eval_begin_ += eval[size_t(r)];
   }
-  rows_ = rows[size_t(replica_)];
-  eval_rows_ = eval[size_t(replica_)];
-  cap_ = cfg_.micro > 0 ? std::min(cfg_.micro, rows_)
-                        : std::max<int64_t>(1, (rows_ + 2 * pp_ - 1) / (2 * pp_));
+  t_.rows_ = rows[size_t(replica_)];
+  t_.eval_rows_ = eval[size_t(replica_)];
+  return t_.cfg_.micro > 0 ? std::min(t_.cfg_.micro, t_.rows_)
+                           : std::max<int64_t>(1, (t_.rows_ + 2 * pp_ - 1) / (2 * pp_));
 }
 
-void Trainer::pp_ready() {
-  const int64_t T = cfg_.seq_len(), C = hidden_;
-  const int64_t m = (rows_ + cap_ - 1) / cap_, E = cap_ * T * C;
-  for (int64_t n : {rows_, eval_rows_}) {
-    variant_for(std::min(n, cap_));
-    if (n % cap_) variant_for(n % cap_);
+std::array<int64_t, 2> Pipeline::layers() const {
+  return {bounds_[size_t(stage_)], bounds_[size_t(stage_ + 1)]};
+}
+
+void Pipeline::plan() {
+  t_.plan_.ranks.assign(size_t(t_.world_), {});
+  const int64_t T = t_.cfg_.seq_len(), C = hidden_;
+  const int64_t m = (t_.rows_ + t_.cap_ - 1) / t_.cap_, E = t_.cap_ * T * C;
+  for (int64_t n : {t_.rows_, t_.eval_rows_}) {
+    t_.variant_for(std::min(n, t_.cap_));
+    if (n % t_.cap_) t_.variant_for(n % t_.cap_);
   }
   if (stage_ > 0) {
     stash_.resize(size_t(m * E));
@@ -99,150 +111,162 @@ void Trainer::pp_ready() {
     send_f_.resize(size_t(m * E));
     recv_g_.resize(size_t(E));
   }
-  if (replicas_ > 1) grad_host_.resize(size_t(prog_->param_count()));
-  if (tied_->size() > 1) tied_host_.resize(size_t(numel(prog_->graph().v(m_.embed_table).shape)));
-  for (int64_t r = 0; r < world_; ++r)
-    plan_.ranks[size_t(r)].rows = r / pp_ == replica_ ? rows_ : 0;
-  plan_.pipeline = std::to_string(pp_) + " stages x " + std::to_string(replicas_) +
-                   (replicas_ > 1 ? " replicas" : " replica") + ", layers";
+  if (replicas_ > 1) grad_host_.resize(size_t(t_.prog_->param_count()));
+  if (tied_->size() > 1)
+    tied_host_.resize(size_t(numel(t_.prog_->graph().v(t_.m_.embed_table).shape)));
+  for (int64_t r = 0; r < t_.world_; ++r)
+    t_.plan_.ranks[size_t(r)].rows = r / pp_ == replica_ ? t_.rows_ : 0;
+  t_.plan_.pipeline = std::to_string(pp_) + " stages x " + std::to_string(replicas_) +
+                      (replicas_ > 1 ? " replicas" : " replica") + ", layers";
   for (int64_t s = 0; s < pp_; ++s) {
-    plan_.pipeline += s ? '+' : ' ';
-    plan_.pipeline += std::to_string(bounds_[size_t(s + 1)] - bounds_[size_t(s)]);
+    t_.plan_.pipeline += s ? '+' : ' ';
+    t_.plan_.pipeline += std::to_string(bounds_[size_t(s + 1)] - bounds_[size_t(s)]);
   }
-  plan_.pipeline += "; " + std::to_string(m) + " micro-batches of up to " + std::to_string(cap_) +
-                    " sequences a replica, 1F1B, each stage's activations recomputed in its "
-                    "backward";
+  t_.plan_.pipeline += "; " + std::to_string(m) + " micro-batches of up to " +
+                       std::to_string(t_.cap_) +
+                       " sequences a replica, 1F1B, each stage's activations recomputed in its "
+                       "backward";
 }
 
-void Trainer::pp_rows(int64_t micro, int64_t n, uint64_t key) {
-  const int64_t T = cfg_.seq_len();
+void Pipeline::rows_of(int64_t micro, int64_t n, uint64_t key) {
+  const int64_t T = t_.cfg_.seq_len();
   for (int64_t b = 0; b < n; ++b) {
-    const uint64_t row = uint64_t(row_begin_ + micro * cap_ + b);
-    offsets_[size_t(b)] = int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
-    row_ids_[size_t(b)] = row;
+    const uint64_t row = uint64_t(t_.row_begin_ + micro * t_.cap_ + b);
+    t_.offsets_[size_t(b)] = int64_t(mix64(key + row) % uint64_t(t_.data_.n_train() - T - 1));
+    t_.row_ids_[size_t(b)] = row;
   }
 }
 
-double Trainer::pp_passes(uint64_t key, double total) {
-  const int64_t T = cfg_.seq_len(), C = hidden_;
-  const int64_t m = (rows_ + cap_ - 1) / cap_, E = cap_ * T * C;
+double Pipeline::passes(uint64_t key, double total) {
+  const int64_t T = t_.cfg_.seq_len(), C = hidden_;
+  const int64_t m = (t_.rows_ + t_.cap_ - 1) / t_.cap_, E = t_.cap_ * T * C;
   const bool first = stage_ == 0, last = stage_ == pp_ - 1;
   const int up = int(stage_ - 1), down = int(stage_ + 1);
-  const size_t nodes = prog_->graph().nodes.size();
+  const size_t nodes = t_.prog_->graph().nodes.size();
   double loss_sum = 0;
   for (int64_t k = 0; k < 2 * m; ++k) {
     const int64_t o = one_f_one_b(pp_, stage_, m, k);
     const bool fwd = o >= 0;
-    const int64_t i = fwd ? o : -o - 1, n = std::min(cap_, rows_ - i * cap_), len = n * T * C;
+    const int64_t i = fwd ? o : -o - 1, n = std::min(t_.cap_, t_.rows_ - i * t_.cap_),
+                  len = n * T * C;
     if (fwd && last) continue;  // the last stage's forward runs with its backward
-    const Pass& p = passes_[size_t(n)];
-    pp_rows(i, n, key);
-    const double counted = double(fill_batch(data_.train(), n, key, false));
+    const Trainer::Pass& p = t_.passes_[size_t(n)];
+    rows_of(i, n, key);
+    const double counted = double(t_.fill_batch(t_.data_.train(), n, key, false));
     float* stash = stash_.data() + i * E;
     if (!first) {
       if (fwd || last) pipe_->recv(stash, len, up, kTagForward);
-      dev_->upload(p.hidden_in, stash);
+      t_.dev_->upload(p.hidden_in, stash);
     }
     if (fwd) {
-      prog_->run(0, n_forward_, p.variant);
+      t_.prog_->run(0, t_.n_forward_, p.variant);
       float* out = send_f_.data() + i * E;
-      dev_->download(out, p.hidden_out);
+      t_.dev_->download(out, p.hidden_out);
       pipe_->send(out, len, down, kTagForward);
       continue;
     }
     if (last) {  // the loss's share of the global batch's seeds the backward
-      seed_backward(p.variant, float(counted / total));
-      prog_->run(0, nodes, p.variant);
+      t_.seed_backward(p.variant, float(counted / total));
+      t_.prog_->run(0, nodes, p.variant);
       float loss = 0;
-      dev_->download(&loss, p.loss);
+      t_.dev_->download(&loss, p.loss);
       loss_sum += double(loss) * counted / total;
     } else {
       pipe_->recv(recv_g_.data(), len, down, kTagBackward);
-      dev_->upload(p.grad_out, recv_g_.data());
-      prog_->run(0, nodes, p.variant);  // the forward again, then the backward
+      t_.dev_->upload(p.grad_out, recv_g_.data());
+      t_.prog_->run(0, nodes, p.variant);  // the forward again, then the backward
     }
     if (!first) {
       float* back = send_b_.data() + i * E;
-      dev_->download(back, p.grad_in);
+      t_.dev_->download(back, p.grad_in);
       pipe_->send(back, len, up, kTagBackward);
     }
   }
   pipe_->wait_sends();
-  comm_->all_reduce_sum(&loss_sum, 1);  // the last stages hold it; the others add 0
+  t_.comm_->all_reduce_sum(&loss_sum, 1);  // the last stages hold it; the others add 0
   return loss_sum;
 }
 
-double Trainer::pp_reduce_norm() {
+double Pipeline::grad_sumsq() {
   if (replicas_ > 1) {  // data parallel over the replicas of this stage
-    const Tensor g = prog_->grads_all();
-    dev_->download(grad_host_.data(), g);
+    const Tensor g = t_.prog_->grads_all();
+    t_.dev_->download(grad_host_.data(), g);
     dp_->all_reduce_sum(grad_host_.data(), int64_t(grad_host_.size()));
-    dev_->upload(g, grad_host_.data());
+    t_.dev_->upload(g, grad_host_.data());
   }
   double duplicate = 0;  // the last stage's copy of the tied embeddings counts once in the norm
   if (tied_->size() > 1) {
-    const Tensor g = prog_->tensor(prog_->graph().v(m_.embed_table).grad);
-    dev_->download(tied_host_.data(), g);
+    const Tensor g = t_.prog_->tensor(t_.prog_->graph().v(t_.m_.embed_table).grad);
+    t_.dev_->download(tied_host_.data(), g);
     tied_->all_reduce_sum(tied_host_.data(), int64_t(tied_host_.size()));
-    dev_->upload(g, tied_host_.data());
+    t_.dev_->upload(g, tied_host_.data());
     if (stage_ == pp_ - 1)
       for (float x : tied_host_) duplicate += double(x) * double(x);
   }
-  dev_->run(grad_sumsq_);
+  t_.dev_->run(t_.grad_sumsq_);
   float sumsq = 0;
-  dev_->download(&sumsq, sumsq_);
+  t_.dev_->download(&sumsq, t_.sumsq_);
   double total = double(sumsq) - duplicate;
   pipe_->all_reduce_sum(&total, 1);
   return std::max(0.0, total);
 }
 
-double Trainer::pp_eval() {
-  const int64_t T = cfg_.seq_len(), C = hidden_;
-  const int64_t W = cfg_.eval_batches * cfg_.batch, span = data_.n_val() - T - 1;
-  const uint64_t key = mix64(uint64_t(cfg_.seed) ^ 0x5eed0e7a1ull);
-  const double total = double(loss_tokens(key, 0, W, true));
+double Pipeline::eval() {
+  const int64_t T = t_.cfg_.seq_len(), C = hidden_;
+  const int64_t W = t_.cfg_.eval_batches * t_.cfg_.batch, span = t_.data_.n_val() - T - 1;
+  const uint64_t key = mix64(uint64_t(t_.cfg_.seed) ^ 0x5eed0e7a1ull);
+  const double total = double(t_.loss_tokens(key, 0, W, true));
   const bool first = stage_ == 0, last = stage_ == pp_ - 1;
-  sft_set_ = nullptr;
+  t_.sft_set_ = nullptr;
   double sum = 0;
-  for (int64_t done = 0; done < eval_rows_;) {
-    const int64_t n = std::min(cap_, eval_rows_ - done), len = n * T * C;
+  for (int64_t done = 0; done < t_.eval_rows_;) {
+    const int64_t n = std::min(t_.cap_, t_.eval_rows_ - done), len = n * T * C;
     for (int64_t b = 0; b < n; ++b) {
-      offsets_[size_t(b)] = (eval_begin_ + done + b) * span / std::max<int64_t>(1, W - 1);
-      row_ids_[size_t(b)] = uint64_t(eval_begin_ + done + b);
+      t_.offsets_[size_t(b)] = (t_.eval_begin_ + done + b) * span / std::max<int64_t>(1, W - 1);
+      t_.row_ids_[size_t(b)] = uint64_t(t_.eval_begin_ + done + b);
     }
-    const Pass& p = passes_[size_t(n)];
-    const double counted = double(fill_batch(data_.val(), n, key, true));
+    const Trainer::Pass& p = t_.passes_[size_t(n)];
+    const double counted = double(t_.fill_batch(t_.data_.val(), n, key, true));
     if (!first) {
       pipe_->recv(stash_.data(), len, int(stage_ - 1), kTagEval);
-      dev_->upload(p.hidden_in, stash_.data());
+      t_.dev_->upload(p.hidden_in, stash_.data());
     }
-    run_forward_only(p.variant);
+    t_.run_forward_only(p.variant);
     if (last) {
       float loss = 0;
-      dev_->download(&loss, p.loss);
+      t_.dev_->download(&loss, p.loss);
       sum += double(loss) * counted / total;
     } else {
-      dev_->download(send_f_.data(), p.hidden_out);
+      t_.dev_->download(send_f_.data(), p.hidden_out);
       pipe_->send(send_f_.data(), len, int(stage_ + 1), kTagEval);
       pipe_->wait_sends();
     }
     done += n;
   }
-  comm_->all_reduce_sum(&sum, 1);
+  t_.comm_->all_reduce_sum(&sum, 1);
   return sum;
 }
 
-void Trainer::pp_gather(Checkpoint& ck) {
+bool Pipeline::gather(Checkpoint& ck) {
+  // replica 0's stages hand their weights and moments to rank 0
+  ck.weights.clear();
+  ck.optimizer.clear();
+  if (replica_ != 0) return false;
+  gather_stages(ck);
+  return stage_ == 0;
+}
+
+void Pipeline::gather_stages(Checkpoint& ck) {
   // Each stage's params in its graph's order, each as weight, m, v: the same builder gives rank 0
   // the names and shapes, so only floats travel.
   auto own = [&](std::vector<float>* blob) {
-    for (int id : prog_->graph().params()) {
-      const Value& v = prog_->graph().v(id);
+    for (int id : t_.prog_->graph().params()) {
+      const Value& v = t_.prog_->graph().v(id);
       const int64_t n = numel(v.shape);
       HostTensor h[3] = {{v.shape, DType::f32}, {v.shape, DType::f32}, {v.shape, DType::f32}};
-      dev_->download(h[0].bytes.data(), prog_->tensor(id));
-      dev_->download(h[1].bytes.data(), opt_->moment(0, v));
-      dev_->download(h[2].bytes.data(), opt_->moment(1, v));
+      t_.dev_->download(h[0].bytes.data(), t_.prog_->tensor(id));
+      t_.dev_->download(h[1].bytes.data(), t_.opt_->moment(0, v));
+      t_.dev_->download(h[2].bytes.data(), t_.opt_->moment(1, v));
       if (blob) {
         for (const HostTensor& t : h) blob->insert(blob->end(), t.f32(), t.f32() + n);
       } else {
@@ -263,7 +287,7 @@ void Trainer::pp_gather(Checkpoint& ck) {
   for (int64_t s = 1; s < pp_; ++s) {
     DecoderGraph m;
     size_t nf = 0;
-    const Graph g = train_graph(cfg_, 1, &m, &nf, bounds_[size_t(s)], bounds_[size_t(s + 1)]);
+    const Graph g = train_graph(t_.cfg_, 1, &m, &nf, bounds_[size_t(s)], bounds_[size_t(s + 1)]);
     int64_t count = 0;
     for (int id : g.params()) count += numel(g.v(id).shape);
     std::vector<float> blob(size_t(3 * count));

@@ -93,33 +93,6 @@ void Trainer::init_adapter(int p) {
   dev_->upload(prog_->tensor(p), w.data());
 }
 
-// Who takes which rows: with several ranks, measure each device (profile), split the global
-// batch by the measured speeds (or the given weights) and predict the step time.
-void Trainer::plan_ranks(const std::vector<double>& weights) {
-  stats_.assign(size_t(1 + 2 * world_), 0.0);
-  drift_.assign(size_t(world_) * kDriftWindow, 0.0);
-  plan_.ranks.assign(size_t(world_), {});
-  sec_per_row_ = auto_split_ ? std::vector<double>(size_t(world_), 1.0) : weights;
-  if (pp_ > 1) {  // pp_plan() made the pipeline's split
-    pp_ready();
-    return;
-  }
-  if (comm_) {
-    sync_ = std::make_unique<GradSync>(
-        *prog_, *comm_, std::max<int64_t>(1, int64_t(cfg_.bucket_mb * (1 << 20) / 4)));
-    plan_.buckets = sync_->buckets();
-    plan_.device_direct = sync_->device_direct();
-    profile();
-  }
-  apply_split(split_rows(cfg_.batch * cfg_.accum, sec_per_row_));
-  for (int64_t r = 0; r < world_; ++r) plan_.ranks[size_t(r)].rows = split_[size_t(r)];
-  double over = 0;
-  for (const RankPlan& r : plan_.ranks) over = std::max(over, r.overhead_s);
-  std::vector<double> measured(static_cast<size_t>(world_));
-  for (int64_t r = 0; r < world_; ++r) measured[size_t(r)] = plan_.ranks[size_t(r)].sec_per_row;
-  plan_.predicted_step_s = slowest_seconds(split_, measured) + over;
-}
-
 int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes) {
   DecoderGraph m;
   size_t nf = 0;
@@ -142,8 +115,7 @@ int Trainer::variant_for(int64_t rows) {
   if (p.variant < 0) {
     DecoderGraph m;
     size_t nf = 0;
-    const int64_t first = pp_ > 1 ? bounds_[size_t(stage_)] : 0;
-    const int64_t last = pp_ > 1 ? bounds_[size_t(stage_ + 1)] : -1;
+    const auto [first, last] = par_->layers();
     p.variant =
         rows == cap_ ? 0 : prog_->add_variant(train_graph(cfg_, rows, &m, &nf, first, last));
     p.tokens = prog_->tensor(m_.tokens, p.variant);
@@ -164,118 +136,7 @@ int Trainer::variant_for(int64_t rows) {
   return p.variant;
 }
 
-void Trainer::apply_split(const std::vector<int64_t>& split) {
-  // Ranks take consecutive rows of the global batch; the validation windows are split alike.
-  split_ = split;
-  const int64_t W = cfg_.eval_batches * cfg_.batch;
-  const std::vector<int64_t> eval = split_rows(W, sec_per_row_);
-  row_begin_ = eval_begin_ = 0;
-  for (int64_t r = 0; r < rank_; ++r) {
-    row_begin_ += split_[size_t(r)];
-    eval_begin_ += eval[size_t(r)];
-  }
-  rows_ = split_[size_t(rank_)];
-  eval_rows_ = eval[size_t(rank_)];
-  for (int64_t n : {rows_, eval_rows_}) {  // make every pass size this split needs now
-    variant_for(std::min(n, cap_));
-    if (n % cap_) variant_for(n % cap_);
-  }
-}
-
 double Trainer::lr_at(int64_t s) const { return opt_->lr_at(s); }
-
-void Trainer::profile() {
-  // Each rank times its device on the real model: one warm-up pass, then the faster of two timed
-  // forward + backward passes, and one all-reduce of the gradients (plus the optimizer's passes
-  // over them, estimated as five sums of squares: AdamW streams seven arrays to the sum's one+).
-  const int64_t T = cfg_.seq_len(), span = cfg_.sft.empty() ? data_.n_val() - T - 1 : 0;
-  sft_set_ = cfg_.sft.empty() ? nullptr : &sft_val_;
-  for (int64_t b = 0; b < cap_; ++b) {
-    offsets_[size_t(b)] =
-        sft_set_ ? b % int64_t(sft_val_.size()) : b * span / std::max<int64_t>(1, cap_);
-    row_ids_[size_t(b)] = uint64_t(b);
-  }
-  const size_t nodes = prog_->graph().nodes.size();
-  double pass_s = 0;
-  for (int rep = 0; rep < 3; ++rep) {  // a warm-up, then the faster of two timed passes
-    const auto t0 = std::chrono::steady_clock::now();
-    fill_batch(data_.val(), cap_, 0, true);
-    prog_->run(0, nodes, 0);
-    dev_->synchronize();
-    const double t = seconds_since(t0);
-    pass_s = rep == 1 ? t : std::min(pass_s, t);
-  }
-  double reduce_s = 0;
-  for (int rep = 0; rep < 2; ++rep) {  // the first one also sets up MPI's connections
-    comm_->barrier();
-    const auto t0 = std::chrono::steady_clock::now();
-    sync_->run(nodes, nodes, 0);
-    reduce_s = seconds_since(t0);
-  }
-  sync_->reset_exposed_seconds();  // the run's figure counts training steps only
-  double opt_s = 0;
-  for (int rep = 0; rep < 2; ++rep) {  // the first run may compile the kernel (PoCL does)
-    const auto t0 = std::chrono::steady_clock::now();
-    dev_->run(grad_sumsq_);
-    float sumsq = 0;
-    dev_->download(&sumsq, sumsq_);
-    opt_s = 5 * seconds_since(t0);
-  }
-  dev_->run(zero_grads_);
-  std::fill(stats_.begin(), stats_.end(), 0.0);
-  stats_[size_t(1 + rank_)] = pass_s / double(cap_);
-  stats_[size_t(1 + world_ + rank_)] = reduce_s + opt_s;
-  comm_->all_reduce_sum(stats_.data(), int64_t(stats_.size()));
-  std::vector<double> caps(size_t(3 * world_), 0.0);
-  caps[size_t(rank_)] = double(cap_);
-  caps[size_t(world_ + rank_)] = double(free_bytes_);
-  caps[size_t(2 * world_ + rank_)] = double(optimizer_bytes());
-  comm_->all_reduce_sum(caps.data(), int64_t(caps.size()));
-  for (int64_t r = 0; r < world_; ++r) {
-    RankPlan& rp = plan_.ranks[size_t(r)];
-    rp.sec_per_row = stats_[size_t(1 + r)];
-    rp.overhead_s = stats_[size_t(1 + world_ + r)];
-    rp.cap = int64_t(caps[size_t(r)]);
-    rp.free_bytes = uint64_t(caps[size_t(world_ + r)]);
-    rp.optimizer_bytes = uint64_t(caps[size_t(2 * world_ + r)]);
-    if (auto_split_) sec_per_row_[size_t(r)] = rp.sec_per_row;
-  }
-}
-
-void Trainer::follow_drift() {
-  // stats_ came back from the step's all-reduce: [loss, each rank's compute seconds, ...]. Each
-  // rank's seconds per sequence is the median of its last five steps, so one hiccup moves nothing
-  // and a lasting change (a throttling chip, a neighbour on it) moves rows within a few steps.
-  if (!auto_split_) return;
-  const size_t slot = size_t(steps_run_ % kDriftWindow);
-  for (int64_t r = 0; r < world_; ++r) {
-    double* h = &drift_[size_t(r) * kDriftWindow];
-    h[slot] = stats_[size_t(1 + r)] / double(split_[size_t(r)]);
-    if (steps_run_ < kDriftWindow) continue;
-    std::array<double, kDriftWindow> m;
-    std::copy(h, h + kDriftWindow, m.begin());
-    std::nth_element(m.begin(), m.begin() + kDriftWindow / 2, m.end());
-    sec_per_row_[size_t(r)] = m[kDriftWindow / 2];
-  }
-  if (steps_run_ < kDriftWindow) return;
-  if (++steps_since_change_ < 5) return;
-  const std::vector<int64_t> next = rebalance(split_, sec_per_row_, 0.03);
-  if (next == split_) return;
-  std::string change = "rebalanced after step " + std::to_string(step_) + ": rows";
-  for (int64_t r = 0; r < world_; ++r) {
-    char part[64];
-    std::snprintf(part, sizeof(part), " %lld->%lld", (long long)split_[size_t(r)],
-                  (long long)next[size_t(r)]);
-    change += part;
-  }
-  char pred[96];
-  std::snprintf(pred, sizeof(pred), " (slowest rank %.3f -> %.3f s)",
-                slowest_seconds(split_, sec_per_row_), slowest_seconds(next, sec_per_row_));
-  plan_.last_change = change + pred;
-  ++plan_.rebalances;
-  steps_since_change_ = 0;
-  apply_split(next);
-}
 
 std::string Trainer::take_plan_change() {
   std::string s;
@@ -283,9 +144,7 @@ std::string Trainer::take_plan_change() {
   return s;
 }
 
-double Trainer::mean_exposed_reduce_seconds() const {
-  return sync_ && steps_run_ > 0 ? sync_->exposed_seconds() / double(steps_run_) : 0.0;
-}
+double Trainer::mean_exposed_reduce_seconds() const { return par_->exposed_reduce_seconds(); }
 
 double Trainer::mean_step_seconds() const {
   return steps_timed_ > 0 ? step_seconds_sum_ / double(steps_timed_) : 0.0;
@@ -293,9 +152,9 @@ double Trainer::mean_step_seconds() const {
 
 float Trainer::step() {
   const auto t_start = std::chrono::steady_clock::now();
-  const int64_t s = step_ + 1, T = cfg_.seq_len(), G = cfg_.batch * cfg_.accum;
-  const size_t nodes = prog_->graph().nodes.size();
+  const int64_t s = step_ + 1, G = cfg_.batch * cfg_.accum;
   fault_set_step(s);
+  par_->before_step();
   dev_->run(zero_grads_);
   fault_point("compute", s);  // tests: a chip that throttles from some step on
   // Row r of a step's global batch is a pure function of (seed, step, r): resuming needs no
@@ -303,61 +162,18 @@ float Trainer::step() {
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));
   const double total = double(loss_tokens(key, 0, G, false));
   sft_set_ = cfg_.sft.empty() ? nullptr : &sft_train_;
-  double loss_sum = 0;
-  if (pp_ > 1) loss_sum = pp_passes(key, total);
-  for (int64_t done = 0; pp_ == 1 && done < rows_;) {
-    const int64_t n = std::min(cap_, rows_ - done);
-    for (int64_t b = 0; b < n; ++b) {
-      const uint64_t row = uint64_t(row_begin_ + done + b);
-      offsets_[size_t(b)] = sft_set_
-                                ? sft_row(key, int64_t(row), false)
-                                : int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
-      row_ids_[size_t(b)] = row;
-    }
-    const Pass& p = passes_[size_t(n)];
-    const double counted = double(fill_batch(data_.train(), n, key, false));
-    // The loss is a mean over this pass's loss tokens; seeding its backward with their share
-    // of the global batch's makes every gradient a share of the global mean, so passes and
-    // ranks simply add up (rows weigh alike for next-token loss; GLM's rows differ).
-    seed_backward(p.variant, float(counted / total));
-    done += n;
-    if (sync_ && done == rows_) {
-      prog_->run(0, n_forward_, p.variant);
-      sync_->run(n_forward_, nodes, p.variant);  // reduces overlap this last backward
-    } else {
-      prog_->run(0, nodes, p.variant);
-    }
-    float loss = 0;
-    dev_->download(&loss, p.loss);
-    loss_sum += double(loss) * counted / total;
-  }
-  if (comm_ && pp_ == 1) {
-    const double compute_s =
-        std::chrono::duration<double>(sync_->backward_done() - t_start).count();
-    std::fill(stats_.begin(), stats_.end(), 0.0);
-    stats_[0] = loss_sum;
-    stats_[size_t(1 + rank_)] = compute_s;
-    comm_->all_reduce_sum(stats_.data(), int64_t(stats_.size()));
-    loss_sum = stats_[0];
-  }
+  const double loss = par_->passes(key, total);
   fault_point("step");
   // Global norm of the mean gradient, then one scale for clipping.
-  float sumsq = 0;
-  if (pp_ > 1) {
-    sumsq = float(pp_reduce_norm());
-  } else {
-    dev_->run(grad_sumsq_);
-    dev_->download(&sumsq, sumsq_);
-  }
-  grad_norm_ = opt_->step(s, sumsq);
+  grad_norm_ = opt_->step(s, float(par_->grad_sumsq()));
   dev_->synchronize();
   step_ = s;
   if (steps_run_++ > 0) {
     step_seconds_sum_ += seconds_since(t_start);
     ++steps_timed_;
   }
-  if (comm_ && pp_ == 1) follow_drift();
-  return float(loss_sum);
+  par_->after_step();
+  return float(loss);
 }
 
 void Trainer::seed_backward(int variant, float dloss) {
@@ -384,35 +200,7 @@ void Trainer::run_forward_only(int variant) {
   swap_grads();
 }
 
-float Trainer::eval_loss() {
-  if (pp_ > 1) return float(pp_eval());
-  // The same fixed windows for any split: each rank takes its windows, and the token-weighted
-  // losses are summed over ranks (collective: every rank calls this).
-  const int64_t T = cfg_.seq_len(), W = cfg_.eval_batches * cfg_.batch;
-  const int64_t span = cfg_.sft.empty() ? data_.n_val() - T - 1 : 0;
-  const uint64_t key = mix64(uint64_t(cfg_.seed) ^ 0x5eed0e7a1ull);
-  const double total = double(loss_tokens(key, 0, W, true));
-  sft_set_ = cfg_.sft.empty() ? nullptr : &sft_val_;
-  double sum = 0;
-  for (int64_t done = 0; done < eval_rows_;) {
-    const int64_t n = std::min(cap_, eval_rows_ - done);
-    for (int64_t b = 0; b < n; ++b) {
-      offsets_[size_t(b)] = sft_set_
-                                ? sft_row(key, eval_begin_ + done + b, true)
-                                : (eval_begin_ + done + b) * span / std::max<int64_t>(1, W - 1);
-      row_ids_[size_t(b)] = uint64_t(eval_begin_ + done + b);
-    }
-    const Pass& p = passes_[size_t(n)];
-    const double counted = double(fill_batch(data_.val(), n, key, true));
-    run_forward_only(p.variant);
-    float loss = 0;
-    dev_->download(&loss, p.loss);
-    sum += double(loss) * counted / total;
-    done += n;
-  }
-  if (comm_) comm_->all_reduce_sum(&sum, 1);
-  return float(sum);
-}
+float Trainer::eval_loss() { return float(par_->eval()); }
 
 TensorMap Trainer::weights() const {
   TensorMap out;
@@ -437,33 +225,10 @@ TensorMap Trainer::frozen_weights() const {
   return out;
 }
 
-namespace {
-// m[name], made (or remade) only when it is missing or of another shape: checkpoints after the
-// first reuse the host buffers of the one before.
-HostTensor& slot(TensorMap& m, const std::string& name, const Shape& shape, DType dt) {
-  auto it = m.find(name);
-  if (it == m.end() || it->second.shape != shape || it->second.dtype != dt)
-    it = m.insert_or_assign(name, HostTensor(shape, dt)).first;
-  return it->second;
-}
-}  // namespace
-
 bool Trainer::snapshot(Checkpoint& ck) {
   ck.files.clear();
   ck.tensors.clear();
-  if (pp_ > 1) {  // replica 0's stages hand their weights and moments to rank 0
-    ck.weights.clear();
-    ck.optimizer.clear();
-    if (replica_ != 0) return false;
-    pp_gather(ck);
-    if (stage_ != 0) return false;
-  } else {  // the moments by name (with ZeRO-1 rank 0 first gathers every share), the weights
-    if (!opt_->save(ck.optimizer, 0)) return false;
-    for (int p : prog_->graph().params()) {
-      const Value& v = prog_->graph().v(p);
-      dev_->download(slot(ck.weights, v.name, v.shape, DType::f32).bytes.data(), prog_->tensor(p));
-    }
-  }
+  if (!par_->gather(ck)) return false;  // the weights and moments, on the rank that writes
   ck.trainer = {{"step", step_}, {"config", to_json(cfg_)}, {"format", "mxn-checkpoint-1"}};
   ck.trainer["model"] = cfg_.decoder_config().to_json();
   if (cfg_.finetune != "full") {  // every checkpoint is also a PEFT folder

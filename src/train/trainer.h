@@ -20,6 +20,7 @@
 #include "parallel/comm.h"
 #include "parallel/grad_sync.h"
 #include "train/optimizer.h"
+#include "train/strategy.h"
 
 namespace mxn {
 
@@ -87,7 +88,7 @@ class Trainer {
   // layout; empty when every rank holds all of it.
   const std::vector<int64_t>& optimizer_shards() const { return opt_->shards(); }
   // With --pp: stage s holds layers [bounds[s], bounds[s + 1]); empty otherwise.
-  const std::vector<int64_t>& stage_bounds() const { return bounds_; }
+  const std::vector<int64_t>& stage_bounds() const { return par_->stage_bounds(); }
   float last_grad_norm() const { return grad_norm_; }
   Device& device() { return *dev_; }
   const Plan& plan() const { return plan_; }
@@ -104,14 +105,13 @@ class Trainer {
   void open_data();
   void setup_glm();
   void choose_kernels();
-  std::vector<double> setup_ranks(const DecoderConfig& model);
+  void setup_ranks(const DecoderConfig& model);
   void build_program();
   void setup_optimizer();
   void alloc_rows();
   void load_weights(const Checkpoint* ck, const Adapter& start, const DecoderConfig& model);
 
   int variant_for(int64_t rows);  // builds the Program variant on first use
-  void apply_split(const std::vector<int64_t>& split);
   // Uploads rows offsets_[0, rows) of `tokens`; with the GLM objective each row is blank-infilled
   // by glm_sample(seed, row_ids_[b]). Returns the tokens that carry a loss.
   // `eval`: the validation windows (no dropout).
@@ -123,10 +123,7 @@ class Trainer {
   // Packed SFT: the i-th conversation offered to a row (taken while it fits the row).
   int64_t sft_pick(uint64_t seed, int64_t row, int64_t i, bool eval) const;
   bool packed() const { return cfg_.pack != 0 && !cfg_.sft.empty(); }
-  static constexpr int64_t kMaxPacked = 64;             // conversations per packed row, at most
-  void plan_ranks(const std::vector<double>& weights);  // empty weights: by measured speed
-  void profile();
-  void follow_drift();
+  static constexpr int64_t kMaxPacked = 64;  // conversations per packed row, at most
   void load(const Checkpoint& ck);
   bool snapshot(Checkpoint& ck);  // collective; true on the rank that writes it
   Checkpoint snap_;               // save_async's host copy
@@ -164,36 +161,16 @@ class Trainer {
   uint64_t free_bytes_ = 0;
   // This rank's rows of a step's global batch and of the validation windows.
   int64_t row_begin_ = 0, rows_ = 0, eval_begin_ = 0, eval_rows_ = 0;
-  std::vector<int64_t> split_;
-  std::vector<double> sec_per_row_, stats_;  // per rank; stats_: the per-step all-reduce
-  bool auto_split_ = false;
-  static constexpr int64_t kDriftWindow = 5;
-  std::vector<double> drift_;  // per rank, the last kDriftWindow seconds per sequence
-  int64_t steps_since_change_ = 0;
-  std::unique_ptr<GradSync> sync_;
   Plan plan_;
-  // Pipeline parallelism (train/pipeline.cpp): this rank is stage stage_ of replica replica_,
-  // holding layers [bounds_[stage_], bounds_[stage_ + 1]). A step runs 1F1B over micro-batches
-  // of cap_ rows; a stage keeps only each micro-batch's input and recomputes its activations in
-  // the backward, so one arena serves every micro-batch in flight.
-  int64_t pp_ = 1, stage_ = 0, replica_ = 0, replicas_ = 1, hidden_ = 0;  // hidden_: width
-  std::vector<int64_t> bounds_;
-  int seed_value_ = -1, grad_in_value_ = -1;        // graph values: d(hidden_out), d(hidden_in)
-  std::unique_ptr<Communicator> pipe_, dp_, tied_;  // a replica's stages; a stage's replicas;
-                                                    // the first and last stage (tied embeddings)
-  std::vector<float> stash_, send_f_, send_b_, recv_g_, grad_host_, tied_host_;
-  void pp_setup();  // ranks, layer bounds and communicators, before the graph
-  void pp_plan();   // this replica's rows and the micro-batch, before the graph
-  void pp_ready();  // the pass variants, host buffers and the plan's description
-  double pp_passes(uint64_t key, double total);  // a step's 1F1B schedule; its loss share
-  double pp_reduce_norm();  // sums gradients over replicas (and tied copies); global sum of
-                            // squares
-  double pp_eval();         // validation through the stages
-  void run_forward_only(int variant);  // evaluation: no gradients from a fused head
+  // How the step's work is spread over the ranks (strategy.h): data parallel or the pipeline.
+  // They read and set the rows and passes above; the Trainer keeps no parallel state of its own.
+  std::unique_ptr<Strategy> par_;
+  friend class DataParallel;
+  friend class Pipeline;
+  int seed_value_ = -1, grad_in_value_ = -1;  // graph values: d(hidden_out), d(hidden_in)
+  void run_forward_only(int variant);         // evaluation: no gradients from a fused head
   // The backward's seed, d(loss) = this pass's share of the batch, and the fused head's copy.
   void seed_backward(int variant, float dloss);
-  void pp_gather(Checkpoint& ck);                        // replica 0's state on rank 0, by name
-  void pp_rows(int64_t micro, int64_t n, uint64_t key);  // offsets_ for a micro-batch
   double step_seconds_sum_ = 0;
   int64_t steps_timed_ = 0, steps_run_ = 0;
   float grad_norm_ = 0;

@@ -36,12 +36,12 @@ Trainer::Trainer(const TrainConfig& cfg, const Checkpoint* resume, Communicator*
                 std::to_string(model.vocab_size));
   dev_ = open_device(cfg_.device, int(cfg_.threads));
   choose_kernels();
-  const std::vector<double> weights = setup_ranks(model);
+  setup_ranks(model);
   build_program();
   setup_optimizer();
   alloc_rows();
   load_weights(resume, start, model);
-  plan_ranks(weights);
+  par_->plan();
 }
 
 // --adapter: the adapter training starts from; its shape becomes the run's.
@@ -136,44 +136,31 @@ void Trainer::choose_kernels() {
   cfg_.attn_bf16 = able[1] == able[2];
 }
 
-// This rank's place (pipeline stages and replicas) and the split of the batch: the weights of
-// --split, or empty for the measured speeds.
-std::vector<double> Trainer::setup_ranks(const DecoderConfig& model) {
+// This rank's place and its strategy: pipeline stages and replicas with --pp over several ranks,
+// else data parallelism (one rank: the whole model, whatever --pp says).
+void Trainer::setup_ranks(const DecoderConfig& model) {
   if (cfg_.sft.empty() && data_.vocab() > model.vocab_size)
     throw Error("data '" + cfg_.data + "' has vocab " + std::to_string(data_.vocab()) +
                 " but the model's vocab_size is " + std::to_string(model.vocab_size));
   world_ = comm_ ? comm_->size() : 1;
   rank_ = comm_ ? comm_->rank() : 0;
-  if (comm_ && cfg_.pp > 1) pp_setup();  // one rank: the whole model, whatever pp says
-  const int64_t takers = pp_ > 1 ? replicas_ : world_;
-  if (cfg_.batch < takers)
-    throw Error("the global batch (" + std::to_string(cfg_.batch) +
-                " sequences) is smaller than the " + std::to_string(takers) +
-                (pp_ > 1 ? " pipeline replicas" : " ranks") + ": each needs at least one");
-  // One rank takes everything, whatever the split says (a run saved with --split 3,1 resumes
-  // on one device as it is).
-  const std::vector<double> weights =
-      world_ > 1 && pp_ == 1 ? parse_split(cfg_.split, int(world_)) : std::vector<double>{1.0};
-  auto_split_ = weights.empty();
+  if (comm_ && cfg_.pp > 1)
+    par_ = std::make_unique<Pipeline>(*this);
+  else
+    par_ = std::make_unique<DataParallel>(*this);
   const int64_t T = cfg_.seq_len();
   if (cfg_.sft.empty() && (data_.n_train() < T + 2 || data_.n_val() < T + 2))
     throw Error("data '" + cfg_.data + "' is too small: " + std::to_string(data_.n_train()) +
                 " train and " + std::to_string(data_.n_val()) +
                 " validation tokens, need more than " + std::to_string(T + 1) +
                 " of each for seq " + std::to_string(T));
-  return weights;
 }
 
 // Rows per forward pass and the training graph on the device.
 void Trainer::build_program() {
-  // Rows per forward pass: the micro-batch, or fewer if the device's free memory cannot hold
-  // it (the rest of a rank's share then runs in further passes).
-  cap_ = cfg_.batch;
   free_bytes_ = dev_->free_memory();
-  if (comm_ && pp_ == 1) cap_ = rows_per_pass(cfg_, free_bytes_);
-  if (pp_ > 1) pp_plan();  // cap_: the micro-batch
-  const int64_t first = pp_ > 1 ? bounds_[size_t(stage_)] : 0;
-  const int64_t last = pp_ > 1 ? bounds_[size_t(stage_ + 1)] : -1;
+  cap_ = par_->pass_rows();  // what fits the device, or the pipeline's micro-batch
+  const auto [first, last] = par_->layers();
   Graph g = train_graph(cfg_, cap_, &m_, &n_forward_, first, last, &seed_value_, &grad_in_value_);
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
   for (size_t n = 0; n < prog_->graph().nodes.size(); ++n) {

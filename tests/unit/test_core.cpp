@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "backend/device.h"
+#include "backend/reference.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/tensor.h"
@@ -153,6 +154,52 @@ TEST(OpParams, EncodeAndDecodeAgreeWithTheAbiPositions) {
   EXPECT_EQ(c.ip[0], 3);
   EXPECT_FLOAT_EQ(c.fp[5], 0.5f);
   EXPECT_FLOAT_EQ(params_of<AdamwParams>(c).step_size(), 1e-3f / (1.f - 0.9f * 0.9f * 0.9f));
+}
+
+// The double-precision reference the CPU backend is checked against, itself checked on values
+// worked out by hand.
+TEST(Reference, OpsGiveTheValuesWorkedOutByHand) {
+  using namespace opcase;
+  auto run = [](Case c, Values in, Values out) { return reference_outputs(c, in, std::move(out)); };
+  Case sm{MXN_OP_SOFTMAX, {f({1, 2})}, {f({1, 2})}};
+  Values y = run(sm, {{0.0, std::log(3.0)}}, {{0, 0}});
+  EXPECT_NEAR(y[0][0], 0.25, 1e-15);
+  EXPECT_NEAR(y[0][1], 0.75, 1e-15);
+  Case mm{MXN_OP_MATMUL, {f({2, 2}), f({2, 2})}, {f({2, 2})}};
+  set_params(mm, MatmulParams{false, false, true, MXN_DTYPE_F32, 0.5f});
+  y = run(mm, {{1, 2, 3, 4}, {5, 6, 7, 8}}, {{1, 1, 1, 1}});
+  EXPECT_EQ(y[0], (std::vector<double>{10.5, 12, 22.5, 26}));
+  Case ln{MXN_OP_LAYERNORM, {f({1, 2}), f({2}), f({2})}, {f({1, 2}), f({1, 2})}};
+  set_params(ln, NormParams{0.f});
+  y = run(ln, {{1, 3}, {2, 2}, {1, 1}}, {{0, 0}, {0, 0}});
+  EXPECT_EQ(y[0], (std::vector<double>{-1, 3}));
+  EXPECT_EQ(y[1], (std::vector<double>{2, 1}));  // mean, rstd
+  Case ce{MXN_OP_CROSS_ENTROPY, {f({2, 2}), tgt({2}, 2)}, {f({1})}};
+  y = run(ce, {{0, 0, std::log(3.0), 0}, {0, -1}}, {{0}});
+  EXPECT_NEAR(y[0][0], std::log(2.0), 1e-15);  // the ignored row counts for nothing
+  // Causal attention, one head of one dim: query 1 sees scores (0, ln 3), so 1/4 and 3/4.
+  Case at{MXN_OP_ATTENTION, {f({2, 1}), f({2, 1}), f({2, 1})}, {f({2, 1}), f({2, 1})}};
+  AttentionParams ap;
+  ap.T = 2;
+  ap.scale = 1.f;
+  set_params(at, ap);
+  y = run(at, {{1, 1}, {0, std::log(3.0)}, {4, 8}}, {{0, 0}, {0, 0}});
+  EXPECT_NEAR(y[0][0], 4, 1e-15);
+  EXPECT_NEAR(y[0][1], 7, 1e-14);
+  EXPECT_NEAR(y[1][1], std::log(4.0), 1e-15);
+  Case ro{MXN_OP_ROPE, {f({1, 2}), idx({1}, 4)}, {f({1, 2})}};
+  RopeParams rp;
+  rp.head_dim = 2;
+  rp.theta = 1.f;
+  set_params(ro, rp);
+  y = run(ro, {{1, 0}, {1}}, {{0, 0}});
+  EXPECT_NEAR(y[0][0], std::cos(1.0), 1e-15);
+  EXPECT_NEAR(y[0][1], std::sin(1.0), 1e-15);
+  // AdamW's first step moves a weight by lr whatever the gradient's size (eps 0).
+  Case aw{MXN_OP_ADAMW, {f({1})}, {f({1}), f({1}), f({1})}};
+  set_params(aw, AdamwParams{1, 0.1f, 0.9f, 0.999f, 0.f, 0.f, 1.f});
+  y = run(aw, {{3}}, {{1}, {0}, {0}});
+  EXPECT_NEAR(y[0][0], 0.9, 1e-7);  // lr is a float: 0.1f
 }
 
 #include "backend/cpu/vmath.h"

@@ -1,0 +1,124 @@
+#pragma once
+// How one training step's work is spread over the ranks: a small interface, and today's two
+// implementations. The Trainer owns the model, the data, the Program and the optimizer; a strategy
+// decides which layers and rows this rank holds, runs a step's passes, reduces the gradients and
+// their norm, runs validation through the ranks and gathers the state a checkpoint needs.
+//
+//   DataParallel  every rank holds the whole model and takes a share of each step's rows, in
+//                 proportion to its measured speed (or --split), corrected for drift; gradients
+//                 are summed by GradSync, overlapping the backward. One rank is its world of one.
+//   Pipeline      --pp stages of contiguous layers, replicas of them taking even shares of rows,
+//                 the 1F1B schedule (parallel/schedule.h) over micro-batches.
+//
+// Tensor parallelism will be a third (it changes the layers' shapes and adds the group's
+// all-reduce inside each block: inside a pipeline stage), expert parallelism a fourth (experts
+// over a stage's ranks, tokens exchanged all-to-all). They compose as DESIGN.md's map says: TP
+// inside a stage, EP across a stage's ranks, pipeline stages across nodes, data parallelism /
+// ZeRO-1 across the replicas; each implementation names the ranks it reduces over with
+// Communicator::split, as Pipeline already does for its stages and replicas.
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/checkpoint.h"
+#include "parallel/comm.h"
+#include "parallel/grad_sync.h"
+
+namespace mxn {
+
+class Trainer;
+
+class Strategy {
+ public:
+  virtual ~Strategy() = default;
+  // Before the graph: the layers this rank holds ([first, last), last -1: to the end) and the
+  // rows of one forward pass (this rank's memory or the pipeline's micro-batch).
+  virtual std::array<int64_t, 2> layers() const { return {0, -1}; }
+  virtual int64_t pass_rows() = 0;
+  // After the Program, the optimizer and the weights: measure, share the rows, make the pass
+  // variants and describe the plan (Trainer::plan()).
+  virtual void plan() = 0;
+  // At the start of a step, before anything of it runs (a strategy that times its ranks' compute
+  // starts the clock here, so a slow chip's every delay is counted).
+  virtual void before_step() {}
+  // One step's forward and backward passes over this rank's rows; returns the global batch's mean
+  // loss, the same on every rank.
+  virtual double passes(uint64_t key, double total) = 0;
+  // The global sum of squares of the mean gradient, with every gradient reduced over the ranks
+  // that share it (collective).
+  virtual double grad_sumsq() = 0;
+  virtual void after_step() {}
+  // The mean loss over the validation windows (collective).
+  virtual double eval() = 0;
+  // Fills a checkpoint with the whole model's weights and moments; true on the rank that writes
+  // it (collective).
+  virtual bool gather(Checkpoint& ck) = 0;
+  virtual const std::vector<int64_t>& stage_bounds() const { return none_; }
+  virtual double exposed_reduce_seconds() const { return 0; }
+
+ private:
+  std::vector<int64_t> none_;
+};
+
+class DataParallel final : public Strategy {
+ public:
+  // Shares by --split's weights, or by the measured speeds when it is "auto".
+  explicit DataParallel(Trainer& t);
+  int64_t pass_rows() override;
+  void plan() override;
+  void before_step() override { step_start_ = std::chrono::steady_clock::now(); }
+  double passes(uint64_t key, double total) override;
+  double grad_sumsq() override;
+  void after_step() override { follow_drift(); }
+  double eval() override;
+  bool gather(Checkpoint& ck) override;
+  double exposed_reduce_seconds() const override;
+
+ private:
+  void profile();
+  void follow_drift();
+  void apply_split(const std::vector<int64_t>& split);
+
+  Trainer& t_;
+  std::unique_ptr<GradSync> sync_;
+  std::vector<int64_t> split_;
+  std::vector<double> sec_per_row_, stats_;  // per rank; stats_: the per-step all-reduce
+  bool auto_split_ = false;
+  static constexpr int64_t kDriftWindow = 5;
+  std::vector<double> drift_;  // per rank, the last kDriftWindow seconds per sequence
+  int64_t steps_since_change_ = 0;
+  std::chrono::steady_clock::time_point step_start_;
+};
+
+// This rank is stage stage_ of replica replica_ (rank = replica x pp + stage), holding layers
+// [bounds_[stage_], bounds_[stage_ + 1]). A step runs 1F1B over micro-batches of the pass rows; a
+// stage keeps only each micro-batch's input and recomputes its activations in the backward, so
+// one arena serves every micro-batch in flight.
+class Pipeline final : public Strategy {
+ public:
+  explicit Pipeline(Trainer& t);  // ranks, layer bounds and communicators, before the graph
+  std::array<int64_t, 2> layers() const override;
+  int64_t pass_rows() override;  // this replica's rows and the micro-batch
+  void plan() override;          // the pass variants, host buffers and the plan's description
+  double passes(uint64_t key, double total) override;  // a step's 1F1B schedule
+  double grad_sumsq() override;  // sums over replicas (and tied copies); global sum of squares
+  double eval() override;
+  bool gather(Checkpoint& ck) override;  // replica 0's state on rank 0, by name
+  const std::vector<int64_t>& stage_bounds() const override { return bounds_; }
+
+ private:
+  void rows_of(int64_t micro, int64_t n, uint64_t key);  // offsets for a micro-batch
+  void gather_stages(Checkpoint& ck);
+
+  Trainer& t_;
+  int64_t pp_ = 1, stage_ = 0, replica_ = 0, replicas_ = 1, hidden_ = 0;  // hidden_: width
+  std::vector<int64_t> bounds_;
+  std::unique_ptr<Communicator> pipe_, dp_, tied_;  // a replica's stages; a stage's replicas;
+                                                    // the first and last stage (tied embeddings)
+  std::vector<float> stash_, send_f_, send_b_, recv_g_, grad_host_, tied_host_;
+};
+
+}  // namespace mxn
