@@ -60,6 +60,17 @@ inline const char* contract_error(const mxn_op_call& k) {
   }
 }
 
+// A backend's dtype rule: every operand (inputs, then outputs) is f32 or i32, or of a dtype that
+// `takes(op, operand, dtype)` allows; else `msg`.
+template <typename Takes>
+const char* operand_dtypes(const mxn_op_call& k, Takes&& takes, const char* msg) {
+  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
+    const int32_t dt = i < k.n_inputs ? k.inputs[i].dtype : k.outputs[i - k.n_inputs].dtype;
+    if (dt != MXN_DTYPE_F32 && dt != MXN_DTYPE_I32 && !takes(k.op, i, dt)) return msg;
+  }
+  return nullptr;
+}
+
 // A backend's context: the message of its last failure (what last_error returns).
 struct BackendBase {
   std::string error;

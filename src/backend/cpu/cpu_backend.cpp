@@ -278,16 +278,18 @@ int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
 // The CPU's own rules, in front of the contract's (common.h): the dtypes each operand may have.
 const char* cpu_rule(const mxn_op_call& k) {
   if (k.op == MXN_OP_CAST || k.op == MXN_OP_COPY) return nullptr;
-  bool bf16_qkv = false;
-  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
-    const mxn_tensor& t = i < k.n_inputs ? k.inputs[i] : k.outputs[i - k.n_inputs];
-    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
-        !(bf16_operand(k.op, i) && t.dtype == MXN_DTYPE_BF16))
-      return "the CPU backend takes f32 tensors (bf16 only as weights, GELU's x and attention's "
-             "q, k, v)";
-    bf16_qkv |=
-        t.dtype == MXN_DTYPE_BF16 && (k.op == MXN_OP_ATTENTION || k.op == MXN_OP_ATTENTION_BWD);
-  }
+  auto bf16_ok = [](int32_t op, int i, int32_t dt) {
+    return dt == MXN_DTYPE_BF16 && bf16_operand(op, i);
+  };
+  if (const char* e = operand_dtypes(k, bf16_ok,
+                                     "the CPU backend takes f32 tensors (bf16 only as weights, "
+                                     "GELU's x and attention's q, k, v)"))
+    return e;
+  const int o = k.op == MXN_OP_ATTENTION_BWD ? 1 : 0;  // q, k, v follow dy
+  const bool bf16_qkv =
+      (k.op == MXN_OP_ATTENTION || k.op == MXN_OP_ATTENTION_BWD) &&
+      (k.inputs[o].dtype == MXN_DTYPE_BF16 || k.inputs[o + 1].dtype == MXN_DTYPE_BF16 ||
+       k.inputs[o + 2].dtype == MXN_DTYPE_BF16);
   if (bf16_qkv && params_of<AttentionParams>(k).mask > MXN_MASK_SEGMENTS)
     return "attention: bf16 q, k, v are for training's masks (none, causal, prefix, segments) only";
   return nullptr;

@@ -406,12 +406,9 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
 const char* cuda_rule(const mxn_op_call& k) {
   if (k.op == MXN_OP_CLASSIFIER_CE || k.op == MXN_OP_CLASSIFIER_CE_BWD)
     return "the CUDA backend has no fused classifier yet (mxn runs it unfused)";
-  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
-    const mxn_tensor& t = i < k.n_inputs ? k.inputs[i] : k.outputs[i - k.n_inputs];
-    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32)
-      return "the CUDA backend takes f32 tensors (bf16 as a matmul compute type)";
-  }
-  return nullptr;
+  return operand_dtypes(
+      k, [](int32_t, int, int32_t) { return false; },
+      "the CUDA backend takes f32 tensors (bf16 as a matmul compute type)");
 }
 
 int32_t supports_call(void* ctx, const mxn_op_call* call) {

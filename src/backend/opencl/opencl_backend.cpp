@@ -548,16 +548,13 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
 const char* opencl_rule(const mxn_op_call& k) {
   if (k.op == MXN_OP_CLASSIFIER_CE || k.op == MXN_OP_CLASSIFIER_CE_BWD)
     return "the OpenCL backend has no fused classifier yet (mxn runs it unfused)";
-  for (int i = 0; i < k.n_inputs + k.n_outputs; ++i) {
-    const mxn_tensor& t = i < k.n_inputs ? k.inputs[i] : k.outputs[i - k.n_inputs];
-    const bool half_ok = k.op == MXN_OP_CAST || (k.op == MXN_OP_GELU && i == 0) ||
-                         (k.op == MXN_OP_GELU_BWD && i == 1);
-    if (t.dtype != MXN_DTYPE_F32 && t.dtype != MXN_DTYPE_I32 &&
-        !(t.dtype == MXN_DTYPE_BF16 && half_ok))
-      return "the OpenCL backend takes bf16 tensors in cast and as GELU's x only; other ops "
-             "take f32";
-  }
-  return nullptr;
+  auto half_ok = [](int32_t op, int i, int32_t dt) {
+    return dt == MXN_DTYPE_BF16 && (op == MXN_OP_CAST || (op == MXN_OP_GELU && i == 0) ||
+                                    (op == MXN_OP_GELU_BWD && i == 1));
+  };
+  return operand_dtypes(
+      k, half_ok,
+      "the OpenCL backend takes bf16 tensors in cast and as GELU's x only; other ops take f32");
 }
 
 int32_t supports_call(void* ctx, const mxn_op_call* call) {
