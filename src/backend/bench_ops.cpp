@@ -24,42 +24,32 @@ std::vector<Item> items() {
   const int64_t B = 8, T = 256, C = 384, H = 6, V = 256, N = B * T, P = 10'700'000;
   const double f4 = 4;
   auto mm = [&](const char* l, int64_t M, int64_t K, int64_t Nn, bool tb) {
-    return Item{l,
-                Case{MXN_OP_MATMUL,
-                     {f({M, K}), f(tb ? Shape{Nn, K} : Shape{K, Nn})},
-                     {f({M, Nn})},
-                     {0, tb, 0, 0},
-                     {1.f}},
-                2.0 * M * K * Nn, true};
+    return Item{
+        l,
+        with({MXN_OP_MATMUL, {f({M, K}), f(tb ? Shape{Nn, K} : Shape{K, Nn})}, {f({M, Nn})}},
+             MatmulParams{false, tb}),
+        2.0 * M * K * Nn, true};
   };
   const double att = 4.0 * B * H * T * T * (C / H);  // QK^T and PV, full square
-  const std::array<int64_t, MXN_MAX_IP> attn_ip{H, H, C / H, T, T, 1, 0, 0, 0, T, 0};
-  const float attn_scale = 1.f / std::sqrt(float(C / H));
+  AttentionParams ap;                                // causal, scale 1/sqrt(hd)
+  ap.heads = ap.kv_heads = H, ap.head_dim = C / H, ap.T = T;
   return {
       mm("matmul c_attn 2048x384x1152", N, C, 3 * C, false),
       mm("matmul c_fc 2048x384x1536", N, C, 4 * C, false),
       mm("matmul c_proj 2048x1536x384", N, 4 * C, C, false),
       mm("matmul lm_head 2048x384x256^T", N, C, V, true),
       {"attention fwd B8 H6 T256",
-       {MXN_OP_ATTENTION,
-        {f({N, C}), f({N, C}), f({N, C})},
-        {f({N, C}), f({N, H})},
-        attn_ip,
-        {attn_scale}},
-       att,
+       with({MXN_OP_ATTENTION, {f({N, C}), f({N, C}), f({N, C})}, {f({N, C}), f({N, H})}}, ap), att,
        true},
       {"attention bwd",
-       {MXN_OP_ATTENTION_BWD,
-        {f({N, C}), f({N, C}), f({N, C}), f({N, C}), f({N, C}), pos({N, H})},
-        {f({N, C}), f({N, C}), f({N, C})},
-        attn_ip,
-        {attn_scale}},
-       2 * att,
-       true},
+       with({MXN_OP_ATTENTION_BWD,
+             {f({N, C}), f({N, C}), f({N, C}), f({N, C}), f({N, C}), pos({N, H})},
+             {f({N, C}), f({N, C}), f({N, C})}},
+            ap),
+       2 * att, true},
       {"layernorm 2048x384",
-       {MXN_OP_LAYERNORM, {f({N, C}), f({C}), f({C})}, {f({N, C}), f({N, 2})}, {}, {1e-5f}},
-       f4 * 2 * N * C,
-       false},
+       with({MXN_OP_LAYERNORM, {f({N, C}), f({C}), f({C})}, {f({N, C}), f({N, 2})}}, NormParams{}),
+       f4 * 2 * N * C, false},
       {"layernorm bwd",
        {MXN_OP_LAYERNORM_BWD,
         {f({N, C}), f({N, C}), f({C}), pos({N, 2})},
@@ -97,14 +87,10 @@ std::vector<Item> items() {
        f4 * N * C,
        false},
       {"adamw 10.7M params",
-       {MXN_OP_ADAMW,
-        {f({P})},
-        {f({P}), f({P}), pos({P})},
-        {1},
-        {1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.f}},
-       f4 * 7 * P,
-       false},
-      {"sum_squares 10.7M", {MXN_OP_SUM_SQUARES, {f({P})}, {f({1})}, {0}}, f4 * P, false},
+       with({MXN_OP_ADAMW, {f({P})}, {f({P}), f({P}), pos({P})}},
+            AdamwParams{1, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.f}),
+       f4 * 7 * P, false},
+      {"sum_squares 10.7M", {MXN_OP_SUM_SQUARES, {f({P})}, {f({1})}}, f4 * P, false},
   };
 }
 

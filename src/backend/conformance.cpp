@@ -38,10 +38,11 @@ std::vector<AttnCase> attention_cases() {
 // dt bf16: q, k and v stored in bf16 (training keeps them so for the backward).
 Case attention_case(int op, const AttnCase& a, DType dt = DType::f32) {
   const int64_t Nq = a.B * a.T, Nk = a.B * a.kv_rows, qw = a.H * a.hd, kw = a.G * a.hd;
-  const std::array<int64_t, MXN_MAX_IP> ip{
-      a.H,       a.G,      a.hd, a.T, a.S, a.mask, 0, a.fused ? qw : 0, a.fused ? qw + kw : 0,
-      a.kv_rows, a.q_pos0, a.P,  a.bs};
-  const float scale = 1.f / std::sqrt(float(a.hd));
+  AttentionParams p;
+  p.heads = a.H, p.kv_heads = a.G, p.head_dim = a.hd, p.T = a.T, p.S = a.S;
+  p.mask = mxn_attention_mask(a.mask);
+  p.k_col = a.fused ? qw : 0, p.v_col = a.fused ? qw + kw : 0;
+  p.kv_rows = a.kv_rows, p.q_pos0 = a.q_pos0, p.P = a.P, p.block = a.bs;  // scale: 1/sqrt(hd)
   // A fused case passes three separate tensors of the full fused width, so each window is
   // checked; the backward's outputs then cover only their own windows.
   const int64_t w = a.fused ? qw + 2 * kw : 0;
@@ -63,30 +64,30 @@ Case attention_case(int op, const AttnCase& a, DType dt = DType::f32) {
                                  ? std::vector<Operand>{f({Nq, qw}), f({Nq, a.H})}
                                  : std::vector<Operand>{f(qs), f(ks), f(ks)};
   if (op == MXN_OP_ATTENTION_BWD && a.P > 0) out.insert(out.end(), {f({a.P, kw}), f({a.P, kw})});
-  return {mxn_op(op), in, out, ip, {scale}};
+  return with({mxn_op(op), in, out}, p);
 }
 
 std::vector<Case> cases_for(mxn_op op, DType dt) {
   std::vector<Case> c;
-  const int64_t compute = dt == DType::bf16 ? MXN_DTYPE_BF16 : MXN_DTYPE_F32;
+  const int32_t compute = dt == DType::bf16 ? MXN_DTYPE_BF16 : MXN_DTYPE_F32;
   switch (op) {
     case MXN_OP_MATMUL:
       for (auto [M, N, K] : {std::array<int64_t, 3>{7, 5, 3}, {64, 48, 32}, {33, 17, 65}})
         for (int ta = 0; ta < 2; ++ta)
           for (int tb = 0; tb < 2; ++tb)
-            c.push_back({op,
-                         {f(ta ? Shape{K, M} : Shape{M, K}), f(tb ? Shape{N, K} : Shape{K, N})},
-                         {f({M, N})},
-                         {ta, tb, (M + ta) % 2, compute},
-                         {0.75f}});
-      c.push_back({op, {f({3, 9, 5}), f({3, 5, 7})}, {f({3, 9, 7})}, {0, 0, 0, compute}, {1.f}});
-      c.push_back({op, {f({2, 6, 9}), f({2, 11, 6})}, {f({2, 9, 11})}, {1, 1, 1, compute}, {1.f}});
+            c.push_back(
+                with({op,
+                      {f(ta ? Shape{K, M} : Shape{M, K}), f(tb ? Shape{N, K} : Shape{K, N})},
+                      {f({M, N})}},
+                     MatmulParams{ta != 0, tb != 0, (M + ta) % 2 != 0, compute, 0.75f}));
+      c.push_back(with({op, {f({3, 9, 5}), f({3, 5, 7})}, {f({3, 9, 7})}},
+                       MatmulParams{false, false, false, compute}));
+      c.push_back(with({op, {f({2, 6, 9}), f({2, 11, 6})}, {f({2, 9, 11})}},
+                       MatmulParams{true, true, true, compute}));
       for (int tb = 0; tb < 2; ++tb)  // ABI 5: a bias on every row (linear layers)
-        c.push_back({op,
-                     {f({33, 65}), f(tb ? Shape{17, 65} : Shape{65, 17}), f({17})},
-                     {f({33, 17})},
-                     {0, tb, 0, compute},
-                     {1.f}});
+        c.push_back(
+            with({op, {f({33, 65}), f(tb ? Shape{17, 65} : Shape{65, 17}), f({17})}, {f({33, 17})}},
+                 MatmulParams{false, tb != 0, false, compute}));
       break;
     case MXN_OP_ADD:
       c.push_back({op, {f({3, 17}), f({3, 17})}, {f({3, 17})}});
@@ -95,11 +96,11 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       c.push_back({op, {f({7, 13}), f({13})}, {f({7, 13})}});
       break;
     case MXN_OP_SUM_ROWS:
-      c.push_back({op, {f({33, 17})}, {f({17})}, {0}});
-      c.push_back({op, {f({4, 5})}, {f({5})}, {1}});
+      c.push_back({op, {f({33, 17})}, {f({17})}});
+      c.push_back(with({op, {f({4, 5})}, {f({5})}}, SumParams{true}));
       break;
     case MXN_OP_SCALE:
-      c.push_back({op, {f({1001})}, {f({1001})}, {}, {-0.3f}});
+      c.push_back(with({op, {f({1001})}, {f({1001})}}, ScalarParams{-0.3f}));
       break;
     case MXN_OP_GELU:  // bf16: x stored in bf16 (bf16 training's kept pre-activation)
       c.push_back({op, {{{9, 111}, Gen::normal, 0, dt}}, {f({9, 111})}});
@@ -124,7 +125,7 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       break;
     case MXN_OP_LAYERNORM:
       for (int64_t n : {13, 384})
-        c.push_back({op, {f({6, n}), f({n}), f({n})}, {f({6, n}), f({6, 2})}, {}, {1e-5f}});
+        c.push_back(with({op, {f({6, n}), f({n}), f({n})}, {f({6, n}), f({6, 2})}}, NormParams{}));
       break;
     case MXN_OP_LAYERNORM_BWD:
       c.push_back(
@@ -149,27 +150,22 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       c.push_back({op, {f({1}), f({9, 101}), tgt({9}, 101)}, {f({9, 101})}});
       break;
     case MXN_OP_CLASSIFIER_CE:  // the loss alone, then with both gradients; blocks of 4 rows
-      c.push_back({op, {f({10, 13}), f({37, 13}), tgt({10}, 37)}, {f({1})}, {0, 0, 4}});
-      c.push_back({op,
-                   {f({10, 13}), f({37, 13}), tgt({10}, 37)},
-                   {f({1}), f({10, 13}), f({37, 13})},
-                   {2, 0, 4}});
+      c.push_back(with({op, {f({10, 13}), f({37, 13}), tgt({10}, 37)}, {f({1})}},
+                       ClassifierParams{0, MXN_DTYPE_F32, 4}));
+      c.push_back(
+          with({op, {f({10, 13}), f({37, 13}), tgt({10}, 37)}, {f({1}), f({10, 13}), f({37, 13})}},
+               ClassifierParams{2, MXN_DTYPE_F32, 4}));
       // ABI 6: the gradients for d(loss) = 0.3, dw added into what its output holds
-      c.push_back({op,
-                   {f({10, 13}), f({37, 13}), tgt({10}, 37)},
-                   {f({1}), f({10, 13}), f({37, 13})},
-                   {2, 0, 4, 1},
-                   {0.3f}});
+      c.push_back(
+          with({op, {f({10, 13}), f({37, 13}), tgt({10}, 37)}, {f({1}), f({10, 13}), f({37, 13})}},
+               ClassifierParams{2, MXN_DTYPE_F32, 4, true, 0.3f}));
       break;
     case MXN_OP_CLASSIFIER_CE_BWD:
       c.push_back({op, {f({1}), f({10, 13}), f({37, 13})}, {f({10, 13}), f({37, 13})}});
       break;
     case MXN_OP_ADAMW:
-      c.push_back({op,
-                   {f({513})},
-                   {f({513}), f({513}), pos({513})},
-                   {3},
-                   {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f}});
+      c.push_back(with({op, {f({513})}, {f({513}), f({513}), pos({513})}},
+                       AdamwParams{3, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f}));
       break;
     case MXN_OP_CAST:
       if (dt == DType::bf16) {
@@ -183,15 +179,15 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       c.push_back({op, {f({3, 7})}, {f({3, 7})}});
       break;
     case MXN_OP_FILL:
-      c.push_back({op, {}, {f({129})}, {}, {2.5f}});
+      c.push_back(with({op, {}, {f({129})}}, ScalarParams{2.5f}));
       break;
     case MXN_OP_SUM_SQUARES:
-      c.push_back({op, {f({1000})}, {f({1})}, {0}});
-      c.push_back({op, {f({77})}, {pos({1})}, {1}});
+      c.push_back({op, {f({1000})}, {f({1})}});
+      c.push_back(with({op, {f({77})}, {pos({1})}}, SumParams{true}));
       break;
     case MXN_OP_RMSNORM:
       for (int64_t n : {13, 384})
-        c.push_back({op, {f({6, n}), f({n})}, {f({6, n}), f({6})}, {}, {1e-5f}});
+        c.push_back(with({op, {f({6, n}), f({n})}, {f({6, n}), f({6})}}, NormParams{}));
       break;
     case MXN_OP_RMSNORM_BWD:
       c.push_back({op, {f({6, 13}), f({6, 13}), f({13}), pos({6})}, {f({6, 13}), f({13})}});
@@ -199,17 +195,33 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_ROPE:
       // LLaMA's half-split layout over whole heads; GLM's interleaved pairs on half of each head
       // of a fused qkv row (v's columns pass through); llama3 scaling; backwards; 2-D RoPE.
-      c.push_back({op, {f({7, 24}), idx({7}, 50)}, {f({7, 24})}, {0, 3, 8, 8, 0}, {10000.f}});
-      c.push_back({op, {f({5, 30}), idx({5}, 50)}, {f({5, 30})}, {0, 4, 6, 4, 1, 0, 0}, {500.f}});
-      c.push_back({op,
-                   {f({6, 32}), idx({6}, 9000)},
-                   {f({6, 32})},
-                   {16, 1, 16, 16, 0, 2, 1},
-                   {500000.f, 8.f, 1.f, 4.f, 8192.f}});
+      c.push_back(with({op, {f({7, 24}), idx({7}, 50)}, {f({7, 24})}},
+                       RopeParams{.heads = 3, .head_dim = 8, .rot = 8}));
+      c.push_back(with(
+          {op, {f({5, 30}), idx({5}, 50)}, {f({5, 30})}},
+          RopeParams{.heads = 4, .head_dim = 6, .rot = 4, .interleaved = true, .theta = 500.f}));
       c.push_back(
-          {op, {f({3, 12}), idx({3}, 20)}, {f({3, 12})}, {2, 2, 5, 2, 1, 1, 1}, {10000.f, 4.f}});
+          with({op, {f({6, 32}), idx({6}, 9000)}, {f({6, 32})}}, RopeParams{.col0 = 16,
+                                                                            .heads = 1,
+                                                                            .head_dim = 16,
+                                                                            .rot = 16,
+                                                                            .scaling = 2,
+                                                                            .backward = true,
+                                                                            .theta = 500000.f,
+                                                                            .factor = 8.f}));
+      c.push_back(
+          with({op, {f({3, 12}), idx({3}, 20)}, {f({3, 12})}}, RopeParams{.col0 = 2,
+                                                                          .heads = 2,
+                                                                          .head_dim = 5,
+                                                                          .rot = 2,
+                                                                          .interleaved = true,
+                                                                          .scaling = 1,
+                                                                          .backward = true,
+                                                                          .factor = 4.f}));
       // 2-D RoPE's second half: the last head's rotated dims end at the row's end.
-      c.push_back({op, {f({4, 16}), idx({4}, 30)}, {f({4, 16})}, {4, 2, 8, 4, 1}, {10000.f}});
+      c.push_back(
+          with({op, {f({4, 16}), idx({4}, 30)}, {f({4, 16})}},
+               RopeParams{.col0 = 4, .heads = 2, .head_dim = 8, .rot = 4, .interleaved = true}));
       break;
     case MXN_OP_SILU:
       c.push_back({op, {f({9, 111})}, {f({9, 111})}});
@@ -218,21 +230,25 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       c.push_back({op, {f({9, 111}), f({9, 111})}, {f({9, 111})}});
       break;
     case MXN_OP_SWIGLU:
-      c.push_back({op, {f({7, 11}), f({7, 11})}, {f({7, 11})}, {0, 0}});
-      c.push_back({op, {f({5, 26}), f({5, 26})}, {f({5, 13})}, {0, 13}});  // fused [gate | up]
+      c.push_back({op, {f({7, 11}), f({7, 11})}, {f({7, 11})}});
+      c.push_back(with({op, {f({5, 26}), f({5, 26})}, {f({5, 13})}},
+                       SwigluParams{0, 13}));  // fused [gate | up]
       break;
     case MXN_OP_SWIGLU_BWD:
-      c.push_back({op, {f({7, 11}), f({7, 11}), f({7, 11})}, {f({7, 11}), f({7, 11})}, {0, 0}});
-      c.push_back({op, {f({5, 13}), f({5, 26}), f({5, 26})}, {f({5, 26}), f({5, 26})}, {0, 13}});
+      c.push_back({op, {f({7, 11}), f({7, 11}), f({7, 11})}, {f({7, 11}), f({7, 11})}});
+      c.push_back(with({op, {f({5, 13}), f({5, 26}), f({5, 26})}, {f({5, 26}), f({5, 26})}},
+                       SwigluParams{0, 13}));
       break;
     case MXN_OP_DROPOUT:  // the mask is a function of (seed, index): equal on every chip
-      c.push_back({op, {f({7, 33})}, {f({7, 33})}, {123456789, 1000}, {0.3f}});
-      c.push_back({op, {f({4096})}, {f({4096})}, {-42, 0}, {0.1f}});
+      c.push_back(with({op, {f({7, 33})}, {f({7, 33})}}, DropoutParams{123456789, 1000, 0, 0.3f}));
+      c.push_back(with({op, {f({4096})}, {f({4096})}}, DropoutParams{uint64_t(-42), 0, 0, 0.1f}));
       break;
     case MXN_OP_SET_ROWS:
-      c.push_back({op, {f({2, 6})}, {f({2 * 5, 6})}, {3, 5, 0}});
-      c.push_back({op, {f({3 * 4, 17})}, {f({3 * 9, 7})}, {0, 9, 10}});  // a window of fused kv
-      c.push_back({op, {f({5, 17}), distinct({5}, 12)}, {f({12, 7})}, {0, 1, 3}});  // to rows idx
+      c.push_back(with({op, {f({2, 6})}, {f({2 * 5, 6})}}, SetRowsParams{3, 5, 0}));
+      c.push_back(with({op, {f({3 * 4, 17})}, {f({3 * 9, 7})}},
+                       SetRowsParams{0, 9, 10}));  // a window of fused kv
+      c.push_back(with({op, {f({5, 17}), distinct({5}, 12)}, {f({12, 7})}},
+                       SetRowsParams{0, 1, 3}));  // to rows idx
       break;
     default:
       break;

@@ -26,6 +26,13 @@ struct Case {
   std::array<float, 8> fp{};
 };
 
+// A case with its op's parameters, by name (op_params.h).
+template <typename P>
+Case with(Case c, const P& p) {
+  set_params(c, p);
+  return c;
+}
+
 inline Operand f(Shape s) { return {std::move(s)}; }
 inline Operand pos(Shape s) { return {std::move(s), Gen::positive}; }
 inline Operand idx(Shape s, int64_t r) { return {std::move(s), Gen::index, r, DType::i32}; }
