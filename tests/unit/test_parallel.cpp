@@ -90,7 +90,7 @@ TEST(ProgramVariant, SmallerShareEqualsItsOwnProgram) {
     dev->upload(p->tensor(m3.tokens, var), tok.data());
     dev->upload(p->tensor(m3.targets, var), tok.data() + 1);
     dev->upload(p->tensor(m3.positions, var), pos.data());
-    dev->run(make_op_call(MXN_OP_FILL, {}, {p->grads_all()}, {}, {0.f}));
+    dev->run(make_op_call(MXN_OP_FILL, {}, {p->grads_all()}, ScalarParams{0.f}));
     p->run(0, p->graph().nodes.size(), var);
   }
   float l_big = 0, l_small = 0;
