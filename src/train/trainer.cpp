@@ -1,24 +1,14 @@
 #include "train/trainer.h"
 
 #include <algorithm>
-#include <array>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <filesystem>
-#include <thread>
 
 #include "core/error.h"
 #include "core/faults.h"
-#include "core/fs.h"
 #include "core/rng.h"
-#include "core/text.h"
-#include "data/tokenizer.h"
 #include "infer/adapter.h"
-#include "io/hf_folder.h"
-#include "parallel/balance.h"
 
 namespace mxn {
 namespace {

@@ -18,7 +18,6 @@
 #include "io/train_config.h"
 #include "models/decoder.h"
 #include "parallel/comm.h"
-#include "parallel/grad_sync.h"
 #include "train/optimizer.h"
 #include "train/strategy.h"
 

@@ -10,7 +10,6 @@
 #include "data/tokenizer.h"
 #include "infer/adapter.h"
 #include "io/hf_folder.h"
-#include "parallel/balance.h"
 #include "train/trainer.h"
 
 // The Trainer's setup, step by step: the adapter it starts from, the data, the devices' kernels,

@@ -42,6 +42,17 @@ def texts():
             "mixed": "<|im_start|>user\nIn the beginning 起初神创造天地。<|im_end|>\n  x's 12345 \t\n"}
 
 
+M = (1 << 64) - 1
+
+
+def mix64(x):
+    """splitmix64's mix, as src/core/rng.h: the trainer picks rows with it."""
+    x = (x + 0x9e3779b97f4a7c15) & M
+    x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & M
+    x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & M
+    return x ^ (x >> 31)
+
+
 def mxn_encode(tok, text, tmp):
     path = os.path.join(tmp, "in.txt")
     with open(path, "w", encoding="utf-8") as f:
@@ -342,13 +353,6 @@ class Chat(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         with open(os.path.join(run, "metrics.jsonl")) as f:
             got = json.loads(f.readline())["loss"]
-        M = (1 << 64) - 1
-
-        def mix64(x):
-            x = (x + 0x9e3779b97f4a7c15) & M
-            x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & M
-            x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & M
-            return x ^ (x >> 31)
         train = rendered[:5]  # the last 10% (one row) validates
         key = mix64(seed ^ mix64(1))
         ids = torch.zeros(B, T, dtype=torch.long)
@@ -391,13 +395,6 @@ class Chat(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         with open(os.path.join(run, "metrics.jsonl")) as f:
             got = json.loads(f.readline())["loss"]
-        M = (1 << 64) - 1
-
-        def mix64(x):
-            x = (x + 0x9e3779b97f4a7c15) & M
-            x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & M
-            x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & M
-            return x ^ (x >> 31)
         train = rendered[:10]  # the last 10% (one row) validates
         key = mix64(seed ^ mix64(1))
         total, count, per_row = 0.0, 0, []
