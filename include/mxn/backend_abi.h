@@ -26,8 +26,11 @@ extern "C" {
  * 7: the attention masks named (mxn_attention_mask, the same numbers); set_option. A plugin built
  *    against ABI 6 (its table ends before set_option) still loads.
  * 8: supports_call, which sees the whole call (operands and parameters). Plugins of ABI 6 and 7
- *    still load; for them mxn asks supports() of each operand's dtype. */
-#define MXN_ABI_VERSION 8
+ *    still load; for them mxn asks supports() of each operand's dtype.
+ * 9: mixture-of-experts: MOE_ROUTE(_BWD), MOE_PERMUTE, MOE_UNPERMUTE(_BWD), GROUPED_MATMUL; RMSNORM
+ *    over groups of columns (a weight narrower than x's rows: Qwen3's per-head q and k norms).
+ *    Plugins of ABI 6 to 8 still load; mxn does not give them the new ops. */
+#define MXN_ABI_VERSION 9
 #define MXN_ABI_OLDEST 6 /* the oldest ABI whose plugins this header's mxn loads */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
@@ -98,8 +101,10 @@ typedef enum mxn_op {
   MXN_OP_FILL,              /* out = fp[0] */
   MXN_OP_SUM_SQUARES,       /* out (1) = sum a^2 (+ out when ip[0]) */
   /* --- added in ABI 2 ----------------------------------------------------------------------- */
-  MXN_OP_RMSNORM,           /* in: x, w; out: y = x * rstd * w, rstd (rows); fp[0]=eps */
-  MXN_OP_RMSNORM_BWD,       /* in: dy, x, w, rstd; out: dx, dw (dw overwritten) */
+  MXN_OP_RMSNORM,           /* in: x, w; out: y = x * rstd * w, rstd (rows); fp[0]=eps. ABI 9: w
+                               may be narrower than x's rows (count(w) divides last(x)): each group
+                               of count(w) columns is a row of its own, rstd (count(x)/count(w)) */
+  MXN_OP_RMSNORM_BWD,       /* in: dy, x, w, rstd; out: dx, dw (dw overwritten; groups as forward) */
   MXN_OP_ROPE,              /* in: x (N, W), pos (N) i32; out: y (N, W), may be x. Rotates the
                                first ip[3] dims of each of ip[1] heads of ip[2] dims that start
                                at column ip[0] (col0 + (heads-1)*hd + rot <= W: 2-D RoPE turns
@@ -138,6 +143,36 @@ typedef enum mxn_op {
                                output (a param's gradient) instead of overwriting it */
   MXN_OP_CLASSIFIER_CE_BWD, /* in: dloss (1), dx1, [dw1]; out: dx, [dw] = dloss * each (may be in
                                place) */
+  /* --- added in ABI 9: mixture of experts (dropless: every token reaches its K experts) ------- */
+  MXN_OP_MOE_ROUTE,         /* in: logits (N,E), [bias (E)]; out: w (N,K), ids (N,K) i32, pos (N*K)
+                               i32, offsets (E+1) i32, [aux (1)]. Scores s = softmax(logits) over
+                               the E experts (ip[1]=0) or sigmoid(logits) (ip[1]=1); the experts of
+                               a token are the K largest of s + bias (the bias picks, it does not
+                               weigh: DeepSeek-V3's aux-loss-free balancing), in descending order,
+                               lower index first on ties; with ip[3]=n_group > 1 only among the
+                               ip[4]=topk_group groups of E/n_group experts whose selection score
+                               is largest (a group's score: the sum of its 2 largest with a bias,
+                               else its largest). w = s at the chosen experts, divided by their sum
+                               when ip[2]=1 (norm_topk_prob), times fp[0] (routed_scaling_factor).
+                               pos and offsets sort the N*K (token, k) slots into expert order,
+                               stably: slot t*K+k goes to row pos[t*K+k]; expert e's rows are
+                               [offsets[e], offsets[e+1]). aux: the Switch / Mixtral load-balancing
+                               loss E * sum_e (count_e / N) * mean_t s[t, e]. ip[0]=K */
+  MXN_OP_MOE_ROUTE_BWD,     /* in: dw (N,K), logits, ids, [daux (1)]; out: dlogits (N,E)
+                               (overwritten); ip, fp as the forward */
+  MXN_OP_MOE_PERMUTE,       /* in: x (N,C), pos (N*K) i32, [w (N*K)]; out: xp (N*K, C):
+                               xp[pos[s]] = x[s / K] (* w[s]). pos is a permutation */
+  MXN_OP_MOE_UNPERMUTE,     /* in: yp (N*K, C), pos, [w]; out: y (N,C) = sum_k yp[pos[t*K+k]]
+                               (* w[t*K+k]): the weighted scatter back, summed in k order */
+  MXN_OP_MOE_UNPERMUTE_BWD, /* in: dy (N,C), yp (N*K, C), pos; out: dw (N*K) =
+                               <dy[s / K], yp[pos[s]]> */
+  MXN_OP_GROUPED_MATMUL,    /* one GEMM per expert over its rows, in one call. in: a, b, offsets
+                               (E+1) i32 (offsets[0] = 0, offsets[E] = rows; clamped). ip[1]=0:
+                               a (M, K) rows, b (E, N, K) with ip[0]=tb=1 or (E, K, N) with tb=0;
+                               out (M, N): rows r of expert e get a[r] op(b[e]). ip[1]=1 (a weight's
+                               gradient): a (M, P), b (M, Q); out (E, P, Q): out[e] = a_e^T b_e
+                               over expert e's rows (added into out with ip[2]=1; 0 for an expert
+                               without rows otherwise) */
   MXN_OP_COUNT
 } mxn_op;
 /* clang-format on */

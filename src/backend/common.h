@@ -26,6 +26,21 @@ inline const char* classifier_error(const mxn_op_call& k) {
   return nullptr;
 }
 
+// RMSNORM(_BWD): x (rows of groups of count(w) columns), w, and rstd one per group.
+inline const char* rmsnorm_error(const mxn_op_call& k) {
+  const bool bwd = k.op == MXN_OP_RMSNORM_BWD;
+  const mxn_tensor &x = k.inputs[bwd ? 1 : 0], &w = k.inputs[bwd ? 2 : 1];
+  const int64_t D = count(w);
+  if (k.n_inputs < (bwd ? 4 : 2) || k.n_outputs < 2 || D < 1 || last(x) % D != 0 ||
+      count(bwd ? k.inputs[3] : k.outputs[1]) != count(x) / D || count(k.outputs[0]) != count(x) ||
+      (bwd && count(k.outputs[1]) != D))
+    return "rmsnorm: expected x (N, C), w (D) with D dividing C, y like x and rstd (N*C/D)";
+  return nullptr;
+}
+
+// The routing kernels keep a token's experts in fixed-size arrays.
+constexpr int64_t kMaxExperts = 1024, kMaxExpertsPerToken = 64;
+
 inline const char* contract_error(const mxn_op_call& k) {
   if (k.op < 0 || k.op >= MXN_OP_COUNT) return "unknown op";
   if (k.n_inputs < 0 || k.n_inputs > MXN_MAX_OPERANDS || k.n_outputs < 0 ||
@@ -55,6 +70,22 @@ inline const char* contract_error(const mxn_op_call& k) {
       return classifier_error(k);
     case MXN_OP_CAST:
       return count(k.inputs[0]) != count(k.outputs[0]) ? "cast: sizes differ" : nullptr;
+    case MXN_OP_RMSNORM:
+    case MXN_OP_RMSNORM_BWD:
+      return rmsnorm_error(k);
+    case MXN_OP_MOE_ROUTE:
+    case MXN_OP_MOE_ROUTE_BWD: {
+      const MoeRouteShape s = moe_route_shape(k, k.op == MXN_OP_MOE_ROUTE_BWD);
+      if (!s.error && (s.E > kMaxExperts || s.K > kMaxExpertsPerToken))
+        return "moe_route: at most 1024 experts and 64 a token";
+      return s.error;
+    }
+    case MXN_OP_MOE_PERMUTE:
+    case MXN_OP_MOE_UNPERMUTE:
+    case MXN_OP_MOE_UNPERMUTE_BWD:
+      return moe_permute_shape(k).error;
+    case MXN_OP_GROUPED_MATMUL:
+      return grouped_matmul_shape(k).error;
     default:
       return nullptr;
   }

@@ -67,6 +67,60 @@ Case attention_case(int op, const AttnCase& a, DType dt = DType::f32) {
   return with({mxn_op(op), in, out}, p);
 }
 
+// The mixture-of-experts ops: Mixtral's softmax top-2 (with the aux loss), Qwen2-MoE's top-4 of 60
+// unnormalised, DeepSeek-V3's sigmoid with a selection bias and group-limited top-8 scaled by 2.5,
+// a shared expert's sigmoid gate (one expert); permutations of 2 and 3 slots a token; grouped
+// GEMMs over 5 experts, some without rows, in both layouts and as a weight's gradient.
+std::vector<Case> moe_cases(mxn_op op) {
+  std::vector<Case> c;
+  const MoeRouteParams mixtral{2, false, true}, qwen2{4, false, false},
+      deepseek{8, true, true, 8, 4, 2.5f}, gate{1, true, false};
+  switch (op) {
+    case MXN_OP_MOE_ROUTE:
+      c.push_back(with(
+          {op, {f({13, 8})}, {f({13, 2}), idx({13, 2}, 8), idx({26}, 26), idx({9}, 27), f({1})}},
+          mixtral));
+      c.push_back(with(
+          {op, {f({9, 60})}, {f({9, 4}), idx({9, 4}, 60), idx({36}, 36), idx({61}, 37)}}, qwen2));
+      c.push_back(with(
+          {op, {f({7, 64}), f({64})}, {f({7, 8}), idx({7, 8}, 64), idx({56}, 56), idx({65}, 57)}},
+          deepseek));
+      c.push_back(
+          with({op, {f({7, 1})}, {f({7, 1}), idx({7, 1}, 1), idx({7}, 7), idx({2}, 8)}}, gate));
+      break;
+    case MXN_OP_MOE_ROUTE_BWD:
+      c.push_back(
+          with({op, {f({13, 2}), f({13, 8}), idx({13, 2}, 8), f({1})}, {f({13, 8})}}, mixtral));
+      c.push_back(with({op, {f({9, 4}), f({9, 60}), idx({9, 4}, 60)}, {f({9, 60})}}, qwen2));
+      c.push_back(with({op, {f({7, 8}), f({7, 64}), idx({7, 8}, 64)}, {f({7, 64})}}, deepseek));
+      break;
+    case MXN_OP_MOE_PERMUTE:
+      c.push_back({op, {f({11, 13}), distinct({22}, 22)}, {f({22, 13})}});
+      c.push_back({op, {f({7, 5}), distinct({21}, 21), f({21})}, {f({21, 5})}});
+      break;
+    case MXN_OP_MOE_UNPERMUTE:
+      c.push_back({op, {f({22, 13}), distinct({22}, 22), f({22})}, {f({11, 13})}});
+      c.push_back({op, {f({21, 5}), distinct({21}, 21)}, {f({7, 5})}});
+      break;
+    case MXN_OP_MOE_UNPERMUTE_BWD:
+      c.push_back({op, {f({11, 13}), f({22, 13}), distinct({22}, 22)}, {f({22})}});
+      break;
+    case MXN_OP_GROUPED_MATMUL:
+      c.push_back(with({op, {f({29, 17}), f({5, 11, 17}), offsets(5, 29)}, {f({29, 11})}},
+                       GroupedMatmulParams{true}));
+      c.push_back(with({op, {f({29, 17}), f({5, 17, 11}), offsets(5, 29)}, {f({29, 11})}},
+                       GroupedMatmulParams{false}));
+      c.push_back(with({op, {f({29, 11}), f({29, 17}), offsets(5, 29)}, {f({5, 11, 17})}},
+                       GroupedMatmulParams{true, true, false}));
+      c.push_back(with({op, {f({70, 6}), f({70, 9}), offsets(3, 70)}, {f({3, 6, 9})}},
+                       GroupedMatmulParams{true, true, true}));
+      break;
+    default:
+      break;
+  }
+  return c;
+}
+
 std::vector<Case> cases_for(mxn_op op, DType dt) {
   std::vector<Case> c;
   const int32_t compute = dt == DType::bf16 ? MXN_DTYPE_BF16 : MXN_DTYPE_F32;
@@ -188,10 +242,20 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_RMSNORM:
       for (int64_t n : {13, 384})
         c.push_back(with({op, {f({6, n}), f({n})}, {f({6, n}), f({6})}}, NormParams{}));
+      // ABI 9: per-head norms (Qwen3's q and k): 4 groups of 9 columns a row
+      c.push_back(with({op, {f({6, 36}), f({9})}, {f({6, 36}), f({24})}}, NormParams{1e-6f}));
       break;
     case MXN_OP_RMSNORM_BWD:
       c.push_back({op, {f({6, 13}), f({6, 13}), f({13}), pos({6})}, {f({6, 13}), f({13})}});
+      c.push_back({op, {f({6, 36}), f({6, 36}), f({9}), pos({24})}, {f({6, 36}), f({9})}});
       break;
+    case MXN_OP_MOE_ROUTE:
+    case MXN_OP_MOE_ROUTE_BWD:
+    case MXN_OP_MOE_PERMUTE:
+    case MXN_OP_MOE_UNPERMUTE:
+    case MXN_OP_MOE_UNPERMUTE_BWD:
+    case MXN_OP_GROUPED_MATMUL:
+      return moe_cases(op);
     case MXN_OP_ROPE:
       // LLaMA's half-split layout over whole heads; GLM's interleaved pairs on half of each head
       // of a fused qkv row (v's columns pass through); llama3 scaling; backwards; 2-D RoPE.

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "backend/op_shapes.h"
 #include "core/error.h"
 
 extern "C" const mxn_backend_api* mxn_cpu_backend_get_api(void);
@@ -69,7 +70,13 @@ const char* op_name(int32_t op) {
                                             "tanh_bwd",
                                             "mul",
                                             "classifier_ce",
-                                            "classifier_ce_bwd"};
+                                            "classifier_ce_bwd",
+                                            "moe_route",
+                                            "moe_route_bwd",
+                                            "moe_permute",
+                                            "moe_unpermute",
+                                            "moe_unpermute_bwd",
+                                            "grouped_matmul"};
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 
@@ -141,6 +148,17 @@ uint64_t Device::free_memory() const {
 }
 
 bool Device::supports(const mxn_op_call& call, std::string* why) const {
+  // ABI 9's ops, and RMSNORM over groups of columns, are unknown to an older plugin.
+  const bool abi9 = call.op >= MXN_OP_MOE_ROUTE ||
+                    ((call.op == MXN_OP_RMSNORM || call.op == MXN_OP_RMSNORM_BWD) &&
+                     count(call.inputs[call.op == MXN_OP_RMSNORM ? 1 : 2]) !=
+                         last(call.inputs[call.op == MXN_OP_RMSNORM ? 0 : 1]));
+  if (abi9 && api_->abi_version < 9) {
+    if (why)
+      *why = std::string(op_name(call.op)) + " needs a backend of ABI 9 (this one is ABI " +
+             std::to_string(api_->abi_version) + ")";
+    return false;
+  }
   if (api_->struct_size >= offsetof(mxn_backend_api, supports_call) + sizeof(void*) &&
       api_->supports_call) {
     if (api_->supports_call(ctx_, &call) == 1) return true;

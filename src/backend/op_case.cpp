@@ -15,6 +15,14 @@ std::vector<uint8_t> make_data(const Operand& o, Rng& rng) {
     std::copy_n(all.begin(), n, reinterpret_cast<int32_t*>(out.data()));
     return out;
   }
+  if (o.gen == Gen::offsets) {  // sorted draws in [0, range], first 0 and last range
+    auto* v = reinterpret_cast<int32_t*>(out.data());
+    for (int64_t i = 0; i < n; ++i) v[i] = int32_t(rng.next() % uint64_t(o.range + 1));
+    std::sort(v, v + n);
+    v[0] = 0;
+    v[n - 1] = int32_t(o.range);
+    return out;
+  }
   for (int64_t i = 0; i < n; ++i) {
     if (o.dtype == DType::i32) {
       const int64_t lo = o.gen == Gen::target ? -1 : 0;

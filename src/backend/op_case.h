@@ -10,7 +10,7 @@
 
 namespace mxn::opcase {
 
-enum class Gen { normal, positive, index, target, distinct };
+enum class Gen { normal, positive, index, target, distinct, offsets };
 
 struct Operand {
   Shape shape;
@@ -39,6 +39,8 @@ inline Operand idx(Shape s, int64_t r) { return {std::move(s), Gen::index, r, DT
 inline Operand tgt(Shape s, int64_t r) { return {std::move(s), Gen::target, r, DType::i32}; }
 // Distinct indexes in [0, r) (a scatter's destinations, which must not collide): r >= count.
 inline Operand distinct(Shape s, int64_t r) { return {std::move(s), Gen::distinct, r, DType::i32}; }
+// Group offsets (E+1): non-decreasing from 0 to r, some groups empty (a grouped GEMM's experts).
+inline Operand offsets(int64_t E, int64_t r) { return {{E + 1}, Gen::offsets, r, DType::i32}; }
 
 std::vector<uint8_t> make_data(const Operand& o, Rng& rng);
 std::vector<double> to_double(const std::vector<uint8_t>& b, DType t);

@@ -221,6 +221,42 @@ struct ClassifierParams {
   float scale() const { return direct ? dloss : 1.f; }  // d(loss) the gradients are made for
 };
 
+// MOE_ROUTE and MOE_ROUTE_BWD: K experts a token, scored by softmax or sigmoid, picked within the
+// best topk_group of n_group groups, weighed by their scores (renormalised with `norm`) times
+// `scale`.
+struct MoeRouteParams {
+  int64_t k = 1;
+  bool sigmoid = false;  // scores: softmax over the experts (false) or each one's sigmoid
+  bool norm = false;     // the chosen scores divided by their sum (norm_topk_prob)
+  int64_t n_group = 1, topk_group = 1;
+  float scale = 1.f;  // routed_scaling_factor
+  void encode(int64_t* ip, float* fp) const {
+    ip[0] = k;
+    ip[1] = sigmoid;
+    ip[2] = norm;
+    ip[3] = n_group;
+    ip[4] = topk_group;
+    fp[0] = scale;
+  }
+  static MoeRouteParams decode(const int64_t* ip, const float* fp) {
+    return {ip[0], ip[1] != 0, ip[2] != 0, ip[3], ip[4], fp[0]};
+  }
+};
+
+// GROUPED_MATMUL: rows times their expert's matrix (tb: stored (E, N, K)), or (weight_grad) each
+// expert's a^T b over its rows, added into the output with `accumulate`.
+struct GroupedMatmulParams {
+  bool tb = true, weight_grad = false, accumulate = false;
+  void encode(int64_t* ip, float*) const {
+    ip[0] = tb;
+    ip[1] = weight_grad;
+    ip[2] = accumulate;
+  }
+  static GroupedMatmulParams decode(const int64_t* ip, const float*) {
+    return {ip[0] != 0, ip[1] != 0, ip[2] != 0};
+  }
+};
+
 // An op call's (or anything with ip and fp arrays') parameters, read and written by type.
 template <typename P, typename Call>
 P params_of(const Call& c) {

@@ -280,4 +280,115 @@ inline SetRowsShape set_rows_shape(const mxn_op_call& k) {
   return s;
 }
 
+// MOE_ROUTE / MOE_ROUTE_BWD: N tokens over E experts, K each; the forward's optional bias, the
+// backward's optional d(aux) (its inputs: dw, logits, ids, [daux]).
+struct MoeRouteShape {
+  int64_t N = 0, E = 0, K = 0, n_group = 1, topk_group = 1;
+  int bias = -1, daux = -1;  // input indexes, -1: none
+  bool aux = false;          // the forward's aux output
+  const char* error = nullptr;
+};
+inline MoeRouteShape moe_route_shape(const mxn_op_call& k, bool backward) {
+  const MoeRouteParams p = params_of<MoeRouteParams>(k);
+  MoeRouteShape s;
+  const mxn_tensor& logits = k.inputs[backward ? 1 : 0];
+  s.E = last(logits);
+  s.N = rows_of(logits);
+  s.K = p.k;
+  s.n_group = p.n_group > 0 ? p.n_group : 1;
+  s.topk_group = p.topk_group > 0 ? p.topk_group : s.n_group;
+  if (backward ? k.n_inputs < 3 || k.n_inputs > 4 : k.n_inputs < 1 || k.n_inputs > 2)
+    s.error = "moe_route: inputs are logits and [bias]; backward: dw, logits, ids and [d(aux)]";
+  if (!backward && k.n_inputs > 1) s.bias = 1;
+  if (backward && k.n_inputs > 3) s.daux = 3;
+  if ((s.bias >= 0 && count(k.inputs[s.bias]) != s.E) ||
+      (s.daux >= 0 && count(k.inputs[s.daux]) != 1))
+    s.error = "moe_route: the bias is (E), d(aux) (1)";
+  s.aux = !backward && k.n_outputs > 4;
+  const bool ok_groups =
+      s.E % s.n_group == 0 && s.topk_group <= s.n_group && s.K <= s.topk_group * (s.E / s.n_group);
+  if (s.error) return s;
+  if (s.E < 1 || s.K < 1 || s.K > s.E || !ok_groups)
+    s.error =
+        "moe_route: needs 1 <= K <= E experts, groups dividing E, topk_group <= n_group and K "
+        "within the chosen groups";
+  else if (backward ? (k.n_outputs < 1 || count(k.outputs[0]) != s.N * s.E ||
+                       count(k.inputs[0]) != s.N * s.K || count(k.inputs[2]) != s.N * s.K)
+                    : (k.n_outputs < 4 || count(k.outputs[0]) != s.N * s.K ||
+                       count(k.outputs[1]) != s.N * s.K || count(k.outputs[2]) != s.N * s.K ||
+                       count(k.outputs[3]) != s.E + 1 || (s.aux && count(k.outputs[4]) != 1)))
+    s.error = backward ? "moe_route_bwd: expected dw (N,K), logits (N,E), ids (N,K); out dlogits "
+                         "(N,E)"
+                       : "moe_route: expected logits (N,E); out w (N,K), ids (N,K), pos (N*K), "
+                         "offsets (E+1), [aux (1)]";
+  return s;
+}
+
+// MOE_PERMUTE, MOE_UNPERMUTE(_BWD): N tokens of C columns, K slots each.
+struct MoePermuteShape {
+  int64_t N = 0, C = 0, K = 0;
+  bool weighted = false;
+  const char* error = nullptr;
+};
+inline MoePermuteShape moe_permute_shape(const mxn_op_call& k) {
+  MoePermuteShape s;
+  const bool permute = k.op == MXN_OP_MOE_PERMUTE, bwd = k.op == MXN_OP_MOE_UNPERMUTE_BWD;
+  const mxn_tensor& tok = permute ? k.inputs[0] : bwd ? k.inputs[0] : k.outputs[0];
+  const mxn_tensor& slots = permute ? k.outputs[0] : k.inputs[bwd ? 1 : 0];
+  const mxn_tensor& pos = k.inputs[bwd ? 2 : 1];
+  s.C = last(tok);
+  s.N = rows_of(tok);
+  s.K = s.N > 0 ? count(pos) / s.N : 0;
+  s.weighted = !bwd && k.n_inputs > 2;
+  if (k.n_inputs < (bwd ? 3 : 2) || k.n_outputs < 1 || s.K < 1 || s.K * s.N != count(pos) ||
+      last(slots) != s.C || rows_of(slots) != s.N * s.K ||
+      (s.weighted && count(k.inputs[2]) != s.N * s.K) || (bwd && count(k.outputs[0]) != s.N * s.K))
+    s.error = "moe_permute: expected tokens (N,C), slots (N*K,C), pos (N*K) and w (N*K)";
+  return s;
+}
+
+// GROUPED_MATMUL: E experts; rows: out (M, N) = a (M, K) op(b[e]); weight_grad: out (E, P, Q) from
+// a (M, P) and b (M, Q).
+struct GroupedMatmulShape {
+  int64_t E = 0, M = 0, N = 0, K = 0;  // weight_grad: N = P, K = Q
+  bool tb = true, weight_grad = false, accumulate = false;
+  const char* error = nullptr;
+};
+inline GroupedMatmulShape grouped_matmul_shape(const mxn_op_call& k) {
+  const GroupedMatmulParams p = params_of<GroupedMatmulParams>(k);
+  GroupedMatmulShape s;
+  s.tb = p.tb;
+  s.weight_grad = p.weight_grad;
+  s.accumulate = p.accumulate;
+  const mxn_tensor &a = k.inputs[0], &b = k.inputs[1], &off = k.inputs[2], &o = k.outputs[0];
+  s.E = count(off) - 1;
+  if (k.n_inputs < 3 || k.n_outputs < 1 || s.E < 1) {
+    s.error = "grouped_matmul: expected a, b, offsets (E+1) and one output";
+    return s;
+  }
+  s.M = rows_of(a);
+  if (s.weight_grad) {
+    s.N = last(a);
+    s.K = last(b);
+    if (rows_of(b) != s.M || o.ndim != 3 || o.shape[0] != s.E || o.shape[1] != s.N ||
+        o.shape[2] != s.K)
+      s.error = "grouped_matmul: a weight's gradient is (E, P, Q) from a (M, P) and b (M, Q)";
+    return s;
+  }
+  s.K = last(a);
+  s.N = last(o);
+  if (b.ndim != 3 || b.shape[0] != s.E || b.shape[s.tb ? 1 : 2] != s.N ||
+      b.shape[s.tb ? 2 : 1] != s.K || rows_of(o) != s.M)
+    s.error = "grouped_matmul: expected a (M, K), b (E, N, K) (tb) or (E, K, N), out (M, N)";
+  return s;
+}
+
+// The rows [lo, hi) of expert e under offsets clamped to [0, M] and made non-decreasing.
+inline void expert_rows(const int32_t* off, int64_t e, int64_t M, int64_t* lo, int64_t* hi) {
+  auto clamp = [M](int64_t v) { return v < 0 ? 0 : v > M ? M : v; };
+  *lo = clamp(off[e]);
+  *hi = clamp(off[e + 1]);
+  if (*hi < *lo) *hi = *lo;
+}
+
 }  // namespace mxn

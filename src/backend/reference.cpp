@@ -161,7 +161,7 @@ void attention(const mxn_op_call& k, const Values& in, Values& out, bool backwar
 }
 
 void norm_bwd(const mxn_op_call& k, const Values& in, Values& out, bool layernorm) {
-  const int64_t C = last(k.inputs[0]), N = rows_of(k.inputs[0]);
+  const int64_t C = count(k.inputs[2]), N = count(k.inputs[0]) / C;  // rows: groups of count(w)
   const Vec &dy = in[0], &x = in[1], &w = in[2], &st = in[3];
   std::fill(out[1].begin(), out[1].end(), 0.0);
   if (layernorm) std::fill(out[2].begin(), out[2].end(), 0.0);
@@ -292,7 +292,9 @@ void set_rows(const mxn_op_call& k, const Values& in, Values& out) {
 
 // The ops that take rows: softmax, the norms' forwards, cross-entropy.
 bool row_op(const mxn_op_call& k, const Values& in, Values& out) {
-  const int64_t C = last(k.inputs[0]), N = rows_of(k.inputs[0]);
+  // RMSNORM's rows are groups of count(w) columns (ABI 9)
+  const int64_t C = k.op == MXN_OP_RMSNORM ? count(k.inputs[1]) : last(k.inputs[0]);
+  const int64_t N = count(k.inputs[0]) / C;
   const double eps = params_of<NormParams>(k).eps;
   switch (k.op) {
     case MXN_OP_SOFTMAX:
@@ -424,7 +426,7 @@ bool elementwise(const mxn_op_call& k, const Values& in, Values& out) {
 
 Values reference_outputs(const Case& c, const Values& in, Values out) {
   const mxn_op_call k = shapes_of(c);
-  if (elementwise(k, in, out) || row_op(k, in, out)) return out;
+  if (elementwise(k, in, out) || row_op(k, in, out) || moe_reference(k, in, out)) return out;
   switch (c.op) {
     case MXN_OP_MATMUL:
       matmul(k, in, out);

@@ -15,5 +15,7 @@ using Values = std::vector<std::vector<double>>;
 // The outputs of case `c` for inputs `in`, starting from the outputs' values `out` (what the
 // device's outputs were filled with: accumulating ops add into them, windowed ops leave the rest).
 Values reference_outputs(const Case& c, const Values& in, Values out);
+// The mixture-of-experts ops (reference_moe.cpp); false for any other op.
+bool moe_reference(const mxn_op_call& k, const Values& in, Values& out);
 
 }  // namespace mxn::opcase

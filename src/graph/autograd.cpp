@@ -53,8 +53,51 @@ Grads distinct_grads(Graph& g, mxn_op op, std::vector<int> in, const Node& n, si
   return grads;
 }
 
-Grads rule(Graph& g, const Node& n, int gy) {
+// Mixture of experts: the routing's weights back to the router's logits (with d(aux) when the
+// node's load-balancing loss has a gradient), the permutations into each other, and the grouped
+// GEMM's operands as grouped GEMMs.
+Grads moe_rule(Graph& g, const Node& n, int gy, int gaux) {
   auto act = [&](int like) { return g.activation(g.v(like).shape); };
+  switch (n.op) {
+    case MXN_OP_MOE_ROUTE: {
+      std::vector<int> in{gy, n.in[0], n.out[1]};
+      if (gaux >= 0) in.push_back(gaux);
+      const int dl = act(n.in[0]);
+      g.emit_like(n, MXN_OP_MOE_ROUTE_BWD, in, {dl});
+      return {{0, dl}};
+    }
+    case MXN_OP_MOE_PERMUTE: {  // xp[pos[s]] = w[s] x[s/K]
+      const int64_t N = g.v_rows(n.in[0]);
+      Grads r{{0, g.moe_unpermute(gy, n.in[1], N, n.in.size() > 2 ? n.in[2] : -1)}};
+      if (n.in.size() > 2)
+        r.push_back({2, g.emit(MXN_OP_MOE_UNPERMUTE_BWD, {n.in[0], gy, n.in[1]}, {act(n.in[2])})});
+      return r;
+    }
+    case MXN_OP_MOE_UNPERMUTE: {  // y[t] = sum_k w[s] yp[pos[s]]
+      Grads r{{0, g.moe_permute(gy, n.in[1], n.in.size() > 2 ? n.in[2] : -1)}};
+      if (n.in.size() > 2)
+        r.push_back({2, g.emit(MXN_OP_MOE_UNPERMUTE_BWD, {gy, n.in[0], n.in[1]}, {act(n.in[2])})});
+      return r;
+    }
+    case MXN_OP_GROUPED_MATMUL: {
+      const GroupedMatmulParams p = n.params<GroupedMatmulParams>();
+      MXN_CHECK(!p.weight_grad, "no backward rule for a grouped weight gradient");
+      const int a = n.in[0], b = n.in[1], off = n.in[2];
+      const int da = g.grouped_matmul(gy, b, off, !p.tb);
+      const int db = act(b);  // tb: db[e] = gy_e^T a_e; else a_e^T gy_e
+      g.emit(MXN_OP_GROUPED_MATMUL, {p.tb ? gy : a, p.tb ? a : gy, off}, {db},
+             GroupedMatmulParams{true, true, false});
+      return {{0, da}, {1, db}};
+    }
+    default:
+      MXN_CHECK(false, "no backward rule for op " + std::to_string(n.op));
+  }
+  return {};
+}
+
+Grads rule(Graph& g, const Node& n, int gy, int gaux) {
+  auto act = [&](int like) { return g.activation(g.v(like).shape); };
+  if (n.op >= MXN_OP_MOE_ROUTE) return moe_rule(g, n, gy, gaux);
   switch (n.op) {
     case MXN_OP_MATMUL:
       return matmul_rule(g, n, gy);
@@ -66,6 +109,8 @@ Grads rule(Graph& g, const Node& n, int gy) {
       return {{0, g.scale(gy, n.params<ScalarParams>().value)}};
     case MXN_OP_CAST:  // gradients are f32 whatever the values' dtype
       return {{0, gy}};
+    case MXN_OP_COPY:  // a copy may have another shape of the same size: copied back into it
+      return {{0, g.emit(MXN_OP_COPY, {gy}, {act(n.in[0])})}};
     case MXN_OP_GELU:
       return {{0, g.emit(MXN_OP_GELU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
     case MXN_OP_SOFTMAX:
@@ -176,6 +221,10 @@ bool accumulate_into(Graph& g, size_t rule_begin, int gv, int gb) {
     with_params<MatmulParams>(*maker, [](MatmulParams& m) { m.accumulate = true; });
   } else if (maker->op == MXN_OP_SUM_ROWS && !maker->params<SumParams>().accumulate) {
     maker->set(SumParams{true});
+  } else if (maker->op == MXN_OP_GROUPED_MATMUL &&
+             maker->params<GroupedMatmulParams>().weight_grad &&
+             !maker->params<GroupedMatmulParams>().accumulate) {
+    maker->set(GroupedMatmulParams{true, true, true});
   } else {
     return false;
   }
@@ -223,8 +272,11 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
     }
     const Node n = g.nodes[i];  // copy: rules append to g.nodes
     const size_t rule_begin = g.nodes.size();
+    // MOE_ROUTE's load-balancing loss (its fifth output) may have a gradient of its own.
+    const bool aux = n.op == MXN_OP_MOE_ROUTE && n.out.size() > 4 && grad.count(n.out[4]);
+    const int gaux = aux ? grad[n.out[4]] : -1;
     if (it != grad.end()) {
-      for (auto [pos, gv] : rule(g, n, it->second)) {
+      for (auto [pos, gv] : rule(g, n, it->second, gaux)) {
         const int x = n.in[pos];
         const ValueKind k = g.v(x).kind;
         if (k != ValueKind::param && k != ValueKind::activation && x != wrt) continue;

@@ -130,7 +130,7 @@ int Graph::dropout(int x, float p, int64_t tag) {
 
 int Graph::rmsnorm(int x, int w, float eps) {
   const Shape s = v(x).shape;
-  const int rstd = activation({v_rows(x)});
+  const int rstd = activation({numel(s) / numel(v(w).shape)});  // one per group of len(w)
   return emit(MXN_OP_RMSNORM, {x, w}, {activation(s), rstd}, NormParams{eps});
 }
 
@@ -168,6 +168,40 @@ int Graph::classifier_ce(int x, int w, int targets, int64_t block) {
   MXN_CHECK(v(x).shape.back() == v(w).shape.back(), "classifier_ce: x and w widths differ");
   return emit(MXN_OP_CLASSIFIER_CE, {x, w, targets}, {activation({1})},
               ClassifierParams{0, int32_t(matmul_compute), block, false, 1.f});
+}
+
+MoeRoute Graph::moe_route(int logits, int bias, const MoeRouteParams& p, bool aux) {
+  const int64_t N = v_rows(logits), E = v(logits).shape.back(), K = p.k;
+  MoeRoute r;
+  r.w = activation({N, K});
+  r.ids = activation({N, K}, DType::i32);
+  r.pos = activation({N * K}, DType::i32);
+  r.offsets = activation({E + 1}, DType::i32);
+  std::vector<int> out{r.w, r.ids, r.pos, r.offsets};
+  if (aux) out.push_back(r.aux = activation({1}));
+  std::vector<int> in{logits};
+  if (bias >= 0) in.push_back(bias);
+  emit(MXN_OP_MOE_ROUTE, in, out, p);
+  return r;
+}
+
+int Graph::moe_permute(int x, int pos, int w) {
+  std::vector<int> in{x, pos};
+  if (w >= 0) in.push_back(w);
+  return emit(MXN_OP_MOE_PERMUTE, in, {activation({numel(v(pos).shape), v(x).shape.back()})});
+}
+
+int Graph::moe_unpermute(int yp, int pos, int64_t tokens, int w) {
+  std::vector<int> in{yp, pos};
+  if (w >= 0) in.push_back(w);
+  return emit(MXN_OP_MOE_UNPERMUTE, in, {activation({tokens, v(yp).shape.back()})});
+}
+
+int Graph::grouped_matmul(int a, int b, int offsets, bool tb) {
+  const Shape& bs = v(b).shape;
+  MXN_CHECK(bs.size() == 3, "grouped_matmul: b is (experts, rows, cols)");
+  return emit(MXN_OP_GROUPED_MATMUL, {a, b, offsets}, {activation({v_rows(a), tb ? bs[1] : bs[2]})},
+              GroupedMatmulParams{tb});
 }
 
 }  // namespace mxn

@@ -48,6 +48,12 @@ struct Node {
   }
 };
 
+// MOE_ROUTE's outputs: each token's K weights and experts, the slots' rows in expert order, the
+// experts' row offsets, and (if asked for) the load-balancing loss.
+struct MoeRoute {
+  int w = -1, ids = -1, pos = -1, offsets = -1, aux = -1;
+};
+
 class Graph {
  public:
   // Matmuls (forward and backward) run with this compute type: f32, or bf16 mixed precision.
@@ -115,6 +121,14 @@ class Graph {
   // runs block by block (`block` rows, 0: the backend's choice). Backward passes make it
   // compute the gradients in the same pass (append_backward gives it the outputs).
   int classifier_ce(int x, int w, int targets, int64_t block = 0);
+
+  // Mixture of experts (backend_abi.h, ABI 9): routing (bias -1: none; aux: the Switch loss as
+  // well), tokens into expert order (K slots a token, weighted by w unless -1) and back, and the
+  // GEMM of each expert's rows with its matrix of b (experts, N, K) (tb) or (experts, K, N).
+  MoeRoute moe_route(int logits, int bias, const MoeRouteParams& p, bool aux = false);
+  int moe_permute(int x, int pos, int w = -1);
+  int moe_unpermute(int yp, int pos, int64_t tokens, int w = -1);
+  int grouped_matmul(int a, int b, int offsets, bool tb = true);
 
   void mark_output(int id) { values[size_t(id)].output = true; }
   const Value& v(int id) const { return values[size_t(id)]; }

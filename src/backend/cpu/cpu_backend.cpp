@@ -275,6 +275,54 @@ int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
   return 0;
 }
 
+// An i32 operand's values within [0, n) (the indexes a scatter writes through).
+bool indexes_in(const mxn_tensor& t, int64_t n) {
+  const int32_t* v = ptr<int32_t>(t);
+  for (int64_t i = 0, m = count(t); i < m; ++i)
+    if (v[i] < 0 || v[i] >= n) return false;
+  return true;
+}
+
+int32_t run_moe(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor* in = k.inputs;
+  const mxn_tensor* out = k.outputs;
+  switch (k.op) {
+    case MXN_OP_MOE_ROUTE: {
+      const MoeRouteShape r = moe_route_shape(k, false);
+      moe_route(c->scratch, r, params_of<MoeRouteParams>(k), ptr(in[0]),
+                r.bias >= 0 ? ptr(in[r.bias]) : nullptr, ptr(out[0]), ptr<int32_t>(out[1]),
+                ptr<int32_t>(out[2]), ptr<int32_t>(out[3]), r.aux ? ptr(out[4]) : nullptr);
+      return 0;
+    }
+    case MXN_OP_MOE_ROUTE_BWD: {
+      const MoeRouteShape r = moe_route_shape(k, true);
+      if (!indexes_in(in[2], r.E)) return bad(c, "moe_route_bwd: an expert id is outside [0, E)");
+      moe_route_bwd(c->scratch, r, params_of<MoeRouteParams>(k), ptr(in[0]), ptr(in[1]),
+                    ptr<int32_t>(in[2]), r.daux >= 0 ? ptr(in[r.daux]) : nullptr, ptr(out[0]));
+      return 0;
+    }
+    case MXN_OP_GROUPED_MATMUL:
+      grouped_matmul(grouped_matmul_shape(k), ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]),
+                     ptr(out[0]));
+      return 0;
+    default:
+      break;
+  }
+  const MoePermuteShape m = moe_permute_shape(k);
+  const int p = k.op == MXN_OP_MOE_UNPERMUTE_BWD ? 2 : 1;
+  if (!indexes_in(in[p], m.N * m.K))
+    return bad(c, std::string(k.op == MXN_OP_MOE_PERMUTE ? "moe_permute" : "moe_unpermute") +
+                      ": a slot's row is outside [0, N*K)");
+  if (k.op == MXN_OP_MOE_PERMUTE)
+    moe_permute(m, ptr(in[0]), ptr<int32_t>(in[1]), m.weighted ? ptr(in[2]) : nullptr, ptr(out[0]));
+  else if (k.op == MXN_OP_MOE_UNPERMUTE)
+    moe_unpermute(m, ptr(in[0]), ptr<int32_t>(in[1]), m.weighted ? ptr(in[2]) : nullptr,
+                  ptr(out[0]));
+  else
+    moe_unpermute_bwd(m, ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]), ptr(out[0]));
+  return 0;
+}
+
 // The CPU's own rules, in front of the contract's (common.h): the dtypes each operand may have.
 const char* cpu_rule(const mxn_op_call& k) {
   if (k.op == MXN_OP_CAST || k.op == MXN_OP_COPY) return nullptr;
@@ -414,14 +462,21 @@ int32_t run(void* ctx, const mxn_op_call* call) {
                     ptr(out[2]), a.P > 0 ? ptr(out[3]) : nullptr, a.P > 0 ? ptr(out[4]) : nullptr);
       return 0;
     }
-    case MXN_OP_RMSNORM:
-      rmsnorm_fwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), ptr(out[1]), rows_of(in[0]), last(in[0]),
-                  params_of<NormParams>(k).eps);
+    case MXN_OP_RMSNORM:  // rows of count(w) columns (ABI 9: groups of a row)
+      rmsnorm_fwd(ptr(in[0]), ptr(in[1]), ptr(out[0]), ptr(out[1]), count(in[0]) / count(in[1]),
+                  count(in[1]), params_of<NormParams>(k).eps);
       return 0;
     case MXN_OP_RMSNORM_BWD:
       rmsnorm_bwd(c->scratch, ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(out[0]),
-                  ptr(out[1]), rows_of(in[0]), last(in[0]));
+                  ptr(out[1]), count(in[1]) / count(in[2]), count(in[2]));
       return 0;
+    case MXN_OP_MOE_ROUTE:
+    case MXN_OP_MOE_ROUTE_BWD:
+    case MXN_OP_MOE_PERMUTE:
+    case MXN_OP_MOE_UNPERMUTE:
+    case MXN_OP_MOE_UNPERMUTE_BWD:
+    case MXN_OP_GROUPED_MATMUL:
+      return run_moe(c, k);
     case MXN_OP_ROPE: {
       const RopeParams r = params_of<RopeParams>(k);
       float* inv = c->scratch.get(c->scratch.c, size_t(r.rot / 2));

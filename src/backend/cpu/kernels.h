@@ -132,6 +132,21 @@ void swiglu_fwd(const float* gate, int64_t lg, int64_t gcol, const float* up, in
                 int64_t ucol, float* out, int64_t rows, int64_t F);
 void swiglu_bwd(const float* dy, const float* gate, int64_t lg, int64_t gcol, const float* up,
                 int64_t lu, int64_t ucol, float* dgate, float* dup, int64_t rows, int64_t F);
+// Mixture of experts (moe.cpp): op_shapes.h's shapes, backend_abi.h's semantics. aux and daux
+// may be null.
+void moe_route(Scratch& s, const MoeRouteShape& r, const MoeRouteParams& p, const float* logits,
+               const float* bias, float* w, int32_t* ids, int32_t* pos, int32_t* offsets,
+               float* aux);
+void moe_route_bwd(Scratch& s, const MoeRouteShape& r, const MoeRouteParams& p, const float* dw,
+                   const float* logits, const int32_t* ids, const float* daux, float* dlogits);
+void moe_permute(const MoePermuteShape& m, const float* x, const int32_t* pos, const float* w,
+                 float* xp);
+void moe_unpermute(const MoePermuteShape& m, const float* yp, const int32_t* pos, const float* w,
+                   float* y);
+void moe_unpermute_bwd(const MoePermuteShape& m, const float* dy, const float* yp,
+                       const int32_t* pos, float* dw);
+void grouped_matmul(const GroupedMatmulShape& g, const float* a, const float* b,
+                    const int32_t* offsets, float* out);
 void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
            float eps, float wd, float gscale, float step_size, float bc2_sqrt);
 

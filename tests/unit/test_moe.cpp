@@ -1,0 +1,125 @@
+// The mixture-of-experts ops' backwards against finite differences (grad_check.h), alone and as a
+// whole MoE layer: the router's logits through the routing weights and the aux loss, the tokens
+// through the permutation, the grouped GEMMs' operands; and the routing's choices by hand.
+#include <gtest/gtest.h>
+
+#include "backend/device.h"
+#include "grad_check.h"
+#include "graph/program.h"
+
+using namespace mxn;
+using mxn::testing::check;
+
+namespace {
+
+// x (N, C) through a SwiGLU expert MLP per token's K experts: router (E, C), gate and up
+// (E, F, C), down (E, C, F) stacked; returns the weighted sum (N, C). `aux` receives the
+// load-balancing loss's value when asked for.
+int moe_layer(Graph& g, int x, int64_t E, int64_t F, const MoeRouteParams& p, int bias = -1,
+              int* aux = nullptr) {
+  const int64_t N = g.v_rows(x), C = g.v(x).shape.back();
+  const int logits = g.matmul(x, g.param("router", {E, C}, true), false, true);
+  const MoeRoute r = g.moe_route(logits, bias, p, aux != nullptr);
+  if (aux) *aux = r.aux;
+  const int xp = g.moe_permute(x, r.pos);
+  const int gate = g.grouped_matmul(xp, g.param("gate", {E, F, C}, true), r.offsets);
+  const int up = g.grouped_matmul(xp, g.param("up", {E, F, C}, true), r.offsets);
+  const int h = g.swiglu(gate, up, 0, 0, F);
+  const int y = g.grouped_matmul(h, g.param("down", {E, C, F}, true), r.offsets);
+  return g.moe_unpermute(y, r.pos, N, r.w);
+}
+
+}  // namespace
+
+// pos and offsets come from a routing of random logits (an input: no gradient).
+TEST(Grad, MoePermutationsAndGroupedMatmul) {
+  check("permute weighted, unpermute",
+        {[](Graph& g) {
+           const MoeRoute r = g.moe_route(g.input("logits", {5, 4}, DType::f32), -1, {2});
+           const int xp =
+               g.moe_permute(g.param("x", {5, 6}, true), r.pos, g.param("w", {5, 2}, true));
+           return g.moe_unpermute(xp, r.pos, 5);
+         },
+         1});
+  check("grouped_matmul tb and not",
+        {[](Graph& g) {
+           const MoeRoute r = g.moe_route(g.input("logits", {9, 3}, DType::f32), -1, {1});
+           const int a = g.param("a", {9, 5}, true);
+           const int y = g.grouped_matmul(a, g.param("b", {3, 4, 5}, true), r.offsets, true);
+           return g.grouped_matmul(y, g.param("c", {3, 4, 6}, true), r.offsets, false);
+         },
+         1});
+}
+
+TEST(Grad, MoeLayerSoftmaxTop2WithAuxLoss) {
+  // pos and offsets come from the routing; the only inputs are the objective's a and b.
+  check("mixtral-style layer",
+        {[](Graph& g) {
+           int aux = -1;
+           const int y = moe_layer(g, g.param("x", {7, 6}, true), 5, 4,
+                                   MoeRouteParams{2, false, true}, -1, &aux);
+           const int a = g.input("a", {1, 7}, DType::f32), b = g.input("b", {6, 1}, DType::f32);
+           const int l = g.matmul(g.matmul(a, y), b);  // (1, 1)
+           const int l1 = g.emit(MXN_OP_COPY, {l}, {g.activation({1})});
+           return g.add(l1, g.scale(aux, 0.5f));
+         },
+         1});
+}
+
+TEST(Grad, MoeLayerSigmoidGroupedWithBias) {
+  check(
+      "deepseek-style layer",
+      {[](Graph& g) {
+         MoeRouteParams p{3, true, true, 4, 2, 1.5f};
+         return moe_layer(g, g.param("x", {6, 5}, true), 8, 3, p, g.input("bias", {8}, DType::f32));
+       },
+       1});
+  check("unnormalised top-3 of 6",
+        {[](Graph& g) {
+           return moe_layer(g, g.param("x", {9, 4}, true), 6, 5, MoeRouteParams{3});
+         },
+         1});
+}
+
+TEST(Grad, RmsNormPerHead) {
+  check("rmsnorm over groups of 4",
+        {[](Graph& g) {
+           return g.rmsnorm(g.param("x", {5, 12}, true), g.param("w", {4}, false), 1e-6f);
+         },
+         1});
+}
+
+// The routing's choices and weights for numbers worked out by hand.
+TEST(MoeRoute, ChoosesWithinTheBestGroupsByBiasAndWeighsByScore) {
+  auto dev = open_device("cpu");
+  Graph g;
+  const int logits = g.input("logits", {1, 8}, DType::f32);
+  const int bias = g.input("bias", {8}, DType::f32);
+  const MoeRoute r = g.moe_route(logits, bias, MoeRouteParams{2, true, true, 4, 2, 2.f});
+  for (int v : {r.w, r.ids, r.pos, r.offsets}) g.mark_output(v);
+  Program prog(std::move(g), *dev);
+  // sigmoid(0) = 0.5 for every expert, so the bias alone decides. Groups of 2, scored by the sum
+  // of their two selection scores: {0,1} 1.35 + 0 = 1.35, {2,3} 0.6 + 0.5 = 1.1, {4,5} 1.4 + 0.5
+  // = 1.9, {6,7} 1.3 + 0.5 = 1.8. The best two groups are {4,5} and {6,7}, so the experts are 4
+  // and 6, although expert 0 (1.35) would beat 6 (1.3) without the groups.
+  const float lg[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const float b[8] = {0.85f, -0.5f, 0.1f, 0.f, 0.9f, 0.f, 0.8f, 0.f};
+  dev->upload(prog.tensor(logits), lg);
+  dev->upload(prog.tensor(bias), b);
+  prog.run(0, prog.graph().nodes.size());
+  int32_t ids[2], pos[2], off[9];
+  float w[2];
+  dev->download(ids, prog.tensor(r.ids));
+  dev->download(pos, prog.tensor(r.pos));
+  dev->download(off, prog.tensor(r.offsets));
+  dev->download(w, prog.tensor(r.w));
+  EXPECT_EQ(ids[0], 4);
+  EXPECT_EQ(ids[1], 6);
+  // weights: the scores (0.5 each, not the biased ones) renormalised, times 2
+  EXPECT_FLOAT_EQ(w[0], 1.f);
+  EXPECT_FLOAT_EQ(w[1], 1.f);
+  EXPECT_EQ(pos[0], 0);
+  EXPECT_EQ(pos[1], 1);
+  const int32_t want_off[9] = {0, 0, 0, 0, 0, 1, 1, 2, 2};
+  for (int e = 0; e < 9; ++e) EXPECT_EQ(off[e], want_off[e]) << "offset " << e;
+}
