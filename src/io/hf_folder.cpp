@@ -70,15 +70,32 @@ TensorMap load_hf_weights(const std::string& dir) {
   return out;
 }
 
+bool stacked_experts(const std::string& name, const Shape& shape) {
+  return shape.size() == 3 && name.find(".experts.") != std::string::npos;
+}
+
+std::string expert_name(const std::string& stacked, int64_t e) {
+  const size_t at = stacked.rfind("experts.") + 8;
+  return stacked.substr(0, at) + std::to_string(e) + "." + stacked.substr(at);
+}
+
 void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
   const std::string source = "model folder '" + dir + "'";
-  std::map<std::string, int> want;  // name -> value, for the weights this call places
+  struct Want {
+    int value;
+    int64_t expert;  // a stacked weight's slice, or -1
+  };
+  std::map<std::string, Want> want;  // checkpoint name -> where it goes, for this call's weights
   for (int p : prog.graph().weights()) {
     const Value& v = prog.graph().v(p);
     if ((which == WeightSet::frozen && v.kind != ValueKind::frozen) ||
         (which == WeightSet::trained && v.kind != ValueKind::param))
       continue;
-    want.emplace(v.name, p);
+    if (!stacked_experts(v.name, v.shape)) {
+      want.emplace(v.name, Want{p, -1});
+      continue;
+    }
+    for (int64_t e = 0; e < v.shape[0]; ++e) want.emplace(expert_name(v.name, e), Want{p, e});
   }
   std::vector<uint16_t> half;
   std::vector<float> wide;
@@ -87,32 +104,40 @@ void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
         f, [&](const std::string& name, DType dt, const Shape& shape, const char* bytes) {
           auto it = want.find(name);
           if (it == want.end()) return;  // not this graph's (or not this call's)
-          const Value& v = prog.graph().v(it->second);
-          if (shape != v.shape || (dt != DType::f32 && dt != DType::bf16 && dt != DType::f16))
-            throw Error(source + ": tensor '" + v.name + "' has shape " + shape_str(shape) + " " +
-                        dtype_name(dt) + ", expected " + shape_str(v.shape) + " f32");
+          const Value& v = prog.graph().v(it->second.value);
+          Tensor dst = prog.tensor(it->second.value);
+          if (it->second.expert >= 0) {  // one expert's slice of a stacked weight
+            dst.shape.erase(dst.shape.begin());
+            dst = Tensor(dst.shape, dst.dtype, dst.buffer,
+                         dst.offset + uint64_t(it->second.expert) * dst.nbytes());
+          }
+          if (shape != dst.shape || (dt != DType::f32 && dt != DType::bf16 && dt != DType::f16))
+            throw Error(source + ": tensor '" + name + "' has shape " + shape_str(shape) + " " +
+                        dtype_name(dt) + ", expected " + shape_str(dst.shape) + " f32");
           const int64_t n = numel(shape);
           const auto* u16 = reinterpret_cast<const uint16_t*>(bytes);
           if (v.dtype == dt) {  // as stored: straight from the file's pages
-            prog.device().upload(prog.tensor(it->second), bytes);
+            prog.device().upload(dst, bytes);
           } else if (v.dtype == DType::f32) {
             wide.resize(size_t(n));
             for (int64_t i = 0; i < n; ++i)
               wide[size_t(i)] = dt == DType::bf16 ? bf16_to_f32(u16[i]) : f16_to_f32(u16[i]);
-            prog.device().upload(prog.tensor(it->second), wide.data());
+            prog.device().upload(dst, wide.data());
           } else {  // bf16 storage from f32 or f16
             half.resize(size_t(n));
             for (int64_t i = 0; i < n; ++i)
               half[size_t(i)] = f32_to_bf16(
                   dt == DType::f32 ? reinterpret_cast<const float*>(bytes)[i] : f16_to_f32(u16[i]));
-            prog.device().upload(prog.tensor(it->second), half.data());
+            prog.device().upload(dst, half.data());
           }
           want.erase(it);
         });
   if (!want.empty()) {
-    const Value& v = prog.graph().v(want.begin()->second);
-    throw Error(source + " is missing tensor '" + v.name + "' (expected shape " +
-                shape_str(v.shape) + ")");
+    const auto& [name, w] = *want.begin();
+    Shape shape = prog.graph().v(w.value).shape;
+    if (w.expert >= 0) shape.erase(shape.begin());
+    throw Error(source + " is missing tensor '" + name + "' (expected shape " + shape_str(shape) +
+                ")");
   }
 }
 
@@ -168,8 +193,22 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
   build_decoder(g, c, 1, 1);
   TensorMap out;
   for (int p : g.params()) {
-    expect_tensor(weights, g.v(p), source);
-    out.insert(weights.extract(g.v(p).name));  // moved, not copied
+    const Value& v = g.v(p);
+    if (stacked_experts(v.name, v.shape) && !weights.count(v.name)) {  // each expert's, stacked
+      HostTensor t(v.shape, DType::f32);
+      const int64_t each = numel(v.shape) / v.shape[0];
+      for (int64_t e = 0; e < v.shape[0]; ++e) {
+        Value one = v;
+        one.name = expert_name(v.name, e);
+        one.shape.erase(one.shape.begin());
+        const HostTensor& x = expect_tensor(weights, one, source);
+        std::copy_n(x.f32(), each, t.f32() + e * each);
+      }
+      out[v.name] = std::move(t);
+      continue;
+    }
+    expect_tensor(weights, v, source);
+    out.insert(weights.extract(v.name));  // moved, not copied
   }
   return out;
 }
@@ -180,16 +219,25 @@ void save_hf_folder(const std::string& dir, const DecoderConfig& c, const Tensor
   nlohmann::json j = decoder_config_to_hf(c);
   j["torch_dtype"] = dtype == DType::f32 ? "float32" : dtype == DType::f16 ? "float16" : "bfloat16";
   TensorMap out;
+  auto put = [&](const std::string& name, const Shape& shape, const float* x) {
+    HostTensor h(shape, dtype);
+    auto* o = reinterpret_cast<uint16_t*>(h.bytes.data());
+    for (int64_t i = 0; i < h.numel(); ++i) {
+      if (dtype == DType::f32)
+        h.f32()[i] = x[i];
+      else
+        o[i] = dtype == DType::bf16 ? f32_to_bf16(x[i]) : f32_to_f16(x[i]);
+    }
+    out[name] = std::move(h);
+  };
   for (const auto& [name, t] : weights) {
-    if (dtype == DType::f32) {
-      out[name] = t;
+    if (!stacked_experts(name, t.shape)) {
+      put(name, t.shape, t.f32());
       continue;
     }
-    HostTensor h(t.shape, dtype);
-    auto* o = reinterpret_cast<uint16_t*>(h.bytes.data());
-    for (int64_t i = 0; i < t.numel(); ++i)
-      o[i] = dtype == DType::bf16 ? f32_to_bf16(t.f32()[i]) : f32_to_f16(t.f32()[i]);
-    out[name] = std::move(h);
+    const Shape one(t.shape.begin() + 1, t.shape.end());  // transformers' one tensor an expert
+    for (int64_t e = 0; e < t.shape[0]; ++e)
+      put(expert_name(name, e), one, t.f32() + e * numel(one));
   }
   safetensors_save((fs::path(dir) / "model.safetensors").string(), out, {{"format", "pt"}});
   if (!tokenizer_dir.empty() && fs::absolute(tokenizer_dir) != fs::absolute(dir))

@@ -12,6 +12,11 @@ namespace mxn {
 
 // Errors name the folder and what is missing or wrong in it.
 DecoderConfig load_hf_config(const std::string& dir);
+// A mixture of experts' stacked weight (<block>experts.<leaf>, (E, rows, cols)) is expert e's
+// <block>experts.<e>.<leaf> in a checkpoint: read slice by slice, written back the same way.
+bool stacked_experts(const std::string& name, const Shape& shape);
+std::string expert_name(const std::string& stacked, int64_t e);
+
 // Every tensor of the folder's safetensors, converted to f32.
 TensorMap load_hf_weights(const std::string& dir);
 

@@ -14,6 +14,11 @@ namespace {
 struct Names {
   std::string embed, pos, layers, final_norm, lm_head;
   std::string ln1, ln2, qkv, q, k, v, o, fc, gate, up, gate_up, down;
+  // Mixture of experts: the block, its router and its experts' gate, up and down (stacked as
+  // <block>experts.<leaf>.weight (E, rows, cols); checkpoints name each <block>experts.<e>.<leaf>).
+  std::string moe = "mlp.", router = "gate", e_gate = "gate_proj", e_up = "up_proj",
+              e_down = "down_proj";
+  std::string q_norm = "self_attn.q_norm", k_norm = "self_attn.k_norm";
 };
 
 Names names_for(Arch a) {
@@ -54,8 +59,8 @@ Names names_for(Arch a) {
               "",
               "mlp.dense_h_to_4h",
               "mlp.dense_4h_to_h"};
-    default:  // llama, qwen2, glm (transformers' names)
-      return {"model.embed_tokens",
+    default: {  // llama, qwen2, glm and the MoE families (transformers' names)
+      Names n{"model.embed_tokens",
               "",
               "model.layers.",
               "model.norm",
@@ -72,6 +77,14 @@ Names names_for(Arch a) {
               "mlp.up_proj",
               "mlp.gate_up_proj",
               "mlp.down_proj"};
+      if (a == Arch::mixtral) {
+        n.moe = "block_sparse_moe.";
+        n.e_gate = "w1";
+        n.e_up = "w3";
+        n.e_down = "w2";
+      }
+      return n;
+    }
   }
 }
 
@@ -161,14 +174,32 @@ const char* arch_name(Arch a) {
       return "glm";
     case Arch::chatglm:
       return "chatglm";
+    case Arch::mixtral:
+      return "mixtral";
+    case Arch::qwen2_moe:
+      return "qwen2_moe";
+    case Arch::qwen3:
+      return "qwen3";
+    case Arch::qwen3_moe:
+      return "qwen3_moe";
   }
   return "?";
 }
 
 Arch arch_from_name(const std::string& n) {
-  for (Arch a : {Arch::gpt2, Arch::llama, Arch::qwen2, Arch::glm, Arch::chatglm})
+  const Arch all[] = {Arch::gpt2,    Arch::llama,     Arch::qwen2, Arch::glm,      Arch::chatglm,
+                      Arch::mixtral, Arch::qwen2_moe, Arch::qwen3, Arch::qwen3_moe};
+  std::string names;
+  for (Arch a : all) {
     if (n == arch_name(a)) return a;
-  throw Error("unknown arch '" + n + "' (expected gpt2, llama, qwen2, glm or chatglm)");
+    names += std::string(names.empty() ? "" : ", ") + arch_name(a);
+  }
+  throw Error("unknown arch '" + n + "' (expected one of " + names + ")");
+}
+
+bool DecoderConfig::moe_layer(int64_t l) const {
+  return experts > 0 && (l + 1) % std::max<int64_t>(sparse_step, 1) == 0 &&
+         std::find(dense_layers.begin(), dense_layers.end(), l) == dense_layers.end();
 }
 
 int64_t DecoderConfig::ffn_width() const {
@@ -188,8 +219,11 @@ int64_t DecoderConfig::param_count() const {
   const int64_t qkv = C * (H + 2 * G) * D + (qkv_bias ? (H + 2 * G) * D : 0);
   const int64_t o = H * D * C + (o_bias ? C : 0);
   const int64_t mlp = (swiglu() ? 3 : 2) * C * F + (mlp_bias ? (swiglu() ? 2 * F : F) + C : 0);
-  const int64_t norms = gpt2() ? 4 * C : 2 * C;
-  int64_t n = vocab_size * C + layers * (qkv + o + mlp + norms) + (gpt2() ? 2 * C : C);
+  const int64_t norms = (gpt2() ? 4 * C : 2 * C) + (qk_norm() ? 2 * D : 0);
+  const int64_t moe =
+      experts * (C + 3 * C * moe_ffn) + (shared_ffn > 0 ? 3 * C * shared_ffn + C : 0);
+  int64_t n = vocab_size * C + layers * (qkv + o + norms) + (gpt2() ? 2 * C : C);
+  for (int64_t l = 0; l < layers; ++l) n += moe_layer(l) ? moe : mlp;
   if (gpt2()) n += max_pos * C;
   if (!tie_embeddings) n += vocab_size * C;
   return n + 2 * layers * prefix_len * G * D;
@@ -216,6 +250,16 @@ void DecoderConfig::validate() const {
   need(norm_eps > 0, "the norm's epsilon must be > 0");
   need(prefix_len >= 0 && prefix_len <= 65536,
        "prefix_len = " + std::to_string(prefix_len) + ", expected 0..65536");
+  if (experts == 0) return;
+  const std::string e = std::to_string(experts);
+  need(experts >= 1 && experts <= 1024, "num_experts = " + e + ", expected 1..1024");
+  need(top_k >= 1 && top_k <= experts && top_k <= 64,
+       "num_experts_per_tok = " + std::to_string(top_k) +
+           ", expected 1..min(64, num_experts = " + e + ")");
+  need(moe_ffn >= 1, "moe_intermediate_size = " + std::to_string(moe_ffn) + ", expected >= 1");
+  need(shared_ffn >= 0, "shared_expert_intermediate_size must be >= 0");
+  need(sparse_step >= 1,
+       "decoder_sparse_step = " + std::to_string(sparse_step) + ", expected >= 1");
 }
 
 nlohmann::json DecoderConfig::to_json() const {
@@ -241,7 +285,15 @@ nlohmann::json DecoderConfig::to_json() const {
           {"o_bias", o_bias},
           {"mlp_bias", mlp_bias},
           {"eos", eos},
-          {"prefix_len", prefix_len}};
+          {"prefix_len", prefix_len},
+          {"experts", experts},
+          {"top_k", top_k},
+          {"moe_ffn", moe_ffn},
+          {"shared_ffn", shared_ffn},
+          {"sparse_step", sparse_step},
+          {"norm_topk", norm_topk},
+          {"dense_layers", dense_layers},
+          {"router_aux_coef", router_aux_coef}};
 }
 
 DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
@@ -271,6 +323,18 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   c.o_bias = json_value(j, "o_bias", c.o_bias, where);
   c.mlp_bias = json_value(j, "mlp_bias", c.mlp_bias, where);
   c.prefix_len = json_value(j, "prefix_len", c.prefix_len, where);
+  c.experts = json_value(j, "experts", c.experts, where);
+  c.top_k = json_value(j, "top_k", c.top_k, where);
+  c.moe_ffn = json_value(j, "moe_ffn", c.moe_ffn, where);
+  c.shared_ffn = json_value(j, "shared_ffn", c.shared_ffn, where);
+  c.sparse_step = json_value(j, "sparse_step", c.sparse_step, where);
+  c.norm_topk = json_value(j, "norm_topk", c.norm_topk, where);
+  c.router_aux_coef = json_value(j, "router_aux_coef", c.router_aux_coef, where);
+  if (j.contains("dense_layers")) {
+    if (!j["dense_layers"].is_array()) throw Error(where + ": 'dense_layers' is not a list");
+    for (const auto& l : j["dense_layers"])
+      c.dense_layers.push_back(json_number<int64_t>(l, where + ": 'dense_layers'"));
+  }
   if (j.contains("eos")) {
     if (!j["eos"].is_array()) throw Error(where + ": 'eos' is not a list of token ids");
     c.eos.clear();
@@ -354,12 +418,51 @@ std::pair<int, int> prefix_rows(Builder& b, int64_t l, int prefix_hidden) {
           g.param(prefix_value_name(l), {b.c.prefix_len, GD}, true)};
 }
 
-// The block's MLP on the residual stream x: GELU (GPT-2) or SwiGLU, gate and up fused or not.
-int mlp(Builder& b, const Names& nm, const std::string& p, int x) {
+// A SwiGLU MLP of width F with separate gate, up and down linears named <p>gate_proj etc.
+int swiglu_mlp(Builder& b, const std::string& p, int h, int64_t F) {
+  const int64_t C = b.c.hidden;
+  const int gt = b.linear(h, p + "gate_proj", C, F, false);
+  const int up = b.linear(h, p + "up_proj", C, F, false);
+  return b.linear(b.g.swiglu(gt, up, 0, 0, F), p + "down_proj", F, C, false);
+}
+
+// A mixture-of-experts MLP on the normed h: the router's top-k, the tokens into expert order,
+// each expert's SwiGLU as grouped GEMMs over all of them at once, the weighted sum back; and the
+// shared expert under its sigmoid gate (a one-expert route: the sigmoid as its weight).
+int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, int h) {
+  Graph& g = b.g;
+  const DecoderConfig& c = b.c;
+  const int64_t C = c.hidden, E = c.experts, F = c.moe_ffn, N = g.v_rows(h);
+  const std::string blk = p + nm.moe, ex = blk + "experts.";
+  const int logits = b.linear(h, blk + nm.router, C, E, false);
+  const bool aux = b.o.with_loss && c.router_aux_coef > 0;
+  const MoeRoute r = g.moe_route(logits, -1, MoeRouteParams{c.top_k, false, c.norm_topk}, aux);
+  m.router_ids.push_back(r.ids);
+  m.router_offsets.push_back(r.offsets);
+  if (aux) m.router_aux.push_back(r.aux);
+  const int xp = g.moe_permute(h, r.pos);
+  const int gt = g.grouped_matmul(xp, b.w(ex + nm.e_gate + ".weight", {E, F, C}, true), r.offsets);
+  const int up = g.grouped_matmul(xp, b.w(ex + nm.e_up + ".weight", {E, F, C}, true), r.offsets);
+  const int dn = g.grouped_matmul(g.swiglu(gt, up, 0, 0, F),
+                                  b.w(ex + nm.e_down + ".weight", {E, C, F}, true), r.offsets);
+  int y = g.moe_unpermute(dn, r.pos, N, r.w);
+  if (c.shared_ffn > 0) {
+    const int shared = swiglu_mlp(b, blk + "shared_expert.", h, c.shared_ffn);
+    const int gate = b.linear(h, blk + "shared_expert_gate", C, 1, false);
+    const MoeRoute s = g.moe_route(gate, -1, MoeRouteParams{1, true, false});
+    y = g.add(y, g.moe_unpermute(shared, s.pos, N, s.w));
+  }
+  return y;
+}
+
+// The block's MLP on the residual stream x: GELU (GPT-2) or SwiGLU, gate and up fused or not;
+// or a mixture of experts.
+int mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, int x, int64_t l) {
   Graph& g = b.g;
   const DecoderConfig& c = b.c;
   const int64_t C = c.hidden, F = c.ffn_width();
   const int h2 = b.norm(x, p + nm.ln2);
+  if (c.moe_layer(l)) return moe_mlp(b, nm, m, p, h2);
   if (!c.swiglu()) {
     int fc = b.linear(h2, p + nm.fc, C, F, true);
     if (b.o.gelu_bf16) fc = g.cast(fc, DType::bf16);
@@ -372,6 +475,15 @@ int mlp(Builder& b, const Names& nm, const std::string& p, int x) {
   const int gt = b.linear(h2, p + nm.gate, C, F, c.mlp_bias);
   const int up = b.linear(h2, p + nm.up, C, F, c.mlp_bias);
   return b.linear(g.swiglu(gt, up, 0, 0, F), p + nm.down, F, C, c.mlp_bias);
+}
+
+// The training loss plus router_aux_coef times the mean of the MoE layers' load-balancing losses.
+int add_router_aux(Builder& b, const DecoderGraph& m, int loss) {
+  if (m.router_aux.empty()) return loss;
+  Graph& g = b.g;
+  int sum = m.router_aux[0];
+  for (size_t i = 1; i < m.router_aux.size(); ++i) sum = g.add(sum, m.router_aux[i]);
+  return g.add(loss, g.scale(sum, b.c.router_aux_coef / float(m.router_aux.size())));
 }
 
 // The last stage's end: the final norm, the chosen rows, the head and the loss.
@@ -397,14 +509,14 @@ void head(Builder& b, const Names& nm, DecoderGraph& m, int x, int wte, int64_t 
   if (o.with_loss && o.fused_head && !o.last_logits && o.serve_rows == 0 &&
       g.v(head).dtype == DType::f32) {
     m.targets = g.input("targets", {N}, DType::i32);
-    m.loss = g.classifier_ce(x, head, m.targets);
+    m.loss = add_router_aux(b, m, g.classifier_ce(x, head, m.targets));
     g.mark_output(m.loss);
     return;
   }
   m.logits = g.matmul(x, head, false, true);
   if (o.with_loss) {
     m.targets = g.input("targets", {N}, DType::i32);
-    m.loss = g.cross_entropy(m.logits, m.targets);
+    m.loss = add_router_aux(b, m, g.cross_entropy(m.logits, m.targets));
     g.mark_output(m.loss);
   }
   g.mark_output(m.logits);
@@ -491,6 +603,13 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
       at.q_col = 0;
       at.k_col = H * D;
       at.v_col = (H + G) * D;
+    } else if (c.qk_norm()) {  // Qwen3: RMSNorm over each head of q and k, then RoPE
+      const int qn = b.w(p + nm.q_norm + ".weight", {D}, false);
+      const int kn = b.w(p + nm.k_norm + ".weight", {D}, false);
+      q = rotate(g.rmsnorm(b.linear(h, p + nm.q, C, H * D, c.qkv_bias), qn, c.norm_eps), H);
+      k = rotate(g.rmsnorm(b.linear(h, p + nm.k, C, G * D, c.qkv_bias), kn, c.norm_eps), G);
+      v = b.linear(h, p + nm.v, C, G * D, c.qkv_bias);
+      at.q_col = at.k_col = at.v_col = 0;
     } else {
       q = rotate(b.linear(h, p + nm.q, C, H * D, c.qkv_bias), H);
       k = rotate(b.linear(h, p + nm.k, C, G * D, c.qkv_bias), G);
@@ -512,7 +631,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
                               o.kv_cache == 0 && o.serve_rows == 0 && o.with_loss, pk, pv);
     if (o.kv_cache > 0) m.cache_reads.push_back(g.nodes.size() - 1);
     x = g.add(x, b.linear(y, p + nm.o, H * D, C, c.gpt2() || c.o_bias));
-    x = g.add(x, mlp(b, nm, p, x));
+    x = g.add(x, mlp(b, nm, m, p, x, l));
   }
   if (!last) {  // a pipeline stage before the last: its residual stream goes to the next
     m.hidden_out = x;

@@ -12,9 +12,9 @@
 
 namespace mxn {
 
-enum class Arch { gpt2, llama, qwen2, glm, chatglm };
+enum class Arch { gpt2, llama, qwen2, glm, chatglm, mixtral, qwen2_moe, qwen3, qwen3_moe };
 const char* arch_name(Arch a);
-Arch arch_from_name(const std::string& name);  // gpt2|llama|qwen2|glm|chatglm; Error otherwise
+Arch arch_from_name(const std::string& name);  // one of arch_name's; Error otherwise
 
 struct DecoderConfig {
   Arch arch = Arch::gpt2;
@@ -33,12 +33,25 @@ struct DecoderConfig {
   // (prefix_len, kv_heads*head_dim)) that every position attends to before its own keys; the
   // text's positions still start at 0.
   int64_t prefix_len = 0;
+  // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): with experts > 0 the MLP of every MoE
+  // layer is a router (a linear to `experts` logits, softmax, top_k, renormalised with
+  // norm_topk) over SwiGLU experts of width moe_ffn, dropless; plus, with shared_ffn > 0, a
+  // shared SwiGLU expert of that width scaled by sigmoid(a linear of the input) (Qwen2-MoE). A
+  // layer l is an MoE layer when (l + 1) % sparse_step == 0 and l is not in dense_layers; the
+  // others keep the dense MLP of width ffn. router_aux_coef > 0 adds that times the mean over
+  // MoE layers of the Switch load-balancing loss to a training loss.
+  int64_t experts = 0, top_k = 2, moe_ffn = 0, shared_ffn = 0, sparse_step = 1;
+  bool norm_topk = true;
+  std::vector<int64_t> dense_layers;
+  float router_aux_coef = 0.f;
 
   // Family traits, all from `arch`.
   bool gpt2() const { return arch == Arch::gpt2; }
   bool rms_norm() const { return !gpt2(); }
   bool swiglu() const { return !gpt2(); }
   bool fused_gate_up() const { return arch == Arch::glm || arch == Arch::chatglm; }
+  bool qk_norm() const { return arch == Arch::qwen3 || arch == Arch::qwen3_moe; }  // per head
+  bool moe_layer(int64_t l) const;
   bool fused_qkv() const { return gpt2() || arch == Arch::chatglm; }
   bool rope_interleaved() const { return arch == Arch::glm || arch == Arch::chatglm; }
 
@@ -137,6 +150,9 @@ struct DecoderGraph {
   // With a KV cache: the cache values and the nodes whose position parameters change per run.
   std::vector<int> caches;
   std::vector<size_t> cache_writes, cache_reads;  // SET_ROWS and ATTENTION nodes
+  // Mixture of experts, per MoE layer: each token's experts (N, K) i32, the experts' row offsets
+  // (E + 1, i32: the load) and, with router_aux_coef, the load-balancing loss.
+  std::vector<int> router_ids, router_offsets, router_aux;
 };
 
 // The block-position table's name (with DecoderOptions::block_positions, learned positions).

@@ -9,7 +9,23 @@ namespace {
 
 const char* kSupported =
     "GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GlmForCausalLM, "
-    "ChatGLMModel, ChatGLMForConditionalGeneration";
+    "ChatGLMModel, ChatGLMForConditionalGeneration, MixtralForCausalLM, Qwen2MoeForCausalLM, "
+    "Qwen3ForCausalLM, Qwen3MoeForCausalLM";
+
+struct Family {
+  const char* hf;
+  Arch arch;
+  const char* model_type;
+};
+// The LLaMA-shaped families transformers names, and mxn's arch for each.
+const Family kLlamaShaped[] = {{"LlamaForCausalLM", Arch::llama, "llama"},
+                               {"MistralForCausalLM", Arch::llama, "mistral"},
+                               {"Qwen2ForCausalLM", Arch::qwen2, "qwen2"},
+                               {"GlmForCausalLM", Arch::glm, "glm"},
+                               {"MixtralForCausalLM", Arch::mixtral, "mixtral"},
+                               {"Qwen2MoeForCausalLM", Arch::qwen2_moe, "qwen2_moe"},
+                               {"Qwen3ForCausalLM", Arch::qwen3, "qwen3"},
+                               {"Qwen3MoeForCausalLM", Arch::qwen3_moe, "qwen3_moe"}};
 
 struct Reader {
   const nlohmann::json& j;
@@ -61,6 +77,44 @@ void read_rope_scaling(const Reader& r, DecoderConfig& c) {
   }
 }
 
+const Family* llama_shaped(const std::string& archs) {
+  for (const Family& f : kLlamaShaped)
+    if (archs == f.hf) return &f;
+  return nullptr;
+}
+
+// The mixture-of-experts fields of Mixtral, Qwen2-MoE and Qwen3-MoE.
+void read_moe(const Reader& r, DecoderConfig& c) {
+  const nlohmann::json& j = r.j;
+  if (c.arch == Arch::mixtral) {
+    c.experts = r.i("num_local_experts");
+    c.moe_ffn = c.ffn;
+    c.norm_topk = true;
+  } else if (c.arch == Arch::qwen2_moe || c.arch == Arch::qwen3_moe) {
+    c.experts = r.i("num_experts");
+    c.moe_ffn = r.i("moe_intermediate_size");
+    c.norm_topk = r.b_or("norm_topk_prob", c.arch == Arch::qwen3_moe);
+    c.sparse_step = r.i_or("decoder_sparse_step", 1);
+    if (c.arch == Arch::qwen2_moe) c.shared_ffn = r.i_or("shared_expert_intermediate_size", 0, 0);
+    if (j.contains("mlp_only_layers") && !j["mlp_only_layers"].is_null()) {
+      if (!j["mlp_only_layers"].is_array()) r.bad("mlp_only_layers", "a list of layer indexes");
+      for (const auto& l : j["mlp_only_layers"]) {
+        if (!l.is_number_integer()) r.bad("mlp_only_layers", "a list of layer indexes");
+        c.dense_layers.push_back(l.get<int64_t>());
+      }
+    }
+  } else {
+    return;
+  }
+  c.top_k = r.i("num_experts_per_tok");
+  if (c.top_k > c.experts)
+    r.bad("num_experts_per_tok",
+          "at most the number of experts (" + std::to_string(c.experts) + ")");
+  // transformers adds the load-balancing loss only when output_router_logits is set.
+  if (r.b_or("output_router_logits", false))
+    c.router_aux_coef = r.f_or("router_aux_loss_coef", 0.001f);
+}
+
 DecoderConfig read_hf(const nlohmann::json& j, const std::string& path) {
   const Reader r{j, path};
   if (!j.is_object()) throw Error(path + ": not a JSON object");
@@ -82,11 +136,8 @@ DecoderConfig read_hf(const nlohmann::json& j, const std::string& path) {
     if (act != "gelu_new" && act != "gelu_pytorch_tanh")
       r.bad("activation_function", "gelu_new (the tanh approximation)");
     c.tie_embeddings = true;
-  } else if (archs == "LlamaForCausalLM" || archs == "MistralForCausalLM" ||
-             archs == "Qwen2ForCausalLM" || archs == "GlmForCausalLM") {
-    c.arch = archs == "Qwen2ForCausalLM" ? Arch::qwen2
-             : archs == "GlmForCausalLM" ? Arch::glm
-                                         : Arch::llama;
+  } else if (const Family* fam = llama_shaped(archs)) {
+    c.arch = fam->arch;
     c.vocab_size = r.i("vocab_size", 2);
     c.hidden = r.i("hidden_size");
     c.layers = r.i("num_hidden_layers");
@@ -100,12 +151,13 @@ DecoderConfig read_hf(const nlohmann::json& j, const std::string& path) {
     c.rope_fraction = r.f_or("partial_rotary_factor", c.arch == Arch::glm ? 0.5f : 1.f);
     c.tie_embeddings = r.b_or("tie_word_embeddings", false);
     const bool bias = r.b_or("attention_bias", c.arch == Arch::glm);
-    c.qkv_bias = c.arch == Arch::qwen2 || bias;
+    c.qkv_bias = c.arch == Arch::qwen2 || c.arch == Arch::qwen2_moe || bias;
     c.o_bias = c.arch == Arch::llama && bias;
     c.mlp_bias = r.b_or("mlp_bias", false);
     const std::string act = j.value("hidden_act", std::string("silu"));
     if (act != "silu") r.bad("hidden_act", "silu");
     read_rope_scaling(r, c);
+    read_moe(r, c);
   } else if (archs == "ChatGLMModel" || archs == "ChatGLMForConditionalGeneration") {
     c.arch = Arch::chatglm;
     c.vocab_size = r.i("padded_vocab_size", 2);
@@ -192,11 +244,12 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {
     default:
       break;
   }
-  const char* names[] = {"", "LlamaForCausalLM", "Qwen2ForCausalLM", "GlmForCausalLM"};
-  const char* types[] = {"", "llama", "qwen2", "glm"};
-  j = {{"architectures", {names[int(c.arch)]}},
+  const Family* fam = nullptr;
+  for (const Family& f : kLlamaShaped)
+    if (f.arch == c.arch && !fam) fam = &f;
+  j = {{"architectures", {fam->hf}},
        {"eos_token_id", c.eos.size() == 1 ? nlohmann::json(c.eos[0]) : nlohmann::json(c.eos)},
-       {"model_type", types[int(c.arch)]},
+       {"model_type", fam->model_type},
        {"pad_token_id", nullptr},  // transformers' GLM default (151329) lies outside small vocabs
        {"vocab_size", c.vocab_size},
        {"hidden_size", c.hidden},
@@ -213,6 +266,20 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {
        {"attention_bias", c.arch == Arch::llama ? c.o_bias : c.qkv_bias},
        {"mlp_bias", c.mlp_bias}};
   if (c.arch == Arch::glm) j["partial_rotary_factor"] = c.rope_fraction;
+  if (c.experts > 0) {
+    j[c.arch == Arch::mixtral ? "num_local_experts" : "num_experts"] = c.experts;
+    j["num_experts_per_tok"] = c.top_k;
+    j["output_router_logits"] = c.router_aux_coef > 0;
+    j["router_aux_loss_coef"] = c.router_aux_coef > 0 ? c.router_aux_coef : 0.001f;
+    if (c.arch != Arch::mixtral) {
+      j["moe_intermediate_size"] = c.moe_ffn;
+      j["norm_topk_prob"] = c.norm_topk;
+      j["decoder_sparse_step"] = c.sparse_step;
+      j["mlp_only_layers"] = c.dense_layers;
+    }
+    if (c.arch == Arch::qwen2_moe) j["shared_expert_intermediate_size"] = c.shared_ffn;
+    if (c.arch == Arch::mixtral) j["intermediate_size"] = c.moe_ffn;
+  }
   if (c.rope_scaling == 1) j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_factor}};
   if (c.rope_scaling == 2)
     j["rope_scaling"] = {{"rope_type", "llama3"},

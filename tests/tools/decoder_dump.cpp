@@ -2,7 +2,8 @@
 // logits, loss and every parameter gradient to a safetensors file, for tests/hf_models_test.py.
 // The batch is `tokens` (B, T) i32 from IN; targets are the tokens shifted left (the last of each
 // row ignored), as transformers computes a causal LM's loss from labels. With ADAPTER (a PEFT LoRA
-// or prefix-tuning folder) the base is frozen and the gradients are the adapter's.
+// or prefix-tuning folder) the base is frozen and the gradients are the adapter's. A mixture of
+// experts' model also writes each MoE layer's experts per token (router.<i>, (B*T, K) i32).
 // usage: decoder_dump MODEL_DIR IN.safetensors OUT.safetensors [device] [ADAPTER]
 #include <cstdio>
 
@@ -21,7 +22,7 @@ int main(int argc, char** argv) try {
     return 2;
   }
   DecoderConfig cfg = load_hf_config(argv[1]);
-  const TensorMap weights = load_hf_weights(argv[1]);
+  const TensorMap weights = decoder_weights(cfg, load_hf_weights(argv[1]), argv[1]);
   TensorMap in = safetensors_load(argv[2]);
   const HostTensor& tok = in.at("tokens");
   const int64_t B = tok.shape[0], T = tok.shape[1];
@@ -39,6 +40,7 @@ int main(int argc, char** argv) try {
       o.lora = adapter.spec;
   }
   DecoderGraph m = build_decoder(g, cfg, B, T, o);
+  for (int ids : m.router_ids) g.mark_output(ids);
   append_backward(g, m.loss);
   Program prog(std::move(g), *dev);
   upload_weights(prog, weights, argv[1], o.freeze ? WeightSet::frozen : WeightSet::all);
@@ -65,6 +67,11 @@ int main(int argc, char** argv) try {
     HostTensor h(v.shape, DType::f32);
     dev->download(h.bytes.data(), prog.tensor(v.grad));
     out.emplace("grad." + v.name, std::move(h));
+  }
+  for (size_t l = 0; l < m.router_ids.size(); ++l) {  // each MoE layer's experts per token
+    HostTensor h(prog.graph().v(m.router_ids[l]).shape, DType::i32);
+    dev->download(h.bytes.data(), prog.tensor(m.router_ids[l]));
+    out.emplace("router." + std::to_string(l), std::move(h));
   }
   out.emplace("logits", std::move(logits));
   out.emplace("loss", std::move(loss));

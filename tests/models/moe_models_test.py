@@ -1,0 +1,275 @@
+#!/usr/bin/python3
+"""mxn's mixture-of-experts families (and dense Qwen3) against PyTorch references.
+
+Mixtral and Qwen2-MoE: transformers' own classes (4.49, the test venv). Qwen3 and Qwen3-MoE have no
+class in a transformers that runs on Debian's torch 1.13, so reference() below is our PyTorch
+reading of transformers' modeling_qwen3.py / modeling_qwen3_moe.py (and of the Mixtral and
+Qwen2-MoE files); it must itself match MixtralForCausalLM and Qwen2MoeForCausalLM first (1e-6),
+which checks everything in it but the per-head q and k norms, the lines Qwen3 adds.
+Asserted, in f32 against float64, max|mxn - ref| / max|ref| per tensor, on two shapes with odd
+sizes per family: logits <= 1e-5; the loss; every parameter's gradient of one step <= 1e-4 (each
+expert's weights stacked as mxn keeps them); each MoE layer's chosen experts identical for every
+token; 64 greedy tokens with the KV cache identical.  usage: moe_models_test.py MXN DECODER_DUMP
+"""
+import json, os, subprocess, sys, tempfile, unittest, warnings
+
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
+from hf_common import np, perturb, rel, torch  # noqa: E402  (may re-exec in the venv)
+from safetensors.numpy import load_file, save_file  # noqa: E402
+from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,  # noqa: E402
+                          Qwen2MoeForCausalLM)
+
+MXN, DUMP = sys.argv[1], sys.argv[2]
+warnings.filterwarnings("ignore", message="nn.functional.sigmoid is deprecated")  # transformers' Qwen2-MoE
+LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4
+F = torch.nn.functional
+
+
+def make_hf(family, odd):
+    if family == "mixtral":
+        kw = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=37,
+                  num_local_experts=7, num_experts_per_tok=3, tie_word_embeddings=True) if odd else \
+             dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=29,
+                  num_local_experts=5, num_experts_per_tok=2)
+        return MixtralForCausalLM(MixtralConfig(num_hidden_layers=2, vocab_size=101 if odd else 128,
+                                                max_position_embeddings=128, sliding_window=None, **kw))
+    kw = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=45,
+              moe_intermediate_size=19, shared_expert_intermediate_size=23, num_experts=9,
+              num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2, num_hidden_layers=3,
+              mlp_only_layers=[], tie_word_embeddings=True) if odd else \
+         dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+              moe_intermediate_size=21, shared_expert_intermediate_size=29, num_experts=6,
+              num_experts_per_tok=4, norm_topk_prob=False, num_hidden_layers=3, mlp_only_layers=[1])
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=101 if odd else 128, max_position_embeddings=128,
+                                              use_sliding_window=False, **kw))
+
+
+def qwen3_config(moe, odd):
+    """A Qwen3 / Qwen3-MoE config.json as transformers writes one (head_dim apart from hidden)."""
+    c = dict(architectures=["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+             model_type="qwen3_moe" if moe else "qwen3", vocab_size=101 if odd else 128,
+             hidden_size=40 if odd else 48, num_hidden_layers=2, num_attention_heads=5 if odd else 4,
+             num_key_value_heads=1 if odd else 2, head_dim=14 if odd else 16,
+             intermediate_size=43 if odd else 64, max_position_embeddings=128, rms_norm_eps=1e-6,
+             rope_theta=1000000.0, hidden_act="silu", attention_bias=False,
+             tie_word_embeddings=odd, eos_token_id=0)
+    if moe:
+        c.update(num_experts=7 if odd else 8, num_experts_per_tok=3 if odd else 2,
+                 moe_intermediate_size=17 if odd else 24, norm_topk_prob=True, decoder_sparse_step=1,
+                 mlp_only_layers=[0] if odd else [])
+    return c
+
+
+def qwen3_weights(c, seed):
+    """Random weights with Qwen3's names (and Qwen3-MoE's per-expert ones)."""
+    g = torch.Generator().manual_seed(seed)
+    C, H, G, D, V = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["vocab_size"]
+
+    def r(*shape, s=0.08, base=0.0):
+        return base + torch.randn(shape, generator=g, dtype=torch.float64) * s
+
+    W = {"model.embed_tokens.weight": r(V, C, s=0.5), "model.norm.weight": r(C, base=1.0)}
+    if not c["tie_word_embeddings"]:
+        W["lm_head.weight"] = r(V, C, s=0.5)
+    for l in range(c["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        W.update({p + "input_layernorm.weight": r(C, base=1.0), p + "post_attention_layernorm.weight": r(C, base=1.0),
+                  p + "self_attn.q_proj.weight": r(H * D, C), p + "self_attn.k_proj.weight": r(G * D, C),
+                  p + "self_attn.v_proj.weight": r(G * D, C), p + "self_attn.o_proj.weight": r(C, H * D),
+                  p + "self_attn.q_norm.weight": r(D, base=1.0), p + "self_attn.k_norm.weight": r(D, base=1.0)})
+        if "num_experts" in c and l not in c["mlp_only_layers"]:
+            E, Fm = c["num_experts"], c["moe_intermediate_size"]
+            W[p + "mlp.gate.weight"] = r(E, C, s=0.5)
+            for e in range(E):
+                q = f"{p}mlp.experts.{e}."
+                W.update({q + "gate_proj.weight": r(Fm, C), q + "up_proj.weight": r(Fm, C), q + "down_proj.weight": r(C, Fm)})
+        else:
+            Fd = c["intermediate_size"]
+            W.update({p + "mlp.gate_proj.weight": r(Fd, C), p + "mlp.up_proj.weight": r(Fd, C),
+                      p + "mlp.down_proj.weight": r(C, Fd)})
+    return W
+
+
+def layout(family):
+    """(the MoE block's prefix, its router, its experts' gate, up and down names)"""
+    if family == "mixtral":
+        return "block_sparse_moe.", "gate", "w1", "w3", "w2"
+    return "mlp.", "gate", "gate_proj", "up_proj", "down_proj"
+
+
+def reference(W, c, ids, family):
+    """The forward of transformers' Mixtral / Qwen2-MoE / Qwen3 / Qwen3-MoE, in W's dtype; returns the
+    logits and each MoE layer's experts per token (descending router score)."""
+    B, T = ids.shape
+    C, H, G, L = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
+    D = c.get("head_dim") or C // H
+    eps = c.get("rms_norm_eps", 1e-6)
+    moe_blk, router, eg, eu, ed = layout(family)
+
+    def rms(x, w):
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+    # transformers computes the frequencies in float32 whatever the model's dtype
+    inv = 1.0 / (c.get("rope_theta", 10000.0) ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().to(W["model.norm.weight"].dtype), emb.sin().to(W["model.norm.weight"].dtype)
+
+    def rope(x):  # (B, T, heads, D), LLaMA's halves
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return x * cos[None, :, None] + torch.cat([-x2, x1], -1) * sin[None, :, None]
+
+    def mlp(h, p):
+        return (F.silu(h @ W[p + "gate_proj.weight"].T) * (h @ W[p + "up_proj.weight"].T)) @ W[p + "down_proj.weight"].T
+
+    x = W["model.embed_tokens.weight"][ids]
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    chosen = []
+    for l in range(L):
+        p = f"model.layers.{l}."
+        h = rms(x, W[p + "input_layernorm.weight"])
+        q, k, v = (h @ W[p + f"self_attn.{n}_proj.weight"].T + (W[p + f"self_attn.{n}_proj.bias"]
+                   if p + f"self_attn.{n}_proj.bias" in W else 0) for n in "qkv")
+        q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
+        if p + "self_attn.q_norm.weight" in W:  # Qwen3: RMSNorm over each head's dims, before RoPE
+            q, k = rms(q, W[p + "self_attn.q_norm.weight"]), rms(k, W[p + "self_attn.k_norm.weight"])
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(H // G, 2), v.repeat_interleave(H // G, 2)
+        s = torch.einsum("bthd,bshd->bhts", q, k) / D ** 0.5
+        y = torch.einsum("bhts,bshd->bthd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
+        x = x + y.reshape(B, T, H * D) @ W[p + "self_attn.o_proj.weight"].T
+        h = rms(x, W[p + "post_attention_layernorm.weight"]).reshape(B * T, C)
+        m = p + moe_blk
+        if m + router + ".weight" not in W:
+            x = x + mlp(h, p + "mlp.").view(B, T, C)
+            continue
+        E = W[m + router + ".weight"].shape[0]
+        probs = (h @ W[m + router + ".weight"].T).softmax(-1)
+        top_w, top_i = probs.topk(c["num_experts_per_tok"], -1)
+        if family == "mixtral" or c.get("norm_topk_prob", False):
+            top_w = top_w / top_w.sum(-1, keepdim=True)
+        chosen.append(top_i)
+        out = torch.zeros_like(h)
+        for e in range(E):
+            rows, slot = (top_i == e).nonzero(as_tuple=True)
+            q_ = f"{m}experts.{e}."
+            he = h[rows]
+            ye = (F.silu(he @ W[q_ + eg + ".weight"].T) * (he @ W[q_ + eu + ".weight"].T)) @ W[q_ + ed + ".weight"].T
+            out = out.index_add(0, rows, ye * top_w[rows, slot, None])
+        if m + "shared_expert_gate.weight" in W:
+            out = out + torch.sigmoid(h @ W[m + "shared_expert_gate.weight"].T) * mlp(h, m + "shared_expert.")
+        x = x + out.view(B, T, C)
+    x = rms(x, W["model.norm.weight"])
+    head = W["lm_head.weight"] if "lm_head.weight" in W else W["model.embed_tokens.weight"]
+    return x @ head.T, chosen
+
+
+def stacked(grads, name):
+    """mxn keeps each MoE layer's experts stacked: <block>experts.<leaf> (E, rows, cols)."""
+    if ".experts." not in name:
+        return grads[name]
+    pre, leaf = name.rsplit("experts.", 1)
+    out, e = [], 0
+    while f"{pre}experts.{e}.{leaf}" in grads:
+        out.append(grads[f"{pre}experts.{e}.{leaf}"])
+        e += 1
+    return torch.stack(out)
+
+
+def run_dump(folder, ids, tmp):
+    save_file({"tokens": ids.numpy().astype(np.int32)}, os.path.join(tmp, "in.safetensors"))
+    out = os.path.join(tmp, "out.safetensors")
+    r = subprocess.run([DUMP, folder, os.path.join(tmp, "in.safetensors"), out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return load_file(out)
+
+
+def greedy_mxn(folder, prompt, n):
+    r = subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", ",".join(str(int(t)) for t in prompt),
+                        "--max-tokens", str(n), "--temperature", "0", "--ignore-eos", "--print-ids"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return [int(t) for t in r.stdout.split()]
+
+
+class MoeModels(unittest.TestCase):
+    def check_family(self, family):
+        for odd in (False, True):
+            with self.subTest(family=family, odd=odd), tempfile.TemporaryDirectory() as tmp:
+                folder = os.path.join(tmp, "model")
+                if family in ("mixtral", "qwen2_moe"):
+                    torch.manual_seed(1)
+                    model = perturb(make_hf(family, odd), seed=11 + odd).eval()
+                    model.float().save_pretrained(folder)
+                    model = model.double()
+                    cfg = model.config.to_dict()
+                    W = {k: v.detach() for k, v in model.state_dict().items()}
+                    V = cfg["vocab_size"]
+                    ids = torch.randint(0, V, (3, 23) if odd else (2, 32), generator=torch.Generator().manual_seed(5))
+                    with torch.no_grad():
+                        own, _ = reference(W, cfg, ids, family)
+                        hf = model(ids).logits
+                    self.assertLess(rel(own, hf), 1e-6, "reference() against transformers' " + family)
+                    out = model(ids, output_router_logits=True)
+                    logits, params = out.logits, dict(model.named_parameters())
+                    k = cfg["num_experts_per_tok"]
+                    chosen = [F.softmax(r.detach(), -1).topk(k, -1)[1] for r in out.router_logits]
+                    fn = lambda x: model(x).logits
+                else:
+                    cfg = qwen3_config(family == "qwen3_moe", odd)
+                    W = qwen3_weights(cfg, seed=21 + odd)
+                    os.makedirs(folder)
+                    save_file({k: v.float().numpy() for k, v in W.items()}, os.path.join(folder, "model.safetensors"))
+                    with open(os.path.join(folder, "config.json"), "w") as f:
+                        json.dump(cfg, f)
+                    V = cfg["vocab_size"]
+                    ids = torch.randint(0, V, (3, 23) if odd else (2, 32), generator=torch.Generator().manual_seed(5))
+                    params = {k: v.clone().requires_grad_(True) for k, v in W.items()}
+                    logits, chosen = reference(params, cfg, ids, family)
+                    fn = lambda x: reference(W, cfg, x, family)[0]
+                B, T = ids.shape
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+                loss.backward()
+                got = run_dump(folder, ids, tmp)
+                e = rel(got["logits"].reshape(B, T, V), logits.detach())
+                print(f"{family:9s} {'odd' if odd else 'even':4s} logits {e:.2e}", end="")
+                self.assertLess(e, LOGITS_TOL, "logits")
+                self.assertLess(abs(float(got["loss"][0]) - float(loss)) / float(loss), LOGITS_TOL, "loss")
+                self.assertEqual(len(chosen), len([n for n in got if n.startswith("router.")]), "MoE layers")
+                for i, want in enumerate(chosen):
+                    np.testing.assert_array_equal(got[f"router.{i}"], want.numpy(), f"MoE layer {i}'s experts")
+                grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+                worst = 0.0
+                for name in got:
+                    if not name.startswith("grad."):
+                        continue
+                    ge = rel(got[name], stacked(grads, name[5:]))
+                    worst = max(worst, ge)
+                    self.assertLess(ge, GRAD_TOL, "gradient of " + name[5:])
+                print(f"  grads {worst:.2e}  experts of {len(chosen)} layers identical", end="")
+                prompt = ids[0, :7].tolist()
+                with torch.no_grad():
+                    want = []
+                    x = list(prompt)
+                    for _ in range(64):
+                        x.append(int(fn(torch.tensor([x]))[0, -1].argmax()))
+                    want = x[len(prompt):]
+                self.assertEqual(greedy_mxn(folder, prompt, 64), want, "64 greedy tokens")
+                print("  greedy 64 identical")
+
+    def test_mixtral(self):
+        self.check_family("mixtral")
+
+    def test_qwen2_moe(self):
+        self.check_family("qwen2_moe")
+
+    def test_qwen3(self):
+        self.check_family("qwen3")
+
+    def test_qwen3_moe(self):
+        self.check_family("qwen3_moe")
+
+
+if __name__ == "__main__":
+    unittest.main(argv=sys.argv[:1], verbosity=2)
