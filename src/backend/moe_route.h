@@ -98,13 +98,16 @@ MXN_HD inline void moe_route_token_bwd(const float* dw, const float* logits, con
                                        float* s, float* ds, float* dlogits) {
   moe_scores(logits, E, p.sigmoid, s);
   for (int64_t e = 0; e < E; ++e) ds[e] = extra ? extra[e] : 0.f;
+  auto id = [&](int64_t k) -> int64_t {  // clamped: a device kernel never reads outside s
+    return ids[k] < 0 ? 0 : ids[k] >= E ? E - 1 : ids[k];
+  };
   float sum = 0.f, dot = 0.f;  // sum of the chosen scores; sum_k dw_k * s_k
   for (int64_t k = 0; k < p.k; ++k) {
-    sum += s[ids[k]];
-    dot += dw[k] * s[ids[k]];
+    sum += s[id(k)];
+    dot += dw[k] * s[id(k)];
   }
   for (int64_t k = 0; k < p.k; ++k)
-    ds[ids[k]] += p.norm ? p.scale * (dw[k] / sum - dot / (sum * sum)) : p.scale * dw[k];
+    ds[id(k)] += p.norm ? p.scale * (dw[k] / sum - dot / (sum * sum)) : p.scale * dw[k];
   if (p.sigmoid) {
     for (int64_t e = 0; e < E; ++e) dlogits[e] = ds[e] * s[e] * (1.f - s[e]);
     return;

@@ -14,6 +14,7 @@
 #include "backend/common.h"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/kernels_llm.cuh"
+#include "backend/cuda/kernels_moe.cuh"
 #ifdef MXN_HAVE_NCCL
 #include "backend/cuda/nccl.cuh"
 #endif
@@ -341,22 +342,88 @@ float* rope_table(Ctx* c, const mxn_op_call& k) {
   });
 }
 
+// The mixture-of-experts ops (kernels_moe.cuh); the routing's scores, flags and counts in scratch.
+int32_t run_moe(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor *in = k.inputs, *out = k.outputs;
+  cudaStream_t s = c->stream;
+  switch (k.op) {
+    case MXN_OP_MOE_ROUTE:
+    case MXN_OP_MOE_ROUTE_BWD: {
+      const bool bwd = k.op == MXN_OP_MOE_ROUTE_BWD;
+      const MoeRouteShape r = moe_route_shape(k, bwd);
+      const MoeRouteParams p = params_of<MoeRouteParams>(k);
+      const int64_t N = r.N, E = r.E, n = N * r.K;
+      // [scores (2 N E floats) | counts (E) | extra (E) | flags (N E bytes)]
+      float* sc = scratch(c, size_t(2 * N * E + 2 * E + (N * E + 3) / 4));
+      if (!sc) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "moe_route: no device memory for scratch");
+      auto* cnt = reinterpret_cast<int32_t*>(sc + 2 * N * E);
+      float* extra = sc + 2 * N * E + E;
+      auto* flags = reinterpret_cast<uint8_t*>(sc + 2 * N * E + 2 * E);
+      if (bwd) {
+        if (r.daux >= 0) {
+          k_moe_count<<<blocks(E), 256, 0, s>>>(I(in[2]), n, E, cnt);
+          k_moe_extra<<<blocks(E), 256, 0, s>>>(cnt, F(in[r.daux]), N, E, extra);
+        }
+        k_moe_route_bwd<<<blocks(N), 128, 0, s>>>(F(in[0]), F(in[1]), I(in[2]),
+                                                  r.daux >= 0 ? extra : nullptr, N, E, p, sc,
+                                                  F(out[0]));
+        break;
+      }
+      k_moe_route<<<blocks(N), 128, 0, s>>>(F(in[0]), r.bias >= 0 ? F(in[r.bias]) : nullptr, N, E,
+                                            p, sc, flags, F(out[0]), I(out[1]));
+      k_moe_count<<<blocks(E), 256, 0, s>>>(I(out[1]), n, E, cnt);
+      k_moe_offsets<<<1, 1, 0, s>>>(cnt, E, I(out[3]));
+      k_moe_positions<<<blocks(E), 256, 0, s>>>(I(out[1]), n, E, I(out[3]), I(out[2]));
+      if (r.aux) k_moe_aux<<<1, 1, 0, s>>>(sc, cnt, N, E, F(out[4]));
+      break;
+    }
+    case MXN_OP_GROUPED_MATMUL: {
+      const GroupedMatmulShape g = grouped_matmul_shape(k);
+      if (g.weight_grad)
+        k_grouped_mm_wgrad<<<blocks(g.E * g.N * g.K), 256, 0, s>>>(
+            F(in[0]), F(in[1]), I(in[2]), F(out[0]), g.M, g.N, g.K, g.E, int(g.accumulate));
+      else
+        k_grouped_mm<<<blocks(g.M * g.N), 256, 0, s>>>(F(in[0]), F(in[1]), I(in[2]), F(out[0]),
+                                                       g.M, g.N, g.K, g.E, int(g.tb));
+      break;
+    }
+    default: {
+      const MoePermuteShape m = moe_permute_shape(k);
+      const float* w = m.weighted ? F(in[2]) : nullptr;
+      if (k.op == MXN_OP_MOE_PERMUTE)
+        k_moe_permute<<<blocks(m.N * m.K * m.C), 256, 0, s>>>(F(in[0]), I(in[1]), w, F(out[0]),
+                                                              m.N, m.C, m.K);
+      else if (k.op == MXN_OP_MOE_UNPERMUTE)
+        k_moe_unpermute<<<blocks(m.N * m.C), 256, 0, s>>>(F(in[0]), I(in[1]), w, F(out[0]), m.N,
+                                                          m.C, m.K);
+      else
+        k_moe_unpermute_bwd<<<blocks(m.N * m.K), 256, 0, s>>>(F(in[0]), F(in[1]), I(in[2]),
+                                                              F(out[0]), m.N, m.C, m.K);
+      break;
+    }
+  }
+  return check(c, cudaGetLastError(), "moe kernel launch");
+}
+
 int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor *in = k.inputs, *out = k.outputs;
   cudaStream_t s = c->stream;
   const SwigluParams sw = params_of<SwigluParams>(k);
   switch (k.op) {
-    case MXN_OP_RMSNORM:
-      k_rmsnorm<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), F(out[1]),
-                                                       rows_of(in[0]), last(in[0]),
-                                                       params_of<NormParams>(k).eps);
+    case MXN_OP_RMSNORM: {  // rows of count(w) columns (ABI 9: groups of a row)
+      const int64_t cols = count(in[1]), rows = count(in[0]) / cols;
+      k_rmsnorm<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(out[0]), F(out[1]), rows, cols,
+                                             params_of<NormParams>(k).eps);
       break;
-    case MXN_OP_RMSNORM_BWD:
-      k_rmsnorm_dx<<<blocks(rows_of(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]),
-                                                          F(out[0]), rows_of(in[0]), last(in[0]));
-      k_rmsnorm_dw<<<blocks(last(in[0])), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[3]), F(out[1]),
-                                                       rows_of(in[0]), last(in[0]));
+    }
+    case MXN_OP_RMSNORM_BWD: {
+      const int64_t cols = count(in[2]), rows = count(in[1]) / cols;
+      k_rmsnorm_dx<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[2]), F(in[3]), F(out[0]),
+                                                rows, cols);
+      k_rmsnorm_dw<<<blocks(cols), 256, 0, s>>>(F(in[0]), F(in[1]), F(in[3]), F(out[1]), rows,
+                                                cols);
       break;
+    }
     case MXN_OP_ROPE: {
       const RopeParams r = params_of<RopeParams>(k);
       const float* table = rope_table(c, k);
@@ -423,6 +490,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
   const float scalar = params_of<ScalarParams>(k).value;  // SCALE's and FILL's
   cudaStream_t s = c->stream;
   const int64_t n0 = k.n_outputs ? count(out[0]) : 0;
+  if (k.op >= MXN_OP_MOE_ROUTE) return run_moe(c, k);
   switch (k.op) {
     case MXN_OP_MATMUL:
       return run_matmul(c, k);

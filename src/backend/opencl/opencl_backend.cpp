@@ -1,8 +1,10 @@
 // The OpenCL backend: CLBlast for GEMMs, our OpenCL C kernels (kernels_cl.h) for every other op.
 // Runs on PoCL here and on any OpenCL 1.2+ device; a plugin (libmxn_backend_opencl.so).
-#define CL_TARGET_OPENCL_VERSION 120
-#include <CL/cl.h>
+// (cl_launch.h first: it sets the OpenCL version the headers declare)
+#include "backend/opencl/cl_launch.h"
+// clang-format off
 #include <clblast_c.h>
+// clang-format on
 
 #include <cmath>
 #include <cstdlib>
@@ -19,6 +21,7 @@
 #include "backend/common.h"
 #include "backend/opencl/kernels_cl.h"
 #include "backend/opencl/kernels_llm_cl.h"
+#include "backend/opencl/kernels_moe_cl.h"
 #include "mxn/backend_abi.h"
 
 namespace mxn::opencl {
@@ -68,19 +71,6 @@ std::string info_str(cl_device_id d, cl_device_info what) {
   return s;
 }
 
-struct Ctx : BackendBase {
-  cl_context context = nullptr;
-  cl_command_queue queue = nullptr;
-  cl_device_id device = nullptr;
-  cl_program program = nullptr;
-  std::map<std::string, cl_kernel> kernels;
-  GrowingBuffer<cl_mem> scratch;  // bf16 operands and partial sums
-  uint64_t free_bytes = 0;
-  RopeTables<cl_mem> rope_tables;
-};
-
-int32_t fail(Ctx* c, int32_t status, const std::string& msg) { return c->fail(status, msg); }
-
 // Compiled programs are cached on disk by source and device, so a second run does not recompile.
 std::filesystem::path cache_path(cl_device_id d) {
   const char* home = std::getenv("XDG_CACHE_HOME");
@@ -88,8 +78,8 @@ std::filesystem::path cache_path(cl_device_id d) {
       home && *home ? home
                     : std::string(std::getenv("HOME") ? std::getenv("HOME") : "/tmp") + "/.cache";
   const size_t h =
-      std::hash<std::string>{}(std::string(kKernels) + kKernelsLlm + info_str(d, CL_DEVICE_NAME) +
-                               info_str(d, CL_DRIVER_VERSION));
+      std::hash<std::string>{}(std::string(kKernels) + kKernelsLlm + kKernelsMoe +
+                               info_str(d, CL_DEVICE_NAME) + info_str(d, CL_DRIVER_VERSION));
   return base / "mxn" / "opencl" / (std::to_string(h) + ".bin");
 }
 
@@ -108,8 +98,8 @@ int32_t build_program(Ctx* c) {
       return 0;
     if (c->program) clReleaseProgram(c->program);
   }
-  const char* src[] = {kKernels, kKernelsLlm};
-  c->program = clCreateProgramWithSource(c->context, 2, src, nullptr, &err);
+  const char* src[] = {kKernels, kKernelsLlm, kKernelsMoe};
+  c->program = clCreateProgramWithSource(c->context, 3, src, nullptr, &err);
   if (err != CL_SUCCESS) return fail(c, MXN_STATUS_INTERNAL, "clCreateProgramWithSource failed");
   if (clBuildProgram(c->program, 1, &c->device, "-cl-std=CL1.2", nullptr, nullptr) != CL_SUCCESS) {
     size_t n = 0;
@@ -254,58 +244,8 @@ int32_t synchronize(void* ctx) {
   return e == CL_SUCCESS ? 0 : fail(c, MXN_STATUS_INTERNAL, "clFinish: " + std::to_string(e));
 }
 
-// --- dispatch ----------------------------------------------------------------------------------
-struct Mem {
-  cl_mem m;
-  cl_ulong off;  // in elements
-};
-// A tensor as (buffer, offset in its own elements): 2 bytes for bf16, 4 for f32 and i32.
-Mem mem(const mxn_tensor& t) {
-  return {static_cast<cl_mem>(t.buffer), t.offset / (t.dtype == MXN_DTYPE_BF16 ? 2 : 4)};
-}
-
-struct Launch {
-  Ctx* c;
-  cl_kernel k;
-  cl_uint i = 0;
-  cl_int err = CL_SUCCESS;
-  const char* missing = nullptr;  // a kernel clCreateKernel did not make (its name)
-  Launch& arg(Mem m) {
-    err |= clSetKernelArg(k, i++, sizeof(cl_mem), &m.m);
-    err |= clSetKernelArg(k, i++, sizeof(cl_ulong), &m.off);
-    return *this;
-  }
-  Launch& arg(cl_mem m) {
-    err |= clSetKernelArg(k, i++, sizeof(cl_mem), &m);
-    return *this;
-  }
-  Launch& u(int64_t v) {
-    cl_ulong x = cl_ulong(v);
-    err |= clSetKernelArg(k, i++, sizeof(x), &x);
-    return *this;
-  }
-  Launch& s(int v) {
-    cl_int x = v;
-    err |= clSetKernelArg(k, i++, sizeof(x), &x);
-    return *this;
-  }
-  Launch& f(float v) {
-    err |= clSetKernelArg(k, i++, sizeof(v), &v);
-    return *this;
-  }
-  int32_t go(int64_t n) {
-    if (missing)
-      return fail(c, MXN_STATUS_INTERNAL,
-                  std::string("clCreateKernel(") + missing + "): " + std::to_string(err));
-    if (err != CL_SUCCESS) return fail(c, MXN_STATUS_INTERNAL, "clSetKernelArg failed");
-    if (n <= 0) return 0;
-    size_t g = size_t(n);
-    cl_int e = clEnqueueNDRangeKernel(c->queue, k, 1, nullptr, &g, nullptr, 0, nullptr, nullptr);
-    return e == CL_SUCCESS
-               ? 0
-               : fail(c, MXN_STATUS_INTERNAL, "clEnqueueNDRangeKernel: " + std::to_string(e));
-  }
-};
+// --- dispatch ---------------------------------------------------------------------------------
+}  // namespace
 
 Launch kernel(Ctx* c, const char* name) {
   auto it = c->kernels.find(name);
@@ -334,6 +274,8 @@ cl_mem scratch(Ctx* c, size_t bytes) {
       clReleaseMemObject);
 }
 
+namespace {
+
 int32_t gemm(Ctx* c, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, Mem A,
              int64_t lda, Mem B, int64_t ldb, float beta, Mem C, int64_t ldc) {
   CLBlastStatusCode st =
@@ -345,8 +287,6 @@ int32_t gemm(Ctx* c, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float al
              ? 0
              : fail(c, MXN_STATUS_INTERNAL, "CLBlastSgemm: status " + std::to_string(int(st)));
 }
-
-Mem at(Mem m, int64_t elems) { return {m.m, m.off + cl_ulong(elems)}; }
 
 int32_t run_matmul(Ctx* c, const mxn_op_call& k) {
   const MatmulShape m = matmul_shape(k);  // check_call has seen its error
@@ -441,15 +381,15 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor* out = k.outputs;
   const SwigluParams sw = params_of<SwigluParams>(k);
   switch (k.op) {
-    case MXN_OP_RMSNORM:
+    case MXN_OP_RMSNORM:  // rows of count(w) columns (ABI 9: groups of a row)
       return kernel(c, "rmsnorm")
           .arg(mem(in[0]))
           .arg(mem(in[1]))
           .arg(mem(out[0]))
           .arg(mem(out[1]))
-          .u(last(in[0]))
+          .u(count(in[1]))
           .f(params_of<NormParams>(k).eps)
-          .go(rows_of(in[0]));
+          .go(count(in[0]) / count(in[1]));
     case MXN_OP_RMSNORM_BWD:
       if (int32_t st = kernel(c, "rmsnorm_dx")
                            .arg(mem(in[0]))
@@ -457,17 +397,17 @@ int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
                            .arg(mem(in[2]))
                            .arg(mem(in[3]))
                            .arg(mem(out[0]))
-                           .u(last(in[0]))
-                           .go(rows_of(in[0])))
+                           .u(count(in[2]))
+                           .go(count(in[1]) / count(in[2])))
         return st;
       return kernel(c, "rmsnorm_dw")
           .arg(mem(in[0]))
           .arg(mem(in[1]))
           .arg(mem(in[3]))
           .arg(mem(out[1]))
-          .u(rows_of(in[0]))
-          .u(last(in[0]))
-          .go(last(in[0]));
+          .u(count(in[1]) / count(in[2]))
+          .u(count(in[2]))
+          .go(count(in[2]));
     case MXN_OP_ROPE: {
       const RopeParams r = params_of<RopeParams>(k);
       cl_mem table = rope_table(c, k);
@@ -568,6 +508,7 @@ int32_t run(void* ctx, const mxn_op_call* call) {
   const mxn_tensor* in = k.inputs;
   const mxn_tensor* out = k.outputs;
   const float scalar = params_of<ScalarParams>(k).value;  // SCALE's and FILL's
+  if (k.op >= MXN_OP_MOE_ROUTE) return run_moe(c, k);
   switch (k.op) {
     case MXN_OP_MATMUL:
       return run_matmul(c, k);
