@@ -426,6 +426,7 @@ class StepLoop {
                             {"grad_norm", tr_.last_grad_norm()},
                             {"tokens_per_s", double(tokens_per_step * (s - first_)) / elapsed},
                             {"step_s", std::chrono::duration<double>(now - ts).count()}};
+      if (nlohmann::json load = tr_.expert_load(); !load.empty()) row["expert_load"] = load;
       const bool eval_now = (c_.eval_every > 0 && s % c_.eval_every == 0) || s == last_;
       if (eval_now) row["val_loss"] = tr_.eval_loss();
       beat_.step(s);

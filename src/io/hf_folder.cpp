@@ -132,6 +132,19 @@ void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
           }
           want.erase(it);
         });
+  for (auto it = want.begin(); it != want.end();) {  // a router bias the checkpoint lacks: zero
+    const Value& v = prog.graph().v(it->second.value);
+    if (!v.name.ends_with(kRouterBias)) {
+      ++it;
+      continue;
+    }
+    wide.assign(size_t(numel(v.shape)), 0.f);
+    half.assign(wide.size(), 0);
+    prog.device().upload(prog.tensor(it->second.value), v.dtype == DType::f32
+                                                            ? static_cast<const void*>(wide.data())
+                                                            : half.data());
+    it = want.erase(it);
+  }
   if (!want.empty()) {
     const auto& [name, w] = *want.begin();
     Shape shape = prog.graph().v(w.value).shape;
@@ -205,6 +218,10 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
         std::copy_n(x.f32(), each, t.f32() + e * each);
       }
       out[v.name] = std::move(t);
+      continue;
+    }
+    if (v.name.ends_with(kRouterBias) && !weights.count(v.name)) {  // none yet: zero
+      out[v.name] = HostTensor(v.shape, DType::f32);
       continue;
     }
     expect_tensor(weights, v, source);

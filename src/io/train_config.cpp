@@ -12,7 +12,10 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
   return {
       {"model", &c.model.dir,
        "a Hugging Face model folder to start from (its config.json and safetensors weights)", true},
-      {"arch", &c.model.arch, "family of a fresh model: gpt2, llama, qwen2, glm or chatglm", true},
+      {"arch", &c.model.arch,
+       "family of a fresh model: gpt2, llama, qwen2, glm, chatglm, qwen3, or the mixtures of "
+       "experts mixtral, qwen2_moe, qwen3_moe",
+       true},
       {"n_layer", &c.model.n_layer, "transformer blocks", true},
       {"n_head", &c.model.n_head, "attention heads (must divide n_embd)", true},
       {"n_kv_head", &c.model.n_kv_head, "key/value heads for GQA/MQA (0: n_head)", true},
@@ -21,6 +24,11 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"n_ctx", &c.model.n_ctx, "context length (with --model: the training sequence length)",
        true},
       {"vocab_size", &c.model.vocab_size, "vocabulary size (256 for the byte tokenizer)", true},
+      {"experts", &c.model.experts,
+       "experts per MoE layer of a fresh mixtral, qwen2_moe or qwen3_moe model", true},
+      {"top_k", &c.model.top_k, "experts a token (MoE)", true},
+      {"moe_ffn", &c.model.moe_ffn, "each expert's MLP width (MoE; 0: the ffn rule)", true},
+      {"shared_ffn", &c.model.shared_ffn, "the shared expert's width (qwen2_moe; 0: none)", true},
       {"data", &c.data, "token shard from `mxn prepare`, or a text file"},
       {"out", &c.out, "run folder: checkpoints, metrics.jsonl, loss.svg"},
       {"device", &c.device, "device, e.g. cpu or cpu:0 (`mxn devices` lists them)"},
@@ -98,11 +106,18 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"hang_timeout", &c.hang_timeout,
        "seconds without a rank's heartbeat before the job is stopped as hung (0: never)"},
       {"log_every", &c.log_every, "steps between progress lines when not on a terminal"},
+      {"router_aux_coef", &c.router_aux_coef,
+       "MoE: the weight of the Switch load-balancing loss, averaged over MoE layers (< 0: the "
+       "model's own; 0.001 for a fresh model)"},
+      {"router_bias_update", &c.router_bias_update,
+       "MoE: DeepSeek-V3's aux-loss-free balancing: after each step every router's selection "
+       "bias moves this much towards an even load (0: off)"},
   };
 }
 
 DecoderConfig TrainConfig::decoder_config() const {
-  if (!decoder.is_null() && !decoder.empty()) return DecoderConfig::from_json(decoder);
+  if (!decoder.is_null() && !decoder.empty())
+    return with_router_flags(DecoderConfig::from_json(decoder));
   DecoderConfig d;
   d.arch = arch_from_name(model.arch);
   d.vocab_size = model.vocab_size;
@@ -113,8 +128,30 @@ DecoderConfig TrainConfig::decoder_config() const {
   d.ffn = model.ffn;
   d.max_pos = model.n_ctx;
   d.tie_embeddings = d.gpt2();
-  d.qkv_bias = d.arch == Arch::qwen2 || d.arch == Arch::glm || d.arch == Arch::chatglm;
+  d.qkv_bias = d.arch == Arch::qwen2 || d.arch == Arch::glm || d.arch == Arch::chatglm ||
+               d.arch == Arch::qwen2_moe;
   if (d.arch == Arch::glm || d.arch == Arch::chatglm) d.rope_fraction = 0.5f;
+  const bool moe_arch =
+      d.arch == Arch::mixtral || d.arch == Arch::qwen2_moe || d.arch == Arch::qwen3_moe;
+  if (moe_arch != (model.experts > 0))
+    throw Error(moe_arch
+                    ? "invalid config: arch " + model.arch + " needs experts >= 1"
+                    : "invalid config: experts = " + std::to_string(model.experts) +
+                          " needs arch mixtral, qwen2_moe or qwen3_moe (not " + model.arch + ")");
+  if (moe_arch) {
+    d.experts = model.experts;
+    d.top_k = model.top_k;
+    d.moe_ffn = model.moe_ffn > 0 ? model.moe_ffn : d.ffn_width();
+    d.shared_ffn = d.arch == Arch::qwen2_moe ? model.shared_ffn : 0;
+    d.router_aux_coef = 0.001f;
+  }
+  return with_router_flags(d);
+}
+
+DecoderConfig TrainConfig::with_router_flags(DecoderConfig d) const {
+  if (d.experts == 0) return d;
+  if (router_aux_coef >= 0) d.router_aux_coef = float(router_aux_coef);
+  if (router_bias_update > 0) d.router_bias = true;
   return d;
 }
 
@@ -158,6 +195,10 @@ void TrainConfig::validate() const {
   need(bucket_mb > 0 && bucket_mb <= 4096,
        "bucket_mb = " + std::to_string(bucket_mb) + ", expected > 0 and <= 4096");
   need(zero == 0 || zero == 1, "zero = " + std::to_string(zero) + ", expected 0 or 1");
+  need(router_bias_update >= 0 && router_bias_update < 1,
+       "router_bias_update = " + std::to_string(router_bias_update) + ", expected 0 <= rate < 1");
+  need(router_aux_coef < 1e3,
+       "router_aux_coef = " + std::to_string(router_aux_coef) + ", expected below 1000");
   need(pp >= 1, "pp = " + std::to_string(pp) + ", expected >= 1 (pipeline stages)");
   need(micro >= 0, "micro = " + std::to_string(micro) + ", expected >= 0 (0: chosen)");
   need(accum >= 1, "accum = " + std::to_string(accum) + ", expected >= 1");

@@ -13,10 +13,13 @@ namespace mxn {
 
 // The model: a fresh one of a family and size, or a Hugging Face folder to start from.
 struct ModelFlags {
-  std::string arch = "gpt2";  // gpt2 | llama | qwen2 | glm | chatglm
+  std::string arch = "gpt2";  // decoder.h's Arch names
   std::string dir;            // a Hugging Face model folder: its config and weights
   int64_t n_layer = 4, n_head = 4, n_kv_head = 0, n_embd = 128, n_ctx = 128, vocab_size = 256;
   int64_t ffn = 0;  // MLP width (0: the family's rule)
+  // A fresh mixture of experts (mixtral, qwen2_moe, qwen3_moe): experts per layer, top_k a
+  // token, each expert's width (0: ffn's rule) and the shared expert's (qwen2_moe; 0: none).
+  int64_t experts = 0, top_k = 2, moe_ffn = 0, shared_ffn = 0;
 };
 
 struct TrainConfig {
@@ -75,6 +78,10 @@ struct TrainConfig {
   // without a heartbeat before it counts as hung.
   int64_t max_restarts = 0;
   double hang_timeout = 300;
+  // Mixture of experts: the load-balancing loss's weight (< 0: the model's own; 0.001 for a fresh
+  // one), and DeepSeek-V3's aux-loss-free balancing: after each step every router's selection
+  // bias moves by this much towards an even load (0: off).
+  double router_aux_coef = -1, router_bias_update = 0;
   // Not a flag: the trainer sets it where the device has the fused head (CLASSIFIER_CE), unless
   // MXN_FUSED_HEAD=0 is in the environment.
   bool fused_head = false;
@@ -85,6 +92,7 @@ struct TrainConfig {
 
   int64_t seq_len() const { return seq > 0 ? seq : model.n_ctx; }
   DecoderConfig decoder_config() const;
+  DecoderConfig with_router_flags(DecoderConfig d) const;  // router_aux_coef, router_bias_update
   // Reads model.dir's config.json into `decoder` (once); a no-op without a folder.
   void resolve_model();
   void validate() const;  // Error naming the field and its allowed values

@@ -292,6 +292,7 @@ nlohmann::json DecoderConfig::to_json() const {
           {"shared_ffn", shared_ffn},
           {"sparse_step", sparse_step},
           {"norm_topk", norm_topk},
+          {"router_bias", router_bias},
           {"dense_layers", dense_layers},
           {"router_aux_coef", router_aux_coef}};
 }
@@ -329,6 +330,7 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   c.shared_ffn = json_value(j, "shared_ffn", c.shared_ffn, where);
   c.sparse_step = json_value(j, "sparse_step", c.sparse_step, where);
   c.norm_topk = json_value(j, "norm_topk", c.norm_topk, where);
+  c.router_bias = json_value(j, "router_bias", c.router_bias, where);
   c.router_aux_coef = json_value(j, "router_aux_coef", c.router_aux_coef, where);
   if (j.contains("dense_layers")) {
     if (!j["dense_layers"].is_array()) throw Error(where + ": 'dense_layers' is not a list");
@@ -344,6 +346,7 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
 }
 
 const char* const kBlockPositions = "glm.block_position_embeddings.weight";
+const char* const kRouterBias = "e_score_correction_bias";
 
 std::vector<std::string> lora_default_targets(Arch a) {
   switch (a) {
@@ -436,7 +439,9 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
   const std::string blk = p + nm.moe, ex = blk + "experts.";
   const int logits = b.linear(h, blk + nm.router, C, E, false);
   const bool aux = b.o.with_loss && c.router_aux_coef > 0;
-  const MoeRoute r = g.moe_route(logits, -1, MoeRouteParams{c.top_k, false, c.norm_topk}, aux);
+  const int bias =
+      c.router_bias ? b.w(blk + nm.router + "." + kRouterBias, {E}, false) : -1;  // no gradient
+  const MoeRoute r = g.moe_route(logits, bias, MoeRouteParams{c.top_k, false, c.norm_topk}, aux);
   m.router_ids.push_back(r.ids);
   m.router_offsets.push_back(r.offsets);
   if (aux) m.router_aux.push_back(r.aux);
@@ -649,7 +654,7 @@ std::vector<float> decoder_init_param(const std::string& name, int64_t count,
   };
   auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
   std::vector<float> out(size_t(count), 0.f);
-  if (ends_with(".bias")) return out;
+  if (ends_with(".bias") || ends_with(kRouterBias)) return out;
   if (has(".ln_") || has("norm.") || has("layernorm.") || ends_with("ln_f.weight")) {
     std::fill(out.begin(), out.end(), 1.f);
     return out;

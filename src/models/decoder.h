@@ -42,6 +42,9 @@ struct DecoderConfig {
   // MoE layers of the Switch load-balancing loss to a training loss.
   int64_t experts = 0, top_k = 2, moe_ffn = 0, shared_ffn = 0, sparse_step = 1;
   bool norm_topk = true;
+  // A selection bias per router (<block>gate.e_score_correction_bias, (E)): it picks experts but
+  // does not weigh them; trained by no gradient, moved by the aux-loss-free balancing.
+  bool router_bias = false;
   std::vector<int64_t> dense_layers;
   float router_aux_coef = 0.f;
 
@@ -157,6 +160,8 @@ struct DecoderGraph {
 
 // The block-position table's name (with DecoderOptions::block_positions, learned positions).
 extern const char* const kBlockPositions;
+// A router's selection bias: <block>gate.<this> (DecoderConfig::router_bias).
+extern const char* const kRouterBias;
 
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
                            const DecoderOptions& o = {});

@@ -121,6 +121,7 @@ double DataParallel::passes(uint64_t key, double total) {
     float loss = 0;
     t.dev_->download(&loss, p.loss);
     loss_sum += double(loss) * counted / total;
+    t.count_experts(p);
   }
   if (t.comm_) {
     const double compute_s =

@@ -42,6 +42,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   o.gelu_bf16 = c.gelu_bf16;
   o.attn_bf16 = c.attn_bf16;
   *m = build_decoder(g, d, rows, c.seq_len(), o);
+  for (int off : m->router_offsets) g.mark_output(off);  // the step's expert load
   if (m->loss >= 0) {  // the whole model, or the last stage (which also sends d(hidden_in))
     int gi = -1;
     *n_forward = append_backward(g, m->loss, -1, m->hidden_in, &gi);
@@ -114,6 +115,7 @@ int Trainer::variant_for(int64_t rows) {
       p.loss = prog_->tensor(m_.loss, p.variant);
     }
     if (m_.hidden_in >= 0) p.hidden_in = prog_->tensor(m_.hidden_in, p.variant);
+    for (int off : m_.router_offsets) p.router_offsets.push_back(prog_->tensor(off, p.variant));
     if (m_.hidden_out >= 0) p.hidden_out = prog_->tensor(m_.hidden_out, p.variant);
     if (seed_value_ >= 0) p.grad_out = prog_->tensor(seed_value_, p.variant);
     if (grad_in_value_ >= 0) p.grad_in = prog_->tensor(grad_in_value_, p.variant);
@@ -152,10 +154,14 @@ float Trainer::step() {
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ mix64(uint64_t(s)));
   const double total = double(loss_tokens(key, 0, G, false));
   sft_set_ = cfg_.sft.empty() ? nullptr : &sft_train_;
+  std::fill(expert_load_.begin(), expert_load_.end(), 0.0);
   const double loss = par_->passes(key, total);
+  if (comm_ && !expert_load_.empty())
+    comm_->all_reduce_sum(expert_load_.data(), int64_t(expert_load_.size()));
   fault_point("step");
   // Global norm of the mean gradient, then one scale for clipping.
   grad_norm_ = opt_->step(s, float(par_->grad_sumsq()));
+  if (cfg_.router_bias_update > 0) update_router_bias();
   dev_->synchronize();
   step_ = s;
   if (steps_run_++ > 0) {
@@ -164,6 +170,42 @@ float Trainer::step() {
   }
   par_->after_step();
   return float(loss);
+}
+
+void Trainer::count_experts(const Pass& p) {
+  if (p.router_offsets.empty()) return;
+  const size_t E = offsets_host_.size() - 1;
+  for (size_t l = 0; l < p.router_offsets.size(); ++l) {
+    dev_->download(offsets_host_.data(), p.router_offsets[l]);
+    for (size_t e = 0; e < E; ++e)
+      expert_load_[l * E + e] += double(offsets_host_[e + 1] - offsets_host_[e]);
+  }
+}
+
+// DeepSeek-V3's aux-loss-free balancing: b_e += rate * sign(mean load - load_e), per router, the
+// same on every rank (the load is summed over them).
+void Trainer::update_router_bias() {
+  const size_t E = bias_host_.size();
+  for (size_t l = 0; l < router_bias_values_.size(); ++l) {
+    const Tensor b = prog_->tensor(router_bias_values_[l]);
+    dev_->download(bias_host_.data(), b);
+    double mean = 0;
+    for (size_t e = 0; e < E; ++e) mean += expert_load_[l * E + e] / double(E);
+    for (size_t e = 0; e < E; ++e) {
+      const double d = mean - expert_load_[l * E + e];
+      bias_host_[e] += float(cfg_.router_bias_update) * float((d > 0) - (d < 0));
+    }
+    dev_->upload(b, bias_host_.data());
+  }
+}
+
+nlohmann::json Trainer::expert_load() const {
+  nlohmann::json j = nlohmann::json::array();
+  const size_t E = offsets_host_.empty() ? 0 : offsets_host_.size() - 1;
+  for (size_t i = 0; E > 0 && i < expert_load_.size(); i += E)
+    j.push_back(std::vector<int64_t>(expert_load_.begin() + int64_t(i),
+                                     expert_load_.begin() + int64_t(i + E)));
+  return j;
 }
 
 void Trainer::seed_backward(int variant, float dloss) {

@@ -89,6 +89,9 @@ class Trainer {
   // With --pp: stage s holds layers [bounds[s], bounds[s + 1]); empty otherwise.
   const std::vector<int64_t>& stage_bounds() const { return par_->stage_bounds(); }
   float last_grad_norm() const { return grad_norm_; }
+  // A mixture of experts: the last step's tokens per expert, one list per MoE layer (summed over
+  // the ranks); empty for a dense model.
+  nlohmann::json expert_load() const;
   Device& device() { return *dev_; }
   const Plan& plan() const { return plan_; }
   // Mean wall seconds of the steps this process ran, the first one left out (warm-up).
@@ -152,8 +155,17 @@ class Trainer {
     int variant = -1;
     Tensor tokens, targets, loss, positions, block_positions, prefix;
     Tensor hidden_in, hidden_out, grad_out, grad_in;  // a pipeline stage's boundary tensors
+    std::vector<Tensor> router_offsets;               // MoE layers' expert row offsets
   };
-  std::vector<Pass> passes_;  // by row count, 1..cap
+  // MoE: adds a pass's tokens per expert into expert_load_; after the step, moves each router's
+  // selection bias towards an even load (cfg_.router_bias_update).
+  void count_experts(const Pass& p);
+  void update_router_bias();
+  std::vector<double> expert_load_;      // (MoE layers x experts), this step's
+  std::vector<int32_t> offsets_host_;    // one layer's offsets, downloaded
+  std::vector<float> bias_host_;         // one router's bias
+  std::vector<int> router_bias_values_;  // the routers' bias params, by layer
+  std::vector<Pass> passes_;             // by row count, 1..cap
   int64_t step_ = 0;
   Communicator* comm_ = nullptr;
   int64_t world_ = 1, rank_ = 0, cap_ = 0;

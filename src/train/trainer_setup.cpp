@@ -169,6 +169,14 @@ void Trainer::build_program() {
   }
   passes_.resize(size_t(cap_) + 1);
   variant_for(cap_);
+  const DecoderConfig d = cfg_.decoder_config();  // MoE: the load's and the biases' buffers
+  if (!m_.router_offsets.empty()) {
+    expert_load_.assign(m_.router_offsets.size() * size_t(d.experts), 0.0);
+    offsets_host_.assign(size_t(d.experts) + 1, 0);
+    bias_host_.assign(size_t(d.experts), 0.f);
+  }
+  for (int p : prog_->graph().weights())
+    if (prog_->graph().v(p).name.ends_with(kRouterBias)) router_bias_values_.push_back(p);
 }
 
 // The optimizer (ZeRO-1: each rank keeps AdamW's moments for a share of the params, in

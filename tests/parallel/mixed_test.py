@@ -178,6 +178,14 @@ with tempfile.TemporaryDirectory() as tmp:
             fam = ["--arch", arch, "--n_kv_head", "2", "--batch", "8"]
             compare(f"{arch}: cpu + opencl:0 = cpu (batch 8)", train(p(arch + "_one"), *fam),
                     train(p(arch + "_mixed"), *fam, "--devices", "cpu,opencl:0"))
+        # A mixture of experts (routing, the permutations, grouped GEMMs and a shared expert on each
+        # chip's own kernels), balanced without an aux loss: the loads are summed over the ranks,
+        # so every rank moves the routers' biases alike. (The Switch aux loss is a statistic of
+        # each pass's tokens, so a split changes it: it is not used here.)
+        moe = ["--arch", "qwen2_moe", "--experts", "6", "--top_k", "2", "--moe_ffn", "32", "--shared_ffn", "48",
+               "--n_kv_head", "2", "--batch", "8", "--router_aux_coef", "0", "--router_bias_update", "0.001"]
+        compare("qwen2_moe: cpu + opencl:0 = cpu (batch 8)", train(p("moe_one"), *moe),
+                train(p("moe_mixed"), *moe, "--devices", "cpu,opencl:0"))
         # GLM's blank infilling: rows are sampled from (seed, row) and the loss is weighted by
         # each pass's Part B tokens, so any split of the rows gives the single-device run.
         glm = ["--arch", "glm", "--n_kv_head", "2", "--batch", "8", "--objective", "glm", "--gmask", "0.3"]
