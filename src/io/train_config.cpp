@@ -14,7 +14,7 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
        "a Hugging Face model folder to start from (its config.json and safetensors weights)", true},
       {"arch", &c.model.arch,
        "family of a fresh model: gpt2, llama, qwen2, glm, chatglm, qwen3, or the mixtures of "
-       "experts mixtral, qwen2_moe, qwen3_moe",
+       "experts mixtral, qwen2_moe, qwen3_moe, glm4_moe",
        true},
       {"n_layer", &c.model.n_layer, "transformer blocks", true},
       {"n_head", &c.model.n_head, "attention heads (must divide n_embd)", true},
@@ -28,7 +28,8 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
        "experts per MoE layer of a fresh mixtral, qwen2_moe or qwen3_moe model", true},
       {"top_k", &c.model.top_k, "experts a token (MoE)", true},
       {"moe_ffn", &c.model.moe_ffn, "each expert's MLP width (MoE; 0: the ffn rule)", true},
-      {"shared_ffn", &c.model.shared_ffn, "the shared expert's width (qwen2_moe; 0: none)", true},
+      {"shared_ffn", &c.model.shared_ffn,
+       "the shared expert's width (qwen2_moe, glm4_moe; 0: none)", true},
       {"data", &c.data, "token shard from `mxn prepare`, or a text file"},
       {"out", &c.out, "run folder: checkpoints, metrics.jsonl, loss.svg"},
       {"device", &c.device, "device, e.g. cpu or cpu:0 (`mxn devices` lists them)"},
@@ -131,19 +132,24 @@ DecoderConfig TrainConfig::decoder_config() const {
   d.qkv_bias = d.arch == Arch::qwen2 || d.arch == Arch::glm || d.arch == Arch::chatglm ||
                d.arch == Arch::qwen2_moe;
   if (d.arch == Arch::glm || d.arch == Arch::chatglm) d.rope_fraction = 0.5f;
-  const bool moe_arch =
-      d.arch == Arch::mixtral || d.arch == Arch::qwen2_moe || d.arch == Arch::qwen3_moe;
+  const bool moe_arch = d.arch == Arch::mixtral || d.arch == Arch::qwen2_moe ||
+                        d.arch == Arch::qwen3_moe || d.arch == Arch::glm4_moe;
   if (moe_arch != (model.experts > 0))
-    throw Error(moe_arch
-                    ? "invalid config: arch " + model.arch + " needs experts >= 1"
-                    : "invalid config: experts = " + std::to_string(model.experts) +
-                          " needs arch mixtral, qwen2_moe or qwen3_moe (not " + model.arch + ")");
+    throw Error(moe_arch ? "invalid config: arch " + model.arch + " needs experts >= 1"
+                         : "invalid config: experts = " + std::to_string(model.experts) +
+                               " needs arch mixtral, qwen2_moe, qwen3_moe or glm4_moe (not " +
+                               model.arch + ")");
   if (moe_arch) {
     d.experts = model.experts;
     d.top_k = model.top_k;
     d.moe_ffn = model.moe_ffn > 0 ? model.moe_ffn : d.ffn_width();
-    d.shared_ffn = d.arch == Arch::qwen2_moe ? model.shared_ffn : 0;
+    d.shared_ffn = d.arch == Arch::qwen2_moe || d.arch == Arch::glm4_moe ? model.shared_ffn : 0;
+    d.shared_gate = d.arch == Arch::qwen2_moe;
     d.router_aux_coef = 0.001f;
+    if (d.arch == Arch::glm4_moe) {  // sigmoid scores, a selection bias, half-rotated heads
+      d.sigmoid_router = d.router_bias = true;
+      d.rope_fraction = 0.5f;
+    }
   }
   return with_router_flags(d);
 }

@@ -17,7 +17,7 @@ struct Names {
   // Mixture of experts: the block, its router and its experts' gate, up and down (stacked as
   // <block>experts.<leaf>.weight (E, rows, cols); checkpoints name each <block>experts.<e>.<leaf>).
   std::string moe = "mlp.", router = "gate", e_gate = "gate_proj", e_up = "up_proj",
-              e_down = "down_proj";
+              e_down = "down_proj", shared = "shared_expert.";
   std::string q_norm = "self_attn.q_norm", k_norm = "self_attn.k_norm";
 };
 
@@ -77,6 +77,7 @@ Names names_for(Arch a) {
               "mlp.up_proj",
               "mlp.gate_up_proj",
               "mlp.down_proj"};
+      if (a == Arch::glm4_moe) n.shared = "shared_experts.";
       if (a == Arch::mixtral) {
         n.moe = "block_sparse_moe.";
         n.e_gate = "w1";
@@ -182,13 +183,15 @@ const char* arch_name(Arch a) {
       return "qwen3";
     case Arch::qwen3_moe:
       return "qwen3_moe";
+    case Arch::glm4_moe:
+      return "glm4_moe";
   }
   return "?";
 }
 
 Arch arch_from_name(const std::string& n) {
-  const Arch all[] = {Arch::gpt2,    Arch::llama,     Arch::qwen2, Arch::glm,      Arch::chatglm,
-                      Arch::mixtral, Arch::qwen2_moe, Arch::qwen3, Arch::qwen3_moe};
+  const Arch all[] = {Arch::gpt2,    Arch::llama,     Arch::qwen2, Arch::glm,       Arch::chatglm,
+                      Arch::mixtral, Arch::qwen2_moe, Arch::qwen3, Arch::qwen3_moe, Arch::glm4_moe};
   std::string names;
   for (Arch a : all) {
     if (n == arch_name(a)) return a;
@@ -293,6 +296,12 @@ nlohmann::json DecoderConfig::to_json() const {
           {"sparse_step", sparse_step},
           {"norm_topk", norm_topk},
           {"router_bias", router_bias},
+          {"sigmoid_router", sigmoid_router},
+          {"shared_gate", shared_gate},
+          {"n_group", n_group},
+          {"topk_group", topk_group},
+          {"routed_scale", routed_scale},
+          {"use_qk_norm", use_qk_norm},
           {"dense_layers", dense_layers},
           {"router_aux_coef", router_aux_coef}};
 }
@@ -331,6 +340,12 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   c.sparse_step = json_value(j, "sparse_step", c.sparse_step, where);
   c.norm_topk = json_value(j, "norm_topk", c.norm_topk, where);
   c.router_bias = json_value(j, "router_bias", c.router_bias, where);
+  c.sigmoid_router = json_value(j, "sigmoid_router", c.sigmoid_router, where);
+  c.shared_gate = json_value(j, "shared_gate", c.shared_gate, where);
+  c.n_group = json_value(j, "n_group", c.n_group, where);
+  c.topk_group = json_value(j, "topk_group", c.topk_group, where);
+  c.routed_scale = json_value(j, "routed_scale", c.routed_scale, where);
+  c.use_qk_norm = json_value(j, "use_qk_norm", c.use_qk_norm, where);
   c.router_aux_coef = json_value(j, "router_aux_coef", c.router_aux_coef, where);
   if (j.contains("dense_layers")) {
     if (!j["dense_layers"].is_array()) throw Error(where + ": 'dense_layers' is not a list");
@@ -441,7 +456,9 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
   const bool aux = b.o.with_loss && c.router_aux_coef > 0;
   const int bias =
       c.router_bias ? b.w(blk + nm.router + "." + kRouterBias, {E}, false) : -1;  // no gradient
-  const MoeRoute r = g.moe_route(logits, bias, MoeRouteParams{c.top_k, false, c.norm_topk}, aux);
+  const MoeRouteParams rp{c.top_k,   c.sigmoid_router, c.norm_topk,
+                          c.n_group, c.topk_group,     c.routed_scale};
+  const MoeRoute r = g.moe_route(logits, bias, rp, aux);
   m.router_ids.push_back(r.ids);
   m.router_offsets.push_back(r.offsets);
   if (aux) m.router_aux.push_back(r.aux);
@@ -452,7 +469,8 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
                                   b.w(ex + nm.e_down + ".weight", {E, C, F}, true), r.offsets);
   int y = g.moe_unpermute(dn, r.pos, N, r.w);
   if (c.shared_ffn > 0) {
-    const int shared = swiglu_mlp(b, blk + "shared_expert.", h, c.shared_ffn);
+    const int shared = swiglu_mlp(b, blk + nm.shared, h, c.shared_ffn);
+    if (!c.shared_gate) return g.add(y, shared);
     const int gate = b.linear(h, blk + "shared_expert_gate", C, 1, false);
     const MoeRoute s = g.moe_route(gate, -1, MoeRouteParams{1, true, false});
     y = g.add(y, g.moe_unpermute(shared, s.pos, N, s.w));

@@ -12,7 +12,18 @@
 
 namespace mxn {
 
-enum class Arch { gpt2, llama, qwen2, glm, chatglm, mixtral, qwen2_moe, qwen3, qwen3_moe };
+enum class Arch {
+  gpt2,
+  llama,
+  qwen2,
+  glm,
+  chatglm,
+  mixtral,
+  qwen2_moe,
+  qwen3,
+  qwen3_moe,
+  glm4_moe
+};
 const char* arch_name(Arch a);
 Arch arch_from_name(const std::string& name);  // one of arch_name's; Error otherwise
 
@@ -33,15 +44,20 @@ struct DecoderConfig {
   // (prefix_len, kv_heads*head_dim)) that every position attends to before its own keys; the
   // text's positions still start at 0.
   int64_t prefix_len = 0;
-  // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): with experts > 0 the MLP of every MoE
-  // layer is a router (a linear to `experts` logits, softmax, top_k, renormalised with
-  // norm_topk) over SwiGLU experts of width moe_ffn, dropless; plus, with shared_ffn > 0, a
-  // shared SwiGLU expert of that width scaled by sigmoid(a linear of the input) (Qwen2-MoE). A
-  // layer l is an MoE layer when (l + 1) % sparse_step == 0 and l is not in dense_layers; the
-  // others keep the dense MLP of width ffn. router_aux_coef > 0 adds that times the mean over
-  // MoE layers of the Switch load-balancing loss to a training loss.
+  // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5): with experts > 0 the MLP of
+  // every MoE layer is a router (a linear to `experts` logits; softmax, or sigmoid with
+  // `sigmoid_router`; top_k within the best topk_group of n_group groups; renormalised with
+  // norm_topk; times routed_scale) over SwiGLU experts of width moe_ffn, dropless; plus, with
+  // shared_ffn > 0, a shared SwiGLU expert of that width, scaled by sigmoid(a linear of the
+  // input) where shared_gate (Qwen2-MoE). A layer l is an MoE layer when (l + 1) % sparse_step
+  // == 0 and l is not in dense_layers; the others keep the dense MLP of width ffn.
+  // router_aux_coef > 0 adds that times the mean over MoE layers of the Switch load-balancing
+  // loss to a training loss.
   int64_t experts = 0, top_k = 2, moe_ffn = 0, shared_ffn = 0, sparse_step = 1;
-  bool norm_topk = true;
+  bool norm_topk = true, sigmoid_router = false, shared_gate = false;
+  int64_t n_group = 1, topk_group = 1;
+  float routed_scale = 1.f;
+  bool use_qk_norm = false;  // GLM-4.5's optional per-head q and k norms
   // A selection bias per router (<block>gate.e_score_correction_bias, (E)): it picks experts but
   // does not weigh them; trained by no gradient, moved by the aux-loss-free balancing.
   bool router_bias = false;
@@ -53,7 +69,10 @@ struct DecoderConfig {
   bool rms_norm() const { return !gpt2(); }
   bool swiglu() const { return !gpt2(); }
   bool fused_gate_up() const { return arch == Arch::glm || arch == Arch::chatglm; }
-  bool qk_norm() const { return arch == Arch::qwen3 || arch == Arch::qwen3_moe; }  // per head
+  bool qk_norm() const {  // per head
+    return arch == Arch::qwen3 || arch == Arch::qwen3_moe ||
+           (arch == Arch::glm4_moe && use_qk_norm);
+  }
   bool moe_layer(int64_t l) const;
   bool fused_qkv() const { return gpt2() || arch == Arch::chatglm; }
   bool rope_interleaved() const { return arch == Arch::glm || arch == Arch::chatglm; }

@@ -10,7 +10,7 @@ namespace {
 const char* kSupported =
     "GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GlmForCausalLM, "
     "ChatGLMModel, ChatGLMForConditionalGeneration, MixtralForCausalLM, Qwen2MoeForCausalLM, "
-    "Qwen3ForCausalLM, Qwen3MoeForCausalLM";
+    "Qwen3ForCausalLM, Qwen3MoeForCausalLM, Glm4MoeForCausalLM";
 
 struct Family {
   const char* hf;
@@ -25,7 +25,8 @@ const Family kLlamaShaped[] = {{"LlamaForCausalLM", Arch::llama, "llama"},
                                {"MixtralForCausalLM", Arch::mixtral, "mixtral"},
                                {"Qwen2MoeForCausalLM", Arch::qwen2_moe, "qwen2_moe"},
                                {"Qwen3ForCausalLM", Arch::qwen3, "qwen3"},
-                               {"Qwen3MoeForCausalLM", Arch::qwen3_moe, "qwen3_moe"}};
+                               {"Qwen3MoeForCausalLM", Arch::qwen3_moe, "qwen3_moe"},
+                               {"Glm4MoeForCausalLM", Arch::glm4_moe, "glm4_moe"}};
 
 struct Reader {
   const nlohmann::json& j;
@@ -95,7 +96,10 @@ void read_moe(const Reader& r, DecoderConfig& c) {
     c.moe_ffn = r.i("moe_intermediate_size");
     c.norm_topk = r.b_or("norm_topk_prob", c.arch == Arch::qwen3_moe);
     c.sparse_step = r.i_or("decoder_sparse_step", 1);
-    if (c.arch == Arch::qwen2_moe) c.shared_ffn = r.i_or("shared_expert_intermediate_size", 0, 0);
+    if (c.arch == Arch::qwen2_moe) {
+      c.shared_ffn = r.i_or("shared_expert_intermediate_size", 0, 0);
+      c.shared_gate = true;
+    }
     if (j.contains("mlp_only_layers") && !j["mlp_only_layers"].is_null()) {
       if (!j["mlp_only_layers"].is_array()) r.bad("mlp_only_layers", "a list of layer indexes");
       for (const auto& l : j["mlp_only_layers"]) {
@@ -103,6 +107,21 @@ void read_moe(const Reader& r, DecoderConfig& c) {
         c.dense_layers.push_back(l.get<int64_t>());
       }
     }
+  } else if (c.arch == Arch::glm4_moe) {  // DeepSeek-V3's router and shared experts
+    c.experts = r.i("n_routed_experts");
+    c.moe_ffn = r.i("moe_intermediate_size");
+    c.norm_topk = r.b_or("norm_topk_prob", true);
+    c.shared_ffn = c.moe_ffn * r.i_or("n_shared_experts", 1, 0);
+    const std::string scoring = j.value("scoring_func", std::string("sigmoid"));
+    if (scoring != "sigmoid" && scoring != "softmax") r.bad("scoring_func", "sigmoid or softmax");
+    c.sigmoid_router = scoring == "sigmoid";
+    c.router_bias = true;  // e_score_correction_bias
+    c.n_group = r.i_or("n_group", 1);
+    c.topk_group = r.i_or("topk_group", 1);
+    c.routed_scale = r.f_or("routed_scaling_factor", 1.f);
+    c.use_qk_norm = r.b_or("use_qk_norm", false);
+    for (int64_t l = 0; l < r.i_or("first_k_dense_replace", 0, 0) && l < c.layers; ++l)
+      c.dense_layers.push_back(l);
   } else {
     return;
   }
@@ -143,12 +162,14 @@ DecoderConfig read_hf(const nlohmann::json& j, const std::string& path) {
     c.layers = r.i("num_hidden_layers");
     c.heads = r.i("num_attention_heads");
     c.kv_heads = r.i_or("num_key_value_heads", c.heads);
-    c.head_dim = r.i_or("head_dim", c.arch == Arch::glm ? 128 : c.hidden / c.heads);
+    c.head_dim = r.i_or("head_dim",
+                        c.arch == Arch::glm || c.arch == Arch::glm4_moe ? 128 : c.hidden / c.heads);
     c.ffn = r.i("intermediate_size");
     c.max_pos = r.i_or("max_position_embeddings", 2048);
     c.norm_eps = r.f_or("rms_norm_eps", 1e-6f);
     c.rope_theta = r.f_or("rope_theta", 10000.f);
-    c.rope_fraction = r.f_or("partial_rotary_factor", c.arch == Arch::glm ? 0.5f : 1.f);
+    c.rope_fraction = r.f_or("partial_rotary_factor",
+                             c.arch == Arch::glm || c.arch == Arch::glm4_moe ? 0.5f : 1.f);
     c.tie_embeddings = r.b_or("tie_word_embeddings", false);
     const bool bias = r.b_or("attention_bias", c.arch == Arch::glm);
     c.qkv_bias = c.arch == Arch::qwen2 || c.arch == Arch::qwen2_moe || bias;
@@ -265,15 +286,28 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {
        {"tie_word_embeddings", c.tie_embeddings},
        {"attention_bias", c.arch == Arch::llama ? c.o_bias : c.qkv_bias},
        {"mlp_bias", c.mlp_bias}};
-  if (c.arch == Arch::glm) j["partial_rotary_factor"] = c.rope_fraction;
+  if (c.arch == Arch::glm || c.arch == Arch::glm4_moe) j["partial_rotary_factor"] = c.rope_fraction;
+  if (c.arch == Arch::glm4_moe) {
+    j["n_routed_experts"] = c.experts;
+    j["n_shared_experts"] = c.moe_ffn > 0 ? c.shared_ffn / c.moe_ffn : 0;
+    j["scoring_func"] = c.sigmoid_router ? "sigmoid" : "softmax";
+    j["n_group"] = c.n_group;
+    j["topk_group"] = c.topk_group;
+    j["routed_scaling_factor"] = c.routed_scale;
+    j["use_qk_norm"] = c.use_qk_norm;
+    j["first_k_dense_replace"] = c.dense_layers.size();
+  }
   if (c.experts > 0) {
-    j[c.arch == Arch::mixtral ? "num_local_experts" : "num_experts"] = c.experts;
+    if (c.arch != Arch::glm4_moe)
+      j[c.arch == Arch::mixtral ? "num_local_experts" : "num_experts"] = c.experts;
     j["num_experts_per_tok"] = c.top_k;
     j["output_router_logits"] = c.router_aux_coef > 0;
     j["router_aux_loss_coef"] = c.router_aux_coef > 0 ? c.router_aux_coef : 0.001f;
     if (c.arch != Arch::mixtral) {
       j["moe_intermediate_size"] = c.moe_ffn;
       j["norm_topk_prob"] = c.norm_topk;
+    }
+    if (c.arch == Arch::qwen2_moe || c.arch == Arch::qwen3_moe) {
       j["decoder_sparse_step"] = c.sparse_step;
       j["mlp_only_layers"] = c.dense_layers;
     }

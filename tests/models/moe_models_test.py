@@ -1,11 +1,14 @@
 #!/usr/bin/python3
 """mxn's mixture-of-experts families (and dense Qwen3) against PyTorch references.
 
-Mixtral and Qwen2-MoE: transformers' own classes (4.49, the test venv). Qwen3 and Qwen3-MoE have no
-class in a transformers that runs on Debian's torch 1.13, so reference() below is our PyTorch
-reading of transformers' modeling_qwen3.py / modeling_qwen3_moe.py (and of the Mixtral and
-Qwen2-MoE files); it must itself match MixtralForCausalLM and Qwen2MoeForCausalLM first (1e-6),
-which checks everything in it but the per-head q and k norms, the lines Qwen3 adds.
+Mixtral and Qwen2-MoE: transformers' own classes (4.49, the test venv). Qwen3, Qwen3-MoE and
+GLM-4.5 (Glm4MoeForCausalLM) have no class in a transformers that runs on Debian's torch 1.13, so
+reference() below is our PyTorch reading of transformers' modeling_qwen3.py, modeling_qwen3_moe.py
+and modeling_glm4_moe.py (and of the Mixtral and Qwen2-MoE files); it must itself match
+MixtralForCausalLM and Qwen2MoeForCausalLM first (1e-6), which checks everything in it but the
+lines those families add: per-head q and k norms, partial half-split RoPE, and DeepSeek-V3's
+router (sigmoid scores, a selection bias, group-limited top-k, the scaling factor; masked groups
+as DeepSeek's inference/model.py masks them, with -inf) with unconditional shared experts.
 Asserted, in f32 against float64, max|mxn - ref| / max|ref| per tensor, on two shapes with odd
 sizes per family: logits <= 1e-5; the loss; every parameter's gradient of one step <= 1e-4 (each
 expert's weights stacked as mxn keeps them); each MoE layer's chosen experts identical for every
@@ -21,7 +24,6 @@ from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,  # 
                           Qwen2MoeForCausalLM)
 
 MXN, DUMP = sys.argv[1], sys.argv[2]
-warnings.filterwarnings("ignore", message="nn.functional.sigmoid is deprecated")  # transformers' Qwen2-MoE
 LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4
 F = torch.nn.functional
 
@@ -61,8 +63,21 @@ def qwen3_config(moe, odd):
     return c
 
 
+def glm4_moe_config(odd):
+    """A GLM-4.5 (Glm4MoeForCausalLM) config.json: one dense layer first, then MoE layers."""
+    return dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", vocab_size=101 if odd else 128,
+                hidden_size=40 if odd else 48, num_hidden_layers=3, num_attention_heads=5 if odd else 4,
+                num_key_value_heads=1 if odd else 2, head_dim=12 if odd else 16, partial_rotary_factor=0.5,
+                intermediate_size=43 if odd else 64, moe_intermediate_size=17 if odd else 24,
+                n_routed_experts=9 if odd else 8, num_experts_per_tok=3 if odd else 2, n_shared_experts=1,
+                n_group=3 if odd else 1, topk_group=2 if odd else 1, routed_scaling_factor=2.5 if odd else 1.8,
+                first_k_dense_replace=1, norm_topk_prob=not odd, attention_bias=True, use_qk_norm=odd,
+                max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+                tie_word_embeddings=False, eos_token_id=0)
+
+
 def qwen3_weights(c, seed):
-    """Random weights with Qwen3's names (and Qwen3-MoE's per-expert ones)."""
+    """Random weights with Qwen3's names (Qwen3-MoE's and GLM-4.5's per-expert ones too)."""
     g = torch.Generator().manual_seed(seed)
     C, H, G, D, V = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["vocab_size"]
 
@@ -76,11 +91,20 @@ def qwen3_weights(c, seed):
         p = f"model.layers.{l}."
         W.update({p + "input_layernorm.weight": r(C, base=1.0), p + "post_attention_layernorm.weight": r(C, base=1.0),
                   p + "self_attn.q_proj.weight": r(H * D, C), p + "self_attn.k_proj.weight": r(G * D, C),
-                  p + "self_attn.v_proj.weight": r(G * D, C), p + "self_attn.o_proj.weight": r(C, H * D),
-                  p + "self_attn.q_norm.weight": r(D, base=1.0), p + "self_attn.k_norm.weight": r(D, base=1.0)})
-        if "num_experts" in c and l not in c["mlp_only_layers"]:
-            E, Fm = c["num_experts"], c["moe_intermediate_size"]
+                  p + "self_attn.v_proj.weight": r(G * D, C), p + "self_attn.o_proj.weight": r(C, H * D)})
+        if c["model_type"] != "glm4_moe" or c["use_qk_norm"]:
+            W.update({p + "self_attn.q_norm.weight": r(D, base=1.0), p + "self_attn.k_norm.weight": r(D, base=1.0)})
+        if c.get("attention_bias"):
+            W.update({p + f"self_attn.{n}_proj.bias": r(k) for n, k in (("q", H * D), ("k", G * D), ("v", G * D))})
+        glm = c["model_type"] == "glm4_moe"
+        if ("num_experts" in c and l not in c["mlp_only_layers"]) or (glm and l >= c["first_k_dense_replace"]):
+            E, Fm = c.get("num_experts") or c["n_routed_experts"], c["moe_intermediate_size"]
             W[p + "mlp.gate.weight"] = r(E, C, s=0.5)
+            if glm:  # the selection bias (small and positive: masked groups then never matter)
+                W[p + "mlp.gate.e_score_correction_bias"] = torch.rand(E, generator=g, dtype=torch.float64) * 0.1
+                S = Fm * c["n_shared_experts"]
+                q = p + "mlp.shared_experts."
+                W.update({q + "gate_proj.weight": r(S, C), q + "up_proj.weight": r(S, C), q + "down_proj.weight": r(C, S)})
             for e in range(E):
                 q = f"{p}mlp.experts.{e}."
                 W.update({q + "gate_proj.weight": r(Fm, C), q + "up_proj.weight": r(Fm, C), q + "down_proj.weight": r(C, Fm)})
@@ -111,14 +135,16 @@ def reference(W, c, ids, family):
         return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
     # transformers computes the frequencies in float32 whatever the model's dtype
-    inv = 1.0 / (c.get("rope_theta", 10000.0) ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    R = int(D * c.get("partial_rotary_factor", 1.0))  # rotated dims a head (the first R)
+    inv = 1.0 / (c.get("rope_theta", 10000.0) ** (torch.arange(0, R, 2, dtype=torch.int64).float() / R))
     ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None]
     emb = torch.cat([ang, ang], -1)
     cos, sin = emb.cos().to(W["model.norm.weight"].dtype), emb.sin().to(W["model.norm.weight"].dtype)
 
-    def rope(x):  # (B, T, heads, D), LLaMA's halves
-        x1, x2 = x[..., :D // 2], x[..., D // 2:]
-        return x * cos[None, :, None] + torch.cat([-x2, x1], -1) * sin[None, :, None]
+    def rope(x):  # (B, T, heads, D): LLaMA's halves over the first R dims
+        r, rest = x[..., :R], x[..., R:]
+        x1, x2 = r[..., :R // 2], r[..., R // 2:]
+        return torch.cat([r * cos[None, :, None] + torch.cat([-x2, x1], -1) * sin[None, :, None], rest], -1)
 
     def mlp(h, p):
         return (F.silu(h @ W[p + "gate_proj.weight"].T) * (h @ W[p + "up_proj.weight"].T)) @ W[p + "down_proj.weight"].T
@@ -145,10 +171,24 @@ def reference(W, c, ids, family):
             x = x + mlp(h, p + "mlp.").view(B, T, C)
             continue
         E = W[m + router + ".weight"].shape[0]
-        probs = (h @ W[m + router + ".weight"].T).softmax(-1)
-        top_w, top_i = probs.topk(c["num_experts_per_tok"], -1)
-        if family == "mixtral" or c.get("norm_topk_prob", False):
-            top_w = top_w / top_w.sum(-1, keepdim=True)
+        K = c["num_experts_per_tok"]
+        if family == "glm4_moe":  # DeepSeek-V3's router (modeling_glm4_moe.py's route_tokens_to_experts)
+            s_ = torch.sigmoid(h @ W[m + router + ".weight"].T)
+            sel = s_ + W[m + router + ".e_score_correction_bias"]
+            G_, gs = c["n_group"], E // c["n_group"]
+            group = sel.view(-1, G_, gs).topk(min(2, gs), -1)[0].sum(-1)
+            keep = torch.zeros_like(group).scatter_(1, group.topk(c["topk_group"], -1)[1], 1)
+            sel = sel.masked_fill(~keep.repeat_interleave(gs, 1).bool(), float("-inf"))
+            top_i = sel.topk(K, -1)[1]
+            top_w = s_.gather(1, top_i)
+            if c["norm_topk_prob"]:
+                top_w = top_w / (top_w.sum(-1, keepdim=True) + 1e-20)
+            top_w = top_w * c["routed_scaling_factor"]
+        else:
+            probs = (h @ W[m + router + ".weight"].T).softmax(-1)
+            top_w, top_i = probs.topk(K, -1)
+            if family == "mixtral" or c.get("norm_topk_prob", False):
+                top_w = top_w / top_w.sum(-1, keepdim=True)
         chosen.append(top_i)
         out = torch.zeros_like(h)
         for e in range(E):
@@ -159,6 +199,8 @@ def reference(W, c, ids, family):
             out = out.index_add(0, rows, ye * top_w[rows, slot, None])
         if m + "shared_expert_gate.weight" in W:
             out = out + torch.sigmoid(h @ W[m + "shared_expert_gate.weight"].T) * mlp(h, m + "shared_expert.")
+        if m + "shared_experts.gate_proj.weight" in W:  # GLM-4.5 / DeepSeek-V3: no gate
+            out = out + mlp(h, m + "shared_experts.")
         x = x + out.view(B, T, C)
     x = rms(x, W["model.norm.weight"])
     head = W["lm_head.weight"] if "lm_head.weight" in W else W["model.embed_tokens.weight"]
@@ -195,6 +237,7 @@ def greedy_mxn(folder, prompt, n):
 
 class MoeModels(unittest.TestCase):
     def check_family(self, family):
+        warnings.filterwarnings("ignore", message="nn.functional.sigmoid is deprecated")  # (unittest resets them)
         for odd in (False, True):
             with self.subTest(family=family, odd=odd), tempfile.TemporaryDirectory() as tmp:
                 folder = os.path.join(tmp, "model")
@@ -217,7 +260,7 @@ class MoeModels(unittest.TestCase):
                     chosen = [F.softmax(r.detach(), -1).topk(k, -1)[1] for r in out.router_logits]
                     fn = lambda x: model(x).logits
                 else:
-                    cfg = qwen3_config(family == "qwen3_moe", odd)
+                    cfg = glm4_moe_config(odd) if family == "glm4_moe" else qwen3_config(family == "qwen3_moe", odd)
                     W = qwen3_weights(cfg, seed=21 + odd)
                     os.makedirs(folder)
                     save_file({k: v.float().numpy() for k, v in W.items()}, os.path.join(folder, "model.safetensors"))
@@ -237,12 +280,16 @@ class MoeModels(unittest.TestCase):
                 self.assertLess(e, LOGITS_TOL, "logits")
                 self.assertLess(abs(float(got["loss"][0]) - float(loss)) / float(loss), LOGITS_TOL, "loss")
                 self.assertEqual(len(chosen), len([n for n in got if n.startswith("router.")]), "MoE layers")
-                for i, want in enumerate(chosen):
-                    np.testing.assert_array_equal(got[f"router.{i}"], want.numpy(), f"MoE layer {i}'s experts")
+                for i, want in enumerate(chosen):  # as sets: transformers' topk(sorted=False) has no order
+                    np.testing.assert_array_equal(np.sort(got[f"router.{i}"], -1), np.sort(want.numpy(), -1),
+                                                  f"MoE layer {i}'s experts")
                 grads = {n: p.grad for n, p in params.items() if p.grad is not None}
                 worst = 0.0
                 for name in got:
                     if not name.startswith("grad."):
+                        continue
+                    if name.endswith("e_score_correction_bias"):  # picks experts, has no gradient
+                        self.assertEqual(float(np.abs(got[name]).max()), 0.0, name)
                         continue
                     ge = rel(got[name], stacked(grads, name[5:]))
                     worst = max(worst, ge)
@@ -269,6 +316,9 @@ class MoeModels(unittest.TestCase):
 
     def test_qwen3_moe(self):
         self.check_family("qwen3_moe")
+
+    def test_glm4_moe(self):
+        self.check_family("glm4_moe")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ and resumed equal to one straight through, and bad MoE settings refused in one l
     aux loss E * sum_e f_e P_e, whose minimum is top_k (an even router: f_e = K/E, P_e = 1/E).
 usage: moe_train_test.py MXN DATA
 """
-import json, os, subprocess, sys, tempfile
+import json, os, struct, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
 from train_common import check, finish, losses, read_f32_safetensors  # noqa: E402
@@ -66,7 +66,7 @@ with tempfile.TemporaryDirectory() as tmp:
     refused(["--arch", "qwen3_moe", "--data", DATA, "--steps", "1", "--out", os.path.join(tmp, "x")],
             "arch qwen3_moe needs experts >= 1")
     refused(["--arch", "llama", "--experts", "4", "--data", DATA, "--steps", "1", "--out", os.path.join(tmp, "x")],
-            "experts = 4 needs arch mixtral, qwen2_moe or qwen3_moe")
+            "experts = 4 needs arch mixtral, qwen2_moe, qwen3_moe or glm4_moe")
     refused([*BASE, "--top_k", "9", "--steps", "1", "--out", os.path.join(tmp, "x")],
             "num_experts_per_tok = 9, expected 1..min(64, num_experts = 6)")
     # A Hugging Face folder with a bad config or a missing expert tensor.
@@ -77,7 +77,7 @@ with tempfile.TemporaryDirectory() as tmp:
     check("convert writes Qwen3MoeForCausalLM's config", cfg["architectures"] == ["Qwen3MoeForCausalLM"] and
           cfg["num_experts"] == E and cfg["num_experts_per_tok"] == K, str(cfg.get("architectures")))
     gen = lambda: subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", "1,2,3", "--max-tokens", "2"],
-                                 capture_output=True, text=True, timeout=120)
+                                 capture_output=True, text=True, timeout=120)  # reads `folder` when called
     bad = dict(cfg, num_experts_per_tok=7)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(bad, f)
@@ -87,7 +87,6 @@ with tempfile.TemporaryDirectory() as tmp:
           and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
-    import struct
     path = os.path.join(folder, "model.safetensors")
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
@@ -100,4 +99,39 @@ with tempfile.TemporaryDirectory() as tmp:
     r = gen()
     check("a missing expert tensor: one line naming it, exit 1",
           r.returncode == 1 and gone in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
+
+    # GLM-4.5's layout (sigmoid router with a selection bias, shared experts): a fresh model, its
+    # Hugging Face folder, and two bad ones.
+    glm = os.path.join(tmp, "glm")
+    r = subprocess.run([MXN, "train", *[a if a != "qwen3_moe" else "glm4_moe" for a in BASE], "--shared_ffn", "24",
+                        "--steps", "2", "--out", glm], capture_output=True, text=True, timeout=600)
+    check("a fresh glm4_moe trains", r.returncode == 0, r.stderr.strip()[-200:])
+    folder = os.path.join(tmp, "glm_hf")
+    subprocess.run([MXN, "convert", glm, folder], check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    r = gen()
+    check("its folder generates", r.returncode == 0 and cfg["architectures"] == ["Glm4MoeForCausalLM"], r.stderr.strip())
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(cfg, scoring_func="relu"), f)
+    r = gen()
+    check("an unknown scoring_func: one line, exit 1",
+          r.returncode == 1 and "field 'scoring_func' is \"relu\", expected sigmoid or softmax" in r.stderr
+          and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header, data = json.loads(f.read(n)), f.read()
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    header[name]["shape"] = [E - 1]
+    header[name]["data_offsets"][1] -= 4
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + data)
+    r = gen()
+    check("a router bias of the wrong shape: one line naming it and both shapes, exit 1",
+          r.returncode == 1 and name in r.stderr and f"[{E - 1}]" in r.stderr and f"expected [{E}]" in r.stderr
+          and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
 finish()
