@@ -28,7 +28,8 @@ extern "C" {
  * 8: supports_call, which sees the whole call (operands and parameters). Plugins of ABI 6 and 7
  *    still load; for them mxn asks supports() of each operand's dtype.
  * 9: mixture-of-experts: MOE_ROUTE(_BWD), MOE_PERMUTE, MOE_UNPERMUTE(_BWD), GROUPED_MATMUL; RMSNORM
- *    over groups of columns (a weight narrower than x's rows: Qwen3's per-head q and k norms).
+ *    over groups of columns (a weight narrower than x's rows: Qwen3's per-head q and k norms);
+ *    STRIDED_COPY (heads to batches and back, column windows: multi-head latent attention).
  *    Plugins of ABI 6 to 8 still load; mxn does not give them the new ops. */
 #define MXN_ABI_VERSION 9
 #define MXN_ABI_OLDEST 6 /* the oldest ABI whose plugins this header's mxn loads */
@@ -173,6 +174,11 @@ typedef enum mxn_op {
                                gradient): a (M, P), b (M, Q); out (E, P, Q): out[e] = a_e^T b_e
                                over expert e's rows (added into out with ip[2]=1; 0 for an expert
                                without rows otherwise) */
+  MXN_OP_STRIDED_COPY,      /* for i < n0, j < n1, k < n2 (ip[0..2]):
+                               out[ip[10] + i*ip[7] + j*ip[8] + k*ip[9]] =
+                               in[ip[6] + i*ip[3] + j*ip[4] + k*ip[5]] (element strides and
+                               offsets; every position within its tensor). Out's other elements
+                               are left as they are: two calls fill two windows of one output */
   MXN_OP_COUNT
 } mxn_op;
 /* clang-format on */

@@ -86,6 +86,8 @@ inline const char* contract_error(const mxn_op_call& k) {
       return moe_permute_shape(k).error;
     case MXN_OP_GROUPED_MATMUL:
       return grouped_matmul_shape(k).error;
+    case MXN_OP_STRIDED_COPY:
+      return strided_copy_error(k);
     default:
       return nullptr;
   }

@@ -256,6 +256,22 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_MOE_UNPERMUTE_BWD:
     case MXN_OP_GROUPED_MATMUL:
       return moe_cases(op);
+    case MXN_OP_STRIDED_COPY: {
+      // MLA's moves: heads of (N=5, H=3, D=4) rows to (H, N, D) batches; a column window (cols
+      // 2..5 of 9) into the right half of wider rows, whose other half keeps its values; a
+      // scattered index space (no contiguous rows).
+      StridedCopyParams t, w, s;
+      t.n[0] = 3, t.n[1] = 5, t.n[2] = 4, t.in_stride[0] = 4, t.in_stride[1] = 12;
+      t.out_stride[0] = 20, t.out_stride[1] = 4;
+      w.n[0] = 1, w.n[1] = 7, w.n[2] = 4, w.in_stride[1] = 9, w.in_offset = 2;
+      w.out_stride[1] = 8, w.out_offset = 4;
+      s.n[0] = 2, s.n[1] = 3, s.n[2] = 5, s.in_stride[0] = 1, s.in_stride[1] = 2,
+      s.in_stride[2] = 6, s.out_stride[0] = 15, s.out_stride[1] = 5;
+      c.push_back(with({op, {f({5, 12})}, {f({3, 5, 4})}}, t));
+      c.push_back(with({op, {f({7, 9})}, {f({7, 8})}}, w));
+      c.push_back(with({op, {f({30})}, {f({2, 15})}}, s));
+      break;
+    }
     case MXN_OP_ROPE:
       // LLaMA's half-split layout over whole heads; GLM's interleaved pairs on half of each head
       // of a fused qkv row (v's columns pass through); llama3 scaling; backwards; 2-D RoPE.

@@ -76,7 +76,8 @@ const char* op_name(int32_t op) {
                                             "moe_permute",
                                             "moe_unpermute",
                                             "moe_unpermute_bwd",
-                                            "grouped_matmul"};
+                                            "grouped_matmul",
+                                            "strided_copy"};
   return op >= 0 && op < MXN_OP_COUNT ? names[op] : "?";
 }
 

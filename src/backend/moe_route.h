@@ -8,12 +8,6 @@
 
 #include "backend/op_params.h"
 
-#if defined(__CUDACC__)
-#define MXN_HD __host__ __device__
-#else
-#define MXN_HD
-#endif
-
 namespace mxn {
 
 // s = softmax(logits) over the E experts, or each one's sigmoid.

@@ -6,8 +6,17 @@
 // Plain C++17 with no allocation, usable from nvcc and hipcc and from a vendor's plugin.
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #include "mxn/backend_abi.h"
+
+#ifndef MXN_HD  // a method device code calls too (nvcc, hipcc)
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MXN_HD __host__ __device__
+#else
+#define MXN_HD
+#endif
+#endif
 
 namespace mxn {
 
@@ -254,6 +263,51 @@ struct GroupedMatmulParams {
   }
   static GroupedMatmulParams decode(const int64_t* ip, const float*) {
     return {ip[0] != 0, ip[1] != 0, ip[2] != 0};
+  }
+};
+
+// STRIDED_COPY: an (n0, n1, n2) index space read from `in` and written to `out` through element
+// strides and offsets (a transpose of heads and tokens, a column window, a concatenation).
+struct StridedCopyParams {
+  int64_t n[3] = {1, 1, 1};
+  int64_t in_stride[3] = {0, 0, 1}, in_offset = 0;
+  int64_t out_stride[3] = {0, 0, 1}, out_offset = 0;
+  void encode(int64_t* ip, float*) const {
+    for (int d = 0; d < 3; ++d) {
+      ip[d] = n[d];
+      ip[3 + d] = in_stride[d];
+      ip[7 + d] = out_stride[d];
+    }
+    ip[6] = in_offset;
+    ip[10] = out_offset;
+  }
+  static StridedCopyParams decode(const int64_t* ip, const float*) {
+    StridedCopyParams p;
+    for (int d = 0; d < 3; ++d) {
+      p.n[d] = ip[d];
+      p.in_stride[d] = ip[3 + d];
+      p.out_stride[d] = ip[7 + d];
+    }
+    p.in_offset = ip[6];
+    p.out_offset = ip[10];
+    return p;
+  }
+  MXN_HD int64_t count() const { return n[0] * n[1] * n[2]; }
+  // The element offsets of index i of the flat index space.
+  MXN_HD int64_t in_at(int64_t i) const {
+    return in_offset + (i / (n[1] * n[2])) * in_stride[0] + (i / n[2] % n[1]) * in_stride[1] +
+           (i % n[2]) * in_stride[2];
+  }
+  MXN_HD int64_t out_at(int64_t i) const {
+    return out_offset + (i / (n[1] * n[2])) * out_stride[0] + (i / n[2] % n[1]) * out_stride[1] +
+           (i % n[2]) * out_stride[2];
+  }
+  // The same copy backwards: out's positions read, in's written.
+  StridedCopyParams reversed() const {
+    StridedCopyParams r = *this;
+    for (int d = 0; d < 3; ++d) std::swap(r.in_stride[d], r.out_stride[d]);
+    std::swap(r.in_offset, r.out_offset);
+    return r;
   }
 };
 

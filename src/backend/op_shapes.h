@@ -391,4 +391,18 @@ inline void expert_rows(const int32_t* off, int64_t e, int64_t M, int64_t* lo, i
   if (*hi < *lo) *hi = *lo;
 }
 
+// STRIDED_COPY: every position it reads and writes inside its tensor (the largest is at the index
+// space's last corner, strides being non-negative).
+inline const char* strided_copy_error(const mxn_op_call& k) {
+  const StridedCopyParams p = params_of<StridedCopyParams>(k);
+  if (k.n_inputs < 1 || k.n_outputs < 1) return "strided_copy: expected one input and one output";
+  for (int d = 0; d < 3; ++d)
+    if (p.n[d] < 1 || p.in_stride[d] < 0 || p.out_stride[d] < 0)
+      return "strided_copy: sizes must be >= 1 and strides >= 0";
+  if (p.in_offset < 0 || p.out_offset < 0 || p.in_at(p.count() - 1) >= count(k.inputs[0]) ||
+      p.out_at(p.count() - 1) >= count(k.outputs[0]))
+    return "strided_copy: a position lies outside its tensor";
+  return nullptr;
+}
+
 }  // namespace mxn

@@ -194,6 +194,17 @@ bool moe_reference(const mxn_op_call& k, const Values& in, Values& out) {
     case MXN_OP_GROUPED_MATMUL:
       grouped(k, in, out);
       return true;
+    case MXN_OP_STRIDED_COPY: {  // by its three nested loops
+      const StridedCopyParams p = params_of<StridedCopyParams>(k);
+      for (int64_t i = 0; i < p.n[0]; ++i)
+        for (int64_t j = 0; j < p.n[1]; ++j)
+          for (int64_t l = 0; l < p.n[2]; ++l)
+            out[0][size_t(p.out_offset + i * p.out_stride[0] + j * p.out_stride[1] +
+                          l * p.out_stride[2])] =
+                in[0][size_t(p.in_offset + i * p.in_stride[0] + j * p.in_stride[1] +
+                             l * p.in_stride[2])];
+      return true;
+    }
     default:
       return false;
   }

@@ -97,7 +97,7 @@ Grads moe_rule(Graph& g, const Node& n, int gy, int gaux) {
 
 Grads rule(Graph& g, const Node& n, int gy, int gaux) {
   auto act = [&](int like) { return g.activation(g.v(like).shape); };
-  if (n.op >= MXN_OP_MOE_ROUTE) return moe_rule(g, n, gy, gaux);
+  if (n.op >= MXN_OP_MOE_ROUTE && n.op <= MXN_OP_GROUPED_MATMUL) return moe_rule(g, n, gy, gaux);
   switch (n.op) {
     case MXN_OP_MATMUL:
       return matmul_rule(g, n, gy);
@@ -111,6 +111,10 @@ Grads rule(Graph& g, const Node& n, int gy, int gaux) {
       return {{0, gy}};
     case MXN_OP_COPY:  // a copy may have another shape of the same size: copied back into it
       return {{0, g.emit(MXN_OP_COPY, {gy}, {act(n.in[0])})}};
+    case MXN_OP_STRIDED_COPY: {  // the positions read get the gradient of those written; 0 else
+      const int dx = g.emit(MXN_OP_FILL, {}, {act(n.in[0])}, ScalarParams{0.f});
+      return {{0, g.strided_copy(gy, n.params<StridedCopyParams>().reversed(), {}, dx)}};
+    }
     case MXN_OP_GELU:
       return {{0, g.emit(MXN_OP_GELU_BWD, {gy, n.in[0]}, {act(n.in[0])})}};
     case MXN_OP_SOFTMAX:

@@ -204,4 +204,10 @@ int Graph::grouped_matmul(int a, int b, int offsets, bool tb) {
               GroupedMatmulParams{tb});
 }
 
+int Graph::strided_copy(int x, const StridedCopyParams& p, Shape shape, int into) {
+  const int out = into >= 0 ? into : activation(std::move(shape), v(x).dtype);
+  emit(MXN_OP_STRIDED_COPY, {x}, {out}, p);
+  return out;
+}
+
 }  // namespace mxn

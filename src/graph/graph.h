@@ -130,6 +130,10 @@ class Graph {
   int moe_unpermute(int yp, int pos, int64_t tokens, int w = -1);
   int grouped_matmul(int a, int b, int offsets, bool tb = true);
 
+  // STRIDED_COPY of x's elements into a new value of `shape`, or (into >= 0) into the positions
+  // `p` names of an existing value, whose other elements keep theirs (a concatenation by parts).
+  int strided_copy(int x, const StridedCopyParams& p, Shape shape, int into = -1);
+
   void mark_output(int id) { values[size_t(id)].output = true; }
   const Value& v(int id) const { return values[size_t(id)]; }
   int64_t v_rows(int id) const;      // elements / last dim

@@ -123,3 +123,30 @@ TEST(MoeRoute, ChoosesWithinTheBestGroupsByBiasAndWeighsByScore) {
   const int32_t want_off[9] = {0, 0, 0, 0, 0, 1, 1, 2, 2};
   for (int e = 0; e < 9; ++e) EXPECT_EQ(off[e], want_off[e]) << "offset " << e;
 }
+
+// STRIDED_COPY's backward: heads of (N, H, D) rows to (H, N, D) batches and two column windows
+// concatenated into one value, through a batched matmul as MLA's absorbed query uses them.
+TEST(Grad, StridedCopyTransposeAndConcat) {
+  check("strided copies (transpose, window, concat)",
+        {[](Graph& g) {
+           const int64_t N = 4, H = 3, D = 5, R = 2;
+           const int q = g.param("q", {N, H * (D + R)}, true);  // per head [nope (D) | rope (R)]
+           StridedCopyParams t;                                 // q's nope windows as (H, N, D)
+           t.n[0] = H, t.n[1] = N, t.n[2] = D;
+           t.in_stride[0] = D + R, t.in_stride[1] = H * (D + R);
+           t.out_stride[0] = N * D, t.out_stride[1] = D;
+           const int qt = g.strided_copy(q, t, {H, N, D});
+           const int lat = g.matmul(qt, g.param("w", {H, D, D}, true));  // (H, N, D)
+           StridedCopyParams back = t;  // into [lat_h | rope_h] per head: first the latent parts
+           back.in_stride[0] = N * D, back.in_stride[1] = D;
+           back.out_stride[0] = D + R, back.out_stride[1] = H * (D + R);
+           const int out = g.strided_copy(lat, back, {N, H * (D + R)});
+           StridedCopyParams rope;  // then q's rope windows, copied across
+           rope.n[0] = N, rope.n[1] = H, rope.n[2] = R;
+           rope.in_stride[0] = rope.out_stride[0] = H * (D + R);
+           rope.in_stride[1] = rope.out_stride[1] = D + R;
+           rope.in_offset = rope.out_offset = D;
+           return g.strided_copy(q, rope, {}, out);
+         },
+         1});
+}

@@ -477,6 +477,9 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_MOE_UNPERMUTE_BWD:
     case MXN_OP_GROUPED_MATMUL:
       return run_moe(c, k);
+    case MXN_OP_STRIDED_COPY:
+      strided_copy(params_of<StridedCopyParams>(k), ptr(in[0]), ptr(out[0]));
+      return 0;
     case MXN_OP_ROPE: {
       const RopeParams r = params_of<RopeParams>(k);
       float* inv = c->scratch.get(c->scratch.c, size_t(r.rot / 2));

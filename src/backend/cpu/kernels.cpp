@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "backend/cpu/vmath.h"
 #include "core/dtype.h"
@@ -427,6 +428,18 @@ void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, fl
     pi -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
     p[i] = pi;
   }
+}
+
+void strided_copy(const StridedCopyParams& p, const float* in, float* out) {
+  const int64_t n = p.count();
+  if (p.in_stride[2] == 1 && p.out_stride[2] == 1) {  // rows of n2 contiguous elements
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t r = 0; r < n / p.n[2]; ++r)
+      std::memcpy(out + p.out_at(r * p.n[2]), in + p.in_at(r * p.n[2]), size_t(p.n[2]) * 4);
+    return;
+  }
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) out[p.out_at(i)] = in[p.in_at(i)];
 }
 
 }  // namespace mxn::cpu

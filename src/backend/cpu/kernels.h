@@ -147,6 +147,8 @@ void moe_unpermute_bwd(const MoePermuteShape& m, const float* dy, const float* y
                        const int32_t* pos, float* dw);
 void grouped_matmul(const GroupedMatmulShape& g, const float* a, const float* b,
                     const int32_t* offsets, float* out);
+// STRIDED_COPY on 4-byte elements (f32 or i32).
+void strided_copy(const StridedCopyParams& p, const float* in, float* out);
 void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
            float eps, float wd, float gscale, float step_size, float bc2_sqrt);
 

@@ -347,6 +347,11 @@ int32_t run_moe(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor *in = k.inputs, *out = k.outputs;
   cudaStream_t s = c->stream;
   switch (k.op) {
+    case MXN_OP_STRIDED_COPY: {
+      const StridedCopyParams p = params_of<StridedCopyParams>(k);
+      k_strided_copy<<<blocks(p.count()), 256, 0, s>>>(F(in[0]), F(out[0]), p);
+      break;
+    }
     case MXN_OP_MOE_ROUTE:
     case MXN_OP_MOE_ROUTE_BWD: {
       const bool bwd = k.op == MXN_OP_MOE_ROUTE_BWD;

@@ -129,4 +129,8 @@ __global__ void k_grouped_mm_wgrad(const float* a, const float* b, const int32_t
   }
 }
 
+__global__ void k_strided_copy(const float* x, float* y, StridedCopyParams p) {
+  MXN_LOOP(i, p.count()) y[p.out_at(i)] = x[p.in_at(i)];
+}
+
 }  // namespace mxn::cuda

@@ -190,6 +190,13 @@ __kernel void grouped_mm_wgrad(__global const float* a, ulong oa, __global const
   for (long r = lo; r < hi; ++r) acc += a[oa + r * P + i] * b[ob + r * Q + j];
   out[oc + g] = acc;
 }
+// STRIDED_COPY: one work-item an element of the (n0, n1, n2) index space.
+__kernel void strided_copy(__global const float* x, ulong ox, __global float* y, ulong oy, long n1,
+                           long n2, long is0, long is1, long is2, long ioff, long os0, long os1,
+                           long os2, long ooff) {
+  const long g = get_global_id(0), i = g / (n1 * n2), j = g / n2 % n1, k = g % n2;
+  y[oy + ooff + i * os0 + j * os1 + k * os2] = x[ox + ioff + i * is0 + j * is1 + k * is2];
+}
 )CLC";
 
 }  // namespace mxn::opencl

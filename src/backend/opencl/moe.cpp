@@ -1,5 +1,6 @@
-// The OpenCL backend's mixture-of-experts ops (ABI 9): kernels_moe_cl.h's kernels launched in
-// order on the context's queue; the routing's scores, flags and counts live in its scratch.
+// The OpenCL backend's ABI 9 ops (mixture of experts, STRIDED_COPY): kernels_moe_cl.h's kernels
+// launched in order on the context's queue; the routing's scores, flags and counts live in its
+// scratch.
 #include "backend/opencl/cl_launch.h"
 
 namespace mxn::opencl {
@@ -160,10 +161,30 @@ int32_t grouped(Ctx* c, const mxn_op_call& k) {
       .go(g.M * g.N);
 }
 
+int32_t strided_copy(Ctx* c, const mxn_op_call& k) {
+  const StridedCopyParams p = params_of<StridedCopyParams>(k);
+  return kernel(c, "strided_copy")
+      .arg(mem(k.inputs[0]))
+      .arg(mem(k.outputs[0]))
+      .u(p.n[1])
+      .u(p.n[2])
+      .u(p.in_stride[0])
+      .u(p.in_stride[1])
+      .u(p.in_stride[2])
+      .u(p.in_offset)
+      .u(p.out_stride[0])
+      .u(p.out_stride[1])
+      .u(p.out_stride[2])
+      .u(p.out_offset)
+      .go(p.count());
+}
+
 }  // namespace
 
 int32_t run_moe(Ctx* c, const mxn_op_call& k) {
   switch (k.op) {
+    case MXN_OP_STRIDED_COPY:
+      return strided_copy(c, k);
     case MXN_OP_MOE_ROUTE:
       return route(c, k);
     case MXN_OP_MOE_ROUTE_BWD:
