@@ -79,6 +79,59 @@ std::string expert_name(const std::string& stacked, int64_t e) {
   return stacked.substr(0, at) + std::to_string(e) + "." + stacked.substr(at);
 }
 
+namespace {
+void upload_kv_b(Program& prog, int k_b, const std::string& name, DType dt, const Shape& shape,
+                 const char* bytes, const std::string& source);
+const std::string kKvB = "kv_b_proj.weight", kKB = "k_b_proj.weight", kVB = "v_b_proj.weight";
+bool ends_with(const std::string& s, const std::string& t) {
+  return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
+}
+std::string with_leaf(const std::string& name, const std::string& from, const std::string& to) {
+  return name.substr(0, name.size() - from.size()) + to;
+}
+// MLA's kv_b_proj (H (dn + dv), R) as mxn keeps it: k_b (H, dn, R) and v_b (H, dv, R), head by
+// head; `from_kv` false: back.
+void split_kv_b(const float* kv, float* k, float* v, int64_t H, int64_t dn, int64_t dv, int64_t R,
+                bool from_kv = true) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* rows = const_cast<float*>(kv) + h * (dn + dv) * R;
+    if (from_kv) {
+      std::copy_n(rows, dn * R, k + h * dn * R);
+      std::copy_n(rows + dn * R, dv * R, v + h * dv * R);
+    } else {
+      std::copy_n(k + h * dn * R, dn * R, rows);
+      std::copy_n(v + h * dv * R, dv * R, rows + dn * R);
+    }
+  }
+}
+int find_weight(const Graph& g, const std::string& name) {
+  for (int p : g.weights())
+    if (g.v(p).name == name) return p;
+  throw Error("internal: no weight " + name);
+}
+
+void upload_kv_b(Program& prog, int k_b, const std::string& name, DType dt, const Shape& shape,
+                 const char* bytes, const std::string& source) {
+  const Value& k = prog.graph().v(k_b);
+  const int v_b = find_weight(prog.graph(), with_leaf(k.name, kKB, kVB));
+  const Shape& vs = prog.graph().v(v_b).shape;
+  const int64_t H = k.shape[0], dn = k.shape[1], R = k.shape[2], dv = vs[1];
+  if (shape != Shape{H * (dn + dv), R} ||
+      (dt != DType::f32 && dt != DType::bf16 && dt != DType::f16))
+    throw Error(source + ": tensor '" + name + "' has shape " + shape_str(shape) + " " +
+                dtype_name(dt) + ", expected " + shape_str({H * (dn + dv), R}) + " f32");
+  std::vector<float> kv(size_t(H * (dn + dv) * R)), kk(size_t(H * dn * R)), vv(size_t(H * dv * R));
+  const auto* u16 = reinterpret_cast<const uint16_t*>(bytes);
+  for (size_t i = 0; i < kv.size(); ++i)
+    kv[i] = dt == DType::f32    ? reinterpret_cast<const float*>(bytes)[i]
+            : dt == DType::bf16 ? bf16_to_f32(u16[i])
+                                : f16_to_f32(u16[i]);
+  split_kv_b(kv.data(), kk.data(), vv.data(), H, dn, dv, R);
+  prog.device().upload(prog.tensor(k_b), kk.data());
+  prog.device().upload(prog.tensor(v_b), vv.data());
+}
+}  // namespace
+
 void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
   const std::string source = "model folder '" + dir + "'";
   struct Want {
@@ -91,6 +144,11 @@ void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
     if ((which == WeightSet::frozen && v.kind != ValueKind::frozen) ||
         (which == WeightSet::trained && v.kind != ValueKind::param))
       continue;
+    if (ends_with(v.name, kVB)) continue;  // with k_b, from kv_b_proj
+    if (ends_with(v.name, kKB)) {
+      want.emplace(with_leaf(v.name, kKB, kKvB), Want{p, -2});
+      continue;
+    }
     if (!stacked_experts(v.name, v.shape)) {
       want.emplace(v.name, Want{p, -1});
       continue;
@@ -105,6 +163,11 @@ void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
           auto it = want.find(name);
           if (it == want.end()) return;  // not this graph's (or not this call's)
           const Value& v = prog.graph().v(it->second.value);
+          if (it->second.expert == -2) {  // MLA's kv_b_proj, split into k_b and v_b
+            upload_kv_b(prog, it->second.value, name, dt, shape, bytes, source);
+            want.erase(it);
+            return;
+          }
           Tensor dst = prog.tensor(it->second.value);
           if (it->second.expert >= 0) {  // one expert's slice of a stacked weight
             dst.shape.erase(dst.shape.begin());
@@ -220,7 +283,24 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
       out[v.name] = std::move(t);
       continue;
     }
-    if (v.name.ends_with(kRouterBias) && !weights.count(v.name)) {  // none yet: zero
+    if (ends_with(v.name, kKB) && !weights.count(v.name)) {  // MLA: from kv_b_proj
+      const std::string vname = with_leaf(v.name, kKB, kVB);
+      const Value* vb = nullptr;
+      for (int q : g.params())
+        if (g.v(q).name == vname) vb = &g.v(q);
+      const int64_t H = v.shape[0], dn = v.shape[1], R = v.shape[2], dv = vb->shape[1];
+      Value kv = v;
+      kv.name = with_leaf(v.name, kKB, kKvB);
+      kv.shape = {H * (dn + dv), R};
+      const HostTensor& t = expect_tensor(weights, kv, source);
+      HostTensor k(v.shape, DType::f32), vt(vb->shape, DType::f32);
+      split_kv_b(t.f32(), k.f32(), vt.f32(), H, dn, dv, R);
+      out[v.name] = std::move(k);
+      out[vname] = std::move(vt);
+      continue;
+    }
+    if (ends_with(v.name, kVB) && !weights.count(v.name)) continue;  // with k_b
+    if (v.name.ends_with(kRouterBias) && !weights.count(v.name)) {   // none yet: zero
       out[v.name] = HostTensor(v.shape, DType::f32);
       continue;
     }
@@ -248,6 +328,16 @@ void save_hf_folder(const std::string& dir, const DecoderConfig& c, const Tensor
     out[name] = std::move(h);
   };
   for (const auto& [name, t] : weights) {
+    if (ends_with(name, kVB)) continue;  // with k_b
+    if (ends_with(name, kKB)) {          // MLA: back into kv_b_proj
+      const HostTensor& v = weights.at(with_leaf(name, kKB, kVB));
+      const int64_t H = t.shape[0], dn = t.shape[1], R = t.shape[2], dv = v.shape[1];
+      std::vector<float> kv(size_t(H * (dn + dv) * R));
+      split_kv_b(kv.data(), const_cast<float*>(t.f32()), const_cast<float*>(v.f32()), H, dn, dv, R,
+                 false);
+      put(with_leaf(name, kKB, kKvB), {H * (dn + dv), R}, kv.data());
+      continue;
+    }
     if (!stacked_experts(name, t.shape)) {
       put(name, t.shape, t.f32());
       continue;

@@ -6,162 +6,9 @@
 #include "core/error.h"
 #include "core/json_num.h"
 #include "core/rng.h"
+#include "models/builder.h"
 
 namespace mxn {
-namespace {
-
-// The names a family's checkpoints give each weight (without ".weight"/".bias").
-struct Names {
-  std::string embed, pos, layers, final_norm, lm_head;
-  std::string ln1, ln2, qkv, q, k, v, o, fc, gate, up, gate_up, down;
-  // Mixture of experts: the block, its router and its experts' gate, up and down (stacked as
-  // <block>experts.<leaf>.weight (E, rows, cols); checkpoints name each <block>experts.<e>.<leaf>).
-  std::string moe = "mlp.", router = "gate", e_gate = "gate_proj", e_up = "up_proj",
-              e_down = "down_proj", shared = "shared_expert.";
-  std::string q_norm = "self_attn.q_norm", k_norm = "self_attn.k_norm";
-};
-
-Names names_for(Arch a) {
-  switch (a) {
-    case Arch::gpt2:
-      return {"transformer.wte",
-              "transformer.wpe",
-              "transformer.h.",
-              "transformer.ln_f",
-              "",
-              "ln_1",
-              "ln_2",
-              "attn.c_attn",
-              "",
-              "",
-              "",
-              "attn.c_proj",
-              "mlp.c_fc",
-              "",
-              "",
-              "",
-              "mlp.c_proj"};
-    case Arch::chatglm:
-      return {"transformer.embedding.word_embeddings",
-              "",
-              "transformer.encoder.layers.",
-              "transformer.encoder.final_layernorm",
-              "transformer.output_layer",
-              "input_layernorm",
-              "post_attention_layernorm",
-              "self_attention.query_key_value",
-              "",
-              "",
-              "",
-              "self_attention.dense",
-              "",
-              "",
-              "",
-              "mlp.dense_h_to_4h",
-              "mlp.dense_4h_to_h"};
-    default: {  // llama, qwen2, glm and the MoE families (transformers' names)
-      Names n{"model.embed_tokens",
-              "",
-              "model.layers.",
-              "model.norm",
-              "lm_head",
-              "input_layernorm",
-              "post_attention_layernorm",
-              "",
-              "self_attn.q_proj",
-              "self_attn.k_proj",
-              "self_attn.v_proj",
-              "self_attn.o_proj",
-              "",
-              "mlp.gate_proj",
-              "mlp.up_proj",
-              "mlp.gate_up_proj",
-              "mlp.down_proj"};
-      if (a == Arch::glm4_moe) n.shared = "shared_experts.";
-      if (a == Arch::mixtral) {
-        n.moe = "block_sparse_moe.";
-        n.e_gate = "w1";
-        n.e_up = "w3";
-        n.e_down = "w2";
-      }
-      return n;
-    }
-  }
-}
-
-struct Builder {
-  Graph& g;
-  const DecoderConfig& c;
-  const DecoderOptions& o;
-  std::vector<std::string> modules;  // every linear's last name component, once
-  std::vector<bool> lora_hit;        // per target of o.lora: matched a module
-  int64_t dropouts = 0;              // DROPOUT nodes so far: each one's mask tag
-  DecoderGraph* m = nullptr;         // serving LoRA: its mask and stacked inputs
-
-  // A model weight: trained, or frozen under an adapter. 2-D ones are stored as o.weights says.
-  int w(const std::string& name, Shape shape, bool decay) {
-    const DType dt = shape.size() == 2 ? o.weights : DType::f32;
-    return o.freeze ? g.frozen(name, std::move(shape), dt) : g.param(name, shape, decay, dt);
-  }
-  // x (N, in) -> (N, out): GPT-2's Conv1D stores (in, out); every other family nn.Linear's
-  // (out, in).
-  int linear(int x, const std::string& name, int64_t in, int64_t out, bool bias) {
-    const int wt = w(name + ".weight", c.gpt2() ? Shape{in, out} : Shape{out, in}, true);
-    int y = g.linear(x, wt, bias ? w(name + ".bias", {out}, false) : -1, !c.gpt2());
-    const std::string leaf = name.substr(name.rfind('.') + 1);
-    if (std::find(modules.begin(), modules.end(), leaf) == modules.end()) modules.push_back(leaf);
-    if (o.lora.r > 0 && lora_targets(name)) {
-      const int a = g.param(lora_a_name(name), {o.lora.r, in}, true);
-      const int b = g.param(lora_b_name(name), {out, o.lora.r}, true);
-      const int xin = o.lora.dropout > 0 ? g.dropout(x, o.lora.dropout, dropouts++) : x;
-      const int t = g.matmul(xin, a, false, true);
-      y = g.add(y, g.matmul(t, b, false, true, o.lora.alpha / float(o.lora.r)));
-    }
-    if (o.serve_lora > 0 && lora_targets(name)) {
-      const int a = g.input(lora_a_name(name), {o.serve_lora, in}, DType::f32);
-      const int b = g.input(lora_b_name(name), {out, o.serve_lora}, DType::f32);
-      m->lora_inputs.emplace_back(lora_a_name(name), a);
-      m->lora_inputs.emplace_back(lora_b_name(name), b);
-      const int t = g.mul(g.matmul(x, a, false, true), m->lora_mask);
-      y = g.add(y, g.matmul(t, b, false, true));
-    }
-    return y;
-  }
-  bool lora_targets(const std::string& name) {
-    bool any = false;
-    for (size_t i = 0; i < o.lora.targets.size(); ++i) {
-      const std::string& t = o.lora.targets[i];
-      const bool hit = name == t || (name.size() > t.size() &&
-                                     name.compare(name.size() - t.size(), t.size(), t) == 0 &&
-                                     name[name.size() - t.size() - 1] == '.');
-      if (hit) lora_hit[i] = true;
-      any = any || hit;
-    }
-    return any;
-  }
-  int norm(int x, const std::string& name) {
-    const int wt = w(name + ".weight", {c.hidden}, false);
-    if (c.rms_norm()) return g.rmsnorm(x, wt, c.norm_eps);
-    return g.layernorm(x, wt, w(name + ".bias", {c.hidden}, false), c.norm_eps);
-  }
-  RopeParams rope(int64_t col0, int64_t heads) const {
-    RopeParams r;
-    r.col0 = col0;
-    r.heads = heads;
-    r.head_dim = c.hd();
-    r.rot = c.rope_dims();
-    r.interleaved = c.rope_interleaved();
-    r.scaling = c.rope_scaling;
-    r.theta = c.rope_theta;
-    r.factor = c.rope_factor;
-    r.low_freq_factor = c.rope_low_freq;
-    r.high_freq_factor = c.rope_high_freq;
-    r.original_max_position = c.rope_orig_max_pos;
-    return r;
-  }
-};
-
-}  // namespace
 
 const char* arch_name(Arch a) {
   switch (a) {
@@ -185,6 +32,8 @@ const char* arch_name(Arch a) {
       return "qwen3_moe";
     case Arch::glm4_moe:
       return "glm4_moe";
+    case Arch::deepseek:
+      return "deepseek";
   }
   return "?";
 }
@@ -219,8 +68,14 @@ int64_t DecoderConfig::rope_dims() const {
 
 int64_t DecoderConfig::param_count() const {
   const int64_t C = hidden, D = hd(), H = heads, G = n_kv_heads(), F = ffn_width();
-  const int64_t qkv = C * (H + 2 * G) * D + (qkv_bias ? (H + 2 * G) * D : 0);
-  const int64_t o = H * D * C + (o_bias ? C : 0);
+  int64_t qkv = C * (H + 2 * G) * D + (qkv_bias ? (H + 2 * G) * D : 0);
+  int64_t o = H * D * C + (o_bias ? C : 0);
+  if (mla()) {  // q (through its bottleneck), kv_a, the latent norm, k_b and v_b; o_proj
+    const int64_t Q = qk_nope_dim + qk_rope_dim, R = kv_lora_rank;
+    qkv = (q_lora_rank > 0 ? C * q_lora_rank + q_lora_rank + q_lora_rank * H * Q : C * H * Q) +
+          C * (R + qk_rope_dim) + R + H * (qk_nope_dim + v_head_dim) * R;
+    o = H * v_head_dim * C;
+  }
   const int64_t mlp = (swiglu() ? 3 : 2) * C * F + (mlp_bias ? (swiglu() ? 2 * F : F) + C : 0);
   const int64_t norms = (gpt2() ? 4 * C : 2 * C) + (qk_norm() ? 2 * D : 0);
   const int64_t moe =
@@ -253,6 +108,13 @@ void DecoderConfig::validate() const {
   need(norm_eps > 0, "the norm's epsilon must be > 0");
   need(prefix_len >= 0 && prefix_len <= 65536,
        "prefix_len = " + std::to_string(prefix_len) + ", expected 0..65536");
+  if (mla()) {
+    need(qk_nope_dim >= 1 && v_head_dim >= 1 && qk_rope_dim >= 2 && qk_rope_dim % 2 == 0 &&
+             q_lora_rank >= 0,
+         "multi-head latent attention needs qk_nope_head_dim, v_head_dim >= 1, qk_rope_head_dim "
+         "even and >= 2, q_lora_rank >= 0 (0: none)");
+    need(prefix_len == 0, "P-Tuning prefixes are not supported with multi-head latent attention");
+  }
   if (experts == 0) return;
   const std::string e = std::to_string(experts);
   need(experts >= 1 && experts <= 1024, "num_experts = " + e + ", expected 1..1024");
@@ -302,6 +164,12 @@ nlohmann::json DecoderConfig::to_json() const {
           {"topk_group", topk_group},
           {"routed_scale", routed_scale},
           {"use_qk_norm", use_qk_norm},
+          {"q_lora_rank", q_lora_rank},
+          {"kv_lora_rank", kv_lora_rank},
+          {"qk_nope_dim", qk_nope_dim},
+          {"qk_rope_dim", qk_rope_dim},
+          {"v_head_dim", v_head_dim},
+          {"attn_scale", attn_scale},
           {"dense_layers", dense_layers},
           {"router_aux_coef", router_aux_coef}};
 }
@@ -346,6 +214,12 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   c.topk_group = json_value(j, "topk_group", c.topk_group, where);
   c.routed_scale = json_value(j, "routed_scale", c.routed_scale, where);
   c.use_qk_norm = json_value(j, "use_qk_norm", c.use_qk_norm, where);
+  c.q_lora_rank = json_value(j, "q_lora_rank", c.q_lora_rank, where);
+  c.kv_lora_rank = json_value(j, "kv_lora_rank", c.kv_lora_rank, where);
+  c.qk_nope_dim = json_value(j, "qk_nope_dim", c.qk_nope_dim, where);
+  c.qk_rope_dim = json_value(j, "qk_rope_dim", c.qk_rope_dim, where);
+  c.v_head_dim = json_value(j, "v_head_dim", c.v_head_dim, where);
+  c.attn_scale = json_value(j, "attn_scale", c.attn_scale, where);
   c.router_aux_coef = json_value(j, "router_aux_coef", c.router_aux_coef, where);
   if (j.contains("dense_layers")) {
     if (!j["dense_layers"].is_array()) throw Error(where + ": 'dense_layers' is not a list");
@@ -380,41 +254,39 @@ const char* const kPrefixEncoder = "prefix_encoder.";
 std::string prefix_key_name(int64_t l) { return "prefix." + std::to_string(l) + ".key"; }
 std::string prefix_value_name(int64_t l) { return "prefix." + std::to_string(l) + ".value"; }
 
-namespace {
 // Serving and generation: each row's key and value into the cache (serving: to its cache row,
-// with its own key range); attention then reads keys and values from the cache.
+// with its own key range); attention then reads keys and values from the cache. MLA's one cache
+// (shared) holds each token's latent and RoPE key, which keys and values both read.
 void cache_kv(Builder& b, DecoderGraph& m, const std::string& p, int64_t B, int& k, int& v,
-              AttentionParams& at) {
+              AttentionParams& at, int64_t width, bool shared) {
   Graph& g = b.g;
   const DecoderOptions& o = b.o;
-  const int64_t GD = b.c.n_kv_heads() * b.c.hd();
+  const int64_t GD = width > 0 ? width : b.c.n_kv_heads() * b.c.hd();
+  const int64_t rows = o.serve_rows > 0 ? o.serve_rows : B * o.kv_cache;
+  if (rows == 0) return;
+  const int kc = g.input(p + (shared ? "kv_cache" : "k_cache"), {rows, GD}, DType::f32);
+  const int vc = shared ? kc : g.input(p + "v_cache", {rows, GD}, DType::f32);
+  m.caches.push_back(kc);
+  if (!shared) m.caches.push_back(vc);
+  const int per_seq = o.serve_rows > 0 ? o.serve_rows : o.kv_cache;
+  for (auto [src, dst, col] : {std::tuple{k, kc, at.k_col}, std::tuple{v, vc, at.v_col}}) {
+    g.set_rows(src, dst, 0, per_seq, col, o.serve_rows > 0 ? m.cache_rows : -1);
+    if (o.serve_rows == 0) m.cache_writes.push_back(g.nodes.size() - 1);
+    if (shared) break;  // one write for the shared cache
+  }
+  k = kc;
+  v = vc;
+  at.k_col = at.v_col = 0;
   if (o.serve_rows > 0) {
-    const int kc = g.input(p + "k_cache", {o.serve_rows, GD}, DType::f32);
-    const int vc = g.input(p + "v_cache", {o.serve_rows, GD}, DType::f32);
-    m.caches.insert(m.caches.end(), {kc, vc});
-    g.set_rows(k, kc, 0, o.serve_rows, at.k_col, m.cache_rows);
-    g.set_rows(v, vc, 0, o.serve_rows, at.v_col, m.cache_rows);
-    k = kc;
-    v = vc;
-    at.k_col = at.v_col = 0;
     at.kv_rows = at.S = o.serve_rows;
     at.mask = o.serve_block > 0 ? MXN_MASK_PAGED : MXN_MASK_CACHED;
     at.block = o.serve_block;
-  } else if (o.kv_cache > 0) {  // append this step's keys and values; attend over the cache
-    const int kc = g.input(p + "k_cache", {B * o.kv_cache, GD}, DType::f32);
-    const int vc = g.input(p + "v_cache", {B * o.kv_cache, GD}, DType::f32);
-    m.caches.insert(m.caches.end(), {kc, vc});
-    for (auto [src, dst, col] : {std::tuple{k, kc, at.k_col}, std::tuple{v, vc, at.v_col}}) {
-      g.set_rows(src, dst, 0, o.kv_cache, col);
-      m.cache_writes.push_back(g.nodes.size() - 1);
-    }
-    k = kc;
-    v = vc;
-    at.k_col = at.v_col = 0;
+  } else {  // append this step's keys and values; attend over the cache
     at.kv_rows = o.kv_cache;
   }
 }
 
+namespace {
 // P-Tuning v2's key and value rows for layer l: out of its MLP (prefix_hidden, shared by every
 // layer), or trained as they are; {-1, -1} without a prefix.
 std::pair<int, int> prefix_rows(Builder& b, int64_t l, int prefix_hidden) {
@@ -619,6 +491,11 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   for (int64_t l = first_layer; l < last_layer; ++l) {
     const std::string p = nm.layers + std::to_string(l) + ".";
     const int h = b.norm(x, p + nm.ln1);
+    if (c.mla()) {  // DeepSeek's multi-head latent attention (mla.cpp)
+      x = g.add(x, mla_attention(b, m, p, h, B, at, o.serve_rows > 0 ? m.key_ranges : m.prefix));
+      x = g.add(x, mlp(b, nm, m, p, x, l));
+      continue;
+    }
     int q, k, v;
     if (c.fused_qkv()) {
       q = k = v = b.linear(h, p + nm.qkv, C, (H + 2 * G) * D, c.gpt2() || c.qkv_bias);

@@ -22,7 +22,8 @@ enum class Arch {
   qwen2_moe,
   qwen3,
   qwen3_moe,
-  glm4_moe
+  glm4_moe,
+  deepseek
 };
 const char* arch_name(Arch a);
 Arch arch_from_name(const std::string& name);  // one of arch_name's; Error otherwise
@@ -58,6 +59,14 @@ struct DecoderConfig {
   int64_t n_group = 1, topk_group = 1;
   float routed_scale = 1.f;
   bool use_qk_norm = false;  // GLM-4.5's optional per-head q and k norms
+  // Multi-head latent attention (DeepSeek-V2/V3), with kv_lora_rank > 0: q from a rank
+  // q_lora_rank bottleneck (0: a plain q_proj), per head qk_nope_dim + qk_rope_dim wide; keys
+  // and values from each token's normed latent (kv_lora_rank) and one shared RoPE key
+  // (qk_rope_dim); values v_head_dim wide. Computed in the absorbed form: the query's non-RoPE
+  // part times each head's key up-projection attends to the latent directly (one kv head), the
+  // result times each head's value up-projection; the KV cache holds the latent and the RoPE key.
+  int64_t q_lora_rank = 0, kv_lora_rank = 0, qk_nope_dim = 0, qk_rope_dim = 0, v_head_dim = 0;
+  float attn_scale = 0.f;  // 0: 1/sqrt(query head dim); yarn's mscale^2 included where set
   // A selection bias per router (<block>gate.e_score_correction_bias, (E)): it picks experts but
   // does not weigh them; trained by no gradient, moved by the aux-loss-free balancing.
   bool router_bias = false;
@@ -74,8 +83,15 @@ struct DecoderConfig {
            (arch == Arch::glm4_moe && use_qk_norm);
   }
   bool moe_layer(int64_t l) const;
+  bool mla() const { return kv_lora_rank > 0; }
+  // Values a KV cache keeps per token and layer: keys and values, or MLA's latent and RoPE key.
+  int64_t kv_cache_width() const {
+    return mla() ? kv_lora_rank + qk_rope_dim : 2 * n_kv_heads() * hd();
+  }
   bool fused_qkv() const { return gpt2() || arch == Arch::chatglm; }
-  bool rope_interleaved() const { return arch == Arch::glm || arch == Arch::chatglm; }
+  bool rope_interleaved() const {  // GLM's and DeepSeek's (2i, 2i+1) pairs
+    return arch == Arch::glm || arch == Arch::chatglm || arch == Arch::deepseek;
+  }
 
   int64_t n_kv_heads() const { return kv_heads > 0 ? kv_heads : heads; }
   int64_t hd() const { return head_dim > 0 ? head_dim : hidden / heads; }

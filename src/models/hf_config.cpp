@@ -10,7 +10,8 @@ namespace {
 const char* kSupported =
     "GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GlmForCausalLM, "
     "ChatGLMModel, ChatGLMForConditionalGeneration, MixtralForCausalLM, Qwen2MoeForCausalLM, "
-    "Qwen3ForCausalLM, Qwen3MoeForCausalLM, Glm4MoeForCausalLM";
+    "Qwen3ForCausalLM, Qwen3MoeForCausalLM, Glm4MoeForCausalLM, DeepseekV3ForCausalLM, "
+    "DeepseekV2ForCausalLM";
 
 struct Family {
   const char* hf;
@@ -26,7 +27,9 @@ const Family kLlamaShaped[] = {{"LlamaForCausalLM", Arch::llama, "llama"},
                                {"Qwen2MoeForCausalLM", Arch::qwen2_moe, "qwen2_moe"},
                                {"Qwen3ForCausalLM", Arch::qwen3, "qwen3"},
                                {"Qwen3MoeForCausalLM", Arch::qwen3_moe, "qwen3_moe"},
-                               {"Glm4MoeForCausalLM", Arch::glm4_moe, "glm4_moe"}};
+                               {"Glm4MoeForCausalLM", Arch::glm4_moe, "glm4_moe"},
+                               {"DeepseekV3ForCausalLM", Arch::deepseek, "deepseek_v3"},
+                               {"DeepseekV2ForCausalLM", Arch::deepseek, "deepseek_v2"}};
 
 struct Reader {
   const nlohmann::json& j;
@@ -107,7 +110,8 @@ void read_moe(const Reader& r, DecoderConfig& c) {
         c.dense_layers.push_back(l.get<int64_t>());
       }
     }
-  } else if (c.arch == Arch::glm4_moe) {  // DeepSeek-V3's router and shared experts
+  } else if (c.arch == Arch::glm4_moe || c.arch == Arch::deepseek) {
+    // DeepSeek-V3's router and shared experts (V2's: softmax scores, no bias)
     c.experts = r.i("n_routed_experts");
     c.moe_ffn = r.i("moe_intermediate_size");
     c.norm_topk = r.b_or("norm_topk_prob", true);
@@ -115,9 +119,13 @@ void read_moe(const Reader& r, DecoderConfig& c) {
     const std::string scoring = j.value("scoring_func", std::string("sigmoid"));
     if (scoring != "sigmoid" && scoring != "softmax") r.bad("scoring_func", "sigmoid or softmax");
     c.sigmoid_router = scoring == "sigmoid";
-    c.router_bias = true;  // e_score_correction_bias
-    c.n_group = r.i_or("n_group", 1);
-    c.topk_group = r.i_or("topk_group", 1);
+    const std::string method = j.value("topk_method", std::string("noaux_tc"));
+    if (method != "noaux_tc" && method != "greedy" && method != "group_limited_greedy")
+      r.bad("topk_method", "noaux_tc, greedy or group_limited_greedy");
+    c.router_bias = method == "noaux_tc";  // e_score_correction_bias
+    if (r.i_or("moe_layer_freq", 1) != 1) r.bad("moe_layer_freq", "1");
+    c.n_group = method == "greedy" ? 1 : r.i_or("n_group", 1);
+    c.topk_group = method == "greedy" ? 1 : r.i_or("topk_group", 1);
     c.routed_scale = r.f_or("routed_scaling_factor", 1.f);
     c.use_qk_norm = r.b_or("use_qk_norm", false);
     for (int64_t l = 0; l < r.i_or("first_k_dense_replace", 0, 0) && l < c.layers; ++l)
@@ -132,6 +140,19 @@ void read_moe(const Reader& r, DecoderConfig& c) {
   // transformers adds the load-balancing loss only when output_router_logits is set.
   if (r.b_or("output_router_logits", false))
     c.router_aux_coef = r.f_or("router_aux_loss_coef", 0.001f);
+}
+
+// DeepSeek's multi-head latent attention.
+void read_mla(const Reader& r, DecoderConfig& c) {
+  c.q_lora_rank = r.i_or("q_lora_rank", 0, 0);
+  c.kv_lora_rank = r.i("kv_lora_rank");
+  c.qk_nope_dim = r.i("qk_nope_head_dim");
+  c.qk_rope_dim = r.i("qk_rope_head_dim");
+  c.v_head_dim = r.i("v_head_dim");
+  c.head_dim = c.qk_nope_dim + c.qk_rope_dim;  // the query's head
+  c.kv_heads = c.heads;
+  c.rope_fraction = float(c.qk_rope_dim) / float(c.head_dim);
+  if (r.b_or("attention_bias", false)) r.bad("attention_bias", "false");
 }
 
 DecoderConfig read_hf(const nlohmann::json& j, const std::string& path) {
@@ -179,6 +200,7 @@ DecoderConfig read_hf(const nlohmann::json& j, const std::string& path) {
     if (act != "silu") r.bad("hidden_act", "silu");
     read_rope_scaling(r, c);
     read_moe(r, c);
+    if (c.arch == Arch::deepseek) read_mla(r, c);
   } else if (archs == "ChatGLMModel" || archs == "ChatGLMForConditionalGeneration") {
     c.arch = Arch::chatglm;
     c.vocab_size = r.i("padded_vocab_size", 2);
@@ -287,7 +309,21 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {
        {"attention_bias", c.arch == Arch::llama ? c.o_bias : c.qkv_bias},
        {"mlp_bias", c.mlp_bias}};
   if (c.arch == Arch::glm || c.arch == Arch::glm4_moe) j["partial_rotary_factor"] = c.rope_fraction;
-  if (c.arch == Arch::glm4_moe) {
+  if (c.arch == Arch::deepseek) {
+    j["q_lora_rank"] = c.q_lora_rank > 0 ? nlohmann::json(c.q_lora_rank) : nlohmann::json(nullptr);
+    j["kv_lora_rank"] = c.kv_lora_rank;
+    j["qk_nope_head_dim"] = c.qk_nope_dim;
+    j["qk_rope_head_dim"] = c.qk_rope_dim;
+    j["v_head_dim"] = c.v_head_dim;
+    j["topk_method"] = c.router_bias   ? "noaux_tc"
+                       : c.n_group > 1 ? "group_limited_greedy"
+                                       : "greedy";
+    j["moe_layer_freq"] = 1;
+    j["rope_interleave"] = true;
+    j.erase("head_dim");
+    j.erase("partial_rotary_factor");
+  }
+  if (c.arch == Arch::glm4_moe || c.arch == Arch::deepseek) {
     j["n_routed_experts"] = c.experts;
     j["n_shared_experts"] = c.moe_ffn > 0 ? c.shared_ffn / c.moe_ffn : 0;
     j["scoring_func"] = c.sigmoid_router ? "sigmoid" : "softmax";

@@ -76,10 +76,27 @@ def glm4_moe_config(odd):
                 tie_word_embeddings=False, eos_token_id=0)
 
 
+def deepseek_config(odd):
+    """A DeepSeek-V3 config.json: multi-head latent attention (with and without the query's
+    bottleneck), the sigmoid router with groups, shared experts, one dense layer first."""
+    return dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=101 if odd else 128,
+                hidden_size=40 if odd else 48, num_hidden_layers=3, num_attention_heads=5 if odd else 4,
+                num_key_value_heads=5 if odd else 4, q_lora_rank=None if odd else 24, kv_lora_rank=13 if odd else 16,
+                qk_nope_head_dim=7 if odd else 8, qk_rope_head_dim=4 if odd else 6, v_head_dim=9 if odd else 8,
+                intermediate_size=43 if odd else 64, moe_intermediate_size=17 if odd else 24,
+                n_routed_experts=9 if odd else 8, num_experts_per_tok=3 if odd else 2,
+                n_shared_experts=1 if odd else 2, n_group=3 if odd else 4, topk_group=2,
+                routed_scaling_factor=2.5 if odd else 1.5, first_k_dense_replace=1, norm_topk_prob=True,
+                scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, attention_bias=False,
+                max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
+                rope_interleave=True, hidden_act="silu", tie_word_embeddings=False, eos_token_id=0)
+
+
 def qwen3_weights(c, seed):
     """Random weights with Qwen3's names (Qwen3-MoE's and GLM-4.5's per-expert ones too)."""
     g = torch.Generator().manual_seed(seed)
-    C, H, G, D, V = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["vocab_size"]
+    C, H, G, V = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"]
+    D = c.get("head_dim", 0)
 
     def r(*shape, s=0.08, base=0.0):
         return base + torch.randn(shape, generator=g, dtype=torch.float64) * s
@@ -89,14 +106,27 @@ def qwen3_weights(c, seed):
         W["lm_head.weight"] = r(V, C, s=0.5)
     for l in range(c["num_hidden_layers"]):
         p = f"model.layers.{l}."
-        W.update({p + "input_layernorm.weight": r(C, base=1.0), p + "post_attention_layernorm.weight": r(C, base=1.0),
-                  p + "self_attn.q_proj.weight": r(H * D, C), p + "self_attn.k_proj.weight": r(G * D, C),
-                  p + "self_attn.v_proj.weight": r(G * D, C), p + "self_attn.o_proj.weight": r(C, H * D)})
-        if c["model_type"] != "glm4_moe" or c["use_qk_norm"]:
+        W.update({p + "input_layernorm.weight": r(C, base=1.0), p + "post_attention_layernorm.weight": r(C, base=1.0)})
+        if "kv_lora_rank" in c:  # DeepSeek's multi-head latent attention
+            a, R, Rq, dr = p + "self_attn.", c["kv_lora_rank"], c["q_lora_rank"], c["qk_rope_head_dim"]
+            Q, dv = c["qk_nope_head_dim"] + dr, c["v_head_dim"]
+            if Rq:
+                W.update({a + "q_a_proj.weight": r(Rq, C), a + "q_a_layernorm.weight": r(Rq, base=1.0),
+                          a + "q_b_proj.weight": r(H * Q, Rq)})
+            else:
+                W[a + "q_proj.weight"] = r(H * Q, C)
+            W.update({a + "kv_a_proj_with_mqa.weight": r(R + dr, C), a + "kv_a_layernorm.weight": r(R, base=1.0),
+                      a + "kv_b_proj.weight": r(H * (Q - dr + dv), R), a + "o_proj.weight": r(C, H * dv)})
+        else:
+            W.update({p + "self_attn.q_proj.weight": r(H * D, C), p + "self_attn.k_proj.weight": r(G * D, C),
+                      p + "self_attn.v_proj.weight": r(G * D, C), p + "self_attn.o_proj.weight": r(C, H * D)})
+        if "kv_lora_rank" in c:
+            pass
+        elif c["model_type"] != "glm4_moe" or c["use_qk_norm"]:
             W.update({p + "self_attn.q_norm.weight": r(D, base=1.0), p + "self_attn.k_norm.weight": r(D, base=1.0)})
         if c.get("attention_bias"):
             W.update({p + f"self_attn.{n}_proj.bias": r(k) for n, k in (("q", H * D), ("k", G * D), ("v", G * D))})
-        glm = c["model_type"] == "glm4_moe"
+        glm = c["model_type"] in ("glm4_moe", "deepseek_v3")
         if ("num_experts" in c and l not in c["mlp_only_layers"]) or (glm and l >= c["first_k_dense_replace"]):
             E, Fm = c.get("num_experts") or c["n_routed_experts"], c["moe_intermediate_size"]
             W[p + "mlp.gate.weight"] = r(E, C, s=0.5)
@@ -118,7 +148,7 @@ def qwen3_weights(c, seed):
 def layout(family):
     """(the MoE block's prefix, its router, its experts' gate, up and down names)"""
     if family == "mixtral":
-        return "block_sparse_moe.", "gate", "w1", "w3", "w2"
+        return "block_sparse_moe.", "gate", "w1", "w3", "w2"  # noqa: E501
     return "mlp.", "gate", "gate_proj", "up_proj", "down_proj"
 
 
@@ -128,6 +158,8 @@ def reference(W, c, ids, family):
     B, T = ids.shape
     C, H, G, L = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["num_hidden_layers"]
     D = c.get("head_dim") or C // H
+    if "kv_lora_rank" in c:
+        D = c["qk_rope_head_dim"]  # (RoPE's tables: the DeepSeek attention rotates dr dims)
     eps = c.get("rms_norm_eps", 1e-6)
     moe_blk, router, eg, eu, ed = layout(family)
 
@@ -149,12 +181,7 @@ def reference(W, c, ids, family):
     def mlp(h, p):
         return (F.silu(h @ W[p + "gate_proj.weight"].T) * (h @ W[p + "up_proj.weight"].T)) @ W[p + "down_proj.weight"].T
 
-    x = W["model.embed_tokens.weight"][ids]
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    chosen = []
-    for l in range(L):
-        p = f"model.layers.{l}."
-        h = rms(x, W[p + "input_layernorm.weight"])
+    def gqa(h, p):  # LLaMA-shaped attention (Qwen3's q/k norms, GLM-4.5's partial RoPE)
         q, k, v = (h @ W[p + f"self_attn.{n}_proj.weight"].T + (W[p + f"self_attn.{n}_proj.bias"]
                    if p + f"self_attn.{n}_proj.bias" in W else 0) for n in "qkv")
         q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
@@ -164,15 +191,12 @@ def reference(W, c, ids, family):
         k, v = k.repeat_interleave(H // G, 2), v.repeat_interleave(H // G, 2)
         s = torch.einsum("bthd,bshd->bhts", q, k) / D ** 0.5
         y = torch.einsum("bhts,bshd->bthd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
-        x = x + y.reshape(B, T, H * D) @ W[p + "self_attn.o_proj.weight"].T
-        h = rms(x, W[p + "post_attention_layernorm.weight"]).reshape(B * T, C)
-        m = p + moe_blk
-        if m + router + ".weight" not in W:
-            x = x + mlp(h, p + "mlp.").view(B, T, C)
-            continue
+        return y.reshape(B, T, H * D) @ W[p + "self_attn.o_proj.weight"].T
+
+    def moe(h, m):  # the router, the experts, the shared expert(s)
         E = W[m + router + ".weight"].shape[0]
         K = c["num_experts_per_tok"]
-        if family == "glm4_moe":  # DeepSeek-V3's router (modeling_glm4_moe.py's route_tokens_to_experts)
+        if family in ("glm4_moe", "deepseek"):  # DeepSeek-V3's router (route_tokens_to_experts)
             s_ = torch.sigmoid(h @ W[m + router + ".weight"].T)
             sel = s_ + W[m + router + ".e_score_correction_bias"]
             G_, gs = c["n_group"], E // c["n_group"]
@@ -201,14 +225,64 @@ def reference(W, c, ids, family):
             out = out + torch.sigmoid(h @ W[m + "shared_expert_gate.weight"].T) * mlp(h, m + "shared_expert.")
         if m + "shared_experts.gate_proj.weight" in W:  # GLM-4.5 / DeepSeek-V3: no gate
             out = out + mlp(h, m + "shared_experts.")
-        x = x + out.view(B, T, C)
+        return out
+
+    def mla(h, a):  # modeling_deepseek_v3.py's DeepseekV3Attention (rope_interleave), not absorbed
+        dn, dr, dv, R = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+        eps6 = lambda x, w: x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w
+        if c.get("q_lora_rank"):
+            q = eps6(h @ W[a + "q_a_proj.weight"].T, W[a + "q_a_layernorm.weight"]) @ W[a + "q_b_proj.weight"].T
+        else:
+            q = h @ W[a + "q_proj.weight"].T
+        q_pass, q_rot = q.view(B, T, H, dn + dr).split([dn, dr], -1)
+        k_pass, k_rot = (h @ W[a + "kv_a_proj_with_mqa.weight"].T).split([R, dr], -1)
+        kv = (eps6(k_pass, W[a + "kv_a_layernorm.weight"]) @ W[a + "kv_b_proj.weight"].T).view(B, T, H, dn + dv)
+        k_pass, v = kv.split([dn, dv], -1)
+        inter = lambda x: x.view(*x.shape[:-1], dr // 2, 2).transpose(-1, -2).reshape(x.shape)
+        q_rot, k_rot = rope_d(inter(q_rot), dr), rope_d(inter(k_rot.view(B, T, 1, dr)), dr)
+        q = torch.cat([q_pass, q_rot], -1)
+        k = torch.cat([k_pass, k_rot.expand(B, T, H, dr)], -1)
+        s = torch.einsum("bthd,bshd->bhts", q, k) * (dn + dr) ** -0.5
+        y = torch.einsum("bhts,bshd->bthd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
+        return y.reshape(B, T, H * dv) @ W[a + "o_proj.weight"].T
+
+    def rope_d(x, d):  # LLaMA's halves over all d dims, frequencies of d
+        inv_d = 1.0 / (c.get("rope_theta", 10000.0) ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        e = torch.arange(T, dtype=torch.float32)[:, None] * inv_d[None]
+        e = torch.cat([e, e], -1)
+        cs, sn = e.cos().to(x.dtype)[None, :, None], e.sin().to(x.dtype)[None, :, None]
+        return x * cs + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * sn
+
+    x = W["model.embed_tokens.weight"][ids]
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    chosen = []
+    for l in range(L):
+        p = f"model.layers.{l}."
+        h = rms(x, W[p + "input_layernorm.weight"])
+        if "kv_lora_rank" in c:
+            x = x + mla(h, p + "self_attn.")
+        else:
+            x = x + gqa(h, p)
+        h = rms(x, W[p + "post_attention_layernorm.weight"]).reshape(B * T, C)
+        m = p + moe_blk
+        if m + router + ".weight" not in W:
+            x = x + mlp(h, p + "mlp.").view(B, T, C)
+            continue
+        x = x + moe(h, m).view(B, T, C)
     x = rms(x, W["model.norm.weight"])
     head = W["lm_head.weight"] if "lm_head.weight" in W else W["model.embed_tokens.weight"]
     return x @ head.T, chosen
 
 
-def stacked(grads, name):
-    """mxn keeps each MoE layer's experts stacked: <block>experts.<leaf> (E, rows, cols)."""
+def stacked(grads, name, shape):
+    """mxn keeps each MoE layer's experts stacked: <block>experts.<leaf> (E, rows, cols); and MLA's
+    kv_b_proj (H (dn + dv), R) as k_b_proj (H, dn, R) and v_b_proj (H, dv, R)."""
+    for leaf, first in (("k_b_proj.weight", True), ("v_b_proj.weight", False)):
+        if name.endswith(leaf):
+            kv = grads[name[:-len(leaf)] + "kv_b_proj.weight"]
+            H, w, R = shape
+            kv = kv.view(H, kv.shape[0] // H, R)
+            return kv[:, :w] if first else kv[:, kv.shape[1] - w:]
     if ".experts." not in name:
         return grads[name]
     pre, leaf = name.rsplit("experts.", 1)
@@ -260,7 +334,8 @@ class MoeModels(unittest.TestCase):
                     chosen = [F.softmax(r.detach(), -1).topk(k, -1)[1] for r in out.router_logits]
                     fn = lambda x: model(x).logits
                 else:
-                    cfg = glm4_moe_config(odd) if family == "glm4_moe" else qwen3_config(family == "qwen3_moe", odd)
+                    cfg = (glm4_moe_config(odd) if family == "glm4_moe" else deepseek_config(odd)
+                           if family == "deepseek" else qwen3_config(family == "qwen3_moe", odd))
                     W = qwen3_weights(cfg, seed=21 + odd)
                     os.makedirs(folder)
                     save_file({k: v.float().numpy() for k, v in W.items()}, os.path.join(folder, "model.safetensors"))
@@ -291,7 +366,7 @@ class MoeModels(unittest.TestCase):
                     if name.endswith("e_score_correction_bias"):  # picks experts, has no gradient
                         self.assertEqual(float(np.abs(got[name]).max()), 0.0, name)
                         continue
-                    ge = rel(got[name], stacked(grads, name[5:]))
+                    ge = rel(got[name], stacked(grads, name[5:], got[name].shape))
                     worst = max(worst, ge)
                     self.assertLess(ge, GRAD_TOL, "gradient of " + name[5:])
                 print(f"  grads {worst:.2e}  experts of {len(chosen)} layers identical", end="")
@@ -319,6 +394,9 @@ class MoeModels(unittest.TestCase):
 
     def test_glm4_moe(self):
         self.check_family("glm4_moe")
+
+    def test_deepseek_v3(self):
+        self.check_family("deepseek")
 
 
 if __name__ == "__main__":
