@@ -129,9 +129,10 @@ std::function<int()> add_generate(CLI::App& app) {
       const GenerateStats& t = a->stats;
       std::fprintf(stderr,
                    "%zu requests: %lld prompt tokens, %lld of them from shared prefix blocks; "
-                   "KV blocks in use at most %lld of %lld\n",
+                   "KV blocks in use at most %lld of %lld; the KV cache holds %lld bytes a token\n",
                    prompts.size(), (long long)t.prompt_tokens, (long long)t.reused_tokens,
-                   (long long)t.kv_blocks_peak, (long long)t.kv_blocks);
+                   (long long)t.kv_blocks_peak, (long long)t.kv_blocks,
+                   (long long)t.kv_bytes_per_token);
       return 0;
     }
     for (const std::string& t : a->ids.empty() ? std::vector<std::string>{} : split(a->ids, ','))

@@ -30,6 +30,7 @@ struct GenerateStats {
   int64_t prompt_tokens = 0, decode_tokens = 0;
   // generate_batch: prompt tokens read from shared prefix blocks; the most KV blocks in use
   int64_t reused_tokens = 0, kv_blocks_peak = 0, kv_blocks = 0;
+  int64_t kv_bytes_per_token = 0;  // over the layers (MLA: each token's latent and RoPE key)
 };
 
 struct GenerateOptions {

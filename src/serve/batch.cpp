@@ -48,6 +48,7 @@ std::vector<std::vector<int32_t>> generate_batch(const GenerateOptions& o,
     o.stats->reused_tokens = engine.reused_tokens();
     o.stats->kv_blocks_peak = peak;
     o.stats->kv_blocks = engine.kv().total();
+    o.stats->kv_bytes_per_token = src.cfg.layers * src.cfg.kv_cache_width() * 4;
   }
   return out;
 }

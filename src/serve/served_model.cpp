@@ -73,7 +73,8 @@ struct ServedModel::Replica {
   std::string model, device;
   std::unique_ptr<Device> dev;
   std::unique_ptr<Engine> engine;
-  std::string fault_place;  // "serve_step@DEVICE": where tests slow or fail a pass
+  int64_t kv_bytes_per_token = 0;  // the KV cache's, over the layers (MLA: latent + RoPE key)
+  std::string fault_place;         // "serve_step@DEVICE": where tests slow or fail a pass
   std::mutex m;
   std::condition_variable cv;
   bool stop = false;
@@ -97,6 +98,7 @@ struct ServedModel::Replica {
           const std::vector<Adapter>& adapters)
       : model(name), dev(open_device(spec, int(o.threads))) {
     device = dev->name();
+    kv_bytes_per_token = src.cfg.layers * src.cfg.kv_cache_width() * 4;
     // The HTTP threads share the cores with the passes: GEMMs split dynamically (the CPU
     // backend's option; others have none).
     dev->set_option("gemm_split", 1);
@@ -185,6 +187,7 @@ struct ServedModel::Replica {
            line("mxn_kv_blocks_used", double(kv.used())) +
            line("mxn_kv_blocks_cached", double(kv.cached())) +
            line("mxn_kv_blocks_free", double(kv.free())) +
+           line("mxn_kv_cache_bytes_per_token", double(kv_bytes_per_token)) +
            line("mxn_prompt_tokens_total", double(engine->prompt_tokens() - probe_prompt)) +
            line("mxn_prefix_cache_tokens_total", double(engine->reused_tokens())) +
            line("mxn_engine_steps_total", double(steps)) +
@@ -345,7 +348,7 @@ ServedModel::~ServedModel() = default;
 
 uint64_t ServedModel::bytes_of(const DecoderConfig& c, int64_t blocks) {
   return uint64_t(c.param_count()) * 4 +
-         uint64_t(blocks * kBlock * c.layers * 2 * c.n_kv_heads() * c.hd()) * 4;
+         uint64_t(blocks * kBlock * c.layers * c.kv_cache_width()) * 4;
 }
 
 std::pair<Ticket, std::shared_ptr<Channel>> ServedModel::submit(EngineRequest r) {
