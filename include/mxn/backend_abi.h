@@ -29,7 +29,8 @@ extern "C" {
  *    still load; for them mxn asks supports() of each operand's dtype.
  * 9: mixture-of-experts: MOE_ROUTE(_BWD), MOE_PERMUTE, MOE_UNPERMUTE(_BWD), GROUPED_MATMUL; RMSNORM
  *    over groups of columns (a weight narrower than x's rows: Qwen3's per-head q and k norms);
- *    STRIDED_COPY (heads to batches and back, column windows: multi-head latent attention).
+ *    STRIDED_COPY (heads to batches and back, column windows: multi-head latent attention); yarn
+ *    RoPE scaling (ROPE's ip[5] = 3).
  *    Plugins of ABI 6 to 8 still load; mxn does not give them the new ops. */
 #define MXN_ABI_VERSION 9
 #define MXN_ABI_OLDEST 6 /* the oldest ABI whose plugins this header's mxn loads */
@@ -112,9 +113,10 @@ typedef enum mxn_op {
                                each head's second half from col0 = rot); other columns are
                                copied. ip[4]=layout (0: pairs
                                (i, i + rot/2) as LLaMA stores it, 1: interleaved pairs (2i, 2i+1)
-                               as GLM), ip[5]=scaling (0 none, 1 linear, 2 llama3), ip[6]=1: rotate
-                               backwards (the gradient). fp: 0=theta 1=factor 2=low_freq_factor
-                               3=high_freq_factor 4=original_max_position */
+                               as GLM), ip[5]=scaling (0 none, 1 linear, 2 llama3, ABI 9: 3 yarn),
+                               ip[6]=1: rotate backwards (the gradient). fp: 0=theta 1=factor
+                               2=low_freq_factor 3=high_freq_factor 4=original_max_position
+                               5=beta_fast 6=beta_slow (yarn) */
   MXN_OP_SILU,              /* out = a * sigmoid(a) */
   MXN_OP_SILU_BWD,          /* in: dy, x; out: dx */
   MXN_OP_SWIGLU,            /* in: gate, up; out (N, F) = silu(gate[:, ip[0]+c]) * up[:, ip[1]+c];

@@ -298,6 +298,15 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
                                                                           .scaling = 1,
                                                                           .backward = true,
                                                                           .factor = 4.f}));
+      // ABI 9: yarn (DeepSeek-V3's scaling: 40x, from 4096 positions), on 64-dim heads.
+      c.push_back(with({op, {f({5, 128}), idx({5}, 60000)}, {f({5, 128})}},
+                       RopeParams{.heads = 2,
+                                  .head_dim = 64,
+                                  .rot = 64,
+                                  .interleaved = true,
+                                  .scaling = 3,
+                                  .factor = 40.f,
+                                  .original_max_position = 4096.f}));
       // 2-D RoPE's second half: the last head's rotated dims end at the row's end.
       c.push_back(
           with({op, {f({4, 16}), idx({4}, 30)}, {f({4, 16})}},

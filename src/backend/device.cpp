@@ -151,6 +151,7 @@ uint64_t Device::free_memory() const {
 bool Device::supports(const mxn_op_call& call, std::string* why) const {
   // ABI 9's ops, and RMSNORM over groups of columns, are unknown to an older plugin.
   const bool abi9 = call.op >= MXN_OP_MOE_ROUTE ||
+                    (call.op == MXN_OP_ROPE && params_of<RopeParams>(call).scaling == 3) ||
                     ((call.op == MXN_OP_RMSNORM || call.op == MXN_OP_RMSNORM_BWD) &&
                      count(call.inputs[call.op == MXN_OP_RMSNORM ? 1 : 2]) !=
                          last(call.inputs[call.op == MXN_OP_RMSNORM ? 0 : 1]));

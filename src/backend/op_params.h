@@ -106,17 +106,20 @@ struct AttentionParams {
 struct RopeParams {
   int64_t col0 = 0, heads = 1, head_dim = 1, rot = 0;  // rot 0: the whole head
   bool interleaved = false;                            // GLM's (2i, 2i+1) pairs
-  int scaling = 0;                                     // 0 none, 1 linear, 2 llama3
+  int scaling = 0;                                     // 0 none, 1 linear, 2 llama3, 3 yarn (ABI 9)
   bool backward = false;                               // rotate backwards (the gradient)
   float theta = 10000.f, factor = 1.f, low_freq_factor = 1.f, high_freq_factor = 4.f,
         original_max_position = 8192.f;
+  float beta_fast = 32.f, beta_slow = 1.f;  // yarn's correction range, in rotations
 
   int64_t rotated() const { return rot > 0 ? rot : head_dim; }
   void encode(int64_t* ip, float* fp) const {
     const int64_t v[7] = {col0, heads, head_dim, rotated(), interleaved, scaling, backward};
     for (int i = 0; i < 7; ++i) ip[i] = v[i];
-    const float f[5] = {theta, factor, low_freq_factor, high_freq_factor, original_max_position};
-    for (int i = 0; i < 5; ++i) fp[i] = f[i];
+    const float f[7] = {
+        theta,     factor,   low_freq_factor, high_freq_factor, original_max_position,
+        beta_fast, beta_slow};
+    for (int i = 0; i < 7; ++i) fp[i] = f[i];
   }
   static RopeParams decode(const int64_t* ip, const float* fp) {
     RopeParams r;
@@ -132,6 +135,8 @@ struct RopeParams {
     r.low_freq_factor = fp[2];
     r.high_freq_factor = fp[3];
     r.original_max_position = fp[4];
+    r.beta_fast = fp[5];
+    r.beta_slow = fp[6];
     return r;
   }
   // The rotation frequency of pair i of the rotated dims, in float as Hugging Face computes it
@@ -147,6 +152,21 @@ struct RopeParams {
       if (wavelen > old_ctx / lo) return inv / f;
       const float smooth = (old_ctx / wavelen - lo) / (hi - lo);
       return (1.f - smooth) * inv / f + smooth * inv;
+    }
+    if (scaling == 3) {  // yarn (transformers' _compute_yarn_parameters, truncated range)
+      const float two_pi = 2.f * 3.14159265358979323846f, dim = float(rot);
+      auto correction = [&](float rotations) {
+        return dim * std::log(original_max_position / (rotations * two_pi)) /
+               (2.f * std::log(theta));
+      };
+      float lo = std::floor(correction(beta_fast)), hi = std::ceil(correction(beta_slow));
+      lo = lo < 0.f ? 0.f : lo;
+      hi = hi > dim - 1.f ? dim - 1.f : hi;
+      if (lo == hi) hi += 0.001f;
+      float ramp = (float(i) - lo) / (hi - lo);
+      ramp = ramp < 0.f ? 0.f : ramp > 1.f ? 1.f : ramp;
+      const float extrapolate = 1.f - ramp;  // the share of the unscaled frequency
+      return inv / f * (1.f - extrapolate) + inv * extrapolate;
     }
     return inv;
   }

@@ -157,6 +157,8 @@ struct Builder {
     r.low_freq_factor = c.rope_low_freq;
     r.high_freq_factor = c.rope_high_freq;
     r.original_max_position = c.rope_orig_max_pos;
+    r.beta_fast = c.rope_beta_fast;
+    r.beta_slow = c.rope_beta_slow;
     return r;
   }
 };

@@ -145,6 +145,10 @@ nlohmann::json DecoderConfig::to_json() const {
           {"rope_low_freq", rope_low_freq},
           {"rope_high_freq", rope_high_freq},
           {"rope_orig_max_pos", rope_orig_max_pos},
+          {"rope_beta_fast", rope_beta_fast},
+          {"rope_beta_slow", rope_beta_slow},
+          {"yarn_mscale", yarn_mscale},
+          {"yarn_mscale_all_dim", yarn_mscale_all_dim},
           {"tie_embeddings", tie_embeddings},
           {"qkv_bias", qkv_bias},
           {"o_bias", o_bias},
@@ -196,6 +200,10 @@ DecoderConfig DecoderConfig::from_json(const nlohmann::json& j) {
   c.rope_low_freq = json_value(j, "rope_low_freq", c.rope_low_freq, where);
   c.rope_high_freq = json_value(j, "rope_high_freq", c.rope_high_freq, where);
   c.rope_orig_max_pos = json_value(j, "rope_orig_max_pos", c.rope_orig_max_pos, where);
+  c.rope_beta_fast = json_value(j, "rope_beta_fast", c.rope_beta_fast, where);
+  c.rope_beta_slow = json_value(j, "rope_beta_slow", c.rope_beta_slow, where);
+  c.yarn_mscale = json_value(j, "yarn_mscale", c.yarn_mscale, where);
+  c.yarn_mscale_all_dim = json_value(j, "yarn_mscale_all_dim", c.yarn_mscale_all_dim, where);
   c.tie_embeddings = json_value(j, "tie_embeddings", c.tie_embeddings, where);
   c.qkv_bias = json_value(j, "qkv_bias", c.qkv_bias, where);
   c.o_bias = json_value(j, "o_bias", c.o_bias, where);
@@ -475,6 +483,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   if (c.gpt2() && first)
     x = g.add(x, g.embedding(m.positions, b.w(nm.pos + ".weight", {c.max_pos, C}, true)));
   AttentionParams at;
+  at.scale = c.attn_scale;  // 0: 1/sqrt(head_dim)
   at.heads = H;
   at.kv_heads = G;
   at.head_dim = D;

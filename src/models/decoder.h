@@ -36,8 +36,10 @@ struct DecoderConfig {
   float norm_eps = 1e-5f;
   float rope_theta = 10000.f;
   float rope_fraction = 1.f;  // rotated share of each head (GLM: 0.5)
-  int rope_scaling = 0;       // 0 none, 1 linear, 2 llama3
+  int rope_scaling = 0;       // 0 none, 1 linear, 2 llama3, 3 yarn
   float rope_factor = 1.f, rope_low_freq = 1.f, rope_high_freq = 4.f, rope_orig_max_pos = 8192.f;
+  float rope_beta_fast = 32.f, rope_beta_slow = 1.f;   // yarn
+  float yarn_mscale = 0.f, yarn_mscale_all_dim = 0.f;  // kept for the config it came from
   bool tie_embeddings = true;
   bool qkv_bias = false, o_bias = false, mlp_bias = false;
   std::vector<int32_t> eos;  // end-of-sequence token ids (generation stops at one)

@@ -76,9 +76,49 @@ void read_rope_scaling(const Reader& r, DecoderConfig& c) {
     c.rope_low_freq = sr.f_or("low_freq_factor", 1.f);
     c.rope_high_freq = sr.f_or("high_freq_factor", 4.f);
     c.rope_orig_max_pos = float(sr.i_or("original_max_position_embeddings", 8192));
+  } else if (type == "yarn") {
+    c.rope_scaling = 3;
+    c.rope_factor = sr.f_or("factor", 1.f);
+    c.rope_orig_max_pos = float(sr.i_or("original_max_position_embeddings", c.max_pos));
+    c.rope_beta_fast = sr.f_or("beta_fast", 32.f);
+    c.rope_beta_slow = sr.f_or("beta_slow", 1.f);
+    c.yarn_mscale =
+        s.contains("mscale") && s["mscale"].is_number() ? float(s["mscale"].get<double>()) : 0.f;
+    c.yarn_mscale_all_dim = s.contains("mscale_all_dim") && s["mscale_all_dim"].is_number()
+                                ? float(s["mscale_all_dim"].get<double>())
+                                : 0.f;
   } else {
-    r.bad("rope_scaling", "type default, linear or llama3 (got '" + type + "')");
+    r.bad("rope_scaling", "type default, linear, llama3 or yarn (got '" + type + "')");
   }
+}
+
+// yarn's factor on cos and sin (transformers' attention_factor) and DeepSeek's on the softmax
+// scale (mscale_all_dim): 0.1 m ln(factor) + 1.
+float yarn_mscale(float factor, float m) {
+  return factor <= 1.f ? 1.f : 0.1f * m * std::log(factor) + 1.f;
+}
+
+// Where yarn scales cos and sin by attention_factor, a fully rotated head's scores scale by its
+// square: folded into the attention's scale. MLA's (DeepSeek) softmax scale takes mscale_all_dim's.
+void yarn_attention_scale(const Reader& r, DecoderConfig& c) {
+  if (c.rope_scaling != 3) return;
+  const float m = c.yarn_mscale, m_all = c.yarn_mscale_all_dim;
+  const float af = m > 0 && m_all > 0
+                       ? yarn_mscale(c.rope_factor, m) / yarn_mscale(c.rope_factor, m_all)
+                       : yarn_mscale(c.rope_factor, 1.f);
+  const float head = float(c.hd());
+  if (c.mla()) {
+    if (std::fabs(af - 1.f) > 1e-6f)
+      r.bad("rope_scaling",
+            "yarn with mscale equal to mscale_all_dim for multi-head latent attention");
+    const float s = m_all > 0 ? yarn_mscale(c.rope_factor, m_all) : 1.f;
+    c.attn_scale = s * s / std::sqrt(head);
+    return;
+  }
+  if (c.rope_dims() != c.hd() && std::fabs(af - 1.f) > 1e-6f)
+    r.bad("rope_scaling",
+          "yarn on whole heads (partial_rotary_factor 1) unless its attention factor is 1");
+  c.attn_scale = af * af / std::sqrt(head);
 }
 
 const Family* llama_shaped(const std::string& archs) {
@@ -201,6 +241,7 @@ DecoderConfig read_hf(const nlohmann::json& j, const std::string& path) {
     read_rope_scaling(r, c);
     read_moe(r, c);
     if (c.arch == Arch::deepseek) read_mla(r, c);
+    yarn_attention_scale(r, c);
   } else if (archs == "ChatGLMModel" || archs == "ChatGLMForConditionalGeneration") {
     c.arch = Arch::chatglm;
     c.vocab_size = r.i("padded_vocab_size", 2);
@@ -351,6 +392,15 @@ nlohmann::json decoder_config_to_hf(const DecoderConfig& c) {
     if (c.arch == Arch::mixtral) j["intermediate_size"] = c.moe_ffn;
   }
   if (c.rope_scaling == 1) j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_factor}};
+  if (c.rope_scaling == 3) {
+    j["rope_scaling"] = {{"rope_type", "yarn"},
+                         {"factor", c.rope_factor},
+                         {"original_max_position_embeddings", int64_t(c.rope_orig_max_pos)},
+                         {"beta_fast", c.rope_beta_fast},
+                         {"beta_slow", c.rope_beta_slow}};
+    if (c.yarn_mscale > 0) j["rope_scaling"]["mscale"] = c.yarn_mscale;
+    if (c.yarn_mscale_all_dim > 0) j["rope_scaling"]["mscale_all_dim"] = c.yarn_mscale_all_dim;
+  }
   if (c.rope_scaling == 2)
     j["rope_scaling"] = {{"rope_type", "llama3"},
                          {"factor", c.rope_factor},

@@ -36,6 +36,9 @@ def qwen3_config(moe, odd):
              num_key_value_heads=1 if odd else 2, head_dim=14 if odd else 16,
              intermediate_size=43 if odd else 64, max_position_embeddings=128, rms_norm_eps=1e-6,
              rope_theta=1000000.0, hidden_act="silu", attention_bias=False,
+             # yarn on whole heads (its attention factor 0.1 ln 2 + 1 on cos and sin)
+             rope_scaling=dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=16) if odd and not moe
+             else None,
              tie_word_embeddings=odd, eos_token_id=0)
     if moe:
         c.update(num_experts=7 if odd else 8, num_experts_per_tok=3 if odd else 2,
@@ -69,8 +72,10 @@ def deepseek_config(odd):
                 n_shared_experts=1 if odd else 2, n_group=3 if odd else 4, topk_group=2,
                 routed_scaling_factor=2.5 if odd else 1.5, first_k_dense_replace=1, norm_topk_prob=True,
                 scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, attention_bias=False,
-                max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None,
-                rope_interleave=True, hidden_act="silu", tie_word_embeddings=False, eos_token_id=0)
+                max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0, rope_interleave=True,
+                # yarn as DeepSeek-V3 has it (mscale = mscale_all_dim), stretched from 16 positions
+                rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=32,
+                                  beta_slow=1, mscale=1.0, mscale_all_dim=1.0) if odd else None, hidden_act="silu", tie_word_embeddings=False, eos_token_id=0)
 
 
 def random_weights(c, seed):

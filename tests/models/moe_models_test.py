@@ -27,6 +27,24 @@ LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4
 F = torch.nn.functional
 
 
+def yarn(c, dim):
+    """transformers' _compute_yarn_parameters: (inv_freq in float32, attention_factor)."""
+    import math
+    rs, base = c["rope_scaling"], c.get("rope_theta", 10000.0)
+    factor, omp = rs["factor"], rs.get("original_max_position_embeddings", c["max_position_embeddings"])
+    ms = lambda scale, m=1.0: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    af = ms(factor, rs["mscale"]) / ms(factor, rs["mscale_all_dim"]) if rs.get("mscale") and rs.get(
+        "mscale_all_dim") else ms(factor)
+    corr = lambda rot: (dim * math.log(omp / (rot * 2 * math.pi))) / (2 * math.log(base))
+    low, high = max(math.floor(corr(rs.get("beta_fast", 32))), 0), min(math.ceil(corr(rs.get("beta_slow", 1))), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    extra = 1 - ramp
+    return (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra, af
+
+
 def layout(family):
     """(the MoE block's prefix, its router, its experts' gate, up and down names)"""
     if family == "mixtral":
@@ -51,9 +69,12 @@ def reference(W, c, ids, family):
     # transformers computes the frequencies in float32 whatever the model's dtype
     R = int(D * c.get("partial_rotary_factor", 1.0))  # rotated dims a head (the first R)
     inv = 1.0 / (c.get("rope_theta", 10000.0) ** (torch.arange(0, R, 2, dtype=torch.int64).float() / R))
+    af = 1.0
+    if c.get("rope_scaling") and "kv_lora_rank" not in c:
+        inv, af = yarn(c, R)
     ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None]
     emb = torch.cat([ang, ang], -1)
-    cos, sin = emb.cos().to(W["model.norm.weight"].dtype), emb.sin().to(W["model.norm.weight"].dtype)
+    cos, sin = (emb.cos() * af).to(W["model.norm.weight"].dtype), (emb.sin() * af).to(W["model.norm.weight"].dtype)
 
     def rope(x):  # (B, T, heads, D): LLaMA's halves over the first R dims
         r, rest = x[..., :R], x[..., R:]
@@ -124,12 +145,19 @@ def reference(W, c, ids, family):
         q_rot, k_rot = rope_d(inter(q_rot), dr), rope_d(inter(k_rot.view(B, T, 1, dr)), dr)
         q = torch.cat([q_pass, q_rot], -1)
         k = torch.cat([k_pass, k_rot.expand(B, T, H, dr)], -1)
-        s = torch.einsum("bthd,bshd->bhts", q, k) * (dn + dr) ** -0.5
+        scale = (dn + dr) ** -0.5
+        if c.get("rope_scaling"):  # DeepseekV3Attention: times yarn's mscale(factor, mscale_all_dim)^2
+            import math
+            m = 0.1 * c["rope_scaling"]["mscale_all_dim"] * math.log(c["rope_scaling"]["factor"]) + 1.0
+            scale = scale * m * m
+        s = torch.einsum("bthd,bshd->bhts", q, k) * scale
         y = torch.einsum("bhts,bshd->bthd", s.masked_fill(~mask, float("-inf")).softmax(-1), v)
         return y.reshape(B, T, H * dv) @ W[a + "o_proj.weight"].T
 
-    def rope_d(x, d):  # LLaMA's halves over all d dims, frequencies of d
+    def rope_d(x, d):  # LLaMA's halves over all d dims, frequencies of d (yarn's where set)
         inv_d = 1.0 / (c.get("rope_theta", 10000.0) ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        if c.get("rope_scaling"):
+            inv_d = yarn(c, d)[0]
         e = torch.arange(T, dtype=torch.float32)[:, None] * inv_d[None]
         e = torch.cat([e, e], -1)
         cs, sn = e.cos().to(x.dtype)[None, :, None], e.sin().to(x.dtype)[None, :, None]
