@@ -25,9 +25,27 @@ const char* gguf_arch(Arch a) {
       return "llama";
     case Arch::qwen2:
       return "qwen2";
+    case Arch::mixtral:
+      return "llama";  // llama.cpp's llama with experts
+    case Arch::qwen2_moe:
+      return "qwen2moe";
+    case Arch::qwen3:
+      return "qwen3";
+    case Arch::qwen3_moe:
+      return "qwen3moe";
+    case Arch::glm4_moe:
+    case Arch::deepseek:
+      throw Error(std::string("GGUF for ") + arch_name(a) +
+                  " models is not written yet (llama.cpp's glm4moe and deepseek2 layouts); convert "
+                  "to a Hugging Face folder instead");
     default:
       return "chatglm";  // llama.cpp's name for ChatGLM2/3, GLM-4 and GlmForCausalLM
   }
+}
+
+// LLaMA's checkpoints (and Mixtral's) order q/k rows for rotary on the two halves.
+bool permuted_qk(const DecoderConfig& c) {
+  return c.arch == Arch::llama || c.arch == Arch::mixtral;
 }
 
 struct NamePair {
@@ -76,6 +94,23 @@ std::vector<NamePair> name_pairs(const DecoderConfig& c) {
              {"mlp.up_proj", "ffn_up"},
              {"mlp.gate_up_proj", "ffn_up"},
              {"mlp.down_proj", "ffn_down"}};
+      if (c.qk_norm())
+        blk.insert(blk.end(),
+                   {{"self_attn.q_norm", "attn_q_norm"}, {"self_attn.k_norm", "attn_k_norm"}});
+      if (c.arch == Arch::mixtral)  // each expert's stacked weights, and the router
+        blk.insert(blk.end(), {{"block_sparse_moe.gate", "ffn_gate_inp"},
+                               {"block_sparse_moe.experts.w1", "ffn_gate_exps"},
+                               {"block_sparse_moe.experts.w3", "ffn_up_exps"},
+                               {"block_sparse_moe.experts.w2", "ffn_down_exps"}});
+      else if (c.experts > 0)
+        blk.insert(blk.end(), {{"mlp.gate", "ffn_gate_inp"},
+                               {"mlp.experts.gate_proj", "ffn_gate_exps"},
+                               {"mlp.experts.up_proj", "ffn_up_exps"},
+                               {"mlp.experts.down_proj", "ffn_down_exps"},
+                               {"mlp.shared_expert.gate_proj", "ffn_gate_shexp"},
+                               {"mlp.shared_expert.up_proj", "ffn_up_shexp"},
+                               {"mlp.shared_expert.down_proj", "ffn_down_shexp"},
+                               {"mlp.shared_expert_gate", "ffn_gate_inp_shexp"}});
   }
   for (int64_t i = 0; i < c.layers; ++i)
     for (auto [h, g] : blk)
@@ -226,10 +261,12 @@ bool add_tokenizer(GgufFile& f, const DecoderConfig& c, const std::string& dir) 
     for (const auto& a : added)
       put(a.value("id", int64_t(-1)), a.value("content", ""), a.value("special", false) ? 3 : 4);
     f.set("tokenizer.ggml.model", T::string, "gpt2");
-    const char* pre = c.arch == Arch::gpt2    ? "gpt-2"
-                      : c.arch == Arch::qwen2 ? "qwen2"
-                      : c.arch == Arch::llama ? "llama-bpe"
-                                              : "chatglm-bpe";
+    const bool qwen = c.arch == Arch::qwen2 || c.arch == Arch::qwen2_moe || c.arch == Arch::qwen3 ||
+                      c.arch == Arch::qwen3_moe;
+    const char* pre = c.arch == Arch::gpt2                               ? "gpt-2"
+                      : qwen                                             ? "qwen2"
+                      : c.arch == Arch::llama || c.arch == Arch::mixtral ? "llama-bpe"
+                                                                         : "chatglm-bpe";
     f.set("tokenizer.ggml.pre", T::string, fs::exists(d / "vocab.json") ? "gpt-2" : pre);
   } else if (fs::exists(d / "tokenizer.model")) {
     sentencepiece::SentencePieceProcessor sp;
@@ -310,6 +347,21 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
       f.set(a + ".rope.scaling.type", T::string, "linear");
       f.set(a + ".rope.scaling.factor", T::f32, c.rope_factor);
     }
+    if (c.rope_scaling == 3) throw Error("GGUF with yarn RoPE scaling is not written yet");
+  }
+  if (c.experts > 0) {  // llama.cpp's MoE keys
+    f.set(a + ".expert_count", T::u32, c.experts);
+    f.set(a + ".expert_used_count", T::u32, c.top_k);
+    if (c.arch != Arch::mixtral) f.set(a + ".expert_feed_forward_length", T::u32, c.moe_ffn);
+    if (c.arch == Arch::qwen2_moe)
+      f.set(a + ".expert_shared_feed_forward_length", T::u32, c.shared_ffn);
+    if (c.arch == Arch::qwen3_moe && !c.norm_topk)
+      throw Error(
+          "llama.cpp's qwen3moe always renormalises the top-k weights; this model does not");
+    if (c.arch == Arch::qwen2_moe && c.norm_topk)
+      throw Error("llama.cpp's qwen2moe never renormalises the top-k weights; this model does");
+    if (!c.dense_layers.empty() || c.sparse_step != 1)
+      throw Error("llama.cpp's " + a + " has an MoE MLP in every layer; this model has dense ones");
   }
   f.set("mxn.config", T::string, c.to_json().dump());
   if (!tokenizer_dir.empty()) add_tokenizer(f, c, tokenizer_dir);
@@ -333,9 +385,9 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
       const std::string gg = p.gg + kind;
       HostTensor t = it->second;
       if (gpt2_conv1d(c, gg)) t = transpose2d(t);
-      if (c.arch == Arch::llama && (gg.ends_with("attn_q" + std::string(kind))))
+      if (permuted_qk(c) && (gg.ends_with("attn_q" + std::string(kind))))
         t = permute_rows(t, c.heads, false);
-      if (c.arch == Arch::llama && (gg.ends_with("attn_k" + std::string(kind))))
+      if (permuted_qk(c) && (gg.ends_with("attn_k" + std::string(kind))))
         t = permute_rows(t, c.n_kv_heads(), false);
       add(gg, t);
       w.erase(it);
@@ -451,9 +503,9 @@ DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string
       ggml_decode(t->type, t->view(), t->numel(), h.f32());
       const std::string gg = p.gg + kind;
       if (gpt2_conv1d(c, gg)) h = transpose2d(h);
-      if (c.arch == Arch::llama && gg.ends_with("attn_q" + std::string(kind)))
+      if (permuted_qk(c) && gg.ends_with("attn_q" + std::string(kind)))
         h = permute_rows(h, c.heads, true);
-      if (c.arch == Arch::llama && gg.ends_with("attn_k" + std::string(kind)))
+      if (permuted_qk(c) && gg.ends_with("attn_k" + std::string(kind)))
         h = permute_rows(h, c.n_kv_heads(), true);
       weights[hf_name] = std::move(h);
     }

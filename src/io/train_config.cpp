@@ -145,6 +145,7 @@ DecoderConfig TrainConfig::decoder_config() const {
     d.moe_ffn = model.moe_ffn > 0 ? model.moe_ffn : d.ffn_width();
     d.shared_ffn = d.arch == Arch::qwen2_moe || d.arch == Arch::glm4_moe ? model.shared_ffn : 0;
     d.shared_gate = d.arch == Arch::qwen2_moe;
+    d.norm_topk = d.arch != Arch::qwen2_moe;  // transformers' defaults: Qwen2-MoE does not
     d.router_aux_coef = 0.001f;
     if (d.arch == Arch::glm4_moe) {  // sigmoid scores, a selection bias, half-rotated heads
       d.sigmoid_router = d.router_bias = true;

@@ -134,4 +134,36 @@ with tempfile.TemporaryDirectory() as tmp:
     check("a router bias of the wrong shape: one line naming it and both shapes, exit 1",
           r.returncode == 1 and name in r.stderr and f"[{E - 1}]" in r.stderr and f"expected [{E}]" in r.stderr
           and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
+
+    # GGUF with llama.cpp's architectures and tensor names (gguf's own tables), read back by mxn.
+    venv_py = os.path.join(os.path.dirname(os.path.abspath(MXN)), "test-venv", "bin", "python")
+    for arch, extra, ga in (("qwen3_moe", [], "qwen3moe"), ("qwen2_moe", ["--shared_ffn", "24"], "qwen2moe"),
+                            ("mixtral", [], "llama")):
+        run = os.path.join(tmp, "gg_" + arch)
+        r = subprocess.run([MXN, "train", *[a if a != "qwen3_moe" else arch for a in BASE], *extra, "--steps", "2",
+                            "--out", run], capture_output=True, text=True, timeout=600)
+        path = run + ".gguf"
+        c = subprocess.run([MXN, "convert", run, path, "--type", "f32"], capture_output=True, text=True)
+        check(f"{arch}: trained and converted to GGUF", r.returncode == 0 and c.returncode == 0,
+              (r.stderr + c.stderr).strip()[-300:])
+        probe = subprocess.run([venv_py, "-c", f"""
+import gguf, sys
+r = gguf.GGUFReader({path!r})
+arch = bytes(r.fields['general.architecture'].parts[-1]).decode()
+a = [k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch][0]
+allowed = {{gguf.TENSOR_NAMES[t].format(bid=b) + s for t in gguf.MODEL_TENSORS[a] for b in range(2)
+           for s in ('.weight', '.bias')}}
+bad = [t.name for t in r.tensors if t.name not in allowed]
+exps = [t for t in r.tensors if t.name == 'blk.1.ffn_down_exps.weight'][0]
+print(arch, int(r.fields[arch + '.expert_count'].parts[-1][0]), int(r.fields[arch + '.expert_used_count'].parts[-1][0]),
+      list(map(int, exps.shape)), bad)
+"""], capture_output=True, text=True)
+        want = f"{ga} {E} {K} [40, 48, {E}] []"
+        check(f"{arch}: GGUF arch {ga}, expert_count {E}, expert_used_count {K}, ffn_down_exps (40, 48, {E}), "
+              "every tensor named as llama.cpp names it", probe.stdout.strip() == want,
+              (probe.stdout + probe.stderr).strip()[-300:])
+        a, b = (subprocess.run([MXN, "generate", "--model", m, "--prompt-ids", "5,6,7", "--max-tokens", "8",
+                                "--temperature", "0", "--ignore-eos", "--print-ids"], capture_output=True,
+                               text=True).stdout.split() for m in (path, run))
+        check(f"{arch}: 8 greedy tokens from the GGUF = from the run", a == b and len(a) == 8, f"{a} vs {b}")
 finish()
