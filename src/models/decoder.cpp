@@ -78,8 +78,8 @@ int64_t DecoderConfig::param_count() const {
   }
   const int64_t mlp = (swiglu() ? 3 : 2) * C * F + (mlp_bias ? (swiglu() ? 2 * F : F) + C : 0);
   const int64_t norms = (gpt2() ? 4 * C : 2 * C) + (qk_norm() ? 2 * D : 0);
-  const int64_t moe =
-      experts * (C + 3 * C * moe_ffn) + (shared_ffn > 0 ? 3 * C * shared_ffn + C : 0);
+  const int64_t moe = experts * (C + 3 * C * moe_ffn) + (router_bias ? experts : 0) +
+                      3 * C * shared_ffn + (shared_gate ? C : 0);
   int64_t n = vocab_size * C + layers * (qkv + o + norms) + (gpt2() ? 2 * C : C);
   for (int64_t l = 0; l < layers; ++l) n += moe_layer(l) ? moe : mlp;
   if (gpt2()) n += max_pos * C;

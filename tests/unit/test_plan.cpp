@@ -74,6 +74,23 @@ TEST(LayoutPlan, CostModelCountsEveryParameter) {
     const ModelCost m = model_cost(c, job);
     EXPECT_EQ(m.total_params(), double(c.param_count()));
   }
+  // A mixture of experts (a dense first layer, a shared expert, a router bias), and DeepSeek's
+  // latent attention: every expert's weights count, top_k of them compute.
+  DecoderConfig moe = llama(4, 96, 300, 64);
+  moe.arch = Arch::glm4_moe, moe.experts = 8, moe.top_k = 2, moe.moe_ffn = 40, moe.shared_ffn = 40;
+  moe.router_bias = true, moe.dense_layers = {0};
+  DecoderConfig mla = moe;
+  mla.arch = Arch::deepseek, mla.kv_lora_rank = 32, mla.qk_nope_dim = 16, mla.qk_rope_dim = 8;
+  mla.v_head_dim = 16, mla.q_lora_rank = 24, mla.head_dim = 24;
+  for (const DecoderConfig& c : {moe, mla}) {
+    const ModelCost m = model_cost(c, job);
+    EXPECT_NEAR(m.total_params(), double(c.param_count()), 1e-9 * double(c.param_count()));
+  }
+  const ModelCost dense = model_cost(llama(4, 96, 300, 64), job), sparse = model_cost(moe, job);
+  // Per token, 3 of 4 layers run 2 experts and the shared one of width 40 plus the router,
+  // instead of the dense SwiGLU of width 256 (LLaMA's rounding of 8/3 x 96).
+  const double C = 96, mlp = 3 * C * 256, active = 3 * 3 * C * 40 + 8 * C;
+  EXPECT_NEAR(sparse.layer_flops - dense.layer_flops, 2 * 3 * (active - mlp) / 4, 1e-6);
   job.dtype = "fp8";
   EXPECT_THROW(model_cost(DecoderConfig{}, job), Error);
 }
