@@ -255,6 +255,18 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_MOE_UNPERMUTE:
     case MXN_OP_MOE_UNPERMUTE_BWD:
     case MXN_OP_GROUPED_MATMUL:
+      if (dt == DType::bf16) {  // bf16 experts' matrices (inference), one row and many
+        const Operand b16{{5, 11, 17}, Gen::normal, 0, DType::bf16};
+        for (int64_t M : {1, 29})
+          for (bool tb : {true, false})
+            c.push_back(
+                with({op,
+                      {f({M, 17}), tb ? b16 : Operand{{5, 17, 11}, Gen::normal, 0, DType::bf16},
+                       offsets(5, M)},
+                      {f({M, 11})}},
+                     GroupedMatmulParams{tb}));
+        break;
+      }
       return moe_cases(op);
     case MXN_OP_STRIDED_COPY: {
       // MLA's moves: heads of (N=5, H=3, D=4) rows to (H, N, D) batches; a column window (cols
@@ -384,7 +396,7 @@ std::vector<ConformanceRow> run_conformance(Device& dev, Device* ref, DType dtyp
     // A kernel is unsupported for a dtype if the device says so for any tensor dtype it needs.
     const bool takes_bf16 = op == MXN_OP_CAST || op == MXN_OP_MATMUL || op == MXN_OP_GELU ||
                             op == MXN_OP_GELU_BWD || op == MXN_OP_ATTENTION ||
-                            op == MXN_OP_ATTENTION_BWD;
+                            op == MXN_OP_ATTENTION_BWD || op == MXN_OP_GROUPED_MATMUL;
     const DType need = takes_bf16 ? dtype : DType::f32;
     if (cases.empty() || (dtype == DType::bf16 && !takes_bf16) || !dev.supports(mxn_op(op), need)) {
       row.status = "unsupported";

@@ -100,7 +100,9 @@ struct Builder {
 
   // A model weight: trained, or frozen under an adapter. 2-D ones are stored as o.weights says.
   int w(const std::string& name, Shape shape, bool decay) {
-    const DType dt = shape.size() == 2 ? o.weights : DType::f32;
+    // (experts' stacks (E, rows, cols) too: the CPU's grouped GEMM takes them in bf16)
+    const bool stack = shape.size() == 3 && name.find(".experts.") != std::string::npos;
+    const DType dt = shape.size() == 2 || stack ? o.weights : DType::f32;
     return o.freeze ? g.frozen(name, std::move(shape), dt) : g.param(name, shape, decay, dt);
   }
   // x (N, in) -> (N, out): GPT-2's Conv1D stores (in, out); every other family nn.Linear's

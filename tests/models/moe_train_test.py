@@ -135,6 +135,16 @@ with tempfile.TemporaryDirectory() as tmp:
           r.returncode == 1 and name in r.stderr and f"[{E - 1}]" in r.stderr and f"expected [{E}]" in r.stderr
           and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
 
+    # bf16 experts (the CPU's grouped GEMM streams them as stored) = the same bf16 values widened.
+    b16 = os.path.join(tmp, "bf16")
+    subprocess.run([MXN, "convert", os.path.join(tmp, "bias"), b16, "--type", "bf16"], check=True,
+                   stdout=subprocess.DEVNULL)
+    a, b = (subprocess.run([MXN, "generate", "--model", b16, "--prompt-ids", "5,6,7,8", "--max-tokens", "24",
+                            "--temperature", "0", "--ignore-eos", "--print-ids", "--weights", w],
+                           capture_output=True, text=True).stdout.split() for w in ("bf16", "f32"))
+    check("bf16 expert weights: 24 greedy tokens = the same weights widened to f32", a == b and len(a) == 24,
+          f"{a[:6]} vs {b[:6]}")
+
     # GGUF with llama.cpp's architectures and tensor names (gguf's own tables), read back by mxn.
     venv_py = os.path.join(os.path.dirname(os.path.abspath(MXN)), "test-venv", "bin", "python")
     for arch, extra, ga in (("qwen3_moe", [], "qwen3moe"), ("qwen2_moe", ["--shared_ffn", "24"], "qwen2moe"),

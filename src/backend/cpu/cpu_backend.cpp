@@ -126,6 +126,7 @@ bool bf16_operand(int32_t op, int i) {
     case MXN_OP_MATMUL:
     case MXN_OP_EMBEDDING:
     case MXN_OP_GELU_BWD:
+    case MXN_OP_GROUPED_MATMUL:  // the experts' matrices (forward form only: see cpu_rule)
       return i == 1;
     case MXN_OP_GELU:
       return i == 0;
@@ -302,8 +303,12 @@ int32_t run_moe(Ctx* c, const mxn_op_call& k) {
       return 0;
     }
     case MXN_OP_GROUPED_MATMUL:
-      grouped_matmul(grouped_matmul_shape(k), ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]),
-                     ptr(out[0]));
+      if (in[1].dtype == MXN_DTYPE_BF16)
+        grouped_matmul_bf16(c->scratch, grouped_matmul_shape(k), ptr(in[0]), ptr<uint16_t>(in[1]),
+                            ptr<int32_t>(in[2]), ptr(out[0]));
+      else
+        grouped_matmul(grouped_matmul_shape(k), ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]),
+                       ptr(out[0]));
       return 0;
     default:
       break;
@@ -331,8 +336,11 @@ const char* cpu_rule(const mxn_op_call& k) {
   };
   if (const char* e = operand_dtypes(k, bf16_ok,
                                      "the CPU backend takes f32 tensors (bf16 only as weights, "
-                                     "GELU's x and attention's q, k, v)"))
+                                     "experts' matrices, GELU's x and attention's q, k, v)"))
     return e;
+  if (k.op == MXN_OP_GROUPED_MATMUL && k.inputs[1].dtype == MXN_DTYPE_BF16 &&
+      params_of<GroupedMatmulParams>(k).weight_grad)
+    return "grouped_matmul: bf16 experts' matrices are inference weights (no weight gradient)";
   const int o = k.op == MXN_OP_ATTENTION_BWD ? 1 : 0;  // q, k, v follow dy
   const bool bf16_qkv =
       (k.op == MXN_OP_ATTENTION || k.op == MXN_OP_ATTENTION_BWD) &&
