@@ -295,6 +295,18 @@ void cache_kv(Builder& b, DecoderGraph& m, const std::string& p, int64_t B, int&
 }
 
 namespace {
+// P-Tuning v2's reparameterising MLP while training: its tanh layer, shared by every layer's
+// rows; -1 without one.
+int prefix_mlp(Builder& b) {
+  Graph& g = b.g;
+  const int64_t C = b.c.hidden, Hp = b.o.prefix_projection;
+  if (b.c.prefix_len == 0 || Hp == 0) return -1;
+  const std::string enc = kPrefixEncoder;
+  const int e = g.param(enc + "embedding", {b.c.prefix_len, C}, true);
+  const int h = g.matmul(e, g.param(enc + "dense.weight", {Hp, C}, true), false, true);
+  return g.tanh(g.add_bias(h, g.param(enc + "dense.bias", {Hp}, false)));
+}
+
 // P-Tuning v2's key and value rows for layer l: out of its MLP (prefix_hidden, shared by every
 // layer), or trained as they are; {-1, -1} without a prefix.
 std::pair<int, int> prefix_rows(Builder& b, int64_t l, int prefix_hidden) {
@@ -489,14 +501,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   at.head_dim = D;
   at.T = T;
   at.mask = o.mask;
-  int prefix_hidden = -1;  // P-Tuning v2's MLP: its tanh layer, shared by every layer's rows
-  const std::string enc = kPrefixEncoder;
-  if (c.prefix_len > 0 && o.prefix_projection > 0) {
-    const int64_t Hp = o.prefix_projection;
-    const int e = g.param(enc + "embedding", {c.prefix_len, C}, true);
-    const int h = g.matmul(e, g.param(enc + "dense.weight", {Hp, C}, true), false, true);
-    prefix_hidden = g.tanh(g.add_bias(h, g.param(enc + "dense.bias", {Hp}, false)));
-  }
+  const int prefix_hidden = prefix_mlp(b);
   for (int64_t l = first_layer; l < last_layer; ++l) {
     const std::string p = nm.layers + std::to_string(l) + ".";
     const int h = b.norm(x, p + nm.ln1);

@@ -24,10 +24,10 @@ ModelCost model_cost(const DecoderConfig& c, const JobSpec& job) {
   m.vocab = c.vocab_size;
   m.tied = c.tie_embeddings;
   double qkv = C * (H + 2 * G) * D, o = H * D * C, mlp = (c.swiglu() ? 3 : 2) * C * F;
-  double attn_extra = (c.qkv_bias ? (H + 2 * G) * D : 0) + (c.o_bias ? C : 0) +
-                      (c.qk_norm() ? 2 * D : 0);
+  double attn_extra =
+      (c.qkv_bias ? (H + 2 * G) * D : 0) + (c.o_bias ? C : 0) + (c.qk_norm() ? 2 * D : 0);
   double dqk = D, dv = D;  // the dims each head's scores and weighted sum run over
-  if (c.mla()) {  // absorbed: one kv head of the latent and the RoPE key (decoder.h)
+  if (c.mla()) {           // absorbed: one kv head of the latent and the RoPE key (decoder.h)
     const double R = double(c.kv_lora_rank), dr = double(c.qk_rope_dim), Q = D,
                  Rq = double(c.q_lora_rank);
     qkv = (Rq > 0 ? C * Rq + Rq * H * Q : C * H * Q) + C * (R + dr) +
@@ -39,9 +39,10 @@ ModelCost model_cost(const DecoderConfig& c, const JobSpec& job) {
   // A mixture of experts keeps every expert (memory) and computes top_k of them a token (FLOPs);
   // layers may differ (dense ones first): the per-layer figures are the mean over the layers.
   const double E = double(c.experts), Fm = double(c.moe_ffn), Fs = double(c.shared_ffn);
-  const double moe = E * 3 * C * Fm + E * C + (c.router_bias ? E : 0) + 3 * C * Fs +
-                     (c.shared_gate ? C : 0);
-  const double moe_active = double(c.top_k) * 3 * C * Fm + E * C + 3 * C * Fs + (c.shared_gate ? C : 0);
+  const double moe =
+      E * 3 * C * Fm + E * C + (c.router_bias ? E : 0) + 3 * C * Fs + (c.shared_gate ? C : 0);
+  const double moe_active =
+      double(c.top_k) * 3 * C * Fm + E * C + 3 * C * Fs + (c.shared_gate ? C : 0);
   double mlp_params = 0, mlp_flops = 0, mlp_width = 0;
   for (int64_t l = 0; l < c.layers; ++l) {
     const bool sparse = c.moe_layer(l);

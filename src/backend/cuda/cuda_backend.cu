@@ -369,9 +369,8 @@ int32_t run_moe(Ctx* c, const mxn_op_call& k) {
           k_moe_count<<<blocks(E), 256, 0, s>>>(I(in[2]), n, E, cnt);
           k_moe_extra<<<blocks(E), 256, 0, s>>>(cnt, F(in[r.daux]), N, E, extra);
         }
-        k_moe_route_bwd<<<blocks(N), 128, 0, s>>>(F(in[0]), F(in[1]), I(in[2]),
-                                                  r.daux >= 0 ? extra : nullptr, N, E, p, sc,
-                                                  F(out[0]));
+        k_moe_route_bwd<<<blocks(N), 128, 0, s>>>(
+            F(in[0]), F(in[1]), I(in[2]), r.daux >= 0 ? extra : nullptr, N, E, p, sc, F(out[0]));
         break;
       }
       k_moe_route<<<blocks(N), 128, 0, s>>>(F(in[0]), r.bias >= 0 ? F(in[r.bias]) : nullptr, N, E,
@@ -388,16 +387,16 @@ int32_t run_moe(Ctx* c, const mxn_op_call& k) {
         k_grouped_mm_wgrad<<<blocks(g.E * g.N * g.K), 256, 0, s>>>(
             F(in[0]), F(in[1]), I(in[2]), F(out[0]), g.M, g.N, g.K, g.E, int(g.accumulate));
       else
-        k_grouped_mm<<<blocks(g.M * g.N), 256, 0, s>>>(F(in[0]), F(in[1]), I(in[2]), F(out[0]),
-                                                       g.M, g.N, g.K, g.E, int(g.tb));
+        k_grouped_mm<<<blocks(g.M * g.N), 256, 0, s>>>(F(in[0]), F(in[1]), I(in[2]), F(out[0]), g.M,
+                                                       g.N, g.K, g.E, int(g.tb));
       break;
     }
     default: {
       const MoePermuteShape m = moe_permute_shape(k);
       const float* w = m.weighted ? F(in[2]) : nullptr;
       if (k.op == MXN_OP_MOE_PERMUTE)
-        k_moe_permute<<<blocks(m.N * m.K * m.C), 256, 0, s>>>(F(in[0]), I(in[1]), w, F(out[0]),
-                                                              m.N, m.C, m.K);
+        k_moe_permute<<<blocks(m.N * m.K * m.C), 256, 0, s>>>(F(in[0]), I(in[1]), w, F(out[0]), m.N,
+                                                              m.C, m.K);
       else if (k.op == MXN_OP_MOE_UNPERMUTE)
         k_moe_unpermute<<<blocks(m.N * m.C), 256, 0, s>>>(F(in[0]), I(in[1]), w, F(out[0]), m.N,
                                                           m.C, m.K);
