@@ -31,6 +31,17 @@ def train(out, *extra):
         return [json.loads(l) for l in f if '"step"' in l and '"loss"' in l]
 
 
+def edit_header(path, change):
+    """A safetensors file with its JSON header changed in place by change(header)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header, data = json.loads(f.read(n)), f.read()
+    change(header)
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
 def refused(args, want):
     r = subprocess.run([MXN, "train", *args], capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
@@ -87,15 +98,8 @@ with tempfile.TemporaryDirectory() as tmp:
           and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
-    path = os.path.join(folder, "model.safetensors")
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header, data = json.loads(f.read(n)), f.read()
     gone = "model.layers.1.mlp.experts.5.down_proj.weight"
-    header.pop(gone)
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob + data)
+    edit_header(os.path.join(folder, "model.safetensors"), lambda h: h.pop(gone))
     r = gen()
     check("a missing expert tensor: one line naming it, exit 1",
           r.returncode == 1 and gone in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
@@ -120,16 +124,12 @@ with tempfile.TemporaryDirectory() as tmp:
           and len(r.stderr.strip().splitlines()) == 1, r.stderr.strip())
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
-    path = os.path.join(folder, "model.safetensors")
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header, data = json.loads(f.read(n)), f.read()
     name = "model.layers.1.mlp.gate.e_score_correction_bias"
-    header[name]["shape"] = [E - 1]
-    header[name]["data_offsets"][1] -= 4
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob + data)
+
+    def shorter(h):
+        h[name]["shape"] = [E - 1]
+        h[name]["data_offsets"][1] -= 4
+    edit_header(os.path.join(folder, "model.safetensors"), shorter)
     r = gen()
     check("a router bias of the wrong shape: one line naming it and both shapes, exit 1",
           r.returncode == 1 and name in r.stderr and f"[{E - 1}]" in r.stderr and f"expected [{E}]" in r.stderr

@@ -26,6 +26,20 @@ DEVICES = ["cpu"] + (["opencl:0"] if "opencl:0" in subprocess.run([MXN, "devices
                                                                  text=True).stdout else [])
 
 
+def prompts_file(tmp, name, prompts):
+    path = os.path.join(tmp, name + ".txt")
+    with open(path, "w") as f:
+        f.write("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+    return path
+
+
+def each_alone(folder, prompts, gen):
+    """Every prompt's greedy tokens from `mxn generate --prompt-ids`, one request at a time."""
+    return [subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", ",".join(map(str, p)), *gen,
+                            "--print-ids"], capture_output=True, text=True, check=True).stdout.split()
+            for p in prompts]
+
+
 class Engine(unittest.TestCase):
     def test_batched_equals_alone(self):
         devices = DEVICES
@@ -36,13 +50,9 @@ class Engine(unittest.TestCase):
                 perturb(make(family, False), 3).eval().save_pretrained(folder)
                 rng = random.Random(family)
                 prompts = [[rng.randrange(0, 128) for _ in range(rng.randrange(1, 76))] for _ in range(16)]
-                path = os.path.join(tmp, family + ".txt")
-                with open(path, "w") as f:
-                    f.write("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+                path = prompts_file(tmp, family, prompts)
                 gen = ["--max-tokens", "20", "--temperature", "0", "--ignore-eos"]
-                alone = [subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", ",".join(map(str, p)),
-                                         *gen, "--print-ids"], capture_output=True, text=True, check=True).stdout.split()
-                         for p in prompts]
+                alone = each_alone(folder, prompts, gen)
                 for dev in devices:
                     r = subprocess.run([MXN, "generate", "--model", folder, "--prompts-file", path, "--slots", "5",
                                         "--device", dev, *gen], capture_output=True, text=True)
@@ -62,13 +72,9 @@ class Engine(unittest.TestCase):
             rng = random.Random(7)
             system = [rng.randrange(0, 128) for _ in range(40)]
             prompts = [system + [rng.randrange(0, 128) for _ in range(rng.randrange(1, 21))] for _ in range(16)]
-            path = os.path.join(tmp, "prompts.txt")
-            with open(path, "w") as f:
-                f.write("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+            path = prompts_file(tmp, "prompts", prompts)
             gen = ["--max-tokens", "12", "--temperature", "0", "--ignore-eos"]
-            alone = [subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", ",".join(map(str, p)),
-                                     *gen, "--print-ids"], capture_output=True, text=True, check=True).stdout.split()
-                     for p in prompts]
+            alone = each_alone(folder, prompts, gen)
             for dev in devices:
                 r = subprocess.run([MXN, "generate", "--model", folder, "--prompts-file", path, "--slots", "5",
                                     "--device", dev, *gen], capture_output=True, text=True)
@@ -92,13 +98,9 @@ class Engine(unittest.TestCase):
                     write_folder(folder, cfg, random_weights(cfg, seed=4))
                 rng = random.Random(family)
                 prompts = [[rng.randrange(0, 100) for _ in range(rng.randrange(1, 40))] for _ in range(10)]
-                path = os.path.join(tmp, family + ".txt")
-                with open(path, "w") as f:
-                    f.write("\n".join(",".join(map(str, p)) for p in prompts) + "\n")
+                path = prompts_file(tmp, family, prompts)
                 gen = ["--max-tokens", "16", "--temperature", "0", "--ignore-eos"]
-                alone = [subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", ",".join(map(str, p)),
-                                         *gen, "--print-ids"], capture_output=True, text=True, check=True).stdout.split()
-                         for p in prompts]
+                alone = each_alone(folder, prompts, gen)
                 for dev in DEVICES:
                     r = subprocess.run([MXN, "generate", "--model", folder, "--prompts-file", path, "--slots", "4",
                                         "--device", dev, *gen], capture_output=True, text=True)
