@@ -12,6 +12,7 @@
 #include "core/text.h"
 #include "io/hf_folder.h"
 #include "io/train_config.h"
+#include "plan/experts.h"
 #include "plan/local.h"
 #include "plan/planner.h"
 
@@ -21,7 +22,7 @@ namespace {
 
 struct PlanArgs {
   std::string cluster, model, svg, out, layout, recompute = "auto", data = "data/kjv.bin";
-  int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1;
+  int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1, ep = 0;
   std::string dtype = "f32";
 };
 
@@ -42,6 +43,38 @@ DecoderConfig read_model(const std::string& spec) {
   DecoderConfig c = DecoderConfig::from_json(j);
   c.validate();
   return c;
+}
+
+// mxn plan --ep N: the mixture of experts over EP groups of N chips, priced (plan/experts.h).
+int print_expert_parallel(const Cluster& c, const DecoderConfig& dc, const JobSpec& job,
+                          int64_t ep) {
+  const EpEstimate e = price_expert_parallel(c, dc, job, ep);
+  std::printf(
+      "\nexpert parallel: %lld EP groups of %lld chips; %lld experts a layer, %lld a token; data "
+      "parallel over every chip for the rest\n| chip | in each group | experts each | tokens "
+      "each | compute s | all-to-all s | weights+grads+optimizer GiB |\n"
+      "|---|--:|--:|--:|--:|--:|--:|\n",
+      (long long)e.groups, (long long)e.ep, (long long)dc.experts, (long long)dc.top_k);
+  for (const EpShare& s : e.shares)
+    std::printf(
+        "| %s | %lld | %lld%s | %.4g%% | %.4g | %.4g | %.4g |\n",
+        c.groups[size_t(s.group)].chip.name.c_str(), (long long)s.chips, (long long)s.experts_each,
+        s.experts_extra > 0 ? (" (+1 on " + std::to_string(s.experts_extra) + ")").c_str() : "",
+        100 * s.tokens_share, s.compute_s, s.a2a_s, s.mem_gib);
+  std::printf(
+      "predicted step %.4g s (compute %.4g, all-to-all %.4g = %.1f%%, gradient reduce %.4g): "
+      "%.4g tokens/s, %.4g a chip\n",
+      e.step_s, e.compute_s, e.a2a_s, 100 * e.a2a_share(), e.reduce_s, e.tokens_per_s,
+      e.tokens_per_s / double(c.chips()));
+  for (const EpShare& s : e.shares) {
+    const ChipSpec& chip = c.groups[size_t(s.group)].chip;
+    if (s.mem_gib > 0.9 * chip.memory_gib)
+      std::printf(
+          "does not fit: %s holds %.4g GiB of weights and state, has %.4g (pipeline stages "
+          "beside EP, as DeepSeek-V3 trained, are not priced yet)\n",
+          chip.name.c_str(), s.mem_gib, chip.memory_gib);
+  }
+  return 0;
 }
 
 void print_cluster(const std::string& path, const Cluster& c) {
@@ -146,6 +179,7 @@ int run_plan(const PlanArgs& a) {
   if (a.recompute != "auto" && a.recompute != "all")
     throw Error("--recompute '" + a.recompute + "': expected auto or all");
   job.recompute_all = a.recompute == "all";
+  if (a.ep > 0) return print_expert_parallel(c, dc, job, a.ep);
   const ModelCost m = model_cost(dc, job);
   if (!a.layout.empty()) {  // price the layout given, no search
     const int64_t micro = a.micro > 0 ? a.micro : 1;
@@ -253,6 +287,9 @@ std::function<int()> add_plan(CLI::App& app) {
                   "auto (only stages short of memory) or all (every pipeline stage, as mxn "
                   "train --pp runs)")
       ->capture_default_str();
+  sub->add_option("--ep", a->ep,
+                  "a mixture of experts: price expert parallelism over groups of this many chips, "
+                  "experts placed by chip speed (0: the layout search)");
   sub->add_option("--svg", a->svg, "draw the chosen plan's step into this SVG file");
   sub->add_option("--out", a->out, "write the chosen plan as JSON");
   return [a] { return run_plan(*a); };

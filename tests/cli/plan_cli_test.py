@@ -149,6 +149,33 @@ class Plan(unittest.TestCase):
         self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
         self.assertIn("/nonexistent/model", r.stderr)
 
+    def test_deepseek_v3_expert_parallel(self):
+        """DeepSeek-V3 (examples/deepseek-v3: 671B, 256 experts, top-8) over EP groups of 64 of the
+        1,024 chips: every type's chips hold experts in proportion to their speed (the 16 groups
+        each hold all 256), the step prices its all-to-all, and the dense 17B replicated on every
+        chip does not fit: said so."""
+        r = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples", "cluster-1024.toml"),
+                            "--model", os.path.join(SRC, "examples", "deepseek-v3", "config.json"), "--ep", "64",
+                            "--global-batch", "15360", "--seq", "4096", "--dtype", "bf16"],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("16 EP groups of 64 chips; 256 experts a layer, 8 a token", r.stdout)
+        ep_table = r.stdout[r.stdout.index("expert parallel:"):]
+        rows = re.findall(r"^\| ([\w-]+) \| (\d+) \| (\d+)(?: \(\+1 on (\d+)\))? \|", ep_table, re.M)
+        per_group = sum(int(n) * int(e) + int(x or 0) for _, n, e, x in rows)
+        self.assertEqual((len(rows), per_group), (6, 256), r.stdout)
+        speeds = {name: int(e) for name, _, e, _ in rows}
+        self.assertGreater(speeds["MI300X"], speeds["H100-SXM"])  # 1307 against 989 TFLOPS
+        self.assertGreater(speeds["H100-SXM"], speeds["H20"])
+        m = re.search(r"all-to-all [0-9.e+]+ = ([0-9.]+)%", r.stdout)
+        self.assertTrue(m and 0 < float(m.group(1)) < 100, r.stdout)
+        self.assertIn("does not fit", r.stdout)
+        bad = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples", "cluster-1024.toml"),
+                              "--model", os.path.join(SRC, "examples", "deepseek-v3", "config.json"), "--ep", "3"],
+                             capture_output=True, text=True)
+        self.assertEqual(bad.returncode, 1)
+        self.assertIn("the cluster's 1024 chips do not divide into groups of that many", bad.stderr)
+
 
 if __name__ == "__main__":
     unittest.main(argv=sys.argv[:1], verbosity=2)

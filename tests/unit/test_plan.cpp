@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "graph/program.h"
 #include "models/decoder.h"
+#include "plan/experts.h"
 #include "plan/planner.h"
 #include "train/trainer.h"
 
@@ -261,4 +262,31 @@ TEST(LayoutPlan, StageMemoryIsAnUpperBoundOfTheStageArena) {
       EXPECT_LE(st[s].mem_bytes, 4 * real) << "stage " << s << ", micro-batch " << micro;
     }
   }
+}
+
+// Expert parallelism on paper: experts and tokens in proportion to speed, rounded by hand.
+TEST(ExpertParallel, PlacesExpertsBySpeedAndRefusesWhatDoesNotDivide) {
+  Cluster cl;
+  NodeGroup fast, slow;
+  fast.chip = {"fast", 300, 80, 2000, ""}, fast.count = 3, fast.per_node = 4;
+  slow.chip = {"slow", 100, 80, 2000, ""}, slow.count = 1, slow.per_node = 4;
+  fast.intra_gbs = slow.intra_gbs = 100, fast.inter_gbs = slow.inter_gbs = 10;
+  cl.groups = {fast, slow};
+  DecoderConfig c = llama(4, 96, 300, 64);
+  c.arch = Arch::qwen3_moe, c.experts = 8, c.top_k = 2, c.moe_ffn = 40;
+  JobSpec job;
+  const EpEstimate e = price_expert_parallel(cl, c, job, 4);
+  ASSERT_EQ(e.groups, 1);
+  // Speeds 3:1, a group of 3 fast and 1 slow: 8 experts x 3/10 = 2.4 for a fast chip, 0.8 for the
+  // slow one; floors 2, 2, 2, 0, then the largest remainders: the slow chip (0.8), one fast (0.4).
+  EXPECT_EQ(e.shares[0].experts_each, 2);
+  EXPECT_EQ(e.shares[0].experts_extra, 1);
+  EXPECT_EQ(e.shares[1].experts_each, 0);
+  EXPECT_EQ(e.shares[1].experts_extra, 1);
+  EXPECT_DOUBLE_EQ(e.shares[0].tokens_share, 0.3);
+  EXPECT_DOUBLE_EQ(e.shares[1].tokens_share, 0.1);
+  EXPECT_GT(e.a2a_s, 0);
+  EXPECT_NEAR(e.step_s, e.compute_s + e.a2a_s + e.reduce_s, 1e-12);
+  EXPECT_THROW(price_expert_parallel(cl, c, job, 3), Error);  // 4 chips in groups of 3
+  EXPECT_THROW(price_expert_parallel(cl, llama(4, 96, 300, 64), job, 4), Error);  // no experts
 }

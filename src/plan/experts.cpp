@@ -1,0 +1,101 @@
+#include "plan/experts.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace mxn {
+
+EpEstimate price_expert_parallel(const Cluster& cl, const DecoderConfig& c, const JobSpec& job,
+                                 int64_t ep) {
+  if (c.experts == 0) throw Error("--ep: the model has no experts (not a mixture of experts)");
+  const int64_t chips = cl.chips();
+  if (ep < 1 || chips % ep != 0)
+    throw Error("--ep " + std::to_string(ep) + ": the cluster's " + std::to_string(chips) +
+                " chips do not divide into groups of that many");
+  if (ep > c.experts)
+    throw Error("--ep " + std::to_string(ep) + " is more than the model's " +
+                std::to_string(c.experts) + " experts a layer");
+  EpEstimate est;
+  est.ep = ep;
+  est.groups = chips / ep;
+  const ModelCost m = model_cost(c, job);
+  const double C = double(c.hidden), E = double(c.experts), K = double(c.top_k);
+  double moe_layers = 0;
+  for (int64_t l = 0; l < c.layers; ++l) moe_layers += c.moe_layer(l) ? 1 : 0;
+  const double slot_flops = 2 * 3 * C * double(c.moe_ffn);  // one (token, expert) row, forward
+  const double expert_params = moe_layers * E * 3 * C * double(c.moe_ffn);
+  const double per_token = double(c.layers) * m.layer_flops + m.head_flops;
+  const double dense_flops = per_token - moe_layers * K * slot_flops;  // a token, forward
+  const double dense_params = m.total_params() - expert_params;
+  const double tokens = double(job.global_batch) * double(job.seq);
+  // Each EP group: every type's chips in the cluster's proportion.
+  double group_speed = 0, total_speed = 0;
+  for (size_t g = 0; g < cl.groups.size(); ++g) {
+    const NodeGroup& ng = cl.groups[g];
+    if (ng.count % est.groups != 0)
+      throw Error("--ep " + std::to_string(ep) + ": " + ng.chip.name + "'s " +
+                  std::to_string(ng.count) + " chips do not split over " +
+                  std::to_string(est.groups) + " EP groups");
+    const double speed = ng.chip.bf16_tflops * 1e12 * ng.mfu;
+    group_speed += speed * double(ng.count / est.groups);
+    total_speed += speed * double(ng.count);
+  }
+  // Experts per chip in proportion to speed: each type's chips floor(share), then what is left
+  // one each to the chips of the largest remainders (so a type's chips may differ by one).
+  std::vector<double> raw;
+  std::vector<int64_t> n, extra(cl.groups.size(), 0);
+  int64_t left = c.experts;
+  for (const NodeGroup& ng : cl.groups) {
+    raw.push_back(E * ng.chip.bf16_tflops * 1e12 * ng.mfu / group_speed);
+    n.push_back(int64_t(raw.back()));
+    left -= n.back() * (ng.count / est.groups);
+  }
+  std::vector<size_t> order(raw.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return raw[a] - double(n[a]) > raw[b] - double(n[b]);
+  });
+  for (size_t i = 0; left > 0; i = (i + 1) % order.size()) {
+    const int64_t room = cl.groups[order[i]].count / est.groups - extra[order[i]];
+    const int64_t take = std::min(room, left);
+    extra[order[i]] += take;
+    left -= take;
+  }
+  const double bpp = m.weight_bytes + m.grad_bytes;
+  for (size_t g = 0; g < cl.groups.size(); ++g) {
+    const NodeGroup& ng = cl.groups[g];
+    EpShare s;
+    s.group = int(g);
+    s.chips = ng.count / est.groups;
+    s.experts_each = n[g];
+    s.experts_extra = extra[g];
+    const int64_t most = n[g] + (extra[g] > 0 ? 1 : 0);  // the busiest chip of the type
+    const double speed = ng.chip.bf16_tflops * 1e12 * ng.mfu;
+    s.tokens_share = speed / total_speed;
+    const double t = tokens * s.tokens_share;                                 // this chip's tokens
+    const double slots = tokens / double(est.groups) * K * double(most) / E;  // rows it computes
+    s.compute_s = 3 * (dense_flops * t + moe_layers * slots * slot_flops) / speed;
+    const double remote = t * K * (1 - double(most) / E) * C * 2 * 4 * moe_layers;
+    const double same_node = double(std::min(ng.per_node, s.chips) - 1),
+                 intra = ep > 1 ? same_node / double(ep - 1) : 0;
+    s.a2a_s = remote * intra / (ng.intra_gbs * 1e9) + remote * (1 - intra) / (ng.inter_gbs * 1e9);
+    const double mine = double(most) * expert_params / E;
+    s.mem_gib = (dense_params * (bpp + m.optim_bytes / double(chips)) +
+                 mine * (bpp + m.optim_bytes / double(est.groups))) /
+                double(1ull << 30);
+    const double dp = 2 * dense_params * m.grad_bytes * double(chips - 1) / double(chips);
+    const double ex = 2 * mine * m.grad_bytes * double(est.groups - 1) / double(est.groups);
+    const double reduce = (dp + ex) / (ng.inter_gbs * 1e9);
+    if (s.compute_s + s.a2a_s > est.compute_s + est.a2a_s)
+      est.compute_s = s.compute_s, est.a2a_s = s.a2a_s;
+    est.reduce_s = std::max(est.reduce_s, reduce);
+    est.shares.push_back(s);
+  }
+  est.step_s = est.compute_s + est.a2a_s + est.reduce_s;
+  est.tokens_per_s = tokens / est.step_s;
+  return est;
+}
+
+}  // namespace mxn
