@@ -239,11 +239,26 @@ bool accumulate_into(Graph& g, size_t rule_begin, int gv, int gb) {
 }  // namespace
 
 size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
+  BackwardCuts cuts;
+  if (wrt >= 0) cuts.wrts.push_back(wrt);
+  if (seed >= 0) cuts.seeds.push_back({loss, seed});
+  const size_t n = append_backward(g, seed >= 0 ? -1 : loss, cuts);
+  if (wrt >= 0) {
+    MXN_CHECK(cuts.wrt_grads[0] >= 0, "the stage's input has no gradient");
+    if (wrt_grad) *wrt_grad = cuts.wrt_grads[0];
+  }
+  return n;
+}
+
+size_t append_backward(Graph& g, int loss, BackwardCuts& cuts) {
   const size_t n_forward = g.nodes.size();
   std::map<int, int> grad;  // value -> its gradient so far
-  grad[loss] = seed >= 0
-                   ? seed
-                   : g.emit(MXN_OP_FILL, {}, {g.activation(g.v(loss).shape)}, ScalarParams{1.f});
+  if (loss >= 0)
+    grad[loss] = g.emit(MXN_OP_FILL, {}, {g.activation(g.v(loss).shape)}, ScalarParams{1.f});
+  for (auto [value, input] : cuts.seeds) grad[value] = input;  // from beyond a cut
+  auto is_wrt = [&](int x) {
+    return std::find(cuts.wrts.begin(), cuts.wrts.end(), x) != cuts.wrts.end();
+  };
   // A param's gradient is complete once the backward of its first forward use has run; it is
   // added into the param's grad buffer right then (so micro-batches accumulate, and a later
   // communicator can start reducing that layer while the rest of backward runs).
@@ -264,7 +279,7 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
       Node& f = g.nodes[i];
       const bool dw = g.v(f.in[1]).kind == ValueKind::param;
       const int x = f.in[0], w = f.in[1];
-      const bool direct = seed < 0 && f.out[0] == loss;
+      const bool direct = loss >= 0 && f.out[0] == loss;  // seeded by the loss's FILL
       with_params<ClassifierParams>(f, [&](ClassifierParams& c) {
         c.grads = dw ? 2 : 1;
         c.direct = direct;
@@ -283,7 +298,7 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
       for (auto [pos, gv] : rule(g, n, it->second, gaux)) {
         const int x = n.in[pos];
         const ValueKind k = g.v(x).kind;
-        if (k != ValueKind::param && k != ValueKind::activation && x != wrt) continue;
+        if (k != ValueKind::param && k != ValueKind::activation && !is_wrt(x)) continue;
         auto [slot, fresh] = grad.emplace(x, gv);
         if (!fresh) slot->second = g.add(slot->second, gv);
       }
@@ -296,11 +311,11 @@ size_t append_backward(Graph& g, int loss, int seed, int wrt, int* wrt_grad) {
         g.emit(MXN_OP_ADD, {gb, gp->second}, {gb});
     }
   }
-  if (wrt >= 0) {
-    auto it = grad.find(wrt);
-    MXN_CHECK(it != grad.end(), "the stage's input has no gradient");
-    g.mark_output(it->second);
-    if (wrt_grad) *wrt_grad = it->second;
+  cuts.wrt_grads.clear();
+  for (int w : cuts.wrts) {
+    auto it = grad.find(w);
+    if (it != grad.end()) g.mark_output(it->second);
+    cuts.wrt_grads.push_back(it == grad.end() ? -1 : it->second);
   }
   // Rules emit every input's gradient; keep only the backward nodes whose results are used: a
   // write into a grad (or any non-activation), a graph output, or an input of a node kept after.

@@ -153,5 +153,16 @@ class Graph {
 // value), the next stage's gradient) instead of 1, and with `wrt` >= 0 (its input activation,
 // an input value) also keeps that value's gradient as a graph output, returned in *wrt_grad.
 size_t append_backward(Graph& g, int loss, int seed = -1, int wrt = -1, int* wrt_grad = nullptr);
+// The same with cut points, where a graph's values cross to another rank and back (expert
+// parallelism's exchange): each `seeds` pair (value, input) takes the value's gradient from that
+// input (filled from outside before the first backward node reads it); each of `wrts` (an
+// input) keeps its gradient as a graph output, returned in `wrt_grads` (same order; -1 when
+// nothing reaches it).
+struct BackwardCuts {
+  std::vector<std::pair<int, int>> seeds;
+  std::vector<int> wrts;
+  std::vector<int> wrt_grads;
+};
+size_t append_backward(Graph& g, int loss, BackwardCuts& cuts);
 
 }  // namespace mxn

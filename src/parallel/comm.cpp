@@ -165,6 +165,31 @@ void Communicator::gather(float* data, const std::vector<int64_t>& bounds, int r
                 MPI_FLOAT, root, as_comm(comm_));
 }
 
+void Communicator::all_to_all(const float* send, const std::vector<int64_t>& send_bounds,
+                              float* recv, const std::vector<int64_t>& recv_bounds) {
+  MXN_CHECK(
+      int(send_bounds.size()) == info_.world + 1 && int(recv_bounds.size()) == info_.world + 1,
+      "all_to_all needs world + 1 bounds on each side");
+  if (!mpi_) {
+    std::memcpy(recv + recv_bounds[0], send + send_bounds[0],
+                size_t(send_bounds[1] - send_bounds[0]) * sizeof(float));
+    return;
+  }
+  std::vector<int> sc, sd, rc, rd;
+  counts_of(send_bounds, sc, sd);
+  counts_of(recv_bounds, rc, rd);
+  MPI_Alltoallv(send, sc.data(), sd.data(), MPI_FLOAT, recv, rc.data(), rd.data(), MPI_FLOAT,
+                as_comm(comm_));
+}
+
+void Communicator::all_to_all_counts(const int64_t* in, int64_t* out) {
+  if (!mpi_) {
+    out[0] = in[0];
+    return;
+  }
+  MPI_Alltoall(in, 1, MPI_INT64_T, out, 1, MPI_INT64_T, as_comm(comm_));
+}
+
 std::unique_ptr<Communicator> Communicator::split(int color, int key) {
   std::unique_ptr<Communicator> c(new Communicator(*this));
   c->pending_.clear();

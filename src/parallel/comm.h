@@ -38,6 +38,14 @@ class Communicator {
   // [bounds[r], bounds[r + 1]) reach every rank (all_gather) or only `root` (gather).
   void all_gather(float* data, const std::vector<int64_t>& bounds);
   void gather(float* data, const std::vector<int64_t>& bounds, int root);
+  // Expert parallelism's exchange (MPI_Alltoallv, host-staged): rank r sends floats
+  // [send_bounds[j], send_bounds[j + 1]) of `send` to rank j and receives rank j's block for it
+  // at [recv_bounds[j], recv_bounds[j + 1]) of `recv` (world + 1 offsets each; the receivers'
+  // sizes must agree with the senders'). One rank: its own block copied.
+  void all_to_all(const float* send, const std::vector<int64_t>& send_bounds, float* recv,
+                  const std::vector<int64_t>& recv_bounds);
+  // The same for one int64 a rank pair (counts, before the data): out[j] = rank j's in[rank].
+  void all_to_all_counts(const int64_t* in, int64_t* out);
   // The ranks that give the same `color`, ranked by `key` (MPI_Comm_split): a pipeline's
   // stages, or one stage's data-parallel replicas. Collective over this communicator.
   std::unique_ptr<Communicator> split(int color, int key);

@@ -150,3 +150,90 @@ TEST(Grad, StridedCopyTransposeAndConcat) {
          },
          1});
 }
+
+// Cut points (expert parallelism's exchange, one rank here): a value leaves the graph as an
+// output and comes back as an input; its gradient leaves as a wrt output and comes back as a
+// seed. Run in pieces with the copies made between them, every weight's gradient equals the
+// graph without the cut.
+TEST(Autograd, CutPointsCarryValuesAndGradientsAcross) {
+  auto dev = open_device("cpu");
+  auto build = [](Graph& g, bool cut, BackwardCuts* cuts, int* h_out, int* h_in) {
+    const int x = g.input("x", {5, 6}, DType::f32);
+    const int h = g.silu(g.matmul(x, g.param("w1", {7, 6}, true), false, true));
+    int after = h;
+    if (cut) {
+      g.mark_output(h);
+      after = g.input("h_in", {5, 7}, DType::f32);
+      cuts->seeds.push_back({h, g.input("dh_in", {5, 7}, DType::f32)});
+      cuts->wrts.push_back(after);
+      *h_out = h, *h_in = after;
+    }
+    const int y = g.matmul(after, g.param("w2", {3, 7}, true), false, true);
+    const int loss = g.cross_entropy(y, g.input("t", {5}, DType::i32));
+    g.mark_output(loss);
+    return loss;
+  };
+  std::vector<float> x(30), w1(42), w2(21);
+  Rng rng(3);
+  for (auto* v : {&x, &w1, &w2})
+    for (float& e : *v) e = float(rng.normal());
+  const int32_t t[5] = {0, 2, 1, 1, 0};
+  std::vector<std::vector<float>> grads[2];
+  for (int cut = 0; cut < 2; ++cut) {
+    Graph g;
+    BackwardCuts cuts;
+    int h_out = -1, h_in = -1;
+    const int loss = build(g, cut, &cuts, &h_out, &h_in);
+    const size_t nf = append_backward(g, loss, cuts);
+    Program prog(std::move(g), *dev);
+    const Graph& pg = prog.graph();
+    auto value = [&](const char* name) {
+      for (size_t i = 0; i < pg.values.size(); ++i)
+        if (pg.values[i].name == name) return int(i);
+      return -1;
+    };
+    dev->upload(prog.tensor(value("x")), x.data());
+    dev->upload(prog.tensor(value("w1")), w1.data());
+    dev->upload(prog.tensor(value("w2")), w2.data());
+    dev->upload(prog.tensor(value("t")), t);
+    std::vector<float> zero(size_t(prog.grads_all().numel()), 0.f), buf(35);
+    dev->upload(prog.grads_all(), zero.data());
+    if (!cut) {
+      prog.run(0, pg.nodes.size());
+    } else {  // the pieces: up to h, across; the rest of the forward and the backward to d(h_in)
+      auto first_reading = [&](int v, size_t from) {
+        for (size_t i = from; i < pg.nodes.size(); ++i)
+          for (int in : pg.nodes[i].in)
+            if (in == v) return i;
+        return pg.nodes.size();
+      };
+      auto last_writing = [&](int v) {
+        size_t at = 0;
+        for (size_t i = 0; i < pg.nodes.size(); ++i)
+          for (int o : pg.nodes[i].out)
+            if (o == v) at = i + 1;
+        return at;
+      };
+      const size_t a = first_reading(h_in, 0);
+      ASSERT_EQ(last_writing(h_out), a) << "h is made just before the cut";
+      prog.run(0, a);
+      dev->download(buf.data(), prog.tensor(h_out));
+      dev->upload(prog.tensor(h_in), buf.data());
+      const size_t b = last_writing(cuts.wrt_grads[0]);
+      ASSERT_GE(b, nf);
+      ASSERT_LE(b, first_reading(cuts.seeds[0].second, nf)) << "d(h_in) before the seed is read";
+      prog.run(a, b);
+      dev->download(buf.data(), prog.tensor(cuts.wrt_grads[0]));
+      dev->upload(prog.tensor(cuts.seeds[0].second), buf.data());
+      prog.run(b, pg.nodes.size());
+    }
+    for (const char* w : {"w1", "w2"}) {
+      std::vector<float> gr(numel(pg.v(value(w)).shape));
+      dev->download(gr.data(), prog.tensor(pg.v(value(w)).grad));
+      grads[cut].push_back(gr);
+    }
+  }
+  for (size_t i = 0; i < 2; ++i)
+    for (size_t j = 0; j < grads[0][i].size(); ++j)
+      EXPECT_NEAR(grads[1][i][j], grads[0][i][j], 1e-6f) << (i ? "w2" : "w1") << "[" << j << "]";
+}
