@@ -80,8 +80,6 @@ std::string expert_name(const std::string& stacked, int64_t e) {
 }
 
 namespace {
-void upload_kv_b(Program& prog, int k_b, const std::string& name, DType dt, const Shape& shape,
-                 const char* bytes, const std::string& source);
 const std::string kKvB = "kv_b_proj.weight", kKB = "k_b_proj.weight", kVB = "v_b_proj.weight";
 bool ends_with(const std::string& s, const std::string& t) {
   return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
