@@ -81,9 +81,6 @@ std::string expert_name(const std::string& stacked, int64_t e) {
 
 namespace {
 const std::string kKvB = "kv_b_proj.weight", kKB = "k_b_proj.weight", kVB = "v_b_proj.weight";
-bool ends_with(const std::string& s, const std::string& t) {
-  return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
-}
 std::string with_leaf(const std::string& name, const std::string& from, const std::string& to) {
   return name.substr(0, name.size() - from.size()) + to;
 }
@@ -142,8 +139,8 @@ void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
     if ((which == WeightSet::frozen && v.kind != ValueKind::frozen) ||
         (which == WeightSet::trained && v.kind != ValueKind::param))
       continue;
-    if (ends_with(v.name, kVB)) continue;  // with k_b, from kv_b_proj
-    if (ends_with(v.name, kKB)) {
+    if (v.name.ends_with(kVB)) continue;  // with k_b, from kv_b_proj
+    if (v.name.ends_with(kKB)) {
       want.emplace(with_leaf(v.name, kKB, kKvB), Want{p, -2});
       continue;
     }
@@ -281,7 +278,7 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
       out[v.name] = std::move(t);
       continue;
     }
-    if (ends_with(v.name, kKB) && !weights.count(v.name)) {  // MLA: from kv_b_proj
+    if (v.name.ends_with(kKB) && !weights.count(v.name)) {  // MLA: from kv_b_proj
       const std::string vname = with_leaf(v.name, kKB, kVB);
       const Value* vb = nullptr;
       for (int q : g.params())
@@ -297,8 +294,8 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
       out[vname] = std::move(vt);
       continue;
     }
-    if (ends_with(v.name, kVB) && !weights.count(v.name)) continue;  // with k_b
-    if (v.name.ends_with(kRouterBias) && !weights.count(v.name)) {   // none yet: zero
+    if (v.name.ends_with(kVB) && !weights.count(v.name)) continue;  // with k_b
+    if (v.name.ends_with(kRouterBias) && !weights.count(v.name)) {  // none yet: zero
       out[v.name] = HostTensor(v.shape, DType::f32);
       continue;
     }
@@ -326,8 +323,8 @@ void save_hf_folder(const std::string& dir, const DecoderConfig& c, const Tensor
     out[name] = std::move(h);
   };
   for (const auto& [name, t] : weights) {
-    if (ends_with(name, kVB)) continue;  // with k_b
-    if (ends_with(name, kKB)) {          // MLA: back into kv_b_proj
+    if (name.ends_with(kVB)) continue;  // with k_b
+    if (name.ends_with(kKB)) {          // MLA: back into kv_b_proj
       const HostTensor& v = weights.at(with_leaf(name, kKB, kVB));
       const int64_t H = t.shape[0], dn = t.shape[1], R = t.shape[2], dv = v.shape[1];
       std::vector<float> kv(size_t(H * (dn + dv) * R));

@@ -17,6 +17,7 @@ EpEstimate price_expert_parallel(const Cluster& cl, const DecoderConfig& c, cons
   if (ep > c.experts)
     throw Error("--ep " + std::to_string(ep) + " is more than the model's " +
                 std::to_string(c.experts) + " experts a layer");
+  auto speed_of = [](const NodeGroup& ng) { return ng.chip.bf16_tflops * 1e12 * ng.mfu; };
   EpEstimate est;
   est.ep = ep;
   est.groups = chips / ep;
@@ -38,7 +39,7 @@ EpEstimate price_expert_parallel(const Cluster& cl, const DecoderConfig& c, cons
       throw Error("--ep " + std::to_string(ep) + ": " + ng.chip.name + "'s " +
                   std::to_string(ng.count) + " chips do not split over " +
                   std::to_string(est.groups) + " EP groups");
-    const double speed = ng.chip.bf16_tflops * 1e12 * ng.mfu;
+    const double speed = speed_of(ng);
     group_speed += speed * double(ng.count / est.groups);
     total_speed += speed * double(ng.count);
   }
@@ -48,7 +49,7 @@ EpEstimate price_expert_parallel(const Cluster& cl, const DecoderConfig& c, cons
   std::vector<int64_t> n, extra(cl.groups.size(), 0);
   int64_t left = c.experts;
   for (const NodeGroup& ng : cl.groups) {
-    raw.push_back(E * ng.chip.bf16_tflops * 1e12 * ng.mfu / group_speed);
+    raw.push_back(E * speed_of(ng) / group_speed);
     n.push_back(int64_t(raw.back()));
     left -= n.back() * (ng.count / est.groups);
   }
@@ -72,7 +73,7 @@ EpEstimate price_expert_parallel(const Cluster& cl, const DecoderConfig& c, cons
     s.experts_each = n[g];
     s.experts_extra = extra[g];
     const int64_t most = n[g] + (extra[g] > 0 ? 1 : 0);  // the busiest chip of the type
-    const double speed = ng.chip.bf16_tflops * 1e12 * ng.mfu;
+    const double speed = speed_of(ng);
     s.tokens_share = speed / total_speed;
     const double t = tokens * s.tokens_share;                                 // this chip's tokens
     const double slots = tokens / double(est.groups) * K * double(most) / E;  // rows it computes

@@ -100,3 +100,32 @@ def to_chatglm(model, folder):
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}, cfg
 
 
+# --- running mxn against a reference ------------------------------------------------------------
+def run_dump(dump, folder, ids, tmp):
+    """tests/tools/decoder_dump on a (B, T) batch: its logits, loss, gradients (and routers)."""
+    import subprocess
+    from safetensors.numpy import load_file
+    save_file({"tokens": ids.numpy().astype(np.int32)}, os.path.join(tmp, "in.safetensors"))
+    out = os.path.join(tmp, "out.safetensors")
+    r = subprocess.run([dump, folder, os.path.join(tmp, "in.safetensors"), out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return load_file(out)
+
+
+def greedy_mxn(mxn, folder, prompt, n):
+    """n greedy tokens from `mxn generate` (the KV cache) after `prompt`."""
+    import subprocess
+    r = subprocess.run([mxn, "generate", "--model", folder, "--prompt-ids", ",".join(str(int(t)) for t in prompt),
+                        "--max-tokens", str(n), "--temperature", "0", "--ignore-eos", "--print-ids"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return [int(t) for t in r.stdout.split()]
+
+
+def greedy_ref(fn, prompt, n):
+    """n greedy tokens of a reference forward `fn` (ids (1, T) -> logits), recomputed each step."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(fn(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+

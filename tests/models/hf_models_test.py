@@ -10,12 +10,12 @@ Asserted, in f32, max|mxn - ref| / max|ref| per tensor:
   gradient of one training step <= 1e-4; 64 greedy tokens with the KV cache identical.
 The reference runs in float64.  usage: hf_models_test.py MXN DECODER_DUMP
 """
-import os, subprocess, sys, tempfile, unittest
+import os, sys, tempfile, unittest
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
-from hf_common import make, np, perturb, rel, to_chatglm, torch  # noqa: E402  (may re-exec in the venv)
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from hf_common import (greedy_mxn, greedy_ref, make, perturb, rel, run_dump, to_chatglm,  # noqa: E402
+                       torch)  # (may re-exec in the venv)
 
 MXN, DUMP = sys.argv[1], sys.argv[2]
 TOL = 1e-4
@@ -66,30 +66,6 @@ def chatglm_reference(W, cfg, ids):
 
 
 # --- the checks --------------------------------------------------------------------------------
-def run_dump(folder, ids, tmp):
-    save_file({"tokens": ids.numpy().astype(np.int32)}, os.path.join(tmp, "in.safetensors"))
-    out = os.path.join(tmp, "out.safetensors")
-    r = subprocess.run([DUMP, folder, os.path.join(tmp, "in.safetensors"), out],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return load_file(out)
-
-
-def greedy_mxn(folder, prompt, n):
-    r = subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids",
-                        ",".join(str(int(t)) for t in prompt), "--max-tokens", str(n),
-                        "--temperature", "0", "--ignore-eos", "--print-ids"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return [int(t) for t in r.stdout.split()]
-
-
-def greedy_ref(fn, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(fn(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 class HfModels(unittest.TestCase):
     def check_family(self, family):
         for odd in (False, True):
@@ -120,7 +96,7 @@ class HfModels(unittest.TestCase):
                     fn = lambda x: ref(x).logits
                 loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
                 loss.backward()
-                got = run_dump(folder, ids, tmp)
+                got = run_dump(DUMP, folder, ids, tmp)
                 e = rel(got["logits"].reshape(B, T, V), logits.detach())
                 print(f"{family:8s} {'odd' if odd else 'even':4s} logits {e:.2e}", end="")
                 self.assertLess(e, TOL, "logits")
@@ -136,7 +112,7 @@ class HfModels(unittest.TestCase):
                 prompt = ids[0, :7].tolist()
                 with torch.no_grad():
                     want = greedy_ref(fn, prompt, 64)
-                self.assertEqual(greedy_mxn(folder, prompt, 64), want, "64 greedy tokens")
+                self.assertEqual(greedy_mxn(MXN, folder, prompt, 64), want, "64 greedy tokens")
                 print("  greedy 64 identical")
 
     def test_gpt2(self):

@@ -14,13 +14,12 @@ sizes per family: logits <= 1e-5; the loss; every parameter's gradient of one st
 expert's weights stacked as mxn keeps them); each MoE layer's chosen experts identical for every
 token; 64 greedy tokens with the KV cache identical.  usage: moe_models_test.py MXN DECODER_DUMP
 """
-import json, os, subprocess, sys, tempfile, unittest, warnings
+import os, sys, tempfile, unittest, warnings
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
-from hf_common import np, perturb, rel, torch  # noqa: E402  (may re-exec in the venv)
+from hf_common import greedy_mxn, greedy_ref, np, perturb, rel, run_dump, torch  # noqa: E402  (may re-exec)
 from moe_common import make_hf, own_config, random_weights, write_folder  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
 
 MXN, DUMP = sys.argv[1], sys.argv[2]
 LOGITS_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -203,22 +202,6 @@ def stacked(grads, name, shape):
     return torch.stack(out)
 
 
-def run_dump(folder, ids, tmp):
-    save_file({"tokens": ids.numpy().astype(np.int32)}, os.path.join(tmp, "in.safetensors"))
-    out = os.path.join(tmp, "out.safetensors")
-    r = subprocess.run([DUMP, folder, os.path.join(tmp, "in.safetensors"), out], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return load_file(out)
-
-
-def greedy_mxn(folder, prompt, n):
-    r = subprocess.run([MXN, "generate", "--model", folder, "--prompt-ids", ",".join(str(int(t)) for t in prompt),
-                        "--max-tokens", str(n), "--temperature", "0", "--ignore-eos", "--print-ids"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return [int(t) for t in r.stdout.split()]
-
-
 class MoeModels(unittest.TestCase):
     def check_family(self, family):
         warnings.filterwarnings("ignore", message="nn.functional.sigmoid is deprecated")  # (unittest resets them)
@@ -255,7 +238,7 @@ class MoeModels(unittest.TestCase):
                 B, T = ids.shape
                 loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
                 loss.backward()
-                got = run_dump(folder, ids, tmp)
+                got = run_dump(DUMP, folder, ids, tmp)
                 e = rel(got["logits"].reshape(B, T, V), logits.detach())
                 print(f"{family:9s} {'odd' if odd else 'even':4s} logits {e:.2e}", end="")
                 self.assertLess(e, LOGITS_TOL, "logits")
@@ -278,12 +261,8 @@ class MoeModels(unittest.TestCase):
                 print(f"  grads {worst:.2e}  experts of {len(chosen)} layers identical", end="")
                 prompt = ids[0, :7].tolist()
                 with torch.no_grad():
-                    want = []
-                    x = list(prompt)
-                    for _ in range(64):
-                        x.append(int(fn(torch.tensor([x]))[0, -1].argmax()))
-                    want = x[len(prompt):]
-                self.assertEqual(greedy_mxn(folder, prompt, 64), want, "64 greedy tokens")
+                    want = greedy_ref(fn, prompt, 64)
+                self.assertEqual(greedy_mxn(MXN, folder, prompt, 64), want, "64 greedy tokens")
                 print("  greedy 64 identical")
 
     def test_mixtral(self):

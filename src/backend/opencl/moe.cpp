@@ -97,40 +97,28 @@ int32_t permute(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor* in = k.inputs;
   const Mem x = mem(in[0]), w = m.weighted ? mem(in[2]) : none(x);
   const int64_t NK = m.N * m.K;
-  switch (k.op) {
-    case MXN_OP_MOE_PERMUTE:
-      return kernel(c, "moe_permute")
-          .arg(x)
-          .arg(mem(in[1]))
-          .arg(w)
-          .s(m.weighted)
-          .arg(mem(k.outputs[0]))
-          .u(m.C)
-          .u(m.K)
-          .u(NK)
-          .go(NK * m.C);
-    case MXN_OP_MOE_UNPERMUTE:
-      return kernel(c, "moe_unpermute")
-          .arg(x)
-          .arg(mem(in[1]))
-          .arg(w)
-          .s(m.weighted)
-          .arg(mem(k.outputs[0]))
-          .u(m.C)
-          .u(m.K)
-          .u(NK)
-          .go(m.N * m.C);
-    default:
-      return kernel(c, "moe_unpermute_bwd")
-          .arg(x)
-          .arg(mem(in[1]))
-          .arg(mem(in[2]))
-          .arg(mem(k.outputs[0]))
-          .u(m.C)
-          .u(m.K)
-          .u(NK)
-          .go(NK);
+  if (k.op != MXN_OP_MOE_UNPERMUTE_BWD) {  // the same operands: one work-item an element out
+    const bool into_slots = k.op == MXN_OP_MOE_PERMUTE;
+    return kernel(c, into_slots ? "moe_permute" : "moe_unpermute")
+        .arg(x)
+        .arg(mem(in[1]))
+        .arg(w)
+        .s(m.weighted)
+        .arg(mem(k.outputs[0]))
+        .u(m.C)
+        .u(m.K)
+        .u(NK)
+        .go((into_slots ? NK : m.N) * m.C);
   }
+  return kernel(c, "moe_unpermute_bwd")
+      .arg(x)
+      .arg(mem(in[1]))
+      .arg(mem(in[2]))
+      .arg(mem(k.outputs[0]))
+      .u(m.C)
+      .u(m.K)
+      .u(NK)
+      .go(NK);
 }
 
 int32_t grouped(Ctx* c, const mxn_op_call& k) {
