@@ -94,6 +94,15 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
                   (long long)b[r % pp + 1] - 1);
     return;
   }
+  if (!p.experts.empty()) {  // --ep: the experts' placement
+    std::printf("  plan: expert parallel, %s\n", p.experts.c_str());
+    const std::vector<int64_t>& b = p.expert_bounds;
+    const size_t ep = b.size() - 1;
+    for (size_t r = 0; r < p.ranks.size(); ++r)
+      std::printf("    rank %zu %-10s experts %lld-%lld, %lld sequences\n", r, devs[r].c_str(),
+                  (long long)b[r % ep], (long long)b[r % ep + 1] - 1, (long long)p.ranks[r].rows);
+    return;
+  }
   std::printf("  plan: %zu ranks share %lld sequences per step (split %s)\n", p.ranks.size(),
               (long long)rows, c.split.c_str());
   for (size_t r = 0; r < p.ranks.size(); ++r) {
@@ -344,6 +353,7 @@ std::optional<int> place_rank(TrainConfig& cfg, std::optional<Checkpoint>& ck) {
                   " devices: each rank needs at least one");
     if (devs.size() > 1)  // a bad split is one line here, not one per rank
       parse_split(cfg.split, int(devs.size()));
+    if (devs.size() > 1 && cfg.ep > 1) check_expert_parallel(cfg, int64_t(devs.size()));
     const RankInfo ri = rank_from_env();
     if (ri.world == 1 && devs.size() > 1 && !std::getenv("MXN_SUPERVISED"))
       return ck.reset(), supervise(job(seen, cfg));  // the ranks read the checkpoint
@@ -440,7 +450,7 @@ class StepLoop {
     const bool stopped = tr_.current_step() < last_;
     if (tty_) std::printf("\n");
     if (tr_.device().profiling()) std::printf("%s", tr_.device().profile_report().c_str());
-    if (comm_.size() > 1 && tr_.mean_step_seconds() > 0 && tr_.plan().pipeline.empty()) {
+    if (comm_.size() > 1 && tr_.mean_step_seconds() > 0 && tr_.plan().predicted_step_s > 0) {
       const double pred = tr_.plan().predicted_step_s, got = tr_.mean_step_seconds();
       std::printf(
           "plan: predicted %.3f s/step, measured %.3f s/step (%+.1f%%); split corrected %d "

@@ -127,7 +127,8 @@ void upload_kv_b(Program& prog, int k_b, const std::string& name, DType dt, cons
 }
 }  // namespace
 
-void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
+void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which,
+                       int64_t expert_first) {
   const std::string source = "model folder '" + dir + "'";
   struct Want {
     int value;
@@ -148,7 +149,8 @@ void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which) {
       want.emplace(v.name, Want{p, -1});
       continue;
     }
-    for (int64_t e = 0; e < v.shape[0]; ++e) want.emplace(expert_name(v.name, e), Want{p, e});
+    for (int64_t e = 0; e < v.shape[0]; ++e)
+      want.emplace(expert_name(v.name, expert_first + e), Want{p, e});
   }
   std::vector<uint16_t> half;
   std::vector<float> wide;

@@ -32,7 +32,10 @@ void upload_weights(Program& prog, const TensorMap& weights, const std::string& 
 
 // The same straight from a folder's safetensors, tensor by tensor from memory-mapped files: no
 // host copy of the model (f32, bf16 or f16 in the files; converted to each value's type).
-void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which = WeightSet::all);
+// Expert stacks of E' experts take the folder's experts [expert_first, expert_first + E')
+// (expert parallelism: a rank's share).
+void upload_hf_weights(Program& prog, const std::string& dir, WeightSet which = WeightSet::all,
+                       int64_t expert_first = 0);
 
 // The decoder's parameters out of `weights` (f32, Hugging Face names): a missing tensor or one of
 // another shape is an Error naming it, its expected and its found shape; extra tensors (GPT-2's

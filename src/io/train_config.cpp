@@ -45,6 +45,12 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
        "pipeline stages: the ranks form replicas of this many stages (rank = replica x pp + "
        "stage), 1F1B over micro-batches"},
       {"stages", &c.stages, "layers of each pipeline stage (3,1), or even"},
+      {"ep", &c.ep,
+       "expert parallelism: groups of this many ranks split every MoE layer's experts, tokens "
+       "sent to their experts' ranks and back (all-to-all); the rows are shared evenly"},
+      {"expert_split", &c.expert_split,
+       "with --ep: how a group's ranks share the experts: auto (by each chip's measured GEMM "
+       "speed), even, or one weight per rank (3,1)"},
       {"micro", &c.micro,
        "sequences per pipeline micro-batch (0: a replica's share over 2 x pp micro-batches)"},
       {"bucket_mb", &c.bucket_mb,
@@ -207,6 +213,10 @@ void TrainConfig::validate() const {
   need(router_aux_coef < 1e3,
        "router_aux_coef = " + std::to_string(router_aux_coef) + ", expected below 1000");
   need(pp >= 1, "pp = " + std::to_string(pp) + ", expected >= 1 (pipeline stages)");
+  need(ep >= 1 && ep <= 1024, "ep = " + std::to_string(ep) + ", expected 1..1024 (ranks a group)");
+  need(expert_split == "auto" || expert_split == "even" ||
+           expert_split.find_first_not_of("0123456789.,") == std::string::npos,
+       "expert_split = '" + expert_split + "', expected auto, even, or weights such as 3,1");
   need(micro >= 0, "micro = " + std::to_string(micro) + ", expected >= 0 (0: chosen)");
   need(accum >= 1, "accum = " + std::to_string(accum) + ", expected >= 1");
   need(seq >= 0 && seq <= model.n_ctx, "seq = " + std::to_string(seq) + ", expected 0..n_ctx (" +

@@ -40,6 +40,11 @@ struct TrainConfig {
   // replica's rows over 2 x pp micro-batches).
   int64_t pp = 1;
   std::string stages = "even";
+  // Expert parallelism: groups of ep ranks split each MoE layer's experts (contiguous ranges,
+  // by expert_split: auto (measured GEMM speed), even, or weights "3,1") and exchange tokens
+  // all-to-all; rows are shared evenly.
+  int64_t ep = 1;
+  std::string expert_split = "auto";
   int64_t micro = 0;
   std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
   int64_t recompute = 1;      // 1: norms and MLP activations run again in the backward (Graph)

@@ -354,11 +354,26 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
   m.router_ids.push_back(r.ids);
   m.router_offsets.push_back(r.offsets);
   if (aux) m.router_aux.push_back(r.aux);
-  const int xp = g.moe_permute(h, r.pos);
-  const int gt = g.grouped_matmul(xp, b.w(ex + nm.e_gate + ".weight", {E, F, C}, true), r.offsets);
-  const int up = g.grouped_matmul(xp, b.w(ex + nm.e_up + ".weight", {E, F, C}, true), r.offsets);
-  const int dn = g.grouped_matmul(g.swiglu(gt, up, 0, 0, F),
-                                  b.w(ex + nm.e_down + ".weight", {E, C, F}, true), r.offsets);
+  int xp = g.moe_permute(h, r.pos), offsets = r.offsets, el = E;
+  ExpertCut cut;
+  if (b.o.expert_count > 0) {  // expert parallel: the rows cross ranks before and after
+    el = b.o.expert_count;
+    g.mark_output(xp);
+    cut = {r.offsets, xp, g.input(blk + "ep.xr", {b.o.expert_rows, C}, DType::f32),
+           g.input(blk + "ep.offsets", {el + 1}, DType::i32)};
+    xp = cut.xr;
+    offsets = cut.local_offsets;
+  }
+  const int gt = g.grouped_matmul(xp, b.w(ex + nm.e_gate + ".weight", {el, F, C}, true), offsets);
+  const int up = g.grouped_matmul(xp, b.w(ex + nm.e_up + ".weight", {el, F, C}, true), offsets);
+  int dn = g.grouped_matmul(g.swiglu(gt, up, 0, 0, F),
+                            b.w(ex + nm.e_down + ".weight", {el, C, F}, true), offsets);
+  if (cut.xp >= 0) {
+    g.mark_output(dn);
+    cut.yr = dn;
+    cut.yp = dn = g.input(blk + "ep.yp", {N * c.top_k, C}, DType::f32);
+    m.expert_cuts.push_back(cut);
+  }
   int y = g.moe_unpermute(dn, r.pos, N, r.w);
   if (c.shared_ffn > 0) {
     const int shared = swiglu_mlp(b, blk + nm.shared, h, c.shared_ffn);

@@ -175,6 +175,23 @@ struct DecoderOptions {
   bool gelu_bf16 = false;
   // ... and attention's q, k and v (training only: no KV cache, not serving).
   bool attn_bf16 = false;
+  // Expert parallelism (training): this rank holds experts [expert_first, expert_first +
+  // expert_count) of every MoE layer (0: all, no cut) and the MoE blocks are cut where tokens
+  // cross ranks (DecoderGraph::expert_cuts); expert_rows: the rows the local experts can take
+  // from all ranks in one pass.
+  int64_t expert_first = 0, expert_count = 0, expert_rows = 0;
+};
+
+// One MoE layer cut for expert parallelism. Forward: this rank's permuted rows xp (N*K, C),
+// sorted by global expert, leave for the experts' owners; the rows that arrive, grouped by local
+// expert (xr, expert_rows x C, the groups at local_offsets), go through the local experts (yr);
+// yr goes back to the rows' ranks, arriving as yp in xp's order, and is unpermuted. Backward: the
+// same exchanges carry d(yp) -> d(yr) (seed) and d(xr) -> d(xp) (seed). Graph outputs: xp, yr,
+// d_yp, d_xr; inputs: xr, local_offsets, yp, d_yr, d_xp.
+struct ExpertCut {
+  int offsets = -1;  // the router's global (E + 1) offsets of xp
+  int xp = -1, xr = -1, local_offsets = -1, yr = -1, yp = -1;
+  int d_xp = -1, d_yr = -1, d_xr = -1, d_yp = -1;  // set by the training graph's backward
 };
 
 struct DecoderGraph {
@@ -193,6 +210,7 @@ struct DecoderGraph {
   // Mixture of experts, per MoE layer: each token's experts (N, K) i32, the experts' row offsets
   // (E + 1, i32: the load) and, with router_aux_coef, the load-balancing loss.
   std::vector<int> router_ids, router_offsets, router_aux;
+  std::vector<ExpertCut> expert_cuts;  // DecoderOptions::expert_count > 0, one per MoE layer
 };
 
 // The block-position table's name (with DecoderOptions::block_positions, learned positions).

@@ -93,18 +93,11 @@ void DataParallel::apply_split(const std::vector<int64_t>& split) {
 
 double DataParallel::passes(uint64_t key, double total) {
   Trainer& t = t_;
-  const int64_t T = t.cfg_.seq_len();
   const size_t nodes = t.prog_->graph().nodes.size();
   double loss_sum = 0;
   for (int64_t done = 0; done < t.rows_;) {
     const int64_t n = std::min(t.cap_, t.rows_ - done);
-    for (int64_t b = 0; b < n; ++b) {
-      const uint64_t row = uint64_t(t.row_begin_ + done + b);
-      t.offsets_[size_t(b)] = t.sft_set_
-                                  ? t.sft_row(key, int64_t(row), false)
-                                  : int64_t(mix64(key + row) % uint64_t(t.data_.n_train() - T - 1));
-      t.row_ids_[size_t(b)] = row;
-    }
+    t.pick_rows(key, done, n);
     const Trainer::Pass& p = t.passes_[size_t(n)];
     const double counted = double(t.fill_batch(t.data_.train(), n, key, false));
     // The loss is a mean over this pass's loss tokens; seeding its backward with their share
@@ -145,30 +138,8 @@ double DataParallel::grad_sumsq() {  // GradSync has summed the gradients alread
 double DataParallel::eval() {
   // The same fixed windows for any split: each rank takes its windows, and the token-weighted
   // losses are summed over ranks (collective: every rank calls this).
-  Trainer& t = t_;
-  const int64_t T = t.cfg_.seq_len(), W = t.cfg_.eval_batches * t.cfg_.batch;
-  const int64_t span = t.cfg_.sft.empty() ? t.data_.n_val() - T - 1 : 0;
-  const uint64_t key = mix64(uint64_t(t.cfg_.seed) ^ 0x5eed0e7a1ull);
-  const double total = double(t.loss_tokens(key, 0, W, true));
-  t.sft_set_ = t.cfg_.sft.empty() ? nullptr : &t.sft_val_;
-  double sum = 0;
-  for (int64_t done = 0; done < t.eval_rows_;) {
-    const int64_t n = std::min(t.cap_, t.eval_rows_ - done);
-    for (int64_t b = 0; b < n; ++b) {
-      const int64_t row = t.eval_begin_ + done + b;
-      t.offsets_[size_t(b)] =
-          t.sft_set_ ? t.sft_row(key, row, true) : row * span / std::max<int64_t>(1, W - 1);
-      t.row_ids_[size_t(b)] = uint64_t(row);
-    }
-    const Trainer::Pass& p = t.passes_[size_t(n)];
-    const double counted = double(t.fill_batch(t.data_.val(), n, key, true));
-    t.run_forward_only(p.variant);
-    float loss = 0;
-    t.dev_->download(&loss, p.loss);
-    sum += double(loss) * counted / total;
-    done += n;
-  }
-  if (t.comm_) t.comm_->all_reduce_sum(&sum, 1);
+  double sum = t_.eval_share();
+  if (t_.comm_) t_.comm_->all_reduce_sum(&sum, 1);
   return sum;
 }
 

@@ -35,10 +35,10 @@ Pipeline::Pipeline(Trainer& t) : t_(t) {
     throw Error("--pp " + pp + ": more stages than the model's " + std::to_string(d.layers) +
                 " layers");
   if (t_.cfg_.finetune != "full" || t_.cfg_.objective != "lm" || !t_.cfg_.sft.empty() ||
-      t_.cfg_.zero)
+      t_.cfg_.zero || t_.cfg_.ep > 1)
     throw Error("--pp " + pp +
                 " trains every weight on next-token prediction for now: not with --finetune "
-                "lora/ptuning, --objective glm, --sft or --zero 1");
+                "lora/ptuning, --objective glm, --sft, --zero 1 or --ep");
   replicas_ = t_.world_ / pp_;
   if (t_.cfg_.batch < replicas_)
     throw Error("the global batch (" + std::to_string(t_.cfg_.batch) +

@@ -1,5 +1,5 @@
 #pragma once
-// How one training step's work is spread over the ranks: a small interface, and today's two
+// How one training step's work is spread over the ranks: a small interface, and today's three
 // implementations. The Trainer owns the model, the data, the Program and the optimizer; a strategy
 // decides which layers and rows this rank holds, runs a step's passes, reduces the gradients and
 // their norm, runs validation through the ranks and gathers the state a checkpoint needs.
@@ -9,10 +9,12 @@
 //                 are summed by GradSync, overlapping the backward. One rank is its world of one.
 //   Pipeline      --pp stages of contiguous layers, replicas of them taking even shares of rows,
 //                 the 1F1B schedule (parallel/schedule.h) over micro-batches.
+//   ExpertParallel --ep groups that split each MoE layer's experts by chip speed, tokens
+//                 exchanged all-to-all at the graph's cuts; data parallel across the groups.
 //
-// Tensor parallelism will be a third (it changes the layers' shapes and adds the group's
-// all-reduce inside each block: inside a pipeline stage), expert parallelism a fourth (experts
-// over a stage's ranks, tokens exchanged all-to-all). They compose as DESIGN.md's map says: TP
+// Tensor parallelism will be a fourth (it changes the layers' shapes and adds the group's
+// all-reduce inside each block: inside a pipeline stage); expert parallelism inside a pipeline
+// stage is not built yet. They compose as DESIGN.md's map says: TP
 // inside a stage, EP across a stage's ranks, pipeline stages across nodes, data parallelism /
 // ZeRO-1 across the replicas; each implementation names the ranks it reduces over with
 // Communicator::split, as Pipeline already does for its stages and replicas.
@@ -24,12 +26,20 @@
 #include <vector>
 
 #include "io/checkpoint.h"
+#include "io/train_config.h"
 #include "parallel/comm.h"
 #include "parallel/grad_sync.h"
 
 namespace mxn {
 
 class Trainer;
+class Program;
+
+// Expert parallelism: a rank's experts of each MoE layer.
+struct ExpertShard {
+  int64_t first = 0, count = 0;  // experts [first, first + count)
+  int64_t ranks = 1;             // the ranks whose tokens they take (the group's)
+};
 
 class Strategy {
  public:
@@ -57,6 +67,10 @@ class Strategy {
   // it (collective).
   virtual bool gather(Checkpoint& ck) = 0;
   virtual const std::vector<int64_t>& stage_bounds() const { return none_; }
+  // Expert parallelism: this rank's experts (nullptr: all of them, no exchanges).
+  virtual const ExpertShard* experts() const { return nullptr; }
+  // Nodes [0, end) of a pass (expert parallelism: with the exchanges at the cuts).
+  virtual void run(Program& prog, int variant, size_t end);
   virtual double exposed_reduce_seconds() const { return 0; }
 
  private:
@@ -120,5 +134,47 @@ class Pipeline final : public Strategy {
                                                     // the first and last stage (tied embeddings)
   std::vector<float> stash_, send_f_, send_b_, recv_g_, grad_host_, tied_host_;
 };
+
+// --ep N: each group of N consecutive ranks splits every MoE layer's experts into contiguous
+// ranges (by --expert_split: the chips' measured GEMM speed, even, or weights) and shares each
+// step's rows evenly; everything else is replicated. In a pass each MoE layer's permuted rows
+// travel to their experts' ranks and back by four host-staged all-to-alls (the rows out and the
+// results back; their gradients in the backward). Gradients: the replicated params' summed over
+// all ranks, an expert's over the groups (the ranks that hold it); the norm counts each once.
+// Checkpoints hold every expert (gathered), so a run resumes on any --ep or on one device.
+class ExpertParallel final : public Strategy {
+ public:
+  explicit ExpertParallel(Trainer& t);  // groups, the experts' placement, before the graph
+  ~ExpertParallel() override;
+  int64_t pass_rows() override;  // the smallest rank's: every rank runs its passes in step
+  void plan() override;          // rows, the cuts, host buffers, the plan's description
+  double passes(uint64_t key, double total) override;
+  double grad_sumsq() override;  // reduces (replicated: all ranks; experts: over the groups)
+  double eval() override;
+  bool gather(Checkpoint& ck) override;  // every expert's weights and moments on rank 0
+  const ExpertShard* experts() const override { return &shard_; }
+  void run(Program& prog, int variant, size_t end) override;
+
+ private:
+  struct Exchange;  // expert_parallel.cpp: a pass's cut points and host buffers
+  std::vector<double> measure_seconds_per_expert();
+  void reduce_ranges(const std::vector<std::array<int64_t, 2>>& ranges, Communicator& c);
+
+  Trainer& t_;
+  int64_t ep_ = 1, index_ = 0, group_ = 0, groups_ = 1;
+  std::vector<int64_t> bounds_;  // experts of group rank i: [bounds_[i], bounds_[i + 1])
+  ExpertShard shard_;
+  std::unique_ptr<Communicator> group_comm_, replicas_;  // my group; my experts' holders
+  std::unique_ptr<Exchange> x_;
+  std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
+  std::vector<float> grads_host_, pack_;
+};
+
+// --ep's settings against the job's ranks (the multiple, the even rows, --expert_split): an
+// Error naming what is wrong. Checked before the ranks start, and by each rank.
+void check_expert_parallel(const TrainConfig& c, int64_t world);
+
+// A checkpoint's whole expert stacks (E, rows, cols), and their AdamW moments, cut to a shard's.
+TensorMap expert_slices(const TensorMap& whole, const ExpertShard& shard);
 
 }  // namespace mxn

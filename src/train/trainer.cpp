@@ -20,7 +20,8 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 }  // namespace
 
 Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward,
-                  int64_t first, int64_t last, int* seed, int* grad_in) {
+                  int64_t first, int64_t last, int* seed, int* grad_in,
+                  const ExpertShard* experts) {
   Graph g;
   g.matmul_compute = c.dtype == "bf16" ? DType::bf16 : DType::f32;
   g.recompute = c.recompute == 1;
@@ -41,8 +42,35 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   o.fused_head = c.fused_head;
   o.gelu_bf16 = c.gelu_bf16;
   o.attn_bf16 = c.attn_bf16;
+  if (experts && experts->count > 0) {  // a token sends each of its k experts' owners one row
+    o.expert_first = experts->first;
+    o.expert_count = experts->count;
+    o.expert_rows = experts->ranks * rows * c.seq_len() * std::min(d.top_k, experts->count);
+  }
   *m = build_decoder(g, d, rows, c.seq_len(), o);
   for (int off : m->router_offsets) g.mark_output(off);  // the step's expert load
+  if (!m->expert_cuts.empty()) {  // the gradients of the exchanged rows seed and leave the backward
+    MXN_CHECK(m->loss >= 0 && m->hidden_in < 0, "expert parallelism takes the whole model");
+    BackwardCuts cuts;
+    for (ExpertCut& x : m->expert_cuts) {
+      const std::string& xr = g.v(x.xr).name;  // <block>ep.xr
+      const std::string at = xr.substr(0, xr.size() - 2);
+      x.d_xp = g.input(at + "d_xp", g.v(x.xp).shape, DType::f32);
+      x.d_yr = g.input(at + "d_yr", g.v(x.yr).shape, DType::f32);
+      cuts.seeds.push_back({x.xp, x.d_xp});
+      cuts.seeds.push_back({x.yr, x.d_yr});
+      cuts.wrts.push_back(x.xr);
+      cuts.wrts.push_back(x.yp);
+    }
+    *n_forward = append_backward(g, m->loss, cuts);
+    for (size_t l = 0; l < m->expert_cuts.size(); ++l) {
+      m->expert_cuts[l].d_xr = cuts.wrt_grads[2 * l];
+      m->expert_cuts[l].d_yp = cuts.wrt_grads[2 * l + 1];
+      MXN_CHECK(cuts.wrt_grads[2 * l] >= 0 && cuts.wrt_grads[2 * l + 1] >= 0,
+                "an expert cut has no gradient");
+    }
+    return g;
+  }
   if (m->loss >= 0) {  // the whole model, or the last stage (which also sends d(hidden_in))
     int gi = -1;
     *n_forward = append_backward(g, m->loss, -1, m->hidden_in, &gi);
@@ -107,8 +135,9 @@ int Trainer::variant_for(int64_t rows) {
     DecoderGraph m;
     size_t nf = 0;
     const auto [first, last] = par_->layers();
-    p.variant =
-        rows == cap_ ? 0 : prog_->add_variant(train_graph(cfg_, rows, &m, &nf, first, last));
+    p.variant = rows == cap_ ? 0
+                             : prog_->add_variant(train_graph(cfg_, rows, &m, &nf, first, last,
+                                                              nullptr, nullptr, par_->experts()));
     p.tokens = prog_->tensor(m_.tokens, p.variant);
     if (m_.loss >= 0) {  // the last stage (or the whole model)
       p.targets = prog_->tensor(m_.targets, p.variant);
@@ -228,8 +257,46 @@ void Trainer::run_forward_only(int variant) {
                                     [&](ClassifierParams& c) { std::swap(c.grads, grads); });
   };
   swap_grads();
-  prog_->run(0, n_forward_, variant);
+  par_->run(*prog_, variant, n_forward_);
   swap_grads();
+}
+
+void Strategy::run(Program& prog, int variant, size_t end) { prog.run(0, end, variant); }
+
+void Trainer::pick_rows(uint64_t key, int64_t done, int64_t n) {
+  const int64_t T = cfg_.seq_len();
+  for (int64_t b = 0; b < n; ++b) {
+    const uint64_t row = uint64_t(row_begin_ + done + b);
+    offsets_[size_t(b)] = sft_set_ ? sft_row(key, int64_t(row), false)
+                                   : int64_t(mix64(key + row) % uint64_t(data_.n_train() - T - 1));
+    row_ids_[size_t(b)] = row;
+  }
+}
+
+double Trainer::eval_share() {
+  const int64_t T = cfg_.seq_len(), W = cfg_.eval_batches * cfg_.batch;
+  const int64_t span = cfg_.sft.empty() ? data_.n_val() - T - 1 : 0;
+  const uint64_t key = mix64(uint64_t(cfg_.seed) ^ 0x5eed0e7a1ull);
+  const double total = double(loss_tokens(key, 0, W, true));
+  sft_set_ = cfg_.sft.empty() ? nullptr : &sft_val_;
+  double sum = 0;
+  for (int64_t done = 0; done < eval_rows_;) {
+    const int64_t n = std::min(cap_, eval_rows_ - done);
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t row = eval_begin_ + done + b;
+      offsets_[size_t(b)] =
+          sft_set_ ? sft_row(key, row, true) : row * span / std::max<int64_t>(1, W - 1);
+      row_ids_[size_t(b)] = uint64_t(row);
+    }
+    const Pass& p = passes_[size_t(n)];
+    const double counted = double(fill_batch(data_.val(), n, key, true));
+    run_forward_only(p.variant);
+    float loss = 0;
+    dev_->download(&loss, p.loss);
+    sum += double(loss) * counted / total;
+    done += n;
+  }
+  return sum;
 }
 
 float Trainer::eval_loss() { return float(par_->eval()); }
@@ -307,8 +374,15 @@ void Trainer::load(const Checkpoint& ck) {
                   ", expected " + shape_str(dst.shape) + " f32");
     dev_->upload(dst, it->second.bytes.data());
   };
-  for (int p : prog_->graph().params()) put(ck.weights, prog_->graph().v(p).name, prog_->tensor(p));
-  opt_->load(ck.optimizer);
+  if (const ExpertShard* sh = par_->experts()) {  // the whole stacks sliced to this rank's experts
+    const TensorMap w = expert_slices(ck.weights, *sh), o = expert_slices(ck.optimizer, *sh);
+    for (int p : prog_->graph().params()) put(w, prog_->graph().v(p).name, prog_->tensor(p));
+    opt_->load(o);
+  } else {
+    for (int p : prog_->graph().params())
+      put(ck.weights, prog_->graph().v(p).name, prog_->tensor(p));
+    opt_->load(ck.optimizer);
+  }
   step_ = ck.trainer.at("step").get<int64_t>();
 }
 

@@ -40,14 +40,18 @@ struct Plan {
   bool device_direct = false;   // reduced by the devices' own collectives (NCCL), not via host
   std::string last_change;      // the latest correction, for the log ("" if none pending)
   std::string pipeline;         // with --pp: the stages, their layers and micro-batches
+  std::string experts;          // with --ep: the experts' placement and the exchanges
+  std::vector<int64_t> expert_bounds;  // with --ep: group rank i's experts [b[i], b[i + 1])
 };
 
 // The training graph for `rows` sequences: the whole model, or a pipeline stage's layers
 // [first, last) (last -1: to the end); a stage before the last gets the input "grad_out" that
 // seeds its backward (*seed) and keeps its input's gradient (*grad_in).
+// With `experts` (expert parallelism) the MoE layers hold that share of the experts and are
+// cut where tokens cross ranks (DecoderGraph::expert_cuts, their gradients' seeds and results).
 Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward,
-                  int64_t first = 0, int64_t last = -1, int* seed = nullptr,
-                  int* grad_in = nullptr);
+                  int64_t first = 0, int64_t last = -1, int* seed = nullptr, int* grad_in = nullptr,
+                  const ExpertShard* experts = nullptr);
 
 // Sequences per forward pass that fit in `free_bytes` (at most cfg.batch, at least 1): params,
 // grads and AdamW's moments are fixed, the activation arena grows with the rows; 10% is kept in
@@ -178,8 +182,13 @@ class Trainer {
   std::unique_ptr<Strategy> par_;
   friend class DataParallel;
   friend class Pipeline;
+  friend class ExpertParallel;
   int seed_value_ = -1, grad_in_value_ = -1;  // graph values: d(hidden_out), d(hidden_in)
   void run_forward_only(int variant);         // evaluation: no gradients from a fused head
+  // Rows [row_begin_ + done, + n) of step `key`'s global batch into offsets_ and row_ids_.
+  void pick_rows(uint64_t key, int64_t done, int64_t n);
+  // This rank's validation windows: their share of the mean validation loss (not reduced).
+  double eval_share();
   // The backward's seed, d(loss) = this pass's share of the batch, and the fused head's copy.
   void seed_backward(int variant, float dloss);
   double step_seconds_sum_ = 0;

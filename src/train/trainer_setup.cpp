@@ -145,6 +145,8 @@ void Trainer::setup_ranks(const DecoderConfig& model) {
   rank_ = comm_ ? comm_->rank() : 0;
   if (comm_ && cfg_.pp > 1)
     par_ = std::make_unique<Pipeline>(*this);
+  else if (comm_ && cfg_.ep > 1)
+    par_ = std::make_unique<ExpertParallel>(*this);
   else
     par_ = std::make_unique<DataParallel>(*this);
   const int64_t T = cfg_.seq_len();
@@ -160,7 +162,8 @@ void Trainer::build_program() {
   free_bytes_ = dev_->free_memory();
   cap_ = par_->pass_rows();  // what fits the device, or the pipeline's micro-batch
   const auto [first, last] = par_->layers();
-  Graph g = train_graph(cfg_, cap_, &m_, &n_forward_, first, last, &seed_value_, &grad_in_value_);
+  Graph g = train_graph(cfg_, cap_, &m_, &n_forward_, first, last, &seed_value_, &grad_in_value_,
+                        par_->experts());
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
   for (size_t n = 0; n < prog_->graph().nodes.size(); ++n) {
     const Node& node = prog_->graph().nodes[n];
@@ -230,13 +233,19 @@ void Trainer::load_weights(const Checkpoint* ck, const Adapter& start, const Dec
       upload_weights(*prog_, start.tensors, "adapter '" + cfg_.adapter + "'", WeightSet::trained);
     } else if (adapters) {
       for (int p : prog_->graph().params()) init_adapter(p);
-    } else if (!cfg_.model.dir.empty()) {  // fine-tuning: the folder's weights
-      upload_hf_weights(*prog_, cfg_.model.dir);
-    } else {
+    } else if (!cfg_.model.dir
+                    .empty()) {  // fine-tuning: the folder's weights (this rank's experts)
+      upload_hf_weights(*prog_, cfg_.model.dir, WeightSet::all,
+                        par_->experts() ? par_->experts()->first : 0);
+    } else {  // fresh: an expert stack's share of the whole one's values
       for (int p : prog_->graph().params()) {
         const Value& v = prog_->graph().v(p);
-        auto w = decoder_init_param(v.name, numel(v.shape), model, uint64_t(cfg_.seed));
-        dev_->upload(prog_->tensor(p), w.data());
+        const int64_t n = numel(v.shape);
+        const ExpertShard* sh = stacked_experts(v.name, v.shape) ? par_->experts() : nullptr;
+        const int64_t per = sh ? n / sh->count : 0;
+        auto w =
+            decoder_init_param(v.name, sh ? per * model.experts : n, model, uint64_t(cfg_.seed));
+        dev_->upload(prog_->tensor(p), w.data() + (sh ? per * sh->first : 0));
       }
     }
     opt_->zero();

@@ -1,0 +1,434 @@
+// Expert parallelism in the trainer (strategy.h has the overview). The training graph is cut at
+// each MoE layer's exchanges (DecoderGraph::expert_cuts): a pass runs the Program's nodes up to a
+// cut, moves rows between the group's ranks through the host, and goes on. The router's offsets
+// say how many of this rank's permuted rows go to each expert; since xp is in expert order and a
+// rank's experts are a contiguous range, the rows for rank q are one block of xp. A rank receives
+// each sender's block grouped by expert and regroups the rows expert-major (within an expert,
+// by sender: the single device's token order), so each expert's GEMM is over its rows in the
+// order one chip would have them. The results and gradients travel the same ways back.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+
+#include "core/error.h"
+#include "io/hf_folder.h"
+#include "parallel/balance.h"
+#include "train/strategy.h"
+#include "train/trainer.h"
+
+namespace mxn {
+namespace {
+
+enum class Kind { rows_out, results_back, grads_out, grads_back };
+
+// The first `rows` rows of a contiguous (rows', cols) tensor.
+Tensor head_rows(const Tensor& t, int64_t rows) {
+  return Tensor({rows, t.shape[1]}, t.dtype, t.buffer, t.offset);
+}
+
+}  // namespace
+
+struct ExpertParallel::Exchange {
+  struct Cut {
+    size_t at, layer;
+    Kind kind;
+  };
+  struct Layer {
+    Tensor offsets, xp, xr, local, yr, yp, d_xp, d_yr, d_xr, d_yp;
+  };
+  std::vector<Cut> cuts;                     // in node order
+  std::map<int, std::vector<Layer>> layers;  // by Program variant
+  Device* dev = nullptr;
+  Communicator* comm = nullptr;  // the group
+  const std::vector<int64_t>* bounds = nullptr;
+  int64_t E = 0, C = 0, ep = 1, me = 0;
+  std::vector<int64_t> counts;  // (layers, ep, E): rows group rank p sends expert e this pass
+  std::vector<double> sum;      // (ep, E): the counts' all-reduce
+  std::vector<int32_t> off, local;
+  std::vector<float> send, recv, stage;
+  std::vector<int64_t> send_at, recv_at;  // ep + 1 float offsets, this rank's view of rows out
+
+  int64_t count(size_t l, int64_t p, int64_t e) const {
+    return counts[(l * size_t(ep) + size_t(p)) * size_t(E) + size_t(e)];
+  }
+  int64_t first() const { return (*bounds)[size_t(me)]; }
+  int64_t mine() const { return (*bounds)[size_t(me + 1)] - first(); }
+
+  // The pass's routing of layer l, from every rank of the group (in the forward, once).
+  void learn_counts(size_t l, const Tensor& offsets) {
+    dev->download(off.data(), offsets);
+    std::fill(sum.begin(), sum.end(), 0.0);
+    for (int64_t e = 0; e < E; ++e)
+      sum[size_t(me * E + e)] = double(off[size_t(e + 1)] - off[size_t(e)]);
+    comm->all_reduce_sum(sum.data(), int64_t(sum.size()));
+    for (size_t i = 0; i < sum.size(); ++i) counts[l * sum.size() + i] = int64_t(sum[i]);
+  }
+
+  // Blocks of layer l's rows out: to rank q the rows of q's experts; from rank p those of mine.
+  // Also each local expert's first row in the regrouped rows.
+  void layout(size_t l) {
+    send_at.assign(1, 0);
+    recv_at.assign(1, 0);
+    for (int64_t q = 0; q < ep; ++q) {
+      int64_t to = 0, from = 0;
+      for (int64_t e = (*bounds)[size_t(q)]; e < (*bounds)[size_t(q + 1)]; ++e)
+        to += count(l, me, e);
+      for (int64_t e = first(); e < first() + mine(); ++e) from += count(l, q, e);
+      send_at.push_back(send_at.back() + to * C);
+      recv_at.push_back(recv_at.back() + from * C);
+    }
+    local.assign(1, 0);
+    for (int64_t e = first(); e < first() + mine(); ++e) {
+      int64_t n = 0;
+      for (int64_t p = 0; p < ep; ++p) n += count(l, p, e);
+      local.push_back(local.back() + int32_t(n));
+    }
+  }
+
+  // Rows in global expert order (xp, d_yp) to their experts' ranks, arriving grouped by local
+  // expert and, within one, by sender (xr, d_yr); with `offsets`, the groups' offsets too.
+  void out(size_t l, const Tensor& from, const Tensor& to, const Tensor* offsets) {
+    layout(l);
+    const int64_t n_from = send_at.back() / C, n_to = local.back();
+    if (n_from) dev->download(send.data(), head_rows(from, n_from));
+    comm->all_to_all(send.data(), send_at, recv.data(), recv_at);
+    float* at = stage.data();
+    for (int64_t e = first(); e < first() + mine(); ++e)
+      for (int64_t p = 0; p < ep; ++p) {
+        int64_t skip = 0;  // p's rows for my experts before e
+        for (int64_t f = first(); f < e; ++f) skip += count(l, p, f);
+        const int64_t n = count(l, p, e) * C;
+        std::memcpy(at, recv.data() + recv_at[size_t(p)] + skip * C, size_t(n) * 4);
+        at += n;
+      }
+    if (n_to) dev->upload(head_rows(to, n_to), stage.data());
+    if (offsets) dev->upload(*offsets, local.data());
+  }
+
+  // The inverse: rows grouped by local expert (yr, d_xr) back to their ranks, in the order they
+  // left (yp, d_xp).
+  void back(size_t l, const Tensor& from, const Tensor& to) {
+    layout(l);
+    const int64_t n_from = local.back(), n_to = send_at.back() / C;
+    if (n_from) dev->download(stage.data(), head_rows(from, n_from));
+    for (int64_t p = 0; p < ep; ++p) {
+      float* at = send.data() + recv_at[size_t(p)];
+      for (int64_t e = first(); e < first() + mine(); ++e) {
+        int64_t row = local[size_t(e - first())];  // expert e's rows from ranks before p
+        for (int64_t q = 0; q < p; ++q) row += count(l, q, e);
+        const int64_t n = count(l, p, e) * C;
+        std::memcpy(at, stage.data() + row * C, size_t(n) * 4);
+        at += n;
+      }
+    }
+    comm->all_to_all(send.data(), recv_at, recv.data(), send_at);
+    if (n_to) dev->upload(head_rows(to, n_to), recv.data());
+  }
+};
+
+void check_expert_parallel(const TrainConfig& c, int64_t world) {
+  const std::string ep = "--ep " + std::to_string(c.ep);
+  if (world % c.ep)
+    throw Error(ep + " needs a multiple of " + std::to_string(c.ep) + " ranks; the job has " +
+                std::to_string(world));
+  if (c.finetune != "full" || c.zero || c.pp > 1)
+    throw Error(ep +
+                " trains every weight for now: not with --finetune lora/ptuning, --zero 1 "
+                "or --pp");
+  if (c.batch % world)
+    throw Error(ep + " shares every step's sequences evenly over the ranks: --batch " +
+                std::to_string(c.batch) + " is not a multiple of the " + std::to_string(world) +
+                " ranks");
+  try {
+    parse_split(c.expert_split, int(c.ep));
+  } catch (const Error& e) {
+    throw Error("--expert_split: " + std::string(e.what()) + " (ranks of one " + ep + " group)");
+  }
+}
+
+ExpertParallel::ExpertParallel(Trainer& t) : t_(t) {
+  const DecoderConfig d = t.cfg_.decoder_config();
+  ep_ = t.cfg_.ep;
+  check_expert_parallel(t.cfg_, t.world_);
+  if (d.experts == 0)
+    throw Error("--ep " + std::to_string(ep_) +
+                " splits a mixture of experts' experts over ranks; this model is dense (train "
+                "--arch mixtral, qwen2_moe, qwen3_moe or glm4_moe, or --model a folder of one)");
+  if (ep_ > d.experts)
+    throw Error("--ep " + std::to_string(ep_) + ": more ranks than the model's " +
+                std::to_string(d.experts) + " experts a layer; each rank needs at least one");
+  if (t.cfg_.expert_split == "even" && d.experts % ep_)
+    throw Error("--ep " + std::to_string(ep_) + " --expert_split even: the model's " +
+                std::to_string(d.experts) + " experts a layer do not divide evenly over " +
+                std::to_string(ep_) + " ranks (give weights such as 3,2, or auto)");
+  index_ = t.rank_ % ep_;
+  group_ = t.rank_ / ep_;
+  groups_ = t.world_ / ep_;
+  group_comm_ = t.comm_->split(int(group_), int(index_));
+  replicas_ = t.comm_->split(int(index_), int(group_));
+  std::vector<double> sec = parse_split(t.cfg_.expert_split, int(ep_));  // checked above
+  if (sec.empty()) sec = measure_seconds_per_expert();
+  const std::vector<int64_t> n = split_rows(d.experts, sec);
+  bounds_.assign(1, 0);
+  for (int64_t x : n) bounds_.push_back(bounds_.back() + x);
+  shard_ = {bounds_[size_t(index_)], n[size_t(index_)], ep_};
+}
+
+ExpertParallel::~ExpertParallel() = default;
+
+// Each chip's seconds for one expert's share of a pass: its gate projection's GEMM over the rows
+// an even routing would give it, the faster of two timed runs after a warm-up; the mean over the
+// groups, so every group places the experts alike.
+std::vector<double> ExpertParallel::measure_seconds_per_expert() {
+  const DecoderConfig d = t_.cfg_.decoder_config();
+  const int64_t rows =
+      std::max<int64_t>(64, t_.cfg_.batch / t_.world_ * t_.cfg_.seq_len() * d.top_k / d.experts);
+  Graph g;
+  const int y = g.matmul(g.input("x", {rows, d.hidden}, DType::f32),
+                         g.param("w", {d.moe_ffn, d.hidden}, true), false, true);
+  g.mark_output(y);
+  Program prog(std::move(g), *t_.dev_, false);
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    prog.run(0, prog.graph().nodes.size());
+    t_.dev_->synchronize();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = rep == 1 ? s : std::min(best, s);
+  }
+  std::vector<double> sec(size_t(ep_), 0.0);
+  sec[size_t(index_)] = best / double(groups_);
+  t_.comm_->all_reduce_sum(sec.data(), ep_);
+  return sec;
+}
+
+// Every rank runs the same passes at the same time (each is a round of exchanges), so all take
+// the smallest rank's rows per pass, and no more than a rank's share of the step.
+int64_t ExpertParallel::pass_rows() {
+  std::vector<double> caps(size_t(t_.world_), 0.0);
+  caps[size_t(t_.rank_)] = double(rows_per_pass(t_.cfg_, t_.free_bytes_));
+  t_.comm_->all_reduce_sum(caps.data(), t_.world_);
+  const int64_t share = t_.cfg_.batch * t_.cfg_.accum / t_.world_;
+  return std::min(share, int64_t(*std::min_element(caps.begin(), caps.end())));
+}
+
+void ExpertParallel::plan() {
+  Trainer& t = t_;
+  const int64_t world = t.world_, W = t.cfg_.eval_batches * t.cfg_.batch;
+  t.rows_ = t.cfg_.batch * t.cfg_.accum / world;
+  t.eval_rows_ = W / world;
+  t.row_begin_ = t.rank_ * t.rows_;
+  t.eval_begin_ = t.rank_ * t.eval_rows_;
+  for (int64_t n : {t.rows_, t.eval_rows_}) {
+    t.variant_for(std::min(n, t.cap_));
+    if (n % t.cap_) t.variant_for(n % t.cap_);
+  }
+  const DecoderConfig d = t.cfg_.decoder_config();
+  const Graph& g = t.prog_->graph();
+  x_ = std::make_unique<Exchange>();
+  Exchange& x = *x_;
+  x.dev = t.dev_.get();
+  x.comm = group_comm_.get();
+  x.bounds = &bounds_;
+  x.E = d.experts, x.C = d.hidden, x.ep = ep_, x.me = index_;
+  // The cuts: before the first node that reads what crosses, after the last that writes what
+  // leaves (checked: the graph's order must allow it).
+  auto first_reading = [&](int v) {
+    for (size_t i = 0; i < g.nodes.size(); ++i)
+      if (std::find(g.nodes[i].in.begin(), g.nodes[i].in.end(), v) != g.nodes[i].in.end()) return i;
+    return g.nodes.size();
+  };
+  auto cut = [&](size_t l, Kind k, int leaves, int arrives) {
+    const size_t at = first_reading(arrives);
+    for (size_t i = at; i < g.nodes.size(); ++i)
+      for (int o : g.nodes[i].out)
+        MXN_CHECK(o != leaves, "expert parallelism: a cut's rows are written after it");
+    x.cuts.push_back({at, l, k});
+  };
+  const std::vector<ExpertCut>& ec = t.m_.expert_cuts;
+  for (size_t l = 0; l < ec.size(); ++l) {
+    cut(l, Kind::rows_out, ec[l].xp, ec[l].xr);
+    cut(l, Kind::results_back, ec[l].yr, ec[l].yp);
+    cut(l, Kind::grads_out, ec[l].d_yp, ec[l].d_yr);
+    cut(l, Kind::grads_back, ec[l].d_xr, ec[l].d_xp);
+  }
+  std::sort(x.cuts.begin(), x.cuts.end(),
+            [](const Exchange::Cut& a, const Exchange::Cut& b) { return a.at < b.at; });
+  for (const Trainer::Pass& p : t.passes_) {
+    if (p.variant < 0) continue;
+    std::vector<Exchange::Layer>& ls = x.layers[p.variant];
+    for (const ExpertCut& c : ec) {
+      auto at = [&](int v) { return t.prog_->tensor(v, p.variant); };
+      ls.push_back({at(c.offsets), at(c.xp), at(c.xr), at(c.local_offsets), at(c.yr), at(c.yp),
+                    at(c.d_xp), at(c.d_yr), at(c.d_xr), at(c.d_yp)});
+    }
+  }
+  const int64_t rows_out = ec.empty() ? 0 : numel(g.v(ec[0].xp).shape);
+  const int64_t rows_in = ec.empty() ? 0 : numel(g.v(ec[0].xr).shape);
+  x.counts.assign(ec.size() * size_t(ep_ * d.experts), 0);
+  x.sum.assign(size_t(ep_ * d.experts), 0.0);
+  x.off.assign(size_t(d.experts + 1), 0);
+  x.send.assign(size_t(std::max(rows_out, rows_in)), 0.f);
+  x.recv.assign(x.send.size(), 0.f);
+  x.stage.assign(size_t(rows_in), 0.f);
+  // The flat gradient's ranges: an expert stack's own, the rest shared by every rank.
+  for (int p : g.params()) {
+    const Value& v = g.v(p);
+    const std::array<int64_t, 2> r{int64_t(v.offset / 4), numel(v.shape)};
+    (stacked_experts(v.name, v.shape) ? expert_ : shared_).push_back(r);
+  }
+  grads_host_.assign(size_t(t.prog_->param_count()), 0.f);
+  pack_.reserve(grads_host_.size());
+  t.plan_.ranks.assign(size_t(world), {});
+  for (RankPlan& r : t.plan_.ranks) r.rows = t.rows_, r.cap = t.cap_;
+  t.plan_.expert_bounds = bounds_;
+  std::string& s = t.plan_.experts;
+  s = std::to_string(groups_) + (groups_ > 1 ? " groups" : " group") + " of " +
+      std::to_string(ep_) + " ranks split each MoE layer's " + std::to_string(d.experts) +
+      " experts (" + t.cfg_.expert_split + "); " + std::to_string(t.rows_) +
+      " sequences a rank, passes of " + std::to_string(t.cap_) +
+      ", 4 host-staged all-to-alls a MoE layer a pass";
+}
+
+void ExpertParallel::run(Program& prog, int variant, size_t end) {
+  const std::vector<Exchange::Layer>& ls = x_->layers.at(variant);
+  size_t at = 0;
+  for (const Exchange::Cut& c : x_->cuts) {
+    if (c.at >= end) break;
+    prog.run(at, c.at, variant);
+    at = c.at;
+    const Exchange::Layer& L = ls[c.layer];
+    switch (c.kind) {
+      case Kind::rows_out:
+        x_->learn_counts(c.layer, L.offsets);
+        x_->out(c.layer, L.xp, L.xr, &L.local);
+        break;
+      case Kind::results_back:
+        x_->back(c.layer, L.yr, L.yp);
+        break;
+      case Kind::grads_out:
+        x_->out(c.layer, L.d_yp, L.d_yr, nullptr);
+        break;
+      case Kind::grads_back:
+        x_->back(c.layer, L.d_xr, L.d_xp);
+        break;
+    }
+  }
+  prog.run(at, end, variant);
+}
+
+double ExpertParallel::passes(uint64_t key, double total) {
+  Trainer& t = t_;
+  const size_t nodes = t.prog_->graph().nodes.size();
+  double loss_sum = 0;
+  for (int64_t done = 0; done < t.rows_;) {
+    const int64_t n = std::min(t.cap_, t.rows_ - done);
+    t.pick_rows(key, done, n);
+    const Trainer::Pass& p = t.passes_[size_t(n)];
+    const double counted = double(t.fill_batch(t.data_.train(), n, key, false));
+    t.seed_backward(p.variant, float(counted / total));  // as DataParallel: shares add up
+    run(*t.prog_, p.variant, nodes);
+    float loss = 0;
+    t.dev_->download(&loss, p.loss);
+    loss_sum += double(loss) * counted / total;
+    t.count_experts(p);
+    done += n;
+  }
+  t.comm_->all_reduce_sum(&loss_sum, 1);
+  return loss_sum;
+}
+
+void ExpertParallel::reduce_ranges(const std::vector<std::array<int64_t, 2>>& ranges,
+                                   Communicator& c) {
+  pack_.clear();
+  for (auto [at, n] : ranges)
+    pack_.insert(pack_.end(), &grads_host_[size_t(at)], &grads_host_[size_t(at)] + n);
+  c.all_reduce_sum(pack_.data(), int64_t(pack_.size()));
+  const float* from = pack_.data();
+  for (auto [at, n] : ranges) {
+    std::copy(from, from + n, &grads_host_[size_t(at)]);
+    from += n;
+  }
+}
+
+double ExpertParallel::grad_sumsq() {
+  const Tensor g = t_.prog_->grads_all();
+  t_.dev_->download(grads_host_.data(), g);
+  reduce_ranges(shared_, *t_.comm_);
+  if (groups_ > 1) reduce_ranges(expert_, *replicas_);
+  t_.dev_->upload(g, grads_host_.data());
+  double sq[2] = {0, 0};  // the shared params' (alike on every rank), this rank's experts'
+  for (int k = 0; k < 2; ++k)
+    for (auto [at, n] : k ? expert_ : shared_)
+      for (int64_t i = at; i < at + n; ++i)
+        sq[k] += double(grads_host_[size_t(i)]) * grads_host_[size_t(i)];
+  group_comm_->all_reduce_sum(&sq[1], 1);
+  return sq[0] + sq[1];
+}
+
+double ExpertParallel::eval() {
+  double sum = t_.eval_share();
+  t_.comm_->all_reduce_sum(&sum, 1);
+  return sum;
+}
+
+bool ExpertParallel::gather(Checkpoint& ck) {
+  // Group 0 holds every expert once: its ranks gather each stack (weights and moments) to rank 0,
+  // param by param in the graph's order, the same on every rank.
+  ck.weights.clear();
+  ck.optimizer.clear();
+  if (group_ != 0) return false;
+  const bool lead = index_ == 0;
+  const int64_t E = t_.cfg_.decoder_config().experts;
+  const Graph& g = t_.prog_->graph();
+  std::vector<float> whole;
+  for (int p : g.params()) {
+    const Value& v = g.v(p);
+    const bool stack = stacked_experts(v.name, v.shape);
+    for (int i = 0; i < 3; ++i) {
+      const Tensor src = i == 0 ? t_.prog_->tensor(p) : t_.opt_->moment(i - 1, v);
+      const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
+      TensorMap& into = i == 0 ? ck.weights : ck.optimizer;
+      if (!stack) {
+        if (!lead) continue;
+        HostTensor h(v.shape, DType::f32);
+        t_.dev_->download(h.bytes.data(), src);
+        into.emplace(key, std::move(h));
+        continue;
+      }
+      const int64_t per = v.shape[1] * v.shape[2];
+      whole.resize(size_t(E * per));
+      t_.dev_->download(whole.data() + bounds_[size_t(index_)] * per, src);
+      std::vector<int64_t> at;
+      for (int64_t b : bounds_) at.push_back(b * per);
+      group_comm_->gather(whole.data(), at, 0);
+      if (!lead) continue;
+      HostTensor h({E, v.shape[1], v.shape[2]}, DType::f32);
+      std::memcpy(h.bytes.data(), whole.data(), h.bytes.size());
+      into.emplace(key, std::move(h));
+    }
+  }
+  return lead;
+}
+
+TensorMap expert_slices(const TensorMap& whole, const ExpertShard& shard) {
+  TensorMap out;
+  for (const auto& [name, t] : whole) {
+    if (!stacked_experts(name, t.shape) || t.dtype != DType::f32) {
+      out.emplace(name, t);
+      continue;
+    }
+    if (shard.first + shard.count > t.shape[0])
+      throw Error("checkpoint tensor '" + name + "' has " + std::to_string(t.shape[0]) +
+                  " experts; this rank holds experts " + std::to_string(shard.first) + ".." +
+                  std::to_string(shard.first + shard.count - 1));
+    HostTensor h({shard.count, t.shape[1], t.shape[2]}, DType::f32);
+    const size_t per = size_t(t.shape[1] * t.shape[2]) * 4;
+    std::memcpy(h.bytes.data(), t.bytes.data() + size_t(shard.first) * per, h.bytes.size());
+    out.emplace(name, std::move(h));
+  }
+  return out;
+}
+
+}  // namespace mxn
