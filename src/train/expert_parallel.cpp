@@ -8,6 +8,7 @@
 // order one chip would have them. The results and gradients travel the same ways back.
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <map>
 
@@ -136,10 +137,11 @@ void check_expert_parallel(const TrainConfig& c, int64_t world) {
     throw Error(ep +
                 " trains every weight for now: not with --finetune lora/ptuning, --zero 1 "
                 "or --pp");
-  if (c.batch % world)
-    throw Error(ep + " shares every step's sequences evenly over the ranks: --batch " +
-                std::to_string(c.batch) + " is not a multiple of the " + std::to_string(world) +
-                " ranks");
+  if (c.batch < world)
+    throw Error("the global batch (" + std::to_string(c.batch) +
+                " sequences) is smaller than the " + std::to_string(world) +
+                " ranks: each needs at least one");
+  parse_split(c.split, int(world));
   try {
     parse_split(c.expert_split, int(c.ep));
   } catch (const Error& e) {
@@ -167,8 +169,23 @@ ExpertParallel::ExpertParallel(Trainer& t) : t_(t) {
   groups_ = t.world_ / ep_;
   group_comm_ = t.comm_->split(int(group_), int(index_));
   replicas_ = t.comm_->split(int(index_), int(group_));
-  std::vector<double> sec = parse_split(t.cfg_.expert_split, int(ep_));  // checked above
-  if (sec.empty()) sec = measure_seconds_per_expert();
+  row_sec_ = parse_split(t.cfg_.split, int(t.world_));  // both checked above
+  std::vector<double> sec = parse_split(t.cfg_.expert_split, int(ep_));
+  if (row_sec_.empty() || sec.empty()) {  // auto: shares in proportion to the measured speed
+    const std::vector<double> measured = measure_seconds();
+    if (row_sec_.empty()) row_sec_ = measured;
+    if (sec.empty()) {  // the mean over the groups, so that every group places the experts alike
+      sec.assign(size_t(ep_), 0.0);
+      for (int64_t r = 0; r < t.world_; ++r) sec[size_t(r % ep_)] += measured[size_t(r)];
+    }
+    speeds_ = "; measured an expert's GEMM in";
+    for (double x : measured) {
+      char ms[32];
+      std::snprintf(ms, sizeof(ms), " %.3g", x * 1e3);
+      speeds_ += ms;
+    }
+    speeds_ += " ms";
+  }
   const std::vector<int64_t> n = split_rows(d.experts, sec);
   bounds_.assign(1, 0);
   for (int64_t x : n) bounds_.push_back(bounds_.back() + x);
@@ -177,10 +194,9 @@ ExpertParallel::ExpertParallel(Trainer& t) : t_(t) {
 
 ExpertParallel::~ExpertParallel() = default;
 
-// Each chip's seconds for one expert's share of a pass: its gate projection's GEMM over the rows
-// an even routing would give it, the faster of two timed runs after a warm-up; the mean over the
-// groups, so every group places the experts alike.
-std::vector<double> ExpertParallel::measure_seconds_per_expert() {
+// Each rank's seconds for one expert's share of a pass: its gate projection's GEMM over the rows
+// an even routing would give it, the faster of two timed runs after a warm-up.
+std::vector<double> ExpertParallel::measure_seconds() {
   const DecoderConfig d = t_.cfg_.decoder_config();
   const int64_t rows =
       std::max<int64_t>(64, t_.cfg_.batch / t_.world_ * t_.cfg_.seq_len() * d.top_k / d.experts);
@@ -197,32 +213,71 @@ std::vector<double> ExpertParallel::measure_seconds_per_expert() {
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = rep == 1 ? s : std::min(best, s);
   }
-  std::vector<double> sec(size_t(ep_), 0.0);
-  sec[size_t(index_)] = best / double(groups_);
-  t_.comm_->all_reduce_sum(sec.data(), ep_);
+  std::vector<double> sec(size_t(t_.world_), 0.0);
+  sec[size_t(t_.rank_)] = best;
+  t_.comm_->all_reduce_sum(sec.data(), t_.world_);
   return sec;
 }
 
-// Every rank runs the same passes at the same time (each is a round of exchanges), so all take
-// the smallest rank's rows per pass, and no more than a rank's share of the step.
+namespace {
+
+// Every rank runs the same number of passes, each of at least one row and at most the rank's
+// memory allows: the fewest that fit; a rank with fewer rows than passes gets some from the rank
+// with the most (whole sequences: a slow chip's share is at least the pass count).
+int64_t common_passes(std::vector<int64_t>& rows, const std::vector<int64_t>& cap) {
+  int64_t n = 1;
+  for (size_t r = 0; r < rows.size(); ++r) n = std::max(n, (rows[r] + cap[r] - 1) / cap[r]);
+  for (;;) {
+    const auto small = std::min_element(rows.begin(), rows.end());
+    if (*small >= n) return n;
+    const auto big = std::max_element(rows.begin(), rows.end());
+    if (*big <= n)
+      throw Error("expert parallelism: " + std::to_string(rows.size()) + " ranks cannot each " +
+                  "run " + std::to_string(n) + " passes of at least one sequence (a rank's " +
+                  "memory takes few sequences a pass: raise --batch, or give --split weights)");
+    --*big;
+    ++*small;
+  }
+}
+
+int64_t most_a_pass(int64_t rows, int64_t passes) { return (rows + passes - 1) / passes; }
+
+}  // namespace
+
+// Each rank's rows of a step and of the validation windows, and the passes every rank runs: from
+// every rank's memory (sequences a pass) and the rows' weights. The local experts take up to the
+// group's largest passes together.
 int64_t ExpertParallel::pass_rows() {
-  std::vector<double> caps(size_t(t_.world_), 0.0);
+  const int64_t world = t_.world_;
+  std::vector<double> caps(size_t(world), 0.0);
   caps[size_t(t_.rank_)] = double(rows_per_pass(t_.cfg_, t_.free_bytes_));
-  t_.comm_->all_reduce_sum(caps.data(), t_.world_);
-  const int64_t share = t_.cfg_.batch * t_.cfg_.accum / t_.world_;
-  return std::min(share, int64_t(*std::min_element(caps.begin(), caps.end())));
+  t_.comm_->all_reduce_sum(caps.data(), world);
+  const std::vector<int64_t> cap(caps.begin(), caps.end());
+  rows_ = split_rows(t_.cfg_.batch * t_.cfg_.accum, row_sec_);
+  eval_rows_ = split_rows(t_.cfg_.eval_batches * t_.cfg_.batch, row_sec_);
+  passes_ = common_passes(rows_, cap);
+  eval_passes_ = common_passes(eval_rows_, cap);
+  int64_t in = 0, eval_in = 0;
+  for (int64_t r = group_ * ep_; r < (group_ + 1) * ep_; ++r) {
+    in += most_a_pass(rows_[size_t(r)], passes_);
+    eval_in += most_a_pass(eval_rows_[size_t(r)], eval_passes_);
+  }
+  shard_.rows_in = std::max(in, eval_in);
+  const size_t me = size_t(t_.rank_);
+  return std::max(most_a_pass(rows_[me], passes_), most_a_pass(eval_rows_[me], eval_passes_));
 }
 
 void ExpertParallel::plan() {
   Trainer& t = t_;
-  const int64_t world = t.world_, W = t.cfg_.eval_batches * t.cfg_.batch;
-  t.rows_ = t.cfg_.batch * t.cfg_.accum / world;
-  t.eval_rows_ = W / world;
-  t.row_begin_ = t.rank_ * t.rows_;
-  t.eval_begin_ = t.rank_ * t.eval_rows_;
-  for (int64_t n : {t.rows_, t.eval_rows_}) {
-    t.variant_for(std::min(n, t.cap_));
-    if (n % t.cap_) t.variant_for(n % t.cap_);
+  const int64_t world = t.world_;
+  const size_t me = size_t(t.rank_);
+  t.rows_ = rows_[me];
+  t.eval_rows_ = eval_rows_[me];
+  t.row_begin_ = t.eval_begin_ = 0;
+  for (size_t r = 0; r < me; ++r) t.row_begin_ += rows_[r], t.eval_begin_ += eval_rows_[r];
+  for (auto [n, k] : {std::pair{t.rows_, passes_}, std::pair{t.eval_rows_, eval_passes_}}) {
+    t.variant_for(n / k);  // passes of n / k rows, and the first n % k of one more
+    if (n % k) t.variant_for(n / k + 1);
   }
   const DecoderConfig d = t.cfg_.decoder_config();
   const Graph& g = t.prog_->graph();
@@ -281,14 +336,16 @@ void ExpertParallel::plan() {
   grads_host_.assign(size_t(t.prog_->param_count()), 0.f);
   pack_.reserve(grads_host_.size());
   t.plan_.ranks.assign(size_t(world), {});
-  for (RankPlan& r : t.plan_.ranks) r.rows = t.rows_, r.cap = t.cap_;
+  for (int64_t r = 0; r < world; ++r)
+    t.plan_.ranks[size_t(r)].rows = rows_[size_t(r)],
+    t.plan_.ranks[size_t(r)].cap = most_a_pass(rows_[size_t(r)], passes_);
   t.plan_.expert_bounds = bounds_;
   std::string& s = t.plan_.experts;
   s = std::to_string(groups_) + (groups_ > 1 ? " groups" : " group") + " of " +
       std::to_string(ep_) + " ranks split each MoE layer's " + std::to_string(d.experts) +
-      " experts (" + t.cfg_.expert_split + "); " + std::to_string(t.rows_) +
-      " sequences a rank, passes of " + std::to_string(t.cap_) +
-      ", 4 host-staged all-to-alls a MoE layer a pass";
+      " experts (" + t.cfg_.expert_split + ") and the ranks the rows (" + t.cfg_.split + ") in " +
+      std::to_string(passes_) + (passes_ > 1 ? " passes" : " pass") +
+      " a step; 4 host-staged all-to-alls a MoE layer a pass" + speeds_;
 }
 
 void ExpertParallel::run(Program& prog, int variant, size_t end) {
@@ -322,8 +379,8 @@ double ExpertParallel::passes(uint64_t key, double total) {
   Trainer& t = t_;
   const size_t nodes = t.prog_->graph().nodes.size();
   double loss_sum = 0;
-  for (int64_t done = 0; done < t.rows_;) {
-    const int64_t n = std::min(t.cap_, t.rows_ - done);
+  for (int64_t i = 0, done = 0; i < passes_; ++i) {
+    const int64_t n = t.rows_ / passes_ + (i < t.rows_ % passes_);
     t.pick_rows(key, done, n);
     const Trainer::Pass& p = t.passes_[size_t(n)];
     const double counted = double(t.fill_batch(t.data_.train(), n, key, false));
@@ -368,7 +425,7 @@ double ExpertParallel::grad_sumsq() {
 }
 
 double ExpertParallel::eval() {
-  double sum = t_.eval_share();
+  double sum = t_.eval_share(eval_passes_);
   t_.comm_->all_reduce_sum(&sum, 1);
   return sum;
 }

@@ -38,7 +38,7 @@ class Program;
 // Expert parallelism: a rank's experts of each MoE layer.
 struct ExpertShard {
   int64_t first = 0, count = 0;  // experts [first, first + count)
-  int64_t ranks = 1;             // the ranks whose tokens they take (the group's)
+  int64_t rows_in = 0;           // the most sequences a pass of all the group's ranks has together
 };
 
 class Strategy {
@@ -136,17 +136,19 @@ class Pipeline final : public Strategy {
 };
 
 // --ep N: each group of N consecutive ranks splits every MoE layer's experts into contiguous
-// ranges (by --expert_split: the chips' measured GEMM speed, even, or weights) and shares each
-// step's rows evenly; everything else is replicated. In a pass each MoE layer's permuted rows
-// travel to their experts' ranks and back by four host-staged all-to-alls (the rows out and the
-// results back; their gradients in the backward). Gradients: the replicated params' summed over
-// all ranks, an expert's over the groups (the ranks that hold it); the norm counts each once.
-// Checkpoints hold every expert (gathered), so a run resumes on any --ep or on one device.
+// ranges (by --expert_split: the chips' measured GEMM speed, even, or weights) and the ranks share
+// each step's rows (by --split: the same measured speed, even, or weights); everything else is
+// replicated. Every rank runs the same number of passes (of its own size), in step. In a pass each
+// MoE layer's permuted rows travel to their experts' ranks and back by four host-staged all-to-alls
+// (the rows out and the results back; their gradients in the backward). Gradients: the replicated
+// params' summed over all ranks, an expert's over the groups (the ranks that hold it); the norm
+// counts each once. Checkpoints hold every expert (gathered), so a run resumes on any --ep or on
+// one device.
 class ExpertParallel final : public Strategy {
  public:
   explicit ExpertParallel(Trainer& t);  // groups, the experts' placement, before the graph
   ~ExpertParallel() override;
-  int64_t pass_rows() override;  // the smallest rank's: every rank runs its passes in step
+  int64_t pass_rows() override;  // the rows' split and the passes, from every rank's memory
   void plan() override;          // rows, the cuts, host buffers, the plan's description
   double passes(uint64_t key, double total) override;
   double grad_sumsq() override;  // reduces (replicated: all ranks; experts: over the groups)
@@ -157,12 +159,16 @@ class ExpertParallel final : public Strategy {
 
  private:
   struct Exchange;  // expert_parallel.cpp: a pass's cut points and host buffers
-  std::vector<double> measure_seconds_per_expert();
+  std::vector<double> measure_seconds();  // each rank's, of one GEMM like an expert's
   void reduce_ranges(const std::vector<std::array<int64_t, 2>>& ranges, Communicator& c);
 
   Trainer& t_;
   int64_t ep_ = 1, index_ = 0, group_ = 0, groups_ = 1;
-  std::vector<int64_t> bounds_;  // experts of group rank i: [bounds_[i], bounds_[i + 1])
+  std::vector<double> row_sec_;            // per rank: --split's stand-ins, or measured
+  std::vector<int64_t> rows_, eval_rows_;  // per rank: a step's sequences, the windows
+  int64_t passes_ = 1, eval_passes_ = 1;   // every rank runs this many, in step
+  std::string speeds_;                     // the measured GEMM times, for the plan
+  std::vector<int64_t> bounds_;            // experts of group rank i: [bounds_[i], bounds_[i + 1])
   ExpertShard shard_;
   std::unique_ptr<Communicator> group_comm_, replicas_;  // my group; my experts' holders
   std::unique_ptr<Exchange> x_;
@@ -170,7 +176,7 @@ class ExpertParallel final : public Strategy {
   std::vector<float> grads_host_, pack_;
 };
 
-// --ep's settings against the job's ranks (the multiple, the even rows, --expert_split): an
+// --ep's settings against the job's ranks (the multiple, --split and --expert_split): an
 // Error naming what is wrong. Checked before the ranks start, and by each rank.
 void check_expert_parallel(const TrainConfig& c, int64_t world);
 

@@ -42,10 +42,10 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   o.fused_head = c.fused_head;
   o.gelu_bf16 = c.gelu_bf16;
   o.attn_bf16 = c.attn_bf16;
-  if (experts && experts->count > 0) {  // a token sends each of its k experts' owners one row
+  if (experts && experts->count > 0) {  // a token sends its k experts' owner one row each
     o.expert_first = experts->first;
     o.expert_count = experts->count;
-    o.expert_rows = experts->ranks * rows * c.seq_len() * std::min(d.top_k, experts->count);
+    o.expert_rows = experts->rows_in * c.seq_len() * std::min(d.top_k, experts->count);
   }
   *m = build_decoder(g, d, rows, c.seq_len(), o);
   for (int off : m->router_offsets) g.mark_output(off);  // the step's expert load
@@ -273,15 +273,16 @@ void Trainer::pick_rows(uint64_t key, int64_t done, int64_t n) {
   }
 }
 
-double Trainer::eval_share() {
+double Trainer::eval_share(int64_t passes) {
   const int64_t T = cfg_.seq_len(), W = cfg_.eval_batches * cfg_.batch;
   const int64_t span = cfg_.sft.empty() ? data_.n_val() - T - 1 : 0;
   const uint64_t key = mix64(uint64_t(cfg_.seed) ^ 0x5eed0e7a1ull);
   const double total = double(loss_tokens(key, 0, W, true));
   sft_set_ = cfg_.sft.empty() ? nullptr : &sft_val_;
   double sum = 0;
-  for (int64_t done = 0; done < eval_rows_;) {
-    const int64_t n = std::min(cap_, eval_rows_ - done);
+  for (int64_t done = 0, i = 0; done < eval_rows_; ++i) {
+    const int64_t n = passes > 0 ? eval_rows_ / passes + (i < eval_rows_ % passes)
+                                 : std::min(cap_, eval_rows_ - done);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t row = eval_begin_ + done + b;
       offsets_[size_t(b)] =

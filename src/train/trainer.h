@@ -187,8 +187,9 @@ class Trainer {
   void run_forward_only(int variant);         // evaluation: no gradients from a fused head
   // Rows [row_begin_ + done, + n) of step `key`'s global batch into offsets_ and row_ids_.
   void pick_rows(uint64_t key, int64_t done, int64_t n);
-  // This rank's validation windows: their share of the mean validation loss (not reduced).
-  double eval_share();
+  // This rank's validation windows: their share of the mean validation loss (not reduced), in
+  // passes of up to cap_ rows, or in `passes` passes as even as can be.
+  double eval_share(int64_t passes = 0);
   // The backward's seed, d(loss) = this pass's share of the batch, and the fused head's copy.
   void seed_backward(int variant, float dloss);
   double step_seconds_sum_ = 0;
