@@ -6,7 +6,9 @@
 # step time, and, last, 'heterogeneous efficiency: X.XX' = mixed tokens/s / sum of standalone.
 # Not a test: timings are noisy. Run scripts/setup first.
 # Environment: DEVICES (default cpu,opencl:0), STEPS (timed steps, default 6), BATCH (default 64),
-# BUILD_DIR (default build).
+# BUILD_DIR (default build). MOE=1: the same shape as a Mixtral-style mixture of experts (16
+# experts of width 128, top-2), the mixed job run twice: data parallel (every rank all experts)
+# and expert parallel (--ep over the devices: experts and rows placed by measured speed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 devices="${DEVICES:-cpu,opencl:0}"
@@ -25,6 +27,10 @@ export POCL_MAX_PTHREAD_COUNT=1
 job=(--n_layer 4 --n_embd 128 --n_head 4 --n_ctx 256 --batch "$batch" --threads 1
      --steps $((steps + 1)) --eval_every 0 --eval_batches 1 --ckpt_every 0 --log_every 1000
      --data data/kjv.bin)
+moe="${MOE:-0}"
+if [[ $moe == 1 ]]; then
+  job+=(--arch mixtral --n_kv_head 4 --experts 16 --top_k 2 --moe_ffn 128 --router_aux_coef 0)
+fi
 tps() {  # tokens/s from the median step time, the first (warm-up) step left out
   /usr/bin/python3 - "$1/metrics.jsonl" "$((batch * 256))" <<'PY'
 import json, statistics, sys
@@ -33,7 +39,9 @@ print(f"{int(sys.argv[2]) / statistics.median(r['step_s'] for r in rows):.1f}")
 PY
 }
 
-echo "GPT-2 4x128, context 256, $batch sequences/step, f32, 1 thread per device; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+shape="GPT-2 4x128"
+[[ $moe == 1 ]] && shape="Mixtral-style MoE 4x128, 16 experts x 128, top-2"
+echo "$shape, context 256, $batch sequences/step, f32, 1 thread per device; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 alone() {  # device index, run name -> tokens/s of that device alone on its own core
   taskset -c "$1" "$mxn" train "${job[@]}" --device "${devs[$1]}" --out "$tmp/$2" > /dev/null
   tps "$tmp/$2"
@@ -44,6 +52,10 @@ declare -a before after
 for i in "${!devs[@]}"; do before[$i]=$(alone "$i" "before$i"); done
 "$mxn" train "${job[@]}" --devices "$devices" --out "$tmp/mixed" > "$tmp/mixed.log"
 mixed=$(tps "$tmp/mixed")
+if [[ $moe == 1 ]]; then
+  "$mxn" train "${job[@]}" --devices "$devices" --ep "${#devs[@]}" --out "$tmp/ep" > "$tmp/ep.log"
+  ep=$(tps "$tmp/ep")
+fi
 for i in "${!devs[@]}"; do after[$i]=$(alone "$i" "after$i"); done
 sum=0
 for i in "${!devs[@]}"; do
@@ -55,4 +67,11 @@ done
 grep -E '^    rank |predicted step time|^plan:' "$tmp/mixed.log" | sed 's/^ */  /'
 printf '  sum of standalone:          %10.1f tokens/s\n' "$sum"
 printf '  mixed job (%s): %10.1f tokens/s\n' "$devices" "$mixed"
+if [[ $moe == 1 ]]; then
+  grep -E '^  plan: expert|^    rank ' "$tmp/ep.log" | sed 's/^ */  /'
+  printf '  expert parallel (--ep %d): %10.1f tokens/s\n' "${#devs[@]}" "$ep"
+  /usr/bin/python3 -c "print(f'heterogeneous efficiency, data parallel: {$mixed / $sum:.2f}')"
+  /usr/bin/python3 -c "print(f'heterogeneous efficiency, expert parallel: {$ep / $sum:.2f}')"
+  exit 0
+fi
 /usr/bin/python3 -c "print(f'heterogeneous efficiency: {$mixed / $sum:.2f}')"

@@ -336,9 +336,23 @@ int swiglu_mlp(Builder& b, const std::string& p, int h, int64_t F) {
   return b.linear(b.g.swiglu(gt, up, 0, 0, F), p + "down_proj", F, C, false);
 }
 
+// The routed experts' output y plus the shared expert's on h (under its sigmoid gate: a
+// one-expert route, the sigmoid as its weight), if the model has one.
+int shared_expert(Builder& b, const Names& nm, const std::string& blk, int h, int y) {
+  Graph& g = b.g;
+  const DecoderConfig& c = b.c;
+  if (c.shared_ffn == 0) return y;
+  const int64_t N = g.v_rows(h);
+  const int shared = swiglu_mlp(b, blk + nm.shared, h, c.shared_ffn);
+  if (!c.shared_gate) return g.add(y, shared);
+  const int gate = b.linear(h, blk + "shared_expert_gate", c.hidden, 1, false);
+  const MoeRoute s = g.moe_route(gate, -1, MoeRouteParams{1, true, false});
+  return g.add(y, g.moe_unpermute(shared, s.pos, N, s.w));
+}
+
 // A mixture-of-experts MLP on the normed h: the router's top-k, the tokens into expert order,
 // each expert's SwiGLU as grouped GEMMs over all of them at once, the weighted sum back; and the
-// shared expert under its sigmoid gate (a one-expert route: the sigmoid as its weight).
+// shared expert.
 int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, int h) {
   Graph& g = b.g;
   const DecoderConfig& c = b.c;
@@ -356,11 +370,17 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
   if (aux) m.router_aux.push_back(r.aux);
   int xp = g.moe_permute(h, r.pos), offsets = r.offsets, el = E;
   ExpertCut cut;
-  if (b.o.expert_count > 0) {  // expert parallel: the rows cross ranks before and after
+  if (b.o.expert_cut) {  // expert parallel: the rows cross ranks before and after
     el = b.o.expert_count;
     g.mark_output(xp);
-    cut = {r.offsets, xp, g.input(blk + "ep.xr", {b.o.expert_rows, C}, DType::f32),
-           g.input(blk + "ep.offsets", {el + 1}, DType::i32)};
+    cut.offsets = r.offsets, cut.xp = xp;
+    if (el == 0) {  // no experts here: the rows leave, and their results come back
+      cut.yp = g.input(blk + "ep.yp", {N * c.top_k, C}, DType::f32);
+      m.expert_cuts.push_back(cut);
+      return shared_expert(b, nm, blk, h, g.moe_unpermute(cut.yp, r.pos, N, r.w));
+    }
+    cut.xr = g.input(blk + "ep.xr", {b.o.expert_rows, C}, DType::f32);
+    cut.local_offsets = g.input(blk + "ep.offsets", {el + 1}, DType::i32);
     xp = cut.xr;
     offsets = cut.local_offsets;
   }
@@ -374,15 +394,7 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
     cut.yp = dn = g.input(blk + "ep.yp", {N * c.top_k, C}, DType::f32);
     m.expert_cuts.push_back(cut);
   }
-  int y = g.moe_unpermute(dn, r.pos, N, r.w);
-  if (c.shared_ffn > 0) {
-    const int shared = swiglu_mlp(b, blk + nm.shared, h, c.shared_ffn);
-    if (!c.shared_gate) return g.add(y, shared);
-    const int gate = b.linear(h, blk + "shared_expert_gate", C, 1, false);
-    const MoeRoute s = g.moe_route(gate, -1, MoeRouteParams{1, true, false});
-    y = g.add(y, g.moe_unpermute(shared, s.pos, N, s.w));
-  }
-  return y;
+  return shared_expert(b, nm, blk, h, g.moe_unpermute(dn, r.pos, N, r.w));
 }
 
 // The block's MLP on the residual stream x: GELU (GPT-2) or SwiGLU, gate and up fused or not;

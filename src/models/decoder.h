@@ -175,10 +175,11 @@ struct DecoderOptions {
   bool gelu_bf16 = false;
   // ... and attention's q, k and v (training only: no KV cache, not serving).
   bool attn_bf16 = false;
-  // Expert parallelism (training): this rank holds experts [expert_first, expert_first +
-  // expert_count) of every MoE layer (0: all, no cut) and the MoE blocks are cut where tokens
-  // cross ranks (DecoderGraph::expert_cuts); expert_rows: the rows the local experts can take
-  // from all ranks in one pass.
+  // Expert parallelism (training, expert_cut): this rank holds experts [expert_first,
+  // expert_first + expert_count) of every MoE layer (possibly none: a chip too slow for one) and
+  // the MoE blocks are cut where tokens cross ranks (DecoderGraph::expert_cuts); expert_rows: the
+  // rows the local experts can take from all ranks in one pass.
+  bool expert_cut = false;
   int64_t expert_first = 0, expert_count = 0, expert_rows = 0;
 };
 
@@ -187,7 +188,8 @@ struct DecoderOptions {
 // expert (xr, expert_rows x C, the groups at local_offsets), go through the local experts (yr);
 // yr goes back to the rows' ranks, arriving as yp in xp's order, and is unpermuted. Backward: the
 // same exchanges carry d(yp) -> d(yr) (seed) and d(xr) -> d(xp) (seed). Graph outputs: xp, yr,
-// d_yp, d_xr; inputs: xr, local_offsets, yp, d_yr, d_xp.
+// d_yp, d_xr; inputs: xr, local_offsets, yp, d_yr, d_xp. A rank without experts has no xr,
+// local_offsets, yr, d_yr or d_xr (-1): its rows only leave and come back.
 struct ExpertCut {
   int offsets = -1;  // the router's global (E + 1) offsets of xp
   int xp = -1, xr = -1, local_offsets = -1, yr = -1, yp = -1;
@@ -210,7 +212,7 @@ struct DecoderGraph {
   // Mixture of experts, per MoE layer: each token's experts (N, K) i32, the experts' row offsets
   // (E + 1, i32: the load) and, with router_aux_coef, the load-balancing loss.
   std::vector<int> router_ids, router_offsets, router_aux;
-  std::vector<ExpertCut> expert_cuts;  // DecoderOptions::expert_count > 0, one per MoE layer
+  std::vector<ExpertCut> expert_cuts;  // DecoderOptions::expert_cut, one per MoE layer
 };
 
 // The block-position table's name (with DecoderOptions::block_positions, learned positions).

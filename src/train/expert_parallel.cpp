@@ -9,10 +9,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
 #include "core/error.h"
+#include "core/text.h"
 #include "io/hf_folder.h"
 #include "parallel/balance.h"
 #include "train/strategy.h"
@@ -142,11 +144,29 @@ void check_expert_parallel(const TrainConfig& c, int64_t world) {
                 " sequences) is smaller than the " + std::to_string(world) +
                 " ranks: each needs at least one");
   parse_split(c.split, int(world));
-  try {
-    parse_split(c.expert_split, int(c.ep));
-  } catch (const Error& e) {
-    throw Error("--expert_split: " + std::string(e.what()) + " (ranks of one " + ep + " group)");
+  expert_weights(c.expert_split, c.ep);
+}
+
+std::vector<double> expert_weights(const std::string& s, int64_t ranks) {
+  if (s == "auto") return {};
+  if (s == "even") return std::vector<double>(size_t(ranks), 1.0);
+  std::vector<double> w;
+  double sum = 0;
+  for (const std::string& item : split(s, ',')) {
+    char* end = nullptr;
+    const double x = std::strtod(item.c_str(), &end);
+    if (item.empty() || *end != '\0' || !(x >= 0) || x > 1e9)
+      throw Error("--expert_split '" + s + "': '" + item +
+                  "' is not a number >= 0 (expected auto, even, or one weight per rank of an "
+                  "--ep group such as 3,1; 0: none on that rank)");
+    w.push_back(x);
+    sum += x;
   }
+  if (int64_t(w.size()) != ranks || !(sum > 0))
+    throw Error("--expert_split '" + s + "' gives " + std::to_string(w.size()) + " weights" +
+                (sum > 0 ? "" : ", none above 0,") + " for --ep " + std::to_string(ranks) +
+                ": expected one a rank, at least one above 0");
+  return w;
 }
 
 ExpertParallel::ExpertParallel(Trainer& t) : t_(t) {
@@ -170,53 +190,117 @@ ExpertParallel::ExpertParallel(Trainer& t) : t_(t) {
   group_comm_ = t.comm_->split(int(group_), int(index_));
   replicas_ = t.comm_->split(int(index_), int(group_));
   row_sec_ = parse_split(t.cfg_.split, int(t.world_));  // both checked above
-  std::vector<double> sec = parse_split(t.cfg_.expert_split, int(ep_));
-  if (row_sec_.empty() || sec.empty()) {  // auto: shares in proportion to the measured speed
-    const std::vector<double> measured = measure_seconds();
-    if (row_sec_.empty()) row_sec_ = measured;
-    if (sec.empty()) {  // the mean over the groups, so that every group places the experts alike
-      sec.assign(size_t(ep_), 0.0);
-      for (int64_t r = 0; r < t.world_; ++r) sec[size_t(r % ep_)] += measured[size_t(r)];
+  std::vector<double> speed = expert_weights(t.cfg_.expert_split, ep_);
+  const bool auto_experts = speed.empty();
+  if (row_sec_.empty() || auto_experts) {  // auto: shares in proportion to the measured speed
+    const std::array<double, 2> mine = measure_seconds();
+    std::vector<double> both(size_t(2 * t.world_), 0.0);
+    both[size_t(t.rank_)] = mine[0], both[size_t(t.world_ + t.rank_)] = mine[1];
+    t.comm_->all_reduce_sum(both.data(), 2 * t.world_);
+    if (row_sec_.empty()) row_sec_.assign(both.begin() + t.world_, both.end());
+    if (auto_experts) {  // the mean over the groups, so that every group places the experts alike
+      std::vector<double> sec(size_t(ep_), 0.0);
+      for (int64_t r = 0; r < t.world_; ++r) sec[size_t(r % ep_)] += both[size_t(r)];
+      for (double x : sec) speed.push_back(1 / x);
     }
-    speeds_ = "; measured an expert's GEMM in";
-    for (double x : measured) {
-      char ms[32];
-      std::snprintf(ms, sizeof(ms), " %.3g", x * 1e3);
+    speeds_ = "; measured (ms) an expert's GEMM";
+    for (int64_t k = 0; k < 2 * t.world_; ++k) {
+      char ms[48];
+      std::snprintf(ms, sizeof(ms), "%s %.3g", k == t.world_ ? ", a sequence's block" : "",
+                    both[size_t(k)] * 1e3);
       speeds_ += ms;
     }
-    speeds_ += " ms";
   }
-  const std::vector<int64_t> n = split_rows(d.experts, sec);
+  const std::vector<int64_t> n = place_experts(d.experts, speed, auto_experts);
   bounds_.assign(1, 0);
   for (int64_t x : n) bounds_.push_back(bounds_.back() + x);
-  shard_ = {bounds_[size_t(index_)], n[size_t(index_)], ep_};
+  shard_ = {bounds_[size_t(index_)], n[size_t(index_)], 0};
 }
 
 ExpertParallel::~ExpertParallel() = default;
 
-// Each rank's seconds for one expert's share of a pass: its gate projection's GEMM over the rows
-// an even routing would give it, the faster of two timed runs after a warm-up.
-std::vector<double> ExpertParallel::measure_seconds() {
-  const DecoderConfig d = t_.cfg_.decoder_config();
-  const int64_t rows =
-      std::max<int64_t>(64, t_.cfg_.batch / t_.world_ * t_.cfg_.seq_len() * d.top_k / d.experts);
-  Graph g;
-  const int y = g.matmul(g.input("x", {rows, d.hidden}, DType::f32),
-                         g.param("w", {d.moe_ffn, d.hidden}, true), false, true);
-  g.mark_output(y);
-  Program prog(std::move(g), *t_.dev_, false);
+namespace {
+
+// The faster of two timed runs of a Program, after a warm-up.
+double best_of_runs(Program& prog, Device& dev) {
   double best = 0;
   for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     prog.run(0, prog.graph().nodes.size());
-    t_.dev_->synchronize();
+    dev.synchronize();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = rep == 1 ? s : std::min(best, s);
   }
-  std::vector<double> sec(size_t(t_.world_), 0.0);
-  sec[size_t(t_.rank_)] = best;
-  t_.comm_->all_reduce_sum(sec.data(), t_.world_);
-  return sec;
+  return best;
+}
+
+}  // namespace
+
+// This rank's seconds for (0) one expert's share of a pass: its gate projection's GEMM over the
+// rows an even routing would give it; (1) one sequence's forward and backward through one block
+// of the model's shape with a dense MLP as wide as a token's experts (the work that follows the
+// rows: attention, norms, the head). Weights and tokens 0.
+std::array<double, 2> ExpertParallel::measure_seconds() {
+  const DecoderConfig d = t_.cfg_.decoder_config();
+  const int64_t T = t_.cfg_.seq_len();
+  const int64_t rows = std::max<int64_t>(64, t_.cfg_.batch / t_.world_ * T * d.top_k / d.experts);
+  std::array<double, 2> out{};
+  {
+    Graph g;
+    const int y = g.matmul(g.input("x", {rows, d.hidden}, DType::f32),
+                           g.param("w", {d.moe_ffn, d.hidden}, true), false, true);
+    g.mark_output(y);
+    Program prog(std::move(g), *t_.dev_, false);
+    std::vector<float> zero(size_t(std::max(rows * d.hidden, prog.param_count())), 0.f);
+    t_.dev_->upload(prog.tensor(0), zero.data());
+    t_.dev_->upload(prog.params_all(), zero.data());
+    out[0] = best_of_runs(prog, *t_.dev_);
+  }
+  DecoderConfig one = d;
+  one.layers = 1, one.experts = 0;
+  one.ffn = d.moe_ffn * d.top_k + d.shared_ffn;
+  Graph g;
+  DecoderOptions o;
+  o.with_loss = true;
+  const DecoderGraph m = build_decoder(g, one, 1, T, o);
+  append_backward(g, m.loss, -1, -1, nullptr);
+  Program prog(std::move(g), *t_.dev_);
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  for (int64_t i = 0; i < T; ++i) pos[size_t(i)] = int32_t(i);
+  std::vector<float> zero(size_t(prog.param_count()), 0.f);
+  t_.dev_->upload(prog.tensor(m.positions), pos.data());
+  std::fill(pos.begin(), pos.end(), 0);
+  t_.dev_->upload(prog.tensor(m.tokens), pos.data());
+  t_.dev_->upload(prog.tensor(m.targets), pos.data());
+  t_.dev_->upload(prog.params_all(), zero.data());
+  out[1] = best_of_runs(prog, *t_.dev_);
+  return out;
+}
+
+std::vector<int64_t> place_experts(int64_t E, const std::vector<double>& speed, bool drop_slow) {
+  std::vector<size_t> order;  // the ranks that may hold experts, fastest first
+  for (size_t r = 0; r < speed.size(); ++r)
+    if (speed[r] > 0) order.push_back(r);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return speed[a] > speed[b]; });
+  std::vector<int64_t> best;
+  double best_s = 0;
+  // Every candidate rank, then (drop_slow) without the slowest, the two slowest, ...: the
+  // placement whose slowest rank ends first (ties keep more ranks).
+  for (size_t m = std::min(order.size(), size_t(E)); m >= 1; --m) {
+    std::vector<double> sec;
+    for (size_t i = 0; i < m; ++i) sec.push_back(1 / speed[order[i]]);
+    const std::vector<int64_t> n = split_rows(E, sec);
+    std::vector<int64_t> out(speed.size(), 0);
+    double s = 0;
+    for (size_t i = 0; i < m; ++i) {
+      out[order[i]] = n[i];
+      s = std::max(s, double(n[i]) * sec[i]);
+    }
+    if (best.empty() || s < best_s * (1 - 1e-9)) best = out, best_s = s;
+    if (!drop_slow) break;
+  }
+  return best;
 }
 
 namespace {
@@ -298,29 +382,31 @@ void ExpertParallel::plan() {
     const size_t at = first_reading(arrives);
     for (size_t i = at; i < g.nodes.size(); ++i)
       for (int o : g.nodes[i].out)
-        MXN_CHECK(o != leaves, "expert parallelism: a cut's rows are written after it");
+        MXN_CHECK(leaves < 0 || o != leaves,
+                  "expert parallelism: a cut's rows are written after it");
     x.cuts.push_back({at, l, k});
   };
   const std::vector<ExpertCut>& ec = t.m_.expert_cuts;
-  for (size_t l = 0; l < ec.size(); ++l) {
-    cut(l, Kind::rows_out, ec[l].xp, ec[l].xr);
+  for (size_t l = 0; l < ec.size(); ++l) {  // without local experts, out and back at one point
+    const bool here = ec[l].xr >= 0;
+    cut(l, Kind::rows_out, ec[l].xp, here ? ec[l].xr : ec[l].yp);
     cut(l, Kind::results_back, ec[l].yr, ec[l].yp);
-    cut(l, Kind::grads_out, ec[l].d_yp, ec[l].d_yr);
+    cut(l, Kind::grads_out, ec[l].d_yp, here ? ec[l].d_yr : ec[l].d_xp);
     cut(l, Kind::grads_back, ec[l].d_xr, ec[l].d_xp);
   }
-  std::sort(x.cuts.begin(), x.cuts.end(),
-            [](const Exchange::Cut& a, const Exchange::Cut& b) { return a.at < b.at; });
+  std::stable_sort(x.cuts.begin(), x.cuts.end(),
+                   [](const Exchange::Cut& a, const Exchange::Cut& b) { return a.at < b.at; });
   for (const Trainer::Pass& p : t.passes_) {
     if (p.variant < 0) continue;
     std::vector<Exchange::Layer>& ls = x.layers[p.variant];
     for (const ExpertCut& c : ec) {
-      auto at = [&](int v) { return t.prog_->tensor(v, p.variant); };
+      auto at = [&](int v) { return v < 0 ? Tensor{} : t.prog_->tensor(v, p.variant); };
       ls.push_back({at(c.offsets), at(c.xp), at(c.xr), at(c.local_offsets), at(c.yr), at(c.yp),
                     at(c.d_xp), at(c.d_yr), at(c.d_xr), at(c.d_yp)});
     }
   }
   const int64_t rows_out = ec.empty() ? 0 : numel(g.v(ec[0].xp).shape);
-  const int64_t rows_in = ec.empty() ? 0 : numel(g.v(ec[0].xr).shape);
+  const int64_t rows_in = ec.empty() || ec[0].xr < 0 ? 0 : numel(g.v(ec[0].xr).shape);
   x.counts.assign(ec.size() * size_t(ep_ * d.experts), 0);
   x.sum.assign(size_t(ep_ * d.experts), 0.0);
   x.off.assign(size_t(d.experts + 1), 0);
@@ -359,7 +445,7 @@ void ExpertParallel::run(Program& prog, int variant, size_t end) {
     switch (c.kind) {
       case Kind::rows_out:
         x_->learn_counts(c.layer, L.offsets);
-        x_->out(c.layer, L.xp, L.xr, &L.local);
+        x_->out(c.layer, L.xp, L.xr, L.local.buffer ? &L.local : nullptr);
         break;
       case Kind::results_back:
         x_->back(c.layer, L.yr, L.yp);
@@ -432,38 +518,43 @@ double ExpertParallel::eval() {
 
 bool ExpertParallel::gather(Checkpoint& ck) {
   // Group 0 holds every expert once: its ranks gather each stack (weights and moments) to rank 0,
-  // param by param in the graph's order, the same on every rank.
+  // in the whole model's param order (a rank without experts takes part with nothing).
   ck.weights.clear();
   ck.optimizer.clear();
   if (group_ != 0) return false;
   const bool lead = index_ == 0;
-  const int64_t E = t_.cfg_.decoder_config().experts;
-  const Graph& g = t_.prog_->graph();
-  std::vector<float> whole;
-  for (int p : g.params()) {
-    const Value& v = g.v(p);
+  std::map<std::string, int> have;
+  for (int p : t_.prog_->graph().params()) have[t_.prog_->graph().v(p).name] = p;
+  DecoderGraph m;
+  size_t nf = 0;
+  const Graph whole = train_graph(t_.cfg_, 1, &m, &nf);  // every param, whole
+  std::vector<float> buf;
+  for (int w : whole.params()) {
+    const Value& v = whole.v(w);
+    const auto it = have.find(v.name);
     const bool stack = stacked_experts(v.name, v.shape);
+    MXN_CHECK(stack || it != have.end(), "expert parallelism: a rank lacks " + v.name);
     for (int i = 0; i < 3; ++i) {
-      const Tensor src = i == 0 ? t_.prog_->tensor(p) : t_.opt_->moment(i - 1, v);
+      const Value* mine = it == have.end() ? nullptr : &t_.prog_->graph().v(it->second);
+      const Tensor src = !mine    ? Tensor{}
+                         : i == 0 ? t_.prog_->tensor(it->second)
+                                  : t_.opt_->moment(i - 1, *mine);
       const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
-      TensorMap& into = i == 0 ? ck.weights : ck.optimizer;
+      if (!stack && !lead) continue;
+      HostTensor h(v.shape, DType::f32);
       if (!stack) {
-        if (!lead) continue;
-        HostTensor h(v.shape, DType::f32);
         t_.dev_->download(h.bytes.data(), src);
-        into.emplace(key, std::move(h));
-        continue;
+      } else {
+        const int64_t per = v.shape[1] * v.shape[2];
+        buf.resize(size_t(numel(v.shape)));
+        if (mine) t_.dev_->download(buf.data() + bounds_[size_t(index_)] * per, src);
+        std::vector<int64_t> at;
+        for (int64_t b : bounds_) at.push_back(b * per);
+        group_comm_->gather(buf.data(), at, 0);
+        if (!lead) continue;
+        std::memcpy(h.bytes.data(), buf.data(), h.bytes.size());
       }
-      const int64_t per = v.shape[1] * v.shape[2];
-      whole.resize(size_t(E * per));
-      t_.dev_->download(whole.data() + bounds_[size_t(index_)] * per, src);
-      std::vector<int64_t> at;
-      for (int64_t b : bounds_) at.push_back(b * per);
-      group_comm_->gather(whole.data(), at, 0);
-      if (!lead) continue;
-      HostTensor h({E, v.shape[1], v.shape[2]}, DType::f32);
-      std::memcpy(h.bytes.data(), whole.data(), h.bytes.size());
-      into.emplace(key, std::move(h));
+      (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
     }
   }
   return lead;

@@ -159,7 +159,7 @@ class ExpertParallel final : public Strategy {
 
  private:
   struct Exchange;  // expert_parallel.cpp: a pass's cut points and host buffers
-  std::vector<double> measure_seconds();  // each rank's, of one GEMM like an expert's
+  std::array<double, 2> measure_seconds();  // an expert's GEMM; a sequence through a block
   void reduce_ranges(const std::vector<std::array<int64_t, 2>>& ranges, Communicator& c);
 
   Trainer& t_;
@@ -179,6 +179,14 @@ class ExpertParallel final : public Strategy {
 // --ep's settings against the job's ranks (the multiple, --split and --expert_split): an
 // Error naming what is wrong. Checked before the ranks start, and by each rank.
 void check_expert_parallel(const TrainConfig& c, int64_t world);
+
+// --expert_split's weights, one a rank of a group (0: no experts there); empty for auto.
+std::vector<double> expert_weights(const std::string& split, int64_t ranks);
+
+// Whole experts in proportion to speed (a rank of speed 0 holds none), the slowest rank's time
+// the least it can be; every other rank holds at least one, unless `drop_slow`: then the slowest
+// ranks hold none where that ends the step sooner (their tokens still go to the others' experts).
+std::vector<int64_t> place_experts(int64_t E, const std::vector<double>& speed, bool drop_slow);
 
 // A checkpoint's whole expert stacks (E, rows, cols), and their AdamW moments, cut to a shard's.
 TensorMap expert_slices(const TensorMap& whole, const ExpertShard& shard);

@@ -42,7 +42,8 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   o.fused_head = c.fused_head;
   o.gelu_bf16 = c.gelu_bf16;
   o.attn_bf16 = c.attn_bf16;
-  if (experts && experts->count > 0) {  // a token sends its k experts' owner one row each
+  if (experts) {  // a token sends its k experts' owner one row each
+    o.expert_cut = true;
     o.expert_first = experts->first;
     o.expert_count = experts->count;
     o.expert_rows = experts->rows_in * c.seq_len() * std::min(d.top_k, experts->count);
@@ -53,21 +54,22 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
     MXN_CHECK(m->loss >= 0 && m->hidden_in < 0, "expert parallelism takes the whole model");
     BackwardCuts cuts;
     for (ExpertCut& x : m->expert_cuts) {
-      const std::string& xr = g.v(x.xr).name;  // <block>ep.xr
-      const std::string at = xr.substr(0, xr.size() - 2);
+      const std::string& yp = g.v(x.yp).name;  // <block>ep.yp
+      const std::string at = yp.substr(0, yp.size() - 2);
       x.d_xp = g.input(at + "d_xp", g.v(x.xp).shape, DType::f32);
-      x.d_yr = g.input(at + "d_yr", g.v(x.yr).shape, DType::f32);
       cuts.seeds.push_back({x.xp, x.d_xp});
+      cuts.wrts.push_back(x.yp);
+      if (x.xr < 0) continue;  // no local experts
+      x.d_yr = g.input(at + "d_yr", g.v(x.yr).shape, DType::f32);
       cuts.seeds.push_back({x.yr, x.d_yr});
       cuts.wrts.push_back(x.xr);
-      cuts.wrts.push_back(x.yp);
     }
     *n_forward = append_backward(g, m->loss, cuts);
-    for (size_t l = 0; l < m->expert_cuts.size(); ++l) {
-      m->expert_cuts[l].d_xr = cuts.wrt_grads[2 * l];
-      m->expert_cuts[l].d_yp = cuts.wrt_grads[2 * l + 1];
-      MXN_CHECK(cuts.wrt_grads[2 * l] >= 0 && cuts.wrt_grads[2 * l + 1] >= 0,
-                "an expert cut has no gradient");
+    size_t w = 0;
+    for (ExpertCut& x : m->expert_cuts) {
+      x.d_yp = cuts.wrt_grads[w++];
+      if (x.xr >= 0) x.d_xr = cuts.wrt_grads[w++];
+      MXN_CHECK(x.d_yp >= 0 && (x.xr < 0 || x.d_xr >= 0), "an expert cut has no gradient");
     }
     return g;
   }

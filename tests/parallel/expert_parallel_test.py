@@ -7,15 +7,20 @@
     1e-5 (weights) and 1e-4 (moments) of each tensor's largest value. Not 1e-6: splitting a batch
     changes the order of the gradient sums, and 50 AdamW steps carry that into the weights: data
     parallelism over the same chips differs from one CPU by 2e-6 to 3e-6 (printed beside);
-  - uneven placement (--expert_split 1,2: one rank 2 experts, the other 4) on a GLM-4.5-MoE shape
-    (its first layer dense); uneven rows (--split 7,1, with accumulation: two passes of 7 and 1
-    sequences a step, every rank in step) on Qwen3-MoE; and 2 groups of --ep 2 over 4 ranks
-    (experts' gradients summed over the groups): losses within 1e-6;
+  - uneven placement: --expert_split 1,2 (one rank 2 experts, the other 4) on a GLM-4.5-MoE shape
+    (its first layer dense), and 1,0 (a rank with none: its rows only leave and come back);
+    uneven rows (--split 7,1, with accumulation: two passes of 7 and 1 sequences a step, every
+    rank in step) on Qwen3-MoE; and 2 groups of --ep 2 over 4 ranks (experts' gradients summed
+    over the groups): losses within 1e-6;
   - a Mixtral fine-tuned from a Hugging Face folder with --ep 2 (each rank reads its experts);
   - checkpoints resume on any --ep: the --ep 2 run's on one device and on --ep 4, the one device's
     on --ep 2 with another placement, the resumed steps equal to the uninterrupted run;
   - bad settings refused with one line naming what was wrong.
-(The Switch aux loss is a statistic of each pass's tokens, so a split changes it: these runs use
+(Routing is discrete: where two experts' scores of a token nearly tie, a chip's rounding can pick
+the other one, so a loss then moves by more than rounding. The shapes and seeds here have no such
+tie in their 50 steps over CPU + OpenCL; the GLM-4.5 shape with --expert_split 1,0 has one at its
+step-30 validation (2.4e-6), which is why that case runs on the Qwen2-MoE shape.
+The Switch aux loss is a statistic of each pass's tokens, so a split changes it: these runs use
 router_aux_coef 0, as the data-parallel tests do. The key projections' biases are left out of the
 weight comparison: attention is invariant to them, their true gradient is 0, and AdamW's
 m / sqrt(v) turns rounding noise into steps of lr size, on any split of the batch.)
@@ -69,8 +74,9 @@ with tempfile.TemporaryDirectory() as tmp:
     train(p("one"), *qwen)
     out = train(p("ep2"), *qwen, "--devices", pair, "--ep", "2")
     placed = [l.split()[4].rstrip(",") for l in out.splitlines() if l.strip().startswith("rank ") and "experts" in l]
-    check(f"--ep 2 over {pair}: the plan places all 6 experts, each rank some", len(placed) == 2 and
-          placed[0].startswith("0-") and placed[1].endswith("-5"), " | ".join(placed))
+    check(f"--ep 2 over {pair}: the plan places the 6 experts by measured speed (a chip too slow "
+          "for one holds none)", len(placed) == 2 and placed[0].startswith("0-") and
+          (placed[1].endswith("-5") or placed == ["0-5", "none"]), " | ".join(placed))
     a, b = same(f"qwen2_moe, --ep 2 over {pair} = one cpu (50 steps)", p("one"), p("ep2"))
     check("... the experts' loads identical every step", [r["expert_load"] for r in a] == [r["expert_load"] for r in b])
     train(p("dp2"), *qwen, "--devices", pair)  # data parallelism over the same chips, for scale
@@ -94,6 +100,10 @@ with tempfile.TemporaryDirectory() as tmp:
     placed = [l.split()[4].rstrip(",") for l in out.splitlines() if l.strip().startswith("rank ") and "experts" in l]
     check("--expert_split 1,2 places 2 and 4 experts", placed == ["0-1", "2-5"], " | ".join(placed))
     same("glm4_moe (first layer dense), uneven placement = one cpu", p("glm_one"), p("glm_ep"))
+    out = train(p("none"), *qwen, "--devices", pair, "--ep", "2", "--expert_split", "1,0")
+    placed = [l.split("experts")[1].split(",")[0].strip() for l in out.splitlines() if l.strip().startswith("rank ")]
+    check("--expert_split 1,0: all 6 experts on rank 0, none on rank 1", placed == ["0-5", "none"], " | ".join(placed))
+    same("... its tokens' rows still go to rank 0's experts and back: = one cpu", p("one"), p("none"))
 
     q3 = ["--arch", "qwen3_moe", "--n_layer", "3", "--experts", "8", "--top_k", "3", "--moe_ffn", "16",
           "--accum", "2", "--steps", "30", "--eval_batches", "3"]
@@ -134,7 +144,7 @@ with tempfile.TemporaryDirectory() as tmp:
     refused("more ranks than experts", [*bad, *qwen, "--experts", "2", "--devices", "cpu,cpu,cpu,cpu", "--ep", "4"],
             "--ep 4: more ranks than the model's 2 experts a layer")
     refused("--expert_split with the wrong count", [*bad, *qwen, "--devices", "cpu,cpu", "--ep", "2", "--expert_split", "1,2,3"],
-            "--expert_split: split '1,2,3' gives 3 weights but the job has 2 ranks")
+            "--expert_split '1,2,3' gives 3 weights for --ep 2: expected one a rank")
     refused("--ep with ZeRO-1", [*bad, *qwen, "--devices", "cpu,cpu", "--ep", "2", "--zero", "1"],
             "--ep 2 trains every weight for now: not with --finetune lora/ptuning, --zero 1 or --pp")
 

@@ -10,6 +10,7 @@
 #include "models/decoder.h"
 #include "parallel/balance.h"
 #include "parallel/comm.h"
+#include "train/strategy.h"
 
 namespace mxn {
 namespace {
@@ -46,6 +47,24 @@ TEST(Balance, ParseSplit) {
     EXPECT_NE(std::string(e.what()).find("gives 3 weights but the job has 2 ranks"),
               std::string::npos);
   }
+}
+
+TEST(ExpertPlacement, WholeExpertsByChipSpeed) {
+  using V = std::vector<int64_t>;
+  EXPECT_EQ(place_experts(6, {2, 1}, false), (V{4, 2}));       // 2:1 speed
+  EXPECT_EQ(place_experts(8, {1, 1, 1}, false), (V{3, 3, 2}));  // ties: the lower ranks first
+  EXPECT_EQ(place_experts(8, {1, 0, 1}, false), (V{4, 0, 4}));  // weight 0: none there
+  // A chip 26x slower: with at least one each it takes 1 of 16 and is the slowest rank (1/(1/26)
+  // = 26 units against 15); left without experts the step is 16 units on the fast one.
+  EXPECT_EQ(place_experts(16, {1, 1.0 / 26}, false), (V{15, 1}));
+  EXPECT_EQ(place_experts(16, {1, 1.0 / 26}, true), (V{16, 0}));
+  // ... but one 3x slower keeps its share: 12 + 4 (12 units each) beats 16 + 0.
+  EXPECT_EQ(place_experts(16, {1, 1.0 / 3}, true), (V{12, 4}));
+  EXPECT_TRUE(expert_weights("auto", 2).empty());
+  EXPECT_EQ(expert_weights("3,0", 2), (std::vector<double>{3, 0}));
+  EXPECT_THROW(expert_weights("0,0", 2), Error);
+  EXPECT_THROW(expert_weights("1,2,3", 2), Error);
+  EXPECT_THROW(expert_weights("1,-1", 2), Error);
 }
 
 TEST(Balance, RebalanceOnlyForARealGain) {
