@@ -99,12 +99,12 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
     const std::vector<int64_t>& b = p.expert_bounds;
     const size_t ep = b.size() - 1;
     for (size_t r = 0; r < p.ranks.size(); ++r)
-      std::printf("    rank %zu %-10s experts %s, %lld sequences\n", r, devs[r].c_str(),
-                  b[r % ep] == b[r % ep + 1] ? "none"
-                                             : (std::to_string(b[r % ep]) + "-" +
-                                                std::to_string(b[r % ep + 1] - 1))
-                                                   .c_str(),
-                  (long long)p.ranks[r].rows);
+      std::printf(
+          "    rank %zu %-10s experts %s, %lld sequences\n", r, devs[r].c_str(),
+          b[r % ep] == b[r % ep + 1]
+              ? "none"
+              : (std::to_string(b[r % ep]) + "-" + std::to_string(b[r % ep + 1] - 1)).c_str(),
+          (long long)p.ranks[r].rows);
     return;
   }
   std::printf("  plan: %zu ranks share %lld sequences per step (split %s)\n", p.ranks.size(),

@@ -51,7 +51,7 @@ TEST(Balance, ParseSplit) {
 
 TEST(ExpertPlacement, WholeExpertsByChipSpeed) {
   using V = std::vector<int64_t>;
-  EXPECT_EQ(place_experts(6, {2, 1}, false), (V{4, 2}));       // 2:1 speed
+  EXPECT_EQ(place_experts(6, {2, 1}, false), (V{4, 2}));        // 2:1 speed
   EXPECT_EQ(place_experts(8, {1, 1, 1}, false), (V{3, 3, 2}));  // ties: the lower ranks first
   EXPECT_EQ(place_experts(8, {1, 0, 1}, false), (V{4, 0, 4}));  // weight 0: none there
   // A chip 26x slower: with at least one each it takes 1 of 16 and is the slowest rank (1/(1/26)
