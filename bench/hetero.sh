@@ -68,7 +68,7 @@ grep -E '^    rank |predicted step time|^plan:' "$tmp/mixed.log" | sed 's/^ */  
 printf '  sum of standalone:          %10.1f tokens/s\n' "$sum"
 printf '  mixed job (%s): %10.1f tokens/s\n' "$devices" "$mixed"
 if [[ $moe == 1 ]]; then
-  grep -E '^  plan: expert|^    rank ' "$tmp/ep.log" | sed 's/^ */  /'
+  grep -E '^  plan: expert|^    rank |^expert parallel:' "$tmp/ep.log" | sed 's/^ */  /'
   printf '  expert parallel (--ep %d): %10.1f tokens/s\n' "${#devs[@]}" "$ep"
   /usr/bin/python3 -c "print(f'heterogeneous efficiency, data parallel: {$mixed / $sum:.2f}')"
   /usr/bin/python3 -c "print(f'heterogeneous efficiency, expert parallel: {$ep / $sum:.2f}')"

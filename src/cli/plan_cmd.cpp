@@ -159,7 +159,7 @@ int run_plan(const PlanArgs& a) {
     TrainConfig t;
     if (a.model != "default") t.model.dir = a.model;
     t.batch = std::min<int64_t>(a.global_batch, 16);
-    t.seq = a.seq;
+    if (a.seq > 0) t.model.n_ctx = a.seq;  // with a folder: the training sequence length
     t.dtype = a.dtype;
     t.eval_every = 0;
     t.data = a.data;

@@ -462,6 +462,12 @@ class StepLoop {
           pred, got, 100.0 * (got - pred) / pred, tr_.plan().rebalances,
           tr_.mean_exposed_reduce_seconds() * 1e3);
     }
+    if (!tr_.plan().experts.empty() && tr_.mean_step_seconds() > 0)
+      std::printf(
+          "expert parallel: rank 0 spent %.1f ms a step (%.0f%% of it) in the exchanges: rows "
+          "through the host, and waiting for the other ranks' pieces\n",
+          tr_.mean_exchange_seconds() * 1e3,
+          100.0 * tr_.mean_exchange_seconds() / tr_.mean_step_seconds());
     report(writer_.wait());
     const std::string where = last_checkpoint();
     const int code = stopped && stops_[0] > 0 ? 130 : 0;

@@ -51,6 +51,8 @@ struct ExpertParallel::Exchange {
   std::vector<int32_t> off, local;
   std::vector<float> send, recv, stage;
   std::vector<int64_t> send_at, recv_at;  // ep + 1 float offsets, this rank's view of rows out
+  double seconds = 0;                     // in training passes' exchanges, all steps
+  bool timing = false;                    // in a training pass
 
   int64_t count(size_t l, int64_t p, int64_t e) const {
     return counts[(l * size_t(ep) + size_t(p)) * size_t(E) + size_t(e)];
@@ -442,6 +444,11 @@ void ExpertParallel::run(Program& prog, int variant, size_t end) {
     prog.run(at, c.at, variant);
     at = c.at;
     const Exchange::Layer& L = ls[c.layer];
+    std::chrono::steady_clock::time_point t0;
+    if (x_->timing) {  // the exchange's own time: the device has finished the piece before it
+      t_.dev_->synchronize();
+      t0 = std::chrono::steady_clock::now();
+    }
     switch (c.kind) {
       case Kind::rows_out:
         x_->learn_counts(c.layer, L.offsets);
@@ -457,9 +464,13 @@ void ExpertParallel::run(Program& prog, int variant, size_t end) {
         x_->back(c.layer, L.d_xr, L.d_xp);
         break;
     }
+    if (x_->timing)
+      x_->seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   prog.run(at, end, variant);
 }
+
+double ExpertParallel::exchange_seconds() const { return x_ ? x_->seconds : 0.0; }
 
 double ExpertParallel::passes(uint64_t key, double total) {
   Trainer& t = t_;
@@ -471,7 +482,9 @@ double ExpertParallel::passes(uint64_t key, double total) {
     const Trainer::Pass& p = t.passes_[size_t(n)];
     const double counted = double(t.fill_batch(t.data_.train(), n, key, false));
     t.seed_backward(p.variant, float(counted / total));  // as DataParallel: shares add up
+    x_->timing = t.steps_run_ > 0;                       // the first step left out (warm-up)
     run(*t.prog_, p.variant, nodes);
+    x_->timing = false;
     float loss = 0;
     t.dev_->download(&loss, p.loss);
     loss_sum += double(loss) * counted / total;

@@ -72,6 +72,8 @@ class Strategy {
   // Nodes [0, end) of a pass (expert parallelism: with the exchanges at the cuts).
   virtual void run(Program& prog, int variant, size_t end);
   virtual double exposed_reduce_seconds() const { return 0; }
+  // Expert parallelism: seconds a step in the exchanges (moving rows, waiting for the others).
+  virtual double exchange_seconds() const { return 0; }
 
  private:
   std::vector<int64_t> none_;
@@ -156,6 +158,7 @@ class ExpertParallel final : public Strategy {
   bool gather(Checkpoint& ck) override;  // every expert's weights and moments on rank 0
   const ExpertShard* experts() const override { return &shard_; }
   void run(Program& prog, int variant, size_t end) override;
+  double exchange_seconds() const override;
 
  private:
   struct Exchange;  // expert_parallel.cpp: a pass's cut points and host buffers

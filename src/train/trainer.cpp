@@ -169,6 +169,10 @@ std::string Trainer::take_plan_change() {
 
 double Trainer::mean_exposed_reduce_seconds() const { return par_->exposed_reduce_seconds(); }
 
+double Trainer::mean_exchange_seconds() const {
+  return steps_timed_ > 0 ? par_->exchange_seconds() / double(steps_timed_) : 0.0;
+}
+
 double Trainer::mean_step_seconds() const {
   return steps_timed_ > 0 ? step_seconds_sum_ / double(steps_timed_) : 0.0;
 }

@@ -102,6 +102,8 @@ class Trainer {
   double mean_step_seconds() const;
   // Mean seconds per step this rank waited for gradient reduces after its own backward.
   double mean_exposed_reduce_seconds() const;
+  // Mean seconds per step this rank spent in expert parallelism's exchanges.
+  double mean_exchange_seconds() const;
   // Hands over the latest split correction's description, once.
   std::string take_plan_change();
 
