@@ -33,11 +33,12 @@ const char* gguf_arch(Arch a) {
       return "qwen3";
     case Arch::qwen3_moe:
       return "qwen3moe";
-    case Arch::glm4_moe:
     case Arch::deepseek:
+      return "deepseek2";  // DeepSeek-V2 and V3: multi-head latent attention as llama.cpp's MQA
+    case Arch::glm4_moe:
       throw Error(std::string("GGUF for ") + arch_name(a) +
-                  " models is not written yet (llama.cpp's glm4moe and deepseek2 layouts); convert "
-                  "to a Hugging Face folder instead");
+                  " models is not written yet (llama.cpp's glm4moe layout); convert to a Hugging "
+                  "Face folder instead");
     default:
       return "chatglm";  // llama.cpp's name for ChatGLM2/3, GLM-4 and GlmForCausalLM
   }
@@ -97,7 +98,24 @@ std::vector<NamePair> name_pairs(const DecoderConfig& c) {
       if (c.qk_norm())
         blk.insert(blk.end(),
                    {{"self_attn.q_norm", "attn_q_norm"}, {"self_attn.k_norm", "attn_k_norm"}});
-      if (c.arch == Arch::mixtral)  // each expert's stacked weights, and the router
+      if (c.mla())  // DeepSeek's latent attention: k_b_proj goes out transposed (attn_k_b)
+        blk.insert(blk.end(), {{"self_attn.q_a_proj", "attn_q_a"},
+                               {"self_attn.q_a_layernorm", "attn_q_a_norm"},
+                               {"self_attn.q_b_proj", "attn_q_b"},
+                               {"self_attn.kv_a_proj_with_mqa", "attn_kv_a_mqa"},
+                               {"self_attn.kv_a_layernorm", "attn_kv_a_norm"},
+                               {"self_attn.k_b_proj", "attn_k_b"},
+                               {"self_attn.v_b_proj", "attn_v_b"}});
+      if (c.arch == Arch::deepseek)  // the router's selection bias has no .weight/.bias suffix
+        blk.insert(blk.end(), {{"mlp.gate", "ffn_gate_inp"},
+                               {"mlp.gate.e_score_correction_bias", "exp_probs_b.bias"},
+                               {"mlp.experts.gate_proj", "ffn_gate_exps"},
+                               {"mlp.experts.up_proj", "ffn_up_exps"},
+                               {"mlp.experts.down_proj", "ffn_down_exps"},
+                               {"mlp.shared_experts.gate_proj", "ffn_gate_shexp"},
+                               {"mlp.shared_experts.up_proj", "ffn_up_shexp"},
+                               {"mlp.shared_experts.down_proj", "ffn_down_shexp"}});
+      else if (c.arch == Arch::mixtral)  // each expert's stacked weights, and the router
         blk.insert(blk.end(), {{"block_sparse_moe.gate", "ffn_gate_inp"},
                                {"block_sparse_moe.experts.w1", "ffn_gate_exps"},
                                {"block_sparse_moe.experts.w3", "ffn_up_exps"},
@@ -131,6 +149,19 @@ HostTensor transpose2d(const HostTensor& t) {
       o.f32()[k * t.shape[0] + r] = t.f32()[r * t.shape[1] + k];
   return o;
 }
+
+// (H, a, b) -> (H, b, a): MLA's per-head key up-projection as llama.cpp's attn_k_b takes it.
+HostTensor transpose_heads(const HostTensor& t) {
+  const int64_t H = t.shape[0], A = t.shape[1], B = t.shape[2];
+  HostTensor o({H, B, A}, DType::f32);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < A; ++i)
+      for (int64_t j = 0; j < B; ++j) o.f32()[(h * B + j) * A + i] = t.f32()[(h * A + i) * B + j];
+  return o;
+}
+
+// The tensor kinds a name pair comes in; "" for a name used as it is (the router's bias).
+constexpr const char* kKinds[] = {".weight", ".bias", ""};
 
 // LLaMA's checkpoints order each head's q/k rows for rotary on the two halves; llama.cpp rotates
 // adjacent pairs, so its converter permutes rows (h, 2, hd/2) -> (h, hd/2, 2). `back` undoes it.
@@ -313,6 +344,46 @@ uint32_t file_type(GgmlType t) {
   return 0;
 }
 
+// DeepSeek's latent attention as llama.cpp's deepseek2 reads it: one kv head of the latent plus
+// the RoPE key (key_length R + dr, value_length R), the heads' own widths in the *_mla keys; yarn
+// with the softmax scale's mscale as its log multiplier (0.1 mscale_all_dim).
+void add_mla_keys(GgufFile& f, const DecoderConfig& c, const std::string& a) {
+  f.set(a + ".attention.head_count_kv", T::u32, 1);
+  f.set(a + ".attention.q_lora_rank", T::u32, c.q_lora_rank);  // 0: a plain q_proj (V2-Lite)
+  f.set(a + ".attention.kv_lora_rank", T::u32, c.kv_lora_rank);
+  f.set(a + ".attention.key_length", T::u32, c.kv_lora_rank + c.qk_rope_dim);
+  f.set(a + ".attention.value_length", T::u32, c.kv_lora_rank);
+  f.set(a + ".attention.key_length_mla", T::u32, c.qk_nope_dim + c.qk_rope_dim);
+  f.set(a + ".attention.value_length_mla", T::u32, c.v_head_dim);
+  f.set(a + ".rope.dimension_count", T::u32, c.qk_rope_dim);
+  if (c.rope_scaling != 3) return;
+  f.set(a + ".rope.scaling.type", T::string, "yarn");
+  f.set(a + ".rope.scaling.factor", T::f32, c.rope_factor);
+  f.set(a + ".rope.scaling.original_context_length", T::u32, int64_t(c.rope_orig_max_pos));
+  f.set(a + ".rope.scaling.yarn_beta_fast", T::f32, c.rope_beta_fast);
+  f.set(a + ".rope.scaling.yarn_beta_slow", T::f32, c.rope_beta_slow);
+  if (c.yarn_mscale_all_dim > 0)
+    f.set(a + ".rope.scaling.yarn_log_multiplier", T::f32, 0.1f * c.yarn_mscale_all_dim);
+}
+
+// DeepSeek's router and experts: the first dense layers, shared experts, sigmoid or softmax
+// scores, group-limited top-k, the routed scale (llama.cpp's deepseek2 keys).
+void add_deepseek_moe_keys(GgufFile& f, const DecoderConfig& c, const std::string& a) {
+  for (size_t l = 0; l < c.dense_layers.size(); ++l)
+    if (c.dense_layers[l] != int64_t(l))
+      throw Error(
+          "llama.cpp's deepseek2 takes dense layers first only (leading_dense_block_count)");
+  f.set(a + ".leading_dense_block_count", T::u32, int64_t(c.dense_layers.size()));
+  f.set(a + ".expert_shared_count", T::u32, c.moe_ffn > 0 ? c.shared_ffn / c.moe_ffn : 0);
+  if (c.routed_scale != 1.f) f.set(a + ".expert_weights_scale", T::f32, c.routed_scale);
+  if (c.norm_topk) f.set(a + ".expert_weights_norm", T::boolean, true);
+  f.set(a + ".expert_gating_func", T::u32, c.sigmoid_router ? 2 : 1);
+  if (c.n_group > 1) {
+    f.set(a + ".expert_group_count", T::u32, c.n_group);
+    f.set(a + ".expert_group_used_count", T::u32, c.topk_group);
+  }
+}
+
 }  // namespace
 
 GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, GgmlType type,
@@ -339,7 +410,9 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
     f.set(a + ".attention.layer_norm_rms_epsilon", T::f32, c.norm_eps);
     f.set(a + ".rope.freq_base", T::f32, c.rope_theta);
     f.set(a + ".rope.dimension_count", T::u32, c.rope_dims());
-    if (c.hd() * c.heads != c.hidden) {
+    if (c.mla()) {
+      add_mla_keys(f, c, a);
+    } else if (c.hd() * c.heads != c.hidden) {
       f.set(a + ".attention.key_length", T::u32, c.hd());
       f.set(a + ".attention.value_length", T::u32, c.hd());
     }
@@ -347,7 +420,8 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
       f.set(a + ".rope.scaling.type", T::string, "linear");
       f.set(a + ".rope.scaling.factor", T::f32, c.rope_factor);
     }
-    if (c.rope_scaling == 3) throw Error("GGUF with yarn RoPE scaling is not written yet");
+    if (c.rope_scaling == 3 && !c.mla())
+      throw Error("GGUF with yarn RoPE scaling is written for DeepSeek (deepseek2) only");
   }
   if (c.experts > 0) {  // llama.cpp's MoE keys
     f.set(a + ".expert_count", T::u32, c.experts);
@@ -360,8 +434,11 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
           "llama.cpp's qwen3moe always renormalises the top-k weights; this model does not");
     if (c.arch == Arch::qwen2_moe && c.norm_topk)
       throw Error("llama.cpp's qwen2moe never renormalises the top-k weights; this model does");
-    if (!c.dense_layers.empty() || c.sparse_step != 1)
+    if (c.arch == Arch::deepseek) {
+      add_deepseek_moe_keys(f, c, a);
+    } else if (!c.dense_layers.empty() || c.sparse_step != 1) {
       throw Error("llama.cpp's " + a + " has an MoE MLP in every layer; this model has dense ones");
+    }
   }
   f.set("mxn.config", T::string, c.to_json().dump());
   if (!tokenizer_dir.empty()) add_tokenizer(f, c, tokenizer_dir);
@@ -376,7 +453,7 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
     f.tensors.push_back(std::move(o));
   };
   for (const NamePair& p : name_pairs(c))
-    for (const char* kind : {".weight", ".bias"}) {
+    for (const char* kind : kKinds) {
       auto it = w.find(p.hf + kind);
       if (it == w.end()) continue;
       if (c.tie_embeddings && p.gg == "output") continue;  // llama.cpp reuses token_embd
@@ -389,6 +466,7 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
         t = permute_rows(t, c.heads, false);
       if (permuted_qk(c) && (gg.ends_with("attn_k" + std::string(kind))))
         t = permute_rows(t, c.n_kv_heads(), false);
+      if (gg.ends_with("attn_k_b.weight")) t = transpose_heads(t);
       add(gg, t);
       w.erase(it);
     }
@@ -474,7 +552,7 @@ DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string
   for (int id : g.params()) want[g.v(id).name] = g.v(id).shape;
   const int64_t qkv_rows = (c.heads + 2 * c.n_kv_heads()) * c.hd();
   for (const NamePair& p : name_pairs(c))
-    for (const char* kind : {".weight", ".bias"}) {
+    for (const char* kind : kKinds) {
       const GgufTensor* t = f.tensor(p.gg + kind);
       if (!t) continue;
       // ffn_up is GLM's fused gate_up_proj, the others' up_proj; attn_qkv is GLM's fused q/k/v.
@@ -492,6 +570,7 @@ DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string
       } else if (auto it = want.find(hf_name); it != want.end()) {
         expect = it->second;
         if (gpt2_conv1d(c, p.gg + kind)) std::swap(expect[0], expect[1]);
+        if (p.gg.ends_with("attn_k_b")) std::swap(expect[1], expect[2]);
       } else {
         continue;  // not a parameter of this config (a tied head's copy, say)
       }
@@ -507,6 +586,7 @@ DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string
         h = permute_rows(h, c.heads, true);
       if (permuted_qk(c) && gg.ends_with("attn_k" + std::string(kind)))
         h = permute_rows(h, c.n_kv_heads(), true);
+      if (gg.ends_with("attn_k_b.weight")) h = transpose_heads(h);
       weights[hf_name] = std::move(h);
     }
   if (c.arch == Arch::glm) split_glm_qkv(c, weights);

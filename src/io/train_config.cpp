@@ -127,6 +127,10 @@ DecoderConfig TrainConfig::decoder_config() const {
     return with_router_flags(DecoderConfig::from_json(decoder));
   DecoderConfig d;
   d.arch = arch_from_name(model.arch);
+  if (d.arch == Arch::deepseek)  // its latent attention's ranks and router come from a folder
+    throw Error(
+        "--arch deepseek: a fresh DeepSeek is not made from flags; give --model a "
+        "DeepSeek-V2/V3 folder (or --arch mixtral, qwen2_moe, qwen3_moe or glm4_moe)");
   d.vocab_size = model.vocab_size;
   d.hidden = model.n_embd;
   d.layers = model.n_layer;

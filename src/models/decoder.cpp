@@ -39,8 +39,9 @@ const char* arch_name(Arch a) {
 }
 
 Arch arch_from_name(const std::string& n) {
-  const Arch all[] = {Arch::gpt2,    Arch::llama,     Arch::qwen2, Arch::glm,       Arch::chatglm,
-                      Arch::mixtral, Arch::qwen2_moe, Arch::qwen3, Arch::qwen3_moe, Arch::glm4_moe};
+  const Arch all[] = {Arch::gpt2,      Arch::llama,    Arch::qwen2,     Arch::glm,
+                      Arch::chatglm,   Arch::mixtral,  Arch::qwen2_moe, Arch::qwen3,
+                      Arch::qwen3_moe, Arch::glm4_moe, Arch::deepseek};
   std::string names;
   for (Arch a : all) {
     if (n == arch_name(a)) return a;
