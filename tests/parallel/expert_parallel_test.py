@@ -12,7 +12,8 @@
     uneven rows (--split 7,1, with accumulation: two passes of 7 and 1 sequences a step, every
     rank in step) on Qwen3-MoE; and 2 groups of --ep 2 over 4 ranks (experts' gradients summed
     over the groups): losses within 1e-6;
-  - a Mixtral fine-tuned from a Hugging Face folder with --ep 2 (each rank reads its experts);
+  - a Mixtral and a DeepSeek-V3 shape fine-tuned from Hugging Face folders with --ep 2 (each rank
+    reads its experts);
   - checkpoints resume on any --ep: the --ep 2 run's on one device and on --ep 4, the one device's
     on --ep 2 with another placement, the resumed steps equal to the uninterrupted run;
   - bad settings refused with one line naming what was wrong.
@@ -42,8 +43,10 @@ opencl = "opencl:0" in subprocess.run([mxn, "devices"], stdout=subprocess.PIPE, 
 pair = "cpu,opencl:0" if opencl else "cpu,cpu"
 
 
-def train(out, *extra, launcher=()):
-    r = subprocess.run([*launcher, mxn, "train", *base, "--out", out, *extra], check=True,
+def train(out, *extra, launcher=(), shape=True):
+    drop = {"--n_layer", "--n_head", "--n_kv_head", "--n_embd"}  # a checkpoint's own shape
+    flags = base if shape else [a for i, a in enumerate(base) if a not in drop and (i == 0 or base[i - 1] not in drop)]
+    r = subprocess.run([*launcher, mxn, "train", *flags, "--out", out, *extra], check=True,
                        stdout=subprocess.PIPE, text=True, timeout=600)
     return r.stdout
 
@@ -123,6 +126,24 @@ with tempfile.TemporaryDirectory() as tmp:
     train(p("ft_one"), *ft)
     train(p("ft_ep"), *ft, "--devices", "cpu,cpu", "--ep", "2", "--expert_split", "3,1")
     same("mixtral fine-tuned from a Hugging Face folder, --ep 2 (3 + 1 experts) = one cpu", p("ft_one"), p("ft_ep"))
+
+    # DeepSeek-V3's shape from a Hugging Face folder (multi-head latent attention, group-limited
+    # sigmoid routing with the selection bias, shared experts, a dense first layer), written by the
+    # test venv's helpers; fine-tuned with --ep 2, and its checkpoint resumed on one device.
+    venv = os.path.join(os.path.dirname(os.path.abspath(mxn)), "test-venv", "bin", "python")
+    common = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")
+    subprocess.run([venv, "-c", f"""
+import sys; sys.path.insert(0, {common!r})
+from moe_common import deepseek_config, random_weights, write_folder
+c = deepseek_config(False); c["vocab_size"] = 256
+write_folder({p("ds_hf")!r}, c, random_weights(c, seed=3))"""], check=True)
+    ds = ["--model", p("ds_hf"), "--steps", "20", "--ckpt_every", "10"]
+    train(p("ds_one"), *ds)
+    train(p("ds_ep"), *ds, "--devices", pair, "--ep", "2")
+    same(f"DeepSeek-V3 shape (MLA, groups, shared experts) fine-tuned, --ep 2 over {pair} = one cpu",
+         p("ds_one"), p("ds_ep"))
+    train(p("ds_r"), *ds[2:], "--resume", p("ds_ep/ckpt-00000010"), shape=False)
+    same("... its --ep 2 checkpoint resumed on one device", p("ds_one"), p("ds_r"), after=10)
 
     train(p("r1"), *qwen, "--resume", p("ep2/ckpt-00000030"))
     same("the --ep 2 checkpoint resumed on one device", p("one"), p("r1"), after=30)
