@@ -36,9 +36,7 @@ const char* gguf_arch(Arch a) {
     case Arch::deepseek:
       return "deepseek2";  // DeepSeek-V2 and V3: multi-head latent attention as llama.cpp's MQA
     case Arch::glm4_moe:
-      throw Error(std::string("GGUF for ") + arch_name(a) +
-                  " models is not written yet (llama.cpp's glm4moe layout); convert to a Hugging "
-                  "Face folder instead");
+      return "glm4moe";
     default:
       return "chatglm";  // llama.cpp's name for ChatGLM2/3, GLM-4 and GlmForCausalLM
   }
@@ -98,6 +96,9 @@ std::vector<NamePair> name_pairs(const DecoderConfig& c) {
       if (c.qk_norm())
         blk.insert(blk.end(),
                    {{"self_attn.q_norm", "attn_q_norm"}, {"self_attn.k_norm", "attn_k_norm"}});
+      if (c.arch == Arch::glm4_moe)  // llama.cpp's glm4moe names the MLP's norm as GLM-4's
+        for (auto& [h, g] : blk)
+          if (std::string(h) == "post_attention_layernorm") g = "post_attention_norm";
       if (c.mla())  // DeepSeek's latent attention: k_b_proj goes out transposed (attn_k_b)
         blk.insert(blk.end(), {{"self_attn.q_a_proj", "attn_q_a"},
                                {"self_attn.q_a_layernorm", "attn_q_a_norm"},
@@ -106,7 +107,7 @@ std::vector<NamePair> name_pairs(const DecoderConfig& c) {
                                {"self_attn.kv_a_layernorm", "attn_kv_a_norm"},
                                {"self_attn.k_b_proj", "attn_k_b"},
                                {"self_attn.v_b_proj", "attn_v_b"}});
-      if (c.arch == Arch::deepseek)  // the router's selection bias has no .weight/.bias suffix
+      if (c.arch == Arch::deepseek || c.arch == Arch::glm4_moe)  // the bias: no .weight/.bias
         blk.insert(blk.end(), {{"mlp.gate", "ffn_gate_inp"},
                                {"mlp.gate.e_score_correction_bias", "exp_probs_b.bias"},
                                {"mlp.experts.gate_proj", "ffn_gate_exps"},
@@ -366,8 +367,9 @@ void add_mla_keys(GgufFile& f, const DecoderConfig& c, const std::string& a) {
     f.set(a + ".rope.scaling.yarn_log_multiplier", T::f32, 0.1f * c.yarn_mscale_all_dim);
 }
 
-// DeepSeek's router and experts: the first dense layers, shared experts, sigmoid or softmax
-// scores, group-limited top-k, the routed scale (llama.cpp's deepseek2 keys).
+// DeepSeek's (and GLM-4.5's) router and experts: the first dense layers, shared experts, sigmoid
+// or softmax scores, group-limited top-k, the routed scale (llama.cpp's deepseek2 and glm4moe
+// keys).
 void add_deepseek_moe_keys(GgufFile& f, const DecoderConfig& c, const std::string& a) {
   for (size_t l = 0; l < c.dense_layers.size(); ++l)
     if (c.dense_layers[l] != int64_t(l))
@@ -434,7 +436,7 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
           "llama.cpp's qwen3moe always renormalises the top-k weights; this model does not");
     if (c.arch == Arch::qwen2_moe && c.norm_topk)
       throw Error("llama.cpp's qwen2moe never renormalises the top-k weights; this model does");
-    if (c.arch == Arch::deepseek) {
+    if (c.arch == Arch::deepseek || c.arch == Arch::glm4_moe) {
       add_deepseek_moe_keys(f, c, a);
     } else if (!c.dense_layers.empty() || c.sparse_step != 1) {
       throw Error("llama.cpp's " + a + " has an MoE MLP in every layer; this model has dense ones");

@@ -264,36 +264,44 @@ class MoeModels(unittest.TestCase):
                     want = greedy_ref(fn, prompt, 64)
                 self.assertEqual(greedy_mxn(MXN, folder, prompt, 64), want, "64 greedy tokens")
                 print("  greedy 64 identical", end="")
-                if family == "deepseek":
-                    self.check_deepseek_gguf(folder, cfg, prompt, want)
+                if family in ("deepseek", "glm4_moe"):
+                    self.check_gguf(family, folder, cfg, prompt, want)
                 print()
 
-    def check_deepseek_gguf(self, folder, cfg, prompt, want):
-        """GGUF as llama.cpp's deepseek2 (tensor names from the gguf package's tables, the MLA and
-        router keys), and the same 64 greedy tokens read back from it. (llama.cpp itself gives the
-        same tokens on these shapes: bench/llama_greedy.cpp, docs/models.md.)"""
+    def check_gguf(self, family, folder, cfg, prompt, want):
+        """GGUF as llama.cpp's deepseek2 or glm4moe: tensor names from the gguf package's tables
+        (deepseek2's own; any architecture's for glm4moe, which this gguf lacks), the MLA and router
+        keys, and the same 64 greedy tokens read back from it. (llama.cpp itself gives the same
+        tokens on these shapes: bench/llama_greedy.sh, docs/models.md.)"""
         import gguf
         path = os.path.join(os.path.dirname(folder), "model.gguf")
         subprocess.run([MXN, "convert", folder, path, "--type", "f32"], check=True, stdout=subprocess.DEVNULL)
         r = gguf.GGUFReader(path)
-        allowed = {gguf.TENSOR_NAMES[t].format(bid=b) + s for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.DEEPSEEK2]
+        arch = "deepseek2" if family == "deepseek" else "glm4moe"
+        kinds = gguf.MODEL_TENSORS[gguf.MODEL_ARCH.DEEPSEEK2] if family == "deepseek" else gguf.TENSOR_NAMES
+        allowed = {gguf.TENSOR_NAMES[t].format(bid=b) + s for t in kinds
                    for b in range(cfg["num_hidden_layers"]) for s in (".weight", ".bias")}
         self.assertEqual([t.name for t in r.tensors if t.name not in allowed], [], "names llama.cpp lacks")
         field = lambda k: r.fields[k].parts[-1][0]  # noqa: E731
-        self.assertEqual(bytes(r.fields["general.architecture"].parts[-1]).decode(), "deepseek2")
-        for key, value in (("attention.kv_lora_rank", cfg["kv_lora_rank"]), ("attention.head_count_kv", 1),
-                           ("attention.key_length", cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]),
-                           ("attention.key_length_mla", cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]),
-                           ("attention.value_length_mla", cfg["v_head_dim"]), ("expert_count", cfg["n_routed_experts"]),
-                           ("expert_shared_count", cfg["n_shared_experts"]), ("expert_gating_func", 2),
-                           ("leading_dense_block_count", cfg["first_k_dense_replace"]),
-                           ("expert_group_count", cfg["n_group"]), ("expert_group_used_count", cfg["topk_group"])):
-            self.assertEqual(int(field("deepseek2." + key)), value, key)
-        kb = [t for t in r.tensors if t.name == "blk.0.attn_k_b.weight"][0]  # (H, R, dn), transposed
-        self.assertEqual(list(map(int, kb.shape)), [cfg["qk_nope_head_dim"], cfg["kv_lora_rank"],
-                                                    cfg["num_attention_heads"]])
+        self.assertEqual(bytes(r.fields["general.architecture"].parts[-1]).decode(), arch)
+        keys = [("expert_count", cfg["n_routed_experts"]), ("expert_shared_count", cfg["n_shared_experts"]),
+                ("expert_gating_func", 2), ("leading_dense_block_count", cfg["first_k_dense_replace"])]
+        if cfg["n_group"] > 1:
+            keys += [("expert_group_count", cfg["n_group"]), ("expert_group_used_count", cfg["topk_group"])]
+        if family == "deepseek":
+            keys += [("attention.kv_lora_rank", cfg["kv_lora_rank"]), ("attention.head_count_kv", 1),
+                     ("attention.key_length", cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]),
+                     ("attention.key_length_mla", cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]),
+                     ("attention.value_length_mla", cfg["v_head_dim"])]
+            kb = [t for t in r.tensors if t.name == "blk.0.attn_k_b.weight"][0]  # (H, R, dn), transposed
+            self.assertEqual(list(map(int, kb.shape)), [cfg["qk_nope_head_dim"], cfg["kv_lora_rank"],
+                                                        cfg["num_attention_heads"]])
+        else:
+            keys += [("rope.dimension_count", int(cfg["head_dim"] * cfg["partial_rotary_factor"]))]
+        for key, value in keys:
+            self.assertEqual(int(field(arch + "." + key)), value, key)
         self.assertEqual(greedy_mxn(MXN, path, prompt, 64), want, "64 greedy tokens from the GGUF")
-        print("  GGUF deepseek2: names, keys, greedy 64 identical", end="")
+        print(f"  GGUF {arch}: names, keys, greedy 64 identical", end="")
 
     def test_mixtral(self):
         self.check_family("mixtral")
