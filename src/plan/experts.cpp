@@ -1,9 +1,11 @@
 #include "plan/experts.h"
 
 #include <algorithm>
+#include <climits>
 #include <numeric>
 
 #include "core/error.h"
+#include "train/strategy.h"
 
 namespace mxn {
 
@@ -43,27 +45,22 @@ EpEstimate price_expert_parallel(const Cluster& cl, const DecoderConfig& c, cons
     group_speed += speed * double(ng.count / est.groups);
     total_speed += speed * double(ng.count);
   }
-  // Experts per chip in proportion to speed: each type's chips floor(share), then what is left
-  // one each to the chips of the largest remainders (so a type's chips may differ by one).
-  std::vector<double> raw;
-  std::vector<int64_t> n, extra(cl.groups.size(), 0);
-  int64_t left = c.experts;
-  for (const NodeGroup& ng : cl.groups) {
-    raw.push_back(E * speed_of(ng) / group_speed);
-    n.push_back(int64_t(raw.back()));
-    left -= n.back() * (ng.count / est.groups);
+  // Experts per chip as the runtime places them (place_experts, train/strategy.h): whole experts
+  // in proportion to speed, a chip too slow for an expert's share holding none. A type's chips
+  // differ by one at most: experts_each, and experts_extra of them one more.
+  std::vector<double> speeds;
+  std::vector<size_t> type_of;
+  for (size_t g = 0; g < cl.groups.size(); ++g)
+    for (int64_t i = 0; i < cl.groups[g].count / est.groups; ++i)
+      speeds.push_back(speed_of(cl.groups[g])), type_of.push_back(g);
+  const std::vector<int64_t> placed = place_experts(c.experts, speeds, true);
+  std::vector<int64_t> n(cl.groups.size(), INT64_MAX), extra(cl.groups.size(), 0),
+      most(cl.groups.size(), 0);
+  for (size_t i = 0; i < placed.size(); ++i) {
+    n[type_of[i]] = std::min(n[type_of[i]], placed[i]);
+    most[type_of[i]] = std::max(most[type_of[i]], placed[i]);
   }
-  std::vector<size_t> order(raw.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return raw[a] - double(n[a]) > raw[b] - double(n[b]);
-  });
-  for (size_t i = 0; left > 0; i = (i + 1) % order.size()) {
-    const int64_t room = cl.groups[order[i]].count / est.groups - extra[order[i]];
-    const int64_t take = std::min(room, left);
-    extra[order[i]] += take;
-    left -= take;
-  }
+  for (size_t i = 0; i < placed.size(); ++i) extra[type_of[i]] += placed[i] > n[type_of[i]];
   const double bpp = m.weight_bytes + m.grad_bytes;
   for (size_t g = 0; g < cl.groups.size(); ++g) {
     const NodeGroup& ng = cl.groups[g];
@@ -72,17 +69,17 @@ EpEstimate price_expert_parallel(const Cluster& cl, const DecoderConfig& c, cons
     s.chips = ng.count / est.groups;
     s.experts_each = n[g];
     s.experts_extra = extra[g];
-    const int64_t most = n[g] + (extra[g] > 0 ? 1 : 0);  // the busiest chip of the type
+    const int64_t busiest = most[g];  // the busiest chip of the type
     const double speed = speed_of(ng);
     s.tokens_share = speed / total_speed;
-    const double t = tokens * s.tokens_share;                                 // this chip's tokens
-    const double slots = tokens / double(est.groups) * K * double(most) / E;  // rows it computes
+    const double t = tokens * s.tokens_share;  // this chip's tokens
+    const double slots = tokens / double(est.groups) * K * double(busiest) / E;  // rows it computes
     s.compute_s = 3 * (dense_flops * t + moe_layers * slots * slot_flops) / speed;
-    const double remote = t * K * (1 - double(most) / E) * C * 2 * 4 * moe_layers;
+    const double remote = t * K * (1 - double(busiest) / E) * C * 2 * 4 * moe_layers;
     const double same_node = double(std::min(ng.per_node, s.chips) - 1),
                  intra = ep > 1 ? same_node / double(ep - 1) : 0;
     s.a2a_s = remote * intra / (ng.intra_gbs * 1e9) + remote * (1 - intra) / (ng.inter_gbs * 1e9);
-    const double mine = double(most) * expert_params / E;
+    const double mine = double(busiest) * expert_params / E;
     s.mem_gib = (dense_params * (bpp + m.optim_bytes / double(chips)) +
                  mine * (bpp + m.optim_bytes / double(est.groups))) /
                 double(1ull << 30);

@@ -278,11 +278,12 @@ TEST(ExpertParallel, PlacesExpertsBySpeedAndRefusesWhatDoesNotDivide) {
   const EpEstimate e = price_expert_parallel(cl, c, job, 4);
   ASSERT_EQ(e.groups, 1);
   // Speeds 3:1, a group of 3 fast and 1 slow: 8 experts x 3/10 = 2.4 for a fast chip, 0.8 for the
-  // slow one; floors 2, 2, 2, 0, then the largest remainders: the slow chip (0.8), one fast (0.4).
+  // slow one, placed as the runtime places them (place_experts): 3, 2, 2 and 1, each chip's
+  // experts done in the same time (3/3 = 1/1).
   EXPECT_EQ(e.shares[0].experts_each, 2);
   EXPECT_EQ(e.shares[0].experts_extra, 1);
-  EXPECT_EQ(e.shares[1].experts_each, 0);
-  EXPECT_EQ(e.shares[1].experts_extra, 1);
+  EXPECT_EQ(e.shares[1].experts_each, 1);
+  EXPECT_EQ(e.shares[1].experts_extra, 0);
   EXPECT_DOUBLE_EQ(e.shares[0].tokens_share, 0.3);
   EXPECT_DOUBLE_EQ(e.shares[1].tokens_share, 0.1);
   EXPECT_GT(e.a2a_s, 0);
