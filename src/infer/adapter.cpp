@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -38,6 +39,35 @@ fs::path adapter_dir(const std::string& path) {
   throw Error("'" + path +
               "' is not an adapter (expected a PEFT folder with adapter_config.json and "
               "adapter_model.safetensors, or an mxn LoRA run folder)");
+}
+
+// The routed experts' pairs (PEFT keeps one per expert: "...experts.<e>.<leaf>.lora_A.weight")
+// as the stacks the model trains, (experts, rows, cols); every expert from 0 on, shapes alike.
+void restack_experts(TensorMap& tensors, const std::string& wf) {
+  std::map<std::string, std::map<int64_t, std::string>> stacks;  // stack -> expert -> name
+  for (const auto& [n, t] : tensors) {
+    std::string stacked;
+    int64_t e = 0;
+    if (expert_of(n, stacked, e)) stacks[stacked][e] = n;
+  }
+  for (const auto& [stacked, parts] : stacks) {
+    const int64_t E = int64_t(parts.size());
+    const Shape one = tensors.at(parts.begin()->second).shape;
+    HostTensor h({E, one[0], one[1]}, DType::f32);
+    int64_t want = 0;
+    for (const auto& [e, n] : parts) {
+      if (e != want++)
+        throw Error("adapter '" + wf + "' has " + std::to_string(E) + " experts' " + stacked +
+                    " but not expert " + std::to_string(want - 1) + "'s");
+      const HostTensor& t = tensors.at(n);
+      if (t.shape != one)
+        throw Error("adapter '" + wf + "': " + n + " is " + shape_str(t.shape) + ", expected " +
+                    shape_str(one) + " as expert 0's");
+      std::copy_n(t.f32(), numel(one), h.f32() + e * numel(one));
+    }
+    for (const auto& [e, n] : parts) tensors.erase(n);
+    tensors.emplace(stacked, std::move(h));
+  }
 }
 
 }  // namespace
@@ -85,7 +115,18 @@ std::string adapter_config_json(const Adapter& a, const DecoderConfig& c) {
 TensorMap adapter_peft_tensors(const Adapter& a) {
   TensorMap out;
   if (!a.prefix) {
-    for (const auto& [name, t] : a.tensors) out.emplace(kPeftPrefix + name, t);
+    for (const auto& [name, t] : a.tensors) {
+      if (!stacked_experts(name, t.shape)) {
+        out.emplace(kPeftPrefix + name, t);
+        continue;
+      }
+      const Shape one(t.shape.begin() + 1, t.shape.end());  // PEFT's pair for each expert
+      for (int64_t e = 0; e < t.shape[0]; ++e) {
+        HostTensor h(one, DType::f32);
+        std::copy_n(t.f32() + e * numel(one), numel(one), h.f32());
+        out.emplace(kPeftPrefix + expert_name(name, e), std::move(h));
+      }
+    }
     return out;
   }
   const int64_t P = a.prefix_len, W = a.kv_dim, L = a.layers;
@@ -213,6 +254,7 @@ Adapter load_adapter(const std::string& path) {
                   dtype_name(h.dtype) + ", expected a 2-D float matrix");
     a.tensors.emplace(n, std::move(h));
   }
+  restack_experts(a.tensors, wf);
   for (const auto& [n, t] : a.tensors) {
     if (!ends_with(n, kA)) continue;
     const std::string module = n.substr(0, n.size() - kA.size());
@@ -244,28 +286,45 @@ void apply_adapter(DecoderConfig& c, TensorMap& weights, const Adapter& a,
     if (ia == a.tensors.end())
       throw Error("adapter tensor " + n + " has no " + lora_a_name(module));
     const HostTensor& at = ia->second;
-    auto iw = weights.find(module + ".weight");
-    if (iw == weights.end())
-      throw Error("adapter tensor " + n + " adapts " + module + ".weight, which " + source +
-                  " does not have (an adapter for another model?)");
-    HostTensor& w = iw->second;
-    const int64_t r = at.shape[0], in = at.shape[1], out = bt.shape[0];
-    const Shape want = c.gpt2() ? Shape{in, out} : Shape{out, in};
-    if (bt.shape[1] != r || w.shape != want || w.dtype != DType::f32)
-      throw Error("adapter for another base: " + lora_a_name(module) + " is " +
-                  shape_str(at.shape) + " and " + n + " is " + shape_str(bt.shape) + ", but " +
-                  module + ".weight in " + source + " is " + shape_str(w.shape) +
-                  " (expected lora_A (r, in) and lora_B (out, r) for a weight of " +
-                  (c.gpt2() ? "(in, out))" : "(out, in))"));
-    const float* A = at.f32();
-    const float* B = bt.f32();
-    float* W = w.f32();
-    for (int64_t o = 0; o < out; ++o)
-      for (int64_t i = 0; i < in; ++i) {
-        double s = 0;
-        for (int64_t k = 0; k < r; ++k) s += double(B[o * r + k]) * double(A[k * in + i]);
-        W[c.gpt2() ? i * out + o : o * in + i] += float(s) * scale;
-      }
+    // The routed experts' stacks: each expert's pair onto its own weight, which the model holds
+    // as one tensor an expert (a Hugging Face folder) or as the stack (an mxn checkpoint).
+    const bool stack = at.shape.size() == 3;
+    const int64_t E = stack ? at.shape[0] : 1;
+    const Shape a1(at.shape.end() - 2, at.shape.end()), b1(bt.shape.end() - 2, bt.shape.end());
+    if (bt.shape.size() != at.shape.size() || (stack && bt.shape[0] != E))
+      throw Error("adapter tensors " + lora_a_name(module) + " " + shape_str(at.shape) + " and " +
+                  n + " " + shape_str(bt.shape) + " do not pair");
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string mod = stack ? expert_name(module, e) : module;
+      auto iw = weights.find(mod + ".weight");
+      HostTensor* w = iw == weights.end() ? nullptr : &iw->second;
+      int64_t slice = 0;
+      if (!w && stack && weights.count(module + ".weight"))
+        w = &weights.at(module + ".weight"), slice = e;
+      if (!w)
+        throw Error("adapter tensor " + n + " adapts " + mod + ".weight, which " + source +
+                    " does not have (an adapter for another model?)");
+      const int64_t r = a1[0], in = a1[1], out = b1[0];
+      const Shape want = c.gpt2() ? Shape{in, out} : Shape{out, in};
+      const Shape has =
+          w->shape.size() == 3 && stack ? Shape(w->shape.begin() + 1, w->shape.end()) : w->shape;
+      if (b1[1] != r || has != want || w->dtype != DType::f32 ||
+          (w->shape.size() == 3 && w->shape[0] != E))
+        throw Error("adapter for another base: " + lora_a_name(mod) + " is " + shape_str(a1) +
+                    " and " + lora_b_name(mod) + " is " + shape_str(b1) + ", but " + mod +
+                    ".weight in " + source + " is " + shape_str(w->shape) +
+                    " (expected lora_A (r, in) and lora_B (out, r) for a weight of " +
+                    (c.gpt2() ? "(in, out))" : "(out, in))"));
+      const float* A = at.f32() + e * numel(a1);
+      const float* B = bt.f32() + e * numel(b1);
+      float* W = w->f32() + slice * numel(want);
+      for (int64_t o = 0; o < out; ++o)
+        for (int64_t i = 0; i < in; ++i) {
+          double s = 0;
+          for (int64_t k = 0; k < r; ++k) s += double(B[o * r + k]) * double(A[k * in + i]);
+          W[c.gpt2() ? i * out + o : o * in + i] += float(s) * scale;
+        }
+    }
   }
 }
 

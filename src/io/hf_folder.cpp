@@ -79,6 +79,17 @@ std::string expert_name(const std::string& stacked, int64_t e) {
   return stacked.substr(0, at) + std::to_string(e) + "." + stacked.substr(at);
 }
 
+bool expert_of(const std::string& name, std::string& stacked, int64_t& e) {
+  const size_t at = name.rfind(".experts.");
+  if (at == std::string::npos) return false;
+  size_t i = at + 9, end = i;
+  while (end < name.size() && end - i < 9 && name[end] >= '0' && name[end] <= '9') ++end;
+  if (end == i || end >= name.size() || name[end] != '.') return false;
+  e = std::stoll(name.substr(i, end - i));
+  stacked = name.substr(0, i) + name.substr(end + 1);
+  return true;
+}
+
 namespace {
 const std::string kKvB = "kv_b_proj.weight", kKB = "k_b_proj.weight", kVB = "v_b_proj.weight";
 std::string with_leaf(const std::string& name, const std::string& from, const std::string& to) {

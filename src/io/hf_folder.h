@@ -16,6 +16,9 @@ DecoderConfig load_hf_config(const std::string& dir);
 // <block>experts.<e>.<leaf> in a checkpoint: read slice by slice, written back the same way.
 bool stacked_experts(const std::string& name, const Shape& shape);
 std::string expert_name(const std::string& stacked, int64_t e);
+// The other way: one expert's name ("...experts.<e>.<rest>") gives its stack's name and e; any
+// other name, false.
+bool expert_of(const std::string& name, std::string& stacked, int64_t& e);
 
 // Every tensor of the folder's safetensors, converted to f32.
 TensorMap load_hf_weights(const std::string& dir);

@@ -385,10 +385,9 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
     xp = cut.xr;
     offsets = cut.local_offsets;
   }
-  const int gt = g.grouped_matmul(xp, b.w(ex + nm.e_gate + ".weight", {el, F, C}, true), offsets);
-  const int up = g.grouped_matmul(xp, b.w(ex + nm.e_up + ".weight", {el, F, C}, true), offsets);
-  int dn = g.grouped_matmul(g.swiglu(gt, up, 0, 0, F),
-                            b.w(ex + nm.e_down + ".weight", {el, C, F}, true), offsets);
+  const int gt = b.expert_linear(xp, ex + nm.e_gate, el, C, F, offsets);
+  const int up = b.expert_linear(xp, ex + nm.e_up, el, C, F, offsets);
+  int dn = b.expert_linear(g.swiglu(gt, up, 0, 0, F), ex + nm.e_down, el, F, C, offsets);
   if (cut.xp >= 0) {
     g.mark_output(dn);
     cut.yr = dn;

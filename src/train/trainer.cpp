@@ -105,7 +105,7 @@ void Trainer::init_adapter(int p) {
     uint64_t h = uint64_t(cfg_.seed);
     for (char ch : v.name) h = mix64(h ^ uint64_t(uint8_t(ch)));
     Rng rng(h);
-    const double bound = 1.0 / std::sqrt(double(v.shape[1]));
+    const double bound = 1.0 / std::sqrt(double(v.shape.back()));  // experts' A: (E, r, in)
     for (float& x : w)
       x = float(emb      ? rng.normal()
                 : prefix ? 0.02 * rng.normal()

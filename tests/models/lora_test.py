@@ -11,6 +11,10 @@ Asserted, max|mxn - ref| / max|ref| per tensor, the reference in float64:
     equal mxn's <= 1e-4;
   - `mxn generate --adapter` gives peft's greedy tokens; `mxn merge` gives a folder whose logits
     equal peft's merge_and_unload() <= 1e-5.
+  - the routed experts (Mixtral's w1/w2/w3, Qwen2-MoE's experts and shared expert): each expert's
+    own pair, trained as one stack: logits, loss and every gradient <= 1e-4 against peft, the
+    checkpoint's per-expert pairs load in peft (logits <= 1e-4), and `mxn merge` equals
+    merge_and_unload() <= 1e-5;
   - P-Tuning v2 against our own PyTorch module: the prefix rows as every layer's past keys and
     values (transformers' DynamicCache), the text's positions from 0: logits, loss and the prefix
     gradients <= 1e-4 (LLaMA, Qwen2), one AdamW step <= 1e-4 with the optimizer state of the
@@ -215,6 +219,83 @@ class Lora(unittest.TestCase):
                       f"16 greedy tokens equal peft's; mxn merge vs merge_and_unload: {e_merge:.2e}")
 
     # --- P-Tuning v2 --------------------------------------------------------------------------
+    def test_moe_experts_against_peft(self):
+        """LoRA on every expert's linears: peft wraps each expert's nn.Linear; mxn trains the
+        layer's experts as one stack (grouped GEMMs) and writes PEFT's per-expert names."""
+        from moe_common import make_hf
+        from transformers import AutoModelForCausalLM
+        targets = {"mixtral": ["q_proj", "v_proj", "w1", "w2", "w3"],
+                   "qwen2_moe": ["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+        for family in ("mixtral", "qwen2_moe"):
+            with self.subTest(family=family):
+                torch.manual_seed(1)
+                model = perturb(make_hf(family, False), 1).eval()
+                base = os.path.join(self.tmp.name, f"{family}-base")
+                model.save_pretrained(base)
+                torch.manual_seed(2)
+                pm = get_peft_model(model, LoraConfig(r=3, lora_alpha=6, init_lora_weights=False,
+                                                      target_modules=targets[family], task_type="CAUSAL_LM"))
+                afolder = os.path.join(self.tmp.name, f"{family}-adapter")
+                pm.save_pretrained(afolder)
+                ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(3))
+                got = self.dump(base, ids, afolder)
+                pm = pm.double()
+                out = pm(ids, labels=ids)
+                out.loss.backward()
+                worst = max(rel(got["logits"], out.logits.detach().reshape(-1, out.logits.shape[-1]).numpy()),
+                            rel(got["loss"], [out.loss.item()]))
+                self.assertLess(worst, TOL, "logits and loss")
+                grads = {}  # peft's per-expert gradients stacked as mxn keeps them
+                for name, p in pm.named_parameters():
+                    if p.requires_grad:
+                        key = "grad." + name.replace("base_model.model.", "", 1).replace(".default", "")
+                        head, _, tail = key.partition(".experts.")
+                        if tail and not head.endswith("shared"):
+                            e, _, leaf = tail.partition(".")
+                            grads.setdefault(f"{head}.experts.{leaf}", {})[int(e)] = p.grad.numpy()
+                        else:
+                            grads[key] = p.grad.numpy()
+                stacked = sum(isinstance(v, dict) for v in grads.values())
+                self.assertEqual(stacked, 2 * 3 * 2, "A and B of 3 expert linears in 2 MoE layers")
+                for key, want in grads.items():
+                    if isinstance(want, dict):
+                        want = np.stack([want[e] for e in range(len(want))])
+                    self.assertIn(key, got)
+                    self.assertEqual(got[key].shape, want.shape, key)
+                    e = rel(got[key], want)
+                    self.assertLess(e, TOL, key)
+                    worst = max(worst, e)
+                self.assertEqual(len(grads), sum(1 for k in got if k.startswith("grad.")))
+                pm.float()
+                # Trained from a fresh adapter: peft reads the checkpoint's per-expert pairs, and
+                # mxn merge folds each into its expert.
+                run = os.path.join(self.tmp.name, f"{family}-run")
+                ckpt = self.train(base, run, ["--lora_r", "3", "--lora_alpha", "6", "--lora_targets",
+                                              ",".join(targets[family])], steps=4, B=4, T=16)
+                ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ckpt).double().eval()
+                b_max = max(float(p.abs().max()) for n, p in ref.named_parameters()
+                            if "lora_B" in n and ".experts." in n)
+                self.assertGreater(b_max, 1e-3, "the experts' adapters trained")
+                ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(9))
+                got = self.dump(base, ids, run)
+                with torch.no_grad():
+                    want = ref(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
+                e_logits = rel(got["logits"], want)
+                self.assertLess(e_logits, TOL)
+                merged = os.path.join(self.tmp.name, f"{family}-merged")
+                r = subprocess.run([MXN, "merge", "--model", base, "--adapter", run, merged],
+                                   capture_output=True, text=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                folded = AutoModelForCausalLM.from_pretrained(merged).double().eval()
+                with torch.no_grad():
+                    m_logits = folded(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
+                    p_logits = ref.merge_and_unload()(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
+                e_merge = rel(m_logits, p_logits)
+                self.assertLess(e_merge, 1e-5)
+                print(f"lora {family:9s} experts: logits, loss and {len(grads)} adapter gradients ({stacked} "
+                      f"expert stacks) against peft: worst {worst:.2e}; trained adapter in peft: logits "
+                      f"{e_logits:.2e}; mxn merge vs merge_and_unload: {e_merge:.2e}")
+
     def prefix_folder(self, name, model, P, seed):
         """A prefix adapter as PEFT's PREFIX_TUNING saves one (no projection): prompt_embeddings
         (P, layers * 2 * kv_dim), each layer's keys then values."""
