@@ -376,6 +376,8 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
     g.mark_output(xp);
     cut.offsets = r.offsets, cut.xp = xp;
     if (el == 0) {  // no experts here: the rows leave, and their results come back
+      for (const std::string& leaf : {nm.e_gate, nm.e_up, nm.e_down})
+        b.lora_targets(ex + leaf);  // (LoRA's experts are elsewhere: a target they match is met)
       cut.yp = g.input(blk + "ep.yp", {N * c.top_k, C}, DType::f32);
       m.expert_cuts.push_back(cut);
       return shared_expert(b, nm, blk, h, g.moe_unpermute(cut.yp, r.pos, N, r.w));

@@ -137,10 +137,8 @@ void check_expert_parallel(const TrainConfig& c, int64_t world) {
   if (world % c.ep)
     throw Error(ep + " needs a multiple of " + std::to_string(c.ep) + " ranks; the job has " +
                 std::to_string(world));
-  if (c.finetune != "full" || c.zero || c.pp > 1)
-    throw Error(ep +
-                " trains every weight for now: not with --finetune lora/ptuning, --zero 1 "
-                "or --pp");
+  if (c.finetune == "ptuning" || c.zero || c.pp > 1)
+    throw Error(ep + " is not combined with --finetune ptuning, --zero 1 or --pp yet");
   if (c.batch < world)
     throw Error("the global batch (" + std::to_string(c.batch) +
                 " sequences) is smaller than the " + std::to_string(world) +

@@ -4,11 +4,13 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <span>
 
 #include "core/error.h"
 #include "core/faults.h"
 #include "core/rng.h"
 #include "infer/adapter.h"
+#include "io/hf_folder.h"
 
 namespace mxn {
 namespace {
@@ -101,12 +103,18 @@ void Trainer::init_adapter(int p) {
   // +-1/sqrt(in); its biases start at 0.
   const bool enc = v.name.rfind(kPrefixEncoder, 0) == 0 && v.shape.size() == 2;
   const bool emb = enc && v.name == std::string(kPrefixEncoder) + "embedding";
-  if (lora_a || prefix || enc) {
+  // An expert stack's A (experts, r, in): each expert's own draw, seeded by its PEFT name, so a
+  // rank holding experts first.. (--ep) draws what one device does.
+  const bool stack = lora_a && stacked_experts(v.name, v.shape);
+  const int64_t parts = stack ? v.shape[0] : 1, per = numel(v.shape) / parts;
+  const int64_t first = stack && par_->experts() ? par_->experts()->first : 0;
+  for (int64_t e = 0; (lora_a || prefix || enc) && e < parts; ++e) {
     uint64_t h = uint64_t(cfg_.seed);
-    for (char ch : v.name) h = mix64(h ^ uint64_t(uint8_t(ch)));
+    for (char ch : stack ? expert_name(v.name, first + e) : v.name)
+      h = mix64(h ^ uint64_t(uint8_t(ch)));
     Rng rng(h);
-    const double bound = 1.0 / std::sqrt(double(v.shape.back()));  // experts' A: (E, r, in)
-    for (float& x : w)
+    const double bound = 1.0 / std::sqrt(double(v.shape.back()));
+    for (float& x : std::span<float>(w).subspan(size_t(e * per), size_t(per)))
       x = float(emb      ? rng.normal()
                 : prefix ? 0.02 * rng.normal()
                          : (2 * rng.uniform() - 1) * bound);

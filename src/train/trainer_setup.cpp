@@ -224,13 +224,15 @@ void Trainer::load_weights(const Checkpoint* ck, const Adapter& start, const Dec
   if (adapters && cfg_.base_dtype == "bf16" && dev_->name().rfind("cpu", 0) != 0)
     throw Error("--base_dtype bf16 keeps the frozen base in bf16 on the CPU backend only; " +
                 dev_->name() + " takes f32");
+  const ExpertShard* shard = par_->experts();  // expert parallel: this rank's experts
   if (adapters)  // the frozen base, from its folder (checkpoints hold the adapters only)
-    upload_hf_weights(*prog_, cfg_.model.dir, WeightSet::frozen);
+    upload_hf_weights(*prog_, cfg_.model.dir, WeightSet::frozen, shard ? shard->first : 0);
   if (ck) {
     load(*ck);
   } else {
     if (adapters && !start.tensors.empty()) {
-      upload_weights(*prog_, start.tensors, "adapter '" + cfg_.adapter + "'", WeightSet::trained);
+      upload_weights(*prog_, shard ? expert_slices(start.tensors, *shard) : start.tensors,
+                     "adapter '" + cfg_.adapter + "'", WeightSet::trained);
     } else if (adapters) {
       for (int p : prog_->graph().params()) init_adapter(p);
     } else if (!cfg_.model.dir
