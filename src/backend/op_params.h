@@ -273,16 +273,19 @@ struct MoeRouteParams {
 };
 
 // GROUPED_MATMUL: rows times their expert's matrix (tb: stored (E, N, K)), or (weight_grad) each
-// expert's a^T b over its rows, added into the output with `accumulate`.
+// expert's a^T b over its rows, added into the output with `accumulate`. `compute` as MATMUL's:
+// with bf16 matrices, bf16 lets many rows run on the chip's bf16 units, the rows rounded too.
 struct GroupedMatmulParams {
   bool tb = true, weight_grad = false, accumulate = false;
+  int32_t compute = MXN_DTYPE_F32;
   void encode(int64_t* ip, float*) const {
     ip[0] = tb;
     ip[1] = weight_grad;
     ip[2] = accumulate;
+    ip[3] = compute;
   }
   static GroupedMatmulParams decode(const int64_t* ip, const float*) {
-    return {ip[0] != 0, ip[1] != 0, ip[2] != 0};
+    return {ip[0] != 0, ip[1] != 0, ip[2] != 0, int32_t(ip[3])};
   }
 };
 

@@ -201,7 +201,7 @@ int Graph::grouped_matmul(int a, int b, int offsets, bool tb) {
   const Shape& bs = v(b).shape;
   MXN_CHECK(bs.size() == 3, "grouped_matmul: b is (experts, rows, cols)");
   return emit(MXN_OP_GROUPED_MATMUL, {a, b, offsets}, {activation({v_rows(a), tb ? bs[1] : bs[2]})},
-              GroupedMatmulParams{tb});
+              GroupedMatmulParams{tb, false, false, int32_t(matmul_compute)});
 }
 
 int Graph::strided_copy(int x, const StridedCopyParams& p, Shape shape, int into) {

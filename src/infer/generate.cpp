@@ -34,6 +34,10 @@ Graph Generator::graph(int64_t rows, DecoderGraph* m) const {
   o.last_logits = true;
   o.weights = wdt_;
   Graph g;
+  // bf16 weights: the prompt's many-row GEMMs run on the chip's bf16 units with the activations
+  // rounded to bf16, as llama.cpp does; one row (decoding) stays f32 arithmetic, the GEMVs
+  // widening each weight in registers (a bf16 head would round its whole table every token).
+  if (wdt_ == DType::bf16 && rows > 1) g.matmul_compute = DType::bf16;
   *m = build_decoder(g, cfg_, 1, rows, o);
   return g;
 }

@@ -165,8 +165,9 @@ class Convert(unittest.TestCase):
                 print(f"{family:8s} {'odd' if odd else 'even':4s} HF f32/f16/bf16 and GGUF f32/f16/bf16/q8_0 bit-exact")
 
     def bf16_weights(self, model, path, prompt):
-        """mxn generate keeps a bf16 file's weights in bf16 (arithmetic in f32): its greedy tokens
-        equal transformers' in float64 on the same bf16-rounded weights."""
+        """mxn generate keeps a bf16 file's weights in bf16 (decoding in f32 arithmetic, the prompt's
+        GEMMs in bf16 with f32 accumulation): its greedy tokens equal transformers' in float64 on
+        the same bf16-rounded weights."""
         ref = type(model)(model.config)
         ref.load_state_dict({k: v.to(torch.bfloat16).double() if v.dim() >= 2 else v.double()
                              for k, v in model.state_dict().items()})  # GGUF keeps 1-D in f32

@@ -304,8 +304,11 @@ int32_t run_moe(Ctx* c, const mxn_op_call& k) {
     }
     case MXN_OP_GROUPED_MATMUL:
       if (in[1].dtype == MXN_DTYPE_BF16)
-        grouped_matmul_bf16(c->scratch, grouped_matmul_shape(k), ptr(in[0]), ptr<uint16_t>(in[1]),
-                            ptr<int32_t>(in[2]), ptr(out[0]));
+        grouped_matmul_bf16(c->scratch, grouped_matmul_shape(k),
+                            params_of<GroupedMatmulParams>(k).compute == MXN_DTYPE_BF16
+                                ? Compute::bf16
+                                : Compute::f32,
+                            ptr(in[0]), ptr<uint16_t>(in[1]), ptr<int32_t>(in[2]), ptr(out[0]));
       else
         grouped_matmul(grouped_matmul_shape(k), ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]),
                        ptr(out[0]));

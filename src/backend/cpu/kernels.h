@@ -147,9 +147,10 @@ void moe_unpermute_bwd(const MoePermuteShape& m, const float* dy, const float* y
                        const int32_t* pos, float* dw);
 void grouped_matmul(const GroupedMatmulShape& g, const float* a, const float* b,
                     const int32_t* offsets, float* out);
-// ... with the experts' matrices stored in bf16 (inference weights), f32 arithmetic.
-void grouped_matmul_bf16(Scratch& s, const GroupedMatmulShape& g, const float* a, const uint16_t* b,
-                         const int32_t* offsets, float* out);
+// ... with the experts' matrices stored in bf16 (inference weights): one row in f32 arithmetic;
+// more rows f32 (each matrix widened) or, compute bf16, a bf16 GEMM with the rows rounded.
+void grouped_matmul_bf16(Scratch& s, const GroupedMatmulShape& g, Compute compute, const float* a,
+                         const uint16_t* b, const int32_t* offsets, float* out);
 // STRIDED_COPY on 4-byte elements (f32 or i32).
 void strided_copy(const StridedCopyParams& p, const float* in, float* out);
 void adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,

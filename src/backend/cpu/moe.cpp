@@ -135,16 +135,16 @@ void grouped_matmul(const GroupedMatmulShape& g, const float* a, const float* b,
   }
 }
 
-void grouped_matmul_bf16(Scratch& s, const GroupedMatmulShape& g, const float* a, const uint16_t* b,
-                         const int32_t* offsets, float* out) {
+void grouped_matmul_bf16(Scratch& s, const GroupedMatmulShape& g, Compute compute, const float* a,
+                         const uint16_t* b, const int32_t* offsets, float* out) {
   const int64_t M = g.M, N = g.N, K = g.K;
   int64_t covered = 0;
   for (int64_t e = 0; e < g.E; ++e) {
     int64_t lo, hi;
     expert_rows(offsets, e, M, &lo, &hi);
     covered = std::max(covered, hi);
-    if (hi > lo)  // one row (decoding): B streamed as bf16; more: widened once
-      matmul_bf16_weights(s, Compute::f32, false, g.tb, 1, hi - lo, N, K, 1.f, a + lo * K, 0,
+    if (hi > lo)  // one row: B streamed as bf16; more: bf16 GEMM (compute bf16) or widened once
+      matmul_bf16_weights(s, compute, false, g.tb, 1, hi - lo, N, K, 1.f, a + lo * K, 0,
                           b + e * N * K, 0, false, out + lo * N, 0);
   }
   if (covered < M) std::memset(out + covered * N, 0, size_t((M - covered) * N) * 4);
