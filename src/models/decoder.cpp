@@ -421,13 +421,22 @@ int mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, int 
   return b.linear(g.swiglu(gt, up, 0, 0, F), p + nm.down, F, C, c.mlp_bias);
 }
 
-// The training loss plus router_aux_coef times the mean of the MoE layers' load-balancing losses.
-int add_router_aux(Builder& b, const DecoderGraph& m, int loss) {
-  if (m.router_aux.empty()) return loss;
+// router_aux_coef times this graph's MoE layers' load-balancing losses over the model's MoE layer
+// count (a pipeline stage's share of their mean); -1 without any.
+int router_aux_share(Builder& b, const DecoderGraph& m) {
+  if (m.router_aux.empty()) return -1;
   Graph& g = b.g;
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < b.c.layers; ++l) moe_layers += b.c.moe_layer(l);
   int sum = m.router_aux[0];
   for (size_t i = 1; i < m.router_aux.size(); ++i) sum = g.add(sum, m.router_aux[i]);
-  return g.add(loss, g.scale(sum, b.c.router_aux_coef / float(m.router_aux.size())));
+  return g.scale(sum, b.c.router_aux_coef / float(moe_layers));
+}
+
+// The training loss plus router_aux_coef times the mean of the MoE layers' load-balancing losses.
+int add_router_aux(Builder& b, const DecoderGraph& m, int loss) {
+  const int aux = router_aux_share(b, m);
+  return aux < 0 ? loss : b.g.add(loss, aux);
 }
 
 // The last stage's end: the final norm, the chosen rows, the head and the loss.
@@ -579,6 +588,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   if (!last) {  // a pipeline stage before the last: its residual stream goes to the next
     m.hidden_out = x;
     g.mark_output(x);
+    if (o.with_loss && (m.aux_loss = router_aux_share(b, m)) >= 0) g.mark_output(m.aux_loss);
     return m;
   }
   head(b, nm, m, x, wte, B, N);

@@ -205,7 +205,8 @@ struct DecoderGraph {
   std::vector<std::pair<std::string, int>> lora_inputs;  // stacked A and B, by name
   int logits = -1, loss = -1;
   int hidden_in = -1, hidden_out = -1;  // pipeline stages (DecoderOptions::first_layer)
-  int embed_table = -1;                 // the token embeddings (the head too when tied)
+  int aux_loss = -1;     // a stage before the last: its MoE layers' share of the loss (or -1)
+  int embed_table = -1;  // the token embeddings (the head too when tied)
   // With a KV cache: the cache values and the nodes whose position parameters change per run.
   std::vector<int> caches;
   std::vector<size_t> cache_writes, cache_reads;  // SET_ROWS and ATTENTION nodes

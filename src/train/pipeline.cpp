@@ -160,6 +160,7 @@ double Pipeline::passes(uint64_t key, double total) {
     }
     if (fwd) {
       t_.prog_->run(0, t_.n_forward_, p.variant);
+      t_.count_experts(p);  // the routing of this stage's MoE layers (once: not the recompute)
       float* out = send_f_.data() + i * E;
       t_.dev_->download(out, p.hidden_out);
       pipe_->send(out, len, down, kTagForward);
@@ -168,13 +169,20 @@ double Pipeline::passes(uint64_t key, double total) {
     if (last) {  // the loss's share of the global batch's seeds the backward
       t_.seed_backward(p.variant, float(counted / total));
       t_.prog_->run(0, nodes, p.variant);
+      t_.count_experts(p);
       float loss = 0;
       t_.dev_->download(&loss, p.loss);
       loss_sum += double(loss) * counted / total;
     } else {
       pipe_->recv(recv_g_.data(), len, down, kTagBackward);
       t_.dev_->upload(p.grad_out, recv_g_.data());
+      if (p.loss.buffer) t_.seed_backward(p.variant, float(counted / total));  // MoE's aux share
       t_.prog_->run(0, nodes, p.variant);  // the forward again, then the backward
+      if (p.loss.buffer) {
+        float aux = 0;
+        t_.dev_->download(&aux, p.loss);
+        loss_sum += double(aux) * counted / total;
+      }
     }
     if (!first) {
       float* back = send_b_.data() + i * E;
@@ -232,11 +240,12 @@ double Pipeline::eval() {
       t_.dev_->upload(p.hidden_in, stash_.data());
     }
     t_.run_forward_only(p.variant);
-    if (last) {
+    if (p.loss.buffer) {  // the last stage's loss, or an earlier one's load-balancing share
       float loss = 0;
       t_.dev_->download(&loss, p.loss);
       sum += double(loss) * counted / total;
-    } else {
+    }
+    if (!last) {
       t_.dev_->download(send_f_.data(), p.hidden_out);
       pipe_->send(send_f_.data(), len, int(stage_ + 1), kTagEval);
       pipe_->wait_sends();

@@ -79,12 +79,16 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
     int gi = -1;
     *n_forward = append_backward(g, m->loss, -1, m->hidden_in, &gi);
     if (grad_in) *grad_in = gi;
-  } else {  // a stage before the last: the next stage's gradient seeds the backward
+  } else {  // a stage before the last: the next stage's gradient seeds the backward (and its
+            // MoE layers' load-balancing loss, the loss's FILL first, as the last stage's)
     const int s = g.input("grad_out", g.v(m->hidden_out).shape, DType::f32);
-    int gi = -1;
-    *n_forward = append_backward(g, m->hidden_out, s, m->hidden_in, &gi);
+    BackwardCuts cuts;
+    cuts.seeds.push_back({m->hidden_out, s});
+    if (m->hidden_in >= 0) cuts.wrts.push_back(m->hidden_in);
+    *n_forward = append_backward(g, m->aux_loss, cuts);
+    MXN_CHECK(m->hidden_in < 0 || cuts.wrt_grads[0] >= 0, "the stage's input has no gradient");
     if (seed) *seed = s;
-    if (grad_in) *grad_in = gi;
+    if (grad_in) *grad_in = m->hidden_in >= 0 ? cuts.wrt_grads[0] : -1;
   }
   return g;
 }
@@ -152,6 +156,8 @@ int Trainer::variant_for(int64_t rows) {
     if (m_.loss >= 0) {  // the last stage (or the whole model)
       p.targets = prog_->tensor(m_.targets, p.variant);
       p.loss = prog_->tensor(m_.loss, p.variant);
+    } else if (m_.aux_loss >= 0) {  // a stage before the last: its load-balancing share
+      p.loss = prog_->tensor(m_.aux_loss, p.variant);
     }
     if (m_.hidden_in >= 0) p.hidden_in = prog_->tensor(m_.hidden_in, p.variant);
     for (int off : m_.router_offsets) p.router_offsets.push_back(prog_->tensor(off, p.variant));
@@ -221,7 +227,8 @@ void Trainer::count_experts(const Pass& p) {
   for (size_t l = 0; l < p.router_offsets.size(); ++l) {
     dev_->download(offsets_host_.data(), p.router_offsets[l]);
     for (size_t e = 0; e < E; ++e)
-      expert_load_[l * E + e] += double(offsets_host_[e + 1] - offsets_host_[e]);
+      expert_load_[(size_t(moe_first_) + l) * E + e] +=
+          double(offsets_host_[e + 1] - offsets_host_[e]);
   }
 }
 
@@ -229,9 +236,10 @@ void Trainer::count_experts(const Pass& p) {
 // same on every rank (the load is summed over them).
 void Trainer::update_router_bias() {
   const size_t E = bias_host_.size();
-  for (size_t l = 0; l < router_bias_values_.size(); ++l) {
-    const Tensor b = prog_->tensor(router_bias_values_[l]);
+  for (size_t i = 0; i < router_bias_values_.size(); ++i) {
+    const Tensor b = prog_->tensor(router_bias_values_[i]);
     dev_->download(bias_host_.data(), b);
+    const size_t l = size_t(moe_first_) + i;  // among the model's MoE layers
     double mean = 0;
     for (size_t e = 0; e < E; ++e) mean += expert_load_[l * E + e] / double(E);
     for (size_t e = 0; e < E; ++e) {

@@ -167,7 +167,8 @@ class Trainer {
   // selection bias towards an even load (cfg_.router_bias_update).
   void count_experts(const Pass& p);
   void update_router_bias();
-  std::vector<double> expert_load_;      // (MoE layers x experts), this step's
+  std::vector<double> expert_load_;      // (the model's MoE layers x experts), this step's
+  int64_t moe_first_ = 0;                // this rank's first MoE layer among the model's
   std::vector<int32_t> offsets_host_;    // one layer's offsets, downloaded
   std::vector<float> bias_host_;         // one router's bias
   std::vector<int> router_bias_values_;  // the routers' bias params, by layer

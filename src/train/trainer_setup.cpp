@@ -173,8 +173,13 @@ void Trainer::build_program() {
   passes_.resize(size_t(cap_) + 1);
   variant_for(cap_);
   const DecoderConfig d = cfg_.decoder_config();  // MoE: the load's and the biases' buffers
-  if (!m_.router_offsets.empty()) {
-    expert_load_.assign(m_.router_offsets.size() * size_t(d.experts), 0.0);
+  if (d.experts > 0) {  // every MoE layer of the model (a pipeline stage fills its own)
+    int64_t n = 0;
+    for (int64_t l = 0; l < d.layers; ++l) {
+      if (l == first) moe_first_ = n;
+      n += d.moe_layer(l);
+    }
+    expert_load_.assign(size_t(n * d.experts), 0.0);
     offsets_host_.assign(size_t(d.experts) + 1, 0);
     bias_host_.assign(size_t(d.experts), 0.f);
   }

@@ -6,6 +6,10 @@ global batch: every step's loss within 1e-3 relative over 50 steps (f32), under 
   - 2 stages x 2 replicas over CPU + OpenCL (`--devices cpu,opencl:0,cpu,opencl:0`), when the
     OpenCL backend is built;
   - a LLaMA-shaped model (untied, GQA) over 2 even stages;
+  - a mixture of experts (Qwen2-MoE: shared expert, the Switch load-balancing loss and DeepSeek's
+    router-bias update) over 2 and 3 stages: each stage's MoE layers add their share of the aux
+    loss (seeding their own backward) and count their experts' load, so losses, validation
+    losses (within 1e-6) and every layer's expert_load equal one device's;
   - the 2-stage run's checkpoint resumed on the other split (1 and 3 layers) and on one device;
   - `mxn plan --layout ... --out plan.json` then `mxn train --plan plan.json` runs that layout;
   - bad pipeline settings refused naming what was wrong.
@@ -72,6 +76,19 @@ with tempfile.TemporaryDirectory() as tmp:
     llama = ["--arch", "llama", "--n_kv_head", "2"]
     same("LLaMA-shaped, 2 even stages", train(f"{tmp}/llama1", *llama),
          train(f"{tmp}/llama2", *llama, "--pp", "2", launcher=mpirun + ["-np", "2"]))
+
+    # A mixture of experts: the aux loss is a statistic of a pass's tokens, so the pipeline's one
+    # micro-batch a step (--micro 8) meets one device's one pass of the same 8 sequences.
+    moe = ["--arch", "qwen2_moe", "--n_layer", "3", "--n_kv_head", "2", "--experts", "6", "--top_k", "2",
+           "--moe_ffn", "32", "--shared_ffn", "48", "--router_aux_coef", "0.01", "--router_bias_update", "0.001",
+           "--batch", "8", "--eval_batches", "1", "--steps", "20", "--eval_every", "10"]
+    moe_ref = train(f"{tmp}/moe1", *moe)
+    for n in (2, 3):
+        same(f"Qwen2-MoE with the aux loss and router-bias balancing, {n} stages", moe_ref,
+             train(f"{tmp}/moe{n}", *moe, "--pp", str(n), "--micro", "8", launcher=mpirun + ["-np", str(n)]), 1e-6)
+        loads = [[json.loads(l)["expert_load"] for l in open(f"{tmp}/moe{k}/metrics.jsonl")] for k in (1, n)]
+        check(f"... every layer's expert load, each step, as one device's ({n} stages)", loads[0] == loads[1],
+              f"{len(loads[0][0])} layers; step 20 {loads[1][-1]}")
 
     tail = (ref[0][30:], ref[1][1:])
     got = train(f"{tmp}/pp2", "--pp", "2", "--stages", "1,3", "--resume", f"{tmp}/pp2/ckpt-00000030",
