@@ -17,121 +17,11 @@
 #include "core/text.h"
 #include "io/hf_folder.h"
 #include "parallel/balance.h"
+#include "train/expert_exchange.h"
 #include "train/strategy.h"
 #include "train/trainer.h"
 
 namespace mxn {
-namespace {
-
-enum class Kind { rows_out, results_back, grads_out, grads_back };
-
-// The first `rows` rows of a contiguous (rows', cols) tensor.
-Tensor head_rows(const Tensor& t, int64_t rows) {
-  return Tensor({rows, t.shape[1]}, t.dtype, t.buffer, t.offset);
-}
-
-}  // namespace
-
-struct ExpertParallel::Exchange {
-  struct Cut {
-    size_t at, layer;
-    Kind kind;
-  };
-  struct Layer {
-    Tensor offsets, xp, xr, local, yr, yp, d_xp, d_yr, d_xr, d_yp;
-  };
-  std::vector<Cut> cuts;                     // in node order
-  std::map<int, std::vector<Layer>> layers;  // by Program variant
-  Device* dev = nullptr;
-  Communicator* comm = nullptr;  // the group
-  const std::vector<int64_t>* bounds = nullptr;
-  int64_t E = 0, C = 0, ep = 1, me = 0;
-  std::vector<int64_t> counts;  // (layers, ep, E): rows group rank p sends expert e this pass
-  std::vector<double> sum;      // (ep, E): the counts' all-reduce
-  std::vector<int32_t> off, local;
-  std::vector<float> send, recv, stage;
-  std::vector<int64_t> send_at, recv_at;  // ep + 1 float offsets, this rank's view of rows out
-  double seconds = 0;                     // in training passes' exchanges, all steps
-  bool timing = false;                    // in a training pass
-
-  int64_t count(size_t l, int64_t p, int64_t e) const {
-    return counts[(l * size_t(ep) + size_t(p)) * size_t(E) + size_t(e)];
-  }
-  int64_t first() const { return (*bounds)[size_t(me)]; }
-  int64_t mine() const { return (*bounds)[size_t(me + 1)] - first(); }
-
-  // The pass's routing of layer l, from every rank of the group (in the forward, once).
-  void learn_counts(size_t l, const Tensor& offsets) {
-    dev->download(off.data(), offsets);
-    std::fill(sum.begin(), sum.end(), 0.0);
-    for (int64_t e = 0; e < E; ++e)
-      sum[size_t(me * E + e)] = double(off[size_t(e + 1)] - off[size_t(e)]);
-    comm->all_reduce_sum(sum.data(), int64_t(sum.size()));
-    for (size_t i = 0; i < sum.size(); ++i) counts[l * sum.size() + i] = int64_t(sum[i]);
-  }
-
-  // Blocks of layer l's rows out: to rank q the rows of q's experts; from rank p those of mine.
-  // Also each local expert's first row in the regrouped rows.
-  void layout(size_t l) {
-    send_at.assign(1, 0);
-    recv_at.assign(1, 0);
-    for (int64_t q = 0; q < ep; ++q) {
-      int64_t to = 0, from = 0;
-      for (int64_t e = (*bounds)[size_t(q)]; e < (*bounds)[size_t(q + 1)]; ++e)
-        to += count(l, me, e);
-      for (int64_t e = first(); e < first() + mine(); ++e) from += count(l, q, e);
-      send_at.push_back(send_at.back() + to * C);
-      recv_at.push_back(recv_at.back() + from * C);
-    }
-    local.assign(1, 0);
-    for (int64_t e = first(); e < first() + mine(); ++e) {
-      int64_t n = 0;
-      for (int64_t p = 0; p < ep; ++p) n += count(l, p, e);
-      local.push_back(local.back() + int32_t(n));
-    }
-  }
-
-  // Rows in global expert order (xp, d_yp) to their experts' ranks, arriving grouped by local
-  // expert and, within one, by sender (xr, d_yr); with `offsets`, the groups' offsets too.
-  void out(size_t l, const Tensor& from, const Tensor& to, const Tensor* offsets) {
-    layout(l);
-    const int64_t n_from = send_at.back() / C, n_to = local.back();
-    if (n_from) dev->download(send.data(), head_rows(from, n_from));
-    comm->all_to_all(send.data(), send_at, recv.data(), recv_at);
-    float* at = stage.data();
-    for (int64_t e = first(); e < first() + mine(); ++e)
-      for (int64_t p = 0; p < ep; ++p) {
-        int64_t skip = 0;  // p's rows for my experts before e
-        for (int64_t f = first(); f < e; ++f) skip += count(l, p, f);
-        const int64_t n = count(l, p, e) * C;
-        std::memcpy(at, recv.data() + recv_at[size_t(p)] + skip * C, size_t(n) * 4);
-        at += n;
-      }
-    if (n_to) dev->upload(head_rows(to, n_to), stage.data());
-    if (offsets) dev->upload(*offsets, local.data());
-  }
-
-  // The inverse: rows grouped by local expert (yr, d_xr) back to their ranks, in the order they
-  // left (yp, d_xp).
-  void back(size_t l, const Tensor& from, const Tensor& to) {
-    layout(l);
-    const int64_t n_from = local.back(), n_to = send_at.back() / C;
-    if (n_from) dev->download(stage.data(), head_rows(from, n_from));
-    for (int64_t p = 0; p < ep; ++p) {
-      float* at = send.data() + recv_at[size_t(p)];
-      for (int64_t e = first(); e < first() + mine(); ++e) {
-        int64_t row = local[size_t(e - first())];  // expert e's rows from ranks before p
-        for (int64_t q = 0; q < p; ++q) row += count(l, q, e);
-        const int64_t n = count(l, p, e) * C;
-        std::memcpy(at, stage.data() + row * C, size_t(n) * 4);
-        at += n;
-      }
-    }
-    comm->all_to_all(send.data(), recv_at, recv.data(), send_at);
-    if (n_to) dev->upload(head_rows(to, n_to), recv.data());
-  }
-};
-
 void check_expert_parallel(const TrainConfig& c, int64_t world) {
   const std::string ep = "--ep " + std::to_string(c.ep);
   if (world % c.ep)
@@ -365,54 +255,7 @@ void ExpertParallel::plan() {
   }
   const DecoderConfig d = t.cfg_.decoder_config();
   const Graph& g = t.prog_->graph();
-  x_ = std::make_unique<Exchange>();
-  Exchange& x = *x_;
-  x.dev = t.dev_.get();
-  x.comm = group_comm_.get();
-  x.bounds = &bounds_;
-  x.E = d.experts, x.C = d.hidden, x.ep = ep_, x.me = index_;
-  // The cuts: before the first node that reads what crosses, after the last that writes what
-  // leaves (checked: the graph's order must allow it).
-  auto first_reading = [&](int v) {
-    for (size_t i = 0; i < g.nodes.size(); ++i)
-      if (std::find(g.nodes[i].in.begin(), g.nodes[i].in.end(), v) != g.nodes[i].in.end()) return i;
-    return g.nodes.size();
-  };
-  auto cut = [&](size_t l, Kind k, int leaves, int arrives) {
-    const size_t at = first_reading(arrives);
-    for (size_t i = at; i < g.nodes.size(); ++i)
-      for (int o : g.nodes[i].out)
-        MXN_CHECK(leaves < 0 || o != leaves,
-                  "expert parallelism: a cut's rows are written after it");
-    x.cuts.push_back({at, l, k});
-  };
-  const std::vector<ExpertCut>& ec = t.m_.expert_cuts;
-  for (size_t l = 0; l < ec.size(); ++l) {  // without local experts, out and back at one point
-    const bool here = ec[l].xr >= 0;
-    cut(l, Kind::rows_out, ec[l].xp, here ? ec[l].xr : ec[l].yp);
-    cut(l, Kind::results_back, ec[l].yr, ec[l].yp);
-    cut(l, Kind::grads_out, ec[l].d_yp, here ? ec[l].d_yr : ec[l].d_xp);
-    cut(l, Kind::grads_back, ec[l].d_xr, ec[l].d_xp);
-  }
-  std::stable_sort(x.cuts.begin(), x.cuts.end(),
-                   [](const Exchange::Cut& a, const Exchange::Cut& b) { return a.at < b.at; });
-  for (const Trainer::Pass& p : t.passes_) {
-    if (p.variant < 0) continue;
-    std::vector<Exchange::Layer>& ls = x.layers[p.variant];
-    for (const ExpertCut& c : ec) {
-      auto at = [&](int v) { return v < 0 ? Tensor{} : t.prog_->tensor(v, p.variant); };
-      ls.push_back({at(c.offsets), at(c.xp), at(c.xr), at(c.local_offsets), at(c.yr), at(c.yp),
-                    at(c.d_xp), at(c.d_yr), at(c.d_xr), at(c.d_yp)});
-    }
-  }
-  const int64_t rows_out = ec.empty() ? 0 : numel(g.v(ec[0].xp).shape);
-  const int64_t rows_in = ec.empty() || ec[0].xr < 0 ? 0 : numel(g.v(ec[0].xr).shape);
-  x.counts.assign(ec.size() * size_t(ep_ * d.experts), 0);
-  x.sum.assign(size_t(ep_ * d.experts), 0.0);
-  x.off.assign(size_t(d.experts + 1), 0);
-  x.send.assign(size_t(std::max(rows_out, rows_in)), 0.f);
-  x.recv.assign(x.send.size(), 0.f);
-  x.stage.assign(size_t(rows_in), 0.f);
+  x_ = std::make_unique<ExpertExchange>(t, *group_comm_, bounds_, index_);
   // The flat gradient's ranges: an expert stack's own, the rest shared by every rank.
   for (int p : g.params()) {
     const Value& v = g.v(p);
@@ -434,41 +277,9 @@ void ExpertParallel::plan() {
       " a step; 4 host-staged all-to-alls a MoE layer a pass" + speeds_;
 }
 
-void ExpertParallel::run(Program& prog, int variant, size_t end) {
-  const std::vector<Exchange::Layer>& ls = x_->layers.at(variant);
-  size_t at = 0;
-  for (const Exchange::Cut& c : x_->cuts) {
-    if (c.at >= end) break;
-    prog.run(at, c.at, variant);
-    at = c.at;
-    const Exchange::Layer& L = ls[c.layer];
-    std::chrono::steady_clock::time_point t0;
-    if (x_->timing) {  // the exchange's own time: the device has finished the piece before it
-      t_.dev_->synchronize();
-      t0 = std::chrono::steady_clock::now();
-    }
-    switch (c.kind) {
-      case Kind::rows_out:
-        x_->learn_counts(c.layer, L.offsets);
-        x_->out(c.layer, L.xp, L.xr, L.local.buffer ? &L.local : nullptr);
-        break;
-      case Kind::results_back:
-        x_->back(c.layer, L.yr, L.yp);
-        break;
-      case Kind::grads_out:
-        x_->out(c.layer, L.d_yp, L.d_yr, nullptr);
-        break;
-      case Kind::grads_back:
-        x_->back(c.layer, L.d_xr, L.d_xp);
-        break;
-    }
-    if (x_->timing)
-      x_->seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  }
-  prog.run(at, end, variant);
-}
+void ExpertParallel::run(Program& prog, int variant, size_t end) { x_->run(prog, variant, end); }
 
-double ExpertParallel::exchange_seconds() const { return x_ ? x_->seconds : 0.0; }
+double ExpertParallel::exchange_seconds() const { return x_ ? x_->seconds() : 0.0; }
 
 double ExpertParallel::passes(uint64_t key, double total) {
   Trainer& t = t_;
@@ -480,9 +291,9 @@ double ExpertParallel::passes(uint64_t key, double total) {
     const Trainer::Pass& p = t.passes_[size_t(n)];
     const double counted = double(t.fill_batch(t.data_.train(), n, key, false));
     t.seed_backward(p.variant, float(counted / total));  // as DataParallel: shares add up
-    x_->timing = t.steps_run_ > 0;                       // the first step left out (warm-up)
+    x_->set_timing(t.steps_run_ > 0);                    // the first step left out (warm-up)
     run(*t.prog_, p.variant, nodes);
-    x_->timing = false;
+    x_->set_timing(false);
     float loss = 0;
     t.dev_->download(&loss, p.loss);
     loss_sum += double(loss) * counted / total;

@@ -34,6 +34,7 @@ namespace mxn {
 
 class Trainer;
 class Program;
+class ExpertExchange;
 
 // Expert parallelism: a rank's experts of each MoE layer.
 struct ExpertShard {
@@ -161,7 +162,6 @@ class ExpertParallel final : public Strategy {
   double exchange_seconds() const override;
 
  private:
-  struct Exchange;  // expert_parallel.cpp: a pass's cut points and host buffers
   std::array<double, 2> measure_seconds();  // an expert's GEMM; a sequence through a block
   void reduce_ranges(const std::vector<std::array<int64_t, 2>>& ranges, Communicator& c);
 
@@ -174,7 +174,7 @@ class ExpertParallel final : public Strategy {
   std::vector<int64_t> bounds_;            // experts of group rank i: [bounds_[i], bounds_[i + 1])
   ExpertShard shard_;
   std::unique_ptr<Communicator> group_comm_, replicas_;  // my group; my experts' holders
-  std::unique_ptr<Exchange> x_;
+  std::unique_ptr<ExpertExchange> x_;
   std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
   std::vector<float> grads_host_, pack_;
 };

@@ -186,6 +186,7 @@ class Trainer {
   friend class DataParallel;
   friend class Pipeline;
   friend class ExpertParallel;
+  friend class ExpertExchange;
   int seed_value_ = -1, grad_in_value_ = -1;  // graph values: d(hidden_out), d(hidden_in)
   void run_forward_only(int variant);         // evaluation: no gradients from a fused head
   // Rows [row_begin_ + done, + n) of step `key`'s global batch into offsets_ and row_ids_.
