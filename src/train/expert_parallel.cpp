@@ -23,18 +23,47 @@
 
 namespace mxn {
 void check_expert_parallel(const TrainConfig& c, int64_t world) {
-  const std::string ep = "--ep " + std::to_string(c.ep);
-  if (world % c.ep)
-    throw Error(ep + " needs a multiple of " + std::to_string(c.ep) + " ranks; the job has " +
-                std::to_string(world));
-  if (c.finetune == "ptuning" || c.zero || c.pp > 1)
-    throw Error(ep + " is not combined with --finetune ptuning, --zero 1 or --pp yet");
-  if (c.batch < world)
+  const std::string ep = "--ep " + std::to_string(c.ep), pp = "--pp " + std::to_string(c.pp);
+  if (c.pp > 1 && world % c.pp) return;                   // the pipeline's own message says so
+  const int64_t ranks = c.pp > 1 ? world / c.pp : world;  // the ranks EP groups divide
+  if (ranks % c.ep)
+    throw Error(ep + " needs a multiple of " + std::to_string(c.ep) +
+                (c.pp > 1 ? " replicas of each pipeline stage; " + pp + " over " +
+                                std::to_string(world) + " ranks has " + std::to_string(ranks)
+                          : " ranks; the job has " + std::to_string(world)));
+  if (c.finetune == "ptuning" || c.zero)
+    throw Error(ep + " is not combined with --finetune ptuning or --zero 1 yet");
+  if (c.batch < ranks)
     throw Error("the global batch (" + std::to_string(c.batch) +
-                " sequences) is smaller than the " + std::to_string(world) +
-                " ranks: each needs at least one");
-  parse_split(c.split, int(world));
+                " sequences) is smaller than the " + std::to_string(ranks) +
+                (c.pp > 1 ? " pipeline replicas" : " ranks") + ": each needs at least one");
+  if (c.pp > 1) {  // an EP group's replicas run the same micro-batches, in step
+    const int64_t rows = c.batch * c.accum, windows = c.eval_batches * c.batch;
+    if (rows % ranks || windows % ranks)
+      throw Error(ep + " with " + pp + ": the step's " + std::to_string(rows) +
+                  " sequences and the " + std::to_string(windows) +
+                  " validation windows must divide evenly over the " + std::to_string(ranks) +
+                  " replicas, so that an EP group's replicas run the same micro-batches");
+  } else {
+    parse_split(c.split, int(world));
+  }
   expert_weights(c.expert_split, c.ep);
+}
+
+void check_expert_model(const TrainConfig& c, const DecoderConfig& d) {
+  const std::string ep = "--ep " + std::to_string(c.ep);
+  if (d.experts == 0)
+    throw Error(ep +
+                " splits a mixture of experts' experts over ranks; this model is dense (train "
+                "--arch mixtral, qwen2_moe, qwen3_moe or glm4_moe, or --model a folder of one)");
+  if (c.ep > d.experts)
+    throw Error(ep + ": more ranks than the model's " + std::to_string(d.experts) +
+                " experts a layer; each rank needs at least one");
+  if ((c.expert_split == "even" || (c.pp > 1 && c.expert_split == "auto")) && d.experts % c.ep)
+    throw Error(ep + " --expert_split " + c.expert_split + ": the model's " +
+                std::to_string(d.experts) + " experts a layer do not divide evenly over " +
+                std::to_string(c.ep) + " ranks (give weights such as 3,2" +
+                (c.pp > 1 ? "; with --pp, auto is even" : ", or auto") + ")");
 }
 
 std::vector<double> expert_weights(const std::string& s, int64_t ranks) {
@@ -63,17 +92,7 @@ ExpertParallel::ExpertParallel(Trainer& t) : t_(t) {
   const DecoderConfig d = t.cfg_.decoder_config();
   ep_ = t.cfg_.ep;
   check_expert_parallel(t.cfg_, t.world_);
-  if (d.experts == 0)
-    throw Error("--ep " + std::to_string(ep_) +
-                " splits a mixture of experts' experts over ranks; this model is dense (train "
-                "--arch mixtral, qwen2_moe, qwen3_moe or glm4_moe, or --model a folder of one)");
-  if (ep_ > d.experts)
-    throw Error("--ep " + std::to_string(ep_) + ": more ranks than the model's " +
-                std::to_string(d.experts) + " experts a layer; each rank needs at least one");
-  if (t.cfg_.expert_split == "even" && d.experts % ep_)
-    throw Error("--ep " + std::to_string(ep_) + " --expert_split even: the model's " +
-                std::to_string(d.experts) + " experts a layer do not divide evenly over " +
-                std::to_string(ep_) + " ranks (give weights such as 3,2, or auto)");
+  check_expert_model(t.cfg_, d);
   index_ = t.rank_ % ep_;
   group_ = t.rank_ / ep_;
   groups_ = t.world_ / ep_;
@@ -304,15 +323,14 @@ double ExpertParallel::passes(uint64_t key, double total) {
   return loss_sum;
 }
 
-void ExpertParallel::reduce_ranges(const std::vector<std::array<int64_t, 2>>& ranges,
-                                   Communicator& c) {
-  pack_.clear();
-  for (auto [at, n] : ranges)
-    pack_.insert(pack_.end(), &grads_host_[size_t(at)], &grads_host_[size_t(at)] + n);
-  c.all_reduce_sum(pack_.data(), int64_t(pack_.size()));
-  const float* from = pack_.data();
+void reduce_ranges(std::vector<float>& flat, const std::vector<std::array<int64_t, 2>>& ranges,
+                   Communicator& c, std::vector<float>& pack) {
+  pack.clear();
+  for (auto [at, n] : ranges) pack.insert(pack.end(), &flat[size_t(at)], &flat[size_t(at)] + n);
+  c.all_reduce_sum(pack.data(), int64_t(pack.size()));
+  const float* from = pack.data();
   for (auto [at, n] : ranges) {
-    std::copy(from, from + n, &grads_host_[size_t(at)]);
+    std::copy(from, from + n, &flat[size_t(at)]);
     from += n;
   }
 }
@@ -320,8 +338,8 @@ void ExpertParallel::reduce_ranges(const std::vector<std::array<int64_t, 2>>& ra
 double ExpertParallel::grad_sumsq() {
   const Tensor g = t_.prog_->grads_all();
   t_.dev_->download(grads_host_.data(), g);
-  reduce_ranges(shared_, *t_.comm_);
-  if (groups_ > 1) reduce_ranges(expert_, *replicas_);
+  reduce_ranges(grads_host_, shared_, *t_.comm_, pack_);
+  if (groups_ > 1) reduce_ranges(grads_host_, expert_, *replicas_, pack_);
   t_.dev_->upload(g, grads_host_.data());
   double sq[2] = {0, 0};  // the shared params' (alike on every rank), this rank's experts'
   for (int k = 0; k < 2; ++k)

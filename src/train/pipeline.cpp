@@ -13,8 +13,10 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/text.h"
+#include "io/hf_folder.h"
 #include "parallel/balance.h"
 #include "parallel/schedule.h"
+#include "train/expert_exchange.h"
 #include "train/strategy.h"
 #include "train/trainer.h"
 
@@ -35,10 +37,10 @@ Pipeline::Pipeline(Trainer& t) : t_(t) {
     throw Error("--pp " + pp + ": more stages than the model's " + std::to_string(d.layers) +
                 " layers");
   if (t_.cfg_.finetune != "full" || t_.cfg_.objective != "lm" || !t_.cfg_.sft.empty() ||
-      t_.cfg_.zero || t_.cfg_.ep > 1)
+      t_.cfg_.zero)
     throw Error("--pp " + pp +
                 " trains every weight on next-token prediction for now: not with --finetune "
-                "lora/ptuning, --objective glm, --sft, --zero 1 or --ep");
+                "lora/ptuning, --objective glm, --sft or --zero 1");
   replicas_ = t_.world_ / pp_;
   if (t_.cfg_.batch < replicas_)
     throw Error("the global batch (" + std::to_string(t_.cfg_.batch) +
@@ -73,6 +75,28 @@ Pipeline::Pipeline(Trainer& t) : t_(t) {
   dp_ = t_.comm_->split(int(stage_), int(replica_));
   const bool ends = d.tie_embeddings && (stage_ == 0 || stage_ == pp_ - 1);
   tied_ = t_.comm_->split(ends ? int(replica_) : int(replicas_ + t_.rank_), int(stage_));
+  if (t_.cfg_.ep > 1) place_experts_here();
+}
+
+Pipeline::~Pipeline() = default;
+
+// --ep N: replicas [g N, (g + 1) N) of a stage form EP group g; the experts are placed by
+// --expert_split's weights (auto: evenly; no speeds are measured here), the same in every group.
+void Pipeline::place_experts_here() {
+  const DecoderConfig d = t_.cfg_.decoder_config();
+  check_expert_parallel(t_.cfg_, t_.world_);
+  check_expert_model(t_.cfg_, d);
+  ep_ = t_.cfg_.ep;
+  index_ = replica_ % ep_;
+  std::vector<double> w = expert_weights(t_.cfg_.expert_split, ep_);
+  if (w.empty()) w.assign(size_t(ep_), 1.0);
+  const std::vector<int64_t> n = place_experts(d.experts, w, false);
+  expert_bounds_.assign(1, 0);
+  for (int64_t x : n) expert_bounds_.push_back(expert_bounds_.back() + x);
+  shard_ = {expert_bounds_[size_t(index_)], n[size_t(index_)], 0};
+  const int64_t groups = replicas_ / ep_;
+  group_ = t_.comm_->split(int(stage_ * groups + replica_ / ep_), int(index_));
+  holders_ = t_.comm_->split(int(stage_ * ep_ + index_), int(replica_ / ep_));
 }
 
 int64_t Pipeline::pass_rows() {
@@ -87,8 +111,11 @@ int64_t Pipeline::pass_rows() {
   }
   t_.rows_ = rows[size_t(replica_)];
   t_.eval_rows_ = eval[size_t(replica_)];
-  return t_.cfg_.micro > 0 ? std::min(t_.cfg_.micro, t_.rows_)
-                           : std::max<int64_t>(1, (t_.rows_ + 2 * pp_ - 1) / (2 * pp_));
+  const int64_t micro = t_.cfg_.micro > 0
+                            ? std::min(t_.cfg_.micro, t_.rows_)
+                            : std::max<int64_t>(1, (t_.rows_ + 2 * pp_ - 1) / (2 * pp_));
+  shard_.rows_in = ep_ * micro;  // --ep: the group's micro-batches reach the experts together
+  return micro;
 }
 
 std::array<int64_t, 2> Pipeline::layers() const {
@@ -112,6 +139,14 @@ void Pipeline::plan() {
     recv_g_.resize(size_t(E));
   }
   if (replicas_ > 1) grad_host_.resize(size_t(t_.prog_->param_count()));
+  if (ep_ > 1) {
+    x_ = std::make_unique<ExpertExchange>(t_, *group_, expert_bounds_, index_);
+    for (int id : t_.prog_->graph().params()) {  // the flat gradient's ranges
+      const Value& v = t_.prog_->graph().v(id);
+      const std::array<int64_t, 2> r{int64_t(v.offset / 4), numel(v.shape)};
+      (stacked_experts(v.name, v.shape) ? expert_ : shared_).push_back(r);
+    }
+  }
   if (tied_->size() > 1)
     tied_host_.resize(size_t(numel(t_.prog_->graph().v(t_.m_.embed_table).shape)));
   for (int64_t r = 0; r < t_.world_; ++r)
@@ -126,6 +161,14 @@ void Pipeline::plan() {
                        std::to_string(t_.cap_) +
                        " sequences a replica, 1F1B, each stage's activations recomputed in its "
                        "backward";
+  if (ep_ > 1) {
+    t_.plan_.pipeline += "; --ep " + std::to_string(ep_) + ": each " + std::to_string(ep_) +
+                         " replicas of a stage split its MoE layers' experts";
+    for (int64_t i = 0; i < ep_; ++i)
+      t_.plan_.pipeline += (i ? ", " : " ") + std::to_string(expert_bounds_[size_t(i + 1)] -
+                                                             expert_bounds_[size_t(i)]);
+    t_.plan_.pipeline += ", 4 host-staged all-to-alls a MoE layer a micro-batch pass";
+  }
 }
 
 void Pipeline::rows_of(int64_t micro, int64_t n, uint64_t key) {
@@ -158,8 +201,9 @@ double Pipeline::passes(uint64_t key, double total) {
       if (fwd || last) pipe_->recv(stash, len, up, kTagForward);
       t_.dev_->upload(p.hidden_in, stash);
     }
+    if (x_) x_->set_timing(t_.steps_run_ > 0);
     if (fwd) {
-      t_.prog_->run(0, t_.n_forward_, p.variant);
+      run(*t_.prog_, p.variant, t_.n_forward_);
       t_.count_experts(p);  // the routing of this stage's MoE layers (once: not the recompute)
       float* out = send_f_.data() + i * E;
       t_.dev_->download(out, p.hidden_out);
@@ -168,7 +212,7 @@ double Pipeline::passes(uint64_t key, double total) {
     }
     if (last) {  // the loss's share of the global batch's seeds the backward
       t_.seed_backward(p.variant, float(counted / total));
-      t_.prog_->run(0, nodes, p.variant);
+      run(*t_.prog_, p.variant, nodes);
       t_.count_experts(p);
       float loss = 0;
       t_.dev_->download(&loss, p.loss);
@@ -177,7 +221,7 @@ double Pipeline::passes(uint64_t key, double total) {
       pipe_->recv(recv_g_.data(), len, down, kTagBackward);
       t_.dev_->upload(p.grad_out, recv_g_.data());
       if (p.loss.buffer) t_.seed_backward(p.variant, float(counted / total));  // MoE's aux share
-      t_.prog_->run(0, nodes, p.variant);  // the forward again, then the backward
+      run(*t_.prog_, p.variant, nodes);  // the forward again, then the backward
       if (p.loss.buffer) {
         float aux = 0;
         t_.dev_->download(&aux, p.loss);
@@ -191,12 +235,41 @@ double Pipeline::passes(uint64_t key, double total) {
     }
   }
   pipe_->wait_sends();
+  if (x_) x_->set_timing(false);
   t_.comm_->all_reduce_sum(&loss_sum, 1);  // the last stages hold it; the others add 0
   return loss_sum;
 }
 
+void Pipeline::run(Program& prog, int variant, size_t end) {
+  if (x_)
+    x_->run(prog, variant, end);
+  else
+    prog.run(0, end, variant);
+}
+
+double Pipeline::exchange_seconds() const { return x_ ? x_->seconds() : 0.0; }
+
+// --ep: the replicated params' gradients summed over the stage's replicas, each expert's over the
+// replicas that hold it; returns this rank's experts' sum of squares (the group's add up).
+double Pipeline::reduce_experts() {
+  const Tensor g = t_.prog_->grads_all();
+  t_.dev_->download(grad_host_.data(), g);
+  reduce_ranges(grad_host_, shared_, *dp_, pack_);
+  if (holders_->size() > 1) reduce_ranges(grad_host_, expert_, *holders_, pack_);
+  t_.dev_->upload(g, grad_host_.data());
+  double sq = 0;
+  for (auto [at, n] : expert_)
+    for (int64_t i = at; i < at + n; ++i)
+      sq += double(grad_host_[size_t(i)]) * grad_host_[size_t(i)];
+  return sq;
+}
+
 double Pipeline::grad_sumsq() {
-  if (replicas_ > 1) {  // data parallel over the replicas of this stage
+  double mine = 0, group = 0;  // --ep: this rank's experts' sum of squares, its group's
+  if (ep_ > 1) {
+    group = mine = reduce_experts();
+    group_->all_reduce_sum(&group, 1);
+  } else if (replicas_ > 1) {  // data parallel over the replicas of this stage
     const Tensor g = t_.prog_->grads_all();
     t_.dev_->download(grad_host_.data(), g);
     dp_->all_reduce_sum(grad_host_.data(), int64_t(grad_host_.size()));
@@ -214,7 +287,7 @@ double Pipeline::grad_sumsq() {
   t_.dev_->run(t_.grad_sumsq_);
   float sumsq = 0;
   t_.dev_->download(&sumsq, t_.sumsq_);
-  double total = double(sumsq) - duplicate;
+  double total = double(sumsq) - duplicate - mine + group;
   pipe_->all_reduce_sum(&total, 1);
   return std::max(0.0, total);
 }
@@ -257,42 +330,59 @@ double Pipeline::eval() {
 }
 
 bool Pipeline::gather(Checkpoint& ck) {
-  // replica 0's stages hand their weights and moments to rank 0
+  // replica 0's stages hand their weights and moments to rank 0 (with --ep, replica 0 of each
+  // stage first gathers its EP group's experts)
   ck.weights.clear();
   ck.optimizer.clear();
-  if (replica_ != 0) return false;
+  if (replica_ >= ep_) return false;
   gather_stages(ck);
-  return stage_ == 0;
+  return stage_ == 0 && replica_ == 0;
+}
+
+// This stage's params in its graph's order, each as weight, m, v: into `blob` (floats only: the
+// same builder gives rank 0 the names and shapes) or, without one, into ck. With --ep an expert
+// stack travels whole, gathered over the group to its first replica.
+void Pipeline::own_state(std::vector<float>* blob, Checkpoint& ck) {
+  std::vector<float> whole;
+  for (int id : t_.prog_->graph().params()) {
+    const Value& v = t_.prog_->graph().v(id);
+    const bool stack = ep_ > 1 && stacked_experts(v.name, v.shape);
+    const Shape shape = stack ? Shape{expert_bounds_.back(), v.shape[1], v.shape[2]} : v.shape;
+    for (int i = 0; i < 3; ++i) {
+      const Tensor src = i == 0 ? t_.prog_->tensor(id) : t_.opt_->moment(i - 1, v);
+      HostTensor h(shape, DType::f32);
+      if (stack) {
+        const int64_t per = v.shape[1] * v.shape[2];
+        whole.resize(size_t(numel(shape)));
+        t_.dev_->download(whole.data() + shard_.first * per, src);
+        std::vector<int64_t> at;
+        for (int64_t b : expert_bounds_) at.push_back(b * per);
+        group_->gather(whole.data(), at, 0);
+        std::copy(whole.begin(), whole.end(), h.f32());
+      } else {
+        t_.dev_->download(h.bytes.data(), src);
+      }
+      if (replica_ != 0) continue;
+      if (blob) {
+        blob->insert(blob->end(), h.f32(), h.f32() + numel(shape));
+      } else {
+        const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
+        (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
+      }
+    }
+  }
 }
 
 void Pipeline::gather_stages(Checkpoint& ck) {
-  // Each stage's params in its graph's order, each as weight, m, v: the same builder gives rank 0
-  // the names and shapes, so only floats travel.
-  auto own = [&](std::vector<float>* blob) {
-    for (int id : t_.prog_->graph().params()) {
-      const Value& v = t_.prog_->graph().v(id);
-      const int64_t n = numel(v.shape);
-      HostTensor h[3] = {{v.shape, DType::f32}, {v.shape, DType::f32}, {v.shape, DType::f32}};
-      t_.dev_->download(h[0].bytes.data(), t_.prog_->tensor(id));
-      t_.dev_->download(h[1].bytes.data(), t_.opt_->moment(0, v));
-      t_.dev_->download(h[2].bytes.data(), t_.opt_->moment(1, v));
-      if (blob) {
-        for (const HostTensor& t : h) blob->insert(blob->end(), t.f32(), t.f32() + n);
-      } else {
-        ck.weights.emplace(v.name, std::move(h[0]));
-        ck.optimizer.emplace("m." + v.name, std::move(h[1]));
-        ck.optimizer.emplace("v." + v.name, std::move(h[2]));
-      }
-    }
-  };
-  if (stage_ != 0) {
+  if (stage_ != 0 || replica_ != 0) {
     std::vector<float> blob;
-    own(&blob);
+    own_state(&blob, ck);
+    if (replica_ != 0) return;  // an EP group's other replicas: their experts went to replica 0
     pipe_->send(blob.data(), int64_t(blob.size()), 0, kTagState);
     pipe_->wait_sends();
     return;
   }
-  own(nullptr);
+  own_state(nullptr, ck);
   for (int64_t s = 1; s < pp_; ++s) {
     DecoderGraph m;
     size_t nf = 0;

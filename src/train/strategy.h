@@ -8,13 +8,13 @@
 //                 proportion to its measured speed (or --split), corrected for drift; gradients
 //                 are summed by GradSync, overlapping the backward. One rank is its world of one.
 //   Pipeline      --pp stages of contiguous layers, replicas of them taking even shares of rows,
-//                 the 1F1B schedule (parallel/schedule.h) over micro-batches.
+//                 the 1F1B schedule (parallel/schedule.h) over micro-batches; with --ep, a
+//                 stage's replicas split its MoE layers' experts.
 //   ExpertParallel --ep groups that split each MoE layer's experts by chip speed, tokens
 //                 exchanged all-to-all at the graph's cuts; data parallel across the groups.
 //
 // Tensor parallelism will be a fourth (it changes the layers' shapes and adds the group's
-// all-reduce inside each block: inside a pipeline stage); expert parallelism inside a pipeline
-// stage is not built yet. They compose as DESIGN.md's map says: TP
+// all-reduce inside each block: inside a pipeline stage). They compose as DESIGN.md's map says: TP
 // inside a stage, EP across a stage's ranks, pipeline stages across nodes, data parallelism /
 // ZeRO-1 across the replicas; each implementation names the ranks it reduces over with
 // Communicator::split, as Pipeline already does for its stages and replicas.
@@ -27,6 +27,7 @@
 
 #include "io/checkpoint.h"
 #include "io/train_config.h"
+#include "models/decoder.h"
 #include "parallel/comm.h"
 #include "parallel/grad_sync.h"
 
@@ -117,6 +118,7 @@ class DataParallel final : public Strategy {
 class Pipeline final : public Strategy {
  public:
   explicit Pipeline(Trainer& t);  // ranks, layer bounds and communicators, before the graph
+  ~Pipeline() override;
   std::array<int64_t, 2> layers() const override;
   int64_t pass_rows() override;  // this replica's rows and the micro-batch
   void plan() override;          // the pass variants, host buffers and the plan's description
@@ -125,10 +127,18 @@ class Pipeline final : public Strategy {
   double eval() override;
   bool gather(Checkpoint& ck) override;  // replica 0's state on rank 0, by name
   const std::vector<int64_t>& stage_bounds() const override { return bounds_; }
+  // --ep N beside --pp: each N consecutive replicas of a stage split its MoE layers' experts
+  // (--expert_split even or weights) and exchange rows at the cuts, all in the same 1F1B step.
+  const ExpertShard* experts() const override { return ep_ > 1 ? &shard_ : nullptr; }
+  void run(Program& prog, int variant, size_t end) override;
+  double exchange_seconds() const override;
 
  private:
   void rows_of(int64_t micro, int64_t n, uint64_t key);  // offsets for a micro-batch
   void gather_stages(Checkpoint& ck);
+  void place_experts_here();  // --ep: the groups, the placement and the communicators
+  double reduce_experts();  // --ep: gradients reduced by range; this group's expert sum of squares
+  void own_state(std::vector<float>* blob, Checkpoint& ck);  // this stage's params, whole stacks
 
   Trainer& t_;
   int64_t pp_ = 1, stage_ = 0, replica_ = 0, replicas_ = 1, hidden_ = 0;  // hidden_: width
@@ -136,6 +146,13 @@ class Pipeline final : public Strategy {
   std::unique_ptr<Communicator> pipe_, dp_, tied_;  // a replica's stages; a stage's replicas;
                                                     // the first and last stage (tied embeddings)
   std::vector<float> stash_, send_f_, send_b_, recv_g_, grad_host_, tied_host_;
+  int64_t ep_ = 1, index_ = 0;          // --ep: the group's size, this replica's place in it
+  std::vector<int64_t> expert_bounds_;  // experts of group rank i: [b[i], b[i + 1])
+  ExpertShard shard_;
+  std::unique_ptr<Communicator> group_, holders_;  // my EP group; the replicas with my experts
+  std::unique_ptr<ExpertExchange> x_;
+  std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
+  std::vector<float> pack_;
 };
 
 // --ep N: each group of N consecutive ranks splits every MoE layer's experts into contiguous
@@ -163,7 +180,6 @@ class ExpertParallel final : public Strategy {
 
  private:
   std::array<double, 2> measure_seconds();  // an expert's GEMM; a sequence through a block
-  void reduce_ranges(const std::vector<std::array<int64_t, 2>>& ranges, Communicator& c);
 
   Trainer& t_;
   int64_t ep_ = 1, index_ = 0, group_ = 0, groups_ = 1;
@@ -182,6 +198,8 @@ class ExpertParallel final : public Strategy {
 // --ep's settings against the job's ranks (the multiple, --split and --expert_split): an
 // Error naming what is wrong. Checked before the ranks start, and by each rank.
 void check_expert_parallel(const TrainConfig& c, int64_t world);
+// ... and against the model: a mixture of experts with at least --ep experts a layer.
+void check_expert_model(const TrainConfig& c, const DecoderConfig& d);
 
 // --expert_split's weights, one a rank of a group (0: no experts there); empty for auto.
 std::vector<double> expert_weights(const std::string& split, int64_t ranks);
@@ -190,6 +208,10 @@ std::vector<double> expert_weights(const std::string& split, int64_t ranks);
 // the least it can be; every other rank holds at least one, unless `drop_slow`: then the slowest
 // ranks hold none where that ends the step sooner (their tokens still go to the others' experts).
 std::vector<int64_t> place_experts(int64_t E, const std::vector<double>& speed, bool drop_slow);
+
+// Sums the float ranges [at, at + n) of `flat` over `c` (packed into `pack` for one call).
+void reduce_ranges(std::vector<float>& flat, const std::vector<std::array<int64_t, 2>>& ranges,
+                   Communicator& c, std::vector<float>& pack);
 
 // A checkpoint's whole expert stacks (E, rows, cols), and their AdamW moments, cut to a shard's.
 TensorMap expert_slices(const TensorMap& whole, const ExpertShard& shard);

@@ -52,44 +52,38 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   }
   *m = build_decoder(g, d, rows, c.seq_len(), o);
   for (int off : m->router_offsets) g.mark_output(off);  // the step's expert load
-  if (!m->expert_cuts.empty()) {  // the gradients of the exchanged rows seed and leave the backward
-    MXN_CHECK(m->loss >= 0 && m->hidden_in < 0, "expert parallelism takes the whole model");
-    BackwardCuts cuts;
-    for (ExpertCut& x : m->expert_cuts) {
-      const std::string& yp = g.v(x.yp).name;  // <block>ep.yp
-      const std::string at = yp.substr(0, yp.size() - 2);
-      x.d_xp = g.input(at + "d_xp", g.v(x.xp).shape, DType::f32);
-      cuts.seeds.push_back({x.xp, x.d_xp});
-      cuts.wrts.push_back(x.yp);
-      if (x.xr < 0) continue;  // no local experts
-      x.d_yr = g.input(at + "d_yr", g.v(x.yr).shape, DType::f32);
-      cuts.seeds.push_back({x.yr, x.d_yr});
-      cuts.wrts.push_back(x.xr);
-    }
-    *n_forward = append_backward(g, m->loss, cuts);
-    size_t w = 0;
-    for (ExpertCut& x : m->expert_cuts) {
-      x.d_yp = cuts.wrt_grads[w++];
-      if (x.xr >= 0) x.d_xr = cuts.wrt_grads[w++];
-      MXN_CHECK(x.d_yp >= 0 && (x.xr < 0 || x.d_xr >= 0), "an expert cut has no gradient");
-    }
-    return g;
+  // The backward's cut points: each exchanged row block's gradient seeds it and each received
+  // one's leaves it (expert parallelism); a stage before the last is seeded by the next stage's
+  // gradient (grad_out), with its MoE layers' load-balancing share as its loss, and a stage after
+  // the first returns its input's gradient.
+  BackwardCuts cuts;
+  for (ExpertCut& x : m->expert_cuts) {
+    const std::string& yp = g.v(x.yp).name;  // <block>ep.yp
+    const std::string at = yp.substr(0, yp.size() - 2);
+    x.d_xp = g.input(at + "d_xp", g.v(x.xp).shape, DType::f32);
+    cuts.seeds.push_back({x.xp, x.d_xp});
+    cuts.wrts.push_back(x.yp);
+    if (x.xr < 0) continue;  // no local experts
+    x.d_yr = g.input(at + "d_yr", g.v(x.yr).shape, DType::f32);
+    cuts.seeds.push_back({x.yr, x.d_yr});
+    cuts.wrts.push_back(x.xr);
   }
-  if (m->loss >= 0) {  // the whole model, or the last stage (which also sends d(hidden_in))
-    int gi = -1;
-    *n_forward = append_backward(g, m->loss, -1, m->hidden_in, &gi);
-    if (grad_in) *grad_in = gi;
-  } else {  // a stage before the last: the next stage's gradient seeds the backward (and its
-            // MoE layers' load-balancing loss, the loss's FILL first, as the last stage's)
-    const int s = g.input("grad_out", g.v(m->hidden_out).shape, DType::f32);
-    BackwardCuts cuts;
+  int s = -1;
+  if (m->loss < 0) {
+    s = g.input("grad_out", g.v(m->hidden_out).shape, DType::f32);
     cuts.seeds.push_back({m->hidden_out, s});
-    if (m->hidden_in >= 0) cuts.wrts.push_back(m->hidden_in);
-    *n_forward = append_backward(g, m->aux_loss, cuts);
-    MXN_CHECK(m->hidden_in < 0 || cuts.wrt_grads[0] >= 0, "the stage's input has no gradient");
-    if (seed) *seed = s;
-    if (grad_in) *grad_in = m->hidden_in >= 0 ? cuts.wrt_grads[0] : -1;
   }
+  if (m->hidden_in >= 0) cuts.wrts.push_back(m->hidden_in);
+  *n_forward = append_backward(g, m->loss >= 0 ? m->loss : m->aux_loss, cuts);
+  size_t w = 0;
+  for (ExpertCut& x : m->expert_cuts) {
+    x.d_yp = cuts.wrt_grads[w++];
+    if (x.xr >= 0) x.d_xr = cuts.wrt_grads[w++];
+    MXN_CHECK(x.d_yp >= 0 && (x.xr < 0 || x.d_xr >= 0), "an expert cut has no gradient");
+  }
+  MXN_CHECK(m->hidden_in < 0 || cuts.wrt_grads[w] >= 0, "the stage's input has no gradient");
+  if (seed) *seed = s;
+  if (grad_in) *grad_in = m->hidden_in >= 0 ? cuts.wrt_grads[w] : -1;
   return g;
 }
 

@@ -15,6 +15,9 @@
   - a Mixtral and a DeepSeek-V3 shape fine-tuned from Hugging Face folders with --ep 2 (each rank
     reads its experts); LoRA on the Mixtral's attention and experts with --ep 2 (each rank trains
     its experts' adapters), the adapter gathered equal and resumed on one device;
+  - inside pipeline stages: --pp 2 --ep 2 over 4 ranks (each stage's two replicas split its
+    experts, a CPU and the OpenCL device in each group) equals one CPU, its checkpoint is the
+    ordinary layout and resumes on one device, and one device's resumes on --pp 2 --ep 2;
   - checkpoints resume on any --ep: the --ep 2 run's on one device and on --ep 4, the one device's
     on --ep 2 with another placement, the resumed steps equal to the uninterrupted run;
   - bad settings refused with one line naming what was wrong.
@@ -168,6 +171,27 @@ write_folder({p("ds_hf")!r}, c, random_weights(c, seed=3))"""], check=True)
     train(p("ds_r"), *ds[2:], "--resume", p("ds_ep/ckpt-00000010"), shape=False)
     same("... its --ep 2 checkpoint resumed on one device", p("ds_one"), p("ds_r"), after=10)
 
+    # Inside pipeline stages (--pp 2 --ep 2 over 4 ranks): each stage's two replicas split its
+    # experts (rank = replica x 2 + stage, so cpu,cpu,opencl:0,opencl:0 puts a CPU and the
+    # OpenCL device in each stage's group); losses, weights, and resuming both ways.
+    pq = [*qwen, "--steps", "20", "--eval_every", "10", "--ckpt_every", "10"]
+    train(p("pq_one"), *pq)
+    quad = "cpu,cpu,opencl:0,opencl:0" if opencl else "cpu,cpu,cpu,cpu"
+    out = train(p("pq"), *pq, "--devices", quad, "--pp", "2", "--ep", "2", "--expert_split", "2,1")
+    check("--pp 2 --ep 2: the plan says each stage's replicas split the experts 4 + 2",
+          "--ep 2: each 2 replicas of a stage split its MoE layers' experts 4, 2" in out, out[-400:])
+    same(f"qwen2_moe, --pp 2 --ep 2 over {quad} (4 + 2 experts) = one cpu", p("pq_one"), p("pq"))
+    w1, w2 = (read_f32_safetensors(p(f"{r}/ckpt-00000020/model.safetensors")) for r in ("pq_one", "pq"))
+    keys = [k for k in w1 if "k_proj.bias" not in k]
+    gap = max(float(abs(w1[k] - w2[k]).max() / max(float(abs(w1[k]).max()), 1e-30)) for k in keys)
+    check("... its checkpoint: the ordinary layout, whole expert stacks, weights as one cpu's",
+          sorted(w1) == sorted(w2) and gap < 1e-5, f"{len(w1)} tensors, worst {gap:.2e} of a tensor's max")
+    train(p("pq_r1"), "--steps", "20", "--resume", p("pq/ckpt-00000010"), shape=False)
+    same("... resumed on one device", p("pq_one"), p("pq_r1"), after=10)
+    train(p("pq_r2"), "--steps", "20", "--resume", p("pq_one/ckpt-00000010"), "--devices", "cpu,cpu,cpu,cpu",
+          "--pp", "2", "--ep", "2", "--expert_split", "1,2", shape=False)
+    same("one device's checkpoint resumed on --pp 2 --ep 2 (2 + 4 experts)", p("pq_one"), p("pq_r2"), after=10)
+
     train(p("r1"), *qwen, "--resume", p("ep2/ckpt-00000030"))
     same("the --ep 2 checkpoint resumed on one device", p("one"), p("r1"), after=30)
     train(p("r2"), *qwen, "--resume", p("ep2/ckpt-00000030"), "--devices", "cpu,cpu,cpu,cpu", "--ep", "4")
@@ -190,6 +214,12 @@ write_folder({p("ds_hf")!r}, c, random_weights(c, seed=3))"""], check=True)
     refused("--expert_split with the wrong count", [*bad, *qwen, "--devices", "cpu,cpu", "--ep", "2", "--expert_split", "1,2,3"],
             "--expert_split '1,2,3' gives 3 weights for --ep 2: expected one a rank")
     refused("--ep with ZeRO-1", [*bad, *qwen, "--devices", "cpu,cpu", "--ep", "2", "--zero", "1"],
-            "--ep 2 is not combined with --finetune ptuning, --zero 1 or --pp yet")
+            "--ep 2 is not combined with --finetune ptuning or --zero 1 yet")
+    refused("--ep 2 with --pp 2 over 6 ranks", [*bad, *qwen, "--devices", "cpu,cpu,cpu,cpu,cpu,cpu", "--pp", "2",
+                                                "--ep", "2"],
+            "--ep 2 needs a multiple of 2 replicas of each pipeline stage; --pp 2 over 6 ranks has 3")
+    refused("--pp --ep with a batch the replicas do not share evenly",
+            [*bad, *qwen, "--devices", "cpu,cpu,cpu,cpu", "--pp", "2", "--ep", "2", "--batch", "7"],
+            "--ep 2 with --pp 2: the step's 7 sequences and the 14 validation windows must divide evenly over the 2 replicas")
 
 finish()
