@@ -171,6 +171,22 @@ class Lora(unittest.TestCase):
               f"{n_adapter} adapter parameters (the base has {sum(p.numel() for p in model.parameters()) - n_adapter})")
         pm.float()
 
+    def merge_gap(self, family, base, run, ref, ids):
+        """`mxn merge` of a run's adapter: the folded folder's logits against peft's
+        merge_and_unload() (<= 1e-5 asserted), the gap returned."""
+        from transformers import AutoModelForCausalLM
+        merged = os.path.join(self.tmp.name, f"{family}-merged")
+        r = subprocess.run([MXN, "merge", "--model", base, "--adapter", run, merged],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        folded = AutoModelForCausalLM.from_pretrained(merged).double().eval()
+        with torch.no_grad():
+            m_logits = folded(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
+            p_logits = ref.merge_and_unload()(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
+        e_merge = rel(m_logits, p_logits)
+        self.assertLess(e_merge, 1e-5)
+        return e_merge
+
     def test_peft_loads_mxn_adapter_and_merge(self):
         """A LoRA run's checkpoint is a PEFT folder: peft loads it onto the base with transformers
         and its logits equal mxn's; generate --adapter and mxn merge agree with peft."""
@@ -205,16 +221,7 @@ class Lora(unittest.TestCase):
                         seq = torch.cat([seq, ref(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
                 self.assertEqual(mine, seq[0, len(prompt):].tolist())
                 # mxn merge: the folded folder's logits equal peft's merge_and_unload()
-                merged = os.path.join(self.tmp.name, f"{family}-merged")
-                r = subprocess.run([MXN, "merge", "--model", base, "--adapter", run, merged],
-                                   capture_output=True, text=True)
-                self.assertEqual(r.returncode, 0, r.stderr)
-                folded = AutoModelForCausalLM.from_pretrained(merged).double().eval()
-                with torch.no_grad():
-                    m_logits = folded(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
-                    p_logits = ref.merge_and_unload()(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
-                e_merge = rel(m_logits, p_logits)
-                self.assertLess(e_merge, 1e-5)
+                e_merge = self.merge_gap(family, base, run, ref, ids)
                 print(f"lora {family:6s} mxn's adapter in peft: logits {e_logits:.2e}; generate --adapter: "
                       f"16 greedy tokens equal peft's; mxn merge vs merge_and_unload: {e_merge:.2e}")
 
@@ -282,16 +289,7 @@ class Lora(unittest.TestCase):
                     want = ref(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
                 e_logits = rel(got["logits"], want)
                 self.assertLess(e_logits, TOL)
-                merged = os.path.join(self.tmp.name, f"{family}-merged")
-                r = subprocess.run([MXN, "merge", "--model", base, "--adapter", run, merged],
-                                   capture_output=True, text=True)
-                self.assertEqual(r.returncode, 0, r.stderr)
-                folded = AutoModelForCausalLM.from_pretrained(merged).double().eval()
-                with torch.no_grad():
-                    m_logits = folded(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
-                    p_logits = ref.merge_and_unload()(ids).logits.reshape(-1, ref.config.vocab_size).numpy()
-                e_merge = rel(m_logits, p_logits)
-                self.assertLess(e_merge, 1e-5)
+                e_merge = self.merge_gap(family, base, run, ref, ids)
                 print(f"lora {family:9s} experts: logits, loss and {len(grads)} adapter gradients ({stacked} "
                       f"expert stacks) against peft: worst {worst:.2e}; trained adapter in peft: logits "
                       f"{e_logits:.2e}; mxn merge vs merge_and_unload: {e_merge:.2e}")
