@@ -22,7 +22,7 @@ namespace {
 
 struct PlanArgs {
   std::string cluster, model, svg, out, layout, recompute = "auto", data = "data/kjv.bin";
-  int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1, ep = 0;
+  int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1, ep = 0, pp = 1;
   std::string dtype = "f32";
 };
 
@@ -46,33 +46,37 @@ DecoderConfig read_model(const std::string& spec) {
 }
 
 // mxn plan --ep N: the mixture of experts over EP groups of N chips, priced (plan/experts.h).
-int print_expert_parallel(const Cluster& c, const DecoderConfig& dc, const JobSpec& job,
-                          int64_t ep) {
-  const EpEstimate e = price_expert_parallel(c, dc, job, ep);
+int print_expert_parallel(const Cluster& c, const DecoderConfig& dc, const JobSpec& job, int64_t ep,
+                          int64_t pp, int64_t micro) {
+  const EpEstimate e = price_expert_parallel(c, dc, job, ep, pp, micro > 0 ? micro : 1);
+  const std::string stages = pp > 1 ? std::to_string(pp) + " pipeline stages (1F1B, " +
+                                          std::to_string(e.micro_batches) +
+                                          " micro-batches a replica), in each "
+                                    : "";
   std::printf(
-      "\nexpert parallel: %lld EP groups of %lld chips; %lld experts a layer, %lld a token; data "
-      "parallel over every chip for the rest\n| chip | in each group | experts each | tokens "
+      "\nexpert parallel: %s%lld EP groups of %lld chips; %lld experts a layer, %lld a token; "
+      "data parallel over the %s for the rest\n| chip | in each group | experts each | tokens "
       "each | compute s | all-to-all s | weights+grads+optimizer GiB |\n"
       "|---|--:|--:|--:|--:|--:|--:|\n",
-      (long long)e.groups, (long long)e.ep, (long long)dc.experts, (long long)dc.top_k);
+      stages.c_str(), (long long)e.groups, (long long)e.ep, (long long)dc.experts,
+      (long long)dc.top_k, pp > 1 ? "replicas of a stage" : "every chip");
   for (const EpShare& s : e.shares)
     std::printf(
         "| %s | %lld | %lld%s | %.4g%% | %.4g | %.4g | %.4g |\n",
         c.groups[size_t(s.group)].chip.name.c_str(), (long long)s.chips, (long long)s.experts_each,
         s.experts_extra > 0 ? (" (+1 on " + std::to_string(s.experts_extra) + ")").c_str() : "",
         100 * s.tokens_share, s.compute_s, s.a2a_s, s.mem_gib);
-  std::printf(
-      "predicted step %.4g s (compute %.4g, all-to-all %.4g = %.1f%%, gradient reduce %.4g): "
-      "%.4g tokens/s, %.4g a chip\n",
-      e.step_s, e.compute_s, e.a2a_s, 100 * e.a2a_share(), e.reduce_s, e.tokens_per_s,
-      e.tokens_per_s / double(c.chips()));
+  std::printf("predicted step %.4g s (compute %.4g, all-to-all %.4g = %.1f%%, gradient reduce %.4g",
+              e.step_s, e.compute_s, e.a2a_s, 100 * e.a2a_share(), e.reduce_s);
+  if (pp > 1) std::printf(", pipeline bubble %.4g, stage sends %.4g", e.bubble_s, e.p2p_s);
+  std::printf("): %.4g tokens/s, %.4g a chip\n", e.tokens_per_s,
+              e.tokens_per_s / double(c.chips()));
   for (const EpShare& s : e.shares) {
     const ChipSpec& chip = c.groups[size_t(s.group)].chip;
     if (s.mem_gib > 0.9 * chip.memory_gib)
-      std::printf(
-          "does not fit: %s holds %.4g GiB of weights and state, has %.4g (pipeline stages "
-          "beside EP, as DeepSeek-V3 trained, are not priced yet)\n",
-          chip.name.c_str(), s.mem_gib, chip.memory_gib);
+      std::printf("does not fit: %s holds %.4g GiB of weights and state, has %.4g%s\n",
+                  chip.name.c_str(), s.mem_gib, chip.memory_gib,
+                  pp > 1 ? "" : " (--pp: pipeline stages beside EP, as DeepSeek-V3 trained)");
   }
   return 0;
 }
@@ -179,7 +183,7 @@ int run_plan(const PlanArgs& a) {
   if (a.recompute != "auto" && a.recompute != "all")
     throw Error("--recompute '" + a.recompute + "': expected auto or all");
   job.recompute_all = a.recompute == "all";
-  if (a.ep > 0) return print_expert_parallel(c, dc, job, a.ep);
+  if (a.ep > 0) return print_expert_parallel(c, dc, job, a.ep, a.pp, a.micro);
   const ModelCost m = model_cost(dc, job);
   if (!a.layout.empty()) {  // price the layout given, no search
     const int64_t micro = a.micro > 0 ? a.micro : 1;
@@ -290,6 +294,10 @@ std::function<int()> add_plan(CLI::App& app) {
   sub->add_option("--ep", a->ep,
                   "a mixture of experts: price expert parallelism over groups of this many chips, "
                   "experts placed by chip speed (0: the layout search)");
+  sub->add_option("--pp", a->pp,
+                  "with --ep: pipeline stages, EP groups inside each (DeepSeek-V3's layout); "
+                  "--micro-batch sets the 1F1B micro-batch (default 1 sequence)")
+      ->capture_default_str();
   sub->add_option("--svg", a->svg, "draw the chosen plan's step into this SVG file");
   sub->add_option("--out", a->out, "write the chosen plan as JSON");
   return [a] { return run_plan(*a); };

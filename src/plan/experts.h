@@ -12,7 +12,7 @@
 // its expert is local, else crosses to a peer of the same node (intra_gbs) or of another node
 // (inter_gbs) in proportion to where the group's other chips are. Then the gradient reduce: the
 // data-parallel weights over every chip, each expert's over the EP groups (rings at inter_gbs).
-// Nothing overlaps (a conservative price); mxn's own EP runtime is issue 26's next step.
+// Nothing overlaps (a conservative price); `mxn train --ep` (and --pp with --ep) runs it.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -34,16 +34,22 @@ struct EpShare {
 };
 
 struct EpEstimate {
-  int64_t ep = 0, groups = 0;  // chips per EP group, and EP groups
+  int64_t ep = 0, groups = 0;         // chips per EP group, and EP groups (in each pipeline stage)
+  int64_t pp = 1, micro_batches = 1;  // pipeline stages, and 1F1B micro-batches a replica
   std::vector<EpShare> shares;
   double step_s = 0, compute_s = 0, a2a_s = 0, reduce_s = 0;  // the slowest chip's
+  double bubble_s = 0, p2p_s = 0;  // the pipeline's fill and drain; its activations' sends
   double tokens_per_s = 0;
   double a2a_share() const { return step_s > 0 ? a2a_s / step_s : 0; }
 };
 
-// Error when the cluster's chips do not divide into EP groups of `ep`, when the model has no
-// experts, or when `ep` exceeds the experts.
+// With `pp` > 1 (DeepSeek-V3's layout: pipeline stages, EP inside each): every stage holds 1/pp of
+// the layers on chips/pp chips of the same mix, EP groups of `ep` of them; a chip's compute and
+// all-to-all are as without stages, its weights and state 1/pp, plus the 1F1B bubble over
+// `micro`-sequence micro-batches and the activations' sends between stages.
+// Error when the cluster's chips do not divide into EP groups of `ep` (in each stage), when the
+// model has no experts, or when `ep` exceeds the experts.
 EpEstimate price_expert_parallel(const Cluster& cl, const DecoderConfig& c, const JobSpec& job,
-                                 int64_t ep);
+                                 int64_t ep, int64_t pp = 1, int64_t micro = 1);
 
 }  // namespace mxn

@@ -153,7 +153,7 @@ class Plan(unittest.TestCase):
         """DeepSeek-V3 (examples/deepseek-v3: 671B, 256 experts, top-8) over EP groups of 64 of the
         1,024 chips: every type's chips hold experts in proportion to their speed (the 16 groups
         each hold all 256), the step prices its all-to-all, and the dense 17B replicated on every
-        chip does not fit: said so."""
+        chip does not fit: said so; with --pp 16 (DeepSeek-V3's own layout) it fits."""
         r = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples", "cluster-1024.toml"),
                             "--model", os.path.join(SRC, "examples", "deepseek-v3", "config.json"), "--ep", "64",
                             "--global-batch", "15360", "--seq", "4096", "--dtype", "bf16"],
@@ -170,6 +170,21 @@ class Plan(unittest.TestCase):
         m = re.search(r"all-to-all [0-9.e+]+ = ([0-9.]+)%", r.stdout)
         self.assertTrue(m and 0 < float(m.group(1)) < 100, r.stdout)
         self.assertIn("does not fit", r.stdout)
+        # As DeepSeek-V3 trained: 16 pipeline stages, EP groups of 64 inside each; every chip's
+        # weights and state now fit, and the step adds the bubble and the stages' sends.
+        r = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples", "cluster-1024.toml"),
+                            "--model", os.path.join(SRC, "examples", "deepseek-v3", "config.json"), "--ep", "64",
+                            "--pp", "16", "--global-batch", "15360", "--seq", "4096", "--dtype", "bf16"],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("16 pipeline stages (1F1B, 240 micro-batches a replica), in each 1 EP groups of 64", r.stdout)
+        self.assertNotIn("does not fit", r.stdout)
+        self.assertRegex(r.stdout, r"pipeline bubble [0-9.]+, stage sends [0-9.]+\)")
+        bad = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples", "cluster-1024.toml"),
+                              "--model", os.path.join(SRC, "examples", "deepseek-v3", "config.json"), "--ep", "64",
+                              "--pp", "7"], capture_output=True, text=True)
+        self.assertEqual(bad.returncode, 1)
+        self.assertIn("--pp 7: expected 1 to the model's 61 layers, dividing the cluster's 1024 chips", bad.stderr)
         bad = subprocess.run([MXN, "plan", "--cluster", os.path.join(SRC, "examples", "cluster-1024.toml"),
                               "--model", os.path.join(SRC, "examples", "deepseek-v3", "config.json"), "--ep", "3"],
                              capture_output=True, text=True)

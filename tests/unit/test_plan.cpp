@@ -288,6 +288,26 @@ TEST(ExpertParallel, PlacesExpertsBySpeedAndRefusesWhatDoesNotDivide) {
   EXPECT_DOUBLE_EQ(e.shares[1].tokens_share, 0.1);
   EXPECT_GT(e.a2a_s, 0);
   EXPECT_NEAR(e.step_s, e.compute_s + e.a2a_s + e.reduce_s, 1e-12);
+  // Two pipeline stages of 2 chips, EP groups of 2 in each: a chip's compute and all-to-all as
+  // without stages, half the weights (the state shards over fewer replicas), and the 1F1B bubble
+  // over 16 / 2 / 2 = 4
+  // micro-batches of 2 sequences.
+  job.global_batch = 16;
+  const EpEstimate one = price_expert_parallel(cl, c, job, 4);
+  cl.groups[0].count = 2, cl.groups[1].count = 2;  // (each stage's group takes one of a type)
+  const EpEstimate flat = price_expert_parallel(cl, c, job, 2);
+  const EpEstimate two = price_expert_parallel(cl, c, job, 2, 2, 2);
+  EXPECT_EQ(two.groups, 1);
+  EXPECT_EQ(two.micro_batches, 4);
+  EXPECT_NEAR(two.compute_s, flat.compute_s, 1e-12 * flat.compute_s);
+  EXPECT_NEAR(two.bubble_s, (two.compute_s + two.a2a_s) / 4, 1e-12);
+  EXPECT_GT(two.p2p_s, 0);
+  EXPECT_LT(two.shares[0].mem_gib, 0.7 * flat.shares[0].mem_gib);
+  EXPECT_NEAR(two.step_s, two.compute_s + two.a2a_s + two.bubble_s + two.p2p_s + two.reduce_s,
+              1e-12);
+  EXPECT_THROW(price_expert_parallel(cl, c, job, 2, 3), Error);  // 4 chips in 3 stages
+  EXPECT_GT(one.step_s, 0);
+  cl.groups[0].count = 3, cl.groups[1].count = 1;
   EXPECT_THROW(price_expert_parallel(cl, c, job, 3), Error);  // 4 chips in groups of 3
   EXPECT_THROW(price_expert_parallel(cl, llama(4, 96, 300, 64), job, 4), Error);  // no experts
 }
