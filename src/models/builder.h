@@ -6,7 +6,6 @@
 #include <string>
 #include <vector>
 
-#include "core/error.h"
 #include "models/decoder.h"
 
 namespace mxn {
@@ -133,21 +132,27 @@ struct Builder {
   // Every expert's linear at once: x's rows in expert order (offsets: each expert's first row)
   // times the stack `name`.weight (experts, out, in). A LoRA target adds the stacks lora_A
   // (experts, r, in) and lora_B (experts, out, r), each expert its own pair as PEFT's
-  // per-expert nn.Linear: checkpoints split them as `experts.<e>.<leaf>.lora_A.weight`.
+  // per-expert nn.Linear: checkpoints split them as `experts.<e>.<leaf>.lora_A.weight`. Serving
+  // adapters, the stacked inputs as linear()'s, under `mask`: lora_mask's rows in x's order.
   int expert_linear(int x, const std::string& name, int64_t experts, int64_t in, int64_t out,
-                    int offsets) {
+                    int offsets, int mask) {
     int y = g.grouped_matmul(x, w(name + ".weight", {experts, out, in}, true), offsets);
     const std::string leaf = name.substr(name.rfind('.') + 1);
     if (std::find(modules.begin(), modules.end(), leaf) == modules.end()) modules.push_back(leaf);
-    if (o.serve_lora > 0 && lora_targets(name))
-      throw Error("serving LoRA adapters on the routed experts ('" + leaf +
-                  "') is not batched yet: fold the adapter into the model with mxn merge");
     if (o.lora.r > 0 && lora_targets(name)) {
       const int a = g.param(lora_a_name(name), {experts, o.lora.r, in}, true);
       const int b = g.param(lora_b_name(name), {experts, out, o.lora.r}, true);
       const int xin = o.lora.dropout > 0 ? g.dropout(x, o.lora.dropout, dropouts++) : x;
       const int t = g.grouped_matmul(xin, a, offsets);
       y = g.add(y, g.scale(g.grouped_matmul(t, b, offsets), o.lora.alpha / float(o.lora.r)));
+    }
+    if (o.serve_lora > 0 && lora_targets(name)) {
+      const int a = g.input(lora_a_name(name), {experts, o.serve_lora, in}, DType::f32);
+      const int b = g.input(lora_b_name(name), {experts, out, o.serve_lora}, DType::f32);
+      m->lora_inputs.emplace_back(lora_a_name(name), a);
+      m->lora_inputs.emplace_back(lora_b_name(name), b);
+      const int t = g.mul(g.grouped_matmul(x, a, offsets), mask);
+      y = g.add(y, g.grouped_matmul(t, b, offsets));
     }
     return y;
   }

@@ -387,9 +387,11 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
     xp = cut.xr;
     offsets = cut.local_offsets;
   }
-  const int gt = b.expert_linear(xp, ex + nm.e_gate, el, C, F, offsets);
-  const int up = b.expert_linear(xp, ex + nm.e_up, el, C, F, offsets);
-  int dn = b.expert_linear(g.swiglu(gt, up, 0, 0, F), ex + nm.e_down, el, F, C, offsets);
+  // Serving LoRA adapters: each row's adapter mask, in the experts' row order.
+  const int mask = b.o.serve_lora > 0 ? g.moe_permute(m.lora_mask, r.pos) : -1;
+  const int gt = b.expert_linear(xp, ex + nm.e_gate, el, C, F, offsets, mask);
+  const int up = b.expert_linear(xp, ex + nm.e_up, el, C, F, offsets, mask);
+  int dn = b.expert_linear(g.swiglu(gt, up, 0, 0, F), ex + nm.e_down, el, F, C, offsets, mask);
   if (cut.xp >= 0) {
     g.mark_output(dn);
     cut.yr = dn;

@@ -138,21 +138,27 @@ void Runner::load_lora(Served& s, const Adapter& a, const std::string& which,
     const auto& [name, value] = m_.lora_inputs[i];
     auto it = a.tensors.find(name);
     if (it == a.tensors.end()) continue;  // a module this adapter leaves alone
+    // 2-D, or a routed experts' stack: (E, r, in) and (E, out, r), expert by expert.
     const Shape want = prog_->tensor(value).shape;
     const bool is_a = name.ends_with(".lora_A.weight");
     const Shape has = it->second.shape;
-    const int64_t other = is_a ? want[1] : want[0];
-    if (has.size() != 2 || has[0] != (is_a ? s.r : other) || has[1] != (is_a ? other : s.r))
+    const int64_t E = want.size() == 3 ? want[0] : 1;
+    const int64_t other = is_a ? want[want.size() - 1] : want[want.size() - 2];
+    Shape expect = is_a ? Shape{s.r, other} : Shape{other, s.r};
+    if (want.size() == 3) expect.insert(expect.begin(), E);
+    if (has != expect)
       throw Error(which + ": tensor '" + name + "' is " + shape_str(has) + "; expected " +
-                  shape_str(is_a ? Shape{s.r, other} : Shape{other, s.r}));
-    const float* src = reinterpret_cast<const float*>(it->second.bytes.data());
-    float* dst = stacks[i].data();
-    for (int64_t x = 0; x < s.r; ++x)
-      for (int64_t y = 0; y < other; ++y)
-        if (is_a)
-          dst[(s.off + x) * other + y] = src[x * other + y];
-        else
-          dst[y * lora_rank_ + s.off + x] = src[y * s.r + x];
+                  shape_str(expect));
+    for (int64_t e = 0; e < E; ++e) {
+      const float* src = reinterpret_cast<const float*>(it->second.bytes.data()) + e * s.r * other;
+      float* dst = stacks[i].data() + e * lora_rank_ * other;
+      for (int64_t x = 0; x < s.r; ++x)
+        for (int64_t y = 0; y < other; ++y)
+          if (is_a)
+            dst[(s.off + x) * other + y] = src[x * other + y];
+          else
+            dst[y * lora_rank_ + s.off + x] = src[y * s.r + x];
+    }
   }
 }
 

@@ -5,6 +5,10 @@ prefix of 21 rows (not a whole number of 16-row KV blocks) on a tiny Qwen2, serv
 batches as the base's own requests. 16 concurrent greedy requests, four of each, answer what
 `mxn generate --adapter` gives alone (the LoRA update merged into the weights there; stacked
 beside them here), /v1/models lists the adapters with their parent, and an unknown adapter is 404.
+A mixture of experts likewise: a tiny Mixtral with one adapter on attention and every expert's
+w1/w2/w3 (each expert its own pair, stacked beside the experts' grouped GEMMs, each row under
+its adapter's mask in the experts' row order) and one on attention alone, 8 concurrent requests
+= `mxn generate --adapter` alone.
 usage: serve_adapter_test.py MXN KJV_TXT GPT2_BPE_DIR
 """
 import json, os, subprocess, sys, tempfile, threading, unittest, urllib.request
@@ -100,6 +104,57 @@ class Adapters(unittest.TestCase):
             self.assertLess(steps[0], 16 * 16 / 2)
             print(f"serve adapters: 16 concurrent greedy requests (base, LoRA r=4, LoRA r=2, P-Tuning P=21; 4 each) "
                   f"= mxn generate --adapter alone, in {steps[0]:.0f} engine passes; chat:nope is 404")
+
+    def test_expert_adapters_batched(self):
+        import shutil
+        from hf_common import perturb
+        from serve_common import BPE
+        from transformers import MixtralConfig, MixtralForCausalLM
+        with tempfile.TemporaryDirectory() as tmp:
+            base = os.path.join(tmp, "mixtral")
+            torch.manual_seed(1)
+            perturb(MixtralForCausalLM(MixtralConfig(
+                vocab_size=50257, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=29, num_local_experts=5, num_experts_per_tok=2, num_hidden_layers=2,
+                max_position_embeddings=128, sliding_window=None)), 1).save_pretrained(base)
+            shutil.copy(os.path.join(BPE, "encoder.json"), os.path.join(base, "vocab.json"))
+            shutil.copy(os.path.join(BPE, "vocab.bpe"), os.path.join(base, "merges.txt"))
+            folders = {"e": os.path.join(tmp, "lora-e"), "q": os.path.join(tmp, "lora-q")}
+            lora(base, folders["e"], 4, 8, ["q_proj", "w1", "w2", "w3"], 3)
+            lora(base, folders["q"], 2, 4, ["v_proj"], 4)
+            prompts = [f"In the beginning {w}" for w in ("God", "was", "the", "and", "light", "dark", "deep", "face")]
+            which = ["", "e", "q", "e"] * 2
+
+            def alone(i):
+                extra = ["--adapter", folders[which[i]]] if which[i] else []
+                r = subprocess.run([MXN, "generate", "--model", base, "--prompt", prompts[i], "--max-tokens", "12",
+                                    "--temperature", "0", *extra], capture_output=True, text=True, check=True)
+                return r.stdout[len(prompts[i]):].rstrip("\n")
+            want = [alone(i) for i in range(8)]
+            self.assertNotEqual(want[0], want[1], "the experts' adapter changes the answer")
+            args = ["--model", f"moe={base}", "--slots", "8"]
+            for k, f in folders.items():
+                args += ["--adapter", f"moe:{k}={f}"]
+            proc, url = start_serve(*args, env={"MXN_FAULTS": "*:sleep=5:serve_step*:*:*"})
+            try:
+                client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+                got = {}
+
+                def one(i):
+                    model = "moe" + (":" + which[i] if which[i] else "")
+                    got[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=12,
+                                                       temperature=0).choices[0].text
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(120)
+            finally:
+                proc.terminate()
+                proc.communicate(timeout=30)
+            self.assertEqual([got.get(i) for i in range(8)], want)
+            print("serve adapters on a mixture of experts: 8 concurrent greedy requests (base, LoRA on "
+                  "attention and every expert, LoRA on attention) = mxn generate --adapter alone")
 
 
 if __name__ == "__main__":
