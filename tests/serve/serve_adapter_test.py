@@ -50,6 +50,42 @@ def prefix(base, folder, P, seed):
     save_file({"prompt_embeddings": emb.contiguous()}, os.path.join(folder, "adapter_model.safetensors"))
 
 
+def alone(base, folders, prompts, which, tokens):
+    """What `mxn generate` answers each prompt alone (with its adapter, if any)."""
+    out = []
+    for p, w in zip(prompts, which):
+        extra = ["--adapter", folders[w]] if w else []
+        r = subprocess.run([MXN, "generate", "--model", base, "--prompt", p, "--max-tokens", str(tokens),
+                            "--temperature", "0", *extra], capture_output=True, text=True, check=True)
+        out.append(r.stdout[len(p):].rstrip("\n"))
+    return out
+
+
+def serve_adapters(name, base, folders, slots):
+    """mxn serve with the base as `name` and each adapter as name:key, its steps slowed so that
+    requests share passes."""
+    args = ["--model", f"{name}={base}", "--slots", str(slots)]
+    for k, f in folders.items():
+        args += ["--adapter", f"{name}:{k}={f}"]
+    return start_serve(*args, env={"MXN_FAULTS": "*:sleep=5:serve_step*:*:*"})
+
+
+def ask_all(client, name, prompts, which, tokens):
+    """Every prompt at once, each from its own thread, to model `name` or its adapter."""
+    got = {}
+
+    def one(i):
+        model = name + (":" + which[i] if which[i] else "")
+        got[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=tokens,
+                                           temperature=0).choices[0].text
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [got.get(i) for i in range(len(prompts))]
+
+
 class Adapters(unittest.TestCase):
     def test_adapters_batched_with_the_base(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -64,30 +100,12 @@ class Adapters(unittest.TestCase):
                         "grass", "trees", "seas", "stars", "night", "day", "evening", "morning")]
             which = ["", "a", "b", "p"] * 4
 
-            def alone(i):
-                extra = ["--adapter", folders[which[i]]] if which[i] else []
-                r = subprocess.run([MXN, "generate", "--model", base, "--prompt", prompts[i], "--max-tokens", "16",
-                                    "--temperature", "0", *extra], capture_output=True, text=True, check=True)
-                return r.stdout[len(prompts[i]):].rstrip("\n")
-            want = [alone(i) for i in range(16)]
+            want = alone(base, folders, prompts, which, 16)
             self.assertGreater(len({want[i] for i in range(4)}), 1, "the adapters change the answer")
-            args = ["--model", f"chat={base}", "--slots", "16"]
-            for k, f in folders.items():
-                args += ["--adapter", f"chat:{k}={f}"]
-            proc, url = start_serve(*args, env={"MXN_FAULTS": "*:sleep=5:serve_step*:*:*"})
+            proc, url = serve_adapters("chat", base, folders, 16)
             try:
                 client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-                got = {}
-
-                def one(i):
-                    model = "chat" + (":" + which[i] if which[i] else "")
-                    got[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=16,
-                                                       temperature=0).choices[0].text
-                threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(120)
+                got = ask_all(client, "chat", prompts, which, 16)
                 models = {m.id: m for m in client.models.list().data}
                 with self.assertRaises(openai.NotFoundError):
                     client.completions.create(model="chat:nope", prompt="x", max_tokens=2)
@@ -97,7 +115,7 @@ class Adapters(unittest.TestCase):
             finally:
                 proc.terminate()
                 proc.communicate(timeout=30)
-            self.assertEqual([got.get(i) for i in range(16)], want)
+            self.assertEqual(got, want)
             self.assertEqual(sorted(models), ["chat", "chat:a", "chat:b", "chat:p"])
             self.assertEqual(models["chat:a"].model_extra.get("parent"), "chat")
             # One engine for all four: 16 requests of 16 tokens took far fewer passes than 16 x 16.
@@ -125,34 +143,16 @@ class Adapters(unittest.TestCase):
             prompts = [f"In the beginning {w}" for w in ("God", "was", "the", "and", "light", "dark", "deep", "face")]
             which = ["", "e", "q", "e"] * 2
 
-            def alone(i):
-                extra = ["--adapter", folders[which[i]]] if which[i] else []
-                r = subprocess.run([MXN, "generate", "--model", base, "--prompt", prompts[i], "--max-tokens", "12",
-                                    "--temperature", "0", *extra], capture_output=True, text=True, check=True)
-                return r.stdout[len(prompts[i]):].rstrip("\n")
-            want = [alone(i) for i in range(8)]
+            want = alone(base, folders, prompts, which, 12)
             self.assertNotEqual(want[0], want[1], "the experts' adapter changes the answer")
-            args = ["--model", f"moe={base}", "--slots", "8"]
-            for k, f in folders.items():
-                args += ["--adapter", f"moe:{k}={f}"]
-            proc, url = start_serve(*args, env={"MXN_FAULTS": "*:sleep=5:serve_step*:*:*"})
+            proc, url = serve_adapters("moe", base, folders, 8)
             try:
                 client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-                got = {}
-
-                def one(i):
-                    model = "moe" + (":" + which[i] if which[i] else "")
-                    got[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=12,
-                                                       temperature=0).choices[0].text
-                threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(120)
+                got = ask_all(client, "moe", prompts, which, 12)
             finally:
                 proc.terminate()
                 proc.communicate(timeout=30)
-            self.assertEqual([got.get(i) for i in range(8)], want)
+            self.assertEqual(got, want)
             print("serve adapters on a mixture of experts: 8 concurrent greedy requests (base, LoRA on "
                   "attention and every expert, LoRA on attention) = mxn generate --adapter alone")
 
