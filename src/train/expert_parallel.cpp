@@ -59,11 +59,10 @@ void check_expert_model(const TrainConfig& c, const DecoderConfig& d) {
   if (c.ep > d.experts)
     throw Error(ep + ": more ranks than the model's " + std::to_string(d.experts) +
                 " experts a layer; each rank needs at least one");
-  if ((c.expert_split == "even" || (c.pp > 1 && c.expert_split == "auto")) && d.experts % c.ep)
+  if (c.expert_split == "even" && d.experts % c.ep)
     throw Error(ep + " --expert_split " + c.expert_split + ": the model's " +
                 std::to_string(d.experts) + " experts a layer do not divide evenly over " +
-                std::to_string(c.ep) + " ranks (give weights such as 3,2" +
-                (c.pp > 1 ? "; with --pp, auto is even" : ", or auto") + ")");
+                std::to_string(c.ep) + " ranks (give weights such as 3,2, or auto)");
 }
 
 std::vector<double> expert_weights(const std::string& s, int64_t ranks) {
@@ -102,7 +101,7 @@ ExpertParallel::ExpertParallel(Trainer& t) : t_(t) {
   std::vector<double> speed = expert_weights(t.cfg_.expert_split, ep_);
   const bool auto_experts = speed.empty();
   if (row_sec_.empty() || auto_experts) {  // auto: shares in proportion to the measured speed
-    const std::array<double, 2> mine = measure_seconds();
+    const std::array<double, 2> mine = measure_seconds(t);
     std::vector<double> both(size_t(2 * t.world_), 0.0);
     both[size_t(t.rank_)] = mine[0], both[size_t(t.world_ + t.rank_)] = mine[1];
     t.comm_->all_reduce_sum(both.data(), 2 * t.world_);
@@ -149,21 +148,21 @@ double best_of_runs(Program& prog, Device& dev) {
 // rows an even routing would give it; (1) one sequence's forward and backward through one block
 // of the model's shape with a dense MLP as wide as a token's experts (the work that follows the
 // rows: attention, norms, the head). Weights and tokens 0.
-std::array<double, 2> ExpertParallel::measure_seconds() {
-  const DecoderConfig d = t_.cfg_.decoder_config();
-  const int64_t T = t_.cfg_.seq_len();
-  const int64_t rows = std::max<int64_t>(64, t_.cfg_.batch / t_.world_ * T * d.top_k / d.experts);
+std::array<double, 2> ExpertParallel::measure_seconds(Trainer& t) {
+  const DecoderConfig d = t.cfg_.decoder_config();
+  const int64_t T = t.cfg_.seq_len();
+  const int64_t rows = std::max<int64_t>(64, t.cfg_.batch / t.world_ * T * d.top_k / d.experts);
   std::array<double, 2> out{};
   {
     Graph g;
     const int y = g.matmul(g.input("x", {rows, d.hidden}, DType::f32),
                            g.param("w", {d.moe_ffn, d.hidden}, true), false, true);
     g.mark_output(y);
-    Program prog(std::move(g), *t_.dev_, false);
+    Program prog(std::move(g), *t.dev_, false);
     std::vector<float> zero(size_t(std::max(rows * d.hidden, prog.param_count())), 0.f);
-    t_.dev_->upload(prog.tensor(0), zero.data());
-    t_.dev_->upload(prog.params_all(), zero.data());
-    out[0] = best_of_runs(prog, *t_.dev_);
+    t.dev_->upload(prog.tensor(0), zero.data());
+    t.dev_->upload(prog.params_all(), zero.data());
+    out[0] = best_of_runs(prog, *t.dev_);
   }
   DecoderConfig one = d;
   one.layers = 1, one.experts = 0;
@@ -173,16 +172,16 @@ std::array<double, 2> ExpertParallel::measure_seconds() {
   o.with_loss = true;
   const DecoderGraph m = build_decoder(g, one, 1, T, o);
   append_backward(g, m.loss, -1, -1, nullptr);
-  Program prog(std::move(g), *t_.dev_);
+  Program prog(std::move(g), *t.dev_);
   std::vector<int32_t> pos(static_cast<size_t>(T));
   for (int64_t i = 0; i < T; ++i) pos[size_t(i)] = int32_t(i);
   std::vector<float> zero(size_t(prog.param_count()), 0.f);
-  t_.dev_->upload(prog.tensor(m.positions), pos.data());
+  t.dev_->upload(prog.tensor(m.positions), pos.data());
   std::fill(pos.begin(), pos.end(), 0);
-  t_.dev_->upload(prog.tensor(m.tokens), pos.data());
-  t_.dev_->upload(prog.tensor(m.targets), pos.data());
-  t_.dev_->upload(prog.params_all(), zero.data());
-  out[1] = best_of_runs(prog, *t_.dev_);
+  t.dev_->upload(prog.tensor(m.tokens), pos.data());
+  t.dev_->upload(prog.tensor(m.targets), pos.data());
+  t.dev_->upload(prog.params_all(), zero.data());
+  out[1] = best_of_runs(prog, *t.dev_);
   return out;
 }
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <map>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -81,7 +82,8 @@ Pipeline::Pipeline(Trainer& t) : t_(t) {
 Pipeline::~Pipeline() = default;
 
 // --ep N: replicas [g N, (g + 1) N) of a stage form EP group g; the experts are placed by
-// --expert_split's weights (auto: evenly; no speeds are measured here), the same in every group.
+// --expert_split's weights, or (auto) by the measured speed of an expert's GEMM on each place's
+// chips (a chip too slow for one holding none), the same in every group of the stage.
 void Pipeline::place_experts_here() {
   const DecoderConfig d = t_.cfg_.decoder_config();
   check_expert_parallel(t_.cfg_, t_.world_);
@@ -89,8 +91,14 @@ void Pipeline::place_experts_here() {
   ep_ = t_.cfg_.ep;
   index_ = replica_ % ep_;
   std::vector<double> w = expert_weights(t_.cfg_.expert_split, ep_);
-  if (w.empty()) w.assign(size_t(ep_), 1.0);
-  const std::vector<int64_t> n = place_experts(d.experts, w, false);
+  const bool measured = w.empty();
+  if (measured) {  // auto: each place of a stage's groups by its chips' mean expert GEMM time
+    std::vector<double> sec(size_t(pp_ * ep_), 0.0);
+    sec[size_t(stage_ * ep_ + index_)] = ExpertParallel::measure_seconds(t_)[0];
+    t_.comm_->all_reduce_sum(sec.data(), pp_ * ep_);
+    for (int64_t i = 0; i < ep_; ++i) w.push_back(1 / sec[size_t(stage_ * ep_ + i)]);
+  }
+  const std::vector<int64_t> n = place_experts(d.experts, w, measured);
   expert_bounds_.assign(1, 0);
   for (int64_t x : n) expert_bounds_.push_back(expert_bounds_.back() + x);
   shard_ = {expert_bounds_[size_t(index_)], n[size_t(index_)], 0};
@@ -163,11 +171,12 @@ void Pipeline::plan() {
                        "backward";
   if (ep_ > 1) {
     t_.plan_.pipeline += "; --ep " + std::to_string(ep_) + ": each " + std::to_string(ep_) +
-                         " replicas of a stage split its MoE layers' experts";
+                         " replicas of a stage split its MoE layers' experts (" +
+                         t_.cfg_.expert_split + "; this stage";
     for (int64_t i = 0; i < ep_; ++i)
       t_.plan_.pipeline += (i ? ", " : " ") + std::to_string(expert_bounds_[size_t(i + 1)] -
                                                              expert_bounds_[size_t(i)]);
-    t_.plan_.pipeline += ", 4 host-staged all-to-alls a MoE layer a micro-batch pass";
+    t_.plan_.pipeline += "), 4 host-staged all-to-alls a MoE layer a micro-batch pass";
   }
 }
 
@@ -343,28 +352,44 @@ bool Pipeline::gather(Checkpoint& ck) {
 // same builder gives rank 0 the names and shapes) or, without one, into ck. With --ep an expert
 // stack travels whole, gathered over the group to its first replica.
 void Pipeline::own_state(std::vector<float>* blob, Checkpoint& ck) {
-  std::vector<float> whole;
-  for (int id : t_.prog_->graph().params()) {
-    const Value& v = t_.prog_->graph().v(id);
+  // With --ep, walk the stage's whole params (a replica without experts still takes part in
+  // every stack's gather); mine by name.
+  const Graph& g = t_.prog_->graph();
+  std::map<std::string, int> have;
+  for (int id : g.params()) have[g.v(id).name] = id;
+  Graph whole;
+  if (ep_ > 1) {
+    DecoderGraph m;
+    size_t nf = 0;
+    whole = train_graph(t_.cfg_, 1, &m, &nf, bounds_[size_t(stage_)], bounds_[size_t(stage_ + 1)]);
+  }
+  const Graph& walk = ep_ > 1 ? whole : g;
+  std::vector<float> buf;
+  for (int w : walk.params()) {
+    const Value& v = walk.v(w);
+    const auto it = have.find(v.name);
+    const Value* mine = it == have.end() ? nullptr : &g.v(it->second);
     const bool stack = ep_ > 1 && stacked_experts(v.name, v.shape);
-    const Shape shape = stack ? Shape{expert_bounds_.back(), v.shape[1], v.shape[2]} : v.shape;
+    MXN_CHECK(stack || mine, "pipeline: a stage lacks " + v.name);
     for (int i = 0; i < 3; ++i) {
-      const Tensor src = i == 0 ? t_.prog_->tensor(id) : t_.opt_->moment(i - 1, v);
-      HostTensor h(shape, DType::f32);
+      const Tensor src = !mine    ? Tensor{}
+                         : i == 0 ? t_.prog_->tensor(it->second)
+                                  : t_.opt_->moment(i - 1, *mine);
+      HostTensor h(v.shape, DType::f32);
       if (stack) {
         const int64_t per = v.shape[1] * v.shape[2];
-        whole.resize(size_t(numel(shape)));
-        t_.dev_->download(whole.data() + shard_.first * per, src);
+        buf.resize(size_t(numel(v.shape)));
+        if (mine) t_.dev_->download(buf.data() + shard_.first * per, src);
         std::vector<int64_t> at;
         for (int64_t b : expert_bounds_) at.push_back(b * per);
-        group_->gather(whole.data(), at, 0);
-        std::copy(whole.begin(), whole.end(), h.f32());
+        group_->gather(buf.data(), at, 0);
+        std::copy(buf.begin(), buf.end(), h.f32());
       } else {
         t_.dev_->download(h.bytes.data(), src);
       }
       if (replica_ != 0) continue;
       if (blob) {
-        blob->insert(blob->end(), h.f32(), h.f32() + numel(shape));
+        blob->insert(blob->end(), h.f32(), h.f32() + numel(v.shape));
       } else {
         const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
         (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));

@@ -178,9 +178,11 @@ class ExpertParallel final : public Strategy {
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;
 
- private:
-  std::array<double, 2> measure_seconds();  // an expert's GEMM; a sequence through a block
+  // This rank's seconds for an expert's GEMM over an even routing's rows, and for one sequence
+  // through a block of the model's shape (the placement's and the rows' probes; Pipeline's too).
+  static std::array<double, 2> measure_seconds(Trainer& t);
 
+ private:
   Trainer& t_;
   int64_t ep_ = 1, index_ = 0, group_ = 0, groups_ = 1;
   std::vector<double> row_sec_;            // per rank: --split's stand-ins, or measured

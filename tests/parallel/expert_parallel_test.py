@@ -179,13 +179,20 @@ write_folder({p("ds_hf")!r}, c, random_weights(c, seed=3))"""], check=True)
     quad = "cpu,cpu,opencl:0,opencl:0" if opencl else "cpu,cpu,cpu,cpu"
     out = train(p("pq"), *pq, "--devices", quad, "--pp", "2", "--ep", "2", "--expert_split", "2,1")
     check("--pp 2 --ep 2: the plan says each stage's replicas split the experts 4 + 2",
-          "--ep 2: each 2 replicas of a stage split its MoE layers' experts 4, 2" in out, out[-400:])
+          "--ep 2: each 2 replicas of a stage split its MoE layers' experts (2,1; this stage 4, 2)" in out,
+          out[-400:])
     same(f"qwen2_moe, --pp 2 --ep 2 over {quad} (4 + 2 experts) = one cpu", p("pq_one"), p("pq"))
     w1, w2 = (read_f32_safetensors(p(f"{r}/ckpt-00000020/model.safetensors")) for r in ("pq_one", "pq"))
     keys = [k for k in w1 if "k_proj.bias" not in k]
     gap = max(float(abs(w1[k] - w2[k]).max() / max(float(abs(w1[k]).max()), 1e-30)) for k in keys)
     check("... its checkpoint: the ordinary layout, whole expert stacks, weights as one cpu's",
           sorted(w1) == sorted(w2) and gap < 1e-5, f"{len(w1)} tensors, worst {gap:.2e} of a tensor's max")
+    # auto: each place's chips timed (an expert's GEMM); PoCL, 29x slower, holds no expert, its
+    # rows only leaving and coming back (on two CPUs: 3 + 3)
+    out = train(p("pq_auto"), *pq, "--devices", quad, "--pp", "2", "--ep", "2")
+    want = "(auto; this stage 6, 0)" if opencl else "(auto; this stage 3, 3)"
+    check(f"--pp 2 --ep 2 auto over {quad}: experts placed by measured speed {want}", want in out, out[-400:])
+    same("... = one cpu", p("pq_one"), p("pq_auto"))
     train(p("pq_r1"), "--steps", "20", "--resume", p("pq/ckpt-00000010"), shape=False)
     same("... resumed on one device", p("pq_one"), p("pq_r1"), after=10)
     train(p("pq_r2"), "--steps", "20", "--resume", p("pq_one/ckpt-00000010"), "--devices", "cpu,cpu,cpu,cpu",
