@@ -134,6 +134,13 @@ void Runner::load_lora(Served& s, const Adapter& a, const std::string& which,
                        std::vector<std::vector<float>>& stacks) {
   s.r = a.spec.r;
   s.scale = a.spec.alpha / float(a.spec.r);
+  for (const auto& [name, t] : a.tensors) {  // every tensor must adapt one of the model's linears
+    bool used = false;
+    for (const auto& in : m_.lora_inputs) used = used || in.first == name;
+    if (!used)
+      throw Error(which + ": tensor '" + name + "' adapts no linear layer of the model (an " +
+                  "adapter for another base, or a module the model does not have)");
+  }
   for (size_t i = 0; i < m_.lora_inputs.size(); ++i) {
     const auto& [name, value] = m_.lora_inputs[i];
     auto it = a.tensors.find(name);

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 MXN = sys.argv[1]
-from serve_common import make_models, start_serve  # noqa: E402
+from serve_common import free_port, make_models, start_serve  # noqa: E402
 
 
 def lora(base, folder, r, alpha, targets, seed):
@@ -155,6 +155,23 @@ class Adapters(unittest.TestCase):
             self.assertEqual(got, want)
             print("serve adapters on a mixture of experts: 8 concurrent greedy requests (base, LoRA on "
                   "attention and every expert, LoRA on attention) = mxn generate --adapter alone")
+
+    def test_adapter_for_another_model_refused(self):
+        """A LoRA tensor that adapts no linear of the model (here q_proj renamed) stops the server
+        at load with one line naming it, instead of serving the base's answers as the adapter's."""
+        from safetensors.torch import load_file
+        with tempfile.TemporaryDirectory() as tmp:
+            _, base, _ = make_models(tmp)
+            bad = os.path.join(tmp, "lora-bad")
+            lora(base, bad, 2, 4, ["q_proj"], 3)
+            t = load_file(os.path.join(bad, "adapter_model.safetensors"))
+            t = {k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.qq_proj"): v for k, v in t.items()}
+            save_file(t, os.path.join(bad, "adapter_model.safetensors"))
+            r = subprocess.run([MXN, "serve", "--port", str(free_port()), "--model", f"chat={base}", "--adapter", f"chat:x={bad}"],
+                               capture_output=True, text=True, timeout=120)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertIn("tensor 'model.layers.0.self_attn.qq_proj.lora_A.weight' adapts no linear layer of "
+                          "the model", r.stderr)
 
 
 if __name__ == "__main__":
