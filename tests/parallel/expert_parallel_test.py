@@ -14,7 +14,8 @@
     over the groups): losses within 1e-6;
   - a Mixtral and a DeepSeek-V3 shape fine-tuned from Hugging Face folders with --ep 2 (each rank
     reads its experts); LoRA on the Mixtral's attention and experts with --ep 2 (each rank trains
-    its experts' adapters), the adapter gathered equal and resumed on one device;
+    its experts' adapters), the adapter gathered equal and resumed on one device; P-Tuning v2
+    beside the split experts;
   - inside pipeline stages: --pp 2 --ep 2 over 4 ranks (each stage's two replicas split its
     experts, a CPU and the OpenCL device in each group) equals one CPU, its checkpoint is the
     ordinary layout and resumes on one device, and one device's resumes on --pp 2 --ep 2;
@@ -150,6 +151,11 @@ with tempfile.TemporaryDirectory() as tmp:
     check("... its adapter: the same PEFT tensors (4 experts' pairs in 2 layers x 3 linears)",
           n_exp == 48 and e < 1e-4, f"{n_exp} experts' A and B; worst {e:.2e} of a tensor's max "
           f"(data parallel over {pair}: {e_dp:.2e})")
+    # P-Tuning v2 (prefix rows through the MLP reparameterisation) beside the split experts
+    pt = [*ft, "--finetune", "ptuning", "--prefix_len", "5", "--prefix_projection", "16"]
+    train(p("pt_one"), *pt)
+    train(p("pt_ep"), *pt, "--devices", pair, "--ep", "2", "--expert_split", "3,1")
+    same(f"mixtral P-Tuning v2 (5 rows, projection 16), --ep 2 over {pair} = one cpu", p("pt_one"), p("pt_ep"))
     train(p("lo_r"), "--steps", "20", "--resume", p("lo_ep/ckpt-00000010"), shape=False)
     same("... its --ep 2 checkpoint resumed on one device", p("lo_one"), p("lo_r"), after=10)
 
@@ -225,7 +231,7 @@ write_folder({p("ds_hf")!r}, c, random_weights(c, seed=3))"""], check=True)
     refused("--expert_split with the wrong count", [*bad, *qwen, "--devices", "cpu,cpu", "--ep", "2", "--expert_split", "1,2,3"],
             "--expert_split '1,2,3' gives 3 weights for --ep 2: expected one a rank")
     refused("--ep with ZeRO-1", [*bad, *qwen, "--devices", "cpu,cpu", "--ep", "2", "--zero", "1"],
-            "--ep 2 is not combined with --finetune ptuning or --zero 1 yet")
+            "--ep 2 is not combined with --zero 1 yet")
     refused("--ep 2 with --pp 2 over 6 ranks", [*bad, *qwen, "--devices", "cpu,cpu,cpu,cpu,cpu,cpu", "--pp", "2",
                                                 "--ep", "2"],
             "--ep 2 needs a multiple of 2 replicas of each pipeline stage; --pp 2 over 6 ranks has 3")
