@@ -109,50 +109,50 @@ struct Builder {
   // (out, in).
   int linear(int x, const std::string& name, int64_t in, int64_t out, bool bias) {
     const int wt = w(name + ".weight", c.gpt2() ? Shape{in, out} : Shape{out, in}, true);
-    int y = g.linear(x, wt, bias ? w(name + ".bias", {out}, false) : -1, !c.gpt2());
-    const std::string leaf = name.substr(name.rfind('.') + 1);
-    if (std::find(modules.begin(), modules.end(), leaf) == modules.end()) modules.push_back(leaf);
-    if (o.lora.r > 0 && lora_targets(name)) {
-      const int a = g.param(lora_a_name(name), {o.lora.r, in}, true);
-      const int b = g.param(lora_b_name(name), {out, o.lora.r}, true);
-      const int xin = o.lora.dropout > 0 ? g.dropout(x, o.lora.dropout, dropouts++) : x;
-      const int t = g.matmul(xin, a, false, true);
-      y = g.add(y, g.matmul(t, b, false, true, o.lora.alpha / float(o.lora.r)));
-    }
-    if (o.serve_lora > 0 && lora_targets(name)) {
-      const int a = g.input(lora_a_name(name), {o.serve_lora, in}, DType::f32);
-      const int b = g.input(lora_b_name(name), {out, o.serve_lora}, DType::f32);
-      m->lora_inputs.emplace_back(lora_a_name(name), a);
-      m->lora_inputs.emplace_back(lora_b_name(name), b);
-      const int t = g.mul(g.matmul(x, a, false, true), m->lora_mask);
-      y = g.add(y, g.matmul(t, b, false, true));
-    }
-    return y;
+    const int y = g.linear(x, wt, bias ? w(name + ".bias", {out}, false) : -1, !c.gpt2());
+    return adapted(
+        y, x, name, {}, in, out, m ? m->lora_mask : -1,
+        [&](int rows, int mat, float alpha) { return g.matmul(rows, mat, false, true, alpha); });
   }
   // Every expert's linear at once: x's rows in expert order (offsets: each expert's first row)
-  // times the stack `name`.weight (experts, out, in). A LoRA target adds the stacks lora_A
-  // (experts, r, in) and lora_B (experts, out, r), each expert its own pair as PEFT's
-  // per-expert nn.Linear: checkpoints split them as `experts.<e>.<leaf>.lora_A.weight`. Serving
-  // adapters, the stacked inputs as linear()'s, under `mask`: lora_mask's rows in x's order.
+  // times the stack `name`.weight (experts, out, in). LoRA's pairs are stacks too, (experts, r,
+  // in) and (experts, out, r), each expert its own pair as PEFT's per-expert nn.Linear
+  // (checkpoints split them as `experts.<e>.<leaf>.lora_A.weight`); served adapters' rows are
+  // under `mask`, lora_mask's rows in x's order.
   int expert_linear(int x, const std::string& name, int64_t experts, int64_t in, int64_t out,
                     int offsets, int mask) {
-    int y = g.grouped_matmul(x, w(name + ".weight", {experts, out, in}, true), offsets);
+    const int y = g.grouped_matmul(x, w(name + ".weight", {experts, out, in}, true), offsets);
+    return adapted(y, x, name, {experts}, in, out, mask, [&](int rows, int mat, float alpha) {
+      const int p = g.grouped_matmul(rows, mat, offsets);
+      return alpha == 1.f ? p : g.scale(p, alpha);
+    });
+  }
+  // y plus the module's adapters on its input x: LoRA being trained (y + alpha/r B(A x)), or
+  // the served adapters' stacked ranks under each row's mask. `lead` prefixes the pairs' shapes
+  // (an experts' stack); mul(rows, mat, alpha) is alpha rows mat^T, as the module multiplies.
+  template <typename Mul>
+  int adapted(int y, int x, const std::string& name, Shape lead, int64_t in, int64_t out, int mask,
+              Mul mul) {
     const std::string leaf = name.substr(name.rfind('.') + 1);
     if (std::find(modules.begin(), modules.end(), leaf) == modules.end()) modules.push_back(leaf);
+    auto shape = [&](int64_t rows, int64_t cols) {
+      Shape s = lead;
+      s.push_back(rows);
+      s.push_back(cols);
+      return s;
+    };
     if (o.lora.r > 0 && lora_targets(name)) {
-      const int a = g.param(lora_a_name(name), {experts, o.lora.r, in}, true);
-      const int b = g.param(lora_b_name(name), {experts, out, o.lora.r}, true);
+      const int a = g.param(lora_a_name(name), shape(o.lora.r, in), true);
+      const int b = g.param(lora_b_name(name), shape(out, o.lora.r), true);
       const int xin = o.lora.dropout > 0 ? g.dropout(x, o.lora.dropout, dropouts++) : x;
-      const int t = g.grouped_matmul(xin, a, offsets);
-      y = g.add(y, g.scale(g.grouped_matmul(t, b, offsets), o.lora.alpha / float(o.lora.r)));
+      y = g.add(y, mul(mul(xin, a, 1.f), b, o.lora.alpha / float(o.lora.r)));
     }
     if (o.serve_lora > 0 && lora_targets(name)) {
-      const int a = g.input(lora_a_name(name), {experts, o.serve_lora, in}, DType::f32);
-      const int b = g.input(lora_b_name(name), {experts, out, o.serve_lora}, DType::f32);
+      const int a = g.input(lora_a_name(name), shape(o.serve_lora, in), DType::f32);
+      const int b = g.input(lora_b_name(name), shape(out, o.serve_lora), DType::f32);
       m->lora_inputs.emplace_back(lora_a_name(name), a);
       m->lora_inputs.emplace_back(lora_b_name(name), b);
-      const int t = g.mul(g.grouped_matmul(x, a, offsets), mask);
-      y = g.add(y, g.grouped_matmul(t, b, offsets));
+      y = g.add(y, mul(g.mul(mul(x, a, 1.f), mask), b, 1.f));
     }
     return y;
   }

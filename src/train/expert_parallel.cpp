@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 
 #include "core/error.h"
@@ -273,12 +274,7 @@ void ExpertParallel::plan() {
   const DecoderConfig d = t.cfg_.decoder_config();
   const Graph& g = t.prog_->graph();
   x_ = std::make_unique<ExpertExchange>(t, *group_comm_, bounds_, index_);
-  // The flat gradient's ranges: an expert stack's own, the rest shared by every rank.
-  for (int p : g.params()) {
-    const Value& v = g.v(p);
-    const std::array<int64_t, 2> r{int64_t(v.offset / 4), numel(v.shape)};
-    (stacked_experts(v.name, v.shape) ? expert_ : shared_).push_back(r);
-  }
+  split_ranges(g, shared_, expert_);
   grads_host_.assign(size_t(t.prog_->param_count()), 0.f);
   pack_.reserve(grads_host_.size());
   t.plan_.ranks.assign(size_t(world), {});
@@ -360,42 +356,61 @@ bool ExpertParallel::gather(Checkpoint& ck) {
   ck.weights.clear();
   ck.optimizer.clear();
   if (group_ != 0) return false;
-  const bool lead = index_ == 0;
-  std::map<std::string, int> have;
-  for (int p : t_.prog_->graph().params()) have[t_.prog_->graph().v(p).name] = p;
   DecoderGraph m;
   size_t nf = 0;
   const Graph whole = train_graph(t_.cfg_, 1, &m, &nf);  // every param, whole
+  gather_state(t_, whole, group_comm_.get(), bounds_, shard_.first, index_ == 0,
+               [&](const Value& v, int i, HostTensor&& h) {
+                 const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
+                 (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
+               });
+  return index_ == 0;
+}
+
+void ExpertParallel::gather_state(Trainer& t, const Graph& whole, Communicator* group,
+                                  const std::vector<int64_t>& bounds, int64_t first, bool lead,
+                                  const std::function<void(const Value&, int, HostTensor&&)>& put) {
+  const Graph& g = t.prog_->graph();
+  std::map<std::string, int> have;
+  for (int id : g.params()) have[g.v(id).name] = id;
   std::vector<float> buf;
+  std::vector<int64_t> at;
   for (int w : whole.params()) {
     const Value& v = whole.v(w);
     const auto it = have.find(v.name);
-    const bool stack = stacked_experts(v.name, v.shape);
-    MXN_CHECK(stack || it != have.end(), "expert parallelism: a rank lacks " + v.name);
+    const Value* mine = it == have.end() ? nullptr : &g.v(it->second);
+    const bool stack = group && stacked_experts(v.name, v.shape);
+    MXN_CHECK(stack || mine, "a rank lacks " + v.name);
     for (int i = 0; i < 3; ++i) {
-      const Value* mine = it == have.end() ? nullptr : &t_.prog_->graph().v(it->second);
       const Tensor src = !mine    ? Tensor{}
-                         : i == 0 ? t_.prog_->tensor(it->second)
-                                  : t_.opt_->moment(i - 1, *mine);
-      const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
+                         : i == 0 ? t.prog_->tensor(it->second)
+                                  : t.opt_->moment(i - 1, *mine);
       if (!stack && !lead) continue;
       HostTensor h(v.shape, DType::f32);
       if (!stack) {
-        t_.dev_->download(h.bytes.data(), src);
+        t.dev_->download(h.bytes.data(), src);
       } else {
         const int64_t per = v.shape[1] * v.shape[2];
         buf.resize(size_t(numel(v.shape)));
-        if (mine) t_.dev_->download(buf.data() + bounds_[size_t(index_)] * per, src);
-        std::vector<int64_t> at;
-        for (int64_t b : bounds_) at.push_back(b * per);
-        group_comm_->gather(buf.data(), at, 0);
+        if (mine) t.dev_->download(buf.data() + first * per, src);
+        at.clear();
+        for (int64_t b : bounds) at.push_back(b * per);
+        group->gather(buf.data(), at, 0);
         if (!lead) continue;
         std::memcpy(h.bytes.data(), buf.data(), h.bytes.size());
       }
-      (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
+      put(v, i, std::move(h));
     }
   }
-  return lead;
+}
+
+void split_ranges(const Graph& g, std::vector<std::array<int64_t, 2>>& shared,
+                  std::vector<std::array<int64_t, 2>>& expert) {
+  for (int p : g.params()) {
+    const Value& v = g.v(p);
+    const std::array<int64_t, 2> r{int64_t(v.offset / 4), numel(v.shape)};
+    (stacked_experts(v.name, v.shape) ? expert : shared).push_back(r);
+  }
 }
 
 TensorMap expert_slices(const TensorMap& whole, const ExpertShard& shard) {

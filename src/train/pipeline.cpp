@@ -9,12 +9,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <map>
 
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/text.h"
-#include "io/hf_folder.h"
 #include "parallel/balance.h"
 #include "parallel/schedule.h"
 #include "train/expert_exchange.h"
@@ -149,11 +147,7 @@ void Pipeline::plan() {
   if (replicas_ > 1) grad_host_.resize(size_t(t_.prog_->param_count()));
   if (ep_ > 1) {
     x_ = std::make_unique<ExpertExchange>(t_, *group_, expert_bounds_, index_);
-    for (int id : t_.prog_->graph().params()) {  // the flat gradient's ranges
-      const Value& v = t_.prog_->graph().v(id);
-      const std::array<int64_t, 2> r{int64_t(v.offset / 4), numel(v.shape)};
-      (stacked_experts(v.name, v.shape) ? expert_ : shared_).push_back(r);
-    }
+    split_ranges(t_.prog_->graph(), shared_, expert_);
   }
   if (tied_->size() > 1)
     tied_host_.resize(size_t(numel(t_.prog_->graph().v(t_.m_.embed_table).shape)));
@@ -352,50 +346,24 @@ bool Pipeline::gather(Checkpoint& ck) {
 // same builder gives rank 0 the names and shapes) or, without one, into ck. With --ep an expert
 // stack travels whole, gathered over the group to its first replica.
 void Pipeline::own_state(std::vector<float>* blob, Checkpoint& ck) {
-  // With --ep, walk the stage's whole params (a replica without experts still takes part in
-  // every stack's gather); mine by name.
-  const Graph& g = t_.prog_->graph();
-  std::map<std::string, int> have;
-  for (int id : g.params()) have[g.v(id).name] = id;
+  // With --ep, the stage's whole params (a replica without experts still takes part in every
+  // stack's gather); replica 0 keeps them.
   Graph whole;
   if (ep_ > 1) {
     DecoderGraph m;
     size_t nf = 0;
     whole = train_graph(t_.cfg_, 1, &m, &nf, bounds_[size_t(stage_)], bounds_[size_t(stage_ + 1)]);
   }
-  const Graph& walk = ep_ > 1 ? whole : g;
-  std::vector<float> buf;
-  for (int w : walk.params()) {
-    const Value& v = walk.v(w);
-    const auto it = have.find(v.name);
-    const Value* mine = it == have.end() ? nullptr : &g.v(it->second);
-    const bool stack = ep_ > 1 && stacked_experts(v.name, v.shape);
-    MXN_CHECK(stack || mine, "pipeline: a stage lacks " + v.name);
-    for (int i = 0; i < 3; ++i) {
-      const Tensor src = !mine    ? Tensor{}
-                         : i == 0 ? t_.prog_->tensor(it->second)
-                                  : t_.opt_->moment(i - 1, *mine);
-      HostTensor h(v.shape, DType::f32);
-      if (stack) {
-        const int64_t per = v.shape[1] * v.shape[2];
-        buf.resize(size_t(numel(v.shape)));
-        if (mine) t_.dev_->download(buf.data() + shard_.first * per, src);
-        std::vector<int64_t> at;
-        for (int64_t b : expert_bounds_) at.push_back(b * per);
-        group_->gather(buf.data(), at, 0);
-        std::copy(buf.begin(), buf.end(), h.f32());
-      } else {
-        t_.dev_->download(h.bytes.data(), src);
-      }
-      if (replica_ != 0) continue;
-      if (blob) {
-        blob->insert(blob->end(), h.f32(), h.f32() + numel(v.shape));
-      } else {
-        const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
-        (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
-      }
-    }
-  }
+  ExpertParallel::gather_state(
+      t_, ep_ > 1 ? whole : t_.prog_->graph(), group_.get(), expert_bounds_, shard_.first,
+      replica_ == 0, [&](const Value& v, int i, HostTensor&& h) {
+        if (blob) {
+          blob->insert(blob->end(), h.f32(), h.f32() + numel(v.shape));
+        } else {
+          const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
+          (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
+        }
+      });
 }
 
 void Pipeline::gather_stages(Checkpoint& ck) {

@@ -21,6 +21,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -181,6 +182,13 @@ class ExpertParallel final : public Strategy {
   // This rank's seconds for an expert's GEMM over an even routing's rows, and for one sequence
   // through a block of the model's shape (the placement's and the rows' probes; Pipeline's too).
   static std::array<double, 2> measure_seconds(Trainer& t);
+  // A checkpoint's state for the params of `whole` (in its order; expert stacks whole): each
+  // param's weight (i 0) and moments (1, 2) to put() on the `lead` rank; a stack's slices (this
+  // rank's Program holds experts `first`..) gathered over `group` (null: no stacks split), whose
+  // rank i holds [bounds[i], bounds[i + 1]). Every rank of the group calls it.
+  static void gather_state(Trainer& t, const Graph& whole, Communicator* group,
+                           const std::vector<int64_t>& bounds, int64_t first, bool lead,
+                           const std::function<void(const Value&, int, HostTensor&&)>& put);
 
  private:
   Trainer& t_;
@@ -210,6 +218,10 @@ std::vector<double> expert_weights(const std::string& split, int64_t ranks);
 // the least it can be; every other rank holds at least one, unless `drop_slow`: then the slowest
 // ranks hold none where that ends the step sooner (their tokens still go to the others' experts).
 std::vector<int64_t> place_experts(int64_t E, const std::vector<double>& speed, bool drop_slow);
+
+// A graph's params as float ranges [at, n) of the flat gradient: expert stacks', the rest's.
+void split_ranges(const Graph& g, std::vector<std::array<int64_t, 2>>& shared,
+                  std::vector<std::array<int64_t, 2>>& expert);
 
 // Sums the float ranges [at, at + n) of `flat` over `c` (packed into `pack` for one call).
 void reduce_ranges(std::vector<float>& flat, const std::vector<std::array<int64_t, 2>>& ranges,
