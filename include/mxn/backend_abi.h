@@ -31,13 +31,16 @@ extern "C" {
  *    over groups of columns (a weight narrower than x's rows: Qwen3's per-head q and k norms);
  *    STRIDED_COPY (heads to batches and back, column windows: multi-head latent attention); yarn
  *    RoPE scaling (ROPE's ip[5] = 3).
- *    Plugins of ABI 6 to 8 still load; mxn does not give them the new ops. */
-#define MXN_ABI_VERSION 9
+ *    Plugins of ABI 6 to 8 still load; mxn does not give them the new ops.
+ * 10: communicators for groups of ranks and their grouped sends and receives (comm_init_group,
+ *    exchange): expert parallelism's all-to-all device to device. */
+#define MXN_ABI_VERSION 10
 #define MXN_ABI_OLDEST 6 /* the oldest ABI whose plugins this header's mxn loads */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
 #define MXN_MAX_IP 16
 #define MXN_COMM_ID_BYTES 128 /* NCCL's unique id size */
+#define MXN_COMM_GROUPS 8     /* communicators a device holds (exchange's groups) */
 
 typedef enum mxn_status {
   MXN_STATUS_OK = 0,
@@ -222,6 +225,15 @@ typedef struct mxn_op_call {
   float fp[8];
 } mxn_op_call;
 
+/* One message of a grouped exchange (ABI 10): `bytes` from (send) or into (receive) the device
+ * buffer at `offset`, to or from rank `peer` of the group's communicator. */
+typedef struct mxn_message {
+  void* buffer;
+  uint64_t offset, bytes;
+  int32_t peer;
+  int32_t receive; /* 1: receive into the buffer, 0: send from it */
+} mxn_message;
+
 typedef struct mxn_device_props {
   size_t struct_size;
   char name[128];
@@ -293,6 +305,20 @@ typedef struct mxn_backend_api {
    * its parameters), else 0 with the reason in last_error. The backend states each rule once, as
    * ggml's supports_op sees the whole node: run() refuses exactly the calls this refuses. */
   int32_t (*supports_call)(void* ctx, const mxn_op_call* call);
+
+  /* Optional (ABI 10): device-direct messages within a group of ranks (NCCL's grouped
+   * ncclSend/ncclRecv among CUDA GPUs): expert parallelism's all-to-all without the host.
+   *   comm_init_group(ctx, group, id, world, rank): communicator `group` (1 to
+   *   MXN_COMM_GROUPS - 1; 0 is comm_init's) over the ranks given the same id, made by the group's
+   *   rank 0 with comm_id; collective over the group. With id NULL: 0 if messages can run here
+   *   (the library has them), else a status.
+   *   exchange(ctx, group, messages, n): enqueues the n messages as one group on the kernels'
+   *   queue, after the kernels enqueued before it and before those after. Between two ranks the
+   *   messages are matched in the order each lists them (equal sizes); a rank may send to itself.
+   */
+  int32_t (*comm_init_group)(void* ctx, int32_t group, const uint8_t* id, int32_t world,
+                             int32_t rank);
+  int32_t (*exchange)(void* ctx, int32_t group, const mxn_message* messages, int32_t n);
 } mxn_backend_api;
 
 /* The first table of ABI 1, which every backend must fill; the collectives follow it. */

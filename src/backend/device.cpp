@@ -202,6 +202,21 @@ void Device::all_reduce_sum(const Tensor& t) {
     fail(st, "all_reduce_sum");
 }
 
+bool Device::has_exchange() const {
+  return api_->struct_size >= offsetof(mxn_backend_api, exchange) + sizeof(void*) &&
+         api_->comm_id && api_->comm_init_group && api_->exchange &&
+         api_->comm_id(ctx_, nullptr) == 0 && api_->comm_init_group(ctx_, 1, nullptr, 0, 0) == 0;
+}
+
+void Device::comm_init_group(int group, const uint8_t* id, int world, int rank) {
+  if (int32_t st = api_->comm_init_group(ctx_, group, id, world, rank)) fail(st, "comm_init_group");
+}
+
+void Device::exchange(int group, const std::vector<mxn_message>& messages) {
+  if (int32_t st = api_->exchange(ctx_, group, messages.data(), int32_t(messages.size())))
+    fail(st, "exchange");
+}
+
 void Device::comm_wait() {
   if (int32_t st = api_->comm_wait(ctx_)) fail(st, "comm_wait");
 }

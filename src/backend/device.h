@@ -64,6 +64,11 @@ class Device {
   void comm_init(const uint8_t* id, int world, int rank);
   void all_reduce_sum(const Tensor& t);  // f32, in place, enqueued
   void comm_wait();
+  // Device-direct messages within a group of ranks (ABI 10: NCCL's grouped send/receive), when
+  // the backend has them; see mxn_backend_api::exchange.
+  bool has_exchange() const;
+  void comm_init_group(int group, const uint8_t* id, int world, int rank);
+  void exchange(int group, const std::vector<mxn_message>& messages);  // enqueued
 
   // With MXN_PROFILE=1 in the environment each kernel is timed (the queue is synchronised after
   // each); report() gives a table of time per op, most expensive first.

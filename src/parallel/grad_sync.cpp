@@ -8,6 +8,15 @@
 
 namespace mxn {
 
+bool one_backend(Communicator& comm, const Device& dev) {
+  char backend[64] = {};
+  std::snprintf(backend, sizeof(backend), "%s", dev.api()->name);
+  char root[sizeof(backend)];
+  std::memcpy(root, backend, sizeof(root));
+  comm.broadcast(root, sizeof(root), 0);
+  return comm.all(std::memcmp(root, backend, sizeof(root)) == 0);
+}
+
 GradSync::GradSync(Program& prog, Communicator& comm, int64_t bucket_floats)
     : prog_(prog), comm_(comm) {
   const Graph& g = prog.graph();
@@ -36,12 +45,7 @@ GradSync::GradSync(Program& prog, Communicator& comm, int64_t bucket_floats)
   host_.resize(host);
   // Device-direct only if every rank can: rank 0's backend everywhere, with its collectives.
   Device& dev = prog.device();
-  char backend[64] = {};
-  std::snprintf(backend, sizeof(backend), "%s", dev.api()->name);
-  char root[sizeof(backend)];
-  std::memcpy(root, backend, sizeof(root));
-  comm.broadcast(root, sizeof(root), 0);
-  const bool same = std::memcmp(root, backend, sizeof(root)) == 0;
+  const bool same = one_backend(comm, dev);
   if (comm.all(same && dev.has_collectives())) {
     uint8_t id[MXN_COMM_ID_BYTES] = {};
     if (comm.rank() == 0) dev.comm_id(id);

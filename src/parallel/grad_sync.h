@@ -16,6 +16,10 @@
 
 namespace mxn {
 
+// True on every rank iff every rank's device has rank 0's backend (collective over `comm`): the
+// condition, with the backend's own library present, for device-direct collectives.
+bool one_backend(Communicator& comm, const Device& dev);
+
 class GradSync {
  public:
   GradSync(Program& prog, Communicator& comm, int64_t bucket_floats = int64_t(1) << 18);

@@ -160,8 +160,9 @@ class Pipeline final : public Strategy {
 // ranges (by --expert_split: the chips' measured GEMM speed, even, or weights) and the ranks share
 // each step's rows (by --split: the same measured speed, even, or weights); everything else is
 // replicated. Every rank runs the same number of passes (of its own size), in step. In a pass each
-// MoE layer's permuted rows travel to their experts' ranks and back by four host-staged all-to-alls
-// (the rows out and the results back; their gradients in the backward). Gradients: the replicated
+// MoE layer's permuted rows travel to their experts' ranks and back by four all-to-alls (the rows
+// out and the results back; their gradients in the backward), host-staged or, among CUDA ranks,
+// NCCL's device to device. Gradients: the replicated
 // params' summed over all ranks, an expert's over the groups (the ranks that hold it); the norm
 // counts each once. Checkpoints hold every expert (gathered), so a run resumes on any --ep or on
 // one device.

@@ -10,6 +10,7 @@
 #include "models/decoder.h"
 #include "parallel/balance.h"
 #include "parallel/comm.h"
+#include "train/expert_exchange.h"
 #include "train/strategy.h"
 
 namespace mxn {
@@ -65,6 +66,64 @@ TEST(ExpertPlacement, WholeExpertsByChipSpeed) {
   EXPECT_THROW(expert_weights("0,0", 2), Error);
   EXPECT_THROW(expert_weights("1,2,3", 2), Error);
   EXPECT_THROW(expert_weights("1,-1", 2), Error);
+}
+
+// Expert parallelism's messages, delivered in-process as NCCL's grouped send/receive would (each
+// rank pair's messages matched in the order both list them): every row lands at its expert's rank
+// expert-major and, within an expert, by sender (one chip's order), and the swapped messages bring
+// each result back to the row it left. Uneven placement (an empty rank included), empty experts.
+TEST(ExpertExchange, MessagesPlaceRowsAsOneChipWould) {
+  const int64_t E = 7;
+  for (const std::vector<int64_t>& bounds :
+       {std::vector<int64_t>{0, 4, 7}, {0, 1, 1, 7}, {0, 2, 4, 6, 7}}) {
+    const int64_t ep = int64_t(bounds.size()) - 1;
+    std::vector<int64_t> counts(size_t(ep * E));
+    for (size_t i = 0; i < counts.size(); ++i) counts[i] = int64_t((i * 7 + 3) % 5);  // 0 to 4
+    counts[size_t(E - 1)] = 0;  // rank 0 routes nothing to the last expert
+    // A row is (sender, expert, index within the sender's rows for that expert).
+    using Row = std::array<int64_t, 3>;
+    std::vector<std::vector<Row>> xp(static_cast<size_t>(ep)), xr(xp.size()), back(xp.size());
+    std::vector<std::vector<RowMessage>> m(xp.size());
+    for (int64_t r = 0; r < ep; ++r) {
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t i = 0; i < counts[size_t(r * E + e)]; ++i) xp[size_t(r)].push_back({r, e, i});
+      expert_messages(counts.data(), bounds, r, m[size_t(r)]);
+      int64_t rows = 0;
+      for (int64_t e = bounds[size_t(r)]; e < bounds[size_t(r + 1)]; ++e)
+        for (int64_t p = 0; p < ep; ++p) rows += counts[size_t(p * E + e)];
+      xr[size_t(r)].assign(size_t(rows), Row{-1, -1, -1});
+      back[size_t(r)].assign(xp[size_t(r)].size(), Row{-1, -1, -1});
+    }
+    // Deliver: for each (from, to) pair, from's sends to `to` meet to's receives from `from`.
+    auto deliver = [&](bool swapped, const std::vector<std::vector<Row>>& src,
+                       std::vector<std::vector<Row>>& dst) {
+      for (int64_t a = 0; a < ep; ++a)
+        for (int64_t b = 0; b < ep; ++b) {
+          std::vector<RowMessage> sends, recvs;
+          for (const RowMessage& x : m[size_t(a)])
+            if (x.peer == b && x.receive == swapped) sends.push_back(x);
+          for (const RowMessage& x : m[size_t(b)])
+            if (x.peer == a && x.receive != swapped) recvs.push_back(x);
+          ASSERT_EQ(sends.size(), recvs.size());
+          for (size_t k = 0; k < sends.size(); ++k) {
+            ASSERT_EQ(sends[k].rows, recvs[k].rows);
+            for (int64_t i = 0; i < sends[k].rows; ++i)
+              dst[size_t(b)].at(size_t(recvs[k].row + i)) =
+                  src[size_t(a)].at(size_t(sends[k].row + i));
+          }
+        }
+    };
+    deliver(false, xp, xr);
+    for (int64_t r = 0; r < ep; ++r) {
+      std::vector<Row> want;  // one chip's order: by expert, then sender, then index
+      for (int64_t e = bounds[size_t(r)]; e < bounds[size_t(r + 1)]; ++e)
+        for (int64_t p = 0; p < ep; ++p)
+          for (int64_t i = 0; i < counts[size_t(p * E + e)]; ++i) want.push_back({p, e, i});
+      EXPECT_EQ(xr[size_t(r)], want) << "rank " << r << " of " << ep;
+    }
+    deliver(true, xr, back);
+    for (int64_t r = 0; r < ep; ++r) EXPECT_EQ(back[size_t(r)], xp[size_t(r)]);
+  }
 }
 
 TEST(Balance, RebalanceOnlyForARealGain) {

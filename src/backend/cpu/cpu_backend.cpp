@@ -621,6 +621,8 @@ const mxn_backend_api kApi = {
     memory_free,
     set_option,
     supports_call,
+    nullptr,  // no device-direct messages: expert parallelism's exchange goes through the host
+    nullptr,
 };
 
 }  // namespace

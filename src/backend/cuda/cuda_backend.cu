@@ -35,6 +35,7 @@ struct Ctx : BackendBase {
   ncclComm_t comm = nullptr;
   cudaStream_t comm_stream = nullptr;  // collectives run here, beside the kernels
   cudaEvent_t compute_done = nullptr, comm_done = nullptr;
+  ncclComm_t groups[MXN_COMM_GROUPS] = {};  // exchange's communicators (1 and up)
 #endif
 };
 
@@ -81,6 +82,8 @@ void shutdown(void* ctx) {
   auto* c = static_cast<Ctx*>(ctx);
 #ifdef MXN_HAVE_NCCL
   if (c->comm) Nccl::get().comm_destroy(c->comm);
+  for (ncclComm_t g : c->groups)
+    if (g) Nccl::get().comm_destroy(g);
   if (c->comm_stream) cudaStreamDestroy(c->comm_stream);
   if (c->compute_done) cudaEventDestroy(c->compute_done);
   if (c->comm_done) cudaEventDestroy(c->comm_done);
@@ -204,6 +207,42 @@ int32_t all_reduce_sum(void* ctx, void* buffer, uint64_t offset, uint64_t count)
   return nccl_check(
       c, Nccl::get().all_reduce(p, p, count, ncclFloat, ncclSum, c->comm, c->comm_stream),
       "ncclAllReduce");
+}
+
+// A group's communicator for exchange; its messages go on the kernels' stream, so the kernels
+// before them have written what they send and those after read what they receive.
+int32_t comm_init_group(void* ctx, int32_t group, const uint8_t* id, int32_t world, int32_t rank) {
+  auto* c = static_cast<Ctx*>(ctx);
+  const Nccl& n = Nccl::get();
+  if (!n.p2p)
+    return fail(c, MXN_STATUS_UNSUPPORTED, "NCCL with ncclSend/ncclRecv is not installed");
+  if (!id) return 0;
+  if (group < 1 || group >= MXN_COMM_GROUPS || c->groups[group])
+    return fail(c, MXN_STATUS_INVALID_ARGUMENT,
+                "comm_init_group: group " + std::to_string(group) + " is taken or not 1 to " +
+                    std::to_string(MXN_COMM_GROUPS - 1));
+  if (int32_t st = check(c, cudaSetDevice(c->device), "cudaSetDevice")) return st;
+  ncclUniqueId uid;
+  std::memcpy(&uid, id, sizeof(uid));
+  return nccl_check(c, n.comm_init_rank(&c->groups[group], world, uid, rank), "ncclCommInitRank");
+}
+
+int32_t exchange(void* ctx, int32_t group, const mxn_message* m, int32_t n) {
+  auto* c = static_cast<Ctx*>(ctx);
+  if (group < 1 || group >= MXN_COMM_GROUPS || !c->groups[group])
+    return fail(c, MXN_STATUS_INVALID_ARGUMENT,
+                "exchange: group " + std::to_string(group) + " has no comm_init_group");
+  const Nccl& x = Nccl::get();
+  if (int32_t st = nccl_check(c, x.group_start(), "ncclGroupStart")) return st;
+  ncclResult_t r = ncclSuccess;
+  for (int32_t i = 0; i < n && r == ncclSuccess; ++i) {
+    char* p = static_cast<char*>(m[i].buffer) + m[i].offset;
+    r = m[i].receive ? x.recv(p, m[i].bytes, ncclInt8, m[i].peer, c->groups[group], c->stream)
+                     : x.send(p, m[i].bytes, ncclInt8, m[i].peer, c->groups[group], c->stream);
+  }
+  const ncclResult_t end = x.group_end();  // always closes the group it opened
+  return nccl_check(c, r != ncclSuccess ? r : end,
+                    r != ncclSuccess ? "ncclSend/ncclRecv" : "ncclGroupEnd");
 }
 
 int32_t comm_wait(void* ctx) {
@@ -636,6 +675,13 @@ const mxn_backend_api kApi = {
     memory_free,
     nullptr,  // no options
     supports_call,
+#ifdef MXN_HAVE_NCCL
+    comm_init_group,
+    exchange,
+#else
+    nullptr,
+    nullptr,
+#endif
 };
 
 }  // namespace

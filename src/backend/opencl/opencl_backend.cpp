@@ -710,6 +710,8 @@ const mxn_backend_api kApi = {
     memory_free,
     nullptr,  // no options
     supports_call,
+    nullptr,  // no device-direct messages: expert parallelism's exchange goes through the host
+    nullptr,
 };
 
 }  // namespace
