@@ -110,6 +110,9 @@ std::vector<Case> moe_cases(mxn_op op) {
                        GroupedMatmulParams{true}));
       c.push_back(with({op, {f({29, 17}), f({5, 17, 11}), offsets(5, 29)}, {f({29, 11})}},
                        GroupedMatmulParams{false}));
+      // Decoding: most experts get one row each (the CPU's one pass over them), K past 32.
+      c.push_back(with({op, {f({6, 40}), f({7, 11, 40}), offsets(7, 6)}, {f({6, 11})}},
+                       GroupedMatmulParams{true}));
       c.push_back(with({op, {f({29, 11}), f({29, 17}), offsets(5, 29)}, {f({5, 11, 17})}},
                        GroupedMatmulParams{true, true, false}));
       c.push_back(with({op, {f({70, 6}), f({70, 9}), offsets(3, 70)}, {f({3, 6, 9})}},
@@ -126,7 +129,12 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
   const int32_t compute = dt == DType::bf16 ? MXN_DTYPE_BF16 : MXN_DTYPE_F32;
   switch (op) {
     case MXN_OP_MATMUL:
-      for (auto [M, N, K] : {std::array<int64_t, 3>{7, 5, 3}, {64, 48, 32}, {33, 17, 65}})
+      // M = 1: decoding's GEMV (on the CPU, its own kernels; N past 3072 takes another path).
+      for (auto [M, N, K] : {std::array<int64_t, 3>{7, 5, 3},
+                             {64, 48, 32},
+                             {33, 17, 65},
+                             {1, 37, 65},
+                             {1, 3101, 67}})
         for (int ta = 0; ta < 2; ++ta)
           for (int tb = 0; tb < 2; ++tb)
             c.push_back(
@@ -257,7 +265,7 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
     case MXN_OP_GROUPED_MATMUL:
       if (dt == DType::bf16) {  // bf16 experts' matrices (inference), one row and many
         const Operand b16{{5, 11, 17}, Gen::normal, 0, DType::bf16};
-        for (int64_t M : {1, 29})
+        for (int64_t M : {1, 4, 29})
           for (bool tb : {true, false})
             c.push_back(
                 with({op,

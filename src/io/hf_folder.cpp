@@ -262,8 +262,10 @@ void upload_weights(Program& prog, const TensorMap& weights, const std::string& 
       prog.device().upload(prog.tensor(p), t.bytes.data());
       continue;
     }
-    half.resize(size_t(t.numel()));  // bf16 storage for inference
-    for (int64_t i = 0; i < t.numel(); ++i) half[size_t(i)] = f32_to_bf16(t.f32()[i]);
+    const size_t n = size_t(t.numel());  // bf16 storage for inference
+    half.resize(n);
+    const float* f = t.f32();
+    for (size_t i = 0; i < n; ++i) half[i] = f32_to_bf16(f[i]);
     prog.device().upload(prog.tensor(p), half.data());
   }
 }

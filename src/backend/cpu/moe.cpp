@@ -108,12 +108,33 @@ void moe_unpermute_bwd(const MoePermuteShape& m, const float* dy, const float* y
   }
 }
 
+// The experts (tb) with exactly one row (decoding one token: every expert it picked), in one
+// gemv_rows pass, up to 64 at a time; the others are left to the caller's GEMMs.
+template <typename W>
+void single_rows(const GroupedMatmulShape& g, const float* a, const W* b, const int32_t* offsets,
+                 float* out) {
+  constexpr int kMax = 64;
+  const float* x[kMax];
+  const W* B[kMax];
+  float* y[kMax];
+  int n = 0;
+  for (int64_t e = 0; e <= g.E; ++e) {
+    int64_t lo = 0, hi = 0;
+    if (e < g.E) expert_rows(offsets, e, g.M, &lo, &hi);
+    if (hi - lo == 1) x[n] = a + lo * g.K, B[n] = b + e * g.N * g.K, y[n++] = out + lo * g.N;
+    if (n == kMax || (e == g.E && n)) gemv_rows(n, g.N, g.K, 1.f, x, B, false, y), n = 0;
+  }
+}
+
 void grouped_matmul(const GroupedMatmulShape& g, const float* a, const float* b,
                     const int32_t* offsets, float* out) {
   const int64_t M = g.M, N = g.N, K = g.K;
+  const bool singles = !g.weight_grad && g.tb;
+  if (singles) single_rows(g, a, b, offsets, out);
   for (int64_t e = 0; e < g.E; ++e) {
     int64_t lo, hi;
     expert_rows(offsets, e, M, &lo, &hi);
+    if (singles && hi - lo == 1) continue;
     if (g.weight_grad) {  // out[e] (N x K) = a_e^T (N x rows) b_e (rows x K)
       float* o = out + e * N * K;
       if (hi == lo) {
@@ -139,11 +160,14 @@ void grouped_matmul_bf16(Scratch& s, const GroupedMatmulShape& g, Compute comput
                          const uint16_t* b, const int32_t* offsets, float* out) {
   const int64_t M = g.M, N = g.N, K = g.K;
   int64_t covered = 0;
+  if (g.tb) single_rows(g, a, b, offsets, out);
   for (int64_t e = 0; e < g.E; ++e) {
     int64_t lo, hi;
     expert_rows(offsets, e, M, &lo, &hi);
     covered = std::max(covered, hi);
-    if (hi > lo)  // one row: B streamed as bf16; more: bf16 GEMM (compute bf16) or widened once
+    if (hi - lo >
+        (g.tb ? 1
+              : 0))  // one row: B streamed as bf16; more: bf16 GEMM (compute bf16) or widened once
       matmul_bf16_weights(s, compute, false, g.tb, 1, hi - lo, N, K, 1.f, a + lo * K, 0,
                           b + e * N * K, 0, false, out + lo * N, 0);
   }
