@@ -80,8 +80,10 @@ std::vector<std::string> rank_devices(const TrainConfig& c, int world) {
   return out;
 }
 
-void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
+void print_plan(const Trainer& tr, std::vector<std::string> devs) {
   const Plan& p = tr.plan();
+  if (p.rank_dtypes.size() == devs.size())  // --dtype auto: each rank's choice
+    for (size_t r = 0; r < devs.size(); ++r) devs[r] += " " + p.rank_dtypes[r];
   const TrainConfig& c = tr.config();
   const int64_t rows = c.batch * c.accum;
   if (!p.pipeline.empty()) {  // --pp: stages and their chips
@@ -127,7 +129,8 @@ void print_plan(const Trainer& tr, const std::vector<std::string>& devs) {
   std::printf("    predicted step time %.3f s (slowest rank plus all-reduce and optimizer)\n",
               p.predicted_step_s);
   if (const std::vector<int64_t>& sh = tr.optimizer_shards(); !sh.empty()) {
-    std::printf("    optimizer state sharded (ZeRO-1, by free memory):");
+    std::printf("    optimizer state sharded (ZeRO-1, by free memory%s%s):",
+                p.zero_why.empty() ? "" : "; ", p.zero_why.c_str());
     for (size_t r = 0; r + 1 < sh.size(); ++r)
       std::printf(" rank %zu params [%lld, %lld), %llu bytes of moments%s", r, (long long)sh[r],
                   (long long)sh[r + 1], (unsigned long long)p.ranks[r].optimizer_bytes,
@@ -382,8 +385,9 @@ void print_start(Trainer& tr, const Communicator& comm) {
       arch_name(d.arch), (long long)d.layers, (long long)d.heads, (long long)d.n_kv_heads(),
       (long long)d.hidden, (long long)c.seq_len(), double(d.param_count()) / 1e6,
       c.model.dir.empty() ? "" : ", from ", c.model.dir.c_str());
-  std::printf("  device %s (%s), dtype %s, %lld tokens/step, data %s, run folder %s\n",
-              tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(),
+  const std::string why = tr.plan().dtype_why.empty() ? "" : " (" + tr.plan().dtype_why + ")";
+  std::printf("  device %s (%s), dtype %s%s, %lld tokens/step, data %s, run folder %s\n",
+              tr.device().name().c_str(), tr.device().props().name, c.dtype.c_str(), why.c_str(),
               (long long)(c.batch * c.accum * c.seq_len()), c.data.c_str(), c.out.c_str());
   auto size = [](double bytes) {
     char b[32];
@@ -471,7 +475,17 @@ class StepLoop {
     report(writer_.wait());
     const std::string where = last_checkpoint();
     const int code = stopped && stops_[0] > 0 ? 130 : 0;
+    const Trainer::Drift drift = tr_.replica_drift();  // collective
     if (!lead_) return code;
+    if (comm_.size() > 1 && c_.pp == 1 && c_.ep == 1) {
+      if (drift.identical)
+        std::printf("replicas: every rank's weights bit-identical to rank 0's\n");
+      else
+        std::printf(
+            "replicas: weights differ from rank 0's by up to %.3g (each rank's optimizer on its "
+            "own chip; --zero 1 keeps them identical)\n",
+            drift.worst);
+    }
     write_loss_svg(c_.out);
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);

@@ -40,7 +40,8 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
        "even, or one weight per rank (3,1)"},
       {"zero", &c.zero,
        "1: shard the optimizer state over the ranks (ZeRO-1), each share in proportion to its "
-       "device's free memory"},
+       "device's free memory, and gather the updated weights; 0: never; -1 (default): where the "
+       "ranks' chips differ, so that their replicas stay bit-identical"},
       {"pp", &c.pp,
        "pipeline stages: the ranks form replicas of this many stages (rank = replica x pp + "
        "stage), 1F1B over micro-batches"},
@@ -55,7 +56,9 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
        "sequences per pipeline micro-batch (0: a replica's share over 2 x pp micro-batches)"},
       {"bucket_mb", &c.bucket_mb,
        "MB of gradients per all-reduce bucket; buckets start as the backward reaches them"},
-      {"dtype", &c.dtype, "f32, or bf16 mixed precision (f32 master weights)"},
+      {"dtype", &c.dtype,
+       "f32, bf16 mixed precision (f32 master weights), or auto: bf16 on the chips whose "
+       "measured bf16 GEMM is faster than f32's at the model's shapes"},
       {"recompute", &c.recompute,
        "1: norm and MLP activation (GELU, SwiGLU) outputs are computed again in the backward "
        "instead of kept (less memory, the same numbers); 0: kept"},
@@ -211,7 +214,8 @@ void TrainConfig::validate() const {
        "split = '" + split + "', expected auto, even, or weights such as 3,1");
   need(bucket_mb > 0 && bucket_mb <= 4096,
        "bucket_mb = " + std::to_string(bucket_mb) + ", expected > 0 and <= 4096");
-  need(zero == 0 || zero == 1, "zero = " + std::to_string(zero) + ", expected 0 or 1");
+  need(zero >= -1 && zero <= 1,
+       "zero = " + std::to_string(zero) + ", expected 0, 1 or -1 (where the chips differ)");
   need(router_bias_update >= 0 && router_bias_update < 1,
        "router_bias_update = " + std::to_string(router_bias_update) + ", expected 0 <= rate < 1");
   need(router_aux_coef < 1e3,
@@ -235,7 +239,8 @@ void TrainConfig::validate() const {
   need(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "beta1 and beta2 must be in [0, 1)");
   need(eps > 0, "eps must be > 0");
   need(clip >= 0, "clip must be >= 0");
-  need(dtype == "f32" || dtype == "bf16", "dtype = '" + dtype + "', expected f32 or bf16");
+  need(dtype == "f32" || dtype == "bf16" || dtype == "auto",
+       "dtype = '" + dtype + "', expected f32, bf16 or auto");
   need(objective == "lm" || objective == "glm",
        "objective = '" + objective + "', expected lm or glm");
   need(gmask >= 0 && gmask <= 1, "gmask = " + std::to_string(gmask) + ", expected 0..1");

@@ -34,7 +34,8 @@ struct TrainConfig {
   std::string devices;         // "cpu,opencl:0": one rank per device, one job
   std::string split = "auto";  // ranks' shares: auto | even | weights "3,1"
   double bucket_mb = 1.0;      // gradient all-reduce bucket size (as DDP's bucket_cap_mb)
-  int64_t zero = 0;            // 1: AdamW's moments sharded over the ranks (ZeRO-1), by free memory
+  int64_t zero = -1;  // 1: AdamW's moments sharded over the ranks (ZeRO-1), by free memory; 0:
+                      // never; -1: where the ranks' chips differ (replicas stay identical)
   // Pipeline parallelism: pp stages (ranks r = replica * pp + stage), each with the layer count
   // `stages` gives ("3,1"; "even": as equal as can be); micro sequences a micro-batch (0: a
   // replica's rows over 2 x pp micro-batches).

@@ -219,7 +219,11 @@ void Communicator::recv(float* data, int64_t n, int from, int tag) {
 void Communicator::wait_sends() { wait_slots(sends_); }
 
 void Communicator::broadcast(void* data, int64_t bytes, int root) {
-  if (mpi_) MPI_Bcast(data, int(bytes), MPI_BYTE, root, as_comm(comm_));
+  if (!mpi_) return;
+  constexpr int64_t kChunk = int64_t(1) << 30;  // MPI counts are ints
+  for (int64_t at = 0; at < bytes; at += kChunk)
+    MPI_Bcast(static_cast<char*>(data) + at, int(std::min(kChunk, bytes - at)), MPI_BYTE, root,
+              as_comm(comm_));
 }
 
 bool Communicator::all(bool yes) {

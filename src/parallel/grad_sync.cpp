@@ -8,13 +8,17 @@
 
 namespace mxn {
 
-bool one_backend(Communicator& comm, const Device& dev) {
-  char backend[64] = {};
-  std::snprintf(backend, sizeof(backend), "%s", dev.api()->name);
-  char root[sizeof(backend)];
-  std::memcpy(root, backend, sizeof(root));
+bool same_everywhere(Communicator& comm, const std::string& what) {
+  char mine[256] = {};
+  std::snprintf(mine, sizeof(mine), "%s", what.c_str());
+  char root[sizeof(mine)];
+  std::memcpy(root, mine, sizeof(root));
   comm.broadcast(root, sizeof(root), 0);
-  return comm.all(std::memcmp(root, backend, sizeof(root)) == 0);
+  return comm.all(std::memcmp(root, mine, sizeof(root)) == 0);
+}
+
+bool one_backend(Communicator& comm, const Device& dev) {
+  return same_everywhere(comm, dev.api()->name);
 }
 
 GradSync::GradSync(Program& prog, Communicator& comm, int64_t bucket_floats)

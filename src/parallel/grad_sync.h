@@ -9,6 +9,7 @@
 // CUDA GPUs), each bucket's gradients are summed on the devices instead, on the backend's own
 // communication queue, and nothing goes through the host.
 #include <chrono>
+#include <string>
 #include <vector>
 
 #include "graph/program.h"
@@ -16,6 +17,8 @@
 
 namespace mxn {
 
+// True on every rank iff every rank gives rank 0's `what` (up to 255 bytes; collective).
+bool same_everywhere(Communicator& comm, const std::string& what);
 // True on every rank iff every rank's device has rank 0's backend (collective over `comm`): the
 // condition, with the backend's own library present, for device-direct collectives.
 bool one_backend(Communicator& comm, const Device& dev);

@@ -32,7 +32,7 @@ void check_expert_parallel(const TrainConfig& c, int64_t world) {
                 (c.pp > 1 ? " replicas of each pipeline stage; " + pp + " over " +
                                 std::to_string(world) + " ranks has " + std::to_string(ranks)
                           : " ranks; the job has " + std::to_string(world)));
-  if (c.zero) throw Error(ep + " is not combined with --zero 1 yet");
+  if (c.zero == 1) throw Error(ep + " is not combined with --zero 1 yet");
   if (c.batch < ranks)
     throw Error("the global batch (" + std::to_string(c.batch) +
                 " sequences) is smaller than the " + std::to_string(ranks) +

@@ -36,7 +36,7 @@ Pipeline::Pipeline(Trainer& t) : t_(t) {
     throw Error("--pp " + pp + ": more stages than the model's " + std::to_string(d.layers) +
                 " layers");
   if (t_.cfg_.finetune != "full" || t_.cfg_.objective != "lm" || !t_.cfg_.sft.empty() ||
-      t_.cfg_.zero)
+      t_.cfg_.zero == 1)
     throw Error("--pp " + pp +
                 " trains every weight on next-token prediction for now: not with --finetune "
                 "lora/ptuning, --objective glm, --sft or --zero 1");

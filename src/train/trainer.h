@@ -41,7 +41,10 @@ struct Plan {
   std::string last_change;      // the latest correction, for the log ("" if none pending)
   std::string pipeline;         // with --pp: the stages, their layers and micro-batches
   std::string experts;          // with --ep: the experts' placement and the exchanges
-  std::vector<int64_t> expert_bounds;  // with --ep: group rank i's experts [b[i], b[i + 1])
+  std::vector<int64_t> expert_bounds;    // with --ep: group rank i's experts [b[i], b[i + 1])
+  std::string zero_why;                  // ZeRO-1 chosen by --zero -1: why
+  std::string dtype_why;                 // --dtype auto: what this rank measured
+  std::vector<std::string> rank_dtypes;  // --dtype auto over ranks: each one's choice
 };
 
 // The training graph for `rows` sequences: the whole model, or a pipeline stage's layers
@@ -106,12 +109,21 @@ class Trainer {
   double mean_exchange_seconds() const;
   // Hands over the latest split correction's description, once.
   std::string take_plan_change();
+  // Data parallelism: whether every rank's weights are bit-identical to rank 0's, and the
+  // largest difference of any weight on any rank (collective; {true, 0} on one rank, and under
+  // --pp or --ep, whose replicas this does not compare).
+  struct Drift {
+    bool identical = true;
+    double worst = 0;
+  };
+  Drift replica_drift();
 
  private:
   // Setup (trainer_setup.cpp), in the constructor's order.
   Adapter start_adapter();
   void open_data();
   void setup_glm();
+  void choose_dtype();
   void choose_kernels();
   void setup_ranks(const DecoderConfig& model);
   void build_program();
@@ -151,6 +163,7 @@ class Trainer {
   std::vector<int64_t> offsets_;
   std::vector<uint64_t> row_ids_;
   bool glm_ = false;
+  bool zero_ = false;  // ZeRO-1 (--zero 1, or -1 with the ranks' chips differing)
   GlmTokens glm_tokens_;
   std::vector<ChatTokens> sft_train_, sft_val_;       // conversations, when cfg_.sft is set
   const std::vector<ChatTokens>* sft_set_ = nullptr;  // the set fill_batch reads

@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -10,6 +12,7 @@
 #include "data/tokenizer.h"
 #include "infer/adapter.h"
 #include "io/hf_folder.h"
+#include "parallel/grad_sync.h"
 #include "train/trainer.h"
 
 // The Trainer's setup, step by step: the adapter it starts from, the data, the devices' kernels,
@@ -34,6 +37,7 @@ Trainer::Trainer(const TrainConfig& cfg, const Checkpoint* resume, Communicator*
                 " (the data's vocabulary and five special tokens); the model has " +
                 std::to_string(model.vocab_size));
   dev_ = open_device(cfg_.device, int(cfg_.threads));
+  choose_dtype();
   choose_kernels();
   setup_ranks(model);
   build_program();
@@ -115,6 +119,56 @@ void Trainer::setup_glm() {
   }
 }
 
+// --dtype auto: the model's widest GEMM (up to 1,024 of a pass's rows, times the MLP's up
+// projection) timed on this rank's device in f32 and with bf16 operands, and bf16 chosen where it
+// is at least 10% faster. oneDNN's bf16 GEMM runs at half its f32 rate on a Xeon with
+// AVX512-BF16 and no AMX, and at 1.8x on the EPYC of these notes: a fixed default is wrong on
+// one of them. Each rank chooses for its own chip.
+void Trainer::choose_dtype() {
+  if (cfg_.dtype != "auto") return;
+  const DecoderConfig d = cfg_.decoder_config();
+  const int64_t M = std::min<int64_t>(std::min<int64_t>(cfg_.batch, 4) * cfg_.seq_len(), 1024);
+  const int64_t K = d.hidden, N = d.ffn_width();
+  std::unique_ptr<Buffer> buf = dev_->alloc(uint64_t(M * K + N * K + M * N) * 4);
+  const Tensor a({M, K}, DType::f32, buf->handle()),
+      b({N, K}, DType::f32, buf->handle(), uint64_t(M * K) * 4),
+      c({M, N}, DType::f32, buf->handle(), uint64_t(M * K + N * K) * 4);
+  dev_->run(make_op_call(MXN_OP_FILL, {}, {a}, ScalarParams{0.01f}));
+  dev_->run(make_op_call(MXN_OP_FILL, {}, {b}, ScalarParams{0.02f}));
+  auto seconds = [&](int32_t compute) {
+    const mxn_op_call call =
+        make_op_call(MXN_OP_MATMUL, {a, b}, {c}, MatmulParams{false, true, false, compute});
+    if (!dev_->supports(call)) return 0.0;
+    double best = 1e30;
+    for (int rep = 0; rep < 4; ++rep) {  // the first warms up (oneDNN builds its kernel)
+      dev_->synchronize();
+      const auto t0 = std::chrono::steady_clock::now();
+      dev_->run(call);
+      dev_->synchronize();
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (rep) best = std::min(best, s);
+    }
+    return best;
+  };
+  const double f32 = seconds(MXN_DTYPE_F32), bf16 = seconds(MXN_DTYPE_BF16);
+  const bool pick = bf16 > 0 && bf16 < 0.9 * f32;
+  cfg_.dtype = pick ? "bf16" : "f32";
+  char why[200];
+  const int n = std::snprintf(why, sizeof why, "auto: a %lldx%lldx%lld GEMM took %.2f ms in f32",
+                              (long long)M, (long long)K, (long long)N, f32 * 1e3);
+  if (bf16 > 0)
+    std::snprintf(why + n, sizeof why - size_t(n), " and %.2f ms with bf16 operands", bf16 * 1e3);
+  else
+    std::snprintf(why + n, sizeof why - size_t(n), "; no bf16 GEMM here");
+  plan_.dtype_why = why;
+  if (comm_) {  // every rank's choice, for the plan
+    std::vector<double> each(size_t(comm_->size()), 0.0);
+    each[size_t(comm_->rank())] = pick ? 1.0 : 0.0;
+    comm_->all_reduce_sum(each.data(), int64_t(each.size()));
+    for (double e : each) plan_.rank_dtypes.push_back(e > 0 ? "bf16" : "f32");
+  }
+}
+
 // The fused head + cross-entropy where the device has it; values kept for the backward in bf16
 // where every rank's device takes them (so that all ranks round the same values).
 void Trainer::choose_kernels() {
@@ -149,6 +203,17 @@ void Trainer::setup_ranks(const DecoderConfig& model) {
     par_ = std::make_unique<ExpertParallel>(*this);
   else
     par_ = std::make_unique<DataParallel>(*this);
+  // ZeRO-1 by default where the data-parallel ranks' chips differ: AdamW rounds differently on
+  // each, so replicas that each update themselves drift apart; with each rank updating only its
+  // share and the updated weights gathered, every replica is bit-identical by construction.
+  zero_ = cfg_.zero == 1;
+  if (cfg_.zero < 0 && comm_ && cfg_.pp == 1 && cfg_.ep == 1 &&
+      !same_everywhere(*comm_, std::string(dev_->api()->name) + ": " + dev_->props().name)) {
+    zero_ = true;
+    plan_.zero_why =
+        "on by default: the ranks' chips differ, so that their replicas stay "
+        "bit-identical";
+  }
   const int64_t T = cfg_.seq_len();
   if (cfg_.sft.empty() && (data_.n_train() < T + 2 || data_.n_val() < T + 2))
     throw Error("data '" + cfg_.data + "' is too small: " + std::to_string(data_.n_train()) +
@@ -191,7 +256,7 @@ void Trainer::build_program() {
 // proportion to its device's free memory) and the gradient calls of a step.
 void Trainer::setup_optimizer() {
   std::vector<double> free;
-  if (cfg_.zero && comm_ && world_ > 1) {
+  if (zero_ && comm_ && world_ > 1) {
     free.assign(static_cast<size_t>(world_), 0.0);
     free[size_t(rank_)] = double(free_bytes_);
     comm_->all_reduce_sum(free.data(), world_);

@@ -13,7 +13,7 @@ every step's loss within 1e-3 relative over 50 steps (f32), under real mpirun.
     last checkpoint, and `--resume` on the remaining device continues to the same losses.
 usage: mixed_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
-import json, os, signal, subprocess, sys, tempfile, time
+import json, os, re, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
 from train_common import read_f32_safetensors  # noqa: E402
@@ -172,6 +172,22 @@ with tempfile.TemporaryDirectory() as tmp:
         # different orders, so the trajectories part a little more than in f32.
         bf = train(p("bf_one"), "--batch", "8", "--dtype", "bf16")
         compare("bf16: cpu + opencl:0 = cpu (within 2e-3)", bf, train(p("bf_mixed"), "--batch", "8", "--dtype", "bf16", "--devices", "cpu,opencl:0"), tol=2e-3)
+        # --dtype auto: each rank times the model's GEMM in f32 and with bf16 operands and takes
+        # bf16 where it is at least 10% faster; the run is then the chosen dtype's, loss for loss.
+        auto = train(p("auto"), "--batch", "8", "--split", "7,1", "--dtype", "auto", "--devices", "cpu,opencl:0")
+        m = re.search(r"dtype (f32|bf16) \(auto: a \d+x\d+x\d+ GEMM took ([0-9.]+) ms in f32 and "
+                      r"([0-9.]+) ms with bf16 operands\)", train.log)
+        ranks = re.findall(r"rank (\d) (\S+) (f32|bf16) ", train.log)
+        check("--dtype auto: rank 0 chose by its measured GEMM times, every rank's choice shown",
+              m is not None and (m.group(1) == "bf16") == (float(m.group(3)) < 0.9 * float(m.group(2)))
+              and len(ranks) == 2 and ranks[0][2] == m.group(1), train.log[:600])
+        one = train(p("auto_one"), "--batch", "8", "--dtype", "auto")  # one chip: one choice
+        m = re.search(r"dtype (f32|bf16) \(auto:", train.log)
+        if m:
+            compare(f"--dtype auto = --dtype {m.group(1)} (one CPU)", train(p("auto_" + m.group(1)),
+                    "--batch", "8", "--dtype", m.group(1)), one, tol=1e-7)
+        else:
+            check("--dtype auto on one CPU says what it chose", False, train.log[:400])
         # The same machinery for every family: LLaMA-shaped (RMSNorm, RoPE, SwiGLU, GQA) and
         # GLM-shaped (ChatGLM's fused qkv, interleaved partial RoPE, multi-query groups).
         for arch in ("llama", "chatglm"):

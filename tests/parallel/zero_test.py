@@ -6,6 +6,9 @@ proportion to its device's free memory, under real mpirun.
     share (8 bytes a parameter), the shares tile the parameters and follow the free memory;
   - the sharded job's checkpoint resumed on one CPU, and an unsharded checkpoint resumed sharded
     on 2 ranks, continue to the same losses;
+  - by default (--zero -1) ZeRO-1 is on exactly where the ranks' chips differ: on CPU + OpenCL
+    every rank's weights end bit-identical to rank 0's (compared at the end of the run), while
+    --zero 0 lets each chip's AdamW drift; two CPU ranks stay unsharded (and identical);
   - a bad --zero value is refused with one line.
 usage: zero_test.py PATH/TO/mxn PATH/TO/kjv.bin
 """
@@ -72,10 +75,31 @@ with tempfile.TemporaryDirectory() as tmp:
         check("the sharded checkpoint resumed on one CPU", worst(ref[30:], again[30:]) < 1e-3,
               f"{worst(ref[30:], again[30:]):.2e}")
 
+    # The default on two CPU ranks: the same chip, so no sharding, and the replicas agree anyway.
+    same, log = train(f"{tmp}/same", launcher=mpirun)
+    check("2 CPU ranks: unsharded by default", "optimizer state sharded" not in log
+          and worst(plain, same) < 1e-6, f"{worst(plain, same):.2e}")
+    check("2 CPU ranks: replicas bit-identical", "bit-identical to rank 0's" in log,
+          next((l for l in log.splitlines() if l.startswith("replicas:")), "no replicas line"))
+
+    if "opencl:0" in subprocess.run([mxn, "devices"], stdout=subprocess.PIPE, text=True).stdout:
+        auto, log = train(f"{tmp}/auto", "--devices", "cpu,opencl:0")
+        # (the shares follow each run's free memory, so the sums round a little differently)
+        check("CPU + OpenCL: ZeRO-1 on by default, = --zero 1",
+              "on by default: the ranks' chips differ" in log and worst(mixed, auto) < 1e-6,
+              f"{worst(mixed, auto):.2e}")
+        check("CPU + OpenCL: every rank's weights bit-identical to rank 0's after 50 steps",
+              "replicas: every rank's weights bit-identical to rank 0's" in log,
+              next((l for l in log.splitlines() if l.startswith("replicas:")), "no replicas line"))
+        drift, log = train(f"{tmp}/drift", "--devices", "cpu,opencl:0", "--zero", "0")
+        m = re.search(r"replicas: weights differ from rank 0's by up to ([0-9.e+-]+)", log)
+        check("CPU + OpenCL with --zero 0: the replicas drift", m is not None and float(m.group(1)) > 0,
+              m.group(0) if m else log[-300:])
+
     r = subprocess.run([mxn, "train", *base, "--out", f"{tmp}/bad", "--zero", "2"],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = r.stderr.strip().splitlines()
     check("--zero 2 is refused with one line", r.returncode != 0 and len(lines) == 1
-          and "zero = 2, expected 0 or 1" in lines[0], r.stderr.strip())
+          and "zero = 2, expected 0, 1 or -1" in lines[0], r.stderr.strip())
 
 finish()
