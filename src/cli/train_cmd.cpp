@@ -477,7 +477,7 @@ class StepLoop {
     const int code = stopped && stops_[0] > 0 ? 130 : 0;
     const Trainer::Drift drift = tr_.replica_drift();  // collective
     if (!lead_) return code;
-    if (comm_.size() > 1 && c_.pp == 1 && c_.ep == 1) {
+    if (drift.compared) {
       if (drift.identical)
         std::printf("replicas: every rank's weights bit-identical to rank 0's\n");
       else

@@ -233,7 +233,9 @@ ExpertExchange::~ExpertExchange() = default;
 
 void ExpertExchange::set_timing(bool on) { x_->timing = on; }
 double ExpertExchange::seconds() const { return x_->seconds; }
-bool ExpertExchange::device_direct() const { return x_->direct; }
+const char* ExpertExchange::path() const {
+  return x_->direct ? "device-to-device (NCCL)" : "host-staged";
+}
 
 void ExpertExchange::run(Program& prog, int variant, size_t end) {
   const std::vector<Impl::Layer>& ls = x_->layers.at(variant);

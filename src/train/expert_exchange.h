@@ -38,9 +38,10 @@ class ExpertExchange {
   ~ExpertExchange();
   // Nodes [0, end) of a pass, with the exchanges at the cuts (every rank of the group in step).
   void run(Program& prog, int variant, size_t end);
-  void set_timing(bool on);    // count the exchanges' seconds (training passes after the first)
-  double seconds() const;      // in the exchanges: moving rows, waiting for the others
-  bool device_direct() const;  // through the devices' own messages (NCCL), not the host
+  void set_timing(bool on);  // count the exchanges' seconds (training passes after the first)
+  double seconds() const;    // in the exchanges: moving rows, waiting for the others
+  // How the rows travel, for the plan: "device-to-device (NCCL)" or "host-staged".
+  const char* path() const;
 
  private:
   struct Impl;

@@ -286,8 +286,7 @@ void ExpertParallel::plan() {
   s = std::to_string(groups_) + (groups_ > 1 ? " groups" : " group") + " of " +
       std::to_string(ep_) + " ranks split each MoE layer's " + std::to_string(d.experts) +
       " experts (" + t.cfg_.expert_split + ") and the ranks the rows (" + t.cfg_.split + ") in " +
-      std::to_string(passes_) + (passes_ > 1 ? " passes" : " pass") + " a step; 4 " +
-      (x_->device_direct() ? "device-to-device (NCCL)" : "host-staged") +
+      std::to_string(passes_) + (passes_ > 1 ? " passes" : " pass") + " a step; 4 " + x_->path() +
       " all-to-alls a MoE layer a pass" + speeds_;
 }
 

@@ -170,9 +170,8 @@ void Pipeline::plan() {
     for (int64_t i = 0; i < ep_; ++i)
       t_.plan_.pipeline += (i ? ", " : " ") + std::to_string(expert_bounds_[size_t(i + 1)] -
                                                              expert_bounds_[size_t(i)]);
-    t_.plan_.pipeline += std::string("), 4 ") +
-                         (x_->device_direct() ? "device-to-device (NCCL)" : "host-staged") +
-                         " all-to-alls a MoE layer a micro-batch pass";
+    t_.plan_.pipeline +=
+        std::string("), 4 ") + x_->path() + " all-to-alls a MoE layer a micro-batch pass";
   }
 }
 

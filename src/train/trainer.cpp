@@ -171,7 +171,7 @@ int Trainer::variant_for(int64_t rows) {
 double Trainer::lr_at(int64_t s) const { return opt_->lr_at(s); }
 
 Trainer::Drift Trainer::replica_drift() {
-  if (!comm_ || cfg_.pp > 1 || cfg_.ep > 1) return {};
+  if (!whole_replicas()) return {};
   const int64_t P = prog_->param_count();
   std::vector<float> mine(static_cast<size_t>(P));
   dev_->download(mine.data(), prog_->params_all());
@@ -184,7 +184,7 @@ Trainer::Drift Trainer::replica_drift() {
   each[size_t(rank_)] = worst;
   comm_->all_reduce_sum(each.data(), world_);
   const bool same = std::memcmp(mine.data(), root.data(), mine.size() * 4) == 0;
-  return {comm_->all(same), *std::max_element(each.begin(), each.end())};
+  return {true, comm_->all(same), *std::max_element(each.begin(), each.end())};
 }
 
 std::string Trainer::take_plan_change() {

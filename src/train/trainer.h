@@ -109,10 +109,11 @@ class Trainer {
   double mean_exchange_seconds() const;
   // Hands over the latest split correction's description, once.
   std::string take_plan_change();
-  // Data parallelism: whether every rank's weights are bit-identical to rank 0's, and the
-  // largest difference of any weight on any rank (collective; {true, 0} on one rank, and under
-  // --pp or --ep, whose replicas this does not compare).
+  // Data parallelism over several ranks: whether every rank's weights are bit-identical to rank
+  // 0's, and the largest difference of any weight on any rank (collective; not compared on one
+  // rank, nor under --pp or --ep, whose replicas hold different parts).
   struct Drift {
+    bool compared = false;
     bool identical = true;
     double worst = 0;
   };
@@ -123,6 +124,8 @@ class Trainer {
   Adapter start_adapter();
   void open_data();
   void setup_glm();
+  // Several ranks, each holding the whole model (data parallelism: no --pp, no --ep).
+  bool whole_replicas() const { return comm_ && cfg_.pp == 1 && cfg_.ep == 1; }
   void choose_dtype();
   void choose_kernels();
   void setup_ranks(const DecoderConfig& model);

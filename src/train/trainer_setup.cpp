@@ -207,7 +207,7 @@ void Trainer::setup_ranks(const DecoderConfig& model) {
   // each, so replicas that each update themselves drift apart; with each rank updating only its
   // share and the updated weights gathered, every replica is bit-identical by construction.
   zero_ = cfg_.zero == 1;
-  if (cfg_.zero < 0 && comm_ && cfg_.pp == 1 && cfg_.ep == 1 &&
+  if (cfg_.zero < 0 && whole_replicas() &&
       !same_everywhere(*comm_, std::string(dev_->api()->name) + ": " + dev_->props().name)) {
     zero_ = true;
     plan_.zero_why =
