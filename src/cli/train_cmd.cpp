@@ -109,6 +109,13 @@ void print_plan(const Trainer& tr, std::vector<std::string> devs) {
           (long long)p.ranks[r].rows);
     return;
   }
+  if (!p.tensor.empty()) {  // --tp: each rank's heads and columns
+    std::printf("  plan: tensor parallel, %s\n", p.tensor.c_str());
+    for (size_t r = 0; r < p.ranks.size(); ++r)
+      std::printf("    rank %zu %-10s %lld sequences a step, %lld a pass\n", r, devs[r].c_str(),
+                  (long long)p.ranks[r].rows, (long long)p.ranks[r].cap);
+    return;
+  }
   std::printf("  plan: %zu ranks share %lld sequences per step (split %s)\n", p.ranks.size(),
               (long long)rows, c.split.c_str());
   for (size_t r = 0; r < p.ranks.size(); ++r) {
@@ -361,6 +368,11 @@ std::optional<int> place_rank(TrainConfig& cfg, std::optional<Checkpoint>& ck) {
     if (devs.size() > 1)  // a bad split is one line here, not one per rank
       parse_split(cfg.split, int(devs.size()));
     if (devs.size() > 1 && cfg.ep > 1) check_expert_parallel(cfg, int64_t(devs.size()));
+    if (devs.size() > 1 && cfg.tp > 1) {
+      TrainConfig c = cfg;
+      c.resolve_model();
+      check_tensor_parallel(c, int64_t(devs.size()), c.decoder_config());
+    }
     const RankInfo ri = rank_from_env();
     if (ri.world == 1 && devs.size() > 1 && !std::getenv("MXN_SUPERVISED"))
       return ck.reset(), supervise(job(seen, cfg));  // the ranks read the checkpoint
@@ -466,10 +478,16 @@ class StepLoop {
           pred, got, 100.0 * (got - pred) / pred, tr_.plan().rebalances,
           tr_.mean_exposed_reduce_seconds() * 1e3);
     }
-    if (!tr_.plan().experts.empty() && tr_.mean_step_seconds() > 0)
+    if (lead_ && !tr_.plan().experts.empty() && tr_.mean_step_seconds() > 0)
       std::printf(
           "expert parallel: rank 0 spent %.1f ms a step (%.0f%% of it) in the exchanges: rows "
           "through the host, and waiting for the other ranks' pieces\n",
+          tr_.mean_exchange_seconds() * 1e3,
+          100.0 * tr_.mean_exchange_seconds() / tr_.mean_step_seconds());
+    if (lead_ && !tr_.plan().tensor.empty() && tr_.mean_step_seconds() > 0)
+      std::printf(
+          "tensor parallel: rank 0 spent %.1f ms a step (%.0f%% of it) in the blocks' "
+          "all-reduces, through the host\n",
           tr_.mean_exchange_seconds() * 1e3,
           100.0 * tr_.mean_exchange_seconds() / tr_.mean_step_seconds());
     report(writer_.wait());

@@ -317,6 +317,11 @@ size_t append_backward(Graph& g, int loss, BackwardCuts& cuts) {
     if (it != grad.end()) g.mark_output(it->second);
     cuts.wrt_grads.push_back(it == grad.end() ? -1 : it->second);
   }
+  cuts.sum_grads.clear();
+  for (int v : cuts.sums) {
+    auto it = grad.find(v);
+    cuts.sum_grads.push_back(it == grad.end() ? -1 : it->second);
+  }
   // Rules emit every input's gradient; keep only the backward nodes whose results are used: a
   // write into a grad (or any non-activation), a graph output, or an input of a node kept after.
   std::vector<char> used(g.values.size(), 0);

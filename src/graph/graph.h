@@ -157,11 +157,15 @@ size_t append_backward(Graph& g, int loss, int seed = -1, int wrt = -1, int* wrt
 // parallelism's exchange): each `seeds` pair (value, input) takes the value's gradient from that
 // input (filled from outside before the first backward node reads it); each of `wrts` (an
 // input) keeps its gradient as a graph output, returned in `wrt_grads` (same order; -1 when
-// nothing reaches it).
+// nothing reaches it). Each of `sums` (an activation) has its gradient's value returned in
+// `sum_grads` (-1: none), not kept beyond its last reader: tensor parallelism sums it over the
+// group in place, after the node that writes it and before the first that reads it.
 struct BackwardCuts {
   std::vector<std::pair<int, int>> seeds;
   std::vector<int> wrts;
   std::vector<int> wrt_grads;
+  std::vector<int> sums;
+  std::vector<int> sum_grads;
 };
 size_t append_backward(Graph& g, int loss, BackwardCuts& cuts);
 

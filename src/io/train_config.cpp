@@ -52,6 +52,12 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"expert_split", &c.expert_split,
        "with --ep: how a group's ranks share the experts: auto (by each chip's measured GEMM "
        "speed), even, or one weight per rank (3,1)"},
+      {"tp", &c.tp,
+       "tensor parallelism: groups of this many ranks split every block (attention heads, MLP "
+       "columns), partial sums all-reduced; data parallel across the groups"},
+      {"tp_split", &c.tp_split,
+       "with --tp: how a group's ranks share the heads and columns: auto (by each chip's "
+       "measured GEMM speed), even, or one weight per rank (3,1)"},
       {"micro", &c.micro,
        "sequences per pipeline micro-batch (0: a replica's share over 2 x pp micro-batches)"},
       {"bucket_mb", &c.bucket_mb,
@@ -221,6 +227,10 @@ void TrainConfig::validate() const {
   need(router_aux_coef < 1e3,
        "router_aux_coef = " + std::to_string(router_aux_coef) + ", expected below 1000");
   need(pp >= 1, "pp = " + std::to_string(pp) + ", expected >= 1 (pipeline stages)");
+  need(tp >= 1 && tp <= 1024, "tp = " + std::to_string(tp) + ", expected 1..1024 (ranks a group)");
+  need(tp_split == "auto" || tp_split == "even" ||
+           tp_split.find_first_not_of("0123456789.,") == std::string::npos,
+       "tp_split = '" + tp_split + "', expected auto, even, or weights such as 3,1");
   need(ep >= 1 && ep <= 1024, "ep = " + std::to_string(ep) + ", expected 1..1024 (ranks a group)");
   need(expert_split == "auto" || expert_split == "even" ||
            expert_split.find_first_not_of("0123456789.,") == std::string::npos,

@@ -46,6 +46,10 @@ struct TrainConfig {
   // all-to-all; rows are shared evenly.
   int64_t ep = 1;
   std::string expert_split = "auto";
+  // Tensor parallelism: groups of tp ranks split every block by heads and MLP columns, shared by
+  // tp_split (auto: measured GEMM speed, even, or weights "3,1"); data parallel across groups.
+  int64_t tp = 1;
+  std::string tp_split = "auto";
   int64_t micro = 0;
   std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
   int64_t recompute = 1;      // 1: norms and MLP activations run again in the backward (Graph)

@@ -312,7 +312,7 @@ int prefix_mlp(Builder& b) {
 // layer), or trained as they are; {-1, -1} without a prefix.
 std::pair<int, int> prefix_rows(Builder& b, int64_t l, int prefix_hidden) {
   Graph& g = b.g;
-  const int64_t GD = b.c.n_kv_heads() * b.c.hd();
+  const int64_t GD = (b.o.tp.on() ? b.o.tp.kv : b.c.n_kv_heads()) * b.c.hd();  // this rank's
   const std::string enc = kPrefixEncoder;
   if (prefix_hidden >= 0) {  // one output matrix per layer and kind
     int rows[2];
@@ -401,26 +401,37 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
   return shared_expert(b, nm, blk, h, g.moe_unpermute(dn, r.pos, N, r.w));
 }
 
+// A projection into the residual stream. Under tensor parallelism its input is this rank's share
+// (heads or MLP columns): the partial output is summed over the group (DecoderGraph::tp_sums)
+// before the bias, which every rank holds whole.
+int out_proj(Builder& b, DecoderGraph& m, int y, const std::string& name, int64_t in, bool bias) {
+  if (!b.o.tp.on()) return b.linear(y, name, in, b.c.hidden, bias);
+  const int part = b.linear(y, name, in, b.c.hidden, false);
+  m.tp_sums.push_back(part);
+  return bias ? b.g.add_bias(part, b.w(name + ".bias", {b.c.hidden}, false)) : part;
+}
+
 // The block's MLP on the residual stream x: GELU (GPT-2) or SwiGLU, gate and up fused or not;
-// or a mixture of experts.
+// or a mixture of experts. Under tensor parallelism, this rank's columns of it.
 int mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, int x, int64_t l) {
   Graph& g = b.g;
   const DecoderConfig& c = b.c;
-  const int64_t C = c.hidden, F = c.ffn_width();
+  const int64_t C = c.hidden, F = b.o.tp.on() ? b.o.tp.ffn : c.ffn_width();
   const int h2 = b.norm(x, p + nm.ln2);
   if (c.moe_layer(l)) return moe_mlp(b, nm, m, p, h2);
+  if (b.o.tp.on()) m.tp_grad_of.push_back(h2);
   if (!c.swiglu()) {
     int fc = b.linear(h2, p + nm.fc, C, F, true);
     if (b.o.gelu_bf16) fc = g.cast(fc, DType::bf16);
-    return b.linear(g.gelu(fc), p + nm.down, F, C, true);
+    return out_proj(b, m, g.gelu(fc), p + nm.down, F, true);
   }
   if (c.fused_gate_up()) {
     const int gu = b.linear(h2, p + nm.gate_up, C, 2 * F, c.mlp_bias);
-    return b.linear(g.swiglu(gu, gu, 0, F, F), p + nm.down, F, C, c.mlp_bias);
+    return out_proj(b, m, g.swiglu(gu, gu, 0, F, F), p + nm.down, F, c.mlp_bias);
   }
   const int gt = b.linear(h2, p + nm.gate, C, F, c.mlp_bias);
   const int up = b.linear(h2, p + nm.up, C, F, c.mlp_bias);
-  return b.linear(g.swiglu(gt, up, 0, 0, F), p + nm.down, F, C, c.mlp_bias);
+  return out_proj(b, m, g.swiglu(gt, up, 0, 0, F), p + nm.down, F, c.mlp_bias);
 }
 
 // router_aux_coef times this graph's MoE layers' load-balancing losses over the model's MoE layer
@@ -477,6 +488,12 @@ void head(Builder& b, const Names& nm, DecoderGraph& m, int x, int wte, int64_t 
   g.mark_output(m.logits);
 }
 
+// Tensor parallelism splits dense training graphs.
+void check_shard(const DecoderConfig& c, const DecoderOptions& o) {
+  MXN_CHECK(!o.tp.on() || (!c.mla() && c.experts == 0 && o.serve_rows == 0 && o.kv_cache == 0),
+            "tensor parallelism takes dense training graphs");
+}
+
 }  // namespace
 
 DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t T,
@@ -488,7 +505,9 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   const Names nm = names_for(c.arch);
   Builder b{g, c, o, {}, std::vector<bool>(o.lora.targets.size(), false), 0, nullptr};
   MXN_CHECK(o.lora.r == 0 || !o.lora.targets.empty(), "LoRA without target modules");
-  const int64_t C = c.hidden, N = B * T, H = c.heads, G = c.n_kv_heads(), D = c.hd();
+  const int64_t C = c.hidden, N = B * T, D = c.hd();
+  const int64_t H = o.tp.on() ? o.tp.heads : c.heads, G = o.tp.on() ? o.tp.kv : c.n_kv_heads();
+  check_shard(c, o);
   DecoderGraph m;
   b.m = &m;
   m.tokens = g.input("tokens", {N}, DType::i32);
@@ -545,6 +564,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   for (int64_t l = first_layer; l < last_layer; ++l) {
     const std::string p = nm.layers + std::to_string(l) + ".";
     const int h = b.norm(x, p + nm.ln1);
+    if (o.tp.on()) m.tp_grad_of.push_back(h);
     if (c.mla()) {  // DeepSeek's multi-head latent attention (mla.cpp)
       x = g.add(x, mla_attention(b, m, p, h, B, at, o.serve_rows > 0 ? m.key_ranges : m.prefix));
       x = g.add(x, mlp(b, nm, m, p, x, l));
@@ -584,7 +604,7 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     const int y = g.attention(q, k, v, at, o.serve_rows > 0 ? m.key_ranges : m.prefix,
                               o.kv_cache == 0 && o.serve_rows == 0 && o.with_loss, pk, pv);
     if (o.kv_cache > 0) m.cache_reads.push_back(g.nodes.size() - 1);
-    x = g.add(x, b.linear(y, p + nm.o, H * D, C, c.gpt2() || c.o_bias));
+    x = g.add(x, out_proj(b, m, y, p + nm.o, H * D, c.gpt2() || c.o_bias));
     x = g.add(x, mlp(b, nm, m, p, x, l));
   }
   if (!last) {  // a pipeline stage before the last: its residual stream goes to the next

@@ -3,6 +3,7 @@
 // Qwen2, GLM as transformers' GlmForCausalLM and GLM as the ChatGLM2/3 and GLM-4 checkpoints
 // store it. A family is a DecoderConfig (norm, positions, attention heads, MLP, biases, tying)
 // plus the names its checkpoints give the weights; the graph is built from the config alone.
+#include <array>
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -133,6 +134,30 @@ std::string prefix_value_name(int64_t layer);  // "prefix.<layer>.value"
 extern const char* const kPrefixEncoder;
 std::string lora_b_name(const std::string& module);
 
+// Tensor parallelism (Megatron-LM): this rank's share of every block of a group of `ranks`. The
+// q/k/v (or fused qkv) and gate/up (or fc) projections are split by output columns: query heads
+// [head0, head0 + heads), kv heads [kv0, kv0 + kv) (whole GQA groups) and MLP columns [ffn0, ffn0
+// + ffn); the output and down projections by input rows, their partial outputs summed over the
+// group before their biases and the residual (DecoderGraph::tp_sums). The norms, the embeddings
+// and the head are replicated. Shares may be uneven (a chip's speed).
+struct TensorShard {
+  int64_t ranks = 1;  // 1: the whole model
+  int64_t head0 = 0, heads = 0, kv0 = 0, kv = 0, ffn0 = 0, ffn = 0;
+  bool on() const { return ranks > 1; }
+};
+// A param's share under a TensorShard: the pieces [from, from + n) of the whole tensor along
+// `axis`, concatenated in order; no pieces: replicated (whole on every rank).
+struct ShardPieces {
+  int axis = 0;
+  std::vector<std::array<int64_t, 2>> pieces;
+};
+ShardPieces shard_pieces(const std::string& name, const DecoderConfig& c, const TensorShard& s);
+// A weight every rank of the group holds whole but whose gradient each computes only a part of,
+// to be summed over the group: LoRA's A of a column-split linear and B of a row-split one, the
+// P-Tuning MLP's shared layers, Qwen3's per-head q and k norms. (Every other whole weight gets its
+// whole gradient on each rank.)
+bool partial_gradient(const std::string& name, const DecoderConfig& c, const TensorShard& s);
+
 struct DecoderOptions {
   bool with_loss = false;
   // Training's masks: causal; prefix (bidirectional over a per-sequence prefix input, GLM);
@@ -181,6 +206,7 @@ struct DecoderOptions {
   // rows the local experts can take from all ranks in one pass.
   bool expert_cut = false;
   int64_t expert_first = 0, expert_count = 0, expert_rows = 0;
+  TensorShard tp;  // tensor parallelism (training): this rank's share of the blocks
 };
 
 // One MoE layer cut for expert parallelism. Forward: this rank's permuted rows xp (N*K, C),
@@ -214,6 +240,11 @@ struct DecoderGraph {
   // (E + 1, i32: the load) and, with router_aux_coef, the load-balancing loss.
   std::vector<int> router_ids, router_offsets, router_aux;
   std::vector<ExpertCut> expert_cuts;  // DecoderOptions::expert_cut, one per MoE layer
+  // Tensor parallelism: the row-split projections' partial outputs, to be summed over the group
+  // after the node that writes each and before the first that reads it (forward), and the norm
+  // outputs feeding the column-split ones, whose gradients are partial the same way (backward:
+  // the training graph's tp_grad_sums, in place as well).
+  std::vector<int> tp_sums, tp_grad_of, tp_grad_sums;
 };
 
 // The block-position table's name (with DecoderOptions::block_positions, learned positions).

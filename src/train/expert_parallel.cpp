@@ -144,6 +144,18 @@ double best_of_runs(Program& prog, Device& dev) {
 
 }  // namespace
 
+double gemm_seconds(Device& dev, int64_t rows, int64_t out, int64_t in) {
+  Graph g;
+  const int y =
+      g.matmul(g.input("x", {rows, in}, DType::f32), g.param("w", {out, in}, true), false, true);
+  g.mark_output(y);
+  Program prog(std::move(g), dev, false);
+  std::vector<float> zero(size_t(std::max(rows * in, prog.param_count())), 0.f);
+  dev.upload(prog.tensor(0), zero.data());
+  dev.upload(prog.params_all(), zero.data());
+  return best_of_runs(prog, dev);
+}
+
 // This rank's seconds for (0) one expert's share of a pass: its gate projection's GEMM over the
 // rows an even routing would give it; (1) one sequence's forward and backward through one block
 // of the model's shape with a dense MLP as wide as a token's experts (the work that follows the
@@ -152,18 +164,7 @@ std::array<double, 2> ExpertParallel::measure_seconds(Trainer& t) {
   const DecoderConfig d = t.cfg_.decoder_config();
   const int64_t T = t.cfg_.seq_len();
   const int64_t rows = std::max<int64_t>(64, t.cfg_.batch / t.world_ * T * d.top_k / d.experts);
-  std::array<double, 2> out{};
-  {
-    Graph g;
-    const int y = g.matmul(g.input("x", {rows, d.hidden}, DType::f32),
-                           g.param("w", {d.moe_ffn, d.hidden}, true), false, true);
-    g.mark_output(y);
-    Program prog(std::move(g), *t.dev_, false);
-    std::vector<float> zero(size_t(std::max(rows * d.hidden, prog.param_count())), 0.f);
-    t.dev_->upload(prog.tensor(0), zero.data());
-    t.dev_->upload(prog.params_all(), zero.data());
-    out[0] = best_of_runs(prog, *t.dev_);
-  }
+  std::array<double, 2> out{gemm_seconds(*t.dev_, rows, d.moe_ffn, d.hidden), 0.0};
   DecoderConfig one = d;
   one.layers = 1, one.experts = 0;
   one.ffn = d.moe_ffn * d.top_k + d.shared_ffn;

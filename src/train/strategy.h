@@ -13,11 +13,13 @@
 //   ExpertParallel --ep groups that split each MoE layer's experts by chip speed, tokens
 //                 exchanged all-to-all at the graph's cuts; data parallel across the groups.
 //
-// Tensor parallelism will be a fourth (it changes the layers' shapes and adds the group's
-// all-reduce inside each block: inside a pipeline stage). They compose as DESIGN.md's map says: TP
-// inside a stage, EP across a stage's ranks, pipeline stages across nodes, data parallelism /
-// ZeRO-1 across the replicas; each implementation names the ranks it reduces over with
-// Communicator::split, as Pipeline already does for its stages and replicas.
+//   TensorParallel --tp groups that split every block by heads and MLP columns (uneven by chip
+//                 speed), the partial sums all-reduced at the graph's cuts; data parallel across
+//                 the groups.
+// They are to compose as DESIGN.md's map says: TP inside a stage, EP across a stage's ranks,
+// pipeline stages across nodes, data parallelism / ZeRO-1 across the replicas; each
+// implementation names the ranks it reduces over with Communicator::split. TP does not yet
+// combine with --pp or --ep.
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -72,6 +74,10 @@ class Strategy {
   virtual const std::vector<int64_t>& stage_bounds() const { return none_; }
   // Expert parallelism: this rank's experts (nullptr: all of them, no exchanges).
   virtual const ExpertShard* experts() const { return nullptr; }
+  // Tensor parallelism: this rank's share of the blocks (nullptr: whole), and a checkpoint's
+  // whole tensors (and moments) cut to it.
+  virtual const TensorShard* tensor_shard() const { return nullptr; }
+  virtual TensorMap cut(const TensorMap& whole) const { return whole; }
   // Nodes [0, end) of a pass (expert parallelism: with the exchanges at the cuts).
   virtual void run(Program& prog, int variant, size_t end);
   virtual double exposed_reduce_seconds() const { return 0; }
@@ -205,6 +211,56 @@ class ExpertParallel final : public Strategy {
   std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
   std::vector<float> grads_host_, pack_;
 };
+
+// --tp N: groups of N consecutive ranks (rank = replica x tp + index) split every block (strategy
+// overview above; tensor_parallel.cpp).
+class TensorParallel final : public Strategy {
+ public:
+  explicit TensorParallel(Trainer& t);  // groups, the shares (measured or --tp_split)
+  ~TensorParallel() override;
+  int64_t pass_rows() override;  // the group's smallest memory
+  void plan() override;          // rows per replica, the cuts, the plan's description
+  double passes(uint64_t key, double total) override;
+  double grad_sumsq() override;
+  void after_step() override;  // mixed chips: the copies of a weight made equal
+  double eval() override;
+  bool gather(Checkpoint& ck) override;  // the whole layout, on rank 0
+  const TensorShard* tensor_shard() const override { return &shard_; }
+  TensorMap cut(const TensorMap& whole) const override;
+  void run(Program& prog, int variant, size_t end) override;
+  double exchange_seconds() const override;  // in the all-reduces
+
+ private:
+  struct Cut {
+    size_t at;  // before this node
+    int value;  // summed over the group, in place
+  };
+  Trainer& t_;
+  int64_t tp_ = 1, index_ = 0, replica_ = 0, replicas_ = 1;
+  std::vector<TensorShard> shards_;  // every rank of a group's
+  TensorShard shard_;
+  std::string speeds_;
+  std::unique_ptr<Communicator> group_, dp_;  // my group; the ranks holding my share
+  std::unique_ptr<GradSync> sync_;            // over dp_, with several replicas
+  std::vector<Cut> cuts_;
+  std::vector<float> host_, grads_host_;
+  // Param float ranges in the flat grads: whole on every rank, split, partial_gradient's.
+  std::vector<std::array<int64_t, 2>> whole_, split_, partial_;
+  std::vector<float> pack_;
+  bool mixed_group_ = false, mixed_dp_ = false, timing_ = false;
+  double seconds_ = 0;
+};
+
+// The faster of two timed (rows, in) x (out, in)^T GEMMs on this rank's device, after a warm-up.
+double gemm_seconds(Device& dev, int64_t rows, int64_t out, int64_t in);
+
+// --tp's settings against the job's ranks and the model: an Error naming what is wrong.
+void check_tensor_parallel(const TrainConfig& c, int64_t world, const DecoderConfig& d);
+// Each rank's share of a block, in proportion to `speed`: whole kv heads (with their query heads)
+// and MLP columns in blocks of 32 where the width allows, every rank at least one of each.
+std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector<double>& speed);
+// Copies between a whole tensor and a share of it made of ShardPieces: to the share, or back.
+void move_pieces(const ShardPieces& s, const Shape& whole, float* w, float* shard, bool to_shard);
 
 // --ep's settings against the job's ranks (the multiple, --split and --expert_split): an
 // Error naming what is wrong. Checked before the ranks start, and by each rank.

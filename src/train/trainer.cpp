@@ -23,8 +23,8 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 }  // namespace
 
 Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward,
-                  int64_t first, int64_t last, int* seed, int* grad_in,
-                  const ExpertShard* experts) {
+                  int64_t first, int64_t last, int* seed, int* grad_in, const ExpertShard* experts,
+                  const TensorShard* tp) {
   Graph g;
   g.matmul_compute = c.dtype == "bf16" ? DType::bf16 : DType::f32;
   g.recompute = c.recompute == 1;
@@ -51,6 +51,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
     o.expert_count = experts->count;
     o.expert_rows = experts->rows_in * c.seq_len() * std::min(d.top_k, experts->count);
   }
+  if (tp) o.tp = *tp;
   *m = build_decoder(g, d, rows, c.seq_len(), o);
   for (int off : m->router_offsets) g.mark_output(off);  // the step's expert load
   // The backward's cut points: each exchanged row block's gradient seeds it and each received
@@ -75,7 +76,9 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
     cuts.seeds.push_back({m->hidden_out, s});
   }
   if (m->hidden_in >= 0) cuts.wrts.push_back(m->hidden_in);
+  cuts.sums = m->tp_grad_of;  // tensor parallelism: partial gradients, summed over the group
   *n_forward = append_backward(g, m->loss >= 0 ? m->loss : m->aux_loss, cuts);
+  m->tp_grad_sums = cuts.sum_grads;
   size_t w = 0;
   for (ExpertCut& x : m->expert_cuts) {
     x.d_yp = cuts.wrt_grads[w++];
@@ -92,8 +95,7 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
 // uniform in +-1/sqrt(in)), B zero, so training starts from the base model's outputs. P-Tuning
 // v2's prefix rows: N(0, 0.02), like the model's own weights (small keys: the prefix starts with
 // little attention and earns it).
-void Trainer::init_adapter(int p) {
-  const Value& v = prog_->graph().v(p);
+std::vector<float> Trainer::adapter_values(const Value& v, int64_t first) const {
   std::vector<float> w(size_t(numel(v.shape)), 0.f);
   const bool lora_a =
       v.name.size() > 14 && v.name.compare(v.name.size() - 14, 14, ".lora_A.weight") == 0;
@@ -106,7 +108,6 @@ void Trainer::init_adapter(int p) {
   // rank holding experts first.. (--ep) draws what one device does.
   const bool stack = lora_a && stacked_experts(v.name, v.shape);
   const int64_t parts = stack ? v.shape[0] : 1, per = numel(v.shape) / parts;
-  const int64_t first = stack && par_->experts() ? par_->experts()->first : 0;
   for (int64_t e = 0; (lora_a || prefix || enc) && e < parts; ++e) {
     uint64_t h = uint64_t(cfg_.seed);
     for (char ch : stack ? expert_name(v.name, first + e) : v.name)
@@ -118,13 +119,19 @@ void Trainer::init_adapter(int p) {
                 : prefix ? 0.02 * rng.normal()
                          : (2 * rng.uniform() - 1) * bound);
   }
+  return w;
+}
+
+void Trainer::init_adapter(int p) {
+  const std::vector<float> w =
+      adapter_values(prog_->graph().v(p), par_->experts() ? par_->experts()->first : 0);
   dev_->upload(prog_->tensor(p), w.data());
 }
 
-int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes) {
+int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes, const TensorShard* tp) {
   DecoderGraph m;
   size_t nf = 0;
-  Graph one = train_graph(cfg, 1, &m, &nf);
+  Graph one = train_graph(cfg, 1, &m, &nf, 0, -1, nullptr, nullptr, nullptr, tp);
   const double per_row = double(plan_arena(one)) * 1.05;  // one row's arena, planned, plus 5%
   // Trained weights take 16 bytes each (weight, gradient, two moments); a frozen base 4 or 2.
   double fixed = 0;
@@ -144,9 +151,11 @@ int Trainer::variant_for(int64_t rows) {
     DecoderGraph m;
     size_t nf = 0;
     const auto [first, last] = par_->layers();
-    p.variant = rows == cap_ ? 0
-                             : prog_->add_variant(train_graph(cfg_, rows, &m, &nf, first, last,
-                                                              nullptr, nullptr, par_->experts()));
+    p.variant =
+        rows == cap_
+            ? 0
+            : prog_->add_variant(train_graph(cfg_, rows, &m, &nf, first, last, nullptr, nullptr,
+                                             par_->experts(), par_->tensor_shard()));
     p.tokens = prog_->tensor(m_.tokens, p.variant);
     if (m_.loss >= 0) {  // the last stage (or the whole model)
       p.targets = prog_->tensor(m_.targets, p.variant);
@@ -413,6 +422,10 @@ void Trainer::load(const Checkpoint& ck) {
     const TensorMap w = expert_slices(ck.weights, *sh), o = expert_slices(ck.optimizer, *sh);
     for (int p : prog_->graph().params()) put(w, prog_->graph().v(p).name, prog_->tensor(p));
     opt_->load(o);
+  } else if (par_->tensor_shard()) {  // the whole tensors cut to this rank's share
+    const TensorMap w = par_->cut(ck.weights);
+    for (int p : prog_->graph().params()) put(w, prog_->graph().v(p).name, prog_->tensor(p));
+    opt_->load(par_->cut(ck.optimizer));
   } else {
     for (int p : prog_->graph().params())
       put(ck.weights, prog_->graph().v(p).name, prog_->tensor(p));

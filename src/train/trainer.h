@@ -41,6 +41,7 @@ struct Plan {
   std::string last_change;      // the latest correction, for the log ("" if none pending)
   std::string pipeline;         // with --pp: the stages, their layers and micro-batches
   std::string experts;          // with --ep: the experts' placement and the exchanges
+  std::string tensor;           // with --tp: the groups' shares
   std::vector<int64_t> expert_bounds;    // with --ep: group rank i's experts [b[i], b[i + 1])
   std::string zero_why;                  // ZeRO-1 chosen by --zero -1: why
   std::string dtype_why;                 // --dtype auto: what this rank measured
@@ -54,12 +55,12 @@ struct Plan {
 // cut where tokens cross ranks (DecoderGraph::expert_cuts, their gradients' seeds and results).
 Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward,
                   int64_t first = 0, int64_t last = -1, int* seed = nullptr, int* grad_in = nullptr,
-                  const ExpertShard* experts = nullptr);
+                  const ExpertShard* experts = nullptr, const TensorShard* tp = nullptr);
 
 // Sequences per forward pass that fit in `free_bytes` (at most cfg.batch, at least 1): params,
 // grads and AdamW's moments are fixed, the activation arena grows with the rows; 10% is kept in
 // reserve.
-int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes);
+int64_t rows_per_pass(const TrainConfig& cfg, uint64_t free_bytes, const TensorShard* tp = nullptr);
 
 class Trainer {
  public:
@@ -125,7 +126,7 @@ class Trainer {
   void open_data();
   void setup_glm();
   // Several ranks, each holding the whole model (data parallelism: no --pp, no --ep).
-  bool whole_replicas() const { return comm_ && cfg_.pp == 1 && cfg_.ep == 1; }
+  bool whole_replicas() const { return comm_ && cfg_.pp == 1 && cfg_.ep == 1 && cfg_.tp == 1; }
   void choose_dtype();
   void choose_kernels();
   void setup_ranks(const DecoderConfig& model);
@@ -151,6 +152,12 @@ class Trainer {
   bool snapshot(Checkpoint& ck);  // collective; true on the rank that writes it
   Checkpoint snap_;               // save_async's host copy
   void init_adapter(int param);
+  // An adapter's fresh values (LoRA's A, the prefix rows and MLP; zeros else); an expert stack's
+  // slices are experts first.. of the model's.
+  std::vector<float> adapter_values(const Value& v, int64_t first) const;
+  // Every param of the whole model, fresh (its adapters, fine-tuning): what a tensor-parallel
+  // rank cuts its share from.
+  TensorMap whole_fresh(const DecoderConfig& model) const;
 
   TrainConfig cfg_;
   std::unique_ptr<Device> dev_;
@@ -202,6 +209,7 @@ class Trainer {
   friend class DataParallel;
   friend class Pipeline;
   friend class ExpertParallel;
+  friend class TensorParallel;
   friend class ExpertExchange;
   int seed_value_ = -1, grad_in_value_ = -1;  // graph values: d(hidden_out), d(hidden_in)
   void run_forward_only(int variant);         // evaluation: no gradients from a fused head

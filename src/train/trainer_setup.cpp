@@ -2,6 +2,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -18,6 +19,7 @@
 // The Trainer's setup, step by step: the adapter it starts from, the data, the devices' kernels,
 // the ranks and their shares, the Program, the optimizer's state, the weights.
 namespace mxn {
+
 Trainer::Trainer(const TrainConfig& cfg, const std::string& resume, Communicator* comm)
     : Trainer(cfg,
               resume.empty() ? nullptr
@@ -201,6 +203,8 @@ void Trainer::setup_ranks(const DecoderConfig& model) {
     par_ = std::make_unique<Pipeline>(*this);
   else if (comm_ && cfg_.ep > 1)
     par_ = std::make_unique<ExpertParallel>(*this);
+  else if (comm_ && cfg_.tp > 1)
+    par_ = std::make_unique<TensorParallel>(*this);
   else
     par_ = std::make_unique<DataParallel>(*this);
   // ZeRO-1 by default where the data-parallel ranks' chips differ: AdamW rounds differently on
@@ -228,7 +232,7 @@ void Trainer::build_program() {
   cap_ = par_->pass_rows();  // what fits the device, or the pipeline's micro-batch
   const auto [first, last] = par_->layers();
   Graph g = train_graph(cfg_, cap_, &m_, &n_forward_, first, last, &seed_value_, &grad_in_value_,
-                        par_->experts());
+                        par_->experts(), par_->tensor_shard());
   prog_ = std::make_unique<Program>(std::move(g), *dev_);
   for (size_t n = 0; n < prog_->graph().nodes.size(); ++n) {
     const Node& node = prog_->graph().nodes[n];
@@ -295,20 +299,34 @@ void Trainer::load_weights(const Checkpoint* ck, const Adapter& start, const Dec
     throw Error("--base_dtype bf16 keeps the frozen base in bf16 on the CPU backend only; " +
                 dev_->name() + " takes f32");
   const ExpertShard* shard = par_->experts();  // expert parallel: this rank's experts
-  if (adapters)  // the frozen base, from its folder (checkpoints hold the adapters only)
+  const bool tp = par_->tensor_shard();        // tensor parallel: whole tensors, cut
+  const std::string folder = "model folder '" + cfg_.model.dir + "'";
+  auto folder_cut = [&] {
+    return par_->cut(decoder_weights(model, load_hf_weights(cfg_.model.dir), folder));
+  };
+  if (adapters && tp)  // the frozen base, from its folder (checkpoints hold the adapters only)
+    upload_weights(*prog_, folder_cut(), folder, WeightSet::frozen);
+  else if (adapters)
     upload_hf_weights(*prog_, cfg_.model.dir, WeightSet::frozen, shard ? shard->first : 0);
   if (ck) {
     load(*ck);
   } else {
     if (adapters && !start.tensors.empty()) {
-      upload_weights(*prog_, shard ? expert_slices(start.tensors, *shard) : start.tensors,
+      upload_weights(*prog_,
+                     shard ? expert_slices(start.tensors, *shard) : par_->cut(start.tensors),
                      "adapter '" + cfg_.adapter + "'", WeightSet::trained);
+    } else if (adapters && tp) {
+      upload_weights(*prog_, par_->cut(whole_fresh(model)), "fresh adapters", WeightSet::trained);
     } else if (adapters) {
       for (int p : prog_->graph().params()) init_adapter(p);
+    } else if (!cfg_.model.dir.empty() && tp) {  // the folder's, cut
+      upload_weights(*prog_, folder_cut(), folder);
     } else if (!cfg_.model.dir
                     .empty()) {  // fine-tuning: the folder's weights (this rank's experts)
       upload_hf_weights(*prog_, cfg_.model.dir, WeightSet::all,
                         par_->experts() ? par_->experts()->first : 0);
+    } else if (tp) {  // fresh: the whole model's values, cut
+      upload_weights(*prog_, par_->cut(whole_fresh(model)), "fresh weights");
     } else {  // fresh: an expert stack's share of the whole one's values
       for (int p : prog_->graph().params()) {
         const Value& v = prog_->graph().v(p);
@@ -322,6 +340,23 @@ void Trainer::load_weights(const Checkpoint* ck, const Adapter& start, const Dec
     }
     opt_->zero();
   }
+}
+
+TensorMap Trainer::whole_fresh(const DecoderConfig& model) const {
+  DecoderGraph m;
+  size_t nf = 0;
+  const Graph whole = train_graph(cfg_, 1, &m, &nf);
+  TensorMap out;
+  for (int p : whole.params()) {
+    const Value& v = whole.v(p);
+    HostTensor h(v.shape, DType::f32);
+    const std::vector<float> w =
+        cfg_.finetune != "full" ? adapter_values(v, 0)
+                                : decoder_init_param(v.name, h.numel(), model, uint64_t(cfg_.seed));
+    std::memcpy(h.bytes.data(), w.data(), h.bytes.size());
+    out.emplace(v.name, std::move(h));
+  }
+  return out;
 }
 
 }  // namespace mxn

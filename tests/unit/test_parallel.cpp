@@ -239,3 +239,48 @@ TEST(Ranks, IdentityFromEachLauncher) {
 
 }  // namespace
 }  // namespace mxn
+
+namespace mxn {
+namespace {
+
+// Tensor parallelism's shares: whole kv heads with their query heads and MLP column blocks in
+// proportion to speed, and every weight's pieces covering the whole tensor exactly once.
+TEST(TensorParallel, SharesCoverEveryWeightOnce) {
+  for (Arch arch : {Arch::gpt2, Arch::llama, Arch::chatglm, Arch::glm}) {
+    DecoderConfig c;
+    c.arch = arch;
+    c.hidden = 96, c.heads = 8, c.kv_heads = arch == Arch::gpt2 ? 0 : 4, c.layers = 1;
+    c.qkv_bias = c.mlp_bias = true;
+    const std::vector<TensorShard> s = tensor_shards(c, {3.0, 1.0});
+    ASSERT_EQ(s.size(), 2u);
+    EXPECT_EQ(s[0].kv + s[1].kv, c.n_kv_heads());
+    EXPECT_EQ(s[0].kv, 3 * s[1].kv);  // 3 : 1 by speed
+    EXPECT_EQ(s[0].heads, s[0].kv * (c.heads / c.n_kv_heads()));
+    EXPECT_EQ(s[0].ffn + s[1].ffn, c.ffn_width());
+    EXPECT_EQ(s[1].ffn0, s[0].ffn);
+    Graph g;
+    build_decoder(g, c, 1, 4);
+    int split = 0;
+    for (int w : g.params()) {
+      const Value& v = g.v(w);
+      std::vector<float> whole(size_t(numel(v.shape))), back(whole.size(), -1.f);
+      for (size_t i = 0; i < whole.size(); ++i) whole[i] = float(i);
+      const ShardPieces p0 = shard_pieces(v.name, c, s[0]), p1 = shard_pieces(v.name, c, s[1]);
+      ASSERT_EQ(p0.pieces.empty(), p1.pieces.empty()) << v.name;
+      if (p0.pieces.empty()) continue;
+      ++split;
+      std::vector<float> share(whole.size());
+      for (const ShardPieces* p : {&p0, &p1}) {  // each rank's share out and back
+        move_pieces(*p, v.shape, whole.data(), share.data(), true);
+        move_pieces(*p, v.shape, back.data(), share.data(), false);
+      }
+      EXPECT_EQ(back, whole) << v.name;
+    }
+    // weights and biases of q, k, v (or qkv), gate and up (or fc, gate_up); o's and down's weights
+    const int want = (c.fused_qkv() ? 2 : 6) + 1 + (c.swiglu() && !c.fused_gate_up() ? 4 : 2) + 1;
+    EXPECT_EQ(split, want) << arch_name(arch);
+  }
+}
+
+}  // namespace
+}  // namespace mxn
