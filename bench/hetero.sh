@@ -9,6 +9,9 @@
 # BUILD_DIR (default build). MOE=1: the same shape as a Mixtral-style mixture of experts (16
 # experts of width 128, top-2), the mixed job run twice: data parallel (every rank all experts)
 # and expert parallel (--ep over the devices: experts and rows placed by measured speed).
+# TP=1: a LLaMA shape to split (4 layers of 256, 8 heads of 32, context 256), the mixed job
+# run three times: data parallel, and tensor parallel (--tp over the devices) with even shares and
+# with shares by measured speed (auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 devices="${DEVICES:-cpu,opencl:0}"
@@ -31,6 +34,10 @@ moe="${MOE:-0}"
 if [[ $moe == 1 ]]; then
   job+=(--arch mixtral --n_kv_head 4 --experts 16 --top_k 2 --moe_ffn 128 --router_aux_coef 0)
 fi
+tp="${TP:-0}"
+if [[ $tp == 1 ]]; then
+  job+=(--arch llama --n_embd 256 --n_head 8 --n_kv_head 8)
+fi
 tps() {  # tokens/s from the median step time, the first (warm-up) step left out
   /usr/bin/python3 - "$1/metrics.jsonl" "$((batch * 256))" <<'PY'
 import json, statistics, sys
@@ -41,6 +48,7 @@ PY
 
 shape="GPT-2 4x128"
 [[ $moe == 1 ]] && shape="Mixtral-style MoE 4x128, 16 experts x 128, top-2"
+[[ $tp == 1 ]] && shape="LLaMA 4x256, 8 heads"
 echo "$shape, context 256, $batch sequences/step, f32, 1 thread per device; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 alone() {  # device index, run name -> tokens/s of that device alone on its own core
   taskset -c "$1" "$mxn" train "${job[@]}" --device "${devs[$1]}" --out "$tmp/$2" > /dev/null
@@ -55,6 +63,13 @@ mixed=$(tps "$tmp/mixed")
 if [[ $moe == 1 ]]; then
   "$mxn" train "${job[@]}" --devices "$devices" --ep "${#devs[@]}" --out "$tmp/ep" > "$tmp/ep.log"
   ep=$(tps "$tmp/ep")
+fi
+if [[ $tp == 1 ]]; then
+  for split in even auto; do
+    "$mxn" train "${job[@]}" --devices "$devices" --tp "${#devs[@]}" --tp_split "$split" \
+      --out "$tmp/tp_$split" > "$tmp/tp_$split.log"
+  done
+  tp_even=$(tps "$tmp/tp_even") tp_auto=$(tps "$tmp/tp_auto")
 fi
 for i in "${!devs[@]}"; do after[$i]=$(alone "$i" "after$i"); done
 sum=0
@@ -72,6 +87,17 @@ if [[ $moe == 1 ]]; then
   printf '  expert parallel (--ep %d): %10.1f tokens/s\n' "${#devs[@]}" "$ep"
   /usr/bin/python3 -c "print(f'heterogeneous efficiency, data parallel: {$mixed / $sum:.2f}')"
   /usr/bin/python3 -c "print(f'heterogeneous efficiency, expert parallel: {$ep / $sum:.2f}')"
+  exit 0
+fi
+if [[ $tp == 1 ]]; then
+  for split in even auto; do
+    grep -E '^  plan: tensor|^tensor parallel:' "$tmp/tp_$split.log" | sed 's/^ */  /'
+  done
+  printf '  tensor parallel (--tp %d), even shares:   %10.1f tokens/s\n' "${#devs[@]}" "$tp_even"
+  printf '  tensor parallel (--tp %d), shares by speed: %10.1f tokens/s\n' "${#devs[@]}" "$tp_auto"
+  /usr/bin/python3 -c "print(f'heterogeneous efficiency, data parallel: {$mixed / $sum:.2f}')"
+  /usr/bin/python3 -c "print(f'heterogeneous efficiency, tensor parallel even: {$tp_even / $sum:.2f}')"
+  /usr/bin/python3 -c "print(f'heterogeneous efficiency, tensor parallel by speed: {$tp_auto / $sum:.2f}')"
   exit 0
 fi
 /usr/bin/python3 -c "print(f'heterogeneous efficiency: {$mixed / $sum:.2f}')"

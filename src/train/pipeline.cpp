@@ -17,6 +17,7 @@
 #include "parallel/schedule.h"
 #include "train/expert_exchange.h"
 #include "train/strategy.h"
+#include "train/tensor_group.h"
 #include "train/trainer.h"
 
 namespace mxn {
@@ -75,6 +76,24 @@ Pipeline::Pipeline(Trainer& t) : t_(t) {
   const bool ends = d.tie_embeddings && (stage_ == 0 || stage_ == pp_ - 1);
   tied_ = t_.comm_->split(ends ? int(replica_) : int(replicas_ + t_.rank_), int(stage_));
   if (t_.cfg_.ep > 1) place_experts_here();
+  if (t_.cfg_.tp > 1) split_blocks_here();
+}
+
+// --tp N: replicas [g N, (g + 1) N) of a stage form tensor-parallel group g and run the same
+// micro-batches; the shares by --tp_split's weights, or (auto) by the measured GEMM speed of each
+// place's chips in the stage; gradients summed over the replicas that hold the same share.
+void Pipeline::split_blocks_here() {
+  const DecoderConfig d = t_.cfg_.decoder_config();
+  check_tensor_parallel(t_.cfg_, t_.world_, d);
+  tp_ = t_.cfg_.tp;
+  const int64_t index = replica_ % tp_, groups = replicas_ / tp_;
+  std::string why;
+  std::vector<double> w = TensorParallel::speeds(t_, stage_ * tp_ + index, pp_ * tp_, &why);
+  if (int64_t(w.size()) == pp_ * tp_)
+    w = std::vector<double>(w.begin() + stage_ * tp_, w.begin() + (stage_ + 1) * tp_);
+  auto group = t_.comm_->split(int(stage_ * groups + replica_ / tp_), int(index));
+  dp_ = t_.comm_->split(int(stage_ * tp_ + index), int(replica_ / tp_));
+  tg_ = std::make_unique<TensorGroup>(std::move(group), index, d, w);
 }
 
 Pipeline::~Pipeline() = default;
@@ -108,15 +127,17 @@ void Pipeline::place_experts_here() {
 int64_t Pipeline::pass_rows() {
   // Replicas share a step's rows and the validation windows evenly, in consecutive blocks.
   const int64_t G = t_.cfg_.batch * t_.cfg_.accum, W = t_.cfg_.eval_batches * t_.cfg_.batch;
-  const std::vector<double> even(static_cast<size_t>(replicas_), 1.0);
+  // (--tp: a tensor-parallel group's replicas take the same rows.)
+  const int64_t shares = replicas_ / tp_, mine = replica_ / tp_;
+  const std::vector<double> even(static_cast<size_t>(shares), 1.0);
   const std::vector<int64_t> rows = split_rows(G, even), eval = split_rows(W, even);
   t_.row_begin_ = t_.eval_begin_ = 0;
-  for (int64_t r = 0; r < replica_; ++r) {
+  for (int64_t r = 0; r < mine; ++r) {
     t_.row_begin_ += rows[size_t(r)];
     t_.eval_begin_ += eval[size_t(r)];
   }
-  t_.rows_ = rows[size_t(replica_)];
-  t_.eval_rows_ = eval[size_t(replica_)];
+  t_.rows_ = rows[size_t(mine)];
+  t_.eval_rows_ = eval[size_t(mine)];
   const int64_t micro = t_.cfg_.micro > 0
                             ? std::min(t_.cfg_.micro, t_.rows_)
                             : std::max<int64_t>(1, (t_.rows_ + 2 * pp_ - 1) / (2 * pp_));
@@ -145,6 +166,8 @@ void Pipeline::plan() {
     recv_g_.resize(size_t(E));
   }
   if (replicas_ > 1) grad_host_.resize(size_t(t_.prog_->param_count()));
+  if (tg_)
+    tg_->plan(*t_.prog_, t_.m_, std::string(t_.dev_->api()->name) + ": " + t_.dev_->props().name);
   if (ep_ > 1) {
     x_ = std::make_unique<ExpertExchange>(t_, *group_, expert_bounds_, index_);
     split_ranges(t_.prog_->graph(), shared_, expert_);
@@ -173,6 +196,10 @@ void Pipeline::plan() {
     t_.plan_.pipeline +=
         std::string("), 4 ") + x_->path() + " all-to-alls a MoE layer a micro-batch pass";
   }
+  if (tg_)
+    t_.plan_.pipeline += "; --tp " + std::to_string(tp_) + ": each " + std::to_string(tp_) +
+                         " replicas of a stage split its blocks (" + t_.cfg_.tp_split +
+                         "; this stage " + tg_->describe() + ")";
 }
 
 void Pipeline::rows_of(int64_t micro, int64_t n, uint64_t key) {
@@ -240,13 +267,16 @@ double Pipeline::passes(uint64_t key, double total) {
   }
   pipe_->wait_sends();
   if (x_) x_->set_timing(false);
-  t_.comm_->all_reduce_sum(&loss_sum, 1);  // the last stages hold it; the others add 0
+  if (tg_ && tg_->index() != 0) loss_sum = 0;  // a group's replicas have the same loss
+  t_.comm_->all_reduce_sum(&loss_sum, 1);      // the last stages hold it; the others add 0
   return loss_sum;
 }
 
 void Pipeline::run(Program& prog, int variant, size_t end) {
   if (x_)
     x_->run(prog, variant, end);
+  else if (tg_)
+    tg_->run(prog, *t_.dev_, variant, end);
   else
     prog.run(0, end, variant);
 }
@@ -273,10 +303,11 @@ double Pipeline::grad_sumsq() {
   if (ep_ > 1) {
     group = mine = reduce_experts();
     group_->all_reduce_sum(&group, 1);
-  } else if (replicas_ > 1) {  // data parallel over the replicas of this stage
+  } else if (replicas_ > 1) {  // data parallel over the replicas of this stage (with my share)
     const Tensor g = t_.prog_->grads_all();
     t_.dev_->download(grad_host_.data(), g);
-    dp_->all_reduce_sum(grad_host_.data(), int64_t(grad_host_.size()));
+    if (dp_->size() > 1) dp_->all_reduce_sum(grad_host_.data(), int64_t(grad_host_.size()));
+    if (tg_) group = tg_->reduce(grad_host_);  // the group's other split params' squares
     t_.dev_->upload(g, grad_host_.data());
   }
   double duplicate = 0;  // the last stage's copy of the tied embeddings counts once in the norm
@@ -329,16 +360,28 @@ double Pipeline::eval() {
     }
     done += n;
   }
+  if (tg_ && tg_->index() != 0) sum = 0;  // a group's replicas have the same loss
   t_.comm_->all_reduce_sum(&sum, 1);
   return sum;
 }
+
+void Pipeline::after_step() {  // --tp on mixed chips: the whole weights from the group's first
+  if (!tg_ || !tg_->mixed()) return;
+  const Tensor all = t_.prog_->params_all();
+  t_.dev_->download(grad_host_.data(), all);
+  tg_->align(grad_host_);
+  t_.dev_->upload(all, grad_host_.data());
+}
+
+const TensorShard* Pipeline::tensor_shard() const { return tg_ ? &tg_->shard() : nullptr; }
+TensorMap Pipeline::cut(const TensorMap& whole) const { return tg_ ? tg_->cut(whole) : whole; }
 
 bool Pipeline::gather(Checkpoint& ck) {
   // replica 0's stages hand their weights and moments to rank 0 (with --ep, replica 0 of each
   // stage first gathers its EP group's experts)
   ck.weights.clear();
   ck.optimizer.clear();
-  if (replica_ >= ep_) return false;
+  if (replica_ >= std::max(ep_, tp_)) return false;
   gather_stages(ck);
   return stage_ == 0 && replica_ == 0;
 }
@@ -350,21 +393,24 @@ void Pipeline::own_state(std::vector<float>* blob, Checkpoint& ck) {
   // With --ep, the stage's whole params (a replica without experts still takes part in every
   // stack's gather); replica 0 keeps them.
   Graph whole;
-  if (ep_ > 1) {
+  if (ep_ > 1 || tg_) {
     DecoderGraph m;
     size_t nf = 0;
     whole = train_graph(t_.cfg_, 1, &m, &nf, bounds_[size_t(stage_)], bounds_[size_t(stage_ + 1)]);
   }
-  ExpertParallel::gather_state(
-      t_, ep_ > 1 ? whole : t_.prog_->graph(), group_.get(), expert_bounds_, shard_.first,
-      replica_ == 0, [&](const Value& v, int i, HostTensor&& h) {
-        if (blob) {
-          blob->insert(blob->end(), h.f32(), h.f32() + numel(v.shape));
-        } else {
-          const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
-          (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
-        }
-      });
+  auto put = [&](const Value& v, int i, HostTensor&& h) {
+    if (blob) {
+      blob->insert(blob->end(), h.f32(), h.f32() + numel(v.shape));
+    } else {
+      const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
+      (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
+    }
+  };
+  if (tg_)  // --tp: the split params pieced together on the group's first replica
+    tg_->gather(whole, TensorParallel::mine(t_), *t_.dev_, put);
+  else
+    ExpertParallel::gather_state(t_, ep_ > 1 ? whole : t_.prog_->graph(), group_.get(),
+                                 expert_bounds_, shard_.first, replica_ == 0, put);
 }
 
 void Pipeline::gather_stages(Checkpoint& ck) {

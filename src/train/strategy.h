@@ -39,6 +39,7 @@ namespace mxn {
 class Trainer;
 class Program;
 class ExpertExchange;
+class TensorGroup;
 
 // Expert parallelism: a rank's experts of each MoE layer.
 struct ExpertShard {
@@ -137,6 +138,11 @@ class Pipeline final : public Strategy {
   // --ep N beside --pp: each N consecutive replicas of a stage split its MoE layers' experts
   // (--expert_split even or weights) and exchange rows at the cuts, all in the same 1F1B step.
   const ExpertShard* experts() const override { return ep_ > 1 ? &shard_ : nullptr; }
+  // --tp N beside --pp: each N consecutive replicas of a stage split its blocks, run the same
+  // micro-batches and add their partial sums at the cuts.
+  const TensorShard* tensor_shard() const override;
+  TensorMap cut(const TensorMap& whole) const override;
+  void after_step() override;
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;
 
@@ -144,6 +150,7 @@ class Pipeline final : public Strategy {
   void rows_of(int64_t micro, int64_t n, uint64_t key);  // offsets for a micro-batch
   void gather_stages(Checkpoint& ck);
   void place_experts_here();  // --ep: the groups, the placement and the communicators
+  void split_blocks_here();   // --tp: the groups, the shares and the communicators
   double reduce_experts();  // --ep: gradients reduced by range; this group's expert sum of squares
   void own_state(std::vector<float>* blob, Checkpoint& ck);  // this stage's params, whole stacks
 
@@ -160,6 +167,8 @@ class Pipeline final : public Strategy {
   std::unique_ptr<ExpertExchange> x_;
   std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
   std::vector<float> pack_;
+  int64_t tp_ = 1;                   // --tp: the group's size
+  std::unique_ptr<TensorGroup> tg_;  // --tp: my group
 };
 
 // --ep N: each group of N consecutive ranks splits every MoE layer's experts into contiguous
@@ -225,42 +234,34 @@ class TensorParallel final : public Strategy {
   void after_step() override;  // mixed chips: the copies of a weight made equal
   double eval() override;
   bool gather(Checkpoint& ck) override;  // the whole layout, on rank 0
-  const TensorShard* tensor_shard() const override { return &shard_; }
+  const TensorShard* tensor_shard() const override;
   TensorMap cut(const TensorMap& whole) const override;
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;  // in the all-reduces
 
+  // The shares' weights for `places` group places: --tp_split's, or (auto) each place's speed,
+  // 1 / the mean seconds of a GEMM of the model's shape over the ranks at that place (this rank
+  // at `place`); `why` gets every rank's time. Collective.
+  static std::vector<double> speeds(Trainer& t, int64_t place, int64_t places, std::string* why);
+  // This rank's tensor of a param by name: its weight (i 0) or AdamW moment (1, 2).
+  static std::function<Tensor(const std::string&, int)> mine(Trainer& t);
+
  private:
-  struct Cut {
-    size_t at;  // before this node
-    int value;  // summed over the group, in place
-  };
   Trainer& t_;
-  int64_t tp_ = 1, index_ = 0, replica_ = 0, replicas_ = 1;
-  std::vector<TensorShard> shards_;  // every rank of a group's
-  TensorShard shard_;
+  int64_t tp_ = 1, replica_ = 0, replicas_ = 1;
   std::string speeds_;
-  std::unique_ptr<Communicator> group_, dp_;  // my group; the ranks holding my share
-  std::unique_ptr<GradSync> sync_;            // over dp_, with several replicas
-  std::vector<Cut> cuts_;
-  std::vector<float> host_, grads_host_;
-  // Param float ranges in the flat grads: whole on every rank, split, partial_gradient's.
-  std::vector<std::array<int64_t, 2>> whole_, split_, partial_;
-  std::vector<float> pack_;
-  bool mixed_group_ = false, mixed_dp_ = false, timing_ = false;
-  double seconds_ = 0;
+  std::unique_ptr<TensorGroup> tg_;
+  std::unique_ptr<Communicator> dp_;  // the ranks holding my share
+  std::unique_ptr<GradSync> sync_;    // over dp_, with several replicas
+  std::vector<float> grads_host_;
+  bool mixed_dp_ = false;
 };
 
-// The faster of two timed (rows, in) x (out, in)^T GEMMs on this rank's device, after a warm-up.
+// The faster of two timed (rows, in) x (out, in)^T GEMMs on this device, after a warm-up.
 double gemm_seconds(Device& dev, int64_t rows, int64_t out, int64_t in);
 
 // --tp's settings against the job's ranks and the model: an Error naming what is wrong.
 void check_tensor_parallel(const TrainConfig& c, int64_t world, const DecoderConfig& d);
-// Each rank's share of a block, in proportion to `speed`: whole kv heads (with their query heads)
-// and MLP columns in blocks of 32 where the width allows, every rank at least one of each.
-std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector<double>& speed);
-// Copies between a whole tensor and a share of it made of ShardPieces: to the share, or back.
-void move_pieces(const ShardPieces& s, const Shape& whole, float* w, float* shard, bool to_shard);
 
 // --ep's settings against the job's ranks (the multiple, --split and --expert_split): an
 // Error naming what is wrong. Checked before the ranks start, and by each rank.

@@ -13,6 +13,7 @@
     product where one device rounds the whole);
   - LoRA (on split and whole linears' sides), P-Tuning v2 with and without its MLP, fine-tuning a
     folder under --tp 2: losses within 1e-6, the adapter gathered as PEFT's;
+  - inside pipeline stages: --tp 2 --pp 2 over 4 ranks, its checkpoint resumed on one device;
   - 2 groups of --tp 2 over 4 ranks (data parallel across the groups; one group CPU + OpenCL);
   - checkpoints resume on any layout: the --tp 2 run's on one device, one device's on --tp 2
     with other shares, the resumed steps equal to the uninterrupted run;
@@ -58,7 +59,7 @@ def gap(x, y):
 
 
 def refused(name, args, want):
-    r = subprocess.run([mxn, "train", *base, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    r = subprocess.run([mxn, "train", *base, "--out", os.path.join(tmp, "refused"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True, timeout=300)
     lines = [l for l in r.stderr.splitlines() if l.startswith("mxn: error")]
     check(name, r.returncode != 0 and want in r.stderr and len(set(lines)) == 1,
@@ -99,6 +100,23 @@ with tempfile.TemporaryDirectory() as tmp:
     train(p("four_one"), *llama, "--n_head", "8", "--n_kv_head", "4", "--steps", "30")
     same(f"2 groups of --tp 2 (3 + 1 kv heads) over {four} = one cpu", p("four_one"), p("four"))
 
+    # Inside pipeline stages (--tp 2 --pp 2 over 4 ranks, rank = replica x 2 + stage): each
+    # stage's two replicas split its blocks (stage 0: a CPU and the OpenCL device, 3 + 1 kv heads).
+    quad = "cpu,cpu,opencl:0,cpu" if opencl else "cpu,cpu,cpu,cpu"
+    pq = [*llama, "--n_head", "8", "--n_kv_head", "4", "--n_layer", "3", "--steps", "20", "--eval_every", "10",
+          "--ckpt_every", "10"]
+    train(p("pq_one"), *pq)
+    out = train(p("pq"), *pq, "--devices", quad, "--pp", "2", "--tp", "2", "--tp_split", "3,1")
+    check("--tp 2 --pp 2: the plan says each stage's replicas split its blocks 3 + 1 kv heads",
+          "each 2 replicas of a stage split its blocks (3,1; this stage kv heads 3 1" in out,
+          next((l.strip()[-90:] for l in out.splitlines() if "split its blocks" in l), ""))
+    same(f"llama, --tp 2 --pp 2 over {quad} = one cpu", p("pq_one"), p("pq"))
+    x, y = (read_f32_safetensors(p(f"{r}/ckpt-00000020/model.safetensors")) for r in ("pq_one", "pq"))
+    check("... its checkpoint: the ordinary layout, weights as one cpu's", gap(x, y) < 1e-5,
+          f"{len(y)} tensors, worst {gap(x, y):.2e} of a tensor's max")
+    train(p("pq_r"), "--resume", p("pq/ckpt-00000010"), "--steps", "20", "--eval_every", "10", shape=False)
+    same("... its checkpoint resumed on one device", p("pq_one"), p("pq_r"), after=10)
+
     # Resuming on any layout: the --tp 2 run's step-30 checkpoint on one device, and one device's
     # on --tp 2 with uneven shares; steps 31-50 as the uninterrupted runs.
     train(p("r1"), "--resume", p("tp/ckpt-00000030"), "--steps", "50", shape=False)
@@ -136,8 +154,10 @@ with tempfile.TemporaryDirectory() as tmp:
             "--tp_split even: the model's 3 kv heads and 256 MLP columns must divide by 2")
     refused("--tp on a mixture of experts", ["--arch", "mixtral", "--experts", "4", "--devices", "cpu,cpu",
             "--tp", "2"], "mixture-of-experts layers (use --ep)")
-    refused("--tp with --pp", [*llama, "--devices", "cpu,cpu,cpu,cpu", "--tp", "2", "--pp", "2"],
-            "--tp 2 is not combined with --pp yet")
+    refused("--tp with --ep", ["--arch", "mixtral", "--experts", "4", "--devices", "cpu,cpu,cpu,cpu", "--tp", "2",
+            "--ep", "2"], "--tp 2 is not combined with --ep yet")
+    refused("--tp 2 --pp 2 over 6 ranks", [*llama, "--devices", "cpu,cpu,cpu,cpu,cpu,cpu", "--tp", "2", "--pp", "2"],
+            "--tp 2 --pp 2 needs a multiple of 4 ranks; the job has 6")
     refused("LoRA dropout under --tp", ["--model", p("hf"), "--finetune", "lora", "--lora_dropout", "0.1",
             "--devices", "cpu,cpu", "--tp", "2"], "--tp 2 with --lora_dropout 0.1: dropout")
     refused("a bad --tp_split", [*llama, "--devices", "cpu,cpu", "--tp", "2", "--tp_split", "fast"],

@@ -12,6 +12,7 @@
 #include "parallel/comm.h"
 #include "train/expert_exchange.h"
 #include "train/strategy.h"
+#include "train/tensor_group.h"
 
 namespace mxn {
 namespace {

@@ -1,0 +1,77 @@
+#pragma once
+// One rank's part in a tensor-parallel group (strategy.h has the overview), for any strategy that
+// splits blocks: TensorParallel over the whole model, Pipeline inside each stage. It knows the
+// group's shares, the cut points where partial sums are added over the group (host-staged through
+// MPI), which params are split, whole or whole with a partial gradient, and how a checkpoint's
+// whole tensors are cut to this rank's share and gathered back.
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "graph/program.h"
+#include "io/checkpoint.h"
+#include "models/decoder.h"
+#include "parallel/comm.h"
+
+namespace mxn {
+
+// Each rank's share of a block, in proportion to `speed`: whole kv heads (with their query heads)
+// and MLP columns in blocks of 32 where the width allows, every rank at least one of each.
+std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector<double>& speed);
+// Copies between a whole tensor and a share of it made of ShardPieces: to the share, or back.
+void move_pieces(const ShardPieces& s, const Shape& whole, float* w, float* shard, bool to_shard);
+
+class TensorGroup {
+ public:
+  // `group`: the ranks that split the blocks, this one its `index`th; their shares in proportion
+  // to `speed` (one a group rank).
+  TensorGroup(std::unique_ptr<Communicator> group, int64_t index, const DecoderConfig& d,
+              const std::vector<double>& speed);
+  ~TensorGroup();
+  const TensorShard& shard() const { return shards_[size_t(index_)]; }
+  Communicator& comm() { return *group_; }
+  int64_t index() const { return index_; }
+  // After the Program: the cut points of its graph (DecoderGraph::tp_sums, tp_grad_sums) and the
+  // params' kinds. `chip` names this rank's device (whole weights are aligned where they differ).
+  void plan(const Program& prog, const DecoderGraph& m, const std::string& chip);
+  // Nodes [0, end) of a pass, the partial sums added over the group at the cuts.
+  void run(Program& prog, Device& dev, int variant, size_t end);
+  // The flat gradients (host): partial ones summed over the group. Returns what this rank's sum
+  // of squares lacks of the group's: the other ranks' split params' squares. Collective.
+  double reduce(std::vector<float>& grads);
+  bool has_partial() const { return !partial_.empty(); }
+  // Mixed chips: the whole params (flat, host) copied from the group's first rank.
+  void align(std::vector<float>& params);
+  bool mixed() const { return mixed_; }
+  // A checkpoint's whole tensors (and moments "m."/"v.") cut to this rank's share.
+  TensorMap cut(const TensorMap& whole) const;
+  // Each param of `whole` as weight (i 0) and moments (1, 2), gathered whole on the group's first
+  // rank and handed to `put` there; `mine(name, i)` is this rank's tensor of it. Collective.
+  void gather(const Graph& whole, const std::function<Tensor(const std::string&, int)>& mine,
+              Device& dev, const std::function<void(const Value&, int, HostTensor&&)>& put);
+  // "kv heads 3 1, MLP columns 192 64": the shares, for the plan.
+  std::string describe() const;
+  void set_timing(bool on) { timing_ = on; }
+  double seconds() const { return seconds_; }
+
+ private:
+  struct Cut {
+    size_t at;  // before this node
+    int value;  // summed over the group, in place
+  };
+  std::unique_ptr<Communicator> group_;
+  int64_t index_ = 0;
+  DecoderConfig d_;
+  std::vector<TensorShard> shards_;  // every rank of the group's
+  std::vector<Cut> cuts_;
+  std::vector<float> host_, pack_;
+  // Param float ranges in the flat layout: whole on every rank, split, partial_gradient's.
+  std::vector<std::array<int64_t, 2>> whole_, split_, partial_;
+  bool mixed_ = false, timing_ = false;
+  double seconds_ = 0;
+};
+
+}  // namespace mxn
