@@ -487,7 +487,7 @@ class StepLoop {
     if (lead_ && !tr_.plan().tensor.empty() && tr_.mean_step_seconds() > 0)
       std::printf(
           "tensor parallel: rank 0 spent %.1f ms a step (%.0f%% of it) in the blocks' "
-          "all-reduces, through the host\n",
+          "all-reduces\n",
           tr_.mean_exchange_seconds() * 1e3,
           100.0 * tr_.mean_exchange_seconds() / tr_.mean_step_seconds());
     report(writer_.wait());
@@ -496,7 +496,11 @@ class StepLoop {
     const Trainer::Drift drift = tr_.replica_drift();  // collective
     if (!lead_) return code;
     if (drift.compared) {
-      if (drift.identical)
+      if (drift.identical && drift.tensor)
+        std::printf(
+            "replicas: every rank's whole weights bit-identical to its tensor-parallel group's "
+            "first rank's, and every share to the first replica's\n");
+      else if (drift.identical)
         std::printf("replicas: every rank's weights bit-identical to rank 0's\n");
       else
         std::printf(

@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -251,6 +253,23 @@ void DataParallel::follow_drift() {
   ++t_.plan_.rebalances;
   steps_since_change_ = 0;
   apply_split(next);
+}
+
+void compare_with(Communicator& c, const std::vector<float>& mine,
+                  const std::vector<std::array<int64_t, 2>>& ranges, double* worst, bool* same) {
+  for (auto [at, n] : ranges) {
+    std::vector<float> root(mine.begin() + at, mine.begin() + at + n);
+    c.broadcast(root.data(), n * 4, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = mine[size_t(at + i)];
+      *worst = std::max(*worst, std::fabs(double(x) - double(root[size_t(i)])));
+      *same = *same && std::memcmp(&x, &root[size_t(i)], 4) == 0;
+    }
+  }
+}
+
+void DataParallel::compare_copies(const std::vector<float>& mine, double* worst, bool* same) {
+  compare_with(*t_.comm_, mine, {{0, int64_t(mine.size())}}, worst, same);
 }
 
 }  // namespace mxn

@@ -82,6 +82,10 @@ class Strategy {
   // Nodes [0, end) of a pass (expert parallelism: with the exchanges at the cuts).
   virtual void run(Program& prog, int variant, size_t end);
   virtual double exposed_reduce_seconds() const { return 0; }
+  // Each copy this rank holds of a weight (`mine`: the flat params) against the strategy's
+  // reference copy (rank 0's; under --tp the group's first rank's and the first replica's): the
+  // largest difference and whether all are bit-identical. Collective.
+  virtual void compare_copies(const std::vector<float>& mine, double* worst, bool* same) {}
   // Expert parallelism: seconds a step in the exchanges (moving rows, waiting for the others).
   virtual double exchange_seconds() const { return 0; }
 
@@ -102,6 +106,7 @@ class DataParallel final : public Strategy {
   double eval() override;
   bool gather(Checkpoint& ck) override;
   double exposed_reduce_seconds() const override;
+  void compare_copies(const std::vector<float>& mine, double* worst, bool* same) override;
 
  private:
   void profile();
@@ -238,6 +243,7 @@ class TensorParallel final : public Strategy {
   TensorMap cut(const TensorMap& whole) const override;
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;  // in the all-reduces
+  void compare_copies(const std::vector<float>& mine, double* worst, bool* same) override;
 
   // The shares' weights for `places` group places: --tp_split's, or (auto) each place's speed,
   // 1 / the mean seconds of a GEMM of the model's shape over the ranks at that place (this rank
@@ -254,11 +260,16 @@ class TensorParallel final : public Strategy {
   std::unique_ptr<Communicator> dp_;  // the ranks holding my share
   std::unique_ptr<GradSync> sync_;    // over dp_, with several replicas
   std::vector<float> grads_host_;
-  bool mixed_dp_ = false;
+  bool mixed_ = false;  // the job's chips differ: every copy of a weight aligned after a step
 };
 
 // The faster of two timed (rows, in) x (out, in)^T GEMMs on this device, after a warm-up.
 double gemm_seconds(Device& dev, int64_t rows, int64_t out, int64_t in);
+
+// Each of `ranges` (floats [at, at + n) of the flat params `mine`) against rank 0 of `c`'s copy:
+// the largest difference into *worst, and *same false where a bit differs. Collective.
+void compare_with(Communicator& c, const std::vector<float>& mine,
+                  const std::vector<std::array<int64_t, 2>>& ranges, double* worst, bool* same);
 
 // --tp's settings against the job's ranks and the model: an Error naming what is wrong.
 void check_tensor_parallel(const TrainConfig& c, int64_t world, const DecoderConfig& d);

@@ -69,7 +69,7 @@ TensorGroup::TensorGroup(std::unique_ptr<Communicator> group, int64_t index, con
 
 TensorGroup::~TensorGroup() = default;
 
-void TensorGroup::plan(const Program& prog, const DecoderGraph& m, const std::string& chip) {
+void TensorGroup::plan(Program& prog, const DecoderGraph& m, const std::string& chip) {
   // The cuts: a sum over the group before the first node that reads each value.
   const Graph& g = prog.graph();
   int64_t most = 0;
@@ -95,6 +95,36 @@ void TensorGroup::plan(const Program& prog, const DecoderGraph& m, const std::st
     if (partial_gradient(v.name, d_, shard())) partial_.push_back(r);
   }
   mixed_ = !same_everywhere(*group_, chip);
+  Device& dev = prog.device();
+  const bool same = one_backend(*group_, dev);  // collective: before any rank's &&
+  if (group_->all(same && dev.has_exchange())) {
+    uint8_t id[MXN_COMM_ID_BYTES] = {};
+    if (group_->rank() == 0) dev.comm_id(id);
+    group_->broadcast(id, sizeof(id), 0);
+    dev.comm_init_group(kGroup, id, group_->size(), group_->rank());
+    slots_ = dev.alloc(uint64_t(group_->size() + 1) * uint64_t(most) * 4);
+    direct_ = true;
+  }
+}
+
+void TensorGroup::sum_on_device(Device& dev, const Tensor& x) {
+  const int n = group_->size(), me = group_->rank();
+  const uint64_t bytes = uint64_t(numel(x.shape)) * 4, most = host_.size() * 4;
+  auto slot = [&](int r) {
+    return r == me ? x : Tensor(x.shape, DType::f32, slots_->handle(), uint64_t(r) * most);
+  };
+  std::vector<mxn_message> wire;
+  for (int q = 0; q < n; ++q)
+    if (q != me) {
+      wire.push_back({x.buffer, x.offset, bytes, q, 0});
+      const Tensor in = slot(q);
+      wire.push_back({in.buffer, in.offset, bytes, q, 1});
+    }
+  dev.exchange(kGroup, wire);
+  // v0 + v1 + ... in rank order on every rank, the last sum into x
+  const Tensor acc(x.shape, DType::f32, slots_->handle(), uint64_t(n) * most);
+  for (int r = 1; r < n; ++r)
+    dev.run(make_op_call(MXN_OP_ADD, {r == 1 ? slot(0) : acc, slot(r)}, {r == n - 1 ? x : acc}));
 }
 
 void TensorGroup::run(Program& prog, Device& dev, int variant, size_t end) {
@@ -103,11 +133,17 @@ void TensorGroup::run(Program& prog, Device& dev, int variant, size_t end) {
     if (c.at >= end) break;
     prog.run(at, c.at, variant);
     at = c.at;
+    if (timing_) dev.synchronize();  // the sum's own time: the piece before it has finished
     const auto t0 = std::chrono::steady_clock::now();
     const Tensor x = prog.tensor(c.value, variant);
-    dev.download(host_.data(), x);
-    group_->all_reduce_sum(host_.data(), numel(x.shape));
-    dev.upload(x, host_.data());
+    if (direct_) {
+      sum_on_device(dev, x);
+      if (timing_) dev.synchronize();
+    } else {
+      dev.download(host_.data(), x);
+      group_->all_reduce_sum(host_.data(), numel(x.shape));
+      dev.upload(x, host_.data());
+    }
     if (timing_)
       seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }

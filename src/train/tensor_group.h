@@ -36,9 +36,15 @@ class TensorGroup {
   int64_t index() const { return index_; }
   // After the Program: the cut points of its graph (DecoderGraph::tp_sums, tp_grad_sums) and the
   // params' kinds. `chip` names this rank's device (whole weights are aligned where they differ).
-  void plan(const Program& prog, const DecoderGraph& m, const std::string& chip);
-  // Nodes [0, end) of a pass, the partial sums added over the group at the cuts.
+  // Collective over the group.
+  void plan(Program& prog, const DecoderGraph& m, const std::string& chip);
+  // Nodes [0, end) of a pass, the partial sums added over the group at the cuts: device to
+  // device where every rank of the group has the same backend with grouped messages (NCCL among
+  // CUDA GPUs: each rank's partial to every other, then summed in rank order, so every rank has
+  // the same bits), else through the host (MPI).
   void run(Program& prog, Device& dev, int variant, size_t end);
+  // How the sums travel, for the plan.
+  const char* path() const { return direct_ ? "device-to-device (NCCL)" : "host-staged"; }
   // The flat gradients (host): partial ones summed over the group. Returns what this rank's sum
   // of squares lacks of the group's: the other ranks' split params' squares. Collective.
   double reduce(std::vector<float>& grads);
@@ -46,6 +52,8 @@ class TensorGroup {
   // Mixed chips: the whole params (flat, host) copied from the group's first rank.
   void align(std::vector<float>& params);
   bool mixed() const { return mixed_; }
+  // The whole params' float ranges in the flat layout.
+  const std::vector<std::array<int64_t, 2>>& whole_ranges() const { return whole_; }
   // A checkpoint's whole tensors (and moments "m."/"v.") cut to this rank's share.
   TensorMap cut(const TensorMap& whole) const;
   // Each param of `whole` as weight (i 0) and moments (1, 2), gathered whole on the group's first
@@ -68,6 +76,10 @@ class TensorGroup {
   std::vector<TensorShard> shards_;  // every rank of the group's
   std::vector<Cut> cuts_;
   std::vector<float> host_, pack_;
+  static constexpr int kGroup = 2;  // the device's communicator for the group (ABI 10)
+  bool direct_ = false;
+  std::unique_ptr<Buffer> slots_;  // direct: the other ranks' partials, and a running sum
+  void sum_on_device(Device& dev, const Tensor& x);
   // Param float ranges in the flat layout: whole on every rank, split, partial_gradient's.
   std::vector<std::array<int64_t, 2>> whole_, split_, partial_;
   bool mixed_ = false, timing_ = false;

@@ -123,7 +123,7 @@ void TensorParallel::plan() {
   }
   const std::string chip = std::string(t.dev_->api()->name) + ": " + t.dev_->props().name;
   tg_->plan(*t.prog_, t.m_, chip);
-  mixed_dp_ = replicas_ > 1 && !same_everywhere(*dp_, chip);
+  mixed_ = !same_everywhere(*t.comm_, chip);  // any two chips of the job
   grads_host_.assign(size_t(t.prog_->param_count()), 0.f);
   if (replicas_ > 1) sync_ = std::make_unique<GradSync>(*t.prog_, *dp_);
   t.plan_.ranks.assign(size_t(t.world_), {});
@@ -131,8 +131,8 @@ void TensorParallel::plan() {
     t.plan_.ranks[size_t(r)].rows = rows[size_t(r / tp_)], t.plan_.ranks[size_t(r)].cap = t.cap_;
   t.plan_.tensor = std::to_string(replicas_) + (replicas_ > 1 ? " groups" : " group") + " of " +
                    std::to_string(tp_) + " ranks split each block (" + t.cfg_.tp_split +
-                   "): " + tg_->describe() + "; 2 host-staged all-reduces a block each way" +
-                   speeds_;
+                   "): " + tg_->describe() + "; 2 " + tg_->path() +
+                   " all-reduces a block each way" + speeds_;
 }
 
 void TensorParallel::run(Program& prog, int variant, size_t end) {
@@ -173,14 +173,14 @@ double TensorParallel::grad_sumsq() {
 }
 
 // On mixed chips each rank's AdamW rounds differently: the whole weights are copied from the
-// group's first rank, and every weight from the first replica's, so that no two copies of a
+// group's first rank, then every weight from the first replica's, so that no two copies of a
 // weight ever differ.
 void TensorParallel::after_step() {
-  if (!tg_->mixed() && !mixed_dp_) return;
+  if (!mixed_) return;
   const Tensor all = t_.prog_->params_all();
   t_.dev_->download(grads_host_.data(), all);
-  if (mixed_dp_) dp_->broadcast(grads_host_.data(), int64_t(grads_host_.size()) * 4, 0);
-  if (tg_->mixed()) tg_->align(grads_host_);
+  tg_->align(grads_host_);
+  if (replicas_ > 1) dp_->broadcast(grads_host_.data(), int64_t(grads_host_.size()) * 4, 0);
   t_.dev_->upload(all, grads_host_.data());
 }
 
@@ -214,6 +214,11 @@ std::function<Tensor(const std::string&, int)> TensorParallel::mine(Trainer& t) 
     const int id = have->at(name);
     return i == 0 ? t.prog_->tensor(id) : t.opt_->moment(i - 1, t.prog_->graph().v(id));
   };
+}
+
+void TensorParallel::compare_copies(const std::vector<float>& mine, double* worst, bool* same) {
+  compare_with(tg_->comm(), mine, tg_->whole_ranges(), worst, same);
+  if (replicas_ > 1) compare_with(*dp_, mine, {{0, int64_t(mine.size())}}, worst, same);
 }
 
 TensorMap TensorParallel::cut(const TensorMap& whole) const { return tg_->cut(whole); }

@@ -180,20 +180,17 @@ int Trainer::variant_for(int64_t rows) {
 double Trainer::lr_at(int64_t s) const { return opt_->lr_at(s); }
 
 Trainer::Drift Trainer::replica_drift() {
-  if (!whole_replicas()) return {};
-  const int64_t P = prog_->param_count();
-  std::vector<float> mine(static_cast<size_t>(P));
+  const bool tensor = comm_ && cfg_.tp > 1 && cfg_.pp == 1;
+  if (!whole_replicas() && !tensor) return {};
+  std::vector<float> mine(static_cast<size_t>(prog_->param_count()));
   dev_->download(mine.data(), prog_->params_all());
-  std::vector<float> root = mine;
-  comm_->broadcast(root.data(), P * 4, 0);
   double worst = 0;
-  for (size_t i = 0; i < mine.size(); ++i)
-    worst = std::max(worst, std::fabs(double(mine[i]) - double(root[i])));
+  bool same = true;
+  par_->compare_copies(mine, &worst, &same);
   std::vector<double> each(size_t(world_), 0.0);
   each[size_t(rank_)] = worst;
   comm_->all_reduce_sum(each.data(), world_);
-  const bool same = std::memcmp(mine.data(), root.data(), mine.size() * 4) == 0;
-  return {true, comm_->all(same), *std::max_element(each.begin(), each.end())};
+  return {true, comm_->all(same), *std::max_element(each.begin(), each.end()), tensor};
 }
 
 std::string Trainer::take_plan_change() {

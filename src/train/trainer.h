@@ -113,10 +113,13 @@ class Trainer {
   // Data parallelism over several ranks: whether every rank's weights are bit-identical to rank
   // 0's, and the largest difference of any weight on any rank (collective; not compared on one
   // rank, nor under --pp or --ep, whose replicas hold different parts).
+  // Under --tp: each rank's whole weights against its group's first rank's, and every weight
+  // against the first replica's of the same share (`tensor`).
   struct Drift {
     bool compared = false;
     bool identical = true;
     double worst = 0;
+    bool tensor = false;
   };
   Drift replica_drift();
 

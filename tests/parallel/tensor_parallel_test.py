@@ -74,6 +74,9 @@ with tempfile.TemporaryDirectory() as tmp:
     check("--tp 2 --tp_split even: the plan gives each rank one kv head and half the MLP",
           "kv heads 1 1, MLP columns 96 96" in out, next((l.strip() for l in out.splitlines() if "plan:" in l), ""))
     same(f"llama (GQA), --tp 2 over {pair} = one cpu (50 steps)", p("one"), p("tp"))
+    check("... each rank's whole weights (norms, embeddings) bit-identical to its group's first rank's",
+          "replicas: every rank's whole weights bit-identical to its tensor-parallel group's first rank's" in out,
+          next((l for l in out.splitlines() if l.startswith("replicas:")), "no replicas line"))
     train(p("dp"), *llama, "--devices", pair)
     for f, tol in (("model", 1e-5), ("optimizer", 1e-4)):
         x, y, z = (read_f32_safetensors(p(f"{n}/ckpt-00000050/{f}.safetensors")) for n in ("one", "tp", "dp"))
@@ -99,6 +102,9 @@ with tempfile.TemporaryDirectory() as tmp:
                 "--n_kv_head", "4", "--steps", "30")
     train(p("four_one"), *llama, "--n_head", "8", "--n_kv_head", "4", "--steps", "30")
     same(f"2 groups of --tp 2 (3 + 1 kv heads) over {four} = one cpu", p("four_one"), p("four"))
+    check("... every copy of every weight bit-identical (within groups and across replicas)",
+          "bit-identical to its tensor-parallel group's first rank's, and every share to the first replica's" in out,
+          next((l for l in out.splitlines() if l.startswith("replicas:")), "no replicas line"))
 
     # Inside pipeline stages (--tp 2 --pp 2 over 4 ranks, rank = replica x 2 + stage): each
     # stage's two replicas split its blocks (stage 0: a CPU and the OpenCL device, 3 + 1 kv heads).
