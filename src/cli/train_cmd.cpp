@@ -496,10 +496,10 @@ class StepLoop {
     const Trainer::Drift drift = tr_.replica_drift();  // collective
     if (!lead_) return code;
     if (drift.compared) {
-      if (drift.identical && drift.tensor)
+      if (drift.identical && drift.shares)
         std::printf(
-            "replicas: every rank's whole weights bit-identical to its tensor-parallel group's "
-            "first rank's, and every share to the first replica's\n");
+            "replicas: every copy of each weight bit-identical to the first rank's of those that "
+            "hold it\n");
       else if (drift.identical)
         std::printf("replicas: every rank's weights bit-identical to rank 0's\n");
       else

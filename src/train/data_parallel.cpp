@@ -255,21 +255,29 @@ void DataParallel::follow_drift() {
   apply_split(next);
 }
 
-void compare_with(Communicator& c, const std::vector<float>& mine,
-                  const std::vector<std::array<int64_t, 2>>& ranges, double* worst, bool* same) {
-  for (auto [at, n] : ranges) {
-    std::vector<float> root(mine.begin() + at, mine.begin() + at + n);
-    c.broadcast(root.data(), n * 4, 0);
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = mine[size_t(at + i)];
-      *worst = std::max(*worst, std::fabs(double(x) - double(root[size_t(i)])));
-      *same = *same && std::memcmp(&x, &root[size_t(i)], 4) == 0;
-    }
-  }
+std::vector<Strategy::Copies> DataParallel::copies() {
+  if (!t_.comm_) return {};
+  return {{t_.comm_, {{0, t_.prog_->param_count()}}}};
 }
 
-void DataParallel::compare_copies(const std::vector<float>& mine, double* worst, bool* same) {
-  compare_with(*t_.comm_, mine, {{0, int64_t(mine.size())}}, worst, same);
+void compare_copies(const std::vector<Strategy::Copies>& cs, const std::vector<float>& mine,
+                    double* worst, bool* same) {
+  std::vector<float> root;
+  for (const Strategy::Copies& c : cs)
+    for (auto [at, n] : c.ranges) {
+      root.assign(mine.begin() + at, mine.begin() + at + n);
+      c.comm->broadcast(root.data(), n * 4, 0);
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = mine[size_t(at + i)];
+        *worst = std::max(*worst, std::fabs(double(x) - double(root[size_t(i)])));
+        *same = *same && std::memcmp(&x, &root[size_t(i)], 4) == 0;
+      }
+    }
+}
+
+void align_copies(const std::vector<Strategy::Copies>& cs, std::vector<float>& params) {
+  for (const Strategy::Copies& c : cs)
+    for (auto [at, n] : c.ranges) c.comm->broadcast(&params[size_t(at)], n * 4, 0);
 }
 
 }  // namespace mxn

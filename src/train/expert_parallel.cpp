@@ -18,6 +18,7 @@
 #include "core/text.h"
 #include "io/hf_folder.h"
 #include "parallel/balance.h"
+#include "parallel/grad_sync.h"
 #include "train/expert_exchange.h"
 #include "train/strategy.h"
 #include "train/trainer.h"
@@ -276,6 +277,8 @@ void ExpertParallel::plan() {
   const Graph& g = t.prog_->graph();
   x_ = std::make_unique<ExpertExchange>(t, *group_comm_, bounds_, index_);
   split_ranges(g, shared_, expert_);
+  mixed_ =
+      !same_everywhere(*t.comm_, std::string(t.dev_->api()->name) + ": " + t.dev_->props().name);
   grads_host_.assign(size_t(t.prog_->param_count()), 0.f);
   pack_.reserve(grads_host_.size());
   t.plan_.ranks.assign(size_t(world), {});
@@ -292,6 +295,20 @@ void ExpertParallel::plan() {
 }
 
 void ExpertParallel::run(Program& prog, int variant, size_t end) { x_->run(prog, variant, end); }
+
+void ExpertParallel::after_step() {  // mixed chips: every copy made rank 0's of its holders
+  if (!mixed_) return;
+  const Tensor all = t_.prog_->params_all();
+  t_.dev_->download(grads_host_.data(), all);
+  align_copies(copies(), grads_host_);
+  t_.dev_->upload(all, grads_host_.data());
+}
+
+std::vector<Strategy::Copies> ExpertParallel::copies() {
+  std::vector<Copies> c{{t_.comm_, shared_}};
+  if (groups_ > 1) c.push_back({replicas_.get(), expert_});
+  return c;
+}
 
 double ExpertParallel::exchange_seconds() const { return x_ ? x_->seconds() : 0.0; }
 

@@ -14,6 +14,7 @@
 #include "core/rng.h"
 #include "core/text.h"
 #include "parallel/balance.h"
+#include "parallel/grad_sync.h"
 #include "parallel/schedule.h"
 #include "train/expert_exchange.h"
 #include "train/strategy.h"
@@ -166,8 +167,10 @@ void Pipeline::plan() {
     recv_g_.resize(size_t(E));
   }
   if (replicas_ > 1) grad_host_.resize(size_t(t_.prog_->param_count()));
-  if (tg_)
-    tg_->plan(*t_.prog_, t_.m_, std::string(t_.dev_->api()->name) + ": " + t_.dev_->props().name);
+  const std::string chip = std::string(t_.dev_->api()->name) + ": " + t_.dev_->props().name;
+  if (tg_) tg_->plan(*t_.prog_, t_.m_, chip);
+  mixed_ = !same_everywhere(*t_.comm_, chip);
+  if (mixed_) params_host_.resize(size_t(t_.prog_->param_count()));
   if (ep_ > 1) {
     x_ = std::make_unique<ExpertExchange>(t_, *group_, expert_bounds_, index_);
     split_ranges(t_.prog_->graph(), shared_, expert_);
@@ -365,12 +368,32 @@ double Pipeline::eval() {
   return sum;
 }
 
-void Pipeline::after_step() {  // --tp on mixed chips: the whole weights from the group's first
-  if (!tg_ || !tg_->mixed()) return;
+void Pipeline::after_step() {
+  if (!mixed_) return;
   const Tensor all = t_.prog_->params_all();
-  t_.dev_->download(grad_host_.data(), all);
-  tg_->align(grad_host_);
-  t_.dev_->upload(all, grad_host_.data());
+  t_.dev_->download(params_host_.data(), all);
+  align_copies(copies(), params_host_);
+  t_.dev_->upload(all, params_host_.data());
+}
+
+// A stage's copies: the whole weights in its --tp group; the replicas' (--ep: the replicated
+// params over every replica, each expert over those holding it); the tied embeddings of the
+// first and the last stage.
+std::vector<Strategy::Copies> Pipeline::copies() {
+  std::vector<Copies> c;
+  const int64_t all = t_.prog_->param_count();
+  if (tg_) c.push_back({&tg_->comm(), tg_->whole_ranges()});
+  if (ep_ > 1) {
+    c.push_back({dp_.get(), shared_});
+    if (holders_->size() > 1) c.push_back({holders_.get(), expert_});
+  } else if (dp_->size() > 1) {
+    c.push_back({dp_.get(), {{0, all}}});
+  }
+  if (tied_->size() > 1) {
+    const Value& e = t_.prog_->graph().v(t_.m_.embed_table);
+    c.push_back({tied_.get(), {{int64_t(e.offset / 4), numel(e.shape)}}});
+  }
+  return c;
 }
 
 const TensorShard* Pipeline::tensor_shard() const { return tg_ ? &tg_->shard() : nullptr; }

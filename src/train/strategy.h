@@ -82,10 +82,14 @@ class Strategy {
   // Nodes [0, end) of a pass (expert parallelism: with the exchanges at the cuts).
   virtual void run(Program& prog, int variant, size_t end);
   virtual double exposed_reduce_seconds() const { return 0; }
-  // Each copy this rank holds of a weight (`mine`: the flat params) against the strategy's
-  // reference copy (rank 0's; under --tp the group's first rank's and the first replica's): the
-  // largest difference and whether all are bit-identical. Collective.
-  virtual void compare_copies(const std::vector<float>& mine, double* worst, bool* same) {}
+  // The copies of weights this rank holds, in the order they are made equal (align_copies): for
+  // each communicator, the float ranges of the flat params that all its ranks hold alike, its
+  // rank 0's copy the reference. Empty: nothing held twice (one rank).
+  struct Copies {
+    Communicator* comm;
+    std::vector<std::array<int64_t, 2>> ranges;
+  };
+  virtual std::vector<Copies> copies() { return {}; }
   // Expert parallelism: seconds a step in the exchanges (moving rows, waiting for the others).
   virtual double exchange_seconds() const { return 0; }
 
@@ -106,7 +110,7 @@ class DataParallel final : public Strategy {
   double eval() override;
   bool gather(Checkpoint& ck) override;
   double exposed_reduce_seconds() const override;
-  void compare_copies(const std::vector<float>& mine, double* worst, bool* same) override;
+  std::vector<Copies> copies() override;  // the whole model, over every rank
 
  private:
   void profile();
@@ -147,7 +151,8 @@ class Pipeline final : public Strategy {
   // micro-batches and add their partial sums at the cuts.
   const TensorShard* tensor_shard() const override;
   TensorMap cut(const TensorMap& whole) const override;
-  void after_step() override;
+  void after_step() override;  // mixed chips: copies made equal
+  std::vector<Copies> copies() override;
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;
 
@@ -173,6 +178,8 @@ class Pipeline final : public Strategy {
   std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
   std::vector<float> pack_;
   int64_t tp_ = 1;                   // --tp: the group's size
+  bool mixed_ = false;               // the job's chips differ: copies aligned after a step
+  std::vector<float> params_host_;   // (for that)
   std::unique_ptr<TensorGroup> tg_;  // --tp: my group
 };
 
@@ -199,6 +206,8 @@ class ExpertParallel final : public Strategy {
   const ExpertShard* experts() const override { return &shard_; }
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;
+  void after_step() override;  // mixed chips: copies made equal
+  std::vector<Copies> copies() override;
 
   // This rank's seconds for an expert's GEMM over an even routing's rows, and for one sequence
   // through a block of the model's shape (the placement's and the rows' probes; Pipeline's too).
@@ -224,6 +233,7 @@ class ExpertParallel final : public Strategy {
   std::unique_ptr<ExpertExchange> x_;
   std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
   std::vector<float> grads_host_, pack_;
+  bool mixed_ = false;  // the job's chips differ: copies aligned after a step
 };
 
 // --tp N: groups of N consecutive ranks (rank = replica x tp + index) split every block (strategy
@@ -243,7 +253,7 @@ class TensorParallel final : public Strategy {
   TensorMap cut(const TensorMap& whole) const override;
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;  // in the all-reduces
-  void compare_copies(const std::vector<float>& mine, double* worst, bool* same) override;
+  std::vector<Copies> copies() override;     // whole weights in the group, then over the replicas
 
   // The shares' weights for `places` group places: --tp_split's, or (auto) each place's speed,
   // 1 / the mean seconds of a GEMM of the model's shape over the ranks at that place (this rank
@@ -266,10 +276,13 @@ class TensorParallel final : public Strategy {
 // The faster of two timed (rows, in) x (out, in)^T GEMMs on this device, after a warm-up.
 double gemm_seconds(Device& dev, int64_t rows, int64_t out, int64_t in);
 
-// Each of `ranges` (floats [at, at + n) of the flat params `mine`) against rank 0 of `c`'s copy:
-// the largest difference into *worst, and *same false where a bit differs. Collective.
-void compare_with(Communicator& c, const std::vector<float>& mine,
-                  const std::vector<std::array<int64_t, 2>>& ranges, double* worst, bool* same);
+// Each copy (flat params `mine`) against its reference: the largest difference into *worst, and
+// *same false where a bit differs. Collective.
+void compare_copies(const std::vector<Strategy::Copies>& c, const std::vector<float>& mine,
+                    double* worst, bool* same);
+// Every copy made its reference's, in order (mixed chips: each rank's optimizer rounds its own
+// way, so the copies would drift apart). Collective.
+void align_copies(const std::vector<Strategy::Copies>& c, std::vector<float>& params);
 
 // --tp's settings against the job's ranks and the model: an Error naming what is wrong.
 void check_tensor_parallel(const TrainConfig& c, int64_t world, const DecoderConfig& d);

@@ -160,10 +160,6 @@ double TensorGroup::reduce(std::vector<float>& grads) {
   return all - mine;
 }
 
-void TensorGroup::align(std::vector<float>& params) {
-  for (auto [at, n] : whole_) group_->broadcast(&params[size_t(at)], n * 4, 0);
-}
-
 TensorMap TensorGroup::cut(const TensorMap& whole) const {
   TensorMap out;
   for (const auto& [name, t] : whole) {

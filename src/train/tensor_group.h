@@ -49,8 +49,6 @@ class TensorGroup {
   // of squares lacks of the group's: the other ranks' split params' squares. Collective.
   double reduce(std::vector<float>& grads);
   bool has_partial() const { return !partial_.empty(); }
-  // Mixed chips: the whole params (flat, host) copied from the group's first rank.
-  void align(std::vector<float>& params);
   bool mixed() const { return mixed_; }
   // The whole params' float ranges in the flat layout.
   const std::vector<std::array<int64_t, 2>>& whole_ranges() const { return whole_; }

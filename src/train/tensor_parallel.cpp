@@ -179,9 +179,14 @@ void TensorParallel::after_step() {
   if (!mixed_) return;
   const Tensor all = t_.prog_->params_all();
   t_.dev_->download(grads_host_.data(), all);
-  tg_->align(grads_host_);
-  if (replicas_ > 1) dp_->broadcast(grads_host_.data(), int64_t(grads_host_.size()) * 4, 0);
+  align_copies(copies(), grads_host_);
   t_.dev_->upload(all, grads_host_.data());
+}
+
+std::vector<Strategy::Copies> TensorParallel::copies() {
+  std::vector<Copies> c{{&tg_->comm(), tg_->whole_ranges()}};
+  if (replicas_ > 1) c.push_back({dp_.get(), {{0, t_.prog_->param_count()}}});
+  return c;
 }
 
 double TensorParallel::eval() {
@@ -214,11 +219,6 @@ std::function<Tensor(const std::string&, int)> TensorParallel::mine(Trainer& t) 
     const int id = have->at(name);
     return i == 0 ? t.prog_->tensor(id) : t.opt_->moment(i - 1, t.prog_->graph().v(id));
   };
-}
-
-void TensorParallel::compare_copies(const std::vector<float>& mine, double* worst, bool* same) {
-  compare_with(tg_->comm(), mine, tg_->whole_ranges(), worst, same);
-  if (replicas_ > 1) compare_with(*dp_, mine, {{0, int64_t(mine.size())}}, worst, same);
 }
 
 TensorMap TensorParallel::cut(const TensorMap& whole) const { return tg_->cut(whole); }

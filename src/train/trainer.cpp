@@ -180,17 +180,18 @@ int Trainer::variant_for(int64_t rows) {
 double Trainer::lr_at(int64_t s) const { return opt_->lr_at(s); }
 
 Trainer::Drift Trainer::replica_drift() {
-  const bool tensor = comm_ && cfg_.tp > 1 && cfg_.pp == 1;
-  if (!whole_replicas() && !tensor) return {};
+  if (!comm_) return {};
+  const std::vector<Strategy::Copies> copies = par_->copies();
+  if (comm_->all(copies.empty())) return {};  // (a middle stage may hold no copies; others do)
   std::vector<float> mine(static_cast<size_t>(prog_->param_count()));
   dev_->download(mine.data(), prog_->params_all());
   double worst = 0;
   bool same = true;
-  par_->compare_copies(mine, &worst, &same);
+  compare_copies(copies, mine, &worst, &same);
   std::vector<double> each(size_t(world_), 0.0);
   each[size_t(rank_)] = worst;
   comm_->all_reduce_sum(each.data(), world_);
-  return {true, comm_->all(same), *std::max_element(each.begin(), each.end()), tensor};
+  return {true, comm_->all(same), *std::max_element(each.begin(), each.end()), !whole_replicas()};
 }
 
 std::string Trainer::take_plan_change() {

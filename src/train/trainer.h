@@ -110,16 +110,15 @@ class Trainer {
   double mean_exchange_seconds() const;
   // Hands over the latest split correction's description, once.
   std::string take_plan_change();
-  // Data parallelism over several ranks: whether every rank's weights are bit-identical to rank
-  // 0's, and the largest difference of any weight on any rank (collective; not compared on one
-  // rank, nor under --pp or --ep, whose replicas hold different parts).
-  // Under --tp: each rank's whole weights against its group's first rank's, and every weight
-  // against the first replica's of the same share (`tensor`).
+  // Whether every copy of each weight is bit-identical to its reference (data parallelism: every
+  // rank's weights to rank 0's; --pp, --ep, --tp: each copy to the first rank's of those that
+  // hold it, `shares`), and the largest difference on any rank (collective; not compared on one
+  // rank).
   struct Drift {
     bool compared = false;
     bool identical = true;
     double worst = 0;
-    bool tensor = false;
+    bool shares = false;
   };
   Drift replica_drift();
 

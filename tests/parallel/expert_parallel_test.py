@@ -86,6 +86,9 @@ with tempfile.TemporaryDirectory() as tmp:
           "for one holds none)", len(placed) == 2 and placed[0].startswith("0-") and
           (placed[1].endswith("-5") or placed == ["0-5", "none"]), " | ".join(placed))
     a, b = same(f"qwen2_moe, --ep 2 over {pair} = one cpu (50 steps)", p("one"), p("ep2"))
+    check("... every copy of each weight bit-identical to the first holder's (mixed chips: aligned each step)",
+          "replicas: every copy of each weight bit-identical to the first rank's of those that hold it" in out,
+          next((l for l in out.splitlines() if l.startswith("replicas:")), "no replicas line"))
     check("... the experts' loads identical every step", [r["expert_load"] for r in a] == [r["expert_load"] for r in b])
     train(p("dp2"), *qwen, "--devices", pair)  # data parallelism over the same chips, for scale
     for f, tol in (("model", 1e-5), ("optimizer", 1e-4)):

@@ -75,7 +75,7 @@ with tempfile.TemporaryDirectory() as tmp:
           "kv heads 1 1, MLP columns 96 96" in out, next((l.strip() for l in out.splitlines() if "plan:" in l), ""))
     same(f"llama (GQA), --tp 2 over {pair} = one cpu (50 steps)", p("one"), p("tp"))
     check("... each rank's whole weights (norms, embeddings) bit-identical to its group's first rank's",
-          "replicas: every rank's whole weights bit-identical to its tensor-parallel group's first rank's" in out,
+          "replicas: every copy of each weight bit-identical to the first rank's of those that hold it" in out,
           next((l for l in out.splitlines() if l.startswith("replicas:")), "no replicas line"))
     train(p("dp"), *llama, "--devices", pair)
     for f, tol in (("model", 1e-5), ("optimizer", 1e-4)):
@@ -103,7 +103,7 @@ with tempfile.TemporaryDirectory() as tmp:
     train(p("four_one"), *llama, "--n_head", "8", "--n_kv_head", "4", "--steps", "30")
     same(f"2 groups of --tp 2 (3 + 1 kv heads) over {four} = one cpu", p("four_one"), p("four"))
     check("... every copy of every weight bit-identical (within groups and across replicas)",
-          "bit-identical to its tensor-parallel group's first rank's, and every share to the first replica's" in out,
+          "replicas: every copy of each weight bit-identical to the first rank's of those that hold it" in out,
           next((l for l in out.splitlines() if l.startswith("replicas:")), "no replicas line"))
 
     # Inside pipeline stages (--tp 2 --pp 2 over 4 ranks, rank = replica x 2 + stage): each
@@ -117,6 +117,10 @@ with tempfile.TemporaryDirectory() as tmp:
           "each 2 replicas of a stage split its blocks (3,1; this stage kv heads 3 1" in out,
           next((l.strip()[-90:] for l in out.splitlines() if "split its blocks" in l), ""))
     same(f"llama, --tp 2 --pp 2 over {quad} = one cpu", p("pq_one"), p("pq"))
+    check("... every copy of each weight bit-identical (whole ones in each group, the tied embeddings "
+          "of the first and last stage, the replicas)",
+          "replicas: every copy of each weight bit-identical to the first rank's of those that hold it" in out,
+          next((l for l in out.splitlines() if l.startswith("replicas:")), "no replicas line"))
     x, y = (read_f32_safetensors(p(f"{r}/ckpt-00000020/model.safetensors")) for r in ("pq_one", "pq"))
     check("... its checkpoint: the ordinary layout, weights as one cpu's", gap(x, y) < 1e-5,
           f"{len(y)} tensors, worst {gap(x, y):.2e} of a tensor's max")
