@@ -275,6 +275,13 @@ void compare_copies(const std::vector<Strategy::Copies>& cs, const std::vector<f
     }
 }
 
+void put_state(Checkpoint& ck, const std::string& name, int i, HostTensor&& h) {
+  if (i == 0)
+    ck.weights.insert_or_assign(name, std::move(h));
+  else
+    ck.optimizer.insert_or_assign((i == 1 ? "m." : "v.") + name, std::move(h));
+}
+
 void align_copies(const std::vector<Strategy::Copies>& cs, std::vector<float>& params) {
   for (const Strategy::Copies& c : cs)
     for (auto [at, n] : c.ranges) c.comm->broadcast(&params[size_t(at)], n * 4, 0);

@@ -277,8 +277,6 @@ void ExpertParallel::plan() {
   const Graph& g = t.prog_->graph();
   x_ = std::make_unique<ExpertExchange>(t, *group_comm_, bounds_, index_);
   split_ranges(g, shared_, expert_);
-  mixed_ =
-      !same_everywhere(*t.comm_, std::string(t.dev_->api()->name) + ": " + t.dev_->props().name);
   grads_host_.assign(size_t(t.prog_->param_count()), 0.f);
   pack_.reserve(grads_host_.size());
   t.plan_.ranks.assign(size_t(world), {});
@@ -295,14 +293,6 @@ void ExpertParallel::plan() {
 }
 
 void ExpertParallel::run(Program& prog, int variant, size_t end) { x_->run(prog, variant, end); }
-
-void ExpertParallel::after_step() {  // mixed chips: every copy made rank 0's of its holders
-  if (!mixed_) return;
-  const Tensor all = t_.prog_->params_all();
-  t_.dev_->download(grads_host_.data(), all);
-  align_copies(copies(), grads_host_);
-  t_.dev_->upload(all, grads_host_.data());
-}
 
 std::vector<Strategy::Copies> ExpertParallel::copies() {
   std::vector<Copies> c{{t_.comm_, shared_}};
@@ -377,11 +367,9 @@ bool ExpertParallel::gather(Checkpoint& ck) {
   DecoderGraph m;
   size_t nf = 0;
   const Graph whole = train_graph(t_.cfg_, 1, &m, &nf);  // every param, whole
-  gather_state(t_, whole, group_comm_.get(), bounds_, shard_.first, index_ == 0,
-               [&](const Value& v, int i, HostTensor&& h) {
-                 const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
-                 (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
-               });
+  gather_state(
+      t_, whole, group_comm_.get(), bounds_, shard_.first, index_ == 0,
+      [&](const Value& v, int i, HostTensor&& h) { put_state(ck, v.name, i, std::move(h)); });
   return index_ == 0;
 }
 

@@ -167,10 +167,7 @@ void Pipeline::plan() {
     recv_g_.resize(size_t(E));
   }
   if (replicas_ > 1) grad_host_.resize(size_t(t_.prog_->param_count()));
-  const std::string chip = std::string(t_.dev_->api()->name) + ": " + t_.dev_->props().name;
-  if (tg_) tg_->plan(*t_.prog_, t_.m_, chip);
-  mixed_ = !same_everywhere(*t_.comm_, chip);
-  if (mixed_) params_host_.resize(size_t(t_.prog_->param_count()));
+  if (tg_) tg_->plan(*t_.prog_, t_.m_);
   if (ep_ > 1) {
     x_ = std::make_unique<ExpertExchange>(t_, *group_, expert_bounds_, index_);
     split_ranges(t_.prog_->graph(), shared_, expert_);
@@ -368,14 +365,6 @@ double Pipeline::eval() {
   return sum;
 }
 
-void Pipeline::after_step() {
-  if (!mixed_) return;
-  const Tensor all = t_.prog_->params_all();
-  t_.dev_->download(params_host_.data(), all);
-  align_copies(copies(), params_host_);
-  t_.dev_->upload(all, params_host_.data());
-}
-
 // A stage's copies: the whole weights in its --tp group; the replicas' (--ep: the replicated
 // params over every replica, each expert over those holding it); the tied embeddings of the
 // first and the last stage.
@@ -425,8 +414,7 @@ void Pipeline::own_state(std::vector<float>* blob, Checkpoint& ck) {
     if (blob) {
       blob->insert(blob->end(), h.f32(), h.f32() + numel(v.shape));
     } else {
-      const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
-      (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
+      put_state(ck, v.name, i, std::move(h));
     }
   };
   if (tg_)  // --tp: the split params pieced together on the group's first replica

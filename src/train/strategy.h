@@ -151,7 +151,6 @@ class Pipeline final : public Strategy {
   // micro-batches and add their partial sums at the cuts.
   const TensorShard* tensor_shard() const override;
   TensorMap cut(const TensorMap& whole) const override;
-  void after_step() override;  // mixed chips: copies made equal
   std::vector<Copies> copies() override;
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;
@@ -178,8 +177,6 @@ class Pipeline final : public Strategy {
   std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
   std::vector<float> pack_;
   int64_t tp_ = 1;                   // --tp: the group's size
-  bool mixed_ = false;               // the job's chips differ: copies aligned after a step
-  std::vector<float> params_host_;   // (for that)
   std::unique_ptr<TensorGroup> tg_;  // --tp: my group
 };
 
@@ -206,7 +203,6 @@ class ExpertParallel final : public Strategy {
   const ExpertShard* experts() const override { return &shard_; }
   void run(Program& prog, int variant, size_t end) override;
   double exchange_seconds() const override;
-  void after_step() override;  // mixed chips: copies made equal
   std::vector<Copies> copies() override;
 
   // This rank's seconds for an expert's GEMM over an even routing's rows, and for one sequence
@@ -233,7 +229,6 @@ class ExpertParallel final : public Strategy {
   std::unique_ptr<ExpertExchange> x_;
   std::vector<std::array<int64_t, 2>> shared_, expert_;  // param float ranges in the flat grads
   std::vector<float> grads_host_, pack_;
-  bool mixed_ = false;  // the job's chips differ: copies aligned after a step
 };
 
 // --tp N: groups of N consecutive ranks (rank = replica x tp + index) split every block (strategy
@@ -246,7 +241,6 @@ class TensorParallel final : public Strategy {
   void plan() override;          // rows per replica, the cuts, the plan's description
   double passes(uint64_t key, double total) override;
   double grad_sumsq() override;
-  void after_step() override;  // mixed chips: the copies of a weight made equal
   double eval() override;
   bool gather(Checkpoint& ck) override;  // the whole layout, on rank 0
   const TensorShard* tensor_shard() const override;
@@ -270,7 +264,6 @@ class TensorParallel final : public Strategy {
   std::unique_ptr<Communicator> dp_;  // the ranks holding my share
   std::unique_ptr<GradSync> sync_;    // over dp_, with several replicas
   std::vector<float> grads_host_;
-  bool mixed_ = false;  // the job's chips differ: every copy of a weight aligned after a step
 };
 
 // The faster of two timed (rows, in) x (out, in)^T GEMMs on this device, after a warm-up.
@@ -280,6 +273,8 @@ double gemm_seconds(Device& dev, int64_t rows, int64_t out, int64_t in);
 // *same false where a bit differs. Collective.
 void compare_copies(const std::vector<Strategy::Copies>& c, const std::vector<float>& mine,
                     double* worst, bool* same);
+// A checkpoint's state of param `name`: its weight (i 0) or AdamW moment m (1) or v (2).
+void put_state(Checkpoint& ck, const std::string& name, int i, HostTensor&& h);
 // Every copy made its reference's, in order (mixed chips: each rank's optimizer rounds its own
 // way, so the copies would drift apart). Collective.
 void align_copies(const std::vector<Strategy::Copies>& c, std::vector<float>& params);

@@ -69,7 +69,7 @@ TensorGroup::TensorGroup(std::unique_ptr<Communicator> group, int64_t index, con
 
 TensorGroup::~TensorGroup() = default;
 
-void TensorGroup::plan(Program& prog, const DecoderGraph& m, const std::string& chip) {
+void TensorGroup::plan(Program& prog, const DecoderGraph& m) {
   // The cuts: a sum over the group before the first node that reads each value.
   const Graph& g = prog.graph();
   int64_t most = 0;
@@ -94,7 +94,6 @@ void TensorGroup::plan(Program& prog, const DecoderGraph& m, const std::string& 
     (shard_pieces(v.name, d_, shard()).pieces.empty() ? whole_ : split_).push_back(r);
     if (partial_gradient(v.name, d_, shard())) partial_.push_back(r);
   }
-  mixed_ = !same_everywhere(*group_, chip);
   Device& dev = prog.device();
   const bool same = one_backend(*group_, dev);  // collective: before any rank's &&
   if (group_->all(same && dev.has_exchange())) {

@@ -34,10 +34,9 @@ class TensorGroup {
   const TensorShard& shard() const { return shards_[size_t(index_)]; }
   Communicator& comm() { return *group_; }
   int64_t index() const { return index_; }
-  // After the Program: the cut points of its graph (DecoderGraph::tp_sums, tp_grad_sums) and the
-  // params' kinds. `chip` names this rank's device (whole weights are aligned where they differ).
-  // Collective over the group.
-  void plan(Program& prog, const DecoderGraph& m, const std::string& chip);
+  // After the Program: the cut points of its graph (DecoderGraph::tp_sums, tp_grad_sums), the
+  // params' kinds and how the sums travel. Collective over the group.
+  void plan(Program& prog, const DecoderGraph& m);
   // Nodes [0, end) of a pass, the partial sums added over the group at the cuts: device to
   // device where every rank of the group has the same backend with grouped messages (NCCL among
   // CUDA GPUs: each rank's partial to every other, then summed in rank order, so every rank has
@@ -49,7 +48,6 @@ class TensorGroup {
   // of squares lacks of the group's: the other ranks' split params' squares. Collective.
   double reduce(std::vector<float>& grads);
   bool has_partial() const { return !partial_.empty(); }
-  bool mixed() const { return mixed_; }
   // The whole params' float ranges in the flat layout.
   const std::vector<std::array<int64_t, 2>>& whole_ranges() const { return whole_; }
   // A checkpoint's whole tensors (and moments "m."/"v.") cut to this rank's share.
@@ -80,7 +78,7 @@ class TensorGroup {
   void sum_on_device(Device& dev, const Tensor& x);
   // Param float ranges in the flat layout: whole on every rank, split, partial_gradient's.
   std::vector<std::array<int64_t, 2>> whole_, split_, partial_;
-  bool mixed_ = false, timing_ = false;
+  bool timing_ = false;
   double seconds_ = 0;
 };
 

@@ -121,9 +121,7 @@ void TensorParallel::plan() {
     t.variant_for(std::min(n, t.cap_));
     if (n % t.cap_) t.variant_for(n % t.cap_);
   }
-  const std::string chip = std::string(t.dev_->api()->name) + ": " + t.dev_->props().name;
-  tg_->plan(*t.prog_, t.m_, chip);
-  mixed_ = !same_everywhere(*t.comm_, chip);  // any two chips of the job
+  tg_->plan(*t.prog_, t.m_);
   grads_host_.assign(size_t(t.prog_->param_count()), 0.f);
   if (replicas_ > 1) sync_ = std::make_unique<GradSync>(*t.prog_, *dp_);
   t.plan_.ranks.assign(size_t(t.world_), {});
@@ -172,17 +170,6 @@ double TensorParallel::grad_sumsq() {
   return sq + others;
 }
 
-// On mixed chips each rank's AdamW rounds differently: the whole weights are copied from the
-// group's first rank, then every weight from the first replica's, so that no two copies of a
-// weight ever differ.
-void TensorParallel::after_step() {
-  if (!mixed_) return;
-  const Tensor all = t_.prog_->params_all();
-  t_.dev_->download(grads_host_.data(), all);
-  align_copies(copies(), grads_host_);
-  t_.dev_->upload(all, grads_host_.data());
-}
-
 std::vector<Strategy::Copies> TensorParallel::copies() {
   std::vector<Copies> c{{&tg_->comm(), tg_->whole_ranges()}};
   if (replicas_ > 1) c.push_back({dp_.get(), {{0, t_.prog_->param_count()}}});
@@ -205,8 +192,7 @@ bool TensorParallel::gather(Checkpoint& ck) {
   size_t nf = 0;
   const Graph whole = train_graph(t_.cfg_, 1, &m, &nf);
   tg_->gather(whole, mine(t_), *t_.dev_, [&](const Value& v, int i, HostTensor&& h) {
-    const std::string key = i == 0 ? v.name : (i == 1 ? "m." : "v.") + v.name;
-    (i == 0 ? ck.weights : ck.optimizer).emplace(key, std::move(h));
+    put_state(ck, v.name, i, std::move(h));
   });
   return tg_->index() == 0;
 }

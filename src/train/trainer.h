@@ -175,7 +175,9 @@ class Trainer {
   std::vector<int64_t> offsets_;
   std::vector<uint64_t> row_ids_;
   bool glm_ = false;
-  bool zero_ = false;  // ZeRO-1 (--zero 1, or -1 with the ranks' chips differing)
+  bool zero_ = false;   // ZeRO-1 (--zero 1, or -1 with the ranks' chips differing)
+  bool align_ = false;  // copies of weights made equal after each step (chips differ, not DP)
+  std::vector<float> align_host_;
   GlmTokens glm_tokens_;
   std::vector<ChatTokens> sft_train_, sft_val_;       // conversations, when cfg_.sft is set
   const std::vector<ChatTokens>* sft_set_ = nullptr;  // the set fill_batch reads

@@ -207,17 +207,20 @@ void Trainer::setup_ranks(const DecoderConfig& model) {
     par_ = std::make_unique<TensorParallel>(*this);
   else
     par_ = std::make_unique<DataParallel>(*this);
-  // ZeRO-1 by default where the data-parallel ranks' chips differ: AdamW rounds differently on
-  // each, so replicas that each update themselves drift apart; with each rank updating only its
-  // share and the updated weights gathered, every replica is bit-identical by construction.
+  // Where the ranks' chips differ each rounds its own way, so copies of a weight updated on two
+  // chips drift apart. Data parallelism then turns ZeRO-1 on by default: each weight is updated
+  // by one rank and copied to the others, so every replica is bit-identical by construction. The
+  // other strategies copy each weight from its first holder after every step (align_copies).
+  const bool differ =
+      comm_ && !same_everywhere(*comm_, std::string(dev_->api()->name) + ": " + dev_->props().name);
   zero_ = cfg_.zero == 1;
-  if (cfg_.zero < 0 && whole_replicas() &&
-      !same_everywhere(*comm_, std::string(dev_->api()->name) + ": " + dev_->props().name)) {
+  if (cfg_.zero < 0 && whole_replicas() && differ) {
     zero_ = true;
     plan_.zero_why =
         "on by default: the ranks' chips differ, so that their replicas stay "
         "bit-identical";
   }
+  align_ = differ && !whole_replicas();
   const int64_t T = cfg_.seq_len();
   if (cfg_.sft.empty() && (data_.n_train() < T + 2 || data_.n_val() < T + 2))
     throw Error("data '" + cfg_.data + "' is too small: " + std::to_string(data_.n_train()) +
