@@ -1,5 +1,6 @@
 #include "graph/graph.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -148,6 +149,15 @@ int Graph::set_rows(int src, int dst, int64_t at, int64_t R, int64_t col, int ro
   std::vector<int> in{src};
   if (rows >= 0) in.push_back(rows);
   return emit(MXN_OP_SET_ROWS, in, {dst}, SetRowsParams{at, R, col});
+}
+
+size_t Graph::cut_before(int v, int written, const char* what) const {
+  size_t at = nodes.size();
+  for (size_t i = 0; i < nodes.size() && at == nodes.size(); ++i)
+    if (std::find(nodes[i].in.begin(), nodes[i].in.end(), v) != nodes[i].in.end()) at = i;
+  for (size_t i = at; i < nodes.size(); ++i)
+    for (int o : nodes[i].out) MXN_CHECK(written < 0 || o != written, what);
+  return at;
 }
 
 int64_t Graph::v_rows(int id) const {

@@ -136,7 +136,10 @@ class Graph {
 
   void mark_output(int id) { values[size_t(id)].output = true; }
   const Value& v(int id) const { return values[size_t(id)]; }
-  int64_t v_rows(int id) const;      // elements / last dim
+  int64_t v_rows(int id) const;  // elements / last dim
+  // Where a value crosses to other ranks (a cut point): before the first node that reads `v`
+  // (nodes.size() if none). Error (`what`) if `written` (-1: none) is written at or after it.
+  size_t cut_before(int v, int written, const char* what) const;
   std::vector<int> params() const;   // trained weights
   std::vector<int> weights() const;  // every stored weight: params and frozen ones
 

@@ -150,6 +150,11 @@ struct TensorShard {
 struct ShardPieces {
   int axis = 0;
   std::vector<std::array<int64_t, 2>> pieces;
+  int64_t width() const {  // the share's extent along the axis
+    int64_t w = 0;
+    for (auto [from, n] : pieces) w += n;
+    return w;
+  }
 };
 ShardPieces shard_pieces(const std::string& name, const DecoderConfig& c, const TensorShard& s);
 // A weight every rank of the group holds whole but whose gradient each computes only a part of,

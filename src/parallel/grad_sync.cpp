@@ -21,6 +21,16 @@ bool one_backend(Communicator& comm, const Device& dev) {
   return same_everywhere(comm, dev.api()->name);
 }
 
+bool device_group(Communicator& comm, Device& dev, int group) {
+  const bool same = one_backend(comm, dev);  // collective: before any rank's &&
+  if (!comm.all(same && dev.has_exchange())) return false;
+  uint8_t id[MXN_COMM_ID_BYTES] = {};
+  if (comm.rank() == 0) dev.comm_id(id);
+  comm.broadcast(id, sizeof(id), 0);
+  dev.comm_init_group(group, id, comm.size(), comm.rank());
+  return true;
+}
+
 GradSync::GradSync(Program& prog, Communicator& comm, int64_t bucket_floats)
     : prog_(prog), comm_(comm) {
   const Graph& g = prog.graph();

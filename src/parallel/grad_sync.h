@@ -22,6 +22,10 @@ bool same_everywhere(Communicator& comm, const std::string& what);
 // True on every rank iff every rank's device has rank 0's backend (collective over `comm`): the
 // condition, with the backend's own library present, for device-direct collectives.
 bool one_backend(Communicator& comm, const Device& dev);
+// Device-direct messages among `comm`'s ranks (ABI 10: NCCL's grouped send/receive among CUDA
+// GPUs) as the device's communicator `group`, where every rank has rank 0's backend with them;
+// false (nothing set up) otherwise. Collective over `comm`.
+bool device_group(Communicator& comm, Device& dev, int group);
 
 class GradSync {
  public:

@@ -178,18 +178,10 @@ ExpertExchange::ExpertExchange(Trainer& t, Communicator& group, const std::vecto
   x.E = d.experts, x.C = d.hidden, x.ep = ep, x.me = me;
   // The cuts: before the first node that reads what crosses, after the last that writes what
   // leaves (checked: the graph's order must allow it).
-  auto first_reading = [&](int v) {
-    for (size_t i = 0; i < g.nodes.size(); ++i)
-      if (std::find(g.nodes[i].in.begin(), g.nodes[i].in.end(), v) != g.nodes[i].in.end()) return i;
-    return g.nodes.size();
-  };
   auto cut = [&](size_t l, Kind k, int leaves, int arrives) {
-    const size_t at = first_reading(arrives);
-    for (size_t i = at; i < g.nodes.size(); ++i)
-      for (int o : g.nodes[i].out)
-        MXN_CHECK(leaves < 0 || o != leaves,
-                  "expert parallelism: a cut's rows are written after it");
-    x.cuts.push_back({at, l, k});
+    x.cuts.push_back(
+        {g.cut_before(arrives, leaves, "expert parallelism: a cut's rows are written after it"), l,
+         k});
   };
   const std::vector<ExpertCut>& ec = t.m_.expert_cuts;
   for (size_t l = 0; l < ec.size(); ++l) {  // without local experts, out and back at one point
@@ -215,12 +207,7 @@ ExpertExchange::ExpertExchange(Trainer& t, Communicator& group, const std::vecto
   x.counts.assign(ec.size() * size_t(ep * d.experts), 0);
   x.sum.assign(size_t(ep * d.experts), 0.0);
   x.off.assign(size_t(d.experts + 1), 0);
-  const bool same = one_backend(group, *x.dev);  // collective: before any rank's &&
-  if (ep > 1 && group.all(same && x.dev->has_exchange())) {
-    uint8_t id[MXN_COMM_ID_BYTES] = {};
-    if (group.rank() == 0) x.dev->comm_id(id);
-    group.broadcast(id, sizeof(id), 0);
-    x.dev->comm_init_group(Impl::kGroup, id, int(ep), group.rank());
+  if (ep > 1 && device_group(group, *x.dev, Impl::kGroup)) {
     x.direct = true;
   } else {
     x.send.assign(size_t(std::max(rows_out, rows_in)), 0.f);

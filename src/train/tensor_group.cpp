@@ -34,8 +34,7 @@ std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector
 
 void move_pieces(const ShardPieces& s, const Shape& whole, float* w, float* shard, bool to_shard) {
   const int64_t rows = whole[0], cols = whole.size() > 1 ? numel(whole) / rows : 1;
-  int64_t width = 0;  // the shard's extent along the axis
-  for (auto [from, n] : s.pieces) width += n;
+  const int64_t width = s.width();
   int64_t at = 0;
   for (auto [from, n] : s.pieces) {
     for (int64_t r = 0; r < (s.axis == 0 ? n : rows); ++r) {
@@ -51,9 +50,7 @@ void move_pieces(const ShardPieces& s, const Shape& whole, float* w, float* shar
 namespace {
 
 Shape shard_shape(const ShardPieces& s, Shape whole) {
-  int64_t width = 0;
-  for (auto [from, n] : s.pieces) width += n;
-  whole[size_t(s.axis)] = width;
+  whole[size_t(s.axis)] = s.width();
   return whole;
 }
 
@@ -76,12 +73,8 @@ void TensorGroup::plan(Program& prog, const DecoderGraph& m) {
   for (const std::vector<int>* vs : {&m.tp_sums, &m.tp_grad_sums})
     for (int v : *vs) {
       MXN_CHECK(v >= 0, "tensor parallelism: a split projection's input has no gradient");
-      size_t at = g.nodes.size();
-      for (size_t i = 0; i < g.nodes.size() && at == g.nodes.size(); ++i)
-        if (std::find(g.nodes[i].in.begin(), g.nodes[i].in.end(), v) != g.nodes[i].in.end()) at = i;
-      for (size_t i = at; i < g.nodes.size(); ++i)
-        for (int o : g.nodes[i].out)
-          MXN_CHECK(o != v, "tensor parallelism: a summed value is written after it is read");
+      const size_t at =
+          g.cut_before(v, v, "tensor parallelism: a summed value is written after it is read");
       cuts_.push_back({at, v});
       most = std::max(most, numel(g.v(v).shape));
     }
@@ -95,13 +88,9 @@ void TensorGroup::plan(Program& prog, const DecoderGraph& m) {
     if (partial_gradient(v.name, d_, shard())) partial_.push_back(r);
   }
   Device& dev = prog.device();
-  const bool same = one_backend(*group_, dev);  // collective: before any rank's &&
-  if (group_->all(same && dev.has_exchange())) {
-    uint8_t id[MXN_COMM_ID_BYTES] = {};
-    if (group_->rank() == 0) dev.comm_id(id);
-    group_->broadcast(id, sizeof(id), 0);
-    dev.comm_init_group(kGroup, id, group_->size(), group_->rank());
+  if (device_group(*group_, dev, kGroup)) {
     slots_ = dev.alloc(uint64_t(group_->size() + 1) * uint64_t(most) * 4);
+    wire_.reserve(size_t(2 * group_->size()));
     direct_ = true;
   }
 }
@@ -112,14 +101,14 @@ void TensorGroup::sum_on_device(Device& dev, const Tensor& x) {
   auto slot = [&](int r) {
     return r == me ? x : Tensor(x.shape, DType::f32, slots_->handle(), uint64_t(r) * most);
   };
-  std::vector<mxn_message> wire;
+  wire_.clear();
   for (int q = 0; q < n; ++q)
     if (q != me) {
-      wire.push_back({x.buffer, x.offset, bytes, q, 0});
+      wire_.push_back({x.buffer, x.offset, bytes, q, 0});
       const Tensor in = slot(q);
-      wire.push_back({in.buffer, in.offset, bytes, q, 1});
+      wire_.push_back({in.buffer, in.offset, bytes, q, 1});
     }
-  dev.exchange(kGroup, wire);
+  dev.exchange(kGroup, wire_);
   // v0 + v1 + ... in rank order on every rank, the last sum into x
   const Tensor acc(x.shape, DType::f32, slots_->handle(), uint64_t(n) * most);
   for (int r = 1; r < n; ++r)

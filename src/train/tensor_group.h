@@ -75,6 +75,7 @@ class TensorGroup {
   static constexpr int kGroup = 2;  // the device's communicator for the group (ABI 10)
   bool direct_ = false;
   std::unique_ptr<Buffer> slots_;  // direct: the other ranks' partials, and a running sum
+  std::vector<mxn_message> wire_;  // direct: a sum's messages (capacity kept)
   void sum_on_device(Device& dev, const Tensor& x);
   // Param float ranges in the flat layout: whole on every rank, split, partial_gradient's.
   std::vector<std::array<int64_t, 2>> whole_, split_, partial_;

@@ -239,7 +239,6 @@ float Trainer::step() {
   par_->after_step();
   if (align_) {  // mixed chips under --pp, --ep, --tp: every copy made its first holder's
     const Tensor all = prog_->params_all();
-    align_host_.resize(size_t(prog_->param_count()));
     dev_->download(align_host_.data(), all);
     align_copies(par_->copies(), align_host_);
     dev_->upload(all, align_host_.data());

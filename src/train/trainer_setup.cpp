@@ -273,6 +273,7 @@ void Trainer::setup_optimizer() {
   oo.beta1 = cfg_.beta1, oo.beta2 = cfg_.beta2, oo.eps = cfg_.eps;
   oo.weight_decay = cfg_.weight_decay, oo.clip = cfg_.clip;
   opt_ = std::make_unique<Optimizer>(*prog_, *dev_, oo, comm_, free);
+  if (align_) align_host_.resize(size_t(prog_->param_count()));
   scalar_ = dev_->alloc(64);
   sumsq_ = Tensor({1}, DType::f32, scalar_->handle());
   zero_grads_ = make_op_call(MXN_OP_FILL, {}, {prog_->grads_all()}, ScalarParams{0.f});
