@@ -22,7 +22,10 @@ namespace {
 
 struct PlanArgs {
   std::string cluster, model, svg, out, layout, recompute = "auto", data = "data/kjv.bin";
-  int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1, ep = 0, pp = 1;
+  std::string stages = "balanced", attention = "flash";
+  int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1, ep = 0, pp = 0, tp = 0;
+  int64_t interleave = 1;
+  bool sequence_parallel = false;
   std::string dtype = "f32";
 };
 
@@ -81,6 +84,31 @@ int print_expert_parallel(const Cluster& c, const DecoderConfig& dc, const JobSp
   return 0;
 }
 
+// A tensor-parallel group wider than a node of some type: its all-reduces cross the slower
+// link. One line each, with what it costs.
+void warn_tensor_parallel(const Cluster& c, const DecoderConfig& dc, int64_t tp,
+                          const JobSpec& job) {
+  if (tp <= 1) return;
+  if (dc.heads % tp || dc.n_kv_heads() % tp)
+    std::printf(
+        "--tp %lld does not divide the %lld heads and %lld kv heads evenly: no group "
+        "of that degree is priced (mxn train splits unevenly only by chip speed)\n",
+        (long long)tp, (long long)dc.heads, (long long)dc.n_kv_heads());
+  for (const NodeGroup& g : c.groups) {
+    if (tp <= g.per_node) continue;
+    // Four all-reduces of a layer's activation a sequence, each 2 (t - 1) / t of it.
+    const double bytes = 4.0 * 2 * double(tp - 1) / double(tp) * double(job.seq) *
+                         double(dc.hidden) * (job.dtype == "bf16" ? 2 : 4) * double(dc.layers);
+    std::printf(
+        "warning: a tensor-parallel group of %lld %s spans %lld nodes (%lld a node): its "
+        "all-reduces go over %.4g GB/s instead of %.4g, %.4g s a sequence instead of "
+        "%.4g\n",
+        (long long)tp, g.chip.name.c_str(), (long long)((tp + g.per_node - 1) / g.per_node),
+        (long long)g.per_node, g.inter_gbs, g.intra_gbs, bytes / (g.inter_gbs * 1e9),
+        bytes / (g.intra_gbs * 1e9));
+  }
+}
+
 void print_cluster(const std::string& path, const Cluster& c) {
   int64_t nodes = 0;
   for (const NodeGroup& g : c.groups) nodes += g.nodes();
@@ -107,6 +135,7 @@ nlohmann::json plan_json(const Cluster& c, const LayoutPlan& p, const JobSpec& j
       stages.push_back({{"chip", c.groups[size_t(s.group)].chip.name},
                         {"layers", {s.first, s.last}},
                         {"recompute", s.recompute},
+                        {"tensor_parallel", s.tp},
                         {"predicted_bytes", s.mem_bytes}});
     kinds.push_back({{"replicas", k.replicas}, {"micro_batches", k.micro}, {"stages", stages}});
   }
@@ -180,10 +209,17 @@ int run_plan(const PlanArgs& a) {
   job.seq = a.seq > 0 ? a.seq : dc.max_pos;
   job.dtype = a.dtype;
   job.zero1 = a.zero != 0;
-  if (a.recompute != "auto" && a.recompute != "all")
-    throw Error("--recompute '" + a.recompute + "': expected auto or all");
+  if (a.recompute != "auto" && a.recompute != "all" && a.recompute != "full")
+    throw Error("--recompute '" + a.recompute + "': expected auto, all or full");
   job.recompute_all = a.recompute == "all";
-  if (a.ep > 0) return print_expert_parallel(c, dc, job, a.ep, a.pp, a.micro);
+  job.recompute_full = a.recompute == "full";
+  job.sequence_parallel = a.sequence_parallel;
+  if (a.interleave < 1) throw Error("--interleave must be at least 1 (model chunks a stage)");
+  job.interleave = a.interleave;
+  if (a.attention != "flash" && a.attention != "unfused")
+    throw Error("--attention '" + a.attention + "': expected flash or unfused");
+  job.flash_attention = a.attention == "flash";
+  if (a.ep > 0) return print_expert_parallel(c, dc, job, a.ep, std::max<int64_t>(a.pp, 1), a.micro);
   const ModelCost m = model_cost(dc, job);
   if (!a.layout.empty()) {  // price the layout given, no search
     const int64_t micro = a.micro > 0 ? a.micro : 1;
@@ -207,8 +243,15 @@ int run_plan(const PlanArgs& a) {
   PlanOptions opt;
   opt.micro_batch = a.micro;
   opt.top = int(a.top);
-  if (opt.micro_batch < 0 || a.top < 1)
-    throw Error("--micro-batch must be 0 (searched) or positive and --top at least 1");
+  opt.tp = a.tp;
+  opt.pp = a.pp;
+  if (opt.micro_batch < 0 || a.top < 1 || a.tp < 0 || a.pp < 0)
+    throw Error(
+        "--micro-batch, --tp and --pp must be 0 (searched) or positive and --top at least 1");
+  if (a.stages != "balanced" && a.stages != "even")
+    throw Error("--stages '" + a.stages + "': expected balanced or even");
+  opt.even_stages = a.stages == "even";
+  warn_tensor_parallel(c, dc, a.tp, job);
   const PlanReport rep = plan_layouts(c, m, job, opt);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf(
@@ -288,15 +331,33 @@ std::function<int()> add_plan(CLI::App& app) {
                   "price this layout instead of searching: replicas by ',', stages by '+', "
                   "CHIP or CHIP@LAYERS (cpu:0@3+opencl:0@1)");
   sub->add_option("--recompute", a->recompute,
-                  "auto (only stages short of memory) or all (every pipeline stage, as mxn "
-                  "train --pp runs)")
+                  "auto (only stages short of memory), all (every pipeline stage, as mxn "
+                  "train --pp runs) or full (every stage, one-stage replicas too, as "
+                  "Megatron-LM's full recomputation)")
       ->capture_default_str();
   sub->add_option("--ep", a->ep,
                   "a mixture of experts: price expert parallelism over groups of this many chips, "
                   "experts placed by chip speed (0: the layout search)");
   sub->add_option("--pp", a->pp,
-                  "with --ep: pipeline stages, EP groups inside each (DeepSeek-V3's layout); "
-                  "--micro-batch sets the 1F1B micro-batch (default 1 sequence)")
+                  "pipeline stages (0: searched); with --ep: EP groups inside each stage "
+                  "(DeepSeek-V3's layout), --micro-batch the 1F1B micro-batch (default 1)")
+      ->capture_default_str();
+  sub->add_option("--tp", a->tp,
+                  "tensor-parallel chips a stage (0: searched among powers of two inside a node)")
+      ->capture_default_str();
+  sub->add_option("--stages", a->stages,
+                  "balanced (layers by time and memory) or even (the same count a stage, as "
+                  "Megatron-LM splits)")
+      ->capture_default_str();
+  sub->add_option("--sequence-parallel", a->sequence_parallel,
+                  "price Megatron-LM's sequence parallelism inside tensor-parallel groups")
+      ->capture_default_str();
+  sub->add_option("--interleave", a->interleave,
+                  "model chunks a pipeline stage holds (Megatron-LM's interleaved 1F1B; 1: plain "
+                  "1F1B, what mxn train --pp runs)")
+      ->capture_default_str();
+  sub->add_option("--attention", a->attention,
+                  "flash (no scores in memory, mxn's kernels) or unfused (scores materialized)")
       ->capture_default_str();
   sub->add_option("--svg", a->svg, "draw the chosen plan's step into this SVG file");
   sub->add_option("--out", a->out, "write the chosen plan as JSON");

@@ -48,14 +48,14 @@ Cluster load_cluster(const std::string& path) {
     const std::string where = path + ": group " + std::to_string(i + 1);
     if (!g) throw Error(where + ": expected a table");
     static const char* const keys[] = {
-        "chip",        "count",      "per_node", "intra_gbs", "inter_gbs",        "price_per_hour",
-        "bf16_tflops", "memory_gib", "hbm_gbs",  "mfu",       "shares_cores_with"};
+        "chip",        "count",      "per_node", "intra_gbs", "inter_gbs",         "price_per_hour",
+        "bf16_tflops", "memory_gib", "hbm_gbs",  "mfu",       "shares_cores_with", "measured"};
     for (const auto& [k, v] : *g)
       if (std::find(std::begin(keys), std::end(keys), k.str()) == std::end(keys))
         throw Error(where + ": unknown key '" + std::string(k.str()) +
                     "' (expected chip, count, per_node, intra_gbs, inter_gbs, price_per_hour, mfu, "
-                    "shares_cores_with, and for a chip of your own bf16_tflops, memory_gib, "
-                    "hbm_gbs)");
+                    "measured, shares_cores_with, and for a chip of your own bf16_tflops, "
+                    "memory_gib, hbm_gbs)");
     auto number = [&](const char* key, bool required, double dflt, const char* what) {
       const toml::node* n = g->get(key);
       if (!n) {
@@ -105,6 +105,14 @@ Cluster load_cluster(const std::string& path) {
     if (g->contains("mfu")) {
       ng.mfu = number("mfu", false, 0, "the share of the peak a training step reaches");
       if (ng.mfu > 1) throw Error(where + ": mfu must be at most 1 (a share of the peak)");
+    }
+    if (const toml::node* m = g->get("measured")) {
+      const std::optional<bool> b = m->value_exact<bool>();
+      if (!b)
+        throw Error(where +
+                    ": measured must be true or false (mfu measured on whole training "
+                    "steps, memory-bound ops included)");
+      ng.measured = *b;
     }
     c.groups.push_back(ng);
   }

@@ -9,6 +9,8 @@
 //   inter_gbs = 50        # GB/s a chip sends across nodes (its share of the NICs)
 //   price_per_hour = 2.5  # optional: a chip-hour's price, for cost per million tokens
 //   mfu = 0.5             # optional: the share of the bf16 peak a training step's GEMMs reach
+//   measured = false      # optional: true when mfu was measured on whole training steps (its
+//                         # rate then covers the memory-bound ops as well)
 //   shares_cores_with = "cpu:0"  # optional: this chip computes on another group's cores (PoCL
 //                         # on the host CPU): when both are used they split those cores evenly
 //
@@ -27,6 +29,9 @@ struct NodeGroup {
   double intra_gbs = 0, inter_gbs = 0, price_per_hour = 0;
   double mfu = 0.5;
   int shares_cores_with = -1;  // index of the group whose cores it uses, or -1
+  // The rate is measured on whole training steps (mxn plan --cluster here), memory-bound ops
+  // included: no separate time for them. Otherwise it is a datasheet peak times a GEMM share.
+  bool measured = false;
   int64_t nodes() const { return (count + per_node - 1) / per_node; }
 };
 

@@ -67,6 +67,16 @@ ModelCost model_cost(const DecoderConfig& c, const JobSpec& job) {
   // the arena holds the gradients of the layer being differentiated beside the saved ones.
   const double saved = 6 * C + 2 * (H + 2 * G) * D + 2 * H * D + H + (c.swiglu() ? 4 : 3) * Fa;
   m.act_bytes = a * saved;
+  m.act_shared_bytes = a * 6 * C;
+  m.heads = c.heads;
+  m.kv_heads = c.n_kv_heads();
+  // Read and written by one forward's non-GEMM ops, per token: two norms (in, out), two
+  // residual sums (two in, one out), the rotation of q and k (in, out), the MLP's activation
+  // (gate and up in, product out; GELU: in, out); unfused attention adds the scores' scale +
+  // mask + softmax (in, out) and dropout (in, out, a byte of mask) over (heads, T) a token.
+  m.ew_bytes = a * (4 * C + 6 * C + 2 * (H + G) * D + (c.swiglu() ? 3 : 2) * Fa);
+  m.ew_shared_bytes = a * 10 * C;
+  if (!job.flash_attention) m.ew_bytes += (4 * a + 1) * H * T;
   m.input_bytes = a * C;
   m.logits_bytes = 4 * 2 * V;
   m.boundary_bytes = a * C;

@@ -2,6 +2,9 @@
 // What one decoder layer costs, from the model's shape alone: parameters, FLOPs and the bytes
 // its training step keeps. The planner and the simulator price every layout from these figures.
 //
+// Time is the GEMM FLOPs at the chip's rate plus, where that rate is a datasheet peak times a
+// GEMM efficiency (not a rate measured on the whole step), the non-GEMM ops' bytes at the
+// chip's memory bandwidth (forward ew_bytes, backward twice that).
 // FLOPs count multiply-adds twice; a backward pass is twice its forward, recomputation adds one
 // forward. Attention is causal (half of the T x T scores), flash-style (nothing T x T is kept).
 // Bytes per parameter follow the training precision:
@@ -24,20 +27,40 @@ struct JobSpec {
   // Every stage of a pipeline recomputes its activations (what mxn's trainer does today);
   // false: only stages whose activations would not fit do.
   bool recompute_all = false;
+  // Every stage recomputes, one-stage replicas too (Megatron-LM's full recomputation).
+  bool recompute_full = false;
+  // Model chunks a pipeline stage holds (Megatron-LM's interleaved schedule, plan/simulate.h);
+  // 1: plain 1F1B, what mxn train --pp runs.
+  int64_t interleave = 1;
+  // Megatron-LM's sequence parallelism inside a tensor-parallel group: the norms, dropout and
+  // residual activations (and the stage boundary) split along the sequence over the group, the
+  // group's all-reduces become reduce-scatter + all-gather (the same bytes). mxn train does not
+  // have it yet: off by default so that plans predict mxn's own runs.
+  bool sequence_parallel = false;
+  // Attention computed flash-style (mxn's kernels, FlashAttention): no (heads, T, T) scores
+  // written to memory. false: the scores are materialized, scaled, masked, soft-maxed and
+  // dropped out in memory (Megatron-LM as of 2021), which the memory-bound time counts.
+  bool flash_attention = true;
 };
 
 struct ModelCost {
   int64_t layers = 0, hidden = 0, vocab = 0;
   bool tied = true;
-  double layer_params = 0;    // one decoder layer
-  double embed_params = 0;    // token (and learned position) embeddings: the first stage
-  double head_params = 0;     // final norm and, untied, the LM head: the last stage
-  double layer_flops = 0;     // forward FLOPs per token of one layer
-  double head_flops = 0;      // forward FLOPs per token of the LM head (the last stage)
-  double act_bytes = 0;       // per token and layer, what the backward needs, no recomputation
-  double input_bytes = 0;     // per token and layer, what full recomputation keeps (its input)
-  double logits_bytes = 0;    // per token on the last stage: f32 logits and their gradient
-  double boundary_bytes = 0;  // per token, one activation crossing a stage boundary
+  double layer_params = 0;  // one decoder layer
+  double embed_params = 0;  // token (and learned position) embeddings: the first stage
+  double head_params = 0;   // final norm and, untied, the LM head: the last stage
+  double layer_flops = 0;   // forward FLOPs per token of one layer
+  double head_flops = 0;    // forward FLOPs per token of the LM head (the last stage)
+  int64_t heads = 0, kv_heads = 0;
+  double act_bytes = 0;         // per token and layer, what the backward needs, no recomputation
+  double act_shared_bytes = 0;  // the part of act_bytes tensor parallelism does not split (the
+                                // norms' and residuals' full-width tensors; SP splits them too)
+  double ew_bytes = 0;          // per token and layer, memory traffic of one forward's non-GEMM ops
+                        // (norms, activation, residuals, rotation; unfused attention's scores)
+  double ew_shared_bytes = 0;  // the part of ew_bytes on full-width tensors (as act_shared_bytes)
+  double input_bytes = 0;      // per token and layer, what full recomputation keeps (its input)
+  double logits_bytes = 0;     // per token on the last stage: f32 logits and their gradient
+  double boundary_bytes = 0;   // per token, one activation crossing a stage boundary
   double weight_bytes = 0, grad_bytes = 0, optim_bytes = 0;  // per parameter
   double total_params() const;
 };

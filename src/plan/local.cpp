@@ -56,6 +56,7 @@ Cluster local_cluster(const TrainConfig& cfg) {
     std::snprintf(src, sizeof src, "measured here: %.4g s a step of %lld x %lld tokens", step_s,
                   (long long)job.global_batch, (long long)job.seq);
     g.chip.source = src;
+    g.measured = true;
     g.count = g.per_node = 1;
     g.intra_gbs = g.inter_gbs = 10;
     c.groups.push_back(g);

@@ -8,214 +8,11 @@
 #include <tuple>
 
 #include "core/error.h"
+#include "plan/stages.h"
 
 namespace mxn {
 
 namespace {
-
-constexpr double kUsable = 0.9;     // of a chip's memory; the rest is context and fragmentation
-constexpr double kLatency = 20e-6;  // seconds a message costs before its bytes (MPI, NCCL)
-constexpr double kPassS = 20e-6;    // a layer's kernel launches and sync per pass, each way
-constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
-
-std::string gib(double bytes) {
-  char s[32];
-  std::snprintf(s, sizeof s, "%.3g GiB", bytes / kGiB);
-  return s;
-}
-
-// The job at one micro-batch size, and the chips' rates for one set of used types.
-struct Ctx {
-  const Cluster& c;
-  const ModelCost& m;
-  const JobSpec& job;
-  int64_t b = 1;
-
-  double tokens() const { return double(b) * double(job.seq); }
-  int pool(int g) const {
-    const int s = c.groups[size_t(g)].shares_cores_with;
-    return s >= 0 ? s : g;
-  }
-  // Groups computing on the same cores split them evenly when all of them are used: each
-  // group's rate is divided by the number of used groups on its cores.
-  std::vector<double> divisors(const std::vector<bool>& used) const {
-    std::vector<double> d(c.groups.size(), 1.0);
-    for (size_t g = 0; g < d.size(); ++g) {
-      int sharing = 0;
-      for (size_t h = 0; h < c.groups.size(); ++h)
-        sharing += used[h] && pool(int(h)) == pool(int(g));
-      d[g] = std::max(1, sharing);
-    }
-    return d;
-  }
-  double rate(int g, const std::vector<double>& divisor) const {
-    const NodeGroup& n = c.groups[size_t(g)];
-    return n.chip.bf16_tflops * 1e12 * n.mfu / divisor[size_t(g)];
-  }
-  double usable(int g) const { return c.groups[size_t(g)].chip.memory_gib * kGiB * kUsable; }
-};
-
-struct StageShape {
-  int64_t first, last, p, s;
-  bool recompute;
-};
-
-double stage_params(const ModelCost& m, const StageShape& x) {
-  double n = double(x.last - x.first) * m.layer_params;
-  if (x.s == 0) n += m.embed_params;
-  if (x.s == x.p - 1) n += m.head_params + (m.tied && x.p > 1 ? double(m.vocab * m.hidden) : 0);
-  return n;
-}
-
-// Peak bytes of one stage's chip: weights, gradients, optimizer shard, the activations of the
-// micro-batches in flight (1F1B keeps p - s of them), one layer's backward working set, the
-// logits on the last stage, send buffers (double-buffered, both directions), two buckets.
-double stage_bytes(const Ctx& x, const StageShape& st, int64_t inflight, double shards) {
-  const ModelCost& m = x.m;
-  const double params = stage_params(m, st), layers = double(st.last - st.first);
-  double bytes = params * (m.weight_bytes + m.grad_bytes + m.optim_bytes / shards);
-  // Recomputation keeps the inputs of the micro-batches in flight and reruns the stage's forward
-  // for one of them at a time (all its layers' activations, as mxn's pipeline does).
-  if (st.recompute)
-    bytes += x.tokens() * (double(inflight) * layers * m.input_bytes + layers * m.act_bytes);
-  else
-    bytes += x.tokens() * double(inflight) * layers * m.act_bytes;
-  bytes += x.tokens() * m.act_bytes;  // the backward's working set
-  if (st.s == st.p - 1) bytes += x.tokens() * m.logits_bytes;
-  if (st.p > 1) bytes += 4 * x.tokens() * m.boundary_bytes;
-  if (shards > 1) bytes += 2 * x.job.bucket_mb * 1024 * 1024;
-  return bytes;
-}
-
-double stage_fwd_s(const Ctx& x, const StageShape& st, double rate) {
-  double f = double(st.last - st.first) * x.m.layer_flops;
-  if (st.s == st.p - 1) f += x.m.head_flops;
-  // A replica of one stage runs its micro-batches as one pass: no per-pass cost to split.
-  return x.tokens() * f / rate + (st.p > 1 ? double(st.last - st.first) * kPassS : 0);
-}
-
-double stage_bwd_s(const Ctx& x, const StageShape& st, double rate) {
-  const double recompute = st.recompute ? double(st.last - st.first) * x.m.layer_flops : 0;
-  return 2 * stage_fwd_s(x, st, rate) + x.tokens() * recompute / rate +
-         (st.recompute && st.p > 1 ? double(st.last - st.first) * kPassS : 0);
-}
-
-// A pipeline over `chips` (a group per stage) with the best stage boundaries: the smallest
-// bottleneck time whose greedy packing (each stage takes as many layers as fit its time and
-// memory, recomputing only when that fits more) places every layer. `shards`: the replicas
-// sharing each stage's optimizer state. Returns false with `why` when no packing fits.
-bool build_pipeline(const Ctx& x, const std::vector<int>& chips, const std::vector<double>& divisor,
-                    double shards, std::vector<StageCost>& out, std::string& why,
-                    const std::vector<int64_t>* fixed = nullptr) {
-  const int64_t p = int64_t(chips.size()), L = x.m.layers;
-  if (p > L) {
-    why = std::to_string(p) + " stages for " + std::to_string(L) + " layers";
-    return false;
-  }
-  std::vector<double> rates(static_cast<size_t>(p));
-  for (int64_t s = 0; s < p; ++s) rates[size_t(s)] = x.rate(chips[size_t(s)], divisor);
-  std::vector<StageShape> shape(static_cast<size_t>(p));
-  // Fills `shape` for bottleneck `tau`; false where a stage cannot take its layers.
-  auto pack = [&](double tau) {
-    int64_t layer = 0;
-    for (int64_t s = 0; s < p; ++s) {
-      const int64_t most = L - layer - (p - s - 1);
-      const int g = chips[size_t(s)];
-      int64_t take = 0;
-      bool rc = false;
-      for (bool r : {false, true}) {
-        if (!r && p > 1 && x.job.recompute_all) continue;  // mxn's pipeline recomputes always
-        int64_t n = 0;
-        for (int64_t k = 1; k <= most; ++k) {
-          if (fixed && k != (*fixed)[size_t(s)]) continue;
-          const StageShape st{layer, layer + k, p, s, r};
-          if (stage_bwd_s(x, st, rates[size_t(s)]) + stage_fwd_s(x, st, rates[size_t(s)]) > tau ||
-              stage_bytes(x, st, p - s, shards) > x.usable(g))
-            break;
-          n = k;
-        }
-        if (n > take) take = n, rc = r;
-      }
-      if (take == 0 || (s == p - 1 && take < most)) return false;
-      shape[size_t(s)] = {layer, layer + take, p, s, rc};
-      layer += take;
-    }
-    return true;
-  };
-  double hi = 0;
-  for (int64_t s = 0; s < p; ++s)
-    hi = std::max(hi, 2 * (stage_fwd_s(x, {0, L, p, p - 1, true}, rates[size_t(s)]) +
-                           stage_bwd_s(x, {0, L, p, p - 1, true}, rates[size_t(s)])));
-  if (fixed && !pack(hi * 1.01)) {
-    for (int64_t s = 0, layer = 0; s < p; layer += (*fixed)[size_t(s)], ++s) {
-      const int g = chips[size_t(s)];
-      const StageShape st{layer, layer + (*fixed)[size_t(s)], p, s, p > 1};
-      if ((*fixed)[size_t(s)] < 1 || stage_bytes(x, st, p - s, shards) > x.usable(g)) {
-        why = "stage " + std::to_string(s + 1) + " (" + x.c.groups[size_t(g)].chip.name + ", " +
-              std::to_string((*fixed)[size_t(s)]) + " layers) needs " +
-              gib(stage_bytes(x, st, p - s, shards)) + "; the chip holds " + gib(x.usable(g));
-        return false;
-      }
-    }
-    why = "the stages' layer counts do not add up to the model's " + std::to_string(L);
-    return false;
-  }
-  if (!pack(hi * 1.01)) {
-    // Name what does not fit: the first stage that cannot hold its share at any speed.
-    for (int64_t s = 0, layer = 0; s < p; ++s) {
-      const int g = chips[size_t(s)];
-      const StageShape one{layer, layer + 1, p, s, true};
-      const std::string& name = x.c.groups[size_t(g)].chip.name;
-      if (stage_bytes(x, one, p - s, shards) > x.usable(g)) {
-        why = "layer " + std::to_string(layer) +
-              (s == 0       ? " with the embeddings"
-               : s == p - 1 ? " with the LM head"
-                            : "") +
-              " needs " + gib(stage_bytes(x, one, p - s, shards)) + " at micro-batch " +
-              std::to_string(x.b) + " with recomputation as stage " + std::to_string(s + 1) +
-              " of " + std::to_string(p) + "; " + name + " holds " + gib(x.usable(g)) + " (" +
-              std::to_string(int(kUsable * 100)) + "% of its " +
-              gib(x.c.groups[size_t(g)].chip.memory_gib * kGiB) + ")";
-        return false;
-      }
-      int64_t n = 1;
-      while (layer + n < L - (p - s - 1) &&
-             stage_bytes(x, {layer, layer + n + 1, p, s, true}, p - s, shards) <= x.usable(g))
-        ++n;
-      layer += n;
-    }
-    why = std::to_string(L) + " layers do not fit " + std::to_string(p) +
-          " stages at micro-batch " + std::to_string(x.b) + " even with recomputation";
-    return false;
-  }
-  double lo = 0;
-  for (int it = 0; it < 50 && hi - lo > hi * 1e-6; ++it) {
-    const double mid = 0.5 * (lo + hi);
-    (pack(mid) ? hi : lo) = mid;
-  }
-  pack(hi);
-  out.assign(size_t(p), {});
-  for (int64_t s = 0; s < p; ++s) {
-    const StageShape& st = shape[size_t(s)];
-    StageCost& sc = out[size_t(s)];
-    sc.group = chips[size_t(s)];
-    sc.first = st.first;
-    sc.last = st.last;
-    sc.recompute = st.recompute;
-    sc.fwd_s = stage_fwd_s(x, st, rates[size_t(s)]);
-    sc.bwd_s = stage_bwd_s(x, st, rates[size_t(s)]);
-    sc.params = stage_params(x.m, st);
-    sc.mem_bytes = stage_bytes(x, st, p - s, shards);
-    if (s + 1 < p) {
-      const NodeGroup &a = x.c.groups[size_t(sc.group)],
-                      &b = x.c.groups[size_t(chips[size_t(s + 1)])];
-      const bool same_node = chips[size_t(s + 1)] == sc.group && (s + 1) % a.per_node != 0;
-      const double bw = same_node ? a.intra_gbs : std::min(a.inter_gbs, b.inter_gbs);
-      sc.send_s = x.tokens() * x.m.boundary_bytes / (bw * 1e9) + kLatency;
-    }
-  }
-  return true;
-}
 
 struct Candidate {  // a template with the replica count it was built for
   std::vector<StageCost> stages;
@@ -249,7 +46,7 @@ bool price(const Ctx& x, const std::vector<const Candidate*>& kinds, LayoutPlan&
     const int64_t Rk = kinds[k]->replicas, p = int64_t(st[k].size());
     for (StageCost& s : st[k]) {
       const NodeGroup& g = x.c.groups[size_t(s.group)];
-      const double bw = Rk * p <= g.per_node ? g.intra_gbs : g.inter_gbs;
+      const double bw = Rk * p * s.tp <= g.per_node ? g.intra_gbs : g.inter_gbs;
       // Seconds to reduce (or gather) `bytes` per chip: within the kind, then across kinds.
       auto collective = [&](double bytes) {
         if (R == 1) return 0.0;
@@ -261,8 +58,8 @@ bool price(const Ctx& x, const std::vector<const Candidate*>& kinds, LayoutPlan&
       s.gather_s = x.job.zero1 ? collective(s.params * x.m.weight_bytes) : 0;
       s.optim_s = s.params / z * touched / (g.chip.hbm_gbs * 1e9);
     }
-    const double t1 = simulate_1f1b(st[k], p).last_backward_s;
-    const double t2 = simulate_1f1b(st[k], 2 * p).last_backward_s;
+    const double t1 = simulate_pipeline(st[k], p, x.job.interleave).last_backward_s;
+    const double t2 = simulate_pipeline(st[k], 2 * p, x.job.interleave).last_backward_s;
     slope[k] = (t2 - t1) / double(p);
     a[k] = t1 - slope[k] * double(p);
   }
@@ -296,12 +93,13 @@ bool price(const Ctx& x, const std::vector<const Candidate*>& kinds, LayoutPlan&
     const int64_t r = kinds[k]->replicas, hi = (m[k] + r - 1) / r, n_hi = m[k] - (hi - 1) * r;
     for (int64_t i = 0; i < r; ++i) rk.micro.push_back(i < n_hi ? hi : hi - 1);
     rk.replicas = int64_t(rk.micro.size());
-    out.step_s = std::max(out.step_s, simulate_1f1b(rk.stages, hi).step_s);
+    out.step_s = std::max(out.step_s, simulate_pipeline(rk.stages, hi, x.job.interleave).step_s);
     for (int64_t s = 0; s < int64_t(rk.stages.size()); ++s) {
       StageCost& sc = rk.stages[size_t(s)];
-      const StageShape shape{sc.first, sc.last, int64_t(rk.stages.size()), s, sc.recompute};
+      const StageShape shape{sc.first, sc.last, int64_t(rk.stages.size()), s, sc.recompute,
+                             sc.tp,    sc.group};
       sc.mem_bytes = stage_bytes(x, shape, std::min(shape.p - s, hi), z);
-      out.chips_used[size_t(sc.group)] += r;
+      out.chips_used[size_t(sc.group)] += r * sc.tp;
       out.peak_bytes[size_t(sc.group)] = std::max(out.peak_bytes[size_t(sc.group)], sc.mem_bytes);
     }
     out.kinds.push_back(std::move(rk));
@@ -323,17 +121,19 @@ struct Search {
   const Cluster& c;
   const ModelCost& m;
   const JobSpec& job;
-  using Key = std::tuple<std::vector<int>, int64_t, int64_t, std::vector<double>>;
+  const PlanOptions& opt;
+  using Key = std::tuple<std::vector<int>, int64_t, int64_t, int64_t, std::vector<double>>;
   std::map<Key, Candidate> cache;
   std::map<Key, std::string> failed;
   int64_t priced = 0;
 
-  const Candidate* get(const std::vector<int>& chips, int64_t b, int64_t replicas,
+  // `chips`: a group per stage, each stage `t` chips of it.
+  const Candidate* get(const std::vector<int>& chips, int64_t t, int64_t b, int64_t replicas,
                        const std::vector<bool>& used, std::string* why) {
     // Only a type that shares cores changes speed with the others in use.
     Ctx x{c, m, job, b};
     const std::vector<double> divisor = x.divisors(used);
-    auto key = std::make_tuple(chips, b, replicas, divisor);
+    auto key = std::make_tuple(chips, t, b, replicas, divisor);
     if (auto it = cache.find(key); it != cache.end()) return &it->second;
     if (auto it = failed.find(key); it != failed.end()) {
       if (why) *why = it->second;
@@ -343,7 +143,10 @@ struct Search {
     cand.replicas = replicas;
     std::string w;
     const double shards = job.zero1 ? double(replicas) : 1.0;
-    if (!build_pipeline(x, chips, divisor, shards, cand.stages, w)) {
+    const int64_t p = int64_t(chips.size());
+    const std::vector<int64_t> even(size_t(p), m.layers / p);
+    const bool fixed = opt.even_stages && m.layers % p == 0;
+    if (!build_pipeline(x, chips, t, divisor, shards, cand.stages, w, fixed ? &even : nullptr)) {
       if (why) *why = w;
       failed[key] = w;
       return nullptr;
@@ -360,12 +163,41 @@ std::vector<int64_t> micro_sizes(const JobSpec& job, const PlanOptions& opt) {
   return out;
 }
 
-// Pipeline depths to try for n chips of one type: the least that fits and a few deeper ones.
+// Pipeline depths to try for n stages' worth of chips: the least that fits and deeper ones.
 std::vector<int64_t> depths(int64_t n, int64_t layers) {
   std::vector<int64_t> out;
   for (int64_t p = 1; p <= std::min(n, layers); p = p < 4 ? p + 1 : p * 2) out.push_back(p);
   if (std::find(out.begin(), out.end(), std::min(n, layers)) == out.end())
     out.push_back(std::min(n, layers));
+  return out;
+}
+
+// A type's own pipelines: their depth and the tensor-parallel chips of each stage (p 0: the
+// type is left out).
+struct Shape {
+  int64_t p = 0, t = 1;
+  bool operator==(const Shape&) const = default;
+};
+
+// Tensor-parallel degrees for a group: powers of two inside one node that divide its chips and
+// the heads and kv heads evenly (--tp: that degree alone, even across nodes).
+std::vector<int64_t> tp_degrees(const NodeGroup& n, const ModelCost& m, const PlanOptions& opt) {
+  std::vector<int64_t> out;
+  for (int64_t t = 1; t <= std::max(n.per_node, opt.tp); t *= 2)
+    if ((opt.tp == 0 ? t <= n.per_node : t == opt.tp) && n.count % t == 0 && m.heads % t == 0 &&
+        m.kv_heads % t == 0)
+      out.push_back(t);
+  return out;
+}
+
+std::vector<Shape> shapes(const NodeGroup& n, const ModelCost& m, const PlanOptions& opt) {
+  std::vector<Shape> out;
+  for (int64_t t : tp_degrees(n, m, opt))
+    for (int64_t p : depths(n.count / t, m.layers))
+      if (opt.pp == 0 || p == opt.pp) out.push_back({p, t});
+  if (opt.pp > 0 && out.empty())
+    for (int64_t t : tp_degrees(n, m, opt))
+      if (opt.pp * t <= n.count && opt.pp <= m.layers) out.push_back({opt.pp, t});
   return out;
 }
 
@@ -414,7 +246,8 @@ LayoutPlan price_layout(const Cluster& c, const ModelCost& m, const JobSpec& job
                   " layers; the model has " + std::to_string(m.layers));
     std::string why;
     const double shards = job.zero1 ? double(replicas.size()) : 1.0;
-    if (!build_pipeline(x, chips, divisor, shards, cands[k].stages, why, fixed ? &layers : nullptr))
+    if (!build_pipeline(x, chips, 1, divisor, shards, cands[k].stages, why,
+                        fixed ? &layers : nullptr))
       throw Error("layout does not fit: " + why);
   }
   std::vector<const Candidate*> ptrs;
@@ -443,6 +276,7 @@ std::string LayoutPlan::describe(const Cluster& c) const {
       if (runs[i].second > 1) s += " x " + std::to_string(runs[i].second);
     }
     if (runs.size() > 1) s += "]";
+    if (k.stages[0].tp > 1) s += " TP" + std::to_string(k.stages[0].tp);
     s += k.stages.size() > 1 ? " PP" + std::to_string(k.stages.size()) + " (" : " (";
     for (size_t i = 0; i < k.stages.size(); ++i) {
       if (i) s += ",";
@@ -456,10 +290,10 @@ std::string LayoutPlan::describe(const Cluster& c) const {
 
 namespace {
 
-struct Best {  // the fastest per-type choice found: a depth per type (0: left out)
+struct Best {  // the fastest per-type choice found: a shape per type
   double step = 1e300;
   int64_t b = 0;
-  std::vector<int64_t> choice;
+  std::vector<Shape> choice;
 };
 
 // The search over layouts: per-type pipelines (each chip type its own depth, or left out) by
@@ -468,18 +302,19 @@ struct Best {  // the fastest per-type choice found: a depth per type (0: left o
 class LayoutSearch {
  public:
   LayoutSearch(const Cluster& c, const ModelCost& m, const JobSpec& job, const PlanOptions& opt)
-      : c(c), m(m), job(job), opt(opt), G(int(c.groups.size())), S{c, m, job, {}, {}, 0} {}
+      : c(c), m(m), job(job), opt(opt), G(int(c.groups.size())), S{c, m, job, opt, {}, {}, 0} {}
 
-  // choice[g]: a depth for group g's own pipelines, or 0 when the type is left out.
-  bool per_type(int64_t b, const std::vector<int64_t>& choice, int64_t gb, LayoutPlan* out,
+  // choice[g]: group g's own pipelines (depth 0: the type is left out).
+  bool per_type(int64_t b, const std::vector<Shape>& choice, int64_t gb, LayoutPlan* out,
                 bool every_replica = false) {
     std::vector<bool> used(static_cast<size_t>(G));
-    for (int g = 0; g < G; ++g) used[size_t(g)] = choice[size_t(g)] > 0;
+    for (int g = 0; g < G; ++g) used[size_t(g)] = choice[size_t(g)].p > 0;
     std::vector<const Candidate*> kinds;
     for (int g = 0; g < G; ++g) {
-      if (!choice[size_t(g)]) continue;
-      const int64_t p = choice[size_t(g)], r = c.groups[size_t(g)].count / p;
-      const Candidate* k = S.get(std::vector<int>(size_t(p), g), b, r, used, nullptr);
+      const auto [p, t] = choice[size_t(g)];
+      if (!p) continue;
+      const int64_t r = c.groups[size_t(g)].count / (p * t);
+      const Candidate* k = S.get(std::vector<int>(size_t(p), g), t, b, r, used, nullptr);
       if (!k) return false;
       kinds.push_back(k);
     }
@@ -494,7 +329,7 @@ class LayoutSearch {
     return true;
   }
 
-  double step_of(int64_t b, const std::vector<int64_t>& ch, int64_t gb, bool every = false) {
+  double step_of(int64_t b, const std::vector<Shape>& ch, int64_t gb, bool every = false) {
     LayoutPlan lp;
     return per_type(b, ch, gb, &lp, every) ? lp.step_s : 1e300;
   }
@@ -503,38 +338,45 @@ class LayoutSearch {
   Best descend(const std::vector<bool>& allowed, int64_t gb) {
     Best best;
     for (int64_t b : micro_sizes(job, opt)) {
-      std::vector<std::vector<int64_t>> options(static_cast<size_t>(G));
+      std::vector<std::vector<Shape>> options(static_cast<size_t>(G));
       for (int g = 0; g < G; ++g) {
-        options[size_t(g)].push_back(0);
+        options[size_t(g)].push_back({});
         if (!allowed[size_t(g)]) continue;
-        for (int64_t p : depths(c.groups[size_t(g)].count, m.layers)) {
+        const NodeGroup& n = c.groups[size_t(g)];
+        std::string why, widest;  // why the shape over the most chips (the deepest) fails
+        Shape most;
+        for (const Shape& sh : shapes(n, m, opt)) {
           std::vector<bool> alone(size_t(G), false);
           alone[size_t(g)] = true;
-          std::string why;
-          if (S.get(std::vector<int>(size_t(p), g), b, c.groups[size_t(g)].count / p, alone, &why))
-            options[size_t(g)].push_back(p);
-          else if (p == std::min(c.groups[size_t(g)].count, m.layers))
-            reasons.push_back(c.groups[size_t(g)].chip.name + ": " + why);
+          if (S.get(std::vector<int>(size_t(sh.p), g), sh.t, b, n.count / (sh.p * sh.t), alone,
+                    &why))
+            options[size_t(g)].push_back(sh);
+          else if (std::pair(sh.p * sh.t, sh.p) > std::pair(most.p * most.t, most.p))
+            most = sh, widest = why;
         }
+        if (options[size_t(g)].size() == 1 && !widest.empty())
+          reasons.push_back(n.chip.name + ": " + widest);
       }
-      std::vector<std::vector<int64_t>> starts;
-      std::vector<int64_t> all(size_t(G), 0);
+      // Start from each type's first shape that fits (the shallowest pipeline of the least
+      // tensor parallelism): all types, then each alone.
+      std::vector<std::vector<Shape>> starts;
+      std::vector<Shape> all(static_cast<size_t>(G));
       for (int g = 0; g < G; ++g)
         if (options[size_t(g)].size() > 1) all[size_t(g)] = options[size_t(g)][1];
       starts.push_back(all);
       for (int g = 0; g < G; ++g)
         if (options[size_t(g)].size() > 1 && G > 1) {
-          std::vector<int64_t> one(size_t(G), 0);
+          std::vector<Shape> one(static_cast<size_t>(G));
           one[size_t(g)] = options[size_t(g)][1];
           starts.push_back(one);
         }
-      for (std::vector<int64_t> ch : starts) {
+      for (std::vector<Shape> ch : starts) {
         double t = step_of(b, ch, gb);
         for (int round = 0; round < 3; ++round) {
           bool better = false;
           for (int g = 0; g < G; ++g)
-            for (int64_t p : options[size_t(g)]) {
-              std::vector<int64_t> tryc = ch;
+            for (const Shape& p : options[size_t(g)]) {
+              std::vector<Shape> tryc = ch;
               tryc[size_t(g)] = p;
               const double tt = step_of(b, tryc, gb);
               if (tt < t * (1 - 1e-9)) t = tt, ch = tryc, better = true;
@@ -554,9 +396,9 @@ class LayoutSearch {
     per_type(best.b, best.choice, job.global_batch, &lp);
     found.push_back(lp);
     for (int g = 0; g < G; ++g)
-      for (int64_t p : depths(c.groups[size_t(g)].count, m.layers)) {
-        std::vector<int64_t> ch = best.choice;
-        if (ch[size_t(g)] == p || p == 0) continue;
+      for (const Shape& p : shapes(c.groups[size_t(g)], m, opt)) {
+        std::vector<Shape> ch = best.choice;
+        if (ch[size_t(g)] == p) continue;
         ch[size_t(g)] = p;
         if (per_type(best.b, ch, job.global_batch, &lp)) found.push_back(lp);
       }
@@ -574,30 +416,39 @@ class LayoutSearch {
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
       return c.groups[size_t(a)].chip.memory_gib > c.groups[size_t(b)].chip.memory_gib;
     });
-    for (int64_t R = 1; G > 1 && R <= gcd; ++R) {
-      if (gcd % R) continue;
-      std::vector<int> chips;
-      for (int g : order)
-        for (int64_t i = 0; i < c.groups[size_t(g)].count / R; ++i) chips.push_back(g);
-      if (int64_t(chips.size()) > m.layers) continue;
-      for (int64_t b : micro_sizes(job, opt)) {
-        std::string why;
-        const Candidate* k = S.get(chips, b, R, everyone, &why);
-        if (!k) {
-          if (b == 1)
-            reasons.push_back("mixed pipelines of " + std::to_string(chips.size()) +
-                              " stages: " + why);
+    // Every stage t chips of one type, t a degree every type allows.
+    std::vector<int64_t> ts = tp_degrees(c.groups[0], m, opt);
+    for (const NodeGroup& g : c.groups) {
+      const std::vector<int64_t> here = tp_degrees(g, m, opt);
+      std::erase_if(
+          ts, [&](int64_t t) { return std::find(here.begin(), here.end(), t) == here.end(); });
+    }
+    for (int64_t R = 1; G > 1 && R <= gcd; ++R)
+      for (int64_t t : ts) {
+        if (gcd % (R * t)) continue;
+        std::vector<int> chips;
+        for (int g : order)
+          for (int64_t i = 0; i < c.groups[size_t(g)].count / (R * t); ++i) chips.push_back(g);
+        if (int64_t(chips.size()) > m.layers || (opt.pp > 0 && int64_t(chips.size()) != opt.pp))
           continue;
-        }
-        Ctx x{c, m, job, b};
-        LayoutPlan lp;
-        if (price(x, {k}, lp)) {
-          ++S.priced;
-          lp.family = "mixed";
-          found.push_back(lp);
+        for (int64_t b : micro_sizes(job, opt)) {
+          std::string why;
+          const Candidate* k = S.get(chips, t, b, R, everyone, &why);
+          if (!k) {
+            if (b == 1)
+              reasons.push_back("mixed pipelines of " + std::to_string(chips.size()) +
+                                " stages: " + why);
+            continue;
+          }
+          Ctx x{c, m, job, b};
+          LayoutPlan lp;
+          if (price(x, {k}, lp)) {
+            ++S.priced;
+            lp.family = "mixed";
+            found.push_back(lp);
+          }
         }
       }
-    }
   }
 
   // The best layouts, fastest first, one of each description; an Error naming every reason when
@@ -641,16 +492,16 @@ class LayoutSearch {
   // batch it would pay (the smallest, in micro-batches of the best size).
   void left_out(const Best& best, PlanReport& rep, int g) {
     // Left out: not chosen, or chosen and given no micro-batch by the split.
-    if (best.choice[size_t(g)] != 0 && rep.best[0].chips_used[size_t(g)] > 0) return;
+    if (best.choice[size_t(g)].p != 0 && rep.best[0].chips_used[size_t(g)] > 0) return;
     const NodeGroup& ng = c.groups[size_t(g)];
-    std::vector<int64_t> without_g = best.choice;
-    without_g[size_t(g)] = 0;
+    std::vector<Shape> without_g = best.choice;
+    without_g[size_t(g)] = {};
     auto without = [&](int64_t gb) { return step_of(best.b, without_g, gb); };
     auto with = [&](int64_t gb) {  // every replica of the type at work, at its best depth and
       double t = 1e300;            // micro-batch
       for (int64_t b : micro_sizes(job, opt))
-        for (int64_t p : depths(ng.count, m.layers)) {
-          std::vector<int64_t> ch = without_g;
+        for (const Shape& p : shapes(ng, m, opt)) {
+          std::vector<Shape> ch = without_g;
           ch[size_t(g)] = p;
           t = std::min(t, step_of(b, ch, gb, true));
         }

@@ -1,13 +1,16 @@
 #pragma once
-// The layout search: which chips train, in how many pipeline replicas of how many stages, which
-// layers each stage holds, which stages recompute, how many micro-batches each replica takes.
+// The layout search: which chips train, in how many pipeline replicas of how many stages, how
+// many chips of a node each stage splits its layers over (tensor parallelism), which layers
+// each stage holds, which stages recompute, how many micro-batches each replica takes.
 //
-// A layout is a set of replica kinds: a kind is a pipeline template (a chip type per stage and
-// its layer range) and a count of identical replicas. Two families are searched:
-//   - per chip type: every type forms its own pipelines (its depth chosen per type, layers split
-//     unevenly so the stage with the embeddings and the one with the LM head take as long as the
-//     others), data parallel across types with each replica's micro-batches in proportion to its
-//     speed; a type may be left out;
+// A layout is a set of replica kinds: a kind is a pipeline template (a chip type per stage, its
+// tensor-parallel degree and its layer range) and a count of identical replicas. Tensor-parallel
+// groups stay inside a node (powers of two dividing the heads and kv heads) unless --tp asks
+// otherwise. Two families are searched:
+//   - per chip type: every type forms its own pipelines (depth and TP degree chosen per type,
+//     layers split unevenly so the stage with the embeddings and the one with the LM head take as
+//     long as the others), data parallel across types with each replica's micro-batches in
+//     proportion to its speed; a type may be left out;
 //   - mixed: R identical pipelines, each with count/R chips of every type, stages ordered by
 //     memory (the first stage keeps the most micro-batches in flight), layers in proportion to
 //     each chip's speed.
@@ -46,6 +49,9 @@ struct LayoutPlan {
 struct PlanOptions {
   int64_t micro_batch = 0;  // 0: searched over powers of two
   int top = 5;
+  int64_t tp = 0;            // tensor-parallel chips a stage (0: searched, inside a node)
+  int64_t pp = 0;            // pipeline stages (0: searched)
+  bool even_stages = false;  // every stage the same number of layers (Megatron-LM's split)
 };
 
 struct LeftOut {

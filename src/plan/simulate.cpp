@@ -82,4 +82,16 @@ PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro, b
   return run;
 }
 
+PipelineRun simulate_pipeline(const std::vector<StageCost>& stages, int64_t micro, int64_t chunks,
+                              bool keep_events) {
+  for (const StageCost& s : stages) chunks = std::min(chunks, s.last - s.first);
+  if (chunks <= 1 || stages.size() < 2) return simulate_1f1b(stages, micro, keep_events);
+  std::vector<StageCost> pieces = stages;
+  for (StageCost& s : pieces) {
+    s.fwd_s /= double(chunks);
+    s.bwd_s /= double(chunks);
+  }
+  return simulate_1f1b(pieces, micro * chunks, keep_events);
+}
+
 }  // namespace mxn

@@ -15,12 +15,14 @@ struct StageCost {
   int group = 0;                // the cluster group of the stage's chip
   int64_t first = 0, last = 0;  // its layers, [first, last)
   bool recompute = false;       // activations recomputed in the backward (only inputs kept)
+  int64_t tp = 1;               // chips of the stage: a tensor-parallel group of one type
   double fwd_s = 0, bwd_s = 0;  // one micro-batch; bwd_s includes the recomputation
   double send_s = 0;            // one micro-batch's activation to the next stage (and back)
   double reduce_s = 0;          // gradient all-reduce (ZeRO-1: reduce-scatter)
   double optim_s = 0;           // AdamW over the stage's (sharded) state
   double gather_s = 0;          // ZeRO-1: all-gather of the updated weights; 0 otherwise
-  double params = 0;            // weights it holds
+  double tp_s = 0;              // of fwd_s + bwd_s: the tensor-parallel group's all-reduces
+  double params = 0;            // weights each of its chips holds
   double mem_bytes = 0;         // its predicted peak
 };
 
@@ -43,5 +45,12 @@ struct PipelineRun {
 // `micro` micro-batches through `stages` (at least one); micro 0 is an idle replica (step 0).
 PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro,
                           bool keep_events = false);
+
+// Megatron-LM's interleaved 1F1B: each stage holds `chunks` model chunks (virtual stages), so a
+// micro-batch visits every device `chunks` times with 1/chunks of its work each; priced as
+// 1F1B over chunks x micro pieces of that size, which keeps the schedule's work and divides its
+// bubble, (p - 1)(f + b), by the chunks. At most the fewest layers a stage holds; 1: plain 1F1B.
+PipelineRun simulate_pipeline(const std::vector<StageCost>& stages, int64_t micro, int64_t chunks,
+                              bool keep_events = false);
 
 }  // namespace mxn

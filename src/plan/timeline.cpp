@@ -19,7 +19,7 @@ std::string timeline_svg(const Cluster& c, const LayoutPlan& p, const ModelCost&
   std::vector<Lane> lanes;
   for (const ReplicaKind& k : p.kinds) {
     const int64_t micro = *std::max_element(k.micro.begin(), k.micro.end());
-    const PipelineRun run = simulate_1f1b(k.stages, micro);
+    const PipelineRun run = simulate_pipeline(k.stages, micro, job.interleave);
     for (size_t s = 0; s < k.stages.size(); ++s) {
       const int g = k.stages[s].group;
       auto it =
@@ -65,7 +65,7 @@ std::string timeline_svg(const Cluster& c, const LayoutPlan& p, const ModelCost&
         st.recompute ? " r" : "", (long long)micro);
     add("<rect x='%.1f' y='%.1f' width='%.1f' height='36' fill='#dddddd'/>\n", left, y,
         p.step_s * scale);
-    for (const Event& e : simulate_1f1b(ln.kind->stages, micro, true).events) {
+    for (const Event& e : simulate_pipeline(ln.kind->stages, micro, job.interleave, true).events) {
       if (e.stage != ln.stage) continue;
       const bool below = e.kind != EventKind::forward && e.kind != EventKind::backward &&
                          e.kind != EventKind::optimizer;

@@ -214,6 +214,7 @@ TEST(LayoutPlan, AGivenLayoutKeepsItsStagesAndSharesCores) {
   // takes twice what its layers take on the whole chip.
   Cluster cl;
   cl.groups = {group("cpu", 1, 1, 32)};
+  cl.groups[0].measured = true;  // its rate covers every op: no separate memory-bound time
   JobSpec job;
   job.global_batch = 8;
   job.seq = 64;
