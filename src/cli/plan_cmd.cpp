@@ -152,7 +152,8 @@ nlohmann::json plan_json(const Cluster& c, const LayoutPlan& p, const JobSpec& j
 }
 
 // "cpu:0@3+opencl:0@1,cpu:0@3+opencl:0@1": replicas split by ',', stages by '+', each stage a
-// chip of the cluster and (after '@') its layer count.
+// chip of the cluster, (after '*') the chips of its tensor-parallel group and (after '@') its
+// layer count: "cpu:0*2@2+cpu:0*2@2".
 std::vector<std::vector<LayoutStage>> parse_layout(const std::string& text, const Cluster& c) {
   std::vector<std::vector<LayoutStage>> out;
   std::string names;
@@ -160,9 +161,16 @@ std::vector<std::vector<LayoutStage>> parse_layout(const std::string& text, cons
   for (const std::string& rep : split(text, ',')) {
     out.emplace_back();
     for (const std::string& stage : split(rep, '+')) {
-      const size_t at = stage.rfind('@');
-      const std::string chip = stage.substr(0, at);
+      const size_t at = stage.rfind('@'), star = stage.substr(0, at).rfind('*');
+      const std::string chip = stage.substr(0, std::min(at, star));
       LayoutStage st;
+      if (star != std::string::npos) {
+        char* end = nullptr;
+        st.tp = std::strtoll(stage.c_str() + star + 1, &end, 10);
+        if ((at == std::string::npos ? *end != '\0' : *end != '@') || st.tp < 1)
+          throw Error("--layout '" + text + "': '" + stage +
+                      "' (expected CHIP*TP with a positive count of tensor-parallel chips)");
+      }
       st.group = -1;
       for (size_t g = 0; g < c.groups.size(); ++g)
         if (c.groups[g].chip.name == chip) st.group = int(g);
@@ -329,7 +337,7 @@ std::function<int()> add_plan(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--layout", a->layout,
                   "price this layout instead of searching: replicas by ',', stages by '+', "
-                  "CHIP or CHIP@LAYERS (cpu:0@3+opencl:0@1)");
+                  "CHIP, CHIP@LAYERS, CHIP*TP@LAYERS (cpu:0@3+opencl:0@1, cpu:0*2)");
   sub->add_option("--recompute", a->recompute,
                   "auto (only stages short of memory), all (every pipeline stage, as mxn "
                   "train --pp runs) or full (every stage, one-stage replicas too, as "

@@ -203,23 +203,20 @@ std::vector<Shape> shapes(const NodeGroup& n, const ModelCost& m, const PlanOpti
 
 }  // namespace
 
-LayoutPlan price_layout(const Cluster& c, const ModelCost& m, const JobSpec& job,
-                        const std::vector<std::vector<LayoutStage>>& replicas, int64_t micro) {
-  MXN_CHECK(!replicas.empty() && micro > 0, "price_layout needs replicas and a micro-batch");
-  Ctx x{c, m, job, micro};
-  // Ranks beyond a pool's chips share its cores (several ranks on one CPU, PoCL beside it).
-  std::vector<double> ranks(c.groups.size(), 0.0), divisor(c.groups.size(), 1.0);
-  for (const auto& r : replicas)
-    for (const LayoutStage& st : r) ranks[size_t(x.pool(st.group))] += 1;
-  for (size_t g = 0; g < c.groups.size(); ++g)
-    divisor[g] = std::max(
-        1.0, ranks[size_t(x.pool(int(g)))] / double(c.groups[size_t(x.pool(int(g)))].count));
+namespace {
+
+// A layout as given, priced with each group's rate divided by `divisor`.
+LayoutPlan price_given(const Ctx& x, const std::vector<std::vector<LayoutStage>>& replicas,
+                       const std::vector<double>& divisor) {
+  const ModelCost& m = x.m;
+  const JobSpec& job = x.job;
   std::vector<std::vector<LayoutStage>> kinds;
   std::vector<Candidate> cands;
   auto same = [](const std::vector<LayoutStage>& a, const std::vector<LayoutStage>& b) {
     if (a.size() != b.size()) return false;
     for (size_t i = 0; i < a.size(); ++i)
-      if (a[i].group != b[i].group || a[i].layers != b[i].layers) return false;
+      if (a[i].group != b[i].group || a[i].layers != b[i].layers || a[i].tp != b[i].tp)
+        return false;
     return true;
   };
   for (const auto& r : replicas) {
@@ -239,6 +236,9 @@ LayoutPlan price_layout(const Cluster& c, const ModelCost& m, const JobSpec& job
       chips.push_back(st.group);
       layers.push_back(st.layers);
       sum += st.layers;
+      if (st.tp != kinds[k][0].tp)
+        throw Error("layout: a replica's stages must split over the same number of chips (got " +
+                    std::to_string(kinds[k][0].tp) + " and " + std::to_string(st.tp) + ")");
     }
     const bool fixed = layers[0] > 0;
     if (fixed && sum != m.layers)
@@ -246,14 +246,55 @@ LayoutPlan price_layout(const Cluster& c, const ModelCost& m, const JobSpec& job
                   " layers; the model has " + std::to_string(m.layers));
     std::string why;
     const double shards = job.zero1 ? double(replicas.size()) : 1.0;
-    if (!build_pipeline(x, chips, 1, divisor, shards, cands[k].stages, why,
+    if (!build_pipeline(x, chips, kinds[k][0].tp, divisor, shards, cands[k].stages, why,
                         fixed ? &layers : nullptr))
       throw Error("layout does not fit: " + why);
   }
   std::vector<const Candidate*> ptrs;
   for (const Candidate& cd : cands) ptrs.push_back(&cd);
   LayoutPlan lp;
-  price(x, ptrs, lp);
+  price(x, ptrs, lp, true);  // every rank of a run given takes its share
+  return lp;
+}
+
+}  // namespace
+
+LayoutPlan price_layout(const Cluster& c, const ModelCost& m, const JobSpec& job,
+                        const std::vector<std::vector<LayoutStage>>& replicas, int64_t micro) {
+  MXN_CHECK(!replicas.empty() && micro > 0, "price_layout needs replicas and a micro-batch");
+  Ctx x{c, m, job, micro};
+  // Ranks beyond a pool's chips share its cores (several ranks on one CPU, PoCL beside it):
+  // at first each gets an even share; then each rank is slowed only by the others' busy time
+  // (a pipeline stage that mostly waits leaves its cores to the rest), repriced until it holds.
+  std::vector<double> ranks(c.groups.size(), 0.0), divisor(c.groups.size(), 1.0);
+  for (const auto& r : replicas)
+    for (const LayoutStage& st : r) ranks[size_t(x.pool(st.group))] += double(st.tp);
+  for (size_t g = 0; g < c.groups.size(); ++g)
+    divisor[g] = std::max(
+        1.0, ranks[size_t(x.pool(int(g)))] / double(c.groups[size_t(x.pool(int(g)))].count));
+  LayoutPlan lp;
+  for (int round = 0; round < 6; ++round) {
+    lp = price_given(x, replicas, divisor);
+    std::vector<double> load(c.groups.size(), 0.0), own(c.groups.size(), 0.0),
+        n(c.groups.size(), 0.0);
+    for (const ReplicaKind& k : lp.kinds) {
+      const int64_t most = *std::max_element(k.micro.begin(), k.micro.end());
+      const PipelineRun run = simulate_pipeline(k.stages, most, job.interleave);
+      for (size_t s = 0; s < k.stages.size(); ++s) {
+        const int g = k.stages[s].group;
+        const double busy = std::min(1.0, run.busy_s[s] / lp.step_s),
+                     ranks_here = double(k.replicas * k.stages[s].tp);
+        load[size_t(x.pool(g))] += busy * ranks_here;
+        own[size_t(g)] += busy * ranks_here;
+        n[size_t(g)] += ranks_here;
+      }
+    }
+    for (size_t g = 0; g < c.groups.size(); ++g) {
+      if (n[g] == 0) continue;
+      const double mine = own[g] / n[g], chips = double(c.groups[size_t(x.pool(int(g)))].count);
+      divisor[g] = std::max(1.0, (1.0 + load[size_t(x.pool(int(g)))] - mine) / chips);
+    }
+  }
   lp.family = "given";
   return lp;
 }

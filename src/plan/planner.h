@@ -78,6 +78,7 @@ PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job
 struct LayoutStage {
   int group = 0;
   int64_t layers = 0;
+  int64_t tp = 1;  // chips of the stage's tensor-parallel group (the same for a replica's stages)
 };
 LayoutPlan price_layout(const Cluster& c, const ModelCost& m, const JobSpec& job,
                         const std::vector<std::vector<LayoutStage>>& replicas, int64_t micro);

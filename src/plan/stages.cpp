@@ -36,7 +36,8 @@ double Ctx::usable(int g) const { return c.groups[size_t(g)].chip.memory_gib * k
 double Ctx::tp_allreduce_s(int g, int64_t t, double bytes) const {
   if (t <= 1) return 0;
   const NodeGroup& n = c.groups[size_t(g)];
-  const double bw = t <= n.per_node ? n.intra_gbs : n.inter_gbs;
+  // Ranks sharing one chip (a CPU's) talk through its memory, as chips of a node do.
+  const double bw = t <= n.per_node || n.count == 1 ? n.intra_gbs : n.inter_gbs;
   return 2.0 * double(t - 1) / double(t) * bytes / (bw * 1e9) + kLatency;
 }
 
