@@ -5,18 +5,25 @@
 # 2, alone and with --pp 2 or data parallelism) and mixes, each trained RUNS times for STEPS
 # steps: a run's step time is its median step after the first two, a layout's the median of its
 # runs, and the spread (slowest - fastest run, over the median) says how much of an error is
-# this machine's noise. Predictions are `mxn plan --layout` over examples/cluster-small.toml
-# with --recompute all (mxn's pipeline recomputes every stage). Then the planner's own first
-# choice beside the measured fastest. Not a test: timings.
+# this machine's noise. Predictions are `mxn plan --layout` with --recompute all (mxn's pipeline
+# recomputes every stage) over a cluster file measured at the start of the same run: `mxn plan
+# --cluster here --save-cluster` (each device's rate from a few training steps of the model on
+# it alone), then `mpirun -np 2 mxn plan --measure-links` (the link's latency and bandwidth by
+# an MPI ping-pong). Then the planner's own first choice beside the measured fastest. Not a
+# test: timings.
 # Environment: STEPS (20), RUNS (5), BUILD_DIR (build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mxn="${BUILD_DIR:-build}/mxn" steps="${STEPS:-20}" runs="${RUNS:-5}"
-cluster=examples/cluster-small.toml
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 mpirun=(mpirun --oversubscribe --bind-to none)
 [[ $(id -u) == 0 ]] && mpirun+=(--allow-run-as-root)
+cluster="$tmp/here.toml"
+"$mxn" plan --cluster here --model default --save-cluster "$cluster" > /dev/null
+"${mpirun[@]}" -np 2 "$mxn" plan --cluster "$cluster" --measure-links --save-cluster "$cluster" | grep '^links'
+grep -E '^source' "$cluster"
+echo
 common=(--steps "$steps" --eval_every 0 --ckpt_every 0 --log_every 1000)
 
 median_step() {

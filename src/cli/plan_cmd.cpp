@@ -22,7 +22,8 @@ namespace {
 
 struct PlanArgs {
   std::string cluster, model, svg, out, layout, recompute = "auto", data = "data/kjv.bin";
-  std::string stages = "balanced", attention = "flash";
+  std::string stages = "balanced", attention = "flash", save_cluster;
+  bool measure_links = false;
   int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1, ep = 0, pp = 0, tp = 0;
   int64_t interleave = 1;
   bool sequence_parallel = false;
@@ -84,16 +85,16 @@ int print_expert_parallel(const Cluster& c, const DecoderConfig& dc, const JobSp
   return 0;
 }
 
-// A tensor-parallel group wider than a node of some type: its all-reduces cross the slower
-// link. One line each, with what it costs.
+// --tp that does not divide the heads: an error. A tensor-parallel group wider than a node of
+// some type: its all-reduces cross the slower link, one warning line each with what it costs.
 void warn_tensor_parallel(const Cluster& c, const DecoderConfig& dc, int64_t tp,
                           const JobSpec& job) {
   if (tp <= 1) return;
   if (dc.heads % tp || dc.n_kv_heads() % tp)
-    std::printf(
-        "--tp %lld does not divide the %lld heads and %lld kv heads evenly: no group "
-        "of that degree is priced (mxn train splits unevenly only by chip speed)\n",
-        (long long)tp, (long long)dc.heads, (long long)dc.n_kv_heads());
+    throw Error("--tp " + std::to_string(tp) + " does not divide the model's " +
+                std::to_string(dc.heads) + " heads and " + std::to_string(dc.n_kv_heads()) +
+                " kv heads (expected a divisor of both: the planner splits a type's chips "
+                "evenly)");
   for (const NodeGroup& g : c.groups) {
     if (tp <= g.per_node) continue;
     // Four all-reduces of a layer's activation a sequence, each 2 (t - 1) / t of it.
@@ -207,6 +208,27 @@ int run_plan(const PlanArgs& a) {
     c = local_cluster(t);
   } else {
     c = load_cluster(a.cluster);
+  }
+  if (a.measure_links) {
+    Communicator& w = Communicator::world();
+    if (w.size() < 2 || a.cluster == "here")
+      throw Error(
+          "--measure-links times the link between two ranks of a saved cluster file: "
+          "mxn plan --cluster here --model M --save-cluster F, then mpirun -np 2 mxn plan "
+          "--cluster F --measure-links --save-cluster F");
+    const LinkFigures f = measure_links(w);
+    if (w.rank() != 0) return 0;
+    std::printf(
+        "links measured between ranks 0 and 1: %.4g us a message, %.4g GB/s; a 1 MiB "
+        "all-reduce over %d ranks %.4g us\n",
+        f.latency_us, f.gbs, w.size(), f.all_reduce_1mib_us);
+    for (NodeGroup& g : c.groups) g.intra_gbs = g.inter_gbs = f.gbs, g.latency_us = f.latency_us;
+  }
+  if (!a.save_cluster.empty()) {
+    write_file_atomic(a.save_cluster, "# Written by mxn plan --cluster " + a.cluster +
+                                          (a.measure_links ? " --measure-links" : "") + "\n" +
+                                          cluster_toml(c));
+    std::printf("cluster file: %s\n", a.save_cluster.c_str());
   }
   print_cluster(a.cluster, c);
   if (a.model.empty()) return 0;
@@ -367,6 +389,12 @@ std::function<int()> add_plan(CLI::App& app) {
   sub->add_option("--attention", a->attention,
                   "flash (no scores in memory, mxn's kernels) or unfused (scores materialized)")
       ->capture_default_str();
+  sub->add_option("--save-cluster", a->save_cluster,
+                  "write the cluster (with --cluster here: this machine's devices as measured) as "
+                  "a cluster file");
+  sub->add_flag("--measure-links", a->measure_links,
+                "under mpirun -np 2: time the link between ranks 0 and 1 (latency, bandwidth) "
+                "and put it in every group of the cluster");
   sub->add_option("--svg", a->svg, "draw the chosen plan's step into this SVG file");
   sub->add_option("--out", a->out, "write the chosen plan as JSON");
   return [a] { return run_plan(*a); };

@@ -3,6 +3,7 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <optional>
 
 #include "core/error.h"
@@ -49,13 +50,14 @@ Cluster load_cluster(const std::string& path) {
     if (!g) throw Error(where + ": expected a table");
     static const char* const keys[] = {
         "chip",        "count",      "per_node", "intra_gbs", "inter_gbs",         "price_per_hour",
-        "bf16_tflops", "memory_gib", "hbm_gbs",  "mfu",       "shares_cores_with", "measured"};
+        "bf16_tflops", "memory_gib", "hbm_gbs",  "mfu",       "shares_cores_with", "measured",
+        "latency_us",  "source"};
     for (const auto& [k, v] : *g)
       if (std::find(std::begin(keys), std::end(keys), k.str()) == std::end(keys))
         throw Error(where + ": unknown key '" + std::string(k.str()) +
-                    "' (expected chip, count, per_node, intra_gbs, inter_gbs, price_per_hour, mfu, "
-                    "measured, shares_cores_with, and for a chip of your own bf16_tflops, "
-                    "memory_gib, hbm_gbs)");
+                    "' (expected chip, count, per_node, intra_gbs, inter_gbs, latency_us, "
+                    "price_per_hour, mfu, measured, shares_cores_with, and for a chip of your own "
+                    "bf16_tflops, memory_gib, hbm_gbs)");
     auto number = [&](const char* key, bool required, double dflt, const char* what) {
       const toml::node* n = g->get(key);
       if (!n) {
@@ -80,6 +82,8 @@ Cluster load_cluster(const std::string& path) {
       ng.chip.memory_gib = number("memory_gib", true, 0, "its memory, GiB");
       ng.chip.hbm_gbs = number("hbm_gbs", true, 0, "its memory bandwidth, GB/s");
       ng.chip.source = "the cluster file";
+      if (const std::optional<std::string> src = (*g)["source"].value<std::string>())
+        ng.chip.source = *src;
     } else {
       std::string names;
       for (const ChipSpec& s : chip_table()) names += (names.empty() ? "" : ", ") + s.name;
@@ -99,6 +103,7 @@ Cluster load_cluster(const std::string& path) {
     ng.per_node = std::min<int64_t>(p ? *p : 8, ng.count);
     ng.intra_gbs = number("intra_gbs", true, 0, "GB/s between chips of a node");
     ng.inter_gbs = number("inter_gbs", true, 0, "GB/s a chip sends across nodes");
+    ng.latency_us = number("latency_us", false, 20, "microseconds a message costs");
     ng.price_per_hour = g->contains("price_per_hour")
                             ? number("price_per_hour", false, 0, "a chip-hour's price")
                             : 0;
@@ -129,6 +134,40 @@ Cluster load_cluster(const std::string& path) {
                   (other ? "'" + *other + "'" : std::string("a non-string")) + ")");
   }
   return c;
+}
+
+std::string cluster_toml(const Cluster& c) {
+  auto quoted = [](const std::string& s) {  // a TOML basic string
+    std::string q = "\"";
+    for (char ch : s) {
+      if (ch == '"' || ch == '\\') q += '\\';
+      if (ch != '\n') q += ch;
+    }
+    return q + "\"";
+  };
+  std::string out;
+  char line[256];
+  for (const NodeGroup& g : c.groups) {
+    out += "\n[[group]]\n";
+    out += "chip = " + quoted(g.chip.name) + "\n";
+    std::snprintf(line, sizeof line,
+                  "count = %lld\nper_node = %lld\nbf16_tflops = %.6g\n"
+                  "memory_gib = %.6g\nhbm_gbs = %.6g\nmfu = %.6g\nmeasured = %s\n"
+                  "intra_gbs = %.6g\ninter_gbs = %.6g\nlatency_us = %.6g\n",
+                  (long long)g.count, (long long)g.per_node, g.chip.bf16_tflops, g.chip.memory_gib,
+                  g.chip.hbm_gbs, g.mfu, g.measured ? "true" : "false", g.intra_gbs, g.inter_gbs,
+                  g.latency_us);
+    out += line;
+    if (g.price_per_hour > 0) {
+      std::snprintf(line, sizeof line, "price_per_hour = %.6g\n", g.price_per_hour);
+      out += line;
+    }
+    if (g.shares_cores_with >= 0)
+      out +=
+          "shares_cores_with = " + quoted(c.groups[size_t(g.shares_cores_with)].chip.name) + "\n";
+    if (!g.chip.source.empty()) out += "source = " + quoted(g.chip.source) + "\n";
+  }
+  return out;
 }
 
 }  // namespace mxn

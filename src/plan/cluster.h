@@ -7,6 +7,8 @@
 //   per_node = 8          # chips a node (default: 8, at most count)
 //   intra_gbs = 450       # GB/s a chip sends to another of its node (NVLink, HCCS, PCIe)
 //   inter_gbs = 50        # GB/s a chip sends across nodes (its share of the NICs)
+//   latency_us = 20       # optional: what a message costs before its bytes (default 20 us)
+//   source = "..."        # optional, for a chip of your own: where its figures come from
 //   price_per_hour = 2.5  # optional: a chip-hour's price, for cost per million tokens
 //   mfu = 0.5             # optional: the share of the bf16 peak a training step's GEMMs reach
 //   measured = false      # optional: true when mfu was measured on whole training steps (its
@@ -27,12 +29,14 @@ struct NodeGroup {
   ChipSpec chip;
   int64_t count = 0, per_node = 0;
   double intra_gbs = 0, inter_gbs = 0, price_per_hour = 0;
+  double latency_us = 20;  // what a message costs before its bytes (MPI, NCCL)
   double mfu = 0.5;
   int shares_cores_with = -1;  // index of the group whose cores it uses, or -1
   // The rate is measured on whole training steps (mxn plan --cluster here), memory-bound ops
   // included: no separate time for them. Otherwise it is a datasheet peak times a GEMM share.
   bool measured = false;
   int64_t nodes() const { return (count + per_node - 1) / per_node; }
+  double latency_s() const { return latency_us * 1e-6; }
 };
 
 struct Cluster {
@@ -43,5 +47,9 @@ struct Cluster {
 };
 
 Cluster load_cluster(const std::string& path);
+
+// The cluster as a cluster file load_cluster reads back the same (every figure written out,
+// the chips' own included, with their sources as comments).
+std::string cluster_toml(const Cluster& c);
 
 }  // namespace mxn

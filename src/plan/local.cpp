@@ -1,9 +1,11 @@
 #include "plan/local.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 
 #include "backend/device.h"
+#include "core/error.h"
 #include "plan/cost.h"
 #include "train/trainer.h"
 
@@ -37,8 +39,18 @@ Cluster local_cluster(const TrainConfig& cfg) {
     t.device = name;
     t.devices.clear();
     Trainer tr(t);
-    for (int i = 0; i < 4; ++i) tr.step();  // the first is left out of the mean (warm-up)
-    const double step_s = tr.mean_step_seconds();
+    // The median of 6 steps after a warm-up one: one slow step on a busy machine moves it less
+    // than it would a mean.
+    std::vector<double> steps;
+    for (int i = 0; i < 7; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      tr.step();
+      if (i > 0)
+        steps.push_back(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(steps.begin(), steps.end());
+    const double step_s = 0.5 * (steps[2] + steps[3]);
     JobSpec job;
     job.global_batch = t.batch * t.accum;
     job.seq = t.seq_len();
@@ -68,6 +80,46 @@ Cluster local_cluster(const TrainConfig& cfg) {
     c.groups[size_t(at(dev))].shares_cores_with = at(host);
   }
   return c;
+}
+
+LinkFigures measure_links(Communicator& w) {
+  MXN_CHECK(w.size() >= 2, "measure_links needs two ranks");
+  std::vector<float> buf(size_t(4) << 20);  // 16 MiB
+  using clock = std::chrono::steady_clock;
+  // Seconds one way for `n` floats, over `reps` round trips between ranks 0 and 1.
+  auto one_way = [&](int64_t n, int reps) {
+    w.barrier();
+    const auto t0 = clock::now();
+    for (int i = 0; i < reps; ++i)
+      if (w.rank() == 0) {
+        w.send(buf.data(), n, 1, 71);
+        w.wait_sends();
+        w.recv(buf.data(), n, 1, 71);
+      } else if (w.rank() == 1) {
+        w.recv(buf.data(), n, 0, 71);
+        w.send(buf.data(), n, 0, 71);
+        w.wait_sends();
+      }
+    const double s = std::chrono::duration<double>(clock::now() - t0).count() / reps / 2;
+    double out = s;
+    w.broadcast(&out, sizeof out, 0);  // rank 0's figure on every rank
+    return out;
+  };
+  one_way(2, 20);  // warm-up: connections made, pages touched
+  std::vector<double> lat;
+  for (int r = 0; r < 5; ++r) lat.push_back(one_way(2, 100));
+  std::sort(lat.begin(), lat.end());
+  LinkFigures f;
+  f.latency_us = lat[2] * 1e6;
+  const double big = one_way(int64_t(buf.size()), 10);
+  f.gbs = double(buf.size() * sizeof(float)) / std::max(big - lat[2], 1e-9) / 1e9;
+  w.barrier();
+  const auto t0 = clock::now();
+  for (int i = 0; i < 20; ++i) w.all_reduce_sum(buf.data(), int64_t(1) << 18);
+  double ar = std::chrono::duration<double>(clock::now() - t0).count() / 20;
+  w.broadcast(&ar, sizeof ar, 0);
+  f.all_reduce_1mib_us = ar * 1e6;
+  return f;
 }
 
 }  // namespace mxn

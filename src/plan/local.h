@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "io/train_config.h"
+#include "parallel/comm.h"
 #include "plan/cluster.h"
 
 namespace mxn {
@@ -15,6 +16,14 @@ namespace mxn {
 // `cfg`: the model and batch to time (its data must exist). Link bandwidths are assumed (host
 // memory through MPI's shared memory), memory bandwidth unknown (50 GB/s).
 Cluster local_cluster(const TrainConfig& cfg);
+
+// The link between ranks 0 and 1 of `w` (at least two ranks; the others wait), measured: a
+// ping-pong of 8 bytes (latency: half a round trip, the median of 5 rounds of 100) and of 16 MiB
+// (bandwidth, less the latency), and the time of a 1 MiB all-reduce over every rank.
+struct LinkFigures {
+  double latency_us = 0, gbs = 0, all_reduce_1mib_us = 0;
+};
+LinkFigures measure_links(Communicator& w);
 
 // Each device of `names` that computes on another listed device's cores (an OpenCL device PoCL
 // makes of the host CPU), with that device: {"opencl:0", "cpu:0"}. From the devices' properties

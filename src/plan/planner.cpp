@@ -50,8 +50,8 @@ bool price(const Ctx& x, const std::vector<const Candidate*>& kinds, LayoutPlan&
       // Seconds to reduce (or gather) `bytes` per chip: within the kind, then across kinds.
       auto collective = [&](double bytes) {
         if (R == 1) return 0.0;
-        double t = double(Rk - 1) / double(Rk) * bytes / (bw * 1e9) + kLatency;
-        if (R > Rk) t += bytes / double(Rk) / (cross_bw * 1e9) + kLatency;
+        double t = double(Rk - 1) / double(Rk) * bytes / (bw * 1e9) + g.latency_s();
+        if (R > Rk) t += bytes / double(Rk) / (cross_bw * 1e9) + g.latency_s();
         return ways * t;
       };
       s.reduce_s = collective(s.params * x.m.grad_bytes);
@@ -193,11 +193,11 @@ std::vector<int64_t> tp_degrees(const NodeGroup& n, const ModelCost& m, const Pl
 std::vector<Shape> shapes(const NodeGroup& n, const ModelCost& m, const PlanOptions& opt) {
   std::vector<Shape> out;
   for (int64_t t : tp_degrees(n, m, opt))
-    for (int64_t p : depths(n.count / t, m.layers))
-      if (opt.pp == 0 || p == opt.pp) out.push_back({p, t});
-  if (opt.pp > 0 && out.empty())
-    for (int64_t t : tp_degrees(n, m, opt))
+    if (opt.pp > 0) {
       if (opt.pp * t <= n.count && opt.pp <= m.layers) out.push_back({opt.pp, t});
+    } else {
+      for (int64_t p : depths(n.count / t, m.layers)) out.push_back({p, t});
+    }
   return out;
 }
 

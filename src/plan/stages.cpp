@@ -38,7 +38,7 @@ double Ctx::tp_allreduce_s(int g, int64_t t, double bytes) const {
   const NodeGroup& n = c.groups[size_t(g)];
   // Ranks sharing one chip (a CPU's) talk through its memory, as chips of a node do.
   const double bw = t <= n.per_node || n.count == 1 ? n.intra_gbs : n.inter_gbs;
-  return 2.0 * double(t - 1) / double(t) * bytes / (bw * 1e9) + kLatency;
+  return 2.0 * double(t - 1) / double(t) * bytes / (bw * 1e9) + n.latency_s();
 }
 
 double stage_params(const ModelCost& m, const StageShape& x) {
@@ -237,7 +237,7 @@ bool build_pipeline(const Ctx& x, const std::vector<int>& chips, int64_t t,
                       &b = x.c.groups[size_t(chips[size_t(s + 1)])];
       const bool same_node = chips[size_t(s + 1)] == sc.group && (s + 1) * t % a.per_node != 0;
       const double bw = same_node ? a.intra_gbs : std::min(a.inter_gbs, b.inter_gbs);
-      sc.send_s = x.tokens() * x.m.boundary_bytes / (bw * 1e9) + kLatency;
+      sc.send_s = x.tokens() * x.m.boundary_bytes / (bw * 1e9) + a.latency_s();
     }
   }
   return true;

@@ -13,9 +13,8 @@
 
 namespace mxn {
 
-constexpr double kUsable = 0.9;     // of a chip's memory; the rest is context and fragmentation
-constexpr double kLatency = 20e-6;  // seconds a message costs before its bytes (MPI, NCCL)
-constexpr double kPassS = 20e-6;    // a layer's kernel launches and sync per pass, each way
+constexpr double kUsable = 0.9;   // of a chip's memory; the rest is context and fragmentation
+constexpr double kPassS = 20e-6;  // a layer's kernel launches and sync per pass, each way
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 std::string gib(double bytes);

@@ -5,7 +5,8 @@ the group and what was expected, and a non-zero exit. With --model: the 1,024-ch
 for a 70B LLaMA (a plan file whose stages cover every layer once, whose micro-batches add up to
 the global batch, whose memory fits every chip; a timeline with a lane per chip type used), this
 machine's CPU + PoCL planned for the default model (PoCL left out: it computes on the CPU's
-cores), and a model no chip can hold refused with the constraint that failed.
+cores), a model no chip can hold refused with the constraint that failed, and tensor-parallel
+stages searched, asked for and refused.
 usage: plan_cli_test.py MXN SOURCE_DIR
 """
 import json, os, re, subprocess, sys, tempfile, unittest
@@ -120,19 +121,35 @@ class Plan(unittest.TestCase):
                       "at any global batch up to 16384 sequences", r.stdout)
 
     def test_this_machine_measured(self):
-        """--cluster here: each device timed on the model; PoCL found to run on the CPU's cores."""
+        """--cluster here: each device timed on the model; PoCL found to run on the CPU's cores; the
+        cluster saved (--save-cluster) reads back with the same rows."""
+        tmp = tempfile.TemporaryDirectory()
+        saved = os.path.join(tmp.name, "here.toml")
         r = subprocess.run([MXN, "plan", "--cluster", "here", "--model", "default", "--data",
-                            os.path.join(SRC, "data/kjv.bin")], capture_output=True, text=True)
+                            os.path.join(SRC, "data/kjv.bin"), "--save-cluster", saved],
+                           capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertRegex(r.stdout, r"\| cpu:0 \| 1 \| 1 \| [0-9.]+ \| [0-9]+ \| 50 \| 10 \| 10 \| 0.00 \| "
                                    r"measured here: [0-9.]+ s a step of 16 x 128 tokens \|")
         self.assertIn("chosen: 1 x cpu:0 (4)", r.stdout)
+        first = r.stdout
         if "| opencl:0 |" in r.stdout:
             self.assertIn("opencl:0 left out: with it the step would take", r.stdout)
             self.assertIn("(it computes on cores another chip uses, so both slow down)", r.stdout)
         r = subprocess.run([MXN, "plan", "--cluster", "here"], capture_output=True, text=True)
         self.assertNotEqual(r.returncode, 0)
         self.assertEqual(r.stderr.strip(), "mxn: error: --cluster here times the devices on a model: give --model")
+        # Saved, it reads back as a cluster file with the same rows; links are measured between
+        # two ranks only (mpirun -np 2), said in one line otherwise.
+        with tmp:
+            rows = [l for l in first.splitlines() if l.startswith("| cpu:0 |") or l.startswith("| opencl:")]
+            back = subprocess.run([MXN, "plan", "--cluster", saved], capture_output=True, text=True)
+            self.assertEqual(back.returncode, 0, back.stderr)
+            self.assertEqual([l for l in back.stdout.splitlines() if l in rows], rows)
+            r = subprocess.run([MXN, "plan", "--cluster", saved, "--measure-links"], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 1)
+            self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+            self.assertIn("--measure-links times the link between two ranks", r.stderr)
 
     def test_nothing_fits_names_the_constraint(self):
         r, path = self.run_plan(GOOD.format(chip="MyCard", count=4) + "bf16_tflops = 100\nmemory_gib = 8\nhbm_gbs = 900\n",
@@ -148,6 +165,51 @@ class Plan(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
         self.assertIn("/nonexistent/model", r.stderr)
+
+    def test_tensor_parallel(self):
+        """The search splits stages over tensor-parallel groups inside a node (the 70B plan on 1,024
+        chips uses them and every plan file stage says its degree); --tp that does not divide the
+        heads is refused in one line; a --tp group wider than a node is priced with a warning naming
+        the slower link; --layout CHIP*T prices a tensor-parallel stage and refuses a bad degree."""
+        cluster = os.path.join(SRC, "examples", "cluster-1024.toml")
+        model = os.path.join(SRC, "examples", "llama-70b")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "plan.json")
+            r = subprocess.run([MXN, "plan", "--cluster", cluster, "--model", model, "--global-batch", "2048",
+                                "--seq", "4096", "--dtype", "bf16", "--out", out], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertRegex(r.stdout, r"chosen: .*TP[248] ")
+            plan = json.load(open(out))
+            degrees = {s["tensor_parallel"] for k in plan["kinds"] for s in k["stages"]}
+            self.assertTrue(degrees <= {1, 2, 4, 8} and max(degrees) > 1, degrees)
+            eff = float(re.search(r"heterogeneous efficiency ([0-9.]+)%", r.stdout).group(1))
+            self.assertGreater(eff, 85)  # 75.4% without tensor parallelism
+        r = subprocess.run([MXN, "plan", "--cluster", cluster, "--model", model, "--tp", "3"],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr.strip(), "mxn: error: --tp 3 does not divide the model's 64 heads and 8 kv heads "
+                                           "(expected a divisor of both: the planner splits a type's chips evenly)")
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = os.path.join(tmp, "config.json")
+            json.dump({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 8, "n_embd": 2048,
+                       "n_head": 32, "vocab_size": 50257, "n_positions": 1024}, open(cfg, "w"))
+            r, path = self.run_plan(GOOD.format(chip="H100-SXM", count=32),
+                                    ["--model", cfg, "--tp", "16", "--global-batch", "64", "--dtype", "bf16"])
+            os.unlink(path)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"warning: a tensor-parallel group of 16 H100-SXM spans 2 nodes \(8 a node\): its "
+                                   r"all-reduces go over 50 GB/s instead of 450, [0-9.e-]+ s a sequence instead of ")
+        self.assertIn(" TP16 ", r.stdout)
+        small = os.path.join(SRC, "examples", "cluster-small.toml")
+        r = subprocess.run([MXN, "plan", "--cluster", small, "--model", "default", "--layout", "cpu:0*2@2+cpu:0*2@2",
+                            "--micro-batch", "4", "--recompute", "all"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("cpu:0 x 2 TP2 PP2 (2r,2r)", r.stdout)
+        r = subprocess.run([MXN, "plan", "--cluster", small, "--model", "default", "--layout", "cpu:0*0"],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr.strip(), "mxn: error: --layout 'cpu:0*0': 'cpu:0*0' (expected CHIP*TP with a "
+                                           "positive count of tensor-parallel chips)")
 
     def test_deepseek_v3_expert_parallel(self):
         """DeepSeek-V3 (examples/deepseek-v3: 671B, 256 experts, top-8) over EP groups of 64 of the

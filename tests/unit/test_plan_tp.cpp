@@ -1,7 +1,10 @@
 // The planner's third dimension: tensor-parallel groups inside a node holding what one chip
 // cannot, the interleaved schedule's bubble, and a published table the cost model must
-// reproduce at a scale nobody runs here (Megatron-LM's SC21 Table 1, within 15% a row).
+// reproduce at a scale nobody runs here (Megatron-LM's SC21 Table 1, within 15% a row); and the
+// cluster file mxn plan --save-cluster writes, read back the same.
 #include <gtest/gtest.h>
+
+#include <cstdio>
 
 #include "core/error.h"
 #include "models/decoder.h"
@@ -111,4 +114,45 @@ TEST(LayoutPlan, MegatronTable1WithinFifteenPercent) {
     const double predicted = flops / p.step_s / double(r.gpus) / 1e12;
     EXPECT_NEAR(predicted / r.tflops, 1.0, 0.15) << r.layers << " layers of " << r.hidden;
   }
+}
+
+TEST(Cluster, WrittenFileReadsBackTheSame) {
+  // mxn plan --save-cluster: every figure written, read back equal (a chip of the table and one
+  // of its own, a price, a measured rate, a measured link, shared cores, a quote in a source).
+  Cluster c;
+  c.groups = {a100(16, 0.55), a100(1, 1)};
+  c.groups[0].price_per_hour = 1.3;
+  c.groups[1].chip = {"opencl:0", 0.083, 21.5, 50, "measured \"here\": 0.9 s"};
+  c.groups[1].measured = true;
+  c.groups[1].latency_us = 0.46;
+  c.groups[1].intra_gbs = c.groups[1].inter_gbs = 3.3;
+  c.groups[1].shares_cores_with = 0;
+  const std::string path = ::testing::TempDir() + "/cluster_round_trip.toml";
+  {
+    FILE* f = std::fopen(path.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    const std::string text = cluster_toml(c);
+    std::fwrite(text.data(), 1, text.size(), f);
+    std::fclose(f);
+  }
+  const Cluster back = load_cluster(path);
+  ASSERT_EQ(back.groups.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const NodeGroup &a = c.groups[i], &b = back.groups[i];
+    EXPECT_EQ(a.chip.name, b.chip.name);
+    EXPECT_EQ(a.count, b.count);
+    EXPECT_EQ(a.per_node, b.per_node);
+    EXPECT_NEAR(a.chip.bf16_tflops, b.chip.bf16_tflops, 1e-5 * a.chip.bf16_tflops);
+    EXPECT_NEAR(a.chip.memory_gib, b.chip.memory_gib, 1e-5 * a.chip.memory_gib);
+    EXPECT_NEAR(a.chip.hbm_gbs, b.chip.hbm_gbs, 1e-5 * a.chip.hbm_gbs);
+    EXPECT_NEAR(a.mfu, b.mfu, 1e-5);
+    EXPECT_EQ(a.measured, b.measured);
+    EXPECT_NEAR(a.intra_gbs, b.intra_gbs, 1e-5 * a.intra_gbs);
+    EXPECT_NEAR(a.inter_gbs, b.inter_gbs, 1e-5 * a.inter_gbs);
+    EXPECT_NEAR(a.latency_us, b.latency_us, 1e-5 * a.latency_us);
+    EXPECT_NEAR(a.price_per_hour, b.price_per_hour, 1e-6);
+    EXPECT_EQ(a.shares_cores_with, b.shares_cores_with);
+  }
+  EXPECT_EQ(back.groups[1].chip.source, "measured \"here\": 0.9 s");
+  std::remove(path.c_str());
 }
