@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "cli/commands.h"
 #include "core/error.h"
@@ -194,7 +195,10 @@ std::vector<std::vector<LayoutStage>> parse_layout(const std::string& text, cons
   return out;
 }
 
-int run_plan(const PlanArgs& a) {
+// The cluster to plan on: --cluster here (this machine's devices timed on the model) or a file,
+// with the link measured (--measure-links) and saved (--save-cluster) as asked. Nothing on a
+// rank other than 0 of a --measure-links run, which only helps time the link.
+std::optional<Cluster> plan_cluster(const PlanArgs& a) {
   Cluster c;
   if (a.cluster == "here") {  // this machine's devices, timed on the model to plan
     if (a.model.empty()) throw Error("--cluster here times the devices on a model: give --model");
@@ -217,7 +221,7 @@ int run_plan(const PlanArgs& a) {
           "mxn plan --cluster here --model M --save-cluster F, then mpirun -np 2 mxn plan "
           "--cluster F --measure-links --save-cluster F");
     const LinkFigures f = measure_links(w);
-    if (w.rank() != 0) return 0;
+    if (w.rank() != 0) return std::nullopt;
     std::printf(
         "links measured between ranks 0 and 1: %.4g us a message, %.4g GB/s; a 1 MiB "
         "all-reduce over %d ranks %.4g us\n",
@@ -230,6 +234,13 @@ int run_plan(const PlanArgs& a) {
                                           cluster_toml(c));
     std::printf("cluster file: %s\n", a.save_cluster.c_str());
   }
+  return c;
+}
+
+int run_plan(const PlanArgs& a) {
+  const std::optional<Cluster> here = plan_cluster(a);
+  if (!here) return 0;
+  const Cluster& c = *here;
   print_cluster(a.cluster, c);
   if (a.model.empty()) return 0;
   const auto t0 = std::chrono::steady_clock::now();
