@@ -16,6 +16,7 @@
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "infer/model.h"
+#include "io/gguf_model.h"
 #include "serve/batch.h"
 
 namespace mxn::cli {
@@ -226,8 +227,15 @@ std::function<int()> add_tokenize(CLI::App& app) {
       ->excludes(f)
       ->excludes(d);
   return [a] {
-    auto tok = std::filesystem::is_directory(a->tokenizer) ? load_tokenizer(a->tokenizer)
-                                                           : load_tokenizer_file(a->tokenizer);
+    std::unique_ptr<Tokenizer> tok;
+    if (std::filesystem::is_directory(a->tokenizer)) {
+      tok = load_tokenizer(a->tokenizer);
+    } else if (is_gguf_file(a->tokenizer)) {  // the tokenizer a GGUF carries
+      tok = tokenizer_from_gguf(gguf_load(a->tokenizer), a->tokenizer);
+      if (!tok) throw Error(a->tokenizer + ": this GGUF file carries no tokenizer.ggml.* keys");
+    } else {
+      tok = load_tokenizer_file(a->tokenizer);
+    }
     if (!a->decode.empty() || !a->decode_file.empty()) {
       std::vector<int32_t> ids;
       if (!a->decode.empty())

@@ -69,6 +69,11 @@ ChatFormat chat_format(const std::string& model_dir, const Tokenizer& tok) {
     if (j.is_object() && j.contains("chat_template") && j["chat_template"].is_string())
       tmpl = j["chat_template"].get<std::string>();
   }
+  return chat_format_of_template(tmpl, tok, "model folder '" + model_dir + "'");
+}
+
+ChatFormat chat_format_of_template(const std::string& tmpl, const Tokenizer& tok,
+                                   const std::string& what) {
   auto has = [&](const char* marker) {
     return tmpl.empty() ? tok.token_id(marker) >= 0 : tmpl.find(marker) != std::string::npos;
   };
@@ -78,8 +83,8 @@ ChatFormat chat_format(const std::string& model_dir, const Tokenizer& tok) {
   if (has("sop") && has("<|user|>")) return ChatFormat::chatglm3;
   if (tmpl.empty() ? std::string(tok.kind()) == "sentencepiece" : has("[INST]"))
     return ChatFormat::llama2;
-  throw Error("model folder '" + model_dir +
-              "' has no chat format mxn knows (its tokenizer has none of the chat tokens of "
+  throw Error(what +
+              " has no chat format mxn knows (its tokenizer has none of the chat tokens of "
               "Qwen2, Llama 2/3, ChatGLM3 or GLM-4; a base model like GPT-2 has no chat format)");
 }
 

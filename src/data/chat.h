@@ -34,6 +34,10 @@ enum class ChatFormat { chatml, llama3, llama2, chatglm3, glm4 };
 // else from the special tokens its tokenizer has. An Error says why none applies (GPT-2, a base
 // model's tokenizer without chat tokens).
 ChatFormat chat_format(const std::string& model_dir, const Tokenizer& tok);
+// The same from a chat template's text (a GGUF's tokenizer.chat_template; empty: from the
+// tokenizer's special tokens); `what` names the model in the Error.
+ChatFormat chat_format_of_template(const std::string& tmpl, const Tokenizer& tok,
+                                   const std::string& what);
 
 // The prompt's token ids, ending where the assistant's answer begins.
 std::vector<int32_t> chat_prompt(ChatFormat f, const std::vector<ChatMessage>& messages,

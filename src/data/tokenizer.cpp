@@ -322,6 +322,11 @@ std::vector<std::string> chatglm_specials(const std::string& dir) {
 
 }  // namespace
 
+std::unique_ptr<Tokenizer> sentencepiece_from_proto(const std::string& bytes,
+                                                    const std::string& source) {
+  return std::make_unique<SentencePiece>(source, bytes, std::vector<std::string>{});
+}
+
 std::unique_ptr<Tokenizer> tokenizer_from_json(const std::string& text, const std::string& path) {
   try {
     return bpe_from_json(nlohmann::json::parse(text), path);

@@ -54,4 +54,22 @@ std::unique_ptr<Tokenizer> tokenizer_from_json(const std::string& text, const st
 // One file: tokenizer.json, tokenizer.model, or vocab.json (merges.txt beside it).
 std::unique_ptr<Tokenizer> load_tokenizer_file(const std::string& path);
 
+// A vocabulary as a GGUF file carries it (tokenizer.ggml.*, as llama.cpp's converter and mxn
+// convert write it): `model` "gpt2" is byte-level BPE (tokens in GPT-2's printable form, merges
+// "a b", the split regex named by `pre`), "llama" SentencePiece (pieces with scores and types).
+struct VocabSpec {
+  std::string model, pre;
+  std::vector<std::string> tokens, merges;
+  std::vector<float> scores;
+  std::vector<int32_t> types;  // 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+  int32_t bos = -1, eos = -1, unk = -1;
+  bool add_space_prefix = true, remove_extra_whitespaces = false;  // SentencePiece's normalizer
+};
+// An Error names `source` and what is missing or unknown (a model or pre-tokenizer mxn does
+// not read, a merge of tokens that are not in the vocabulary).
+std::unique_ptr<Tokenizer> tokenizer_from_vocab(const VocabSpec& v, const std::string& source);
+// A serialized SentencePiece ModelProto (`source` names it in errors).
+std::unique_ptr<Tokenizer> sentencepiece_from_proto(const std::string& bytes,
+                                                    const std::string& source);
+
 }  // namespace mxn

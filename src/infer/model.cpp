@@ -40,6 +40,7 @@ ModelSource load_model(const std::string& path, const std::string& adapter) {
     m.what = "GGUF file '" + path + "'";
     const GgufFile f = gguf_load(path);
     m.cfg = decoder_from_gguf(f, m.weights, path);
+    m.tokenizer = tokenizer_from_gguf(f, path, &m.chat_template);
     if (const GgufTensor* t = f.tensor("token_embd.weight"))
       m.stored_16bit = t->type != GgmlType::f32;
   } else if (!fs::exists(fs::path(path) / "config.json") &&
@@ -229,15 +230,18 @@ int64_t generate(const GenerateOptions& o,
   ModelSource src = load_model(o.checkpoint.empty() ? o.model : o.checkpoint, o.adapter);
   DecoderConfig& cfg = src.cfg;
   // mxn's own runs are byte-level; other models read text with their folder's tokenizer.
-  const bool bytes = src.tokenizer_dir.empty() && cfg.vocab_size <= ByteTokenizer::kVocab;
-  std::unique_ptr<Tokenizer> tok;
+  const bool bytes =
+      src.tokenizer_dir.empty() && !src.tokenizer && cfg.vocab_size <= ByteTokenizer::kVocab;
+  std::shared_ptr<Tokenizer> tok = src.tokenizer;
   if (!src.tokenizer_dir.empty() && o.prompt_ids.empty()) tok = load_tokenizer(src.tokenizer_dir);
   if (!bytes && !tok && o.prompt_ids.empty())
     throw Error(src.what + " comes without tokenizer files: give the prompt as --prompt-ids");
   std::vector<int32_t> ids;
   if (o.chat) {
-    if (!tok) throw Error("--chat needs a model folder with its tokenizer and a text prompt");
-    const ChatFormat f = chat_format(src.tokenizer_dir, *tok);
+    if (!tok) throw Error("--chat needs a model with its tokenizer and a text prompt");
+    const ChatFormat f = src.tokenizer_dir.empty()
+                             ? chat_format_of_template(src.chat_template, *tok, src.what)
+                             : chat_format(src.tokenizer_dir, *tok);
     std::vector<ChatMessage> msgs;
     if (!o.system.empty()) msgs.push_back({"system", o.system});
     msgs.push_back({"user", o.prompt});

@@ -1,10 +1,12 @@
 #pragma once
 // Forward-only use of a model: validation loss over a data file, and generation with a KV cache.
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "backend/device.h"
+#include "data/tokenizer.h"
 #include "infer/generate.h"
 #include "io/safetensors.h"
 
@@ -17,6 +19,10 @@ struct ModelSource {
   TensorMap weights;
   std::string what;           // "model folder 'x'", for messages
   std::string tokenizer_dir;  // a folder with the model's tokenizer files, or empty (byte-level)
+  // The tokenizer the model file itself carries (a GGUF's tokenizer.ggml.*) and its chat
+  // template (tokenizer.chat_template), used where there is no tokenizer_dir.
+  std::shared_ptr<Tokenizer> tokenizer;
+  std::string chat_template;
   bool stored_16bit = false;  // the source keeps its weights in 16 bits (or 8: GGUF Q8_0)
 };
 // With `adapter` (a PEFT LoRA folder or an mxn LoRA run), its update is merged into the weights;

@@ -3,6 +3,7 @@
 #include <sentencepiece_processor.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -324,10 +325,31 @@ bool add_tokenizer(GgufFile& f, const DecoderConfig& c, const std::string& dir) 
   // The embedding may have more rows than the tokenizer has tokens (padded vocabularies).
   for (size_t i = 0; i < size_t(std::max<int64_t>(c.vocab_size, int64_t(tokens.size()))); ++i)
     if (i >= tokens.size() || types[i] == 0) put(int64_t(i), "[PAD" + std::to_string(i) + "]", 5);
+  // The end of text always written (llama.cpp falls back to id 11, ",", without it): the
+  // model's own, else the tokenizer's (GPT-2's <|endoftext|>), marked a control token.
+  int64_t eos = c.eos.empty() ? -1 : c.eos[0];
+  for (const char* t : {"<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>"})
+    for (size_t i = 0; eos < 0 && i < tokens.size(); ++i)
+      if (tokens[i] == t) eos = int64_t(i);
+  if (eos >= 0 && size_t(eos) < tokens.size()) {
+    f.set("tokenizer.ggml.eos_token_id", T::u32, eos);
+    if (types[size_t(eos)] == 1) types[size_t(eos)] = 3;
+  } else {
+    std::fprintf(stderr,
+                 "warning: %s: no end-of-text token (the config has no eos_token_id and the "
+                 "tokenizer no <|endoftext|> or </s>): generation from this GGUF stops only at "
+                 "its length limit\n",
+                 dir.c_str());
+  }
   f.set("tokenizer.ggml.tokens", T::array, tokens, T::string);
   f.set("tokenizer.ggml.token_type", T::array, types, T::i32);
   if (!merges.empty()) f.set("tokenizer.ggml.merges", T::array, merges, T::string);
-  if (!c.eos.empty()) f.set("tokenizer.ggml.eos_token_id", T::u32, c.eos[0]);
+  // The chat template goes along, so that a GGUF alone chats (llama.cpp reads it too).
+  if (fs::exists(d / "tokenizer_config.json")) {
+    const nlohmann::json j = parse_json((d / "tokenizer_config.json").string(), "tokenizer config");
+    if (j.is_object() && j.contains("chat_template") && j["chat_template"].is_string())
+      f.set("tokenizer.chat_template", T::string, j["chat_template"].get<std::string>());
+  }
   return true;
 }
 

@@ -4,8 +4,10 @@
 // transposed, LLaMA's q/k rows permuted for rotary on adjacent pairs, GLM's q/k/v fused), and the
 // tokenizer as tokenizer.ggml.* keys. mxn's own config goes along as `mxn.config`, so a file mxn
 // wrote converts back exactly; other files are read from the standard keys.
+#include <memory>
 #include <string>
 
+#include "data/tokenizer.h"
 #include "io/gguf.h"
 #include "io/safetensors.h"
 #include "models/decoder.h"
@@ -18,5 +20,10 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights, GgmlT
                          const std::string& tokenizer_dir, const std::string& name);
 // The config and f32 weights by Hugging Face names. Errors name the file and the key or tensor.
 DecoderConfig decoder_from_gguf(const GgufFile& f, TensorMap& weights, const std::string& path);
+
+// The tokenizer the file carries (tokenizer.ggml.*), or nullptr when it has none; an Error names
+// the file and the key that is malformed. `chat_template`: tokenizer.chat_template, or empty.
+std::unique_ptr<Tokenizer> tokenizer_from_gguf(const GgufFile& f, const std::string& path,
+                                               std::string* chat_template = nullptr);
 
 }  // namespace mxn

@@ -313,10 +313,13 @@ ServedModel::ServedModel(std::string name, const std::string& path, const ServeO
     : name_(std::move(name)) {
   ModelSource src = load_model(path);
   cfg_ = src.cfg;
-  if (!src.tokenizer_dir.empty()) {
-    tok_ = load_tokenizer(src.tokenizer_dir);
+  tok_ = src.tokenizer;  // a GGUF's own
+  if (!src.tokenizer_dir.empty()) tok_ = load_tokenizer(src.tokenizer_dir);
+  if (tok_) {
     try {
-      chat_ = chat_format(src.tokenizer_dir, *tok_);
+      chat_ = src.tokenizer_dir.empty()
+                  ? chat_format_of_template(src.chat_template, *tok_, src.what)
+                  : chat_format(src.tokenizer_dir, *tok_);
       has_chat_ = true;
     } catch (const Error&) {  // a base model: completions only
     }

@@ -97,7 +97,7 @@ class ServedModel {
   struct Replica;
   std::string name_;
   DecoderConfig cfg_;
-  std::unique_ptr<Tokenizer> tok_;
+  std::shared_ptr<Tokenizer> tok_;
   ChatFormat chat_{};
   bool has_chat_ = false;
   int64_t context_ = 0, blocks_ = 0;

@@ -273,6 +273,18 @@ class Convert(unittest.TestCase):
                      if l and not l.startswith("#version")]
             self.assertEqual(merges, lines)
             self.assertEqual(bytes(fld["tokenizer.ggml.model"].parts[-1]).decode(), "gpt2")
+            # The end of text is always written, and marked a control token as llama.cpp's converter does.
+            eos = int(fld["tokenizer.ggml.eos_token_id"].parts[-1][0])
+            self.assertEqual(eos, vocab["<|endoftext|>"])
+            types = fld["tokenizer.ggml.token_type"]
+            self.assertEqual(int(types.parts[types.data[eos]][0]), 3)
+            # The GGUF alone generates from text, as the folder it came from does.
+            gen = [subprocess.run([MXN, "generate", "--model", m, "--prompt", "In the beginning God",
+                                   "--max-tokens", "8", "--temperature", "0"], capture_output=True, text=True)
+                   for m in (out, path)]
+            self.assertEqual(gen[1].returncode, 0, gen[1].stderr)
+            self.assertEqual(gen[1].stdout, gen[0].stdout)
+            self.assertTrue(gen[1].stdout.startswith("In the beginning God"), gen[1].stdout)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
     ignore_merges) and added tokens, trained here by `tokenizers`, against `tokenizers`;
   - a SentencePiece tokenizer.model (BPE with byte fallback, as Llama 2's), made by spm_train,
     against transformers' LlamaTokenizer; ChatGLM's special tokens after its vocabulary;
-  - GLM-4's tiktoken-format tokenizer.model against `tiktoken`, special tokens included.
+  - GLM-4's tiktoken-format tokenizer.model against `tiktoken`, special tokens included;
+  - the tokenizer a GGUF file carries (gpt2 BPE with the gpt-2, qwen2 and llama-bpe splits,
+    Llama 2's SentencePiece) against the files it was made from.
 For each: identical ids, and decode(encode(x)) == x.
 usage: tokenizer_test.py MXN KJV.txt
 """
@@ -106,6 +108,15 @@ class Tokenizers(unittest.TestCase):
         print("gpt2 vocab+merges      3 words of 20,000 bytes identical")
 
     def train_json(self, pattern, ignore_merges, vocab=4000):
+        key = (pattern, ignore_merges, vocab)  # trained once a run, for each test that needs it
+        cache = self.__class__.__dict__.get("_trained")
+        if cache is None:
+            cache = self.__class__._trained = {}
+        if key not in cache:
+            cache[key] = self._train_json(pattern, ignore_merges, vocab)
+        return cache[key]
+
+    def _train_json(self, pattern, ignore_merges, vocab):
         tk = Tokenizer(models.BPE(ignore_merges=ignore_merges))
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
@@ -125,6 +136,72 @@ class Tokenizers(unittest.TestCase):
             os.makedirs(folder, exist_ok=True)
             tk.save(os.path.join(folder, "tokenizer.json"))
             self.same("tokenizer.json " + name, folder, lambda t: tk.encode(t, add_special_tokens=False).ids)
+
+    def test_gguf_vocabularies(self):
+        """A GGUF's own tokenizer (tokenizer.ggml.*, written here with the gguf package as
+        llama.cpp's converter writes it) encodes and decodes as the files it came from: GPT-2's
+        BPE, the Qwen2 and Llama 3 splits (pre "qwen2", "llama-bpe"), Llama 2's SentencePiece."""
+        def write(path, model, tokens, types, merges=None, scores=None, pre=None, eos=None, bos=None):
+            w = gguf.GGUFWriter(path, "llama" if model == "llama" else "gpt2")
+            w.add_tokenizer_model(model)
+            if pre:
+                w.add_tokenizer_pre(pre)
+            w.add_token_list(tokens)
+            w.add_token_types(types)
+            if merges:
+                w.add_token_merges(merges)
+            if scores is not None:
+                w.add_token_scores(scores)
+            if eos is not None:
+                w.add_eos_token_id(eos)
+            if bos is not None:
+                w.add_bos_token_id(bos)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        import gguf
+        from transformers import GPT2TokenizerFast, LlamaTokenizer
+        vocab = json.load(open(os.path.join(GPT2, "encoder.json")))
+        tokens = sorted(vocab, key=vocab.get)
+        merges = [l for l in open(os.path.join(GPT2, "vocab.bpe"), encoding="utf-8").read().split("\n")
+                  if l and not l.startswith("#version")]
+        path = os.path.join(self.tmp.name, "gpt2.gguf")
+        write(path, "gpt2", tokens, [3 if t == "<|endoftext|>" else 1 for t in tokens], merges, pre="gpt-2",
+              eos=vocab["<|endoftext|>"])
+        ref = GPT2TokenizerFast(vocab_file=os.path.join(GPT2, "encoder.json"),
+                                merges_file=os.path.join(GPT2, "vocab.bpe"))
+        self.same("gguf gpt2", path, lambda t: ref.encode(t))
+        for name, pattern, ignore, pre in (("qwen2-style", QWEN2, False, "qwen2"),
+                                           ("llama3-style", LLAMA3, True, "llama-bpe")):
+            tk = self.train_json(pattern, ignore)
+            j = json.loads(tk.to_str())
+            v = j["model"]["vocab"]
+            toks = sorted(v, key=v.get)
+            special = {a["content"] for a in j["added_tokens"]}
+            ms = [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]]
+            path = os.path.join(self.tmp.name, name + ".gguf")
+            write(path, "gpt2", toks, [3 if t in special else 1 for t in toks], ms, pre=pre)
+            self.same("gguf " + name, path, lambda t: tk.encode(t, add_special_tokens=False).ids)
+        folder = self.spm_folder()
+        sp = LlamaTokenizer(os.path.join(folder, "tokenizer.model"), legacy=True, add_bos_token=False)
+        m = sp.sp_model
+        n = m.get_piece_size()
+        types = [2 if m.is_unknown(i) else 3 if m.is_control(i) else 5 if m.is_unused(i) else 6 if m.is_byte(i)
+                 else 1 for i in range(n)]
+        path = os.path.join(self.tmp.name, "spm.gguf")
+        write(path, "llama", [m.id_to_piece(i) for i in range(n)], types, scores=[m.get_score(i) for i in range(n)],
+              bos=m.bos_id(), eos=m.eos_id())
+        self.same("gguf sentencepiece", path, lambda t: sp.encode(t, add_special_tokens=False), names=("kjv", "zh"))
+        # What mxn does not read: one line naming the file and what it expected.
+        for model, pre, want in (("gpt2", "falcon", "pre-tokenizer 'falcon' is not one mxn reads"),
+                                 ("t5", None, "tokenizer model 't5' is not one mxn reads")):
+            path = os.path.join(self.tmp.name, "bad.gguf")
+            write(path, model, tokens[:300], [1] * 300, merges[:10], pre=pre)
+            r = subprocess.run([MXN, "tokenize", "--tokenizer", path, "--text", "x"], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+            self.assertIn(path + ": " + want, r.stderr)
 
     def spm_folder(self):
         """A Llama 2-style SentencePiece model trained here (once per run)."""

@@ -12,6 +12,8 @@
 #include <thread>
 
 #include "core/error.h"
+#include "data/bpe.h"
+#include "data/chat.h"
 #include "data/tokenizer.h"
 #include "io/hf_folder.h"
 #include "train/trainer.h"
@@ -380,4 +382,33 @@ TEST(Tokenizer, EncodesFromManyThreadsAtOnce) {
   for (auto& t : threads) t.join();
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_GT(want.size(), 8000u);
+}
+
+TEST(Tokenizer, ChatFormatFromATemplateText) {
+  // A GGUF's tokenizer.chat_template names the format as a folder's tokenizer_config.json does:
+  // by the markers in the template; without one, by the tokenizer's special tokens; neither is
+  // one Error naming the model.
+  mxn::BpeSpec s;
+  for (int b = 0; b < 256; ++b) s.vocab.push_back(std::string(1, char(b)));
+  for (const char* t : {"<|im_start|>", "<|im_end|>"}) {
+    s.added.push_back({t, int32_t(s.vocab.size())});
+    s.vocab.push_back(t);
+  }
+  s.pattern = mxn::kGpt2Pattern;
+  const auto tok = mxn::make_bpe(s, "test", "bpe");
+  using mxn::ChatFormat;
+  EXPECT_EQ(
+      mxn::chat_format_of_template("{% for m in messages %}<|im_start|>{{ m.role }}", *tok, "x"),
+      ChatFormat::chatml);
+  EXPECT_EQ(
+      mxn::chat_format_of_template("<|start_header_id|>{{ m.role }}<|end_header_id|>", *tok, "x"),
+      ChatFormat::llama3);
+  EXPECT_EQ(mxn::chat_format_of_template("", *tok, "x"), ChatFormat::chatml);  // the tokens
+  try {
+    mxn::chat_format_of_template("{{ bos_token }}{{ m.content }}", *tok, "GGUF file 'm.gguf'");
+    FAIL() << "a template with no known markers";
+  } catch (const mxn::Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("GGUF file 'm.gguf' has no chat format mxn knows", 0), 0u)
+        << e.what();
+  }
 }
