@@ -362,6 +362,20 @@ void save_hf_folder(const std::string& dir, const DecoderConfig& c, const Tensor
       if (fs::exists(fs::path(tokenizer_dir) / name))
         write_file_atomic((fs::path(dir) / name).string(),
                           read_file((fs::path(tokenizer_dir) / name).string(), "tokenizer file"));
+  // GPT-2's vocab.json + merges.txt beside a config of another family (a LLaMA-shaped run on
+  // GPT-2 tokens): without a tokenizer_config.json naming the class, transformers'
+  // AutoTokenizer would look for that family's own tokenizer files.
+  const fs::path d(dir);
+  if (fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt") &&
+      !fs::exists(d / "tokenizer_config.json") && !fs::exists(d / "tokenizer.json")) {
+    const nlohmann::json t = {{"tokenizer_class", "GPT2Tokenizer"},
+                              {"bos_token", "<|endoftext|>"},
+                              {"eos_token", "<|endoftext|>"},
+                              {"unk_token", "<|endoftext|>"},
+                              {"add_prefix_space", false},
+                              {"model_max_length", c.max_pos}};
+    write_file_atomic((d / "tokenizer_config.json").string(), t.dump(2) + "\n");
+  }
   write_file_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");
 }
 

@@ -286,6 +286,34 @@ class Convert(unittest.TestCase):
             self.assertEqual(gen[1].stdout, gen[0].stdout)
             self.assertTrue(gen[1].stdout.startswith("In the beginning God"), gen[1].stdout)
 
+    def test_fresh_run_on_gpt2_tokens(self):
+        """A LLaMA-shaped model trained from scratch on GPT-2 tokens: its folder loads with
+        AutoTokenizer (a tokenizer_config.json names GPT-2's class), and its GGUF names
+        <|endoftext|> as the end of text though the run's config has no eos id."""
+        from transformers import AutoTokenizer
+        with tempfile.TemporaryDirectory() as tmp:
+            tokdir = os.path.join(tmp, "tok")
+            os.makedirs(tokdir)
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(os.path.join(SHARED, "encoder.json" if f == "vocab.json" else "vocab.bpe"),
+                            os.path.join(tokdir, f))
+            text, shard, run = (os.path.join(tmp, n) for n in ("t.txt", "t.bin", "run"))
+            with open(text, "w") as fh:
+                fh.write("In the beginning God created the heaven and the earth. " * 100)
+            mxn("prepare", text, "--out", shard, "--tokenizer", tokdir)
+            mxn("train", "--arch", "llama", "--vocab_size", "50257", "--n_layer", "1", "--n_embd", "32",
+                "--n_head", "2", "--n_ctx", "32", "--data", shard, "--steps", "1", "--batch", "2",
+                "--eval_every", "0", "--ckpt_every", "1", "--out", run, "--log_every", "100")
+            out = os.path.join(tmp, "hf")
+            mxn("convert", run, out, "--tokenizer", tokdir)
+            tok = AutoTokenizer.from_pretrained(out)
+            self.assertEqual(tok.encode("Hello world"), [15496, 995])
+            self.assertEqual(tok.eos_token_id, 50256)
+            path = os.path.join(tmp, "m.gguf")
+            mxn("convert", run, path, "--tokenizer", tokdir)
+            fld = gguf.GGUFReader(path).fields
+            self.assertEqual(int(fld["tokenizer.ggml.eos_token_id"].parts[-1][0]), 50256)
+
 
 if __name__ == "__main__":
     unittest.main(argv=sys.argv[:1], verbosity=2)
