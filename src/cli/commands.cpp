@@ -37,6 +37,7 @@ std::function<int()> add_eval(CLI::App& app) {
   struct A {
     std::string ckpt, data, device = "cpu";
     int64_t threads = 0, batch = 8, ctx = 0;
+    bool perplexity = false;
   };
   auto a = std::make_shared<A>();
   sub->add_option("--checkpoint,--model", a->ckpt,
@@ -47,7 +48,20 @@ std::function<int()> add_eval(CLI::App& app) {
   sub->add_option("--device", a->device, "device")->capture_default_str();
   sub->add_option("--threads", a->threads, "CPU threads (0: all)");
   sub->add_option("--batch", a->batch, "sequences per forward pass")->check(CLI::PositiveNumber);
+  sub->add_flag("--perplexity", a->perplexity,
+                "--data is text read with the model's tokenizer: perplexity over chunks of --ctx "
+                "tokens, each one's second half scored, as llama.cpp's llama-perplexity");
   return [a] {
+    if (a->perplexity) {
+      const Perplexity p =
+          text_perplexity(a->ckpt, a->data, a->device, a->threads, a->batch, a->ctx);
+      std::printf(
+          "perplexity: %.4f (mean NLL %.6f) over %lld tokens: %lld chunks of %lld, the "
+          "second half of each scored (%lld predictions)\n",
+          p.ppl, p.nll, (long long)p.tokens, (long long)p.chunks, (long long)p.ctx,
+          (long long)p.scored);
+      return 0;
+    }
     std::printf("loss: %.6f\n",
                 eval_model(a->ckpt, a->data, a->device, a->threads, a->batch, a->ctx));
     return 0;

@@ -137,6 +137,63 @@ double eval_model(const std::string& model, const std::string& data_path, const 
   return sum / double(n);
 }
 
+Perplexity text_perplexity(const std::string& model, const std::string& text_path,
+                           const std::string& device, int64_t threads, int64_t batch, int64_t ctx) {
+  ModelSource src = load_model(model);
+  const DecoderConfig& cfg = src.cfg;
+  std::shared_ptr<Tokenizer> tok = src.tokenizer;
+  if (!src.tokenizer_dir.empty()) tok = load_tokenizer(src.tokenizer_dir);
+  if (!tok) throw Error(src.what + " has no tokenizer to read the text '" + text_path + "' with");
+  const std::vector<int32_t> ids =
+      tok->encode(read_file(text_path, "text"), Tokenizer::Specials::as_text);
+  Perplexity p;
+  p.tokens = int64_t(ids.size());
+  p.ctx = std::min(cfg.max_pos, ctx > 0 ? ctx : int64_t(1024));
+  p.chunks = p.tokens / p.ctx;
+  if (p.chunks < 1 || p.ctx < 4)
+    throw Error("text '" + text_path + "' is " + std::to_string(p.tokens) +
+                " tokens: fewer than one window of " + std::to_string(p.ctx));
+  for (int32_t id : ids)
+    if (id >= cfg.vocab_size)
+      throw Error("text '" + text_path + "' tokenizes to id " + std::to_string(id) +
+                  ", outside the model's vocabulary of " + std::to_string(cfg.vocab_size));
+  const int64_t T = p.ctx, first = T / 2, B = std::max<int64_t>(1, std::min(batch, p.chunks));
+  auto dev = open_device(device, int(threads));
+  Graph g;
+  DecoderOptions o;
+  o.with_loss = true;
+  const DecoderGraph m = build_decoder(g, cfg, B, T, o);
+  Program prog(std::move(g), *dev, false);
+  upload_weights(prog, src.weights, src.what);
+  src.weights.clear();
+  std::vector<int32_t> in(size_t(B * T)), tgt(size_t(B * T)), pos(size_t(B * T));
+  for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
+  dev->upload(prog.tensor(m.positions), pos.data());
+  double sum = 0;
+  for (int64_t c0 = 0; c0 < p.chunks; c0 += B) {
+    const int64_t n = std::min(B, p.chunks - c0);  // the last pass's unused rows score nothing
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t at = (c0 + b) * T + t;
+        const bool live = b < n;
+        in[size_t(b * T + t)] = live ? ids[size_t(at)] : 0;
+        // Position t predicts the chunk's token t + 1; only the second half is scored.
+        tgt[size_t(b * T + t)] = live && t >= first && t + 1 < T ? ids[size_t(at + 1)] : -1;
+      }
+    dev->upload(prog.tensor(m.tokens), in.data());
+    dev->upload(prog.tensor(m.targets), tgt.data());
+    prog.run(0, prog.graph().nodes.size());
+    float loss;
+    dev->download(&loss, prog.tensor(m.loss));
+    const int64_t scored = n * (T - 1 - first);
+    sum += double(loss) * double(scored);
+    p.scored += scored;
+  }
+  p.nll = sum / double(p.scored);
+  p.ppl = std::exp(p.nll);
+  return p;
+}
+
 std::string infill(const std::string& checkpoint, const std::string& text, int64_t max_tokens,
                    const SamplingOptions& sampling, const std::string& device, int64_t threads) {
   Checkpoint ck = load_checkpoint(checkpoint, false);

@@ -70,6 +70,17 @@ DType weight_dtype(const GenerateOptions& o, const ModelSource& src, const Devic
 double eval_model(const std::string& model, const std::string& data, const std::string& device,
                   int64_t threads, int64_t batch = 8, int64_t ctx = 0);
 
+// Perplexity of a model with a tokenizer (a model folder's, a GGUF's own) on a text file, as
+// llama.cpp's llama-perplexity computes it: the whole text tokenized, cut into chunks of `ctx`
+// tokens (0: the model's context, at most 1024), each chunk's second half scored.
+struct Perplexity {
+  double ppl = 0, nll = 0;  // exp(mean NLL), the mean NLL
+  int64_t tokens = 0, chunks = 0, ctx = 0, scored = 0;
+};
+Perplexity text_perplexity(const std::string& model, const std::string& text_path,
+                           const std::string& device, int64_t threads, int64_t batch = 8,
+                           int64_t ctx = 0);
+
 // GLM blank infilling with a checkpoint trained with --objective glm: each "[MASK]" (or
 // "[gMASK]") in `text` is filled, left to right, by generating after [sop] until [eop] (at most
 // `max_tokens` per blank; `sampling` as in generate). Returns the text with the blanks filled.

@@ -292,9 +292,20 @@ GgufFile gguf_parse(const char* data, size_t size, const std::string& path) {
       t.ne.push_back(int64_t(d));
     }
     const uint32_t type = r.pod<uint32_t>("tensor type");
-    if (type != 0 && type != 1 && type != 8 && type != 30)
-      r.fail("tensor '" + t.name + "' has ggml type " + std::to_string(type) +
-             " (mxn reads f32, f16, bf16 and Q8_0)");
+    if (type != 0 && type != 1 && type != 8 && type != 30) {
+      // ggml's type numbers (ggml.h) of the quantized formats llama.cpp's files hold.
+      static const std::pair<uint32_t, const char*> names[] = {
+          {2, "Q4_0"},    {3, "Q4_1"},     {6, "Q5_0"},    {7, "Q5_1"},     {9, "Q8_1"},
+          {10, "Q2_K"},   {11, "Q3_K"},    {12, "Q4_K"},   {13, "Q5_K"},    {14, "Q6_K"},
+          {15, "Q8_K"},   {16, "IQ2_XXS"}, {17, "IQ2_XS"}, {18, "IQ3_XXS"}, {19, "IQ1_S"},
+          {20, "IQ4_NL"}, {21, "IQ3_S"},   {22, "IQ2_S"},  {23, "IQ4_XS"},  {29, "IQ1_M"},
+          {34, "TQ1_0"},  {35, "TQ2_0"}};
+      std::string name;
+      for (const auto& [n, s] : names)
+        if (n == type) name = std::string(" (") + s + ")";
+      r.fail("tensor '" + t.name + "' has ggml type " + std::to_string(type) + name +
+             ", which mxn does not compute (it reads f32, f16, bf16 and Q8_0)");
+    }
     t.type = GgmlType(type);
     if (t.type == GgmlType::q8_0 && t.ne[0] % kQ8Block != 0)
       r.fail("Q8_0 tensor '" + t.name + "' has rows of " + std::to_string(t.ne[0]) +

@@ -368,12 +368,10 @@ void save_hf_folder(const std::string& dir, const DecoderConfig& c, const Tensor
   const fs::path d(dir);
   if (fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt") &&
       !fs::exists(d / "tokenizer_config.json") && !fs::exists(d / "tokenizer.json")) {
-    const nlohmann::json t = {{"tokenizer_class", "GPT2Tokenizer"},
-                              {"bos_token", "<|endoftext|>"},
-                              {"eos_token", "<|endoftext|>"},
-                              {"unk_token", "<|endoftext|>"},
-                              {"add_prefix_space", false},
-                              {"model_max_length", c.max_pos}};
+    const nlohmann::json t = {
+        {"tokenizer_class", "GPT2Tokenizer"}, {"bos_token", "<|endoftext|>"},
+        {"eos_token", "<|endoftext|>"},       {"unk_token", "<|endoftext|>"},
+        {"add_prefix_space", false},          {"model_max_length", c.max_pos}};
     write_file_atomic((d / "tokenizer_config.json").string(), t.dump(2) + "\n");
   }
   write_file_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");

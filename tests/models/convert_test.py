@@ -13,7 +13,7 @@ For every family (a tiny random transformers model, odd and even sizes, as in hf
   - The GPT-2 tokenizer goes into GGUF as llama.cpp's tokens and merges.
 usage: convert_test.py MXN
 """
-import json, math, os, shutil, subprocess, sys, tempfile, unittest
+import json, math, os, re, shutil, subprocess, sys, tempfile, unittest
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common")]
@@ -285,6 +285,46 @@ class Convert(unittest.TestCase):
             self.assertEqual(gen[1].returncode, 0, gen[1].stderr)
             self.assertEqual(gen[1].stdout, gen[0].stdout)
             self.assertTrue(gen[1].stdout.startswith("In the beginning God"), gen[1].stdout)
+            # Perplexity of the GGUF on a text, as llama-perplexity computes it (chunks of 16 tokens,
+            # the second half of each scored), against transformers on the folder's tokens.
+            from transformers import GPT2TokenizerFast
+            story = os.path.join(tmp, "story.txt")
+            with open(story, "w") as fh:
+                fh.write("And God said, Let there be light: and there was light. And God saw the light, "
+                         "that it was good: and God divided the light from the darkness. " * 6)
+            r = subprocess.run([MXN, "eval", "--model", path, "--data", story, "--perplexity", "--ctx", "16"],
+                               capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            got = float(re.search(r"perplexity: ([0-9.]+)", r.stdout).group(1))
+            ids = GPT2TokenizerFast.from_pretrained(out).encode(open(story).read())
+            nll, n = 0.0, 0
+            with torch.no_grad():
+                for c in range(len(ids) // 16):
+                    chunk = torch.tensor([ids[c * 16:(c + 1) * 16]])
+                    logp = torch.log_softmax(m(chunk).logits[0].double(), -1)
+                    for t in range(8, 15):
+                        nll -= logp[t, chunk[0, t + 1]].item()
+                        n += 1
+            self.assertIn(f"over {len(ids)} tokens: {len(ids) // 16} chunks of 16", r.stdout)
+            self.assertAlmostEqual(got / math.exp(nll / n), 1.0, delta=1e-4)
+
+    def test_unsupported_quantization(self):
+        """A GGUF holding a type mxn does not compute (Q4_0, as llama-quantize writes it) is one line
+        naming the tensor, the type and the types mxn reads."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "q4.gguf")
+            w = gguf.GGUFWriter(path, "llama")
+            w.add_tensor("token_embd.weight", np.zeros((64, 18), dtype=np.uint8),
+                         raw_dtype=gguf.GGMLQuantizationType.Q4_0)  # 64 rows of 32 weights
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            r = subprocess.run([MXN, "generate", "--model", path, "--prompt-ids", "1"], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+            self.assertIn("tensor 'token_embd.weight' has ggml type 2 (Q4_0), which mxn does not compute "
+                          "(it reads f32, f16, bf16 and Q8_0)", r.stderr)
 
     def test_fresh_run_on_gpt2_tokens(self):
         """A LLaMA-shaped model trained from scratch on GPT-2 tokens: its folder loads with
