@@ -5,6 +5,7 @@
 # each type mxn writes. The model is GPT-2 124M's shape with random weights (bench/make_model.sh),
 # so the perplexity itself is near the vocabulary's size; what is compared is the two engines'
 # figure on identical input: tokenization, chunking and the forward pass in each weight type.
+# First, llama.cpp's llama-tokenize and `mxn tokenize` on the GGUF alone: the same ids or not.
 # Not a test (it needs llama.cpp built). Environment: TYPES ("f32 bf16 q8_0"), CTX (512), BYTES
 # (60000: the first bytes of the KJV), WORK (build/bench), THREADS (all cores).
 set -euo pipefail
@@ -13,9 +14,20 @@ work="${WORK:-build/bench}" mxn="${BUILD_DIR:-build}/mxn" ctx="${CTX:-512}"
 threads="${THREADS:-$(nproc)}"
 mkdir -p "$work"
 ppl="$(TARGET=llama-perplexity bench/llamacpp.sh)"
+tokenize="$(TARGET=llama-tokenize bench/llamacpp.sh)"
 bench/make_model.sh gpt2 "$work/gpt2"
 text="$work/kjv-${BYTES:-60000}.txt"
 head -c "${BYTES:-60000}" data/kjv.txt > "$text"
+# The tokenizer first: llama.cpp's and mxn's ids for the whole text from the GGUF alone.
+[[ -f "$work/gpt2-f32.gguf" ]] || "$mxn" convert "$work/gpt2" "$work/gpt2-f32.gguf" --type f32 >&2
+"$tokenize" -m "$work/gpt2-f32.gguf" -f "$text" --ids --log-disable 2>/dev/null | tail -1 |
+  tr -d '[],' | tr ' ' '\n' | grep -v '^$' > "$work/ids-llama.txt"
+"$mxn" tokenize --tokenizer "$work/gpt2-f32.gguf" --file "$text" > "$work/ids-mxn.txt"
+if cmp -s "$work/ids-llama.txt" "$work/ids-mxn.txt"; then
+  echo "tokens: $(wc -l < "$work/ids-mxn.txt") ids, identical in llama-tokenize and mxn tokenize"
+else
+  echo "tokens: DIFFER (llama.cpp $(wc -l < "$work/ids-llama.txt"), mxn $(wc -l < "$work/ids-mxn.txt"))"
+fi
 echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; context $ctx; $(wc -c < "$text") bytes of the KJV"
 printf "| type | mxn perplexity | llama.cpp perplexity | difference | chunks (mxn / llama.cpp) |\n|---|--:|--:|--:|--:|\n"
 for type in ${TYPES:-f32 bf16 q8_0}; do

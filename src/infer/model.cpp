@@ -94,6 +94,42 @@ DType weight_dtype(const GenerateOptions& o, const ModelSource& src, const Devic
                                                                                  : DType::f32;
 }
 
+namespace {
+
+// The loss over B sequences of T tokens of a loaded model on a device (its weights moved in):
+// each pass's tokens and targets in, the mean loss over the targets that are not -1 out.
+class LossPass {
+ public:
+  LossPass(ModelSource& src, const std::string& device, int64_t threads, int64_t B, int64_t T)
+      : dev_(open_device(device, int(threads))) {
+    Graph g;
+    DecoderOptions o;
+    o.with_loss = true;
+    m_ = build_decoder(g, src.cfg, B, T, o);
+    prog_ = std::make_unique<Program>(std::move(g), *dev_, false);
+    upload_weights(*prog_, src.weights, src.what);
+    src.weights.clear();
+    std::vector<int32_t> pos(size_t(B * T));
+    for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
+    dev_->upload(prog_->tensor(m_.positions), pos.data());
+  }
+  float operator()(const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets) {
+    dev_->upload(prog_->tensor(m_.tokens), tokens.data());
+    dev_->upload(prog_->tensor(m_.targets), targets.data());
+    prog_->run(0, prog_->graph().nodes.size());
+    float loss;
+    dev_->download(&loss, prog_->tensor(m_.loss));
+    return loss;
+  }
+
+ private:
+  std::unique_ptr<Device> dev_;
+  DecoderGraph m_;
+  std::unique_ptr<Program> prog_;
+};
+
+}  // namespace
+
 double eval_model(const std::string& model, const std::string& data_path, const std::string& device,
                   int64_t threads, int64_t batch, int64_t ctx) {
   TokenData data = TokenData::open(data_path);
@@ -106,17 +142,8 @@ double eval_model(const std::string& model, const std::string& data_path, const 
                 ", the model's is " + std::to_string(cfg.vocab_size));
   const int64_t windows = (data.n_val() - 1) / T;
   const int64_t B = std::max<int64_t>(1, std::min(batch, windows));
-  auto dev = open_device(device, int(threads));
-  Graph g;
-  DecoderOptions o;
-  o.with_loss = true;
-  const DecoderGraph m = build_decoder(g, cfg, B, T, o);
-  Program prog(std::move(g), *dev, false);
-  upload_weights(prog, src.weights, src.what);
-  src.weights.clear();
-  std::vector<int32_t> tok(size_t(B * T)), tgt(size_t(B * T)), pos(size_t(B * T));
-  for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
-  dev->upload(prog.tensor(m.positions), pos.data());
+  LossPass pass(src, device, threads, B, T);
+  std::vector<int32_t> tok(size_t(B * T)), tgt(size_t(B * T));
   double sum = 0;
   int64_t n = 0;
   // Non-overlapping windows over the whole split; the last partial batch is dropped.
@@ -126,12 +153,7 @@ double eval_model(const std::string& model, const std::string& data_path, const 
         tok[size_t(b * T + t)] = int32_t(data.val()[(w0 + b) * T + t]);
         tgt[size_t(b * T + t)] = int32_t(data.val()[(w0 + b) * T + t + 1]);
       }
-    dev->upload(prog.tensor(m.tokens), tok.data());
-    dev->upload(prog.tensor(m.targets), tgt.data());
-    prog.run(0, prog.graph().nodes.size());
-    float loss;
-    dev->download(&loss, prog.tensor(m.loss));
-    sum += loss;
+    sum += pass(tok, tgt);
     ++n;
   }
   return sum / double(n);
@@ -158,17 +180,8 @@ Perplexity text_perplexity(const std::string& model, const std::string& text_pat
       throw Error("text '" + text_path + "' tokenizes to id " + std::to_string(id) +
                   ", outside the model's vocabulary of " + std::to_string(cfg.vocab_size));
   const int64_t T = p.ctx, first = T / 2, B = std::max<int64_t>(1, std::min(batch, p.chunks));
-  auto dev = open_device(device, int(threads));
-  Graph g;
-  DecoderOptions o;
-  o.with_loss = true;
-  const DecoderGraph m = build_decoder(g, cfg, B, T, o);
-  Program prog(std::move(g), *dev, false);
-  upload_weights(prog, src.weights, src.what);
-  src.weights.clear();
-  std::vector<int32_t> in(size_t(B * T)), tgt(size_t(B * T)), pos(size_t(B * T));
-  for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
-  dev->upload(prog.tensor(m.positions), pos.data());
+  LossPass pass(src, device, threads, B, T);
+  std::vector<int32_t> in(size_t(B * T)), tgt(size_t(B * T));
   double sum = 0;
   for (int64_t c0 = 0; c0 < p.chunks; c0 += B) {
     const int64_t n = std::min(B, p.chunks - c0);  // the last pass's unused rows score nothing
@@ -180,13 +193,8 @@ Perplexity text_perplexity(const std::string& model, const std::string& text_pat
         // Position t predicts the chunk's token t + 1; only the second half is scored.
         tgt[size_t(b * T + t)] = live && t >= first && t + 1 < T ? ids[size_t(at + 1)] : -1;
       }
-    dev->upload(prog.tensor(m.tokens), in.data());
-    dev->upload(prog.tensor(m.targets), tgt.data());
-    prog.run(0, prog.graph().nodes.size());
-    float loss;
-    dev->download(&loss, prog.tensor(m.loss));
     const int64_t scored = n * (T - 1 - first);
-    sum += double(loss) * double(scored);
+    sum += double(pass(in, tgt)) * double(scored);
     p.scored += scored;
   }
   p.nll = sum / double(p.scored);
@@ -268,8 +276,6 @@ std::string infill(const std::string& checkpoint, const std::string& text, int64
   for (size_t b = 0; b < blanks.size(); ++b) out += fills[b] + pieces[b + 1];
   return out;
 }
-
-namespace {}  // namespace
 
 int64_t generate(const GenerateOptions& o,
                  const std::function<void(int32_t id, const std::string& text)>& on_token) {
