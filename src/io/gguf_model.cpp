@@ -325,16 +325,39 @@ bool add_tokenizer(GgufFile& f, const DecoderConfig& c, const std::string& dir) 
   // The embedding may have more rows than the tokenizer has tokens (padded vocabularies).
   for (size_t i = 0; i < size_t(std::max<int64_t>(c.vocab_size, int64_t(tokens.size()))); ++i)
     if (i >= tokens.size() || types[i] == 0) put(int64_t(i), "[PAD" + std::to_string(i) + "]", 5);
-  // The end of text always written (llama.cpp falls back to id 11, ",", without it): the
-  // model's own, else the tokenizer's (GPT-2's <|endoftext|>), marked a control token.
-  int64_t eos = c.eos.empty() ? -1 : c.eos[0];
-  for (const char* t : {"<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>"})
-    for (size_t i = 0; eos < 0 && i < tokens.size(); ++i)
-      if (tokens[i] == t) eos = int64_t(i);
-  if (eos >= 0 && size_t(eos) < tokens.size()) {
-    f.set("tokenizer.ggml.eos_token_id", T::u32, eos);
-    if (types[size_t(eos)] == 1) types[size_t(eos)] = 3;
-  } else {
+  // The special ids always written (llama.cpp falls back to id 11, ",", as the end of text
+  // without one): the model's own, else tokenizer_config.json's, else the tokenizer's own
+  // tokens (GPT-2's <|endoftext|>); each marked a control token.
+  nlohmann::json tc = nlohmann::json::object();
+  if (fs::exists(d / "tokenizer_config.json")) {
+    tc = parse_json((d / "tokenizer_config.json").string(), "tokenizer config");
+    if (!tc.is_object()) tc = nlohmann::json::object();
+  }
+  auto id_of = [&](std::vector<std::string> texts, const char* key) {
+    if (tc.contains(key)) {  // a string, or {"content": ...}
+      const nlohmann::json& v = tc[key];
+      if (v.is_string()) texts.insert(texts.begin(), v.get<std::string>());
+      if (v.is_object() && v.value("content", nlohmann::json()).is_string())
+        texts.insert(texts.begin(), v["content"].get<std::string>());
+    }
+    for (const std::string& t : texts)
+      for (size_t i = 0; i < tokens.size(); ++i)
+        if (tokens[i] == t) return int64_t(i);
+    return int64_t(-1);
+  };
+  auto special = [&](const char* key, int64_t id) {
+    if (id < 0 || size_t(id) >= tokens.size()) return false;
+    f.set(key, T::u32, id);
+    if (types[size_t(id)] == 1) types[size_t(id)] = 3;
+    return true;
+  };
+  if (!f.find("tokenizer.ggml.bos_token_id"))
+    special("tokenizer.ggml.bos_token_id", id_of({"<|begin_of_text|>"}, "bos_token"));
+  special("tokenizer.ggml.eot_token_id", id_of({"<|eot_id|>", "<|im_end|>"}, "eot_token"));
+  special("tokenizer.ggml.padding_token_id", id_of({}, "pad_token"));
+  const int64_t eos =
+      !c.eos.empty() ? c.eos[0] : id_of({"<|endoftext|>", "</s>", "<|im_end|>"}, "eos_token");
+  if (!special("tokenizer.ggml.eos_token_id", eos)) {
     std::fprintf(stderr,
                  "warning: %s: no end-of-text token (the config has no eos_token_id and the "
                  "tokenizer no <|endoftext|> or </s>): generation from this GGUF stops only at "
@@ -345,11 +368,8 @@ bool add_tokenizer(GgufFile& f, const DecoderConfig& c, const std::string& dir) 
   f.set("tokenizer.ggml.token_type", T::array, types, T::i32);
   if (!merges.empty()) f.set("tokenizer.ggml.merges", T::array, merges, T::string);
   // The chat template goes along, so that a GGUF alone chats (llama.cpp reads it too).
-  if (fs::exists(d / "tokenizer_config.json")) {
-    const nlohmann::json j = parse_json((d / "tokenizer_config.json").string(), "tokenizer config");
-    if (j.is_object() && j.contains("chat_template") && j["chat_template"].is_string())
-      f.set("tokenizer.chat_template", T::string, j["chat_template"].get<std::string>());
-  }
+  if (tc.contains("chat_template") && tc["chat_template"].is_string())
+    f.set("tokenizer.chat_template", T::string, tc["chat_template"].get<std::string>());
   return true;
 }
 

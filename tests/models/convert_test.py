@@ -308,6 +308,50 @@ class Convert(unittest.TestCase):
             self.assertIn(f"over {len(ids)} tokens: {len(ids) // 16} chunks of 16", r.stdout)
             self.assertAlmostEqual(got / math.exp(nll / n), 1.0, delta=1e-4)
 
+    def test_chat_tokenizer_in_gguf(self):
+        """A Qwen2-style folder (tokenizer.json with <|im_start|>/<|im_end|>, tokenizer_config.json
+        with its eos, pad and chat template) converts to a GGUF that carries its special ids (eos,
+        eot, pad, each a control token) and template, and chats from the GGUF alone as from the
+        folder: the same prompt length and the same greedy answer."""
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "qwen")
+            torch.manual_seed(5)
+            Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=1, vocab_size=300, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=64)).save_pretrained(src)
+            tk = Tokenizer(models.BPE())
+            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tk.decoder = decoders.ByteLevel()
+            specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            tk.train_from_iterator(["In the beginning God created the heaven and the earth."] * 20,
+                                   trainers.BpeTrainer(vocab_size=280, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+            tk.save(os.path.join(src, "tokenizer.json"))
+            template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}<|im_start|>assistant\n")
+            json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": template},
+                      open(os.path.join(src, "tokenizer_config.json"), "w"))
+            path = os.path.join(tmp, "q.gguf")
+            mxn("convert", src, path)
+            fld = gguf.GGUFReader(path).fields
+            ids = {t: tk.token_to_id(t) for t in specials}
+            types = fld["tokenizer.ggml.token_type"]
+            for key, tok in (("eot", "<|im_end|>"), ("padding", "<|endoftext|>")):
+                self.assertEqual(int(fld[f"tokenizer.ggml.{key}_token_id"].parts[-1][0]), ids[tok], key)
+                self.assertEqual(int(types.parts[types.data[ids[tok]]][0]), 3, tok)
+            self.assertIn("tokenizer.ggml.eos_token_id", fld)
+            self.assertEqual(bytes(fld["tokenizer.chat_template"].parts[-1]).decode(), template)
+            chat = [subprocess.run([MXN, "generate", "--model", m, "--chat", "--prompt", "In the beginning",
+                                    "--max-tokens", "6", "--temperature", "0", "--timings"],
+                                   capture_output=True, text=True) for m in (src, path)]
+            self.assertEqual(chat[1].returncode, 0, chat[1].stderr)
+            self.assertEqual(chat[1].stdout, chat[0].stdout)
+            n = [int(re.search(r"prompt (\d+) tokens", c.stderr).group(1)) for c in chat]
+            self.assertEqual(n[1], n[0])  # the chat format's prompt, not the bare text's
+            self.assertGreater(n[1], len(tk.encode("In the beginning").ids) + 4)
+
     def test_unsupported_quantization(self):
         """A GGUF holding a type mxn does not compute (Q4_0, as llama-quantize writes it) is one line
         naming the tensor, the type and the types mxn reads."""
