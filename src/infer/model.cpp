@@ -40,7 +40,11 @@ ModelSource load_model(const std::string& path, const std::string& adapter) {
     m.what = "GGUF file '" + path + "'";
     const GgufFile f = gguf_load(path);
     m.cfg = decoder_from_gguf(f, m.weights, path);
-    m.tokenizer = tokenizer_from_gguf(f, path, &m.chat_template);
+    try {  // a tokenizer mxn cannot read leaves the model usable from token ids
+      m.tokenizer = tokenizer_from_gguf(f, path, &m.chat_template);
+    } catch (const Error& e) {
+      m.tokenizer_error = e.what();
+    }
     if (const GgufTensor* t = f.tensor("token_embd.weight"))
       m.stored_16bit = t->type != GgmlType::f32;
   } else if (!fs::exists(fs::path(path) / "config.json") &&
@@ -165,7 +169,10 @@ Perplexity text_perplexity(const std::string& model, const std::string& text_pat
   const DecoderConfig& cfg = src.cfg;
   std::shared_ptr<Tokenizer> tok = src.tokenizer;
   if (!src.tokenizer_dir.empty()) tok = load_tokenizer(src.tokenizer_dir);
-  if (!tok) throw Error(src.what + " has no tokenizer to read the text '" + text_path + "' with");
+  if (!tok)
+    throw Error(src.tokenizer_error.empty()
+                    ? src.what + " has no tokenizer to read the text '" + text_path + "' with"
+                    : src.tokenizer_error);
   const std::vector<int32_t> ids =
       tok->encode(read_file(text_path, "text"), Tokenizer::Specials::as_text);
   Perplexity p;
@@ -298,7 +305,9 @@ int64_t generate(const GenerateOptions& o,
   std::shared_ptr<Tokenizer> tok = src.tokenizer;
   if (!src.tokenizer_dir.empty() && o.prompt_ids.empty()) tok = load_tokenizer(src.tokenizer_dir);
   if (!bytes && !tok && o.prompt_ids.empty())
-    throw Error(src.what + " comes without tokenizer files: give the prompt as --prompt-ids");
+    throw Error(src.tokenizer_error.empty()
+                    ? src.what + " comes without tokenizer files: give the prompt as --prompt-ids"
+                    : src.tokenizer_error + ": give the prompt as --prompt-ids");
   std::vector<int32_t> ids;
   if (o.chat) {
     if (!tok) throw Error("--chat needs a model with its tokenizer and a text prompt");

@@ -23,7 +23,8 @@ struct ModelSource {
   // template (tokenizer.chat_template), used where there is no tokenizer_dir.
   std::shared_ptr<Tokenizer> tokenizer;
   std::string chat_template;
-  bool stored_16bit = false;  // the source keeps its weights in 16 bits (or 8: GGUF Q8_0)
+  std::string tokenizer_error;  // why the file's tokenizer could not be read (the model still can)
+  bool stored_16bit = false;    // the source keeps its weights in 16 bits (or 8: GGUF Q8_0)
 };
 // With `adapter` (a PEFT LoRA folder or an mxn LoRA run), its update is merged into the weights;
 // an mxn LoRA run's own checkpoint loads as its base with its adapter merged.

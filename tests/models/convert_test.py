@@ -285,6 +285,21 @@ class Convert(unittest.TestCase):
             self.assertEqual(gen[1].returncode, 0, gen[1].stderr)
             self.assertEqual(gen[1].stdout, gen[0].stdout)
             self.assertTrue(gen[1].stdout.startswith("In the beginning God"), gen[1].stdout)
+            # A tokenizer mxn cannot read (another pre-tokenizer) leaves the model usable from ids,
+            # and a text prompt is refused in one line naming why.
+            odd = os.path.join(tmp, "odd-pre.gguf")
+            data = open(path, "rb").read()
+            key = b"\x05\x00\x00\x00\x00\x00\x00\x00gpt-2"
+            self.assertEqual(data.count(key), 1)
+            open(odd, "wb").write(data.replace(key, key[:-5] + b"gpt-9"))
+            ok = subprocess.run([MXN, "generate", "--model", odd, "--prompt-ids", "464,3726", "--max-tokens", "2"],
+                                capture_output=True, text=True)
+            self.assertEqual(ok.returncode, 0, ok.stderr)
+            bad = subprocess.run([MXN, "generate", "--model", odd, "--prompt", "In the beginning"],
+                                 capture_output=True, text=True)
+            self.assertEqual(bad.returncode, 1)
+            self.assertEqual(bad.stderr.strip(), f"mxn: error: {odd}: pre-tokenizer 'gpt-9' is not one mxn reads "
+                             "(gpt-2, llama-bpe, qwen2, chatglm-bpe): give the prompt as --prompt-ids")
             # Perplexity of the GGUF on a text, as llama-perplexity computes it (chunks of 16 tokens,
             # the second half of each scored), against transformers on the folder's tokens.
             from transformers import GPT2TokenizerFast
