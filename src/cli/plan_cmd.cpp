@@ -88,7 +88,7 @@ int print_expert_parallel(const Cluster& c, const DecoderConfig& dc, const JobSp
 
 // --tp that does not divide the heads: an error. A tensor-parallel group wider than a node of
 // some type: its all-reduces cross the slower link, one warning line each with what it costs.
-void warn_tensor_parallel(const Cluster& c, const DecoderConfig& dc, int64_t tp,
+void warn_tensor_parallel(const Cluster& c, const DecoderConfig& dc, const ModelCost& m, int64_t tp,
                           const JobSpec& job) {
   if (tp <= 1) return;
   if (dc.heads % tp || dc.n_kv_heads() % tp)
@@ -98,16 +98,18 @@ void warn_tensor_parallel(const Cluster& c, const DecoderConfig& dc, int64_t tp,
                 "evenly)");
   for (const NodeGroup& g : c.groups) {
     if (tp <= g.per_node) continue;
-    // Four all-reduces of a layer's activation a sequence, each 2 (t - 1) / t of it.
-    const double bytes = 4.0 * 2 * double(tp - 1) / double(tp) * double(job.seq) *
-                         double(dc.hidden) * (job.dtype == "bf16" ? 2 : 4) * double(dc.layers);
+    // Four all-reduces of a layer's activation a sequence, as the planner prices them.
+    auto seconds = [&](double gbs) {
+      return 4.0 * double(dc.layers) *
+             ring_allreduce_s(tp, double(job.seq) * m.boundary_bytes, gbs, g.latency_s());
+    };
     std::printf(
         "warning: a tensor-parallel group of %lld %s spans %lld nodes (%lld a node): its "
         "all-reduces go over %.4g GB/s instead of %.4g, %.4g s a sequence instead of "
         "%.4g\n",
         (long long)tp, g.chip.name.c_str(), (long long)((tp + g.per_node - 1) / g.per_node),
-        (long long)g.per_node, g.inter_gbs, g.intra_gbs, bytes / (g.inter_gbs * 1e9),
-        bytes / (g.intra_gbs * 1e9));
+        (long long)g.per_node, g.inter_gbs, g.intra_gbs, seconds(g.inter_gbs),
+        seconds(g.intra_gbs));
   }
 }
 
@@ -292,7 +294,7 @@ int run_plan(const PlanArgs& a) {
   if (a.stages != "balanced" && a.stages != "even")
     throw Error("--stages '" + a.stages + "': expected balanced or even");
   opt.even_stages = a.stages == "even";
-  warn_tensor_parallel(c, dc, a.tp, job);
+  warn_tensor_parallel(c, dc, m, a.tp, job);
   const PlanReport rep = plan_layouts(c, m, job, opt);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf(

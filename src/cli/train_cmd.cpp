@@ -478,18 +478,20 @@ class StepLoop {
           pred, got, 100.0 * (got - pred) / pred, tr_.plan().rebalances,
           tr_.mean_exposed_reduce_seconds() * 1e3);
     }
-    if (lead_ && !tr_.plan().experts.empty() && tr_.mean_step_seconds() > 0)
-      std::printf(
-          "expert parallel: rank 0 spent %.1f ms a step (%.0f%% of it) in the exchanges: rows "
-          "through the host, and waiting for the other ranks' pieces\n",
-          tr_.mean_exchange_seconds() * 1e3,
-          100.0 * tr_.mean_exchange_seconds() / tr_.mean_step_seconds());
-    if (lead_ && !tr_.plan().tensor.empty() && tr_.mean_step_seconds() > 0)
-      std::printf(
-          "tensor parallel: rank 0 spent %.1f ms a step (%.0f%% of it) in the blocks' "
-          "all-reduces\n",
-          tr_.mean_exchange_seconds() * 1e3,
-          100.0 * tr_.mean_exchange_seconds() / tr_.mean_step_seconds());
+    // Expert and tensor parallelism's exchanges inside the step (one of them at most).
+    const char* exchanges = !tr_.plan().experts.empty()
+                                ? "expert parallel: %s in the exchanges: rows through the host, "
+                                  "and waiting for the other ranks' pieces\n"
+                            : !tr_.plan().tensor.empty()
+                                ? "tensor parallel: %s in the blocks' all-reduces\n"
+                                : nullptr;
+    if (lead_ && exchanges && tr_.mean_step_seconds() > 0) {
+      char spent[96];
+      std::snprintf(spent, sizeof spent, "rank 0 spent %.1f ms a step (%.0f%% of it)",
+                    tr_.mean_exchange_seconds() * 1e3,
+                    100.0 * tr_.mean_exchange_seconds() / tr_.mean_step_seconds());
+      std::printf(exchanges, spent);
+    }
     report(writer_.wait());
     const std::string where = last_checkpoint();
     const int code = stopped && stops_[0] > 0 ? 130 : 0;

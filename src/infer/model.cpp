@@ -90,6 +90,15 @@ ModelSource load_model(const std::string& path, const std::string& adapter) {
   return m;
 }
 
+std::shared_ptr<Tokenizer> model_tokenizer(const ModelSource& src) {
+  return src.tokenizer_dir.empty() ? src.tokenizer : load_tokenizer(src.tokenizer_dir);
+}
+
+ChatFormat model_chat_format(const ModelSource& src, const Tokenizer& tok) {
+  return src.tokenizer_dir.empty() ? chat_format_of_template(src.chat_template, tok, src.what)
+                                   : chat_format(src.tokenizer_dir, tok);
+}
+
 DType weight_dtype(const GenerateOptions& o, const ModelSource& src, const Device& dev) {
   if (o.weights != "auto" && o.weights != "f32" && o.weights != "bf16")
     throw Error("weights '" + o.weights + "': expected auto, f32 or bf16");
@@ -167,8 +176,7 @@ Perplexity text_perplexity(const std::string& model, const std::string& text_pat
                            const std::string& device, int64_t threads, int64_t batch, int64_t ctx) {
   ModelSource src = load_model(model);
   const DecoderConfig& cfg = src.cfg;
-  std::shared_ptr<Tokenizer> tok = src.tokenizer;
-  if (!src.tokenizer_dir.empty()) tok = load_tokenizer(src.tokenizer_dir);
+  const std::shared_ptr<Tokenizer> tok = model_tokenizer(src);
   if (!tok)
     throw Error(src.tokenizer_error.empty()
                     ? src.what + " has no tokenizer to read the text '" + text_path + "' with"
@@ -302,8 +310,9 @@ int64_t generate(const GenerateOptions& o,
   // mxn's own runs are byte-level; other models read text with their folder's tokenizer.
   const bool bytes =
       src.tokenizer_dir.empty() && !src.tokenizer && cfg.vocab_size <= ByteTokenizer::kVocab;
-  std::shared_ptr<Tokenizer> tok = src.tokenizer;
-  if (!src.tokenizer_dir.empty() && o.prompt_ids.empty()) tok = load_tokenizer(src.tokenizer_dir);
+  // Token ids given: no folder tokenizer read (a GGUF's comes with the file anyway).
+  const std::shared_ptr<Tokenizer> tok =
+      o.prompt_ids.empty() ? model_tokenizer(src) : src.tokenizer;
   if (!bytes && !tok && o.prompt_ids.empty())
     throw Error(src.tokenizer_error.empty()
                     ? src.what + " comes without tokenizer files: give the prompt as --prompt-ids"
@@ -311,9 +320,7 @@ int64_t generate(const GenerateOptions& o,
   std::vector<int32_t> ids;
   if (o.chat) {
     if (!tok) throw Error("--chat needs a model with its tokenizer and a text prompt");
-    const ChatFormat f = src.tokenizer_dir.empty()
-                             ? chat_format_of_template(src.chat_template, *tok, src.what)
-                             : chat_format(src.tokenizer_dir, *tok);
+    const ChatFormat f = model_chat_format(src, *tok);
     std::vector<ChatMessage> msgs;
     if (!o.system.empty()) msgs.push_back({"system", o.system});
     msgs.push_back({"user", o.prompt});

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/device.h"
+#include "data/chat.h"
 #include "data/tokenizer.h"
 #include "infer/generate.h"
 #include "io/safetensors.h"
@@ -29,6 +30,13 @@ struct ModelSource {
 // With `adapter` (a PEFT LoRA folder or an mxn LoRA run), its update is merged into the weights;
 // an mxn LoRA run's own checkpoint loads as its base with its adapter merged.
 ModelSource load_model(const std::string& path, const std::string& adapter = "");
+
+// The model's tokenizer: its folder's files, else the one its file carries (a GGUF's), else
+// nullptr (a byte-level run, or a file whose tokenizer mxn cannot read: tokenizer_error).
+std::shared_ptr<Tokenizer> model_tokenizer(const ModelSource& src);
+// Its chat format, from the folder's tokenizer_config.json or the file's chat template; an Error
+// when it has none mxn knows (a base model).
+ChatFormat model_chat_format(const ModelSource& src, const Tokenizer& tok);
 
 // Wall-clock seconds of each phase: reading and placing the weights, the prompt's prefill, and
 // the one-token steps (each a forward pass reading the KV cache) with their sampling.

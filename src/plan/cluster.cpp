@@ -3,8 +3,8 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <optional>
+#include <sstream>
 
 #include "core/error.h"
 
@@ -136,38 +136,33 @@ Cluster load_cluster(const std::string& path) {
   return c;
 }
 
+double ring_allreduce_s(int64_t t, double bytes, double gbs, double latency_s) {
+  return t <= 1 ? 0 : 2.0 * double(t - 1) / double(t) * bytes / (gbs * 1e9) + latency_s;
+}
+
 std::string cluster_toml(const Cluster& c) {
-  auto quoted = [](const std::string& s) {  // a TOML basic string
-    std::string q = "\"";
-    for (char ch : s) {
-      if (ch == '"' || ch == '\\') q += '\\';
-      if (ch != '\n') q += ch;
-    }
-    return q + "\"";
-  };
-  std::string out;
-  char line[256];
+  toml::array groups;
   for (const NodeGroup& g : c.groups) {
-    out += "\n[[group]]\n";
-    out += "chip = " + quoted(g.chip.name) + "\n";
-    std::snprintf(line, sizeof line,
-                  "count = %lld\nper_node = %lld\nbf16_tflops = %.6g\n"
-                  "memory_gib = %.6g\nhbm_gbs = %.6g\nmfu = %.6g\nmeasured = %s\n"
-                  "intra_gbs = %.6g\ninter_gbs = %.6g\nlatency_us = %.6g\n",
-                  (long long)g.count, (long long)g.per_node, g.chip.bf16_tflops, g.chip.memory_gib,
-                  g.chip.hbm_gbs, g.mfu, g.measured ? "true" : "false", g.intra_gbs, g.inter_gbs,
-                  g.latency_us);
-    out += line;
-    if (g.price_per_hour > 0) {
-      std::snprintf(line, sizeof line, "price_per_hour = %.6g\n", g.price_per_hour);
-      out += line;
-    }
+    toml::table t{{"chip", g.chip.name},
+                  {"count", g.count},
+                  {"per_node", g.per_node},
+                  {"bf16_tflops", g.chip.bf16_tflops},
+                  {"memory_gib", g.chip.memory_gib},
+                  {"hbm_gbs", g.chip.hbm_gbs},
+                  {"mfu", g.mfu},
+                  {"measured", g.measured},
+                  {"intra_gbs", g.intra_gbs},
+                  {"inter_gbs", g.inter_gbs},
+                  {"latency_us", g.latency_us}};
+    if (g.price_per_hour > 0) t.insert("price_per_hour", g.price_per_hour);
     if (g.shares_cores_with >= 0)
-      out +=
-          "shares_cores_with = " + quoted(c.groups[size_t(g.shares_cores_with)].chip.name) + "\n";
-    if (!g.chip.source.empty()) out += "source = " + quoted(g.chip.source) + "\n";
+      t.insert("shares_cores_with", c.groups[size_t(g.shares_cores_with)].chip.name);
+    if (!g.chip.source.empty()) t.insert("source", g.chip.source);
+    groups.push_back(std::move(t));
   }
-  return out;
+  std::ostringstream out;
+  out << toml::table{{"group", std::move(groups)}} << "\n";
+  return out.str();
 }
 
 }  // namespace mxn

@@ -48,6 +48,10 @@ struct Cluster {
 
 Cluster load_cluster(const std::string& path);
 
+// Seconds of a ring all-reduce of `bytes` a chip among `t` chips over a link of `gbs`: 2 (t - 1)
+// / t of the bytes, and one message's latency.
+double ring_allreduce_s(int64_t t, double bytes, double gbs, double latency_s);
+
 // The cluster as a cluster file load_cluster reads back the same (every figure written out,
 // the chips' own included, with their sources as comments).
 std::string cluster_toml(const Cluster& c);

@@ -38,7 +38,7 @@ double Ctx::tp_allreduce_s(int g, int64_t t, double bytes) const {
   const NodeGroup& n = c.groups[size_t(g)];
   // Ranks sharing one chip (a CPU's) talk through its memory, as chips of a node do.
   const double bw = t <= n.per_node || n.count == 1 ? n.intra_gbs : n.inter_gbs;
-  return 2.0 * double(t - 1) / double(t) * bytes / (bw * 1e9) + n.latency_s();
+  return ring_allreduce_s(t, bytes, bw, n.latency_s());
 }
 
 double stage_params(const ModelCost& m, const StageShape& x) {

@@ -313,13 +313,10 @@ ServedModel::ServedModel(std::string name, const std::string& path, const ServeO
     : name_(std::move(name)) {
   ModelSource src = load_model(path);
   cfg_ = src.cfg;
-  tok_ = src.tokenizer;  // a GGUF's own
-  if (!src.tokenizer_dir.empty()) tok_ = load_tokenizer(src.tokenizer_dir);
+  tok_ = model_tokenizer(src);
   if (tok_) {
     try {
-      chat_ = src.tokenizer_dir.empty()
-                  ? chat_format_of_template(src.chat_template, *tok_, src.what)
-                  : chat_format(src.tokenizer_dir, *tok_);
+      chat_ = model_chat_format(src, *tok_);
       has_chat_ = true;
     } catch (const Error&) {  // a base model: completions only
     }
