@@ -33,8 +33,12 @@ extern "C" {
  *    RoPE scaling (ROPE's ip[5] = 3).
  *    Plugins of ABI 6 to 8 still load; mxn does not give them the new ops.
  * 10: communicators for groups of ranks and their grouped sends and receives (comm_init_group,
- *    exchange): expert parallelism's all-to-all device to device. */
-#define MXN_ABI_VERSION 10
+ *    exchange): expert parallelism's all-to-all device to device.
+ * 11: the vocabulary split over a tensor-parallel group: EMBEDDING(_BWD) of a table's rows
+ *    [ip[0], ip[0] + V) with ip[1] = 1 (other ids: zero rows, no gradient); CROSS_ENTROPY(_BWD)
+ *    over a slice of the logits' columns (ip[0] = part 1 or 2, ip[1] = first column, ip[2] = slot,
+ *    ip[3] = slots). Plugins of ABI 6 to 10 still load; mxn does not give them these forms. */
+#define MXN_ABI_VERSION 11
 #define MXN_ABI_OLDEST 6 /* the oldest ABI whose plugins this header's mxn loads */
 #define MXN_MAX_DIMS 4
 #define MXN_MAX_OPERANDS 12
@@ -95,10 +99,19 @@ typedef enum mxn_op {
                                [dpk, dpv] (overwritten; dq, dk, dv the same column windows as q,
                                k, v, possibly one tensor; dpk, dpv summed over the sequences);
                                ip, fp as the forward */
-  MXN_OP_EMBEDDING,         /* in: idx (N) i32, table (V,C); out: (N,C) */
-  MXN_OP_EMBEDDING_BWD,     /* in: dy (N,C), idx; out: dtable (V,C), overwritten */
-  MXN_OP_CROSS_ENTROPY,     /* in: logits (N,V), targets (N) i32 (<0 ignored); out: mean loss (1) */
-  MXN_OP_CROSS_ENTROPY_BWD, /* in: dloss (1), logits, targets; out: dlogits */
+  MXN_OP_EMBEDDING,         /* in: idx (N) i32, table (V,C); out: (N,C). ABI 11: ip[1] = 1: the
+                               table is rows [ip[0], ip[0] + V) of a larger one; an id outside
+                               them gives a zero row */
+  MXN_OP_EMBEDDING_BWD,     /* in: dy (N,C), idx; out: dtable (V,C), overwritten; ip as the
+                               forward (ids outside the rows add nothing) */
+  MXN_OP_CROSS_ENTROPY,     /* in: logits (N,V), targets (N) i32 (<0 ignored); out: mean loss (1).
+                               ABI 11, the logits columns [ip[1], ip[1] + V) of a vocabulary split
+                               over ip[3] slots, this one ip[2]: ip[0] = 1: out stats (N, slots, 3)
+                               = each row's (max, sum of exp(l - max), the target's logit or 0 when
+                               outside) in its slot, zeros in the others; ip[0] = 2: in logits,
+                               targets, stats summed over the slots; out the mean loss (1) */
+  MXN_OP_CROSS_ENTROPY_BWD, /* in: dloss (1), logits, targets, [stats (ip[0] = 2)]; out: dlogits;
+                               ip as the forward */
   MXN_OP_ADAMW,             /* in: grad; out (in place): param, m, v; fp: lr,b1,b2,eps,wd,gscale;
                                ip[0]=step (1-based) */
   MXN_OP_CAST,              /* out = a converted to out's dtype */

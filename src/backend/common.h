@@ -18,11 +18,41 @@ inline const char* classifier_error(const mxn_op_call& k) {
   const ClassifierParams p = params_of<ClassifierParams>(k);
   const mxn_tensor &x = k.inputs[0], &w = k.inputs[1], &t = k.inputs[2];
   const int64_t C = last(x), N = C > 0 ? count(x) / C : 0, V = last(w) > 0 ? rows_of(w) : 0;
+  const XentParams& s = p.vocab;
   if (k.n_inputs < 3 || last(w) != C || count(t) != N || p.grads < 0 || p.grads > 2 ||
       k.n_outputs < 1 + p.grads || (p.grads > 0 && count(k.outputs[1]) != N * C) ||
       (p.grads > 1 && count(k.outputs[2]) != V * C))
     return "classifier_ce: expected x (N, C), w (V, C), targets (N), out loss (1) and, with "
            "grads 1 or 2, dx (N, C) and dw (V, C)";
+  if (s.part < 0 || s.part > 2 ||
+      (s.part > 0 && (s.slots < 1 || s.slot < 0 || s.slot >= s.slots || s.vocab0 < 0)) ||
+      (s.part == 1 && (p.grads != 0 || count(k.outputs[0]) != N * s.slots * 3)) ||
+      (s.part == 2 && (k.n_inputs < 4 || count(k.inputs[3]) != N * s.slots * 3)))
+    return "classifier_ce: a vocabulary slice's part 1 makes stats (N, slots, 3) and no gradients, "
+           "part 2 takes them (0 <= slot < slots)";
+  return nullptr;
+}
+
+// CROSS_ENTROPY(_BWD): logits (N, V) and targets (N); a vocabulary slice's stats (N, slots, 3).
+inline const char* xent_error(const mxn_op_call& k) {
+  const bool bwd = k.op == MXN_OP_CROSS_ENTROPY_BWD;
+  const XentParams p = params_of<XentParams>(k);
+  const int first = bwd ? 1 : 0;  // the logits
+  if (k.n_inputs < first + 2 || k.n_outputs < 1)
+    return "cross_entropy: expected logits and targets";
+  const mxn_tensor& l = k.inputs[first];
+  const int64_t V = last(l), N = V > 0 ? count(l) / V : 0;
+  if (V < 1 || count(k.inputs[first + 1]) != N ||
+      count(k.outputs[0]) != (bwd           ? N * V
+                              : p.part == 1 ? N * p.slots * 3
+                                            : 1))
+    return "cross_entropy: expected logits (N, V), targets (N) and out loss (1), dlogits (N, V) or "
+           "part 1's stats (N, slots, 3)";
+  if (p.part < 0 || p.part > 2 ||
+      (p.part > 0 && (p.slots < 1 || p.slot < 0 || p.slot >= p.slots || p.vocab0 < 0)))
+    return "cross_entropy: part is 0, 1 or 2, with 0 <= slot < slots and vocab0 >= 0";
+  if (p.part == 2 && (k.n_inputs < first + 3 || count(k.inputs[first + 2]) != N * p.slots * 3))
+    return "cross_entropy: part 2 takes the stats (N, slots, 3) summed over the slots";
   return nullptr;
 }
 
@@ -68,6 +98,9 @@ inline const char* contract_error(const mxn_op_call& k) {
       return dropout_error(k);
     case MXN_OP_CLASSIFIER_CE:
       return classifier_error(k);
+    case MXN_OP_CROSS_ENTROPY:
+    case MXN_OP_CROSS_ENTROPY_BWD:
+      return xent_error(k);
     case MXN_OP_CAST:
       return count(k.inputs[0]) != count(k.outputs[0]) ? "cast: sizes differ" : nullptr;
     case MXN_OP_RMSNORM:

@@ -199,17 +199,24 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
         if (a.mask < MXN_MASK_CACHED || (op == MXN_OP_ATTENTION && dt == DType::f32))
           c.push_back(attention_case(op, a, dt));
       break;
-    case MXN_OP_EMBEDDING:
+    case MXN_OP_EMBEDDING:  // whole; rows 2..6 of a vocabulary of 11 (ABI 11)
       c.push_back({op, {idx({11}, 7), f({7, 5})}, {f({11, 5})}});
+      c.push_back(with({op, {idx({11}, 11), f({5, 5})}, {f({11, 5})}}, EmbeddingParams{2, true}));
       break;
     case MXN_OP_EMBEDDING_BWD:
       c.push_back({op, {f({11, 5}), idx({11}, 7)}, {f({7, 5})}});
+      c.push_back(with({op, {f({11, 5}), idx({11}, 11)}, {f({5, 5})}}, EmbeddingParams{2, true}));
       break;
-    case MXN_OP_CROSS_ENTROPY:
+    case MXN_OP_CROSS_ENTROPY:  // whole; columns 40..80 of 101 split in 3 slots: stats, loss
       for (int64_t V : {3, 101}) c.push_back({op, {f({9, V}), tgt({9}, V)}, {f({1})}});
+      c.push_back(with({op, {f({9, 41}), tgt({9}, 101)}, {f({9, 3, 3})}}, XentParams{1, 40, 1, 3}));
+      c.push_back(with({op, {f({9, 41}), tgt({9}, 101), pos({9, 3, 3})}, {f({1})}},
+                       XentParams{2, 40, 1, 3}));
       break;
     case MXN_OP_CROSS_ENTROPY_BWD:
       c.push_back({op, {f({1}), f({9, 101}), tgt({9}, 101)}, {f({9, 101})}});
+      c.push_back(with({op, {f({1}), f({9, 41}), tgt({9}, 101), pos({9, 3, 3})}, {f({9, 41})}},
+                       XentParams{2, 40, 1, 3}));
       break;
     case MXN_OP_CLASSIFIER_CE:  // the loss alone, then with both gradients; blocks of 4 rows
       c.push_back(with({op, {f({10, 13}), f({37, 13}), tgt({10}, 37)}, {f({1})}},
@@ -221,6 +228,14 @@ std::vector<Case> cases_for(mxn_op op, DType dt) {
       c.push_back(
           with({op, {f({10, 13}), f({37, 13}), tgt({10}, 37)}, {f({1}), f({10, 13}), f({37, 13})}},
                ClassifierParams{2, MXN_DTYPE_F32, 4, true, 0.3f}));
+      // ABI 11: rows 20..36 of a vocabulary of 37 in slot 1 of 2: the stats, then the loss and
+      // gradients from summed stats
+      c.push_back(with({op, {f({10, 13}), f({17, 13}), tgt({10}, 37)}, {f({10, 2, 3})}},
+                       ClassifierParams{0, MXN_DTYPE_F32, 4, false, 1.f, {1, 20, 1, 2}}));
+      c.push_back(with({op,
+                        {f({10, 13}), f({17, 13}), tgt({10}, 37), pos({10, 2, 3})},
+                        {f({1}), f({10, 13}), f({17, 13})}},
+                       ClassifierParams{2, MXN_DTYPE_F32, 4, true, 0.3f, {2, 20, 1, 2}}));
       break;
     case MXN_OP_CLASSIFIER_CE_BWD:
       c.push_back({op, {f({1}), f({10, 13}), f({37, 13})}, {f({10, 13}), f({37, 13})}});

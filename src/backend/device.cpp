@@ -161,6 +161,17 @@ bool Device::supports(const mxn_op_call& call, std::string* why) const {
              std::to_string(api_->abi_version) + ")";
     return false;
   }
+  // ABI 11's vocabulary slices of EMBEDDING(_BWD) and CROSS_ENTROPY(_BWD) (the same op codes).
+  const bool abi11 = ((call.op == MXN_OP_EMBEDDING || call.op == MXN_OP_EMBEDDING_BWD) &&
+                      params_of<EmbeddingParams>(call).partial) ||
+                     ((call.op == MXN_OP_CROSS_ENTROPY || call.op == MXN_OP_CROSS_ENTROPY_BWD) &&
+                      params_of<XentParams>(call).part != 0);
+  if (abi11 && api_->abi_version < 11) {
+    if (why)
+      *why = std::string(op_name(call.op)) + " over a vocabulary slice needs a backend of ABI 11 " +
+             "(this one is ABI " + std::to_string(api_->abi_version) + ")";
+    return false;
+  }
   if (api_->struct_size >= offsetof(mxn_backend_api, supports_call) + sizeof(void*) &&
       api_->supports_call) {
     if (api_->supports_call(ctx_, &call) == 1) return true;

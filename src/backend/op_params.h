@@ -193,6 +193,52 @@ struct SetRowsParams {
   static SetRowsParams decode(const int64_t* ip, const float*) { return {ip[0], ip[1], ip[2]}; }
 };
 
+// EMBEDDING(_BWD) of a tensor-parallel rank's share of the vocabulary (ABI 11): the table holds
+// rows [first, first + V) of the whole; with `partial`, other ids give zero rows (the group's sum
+// adds the owner's) and add nothing to the table's gradient.
+struct EmbeddingParams {
+  int64_t first = 0;
+  bool partial = false;
+  void encode(int64_t* ip, float*) const {
+    ip[0] = first;
+    ip[1] = partial;
+  }
+  static EmbeddingParams decode(const int64_t* ip, const float*) { return {ip[0], ip[1] != 0}; }
+};
+
+// CROSS_ENTROPY(_BWD) over a vocabulary split among `slots` ranks (ABI 11; Megatron-LM's
+// vocab-parallel cross-entropy): these logits are columns [vocab0, vocab0 + V) of the whole. Part
+// 1 writes each row's (max, sum of exp(l - max), target logit or 0) into slot `slot` of (N, slots,
+// 3) and zeros elsewhere, so one sum over the group gathers every slot; part 2 turns the summed
+// stats into the loss, and its backward into this slice's dlogits. Part 0: the whole vocabulary.
+struct XentParams {
+  int part = 0;
+  int64_t vocab0 = 0, slot = 0, slots = 0;
+  void encode(int64_t* ip, float*) const {
+    ip[0] = part;
+    ip[1] = vocab0;
+    ip[2] = slot;
+    ip[3] = slots;
+  }
+  static XentParams decode(const int64_t* ip, const float*) {
+    return {int(ip[0]), ip[1], ip[2], ip[3]};
+  }
+};
+
+// A row's loss from the slots' stats (N, slots, 3) summed over a group: the log-sum-exp's max M
+// and sum S over the slots, and the target's logit. Plain arithmetic, for every backend.
+template <typename F>
+MXN_HD inline void xent_combine(const F* st, int64_t slots, F* M, F* S, F* target) {
+  F m = st[0];
+  for (int64_t j = 1; j < slots; ++j) m = st[3 * j] > m ? st[3 * j] : m;
+  F s = 0, t = 0;
+  for (int64_t j = 0; j < slots; ++j) {
+    s += st[3 * j + 1] * exp(st[3 * j] - m);
+    t += st[3 * j + 2];
+  }
+  *M = m, *S = s, *target = t;
+}
+
 // DROPOUT: the mask's seed and first element index (set per run), the node's tag (which tells
 // the graph's dropout nodes apart; the backend ignores it) and the probability.
 struct DropoutParams {
@@ -230,22 +276,27 @@ struct AdamwParams {
 
 // CLASSIFIER_CE: which gradients it makes in the same pass (0 none, 1 dx, 2 dx and dw), the
 // compute dtype, rows a block (0: the backend's choice), and (ABI 6) `direct`: the gradients for
-// d(loss) = dloss, dw added into its output.
+// d(loss) = dloss, dw added into its output. (ABI 11) `vocab`: w holds rows [vocab0, vocab0 + V)
+// of a vocabulary split over a tensor-parallel group, as CROSS_ENTROPY's parts: part 1 writes the
+// stats (N, slots, 3) (out[0]; no gradients), part 2 takes the group's summed stats (in[3]) and
+// makes the whole softmax's loss and this slice's gradients.
 struct ClassifierParams {
   int grads = 0;
   int32_t compute = MXN_DTYPE_F32;
   int64_t block = 0;
   bool direct = false;
   float dloss = 1.f;
+  XentParams vocab = {};
   void encode(int64_t* ip, float* fp) const {
     ip[0] = grads;
     ip[1] = compute;
     ip[2] = block;
     ip[3] = direct;
     fp[0] = dloss;
+    vocab.encode(ip + 4, fp);
   }
   static ClassifierParams decode(const int64_t* ip, const float* fp) {
-    return {int(ip[0]), int32_t(ip[1]), ip[2], ip[3] != 0, fp[0]};
+    return {int(ip[0]), int32_t(ip[1]), ip[2], ip[3] != 0, fp[0], XentParams::decode(ip + 4, fp)};
   }
   float scale() const { return direct ? dloss : 1.f; }  // d(loss) the gradients are made for
 };

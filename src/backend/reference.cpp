@@ -209,6 +209,53 @@ double cross_entropy(const Vec& logits, const Vec& tgt, int64_t N, int64_t V, Ve
   return n > 0 ? loss / double(n) : 0.0;
 }
 
+// A vocabulary slice's cross-entropy (XentParams) of logits (N, V): part 1 writes `stats`; part 2
+// returns the loss from the summed `stats` and, with `dl`, the slice's dlogits times `scale`.
+double slice_xent(const XentParams& p, const Vec& l, const Vec& tgt, int64_t N, int64_t V,
+                  Vec& stats, Vec* dl, double scale) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < N; ++r) n += tgt[size_t(r)] >= 0;
+  double loss = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    const double* row = l.data() + r * V;
+    const int64_t t = int64_t(tgt[size_t(r)]) - p.vocab0;
+    double* st = stats.data() + r * p.slots * 3;
+    if (p.part == 1) {
+      const double mx = *std::max_element(row, row + V);
+      double s = 0;
+      for (int64_t v = 0; v < V; ++v) s += std::exp(row[v] - mx);
+      std::fill(st, st + p.slots * 3, 0.0);
+      st[3 * p.slot] = mx, st[3 * p.slot + 1] = s,
+             st[3 * p.slot + 2] = t >= 0 && t < V ? row[t] : 0;
+      continue;
+    }
+    double M, S, target;
+    xent_combine(st, p.slots, &M, &S, &target);
+    if (tgt[size_t(r)] >= 0) loss += std::log(S) + M - target;
+    for (int64_t v = 0; dl && v < V; ++v)
+      (*dl)[size_t(r * V + v)] = tgt[size_t(r)] < 0
+                                     ? 0.0
+                                     : scale * (std::exp(row[v] - M) / S - double(v == t)) /
+                                           double(std::max<int64_t>(n, 1));
+  }
+  return n > 0 ? loss / double(n) : 0.0;
+}
+
+// CROSS_ENTROPY(_BWD) over a vocabulary slice: part 1's stats, part 2's loss, the slice's dlogits.
+bool xent_slice(const mxn_op_call& k, const Values& in, Values& out) {
+  const XentParams p = params_of<XentParams>(k);
+  const bool bwd = k.op == MXN_OP_CROSS_ENTROPY_BWD;
+  const mxn_tensor& lt = k.inputs[bwd ? 1 : 0];
+  Vec stats = p.part == 1 ? Vec(out[0].size()) : in[bwd ? 3 : 2];
+  const double loss = slice_xent(p, in[bwd ? 1 : 0], in[bwd ? 2 : 1], rows_of(lt), last(lt), stats,
+                                 bwd ? &out[0] : nullptr, bwd ? in[0][0] : 1.0);
+  if (p.part == 1)
+    out[0] = stats;
+  else if (!bwd)
+    out[0][0] = loss;
+  return true;
+}
+
 void classifier(const mxn_op_call& k, const Values& in, Values& out) {
   const ClassifierParams p = params_of<ClassifierParams>(k);
   const int64_t C = last(k.inputs[0]), N = rows_of(k.inputs[0]), V = rows_of(k.inputs[1]);
@@ -222,7 +269,16 @@ void classifier(const mxn_op_call& k, const Values& in, Values& out) {
       for (int64_t c = 0; c < C; ++c) s += x[size_t(r * C + c)] * w[size_t(v * C + c)];
       logits[size_t(r * V + v)] = s;
     }
-  out[0][0] = cross_entropy(logits, in[2], N, V, &dl, p.scale());
+  if (p.vocab.part == 1) {  // a vocabulary slice's stats only
+    slice_xent(p.vocab, logits, in[2], N, V, out[0], nullptr, 1.0);
+    return;
+  }
+  if (p.vocab.part == 2) {
+    Vec stats = in[3];
+    out[0][0] = slice_xent(p.vocab, logits, in[2], N, V, stats, &dl, p.scale());
+  } else {
+    out[0][0] = cross_entropy(logits, in[2], N, V, &dl, p.scale());
+  }
   if (p.grads > 0)
     for (int64_t r = 0; r < N; ++r)
       for (int64_t c = 0; c < C; ++c) {
@@ -337,9 +393,11 @@ bool row_op(const mxn_op_call& k, const Values& in, Values& out) {
       norm_bwd(k, in, out, k.op == MXN_OP_LAYERNORM_BWD);
       return true;
     case MXN_OP_CROSS_ENTROPY:
+      if (params_of<XentParams>(k).part > 0) return xent_slice(k, in, out);
       out[0][0] = cross_entropy(in[0], in[1], N, C, nullptr, 1.0);
       return true;
     case MXN_OP_CROSS_ENTROPY_BWD: {
+      if (params_of<XentParams>(k).part > 0) return xent_slice(k, in, out);
       const int64_t V = last(k.inputs[1]);
       cross_entropy(in[1], in[2], rows_of(k.inputs[1]), V, &out[0], in[0][0]);
       return true;
@@ -448,19 +506,25 @@ Values reference_outputs(const Case& c, const Values& in, Values out) {
     case MXN_OP_CLASSIFIER_CE:
       classifier(k, in, out);
       break;
-    case MXN_OP_EMBEDDING: {
-      const int64_t C = last(k.inputs[1]);
-      for (size_t r = 0; r < in[0].size(); ++r)
-        for (int64_t j = 0; j < C; ++j)
-          out[0][r * size_t(C) + size_t(j)] = in[1][size_t(in[0][r]) * size_t(C) + size_t(j)];
-      break;
-    }
-    case MXN_OP_EMBEDDING_BWD: {
-      const int64_t C = last(k.outputs[0]);
+    case MXN_OP_EMBEDDING:
+    case MXN_OP_EMBEDDING_BWD: {  // rows [first, first + V) of a table; others zero (partial)
+      const bool bwd = k.op == MXN_OP_EMBEDDING_BWD;
+      const EmbeddingParams p = params_of<EmbeddingParams>(k);
+      const Vec &ids = in[bwd ? 1 : 0], &src = in[bwd ? 0 : 1];
+      const int64_t C = last(bwd ? k.outputs[0] : k.inputs[1]);
+      const int64_t V = rows_of(bwd ? k.outputs[0] : k.inputs[1]);
       std::fill(out[0].begin(), out[0].end(), 0.0);
-      for (size_t r = 0; r < in[1].size(); ++r)
-        for (int64_t j = 0; j < C; ++j)
-          out[0][size_t(in[1][r]) * size_t(C) + size_t(j)] += in[0][r * size_t(C) + size_t(j)];
+      for (size_t r = 0; r < ids.size(); ++r) {
+        const int64_t row = int64_t(ids[r]) - p.first;
+        if (row < 0 || row >= V) continue;
+        for (int64_t j = 0; j < C; ++j) {
+          const size_t a = r * size_t(C) + size_t(j), b = size_t(row * C + j);
+          if (bwd)
+            out[0][b] += src[a];
+          else
+            out[0][a] = src[b];
+        }
+      }
       break;
     }
     case MXN_OP_ADAMW: {

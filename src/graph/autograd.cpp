@@ -154,9 +154,16 @@ Grads rule(Graph& g, const Node& n, int gy, int gaux) {
     case MXN_OP_SWIGLU:
       return distinct_grads(g, MXN_OP_SWIGLU_BWD, {gy, n.in[0], n.in[1]}, n, 2);
     case MXN_OP_EMBEDDING:
-      return {{1, g.emit(MXN_OP_EMBEDDING_BWD, {gy, n.in[0]}, {act(n.in[1])})}};
-    case MXN_OP_CROSS_ENTROPY:
-      return {{0, g.emit(MXN_OP_CROSS_ENTROPY_BWD, {gy, n.in[0], n.in[1]}, {act(n.in[0])})}};
+      return {{1, g.emit_like(n, MXN_OP_EMBEDDING_BWD, {gy, n.in[0]}, {act(n.in[1])})}};
+    case MXN_OP_CROSS_ENTROPY: {
+      // A split vocabulary's loss (part 2) is the whole softmax's: its gradient is this slice's
+      // dlogits, the stats (part 1) treated as constants.
+      const XentParams p = n.params<XentParams>();
+      MXN_CHECK(p.part != 1, "a split vocabulary's stats have no gradient");
+      std::vector<int> in{gy, n.in[0], n.in[1]};
+      if (p.part == 2) in.push_back(n.in[2]);
+      return {{0, g.emit_like(n, MXN_OP_CROSS_ENTROPY_BWD, in, {act(n.in[0])})}};
+    }
     case MXN_OP_CLASSIFIER_CE: {
       // direct: the forward made dx for the seed's d(loss) and added dw into the param's grad.
       if (n.params<ClassifierParams>().direct) return {{0, n.out[1]}};

@@ -165,19 +165,42 @@ int64_t Graph::v_rows(int id) const {
   return s.empty() ? 1 : numel(s) / s.back();
 }
 
-int Graph::embedding(int idx, int table) {
+int Graph::embedding(int idx, int table, const EmbeddingParams& p) {
   return emit(MXN_OP_EMBEDDING, {idx, table},
-              {activation({numel(v(idx).shape), v(table).shape[1]})});
+              {activation({numel(v(idx).shape), v(table).shape[1]})}, p);
 }
 
 int Graph::cross_entropy(int logits, int targets) {
   return emit(MXN_OP_CROSS_ENTROPY, {logits, targets}, {activation({1})});
 }
 
+int Graph::xent_stats(int logits, int targets, const XentParams& p) {
+  MXN_CHECK(p.part == 1 && p.slots > 0, "xent_stats: part 1 of a split vocabulary");
+  return emit(MXN_OP_CROSS_ENTROPY, {logits, targets}, {activation({v_rows(logits), p.slots, 3})},
+              p);
+}
+
+int Graph::cross_entropy(int logits, int targets, int stats, const XentParams& p) {
+  MXN_CHECK(p.part == 2 && p.slots > 0, "cross_entropy: part 2 of a split vocabulary");
+  return emit(MXN_OP_CROSS_ENTROPY, {logits, targets, stats}, {activation({1})}, p);
+}
+
 int Graph::classifier_ce(int x, int w, int targets, int64_t block) {
   MXN_CHECK(v(x).shape.back() == v(w).shape.back(), "classifier_ce: x and w widths differ");
   return emit(MXN_OP_CLASSIFIER_CE, {x, w, targets}, {activation({1})},
               ClassifierParams{0, int32_t(matmul_compute), block, false, 1.f});
+}
+
+int Graph::classifier_stats(int x, int w, int targets, const XentParams& p) {
+  MXN_CHECK(p.part == 1 && v(x).shape.back() == v(w).shape.back(), "classifier_stats: part 1");
+  return emit(MXN_OP_CLASSIFIER_CE, {x, w, targets}, {activation({v_rows(x), p.slots, 3})},
+              ClassifierParams{0, int32_t(matmul_compute), 0, false, 1.f, p});
+}
+
+int Graph::classifier_ce(int x, int w, int targets, int stats, const XentParams& p) {
+  MXN_CHECK(p.part == 2 && v(x).shape.back() == v(w).shape.back(), "classifier_ce: part 2");
+  return emit(MXN_OP_CLASSIFIER_CE, {x, w, targets, stats}, {activation({1})},
+              ClassifierParams{0, int32_t(matmul_compute), 0, false, 1.f, p});
 }
 
 MoeRoute Graph::moe_route(int logits, int bias, const MoeRouteParams& p, bool aux) {

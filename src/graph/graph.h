@@ -112,15 +112,26 @@ class Graph {
   // sequence of R rows, or with `rows` (an i32 value) src row i into dst row rows[i]); returns
   // dst.
   int set_rows(int src, int dst, int64_t at, int64_t R, int64_t col = 0, int rows = -1);
-  int embedding(int idx, int table);
+  // Rows of `table` by index; with p.partial the table is rows [p.first, p.first + V) of a
+  // vocabulary split over a tensor-parallel group, and other ids give zero rows.
+  int embedding(int idx, int table, const EmbeddingParams& p = {});
   // Inverted dropout with probability p; `tag` tells the node's mask stream apart (the runner
   // sets the seed and index offset of every DROPOUT call per run, see backend_abi.h).
   int dropout(int x, float p, int64_t tag);
   int cross_entropy(int logits, int targets);
+  // Cross-entropy over a vocabulary split among a group (XentParams, Megatron-LM's vocab-parallel
+  // loss): this slice's stats (part 1), to be summed over the group in place, then the mean loss
+  // from the summed stats (part 2), whose gradient is this slice's dlogits.
+  int xent_stats(int logits, int targets, const XentParams& p);
+  int cross_entropy(int logits, int targets, int stats, const XentParams& p);
   // cross_entropy(matmul(x, w, false, true), targets) without the (N, V) logits: one op that
   // runs block by block (`block` rows, 0: the backend's choice). Backward passes make it
   // compute the gradients in the same pass (append_backward gives it the outputs).
   int classifier_ce(int x, int w, int targets, int64_t block = 0);
+  // The same over a vocabulary slice (w: this rank's rows; XentParams): part 1's stats, to be
+  // summed over the group in place, then part 2's loss from them.
+  int classifier_stats(int x, int w, int targets, const XentParams& p);
+  int classifier_ce(int x, int w, int targets, int stats, const XentParams& p);
 
   // Mixture of experts (backend_abi.h, ABI 9): routing (bias -1: none; aux: the Switch loss as
   // well), tokens into expert order (K slots a token, weighted by w unless -1) and back, and the

@@ -41,16 +41,44 @@ inline float row_loss(float* l, int64_t V, int32_t t, bool grad, float k) {
   return std::log(sum) + mx - target;
 }
 
+// A vocabulary slice's row (XentParams): part 1 its stats into `st` (its slot of the row's),
+// part 2 the whole softmax's loss from the group's summed stats and, with `grad`, the slice's
+// logits replaced by k (softmax - onehot). `t`: the target's column in the slice (maybe outside).
+inline float slice_row(float* l, int64_t V, int64_t t, const XentParams& p, float* st, bool grad,
+                       float k) {
+  if (p.part == 1) {
+    float mx = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : mx)
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t v = 0; v < V; ++v) sum += vexp(l[v] - mx);
+    std::fill(st, st + 3 * p.slots, 0.f);
+    st[3 * p.slot] = mx, st[3 * p.slot + 1] = sum, st[3 * p.slot + 2] = t >= 0 && t < V ? l[t] : 0;
+    return 0.f;
+  }
+  float M, S, target;
+  xent_combine(st, p.slots, &M, &S, &target);
+  if (grad) {
+    const float inv = k / S;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) l[v] = vexp(l[v] - M) * inv;
+    if (t >= 0 && t < V) l[t] -= k;
+  }
+  return std::log(S) + M - target;
+}
+
 }  // namespace
 
 int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, const float* x,
                       const float* w, const int32_t* targets, float* loss, float* dx, float* dw,
-                      int64_t N, int64_t C, int64_t V, float dloss, bool add_dw) {
+                      int64_t N, int64_t C, int64_t V, float dloss, bool add_dw,
+                      const XentParams& vp, float* stats) {
   int64_t count = 0;
   for (int64_t r = 0; r < N; ++r) {
-    if (targets[r] >= V) return r;
+    if (vp.part == 0 && targets[r] >= V) return r;
     count += targets[r] >= 0;
   }
+  if (vp.part == 1) grads = 0;
   const float k = count ? dloss / float(count) : 0.f;
   const int64_t R =
       std::min(N, block > 0 ? block : std::max<int64_t>(64, kBlockFloats / V / 64 * 64));
@@ -75,6 +103,11 @@ int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, con
     for (int64_t i = 0; i < n; ++i) {
       const int32_t t = targets[r0 + i];
       float* l = L + i * V;
+      if (vp.part > 0 && (t >= 0 || vp.part == 1)) {
+        per_row[r0 + i] = slice_row(l, V, int64_t(t) - vp.vocab0, vp,
+                                    stats + (r0 + i) * 3 * vp.slots, grads > 0, k);
+        continue;
+      }
       if (t < 0) {
         per_row[r0 + i] = 0.f;
         if (grads) std::fill(l, l + V, 0.f);
@@ -95,6 +128,7 @@ int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, con
                0);
     }
   }
+  if (vp.part == 1) return -1;  // the stats only
   double total = 0;
   for (int64_t r = 0; r < N; ++r) total += per_row[r];
   *loss = count ? float(total / double(count)) : 0.f;

@@ -261,15 +261,39 @@ bool bf16_tiles(const AttentionShape& a, const mxn_tensor* t) {
          t[2].dtype == MXN_DTYPE_BF16;
 }
 
+int32_t run_cross_entropy(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor *in = k.inputs, *out = k.outputs;
+  const XentParams p = params_of<XentParams>(k);
+  const int64_t V = last(in[0]), rows = count(in[0]) / V;
+  if (p.part == 1) {
+    xent_stats(ptr(in[0]), ptr<int32_t>(in[1]), ptr(out[0]), rows, V, p);
+    return 0;
+  }
+  if (p.part == 2) {
+    xent_loss(ptr(in[2]), ptr<int32_t>(in[1]), ptr(out[0]), rows, p.slots);
+    return 0;
+  }
+  const int64_t badr =
+      cross_entropy_fwd(c->scratch, ptr(in[0]), ptr<int32_t>(in[1]), ptr(out[0]), rows, V);
+  if (badr >= 0)
+    return bad(c, "cross_entropy: target " + std::to_string(ptr<int32_t>(in[1])[badr]) +
+                      " is outside [0, " + std::to_string(V) + ")");
+  return 0;
+}
+
 int32_t run_classifier_ce(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor &x = k.inputs[0], &w = k.inputs[1], &t = k.inputs[2];
   const int64_t C = last(x), N = count(x) / C, V = count(w) / last(w);
   const ClassifierParams p = params_of<ClassifierParams>(k);
-  const int grads = p.grads;
+  const int grads = p.vocab.part == 1 ? 0 : p.grads;
+  // a vocabulary slice's stats: part 1's output, part 2's fourth input
+  float* stats = p.vocab.part == 1   ? ptr(k.outputs[0])
+                 : p.vocab.part == 2 ? ptr(k.inputs[3])
+                                     : nullptr;
   const int64_t badr = classifier_ce(
       c->scratch, p.compute == MXN_DTYPE_BF16 ? Compute::bf16 : Compute::f32, grads, p.block,
       ptr(x), ptr(w), ptr<int32_t>(t), ptr(k.outputs[0]), grads > 0 ? ptr(k.outputs[1]) : nullptr,
-      grads > 1 ? ptr(k.outputs[2]) : nullptr, N, C, V, p.scale(), p.direct);
+      grads > 1 ? ptr(k.outputs[2]) : nullptr, N, C, V, p.scale(), p.direct, p.vocab, stats);
   if (badr >= 0)
     return bad(c, "classifier_ce: target " + std::to_string(ptr<int32_t>(t)[badr]) +
                       " is outside [0, " + std::to_string(V) + ")");
@@ -549,11 +573,12 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     }
     case MXN_OP_EMBEDDING: {
       const int64_t V = in[1].shape[0], C = in[1].shape[1];
+      const EmbeddingParams p = params_of<EmbeddingParams>(k);
       const int64_t badi =
           in[1].dtype == MXN_DTYPE_BF16
               ? embedding_fwd_bf16(ptr<int32_t>(in[0]), ptr<uint16_t>(in[1]), ptr(out[0]),
-                                   count(in[0]), V, C)
-              : embedding_fwd(ptr<int32_t>(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]), V, C);
+                                   count(in[0]), V, C, p)
+              : embedding_fwd(ptr<int32_t>(in[0]), ptr(in[1]), ptr(out[0]), count(in[0]), V, C, p);
       if (badi >= 0)
         return bad(c, "embedding: token id " + std::to_string(ptr<int32_t>(in[0])[badi]) +
                           " at position " + std::to_string(badi) + " is outside [0, " +
@@ -562,21 +587,17 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     }
     case MXN_OP_EMBEDDING_BWD:
       embedding_bwd(ptr(in[0]), ptr<int32_t>(in[1]), ptr(out[0]), count(in[1]), out[0].shape[0],
-                    out[0].shape[1]);
+                    out[0].shape[1], params_of<EmbeddingParams>(k));
       return 0;
-    case MXN_OP_CROSS_ENTROPY: {
-      const int64_t V = last(in[0]);
-      const int64_t badr = cross_entropy_fwd(c->scratch, ptr(in[0]), ptr<int32_t>(in[1]),
-                                             ptr(out[0]), count(in[0]) / V, V);
-      if (badr >= 0)
-        return bad(c, "cross_entropy: target " + std::to_string(ptr<int32_t>(in[1])[badr]) +
-                          " is outside [0, " + std::to_string(V) + ")");
+    case MXN_OP_CROSS_ENTROPY:
+      return run_cross_entropy(c, k);
+    case MXN_OP_CROSS_ENTROPY_BWD: {
+      const XentParams p = params_of<XentParams>(k);
+      const int64_t V = last(in[1]), rows = count(in[1]) / V;
+      cross_entropy_bwd(ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]), ptr(out[0]), rows, V, p,
+                        p.part == 2 ? ptr(in[3]) : nullptr);
       return 0;
     }
-    case MXN_OP_CROSS_ENTROPY_BWD:
-      cross_entropy_bwd(ptr(in[0]), ptr(in[1]), ptr<int32_t>(in[2]), ptr(out[0]),
-                        count(in[1]) / last(in[1]), last(in[1]));
-      return 0;
     case MXN_OP_CLASSIFIER_CE:
       return run_classifier_ce(c, k);
     case MXN_OP_CLASSIFIER_CE_BWD: {

@@ -210,29 +210,49 @@ void layernorm_bwd(Scratch& s, const float* dy, const float* x, const float* w, 
   }
 }
 
-int64_t embedding_fwd(const int32_t* idx, const float* table, float* out, int64_t n, int64_t V,
-                      int64_t C) {
-  for (int64_t i = 0; i < n; ++i)
-    if (idx[i] < 0 || idx[i] >= V) return i;
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) std::copy_n(table + int64_t(idx[i]) * C, C, out + i * C);
-  return -1;
+namespace {
+
+// Row i's table row, or -1: an id outside [first, first + V) (a zero row when `partial`, else
+// an error the caller reports).
+inline int64_t table_row(int32_t id, int64_t V, const EmbeddingParams& p) {
+  const int64_t r = int64_t(id) - p.first;
+  return r >= 0 && r < V ? r : -1;
 }
 
-int64_t embedding_fwd_bf16(const int32_t* idx, const uint16_t* table, float* out, int64_t n,
-                           int64_t V, int64_t C) {
-  for (int64_t i = 0; i < n; ++i)
-    if (idx[i] < 0 || idx[i] >= V) return i;
+template <typename T, typename Widen>
+int64_t embedding_rows(const int32_t* idx, const T* table, float* out, int64_t n, int64_t V,
+                       int64_t C, const EmbeddingParams& p, Widen widen) {
+  if (!p.partial)
+    for (int64_t i = 0; i < n; ++i)
+      if (table_row(idx[i], V, p) < 0) return i;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const uint16_t* row = table + int64_t(idx[i]) * C;
-    for (int64_t c = 0; c < C; ++c) out[i * C + c] = bf16_to_f32(row[c]);
+    const int64_t r = table_row(idx[i], V, p);
+    float* o = out + i * C;
+    if (r < 0) {
+      std::fill(o, o + C, 0.f);
+      continue;
+    }
+    const T* row = table + r * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = widen(row[c]);
   }
   return -1;
 }
 
+}  // namespace
+
+int64_t embedding_fwd(const int32_t* idx, const float* table, float* out, int64_t n, int64_t V,
+                      int64_t C, const EmbeddingParams& p) {
+  return embedding_rows(idx, table, out, n, V, C, p, [](float x) { return x; });
+}
+
+int64_t embedding_fwd_bf16(const int32_t* idx, const uint16_t* table, float* out, int64_t n,
+                           int64_t V, int64_t C, const EmbeddingParams& p) {
+  return embedding_rows(idx, table, out, n, V, C, p, bf16_to_f32);
+}
+
 void embedding_bwd(const float* dy, const int32_t* idx, float* dtable, int64_t n, int64_t V,
-                   int64_t C) {
+                   int64_t C, const EmbeddingParams& p) {
   std::fill(dtable, dtable + V * C, 0.f);
   // Each thread owns a block of columns and walks the rows in order: deterministic, no atomics.
 #pragma omp parallel
@@ -240,7 +260,9 @@ void embedding_bwd(const float* dy, const int32_t* idx, float* dtable, int64_t n
     int64_t b, e;
     chunk(C, omp_get_thread_num(), omp_get_num_threads(), b, e);
     for (int64_t i = 0; i < n; ++i) {
-      float* row = dtable + int64_t(idx[i]) * C;
+      const int64_t r = table_row(idx[i], V, p);
+      if (r < 0) continue;  // (whole tables: checked by the forward)
+      float* row = dtable + r * C;
       const float* d = dy + i * C;
       for (int64_t c = b; c < e; ++c) row[c] += d[c];
     }
@@ -278,7 +300,8 @@ int64_t cross_entropy_fwd(Scratch& s, const float* logits, const int32_t* target
 }
 
 void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* targets,
-                       float* dlogits, int64_t rows, int64_t V) {
+                       float* dlogits, int64_t rows, int64_t V, const XentParams& p,
+                       const float* stats) {
   int64_t count = 0;
   for (int64_t r = 0; r < rows; ++r) count += targets[r] >= 0;
   const float k = count ? *dloss / float(count) : 0.f;
@@ -290,10 +313,53 @@ void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* t
       std::fill(d, d + V, 0.f);
       continue;
     }
-    const float inv = k / exp_shifted_row(l, d, V);
-    for (int64_t v = 0; v < V; ++v) d[v] *= inv;
-    d[targets[r]] -= k;
+    if (stats) {  // a slice: the whole softmax's max and sum from the group's stats
+      float M, S, target;
+      xent_combine(stats + r * p.slots * 3, p.slots, &M, &S, &target);
+      const float inv = k / S;
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) d[v] = vexp(l[v] - M) * inv;
+    } else {
+      const float inv = k / exp_shifted_row(l, d, V);
+      for (int64_t v = 0; v < V; ++v) d[v] *= inv;
+    }
+    const int64_t t = int64_t(targets[r]) - p.vocab0;
+    if (t >= 0 && t < V) d[t] -= k;
   }
+}
+
+void xent_stats(const float* logits, const int32_t* targets, float* stats, int64_t rows, int64_t V,
+                const XentParams& p) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* l = logits + r * V;
+    float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t v = 0; v < V; ++v) sum += vexp(l[v] - mx);
+    const int64_t t = int64_t(targets[r]) - p.vocab0;
+    float* st = stats + r * p.slots * 3;
+    std::fill(st, st + p.slots * 3, 0.f);
+    st[3 * p.slot] = mx;
+    st[3 * p.slot + 1] = sum;
+    st[3 * p.slot + 2] = t >= 0 && t < V ? l[t] : 0.f;
+  }
+}
+
+void xent_loss(const float* stats, const int32_t* targets, float* loss, int64_t rows,
+               int64_t slots) {
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] < 0) continue;
+    float M, S, target;
+    xent_combine(stats + r * slots * 3, slots, &M, &S, &target);
+    total += double(std::log(S) + M - target);
+    ++count;
+  }
+  *loss = count ? float(total / double(count)) : 0.f;
 }
 
 void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t cols,

@@ -64,10 +64,13 @@ void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
 // CLASSIFIER_CE: the mean cross-entropy of softmax(x w^T) over rows whose target >= 0 and, with
 // grads 1 or 2, dx (and dw) for d(loss) = dloss, `block` rows of logits at a time (0: about 128
 // MB of them); with add_dw, dw is added into (a param's gradient) instead of overwritten.
-// Returns the first out-of-range target's row, or -1.
+// Returns the first out-of-range target's row, or -1. With vp.part 1 or 2, w is a vocabulary
+// slice (XentParams): part 1 writes `stats` (no loss, no gradients); part 2 reads the group's
+// summed stats and makes the whole softmax's loss and the slice's gradients.
 int64_t classifier_ce(Scratch& s, Compute compute, int grads, int64_t block, const float* x,
                       const float* w, const int32_t* targets, float* loss, float* dx, float* dw,
-                      int64_t N, int64_t C, int64_t V, float dloss = 1.f, bool add_dw = false);
+                      int64_t N, int64_t C, int64_t V, float dloss = 1.f, bool add_dw = false,
+                      const XentParams& vp = {}, float* stats = nullptr);
 // The same with B stored in bf16 (inference weights): one row streams B (half the bytes), more
 // rows widen B to f32 in scratch and take the path above. The arithmetic is f32 either way.
 void matmul_bf16_weights(Scratch& s, Compute compute, bool ta, bool tb, int64_t batch, int64_t M,
@@ -115,18 +118,26 @@ void layernorm_fwd(const float* x, const float* w, const float* b, float* y, flo
                    int64_t rows, int64_t cols, float eps);
 void layernorm_bwd(Scratch& s, const float* dy, const float* x, const float* w, const float* stats,
                    float* dx, float* dw, float* db, int64_t rows, int64_t cols);
-// Returns the first out-of-range index, or -1.
+// Returns the first out-of-range index (none with p.partial: zero rows), or -1.
 int64_t embedding_fwd_bf16(const int32_t* idx, const uint16_t* table, float* out, int64_t n,
-                           int64_t V, int64_t C);
+                           int64_t V, int64_t C, const EmbeddingParams& p);
 int64_t embedding_fwd(const int32_t* idx, const float* table, float* out, int64_t n, int64_t V,
-                      int64_t C);
+                      int64_t C, const EmbeddingParams& p);
 void embedding_bwd(const float* dy, const int32_t* idx, float* dtable, int64_t n, int64_t V,
-                   int64_t C);
+                   int64_t C, const EmbeddingParams& p);
 // Mean over rows whose target >= 0; returns the first out-of-range target (>= V) or -1.
 int64_t cross_entropy_fwd(Scratch& s, const float* logits, const int32_t* targets, float* loss,
                           int64_t rows, int64_t V);
+// dlogits; with `stats` (part 2 of XentParams) a vocabulary slice's, from the group's stats.
 void cross_entropy_bwd(const float* dloss, const float* logits, const int32_t* targets,
-                       float* dlogits, int64_t rows, int64_t V);
+                       float* dlogits, int64_t rows, int64_t V, const XentParams& p = {},
+                       const float* stats = nullptr);
+// The vocabulary split over a group (XentParams): a slice's stats (part 1), the loss from the
+// summed stats (part 2).
+void xent_stats(const float* logits, const int32_t* targets, float* stats, int64_t rows, int64_t V,
+                const XentParams& p);
+void xent_loss(const float* stats, const int32_t* targets, float* loss, int64_t rows,
+               int64_t slots);
 void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t cols,
                  float eps);
 void rmsnorm_bwd(Scratch& s, const float* dy, const float* x, const float* w, const float* rstd,

@@ -602,24 +602,37 @@ int32_t run(void* ctx, const mxn_op_call* call) {
     case MXN_OP_ATTENTION_BWD:
       return run_attention(c, k, true);
     case MXN_OP_EMBEDDING:
-      k_embedding<<<blocks(n0), 256, 0, s>>>(I(in[0]), F(in[1]), F(out[0]), n0, last(in[1]));
+      k_embedding<<<blocks(n0), 256, 0, s>>>(I(in[0]), F(in[1]), F(out[0]), n0, last(in[1]),
+                                             params_of<EmbeddingParams>(k).first, in[1].shape[0]);
       break;
     case MXN_OP_EMBEDDING_BWD:
       k_embedding_bwd<<<blocks(out[0].shape[1]), 256, 0, s>>>(
-          F(in[0]), I(in[1]), F(out[0]), count(in[1]), out[0].shape[0], out[0].shape[1]);
+          F(in[0]), I(in[1]), F(out[0]), count(in[1]), out[0].shape[0], out[0].shape[1],
+          params_of<EmbeddingParams>(k).first);
       break;
     case MXN_OP_CROSS_ENTROPY: {
+      const XentParams p = params_of<XentParams>(k);
       const int64_t V = last(in[0]), rows = count(in[0]) / V;
+      if (p.part == 1) {
+        k_xent_stats<<<blocks(rows), 256, 0, s>>>(F(in[0]), I(in[1]), F(out[0]), rows, V, p.vocab0,
+                                                  p.slot, p.slots);
+        break;
+      }
       float* pr = scratch(c, size_t(rows));
       if (!pr)
         return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for cross-entropy scratch");
-      k_xent_rows<<<blocks(rows), 256, 0, s>>>(F(in[0]), I(in[1]), pr, rows, V);
+      if (p.part == 2)
+        k_xent_slice_rows<<<blocks(rows), 256, 0, s>>>(F(in[2]), I(in[1]), pr, rows, p.slots);
+      else
+        k_xent_rows<<<blocks(rows), 256, 0, s>>>(F(in[0]), I(in[1]), pr, rows, V);
       k_xent_mean<<<1, 1, 0, s>>>(pr, I(in[1]), rows, F(out[0]));
       break;
     }
     case MXN_OP_CROSS_ENTROPY_BWD: {
+      const XentParams p = params_of<XentParams>(k);
       const int64_t V = last(in[1]), rows = count(in[1]) / V;
-      k_xent_bwd<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), I(in[2]), F(out[0]), rows, V);
+      k_xent_bwd<<<blocks(rows), 256, 0, s>>>(F(in[0]), F(in[1]), I(in[2]), F(out[0]), rows, V,
+                                              p.part == 2 ? F(in[3]) : nullptr, p.vocab0, p.slots);
       break;
     }
     case MXN_OP_ADAMW: {

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "backend/cuda/vendor.h"
+#include "backend/op_params.h"
 
 namespace mxn::cuda {
 
@@ -116,14 +117,48 @@ __global__ void k_layernorm_dwdb(const float* dy, const float* x, const float* s
     db[c] = sb;
   }
 }
-__global__ void k_embedding(const int32_t* idx, const float* t, float* y, int64_t n, int64_t cols) {
-  MXN_LOOP(i, n) y[i] = t[int64_t(idx[i / cols]) * cols + i % cols];
+// Rows [first, first + V) of a table (the whole one: first 0); other ids give zero rows.
+__global__ void k_embedding(const int32_t* idx, const float* t, float* y, int64_t n, int64_t cols,
+                            int64_t first, int64_t V) {
+  MXN_LOOP(i, n) {
+    const int64_t r = int64_t(idx[i / cols]) - first;
+    y[i] = r >= 0 && r < V ? t[r * cols + i % cols] : 0.f;
+  }
 }
 __global__ void k_embedding_bwd(const float* dy, const int32_t* idx, float* dt, int64_t n, int64_t V,
-                                int64_t cols) {
+                                int64_t cols, int64_t first) {
   MXN_LOOP(c, cols) {
     for (int64_t v = 0; v < V; ++v) dt[v * cols + c] = 0.f;
-    for (int64_t i = 0; i < n; ++i) dt[int64_t(idx[i]) * cols + c] += dy[i * cols + c];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = int64_t(idx[i]) - first;
+      if (r >= 0 && r < V) dt[r * cols + c] += dy[i * cols + c];
+    }
+  }
+}
+// The vocabulary split over a group (XentParams): a slice's stats in its slot; the per-row loss
+// from the summed stats; the slice's dlogits.
+__global__ void k_xent_stats(const float* l, const int32_t* t, float* st, int64_t rows, int64_t V,
+                             int64_t vocab0, int64_t slot, int64_t slots) {
+  MXN_LOOP(r, rows) {
+    const float* x = l + r * V;
+    float mx = x[0], s = 0.f;
+    for (int64_t v = 1; v < V; ++v) mx = fmaxf(mx, x[v]);
+    for (int64_t v = 0; v < V; ++v) s += expf(x[v] - mx);
+    const int64_t tr = int64_t(t[r]) - vocab0;
+    float* o = st + r * slots * 3;
+    for (int64_t j = 0; j < slots * 3; ++j) o[j] = 0.f;
+    o[3 * slot] = mx;
+    o[3 * slot + 1] = s;
+    o[3 * slot + 2] = tr >= 0 && tr < V ? x[tr] : 0.f;
+  }
+}
+__global__ void k_xent_slice_rows(const float* st, const int32_t* t, float* per_row, int64_t rows,
+                                  int64_t slots) {
+  MXN_LOOP(r, rows) {
+    if (t[r] < 0) { per_row[r] = 0.f; continue; }
+    float M, S, T;
+    mxn::xent_combine(st + r * slots * 3, slots, &M, &S, &T);
+    per_row[r] = logf(S) + M - T;
   }
 }
 __global__ void k_xent_rows(const float* l, const int32_t* t, float* per_row, int64_t rows, int64_t V) {
@@ -143,8 +178,9 @@ __global__ void k_xent_mean(const float* per_row, const int32_t* t, int64_t rows
     if (t[r] >= 0) { s += per_row[r]; ++n; }
   *loss = n ? s / float(n) : 0.f;
 }
+// dlogits; with `st` (part 2 of XentParams) a vocabulary slice's, from the group's stats.
 __global__ void k_xent_bwd(const float* dloss, const float* l, const int32_t* t, float* d, int64_t rows,
-                           int64_t V) {
+                           int64_t V, const float* st = nullptr, int64_t vocab0 = 0, int64_t slots = 0) {
   MXN_LOOP(r, rows) {
     int64_t n = 0;
     for (int64_t i = 0; i < rows; ++i) n += t[i] >= 0;
@@ -152,12 +188,17 @@ __global__ void k_xent_bwd(const float* dloss, const float* l, const int32_t* t,
     const float* x = l + r * V;
     float* o = d + r * V;
     if (t[r] < 0) { for (int64_t v = 0; v < V; ++v) o[v] = 0.f; continue; }
-    float mx = x[0], s = 0.f;
-    for (int64_t v = 1; v < V; ++v) mx = fmaxf(mx, x[v]);
-    for (int64_t v = 0; v < V; ++v) { const float e = expf(x[v] - mx); o[v] = e; s += e; }
+    float mx = x[0], s = 0.f, T;
+    if (st) {
+      mxn::xent_combine(st + r * slots * 3, slots, &mx, &s, &T);
+    } else {
+      for (int64_t v = 1; v < V; ++v) mx = fmaxf(mx, x[v]);
+      for (int64_t v = 0; v < V; ++v) s += expf(x[v] - mx);
+    }
     const float inv = k / s;
-    for (int64_t v = 0; v < V; ++v) o[v] *= inv;
-    o[t[r]] -= k;
+    for (int64_t v = 0; v < V; ++v) o[v] = expf(x[v] - mx) * inv;
+    const int64_t tr = int64_t(t[r]) - vocab0;
+    if (tr >= 0 && tr < V) o[tr] -= k;
   }
 }
 __global__ void k_adamw(float* p, const float* g, float* m, float* v, int64_t n, float lr, float b1,

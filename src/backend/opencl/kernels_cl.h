@@ -151,18 +151,79 @@ __kernel void layernorm_dwdb(__global const float* dy, ulong od, __global const 
   dw[ow + c] = sw;
   db[ob + c] = sb;
 }
+// Rows [first, first + V) of a table (the whole one: first 0); other ids give zero rows.
 __kernel void embedding(__global const int* idx, ulong oi, __global const float* t, ulong ot,
-                        __global float* y, ulong oy, ulong cols) {
+                        __global float* y, ulong oy, ulong cols, ulong first, ulong V) {
   size_t i = get_global_id(0);
   ulong row = i / cols, c = i % cols;
-  y[oy + i] = t[ot + (ulong)idx[oi + row] * cols + c];
+  long r = (long)idx[oi + row] - (long)first;
+  y[oy + i] = r >= 0 && r < (long)V ? t[ot + (ulong)r * cols + c] : 0.f;
 }
 // One work-item per column: rows are added in order, so the result is deterministic.
 __kernel void embedding_bwd(__global const float* dy, ulong od, __global const int* idx, ulong oi,
-                            __global float* dt, ulong ot, ulong n, ulong V, ulong cols) {
+                            __global float* dt, ulong ot, ulong n, ulong V, ulong cols,
+                            ulong first) {
   size_t c = get_global_id(0);
   for (ulong v = 0; v < V; ++v) dt[ot + v * cols + c] = 0.f;
-  for (ulong i = 0; i < n; ++i) dt[ot + (ulong)idx[oi + i] * cols + c] += dy[od + i * cols + c];
+  for (ulong i = 0; i < n; ++i) {
+    long r = (long)idx[oi + i] - (long)first;
+    if (r >= 0 && r < (long)V) dt[ot + (ulong)r * cols + c] += dy[od + i * cols + c];
+  }
+}
+// The vocabulary split over a group (XentParams): a slice's stats, in slot `slot` of `slots`.
+__kernel void xent_stats(__global const float* l, ulong ol, __global const int* t, ulong ot,
+                         __global float* st, ulong os, ulong V, ulong vocab0, ulong slot,
+                         ulong slots) {
+  size_t r = get_global_id(0);
+  __global const float* x = l + ol + r * V;
+  float mx = x[0];
+  for (ulong v = 1; v < V; ++v) mx = fmax(mx, x[v]);
+  float s = 0.f;
+  for (ulong v = 0; v < V; ++v) s += exp(x[v] - mx);
+  long tr = (long)t[ot + r] - (long)vocab0;
+  __global float* o = st + os + r * slots * 3;
+  for (ulong j = 0; j < slots * 3; ++j) o[j] = 0.f;
+  o[3 * slot] = mx;
+  o[3 * slot + 1] = s;
+  o[3 * slot + 2] = tr >= 0 && tr < (long)V ? x[tr] : 0.f;
+}
+void xent_combine(__global const float* st, ulong slots, float* M, float* S, float* T) {
+  float m = st[0];
+  for (ulong j = 1; j < slots; ++j) m = fmax(m, st[3 * j]);
+  float s = 0.f, t = 0.f;
+  for (ulong j = 0; j < slots; ++j) {
+    s += st[3 * j + 1] * exp(st[3 * j] - m);
+    t += st[3 * j + 2];
+  }
+  *M = m;
+  *S = s;
+  *T = t;
+}
+__kernel void xent_slice_rows(__global const float* st, ulong os, __global const int* t, ulong ot,
+                              __global float* per_row, ulong slots) {
+  size_t r = get_global_id(0);
+  if (t[ot + r] < 0) { per_row[r] = 0.f; return; }
+  float M, S, T;
+  xent_combine(st + os + r * slots * 3, slots, &M, &S, &T);
+  per_row[r] = log(S) + M - T;
+}
+__kernel void xent_slice_bwd(__global const float* dloss, ulong odl, __global const float* l,
+                             ulong ol, __global const int* t, ulong ot, __global const float* st,
+                             ulong os, __global float* d, ulong od, ulong rows, ulong V,
+                             ulong vocab0, ulong slots) {
+  size_t r = get_global_id(0);
+  ulong n = 0;
+  for (ulong i = 0; i < rows; ++i) n += t[ot + i] >= 0;
+  float k = n ? dloss[odl] / (float)n : 0.f;
+  __global const float* x = l + ol + r * V;
+  __global float* o = d + od + r * V;
+  if (t[ot + r] < 0) { for (ulong v = 0; v < V; ++v) o[v] = 0.f; return; }
+  float M, S, T;
+  xent_combine(st + os + r * slots * 3, slots, &M, &S, &T);
+  float inv = k / S;
+  for (ulong v = 0; v < V; ++v) o[v] = exp(x[v] - M) * inv;
+  long tr = (long)t[ot + r] - (long)vocab0;
+  if (tr >= 0 && tr < (long)V) o[tr] -= k;
 }
 __kernel void xent_rows(__global const float* l, ulong ol, __global const int* t, ulong ot,
                         __global float* per_row, ulong V) {

@@ -376,6 +376,32 @@ cl_mem rope_table(Ctx* c, const mxn_op_call& k) {
 
 Mem col(Mem m, int64_t c) { return {m.m, m.off + cl_ulong(c)}; }
 
+// CROSS_ENTROPY: per-row losses, then their mean; or a vocabulary slice's stats (part 1), or the
+// loss from the summed stats (part 2).
+int32_t run_cross_entropy(Ctx* c, const mxn_op_call& k) {
+  const mxn_tensor *in = k.inputs, *out = k.outputs;
+  const XentParams p = params_of<XentParams>(k);
+  const int64_t V = last(in[0]), rows = count(in[0]) / V;
+  if (p.part == 1)
+    return kernel(c, "xent_stats")
+        .arg(mem(in[0]))
+        .arg(mem(in[1]))
+        .arg(mem(out[0]))
+        .u(V)
+        .u(p.vocab0)
+        .u(p.slot)
+        .u(p.slots)
+        .go(rows);
+  cl_mem s = scratch(c, size_t(rows) * 4);
+  if (!s) return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for cross-entropy scratch");
+  const int32_t st =
+      p.part == 2
+          ? kernel(c, "xent_slice_rows").arg(mem(in[2])).arg(mem(in[1])).arg(s).u(p.slots).go(rows)
+          : kernel(c, "xent_rows").arg(mem(in[0])).arg(mem(in[1])).arg(s).u(V).go(rows);
+  if (st) return st;
+  return kernel(c, "xent_mean").arg(s).arg(mem(in[1])).u(rows).arg(mem(out[0])).go(1);
+}
+
 int32_t run_llm_op(Ctx* c, const mxn_op_call& k) {
   const mxn_tensor* in = k.inputs;
   const mxn_tensor* out = k.outputs;
@@ -622,6 +648,8 @@ int32_t run(void* ctx, const mxn_op_call* call) {
           .arg(mem(in[1]))
           .arg(mem(out[0]))
           .u(last(in[1]))
+          .u(params_of<EmbeddingParams>(k).first)
+          .u(in[1].shape[0])
           .go(count(out[0]));
     case MXN_OP_EMBEDDING_BWD:
       return kernel(c, "embedding_bwd")
@@ -631,18 +659,25 @@ int32_t run(void* ctx, const mxn_op_call* call) {
           .u(count(in[1]))
           .u(out[0].shape[0])
           .u(out[0].shape[1])
+          .u(params_of<EmbeddingParams>(k).first)
           .go(out[0].shape[1]);
-    case MXN_OP_CROSS_ENTROPY: {
-      const int64_t V = last(in[0]), rows = count(in[0]) / V;
-      cl_mem s = scratch(c, size_t(rows) * 4);
-      if (!s)
-        return fail(c, MXN_STATUS_OUT_OF_MEMORY, "no device memory for cross-entropy scratch");
-      if (int32_t st = kernel(c, "xent_rows").arg(mem(in[0])).arg(mem(in[1])).arg(s).u(V).go(rows))
-        return st;
-      return kernel(c, "xent_mean").arg(s).arg(mem(in[1])).u(rows).arg(mem(out[0])).go(1);
-    }
+    case MXN_OP_CROSS_ENTROPY:
+      return run_cross_entropy(c, k);
     case MXN_OP_CROSS_ENTROPY_BWD: {
+      const XentParams p = params_of<XentParams>(k);
       const int64_t V = last(in[1]), rows = count(in[1]) / V;
+      if (p.part == 2)
+        return kernel(c, "xent_slice_bwd")
+            .arg(mem(in[0]))
+            .arg(mem(in[1]))
+            .arg(mem(in[2]))
+            .arg(mem(in[3]))
+            .arg(mem(out[0]))
+            .u(rows)
+            .u(V)
+            .u(p.vocab0)
+            .u(p.slots)
+            .go(rows);
       return kernel(c, "xent_bwd")
           .arg(mem(in[0]))
           .arg(mem(in[1]))
