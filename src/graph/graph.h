@@ -156,6 +156,9 @@ class Graph {
 
   std::vector<Value> values;
   std::vector<Node> nodes;
+  // Activations a runner reads or writes between nodes (a cut's exchange: sequence parallelism),
+  // each with the node it happens before: the arena keeps them live there.
+  std::vector<std::pair<int, size_t>> runner_uses;
 };
 
 // Appends the backward pass of every node so far (one rule per op, autograd.cpp) with d(loss)=1,

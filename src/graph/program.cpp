@@ -22,6 +22,10 @@ uint64_t plan_arena(Graph& g) {
     for (int id : g.nodes[i].out) touch(id);
     for (int id : g.nodes[i].in) touch(id);
   }
+  for (auto [id, at] : g.runner_uses) {  // live while the runner touches it, before node `at`
+    if (first[size_t(id)] < 0 || int64_t(at) < first[size_t(id)]) first[size_t(id)] = int64_t(at);
+    last[size_t(id)] = std::max(last[size_t(id)], int64_t(at));
+  }
   for (size_t i = 0; i < nv; ++i)
     if (g.values[i].output && first[i] >= 0) last[i] = int64_t(g.nodes.size());
   // An op that may write its output over an input (docs/backends.md, "In place") takes over that

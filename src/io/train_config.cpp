@@ -58,6 +58,10 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"tp_split", &c.tp_split,
        "with --tp: how a group's ranks share the heads and columns: auto (by each chip's "
        "measured GEMM speed), even, or one weight per rank (3,1)"},
+      {"sequence_parallel", &c.sequence_parallel,
+       "with --tp: 1 splits the activations between the blocks (norms, residuals) along the "
+       "sequence over each group (Megatron-LM's sequence parallelism): a reduce-scatter and an "
+       "all-gather in place of each all-reduce, the norms' activations 1/tp the size"},
       {"micro", &c.micro,
        "sequences per pipeline micro-batch (0: a replica's share over 2 x pp micro-batches)"},
       {"bucket_mb", &c.bucket_mb,
@@ -290,6 +294,10 @@ void TrainConfig::validate() const {
        "eval_every and ckpt_every must be >= 0, log_every and eval_batches >= 1");
   need(ckpt_keep >= 1 && ckpt_keep <= 1000,
        "ckpt_keep = " + std::to_string(ckpt_keep) + ", expected 1..1000");
+  need(sequence_parallel == 0 || sequence_parallel == 1,
+       "sequence_parallel = " + std::to_string(sequence_parallel) + ", expected 0 or 1");
+  need(sequence_parallel == 0 || tp > 1,
+       "sequence_parallel = 1 splits the rows of a tensor-parallel group: it needs tp 2 or more");
   need(recompute == 0 || recompute == 1,
        "recompute = " + std::to_string(recompute) + ", expected 0 or 1");
   need(ckpt_async == 0 || ckpt_async == 1,

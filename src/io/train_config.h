@@ -50,6 +50,7 @@ struct TrainConfig {
   // tp_split (auto: measured GEMM speed, even, or weights "3,1"); data parallel across groups.
   int64_t tp = 1;
   std::string tp_split = "auto";
+  int64_t sequence_parallel = 0;  // 1: with tp, the norms' rows split over the group (Megatron)
   int64_t micro = 0;
   std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
   int64_t recompute = 1;      // 1: norms and MLP activations run again in the backward (Graph)

@@ -401,13 +401,51 @@ int moe_mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, 
   return shared_expert(b, nm, blk, h, g.moe_unpermute(dn, r.pos, N, r.w));
 }
 
+// Tensor parallelism's partial output (N rows, a split projection's or the vocabulary's
+// embedding) summed over the group: in place (DecoderGraph::tp_sums), or under sequence
+// parallelism into this rank's rows (a scatter cut; returns them).
+int group_sum(Builder& b, DecoderGraph& m, int part) {
+  if (!b.o.tp.seq) {
+    m.tp_sums.push_back(part);
+    return part;
+  }
+  const int64_t n = seq_rows(b.o.tp, b.g.v_rows(part))[1];
+  const int to = b.g.activation({n, b.g.v(part).shape.back()});  // written by the runner
+  m.seq_cuts.push_back({part, to, false});
+  return to;
+}
+
+// A norm's output `h` read by split projections: its gradient is partial (summed over the group
+// in the backward, DecoderGraph::tp_grad_of); under sequence parallelism it holds this rank's
+// rows, gathered whole over the group (a gather cut; returns the whole rows, N of them).
+int group_rows(Builder& b, DecoderGraph& m, int h, int64_t N) {
+  if (!b.o.tp.seq) {
+    m.tp_grad_of.push_back(h);
+    return h;
+  }
+  const int to = b.g.activation({N, b.g.v(h).shape.back()});  // written by the runner
+  m.seq_cuts.push_back({h, to, true});
+  return to;
+}
+
+// This rank's rows of a whole (N, C) value under sequence parallelism (a position table's rows
+// added to the residual stream); the value itself otherwise.
+int own_rows(Builder& b, int x) {
+  if (!b.o.tp.seq) return x;
+  const int64_t C = b.g.v(x).shape.back();
+  const auto [r0, n] = seq_rows(b.o.tp, b.g.v_rows(x));
+  StridedCopyParams p;
+  p.n[2] = n * C;
+  p.in_offset = r0 * C;
+  return b.g.strided_copy(x, p, {n, C});
+}
+
 // A projection into the residual stream. Under tensor parallelism its input is this rank's share
-// (heads or MLP columns): the partial output is summed over the group (DecoderGraph::tp_sums)
-// before the bias, which every rank holds whole.
+// (heads or MLP columns): the partial output is summed over the group (group_sum) before the
+// bias, which every rank holds whole.
 int out_proj(Builder& b, DecoderGraph& m, int y, const std::string& name, int64_t in, bool bias) {
   if (!b.o.tp.on()) return b.linear(y, name, in, b.c.hidden, bias);
-  const int part = b.linear(y, name, in, b.c.hidden, false);
-  m.tp_sums.push_back(part);
+  const int part = group_sum(b, m, b.linear(y, name, in, b.c.hidden, false));
   return bias ? b.g.add_bias(part, b.w(name + ".bias", {b.c.hidden}, false)) : part;
 }
 
@@ -417,9 +455,9 @@ int mlp(Builder& b, const Names& nm, DecoderGraph& m, const std::string& p, int 
   Graph& g = b.g;
   const DecoderConfig& c = b.c;
   const int64_t C = c.hidden, F = b.o.tp.on() ? b.o.tp.ffn : c.ffn_width();
-  const int h2 = b.norm(x, p + nm.ln2);
+  int h2 = b.norm(x, p + nm.ln2);
   if (c.moe_layer(l)) return moe_mlp(b, nm, m, p, h2);
-  if (b.o.tp.on()) m.tp_grad_of.push_back(h2);
+  if (b.o.tp.on()) h2 = group_rows(b, m, h2, numel(b.g.v(m.tokens).shape));
   if (!c.swiglu()) {
     int fc = b.linear(h2, p + nm.fc, C, F, true);
     if (b.o.gelu_bf16) fc = g.cast(fc, DType::bf16);
@@ -452,6 +490,34 @@ int add_router_aux(Builder& b, const DecoderGraph& m, int loss) {
   return aux < 0 ? loss : b.g.add(loss, aux);
 }
 
+// Tensor parallelism's head (training): this rank's vocabulary rows' logits (N, vocab share; none
+// kept with the fused head), their stats summed over the group, the whole softmax's loss from
+// them; the logits' gradient reaches x partial (summed over the group as the split projections'
+// inputs').
+void split_head(Builder& b, DecoderGraph& m, int x, int head, int64_t N) {
+  Graph& g = b.g;
+  const TensorShard& s = b.o.tp;
+  MXN_CHECK(b.o.with_loss, "tensor parallelism takes training graphs");
+  x = group_rows(b, m, x, N);
+  m.targets = g.input("targets", {N}, DType::i32);
+  XentParams p{1, s.vocab0, s.rank, s.ranks};
+  int loss;
+  if (b.o.fused_head && g.v(head).dtype == DType::f32) {  // no logits value (CLASSIFIER_CE)
+    const int stats = g.classifier_stats(x, head, m.targets, p);
+    m.tp_sums.push_back(stats);
+    p.part = 2;
+    loss = g.classifier_ce(x, head, m.targets, stats, p);
+  } else {
+    const int logits = g.matmul(x, head, false, true);
+    const int stats = g.xent_stats(logits, m.targets, p);
+    m.tp_sums.push_back(stats);
+    p.part = 2;
+    loss = g.cross_entropy(logits, m.targets, stats, p);
+  }
+  m.loss = add_router_aux(b, m, loss);
+  g.mark_output(m.loss);
+}
+
 // The last stage's end: the final norm, the chosen rows, the head and the loss.
 void head(Builder& b, const Names& nm, DecoderGraph& m, int x, int wte, int64_t B, int64_t N) {
   Graph& g = b.g;
@@ -470,7 +536,9 @@ void head(Builder& b, const Names& nm, DecoderGraph& m, int x, int wte, int64_t 
     throw Error("LoRA target module '" + o.lora.targets[i] + "' matches no linear layer of this " +
                 arch_name(c.arch) + " model (its linear layers: " + names + ")");
   }
-  const int head = c.tie_embeddings ? wte : b.w(nm.lm_head + ".weight", {c.vocab_size, C}, true);
+  const int64_t V = o.tp.on() ? o.tp.vocab : c.vocab_size;
+  const int head = c.tie_embeddings ? wte : b.w(nm.lm_head + ".weight", {V, C}, true);
+  if (o.tp.on()) return split_head(b, m, x, head, N);
   // The fused head reads f32 weights: a bf16 base (LoRA on a bf16 model) keeps matmul + loss.
   if (o.with_loss && o.fused_head && !o.last_logits && o.serve_rows == 0 &&
       g.v(head).dtype == DType::f32) {
@@ -486,6 +554,19 @@ void head(Builder& b, const Names& nm, DecoderGraph& m, int x, int wte, int64_t 
     g.mark_output(m.loss);
   }
   g.mark_output(m.logits);
+}
+
+// The token embeddings (under tensor parallelism this rank's vocabulary rows).
+int token_table(Builder& b, const Names& nm) {
+  const int64_t V = b.o.tp.on() ? b.o.tp.vocab : b.c.vocab_size;
+  return b.w(nm.embed + ".weight", {V, b.c.hidden}, true);
+}
+
+// The tokens' rows of the table; under tensor parallelism those of this rank's vocabulary rows
+// (other ids: zero rows), summed over the group.
+int embed_tokens(Builder& b, DecoderGraph& m, int wte) {
+  if (!b.o.tp.on()) return b.g.embedding(m.tokens, wte);
+  return group_sum(b, m, b.g.embedding(m.tokens, wte, EmbeddingParams{b.o.tp.vocab0, true}));
 }
 
 // Tensor parallelism splits dense training graphs.
@@ -525,20 +606,15 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   MXN_CHECK(0 <= first_layer && first_layer < last_layer && last_layer <= c.layers,
             "a stage's layers must be a non-empty range of the model's");
   const bool first = first_layer == 0, last = last_layer == c.layers;
-  const int wte =
-      first || (last && c.tie_embeddings) ? b.w(nm.embed + ".weight", {c.vocab_size, C}, true) : -1;
-  m.embed_table = wte;
-  int x;
-  if (first) {
-    x = g.embedding(m.tokens, wte);
-  } else {
-    x = m.hidden_in = g.input("hidden_in", {N, C}, DType::f32);
-  }
+  const int wte = m.embed_table = first || (last && c.tie_embeddings) ? token_table(b, nm) : -1;
+  const int x0 = first ? embed_tokens(b, m, wte) : g.input("hidden_in", {N, C}, DType::f32);
+  if (!first) m.hidden_in = x0;
+  int x = x0;
   if (o.block_positions) {
     m.block_positions = g.input("block_positions", {N}, DType::i32);
     if (c.gpt2()) {  // learned positions: a second learned table (the original GLM's)
       const int table = b.w(kBlockPositions, {c.max_pos + 1, C}, true);
-      x = g.add(x, g.embedding(m.block_positions, table));
+      x = g.add(x, own_rows(b, g.embedding(m.block_positions, table)));
     }
   }
   // RoPE; with block positions, 2-D RoPE (GLM-130B, ChatGLM-6B): the first half of each head's
@@ -552,7 +628,8 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
     return g.rope(g.rope(t, m.positions, r1), m.block_positions, r2);
   };
   if (c.gpt2() && first)
-    x = g.add(x, g.embedding(m.positions, b.w(nm.pos + ".weight", {c.max_pos, C}, true)));
+    x = g.add(x,
+              own_rows(b, g.embedding(m.positions, b.w(nm.pos + ".weight", {c.max_pos, C}, true))));
   AttentionParams at;
   at.scale = c.attn_scale;  // 0: 1/sqrt(head_dim)
   at.heads = H;
@@ -563,8 +640,8 @@ DecoderGraph build_decoder(Graph& g, const DecoderConfig& c, int64_t B, int64_t 
   const int prefix_hidden = prefix_mlp(b);
   for (int64_t l = first_layer; l < last_layer; ++l) {
     const std::string p = nm.layers + std::to_string(l) + ".";
-    const int h = b.norm(x, p + nm.ln1);
-    if (o.tp.on()) m.tp_grad_of.push_back(h);
+    int h = b.norm(x, p + nm.ln1);
+    if (o.tp.on()) h = group_rows(b, m, h, N);
     if (c.mla()) {  // DeepSeek's multi-head latent attention (mla.cpp)
       x = g.add(x, mla_attention(b, m, p, h, B, at, o.serve_rows > 0 ? m.key_ranges : m.prefix));
       x = g.add(x, mlp(b, nm, m, p, x, l));

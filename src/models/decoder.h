@@ -138,12 +138,29 @@ std::string lora_b_name(const std::string& module);
 // q/k/v (or fused qkv) and gate/up (or fc) projections are split by output columns: query heads
 // [head0, head0 + heads), kv heads [kv0, kv0 + kv) (whole GQA groups) and MLP columns [ffn0, ffn0
 // + ffn); the output and down projections by input rows, their partial outputs summed over the
-// group before their biases and the residual (DecoderGraph::tp_sums). The norms, the embeddings
-// and the head are replicated. Shares may be uneven (a chip's speed).
+// group before their biases and the residual (DecoderGraph::tp_sums). The token embeddings and
+// the head are split by vocabulary rows [vocab0, vocab0 + vocab): an id outside them embeds to a
+// zero row before the group's sum, and the loss is Megatron-LM's vocab-parallel cross-entropy
+// (each rank's logits slice's max, sum and target logit summed over the group), so no rank holds
+// (tokens, vocab) logits. The norms and position tables are replicated. Shares may be uneven (a
+// chip's speed).
+// With `seq` (Megatron-LM's sequence parallelism) the residual stream, the norms and the biases
+// added to it hold this rank's rows only (seq_rows): each sum of partial outputs becomes a
+// reduce-scatter into the rows, and each norm output an all-gather into the whole rows the split
+// projections read (DecoderGraph::seq_cuts).
 struct TensorShard {
   int64_t ranks = 1;  // 1: the whole model
+  int64_t rank = 0;   // this one's place in the group
   int64_t head0 = 0, heads = 0, kv0 = 0, kv = 0, ffn0 = 0, ffn = 0;
+  int64_t vocab0 = 0, vocab = 0;
+  bool seq = false;
   bool on() const { return ranks > 1; }
+};
+// Sequence parallelism's rows of a pass of N: rank r's first row and count (even, the first N %
+// ranks ranks one more).
+std::array<int64_t, 2> seq_rows(const TensorShard& s, int64_t N);
+struct SeqCutPoints {
+  size_t forward = 0, again = 0, backward = 0;  // before these nodes (again: gathers only)
 };
 // A param's share under a TensorShard: the pieces [from, from + n) of the whole tensor along
 // `axis`, concatenated in order; no pieces: replicated (whole on every rank).
@@ -250,7 +267,23 @@ struct DecoderGraph {
   // outputs feeding the column-split ones, whose gradients are partial the same way (backward:
   // the training graph's tp_grad_sums, in place as well).
   std::vector<int> tp_sums, tp_grad_of, tp_grad_sums;
+  // Sequence parallelism (TensorShard::seq): `from` crosses the group into `to`, an input. A
+  // gather: this rank's rows (a norm's output, kept to the end) into the whole rows; a scatter:
+  // a partial output's whole rows summed over the group, this rank's rows into `to`. The
+  // training graph's backward reads `again` (a gather's rows gathered again, from `again_from`,
+  // the norm output recomputed) for `to`, and carries d(to) -> d(from) the other way (a
+  // reduce-scatter or an all-gather).
+  struct SeqCut {
+    int from = -1, to = -1;
+    bool gather = false;
+    int again = -1, again_from = -1, d_to = -1, d_from = -1;
+  };
+  std::vector<SeqCut> seq_cuts;
 };
+// Where a training graph's sequence-parallel cut crosses the group: its rows forward, a gather's
+// rows again for the backward (from again_from), and the gradient back (checked: the graph's
+// order allows it).
+SeqCutPoints seq_cut_points(const Graph& g, const DecoderGraph::SeqCut& c);
 
 // The block-position table's name (with DecoderOptions::block_positions, learned positions).
 extern const char* const kBlockPositions;

@@ -1,5 +1,7 @@
 // Tensor parallelism's shares of each weight (DecoderOptions::tp): which pieces of a whole tensor
 // a rank holds, from the weight's name and the rank's heads and MLP columns.
+#include <algorithm>
+
 #include "models/builder.h"
 
 namespace mxn {
@@ -52,6 +54,9 @@ ShardPieces shard_pieces(const std::string& name, const DecoderConfig& c, const 
   if (name.rfind(enc, 0) == 0 &&
       (name.find(".key.") != std::string::npos || name.find(".value.") != std::string::npos))
     return {0, {kv}};
+  const Names nm = names_for(c.arch);
+  if (name == nm.embed + ".weight" || name == nm.lm_head + ".weight")
+    return {0, {{s.vocab0, s.vocab}}};  // vocabulary rows
   std::string leaf;
   bool columns = false;
   const auto pieces = module_pieces(module_of(name, c, &leaf), c, s, columns);
@@ -68,8 +73,28 @@ ShardPieces shard_pieces(const std::string& name, const DecoderConfig& c, const 
   return out;
 }
 
+std::array<int64_t, 2> seq_rows(const TensorShard& s, int64_t N) {
+  const int64_t base = N / s.ranks, extra = N % s.ranks;
+  return {s.rank * base + std::min(s.rank, extra), base + (s.rank < extra ? 1 : 0)};
+}
+
+SeqCutPoints seq_cut_points(const Graph& g, const DecoderGraph::SeqCut& c) {
+  const char* what = "sequence parallelism: a cut's rows are written after they cross";
+  SeqCutPoints p;
+  p.forward = g.cut_before(c.to, c.from, what);
+  p.backward = g.cut_before(c.d_from, c.d_to, what);
+  // A gather's rows are gathered again even where no backward node reads them (a fused head
+  // makes its gradients in the forward), at the latest with the gradient's exchange: every rank
+  // of the group takes part in the same collectives in the same order, whatever its graph.
+  if (c.again >= 0) p.again = std::min(g.cut_before(c.again, c.again_from, what), p.backward);
+  return p;
+}
+
 bool partial_gradient(const std::string& name, const DecoderConfig& c, const TensorShard& s) {
   if (!s.on()) return false;
+  // Sequence parallelism: a whole weight is either read on this rank's rows only (norms, the
+  // biases added to the residual stream, position tables) or partial already (below).
+  if (s.seq) return shard_pieces(name, c, s).pieces.empty();
   if (name.rfind(kPrefixEncoder, 0) == 0) return shard_pieces(name, c, s).pieces.empty();
   std::string leaf;
   bool columns = false;

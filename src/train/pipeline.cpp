@@ -94,7 +94,9 @@ void Pipeline::split_blocks_here() {
     w = std::vector<double>(w.begin() + stage_ * tp_, w.begin() + (stage_ + 1) * tp_);
   auto group = t_.comm_->split(int(stage_ * groups + replica_ / tp_), int(index));
   dp_ = t_.comm_->split(int(stage_ * tp_ + index), int(replica_ / tp_));
-  tg_ = std::make_unique<TensorGroup>(std::move(group), index, d, w);
+  // Tied embeddings live on the first and last stages, whose groups' chips may differ: both cut
+  // the vocabulary evenly, so each copy's rows match the other's.
+  tg_ = std::make_unique<TensorGroup>(std::move(group), index, d, w, d.tie_embeddings && pp_ > 1);
 }
 
 Pipeline::~Pipeline() = default;
@@ -300,6 +302,23 @@ double Pipeline::reduce_experts() {
 
 double Pipeline::grad_sumsq() {
   double mine = 0, group = 0;  // --ep: this rank's experts' sum of squares, its group's
+  // The tied embeddings' gradient: the first and last stage's copies summed (in `g`, or on the
+  // device without it). The last stage's copy counts once in the norm (`duplicate`), over the
+  // tensor-parallel group when the table is split by vocabulary rows.
+  const Value& e = t_.prog_->graph().v(t_.m_.embed_table >= 0 ? t_.m_.embed_table : 0);
+  const bool tied = tied_->size() > 1;
+  auto sum_tied = [&](float* g) {
+    const Tensor dev_grad = t_.prog_->tensor(e.grad);
+    if (!g) t_.dev_->download(tied_host_.data(), dev_grad);
+    float* x = g ? g + e.offset / 4 : tied_host_.data();
+    tied_->all_reduce_sum(x, numel(e.shape));
+    if (!g) t_.dev_->upload(dev_grad, tied_host_.data());
+    double sq = 0;
+    for (int64_t i = 0; stage_ == pp_ - 1 && i < numel(e.shape); ++i) sq += double(x[i]) * x[i];
+    return sq;
+  };
+  double duplicate = 0;
+  bool tied_done = false;
   if (ep_ > 1) {
     group = mine = reduce_experts();
     group_->all_reduce_sum(&group, 1);
@@ -307,18 +326,12 @@ double Pipeline::grad_sumsq() {
     const Tensor g = t_.prog_->grads_all();
     t_.dev_->download(grad_host_.data(), g);
     if (dp_->size() > 1) dp_->all_reduce_sum(grad_host_.data(), int64_t(grad_host_.size()));
+    if (tied) duplicate = sum_tied(grad_host_.data()), tied_done = true;
     if (tg_) group = tg_->reduce(grad_host_);  // the group's other split params' squares
     t_.dev_->upload(g, grad_host_.data());
   }
-  double duplicate = 0;  // the last stage's copy of the tied embeddings counts once in the norm
-  if (tied_->size() > 1) {
-    const Tensor g = t_.prog_->tensor(t_.prog_->graph().v(t_.m_.embed_table).grad);
-    t_.dev_->download(tied_host_.data(), g);
-    tied_->all_reduce_sum(tied_host_.data(), int64_t(tied_host_.size()));
-    t_.dev_->upload(g, tied_host_.data());
-    if (stage_ == pp_ - 1)
-      for (float x : tied_host_) duplicate += double(x) * double(x);
-  }
+  if (tied && !tied_done) duplicate = sum_tied(nullptr);
+  if (tied && tg_ && stage_ == pp_ - 1) tg_->comm().all_reduce_sum(&duplicate, 1);
   t_.dev_->run(t_.grad_sumsq_);
   float sumsq = 0;
   t_.dev_->download(&sumsq, t_.sumsq_);

@@ -12,7 +12,8 @@
 
 namespace mxn {
 
-std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector<double>& speed) {
+std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector<double>& speed,
+                                       bool even_vocab) {
   const int64_t n = int64_t(speed.size()), G = d.n_kv_heads(), F = d.ffn_width();
   const int64_t q_per_kv = d.heads / G;
   std::vector<double> sec;
@@ -20,14 +21,17 @@ std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector
   const std::vector<int64_t> kv = split_rows(G, sec);
   const int64_t block = F % 32 == 0 && F / 32 >= n ? 32 : 1;
   const std::vector<int64_t> blocks = split_rows(F / block, sec);
+  const std::vector<int64_t> vocab =
+      split_rows(d.vocab_size, even_vocab ? std::vector<double>(sec.size(), 1.0) : sec);
   std::vector<TensorShard> out(static_cast<size_t>(n));
-  int64_t k0 = 0, f0 = 0;
+  int64_t k0 = 0, f0 = 0, v0 = 0;
   for (size_t r = 0; r < out.size(); ++r) {
     TensorShard& s = out[r];
-    s.ranks = n;
+    s.ranks = n, s.rank = int64_t(r);
     s.kv0 = k0, s.kv = kv[r], s.head0 = k0 * q_per_kv, s.heads = kv[r] * q_per_kv;
     s.ffn0 = f0, s.ffn = blocks[r] * block;
-    k0 += s.kv, f0 += s.ffn;
+    s.vocab0 = v0, s.vocab = vocab[r];
+    k0 += s.kv, f0 += s.ffn, v0 += s.vocab;
   }
   return out;
 }
@@ -57,11 +61,12 @@ Shape shard_shape(const ShardPieces& s, Shape whole) {
 }  // namespace
 
 TensorGroup::TensorGroup(std::unique_ptr<Communicator> group, int64_t index, const DecoderConfig& d,
-                         const std::vector<double>& speed)
+                         const std::vector<double>& speed, bool even_vocab, bool seq)
     : group_(std::move(group)), index_(index), d_(d) {
   std::vector<double> s = speed;
   for (double& x : s) x = std::max(x, 1e-9);  // a weight of 0 still gets one head
-  shards_ = tensor_shards(d, s);
+  shards_ = tensor_shards(d, s, even_vocab);
+  for (TensorShard& t : shards_) t.seq = seq;
 }
 
 TensorGroup::~TensorGroup() = default;
@@ -78,6 +83,14 @@ void TensorGroup::plan(Program& prog, const DecoderGraph& m) {
       cuts_.push_back({at, v});
       most = std::max(most, numel(g.v(v).shape));
     }
+  for (const DecoderGraph::SeqCut& c : m.seq_cuts) {  // sequence parallelism's gathers, scatters
+    const SeqCutPoints p = seq_cut_points(g, c);
+    const Cut::Kind fwd = c.gather ? Cut::gather : Cut::scatter;
+    cuts_.push_back({p.forward, c.from, fwd, c.to});
+    if (c.gather) cuts_.push_back({p.again, c.again_from, Cut::gather, c.again});
+    cuts_.push_back({p.backward, c.d_to, c.gather ? Cut::scatter : Cut::gather, c.d_from});
+    most = std::max(most, numel(g.v(c.gather ? c.to : c.from).shape));  // the whole rows
+  }
   std::stable_sort(cuts_.begin(), cuts_.end(),
                    [](const Cut& a, const Cut& b) { return a.at < b.at; });
   host_.assign(size_t(most), 0.f);
@@ -88,7 +101,7 @@ void TensorGroup::plan(Program& prog, const DecoderGraph& m) {
     if (partial_gradient(v.name, d_, shard())) partial_.push_back(r);
   }
   Device& dev = prog.device();
-  if (device_group(*group_, dev, kGroup)) {
+  if (m.seq_cuts.empty() && device_group(*group_, dev, kGroup)) {  // (sequence parallel: MPI)
     slots_ = dev.alloc(uint64_t(group_->size() + 1) * uint64_t(most) * 4);
     wire_.reserve(size_t(2 * group_->size()));
     direct_ = true;
@@ -124,7 +137,9 @@ void TensorGroup::run(Program& prog, Device& dev, int variant, size_t end) {
     if (timing_) dev.synchronize();  // the sum's own time: the piece before it has finished
     const auto t0 = std::chrono::steady_clock::now();
     const Tensor x = prog.tensor(c.value, variant);
-    if (direct_) {
+    if (c.kind != Cut::sum) {
+      move_rows(dev, c, x, prog.tensor(c.to, variant));
+    } else if (direct_) {
       sum_on_device(dev, x);
       if (timing_) dev.synchronize();
     } else {
@@ -136,6 +151,25 @@ void TensorGroup::run(Program& prog, Device& dev, int variant, size_t end) {
       seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   prog.run(at, end, variant);
+}
+
+void TensorGroup::move_rows(Device& dev, const Cut& c, const Tensor& from, const Tensor& to) {
+  // A gather: every rank's rows of the whole (N, C) into `to`; a scatter: the partial whole rows
+  // summed over the group (as a tensor-parallel sum), this rank's rows into `to`.
+  const Tensor& whole = c.kind == Cut::gather ? to : from;
+  const int64_t C = whole.shape.back(), N = numel(whole.shape) / C;
+  const int64_t r0 = seq_rows(shard(), N)[0] * C;
+  if (c.kind == Cut::gather) {
+    bounds_.assign(1, 0);
+    for (const TensorShard& s : shards_) bounds_.push_back(bounds_.back() + seq_rows(s, N)[1] * C);
+    dev.download(host_.data() + r0, from);
+    group_->all_gather(host_.data(), bounds_);
+    dev.upload(to, host_.data());
+  } else {
+    dev.download(host_.data(), from);
+    group_->all_reduce_sum(host_.data(), N * C);
+    dev.upload(to, host_.data() + r0);
+  }
 }
 
 double TensorGroup::reduce(std::vector<float>& grads) {
@@ -204,6 +238,8 @@ std::string TensorGroup::describe() const {
   for (const TensorShard& sh : shards_) s.append(" ").append(std::to_string(sh.kv));
   s += ", MLP columns";
   for (const TensorShard& sh : shards_) s.append(" ").append(std::to_string(sh.ffn));
+  s += ", vocabulary rows";
+  for (const TensorShard& sh : shards_) s.append(" ").append(std::to_string(sh.vocab));
   return s;
 }
 

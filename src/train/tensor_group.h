@@ -19,17 +19,21 @@
 namespace mxn {
 
 // Each rank's share of a block, in proportion to `speed`: whole kv heads (with their query heads)
-// and MLP columns in blocks of 32 where the width allows, every rank at least one of each.
-std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector<double>& speed);
+// and MLP columns in blocks of 32 where the width allows, every rank at least one of each; and its
+// vocabulary rows, by speed too unless `even_vocab` (a pipeline's tied embeddings: the first and
+// last stages' groups must cut the table alike).
+std::vector<TensorShard> tensor_shards(const DecoderConfig& d, const std::vector<double>& speed,
+                                       bool even_vocab = false);
 // Copies between a whole tensor and a share of it made of ShardPieces: to the share, or back.
 void move_pieces(const ShardPieces& s, const Shape& whole, float* w, float* shard, bool to_shard);
 
 class TensorGroup {
  public:
   // `group`: the ranks that split the blocks, this one its `index`th; their shares in proportion
-  // to `speed` (one a group rank).
+  // to `speed` (one a group rank; the vocabulary's evenly with `even_vocab`); with `seq`, the
+  // rows between the blocks split too (sequence parallelism).
   TensorGroup(std::unique_ptr<Communicator> group, int64_t index, const DecoderConfig& d,
-              const std::vector<double>& speed);
+              const std::vector<double>& speed, bool even_vocab = false, bool seq = false);
   ~TensorGroup();
   const TensorShard& shard() const { return shards_[size_t(index_)]; }
   Communicator& comm() { return *group_; }
@@ -64,8 +68,12 @@ class TensorGroup {
  private:
   struct Cut {
     size_t at;  // before this node
-    int value;  // summed over the group, in place
+    int value;  // summed over the group, in place; or (sequence parallelism) moved into `to`
+    enum Kind { sum, gather, scatter } kind = sum;
+    int to = -1;
   };
+  std::vector<int64_t> bounds_;  // a gather's floats a rank
+  void move_rows(Device& dev, const Cut& c, const Tensor& from, const Tensor& to);
   std::unique_ptr<Communicator> group_;
   int64_t index_ = 0;
   DecoderConfig d_;

@@ -5,9 +5,12 @@
 // run the same rows; a block's partial outputs are summed over the group in the forward, and the
 // gradients of the norm outputs that feed the split projections in the backward: two host-staged
 // all-reduces a block each way, in place at the graph's cut points (DecoderGraph::tp_sums and
-// tp_grad_sums). Norms, embeddings and the head are whole on every rank of a group; the groups
-// are data-parallel replicas, the rows split evenly between them and each gradient summed over
-// the ranks that hold the same share. Checkpoints hold the ordinary layout (gathered).
+// tp_grad_sums). The token embeddings and the head are split by vocabulary rows (shares by speed as
+// well): an embedding's rows summed over the group like a block's output, and the loss
+// Megatron-LM's vocab-parallel cross-entropy, one more sum of each row's (max, sum, target logit)
+// a slice, so no rank holds (tokens, vocab) logits. Norms are whole on every rank of a group;
+// the groups are data-parallel replicas, the rows split evenly between them and each gradient
+// summed over the ranks that hold the same share. Checkpoints hold the ordinary layout (gathered).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -35,6 +38,8 @@ void check_tensor_parallel(const TrainConfig& c, int64_t world, const DecoderCon
     throw Error(tp + " --pp " + std::to_string(pp) + " needs a multiple of " +
                 std::to_string(c.tp * pp) + " ranks; the job has " + std::to_string(world));
   if (c.zero == 1) throw Error(tp + " is not combined with --zero 1 yet");
+  if (c.sequence_parallel == 1 && pp > 1)
+    throw Error(tp + " --sequence_parallel 1 is not combined with --pp yet");
   if (c.finetune == "lora" && c.lora_dropout > 0) {
     char p[32];
     std::snprintf(p, sizeof p, "%g", c.lora_dropout);
@@ -93,7 +98,8 @@ TensorParallel::TensorParallel(Trainer& t) : t_(t) {
   replicas_ = t.world_ / tp_;
   auto group = t.comm_->split(int(replica_), int(index));
   dp_ = t.comm_->split(int(index), int(replica_));
-  tg_ = std::make_unique<TensorGroup>(std::move(group), index, d, speeds(t, index, tp_, &speeds_));
+  tg_ = std::make_unique<TensorGroup>(std::move(group), index, d, speeds(t, index, tp_, &speeds_),
+                                      false, t.cfg_.sequence_parallel == 1);
 }
 
 TensorParallel::~TensorParallel() = default;
@@ -127,10 +133,15 @@ void TensorParallel::plan() {
   t.plan_.ranks.assign(size_t(t.world_), {});
   for (int64_t r = 0; r < t.world_; ++r)
     t.plan_.ranks[size_t(r)].rows = rows[size_t(r / tp_)], t.plan_.ranks[size_t(r)].cap = t.cap_;
-  t.plan_.tensor = std::to_string(replicas_) + (replicas_ > 1 ? " groups" : " group") + " of " +
-                   std::to_string(tp_) + " ranks split each block (" + t.cfg_.tp_split +
-                   "): " + tg_->describe() + "; 2 " + tg_->path() +
-                   " all-reduces a block each way" + speeds_;
+  t.plan_.tensor =
+      std::to_string(replicas_) + (replicas_ > 1 ? " groups" : " group") + " of " +
+      std::to_string(tp_) + " ranks split each block (" + t.cfg_.tp_split +
+      "): " + tg_->describe() + "; 2 " + tg_->path() +
+      (t.cfg_.sequence_parallel == 1
+           ? " reduce-scatters and all-gathers a block each way (sequence parallel: "
+             "the rows between blocks split)"
+           : " all-reduces a block each way, 2 for the vocabulary's embedding and loss") +
+      speeds_;
 }
 
 void TensorParallel::run(Program& prog, int variant, size_t end) {

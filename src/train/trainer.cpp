@@ -20,6 +20,42 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
+// Sequence parallelism's backward (DecoderGraph::SeqCut): each cut's d(to) (from `grads`, at
+// `first`) goes to the runner; a gather's backward readers read `again` instead of `to`, gathered
+// from the norm output recomputed just before (as Megatron-LM re-gathers rather than keeps the
+// whole rows); the arena keeps what the runner touches live at its cut points.
+void seq_backward(Graph& g, DecoderGraph& m, const std::vector<int>& grads, size_t first,
+                  size_t n_forward) {
+  for (size_t i = 0; i < m.seq_cuts.size(); ++i) {
+    DecoderGraph::SeqCut& x = m.seq_cuts[i];
+    x.d_to = grads[first + i];
+    MXN_CHECK(x.d_to >= 0, "sequence parallelism: a cut's rows have no gradient");
+    g.values[size_t(x.d_to)].output = false;  // read by the runner at the cut, not kept
+    if (!x.gather) continue;
+    x.again = g.activation(g.v(x.to).shape);
+    for (size_t n = n_forward; n < g.nodes.size(); ++n)
+      std::replace(g.nodes[n].in.begin(), g.nodes[n].in.end(), x.to, x.again);
+    const char* what = "sequence parallelism: a norm's output is rewritten";
+    const size_t at = std::min(g.cut_before(x.again, -1, what), g.cut_before(x.d_from, -1, what));
+    size_t norm = 0;
+    while (norm < n_forward && g.nodes[norm].out[0] != x.from) ++norm;
+    MXN_CHECK(norm < n_forward &&
+                  (g.nodes[norm].op == MXN_OP_LAYERNORM || g.nodes[norm].op == MXN_OP_RMSNORM),
+              "sequence parallelism gathers a norm's output");
+    Node again = g.nodes[norm];
+    for (int& o : again.out) o = g.activation(g.v(o).shape, g.v(o).dtype);
+    x.again_from = again.out[0];
+    g.nodes.insert(g.nodes.begin() + int64_t(at), std::move(again));
+  }
+  for (const DecoderGraph::SeqCut& x : m.seq_cuts) {  // (after the insertions: node indexes)
+    const SeqCutPoints at = seq_cut_points(g, x);
+    for (int v : {x.from, x.to}) g.runner_uses.push_back({v, at.forward});
+    if (x.again >= 0)
+      for (int v : {x.again_from, x.again}) g.runner_uses.push_back({v, at.again});
+    for (int v : {x.d_to, x.d_from}) g.runner_uses.push_back({v, at.backward});
+  }
+}
+
 }  // namespace
 
 Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n_forward,
@@ -77,8 +113,17 @@ Graph train_graph(const TrainConfig& c, int64_t rows, DecoderGraph* m, size_t* n
   }
   if (m->hidden_in >= 0) cuts.wrts.push_back(m->hidden_in);
   cuts.sums = m->tp_grad_of;  // tensor parallelism: partial gradients, summed over the group
+  const size_t seq_wrts = cuts.wrts.size();
+  for (DecoderGraph::SeqCut& x : m->seq_cuts) {  // sequence parallelism: d(to) -> d(from)
+    x.d_from = g.activation(g.v(x.from).shape);  // written by the runner
+    cuts.seeds.push_back({x.from, x.d_from});
+    cuts.wrts.push_back(x.to);
+  }
   *n_forward = append_backward(g, m->loss >= 0 ? m->loss : m->aux_loss, cuts);
   m->tp_grad_sums = cuts.sum_grads;
+  seq_backward(g, *m, cuts.wrt_grads, seq_wrts, *n_forward);
+  cuts.wrts.resize(seq_wrts);
+  cuts.wrt_grads.resize(seq_wrts);
   size_t w = 0;
   for (ExpertCut& x : m->expert_cuts) {
     x.d_yp = cuts.wrt_grads[w++];
@@ -285,7 +330,10 @@ nlohmann::json Trainer::expert_load() const {
 }
 
 void Trainer::seed_backward(int variant, float dloss) {
-  set_params(prog_->call(n_forward_, variant), ScalarParams{dloss});  // the loss's FILL
+  // The loss's FILL, the first backward node (gone where nothing reads it: a fused head takes
+  // d(loss) itself)
+  if (prog_->graph().nodes[n_forward_].op == MXN_OP_FILL)
+    set_params(prog_->call(n_forward_, variant), ScalarParams{dloss});
   if (head_node_ != SIZE_MAX)
     with_params<ClassifierParams>(prog_->call(head_node_, variant),
                                   [&](ClassifierParams& c) { c.dloss = dloss; });

@@ -1,5 +1,8 @@
 #!/usr/bin/python3
 """Tensor parallelism (`mxn train --tp N`) equals single-device training, under real mpirun:
+  - the token embeddings and the head split by vocabulary rows (Megatron-LM's vocab-parallel
+    cross-entropy: no rank holds (tokens, vocab) logits), the tied table's split kept even across
+    a pipeline's first and last stages;
   - every dense family split over CPU + OpenCL (two CPU ranks where OpenCL is not built): LLaMA
     with GQA (--tp_split even), GPT-2 (fused Conv1D qkv, biases; uneven 3,1 heads and MLP
     columns), Qwen2 (qkv biases; auto: by each chip's measured GEMM speed), GLM (fused gate/up)
@@ -9,6 +12,9 @@
   - the checkpoint gathered into the ordinary layout, weights and AdamW moments within 1e-5 and
     1e-4 of each tensor's largest value of one CPU's (data parallelism over the same chips,
     printed beside, differs from one CPU by as much: splitting a sum changes its rounding);
+  - sequence parallelism (--sequence_parallel 1: the rows between the blocks split over the
+    group) equal to one CPU as well, LLaMA and GPT-2 (position rows, biases on the residual),
+    with its activations planned smaller;
   - bf16: --tp 2 --dtype bf16 follows one CPU's bf16 run within 2e-3 (bf16 rounds each partial
     product where one device rounds the whole);
   - LoRA (on split and whole linears' sides), P-Tuning v2 with and without its MLP, fine-tuning a
@@ -71,10 +77,10 @@ with tempfile.TemporaryDirectory() as tmp:
     llama = ["--arch", "llama", "--n_kv_head", "2"]
     train(p("one"), *llama)
     out = train(p("tp"), *llama, "--devices", pair, "--tp", "2", "--tp_split", "even")
-    check("--tp 2 --tp_split even: the plan gives each rank one kv head and half the MLP",
-          "kv heads 1 1, MLP columns 96 96" in out, next((l.strip() for l in out.splitlines() if "plan:" in l), ""))
+    check("--tp 2 --tp_split even: the plan gives each rank one kv head, half the MLP and half the vocabulary",
+          "kv heads 1 1, MLP columns 96 96, vocabulary rows 128 128" in out, next((l.strip() for l in out.splitlines() if "plan:" in l), ""))
     same(f"llama (GQA), --tp 2 over {pair} = one cpu (50 steps)", p("one"), p("tp"))
-    check("... each rank's whole weights (norms, embeddings) bit-identical to its group's first rank's",
+    check("... each rank's whole weights (norms) bit-identical to its group's first rank's",
           "replicas: every copy of each weight bit-identical to the first rank's of those that hold it" in out,
           next((l for l in out.splitlines() if l.startswith("replicas:")), "no replicas line"))
     train(p("dp"), *llama, "--devices", pair)
@@ -91,6 +97,24 @@ with tempfile.TemporaryDirectory() as tmp:
         plan = next((l.strip() for l in out.splitlines() if "plan:" in l), "")
         same(f"{arch}, --tp 2 --tp_split {split} over {pair} = one cpu [{plan.split('block ')[-1].split(';')[0]}]",
              p(arch), p(arch + "_tp"))
+        if arch == "gpt2":  # sequence parallel: position rows and biases on the split residual rows
+            train(p("gpt2_sp"), *a, "--devices", pair, "--tp", "2", "--tp_split", split, "--sequence_parallel", "1")
+            same(f"gpt2, --tp 2 --sequence_parallel 1 over {pair} = one cpu", p(arch), p("gpt2_sp"))
+
+    # Sequence parallelism: the rows between the blocks split over the group (norms, residuals,
+    # the biases added to them, GPT-2's position rows), the sums reduce-scatters and the norms'
+    # outputs all-gathers (again in the backward): the same numbers, less activation memory.
+    train(p("llama_sp"), *llama, "--devices", pair, "--tp", "2", "--tp_split", "3,1", "--sequence_parallel", "1")
+    same(f"llama, --tp 2 --sequence_parallel 1 over {pair} = one cpu (50 steps)", p("one"), p("llama_sp"))
+    # Its memory: the residual rows each layer keeps for the backward held 1/tp (GPT-2 124M at
+    # 4 x 1024 tokens: 926 -> 788 MiB of activations a rank, docs/training.md); here a small
+    # shape, the plan's figure (the arena's peak, exact).
+    sp = ["--arch", "gpt2", "--n_layer", "4", "--n_embd", "256", "--n_ctx", "512", "--batch", "4", "--steps", "1", "--eval_every", "0",
+          "--devices", "cpu,cpu", "--tp", "2"]
+    act = lambda o: float(next(l for l in o.splitlines() if "memory on" in l).split("activations ")[1].split(" MiB")[0])  # noqa: E731
+    a0, a1 = act(train(p("act0"), *sp)), act(train(p("act1"), *sp, "--sequence_parallel", "1"))
+    check("... its activations planned smaller (GPT-2, 512 tokens x 4 rows, --tp 2)", a1 < 0.95 * a0,
+          f"{a0:g} MiB without, {a1:g} MiB with sequence parallelism")
 
     bf = [*llama, "--dtype", "bf16", "--steps", "30"]
     train(p("bf_one"), *bf)
@@ -126,6 +150,13 @@ with tempfile.TemporaryDirectory() as tmp:
           f"{len(y)} tensors, worst {gap(x, y):.2e} of a tensor's max")
     train(p("pq_r"), "--resume", p("pq/ckpt-00000010"), "--steps", "20", "--eval_every", "10", shape=False)
     same("... its checkpoint resumed on one device", p("pq_one"), p("pq_r"), after=10)
+
+    # GPT-2's tied table under --tp 2 --pp 2: each copy (first and last stage) cut into the same
+    # vocabulary rows, their gradients summed, the last stage's counted once in the norm.
+    g2 = ["--arch", "gpt2", "--steps", "10", "--eval_every", "5"]
+    train(p("g2_one"), *g2)
+    train(p("g2"), *g2, "--devices", quad, "--pp", "2", "--tp", "2", "--tp_split", "3,1")
+    same(f"gpt2 (tied embeddings), --tp 2 --pp 2 over {quad} = one cpu", p("g2_one"), p("g2"))
 
     # Resuming on any layout: the --tp 2 run's step-30 checkpoint on one device, and one device's
     # on --tp 2 with uneven shares; steps 31-50 as the uninterrupted runs.
@@ -170,6 +201,10 @@ with tempfile.TemporaryDirectory() as tmp:
             "--tp 2 --pp 2 needs a multiple of 4 ranks; the job has 6")
     refused("LoRA dropout under --tp", ["--model", p("hf"), "--finetune", "lora", "--lora_dropout", "0.1",
             "--devices", "cpu,cpu", "--tp", "2"], "--tp 2 with --lora_dropout 0.1: dropout")
+    refused("--sequence_parallel with --pp", [*llama, "--devices", "cpu,cpu,cpu,cpu", "--tp", "2", "--pp", "2",
+            "--sequence_parallel", "1"], "--tp 2 --sequence_parallel 1 is not combined with --pp yet")
+    refused("--sequence_parallel without --tp", [*llama, "--sequence_parallel", "1"],
+            "sequence_parallel = 1 splits the rows of a tensor-parallel group: it needs tp 2 or more")
     refused("a bad --tp_split", [*llama, "--devices", "cpu,cpu", "--tp", "2", "--tp_split", "fast"],
             "tp_split = 'fast', expected auto, even, or weights such as 3,1")
 finish()

@@ -244,8 +244,9 @@ TEST(Ranks, IdentityFromEachLauncher) {
 namespace mxn {
 namespace {
 
-// Tensor parallelism's shares: whole kv heads with their query heads and MLP column blocks in
-// proportion to speed, and every weight's pieces covering the whole tensor exactly once.
+// Tensor parallelism's shares: whole kv heads with their query heads, MLP column blocks and
+// vocabulary rows in proportion to speed, and every weight's pieces covering the whole tensor
+// exactly once.
 TEST(TensorParallel, SharesCoverEveryWeightOnce) {
   for (Arch arch : {Arch::gpt2, Arch::llama, Arch::chatglm, Arch::glm}) {
     DecoderConfig c;
@@ -277,8 +278,13 @@ TEST(TensorParallel, SharesCoverEveryWeightOnce) {
       }
       EXPECT_EQ(back, whole) << v.name;
     }
-    // weights and biases of q, k, v (or qkv), gate and up (or fc, gate_up); o's and down's weights
-    const int want = (c.fused_qkv() ? 2 : 6) + 1 + (c.swiglu() && !c.fused_gate_up() ? 4 : 2) + 1;
+    EXPECT_EQ(s[0].vocab + s[1].vocab, c.vocab_size);  // vocabulary rows by speed as well
+    EXPECT_EQ(s[1].vocab0, s[0].vocab);
+    EXPECT_NEAR(double(s[0].vocab) / double(c.vocab_size), 0.75, 0.01);
+    // weights and biases of q, k, v (or qkv), gate and up (or fc, gate_up); o's and down's
+    // weights; the token embeddings and (untied) the head
+    const int want = (c.fused_qkv() ? 2 : 6) + 1 + (c.swiglu() && !c.fused_gate_up() ? 4 : 2) + 1 +
+                     (c.tie_embeddings ? 1 : 2);
     EXPECT_EQ(split, want) << arch_name(arch);
   }
 }
