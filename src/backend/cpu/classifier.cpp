@@ -47,11 +47,8 @@ inline float row_loss(float* l, int64_t V, int32_t t, bool grad, float k) {
 inline float slice_row(float* l, int64_t V, int64_t t, const XentParams& p, float* st, bool grad,
                        float k) {
   if (p.part == 1) {
-    float mx = -INFINITY, sum = 0.f;
-#pragma omp simd reduction(max : mx)
-    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
-#pragma omp simd reduction(+ : sum)
-    for (int64_t v = 0; v < V; ++v) sum += vexp(l[v] - mx);
+    float mx, sum;
+    max_sum_exp(l, V, &mx, &sum);
     std::fill(st, st + 3 * p.slots, 0.f);
     st[3 * p.slot] = mx, st[3 * p.slot + 1] = sum, st[3 * p.slot + 2] = t >= 0 && t < V ? l[t] : 0;
     return 0.f;

@@ -281,12 +281,8 @@ int64_t cross_entropy_fwd(Scratch& s, const float* logits, const int32_t* target
       continue;
     }
     const float* l = logits + r * V;
-    float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t v = 0; v < V; ++v) sum += vexp(l[v] - mx);
+    float mx, sum;
+    max_sum_exp(l, V, &mx, &sum);
     per_row[r] = std::log(sum) + mx - l[targets[r]];
   }
   double total = 0;
@@ -333,12 +329,8 @@ void xent_stats(const float* logits, const int32_t* targets, float* stats, int64
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const float* l = logits + r * V;
-    float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, l[v]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t v = 0; v < V; ++v) sum += vexp(l[v] - mx);
+    float mx, sum;
+    max_sum_exp(l, V, &mx, &sum);
     const int64_t t = int64_t(targets[r]) - p.vocab0;
     float* st = stats + r * p.slots * 3;
     std::fill(st, st + p.slots * 3, 0.f);

@@ -55,4 +55,14 @@ inline float exp_shifted_row(const float* x, float* y, int64_t n) {
   return sum;
 }
 
+// A row's max and sum of exp(x - max) (the log-sum-exp's parts), without writing the exps.
+inline void max_sum_exp(const float* x, int64_t n, float* max, float* sum) {
+  float mx = -INFINITY, s = 0.f;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) mx = mx > x[i] ? mx : x[i];
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += vexp(x[i] - mx);
+  *max = mx, *sum = s;
+}
+
 }  // namespace mxn::cpu
