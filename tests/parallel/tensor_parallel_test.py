@@ -14,7 +14,7 @@
     printed beside, differs from one CPU by as much: splitting a sum changes its rounding);
   - sequence parallelism (--sequence_parallel 1: the rows between the blocks split over the
     group) equal to one CPU as well, LLaMA and GPT-2 (position rows, biases on the residual),
-    with its activations planned smaller;
+    GLM's objective (block-position rows), bf16, with its activations planned smaller;
   - bf16: --tp 2 --dtype bf16 follows one CPU's bf16 run within 2e-3 (bf16 rounds each partial
     product where one device rounds the whole);
   - LoRA (on split and whole linears' sides), P-Tuning v2 with and without its MLP, fine-tuning a
@@ -106,6 +106,17 @@ with tempfile.TemporaryDirectory() as tmp:
     # outputs all-gathers (again in the backward): the same numbers, less activation memory.
     train(p("llama_sp"), *llama, "--devices", pair, "--tp", "2", "--tp_split", "3,1", "--sequence_parallel", "1")
     same(f"llama, --tp 2 --sequence_parallel 1 over {pair} = one cpu (50 steps)", p("one"), p("llama_sp"))
+    # ... with GLM's objective (GPT-2's block-position rows on the split rows, the prefix mask),
+    # and in bf16.
+    glm = ["--arch", "gpt2", "--objective", "glm", "--steps", "10", "--eval_every", "5"]
+    train(p("glm_one"), *glm)
+    train(p("glm_sp"), *glm, "--devices", pair, "--tp", "2", "--sequence_parallel", "1")
+    same(f"gpt2 --objective glm, --tp 2 --sequence_parallel 1 over {pair} = one cpu", p("glm_one"), p("glm_sp"))
+    bfs = [*llama, "--dtype", "bf16", "--steps", "10", "--eval_every", "5"]
+    train(p("bfs_one"), *bfs)
+    train(p("bfs_sp"), *bfs, "--devices", "cpu,cpu", "--tp", "2", "--sequence_parallel", "1")
+    same("llama bf16, --tp 2 --sequence_parallel 1 = one cpu's bf16 run", p("bfs_one"), p("bfs_sp"), tol=2e-3)
+
     # Its memory: the residual rows each layer keeps for the backward held 1/tp (GPT-2 124M at
     # 4 x 1024 tokens: 926 -> 788 MiB of activations a rank, docs/training.md); here a small
     # shape, the plan's figure (the arena's peak, exact).
