@@ -54,10 +54,11 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
        "speed), even, or one weight per rank (3,1)"},
       {"tp", &c.tp,
        "tensor parallelism: groups of this many ranks split every block (attention heads, MLP "
-       "columns), partial sums all-reduced; data parallel across the groups"},
+       "columns) and the embeddings and head (vocabulary rows), partial sums all-reduced; data "
+       "parallel across the groups"},
       {"tp_split", &c.tp_split,
-       "with --tp: how a group's ranks share the heads and columns: auto (by each chip's "
-       "measured GEMM speed), even, or one weight per rank (3,1)"},
+       "with --tp: how a group's ranks share the heads, columns and vocabulary rows: auto (by "
+       "each chip's measured GEMM speed), even, or one weight per rank (3,1)"},
       {"sequence_parallel", &c.sequence_parallel,
        "with --tp: 1 splits the activations between the blocks (norms, residuals) along the "
        "sequence over each group (Megatron-LM's sequence parallelism): a reduce-scatter and an "
