@@ -145,23 +145,31 @@ void counts_of(const std::vector<int64_t>& bounds, std::vector<int>& counts,
 void Communicator::all_gather(float* data, const std::vector<int64_t>& bounds) {
   if (!mpi_) return;
   MXN_CHECK(int(bounds.size()) == info_.world + 1, "all_gather needs world + 1 bounds");
-  std::vector<int> counts, displs;
-  counts_of(bounds, counts, displs);
-  MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, counts.data(), displs.data(), MPI_FLOAT,
-                 as_comm(comm_));
+  counts_of(bounds, counts_, displs_);
+  MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, counts_.data(), displs_.data(),
+                 MPI_FLOAT, as_comm(comm_));
+}
+
+void Communicator::reduce_scatter(float* data, const std::vector<int64_t>& bounds) {
+  if (!mpi_) return;
+  MXN_CHECK(int(bounds.size()) == info_.world + 1, "reduce_scatter needs world + 1 bounds");
+  counts_of(bounds, counts_, displs_);
+  // In place, MPI leaves this rank's block of the sum at the array's start: moved to its place.
+  const int r = info_.rank;
+  MPI_Reduce_scatter(MPI_IN_PLACE, data, counts_.data(), MPI_FLOAT, MPI_SUM, as_comm(comm_));
+  std::memmove(data + bounds[size_t(r)], data, size_t(counts_[size_t(r)]) * sizeof(float));
 }
 
 void Communicator::gather(float* data, const std::vector<int64_t>& bounds, int root) {
   if (!mpi_) return;
   MXN_CHECK(int(bounds.size()) == info_.world + 1, "gather needs world + 1 bounds");
-  std::vector<int> counts, displs;
-  counts_of(bounds, counts, displs);
+  counts_of(bounds, counts_, displs_);
   const int r = info_.rank;
   if (r == root)
-    MPI_Gatherv(MPI_IN_PLACE, counts[size_t(r)], MPI_FLOAT, data, counts.data(), displs.data(),
+    MPI_Gatherv(MPI_IN_PLACE, counts_[size_t(r)], MPI_FLOAT, data, counts_.data(), displs_.data(),
                 MPI_FLOAT, root, as_comm(comm_));
   else
-    MPI_Gatherv(data + bounds[size_t(r)], counts[size_t(r)], MPI_FLOAT, nullptr, nullptr, nullptr,
+    MPI_Gatherv(data + bounds[size_t(r)], counts_[size_t(r)], MPI_FLOAT, nullptr, nullptr, nullptr,
                 MPI_FLOAT, root, as_comm(comm_));
 }
 

@@ -38,6 +38,9 @@ class Communicator {
   // [bounds[r], bounds[r + 1]) reach every rank (all_gather) or only `root` (gather).
   void all_gather(float* data, const std::vector<int64_t>& bounds);
   void gather(float* data, const std::vector<int64_t>& bounds, int root);
+  // In place over the same split: the whole array summed over the ranks, rank r keeping its
+  // floats [bounds[r], bounds[r + 1]) of the sum (MPI_Reduce_scatter; the rest left as it was).
+  void reduce_scatter(float* data, const std::vector<int64_t>& bounds);
   // Expert parallelism's exchange (MPI_Alltoallv, host-staged): rank r sends floats
   // [send_bounds[j], send_bounds[j + 1]) of `send` to rank j and receives rank j's block for it
   // at [recv_bounds[j], recv_bounds[j + 1]) of `recv` (world + 1 offsets each; the receivers'
@@ -65,9 +68,10 @@ class Communicator {
   Communicator();
   RankInfo info_;
   bool mpi_ = false;
-  void* comm_ = nullptr;        // an MPI_Comm; null: MPI_COMM_WORLD
-  std::vector<void*> pending_;  // MPI_Request handles; capacity kept between steps
-  std::vector<void*> sends_;    // send()'s requests
+  void* comm_ = nullptr;              // an MPI_Comm; null: MPI_COMM_WORLD
+  std::vector<void*> pending_;        // MPI_Request handles; capacity kept between steps
+  std::vector<void*> sends_;          // send()'s requests
+  std::vector<int> counts_, displs_;  // a gather's or scatter's shares; capacity kept
 };
 
 }  // namespace mxn

@@ -155,19 +155,19 @@ void TensorGroup::run(Program& prog, Device& dev, int variant, size_t end) {
 
 void TensorGroup::move_rows(Device& dev, const Cut& c, const Tensor& from, const Tensor& to) {
   // A gather: every rank's rows of the whole (N, C) into `to`; a scatter: the partial whole rows
-  // summed over the group (as a tensor-parallel sum), this rank's rows into `to`.
+  // summed over the group (a reduce-scatter: each rank gets only its rows), its rows into `to`.
   const Tensor& whole = c.kind == Cut::gather ? to : from;
   const int64_t C = whole.shape.back(), N = numel(whole.shape) / C;
   const int64_t r0 = seq_rows(shard(), N)[0] * C;
+  bounds_.assign(1, 0);
+  for (const TensorShard& s : shards_) bounds_.push_back(bounds_.back() + seq_rows(s, N)[1] * C);
   if (c.kind == Cut::gather) {
-    bounds_.assign(1, 0);
-    for (const TensorShard& s : shards_) bounds_.push_back(bounds_.back() + seq_rows(s, N)[1] * C);
     dev.download(host_.data() + r0, from);
     group_->all_gather(host_.data(), bounds_);
     dev.upload(to, host_.data());
   } else {
     dev.download(host_.data(), from);
-    group_->all_reduce_sum(host_.data(), N * C);
+    group_->reduce_scatter(host_.data(), bounds_);
     dev.upload(to, host_.data() + r0);
   }
 }
