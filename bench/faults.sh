@@ -10,7 +10,7 @@ mxn="${BUILD_DIR:-build}/mxn" steps="${STEPS:-42}" faults="${FAULTS:-100}"
 tmp="$(mktemp -d -p "${TMPDIR:-/tmp}")"
 trap 'rm -rf "$tmp"' EXIT
 shape=(--n_layer 6 --n_embd 384 --n_head 6 --n_ctx 256 --batch 8 --vocab_size 256 --eval_every 0
-       --log_every 1000 --steps "$steps")
+       --log_every 1000 --steps "$steps" --dtype f32)
 echo "checkpoint cost, GPT 10.8M (130 MB a checkpoint), $steps steps, every 4th checkpointed; $(nproc) cores; $(df -h "$tmp" | awk 'NR==2{print $1}')"
 # The third run leaves the writer a core of its own (one training thread), as a GPU host has.
 for async in 1 0 "1 --threads 1"; do

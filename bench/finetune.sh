@@ -39,7 +39,7 @@ printf "| run | trainable | peak resident GiB | tokens/s |\n|---|--:|--:|--:|\n"
 declare -A mem tps
 for mode in full lora lora-bf16base ptuning; do
   args=(--model "$model" --data "$shard" --steps "$steps" --batch 1 --n_ctx 256 --threads "$threads"
-        --eval_every 0 --eval_batches 1 --ckpt_every 0 --log_every 1 --lr 1e-4 --min_lr 1e-5 --warmup 0 --out "$tmp/$mode")
+        --eval_every 0 --eval_batches 1 --ckpt_every 0 --log_every 1 --lr 1e-4 --min_lr 1e-5 --warmup 0 --dtype f32 --out "$tmp/$mode")
   case $mode in
     lora) args+=(--finetune lora --lora_r 8 --lora_alpha 16) ;;
     lora-bf16base) args+=(--finetune lora --lora_r 8 --lora_alpha 16 --base_dtype bf16) ;;

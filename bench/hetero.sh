@@ -29,7 +29,7 @@ fi
 export POCL_MAX_PTHREAD_COUNT=1
 job=(--n_layer 4 --n_embd 128 --n_head 4 --n_ctx 256 --batch "$batch" --threads 1
      --steps $((steps + 1)) --eval_every 0 --eval_batches 1 --ckpt_every 0 --log_every 1000
-     --data data/kjv.bin)
+     --data data/kjv.bin --dtype f32)
 moe="${MOE:-0}"
 if [[ $moe == 1 ]]; then
   job+=(--arch mixtral --n_kv_head 4 --experts 16 --top_k 2 --moe_ffn 128 --router_aux_coef 0)

@@ -26,7 +26,7 @@ mxn_run() {
   "$mxn" train --arch qwen3_moe --experts $E --top_k $K --moe_ffn $F --n_layer $L --n_embd $C \
     --n_head $H --n_kv_head $G --n_ctx $T --batch $B --vocab_size $V --threads "$threads" \
     --router_aux_coef 0.001 --steps $((steps + 2)) --eval_every 0 --eval_batches 1 --ckpt_every 0 \
-    --log_every 1000 --data data/kjv.bin --out "$tmp/mxn" --overwrite > /dev/null
+    --log_every 1000 --data data/kjv.bin --dtype f32 --out "$tmp/mxn" --overwrite > /dev/null
   /usr/bin/python3 - "$tmp/mxn/metrics.jsonl" $((B * T)) <<'PY'
 import json, statistics, sys
 rows = [r for r in map(json.loads, open(sys.argv[1])) if "step_s" in r][2:]

@@ -24,7 +24,7 @@ cluster="$tmp/here.toml"
 "${mpirun[@]}" -np 2 "$mxn" plan --cluster "$cluster" --measure-links --save-cluster "$cluster" | grep '^links'
 grep -E '^source' "$cluster"
 echo
-common=(--steps "$steps" --eval_every 0 --ckpt_every 0 --log_every 1000)
+common=(--steps "$steps" --eval_every 0 --ckpt_every 0 --log_every 1000 --dtype f32)
 
 median_step() {
   /usr/bin/python3 -c "import json,statistics,sys; r=[json.loads(l)['step_s'] for l in open(sys.argv[1])]; print(statistics.median(r[2:] or r))" "$1/metrics.jsonl"

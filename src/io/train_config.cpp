@@ -68,8 +68,9 @@ std::vector<ConfigField> config_fields(TrainConfig& c) {
       {"bucket_mb", &c.bucket_mb,
        "MB of gradients per all-reduce bucket; buckets start as the backward reaches them"},
       {"dtype", &c.dtype,
-       "f32, bf16 mixed precision (f32 master weights), or auto: bf16 on the chips whose "
-       "measured bf16 GEMM is faster than f32's at the model's shapes"},
+       "auto (the default): bf16 mixed precision on the chips whose bf16 GEMM, timed at the "
+       "model's shapes, is faster than f32's, f32 elsewhere; or f32, or bf16 (bf16 matmuls, "
+       "f32 master weights) everywhere"},
       {"recompute", &c.recompute,
        "1: norm and MLP activation (GELU, SwiGLU) outputs are computed again in the backward "
        "instead of kept (less memory, the same numbers); 0: kept"},

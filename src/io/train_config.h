@@ -52,8 +52,10 @@ struct TrainConfig {
   std::string tp_split = "auto";
   int64_t sequence_parallel = 0;  // 1: with tp, the norms' rows split over the group (Megatron)
   int64_t micro = 0;
-  std::string dtype = "f32";  // f32 | bf16 (bf16 matmuls, f32 master weights)
-  int64_t recompute = 1;      // 1: norms and MLP activations run again in the backward (Graph)
+  // f32 | bf16 (bf16 matmuls, f32 master weights) | auto: bf16 where this rank's chip runs the
+  // model's GEMMs faster with bf16 operands (Trainer::choose_dtype), the default
+  std::string dtype = "auto";
+  int64_t recompute = 1;  // 1: norms and MLP activations run again in the backward (Graph)
   // lm: next-token prediction; glm: GLM's blank infilling (data/glm.h), with a learned
   // block-position table and the prefix-bidirectional mask.
   std::string objective = "lm";

@@ -8,7 +8,7 @@ import json, os, signal, subprocess, sys, tempfile, time, unittest
 
 MXN = DATA = None
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "32", "--batch", "4",
-        "--eval_batches", "2", "--log_every", "1000"]
+        "--eval_batches", "2", "--log_every", "1000", "--dtype", "f32"]
 
 
 def read(path, mode="r"):

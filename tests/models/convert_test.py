@@ -246,7 +246,7 @@ class Convert(unittest.TestCase):
             shard = os.path.join(tmp, "t.bin")
             mxn("prepare", text, "--out", shard, "--tokenizer", src)
             mxn("train", "--model", src, "--data", shard, "--steps", "2", "--batch", "2",
-                "--n_ctx", "32", "--eval_every", "0", "--ckpt_every", "2", "--out", run, "--log_every", "100")
+                "--n_ctx", "32", "--eval_every", "0", "--ckpt_every", "2", "--out", run, "--log_every", "100", "--dtype", "f32")
             out = os.path.join(tmp, "exported")
             mxn("convert", run, out)
             ck = open(os.path.join(run, "latest")).read().strip()
@@ -402,7 +402,7 @@ class Convert(unittest.TestCase):
             mxn("prepare", text, "--out", shard, "--tokenizer", tokdir)
             mxn("train", "--arch", "llama", "--vocab_size", "50257", "--n_layer", "1", "--n_embd", "32",
                 "--n_head", "2", "--n_ctx", "32", "--data", shard, "--steps", "1", "--batch", "2",
-                "--eval_every", "0", "--ckpt_every", "1", "--out", run, "--log_every", "100")
+                "--eval_every", "0", "--ckpt_every", "1", "--out", run, "--log_every", "100", "--dtype", "f32")
             out = os.path.join(tmp, "hf")
             mxn("convert", run, out, "--tokenizer", tokdir)
             tok = AutoTokenizer.from_pretrained(out)

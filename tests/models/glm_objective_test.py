@@ -144,7 +144,7 @@ class GlmTraining(unittest.TestCase):
                                 "--n_embd", "128", "--n_head", "4", "--n_kv_head", "2", "--n_ctx", "96",
                                 "--batch", "16", "--steps", "500", "--lr", "3e-3", "--warmup", "20",
                                 "--eval_every", "250", "--ckpt_every", "0", "--log_every", "100",
-                                "--data", KJV_BIN, "--out", run], capture_output=True, text=True)
+                                "--data", KJV_BIN, "--out", run, "--dtype", "f32"], capture_output=True, text=True)
             self.assertEqual(r.returncode, 0, r.stderr)
             with open(os.path.join(run, "metrics.jsonl")) as f:
                 rows = [json.loads(l) for l in f]

@@ -119,7 +119,7 @@ class Lora(unittest.TestCase):
                             "--steps", str(steps), "--batch", str(B), "--n_ctx", str(T), "--seed", str(seed),
                             "--lr", "1e-2", "--min_lr", "1e-2", "--warmup", "0", "--clip", "0",
                             "--weight_decay", "0.1", "--eval_every", "0", "--ckpt_every", "0",
-                            "--out", out] + extra, capture_output=True, text=True)
+                            "--out", out, "--dtype", "f32"] + extra, capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr + r.stdout)
         with open(os.path.join(out, "latest")) as f:
             return os.path.join(out, f.read().strip())

@@ -21,7 +21,7 @@ E, K, B, T, RATE = 6, 2, 4, 32, 0.01
 BASE = ["--data", DATA, "--arch", "qwen3_moe", "--experts", str(E), "--top_k", str(K), "--moe_ffn", "40",
         "--n_layer", "2", "--n_head", "4", "--n_kv_head", "2", "--n_embd", "48", "--n_ctx", str(T),
         "--batch", str(B), "--eval_every", "0", "--eval_batches", "1", "--seed", "3", "--threads", "1",
-        "--warmup", "2"]
+        "--warmup", "2", "--dtype", "f32"]
 
 
 def train(out, *extra):

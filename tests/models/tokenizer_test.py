@@ -428,7 +428,7 @@ class Chat(unittest.TestCase):
         T, B, seed = 48, 4, 7
         r = subprocess.run([MXN, "train", "--model", folder, "--sft", path, "--steps", "1", "--batch", str(B),
                             "--n_ctx", str(T), "--seed", str(seed), "--eval_every", "0", "--ckpt_every", "0",
-                            "--out", run], capture_output=True, text=True)
+                            "--out", run, "--dtype", "f32"], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         with open(os.path.join(run, "metrics.jsonl")) as f:
             got = json.loads(f.readline())["loss"]
@@ -470,7 +470,7 @@ class Chat(unittest.TestCase):
         T, B, seed, K = 96, 3, 11, 64
         r = subprocess.run([MXN, "train", "--model", folder, "--sft", path, "--pack", "1", "--steps", "1",
                             "--batch", str(B), "--n_ctx", str(T), "--seed", str(seed), "--eval_every", "0",
-                            "--ckpt_every", "0", "--out", run], capture_output=True, text=True)
+                            "--ckpt_every", "0", "--out", run, "--dtype", "f32"], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         with open(os.path.join(run, "metrics.jsonl")) as f:
             got = json.loads(f.readline())["loss"]

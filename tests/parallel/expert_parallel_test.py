@@ -41,7 +41,7 @@ from train_common import MPIRUN, check, finish, losses, read_f32_safetensors, wo
 mxn, data = sys.argv[1], sys.argv[2]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_kv_head", "2", "--n_embd", "64",
         "--n_ctx", "32", "--steps", "50", "--eval_every", "25", "--eval_batches", "2", "--seed", "7",
-        "--threads", "1", "--batch", "8", "--ckpt_every", "30", "--router_aux_coef", "0"]
+        "--threads", "1", "--batch", "8", "--ckpt_every", "30", "--router_aux_coef", "0", "--dtype", "f32"]
 qwen = ["--arch", "qwen2_moe", "--experts", "6", "--top_k", "2", "--moe_ffn", "32", "--shared_ffn", "48",
         "--router_bias_update", "0.001"]
 opencl = "opencl:0" in subprocess.run([mxn, "devices"], stdout=subprocess.PIPE, text=True).stdout

@@ -26,7 +26,7 @@ MXN, DATA = sys.argv[1], sys.argv[2]
 FAULTS = int(sys.argv[3]) if len(sys.argv) > 3 else 20
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "32", "--batch", "4",
         "--eval_batches", "2", "--log_every", "1000", "--eval_every", "0", "--data", DATA,
-        "--seed", "5"]
+        "--seed", "5", "--dtype", "f32"]
 # Two CPU ranks (each on its own core) keep bit-identical replicas, so a restart continues
 # exactly; ranks on different chips differ in the last bits of their replicas (drop_device).
 JOB = [*TINY, "--devices", "cpu,cpu", "--split", "1,1", "--ckpt_every", "2"]

@@ -9,7 +9,8 @@ import json, os, subprocess, sys, tempfile
 
 mxn, data = sys.argv[1], sys.argv[2]
 args = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "64", "--batch", "8",
-        "--steps", "30", "--eval_every", "0", "--eval_batches", "2", "--seed", "11", "--data", data]
+        "--steps", "30", "--eval_every", "0", "--eval_batches", "2", "--seed", "11", "--data", data,
+        "--dtype", "f32"]
 losses = {}
 with tempfile.TemporaryDirectory() as tmp:
     env = dict(os.environ, XDG_CACHE_HOME=os.path.join(tmp, "cache"))

@@ -17,7 +17,7 @@ from train_common import check, finish, losses, worst  # noqa: E402
 mxn, data, src = sys.argv[1], sys.argv[2], sys.argv[3]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",
         "--steps", "30", "--eval_every", "0", "--eval_batches", "2", "--seed", "7", "--threads", "1",
-        "--ckpt_every", "20"]
+        "--ckpt_every", "20", "--dtype", "f32"]
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

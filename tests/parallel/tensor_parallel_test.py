@@ -34,7 +34,7 @@ from train_common import check, finish, read_f32_safetensors, worst  # noqa: E40
 mxn, data = sys.argv[1], sys.argv[2]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",
         "--steps", "50", "--eval_every", "25", "--eval_batches", "2", "--seed", "7", "--threads", "1",
-        "--batch", "8", "--ckpt_every", "30"]
+        "--batch", "8", "--ckpt_every", "30", "--dtype", "f32"]
 opencl = "opencl:0" in subprocess.run([mxn, "devices"], stdout=subprocess.PIPE, text=True).stdout
 pair = "cpu,opencl:0" if opencl else "cpu,cpu"
 

@@ -21,7 +21,7 @@ from train_common import MPIRUN, check, finish, losses, worst  # noqa: E402
 mxn, data = sys.argv[1], sys.argv[2]
 base = ["--data", data, "--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--n_ctx", "32",
         "--steps", "50", "--eval_every", "0", "--eval_batches", "2", "--seed", "7", "--threads", "1",
-        "--ckpt_every", "30"]
+        "--ckpt_every", "30", "--dtype", "f32"]
 mpirun = MPIRUN + ["-np", "2"]
 
 

@@ -46,6 +46,7 @@ namespace {
 
 TrainConfig tiny(const std::string& out) {
   TrainConfig c;
+  c.dtype = "f32";  // the figures below are f32's, whatever this CPU's bf16 rate
   c.model.n_layer = 2;
   c.model.n_head = 4;
   c.model.n_embd = 64;
