@@ -28,7 +28,7 @@ struct PlanArgs {
   int64_t global_batch = 16, seq = 0, micro = 0, top = 5, zero = 1, ep = 0, pp = 0, tp = 0;
   int64_t interleave = 1;
   bool sequence_parallel = false;
-  std::string dtype = "f32";
+  std::string dtype = "auto";
 };
 
 // "default" (mxn train's default model), a Hugging Face folder, or a config.json (Hugging
@@ -86,16 +86,20 @@ int print_expert_parallel(const Cluster& c, const DecoderConfig& dc, const JobSp
   return 0;
 }
 
-// --tp that does not divide the heads: an error. A tensor-parallel group wider than a node of
-// some type: its all-reduces cross the slower link, one warning line each with what it costs.
-void warn_tensor_parallel(const Cluster& c, const DecoderConfig& dc, const ModelCost& m, int64_t tp,
-                          const JobSpec& job) {
-  if (tp <= 1) return;
-  if (dc.heads % tp || dc.n_kv_heads() % tp)
+// --tp that does not divide the heads: an error.
+void check_tensor_parallel(const DecoderConfig& dc, int64_t tp) {
+  if (tp > 1 && (dc.heads % tp || dc.n_kv_heads() % tp))
     throw Error("--tp " + std::to_string(tp) + " does not divide the model's " +
                 std::to_string(dc.heads) + " heads and " + std::to_string(dc.n_kv_heads()) +
                 " kv heads (expected a divisor of both: the planner splits a type's chips "
                 "evenly)");
+}
+
+// A tensor-parallel group wider than a node of some type: its all-reduces cross the slower
+// link, one warning line each with what it costs.
+void warn_tensor_parallel(const Cluster& c, const DecoderConfig& dc, const ModelCost& m, int64_t tp,
+                          const JobSpec& job) {
+  if (tp <= 1) return;
   for (const NodeGroup& g : c.groups) {
     if (tp <= g.per_node) continue;
     // Four all-reduces of a layer's activation a sequence, as the planner prices them.
@@ -239,11 +243,73 @@ std::optional<Cluster> plan_cluster(const PlanArgs& a) {
   return c;
 }
 
+// The search's options from the flags; errors name the flag.
+PlanOptions plan_options(const PlanArgs& a) {
+  PlanOptions opt;
+  opt.micro_batch = a.micro;
+  opt.top = int(a.top);
+  opt.tp = a.tp;
+  opt.pp = a.pp;
+  if (opt.micro_batch < 0 || a.top < 1 || a.tp < 0 || a.pp < 0)
+    throw Error(
+        "--micro-batch, --tp and --pp must be 0 (searched) or positive and --top at least 1");
+  if (a.stages != "balanced" && a.stages != "even")
+    throw Error("--stages '" + a.stages + "': expected balanced or even");
+  opt.even_stages = a.stages == "even";
+  return opt;
+}
+
+// --dtype auto (the default, as mxn train's): the job priced in f32 and in bf16 mixed precision,
+// each on the cluster as that dtype sees it (Cluster::at_dtype: f32 GEMMs at the chips' f32
+// peaks), and the faster kept; a job that fits only in bf16 takes bf16 by fitting. One line says
+// what each gave. Returns the cluster at the dtype chosen, `job.dtype` set to it.
+Cluster resolve_dtype(const PlanArgs& a, const Cluster& here, const DecoderConfig& dc, JobSpec& job,
+                      const PlanOptions& opt) {
+  if (job.dtype == "auto" && a.ep > 0) {  // expert parallelism is priced in bf16 only
+    std::printf("dtype auto: bf16 (--ep plans are priced in bf16 mixed precision)\n");
+    job.dtype = "bf16";
+  } else if (job.dtype == "auto") {
+    double tps[2] = {0, 0};
+    std::string why[2], unknown;
+    const char* const dt[2] = {"f32", "bf16"};
+    for (int i = 0; i < 2; ++i) {
+      JobSpec j = job;
+      j.dtype = dt[i];
+      const Cluster c = at_dtype(here, j.dtype, &unknown);
+      try {
+        tps[i] = a.layout.empty() ? plan_layouts(c, model_cost(dc, j), j, opt).best[0].tokens_per_s
+                                  : price_layout(c, model_cost(dc, j), j, parse_layout(a.layout, c),
+                                                 std::max<int64_t>(a.micro, 1))
+                                        .tokens_per_s;
+      } catch (const Error& e) {
+        if (i == 1 && tps[0] == 0) throw;  // neither fits: bf16's reason
+        why[i] = e.what();
+      }
+    }
+    job.dtype = tps[1] >= tps[0] ? "bf16" : "f32";
+    auto said = [&](int i) {
+      char b[64];
+      std::snprintf(b, sizeof b, "%.4g tokens/s", tps[i]);
+      return tps[i] > 0 ? std::string(b) : "does not fit (" + why[i] + ")";
+    };
+    std::printf("dtype auto: %s (bf16 mixed precision %s; f32 %s%s)\n", job.dtype.c_str(),
+                said(1).c_str(), said(0).c_str(),
+                unknown.empty()
+                    ? ""
+                    : (", with no f32 figure for " + unknown + ": at its bf16 rate").c_str());
+  }
+  std::string unknown;
+  Cluster c = at_dtype(here, job.dtype, &unknown);
+  if (!unknown.empty())
+    std::printf("note: no f32 figure for %s: its f32 GEMMs priced at the bf16 rate\n",
+                unknown.c_str());
+  return c;
+}
+
 int run_plan(const PlanArgs& a) {
   const std::optional<Cluster> here = plan_cluster(a);
   if (!here) return 0;
-  const Cluster& c = *here;
-  print_cluster(a.cluster, c);
+  print_cluster(a.cluster, *here);
   if (a.model.empty()) return 0;
   const auto t0 = std::chrono::steady_clock::now();
   const DecoderConfig dc = read_model(a.model);
@@ -262,6 +328,11 @@ int run_plan(const PlanArgs& a) {
   if (a.attention != "flash" && a.attention != "unfused")
     throw Error("--attention '" + a.attention + "': expected flash or unfused");
   job.flash_attention = a.attention == "flash";
+  if (job.dtype != "auto" && job.dtype != "f32" && job.dtype != "bf16")
+    throw Error("--dtype '" + job.dtype + "': expected auto, f32 or bf16");
+  const PlanOptions opt = plan_options(a);
+  check_tensor_parallel(dc, a.tp);
+  const Cluster c = resolve_dtype(a, *here, dc, job, opt);
   if (a.ep > 0) return print_expert_parallel(c, dc, job, a.ep, std::max<int64_t>(a.pp, 1), a.micro);
   const ModelCost m = model_cost(dc, job);
   if (!a.layout.empty()) {  // price the layout given, no search
@@ -283,17 +354,6 @@ int run_plan(const PlanArgs& a) {
     if (!a.out.empty()) write_file_atomic(a.out, plan_json(c, p, job, a.model).dump(2) + "\n");
     return 0;
   }
-  PlanOptions opt;
-  opt.micro_batch = a.micro;
-  opt.top = int(a.top);
-  opt.tp = a.tp;
-  opt.pp = a.pp;
-  if (opt.micro_batch < 0 || a.top < 1 || a.tp < 0 || a.pp < 0)
-    throw Error(
-        "--micro-batch, --tp and --pp must be 0 (searched) or positive and --top at least 1");
-  if (a.stages != "balanced" && a.stages != "even")
-    throw Error("--stages '" + a.stages + "': expected balanced or even");
-  opt.even_stages = a.stages == "even";
   warn_tensor_parallel(c, dc, m, a.tp, job);
   const PlanReport rep = plan_layouts(c, m, job, opt);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -361,7 +421,10 @@ std::function<int()> add_plan(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--seq", a->seq, "tokens per sequence (0: the model's context)")
       ->capture_default_str();
-  sub->add_option("--dtype", a->dtype, "f32 | bf16 (mixed precision)")->capture_default_str();
+  sub->add_option("--dtype", a->dtype,
+                  "auto (both priced, the faster kept: what mxn train's auto chooses), f32, or "
+                  "bf16 (mixed precision)")
+      ->capture_default_str();
   sub->add_option("--micro-batch", a->micro, "sequences per micro-batch (0: searched)")
       ->capture_default_str();
   sub->add_option("--zero", a->zero, "1: shard the optimizer state over replicas (ZeRO-1)")

@@ -13,6 +13,9 @@ struct ChipSpec {
   double memory_gib = 0;   // device memory
   double hbm_gbs = 0;      // device memory bandwidth, GB/s
   std::string source;      // where the figures come from
+  // Dense f32 peak without TF32 (what an f32 GEMM reaches: cuBLAS's SGEMM, oneDNN's f32 GEMM);
+  // 0 where not published. plan --dtype f32 prices the GEMMs at it (Cluster::at_dtype).
+  double f32_tflops = 0;
 };
 
 const std::vector<ChipSpec>& chip_table();

@@ -48,16 +48,27 @@ Cluster load_cluster(const std::string& path) {
     const toml::table* g = (*groups)[i].as_table();
     const std::string where = path + ": group " + std::to_string(i + 1);
     if (!g) throw Error(where + ": expected a table");
-    static const char* const keys[] = {
-        "chip",        "count",      "per_node", "intra_gbs", "inter_gbs",         "price_per_hour",
-        "bf16_tflops", "memory_gib", "hbm_gbs",  "mfu",       "shares_cores_with", "measured",
-        "latency_us",  "source"};
+    static const char* const keys[] = {"chip",
+                                       "count",
+                                       "per_node",
+                                       "intra_gbs",
+                                       "inter_gbs",
+                                       "price_per_hour",
+                                       "bf16_tflops",
+                                       "memory_gib",
+                                       "hbm_gbs",
+                                       "mfu",
+                                       "shares_cores_with",
+                                       "measured",
+                                       "latency_us",
+                                       "source",
+                                       "f32_tflops"};
     for (const auto& [k, v] : *g)
       if (std::find(std::begin(keys), std::end(keys), k.str()) == std::end(keys))
         throw Error(where + ": unknown key '" + std::string(k.str()) +
                     "' (expected chip, count, per_node, intra_gbs, inter_gbs, latency_us, "
-                    "price_per_hour, mfu, measured, shares_cores_with, and for a chip of your own "
-                    "bf16_tflops, memory_gib, hbm_gbs)");
+                    "price_per_hour, mfu, measured, shares_cores_with, f32_tflops, and for a chip "
+                    "of your own bf16_tflops, memory_gib, hbm_gbs)");
     auto number = [&](const char* key, bool required, double dflt, const char* what) {
       const toml::node* n = g->get(key);
       if (!n) {
@@ -90,6 +101,8 @@ Cluster load_cluster(const std::string& path) {
       throw Error(where + ": unknown chip type '" + *chip + "' (known: " + names +
                   "; or give bf16_tflops, memory_gib and hbm_gbs for a chip of your own)");
     }
+    if (g->contains("f32_tflops"))
+      ng.chip.f32_tflops = number("f32_tflops", false, 0, "its f32 peak, TFLOPS");
     const toml::node* count = g->get("count");
     const std::optional<int64_t> n = count ? count->value_exact<int64_t>() : std::nullopt;
     if (!n || *n < 1)
@@ -136,6 +149,17 @@ Cluster load_cluster(const std::string& path) {
   return c;
 }
 
+Cluster at_dtype(const Cluster& c, const std::string& dtype, std::string* unknown) {
+  Cluster out = c;
+  if (dtype != "f32") return out;
+  for (NodeGroup& g : out.groups)
+    if (g.chip.f32_tflops > 0)
+      g.chip.bf16_tflops = g.chip.f32_tflops;
+    else if (unknown)
+      *unknown += (unknown->empty() ? "" : ", ") + g.chip.name;
+  return out;
+}
+
 double ring_allreduce_s(int64_t t, double bytes, double gbs, double latency_s) {
   return t <= 1 ? 0 : 2.0 * double(t - 1) / double(t) * bytes / (gbs * 1e9) + latency_s;
 }
@@ -154,6 +178,7 @@ std::string cluster_toml(const Cluster& c) {
                   {"intra_gbs", g.intra_gbs},
                   {"inter_gbs", g.inter_gbs},
                   {"latency_us", g.latency_us}};
+    if (g.chip.f32_tflops > 0) t.insert("f32_tflops", g.chip.f32_tflops);
     if (g.price_per_hour > 0) t.insert("price_per_hour", g.price_per_hour);
     if (g.shares_cores_with >= 0)
       t.insert("shares_cores_with", c.groups[size_t(g.shares_cores_with)].chip.name);

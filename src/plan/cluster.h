@@ -10,6 +10,8 @@
 //   latency_us = 20       # optional: what a message costs before its bytes (default 20 us)
 //   source = "..."        # optional, for a chip of your own: where its figures come from
 //   price_per_hour = 2.5  # optional: a chip-hour's price, for cost per million tokens
+//   f32_tflops = 67       # optional: its f32 peak (no TF32), for plans in f32 (default: the
+//                         # table's figure for a known chip; unknown otherwise)
 //   mfu = 0.5             # optional: the share of the bf16 peak a training step's GEMMs reach
 //   measured = false      # optional: true when mfu was measured on whole training steps (its
 //                         # rate then covers the memory-bound ops as well)
@@ -47,6 +49,11 @@ struct Cluster {
 };
 
 Cluster load_cluster(const std::string& path);
+
+// The cluster as a plan in `dtype` (f32 or bf16) sees it: for f32, each chip's matrix rate
+// (chip.bf16_tflops, the field every price reads) replaced by its f32 peak, the share of it
+// reached kept. Chips with no f32 figure keep their bf16 rate and are named in `*unknown`.
+Cluster at_dtype(const Cluster& c, const std::string& dtype, std::string* unknown = nullptr);
 
 // Seconds of a ring all-reduce of `bytes` a chip among `t` chips over a link of `gbs`: 2 (t - 1)
 // / t of the bytes, and one message's latency.

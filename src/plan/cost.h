@@ -34,8 +34,8 @@ struct JobSpec {
   int64_t interleave = 1;
   // Megatron-LM's sequence parallelism inside a tensor-parallel group: the norms, dropout and
   // residual activations (and the stage boundary) split along the sequence over the group, the
-  // group's all-reduces become reduce-scatter + all-gather (the same bytes). mxn train does not
-  // have it yet: off by default so that plans predict mxn's own runs.
+  // group's all-reduces become reduce-scatter + all-gather (the same bytes). mxn train has it
+  // (--sequence_parallel 1) but not with --pp: off by default so that plans predict its runs.
   bool sequence_parallel = false;
   // Attention computed flash-style (mxn's kernels, FlashAttention): no (heads, T, T) scores
   // written to memory. false: the scores are materialized, scaled, masked, soft-maxed and

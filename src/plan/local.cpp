@@ -30,6 +30,39 @@ std::vector<std::pair<std::string, std::string>> devices_on_shared_cores(
   return out;
 }
 
+namespace {
+
+// One device trained on `t` alone: the median of 6 steps after a warm-up one (one slow step on a
+// busy machine moves it less than it would a mean), with the FLOPs of a step and the device.
+struct Timed {
+  double step_s = 0, flops = 0;
+  mxn_device_props props{};
+};
+
+Timed time_steps(const TrainConfig& t) {
+  Trainer tr(t);
+  std::vector<double> steps;
+  for (int i = 0; i < 7; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    tr.step();
+    if (i > 0)
+      steps.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(steps.begin(), steps.end());
+  Timed out;
+  out.step_s = 0.5 * (steps[2] + steps[3]);
+  JobSpec job;
+  job.global_batch = t.batch * t.accum;
+  job.seq = t.seq_len();
+  const ModelCost m = model_cost(tr.config().decoder_config(), job);
+  out.flops =
+      3.0 * double(job.global_batch * job.seq) * (double(m.layers) * m.layer_flops + m.head_flops);
+  out.props = tr.device().props();
+  return out;
+}
+
+}  // namespace
+
 Cluster local_cluster(const TrainConfig& cfg) {
   Cluster c;
   const std::vector<std::string> names = available_devices();
@@ -38,36 +71,31 @@ Cluster local_cluster(const TrainConfig& cfg) {
     TrainConfig t = cfg;
     t.device = name;
     t.devices.clear();
-    Trainer tr(t);
-    // The median of 6 steps after a warm-up one: one slow step on a busy machine moves it less
-    // than it would a mean.
-    std::vector<double> steps;
-    for (int i = 0; i < 7; ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      tr.step();
-      if (i > 0)
-        steps.push_back(
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    std::sort(steps.begin(), steps.end());
-    const double step_s = 0.5 * (steps[2] + steps[3]);
-    JobSpec job;
-    job.global_batch = t.batch * t.accum;
-    job.seq = t.seq_len();
-    const ModelCost m = model_cost(tr.config().decoder_config(), job);
-    const double flops = 3.0 * double(job.global_batch * job.seq) *
-                         (double(m.layers) * m.layer_flops + m.head_flops);
-    const mxn_device_props& p = tr.device().props();
+    // auto: timed in both, so that a plan can price either (its rate is the bf16 one, f32's
+    // kept beside it); otherwise the dtype given, as the matrix rate.
+    t.dtype = cfg.dtype == "auto" ? "bf16" : cfg.dtype;
+    const Timed main = time_steps(t);
+    const mxn_device_props& p = main.props;
     NodeGroup g;
     g.chip.name = name;
-    g.chip.bf16_tflops = p.peak_gflops > 0 ? p.peak_gflops / 1000 : flops / step_s / 0.5e12;
-    g.mfu = std::min(1.0, flops / step_s / (g.chip.bf16_tflops * 1e12));
+    const double rate = main.flops / main.step_s;
+    g.chip.bf16_tflops = p.peak_gflops > 0 ? p.peak_gflops / 1000 : rate / 0.5e12;
+    g.mfu = std::min(1.0, rate / (g.chip.bf16_tflops * 1e12));
+    if (t.dtype == "f32") g.chip.f32_tflops = g.chip.bf16_tflops;
+    char src[200];
+    const int n =
+        std::snprintf(src, sizeof src, "measured here: %.4g s a step of %lld x %lld tokens%s",
+                      main.step_s, (long long)(t.batch * t.accum), (long long)t.seq_len(),
+                      cfg.dtype == "auto" ? " in bf16" : "");
+    if (cfg.dtype == "auto") {
+      t.dtype = "f32";
+      const Timed f32 = time_steps(t);
+      g.chip.f32_tflops = f32.flops / f32.step_s / g.mfu / 1e12;
+      std::snprintf(src + n, sizeof src - size_t(n), ", %.4g s in f32", f32.step_s);
+    }
+    g.chip.source = src;
     g.chip.memory_gib = double(p.memory_bytes) / double(1ull << 30);
     g.chip.hbm_gbs = 50;
-    char src[160];
-    std::snprintf(src, sizeof src, "measured here: %.4g s a step of %lld x %lld tokens", step_s,
-                  (long long)job.global_batch, (long long)job.seq);
-    g.chip.source = src;
     g.measured = true;
     g.count = g.per_node = 1;
     g.intra_gbs = g.inter_gbs = 10;

@@ -13,7 +13,8 @@
 
 namespace mxn {
 
-// `cfg`: the model and batch to time (its data must exist). Link bandwidths are assumed (host
+// `cfg`: the model, batch and dtype to time (its data must exist); dtype auto times each device
+// in bf16 (its rate) and in f32 (its f32_tflops). Link bandwidths are assumed (host
 // memory through MPI's shared memory), memory bandwidth unknown (50 GB/s).
 Cluster local_cluster(const TrainConfig& cfg);
 

@@ -375,8 +375,21 @@ class LayoutSearch {
     return per_type(b, ch, gb, &lp, every) ? lp.step_s : 1e300;
   }
 
-  // Coordinate descent over each type's depth (0 = left out) from several starting points.
-  Best descend(const std::vector<bool>& allowed, int64_t gb) {
+  // Each type's best layout alone, its own cores undivided (computed once).
+  const std::vector<Best>& standalone() {
+    if (alone.empty())
+      for (int g = 0; g < G; ++g) {
+        std::vector<bool> only(size_t(G), false);
+        only[size_t(g)] = true;
+        alone.push_back(descend(only, job.global_batch));
+      }
+    return alone;
+  }
+
+  // Coordinate descent over each type's depth (0 = left out) from several starting points:
+  // every type's first shape that fits, each type alone, and with `seeded` every type in the
+  // shape it takes alone.
+  Best descend(const std::vector<bool>& allowed, int64_t gb, bool seeded = false) {
     Best best;
     for (int64_t b : micro_sizes(job, opt)) {
       std::vector<std::vector<Shape>> options(static_cast<size_t>(G));
@@ -411,9 +424,16 @@ class LayoutSearch {
           one[size_t(g)] = options[size_t(g)][1];
           starts.push_back(one);
         }
+      if (seeded) {
+        std::vector<Shape> own(static_cast<size_t>(G));
+        for (int g = 0; g < G; ++g)
+          if (allowed[size_t(g)] && !alone[size_t(g)].choice.empty())
+            own[size_t(g)] = alone[size_t(g)].choice[size_t(g)];
+        starts.push_back(own);
+      }
       for (std::vector<Shape> ch : starts) {
         double t = step_of(b, ch, gb);
-        for (int round = 0; round < 3; ++round) {
+        for (int round = 0; round < 8; ++round) {
           bool better = false;
           for (int g = 0; g < G; ++g)
             for (const Shape& p : options[size_t(g)]) {
@@ -520,9 +540,7 @@ class LayoutSearch {
     rep.standalone_tps.assign(size_t(G), 0);
     double sum = 0;
     for (int g = 0; g < G; ++g) {
-      std::vector<bool> only(size_t(G), false);
-      only[size_t(g)] = true;
-      const Best b = descend(only, job.global_batch);
+      const Best& b = standalone()[size_t(g)];
       if (b.b > 0) rep.standalone_tps[size_t(g)] = double(job.global_batch * job.seq) / b.step;
       sum += rep.standalone_tps[size_t(g)];
     }
@@ -594,6 +612,7 @@ class LayoutSearch {
   Search S;
   std::vector<LayoutPlan> found;
   std::vector<std::string> reasons;
+  std::vector<Best> alone;
 };
 
 }  // namespace
@@ -601,7 +620,9 @@ class LayoutSearch {
 PlanReport plan_layouts(const Cluster& c, const ModelCost& m, const JobSpec& job,
                         const PlanOptions& opt) {
   LayoutSearch search(c, m, job, opt);
-  const Best best = search.descend(std::vector<bool>(c.groups.size(), true), job.global_batch);
+  search.standalone();
+  const Best best =
+      search.descend(std::vector<bool>(c.groups.size(), true), job.global_batch, true);
   search.runners_up(best);
   search.mixed_family();
   PlanReport rep;

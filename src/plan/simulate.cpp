@@ -7,7 +7,8 @@
 
 namespace mxn {
 
-PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro, bool keep_events) {
+PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro, bool keep_events,
+                          int64_t grads_final) {
   const int64_t p = int64_t(stages.size());
   MXN_CHECK(p > 0 && micro >= 0, "simulate_1f1b needs a stage and a micro-batch count");
   PipelineRun run;
@@ -17,7 +18,7 @@ PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro, b
   // Arrival of micro-batch i's activation at stage s (forward) and of its gradient (backward).
   std::vector<double> f_in(size_t(p * micro), unknown), b_in(size_t(p * micro), unknown);
   std::vector<double> free_at(size_t(p), 0.0), link_f(size_t(p), 0.0), link_b(size_t(p), 0.0);
-  std::vector<double> last_b_start(size_t(p), 0.0), last_b_end(size_t(p), 0.0);
+  std::vector<double> b_start(size_t(p * micro), 0.0), last_b_end(size_t(p), 0.0);
   std::vector<int64_t> next(size_t(p), 0);
   for (int64_t i = 0; i < micro; ++i) f_in[size_t(i)] = 0;  // stage 0 reads its data at once
   auto at = [micro](int64_t s, int64_t i) { return size_t(s * micro + i); };
@@ -56,7 +57,7 @@ PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro, b
           event(int(s), EventKind::send, i, go, go + send);
         }
         if (!fwd) {
-          last_b_start[size_t(s)] = start;
+          b_start[at(s, i)] = start;
           last_b_end[size_t(s)] = end;
         }
         ++next[size_t(s)];
@@ -69,8 +70,9 @@ PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro, b
   for (int64_t s = 0; s < p; ++s) {
     const StageCost& st = stages[size_t(s)];
     run.last_backward_s = std::max(run.last_backward_s, last_b_end[size_t(s)]);
-    // Buckets go as their layers' gradients are final, so the reduce overlaps the last backward.
-    const double r0 = last_b_start[size_t(s)];
+    // Buckets go as their layers' gradients are final, so the reduce overlaps the last backward
+    // (the last grads_final: 1F1B runs a stage's backwards in micro-batch order).
+    const double r0 = b_start[at(s, std::max<int64_t>(0, micro - grads_final))];
     const double r1 = std::max(last_b_end[size_t(s)], r0 + st.reduce_s);
     if (st.reduce_s > 0) event(int(s), EventKind::reduce, 0, r0, r1);
     const double o1 = r1 + st.optim_s;
@@ -91,7 +93,7 @@ PipelineRun simulate_pipeline(const std::vector<StageCost>& stages, int64_t micr
     s.fwd_s /= double(chunks);
     s.bwd_s /= double(chunks);
   }
-  return simulate_1f1b(pieces, micro * chunks, keep_events);
+  return simulate_1f1b(pieces, micro * chunks, keep_events, chunks);
 }
 
 }  // namespace mxn

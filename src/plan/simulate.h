@@ -43,13 +43,20 @@ struct PipelineRun {
 };
 
 // `micro` micro-batches through `stages` (at least one); micro 0 is an idle replica (step 0).
+// `grads_final`: the stage's gradients are final in parts over its last that many backward
+// passes (a chunk's each, interleaved), so its reduce starts with the first of them; 1: buckets
+// go during the last backward.
 PipelineRun simulate_1f1b(const std::vector<StageCost>& stages, int64_t micro,
-                          bool keep_events = false);
+                          bool keep_events = false, int64_t grads_final = 1);
 
 // Megatron-LM's interleaved 1F1B: each stage holds `chunks` model chunks (virtual stages), so a
 // micro-batch visits every device `chunks` times with 1/chunks of its work each; priced as
 // 1F1B over chunks x micro pieces of that size, which keeps the schedule's work and divides its
 // bubble, (p - 1)(f + b), by the chunks. At most the fewest layers a stage holds; 1: plain 1F1B.
+// A chunk's gradient reduce starts once its last backward is done (Megatron-LM launches each
+// chunk's grad sync then): priced as the reduce starting with the stage's chunks-th last
+// backward piece, earlier than 1F1B's last one (in Megatron's order the chunks finish p pieces
+// apart, so this is the cautious side).
 PipelineRun simulate_pipeline(const std::vector<StageCost>& stages, int64_t micro, int64_t chunks,
                               bool keep_events = false);
 

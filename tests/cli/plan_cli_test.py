@@ -130,8 +130,15 @@ class Plan(unittest.TestCase):
                            capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertRegex(r.stdout, r"\| cpu:0 \| 1 \| 1 \| [0-9.]+ \| [0-9]+ \| 50 \| 10 \| 10 \| 0.00 \| "
-                                   r"measured here: [0-9.]+ s a step of 16 x 128 tokens \|")
+                                   r"measured here: [0-9.]+ s a step of 16 x 128 tokens in bf16, [0-9.]+ s in f32 \|")
         self.assertIn("chosen: 1 x cpu:0 (4)", r.stdout)
+        # --dtype auto (the default): both dtypes priced on the rates measured in each, the faster
+        # kept and named in the job's line.
+        m = re.search(r"dtype auto: (f32|bf16) \(bf16 mixed precision ([0-9.e+]+) tokens/s; f32 ([0-9.e+]+) tokens/s\)",
+                      r.stdout)
+        self.assertIsNotNone(m, r.stdout)
+        self.assertEqual(m.group(1), "bf16" if float(m.group(2)) >= float(m.group(3)) else "f32")
+        self.assertIn(f"tokens, {m.group(1)}, ZeRO-1 on", r.stdout)
         first = r.stdout
         if "| opencl:0 |" in r.stdout:
             self.assertIn("opencl:0 left out: with it the step would take", r.stdout)

@@ -57,6 +57,26 @@ TEST(Simulate, OneFOneBByHand) {
   EXPECT_DOUBLE_EQ(b0[1].first, 8);
 }
 
+TEST(Simulate, InterleavedChunksReduceFromTheirLastBackward) {
+  // Interleaved (2 chunks a stage), each chunk's gradients are final at its last backward, so a
+  // stage's reduce starts with its second-to-last backward piece, not its last.
+  std::vector<StageCost> st(2);
+  for (StageCost& s : st)
+    s.last = 2, s.fwd_s = 1, s.bwd_s = 2, s.send_s = 0.5, s.reduce_s = 3, s.optim_s = 1;
+  const PipelineRun r = simulate_pipeline(st, 3, 2, true);
+  for (int stage = 0; stage < 2; ++stage) {
+    std::vector<double> b;
+    double reduce = -1;
+    for (const Event& e : r.events)
+      if (e.stage == stage && e.kind == EventKind::backward)
+        b.push_back(e.start);
+      else if (e.stage == stage && e.kind == EventKind::reduce)
+        reduce = e.start;
+    ASSERT_EQ(b.size(), 6u);  // 3 micro-batches x 2 chunks
+    EXPECT_DOUBLE_EQ(reduce, b[4]) << "stage " << stage;
+  }
+}
+
 TEST(Simulate, UniformPipelineIsTheClosedForm) {
   // Without sends, 1F1B over p equal stages takes (m + p - 1) (f + b): the bubble is p - 1 slots.
   for (int64_t p : {1, 2, 3, 5})
@@ -250,6 +270,7 @@ TEST(LayoutPlan, StageMemoryIsAnUpperBoundOfTheStageArena) {
   // Each stage of a 3+1 pipeline as mxn train --pp runs it (every stage recomputed): the
   // prediction covers the arena planned for that stage's graph plus 16 bytes a weight.
   TrainConfig cfg;
+  cfg.dtype = "f32";
   cfg.model.n_layer = 4, cfg.model.n_embd = 64, cfg.model.n_ctx = 32;
   const DecoderConfig d = cfg.decoder_config();
   JobSpec job;

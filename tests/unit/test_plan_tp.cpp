@@ -143,6 +143,7 @@ TEST(Cluster, WrittenFileReadsBackTheSame) {
     EXPECT_EQ(a.count, b.count);
     EXPECT_EQ(a.per_node, b.per_node);
     EXPECT_NEAR(a.chip.bf16_tflops, b.chip.bf16_tflops, 1e-5 * a.chip.bf16_tflops);
+    EXPECT_NEAR(a.chip.f32_tflops, b.chip.f32_tflops, 1e-5 * a.chip.f32_tflops);
     EXPECT_NEAR(a.chip.memory_gib, b.chip.memory_gib, 1e-5 * a.chip.memory_gib);
     EXPECT_NEAR(a.chip.hbm_gbs, b.chip.hbm_gbs, 1e-5 * a.chip.hbm_gbs);
     EXPECT_NEAR(a.mfu, b.mfu, 1e-5);
@@ -155,4 +156,13 @@ TEST(Cluster, WrittenFileReadsBackTheSame) {
   }
   EXPECT_EQ(back.groups[1].chip.source, "measured \"here\": 0.9 s");
   std::remove(path.c_str());
+  // Priced in f32, a chip's GEMMs run at its f32 peak (the A100's 19.5 TFLOPS, the share of it
+  // reached kept); a chip with no f32 figure keeps its bf16 rate and is named.
+  std::string unknown;
+  const Cluster f32 = at_dtype(c, "f32", &unknown);
+  EXPECT_DOUBLE_EQ(f32.groups[0].chip.bf16_tflops, 19.5);
+  EXPECT_DOUBLE_EQ(f32.groups[0].mfu, c.groups[0].mfu);
+  EXPECT_DOUBLE_EQ(f32.groups[1].chip.bf16_tflops, c.groups[1].chip.bf16_tflops);
+  EXPECT_EQ(unknown, "opencl:0");
+  EXPECT_DOUBLE_EQ(at_dtype(c, "bf16").groups[0].chip.bf16_tflops, 312);
 }
