@@ -11,6 +11,7 @@
 # it alone), then `mpirun -np 2 mxn plan --measure-links` (the link's latency and bandwidth by
 # an MPI ping-pong). Then the planner's own first choice beside the measured fastest. Not a
 # test: timings.
+# Everything in f32 (--dtype f32 pinned: auto, the default, would take bf16 where it is faster).
 # Environment: STEPS (20), RUNS (5), BUILD_DIR (build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ trap 'rm -rf "$tmp"' EXIT
 mpirun=(mpirun --oversubscribe --bind-to none)
 [[ $(id -u) == 0 ]] && mpirun+=(--allow-run-as-root)
 cluster="$tmp/here.toml"
-"$mxn" plan --cluster here --model default --save-cluster "$cluster" > /dev/null
+"$mxn" plan --cluster here --model default --dtype f32 --save-cluster "$cluster" > /dev/null
 "${mpirun[@]}" -np 2 "$mxn" plan --cluster "$cluster" --measure-links --save-cluster "$cluster" | grep '^links'
 grep -E '^source' "$cluster"
 echo
@@ -36,7 +37,7 @@ run() {  # NAME LAYOUT MICRO -- launcher and train arguments
   local name="$1" layout="$2" micro="$3"
   shift 4
   local pred
-  pred=$("$mxn" plan --cluster "$cluster" --model default --layout "$layout" --micro-batch "$micro" \
+  pred=$("$mxn" plan --cluster "$cluster" --model default --dtype f32 --layout "$layout" --micro-batch "$micro" \
          --recompute all | sed -n 's/^predicted step \([0-9.e+-]*\) s.*/\1/p')
   local all=()
   for ((i = 0; i < runs; i++)); do
@@ -65,6 +66,6 @@ run "TP 2 x DP 2: 4 CPU ranks" "cpu:0*2,cpu:0*2" 8 -- "${mpirun[@]}" -np 4 "$mxn
 run "TP 2 x PP 2: 4 CPU ranks (2+2)" "cpu:0*2@2+cpu:0*2@2" 4 -- "${mpirun[@]}" -np 4 "$mxn" train --threads 1 --tp 2 --pp 2 --micro 4
 
 echo
-"$mxn" plan --cluster "$cluster" --model default | grep -E '^chosen|left out'
+"$mxn" plan --cluster "$cluster" --model default --dtype f32 | grep -E '^chosen|left out'
 fastest=$(sort -g "$tmp/measured" | head -1)
 echo "measured fastest: ${fastest#*|} (${fastest%%|*} s/step)"
