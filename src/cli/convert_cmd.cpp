@@ -43,6 +43,7 @@ int convert(const Args& a) {
   const std::string tok = a.tokenizer.empty() ? m.tokenizer_dir : a.tokenizer;
   if (!a.tokenizer.empty() && !std::filesystem::is_directory(a.tokenizer))
     throw Error("tokenizer folder '" + a.tokenizer + "' does not exist");
+  for (auto& [n, t] : m.weights) t = widen_to_f32(std::move(t));  // the writers take f32
   if (gguf) {
     const std::string name = std::filesystem::path(a.to).stem().string();
     write_file_atomic(a.to, gguf_serialize(decoder_to_gguf(m.cfg, m.weights, type, tok, name)));

@@ -82,7 +82,8 @@ ModelSource load_model(const std::string& path, const std::string& adapter) {
     if (!tc.model.dir.empty() && fs::is_directory(tc.model.dir)) m.tokenizer_dir = tc.model.dir;
   }
   m.cfg.validate();
-  if (!adapter.empty()) {
+  if (!adapter.empty()) {  // merged in f32
+    for (auto& [name, t] : m.weights) t = widen_to_f32(std::move(t));
     apply_adapter(m.cfg, m.weights, load_adapter(adapter), m.what);
     m.what += " with adapter '" + adapter + "'";
   }

@@ -17,7 +17,7 @@ namespace mxn {
 // folder. Weights are f32 by Hugging Face name.
 struct ModelSource {
   DecoderConfig cfg;
-  TensorMap weights;
+  TensorMap weights;          // f32; a GGUF's bf16 tensors stay bf16 (decoder_from_gguf)
   std::string what;           // "model folder 'x'", for messages
   std::string tokenizer_dir;  // a folder with the model's tokenizer files, or empty (byte-level)
   // The tokenizer the model file itself carries (a GGUF's tokenizer.ggml.*) and its chat

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -622,9 +623,20 @@ DecoderConfig read_gguf(const GgufFile& f, TensorMap& weights, const std::string
       if (s != expect)
         throw Error(path + ": tensor '" + p.gg + kind + "' has shape " + shape_str(s) +
                     ", expected " + shape_str(expect) + " for this model's config");
+      const std::string gg = p.gg + kind;
+      const bool rearranged = gpt2_conv1d(c, gg) ||
+                              (permuted_qk(c) && (gg.ends_with("attn_q" + std::string(kind)) ||
+                                                  gg.ends_with("attn_k" + std::string(kind)))) ||
+                              gg.ends_with("attn_k_b.weight") ||
+                              (c.arch == Arch::glm && p.hf.ends_with("qkv_proj"));
+      if (t->type == GgmlType::bf16 && !rearranged) {  // kept as stored: half of f32's memory
+        HostTensor h(s, DType::bf16);
+        std::memcpy(h.bytes.data(), t->view().data(), h.bytes.size());
+        weights[hf_name] = std::move(h);
+        continue;
+      }
       HostTensor h(s, DType::f32);
       ggml_decode(t->type, t->view(), t->numel(), h.f32());
-      const std::string gg = p.gg + kind;
       if (gpt2_conv1d(c, gg)) h = transpose2d(h);
       if (permuted_qk(c) && gg.ends_with("attn_q" + std::string(kind)))
         h = permute_rows(h, c.heads, true);

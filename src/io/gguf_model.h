@@ -18,7 +18,9 @@ namespace mxn {
 // f16 for rows not a multiple of 32, as llama.cpp's converter does. `tokenizer_dir` may be empty.
 GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights, GgmlType type,
                          const std::string& tokenizer_dir, const std::string& name);
-// The config and f32 weights by Hugging Face names. Errors name the file and the key or tensor.
+// The config and weights by Hugging Face names: bf16 tensors that need no rearranging (all but
+// GPT-2's transposed ones, LLaMA's permuted q/k, GLM's fused qkv and MLA's k_b) stay bf16, the
+// rest are f32. Errors name the file and the key or tensor.
 DecoderConfig decoder_from_gguf(const GgufFile& f, TensorMap& weights, const std::string& path);
 
 // The tokenizer the file carries (tokenizer.ggml.*), or nullptr when it has none; an Error names

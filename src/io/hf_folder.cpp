@@ -235,16 +235,18 @@ HostTensor widen_to_f32(HostTensor t) {
 }
 
 namespace {
-// The tensor for parameter `v`, or an Error naming it with its expected and found shape.
+// The tensor for parameter `v` (f32, or bf16 as a GGUF stores it), or an Error naming it with
+// its expected and found shape.
 const HostTensor& expect_tensor(const TensorMap& weights, const Value& v,
                                 const std::string& source) {
   auto it = weights.find(v.name);
   if (it == weights.end())
     throw Error(source + " is missing tensor '" + v.name + "' (expected shape " +
                 shape_str(v.shape) + ")");
-  if (it->second.shape != v.shape || it->second.dtype != DType::f32)
+  const DType dt = it->second.dtype;
+  if (it->second.shape != v.shape || (dt != DType::f32 && dt != DType::bf16))
     throw Error(source + ": tensor '" + v.name + "' has shape " + shape_str(it->second.shape) +
-                " " + dtype_name(it->second.dtype) + ", expected " + shape_str(v.shape) + " f32");
+                " " + dtype_name(dt) + ", expected " + shape_str(v.shape) + " f32 or bf16");
   return it->second;
 }
 }  // namespace
@@ -252,21 +254,27 @@ const HostTensor& expect_tensor(const TensorMap& weights, const Value& v,
 void upload_weights(Program& prog, const TensorMap& weights, const std::string& source,
                     WeightSet which) {
   std::vector<uint16_t> half;
+  std::vector<float> wide;
   for (int p : prog.graph().weights()) {
     const Value& v = prog.graph().v(p);
     if ((which == WeightSet::frozen && v.kind != ValueKind::frozen) ||
         (which == WeightSet::trained && v.kind != ValueKind::param))
       continue;
     const HostTensor& t = expect_tensor(weights, v, source);
-    if (v.dtype == DType::f32) {
+    const size_t n = size_t(t.numel());
+    if (v.dtype == t.dtype) {  // as held: f32, or bf16 as a GGUF stores it
       prog.device().upload(prog.tensor(p), t.bytes.data());
-      continue;
+    } else if (v.dtype == DType::f32) {  // bf16 held, f32 on the device
+      wide.resize(n);
+      const auto* h = reinterpret_cast<const uint16_t*>(t.bytes.data());
+      for (size_t i = 0; i < n; ++i) wide[i] = bf16_to_f32(h[i]);
+      prog.device().upload(prog.tensor(p), wide.data());
+    } else {  // bf16 storage for inference
+      half.resize(n);
+      const float* f = t.f32();
+      for (size_t i = 0; i < n; ++i) half[i] = f32_to_bf16(f[i]);
+      prog.device().upload(prog.tensor(p), half.data());
     }
-    const size_t n = size_t(t.numel());  // bf16 storage for inference
-    half.resize(n);
-    const float* f = t.f32();
-    for (size_t i = 0; i < n; ++i) half[i] = f32_to_bf16(f[i]);
-    prog.device().upload(prog.tensor(p), half.data());
   }
 }
 
@@ -287,7 +295,7 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
         Value one = v;
         one.name = expert_name(v.name, e);
         one.shape.erase(one.shape.begin());
-        const HostTensor& x = expect_tensor(weights, one, source);
+        const HostTensor x = widen_to_f32(expect_tensor(weights, one, source));
         std::copy_n(x.f32(), each, t.f32() + e * each);
       }
       out[v.name] = std::move(t);
@@ -302,7 +310,7 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
       Value kv = v;
       kv.name = with_leaf(v.name, kKB, kKvB);
       kv.shape = {H * (dn + dv), R};
-      const HostTensor& t = expect_tensor(weights, kv, source);
+      const HostTensor t = widen_to_f32(expect_tensor(weights, kv, source));
       HostTensor k(v.shape, DType::f32), vt(vb->shape, DType::f32);
       split_kv_b(t.f32(), k.f32(), vt.f32(), H, dn, dv, R);
       out[v.name] = std::move(k);

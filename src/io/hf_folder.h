@@ -26,9 +26,10 @@ TensorMap load_hf_weights(const std::string& dir);
 // bf16 and f16 tensors widened to f32 (others as they are).
 HostTensor widen_to_f32(HostTensor t);
 
-// Copies `weights` into the Program's weights by name: all of them, or only the frozen ones (a
-// base model under adapters) or only the trained ones (the adapters). A missing tensor or one of
-// another shape is an Error naming it, its expected and its found shape.
+// Copies `weights` (f32, or bf16 as a GGUF keeps them) into the Program's weights by name: all of
+// them, or only the frozen ones (a base model under adapters) or only the trained ones (the
+// adapters). A missing tensor or one of another shape is an Error naming it, its expected and its
+// found shape.
 enum class WeightSet { all, frozen, trained };
 void upload_weights(Program& prog, const TensorMap& weights, const std::string& source,
                     WeightSet which = WeightSet::all);
