@@ -40,7 +40,7 @@ def texts():
     for name in ("chinese.u8", "tang300.u8", "song100.u8"):
         with open(os.path.join(ZH_DIR, name), encoding="utf-8", errors="strict") as f:
             zh += f.read()
-    return {"kjv": kjv, "zh": zh, "kjv_head": kjv[:400000],
+    return {"kjv": kjv, "zh": zh, "kjv_head": kjv[:400000], "zh_head": zh[:200000],
             "mixed": "<|im_start|>user\nIn the beginning 起初神创造天地。<|im_end|>\n  x's 12345 \t\n"}
 
 
@@ -141,7 +141,8 @@ class Tokenizers(unittest.TestCase):
         """A GGUF's own tokenizer (tokenizer.ggml.*, written here with the gguf package as
         llama.cpp's converter writes it) encodes and decodes as the files it came from: GPT-2's
         BPE, the Qwen2 and Llama 3 splits (pre "qwen2", "llama-bpe"), Llama 2's SentencePiece. On
-        the first 400 KB of the KJV (the whole of it is checked against the files above)."""
+        the first 400 KB of the KJV and 200 KB of the Chinese text (the whole of both is checked
+        against the files above)."""
         def write(path, model, tokens, types, merges=None, scores=None, pre=None, eos=None, bos=None):
             w = gguf.GGUFWriter(path, "llama" if model == "llama" else "gpt2")
             w.add_tokenizer_model(model)
@@ -172,7 +173,7 @@ class Tokenizers(unittest.TestCase):
               eos=vocab["<|endoftext|>"])
         ref = GPT2TokenizerFast(vocab_file=os.path.join(GPT2, "encoder.json"),
                                 merges_file=os.path.join(GPT2, "vocab.bpe"))
-        self.same("gguf gpt2", path, lambda t: ref.encode(t), names=("kjv_head", "zh", "mixed"))
+        self.same("gguf gpt2", path, lambda t: ref.encode(t), names=("kjv_head", "zh_head", "mixed"))
         for name, pattern, ignore, pre in (("qwen2-style", QWEN2, False, "qwen2"),
                                            ("llama3-style", LLAMA3, True, "llama-bpe")):
             tk = self.train_json(pattern, ignore)
@@ -184,7 +185,7 @@ class Tokenizers(unittest.TestCase):
             path = os.path.join(self.tmp.name, name + ".gguf")
             write(path, "gpt2", toks, [3 if t in special else 1 for t in toks], ms, pre=pre)
             self.same("gguf " + name, path, lambda t: tk.encode(t, add_special_tokens=False).ids,
-                      names=("kjv_head", "zh", "mixed"))
+                      names=("kjv_head", "zh_head", "mixed"))
         folder = self.spm_folder()
         sp = LlamaTokenizer(os.path.join(folder, "tokenizer.model"), legacy=True, add_bos_token=False)
         m = sp.sp_model
@@ -194,7 +195,7 @@ class Tokenizers(unittest.TestCase):
         path = os.path.join(self.tmp.name, "spm.gguf")
         write(path, "llama", [m.id_to_piece(i) for i in range(n)], types, scores=[m.get_score(i) for i in range(n)],
               bos=m.bos_id(), eos=m.eos_id())
-        self.same("gguf sentencepiece", path, lambda t: sp.encode(t, add_special_tokens=False), names=("kjv_head", "zh"))
+        self.same("gguf sentencepiece", path, lambda t: sp.encode(t, add_special_tokens=False), names=("kjv_head", "zh_head"))
         # What mxn does not read: one line naming the file and what it expected.
         for model, pre, want in (("gpt2", "falcon", "pre-tokenizer 'falcon' is not one mxn reads"),
                                  ("t5", None, "tokenizer model 't5' is not one mxn reads")):
