@@ -1,5 +1,5 @@
 // mxn convert: a model from a Hugging Face folder, a GGUF file or an mxn checkpoint, out as a
-// Hugging Face folder (f32, f16, bf16) or a GGUF file (f32, f16, bf16, Q8_0); mxn merge: the
+// Hugging Face folder (f32, f16, bf16) or a GGUF file (f32, f16, bf16, Q8_0, Q4_0); mxn merge: the
 // same with a LoRA adapter folded into the weights.
 #include <cstdio>
 #include <filesystem>
@@ -22,7 +22,10 @@ struct Args {
 void add_output_options(CLI::App* sub, Args& a) {
   sub->add_option("to", a.to, "a folder (Hugging Face layout) or a file ending in .gguf")
       ->required();
-  sub->add_option("--type", a.type, "weight type: f32, f16, bf16, or q8_0 (GGUF only)")
+  sub->add_option(
+         "--type", a.type,
+         "weight type: f32, f16, bf16, or q8_0 or q4_0 (GGUF only; q4_0 in every matrix, as "
+         "llama-quantize --pure)")
       ->capture_default_str();
   sub->add_option("--tokenizer", a.tokenizer,
                   "a folder whose tokenizer files go along (default: the source's own)");
@@ -31,8 +34,8 @@ void add_output_options(CLI::App* sub, Args& a) {
 int convert(const Args& a) {
   const bool gguf = a.to.ends_with(".gguf");
   const GgmlType type = ggml_type_from_name(a.type);
-  if (!gguf && type == GgmlType::q8_0)
-    throw Error("q8_0 is a GGUF type; a Hugging Face folder takes f32, f16 or bf16");
+  if (!gguf && ggml_blocked(type))
+    throw Error(a.type + " is a GGUF type; a Hugging Face folder takes f32, f16 or bf16");
   if (!gguf && std::filesystem::is_regular_file(a.to))
     throw Error("'" + a.to + "' is a file; give a folder, or a name ending in .gguf");
   ModelSource m = load_model(a.from, a.adapter);

@@ -25,7 +25,7 @@ struct ModelSource {
   std::shared_ptr<Tokenizer> tokenizer;
   std::string chat_template;
   std::string tokenizer_error;  // why the file's tokenizer could not be read (the model still can)
-  bool stored_16bit = false;    // the source keeps its weights in 16 bits (or 8: GGUF Q8_0)
+  bool stored_16bit = false;    // the source keeps its weights in 16 bits (or 8, 4: GGUF)
 };
 // With `adapter` (a PEFT LoRA folder or an mxn LoRA run), its update is merged into the weights;
 // an mxn LoRA run's own checkpoint loads as its base with its adapter merged.

@@ -14,6 +14,7 @@ namespace {
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endian u32
 constexpr uint32_t kVersion = 3;
 constexpr int kQ8Block = 32, kQ8Bytes = 34;  // an f16 scale and 32 int8
+constexpr int kQ4Bytes = 18;                 // an f16 scale and 32 4-bit values, two a byte
 
 size_t scalar_size(GgufType t) {
   switch (t) {
@@ -166,11 +167,15 @@ GgmlType ggml_type_from_name(const std::string& n) {
   if (n == "f16") return GgmlType::f16;
   if (n == "bf16") return GgmlType::bf16;
   if (n == "q8_0" || n == "Q8_0") return GgmlType::q8_0;
-  throw Error("unknown weight type '" + n + "' (expected f32, f16, bf16 or q8_0)");
+  if (n == "q4_0" || n == "Q4_0") return GgmlType::q4_0;
+  throw Error("unknown weight type '" + n + "' (expected f32, f16, bf16, q8_0 or q4_0)");
 }
+
+bool ggml_blocked(GgmlType t) { return t == GgmlType::q8_0 || t == GgmlType::q4_0; }
 
 size_t ggml_row_bytes(GgmlType t, int64_t n) {
   if (t == GgmlType::q8_0) return size_t(n / kQ8Block) * kQ8Bytes;
+  if (t == GgmlType::q4_0) return size_t(n / kQ8Block) * kQ4Bytes;
   return size_t(n) * (t == GgmlType::f32 ? 4 : 2);
 }
 
@@ -292,24 +297,24 @@ GgufFile gguf_parse(const char* data, size_t size, const std::string& path) {
       t.ne.push_back(int64_t(d));
     }
     const uint32_t type = r.pod<uint32_t>("tensor type");
-    if (type != 0 && type != 1 && type != 8 && type != 30) {
+    if (type != 0 && type != 1 && type != 2 && type != 8 && type != 30) {
       // ggml's type numbers (ggml.h) of the quantized formats llama.cpp's files hold.
       static const std::pair<uint32_t, const char*> names[] = {
-          {2, "Q4_0"},    {3, "Q4_1"},     {6, "Q5_0"},    {7, "Q5_1"},     {9, "Q8_1"},
-          {10, "Q2_K"},   {11, "Q3_K"},    {12, "Q4_K"},   {13, "Q5_K"},    {14, "Q6_K"},
-          {15, "Q8_K"},   {16, "IQ2_XXS"}, {17, "IQ2_XS"}, {18, "IQ3_XXS"}, {19, "IQ1_S"},
-          {20, "IQ4_NL"}, {21, "IQ3_S"},   {22, "IQ2_S"},  {23, "IQ4_XS"},  {29, "IQ1_M"},
-          {34, "TQ1_0"},  {35, "TQ2_0"}};
+          {3, "Q4_1"},     {6, "Q5_0"},    {7, "Q5_1"},     {9, "Q8_1"},   {10, "Q2_K"},
+          {11, "Q3_K"},    {12, "Q4_K"},   {13, "Q5_K"},    {14, "Q6_K"},  {15, "Q8_K"},
+          {16, "IQ2_XXS"}, {17, "IQ2_XS"}, {18, "IQ3_XXS"}, {19, "IQ1_S"}, {20, "IQ4_NL"},
+          {21, "IQ3_S"},   {22, "IQ2_S"},  {23, "IQ4_XS"},  {29, "IQ1_M"}, {34, "TQ1_0"},
+          {35, "TQ2_0"}};
       std::string name;
       for (const auto& [n, s] : names)
         if (n == type) name = std::string(" (") + s + ")";
       r.fail("tensor '" + t.name + "' has ggml type " + std::to_string(type) + name +
-             ", which mxn does not compute (it reads f32, f16, bf16 and Q8_0)");
+             ", which mxn does not compute (it reads f32, f16, bf16, Q8_0 and Q4_0)");
     }
     t.type = GgmlType(type);
-    if (t.type == GgmlType::q8_0 && t.ne[0] % kQ8Block != 0)
-      r.fail("Q8_0 tensor '" + t.name + "' has rows of " + std::to_string(t.ne[0]) +
-             ", not a multiple of 32");
+    if (ggml_blocked(t.type) && t.ne[0] % kQ8Block != 0)
+      r.fail(std::string(t.type == GgmlType::q8_0 ? "Q8_0" : "Q4_0") + " tensor '" + t.name +
+             "' has rows of " + std::to_string(t.ne[0]) + ", not a multiple of 32");
     offsets.push_back(r.pod<uint64_t>("tensor offset"));
     if (offsets.back() % align != 0) r.fail("tensor '" + t.name + "' is not aligned");
     f.tensors.push_back(std::move(t));
@@ -365,6 +370,26 @@ std::string ggml_encode(GgmlType t, const float* x, int64_t n) {
         for (int i = 0; i < kQ8Block; ++i) blk[2 + i] = char(int8_t(std::round(v[i] * id)));
       }
       break;
+    case GgmlType::q4_0:
+      for (int64_t b = 0; b < n / kQ8Block; ++b) {
+        const float* v = x + b * kQ8Block;
+        float amax = 0.f, max = 0.f;  // the first value of the largest magnitude, its sign kept
+        for (int i = 0; i < kQ8Block; ++i)
+          if (amax < std::fabs(v[i])) amax = std::fabs(v[i]), max = v[i];
+        const float d = max / -8.f, id = d != 0.f ? 1.f / d : 0.f;
+        // x id + 8.5 rounded once (the exact product in double, the sum rounded to float), as
+        // ggml's reference compiled with FMA and the gguf package compute it.
+        auto q = [id](float v) {
+          const float t = float(double(v) * double(id) + 8.5);
+          return uint8_t(std::min(15.f, std::trunc(t)));
+        };
+        const uint16_t dh = f32_to_f16(d);
+        char* blk = o + b * kQ4Bytes;
+        std::memcpy(blk, &dh, 2);
+        for (int j = 0; j < kQ8Block / 2; ++j)
+          blk[2 + j] = char(q(v[j]) | uint8_t(q(v[kQ8Block / 2 + j]) << 4));
+      }
+      break;
   }
   return out;
 }
@@ -390,6 +415,20 @@ void ggml_decode(GgmlType t, std::string_view bytes, int64_t n, float* x) {
         const float d = f16_to_f32(dh);
         for (int i = 0; i < kQ8Block; ++i)
           x[b * kQ8Block + i] = d * float(int8_t(p[b * kQ8Bytes + 2 + i]));
+      }
+      return;
+    case GgmlType::q4_0:
+      for (int64_t b = 0; b < n / kQ8Block; ++b) {
+        const char* blk = p + b * kQ4Bytes;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const float d = f16_to_f32(dh);
+        float* y = x + b * kQ8Block;
+        for (int j = 0; j < kQ8Block / 2; ++j) {
+          const auto byte = uint8_t(blk[2 + j]);
+          y[j] = d * float(int(byte & 15) - 8);
+          y[kQ8Block / 2 + j] = d * float(int(byte >> 4) - 8);
+        }
       }
       return;
   }

@@ -2,7 +2,7 @@
 // GGUF v3, llama.cpp's model file: a header of typed key/value metadata and tensor descriptors,
 // then the tensors' data, each aligned (general.alignment, default 32). Tensor shapes are ggml's
 // `ne`, fastest-varying dimension first: a PyTorch (out, in) weight is ne = {in, out}.
-// Read and written here for the types mxn converts: f32, f16, bf16 and Q8_0.
+// Read and written here for the types mxn converts: f32, f16, bf16, Q8_0 and Q4_0.
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -12,9 +12,10 @@
 
 namespace mxn {
 
-enum class GgmlType : uint32_t { f32 = 0, f16 = 1, q8_0 = 8, bf16 = 30 };
-GgmlType ggml_type_from_name(const std::string& name);  // f32|f16|bf16|q8_0, Error otherwise
-// Bytes of a row of `n` elements (Q8_0: n a multiple of 32).
+enum class GgmlType : uint32_t { f32 = 0, f16 = 1, q4_0 = 2, q8_0 = 8, bf16 = 30 };
+GgmlType ggml_type_from_name(const std::string& name);  // f32|f16|bf16|q8_0|q4_0, else Error
+bool ggml_blocked(GgmlType t);                          // Q8_0, Q4_0: rows in blocks of 32
+// Bytes of a row of `n` elements (Q8_0, Q4_0: n a multiple of 32).
 size_t ggml_row_bytes(GgmlType t, int64_t n);
 
 // GGUF value types, as the format numbers them.
@@ -68,8 +69,10 @@ GgufFile gguf_parse(const char* data, size_t size, const std::string& path);
 GgufFile gguf_load(const std::string& path);
 bool is_gguf_file(const std::string& path);  // starts with the magic "GGUF"
 
-// f32 values into ggml bytes of `t` (Q8_0 rounds as ggml's reference quantizer: d = amax/127 as
-// f16, q = round-half-away(x / d)), and back.
+// f32 values into ggml bytes of `t`, rounded as ggml's reference quantizer rounds them (Q8_0:
+// d = amax / 127 as f16, q = round-half-away(x / d); Q4_0: d = the value of largest magnitude
+// / -8 as f16, q = min(15, trunc(x / d + 8.5)) with the product taken exactly, as an FMA and the
+// gguf package take it), and back (Q4_0: (q - 8) d).
 std::string ggml_encode(GgmlType t, const float* x, int64_t n);
 void ggml_decode(GgmlType t, std::string_view bytes, int64_t n, float* out);
 

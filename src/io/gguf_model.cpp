@@ -382,6 +382,8 @@ uint32_t file_type(GgmlType t) {
       return 1;
     case GgmlType::q8_0:
       return 7;
+    case GgmlType::q4_0:
+      return 2;  // LLAMA_FTYPE_MOSTLY_Q4_0
     case GgmlType::bf16:
       return 32;
   }
@@ -440,7 +442,7 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
   f.set("general.architecture", T::string, a);
   f.set("general.name", T::string, name);
   f.set("general.file_type", T::u32, file_type(type));
-  if (type == GgmlType::q8_0) f.set("general.quantization_version", T::u32, 2);
+  if (ggml_blocked(type)) f.set("general.quantization_version", T::u32, 2);
   f.set("general.alignment", T::u32, 32);
   f.set(a + ".vocab_size", T::u32, c.vocab_size);
   f.set(a + ".context_length", T::u32, c.max_pos);
@@ -493,7 +495,7 @@ GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights_in, Gg
     o.name = gg;
     o.ne.assign(t.shape.rbegin(), t.shape.rend());
     o.type = t.shape.size() < 2 ? GgmlType::f32 : type;
-    if (o.type == GgmlType::q8_0 && o.ne[0] % 32 != 0) o.type = GgmlType::f16;
+    if (ggml_blocked(o.type) && o.ne[0] % 32 != 0) o.type = GgmlType::f16;
     o.data = ggml_encode(o.type, t.f32(), t.numel());
     f.tensors.push_back(std::move(o));
   };

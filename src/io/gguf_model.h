@@ -14,8 +14,9 @@
 
 namespace mxn {
 
-// `weights` by Hugging Face names, f32. 1-D tensors (norms, biases) stay f32; Q8_0 falls back to
-// f16 for rows not a multiple of 32, as llama.cpp's converter does. `tokenizer_dir` may be empty.
+// `weights` by Hugging Face names, f32. 1-D tensors (norms, biases) stay f32; Q8_0 and Q4_0 fall
+// back to f16 for rows not a multiple of 32, as llama.cpp's converter does. `tokenizer_dir` may be
+// empty.
 GgufFile decoder_to_gguf(const DecoderConfig& c, const TensorMap& weights, GgmlType type,
                          const std::string& tokenizer_dir, const std::string& name);
 // The config and weights by Hugging Face names: bf16 tensors that need no rearranging (all but

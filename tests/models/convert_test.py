@@ -27,7 +27,8 @@ SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".
 ARCH = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
         "glm": gguf.MODEL_ARCH.CHATGLM, "chatglm": gguf.MODEL_ARCH.CHATGLM}
 QT = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-      "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+      "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+      "q4_0": gguf.GGMLQuantizationType.Q4_0}
 
 
 def mxn(*args):
@@ -80,10 +81,11 @@ def expected_gguf(family, cfg, sd):
 
 
 def encode(arr, qt):
-    """GGUF's bytes for `arr` in type `qt` (1-D stays f32; Q8_0 rows not a multiple of 32: f16)."""
+    """GGUF's bytes for `arr` in type `qt` (1-D stays f32; Q8_0 and Q4_0 rows not a multiple of
+    32: f16)."""
     if arr.ndim < 2:
         return gguf.GGMLQuantizationType.F32, arr.astype(np.float32).tobytes()
-    if qt == "q8_0" and arr.shape[-1] % 32:
+    if qt in ("q8_0", "q4_0") and arr.shape[-1] % 32:
         qt = "f16"
     if qt == "f32":
         return QT[qt], arr.tobytes()
@@ -122,7 +124,7 @@ class Convert(unittest.TestCase):
                                 self.assertEqual(rel(back(ids).logits.numpy(), want), 0.0, "HF round trip logits")
                 # GGUF out, every type.
                 cfg = None
-                for qt in ("f32", "f16", "bf16", "q8_0"):
+                for qt in ("f32", "f16", "bf16", "q8_0", "q4_0"):
                     path = os.path.join(tmp, f"m-{qt}.gguf")
                     mxn("convert", src, path, "--type", qt)
                     r = gguf.GGUFReader(path)
@@ -145,6 +147,17 @@ class Convert(unittest.TestCase):
                             self.assertLess(rel(np.asarray(t.data), arr), 1e-6)
                             continue
                         self.assertEqual(np.asarray(t.data).tobytes(), data, f"{qt} {name} bytes")
+                    if qt == "q4_0":  # GGUF in: every Q4_0 block decodes as the gguf package's
+                        back = os.path.join(tmp, "back-" + qt)
+                        mxn("convert", path, back)
+                        dec = expected_gguf(family, cfg, load_file(os.path.join(back, "model.safetensors")))
+                        n = 0
+                        for name, t in got.items():
+                            if t.tensor_type == QT[qt] and name in dec:
+                                want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(dec[name].shape)
+                                self.assertTrue(np.array_equal(dec[name], want), f"q4_0 {name} decoded")
+                                n += 1
+                        self.assertTrue(n > 0 or odd)  # odd widths: no row of 32, every matrix f16
                     if qt in ("f32", "bf16", "q8_0"):  # GGUF in: back to a Hugging Face folder
                         back = os.path.join(tmp, "back-" + qt)
                         mxn("convert", path, back)
@@ -165,7 +178,7 @@ class Convert(unittest.TestCase):
                     self.bf16_weights(model, os.path.join(tmp, "m-bf16.gguf"), ids[0, :5].tolist())
                 if not odd and family != "glm":  # a GGUF written by gguf's own writer, no mxn.config
                     self.foreign_gguf(family, cfg, sd, tmp)
-                print(f"{family:8s} {'odd' if odd else 'even':4s} HF f32/f16/bf16 and GGUF f32/f16/bf16/q8_0 bit-exact")
+                print(f"{family:8s} {'odd' if odd else 'even':4s} HF f32/f16/bf16 and GGUF f32/f16/bf16/q8_0/q4_0 bit-exact")
 
     def bf16_weights(self, model, path, prompt):
         """mxn generate keeps a bf16 file's weights in bf16 (decoding in f32 arithmetic, the prompt's
@@ -374,13 +387,13 @@ class Convert(unittest.TestCase):
             self.assertGreater(n[1], len(tk.encode("In the beginning").ids) + 4)
 
     def test_unsupported_quantization(self):
-        """A GGUF holding a type mxn does not compute (Q4_0, as llama-quantize writes it) is one line
+        """A GGUF holding a type mxn does not compute (Q4_K, as llama-quantize writes it) is one line
         naming the tensor, the type and the types mxn reads."""
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "q4.gguf")
             w = gguf.GGUFWriter(path, "llama")
-            w.add_tensor("token_embd.weight", np.zeros((64, 18), dtype=np.uint8),
-                         raw_dtype=gguf.GGMLQuantizationType.Q4_0)  # 64 rows of 32 weights
+            w.add_tensor("token_embd.weight", np.zeros((64, 144), dtype=np.uint8),
+                         raw_dtype=gguf.GGMLQuantizationType.Q4_K)  # 64 rows of 256 weights
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
@@ -388,8 +401,8 @@ class Convert(unittest.TestCase):
             r = subprocess.run([MXN, "generate", "--model", path, "--prompt-ids", "1"], capture_output=True, text=True)
             self.assertEqual(r.returncode, 1, r.stderr)
             self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
-            self.assertIn("tensor 'token_embd.weight' has ggml type 2 (Q4_0), which mxn does not compute "
-                          "(it reads f32, f16, bf16 and Q8_0)", r.stderr)
+            self.assertIn("tensor 'token_embd.weight' has ggml type 12 (Q4_K), which mxn does not compute "
+                          "(it reads f32, f16, bf16, Q8_0 and Q4_0)", r.stderr)
 
     def test_fresh_run_on_gpt2_tokens(self):
         """A LLaMA-shaped model trained from scratch on GPT-2 tokens: its folder loads with
