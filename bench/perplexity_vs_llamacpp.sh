@@ -6,7 +6,7 @@
 # so the perplexity itself is near the vocabulary's size; what is compared is the two engines'
 # figure on identical input: tokenization, chunking and the forward pass in each weight type.
 # First, llama.cpp's llama-tokenize and `mxn tokenize` on the GGUF alone: the same ids or not.
-# Not a test (it needs llama.cpp built). Environment: TYPES ("f32 bf16 q8_0"), CTX (512), BYTES
+# Not a test (it needs llama.cpp built). Environment: TYPES ("f32 bf16 q8_0 q4_0"), CTX (512), BYTES
 # (60000: the first bytes of the KJV), WORK (build/bench), THREADS (all cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ else
 fi
 echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; context $ctx; $(wc -c < "$text") bytes of the KJV"
 printf "| type | mxn perplexity | llama.cpp perplexity | difference | chunks (mxn / llama.cpp) |\n|---|--:|--:|--:|--:|\n"
-for type in ${TYPES:-f32 bf16 q8_0}; do
+for type in ${TYPES:-f32 bf16 q8_0 q4_0}; do
   file="$work/gpt2-$type.gguf"
   [[ -f "$file" ]] || "$mxn" convert "$work/gpt2" "$file" --type "$type" >&2
   m=$("$mxn" eval --model "$file" --data "$text" --perplexity --ctx "$ctx" --threads "$threads")
