@@ -122,15 +122,21 @@ void Trainer::setup_glm() {
 }
 
 // --dtype auto: the model's widest GEMM (up to 1,024 of a pass's rows, times the MLP's up
-// projection) timed on this rank's device in f32 and with bf16 operands, and bf16 chosen where it
-// is at least 10% faster. oneDNN's bf16 GEMM runs at half its f32 rate on a Xeon with
-// AVX512-BF16 and no AMX, and at 1.8x on the EPYC of these notes: a fixed default is wrong on
-// one of them. Each rank chooses for its own chip.
+// projection, cut to 2^30 multiply-adds) timed on this rank's device in f32 and with bf16
+// operands, and bf16 chosen where it is at least 10% faster. oneDNN's bf16 GEMM runs at half its
+// f32 rate on a Xeon with AVX512-BF16 and no AMX, and at 1.8x on the EPYC of these notes: a fixed
+// default is wrong on one of them. Each rank chooses for its own chip.
 void Trainer::choose_dtype() {
   if (cfg_.dtype != "auto") return;
   const DecoderConfig d = cfg_.decoder_config();
-  const int64_t M = std::min<int64_t>(std::min<int64_t>(cfg_.batch, 4) * cfg_.seq_len(), 1024);
-  const int64_t K = d.hidden, N = d.ffn_width();
+  int64_t M = std::min<int64_t>(std::min<int64_t>(cfg_.batch, 4) * cfg_.seq_len(), 1024);
+  const int64_t K = d.hidden;
+  int64_t N = d.ffn_width();
+  // At most 2^30 multiply-adds (rows first, then columns): a wide model's rate is reached well
+  // before its whole GEMM, which on a slow chip would take seconds a try (and the operands a GiB).
+  const int64_t budget = int64_t(1) << 30;
+  while (M > 64 && M * K * N > budget) M /= 2;
+  while (N > 256 && M * K * N > budget) N /= 2;
   std::unique_ptr<Buffer> buf = dev_->alloc(uint64_t(M * K + N * K + M * N) * 4);
   const Tensor a({M, K}, DType::f32, buf->handle()),
       b({N, K}, DType::f32, buf->handle(), uint64_t(M * K) * 4),
