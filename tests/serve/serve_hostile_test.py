@@ -174,17 +174,23 @@ class Hostile(unittest.TestCase):
             got, _ = request(self.port, "GET", "/health", key=None, timeout=5)
             health.append(time.time() - t0)
             self.assertEqual(got, 200)
-        held = 0
+        held, other = 0, []
         for s in slow:
             s.setblocking(False)
             try:
-                refused += b" 429 " in s.recv(200)
+                answer = s.recv(200)
+                refused += b" 429 " in answer
+                if b" 429 " not in answer:
+                    other.append(answer[:24])
             except BlockingIOError:
                 held += 1  # still waiting for its headers
-            except OSError:
-                pass
+            except OSError as e:
+                other.append(type(e).__name__)
             s.close()
-        self.assertEqual(held, 64, "64 connections from one address are held, the rest refused")
+        # What else the others got says why when one held is missing (a 408 after the 10 s header
+        # deadline would mean /health was slow; it failed so once, 52 held, in a CI run).
+        self.assertEqual(held, 64, f"64 connections from one address are held, the rest refused ({refused} "
+                         f"read a 429; the others {other[:4]}...; /health took {[round(h, 2) for h in health]} s)")
         self.assert_alive()
         # wrong JSON types and unsupported fields: a 400 naming them
         for body, needle in [({**self.good(), "stream": "yes"}, "'stream' must be true or false"),
