@@ -13,8 +13,8 @@ namespace {
 
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endian u32
 constexpr uint32_t kVersion = 3;
-constexpr int kQ8Block = 32, kQ8Bytes = 34;  // an f16 scale and 32 int8
-constexpr int kQ4Bytes = 18;                 // an f16 scale and 32 4-bit values, two a byte
+constexpr int kBlock = 32;                   // values a Q8_0 or Q4_0 block holds
+constexpr int kQ8Bytes = 34, kQ4Bytes = 18;  // an f16 scale and 32 int8, or 32 4-bit two a byte
 
 size_t scalar_size(GgufType t) {
   switch (t) {
@@ -174,8 +174,8 @@ GgmlType ggml_type_from_name(const std::string& n) {
 bool ggml_blocked(GgmlType t) { return t == GgmlType::q8_0 || t == GgmlType::q4_0; }
 
 size_t ggml_row_bytes(GgmlType t, int64_t n) {
-  if (t == GgmlType::q8_0) return size_t(n / kQ8Block) * kQ8Bytes;
-  if (t == GgmlType::q4_0) return size_t(n / kQ8Block) * kQ4Bytes;
+  if (t == GgmlType::q8_0) return size_t(n / kBlock) * kQ8Bytes;
+  if (t == GgmlType::q4_0) return size_t(n / kBlock) * kQ4Bytes;
   return size_t(n) * (t == GgmlType::f32 ? 4 : 2);
 }
 
@@ -312,7 +312,7 @@ GgufFile gguf_parse(const char* data, size_t size, const std::string& path) {
              ", which mxn does not compute (it reads f32, f16, bf16, Q8_0 and Q4_0)");
     }
     t.type = GgmlType(type);
-    if (ggml_blocked(t.type) && t.ne[0] % kQ8Block != 0)
+    if (ggml_blocked(t.type) && t.ne[0] % kBlock != 0)
       r.fail(std::string(t.type == GgmlType::q8_0 ? "Q8_0" : "Q4_0") + " tensor '" + t.name +
              "' has rows of " + std::to_string(t.ne[0]) + ", not a multiple of 32");
     offsets.push_back(r.pod<uint64_t>("tensor offset"));
@@ -359,22 +359,22 @@ std::string ggml_encode(GgmlType t, const float* x, int64_t n) {
       }
       break;
     case GgmlType::q8_0:
-      for (int64_t b = 0; b < n / kQ8Block; ++b) {
-        const float* v = x + b * kQ8Block;
+      for (int64_t b = 0; b < n / kBlock; ++b) {
+        const float* v = x + b * kBlock;
         float amax = 0.f;
-        for (int i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(v[i]));
+        for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
         const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
         const uint16_t dh = f32_to_f16(d);
         char* blk = o + b * kQ8Bytes;
         std::memcpy(blk, &dh, 2);
-        for (int i = 0; i < kQ8Block; ++i) blk[2 + i] = char(int8_t(std::round(v[i] * id)));
+        for (int i = 0; i < kBlock; ++i) blk[2 + i] = char(int8_t(std::round(v[i] * id)));
       }
       break;
     case GgmlType::q4_0:
-      for (int64_t b = 0; b < n / kQ8Block; ++b) {
-        const float* v = x + b * kQ8Block;
+      for (int64_t b = 0; b < n / kBlock; ++b) {
+        const float* v = x + b * kBlock;
         float amax = 0.f, max = 0.f;  // the first value of the largest magnitude, its sign kept
-        for (int i = 0; i < kQ8Block; ++i)
+        for (int i = 0; i < kBlock; ++i)
           if (amax < std::fabs(v[i])) amax = std::fabs(v[i]), max = v[i];
         const float d = max / -8.f, id = d != 0.f ? 1.f / d : 0.f;
         // x id + 8.5 rounded once (the exact product in double, the sum rounded to float), as
@@ -386,8 +386,8 @@ std::string ggml_encode(GgmlType t, const float* x, int64_t n) {
         const uint16_t dh = f32_to_f16(d);
         char* blk = o + b * kQ4Bytes;
         std::memcpy(blk, &dh, 2);
-        for (int j = 0; j < kQ8Block / 2; ++j)
-          blk[2 + j] = char(q(v[j]) | uint8_t(q(v[kQ8Block / 2 + j]) << 4));
+        for (int j = 0; j < kBlock / 2; ++j)
+          blk[2 + j] = char(q(v[j]) | uint8_t(q(v[kBlock / 2 + j]) << 4));
       }
       break;
   }
@@ -409,25 +409,25 @@ void ggml_decode(GgmlType t, std::string_view bytes, int64_t n, float* x) {
       }
       return;
     case GgmlType::q8_0:
-      for (int64_t b = 0; b < n / kQ8Block; ++b) {
+      for (int64_t b = 0; b < n / kBlock; ++b) {
         uint16_t dh;
         std::memcpy(&dh, p + b * kQ8Bytes, 2);
         const float d = f16_to_f32(dh);
-        for (int i = 0; i < kQ8Block; ++i)
-          x[b * kQ8Block + i] = d * float(int8_t(p[b * kQ8Bytes + 2 + i]));
+        for (int i = 0; i < kBlock; ++i)
+          x[b * kBlock + i] = d * float(int8_t(p[b * kQ8Bytes + 2 + i]));
       }
       return;
     case GgmlType::q4_0:
-      for (int64_t b = 0; b < n / kQ8Block; ++b) {
+      for (int64_t b = 0; b < n / kBlock; ++b) {
         const char* blk = p + b * kQ4Bytes;
         uint16_t dh;
         std::memcpy(&dh, blk, 2);
         const float d = f16_to_f32(dh);
-        float* y = x + b * kQ8Block;
-        for (int j = 0; j < kQ8Block / 2; ++j) {
+        float* y = x + b * kBlock;
+        for (int j = 0; j < kBlock / 2; ++j) {
           const auto byte = uint8_t(blk[2 + j]);
           y[j] = d * float(int(byte & 15) - 8);
-          y[kQ8Block / 2 + j] = d * float(int(byte >> 4) - 8);
+          y[kBlock / 2 + j] = d * float(int(byte >> 4) - 8);
         }
       }
       return;

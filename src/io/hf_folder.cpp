@@ -235,6 +235,12 @@ HostTensor widen_to_f32(HostTensor t) {
 }
 
 namespace {
+// `t`'s values in f32: `t` itself, or (bf16) widened into `scratch`; no copy of an f32 tensor.
+const HostTensor& as_f32(const HostTensor& t, HostTensor& scratch) {
+  if (t.dtype == DType::f32) return t;
+  return scratch = widen_to_f32(t);
+}
+
 // The tensor for parameter `v` (f32, or bf16 as a GGUF stores it), or an Error naming it with
 // its expected and found shape.
 const HostTensor& expect_tensor(const TensorMap& weights, const Value& v,
@@ -289,13 +295,13 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
   for (int p : g.params()) {
     const Value& v = g.v(p);
     if (stacked_experts(v.name, v.shape) && !weights.count(v.name)) {  // each expert's, stacked
-      HostTensor t(v.shape, DType::f32);
+      HostTensor t(v.shape, DType::f32), scratch;
       const int64_t each = numel(v.shape) / v.shape[0];
       for (int64_t e = 0; e < v.shape[0]; ++e) {
         Value one = v;
         one.name = expert_name(v.name, e);
         one.shape.erase(one.shape.begin());
-        const HostTensor x = widen_to_f32(expect_tensor(weights, one, source));
+        const HostTensor& x = as_f32(expect_tensor(weights, one, source), scratch);
         std::copy_n(x.f32(), each, t.f32() + e * each);
       }
       out[v.name] = std::move(t);
@@ -310,7 +316,8 @@ TensorMap decoder_weights(const DecoderConfig& c, TensorMap weights, const std::
       Value kv = v;
       kv.name = with_leaf(v.name, kKB, kKvB);
       kv.shape = {H * (dn + dv), R};
-      const HostTensor t = widen_to_f32(expect_tensor(weights, kv, source));
+      HostTensor scratch;
+      const HostTensor& t = as_f32(expect_tensor(weights, kv, source), scratch);
       HostTensor k(v.shape, DType::f32), vt(vb->shape, DType::f32);
       split_kv_b(t.f32(), k.f32(), vt.f32(), H, dn, dv, R);
       out[v.name] = std::move(k);
